@@ -1,0 +1,180 @@
+"""The autoencoder contract (the spine of the platform) and the registry.
+
+Every autoencoder, ours or a wrapped diffusers model, is an `Autoencoder`:
+
+- ``encode(video, cond=None) -> Latent``: ``video`` is ``B C T H W`` in [-1, 1]; the parts are the
+  posterior MEAN (deterministic), ``Latent.logvar`` keeps the posterior log-variance for storage;
+  sampling happens in the trainer (``Latent.sample``).
+- ``decode(latent, cond=None) -> video`` in [-1, 1] (not clamped).
+- ``latent_spec(frames, height, width) -> LatentSpec``: shape arithmetic only.
+- ``train_forward(video, cond) -> AEOutput``: what the AE trainer optimises; families with their own
+  objectives (diffusion decoders, consistency losses) override it and return extra loss terms.
+
+Latent scaling: ``config.latent_scale`` / ``config.latent_shift`` (one value, or one per channel of
+grid part ``z``) are applied inside ``encode``/``decode`` as ``(z - shift) * scale``, so the
+statistics live in the config, never in scripts. Measured per-channel statistics of a dataset live
+in the extraction manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ldm import config as cfglib
+from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
+from ldm.latent import Cond, Latent, LatentSpec
+
+
+@dataclass(frozen=True)
+class AEConfig:
+    """Fields every autoencoder config has (subclasses add their architecture)."""
+
+    in_channels: int = 3
+    latent_scale: tuple[float, ...] = (1.0,)
+    latent_shift: tuple[float, ...] = (0.0,)
+
+
+@dataclass
+class AEOutput:
+    recon: Tensor  # B C T H W
+    posterior: Latent  # mean + logvar, for the KL term
+    losses: dict[str, Tensor] = field(default_factory=dict)  # family-specific terms, already weighted
+
+
+class Autoencoder(nn.Module):
+    family: ClassVar[str] = ""
+    config_cls: ClassVar[type] = AEConfig
+
+    def __init__(self, config: AEConfig):
+        super().__init__()
+        self.config = config
+
+    # --- to implement -------------------------------------------------------------------
+    def _encode(self, video: Tensor, cond: Cond | None) -> Latent:
+        raise NotImplementedError
+
+    def _decode(self, latent: Latent, cond: Cond | None) -> Tensor:
+        raise NotImplementedError
+
+    def latent_spec(self, frames: int, height: int, width: int) -> LatentSpec:
+        raise NotImplementedError
+
+    # --- the contract --------------------------------------------------------------------
+    def check_input(self, frames: int, height: int, width: int) -> None:
+        """Raise ValueError for an input size this autoencoder cannot take (default: whatever
+        ``latent_spec`` rejects)."""
+        self.latent_spec(frames, height, width)
+
+    def encode(self, video: Tensor, cond: Cond | None = None) -> Latent:
+        if video.ndim != 5:
+            raise ValueError(f"encode expects B C T H W video, got shape {tuple(video.shape)}")
+        if video.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected {self.config.in_channels} channels, got {video.shape[1]}")
+        self.check_input(*video.shape[2:])
+        return self._scale(self._encode(video, cond), forward=True)
+
+    def decode(self, latent: Latent, cond: Cond | None = None) -> Tensor:
+        return self._decode(self._scale(latent, forward=False), cond)
+
+    def train_forward(self, video: Tensor, cond: Cond | None = None,
+                      generator: torch.Generator | None = None) -> AEOutput:
+        posterior = self._encode(video, cond)
+        recon = self._decode(posterior.sample(generator), cond)
+        return AEOutput(recon=recon, posterior=posterior)
+
+    # --- scaling -------------------------------------------------------------------------
+    def _scale(self, latent: Latent, forward: bool) -> Latent:
+        scale, shift = self.config.latent_scale, self.config.latent_shift
+        if scale == (1.0,) and shift == (0.0,):
+            return latent
+        parts, logvar = dict(latent.parts), dict(latent.logvar)
+        for name in parts:
+            x = parts[name]
+            s = torch.tensor(scale, dtype=x.dtype, device=x.device)
+            b = torch.tensor(shift, dtype=x.dtype, device=x.device)
+            if x.ndim == 5 and len(scale) > 1:  # per-channel on B c t h w
+                s, b = s.view(1, -1, 1, 1, 1), b.view(1, -1, 1, 1, 1)
+            parts[name] = (x - b) * s if forward else x / s + b
+            if name in logvar:
+                logvar[name] = logvar[name] + (2 if forward else -2) * torch.log(s.abs())
+        return latent.replace(parts, logvar=logvar)
+
+    # --- persistence ---------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, name: str | None = None) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_tensors(path / "model.safetensors", self.state_dict())
+        atomic_write_json(path / "config.json", {"family": self.family, "name": name,
+                                                 "config": cfglib.to_dict(self.config)})
+
+    @classmethod
+    def from_config_dict(cls, data: dict[str, Any]) -> "Autoencoder":
+        return cls(cfglib.from_dict(cls.config_cls, data))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ------------------------------------------------------------------------------------------
+# Registry: names -> (family class, frozen config). `build(name, **overrides)` is the only way
+# scripts make autoencoders.
+# ------------------------------------------------------------------------------------------
+FAMILIES: dict[str, type[Autoencoder]] = {}
+REGISTRY: dict[str, tuple[type[Autoencoder], Any]] = {}
+
+
+def register_family(cls: type[Autoencoder]) -> type[Autoencoder]:
+    if not cls.family:
+        raise ValueError(f"{cls.__name__} has no family name")
+    FAMILIES[cls.family] = cls
+    return cls
+
+
+def register(name: str, cls: type[Autoencoder], config: Any) -> None:
+    if name in REGISTRY:
+        raise ValueError(f"autoencoder {name!r} registered twice")
+    REGISTRY[name] = (cls, config)
+
+
+def build(name: str, **overrides: Any) -> Autoencoder:
+    """Build a registered autoencoder, or a diffusers one with ``diffusers:<Class>`` and
+    ``path=<local dir>``."""
+    if name.startswith("diffusers:"):
+        from autoencoders.pretrained import build_diffusers
+        return build_diffusers(name.split(":", 1)[1], **overrides)
+    if name not in REGISTRY:
+        raise KeyError(f"unknown autoencoder {name!r}; registered: {sorted(REGISTRY)} "
+                       "(or diffusers:<Class> with path=DIR)")
+    cls, config = REGISTRY[name]
+    return cls(cfglib.replace(config, **overrides))
+
+
+def load_pretrained(path: str | Path, strict: bool = True) -> Autoencoder:
+    """Load a folder written by ``save_pretrained`` (safetensors + JSON config)."""
+    path = Path(path)
+    meta = read_json(path / "config.json")
+    family = meta["family"]
+    if family not in FAMILIES:
+        raise KeyError(f"{path}: unknown autoencoder family {family!r}; known: {sorted(FAMILIES)}")
+    model = FAMILIES[family].from_config_dict(meta["config"])
+    model.load_state_dict(load_tensors(path / "model.safetensors"), strict=strict)
+    return model
+
+
+def describe(name: str, frames: int = 17, height: int = 256, width: int = 256) -> dict[str, Any]:
+    """Registry entry as JSON-able dict: family, config, and the latent spec at a reference size."""
+    cls, config = REGISTRY[name]
+    with torch.device("meta"):  # no weights are allocated: latent_spec is arithmetic on the config
+        model = cls(config)
+    try:
+        spec = model.latent_spec(frames, height, width).to_dict()
+    except ValueError as e:
+        spec = {"error": str(e)}
+    return {"name": name, "family": cls.family, "reference_input": [config.in_channels, frames, height, width],
+            **spec, "config": json.loads(json.dumps(dataclasses.asdict(config)))}

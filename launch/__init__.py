@@ -1,0 +1,1 @@
+"""Floor 3: the `ldm` CLI and every entry point."""

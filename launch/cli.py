@@ -1,0 +1,36 @@
+"""The ``ldm`` console script. Each verb lives in its own module under ``launch/`` with
+``add_arguments(parser)`` and ``run(args)``; this file only wires them."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, help)
+VERBS: dict[str, tuple[str, str]] = {
+    "list": ("launch.list_models", "list registered autoencoders and DiTs with their compression"),
+    "data": ("launch.data_cmd", "dataset tools (synth: generate the synthetic attribute video set)"),
+    "train-ae": ("launch.train_ae", "train an autoencoder on videos"),
+    "extract": ("launch.extract", "encode videos into WebDataset latent shards"),
+    "reconstruct": ("launch.reconstruct", "encode+decode a video, print PSNR/SSIM"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldm", description="Latent-diffusion video platform")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, (module, help_text) in VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

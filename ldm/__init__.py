@@ -1,0 +1,1 @@
+"""Floor 1: the shared core (diffusion math, attention, layers, text encoders, IO, metrics)."""

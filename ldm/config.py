@@ -1,0 +1,110 @@
+"""Frozen-dataclass configs: strict overrides, dict/JSON/YAML round trips, dotted CLI overrides.
+
+Configs fail loudly (STYLE.md 10): an unknown key is an error naming the known ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """Turn JSON/YAML values back into the annotated type (lists -> tuples, dicts -> dataclasses)."""
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return from_dict(tp, value)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value)
+            except (TypeError, ValueError):
+                continue
+        return value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v) for v in value)
+        if args:
+            return tuple(_coerce(a, v) for a, v in zip(args, value))
+        return tuple(value)
+    if origin is dict and isinstance(value, dict):
+        return {k: _coerce(args[1], v) for k, v in value.items()} if args else dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build dataclass ``cls`` from a dict; unknown keys are an error."""
+    names = _field_names(cls)
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} for {cls.__name__}; known keys: {names}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(hints[k], v) for k, v in data.items()})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def replace(cfg: T, **overrides: Any) -> T:
+    """``dataclasses.replace`` with a clear error for unknown keys and type coercion."""
+    names = _field_names(type(cfg))
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown} for {type(cfg).__name__}; known keys: {names}")
+    hints = typing.get_type_hints(type(cfg))
+    return dataclasses.replace(cfg, **{k: _coerce(hints[k], v) for k, v in overrides.items()})
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable short hash of a config's contents (sha256 of its sorted JSON)."""
+    blob = json.dumps(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_value(text: str) -> Any:
+    """Parse a CLI override value with YAML rules (``3`` -> int, ``[1,2]`` -> list, ``bf16`` -> str)."""
+    return yaml.safe_load(text)
+
+
+def apply_dotted(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (a copy). Unknown keys are caught later by
+    ``from_dict``; here a path through a non-dict is an error."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.path=value")
+        key, value = item.split("=", 1)
+        node = data
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p!r} is not a section")
+        node[last] = parse_value(value)
+    return data
+
+
+def load_yaml(path: str | Path, cls: type[T], overrides: list[str] = ()) -> T:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return from_dict(cls, apply_dotted(data, list(overrides)))
