@@ -1,0 +1,370 @@
+"""Latent shards: WebDataset tars of encoded clips, their manifest, and the reader the trainer uses.
+
+One sample per clip, members (raw bytes, nothing pickled):
+
+    <key>.latent.safetensors   parts + ``logvar.<part>`` + ``aux.<name>``; metadata {"form": ...}
+    <key>.text.safetensors     cached text embedding ``emb (L, D)`` (valid tokens only), optional
+    <key>.json                 source key, caption, class id, fps/frames/height/width
+    <key>.txt / <key>.cls      caption / class id, for other WebDataset tools
+
+Keys are the clip's global index (``%09d``), so they never contain dots or paths; the source key is
+in the JSON. Shard ``j`` holds the clips ``[j*S, (j+1)*S)`` of the sorted input list, whatever the
+number of ranks, so a rerun (even with another world size) finds the same shard names. A shard is
+written to ``.shard-j.tar.tmp`` and renamed when complete; its sidecar ``shard-j.json`` (counts,
+skipped inputs, channel statistics) is written after the rename and marks the shard done.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from ldm.checkpoint import read_json
+from ldm.latent import Latent
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SHARD_NAME = "shard-{:06d}.tar"
+_SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
+_KEY_RE = re.compile(r"^\d{9}$")
+
+
+class SampleError(ValueError):
+    """A shard sample that cannot be used (missing member, bad tensor, unsafe name)."""
+
+
+# ------------------------------------------------------------------------------------------
+# sample encoding / decoding
+# ------------------------------------------------------------------------------------------
+def channel_dim(x: Tensor, batched: bool = True) -> int:
+    """Channel axis of a latent part: grid ``(B) c t h w`` -> the c axis; token set ``(B) f n c`` -> last."""
+    grid_ndim = 5 if batched else 4
+    return (1 if batched else 0) if x.ndim == grid_ndim else x.ndim - 1
+
+
+def encode_sample(latent: Latent, meta: dict[str, Any], text_emb: Tensor | None = None) -> dict[str, bytes]:
+    """Serialise one clip (``latent`` with batch size 1) into WebDataset members (bytes only)."""
+    if latent.batch_size != 1:
+        raise ValueError(f"encode_sample takes one clip, got batch {latent.batch_size}")
+    tensors = {k: v[0] for k, v in latent.parts.items()}
+    tensors.update({f"logvar.{k}": v[0] for k, v in latent.logvar.items()})
+    tensors.update({f"aux.{k}": v[0] for k, v in latent.aux.items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    out = {"latent.safetensors": st_save(tensors, metadata={"form": latent.form}),
+           "json": json.dumps(meta, sort_keys=True).encode()}
+    if meta.get("caption") is not None:
+        out["txt"] = str(meta["caption"]).encode()
+    if meta.get("class_id") is not None:
+        out["cls"] = str(int(meta["class_id"])).encode()
+    if text_emb is not None:
+        out["text.safetensors"] = st_save({"emb": text_emb.detach().cpu().float().contiguous()})
+    return out
+
+
+def _form_of(blob: bytes) -> str:
+    # safetensors header: 8-byte little-endian length, then JSON with "__metadata__"
+    n = int.from_bytes(blob[:8], "little")
+    if n <= 0 or n > len(blob) - 8:
+        raise SampleError("latent member is not a safetensors blob")
+    return json.loads(blob[8:8 + n]).get("__metadata__", {}).get("form", "grid")
+
+
+def decode_sample(raw: dict[str, Any], expect_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """Turn raw members into ``dict(latent=Latent (batch 1), cond=dict, meta=dict)``.
+
+    Raises SampleError for anything unusable: a missing member, a name with a path, a tensor with
+    NaN/Inf, or (when ``expect_shapes`` is given) a part of the wrong shape. Varlen parts may differ
+    in their time axis only.
+    """
+    key = raw.get("__key__", "")
+    if not _KEY_RE.match(os.path.basename(key)) or "/" in key or ".." in key:
+        raise SampleError(f"unsafe or unexpected member name {key!r}")
+    for member in ("latent.safetensors", "json"):
+        if member not in raw:
+            raise SampleError(f"sample {key}: missing member .{member}")
+    blob = raw["latent.safetensors"]
+    try:
+        form = _form_of(blob)
+        tensors = st_load(blob)
+        meta = json.loads(raw["json"])
+    except SampleError:
+        raise
+    except Exception as e:  # safetensors/JSON parse errors of many kinds
+        raise SampleError(f"sample {key}: unreadable member ({type(e).__name__}: {e})") from e
+    parts, logvar, aux = {}, {}, {}
+    for name, t in tensors.items():
+        if name.startswith("logvar."):
+            logvar[name[7:]] = t[None]
+        elif name.startswith("aux."):
+            aux[name[4:]] = t[None]
+        else:
+            parts[name] = t[None]
+    for name, t in list(parts.items()) + list(logvar.items()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise SampleError(f"sample {key}: part {name!r} has NaN/Inf")
+    if expect_shapes is not None:
+        for name, shape in expect_shapes.items():
+            got = tuple(parts[name].shape[1:]) if name in parts else None
+            if got is None:
+                raise SampleError(f"sample {key}: missing part {name!r}")
+            if form == "varlen" and len(got) == len(shape):
+                got, shape = got[:1] + got[2:], tuple(shape[:1]) + tuple(shape[2:])
+            if got != tuple(shape):
+                raise SampleError(f"sample {key}: part {name!r} has shape {got}, expected {tuple(shape)}")
+    cond: dict[str, Any] = {"caption": meta.get("caption") or "",
+                            "class_id": -1 if meta.get("class_id") is None else int(meta["class_id"])}
+    if "text.safetensors" in raw:
+        try:
+            cond["text_emb"] = st_load(raw["text.safetensors"])["emb"]
+        except Exception as e:
+            raise SampleError(f"sample {key}: unreadable text embedding ({e})") from e
+    try:
+        latent = Latent(parts, form, logvar, aux)
+    except ValueError as e:
+        raise SampleError(f"sample {key}: {e}") from e
+    return {"latent": latent, "cond": cond, "meta": meta}
+
+
+# ------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------
+def write_shard(path: str | Path, samples: list[dict[str, bytes]], keys: list[str]) -> None:
+    """Write a complete shard atomically with ``webdataset.TarWriter`` (raw bytes, fixed mtime so
+    reruns are byte-identical): temp name first, renamed when closed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        with wds.TarWriter(f, encoder=False, mtime=0.0) as tw:
+            for key, sample in zip(keys, samples):
+                tw.write({"__key__": key, **sample})
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class ChannelStats:
+    """Running per-channel sums (float64) of latent parts, mergeable across shards and ranks."""
+
+    sums: dict[str, list[float]] = field(default_factory=dict)
+    sqsums: dict[str, list[float]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def update(self, latent: Latent) -> None:
+        for name, x in latent.parts.items():
+            if not x.is_floating_point():
+                continue
+            cdim = channel_dim(x)
+            if latent.form == "varlen":  # padded frames would bias the statistics
+                samples = [s[name] for s in latent.unbatch()]
+            else:
+                samples = [x]
+            for s in samples:
+                flat = s.movedim(cdim, 0).reshape(s.shape[cdim], -1).double()  # (c, N)
+                su, sq = flat.sum(1).tolist(), flat.pow(2).sum(1).tolist()
+                if name not in self.sums:
+                    self.sums[name], self.sqsums[name], self.counts[name] = [0.0] * len(su), [0.0] * len(su), 0
+                self.sums[name] = [a + b for a, b in zip(self.sums[name], su)]
+                self.sqsums[name] = [a + b for a, b in zip(self.sqsums[name], sq)]
+                self.counts[name] += flat.shape[1]
+
+    def merge(self, other: "ChannelStats") -> None:
+        for name in other.sums:
+            if name not in self.sums:
+                self.sums[name], self.sqsums[name], self.counts[name] = list(other.sums[name]), list(other.sqsums[name]), other.counts[name]
+            else:
+                self.sums[name] = [a + b for a, b in zip(self.sums[name], other.sums[name])]
+                self.sqsums[name] = [a + b for a, b in zip(self.sqsums[name], other.sqsums[name])]
+                self.counts[name] += other.counts[name]
+
+    def summary(self) -> dict[str, dict[str, list[float]]]:
+        out = {}
+        for name, su in self.sums.items():
+            n = max(self.counts[name], 1)
+            mean = [s / n for s in su]
+            var = [max(q / n - m * m, 0.0) for q, m in zip(self.sqsums[name], mean)]
+            out[name] = {"mean": mean, "std": [math.sqrt(v) for v in var], "count": self.counts[name]}
+        return out
+
+    def to_json(self) -> dict:
+        return {"sums": self.sums, "sqsums": self.sqsums, "counts": self.counts}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ChannelStats":
+        return cls(d["sums"], d["sqsums"], d["counts"])
+
+
+# ------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------
+def shard_urls(spec: str | Path | list[str]) -> list[str]:
+    """Shard paths from a directory (its ``shard-*.tar``, sorted), one tar, a brace pattern
+    ``dir/shard-{000000..000009}.tar``, or a comma-separated list of any of these."""
+    if isinstance(spec, (list, tuple)):
+        return [u for s in spec for u in shard_urls(s)]
+    spec = str(spec)
+    if "," in spec and "{" not in spec:
+        return shard_urls(spec.split(","))
+    p = Path(spec)
+    if p.is_dir():
+        urls = sorted(str(x) for x in p.iterdir() if _SHARD_RE.match(x.name))
+        if not urls:
+            raise FileNotFoundError(f"no shard-*.tar files in {p}")
+        return urls
+    urls = list(braceexpand(spec))
+    missing = [u for u in urls if not Path(u).exists()]
+    if missing:
+        raise FileNotFoundError(f"shard(s) not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    return urls
+
+
+def load_manifest(path: str | Path) -> dict:
+    p = Path(path)
+    p = p / MANIFEST if p.is_dir() else p
+    if not p.exists():
+        raise FileNotFoundError(f"no {MANIFEST} at {p}: is this an `ldm extract` output folder?")
+    return read_json(p)
+
+
+def iter_shard(url: str, counters: Counter | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of one tar (dicts of member bytes), via webdataset's tar iterators. A truncated
+    or unreadable tar ends its iteration with a logged, counted error instead of killing the run."""
+    try:
+        with open(url, "rb") as f:
+            yield from group_by_keys(tar_file_expander([{"url": url, "stream": f}]))
+    except Exception as e:  # tarfile.ReadError, EOFError, OSError on truncated data...
+        log.warning("shard %s: stopped reading (%s: %s)", url, type(e).__name__, e)
+        if counters is not None:
+            counters["bad_shard"] += 1
+
+
+class LatentShards(torch.utils.data.IterableDataset):
+    """Stream ``dict(latent, cond, meta)`` samples from latent shards.
+
+    Splitting: ``split="shard"`` gives each (rank, worker) reader whole shards round-robin (use with
+    many shards); ``split="sample"`` makes every reader scan all shards and keep every
+    ``n_readers``-th sample, so each sample is seen exactly once per epoch across all readers.
+    Order is deterministic in (seed, epoch): the shard list is permuted per epoch and a shuffle
+    buffer of ``shuffle`` samples is applied per reader. ``epochs=None`` streams forever, moving to
+    the next epoch (a new permutation) at the end of each; ``resample=True`` instead draws shards
+    with replacement. ``skip`` drops the first samples of this reader's stream (resume).
+    Bad samples are skipped and counted in ``self.skipped`` (per reader process).
+    """
+
+    def __init__(self, urls: str | list[str], *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: int = 0, epochs: int | None = 1, resample: bool = False, split: str = "sample",
+                 expect_shapes: dict[str, tuple[int, ...]] | None = None, skip: int = 0):
+        super().__init__()
+        if split not in ("shard", "sample"):
+            raise ValueError(f"split must be 'shard' or 'sample', got {split!r}")
+        self.urls = shard_urls(urls)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.epochs, self.resample, self.split = shuffle, epochs, resample, split
+        self.expect_shapes, self.skip = expect_shapes, skip
+        self.skipped: Counter = Counter()
+
+    def _reader(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def _raw(self, epoch: int, reader: int, n_readers: int) -> Iterator[dict[str, Any]]:
+        rng = random.Random(f"{self.seed}-{epoch}")
+        if self.resample:
+            rng = random.Random(f"{self.seed}-{epoch}-{reader}")
+            while True:
+                yield from iter_shard(rng.choice(self.urls), self.skipped)
+        urls = list(self.urls)
+        rng.shuffle(urls)
+        if self.split == "shard":
+            if len(urls) < n_readers:
+                raise ValueError(f"split='shard' needs at least {n_readers} shards (ranks x workers), "
+                                 f"found {len(urls)}; use split='sample'")
+            for url in urls[reader::n_readers]:
+                yield from iter_shard(url, self.skipped)
+        else:
+            i = 0
+            for url in urls:
+                for raw in iter_shard(url, self.skipped):
+                    if i % n_readers == reader:
+                        yield raw
+                    i += 1
+
+    def _decoded(self, epoch: int, reader: int, n_readers: int) -> Iterator[dict[str, Any]]:
+        for raw in self._raw(epoch, reader, n_readers):
+            try:
+                yield decode_sample(raw, self.expect_shapes)
+            except SampleError as e:
+                self.skipped["bad_sample"] += 1
+                log.warning("skipping sample: %s", e)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        reader, n_readers = self._reader()
+        epoch, emitted = 0, 0
+        while self.epochs is None or epoch < self.epochs:
+            stream = self._decoded(epoch, reader, n_readers)
+            if self.shuffle > 1:
+                stream = _shuffled(stream, self.shuffle, random.Random(f"{self.seed}-{epoch}-{reader}-buf"))
+            for sample in stream:
+                emitted += 1
+                if emitted > self.skip:
+                    sample["meta"]["epoch"] = epoch
+                    yield sample
+            epoch += 1
+            if self.resample:
+                break
+
+
+def _shuffled(stream: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    buf: list[Any] = []
+    for x in stream:
+        buf.append(x)
+        if len(buf) >= size:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch samples from ``LatentShards``: latents via ``Latent.collate`` (varlen padded),
+    captions as a list, class ids as a tensor, cached text embeddings padded with a mask."""
+    cond: dict[str, Any] = {"caption": [s["cond"]["caption"] for s in samples],
+                            "class_id": torch.tensor([s["cond"]["class_id"] for s in samples])}
+    if all("text_emb" in s["cond"] for s in samples):
+        embs = [s["cond"]["text_emb"] for s in samples]
+        n = max(max(e.shape[0] for e in embs), 1)
+        cond["text_emb"] = torch.stack([torch.cat([e, e.new_zeros(n - e.shape[0], e.shape[1])]) for e in embs])
+        cond["text_mask"] = torch.stack([torch.arange(n) < e.shape[0] for e in embs])
+    return {"latent": Latent.collate([s["latent"] for s in samples]), "cond": cond,
+            "meta": [s["meta"] for s in samples]}
+
+
+def read_all(path: str | Path) -> list[dict[str, Any]]:
+    """Every sample of an extraction folder in key order (for tests, verification and small sets)."""
+    samples = [decode_sample(raw) for url in shard_urls(path) for raw in iter_shard(url)]
+    return sorted(samples, key=lambda s: s["meta"]["index"])
+
+
+def raw_bytes_digest(path: str | Path) -> dict[str, str]:
+    """sha256 of every shard file in a folder: equal digests = byte-identical shard sets."""
+    return {Path(u).name: hashlib.sha256(Path(u).read_bytes()).hexdigest() for u in shard_urls(path)}
+

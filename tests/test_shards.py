@@ -1,0 +1,137 @@
+"""Latent shard writing/reading: statistics, validation, splitting, shuffling, resume, bad data."""
+import io
+import tarfile
+from collections import Counter
+
+import pytest
+import torch
+
+from data import shards
+from ldm.latent import Latent
+
+
+def _write(tmp_path, n_shards=3, per=5, c=4):
+    g = torch.Generator().manual_seed(0)
+    idx = 0
+    for j in range(n_shards):
+        samples, keys = [], []
+        for _ in range(per):
+            lat = Latent({"z": torch.randn(1, c, 2, 3, 3, generator=g) + idx}, "grid",
+                         {"z": torch.zeros(1, c, 2, 3, 3)})
+            samples.append(shards.encode_sample(lat, {"index": idx, "caption": f"c{idx}", "class_id": idx % 3}))
+            keys.append(f"{idx:09d}")
+            idx += 1
+        shards.write_shard(tmp_path / shards.SHARD_NAME.format(j), samples, keys)
+    return idx
+
+
+def _indices(ds):
+    return [s["meta"]["index"] for s in ds]
+
+
+def test_channel_stats_match_torch():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 3, 2, 4, 4, generator=g) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1, 1) for _ in range(3)]
+    st, other = shards.ChannelStats(), shards.ChannelStats()
+    st.update(Latent({"z": xs[0]}))
+    other.update(Latent({"z": xs[1]}))
+    other.update(Latent({"z": xs[2]}))
+    st.merge(shards.ChannelStats.from_json(other.to_json()))
+    allx = torch.cat(xs).transpose(0, 1).reshape(3, -1).double()
+    summ = st.summary()["z"]
+    torch.testing.assert_close(torch.tensor(summ["mean"], dtype=torch.float64), allx.mean(1))
+    torch.testing.assert_close(torch.tensor(summ["std"], dtype=torch.float64), allx.std(1, unbiased=False))
+    tok = shards.ChannelStats()
+    tok.update(Latent({"g": torch.ones(2, 4, 8, 5)}, "tokens"))  # channels last for token sets
+    assert len(tok.summary()["g"]["mean"]) == 5
+
+
+def test_every_sample_once_per_epoch_across_ranks_and_workers(tmp_path):
+    n = _write(tmp_path)
+    seen = []
+    for rank in range(2):
+        ds = shards.LatentShards(str(tmp_path), rank=rank, world_size=2, shuffle=4, seed=3)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+        seen += _indices(loader)
+    assert sorted(seen) == list(range(n))
+
+
+def test_shard_split_and_determinism(tmp_path):
+    n = _write(tmp_path)
+    a = [_indices(shards.LatentShards(str(tmp_path), rank=r, world_size=3, split="shard", seed=1)) for r in range(3)]
+    assert sorted(sum(a, [])) == list(range(n)) and all(len(x) == 5 for x in a)
+    one = _indices(shards.LatentShards(str(tmp_path), shuffle=8, seed=7))
+    assert one == _indices(shards.LatentShards(str(tmp_path), shuffle=8, seed=7))
+    assert one != _indices(shards.LatentShards(str(tmp_path), shuffle=8, seed=8))
+    with pytest.raises(ValueError, match="at least 4 shards"):
+        list(shards.LatentShards(str(tmp_path), rank=0, world_size=4, split="shard"))
+
+
+def test_infinite_epochs_and_skip_resume(tmp_path):
+    n = _write(tmp_path)
+    stream = iter(shards.LatentShards(str(tmp_path), epochs=None, shuffle=4, seed=2))
+    first = [next(stream) for _ in range(2 * n + 3)]
+    epochs = Counter(s["meta"]["epoch"] for s in first)
+    assert epochs[0] == n and epochs[1] == n and epochs[2] == 3
+    assert sorted(s["meta"]["index"] for s in first[:n]) == list(range(n))
+    resumed = iter(shards.LatentShards(str(tmp_path), epochs=None, shuffle=4, seed=2, skip=n + 4))
+    assert [next(resumed)["meta"]["index"] for _ in range(5)] == [s["meta"]["index"] for s in first[n + 4:n + 9]]
+    res = iter(shards.LatentShards(str(tmp_path), resample=True, seed=0))
+    assert len([next(res) for _ in range(3 * n)]) == 3 * n
+
+
+def _tar_with(members: dict[str, bytes], path):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    good = shards.encode_sample(Latent({"z": torch.zeros(1, 2, 1, 2, 2)}), {"index": 0})
+    nan = shards.encode_sample(Latent({"z": torch.full((1, 2, 1, 2, 2), float("nan"))}), {"index": 1})
+    wrong = shards.encode_sample(Latent({"z": torch.zeros(1, 2, 1, 3, 3)}), {"index": 2})
+    members = {f"000000000.{k}": v for k, v in good.items()}
+    members.update({f"000000001.{k}": v for k, v in nan.items()})
+    members.update({f"000000002.{k}": v for k, v in wrong.items()})
+    members["000000003.json"] = b'{"index": 3}'  # latent member missing
+    members["../evil/000000004.json"] = b"{}"
+    members["000000005.latent.safetensors"] = b"garbage!" * 4
+    members["000000005.json"] = b'{"index": 5}'
+    _tar_with(members, tmp_path / "shard-000000.tar")
+    ds = shards.LatentShards(str(tmp_path), expect_shapes={"z": (2, 1, 2, 2)})
+    assert _indices(ds) == [0]
+    assert ds.skipped["bad_sample"] == 5
+
+
+def test_truncated_shard_keeps_earlier_samples(tmp_path):
+    _write(tmp_path, n_shards=1, per=6)
+    path = tmp_path / shards.SHARD_NAME.format(0)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    ds = shards.LatentShards(str(tmp_path))
+    got = _indices(ds)
+    assert 0 < len(got) < 6 and got == list(range(len(got)))
+    assert ds.skipped["bad_shard"] == 1
+
+
+def test_write_is_atomic_and_reproducible(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        _write(tmp_path / sub, n_shards=2)
+    assert shards.raw_bytes_digest(tmp_path / "a") == shards.raw_bytes_digest(tmp_path / "b")
+    assert not list((tmp_path / "a").glob(".*tmp"))
+    with pytest.raises(FileNotFoundError):
+        shards.shard_urls(tmp_path / "missing-{000..001}.tar")
+
+
+def test_collate_pads_text_embeddings(tmp_path):
+    samples = []
+    for i, n in enumerate([3, 5]):
+        lat = Latent({"z": torch.zeros(1, 2, 1, 2, 2)})
+        raw = shards.encode_sample(lat, {"index": i, "caption": "x"}, text_emb=torch.ones(n, 8))
+        samples.append(shards.decode_sample({"__key__": f"{i:09d}", **raw}))
+    batch = shards.collate(samples)
+    assert batch["cond"]["text_emb"].shape == (2, 5, 8)
+    assert batch["cond"]["text_mask"].sum(1).tolist() == [3, 5]
