@@ -1,0 +1,332 @@
+"""Quality metrics: PSNR, SSIM, LPIPS (reconstruction) and the Fréchet distance (FVD / FID).
+
+Conventions: images are ``(B, C, H, W)`` and videos ``(B, C, T, H, W)``; the platform's pixel
+range is [-1, 1], hence ``data_range=2.0`` by default. Per-sample metrics return ``(B,)``.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+# --------------------------------------------------------------------------------------------
+# PSNR / SSIM
+# --------------------------------------------------------------------------------------------
+
+
+def _check_pair(x: Tensor, y: Tensor, data_range: float) -> None:
+    if x.shape != y.shape:
+        raise ValueError(f"inputs differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    if x.ndim < 2:
+        raise ValueError(f"expected a batch (B, ...), got shape {tuple(x.shape)}")
+    if not data_range > 0:
+        raise ValueError(f"data_range must be positive, got {data_range}")
+
+
+def psnr(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
+    """Peak signal-to-noise ratio per sample, ``10 log10(R^2 / MSE)`` with the MSE over all
+    elements of a sample (all frames of a video). Inputs ``(B, ...)``; returns ``(B,)`` float64;
+    identical samples give ``inf``."""
+    _check_pair(x, y, data_range)
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)  # (B,)
+    return 10.0 * torch.log10(data_range ** 2 / mse)
+
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+
+def _gaussian_window(size: int, sigma: float, device: torch.device) -> Tensor:
+    r = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
+    g = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def _ssim_images(x: Tensor, y: Tensor, data_range: float) -> Tensor:
+    """Mean SSIM per image (N,) of ``(N, C, H, W)`` inputs: Eq. 13 of Wang et al. 2004 on an
+    11x11 Gaussian window (sigma 1.5), valid positions only, averaged over channels and space; computed in float64."""
+    N, C, H, W = x.shape
+    if H < SSIM_WINDOW or W < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {H}x{W}")
+    x, y = x.double(), y.double()  # float32 moments lose ~1e-4 of SSIM to cancellation
+    g = _gaussian_window(SSIM_WINDOW, SSIM_SIGMA, x.device)
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (N, 5C, H, W)
+    groups = stack.shape[1]
+    stack = F.conv2d(stack, g.view(1, 1, -1, 1).expand(groups, 1, -1, 1).contiguous(), groups=groups)
+    stack = F.conv2d(stack, g.view(1, 1, 1, -1).expand(groups, 1, 1, -1).contiguous(), groups=groups)
+    mu_x, mu_y, e_xx, e_yy, e_xy = stack.chunk(5, dim=1)  # each (N, C, H', W')
+    var_x, var_y, cov = e_xx - mu_x ** 2, e_yy - mu_y ** 2, e_xy - mu_x * mu_y
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1)
+
+
+def ssim_per_frame(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
+    """SSIM of every frame: videos ``(B, C, T, H, W)`` -> ``(B, T)`` float64 (for per
+    frame-position curves, IV-VAE Fig. 1b); images ``(B, C, H, W)`` -> ``(B, 1)``."""
+    _check_pair(x, y, data_range)
+    if x.ndim == 4:
+        return _ssim_images(x, y, data_range)[:, None]
+    if x.ndim != 5:
+        raise ValueError(f"SSIM takes (B, C, H, W) or (B, C, T, H, W), got shape {tuple(x.shape)}")
+    B, T = x.shape[0], x.shape[2]
+    frames = lambda v: rearrange(v, "b c t h w -> (b t) c h w")  # noqa: E731
+    return _ssim_images(frames(x), frames(y), data_range).view(B, T)  # (B, T)
+
+
+def ssim(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
+    """Structural similarity per sample ``(B,)`` float64: Gaussian window 11, sigma 1.5,
+    K1 0.01, K2 0.03, the given data range (Wang et al. 2004). Videos are averaged over frames."""
+    return ssim_per_frame(x, y, data_range).mean(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Fréchet distance
+# --------------------------------------------------------------------------------------------
+
+
+def _as_f64(a, name: str) -> Tensor:
+    t = torch.as_tensor(np.asarray(a) if not isinstance(a, Tensor) else a).detach().cpu().double()
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} has non-finite values")
+    return t
+
+
+def _sym(a: Tensor) -> Tensor:
+    return 0.5 * (a + a.T)
+
+
+def _sqrt_psd(a: Tensor) -> Tensor:
+    """Square root of a symmetric PSD matrix by eigendecomposition; tiny negative eigenvalues
+    (rounding) are clipped to zero."""
+    w, v = torch.linalg.eigh(_sym(a))
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64:
+
+        ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2)
+
+    (Dowson & Landau 1982; the FID of Heusel et al. 2017, the FVD of Unterthiner et al. 2018).
+    The trace term uses the symmetric form, whose eigenvalues are those of S1 S2, so only
+    symmetric eigendecompositions are needed. Accepts tensors or arrays. A result below zero
+    by rounding is returned as 0.
+    """
+    m1, m2 = _as_f64(mu1, "mu1"), _as_f64(mu2, "mu2")
+    s1, s2 = _as_f64(sigma1, "sigma1"), _as_f64(sigma2, "sigma2")
+    d = m1.shape[0]
+    if m1.shape != (d,) or m2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"expected means (D,) and covariances (D, D); got {tuple(m1.shape)}, "
+                         f"{tuple(s1.shape)}, {tuple(m2.shape)}, {tuple(s2.shape)}")
+    r1 = _sqrt_psd(s1)
+    ev = torch.linalg.eigvalsh(_sym(r1 @ s2 @ r1)).clamp(min=0)
+    diff = m1 - m2
+    fd = diff @ diff + torch.trace(s1) + torch.trace(s2) - 2 * ev.sqrt().sum()
+    return max(float(fd), 0.0)
+
+
+def gaussian_stats(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean ``(D,)`` and UNBIASED covariance ``(D, D)`` (divided by N - 1) of ``(N, D)`` features,
+    in float64. Fréchet estimates are biased by the sample count: always report N."""
+    f = _as_f64(features, "features")
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"gaussian_stats needs (N >= 2, D) features, got shape {tuple(f.shape)}")
+    mu = f.mean(0)
+    c = f - mu
+    return mu, c.T @ c / (f.shape[0] - 1)
+
+
+class RunningGaussian:
+    """Streaming mean / covariance in float64 (Chan et al.'s pairwise update), so features can
+    be accumulated batch by batch and per-rank accumulators merged (``merge``) in any order."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.n = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.m2 = torch.zeros(dim, dim, dtype=torch.float64)  # sum of centred outer products
+
+    def _combine(self, n: int, mean: Tensor, m2: Tensor) -> None:
+        if n == 0:
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.m2 = self.m2 + m2 + torch.outer(delta, delta) * (self.n * n / total)
+        self.mean = self.mean + delta * (n / total)
+        self.n = total
+
+    def update(self, features: Tensor) -> None:
+        f = _as_f64(features, "features")
+        if f.ndim != 2 or f.shape[1] != self.dim:
+            raise ValueError(f"expected (N, {self.dim}) features, got shape {tuple(f.shape)}")
+        if f.shape[0] == 0:
+            return
+        mean = f.mean(0)
+        c = f - mean
+        self._combine(f.shape[0], mean, c.T @ c)
+
+    def merge(self, other: "RunningGaussian") -> None:
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge stats of dim {other.dim} into dim {self.dim}")
+        self._combine(other.n, other.mean, other.m2)
+
+    def stats(self) -> tuple[Tensor, Tensor]:
+        """(mean, unbiased covariance)."""
+        if self.n < 2:
+            raise ValueError(f"need at least 2 samples for a covariance, have {self.n}")
+        return self.mean.clone(), self.m2 / (self.n - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# LPIPS (Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features as a Perceptual
+# Metric"), Eq. 1: d(x, y) = sum_l mean_hw || w_l * (f_l(x) - f_l(y)) ||^2 over unit-normalised
+# channel features of a frozen classification trunk.
+# --------------------------------------------------------------------------------------------
+
+# torchvision's `features` Sequential, index by index: ("conv", cin, cout, kernel, stride, pad),
+# ("relu",), ("pool", kernel, stride). Keeping the indices makes torchvision's state-dict keys
+# ("features.<i>.weight") load unchanged.
+_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+_ALEX = [("conv", 3, 64, 11, 4, 2), ("relu",), ("pool", 3, 2),
+         ("conv", 64, 192, 5, 1, 2), ("relu",), ("pool", 3, 2),
+         ("conv", 192, 384, 3, 1, 1), ("relu",),
+         ("conv", 384, 256, 3, 1, 1), ("relu",),
+         ("conv", 256, 256, 3, 1, 1), ("relu",)]
+
+
+def _vgg16_layers() -> list[tuple]:
+    layers, cin = [], 3
+    for v in _VGG16:
+        if v == "M":
+            layers.append(("pool", 2, 2))
+        else:
+            layers += [("conv", cin, v, 3, 1, 1), ("relu",)]
+            cin = v
+    return layers
+
+
+# LPIPS taps the ReLU outputs at these `features` indices (VGG: relu1_2 .. relu5_3).
+LPIPS_NETS = {
+    "vgg": dict(layers=_vgg16_layers, taps=(3, 8, 15, 22, 29), channels=(64, 128, 256, 512, 512),
+                backbone_file="torchvision vgg16 weights (e.g. vgg16-397923af.pth)"),
+    "alex": dict(layers=lambda: _ALEX, taps=(1, 4, 7, 9, 11), channels=(64, 192, 384, 256, 256),
+                 backbone_file="torchvision alexnet weights (e.g. alexnet-owt-7be5be79.pth)"),
+}
+# The input scaling of the lpips package: per-channel shift/scale applied to [-1, 1] inputs.
+_LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+_LPIPS_SCALE = (0.458, 0.448, 0.450)
+
+
+def _load_tensor_file(path: str | Path, what: str) -> dict[str, Tensor]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {str(p)!r}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(p))
+    else:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ValueError(f"{what} {str(p)!r} is not a flat state dict of tensors")
+    return sd
+
+
+class LPIPS(nn.Module):
+    """LPIPS distance with a VGG16 or AlexNet trunk written in plain torch (no torchvision).
+
+    ``forward(x, y) -> (B,)`` for images ``(B, 3, H, W)`` or videos ``(B, 3, T, H, W)`` (frames
+    averaged), pixels in [-1, 1]. Build with ``LPIPS.from_files``; weights are frozen.
+    """
+
+    def __init__(self, net: str = "vgg") -> None:
+        super().__init__()
+        if net not in LPIPS_NETS:
+            raise ValueError(f"unknown LPIPS net {net!r}; expected one of {sorted(LPIPS_NETS)}")
+        spec = LPIPS_NETS[net]
+        self.net = net
+        self.taps = spec["taps"]
+        mods: list[nn.Module] = []
+        for kind, *a in spec["layers"]()[: self.taps[-1] + 1]:
+            if kind == "conv":
+                cin, cout, k, s, p = a
+                mods.append(nn.Conv2d(cin, cout, k, stride=s, padding=p))
+            elif kind == "relu":
+                mods.append(nn.ReLU())
+            else:
+                mods.append(nn.MaxPool2d(a[0], stride=a[1]))
+        self.features = nn.Sequential(*mods)
+        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in spec["channels"])
+        self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "LPIPS":
+        return super().train(False)
+
+    @classmethod
+    def from_files(cls, net: str, backbone: str | Path, heads: str | Path) -> "LPIPS":
+        """Load the torchvision backbone state dict (``features.<i>.weight/bias``; classifier
+        keys ignored) and the lpips package's linear heads (``vgg.pth`` / ``alex.pth`` with keys
+        ``lin<l>.model.<k>.weight`` of shape (1, C, 1, 1)). ``.pth`` files are read with
+        ``torch.load(weights_only=True)``; ``.safetensors`` are accepted too."""
+        model = cls(net)
+        what = LPIPS_NETS[net]["backbone_file"]
+        sd = _load_tensor_file(backbone, f"LPIPS backbone file ({what})")
+        own = model.features.state_dict()
+        missing = [k for k in own if f"features.{k}" not in sd]
+        if missing:
+            raise ValueError(f"LPIPS backbone file {str(backbone)!r} lacks "
+                             f"{['features.' + k for k in missing]}; expected {what}")
+        model.features.load_state_dict({k: _checked(sd[f"features.{k}"], v.shape, f"features.{k}", backbone)
+                                        for k, v in own.items()})
+        hd = _load_tensor_file(heads, f"LPIPS linear-head file (the lpips package's {net}.pth)")
+        found: dict[int, Tensor] = {}
+        for k, v in hd.items():
+            m = re.fullmatch(r"lin(\d+)\.model\.\d+\.weight", k)
+            if m:
+                found[int(m.group(1))] = v
+        if sorted(found) != list(range(len(model.heads))):
+            raise ValueError(f"LPIPS head file {str(heads)!r} has heads {sorted(found)}; expected "
+                             f"lin0..lin{len(model.heads) - 1} (lpips {net}.pth format)")
+        for i, head in enumerate(model.heads):
+            head.weight.copy_(_checked(found[i], head.weight.shape, f"lin{i}", heads))
+        return model
+
+    def _distance(self, x: Tensor, y: Tensor) -> Tensor:
+        n = x.shape[0]
+        h = (torch.cat([x, y]).float() - self.shift) / self.scale  # (2N, 3, H, W)
+        total = torch.zeros(n, device=x.device)
+        tap = 0
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i == self.taps[tap]:
+                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit channel norm
+                d = (f[:n] - f[n:]).pow(2)  # (N, C, h, w)
+                total = total + self.heads[tap](d).mean((1, 2, 3))
+                tap += 1
+        return total
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        _check_pair(x, y, 1.0)
+        if x.ndim not in (4, 5) or x.shape[1] != 3:
+            raise ValueError(f"LPIPS takes (B, 3, H, W) or (B, 3, T, H, W), got {tuple(x.shape)}")
+        if x.ndim == 5:
+            B, T = x.shape[0], x.shape[2]
+            frames = lambda v: rearrange(v, "b c t h w -> (b t) c h w")  # noqa: E731
+            return self._distance(frames(x), frames(y)).view(B, T).mean(1)  # (B,)
+        return self._distance(x, y)
+
+
+def _checked(t: Tensor, shape: torch.Size, key: str, path: str | Path) -> Tensor:
+    if t.shape != shape:
+        raise ValueError(f"{key} in {str(path)!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    return t.float()
