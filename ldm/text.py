@@ -1,0 +1,323 @@
+"""Text encoders behind one small interface: ``build_text_encoder(spec) -> TextEncoder``.
+
+A spec names the encoder and is recorded in shard manifests next to cached embeddings:
+
+| spec               | encoder                                                                  |
+|--------------------|--------------------------------------------------------------------------|
+| ``"builtin"``      | offline stand-in: byte tokenizer + small seeded frozen transformer       |
+| ``"t5:<dir>"``     | transformers ``T5EncoderModel`` + tokenizer from a LOCAL directory       |
+| ``"clip:<dir>"``   | transformers ``CLIPTextModel`` + tokenizer from a LOCAL directory        |
+
+``<dir>`` is either a model directory (``config.json`` + weights + tokenizer files) or a
+diffusers pipeline directory with ``text_encoder/`` and ``tokenizer/`` sub-folders. Nothing is
+downloaded: a missing directory is an error that names it.
+
+Every encoder is frozen (no gradients, always in eval mode) and returns
+``(emb (B, L, D) float32, mask (B, L) bool)`` with ``L == max_length``; padding positions are
+False in the mask and zero in ``emb``.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldm.config import replace
+
+T5_MAX_LENGTH = 120
+CLIP_MAX_LENGTH = 77
+
+
+class TextEncoder(nn.Module):
+    """Frozen text encoder: ``encode(prompts) -> (emb (B, L, D) float32, mask (B, L) bool)``."""
+
+    def __init__(self, spec: str, dim: int, max_length: int) -> None:
+        super().__init__()
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (room for special tokens), got {max_length}")
+        self.spec = spec
+        self.dim = dim
+        self.max_length = max_length
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        """Always stays in eval mode (frozen): a parent's ``.train()`` does not enable dropout."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Embed a batch of prompts: ``emb (B, L, D)`` float32 and ``mask (B, L)`` bool (True =
+        real token). Padding positions are zero in ``emb``."""
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts, not a single string")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("encode needs at least one prompt")
+        bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise TypeError(f"prompts must be strings, got {sorted(set(bad))}")
+        emb, mask = self._encode(prompts)
+        emb = emb.float() * mask[..., None]  # (B, L, D)
+        return emb, mask
+
+    def pool(self, emb: Tensor, mask: Tensor) -> Tensor:
+        """One vector per prompt (B, D): the mean over real tokens."""
+        w = mask.to(emb.dtype)[..., None]  # (B, L, 1)
+        return (emb * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+    def describe(self) -> dict:
+        """What a shard manifest records about the encoder that made its cached embeddings."""
+        return {"spec": self.spec, "dim": self.dim, "max_length": self.max_length}
+
+
+# --------------------------------------------------------------------------------------------
+# transformers encoders (T5, CLIP) from a local directory
+# --------------------------------------------------------------------------------------------
+
+def _resolve_local_dirs(path: str, spec: str) -> tuple[Path, Path]:
+    """(model dir, tokenizer dir) for a model dir or a diffusers pipeline dir."""
+    root = Path(path).expanduser()
+    if not path or not root.is_dir():
+        raise FileNotFoundError(
+            f"text encoder directory not found: {str(root)!r} (spec {spec!r}). Text encoders are "
+            "loaded from a local transformers directory only; download the model first and pass "
+            "its path.")
+    if (root / "config.json").is_file():
+        return root, root
+    if (root / "text_encoder" / "config.json").is_file() and (root / "tokenizer").is_dir():
+        return root / "text_encoder", root / "tokenizer"
+    raise FileNotFoundError(
+        f"no config.json in text encoder directory {str(root)!r} (spec {spec!r}); expected a "
+        "transformers model directory or a pipeline directory with text_encoder/ and tokenizer/")
+
+
+class HFTextEncoder(TextEncoder):
+    """A transformers text model (T5 encoder or CLIP text tower); its last hidden state is the
+    embedding. T5 v1.1 / Flan-T5 in float16 overflow: load them in float32 or bfloat16."""
+
+    def __init__(self, spec: str, kind: str, model: nn.Module, tokenizer, max_length: int) -> None:
+        super().__init__(spec, int(model.config.hidden_size if kind == "clip" else model.config.d_model),
+                         max_length)
+        self.kind = kind
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "right"
+
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        batch = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
+                               truncation=True, return_tensors="pt")
+        ids = batch["input_ids"].to(self.device)  # (B, L)
+        mask = batch["attention_mask"].to(self.device).bool()  # (B, L)
+        out = self.model(input_ids=ids, attention_mask=mask.long())
+        return out.last_hidden_state, mask
+
+    def pool(self, emb: Tensor, mask: Tensor) -> Tensor:
+        """CLIP: the hidden state of the last real token (the end-of-text token, i.e. the text
+        model's ``pooler_output``); T5: the mean over real tokens."""
+        if self.kind != "clip":
+            return super().pool(emb, mask)
+        last = mask.long().sum(1).clamp(min=1) - 1  # (B,)
+        return emb[torch.arange(emb.shape[0], device=emb.device), last]
+
+
+def _load_hf(kind: str, path: str, spec: str, max_length: int | None,
+             dtype: torch.dtype | None) -> HFTextEncoder:
+    model_dir, tok_dir = _resolve_local_dirs(path, spec)
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    cls = T5EncoderModel if kind == "t5" else CLIPTextModel
+    model = cls.from_pretrained(model_dir, local_files_only=True, dtype=dtype or torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    if tokenizer.pad_token is None:
+        raise ValueError(f"the tokenizer in {str(tok_dir)!r} has no pad token (spec {spec!r})")
+    if max_length is None:
+        max_length = T5_MAX_LENGTH if kind == "t5" else CLIP_MAX_LENGTH
+    if kind == "clip" and max_length > model.config.max_position_embeddings:
+        raise ValueError(f"max_length {max_length} exceeds the CLIP model's "
+                         f"{model.config.max_position_embeddings} positions (spec {spec!r})")
+    return HFTextEncoder(spec, kind, model, tokenizer, max_length)
+
+
+# --------------------------------------------------------------------------------------------
+# builtin: the offline stand-in
+# --------------------------------------------------------------------------------------------
+
+PAD, BOS, EOS = 0, 1, 2
+BYTE_OFFSET = 3  # byte b has token id b + 3
+BYTE_VOCAB = 256 + BYTE_OFFSET
+
+
+@dataclass(frozen=True)
+class BuiltinTextConfig:
+    dim: int = 256
+    layers: int = 2
+    heads: int = 4
+    mlp_hidden: int = 512
+    max_length: int = 64
+    word_buckets: int = 4096
+    word_gain: float = 1.0      # weight of the hashed whole-word vector on each byte of a word
+    byte_gain: float = 0.5      # weight of the byte identity
+    pos_gain: float = 0.5       # weight of the sinusoidal position
+    residual_gain: float = 0.5  # scale of each (random) attention / MLP branch
+    seed: int = 0
+
+
+def _seeded_uniform(seed: int, name: str, shape: tuple[int, ...], bound: float) -> Tensor:
+    """Weights uniform in [-bound, bound) from a counter-based generator (splitmix64 over
+    ``sha256(seed:name)`` + index), so they are bit-identical on every machine, process and
+    torch version (unlike ``torch.randn``, whose CPU kernels differ with the instruction set)."""
+    key = np.uint64(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little"))
+    n = math.prod(shape)
+    with np.errstate(over="ignore"):
+        z = key + (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    u = (z >> np.uint64(40)).astype(np.float64) / float(1 << 24)  # exact 24-bit uniforms in [0, 1)
+    w = ((2.0 * u - 1.0) * bound).astype(np.float32)
+    return torch.from_numpy(w.reshape(shape))
+
+
+def _sinusoidal(length: int, dim: int) -> Tensor:
+    """Fixed sinusoidal positions (Vaswani et al. 2017, Sec. 3.5), computed in float64."""
+    pos = np.arange(length, dtype=np.float64)[:, None]
+    freq = np.exp(-math.log(10000.0) * np.arange(0, dim, 2, dtype=np.float64) / dim)[None]
+    pe = np.zeros((length, dim), dtype=np.float64)
+    pe[:, 0::2] = np.sin(pos * freq)
+    pe[:, 1::2] = np.cos(pos * freq)
+    return torch.from_numpy(pe.astype(np.float32))
+
+
+def _is_word_byte(b: int) -> bool:
+    return b >= 128 or chr(b).isalnum()
+
+
+def _word_hashes(word: bytes, buckets: int) -> tuple[int, int]:
+    """Two independent bucket indices for a lower-cased word (collisions of both are rare)."""
+    return zlib.crc32(word) % buckets, zlib.crc32(b"#" + word) % buckets
+
+
+class BuiltinTextEncoder(TextEncoder):
+    """An OFFLINE STAND-IN for a real text encoder: no download, no training, not semantic.
+
+    Tokenizer: the UTF-8 bytes of the prompt between BOS and EOS, right-padded with PAD to
+    ``max_length`` (longer prompts are cut). Each byte token's input vector is the sum of
+    (a) a byte embedding, (b) a hashed embedding of the whole (lower-cased) word the byte belongs
+    to, the same on every byte of that word, and (c) a sinusoidal position. Two pre-norm
+    transformer layers with random weights and down-scaled residual branches then mix in context,
+    and a final parameter-free LayerNorm sets the scale.
+
+    All weights come from a fixed seed through a counter-based generator and are frozen, so the
+    embeddings are deterministic and identical across processes and machines, distinct for
+    distinct prompts, and words stay recognisable wherever they occur ("red" looks like "red" in
+    any caption), which lets a DiT read short attribute captions such as
+    "a red circle moving left" through cross-attention. It knows nothing about meaning: "red" is
+    no closer to "crimson" than to "left". Use ``t5:<dir>`` or ``clip:<dir>`` for real models.
+    """
+
+    def __init__(self, cfg: BuiltinTextConfig = BuiltinTextConfig(), spec: str = "builtin") -> None:
+        super().__init__(spec, cfg.dim, cfg.max_length)
+        if cfg.dim % cfg.heads or cfg.dim % 2:
+            raise ValueError(f"builtin text encoder: dim {cfg.dim} must be even and divisible by "
+                             f"heads {cfg.heads}")
+        self.cfg = cfg
+        d, s = cfg.dim, cfg.seed
+        unit = math.sqrt(3.0)  # uniform bound for unit variance
+
+        def weight(name: str, shape: tuple[int, ...], bound: float) -> nn.Parameter:
+            return nn.Parameter(_seeded_uniform(s, name, shape, bound), requires_grad=False)
+
+        self.byte_embed = weight("byte_embed", (BYTE_VOCAB, d), unit)
+        self.word_embed = weight("word_embed", (cfg.word_buckets, d), unit)
+        self.layers = nn.ModuleList()
+        for i in range(cfg.layers):
+            layer = nn.Module()
+            layer.qkv = weight(f"layers.{i}.qkv", (3 * d, d), math.sqrt(3.0 / d))
+            layer.proj = weight(f"layers.{i}.proj", (d, d), math.sqrt(3.0 / d))
+            layer.fc1 = weight(f"layers.{i}.fc1", (cfg.mlp_hidden, d), math.sqrt(3.0 / d))
+            layer.fc2 = weight(f"layers.{i}.fc2", (d, cfg.mlp_hidden), math.sqrt(3.0 / cfg.mlp_hidden))
+            self.layers.append(layer)
+        self.register_buffer("pos", _sinusoidal(cfg.max_length, d), persistent=False)
+        self.eval()
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """``ids (B, L)`` byte tokens, ``words (B, L, 2)`` hashed word buckets (-1 = not in a
+        word), ``mask (B, L)`` bool."""
+        B, L = len(prompts), self.max_length
+        ids = torch.full((B, L), PAD, dtype=torch.long)
+        words = torch.full((B, L, 2), -1, dtype=torch.long)
+        for b, text in enumerate(prompts):
+            data = text.encode("utf-8")[: L - 2]
+            ids[b, 0] = BOS
+            ids[b, 1:len(data) + 1] = torch.tensor(list(data), dtype=torch.long) + BYTE_OFFSET
+            ids[b, len(data) + 1] = EOS
+            start = None
+            for j in range(len(data) + 1):
+                inside = j < len(data) and _is_word_byte(data[j])
+                if inside and start is None:
+                    start = j
+                elif not inside and start is not None:
+                    h = _word_hashes(data[start:j].lower(), self.cfg.word_buckets)
+                    words[b, start + 1:j + 1] = torch.tensor(h)
+                    start = None
+        return ids, words, ids != PAD
+
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        cfg, dev = self.cfg, self.device
+        ids, words, mask = (t.to(dev) for t in self.tokenize(prompts))
+        in_word = (words[..., :1] >= 0).float()  # (B, L, 1)
+        word_vec = self.word_embed[words.clamp(min=0)].sum(2) / math.sqrt(2.0)  # (B, L, D)
+        x = (cfg.byte_gain * self.byte_embed[ids] + cfg.word_gain * in_word * word_vec
+             + cfg.pos_gain * self.pos[None])  # (B, L, D)
+        B, L, D = x.shape
+        key_mask = mask[:, None, None, :]  # (B, 1, 1, L)
+        for layer in self.layers:
+            h = F.layer_norm(x, (D,))
+            q, k, v = F.linear(h, layer.qkv).view(B, L, 3, cfg.heads, D // cfg.heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, L, D/H)
+            a = a.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
+            x = x + cfg.residual_gain * F.linear(a, layer.proj)
+            h = F.layer_norm(x, (D,))
+            x = x + cfg.residual_gain * F.linear(F.gelu(F.linear(h, layer.fc1)), layer.fc2)
+        return F.layer_norm(x, (D,)), mask
+
+
+# --------------------------------------------------------------------------------------------
+
+def build_text_encoder(spec: str, *, max_length: int | None = None,
+                       device: torch.device | str | None = None,
+                       dtype: torch.dtype | None = None) -> TextEncoder:
+    """Build the encoder a spec names: ``"builtin"``, ``"t5:<local dir>"`` or ``"clip:<local dir>"``.
+
+    ``max_length`` overrides the token length (defaults: T5 120, CLIP 77, builtin 64);
+    ``dtype`` is the weight dtype of transformers models (default float32; outputs are always
+    float32). The result is frozen and in eval mode.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"text encoder spec must be a string, got {type(spec).__name__}")
+    kind, sep, arg = spec.partition(":")
+    if kind == "builtin" and not sep:
+        cfg = BuiltinTextConfig()
+        if max_length is not None:
+            cfg = replace(cfg, max_length=max_length)
+        enc: TextEncoder = BuiltinTextEncoder(cfg, spec)
+    elif kind in ("t5", "clip") and sep:
+        enc = _load_hf(kind, arg, spec, max_length, dtype)
+    else:
+        raise ValueError(f"unknown text encoder spec {spec!r}; expected 'builtin', "
+                         "'t5:<local dir>' or 'clip:<local dir>'")
+    return enc.to(device) if device is not None else enc

@@ -1,0 +1,197 @@
+import hashlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm.text import BuiltinTextEncoder, TextEncoder, build_text_encoder
+
+WORDS = "a red blue green circle square triangle moving left right up down small big".split()
+
+
+# ------------------------------------------------------------------------------------ builtin
+
+def _weights_sha256(enc: TextEncoder) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(enc.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_builtin_weights_are_fixed_across_processes_and_machines():
+    # the weights come from a counter-based generator: this digest must never change
+    enc = build_text_encoder("builtin")
+    assert _weights_sha256(enc) == "815d3a276cbafac80c27f9be2830911aae3275c24f9f3f3f485e4fd1d34ebdee"
+    emb, _ = enc.encode(["a red circle moving left"])
+    expected = torch.tensor([[-0.84835118, 1.03154945, -1.61937690, 1.62888622],
+                             [-1.09455192, 0.19531815, -0.99010682, 1.11484206],
+                             [-1.30536056, 0.77279603, -0.56340492, -1.10719550]])
+    torch.testing.assert_close(emb[0, [0, 3, 25], :4], expected, atol=1e-4, rtol=0)
+
+
+def test_builtin_deterministic_on_rebuild_and_batch_independent():
+    prompts = ["a red circle moving left", "a big blue square moving up", ""]
+    e1, m1 = build_text_encoder("builtin").encode(prompts)
+    e2, m2 = build_text_encoder("builtin").encode(prompts)
+    assert torch.equal(e1, e2) and torch.equal(m1, m2)
+    alone, _ = build_text_encoder("builtin").encode(prompts[1:2])
+    torch.testing.assert_close(alone[0], e1[1], atol=1e-5, rtol=0)
+
+
+def test_builtin_shapes_masks_and_padding():
+    enc = build_text_encoder("builtin")
+    assert isinstance(enc, BuiltinTextEncoder) and enc.spec == "builtin"
+    assert enc.dim == 256 and enc.max_length == 64
+    prompts = ["a red circle moving left", "", "x" * 200, "grün"]
+    emb, mask = enc.encode(prompts)
+    assert emb.shape == (4, 64, 256) and emb.dtype == torch.float32
+    assert mask.shape == (4, 64) and mask.dtype == torch.bool
+    # BOS + bytes + EOS, cut at max_length; "ü" is two UTF-8 bytes
+    assert mask.sum(1).tolist() == [24 + 2, 2, 64, 5 + 2]
+    assert torch.equal(mask, torch.arange(64)[None] < mask.sum(1, keepdim=True))  # right padded
+    assert (emb[~mask] == 0).all() and (emb[mask].abs().sum(-1) > 0).all()
+    ids, _, _ = enc.tokenize(["x" * 200])
+    assert ids[0, -1].item() == 2  # a cut prompt still ends with EOS
+    assert enc.pool(emb, mask).shape == (4, 256)
+
+
+def test_builtin_distinct_prompts_and_words_recognisable():
+    enc = build_text_encoder("builtin")
+    prompts = [f"a {c} {s} moving {d}" for c in ("red", "blue") for s in ("circle", "square")
+               for d in ("left", "up")]
+    emb, mask = enc.encode(prompts)
+    flat = emb.flatten(1)
+    assert torch.cdist(flat, flat)[~torch.eye(len(prompts), dtype=torch.bool)].min() > 1.0
+
+    def word(prompt: str, w: str) -> torch.Tensor:
+        e, _ = enc.encode([prompt])
+        i = prompt.encode().index(w.encode()) + 1  # +1 for BOS
+        return e[0, i:i + len(w)].mean(0)
+
+    red1, red2 = word("a red circle moving left", "red"), word("a small red square moving up", "red")
+    blue = word("a red circle or a blue circle", "blue")
+    assert F.cosine_similarity(red1, red2, dim=0) > 0.8
+    assert F.cosine_similarity(red1, red2, dim=0) > F.cosine_similarity(red1, blue, dim=0) + 0.4
+    # case does not change a word's identity vector, only its bytes
+    assert F.cosine_similarity(word("a Red circle", "Red"), red1, dim=0) > 0.6
+
+
+def test_builtin_frozen_and_input_checks():
+    enc = build_text_encoder("builtin", max_length=16)
+    assert enc.max_length == 16 and enc.encode(["a red circle moving left"])[1].sum() == 16
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.training
+    with pytest.raises(TypeError, match="list of prompts"):
+        enc.encode("a red circle")
+    with pytest.raises(ValueError, match="at least one"):
+        enc.encode([])
+    for bad in ("builtin:x", "t5", "bert:/x", "foo"):
+        with pytest.raises(ValueError, match="unknown text encoder spec"):
+            build_text_encoder(bad)
+
+
+# ------------------------------------------------------------------------------------ T5 / CLIP
+
+def _tokenizer(bos: str | None, eos: str, pad: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [t for t in dict.fromkeys([pad, eos, bos, "<unk>"]) if t is not None]
+    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    single = f"{bos} $A {eos}" if bos else f"$A {eos}"
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(t, vocab[t]) for t in (bos, eos) if t])
+    kw = dict(bos_token=bos) if bos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=eos,
+                                   unk_token="<unk>", **kw), vocab
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    from transformers import T5Config, T5EncoderModel
+
+    d = tmp_path_factory.mktemp("t5")
+    tok, vocab = _tokenizer(None, "</s>", "<pad>")
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"], decoder_start_token_id=0)
+    T5EncoderModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = tmp_path_factory.mktemp("pipe")  # diffusers pipeline layout
+    tok, vocab = _tokenizer("<|startoftext|>", "<|endoftext|>", "<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"])
+    CLIPTextModel(cfg).save_pretrained(root / "text_encoder")
+    tok.save_pretrained(root / "tokenizer")
+    return root
+
+
+def test_t5_from_local_dir(t5_dir):
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    spec = f"t5:{t5_dir}"
+    enc = build_text_encoder(spec)
+    assert enc.spec == spec and enc.dim == 32 and enc.max_length == 120
+    prompts = ["a red circle moving left", "big", "a purple circle"]  # "purple" is <unk>
+    emb, mask = enc.encode(prompts)
+    assert emb.shape == (3, 120, 32) and emb.dtype == torch.float32
+    assert mask.sum(1).tolist() == [6, 2, 4]  # words + EOS
+    assert (emb[~mask] == 0).all()
+    # equals the model's last hidden state at real tokens
+    tok = AutoTokenizer.from_pretrained(t5_dir)
+    model = T5EncoderModel.from_pretrained(t5_dir).eval()
+    b = tok(prompts[:1], return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**b).last_hidden_state[0]
+    torch.testing.assert_close(emb[0, :6], ref, atol=1e-5, rtol=1e-5)
+    # deterministic across builds; padding does not leak into real tokens
+    emb2, _ = build_text_encoder(spec, max_length=8).encode(prompts)
+    torch.testing.assert_close(emb2, emb[:, :8], atol=1e-5, rtol=1e-5)
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.model.training
+    torch.testing.assert_close(enc.pool(emb, mask)[1], emb[1, :2].mean(0))
+
+
+def test_clip_from_pipeline_dir(clip_dir):
+    from transformers import CLIPTextModel
+
+    enc = build_text_encoder(f"clip:{clip_dir}")
+    assert enc.dim == 32 and enc.max_length == 77
+    prompts = ["a red circle moving left", "up"]
+    emb, mask = enc.encode(prompts)
+    assert emb.shape == (2, 77, 32)
+    assert mask.sum(1).tolist() == [7, 3]  # BOS + words + EOS
+    assert (emb[~mask] == 0).all()
+    model = CLIPTextModel.from_pretrained(clip_dir / "text_encoder").eval()
+    ids = enc.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**ids)
+    torch.testing.assert_close(enc.pool(emb, mask), out.pooler_output, atol=1e-5, rtol=1e-5)
+    emb2, _ = build_text_encoder(f"clip:{clip_dir}").encode(prompts)
+    assert torch.equal(emb, emb2)
+    with pytest.raises(ValueError, match="exceeds"):
+        build_text_encoder(f"clip:{clip_dir}", max_length=78)
+
+
+def test_missing_local_dir_is_a_clear_error(tmp_path):
+    missing = tmp_path / "flan-t5-xl"
+    with pytest.raises(FileNotFoundError, match="flan-t5-xl"):
+        build_text_encoder(f"t5:{missing}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        build_text_encoder(f"clip:{tmp_path / 'empty'}")
