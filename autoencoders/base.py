@@ -98,7 +98,7 @@ class Autoencoder(nn.Module):
             x = parts[name]
             s = torch.tensor(scale, dtype=x.dtype, device=x.device)
             b = torch.tensor(shift, dtype=x.dtype, device=x.device)
-            if x.ndim == 5 and len(scale) > 1:  # per-channel on B c t h w
+            if x.ndim == 5:  # per-channel (or single) statistics on B c t h w
                 s, b = s.view(1, -1, 1, 1, 1), b.view(1, -1, 1, 1, 1)
             parts[name] = (x - b) * s if forward else x / s + b
             if name in logvar:

@@ -1,0 +1,415 @@
+"""Convolutional building blocks shared by the VAE families.
+
+Two kinds of feature maps flow through these blocks:
+
+- frame maps ``B C H W`` (the frame-wise KL-2D VAE folds time into the batch), and
+- clip maps ``B C T H W`` (causal 3D VAEs: CogVideoX / OD-VAE style).
+
+Every block that sees a clip map is *causal in time*: output frame ``t`` depends on input frames
+``<= t`` only. Normalisation and attention are therefore applied per frame (time folded into the
+batch), convolutions pad the past by replicating the first frame (`CausalConv3d`), and the temporal
+resamplers keep the first frame alone (``1 + r*k`` frames <-> ``1 + k``), as in CogVideoX
+(arXiv:2408.06072, Sec. 2.1) and OD-VAE (arXiv:2409.01199, Sec. 3.1).
+
+`ConvEncoder` / `ConvDecoder` assemble these blocks into the SD-style encoder/decoder pyramid
+(Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models", App. G) for
+either kind of map. Their temporal resamplers are kept in their own lists (``temporal_down`` /
+``temporal_up``, one slot per resolution boundary, `nn.Identity` where a boundary does not resample
+time) so a family can add resamplers at further boundaries (MTC-VAE's 8x/16x variants) by copying
+an existing one into an empty slot.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ldm.latent import Latent
+
+LOGVAR_CLAMP = (-30.0, 20.0)  # the usual clamp of a diagonal Gaussian posterior's log-variance
+
+
+def _triple(v: int | Sequence[int]) -> tuple[int, int, int]:
+    if isinstance(v, int):
+        return (v, v, v)
+    t = tuple(int(x) for x in v)
+    if len(t) != 3:
+        raise ValueError(f"expected an int or 3 ints, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def _fold_frames(x: Tensor) -> tuple[Tensor, int | None]:
+    """``B C T H W -> (B T) C H W`` (returns the frame count to unfold); 4-D maps pass through."""
+    if x.ndim == 5:
+        return rearrange(x, "b c t h w -> (b t) c h w"), x.shape[2]  # (B*T, C, H, W)
+    if x.ndim == 4:
+        return x, None
+    raise ValueError(f"expected a B C H W or B C T H W map, got shape {tuple(x.shape)}")
+
+
+def _unfold_frames(x: Tensor, frames: int | None) -> Tensor:
+    if frames is None:
+        return x
+    return rearrange(x, "(b t) c h w -> b c t h w", t=frames)  # (B, C, T, H, W)
+
+
+# ------------------------------------------------------------------------------------------
+# Normalisation
+# ------------------------------------------------------------------------------------------
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics never mix frames: a ``B C T H W`` map is normalised per frame
+    (time folded into the batch), which keeps 3D encoders causal; ``B C H W`` maps as usual."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 5:
+            return super().forward(x)
+        b = x.shape[0]
+        y = super().forward(rearrange(x, "b c t h w -> (b t) c h w"))  # (B*T, C, H, W)
+        return rearrange(y, "(b t) c h w -> b c t h w", b=b)
+
+
+def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> FrameGroupNorm:
+    """GroupNorm with ``gcd(channels, groups)`` groups, so tiny debug widths always divide."""
+    return FrameGroupNorm(math.gcd(channels, groups), channels, eps=eps, affine=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Convolutions
+# ------------------------------------------------------------------------------------------
+class CausalConv3d(nn.Conv3d):
+    """3D convolution that is causal in time.
+
+    The past side is padded with ``k_t - 1`` copies of the first frame and the future side not at
+    all, so output frame ``t`` sees input frames ``<= t`` only; space is zero-padded by ``k // 2``
+    ("same"). With temporal stride ``s`` a clip of ``1 + s*k`` frames gives ``1 + k`` frames, the first
+    of which depends on input frame 0 alone. Weights are those of a plain `nn.Conv3d`, so layers can
+    be inflated from / copied into it directly.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int] = 3,
+                 stride: int | Sequence[int] = 1, bias: bool = True):
+        kt, kh, kw = _triple(kernel_size)
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"CausalConv3d needs odd spatial kernel sizes, got {(kt, kh, kw)}")
+        super().__init__(in_channels, out_channels, (kt, kh, kw), stride=_triple(stride),
+                         padding=(0, kh // 2, kw // 2), bias=bias)
+        self.time_pad = kt - 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 5:
+            raise ValueError(f"CausalConv3d expects B C T H W, got shape {tuple(x.shape)}")
+        if self.time_pad:
+            first = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)  # (B, C, k_t - 1, H, W)
+            x = torch.cat([first, x], dim=2)  # (B, C, T + k_t - 1, H, W)
+        return super().forward(x)
+
+
+def conv3x3(in_channels: int, out_channels: int, dims: int) -> nn.Module:
+    """The 3x3 (2D) or causal 3x3x3 (3D) convolution of a block."""
+    if dims == 2:
+        return nn.Conv2d(in_channels, out_channels, 3, padding=1)
+    if dims == 3:
+        return CausalConv3d(in_channels, out_channels, 3)
+    raise ValueError(f"dims must be 2 or 3, got {dims}")
+
+
+def conv1x1(in_channels: int, out_channels: int, dims: int) -> nn.Module:
+    if dims == 2:
+        return nn.Conv2d(in_channels, out_channels, 1)
+    if dims == 3:
+        return nn.Conv3d(in_channels, out_channels, 1)
+    raise ValueError(f"dims must be 2 or 3, got {dims}")
+
+
+# ------------------------------------------------------------------------------------------
+# Residual block and attention
+# ------------------------------------------------------------------------------------------
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv -> GroupNorm -> SiLU -> dropout -> conv, plus a (1x1) skip.
+
+    ``dims=2`` uses 3x3 convolutions on ``B C H W``; ``dims=3`` uses causal 3x3x3 convolutions on
+    ``B C T H W`` with per-frame GroupNorm.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dims: int = 2, groups: int = 32,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, groups)
+        self.conv1 = conv3x3(in_channels, out_channels, dims)
+        self.norm2 = group_norm(out_channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = conv3x3(out_channels, out_channels, dims)
+        self.skip = conv1x1(in_channels, out_channels, dims) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SpatialSelfAttention(nn.Module):
+    """Single-head self-attention over the pixels of each frame (the SD-VAE mid-block attention),
+    with `F.scaled_dot_product_attention`. A ``B C T H W`` map attends within each frame only, so it
+    stays causal in time."""
+
+    def __init__(self, channels: int, groups: int = 32):
+        super().__init__()
+        self.norm = group_norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, frames = _fold_frames(x)
+        height = h.shape[2]
+        qkv = self.qkv(self.norm(h))
+        q, k, v = rearrange(qkv, "n (three c) h w -> three n 1 (h w) c", three=3)  # each (N, 1, HW, C)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = rearrange(out, "n 1 (h w) c -> n c h w", h=height)  # (N, C, H, W)
+        return x + _unfold_frames(self.proj(out), frames)
+
+
+# ------------------------------------------------------------------------------------------
+# Resampling
+# ------------------------------------------------------------------------------------------
+class SpatialDownsample(nn.Module):
+    """2x spatial downsampling by a stride-2 3x3 convolution, applied per frame on clip maps."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, frames = _fold_frames(x)
+        if h.shape[-2] % 2 or h.shape[-1] % 2:
+            raise ValueError(f"SpatialDownsample needs even height and width, got {tuple(h.shape[-2:])}")
+        return _unfold_frames(self.conv(h), frames)
+
+
+class SpatialUpsample(nn.Module):
+    """2x nearest-neighbour spatial upsampling followed by a 3x3 convolution, per frame."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, frames = _fold_frames(x)
+        h = F.interpolate(h, scale_factor=2.0, mode="nearest")  # (N, C, 2H, 2W)
+        return _unfold_frames(self.conv(h), frames)
+
+
+class TemporalDownsample(nn.Module):
+    """Causal ``factor``x temporal downsampling that keeps the first frame alone.
+
+    A causal temporal convolution (kernel ``factor + 1`` over time, stride ``factor``) maps
+    ``1 + factor*k`` frames to ``1 + k``: output 0 sees input frame 0 only, output ``j >= 1`` sees
+    input frames ``factor*(j-1) .. factor*j``.
+    """
+
+    def __init__(self, channels: int, factor: int = 2):
+        super().__init__()
+        if factor < 2:
+            raise ValueError(f"temporal factor must be >= 2, got {factor}")
+        self.factor = factor
+        self.conv = CausalConv3d(channels, channels, (factor + 1, 1, 1), stride=(factor, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        frames = x.shape[2]
+        if (frames - 1) % self.factor:
+            raise ValueError(f"TemporalDownsample x{self.factor} needs 1 + {self.factor}k frames, got {frames}")
+        return self.conv(x)
+
+
+class TemporalUpsample(nn.Module):
+    """Causal ``factor``x temporal upsampling, the inverse frame rule of `TemporalDownsample`:
+    ``1 + k`` frames -> ``1 + factor*k``.
+
+    A causal temporal convolution predicts ``factor`` sub-frames per input frame (channels
+    ``factor*C``), they are unfolded along time and the ``factor - 1`` sub-frames before frame 0 are
+    dropped, so frame 0 is kept alone and input frame ``j >= 1`` yields output frames
+    ``factor*(j-1)+1 .. factor*j`` (depending on input frames ``<= j`` only).
+    """
+
+    def __init__(self, channels: int, factor: int = 2):
+        super().__init__()
+        if factor < 2:
+            raise ValueError(f"temporal factor must be >= 2, got {factor}")
+        self.factor = factor
+        self.conv = CausalConv3d(channels, channels * factor, (3, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)  # (B, C*r, T, H, W)
+        h = rearrange(h, "b (c r) t h w -> b c (t r) h w", r=self.factor)  # (B, C, T*r, H, W)
+        return h[:, :, self.factor - 1:]  # (B, C, 1 + r*(T-1), H, W)
+
+
+# ------------------------------------------------------------------------------------------
+# Encoder / decoder pyramids
+# ------------------------------------------------------------------------------------------
+class _Stage(nn.Module):
+    def __init__(self, blocks: list[nn.Module], resample: nn.Module):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.resample = resample
+
+
+class MidBlock(nn.Module):
+    """ResBlock -> (spatial self-attention) -> ResBlock at the lowest resolution."""
+
+    def __init__(self, channels: int, dims: int, groups: int, attention: bool, dropout: float = 0.0):
+        super().__init__()
+        self.res1 = ResBlock(channels, channels, dims, groups, dropout)
+        self.attn = SpatialSelfAttention(channels, groups) if attention else nn.Identity()
+        self.res2 = ResBlock(channels, channels, dims, groups, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.res2(self.attn(self.res1(x)))
+
+
+def _check_temporal(temporal: Sequence[bool], levels: int) -> tuple[bool, ...]:
+    temporal = tuple(bool(t) for t in temporal)
+    if len(temporal) != levels - 1:
+        raise ValueError(f"need one temporal flag per resolution boundary ({levels - 1}), got {len(temporal)}")
+    return temporal
+
+
+class ConvEncoder(nn.Module):
+    """SD-style encoder: conv_in, one stage per channel multiplier (``num_res_blocks`` ResBlocks,
+    then a 2x spatial downsample except at the last level), mid block, GroupNorm -> SiLU -> conv_out.
+
+    ``dims=3`` builds the causal clip version; ``temporal[i]`` puts a 2x `TemporalDownsample` after
+    the spatial downsample of boundary ``i`` (slot ``temporal_down[i]``, `nn.Identity` otherwise).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, base_channels: int, channel_mult: Sequence[int],
+                 num_res_blocks: int, dims: int = 2, temporal: Sequence[bool] = (), groups: int = 32,
+                 attention: bool = True, dropout: float = 0.0):
+        super().__init__()
+        widths = [base_channels * m for m in channel_mult]
+        temporal = _check_temporal(temporal or (False,) * (len(widths) - 1), len(widths))
+        if dims == 2 and any(temporal):
+            raise ValueError("a 2D encoder cannot downsample time")
+        self.conv_in = conv3x3(in_channels, widths[0], dims)
+        stages, ch = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(ch, w, dims, groups, dropout))
+                ch = w
+            last = i == len(widths) - 1
+            stages.append(_Stage(blocks, nn.Identity() if last else SpatialDownsample(ch)))
+        self.stages = nn.ModuleList(stages)
+        self.temporal_down = nn.ModuleList(
+            [TemporalDownsample(widths[i]) if t else nn.Identity() for i, t in enumerate(temporal)])
+        self.mid = MidBlock(ch, dims, groups, attention, dropout)
+        self.norm_out = group_norm(ch, groups)
+        self.conv_out = conv3x3(ch, out_channels, dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for i, stage in enumerate(self.stages):
+            for block in stage.blocks:
+                h = block(h)
+            h = stage.resample(h)
+            if i < len(self.temporal_down):
+                h = self.temporal_down[i](h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of `ConvEncoder`: conv_in, mid block, one stage per level from the deepest
+    (``num_res_blocks + 1`` ResBlocks, then the temporal and spatial 2x upsamples of the boundary
+    below), GroupNorm -> SiLU -> conv_out. ``temporal_up[i]`` undoes encoder slot ``temporal_down[i]``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, base_channels: int, channel_mult: Sequence[int],
+                 num_res_blocks: int, dims: int = 2, temporal: Sequence[bool] = (), groups: int = 32,
+                 attention: bool = True, dropout: float = 0.0):
+        super().__init__()
+        widths = [base_channels * m for m in channel_mult]
+        temporal = _check_temporal(temporal or (False,) * (len(widths) - 1), len(widths))
+        if dims == 2 and any(temporal):
+            raise ValueError("a 2D decoder cannot upsample time")
+        ch = widths[-1]
+        self.conv_in = conv3x3(in_channels, ch, dims)
+        self.mid = MidBlock(ch, dims, groups, attention, dropout)
+        stages = []
+        for i in reversed(range(len(widths))):  # deepest level first
+            blocks = []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResBlock(ch, widths[i], dims, groups, dropout))
+                ch = widths[i]
+            stages.append(_Stage(blocks, SpatialUpsample(ch) if i > 0 else nn.Identity()))
+        self.stages = nn.ModuleList(stages)  # stages[j] works at level len(widths) - 1 - j
+        self.temporal_up = nn.ModuleList(
+            [TemporalUpsample(widths[i + 1]) if t else nn.Identity() for i, t in enumerate(temporal)])
+        self.norm_out = group_norm(ch, groups)
+        self.conv_out = conv3x3(ch, out_channels, dims)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.mid(self.conv_in(z))
+        levels = len(self.stages)
+        for j, stage in enumerate(self.stages):
+            for block in stage.blocks:
+                h = block(h)
+            boundary = levels - 2 - j  # the boundary between this level and the one above it
+            if boundary >= 0:
+                h = self.temporal_up[boundary](h)
+            h = stage.resample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ------------------------------------------------------------------------------------------
+# Diagonal Gaussian posterior
+# ------------------------------------------------------------------------------------------
+def split_moments(moments: Tensor, clamp: tuple[float, float] = LOGVAR_CLAMP) -> tuple[Tensor, Tensor]:
+    """Split the double-z head output ``B 2c ...`` into (mean, clamped logvar), each ``B c ...``."""
+    if moments.shape[1] % 2:
+        raise ValueError(f"moments need an even channel count (mean | logvar), got {moments.shape[1]}")
+    mean, logvar = moments.chunk(2, dim=1)
+    return mean, logvar.clamp(*clamp)
+
+
+def kl_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) summed over all non-batch axes, per sample ``(B,)``:
+    ``0.5 * sum(mean^2 + exp(logvar) - 1 - logvar)`` (Kingma & Welling 2014, App. B)."""
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+    return kl.flatten(1).sum(1)
+
+
+def latent_kl(latent: Latent) -> Tensor:
+    """Per-sample KL to N(0, I) of every part of ``latent`` that carries a posterior logvar ``(B,)``;
+    zeros when no part has one (deterministic autoencoders)."""
+    first = next(iter(latent.parts.values()))
+    total = first.new_zeros(first.shape[0])
+    for name, logvar in latent.logvar.items():
+        total = total + kl_standard_normal(latent.parts[name], logvar)
+    return total
+
+
+def grid_z(latent: Latent, channels: int, family: str) -> Tensor:
+    """The ``z: B c t h w`` part of a grid latent, with clear errors for anything else."""
+    if latent.form != "grid" or "z" not in latent.parts:
+        raise ValueError(f"{family}: decode expects a grid latent with part 'z', got form {latent.form!r} "
+                         f"with parts {sorted(latent.parts)}")
+    z = latent["z"]
+    if z.ndim != 5 or z.shape[1] != channels:
+        raise ValueError(f"{family}: expected z of shape B {channels} t h w, got {tuple(z.shape)}")
+    return z
+
+
+def check_latent_stats(config: Any, channels: int) -> None:
+    """Raise ValueError unless ``config.latent_scale`` / ``latent_shift`` hold one value or one per
+    latent channel, with finite non-zero scales."""
+    for name in ("latent_scale", "latent_shift"):
+        values = getattr(config, name)
+        if len(values) not in (1, channels) or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{name}={values}: expected 1 or {channels} (latent channels) finite values")
+    if any(v == 0 for v in config.latent_scale):
+        raise ValueError(f"latent_scale must be non-zero, got {config.latent_scale}")
