@@ -64,6 +64,10 @@ class Causal3D(Autoencoder):
     def temporal_factor(self) -> int:
         return 2 ** sum(bool(t) for t in self.config.temporal_down)
 
+    def last_layer(self) -> Tensor:
+        """The decoder's output convolution weight (for the adaptive GAN weight)."""
+        return self.decoder.conv_out.weight
+
     def latent_spec(self, frames: int, height: int, width: int) -> LatentSpec:
         f, r = self.spatial_factor, self.temporal_factor
         if frames < 1 or (frames - 1) % r:

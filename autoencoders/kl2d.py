@@ -56,6 +56,10 @@ class KL2D(Autoencoder):
     def spatial_factor(self) -> int:
         return 2 ** (len(self.config.channel_mult) - 1)
 
+    def last_layer(self) -> Tensor:
+        """The decoder's output convolution weight (for the adaptive GAN weight)."""
+        return self.decoder.conv_out.weight
+
     def latent_spec(self, frames: int, height: int, width: int) -> LatentSpec:
         f = self.spatial_factor
         if frames < 1:
