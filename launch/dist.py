@@ -1,0 +1,157 @@
+"""Rank helpers shared by every entry point (the only place that imports ``torch.distributed``).
+
+Works the same under ``torchrun`` / the DeepSpeed launcher (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``) and under ``srun`` without torchrun (``SLURM_PROCID``, ``SLURM_NTASKS``,
+``SLURM_LOCALID``). A plain ``python`` run is rank 0 of 1 and every helper is a cheap no-op.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence, TypeVar
+
+import torch
+import torch.distributed as torch_dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    source: str  # "torchrun", "slurm" or "single"
+
+
+def _env_int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def dist_env() -> DistEnv:
+    """Rank layout from the launcher's environment variables (torchrun first, then SLURM)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+        local = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
+        source = "torchrun"
+    elif "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        rank, world = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
+        local = _env_int("SLURM_LOCALID") if "SLURM_LOCALID" in os.environ else 0
+        source = "slurm"
+    else:
+        return DistEnv(0, 1, 0, "single")
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ValueError(f"inconsistent rank layout from {source}: rank={rank} world_size={world} local_rank={local}")
+    return DistEnv(rank, world, local, source)
+
+
+def init_distributed(backend: str | None = None) -> DistEnv:
+    """Join the process group (gloo on CPU, nccl when CUDA is available); no-op for one process.
+
+    Under SLURM without torchrun, ``MASTER_ADDR`` defaults to ``SLURM_LAUNCH_NODE_IPADDR`` and
+    ``MASTER_PORT`` to 29500; set them yourself when the launch node is not the first task's node.
+    """
+    env = dist_env()
+    if env.world_size == 1 or torch_dist.is_initialized():
+        return env
+    if env.source == "slurm":
+        os.environ.setdefault("RANK", str(env.rank))
+        os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+        if "MASTER_ADDR" not in os.environ:
+            if "SLURM_LAUNCH_NODE_IPADDR" not in os.environ:
+                raise RuntimeError("SLURM launch without MASTER_ADDR: export MASTER_ADDR (the first node's "
+                                   "address) and MASTER_PORT, or launch with torchrun")
+            os.environ["MASTER_ADDR"] = os.environ["SLURM_LAUNCH_NODE_IPADDR"]
+        os.environ.setdefault("MASTER_PORT", "29500")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    torch_dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+    return env
+
+
+def is_initialized() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device_for(env: DistEnv, requested: str = "auto") -> torch.device:
+    """``auto``: this rank's GPU when CUDA is available, else CPU; ``cpu``/``cuda`` force one."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    return torch.device("cuda", env.local_rank)
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch_dist.barrier()
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's ``obj`` in rank order (a one-element list for one process)."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """``src``'s ``obj`` on every rank."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (a copy; the input is untouched)."""
+    out = values.detach().clone()
+    if is_initialized():
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+        out /= world_size()
+    return out
+
+
+def shard_list(items: Sequence[T], rank: int, world: int) -> list[T]:
+    """Deterministic round-robin split: rank r gets items r, r+world, ...; every item lands on
+    exactly one rank and shard sizes differ by at most one."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"bad shard request: rank={rank} world={world}")
+    return list(items[rank::world])
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around ``module`` when several ranks run, else ``module``."""
+    if not is_initialized() or world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def cleanup() -> None:
+    if is_initialized():
+        torch_dist.destroy_process_group()
