@@ -1,0 +1,103 @@
+"""``ldm data``: dataset tools.
+
+- ``ldm data synth --output DIR --num N [--frames T] [--size S] [--fps F] [--seed K]
+  [--layout folder|shards] [--holdout "red circle left" ...] [--diagonals] ...``: write the synthetic
+  attribute video set (see `data.synth`).
+- ``ldm data list --input PATH [--captions FILE]``: what `data.sources.list_items` finds in an
+  input (count, captions, class ids, problems), to check a folder or shards before extraction.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from data.sources import list_items
+from data.synth import COLORS, DIRECTIONS, NUM_CLASSES, SHAPES, synth_dataset
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+
+    synth = sub.add_parser("synth", help="generate the synthetic attribute video set",
+                           description="Generate clips of a colored shape moving over a dark background, "
+                                       "with known shape/color/direction/speed/background, captions and "
+                                       f"class ids (index in shapes x colors x directions, {NUM_CLASSES} ids).")
+    synth.add_argument("--output", required=True, help="output directory")
+    synth.add_argument("--num", type=int, required=True, help="number of clips")
+    synth.add_argument("--frames", type=int, default=16, help="frames per clip (default 16)")
+    synth.add_argument("--size", type=int, default=64, help="square frame size in pixels (default 64)")
+    synth.add_argument("--height", type=int, default=None, help="frame height (overrides --size)")
+    synth.add_argument("--width", type=int, default=None, help="frame width (overrides --size)")
+    synth.add_argument("--fps", type=float, default=8.0, help="frame rate written to the files (default 8)")
+    synth.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    synth.add_argument("--layout", choices=("folder", "shards"), default="folder",
+                       help="folder: videos/*.mp4 + metadata.jsonl; shards: raw WebDataset video shards")
+    synth.add_argument("--shard-size", type=int, default=1000, help="clips per shard (shards layout)")
+    synth.add_argument("--holdout", nargs="+", action="extend", default=[], metavar="COMBO",
+                       help='combinations never emitted, e.g. "red circle left" (repeatable)')
+    synth.add_argument("--include-holdout", action="store_true",
+                       help="emit the held-out combinations anyway (marked holdout=true), e.g. for an eval set")
+    synth.add_argument("--diagonals", action="store_true", help="add the four diagonal directions")
+    synth.add_argument("--shapes", nargs="+", choices=SHAPES, default=None, help="subset of shapes (default all)")
+    synth.add_argument("--colors", nargs="+", choices=COLORS, default=None, help="subset of colors (default all)")
+    synth.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=None,
+                       help="subset of directions (default the four cardinal ones, eight with --diagonals)")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    lister = sub.add_parser("list", help="show what an input folder / shard set holds",
+                            description="List the videos of a folder (with captions) or of raw WebDataset "
+                                        "shards, and every problem found (rows without files, ...).")
+    lister.add_argument("--input", required=True, help="folder, video file, .tar, or brace pattern of .tar shards")
+    lister.add_argument("--captions", default=None, help="CSV or JSONL captions file (folders only)")
+    lister.add_argument("--show", type=int, default=5, help="items to print (default 5)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.data_command == "synth":
+        return _synth(args)
+    if args.data_command == "list":
+        return _list(args)
+    raise ValueError(f"unknown data command {args.data_command!r}")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    summary = synth_dataset(args.output, args.num, frames=args.frames, size=args.size, fps=args.fps,
+                            seed=args.seed, layout=args.layout, holdout=args.holdout,
+                            include_holdout=args.include_holdout, shard_size=args.shard_size,
+                            shapes=args.shapes, colors=args.colors, directions=args.directions,
+                            diagonals=args.diagonals, height=args.height, width=args.width,
+                            progress=not args.quiet)
+    took = time.perf_counter() - start
+    spec = summary["spec"]
+    where = (f"{len(summary['shards'])} shard(s)" if spec["layout"] == "shards"
+             else "videos/*.mp4 + metadata.jsonl")
+    print(f"wrote {summary['count']} clips to {summary['output']} ({where}) in {took:.1f}s "
+          f"({summary['count'] / max(took, 1e-9):.0f} clips/s)")
+    print(f"  clips: {spec['frames']} frames of {spec['height']}x{spec['width']} at {spec['fps']:g} fps, seed {spec['seed']}")
+    print(f"  shapes: {', '.join(spec['shapes'])}")
+    print(f"  colors: {', '.join(spec['colors'])}")
+    print(f"  directions: {', '.join(spec['directions'])}")
+    print(f"  classes present: {summary['classes']} (class ids index shapes x colors x directions, {NUM_CLASSES} in all)")
+    if spec["holdout"]:
+        held = "; ".join(" ".join(h) for h in spec["holdout"])
+        state = f"emitted {summary['holdout_emitted']} clips" if spec["include_holdout"] else "never emitted"
+        print(f"  held out ({state}): {held}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    items = list_items(args.input, args.captions)
+    captioned = sum(it.caption is not None for it in items)
+    labelled = sum(it.class_id is not None for it in items)
+    print(f"{len(items)} videos in {args.input}: {captioned} with captions, {labelled} with class ids, "
+          f"{len({it.class_id for it in items if it.class_id is not None})} distinct classes")
+    for it in items[: args.show]:
+        print(f"  {it.key}: {it.caption!r} class={it.class_id} ({it.source})")
+    if len(items) > args.show:
+        print(f"  ... {len(items) - args.show} more")
+    if items.problems:
+        print(f"{len(items.problems)} problem(s):")
+        for p in items.problems:
+            print(f"  - {p}")
+    return 0
