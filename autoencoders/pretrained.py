@@ -127,7 +127,8 @@ def _normalisation(class_name: str, model: nn.Module) -> tuple[tuple[float, ...]
     config = model.config
     scaling = float(_cfg(config, "scaling_factor", 1.0))
     if class_name == "AutoencoderKLLTXVideo":
-        mean, std = model.latents_mean.detach().float().cpu().tolist(), model.latents_std.detach().float().cpu().tolist()
+        mean = model.latents_mean.detach().float().cpu().tolist()  # persistent buffers, not config
+        std = model.latents_std.detach().float().cpu().tolist()
     else:
         mean, std = config.get("latents_mean"), config.get("latents_std")
     if mean is not None and std is not None:
