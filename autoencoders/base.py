@@ -160,8 +160,6 @@ def load_pretrained(path: str | Path, strict: bool = True) -> Autoencoder:
     path = Path(path)
     meta = read_json(path / "config.json")
     family = meta["family"]
-    if family == "diffusers" and family not in FAMILIES:  # registered on first use, as in `build`
-        import autoencoders.pretrained  # noqa: F401
     if family not in FAMILIES:
         raise KeyError(f"{path}: unknown autoencoder family {family!r}; known: {sorted(FAMILIES)}")
     model = FAMILIES[family].from_config_dict(meta["config"])

@@ -150,17 +150,6 @@ def test_save_load_round_trip(case, saved, tmp_path):
         torch.testing.assert_close(ae.decode(a), loaded.decode(b), rtol=0, atol=0)
 
 
-def test_load_pretrained_registers_the_wrapper_family(saved, tmp_path, monkeypatch):
-    """A fresh process that only calls load_pretrained on a saved wrapper must find the family."""
-    import sys
-
-    from autoencoders.base import FAMILIES
-    build("diffusers:AutoencoderDC", path=saved["AutoencoderDC"][1]).save_pretrained(tmp_path)
-    monkeypatch.delitem(FAMILIES, "diffusers")
-    monkeypatch.delitem(sys.modules, "autoencoders.pretrained")
-    assert load_pretrained(tmp_path).family == "diffusers"
-
-
 def test_frame_rules_and_sizes(saved):
     # class -> (temporal factor, spatial factor, frame step: T = 1 + step * k)
     expected = {"AutoencoderKLCogVideoX": (4, 8, 8), "AutoencoderKLWan": (4, 8, 4),
