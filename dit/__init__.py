@@ -1,1 +1,7 @@
 """Floor 2: the video DiT over typed token groups, latent<->token adapters, DiT registry."""
+from dit.model import VideoDiT
+from dit.registry import REGISTRY, DiTConfig, build, describe, load_pretrained, make_config, save_pretrained
+from dit.tokens import PartSpec, Tokens, detokenize, packing, part_specs, tokenize
+
+__all__ = ["VideoDiT", "DiTConfig", "REGISTRY", "build", "make_config", "describe", "save_pretrained",
+           "load_pretrained", "PartSpec", "Tokens", "part_specs", "tokenize", "detokenize", "packing"]

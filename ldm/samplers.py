@@ -1,0 +1,187 @@
+"""Stateless ODE samplers for rectified-flow models (STYLE.md 5).
+
+The model is any callable ``model(x, t, cond) -> {part: velocity}`` where ``x`` maps part names
+to ``(B, ...)`` tensors (a plain dict or an ``ldm.latent.Latent``, whose ``aux`` — e.g. varlen
+lengths — is carried along unchanged), ``t`` is ``(B,)`` in [0, 1] and the velocity follows the
+convention of ``ldm.flow``: ``dx/dt = v = eps - x_0`` with t = 1 noise and t = 0 data. Sampling
+integrates from t = 1 down to t = 0 over a schedule ``1 = t_0 > t_1 > ... > t_N = 0``.
+
+Classifier-free guidance (Ho & Salimans 2022, Eq. 6, written for velocities and with the common
+scale ``w = 1 + w_paper``): ``v = v_u + w (v_c - v_u)``, with the conditional and the null-conditional calls batched together
+into one model call; ``w = 1`` is the plain conditional model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ldm.flow import shift_timesteps
+from ldm.latent import Cond, Latent
+
+VelocityModel = Callable[[Mapping[str, Tensor], Tensor, Any], Mapping[str, Tensor]]
+# callback(step, steps, t_next, x): called after every step with the state reached at t_next.
+StepCallback = Callable[[int, int, float, Mapping[str, Tensor]], None]
+
+
+def timestep_schedule(steps: int, shift: float = 1.0, device: torch.device | str | None = None) -> Tensor:
+    """``steps + 1`` times from 1 to 0, uniform in t then shifted by ``shift_timesteps`` (SD3's
+    resolution shift; ``shift > 1`` spends more steps near noise)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+
+
+def initial_noise(shapes: Mapping[str, tuple[int, ...]], batch: int, *, seed: int | None = None,
+                  generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Standard normal ``(batch, *shape)`` per part, reproducible from ``seed`` (a CPU generator is
+    used so the same seed gives the same noise on every device) or from a given ``generator``."""
+    if seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    gen_device = generator.device if generator is not None else device
+    return {k: torch.randn((batch, *shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+            for k, shape in shapes.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# Classifier-free guidance
+# ------------------------------------------------------------------------------------------
+def _pad_tokens(x: Tensor, length: int) -> Tensor:
+    if x.shape[1] == length:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[0], length - x.shape[1], *x.shape[2:])], 1)
+
+
+def concat_cond(a: Any, b: Any) -> Any:
+    """Stack two conditions along the batch axis: ``None``, tensors, mappings of tensors, or
+    ``Cond`` (text of different lengths is right-padded, with ``text_mask`` False on the padding)."""
+    if a is None and b is None:
+        return None
+    if a is None or b is None:
+        raise ValueError("cannot batch a condition with None; give the null condition explicitly")
+    if isinstance(a, Tensor):
+        return torch.cat([a, b])
+    if isinstance(a, Cond):
+        fields = {}
+        for f in dataclasses.fields(Cond):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            if (x is None) != (y is None) and f.name != "text_mask":  # no mask = all visible
+                raise ValueError(f"Cond.{f.name} is set in one condition and not in the other")
+            fields[f.name] = x
+        if a.text is not None:
+            L = max(a.text.shape[1], b.text.shape[1])
+            masks = [c.text_mask if c.text_mask is not None else
+                     torch.ones(c.text.shape[:2], dtype=torch.bool, device=c.text.device) for c in (a, b)]
+            fields["text"] = torch.cat([_pad_tokens(a.text, L), _pad_tokens(b.text, L)])
+            fields["text_mask"] = torch.cat([_pad_tokens(m, L) for m in masks])
+        for name in ("first_frame", "class_id"):
+            if fields[name] is not None:
+                fields[name] = torch.cat([getattr(a, name), getattr(b, name)])
+        return Cond(**fields)
+    if isinstance(a, Mapping):
+        if set(a) != set(b):
+            raise ValueError(f"conditions have different keys: {sorted(a)} vs {sorted(b)}")
+        return {k: concat_cond(a[k], b[k]) for k in a}
+    raise TypeError(f"cannot batch conditions of type {type(a).__name__}")
+
+
+def _with_parts(x: Mapping[str, Tensor], parts: dict[str, Tensor]) -> Mapping[str, Tensor]:
+    return x.replace(parts) if isinstance(x, Latent) else parts
+
+
+def _twice(x: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    parts = {k: torch.cat([v, v]) for k, v in x.items()}
+    if isinstance(x, Latent):
+        return Latent(parts, x.form, {}, {k: torch.cat([v, v]) for k, v in x.aux.items()})
+    return parts
+
+
+def guided_velocity(model: VelocityModel, x: Mapping[str, Tensor], t: Tensor, cond: Any, null_cond: Any,
+                    scale: float) -> dict[str, Tensor]:
+    """CFG velocity ``v_u + scale (v_c - v_u)`` from ONE model call on the batch [cond; null_cond]."""
+    B = t.shape[0]
+    v = model(_twice(x), torch.cat([t, t]), concat_cond(cond, null_cond))
+    return {k: u[B:] + scale * (u[:B] - u[B:]) for k, u in v.items()}
+
+
+def _velocity_fn(model: VelocityModel, cond: Any, null_cond: Any, guidance_scale: float):
+    if guidance_scale != 1.0 and null_cond is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs a null_cond")
+
+    def velocity(x: Mapping[str, Tensor], t: float) -> dict[str, Tensor]:
+        tt = torch.full((next(iter(x.values())).shape[0],), t, device=next(iter(x.values())).device)
+        if guidance_scale == 1.0:
+            v = dict(model(x, tt, cond))
+        else:
+            v = guided_velocity(model, x, tt, cond, null_cond, guidance_scale)
+        if set(v) != set(x):
+            raise ValueError(f"model returned parts {sorted(v)} for input parts {sorted(x)}")
+        return v
+
+    return velocity
+
+
+# ------------------------------------------------------------------------------------------
+# ODE solvers
+# ------------------------------------------------------------------------------------------
+def _schedule(steps: int, shift: float, schedule: Tensor | None) -> list[float]:
+    if schedule is None:
+        schedule = timestep_schedule(steps, shift)
+    ts = [float(s) for s in schedule]
+    if len(ts) < 2 or any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError("a timestep schedule must be strictly decreasing with at least two entries")
+    return ts
+
+
+def euler(model: VelocityModel, x: Mapping[str, Tensor], cond: Any = None, *, steps: int = 20,
+          shift: float = 1.0, guidance_scale: float = 1.0, null_cond: Any = None,
+          schedule: Tensor | None = None, callback: StepCallback | None = None) -> Mapping[str, Tensor]:
+    """Euler's method on the flow ODE ``dx/dt = v(x, t)`` (the sampler of rectified flow, Liu et
+    al. 2022): ``x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i)`` from t = 1 (``x`` = noise)
+    to t = 0. One model call per step (two batched with CFG). Returns the same type as ``x``."""
+    ts = _schedule(steps, shift, schedule)
+    velocity = _velocity_fn(model, cond, null_cond, guidance_scale)
+    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+        v = velocity(x, t)
+        x = _with_parts(x, {k: xk + (t_next - t) * v[k] for k, xk in x.items()})
+        if callback is not None:
+            callback(i, len(ts) - 1, t_next, x)
+    return x
+
+
+def heun(model: VelocityModel, x: Mapping[str, Tensor], cond: Any = None, *, steps: int = 20,
+         shift: float = 1.0, guidance_scale: float = 1.0, null_cond: Any = None,
+         schedule: Tensor | None = None, callback: StepCallback | None = None) -> Mapping[str, Tensor]:
+    """Heun's second-order method (Karras et al. 2022, "Elucidating the design space", Alg. 1):
+    an Euler predictor ``x' = x_i + h v(x_i, t_i)``, then the trapezoidal corrector
+    ``x_{i+1} = x_i + h (v(x_i, t_i) + v(x', t_{i+1})) / 2`` with ``h = t_{i+1} - t_i``; as in
+    Alg. 1 the last step into t = 0 is a plain Euler step. 2N - 1 model calls for N steps."""
+    ts = _schedule(steps, shift, schedule)
+    velocity = _velocity_fn(model, cond, null_cond, guidance_scale)
+    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+        v = velocity(x, t)
+        x_pred = {k: xk + (t_next - t) * v[k] for k, xk in x.items()}
+        if t_next > 0:
+            v2 = velocity(_with_parts(x, x_pred), t_next)
+            x_pred = {k: xk + (t_next - t) * 0.5 * (v[k] + v2[k]) for k, xk in x.items()}
+        x = _with_parts(x, x_pred)
+        if callback is not None:
+            callback(i, len(ts) - 1, t_next, x)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Mapping[str, Tensor]]] = {"euler": euler, "heun": heun}
+
+
+def sample(model: VelocityModel, x: Mapping[str, Tensor], cond: Any = None, *, method: str = "euler",
+           **kwargs: Any) -> Mapping[str, Tensor]:
+    """Run the sampler named ``method`` (one of ``SAMPLERS``) from noise ``x``."""
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown sampler {method!r}; expected one of {sorted(SAMPLERS)}")
+    return SAMPLERS[method](model, x, cond, **kwargs)

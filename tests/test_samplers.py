@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from ldm import samplers
+from ldm.latent import Cond, Latent
+
+
+def test_schedule():
+    s = samplers.timestep_schedule(4)
+    torch.testing.assert_close(s, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    shifted = samplers.timestep_schedule(4, shift=3.0)
+    assert shifted[0] == 1 and shifted[-1] == 0 and torch.all(shifted[1:-1] > s[1:-1])
+    with pytest.raises(ValueError):
+        samplers.timestep_schedule(0)
+
+
+def test_initial_noise_is_seeded():
+    shapes = {"z": (2, 3, 4, 4), "g": (2, 5, 3)}
+    a = samplers.initial_noise(shapes, 2, seed=1)
+    b = samplers.initial_noise(shapes, 2, seed=1)
+    c = samplers.initial_noise(shapes, 2, seed=2)
+    assert a["z"].shape == (2, 2, 3, 4, 4) and a["g"].shape == (2, 2, 5, 3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["z"], c["z"])
+
+
+def _point_model(x0):
+    """Exact velocity of the flow towards a single data point: v = (x - x0) / t."""
+    def model(x, t, cond):
+        return {k: (x[k] - x0[k]) / t.view(-1, *[1] * (x[k].ndim - 1)) for k in x}
+    return model
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_straight_flow_is_integrated_exactly(method):
+    x0 = {"z": torch.randn(2, 3, 4), "s": torch.randn(2, 5)}
+    noise = samplers.initial_noise({"z": (3, 4), "s": (5,)}, 2, seed=0)
+    out = samplers.sample(_point_model(x0), noise, None, method=method, steps=3, shift=2.0)
+    for k in x0:
+        torch.testing.assert_close(out[k], x0[k], atol=1e-5, rtol=1e-5)
+
+
+def test_heun_is_more_accurate_than_euler_on_a_curved_flow():
+    model = lambda x, t, c: {"x": x["x"]}  # dx/dt = x  ->  x(0) = x(1) / e  # noqa: E731
+    x1 = {"x": torch.ones(1, 1)}
+    exact = torch.exp(torch.tensor(-1.0))
+    err_e = (samplers.euler(model, x1, steps=10)["x"] - exact).abs().item()
+    err_h = (samplers.heun(model, x1, steps=10)["x"] - exact).abs().item()
+    assert err_h < err_e / 5
+
+
+def test_callback_and_latent_aux_are_kept():
+    x = Latent({"z": torch.randn(2, 1, 3, 2, 2)}, "varlen", aux={"length": torch.tensor([3, 1])})
+    seen = []
+    out = samplers.euler(lambda x, t, c: {"z": torch.zeros_like(x["z"])}, x, steps=4,
+                         callback=lambda i, n, t, xs: seen.append((i, n, t, type(xs))))
+    assert [s[0] for s in seen] == [0, 1, 2, 3] and all(s[1] == 4 for s in seen)
+    assert [s[2] for s in seen] == [0.75, 0.5, 0.25, 0.0]
+    assert isinstance(out, Latent) and torch.equal(out.aux["length"], x.aux["length"])
+
+
+class _CondModel:
+    """Velocity = x * class scale + mean of (masked) text; counts calls and batch sizes."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, x, t, cond):
+        self.batches.append(t.shape[0])
+        scale = cond.class_id.float().view(-1, 1)
+        m = cond.text_mask.float()[..., None]
+        text = (cond.text * m).sum(1) / m.sum(1).clamp(min=1)
+        return {"x": x["x"] * scale + text}
+
+
+def test_cfg_batches_both_calls_and_scale_one_is_conditional():
+    model = _CondModel()
+    x = {"x": torch.randn(2, 3)}
+    t = torch.full((2,), 0.5)
+    cond = Cond(text=torch.randn(2, 4, 3), text_mask=torch.ones(2, 4, dtype=torch.bool), class_id=torch.tensor([2, 3]))
+    null = Cond(text=torch.zeros(2, 1, 3), text_mask=torch.zeros(2, 1, dtype=torch.bool), class_id=torch.zeros(2, dtype=torch.long))
+    v1 = samplers.guided_velocity(model, x, t, cond, null, 1.0)
+    assert model.batches == [4]  # one call on [cond; null]
+    torch.testing.assert_close(v1["x"], model(x, t, cond)["x"])
+    v4 = samplers.guided_velocity(model, x, t, cond, null, 4.0)
+    vc, vu = model(x, t, cond)["x"], model(x, t, null)["x"]
+    torch.testing.assert_close(v4["x"], vu + 4.0 * (vc - vu))
+
+
+def test_concat_cond_pads_text():
+    a = Cond(text=torch.randn(1, 3, 2), class_id=torch.tensor([1]))
+    b = Cond(text=torch.randn(1, 5, 2), text_mask=torch.ones(1, 5, dtype=torch.bool), class_id=torch.tensor([0]))
+    c = samplers.concat_cond(a, b)
+    assert c.text.shape == (2, 5, 2)
+    assert c.text_mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    with pytest.raises(ValueError, match="class_id"):
+        samplers.concat_cond(a, Cond(text=torch.randn(1, 3, 2)))
+
+
+def test_guidance_needs_null_cond_and_unknown_method():
+    x = {"x": torch.randn(1, 2)}
+    with pytest.raises(ValueError, match="null_cond"):
+        samplers.euler(lambda x, t, c: x, x, steps=1, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        samplers.sample(lambda x, t, c: x, x, method="rk4")
+    with pytest.raises(ValueError, match="returned parts"):
+        samplers.euler(lambda x, t, c: {"y": x["x"]}, x, steps=1)
