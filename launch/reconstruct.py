@@ -1,0 +1,102 @@
+"""``ldm reconstruct``: encode + decode one video with an autoencoder, write the result, print
+PSNR / SSIM against the input.
+
+    ldm reconstruct --autoencoder kl2d-f8c4 --checkpoint runs/ae/final --input clip.mp4 --output rec.mp4
+
+``--checkpoint`` takes a folder written by ``save_pretrained`` (a training run's ``final/`` or one
+of its ``checkpoints/step-N/``); without it the registered config gets random weights (a warning
+says so; useful to check the pipeline and cost). ``--side-by-side`` writes input | reconstruction.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoencoders import REGISTRY, Autoencoder, build, load_pretrained
+from data.video import GIF_SUFFIXES, MP4_SUFFIXES, probe, read_video, write_video
+from launch import dist
+from ldm.checkpoint import read_json
+from ldm.metrics import psnr, ssim
+
+log = logging.getLogger("ldm.reconstruct")
+
+
+def load_autoencoder(name: str | None, checkpoint: str | None) -> tuple[Autoencoder, str]:
+    """The model ``extract``/``reconstruct`` use: the saved folder when given (its config wins;
+    ``name``, if given too, must match the saved name), else ``build(name)`` with random weights."""
+    if checkpoint is None:
+        if name is None:
+            raise ValueError("give --autoencoder NAME, --checkpoint DIR, or both")
+        log.warning("no --checkpoint: %s has RANDOM weights (fine for pipeline checks, not for quality)", name)
+        return build(name), name
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: expected a folder with config.json and "
+                                "model.safetensors (written by save_pretrained, e.g. a run's final/)")
+    saved = read_json(path / "config.json").get("name")
+    if name is not None and saved is not None and saved != name:
+        raise ValueError(f"--checkpoint {checkpoint} holds {saved!r}, not --autoencoder {name!r}")
+    return load_pretrained(path), name or saved or "checkpoint"
+
+
+@torch.no_grad()
+def reconstruct(ae: Autoencoder, video: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    """``video`` ``(C, T, H, W)`` in [-1, 1] -> reconstruction (same shape, clamped) and metrics."""
+    ae.eval().to(device)
+    x = video[None].to(device)  # (1, C, T, H, W)
+    t0 = time.perf_counter()
+    latent = ae.encode(x)
+    recon = ae.decode(latent).clamp(-1, 1)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if recon.shape != x.shape:
+        raise RuntimeError(f"decoder returned {tuple(recon.shape)} for input {tuple(x.shape)}")
+    metrics = {"psnr": float(psnr(recon.float(), x.float())[0]), "ssim": float(ssim(recon.float(), x.float())[0]),
+               "seconds": seconds, "latent_shape": {k: list(v) for k, v in latent.shapes().items()}}
+    return recon[0].cpu(), metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--autoencoder", choices=sorted(REGISTRY), help="registered autoencoder (optional with --checkpoint)")
+    a("--checkpoint", help="folder written by save_pretrained (a train-ae run's final/ or checkpoints/step-N/)")
+    a("--input", required=True, help="input video (any container/codec PyAV reads)")
+    a("--output", required=True, help="output video, .mp4 or .gif")
+    a("--frames", type=int, default=17)
+    a("--height", type=int, default=256)
+    a("--width", type=int, default=256)
+    a("--fps", type=float, default=None, help="resample to this rate (default: native); also the output rate")
+    a("--side-by-side", action="store_true", help="write input | reconstruction side by side")
+    a("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    a("--json", action="store_true", help="print the metrics as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+    out = Path(args.output)
+    if out.suffix.lower() not in MP4_SUFFIXES + GIF_SUFFIXES:
+        raise ValueError(f"--output {out}: suffix must be one of {MP4_SUFFIXES + GIF_SUFFIXES}")
+    ae, name = load_autoencoder(args.autoencoder, args.checkpoint)
+    ae.check_input(args.frames, args.height, args.width)  # before decoding anything
+    video = read_video(args.input, args.frames, args.height, args.width, fps=args.fps)  # (C, T, H, W)
+    fps = args.fps or probe(args.input)["fps"] or 8.0
+    recon, metrics = reconstruct(ae, video, dist.device_for(dist.dist_env(), args.device))
+    frames = torch.cat([video, recon], dim=-1) if args.side_by_side else recon  # (C, T, H, W or 2W)
+    write_video(out, frames, fps)
+    result: dict[str, Any] = {"autoencoder": name, "checkpoint": args.checkpoint, "input": args.input,
+                              "output": str(out), "frames": args.frames, "height": args.height,
+                              "width": args.width, "fps": fps, **metrics}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{name}: PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}  "
+              f"({args.frames}x{args.height}x{args.width}, encode+decode {metrics['seconds']:.2f} s) -> {out}")
+    return 0

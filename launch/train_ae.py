@@ -1,0 +1,803 @@
+"""``ldm train-ae``: train any registered autoencoder on videos.
+
+The loop reads top to bottom: batch -> ``train_forward`` -> `AELoss` -> backward -> clip -> AdamW
+step -> (discriminator step) -> log -> sample grid -> checkpoint. One process, or ``torchrun`` /
+``srun`` with DistributedDataParallel (gloo on CPU, nccl on GPU).
+
+Outputs under ``--output``::
+
+    log.jsonl                       one line per logged step (loss terms, lr, grad norm, clips/s)
+    samples/step-00000100.png       originals (odd rows) vs reconstructions (even rows), a few frames
+    checkpoints/step-00000100/      model.safetensors + config.json (loadable by load_pretrained),
+                                    optimizer.safetensors + optimizer.json, [discriminator.*,
+                                    disc_optimizer.*], rng.safetensors, trainer.json, MANIFEST.json
+    checkpoints/latest              name of the newest complete checkpoint (written last)
+    final/                          Autoencoder.save_pretrained (what extract/reconstruct take)
+    summary.json
+
+A checkpoint folder is written under a temporary name, its MANIFEST (sha256 + size of every file)
+last, then renamed; on resume every candidate is verified against its manifest, newest first, so a
+half-written or corrupt checkpoint is skipped (with its reason) in favour of the previous one.
+Resuming restores weights, optimizer moments, every RNG stream and each rank's data position: on
+CPU with a fixed seed the loss sequence equals that of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from autoencoders import REGISTRY, Autoencoder, build, load_pretrained
+from autoencoders.losses import REC_LOSSES, AELoss, AELossConfig, last_decoder_layer
+from data.sources import VideoClipDataset, list_items
+from data.video import VideoError, video_to_uint8
+from launch import dist
+from ldm import config as cfglib
+from ldm.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256, load_tensors, read_json, save_tensors
+
+log = logging.getLogger("ldm.train_ae")
+
+CHECKPOINT_FORMAT = 1
+STEP_PREFIX = "step-"
+# trainer settings that must match between a checkpoint and the run resuming it
+RESUME_MUST_MATCH = ("frames", "height", "width", "fps", "batch_size", "seed")
+
+
+@dataclass(frozen=True)
+class TrainAEConfig:
+    """Everything one ``ldm train-ae`` run needs (the CLI flags, one to one)."""
+
+    data: str
+    output: str
+    autoencoder: str | None = None  # registry name; optional when --init names a saved model
+    init: str | None = None  # folder written by save_pretrained to start from
+    ae_config: tuple[str, ...] = ()  # KEY=VALUE overrides of the registered config
+    frames: int = 17
+    height: int = 256
+    width: int = 256
+    fps: float | None = None
+    batch_size: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup: int = 0  # linear LR warm-up steps (the LR is a function of the step: nothing to save)
+    steps: int = 1000
+    max_grad_norm: float = 1.0  # 0 = no clipping (the norm is still logged)
+    loss: str = "l1"
+    kl_weight: float = 1e-6
+    lpips_vgg: str | None = None
+    lpips_heads: str | None = None
+    lpips_weight: float = 1.0
+    gan: bool = False
+    gan_weight: float = 0.5
+    disc_kind: str = "2d"
+    disc_start: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    sample_every: int = 500
+    keep: int = 3  # checkpoints kept (>= 2 so a corrupt newest one has a fallback)
+    num_workers: int = 2
+    seed: int = 0
+    resume: str = "auto"  # auto | no | a checkpoint folder
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 (autocast; CUDA only)
+    latent_stats_clips: int = 32  # clips used to set latent_scale/shift of the final model; 0 keeps them
+    max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.autoencoder is None and self.init is None:
+            raise ValueError("give --autoencoder NAME or --init DIR (or both)")
+        if self.autoencoder is not None and self.autoencoder not in REGISTRY:
+            raise ValueError(f"unknown autoencoder {self.autoencoder!r}; registered: {sorted(REGISTRY)}")
+        if self.init is not None and self.ae_config:
+            raise ValueError("--ae-config overrides cannot be combined with --init (the saved config is used)")
+        positive = ("frames", "height", "width", "batch_size", "steps", "log_every", "save_every",
+                    "sample_every", "max_nonfinite")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "num_workers", "disc_start", "latent_stats_clips"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep < 2:
+            raise ValueError(f"keep must be >= 2 (a corrupt newest checkpoint needs a fallback), got {self.keep}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError(f"need lr > 0, weight_decay >= 0, max_grad_norm >= 0; got {self.lr}, "
+                             f"{self.weight_decay}, {self.max_grad_norm}")
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+        if self.loss not in REC_LOSSES:
+            raise ValueError(f"loss must be one of {REC_LOSSES}, got {self.loss!r}")
+        if (self.lpips_vgg is None) != (self.lpips_heads is None):
+            raise ValueError("LPIPS needs both --lpips-vgg (backbone) and --lpips-heads (linear heads)")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    def loss_config(self) -> AELossConfig:
+        return AELossConfig(rec=self.loss, kl_weight=self.kl_weight,
+                            lpips_weight=self.lpips_weight if self.lpips_vgg else 0.0,
+                            gan_weight=self.gan_weight if self.gan else 0.0, disc_kind=self.disc_kind,
+                            disc_start=self.disc_start)
+
+
+# ------------------------------------------------------------------------------------------
+# Data: an endless, resumable stream of batches for this rank
+# ------------------------------------------------------------------------------------------
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's batches of epoch ``epoch``: a seeded permutation of ``range(n)``, split
+    round-robin over ranks, cut into full batches (a rank's last partial batch is dropped)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    mine = dist.shard_list(torch.randperm(n, generator=g).tolist(), rank, world)
+    return [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
+
+
+class _PositionSampler:
+    """Batch sampler over epochs from a saved position ``(epoch, batch)``. Every index it yields
+    is ``(clip index, epoch, batch)`` so the consumer knows the position of each batch even though
+    DataLoader workers prefetch ahead."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int, epoch: int, batch: int):
+        self.args = (n, batch_size, seed, rank, world)
+        self.epoch, self.batch = epoch, batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        n, bs, seed, rank, world = self.args
+        epoch, start = self.epoch, self.batch
+        while True:
+            batches = epoch_batches(n, bs, epoch, seed, rank, world)
+            for b in range(start, len(batches)):
+                yield [(i, epoch, b) for i in batches[b]]
+            epoch, start = epoch + 1, 0
+
+
+class _SkipBad(Dataset):
+    """Wraps VideoClipDataset: a clip that raises VideoError becomes an error record (its key and
+    reason) instead of killing the loader."""
+
+    def __init__(self, dataset: VideoClipDataset, keys: list[str]):
+        self.dataset, self.keys = dataset, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: tuple[int, int, int]) -> dict[str, Any]:
+        i, epoch, batch = index
+        try:
+            video = self.dataset[i]["video"]
+        except VideoError as e:
+            return {"error": str(e), "key": self.keys[i], "pos": (epoch, batch)}
+        return {"video": video, "key": self.keys[i], "pos": (epoch, batch)}
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [s for s in samples if "video" in s]
+    return {"video": torch.stack([s["video"] for s in good]) if good else None,  # (B, C, T, H, W)
+            "keys": [s["key"] for s in good],
+            "errors": [(s["key"], s["error"]) for s in samples if "error" in s],
+            "pos": samples[0]["pos"]}
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON, verified by a manifest
+# ------------------------------------------------------------------------------------------
+def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (``state.<param>.<key>``) and JSON (the rest)."""
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    state_json: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, Tensor):
+                tensors[f"state.{pid}.{key}"] = value
+            else:
+                state_json.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "state": state_json}
+
+
+def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, st in meta["state"].items():
+        state.setdefault(int(pid), {}).update(st)
+    groups = []
+    for saved, current in zip(meta["param_groups"], opt.param_groups):
+        # JSON turned tuples (e.g. AdamW betas) into lists: restore the type the optimizer uses
+        groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"checkpoint has {len(meta['param_groups'])} parameter groups, the optimizer {len(opt.param_groups)}")
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _rng_state(generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state(), "posterior": generator.get_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {"python": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def _set_rng_state(generator: torch.Generator, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    generator.set_state(tensors["posterior"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    v, st, gauss = meta["python"]
+    random.setstate((v, tuple(st), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith(STEP_PREFIX) or not name[len(STEP_PREFIX):].isdigit():
+        return None
+    return int(name[len(STEP_PREFIX):])
+
+
+def write_checkpoint(root: Path, step: int, files: dict[str, bytes | dict[str, Tensor] | Any], keep: int) -> Path:
+    """Write one checkpoint folder atomically and point ``root/latest`` at it.
+
+    ``files`` maps a file name to raw bytes, a dict of tensors (``*.safetensors``) or a JSON-able
+    object (``*.json``). Order: files in a temporary folder -> MANIFEST.json (sha256 + size of each)
+    -> rename to ``step-N`` -> ``latest`` -> prune to the newest ``keep`` at or below ``step``.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, content in files.items():
+        if name.endswith(".safetensors"):
+            save_tensors(tmp / name, content)
+        elif name.endswith(".json"):
+            atomic_write_json(tmp / name, content)
+        else:
+            atomic_write_bytes(tmp / name, content)
+    manifest = {"format": CHECKPOINT_FORMAT, "step": step,
+                "files": {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+                          for p in sorted(tmp.iterdir()) if p.is_file()}}
+    atomic_write_json(tmp / "MANIFEST.json", manifest)
+    if final.exists():  # an older run's (possibly corrupt) checkpoint of the same step
+        trash = root / f".{final.name}.old"
+        if trash.exists():
+            shutil.rmtree(trash)
+        final.rename(trash)
+        shutil.rmtree(trash)
+    tmp.rename(final)
+    atomic_write_bytes(root / "latest", (final.name + "\n").encode())
+    older = sorted((s, p) for p in root.iterdir() if (s := _step_of(p)) is not None and s <= step)
+    for _, p in older[:-keep]:
+        shutil.rmtree(p)
+    return final
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file listed in MANIFEST.json is present with its size and sha256; else the
+    reason the checkpoint cannot be trusted."""
+    manifest_path = path / "MANIFEST.json"
+    if not manifest_path.is_file():
+        return "no MANIFEST.json (half-written checkpoint)"
+    try:
+        manifest = read_json(manifest_path)
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable MANIFEST.json ({e})"
+    for required in ("model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json",
+                     "rng.safetensors", "trainer.json"):
+        if required not in files:
+            return f"MANIFEST.json does not list {required}"
+    for name, info in files.items():
+        p = path / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != info["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, manifest says {info['bytes']}"
+        if file_sha256(p) != info["sha256"]:
+            return f"{name} does not match its sha256 in MANIFEST.json"
+    return None
+
+
+def find_checkpoint(root: Path) -> tuple[Path | None, list[dict[str, str]]]:
+    """The newest verified checkpoint under ``root`` (None when there is none) and the rejected
+    ones, each with its reason. Newest is by step number, so a complete checkpoint whose ``latest``
+    update was interrupted still counts."""
+    if not root.is_dir():
+        return None, []
+    candidates = sorted(((s, p) for p in root.iterdir() if p.is_dir() and (s := _step_of(p)) is not None),
+                        reverse=True)
+    rejected = []
+    for _, path in candidates:
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path, rejected
+        rejected.append({"path": str(path), "reason": reason})
+    return None, rejected
+
+
+# ------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------
+class _TrainForward(nn.Module):
+    """``forward`` = ``Autoencoder.train_forward``, so DistributedDataParallel sees one call."""
+
+    def __init__(self, ae: Autoencoder):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, video: Tensor, generator: torch.Generator):
+        return self.ae.train_forward(video, None, generator)
+
+
+def _build_model(cfg: TrainAEConfig) -> tuple[Autoencoder, str]:
+    if cfg.init is not None:
+        meta = read_json(Path(cfg.init) / "config.json")
+        saved = meta.get("name")
+        if cfg.autoencoder is not None and saved is not None and saved != cfg.autoencoder:
+            raise ValueError(f"--init {cfg.init} holds {saved!r}, not --autoencoder {cfg.autoencoder!r}")
+        return load_pretrained(cfg.init), cfg.autoencoder or saved or meta["family"]
+    overrides = {}
+    for item in cfg.ae_config:
+        if "=" not in item:
+            raise ValueError(f"--ae-config {item!r} is not of the form KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key] = cfglib.parse_value(value)
+    return build(cfg.autoencoder, **overrides), cfg.autoencoder
+
+
+def _lr_at(cfg: TrainAEConfig, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+
+
+def save_grid(originals: Tensor, recons: Tensor, path: Path, max_frames: int = 4) -> None:
+    """PNG grid: for each clip a row of originals then a row of reconstructions, ``max_frames``
+    evenly spaced frames per row. Inputs ``B C T H W`` in [-1, 1]."""
+    t = originals.shape[2]
+    idx = sorted({round(i * (t - 1) / max(1, max_frames - 1)) for i in range(min(max_frames, t))})
+    rows = []
+    for o, r in zip(originals, recons):
+        for v in (o, r):
+            frames = video_to_uint8(v[:, idx].cpu())  # (F, H, W, C)
+            rows.append(torch.cat(list(frames), dim=1))  # (H, F*W, C)
+    grid = torch.cat(rows, dim=0).numpy()  # (2B*H, F*W, C)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+@torch.no_grad()
+def measure_latent_stats(ae: Autoencoder, videos: list[Tensor], device: torch.device) -> dict[str, tuple[float, ...]]:
+    """``latent_scale`` / ``latent_shift`` that make the encoded latents zero-mean, unit-variance:
+    per channel when every part is a ``B c t h w`` grid with the same channels, else one value.
+    Composed with the current ones (encode already applies them)."""
+    ae.eval()
+    lats = [ae.encode(v[None].to(device)).unbatch()[0] for v in videos]
+    parts = [t for lat in lats for t in lat.parts.values()]
+    per_channel = all(t.ndim == 5 for t in parts) and len({t.shape[1] for t in parts}) == 1
+    if per_channel:
+        flat = torch.cat([t.transpose(0, 1).flatten(1) for t in parts], dim=1).double()  # (c, N)
+        mean, std = flat.mean(1), flat.std(1)
+    else:
+        flat = torch.cat([t.flatten() for t in parts]).double()
+        mean, std = flat.mean()[None], flat.std()[None]
+    std = std.clamp_min(1e-6)
+    old_s = torch.tensor(ae.config.latent_scale, dtype=torch.float64)
+    old_b = torch.tensor(ae.config.latent_shift, dtype=torch.float64)
+    # encode gives z' = (z - b) * s; we want (z' - m) / d = (z - (b + m / s)) * (s / d)
+    return {"latent_scale": tuple((old_s / std).tolist()), "latent_shift": tuple((old_b + mean / old_s).tolist())}
+
+
+class AETrainer:
+    def __init__(self, cfg: TrainAEConfig, env: dist.DistEnv):
+        self.cfg, self.env = cfg, env
+        self.out = Path(cfg.output)
+        self.ckpt_root = self.out / "checkpoints"
+        self.device = dist.device_for(env, cfg.device)
+        if cfg.precision == "bf16" and self.device.type != "cuda":
+            raise ValueError("--precision bf16 needs a CUDA device")
+        self.main = env.rank == 0
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.ae, self.name = _build_model(cfg)
+        self.ae.check_input(cfg.frames, cfg.height, cfg.width)  # fail before any work
+        self.ae.to(self.device).train()
+        lpips = None
+        if cfg.lpips_vgg:
+            from ldm.metrics import LPIPS
+            lpips = LPIPS.from_files("vgg", cfg.lpips_vgg, cfg.lpips_heads)
+        self.loss_fn = AELoss(cfg.loss_config(), self.ae.config.in_channels, lpips).to(self.device)
+        self.last_layer = last_decoder_layer(self.ae) if self.loss_fn.discriminator is not None else None
+        self.model = dist.wrap_ddp(_TrainForward(self.ae), self.device)
+        self.opt = torch.optim.AdamW(self.ae.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                     weight_decay=cfg.weight_decay)
+        self.disc, self.d_opt = None, None
+        if self.loss_fn.discriminator is not None:
+            self.disc = dist.wrap_ddp(self.loss_fn.discriminator, self.device)
+            self.d_opt = torch.optim.AdamW(self.loss_fn.discriminator.parameters(), lr=cfg.lr,
+                                           betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + env.rank)
+
+        items = list_items(cfg.data)
+        if len(items) // env.world_size < cfg.batch_size:
+            raise ValueError(f"{cfg.data}: {len(items)} clips cannot fill a batch of {cfg.batch_size} on each of "
+                             f"{env.world_size} rank(s)")
+        self.keys = [it.key for it in items]
+        self.dataset = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, fps=cfg.fps)
+        self.step, self.pos = 0, (0, 0)
+        self.skipped: dict[str, str] = {}
+        self.resumed_from: str | None = None
+        self.rejected: list[dict[str, str]] = []
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def save(self) -> None:
+        rng_tensors, rng_meta = _rng_state(self.generator)
+        rank_state = {"rank": self.env.rank, "data": {"epoch": self.pos[0], "batch": self.pos[1]},
+                      "rng": rng_meta, "skipped": self.skipped}
+        gathered = dist.all_gather_object((rank_state, {k: v.cpu() for k, v in rng_tensors.items()}))
+        if self.main:
+            opt_t, opt_j = optimizer_to_files(self.opt)
+            files: dict[str, Any] = {
+                "model.safetensors": self.ae.state_dict(),
+                "config.json": {"family": self.ae.family, "name": self.name, "config": cfglib.to_dict(self.ae.config)},
+                "optimizer.safetensors": opt_t, "optimizer.json": opt_j,
+                "rng.safetensors": {f"rank{r}.{k}": v for r, (_, ts) in enumerate(gathered) for k, v in ts.items()},
+                "trainer.json": {"format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.env.world_size,
+                                 "autoencoder": self.name, "settings": cfglib.to_dict(self.cfg),
+                                 "ranks": [s for s, _ in gathered]},
+            }
+            if self.loss_fn.discriminator is not None:
+                d_t, d_j = optimizer_to_files(self.d_opt)
+                files.update({"discriminator.safetensors": self.loss_fn.discriminator.state_dict(),
+                              "disc_optimizer.safetensors": d_t, "disc_optimizer.json": d_j})
+            write_checkpoint(self.ckpt_root, self.step, files, self.cfg.keep)
+        dist.barrier()
+
+    def load(self, path: Path) -> None:
+        trainer = read_json(path / "trainer.json")
+        if trainer.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: checkpoint format {trainer.get('format')} != {CHECKPOINT_FORMAT}")
+        if trainer["world_size"] != self.env.world_size:
+            raise ValueError(f"{path} was written by {trainer['world_size']} rank(s); this run has "
+                             f"{self.env.world_size}. Resume with the same number of processes.")
+        saved = trainer["settings"]
+        for key in RESUME_MUST_MATCH:
+            if saved[key] != getattr(self.cfg, key):
+                raise ValueError(f"{path}: --{key.replace('_', '-')} was {saved[key]!r} in the checkpoint, "
+                                 f"{getattr(self.cfg, key)!r} now; it must not change on resume")
+        meta = read_json(path / "config.json")
+        if meta["family"] != self.ae.family or meta["config"] != cfglib.to_dict(self.ae.config):
+            raise ValueError(f"{path}: the checkpoint's autoencoder config differs from this run's "
+                             f"({meta['family']} {meta['config']} vs {self.ae.family} {cfglib.to_dict(self.ae.config)})")
+        self.ae.load_state_dict(load_tensors(path / "model.safetensors", self.device))
+        optimizer_from_files(self.opt, load_tensors(path / "optimizer.safetensors", self.device),
+                             read_json(path / "optimizer.json"))
+        if self.loss_fn.discriminator is not None:
+            if (path / "discriminator.safetensors").is_file():
+                self.loss_fn.discriminator.load_state_dict(load_tensors(path / "discriminator.safetensors", self.device))
+                optimizer_from_files(self.d_opt, load_tensors(path / "disc_optimizer.safetensors", self.device),
+                                     read_json(path / "disc_optimizer.json"))
+            else:
+                log.warning("%s has no discriminator: the GAN starts from a fresh one", path)
+        mine = trainer["ranks"][self.env.rank]
+        rng = load_tensors(path / "rng.safetensors")
+        prefix = f"rank{self.env.rank}."
+        _set_rng_state(self.generator, {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)},
+                       mine["rng"])
+        self.step = trainer["step"]
+        self.pos = (mine["data"]["epoch"], mine["data"]["batch"])
+        self.skipped = dict(mine["skipped"])
+        self.resumed_from = str(path)
+
+    def maybe_resume(self) -> None:
+        mode = self.cfg.resume
+        if mode == "no":
+            return
+        if mode == "auto":
+            path, self.rejected = find_checkpoint(self.ckpt_root)
+            for r in self.rejected:
+                log.warning("checkpoint %s rejected: %s", r["path"], r["reason"])
+            if path is None:
+                if self.rejected:
+                    raise RuntimeError(f"no valid checkpoint under {self.ckpt_root} (all rejected, see above); "
+                                       "pass --resume no to start over")
+                return
+        else:
+            path = Path(mode)
+            reason = verify_checkpoint(path)
+            if reason is not None:
+                raise ValueError(f"--resume {path}: {reason}")
+        self.load(path)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # --- one optimisation step ---------------------------------------------------------------
+    def train_step(self, video: Tensor) -> dict[str, Tensor] | None:
+        """One generator (+ discriminator) update; None when the loss was not finite (skipped)."""
+        cfg = self.cfg
+        lr = _lr_at(cfg, self.step)
+        for opt in filter(None, (self.opt, self.d_opt)):
+            for group in opt.param_groups:
+                group["lr"] = lr
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
+        with autocast:
+            out = self.model(video, self.generator)
+            total, logs = self.loss_fn.generator_loss(video, out, self.step, self.last_layer)
+        finite = dist.all_reduce_mean(torch.isfinite(total).float())
+        if finite.item() < 1.0:
+            return None
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.ae.parameters(), cfg.max_grad_norm or math.inf)
+        if not torch.isfinite(grad_norm):
+            return None
+        self.opt.step()
+        logs["grad_norm"] = grad_norm.detach()
+        if self.loss_fn.gan_active(self.step):
+            with autocast:
+                d_loss, d_logs = self.loss_fn.discriminator_loss(video, out.recon, disc=self.disc)
+            self.d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.loss_fn.discriminator.parameters(), cfg.max_grad_norm)
+            self.d_opt.step()
+            logs.update(d_logs)
+        return logs
+
+    # --- the loop ----------------------------------------------------------------------------
+    def _loader(self) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        sampler = _PositionSampler(len(self.keys), cfg.batch_size, cfg.seed, self.env.rank, self.env.world_size,
+                                   *self.pos)
+        loader = DataLoader(_SkipBad(self.dataset, self.keys), batch_sampler=sampler, collate_fn=_collate,
+                            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
+                            persistent_workers=False)
+        return iter(loader)
+
+    def _next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """Next batch with at least one readable clip; bad clips are logged once and skipped."""
+        per_epoch = max(1, len(self.keys) // self.env.world_size // self.cfg.batch_size)
+        for _ in range(2 * per_epoch + 1):
+            batch = next(batches)
+            epoch, b = batch["pos"]
+            self.pos = (epoch, b + 1)
+            for key, reason in batch["errors"]:
+                if key not in self.skipped:
+                    self.skipped[key] = reason
+                    log.warning("rank %d: skipping %s: %s", self.env.rank, key, reason)
+            if batch["video"] is not None:
+                return batch
+        raise RuntimeError(f"no readable clip in two epochs of {self.cfg.data}; skipped: {self.skipped}")
+
+    def _sample_clips(self, n: int) -> list[Tensor]:
+        clips = []
+        for i in range(len(self.keys)):
+            try:
+                clips.append(self.dataset[i]["video"])
+            except VideoError:
+                continue
+            if len(clips) == n:
+                break
+        return clips
+
+    @torch.no_grad()
+    def _write_samples(self, clips: list[Tensor]) -> None:
+        self.ae.eval()
+        video = torch.stack(clips).to(self.device)  # (B, C, T, H, W)
+        recon = self.ae.decode(self.ae.encode(video)).clamp(-1, 1)
+        self.ae.train()
+        save_grid(video, recon, self.out / "samples" / f"{step_dir_name(self.step)}.png")
+
+    def _truncate_log(self, path: Path) -> None:
+        """Drop log lines past the resumed step (written by the interrupted run after its last
+        checkpoint), so the log holds one line per step."""
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.maybe_resume()
+        start_step = self.step
+        log_path = self.out / "log.jsonl"
+        sample_clips: list[Tensor] = []
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._truncate_log(log_path)
+            sample_clips = self._sample_clips(2)
+        dist.barrier()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.main and cfg.progress),
+                   desc=f"train-ae {self.name}", unit="step", dynamic_ncols=True)
+        batches = self._loader() if self.step < cfg.steps else iter(())
+        losses: list[float] = []
+        nonfinite = skipped_steps = 0
+        clips_since, t_since, train_time = 0, time.perf_counter(), 0.0
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            batch = self._next_batch(batches)
+            video = batch["video"].to(self.device, non_blocking=True)
+            logs = self.train_step(video)
+            self.step += 1
+            clips_since += video.shape[0]
+            if logs is None:
+                nonfinite += 1
+                skipped_steps += 1
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", self.step, nonfinite)
+                if nonfinite >= cfg.max_nonfinite:
+                    raise RuntimeError(f"{nonfinite} non-finite steps in a row at step {self.step}; stopping "
+                                       "(lower --lr, check the data, or resume from an earlier checkpoint)")
+            else:
+                nonfinite = 0
+            train_time += time.perf_counter() - t0
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                record = self._log_record(logs, clips_since, time.perf_counter() - t_since, skipped_steps)
+                clips_since, t_since = 0, time.perf_counter()
+                if self.main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if "loss" in record:
+                        losses.append(record["loss"])
+                        bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if self.main and sample_clips and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
+                self._write_samples(sample_clips)
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        return self._finish(start_step, losses, train_time, log_path)
+
+    def _log_record(self, logs: dict[str, Tensor] | None, clips: int, seconds: float, skipped: int) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": self.step, "epoch": self.pos[0], "lr": _lr_at(self.cfg, self.step - 1)}
+        # every rank reaches this point on the same steps; a skipped step is skipped everywhere
+        if logs is not None:
+            keys = sorted(logs)
+            mean = dist.all_reduce_mean(torch.stack([logs[k].float().to(self.device) for k in keys]))
+            record.update({k: float(v) for k, v in zip(keys, mean.tolist())})
+        total_clips = dist.all_reduce_mean(torch.tensor([float(clips)], device=self.device)).item() * self.env.world_size
+        record.update({"clips_per_s": total_clips / max(seconds, 1e-9), "nonfinite_steps": skipped,
+                       "skipped_clips": len(self.skipped)})
+        return record
+
+    def _finish(self, start_step: int, losses: list[float], train_time: float, log_path: Path) -> dict[str, Any]:
+        cfg = self.cfg
+        stats: dict[str, tuple[float, ...]] = {}
+        skipped = {}
+        for part in dist.all_gather_object(self.skipped):
+            skipped.update(part)
+        final = self.out / "final"
+        if self.main:
+            if cfg.latent_stats_clips:
+                clips = self._sample_clips(cfg.latent_stats_clips)
+                if clips:
+                    stats = measure_latent_stats(self.ae, clips, self.device)
+                    self.ae.config = cfglib.replace(self.ae.config, **stats)
+            self.ae.save_pretrained(final, name=self.name)
+        steps_done = self.step - start_step
+        summary = {
+            "autoencoder": self.name, "steps": self.step, "start_step": start_step, "steps_run": steps_done,
+            "world_size": self.env.world_size, "device": str(self.device),
+            "resumed_from": self.resumed_from, "rejected_checkpoints": self.rejected,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "steps_per_s": steps_done / train_time if train_time > 0 else None,
+            "clips_per_s": steps_done * cfg.batch_size * self.env.world_size / train_time if train_time > 0 else None,
+            "skipped_clips": skipped, "latent_stats": {k: list(v) for k, v in stats.items()},
+            "final": str(final), "log": str(log_path), "checkpoints": str(self.ckpt_root),
+        }
+        if self.main:
+            atomic_write_json(self.out / "summary.json", summary)
+        dist.barrier()
+        return summary
+
+
+def train_autoencoder(cfg: TrainAEConfig) -> dict[str, Any]:
+    """Train per ``cfg`` (single process, or every rank of a torchrun/srun job) and return the
+    run summary (steps, first/last logged loss, throughput, skipped clips, paths)."""
+    owns_group = not dist.is_initialized()
+    env = dist.init_distributed()
+    try:
+        return AETrainer(cfg, env).run()
+    finally:
+        if owns_group:
+            dist.cleanup()
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainAEConfig.__dataclass_fields__
+    a = parser.add_argument
+    a("--autoencoder", choices=sorted(REGISTRY), help="registered autoencoder to train")
+    a("--init", help="start from a folder written by save_pretrained (e.g. another run's final/)")
+    a("--ae-config", action="append", default=[], metavar="KEY=VALUE",
+      help="override a field of the registered config (repeatable)")
+    a("--data", required=True, help="folder of videos or raw video shards (data.sources.list_items)")
+    a("--output", required=True, help="run folder (checkpoints, samples, log, final/)")
+    a("--frames", type=int, default=d["frames"].default)
+    a("--height", type=int, default=d["height"].default)
+    a("--width", type=int, default=d["width"].default)
+    a("--fps", type=float, default=None, help="resample clips to this rate (default: native)")
+    a("--batch-size", type=int, default=d["batch_size"].default, help="clips per rank per step")
+    a("--lr", type=float, default=d["lr"].default)
+    a("--weight-decay", type=float, default=d["weight_decay"].default)
+    a("--warmup", type=int, default=d["warmup"].default, help="linear LR warm-up steps")
+    a("--steps", type=int, default=d["steps"].default, help="total optimizer steps (resume continues up to it)")
+    a("--max-grad-norm", type=float, default=d["max_grad_norm"].default, help="gradient clipping (0: off)")
+    a("--loss", choices=REC_LOSSES, default=d["loss"].default, help="reconstruction loss")
+    a("--kl-weight", type=float, default=d["kl_weight"].default,
+      help="weight of the KL term (SD convention: KL summed over latents / input elements)")
+    a("--lpips-vgg", help="torchvision VGG16 weights file for the LPIPS term")
+    a("--lpips-heads", help="the lpips package's vgg.pth linear heads")
+    a("--lpips-weight", type=float, default=d["lpips_weight"].default)
+    a("--gan", action="store_true", help="add a PatchGAN discriminator (hinge loss, adaptive weight)")
+    a("--gan-weight", type=float, default=d["gan_weight"].default)
+    a("--disc-kind", choices=("2d", "3d"), default=d["disc_kind"].default)
+    a("--disc-start", type=int, default=d["disc_start"].default, help="step at which the GAN switches on")
+    a("--log-every", type=int, default=d["log_every"].default)
+    a("--save-every", type=int, default=d["save_every"].default)
+    a("--sample-every", type=int, default=d["sample_every"].default)
+    a("--keep", type=int, default=d["keep"].default, help="checkpoints to keep (>= 2)")
+    a("--num-workers", type=int, default=d["num_workers"].default)
+    a("--seed", type=int, default=d["seed"].default)
+    a("--resume", default=d["resume"].default,
+      help="auto (default): newest valid checkpoint under OUTPUT/checkpoints; no: start over; or a checkpoint folder")
+    a("--device", choices=("auto", "cpu", "cuda"), default=d["device"].default)
+    a("--precision", choices=("fp32", "bf16"), default=d["precision"].default)
+    a("--latent-stats-clips", type=int, default=d["latent_stats_clips"].default,
+      help="clips used to set the final model's latent_scale/shift (0: keep the config's)")
+    a("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainAEConfig:
+    fields = TrainAEConfig.__dataclass_fields__
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["ae_config"] = tuple(args.ae_config)
+    values["progress"] = not args.no_progress
+    return TrainAEConfig(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    env = dist.dist_env()
+    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING, stream=sys.stderr,
+                        format=f"[rank {env.rank}] %(levelname)s %(message)s" if env.world_size > 1
+                        else "%(levelname)s %(message)s")
+    summary = train_autoencoder(config_from_args(args))
+    if env.rank == 0:
+        print(json.dumps({k: summary[k] for k in ("autoencoder", "steps", "first_loss", "last_loss",
+                                                  "steps_per_s", "clips_per_s", "final")}))
+        if summary["skipped_clips"]:
+            print(f"skipped {len(summary['skipped_clips'])} unreadable clip(s); see {summary['log']} "
+                  "and summary.json", file=sys.stderr)
+    return 0

@@ -1,0 +1,297 @@
+"""``ldm train-ae``: loss goes down, exact resume, corrupt-checkpoint fallback, final export, GAN and
+LPIPS terms, 2-rank DDP. Tiny synthetic clips (5 frames, 32x32) and debug configs, CPU."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoencoders import build, load_pretrained
+from autoencoders.losses import (AELoss, AELossConfig, PatchDiscriminator, adaptive_gan_weight, hinge_d_loss,
+                                 kl_loss, reconstruction_loss)
+from data.video import write_video
+from launch import dist
+from launch.train_ae import (TrainAEConfig, find_checkpoint, optimizer_from_files, optimizer_to_files,
+                             train_autoencoder, write_checkpoint)
+from ldm.latent import Latent
+from ldm.metrics import LPIPS
+
+REPO = Path(__file__).resolve().parents[1]
+FRAMES, SIZE = 5, 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two pytest workers share two cores: one thread each avoids oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write_clips(folder: Path, n: int = 6) -> Path:
+    """n clips of a colored disc moving right at different speeds on a gray background, plus
+    a text file named .mp4 that the trainer must skip."""
+    folder.mkdir(parents=True, exist_ok=True)
+    t = torch.arange(FRAMES).view(1, FRAMES, 1, 1).float()
+    y = torch.arange(SIZE).view(1, 1, SIZE, 1).float()
+    x = torch.arange(SIZE).view(1, 1, 1, SIZE).float()
+    for i in range(n):
+        color = torch.rand(3, 1, 1, 1, generator=torch.Generator().manual_seed(i)) * 2 - 1
+        cx = (SIZE / 4 + 2 * t * (1 + i % 3)) % SIZE
+        disc = ((x - cx) ** 2 + (y - SIZE / 2) ** 2 < (SIZE / 6) ** 2).float()  # (1, T, H, W)
+        video = -0.5 + disc * (color + 0.5)  # (3, T, H, W)
+        write_video(folder / f"clip{i:02d}.mp4", video.clamp(-1, 1), fps=8)
+    (folder / "broken.mp4").write_text("this is not a video")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    return _write_clips(tmp_path_factory.mktemp("clips"))
+
+
+def _cfg(data: Path, out: Path, **kw) -> TrainAEConfig:
+    base = dict(data=str(data), output=str(out), autoencoder="kl2d-f8c4-debug", frames=FRAMES, height=SIZE,
+                width=SIZE, batch_size=2, lr=2e-3, steps=30, log_every=1, save_every=3, sample_every=10,
+                num_workers=0, progress=False, latent_stats_clips=4)
+    base.update(kw)
+    return TrainAEConfig(**base)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(clips, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("straight")
+    return out, train_autoencoder(_cfg(clips, out))
+
+
+def test_loss_decreases_and_run_outputs(straight):
+    out, summary = straight
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(1, 31))
+    for key in ("loss", "rec", "kl", "lr", "grad_norm", "clips_per_s"):
+        assert all(key in r for r in log), key
+    losses = [r["loss"] for r in log]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
+    assert summary["first_loss"] == losses[0] and summary["last_loss"] == losses[-1]
+    assert list(summary["skipped_clips"]) == ["broken"]
+    assert "not a readable video" in summary["skipped_clips"]["broken"]
+    assert (out / "samples" / "step-00000010.png").is_file() and (out / "samples" / "step-00000030.png").is_file()
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["step-00000024", "step-00000027", "step-00000030"]  # keep=3
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000030"
+
+
+def test_final_export_loads_and_has_latent_stats(straight, clips):
+    out, summary = straight
+    ae = load_pretrained(out / "final")
+    assert ae.family == "kl2d"
+    assert json.loads((out / "final" / "config.json").read_text())["name"] == "kl2d-f8c4-debug"
+    scale = ae.config.latent_scale
+    assert len(scale) == 4 and list(scale) == summary["latent_stats"]["latent_scale"]
+    from data.video import read_video
+    video = torch.stack([read_video(clips / f"clip0{i}.mp4", FRAMES, SIZE, SIZE) for i in range(4)])
+    with torch.no_grad():
+        z = ae.encode(video)["z"]  # (B, c, T, h, w), the clips the statistics came from
+    assert z.mean(dim=(0, 2, 3, 4)).abs().max() < 1e-3
+    assert (z.transpose(0, 1).flatten(1).std(1) - 1).abs().max() < 1e-3
+    # step checkpoints are save_pretrained folders too
+    step = load_pretrained(out / "checkpoints" / "step-00000030")
+    final_sd, step_sd = ae.state_dict(), step.state_dict()
+    assert all(torch.equal(final_sd[k], step_sd[k]) for k in final_sd)
+
+
+def test_resume_is_exact_and_corrupt_checkpoint_falls_back(straight, clips, tmp_path):
+    ref = [r["loss"] for r in _log(straight[0])]
+    out = tmp_path / "run"
+    first = train_autoencoder(_cfg(clips, out, steps=3))
+    assert first["resumed_from"] is None
+    second = train_autoencoder(_cfg(clips, out, steps=6))
+    assert second["resumed_from"].endswith("step-00000003") and second["start_step"] == 3
+    assert [r["loss"] for r in _log(out)] == ref[:6]  # bit-identical to the uninterrupted run
+    # corrupt the newest checkpoint: the previous one is used and the sequence is still exact
+    model_file = out / "checkpoints" / "step-00000006" / "model.safetensors"
+    data = bytearray(model_file.read_bytes())
+    data[-7] ^= 0xFF
+    model_file.write_bytes(bytes(data))
+    third = train_autoencoder(_cfg(clips, out, steps=7))
+    assert third["resumed_from"].endswith("step-00000003")
+    assert len(third["rejected_checkpoints"]) == 1
+    assert "sha256" in third["rejected_checkpoints"][0]["reason"]
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(1, 8))  # lines past the resumed step were dropped
+    assert [r["loss"] for r in log] == ref[:7]
+
+
+def test_half_written_checkpoints_are_skipped(tmp_path):
+    root = tmp_path / "checkpoints"
+    files = {name: {"x": torch.full((3,), float(i))} for i, name in enumerate(
+        ["model.safetensors", "optimizer.safetensors", "rng.safetensors"])}
+    files.update({"config.json": {"a": 1}, "optimizer.json": {"b": 2}, "trainer.json": {"c": 3}})
+    for step in (1, 2, 3, 4):
+        write_checkpoint(root, step, files, keep=3)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002", "step-00000003", "step-00000004"]
+    (root / "step-00000004" / "MANIFEST.json").unlink()  # killed before the manifest
+    (root / "step-00000003" / "trainer.json").unlink()  # a file lost
+    (root / ".step-00000005.tmp").mkdir()  # killed while writing: never a candidate
+    path, rejected = find_checkpoint(root)
+    assert path == root / "step-00000002"
+    assert [Path(r["path"]).name for r in rejected] == ["step-00000004", "step-00000003"]
+    assert "MANIFEST" in rejected[0]["reason"] and "trainer.json" in rejected[1]["reason"]
+    for name in list(root.iterdir()):
+        if name.name.startswith("step-"):
+            shutil.rmtree(name)
+    assert find_checkpoint(root) == (None, [])
+
+
+def test_optimizer_state_round_trip_without_pickle():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.5, 0.9))
+    for _ in range(2):
+        model(torch.randn(5, 4)).pow(2).sum().backward()
+        opt.step()
+    tensors, meta = optimizer_to_files(opt)
+    meta = json.loads(json.dumps(meta))  # what the checkpoint stores
+    fresh = torch.optim.AdamW(model.parameters(), lr=1.0)
+    optimizer_from_files(fresh, tensors, meta)
+    a, b = opt.state_dict(), fresh.state_dict()
+    assert a["param_groups"] == b["param_groups"] and fresh.param_groups[0]["betas"] == (0.5, 0.9)
+    for pid in a["state"]:
+        for key in a["state"][pid]:
+            assert torch.equal(a["state"][pid][key], b["state"][pid][key])
+
+
+def test_gan_run_with_3d_discriminator(clips, tmp_path):
+    out = tmp_path / "gan"
+    summary = train_autoencoder(_cfg(clips, out, autoencoder="causal3d-f4x8c4-debug", steps=3, gan=True,
+                                     disc_kind="3d", disc_start=1, save_every=10, latent_stats_clips=0))
+    log = _log(out)
+    assert "d_loss" not in log[0] and all("d_loss" in r and "g_adv" in r for r in log[1:])
+    assert all(torch.isfinite(torch.tensor(r["gan_weight"])) for r in log[1:])
+    files = {p.name for p in (out / "checkpoints" / "step-00000003").iterdir()}
+    assert {"discriminator.safetensors", "disc_optimizer.safetensors", "disc_optimizer.json"} <= files
+    assert load_pretrained(summary["final"]).family == "causal3d"
+
+
+def test_bad_settings_fail_before_work(clips, tmp_path):
+    with pytest.raises(ValueError, match="1 \\+ 4k frames"):
+        train_autoencoder(_cfg(clips, tmp_path / "a", autoencoder="causal3d-f4x8c4-debug", frames=4))
+    with pytest.raises(ValueError, match="unknown autoencoder"):
+        _cfg(clips, tmp_path / "b", autoencoder="nope")
+    with pytest.raises(ValueError, match="keep must be >= 2"):
+        _cfg(clips, tmp_path / "c", keep=1)
+    with pytest.raises(ValueError, match="both --lpips-vgg"):
+        _cfg(clips, tmp_path / "d", lpips_vgg="vgg.pth")
+    with pytest.raises(ValueError, match="cannot fill a batch"):
+        train_autoencoder(_cfg(clips, tmp_path / "e", batch_size=8))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "e").exists()
+
+
+# --- losses -----------------------------------------------------------------------------------
+def test_kl_and_reconstruction_normalisation():
+    mean = torch.ones(2, 4, 3, 2, 2)
+    lat = Latent({"z": mean}, "grid", {"z": torch.zeros_like(mean)})
+    # 0.5 * mu^2 per latent element, summed (48), divided by input elements (3*3*16*16)
+    assert torch.isclose(kl_loss(lat, 3 * 3 * 16 * 16), torch.tensor(0.5 * 48 / 2304))
+    assert kl_loss(Latent({"z": mean}, "grid"), 10) == 0  # no posterior, no KL
+    x, y = torch.zeros(2, 3), torch.full((2, 3), 2.0)
+    assert reconstruction_loss(x, y, "l1") == 2 and reconstruction_loss(x, y, "l2") == 4
+    with pytest.raises(ValueError):
+        reconstruction_loss(x, y, "l3")
+
+
+@pytest.mark.parametrize("kind", ["2d", "3d"])
+def test_discriminator_shapes_and_hinge(kind):
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(3, channels=8, layers=2, kind=kind)
+    out = disc(torch.randn(2, 3, 5, 32, 32))
+    assert out.shape[1] == 1 and out.shape[0] == (10 if kind == "2d" else 2)
+    assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0  # both margins met
+    assert hinge_d_loss(torch.zeros(4), torch.zeros(4)) == 1
+
+
+def test_generator_loss_terms_lpips_gradient_and_adaptive_weight():
+    torch.manual_seed(0)
+    ae = build("kl2d-f8c4-debug")
+    lpips = LPIPS("alex")  # random trunk: only the wiring and the gradient path are checked here
+    for head in lpips.heads:
+        head.weight.data.uniform_(0.1, 1.0)
+    loss_fn = AELoss(AELossConfig(lpips_weight=1.0, gan_weight=0.5, disc_start=0, disc_channels=8,
+                                  disc_layers=2), lpips=lpips)
+    video = torch.rand(1, 3, 2, 64, 64) * 2 - 1
+    out = ae.train_forward(video, generator=torch.Generator().manual_seed(0))
+    out.losses["extra"] = out.recon.mean() * 0 + 0.25  # a family term is added to the total
+    total, logs = loss_fn.generator_loss(video, out, step=0, last_layer=ae.last_layer())
+    expected = (logs["rec"] + logs["lpips"] + 1e-6 * logs["kl"] + logs["gan_weight"] * logs["g_adv"] + 0.25)
+    assert torch.isclose(total.detach(), expected)
+    assert logs["lpips"] > 0 and logs["gan_weight"] > 0
+    nll, g = (out.recon ** 2).mean(), out.recon.mean()
+    w = adaptive_gan_weight(nll, g, ae.last_layer())
+    assert w.ndim == 0 and w >= 0 and not w.requires_grad and ae.last_layer().grad is None
+    total.backward()
+    grad = ae.last_layer().grad
+    assert grad is not None and torch.isfinite(grad).all()
+    assert all(p.grad is None for p in loss_fn.discriminator.parameters())  # G step leaves D alone
+    with pytest.raises(ValueError, match="needs an LPIPS network"):
+        AELoss(AELossConfig(lpips_weight=1.0))
+
+
+# --- distributed -------------------------------------------------------------------------------
+def test_shard_list_covers_every_item_once():
+    items = list(range(11))
+    shards = [dist.shard_list(items, r, 3) for r in range(3)]
+    assert sorted(sum(shards, [])) == items and max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert shards == [dist.shard_list(items, r, 3) for r in range(3)]
+    with pytest.raises(ValueError):
+        dist.shard_list(items, 3, 3)
+
+
+def test_dist_env_reads_torchrun_and_slurm(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(k, raising=False)
+    assert dist.dist_env() == dist.DistEnv(0, 1, 0, "single")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert dist.dist_env() == dist.DistEnv(3, 8, 1, "slurm")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dist.dist_env() == dist.DistEnv(1, 2, 1, "torchrun")  # torchrun wins inside an allocation
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="inconsistent"):
+        dist.dist_env()
+
+
+@pytest.mark.dist
+def test_two_rank_ddp_run(clips, tmp_path):
+    out = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "launch.cli", "train-ae", "--autoencoder", "kl2d-f8c4-debug", "--data", str(clips),
+           "--output", str(out), "--frames", str(FRAMES), "--height", str(SIZE), "--width", str(SIZE),
+           "--batch-size", "1", "--lr", "2e-3", "--steps", "4", "--log-every", "1", "--save-every", "2",
+           "--num-workers", "0", "--gan", "--disc-start", "2", "--latent-stats-clips", "2", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = _log(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all("d_loss" in r for r in log[2:])
+    assert log[0]["clips_per_s"] > 0
+    trainer = json.loads((out / "checkpoints" / "step-00000004" / "trainer.json").read_text())
+    assert trainer["world_size"] == 2 and [r["rank"] for r in trainer["ranks"]] == [0, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and list(summary["skipped_clips"]) == ["broken"]
+    assert load_pretrained(out / "final").family == "kl2d"
