@@ -256,6 +256,8 @@ def _merge_manifest(out: Path, n_shards: int, signature: dict, ae: Autoencoder, 
         "counts": {"inputs": len(items), "written": written, "skipped": len(skipped)},
         "stats": stats.summary(), "skipped": skipped, "shards": shard_list,
         "text_dim": text_dim, "world_size": world_size,
+        "num_classes": max((it.class_id for it in items if it.class_id is not None), default=-1) + 1,
+        "input_problems": list(getattr(items, "problems", [])),
     }
     atomic_write_json(out / shards.MANIFEST, manifest)
     return manifest
