@@ -32,7 +32,8 @@ class VideoDiT(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
         if not config.parts:
-            raise ValueError("DiTConfig.parts is empty: build the DiT for a latent (dit.registry.build(name, latent_parts=...))")
+            raise ValueError("DiTConfig.parts is empty: build the DiT for a latent "
+                             "(dit.registry.build(name, latent_parts=...))")
         self.config = config
         D = config.hidden
         self.specs = part_specs(config.parts, config.patch, config.part_patch)
@@ -127,7 +128,10 @@ class VideoDiT(nn.Module):
                                  "pass Cond(class_id=None)")
             return c
         null = self.config.num_classes
-        ids = torch.full((B,), null, dtype=torch.long, device=t.device) if cond.class_id is None else cond.class_id.long()
+        if cond.class_id is None:
+            ids = torch.full((B,), null, dtype=torch.long, device=t.device)
+        else:
+            ids = cond.class_id.long()
         if ids.shape != (B,):
             raise ValueError(f"class_id must have shape ({B},), got {tuple(ids.shape)}")
         # -1 (and num_classes itself) select the null row; larger ids fail in the embedding lookup.
@@ -149,7 +153,8 @@ class VideoDiT(nn.Module):
         if cond.text_mask is None:
             return ctx, None
         if cond.text_mask.shape != cond.text.shape[:2]:
-            raise ValueError(f"text_mask {tuple(cond.text_mask.shape)} does not match text {tuple(cond.text.shape[:2])}")
+            raise ValueError(f"text_mask {tuple(cond.text_mask.shape)} does not match text "
+                             f"{tuple(cond.text.shape[:2])}")
         visible = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=ctx.device), cond.text_mask.bool()], 1)
         return ctx, torch.where(visible, 0, -1)
 
@@ -187,7 +192,9 @@ class VideoDiT(nn.Module):
         context, context_ids = self._context(cond, B)
 
         if pack:
-            valid = tokens.valid if tokens.valid is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+            valid = tokens.valid
+            if valid is None:
+                valid = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
             pk = packing(valid)
             h = pk.pack(h)  # (1, T, D)
             positions = pk.pack(tokens.positions)  # (1, T, 3)

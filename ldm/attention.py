@@ -240,6 +240,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "sdpa", mask: T
             torch.broadcast_shapes(mask.shape, (B, H, Nq, Nk))
         except RuntimeError:
             raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to {(B, H, Nq, Nk)}") from None
+        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # (B|1, H|1, Nq|1, Nk|1)
     if cu_seqlens is not None:
         if seq_ids is not None or kv_seq_ids is not None:
             raise ValueError("give either cu_seqlens or seq_ids, not both")
@@ -372,7 +373,6 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, q_ids: Tensor | None, 
            cu_seqlens: Tensor | None, max_seqlen: int | None, scale: float) -> Tensor:
     fa = _flash_module()
     B, H, Nq, d = q.shape
-    Nk = k.shape[2]
     if q_ids is None and cu_seqlens is None:
         out = fa.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                  softmax_scale=scale, causal=causal)  # (B, Nq, H, d)
@@ -380,10 +380,12 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, q_ids: Tensor | None, 
     if cu_seqlens is not None:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         L = int((cu[1:] - cu[:-1]).max()) if max_seqlen is None else int(max_seqlen)
-        out = fa.flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-                                        cu, cu, L, L, softmax_scale=scale, causal=causal)  # (N, H, d)
-        valid = torch.arange(Nq, device=q.device) < cu[-1]
-        return (out.transpose(0, 1) * valid[:, None].to(out.dtype))[None]
+        T = int(cu[-1])  # tokens past the last sequence get zeros
+        packed = fa.flash_attn_varlen_func(*(x[0, :, :T].transpose(0, 1) for x in (q, k, v)),
+                                           cu, cu, L, L, softmax_scale=scale, causal=causal)  # (T, H, d)
+        out = q.new_zeros(Nq, H, d)
+        out[:T] = packed
+        return out.transpose(0, 1)[None]  # (1, H, Nq, d)
     seg = _segments(q_ids, kv_ids)
     out = q.new_zeros(B * Nq, H, d)
     if seg.num == 0:

@@ -7,8 +7,8 @@ convention of ``ldm.flow``: ``dx/dt = v = eps - x_0`` with t = 1 noise and t = 0
 integrates from t = 1 down to t = 0 over a schedule ``1 = t_0 > t_1 > ... > t_N = 0``.
 
 Classifier-free guidance (Ho & Salimans 2022, Eq. 6, written for velocities and with the common
-scale ``w = 1 + w_paper``): ``v = v_u + w (v_c - v_u)``, with the conditional and the null-conditional calls batched together
-into one model call; ``w = 1`` is the plain conditional model.
+scale ``w = 1 + w_paper``): ``v = v_u + w (v_c - v_u)``, with the conditional and the
+null-conditional calls batched together into one model call; ``w = 1`` is the plain conditional model.
 """
 from __future__ import annotations
 

@@ -147,3 +147,11 @@ def test_gpu_varlen_and_cross(name):
     ids, kv = IDS.cuda(), KV_IDS.cuda()
     torch.testing.assert_close(attention(q, k, v, backend=name, seq_ids=ids, kv_seq_ids=kv),
                                attention(q, k, v, backend="sdpa", seq_ids=ids, kv_seq_ids=kv), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_low_rank_masks_broadcast(backend):
+    q, k, v = _qkv(seed=4)
+    tri = torch.ones(N, N, dtype=torch.bool).tril()  # (Nq, Nk)
+    torch.testing.assert_close(attention(q, k, v, backend=backend, mask=tri),
+                               attention(q, k, v, backend="sdpa", causal=True), atol=1e-5, rtol=1e-5)

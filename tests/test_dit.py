@@ -179,7 +179,8 @@ def test_one_step_lowers_the_flow_loss():
 def test_registry_sizes_and_parameter_counts():
     assert {"dit-debug", "dit-S", "dit-B", "dit-L", "dit-XL", "dit-standard"} <= set(REGISTRY)
     std = make_config("dit-standard", {"z": (4, 4, 32, 32)})
-    assert (std.depth, std.heads, std.hidden, int(std.hidden * std.mlp_ratio), std.attn_layout) == (8, 8, 512, 2048, "full")
+    ffn = int(std.hidden * std.mlp_ratio)
+    assert (std.depth, std.heads, std.hidden, ffn, std.attn_layout) == (8, 8, 512, 2048, "full")
     xl = make_config("dit-XL", {"z": (4, 4, 32, 32)}, patch=(1, 2, 2))
     # DiT-XL/2 has 675M parameters for 4x32x32 latents with 1000 classes and learned sigma (Peebles & Xie, Tab. 1);
     # ours adds QK-norm and 3D RoPE but drops sigma and the positional table: within 1 %.
@@ -233,3 +234,19 @@ def test_model_dtype_casts_inputs_and_returns_part_dtype():
     x = _batch(GRID, 2)
     v = model(x, torch.rand(2))
     assert v["z"].dtype == torch.float32 and torch.isfinite(v["z"]).all()
+
+
+def test_guided_sampling_through_the_dit_is_seeded():
+    from ldm.samplers import euler, initial_noise
+
+    model = _randomize(build("dit-debug", VARLEN, patch=(2, 2, 2), num_classes=3, text_dim=8))
+    cond = Cond(text=torch.randn(2, 3, 8), class_id=torch.tensor([0, 2]))
+
+    def run(seed):
+        noise = Latent(initial_noise(VARLEN, 2, seed=seed), "varlen", aux={"length": torch.tensor([5, 3])})
+        with torch.no_grad():
+            return euler(model, noise, cond, steps=2, guidance_scale=3.0, null_cond=model.null_cond(cond))
+
+    a, b = run(0), run(0)
+    assert isinstance(a, Latent) and a["z"].shape == (2, *VARLEN["z"]) and torch.equal(a["z"], b["z"])
+    assert not torch.equal(a["z"], run(1)["z"])

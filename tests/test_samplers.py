@@ -78,7 +78,8 @@ def test_cfg_batches_both_calls_and_scale_one_is_conditional():
     x = {"x": torch.randn(2, 3)}
     t = torch.full((2,), 0.5)
     cond = Cond(text=torch.randn(2, 4, 3), text_mask=torch.ones(2, 4, dtype=torch.bool), class_id=torch.tensor([2, 3]))
-    null = Cond(text=torch.zeros(2, 1, 3), text_mask=torch.zeros(2, 1, dtype=torch.bool), class_id=torch.zeros(2, dtype=torch.long))
+    null = Cond(text=torch.zeros(2, 1, 3), text_mask=torch.zeros(2, 1, dtype=torch.bool),
+                class_id=torch.zeros(2, dtype=torch.long))
     v1 = samplers.guided_velocity(model, x, t, cond, null, 1.0)
     assert model.batches == [4]  # one call on [cond; null]
     torch.testing.assert_close(v1["x"], model(x, t, cond)["x"])
