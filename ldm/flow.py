@@ -64,7 +64,8 @@ def predict_x0(x_t: Mapping[str, Tensor], v: Mapping[str, Tensor], t: Tensor) ->
 
 
 def shift_timesteps(t: Tensor, shift: float) -> Tensor:
-    """Resolution/length shift of SD3 (Esser et al. 2024, Sec. 5.3.2):
+    """Resolution/length shift of SD3 (Esser et al. 2024, "resolution-dependent shifting of
+    timestep schedules"):
     ``t' = s t / (1 + (s - 1) t)``. ``s > 1`` moves mass towards noise (t -> 1), as larger latents
     need; ``s = 1`` is the identity. Maps [0, 1] onto itself monotonically."""
     if shift <= 0:
@@ -88,7 +89,7 @@ def sample_timesteps(n: int, *, distribution: str = "uniform", loc: float = 0.0,
     """Draw ``n`` training timesteps in (0, 1).
 
     - ``"uniform"``: t ~ U(0, 1).
-    - ``"logit_normal"``: t = sigmoid(u), u ~ N(loc, scale) (SD3, Esser et al. 2024, Sec. 3.1).
+    - ``"logit_normal"``: t = sigmoid(u), u ~ N(loc, scale) (SD3, Esser et al. 2024, "logit-normal sampling").
     Then the resolution/length ``shift`` is applied (``shift_timesteps``).
     """
     if distribution == "uniform":

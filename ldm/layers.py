@@ -6,7 +6,7 @@ positions ``(B, N, 3)`` or ``(N, 3)`` over (t, h, w), and optional sequence ids 
 index per token, -1 for padding) — one description for padded, packed and token-set sequences.
 
 References: DiT (Peebles & Xie 2023: adaLN-Zero, Sec. 3.2; timestep MLP), RoFormer (Su et al.
-2021, Eq. 34 for the rotation), SD3 (Esser et al. 2024: RMS QK-norm, Sec. 5.3.1), PixArt-alpha
+2021, Eq. 34 for the rotation), SD3 (Esser et al. 2024: RMS QK-norm), PixArt-alpha
 (Chen et al. 2023: cross-attention to text between self-attention and MLP).
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ class RMSNorm(nn.Module):
 
 
 class QKNorm(nn.Module):
-    """RMS-normalise queries and keys per head before the dot product (SD3, Sec. 5.3.1): keeps
+    """RMS-normalise queries and keys per head before the dot product (SD3, Esser et al. 2024): keeps
     attention logits bounded in mixed precision."""
 
     def __init__(self, head_dim: int):
