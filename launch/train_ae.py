@@ -524,7 +524,9 @@ class AETrainer:
         if mode == "no":
             return
         if mode == "auto":
-            path, self.rejected = find_checkpoint(self.ckpt_root)
+            # rank 0 verifies (hashing every file once), every rank loads the same checkpoint
+            found = find_checkpoint(self.ckpt_root) if self.main else None
+            path, self.rejected = dist.broadcast_object(found)
             for r in self.rejected:
                 log.warning("checkpoint %s rejected: %s", r["path"], r["reason"])
             if path is None:
@@ -534,7 +536,7 @@ class AETrainer:
                 return
         else:
             path = Path(mode)
-            reason = verify_checkpoint(path)
+            reason = verify_checkpoint(path) if path.is_dir() else "not a folder"
             if reason is not None:
                 raise ValueError(f"--resume {path}: {reason}")
         self.load(path)
@@ -594,7 +596,7 @@ class AETrainer:
             for key, reason in batch["errors"]:
                 if key not in self.skipped:
                     self.skipped[key] = reason
-                    log.warning("rank %d: skipping %s: %s", self.env.rank, key, reason)
+                    log.warning("skipping %s: %s", key, reason)
             if batch["video"] is not None:
                 return batch
         raise RuntimeError(f"no readable clip in two epochs of {self.cfg.data}; skipped: {self.skipped}")
@@ -623,8 +625,14 @@ class AETrainer:
         checkpoint), so the log holds one line per step."""
         if not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by a kill
+                continue
+            if record.get("step", 0) <= self.step:
+                kept.append(line)
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
     def run(self) -> dict[str, Any]:
@@ -676,6 +684,7 @@ class AETrainer:
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
+        del batches  # stops the loader's workers before the final export
         return self._finish(start_step, losses, train_time, log_path)
 
     def _log_record(self, logs: dict[str, Tensor] | None, clips: int, seconds: float, skipped: int) -> dict[str, Any]:

@@ -295,3 +295,13 @@ def test_two_rank_ddp_run(clips, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and list(summary["skipped_clips"]) == ["broken"]
     assert load_pretrained(out / "final").family == "kl2d"
+    # lose the last checkpoint (as if killed before it) and tear the log: both ranks resume from
+    # step 2 with their own data position and RNG, and steps 3-4 repeat exactly
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step-00000002")
+    assert [(r["step"], r["loss"], r["d_loss"] if "d_loss" in r else None) for r in _log(out)] == \
+        [(r["step"], r["loss"], r["d_loss"] if "d_loss" in r else None) for r in log]
