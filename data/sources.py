@@ -257,8 +257,8 @@ def _split_member(name: str) -> tuple[str, str]:
 
 
 def _list_shards(shards: list[Path]) -> ItemList:
-    problems: list[str] = []
-    items = ItemList(problems=problems)
+    items = ItemList()
+    problems = items.problems
     seen: set[str] = set()
     for shard in shards:
         samples: dict[str, dict[str, Any]] = {}

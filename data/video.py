@@ -259,7 +259,11 @@ def _encode_h264(target: Any, frames: np.ndarray, fps: float, fmt: str | None, c
     with av.open(target, mode="w", format=fmt) as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium"}
+        # mbtree off: with it, x264 output for the same frames occasionally differs from run to run
+        # (seen on tiny frames); without it the same frames always give the same bytes.
+        stream.options = {"crf": str(crf), "preset": "medium", "mbtree": "0"}
+        if w * h < LARGE_FRAME:
+            stream.codec_context.thread_count = 1  # small frames: threads cost more than they save
         for i in range(t):
             frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
             container.mux(stream.encode(frame))

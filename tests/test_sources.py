@@ -1,0 +1,183 @@
+"""data.sources: folders (+ CSV / JSONL / auto metadata.jsonl captions), raw shards, brace patterns,
+problems reported without crashing, VideoClipDataset."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.sources import ItemList, VideoClipDataset, VideoItem, list_items
+from data.synth import synth_dataset
+from data.video import VideoError, encode_video, write_frames
+
+
+def _clip(value: int, frames: int = 8) -> np.ndarray:
+    return np.full((frames, 32, 32, 3), value, np.uint8)
+
+
+@pytest.fixture()
+def folder(tmp_path) -> Path:
+    root = tmp_path / "videos"
+    write_frames(root / "b.mp4", _clip(10), fps=8)
+    write_frames(root / "a.mp4", _clip(50), fps=8)
+    write_frames(root / "sub" / "c.gif", _clip(90), fps=10)
+    write_frames(root / ".hidden.mp4", _clip(0), fps=8)
+    (root / "notes.txt").write_text("not a video")
+    return root
+
+
+def test_folder_is_recursive_sorted_and_deterministic(folder):
+    items = list_items(folder)
+    assert isinstance(items, ItemList) and items.problems == []
+    assert [it.key for it in items] == ["a", "b", "sub/c"]
+    assert [it.key for it in list_items(folder)] == [it.key for it in items]
+    assert all(it.caption is None and it.class_id is None for it in items)
+    assert items[0].load_bytes() == (folder / "a.mp4").read_bytes()
+    assert [it.key for it in list_items(folder / "sub" / "c.gif")] == ["c"]   # a single video file
+
+
+def test_csv_captions_with_problems(folder, tmp_path):
+    cap = tmp_path / "captions.csv"
+    cap.write_text("path,caption,label\n"
+                   "a.mp4,first clip,3\n"
+                   "sub/c.gif,\"third, with comma\",1\n"
+                   "missing.mp4,ghost,2\n"
+                   "a.mp4,duplicate,4\n")
+    items = list_items(folder, cap)
+    by_key = {it.key: it for it in items}
+    assert by_key["a"].caption == "first clip" and by_key["a"].class_id == 3
+    assert by_key["sub/c"].caption == "third, with comma" and by_key["sub/c"].class_id == 1
+    assert by_key["b"].caption is None and by_key["b"].class_id is None
+    text = "\n".join(items.problems)
+    assert "'missing.mp4' is not a video" in text and "second row for 'a.mp4'" in text
+    assert "1 of 3 videos have no row" in text
+
+
+def test_jsonl_captions_with_string_labels_relative_to_captions_file(folder):
+    cap = folder.parent / "labels.jsonl"   # paths relative to the captions file's folder
+    cap.write_text("\n".join(json.dumps(r) for r in [
+        {"video": "videos/b.mp4", "text": "bee", "label": "Zebra"},
+        {"file": "videos/a.mp4", "caption": "ay", "label": "Apple"},
+        {"video": "videos/sub/c.gif", "text": "see", "label": "Mango", "extra": 7},
+    ]) + "\n{broken\n")
+    items = list_items(folder, cap)
+    assert [(it.key, it.caption, it.class_id, it.meta["label"]) for it in items] == [
+        ("a", "ay", 0, "Apple"), ("b", "bee", 2, "Zebra"), ("sub/c", "see", 1, "Mango")]
+    assert items[2].meta["extra"] == 7
+    assert any("not JSON" in p for p in items.problems)
+
+
+def test_synth_folder_uses_its_metadata_automatically(tmp_path):
+    synth_dataset(tmp_path / "s", 6, frames=8, size=32, seed=0)
+    items = list_items(tmp_path / "s")
+    assert len(items) == 6 and items.problems == []
+    rows = [json.loads(x) for x in (tmp_path / "s" / "metadata.jsonl").read_text().splitlines()]
+    assert [(it.caption, it.class_id, it.meta["shape"]) for it in items] == [
+        (r["caption"], r["class_id"], r["shape"]) for r in rows]
+
+
+def test_clear_errors(tmp_path, folder):
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        list_items(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="captions file not found"):
+        list_items(folder, tmp_path / "nope.csv")
+    (tmp_path / "bad.csv").write_text("name,caption\na.mp4,x\n")
+    with pytest.raises(ValueError, match="no path column"):
+        list_items(folder, tmp_path / "bad.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no videos"):
+        list_items(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="shard"):
+        list_items(str(tmp_path / "shard-{000000..000002}.tar"))
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    synth_dataset(out, 7, frames=8, size=32, seed=3, layout="shards", shard_size=3)
+    return out
+
+
+def test_raw_shards_directory_file_and_brace_pattern(shard_set):
+    items = list_items(shard_set)
+    rows = json.loads((shard_set / "synth.json").read_text())
+    assert rows["count"] == 7 and [it.key for it in items] == [f"{i:06d}" for i in range(7)]
+    assert items.problems == []
+    assert all(it.caption.startswith("a ") and it.class_id == it.meta["class_id"] for it in items)
+    one = list_items(shard_set / "shard-000001.tar")
+    assert [it.key for it in one] == ["000003", "000004", "000005"]
+    braced = list_items(str(shard_set / "shard-{000000..000002}.tar"))
+    assert [(it.key, it.caption, it.offset) for it in braced] == [(it.key, it.caption, it.offset) for it in items]
+    data = items[4].load_bytes()
+    with tarfile.open(shard_set / "shard-000001.tar") as tar:
+        assert data == tar.extractfile("000004.mp4").read()
+    with pytest.raises(ValueError, match="shards carry their own captions"):
+        list_items(shard_set, shard_set / "synth.json")
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_hand_made_shards_json_captions_duplicates_and_problems(tmp_path):
+    video = encode_video(_clip(30), fps=8)
+    _tar(tmp_path / "s0.tar", {
+        "x/clip1.mp4": video, "x/clip1.json": json.dumps({"text": "from json", "label": 5}).encode(),
+        "lonely.txt": b"no video here",
+        "clip2.webm.mp4": video, "clip2.cls": b"not-a-number",
+    })
+    _tar(tmp_path / "s1.tar", {"x/clip1.mp4": video, "x/clip1.txt": b"again"})
+    items = list_items(tmp_path)
+    assert [(it.key, it.caption, it.class_id) for it in items] == [
+        ("clip2", None, None), ("x/clip1", "from json", 5), ("s1/x/clip1", "again", None)]
+    text = "\n".join(items.problems)
+    assert "'lonely' has no video member" in text and "non-integer class" in text and "already seen" in text
+    assert items[1].load_bytes() == video
+
+
+def test_truncated_shard_is_reported_not_fatal(shard_set, tmp_path):
+    data = (shard_set / "shard-000000.tar").read_bytes()
+    with tarfile.open(shard_set / "shard-000000.tar") as tar:
+        member = tar.getmember("000001.mp4")
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: member.offset_data + member.size // 2])   # cut inside the 2nd video
+    items = list_items(cut)
+    assert [it.key for it in items] == ["000000", "000001"]
+    assert any("unreadable after 2 samples" in p for p in items.problems)
+    assert len(items[0].load_bytes()) > 0
+    with pytest.raises(VideoError, match="truncated"):
+        items[1].load_bytes()
+
+
+def test_video_clip_dataset(folder, tmp_path):
+    (folder / "broken.mp4").write_text("garbage")
+    cap = tmp_path / "c.csv"
+    cap.write_text("file,text,class_id\na.mp4,hello,2\n")
+    items = list_items(folder, cap)
+    ds = VideoClipDataset(items, frames=4, height=16, width=16, fps=8)
+    assert len(ds) == 4
+    first = ds[0]
+    assert first["video"].shape == (3, 4, 16, 16) and first["video"].dtype == torch.float32
+    assert (first["key"], first["caption"], first["class_id"]) == ("a", "hello", 2)
+    assert (ds[1]["key"], ds[1]["caption"], ds[1]["class_id"]) == ("b", "", -1)
+    assert float(first["video"].mean()) == pytest.approx(50 / 127.5 - 1, abs=0.03)
+    with pytest.raises(VideoError, match="not a readable video"):
+        ds[[it.key for it in items].index("broken")]
+    gone = VideoItem(key="gone", path=tmp_path / "gone.mp4")
+    with pytest.raises(VideoError, match="file not found"):
+        VideoClipDataset([gone], 4, 16, 16)[0]
+
+
+def test_shard_dataset_decodes(shard_set):
+    ds = VideoClipDataset(list_items(shard_set), frames=8, height=32, width=32)
+    sample = ds[6]
+    assert sample["video"].shape == (3, 8, 32, 32) and sample["key"] == "000006" and sample["class_id"] >= 0
