@@ -36,7 +36,7 @@ from torch import Tensor
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ldm.checkpoint import read_json
-from ldm.latent import Latent
+from ldm.latent import Latent, channel_dim
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,6 @@ class SampleError(ValueError):
 # ------------------------------------------------------------------------------------------
 # sample encoding / decoding
 # ------------------------------------------------------------------------------------------
-def channel_dim(x: Tensor, batched: bool = True) -> int:
-    """Channel axis of a latent part: grid ``(B) c t h w`` -> the c axis; token set ``(B) f n c`` -> last."""
-    grid_ndim = 5 if batched else 4
-    return (1 if batched else 0) if x.ndim == grid_ndim else x.ndim - 1
-
-
 def encode_sample(latent: Latent, meta: dict[str, Any], text_emb: Tensor | None = None) -> dict[str, bytes]:
     """Serialise one clip (``latent`` with batch size 1) into WebDataset members (bytes only)."""
     if latent.batch_size != 1:
@@ -161,54 +155,60 @@ def write_shard(path: str | Path, samples: list[dict[str, bytes]], keys: list[st
 
 @dataclass
 class ChannelStats:
-    """Running per-channel sums (float64) of latent parts, mergeable across shards and ranks."""
+    """Running per-channel sums (float64) of latent parts, mergeable across shards and ranks.
 
-    sums: dict[str, list[float]] = field(default_factory=dict)
-    sqsums: dict[str, list[float]] = field(default_factory=dict)
+    Per part it keeps, per channel: sum and sum of squares of the posterior mean, the sum of the
+    posterior variance ``exp(logvar)`` (when the part has one), and the element count. ``summary``
+    gives ``mean``/``std`` of the posterior mean and ``sample_std``, the std of posterior SAMPLES
+    (``sqrt(var(mean) + E[exp(logvar)])``), which is what a trainer sampling z should divide by.
+    """
+
+    sums: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # part -> {"m", "m2", "var"}
     counts: dict[str, int] = field(default_factory=dict)
 
     def update(self, latent: Latent) -> None:
-        for name, x in latent.parts.items():
-            if not x.is_floating_point():
-                continue
-            cdim = channel_dim(x)
-            if latent.form == "varlen":  # padded frames would bias the statistics
-                samples = [s[name] for s in latent.unbatch()]
-            else:
-                samples = [x]
-            for s in samples:
-                flat = s.movedim(cdim, 0).reshape(s.shape[cdim], -1).double()  # (c, N)
-                su, sq = flat.sum(1).tolist(), flat.pow(2).sum(1).tolist()
-                if name not in self.sums:
-                    self.sums[name], self.sqsums[name], self.counts[name] = [0.0] * len(su), [0.0] * len(su), 0
-                self.sums[name] = [a + b for a, b in zip(self.sums[name], su)]
-                self.sqsums[name] = [a + b for a, b in zip(self.sqsums[name], sq)]
-                self.counts[name] += flat.shape[1]
+        items = latent.unbatch() if latent.form == "varlen" else [latent]  # padded frames would bias stats
+        for lat in items:
+            for name, x in lat.parts.items():
+                if not x.is_floating_point():
+                    continue
+                cdim = channel_dim(x)
+
+                def per_channel(v: torch.Tensor) -> list[float]:
+                    return v.movedim(cdim, 0).reshape(v.shape[cdim], -1).double().sum(1).tolist()  # (c,)
+
+                new = {"m": per_channel(x), "m2": per_channel(x.double() ** 2)}
+                if name in lat.logvar:
+                    new["var"] = per_channel(lat.logvar[name].double().exp())
+                self._add(name, new, x.numel() // x.shape[cdim])
+
+    def _add(self, name: str, new: dict[str, list[float]], count: int) -> None:
+        old = self.sums.setdefault(name, {})
+        for k, v in new.items():
+            old[k] = [a + b for a, b in zip(old[k], v)] if k in old else list(v)
+        self.counts[name] = self.counts.get(name, 0) + count
 
     def merge(self, other: "ChannelStats") -> None:
-        for name in other.sums:
-            if name not in self.sums:
-                self.sums[name], self.sqsums[name], self.counts[name] = list(other.sums[name]), list(other.sqsums[name]), other.counts[name]
-            else:
-                self.sums[name] = [a + b for a, b in zip(self.sums[name], other.sums[name])]
-                self.sqsums[name] = [a + b for a, b in zip(self.sqsums[name], other.sqsums[name])]
-                self.counts[name] += other.counts[name]
+        for name, sums in other.sums.items():
+            self._add(name, sums, other.counts[name])
 
-    def summary(self) -> dict[str, dict[str, list[float]]]:
+    def summary(self) -> dict[str, dict[str, Any]]:
         out = {}
-        for name, su in self.sums.items():
+        for name, s in self.sums.items():
             n = max(self.counts[name], 1)
-            mean = [s / n for s in su]
-            var = [max(q / n - m * m, 0.0) for q, m in zip(self.sqsums[name], mean)]
-            out[name] = {"mean": mean, "std": [math.sqrt(v) for v in var], "count": self.counts[name]}
+            mean = [v / n for v in s["m"]]
+            var = [max(q / n - m * m, 0.0) for q, m in zip(s["m2"], mean)]
+            post = [v / n for v in s["var"]] if "var" in s else [0.0] * len(var)
+            out[name] = {"mean": mean, "std": [math.sqrt(v) for v in var],
+                         "sample_std": [math.sqrt(v + p) for v, p in zip(var, post)], "count": self.counts[name]}
         return out
 
     def to_json(self) -> dict:
-        return {"sums": self.sums, "sqsums": self.sqsums, "counts": self.counts}
+        return {"sums": self.sums, "counts": self.counts}
 
     @classmethod
     def from_json(cls, d: dict) -> "ChannelStats":
-        return cls(d["sums"], d["sqsums"], d["counts"])
+        return cls(d["sums"], d["counts"])
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "train-ae": ("launch.train_ae", "train an autoencoder on videos"),
     "extract": ("launch.extract", "encode videos into WebDataset latent shards"),
     "reconstruct": ("launch.reconstruct", "encode+decode a video, print PSNR/SSIM"),
+    "train": ("launch.train", "train a DiT on latent shards with DeepSpeed"),
+    "sample": ("launch.sample", "sample videos from prompts or class labels"),
 }
 
 

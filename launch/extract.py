@@ -177,7 +177,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"clips_per_s": encoded / elapsed if elapsed > 0 else 0.0, "verify_psnr": None}
     if dist.is_main():
         manifest = _merge_manifest(out, n_shards, signature, ae, spec, env.world_size, items,
-                                   text_encoder.dim if text_encoder is not None else None)
+                                   text_encoder.dim if text_encoder is not None else None, cfg)
         summary.update(written=manifest["counts"]["written"], skipped=manifest["counts"]["skipped"],
                        shards=len(manifest["shards"]))
         if cfg.verify > 0 and manifest["counts"]["written"] > 0:
@@ -197,10 +197,11 @@ def _extract_shard(j: int, cfg: ExtractConfig, items: list, clips: VideoClipData
     loader = torch.utils.data.DataLoader(_Clips(clips, list(range(lo, hi))), batch_size=1,
                                          num_workers=cfg.num_workers, collate_fn=_first)
     stats = shards.ChannelStats()
-    samples, keys, skipped = [], [], []
+    samples, keys, skipped, text_tokens = [], [], [], 0
     pending: list[dict[str, Any]] = []
 
     def flush() -> None:
+        nonlocal text_tokens
         if not pending:
             return
         video = torch.stack([p["video"] for p in pending]).to(device)  # (B, C, T, H, W)
@@ -210,6 +211,7 @@ def _extract_shard(j: int, cfg: ExtractConfig, items: list, clips: VideoClipData
         if text_encoder is not None:
             emb, mask = text_encoder.encode([p["caption"] for p in pending])
             text = [e[m].cpu() for e, m in zip(emb, mask)]  # valid tokens only, (L_i, D)
+            text_tokens += int(mask.sum())
         for b, (p, lat) in enumerate(zip(pending, latent.unbatch())):
             item = items[p["index"]]
             meta = {"index": p["index"], "key": item.key, "caption": p["caption"] or None,
@@ -236,26 +238,31 @@ def _extract_shard(j: int, cfg: ExtractConfig, items: list, clips: VideoClipData
         shards.write_shard(out / shards.SHARD_NAME.format(j), samples, keys)
     atomic_write_json(out / f"shard-{j:06d}.json", {
         "signature": signature, "keys": [it.key for it in items[lo:hi]], "written": len(samples),
-        "skipped": skipped, "stats": stats.to_json()})
+        "skipped": skipped, "stats": stats.to_json(), "text_tokens": text_tokens})
     return len(samples) + len(skipped)
 
 
 def _merge_manifest(out: Path, n_shards: int, signature: dict, ae: Autoencoder, spec, world_size: int,
-                    items: list, text_dim: int | None) -> dict[str, Any]:
-    stats, skipped, shard_list, written = shards.ChannelStats(), [], [], 0
+                    items: list, text_dim: int | None, cfg: ExtractConfig) -> dict[str, Any]:
+    stats, skipped, shard_list, written, text_tokens = shards.ChannelStats(), [], [], 0, 0
     for j in range(n_shards):
         side = read_json(out / f"shard-{j:06d}.json")
         stats.merge(shards.ChannelStats.from_json(side["stats"]))
         skipped.extend(side["skipped"])
         written += side["written"]
+        text_tokens += side["text_tokens"]
         if side["written"]:
             shard_list.append({"name": shards.SHARD_NAME.format(j), "count": side["written"]})
     manifest = {
         **signature, "family": ae.family, "config": cfglib.to_dict(ae.config),
+        # where the weights were (runtime provenance; the hash above is what identifies them) and the
+        # seed that drew random weights when no checkpoint was given
+        "checkpoint": str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None, "seed": cfg.seed,
         "latent_spec": spec.to_dict(), "form": spec.form,
         "counts": {"inputs": len(items), "written": written, "skipped": len(skipped)},
         "stats": stats.summary(), "skipped": skipped, "shards": shard_list,
-        "text_dim": text_dim, "world_size": world_size,
+        "text_dim": text_dim, "text_tokens": round(text_tokens / written) if written else 0,
+        "world_size": world_size,
         "num_classes": max((it.class_id for it in items if it.class_id is not None), default=-1) + 1,
         "input_problems": list(getattr(items, "problems", [])),
     }

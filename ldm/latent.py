@@ -146,6 +146,32 @@ class Latent(Mapping):
         return torch.arange(t_max, device=self.aux["length"].device)[None] < self.aux["length"][:, None]
 
 
+def channel_dim(x: Tensor, batched: bool = True) -> int:
+    """Channel axis of a latent part: grid ``(B) c t h w`` -> the c axis; token set ``(B) f n c`` -> last."""
+    grid_ndim = 5 if batched else 4
+    return (1 if batched else 0) if x.ndim == grid_ndim else x.ndim - 1
+
+
+def normalize(latent: Latent, stats: dict[str, dict[str, list[float]]], inverse: bool = False) -> Latent:
+    """Per-channel standardisation ``(z - mean) / std`` of every part with statistics (as an
+    extraction manifest records them: ``{part: {"mean": [...], "std": [...]}}``); ``inverse``
+    undoes it. Parts without statistics pass unchanged; log-variances are shifted accordingly."""
+    parts, logvar = dict(latent.parts), dict(latent.logvar)
+    for name, st in stats.items():
+        if name not in parts:
+            continue
+        x = parts[name]
+        cdim = channel_dim(x)
+        shape = [1] * x.ndim
+        shape[cdim] = x.shape[cdim]
+        mean = torch.tensor(st["mean"], dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(st["std"], dtype=x.dtype, device=x.device).clamp_min(1e-6).view(shape)
+        parts[name] = x * std + mean if inverse else (x - mean) / std
+        if name in logvar:
+            logvar[name] = logvar[name] + (2 if inverse else -2) * torch.log(std)
+    return latent.replace(parts, logvar=logvar)
+
+
 @dataclass(frozen=True)
 class LatentSpec:
     """Shape arithmetic of one autoencoder at one input size (no weights involved).

@@ -1,5 +1,6 @@
 """Latent shard writing/reading: statistics, validation, splitting, shuffling, resume, bad data."""
 import io
+import math
 import tarfile
 from collections import Counter
 
@@ -41,6 +42,11 @@ def test_channel_stats_match_torch():
     summ = st.summary()["z"]
     torch.testing.assert_close(torch.tensor(summ["mean"], dtype=torch.float64), allx.mean(1))
     torch.testing.assert_close(torch.tensor(summ["std"], dtype=torch.float64), allx.std(1, unbiased=False))
+    post = shards.ChannelStats()
+    post.update(Latent({"z": xs[0]}, logvar={"z": torch.full_like(xs[0], math.log(4.0))}))
+    var_mean = xs[0].transpose(0, 1).reshape(3, -1).double().var(1, unbiased=False)
+    torch.testing.assert_close(torch.tensor(post.summary()["z"]["sample_std"], dtype=torch.float64),
+                               (var_mean + 4.0).sqrt())
     tok = shards.ChannelStats()
     tok.update(Latent({"g": torch.ones(2, 4, 8, 5)}, "tokens"))  # channels last for token sets
     assert len(tok.summary()["g"]["mean"]) == 5

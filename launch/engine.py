@@ -1,0 +1,149 @@
+"""DeepSpeed glue for `ldm train`: the engine config, safe checkpoint loading, activation
+checkpointing, EMA weights, and the FLOP/MFU estimate. Model code never sees any of it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+# keys the trainer owns (set from the YAML config); a DeepSpeed JSON that sets them is an error
+OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+              "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    deepspeed: str = "zero2"  # a name in launch/configs (zero0..zero3) or a path to a DeepSpeed JSON
+    precision: str = "fp32"  # fp32 | bf16
+    activation_checkpointing: bool = False
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the GPU, unknown on CPU
+
+
+def deepspeed_config(cfg: EngineConfig, micro_batch: int, grad_accum: int, grad_clip: float) -> dict[str, Any]:
+    """The DeepSpeed JSON (ZeRO stage etc.) plus what the trainer owns: batch sizes, clipping, bf16."""
+    path = Path(cfg.deepspeed)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{cfg.deepspeed}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise FileNotFoundError(f"DeepSpeed config {cfg.deepspeed!r} not found (built-in: {known}, or a .json path)")
+    ds = json.loads(path.read_text())
+    clash = [k for k in OWNED_KEYS if k in ds]
+    if clash:
+        raise ValueError(f"{path} sets {clash}: these come from the training YAML (data.batch_size, "
+                         "optim.grad_accum, optim.grad_clip, engine.precision, optim.*); remove them")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"engine.precision must be fp32 or bf16, got {cfg.precision!r}")
+    ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
+              gradient_clipping=grad_clip, bf16={"enabled": cfg.precision == "bf16"})
+    return ds
+
+
+def safe_checkpoint_engine(config_params: Any):
+    """DeepSpeed's torch checkpoint engine, but loading with ``torch.load(weights_only=True)``:
+    only tensors, containers, primitives and an explicit allowlist of DeepSpeed's own plain types
+    can come out of a checkpoint, never arbitrary pickled objects."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    allowed = [ZeroStageEnum]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        allowed += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return SafeTorchCheckpointEngine(config_params)
+
+
+def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
+    """Recompute each block's activations in backward (non-reentrant torch checkpointing)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for blk in blocks:
+        forward = blk.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        blk.forward = checkpointed
+
+
+class EMA:
+    """Exponential moving average of the model's weights in fp32, kept whole on every rank.
+    Under ZeRO-3 the partitioned parameters are gathered for each update (simple, correct, and a
+    cost of one all-gather per step; use a larger ``ema_every`` for big models)."""
+
+    def __init__(self, module: nn.Module, decay: float, zero3: bool):
+        self.decay, self.zero3 = decay, zero3
+        self.names = [n for n, _ in module.named_parameters()]
+        with self._gathered(module):
+            self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters()}
+
+    def _gathered(self, module: nn.Module):
+        if not self.zero3:
+            import contextlib
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        with self._gathered(module):
+            for n, p in module.named_parameters():
+                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.names) - set(state)
+        if missing:
+            raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
+        self.shadow = {n: state[n].float().clone() for n in self.names}
+
+
+# Dense bf16 peak TFLOP/s per device, for MFU (vendor datasheets).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+def peak_flops(cfg: EngineConfig) -> float | None:
+    """Peak FLOP/s of one device: the config's value, else a known GPU's, else None (CPU)."""
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tf in PEAK_TFLOPS.items():
+            if key in name:
+                return tf * 1e12
+    return None
+
+
+def transformer_flops(depth: int, hidden: int, tokens: int, mlp_ratio: float, context: int = 0) -> float:
+    """Analytic forward FLOPs of one sample through a DiT trunk, counted as 2 x multiply-adds.
+
+    Per layer: QKV + output projections 8·N·d², MLP 4·r·N·d², attention scores and weighted sum
+    4·N²·d, cross-attention over ``context`` tokens 4·N·d² + 4·M·d² + 4·N·M·d, adaLN 12·d² (per
+    sample). Embeddings and heads are small and left out. A training step is ~3x the forward.
+    """
+    n, d = tokens, hidden
+    per_layer = 8 * n * d * d + 4 * mlp_ratio * n * d * d + 4 * n * n * d + 12 * d * d
+    if context:
+        per_layer += 4 * n * d * d + 4 * context * d * d + 4 * n * context * d
+    return float(depth * per_layer)
+
+
+def mfu(flops_per_s: float, peak: float | None) -> float | None:
+    return None if not peak or not math.isfinite(flops_per_s) else flops_per_s / peak

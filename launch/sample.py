@@ -1,0 +1,150 @@
+"""``ldm sample``: videos from text prompts or class labels with a trained DiT + its autoencoder.
+
+    ldm sample --checkpoint runs/dit --prompt "a red circle moving left" --output samples/
+    ldm sample --checkpoint runs/dit --class 3 --num-frames 17 --height 64 --width 64 --guidance 4
+
+The DiT export carries ``training.json``: the autoencoder it was trained for (name, config,
+checkpoint path and hash), the latent statistics to undo, and the text encoder spec. Decoding goes
+through the autoencoder's ``decode`` with the prompt's text embedding in ``cond``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from autoencoders import FAMILIES, Autoencoder, load_pretrained
+from data.video import video_to_uint8, write_video
+from launch.train import load_export
+from ldm import samplers
+from ldm.checkpoint import dir_hash
+from ldm.latent import Cond, Latent, normalize
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a `ldm train` run folder or its export/ folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
+    src.add_argument("--prompts-file", help="a text file with one prompt per line")
+    src.add_argument("--class", dest="class_id", type=int, action="append", help="a class id (repeatable)")
+    p.add_argument("--ae-checkpoint", help="autoencoder weights (default: the path recorded at extraction)")
+    p.add_argument("--num-frames", type=int, help="default: the training clips' length")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", choices=sorted(samplers.SAMPLERS), default="euler")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--shift", type=float, default=1.0, help="timestep shift of the sampling schedule")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-per-prompt", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--output", required=True, help="output folder (MP4 + GIF per video, grid.png)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def load_autoencoder(context: dict[str, Any], checkpoint: str | None = None) -> Autoencoder:
+    """The autoencoder a DiT was trained for: ``checkpoint``, else the path recorded at extraction
+    (its hash must match), else (an extraction with random weights) the same seeded random init."""
+    path = checkpoint or context.get("checkpoint")
+    if path:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"autoencoder checkpoint {path} not found; pass --ae-checkpoint")
+        if context.get("checkpoint_hash") and dir_hash(path) != context["checkpoint_hash"]:
+            raise ValueError(f"autoencoder checkpoint {path} is not the one the latents were extracted with "
+                             f"(hash {dir_hash(path)} != {context['checkpoint_hash']})")
+        return load_pretrained(path)
+    warnings.warn("the latents were extracted with a RANDOM autoencoder; rebuilding it from its seed", stacklevel=2)
+    torch.manual_seed(context["seed"])
+    return FAMILIES[context["family"]].from_config_dict(context["config"])
+
+
+@torch.no_grad()
+def generate(model, ae: Autoencoder, context: dict[str, Any], *, prompts: list[str] | None = None,
+             class_ids: list[int] | None = None, frames: int, height: int, width: int, steps: int = 20,
+             guidance: float = 4.0, shift: float = 1.0, sampler: str = "euler", seed: int = 0,
+             text_encoder=None, device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
+    """Sample one video per prompt / class id: ``(B, C, T, H, W)`` in [-1, 1]."""
+    n = len(prompts) if prompts is not None else len(class_ids)
+    spec = ae.latent_spec(frames, height, width)
+    dcfg = model.config
+    cond = Cond()
+    if prompts is not None and dcfg.text_dim:
+        emb, mask = text_encoder.encode(prompts)
+        cond.text, cond.text_mask = emb.to(device), mask.to(device)
+    if class_ids is not None and dcfg.num_classes:
+        cond.class_id = torch.tensor(class_ids, device=device)
+    if cond.text is None and cond.class_id is None:
+        raise ValueError("this DiT takes neither the given prompts nor class ids "
+                         f"(text_dim={dcfg.text_dim}, num_classes={dcfg.num_classes})")
+    x = samplers.initial_noise(spec.parts, n, seed=seed, device=device)
+    aux = {"length": torch.full((n,), spec.parts["z"][1])} if spec.form == "varlen" else {}
+    x = Latent(x, spec.form, aux=aux)
+    bar = tqdm(total=steps, desc="sample", unit="step", disable=not progress)
+    latent = samplers.sample(model, x, cond, method=sampler, steps=steps, shift=shift, guidance_scale=guidance,
+                             null_cond=model.null_cond(cond), callback=lambda *a: bar.update(1))
+    bar.close()
+    latent = normalize(latent, context.get("latent_norm", {}), inverse=True)
+    ae_cond = Cond(text=cond.text, text_mask=cond.text_mask)
+    return ae.decode(latent.to(device), ae_cond).clamp(-1, 1).cpu()
+
+
+def save_videos(videos: torch.Tensor, out: Path, names: list[str], fps: float) -> list[Path]:
+    """MP4 + GIF per video and ``grid.png`` with every video's frames in a row."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for v, name in zip(videos, names):
+        write_video(out / f"{name}.mp4", v, fps)
+        write_video(out / f"{name}.gif", v, fps)
+        paths.append(out / f"{name}.mp4")
+    frames = torch.stack([video_to_uint8(v) for v in videos])  # (B, T, H, W, C)
+    B, T, H, W, C = frames.shape
+    step = max(1, T // 8)
+    grid = frames[:, ::step].permute(0, 2, 1, 3, 4).reshape(B * H, -1, C)  # rows: videos, columns: frames
+    Image.fromarray(grid.numpy()).save(out / "grid.png")
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    from launch import dist
+
+    device = dist.device_for(dist.dist_env(), args.device)
+    model, context = load_export(args.checkpoint, device)
+    ae = load_autoencoder(context, args.ae_checkpoint).to(device).eval()
+    video = context["video"]
+    frames = args.num_frames or video["frames"]
+    height, width = args.height or video["height"], args.width or video["width"]
+    prompts = args.prompt or (Path(args.prompts_file).read_text().splitlines() if args.prompts_file else None)
+    prompts = [p for p in prompts if p.strip()] if prompts else None
+    class_ids = args.class_id
+    text_encoder = None
+    if prompts:
+        if not context.get("text_encoder"):
+            raise ValueError("this DiT was trained without text; use --class")
+        from ldm.text import build_text_encoder
+        text_encoder = build_text_encoder(context["text_encoder"], device=device)
+    items = [(p, None) for p in prompts] if prompts else [(None, c) for c in class_ids]
+    items = [it for it in items for _ in range(args.num_per_prompt)]
+    out = Path(args.output)
+    videos, names = [], []
+    for i in range(0, len(items), args.batch_size):
+        chunk = items[i:i + args.batch_size]
+        videos.append(generate(model, ae, context, prompts=[c[0] for c in chunk] if prompts else None,
+                               class_ids=None if prompts else [c[1] for c in chunk], frames=frames,
+                               height=height, width=width, steps=args.steps, guidance=args.guidance,
+                               shift=args.shift, sampler=args.sampler, seed=args.seed + i,
+                               text_encoder=text_encoder, device=device))
+        names += [f"{i + j:04d}" for j in range(len(chunk))]
+    paths = save_videos(torch.cat(videos), out, names, args.fps)
+    index = [{"file": p.name, "prompt": it[0], "class_id": it[1]} for p, it in zip(paths, items)]
+    (out / "index.json").write_text(json.dumps(index, indent=2))
+    print(f"wrote {len(paths)} videos to {out} (index.json, grid.png)")
+    return 0
+

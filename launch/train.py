@@ -1,0 +1,379 @@
+"""``ldm train``: rectified-flow training of a DiT on latent shards with the DeepSpeed engine.
+
+    ldm train --config launch/configs/train-debug.yaml data.shards=runs/latents train.steps=200
+    torchrun --nproc_per_node 8 -m launch.cli train --config X.yaml          # one node
+    torchrun --nnodes 2 --node_rank R --rdzv_endpoint HOST:29500 ... -m launch.cli train --config X.yaml
+    deepspeed --num_gpus 8 -m launch.cli train --config X.yaml
+
+The loop reads top to bottom: batch -> posterior sample + normalisation -> noise, timesteps ->
+velocity loss -> backward -> step -> EMA -> log -> checkpoint. Randomness of a step (posterior
+sample, noise, timesteps, condition dropout) comes from a generator seeded by (seed, rank, step), and
+the data stream is deterministic in (seed, epoch), so a resumed run repeats an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import dit
+from data.shards import LatentShards, collate, load_manifest
+from launch import dist
+from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config, mfu, peak_flops,
+                           safe_checkpoint_engine, transformer_flops)
+from ldm import config as cfglib
+from ldm import flow
+from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
+from ldm.latent import Cond, Latent, normalize
+
+log = logging.getLogger("ldm.train")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = ""  # an `ldm extract` output folder (shards + manifest.json)
+    batch_size: int = 8  # per rank, per micro-step
+    shuffle: int = 256
+    num_workers: int = 0
+    normalize: bool = True  # standardise latents with the manifest's per-channel statistics
+    sample_posterior: bool = True  # z ~ N(mean, exp(logvar)) when the shards store a posterior
+    split: str = "sample"  # "sample": every clip once per epoch across ranks; "shard": whole shards per rank
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dit: str = "dit-debug"
+    overrides: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields (hidden, depth, patch, ...)
+    class_cond: bool = True  # condition on class ids (count from the manifest)
+    text_cond: bool = True  # condition on cached text embeddings (when the shards have them)
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    timesteps: str = "logit_normal"  # uniform | logit_normal
+    loc: float = 0.0
+    scale: float = 1.0
+    shift: float = 1.0  # resolution/length shift of the timesteps (SD3); 1 = none
+    cond_dropout: float = 0.1  # probability of the null condition, for classifier-free guidance
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    schedule: str = "constant"  # constant | cosine (after warm-up)
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output: str = "runs/dit"
+    steps: int = 1000
+    seed: int = 0
+    ema_decay: float = 0.999
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="training YAML (see launch/configs/train-debug.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=4 engine.deepspeed=zero3")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = cfglib.load_yaml(args.config, TrainConfig, args.overrides)
+    train(cfg)
+    return 0
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    """Linear warm-up to ``lr``, then constant or cosine decay to ``min_lr_ratio * lr``."""
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min((step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1), 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule must be constant or cosine, got {cfg.schedule!r}")
+    return f
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) * 64 + micro)
+
+
+def make_dit_config(cfg: TrainConfig, manifest: dict) -> dit.DiTConfig:
+    parts = {k: tuple(v) for k, v in manifest["latent_spec"]["latent_shape"].items()}
+    overrides = dict(cfg.model.overrides)
+    if cfg.model.class_cond and manifest.get("num_classes", 0) > 0:
+        overrides.setdefault("num_classes", manifest["num_classes"])
+    if cfg.model.text_cond and manifest.get("text_dim"):
+        overrides.setdefault("text_dim", manifest["text_dim"])
+    return dit.make_config(cfg.model.dit, parts, **overrides)
+
+
+def latent_norm_stats(dcfg: DataConfig, manifest: dict) -> dict[str, dict[str, list[float]]]:
+    """Per-part, per-channel mean/std the trainer standardises with (and sampling undoes): the
+    manifest's statistics, with the std of posterior samples when z is sampled from the posterior."""
+    if not dcfg.normalize:
+        return {}
+    key = "sample_std" if dcfg.sample_posterior else "std"
+    return {part: {"mean": st["mean"], "std": st.get(key, st["std"])} for part, st in manifest["stats"].items()}
+
+
+def batch_cond(batch: dict, dcfg: dit.DiTConfig) -> Cond:
+    c = batch["cond"]
+    class_id = c["class_id"] if dcfg.num_classes else None
+    text = text_mask = None
+    if dcfg.text_dim:
+        if "text_emb" not in c:
+            raise ValueError("the DiT is text-conditioned but the shards have no cached text embeddings "
+                             "(extract with --text-encoder, or set model.text_cond=false)")
+        text, text_mask = c["text_emb"], c["text_mask"]
+    return Cond(text=text, text_mask=text_mask, class_id=class_id)
+
+
+def flow_step_loss(model, latent: Latent, cond: Cond, fcfg: FlowConfig, gen: torch.Generator,
+                   null_cond) -> torch.Tensor:
+    """One rectified-flow loss on a batch (per-sample losses averaged). ``null_cond(cond, drop)``
+    replaces the condition of dropped samples (CFG training)."""
+    B = latent.batch_size
+    t = flow.sample_timesteps(B, distribution=fcfg.timesteps, loc=fcfg.loc, scale=fcfg.scale, shift=fcfg.shift,
+                              generator=gen)
+    noise = flow.sample_noise(latent.parts, gen)
+    x_t = latent.replace(flow.interpolate(latent.parts, noise, t))
+    drop = torch.rand(B, generator=gen) < fcfg.cond_dropout
+    v = model(x_t, t, null_cond(cond, drop))
+    mask = None
+    if latent.form == "varlen":
+        valid = latent.padding_mask()
+        mask = {k: flow.expand_mask(valid, p, 2) for k, p in latent.parts.items() if p.ndim == 5}
+    return flow.flow_loss(v, flow.velocity_target(latent.parts, noise), mask).mean()
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    import deepspeed
+
+    env = dist.init_distributed()
+    if env.world_size == 1:
+        _single_process_group()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+    device = dist.device_for(env)
+    out = Path(cfg.output)
+    manifest = load_manifest(cfg.data.shards)
+    dcfg = make_dit_config(cfg, manifest)
+    latent_norm = latent_norm_stats(cfg.data, manifest)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = dit.VideoDiT(dcfg)
+    if cfg.engine.activation_checkpointing:
+        apply_activation_checkpointing(model.blocks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.steps))
+    ds_cfg = deepspeed_config(cfg.engine, cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+                                           dist_init_required=False)
+    engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
+    zero3 = ds_cfg["zero_optimization"]["stage"] == 3
+    ema = EMA(engine.module, cfg.ema_decay, zero3)
+
+    step = resume(engine, ema, out)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", {"train": cfglib.to_dict(cfg), "dit": cfglib.to_dict(dcfg),
+                                                "manifest": _manifest_summary(manifest),
+                                                "latent_norm": latent_norm})
+    parts = {k: tuple(v) for k, v in manifest["latent_spec"]["latent_shape"].items()}
+    per_step = cfg.data.batch_size * cfg.optim.grad_accum
+    data = LatentShards(cfg.data.shards, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
+                        shuffle=cfg.data.shuffle, epochs=None, split=cfg.data.split, skip=step * per_step,
+                        expect_shapes=parts if manifest["form"] != "varlen" else None)
+    loader = iter(torch.utils.data.DataLoader(data, batch_size=cfg.data.batch_size, collate_fn=collate,
+                                              num_workers=cfg.data.num_workers))
+    null_cond = engine.module.null_cond
+
+    tokens = engine.module.num_tokens(parts)
+    context = 1 + manifest.get("text_tokens", 0) if dcfg.text_dim else 0  # the empty-text token + caption
+    step_flops = 3 * transformer_flops(dcfg.depth, dcfg.hidden, tokens, dcfg.mlp_ratio, context) * per_step * env.world_size
+    peak = peak_flops(cfg.engine)
+    logger = _Logger(out, enabled=dist.is_main())
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not dist.is_main())
+    losses: list[float] = []
+    t_last, step_last = time.perf_counter(), step
+    while step < cfg.steps:
+        engine.train()
+        loss_sum = 0.0
+        for micro in range(cfg.optim.grad_accum):
+            batch = next(loader)
+            gen = step_generator(cfg.seed, env.rank, step, micro)
+            latent = batch["latent"]
+            if cfg.data.sample_posterior and latent.logvar:
+                latent = latent.sample(gen)
+            latent = normalize(latent, latent_norm).to(device)
+            cond = batch_cond(batch, dcfg)
+            cond = Cond(*(None if x is None else x.to(device) for x in (cond.text, cond.text_mask, None, cond.class_id)))
+            loss = flow_step_loss(engine, latent, cond, cfg.flow, gen, null_cond)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item() / cfg.optim.grad_accum
+        step += 1
+        ema.update(engine.module)
+        loss_mean = float(dist.all_reduce_mean(torch.tensor([loss_sum]))[0])
+        losses.append(loss_mean)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_mean:.4f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.perf_counter()
+            dt = max(now - t_last, 1e-9) / (step - step_last)
+            flops_s = step_flops / dt
+            grad_norm = engine.get_global_grad_norm()
+            logger.log(step, {"loss": loss_mean, "lr": engine.get_lr()[0],
+                              "grad_norm": None if grad_norm is None else float(grad_norm),
+                              "samples_per_s": per_step * env.world_size / dt,
+                              "tokens_per_s": tokens * per_step * env.world_size / dt,
+                              "tflops_per_s": flops_s / 1e12, "mfu": mfu(flops_s / env.world_size, peak)})
+            t_last, step_last = now, step
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(engine, ema, out, step, cfg.keep_checkpoints, dcfg)
+    bar.close()
+    logger.close()
+    dist.barrier()
+    return {"steps": step, "losses": losses, "output": str(out), "skipped": dict(data.skipped)}
+
+
+def _single_process_group() -> None:
+    """DeepSpeed needs a process group even for one process: a 1-rank group on a free port."""
+    import os
+    import socket
+
+    import torch.distributed as torch_dist
+    if torch_dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+
+
+def _manifest_summary(m: dict) -> dict:
+    keep = ("autoencoder", "family", "config", "config_hash", "checkpoint", "checkpoint_hash", "seed", "video",
+            "latent_spec", "form", "stats", "text_encoder", "text_dim", "text_tokens", "num_classes")
+    return {k: m.get(k) for k in keep}
+
+
+class _Logger:
+    """JSONL + TensorBoard on rank 0 (FLOPs = 2 x multiply-adds; a train step = 3 x forward)."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "log.jsonl", "a")
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        for k, v in values.items():
+            if v is not None:
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints: DeepSpeed's own (model, optimizer, scheduler) + EMA safetensors + a `latest`
+# pointer written last; exports of the EMA weights for sampling
+# ------------------------------------------------------------------------------------------
+def save_checkpoint(engine, ema: EMA, out: Path, step: int, keep: int, dcfg: dit.DiTConfig) -> None:
+    ckpt = out / "checkpoints"
+    tag = f"step-{step:08d}"
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"step": step}, save_latest=False)
+    if dist.is_main():
+        save_tensors(ckpt / tag / "ema.safetensors", ema.state_dict())
+        atomic_write_json(ckpt / tag / "complete.json", {"step": step})
+        (ckpt / "latest.tmp").write_text(tag)
+        (ckpt / "latest.tmp").replace(ckpt / "latest")
+        run_cfg = read_json(out / "config.json")
+        export(ema.state_dict(), dcfg, out / "export", {**run_cfg["manifest"], "latent_norm": run_cfg["latent_norm"]})
+        old = sorted(p for p in ckpt.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []
+        for p in old:
+            import shutil
+            shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+
+
+def export(state: dict[str, torch.Tensor], dcfg: dit.DiTConfig, path: Path, context: dict) -> None:
+    """Plain EMA weights for sampling, in ``dit.save_pretrained``'s format (safetensors + JSON),
+    plus ``training.json``: the latent statistics, autoencoder and text encoder it was trained for."""
+    save_tensors(path / "model.safetensors", state)
+    atomic_write_json(path / "config.json", {"kind": "dit", "name": None, "config": cfglib.to_dict(dcfg)})
+    atomic_write_json(path / "training.json", context)
+
+
+def resume(engine, ema: EMA, out: Path) -> int:
+    """Load the newest complete checkpoint (the ``latest`` pointer, else the newest folder with
+    ``complete.json``); a half-written one is passed over with a warning. Returns the step."""
+    ckpt = out / "checkpoints"
+    if not ckpt.exists():
+        return 0
+    candidates = sorted((p for p in ckpt.glob("step-*") if p.is_dir()), reverse=True)
+    for p in candidates:
+        if not (p / "complete.json").exists() or not (p / "ema.safetensors").exists():
+            log.warning("checkpoint %s is incomplete; trying an older one", p.name)
+            continue
+        try:
+            path, client = engine.load_checkpoint(str(ckpt), tag=p.name)
+            if path is None:
+                raise RuntimeError("DeepSpeed found nothing to load")
+            ema.load_state_dict(load_tensors(p / "ema.safetensors"))
+        except Exception as e:  # a corrupt file of any kind: fall back to the previous checkpoint
+            log.warning("checkpoint %s could not be loaded (%s: %s); trying an older one", p.name, type(e).__name__, e)
+            continue
+        step = int(client["step"])
+        if dist.is_main():
+            print(f"resumed from {p} at step {step}")
+        return step
+    return 0
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[dit.VideoDiT, dict]:
+    """The DiT of an export folder (or of a run folder's ``export/``) and its ``training.json``."""
+    path = Path(path)
+    if (path / "export").is_dir():
+        path = path / "export"
+    if not (path / "training.json").exists():
+        raise FileNotFoundError(f"{path} is not an `ldm train` export (no training.json)")
+    return dit.load_pretrained(path).to(device).eval(), read_json(path / "training.json")
