@@ -29,7 +29,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from data.synth import (CARDINAL, CENTROID_OFFSET, COLORS, DIRECTION_VECTORS, DIRECTIONS, PALETTE, SHAPES,
@@ -154,6 +153,35 @@ def _read_shape(alphas: list[np.ndarray], centroids: list[tuple[float, float]], 
     return ranked[0], float(np.clip((s1 - s2) / max(1.0 - s2, 0.05), 0.0, 1.0)), scores
 
 
+def _track(x: np.ndarray, alpha_all: np.ndarray, hard: np.ndarray) -> tuple[list, ...]:
+    """Per frame with an object: its time, alpha centroid (x, y), alpha crop around it (with the
+    centroid in crop coordinates), area, and interior pixel colors. Stray blobs are ignored by
+    keeping only the alpha within a disc around the median of the hard mask."""
+    frames, height, width, _ = x.shape
+    yy, xx = np.mgrid[0:height, 0:width] + 0.5
+    times, centers, crops, areas, interior = [], [], [], [], []
+    for t in range(frames):
+        ys, xs = yy[hard[t]], xx[hard[t]]
+        if ys.size < 2:
+            continue
+        my, mx = float(np.median(ys)), float(np.median(xs))
+        radius = 2.0 * math.sqrt(ys.size / math.pi) + 2.0
+        window = (yy - my) ** 2 + (xx - mx) ** 2 <= radius ** 2
+        alpha = np.where(window, alpha_all[t], 0.0)
+        area = float(alpha.sum())
+        if area < 1.0:
+            continue
+        cy, cx = float((alpha * yy).sum() / area), float((alpha * xx).sum() / area)
+        y0, y1 = max(0, int(cy - radius - 2)), min(height, int(cy + radius + 3))
+        x0, x1 = max(0, int(cx - radius - 2)), min(width, int(cx + radius + 3))
+        times.append(t)
+        centers.append((cx, cy))
+        crops.append((alpha[y0:y1, x0:x1], (cx - x0, cy - y0)))
+        areas.append(area)
+        interior.append(x[t][window & (alpha_all[t] >= 0.9)])
+    return times, centers, crops, areas, interior
+
+
 def read_attributes(video: Tensor | np.ndarray, shapes: Sequence[str] | None = None,
                     colors: Sequence[str] | None = None,
                     directions: Sequence[str] | None = None) -> dict[str, Any]:
@@ -174,7 +202,7 @@ def read_attributes(video: Tensor | np.ndarray, shapes: Sequence[str] | None = N
         if unknown:
             raise ValueError(f"unknown {kind}(s) {unknown}; known: {', '.join(known)}")
     x = _frames(video)                                                          # (T, H, W, 3)
-    frames, height, width, _ = x.shape
+    frames = x.shape[0]
     bg = _background(x)                                                         # (H, W, 3)
     dist = np.linalg.norm(x - bg, axis=-1)                                      # (T, H, W)
     smooth = _box3(dist)
@@ -189,28 +217,7 @@ def read_attributes(video: Tensor | np.ndarray, shapes: Sequence[str] | None = N
     fg = float(np.percentile(strong, 75))
     alpha_all = np.clip(dist / fg, 0.0, 1.0)
     alpha_all[dist < 0.2 * fg] = 0.0
-    hard = smooth > 0.5 * fg
-    yy, xx = np.mgrid[0:height, 0:width] + 0.5
-    times, centers, crops, areas, interior = [], [], [], [], []
-    for t in range(frames):
-        ys, xs = yy[hard[t]], xx[hard[t]]
-        if ys.size < 2:
-            continue
-        my, mx = float(np.median(ys)), float(np.median(xs))
-        radius = 2.0 * math.sqrt(ys.size / math.pi) + 2.0
-        window = (yy - my) ** 2 + (xx - mx) ** 2 <= radius ** 2
-        alpha = np.where(window, alpha_all[t], 0.0)
-        area = float(alpha.sum())
-        if area < 1.0:
-            continue
-        cy, cx = float((alpha * yy).sum() / area), float((alpha * xx).sum() / area)
-        times.append(t)
-        centers.append((cx, cy))
-        y0, y1 = max(0, int(cy - radius - 2)), min(height, int(cy + radius + 3))
-        x0, x1 = max(0, int(cx - radius - 2)), min(width, int(cx + radius + 3))
-        crops.append((alpha[y0:y1, x0:x1], (cx - x0, cy - y0)))
-        areas.append(area)
-        interior.append(x[t][window & (alpha_all[t] >= 0.9)])
+    times, centers, crops, areas, interior = _track(x, alpha_all, smooth > 0.5 * fg)
     if not times:
         guess["color"] = _read_color(x[dist >= 0.5 * fg].mean(0), colors)[0]
         guess["contrast"] = fg

@@ -300,9 +300,11 @@ def _shard_item(shard: Path, key: str, sample: dict[str, Any], problems: list[st
             meta = loaded if isinstance(loaded, dict) else {"json": loaded}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             _report(problems, f"shard {shard}: sample {key!r} has an unreadable .json ({e})")
-    caption = sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else _first(meta, CAPTION_COLUMNS)
+    caption = (sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample
+               else _first(meta, CAPTION_COLUMNS))
+    raw_class = (sample["cls"].decode("utf-8", errors="replace").strip() if "cls" in sample
+                 else _first(meta, CLASS_COLUMNS))
     class_id = None
-    raw_class = sample["cls"].decode("utf-8", errors="replace").strip() if "cls" in sample else _first(meta, CLASS_COLUMNS)
     if raw_class is not None:
         try:
             class_id = int(raw_class)

@@ -36,8 +36,8 @@ from torch import Tensor
 
 MP4_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")
 GIF_SUFFIXES = (".gif",)
-DEFAULT_CRF = 18
-LARGE_FRAME = 640 * 360  # pixels from which frame/slice-threaded decoding pays off  # libx264 constant rate factor: 18 is visually near-lossless, small files
+DEFAULT_CRF = 18  # libx264 constant rate factor: 18 is visually near-lossless, small files
+LARGE_FRAME = 640 * 360  # frames of at least this many pixels get threaded decoding/encoding
 
 # PyAV raises FFmpegError subclasses (most also subclass OSError/ValueError); UnicodeDecodeError
 # can come out of metadata parsing of garbage input.
@@ -220,15 +220,19 @@ def read_video(src: str | Path | bytes, frames: int, height: int, width: int, fp
         picked = _select_frames(container, stream, frames, fps, start, name)
     finally:
         container.close()
-    clip = np.stack(picked)                                        # (T, h, w, 3) uint8
-    if clip.shape[1:3] != (height, width):
-        x = rearrange(torch.from_numpy(clip).float(), "t h w c -> t c h w")  # (T, 3, h, w)
-        x = resize_center_crop(x, height, width).clamp_(0, 255)              # (T, 3, H, W)
-        return rearrange(x / 127.5 - 1.0, "t c h w -> c t h w").contiguous()  # (3, T, H, W)
-    out = clip.transpose(3, 0, 1, 2).astype(np.float32)            # (3, T, H, W)
-    out /= 127.5
-    out -= 1.0
-    return torch.from_numpy(out)
+    if all(f.shape[:2] == (height, width) for f in picked):
+        out = np.stack(picked).transpose(3, 0, 1, 2).astype(np.float32)   # (3, T, H, W)
+        out /= 127.5
+        out -= 1.0
+        return torch.from_numpy(out)
+    # resize frames of one size together (a stream may change resolution midway)
+    x = torch.empty(len(picked), 3, height, width)
+    sizes = {f.shape for f in picked}
+    for size in sizes:
+        idx = [i for i, f in enumerate(picked) if f.shape == size]
+        group = torch.from_numpy(np.stack([picked[i] for i in idx])).float()       # (n, h, w, 3)
+        x[idx] = resize_center_crop(rearrange(group, "n h w c -> n c h w"), height, width)  # (n, 3, H, W)
+    return rearrange(x.clamp_(0, 255) / 127.5 - 1.0, "t c h w -> c t h w").contiguous()  # (3, T, H, W)
 
 
 # --------------------------------------------------------------------------------------------

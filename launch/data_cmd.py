@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from data.sources import list_items
@@ -53,11 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.data_command == "synth":
-        return _synth(args)
-    if args.data_command == "list":
-        return _list(args)
-    raise ValueError(f"unknown data command {args.data_command!r}")
+    commands = {"synth": _synth, "list": _list}
+    if args.data_command not in commands:
+        raise ValueError(f"unknown data command {args.data_command!r}; known: {', '.join(commands)}")
+    try:
+        return commands[args.data_command](args)
+    except (ValueError, FileNotFoundError) as e:   # bad arguments or inputs: one clear line, exit 2
+        print(f"ldm data {args.data_command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -74,11 +78,13 @@ def _synth(args: argparse.Namespace) -> int:
              else "videos/*.mp4 + metadata.jsonl")
     print(f"wrote {summary['count']} clips to {summary['output']} ({where}) in {took:.1f}s "
           f"({summary['count'] / max(took, 1e-9):.0f} clips/s)")
-    print(f"  clips: {spec['frames']} frames of {spec['height']}x{spec['width']} at {spec['fps']:g} fps, seed {spec['seed']}")
+    print(f"  clips: {spec['frames']} frames of {spec['height']}x{spec['width']} at {spec['fps']:g} fps, "
+          f"seed {spec['seed']}")
     print(f"  shapes: {', '.join(spec['shapes'])}")
     print(f"  colors: {', '.join(spec['colors'])}")
     print(f"  directions: {', '.join(spec['directions'])}")
-    print(f"  classes present: {summary['classes']} (class ids index shapes x colors x directions, {NUM_CLASSES} in all)")
+    print(f"  classes present: {summary['classes']} "
+          f"(class ids index shapes x colors x directions, {NUM_CLASSES} in all)")
     if spec["holdout"]:
         held = "; ".join(" ".join(h) for h in spec["holdout"])
         state = f"emitted {summary['holdout_emitted']} clips" if spec["include_holdout"] else "never emitted"

@@ -112,7 +112,8 @@ def test_candidate_sets_and_errors():
 def test_score_counts_and_batched_input():
     combos = combinations()
     pairs = [synth_clip(9, i, combos, 8, 32, 32) for i in range(4)]
-    batch = torch.stack([torch.from_numpy(c).permute(3, 0, 1, 2).float() / 127.5 - 1 for _, c in pairs])  # (B, 3, T, H, W)
+    batch = torch.stack([torch.from_numpy(c).permute(3, 0, 1, 2).float() / 127.5 - 1
+                         for _, c in pairs])   # (B, 3, T, H, W)
     expected = [dict(a) for a, _ in pairs]
     expected[0]["color"] = "white" if expected[0]["color"] != "white" else "red"   # one wrong label
     del expected[1]["shape"]                                                        # one unlabeled

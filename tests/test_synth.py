@@ -176,3 +176,8 @@ def test_ldm_data_synth_and_list(tmp_path, capsys):
     assert "10 videos" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         _parse(["synth", "--output", str(out)])   # --num is required
+    bad = _parse(["synth", "--output", str(tmp_path / "bad"), "--num", "2", "--holdout", "red", "circle", "left"])
+    assert data_cmd.run(bad) == 2
+    assert "must name a color, a shape and a direction" in capsys.readouterr().err
+    assert data_cmd.run(_parse(["list", "--input", str(tmp_path / "nowhere")])) == 2
+    assert "input not found" in capsys.readouterr().err
