@@ -53,7 +53,9 @@ def safe_checkpoint_engine(config_params: Any):
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    allowed = [ZeroStageEnum]
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [ZeroStageEnum, fragment_address]
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         allowed += [LossScaler, DynamicLossScaler]
@@ -66,6 +68,17 @@ def safe_checkpoint_engine(config_params: Any):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     return SafeTorchCheckpointEngine(config_params)
+
+
+def skip_cpu_shm_kernel() -> None:
+    """On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce kernel (for CPU
+    inference) at start-up; training uses torch.distributed's collectives, so skip the compile
+    (slow, and racy when several ranks build into one cache at once)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:

@@ -28,7 +28,7 @@ import dit
 from data.shards import LatentShards, collate, load_manifest
 from launch import dist
 from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config, mfu, peak_flops,
-                           safe_checkpoint_engine, transformer_flops)
+                           safe_checkpoint_engine, skip_cpu_shm_kernel, transformer_flops)
 from ldm import config as cfglib
 from ldm import flow
 from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
@@ -178,6 +178,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     env = dist.init_distributed()
     if env.world_size == 1:
         _single_process_group()
+    skip_cpu_shm_kernel()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
     device = dist.device_for(env)
