@@ -62,7 +62,9 @@ class FlowConfig:
     loc: float = 0.0
     scale: float = 1.0
     shift: float = 1.0  # resolution/length shift of the timesteps (SD3); 1 = none
-    cond_dropout: float = 0.1  # probability of the null condition, for classifier-free guidance
+    cond_dropout: float = 0.1  # probability of the null condition (class and text), for classifier-free guidance
+    class_dropout: float = 0.0  # extra, independent: drop only the class (so text alone can guide)
+    text_dropout: float = 0.0  # extra, independent: drop only the text (so a class alone can guide)
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,15 @@ def flow_step_loss(model, latent: Latent, cond: Cond, fcfg: FlowConfig, gen: tor
     noise = flow.sample_noise(latent.parts, gen)
     x_t = latent.replace(flow.interpolate(latent.parts, noise, t))
     drop = torch.rand(B, generator=gen) < fcfg.cond_dropout
-    v = model(x_t, t, null_cond(cond, drop))
+    drop_class = torch.rand(B, generator=gen) < fcfg.class_dropout
+    drop_text = torch.rand(B, generator=gen) < fcfg.text_dropout
+    cond = null_cond(cond, drop)
+    if cond.class_id is not None and fcfg.class_dropout > 0:
+        cond.class_id = torch.where(drop_class.to(cond.class_id.device), -1, cond.class_id)
+    if cond.text is not None and fcfg.text_dropout > 0:
+        text_only = null_cond(Cond(text=cond.text, text_mask=cond.text_mask), drop_text.to(cond.text.device))
+        cond.text, cond.text_mask = text_only.text, text_only.text_mask
+    v = model(x_t, t, cond)
     mask = None
     if latent.form == "varlen":
         valid = latent.padding_mask()
