@@ -68,7 +68,8 @@ class AELossConfig:
         if self.disc_start < 0:
             raise ValueError(f"disc_start must be >= 0, got {self.disc_start}")
         if self.disc_channels < 1 or self.disc_layers < 1:
-            raise ValueError(f"disc_channels and disc_layers must be >= 1, got {self.disc_channels}, {self.disc_layers}")
+            raise ValueError(f"disc_channels and disc_layers must be >= 1, "
+                             f"got {self.disc_channels}, {self.disc_layers}")
 
     @property
     def gan(self) -> bool:

@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -50,7 +50,9 @@ from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, video_to_uint8
 from launch import dist
 from ldm import config as cfglib
-from ldm.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256, load_tensors, read_json, save_tensors
+from ldm.metrics import LPIPS
+from ldm.checkpoint import (atomic_write_bytes, atomic_write_json, file_sha256, load_tensors, read_json,
+                            save_tensors)
 
 log = logging.getLogger("ldm.train_ae")
 
@@ -221,12 +223,13 @@ def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, Tensor],
         state.setdefault(int(pid), {})[key] = value
     for pid, st in meta["state"].items():
         state.setdefault(int(pid), {}).update(st)
+    if len(meta["param_groups"]) != len(opt.param_groups):
+        raise ValueError(f"checkpoint has {len(meta['param_groups'])} parameter groups, "
+                         f"the optimizer {len(opt.param_groups)}")
     groups = []
     for saved, current in zip(meta["param_groups"], opt.param_groups):
         # JSON turned tuples (e.g. AdamW betas) into lists: restore the type the optimizer uses
         groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
-    if len(groups) != len(opt.param_groups):
-        raise ValueError(f"checkpoint has {len(meta['param_groups'])} parameter groups, the optimizer {len(opt.param_groups)}")
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -395,7 +398,8 @@ def save_grid(originals: Tensor, recons: Tensor, path: Path, max_frames: int = 4
 
 
 @torch.no_grad()
-def measure_latent_stats(ae: Autoencoder, videos: list[Tensor], device: torch.device) -> dict[str, tuple[float, ...]]:
+def measure_latent_stats(ae: Autoencoder, videos: list[Tensor],
+                         device: torch.device) -> dict[str, tuple[float, ...]]:
     """``latent_scale`` / ``latent_shift`` that make the encoded latents zero-mean, unit-variance:
     per channel when every part is a ``B c t h w`` grid with the same channels, else one value.
     Composed with the current ones (encode already applies them)."""
@@ -413,7 +417,8 @@ def measure_latent_stats(ae: Autoencoder, videos: list[Tensor], device: torch.de
     old_s = torch.tensor(ae.config.latent_scale, dtype=torch.float64)
     old_b = torch.tensor(ae.config.latent_shift, dtype=torch.float64)
     # encode gives z' = (z - b) * s; we want (z' - m) / d = (z - (b + m / s)) * (s / d)
-    return {"latent_scale": tuple((old_s / std).tolist()), "latent_shift": tuple((old_b + mean / old_s).tolist())}
+    return {"latent_scale": tuple((old_s / std).tolist()),
+            "latent_shift": tuple((old_b + mean / old_s).tolist())}
 
 
 class AETrainer:
@@ -434,7 +439,6 @@ class AETrainer:
         self.ae.to(self.device).train()
         lpips = None
         if cfg.lpips_vgg:
-            from ldm.metrics import LPIPS
             lpips = LPIPS.from_files("vgg", cfg.lpips_vgg, cfg.lpips_heads)
         self.loss_fn = AELoss(cfg.loss_config(), self.ae.config.in_channels, lpips).to(self.device)
         self.last_layer = last_decoder_layer(self.ae) if self.loss_fn.discriminator is not None else None
@@ -469,7 +473,8 @@ class AETrainer:
             opt_t, opt_j = optimizer_to_files(self.opt)
             files: dict[str, Any] = {
                 "model.safetensors": self.ae.state_dict(),
-                "config.json": {"family": self.ae.family, "name": self.name, "config": cfglib.to_dict(self.ae.config)},
+                "config.json": {"family": self.ae.family, "name": self.name,
+                                "config": cfglib.to_dict(self.ae.config)},
                 "optimizer.safetensors": opt_t, "optimizer.json": opt_j,
                 "rng.safetensors": {f"rank{r}.{k}": v for r, (_, ts) in enumerate(gathered) for k, v in ts.items()},
                 "trainer.json": {"format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.env.world_size,
@@ -498,13 +503,15 @@ class AETrainer:
         meta = read_json(path / "config.json")
         if meta["family"] != self.ae.family or meta["config"] != cfglib.to_dict(self.ae.config):
             raise ValueError(f"{path}: the checkpoint's autoencoder config differs from this run's "
-                             f"({meta['family']} {meta['config']} vs {self.ae.family} {cfglib.to_dict(self.ae.config)})")
+                             f"({meta['family']} {meta['config']} vs {self.ae.family} "
+                             f"{cfglib.to_dict(self.ae.config)})")
         self.ae.load_state_dict(load_tensors(path / "model.safetensors", self.device))
         optimizer_from_files(self.opt, load_tensors(path / "optimizer.safetensors", self.device),
                              read_json(path / "optimizer.json"))
         if self.loss_fn.discriminator is not None:
             if (path / "discriminator.safetensors").is_file():
-                self.loss_fn.discriminator.load_state_dict(load_tensors(path / "discriminator.safetensors", self.device))
+                disc_sd = load_tensors(path / "discriminator.safetensors", self.device)
+                self.loss_fn.discriminator.load_state_dict(disc_sd)
                 optimizer_from_files(self.d_opt, load_tensors(path / "disc_optimizer.safetensors", self.device),
                                      read_json(path / "disc_optimizer.json"))
             else:
@@ -662,7 +669,8 @@ class AETrainer:
             if logs is None:
                 nonfinite += 1
                 skipped_steps += 1
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", self.step, nonfinite)
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                            self.step, nonfinite)
                 if nonfinite >= cfg.max_nonfinite:
                     raise RuntimeError(f"{nonfinite} non-finite steps in a row at step {self.step}; stopping "
                                        "(lower --lr, check the data, or resume from an earlier checkpoint)")
@@ -694,7 +702,8 @@ class AETrainer:
             keys = sorted(logs)
             mean = dist.all_reduce_mean(torch.stack([logs[k].float().to(self.device) for k in keys]))
             record.update({k: float(v) for k, v in zip(keys, mean.tolist())})
-        total_clips = dist.all_reduce_mean(torch.tensor([float(clips)], device=self.device)).item() * self.env.world_size
+        clips_t = torch.tensor([float(clips)], device=self.device)
+        total_clips = dist.all_reduce_mean(clips_t).item() * self.env.world_size
         record.update({"clips_per_s": total_clips / max(seconds, 1e-9), "nonfinite_steps": skipped,
                        "skipped_clips": len(self.skipped)})
         return record

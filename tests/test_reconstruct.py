@@ -31,7 +31,8 @@ def clip(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("recon") / "in.mp4"
     t = torch.arange(FRAMES).view(1, FRAMES, 1, 1).float()
     x = torch.linspace(-1, 1, SIZE).view(1, 1, 1, SIZE)
-    video = torch.cat([torch.sin(3 * x + 0.3 * t), torch.cos(2 * x - 0.2 * t), 0.5 * x + 0 * t]).expand(3, FRAMES, SIZE, SIZE)
+    channels = [torch.sin(3 * x + 0.3 * t), torch.cos(2 * x - 0.2 * t), 0.5 * x + 0 * t]
+    video = torch.cat(channels).expand(3, FRAMES, SIZE, SIZE)  # (3, T, H, W)
     write_video(path, video.clamp(-1, 1) * 0.8, fps=8)
     return path
 
