@@ -21,17 +21,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
 test-slow: setup
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m slow tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m slow tests
 
 demo: setup
 	$(VENV)/bin/ldm demo --output demo_out
 
 bench: setup
-	$(PY) benchmarks/extraction.py
-	$(PY) benchmarks/training.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/extraction.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/training.py
 
 clean:
 	rm -rf demo_out runs
