@@ -205,9 +205,7 @@ class AELoss(nn.Module):
         """Mean LPIPS over frames: ``B C T H W`` folded to ``(B T) C H W``."""
         a = rearrange(x, "b c t h w -> (b t) c h w")  # (B*T, C, H, W)
         b = rearrange(x_hat, "b c t h w -> (b t) c h w")  # (B*T, C, H, W)
-        # LPIPS.forward is a metric and runs under no_grad; the loss needs gradients to flow into
-        # the reconstruction, so it calls the (differentiable) distance of the frozen network.
-        return self.lpips._distance(b, a).mean()
+        return self.lpips.distance(b, a).mean()  # differentiable (forward is the no-grad metric)
 
     def generator_loss(self, video: Tensor, out: AEOutput, step: int,
                        last_layer: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:

@@ -300,7 +300,9 @@ class LPIPS(nn.Module):
             head.weight.copy_(_checked(found[i], head.weight.shape, f"lin{i}", heads))
         return model
 
-    def _distance(self, x: Tensor, y: Tensor) -> Tensor:
+    def distance(self, x: Tensor, y: Tensor) -> Tensor:
+        """Differentiable LPIPS of image batches ``(N, 3, H, W)`` in [-1, 1] -> ``(N,)`` (the network
+        itself stays frozen): use it as a perceptual loss; ``forward`` is the no-grad metric."""
         n = x.shape[0]
         h = (torch.cat([x, y]).float() - self.shift) / self.scale  # (2N, 3, H, W)
         total = torch.zeros(n, device=x.device)
@@ -308,7 +310,7 @@ class LPIPS(nn.Module):
         for i, layer in enumerate(self.features):
             h = layer(h)
             if i == self.taps[tap]:
-                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit channel norm
+                f = h / (h.pow(2).sum(1, keepdim=True) + 1e-20).sqrt()  # unit channel norm (finite grad at 0)
                 d = (f[:n] - f[n:]).pow(2)  # (N, C, h, w)
                 total = total + self.heads[tap](d).mean((1, 2, 3))
                 tap += 1
@@ -322,8 +324,8 @@ class LPIPS(nn.Module):
         if x.ndim == 5:
             B, T = x.shape[0], x.shape[2]
             frames = lambda v: rearrange(v, "b c t h w -> (b t) c h w")  # noqa: E731
-            return self._distance(frames(x), frames(y)).view(B, T).mean(1)  # (B,)
-        return self._distance(x, y)
+            return self.distance(frames(x), frames(y)).view(B, T).mean(1)  # (B,)
+        return self.distance(x, y)
 
 
 def _checked(t: Tensor, shape: torch.Size, key: str, path: str | Path) -> Tensor:
