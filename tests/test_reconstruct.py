@@ -16,15 +16,6 @@ from launch import reconstruct
 FRAMES, SIZE = 5, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two pytest workers share two cores: one thread each avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
     """A smooth moving gradient (easy to reconstruct) at 8 fps."""

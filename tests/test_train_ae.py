@@ -26,15 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 FRAMES, SIZE = 5, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two pytest workers share two cores: one thread each avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _write_clips(folder: Path, n: int = 6) -> Path:
     """n clips of a colored disc moving right at different speeds on a gray background, plus
     a text file named .mp4 that the trainer must skip."""
