@@ -43,6 +43,8 @@ class ExtractConfig:
     input: str
     output: str
     checkpoint: str | None = None
+    ae_path: str | None = None  # local diffusers folder, for --autoencoder diffusers:<Class>
+    ae_subfolder: str | None = None
     captions: str | None = None
     frames: int = 17
     height: int = 64
@@ -60,6 +62,8 @@ class ExtractConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoencoder", help="registered name (see `ldm list`); optional with --checkpoint")
     p.add_argument("--checkpoint", help="folder written by save_pretrained / `ldm train-ae` (OUTPUT/final)")
+    p.add_argument("--ae-path", help="local diffusers model folder, with --autoencoder diffusers:<Class>")
+    p.add_argument("--ae-subfolder", help="subfolder of --ae-path holding the VAE (e.g. vae)")
     p.add_argument("--input", required=True, help="folder of videos, a raw video .tar, a folder of tars or a brace pattern")
     p.add_argument("--captions", help="CSV/JSONL with path,caption,class_id (default: metadata.jsonl in the folder)")
     p.add_argument("--output", required=True, help="output folder for shards + manifest.json")
@@ -95,6 +99,11 @@ def _load_autoencoder(cfg: ExtractConfig) -> tuple[Autoencoder, str, str | None]
         return ae, name, dir_hash(cfg.checkpoint)
     if not cfg.autoencoder:
         raise ValueError("give --autoencoder NAME or --checkpoint DIR")
+    if cfg.autoencoder.startswith("diffusers:"):
+        if not cfg.ae_path:
+            raise ValueError(f"--autoencoder {cfg.autoencoder} needs --ae-path (a local diffusers folder)")
+        folder = Path(cfg.ae_path) / (cfg.ae_subfolder or "")
+        return build(cfg.autoencoder, path=cfg.ae_path, subfolder=cfg.ae_subfolder), cfg.autoencoder, dir_hash(folder)
     warnings.warn(f"no --checkpoint: {cfg.autoencoder} has RANDOM weights (fine for pipeline and cost checks, "
                   "not for training a real denoiser)", stacklevel=2)
     torch.manual_seed(cfg.seed)
@@ -258,6 +267,7 @@ def _merge_manifest(out: Path, n_shards: int, signature: dict, ae: Autoencoder, 
         # where the weights were (runtime provenance; the hash above is what identifies them) and the
         # seed that drew random weights when no checkpoint was given
         "checkpoint": str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None, "seed": cfg.seed,
+        "ae_path": str(Path(cfg.ae_path).resolve()) if cfg.ae_path else None, "ae_subfolder": cfg.ae_subfolder,
         "latent_spec": spec.to_dict(), "form": spec.form,
         "counts": {"inputs": len(items), "written": written, "skipped": len(skipped)},
         "stats": stats.summary(), "skipped": skipped, "shards": shard_list,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from autoencoders import FAMILIES, Autoencoder, load_pretrained
+from autoencoders import FAMILIES, Autoencoder, build, load_pretrained
 from data.video import video_to_uint8, write_video
 from launch.train import load_export
 from ldm import samplers
@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
     src.add_argument("--prompts-file", help="a text file with one prompt per line")
     src.add_argument("--class", dest="class_id", type=int, action="append", help="a class id (repeatable)")
-    p.add_argument("--ae-checkpoint", help="autoencoder weights (default: the path recorded at extraction)")
+    p.add_argument("--ae-checkpoint", help="autoencoder weights, or a diffusers VAE folder (default: the path "
+                   "recorded at extraction)")
     p.add_argument("--num-frames", type=int, help="default: the training clips' length")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -50,18 +51,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_autoencoder(context: dict[str, Any], checkpoint: str | None = None) -> Autoencoder:
     """The autoencoder a DiT was trained for: ``checkpoint``, else the path recorded at extraction
-    (its hash must match), else (an extraction with random weights) the same seeded random init."""
+    (its hash must match), else (an extraction with random weights) the same seeded random init.
+    For a diffusers VAE the path is its local diffusers folder."""
+    name = context.get("autoencoder") or ""
+    if name.startswith("diffusers:"):
+        path = checkpoint or context["ae_path"]
+        folder = Path(path) / (context.get("ae_subfolder") or "")
+        _check_hash(folder, context)
+        return build(name, path=path, subfolder=context.get("ae_subfolder"))
     path = checkpoint or context.get("checkpoint")
     if path:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"autoencoder checkpoint {path} not found; pass --ae-checkpoint")
-        if context.get("checkpoint_hash") and dir_hash(path) != context["checkpoint_hash"]:
-            raise ValueError(f"autoencoder checkpoint {path} is not the one the latents were extracted with "
-                             f"(hash {dir_hash(path)} != {context['checkpoint_hash']})")
+        _check_hash(Path(path), context)
         return load_pretrained(path)
     warnings.warn("the latents were extracted with a RANDOM autoencoder; rebuilding it from its seed", stacklevel=2)
     torch.manual_seed(context["seed"])
     return FAMILIES[context["family"]].from_config_dict(context["config"])
+
+
+def _check_hash(path: Path, context: dict[str, Any]) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"autoencoder weights {path} not found; pass --ae-checkpoint")
+    if context.get("checkpoint_hash") and dir_hash(path) != context["checkpoint_hash"]:
+        raise ValueError(f"autoencoder weights {path} are not the ones the latents were extracted with "
+                         f"(hash {dir_hash(path)} != {context['checkpoint_hash']})")
 
 
 @torch.no_grad()

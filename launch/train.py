@@ -292,7 +292,7 @@ def _single_process_group() -> None:
 
 
 def _manifest_summary(m: dict) -> dict:
-    keep = ("autoencoder", "family", "config", "config_hash", "checkpoint", "checkpoint_hash", "seed", "video",
+    keep = ("autoencoder", "family", "config", "config_hash", "checkpoint", "checkpoint_hash", "seed", "ae_path", "ae_subfolder", "video",
             "latent_spec", "form", "stats", "text_encoder", "text_dim", "text_tokens", "num_classes")
     return {k: m.get(k) for k in keep}
 

@@ -110,3 +110,25 @@ def test_two_ranks_equal_one_rank(videos, tmp_path):
     assert {k: v for k, v in two.items() if k not in ("world_size", "stats")} == \
         {k: v for k, v in one.items() if k not in ("world_size", "stats")}
     torch.testing.assert_close(torch.tensor(two["stats"]["z"]["mean"]), torch.tensor(one["stats"]["z"]["mean"]))
+
+
+def test_diffusers_vae_from_a_local_folder(videos, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from launch.sample import load_autoencoder
+    torch.manual_seed(0)
+    raw = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
+                        layers_per_block=1, scaling_factor=0.5)
+    raw.save_pretrained(tmp_path / "sd" / "vae")
+    with pytest.raises(ValueError, match="--ae-path"):
+        ldm(["extract", "--autoencoder", "diffusers:AutoencoderKL", "--input", str(videos), "--output", str(tmp_path / "x")])
+    ldm(["extract", "--autoencoder", "diffusers:AutoencoderKL", "--ae-path", str(tmp_path / "sd"), "--ae-subfolder",
+         "vae", "--input", str(videos), "--output", str(tmp_path / "lat"), "--frames", "8", "--height", "32",
+         "--width", "32", "--shard-size", "4"])
+    m = shards.load_manifest(tmp_path / "lat")
+    assert m["latent_spec"]["latent_shape"] == {"z": [4, 8, 16, 16]} and m["counts"]["written"] == 7
+    ae = load_autoencoder(m)  # what `ldm sample` rebuilds from training.json (the manifest's fields)
+    sample = shards.read_all(tmp_path / "lat")[0]
+    with torch.no_grad():
+        assert ae.decode(sample["latent"]).shape == (1, 3, 8, 32, 32)
