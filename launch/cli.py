@@ -15,6 +15,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "reconstruct": ("launch.reconstruct", "encode+decode a video, print PSNR/SSIM"),
     "train": ("launch.train", "train a DiT on latent shards with DeepSpeed"),
     "sample": ("launch.sample", "sample videos from prompts or class labels"),
+    "demo": ("launch.demo", "the whole pipeline on a laptop CPU with a report (make demo)"),
 }
 
 
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # the `deepspeed` launcher inserts --local_rank=N after the module; the rank also comes in
+    # LOCAL_RANK, which launch.dist reads, so drop the flag wherever it is
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     args = build_parser().parse_args(argv)
     return int(args._run(args) or 0)
 

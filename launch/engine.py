@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -20,21 +21,49 @@ OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 
 @dataclass(frozen=True)
 class EngineConfig:
-    deepspeed: str = "zero2"  # a name in launch/configs (zero0..zero3) or a path to a DeepSpeed JSON
+    deepspeed: str = "zero2"  # a name in launch/configs (zero0..zero3), a DeepSpeed JSON path, or "accelerate"
     precision: str = "fp32"  # fp32 | bf16
     activation_checkpointing: bool = False
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the GPU, unknown on CPU
 
 
+def accelerate_deepspeed() -> tuple[dict[str, Any], str]:
+    """The DeepSpeed settings `accelerate launch` passes in its environment (its DeepSpeed plugin:
+    a ``deepspeed_config_file``, or ``zero_stage`` and offload devices)."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED") != "true":
+        raise ValueError("engine.deepspeed=accelerate needs `accelerate launch` with a DeepSpeed plugin config "
+                         "(see launch/configs/accelerate-zero2.yaml)")
+    if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        path = env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+        return json.loads(Path(path).read_text()), path
+    zero: dict[str, Any] = {"stage": int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}
+    for key, name in (("offload_optimizer", "OFFLOAD_OPTIMIZER_DEVICE"), ("offload_param", "OFFLOAD_PARAM_DEVICE")):
+        device = env.get(f"ACCELERATE_DEEPSPEED_{name}", "none")
+        if device != "none":
+            zero[key] = {"device": device}
+    return {"zero_optimization": zero}, "the accelerate config"
+
+
 def deepspeed_config(cfg: EngineConfig, micro_batch: int, grad_accum: int, grad_clip: float) -> dict[str, Any]:
-    """The DeepSpeed JSON (ZeRO stage etc.) plus what the trainer owns: batch sizes, clipping, bf16."""
-    path = Path(cfg.deepspeed)
-    if not path.suffix:
-        path = CONFIG_DIR / f"{cfg.deepspeed}.json"
-    if not path.exists():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-        raise FileNotFoundError(f"DeepSpeed config {cfg.deepspeed!r} not found (built-in: {known}, or a .json path)")
-    ds = json.loads(path.read_text())
+    """The DeepSpeed JSON (ZeRO stage etc.) plus what the trainer owns: batch sizes, clipping, bf16.
+    Keys the trainer owns may appear in the JSON only as ``"auto"``."""
+    if cfg.deepspeed == "accelerate":
+        ds, path = accelerate_deepspeed()
+        mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if mixed not in ("no", cfg.precision if cfg.precision == "bf16" else "no"):
+            raise ValueError(f"accelerate asks for mixed precision {mixed!r} but engine.precision is "
+                             f"{cfg.precision!r}; make them agree")
+    else:
+        path = Path(cfg.deepspeed)
+        if not path.suffix:
+            path = CONFIG_DIR / f"{cfg.deepspeed}.json"
+        if not path.exists():
+            known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+            raise FileNotFoundError(f"DeepSpeed config {cfg.deepspeed!r} not found (built-in: {known}, a .json path, "
+                                    "or accelerate)")
+        ds = json.loads(path.read_text())
+    ds = {k: v for k, v in ds.items() if v != "auto"}
     clash = [k for k in OWNED_KEYS if k in ds]
     if clash:
         raise ValueError(f"{path} sets {clash}: these come from the training YAML (data.batch_size, "

@@ -98,7 +98,6 @@ class TrainConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="training YAML (see launch/configs/train-debug.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=4 engine.deepspeed=zero3")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
 def run(args: argparse.Namespace) -> int:

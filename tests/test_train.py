@@ -106,3 +106,28 @@ def test_two_ranks_zero(latents, tmp_path, stage):
     assert len(losses) == 4 and all(map(torch.isfinite, torch.tensor(losses)))
     model, _ = load_export(tmp_path / "r")
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "heads" in n)  # trained past zero-init
+
+
+@pytest.mark.dist
+def test_deepspeed_and_accelerate_launchers_match_torchrun(latents, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = ["train", "--config", str(YAML), f"data.shards={latents}", "data.batch_size=2", "steps=3", "save_every=3",
+            "log_every=1"]
+    bindir = Path(sys.executable).parent
+    runs = {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641",
+                     "-m", "launch.cli", *args],
+        "deepspeed": [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", "29642", "--module",
+                      "launch.cli", *args],
+        "accelerate": [str(bindir / "accelerate"), "launch", "--config_file",
+                       str(ROOT / "launch" / "configs" / "accelerate-zero2.yaml"), "--main_process_port", "29643",
+                       "-m", "launch.cli", *args, "engine.deepspeed=accelerate"],
+    }
+    losses = {}
+    for name, cmd in runs.items():
+        r = subprocess.run(cmd + [f"output={tmp_path / name}"], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        losses[name] = _losses(tmp_path / name)
+    assert len(losses["torchrun"]) == 3
+    assert losses["deepspeed"] == pytest.approx(losses["torchrun"]) == losses["accelerate"]
