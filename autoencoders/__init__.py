@@ -1,7 +1,13 @@
-"""Floor 2: video autoencoders behind one contract (see base.py). Importing the package registers
-every family; ``build(name, **overrides)`` makes a model."""
-from autoencoders import causal3d, kl2d, pretrained  # noqa: F401  (registration side effects)
+"""Floor 2: video autoencoders behind one contract (see base.py). Importing the package imports
+every module in it, so each family file registers its names; ``build(name, **overrides)`` makes a
+model."""
+import importlib
+import pkgutil
+
 from autoencoders.base import (FAMILIES, REGISTRY, AEConfig, AEOutput, Autoencoder, build, describe,
                                load_pretrained)
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_mod}")
 
 __all__ = ["FAMILIES", "REGISTRY", "AEConfig", "AEOutput", "Autoencoder", "build", "describe", "load_pretrained"]
