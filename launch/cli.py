@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # verb -> (module, help)
-VERBS: dict[str, tuple[str, str]] = {
+VERBS: dict[str, tuple[str, str]] = {  # keep in sync with the README's verb table
     "list": ("launch.list_models", "list registered autoencoders and DiTs with their compression"),
     "data": ("launch.data_cmd", "dataset tools (synth: generate the synthetic attribute video set)"),
     "train-ae": ("launch.train_ae", "train an autoencoder on videos"),
@@ -19,14 +19,17 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every verb listed; only ``verb``'s module is imported (fast start-up, and a
+    verb whose optional dependencies are missing cannot break the others)."""
     parser = argparse.ArgumentParser(prog="ldm", description="Latent-diffusion video platform")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb, (module, help_text) in VERBS.items():
-        p = sub.add_parser(verb, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+    for name, (module, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == verb:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
     return parser
 
 
@@ -35,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     # the `deepspeed` launcher inserts --local_rank=N after the module; the rank also comes in
     # LOCAL_RANK, which launch.dist reads, so drop the flag wherever it is
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
-    args = build_parser().parse_args(argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(verb).parse_args(argv)
     return int(args._run(args) or 0)
 
 

@@ -1,0 +1,29 @@
+"""Every `ldm` verb imports and answers --help; `ldm list --json` reports the registries."""
+import json
+
+import pytest
+
+from launch.cli import VERBS, main
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0
+    assert "usage: ldm " + verb in capsys.readouterr().out
+
+
+def test_list_json(capsys):
+    assert main(["list", "--json", "--frames", "17", "--height", "64", "--width", "64"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    names = {d["name"]: d for d in out["autoencoders"]}
+    assert names["causal3d-f4x8c4-debug"]["latent_shape"] == {"z": [4, 5, 8, 8]}
+    assert names["kl2d-f8c4"]["compression_factor"] == pytest.approx(48.0)
+    assert {"dit-debug", "dit-standard"} <= {d["name"] for d in out["dits"]}
+
+
+def test_deepspeed_launcher_flag_is_dropped(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--local_rank=1", "list", "--help"])
+    assert e.value.code == 0
