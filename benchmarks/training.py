@@ -27,7 +27,7 @@ from data.shards import LatentShards, collate, load_manifest
 from data.sources import VideoClipDataset, list_items
 from data.synth import synth_dataset
 from launch.extract import ExtractConfig, extract
-from launch.train import FlowConfig, flow_step_loss
+from launch.train import FlowConfig, flow_step_loss, sample_generators
 from ldm.latent import Cond, normalize
 from ldm.text import build_text_encoder
 
@@ -39,8 +39,8 @@ def timed_steps(batches, model, opt, norm, steps: int) -> float:
     for i, (latent, cond) in enumerate(itertools.islice(batches, steps + 1)):
         if i == 1:
             t0 = time.perf_counter()
-        loss = flow_step_loss(model, normalize(latent, norm), cond, fcfg, torch.Generator().manual_seed(i),
-                              model.null_cond)
+        gens = sample_generators(0, list(range(i * latent.batch_size, (i + 1) * latent.batch_size)))
+        loss = flow_step_loss(model, normalize(latent, norm), cond, fcfg, gens, model.null_cond)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -256,80 +256,116 @@ def iter_shard(url: str, counters: Counter | None = None) -> Iterator[dict[str, 
 
 
 class LatentShards(torch.utils.data.IterableDataset):
-    """Stream ``dict(latent, cond, meta)`` samples from latent shards.
+    """Stream latent samples (``dict(latent, cond, meta)``), or collated batches with ``batch_size``.
 
-    Splitting: ``split="shard"`` gives each (rank, worker) reader whole shards round-robin (use with
-    many shards); ``split="sample"`` makes every reader scan all shards and keep every
-    ``n_readers``-th sample, so each sample is seen exactly once per epoch across all readers.
-    Order is deterministic in (seed, epoch): the shard list is permuted per epoch and a shuffle
-    buffer of ``shuffle`` samples is applied per reader. ``epochs=None`` streams forever, moving to
-    the next epoch (a new permutation) at the end of each; ``resample=True`` instead draws shards
-    with replacement. ``skip`` drops the first samples of this reader's stream (resume).
-    Bad samples are skipped and counted in ``self.skipped`` (per reader process).
+    ``split="sample"`` (default): every reader walks the same GLOBAL stream -- shards permuted per
+    epoch, then a shuffle buffer of ``shuffle`` samples, both seeded by (seed, epoch) -- and keeps its
+    own chunks: the stream is cut into chunks of ``batch_size`` samples, chunk c belongs to rank
+    ``c % world_size`` and, within the rank, to DataLoader worker ``(c // world_size) % workers``.
+    A ``DataLoader(batch_size=None)`` over this dataset hands rank r the chunks r, r+W, r+2W, ... in
+    order, so after s steps the run has consumed exactly the first ``s * batch_size * world_size``
+    samples of the global stream, whatever the topology: ``skip`` is that global count, and a resume
+    with another number of ranks (same global batch) continues at the same place. Each sample is
+    seen once per epoch across ranks, and its ``meta["position"]`` (its place in the stream, counting
+    on across epochs) can seed its randomness. Bad samples are skipped and counted in
+    ``self.skipped`` (their chunk comes out one smaller).
+
+    ``split="shard"``: readers take whole shards round-robin and read nothing else (I/O scales with
+    the data, not ranks x data); the shuffle buffer is per reader and ``skip`` is shared evenly
+    among readers, so a resume is exact only on the same topology with ``num_workers=0``.
+    ``resample=True``: each reader draws shards with replacement, forever. ``epochs=None``: endless.
     """
 
     def __init__(self, urls: str | list[str], *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: int = 0, epochs: int | None = 1, resample: bool = False, split: str = "sample",
-                 expect_shapes: dict[str, tuple[int, ...]] | None = None, skip: int = 0):
+                 expect_shapes: dict[str, tuple[int, ...]] | None = None, skip: int = 0,
+                 batch_size: int | None = None):
         super().__init__()
         if split not in ("shard", "sample"):
             raise ValueError(f"split must be 'shard' or 'sample', got {split!r}")
         self.urls = shard_urls(urls)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.epochs, self.resample, self.split = shuffle, epochs, resample, split
-        self.expect_shapes, self.skip = expect_shapes, skip
+        self.expect_shapes, self.skip, self.batch_size = expect_shapes, skip, batch_size
         self.skipped: Counter = Counter()
 
-    def _reader(self) -> tuple[int, int]:
+    def _decode(self, raw: dict[str, Any], epoch: int, position: int) -> dict[str, Any] | None:
+        try:
+            sample = decode_sample(raw, self.expect_shapes)
+        except SampleError as e:
+            self.skipped["bad_sample"] += 1
+            log.warning("skipping sample: %s", e)
+            return None
+        sample["meta"].update(epoch=epoch, position=position)
+        return sample
+
+    def _emit(self, batch: list[dict[str, Any]]) -> Any:
+        return collate(batch) if self.batch_size else batch[0]
+
+    def _epochs(self) -> Iterator[int]:
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            yield epoch
+            epoch += 1
+
+    def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
-
-    def _raw(self, epoch: int, reader: int, n_readers: int) -> Iterator[dict[str, Any]]:
-        rng = random.Random(f"{self.seed}-{epoch}")
-        if self.resample:
-            rng = random.Random(f"{self.seed}-{epoch}-{reader}")
-            while True:
-                yield from iter_shard(rng.choice(self.urls), self.skipped)
-        urls = list(self.urls)
-        rng.shuffle(urls)
-        if self.split == "shard":
-            if len(urls) < n_readers:
-                raise ValueError(f"split='shard' needs at least {n_readers} shards (ranks x workers), "
-                                 f"found {len(urls)}; use split='sample'")
-            for url in urls[reader::n_readers]:
-                yield from iter_shard(url, self.skipped)
+        if self.split == "sample" and not self.resample:
+            yield from self._global_chunks(workers, worker)
         else:
-            i = 0
-            for url in urls:
-                for raw in iter_shard(url, self.skipped):
-                    if i % n_readers == reader:
-                        yield raw
-                    i += 1
+            yield from self._own_shards(self.rank * workers + worker, self.world_size * workers)
 
-    def _decoded(self, epoch: int, reader: int, n_readers: int) -> Iterator[dict[str, Any]]:
-        for raw in self._raw(epoch, reader, n_readers):
-            try:
-                yield decode_sample(raw, self.expect_shapes)
-            except SampleError as e:
-                self.skipped["bad_sample"] += 1
-                log.warning("skipping sample: %s", e)
+    def _global_chunks(self, workers: int, worker: int) -> Iterator[Any]:
+        size = self.batch_size or 1
+        position, batch = 0, []
+        for epoch in self._epochs():
+            urls = list(self.urls)
+            random.Random(f"{self.seed}-{epoch}").shuffle(urls)
+            stream = (raw for url in urls for raw in iter_shard(url, self.skipped))
+            if self.shuffle > 1:
+                stream = _shuffled(stream, self.shuffle, random.Random(f"{self.seed}-{epoch}-buf"))
+            for raw in stream:
+                chunk = position // size
+                if (position >= self.skip and chunk % self.world_size == self.rank
+                        and (chunk // self.world_size) % workers == worker):
+                    sample = self._decode(raw, epoch, position)
+                    if sample is not None:
+                        batch.append(sample)
+                position += 1
+                if position % size == 0 and batch:
+                    yield self._emit(batch)
+                    batch = []
+        if batch:
+            yield self._emit(batch)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        reader, n_readers = self._reader()
-        epoch, emitted = 0, 0
-        while self.epochs is None or epoch < self.epochs:
-            stream = self._decoded(epoch, reader, n_readers)
+    def _own_shards(self, reader: int, n_readers: int) -> Iterator[Any]:
+        size = self.batch_size or 1
+        skip, position, batch = self.skip // n_readers, 0, []
+        for epoch in self._epochs():
+            urls = list(self.urls)
+            if self.resample:
+                rng = random.Random(f"{self.seed}-{reader}")
+                stream = (raw for _ in iter(int, 1) for raw in iter_shard(rng.choice(urls), self.skipped))
+            else:
+                random.Random(f"{self.seed}-{epoch}").shuffle(urls)
+                if len(urls) < n_readers:
+                    raise ValueError(f"split='shard' needs at least {n_readers} shards (ranks x workers), "
+                                     f"found {len(urls)}; use split='sample'")
+                stream = (raw for url in urls[reader::n_readers] for raw in iter_shard(url, self.skipped))
             if self.shuffle > 1:
                 stream = _shuffled(stream, self.shuffle, random.Random(f"{self.seed}-{epoch}-{reader}-buf"))
-            for sample in stream:
-                emitted += 1
-                if emitted > self.skip:
-                    sample["meta"]["epoch"] = epoch
-                    yield sample
-            epoch += 1
-            if self.resample:
-                break
+            for raw in stream:
+                if position >= skip:
+                    sample = self._decode(raw, epoch, position)
+                    if sample is not None:
+                        batch.append(sample)
+                position += 1
+                if len(batch) == size:
+                    yield self._emit(batch)
+                    batch = []
+        if batch:
+            yield self._emit(batch)
 
 
 def _shuffled(stream: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:

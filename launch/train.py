@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 import dit
-from data.shards import LatentShards, collate, load_manifest
+from data.shards import LatentShards, load_manifest
 from launch import dist
 from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config, mfu, peak_flops,
                            safe_checkpoint_engine, skip_cpu_shm_kernel, transformer_flops)
@@ -120,8 +120,24 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return f
 
 
-def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) * 64 + micro)
+def sample_generators(seed: int, positions: list[int]) -> list[torch.Generator]:
+    """One generator per sample, seeded by the sample's place in the global data stream: a sample
+    draws the same posterior noise, timestep, flow noise and dropout whatever rank or batch it is in,
+    so runs on different topologies (and resumed runs) compute the same losses."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + int(p)) for p in positions]
+
+
+def _per_sample(gens: list[torch.Generator], draw) -> torch.Tensor:
+    return torch.stack([draw(g) for g in gens])
+
+
+def sample_posterior(latent: Latent, gens: list[torch.Generator]) -> Latent:
+    """z ~ N(mean, exp(logvar)) for the parts with a posterior, with per-sample generators."""
+    parts = dict(latent.parts)
+    for k, lv in latent.logvar.items():
+        eps = _per_sample(gens, lambda g: torch.randn(lv.shape[1:], generator=g)).to(lv.device, lv.dtype)
+        parts[k] = parts[k] + torch.exp(0.5 * lv) * eps
+    return Latent(parts, latent.form, {}, dict(latent.aux))
 
 
 def make_dit_config(cfg: TrainConfig, manifest: dict) -> dit.DiTConfig:
@@ -155,23 +171,24 @@ def batch_cond(batch: dict, dcfg: dit.DiTConfig) -> Cond:
     return Cond(text=text, text_mask=text_mask, class_id=class_id)
 
 
-def flow_step_loss(model, latent: Latent, cond: Cond, fcfg: FlowConfig, gen: torch.Generator,
+def flow_step_loss(model, latent: Latent, cond: Cond, fcfg: FlowConfig, gens: list[torch.Generator],
                    null_cond) -> torch.Tensor:
-    """One rectified-flow loss on a batch (per-sample losses averaged). ``null_cond(cond, drop)``
-    replaces the condition of dropped samples (CFG training)."""
-    B = latent.batch_size
-    t = flow.sample_timesteps(B, distribution=fcfg.timesteps, loc=fcfg.loc, scale=fcfg.scale, shift=fcfg.shift,
-                              generator=gen)
-    noise = flow.sample_noise(latent.parts, gen)
+    """One rectified-flow loss on a batch (per-sample losses averaged); ``gens`` holds one generator
+    per sample (``sample_generators``). ``null_cond(cond, drop)`` replaces the condition of dropped
+    samples (CFG training)."""
+    device = next(iter(latent.parts.values())).device
+    t = torch.cat([flow.sample_timesteps(1, distribution=fcfg.timesteps, loc=fcfg.loc, scale=fcfg.scale,
+                                         shift=fcfg.shift, generator=g) for g in gens]).to(device)
+    noise = {k: _per_sample(gens, lambda g: torch.randn(v.shape[1:], generator=g)).to(device, v.dtype)
+             for k, v in latent.parts.items()}
+    u = _per_sample(gens, lambda g: torch.rand(3, generator=g)).to(device)  # (B, 3)
+    drop, drop_class, drop_text = u[:, 0] < fcfg.cond_dropout, u[:, 1] < fcfg.class_dropout, u[:, 2] < fcfg.text_dropout
     x_t = latent.replace(flow.interpolate(latent.parts, noise, t))
-    drop = torch.rand(B, generator=gen) < fcfg.cond_dropout
-    drop_class = torch.rand(B, generator=gen) < fcfg.class_dropout
-    drop_text = torch.rand(B, generator=gen) < fcfg.text_dropout
     cond = null_cond(cond, drop)
     if cond.class_id is not None and fcfg.class_dropout > 0:
-        cond.class_id = torch.where(drop_class.to(cond.class_id.device), -1, cond.class_id)
+        cond.class_id = torch.where(drop_class, -1, cond.class_id)
     if cond.text is not None and fcfg.text_dropout > 0:
-        text_only = null_cond(Cond(text=cond.text, text_mask=cond.text_mask), drop_text.to(cond.text.device))
+        text_only = null_cond(Cond(text=cond.text, text_mask=cond.text_mask), drop_text)
         cond.text, cond.text_mask = text_only.text, text_only.text_mask
     v = model(x_t, t, cond)
     mask = None
@@ -218,11 +235,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                                 "latent_norm": latent_norm})
     parts = {k: tuple(v) for k, v in manifest["latent_spec"]["latent_shape"].items()}
     per_step = cfg.data.batch_size * cfg.optim.grad_accum
+    # the global stream position is step x global batch, whatever the topology (see LatentShards)
     data = LatentShards(cfg.data.shards, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
-                        shuffle=cfg.data.shuffle, epochs=None, split=cfg.data.split, skip=step * per_step,
+                        shuffle=cfg.data.shuffle, epochs=None, split=cfg.data.split,
+                        skip=step * per_step * env.world_size, batch_size=cfg.data.batch_size,
                         expect_shapes=parts if manifest["form"] != "varlen" else None)
-    loader = iter(torch.utils.data.DataLoader(data, batch_size=cfg.data.batch_size, collate_fn=collate,
-                                              num_workers=cfg.data.num_workers))
+    loader = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.data.num_workers))
     null_cond = engine.module.null_cond
 
     tokens = engine.module.num_tokens(parts)
@@ -238,14 +256,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         loss_sum = 0.0
         for micro in range(cfg.optim.grad_accum):
             batch = next(loader)
-            gen = step_generator(cfg.seed, env.rank, step, micro)
+            gens = sample_generators(cfg.seed, [m["position"] for m in batch["meta"]])
             latent = batch["latent"]
             if cfg.data.sample_posterior and latent.logvar:
-                latent = latent.sample(gen)
+                latent = sample_posterior(latent, gens)
             latent = normalize(latent, latent_norm).to(device)
             cond = batch_cond(batch, dcfg)
             cond = Cond(*(None if x is None else x.to(device) for x in (cond.text, cond.text_mask, None, cond.class_id)))
-            loss = flow_step_loss(engine, latent, cond, cfg.flow, gen, null_cond)
+            loss = flow_step_loss(engine, latent, cond, cfg.flow, gens, null_cond)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item() / cfg.optim.grad_accum

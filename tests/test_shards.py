@@ -141,3 +141,24 @@ def test_collate_pads_text_embeddings(tmp_path):
     batch = shards.collate(samples)
     assert batch["cond"]["text_emb"].shape == (2, 5, 8)
     assert batch["cond"]["text_mask"].sum(1).tolist() == [3, 5]
+
+
+def test_global_stream_is_the_same_for_any_topology(tmp_path):
+    _write(tmp_path)  # 15 clips in 3 shards
+
+    def steps(world, batch, workers, n_steps, skip=0):
+        """index of the clips each step consumes, over all ranks"""
+        per_rank = []
+        for rank in range(world):
+            ds = shards.LatentShards(str(tmp_path), rank=rank, world_size=world, batch_size=batch, shuffle=8,
+                                     seed=1, epochs=None, skip=skip)
+            it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
+            per_rank.append([next(it) for _ in range(n_steps)])
+        return [sorted(i for r in per_rank for i in (m["index"] for m in r[k]["meta"])) for k in range(n_steps)]
+
+    one = steps(1, 4, 0, 6)  # crosses an epoch boundary (15 clips)
+    assert steps(2, 2, 2, 6) == one  # 2 ranks x 2 workers, same global batch
+    assert steps(4, 1, 0, 6) == one
+    assert steps(2, 2, 0, 3, skip=12) == one[3:]  # resume after 3 steps with another topology
+    first = [i for s in one[:3] for i in s]
+    assert len(set(first)) == 12 and set(range(15)) - set(first) <= set(one[3])  # once per epoch
