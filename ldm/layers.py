@@ -199,17 +199,21 @@ class SelfAttention(nn.Module):
 
 class CrossAttention(nn.Module):
     """Queries from the sequence, keys/values from a context (text) of width ``context_dim``;
-    ``kv_seq_ids`` marks the context tokens each query may see (-1 = masked out)."""
+    ``kv_seq_ids`` marks the context tokens each query may see (-1 = masked out). ``inner_dim``
+    (default ``dim``) is the width of the attention itself, ``heads * head_dim``: wide queries
+    (patchified feature maps) attend in a narrower space and are projected back to ``dim``."""
 
-    def __init__(self, dim: int, context_dim: int, heads: int, qk_norm: bool = True):
+    def __init__(self, dim: int, context_dim: int, heads: int, qk_norm: bool = True,
+                 inner_dim: int | None = None):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        inner = dim if inner_dim is None else inner_dim
+        if inner % heads:
+            raise ValueError(f"attention width {inner} is not divisible by heads {heads}")
         self.heads, self.backend = heads, "sdpa"
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(context_dim, 2 * dim)
-        self.norm = QKNorm(dim // heads) if qk_norm else None
-        self.proj = nn.Linear(dim, dim)
+        self.q = nn.Linear(dim, inner)
+        self.kv = nn.Linear(context_dim, 2 * inner)
+        self.norm = QKNorm(inner // heads) if qk_norm else None
+        self.proj = nn.Linear(inner, dim)
 
     def forward(self, x: Tensor, context: Tensor, seq_ids: Tensor | None = None,
                 kv_seq_ids: Tensor | None = None) -> Tensor:
