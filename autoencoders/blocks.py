@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,15 +133,17 @@ class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv -> GroupNorm -> SiLU -> dropout -> conv, plus a (1x1) skip.
 
     ``dims=2`` uses 3x3 convolutions on ``B C H W``; ``dims=3`` uses causal 3x3x3 convolutions on
-    ``B C T H W`` with per-frame GroupNorm.
+    ``B C T H W`` with per-frame GroupNorm. ``norm`` (a factory ``channels -> module``) replaces the
+    GroupNorm, e.g. by a parameter-free PixelNorm (H3AE).
     """
 
     def __init__(self, in_channels: int, out_channels: int, dims: int = 2, groups: int = 32,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, norm: Callable[[int], nn.Module] | None = None):
         super().__init__()
-        self.norm1 = group_norm(in_channels, groups)
+        make_norm = norm if norm is not None else (lambda ch: group_norm(ch, groups))
+        self.norm1 = make_norm(in_channels)
         self.conv1 = conv3x3(in_channels, out_channels, dims)
-        self.norm2 = group_norm(out_channels, groups)
+        self.norm2 = make_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = conv3x3(out_channels, out_channels, dims)
         self.skip = conv1x1(in_channels, out_channels, dims) if in_channels != out_channels else nn.Identity()
