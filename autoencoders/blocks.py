@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from typing import Any
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -312,7 +312,10 @@ class ConvEncoder(nn.Module):
         self.norm_out = group_norm(ch, groups)
         self.conv_out = conv3x3(ch, out_channels, dims)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, extra_temporal: Mapping[int, Sequence[nn.Module]] | None = None) -> Tensor:
+        """``extra_temporal[i]``: further resamplers run right after slot ``temporal_down[i]`` (in
+        order), e.g. MTC-VAE's 8x/16x layers chosen per call."""
+        extra = extra_temporal or {}
         h = self.conv_in(x)
         for i, stage in enumerate(self.stages):
             for block in stage.blocks:
@@ -320,6 +323,8 @@ class ConvEncoder(nn.Module):
             h = stage.resample(h)
             if i < len(self.temporal_down):
                 h = self.temporal_down[i](h)
+                for layer in extra.get(i, ()):
+                    h = layer(h)
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -354,7 +359,10 @@ class ConvDecoder(nn.Module):
         self.norm_out = group_norm(ch, groups)
         self.conv_out = conv3x3(ch, out_channels, dims)
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, extra_temporal: Mapping[int, Sequence[nn.Module]] | None = None) -> Tensor:
+        """``extra_temporal[i]``: further resamplers run right before slot ``temporal_up[i]`` (in
+        order), the mirror of the encoder's hook."""
+        extra = extra_temporal or {}
         h = self.mid(self.conv_in(z))
         levels = len(self.stages)
         for j, stage in enumerate(self.stages):
@@ -362,6 +370,8 @@ class ConvDecoder(nn.Module):
                 h = block(h)
             boundary = levels - 2 - j  # the boundary between this level and the one above it
             if boundary >= 0:
+                for layer in extra.get(boundary, ()):
+                    h = layer(h)
                 h = self.temporal_up[boundary](h)
             h = stage.resample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
