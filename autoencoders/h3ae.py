@@ -1,0 +1,662 @@
+"""H3AE: a high-compression video VAE with a 2D spatial stage, a 3D causal spatial-temporal stage and
+block-causal 3D attention at the bottleneck, trained with the omni (first-frame) objective and the
+latent consistency loss (Wu et al., "H3AE: High Compression, High Speed, and High Quality
+AutoEncoder for Video Diffusion Models", arXiv:2504.10567). No public code exists; Sec. 3 and the
+appendix (Tab. 9, App. D/E) are the spec.
+
+Architecture (Sec. 3.1, Fig. 2, Tab. 9). The encoder is a stem convolution then one *column* per
+entry of Tab. 9, each a strided 3x3(x3) convolution into the column's width followed by its blocks:
+
+    S columns   (Conv2D, frame by frame)      1x2x2 downsampling, ResBlocks
+    ST columns  (causal Conv3D)               2x2x2 or 1x2x2 downsampling, ResBlocks
+    Attn column (at the bottleneck only)      2x2x2 or 1x2x2 downsampling, block-causal 3D attention
+
+then norm -> SiLU -> causal conv to the posterior moments. Every column downsamples once, which is
+what App. D describes for 8x32x32 (two 1x2x2 downsamplings in the S stage, three 2x2x2 in the ST
+stage, i.e. one per column) and puts the attention at the latent resolution, "the bottleneck
+position with the highest compression ratio" with 1/32 of CogVideoX's tokens. The decoder mirrors
+it: causal conv from the latent, then per column (deepest first) its blocks and a PixelShuffle
+upsampling out of it (a convolution to ``r_t*4`` times the channels, then depth-to-space over
+(t, h, w); the ``r_t - 1`` sub-frames before frame 0 are dropped, so ``1 + k`` frames become
+``1 + 2k``), and norm -> SiLU -> conv to pixels. Normalisation is PixelNorm (Karras et al. 2018,
+Sec. 4.2: no parameters) with GroupNorm / LayerNorm selectable for the Tab. 1 ablation; every
+norm works per position or per frame, so the model is causal.
+
+Causality. All 3D convolutions pad the past with copies of the first frame ("repeated causal
+padding", App. D), temporal strides keep the first frame alone, and the attention mask is block
+causal (a frame's tokens see their own and earlier frames). A clip of ``1 + r*k`` frames becomes
+``1 + k`` latent frames; latent frame ``j`` depends on input frames ``<= r*j`` only; decoded frame
+``m`` depends on latent frames ``<= ceil(m / r)`` only. The first frame is encoded alone, which is
+why the first-frame features of the omni objective can be read off the clip's own encoder pass.
+
+Training objectives (``train_forward``):
+
+- Omni objective (Sec. 3.2, Eq. 1): with probability ``omni_prob`` per sample the input of decoder
+  column ``i`` becomes ``(z_i + e_{N-i}) / 2``, ``e`` being the encoder's output of the symmetric
+  column for the first frame (broadcast over time). At inference the same weights decode plainly
+  (``decode(latent)``) or image-conditioned (``decode(latent, Cond(first_frame=pixels))``).
+- Latent consistency (Sec. 3.3, Eq. 3): the reconstruction is re-encoded with the encoder's
+  weights frozen and ``KL(q(z|x) || q(z'|x_hat))`` is added; gradients reach the decoder (through
+  ``x_hat``) and never the frozen re-encoding. The "pixel consistency" variant of App. E (Tab. 10)
+  decodes the re-encoding with frozen weights too and takes the L1 distance to ``x_hat``. Either is
+  switched on after ``consistency_start`` training steps, counted by the persistent buffer
+  ``train_steps`` (one per ``train_forward`` in training mode, i.e. one per ``ldm train-ae`` step;
+  it travels with checkpoints and ``--init``), as the paper applies it in the final 10K of 80K
+  iterations.
+
+Sliced inference (Sec. 3.1.1): the S stage works frame by frame, so ``set_frame_chunk(n)`` runs it
+on ``n`` frames at a time in encode and decode (same result, bounded high-resolution memory).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from autoencoders.base import AEConfig, AEOutput, Autoencoder, register, register_family
+from autoencoders.blocks import (LOGVAR_CLAMP, CausalConv3d, ResBlock, check_latent_stats, group_norm,
+                                 grid_z, split_moments)
+from ldm.attention import attention
+from ldm.latent import Cond, Latent, LatentSpec
+from ldm.layers import Mlp, Rope3D, SelfAttention, apply_rope
+
+NORMS = ("pixel", "group", "layer")
+UPSAMPLES = ("shuffle", "interpolate")
+CONSISTENCY = ("none", "latent", "pixel")
+
+
+@dataclass(frozen=True)
+class H3AEConfig(AEConfig):
+    """Tab. 9 as data: one entry per column (width, number of blocks). ``st_temporal`` has one flag
+    per ST column plus one for the attention column: whether its downsampling also halves time.
+
+    Besides the architecture it holds the family's training objective (``train_forward`` is the
+    only place the trainer asks the model for its loss terms): ``omni_prob`` (p of Eq. 1),
+    ``consistency`` ("latent" = Eq. 3, "pixel" = App. E, "none"), its weight and start step.
+    """
+
+    latent_channels: int = 256
+    spatial_widths: tuple[int, ...] = (32, 64)
+    spatial_blocks: tuple[int, ...] = (2, 2)
+    st_widths: tuple[int, ...] = (128, 256)
+    st_blocks: tuple[int, ...] = (2, 8)
+    st_temporal: tuple[bool, ...] = (True, True)
+    attn_width: int = 0  # 0: no attention column
+    attn_blocks: int = 0
+    attn_heads: int = 8
+    mlp_ratio: float = 4.0
+    norm: str = "pixel"  # "pixel" (PixelNorm) | "group" (per-frame GroupNorm) | "layer" (LayerNorm over channels)
+    norm_groups: int = 32
+    upsample: str = "shuffle"  # "shuffle" (PixelShuffle / depth-to-space) | "interpolate" (nearest + conv)
+    spatial_3d: bool = False  # Tab. 1 ablation: causal Conv3D instead of Conv2D in the S stage
+    omni_prob: float = 0.5  # Tab. 4 trains with p = 0.5
+    consistency: str = "latent"
+    consistency_weight: float = 1.0
+    consistency_start: int = 70_000  # Sec. 4: LC loss in the final 10K of 80K iterations
+    logvar_clamp: tuple[float, float] = LOGVAR_CLAMP
+
+    def __post_init__(self) -> None:
+        for kind, widths, blocks in (("spatial", self.spatial_widths, self.spatial_blocks),
+                                     ("st", self.st_widths, self.st_blocks)):
+            if not widths or len(widths) != len(blocks):
+                raise ValueError(f"{kind}_widths {widths} and {kind}_blocks {blocks} need the same, non-zero length")
+            if any(w < 1 for w in widths) or any(n < 0 for n in blocks):
+                raise ValueError(f"{kind}_widths must be >= 1 and {kind}_blocks >= 0, got {widths}, {blocks}")
+        if (self.attn_width > 0) != (self.attn_blocks > 0):
+            raise ValueError(f"attn_width ({self.attn_width}) and attn_blocks ({self.attn_blocks}) must both be "
+                             "0 (no attention column) or both positive")
+        columns = len(self.st_widths) + (self.attn_blocks > 0)
+        if len(self.st_temporal) != columns:
+            raise ValueError(f"st_temporal needs one flag per ST column and attention column ({columns}), "
+                             f"got {self.st_temporal}")
+        if self.attn_blocks:
+            if self.attn_width % self.attn_heads:
+                raise ValueError(f"attn_width {self.attn_width} is not divisible by attn_heads {self.attn_heads}")
+            head = self.attn_width // self.attn_heads
+            if head % 2 or head < 6:
+                raise ValueError(f"3D RoPE needs an even head dim >= 6, got {head} "
+                                 f"(attn_width {self.attn_width} / {self.attn_heads} heads)")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.upsample not in UPSAMPLES:
+            raise ValueError(f"upsample must be one of {UPSAMPLES}, got {self.upsample!r}")
+        if self.consistency not in CONSISTENCY:
+            raise ValueError(f"consistency must be one of {CONSISTENCY}, got {self.consistency!r}")
+        if not 0.0 <= self.omni_prob <= 1.0:
+            raise ValueError(f"omni_prob must be in [0, 1], got {self.omni_prob}")
+        if not (self.consistency_weight >= 0 and math.isfinite(self.consistency_weight)):
+            raise ValueError(f"consistency_weight must be a finite value >= 0, got {self.consistency_weight}")
+        if self.consistency_start < 0:
+            raise ValueError(f"consistency_start must be >= 0, got {self.consistency_start}")
+        if self.latent_channels < 1 or self.mlp_ratio <= 0:
+            raise ValueError(f"need latent_channels >= 1 and mlp_ratio > 0, got {self.latent_channels}, "
+                             f"{self.mlp_ratio}")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Width of every column, S then ST then attention."""
+        return self.spatial_widths + self.st_widths + ((self.attn_width,) if self.attn_blocks else ())
+
+    @property
+    def temporal(self) -> tuple[bool, ...]:
+        """Per column: whether its downsampling halves time."""
+        return (False,) * len(self.spatial_widths) + tuple(bool(t) for t in self.st_temporal)
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** len(self.widths)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(self.temporal)
+
+
+# ------------------------------------------------------------------------------------------
+# Normalisation
+# ------------------------------------------------------------------------------------------
+class PixelNorm(nn.Module):
+    """``x / sqrt(mean_c(x^2) + eps)`` at every position (Karras et al. 2018, "Progressive Growing
+    of GANs", Sec. 4.2): no parameters, no statistics across positions or frames."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps)
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a channel-first map (``B C H W`` or ``B C T H W``), per position."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+def make_norm(kind: str, channels: int, groups: int = 32) -> nn.Module:
+    """The normalisation of Tab. 1: "pixel" (default), "group" (per frame) or "layer"."""
+    if kind == "pixel":
+        return PixelNorm()
+    if kind == "group":
+        return group_norm(channels, groups)
+    if kind == "layer":
+        return ChannelLayerNorm(channels, eps=1e-6)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# Resampling
+# ------------------------------------------------------------------------------------------
+class StridedDown(nn.Module):
+    """Downsampling by a strided 3x3 convolution into ``out_channels`` (App. D): per frame
+    (``dims=2``, 1x2x2) or causal 3x3x3 with stride ``(2 if temporal else 1, 2, 2)``, which maps
+    ``1 + 2k`` frames to ``1 + k`` with output frame ``j`` seeing input frames ``<= 2j``."""
+
+    def __init__(self, in_channels: int, out_channels: int, dims: int, temporal: bool):
+        super().__init__()
+        if dims == 2 and temporal:
+            raise ValueError("a 2D (per frame) downsampling cannot halve time")
+        self.temporal = temporal
+        self.conv = (nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1) if dims == 2 else
+                     CausalConv3d(in_channels, out_channels, 3, stride=(2 if temporal else 1, 2, 2)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2] % 2 or x.shape[-1] % 2:
+            raise ValueError(f"downsampling needs even height and width, got {tuple(x.shape[-2:])}")
+        if self.temporal and (x.shape[2] - 1) % 2:
+            raise ValueError(f"temporal downsampling needs 1 + 2k frames, got {x.shape[2]}")
+        return self.conv(x)
+
+
+def _icnr_(conv: nn.Module, factor: int) -> None:
+    """Initialise a conv feeding a depth-to-space of ``factor`` sub-positions so that all of them
+    start equal (ICNR, Aitken et al. 2017): no checkerboard at initialisation."""
+    w = conv.weight
+    base = torch.empty(w.shape[0] // factor, *w.shape[1:], device=w.device, dtype=w.dtype)
+    nn.init.kaiming_uniform_(base, a=math.sqrt(5))  # nn.Conv's default
+    with torch.no_grad():
+        w.copy_(base.repeat_interleave(factor, dim=0))  # channel c * factor + s <- kernel c
+        if conv.bias is not None:
+            conv.bias.copy_(conv.bias[::factor].repeat_interleave(factor))
+
+
+class ShuffleUp(nn.Module):
+    """PixelShuffle upsampling (Sec. 3.1.1, Tab. 1): a 3x3(x3) conv to ``out * r_t * 4`` channels then
+    depth-to-space over (h, w), and over t when ``temporal`` (3D depth-to-space). Temporally the
+    ``r_t - 1`` sub-frames before frame 0 are dropped: ``1 + k`` frames -> ``1 + 2k`` with frame 0
+    kept alone and every output frame depending on input frames up to its own position only."""
+
+    def __init__(self, in_channels: int, out_channels: int, dims: int, temporal: bool):
+        super().__init__()
+        if dims == 2 and temporal:
+            raise ValueError("a 2D (per frame) upsampling cannot double time")
+        self.rt = 2 if temporal else 1
+        factor = self.rt * 4
+        self.conv = (nn.Conv2d(in_channels, out_channels * factor, 3, padding=1) if dims == 2 else
+                     CausalConv3d(in_channels, out_channels * factor, 3))
+        _icnr_(self.conv, factor)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)
+        if h.ndim == 4:
+            return F.pixel_shuffle(h, 2)  # (N, C, 2H, 2W)
+        h = rearrange(h, "b (c rt rh rw) t h w -> b c (t rt) (h rh) (w rw)", rt=self.rt, rh=2, rw=2)
+        return h[:, :, self.rt - 1:]  # (B, C, 1 + rt*(T-1), 2H, 2W)
+
+
+class InterpolateUp(nn.Module):
+    """The interpolation baseline of Tab. 1: nearest 2x (time: each frame repeated, the copy before
+    frame 0 dropped, ``1 + k -> 1 + 2k``) then a 3x3(x3) conv to ``out_channels``."""
+
+    def __init__(self, in_channels: int, out_channels: int, dims: int, temporal: bool):
+        super().__init__()
+        if dims == 2 and temporal:
+            raise ValueError("a 2D (per frame) upsampling cannot double time")
+        self.temporal = temporal
+        self.conv = (nn.Conv2d(in_channels, out_channels, 3, padding=1) if dims == 2 else
+                     CausalConv3d(in_channels, out_channels, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim == 4:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (N, C', 2H, 2W)
+        h = F.interpolate(x, scale_factor=(2.0 if self.temporal else 1.0, 2.0, 2.0), mode="nearest")
+        return self.conv(h[:, :, 1:] if self.temporal else h)  # (B, C', 1 + 2(T-1) | T, 2H, 2W)
+
+
+# ------------------------------------------------------------------------------------------
+# Block-causal 3D attention (the bottleneck column)
+# ------------------------------------------------------------------------------------------
+def block_causal_mask(frames: int, tokens_per_frame: int, device: torch.device | str | None = None) -> Tensor:
+    """``(N, N)`` bool mask over tokens flattened as (t h w), True = may attend: a token sees every
+    token of its own frame and of earlier frames (Sec. 3.1.1, Fig. 2 right)."""
+    t = torch.arange(frames, device=device).repeat_interleave(tokens_per_frame)  # (N,)
+    return t[:, None] >= t[None, :]
+
+
+def grid_positions(frames: int, height: int, width: int, device: torch.device | str | None = None) -> Tensor:
+    """``(T*H*W, 3)`` integer (t, h, w) positions in (t h w) order."""
+    axes = [torch.arange(n, device=device) for n in (frames, height, width)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)  # (N, 3)
+
+
+class BlockCausalSelfAttention(SelfAttention):
+    """`ldm.layers.SelfAttention` (QK-norm, 3D RoPE, the ``ldm.attention`` entry point, so
+    ``set_attention_backend`` applies) called with a dense block-causal mask instead of ids."""
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k = self.norm(q, k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        o = attention(q, k, v, backend=self.backend, mask=mask)  # (B, H, N, d)
+        return self.proj(rearrange(o, "b h n d -> b n (h d)"))
+
+
+class CausalAttentionBlock(nn.Module):
+    """``x + Attn(norm(x))`` then ``x + MLP(norm(x))`` on a ``B C T H W`` map, the attention over all
+    (t, h, w) tokens under the block-causal mask."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, norm: functools.partial):
+        super().__init__()
+        self.norm1 = norm(dim)
+        self.attn = BlockCausalSelfAttention(dim, heads, qk_norm=True)
+        self.norm2 = norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
+        t, h = x.shape[2], x.shape[3]
+        tokens = rearrange(self.norm1(x), "b c t h w -> b (t h w) c")  # (B, N, C)
+        x = x + rearrange(self.attn(tokens, rope, mask), "b (t h w) c -> b c t h w", t=t, h=h)
+        tokens = rearrange(self.norm2(x), "b c t h w -> b (t h w) c")  # (B, N, C)
+        return x + rearrange(self.mlp(tokens), "b (t h w) c -> b c t h w", t=t, h=h)
+
+
+class CausalAttentionStack(nn.Module):
+    """The attention column's blocks; RoPE and the mask are built once per call for the map's grid."""
+
+    def __init__(self, dim: int, blocks: int, heads: int, mlp_ratio: float, norm: functools.partial):
+        super().__init__()
+        self.blocks = nn.ModuleList([CausalAttentionBlock(dim, heads, mlp_ratio, norm) for _ in range(blocks)])
+        self.rope = Rope3D(dim // heads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 5:
+            raise ValueError(f"3D causal attention expects B C T H W, got shape {tuple(x.shape)}")
+        t, h, w = x.shape[2:]
+        rope = self.rope(grid_positions(t, h, w, x.device))
+        mask = block_causal_mask(t, h * w, x.device)
+        for block in self.blocks:
+            x = block(x, rope, mask)
+        return x
+
+
+# ------------------------------------------------------------------------------------------
+# Encoder and decoder
+# ------------------------------------------------------------------------------------------
+def _fold(x: Tensor) -> Tensor:
+    return rearrange(x, "b c t h w -> (b t) c h w")  # (B*T, C, H, W)
+
+
+def _unfold(x: Tensor, frames: int) -> Tensor:
+    return rearrange(x, "(b t) c h w -> b c t h w", t=frames)  # (B, C, T, H, W)
+
+
+def _fuse(h: Tensor, first: Tensor, use: Tensor | None) -> Tensor:
+    """Eq. 1: ``(z_i + e_{N-i}) / 2`` for the samples in ``use`` (all when None); ``first`` is the
+    first frame's encoder feature ``B C 1 h w``, broadcast over the frames of ``h`` (``B C T h w``,
+    or frames folded into the batch, ``(B T) C h w``)."""
+    b, c, _, height, width = first.shape
+    if h.ndim == 4:
+        ok = h.shape[0] % b == 0 and tuple(h.shape[1:]) == (c, height, width)
+    else:
+        ok = h.shape[:2] == first.shape[:2] and h.shape[3:] == first.shape[3:]
+    if not ok:
+        raise ValueError(f"first-frame feature {tuple(first.shape)} does not match decoder feature {tuple(h.shape)}")
+    if h.ndim == 4:
+        frames = h.shape[0] // b
+        e = repeat(first[:, :, 0], "b c h w -> (b t) c h w", t=frames)  # (B*T, C, h, w)
+        m = None if use is None else repeat(use, "b -> (b t) 1 1 1", t=frames)
+    else:
+        e, m = first, None if use is None else use.view(-1, 1, 1, 1, 1)
+    fused = (h + e) / 2
+    return fused if m is None else torch.where(m, fused, h)
+
+
+class _Column(nn.Module):
+    def __init__(self, resample: nn.Module, blocks: nn.Module):
+        super().__init__()
+        self.resample = resample
+        self.blocks = blocks
+
+
+def _check_chunk(chunk: int | None, dims: int) -> None:
+    if chunk is None:
+        return
+    if chunk < 1:
+        raise ValueError(f"frame chunk must be >= 1, got {chunk}")
+    if dims == 3:
+        raise ValueError("sliced (frame-chunked) inference needs the 2D spatial stage (spatial_3d=False)")
+
+
+class H3AEEncoder(nn.Module):
+    """Stem conv, then per column a strided downsampling into its width and its blocks, then
+    norm -> SiLU -> causal conv to ``2 * latent_channels`` moments."""
+
+    def __init__(self, cfg: H3AEConfig):
+        super().__init__()
+        norm = functools.partial(make_norm, cfg.norm, groups=cfg.norm_groups)
+        self.spatial_dims = 3 if cfg.spatial_3d else 2
+        widths, temporal = cfg.widths, cfg.temporal
+        n_s, n_st = len(cfg.spatial_widths), len(cfg.st_widths)
+        self.conv_in = (nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1) if self.spatial_dims == 2 else
+                        CausalConv3d(cfg.in_channels, widths[0], 3))
+        columns, prev = [], widths[0]
+        for i, w in enumerate(widths):
+            dims = self.spatial_dims if i < n_s else 3
+            if i < n_s + n_st:
+                n = (cfg.spatial_blocks + cfg.st_blocks)[i]
+                blocks = nn.Sequential(*[ResBlock(w, w, dims, norm=norm) for _ in range(n)])
+            else:
+                blocks = CausalAttentionStack(w, cfg.attn_blocks, cfg.attn_heads, cfg.mlp_ratio, norm)
+            columns.append(_Column(StridedDown(prev, w, dims, temporal[i]), blocks))
+            prev = w
+        self.spatial = nn.ModuleList(columns[:n_s])
+        self.st = nn.ModuleList(columns[n_s:])
+        self.norm_out = norm(prev)
+        self.conv_out = CausalConv3d(prev, 2 * cfg.latent_channels, 3)
+
+    def forward(self, x: Tensor, chunk: int | None = None, features: bool = True) -> tuple[Tensor, list[Tensor]]:
+        """``x: B C T H W`` -> (moments ``B 2c t h w``, first-frame output of every column
+        ``[B C_i 1 h_i w_i]``, empty unless ``features``). ``chunk`` runs the 2D spatial stage on
+        that many frames at a time."""
+        _check_chunk(chunk, self.spatial_dims)
+        frames = x.shape[2]
+        step = frames if chunk is None else chunk
+        feats: list[Tensor] = []
+        outs = []
+        for t0 in range(0, frames, step):
+            n = min(step, frames - t0)
+            h = x[:, :, t0:t0 + n]
+            h = _fold(h) if self.spatial_dims == 2 else h
+            h = self.conv_in(h)
+            for col in self.spatial:
+                h = col.blocks(col.resample(h))
+                if features and t0 == 0:
+                    feats.append((_unfold(h, n) if h.ndim == 4 else h)[:, :, :1])
+            outs.append(_unfold(h, n) if h.ndim == 4 else h)
+        h = torch.cat(outs, 2) if len(outs) > 1 else outs[0]  # (B, C, T, H/fs, W/fs)
+        for col in self.st:
+            h = col.blocks(col.resample(h))
+            if features:
+                feats.append(h[:, :, :1])
+        return self.conv_out(F.silu(self.norm_out(h))), feats
+
+
+class H3AEDecoder(nn.Module):
+    """Causal conv from the latent, then per column (deepest first) the first-frame fusion of Eq. 1
+    when features are given, its blocks and a PixelShuffle upsampling out of it, then norm -> SiLU
+    -> conv to pixels."""
+
+    def __init__(self, cfg: H3AEConfig):
+        super().__init__()
+        norm = functools.partial(make_norm, cfg.norm, groups=cfg.norm_groups)
+        up_cls = ShuffleUp if cfg.upsample == "shuffle" else InterpolateUp
+        self.spatial_dims = 3 if cfg.spatial_3d else 2
+        widths, temporal = cfg.widths, cfg.temporal
+        n_s, n_st = len(cfg.spatial_widths), len(cfg.st_widths)
+        self.conv_in = CausalConv3d(cfg.latent_channels, widths[-1], 3)
+        columns = []
+        for i, w in enumerate(widths):  # column i upsamples back to the resolution and width of column i - 1
+            dims = self.spatial_dims if i < n_s else 3
+            if i < n_s + n_st:
+                n = (cfg.spatial_blocks + cfg.st_blocks)[i]
+                blocks = nn.Sequential(*[ResBlock(w, w, dims, norm=norm) for _ in range(n)])
+            else:
+                blocks = CausalAttentionStack(w, cfg.attn_blocks, cfg.attn_heads, cfg.mlp_ratio, norm)
+            columns.append(_Column(up_cls(w, widths[max(i - 1, 0)], dims, temporal[i]), blocks))
+        self.spatial = nn.ModuleList(columns[:n_s])  # index i = column i (applied in reverse)
+        self.st = nn.ModuleList(columns[n_s:])
+        self.norm_out = norm(widths[0])
+        self.conv_out = (nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1) if self.spatial_dims == 2 else
+                         CausalConv3d(widths[0], cfg.in_channels, 3))
+
+    def forward(self, z: Tensor, first: list[Tensor] | None = None, use: Tensor | None = None,
+                chunk: int | None = None) -> Tensor:
+        """``z: B c t h w`` -> ``B C (1 + r(t-1)) H W``. ``first``: the first frame's encoder
+        features per column (as `H3AEEncoder` returns them) to fuse (Eq. 1) into the samples
+        where ``use`` (``B`` bool; None = all) is True; None decodes plainly."""
+        _check_chunk(chunk, self.spatial_dims)
+        n_s = len(self.spatial)
+        if first is not None and len(first) != n_s + len(self.st):
+            raise ValueError(f"need first-frame features for {n_s + len(self.st)} columns, got {len(first)}")
+        h = self.conv_in(z)
+        for i in reversed(range(len(self.st))):
+            col = self.st[i]
+            if first is not None:
+                h = _fuse(h, first[n_s + i], use)
+            h = col.resample(col.blocks(h))
+        frames = h.shape[2]
+        step = frames if chunk is None else chunk
+        outs = []
+        for t0 in range(0, frames, step):
+            n = min(step, frames - t0)
+            f = h[:, :, t0:t0 + n]
+            f = _fold(f) if self.spatial_dims == 2 else f
+            for i in reversed(range(n_s)):
+                col = self.spatial[i]
+                if first is not None:
+                    f = _fuse(f, first[i], use)
+                f = col.resample(col.blocks(f))
+            f = self.conv_out(F.silu(self.norm_out(f)))
+            outs.append(_unfold(f, n) if f.ndim == 4 else f)
+        return torch.cat(outs, 2) if len(outs) > 1 else outs[0]  # (B, C, T, H, W)
+
+
+# ------------------------------------------------------------------------------------------
+# Losses
+# ------------------------------------------------------------------------------------------
+def gaussian_kl(mean_p: Tensor, logvar_p: Tensor, mean_q: Tensor, logvar_q: Tensor) -> Tensor:
+    """``KL(N(mean_p, exp(logvar_p)) || N(mean_q, exp(logvar_q)))`` of diagonal Gaussians summed over
+    all non-batch axes, per sample ``(B,)``: Eq. 3 of H3AE,
+    ``0.5 * sum((mu_p - mu_q)^2 / s_q^2 + s_p^2 / s_q^2 - 1 - log(s_p^2 / s_q^2))``."""
+    ratio = logvar_p - logvar_q
+    kl = 0.5 * ((mean_p - mean_q).pow(2) * torch.exp(-logvar_q) + ratio.exp() - 1.0 - ratio)
+    return kl.flatten(1).sum(1)
+
+
+# ------------------------------------------------------------------------------------------
+# The family
+# ------------------------------------------------------------------------------------------
+@register_family
+class H3AE(Autoencoder):
+    """H3AE: ``B C (1+rk) H W -> z: B c (1+k) H/f W/f`` with ``f = 2 ** columns`` and
+    ``r = 2 ** (temporal downsamplings)``; see the module docstring."""
+
+    family = "h3ae"
+    config_cls = H3AEConfig
+
+    def __init__(self, config: H3AEConfig):
+        super().__init__(config)
+        check_latent_stats(config, config.latent_channels)
+        self.encoder = H3AEEncoder(config)
+        self.decoder = H3AEDecoder(config)
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))  # drives consistency_start
+        self.frame_chunk: int | None = None
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.config.spatial_factor
+
+    @property
+    def temporal_factor(self) -> int:
+        return self.config.temporal_factor
+
+    def set_frame_chunk(self, frames: int | None) -> None:
+        """Sliced inference: run the 2D spatial stage on ``frames`` frames at a time (None: all)."""
+        _check_chunk(frames, self.encoder.spatial_dims)
+        self.frame_chunk = frames
+
+    def last_layer(self) -> Tensor:
+        """The decoder's output convolution weight (for the adaptive GAN weight)."""
+        return self.decoder.conv_out.weight
+
+    def latent_spec(self, frames: int, height: int, width: int) -> LatentSpec:
+        f, r = self.spatial_factor, self.temporal_factor
+        if frames < 1 or (frames - 1) % r:
+            raise ValueError(f"{self.family}: the VAE is fully causal (the first frame alone, then groups of {r}): "
+                             f"needs 1 + {r}k frames (1, {1 + r}, {1 + 2 * r}, ...), got {frames}")
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise ValueError(f"{self.family}: height and width must be positive multiples of {f}, "
+                             f"got {height}x{width}")
+        t = 1 + (frames - 1) // r
+        return LatentSpec(form="grid", parts={"z": (self.config.latent_channels, t, height // f, width // f)},
+                          input_shape=(self.config.in_channels, frames, height, width),
+                          vcpr=frames / t * f * f)
+
+    # --- encode / decode -----------------------------------------------------------------
+    def _posterior(self, moments: Tensor) -> Latent:
+        mean, logvar = split_moments(moments, self.config.logvar_clamp)  # each (B, c, t, h, w)
+        return Latent({"z": mean}, form="grid", logvar={"z": logvar})
+
+    def _encode(self, video: Tensor, cond: Cond | None) -> Latent:
+        moments, _ = self.encoder(video, self.frame_chunk, features=False)
+        return self._posterior(moments)
+
+    def first_frame_features(self, first_frame: Tensor, z: Tensor | None = None) -> list[Tensor]:
+        """Encoder features of every column for ``first_frame: B C 1 H W`` pixels in [-1, 1] (the
+        image condition of Eq. 1); checked against the latent ``z`` it will be decoded with."""
+        c = self.config.in_channels
+        if first_frame.ndim != 5 or first_frame.shape[1] != c or first_frame.shape[2] != 1:
+            raise ValueError(f"cond.first_frame must be B {c} 1 H W pixels, got {tuple(first_frame.shape)}")
+        if z is not None:
+            f = self.spatial_factor
+            want = (z.shape[0], z.shape[3] * f, z.shape[4] * f)
+            got = (first_frame.shape[0], *first_frame.shape[3:])
+            if got != want:
+                raise ValueError(f"cond.first_frame has batch/height/width {got}, the latent needs {want}")
+        self.check_input(1, *first_frame.shape[3:])
+        return self.encoder(first_frame, None)[1]
+
+    def _decode(self, latent: Latent, cond: Cond | None) -> Tensor:
+        z = grid_z(latent, self.config.latent_channels, self.family)
+        first = None
+        if cond is not None and cond.first_frame is not None:
+            first = self.first_frame_features(cond.first_frame.to(z.dtype), z)
+        return self.decoder(z, first, None, self.frame_chunk)  # (B, C, T, H, W)
+
+    # --- training ------------------------------------------------------------------------
+    def consistency_active(self) -> bool:
+        cfg = self.config
+        return cfg.consistency != "none" and int(self.train_steps) >= cfg.consistency_start
+
+    def _frozen(self, module: nn.Module, *args, **kwargs):
+        """Call ``module`` with its parameters detached: gradients reach the inputs, never its weights."""
+        params = {name: p.detach() for name, p in module.named_parameters()}
+        return torch.func.functional_call(module, params, args, kwargs)
+
+    def latent_consistency_loss(self, posterior: Latent, recon: Tensor) -> Tensor:
+        """Eq. 3: ``KL(q(z|x) || q(z'|x_hat))`` with ``z'`` from re-encoding ``recon`` with the encoder's
+        weights frozen and ``q(z|x)`` (``posterior``, from the training forward) as a fixed target;
+        summed over latent elements, divided by the input elements per sample and averaged over the
+        batch (the normalisation of the KL term in ``autoencoders.losses``)."""
+        moments, _ = self._frozen(self.encoder, recon, self.frame_chunk, features=False)
+        mean_f, logvar_f = split_moments(moments, self.config.logvar_clamp)
+        kl = gaussian_kl(posterior["z"].detach(), posterior.logvar["z"].detach(), mean_f, logvar_f)  # (B,)
+        return (kl / recon[0].numel()).mean()
+
+    def pixel_consistency_loss(self, recon: Tensor) -> Tensor:
+        """App. E's "pixel consistency" variant: the whole VAE with frozen weights reconstructs
+        ``recon`` again (posterior mean, plain decoding) and the mean L1 distance to ``recon``
+        (a fixed target) is the loss."""
+        moments, _ = self._frozen(self.encoder, recon, self.frame_chunk, features=False)
+        mean_f, _ = split_moments(moments, self.config.logvar_clamp)
+        again = self._frozen(self.decoder, mean_f, None, None, self.frame_chunk)
+        return (again - recon.detach()).abs().mean()
+
+    def train_forward(self, video: Tensor, cond: Cond | None = None,
+                      generator: torch.Generator | None = None) -> AEOutput:
+        """Encode, sample, decode with the omni objective (Eq. 1: each sample gets the first frame's
+        encoder features with probability ``omni_prob``; they come from this clip's own causal
+        encoder pass, where frame 0 is encoded alone), plus the consistency term once
+        ``train_steps >= consistency_start``."""
+        cfg = self.config
+        moments, feats = self.encoder(video, self.frame_chunk, features=cfg.omni_prob > 0)
+        posterior = self._posterior(moments)
+        z = posterior.sample(generator)["z"]
+        use = None
+        if cfg.omni_prob > 0:
+            use = torch.rand(video.shape[0], generator=generator, device=video.device) < cfg.omni_prob
+        recon = self.decoder(z, feats if use is not None else None, use, self.frame_chunk)
+        losses: dict[str, Tensor] = {}
+        if self.consistency_active() and cfg.consistency_weight > 0:
+            if cfg.consistency == "latent":
+                losses["latent_consistency"] = cfg.consistency_weight * self.latent_consistency_loss(posterior, recon)
+            else:
+                losses["pixel_consistency"] = cfg.consistency_weight * self.pixel_consistency_loss(recon)
+        if self.training:
+            self.train_steps += 1
+        return AEOutput(recon=recon, posterior=posterior, losses=losses)
+
+
+# Tab. 9: S stage Conv2D 32x2, 64x2; ST stage Conv3D 128x2, 256x8|6, (512x8); attention 512x8, 8 heads.
+_S = dict(spatial_widths=(32, 64), spatial_blocks=(2, 2))
+register("h3ae-4x16x16", H3AE, H3AEConfig(**_S, st_widths=(128, 256), st_blocks=(2, 8), st_temporal=(True, True)))
+register("h3ae-8x32x32", H3AE, H3AEConfig(**_S, st_widths=(128, 256), st_blocks=(2, 6),
+                                          attn_width=512, attn_blocks=8, st_temporal=(True, True, True)))
+# 8x64x64 has four ST downsamplings for three temporal ones; the first three columns halve time, as
+# in 8x32x32 (the paper does not say which one is spatial only).
+register("h3ae-8x64x64", H3AE, H3AEConfig(**_S, st_widths=(128, 256, 512), st_blocks=(2, 6, 8),
+                                          attn_width=512, attn_blocks=8, st_temporal=(True, True, True, False)))
+
+# Debug twins: same columns, factors and latent channels; tiny widths, one block per column, and the
+# consistency loss from step 150 (the last quarter of a 200-step CPU run).
+_D = dict(spatial_widths=(8, 16), spatial_blocks=(1, 1), consistency_start=150)
+register("h3ae-4x16x16-debug", H3AE, H3AEConfig(**_D, st_widths=(16, 32), st_blocks=(1, 1), st_temporal=(True, True)))
+register("h3ae-8x32x32-debug", H3AE, H3AEConfig(**_D, st_widths=(16, 32), st_blocks=(1, 1),
+                                                attn_width=64, attn_blocks=1, st_temporal=(True, True, True)))
+register("h3ae-8x64x64-debug", H3AE, H3AEConfig(**_D, st_widths=(16, 32, 32), st_blocks=(1, 1, 1),
+                                                attn_width=64, attn_blocks=1, st_temporal=(True, True, True, False)))
