@@ -1,0 +1,419 @@
+"""Layers of IV-VAE (Wu et al., "Improved Video VAE for Latent Video Diffusion Model", 2024).
+
+Every feature map of IV-VAE is ``[key half | motion half]`` along channels (Fig. 2b): the *key*
+half comes from 2D convolutions (per frame, the image prior of the keyframes), the *motion* half
+from 3D group causal convolutions. Each half is normalised on its own. The model is assembled in
+``autoencoders/ivvae.py``; this file holds the parts:
+
+- `StreamCache`: per-layer temporal state for chunk-by-chunk encoding/decoding (Sec. 4.5.2).
+- `GroupCausalConv3d` (GCConv, Sec. 3.2): frames are grouped by the current temporal rate, the
+  first frame is its own group; inside a group a plain (bidirectional) convolution, between groups
+  causal padding from the previous group's last frames, zeros after the group.
+- `KTCConv` (the KTC unit's convolution, Sec. 3.3): a 2D conv writing the key half and a GCConv
+  writing the motion half, both reading every input channel; after full temporal compression the
+  GCConv becomes a 2D conv (Sec. 3.3, last paragraph).
+- `BranchNorm`: RMSNorm (Sec. 3.5) of each half separately, or the per-frame GroupNorm of the
+  ``kl2d`` family (for an exact inflation of a kl2d checkpoint, see ``IVVAE.from_kl2d``).
+- `KTCResBlock`, `BranchAttention`, the keyframe temporal resamplers `KeyframeDownsample` /
+  `KeyframeUpsample`, the per-branch spatial resamplers, and the TMPE head `ParallelAtrousConv`
+  (Sec. 3.4).
+
+Group-causal contract shared by every layer here: a clip of ``1 + g*k`` frames at group size ``g``
+is frame 0 followed by ``k`` groups; the output for a group depends on that group and the frames
+before it only. With a `StreamCache`, the first call of a layer starts the video (frame 0 plus whole
+groups) and later calls continue it (whole groups only), giving exactly the one-shot result.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from autoencoders.blocks import SpatialDownsample, group_norm
+from ldm.attention import attention
+
+NORMS = ("rms", "group")
+
+
+# ------------------------------------------------------------------------------------------
+# Streaming state
+# ------------------------------------------------------------------------------------------
+class StreamCache:
+    """Per-layer state carried from one chunk of a video to the next (IV-VAE Sec. 4.5.2).
+
+    A GCConv keeps the last ``P_t`` frames of its input (the temporal padding it needs from the
+    past); temporal resamplers and the output selector keep only the fact that the video has
+    started (frame 0 is special). Keys are the layers themselves, so one cache serves one pass of
+    one model over one video.
+    """
+
+    def __init__(self) -> None:
+        self._state: dict[nn.Module, Tensor | None] = {}
+
+    def started(self, layer: nn.Module) -> bool:
+        """True when ``layer`` has already processed the start of the video."""
+        return layer in self._state
+
+    def get(self, layer: nn.Module) -> Tensor | None:
+        return self._state.get(layer)
+
+    def put(self, layer: nn.Module, value: Tensor | None) -> None:
+        self._state[layer] = value
+
+    def cached_bytes(self) -> int:
+        """Bytes held by cached frames (what chunked processing keeps between chunks)."""
+        return sum(v.numel() * v.element_size() for v in self._state.values() if v is not None)
+
+
+def starts_video(layer: nn.Module, cache: StreamCache | None) -> bool:
+    """Whether this call of ``layer`` begins the video (one-shot calls always do); marks it."""
+    if cache is None:
+        return True
+    start = not cache.started(layer)
+    if start:
+        cache.put(layer, None)
+    return start
+
+
+def _check_groups(frames: int, group: int, start: bool, name: str) -> int:
+    """Number of whole groups after the (optional) first frame; a clear error otherwise."""
+    body = frames - 1 if start else frames
+    if body < 0 or body % group:
+        need = f"1 + {group}k" if start else f"a multiple of {group}"
+        raise ValueError(f"{name}: needs {need} frames at group size {group}, got {frames}")
+    return body // group
+
+
+# ------------------------------------------------------------------------------------------
+# Group causal convolution (Sec. 3.2, Fig. 2a)
+# ------------------------------------------------------------------------------------------
+class GroupCausalConv3d(nn.Conv3d):
+    """GCConv: a 3D convolution that is bidirectional inside a frame group and causal between groups.
+
+    Time is cut into frame 0 (its own group) and groups of ``group`` frames. Each group is padded
+    before with the ``P = (k_t - 1) / 2`` frames that precede it in the video (frame 0 pads itself,
+    replicated when ``P > 1``) and after with ``P`` zero frames, then convolved on its own with the
+    same weights (Sec. 3.2: "We pad the features of the previous frame before each frame group [...]
+    the first image frame is padded using its own features. And we use zero padding after each frame
+    group."). Space is zero-padded to "same". The temporal kernel must be odd; ``k_t = 1`` is a
+    pointwise-in-time convolution with no grouping at all.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int] = 3,
+                 group: int = 4, bias: bool = True):
+        kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+        if kt % 2 == 0 or kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"GroupCausalConv3d needs odd kernel sizes, got {(kt, kh, kw)}")
+        if group < 1:
+            raise ValueError(f"group size must be >= 1, got {group}")
+        super().__init__(in_channels, out_channels, (kt, kh, kw), padding=(0, kh // 2, kw // 2), bias=bias)
+        self.group = group
+        self.time_pad = kt // 2
+
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        if x.ndim != 5:
+            raise ValueError(f"GroupCausalConv3d expects B C T H W, got shape {tuple(x.shape)}")
+        if self.time_pad == 0:
+            return super().forward(x)
+        p, g = self.time_pad, self.group
+        past = cache.get(self) if cache is not None else None
+        start = past is None
+        k = _check_groups(x.shape[2], g, start, "GroupCausalConv3d")
+        outs = []
+        if start:  # frame 0 is a group of its own, padded before by itself and after by zeros
+            first = x[:, :, :1]
+            past = first.expand(-1, -1, p, -1, -1)  # (B, C, P, H, W)
+            zeros = torch.zeros_like(past)
+            outs.append(super().forward(torch.cat([past, first, zeros], dim=2)))  # (B, C', 1, H, W)
+            body = x[:, :, 1:]
+        else:
+            body = x
+        seq = torch.cat([past, body], dim=2)  # (B, C, P + k*g, H, W): each group's past precedes it
+        if k:
+            left = seq.unfold(2, p, g)[:, :, :k]  # (B, C, k, H, W, P): the P frames before group j
+            left = rearrange(left, "b c k h w p -> b k c p h w")
+            groups = rearrange(body, "b c (k g) h w -> b k c g h w", g=g)
+            zeros = body.new_zeros(body.shape[0], k, body.shape[1], p, *body.shape[3:])
+            windows = torch.cat([left, groups, zeros], dim=3)  # (B, k, C, P + g + P, H, W)
+            y = super().forward(rearrange(windows, "b k c t h w -> (b k) c t h w"))  # (B*k, C', g, H, W)
+            outs.append(rearrange(y, "(b k) c g h w -> b c (k g) h w", k=k))  # (B, C', k*g, H, W)
+        if cache is not None:
+            cache.put(self, seq[:, :, -p:])  # the past of the next chunk's first group
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _frame_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """Apply a 2D convolution to every frame of ``B C T H W``."""
+    b = x.shape[0]
+    y = conv(rearrange(x, "b c t h w -> (b t) c h w"))  # (B*T, C', H', W')
+    return rearrange(y, "(b t) c h w -> b c t h w", b=b)  # (B, C', T, H', W')
+
+
+class KTCConv(nn.Module):
+    """The convolution of a KTC unit (Sec. 3.3, Fig. 2b): ``key`` (2D, per frame) writes the first
+    ``out_channels / 2`` channels, ``motion`` writes the rest; both read every input channel.
+
+    ``motion`` is a `GroupCausalConv3d` at group size ``group`` while frames are still grouped
+    (``group > 1``) and a 2D convolution once time is fully compressed (``group == 1``, the
+    paper's "we replace the GCConv3D in KTC Unit with a 2D convolution at this stage").
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, group: int = 1):
+        super().__init__()
+        if out_channels % 2:
+            raise ValueError(f"a KTC convolution writes two halves: out_channels must be even, got {out_channels}")
+        half, pad = out_channels // 2, kernel_size // 2
+        self.group = group
+        self.key = nn.Conv2d(in_channels, half, kernel_size, padding=pad)
+        self.motion: nn.Module = (GroupCausalConv3d(in_channels, half, kernel_size, group) if group > 1
+                                  else nn.Conv2d(in_channels, half, kernel_size, padding=pad))
+
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        key = _frame_conv(self.key, x)
+        motion = self.motion(x, cache) if self.group > 1 else _frame_conv(self.motion, x)
+        return torch.cat([key, motion], dim=1)  # (B, C_out, T, H, W)
+
+
+# ------------------------------------------------------------------------------------------
+# Normalisation (Sec. 3.5) and attention (Sec. 3.4)
+# ------------------------------------------------------------------------------------------
+class ChannelRMSNorm(nn.Module):
+    """``x / sqrt(mean_c(x^2) + eps) * gamma`` over the channel axis of ``B C ...`` maps, at every
+    pixel of every frame (so it never mixes frames: Sec. 3.5's reason to drop GroupNorm).
+    ``halves=2`` normalises the two halves of the channels separately (KTC's per-branch norm)."""
+
+    def __init__(self, channels: int, halves: int = 1, eps: float = 1e-6):
+        super().__init__()
+        if channels % halves:
+            raise ValueError(f"{channels} channels cannot be cut into {halves} equal parts")
+        self.halves, self.eps = halves, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        h = x.reshape(shape[0], self.halves, shape[1] // self.halves, *shape[2:])  # (B, r, C/r, ...)
+        h = h * torch.rsqrt(h.pow(2).mean(dim=2, keepdim=True) + self.eps)
+        return h.reshape(shape) * self.weight.view(1, -1, *([1] * (x.ndim - 2)))
+
+
+def channel_norm(kind: str, channels: int, groups: int) -> nn.Module:
+    """One normaliser of ``channels``: RMS over channels, or the per-frame GroupNorm of kl2d."""
+    if kind == "rms":
+        return ChannelRMSNorm(channels)
+    if kind == "group":
+        return group_norm(channels, groups)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+class BranchNorm(nn.Module):
+    """Normalise the key and the motion half separately (Fig. 2b: "separately normalized by
+    RMS-Norm and concatenated"); ``kind="group"`` uses per-frame GroupNorm per half instead."""
+
+    def __init__(self, channels: int, kind: str = "rms", groups: int = 32):
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"BranchNorm needs an even channel count, got {channels}")
+        self.kind = kind
+        if kind == "rms":
+            self.norm: nn.Module = ChannelRMSNorm(channels, halves=2)
+        elif kind == "group":
+            self.norm = nn.ModuleList([group_norm(channels // 2, groups), group_norm(channels // 2, groups)])
+        else:
+            raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "rms":
+            return self.norm(x)
+        key, motion = x.chunk(2, dim=1)
+        return torch.cat([self.norm[0](key), self.norm[1](motion)], dim=1)
+
+
+class FrameAttention(nn.Module):
+    """Single-head self-attention over the pixels of each frame with a residual (the SD-VAE mid
+    block attention, ``norm -> qkv -> attention -> proj``); time is folded into the batch, so it is
+    causal in time. Goes through the platform's one attention entry point."""
+
+    def __init__(self, channels: int, norm: str = "rms", groups: int = 32):
+        super().__init__()
+        self.norm = channel_norm(norm, channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, height = x.shape[0], x.shape[3]
+        h = rearrange(x, "b c t h w -> (b t) c h w")  # (B*T, C, H, W)
+        qkv = self.qkv(self.norm(h))
+        q, k, v = rearrange(qkv, "n (three c) h w -> three n 1 (h w) c", three=3)  # each (N, 1, HW, C)
+        out = rearrange(attention(q, k, v), "n 1 (h w) c -> n c h w", h=height)  # (N, C, H, W)
+        return x + rearrange(self.proj(out), "(b t) c h w -> b c t h w", b=b)
+
+
+class BranchAttention(nn.Module):
+    """Per-frame attention on each half separately (key pixels attend to key pixels, motion to
+    motion), as the KTC layout keeps the halves apart everywhere but in the convolutions."""
+
+    def __init__(self, channels: int, norm: str = "rms", groups: int = 32):
+        super().__init__()
+        self.key = FrameAttention(channels // 2, norm, groups)
+        self.motion = FrameAttention(channels // 2, norm, groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        key, motion = x.chunk(2, dim=1)
+        return torch.cat([self.key(key), self.motion(motion)], dim=1)
+
+
+# ------------------------------------------------------------------------------------------
+# Residual block
+# ------------------------------------------------------------------------------------------
+class KTCResBlock(nn.Module):
+    """``norm -> SiLU -> KTC conv -> norm -> SiLU -> dropout -> KTC conv`` plus a 1x1 KTC skip when
+    the width changes (the SD-VAE ResBlock with KTC units, Fig. 2d)."""
+
+    def __init__(self, in_channels: int, out_channels: int, group: int, norm: str = "rms", groups: int = 32,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = BranchNorm(in_channels, norm, groups)
+        self.conv1 = KTCConv(in_channels, out_channels, 3, group)
+        self.norm2 = BranchNorm(out_channels, norm, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = KTCConv(out_channels, out_channels, 3, group)
+        self.skip = KTCConv(in_channels, out_channels, 1, group) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)), cache)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))), cache)
+        return (x if self.skip is None else self.skip(x, cache)) + h
+
+
+# ------------------------------------------------------------------------------------------
+# Resampling
+# ------------------------------------------------------------------------------------------
+class BranchSpatialDownsample(nn.Module):
+    """2x spatial downsampling of each half by its own stride-2 convolution (per frame)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.key = SpatialDownsample(channels // 2)
+        self.motion = SpatialDownsample(channels // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        key, motion = x.chunk(2, dim=1)
+        return torch.cat([self.key(key), self.motion(motion)], dim=1)
+
+
+class BranchSpatialUpsample(nn.Module):
+    """2x nearest spatial upsampling + 3x3 conv of each half, per frame. With ``out_channels <
+    channels`` the width shrinks here rather than in the next ResBlock (Sec. 3.5: "we shrink the
+    channel number during spatial upsampling", -29 % peak memory at 480P in the paper)."""
+
+    def __init__(self, channels: int, out_channels: int):
+        super().__init__()
+        if channels % 2 or out_channels % 2:
+            raise ValueError(f"BranchSpatialUpsample needs even widths, got {channels} -> {out_channels}")
+        self.key = nn.Conv2d(channels // 2, out_channels // 2, 3, padding=1)
+        self.motion = nn.Conv2d(channels // 2, out_channels // 2, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        h = F.interpolate(rearrange(x, "b c t h w -> (b t) c h w"), scale_factor=2.0, mode="nearest")  # (B*T, C, 2H, 2W)
+        key, motion = h.chunk(2, dim=1)
+        h = torch.cat([self.key(key), self.motion(motion)], dim=1)  # (B*T, C_out, 2H, 2W)
+        return rearrange(h, "(b t) c h w -> b c t h w", b=b)
+
+
+class KeyframeDownsample(nn.Module):
+    """2x temporal downsampling of a KTC map (Sec. 3.3): the key half keeps the first frame of every
+    pair (so after all downsamplings exactly the first frame of each group, the keyframe, is left);
+    the motion half merges each pair by a (2, 1, 1) stride-2 convolution. Pairs never straddle two
+    groups (the incoming group size is even), and frame 0 passes unchanged in both halves."""
+
+    def __init__(self, channels: int, group: int):
+        super().__init__()
+        if group < 2 or group % 2:
+            raise ValueError(f"KeyframeDownsample needs an even incoming group size, got {group}")
+        self.group = group
+        self.conv = nn.Conv3d(channels // 2, channels // 2, (2, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        start = starts_video(self, cache)
+        _check_groups(x.shape[2], self.group, start, "KeyframeDownsample")
+        body = x[:, :, 1:] if start else x
+        if body.shape[2] == 0:  # a chunk holding frame 0 alone
+            return x
+        key, motion = body.chunk(2, dim=1)
+        out = torch.cat([key[:, :, 0::2], self.conv(motion)], dim=1)  # (B, C, T_body / 2, H, W)
+        return torch.cat([x[:, :, :1], out], dim=2) if start else out
+
+
+class KeyframeUpsample(nn.Module):
+    """2x temporal upsampling of a KTC map, the mirror of `KeyframeDownsample`: the key half repeats
+    every frame twice, the motion half predicts two sub-frames per frame with a 1x1x1 convolution
+    (``C/2 -> 2 * C/2`` channels unfolded along time); frame 0 is not upsampled."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv3d(channels // 2, channels, 1)
+
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        start = starts_video(self, cache)
+        body = x[:, :, 1:] if start else x
+        if body.shape[2] == 0:  # a chunk holding latent frame 0 alone
+            return x
+        key, motion = body.chunk(2, dim=1)
+        key = key.repeat_interleave(2, dim=2)  # (B, C/2, 2T, H, W)
+        motion = rearrange(self.conv(motion), "b (r c) t h w -> b c (t r) h w", r=2)  # (B, C/2, 2T, H, W)
+        out = torch.cat([key, motion], dim=1)
+        return torch.cat([x[:, :, :1], out], dim=2) if start else out
+
+
+# ------------------------------------------------------------------------------------------
+# TMPE head (Sec. 3.4, Fig. 2c)
+# ------------------------------------------------------------------------------------------
+class ParallelAtrousConv(nn.Module):
+    """PAC, the encoder's last layer (Sec. 3.4, after DeepLabV3+'s ASPP): a 1x1 branch and 3x3
+    branches with the given dilation rates run in parallel on every frame; their outputs are
+    concatenated and fused by a 1x1 convolution to ``out_channels``. Every branch reads all channels
+    and writes ``[key | motion]`` halves (time is fully compressed here, so they are 2D)."""
+
+    def __init__(self, in_channels: int, out_channels: int, dilations: Sequence[int]):
+        super().__init__()
+        if not dilations or any(d < 1 for d in dilations):
+            raise ValueError(f"dilations must be positive, got {tuple(dilations)}")
+        self.dilations = tuple(dilations)
+        self.point = nn.Conv2d(in_channels, out_channels, 1)
+        self.atrous = nn.ModuleList(nn.Conv2d(in_channels, out_channels, 3, padding=d, dilation=d)
+                                    for d in self.dilations)
+        self.fuse = nn.Conv2d(out_channels * (1 + len(self.dilations)), out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        h = rearrange(x, "b c t h w -> (b t) c h w")  # (B*T, C, H, W)
+        h = torch.cat([self.point(h)] + [conv(h) for conv in self.atrous], dim=1)  # (B*T, (1+n)*C_out, H, W)
+        return rearrange(self.fuse(h), "(b t) c h w -> b c t h w", b=b)
+
+
+def keyframe_select(key: Tensor, motion: Tensor, group: int, start: bool) -> Tensor:
+    """Assemble the output video (Sec. 3.3): frame 0 and the first frame of every group from the
+    key (2D) head, the other frames from the motion (3D) head. ``start``: the clip begins the video."""
+    frames = key.shape[2]
+    index = torch.arange(frames, device=key.device) - (1 if start else 0)
+    from_key = (index % group == 0) | (index < 0)  # (T,)
+    return torch.where(from_key.view(1, 1, -1, 1, 1), key, motion)
+
+
+def inflate_center(weight_2d: Tensor, frames: int) -> Tensor:
+    """A ``C_out C_in k k`` 2D kernel as a ``C_out C_in frames k k`` 3D kernel that only looks at
+    the centre frame (I3D's "centre initialisation", Carreira & Zisserman 2017; IV-VAE Sec. 3.3)."""
+    if frames % 2 == 0:
+        raise ValueError(f"centre inflation needs an odd temporal kernel, got {frames}")
+    w = weight_2d.new_zeros(weight_2d.shape[0], weight_2d.shape[1], frames, *weight_2d.shape[2:])
+    w[:, :, frames // 2] = weight_2d
+    return w
+
+
+def count_gcconv(module: nn.Module) -> int:
+    """Number of GCConv layers with a temporal kernel (each holds ``P_t`` cached frames when streaming)."""
+    return sum(1 for m in module.modules() if isinstance(m, GroupCausalConv3d) and m.time_pad > 0)

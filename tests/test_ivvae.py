@@ -1,0 +1,317 @@
+"""IV-VAE (autoencoders/ivvae.py): GCConv group causality, KTC halves, kl2d inflation at step 0,
+cache == one shot, shapes, errors, save/load, training with ``train_autoencoder`` and extraction.
+Tiny debug configs on CPU."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autoencoders import REGISTRY, build, describe, load_pretrained
+from autoencoders.blocks import CausalConv3d, latent_kl
+from autoencoders.ivvae import IVVAE, IVVAEConfig, inflate_kl2d
+from autoencoders.ivvae_layers import (ChannelRMSNorm, GroupCausalConv3d, KTCResBlock, StreamCache, count_gcconv,
+                                       inflate_center)
+from ldm import config as cfglib
+
+DEBUG = "ivvae-z4-debug"
+PAPER = {"ivvae-z4": 107e6, "ivvae-z8": 107e6, "ivvae-z16": 108e6, "ivvae-z16-dim96": 242e6}  # Tables 1, 6
+
+
+def _model(name: str = DEBUG, **overrides) -> IVVAE:
+    torch.manual_seed(0)
+    return build(name, **overrides).eval()
+
+
+def _video(frames: int, height: int = 16, width: int = 16, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, frames, height, width, generator=g) * 2 - 1
+
+
+def _twin(model: IVVAE, **overrides) -> IVVAE:
+    """Same weights, other (non-architecture) settings."""
+    other = IVVAE(cfglib.replace(model.config, **overrides)).train(model.training)
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+# --- registry and shapes -------------------------------------------------------------------
+def test_registry_names_paper_sizes_and_debug_twins():
+    for name, params in PAPER.items():
+        assert name in REGISTRY and name + "-debug" in REGISTRY
+        with torch.device("meta"):
+            n = build(name).num_parameters()
+        assert abs(n - params) / params < 0.01, (name, n)  # the paper's 107M / 108M / 242M
+        full, debug = describe(name), describe(name + "-debug")
+        assert full["latent_shape"] == debug["latent_shape"] and full["vcpr"] == debug["vcpr"]
+    spec = describe("ivvae-z16", frames=17, height=256, width=256)
+    assert spec["latent_shape"] == {"z": [16, 5, 32, 32]} and spec["vcpr"] == pytest.approx(17 / 5 * 64)
+
+
+@pytest.mark.parametrize("size", [(1, 16, 16), (5, 16, 24), (9, 8, 16)])
+def test_shapes_match_latent_spec(size):
+    model = _model()
+    x = _video(*size, batch=2)
+    with torch.no_grad():
+        lat = model.encode(x)
+        rec = model.decode(lat)
+    assert tuple(lat["z"].shape[1:]) == model.latent_spec(*size).parts["z"]
+    assert lat.logvar["z"].shape == lat["z"].shape and rec.shape == x.shape
+
+
+def test_clear_errors_for_bad_input():
+    model = _model()
+    with pytest.raises(ValueError, match=r"1 \+ 4k"):
+        model.encode(_video(6))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model.encode(_video(5, 12, 16))
+    with pytest.raises(ValueError, match="expects B C T H W"):
+        model.encode(torch.zeros(3, 5, 16, 16))
+    with pytest.raises(ValueError, match="expected z of shape"):
+        model.decode(model.encode(_video(5)).replace({"z": torch.zeros(1, 3, 2, 2, 2)}))
+    with pytest.raises(ValueError, match="chunk_frames"):
+        build(DEBUG, chunk_frames=6)
+    with pytest.raises(ValueError, match="even"):
+        build(DEBUG, latent_channels=5)
+    with pytest.raises(ValueError, match="norm"):
+        build(DEBUG, norm="batch")
+    with pytest.raises(ValueError, match="unknown override"):
+        build(DEBUG, heads=2)
+
+
+# --- GCConv (Sec. 3.2) ---------------------------------------------------------------------
+def _gcconv_reference(conv: GroupCausalConv3d, x: torch.Tensor) -> torch.Tensor:
+    """GCConv by its definition, one group at a time: [previous frame | group | zeros]."""
+    g, outs = conv.group, []
+    groups = [(0, 1)] + [(s, s + g) for s in range(1, x.shape[2], g)]
+    for s, e in groups:
+        before = x[:, :, max(s - 1, 0):max(s, 1)]  # frame 0 pads itself
+        padded = torch.cat([before, x[:, :, s:e], torch.zeros_like(before)], dim=2)
+        outs.append(F.conv3d(padded, conv.weight, conv.bias, padding=(0, 1, 1)))
+    return torch.cat(outs, dim=2)
+
+
+def test_gcconv_matches_its_definition_and_groups_see_each_other():
+    torch.manual_seed(0)
+    conv = GroupCausalConv3d(3, 5, 3, group=4)
+    x = _video(9)  # frame 0 | group 1..4 | group 5..8
+    with torch.no_grad():
+        y = conv(x)
+        torch.testing.assert_close(y, _gcconv_reference(conv, x))
+        x2 = x.clone()
+        x2[:, :, 4] += 1.0  # the LAST frame of group 1
+        diff = (conv(x2) - y).abs().amax(dim=(0, 1, 3, 4))  # per output frame
+        causal = CausalConv3d(3, 5, 3)
+        causal_diff = (causal(x2) - causal(x)).abs().amax(dim=(0, 1, 3, 4))
+    assert diff[0] == 0  # frame 0 (its own group) never sees the future
+    assert diff[3] > 0  # inside the group the conv is bidirectional: frame 3 sees frame 4 ...
+    assert causal_diff[3] == 0  # ... which a causal conv cannot
+    assert diff[5] > 0 and diff[6] == 0  # the next group sees the previous group's last frame only
+    with pytest.raises(ValueError, match=r"1 \+ 4k"):
+        conv(_video(6))
+
+
+def test_ktc_resblock_is_group_causal():
+    torch.manual_seed(0)
+    block = KTCResBlock(8, 12, group=4).eval()
+    x = torch.randn(1, 8, 13, 8, 8)
+    with torch.no_grad():
+        y = block(x)
+        for frame, first in ((3, 1), (6, 5), (11, 9)):  # a later frame of groups 1, 2, 3
+            x2 = x.clone()
+            x2[:, :, frame] += 1.0
+            diff = (block(x2) - y).abs().amax(dim=(0, 1, 3, 4))
+            # earlier groups never move; the group's first frame sees its later frames (2 convs deep)
+            assert diff[:first].max() == 0 and diff[first] > 0
+
+
+def test_encoder_is_group_causal():
+    """Perturbing any frame of group j leaves latent frames < j unchanged and changes latent j."""
+    model = _model()
+    x = _video(13)
+    with torch.no_grad():
+        z = model.encode(x)["z"]
+        for frame in (1, 2, 3, 4, 6, 11):
+            x2 = x.clone()
+            x2[:, :, frame] += 1.0
+            z2 = model.encode(x2)["z"]
+            j = 1 + (frame - 1) // 4
+            torch.testing.assert_close(z2[:, :, :j], z[:, :, :j], rtol=0, atol=0)
+            assert (z2[:, :, j] - z[:, :, j]).abs().max() > 1e-4
+
+
+def test_decoder_is_group_causal():
+    model = _model()
+    with torch.no_grad():
+        lat = model.encode(_video(13))
+        rec = model.decode(lat)
+        for j in (1, 2):
+            z2 = lat["z"].clone()
+            z2[:, :, j] += 1.0
+            rec2 = model.decode(lat.replace({"z": z2}))
+            first = 1 + 4 * (j - 1)
+            torch.testing.assert_close(rec2[:, :, :first], rec[:, :, :first], rtol=0, atol=0)
+            assert ((rec2 - rec)[:, :, first:first + 4].abs().amax(dim=(0, 1, 3, 4)) > 1e-4).all()
+
+
+def test_half_rms_norm_normalises_each_branch_alone():
+    norm = ChannelRMSNorm(8, halves=2)
+    x = torch.randn(2, 8, 3, 4, 4)
+    y = norm(x)
+    key, motion = y.chunk(2, dim=1)
+    torch.testing.assert_close(key.pow(2).mean(1), torch.ones(2, 3, 4, 4), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(motion.pow(2).mean(1), torch.ones(2, 3, 4, 4), rtol=1e-4, atol=1e-4)
+    x2 = x.clone()
+    x2[:, 4:] *= 10.0  # rescaling the motion half leaves the key half's output alone
+    torch.testing.assert_close(norm(x2)[:, :4], key)
+
+
+# --- KTC + initialisation from a kl2d with Z/2 channels (Sec. 3.3, Fig. 1a) -------------------
+def test_kl2d_inflation_gives_keyframe_2x_temporal_compression_at_step_0():
+    """At step 0 the first Z/2 latent channels are the image latent of each group's keyframe, the
+    last Z/2 that of the group's third frame; the decoder outputs the image VAE's reconstruction of
+    the keyframe at the group's first frame and of the third frame at the other three."""
+    torch.manual_seed(0)
+    kl2d = build("kl2d-f8c4-debug").eval()
+    for p in kl2d.parameters():  # non-trivial biases/affines everywhere
+        p.data.add_(0.05 * torch.randn_like(p))
+    model = IVVAE.from_kl2d(kl2d).eval()
+    assert model.config.latent_channels == 8
+    x = _video(9)
+    key_frames, mid_frames = [0, 1, 5], [0, 3, 7]
+    with torch.no_grad():
+        lat = model.encode(x)
+        zk, zm = kl2d.encode(x[:, :, key_frames]), kl2d.encode(x[:, :, mid_frames])
+        torch.testing.assert_close(lat["z"][:, :4], zk["z"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lat["z"][:, 4:], zm["z"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lat.logvar["z"], torch.cat([zk.logvar["z"], zm.logvar["z"]], 1),
+                                   rtol=1e-4, atol=1e-5)
+        rec = model.decode(lat)
+        rk, rm = kl2d.decode(zk), kl2d.decode(zm)
+    source = [rk[:, :, 0]] + [rk[:, :, j] if pos == 0 else rm[:, :, j] for j in (1, 2) for pos in range(4)]
+    torch.testing.assert_close(rec, torch.stack(source, dim=2), rtol=1e-4, atol=1e-4)
+    # a random IV-VAE is nowhere near this
+    assert (_model("ivvae-z8-debug").decode(lat) - rec).abs().mean() > 0.1
+
+
+def test_inflation_needs_a_matching_layout():
+    kl2d = build("kl2d-f8c4-debug")
+    with pytest.raises(ValueError, match="from_kl2d"):
+        inflate_kl2d(build("ivvae-z8-debug"), kl2d)  # paper layout: RMSNorm, shrinking upsampler
+    with pytest.raises(ValueError, match="dilation-1"):
+        IVVAE.from_kl2d(kl2d, pac_dilations=(3, 6))
+    torch.testing.assert_close(inflate_center(torch.ones(2, 3, 3, 3), 3)[:, :, 1], torch.ones(2, 3, 3, 3))
+
+
+def test_inflated_model_keeps_the_image_vae_latent_statistics():
+    kl2d = build("kl2d-f8c4-debug", latent_scale=(0.5, 1.0, 2.0, 4.0), latent_shift=(0.1, 0.2, 0.3, 0.4))
+    model = IVVAE.from_kl2d(kl2d)
+    assert model.config.latent_scale == (0.5, 1.0, 2.0, 4.0) * 2
+    assert model.config.latent_shift == (0.1, 0.2, 0.3, 0.4) * 2
+
+
+# --- cache mechanism (Sec. 4.5.2) ----------------------------------------------------------
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_chunked_encode_decode_equals_one_shot(chunk):
+    model = _model()
+    chunked = _twin(model, chunk_frames=chunk)
+    x = _video(13, batch=2)  # chunk 8: spans 1 | 8 | 4 (a shorter tail)
+    with torch.no_grad():
+        a, b = model.encode(x), chunked.encode(x)
+        torch.testing.assert_close(b["z"], a["z"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.logvar["z"], a.logvar["z"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(chunked.decode(a), model.decode(a), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_training_has_the_same_gradients():
+    model = _model().train()
+    chunked = _twin(model, chunk_frames=4)
+    x = _video(9)
+    grads = []
+    for m in (model, chunked):
+        out = m.train_forward(x, generator=torch.Generator().manual_seed(0))
+        (F.l1_loss(out.recon, x) + 1e-6 * latent_kl(out.posterior).mean()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_stream_cache_holds_one_frame_per_gcconv_and_stays_flat():
+    model = _model()
+    x = _video(13)
+    cache, sizes = StreamCache(), []
+    with torch.no_grad():
+        for s, e in ((0, 1), (1, 5), (5, 9), (9, 13)):
+            model.encoder(x[:, :, s:e], cache)
+            sizes.append(cache.cached_bytes())
+    # one cached frame per temporal GCConv, whatever the number of chunks seen
+    expected = sum(m.in_channels * cache.get(m).shape[-2] * cache.get(m).shape[-1] * 4
+                   for m in model.encoder.modules() if isinstance(m, GroupCausalConv3d) and m.time_pad)
+    assert count_gcconv(model.encoder) > 0 and sizes[1:] == [expected] * 3
+
+
+# --- contract: determinism, save/load, training ----------------------------------------------
+def test_encode_is_deterministic_and_save_load_round_trip(tmp_path):
+    model = _model("ivvae-z16-dim96-debug")
+    x = _video(5)
+    model.save_pretrained(tmp_path / "m", name="ivvae-z16-dim96-debug")
+    loaded = load_pretrained(tmp_path / "m").eval()
+    assert loaded.config == model.config
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(x)["z"], model.encode(x)["z"], rtol=0, atol=0)
+        torch.testing.assert_close(loaded.decode(loaded.encode(x)), model.decode(model.encode(x)), rtol=0, atol=0)
+
+
+def test_one_training_step_lowers_the_loss():
+    model = _model().train()
+    x = _video(5, batch=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def loss_fn() -> torch.Tensor:
+        out = model.train_forward(x, generator=torch.Generator().manual_seed(0))
+        return F.l1_loss(out.recon, x) + 1e-6 * latent_kl(out.posterior).mean()
+
+    before = loss_fn()
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = loss_fn()
+    assert after.item() < before.item()
+
+
+def test_train_autoencoder_with_3d_gan_stage_then_extract(tmp_path):
+    """The paper's recipe through the shared trainer (L1 + KL, then a 3D PatchGAN stage), then
+    `ldm extract` with the trained model on synthetic clips."""
+    from data import shards
+    from data.synth import synth_dataset
+    from launch.extract import ExtractConfig, extract
+    from launch.train_ae import TrainAEConfig, train_autoencoder
+
+    videos = tmp_path / "videos"
+    synth_dataset(videos, num=4, frames=5, size=32, fps=8, seed=0)
+    out = tmp_path / "run"
+    summary = train_autoencoder(TrainAEConfig(
+        data=str(videos), output=str(out), autoencoder=DEBUG, frames=5, height=32, width=32, batch_size=2,
+        lr=2e-3, steps=14, log_every=1, save_every=14, sample_every=14, num_workers=0, progress=False,
+        latent_stats_clips=2, gan=True, disc_kind="3d", disc_start=12))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    rec = [r["rec"] for r in log]
+    assert sum(rec[-3:]) / 3 < 0.8 * sum(rec[:3]) / 3  # it learns
+    assert "g_adv" not in log[10] and "g_adv" in log[-1] and "d_loss" in log[-1]  # the GAN stage ran
+    final = load_pretrained(summary["final"])
+    assert final.family == "ivvae" and len(final.config.latent_scale) == 4
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extract(ExtractConfig(autoencoder=None, checkpoint=summary["final"], input=str(videos),
+                              output=str(tmp_path / "lat"), frames=5, height=32, width=32, shard_size=2,
+                              batch_size=2))
+    manifest = shards.load_manifest(tmp_path / "lat")
+    assert manifest["counts"]["written"] == 4 and manifest["family"] == "ivvae"
+    assert manifest["latent_spec"]["latent_shape"] == {"z": [4, 2, 4, 4]}
+    sample = shards.read_all(tmp_path / "lat")[0]
+    with torch.no_grad():
+        assert final.eval().decode(sample["latent"]).shape == (1, 3, 5, 32, 32)
