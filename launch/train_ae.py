@@ -15,6 +15,10 @@ Outputs under ``--output``::
     final/                          Autoencoder.save_pretrained (what extract/reconstruct take)
     summary.json
 
+Text-guided autoencoders (``--text-encoder``) get each clip's caption embedding in ``cond``; joint
+image-video training (``--image-ratio``) trains a share of the steps on the batch's frames as
+single images (T = 1).
+
 A checkpoint folder is written under a temporary name, its MANIFEST (sha256 + size of every file)
 last, then renamed; on resume every candidate is verified against its manifest, newest first, so a
 half-written or corrupt checkpoint is skipped (with its reason) in favour of the previous one.
@@ -39,6 +43,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -50,6 +55,7 @@ from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, video_to_uint8
 from launch import dist
 from ldm import config as cfglib
+from ldm.latent import Cond
 from ldm.metrics import LPIPS
 from ldm.checkpoint import (atomic_write_bytes, atomic_write_json, file_sha256, load_tensors, read_json,
                             save_tensors)
@@ -59,7 +65,7 @@ log = logging.getLogger("ldm.train_ae")
 CHECKPOINT_FORMAT = 1
 STEP_PREFIX = "step-"
 # trainer settings that must match between a checkpoint and the run resuming it
-RESUME_MUST_MATCH = ("frames", "height", "width", "fps", "batch_size", "seed")
+RESUME_MUST_MATCH = ("frames", "height", "width", "fps", "batch_size", "seed", "text_encoder")
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class TrainAEConfig:
     gan_weight: float = 0.5
     disc_kind: str = "2d"
     disc_start: int = 0
+    text_encoder: str | None = None  # builtin | t5:DIR | clip:DIR: caption embeddings for text-guided AEs
+    image_ratio: float = 0.0  # fraction of steps that train on the batch's frames as images (joint training)
     log_every: int = 10
     save_every: int = 500
     sample_every: int = 500
@@ -124,6 +132,8 @@ class TrainAEConfig:
         if not self.lr > 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, max_grad_norm >= 0; got {self.lr}, "
                              f"{self.weight_decay}, {self.max_grad_norm}")
+        if not 0.0 <= self.image_ratio <= 1.0:
+            raise ValueError(f"image_ratio must be in [0, 1], got {self.image_ratio}")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"fps must be > 0, got {self.fps}")
         if self.loss not in REC_LOSSES:
@@ -185,16 +195,16 @@ class _SkipBad(Dataset):
     def __getitem__(self, index: tuple[int, int, int]) -> dict[str, Any]:
         i, epoch, batch = index
         try:
-            video = self.dataset[i]["video"]
+            item = self.dataset[i]
         except VideoError as e:
             return {"error": str(e), "key": self.keys[i], "pos": (epoch, batch)}
-        return {"video": video, "key": self.keys[i], "pos": (epoch, batch)}
+        return {"video": item["video"], "caption": item["caption"], "key": self.keys[i], "pos": (epoch, batch)}
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     good = [s for s in samples if "video" in s]
     return {"video": torch.stack([s["video"] for s in good]) if good else None,  # (B, C, T, H, W)
-            "keys": [s["key"] for s in good],
+            "keys": [s["key"] for s in good], "captions": [s["caption"] for s in good],
             "errors": [(s["key"], s["error"]) for s in samples if "error" in s],
             "pos": samples[0]["pos"]}
 
@@ -357,8 +367,8 @@ class _TrainForward(nn.Module):
         super().__init__()
         self.ae = ae
 
-    def forward(self, video: Tensor, generator: torch.Generator):
-        return self.ae.train_forward(video, None, generator)
+    def forward(self, video: Tensor, generator: torch.Generator, cond: Cond | None = None):
+        return self.ae.train_forward(video, cond, generator)
 
 
 def _build_model(cfg: TrainAEConfig) -> tuple[Autoencoder, str]:
@@ -381,6 +391,30 @@ def _lr_at(cfg: TrainAEConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
 
 
+def is_image_step(cfg: TrainAEConfig, step: int) -> bool:
+    """Whether step ``step`` trains on images (joint image-video training, e.g. the cross-modal VAE's
+    8:2 video:image ratio = ``image_ratio`` 0.2): a draw seeded by (seed, step), so every rank agrees
+    and a resumed run repeats the sequence."""
+    if cfg.image_ratio <= 0.0 or cfg.image_ratio >= 1.0:
+        return cfg.image_ratio >= 1.0
+    return random.Random(cfg.seed * 1_000_003 + step).random() < cfg.image_ratio
+
+
+def frames_as_images(video: Tensor, cond: Cond | None) -> tuple[Tensor, Cond | None]:
+    """``B C T H W`` clips -> ``(B T) C 1 H W`` single-frame images, each keeping its clip's text."""
+    frames = video.shape[2]
+    images = rearrange(video, "b c t h w -> (b t) c 1 h w")  # (B*T, C, 1, H, W)
+    if cond is None or cond.text is None:
+        return images, cond
+    mask = None if cond.text_mask is None else cond.text_mask.repeat_interleave(frames, 0)  # (B*T, L)
+    return images, Cond(text=cond.text.repeat_interleave(frames, 0), text_mask=mask)  # (B*T, L, D)
+
+
+def ae_text_dim(ae: Autoencoder) -> int:
+    """Width of the text embeddings a text-guided autoencoder needs in ``cond`` (0: it takes none)."""
+    return int(getattr(ae, "text_dim", 0))
+
+
 def save_grid(originals: Tensor, recons: Tensor, path: Path, max_frames: int = 4) -> None:
     """PNG grid: for each clip a row of originals then a row of reconstructions, ``max_frames``
     evenly spaced frames per row. Inputs ``B C T H W`` in [-1, 1]."""
@@ -398,13 +432,15 @@ def save_grid(originals: Tensor, recons: Tensor, path: Path, max_frames: int = 4
 
 
 @torch.no_grad()
-def measure_latent_stats(ae: Autoencoder, videos: list[Tensor],
-                         device: torch.device) -> dict[str, tuple[float, ...]]:
+def measure_latent_stats(ae: Autoencoder, videos: list[Tensor], device: torch.device,
+                         conds: list[Cond | None] | None = None) -> dict[str, tuple[float, ...]]:
     """``latent_scale`` / ``latent_shift`` that make the encoded latents zero-mean, unit-variance:
     per channel when every part is a ``B c t h w`` grid with the same channels, else one value.
-    Composed with the current ones (encode already applies them)."""
+    Composed with the current ones (encode already applies them). ``conds``: one ``cond`` per
+    video (text embeddings for text-guided autoencoders)."""
     ae.eval()
-    lats = [ae.encode(v[None].to(device)).unbatch()[0] for v in videos]
+    conds = conds if conds is not None else [None] * len(videos)
+    lats = [ae.encode(v[None].to(device), c).unbatch()[0] for v, c in zip(videos, conds)]
     parts = [t for lat in lats for t in lat.parts.values()]
     per_channel = all(t.ndim == 5 for t in parts) and len({t.shape[1] for t in parts}) == 1
     if per_channel:
@@ -436,13 +472,22 @@ class AETrainer:
         np.random.seed(cfg.seed)
         self.ae, self.name = _build_model(cfg)
         self.ae.check_input(cfg.frames, cfg.height, cfg.width)  # fail before any work
+        if cfg.image_ratio > 0:
+            self.ae.check_input(1, cfg.height, cfg.width)
         self.ae.to(self.device).train()
+        self.text_encoder = self._build_text_encoder()
         lpips = None
         if cfg.lpips_vgg:
             lpips = LPIPS.from_files("vgg", cfg.lpips_vgg, cfg.lpips_heads)
         self.loss_fn = AELoss(cfg.loss_config(), self.ae.config.in_channels, lpips).to(self.device)
         self.last_layer = last_decoder_layer(self.ae) if self.loss_fn.discriminator is not None else None
-        self.model = dist.wrap_ddp(_TrainForward(self.ae), self.device)
+        if cfg.image_ratio > 0 and dist.is_initialized() and env.world_size > 1:
+            # image steps leave the temporal layers unused: DDP must not wait for their gradients
+            from torch.nn.parallel import DistributedDataParallel
+            self.model = DistributedDataParallel(_TrainForward(self.ae), find_unused_parameters=True,
+                                                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.model = dist.wrap_ddp(_TrainForward(self.ae), self.device)
         self.opt = torch.optim.AdamW(self.ae.parameters(), lr=cfg.lr, betas=cfg.betas,
                                      weight_decay=cfg.weight_decay)
         self.disc, self.d_opt = None, None
@@ -462,6 +507,29 @@ class AETrainer:
         self.skipped: dict[str, str] = {}
         self.resumed_from: str | None = None
         self.rejected: list[dict[str, str]] = []
+
+    def _build_text_encoder(self):
+        """The frozen text encoder a text-guided autoencoder trains with (None otherwise)."""
+        need, spec = ae_text_dim(self.ae), self.cfg.text_encoder
+        if not spec:
+            if need:
+                raise ValueError(f"{self.name} is text-guided (text_dim={need}): pass --text-encoder builtin | "
+                                 "t5:DIR | clip:DIR (the one its latents will be extracted and sampled with)")
+            return None
+        if not need:
+            raise ValueError(f"--text-encoder {spec}: {self.name} takes no text")
+        from ldm.text import build_text_encoder
+        encoder = build_text_encoder(spec, device=self.device)
+        if encoder.dim != need:
+            raise ValueError(f"--text-encoder {spec} gives {encoder.dim}-d embeddings, {self.name} takes {need}-d "
+                             f"(build it with --ae-config text_dim={encoder.dim})")
+        return encoder
+
+    def _text_cond(self, captions: list[str]) -> Cond | None:
+        if self.text_encoder is None:
+            return None
+        emb, mask = self.text_encoder.encode(captions)
+        return Cond(text=emb.to(self.device), text_mask=mask.to(self.device))
 
     # --- checkpoints -----------------------------------------------------------------------
     def save(self) -> None:
@@ -497,8 +565,10 @@ class AETrainer:
                              f"{self.env.world_size}. Resume with the same number of processes.")
         saved = trainer["settings"]
         for key in RESUME_MUST_MATCH:
-            if saved[key] != getattr(self.cfg, key):
-                raise ValueError(f"{path}: --{key.replace('_', '-')} was {saved[key]!r} in the checkpoint, "
+            # a checkpoint written before a setting existed ran with its default
+            was = saved.get(key, TrainAEConfig.__dataclass_fields__[key].default)
+            if was != getattr(self.cfg, key):
+                raise ValueError(f"{path}: --{key.replace('_', '-')} was {was!r} in the checkpoint, "
                                  f"{getattr(self.cfg, key)!r} now; it must not change on resume")
         meta = read_json(path / "config.json")
         if meta["family"] != self.ae.family or meta["config"] != cfglib.to_dict(self.ae.config):
@@ -550,16 +620,20 @@ class AETrainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     # --- one optimisation step ---------------------------------------------------------------
-    def train_step(self, video: Tensor) -> dict[str, Tensor] | None:
-        """One generator (+ discriminator) update; None when the loss was not finite (skipped)."""
+    def train_step(self, video: Tensor, cond: Cond | None = None) -> dict[str, Tensor] | None:
+        """One generator (+ discriminator) update; None when the loss was not finite (skipped). On an
+        image step (``is_image_step``) the clips' frames are trained on as single images."""
         cfg = self.cfg
+        image_step = is_image_step(cfg, self.step)
+        if image_step:
+            video, cond = frames_as_images(video, cond)
         lr = _lr_at(cfg, self.step)
         for opt in filter(None, (self.opt, self.d_opt)):
             for group in opt.param_groups:
                 group["lr"] = lr
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
         with autocast:
-            out = self.model(video, self.generator)
+            out = self.model(video, self.generator, cond)
             total, logs = self.loss_fn.generator_loss(video, out, self.step, self.last_layer)
         finite = dist.all_reduce_mean(torch.isfinite(total).float())
         if finite.item() < 1.0:
@@ -571,6 +645,8 @@ class AETrainer:
             return None
         self.opt.step()
         logs["grad_norm"] = grad_norm.detach()
+        if cfg.image_ratio > 0:
+            logs["image_step"] = torch.tensor(float(image_step), device=video.device)
         if self.loss_fn.gan_active(self.step):
             with autocast:
                 d_loss, d_logs = self.loss_fn.discriminator_loss(video, out.recon, disc=self.disc)
@@ -608,22 +684,26 @@ class AETrainer:
                 return batch
         raise RuntimeError(f"no readable clip in two epochs of {self.cfg.data}; skipped: {self.skipped}")
 
-    def _sample_clips(self, n: int) -> list[Tensor]:
-        clips = []
+    def _sample_clips(self, n: int) -> tuple[list[Tensor], list[str]]:
+        """The first ``n`` readable clips and their captions."""
+        clips, captions = [], []
         for i in range(len(self.keys)):
             try:
-                clips.append(self.dataset[i]["video"])
+                item = self.dataset[i]
             except VideoError:
                 continue
+            clips.append(item["video"])
+            captions.append(item["caption"])
             if len(clips) == n:
                 break
-        return clips
+        return clips, captions
 
     @torch.no_grad()
-    def _write_samples(self, clips: list[Tensor]) -> None:
+    def _write_samples(self, clips: list[Tensor], captions: list[str]) -> None:
         self.ae.eval()
         video = torch.stack(clips).to(self.device)  # (B, C, T, H, W)
-        recon = self.ae.decode(self.ae.encode(video)).clamp(-1, 1)
+        cond = self._text_cond(captions)
+        recon = self.ae.decode(self.ae.encode(video, cond), cond).clamp(-1, 1)
         self.ae.train()
         save_grid(video, recon, self.out / "samples" / f"{step_dir_name(self.step)}.png")
 
@@ -648,10 +728,11 @@ class AETrainer:
         start_step = self.step
         log_path = self.out / "log.jsonl"
         sample_clips: list[Tensor] = []
+        sample_captions: list[str] = []
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             self._truncate_log(log_path)
-            sample_clips = self._sample_clips(2)
+            sample_clips, sample_captions = self._sample_clips(2)
         dist.barrier()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.main and cfg.progress),
                    desc=f"train-ae {self.name}", unit="step", dynamic_ncols=True)
@@ -663,7 +744,7 @@ class AETrainer:
             t0 = time.perf_counter()
             batch = self._next_batch(batches)
             video = batch["video"].to(self.device, non_blocking=True)
-            logs = self.train_step(video)
+            logs = self.train_step(video, self._text_cond(batch["captions"]))
             self.step += 1
             clips_since += video.shape[0]
             if logs is None:
@@ -688,7 +769,7 @@ class AETrainer:
                         losses.append(record["loss"])
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
             if self.main and sample_clips and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
-                self._write_samples(sample_clips)
+                self._write_samples(sample_clips, sample_captions)
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
@@ -717,9 +798,9 @@ class AETrainer:
         final = self.out / "final"
         if self.main:
             if cfg.latent_stats_clips:
-                clips = self._sample_clips(cfg.latent_stats_clips)
+                clips, captions = self._sample_clips(cfg.latent_stats_clips)
                 if clips:
-                    stats = measure_latent_stats(self.ae, clips, self.device)
+                    stats = measure_latent_stats(self.ae, clips, self.device, [self._text_cond([c]) for c in captions])
                     self.ae.config = cfglib.replace(self.ae.config, **stats)
             self.ae.save_pretrained(final, name=self.name)
         steps_done = self.step - start_step
@@ -731,6 +812,7 @@ class AETrainer:
             "steps_per_s": steps_done / train_time if train_time > 0 else None,
             "clips_per_s": steps_done * cfg.batch_size * self.env.world_size / train_time if train_time > 0 else None,
             "skipped_clips": skipped, "latent_stats": {k: list(v) for k, v in stats.items()},
+            "text_encoder": cfg.text_encoder, "image_ratio": cfg.image_ratio,
             "final": str(final), "log": str(log_path), "checkpoints": str(self.ckpt_root),
         }
         if self.main:
@@ -783,6 +865,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--gan-weight", type=float, default=d["gan_weight"].default)
     a("--disc-kind", choices=("2d", "3d"), default=d["disc_kind"].default)
     a("--disc-start", type=int, default=d["disc_start"].default, help="step at which the GAN switches on")
+    a("--text-encoder", help="caption embeddings for a text-guided autoencoder: builtin | t5:DIR | clip:DIR")
+    a("--image-ratio", type=float, default=d["image_ratio"].default,
+      help="fraction of steps that train on the batch's frames as single images (joint image-video training; "
+           "the cross-modal VAE paper uses 0.2)")
     a("--log-every", type=int, default=d["log_every"].default)
     a("--save-every", type=int, default=d["save_every"].default)
     a("--sample-every", type=int, default=d["sample_every"].default)
