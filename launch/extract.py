@@ -9,6 +9,9 @@ j mod world_size. Each shard is written under a temporary name and renamed when 
 sidecar JSON (counts, skipped inputs with reasons, channel statistics) marks it done, so a rerun
 with the same arguments skips finished shards (with any number of ranks). Rank 0 merges the
 sidecars into ``manifest.json``.
+
+A text-guided autoencoder (``text_dim > 0``, e.g. ``cmvae-*-text``) encodes each clip with its
+caption's embedding from ``--text-encoder`` (the same embedding is cached in the shard).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from data.video import VideoError, read_video
 from launch import dist
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_json, dir_hash, read_json
+from ldm.latent import Cond
 from ldm.metrics import psnr
 
 log = logging.getLogger("ldm.extract")
@@ -131,6 +135,28 @@ def _first(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return batch[0]
 
 
+def _text_dim(ae: Autoencoder) -> int:
+    """Width of the text embeddings a text-guided autoencoder needs in ``cond`` (0: none)."""
+    return int(getattr(ae, "text_dim", 0))
+
+
+def _check_text(ae: Autoencoder, name: str, text_encoder, spec: str | None) -> None:
+    need = _text_dim(ae)
+    if need and text_encoder is None:
+        raise ValueError(f"{name} is text-guided (text_dim={need}) and encodes with the caption: pass "
+                         "--text-encoder (the one it was trained with)")
+    if need and text_encoder.dim != need:
+        raise ValueError(f"--text-encoder {spec} gives {text_encoder.dim}-d embeddings, {name} takes {need}-d")
+
+
+def _ae_cond(ae: Autoencoder, emb: torch.Tensor | None, mask: torch.Tensor | None,
+             device: torch.device) -> Cond | None:
+    """``cond`` for encode/decode: the caption embeddings for a text-guided autoencoder, else None."""
+    if not _text_dim(ae):
+        return None
+    return Cond(text=emb.to(device), text_mask=mask.to(device))
+
+
 def _run_signature(cfg: ExtractConfig, name: str, ae: Autoencoder, ckpt_hash: str | None) -> dict[str, Any]:
     return {"autoencoder": name, "config_hash": cfglib.config_hash(ae.config), "checkpoint_hash": ckpt_hash,
             "video": {"frames": cfg.frames, "height": cfg.height, "width": cfg.width, "fps": cfg.fps},
@@ -151,6 +177,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     if cfg.text_encoder:
         from ldm.text import build_text_encoder
         text_encoder = build_text_encoder(cfg.text_encoder).to(device)
+    _check_text(ae, name, text_encoder, cfg.text_encoder)
 
     items = list_items(cfg.input, cfg.captions)
     if not items:
@@ -190,7 +217,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
         summary.update(written=manifest["counts"]["written"], skipped=manifest["counts"]["skipped"],
                        shards=len(manifest["shards"]))
         if cfg.verify > 0 and manifest["counts"]["written"] > 0:
-            summary["verify_psnr"] = verify(out, ae, cfg, items, device)
+            summary["verify_psnr"] = verify(out, ae, cfg, items, device, text_encoder)
             manifest["verify"] = {"k": cfg.verify, "psnr": summary["verify_psnr"]}
             atomic_write_json(out / shards.MANIFEST, manifest)
         print(f"extracted {encoded} clips in {elapsed:.1f}s on rank 0 ({summary['clips_per_s']:.2f} clips/s/rank); "
@@ -214,13 +241,13 @@ def _extract_shard(j: int, cfg: ExtractConfig, items: list, clips: VideoClipData
         if not pending:
             return
         video = torch.stack([p["video"] for p in pending]).to(device)  # (B, C, T, H, W)
-        latent = ae.encode(video).to("cpu", torch.float32)
-        stats.update(latent)
-        text = None
+        text, emb, mask = None, None, None
         if text_encoder is not None:
             emb, mask = text_encoder.encode([p["caption"] for p in pending])
             text = [e[m].cpu() for e, m in zip(emb, mask)]  # valid tokens only, (L_i, D)
             text_tokens += int(mask.sum())
+        latent = ae.encode(video, _ae_cond(ae, emb, mask, device)).to("cpu", torch.float32)
+        stats.update(latent)
         for b, (p, lat) in enumerate(zip(pending, latent.unbatch())):
             item = items[p["index"]]
             meta = {"index": p["index"], "key": item.key, "caption": p["caption"] or None,
@@ -281,8 +308,10 @@ def _merge_manifest(out: Path, n_shards: int, signature: dict, ae: Autoencoder, 
 
 
 @torch.no_grad()
-def verify(out: Path, ae: Autoencoder, cfg: ExtractConfig, items: list, device: torch.device) -> float:
-    """Decode K random stored latents and compare with the re-decoded source clips (mean PSNR, dB)."""
+def verify(out: Path, ae: Autoencoder, cfg: ExtractConfig, items: list, device: torch.device,
+           text_encoder=None) -> float:
+    """Decode K random stored latents and compare with the re-decoded source clips (mean PSNR, dB).
+    A text-guided autoencoder decodes with the caption's embedding."""
     samples = shards.read_all(out)
     rng = random.Random(cfg.seed)
     chosen = rng.sample(samples, min(cfg.verify, len(samples)))
@@ -290,7 +319,11 @@ def verify(out: Path, ae: Autoencoder, cfg: ExtractConfig, items: list, device: 
     for s in chosen:
         item = items[s["meta"]["index"]]
         video = read_video(item.load_bytes(), cfg.frames, cfg.height, cfg.width, cfg.fps)[None].to(device)
-        recon = ae.decode(s["latent"].to(device)).clamp(-1, 1)
+        cond = None
+        if _text_dim(ae):
+            emb, mask = text_encoder.encode([s["cond"]["caption"]])
+            cond = _ae_cond(ae, emb, mask, device)
+        recon = ae.decode(s["latent"].to(device), cond).clamp(-1, 1)
         values.append(float(psnr(recon.cpu(), video.cpu())[0]))
     mean = sum(values) / len(values)
     print(f"verify: decoded {len(values)} latents, PSNR vs source {mean:.2f} dB")
