@@ -1,0 +1,687 @@
+"""Cross-modal video VAE: a temporal-aware spatial autoencoder, a lightweight temporal autoencoder,
+text guidance and joint image-video training (Xing et al. 2024, "Large Motion Video Autoencoding
+with Cross-modal Video VAE", the VideoVAE+ paper; public code read for facts, none copied).
+
+Two stages, trained jointly (Sec. 3.2, "Our Solution", Eq. 2-4)::
+
+    X (C, T, H, W) --E1--> Z1 (c, T, H/8, W/8) --E2--> Z2 (c', T/4, H/8, W/8)
+    X_hat = D1(D2(Z2))
+
+- E1/D1, the *temporal-aware spatial autoencoder* (`STEncoder` / `STDecoder`): the SD-VAE layout
+  (Rombach et al. 2022, App. G) inflated to clips. Every 3x3 conv of a residual block is a (1, 3, 3)
+  `nn.Conv3d` followed by a zero-initialised residual temporal convolution (`TemporalConv`,
+  norm -> SiLU -> (3, 3, 3) conv): together the paper's STBlock3D (Fig. 3), here `STResBlock`. The
+  middle block runs spatial self-attention per frame, then a zero-initialised temporal
+  self-attention per pixel. 8x spatial compression, NO temporal compression.
+- E2/D2, the *temporal autoencoder* (`TemporalEncoder` / `TemporalDecoder`): a lightweight 4x
+  temporal compressor on Z1, non-causal with replicate padding: conv_in, then per 2x a stride-(2, 1, 1)
+  3D conv doubling the width and one ResBlock; the decoder is asymmetric, each transposed-conv 2x
+  upsampling followed by two ResBlocks ("hallucination ability", Sec. 3.2 option 2).
+- The KL term regularises only the innermost latent Z2 (Sec. 3.5): ``Latent.logvar`` holds Z2's
+  posterior. Z1's posterior is sampled during training as the public code does, without a KL.
+
+Sec. 3.2's ablation (Tab. 3) is available as configs: option 1 (*simultaneous*: the inflated VAE
+also halves time at its first two resolution boundaries, no temporal AE) and option 2
+(*sequential*: the plain per-frame SD-VAE, no temporal layers, then the temporal AE).
+
+Text guidance (Sec. 3.3): after every residual block of both stages a `PatchCrossAttention` lets the
+feature map attend to the caption's text embeddings (keys and values, with the padding mask).
+Features are cut into p x p patches with p = 8, 4, 2, 1 from the finest level of the spatial AE to
+the coarsest (1 in the temporal AE), so every level asks (H/8)(W/8) queries per frame; LayerNorm,
+8 heads x 64, a zero-initialised output projection and a residual add, so a fresh text path is
+the identity. The paper's text says visual tokens give the values; the public code and this file
+take keys AND values from the text (attention would otherwise have no text content to return).
+A text-guided model needs the caption's embedding in ``cond`` at encode AND decode time
+(``Cond(text=(B, L, D), text_mask=(B, L))`` from `ldm.text`; the DiT sampling path passes the
+prompt's). Models without text ignore ``cond.text``.
+
+Joint image-video training (Sec. 3.4): an input with T = 1 is an image. It bypasses every temporal
+layer (temporal convs, temporal attention, option 1's temporal resamplers) and the temporal AE, so
+the first stage works as an image VAE and its posterior is the one regularised. Videos therefore
+need ``T = 4k`` frames with ``k >= 2`` (a latent with one frame always decodes as an image). The
+video:image ratio of training is the trainer's ``--image-ratio`` (paper 8:2, i.e. 0.2), which folds
+a batch's frames into an image batch.
+
+Parameters of temporal layers live in modules whose names start with ``temporal``
+(`CrossModalVAE.temporal_parameters`); image mode never touches them.
+
+Deviations from the public code, on purpose: GroupNorm in the spatial stage normalises each frame on
+its own (time folded into the batch), so image mode and video frames see the same statistics and the
+zero-initialised temporal layers make a fresh model exactly the per-frame image VAE; the temporal
+attention uses rotary positions over time (`ldm.layers.Rope3D`) instead of learned relative-position
+tables; the spatial downsampler pads symmetrically (as `kl2d`).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from autoencoders.base import AEConfig, AEOutput, Autoencoder, register, register_family
+from autoencoders.blocks import (LOGVAR_CLAMP, SpatialDownsample, SpatialSelfAttention, SpatialUpsample,
+                                 check_latent_stats, grid_z, group_norm, split_moments)
+from ldm.latent import Cond, Latent, LatentSpec
+from ldm.layers import CrossAttention, Rope3D, SelfAttention
+
+
+@dataclass(frozen=True)
+class CrossModalVAEConfig(AEConfig):
+    """Architecture of one cross-modal video VAE (defaults: the paper's 4-channel model)."""
+
+    latent_channels: int = 4  # c = c' (spatial and innermost latent channels, as in the public configs)
+    # --- first stage: the SD-VAE layout, inflated ------------------------------------------------
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # one level per entry; 2x spatial down between levels
+    num_res_blocks: int = 2  # per encoder level (the decoder uses one more, as SD)
+    norm_groups: int = 32
+    dropout: float = 0.0
+    temporal_layers: bool = True  # STBlock3D temporal convs + mid-block temporal attention
+    temporal_kernel: tuple[int, int, int] = (3, 3, 3)  # of the temporal convs (Tab. 4 ablation)
+    temporal_attention_heads: int = 1
+    spatial_temporal_down: tuple[bool, ...] = (False, False, False)  # option 1: 2x time down per boundary
+    # --- second stage: the temporal autoencoder ------------------------------------------------
+    temporal_ae: bool = True
+    temporal_factor: int = 4  # time compression of the temporal AE (a power of 2)
+    temporal_channels: int = 128  # hidden width at full frame rate, doubled per 2x
+    temporal_decoder_blocks: int = 2  # ResBlocks after each decoder upsampling (the encoder has 1)
+    # --- text guidance ---------------------------------------------------------------------------
+    text_dim: int = 0  # width of the text embeddings; 0 = no text guidance (Flan-T5-large: 1024)
+    text_heads: int = 8
+    text_head_dim: int = 64
+    text_in_temporal_ae: bool = True  # cross-attention after the temporal AE's ResBlocks too (p = 1)
+    logvar_clamp: tuple[float, float] = LOGVAR_CLAMP
+
+
+# ------------------------------------------------------------------------------------------
+# Convolutions
+# ------------------------------------------------------------------------------------------
+def spatial_conv(in_channels: int, out_channels: int, kernel: int = 3) -> nn.Conv3d:
+    """The inflated 2D convolution: a (1, k, k) `nn.Conv3d` (a 2D SD-VAE weight ``(o, i, k, k)``
+    loads as ``w[:, :, None]``)."""
+    return nn.Conv3d(in_channels, out_channels, (1, kernel, kernel), padding=(0, kernel // 2, kernel // 2))
+
+
+def _triple(v: int | Sequence[int]) -> tuple[int, int, int]:
+    t = (v, v, v) if isinstance(v, int) else tuple(int(x) for x in v)
+    if len(t) != 3:
+        raise ValueError(f"expected an int or 3 ints, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+class SameConv3d(nn.Conv3d):
+    """Non-causal 3D convolution with replicate "same" padding (the temporal AE's convolution):
+    ``k - s`` border frames/pixels per axis, the larger half in front, so stride ``s`` maps an axis
+    of ``n`` (a multiple of ``s``) to ``n / s``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int | Sequence[int] = 3,
+                 stride: int | Sequence[int] = 1):
+        k, s = _triple(kernel), _triple(stride)
+        if any(a < b for a, b in zip(k, s)):
+            raise ValueError(f"kernel {k} must not be smaller than stride {s}")
+        super().__init__(in_channels, out_channels, k, stride=s, padding=0)
+        pad: list[int] = []
+        for a, b in reversed(list(zip(k, s))):  # F.pad lists the last axis first
+            total = a - b
+            pad += [total - total // 2, total // 2]
+        self.same_pad = tuple(pad)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, self.same_pad, mode="replicate"))
+
+
+def clip_group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    """GroupNorm over a whole clip (statistics across time too): used by temporal layers only."""
+    return nn.GroupNorm(math.gcd(channels, groups), channels, eps=1e-6)
+
+
+class TemporalConv(nn.Module):
+    """The temporal half of STBlock3D: norm -> SiLU -> 3D conv (kernel ``(k_t, k_h, k_w)``, zero
+    padding), with weight and bias initialised to zero so ``h + TemporalConv(h)`` starts as ``h``."""
+
+    def __init__(self, channels: int, kernel: tuple[int, int, int], groups: int):
+        super().__init__()
+        if any(k < 1 or k % 2 == 0 for k in kernel):
+            raise ValueError(f"temporal_kernel must be three odd sizes, got {kernel}")
+        self.norm = clip_group_norm(channels, groups)
+        self.conv = nn.Conv3d(channels, channels, kernel, padding=tuple(k // 2 for k in kernel))
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.silu(self.norm(x)))
+
+
+class STResBlock(nn.Module):
+    """SD-VAE residual block with every 3x3 conv inflated to (1, 3, 3) and followed by a residual
+    `TemporalConv` (STBlock3D, Fig. 3); the 1x1 skip projection (when widths change) gets one too,
+    as in the public code. ``temporal=False`` (image mode) skips the temporal convs: the block is
+    then exactly the 2D block applied to each frame."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, dropout: float,
+                 temporal_kernel: tuple[int, int, int] | None):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, groups)
+        self.conv1 = spatial_conv(in_channels, out_channels)
+        self.norm2 = group_norm(out_channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = spatial_conv(out_channels, out_channels)
+        self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        has_t = temporal_kernel is not None
+        self.temporal1 = TemporalConv(out_channels, temporal_kernel, groups) if has_t else None
+        self.temporal2 = TemporalConv(out_channels, temporal_kernel, groups) if has_t else None
+        self.temporal_skip = (TemporalConv(out_channels, temporal_kernel, groups)
+                              if has_t and self.skip is not None else None)
+
+    def forward(self, x: Tensor, temporal: bool) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if temporal and self.temporal1 is not None:
+            h = h + self.temporal1(h)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if temporal and self.temporal2 is not None:
+            h = h + self.temporal2(h)
+        if self.skip is not None:
+            x = self.skip(x)
+            if temporal and self.temporal_skip is not None:
+                x = x + self.temporal_skip(x)
+        return x + h
+
+
+# ------------------------------------------------------------------------------------------
+# Attention
+# ------------------------------------------------------------------------------------------
+@dataclass
+class TextContext:
+    """Text embeddings ``emb (B, L, D)`` and key ids ``kv_ids (B, L)`` (0 = token, -1 = padding;
+    None when no mask was given: every token is real), as every `PatchCrossAttention` of one
+    forward pass reads them."""
+
+    emb: Tensor
+    kv_ids: Tensor | None
+
+
+class PatchCrossAttention(nn.Module):
+    """Text cross-attention on a patchified feature map (Sec. 3.3).
+
+    ``B C T H W`` is cut into ``p x p`` patches, each a token of width ``p*p*C`` (LayerNorm), the
+    tokens of all frames query the text (keys and values, padding masked) through
+    `ldm.layers.CrossAttention` with ``heads x head_dim`` inner width, and the zero-initialised output
+    projection is added back (residual). Putting every frame's queries in one row is the same as
+    attending per frame: each query attends on its own.
+    """
+
+    def __init__(self, channels: int, patch: int, context_dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.patch = patch
+        dim = channels * patch * patch
+        self.norm = nn.LayerNorm(dim)
+        self.attn = CrossAttention(dim, context_dim, heads, qk_norm=False, inner_dim=heads * head_dim)
+        nn.init.zeros_(self.attn.proj.weight)
+        nn.init.zeros_(self.attn.proj.bias)
+
+    def forward(self, x: Tensor, text: TextContext) -> Tensor:
+        _, _, t, height, width = x.shape
+        p = self.patch
+        if height % p or width % p:
+            raise ValueError(f"text cross-attention with {p}x{p} patches needs a feature map divisible by {p}, "
+                             f"got {height}x{width}")
+        tokens = rearrange(x, "b c t (h ph) (w pw) -> b (t h w) (ph pw c)", ph=p, pw=p)  # (B, T*h*w, p*p*C)
+        out = self.attn(self.norm(tokens), text.emb, kv_seq_ids=text.kv_ids)  # (B, T*h*w, p*p*C)
+        return x + rearrange(out, "b (t h w) (ph pw c) -> b c t (h ph) (w pw)", t=t, h=height // p, ph=p, pw=p)
+
+
+class TemporalSelfAttention(nn.Module):
+    """Self-attention along time at every pixel (the mid block's temporal attention): LayerNorm ->
+    multi-head attention with rotary positions over the frame index -> zero-initialised projection,
+    residual. Non-causal: every frame sees the whole clip."""
+
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        if channels % heads or (channels // heads) % 2 or channels // heads < 6:
+            raise ValueError(f"temporal attention needs an even head width >= 6: {channels} channels, {heads} heads")
+        head_dim = channels // heads
+        self.norm = nn.LayerNorm(channels)
+        self.attn = SelfAttention(channels, heads, qk_norm=False)
+        self.rope = Rope3D(head_dim, axes=(head_dim - 4, 2, 2))  # positions (t, 0, 0): rotation by time only
+        nn.init.zeros_(self.attn.proj.weight)
+        nn.init.zeros_(self.attn.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, t, height, _ = x.shape
+        tokens = rearrange(x, "b c t h w -> (b h w) t c")  # (B*H*W, T, C)
+        pos = torch.zeros(t, 3, dtype=torch.long, device=x.device)
+        pos[:, 0] = torch.arange(t, device=x.device)
+        out = self.attn(self.norm(tokens), self.rope(pos))  # (B*H*W, T, C)
+        return x + rearrange(out, "(b h w) t c -> b c t h w", b=b, h=height)
+
+
+class STMidBlock(nn.Module):
+    """ResBlock -> spatial self-attention per frame -> temporal self-attention -> ResBlock."""
+
+    def __init__(self, channels: int, cfg: CrossModalVAEConfig):
+        super().__init__()
+        kernel = cfg.temporal_kernel if cfg.temporal_layers else None
+        self.res1 = STResBlock(channels, channels, cfg.norm_groups, cfg.dropout, kernel)
+        self.attn = SpatialSelfAttention(channels, cfg.norm_groups)
+        self.temporal_attn = (TemporalSelfAttention(channels, cfg.temporal_attention_heads)
+                              if cfg.temporal_layers else None)
+        self.res2 = STResBlock(channels, channels, cfg.norm_groups, cfg.dropout, kernel)
+
+    def forward(self, x: Tensor, temporal: bool) -> Tensor:
+        h = self.attn(self.res1(x, temporal))
+        if temporal and self.temporal_attn is not None:
+            h = self.temporal_attn(h)
+        return self.res2(h, temporal)
+
+
+# ------------------------------------------------------------------------------------------
+# First stage: the temporal-aware spatial autoencoder
+# ------------------------------------------------------------------------------------------
+class TemporalDown(nn.Module):
+    """Option 1's 2x temporal downsampling inside the inflated VAE: a stride-2 (3, 1, 1) conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = SameConv3d(channels, channels, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class TemporalUp(nn.Module):
+    """Option 1's 2x temporal upsampling: repeat each frame, then a (3, 1, 1) conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = SameConv3d(channels, channels, (3, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x.repeat_interleave(2, dim=2))  # (B, C, 2T, H, W)
+
+
+class _Level(nn.Module):
+    def __init__(self, blocks: list[nn.Module], text: list[nn.Module], resample: nn.Module):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.text = nn.ModuleList(text)  # one cross-attention after each block, or empty
+        self.resample = resample
+
+
+def _text_layer(channels: int, patch: int, cfg: CrossModalVAEConfig) -> PatchCrossAttention:
+    return PatchCrossAttention(channels, patch, cfg.text_dim, cfg.text_heads, cfg.text_head_dim)
+
+
+def _run_level(level: _Level, h: Tensor, text: TextContext | None, temporal: bool) -> Tensor:
+    for i, block in enumerate(level.blocks):
+        h = block(h, temporal)
+        if text is not None and len(level.text):
+            h = level.text[i](h, text)
+    return h
+
+
+class STEncoder(nn.Module):
+    """E1: (1, 3, 3) conv_in, per level ``num_res_blocks`` STResBlocks (each followed by text
+    cross-attention with patch ``2 ** (levels - 1 - i)``) and a 2x spatial downsample (option 1: also
+    a 2x temporal one), mid block, GroupNorm -> SiLU -> (1, 3, 3) conv_out to ``out_channels``."""
+
+    def __init__(self, cfg: CrossModalVAEConfig, out_channels: int):
+        super().__init__()
+        widths = [cfg.base_channels * m for m in cfg.channel_mult]
+        levels = len(widths)
+        kernel = cfg.temporal_kernel if cfg.temporal_layers else None
+        self.conv_in = spatial_conv(cfg.in_channels, widths[0])
+        stages, ch = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks, text = [], []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(STResBlock(ch, w, cfg.norm_groups, cfg.dropout, kernel))
+                ch = w
+                if cfg.text_dim:
+                    text.append(_text_layer(ch, 2 ** (levels - 1 - i), cfg))
+            stages.append(_Level(blocks, text, SpatialDownsample(ch) if i < levels - 1 else nn.Identity()))
+        self.levels = nn.ModuleList(stages)
+        self.temporal_down = nn.ModuleList(
+            [TemporalDown(widths[i]) if down else nn.Identity() for i, down in enumerate(cfg.spatial_temporal_down)])
+        self.mid = STMidBlock(ch, cfg)
+        self.norm_out = group_norm(ch, cfg.norm_groups)
+        self.conv_out = spatial_conv(ch, out_channels)
+
+    def forward(self, x: Tensor, text: TextContext | None, temporal: bool) -> Tensor:
+        h = self.conv_in(x)
+        for i, level in enumerate(self.levels):
+            h = level.resample(_run_level(level, h, text, temporal))
+            if temporal and i < len(self.temporal_down):
+                h = self.temporal_down[i](h)
+        h = self.mid(h, temporal)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class STDecoder(nn.Module):
+    """D1: mirror of `STEncoder`: (1, 3, 3) conv_in, mid block, per level from the deepest
+    ``num_res_blocks + 1`` STResBlocks (+ text cross-attention, patch ``2 ** (levels - 1 - i)``),
+    then (option 1) a 2x temporal and a 2x spatial upsample, GroupNorm -> SiLU -> conv_out."""
+
+    def __init__(self, cfg: CrossModalVAEConfig, in_channels: int):
+        super().__init__()
+        widths = [cfg.base_channels * m for m in cfg.channel_mult]
+        levels = len(widths)
+        kernel = cfg.temporal_kernel if cfg.temporal_layers else None
+        ch = widths[-1]
+        self.conv_in = spatial_conv(in_channels, ch)
+        self.mid = STMidBlock(ch, cfg)
+        stages = []
+        for i in reversed(range(levels)):  # deepest level first
+            blocks, text = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(STResBlock(ch, widths[i], cfg.norm_groups, cfg.dropout, kernel))
+                ch = widths[i]
+                if cfg.text_dim:
+                    text.append(_text_layer(ch, 2 ** (levels - 1 - i), cfg))
+            stages.append(_Level(blocks, text, SpatialUpsample(ch) if i > 0 else nn.Identity()))
+        self.levels = nn.ModuleList(stages)  # levels[j] works at resolution level (levels - 1 - j)
+        self.temporal_up = nn.ModuleList(  # temporal_up[i] undoes the encoder's temporal_down[i]
+            [TemporalUp(widths[i + 1]) if down else nn.Identity() for i, down in enumerate(cfg.spatial_temporal_down)])
+        self.norm_out = group_norm(ch, cfg.norm_groups)
+        self.conv_out = spatial_conv(ch, cfg.in_channels)
+
+    def forward(self, z: Tensor, text: TextContext | None, temporal: bool) -> Tensor:
+        h = self.mid(self.conv_in(z), temporal)
+        n = len(self.levels)
+        for j, level in enumerate(self.levels):
+            h = _run_level(level, h, text, temporal)
+            boundary = n - 2 - j  # between this level and the finer one above it
+            if temporal and boundary >= 0:
+                h = self.temporal_up[boundary](h)
+            h = level.resample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ------------------------------------------------------------------------------------------
+# Second stage: the lightweight temporal autoencoder
+# ------------------------------------------------------------------------------------------
+class TemporalResBlock(nn.Module):
+    """GroupNorm (over the clip) -> SiLU -> 3x3x3 conv, twice, plus the identity; non-causal with
+    replicate padding (`blocks.ResBlock` is causal by contract, so this one lives here)."""
+
+    def __init__(self, channels: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = clip_group_norm(channels, groups)
+        self.conv1 = SameConv3d(channels, channels, 3)
+        self.norm2 = clip_group_norm(channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = SameConv3d(channels, channels, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        return x + self.conv2(self.dropout(F.silu(self.norm2(h))))
+
+
+class _TemporalStage(nn.Module):
+    def __init__(self, resample: nn.Module, blocks: list[nn.Module], text: list[nn.Module]):
+        super().__init__()
+        self.resample = resample
+        self.blocks = nn.ModuleList(blocks)
+        self.text = nn.ModuleList(text)
+
+    def forward(self, h: Tensor, text: TextContext | None) -> Tensor:
+        h = self.resample(h)
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if text is not None and len(self.text):
+                h = self.text[i](h, text)
+        return h
+
+
+class TemporalEncoder(nn.Module):
+    """E2 (Eq. 3): conv_in to ``temporal_channels``, per 2x a stride-(2, 1, 1) 3x3x3 conv doubling
+    the width and one ResBlock (+ text cross-attention with p = 1), GroupNorm -> SiLU -> conv to
+    the posterior moments ``2c'``."""
+
+    def __init__(self, cfg: CrossModalVAEConfig):
+        super().__init__()
+        steps = int(math.log2(cfg.temporal_factor))
+        hidden, z = cfg.temporal_channels, cfg.latent_channels
+        self.conv_in = SameConv3d(z, hidden, 3)
+        stages = []
+        for i in range(steps):
+            cin, cout = hidden * 2 ** i, hidden * 2 ** (i + 1)
+            text = [_text_layer(cout, 1, cfg)] if cfg.text_dim and cfg.text_in_temporal_ae else []
+            stages.append(_TemporalStage(SameConv3d(cin, cout, 3, stride=(2, 1, 1)),
+                                         [TemporalResBlock(cout, cfg.norm_groups, cfg.dropout)], text))
+        self.stages = nn.ModuleList(stages)
+        width = hidden * 2 ** steps
+        self.norm_out = clip_group_norm(width, cfg.norm_groups)
+        self.conv_out = SameConv3d(width, 2 * z, 3)
+
+    def forward(self, z1: Tensor, text: TextContext | None) -> Tensor:
+        h = self.conv_in(z1)
+        for stage in self.stages:
+            h = stage(h, text)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class TemporalDecoder(nn.Module):
+    """D2 (Eq. 4): conv_in, per 2x a (3, 3, 3) transposed conv with stride (2, 1, 1) halving the
+    width and ``temporal_decoder_blocks`` ResBlocks (each + text cross-attention), conv_out to c."""
+
+    def __init__(self, cfg: CrossModalVAEConfig):
+        super().__init__()
+        steps = int(math.log2(cfg.temporal_factor))
+        hidden, z = cfg.temporal_channels, cfg.latent_channels
+        width = hidden * 2 ** steps
+        self.conv_in = SameConv3d(z, width, 3)
+        stages = []
+        for i in range(steps):
+            cin, cout = hidden * 2 ** (steps - i), hidden * 2 ** (steps - i - 1)
+            up = nn.ConvTranspose3d(cin, cout, 3, stride=(2, 1, 1), padding=1, output_padding=(1, 0, 0))  # T -> 2T
+            blocks = [TemporalResBlock(cout, cfg.norm_groups, cfg.dropout) for _ in range(cfg.temporal_decoder_blocks)]
+            text = ([_text_layer(cout, 1, cfg) for _ in blocks] if cfg.text_dim and cfg.text_in_temporal_ae else [])
+            stages.append(_TemporalStage(up, blocks, text))
+        self.stages = nn.ModuleList(stages)
+        self.conv_out = SameConv3d(hidden, z, 3)
+
+    def forward(self, z2: Tensor, text: TextContext | None) -> Tensor:
+        h = self.conv_in(z2)
+        for stage in self.stages:
+            h = stage(h, text)
+        return self.conv_out(h)
+
+
+class TemporalAutoencoder(nn.Module):
+    def __init__(self, cfg: CrossModalVAEConfig):
+        super().__init__()
+        self.encoder = TemporalEncoder(cfg)
+        self.decoder = TemporalDecoder(cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# The family
+# ------------------------------------------------------------------------------------------
+def _check_config(cfg: CrossModalVAEConfig) -> None:
+    levels = len(cfg.channel_mult)
+    if levels < 1 or any(m < 1 for m in cfg.channel_mult) or cfg.base_channels < 1:
+        raise ValueError(f"need base_channels >= 1 and channel_mult of positive ints, got "
+                         f"{cfg.base_channels}, {cfg.channel_mult}")
+    if cfg.latent_channels < 1 or cfg.num_res_blocks < 1:
+        raise ValueError(f"latent_channels and num_res_blocks must be >= 1, got {cfg.latent_channels}, "
+                         f"{cfg.num_res_blocks}")
+    if len(cfg.spatial_temporal_down) != levels - 1:
+        raise ValueError(f"spatial_temporal_down needs one flag per resolution boundary ({levels - 1}), "
+                         f"got {cfg.spatial_temporal_down}")
+    if cfg.temporal_ae:
+        f = cfg.temporal_factor
+        if f < 2 or f & (f - 1):
+            raise ValueError(f"temporal_factor must be a power of 2 >= 2, got {f}")
+        if cfg.temporal_channels < 1 or cfg.temporal_decoder_blocks < 1:
+            raise ValueError(f"temporal_channels and temporal_decoder_blocks must be >= 1, got "
+                             f"{cfg.temporal_channels}, {cfg.temporal_decoder_blocks}")
+    if cfg.text_dim < 0 or (cfg.text_dim and (cfg.text_heads < 1 or cfg.text_head_dim < 1)):
+        raise ValueError(f"text_dim must be >= 0 (0 = no text) with positive text_heads/text_head_dim, got "
+                         f"{cfg.text_dim}, {cfg.text_heads}, {cfg.text_head_dim}")
+    check_latent_stats(cfg, cfg.latent_channels)
+
+
+@register_family
+class CrossModalVAE(Autoencoder):
+    """``B C T H W -> z: B c T/r H/8 W/8`` (video, ``T = r*k``, ``k >= 2``) or ``B C 1 H W -> z: B c 1
+    H/8 W/8`` (image mode), with ``r`` the total temporal compression (4 for the paper's models)."""
+
+    family = "cmvae"
+    config_cls = CrossModalVAEConfig
+
+    def __init__(self, config: CrossModalVAEConfig):
+        super().__init__(config)
+        _check_config(config)
+        z = config.latent_channels
+        self.encoder = STEncoder(config, 2 * z)
+        self.quant_conv = nn.Conv3d(2 * z, 2 * z, 1)
+        self.post_quant_conv = nn.Conv3d(z, z, 1)
+        self.decoder = STDecoder(config, z)
+        self.temporal_ae = TemporalAutoencoder(config) if config.temporal_ae else None
+
+    # --- shape arithmetic ------------------------------------------------------------------------
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.config.channel_mult) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        """Total time compression of a video: option 1's resamplers times the temporal AE's."""
+        r = 2 ** sum(bool(d) for d in self.config.spatial_temporal_down)
+        return r * (self.config.temporal_factor if self.config.temporal_ae else 1)
+
+    @property
+    def text_dim(self) -> int:
+        """Width of the text embeddings ``cond.text`` must carry (0: the model takes no text)."""
+        return self.config.text_dim
+
+    def latent_spec(self, frames: int, height: int, width: int) -> LatentSpec:
+        f, r = self.spatial_factor, self.temporal_factor
+        if frames != 1 and (frames < 2 * r or frames % r):
+            raise ValueError(f"{self.family}: needs 1 frame (an image) or a multiple of {r} frames, at least "
+                             f"{2 * r} (a video), got {frames}")
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise ValueError(f"{self.family}: height and width must be positive multiples of {f}, "
+                             f"got {height}x{width}")
+        t = 1 if frames == 1 else frames // r
+        return LatentSpec(form="grid", parts={"z": (self.config.latent_channels, t, height // f, width // f)},
+                          input_shape=(self.config.in_channels, frames, height, width),
+                          vcpr=frames / t * f * f)
+
+    def last_layer(self) -> Tensor:
+        """The decoder's output convolution weight (for the adaptive GAN weight)."""
+        return self.decoder.conv_out.weight
+
+    def temporal_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Every parameter of a temporal layer (temporal convs and attention, option 1's temporal
+        resamplers, the temporal AE): the ones image mode never uses."""
+        return [(n, p) for n, p in self.named_parameters() if any(s.startswith("temporal") for s in n.split("."))]
+
+    # --- text ------------------------------------------------------------------------------------
+    def _text(self, cond: Cond | None, batch: int, device: torch.device, when: str) -> TextContext | None:
+        """The text context of a forward pass; None for a model without text guidance (which ignores
+        any text in ``cond``). A text-guided model gets exactly what it was trained with or an error."""
+        dim = self.config.text_dim
+        if not dim:
+            return None
+        if cond is None or cond.text is None:
+            raise ValueError(f"{self.family}: this autoencoder is text-guided (text_dim={dim}) and needs the "
+                             f"caption's embedding to {when}: pass cond=Cond(text=emb (B, L, {dim}), text_mask="
+                             "(B, L)) from the text encoder it was trained with (ldm.text.build_text_encoder)")
+        emb = cond.text
+        if emb.ndim != 3 or emb.shape[-1] != dim:
+            raise ValueError(f"{self.family}: text embeddings must be (B, L, {dim}) (the text encoder this model was "
+                             f"trained with), got {tuple(emb.shape)}")
+        if emb.shape[0] not in (1, batch):
+            raise ValueError(f"{self.family}: {emb.shape[0]} text embeddings for a batch of {batch}")
+        mask = cond.text_mask
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(emb.shape[:2])):
+            raise ValueError(f"{self.family}: text_mask must be bool of shape {tuple(emb.shape[:2])}, got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+        emb = emb.to(device=device, dtype=self.quant_conv.weight.dtype).expand(batch, -1, -1)  # (B, L, D)
+        if mask is None:
+            return TextContext(emb, None)
+        kv_ids = torch.where(mask.to(device), 0, -1).expand(batch, -1)  # (B, L)
+        return TextContext(emb, kv_ids)
+
+    # --- the two stages --------------------------------------------------------------------------
+    def spatial_posterior(self, video: Tensor, text: TextContext | None, temporal: bool) -> tuple[Tensor, Tensor]:
+        """E1 (Eq. 2) + quant conv: the first stage's posterior (mean, logvar), each ``B c T' h w``."""
+        return split_moments(self.quant_conv(self.encoder(video, text, temporal)), self.config.logvar_clamp)
+
+    def spatial_decode(self, z1: Tensor, text: TextContext | None, temporal: bool) -> Tensor:
+        """D1: post-quant conv + the inflated decoder, ``B c T' h w -> B C T H W``."""
+        return self.decoder(self.post_quant_conv(z1), text, temporal)
+
+    def temporal_posterior(self, z1: Tensor, text: TextContext | None) -> tuple[Tensor, Tensor]:
+        """E2 (Eq. 3): the innermost posterior (mean, logvar), each ``B c' T/4 h w``."""
+        return split_moments(self.temporal_ae.encoder(z1, text), self.config.logvar_clamp)
+
+    def temporal_decode(self, z2: Tensor, text: TextContext | None) -> Tensor:
+        """D2: ``B c' T/4 h w -> B c T h w``."""
+        return self.temporal_ae.decoder(z2, text)
+
+    # --- the contract ----------------------------------------------------------------------------
+    def _encode(self, video: Tensor, cond: Cond | None) -> Latent:
+        image = video.shape[2] == 1
+        text = self._text(cond, video.shape[0], video.device, "encode")
+        mean, logvar = self.spatial_posterior(video, text, temporal=not image)
+        if not image and self.temporal_ae is not None:
+            mean, logvar = self.temporal_posterior(mean, text)
+        return Latent({"z": mean}, form="grid", logvar={"z": logvar})
+
+    def _decode(self, latent: Latent, cond: Cond | None) -> Tensor:
+        z = grid_z(latent, self.config.latent_channels, self.family)
+        image = z.shape[2] == 1
+        text = self._text(cond, z.shape[0], z.device, "decode")
+        if not image and self.temporal_ae is not None:
+            z = self.temporal_decode(z, text)
+        return self.spatial_decode(z, text, temporal=not image)
+
+    def train_forward(self, video: Tensor, cond: Cond | None = None,
+                      generator: torch.Generator | None = None) -> AEOutput:
+        """One training reconstruction. Images (T = 1) run the first stage alone and regularise its
+        posterior; videos sample the first-stage posterior (no KL on it, as the public code), encode
+        it with the temporal AE and return the innermost posterior for the KL (Sec. 3.5)."""
+        self.check_input(*video.shape[2:])
+        image = video.shape[2] == 1
+        text = self._text(cond, video.shape[0], video.device, "train")
+        mean, logvar = self.spatial_posterior(video, text, temporal=not image)
+        if image or self.temporal_ae is None:
+            posterior = Latent({"z": mean}, form="grid", logvar={"z": logvar})
+            recon = self.spatial_decode(posterior.sample(generator)["z"], text, temporal=not image)
+            return AEOutput(recon=recon, posterior=posterior)
+        z1 = Latent({"z": mean}, form="grid", logvar={"z": logvar}).sample(generator)["z"]
+        mean2, logvar2 = self.temporal_posterior(z1, text)
+        posterior = Latent({"z": mean2}, form="grid", logvar={"z": logvar2})
+        z1_hat = self.temporal_decode(posterior.sample(generator)["z"], text)
+        return AEOutput(recon=self.spatial_decode(z1_hat, text, temporal=True), posterior=posterior)
+
+
+# ------------------------------------------------------------------------------------------
+# Registry: the paper's models (SD-VAE widths; 4 channels from SD-1.4, 16 from SD-3.5, both with the
+# SD layout), their text-guided versions (Flan-T5-large, 1024-d), Tab. 3's two options, and tiny
+# -debug twins with the same compression (4x8x8). A text model built for another text encoder
+# takes ``text_dim=<its width>`` as an override (the builtin encoder: 256).
+# ------------------------------------------------------------------------------------------
+_PAPER = dict(base_channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2, norm_groups=32,
+              temporal_channels=128)
+_DEBUG = dict(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8,
+              temporal_channels=16, text_heads=2, text_head_dim=16)
+_T5_DIM, _BUILTIN_DIM = 1024, 256
+_SIMULTANEOUS = dict(spatial_temporal_down=(True, True, False), temporal_ae=False)
+_SEQUENTIAL = dict(temporal_layers=False)
+
+for _z in (4, 16):
+    register(f"cmvae-z{_z}", CrossModalVAE, CrossModalVAEConfig(latent_channels=_z, **_PAPER))
+    register(f"cmvae-z{_z}-text", CrossModalVAE, CrossModalVAEConfig(latent_channels=_z, text_dim=_T5_DIM, **_PAPER))
+    register(f"cmvae-z{_z}-debug", CrossModalVAE, CrossModalVAEConfig(latent_channels=_z, **_DEBUG))
+    register(f"cmvae-z{_z}-text-debug", CrossModalVAE,
+             CrossModalVAEConfig(latent_channels=_z, text_dim=_BUILTIN_DIM, **_DEBUG))
+for _name, _option in (("simultaneous", _SIMULTANEOUS), ("sequential", _SEQUENTIAL)):
+    register(f"cmvae-z4-{_name}", CrossModalVAE, CrossModalVAEConfig(latent_channels=4, **_PAPER, **_option))
+    register(f"cmvae-z4-{_name}-debug", CrossModalVAE, CrossModalVAEConfig(latent_channels=4, **_DEBUG, **_option))
