@@ -744,6 +744,33 @@ def _motion_flops(cfg: HiVAEConfig, c: int, T: int, h: int, w: int) -> tuple[dic
 
 
 # ------------------------------------------------------------------------------------------
+# Image-to-video with a generator that models the content latent jointly with the motion
+# ------------------------------------------------------------------------------------------
+def known_content_velocity(model: samplers.VelocityModel, content: Tensor, noise: Tensor) -> samplers.VelocityModel:
+    """Wrap a generator's velocity model so sampling keeps the ``content`` part on the flow path of
+    a GIVEN content latent (already normalised like the generator's training data), ``x_t = (1 - t)
+    c + t eps`` with ``eps = noise`` (the content part of the initial noise): the model sees that
+    noised content at every step and the returned content velocity is ``eps - c``, which Euler
+    integrates exactly along the path, ending at ``c``. The motion parts are therefore sampled
+    conditioned on the given first frame (replacement / imputation conditioning, Song et al. 2021,
+    "Score-Based Generative Modeling through SDEs", Sec. 5 and App. I.2). Works with CFG (the
+    doubled batch is handled) and with the generator trained for class/text-to-video alone."""
+    if content.shape != noise.shape:
+        raise ValueError(f"content {tuple(content.shape)} and noise {tuple(noise.shape)} differ")
+
+    def velocity(x, t: Tensor, cond: Any) -> dict[str, Tensor]:
+        reps = x["content"].shape[0] // content.shape[0]
+        c, eps = content.repeat(reps, 1, 1, 1, 1), noise.repeat(reps, 1, 1, 1, 1)
+        tt = t.to(c.dtype).view(-1, 1, 1, 1, 1)
+        parts = {**x, "content": (1 - tt) * c + tt * eps}
+        v = dict(model(x.replace(parts) if isinstance(x, Latent) else parts, t, cond))
+        v["content"] = (eps - c).to(v["content"].dtype)
+        return v
+
+    return velocity
+
+
+# ------------------------------------------------------------------------------------------
 # Builders: a Hi-VAE with trained base weights, and --init folders for the two stages
 # ------------------------------------------------------------------------------------------
 def build_hivae(name: str, base_checkpoint: str | Path | None = None, **overrides: Any) -> HiVAE:
