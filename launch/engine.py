@@ -189,3 +189,86 @@ def transformer_flops(depth: int, hidden: int, tokens: int, mlp_ratio: float, co
 
 def mfu(flops_per_s: float, peak: float | None) -> float | None:
     return None if not peak or not math.isfinite(flops_per_s) else flops_per_s / peak
+
+
+# ------------------------------------------------------------------------------------------
+# Topology-independent ("universal") training state: full fp32 weights and Adam moments by
+# parameter name, gathered from whatever ZeRO stage / number of ranks wrote them, and scattered
+# back into whatever stage / number of ranks reads them. Plain safetensors + JSON, no pickle.
+# ------------------------------------------------------------------------------------------
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO / bf16 optimizers keep it as ``.optimizer``)."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def _check_universal_support(engine) -> None:
+    if type(engine.optimizer).__name__ == "BF16_Optimizer":
+        raise NotImplementedError("universal (topology-independent) checkpoints are not supported for ZeRO stage 0 "
+                                  "with bf16 (DeepSpeed's BF16_Optimizer); use ZeRO 1-3 for bf16 runs")
+
+
+def gather_universal(engine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Full fp32 weights + Adam moments (``<moment>.<param name>``) and the optimizer step count.
+    A collective: every rank must call it; the tensors are whole on every rank."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    _check_universal_support(engine)
+    tensors: dict[str, torch.Tensor] = {}
+    opt = _torch_optimizer(engine)
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        if full is not None:  # ZeRO-1/2/3 or DeepSpeed's bf16 optimizer: fp32 master partitions
+            moments = {m: safe_get_full_optimizer_state(p, m) for m in MOMENTS}
+        else:  # ZeRO-0 in fp32: the torch optimizer holds the parameter itself
+            full, state = p.detach(), opt.state.get(p, {})
+            moments = {m: state.get(m, torch.zeros_like(p)) for m in MOMENTS}
+        tensors[f"param.{name}"] = full.detach().float().cpu().clone()
+        for m, v in moments.items():
+            tensors[f"{m}.{name}"] = v.detach().float().cpu().clone()
+    steps = {float(s["step"]) for s in opt.state.values() if "step" in s}
+    return tensors, {"adam_step": max(steps) if steps else 0.0}
+
+
+def scatter_universal(engine, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Load ``gather_universal``'s output into an engine of any ZeRO stage and world size."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    _check_universal_support(engine)
+    opt = _torch_optimizer(engine)
+    # a fresh engine has no Adam state yet: create it as AdamW would, for the tensors the torch
+    # optimizer steps (ZeRO-3 keeps its fp32 flat partitions outside the param groups between steps)
+    owned = [q for group in opt.param_groups for q in group["params"]]
+    owned += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+    for q in owned:
+        if not opt.state[q]:
+            opt.state[q].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(q), exp_avg_sq=torch.zeros_like(q))
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO-1/2, bf16 optimizer
+    if link is not None:
+        link()
+    for name, p in engine.module.named_parameters():
+        full = tensors[f"param.{name}"]
+        if hasattr(p, "ds_id"):  # ZeRO-3: the low-precision shard too, re-partitioned from the gathered copy
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.data.copy_(full.to(p.dtype))
+        else:
+            with torch.no_grad():
+                p.data.copy_(full.to(p.device, p.dtype))
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            safe_set_full_fp32_param(p, full.to(p.device))
+            for m in MOMENTS:
+                safe_set_full_optimizer_state(p, tensors[f"{m}.{name}"].to(p.device), m)
+        else:
+            state = opt.state[p]
+            for m in MOMENTS:
+                state[m] = tensors[f"{m}.{name}"].to(p.device).clone()
+            state["step"] = torch.tensor(meta["adam_step"])
+    for state in opt.state.values():  # the step count of every (flat or per-parameter) state
+        if "step" in state:
+            state["step"] = torch.tensor(meta["adam_step"]) if torch.is_tensor(state["step"]) else meta["adam_step"]

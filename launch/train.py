@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,9 @@ from tqdm import tqdm
 import dit
 from data.shards import LatentShards, load_manifest
 from launch import dist
-from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config, mfu, peak_flops,
-                           safe_checkpoint_engine, skip_cpu_shm_kernel, transformer_flops)
+from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config, gather_universal,
+                           mfu, peak_flops, safe_checkpoint_engine, scatter_universal, skip_cpu_shm_kernel,
+                           transformer_flops)
 from ldm import config as cfglib
 from ldm import flow
 from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
@@ -88,6 +90,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2
+    universal_checkpoints: bool = True  # also save topology-independent state (resume on any world size/stage)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -285,7 +288,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                               "tflops_per_s": flops_s / 1e12, "mfu": mfu(flops_s / env.world_size, peak)})
             t_last, step_last = now, step
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(engine, ema, out, step, cfg.keep_checkpoints, dcfg)
+            save_checkpoint(engine, ema, out, step, cfg.keep_checkpoints, dcfg, cfg.universal_checkpoints)
     bar.close()
     logger.close()
     dist.barrier()
@@ -345,20 +348,27 @@ class _Logger:
 # checkpoints: DeepSpeed's own (model, optimizer, scheduler) + EMA safetensors + a `latest`
 # pointer written last; exports of the EMA weights for sampling
 # ------------------------------------------------------------------------------------------
-def save_checkpoint(engine, ema: EMA, out: Path, step: int, keep: int, dcfg: dit.DiTConfig) -> None:
+def save_checkpoint(engine, ema: EMA, out: Path, step: int, keep: int, dcfg: dit.DiTConfig,
+                    universal: bool) -> None:
+    """DeepSpeed's own checkpoint (fast resume on the same topology) + EMA + with ``universal`` the
+    topology-independent state (any world size / ZeRO stage resumes it) + ``complete.json`` last."""
     ckpt = out / "checkpoints"
     tag = f"step-{step:08d}"
     engine.save_checkpoint(str(ckpt), tag=tag, client_state={"step": step}, save_latest=False)
+    tensors, meta = gather_universal(engine) if universal else ({}, {})  # a collective: every rank
     if dist.is_main():
+        if universal:
+            save_tensors(ckpt / tag / "universal.safetensors", tensors)
         save_tensors(ckpt / tag / "ema.safetensors", ema.state_dict())
-        atomic_write_json(ckpt / tag / "complete.json", {"step": step})
+        atomic_write_json(ckpt / tag / "complete.json", {
+            "step": step, "world_size": dist.world_size(), "zero_stage": engine.zero_optimization_stage(),
+            "universal": universal, "scheduler": engine.lr_scheduler.state_dict(), **meta})
         (ckpt / "latest.tmp").write_text(tag)
         (ckpt / "latest.tmp").replace(ckpt / "latest")
         run_cfg = read_json(out / "config.json")
         export(ema.state_dict(), dcfg, out / "export", {**run_cfg["manifest"], "latent_norm": run_cfg["latent_norm"]})
         old = sorted(p for p in ckpt.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []
         for p in old:
-            import shutil
             shutil.rmtree(p, ignore_errors=True)
     dist.barrier()
 
@@ -372,28 +382,43 @@ def export(state: dict[str, torch.Tensor], dcfg: dit.DiTConfig, path: Path, cont
 
 
 def resume(engine, ema: EMA, out: Path) -> int:
-    """Load the newest complete checkpoint (the ``latest`` pointer, else the newest folder with
-    ``complete.json``); a half-written one is passed over with a warning. Returns the step."""
+    """Load the newest complete checkpoint and return its step (0 when there is none).
+
+    Same world size and ZeRO stage: DeepSpeed's own checkpoint. Otherwise the universal state
+    (weights, Adam moments and step, LR schedule) is scattered into this engine. A checkpoint
+    without ``complete.json``, or that fails to load on any rank, is passed over (all ranks agree)
+    for the previous one."""
     ckpt = out / "checkpoints"
-    if not ckpt.exists():
-        return 0
-    candidates = sorted((p for p in ckpt.glob("step-*") if p.is_dir()), reverse=True)
+    candidates = sorted((p for p in ckpt.glob("step-*") if p.is_dir()), reverse=True) if ckpt.exists() else []
     for p in candidates:
-        if not (p / "complete.json").exists() or not (p / "ema.safetensors").exists():
+        if not (p / "complete.json").exists():
             log.warning("checkpoint %s is incomplete; trying an older one", p.name)
             continue
+        info = read_json(p / "complete.json")
+        ok = True
         try:
-            path, client = engine.load_checkpoint(str(ckpt), tag=p.name)
-            if path is None:
-                raise RuntimeError("DeepSpeed found nothing to load")
+            if info["world_size"] == dist.world_size() and info["zero_stage"] == engine.zero_optimization_stage():
+                path, _ = engine.load_checkpoint(str(ckpt), tag=p.name)
+                if path is None:
+                    raise RuntimeError("DeepSpeed found nothing to load")
+            elif info.get("universal"):
+                scatter_universal(engine, load_tensors(p / "universal.safetensors"), info)
+                engine.lr_scheduler.load_state_dict(info["scheduler"])
+                for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+                    group["lr"] = lr
+            else:
+                raise RuntimeError(f"written by {info['world_size']} ranks with ZeRO-{info['zero_stage']} and "
+                                   "without universal state; resume on that topology")
             ema.load_state_dict(load_tensors(p / "ema.safetensors"))
         except Exception as e:  # a corrupt file of any kind: fall back to the previous checkpoint
             log.warning("checkpoint %s could not be loaded (%s: %s); trying an older one", p.name, type(e).__name__, e)
+            ok = False
+        if float(dist.all_reduce_mean(torch.tensor([float(ok)]))[0]) < 1.0:
             continue
-        step = int(client["step"])
         if dist.is_main():
-            print(f"resumed from {p} at step {step}")
-        return step
+            kind = "DeepSpeed" if info["world_size"] == dist.world_size() else "universal"
+            print(f"resumed from {p} at step {info['step']} ({kind} state)")
+        return int(info["step"])
     return 0
 
 
