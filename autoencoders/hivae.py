@@ -262,8 +262,9 @@ class GlobalMotionEncoder(nn.Module):
         S = x.shape[1]
         context = self.context_norm(rearrange(x, "b s t d -> (b s) t d"))  # (B*S, T, D): Eq. 4
         f_g = math.ceil(T / cfg.global_time_stride)
-        slots = torch.arange(f_g, device=x.device)[:, None] * cfg.global_time_stride  # slot f covers frames s*f..
-        q = self.queries[None] + sincos(slots, x.shape[-1])[:, None].to(x.dtype)  # (f_g, n_g, D)
+        slots = torch.arange(f_g, device=x.device) * cfg.global_time_stride  # slot f starts at frame stride*f
+        slot_pos = torch.stack([slots, torch.zeros_like(slots), torch.zeros_like(slots)], -1)  # the keys' t axis
+        q = self.queries[None] + sincos(slot_pos, x.shape[-1])[:, None].to(x.dtype)  # (f_g, n_g, D)
         q = rearrange(q, "f n d -> (f n) d")[None].expand(B * S, -1, -1)  # (B*S, f_g*n_g, D)
         qpos = _grid(f_g, cfg.global_tokens, 1, device=x.device)
         layout = TokenLayout(qpos)
