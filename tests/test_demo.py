@@ -1,0 +1,96 @@
+"""`ldm demo`: the quick pipeline runs every stage (2-rank extraction, 2-rank DeepSpeed ZeRO-2
+training) and writes a complete, sane report; config and output-folder errors are clear."""
+import json
+import math
+
+import pytest
+
+from launch.cli import main as ldm
+from launch.demo import CONFIG_DIR, MARKER, accuracy, load_config, run_demo
+
+STAGES = ("synth", "train_ae", "eval_ae", "extract", "train_dit", "sample", "score", "report")
+GROUPS = ("seen_text_class", "seen_text", "heldout_text")
+
+
+def _check_accuracy(acc, n=None):
+    for a in ("color", "direction", "shape", "all", "found"):
+        assert 0.0 <= acc[a] <= 1.0, (a, acc)
+    assert acc["color_chance"] == acc["direction_chance"] == acc["shape_chance"] == 0.5  # 2 of each in quick
+    if n is not None:
+        assert acc["n"] == n
+
+
+@pytest.mark.dist
+def test_quick_demo_writes_a_complete_report(tmp_path):
+    out = tmp_path / "demo"
+    assert ldm(["demo", "--quick", "--output", str(out)]) == 0
+    for name in ("report.md", "report.html", "report.json", "dit_loss.png", "ae_loss.png", "ae_reconstructions.png"):
+        assert (out / name).stat().st_size > 0, name
+    r = json.loads((out / "report.json").read_text())
+    cfg = load_config(CONFIG_DIR / "demo-quick.yaml")
+
+    # every stage ran and was timed; the total covers them all
+    assert all(r["timings_s"][s] > 0 for s in STAGES), r["timings_s"]
+    assert r["timings_s"]["total"] >= sum(r["timings_s"][s] for s in STAGES) - 0.5
+    # extraction and DiT training really ran on 2 ranks (manifest world size, one ZeRO-2 optimizer
+    # partition per rank) for the configured number of steps
+    assert r["extract"]["world_size"] == 2 and r["extract"]["written"] == cfg.synth.num
+    assert r["extract"]["text_encoder"] == "builtin" and r["extract"]["text_dim"] > 0
+    assert r["dit"]["zero_partitions"] == 2 and r["dit"]["deepspeed"] == "zero2"
+    assert r["dit"]["steps"] == cfg.dit.steps and math.isfinite(r["dit"]["last_loss"])
+    assert (out / "logs" / "extract.log").exists() and (out / "logs" / "train.log").exists()
+
+    # the held-out combination never reached training, but was sampled and scored
+    captions = {json.loads(line)["caption"] for line in (out / "work" / "videos" / "metadata.jsonl").read_text().splitlines()}
+    assert "a red circle moving right" not in captions and len(captions) == 7
+    assert set(r["accuracy"]) == set(GROUPS)
+    _check_accuracy(r["accuracy"]["seen_text_class"], n=2)
+    _check_accuracy(r["accuracy"]["heldout_text"], n=2)
+    ae = r["autoencoder"]
+    _check_accuracy(ae["reader_on_reconstructions"], n=8)
+    assert ae["reader_on_clips"]["all"] == 1.0  # the reader is exact on real clips: the ceiling
+    assert 5.0 < ae["psnr"] < 60.0 and 0.0 < ae["ssim"] <= 1.0 and "psnr_holdout" in ae
+
+    # every video is on disk as MP4 + GIF and in both reports
+    assert len(r["videos"]) == 6
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for v in r["videos"]:
+        assert (out / v["mp4"]).stat().st_size > 0 and (out / v["gif"]).stat().st_size > 0
+        assert v["gif"] in md and v["mp4"] in page
+        assert set(v["read"]) >= {"color", "direction", "shape"} and set(v["correct"]) == {"color", "direction", "shape"}
+    assert "<video" in page and "dit_loss.png" in md and "Stage timings" in md
+
+
+def test_config_errors():
+    quick = CONFIG_DIR / "demo-quick.yaml"
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(quick, ["sample.guidanse=3"])
+    with pytest.raises(ValueError, match="outside synth"):
+        load_config(quick, ["synth.holdout=[green circle left]"])
+    with pytest.raises(ValueError, match="held-out"):
+        load_config(quick, ["sample.seen=[red circle right]"])
+    with pytest.raises(ValueError, match="subset"):
+        load_config(quick, ["synth.directions=[up-left]"])
+    load_config(CONFIG_DIR / "demo.yaml")  # the shipped full config is valid
+
+
+def test_output_folder_must_be_new_or_a_demo(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not written by `ldm demo`"):
+        run_demo(load_config(CONFIG_DIR / "demo-quick.yaml"), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_accuracy_counts_each_attribute_against_chance():
+    cfg = load_config(CONFIG_DIR / "demo.yaml")
+    want = {"color": "red", "shape": "circle", "direction": "left"}
+    rows = [{"want": want, "read": {**want, "found": True}},
+            {"want": want, "read": {**want, "shape": "square", "found": True}},
+            {"want": want, "read": {"color": "blue", "shape": "square", "direction": "up", "found": False}}]
+    acc = accuracy(rows, cfg.synth)
+    assert acc["color"] == acc["direction"] == pytest.approx(2 / 3) and acc["shape"] == pytest.approx(1 / 3)
+    assert acc["all"] == pytest.approx(1 / 3) and acc["found"] == pytest.approx(2 / 3) and acc["n"] == 3
+    assert acc["color_chance"] == 0.25 and acc["shape_chance"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="no videos"):
+        accuracy([], cfg.synth)
