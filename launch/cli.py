@@ -16,6 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {  # keep in sync with the README's verb tab
     "train": ("launch.train", "train a DiT on latent shards with DeepSpeed"),
     "sample": ("launch.sample", "sample videos from prompts or class labels"),
     "demo": ("launch.demo", "the whole pipeline on a laptop CPU with a report (make demo)"),
+    "cost": ("launch.cost", "downstream cost per autoencoder: tokens, DiT FLOPs and training memory, no weights"),
 }
 
 

@@ -1,0 +1,377 @@
+"""``ldm cost``: what each autoencoder costs a denoiser downstream, from shape arithmetic alone.
+
+    ldm cost --all --frames 16 --height 256 --width 256 --dit dit-standard
+    ldm cost --autoencoders kl2d-f8c4,causal3d-f4x8c16 --frames 65 --height 512 --width 512 \\
+             --dit dit-XL --batch-size 4 --steps 50 --cfg --json --csv cost.csv --plot cost.png
+
+Hi-VAE (Fig. 6, Appendix C.2) compares autoencoders by the cost of one "standardized DiT"
+(``dit-standard``: 8 layers, 8 heads, hidden 512, FFN 2048) on their latents; this verb does it
+for every registered autoencoder at any size. No weights are loaded and nothing is allocated: the
+latent comes from ``latent_spec`` (built on the meta device), the DiT and the decoder run on fake
+tensors (``ldm.cost``), so ``--all`` at 65x512x512 takes seconds on a laptop.
+
+One row per autoencoder (``--json`` keys): ``latent_shape``, ``latent_elements``,
+``compression_rate`` (Hi-VAE's: latent elements / input elements), ``compression_factor`` (its
+inverse), ``vcpr``, ``tokens`` (per clip, for the DiT's patching), ``dit_params``,
+``dit_forward_flops`` (one forward, per sample), ``dit_forward_flops_analytic`` (the closed form,
+full attention), ``dit_train_step_flops`` (forward + backward, per sample),
+``dit_train_peak_memory_bytes`` (one fp32 AdamW training step at ``--batch-size``),
+``ae_decode_flops`` (one clip; whatever ``decode`` runs, so a diffusion decoder's steps and
+guidance are included), ``sample_flops`` (``steps x forward x (2 with --cfg) + decode``) and
+``method`` (how the memory was obtained). FLOPs are 2 x multiply-accumulates (``ldm.cost``).
+An autoencoder that cannot take the size gets a row with ``error`` and null costs.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import autoencoders
+import dit
+from autoencoders import Autoencoder
+from dit.tokens import count_tokens
+from ldm import config as cfglib
+from ldm.cost import (FLOP_CONVENTION, count_flops, dit_forward_flops_analytic, fake_mode, prime_optimizer,
+                      train_step_memory)
+from ldm.latent import Cond, Latent, LatentSpec
+
+KEYS = ("autoencoder", "latent_shape", "latent_elements", "compression_rate", "compression_factor", "vcpr",
+        "tokens", "dit_params", "dit_forward_flops", "dit_forward_flops_analytic", "dit_train_step_flops",
+        "dit_train_peak_memory_bytes", "ae_decode_flops", "sample_flops", "method")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--autoencoders", help="NAME[,NAME...]: registered names, or folders written by "
+                       "save_pretrained / `ldm train-ae` (only their config.json is read)")
+    which.add_argument("--all", action="store_true", help="every registered autoencoder")
+    p.add_argument("--frames", type=int, required=True)
+    p.add_argument("--height", type=int, required=True)
+    p.add_argument("--width", type=int, required=True)
+    p.add_argument("--dit", default="dit-standard", choices=sorted(dit.REGISTRY))
+    p.add_argument("--dit-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="DiT config override, e.g. patch=[1,2,2] or depth=28 (repeatable)")
+    p.add_argument("--batch-size", type=int, default=1, help="per-device batch of the training-memory estimate")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--cfg", action="store_true", help="classifier-free guidance: two forwards per step")
+    p.add_argument("--text-tokens", type=int, default=0, help="cross-attention to this many text tokens (0 = none)")
+    p.add_argument("--text-dim", type=int, default=4096, help="text embedding width (with --text-tokens)")
+    p.add_argument("--measure", action="store_true",
+                   help="on a GPU, also run the training step for real: measured peak memory and step time")
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    p.add_argument("--csv", help="also write the rows to this CSV file")
+    p.add_argument("--plot", help="also write a PNG of FLOPs and memory vs compression rate")
+
+
+def run(args: argparse.Namespace) -> int:
+    names = sorted(autoencoders.REGISTRY) if args.all else [n.strip() for n in args.autoencoders.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--autoencoders is empty")
+    overrides = {}
+    for item in args.dit_config:
+        if "=" not in item:
+            raise ValueError(f"--dit-config {item!r} is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key] = cfglib.parse_value(value)
+    t0 = time.perf_counter()
+    rows = cost_table(names, args.frames, args.height, args.width, args.dit, batch_size=args.batch_size,
+                      steps=args.steps, cfg=args.cfg, dit_overrides=overrides, text_tokens=args.text_tokens,
+                      text_dim=args.text_dim, measure=args.measure)
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.plot:
+        plot(rows, args.plot, title=f"{args.dit} on {args.frames}x{args.height}x{args.width}, batch {args.batch_size}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows, args))
+        print(f"({len(rows)} autoencoders in {time.perf_counter() - t0:.1f}s; {FLOP_CONVENTION})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# rows
+# ------------------------------------------------------------------------------------------
+def _resolve(name: str) -> tuple[type[Autoencoder], Any]:
+    """A registered name, or a saved model folder (config.json only)."""
+    if name in autoencoders.REGISTRY:
+        return autoencoders.REGISTRY[name]
+    folder = Path(name)
+    if (folder / "config.json").is_file():
+        meta = json.loads((folder / "config.json").read_text())
+        family = meta.get("family")
+        if family not in autoencoders.FAMILIES:
+            raise KeyError(f"{folder}: unknown autoencoder family {family!r}")
+        cls = autoencoders.FAMILIES[family]
+        return cls, cfglib.from_dict(cls.config_cls, meta["config"])
+    if name.startswith("diffusers:"):
+        raise ValueError(f"{name}: diffusers VAEs are costed from a saved folder only; use `ldm extract` "
+                         "with --ae-path and compare the manifests")
+    raise KeyError(f"unknown autoencoder {name!r}: not registered (see `ldm list`) and not a saved model folder")
+
+
+def latent_spec(name: str, frames: int, height: int, width: int) -> LatentSpec:
+    """The latent spec of ``name`` at this size, computed on the meta device (no weights)."""
+    cls, config = _resolve(name)
+    with torch.device("meta"):
+        model = cls(config)
+    return model.latent_spec(frames, height, width)
+
+
+def _fake_latent(spec: LatentSpec, batch: int) -> Latent:
+    parts = {k: torch.randn(batch, *s) for k, s in spec.parts.items()}
+    aux = {}
+    if spec.form == "varlen":
+        z = next(iter(spec.parts.values()))
+        aux = {"length": torch.full((batch,), z[1], dtype=torch.long)}
+    return Latent(parts, spec.form, aux=aux)
+
+
+def decode_flops(name: str, spec: LatentSpec) -> int:
+    """FLOPs of ``decode`` of one clip, on fake tensors (no weights, no memory)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    cls, config = _resolve(name)
+    with fake_mode(small_real=True), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # deepcopy of fakes
+        ae = cls(config).eval()
+        latent = _fake_latent(spec, 1)
+        try:
+            with torch.no_grad():
+                _, count = count_flops(lambda: ae.decode(latent, Cond()), repeats_of=ae)
+        except (DataDependentOutputException, DynamicOutputShapeException) as e:
+            raise ValueError(f"decode reads the latent's values (data-dependent control flow at {e.func}): "
+                             "its cost has no answer from shapes alone") from None
+    return count.total
+
+
+def _dit_inputs(spec: LatentSpec, cfg: dit.DiTConfig, batch: int, text_tokens: int):
+    x = {k: torch.randn(batch, *s) for k, s in spec.parts.items()}
+    t = torch.rand(batch)
+    cond = Cond(text=torch.randn(batch, text_tokens, cfg.text_dim)) if cfg.text_dim else None
+    return x, t, cond
+
+
+def dit_costs(spec: LatentSpec, cfg: dit.DiTConfig, batch_size: int, text_tokens: int) -> dict[str, Any]:
+    """Parameters, forward and train-step FLOPs per sample and the peak memory of an fp32 AdamW
+    training step at ``batch_size``, all on fake tensors."""
+    with fake_mode():
+        model = dit.VideoDiT(cfg)
+        x, t, cond = _dit_inputs(spec, cfg, 1, text_tokens)
+        with torch.no_grad():
+            _, fwd = count_flops(lambda: model(x, t, cond))
+
+        # foreach: the multi-tensor update GPUs run by default (and far fewer ops to dispatch)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+        def batch_loss() -> torch.Tensor:
+            xb, tb, cb = _dit_inputs(spec, cfg, batch_size, text_tokens)
+            out = model(xb, tb, cb)
+            return sum((out[k] - xb[k]).pow(2).mean() for k in out)
+
+        prime_optimizer(optimizer)  # Adam's state exists before the tracked step
+        # the tracked step is counted too (every matmul is linear in the batch)
+        memory, step = count_flops(lambda: train_step_memory(model, optimizer, batch_loss, iterations=1))
+        params = model.num_parameters()
+    return {"dit_params": params, "dit_forward_flops": fwd.total, "dit_train_step_flops": step.total // batch_size,
+            "dit_train_peak_memory_bytes": memory.peak_bytes, "memory_breakdown": memory.breakdown,
+            "method": memory.method}
+
+
+def measured_dit_costs(spec: LatentSpec, cfg: dit.DiTConfig, batch_size: int, text_tokens: int) -> dict[str, Any]:
+    """The same training step run for real on the GPU: measured peak memory and step time."""
+    from ldm.cost import cuda_train_step_memory
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("--measure needs a CUDA device (the estimate needs none)")
+    device = torch.device("cuda")
+    model = dit.VideoDiT(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def loss_fn() -> torch.Tensor:
+        x, t, cond = _dit_inputs(spec, cfg, batch_size, text_tokens)
+        x, t = {k: v.to(device) for k, v in x.items()}, t.to(device)
+        cond = Cond(text=cond.text.to(device)) if cond is not None else None
+        out = model(x, t, cond)
+        return sum((out[k] - x[k]).pow(2).mean() for k in out)
+
+    mem = cuda_train_step_memory(model, optimizer, loss_fn)
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss_fn().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return {"dit_train_peak_memory_bytes_measured": mem.peak_bytes, "measured_method": mem.method,
+            "dit_train_step_seconds_measured": sorted(times)[1]}
+
+
+def _analytic(spec: LatentSpec, cfg: dit.DiTConfig, text_tokens: int) -> int | None:
+    if cfg.attn_layout != "full":
+        return None
+    groups = []
+    for s in dit.part_specs(spec.parts, cfg.patch, cfg.part_patch):
+        shape = spec.parts[s.name]
+        n = (math.prod(math.ceil(a / p) for a, p in zip(shape[1:], s.patch)) if len(shape) == 4
+             else shape[0] * shape[1])
+        groups.append((n, s.token_dim))
+    return dit_forward_flops_analytic(cfg.depth, cfg.hidden, groups, cfg.mlp_ratio, cfg.freq_dim,
+                                      text_tokens if cfg.text_dim else 0, cfg.text_dim)
+
+
+def cost_table(names: list[str], frames: int, height: int, width: int, dit_name: str = "dit-standard", *,
+               batch_size: int = 1, steps: int = 50, cfg: bool = False, dit_overrides: dict[str, Any] | None = None,
+               text_tokens: int = 0, text_dim: int = 4096, measure: bool = False) -> list[dict[str, Any]]:
+    """One row per autoencoder (see the module doc). DiT costs are shared between autoencoders
+    with the same latent shapes."""
+    if min(frames, height, width, batch_size, steps) < 1:
+        raise ValueError("frames, height, width, batch size and steps must be >= 1")
+    overrides = dict(dit_overrides or {})
+    if text_tokens:
+        overrides.setdefault("text_dim", text_dim)
+    for name in names:
+        _resolve(name)  # an unknown name is an error, not a row
+    cache: dict[str, dict[str, Any]] = {}
+    rows = []
+    for name in names:
+        row: dict[str, Any] = {k: None for k in KEYS}
+        row["autoencoder"] = name
+        try:
+            spec = latent_spec(name, frames, height, width)
+        except (ValueError, KeyError) as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            rows.append(row)
+            continue
+        dcfg = dit.make_config(dit_name, spec, **overrides)
+        d = spec.to_dict(dcfg.patch)
+        row.update(latent_shape=d["latent_shape"], latent_elements=d["latent_elements"],
+                   compression_rate=d["compression_rate"], compression_factor=d["compression_factor"],
+                   vcpr=d["vcpr"], tokens=count_tokens(spec.parts, dit.part_specs(spec.parts, dcfg.patch, dcfg.part_patch)))
+        key = json.dumps([cfglib.to_dict(dcfg), batch_size, text_tokens, measure], sort_keys=True)
+        if key not in cache:
+            costs = dit_costs(spec, dcfg, batch_size, text_tokens)
+            costs["dit_forward_flops_analytic"] = _analytic(spec, dcfg, text_tokens)
+            if measure:
+                costs.update(measured_dit_costs(spec, dcfg, batch_size, text_tokens))
+            cache[key] = costs
+        row.update(cache[key])
+        try:
+            row["ae_decode_flops"] = decode_flops(name, spec)
+        except Exception as e:  # any family's decode that cannot run on fake tensors: report, do not crash
+            row["ae_decode_error"] = f"{type(e).__name__}: {e}"
+        per_step = row["dit_forward_flops"] * (2 if cfg else 1)
+        row["sample_flops"] = None if row["ae_decode_flops"] is None else steps * per_step + row["ae_decode_flops"]
+        row.update(input=[frames, height, width], dit=dit_name, batch_size=batch_size, steps=steps, cfg=cfg,
+                   flops_convention=FLOP_CONVENTION)
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# output
+# ------------------------------------------------------------------------------------------
+def _shape_text(shape: dict[str, list[int]] | None) -> str:
+    if not shape:
+        return "-"
+    return ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shape.items())
+
+
+def _num(x: float | None, scale: float, fmt: str) -> str:
+    return "-" if x is None else format(x / scale, fmt)
+
+
+def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = None) -> str:
+    """A fixed-width table (FLOPs in GFLOP/TFLOP, memory in GiB)."""
+    head = (f"{'autoencoder':26s} {'latent':24s} {'rate':>8s} {'factor':>7s} {'vcpr':>5s} {'tokens':>7s} "
+            f"{'fwd GF':>9s} {'train GF':>9s} {'mem GiB':>8s} {'dec GF':>9s} {'sample TF':>10s}")
+    lines = [head]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"{r['autoencoder']:26s} {r['error']}")
+            continue
+        vcpr = f"{r['vcpr']:.0f}" if r["vcpr"] else "-"
+        lines.append(f"{r['autoencoder']:26s} {_shape_text(r['latent_shape']):24s} {r['compression_rate']:8.5f} "
+                     f"{r['compression_factor']:7.1f} {vcpr:>5s} {r['tokens']:7d} "
+                     f"{_num(r['dit_forward_flops'], 1e9, '9.1f')} {_num(r['dit_train_step_flops'], 1e9, '9.1f')} "
+                     f"{_num(r['dit_train_peak_memory_bytes'], 2 ** 30, '8.2f')} "
+                     f"{_num(r['ae_decode_flops'], 1e9, '9.1f')} {_num(r['sample_flops'], 1e12, '10.2f')}")
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (for READMEs and `ldm compare` reports)."""
+    out = ["| autoencoder | latent (c t h w / f n c) | compression rate | factor | tokens | DiT fwd GFLOPs | "
+           "train step GFLOPs | train peak GiB | decode GFLOPs | sample TFLOPs |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("error"):
+            out.append(f"| {r['autoencoder']} | {r['error']} | | | | | | | | |")
+            continue
+        out.append(f"| {r['autoencoder']} | {_shape_text(r['latent_shape'])} | {r['compression_rate']:.5f} | "
+                   f"{r['compression_factor']:.0f} | {r['tokens']} | {_num(r['dit_forward_flops'], 1e9, '.1f')} | "
+                   f"{_num(r['dit_train_step_flops'], 1e9, '.1f')} | "
+                   f"{_num(r['dit_train_peak_memory_bytes'], 2 ** 30, '.2f')} | "
+                   f"{_num(r['ae_decode_flops'], 1e9, '.1f')} | {_num(r['sample_flops'], 1e12, '.2f')} |")
+    return "\n".join(out)
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
+    keys = list(KEYS) + sorted({k for r in rows for k in r} - set(KEYS) - {"memory_breakdown"})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (_shape_text(v) if k == "latent_shape" else json.dumps(v) if isinstance(v, (list, dict))
+                            else v) for k, v in r.items()})
+
+
+def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """PNG: DiT FLOPs (forward and a training step, per sample) and training peak memory vs the
+    compression rate, one labelled point per autoencoder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if not r.get("error") and r["dit_forward_flops"] is not None]
+    if not ok:
+        raise ValueError("no autoencoder has costs to plot")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
+    rate = [r["compression_rate"] for r in ok]
+    a1.scatter(rate, [r["dit_forward_flops"] / 1e9 for r in ok], label="forward", marker="o")
+    a1.scatter(rate, [r["dit_train_step_flops"] / 1e9 for r in ok], label="train step (fwd+bwd)", marker="s")
+    a2.scatter(rate, [r["dit_train_peak_memory_bytes"] / 2 ** 30 for r in ok], color="C2", marker="^")
+    for r in ok:
+        a1.annotate(r["autoencoder"], (r["compression_rate"], r["dit_forward_flops"] / 1e9), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+        a2.annotate(r["autoencoder"], (r["compression_rate"], r["dit_train_peak_memory_bytes"] / 2 ** 30),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for ax in (a1, a2):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("compression rate (latent / input elements)")
+        ax.grid(alpha=0.3, which="both")
+    a1.set_ylabel("DiT GFLOPs per sample (2 x MAC)")
+    a1.legend(fontsize=8)
+    a2.set_ylabel(f"training peak memory, GiB (batch {ok[0]['batch_size']}, fp32 AdamW)")
+    fig.suptitle(title or "downstream cost vs compression")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

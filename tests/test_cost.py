@@ -1,0 +1,216 @@
+"""FLOP counting (attention included, on CPU), the analytic cross-check, memory without allocating,
+the replay of repeated decoder steps, and `ldm cost`."""
+import contextlib
+import json
+import resource
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import dit
+from launch.cli import main as ldm
+from launch.cost import KEYS, cost_table
+from launch.engine import transformer_flops
+from ldm.cost import (adam_model_state_bytes, count_flops, dit_forward_flops_analytic, fake_mode, prime_optimizer,
+                      train_step_memory)
+from ldm.latent import Cond
+
+
+def test_sdpa_on_cpu_is_counted():
+    q, k, v = (torch.randn(2, 3, 10, 8, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as plain:
+        F.scaled_dot_product_attention(q, k, v)
+    assert plain.get_total_flops() == 0  # the bug this module fixes
+    out, fwd = count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
+    assert fwd.total == 4 * 2 * 3 * 10 * 10 * 8  # QK^T and PV, 2 x MAC each
+    _, bwd = count_flops(lambda: out.sum().backward())
+    assert bwd.total == int(2.5 * fwd.total)  # scores recomputed + four products
+
+
+def _tiny_dit(text_dim=0):
+    return dit.make_config("dit-debug", {"z": (4, 3, 8, 8), "g": (2, 5, 6)}, text_dim=text_dim)
+
+
+@pytest.mark.parametrize("text_dim", [0, 12])
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_dit_forward_flops_equal_the_closed_form(backend, text_dim):
+    cfg = _tiny_dit(text_dim)
+    with fake_mode():
+        model = dit.VideoDiT(cfg)
+        model.set_attention_backend(backend)
+        x = {"z": torch.randn(1, 4, 3, 8, 8), "g": torch.randn(1, 2, 5, 6)}
+        cond = Cond(text=torch.randn(1, 7, text_dim)) if text_dim else None
+        _, count = count_flops(lambda: model(x, torch.rand(1), cond))
+    groups = [(3 * 4 * 4, 4 * 2 * 2), (2 * 5, 6)]  # (tokens, features) per group: patch (1, 2, 2); token set
+    expect = dit_forward_flops_analytic(cfg.depth, cfg.hidden, groups, cfg.mlp_ratio, cfg.freq_dim,
+                                        7 if text_dim else 0, text_dim)
+    assert count.total == expect
+    attn = "aten.bmm" if backend == "math" else "aten._scaled_dot_product_flash_attention_for_cpu"
+    assert count.by_op[attn] > 0
+
+
+def test_counter_agrees_with_the_trainers_mfu_count_and_train_step_is_3x():
+    spec = {"z": (16, 5, 32, 32)}  # dit-standard: 8 x 512, 1280 tokens
+    cfg = dit.make_config("dit-standard", spec)
+    with fake_mode():
+        model = dit.VideoDiT(cfg)
+        x = {"z": torch.randn(1, 16, 5, 32, 32)}
+        out, fwd = count_flops(lambda: model(x, torch.rand(1)))
+        _, bwd = count_flops(lambda: out["z"].sum().backward())
+    trunk = transformer_flops(cfg.depth, cfg.hidden, 5 * 16 * 16, cfg.mlp_ratio)
+    assert abs(fwd.total / trunk - 1) < 0.01  # the trunk is all but embeddings and heads
+    assert 2.9 < (fwd.total + bwd.total) / fwd.total < 3.2
+
+
+def _train_memory(fake: bool, iterations: int = 2, prime: bool = False):
+    torch.manual_seed(0)
+    with fake_mode() if fake else contextlib.nullcontext():
+        model = dit.VideoDiT(dit.make_config("dit-debug", {"z": (4, 3, 8, 8)}))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        if prime:
+            prime_optimizer(opt)
+
+        def loss():
+            x = {"z": torch.randn(2, 4, 3, 8, 8)}
+            return (model(x, torch.rand(2))["z"] - x["z"]).pow(2).mean()
+
+        return train_step_memory(model, opt, loss, iterations), model.num_parameters()
+
+
+def test_memory_without_allocating_equals_the_real_run():
+    fake, n = _train_memory(True)
+    real, _ = _train_memory(False)
+    assert fake.peak_bytes == real.peak_bytes and fake.breakdown == real.breakdown
+    assert fake.method.startswith("FakeTensorMode + MemTracker") and real.method.startswith("MemTracker on cpu")
+    # fp32 AdamW model state: 4 B weights + 8 B moments (+ 4 B gradients) per parameter, 512 B rounding
+    assert 4 * n <= fake.breakdown["params"] < 4 * n + 512 * 60
+    assert 8 * n <= fake.breakdown["optimizer"] < 8 * n + 1024 * 60
+    assert fake.peak_bytes < adam_model_state_bytes(n) + 10 * fake.breakdown["activations"]
+    primed, _ = _train_memory(True, iterations=1, prime=True)
+    assert primed.peak_bytes == fake.peak_bytes  # one primed step == the steady state of two
+    with pytest.raises(ValueError, match="2 .Adam's state appears"):
+        _train_memory(True, iterations=1)
+
+
+class _Loop(nn.Module):
+    """A toy diffusion decoder: one network called `steps` times with CFG (batch doubled)."""
+
+    def __init__(self, steps=5):
+        super().__init__()
+        self.steps = steps
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    def forward(self, x):
+        for t in torch.linspace(1, 0, self.steps + 1)[:-1]:
+            v = self.net(torch.cat([x, x]) * float(t))  # float(t): a real value is read back
+            x = x + v[: x.shape[0]]
+        return x
+
+
+def test_repeated_steps_are_counted_without_rerunning():
+    with fake_mode(small_real=True):
+        model = _Loop(steps=5)
+        x = torch.randn(3, 8)
+        calls = []
+        model.net[0].register_forward_hook(lambda *a: calls.append(1))
+        out, memo = count_flops(lambda: model(x), repeats_of=model)
+        assert out.shape == (3, 8) and len(calls) == 1  # the network's layers ran once
+    assert memo.total == 5 * 2 * (2 * 6 * 8 * 16) == memo.by_op["aten.addmm"]
+    with pytest.raises(ValueError, match="fake_mode"):
+        count_flops(lambda: model(torch.randn(3, 8)), repeats_of=_Loop())
+
+
+def test_small_real_mode_keeps_only_small_values_real():
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    with fake_mode(small_real=True):
+        sched = torch.linspace(1, 0, 11)
+        big = torch.randn(512, 512)
+        ids = torch.arange(100_000)
+        assert not isinstance(sched, FakeTensor) and float(sched[3]) == pytest.approx(0.7)
+        assert isinstance(big, FakeTensor) and isinstance(big * sched[0], FakeTensor)
+        assert not isinstance(ids, FakeTensor) and int(torch.unique(ids % 7).numel()) == 7
+    with fake_mode(), pytest.raises(Exception, match="local_scalar_dense|data-dependent"):
+        float(torch.linspace(1, 0, 11)[3])
+
+
+# ------------------------------------------------------------------------------------------
+# ldm cost
+# ------------------------------------------------------------------------------------------
+def test_cost_cli_json_csv_plot(tmp_path, capsys):
+    names = "kl2d-f8c4-debug,causal3d-f4x8c4-debug"
+    ldm(["cost", "--autoencoders", names, "--frames", "9", "--height", "64", "--width", "64", "--dit", "dit-debug",
+         "--batch-size", "2", "--steps", "10", "--cfg", "--json", "--csv", str(tmp_path / "c.csv"),
+         "--plot", str(tmp_path / "c.png")])
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["autoencoder"] for r in rows] == names.split(",")
+    for r in rows:
+        assert set(KEYS) <= set(r) and all(r[k] is not None for k in KEYS if k != "vcpr")
+        assert r["compression_rate"] == pytest.approx(r["latent_elements"] / (3 * 9 * 64 * 64))
+        assert r["compression_factor"] == pytest.approx(1 / r["compression_rate"])
+        assert r["dit_forward_flops"] == r["dit_forward_flops_analytic"]
+        assert r["sample_flops"] == 10 * 2 * r["dit_forward_flops"] + r["ae_decode_flops"]
+        assert "FakeTensorMode + MemTracker" in r["method"]
+    kl, c3 = rows
+    assert kl["latent_shape"] == {"z": [4, 9, 8, 8]} and kl["tokens"] == 9 * 4 * 4 and kl["vcpr"] == 64
+    assert c3["latent_shape"] == {"z": [4, 3, 8, 8]} and c3["tokens"] == 3 * 4 * 4 and c3["vcpr"] == 192
+    assert c3["dit_forward_flops"] < kl["dit_forward_flops"]
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((tmp_path / "c.csv").read_text().splitlines()) == 3
+
+
+def test_cost_rows_report_sizes_an_autoencoder_cannot_take(capsys):
+    rows = cost_table(["kl2d-f8c4-debug", "causal3d-f4x8c4-debug"], 16, 64, 64, "dit-debug")
+    assert rows[0]["dit_forward_flops"] > 0 and "error" not in rows[0]
+    assert "1 + 4k frames" in rows[1]["error"] and rows[1]["dit_forward_flops"] is None
+    with pytest.raises(KeyError, match="not registered"):
+        cost_table(["no-such-ae"], 9, 64, 64, "dit-debug")
+
+
+def test_cost_reads_a_saved_model_folder(tmp_path):
+    import autoencoders
+
+    autoencoders.build("kl2d-f8c4-debug").save_pretrained(tmp_path / "ae", name="kl2d-f8c4-debug")
+    row, = cost_table([str(tmp_path / "ae")], 9, 64, 64, "dit-debug")
+    ref, = cost_table(["kl2d-f8c4-debug"], 9, 64, 64, "dit-debug")
+    assert {k: row[k] for k in KEYS if k != "autoencoder"} == {k: ref[k] for k in KEYS if k != "autoencoder"}
+
+
+def test_cost_at_65x512x512_allocates_nothing():
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.process_time()
+    rows = cost_table(["kl2d-f8c4", "causal3d-f4x8c16"], 65, 512, 512, "dit-standard", batch_size=4)
+    kl, c3 = rows
+    assert kl["tokens"] == 65 * 32 * 32 and c3["tokens"] == 17 * 32 * 32
+    assert kl["dit_train_peak_memory_bytes"] > 90 * 2 ** 30  # estimated, far beyond this machine
+    assert kl["ae_decode_flops"] > 1e14
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 1_000_000  # KiB: < 1 GiB
+    assert time.process_time() - t0 < 30
+
+
+def test_measure_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        cost_table(["kl2d-f8c4-debug"], 9, 64, 64, "dit-debug", measure=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_estimate_against_max_memory_allocated():
+    row, = cost_table(["kl2d-f8c4"], 17, 256, 256, "dit-standard", batch_size=2, measure=True)
+    ratio = row["dit_train_peak_memory_bytes_measured"] / row["dit_train_peak_memory_bytes"]
+    assert 0.85 < ratio < 1.25, ratio
+
+
+@pytest.mark.slow
+def test_cost_all_at_65x512x512(capsys):
+    ldm(["cost", "--all", "--frames", "65", "--height", "512", "--width", "512", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    import autoencoders
+
+    assert [r["autoencoder"] for r in rows] == sorted(autoencoders.REGISTRY)
+    assert any(r.get("dit_forward_flops") for r in rows)
