@@ -51,7 +51,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -300,7 +302,7 @@ class CausalAttentionBlock(nn.Module):
     """``x + Attn(norm(x))`` then ``x + MLP(norm(x))`` on a ``B C T H W`` map, the attention over all
     (t, h, w) tokens under the block-causal mask."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, norm: functools.partial):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, norm: Callable[[int], nn.Module]):
         super().__init__()
         self.norm1 = norm(dim)
         self.attn = BlockCausalSelfAttention(dim, heads, qk_norm=True)
@@ -318,7 +320,8 @@ class CausalAttentionBlock(nn.Module):
 class CausalAttentionStack(nn.Module):
     """The attention column's blocks; RoPE and the mask are built once per call for the map's grid."""
 
-    def __init__(self, dim: int, blocks: int, heads: int, mlp_ratio: float, norm: functools.partial):
+    def __init__(self, dim: int, blocks: int, heads: int, mlp_ratio: float,
+                 norm: Callable[[int], nn.Module]):
         super().__init__()
         self.blocks = nn.ModuleList([CausalAttentionBlock(dim, heads, mlp_ratio, norm) for _ in range(blocks)])
         self.rope = Rope3D(dim // heads)
@@ -382,6 +385,15 @@ def _check_chunk(chunk: int | None, dims: int) -> None:
         raise ValueError("sliced (frame-chunked) inference needs the 2D spatial stage (spatial_3d=False)")
 
 
+def _column_blocks(cfg: H3AEConfig, i: int, dims: int, norm: Callable[[int], nn.Module]) -> nn.Module:
+    """The blocks of column ``i`` (Tab. 9): ResBlocks for S and ST columns, the attention stack last."""
+    width = cfg.widths[i]
+    counts = cfg.spatial_blocks + cfg.st_blocks
+    if i < len(counts):
+        return nn.Sequential(*[ResBlock(width, width, dims, norm=norm) for _ in range(counts[i])])
+    return CausalAttentionStack(width, cfg.attn_blocks, cfg.attn_heads, cfg.mlp_ratio, norm)
+
+
 class H3AEEncoder(nn.Module):
     """Stem conv, then per column a strided downsampling into its width and its blocks, then
     norm -> SiLU -> causal conv to ``2 * latent_channels`` moments."""
@@ -390,19 +402,13 @@ class H3AEEncoder(nn.Module):
         super().__init__()
         norm = functools.partial(make_norm, cfg.norm, groups=cfg.norm_groups)
         self.spatial_dims = 3 if cfg.spatial_3d else 2
-        widths, temporal = cfg.widths, cfg.temporal
-        n_s, n_st = len(cfg.spatial_widths), len(cfg.st_widths)
+        widths, n_s = cfg.widths, len(cfg.spatial_widths)
         self.conv_in = (nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1) if self.spatial_dims == 2 else
                         CausalConv3d(cfg.in_channels, widths[0], 3))
         columns, prev = [], widths[0]
         for i, w in enumerate(widths):
             dims = self.spatial_dims if i < n_s else 3
-            if i < n_s + n_st:
-                n = (cfg.spatial_blocks + cfg.st_blocks)[i]
-                blocks = nn.Sequential(*[ResBlock(w, w, dims, norm=norm) for _ in range(n)])
-            else:
-                blocks = CausalAttentionStack(w, cfg.attn_blocks, cfg.attn_heads, cfg.mlp_ratio, norm)
-            columns.append(_Column(StridedDown(prev, w, dims, temporal[i]), blocks))
+            columns.append(_Column(StridedDown(prev, w, dims, cfg.temporal[i]), _column_blocks(cfg, i, dims, norm)))
             prev = w
         self.spatial = nn.ModuleList(columns[:n_s])
         self.st = nn.ModuleList(columns[n_s:])
@@ -446,18 +452,13 @@ class H3AEDecoder(nn.Module):
         norm = functools.partial(make_norm, cfg.norm, groups=cfg.norm_groups)
         up_cls = ShuffleUp if cfg.upsample == "shuffle" else InterpolateUp
         self.spatial_dims = 3 if cfg.spatial_3d else 2
-        widths, temporal = cfg.widths, cfg.temporal
-        n_s, n_st = len(cfg.spatial_widths), len(cfg.st_widths)
+        widths, n_s = cfg.widths, len(cfg.spatial_widths)
         self.conv_in = CausalConv3d(cfg.latent_channels, widths[-1], 3)
         columns = []
         for i, w in enumerate(widths):  # column i upsamples back to the resolution and width of column i - 1
             dims = self.spatial_dims if i < n_s else 3
-            if i < n_s + n_st:
-                n = (cfg.spatial_blocks + cfg.st_blocks)[i]
-                blocks = nn.Sequential(*[ResBlock(w, w, dims, norm=norm) for _ in range(n)])
-            else:
-                blocks = CausalAttentionStack(w, cfg.attn_blocks, cfg.attn_heads, cfg.mlp_ratio, norm)
-            columns.append(_Column(up_cls(w, widths[max(i - 1, 0)], dims, temporal[i]), blocks))
+            up = up_cls(w, widths[max(i - 1, 0)], dims, cfg.temporal[i])
+            columns.append(_Column(up, _column_blocks(cfg, i, dims, norm)))
         self.spatial = nn.ModuleList(columns[:n_s])  # index i = column i (applied in reverse)
         self.st = nn.ModuleList(columns[n_s:])
         self.norm_out = norm(widths[0])
@@ -593,7 +594,7 @@ class H3AE(Autoencoder):
         cfg = self.config
         return cfg.consistency != "none" and int(self.train_steps) >= cfg.consistency_start
 
-    def _frozen(self, module: nn.Module, *args, **kwargs):
+    def _frozen(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """Call ``module`` with its parameters detached: gradients reach the inputs, never its weights."""
         params = {name: p.detach() for name, p in module.named_parameters()}
         return torch.func.functional_call(module, params, args, kwargs)
@@ -605,7 +606,8 @@ class H3AE(Autoencoder):
         batch (the normalisation of the KL term in ``autoencoders.losses``)."""
         moments, _ = self._frozen(self.encoder, recon, self.frame_chunk, features=False)
         mean_f, logvar_f = split_moments(moments, self.config.logvar_clamp)
-        kl = gaussian_kl(posterior["z"].detach(), posterior.logvar["z"].detach(), mean_f, logvar_f)  # (B,)
+        real = posterior["z"].detach().float(), posterior.logvar["z"].detach().float()
+        kl = gaussian_kl(*real, mean_f.float(), logvar_f.float())  # (B,), in float32 under autocast too
         return (kl / recon[0].numel()).mean()
 
     def pixel_consistency_loss(self, recon: Tensor) -> Tensor:
@@ -622,7 +624,8 @@ class H3AE(Autoencoder):
         """Encode, sample, decode with the omni objective (Eq. 1: each sample gets the first frame's
         encoder features with probability ``omni_prob``; they come from this clip's own causal
         encoder pass, where frame 0 is encoded alone), plus the consistency term once
-        ``train_steps >= consistency_start``."""
+        ``train_steps >= consistency_start``. ``cond`` is not used: the condition of Eq. 1 is the
+        clip's own first frame."""
         cfg = self.config
         moments, feats = self.encoder(video, self.frame_chunk, features=cfg.omni_prob > 0)
         posterior = self._posterior(moments)
