@@ -17,6 +17,7 @@ VERBS: dict[str, tuple[str, str]] = {  # keep in sync with the README's verb tab
     "sample": ("launch.sample", "sample videos from prompts or class labels"),
     "demo": ("launch.demo", "the whole pipeline on a laptop CPU with a report (make demo)"),
     "cost": ("launch.cost", "downstream cost per autoencoder: tokens, DiT FLOPs and training memory, no weights"),
+    "eval": ("launch.evaluate", "quality: recon (PSNR/SSIM/LPIPS/rFVD) and gen (FVD/FID, attributes, VBench)"),
 }
 
 

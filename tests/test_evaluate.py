@@ -1,0 +1,306 @@
+"""`ldm eval`: FVD / FID extractors loaded from user files (tiny scripted stand-ins saved and loaded
+through the real loaders), reconstruction metrics, the attribute benchmark, the VBench bridge."""
+import hashlib
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+import autoencoders
+import dit
+from data.synth import render_clip, synth_dataset
+from launch import evaluate as ev
+from launch.cli import main as ldm
+from launch.train import export
+from ldm import config as cfglib
+from ldm.metrics import LPIPS
+from ldm.text import build_text_encoder
+
+
+class TinyI3D(nn.Module):
+    """The calling convention of StyleGAN-V's i3d_torchscript.pt; 5 features from clip statistics."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(9, 5)
+
+    def forward(self, x: Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False) -> Tensor:
+        dt = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(2, 3, 4))  # (B, 3) motion
+        return self.lin(torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4)), dt], 1))
+
+
+class TinyInception(nn.Module):
+    """The calling convention of StyleGAN2-ADA's inception-2015-12-05.pt: uint8 frames in."""
+
+    def forward(self, x: Tensor, return_features: bool = False) -> Tensor:
+        f = x.float() / 255.0
+        return torch.cat([f.mean(dim=(2, 3)), f.std(dim=(2, 3))], 1)  # (N, 6)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("nets")
+    torch.jit.save(torch.jit.script(TinyI3D()), str(d / "i3d_torchscript.pt"))
+    torch.jit.save(torch.jit.script(TinyInception()), str(d / "inception-2015-12-05.pt"))
+    torch.manual_seed(0)
+    lp = LPIPS("alex")
+    torch.save({f"features.{k}": torch.randn_like(v) * 0.05 for k, v in lp.features.state_dict().items()},
+               d / "alexnet.pth")
+    torch.save({f"lin{i}.model.1.weight": torch.rand_like(h.weight) for i, h in enumerate(lp.heads)}, d / "alex.pth")
+    synth_dataset(d / "videos", num=6, frames=8, size=32, fps=8, seed=0)
+    synth_dataset(d / "other", num=6, frames=8, size=32, fps=8, seed=5, colors=["white"])
+    return d
+
+
+def test_extractor_loaders(files, tmp_path):
+    ext = ev.load_i3d(files / "i3d_torchscript.pt")
+    assert ext.dim == 5 and ext.sha256 == hashlib.sha256((files / "i3d_torchscript.pt").read_bytes()).hexdigest()
+    assert ext.describe()["weights"] == "i3d_torchscript.pt"
+    assert ev.load_inception(files / "inception-2015-12-05.pt").dim == 6
+    with pytest.raises(FileNotFoundError, match="missing_i3d.pt"):
+        ev.load_i3d(tmp_path / "missing_i3d.pt")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "state_dict.pt")
+    with pytest.raises(ValueError, match="not a TorchScript archive"):
+        ev.load_i3d(tmp_path / "state_dict.pt")
+    with pytest.raises(ValueError, match="unknown FVD extractor"):
+        ev.load_i3d(files / "i3d_torchscript.pt", kind="videomae")
+
+
+def test_fvd_preprocessing():
+    v = torch.full((2, 3, 20, 32, 48), 0.3)
+    x = ev.fvd_preprocess(v)
+    assert x.shape == (2, 3, 16, 224, 224)
+    assert torch.allclose(x, torch.full_like(x, round(1.3 * 127.5) / 127.5 - 1))  # quantised to [0, 255]
+    ramp = torch.linspace(-1, 1, 48).expand(1, 3, 16, 32, 48)
+    y = ev.fvd_preprocess(ramp)
+    assert y.min() >= -1 - 1e-6 and y.max() <= 1 + 1e-6 and (y[..., 1:] >= y[..., :-1] - 1e-6).all()  # not cropped
+    with pytest.raises(ValueError, match="16 frames"):
+        ev.fvd_preprocess(torch.zeros(1, 3, 8, 32, 32))
+
+
+def test_frechet_distance_of_features(files):
+    ext = ev.load_i3d(files / "i3d_torchscript.pt")
+    torch.manual_seed(1)
+    a = torch.rand(12, 3, 16, 24, 24) * 2 - 1
+    acc = ev.fvd_accumulator(ext, batch=5)
+    acc.update("real", a[:7])
+    acc.update("real", a[7:])  # streamed
+    acc.update("fake", a)
+    same = acc.result("fvd")
+    assert abs(same["fvd"]) < 1e-6 and same["n_real"] == same["n_fake"] == 12 and same["frames"] == 16
+    assert same["sha256"] == ext.sha256 and "unbiased" in same["covariance"]
+    acc2 = ev.fvd_accumulator(ext)
+    acc2.update("real", a)
+    acc2.update("fake", (a * 0.5).clamp(-1, 1))
+    assert acc2.result("fvd")["fvd"] > 1e-3
+
+
+def test_position_ssim():
+    per = torch.tensor([[1.0, 0.9, 0.8, 0.7, 0.6, 0.9, 0.8, 0.7, 0.6]])  # causal: frame 0 alone, groups of 4
+    out = ev.position_ssim(per, group=4, start=1)
+    assert out["lead"] == [1.0] and out["positions"] == pytest.approx([0.9, 0.8, 0.7, 0.6])
+    with pytest.raises(ValueError):
+        ev.position_ssim(per, group=0)
+
+
+def test_eval_recon_cli(files, tmp_path, capsys):
+    out = tmp_path / "recon.json"
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ldm(["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(files / "videos"), "--frames", "8",
+             "--height", "32", "--width", "32", "--lpips-net", "alex", "--lpips-backbone", str(files / "alexnet.pth"),
+             "--lpips-heads", str(files / "alex.pth"), "--i3d", str(files / "i3d_torchscript.pt"), "--fvd-frames",
+             "8", "--frame-group", "4", "--grid", str(tmp_path / "grid.png"), "--output", str(out), "--device", "cpu"])
+    r = json.loads(out.read_text())
+    assert r["clips"] == 6 and r["autoencoder"] == "kl2d-f8c4-debug" and r["skipped"] == []
+    assert np.isfinite(r["psnr_db"]["mean"]) and 0 < r["ssim"]["mean"] < 1 and r["lpips"]["mean"] > 0
+    assert r["rfvd"]["n_real"] == 6 and r["rfvd"]["frames"] == 8 and r["rfvd"]["rfvd"] > 0
+    assert len(r["ssim_per_position"]["positions"]) == 4 and len(r["ssim_per_position"]["per_frame"]) == 8
+    assert r["lpips"]["heads_sha256"] == hashlib.sha256((files / "alex.pth").read_bytes()).hexdigest()
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(capsys.readouterr().out)["clips"] == 6
+
+
+def test_recon_metrics_are_right_for_a_perfect_autoencoder(files):
+    class Identity(autoencoders.Autoencoder):
+        family = "identity-test"
+
+        def __init__(self):
+            super().__init__(autoencoders.AEConfig())
+
+        def latent_spec(self, frames, height, width):
+            from ldm.latent import LatentSpec
+            return LatentSpec("grid", {"z": (3, frames, height, width)}, (3, frames, height, width))
+
+        def _encode(self, video, cond):
+            from ldm.latent import Latent
+            return Latent({"z": video})
+
+        def _decode(self, latent, cond):
+            return latent["z"]
+
+    r = ev.evaluate_reconstruction(Identity(), str(files / "videos"), 8, 32, 32, frame_group=2)
+    assert r["ssim"]["mean"] == pytest.approx(1.0) and r["psnr_db"]["infinite"] == 6
+    assert r["ssim_per_position"]["positions"] == pytest.approx([1.0, 1.0])
+
+
+def test_lpips_file_errors_name_the_file(files, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        ldm(["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(files / "videos"), "--output",
+             str(tmp_path / "r.json"), "--lpips-net", "alex", "--lpips-backbone", str(tmp_path / "nope.pth"),
+             "--lpips-heads", str(files / "alex.pth")])
+
+
+# ------------------------------------------------------------------------------------------
+# generation
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A DiT export with RANDOM weights over a random kl2d-f8c4-debug (no training needed)."""
+    d = tmp_path_factory.mktemp("run")
+    cls, config = autoencoders.REGISTRY["kl2d-f8c4-debug"]
+    spec = cls(config).latent_spec(8, 32, 32)
+    dcfg = dit.make_config("dit-debug", spec, text_dim=build_text_encoder("builtin").dim, num_classes=224)
+    torch.manual_seed(0)
+    model = dit.VideoDiT(dcfg)
+    context = {"autoencoder": "kl2d-f8c4-debug", "family": "kl2d", "config": cfglib.to_dict(config), "seed": 0,
+               "checkpoint": None, "video": {"frames": 8, "height": 32, "width": 32}, "text_encoder": "builtin",
+               "latent_norm": {}}
+    export(model.state_dict(), dcfg, d / "export", context)
+    return d
+
+
+def _load(run_dir):
+    from launch.sample import load_autoencoder
+    from launch.train import load_export
+
+    model, context = load_export(run_dir)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ae = load_autoencoder(context).eval()
+    return model, ae, context
+
+
+def test_attribute_suite():
+    suite = ev.attribute_suite(["circle", "square"], ["red"], ["left", "right"], holdout=["red circle right"])
+    assert [s["prompt"] for s in suite] == ["a red circle moving left", "a red circle moving right",
+                                            "a red square moving left", "a red square moving right"]
+    assert [s["holdout"] for s in suite] == [False, True, False, False]
+    assert len(ev.attribute_suite()) == 4 * 7 * 4
+
+
+def test_attribute_benchmark_scores_what_is_generated(run_dir, monkeypatch):
+    model, ae, context = _load(run_dir)
+    suite = ev.attribute_suite(["circle", "square"], ["red", "blue"], ["left", "right"], holdout=["red circle right"])
+    import launch.sample
+
+    def perfect(model, ae, context, prompts=None, class_ids=None, frames=8, height=32, width=32, seed=0, **kw):
+        from data.synth import parse_attributes
+        clips = [render_clip(parse_attributes(p), frames, height, width, seed + i) for i, p in enumerate(prompts)]
+        return torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+    monkeypatch.setattr(launch.sample, "generate", perfect)
+    r = ev.attribute_benchmark(model, ae, context, suite, per_prompt=2, frames=8, height=32, width=32, batch_size=3)
+    assert r["accuracy"] == {"shape": 1.0, "color": 1.0, "direction": 1.0, "all": 1.0, "n": 16}
+    assert r["accuracy_holdout"]["n"] == 2 and r["chance"]["color"] == 0.5 and r["chance"]["all"] == 0.125
+    assert r["conditioning"] == {"text": True, "class": False}
+
+    def wrong_color(*a, prompts=None, **kw):
+        return perfect(*a, prompts=[p.replace("red", "x").replace("blue", "red").replace("x", "blue")
+                                    for p in prompts], **kw)
+
+    monkeypatch.setattr(launch.sample, "generate", wrong_color)
+    r = ev.attribute_benchmark(model, ae, context, suite, per_prompt=1, frames=8, height=32, width=32)
+    assert r["accuracy"]["color"] == 0.0 and r["accuracy"]["shape"] == 1.0 and r["accuracy"]["all"] == 0.0
+
+
+def test_eval_gen_attributes_cli(run_dir, tmp_path, capsys):
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ldm(["eval", "gen", "--checkpoint", str(run_dir), "--output", str(tmp_path / "g"), "--attributes",
+             "--per-prompt", "1", "--shapes", "circle", "square", "--colors", "red", "--directions", "left", "right",
+             "--steps", "2", "--use-class", "--device", "cpu"])
+    r = json.loads((tmp_path / "g" / "result.json").read_text())["attributes"]
+    assert r["accuracy"]["n"] == 4 and len(r["rows"]) == 4 and r["conditioning"] == {"text": True, "class": True}
+    assert all((tmp_path / "g" / "attribute_videos" / row["file"]).exists() for row in r["rows"])
+    assert r["sample_s_per_video"] > 0
+
+
+def test_fvd_fid_of_generated_folders(files, run_dir, tmp_path):
+    model, ae, context = _load(run_dir)
+    i3d, inc = ev.load_i3d(files / "i3d_torchscript.pt"), ev.load_inception(files / "inception-2015-12-05.pt")
+    kw = dict(frames=8, height=32, width=32, num=None, i3d=i3d, inception=inc, fvd_frames=8)
+    same = ev.generation_fd(model, ae, context, str(files / "videos"), samples=str(files / "videos"), **kw)
+    assert abs(same["fvd"]["fvd"]) < 1e-6 and abs(same["fid"]["fid"]) < 1e-6 and same["fid"]["n_real"] == 6 * 8
+    other = ev.generation_fd(model, ae, context, str(files / "videos"), samples=str(files / "other"), **kw)
+    assert other["fvd"]["fvd"] > 1e-3 and other["fid"]["fid"] > 1e-3
+    sampled = ev.generation_fd(model, ae, context, str(files / "videos"), steps=2, **kw)  # from the captions
+    assert sampled["fvd"]["n_fake"] == 6 and sampled["fvd"]["fvd"] > 0
+
+
+def test_vbench_aggregate_known_answers():
+    best = {d: hi for d, (lo, hi) in ev.VBENCH_NORMALIZE.items()}
+    agg = ev.vbench_aggregate(best)
+    assert agg["quality"] == pytest.approx(1) and agg["semantic"] == pytest.approx(1) and agg["total"] == pytest.approx(1)
+    mixed = {d: (lo if d in ev.VBENCH_QUALITY else hi) for d, (lo, hi) in ev.VBENCH_NORMALIZE.items()}
+    agg = ev.vbench_aggregate({k.replace("_", " "): v for k, v in mixed.items()})  # VBench's own key style
+    assert agg["quality"] == pytest.approx(0) and agg["total"] == pytest.approx(1 / 5)
+    half = dict(best, dynamic_degree=0.0)  # weight 0.5 of 6.5 in Quality
+    assert ev.vbench_aggregate(half)["quality"] == pytest.approx(6 / 6.5)
+    part = ev.vbench_aggregate({"temporal_flickering": 0.9})
+    assert part["total"] is None and "subject_consistency" in part["missing"]
+    assert part["normalized"]["temporal_flickering"] == pytest.approx((0.9 - 0.6293) / (1 - 0.6293))
+    with pytest.raises(ValueError, match="unknown VBench dimension"):
+        ev.vbench_aggregate({"beauty": 1.0})
+
+
+def test_temporal_flickering():
+    static = np.full((5, 8, 8, 3), 77, dtype=np.uint8)
+    assert ev.temporal_flickering(static) == 1.0
+    flip = np.stack([np.zeros((8, 8, 3)), np.full((8, 8, 3), 255)] * 2).astype(np.uint8)
+    assert ev.temporal_flickering(flip) == 0.0
+    steps = np.stack([np.full((8, 8, 3), 10 * t) for t in range(4)]).astype(np.uint8)
+    assert ev.temporal_flickering(steps) == pytest.approx(245 / 255)
+    video = torch.from_numpy(steps).permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, T, H, W) in [-1, 1]
+    assert ev.temporal_flickering(video) == pytest.approx(245 / 255)
+
+
+FAKE_VBENCH = '''
+import argparse, json, os
+p = argparse.ArgumentParser()
+for a in ("--videos_path", "--output_path", "--full_json_dir", "--mode"):
+    p.add_argument(a)
+p.add_argument("--dimension", nargs="+")
+a = p.parse_args()
+names = sorted(os.listdir(a.videos_path))
+info = json.load(open(a.full_json_dir))
+assert all(f"{e['prompt_en']}-{k}.mp4" in names for e in info for k in range(2)), names
+json.dump({d: [0.5, []] for d in a.dimension}, open(os.path.join(a.output_path, "results_x_eval_results.json"), "w"))
+'''
+
+
+def test_vbench_bridge(run_dir, tmp_path, monkeypatch):
+    info = tmp_path / "VBench_full_info.json"
+    info.write_text(json.dumps([{"prompt_en": "a red circle moving left", "dimension": ["temporal_flickering"]},
+                                {"prompt_en": "a blue square, frozen in time", "dimension": ["color", "scene"]}]))
+    pkg = tmp_path / "fakevb" / "vbench" / "launch"
+    pkg.mkdir(parents=True)
+    (pkg.parent / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "evaluate.py").write_text(FAKE_VBENCH)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fakevb"))
+    model, ae, context = _load(run_dir)
+    r = ev.vbench_bridge(model, ae, context, tmp_path / "out", info=info, dimensions=None, per_prompt=2, frames=8,
+                         height=32, width=32, steps=2, vbench_python=sys.executable)
+    names = sorted(p.name for p in (tmp_path / "out" / "vbench_videos").iterdir())
+    assert names == ["a blue square, frozen in time-0.mp4", "a blue square, frozen in time-1.mp4",
+                     "a red circle moving left-0.mp4", "a red circle moving left-1.mp4"]
+    assert 0 < r["temporal_flickering_inhouse"] <= 1 and r["dimensions"] == ["color", "scene", "temporal_flickering"]
+    assert r["vbench_scores"] == {"color": 0.5, "scene": 0.5, "temporal_flickering": 0.5}
+    assert r["aggregate"]["raw"]["temporal_flickering"] == 0.5  # VBench's own value wins when it ran
+    assert r["aggregate"]["total"] is None and r["info_sha256"]
+    again = ev.vbench_bridge(model, ae, context, tmp_path / "out", info=info, dimensions=["temporal_flickering"],
+                             per_prompt=2, frames=8, height=32, width=32, steps=2)  # videos reused, no vbench
+    assert again["vbench_scores"] == {} and "not run" in again["vbench_note"]
+    assert again["aggregate"]["raw"] == {"temporal_flickering": r["temporal_flickering_inhouse"]}
