@@ -56,6 +56,7 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields (hidden, depth, patch, ...)
     class_cond: bool = True  # condition on class ids (count from the manifest)
     text_cond: bool = True  # condition on cached text embeddings (when the shards have them)
+    pack: bool = False  # varlen batches as one packed row (valid tokens only) instead of padded rows
 
 
 @dataclass(frozen=True)
@@ -175,10 +176,10 @@ def batch_cond(batch: dict, dcfg: dit.DiTConfig) -> Cond:
 
 
 def flow_step_loss(model, latent: Latent, cond: Cond, fcfg: FlowConfig, gens: list[torch.Generator],
-                   null_cond) -> torch.Tensor:
+                   null_cond, pack: bool = False) -> torch.Tensor:
     """One rectified-flow loss on a batch (per-sample losses averaged); ``gens`` holds one generator
     per sample (``sample_generators``). ``null_cond(cond, drop)`` replaces the condition of dropped
-    samples (CFG training)."""
+    samples (CFG training). ``pack``: the DiT runs the batch packed (``VideoDiT.forward(pack=True)``)."""
     device = next(iter(latent.parts.values())).device
     t = torch.cat([flow.sample_timesteps(1, distribution=fcfg.timesteps, loc=fcfg.loc, scale=fcfg.scale,
                                          shift=fcfg.shift, generator=g) for g in gens]).to(device)
@@ -193,7 +194,7 @@ def flow_step_loss(model, latent: Latent, cond: Cond, fcfg: FlowConfig, gens: li
     if cond.text is not None and fcfg.text_dropout > 0:
         text_only = null_cond(Cond(text=cond.text, text_mask=cond.text_mask), drop_text)
         cond.text, cond.text_mask = text_only.text, text_only.text_mask
-    v = model(x_t, t, cond)
+    v = model(x_t, t, cond, pack=True) if pack else model(x_t, t, cond)
     mask = None
     if latent.form == "varlen":
         valid = latent.padding_mask()
@@ -266,7 +267,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             latent = normalize(latent, latent_norm).to(device)
             cond = batch_cond(batch, dcfg)
             cond = Cond(*(None if x is None else x.to(device) for x in (cond.text, cond.text_mask, None, cond.class_id)))
-            loss = flow_step_loss(engine, latent, cond, cfg.flow, gens, null_cond)
+            loss = flow_step_loss(engine, latent, cond, cfg.flow, gens, null_cond, pack=cfg.model.pack)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item() / cfg.optim.grad_accum
