@@ -35,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ae-checkpoint", help="autoencoder weights, or a diffusers VAE folder (default: the path "
                    "recorded at extraction)")
     p.add_argument("--num-frames", type=int, help="default: the training clips' length")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--latent-frames", type=int, help="variable-rate autoencoders (MTC-VAE): latent length "
+                        "to generate (default: the longest, every segment at the base rate)")
+    budget.add_argument("--rate", type=float, help="variable-rate autoencoders: average temporal rate budget, "
+                        "sets the latent length for --num-frames")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--steps", type=int, default=20)
@@ -77,11 +82,14 @@ def _check_hash(path: Path, context: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def generate(model, ae: Autoencoder, context: dict[str, Any], *, prompts: list[str] | None = None,
-             class_ids: list[int] | None = None, frames: int, height: int, width: int, steps: int = 20,
-             guidance: float = 4.0, shift: float = 1.0, sampler: str = "euler", seed: int = 0,
-             text_encoder=None, device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
-    """Sample one video per prompt / class id: ``(B, C, T, H, W)`` in [-1, 1]."""
+def sample_latents(model, ae: Autoencoder, context: dict[str, Any], *, prompts: list[str] | None = None,
+                   class_ids: list[int] | None = None, frames: int, height: int, width: int, steps: int = 20,
+                   guidance: float = 4.0, shift: float = 1.0, sampler: str = "euler", seed: int = 0,
+                   text_encoder=None, device: torch.device | str = "cpu", progress: bool = True,
+                   latent_frames: int | None = None) -> tuple[Latent, Cond]:
+    """Sample one latent per prompt / class id (in the autoencoder's scale, statistics undone) and
+    the condition its decoder takes. ``latent_frames``: the length of a variable-length latent
+    (default: the spec's, the longest)."""
     n = len(prompts) if prompts is not None else len(class_ids)
     spec = ae.latent_spec(frames, height, width)
     dcfg = model.config
@@ -94,20 +102,38 @@ def generate(model, ae: Autoencoder, context: dict[str, Any], *, prompts: list[s
     if cond.text is None and cond.class_id is None:
         raise ValueError("this DiT takes neither the given prompts nor class ids "
                          f"(text_dim={dcfg.text_dim}, num_classes={dcfg.num_classes})")
-    x = samplers.initial_noise(spec.parts, n, seed=seed, device=device)
-    aux = {"length": torch.full((n,), spec.parts["z"][1])} if spec.form == "varlen" else {}
-    x = Latent(x, spec.form, aux=aux)
+    shapes, aux = dict(spec.parts), {}
+    if spec.form == "varlen":
+        t = latent_frames or shapes["z"][1]
+        shapes["z"] = (shapes["z"][0], t, *shapes["z"][2:])
+        aux = {"length": torch.full((n,), t, device=device)}
+    elif latent_frames is not None:
+        raise ValueError(f"latent_frames applies to variable-length latents; this autoencoder's are {spec.form!r}")
+    x = Latent(samplers.initial_noise(shapes, n, seed=seed, device=device), spec.form, aux=aux)
     bar = tqdm(total=steps, desc="sample", unit="step", disable=not progress)
     latent = samplers.sample(model, x, cond, method=sampler, steps=steps, shift=shift, guidance_scale=guidance,
                              null_cond=model.null_cond(cond), callback=lambda *a: bar.update(1))
     bar.close()
     latent = normalize(latent, context.get("latent_norm", {}), inverse=True)
-    ae_cond = Cond(text=cond.text, text_mask=cond.text_mask)
-    return ae.decode(latent.to(device), ae_cond).clamp(-1, 1).cpu()
+    return latent.to(device), Cond(text=cond.text, text_mask=cond.text_mask)
 
 
-def save_videos(videos: torch.Tensor, out: Path, names: list[str], fps: float) -> list[Path]:
-    """MP4 + GIF per video and ``grid.png`` with every video's frames in a row."""
+@torch.no_grad()
+def generate(model, ae: Autoencoder, context: dict[str, Any], **kw: Any) -> torch.Tensor | list[torch.Tensor]:
+    """Sample one video per prompt / class id (``sample_latents``' arguments): ``(B, C, T, H, W)``
+    in [-1, 1]; for variable-length latents a list of ``(C, T_i, H, W)``, each decoded on its own
+    (MTC-VAE splits it at predicted keyframes, so its frame count follows the segments)."""
+    latent, ae_cond = sample_latents(model, ae, context, **kw)
+    if latent.form != "varlen":
+        return ae.decode(latent, ae_cond).clamp(-1, 1).cpu()
+    return [ae.decode(one, Cond(text=None if ae_cond.text is None else ae_cond.text[i:i + 1],
+                                text_mask=None if ae_cond.text_mask is None else ae_cond.text_mask[i:i + 1]))
+            .clamp(-1, 1)[0].cpu() for i, one in enumerate(latent.unbatch())]
+
+
+def save_videos(videos: torch.Tensor | list[torch.Tensor], out: Path, names: list[str], fps: float) -> list[Path]:
+    """MP4 + GIF per video and ``grid.png`` with every video's frames in a row (videos of
+    different lengths hold their last frame in the grid)."""
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +142,9 @@ def save_videos(videos: torch.Tensor, out: Path, names: list[str], fps: float) -
         write_video(out / f"{name}.mp4", v, fps)
         write_video(out / f"{name}.gif", v, fps)
         paths.append(out / f"{name}.mp4")
-    frames = torch.stack([video_to_uint8(v) for v in videos])  # (B, T, H, W, C)
+    longest = max(v.shape[1] for v in videos)
+    frames = torch.stack([video_to_uint8(torch.cat([v, v[:, -1:].expand(-1, longest - v.shape[1], -1, -1)], 1))
+                          for v in videos])  # (B, T, H, W, C)
     B, T, H, W, C = frames.shape
     step = max(1, T // 8)
     grid = frames[:, ::step].permute(0, 2, 1, 3, 4).reshape(B * H, -1, C)  # rows: videos, columns: frames
@@ -133,6 +161,11 @@ def run(args: argparse.Namespace) -> int:
     video = context["video"]
     frames = args.num_frames or video["frames"]
     height, width = args.height or video["height"], args.width or video["width"]
+    latent_frames = args.latent_frames
+    if args.rate is not None:
+        if not hasattr(ae, "varlen_length"):
+            raise ValueError(f"--rate needs a variable-rate autoencoder (MTC-VAE), not {context.get('autoencoder')}")
+        latent_frames = ae.varlen_length(frames, args.rate)
     prompts = args.prompt or (Path(args.prompts_file).read_text().splitlines() if args.prompts_file else None)
     prompts = [p for p in prompts if p.strip()] if prompts else None
     class_ids = args.class_id
@@ -148,14 +181,15 @@ def run(args: argparse.Namespace) -> int:
     videos, names = [], []
     for i in range(0, len(items), args.batch_size):
         chunk = items[i:i + args.batch_size]
-        videos.append(generate(model, ae, context, prompts=[c[0] for c in chunk] if prompts else None,
+        videos.extend(generate(model, ae, context, prompts=[c[0] for c in chunk] if prompts else None,
                                class_ids=None if prompts else [c[1] for c in chunk], frames=frames,
                                height=height, width=width, steps=args.steps, guidance=args.guidance,
                                shift=args.shift, sampler=args.sampler, seed=args.seed + i,
-                               text_encoder=text_encoder, device=device))
+                               text_encoder=text_encoder, device=device, latent_frames=latent_frames))
         names += [f"{i + j:04d}" for j in range(len(chunk))]
-    paths = save_videos(torch.cat(videos), out, names, args.fps)
-    index = [{"file": p.name, "prompt": it[0], "class_id": it[1]} for p, it in zip(paths, items)]
+    paths = save_videos(videos, out, names, args.fps)
+    index = [{"file": p.name, "prompt": it[0], "class_id": it[1], "frames": v.shape[1]}
+             for p, it, v in zip(paths, items, videos)]
     (out / "index.json").write_text(json.dumps(index, indent=2))
     print(f"wrote {len(paths)} videos to {out} (index.json, grid.png)")
     return 0
