@@ -330,3 +330,29 @@ def test_save_load_round_trip_and_stage2_ema(tmp_path):
     convert_checkpoint(tmp_path / "a", tmp_path / "c", name="mine", stage=2)
     c = autoencoders.load_pretrained(tmp_path / "c")
     assert c.config.stage == 2 and int(c.ema_steps) == 0
+
+
+@pytest.mark.slow
+def test_two_step_recipe_through_the_ae_trainer(tmp_path):
+    """Sec. 3.5 with `ldm train-ae`: causal3d -> stage 1 (new sampling layers, rec + KL + GAN) ->
+    stage 2 (f_c + P + decoder, BCE + flow, EMA written at the end)."""
+    import json
+
+    from data.synth import synth_dataset
+    from launch.train_ae import TrainAEConfig, train_autoencoder
+
+    synth_dataset(tmp_path / "videos", num=2, frames=34, size=32, fps=8, seed=0)
+    torch.manual_seed(0)
+    autoencoders.build("causal3d-f4x8c4-debug").save_pretrained(tmp_path / "base", name="causal3d-f4x8c4-debug")
+    common = dict(data=str(tmp_path / "videos"), frames=34, height=32, width=32, batch_size=1, log_every=1,
+                  num_workers=0, latent_stats_clips=1, progress=False)
+    convert_checkpoint(tmp_path / "base", tmp_path / "s1init", name="mtcvae-c4-debug")
+    train_autoencoder(TrainAEConfig(output=str(tmp_path / "s1"), init=str(tmp_path / "s1init"), steps=2,
+                                    save_every=2, sample_every=2, gan=True, **common))
+    convert_checkpoint(tmp_path / "s1" / "final", tmp_path / "s2init", stage=2)
+    train_autoencoder(TrainAEConfig(output=str(tmp_path / "s2"), init=str(tmp_path / "s2init"), steps=3,
+                                    save_every=3, sample_every=3, **common))
+    logs = [json.loads(line) for line in (tmp_path / "s2" / "log.jsonl").read_text().splitlines()]
+    assert {"bce", "flow", "rec", "kl"} <= set(logs[-1])
+    final = autoencoders.load_pretrained(tmp_path / "s2" / "final")
+    assert isinstance(final, MTCVAE) and final.config.stage == 2 and int(final.ema_steps) == 3
