@@ -72,8 +72,20 @@ def init_distributed(backend: str | None = None) -> DistEnv:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
-    torch_dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+    torch_dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=_elastic_store())
     return env
+
+
+def _elastic_store() -> torch_dist.Store | None:
+    """Under torchrun, the agent's store with a prefix per restart attempt. Without it, a worker
+    restarted by ``--max-restarts`` can read the previous attempt's addresses for groups created
+    after start-up (DeepSpeed's) and fail to connect; None (plain env:// init) elsewhere."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import datetime
+    store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                timeout=datetime.timedelta(minutes=10))
+    return torch_dist.PrefixStore(f"ldm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def is_initialized() -> bool:

@@ -33,7 +33,7 @@ from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, de
                            transformer_flops)
 from ldm import config as cfglib
 from ldm import flow
-from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
+from ldm.checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, read_json, save_tensors
 from ldm.latent import Cond, Latent, normalize
 
 log = logging.getLogger("ldm.train")
@@ -251,7 +251,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     context = 1 + manifest.get("text_tokens", 0) if dcfg.text_dim else 0  # the empty-text token + caption
     step_flops = 3 * transformer_flops(dcfg.depth, dcfg.hidden, tokens, dcfg.mlp_ratio, context) * per_step * env.world_size
     peak = peak_flops(cfg.engine)
-    logger = _Logger(out, enabled=dist.is_main())
+    logger = _Logger(out, enabled=dist.is_main(), resumed_step=step)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not dist.is_main())
     losses: list[float] = []
     t_last, step_last = time.perf_counter(), step
@@ -321,14 +321,30 @@ def _manifest_summary(m: dict) -> dict:
 class _Logger:
     """JSONL + TensorBoard on rank 0 (FLOPs = 2 x multiply-adds; a train step = 3 x forward)."""
 
-    def __init__(self, out: Path, enabled: bool):
+    def __init__(self, out: Path, enabled: bool, resumed_step: int):
         self.enabled = enabled
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
+        self._truncate(out / "log.jsonl", resumed_step)
         self.jsonl = open(out / "log.jsonl", "a")
         from torch.utils.tensorboard import SummaryWriter
         self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    @staticmethod
+    def _truncate(path: Path, step: int) -> None:
+        """Drop the lines a killed run logged past the checkpoint it resumes from (and a torn last
+        line), so the log reads as one uninterrupted run."""
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError):
+                continue
+        atomic_write_bytes(path, "".join(x + "\n" for x in keep).encode())
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

@@ -11,6 +11,7 @@ import torch
 from data import shards
 from data.synth import synth_dataset
 from launch.cli import main as ldm
+from procs import torchrun
 
 AE = "kl2d-f8c4-debug"
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,10 +95,9 @@ def test_bad_frame_count_is_a_clear_error(videos, tmp_path):
 def test_two_ranks_equal_one_rank(videos, tmp_path):
     _extract(videos, tmp_path / "one")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
-           "-m", "launch.cli", "extract", "--autoencoder", AE, "--input", str(videos), "--output",
+    cmd = torchrun(2, "extract", "--autoencoder", AE, "--input", str(videos), "--output",
            str(tmp_path / "two"), "--frames", "8", "--height", "32", "--width", "32", "--shard-size", "3",
-           "--batch-size", "2"]
+           "--batch-size", "2")
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert shards.raw_bytes_digest(tmp_path / "two").keys() == shards.raw_bytes_digest(tmp_path / "one").keys()

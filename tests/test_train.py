@@ -13,6 +13,7 @@ from data.synth import synth_dataset
 from launch.cli import main as ldm
 from launch.train import TrainConfig, load_export, train
 from ldm import config as cfglib
+from procs import free_port, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "launch" / "configs" / "train-debug.yaml"
@@ -97,9 +98,8 @@ def test_sample_cli_writes_videos(latents, tmp_path):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_zero(latents, tmp_path, stage):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29620 + stage),
-           "-m", "launch.cli", "train", "--config", str(YAML), f"data.shards={latents}", f"output={tmp_path / 'r'}",
-           "data.batch_size=2", "steps=4", "save_every=2", "log_every=1", f"engine.deepspeed=zero{stage}"]
+    cmd = torchrun(2, "train", "--config", str(YAML), f"data.shards={latents}", f"output={tmp_path / 'r'}",
+                   "data.batch_size=2", "steps=4", "save_every=2", "log_every=1", f"engine.deepspeed=zero{stage}")
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     losses = _losses(tmp_path / "r")
@@ -115,12 +115,11 @@ def test_deepspeed_and_accelerate_launchers_match_torchrun(latents, tmp_path):
             "log_every=1"]
     bindir = Path(sys.executable).parent
     runs = {
-        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641",
-                     "-m", "launch.cli", *args],
-        "deepspeed": [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", "29642", "--module",
+        "torchrun": torchrun(2, *args),
+        "deepspeed": [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
                       "launch.cli", *args],
         "accelerate": [str(bindir / "accelerate"), "launch", "--config_file",
-                       str(ROOT / "launch" / "configs" / "accelerate-zero2.yaml"), "--main_process_port", "29643",
+                       str(ROOT / "launch" / "configs" / "accelerate-zero2.yaml"), "--main_process_port", str(free_port()),
                        "-m", "launch.cli", *args, "engine.deepspeed=accelerate"],
     }
     losses = {}
@@ -144,11 +143,10 @@ def test_activation_checkpointing_and_accumulation_and_bf16(latents, tmp_path):
     assert all(map(torch.isfinite, torch.tensor(bf16))) and bf16[1:] != base[1:]  # bf16 really ran
 
 
-def _torchrun(latents, out, port, *over, nproc=2):
+def _torchrun(latents, out, *over, nproc=2):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-           "-m", "launch.cli", "train", "--config", str(YAML), f"data.shards={latents}", f"output={out}",
-           "data.shuffle=8", "log_every=1", "optim.warmup_steps=2", "optim.lr=0.001", *over]
+    cmd = torchrun(nproc, "train", "--config", str(YAML), f"data.shards={latents}", f"output={out}",
+                   "data.shuffle=8", "log_every=1", "optim.warmup_steps=2", "optim.lr=0.001", *over)
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     return r.stdout
@@ -158,12 +156,49 @@ def _torchrun(latents, out, port, *over, nproc=2):
 def test_resume_on_another_topology(latents, tmp_path):
     """2 ranks x batch 2 (ZeRO-2) -> 1 rank x batch 4 (ZeRO-3) and back: the global batch, data
     position and per-sample randomness are the same, so the losses continue as if uninterrupted."""
-    _torchrun(latents, tmp_path / "ref", 29651, "data.batch_size=2", "steps=6", "save_every=2")
+    _torchrun(latents, tmp_path / "ref", "data.batch_size=2", "steps=6", "save_every=2")
     ref = _losses(tmp_path / "ref")
-    _torchrun(latents, tmp_path / "run", 29652, "data.batch_size=2", "steps=2", "save_every=2")
+    _torchrun(latents, tmp_path / "run", "data.batch_size=2", "steps=2", "save_every=2")
     one = train(_cfg(latents, tmp_path / "run", steps=4, save_every=2, **{"data.batch_size": 4,
                                                                           "engine.deepspeed": "zero3"}))
     assert one["losses"] == pytest.approx(ref[2:4], rel=1e-4)
-    out = _torchrun(latents, tmp_path / "run", 29653, "data.batch_size=2", "steps=6", "save_every=2")
+    out = _torchrun(latents, tmp_path / "run", "data.batch_size=2", "steps=6", "save_every=2")
     assert "universal state" in out
     assert _losses(tmp_path / "run") == pytest.approx(ref, rel=1e-4)
+
+
+def _worker_pids(marker: str) -> list[int]:
+    """PIDs of the training workers (not the torchrun agent) whose command line holds ``marker``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and marker in " ".join(cmd) and "launch.cli" in cmd and "torch.distributed.run" not in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.dist
+def test_elastic_restart_after_a_rank_is_killed(latents, tmp_path):
+    import signal
+    import time
+    args = ["data.batch_size=2", "steps=40", "save_every=5", "data.shuffle=8", "log_every=1"]
+    _torchrun(latents, tmp_path / "ref", *args)
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = torchrun(2, "train", "--config", str(YAML), f"data.shards={latents}", f"output={out}",
+                   "optim.warmup_steps=2", "optim.lr=0.001", *args, extra=("--max-restarts", "1"))
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 200
+    while not (out / "checkpoints" / "step-00000010" / "complete.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.05)
+    pids = _worker_pids(str(out))
+    assert len(pids) == 2
+    os.kill(pids[1], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "resumed from" in stdout
+    assert _losses(out) == pytest.approx(_losses(tmp_path / "ref"), rel=1e-5)
