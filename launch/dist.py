@@ -147,6 +147,20 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def check_same(value: str, what: str) -> None:
+    """Raise on every rank when ranks disagree on ``value`` (e.g. a config or data fingerprint):
+    a mismatch would otherwise show up later as a hang or silently different models."""
+    if not is_initialized():
+        return
+    import hashlib
+    h = int.from_bytes(hashlib.sha256(value.encode()).digest()[:7], "little")
+    t = torch.tensor([h, -h], dtype=torch.int64)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
+    if t[0] != h or -t[1] != h:
+        raise RuntimeError(f"ranks disagree on the {what}: check that every node runs the same command, "
+                           f"config file and data (rank {rank()} has fingerprint {h:x})")
+
+
 def shard_list(items: Sequence[T], rank: int, world: int) -> list[T]:
     """Deterministic round-robin split: rank r gets items r, r+world, ...; every item lands on
     exactly one rank and shard sizes differ by at most one."""

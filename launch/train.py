@@ -216,6 +216,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     manifest = load_manifest(cfg.data.shards)
     dcfg = make_dit_config(cfg, manifest)
     latent_norm = latent_norm_stats(cfg.data, manifest)
+    dist.check_same(json.dumps(cfglib.to_dict(cfg), sort_keys=True), "training config")
+    dist.check_same(json.dumps([manifest["config_hash"], manifest["counts"], manifest["shards"]], sort_keys=True),
+                    "latent shards (manifest)")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = dit.VideoDiT(dcfg)
