@@ -18,6 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {  # keep in sync with the README's verb tab
     "demo": ("launch.demo", "the whole pipeline on a laptop CPU with a report (make demo)"),
     "cost": ("launch.cost", "downstream cost per autoencoder: tokens, DiT FLOPs and training memory, no weights"),
     "eval": ("launch.evaluate", "quality: recon (PSNR/SSIM/LPIPS/rFVD) and gen (FVD/FID, attributes, VBench)"),
+    "compare": ("launch.compare", "autoencoders side by side: same clips, same DiT, cost and quality report"),
 }
 
 

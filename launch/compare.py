@@ -1,0 +1,363 @@
+"""``ldm compare``: autoencoders side by side by what they cost a denoiser and what comes out.
+
+    ldm compare --autoencoders kl2d-f8c4-debug,causal3d-f4x8c4-debug --synth 96 --output cmp \\
+                --frames 9 --height 32 --width 32 --dit-steps 300            # a laptop, minutes
+    ldm compare --autoencoders runs/ae-a/final,runs/ae-b/final --input /data/clips --output cmp \\
+                --frames 17 --height 256 --width 256 --train-config my-dit.yaml --nproc 8 \\
+                --i3d i3d_torchscript.pt --lpips-backbone vgg16.pth --lpips-heads vgg.pth   # a GPU node
+
+For every autoencoder (a registered name, or a folder written by ``ldm train-ae`` /
+``save_pretrained``), on the same clips: extract latents (``ldm extract``), train the same DiT
+config for the same number of steps (``ldm train``), then measure reconstruction (PSNR / SSIM,
+LPIPS and rFVD when their weights are given), sampling time, the attribute accuracy of generated
+videos (on synthetic attribute data: ``--synth`` or an ``ldm data synth`` folder) and FVD (with
+``--i3d``), next to the analytic cost of ``ldm cost`` (tokens, FLOPs, estimated memory) for the
+very DiT config trained. Registered names without weights can be trained first (``--ae-steps``);
+otherwise their weights are random (a pipeline check, flagged in the report).
+
+Writes ``compare.json`` (everything), ``compare.md`` (the side-by-side table) and ``cost.png``.
+Measured step time is the median wall time of a training step after the first (from the run's
+log); measured peak memory is ``torch.cuda.max_memory_allocated`` over the training run (GPU, one
+process per run; ``--nproc`` > 1 runs under torchrun and reports the estimate only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import autoencoders
+import dit
+from launch import cost as costlib
+from launch import evaluate as ev
+from ldm import config as cfglib
+from ldm.checkpoint import atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TRAIN = ROOT / "launch" / "configs" / "train-debug.yaml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--autoencoders", required=True,
+                   help="NAME|DIR[,NAME|DIR...]: registered names or saved autoencoder folders")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="training videos (folder / raw shards as `ldm extract`; an `ldm data synth` "
+                     "folder enables the attribute benchmark)")
+    src.add_argument("--synth", type=int, metavar="N", help="generate N synthetic attribute clips into OUTPUT/data")
+    p.add_argument("--shapes", nargs="+", help="with --synth: the shapes (default all)")
+    p.add_argument("--colors", nargs="+", help="with --synth: the colors (default all)")
+    p.add_argument("--directions", nargs="+", help="with --synth: the directions (default the four cardinal)")
+    p.add_argument("--eval-input", help="held-out videos for reconstruction / FVD (default: a synthetic set drawn "
+                   "with another seed, or the first --eval-clips of --input)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--frames", type=int, default=9)
+    p.add_argument("--height", type=int, default=32)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--fps", type=float)
+    p.add_argument("--ae-steps", type=int, default=0,
+                   help="train each registered autoencoder without weights for N steps first (0: use as is)")
+    p.add_argument("--train-config", default=str(DEFAULT_TRAIN), help="an `ldm train` YAML (output and "
+                   "data.shards are set per autoencoder)")
+    p.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="dotted overrides of the training YAML, e.g. model.dit=dit-S optim.lr=3e-4")
+    p.add_argument("--dit-steps", type=int, help="training steps (overrides the YAML's steps)")
+    p.add_argument("--nproc", type=int, default=1, help="processes for extraction and training (torchrun)")
+    p.add_argument("--eval-clips", type=int, default=8)
+    p.add_argument("--per-prompt", type=int, default=1, help="attribute benchmark: samples per prompt")
+    p.add_argument("--sample-steps", type=int, default=10)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--lpips-backbone")
+    p.add_argument("--lpips-heads")
+    p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"])
+    p.add_argument("--i3d", help="FVD / rFVD extractor (i3d_torchscript.pt)")
+    p.add_argument("--fvd-frames", type=int, default=ev.FVD_FRAMES)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = compare(args)
+    print((Path(args.output) / "compare.md").read_text())
+    print(f"compare finished in {report['seconds']:.0f}s -> {Path(args.output) / 'compare.md'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+def _entries(spec: str) -> list[dict[str, Any]]:
+    """Each autoencoder: its label, registered name and/or checkpoint folder."""
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if item in autoencoders.REGISTRY:
+            out.append({"label": item, "name": item, "checkpoint": None})
+        elif (Path(item) / "config.json").is_file():
+            meta = json.loads((Path(item) / "config.json").read_text())
+            label = meta.get("name") or Path(item).resolve().parent.name
+            out.append({"label": label, "name": meta.get("name"), "checkpoint": str(item)})
+        else:
+            raise KeyError(f"{item!r} is neither a registered autoencoder (see `ldm list`) nor a saved model folder")
+    labels = [e["label"] for e in out]
+    if len(set(labels)) != len(labels):
+        for i, e in enumerate(out):
+            e["label"] = f"{i}-{e['label']}"
+    if not out:
+        raise ValueError("--autoencoders is empty")
+    return out
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def _torchrun(nproc: int, verb_args: list[str], log: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "launch.cli", *verb_args]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code:
+        raise RuntimeError(f"`ldm {verb_args[0]}` on {nproc} processes failed ({code}); log {log}:\n"
+                           f"{log.read_text()[-3000:]}")
+
+
+def _data(args: argparse.Namespace, out: Path) -> tuple[str, str, dict[str, Any] | None]:
+    """(training videos, evaluation videos, the synthetic spec when the data is synthetic)."""
+    from data.synth import synth_dataset
+
+    if args.synth:
+        s = synth_dataset(out / "data" / "train", num=args.synth, frames=args.frames, height=args.height,
+                          width=args.width, fps=args.fps or 8, seed=args.seed, shapes=args.shapes,
+                          colors=args.colors, directions=args.directions)["spec"]
+        train = str(out / "data" / "train")
+    else:
+        train = args.input
+        spec_file = Path(train) / "synth.json"
+        s = json.loads(spec_file.read_text())["spec"] if spec_file.is_file() else None
+    if args.eval_input:
+        return train, args.eval_input, s
+    if s is not None:  # another seed, held-out combinations included
+        synth_dataset(out / "data" / "eval", num=args.eval_clips, frames=args.frames, height=args.height,
+                      width=args.width, fps=args.fps or 8, seed=s["seed"] + 1000, shapes=s["shapes"],
+                      colors=s["colors"], directions=s["directions"], holdout=[" ".join(h) for h in s["holdout"]],
+                      include_holdout=True)
+        return train, str(out / "data" / "eval"), s
+    return train, train, None
+
+
+def _train_ae(entry: dict[str, Any], args: argparse.Namespace, train_data: str, work: Path) -> dict[str, Any]:
+    from launch.train_ae import TrainAEConfig, train_autoencoder
+
+    summary = train_autoencoder(TrainAEConfig(
+        data=train_data, output=str(work / "ae"), autoencoder=entry["name"], frames=args.frames, height=args.height,
+        width=args.width, batch_size=4, lr=1e-3, steps=args.ae_steps, log_every=max(1, args.ae_steps // 10),
+        save_every=args.ae_steps, sample_every=args.ae_steps, num_workers=0, seed=args.seed, progress=False,
+        device=args.device))
+    entry["checkpoint"] = summary["final"]
+    return {"steps": args.ae_steps, "first_loss": summary.get("first_loss"), "last_loss": summary.get("last_loss")}
+
+
+def _extract(entry: dict[str, Any], args: argparse.Namespace, train_data: str, work: Path) -> dict[str, Any]:
+    from data.shards import load_manifest
+    from launch.extract import ExtractConfig, extract
+
+    latents = work / "latents"
+    t0 = time.perf_counter()
+    if args.nproc > 1:
+        which = ["--checkpoint", entry["checkpoint"]] if entry["checkpoint"] else ["--autoencoder", entry["name"]]
+        _torchrun(args.nproc, ["extract", *which, "--input", train_data, "--output", str(latents), "--frames",
+                               str(args.frames), "--height", str(args.height), "--width", str(args.width),
+                               "--text-encoder", "builtin", "--device", args.device], work / "extract.log")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the random-weights warning is in the report
+            extract(ExtractConfig(autoencoder=None if entry["checkpoint"] else entry["name"],
+                                  checkpoint=entry["checkpoint"], input=train_data, output=str(latents),
+                                  frames=args.frames, height=args.height, width=args.width, fps=args.fps,
+                                  text_encoder="builtin", device=args.device, seed=args.seed))
+    m = load_manifest(latents)
+    return {"seconds": time.perf_counter() - t0, "clips": m["counts"]["written"], "manifest": m}
+
+
+def _train_dit(args: argparse.Namespace, latents: Path, work: Path) -> tuple[dict[str, Any], Any]:
+    from launch.train import TrainConfig, train
+
+    over = [f"output={work / 'dit'}", f"data.shards={latents}", "log_every=1", "keep_checkpoints=1", *args.train]
+    if args.dit_steps:
+        over.append(f"steps={args.dit_steps}")
+    cfg = cfglib.load_yaml(args.train_config, TrainConfig, over)
+    cfg = cfglib.replace(cfg, save_every=cfg.steps)
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    t0 = time.perf_counter()
+    if args.nproc > 1:
+        yaml_path = work / "dit.yaml"
+        yaml_path.write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
+        _torchrun(args.nproc, ["train", "--config", str(yaml_path)], work / "train.log")
+        peak = None
+    else:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        train(cfg)
+        peak = int(torch.cuda.max_memory_allocated()) if cuda else None
+    seconds = time.perf_counter() - t0
+    log = [json.loads(line) for line in (work / "dit" / "log.jsonl").read_text().splitlines() if line.strip()]
+    per_step = cfg.data.batch_size * cfg.optim.grad_accum * args.nproc
+    step_s = [per_step / r["samples_per_s"] for r in log[1:] if r.get("samples_per_s")]  # first step: warm-up
+    return ({"steps": cfg.steps, "batch_size": cfg.data.batch_size, "nproc": args.nproc, "seconds": seconds,
+             "step_s_median": statistics.median(step_s) if step_s else None, "first_loss": log[0]["loss"],
+             "last_loss": log[-1]["loss"], "peak_memory_bytes_measured": peak,
+             "peak_memory_method": "torch.cuda.max_memory_allocated over the run (EMA and DeepSpeed buffers "
+                                   "included)" if peak is not None else None}, cfg)
+
+
+def _evaluate(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, synth: dict[str, Any] | None,
+              work: Path, lpips, i3d, device: torch.device) -> dict[str, Any]:
+    from launch.sample import load_autoencoder
+    from launch.train import load_export
+
+    model, context = load_export(work / "dit", device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ae = load_autoencoder(context).to(device).eval()
+    text_encoder = None
+    if int(getattr(ae, "text_dim", 0)):
+        from ldm.text import build_text_encoder
+        text_encoder = build_text_encoder("builtin", device=device)
+    out: dict[str, Any] = {}
+    out["recon"] = ev.evaluate_reconstruction(ae, eval_data, args.frames, args.height, args.width, fps=args.fps,
+                                              num=args.eval_clips, device=device, lpips=lpips, i3d=i3d,
+                                              fvd_frames=args.fvd_frames, text_encoder=text_encoder,
+                                              grid=work / "recon_grid.png")
+    sampling = dict(frames=args.frames, height=args.height, width=args.width, steps=args.sample_steps,
+                    guidance=args.guidance, seed=args.seed, device=device)
+    if synth is not None:
+        suite = ev.attribute_suite(synth["shapes"], synth["colors"], synth["directions"],
+                                   [" ".join(h) for h in synth["holdout"]])
+        (work / "samples").mkdir(exist_ok=True)
+        out["attributes"] = ev.attribute_benchmark(model, ae, context, suite, per_prompt=args.per_prompt,
+                                                   save_dir=work / "samples", **sampling)
+        out["sample_s_per_video"] = out["attributes"]["sample_s_per_video"]
+    else:  # no attribute suite: time a few samples
+        from launch.sample import generate
+        from ldm.text import build_text_encoder
+
+        text = bool(model.config.text_dim and context.get("text_encoder"))
+        n = max(1, min(args.eval_clips, 4))
+        if text or model.config.num_classes:
+            t0 = time.perf_counter()
+            generate(model, ae, context, prompts=["a video"] * n if text else None,
+                     class_ids=None if text else [0] * n, progress=False,
+                     text_encoder=build_text_encoder(context["text_encoder"], device=device) if text else None,
+                     **sampling)
+            out["sample_s_per_video"] = (time.perf_counter() - t0) / n
+    if i3d is not None:
+        out["fvd"] = ev.generation_fd(model, ae, context, eval_data, num=args.eval_clips, i3d=i3d, inception=None,
+                                      fvd_frames=args.fvd_frames, **sampling)["fvd"]
+    return out
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the comparison (see the module doc); returns the report also written as compare.json."""
+    t_start = time.perf_counter()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = _entries(args.autoencoders)
+    for e in entries:  # every autoencoder must take the clip size before anything runs
+        costlib.latent_spec(e["checkpoint"] or e["name"], args.frames, args.height, args.width)
+    device = ev._device(args.device)
+    lpips = None
+    if args.lpips_backbone or args.lpips_heads:
+        from ldm.metrics import LPIPS
+        lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
+    i3d = ev.load_i3d(args.i3d, device=device) if args.i3d else None
+    train_data, eval_data, synth = _data(args, out)
+    rows = []
+    for e in entries:
+        work = out / _safe(e["label"])
+        row: dict[str, Any] = {"autoencoder": e["label"]}
+        print(f"[compare] {e['label']}", flush=True)
+        if e["checkpoint"] is None and args.ae_steps > 0:
+            row["ae_training"] = _train_ae(e, args, train_data, work)
+        row["checkpoint"] = e["checkpoint"]
+        row["random_weights"] = e["checkpoint"] is None
+        ext = _extract(e, args, train_data, work)
+        manifest = ext.pop("manifest")
+        row["extract"] = ext
+        row["dit"], tcfg = _train_dit(args, work / "latents", work)
+        row.update(_evaluate(e, args, eval_data, synth, work, lpips, i3d, device))
+        overrides = dict(tcfg.model.overrides)
+        if tcfg.model.class_cond and manifest.get("num_classes", 0) > 0:
+            overrides.setdefault("num_classes", manifest["num_classes"])
+        if tcfg.model.text_cond and manifest.get("text_dim"):
+            overrides.setdefault("text_dim", manifest["text_dim"])
+        row["cost"], = costlib.cost_table([e["checkpoint"] or e["name"]], args.frames, args.height, args.width,
+                                          tcfg.model.dit, batch_size=tcfg.data.batch_size, steps=args.sample_steps,
+                                          cfg=args.guidance != 1.0, dit_overrides=overrides,
+                                          text_tokens=manifest.get("text_tokens", 0) if overrides.get("text_dim") else 0)
+        row["cost"]["autoencoder"] = e["label"]
+        rows.append(row)
+    report = {"settings": {k: v for k, v in vars(args).items() if not callable(v)}, "data": {
+        "train": train_data, "eval": eval_data, "synthetic": synth}, "rows": rows,
+        "machine": {"device": str(device), "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None,
+                    "cpus": os.cpu_count(), "torch": torch.__version__},
+        "conventions": {"flops": costlib.FLOP_CONVENTION,
+                        "step_time": "median wall time per training step after the first",
+                        "memory_estimate": rows[0]["cost"]["method"] if rows else None}}
+    costlib.plot([r["cost"] for r in rows], out / "cost.png",
+                 title=f"{args.frames}x{args.height}x{args.width}, DiT {rows[0]['cost']['dit']}" if rows else "")
+    report["seconds"] = time.perf_counter() - t_start
+    atomic_write_json(out / "compare.json", report)
+    (out / "compare.md").write_text(markdown(report))
+    return report
+
+
+def _f(x: float | None, fmt: str, scale: float = 1.0) -> str:
+    return "-" if x is None else format(x / scale, fmt)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = ["# `ldm compare`", "",
+             f"Clips {s['frames']}x{s['height']}x{s['width']}; the same DiT config and steps for every autoencoder; "
+             f"device {report['machine']['device']}.", "",
+             "| autoencoder | compression rate | tokens | train step (s) | train peak GiB measured / est. | "
+             "DiT fwd GFLOPs | train step GFLOPs | sample s/video | decode GFLOPs | PSNR dB | SSIM | LPIPS | rFVD | "
+             "attributes all / color / shape / direction | FVD |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        c, rec, att = r["cost"], r["recon"], (r.get("attributes") or {}).get("accuracy")
+        name = r["autoencoder"] + (" (random weights)" if r["random_weights"] else "")
+        mem = f"{_f(r['dit']['peak_memory_bytes_measured'], '.3g', 2 ** 30)} / " \
+              f"{_f(c['dit_train_peak_memory_bytes'], '.3g', 2 ** 30)}"
+        attr = "-" if not att else " / ".join(f"{att[a]:.0%}" for a in ("all", "color", "shape", "direction"))
+        lines.append(
+            f"| {name} | {c['compression_rate']:.5f} | {c['tokens']} | {_f(r['dit']['step_s_median'], '.3f')} | {mem} | "
+            f"{_f(c['dit_forward_flops'], '.3g', 1e9)} | {_f(c['dit_train_step_flops'], '.3g', 1e9)} | "
+            f"{_f(r.get('sample_s_per_video'), '.2f')} | {_f(c['ae_decode_flops'], '.3g', 1e9)} | "
+            f"{_f(rec['psnr_db']['mean'], '.2f')} | {_f(rec['ssim']['mean'], '.3f')} | "
+            f"{_f((rec.get('lpips') or {}).get('mean'), '.3f')} | {_f((rec.get('rfvd') or {}).get('rfvd'), '.1f')} | "
+            f"{attr} | {_f((r.get('fvd') or {}).get('fvd'), '.1f')} |")
+    chance = next((r["attributes"]["chance"] for r in report["rows"] if r.get("attributes")), None)
+    lines += ["", f"{report['conventions']['flops']}. Estimated memory: {report['conventions']['memory_estimate']}. "
+              f"Step time: {report['conventions']['step_time']}."]
+    if chance:
+        lines.append("Attribute chance: " + ", ".join(f"{k} {v:.0%}" for k, v in chance.items()) + ".")
+    if any(r["random_weights"] for r in report["rows"]):
+        lines.append("Autoencoders marked (random weights) had no checkpoint: their quality numbers are a pipeline "
+                     "check, not a measurement (pass a trained folder or --ae-steps).")
+    lines += ["", "![cost](cost.png)", ""]
+    for r in report["rows"]:
+        lines.append(f"- {r['autoencoder']}: DiT loss {r['dit']['first_loss']:.3f} -> {r['dit']['last_loss']:.3f} "
+                     f"in {r['dit']['steps']} steps; reconstructions: {_safe(r['autoencoder'])}/recon_grid.png")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,85 @@
+"""`ldm compare` end to end on CPU with debug configs: synthetic clips -> extraction -> the same DiT
+trained per autoencoder -> reconstruction, sampling, attribute accuracy, cost -> compare.json/.md/png."""
+import json
+
+import pytest
+import torch
+
+from launch.cli import main as ldm
+from launch.cost import KEYS, cost_table
+
+SMALL = ["--synth", "8", "--shapes", "circle", "--colors", "red", "blue", "--directions", "left", "right",
+         "--frames", "9", "--height", "32", "--width", "32", "--dit-steps", "3", "--eval-clips", "2",
+         "--sample-steps", "2", "--device", "cpu", "--train", "data.batch_size=4", "data.shuffle=8"]
+
+
+def _report(out):
+    return json.loads((out / "compare.json").read_text())
+
+
+def test_compare_one_autoencoder(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    ldm(["compare", "--autoencoders", "kl2d-f8c4-debug", "--output", str(out), *SMALL])
+    r = _report(out)
+    row, = r["rows"]
+    assert row["autoencoder"] == "kl2d-f8c4-debug" and row["random_weights"]
+    assert row["extract"]["clips"] == 8 and row["dit"]["steps"] == 3 and row["dit"]["step_s_median"] > 0
+    assert row["dit"]["peak_memory_bytes_measured"] is None  # CPU: the estimate only
+    assert row["recon"]["clips"] == 2 and row["recon"]["psnr_db"]["mean"] > 0
+    acc = row["attributes"]["accuracy"]
+    assert acc["n"] == 4 and set(acc) == {"shape", "color", "direction", "all", "n"}  # 1 x 2 x 2 prompts
+    assert row["attributes"]["chance"]["color"] == 0.5 and row["sample_s_per_video"] > 0
+    # the cost row is `ldm cost` for the very DiT that was trained (class + text conditioning)
+    c = row["cost"]
+    assert set(KEYS) <= set(c) and c["tokens"] == 9 * 2 * 2 and c["dit"] == "dit-debug"
+    from launch.train import load_export
+    model, _ = load_export(out / "kl2d-f8c4-debug" / "dit")
+    assert c["dit_params"] == model.num_parameters()
+    manifest = json.loads((out / "kl2d-f8c4-debug" / "latents" / "manifest.json").read_text())
+    ref, = cost_table(["kl2d-f8c4-debug"], 9, 32, 32, "dit-debug", batch_size=4, steps=2, cfg=True,
+                      dit_overrides={"num_classes": model.config.num_classes, "text_dim": model.config.text_dim},
+                      text_tokens=manifest["text_tokens"])
+    assert ref["dit_forward_flops"] == c["dit_forward_flops"] and ref["sample_flops"] == c["sample_flops"]
+    md = (out / "compare.md").read_text()
+    assert "| kl2d-f8c4-debug (random weights) |" in md and "random weights" in md
+    assert (out / "cost.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "kl2d-f8c4-debug" / "recon_grid.png").exists()
+    assert "compare finished" in capsys.readouterr().out
+
+
+def test_compare_rejects_sizes_and_names_before_running(tmp_path):
+    with pytest.raises(ValueError, match="1 \\+ 4k frames"):
+        ldm(["compare", "--autoencoders", "kl2d-f8c4-debug,causal3d-f4x8c4-debug", "--synth", "4",
+             "--output", str(tmp_path / "x"), "--frames", "8"])
+    with pytest.raises(KeyError, match="neither a registered"):
+        ldm(["compare", "--autoencoders", "nope", "--synth", "4", "--output", str(tmp_path / "y")])
+    assert not (tmp_path / "x" / "data").exists()
+
+
+@pytest.mark.slow
+def test_compare_two_autoencoders_trained_first_with_fvd_and_lpips(tmp_path):
+    """The full flagship path: two families, each autoencoder trained briefly, rFVD / FVD from a
+    scripted extractor file, LPIPS from weight files."""
+    from test_evaluate import TinyI3D
+
+    from ldm.metrics import LPIPS
+
+    torch.jit.save(torch.jit.script(TinyI3D()), str(tmp_path / "i3d_torchscript.pt"))
+    lp = LPIPS("alex")
+    torch.save({f"features.{k}": v for k, v in lp.features.state_dict().items()}, tmp_path / "alexnet.pth")
+    torch.save({f"lin{i}.model.1.weight": torch.rand_like(h.weight) for i, h in enumerate(lp.heads)},
+               tmp_path / "alex.pth")
+    out = tmp_path / "cmp"
+    args = [a if a != "8" else "12" for a in SMALL]
+    ldm(["compare", "--autoencoders", "kl2d-f8c4-debug,causal3d-f4x8c4-debug", "--output", str(out), *args,
+         "--ae-steps", "2", "--i3d", str(tmp_path / "i3d_torchscript.pt"), "--fvd-frames", "8",
+         "--lpips-net", "alex", "--lpips-backbone", str(tmp_path / "alexnet.pth"), "--lpips-heads",
+         str(tmp_path / "alex.pth")])
+    r = _report(out)
+    kl, c3 = r["rows"]
+    assert not kl["random_weights"] and kl["ae_training"]["steps"] == 2
+    assert c3["cost"]["tokens"] == 3 * 2 * 2 < kl["cost"]["tokens"]
+    for row in (kl, c3):
+        assert row["recon"]["rfvd"]["n_real"] == 2 and row["recon"]["lpips"]["mean"] > 0
+        assert row["fvd"]["n_fake"] == 2 and row["fvd"]["sha256"]
+    assert "| causal3d-f4x8c4-debug |" in (out / "compare.md").read_text()
