@@ -12,6 +12,7 @@ References: DiT (Peebles & Xie 2023: adaLN-Zero, Sec. 3.2; timestep MLP), RoForm
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -176,13 +177,20 @@ class TokenLayout:
 # Attention modules and the block
 # ------------------------------------------------------------------------------------------
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with QK-norm and 3D RoPE through ``ldm.attention``."""
+    """Multi-head self-attention with QK-norm and 3D RoPE through ``ldm.attention``.
+
+    ``attention_wrapper`` (default None) is a seam for code outside the model: a callable
+    ``fn(attend, q, k, v) -> o`` run in place of ``attend(q, k, v)`` on the rotated ``(B, H, N, d)``
+    heads, where ``attend`` is this module's attention call. Sequence parallelism
+    (``launch.sequence_parallel``) uses it to exchange q/k/v across ranks; the module itself stays
+    single-device and its parameters are unchanged."""
 
     def __init__(self, dim: int, heads: int, qk_norm: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.backend = heads, "sdpa"
+        self.attention_wrapper: Callable[..., Tensor] | None = None
         self.qkv = nn.Linear(dim, 3 * dim)
         self.norm = QKNorm(dim // heads) if qk_norm else None
         self.proj = nn.Linear(dim, dim)
@@ -193,7 +201,10 @@ class SelfAttention(nn.Module):
             q, k = self.norm(q, k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        o = attention(q, k, v, backend=self.backend, seq_ids=seq_ids)  # (B, H, N, d)
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return attention(q, k, v, backend=self.backend, seq_ids=seq_ids)  # (B, H, N, d)
+
+        o = attend(q, k, v) if self.attention_wrapper is None else self.attention_wrapper(attend, q, k, v)
         return self.proj(rearrange(o, "b h n d -> b n (h d)"))
 
 
