@@ -135,8 +135,12 @@ def _fake_latent(spec: LatentSpec, batch: int) -> Latent:
     return Latent(parts, spec.form, aux=aux)
 
 
-def decode_flops(name: str, spec: LatentSpec) -> int:
-    """FLOPs of ``decode`` of one clip, on fake tensors (no weights, no memory)."""
+AE_TEXT_TOKENS = 64  # caption length for a text-guided decoder (the builtin text encoder's) when not given
+
+
+def decode_flops(name: str, spec: LatentSpec, text_tokens: int = AE_TEXT_TOKENS) -> int:
+    """FLOPs of ``decode`` of one clip, on fake tensors (no weights, no memory). A text-guided
+    decoder (``text_dim`` > 0) gets a caption embedding of ``text_tokens`` tokens."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
     cls, config = _resolve(name)
@@ -144,9 +148,12 @@ def decode_flops(name: str, spec: LatentSpec) -> int:
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # deepcopy of fakes
         ae = cls(config).eval()
         latent = _fake_latent(spec, 1)
+        text_dim = int(getattr(ae, "text_dim", 0))
+        cond = Cond(text=torch.randn(1, text_tokens, text_dim), text_mask=torch.ones(1, text_tokens, dtype=torch.bool)
+                    ) if text_dim else Cond()
         try:
             with torch.no_grad():
-                _, count = count_flops(lambda: ae.decode(latent, Cond()), repeats_of=ae)
+                _, count = count_flops(lambda: ae.decode(latent, cond), repeats_of=ae)
         except (DataDependentOutputException, DynamicOutputShapeException) as e:
             raise ValueError(f"decode reads the latent's values (data-dependent control flow at {e.func}): "
                              "its cost has no answer from shapes alone") from None
@@ -269,7 +276,7 @@ def cost_table(names: list[str], frames: int, height: int, width: int, dit_name:
             cache[key] = costs
         row.update(cache[key])
         try:
-            row["ae_decode_flops"] = decode_flops(name, spec)
+            row["ae_decode_flops"] = decode_flops(name, spec, text_tokens or AE_TEXT_TOKENS)
         except Exception as e:  # any family's decode that cannot run on fake tensors: report, do not crash
             row["ae_decode_error"] = f"{type(e).__name__}: {e}"
         per_step = row["dit_forward_flops"] * (2 if cfg else 1)

@@ -214,3 +214,12 @@ def test_cost_all_at_65x512x512(capsys):
 
     assert [r["autoencoder"] for r in rows] == sorted(autoencoders.REGISTRY)
     assert any(r.get("dit_forward_flops") for r in rows)
+
+
+def test_text_guided_decoder_is_costed_with_a_caption():
+    import autoencoders
+
+    if "cmvae-z4-text-debug" not in autoencoders.REGISTRY:
+        pytest.skip("the cross-modal family is not registered")
+    text, plain = cost_table(["cmvae-z4-text-debug", "cmvae-z4-debug"], 8, 64, 64, "dit-debug")
+    assert "ae_decode_error" not in text and text["ae_decode_flops"] > plain["ae_decode_flops"]
