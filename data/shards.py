@@ -279,14 +279,14 @@ class LatentShards(torch.utils.data.IterableDataset):
     def __init__(self, urls: str | list[str], *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: int = 0, epochs: int | None = 1, resample: bool = False, split: str = "sample",
                  expect_shapes: dict[str, tuple[int, ...]] | None = None, skip: int = 0,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, buckets: dict[str, int] | None = None):
         super().__init__()
         if split not in ("shard", "sample"):
             raise ValueError(f"split must be 'shard' or 'sample', got {split!r}")
         self.urls = shard_urls(urls)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.epochs, self.resample, self.split = shuffle, epochs, resample, split
-        self.expect_shapes, self.skip, self.batch_size = expect_shapes, skip, batch_size
+        self.expect_shapes, self.skip, self.batch_size, self.buckets = expect_shapes, skip, batch_size, buckets
         self.skipped: Counter = Counter()
 
     def _decode(self, raw: dict[str, Any], epoch: int, position: int) -> dict[str, Any] | None:
@@ -311,21 +311,27 @@ class LatentShards(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        if self.split == "sample" and not self.resample:
+        if self.buckets is not None:
+            yield from self._bucketed(workers, worker)
+        elif self.split == "sample" and not self.resample:
             yield from self._global_chunks(workers, worker)
         else:
             yield from self._own_shards(self.rank * workers + worker, self.world_size * workers)
+
+    def _global_stream(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """The raw samples of one epoch in the order every reader agrees on."""
+        urls = list(self.urls)
+        random.Random(f"{self.seed}-{epoch}").shuffle(urls)
+        stream = (raw for url in urls for raw in iter_shard(url, self.skipped))
+        if self.shuffle > 1:
+            stream = _shuffled(stream, self.shuffle, random.Random(f"{self.seed}-{epoch}-buf"))
+        return stream
 
     def _global_chunks(self, workers: int, worker: int) -> Iterator[Any]:
         size = self.batch_size or 1
         position, batch = 0, []
         for epoch in self._epochs():
-            urls = list(self.urls)
-            random.Random(f"{self.seed}-{epoch}").shuffle(urls)
-            stream = (raw for url in urls for raw in iter_shard(url, self.skipped))
-            if self.shuffle > 1:
-                stream = _shuffled(stream, self.shuffle, random.Random(f"{self.seed}-{epoch}-buf"))
-            for raw in stream:
+            for raw in self._global_stream(epoch):
                 chunk = position // size
                 if (position >= self.skip and chunk % self.world_size == self.rank
                         and (chunk // self.world_size) % workers == worker):
@@ -338,6 +344,31 @@ class LatentShards(torch.utils.data.IterableDataset):
                     batch = []
         if batch:
             yield self._emit(batch)
+
+    def _bucketed(self, workers: int, worker: int) -> Iterator[Any]:
+        """Shape buckets: the global stream is dealt sample by sample to the readers, and each
+        reader batches samples of one latent shape together (``shape_key``), a bucket's batch size
+        coming from ``buckets`` (default ``batch_size``). Ranks may step on different shapes at
+        once; ``skip`` (global) is shared evenly among readers, so a resume is approximate."""
+        reader, n_readers = self.rank * workers + worker, self.world_size * workers
+        skip, position, own = self.skip // n_readers, 0, 0
+        pending: dict[str, list[dict[str, Any]]] = {}
+        for epoch in self._epochs():
+            for raw in self._global_stream(epoch):
+                if position % n_readers == reader:
+                    sample = self._decode(raw, epoch, position) if own >= skip else None
+                    own += 1
+                    if sample is not None:
+                        key = shape_key(sample["latent"])
+                        bucket = pending.setdefault(key, [])
+                        bucket.append(sample)
+                        if len(bucket) >= self.buckets.get(key, self.batch_size or 1):
+                            yield self._emit(bucket)
+                            pending[key] = []
+                position += 1
+        for bucket in pending.values():
+            if bucket:
+                yield self._emit(bucket)
 
     def _own_shards(self, reader: int, n_readers: int) -> Iterator[Any]:
         size = self.batch_size or 1
@@ -366,6 +397,11 @@ class LatentShards(torch.utils.data.IterableDataset):
                     batch = []
         if batch:
             yield self._emit(batch)
+
+
+def shape_key(latent: Latent) -> str:
+    """A latent's shape bucket, e.g. ``"z=4x5x8x8"`` (per-sample shapes of every part)."""
+    return ";".join(f"{k}={'x'.join(map(str, v.shape[1:]))}" for k, v in sorted(latent.parts.items()))
 
 
 def _shuffled(stream: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:

@@ -41,13 +41,15 @@ log = logging.getLogger("ldm.train")
 
 @dataclass(frozen=True)
 class DataConfig:
-    shards: str = ""  # an `ldm extract` output folder (shards + manifest.json)
+    shards: str = ""  # an `ldm extract` output folder, or several comma-separated (same autoencoder)
     batch_size: int = 8  # per rank, per micro-step
     shuffle: int = 256
     num_workers: int = 0
     normalize: bool = True  # standardise latents with the manifest's per-channel statistics
     sample_posterior: bool = True  # z ~ N(mean, exp(logvar)) when the shards store a posterior
     split: str = "sample"  # "sample": every clip once per epoch across ranks; "shard": whole shards per rank
+    buckets: bool = False  # batch by latent shape (mixed resolutions / lengths in one run)
+    bucket_batch: dict[str, int] = field(default_factory=dict)  # per-bucket batch size, e.g. {"z=4x5x8x8": 8}
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,40 @@ def sample_posterior(latent: Latent, gens: list[torch.Generator]) -> Latent:
     return Latent(parts, latent.form, {}, dict(latent.aux))
 
 
+def load_manifests(spec: str) -> dict:
+    """The manifest of one extraction folder, or of several merged: they must come from the same
+    autoencoder (config hash); counts add up and the per-channel statistics are pooled."""
+    folders = [f for f in spec.split(",") if f]
+    if not folders:
+        raise ValueError("data.shards is empty: give an `ldm extract` output folder")
+    manifests = [load_manifest(f) for f in folders]
+    first = manifests[0]
+    for f, m in zip(folders[1:], manifests[1:]):
+        if m["config_hash"] != first["config_hash"] or m.get("checkpoint_hash") != first.get("checkpoint_hash"):
+            raise ValueError(f"{f} was extracted with another autoencoder than {folders[0]}; one run trains on one "
+                             "autoencoder's latents")
+    if len(manifests) == 1:
+        return first
+    shapes = {json.dumps(m["latent_spec"]["latent_shape"], sort_keys=True) for m in manifests}
+    merged = dict(first, shards=[s for m in manifests for s in m["shards"]], mixed_shapes=len(shapes) > 1,
+                  counts={k: sum(m["counts"][k] for m in manifests) for k in first["counts"]},
+                  num_classes=max(m.get("num_classes", 0) for m in manifests))
+    stats = {}
+    for part in first["stats"]:
+        n = [m["stats"][part]["count"] for m in manifests]
+        total = sum(n)
+        stats[part] = {"count": total}
+        mean = [sum(c * m["stats"][part]["mean"][i] for c, m in zip(n, manifests)) / total
+                for i in range(len(first["stats"][part]["mean"]))]
+        stats[part]["mean"] = mean
+        for key in ("std", "sample_std"):  # pooled: E[x^2] - mean^2 over all folders
+            stats[part][key] = [math.sqrt(max(sum(c * (m["stats"][part][key][i] ** 2 + m["stats"][part]["mean"][i] ** 2)
+                                                  for c, m in zip(n, manifests)) / total - mean[i] ** 2, 0.0))
+                                for i in range(len(mean))]
+    merged["stats"] = stats
+    return merged
+
+
 def make_dit_config(cfg: TrainConfig, manifest: dict) -> dit.DiTConfig:
     parts = {k: tuple(v) for k, v in manifest["latent_spec"]["latent_shape"].items()}
     overrides = dict(cfg.model.overrides)
@@ -213,9 +249,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                auto_mpi_discovery=False)
     device = dist.device_for(env)
     out = Path(cfg.output)
-    manifest = load_manifest(cfg.data.shards)
+    manifest = load_manifests(cfg.data.shards)
     dcfg = make_dit_config(cfg, manifest)
     latent_norm = latent_norm_stats(cfg.data, manifest)
+    if manifest.get("mixed_shapes") and not cfg.data.buckets:
+        raise ValueError(f"the folders in data.shards hold latents of different shapes; set data.buckets=true "
+                         f"(and data.bucket_batch per shape) to train on them together")
     dist.check_same(json.dumps(cfglib.to_dict(cfg), sort_keys=True), "training config")
     dist.check_same(json.dumps([manifest["config_hash"], manifest["counts"], manifest["shards"]], sort_keys=True),
                     "latent shards (manifest)")
@@ -243,10 +282,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     parts = {k: tuple(v) for k, v in manifest["latent_spec"]["latent_shape"].items()}
     per_step = cfg.data.batch_size * cfg.optim.grad_accum
     # the global stream position is step x global batch, whatever the topology (see LatentShards)
-    data = LatentShards(cfg.data.shards, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
+    data = LatentShards(cfg.data.shards.split(","), rank=env.rank, world_size=env.world_size, seed=cfg.seed,
                         shuffle=cfg.data.shuffle, epochs=None, split=cfg.data.split,
                         skip=step * per_step * env.world_size, batch_size=cfg.data.batch_size,
-                        expect_shapes=parts if manifest["form"] != "varlen" else None)
+                        buckets=dict(cfg.data.bucket_batch) if cfg.data.buckets else None,
+                        expect_shapes=parts if manifest["form"] != "varlen" and not cfg.data.buckets else None)
     loader = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.data.num_workers))
     null_cond = engine.module.null_cond
 

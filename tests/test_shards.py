@@ -162,3 +162,22 @@ def test_global_stream_is_the_same_for_any_topology(tmp_path):
     assert steps(2, 2, 0, 3, skip=12) == one[3:]  # resume after 3 steps with another topology
     first = [i for s in one[:3] for i in s]
     assert len(set(first)) == 12 and set(range(15)) - set(first) <= set(one[3])  # once per epoch
+
+
+def test_shape_buckets_with_per_bucket_batch_sizes(tmp_path):
+    samples, keys = [], []
+    for i in range(12):  # two resolutions interleaved
+        hw = 2 if i % 3 else 4
+        samples.append(shards.encode_sample(Latent({"z": torch.full((1, 2, 1, hw, hw), float(i))}), {"index": i}))
+        keys.append(f"{i:09d}")
+    shards.write_shard(tmp_path / shards.SHARD_NAME.format(0), samples, keys)
+    buckets = {"z=2x1x4x4": 2}  # the large latents in pairs, the small ones in fours (batch_size)
+    seen = []
+    for rank in range(2):
+        ds = shards.LatentShards(str(tmp_path), rank=rank, world_size=2, batch_size=4, buckets=buckets, shuffle=4)
+        for batch in ds:
+            shape = tuple(batch["latent"]["z"].shape)
+            assert shape[0] <= (2 if shape[-1] == 4 else 4)
+            assert len({tuple(m.shape) for m in batch["latent"]["z"]}) == 1
+            seen += [m["index"] for m in batch["meta"]]
+    assert sorted(seen) == list(range(12))

@@ -202,3 +202,15 @@ def test_elastic_restart_after_a_rank_is_killed(latents, tmp_path):
     assert proc.returncode == 0, stderr[-4000:]
     assert "resumed from" in stdout
     assert _losses(out) == pytest.approx(_losses(tmp_path / "ref"), rel=1e-5)
+
+
+def test_mixed_resolutions_train_in_buckets(latents, tmp_path):
+    ldm(["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", str(latents.parent / "videos"), "--output",
+         str(tmp_path / "big"), "--frames", "8", "--height", "48", "--width", "48", "--shard-size", "4",
+         "--text-encoder", "builtin"])
+    both = f"{latents},{tmp_path / 'big'}"
+    with pytest.raises(ValueError, match="data.buckets=true"):
+        train(_cfg(latents, tmp_path / "r", **{"data.shards": both}))
+    out = train(_cfg(latents, tmp_path / "r", steps=6, save_every=6,
+                     **{"data.shards": both, "data.buckets": "true", "data.bucket_batch": '{"z=4x8x6x6": 2}'}))
+    assert len(out["losses"]) == 6 and all(map(torch.isfinite, torch.tensor(out["losses"])))
