@@ -64,8 +64,8 @@ class StreamCache:
         self._state[layer] = value
 
     def cached_bytes(self) -> int:
-        """Bytes held by cached frames (what chunked processing keeps between chunks)."""
-        return sum(v.numel() * v.element_size() for v in self._state.values() if v is not None)
+        """Bytes of the storages the cache keeps alive between chunks."""
+        return sum(v.untyped_storage().nbytes() for v in self._state.values() if v is not None)
 
 
 def starts_video(layer: nn.Module, cache: StreamCache | None) -> bool:
@@ -94,12 +94,12 @@ class GroupCausalConv3d(nn.Conv3d):
     """GCConv: a 3D convolution that is bidirectional inside a frame group and causal between groups.
 
     Time is cut into frame 0 (its own group) and groups of ``group`` frames. Each group is padded
-    before with the ``P = (k_t - 1) / 2`` frames that precede it in the video (frame 0 pads itself,
-    replicated when ``P > 1``) and after with ``P`` zero frames, then convolved on its own with the
-    same weights (Sec. 3.2: "We pad the features of the previous frame before each frame group [...]
-    the first image frame is padded using its own features. And we use zero padding after each frame
-    group."). Space is zero-padded to "same". The temporal kernel must be odd; ``k_t = 1`` is a
-    pointwise-in-time convolution with no grouping at all.
+    before with the ``P = (k_t - 1) / 2 <= group`` frames that precede it in the video (frame 0 pads
+    itself, replicated when ``P > 1``) and after with ``P`` zero frames, then convolved on its own
+    with the same weights (Sec. 3.2: "We pad the features of the previous frame before each frame
+    group [...] the first image frame is padded using its own features. And we use zero padding
+    after each frame group."). Space is zero-padded to "same". The temporal kernel must be odd;
+    ``k_t = 1`` is a pointwise-in-time convolution with no grouping at all.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int] = 3,
@@ -107,8 +107,8 @@ class GroupCausalConv3d(nn.Conv3d):
         kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
         if kt % 2 == 0 or kh % 2 == 0 or kw % 2 == 0:
             raise ValueError(f"GroupCausalConv3d needs odd kernel sizes, got {(kt, kh, kw)}")
-        if group < 1:
-            raise ValueError(f"group size must be >= 1, got {group}")
+        if group < 1 or kt // 2 > group:
+            raise ValueError(f"group size must be >= 1 and >= the temporal padding {kt // 2}, got {group}")
         super().__init__(in_channels, out_channels, (kt, kh, kw), padding=(0, kh // 2, kw // 2), bias=bias)
         self.group = group
         self.time_pad = kt // 2
@@ -122,27 +122,29 @@ class GroupCausalConv3d(nn.Conv3d):
         past = cache.get(self) if cache is not None else None
         start = past is None
         k = _check_groups(x.shape[2], g, start, "GroupCausalConv3d")
-        outs = []
+        first_out = None
         if start:  # frame 0 is a group of its own, padded before by itself and after by zeros
             first = x[:, :, :1]
             past = first.expand(-1, -1, p, -1, -1)  # (B, C, P, H, W)
-            zeros = torch.zeros_like(past)
-            outs.append(super().forward(torch.cat([past, first, zeros], dim=2)))  # (B, C', 1, H, W)
-            body = x[:, :, 1:]
-        else:
-            body = x
-        seq = torch.cat([past, body], dim=2)  # (B, C, P + k*g, H, W): each group's past precedes it
-        if k:
-            left = seq.unfold(2, p, g)[:, :, :k]  # (B, C, k, H, W, P): the P frames before group j
-            left = rearrange(left, "b c k h w p -> b k c p h w")
-            groups = rearrange(body, "b c (k g) h w -> b k c g h w", g=g)
-            zeros = body.new_zeros(body.shape[0], k, body.shape[1], p, *body.shape[3:])
-            windows = torch.cat([left, groups, zeros], dim=3)  # (B, k, C, P + g + P, H, W)
-            y = super().forward(rearrange(windows, "b k c t h w -> (b k) c t h w"))  # (B*k, C', g, H, W)
-            outs.append(rearrange(y, "(b k) c g h w -> b c (k g) h w", k=k))  # (B, C', k*g, H, W)
-        if cache is not None:
-            cache.put(self, seq[:, :, -p:])  # the past of the next chunk's first group
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            first_out = super().forward(torch.cat([past, first, torch.zeros_like(past)], dim=2))  # (B, C', 1, H, W)
+        body = x[:, :, 1:] if start else x
+        if cache is not None:  # the next chunk's past: a copy (a view would pin this chunk's input)
+            cache.put(self, (body[:, :, -p:] if k else past).clone())
+        if not k:
+            return first_out
+        groups = rearrange(body, "b c (k g) h w -> b k c g h w", g=g)
+        # before group j: the last P frames of group j - 1 (P <= g), or the past for the first group
+        left = torch.cat([past.unsqueeze(1), groups[:, :-1, :, g - p:]], dim=1)  # (B, k, C, P, H, W)
+        zeros = body.new_zeros(body.shape[0], k, body.shape[1], p, *body.shape[3:])
+        windows = torch.cat([left, groups, zeros], dim=3)  # (B, k, C, P + g + P, H, W)
+        y = super().forward(rearrange(windows, "b k c t h w -> (b k) c t h w"))  # (B*k, C', g, H', W')
+        out = y.new_empty(x.shape[0], y.shape[1], x.shape[2], *y.shape[3:])  # (B, C', T, H', W')
+        offset = 1 if start else 0
+        if start:
+            out[:, :, :1] = first_out
+        rearrange(out[:, :, offset:], "b c (k g) h w -> b k c g h w", g=g).copy_(
+            rearrange(y, "(b k) c g h w -> b k c g h w", k=k))
+        return out
 
 
 def _frame_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -318,7 +320,8 @@ class BranchSpatialUpsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b = x.shape[0]
-        h = F.interpolate(rearrange(x, "b c t h w -> (b t) c h w"), scale_factor=2.0, mode="nearest")  # (B*T, C, 2H, 2W)
+        h = rearrange(x, "b c t h w -> (b t) c h w")  # (B*T, C, H, W)
+        h = F.interpolate(h, scale_factor=2.0, mode="nearest")  # (B*T, C, 2H, 2W)
         key, motion = h.chunk(2, dim=1)
         h = torch.cat([self.key(key), self.motion(motion)], dim=1)  # (B*T, C_out, 2H, 2W)
         return rearrange(h, "(b t) c h w -> b c t h w", b=b)
