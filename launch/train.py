@@ -93,6 +93,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2
+    max_nonfinite: int = 10  # non-finite losses in a row before the run stops
     universal_checkpoints: bool = True  # also save topology-independent state (resume on any world size/stage)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -273,7 +274,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     zero3 = ds_cfg["zero_optimization"]["stage"] == 3
     ema = EMA(engine.module, cfg.ema_decay, zero3)
 
-    step = resume(engine, ema, out)
+    step, dropped = resume(engine, ema, out)
+    nonfinite = 0
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", {"train": cfglib.to_dict(cfg), "dit": cfglib.to_dict(dcfg),
@@ -284,7 +286,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # the global stream position is step x global batch, whatever the topology (see LatentShards)
     data = LatentShards(cfg.data.shards.split(","), rank=env.rank, world_size=env.world_size, seed=cfg.seed,
                         shuffle=cfg.data.shuffle, epochs=None, split=cfg.data.split,
-                        skip=step * per_step * env.world_size, batch_size=cfg.data.batch_size,
+                        skip=(step * per_step + dropped * cfg.data.batch_size) * env.world_size,
+                        batch_size=cfg.data.batch_size,
                         buckets=dict(cfg.data.bucket_batch) if cfg.data.buckets else None,
                         expect_shapes=parts if manifest["form"] != "varlen" and not cfg.data.buckets else None)
     loader = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.data.num_workers))
@@ -300,8 +303,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     t_last, step_last = time.perf_counter(), step
     while step < cfg.steps:
         engine.train()
-        loss_sum = 0.0
-        for micro in range(cfg.optim.grad_accum):
+        loss_sum, micro = 0.0, 0
+        while micro < cfg.optim.grad_accum:
             batch = next(loader)
             gens = sample_generators(cfg.seed, [m["position"] for m in batch["meta"]])
             latent = batch["latent"]
@@ -311,9 +314,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             cond = batch_cond(batch, dcfg)
             cond = Cond(*(None if x is None else x.to(device) for x in (cond.text, cond.text_mask, None, cond.class_id)))
             loss = flow_step_loss(engine, latent, cond, cfg.flow, gens, null_cond, pack=cfg.model.pack)
+            # a non-finite loss on any rank drops this micro-batch on every rank (no backward, no
+            # step: DeepSpeed's accumulation stays aligned); too many in a row stop the run
+            if float(dist.all_reduce_mean(torch.isfinite(loss.detach()).float().cpu().view(1))[0]) < 1.0:
+                nonfinite += 1
+                dropped += 1
+                log.warning("non-finite loss at step %d (%d in a row); batch dropped", step + 1, nonfinite)
+                if nonfinite > cfg.max_nonfinite:
+                    raise RuntimeError(f"{nonfinite} non-finite losses in a row at step {step + 1}: stopping "
+                                       "(lower the learning rate, check the data, or raise max_nonfinite)")
+                continue
+            nonfinite = 0
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item() / cfg.optim.grad_accum
+            micro += 1
         step += 1
         ema.update(engine.module)
         loss_mean = float(dist.all_reduce_mean(torch.tensor([loss_sum]))[0])
@@ -332,11 +347,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                               "tflops_per_s": flops_s / 1e12, "mfu": mfu(flops_s / env.world_size, peak)})
             t_last, step_last = now, step
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(engine, ema, out, step, cfg.keep_checkpoints, dcfg, cfg.universal_checkpoints)
+            save_checkpoint(engine, ema, out, step, dropped, cfg.keep_checkpoints, dcfg, cfg.universal_checkpoints)
     bar.close()
     logger.close()
     dist.barrier()
-    return {"steps": step, "losses": losses, "output": str(out), "skipped": dict(data.skipped)}
+    return {"steps": step, "losses": losses, "output": str(out), "skipped": dict(data.skipped),
+            "dropped_batches": dropped}
 
 
 def _single_process_group() -> None:
@@ -408,7 +424,7 @@ class _Logger:
 # checkpoints: DeepSpeed's own (model, optimizer, scheduler) + EMA safetensors + a `latest`
 # pointer written last; exports of the EMA weights for sampling
 # ------------------------------------------------------------------------------------------
-def save_checkpoint(engine, ema: EMA, out: Path, step: int, keep: int, dcfg: dit.DiTConfig,
+def save_checkpoint(engine, ema: EMA, out: Path, step: int, dropped: int, keep: int, dcfg: dit.DiTConfig,
                     universal: bool) -> None:
     """DeepSpeed's own checkpoint (fast resume on the same topology) + EMA + with ``universal`` the
     topology-independent state (any world size / ZeRO stage resumes it) + ``complete.json`` last."""
@@ -421,7 +437,8 @@ def save_checkpoint(engine, ema: EMA, out: Path, step: int, keep: int, dcfg: dit
             save_tensors(ckpt / tag / "universal.safetensors", tensors)
         save_tensors(ckpt / tag / "ema.safetensors", ema.state_dict())
         atomic_write_json(ckpt / tag / "complete.json", {
-            "step": step, "world_size": dist.world_size(), "zero_stage": engine.zero_optimization_stage(),
+            "step": step, "dropped_batches": dropped, "world_size": dist.world_size(),
+            "zero_stage": engine.zero_optimization_stage(),
             "universal": universal, "scheduler": engine.lr_scheduler.state_dict(), **meta})
         (ckpt / "latest.tmp").write_text(tag)
         (ckpt / "latest.tmp").replace(ckpt / "latest")
@@ -441,8 +458,9 @@ def export(state: dict[str, torch.Tensor], dcfg: dit.DiTConfig, path: Path, cont
     atomic_write_json(path / "training.json", context)
 
 
-def resume(engine, ema: EMA, out: Path) -> int:
-    """Load the newest complete checkpoint and return its step (0 when there is none).
+def resume(engine, ema: EMA, out: Path) -> tuple[int, int]:
+    """Load the newest complete checkpoint; return its step and the micro-batches dropped for
+    non-finite losses before it (for the data position), (0, 0) when there is none.
 
     Same world size and ZeRO stage: DeepSpeed's own checkpoint. Otherwise the universal state
     (weights, Adam moments and step, LR schedule) is scattered into this engine. A checkpoint
@@ -478,8 +496,8 @@ def resume(engine, ema: EMA, out: Path) -> int:
         if dist.is_main():
             kind = "DeepSpeed" if info["world_size"] == dist.world_size() else "universal"
             print(f"resumed from {p} at step {info['step']} ({kind} state)")
-        return int(info["step"])
-    return 0
+        return int(info["step"]), int(info.get("dropped_batches", 0))
+    return 0, 0
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[dit.VideoDiT, dict]:

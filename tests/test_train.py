@@ -214,3 +214,49 @@ def test_mixed_resolutions_train_in_buckets(latents, tmp_path):
     out = train(_cfg(latents, tmp_path / "r", steps=6, save_every=6,
                      **{"data.shards": both, "data.buckets": "true", "data.bucket_batch": '{"z=4x8x6x6": 2}'}))
     assert len(out["losses"]) == 6 and all(map(torch.isfinite, torch.tensor(out["losses"])))
+
+
+def test_nonfinite_losses_drop_batches_then_stop(latents, tmp_path, monkeypatch):
+    import launch.train as T
+    real, calls = T.flow_step_loss, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss
+
+    monkeypatch.setattr(T, "flow_step_loss", flaky)
+    out = train(_cfg(latents, tmp_path / "r", steps=5, save_every=5))
+    assert out["dropped_batches"] == 2 and len(out["losses"]) == 5
+    assert all(map(torch.isfinite, torch.tensor(out["losses"])))
+    monkeypatch.setattr(T, "flow_step_loss", lambda *a, **k: real(*a, **k) * float("inf"))
+    with pytest.raises(RuntimeError, match="non-finite losses in a row"):
+        train(_cfg(latents, tmp_path / "s", steps=5, save_every=5, max_nonfinite=3))
+
+
+def test_corrupt_shards_are_skipped_and_training_goes_on(latents, tmp_path):
+    import shutil
+    import tarfile
+    bad = tmp_path / "bad"
+    shutil.copytree(latents, bad)
+    first = bad / "shard-000000.tar"
+    with tarfile.open(first) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(first, "w") as tf:  # sample 0 loses its latent, sample 1 gets NaN, one unsafe name
+        for m, data in members:
+            if m.name.startswith("000000000.latent"):
+                continue
+            if m.name.startswith("000000001.latent"):
+                import safetensors.torch as st
+                t = st.load(data)
+                data = st.save({k: v * float("nan") for k, v in t.items()})
+                m.size = len(data)
+            tf.addfile(m, __import__("io").BytesIO(data))
+        evil = tarfile.TarInfo("../evil/000000099.json")
+        evil.size = 2
+        tf.addfile(evil, __import__("io").BytesIO(b"{}"))
+    last = sorted(bad.glob("shard-*.tar"))[-1]
+    last.write_bytes(last.read_bytes()[:700])  # truncated tar
+    out = train(_cfg(bad, tmp_path / "r", steps=6, save_every=6))
+    assert len(out["losses"]) == 6 and all(map(torch.isfinite, torch.tensor(out["losses"])))
+    assert out["skipped"]["bad_sample"] >= 3 and out["skipped"]["bad_shard"] >= 1
