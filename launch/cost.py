@@ -363,11 +363,14 @@ def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     a1.scatter(rate, [r["dit_forward_flops"] / 1e9 for r in ok], label="forward", marker="o")
     a1.scatter(rate, [r["dit_train_step_flops"] / 1e9 for r in ok], label="train step (fwd+bwd)", marker="s")
     a2.scatter(rate, [r["dit_train_peak_memory_bytes"] / 2 ** 30 for r in ok], color="C2", marker="^")
-    for r in ok:
-        a1.annotate(r["autoencoder"], (r["compression_rate"], r["dit_forward_flops"] / 1e9), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-        a2.annotate(r["autoencoder"], (r["compression_rate"], r["dit_train_peak_memory_bytes"] / 2 ** 30),
-                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for ax, key, scale in ((a1, "dit_forward_flops", 1e9), (a2, "dit_train_peak_memory_bytes", 2 ** 30)):
+        points: dict[tuple[float, float], list[str]] = {}  # autoencoders on the same point share one label
+        for r in ok:
+            xy = (float(f"{r['compression_rate']:.4g}"), float(f"{r[key] / scale:.3g}"))
+            points.setdefault(xy, []).append(r["autoencoder"])
+        for (x, y), names in points.items():
+            ax.annotate("\n".join(names), (x, y), fontsize=6, xytext=(4, 2), textcoords="offset points",
+                        va="bottom")
     for ax in (a1, a2):
         ax.set_xscale("log")
         ax.set_yscale("log")
