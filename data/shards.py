@@ -144,13 +144,18 @@ def write_shard(path: str | Path, samples: list[dict[str, bytes]], keys: list[st
     reruns are byte-identical): temp name first, renamed when closed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        with wds.TarWriter(f, encoder=False, mtime=0.0) as tw:
-            for key, sample in zip(keys, samples):
-                tw.write({"__key__": key, **sample})
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            with wds.TarWriter(f, encoder=False, mtime=0.0) as tw:
+                for key, sample in zip(keys, samples):
+                    tw.write({"__key__": key, **sample})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, I/O error: no partial file under any name
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"writing shard {path} failed: {e.strerror or e}; nothing was left under its "
+                               "name, rerun the same command to resume") from e
 
 
 @dataclass

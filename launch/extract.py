@@ -188,7 +188,9 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     signature = _run_signature(cfg, name, ae, ckpt_hash)
 
     todo = []
-    for j in mine:
+    for j in mine:  # temp files a killed run left for this rank's shards
+        for stale in out.glob(f".shard-{j:06d}.*tmp"):
+            stale.unlink(missing_ok=True)
         sidecar = out / f"shard-{j:06d}.json"
         keys = [it.key for it in items[j * cfg.shard_size:(j + 1) * cfg.shard_size]]
         if sidecar.exists():

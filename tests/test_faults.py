@@ -1,0 +1,132 @@
+"""What survives what: extraction killed with SIGKILL at random points, disk full while writing a
+shard, and a suite of corrupt inputs through `ldm extract`."""
+import errno
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data import shards
+from data.synth import synth_dataset
+from data.video import write_frames
+from launch.cli import main as ldm
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--autoencoder", "kl2d-f8c4-debug", "--frames", "8", "--height", "32", "--width", "32", "--shard-size", "2",
+        "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    out = tmp_path_factory.mktemp("videos")
+    synth_dataset(out, num=16, frames=8, size=32, fps=8, seed=0)
+    return out
+
+
+def _complete_tars(folder: Path) -> None:
+    """Every shard under its final name reads to the end (no partial shard is ever visible)."""
+    for tar in folder.glob("shard-*.tar"):
+        with tarfile.open(tar) as tf:
+            assert tf.getmembers(), tar
+
+
+@pytest.mark.dist
+def test_extraction_killed_five_times_ends_identical(videos, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def cmd(out):  # one clip per shard: many points to be killed at
+        return [sys.executable, "-m", "launch.cli", "extract", *ARGS, "--shard-size", "1", "--input", str(videos),
+                "--output", str(out)]
+
+    ref = subprocess.run(cmd(tmp_path / "ref"), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(5):  # each attempt is killed at a random moment after it finished one more shard
+        before = len(list((tmp_path / "run").glob("shard-*.json")))
+        proc = subprocess.Popen(cmd(tmp_path / "run"), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        while proc.poll() is None and len(list((tmp_path / "run").glob("shard-*.json"))) <= before:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.05))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        _complete_tars(tmp_path / "run")
+    assert kills >= 4  # the attempts were cut short
+    done = subprocess.run(cmd(tmp_path / "run"), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert shards.raw_bytes_digest(tmp_path / "run") == shards.raw_bytes_digest(tmp_path / "ref")
+    a, b = shards.load_manifest(tmp_path / "run"), shards.load_manifest(tmp_path / "ref")
+    assert {k: v for k, v in a.items() if k != "checkpoint"} == {k: v for k, v in b.items() if k != "checkpoint"}
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_disk_full_leaves_no_partial_shard(videos, tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    class DiskFillsUp:  # os as data/shards.py sees it, with the second shard's fsync failing
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def fsync(fd):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return os.fsync(fd)
+
+    monkeypatch.setattr(shards, "os", DiskFillsUp())
+    with pytest.raises(OSError, match="writing shard .*shard-000001.tar failed: No space left on device"):
+        ldm(["extract", *ARGS, "--input", str(videos), "--output", str(tmp_path / "lat")])
+    assert (tmp_path / "lat" / "shard-000000.tar").exists()
+    assert not (tmp_path / "lat" / "shard-000001.tar").exists() and not list((tmp_path / "lat").glob(".*tmp"))
+    monkeypatch.setattr(shards, "os", os)  # space freed: the same command finishes the job
+    ldm(["extract", *ARGS, "--input", str(videos), "--output", str(tmp_path / "lat")])
+    assert shards.load_manifest(tmp_path / "lat")["counts"]["written"] == 16
+
+
+def test_corrupt_input_suite(videos, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    good = sorted((videos / "videos").glob("*.mp4"))
+    for f in good[:3]:
+        (src / f.name).write_bytes(f.read_bytes())
+    data = good[3].read_bytes()
+    (src / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    (src / "zero.mp4").write_bytes(b"")
+    (src / "text.mp4").write_text("this is not a video\n")
+    frames = np.zeros((1, 32, 32, 3), np.uint8)
+    write_frames(src / "one_frame.mp4", frames, fps=8)
+    write_frames(src / "short.mp4", np.zeros((4, 32, 32, 3), np.uint8), fps=8)
+    import av  # an audio-only file: no video stream a decoder could read
+    with av.open(str(src / "audio_only.mp4"), "w") as c:
+        stream = c.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.rate = 8000
+        for packet in stream.encode(frame):
+            c.mux(packet)
+        for packet in stream.encode(None):
+            c.mux(packet)
+    rows = [{"path": f.name, "caption": f"clip {i}", "class_id": i} for i, f in enumerate(good[:3])]
+    rows += [{"path": "missing.mp4", "caption": "gone"}, {"caption": "no path at all"}]
+    (src / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ldm(["extract", *ARGS, "--input", str(src), "--captions", str(src / "captions.jsonl"), "--output",
+                str(tmp_path / "lat")]) == 0
+    m = shards.load_manifest(tmp_path / "lat")
+    reasons = {s["key"]: s["reason"] for s in m["skipped"]}
+    assert m["counts"]["written"] == 3
+    assert set(reasons) == {"truncated", "zero", "text", "one_frame", "short", "audio_only"}
+    assert all(reasons.values()) and "short" in reasons["short"] or "frames" in reasons["short"]
+    assert m["counts"]["written"] + m["counts"]["skipped"] == m["counts"]["inputs"] == 9
+    assert len(m["input_problems"]) >= 2  # the caption rows naming no existing file
