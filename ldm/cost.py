@@ -95,15 +95,23 @@ _NOT_MEMOIZABLE = object()
 
 
 def _signature(x: Any) -> Any:
-    """A hashable description of a call argument that fixes its cost (see ``count_flops``)."""
+    """A hashable description of a call argument that fixes its cost (see ``count_flops``): shapes,
+    dtypes and devices of tensors, plus the values of real integer / bool tensors (lengths, rates,
+    ids: they may steer the computation); float values do not count (a timestep's value does not
+    change a network's cost)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
     if isinstance(x, Tensor):
-        return ("T", tuple(x.shape), x.dtype, str(x.device))
+        values = None
+        if not isinstance(x, FakeTensor) and not x.is_floating_point() and not x.is_complex():
+            values = tuple(x.flatten().tolist())
+        return ("T", tuple(x.shape), x.dtype, str(x.device), values)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return (type(x).__name__, tuple((f.name, _signature(getattr(x, f.name))) for f in dataclasses.fields(x)))
     if isinstance(x, Mapping):
         return ("M", tuple((k, _signature(v)) for k, v in x.items()))
     if isinstance(x, (list, tuple)):
         return (type(x).__name__, tuple(_signature(v) for v in x))
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return (type(x).__name__, tuple((f.name, _signature(getattr(x, f.name))) for f in dataclasses.fields(x)))
     if isinstance(x, float):
         return "float"
     if x is None or isinstance(x, (bool, int, str)):
@@ -112,8 +120,13 @@ def _signature(x: Any) -> Any:
 
 
 def _out_spec(x: Any) -> Any:
-    """Tensors -> (shape, stride, dtype, device); dict / list / tuple kept; else not memoizable."""
+    """Fake tensors -> (shape, stride, dtype, device); dict / list / tuple kept; anything else (a
+    real tensor, whose values may matter downstream, or another object) is not memoizable."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
     if isinstance(x, Tensor):
+        if not isinstance(x, FakeTensor):
+            return _NOT_MEMOIZABLE
         return ("T", tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
     if isinstance(x, dict):
         specs = {k: _out_spec(v) for k, v in x.items()}
@@ -129,8 +142,12 @@ def _out_spec(x: Any) -> Any:
 def _rebuild(spec: Any) -> Any:
     kind = spec[0]
     if kind == "T":
+        from torch._guards import active_fake_mode
+        from torch._subclasses.fake_tensor import FakeTensor
+
         _, shape, stride, dtype, device = spec
-        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        return t if isinstance(t, FakeTensor) else active_fake_mode().from_tensor(t)  # small ones stay fake
     if kind == "D":
         return spec[1]({k: _rebuild(v) for k, v in spec[2].items()})
     if kind == "L":
@@ -182,10 +199,12 @@ class _RepeatMemo:
 
         if active_fake_mode() is None:
             raise ValueError("count_flops(repeats_of=...) replays fake outputs: call it under fake_mode()")
-        self.modules = list(self.root.modules())
-        for m in self.modules:
-            if "forward" in m.__dict__:
-                raise ValueError(f"{type(m).__name__} already has an instance-level forward")
+        modules = list(self.root.modules())
+        patched = [type(m).__name__ for m in modules if "forward" in m.__dict__]
+        if patched:
+            raise ValueError(f"{patched[0]} already has an instance-level forward")
+        self.modules = modules
+        for m in modules:
             self._wrap(m)
         return self
 

@@ -102,7 +102,7 @@ class _Loop(nn.Module):
     def __init__(self, steps=5):
         super().__init__()
         self.steps = steps
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.net = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))  # weights big enough to be fake
 
     def forward(self, x):
         for t in torch.linspace(1, 0, self.steps + 1)[:-1]:
@@ -114,14 +114,14 @@ class _Loop(nn.Module):
 def test_repeated_steps_are_counted_without_rerunning():
     with fake_mode(small_real=True):
         model = _Loop(steps=5)
-        x = torch.randn(3, 8)
+        x = torch.randn(3, 64)
         calls = []
         model.net[0].register_forward_hook(lambda *a: calls.append(1))
         out, memo = count_flops(lambda: model(x), repeats_of=model)
-        assert out.shape == (3, 8) and len(calls) == 1  # the network's layers ran once
-    assert memo.total == 5 * 2 * (2 * 6 * 8 * 16) == memo.by_op["aten.addmm"]
+        assert out.shape == (3, 64) and len(calls) == 1  # the network's layers ran once
+    assert memo.total == 5 * 2 * (2 * 6 * 64 * 128) == memo.by_op["aten.addmm"]
     with pytest.raises(ValueError, match="fake_mode"):
-        count_flops(lambda: model(torch.randn(3, 8)), repeats_of=_Loop())
+        count_flops(lambda: model(torch.randn(3, 64)), repeats_of=_Loop())
 
 
 def test_small_real_mode_keeps_only_small_values_real():
@@ -223,3 +223,22 @@ def test_text_guided_decoder_is_costed_with_a_caption():
         pytest.skip("the cross-modal family is not registered")
     text, plain = cost_table(["cmvae-z4-text-debug", "cmvae-z4-debug"], 8, 64, 64, "dit-debug")
     assert "ae_decode_error" not in text and text["ae_decode_flops"] > plain["ae_decode_flops"]
+
+
+def test_replayed_diffusion_decoder_count_equals_the_full_run():
+    import autoencoders
+    from launch.cost import _fake_latent, latent_spec
+
+    if "hivae-debug" not in autoencoders.REGISTRY:
+        pytest.skip("Hi-VAE is not registered")
+    spec = latent_spec("hivae-debug", 9, 64, 64)
+    cls, config = autoencoders.REGISTRY["hivae-debug"]
+    totals = []
+    for memo in (False, True):
+        with fake_mode(small_real=True):
+            ae = cls(config).eval()
+            latent = _fake_latent(spec, 1)
+            with torch.no_grad():
+                _, count = count_flops(lambda: ae.decode(latent, Cond()), repeats_of=ae if memo else None)
+        totals.append(count.total)
+    assert totals[0] == totals[1] > 0
