@@ -83,7 +83,7 @@ class MTCVAEConfig(Causal3DConfig):
     stage: int = 0  # 0: everything, all terms; 1: new sampling layers; 2: f_c + predictor (+ decoder)
     stage1_scope: str = "sampling"  # stage 1 trains the new sampling layers, or "all" but f_c / P
     stage2_decoder: bool = True  # stage 2 also trains the decoder (so the flow loss has a target)
-    train_rates: str = "random"  # segment rates in training: random, or the selector's (Alg. 1)
+    train_rates: str = "random"  # segment rates in training: random (stage 1: the new rates), or the selector's
     bce_weight: float = 1.0  # Eq. 9 (stages 0, 2)
     flow_weight: float = 0.1  # Eq. 10 (stages 0, 2)
     flow_levels: int = 3
@@ -159,6 +159,9 @@ class MTCVAE(Causal3D):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
         if cfg.stage not in (0, 1, 2):
             raise ValueError(f"stage must be 0, 1 or 2, got {cfg.stage}")
+        if cfg.stage == 1 and cfg.train_rates != "random":
+            raise ValueError("stage 1 trains the new sampling layers at their rates (train_rates='random'); "
+                             "the selector would pick the base rate from untrained layers")
         if cfg.quality_reference and len(cfg.quality_reference) != 3:
             raise ValueError(f"quality_reference is (Q_min, Q_max, sigma_max) or (), got {cfg.quality_reference}")
         if not 0 <= cfg.ema_decay < 1:
@@ -454,18 +457,21 @@ class MTCVAE(Causal3D):
 
     def train_forward(self, video: Tensor, cond: Cond | None = None,
                       generator: torch.Generator | None = None) -> AEOutput:
-        """One training forward per ``config.stage``: encode every segment at its rate (random or
-        the selector's), sample the posterior, mark keyframes, decode with the true rates. Stage
-        0/2 add ``bce`` (Eq. 9) and ``flow`` (Eq. 10) to the trainer's reconstruction + KL."""
+        """One training forward per ``config.stage``: encode every segment at its rate (random --
+        in stage 1 among the new rates only -- or the selector's), sample the posterior, mark
+        keyframes, decode with the true rates. Stages 0 and 2 add ``bce`` (Eq. 9) and ``flow``
+        (Eq. 10) to the trainer's reconstruction + KL."""
         cfg = self.config
         self.check_input(*video.shape[2:])
         if cfg.stage == 2:
             self._update_ema()
         if cfg.train_rates == "random":
+            # stage 1 fine-tunes at the new rates only (Sec. 3.5: "at compression rates of 8x8x8 and 16x8x8")
+            choices = cfg.rates[1:] if cfg.stage == 1 else cfg.rates
             g = generator or torch.Generator().manual_seed(cfg.selector_seed)
             n = video.shape[2] // cfg.segment_frames
-            idx = torch.randint(len(cfg.rates), (video.shape[0], n), generator=g, device=g.device).cpu()
-            rates = torch.tensor(cfg.rates)[idx]
+            idx = torch.randint(len(choices), (video.shape[0], n), generator=g, device=g.device).cpu()
+            rates = torch.tensor(choices)[idx]
         else:
             rates = self.choose_rates(video)
         posterior = self._encode_at(video, rates, mark=False)

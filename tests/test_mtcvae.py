@@ -113,6 +113,8 @@ def test_latent_spec_vcpr_and_paper_configs():
         autoencoders.build("mtcvae-c4-debug", rates=(2, 4, 8))
     with pytest.raises(ValueError, match="segment_frames"):
         autoencoders.build("mtcvae-c4-debug", segment_frames=9)
+    with pytest.raises(ValueError, match="stage 1"):
+        autoencoders.build("mtcvae-c4-debug", stage=1, train_rates="selector")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +290,7 @@ def test_training_steps_lower_the_loss_and_respect_stages():
     stage1 = convert(ae, stage=1)
     out = stage1.train_forward(_smooth_clips(1, 34, 16, 5), None, torch.Generator().manual_seed(0))
     assert set(out.losses) == set()  # stage 1: the trainer's rec + KL (+ GAN) only
+    assert set(out.posterior.aux["rates"].flatten().tolist()) <= {8, 16}  # the new layers' rates (Sec. 3.5)
     (out.recon.mean() + out.posterior["z"].mean()).backward()
     grads = {n.split(".")[0] for n, p in stage1.named_parameters() if p.grad is not None}
     assert grads <= {"extra_down", "extra_up"}
