@@ -37,7 +37,6 @@ import torch
 import yaml
 
 import autoencoders
-import dit
 from launch import cost as costlib
 from launch import evaluate as ev
 from ldm import config as cfglib
@@ -304,7 +303,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         row["cost"], = costlib.cost_table([e["checkpoint"] or e["name"]], args.frames, args.height, args.width,
                                           tcfg.model.dit, batch_size=tcfg.data.batch_size, steps=args.sample_steps,
                                           cfg=args.guidance != 1.0, dit_overrides=overrides,
-                                          text_tokens=manifest.get("text_tokens", 0) if overrides.get("text_dim") else 0)
+                                          text_tokens=manifest.get("text_tokens", 0) if "text_dim" in overrides else 0)
         row["cost"]["autoencoder"] = e["label"]
         rows.append(row)
     report = {"settings": {k: v for k, v in vars(args).items() if not callable(v)}, "data": {
@@ -342,7 +341,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"{_f(c['dit_train_peak_memory_bytes'], '.3g', 2 ** 30)}"
         attr = "-" if not att else " / ".join(f"{att[a]:.0%}" for a in ("all", "color", "shape", "direction"))
         lines.append(
-            f"| {name} | {c['compression_rate']:.5f} | {c['tokens']} | {_f(r['dit']['step_s_median'], '.3f')} | {mem} | "
+            f"| {name} | {c['compression_rate']:.5f} | {c['tokens']} | {_f(r['dit']['step_s_median'], '.3f')} | "
+            f"{mem} | "
             f"{_f(c['dit_forward_flops'], '.3g', 1e9)} | {_f(c['dit_train_step_flops'], '.3g', 1e9)} | "
             f"{_f(r.get('sample_s_per_video'), '.2f')} | {_f(c['ae_decode_flops'], '.3g', 1e9)} | "
             f"{_f(rec['psnr_db']['mean'], '.2f')} | {_f(rec['ssim']['mean'], '.3f')} | "

@@ -72,7 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    names = sorted(autoencoders.REGISTRY) if args.all else [n.strip() for n in args.autoencoders.split(",") if n.strip()]
+    names = (sorted(autoencoders.REGISTRY) if args.all
+             else [n.strip() for n in args.autoencoders.split(",") if n.strip()])
     if not names:
         raise ValueError("--autoencoders is empty")
     overrides = {}
@@ -266,7 +267,8 @@ def cost_table(names: list[str], frames: int, height: int, width: int, dit_name:
         d = spec.to_dict(dcfg.patch)
         row.update(latent_shape=d["latent_shape"], latent_elements=d["latent_elements"],
                    compression_rate=d["compression_rate"], compression_factor=d["compression_factor"],
-                   vcpr=d["vcpr"], tokens=count_tokens(spec.parts, dit.part_specs(spec.parts, dcfg.patch, dcfg.part_patch)))
+                   vcpr=d["vcpr"],
+                   tokens=count_tokens(spec.parts, dit.part_specs(spec.parts, dcfg.patch, dcfg.part_patch)))
         key = json.dumps([cfglib.to_dict(dcfg), batch_size, text_tokens, measure], sort_keys=True)
         if key not in cache:
             costs = dit_costs(spec, dcfg, batch_size, text_tokens)

@@ -314,7 +314,8 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
         frame_ssim.append(per_frame)
         scores["ssim"] += per_frame.mean(1).tolist()
         if lpips is not None:
-            scores["lpips"] += lpips(y.to(next(lpips.parameters()).device), x.to(next(lpips.parameters()).device)).cpu().tolist()
+            where = next(lpips.parameters()).device
+            scores["lpips"] += lpips(y.to(where), x.to(where)).cpu().tolist()
         if rfvd is not None:
             rfvd.update("real", x)
             rfvd.update("fake", y)
