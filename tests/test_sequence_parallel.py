@@ -52,6 +52,7 @@ def _worker(rank, port):
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
+        from launch.engine import apply_activation_checkpointing
         from launch.sequence_parallel import apply_sequence_parallel
 
         torch.manual_seed(0)  # same weights and inputs on both ranks
@@ -61,8 +62,9 @@ def _worker(rank, port):
         model = _randomize(build("dit-debug", GRID, text_dim=8, num_classes=3), 1)
         x = {"z": torch.randn(B, *GRID["z"])}
         _check("grid", model, x, torch.rand(B), Cond(text=text, text_mask=mask, class_id=torch.tensor([0, -1])))
-        # odd token count (padded), factorized spatial / temporal blocks, text
+        # odd token count (padded), factorized spatial / temporal blocks, text, activation checkpointing
         model = _randomize(build("dit-debug", ODD, text_dim=8, attn_layout="factorized", depth=3), 2)
+        apply_activation_checkpointing(model.blocks)  # as train.py does: blocks recomputed (with exchanges) in backward
         _check("odd-factorized", model, {"z": torch.randn(B, *ODD["z"])}, torch.rand(B), Cond(text=text))
         # varlen packed: several samples in one row (sequence ids, per-token conditioning index)
         items = [Latent({"z": torch.randn(1, 3, n, 4, 4)}, "varlen", aux={"length": torch.tensor([n])})
