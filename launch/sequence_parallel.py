@@ -79,11 +79,11 @@ class _GatherTokens(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         group = ctx.group
         size, rank = torch_dist.get_world_size(group), torch_dist.get_rank(group)
-        chunks = [c.contiguous() for c in grad.chunk(size, 1)]  # P x (B, n, D)
         if torch_dist.get_backend(group) == "gloo":
             total = grad.contiguous().clone()
             torch_dist.all_reduce(total, group=group)
             return total.chunk(size, 1)[rank].contiguous(), None
+        chunks = [c.contiguous() for c in grad.chunk(size, 1)]  # P x (B, n, D)
         out = torch.empty_like(chunks[rank])
         torch_dist.reduce_scatter(out, chunks, group=group)
         return out, None
