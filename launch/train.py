@@ -56,6 +56,7 @@ class DataConfig:
 class ModelConfig:
     dit: str = "dit-debug"
     overrides: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields (hidden, depth, patch, ...)
+    sequence_parallel: int = 1  # ranks that split one sample's tokens (DeepSpeed-Ulysses); a divisor of the world size
     class_cond: bool = True  # condition on class ids (count from the manifest)
     text_cond: bool = True  # condition on cached text embeddings (when the shards have them)
     pack: bool = False  # varlen batches as one packed row (valid tokens only) instead of padded rows
@@ -264,6 +265,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = dit.VideoDiT(dcfg)
     if cfg.engine.activation_checkpointing:
         apply_activation_checkpointing(model.blocks)
+    sp = cfg.model.sequence_parallel
+    if sp < 1 or env.world_size % sp:
+        raise ValueError(f"model.sequence_parallel={sp} must divide the world size {env.world_size}")
+    if sp > 1:  # consecutive ranks form a group that shares each batch and splits its tokens
+        from launch.sequence_parallel import apply_sequence_parallel, sequence_parallel_group
+        apply_sequence_parallel(model, sequence_parallel_group(sp))
+    dp_rank, dp_world = env.rank // sp, env.world_size // sp  # data-parallel position
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.steps))
@@ -284,9 +292,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     parts = {k: tuple(v) for k, v in manifest["latent_spec"]["latent_shape"].items()}
     per_step = cfg.data.batch_size * cfg.optim.grad_accum
     # the global stream position is step x global batch, whatever the topology (see LatentShards)
-    data = LatentShards(cfg.data.shards.split(","), rank=env.rank, world_size=env.world_size, seed=cfg.seed,
+    data = LatentShards(cfg.data.shards.split(","), rank=dp_rank, world_size=dp_world, seed=cfg.seed,
                         shuffle=cfg.data.shuffle, epochs=None, split=cfg.data.split,
-                        skip=(step * per_step + dropped * cfg.data.batch_size) * env.world_size,
+                        skip=(step * per_step + dropped * cfg.data.batch_size) * dp_world,
                         batch_size=cfg.data.batch_size,
                         buckets=dict(cfg.data.bucket_batch) if cfg.data.buckets else None,
                         expect_shapes=parts if manifest["form"] != "varlen" and not cfg.data.buckets else None)
@@ -295,7 +303,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     tokens = engine.module.num_tokens(parts)
     context = 1 + manifest.get("text_tokens", 0) if dcfg.text_dim else 0  # the empty-text token + caption
-    step_flops = 3 * transformer_flops(dcfg.depth, dcfg.hidden, tokens, dcfg.mlp_ratio, context) * per_step * env.world_size
+    step_flops = 3 * transformer_flops(dcfg.depth, dcfg.hidden, tokens, dcfg.mlp_ratio, context) * per_step * dp_world
     peak = peak_flops(cfg.engine)
     logger = _Logger(out, enabled=dist.is_main(), resumed_step=step)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not dist.is_main())
@@ -342,8 +350,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             grad_norm = engine.get_global_grad_norm()
             logger.log(step, {"loss": loss_mean, "lr": engine.get_lr()[0],
                               "grad_norm": None if grad_norm is None else float(grad_norm),
-                              "samples_per_s": per_step * env.world_size / dt,
-                              "tokens_per_s": tokens * per_step * env.world_size / dt,
+                              "samples_per_s": per_step * dp_world / dt,
+                              "tokens_per_s": tokens * per_step * dp_world / dt,
                               "tflops_per_s": flops_s / 1e12, "mfu": mfu(flops_s / env.world_size, peak)})
             t_last, step_last = now, step
         if step % cfg.save_every == 0 or step == cfg.steps:

@@ -36,7 +36,7 @@ def _coerce(tp: Any, value: Any) -> Any:
                 return _coerce(a, value)
             except (TypeError, ValueError):
                 continue
-        return value
+        raise TypeError(f"expected {tp}, got {value!r}")
     if origin is tuple and isinstance(value, (list, tuple)):
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v) for v in value)
@@ -49,7 +49,24 @@ def _coerce(tp: Any, value: Any) -> Any:
         return float(value)
     if tp is tuple and isinstance(value, list):
         return tuple(value)
+    if tp in (int, float, bool, str) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise TypeError(f"expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    if origin in (tuple, list, dict) and not isinstance(value, (tuple, list, dict)):
+        raise TypeError(f"expected {tp}, got {value!r} ({type(value).__name__})")
     return value
+
+
+def _coerced(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with every value turned into its field's annotated type; a wrong type is an error
+    naming the key."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for k, v in data.items():
+        try:
+            out[k] = _coerce(hints[k], v)
+        except TypeError as e:
+            raise ValueError(f"{cls.__name__}.{k}: {e}") from None
+    return out
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
@@ -58,8 +75,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} for {cls.__name__}; known keys: {names}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(hints[k], v) for k, v in data.items()})
+    return cls(**_coerced(cls, data))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -72,8 +88,7 @@ def replace(cfg: T, **overrides: Any) -> T:
     unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for {type(cfg).__name__}; known keys: {names}")
-    hints = typing.get_type_hints(type(cfg))
-    return dataclasses.replace(cfg, **{k: _coerce(hints[k], v) for k, v in overrides.items()})
+    return dataclasses.replace(cfg, **_coerced(type(cfg), overrides))
 
 
 def config_hash(cfg: Any) -> str:

@@ -260,3 +260,11 @@ def test_corrupt_shards_are_skipped_and_training_goes_on(latents, tmp_path):
     out = train(_cfg(bad, tmp_path / "r", steps=6, save_every=6))
     assert len(out["losses"]) == 6 and all(map(torch.isfinite, torch.tensor(out["losses"])))
     assert out["skipped"]["bad_sample"] >= 3 and out["skipped"]["bad_shard"] >= 1
+
+
+@pytest.mark.dist
+def test_sequence_parallel_training_matches_one_rank(latents, tmp_path):
+    args = ["data.batch_size=4", "steps=3", "save_every=3"]
+    _torchrun(latents, tmp_path / "sp", *args, "model.sequence_parallel=2")
+    one = train(_cfg(latents, tmp_path / "one", steps=3, save_every=3, **{"data.batch_size": 4}))
+    assert _losses(tmp_path / "sp") == pytest.approx(one["losses"], rel=1e-4)
