@@ -1,5 +1,5 @@
 """IV-VAE: keyframe-based temporal compression with group causal convolution (Wu et al., "Improved
-Video VAE for Latent Video Diffusion Model", arXiv:2411.06449; the layers are in ``ivvae_layers.py``).
+Video VAE for Latent Video Diffusion Model", 2024; the layers are in ``ivvae_layers.py``).
 
 A clip of ``1 + 4k`` frames becomes ``1 + k`` latent frames at 8x spatial compression (4x8x8,
 Table 1). Frame 0 is encoded alone (an image); every later latent frame holds one *frame group* of
