@@ -181,3 +181,26 @@ def test_shape_buckets_with_per_bucket_batch_sizes(tmp_path):
             assert len({tuple(m.shape) for m in batch["latent"]["z"]}) == 1
             seen += [m["index"] for m in batch["meta"]]
     assert sorted(seen) == list(range(12))
+
+
+class _Boom:
+    """Unpickling this creates a marker file: proof that something unpickled shard data."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_malicious_pickle_members_are_never_unpickled(tmp_path):
+    import pickle
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Boom(str(marker)))
+    sample = shards.encode_sample(Latent({"z": torch.zeros(1, 2, 1, 2, 2)}), {"index": 0})
+    members = {f"000000000.{k}": v for k, v in sample.items()}
+    members.update({"000000000.pyd": payload, "000000000.pickle": payload, "000000000.pth": payload})
+    _tar_with(members, tmp_path / "shard-000000.tar")
+    got = list(shards.LatentShards(str(tmp_path)))
+    assert len(got) == 1 and not marker.exists()
+    assert shards.read_all(tmp_path)[0]["meta"]["index"] == 0 and not marker.exists()
