@@ -91,6 +91,7 @@ class HiVAEConfig(AEConfig):
     cond_dropout: float = 0.1  # both motions -> null (classifier-free guidance)
     part_dropout: float = 0.05  # extra, independent per motion: decoding with one motion stays in-distribution
     timesteps: str = "uniform"  # ldm.flow.sample_timesteps distribution
+    timestep_shift: float = 1.0  # SD3 shift of training and sampling times (> 1: more time near noise)
     stage1_blur: float = 0.0  # Gaussian sigma (pixels) of the stage-1 input blur; 0 = off
     # sampling in decode (App. A.2)
     sample_steps: int = 20
@@ -126,6 +127,8 @@ def _check_config(cfg: HiVAEConfig) -> None:
             raise ValueError(f"hivae: {prefix}_width {width} is not divisible by {prefix}_heads {heads}")
     if cfg.timesteps not in flow.TIMESTEP_DISTRIBUTIONS:
         raise ValueError(f"hivae: timesteps must be one of {flow.TIMESTEP_DISTRIBUTIONS}, got {cfg.timesteps!r}")
+    if not cfg.timestep_shift > 0:
+        raise ValueError(f"hivae: timestep_shift must be > 0, got {cfg.timestep_shift}")
     if cfg.stage1_blur < 0 or cfg.kl_weight < 0 or cfg.guidance_scale < 0:
         raise ValueError("hivae: stage1_blur, kl_weight and guidance_scale must be >= 0")
 
@@ -200,9 +203,13 @@ def _gaussian(moments: Tensor, clamp: tuple[float, float]) -> tuple[Tensor, Tens
 
 def _encoder_block(dim: int, heads: int, mlp_ratio: float, context_dim: int | None = None) -> TransformerBlock:
     """The shared DiT block as a plain pre-LN encoder block: conditioned on a constant (``cond_dim=1``,
-    called with ones), its adaLN-Zero reduces to a learned LayerNorm affine and zero-initialised
-    residual gates (LayerScale), with 12 * dim parameters for the modulation."""
-    return TransformerBlock(dim, heads, mlp_ratio, context_dim=context_dim, cond_dim=1)
+    called with ones), its adaLN reduces to a learned LayerNorm affine and learned residual gates
+    (12 * dim parameters). The gates start at 1 (not adaLN-Zero's 0), so a fresh encoder is an
+    ordinary pre-LN transformer whose output already depends on its input."""
+    blk = TransformerBlock(dim, heads, mlp_ratio, context_dim=context_dim, cond_dim=1)
+    with torch.no_grad():
+        blk.ada.bias.view(6, dim)[[2, 5]] = 1.0  # (shift1, scale1, gate1, shift2, scale2, gate2)
+    return blk
 
 
 def random_keep(batch: int, positions: int, ratio: tuple[float, float], generator: torch.Generator | None,
@@ -326,7 +333,9 @@ class MotionDecoderDiT(nn.Module):
     Tokens: the noisy latent concatenated with the repeated content latent (Eq. 9), patchified
     ``(1, p, p)``, plus each frame's ``n_d`` projected detailed-motion tokens; integer positions
     ``(t, i, j)`` for the frame tokens and ``(t, -1 - k, -1)`` for detailed token k (3D RoPE), and
-    an absolute sinusoidal time embedding on both so cross-attention knows each token's frame.
+    absolute sinusoidal embeddings (frame tokens: (t, i, j); detailed tokens: t, plus a learned
+    embedding per token index) so cross-attention and the pairing of pixels with detailed tokens
+    need no relative-position reasoning.
     ``decoder_depth`` pairs of shared adaLN-Zero blocks (timestep conditioning): a spatial block
     (self-attention within a frame: frame + detailed tokens; cross-attention to the projected
     global-motion tokens, which carry a slot-time and a token embedding) and a Temporal Align
@@ -347,7 +356,7 @@ class MotionDecoderDiT(nn.Module):
         self.null_global = nn.Parameter(torch.randn(D) * 0.02)
         self.null_detailed = nn.Parameter(torch.randn(D) * 0.02)
         self.global_token_embed = nn.Parameter(torch.randn(cfg.global_tokens, D) * 0.02)
-        self.detailed_type = nn.Parameter(torch.randn(D) * 0.02)
+        self.detailed_token_embed = nn.Parameter(torch.randn(cfg.detailed_tokens, D) * 0.02)
         self.t_embed = TimestepEmbedder(D)
         self.rope = Rope3D(D // cfg.decoder_heads)
         blocks = []
@@ -368,15 +377,15 @@ class MotionDecoderDiT(nn.Module):
         inp = torch.cat([z_t, content.expand(-1, -1, T, -1, -1)], 1).to(dtype)  # (B, 2c, T, h, w): Eq. 9
         hx = self.x_embed(rearrange(inp, "b c t (i p) (j q) -> b (t i j) (p q c)", p=p, q=p))  # (B, T*N_f, D)
         D = hx.shape[-1]
-        frame_t = sincos(torch.arange(T, device=hx.device)[:, None], D).to(dtype)  # (T, D)
         hi, wi = h // p, w // p
-        hx = hx + frame_t.repeat_interleave(hi * wi, 0)
+        hx = hx + sincos(_grid(T, hi, wi, device=hx.device), D).to(dtype)  # absolute (t, i, j)
+        frame_t = sincos(torch.arange(T, device=hx.device)[:, None], D).to(dtype)  # (T, D)
 
         ud = cond["detailed"]
         n_d = ud.shape[2]
         hd = self.detailed_in(ud.to(dtype))  # (B, T, n_d, D)
         hd = torch.where(cond["use_detailed"].view(B, 1, 1, 1), hd, self.null_detailed)
-        hd = hd + self.detailed_type + frame_t[:, None]
+        hd = hd + self.detailed_token_embed + frame_t[:, None]
         hd = rearrange(hd, "b t n d -> b (t n) d")  # (B, T*n_d, D)
 
         ug = cond["global"]
@@ -594,7 +603,7 @@ class HiVAE(Autoencoder):
         content = latent["content"]
         noise = samplers.initial_noise({"z": (cfg.base.latent_channels, T, h, w)}, latent.batch_size, seed=seed,
                                        device=content.device, dtype=content.dtype)
-        z = samplers.euler(self.decoder, noise, cond, steps=steps, guidance_scale=guidance,
+        z = samplers.euler(self.decoder, noise, cond, steps=steps, shift=cfg.timestep_shift, guidance_scale=guidance,
                            null_cond=null if guidance != 1.0 else None)["z"]
         return self.base.decode(Latent({"z": z}, form="grid"))
 
@@ -631,7 +640,8 @@ class HiVAE(Autoencoder):
         drop_d = torch.rand(B, generator=generator, device=device) < cfg.part_dropout
         motion = {"content": z[:, :, :1], "global": sample["global"], "detailed": ud,
                   "use_global": ~(drop | drop_g), "use_detailed": ~(drop | drop_d) & (cfg.stage == 2)}
-        t = flow.sample_timesteps(B, distribution=cfg.timesteps, generator=generator, device=device)
+        t = flow.sample_timesteps(B, distribution=cfg.timesteps, shift=cfg.timestep_shift, generator=generator,
+                                  device=device)
         noise = flow.sample_noise({"z": z}, generator)
         x_t = flow.interpolate({"z": z}, noise, t)
         v = self.decoder(x_t, t, motion)
