@@ -32,6 +32,8 @@ demo: setup
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/extraction.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/training.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/ivvae_cache.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/varlen.py
 
 clean:
 	rm -rf demo_out runs
