@@ -121,6 +121,21 @@ class Autoencoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def causal_grid_spec(ae: "Autoencoder", frames: int, height: int, width: int, temporal: int, spatial: int,
+                     channels: int, rule: str = "") -> LatentSpec:
+    """The latent spec of a causal grid VAE (first frame alone, then groups of ``temporal``):
+    ``1 + temporal*k`` frames -> ``1 + k`` latent frames, ``spatial``x downsampling; clear errors
+    for sizes it cannot take (``rule`` adds the family's own words to the frame error)."""
+    f, r = spatial, temporal
+    if frames < 1 or (frames - 1) % r:
+        raise ValueError(f"{ae.family}: needs 1 + {r}k frames (1, {1 + r}, {1 + 2 * r}, ...){rule}, got {frames}")
+    if height <= 0 or width <= 0 or height % f or width % f:
+        raise ValueError(f"{ae.family}: height and width must be positive multiples of {f}, got {height}x{width}")
+    t = 1 + (frames - 1) // r
+    return LatentSpec(form="grid", parts={"z": (channels, t, height // f, width // f)},
+                      input_shape=(ae.config.in_channels, frames, height, width), vcpr=frames / t * f * f)
+
+
 # ------------------------------------------------------------------------------------------
 # Registry: names -> (family class, frozen config). `build(name, **overrides)` is the only way
 # scripts make autoencoders.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from autoencoders.base import AEConfig, Autoencoder, register, register_family
+from autoencoders.base import AEConfig, Autoencoder, causal_grid_spec, register, register_family
 from autoencoders.blocks import (LOGVAR_CLAMP, ConvDecoder, ConvEncoder, check_latent_stats, grid_z,
                                  split_moments)
 from ldm.latent import Cond, Latent, LatentSpec
@@ -69,18 +69,8 @@ class Causal3D(Autoencoder):
         return self.decoder.conv_out.weight
 
     def latent_spec(self, frames: int, height: int, width: int) -> LatentSpec:
-        f, r = self.spatial_factor, self.temporal_factor
-        if frames < 1 or (frames - 1) % r:
-            raise ValueError(f"{self.family}: needs 1 + {r}k frames (1, {1 + r}, {1 + 2 * r}, ...), got {frames}")
-        if height <= 0 or width <= 0 or height % f or width % f:
-            raise ValueError(f"{self.family}: height and width must be positive multiples of {f}, "
-                             f"got {height}x{width}")
-        t = 1 + (frames - 1) // r
-        c = self.config.latent_channels
-        h, w = height // f, width // f
-        return LatentSpec(form="grid", parts={"z": (c, t, h, w)},
-                          input_shape=(self.config.in_channels, frames, height, width),
-                          vcpr=frames / t * f * f)
+        return causal_grid_spec(self, frames, height, width, self.temporal_factor, self.spatial_factor,
+                                self.config.latent_channels)
 
     def _encode(self, video: Tensor, cond: Cond | None) -> Latent:
         mean, logvar = split_moments(self.encoder(video), self.config.logvar_clamp)  # each (B, c, t, h, w)

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from autoencoders.base import AEConfig, AEOutput, Autoencoder, register, register_family
+from autoencoders.base import AEConfig, AEOutput, Autoencoder, causal_grid_spec, register, register_family
 from autoencoders.blocks import (LOGVAR_CLAMP, CausalConv3d, ResBlock, check_latent_stats, group_norm,
                                  grid_z, split_moments)
 from ldm.attention import attention
@@ -546,19 +546,9 @@ class H3AE(Autoencoder):
         return self.decoder.conv_out.weight
 
     def latent_spec(self, frames: int, height: int, width: int) -> LatentSpec:
-        f, r = self.spatial_factor, self.temporal_factor
-        if frames < 1 or (frames - 1) % r:
-            raise ValueError(f"{self.family}: the VAE is fully causal (the first frame alone, then groups of {r}): "
-                             f"needs 1 + {r}k frames (1, {1 + r}, {1 + 2 * r}, ...), got {frames}")
-        if height <= 0 or width <= 0 or height % f or width % f:
-            raise ValueError(f"{self.family}: height and width must be positive multiples of {f}, "
-                             f"got {height}x{width}")
-        t = 1 + (frames - 1) // r
-        return LatentSpec(form="grid", parts={"z": (self.config.latent_channels, t, height // f, width // f)},
-                          input_shape=(self.config.in_channels, frames, height, width),
-                          vcpr=frames / t * f * f)
+        return causal_grid_spec(self, frames, height, width, self.temporal_factor, self.spatial_factor,
+                                self.config.latent_channels, rule=" (fully causal: the first frame alone)")
 
-    # --- encode / decode -----------------------------------------------------------------
     def _posterior(self, moments: Tensor) -> Latent:
         mean, logvar = split_moments(moments, self.config.logvar_clamp)  # each (B, c, t, h, w)
         return Latent({"z": mean}, form="grid", logvar={"z": logvar})

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoencoders.base import AEConfig, Autoencoder, register, register_family
+from autoencoders.base import AEConfig, Autoencoder, causal_grid_spec, register, register_family
 from autoencoders.blocks import LOGVAR_CLAMP, ResBlock, SpatialSelfAttention, check_latent_stats, grid_z
 from autoencoders.ivvae_layers import (NORMS, BranchAttention, BranchNorm, BranchSpatialDownsample,
                                        BranchSpatialUpsample, GroupCausalConv3d, KeyframeDownsample,
@@ -263,18 +263,9 @@ class IVVAE(Autoencoder):
         return self.decoder.head.motion.weight
 
     def latent_spec(self, frames: int, height: int, width: int) -> LatentSpec:
-        f, r = self.spatial_factor, self.temporal_factor
-        if frames < 1 or (frames - 1) % r:
-            raise ValueError(f"{self.family}: needs 1 + {r}k frames (1, {1 + r}, {1 + 2 * r}, ...): frame 0 "
-                             f"is its own group, then groups of {r}; got {frames}")
-        if height <= 0 or width <= 0 or height % f or width % f:
-            raise ValueError(f"{self.family}: height and width must be positive multiples of {f}, "
-                             f"got {height}x{width}")
-        t = 1 + (frames - 1) // r
-        return LatentSpec(form="grid", parts={"z": (self.config.latent_channels, t, height // f, width // f)},
-                          input_shape=(self.config.in_channels, frames, height, width), vcpr=frames / t * f * f)
+        return causal_grid_spec(self, frames, height, width, self.temporal_factor, self.spatial_factor,
+                                self.config.latent_channels, rule=": frame 0 is its own group, then groups")
 
-    # --- encoder / decoder with optional chunking -------------------------------------------
     def encoder_moments(self, video: Tensor, chunk_frames: int | None = None) -> Tensor:
         """Encoder + quant output ``B 2Z t h w`` = ``[key mean, key logvar | motion mean, motion
         logvar]``. ``chunk_frames`` (default: the config's) > 0 streams frame 0, then chunks of that
