@@ -242,7 +242,8 @@ def test_train_forward_terms():
     assert set(out.posterior.parts) == {"content", "global"} and set(out.posterior.logvar) == {"global"}
     g = out.posterior
     kl = 0.5 * (g["global"] ** 2 + g.logvar["global"].exp() - 1 - g.logvar["global"]).flatten(1).sum(1).mean()
-    torch.testing.assert_close(out.losses["kl_motion"], 1e-3 * kl)
+    torch.testing.assert_close(out.losses["kl_motion"], model.config.kl_weight * kl)
+    assert REGISTRY["hivae-s"][1].kl_weight == 1e-3  # the paper's weight on the paper configs
     model.set_stage(2)
     out = model.train_forward(video, None, torch.Generator().manual_seed(0))
     assert set(out.posterior.logvar) == {"global", "detailed"}
