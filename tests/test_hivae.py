@@ -370,6 +370,14 @@ def test_cost_matches_counted_flops():
     assert fc.get_total_flops() == cost["flops"]["base_encode"] + cost["flops"]["base_decode"]
 
 
+def test_ldm_cost_counts_the_diffusion_decoder_like_the_analytic_cost():
+    from launch.cost import decode_flops
+
+    model = _model()
+    spec = model.latent_spec(8, 32, 32)
+    assert decode_flops("hivae-s-debug", spec) == model.cost(8, 32, 32)["flops"]["decode"]
+
+
 # ------------------------------------------------------------------------------------------
 # the motion generator: the generic DiT on Hi-VAE token-set latents
 # ------------------------------------------------------------------------------------------
