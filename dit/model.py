@@ -26,6 +26,21 @@ from ldm.latent import Cond, Latent
 from ldm.layers import FinalLayer, Rope3D, TimestepEmbedder, TokenLayout, TransformerBlock, set_attention_backend
 
 
+def sincos_embedding_3d(positions: Tensor, dim: int, base: float = 10000.0) -> Tensor:
+    """Fixed absolute position embedding of integer ``(t, h, w)`` positions ``(..., 3)`` ->
+    ``(..., dim)`` float32: the sin-cos embedding of DiT (Peebles & Xie 2023, Sec. 3.2, after
+    Vaswani et al. 2017, Sec. 3.5) per axis, on ``dim - 2 s``, ``s``, ``s`` channels (``s`` the
+    largest even number <= dim / 3), frequencies ``base^(-i / half)``."""
+    share = (dim // 3) // 2 * 2
+    out = []
+    for axis, d in enumerate((dim - 2 * share, share, share)):
+        half = d // 2
+        freq = base ** (-torch.arange(half, dtype=torch.float64, device=positions.device) / max(half, 1))
+        angle = positions[..., axis].double()[..., None] * freq  # (..., half)
+        out += [angle.sin(), angle.cos()]
+    return torch.cat(out, -1).float()
+
+
 class VideoDiT(nn.Module):
     """Denoiser ``v = f(x_t, t, cond)`` returning one velocity per latent part, in the part's shape."""
 
@@ -188,6 +203,8 @@ class VideoDiT(nn.Module):
         dtype = self.type_embed[self.specs[0].name].dtype  # the model's compute dtype (e.g. bf16 under DeepSpeed)
         h = torch.cat([self.embed[g.spec.name](tokens.features[g.spec.name].to(dtype)) + self.type_embed[g.spec.name]
                        for g in tokens.groups], 1)  # (B, N, D)
+        if self.config.abs_pos:
+            h = h + sincos_embedding_3d(tokens.positions, h.shape[-1]).to(h.dtype)  # (B, N, D)
         c = self._condition(t, cond, B)  # (B, D)
         context, context_ids = self._context(cond, B)
 

@@ -38,7 +38,9 @@ class DiTConfig:
     RoPE, so other sizes run too). ``num_classes = 0`` / ``text_dim = 0`` /
     ``first_frame_channels = 0`` switch class, text and image-to-video conditioning off.
     ``attn_layout``: ``"full"`` 3D attention in every block, or ``"factorized"``: blocks alternate
-    spatial (within a frame) and temporal (across frames) attention.
+    spatial (within a frame) and temporal (across frames) attention. ``abs_pos``: besides RoPE
+    (relative offsets only), tokens get DiT's fixed sin-cos embedding of their absolute position,
+    extended to (t, h, w), so a token knows where in the clip it is (e.g. early or late frame).
     """
 
     hidden: int = 384
@@ -52,6 +54,7 @@ class DiTConfig:
     text_dim: int = 0
     first_frame_channels: int = 0
     attn_layout: str = "full"
+    abs_pos: bool = False  # add a fixed 3D sin-cos embedding of the (t, h, w) positions to the tokens
     qk_norm: bool = True
     rope_theta: float = 10000.0
     rope_axes: tuple[int, int, int] | None = None
@@ -62,6 +65,8 @@ class DiTConfig:
             raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
         if self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
+        if self.abs_pos and self.hidden % 2:
+            raise ValueError(f"abs_pos needs an even hidden size (sin-cos pairs), got {self.hidden}")
         if self.attn_layout not in ATTN_LAYOUTS:
             raise ValueError(f"attn_layout {self.attn_layout!r} is not one of {ATTN_LAYOUTS}")
         if FIRST_FRAME in self.parts:

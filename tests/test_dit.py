@@ -97,8 +97,10 @@ def test_output_is_zero_at_init():
 
 
 @pytest.mark.parametrize("layout", ["full", "factorized"])
-def test_padded_equals_unpadded_and_packed_equals_padded(layout):
-    model = _randomize(build("dit-debug", VARLEN, patch=(2, 2, 2), attn_layout=layout, text_dim=8, num_classes=4))
+@pytest.mark.parametrize("abs_pos", [False, True])
+def test_padded_equals_unpadded_and_packed_equals_padded(layout, abs_pos):
+    model = _randomize(build("dit-debug", VARLEN, patch=(2, 2, 2), attn_layout=layout, text_dim=8, num_classes=4,
+                             abs_pos=abs_pos))
     lat, items = _varlen()
     t = torch.tensor([0.3, 0.6, 0.9])
     cond = Cond(text=torch.randn(3, 5, 8), text_mask=torch.tensor([[1, 1, 0, 0, 0], [1] * 5, [1, 1, 1, 0, 0]]).bool(),
@@ -112,6 +114,24 @@ def test_padded_equals_unpadded_and_packed_equals_padded(layout):
         alone = model(item, t[i:i + 1], one)["z"]
         torch.testing.assert_close(padded[i:i + 1, :, :n], alone, atol=1e-5, rtol=1e-5)
         assert torch.all(padded[i, :, n:] == 0)
+
+
+def test_absolute_positions_are_fixed_and_used():
+    from dit.model import sincos_embedding_3d
+
+    pos = torch.tensor([[0, 0, 0], [3, 1, 2], [3, 1, 2], [0, 1, 2]])
+    emb = sincos_embedding_3d(pos, 64)
+    assert emb.shape == (4, 64) and torch.equal(emb[1], emb[2]) and not torch.allclose(emb[1], emb[3])
+    # only the t channels (64 - 2 * 20 = 24 of them) see the frame index
+    torch.testing.assert_close(emb[1, 24:], emb[3, 24:])
+    # no weights: the same state dict loads with and without, and the embedding changes the output
+    plain = _randomize(build("dit-debug", GRID, num_classes=3))
+    absolute = build("dit-debug", GRID, num_classes=3, abs_pos=True)
+    absolute.load_state_dict(plain.state_dict())
+    x, t, cond = _batch(GRID, 2), torch.rand(2), Cond(class_id=torch.tensor([0, 2]))
+    assert not torch.allclose(plain(x, t, cond)["z"], absolute(x, t, cond)["z"])
+    with pytest.raises(ValueError, match="even hidden"):
+        make_config("dit-debug", GRID, hidden=63, heads=3, abs_pos=True)
 
 
 def test_cfg_scale_one_equals_conditional_and_null_class():
