@@ -74,6 +74,7 @@ class SynthStage:
 @dataclass(frozen=True)
 class AEStage:
     autoencoder: str = "kl2d-f8c4-debug"
+    frames: int = 0  # frames per training clip (0: synth.frames); a frame-wise AE learns as well from fewer
     steps: int = 1000
     batch_size: int = 8  # per rank
     lr: float = 2e-3
@@ -148,7 +149,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     path = args.config or CONFIG_DIR / ("demo-quick.yaml" if args.quick else "demo.yaml")
-    report = run_demo(load_config(path, args.overrides), args.output)
+    try:
+        report = run_demo(load_config(path, args.overrides), args.output)
+    except (ValueError, OSError, RuntimeError) as e:  # bad settings, output folder, a failed stage
+        print(f"ldm demo: error: {e}", file=sys.stderr)
+        return 1
     acc = report["accuracy"]
     print(f"demo finished in {report['timings_s']['total']:.0f}s -> {Path(args.output) / 'report.md'}")
     for group, r in acc.items():
@@ -244,7 +249,6 @@ def run_demo(cfg: DemoConfig, output: str | Path) -> dict[str, Any]:
     _prepare_output(out)
     work = out / "work"
     clock = _Clock()
-    torch.set_num_threads(os.cpu_count() or 1)
     load_start = os.getloadavg()
     s = cfg.synth
     report: dict[str, Any] = {"settings": cfglib.to_dict(cfg)}
@@ -295,7 +299,7 @@ def _train_ae(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
 
     s, a = cfg.synth, cfg.autoencoder
     _torchrun(cfg.ranks, ["train-ae", "--autoencoder", a.autoencoder, "--data", str(work / "videos"),
-                          "--output", str(work / "ae"), "--frames", str(s.frames), "--height", str(s.size),
+                          "--output", str(work / "ae"), "--frames", str(a.frames or s.frames), "--height", str(s.size),
                           "--width", str(s.size), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
                           "--warmup", str(a.warmup), "--steps", str(a.steps), "--kl-weight", str(a.kl_weight),
                           "--log-every", str(max(1, min(10, a.steps // 10))), "--save-every", str(a.steps),
@@ -471,7 +475,8 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
         f"data: {d['train_clips']} training clips of {s['frames']} frames at {s['size']}x{s['size']} "
         f"({len(s['shapes'])} shapes x {len(s['colors'])} colors x {len(s['directions'])} directions, "
         f"{d['train_combinations']} combinations; held out: {', '.join(d['holdout']) or 'none'})",
-        f"autoencoder: {ae['name']}, {ae['steps']} steps; latent {ex['latent_shape']}",
+        f"autoencoder: {ae['name']}, {ae['steps']} steps on {st['autoencoder']['frames'] or s['frames']}-frame clips "
+        f"(DDP, {ae['world_size']} ranks); latent {ex['latent_shape']}",
         f"extraction: {ex['written']} clips on {ex['world_size']} ranks into {ex['shards']} shards, "
         f"{ex['text_encoder']} text embeddings cached (dim {ex['text_dim']})",
         f"DiT: {dit['params'] / 1e6:.2f} M parameters (hidden {dit['config']['hidden']}, depth "
