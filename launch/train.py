@@ -34,7 +34,7 @@ from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, de
 from ldm import config as cfglib
 from ldm import flow
 from ldm.checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, read_json, save_tensors
-from ldm.latent import Cond, Latent, normalize
+from ldm.latent import VARLEN_AXIS, Cond, Latent, normalize
 
 log = logging.getLogger("ldm.train")
 
@@ -139,11 +139,31 @@ def _per_sample(gens: list[torch.Generator], draw) -> torch.Tensor:
     return torch.stack([draw(g) for g in gens])
 
 
+def per_sample_normal(gens: list[torch.Generator], like: torch.Tensor, lengths: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """N(0, 1) noise shaped like ``like`` ``(B, ...)``, sample i from ``gens[i]``. With ``lengths``
+    (a varlen batch, parts padded along ``VARLEN_AXIS``) sample i is drawn at its own length and
+    zero-padded, so its noise -- and every draw after it -- does not depend on the padded length,
+    i.e. on which other samples share its batch (rank count, batch size)."""
+    if lengths is None:
+        return _per_sample(gens, lambda g: torch.randn(like.shape[1:], generator=g))
+    out = torch.zeros(like.shape)
+    for i, g in enumerate(gens):
+        shape = list(like.shape[1:])
+        shape[VARLEN_AXIS - 1] = int(lengths[i])
+        out[i].narrow(VARLEN_AXIS - 1, 0, shape[VARLEN_AXIS - 1]).copy_(torch.randn(shape, generator=g))
+    return out
+
+
+def _lengths(latent: Latent) -> torch.Tensor | None:
+    return latent.aux["length"].cpu() if latent.form == "varlen" else None
+
+
 def sample_posterior(latent: Latent, gens: list[torch.Generator]) -> Latent:
     """z ~ N(mean, exp(logvar)) for the parts with a posterior, with per-sample generators."""
     parts = dict(latent.parts)
     for k, lv in latent.logvar.items():
-        eps = _per_sample(gens, lambda g: torch.randn(lv.shape[1:], generator=g)).to(lv.device, lv.dtype)
+        eps = per_sample_normal(gens, lv, _lengths(latent)).to(lv.device, lv.dtype)
         parts[k] = parts[k] + torch.exp(0.5 * lv) * eps
     return Latent(parts, latent.form, {}, dict(latent.aux))
 
@@ -213,17 +233,25 @@ def batch_cond(batch: dict, dcfg: dit.DiTConfig) -> Cond:
     return Cond(text=text, text_mask=text_mask, class_id=class_id)
 
 
+def flow_draws(latent: Latent, fcfg: FlowConfig, gens: list[torch.Generator]
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Per-sample random draws of one flow step, in a fixed order from each sample's generator:
+    timestep ``t (B,)``, noise per part (varlen samples at their own length), and ``u (B, 3)``
+    (uniforms deciding condition / class / text dropout)."""
+    device = next(iter(latent.parts.values())).device
+    t = torch.cat([flow.sample_timesteps(1, distribution=fcfg.timesteps, loc=fcfg.loc, scale=fcfg.scale,
+                                         shift=fcfg.shift, generator=g) for g in gens]).to(device)
+    noise = {k: per_sample_normal(gens, v, _lengths(latent)).to(device, v.dtype) for k, v in latent.parts.items()}
+    u = _per_sample(gens, lambda g: torch.rand(3, generator=g)).to(device)  # (B, 3)
+    return t, noise, u
+
+
 def flow_step_loss(model, latent: Latent, cond: Cond, fcfg: FlowConfig, gens: list[torch.Generator],
                    null_cond, pack: bool = False) -> torch.Tensor:
     """One rectified-flow loss on a batch (per-sample losses averaged); ``gens`` holds one generator
     per sample (``sample_generators``). ``null_cond(cond, drop)`` replaces the condition of dropped
     samples (CFG training). ``pack``: the DiT runs the batch packed (``VideoDiT.forward(pack=True)``)."""
-    device = next(iter(latent.parts.values())).device
-    t = torch.cat([flow.sample_timesteps(1, distribution=fcfg.timesteps, loc=fcfg.loc, scale=fcfg.scale,
-                                         shift=fcfg.shift, generator=g) for g in gens]).to(device)
-    noise = {k: _per_sample(gens, lambda g: torch.randn(v.shape[1:], generator=g)).to(device, v.dtype)
-             for k, v in latent.parts.items()}
-    u = _per_sample(gens, lambda g: torch.rand(3, generator=g)).to(device)  # (B, 3)
+    t, noise, u = flow_draws(latent, fcfg, gens)
     drop, drop_class, drop_text = u[:, 0] < fcfg.cond_dropout, u[:, 1] < fcfg.class_dropout, u[:, 2] < fcfg.text_dropout
     x_t = latent.replace(flow.interpolate(latent.parts, noise, t))
     cond = null_cond(cond, drop)

@@ -268,3 +268,28 @@ def test_sequence_parallel_training_matches_one_rank(latents, tmp_path):
     _torchrun(latents, tmp_path / "sp", *args, "model.sequence_parallel=2")
     one = train(_cfg(latents, tmp_path / "one", steps=3, save_every=3, **{"data.batch_size": 4}))
     assert _losses(tmp_path / "sp") == pytest.approx(one["losses"], rel=1e-4)
+
+
+def test_varlen_draws_do_not_depend_on_the_batch_padding():
+    """A varlen sample draws the same posterior noise, timestep, flow noise and dropout uniforms
+    alone (padded to its own length) as beside a longer sample (padded to that one): runs on
+    different rank counts / batch sizes see identical per-sample randomness."""
+    from launch.train import FlowConfig, flow_draws, sample_generators, sample_posterior
+    from ldm.latent import Latent
+
+    def one(n: int, seed: int) -> Latent:
+        g = torch.Generator().manual_seed(seed)
+        mean = torch.randn(1, 4, n, 3, 3, generator=g)
+        return Latent({"z": mean}, "varlen", {"z": torch.zeros_like(mean)}, {"length": torch.tensor([n])})
+
+    a, b = one(3, 0), one(7, 1)
+    alone, pair = Latent.collate([a]), Latent.collate([a, b])
+    fcfg = FlowConfig()
+    t1, n1, u1 = flow_draws(alone, fcfg, sample_generators(5, [10]))
+    t2, n2, u2 = flow_draws(pair, fcfg, sample_generators(5, [10, 11]))
+    assert torch.equal(t1, t2[:1]) and torch.equal(u1, u2[:1])
+    assert torch.equal(n1["z"][0], n2["z"][0, :, :3]) and not n2["z"][0, :, 3:].any()
+    assert n2["z"][1].std() > 0.5  # the long sample got real noise on all 7 frames
+    z1 = sample_posterior(alone, sample_generators(5, [10])).parts["z"]
+    z2 = sample_posterior(pair, sample_generators(5, [10, 11])).parts["z"]
+    assert torch.equal(z1[0], z2[0, :, :3])
