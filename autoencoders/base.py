@@ -66,6 +66,12 @@ class Autoencoder(nn.Module):
         raise NotImplementedError
 
     # --- the contract --------------------------------------------------------------------
+    @property
+    def text_dim(self) -> int:
+        """Width of the caption embeddings a text-guided autoencoder takes in ``cond.text`` at
+        encode and decode (0, the default: the model takes no text)."""
+        return int(getattr(self.config, "text_dim", 0))
+
     def check_input(self, frames: int, height: int, width: int) -> None:
         """Raise ValueError for an input size this autoencoder cannot take (default: whatever
         ``latent_spec`` rejects)."""

@@ -554,11 +554,6 @@ class CrossModalVAE(Autoencoder):
         r = 2 ** sum(bool(d) for d in self.config.spatial_temporal_down)
         return r * (self.config.temporal_factor if self.config.temporal_ae else 1)
 
-    @property
-    def text_dim(self) -> int:
-        """Width of the text embeddings ``cond.text`` must carry (0: the model takes no text)."""
-        return self.config.text_dim
-
     def latent_spec(self, frames: int, height: int, width: int) -> LatentSpec:
         f, r = self.spatial_factor, self.temporal_factor
         if frames != 1 and (frames < 2 * r or frames % r):

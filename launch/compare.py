@@ -230,7 +230,7 @@ def _evaluate(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, s
         warnings.simplefilter("ignore")
         ae = load_autoencoder(context).to(device).eval()
     text_encoder = None
-    if int(getattr(ae, "text_dim", 0)):
+    if ae.text_dim:
         from ldm.text import build_text_encoder
         text_encoder = build_text_encoder("builtin", device=device)
     out: dict[str, Any] = {}

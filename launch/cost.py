@@ -149,7 +149,7 @@ def decode_flops(name: str, spec: LatentSpec, text_tokens: int = AE_TEXT_TOKENS)
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # deepcopy of fakes
         ae = cls(config).eval()
         latent = _fake_latent(spec, 1)
-        text_dim = int(getattr(ae, "text_dim", 0))
+        text_dim = ae.text_dim
         cond = Cond(text=torch.randn(1, text_tokens, text_dim), text_mask=torch.ones(1, text_tokens, dtype=torch.bool)
                     ) if text_dim else Cond()
         try:

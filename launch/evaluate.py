@@ -288,7 +288,7 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
     device = torch.device(device)
     ae = ae.to(device).eval()
     ae.check_input(frames, height, width)
-    text_dim = int(getattr(ae, "text_dim", 0))
+    text_dim = ae.text_dim
     if text_dim and text_encoder is None:
         raise ValueError(f"this autoencoder is text-guided (text_dim={text_dim}): pass --text-encoder")
     clips, skipped, listed = _clips(input, frames, height, width, fps, num)

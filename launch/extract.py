@@ -135,13 +135,9 @@ def _first(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return batch[0]
 
 
-def _text_dim(ae: Autoencoder) -> int:
-    """Width of the text embeddings a text-guided autoencoder needs in ``cond`` (0: none)."""
-    return int(getattr(ae, "text_dim", 0))
-
-
-def _check_text(ae: Autoencoder, name: str, text_encoder, spec: str | None) -> None:
-    need = _text_dim(ae)
+def check_text_encoder(ae: Autoencoder, name: str, text_encoder, spec: str | None) -> None:
+    """A text-guided autoencoder (``ae.text_dim > 0``) needs a text encoder of its width."""
+    need = ae.text_dim
     if need and text_encoder is None:
         raise ValueError(f"{name} is text-guided (text_dim={need}) and encodes with the caption: pass "
                          "--text-encoder (the one it was trained with)")
@@ -152,7 +148,7 @@ def _check_text(ae: Autoencoder, name: str, text_encoder, spec: str | None) -> N
 def _ae_cond(ae: Autoencoder, emb: torch.Tensor | None, mask: torch.Tensor | None,
              device: torch.device) -> Cond | None:
     """``cond`` for encode/decode: the caption embeddings for a text-guided autoencoder, else None."""
-    if not _text_dim(ae):
+    if not ae.text_dim:
         return None
     return Cond(text=emb.to(device), text_mask=mask.to(device))
 
@@ -177,7 +173,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     if cfg.text_encoder:
         from ldm.text import build_text_encoder
         text_encoder = build_text_encoder(cfg.text_encoder).to(device)
-    _check_text(ae, name, text_encoder, cfg.text_encoder)
+    check_text_encoder(ae, name, text_encoder, cfg.text_encoder)
 
     items = list_items(cfg.input, cfg.captions)
     if not items:
@@ -322,7 +318,7 @@ def verify(out: Path, ae: Autoencoder, cfg: ExtractConfig, items: list, device: 
         item = items[s["meta"]["index"]]
         video = read_video(item.load_bytes(), cfg.frames, cfg.height, cfg.width, cfg.fps)[None].to(device)
         cond = None
-        if _text_dim(ae):
+        if ae.text_dim:
             emb, mask = text_encoder.encode([s["cond"]["caption"]])
             cond = _ae_cond(ae, emb, mask, device)
         recon = ae.decode(s["latent"].to(device), cond).clamp(-1, 1)

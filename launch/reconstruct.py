@@ -6,6 +6,8 @@ PSNR / SSIM against the input.
 ``--checkpoint`` takes a folder written by ``save_pretrained`` (a training run's ``final/`` or one
 of its ``checkpoints/step-N/``); without it the registered config gets random weights (a warning
 says so; useful to check the pipeline and cost). ``--side-by-side`` writes input | reconstruction.
+A text-guided autoencoder (``text_dim > 0``, e.g. ``cmvae-z4-text``) encodes and decodes with the
+caption: ``--prompt "..." --text-encoder builtin|t5:DIR|clip:DIR`` (the encoder it was trained with).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from autoencoders import REGISTRY, Autoencoder, build, load_pretrained
 from data.video import GIF_SUFFIXES, MP4_SUFFIXES, probe, read_video, write_video
 from launch import dist
 from ldm.checkpoint import read_json
+from ldm.latent import Cond
 from ldm.metrics import psnr, ssim
 
 log = logging.getLogger("ldm.reconstruct")
@@ -47,13 +50,15 @@ def load_autoencoder(name: str | None, checkpoint: str | None) -> tuple[Autoenco
 
 
 @torch.no_grad()
-def reconstruct(ae: Autoencoder, video: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
-    """``video`` ``(C, T, H, W)`` in [-1, 1] -> reconstruction (same shape, clamped) and metrics."""
+def reconstruct(ae: Autoencoder, video: torch.Tensor, device: torch.device, cond: Cond | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """``video`` ``(C, T, H, W)`` in [-1, 1] -> reconstruction (same shape, clamped) and metrics.
+    ``cond`` (batch 1) goes to both encode and decode, e.g. the caption of a text-guided model."""
     ae.eval().to(device)
     x = video[None].to(device)  # (1, C, T, H, W)
     t0 = time.perf_counter()
-    latent = ae.encode(x)
-    recon = ae.decode(latent).clamp(-1, 1)
+    latent = ae.encode(x, cond)
+    recon = ae.decode(latent, cond).clamp(-1, 1)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -62,6 +67,25 @@ def reconstruct(ae: Autoencoder, video: torch.Tensor, device: torch.device) -> t
     metrics = {"psnr": float(psnr(recon.float(), x.float())[0]), "ssim": float(ssim(recon.float(), x.float())[0]),
                "seconds": seconds, "latent_shape": {k: list(v) for k, v in latent.shapes().items()}}
     return recon[0].cpu(), metrics
+
+
+def caption_cond(ae: Autoencoder, name: str, prompt: str | None, text_encoder: str | None,
+                 device: torch.device) -> Cond | None:
+    """The ``cond`` a text-guided autoencoder encodes and decodes with (None for other models)."""
+    if not ae.text_dim:
+        if prompt is not None or text_encoder is not None:
+            raise ValueError(f"{name} is not text-guided: --prompt / --text-encoder do not apply")
+        return None
+    if prompt is None or text_encoder is None:
+        raise ValueError(f"{name} is text-guided (text_dim={ae.text_dim}): pass --prompt (the clip's caption) "
+                         "and --text-encoder (the one it was trained with)")
+    from launch.extract import check_text_encoder
+    from ldm.text import build_text_encoder
+
+    encoder = build_text_encoder(text_encoder).to(device)
+    check_text_encoder(ae, name, encoder, text_encoder)
+    emb, mask = encoder.encode([prompt])
+    return Cond(text=emb.to(device), text_mask=mask.to(device))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--width", type=int, default=256)
     a("--fps", type=float, default=None, help="resample to this rate (default: native); also the output rate")
     a("--side-by-side", action="store_true", help="write input | reconstruction side by side")
+    a("--prompt", help="the clip's caption, for a text-guided autoencoder (text_dim > 0)")
+    a("--text-encoder", help="text encoder of a text-guided autoencoder: builtin | t5:DIR | clip:DIR")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
     a("--json", action="store_true", help="print the metrics as one JSON object")
 
@@ -88,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     ae.check_input(args.frames, args.height, args.width)  # before decoding anything
     video = read_video(args.input, args.frames, args.height, args.width, fps=args.fps)  # (C, T, H, W)
     fps = args.fps or probe(args.input)["fps"] or 8.0
-    recon, metrics = reconstruct(ae, video, dist.device_for(dist.dist_env(), args.device))
+    device = dist.device_for(dist.dist_env(), args.device)
+    recon, metrics = reconstruct(ae, video, device, caption_cond(ae, name, args.prompt, args.text_encoder, device))
     frames = torch.cat([video, recon], dim=-1) if args.side_by_side else recon  # (C, T, H, W or 2W)
     write_video(out, frames, fps)
     result: dict[str, Any] = {"autoencoder": name, "checkpoint": args.checkpoint, "input": args.input,

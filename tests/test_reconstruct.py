@@ -106,3 +106,26 @@ def test_bad_requests_fail_clearly(clip, tmp_path):
     with pytest.raises(ValueError, match="give --autoencoder"):
         _run(_args(clip, tmp_path / "a.mp4"))
     assert not list(tmp_path.glob("a.*"))
+
+
+def test_text_guided_autoencoder_takes_the_prompt(clip, tmp_path, capsys):
+    """A text-guided model encodes and decodes with the caption: the prompt changes the output (its
+    zero-initialised text layers are given weights here), and a missing prompt is a clear error."""
+    torch.manual_seed(0)
+    ae = build("cmvae-z4-text-debug")
+    with torch.no_grad():
+        for n, p in ae.named_parameters():
+            if ".text." in n and not p.any():
+                p.normal_(0, 0.5)
+    ckpt = tmp_path / "ae"
+    ae.save_pretrained(ckpt, name="cmvae-z4-text-debug")
+    psnrs = []
+    for i, prompt in enumerate(["a red circle moving left", "a blue square moving up"]):
+        assert _run(_args(clip, tmp_path / f"r{i}.mp4", "--checkpoint", str(ckpt), "--prompt", prompt,
+                          "--text-encoder", "builtin", "--json", "--frames", "1")) == 0
+        psnrs.append(json.loads(capsys.readouterr().out)["psnr"])
+    assert psnrs[0] != psnrs[1]
+    with pytest.raises(ValueError, match="text-guided"):
+        _run(_args(clip, tmp_path / "a.mp4", "--checkpoint", str(ckpt), "--frames", "1"))
+    with pytest.raises(ValueError, match="not text-guided"):
+        _run(_args(clip, tmp_path / "a.mp4", "--autoencoder", "kl2d-f8c4-debug", "--prompt", "x"))
