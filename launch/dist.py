@@ -138,12 +138,21 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def _comm_device() -> torch.device:
+    """Where a collective's tensor must live: the current GPU under NCCL (which cannot reduce CPU
+    tensors), else the CPU."""
+    if torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (a copy; the input is untouched)."""
+    """Mean of a tensor over ranks (a copy on the input's device; the input is untouched)."""
     out = values.detach().clone()
     if is_initialized():
-        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
-        out /= world_size()
+        buf = out.to(_comm_device())
+        torch_dist.all_reduce(buf, op=torch_dist.ReduceOp.SUM)
+        out = buf.to(values.device) / world_size()
     return out
 
 
@@ -154,7 +163,7 @@ def check_same(value: str, what: str) -> None:
         return
     import hashlib
     h = int.from_bytes(hashlib.sha256(value.encode()).digest()[:7], "little")
-    t = torch.tensor([h, -h], dtype=torch.int64)
+    t = torch.tensor([h, -h], dtype=torch.int64, device=_comm_device())
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
     if t[0] != h or -t[1] != h:
         raise RuntimeError(f"ranks disagree on the {what}: check that every node runs the same command, "

@@ -233,6 +233,22 @@ def batch_cond(batch: dict, dcfg: dit.DiTConfig) -> Cond:
     return Cond(text=text, text_mask=text_mask, class_id=class_id)
 
 
+def batch_work(model, latent: Latent, dcfg, context: int) -> torch.Tensor:
+    """``(tokens, training FLOPs)`` of one batch through the DiT trunk, counted per sample at its
+    real size: a varlen sample at its own length, a bucket at its own shape (not the manifest's)."""
+    lengths = _lengths(latent)
+    tokens = flops = 0.0
+    for i in range(latent.batch_size):
+        shape = {k: list(v.shape[1:]) for k, v in latent.parts.items()}
+        if lengths is not None:
+            for s in shape.values():
+                s[VARLEN_AXIS - 1] = int(lengths[i])
+        n = model.num_tokens({k: tuple(s) for k, s in shape.items()})
+        tokens += n
+        flops += 3 * transformer_flops(dcfg.depth, dcfg.hidden, n, dcfg.mlp_ratio, context)
+    return torch.tensor([tokens, flops], dtype=torch.float64)
+
+
 def flow_draws(latent: Latent, fcfg: FlowConfig, gens: list[torch.Generator]
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Per-sample random draws of one flow step, in a fixed order from each sample's generator:
@@ -329,10 +345,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loader = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.data.num_workers))
     null_cond = engine.module.null_cond
 
-    tokens = engine.module.num_tokens(parts)
     context = 1 + manifest.get("text_tokens", 0) if dcfg.text_dim else 0  # the empty-text token + caption
-    step_flops = 3 * transformer_flops(dcfg.depth, dcfg.hidden, tokens, dcfg.mlp_ratio, context) * per_step * dp_world
     peak = peak_flops(cfg.engine)
+    work = torch.zeros(2, dtype=torch.float64)  # this rank's (tokens, training FLOPs) since the last log
     logger = _Logger(out, enabled=dist.is_main(), resumed_step=step)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not dist.is_main())
     losses: list[float] = []
@@ -347,6 +362,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if cfg.data.sample_posterior and latent.logvar:
                 latent = sample_posterior(latent, gens)
             latent = normalize(latent, latent_norm).to(device)
+            work += batch_work(engine.module, latent, dcfg, context)
             cond = batch_cond(batch, dcfg)
             cond = Cond(*(None if x is None else x.to(device) for x in (cond.text, cond.text_mask, None, cond.class_id)))
             loss = flow_step_loss(engine, latent, cond, cfg.flow, gens, null_cond, pack=cfg.model.pack)
@@ -374,12 +390,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.perf_counter()
             dt = max(now - t_last, 1e-9) / (step - step_last)
-            flops_s = step_flops / dt
+            # every rank of a sequence-parallel group counts the same samples: mean x dp_world = all work
+            tokens_s, flops_s = (dist.all_reduce_mean(work.clone()) * dp_world / max(now - t_last, 1e-9)).tolist()
+            work.zero_()
             grad_norm = engine.get_global_grad_norm()
             logger.log(step, {"loss": loss_mean, "lr": engine.get_lr()[0],
                               "grad_norm": None if grad_norm is None else float(grad_norm),
                               "samples_per_s": per_step * dp_world / dt,
-                              "tokens_per_s": tokens * per_step * dp_world / dt,
+                              "tokens_per_s": tokens_s,
                               "tflops_per_s": flops_s / 1e12, "mfu": mfu(flops_s / env.world_size, peak)})
             t_last, step_last = now, step
         if step % cfg.save_every == 0 or step == cfg.steps:

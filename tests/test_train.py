@@ -293,3 +293,19 @@ def test_varlen_draws_do_not_depend_on_the_batch_padding():
     z1 = sample_posterior(alone, sample_generators(5, [10])).parts["z"]
     z2 = sample_posterior(pair, sample_generators(5, [10, 11])).parts["z"]
     assert torch.equal(z1[0], z2[0, :, :3])
+
+
+def test_throughput_counts_each_varlen_sample_at_its_length():
+    import dit
+    from launch.engine import transformer_flops
+    from launch.train import batch_work
+    from ldm.latent import Latent
+
+    model = dit.build("dit-debug", {"z": (4, 5, 8, 8)}, patch=(1, 2, 2))
+    items = [Latent({"z": torch.zeros(1, 4, n, 8, 8)}, "varlen", {}, {"length": torch.tensor([n])}) for n in (2, 5)]
+    tokens, flops = batch_work(model, Latent.collate(items), model.config, context=0).tolist()
+    per_frame = 16  # (8 / 2) * (8 / 2) tokens
+    assert tokens == (2 + 5) * per_frame  # not 2 x 5 padded frames
+    cfg = model.config
+    assert flops == pytest.approx(sum(3 * transformer_flops(cfg.depth, cfg.hidden, n * per_frame, cfg.mlp_ratio)
+                                      for n in (2, 5)))
