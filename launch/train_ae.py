@@ -15,6 +15,13 @@ Outputs under ``--output``::
     final/                          Autoencoder.save_pretrained (what extract/reconstruct take)
     summary.json
 
+The learning rate is a pure function of the step (``lr_at``): linear warm-up, then ``--lr`` and,
+from each ``--lr-drop STEP:LR`` on, that LR (H3AE: 1e-4, 1e-5 for the last 10K of 80K iterations).
+Hi-VAE trains in two stages (Sec. 3.3): ``--stage 1`` from the registered name with the trained base
+``--base-checkpoint KL2D_RUN/final``, then ``--init STAGE1_RUN/final --stage 2`` (global module
+frozen) into a new ``--output``; a resumed run keeps its checkpoint's stage. Models whose steps
+leave some parameters unused set the class attribute ``ddp_find_unused_parameters = True``.
+
 Text-guided autoencoders (``--text-encoder``) get each clip's caption embedding in ``cond``; joint
 image-video training (``--image-ratio``) trains a share of the steps on the batch's frames as
 single images (T = 1).
@@ -49,7 +56,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from autoencoders import REGISTRY, Autoencoder, build, load_pretrained
+from autoencoders import FAMILIES, REGISTRY, Autoencoder, build, load_pretrained
 from autoencoders.losses import REC_LOSSES, AELoss, AELossConfig, last_decoder_layer
 from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, video_to_uint8
@@ -76,6 +83,8 @@ class TrainAEConfig:
     output: str
     autoencoder: str | None = None  # registry name; optional when --init names a saved model
     init: str | None = None  # folder written by save_pretrained to start from
+    stage: int | None = None  # training stage of a staged autoencoder (Hi-VAE); None: the model's own
+    base_checkpoint: str | None = None  # save_pretrained folder of the frozen base VAE (Hi-VAE)
     ae_config: tuple[str, ...] = ()  # KEY=VALUE overrides of the registered config
     frames: int = 17
     height: int = 256
@@ -86,6 +95,7 @@ class TrainAEConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup: int = 0  # linear LR warm-up steps (the LR is a function of the step: nothing to save)
+    lr_drop: tuple[tuple[int, float], ...] = ()  # (step, lr): from that step on the base LR is lr (lr_at)
     steps: int = 1000
     max_grad_norm: float = 1.0  # 0 = no clipping (the norm is still logged)
     loss: str = "l1"
@@ -132,6 +142,17 @@ class TrainAEConfig:
         if not self.lr > 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, max_grad_norm >= 0; got {self.lr}, "
                              f"{self.weight_decay}, {self.max_grad_norm}")
+        drops = [tuple(d) for d in self.lr_drop]
+        if any(len(d) != 2 for d in drops):
+            raise ValueError(f"lr_drop entries must be (step, lr) pairs, got {self.lr_drop}")
+        steps_at = [int(at) for at, _ in drops]
+        if any(at < 1 for at in steps_at) or steps_at != sorted(set(steps_at)):
+            raise ValueError(f"lr_drop steps must be >= 1 and strictly increasing, got {steps_at}")
+        if not all(float(v) > 0 for _, v in drops):
+            raise ValueError(f"lr_drop learning rates must be > 0, got {[v for _, v in drops]}")
+        object.__setattr__(self, "lr_drop", tuple((int(at), float(v)) for at, v in drops))  # JSON lists -> pairs
+        if self.stage is not None and self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
         if not 0.0 <= self.image_ratio <= 1.0:
             raise ValueError(f"image_ratio must be in [0, 1], got {self.image_ratio}")
         if self.fps is not None and not self.fps > 0:
@@ -371,24 +392,57 @@ class _TrainForward(nn.Module):
         return self.ae.train_forward(video, cond, generator)
 
 
-def _build_model(cfg: TrainAEConfig) -> tuple[Autoencoder, str]:
+def _build_model(cfg: TrainAEConfig, stage: int | None = None) -> tuple[Autoencoder, str]:
+    """The autoencoder to train: ``--init`` or the registered ``--autoencoder`` (with overrides),
+    then, for a staged autoencoder (Hi-VAE: ``load_base`` / ``set_stage``), its frozen base from
+    ``--base-checkpoint`` and the training stage ``stage`` (default ``cfg.stage``; None keeps the
+    model's own)."""
     if cfg.init is not None:
         meta = read_json(Path(cfg.init) / "config.json")
         saved = meta.get("name")
         if cfg.autoencoder is not None and saved is not None and saved != cfg.autoencoder:
             raise ValueError(f"--init {cfg.init} holds {saved!r}, not --autoencoder {cfg.autoencoder!r}")
-        return load_pretrained(cfg.init), cfg.autoencoder or saved or meta["family"]
-    overrides = {}
-    for item in cfg.ae_config:
-        if "=" not in item:
-            raise ValueError(f"--ae-config {item!r} is not of the form KEY=VALUE")
-        key, value = item.split("=", 1)
-        overrides[key] = cfglib.parse_value(value)
-    return build(cfg.autoencoder, **overrides), cfg.autoencoder
+        ae, name = load_pretrained(cfg.init), cfg.autoencoder or saved or meta["family"]
+    else:
+        overrides = {}
+        for item in cfg.ae_config:
+            if "=" not in item:
+                raise ValueError(f"--ae-config {item!r} is not of the form KEY=VALUE")
+            key, value = item.split("=", 1)
+            overrides[key] = cfglib.parse_value(value)
+        ae, name = build(cfg.autoencoder, **overrides), cfg.autoencoder
+    stage = cfg.stage if stage is None else stage
+    if cfg.base_checkpoint is not None:
+        if not hasattr(ae, "load_base"):
+            raise ValueError(f"--base-checkpoint: {name} ({ae.family}) has no frozen base autoencoder; "
+                             "it applies to Hi-VAE (hivae-*)")
+        ae.load_base(cfg.base_checkpoint)
+    elif hasattr(ae, "load_base") and cfg.init is None:
+        log.warning("%s starts with a RANDOM frozen base VAE: pass --base-checkpoint (a trained kl2d's "
+                    "OUTPUT/final) for a usable model", name)
+    if stage is not None:
+        if not hasattr(ae, "set_stage"):
+            raise ValueError(f"--stage: {name} ({ae.family}) is not trained in stages; it applies to Hi-VAE "
+                             "(hivae-*: stage 1 global motion, stage 2 detailed motion)")
+        ae.set_stage(stage)
+    return ae, name
 
 
-def _lr_at(cfg: TrainAEConfig, step: int) -> float:
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+def model_stage(ae: Autoencoder) -> int | None:
+    """The training stage of a staged autoencoder (Hi-VAE), None for the others."""
+    return getattr(ae.config, "stage", None) if hasattr(ae, "set_stage") else None
+
+
+def lr_at(cfg: TrainAEConfig, step: int) -> float:
+    """Learning rate of the update with 0-based index ``step`` (a pure function of the step, so
+    resuming needs no scheduler state): ``lr``, replaced by the LR of every ``lr_drop`` (STEP, LR)
+    with STEP <= step (piecewise constant; H3AE: ``lr 1e-4`` with ``lr_drop (70000, 1e-5)`` for the
+    last 10K of 80K iterations), times the linear warm-up factor ``min(1, (step + 1) / warmup)``."""
+    lr = cfg.lr
+    for at, value in cfg.lr_drop:
+        if step >= at:
+            lr = value
+    return lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else lr
 
 
 def is_image_step(cfg: TrainAEConfig, step: int) -> bool:
@@ -467,10 +521,13 @@ class AETrainer:
             raise ValueError("--precision bf16 needs a CUDA device")
         self.main = env.rank == 0
 
+        self.resumed_from: str | None = None
+        self.rejected: list[dict[str, str]] = []
+        self.resume_path = self._find_resume()  # before the model: a resumed run keeps its stage
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.ae, self.name = _build_model(cfg)
+        self.ae, self.name = _build_model(cfg, self._resume_stage())
         self.ae.check_input(cfg.frames, cfg.height, cfg.width)  # fail before any work
         if cfg.image_ratio > 0:
             self.ae.check_input(1, cfg.height, cfg.width)
@@ -481,8 +538,10 @@ class AETrainer:
             lpips = LPIPS.from_files("vgg", cfg.lpips_vgg, cfg.lpips_heads)
         self.loss_fn = AELoss(cfg.loss_config(), self.ae.config.in_channels, lpips).to(self.device)
         self.last_layer = last_decoder_layer(self.ae) if self.loss_fn.discriminator is not None else None
-        if cfg.image_ratio > 0 and dist.is_initialized() and env.world_size > 1:
-            # image steps leave the temporal layers unused: DDP must not wait for their gradients
+        # image steps leave the temporal layers unused, and a model may declare parameters that some
+        # steps do not use (class attribute ``ddp_find_unused_parameters``): DDP must not wait for them
+        unused = cfg.image_ratio > 0 or bool(getattr(self.ae, "ddp_find_unused_parameters", False))
+        if unused and dist.is_initialized() and env.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
             self.model = DistributedDataParallel(_TrainForward(self.ae), find_unused_parameters=True,
                                                  device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -505,8 +564,6 @@ class AETrainer:
         self.dataset = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, fps=cfg.fps)
         self.step, self.pos = 0, (0, 0)
         self.skipped: dict[str, str] = {}
-        self.resumed_from: str | None = None
-        self.rejected: list[dict[str, str]] = []
 
     def _build_text_encoder(self):
         """The frozen text encoder a text-guided autoencoder trains with (None otherwise)."""
@@ -596,10 +653,11 @@ class AETrainer:
         self.skipped = dict(mine["skipped"])
         self.resumed_from = str(path)
 
-    def maybe_resume(self) -> None:
+    def _find_resume(self) -> Path | None:
+        """The checkpoint this run resumes from (``--resume``), None to start fresh."""
         mode = self.cfg.resume
         if mode == "no":
-            return
+            return None
         if mode == "auto":
             # rank 0 verifies (hashing every file once), every rank loads the same checkpoint
             found = find_checkpoint(self.ckpt_root) if self.main else None
@@ -610,14 +668,35 @@ class AETrainer:
                 if self.rejected:
                     raise RuntimeError(f"no valid checkpoint under {self.ckpt_root} (all rejected, see above); "
                                        "pass --resume no to start over")
-                return
+                return None
         else:
             path = Path(mode)
             reason = verify_checkpoint(path) if path.is_dir() else "not a folder"
             if reason is not None:
                 raise ValueError(f"--resume {path}: {reason}")
-        self.load(path)
-        log.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def _resume_stage(self) -> int | None:
+        """The stage to build the model at: ``--stage``, else the resumed checkpoint's (a staged run
+        resumed without ``--stage`` stays in its stage). A ``--stage`` other than the checkpoint's is
+        an error: a new stage starts a new run from ``--init RUN/final``."""
+        if self.resume_path is None:
+            return self.cfg.stage
+        meta = read_json(self.resume_path / "config.json")
+        staged = hasattr(FAMILIES.get(meta.get("family")), "set_stage")
+        saved = meta["config"].get("stage") if staged else None
+        if self.cfg.stage is not None and saved is not None and saved != self.cfg.stage:
+            raise ValueError(f"{self.resume_path} was trained at stage {saved}, not --stage {self.cfg.stage}: "
+                             f"resume with --stage {saved}, or start stage {self.cfg.stage} as a new run "
+                             f"(--init {self.out / 'final'} --stage {self.cfg.stage} --output NEW_DIR)")
+        return self.cfg.stage if self.cfg.stage is not None else saved
+
+    def maybe_resume(self) -> None:
+        """Load the checkpoint found at start-up, if any."""
+        if self.resume_path is None:
+            return
+        self.load(self.resume_path)
+        log.info("resumed from %s at step %d", self.resume_path, self.step)
 
     # --- one optimisation step ---------------------------------------------------------------
     def train_step(self, video: Tensor, cond: Cond | None = None) -> dict[str, Tensor] | None:
@@ -627,7 +706,7 @@ class AETrainer:
         image_step = is_image_step(cfg, self.step)
         if image_step:
             video, cond = frames_as_images(video, cond)
-        lr = _lr_at(cfg, self.step)
+        lr = lr_at(cfg, self.step)
         for opt in filter(None, (self.opt, self.d_opt)):
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -777,7 +856,7 @@ class AETrainer:
         return self._finish(start_step, losses, train_time, log_path)
 
     def _log_record(self, logs: dict[str, Tensor] | None, clips: int, seconds: float, skipped: int) -> dict[str, Any]:
-        record: dict[str, Any] = {"step": self.step, "epoch": self.pos[0], "lr": _lr_at(self.cfg, self.step - 1)}
+        record: dict[str, Any] = {"step": self.step, "epoch": self.pos[0], "lr": lr_at(self.cfg, self.step - 1)}
         # every rank reaches this point on the same steps; a skipped step is skipped everywhere
         if logs is not None:
             keys = sorted(logs)
@@ -812,7 +891,7 @@ class AETrainer:
             "steps_per_s": steps_done / train_time if train_time > 0 else None,
             "clips_per_s": steps_done * cfg.batch_size * self.env.world_size / train_time if train_time > 0 else None,
             "skipped_clips": skipped, "latent_stats": {k: list(v) for k, v in stats.items()},
-            "text_encoder": cfg.text_encoder, "image_ratio": cfg.image_ratio,
+            "text_encoder": cfg.text_encoder, "image_ratio": cfg.image_ratio, "stage": model_stage(self.ae),
             "final": str(final), "log": str(log_path), "checkpoints": str(self.ckpt_root),
         }
         if self.main:
@@ -843,6 +922,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--init", help="start from a folder written by save_pretrained (e.g. another run's final/)")
     a("--ae-config", action="append", default=[], metavar="KEY=VALUE",
       help="override a field of the registered config (repeatable)")
+    a("--stage", type=int, choices=(1, 2),
+      help="Hi-VAE training stage: 1 = global motion module + decoder, 2 = global module frozen, detailed "
+           "module + decoder (start it from the stage-1 run: --init RUN/final --stage 2); default: the model's "
+           "own, and a resumed run keeps its checkpoint's")
+    a("--base-checkpoint", metavar="DIR",
+      help="Hi-VAE: the frozen per-frame base VAE, a save_pretrained folder of a matching kl2d (e.g. its "
+           "train-ae OUTPUT/final)")
     a("--data", required=True, help="folder of videos or raw video shards (data.sources.list_items)")
     a("--output", required=True, help="run folder (checkpoints, samples, log, final/)")
     a("--frames", type=int, default=d["frames"].default)
@@ -853,6 +939,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lr", type=float, default=d["lr"].default)
     a("--weight-decay", type=float, default=d["weight_decay"].default)
     a("--warmup", type=int, default=d["warmup"].default, help="linear LR warm-up steps")
+    a("--lr-drop", type=_parse_lr_drop, action="append", default=[], metavar="STEP:LR",
+      help="from update STEP on (0-based; the log's steps > STEP) the LR is LR (repeatable, piecewise constant "
+           "after warm-up; H3AE: --lr 1e-4 --lr-drop 70000:1e-5 --steps 80000)")
     a("--steps", type=int, default=d["steps"].default, help="total optimizer steps (resume continues up to it)")
     a("--max-grad-norm", type=float, default=d["max_grad_norm"].default, help="gradient clipping (0: off)")
     a("--loss", choices=REC_LOSSES, default=d["loss"].default, help="reconstruction loss")
@@ -884,10 +973,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--no-progress", action="store_true", help="no progress bar")
 
 
+def _parse_lr_drop(text: str) -> tuple[int, float]:
+    """``STEP:LR`` -> ``(STEP, LR)`` for ``--lr-drop``."""
+    step, sep, lr = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(step), float(lr)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not STEP:LR (e.g. 70000:1e-5)") from None
+
+
 def config_from_args(args: argparse.Namespace) -> TrainAEConfig:
     fields = TrainAEConfig.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["ae_config"] = tuple(args.ae_config)
+    values["lr_drop"] = tuple(args.lr_drop)
     values["progress"] = not args.no_progress
     return TrainAEConfig(**values)
 
