@@ -70,6 +70,7 @@ from ldm.layers import Mlp, Rope3D, SelfAttention, apply_rope
 NORMS = ("pixel", "group", "layer")
 UPSAMPLES = ("shuffle", "interpolate")
 CONSISTENCY = ("none", "latent", "pixel")
+ATTN_FFN = ("conv", "mlp")
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,11 @@ class H3AEConfig(AEConfig):
     attn_width: int = 0  # 0: no attention column
     attn_blocks: int = 0
     attn_heads: int = 8
-    mlp_ratio: float = 4.0
+    attn_ffn: str = "conv"  # second layer of an attention block: "conv" (causal 3x3x3 Conv3D) | "mlp"
+    mlp_ratio: float = 4.0  # hidden width of the "mlp" variant
+    shuffle_kernel: int = 1  # kernel of the conv feeding the PixelShuffle (1 | 3)
+    latent_kernel: int = 1  # kernel of the convs to the posterior moments and from the latent (1 | 3)
+    decoder_extra_blocks: int = 1  # the decoder has N + this blocks per column (SD-VAE style: N + 1)
     norm: str = "pixel"  # "pixel" (PixelNorm) | "group" (per-frame GroupNorm) | "layer" (LayerNorm over channels)
     norm_groups: int = 32
     upsample: str = "shuffle"  # "shuffle" (PixelShuffle / depth-to-space) | "interpolate" (nearest + conv)
@@ -135,6 +140,13 @@ class H3AEConfig(AEConfig):
             raise ValueError(f"consistency_weight must be a finite value >= 0, got {self.consistency_weight}")
         if self.consistency_start < 0:
             raise ValueError(f"consistency_start must be >= 0, got {self.consistency_start}")
+        if self.attn_ffn not in ATTN_FFN:
+            raise ValueError(f"attn_ffn must be one of {ATTN_FFN}, got {self.attn_ffn!r}")
+        if self.shuffle_kernel not in (1, 3) or self.latent_kernel not in (1, 3):
+            raise ValueError(f"shuffle_kernel and latent_kernel must be 1 or 3, got {self.shuffle_kernel}, "
+                             f"{self.latent_kernel}")
+        if self.decoder_extra_blocks < 0:
+            raise ValueError(f"decoder_extra_blocks must be >= 0, got {self.decoder_extra_blocks}")
         if self.latent_channels < 1 or self.mlp_ratio <= 0:
             raise ValueError(f"need latent_channels >= 1 and mlp_ratio > 0, got {self.latent_channels}, "
                              f"{self.mlp_ratio}")
@@ -228,19 +240,21 @@ def _icnr_(conv: nn.Module, factor: int) -> None:
 
 
 class ShuffleUp(nn.Module):
-    """PixelShuffle upsampling (Sec. 3.1.1, Tab. 1): a 3x3(x3) conv to ``out * r_t * 4`` channels then
-    depth-to-space over (h, w), and over t when ``temporal`` (3D depth-to-space). Temporally the
-    ``r_t - 1`` sub-frames before frame 0 are dropped: ``1 + k`` frames -> ``1 + 2k`` with frame 0
-    kept alone and every output frame depending on input frames up to its own position only."""
+    """PixelShuffle upsampling (Sec. 3.1.1, Tab. 1): a ``kernel`` (1 or 3) conv to ``out * r_t * 4``
+    channels then depth-to-space over (h, w), and over t when ``temporal`` (3D depth-to-space).
+    Temporally the ``r_t - 1`` sub-frames before frame 0 are dropped: ``1 + k`` frames -> ``1 + 2k``
+    with frame 0 kept alone and every output frame depending on input frames up to its own position
+    only. With ``kernel=1`` (the reading the paper's parameter counts support) each input position
+    expands linearly into its own ``r_t x 2 x 2`` cell, a stride-2 transposed convolution."""
 
-    def __init__(self, in_channels: int, out_channels: int, dims: int, temporal: bool):
+    def __init__(self, in_channels: int, out_channels: int, dims: int, temporal: bool, kernel: int = 1):
         super().__init__()
         if dims == 2 and temporal:
             raise ValueError("a 2D (per frame) upsampling cannot double time")
         self.rt = 2 if temporal else 1
         factor = self.rt * 4
-        self.conv = (nn.Conv2d(in_channels, out_channels * factor, 3, padding=1) if dims == 2 else
-                     CausalConv3d(in_channels, out_channels * factor, 3))
+        self.conv = (nn.Conv2d(in_channels, out_channels * factor, kernel, padding=kernel // 2) if dims == 2 else
+                     CausalConv3d(in_channels, out_channels * factor, kernel))
         _icnr_(self.conv, factor)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -253,9 +267,11 @@ class ShuffleUp(nn.Module):
 
 class InterpolateUp(nn.Module):
     """The interpolation baseline of Tab. 1: nearest 2x (time: each frame repeated, the copy before
-    frame 0 dropped, ``1 + k -> 1 + 2k``) then a 3x3(x3) conv to ``out_channels``."""
+    frame 0 dropped, ``1 + k -> 1 + 2k``) then a 3x3(x3) conv to ``out_channels``. ``kernel`` is
+    accepted for a common signature with `ShuffleUp` and not used (the conv after an interpolation
+    needs a spatial kernel to mix the copies)."""
 
-    def __init__(self, in_channels: int, out_channels: int, dims: int, temporal: bool):
+    def __init__(self, in_channels: int, out_channels: int, dims: int, temporal: bool, kernel: int = 3):
         super().__init__()
         if dims == 2 and temporal:
             raise ValueError("a 2D (per frame) upsampling cannot double time")
@@ -299,31 +315,38 @@ class BlockCausalSelfAttention(SelfAttention):
 
 
 class CausalAttentionBlock(nn.Module):
-    """``x + Attn(norm(x))`` then ``x + MLP(norm(x))`` on a ``B C T H W`` map, the attention over all
-    (t, h, w) tokens under the block-causal mask."""
+    """Two residual layers on a ``B C T H W`` map: ``x + Attn(norm(x))``, the attention over all
+    (t, h, w) tokens under the block-causal mask, then ``x + Conv3D(SiLU(norm(x)))`` (``ffn="conv"``:
+    a ResBlock whose first convolution is the attention, the reading the paper's parameter counts
+    support) or ``x + MLP(norm(x))`` (``ffn="mlp"``, a transformer block)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, norm: Callable[[int], nn.Module]):
+    def __init__(self, dim: int, heads: int, norm: Callable[[int], nn.Module], ffn: str = "conv",
+                 mlp_ratio: float = 4.0):
         super().__init__()
+        if ffn not in ATTN_FFN:
+            raise ValueError(f"ffn must be one of {ATTN_FFN}, got {ffn!r}")
         self.norm1 = norm(dim)
         self.attn = BlockCausalSelfAttention(dim, heads, qk_norm=True)
         self.norm2 = norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ffn = CausalConv3d(dim, dim, 3) if ffn == "conv" else Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
         t, h = x.shape[2], x.shape[3]
         tokens = rearrange(self.norm1(x), "b c t h w -> b (t h w) c")  # (B, N, C)
         x = x + rearrange(self.attn(tokens, rope, mask), "b (t h w) c -> b c t h w", t=t, h=h)
+        if isinstance(self.ffn, CausalConv3d):
+            return x + self.ffn(F.silu(self.norm2(x)))
         tokens = rearrange(self.norm2(x), "b c t h w -> b (t h w) c")  # (B, N, C)
-        return x + rearrange(self.mlp(tokens), "b (t h w) c -> b c t h w", t=t, h=h)
+        return x + rearrange(self.ffn(tokens), "b (t h w) c -> b c t h w", t=t, h=h)
 
 
 class CausalAttentionStack(nn.Module):
     """The attention column's blocks; RoPE and the mask are built once per call for the map's grid."""
 
-    def __init__(self, dim: int, blocks: int, heads: int, mlp_ratio: float,
-                 norm: Callable[[int], nn.Module]):
+    def __init__(self, dim: int, blocks: int, heads: int, norm: Callable[[int], nn.Module], ffn: str = "conv",
+                 mlp_ratio: float = 4.0):
         super().__init__()
-        self.blocks = nn.ModuleList([CausalAttentionBlock(dim, heads, mlp_ratio, norm) for _ in range(blocks)])
+        self.blocks = nn.ModuleList([CausalAttentionBlock(dim, heads, norm, ffn, mlp_ratio) for _ in range(blocks)])
         self.rope = Rope3D(dim // heads)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -385,13 +408,14 @@ def _check_chunk(chunk: int | None, dims: int) -> None:
         raise ValueError("sliced (frame-chunked) inference needs the 2D spatial stage (spatial_3d=False)")
 
 
-def _column_blocks(cfg: H3AEConfig, i: int, dims: int, norm: Callable[[int], nn.Module]) -> nn.Module:
-    """The blocks of column ``i`` (Tab. 9): ResBlocks for S and ST columns, the attention stack last."""
+def _column_blocks(cfg: H3AEConfig, i: int, dims: int, norm: Callable[[int], nn.Module], extra: int = 0) -> nn.Module:
+    """The blocks of column ``i`` (Tab. 9) plus ``extra`` (the decoder's): ResBlocks for S and ST
+    columns, the attention stack last."""
     width = cfg.widths[i]
     counts = cfg.spatial_blocks + cfg.st_blocks
     if i < len(counts):
-        return nn.Sequential(*[ResBlock(width, width, dims, norm=norm) for _ in range(counts[i])])
-    return CausalAttentionStack(width, cfg.attn_blocks, cfg.attn_heads, cfg.mlp_ratio, norm)
+        return nn.Sequential(*[ResBlock(width, width, dims, norm=norm) for _ in range(counts[i] + extra)])
+    return CausalAttentionStack(width, cfg.attn_blocks + extra, cfg.attn_heads, norm, cfg.attn_ffn, cfg.mlp_ratio)
 
 
 class H3AEEncoder(nn.Module):
@@ -413,7 +437,7 @@ class H3AEEncoder(nn.Module):
         self.spatial = nn.ModuleList(columns[:n_s])
         self.st = nn.ModuleList(columns[n_s:])
         self.norm_out = norm(prev)
-        self.conv_out = CausalConv3d(prev, 2 * cfg.latent_channels, 3)
+        self.conv_out = CausalConv3d(prev, 2 * cfg.latent_channels, cfg.latent_kernel)
 
     def forward(self, x: Tensor, chunk: int | None = None, features: bool = True) -> tuple[Tensor, list[Tensor]]:
         """``x: B C T H W`` -> (moments ``B 2c t h w``, first-frame output of every column
@@ -453,12 +477,12 @@ class H3AEDecoder(nn.Module):
         up_cls = ShuffleUp if cfg.upsample == "shuffle" else InterpolateUp
         self.spatial_dims = 3 if cfg.spatial_3d else 2
         widths, n_s = cfg.widths, len(cfg.spatial_widths)
-        self.conv_in = CausalConv3d(cfg.latent_channels, widths[-1], 3)
+        self.conv_in = CausalConv3d(cfg.latent_channels, widths[-1], cfg.latent_kernel)
         columns = []
         for i, w in enumerate(widths):  # column i upsamples back to the resolution and width of column i - 1
             dims = self.spatial_dims if i < n_s else 3
-            up = up_cls(w, widths[max(i - 1, 0)], dims, cfg.temporal[i])
-            columns.append(_Column(up, _column_blocks(cfg, i, dims, norm)))
+            up = up_cls(w, widths[max(i - 1, 0)], dims, cfg.temporal[i], cfg.shuffle_kernel)
+            columns.append(_Column(up, _column_blocks(cfg, i, dims, norm, cfg.decoder_extra_blocks)))
         self.spatial = nn.ModuleList(columns[:n_s])  # index i = column i (applied in reverse)
         self.st = nn.ModuleList(columns[n_s:])
         self.norm_out = norm(widths[0])
