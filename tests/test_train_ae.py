@@ -2,6 +2,7 @@
 LPIPS terms, 2-rank DDP. Tiny synthetic clips (5 frames, 32x32) and debug configs, CPU."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -17,8 +18,8 @@ from autoencoders.losses import (AELoss, AELossConfig, PatchDiscriminator, adapt
                                  kl_loss, reconstruction_loss)
 from data.video import write_video
 from launch import dist
-from launch.train_ae import (TrainAEConfig, find_checkpoint, optimizer_from_files, optimizer_to_files,
-                             train_autoencoder, write_checkpoint)
+from launch.train_ae import (TrainAEConfig, add_arguments, config_from_args, find_checkpoint, lr_at,
+                             optimizer_from_files, optimizer_to_files, train_autoencoder, write_checkpoint)
 from ldm.latent import Latent
 from ldm.metrics import LPIPS
 
@@ -123,6 +124,37 @@ def test_resume_is_exact_and_corrupt_checkpoint_falls_back(straight, clips, tmp_
     log = _log(out)
     assert [r["step"] for r in log] == list(range(1, 8))  # lines past the resumed step were dropped
     assert [r["loss"] for r in log] == ref[:7]
+
+
+def test_lr_drop_schedule(clips, tmp_path):
+    cfg = _cfg(clips, tmp_path, lr=1e-4, warmup=4, lr_drop=[(6, 1e-5), (8, 1e-6)])  # lists as from JSON
+    assert cfg.lr_drop == ((6, 1e-5), (8, 1e-6))
+    expected = [2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6]
+    assert [lr_at(cfg, s) for s in range(10)] == pytest.approx(expected, rel=1e-12)
+    h3ae = _cfg(clips, tmp_path, lr=1e-4, lr_drop=((70000, 1e-5),), steps=80000)  # H3AE: last 10K of 80K at 1e-5
+    assert (lr_at(h3ae, 0), lr_at(h3ae, 69999), lr_at(h3ae, 70000), lr_at(h3ae, 79999)) == (1e-4, 1e-4, 1e-5, 1e-5)
+    assert [lr_at(_cfg(clips, tmp_path, lr=3e-4, warmup=2), s) for s in range(3)] == [1.5e-4, 3e-4, 3e-4]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--data", "d", "--output", "o", "--autoencoder", "kl2d-f8c4-debug"]
+    args = parser.parse_args(base + ["--lr-drop", "6:1e-5", "--lr-drop", "8:1e-6"])
+    assert config_from_args(args).lr_drop == ((6, 1e-5), (8, 1e-6))
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--lr-drop", "6"])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        _cfg(clips, tmp_path, lr_drop=((8, 1e-5), (6, 1e-6)))
+    with pytest.raises(ValueError, match="must be > 0"):
+        _cfg(clips, tmp_path, lr_drop=((8, 0.0),))
+
+
+def test_lr_drop_survives_resume(clips, tmp_path):
+    out = tmp_path / "run"
+    train_autoencoder(_cfg(clips, out, steps=2, save_every=2, lr_drop=((3, 1e-4),), latent_stats_clips=0))
+    summary = train_autoencoder(_cfg(clips, out, steps=4, save_every=2, lr_drop=((3, 1e-4),), latent_stats_clips=0))
+    assert summary["resumed_from"].endswith("step-00000002")
+    assert [r["lr"] for r in _log(out)] == [2e-3, 2e-3, 2e-3, 1e-4]
+    groups = json.loads((out / "checkpoints" / "step-00000004" / "optimizer.json").read_text())["param_groups"]
+    assert [g["lr"] for g in groups] == [1e-4]  # the optimizer took the last step at the dropped LR
 
 
 def test_half_written_checkpoints_are_skipped(tmp_path):
