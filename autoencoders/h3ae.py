@@ -9,18 +9,45 @@ entry of Tab. 9, each a strided 3x3(x3) convolution into the column's width foll
 
     S columns   (Conv2D, frame by frame)      1x2x2 downsampling, ResBlocks
     ST columns  (causal Conv3D)               2x2x2 or 1x2x2 downsampling, ResBlocks
-    Attn column (at the bottleneck only)      2x2x2 or 1x2x2 downsampling, block-causal 3D attention
+    Attn column (at the bottleneck only)      2x2x2 or 1x2x2 downsampling, block-causal attention blocks
 
-then norm -> SiLU -> causal conv to the posterior moments. Every column downsamples once, which is
+then norm -> SiLU -> 1x1x1 conv to the posterior moments. Every column downsamples once, which is
 what App. D describes for 8x32x32 (two 1x2x2 downsamplings in the S stage, three 2x2x2 in the ST
 stage, i.e. one per column) and puts the attention at the latent resolution, "the bottleneck
 position with the highest compression ratio" with 1/32 of CogVideoX's tokens. The decoder mirrors
-it: causal conv from the latent, then per column (deepest first) its blocks and a PixelShuffle
-upsampling out of it (a convolution to ``r_t*4`` times the channels, then depth-to-space over
-(t, h, w); the ``r_t - 1`` sub-frames before frame 0 are dropped, so ``1 + k`` frames become
-``1 + 2k``), and norm -> SiLU -> conv to pixels. Normalisation is PixelNorm (Karras et al. 2018,
-Sec. 4.2: no parameters) with GroupNorm / LayerNorm selectable for the Tab. 1 ablation; every
-norm works per position or per frame, so the model is causal.
+it: 1x1x1 conv from the latent, then per column (deepest first) its blocks plus one (SD-VAE style)
+and a PixelShuffle upsampling out of it (a 1x1(x1) conv to ``r_t*4`` times the channels of the
+next column, then depth-to-space over (t, h, w); the ``r_t - 1`` sub-frames before frame 0 are
+dropped, so ``1 + k`` frames become ``1 + 2k``), and norm -> SiLU -> conv to pixels. An attention
+block is a residual block whose first layer is the attention: ``x + Attn(norm(x))`` then
+``x + Conv3D(SiLU(norm(x)))``. Normalisation is PixelNorm (Karras et al. 2018, Sec. 4.2: no
+parameters) with GroupNorm / LayerNorm selectable for the Tab. 1 ablation; every norm works per
+position or per frame, so the model is causal.
+
+Reading of Tab. 9 (what the parameter counts settled). Tab. 9 gives widths and block counts only.
+It leaves open the PixelShuffle conv's kernel, the latent convs' kernel, whether the decoder has
+N or N + 1 blocks per column, and what an attention block holds. ``benchmarks/h3ae_params.py``
+counts every combination of these (and a few more: channel change in the downsampling or the first
+block, shuffle to C_in*r, SD mid blocks) analytically, exactly as ``build`` does, against Tab. 3.
+The reading above (``shuffle_kernel=1, latent_kernel=1, decoder_extra_blocks=1, attn_ffn="conv"``)
+is the best one for 4x16x16 and 8x32x32 together:
+
+    config      this code   Tab. 3     residual
+    4x16x16      66.73 M    67.16 M    -0.6 %
+    8x32x32     195.56 M   196.51 M    -0.5 %
+    8x64x64     444.35 M   643.76 M    -31 %
+
+(the first reading, 3x3x3 shuffle and latent convs, N blocks, attention + MLP-4 blocks, gave
+75.9 / 149.4 / 411.3 M). No reading fits 8x64x64 too: the paper's 8x64x64 - 8x32x32 is 447 M,
+while the only column Tab. 9 adds, ST-3 Conv3D 512x8, is 16-18 ResBlocks of 14.2 M plus
+resampling convs (231-276 M over all 3,456 readings of the search); reaching 447 M takes 512-wide
+ResBlocks twice as large, which would also double the 256-wide ones that pin 4x16x16 at 67 M.
+The printed Tab. 9 is kept and the residual stands. Tab. 1 (ablations of 8x32x32, paper / this
+code): z=128 195 / 195.4 M, GN or LN 197 / 195.6 M, no attention (its blocks as 512-wide Conv3D
+ResBlocks) 316 / 298.0 M; the 3D spatial stage row (189 M, fewer than the 2D model) and the
+interpolation row (169 M) cannot be met by any reading (a 3D S stage only adds weights; a 1x1
+shuffle conv is lighter than the 3x3 conv after an interpolation: 198.8 M here), and contradict
+the text calling PixelShuffle's overhead "negligible".
 
 Causality. All 3D convolutions pad the past with copies of the first frame ("repeated causal
 padding", App. D), temporal strides keep the first frame alone, and the attention mask is block
@@ -660,6 +687,7 @@ class H3AE(Autoencoder):
 
 
 # Tab. 9: S stage Conv2D 32x2, 64x2; ST stage Conv3D 128x2, 256x8|6, (512x8); attention 512x8, 8 heads.
+# The config defaults carry the reading fitted to Tab. 3's parameter counts (module docstring).
 _S = dict(spatial_widths=(32, 64), spatial_blocks=(2, 2))
 register("h3ae-4x16x16", H3AE, H3AEConfig(**_S, st_widths=(128, 256), st_blocks=(2, 8), st_temporal=(True, True)))
 register("h3ae-8x32x32", H3AE, H3AEConfig(**_S, st_widths=(128, 256), st_blocks=(2, 6),
@@ -669,8 +697,8 @@ register("h3ae-8x32x32", H3AE, H3AEConfig(**_S, st_widths=(128, 256), st_blocks=
 register("h3ae-8x64x64", H3AE, H3AEConfig(**_S, st_widths=(128, 256, 512), st_blocks=(2, 6, 8),
                                           attn_width=512, attn_blocks=8, st_temporal=(True, True, True, False)))
 
-# Debug twins: same columns, factors and latent channels; tiny widths, one block per column, and the
-# consistency loss from step 150 (the last quarter of a 200-step CPU run).
+# Debug twins: same columns, factors, latent channels and reading; tiny widths, one block per column
+# (two in the decoder), and the consistency loss from step 150 (the last quarter of a 200-step CPU run).
 _D = dict(spatial_widths=(8, 16), spatial_blocks=(1, 1), consistency_start=150)
 register("h3ae-4x16x16-debug", H3AE, H3AEConfig(**_D, st_widths=(16, 32), st_blocks=(1, 1), st_temporal=(True, True)))
 register("h3ae-8x32x32-debug", H3AE, H3AEConfig(**_D, st_widths=(16, 32), st_blocks=(1, 1),
