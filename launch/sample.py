@@ -2,10 +2,17 @@
 
     ldm sample --checkpoint runs/dit --prompt "a red circle moving left" --output samples/
     ldm sample --checkpoint runs/dit --class 3 --num-frames 17 --height 64 --width 64 --guidance 4
+    ldm sample --checkpoint runs/hivae-gen --class 3 --image first.png --output i2v/
 
 The DiT export carries ``training.json``: the autoencoder it was trained for (name, config,
 checkpoint path and hash), the latent statistics to undo, and the text encoder spec. Decoding goes
 through the autoencoder's ``decode`` with the prompt's text embedding in ``cond``.
+
+Image-to-video (``--image``) for autoencoders whose latent has a ``content`` part (Hi-VAE: the
+first frame's base latent) and a generator that models it: the image's content latent
+(``encode_content``, standardised like the training latents) is held fixed on its flow path while
+the generator samples the motion (``autoencoders.hivae.known_content_velocity``), so the decoded
+video starts from the given frame.
 """
 from __future__ import annotations
 
@@ -15,11 +22,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from einops import rearrange
 from tqdm import tqdm
 
 from autoencoders import FAMILIES, Autoencoder, build, load_pretrained
-from data.video import video_to_uint8, write_video
+from autoencoders.hivae import known_content_velocity
+from data.video import resize_center_crop, video_to_uint8, write_video
 from launch.train import load_export
 from ldm import samplers
 from ldm.checkpoint import dir_hash
@@ -32,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
     src.add_argument("--prompts-file", help="a text file with one prompt per line")
     src.add_argument("--class", dest="class_id", type=int, action="append", help="a class id (repeatable)")
+    p.add_argument("--image", help="image-to-video: the first frame (any image Pillow reads; resized and center-"
+                   "cropped to --height x --width), held fixed while the motion is sampled (Hi-VAE generators)")
     p.add_argument("--ae-checkpoint", help="autoencoder weights, or a diffusers VAE folder (default: the path "
                    "recorded at extraction)")
     p.add_argument("--num-frames", type=int, help="default: the training clips' length")
@@ -81,15 +93,50 @@ def _check_hash(path: Path, context: dict[str, Any]) -> None:
                          f"(hash {dir_hash(path)} != {context['checkpoint_hash']})")
 
 
+def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """An image file (any format Pillow reads; converted to RGB) as a ``(3, height, width)`` frame
+    in [-1, 1], resized to cover ``height x width`` with its aspect kept, then center-cropped (the
+    rule ``data.video`` applies to clips)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32)  # (h, w, 3) in [0, 255]
+    frame = rearrange(torch.from_numpy(rgb), "h w c -> 1 c h w")  # (1, 3, h, w)
+    frame = resize_center_crop(frame, height, width)[0]  # (3, H, W)
+    return frame.clamp(0, 255) / 127.5 - 1.0
+
+
+def content_condition(model, ae: Autoencoder, context: dict[str, Any], image: torch.Tensor, batch: int,
+                      frames: int, height: int, width: int) -> torch.Tensor:
+    """The generator-space content latent of a first frame ``(3, H, W)`` for ``batch`` samples,
+    ``(batch, c, 1, h, w)``: ``ae.encode_content`` standardised with the extraction statistics.
+    A clear error when the autoencoder or the generator has no content part."""
+    spec = ae.latent_spec(frames, height, width)
+    name = context.get("autoencoder") or ae.family
+    if "content" not in spec.parts or not hasattr(ae, "encode_content"):
+        raise ValueError(f"--image needs an autoencoder with a content (first-frame) latent, such as Hi-VAE; "
+                         f"{name} ({ae.family}) has latent parts {sorted(spec.parts)}")
+    if "content" not in model.config.parts:
+        raise ValueError(f"--image: this generator does not model a content part (its parts: "
+                         f"{sorted(model.config.parts)})")
+    if image.shape != (3, height, width):
+        raise ValueError(f"--image: the frame must be (3, {height}, {width}), got {tuple(image.shape)}")
+    device = next(model.parameters()).device
+    content = ae.encode_content(image[None].to(device))  # (1, c, 1, h, w)
+    content = normalize(Latent({"content": content}, spec.form), context.get("latent_norm", {}))["content"]
+    return content.expand(batch, -1, -1, -1, -1).contiguous()  # (B, c, 1, h, w)
+
+
 @torch.no_grad()
 def sample_latents(model, ae: Autoencoder, context: dict[str, Any], *, prompts: list[str] | None = None,
                    class_ids: list[int] | None = None, frames: int, height: int, width: int, steps: int = 20,
                    guidance: float = 4.0, shift: float = 1.0, sampler: str = "euler", seed: int = 0,
                    text_encoder=None, device: torch.device | str = "cpu", progress: bool = True,
-                   latent_frames: int | None = None) -> tuple[Latent, Cond]:
+                   latent_frames: int | None = None, image: torch.Tensor | None = None) -> tuple[Latent, Cond]:
     """Sample one latent per prompt / class id (in the autoencoder's scale, statistics undone) and
     the condition its decoder takes. ``latent_frames``: the length of a variable-length latent
-    (default: the spec's, the longest)."""
+    (default: the spec's, the longest). ``image``: a first frame ``(3, H, W)`` in [-1, 1] whose
+    content latent every sample keeps (image-to-video, see the module docstring)."""
     n = len(prompts) if prompts is not None else len(class_ids)
     spec = ae.latent_spec(frames, height, width)
     dcfg = model.config
@@ -110,8 +157,12 @@ def sample_latents(model, ae: Autoencoder, context: dict[str, Any], *, prompts: 
     elif latent_frames is not None:
         raise ValueError(f"latent_frames applies to variable-length latents; this autoencoder's are {spec.form!r}")
     x = Latent(samplers.initial_noise(shapes, n, seed=seed, device=device), spec.form, aux=aux)
+    velocity = model
+    if image is not None:
+        given = content_condition(model, ae, context, image, n, frames, height, width)
+        velocity = known_content_velocity(model, given, x["content"])
     bar = tqdm(total=steps, desc="sample", unit="step", disable=not progress)
-    latent = samplers.sample(model, x, cond, method=sampler, steps=steps, shift=shift, guidance_scale=guidance,
+    latent = samplers.sample(velocity, x, cond, method=sampler, steps=steps, shift=shift, guidance_scale=guidance,
                              null_cond=model.null_cond(cond), callback=lambda *a: bar.update(1))
     bar.close()
     latent = normalize(latent, context.get("latent_norm", {}), inverse=True)
@@ -166,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         if not hasattr(ae, "varlen_length"):
             raise ValueError(f"--rate needs a variable-rate autoencoder (MTC-VAE), not {context.get('autoencoder')}")
         latent_frames = ae.varlen_length(frames, args.rate)
+    image = load_image(args.image, height, width) if args.image else None
     prompts = args.prompt or (Path(args.prompts_file).read_text().splitlines() if args.prompts_file else None)
     prompts = [p for p in prompts if p.strip()] if prompts else None
     class_ids = args.class_id
@@ -185,10 +237,11 @@ def run(args: argparse.Namespace) -> int:
                                class_ids=None if prompts else [c[1] for c in chunk], frames=frames,
                                height=height, width=width, steps=args.steps, guidance=args.guidance,
                                shift=args.shift, sampler=args.sampler, seed=args.seed + i,
-                               text_encoder=text_encoder, device=device, latent_frames=latent_frames))
+                               text_encoder=text_encoder, device=device, latent_frames=latent_frames,
+                               image=image))
         names += [f"{i + j:04d}" for j in range(len(chunk))]
     paths = save_videos(videos, out, names, args.fps)
-    index = [{"file": p.name, "prompt": it[0], "class_id": it[1], "frames": v.shape[1]}
+    index = [{"file": p.name, "prompt": it[0], "class_id": it[1], "frames": v.shape[1], "image": args.image}
              for p, it, v in zip(paths, items, videos)]
     (out / "index.json").write_text(json.dumps(index, indent=2))
     print(f"wrote {len(paths)} videos to {out} (index.json, grid.png)")
