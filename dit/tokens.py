@@ -6,7 +6,11 @@ One group per latent part (ARCHITECTURE.md, "the latent contract"):
   patchified into ``nt * nh * nw`` tokens of ``pt * ph * pw * c`` features, at integer positions
   ``(t, h, w)`` in patch units; the crop is remembered, so ``detokenize`` restores the exact shape;
 - a token-set part ``(B, f, n, c)`` (Hi-VAE global/detailed motion) passes through as ``f * n``
-  tokens of ``c`` features at positions ``(f, n, 0)``;
+  tokens of ``c`` features at positions ``(s * f, n, 0)``, where the time stride
+  ``s = ceil(F / f)`` (``set_time_strides``) spreads its ``f`` slots over the ``F`` slots of the
+  longest token set, so the parts share one clock: Hi-VAE's global slot ``f`` (``f_g = T / 2``)
+  sits at frame ``2 f``, beside detailed slot ``2 f`` (``f_d = T``), and the content grid
+  ``(c, 1, h, w)`` at ``t = 0`` is the first frame. With a single token set (or none) ``s = 1``;
 - a variable-length latent (``Latent.form == "varlen"``, grid parts padded along t, valid frames in
   ``aux["length"]``) yields a ``(B, N)`` validity mask; frames past a sample's length are zeroed on
   the way in and on the way out. ``packing`` turns the padded rows into one packed row
@@ -82,6 +86,15 @@ def count_tokens(parts: Mapping[str, tuple[int, ...]], specs: list[PartSpec]) ->
     return total
 
 
+def set_time_strides(slots: Mapping[str, int]) -> dict[str, int]:
+    """Temporal position stride of each token-set part from its slot count ``f`` (``slots``):
+    ``ceil(F / f)`` with ``F`` the largest ``f``, the smallest integer stride ``s`` with
+    ``ceil(F / s) = f``. Exact for parts made by striding the longest one's time axis by ``s`` when
+    ``s`` divides ``F``, and for ``s = 2`` at any ``F`` (Hi-VAE: ``f_g = ceil(T / 2)``)."""
+    longest = max(slots.values(), default=1)
+    return {name: -(-longest // f) for name, f in slots.items()}
+
+
 @dataclass
 class GroupLayout:
     """Where one group sits in the concatenated sequence and how to undo its tokenisation."""
@@ -91,6 +104,7 @@ class GroupLayout:
     grid: tuple[int, int, int]  # tokens along (t, h, w); (f, n, 1) for sets
     offset: int
     length: int
+    time_stride: int = 1  # temporal position of token (t, ., .) is time_stride * t (sets: set_time_strides)
 
 
 @dataclass
@@ -137,6 +151,8 @@ def tokenize(x: Mapping[str, Tensor], specs: list[PartSpec], lengths: Tensor | N
         lengths = lengths.to(torch.long)
         if lengths.shape != (B,):
             raise ValueError(f"lengths must be ({B},), got {tuple(lengths.shape)}")
+    strides = set_time_strides({s.name: max(1, parts[s.name].shape[1]) for s in specs
+                                if s.kind == SET and parts[s.name].ndim == 4})
     features, groups, positions, valid = {}, [], [], []
     offset = 0
     for s in specs:
@@ -162,14 +178,16 @@ def tokenize(x: Mapping[str, Tensor], specs: list[PartSpec], lengths: Tensor | N
             grid = (v.shape[1], v.shape[2], 1)
             features[s.name] = rearrange(v, "b f n c -> b (f n) c")
             shape = tuple(v.shape[1:3])
+        stride = strides.get(s.name, 1)
         axes = [torch.arange(n, device=v.device) for n in grid]
+        axes[0] = axes[0] * stride
         pos = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)  # (N_g, 3)
         positions.append(pos)
         n = pos.shape[0]
         if lengths is not None:
             frames = -(-lengths // s.patch[0])  # valid patch-frames per sample
             valid.append(pos[None, :, 0] < frames[:, None])  # (B, N_g)
-        groups.append(GroupLayout(s, shape, grid, offset, n))
+        groups.append(GroupLayout(s, shape, grid, offset, n, stride))
         offset += n
     pos = torch.cat(positions)[None].expand(B, -1, -1)  # (B, N, 3)
     return Tokens(features, groups, pos, torch.cat(valid, 1) if lengths is not None else None, lengths)
@@ -225,5 +243,5 @@ def packing(valid: Tensor) -> Packing:
     return Packing(valid, rows[valid][None], cu_seqlens_from_lengths(counts), int(counts.max()))
 
 
-__all__ = ["GRID", "SET", "PartSpec", "part_specs", "count_tokens", "GroupLayout", "Tokens",
-           "tokenize", "detokenize", "Packing", "packing"]
+__all__ = ["GRID", "SET", "PartSpec", "part_specs", "count_tokens", "set_time_strides", "GroupLayout",
+           "Tokens", "tokenize", "detokenize", "Packing", "packing"]

@@ -47,7 +47,39 @@ def test_tokens_round_trip(parts):
     if "global" in parts:
         assert tok.features["global"].shape == (2, 8, 3)  # token sets pass through
         g = tok.group("global")
-        assert tok.positions[0, g.offset:g.offset + g.length].tolist()[3:5] == [[0, 3, 0], [1, 0, 0]]  # (f, n, 0)
+        # (s f, n, 0): global's 2 slots span detailed's 4, so slot 1 sits at t = 2
+        assert tok.positions[0, g.offset:g.offset + g.length].tolist()[3:5] == [[0, 3, 0], [2, 0, 0]]
+
+
+def test_token_set_time_strides_share_one_clock():
+    """Hi-VAE at paper size (16 frames): global slot f (f_g = 8) at t = 2 f, detailed slot f (f_d = 16)
+    at t = f, the content grid at t = 0; grid-only latents keep their positions bit for bit."""
+    from dit.tokens import set_time_strides
+
+    parts = {"content": (4, 1, 32, 32), "global": (8, 8, 4), "detailed": (16, 16, 8)}
+    tok = tokenize(_batch(parts, 1), part_specs(parts, (1, 2, 2)))
+    pos = tok.split(tok.positions)
+    f, n = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    assert torch.equal(pos["global"][0], torch.stack([2 * f, n, torch.zeros_like(f)], -1).reshape(-1, 3))
+    f, n = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    assert torch.equal(pos["detailed"][0], torch.stack([f, n, torch.zeros_like(f)], -1).reshape(-1, 3))
+    t, h, w = torch.meshgrid(torch.arange(1), torch.arange(16), torch.arange(16), indexing="ij")
+    assert torch.equal(pos["content"][0], torch.stack([t, h, w], -1).reshape(-1, 3))  # (0, i, j) in patch units
+    assert [g.time_stride for g in tok.groups] == [1, 2, 1]
+    model = build("dit-debug", parts, abs_pos=True)  # the model's RoPE and abs_pos read these positions
+    assert torch.equal(model.tokenize(_batch(parts, 1)).positions, tok.positions)
+    # any clip length: f_g = ceil(T / 2) slots still land on frames 0, 2, 4, ...
+    assert set_time_strides({"global": 3, "detailed": 5}) == {"global": 2, "detailed": 1}
+    assert set_time_strides({"global": 4, "detailed": 16}) == {"global": 4, "detailed": 1}
+    assert set_time_strides({"only": 7}) == {"only": 1} and set_time_strides({}) == {}
+    odd = {"content": (4, 1, 4, 4), "global": (3, 2, 4), "detailed": (5, 2, 8)}
+    tok = tokenize(_batch(odd, 1), part_specs(odd))
+    assert tok.split(tok.positions)["global"][0, ::2, 0].tolist() == [0, 2, 4]
+    # a grid latent: positions are the plain (t, h, w) patch grid, as before strides existed
+    tok = tokenize(_batch(GRID, 2), part_specs(GRID, (2, 4, 4)))
+    t, h, w = torch.meshgrid(torch.arange(2), torch.arange(2), torch.arange(2), indexing="ij")
+    assert torch.equal(tok.positions[1], torch.stack([t, h, w], -1).reshape(-1, 3))
+    assert [g.time_stride for g in tok.groups] == [1]
 
 
 def test_tokens_varlen_round_trip_and_packing():
