@@ -328,3 +328,56 @@ def test_two_rank_ddp_run(clips, tmp_path):
     assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step-00000002")
     assert [(r["step"], r["loss"], r["d_loss"] if "d_loss" in r else None) for r in _log(out)] == \
         [(r["step"], r["loss"], r["d_loss"] if "d_loss" in r else None) for r in log]
+
+
+_UNUSED_PARAM_SCRIPT = """
+import sys
+
+import torch
+
+from autoencoders.base import REGISTRY, register, register_family
+from autoencoders.kl2d import KL2D
+
+
+@register_family
+class SpareKL2D(KL2D):
+    family = "kl2d-spare"
+    ddp_find_unused_parameters = sys.argv[1] == "declare"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.spare = torch.nn.Linear(2, 2)  # never in the loss, like MTC-VAE's stage-dependent parts
+
+
+register("kl2d-spare-debug", SpareKL2D, REGISTRY["kl2d-f8c4-debug"][1])
+from launch.cli import main  # noqa: E402
+
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.dist
+def test_ddp_expects_unused_parameters_when_the_model_declares_them(clips, tmp_path):
+    """A model with parameters outside the loss trains under 2-rank DDP when its class sets
+    ``ddp_find_unused_parameters = True`` (the trainer passes find_unused_parameters=True), and
+    fails in DDP's reducer without it."""
+    from procs import free_port
+
+    script = tmp_path / "spare.py"
+    script.write_text(_UNUSED_PARAM_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+    def run(mode: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(script), mode, "train-ae", "--autoencoder", "kl2d-spare-debug", "--data",
+               str(clips), "--output", str(tmp_path / mode), "--frames", str(FRAMES), "--height", str(SIZE),
+               "--width", str(SIZE), "--batch-size", "1", "--steps", "3", "--save-every", "3", "--num-workers", "0",
+               "--latent-stats-clips", "0", "--no-progress"]
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+    ok = run("declare")
+    assert ok.returncode == 0, ok.stderr[-4000:]
+    assert json.loads((tmp_path / "declare" / "summary.json").read_text())["steps"] == 3
+    failed = run("silent")
+    assert failed.returncode != 0 and "find_unused_parameters" in failed.stderr
