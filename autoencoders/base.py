@@ -50,6 +50,8 @@ class AEOutput:
 class Autoencoder(nn.Module):
     family: ClassVar[str] = ""
     config_cls: ClassVar[type] = AEConfig
+    # True when a training step can leave parameters without gradients (DDP must not wait for them)
+    ddp_find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, config: AEConfig):
         super().__init__()

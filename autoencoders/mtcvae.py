@@ -119,6 +119,7 @@ class MTCVAE(Causal3D):
 
     family = "mtcvae"
     config_cls = MTCVAEConfig
+    ddp_find_unused_parameters = True  # a step trains the rate levels its segments chose, not all of them
 
     def __init__(self, config: MTCVAEConfig):
         super().__init__(config)

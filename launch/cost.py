@@ -76,12 +76,7 @@ def run(args: argparse.Namespace) -> int:
              else [n.strip() for n in args.autoencoders.split(",") if n.strip()])
     if not names:
         raise ValueError("--autoencoders is empty")
-    overrides = {}
-    for item in args.dit_config:
-        if "=" not in item:
-            raise ValueError(f"--dit-config {item!r} is not KEY=VALUE")
-        key, value = item.split("=", 1)
-        overrides[key] = cfglib.parse_value(value)
+    overrides = cfglib.apply_dotted({}, args.dit_config)
     t0 = time.perf_counter()
     rows = cost_table(names, args.frames, args.height, args.width, args.dit, batch_size=args.batch_size,
                       steps=args.steps, cfg=args.cfg, dit_overrides=overrides, text_tokens=args.text_tokens,

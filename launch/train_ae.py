@@ -404,13 +404,7 @@ def _build_model(cfg: TrainAEConfig, stage: int | None = None) -> tuple[Autoenco
             raise ValueError(f"--init {cfg.init} holds {saved!r}, not --autoencoder {cfg.autoencoder!r}")
         ae, name = load_pretrained(cfg.init), cfg.autoencoder or saved or meta["family"]
     else:
-        overrides = {}
-        for item in cfg.ae_config:
-            if "=" not in item:
-                raise ValueError(f"--ae-config {item!r} is not of the form KEY=VALUE")
-            key, value = item.split("=", 1)
-            overrides[key] = cfglib.parse_value(value)
-        ae, name = build(cfg.autoencoder, **overrides), cfg.autoencoder
+        ae, name = build(cfg.autoencoder, **cfglib.apply_dotted({}, list(cfg.ae_config))), cfg.autoencoder
     stage = cfg.stage if stage is None else stage
     if cfg.base_checkpoint is not None:
         if not hasattr(ae, "load_base"):
@@ -463,10 +457,6 @@ def frames_as_images(video: Tensor, cond: Cond | None) -> tuple[Tensor, Cond | N
     mask = None if cond.text_mask is None else cond.text_mask.repeat_interleave(frames, 0)  # (B*T, L)
     return images, Cond(text=cond.text.repeat_interleave(frames, 0), text_mask=mask)  # (B*T, L, D)
 
-
-def ae_text_dim(ae: Autoencoder) -> int:
-    """Width of the text embeddings a text-guided autoencoder needs in ``cond`` (0: it takes none)."""
-    return int(getattr(ae, "text_dim", 0))
 
 
 def save_grid(originals: Tensor, recons: Tensor, path: Path, max_frames: int = 4) -> None:
@@ -540,7 +530,7 @@ class AETrainer:
         self.last_layer = last_decoder_layer(self.ae) if self.loss_fn.discriminator is not None else None
         # image steps leave the temporal layers unused, and a model may declare parameters that some
         # steps do not use (class attribute ``ddp_find_unused_parameters``): DDP must not wait for them
-        unused = cfg.image_ratio > 0 or bool(getattr(self.ae, "ddp_find_unused_parameters", False))
+        unused = cfg.image_ratio > 0 or self.ae.ddp_find_unused_parameters
         if unused and dist.is_initialized() and env.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
             self.model = DistributedDataParallel(_TrainForward(self.ae), find_unused_parameters=True,
@@ -567,7 +557,7 @@ class AETrainer:
 
     def _build_text_encoder(self):
         """The frozen text encoder a text-guided autoencoder trains with (None otherwise)."""
-        need, spec = ae_text_dim(self.ae), self.cfg.text_encoder
+        need, spec = self.ae.text_dim, self.cfg.text_encoder
         if not spec:
             if need:
                 raise ValueError(f"{self.name} is text-guided (text_dim={need}): pass --text-encoder builtin | "
