@@ -88,6 +88,8 @@ class HiVAEConfig(AEConfig):
     # training objective (Sec. 3.3, App. A.2)
     stage: int = 1  # 1: global module + decoder; 2: global frozen, detailed module + decoder
     kl_weight: float = 1e-3  # on the KL of the motion posteriors, summed over their elements
+    kl_free_bits: float = 0.0  # nats per motion element (batch mean) below which the KL is not penalised
+    posterior_init_logvar: float = 0.0  # initial log-variance of the motion posteriors (bias of the logvar head)
     cond_dropout: float = 0.1  # both motions -> null (classifier-free guidance)
     part_dropout: float = 0.05  # extra, independent per motion: decoding with one motion stays in-distribution
     timesteps: str = "uniform"  # ldm.flow.sample_timesteps distribution
@@ -129,8 +131,8 @@ def _check_config(cfg: HiVAEConfig) -> None:
         raise ValueError(f"hivae: timesteps must be one of {flow.TIMESTEP_DISTRIBUTIONS}, got {cfg.timesteps!r}")
     if not cfg.timestep_shift > 0:
         raise ValueError(f"hivae: timestep_shift must be > 0, got {cfg.timestep_shift}")
-    if cfg.stage1_blur < 0 or cfg.kl_weight < 0 or cfg.guidance_scale < 0:
-        raise ValueError("hivae: stage1_blur, kl_weight and guidance_scale must be >= 0")
+    if cfg.stage1_blur < 0 or cfg.kl_weight < 0 or cfg.guidance_scale < 0 or cfg.kl_free_bits < 0:
+        raise ValueError("hivae: stage1_blur, kl_weight, kl_free_bits and guidance_scale must be >= 0")
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,6 +214,31 @@ def _encoder_block(dim: int, heads: int, mlp_ratio: float, context_dim: int | No
     return blk
 
 
+def motion_kl(posterior: Latent, free_bits: float = 0.0) -> Tensor:
+    """KL of the motion posteriors to N(0, I), summed over their elements, batch mean. With
+    ``free_bits`` > 0 each element's batch-mean KL counts as at least ``free_bits`` nats ("free bits",
+    Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregressive Flow", Eq. 15, per
+    element): an element below it gets no gradient, so the KL cannot pull an informative posterior
+    back to the prior before the decoder has learned to use it."""
+    if free_bits <= 0:
+        return latent_kl(posterior).mean()
+    total = None
+    for name, logvar in posterior.logvar.items():
+        mu = posterior.parts[name]
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean(0)  # per element, batch mean
+        part = kl.clamp_min(free_bits).sum()
+        total = part if total is None else total + part
+    return total if total is not None else next(iter(posterior.parts.values())).new_zeros(())
+
+
+def _posterior_head(dim: int, channels: int, init_logvar: float) -> nn.Linear:
+    """``Linear(dim, 2 * channels)`` to (mean, logvar) with the logvar bias set to ``init_logvar``."""
+    head = nn.Linear(dim, 2 * channels)
+    with torch.no_grad():
+        head.bias[channels:] = init_logvar
+    return head
+
+
 def random_keep(batch: int, positions: int, ratio: tuple[float, float], generator: torch.Generator | None,
                 device: torch.device) -> Tensor:
     """Indices of the spatial positions KEPT by the random mask M of Eq. 4: one masking ratio
@@ -251,7 +278,7 @@ class GlobalMotionEncoder(nn.Module):
         self.blocks = nn.ModuleList([_encoder_block(D, cfg.global_heads, cfg.mlp_ratio, context_dim=D)
                                      for _ in range(cfg.global_depth)])
         self.norm_out = nn.LayerNorm(D)
-        self.out = nn.Linear(D, 2 * cfg.global_channels)
+        self.out = _posterior_head(D, cfg.global_channels, cfg.posterior_init_logvar)
 
     def forward(self, z_low: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``keep: (B, S_keep)`` indices of the positions to use (None = all). Returns (mean, logvar)."""
@@ -302,7 +329,7 @@ class DetailedMotionEncoder(nn.Module):
         self.blocks = nn.ModuleList([_encoder_block(D, cfg.detailed_heads, cfg.mlp_ratio)
                                      for _ in range(cfg.detailed_depth)])
         self.norm_out = nn.LayerNorm(D)
-        self.out = nn.Linear(D, 2 * cfg.detailed_channels)
+        self.out = _posterior_head(D, cfg.detailed_channels, cfg.posterior_init_logvar)
 
     def forward(self, z_high: Tensor) -> tuple[Tensor, Tensor]:
         cfg = self.cfg
@@ -649,7 +676,7 @@ class HiVAE(Autoencoder):
         with torch.no_grad():
             z0 = flow.predict_x0(x_t, {"z": v["z"].detach()}, t)["z"]
             recon = self.base.decode(Latent({"z": z0}, form="grid"))
-        kl = latent_kl(posterior).mean()
+        kl = motion_kl(posterior, cfg.kl_free_bits)
         return AEOutput(recon=recon, posterior=posterior, losses={"flow": loss, "kl_motion": cfg.kl_weight * kl})
 
     # --- cost ----------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dit
 from autoencoders import REGISTRY, build, describe, load_pretrained
+from autoencoders.blocks import latent_kl
 from autoencoders.hivae import (HiVAE, build_hivae, frequency_split, gaussian_blur, known_content_velocity,
-                                lowpass_mask, prepare_init, random_keep)
+                                lowpass_mask, motion_kl, prepare_init, random_keep)
 from ldm import config as cfglib
 from ldm import samplers
 from ldm.latent import Cond, Latent, normalize
@@ -130,6 +131,8 @@ def test_clear_errors():
         build("hivae-s-debug", gloabl_tokens=4)
     with pytest.raises(ValueError, match="without --gan"):
         model.last_layer()
+    with pytest.raises(ValueError, match="kl_free_bits"):
+        build("hivae-s-debug", kl_free_bits=-0.1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -247,6 +250,26 @@ def test_train_forward_terms():
     model.set_stage(2)
     out = model.train_forward(video, None, torch.Generator().manual_seed(0))
     assert set(out.posterior.logvar) == {"global", "detailed"}
+
+
+def test_free_bits_kl_spares_elements_below_the_threshold():
+    mu = torch.tensor([[[0.0, 2.0]], [[0.0, 2.0]]], requires_grad=True)  # (B=2, 1, 2): KL 0 and 2 nats
+    logvar = torch.zeros(2, 1, 2, requires_grad=True)
+    post = Latent({"content": torch.zeros(2, 4, 1, 2, 2), "global": mu}, form="tokens", logvar={"global": logvar})
+    torch.testing.assert_close(motion_kl(post), latent_kl(post).mean())  # no free bits: the plain KL
+    kl = motion_kl(post, free_bits=0.5)
+    torch.testing.assert_close(kl, torch.tensor(0.5 + 2.0))  # max(0, 0.5) + max(2, 0.5)
+    kl.backward()
+    assert mu.grad[:, 0, 0].abs().max() == 0 and logvar.grad[:, 0, 0].abs().max() == 0  # below: no pull to the prior
+    torch.testing.assert_close(mu.grad[:, 0, 1], torch.tensor([1.0, 1.0]))  # above: d/dmu of mu^2 / 2, batch mean
+
+
+def test_posterior_init_logvar_starts_the_motion_posteriors_narrow():
+    video = _video()
+    for init in (0.0, -4.0):
+        lat = _model(posterior_init_logvar=init).encode(video)
+        for part in ("global", "detailed"):
+            assert abs(float(lat.logvar[part].mean()) - init) < 1.0, (part, init)
 
 
 def _flow_loss(model: HiVAE, video: torch.Tensor, seeds=range(4)) -> float:
