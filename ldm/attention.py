@@ -24,7 +24,7 @@ on every backend, so padded batches never produce NaNs.
 
 Backends (``backend=``): ``"sdpa"`` (default; ``torch.nn.functional.scaled_dot_product_attention``;
 ids are served by gathering each sequence into a padded group, so packed and grouped attention cost
-what the groups cost), ``"flash"`` (flash-attn 2, fp16/bf16 on CUDA; ids and ``cu_seqlens`` via its
+what the groups cost), ``"flash"`` (FlashAttention-3 when installed, else flash-attn 2; fp16/bf16 on CUDA; ids and ``cu_seqlens`` via its
 varlen kernel; no arbitrary masks), ``"xformers"`` (``memory_efficient_attention`` on CUDA; ids via
 block-diagonal biases), ``"flex"`` (``torch.nn.attention.flex_attention`` with a block mask built from
 the ids / mask / causality; compiled on CUDA, eager elsewhere — torch has no FlexAttention
@@ -36,6 +36,7 @@ says why — never a silent fallback.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -54,13 +55,39 @@ class AttentionBackendError(RuntimeError):
 # ------------------------------------------------------------------------------------------
 # Optional kernels, imported lazily
 # ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Flash:
+    """flash-attn's two entry points, from FlashAttention-3 (``flash_attn_interface``, Hopper) when
+    installed, else FlashAttention-2 (``flash_attn``); both take ``(B, N, H, d)`` / packed
+    ``(T, H, d)`` tensors and the same leading arguments."""
+
+    func: object
+    varlen_func: object
+    version: int
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out  # FA3 releases return (out, lse) or out
+
+
 @functools.cache
-def _flash_module():
+def _flash_module() -> _Flash | None:
+    try:
+        import flash_attn_interface as fa3
+        return _Flash(fa3.flash_attn_func, fa3.flash_attn_varlen_func, 3)
+    except ImportError:
+        pass
     try:
         import flash_attn
     except ImportError:
         return None
-    return flash_attn
+    return _Flash(flash_attn.flash_attn_func, flash_attn.flash_attn_varlen_func, 2)
+
+
+# Which optional kernels are installed, known without importing them, so that ``"auto"`` resolves
+# with plain Python inside a compiled region.
+_INSTALLED = {name: any(importlib.util.find_spec(m) is not None for m in mods)
+              for name, mods in (("flash", ("flash_attn_interface", "flash_attn")), ("xformers", ("xformers",)))}
 
 
 @functools.cache
@@ -97,7 +124,7 @@ def unusable_reason(backend: str, q: Tensor, mask: Tensor | None = None) -> str 
             "flex needs torch.nn.attention.flex_attention (torch >= 2.5); this torch is " + torch.__version__)
     if backend == "flash":
         if _flash_module() is None:
-            return "flash_attn is not installed (pip install flash-attn)"
+            return "flash_attn is not installed (pip install flash-attn; or FlashAttention-3's flash_attn_interface)"
         if not q.is_cuda:
             return "flash_attn runs on CUDA tensors only"
         if q.dtype not in _HALF:
@@ -212,6 +239,17 @@ def _dense_mask(B: int, Nq: int, Nk: int, device: torch.device, mask: Tensor | N
 # ------------------------------------------------------------------------------------------
 # The entry point
 # ------------------------------------------------------------------------------------------
+def auto_backend(q: Tensor, mask: Tensor | None = None) -> str:
+    """What ``"auto"`` runs for queries like ``q``: flash-attn (3, then 2) where it can run the
+    call, then xformers, else sdpa."""
+    cuda_half = q.is_cuda and q.dtype in _HALF
+    if _INSTALLED["flash"] and cuda_half and q.shape[-1] <= 256 and mask is None:
+        return "flash"
+    if _INSTALLED["xformers"] and q.is_cuda:
+        return "xformers"
+    return "sdpa"
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "sdpa", mask: Tensor | None = None,
               causal: bool = False, seq_ids: Tensor | None = None, kv_seq_ids: Tensor | None = None,
               cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
@@ -220,7 +258,26 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "sdpa", mask: T
 
     ``max_seqlen`` is the longest sequence in ``cu_seqlens`` (computed when omitted).
     ``scale`` defaults to ``1 / sqrt(d)``.
+
+    The plain case (sdpa, no mask or ids) is one SDPA call that ``torch.compile`` traces into the
+    surrounding graph; every other case runs eagerly (``torch.compiler.disable``): the id
+    bookkeeping reads sizes on the host, and the optional kernels are opaque to the compiler.
     """
+    if backend == "auto" and q.ndim == 4:
+        backend = auto_backend(q, mask)
+    plain = mask is None and seq_ids is None and kv_seq_ids is None and cu_seqlens is None
+    if backend == "sdpa" and plain and q.ndim == k.ndim == v.ndim == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2] \
+            and k.shape == v.shape and k.shape[-1] == q.shape[-1] and not (causal and q.shape[2] != k.shape[2]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)  # (B, H, Nq, d)
+    return _attention(q, k, v, backend=backend, mask=mask, causal=causal, seq_ids=seq_ids, kv_seq_ids=kv_seq_ids,
+                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
+
+
+@torch.compiler.disable
+def _attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str, mask: Tensor | None, causal: bool,
+               seq_ids: Tensor | None, kv_seq_ids: Tensor | None, cu_seqlens: Tensor | None,
+               max_seqlen: int | None, scale: float | None) -> Tensor:
+    """Everything but the plain SDPA call: checks, masks, ids, and the optional kernels."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects (B, heads, N, d) tensors, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -250,8 +307,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "sdpa", mask: T
         raise ValueError(f"seq_ids {tuple(seq_ids.shape)} must be ({B}, {Nq})")
     if kv_seq_ids is not None and kv_seq_ids.shape != (B, Nk):
         raise ValueError(f"kv_seq_ids {tuple(kv_seq_ids.shape)} must be ({B}, {Nk})")
-    if backend == "auto":
-        backend = next((b for b in ("flash", "xformers") if unusable_reason(b, q, mask) is None), "sdpa")
     if seq_ids is None and kv_seq_ids is not None:
         if causal:
             raise ValueError("causal attention with separate kv_seq_ids is not defined; use seq_ids only")
@@ -374,15 +429,15 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, q_ids: Tensor | None, 
     fa = _flash_module()
     B, H, Nq, d = q.shape
     if q_ids is None and cu_seqlens is None:
-        out = fa.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                 softmax_scale=scale, causal=causal)  # (B, Nq, H, d)
+        out = _first(fa.func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                             softmax_scale=scale, causal=causal))  # (B, Nq, H, d)
         return out.transpose(1, 2)
     if cu_seqlens is not None:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         L = int((cu[1:] - cu[:-1]).max()) if max_seqlen is None else int(max_seqlen)
         T = int(cu[-1])  # tokens past the last sequence get zeros
-        packed = fa.flash_attn_varlen_func(*(x[0, :, :T].transpose(0, 1) for x in (q, k, v)),
-                                           cu, cu, L, L, softmax_scale=scale, causal=causal)  # (T, H, d)
+        packed = _first(fa.varlen_func(*(x[0, :, :T].transpose(0, 1) for x in (q, k, v)),
+                                       cu, cu, L, L, softmax_scale=scale, causal=causal))  # (T, H, d)
         out = q.new_zeros(Nq, H, d)
         out[:T] = packed
         return out.transpose(0, 1)[None]  # (1, H, Nq, d)
@@ -390,10 +445,10 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, q_ids: Tensor | None, 
     out = q.new_zeros(B * Nq, H, d)
     if seg.num == 0:
         return _from_tokens(out, B, Nq)
-    packed = fa.flash_attn_varlen_func(
+    packed = _first(fa.varlen_func(
         _to_tokens(q)[seg.q_index], _to_tokens(k)[seg.k_index], _to_tokens(v)[seg.k_index],
         cu_seqlens_from_lengths(seg.q_counts), cu_seqlens_from_lengths(seg.k_counts),
-        int(seg.q_counts.max()), int(seg.k_counts.max()), softmax_scale=scale, causal=causal)  # (Tq, H, d)
+        int(seg.q_counts.max()), int(seg.k_counts.max()), softmax_scale=scale, causal=causal))  # (Tq, H, d)
     return _from_tokens(out.index_put((seg.q_index,), packed), B, Nq)
 
 

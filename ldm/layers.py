@@ -189,7 +189,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads, self.backend = heads, "sdpa"
+        self.heads, self.backend = heads, "auto"
         self.attention_wrapper: Callable[..., Tensor] | None = None
         self.qkv = nn.Linear(dim, 3 * dim)
         self.norm = QKNorm(dim // heads) if qk_norm else None
@@ -220,7 +220,7 @@ class CrossAttention(nn.Module):
         inner = dim if inner_dim is None else inner_dim
         if inner % heads:
             raise ValueError(f"attention width {inner} is not divisible by heads {heads}")
-        self.heads, self.backend = heads, "sdpa"
+        self.heads, self.backend = heads, "auto"
         self.q = nn.Linear(dim, inner)
         self.kv = nn.Linear(context_dim, 2 * inner)
         self.norm = QKNorm(inner // heads) if qk_norm else None
@@ -285,19 +285,29 @@ class TransformerBlock(nn.Module):
         self.ada = nn.Linear(cond_dim or dim, 6 * dim)
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
+        self.compiled_core: Callable[..., Tensor] | None = None  # set by compile_blocks
 
     def forward(self, x: Tensor, c: Tensor, layout: TokenLayout, context: Tensor | None = None,
                 context_ids: Tensor | None = None) -> Tensor:
         """``x: (B, N, D)``; ``c: (B, D)`` conditioning per row (per sample when
         ``layout.cond_index`` is set); ``context: (B, L, Dc)`` with ``context_ids: (B, L)``
         (sample id per context token, -1 masked; None = all visible)."""
-        mod = expand_modulation(self.ada(F.silu(c)), layout.cond_index)  # (B, 1|N, 6D)
+        if self.cross is not None and context is None:
+            raise ValueError("this block has cross-attention: give a context")
+        args = (x, c, layout.rope, layout.ids(self.layout), layout.seq_ids, layout.cond_index, context, context_ids)
+        return self.core(*args) if self.compiled_core is None else self.compiled_core(self, *args)
+
+    def core(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None, ids: Tensor | None,
+             seq_ids: Tensor | None, cond_index: Tensor | None, context: Tensor | None,
+             context_ids: Tensor | None) -> Tensor:
+        """The block's math on plain tensors (``ids``: attention ids of this block's layout,
+        ``seq_ids``: sequence ids for the cross-attention queries): the region that
+        ``compile_blocks`` compiles, with no Python objects to guard on besides the tensors."""
+        mod = expand_modulation(self.ada(F.silu(c)), cond_index)  # (B, 1|N, 6D)
         b1, s1, g1, b2, s2, g2 = mod.chunk(6, -1)
-        x = x + g1 * self.attn(modulate(self.norm1(x), b1, s1), layout.rope, layout.ids(self.layout))
+        x = x + g1 * self.attn(modulate(self.norm1(x), b1, s1), rope, ids)
         if self.cross is not None:
-            if context is None:
-                raise ValueError("this block has cross-attention: give a context")
-            x = x + self.cross(self.norm_cross(x), context, layout.seq_ids, context_ids)
+            x = x + self.cross(self.norm_cross(x), context, seq_ids, context_ids)
         return x + g2 * self.mlp(modulate(self.norm2(x), b2, s2))
 
 
@@ -325,3 +335,27 @@ def set_attention_backend(module: nn.Module, backend: str) -> None:
     for m in module.modules():
         if isinstance(m, (SelfAttention, CrossAttention)):
             m.backend = backend
+
+
+def compile_blocks(module: nn.Module, dynamic: bool | None = None, mode: str | None = None,
+                   backend: str | Callable = "inductor") -> int:
+    """Regional compilation: compile ``TransformerBlock.core`` once with ``torch.compile`` and let
+    every block under ``module`` run it (returns how many). All blocks share one compiled function:
+    dynamo treats their parameters as inputs, so one compile serves the whole trunk, and a new token
+    count or batch recompiles once with dynamic sizes instead of once per shape (``dynamic=None``).
+    Only the tensor math is compiled: the layout's id computation, the attention kernels that
+    need host-side bookkeeping (grouped / packed ids, flash-attn, xformers) and sequence-parallel
+    hooks stay eager. Parameters, state dicts and checkpoints are unchanged; ``uncompile_blocks``
+    undoes it."""
+    fn = torch.compile(TransformerBlock.core, dynamic=dynamic, mode=mode, backend=backend)
+    blocks = [m for m in module.modules() if isinstance(m, TransformerBlock)]
+    for blk in blocks:
+        blk.compiled_core = fn
+    return len(blocks)
+
+
+def uncompile_blocks(module: nn.Module) -> None:
+    """Run every ``TransformerBlock`` under ``module`` eagerly again."""
+    for m in module.modules():
+        if isinstance(m, TransformerBlock):
+            m.compiled_core = None
