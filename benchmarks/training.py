@@ -27,7 +27,7 @@ from data.shards import LatentShards, collate, load_manifest
 from data.sources import VideoClipDataset, list_items
 from data.synth import synth_dataset
 from launch.extract import ExtractConfig, extract
-from launch.train import FlowConfig, flow_step_loss, sample_generators
+from launch.train import FlowConfig, flow_draws, flow_step_loss, sample_generators
 from ldm.latent import Cond, normalize
 from ldm.text import build_text_encoder
 
@@ -40,7 +40,8 @@ def timed_steps(batches, model, opt, norm, steps: int) -> float:
         if i == 1:
             t0 = time.perf_counter()
         gens = sample_generators(0, list(range(i * latent.batch_size, (i + 1) * latent.batch_size)))
-        loss = flow_step_loss(model, normalize(latent, norm), cond, fcfg, gens, model.null_cond)
+        latent = normalize(latent, norm)
+        loss = flow_step_loss(model, latent, cond, fcfg, flow_draws(latent, fcfg, gens), model.null_cond)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -22,9 +22,31 @@ OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 @dataclass(frozen=True)
 class EngineConfig:
     deepspeed: str = "zero2"  # a name in launch/configs (zero0..zero3), a DeepSpeed JSON path, or "accelerate"
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (bf16 parameters, fp32 master weights)
     activation_checkpointing: bool = False
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the GPU, unknown on CPU
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on CUDA (DeepSpeed keeps bf16 parameters and fp32 master weights),
+    ``fp32`` elsewhere; ``fp32`` / ``bf16`` stay as given."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"engine.precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def resolve_switch(value: bool | str, device: torch.device, key: str) -> bool:
+    """A true / false / auto config switch; ``auto`` means on for CUDA."""
+    if value == "auto":
+        return device.type == "cuda"
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{key} must be true, false or auto, got {value!r}")
 
 
 def accelerate_deepspeed() -> tuple[dict[str, Any], str]:
@@ -69,7 +91,7 @@ def deepspeed_config(cfg: EngineConfig, micro_batch: int, grad_accum: int, grad_
         raise ValueError(f"{path} sets {clash}: these come from the training YAML (data.batch_size, "
                          "optim.grad_accum, optim.grad_clip, engine.precision, optim.*); remove them")
     if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"engine.precision must be fp32 or bf16, got {cfg.precision!r}")
+        raise ValueError(f"engine.precision must be fp32 or bf16 here (resolve auto first), got {cfg.precision!r}")
     ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
               gradient_clipping=grad_clip, bf16={"enabled": cfg.precision == "bf16"})
     return ds
@@ -124,9 +146,10 @@ def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
 
 
 class EMA:
-    """Exponential moving average of the model's weights in fp32, kept whole on every rank.
-    Under ZeRO-3 the partitioned parameters are gathered for each update (simple, correct, and a
-    cost of one all-gather per step; use a larger ``ema_every`` for big models)."""
+    """Exponential moving average of the model's weights in fp32, kept whole on every rank and
+    updated with one fused multi-tensor op per step (``torch._foreach_lerp_``). Under ZeRO-3 the
+    partitioned parameters are gathered for each update (simple, correct, and a cost of one
+    all-gather per step; use a larger ``ema_every`` for big models)."""
 
     def __init__(self, module: nn.Module, decay: float, zero3: bool):
         self.decay, self.zero3 = decay, zero3
@@ -144,8 +167,8 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         with self._gathered(module):
-            for n, p in module.named_parameters():
-                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+            params = [p.detach().float() for _, p in module.named_parameters()]  # no copy for fp32 weights
+            torch._foreach_lerp_([self.shadow[n] for n in self.names], params, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
@@ -154,7 +177,8 @@ class EMA:
         missing = set(self.names) - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
-        self.shadow = {n: state[n].float().clone() for n in self.names}
+        device = next(iter(self.shadow.values())).device if self.shadow else None
+        self.shadow = {n: state[n].to(device=device, dtype=torch.float32).clone() for n in self.names}
 
 
 # Dense bf16 peak TFLOP/s per device, for MFU (vendor datasheets).

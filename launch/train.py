@@ -29,12 +29,13 @@ import dit
 from data.shards import LatentShards, load_manifest
 from launch import dist
 from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config, gather_universal,
-                           mfu, peak_flops, safe_checkpoint_engine, scatter_universal, skip_cpu_shm_kernel,
-                           transformer_flops)
+                           mfu, peak_flops, resolve_precision, resolve_switch, safe_checkpoint_engine,
+                           scatter_universal, skip_cpu_shm_kernel, transformer_flops)
 from ldm import config as cfglib
 from ldm import flow
 from ldm.checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, read_json, save_tensors
 from ldm.latent import VARLEN_AXIS, Cond, Latent, normalize
+from ldm.layers import compile_blocks
 
 log = logging.getLogger("ldm.train")
 
@@ -42,14 +43,17 @@ log = logging.getLogger("ldm.train")
 @dataclass(frozen=True)
 class DataConfig:
     shards: str = ""  # an `ldm extract` output folder, or several comma-separated (same autoencoder)
-    batch_size: int = 8  # per rank, per micro-step
+    batch_size: int = 8  # per rank, per micro-step (with buckets: for the most expensive shape)
     shuffle: int = 256
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes reading shards (0: read in the prefetch thread)
+    prefetch: int = 2  # micro-batches prepared ahead by a background thread (read, draws, pinned); 0 = inline
     normalize: bool = True  # standardise latents with the manifest's per-channel statistics
     sample_posterior: bool = True  # z ~ N(mean, exp(logvar)) when the shards store a posterior
     split: str = "sample"  # "sample": every clip once per epoch across ranks; "shard": whole shards per rank
     buckets: bool = False  # batch by latent shape (mixed resolutions / lengths in one run)
     bucket_batch: dict[str, int] = field(default_factory=dict)  # per-bucket batch size, e.g. {"z=4x5x8x8": 8}
+    bucket_sizing: str = "compute"  # compute: batch_size for the costliest shape, more samples of cheaper ones
+    #                                 (equal DiT FLOPs per step; attention is quadratic); fixed: batch_size for all
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class ModelConfig:
     class_cond: bool = True  # condition on class ids (count from the manifest)
     text_cond: bool = True  # condition on cached text embeddings (when the shards have them)
     pack: bool = False  # varlen batches as one packed row (valid tokens only) instead of padded rows
+    compile: bool | str = "auto"  # regional torch.compile of the transformer blocks: true | false | auto (on for CUDA)
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,7 @@ def load_manifests(spec: str) -> dict:
         return first
     shapes = {json.dumps(m["latent_spec"]["latent_shape"], sort_keys=True) for m in manifests}
     merged = dict(first, shards=[s for m in manifests for s in m["shards"]], mixed_shapes=len(shapes) > 1,
+                  latent_shapes=[json.loads(x) for x in sorted(shapes)],
                   counts={k: sum(m["counts"][k] for m in manifests) for k in first["counts"]},
                   num_classes=max(m.get("num_classes", 0) for m in manifests))
     stats = {}
@@ -262,12 +268,14 @@ def flow_draws(latent: Latent, fcfg: FlowConfig, gens: list[torch.Generator]
     return t, noise, u
 
 
-def flow_step_loss(model, latent: Latent, cond: Cond, fcfg: FlowConfig, gens: list[torch.Generator],
-                   null_cond, pack: bool = False) -> torch.Tensor:
-    """One rectified-flow loss on a batch (per-sample losses averaged); ``gens`` holds one generator
-    per sample (``sample_generators``). ``null_cond(cond, drop)`` replaces the condition of dropped
-    samples (CFG training). ``pack``: the DiT runs the batch packed (``VideoDiT.forward(pack=True)``)."""
-    t, noise, u = flow_draws(latent, fcfg, gens)
+def flow_step_loss(model, latent: Latent, cond: Cond, fcfg: FlowConfig,
+                   draws: tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor], null_cond,
+                   pack: bool = False) -> torch.Tensor:
+    """One rectified-flow loss on a batch (per-sample losses averaged). ``draws`` are the step's
+    per-sample random draws ``(t, noise, u)`` from ``flow_draws``. ``null_cond(cond, drop)``
+    replaces the condition of dropped samples (CFG training). ``pack``: the DiT runs the batch
+    packed (``VideoDiT.forward(pack=True)``)."""
+    t, noise, u = draws
     drop, drop_class, drop_text = u[:, 0] < fcfg.cond_dropout, u[:, 1] < fcfg.class_dropout, u[:, 2] < fcfg.text_dropout
     x_t = latent.replace(flow.interpolate(latent.parts, noise, t))
     cond = null_cond(cond, drop)
@@ -284,6 +292,121 @@ def flow_step_loss(model, latent: Latent, cond: Cond, fcfg: FlowConfig, gens: li
     return flow.flow_loss(v, flow.velocity_target(latent.parts, noise), mask).mean()
 
 
+@dataclass
+class StepInputs:
+    """One micro-batch made ready on the host: the latent (posterior-sampled, normalised), its
+    condition, the flow draws ``(t, noise, u)`` and its ``(tokens, FLOPs)``. Everything random here
+    comes from the per-sample generators, so it can be prepared ahead in another thread."""
+
+    latent: Latent
+    cond: Cond
+    draws: tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
+    work: torch.Tensor
+
+    def pin_memory(self) -> "StepInputs":
+        t, noise, u = self.draws
+        pin = lambda x: None if x is None else x.pin_memory()  # noqa: E731
+        return StepInputs(self.latent.pin_memory(), Cond(*(pin(x) for x in (self.cond.text, self.cond.text_mask,
+                                                                             None, self.cond.class_id))),
+                          (t.pin_memory(), {k: v.pin_memory() for k, v in noise.items()}, u.pin_memory()), self.work)
+
+    def to(self, device: torch.device) -> "StepInputs":
+        """On ``device``; asynchronous from pinned memory."""
+        move = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
+        t, noise, u = self.draws
+        return StepInputs(self.latent.to(device, non_blocking=True),
+                          Cond(*(move(x) for x in (self.cond.text, self.cond.text_mask, None, self.cond.class_id))),
+                          (move(t), {k: move(v) for k, v in noise.items()}, move(u)), self.work)
+
+
+def prepare_step(batch: dict, cfg: TrainConfig, dcfg: dit.DiTConfig, latent_norm: dict, model, context: int
+                 ) -> StepInputs:
+    """A reader's batch -> ``StepInputs`` (host tensors): posterior sample, normalisation, flow
+    draws, condition, work count."""
+    gens = sample_generators(cfg.seed, [m["position"] for m in batch["meta"]])
+    latent = batch["latent"]
+    if cfg.data.sample_posterior and latent.logvar:
+        latent = sample_posterior(latent, gens)
+    latent = normalize(latent, latent_norm)
+    draws = flow_draws(latent, cfg.flow, gens)
+    return StepInputs(latent, batch_cond(batch, dcfg), draws, batch_work(model, latent, dcfg, context))
+
+
+class Prefetcher:
+    """Runs ``make(item)`` over ``source`` in a background thread, ``depth`` items ahead (pinned
+    when ``pin``), so reading shards and drawing noise overlap the GPU's work. Errors in the
+    thread are raised in the caller at the item where they happened. ``depth=0``: inline."""
+
+    _END = object()
+
+    def __init__(self, source, make, depth: int, pin: bool):
+        import queue
+        import threading
+
+        self.source, self.make, self.pin, self.depth = iter(source), make, pin, depth
+        if depth > 0:
+            self.queue: queue.Queue = queue.Queue(maxsize=depth)
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._fill, name="ldm-prefetch", daemon=True)
+            self.thread.start()
+
+    def _one(self):
+        item = self.make(next(self.source))
+        return item.pin_memory() if self.pin else item
+
+    def _fill(self) -> None:
+        import queue
+
+        while not self.stop.is_set():
+            try:
+                item = self._one()
+            except BaseException as e:  # handed to the consumer, which raises it
+                item = e
+            while not self.stop.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def __next__(self):
+        if self.depth == 0:
+            return self._one()
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        if self.depth > 0:
+            self.stop.set()
+            self.thread.join(timeout=5)
+
+
+def bucket_batch_sizes(manifest: dict, dcfg: dit.DiTConfig, dcfg_data: DataConfig, model) -> dict[str, int]:
+    """Per-shape batch sizes for bucketed training. ``compute``: the costliest shape gets
+    ``batch_size`` and every other shape as many samples as fit the same DiT FLOPs per step (the
+    FLOP model counts attention, quadratic in tokens), so a step takes about the same time whatever
+    its bucket and long clips do not stall the ranks on short ones. Explicit ``bucket_batch``
+    entries win."""
+    sizes: dict[str, int] = {}
+    if dcfg_data.bucket_sizing not in ("compute", "fixed"):
+        raise ValueError(f"data.bucket_sizing must be compute or fixed, got {dcfg_data.bucket_sizing!r}")
+    if dcfg_data.bucket_sizing == "compute":
+        shapes = manifest.get("latent_shapes") or [manifest["latent_spec"]["latent_shape"]]
+        flops = {}
+        for parts in shapes:
+            key = ";".join(f"{k}={'x'.join(map(str, v))}" for k, v in sorted(parts.items()))
+            n = model.num_tokens({k: tuple(v) for k, v in parts.items()})
+            flops[key] = transformer_flops(dcfg.depth, dcfg.hidden, n, dcfg.mlp_ratio)
+        most = max(flops.values())
+        sizes = {k: max(1, int(dcfg_data.batch_size * most / f)) for k, f in flops.items()}
+    sizes.update(dcfg_data.bucket_batch)
+    return sizes
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     import deepspeed
 
@@ -294,6 +417,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
     device = dist.device_for(env)
+    cfg = cfglib.replace(cfg, engine=cfglib.replace(cfg.engine, precision=resolve_precision(cfg.engine.precision,
+                                                                                            device)))
+    use_compile = resolve_switch(cfg.model.compile, device, "model.compile")
     out = Path(cfg.output)
     manifest = load_manifests(cfg.data.shards)
     dcfg = make_dit_config(cfg, manifest)
@@ -316,14 +442,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         from launch.sequence_parallel import apply_sequence_parallel, sequence_parallel_group
         apply_sequence_parallel(model, sequence_parallel_group(sp))
     dp_rank, dp_world = env.rank // sp, env.world_size // sp  # data-parallel position
+    # fused AdamW on GPUs (one kernel over all tensors); DeepSpeed's ZeRO keeps fp32 master weights for it
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  weight_decay=cfg.optim.weight_decay)
+                                  weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.steps))
     ds_cfg = deepspeed_config(cfg.engine, cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
                                            dist_init_required=False)
     engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
     zero3 = ds_cfg["zero_optimization"]["stage"] == 3
+    if use_compile:
+        if zero3 or sp > 1:
+            log.warning("model.compile is off: regional compilation runs with ZeRO stages 0-2 and without sequence "
+                        "parallelism (their hooks gather parameters / exchange tokens inside the blocks)")
+        else:
+            compile_blocks(engine.module)
     ema = EMA(engine.module, cfg.ema_decay, zero3)
 
     step, dropped = resume(engine, ema, out)
@@ -340,54 +473,59 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         shuffle=cfg.data.shuffle, epochs=None, split=cfg.data.split,
                         skip=(step * per_step + dropped * cfg.data.batch_size) * dp_world,
                         batch_size=cfg.data.batch_size,
-                        buckets=dict(cfg.data.bucket_batch) if cfg.data.buckets else None,
+                        buckets=bucket_batch_sizes(manifest, dcfg, cfg.data, engine.module) if cfg.data.buckets else None,
                         expect_shapes=parts if manifest["form"] != "varlen" and not cfg.data.buckets else None)
-    loader = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.data.num_workers))
+    workers = cfg.data.num_workers
+    # worker processes started by fork after CUDA / NCCL threads exist can deadlock: spawn them
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                                         multiprocessing_context="spawn" if workers and device.type == "cuda" else None)
     null_cond = engine.module.null_cond
 
     context = 1 + manifest.get("text_tokens", 0) if dcfg.text_dim else 0  # the empty-text token + caption
+    inputs = Prefetcher(loader, lambda b: prepare_step(b, cfg, dcfg, latent_norm, engine.module, context),
+                        cfg.data.prefetch, pin=device.type == "cuda")
     peak = peak_flops(cfg.engine)
     work = torch.zeros(2, dtype=torch.float64)  # this rank's (tokens, training FLOPs) since the last log
     logger = _Logger(out, enabled=dist.is_main(), resumed_step=step)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not dist.is_main())
     losses: list[float] = []
+    pending: list[torch.Tensor] = []  # per-step mean losses on the device, read at log time (no per-step sync)
     t_last, step_last = time.perf_counter(), step
     while step < cfg.steps:
         engine.train()
-        loss_sum, micro = 0.0, 0
+        loss_sum, micro = torch.zeros((), device=device), 0
         while micro < cfg.optim.grad_accum:
-            batch = next(loader)
-            gens = sample_generators(cfg.seed, [m["position"] for m in batch["meta"]])
-            latent = batch["latent"]
-            if cfg.data.sample_posterior and latent.logvar:
-                latent = sample_posterior(latent, gens)
-            latent = normalize(latent, latent_norm).to(device)
-            work += batch_work(engine.module, latent, dcfg, context)
-            cond = batch_cond(batch, dcfg)
-            cond = Cond(*(None if x is None else x.to(device) for x in (cond.text, cond.text_mask, None, cond.class_id)))
-            loss = flow_step_loss(engine, latent, cond, cfg.flow, gens, null_cond, pack=cfg.model.pack)
+            batch = next(inputs).to(device)
+            work += batch.work
+            loss = flow_step_loss(engine, batch.latent, batch.cond, cfg.flow, batch.draws, null_cond,
+                                  pack=cfg.model.pack)
             # a non-finite loss on any rank drops this micro-batch on every rank (no backward, no
-            # step: DeepSpeed's accumulation stays aligned); too many in a row stop the run
-            if float(dist.all_reduce_mean(torch.isfinite(loss.detach()).float().cpu().view(1))[0]) < 1.0:
+            # step: DeepSpeed's accumulation stays aligned); too many in a row stop the run. This is
+            # the loop's one host sync per micro-batch: backward must not start on a bad loss.
+            if float(dist.all_reduce_mean(torch.isfinite(loss.detach()).float().view(1))[0]) < 1.0:
                 nonfinite += 1
                 dropped += 1
                 log.warning("non-finite loss at step %d (%d in a row); batch dropped", step + 1, nonfinite)
                 if nonfinite > cfg.max_nonfinite:
+                    inputs.close()
                     raise RuntimeError(f"{nonfinite} non-finite losses in a row at step {step + 1}: stopping "
                                        "(lower the learning rate, check the data, or raise max_nonfinite)")
                 continue
             nonfinite = 0
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.item() / cfg.optim.grad_accum
+            loss_sum += loss.detach().float() / cfg.optim.grad_accum
             micro += 1
         step += 1
         ema.update(engine.module)
-        loss_mean = float(dist.all_reduce_mean(torch.tensor([loss_sum]))[0])
-        losses.append(loss_mean)
+        pending.append(dist.all_reduce_mean(loss_sum.view(1)))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_mean:.4f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
+            done = torch.cat(pending).tolist()
+            losses += done
+            pending.clear()
+            loss_mean = done[-1]
+            bar.set_postfix(loss=f"{loss_mean:.4f}")
             now = time.perf_counter()
             dt = max(now - t_last, 1e-9) / (step - step_last)
             # every rank of a sequence-parallel group counts the same samples: mean x dp_world = all work
@@ -401,7 +539,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                               "tflops_per_s": flops_s / 1e12, "mfu": mfu(flops_s / env.world_size, peak)})
             t_last, step_last = now, step
         if step % cfg.save_every == 0 or step == cfg.steps:
+            if pending:
+                losses += torch.cat(pending).tolist()
+                pending.clear()
             save_checkpoint(engine, ema, out, step, dropped, cfg.keep_checkpoints, dcfg, cfg.universal_checkpoints)
+    inputs.close()
     bar.close()
     logger.close()
     dist.barrier()

@@ -69,12 +69,19 @@ class Latent(Mapping):
                       logvar=dict(kw.get("logvar", self.logvar)),
                       aux=dict(kw.get("aux", self.aux)))
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Latent":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> "Latent":
         """Move every tensor to ``device``; cast floating parts/logvar (not aux) to ``dtype``."""
         def move(d: dict[str, Tensor], cast: bool) -> dict[str, Tensor]:
-            return {k: v.to(device=device, dtype=dtype if cast and v.is_floating_point() else None)
-                    for k, v in d.items()}
+            return {k: v.to(device=device, dtype=dtype if cast and v.is_floating_point() else None,
+                            non_blocking=non_blocking) for k, v in d.items()}
         return Latent(move(self.parts, True), self.form, move(self.logvar, True), move(self.aux, False))
+
+    def pin_memory(self) -> "Latent":
+        """Page-locked copies of every tensor (CPU), so host-to-GPU copies can run asynchronously
+        (``to(device, non_blocking=True)``); ``DataLoader(pin_memory=True)`` calls this too."""
+        pin = lambda d: {k: v.pin_memory() for k, v in d.items()}  # noqa: E731
+        return Latent(pin(self.parts), self.form, pin(self.logvar), pin(self.aux))
 
     def sample(self, generator: torch.Generator | None = None) -> "Latent":
         """Draw z ~ N(mean, exp(logvar)) for the parts that carry a posterior."""
