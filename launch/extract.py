@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +57,12 @@ class ExtractConfig:
     width: int = 64
     fps: float | None = None
     shard_size: int = 64
-    batch_size: int = 4
-    num_workers: int = 0
+    batch_size: int = 0  # clips per encoder call; 0 = auto (4 on the CPU, sized to the GPU's free memory)
+    num_workers: int = -1  # video decoding workers per rank; -1 = auto (0 on the CPU, up to 8 per GPU)
     text_encoder: str | None = None
     verify: int = 0
     device: str = "auto"
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16: the encoder's compute precision
     seed: int = 0
 
 
@@ -76,8 +79,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: native)")
     p.add_argument("--shard-size", type=int, default=64, help="clips per shard")
-    p.add_argument("--batch-size", type=int, default=4, help="clips per encoder call")
-    p.add_argument("--num-workers", type=int, default=0, help="video decoding workers per rank")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="clips per encoder call (default 0 = auto: 4 on the CPU; on a GPU as many as half its "
+                        "free memory holds, measured on one clip, at most 64)")
+    p.add_argument("--num-workers", type=int, default=-1,
+                   help="video decoding worker processes per rank (default -1 = auto: 0 on the CPU, "
+                        "min(8, cores / ranks) with a GPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="encoder precision (autocast; weights stay fp32): auto = bf16 on CUDA, fp32 on the CPU. "
+                        "Latents are stored as fp32 either way")
     p.add_argument("--text-encoder", help="cache caption embeddings: builtin | t5:DIR | clip:DIR")
     p.add_argument("--verify", type=int, default=0, metavar="K", help="decode K random latents, report PSNR vs source")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -153,15 +163,53 @@ def _ae_cond(ae: Autoencoder, emb: torch.Tensor | None, mask: torch.Tensor | Non
     return Cond(text=emb.to(device), text_mask=mask.to(device))
 
 
-def _run_signature(cfg: ExtractConfig, name: str, ae: Autoencoder, ckpt_hash: str | None) -> dict[str, Any]:
+def _run_signature(cfg: ExtractConfig, name: str, ae: Autoencoder, ckpt_hash: str | None,
+                   dtype: torch.dtype) -> dict[str, Any]:
     return {"autoencoder": name, "config_hash": cfglib.config_hash(ae.config), "checkpoint_hash": ckpt_hash,
             "video": {"frames": cfg.frames, "height": cfg.height, "width": cfg.width, "fps": cfg.fps},
-            "text_encoder": cfg.text_encoder, "shard_size": cfg.shard_size}
+            "text_encoder": cfg.text_encoder, "shard_size": cfg.shard_size, "dtype": dist.dtype_name(dtype)}
+
+
+def auto_workers(requested: int, device: torch.device, local_world: int) -> int:
+    """``-1``: no worker processes on the CPU (the encoder needs the cores), else enough decoders
+    to feed a GPU: min(8, cores per rank)."""
+    if requested >= 0:
+        return requested
+    if requested != -1:
+        raise ValueError(f"--num-workers must be >= 0 or -1 (auto), got {requested}")
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // max(local_world, 1)))
+
+
+def auto_batch_size(requested: int, ae: Autoencoder, cfg: ExtractConfig, device: torch.device,
+                    dtype: torch.dtype, text_dim: int) -> int:
+    """``0``: 4 on the CPU; on a GPU, encode one clip, measure its activation memory and take as
+    many clips as half the free memory holds (at most 64)."""
+    if requested > 0:
+        return requested
+    if requested < 0:
+        raise ValueError(f"--batch-size must be >= 1 or 0 (auto), got {requested}")
+    if device.type != "cuda":
+        return 4
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    video = torch.zeros(1, 3, cfg.frames, cfg.height, cfg.width, device=device)
+    cond = Cond(text=torch.zeros(1, 8, text_dim, device=device), text_mask=torch.ones(1, 8, dtype=torch.bool,
+                                                                                          device=device)) if text_dim else None
+    with torch.no_grad(), dist.autocast(device, dtype):
+        ae.encode(video, cond)
+    torch.cuda.synchronize(device)
+    per_clip = max(torch.cuda.max_memory_allocated(device) - base, 1)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(64, max(1, 0.5 * free // per_clip)))
 
 
 def extract(cfg: ExtractConfig) -> dict[str, Any]:
     env = dist.init_distributed()
     device = dist.device_for(env, cfg.device)
+    dtype = dist.compute_dtype(cfg.dtype, device)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -181,7 +229,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     clips = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, cfg.fps)
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     mine = dist.shard_list(list(range(n_shards)), env.rank, env.world_size)
-    signature = _run_signature(cfg, name, ae, ckpt_hash)
+    signature = _run_signature(cfg, name, ae, ckpt_hash, dtype)
 
     todo = []
     for j in mine:  # temp files a killed run left for this rank's shards
@@ -200,10 +248,12 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
         todo.append(j)
 
     n_clips = sum(len(items[j * cfg.shard_size:(j + 1) * cfg.shard_size]) for j in todo)
+    workers = auto_workers(cfg.num_workers, device, env.world_size)
+    batch = auto_batch_size(cfg.batch_size, ae, cfg, device, dtype, ae.text_dim) if todo else 1
     bar = tqdm(total=n_clips, desc=f"extract r{env.rank}", unit="clip", disable=not dist.is_main())
-    t0, encoded = time.perf_counter(), 0
-    for j in todo:
-        encoded += _extract_shard(j, cfg, items, clips, ae, text_encoder, spec, signature, out, device, bar)
+    t0 = time.perf_counter()
+    encoded = _extract_shards(todo, cfg, items, clips, ae, text_encoder, signature, out, device, dtype, batch,
+                              workers, bar)
     elapsed = time.perf_counter() - t0
     bar.close()
 
@@ -215,7 +265,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
         summary.update(written=manifest["counts"]["written"], skipped=manifest["counts"]["skipped"],
                        shards=len(manifest["shards"]))
         if cfg.verify > 0 and manifest["counts"]["written"] > 0:
-            summary["verify_psnr"] = verify(out, ae, cfg, items, device, text_encoder)
+            summary["verify_psnr"] = verify(out, ae, cfg, items, device, text_encoder, dtype)
             manifest["verify"] = {"k": cfg.verify, "psnr": summary["verify_psnr"]}
             atomic_write_json(out / shards.MANIFEST, manifest)
         print(f"extracted {encoded} clips in {elapsed:.1f}s on rank 0 ({summary['clips_per_s']:.2f} clips/s/rank); "
@@ -224,56 +274,103 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     return summary
 
 
-@torch.no_grad()
-def _extract_shard(j: int, cfg: ExtractConfig, items: list, clips: VideoClipDataset, ae: Autoencoder,
-                   text_encoder, spec, signature: dict, out: Path, device: torch.device, bar: tqdm) -> int:
-    lo, hi = j * cfg.shard_size, min((j + 1) * cfg.shard_size, len(items))
-    loader = torch.utils.data.DataLoader(_Clips(clips, list(range(lo, hi))), batch_size=1,
-                                         num_workers=cfg.num_workers, collate_fn=_first)
-    stats = shards.ChannelStats()
-    samples, keys, skipped, text_tokens = [], [], [], 0
-    pending: list[dict[str, Any]] = []
+@dataclass
+class _ShardBuffer:
+    """What one shard collects before it is written."""
 
-    def flush() -> None:
-        nonlocal text_tokens
+    index: int
+    samples: list[dict[str, bytes]] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    stats: shards.ChannelStats = field(default_factory=shards.ChannelStats)
+    text_tokens: int = 0
+
+
+def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signature: dict, out: Path) -> None:
+    """The shard's tar (atomic rename), then its sidecar, which marks it done."""
+    lo, hi = buf.index * cfg.shard_size, min((buf.index + 1) * cfg.shard_size, len(items))
+    if buf.samples:
+        shards.write_shard(out / shards.SHARD_NAME.format(buf.index), buf.samples, buf.keys)
+    atomic_write_json(out / f"shard-{buf.index:06d}.json", {
+        "signature": signature, "keys": [it.key for it in items[lo:hi]], "written": len(buf.samples),
+        "skipped": buf.skipped, "stats": buf.stats.to_json(), "text_tokens": buf.text_tokens})
+
+
+@torch.no_grad()
+def _extract_shards(todo: list[int], cfg: ExtractConfig, items: list, clips: VideoClipDataset, ae: Autoencoder,
+                    text_encoder, signature: dict, out: Path, device: torch.device, dtype: torch.dtype,
+                    batch_size: int, workers: int, bar: tqdm) -> int:
+    """Encode the clips of shards ``todo`` in order and write each shard when its last clip is done.
+
+    One DataLoader decodes every clip of this rank (``workers`` processes, pinned memory on a GPU)
+    while the encoder runs; finished shards are written by a background thread, so tar writing
+    overlaps the next shard's encoding. Batches never span shards. Returns the clips handled."""
+    S = cfg.shard_size
+    indices = [i for j in todo for i in range(j * S, min((j + 1) * S, len(items)))]
+    cuda = device.type == "cuda"
+    loader = torch.utils.data.DataLoader(_Clips(clips, indices), batch_size=1, num_workers=workers,
+                                         collate_fn=_first, pin_memory=cuda,
+                                         prefetch_factor=2 * batch_size if workers else None)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+    written: list[Future] = []
+    pending: list[dict[str, Any]] = []
+    buf: _ShardBuffer | None = None
+    handled = 0
+
+    def encode_pending() -> None:
         if not pending:
             return
-        video = torch.stack([p["video"] for p in pending]).to(device)  # (B, C, T, H, W)
+        video = torch.stack([p["video"] for p in pending]).to(device, non_blocking=True)  # (B, C, T, H, W)
         text, emb, mask = None, None, None
         if text_encoder is not None:
             emb, mask = text_encoder.encode([p["caption"] for p in pending])
             text = [e[m].cpu() for e, m in zip(emb, mask)]  # valid tokens only, (L_i, D)
-            text_tokens += int(mask.sum())
-        latent = ae.encode(video, _ae_cond(ae, emb, mask, device)).to("cpu", torch.float32)
-        stats.update(latent)
+            buf.text_tokens += int(mask.sum())
+        with dist.autocast(device, dtype):
+            latent = ae.encode(video, _ae_cond(ae, emb, mask, device))
+        latent = latent.to("cpu", torch.float32)
+        buf.stats.update(latent)
         for b, (p, lat) in enumerate(zip(pending, latent.unbatch())):
             item = items[p["index"]]
             meta = {"index": p["index"], "key": item.key, "caption": p["caption"] or None,
                     "class_id": None if p["class_id"] < 0 else p["class_id"], "fps": cfg.fps,
                     "frames": cfg.frames, "height": cfg.height, "width": cfg.width,
                     "autoencoder": signature["autoencoder"]}
-            samples.append(shards.encode_sample(lat, meta, None if text is None else text[b]))
-            keys.append(f"{p['index']:09d}")
+            buf.samples.append(shards.encode_sample(lat, meta, None if text is None else text[b]))
+            buf.keys.append(f"{p['index']:09d}")
         pending.clear()
 
-    for clip in loader:
-        bar.update(1)
-        if "error" in clip:
-            skipped.append({"key": items[clip["index"]].key, "reason": clip["error"]})
-            log.warning("skipping %s: %s", items[clip["index"]].key, clip["error"])
-            continue
-        pending.append(clip)
-        if len(pending) >= cfg.batch_size:
-            flush()
-        bar.set_postfix(clips_per_s=f"{bar.format_dict['rate'] or 0:.2f}")
-    flush()
+    def finish_shard() -> None:
+        encode_pending()
+        for f in written:  # a failed write (disk full) stops the run at the next shard
+            if f.done():
+                f.result()
+        written.append(writer.submit(_write_shard_files, buf, cfg, items, signature, out))
 
-    if samples:
-        shards.write_shard(out / shards.SHARD_NAME.format(j), samples, keys)
-    atomic_write_json(out / f"shard-{j:06d}.json", {
-        "signature": signature, "keys": [it.key for it in items[lo:hi]], "written": len(samples),
-        "skipped": skipped, "stats": stats.to_json(), "text_tokens": text_tokens})
-    return len(samples) + len(skipped)
+    try:
+        for clip in loader:
+            bar.update(1)
+            handled += 1
+            j = clip["index"] // S
+            if buf is None or buf.index != j:
+                if buf is not None:
+                    finish_shard()
+                buf = _ShardBuffer(j)
+            if "error" in clip:
+                buf.skipped.append({"key": items[clip["index"]].key, "reason": clip["error"]})
+                log.warning("skipping %s: %s", items[clip["index"]].key, clip["error"])
+                continue
+            pending.append(clip)
+            if len(pending) >= batch_size:
+                encode_pending()
+            bar.set_postfix(clips_per_s=f"{bar.format_dict['rate'] or 0:.2f}")
+        if buf is not None:
+            finish_shard()
+        for f in written:
+            f.result()
+    finally:
+        writer.shutdown(wait=True)
+    return handled
 
 
 def _merge_manifest(out: Path, n_shards: int, signature: dict, ae: Autoencoder, spec, world_size: int,
@@ -307,7 +404,7 @@ def _merge_manifest(out: Path, n_shards: int, signature: dict, ae: Autoencoder, 
 
 @torch.no_grad()
 def verify(out: Path, ae: Autoencoder, cfg: ExtractConfig, items: list, device: torch.device,
-           text_encoder=None) -> float:
+           text_encoder=None, dtype: torch.dtype = torch.float32) -> float:
     """Decode K random stored latents and compare with the re-decoded source clips (mean PSNR, dB).
     A text-guided autoencoder decodes with the caption's embedding."""
     samples = shards.read_all(out)
@@ -321,7 +418,8 @@ def verify(out: Path, ae: Autoencoder, cfg: ExtractConfig, items: list, device: 
         if ae.text_dim:
             emb, mask = text_encoder.encode([s["cond"]["caption"]])
             cond = _ae_cond(ae, emb, mask, device)
-        recon = ae.decode(s["latent"].to(device), cond).clamp(-1, 1)
+        with dist.autocast(device, dtype):
+            recon = ae.decode(s["latent"].to(device), cond).float().clamp(-1, 1)
         values.append(float(psnr(recon.cpu(), video.cpu())[0]))
     mean = sum(values) / len(values)
     print(f"verify: decoded {len(values)} latents, PSNR vs source {mean:.2f} dB")

@@ -132,3 +132,42 @@ def test_diffusers_vae_from_a_local_folder(videos, tmp_path):
     sample = shards.read_all(tmp_path / "lat")[0]
     with torch.no_grad():
         assert ae.decode(sample["latent"]).shape == (1, 3, 8, 32, 32)
+
+
+def test_workers_batch_size_and_dtype(videos, tmp_path):
+    """Decoding workers change no byte of the shards; another batch size changes latents only within
+    float rounding; bf16 compute (autocast) stays close to fp32, is recorded, and a folder of fp32
+    shards refuses to be resumed in bf16."""
+    _extract(videos, tmp_path / "ref")
+    _extract(videos, tmp_path / "workers", "--num-workers", "2")
+    assert shards.raw_bytes_digest(tmp_path / "workers") == shards.raw_bytes_digest(tmp_path / "ref")
+    _extract(videos, tmp_path / "batch5", "--batch-size", "5")
+    ref = shards.read_all(tmp_path / "ref")
+    for a, b in zip(ref, shards.read_all(tmp_path / "batch5")):
+        torch.testing.assert_close(a["latent"]["z"], b["latent"]["z"], atol=1e-5, rtol=1e-5)
+    _extract(videos, tmp_path / "bf16", "--dtype", "bf16")
+    m = shards.load_manifest(tmp_path / "bf16")
+    assert m["dtype"] == "bf16" and shards.load_manifest(tmp_path / "ref")["dtype"] == "fp32"
+    low = shards.read_all(tmp_path / "bf16")
+    assert low[0]["latent"]["z"].dtype == torch.float32  # stored as fp32 whatever the compute precision
+    for a, b in zip(ref, low):
+        err = (a["latent"]["z"] - b["latent"]["z"]).abs().max() / a["latent"]["z"].abs().max()
+        assert 0 < err < 0.05  # bf16 has 8 mantissa bits: close, but not identical
+    with pytest.raises(RuntimeError, match="different extraction"):
+        _extract(videos, tmp_path / "ref", "--dtype", "bf16")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        _extract(videos, tmp_path / "fp16", "--dtype", "fp16")
+
+
+def test_auto_workers_and_batch_size_on_the_cpu():
+    from launch.extract import auto_batch_size, auto_workers
+
+    cpu = torch.device("cpu")
+    assert auto_workers(-1, cpu, 1) == 0 and auto_workers(3, cpu, 1) == 3
+    assert 1 <= auto_workers(-1, torch.device("cuda"), 2) <= 8
+    with pytest.raises(ValueError, match="num-workers"):
+        auto_workers(-2, cpu, 1)
+    assert auto_batch_size(0, None, None, cpu, torch.float32, 0) == 4
+    assert auto_batch_size(7, None, None, cpu, torch.float32, 0) == 7
+    with pytest.raises(ValueError, match="batch-size"):
+        auto_batch_size(-1, None, None, cpu, torch.float32, 0)
