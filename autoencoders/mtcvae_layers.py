@@ -89,9 +89,9 @@ def select_rates(quality: Tensor, rates: Sequence[int], weight: float = 1.5,
     if quality.shape[1] != len(rates):
         raise ValueError(f"quality has {quality.shape[1]} columns for {len(rates)} rates")
     alpha = compression_tolerance(quality, reference)[:, None]  # (N, 1)
-    log_c = torch.tensor([math.log2(c) for c in rates], dtype=torch.float64)[None]  # (1, R)
+    log_c = torch.tensor([math.log2(c) for c in rates], dtype=torch.float64, device=quality.device)[None]  # (1, R)
     score = (1 - alpha) * quality.double() + alpha * log_c * weight  # (N, R)
-    return torch.tensor(list(rates), dtype=torch.long)[score.argmax(1)]
+    return torch.tensor(list(rates), dtype=torch.long, device=quality.device)[score.argmax(1)]
 
 
 def segment_psnr(recon: Tensor, video: Tensor) -> Tensor:
