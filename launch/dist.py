@@ -119,8 +119,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``--dtype``: ``auto`` is bf16 on CUDA and fp32 elsewhere; ``fp32`` / ``bf16`` / ``fp16``
-    as given (fp16 needs CUDA)."""
+    """``--dtype`` of the inference verbs: ``auto`` is bf16 on CUDA and fp32 elsewhere; ``fp32`` /
+    ``bf16`` / ``fp16`` as given (fp16 needs CUDA). Models run in it whole, weights included
+    (``model.to(dtype)``, as diffusers' ``torch_dtype``): half the activation memory of autocast,
+    whose norms return fp32."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
@@ -128,12 +130,6 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "fp16" and device.type != "cuda":
         raise ValueError("--dtype fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
     return DTYPES[name]
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision for inference at ``dtype`` (weights stay fp32; matmuls and convolutions run
-    in ``dtype``, norms and reductions in fp32, as torch's autocast lists say); fp32: no autocast."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

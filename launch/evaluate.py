@@ -56,6 +56,7 @@ from torch import Tensor
 from autoencoders import Autoencoder, build, load_pretrained
 from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, probe, read_video, write_video
+from launch.dist import compute_dtype
 from ldm.checkpoint import atomic_write_json, dir_hash
 from ldm.latent import Cond
 from ldm.metrics import LPIPS, RunningGaussian, frechet_distance, psnr, ssim_per_frame
@@ -280,13 +281,15 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
                             device: str | torch.device = "cpu", lpips: LPIPS | None = None,
                             i3d: Extractor | None = None, fvd_frames: int = FVD_FRAMES,
                             frame_group: int = 0, group_start: int = 0, text_encoder=None,
-                            grid: str | Path | None = None, grid_clips: int = 4) -> dict[str, Any]:
+                            grid: str | Path | None = None, grid_clips: int = 4,
+                            dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Encode + decode the clips of ``input``; per-clip PSNR / SSIM (/ LPIPS), rFVD, optional
-    per-position SSIM and a grid of the first ``grid_clips`` clips."""
+    per-position SSIM and a grid of the first ``grid_clips`` clips. The autoencoder runs in
+    ``dtype``; the metrics are computed in fp32."""
     from launch.train_ae import save_grid
 
     device = torch.device(device)
-    ae = ae.to(device).eval()
+    ae = ae.to(device=device, dtype=dtype).eval()
     ae.check_input(frames, height, width)
     text_dim = ae.text_dim
     if text_dim and text_encoder is None:
@@ -302,9 +305,9 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
         cond = None
         if text_dim:
             emb, mask = text_encoder.encode([b["caption"] for b in batch])
-            cond = Cond(text=emb.to(device), text_mask=mask.to(device))
+            cond = Cond(text=emb.to(device, dtype), text_mask=mask.to(device))
         t0 = time.perf_counter()
-        latent = ae.encode(x, cond)
+        latent = ae.encode(x.to(dtype), cond)
         t1 = time.perf_counter()
         y = ae.decode(latent, cond).clamp(-1, 1)
         t_enc, t_dec = t_enc + t1 - t0, t_dec + time.perf_counter() - t1
@@ -703,6 +706,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--grid", help="reconstruction grid PNG (originals above reconstructions)")
     r.add_argument("--output", required=True, help="result JSON")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="precision the autoencoder runs in (auto: bf16 on CUDA, fp32 on the CPU)")
 
     g = sub.add_parser("gen", help="generation quality of a trained DiT")
     g.add_argument("--checkpoint", required=True, help="an `ldm train` run folder or its export/")
@@ -719,6 +724,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--fps", type=float, default=8.0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="precision the DiT and the autoencoder run in (auto: bf16 on CUDA, fp32 on the CPU)")
     g.add_argument("--attributes", action="store_true", help="the offline attribute benchmark")
     g.add_argument("--per-prompt", type=int, default=4)
     g.add_argument("--shapes", nargs="+")
@@ -793,7 +800,8 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     result = evaluate_reconstruction(ae, args.input, args.frames, args.height, args.width, fps=args.fps, num=args.num,
                                      batch_size=args.batch_size, device=device, lpips=lpips, i3d=i3d,
                                      fvd_frames=args.fvd_frames, frame_group=args.frame_group,
-                                     group_start=args.group_start, text_encoder=text_encoder, grid=args.grid)
+                                     group_start=args.group_start, text_encoder=text_encoder, grid=args.grid,
+                                     dtype=compute_dtype(args.dtype, device))
     result = {"autoencoder": name, "checkpoint": args.checkpoint, "checkpoint_hash": ckpt_hash, "input": args.input,
               **result}
     if lpips is not None:
@@ -814,8 +822,10 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     if args.reference and i3d is None and inception is None:
         raise ValueError("--reference needs --i3d (FVD) and/or --inception (FID)")
     info = vbench_info_path(args.vbench_info) if args.vbench else None
+    dtype = compute_dtype(args.dtype, device)
     model, context = load_export(args.checkpoint, device)
-    ae = load_context_ae(context, args.ae_checkpoint).to(device).eval()
+    model = model.to(dtype)
+    ae = load_context_ae(context, args.ae_checkpoint).to(device=device, dtype=dtype).eval()
     video = context["video"]
     frames, height, width = args.frames or video["frames"], args.height or video["height"], args.width or video["width"]
     out = Path(args.output)

@@ -62,7 +62,7 @@ class ExtractConfig:
     text_encoder: str | None = None
     verify: int = 0
     device: str = "auto"
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16: the encoder's compute precision
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16: the encoder runs in it
     seed: int = 0
 
 
@@ -86,8 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="video decoding worker processes per rank (default -1 = auto: 0 on the CPU, "
                         "min(8, cores / ranks) with a GPU)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="encoder precision (autocast; weights stay fp32): auto = bf16 on CUDA, fp32 on the CPU. "
-                        "Latents are stored as fp32 either way")
+                   help="precision the autoencoder runs in (weights and activations): auto = bf16 on CUDA, fp32 "
+                        "on the CPU. Latents are stored as fp32 either way")
     p.add_argument("--text-encoder", help="cache caption embeddings: builtin | t5:DIR | clip:DIR")
     p.add_argument("--verify", type=int, default=0, metavar="K", help="decode K random latents, report PSNR vs source")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -156,11 +156,11 @@ def check_text_encoder(ae: Autoencoder, name: str, text_encoder, spec: str | Non
 
 
 def _ae_cond(ae: Autoencoder, emb: torch.Tensor | None, mask: torch.Tensor | None,
-             device: torch.device) -> Cond | None:
+             device: torch.device, dtype: torch.dtype = torch.float32) -> Cond | None:
     """``cond`` for encode/decode: the caption embeddings for a text-guided autoencoder, else None."""
     if not ae.text_dim:
         return None
-    return Cond(text=emb.to(device), text_mask=mask.to(device))
+    return Cond(text=emb.to(device, dtype), text_mask=mask.to(device))
 
 
 def _run_signature(cfg: ExtractConfig, name: str, ae: Autoencoder, ckpt_hash: str | None,
@@ -195,10 +195,10 @@ def auto_batch_size(requested: int, ae: Autoencoder, cfg: ExtractConfig, device:
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    video = torch.zeros(1, 3, cfg.frames, cfg.height, cfg.width, device=device)
-    cond = Cond(text=torch.zeros(1, 8, text_dim, device=device), text_mask=torch.ones(1, 8, dtype=torch.bool,
-                                                                                          device=device)) if text_dim else None
-    with torch.no_grad(), dist.autocast(device, dtype):
+    video = torch.zeros(1, 3, cfg.frames, cfg.height, cfg.width, device=device, dtype=dtype)
+    cond = Cond(text=torch.zeros(1, 8, text_dim, device=device, dtype=dtype),
+                text_mask=torch.ones(1, 8, dtype=torch.bool, device=device)) if text_dim else None
+    with torch.no_grad():
         ae.encode(video, cond)
     torch.cuda.synchronize(device)
     per_clip = max(torch.cuda.max_memory_allocated(device) - base, 1)
@@ -215,7 +215,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
 
     ae, name, ckpt_hash = _load_autoencoder(cfg)
     ae.check_input(cfg.frames, cfg.height, cfg.width)  # clear error before any work
-    ae = ae.to(device).eval()
+    ae = ae.to(device=device, dtype=dtype).eval()
     spec = ae.latent_spec(cfg.frames, cfg.height, cfg.width)
     text_encoder = None
     if cfg.text_encoder:
@@ -320,15 +320,13 @@ def _extract_shards(todo: list[int], cfg: ExtractConfig, items: list, clips: Vid
     def encode_pending() -> None:
         if not pending:
             return
-        video = torch.stack([p["video"] for p in pending]).to(device, non_blocking=True)  # (B, C, T, H, W)
+        video = torch.stack([p["video"] for p in pending]).to(device, non_blocking=True).to(dtype)  # (B, C, T, H, W)
         text, emb, mask = None, None, None
         if text_encoder is not None:
             emb, mask = text_encoder.encode([p["caption"] for p in pending])
             text = [e[m].cpu() for e, m in zip(emb, mask)]  # valid tokens only, (L_i, D)
             buf.text_tokens += int(mask.sum())
-        with dist.autocast(device, dtype):
-            latent = ae.encode(video, _ae_cond(ae, emb, mask, device))
-        latent = latent.to("cpu", torch.float32)
+        latent = ae.encode(video, _ae_cond(ae, emb, mask, device, dtype)).to("cpu", torch.float32)
         buf.stats.update(latent)
         for b, (p, lat) in enumerate(zip(pending, latent.unbatch())):
             item = items[p["index"]]
@@ -417,9 +415,8 @@ def verify(out: Path, ae: Autoencoder, cfg: ExtractConfig, items: list, device: 
         cond = None
         if ae.text_dim:
             emb, mask = text_encoder.encode([s["cond"]["caption"]])
-            cond = _ae_cond(ae, emb, mask, device)
-        with dist.autocast(device, dtype):
-            recon = ae.decode(s["latent"].to(device), cond).float().clamp(-1, 1)
+            cond = _ae_cond(ae, emb, mask, device, dtype)
+        recon = ae.decode(s["latent"].to(device, dtype), cond).float().clamp(-1, 1)
         values.append(float(psnr(recon.cpu(), video.cpu())[0]))
     mean = sum(values) / len(values)
     print(f"verify: decoded {len(values)} latents, PSNR vs source {mean:.2f} dB")

@@ -50,15 +50,18 @@ def load_autoencoder(name: str | None, checkpoint: str | None) -> tuple[Autoenco
 
 
 @torch.no_grad()
-def reconstruct(ae: Autoencoder, video: torch.Tensor, device: torch.device, cond: Cond | None = None
-                ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``video`` ``(C, T, H, W)`` in [-1, 1] -> reconstruction (same shape, clamped) and metrics.
-    ``cond`` (batch 1) goes to both encode and decode, e.g. the caption of a text-guided model."""
-    ae.eval().to(device)
+def reconstruct(ae: Autoencoder, video: torch.Tensor, device: torch.device, cond: Cond | None = None,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, float]]:
+    """``video`` ``(C, T, H, W)`` in [-1, 1] -> reconstruction (same shape, clamped, fp32) and
+    metrics. ``cond`` (batch 1) goes to both encode and decode, e.g. the caption of a text-guided
+    model. The autoencoder runs in ``dtype`` (its weights are cast)."""
+    ae.eval().to(device=device, dtype=dtype)
     x = video[None].to(device)  # (1, C, T, H, W)
+    if cond is not None and cond.text is not None:
+        cond = Cond(text=cond.text.to(dtype), text_mask=cond.text_mask)
     t0 = time.perf_counter()
-    latent = ae.encode(x, cond)
-    recon = ae.decode(latent, cond).clamp(-1, 1)
+    latent = ae.encode(x.to(dtype), cond)
+    recon = ae.decode(latent, cond).float().clamp(-1, 1)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -102,6 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--prompt", help="the clip's caption, for a text-guided autoencoder (text_dim > 0)")
     a("--text-encoder", help="text encoder of a text-guided autoencoder: builtin | t5:DIR | clip:DIR")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+      help="precision the autoencoder runs in: auto = bf16 on CUDA, fp32 on the CPU")
     a("--json", action="store_true", help="print the metrics as one JSON object")
 
 
@@ -115,12 +120,14 @@ def run(args: argparse.Namespace) -> int:
     video = read_video(args.input, args.frames, args.height, args.width, fps=args.fps)  # (C, T, H, W)
     fps = args.fps or probe(args.input)["fps"] or 8.0
     device = dist.device_for(dist.dist_env(), args.device)
-    recon, metrics = reconstruct(ae, video, device, caption_cond(ae, name, args.prompt, args.text_encoder, device))
+    dtype = dist.compute_dtype(args.dtype, device)
+    recon, metrics = reconstruct(ae, video, device, caption_cond(ae, name, args.prompt, args.text_encoder, device),
+                                 dtype)
     frames = torch.cat([video, recon], dim=-1) if args.side_by_side else recon  # (C, T, H, W or 2W)
     write_video(out, frames, fps)
     result: dict[str, Any] = {"autoencoder": name, "checkpoint": args.checkpoint, "input": args.input,
                               "output": str(out), "frames": args.frames, "height": args.height,
-                              "width": args.width, "fps": fps, **metrics}
+                              "width": args.width, "fps": fps, "dtype": dist.dtype_name(dtype), **metrics}
     if args.json:
         print(json.dumps(result))
     else:

@@ -64,6 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--output", required=True, help="output folder (MP4 + GIF per video, grid.png)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="precision the DiT and the autoencoder run in: auto = bf16 on CUDA, fp32 on the CPU "
+                        "(the sampler's state stays fp32)")
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                   help="regional torch.compile of the DiT's blocks (auto: on for CUDA)")
 
 
 def load_autoencoder(context: dict[str, Any], checkpoint: str | None = None) -> Autoencoder:
@@ -122,7 +127,7 @@ def content_condition(model, ae: Autoencoder, context: dict[str, Any], image: to
     if image.shape != (3, height, width):
         raise ValueError(f"--image: the frame must be (3, {height}, {width}), got {tuple(image.shape)}")
     device = next(model.parameters()).device
-    content = ae.encode_content(image[None].to(device))  # (1, c, 1, h, w)
+    content = ae.encode_content(image[None].to(device, _dtype_of(ae))).float()  # (1, c, 1, h, w)
     content = normalize(Latent({"content": content}, spec.form), context.get("latent_norm", {}))["content"]
     return content.expand(batch, -1, -1, -1, -1).contiguous()  # (B, c, 1, h, w)
 
@@ -175,11 +180,19 @@ def generate(model, ae: Autoencoder, context: dict[str, Any], **kw: Any) -> torc
     in [-1, 1]; for variable-length latents a list of ``(C, T_i, H, W)``, each decoded on its own
     (MTC-VAE splits it at predicted keyframes, so its frame count follows the segments)."""
     latent, ae_cond = sample_latents(model, ae, context, **kw)
+    dtype = _dtype_of(ae)  # the autoencoder decodes in its own precision (--dtype)
+    latent = latent.to(dtype=dtype)
+    if ae_cond.text is not None:
+        ae_cond = Cond(text=ae_cond.text.to(dtype), text_mask=ae_cond.text_mask)
     if latent.form != "varlen":
-        return ae.decode(latent, ae_cond).clamp(-1, 1).cpu()
+        return ae.decode(latent, ae_cond).float().clamp(-1, 1).cpu()
     return [ae.decode(one, Cond(text=None if ae_cond.text is None else ae_cond.text[i:i + 1],
                                 text_mask=None if ae_cond.text_mask is None else ae_cond.text_mask[i:i + 1]))
-            .clamp(-1, 1)[0].cpu() for i, one in enumerate(latent.unbatch())]
+            .float().clamp(-1, 1)[0].cpu() for i, one in enumerate(latent.unbatch())]
+
+
+def _dtype_of(module: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def save_videos(videos: torch.Tensor | list[torch.Tensor], out: Path, names: list[str], fps: float) -> list[Path]:
@@ -206,9 +219,16 @@ def save_videos(videos: torch.Tensor | list[torch.Tensor], out: Path, names: lis
 def run(args: argparse.Namespace) -> int:
     from launch import dist
 
+    from launch.engine import resolve_switch
+    from ldm.layers import compile_blocks
+
     device = dist.device_for(dist.dist_env(), args.device)
+    dtype = dist.compute_dtype(args.dtype, device)
     model, context = load_export(args.checkpoint, device)
-    ae = load_autoencoder(context, args.ae_checkpoint).to(device).eval()
+    model = model.to(dtype)
+    if resolve_switch({"true": True, "false": False}.get(args.compile, args.compile), device, "--compile"):
+        compile_blocks(model)
+    ae = load_autoencoder(context, args.ae_checkpoint).to(device=device, dtype=dtype).eval()
     video = context["video"]
     frames = args.num_frames or video["frames"]
     height, width = args.height or video["height"], args.width or video["width"]

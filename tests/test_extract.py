@@ -136,7 +136,7 @@ def test_diffusers_vae_from_a_local_folder(videos, tmp_path):
 
 def test_workers_batch_size_and_dtype(videos, tmp_path):
     """Decoding workers change no byte of the shards; another batch size changes latents only within
-    float rounding; bf16 compute (autocast) stays close to fp32, is recorded, and a folder of fp32
+    float rounding; bf16 (the model cast to bf16) stays close to fp32, is recorded, and a folder of fp32
     shards refuses to be resumed in bf16."""
     _extract(videos, tmp_path / "ref")
     _extract(videos, tmp_path / "workers", "--num-workers", "2")
