@@ -179,7 +179,7 @@ class IVVAEEncoder(nn.Module):
                 if i == len(self.down_spatial) - 1 and self.entry_attention is not None:
                     h = self.entry_attention(h)
         h = self.mid(h)
-        return self.head(F.silu(self.norm_out(h)))
+        return self.head(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
 class IVVAEDecoder(nn.Module):
@@ -228,7 +228,7 @@ class IVVAEDecoder(nn.Module):
                 if isinstance(self.up_temporal[j], KeyframeUpsample):
                     h = self.up_temporal[j](h, cache)
                 h = self.up_spatial[j](h)
-        key, motion = self.head(F.silu(self.norm_out(h)), cache).chunk(2, dim=1)
+        key, motion = self.head(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()), cache).chunk(2, dim=1)
         return keyframe_select(key, motion, self.group, start)  # (B, C, T, H, W)
 
 

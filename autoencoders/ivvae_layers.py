@@ -18,6 +18,13 @@ from 3D group causal convolutions. Each half is normalised on its own. The model
   `KeyframeUpsample`, the per-branch spatial resamplers, and the TMPE head `ParallelAtrousConv`
   (Sec. 3.4).
 
+Inference memory (no autograd: ``torch.no_grad`` / ``inference_mode``): the layers write into
+preallocated outputs frame-chunk by frame-chunk (``FRAME_CHUNK_ELEMENTS`` input elements at a
+time), normalise and activate in place and add residuals in place, so a full-resolution level holds
+about three feature maps at once instead of the ten a straightforward graph keeps (the window
+copies of the group convolution, the two halves before their concatenation, the 4x nearest-upsampled
+map). The results are the same ops on the same numbers; with autograd on, the plain path runs.
+
 Group-causal contract shared by every layer here: a clip of ``1 + g*k`` frames at group size ``g``
 is frame 0 followed by ``k`` groups; the output for a group depends on that group and the frames
 before it only. With a `StreamCache`, the first call of a layer starts the video (frame 0 plus whole
@@ -36,6 +43,18 @@ from autoencoders.blocks import SpatialDownsample, group_norm
 from ldm.attention import attention
 
 NORMS = ("rms", "group")
+FRAME_CHUNK_ELEMENTS = 2 ** 27  # elements of input per chunk of frames in inference (256 MiB in bf16)
+
+
+def _inference() -> bool:
+    """No autograd: outputs may be preallocated and filled chunk by chunk, ops may run in place."""
+    return not torch.is_grad_enabled()
+
+
+def _frame_step(x: Tensor, frames_axis: int = 2) -> int:
+    """Frames per chunk so that one chunk of ``x`` holds about ``FRAME_CHUNK_ELEMENTS`` elements."""
+    per_frame = max(1, x.numel() // max(1, x.shape[frames_axis]))
+    return max(1, FRAME_CHUNK_ELEMENTS // per_frame)
 
 
 # ------------------------------------------------------------------------------------------
@@ -113,11 +132,14 @@ class GroupCausalConv3d(nn.Conv3d):
         self.group = group
         self.time_pad = kt // 2
 
-    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: StreamCache | None = None, out: Tensor | None = None) -> Tensor:
+        """``x: (B, C, T, H, W)`` -> ``(B, C', T, H', W')``; with ``out`` (inference only) the result
+        is written there."""
         if x.ndim != 5:
             raise ValueError(f"GroupCausalConv3d expects B C T H W, got shape {tuple(x.shape)}")
         if self.time_pad == 0:
-            return super().forward(x)
+            y = super().forward(x)
+            return y if out is None else out.copy_(y)
         p, g = self.time_pad, self.group
         past = cache.get(self) if cache is not None else None
         start = past is None
@@ -131,15 +153,31 @@ class GroupCausalConv3d(nn.Conv3d):
         if cache is not None:  # the next chunk's past: a copy (a view would pin this chunk's input)
             cache.put(self, (body[:, :, -p:] if k else past).clone())
         if not k:
-            return first_out
+            return first_out if out is None else out.copy_(first_out)
+        offset = 1 if start else 0
         groups = rearrange(body, "b c (k g) h w -> b k c g h w", g=g)
+        if _inference():  # windows of a few groups at a time, written straight into the output
+            if out is None:
+                out = x.new_empty(x.shape[0], self.out_channels, x.shape[2], *x.shape[3:])  # stride 1, "same"
+            if start:
+                out[:, :, :1] = first_out
+            step = max(1, _frame_step(body) // g)
+            for j0 in range(0, k, step):
+                j1 = min(k, j0 + step)
+                before = past.unsqueeze(1) if j0 == 0 else groups[:, j0 - 1:j0, :, g - p:]
+                left = torch.cat([before, groups[:, j0:j1 - 1, :, g - p:]], dim=1)  # (B, n, C, P, H, W)
+                windows = torch.cat([left, groups[:, j0:j1], torch.zeros_like(left)], dim=3)  # (B, n, C, P+g+P, H, W)
+                y = super().forward(rearrange(windows, "b n c t h w -> (b n) c t h w"))  # (B*n, C', g, H', W')
+                rearrange(out[:, :, offset + j0 * g:offset + j1 * g], "b c (n g) h w -> b n c g h w", g=g).copy_(
+                    rearrange(y, "(b n) c g h w -> b n c g h w", n=j1 - j0))
+                del left, windows, y  # before the next chunk's are made
+            return out
         # before group j: the last P frames of group j - 1 (P <= g), or the past for the first group
         left = torch.cat([past.unsqueeze(1), groups[:, :-1, :, g - p:]], dim=1)  # (B, k, C, P, H, W)
         zeros = body.new_zeros(body.shape[0], k, body.shape[1], p, *body.shape[3:])
         windows = torch.cat([left, groups, zeros], dim=3)  # (B, k, C, P + g + P, H, W)
         y = super().forward(rearrange(windows, "b k c t h w -> (b k) c t h w"))  # (B*k, C', g, H', W')
         out = y.new_empty(x.shape[0], y.shape[1], x.shape[2], *y.shape[3:])  # (B, C', T, H', W')
-        offset = 1 if start else 0
         if start:
             out[:, :, :1] = first_out
         rearrange(out[:, :, offset:], "b c (k g) h w -> b k c g h w", g=g).copy_(
@@ -147,11 +185,21 @@ class GroupCausalConv3d(nn.Conv3d):
         return out
 
 
-def _frame_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """Apply a 2D convolution to every frame of ``B C T H W``."""
+def _frame_conv(conv: nn.Conv2d, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """Apply a 2D convolution to every frame of ``B C T H W``; in inference a chunk of frames at a
+    time, into ``out`` when given."""
     b = x.shape[0]
-    y = conv(rearrange(x, "b c t h w -> (b t) c h w"))  # (B*T, C', H', W')
-    return rearrange(y, "(b t) c h w -> b c t h w", b=b)  # (B, C', T, H', W')
+    if not _inference():
+        y = conv(rearrange(x, "b c t h w -> (b t) c h w"))  # (B*T, C', H', W')
+        return rearrange(y, "(b t) c h w -> b c t h w", b=b)  # (B, C', T, H', W')
+    step = _frame_step(x)
+    for t0 in range(0, x.shape[2], step):
+        y = conv(rearrange(x[:, :, t0:t0 + step], "b c t h w -> (b t) c h w"))  # (B*t, C', H', W')
+        if out is None:
+            out = y.new_empty(b, y.shape[1], x.shape[2], *y.shape[2:])
+        out[:, :, t0:t0 + step] = rearrange(y, "(b t) c h w -> b c t h w", b=b)
+        del y
+    return out
 
 
 class KTCConv(nn.Module):
@@ -174,6 +222,15 @@ class KTCConv(nn.Module):
                                   else nn.Conv2d(in_channels, half, kernel_size, padding=pad))
 
     def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        if _inference():  # both halves written into one output
+            half = self.key.out_channels
+            out = x.new_empty(x.shape[0], 2 * half, *x.shape[2:])  # (B, C_out, T, H, W): stride 1, "same"
+            _frame_conv(self.key, x, out[:, :half])
+            if self.group > 1:
+                self.motion(x, cache, out[:, half:])
+            else:
+                _frame_conv(self.motion, x, out[:, half:])
+            return out
         key = _frame_conv(self.key, x)
         motion = self.motion(x, cache) if self.group > 1 else _frame_conv(self.motion, x)
         return torch.cat([key, motion], dim=1)  # (B, C_out, T, H, W)
@@ -197,8 +254,11 @@ class ChannelRMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         h = x.reshape(shape[0], self.halves, shape[1] // self.halves, *shape[2:])  # (B, r, C/r, ...)
-        h = h * torch.rsqrt(h.pow(2).mean(dim=2, keepdim=True) + self.eps)
-        return h.reshape(shape) * self.weight.view(1, -1, *([1] * (x.ndim - 2)))
+        # mean of squares through a norm reduction: no map of squares is materialised
+        ms = torch.linalg.vector_norm(h, dim=2, keepdim=True).square() / h.shape[2]  # (B, r, 1, ...)
+        h = h * torch.rsqrt(ms + self.eps)
+        weight = self.weight.view(1, -1, *([1] * (x.ndim - 2)))
+        return h.reshape(shape).mul_(weight) if _inference() else h.reshape(shape) * weight
 
 
 def channel_norm(kind: str, channels: int, groups: int) -> nn.Module:
@@ -285,9 +345,12 @@ class KTCResBlock(nn.Module):
         self.skip = KTCConv(in_channels, out_channels, 1, group) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)), cache)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))), cache)
-        return (x if self.skip is None else self.skip(x, cache)) + h
+        inplace = _inference()  # the normalised maps are fresh tensors: activate them in place
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace), cache)
+        h = self.norm2(h)  # (the conv output is freed here, not after conv2)
+        h = self.conv2(self.dropout(F.silu(h, inplace=inplace)), cache)
+        skip = x if self.skip is None else self.skip(x, cache)
+        return h.add_(skip) if inplace else skip + h
 
 
 # ------------------------------------------------------------------------------------------
@@ -320,6 +383,17 @@ class BranchSpatialUpsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b = x.shape[0]
+        if _inference():  # a chunk of frames at a time: the 4x larger nearest-upsampled map stays small
+            half = self.key.out_channels
+            out = x.new_empty(b, 2 * half, x.shape[2], 2 * x.shape[3], 2 * x.shape[4])  # (B, C_out, T, 2H, 2W)
+            step = max(1, _frame_step(x) // 4)
+            for t0 in range(0, x.shape[2], step):
+                h = rearrange(x[:, :, t0:t0 + step], "b c t h w -> (b t) c h w")
+                key, motion = F.interpolate(h, scale_factor=2.0, mode="nearest").chunk(2, dim=1)
+                out[:, :half, t0:t0 + step] = rearrange(self.key(key), "(b t) c h w -> b c t h w", b=b)
+                out[:, half:, t0:t0 + step] = rearrange(self.motion(motion), "(b t) c h w -> b c t h w", b=b)
+                del h, key, motion
+            return out
         h = rearrange(x, "b c t h w -> (b t) c h w")  # (B*T, C, H, W)
         h = F.interpolate(h, scale_factor=2.0, mode="nearest")  # (B*T, C, 2H, 2W)
         key, motion = h.chunk(2, dim=1)

@@ -134,6 +134,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 needs CUDA (paper: BF16)")
     p.add_argument("--repeats", type=int, default=1, help="timed calls per measurement (best is kept)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -161,8 +162,14 @@ def main() -> None:
         g = torch.Generator().manual_seed(frames)
         video = (torch.rand(1, 3, frames, args.size, args.size, generator=g) * 2 - 1).to(device, dtype)
         reference = None
-        for method in METHODS:
-            out, seconds, peak = measure(fns[method], video, args.repeats)
+        for method in args.methods.split(","):
+            try:
+                out, seconds, peak = measure(fns[method], video, args.repeats)
+            except torch.OutOfMemoryError as e:
+                rows.append({"frames": frames, "method": method, "error": f"out of memory: {str(e).splitlines()[0]}"})
+                print(f"{frames:6d} {method:>9s} out of memory", flush=True)
+                torch.cuda.empty_cache()
+                continue
             if reference is None:
                 reference = out.float()
             r = {"frames": frames, "method": method, "seconds": seconds, "peak_mib": peak / MiB,
@@ -171,7 +178,7 @@ def main() -> None:
             rows.append(r)
             del out
             if not args.json:
-                base = rows[-1 - METHODS.index(method)]  # this length's one-shot row
+                base = next(r for r in rows if r["frames"] == frames and "peak_mib" in r)  # first method measured
                 print(f"{frames:6d} {method:>9s} {r['peak_mib']:10.1f} {r['output_mib']:7.1f} "
                       f"{r['peak_mib'] - r['output_mib']:12.1f} {seconds:8.2f} "
                       f"{r['peak_mib'] / base['peak_mib']:15.2f} {r['max_abs_diff_vs_one_shot']:10.2e}", flush=True)

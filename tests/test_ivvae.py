@@ -238,6 +238,41 @@ def test_chunked_training_has_the_same_gradients():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_inference_path_equals_the_autograd_path_and_holds_few_maps(chunk, monkeypatch):
+    """Without autograd the layers fill preallocated outputs a few frames at a time and work in
+    place: the same numbers as the autograd path, with a KTC ResBlock at about three live feature
+    maps (input, normalised map, convolution output) instead of six."""
+    import sys
+
+    import autoencoders.ivvae_layers as L
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from ivvae_cache import LiveTensorBytes
+
+    monkeypatch.setattr(L, "FRAME_CHUNK_ELEMENTS", 700)  # several chunks even at this size
+    model = _model(chunk_frames=chunk)
+    x = _video(9, 24, 24)
+    with torch.enable_grad():
+        z_ref, rec_ref = model.encode(x), None
+        rec_ref = model.decode(z_ref)
+    with torch.no_grad():
+        z, rec = model.encode(x), None
+        rec = model.decode(z)
+    torch.testing.assert_close(z["z"], z_ref["z"].detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rec, rec_ref.detach(), rtol=1e-5, atol=1e-5)
+    blk = KTCResBlock(16, 16, 4).eval()
+    h = torch.randn(1, 16, 17, 32, 32)
+    one_map = h.numel() * h.element_size()
+    peaks = {}
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), LiveTensorBytes() as tracker:
+            out = blk(h)
+        peaks[grad] = tracker.peak / one_map
+        del out
+    assert peaks[False] <= 3.5 < peaks[True], peaks
+
+
 def test_stream_cache_holds_one_frame_per_gcconv_and_stays_flat():
     model = _model()
     x = _video(13)
