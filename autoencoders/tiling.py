@@ -110,9 +110,11 @@ def blend_weights(spans: list[Span], margin: int, device: torch.device) -> list[
 def _blend(run: Callable[[Span, Span], dict[str, Tensor]], rows: list[Span], cols: list[Span],
            out_rows: list[Span], out_cols: list[Span], margin: int, device: torch.device) -> dict[str, Tensor]:
     """Run every tile (``run(row_span, col_span)`` -> named ``B c t h w`` tensors covering
-    ``out_rows[i] x out_cols[j]``) and sum the outputs weighted by `blend_weights`."""
+    ``out_rows[i] x out_cols[j]``) and sum the outputs weighted by `blend_weights`, in float32 at
+    least (bf16 weights would not sum to 1), returned in the tiles' dtype."""
     wy, wx = blend_weights(out_rows, margin, device), blend_weights(out_cols, margin, device)
     out: dict[str, Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for (row, (ys, ye)), w_row in zip(zip(rows, out_rows), wy):
         for (col, (xs, xe)), w_col in zip(zip(cols, out_cols), wx):
             parts = run(row, col)
@@ -122,9 +124,11 @@ def _blend(run: Callable[[Span, Span], dict[str, Tensor]], rows: list[Span], col
                     raise ValueError(f"a tile gave {name} of spatial size {tuple(v.shape[-2:])}, expected "
                                      f"{tuple(w.shape)}: the model's output does not follow its spatial factor")
                 if name not in out:
-                    out[name] = v.new_zeros(*v.shape[:-2], out_rows[-1][1], out_cols[-1][1])
-                out[name][..., ys:ye, xs:xe] += v * w.to(v.dtype)
-    return out
+                    dtypes[name] = v.dtype
+                    out[name] = v.new_zeros(*v.shape[:-2], out_rows[-1][1], out_cols[-1][1],
+                                            dtype=torch.promote_types(v.dtype, torch.float32))
+                out[name][..., ys:ye, xs:xe] += v * w  # (B, c, t, h_tile, w_tile)
+    return {name: x.to(dtypes[name]) for name, x in out.items()}
 
 
 def _crop_cond(cond: Cond | None, size: tuple[int, int], rows: Span, cols: Span) -> Cond | None:

@@ -116,7 +116,7 @@ def _probe(dtype=torch.float32) -> LocalProbe:
     return LocalProbe(ProbeConfig(latent_scale=(0.7,), latent_shift=(0.1,))).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_tiled_equals_untiled_when_margin_covers_the_receptive_field(dtype):
     ae = _probe(dtype)
     video = _video(2, 44, 60).to(dtype)  # not a multiple of the tile: 3 x 4 tiles of 24 pixels
@@ -125,9 +125,13 @@ def test_tiled_equals_untiled_when_margin_covers_the_receptive_field(dtype):
     ae.enable_tiling(tile=24, overlap=16, margin=8)
     tiled = ae.encode(video)
     assert tiled["z"].dtype == dtype and tiled["z"].shape == ref["z"].shape
-    torch.testing.assert_close(tiled["z"], ref["z"])
-    torch.testing.assert_close(tiled.logvar["z"], ref.logvar["z"])
-    torch.testing.assert_close(ae.decode(ref), ref_video)
+    # bf16: the convolutions of a tile and of the frame may round differently; the blend is float32
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(tiled["z"], ref["z"], **tol)
+    torch.testing.assert_close(tiled.logvar["z"], ref.logvar["z"], **tol)
+    tiled_video = ae.decode(ref)
+    assert tiled_video.dtype == dtype
+    torch.testing.assert_close(tiled_video, ref_video, **tol)
 
     ae.enable_tiling(tile=24, overlap=16, margin=4)  # margin below the encoder's reach of 8 pixels
     assert (ae.encode(video)["z"] - ref["z"]).abs().max() > 1e-3
@@ -231,7 +235,7 @@ def test_text_guided_cmvae_tiles_with_its_caption():
     torch.manual_seed(0)
     ae = autoencoders.build("cmvae-z4-text-debug").eval()
     cond = Cond(text=torch.randn(1, 5, ae.text_dim), text_mask=torch.ones(1, 5, dtype=torch.bool))
-    video = _video(8, 96, 64)
+    video = _video(1, 96, 64)  # image mode: the text layers work the same per frame
     with torch.no_grad():
         ref = ae.encode(video, cond)
         ae.enable_tiling(tile=64, overlap=32)
