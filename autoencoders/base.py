@@ -29,9 +29,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from autoencoders.tiling import Tiling, tiled_decode, tiled_encode
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
-from autoencoders.tiling import Tiling, tiled_decode, tiled_encode
 from ldm.latent import Cond, Latent, LatentSpec
 
 
