@@ -34,6 +34,7 @@ bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/training.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/ivvae_cache.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/varlen.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/tiling.py
 
 clean:
 	rm -rf demo_out runs

@@ -9,6 +9,9 @@ Every autoencoder, ours or a wrapped diffusers model, is an `Autoencoder`:
 - ``latent_spec(frames, height, width) -> LatentSpec``: shape arithmetic only.
 - ``train_forward(video, cond) -> AEOutput``: what the AE trainer optimises; families with their own
   objectives (diffusion decoders, consistency losses) override it and return extra loss terms.
+- ``enable_tiling(tile, overlap, margin)`` / ``disable_tiling()``: ``encode`` and ``decode`` work on
+  overlapping spatial tiles blended at the seams (``tiling.py``), for the families that declare
+  ``spatial_tiling`` (one grid part ``z`` at ``spatial_factor``). ``train_forward`` never tiles.
 
 Latent scaling: ``config.latent_scale`` / ``config.latent_shift`` (one value, or one per channel of
 grid part ``z``) are applied inside ``encode``/``decode`` as ``(z - shift) * scale``, so the
@@ -26,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from autoencoders.tiling import Tiling, tiled_decode, tiled_encode
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
 from ldm.latent import Cond, Latent, LatentSpec
@@ -52,10 +56,14 @@ class Autoencoder(nn.Module):
     config_cls: ClassVar[type] = AEConfig
     # True when a training step can leave parameters without gradients (DDP must not wait for them)
     ddp_find_unused_parameters: ClassVar[bool] = False
+    # True when the latent is one grid part ``z: B c t H/f W/f`` with ``f = self.spatial_factor`` (an
+    # attribute such families have) whose cells depend mostly on nearby pixels: enable_tiling applies
+    spatial_tiling: ClassVar[bool] = False
 
     def __init__(self, config: AEConfig):
         super().__init__()
         self.config = config
+        self.tiling: Tiling | None = None
 
     # --- to implement -------------------------------------------------------------------
     def _encode(self, video: Tensor, cond: Cond | None) -> Latent:
@@ -85,10 +93,32 @@ class Autoencoder(nn.Module):
         if video.shape[1] != self.config.in_channels:
             raise ValueError(f"expected {self.config.in_channels} channels, got {video.shape[1]}")
         self.check_input(*video.shape[2:])
+        if self.tiling is not None:
+            return self._scale(tiled_encode(self, video, cond, self.tiling), forward=True)
         return self._scale(self._encode(video, cond), forward=True)
 
     def decode(self, latent: Latent, cond: Cond | None = None) -> Tensor:
+        if self.tiling is not None:
+            return tiled_decode(self, self._scale(latent, forward=False), cond, self.tiling)
         return self._decode(self._scale(latent, forward=False), cond)
+
+    def enable_tiling(self, tile: int = 256, overlap: int = 64, margin: int = 0) -> None:
+        """From now on ``encode`` / ``decode`` run on square tiles of ``tile`` video pixels (``tile / f``
+        latent cells) whose neighbours share ``overlap`` pixels, blended with linear ramps over the
+        overlap; ``margin`` pixels at each inner tile edge are left out of the blend. The output has
+        the untiled shape; frames that fit in one tile are not tiled. All three are multiples of the
+        spatial factor, ``overlap < tile`` and ``2 * margin <= overlap`` (ValueError otherwise).
+        Recommended: ``tile`` as large as memory allows (256 or more), ``overlap = tile / 4``."""
+        if not self.spatial_tiling:
+            raise ValueError(f"{self.family}: spatial tiling applies to autoencoders whose latent is one grid "
+                             "following the frame (kl2d, causal3d, ivvae, h3ae, cmvae, diffusers); this one's is not")
+        tiling = Tiling(tile, overlap, margin)
+        tiling.check(self.spatial_factor, self.family)
+        self.tiling = tiling
+
+    def disable_tiling(self) -> None:
+        """Back to one-shot ``encode`` / ``decode``."""
+        self.tiling = None
 
     def train_forward(self, video: Tensor, cond: Cond | None = None,
                       generator: torch.Generator | None = None) -> AEOutput:

@@ -42,6 +42,7 @@ class Causal3D(Autoencoder):
 
     family = "causal3d"
     config_cls = Causal3DConfig
+    spatial_tiling = True
 
     def __init__(self, config: Causal3DConfig):
         super().__init__(config)

@@ -532,6 +532,7 @@ class CrossModalVAE(Autoencoder):
 
     family = "cmvae"
     config_cls = CrossModalVAEConfig
+    spatial_tiling = True
 
     def __init__(self, config: CrossModalVAEConfig):
         super().__init__(config)

@@ -570,6 +570,7 @@ class H3AE(Autoencoder):
 
     family = "h3ae"
     config_cls = H3AEConfig
+    spatial_tiling = True
 
     def __init__(self, config: H3AEConfig):
         super().__init__(config)

@@ -240,6 +240,7 @@ class IVVAE(Autoencoder):
 
     family = "ivvae"
     config_cls = IVVAEConfig
+    spatial_tiling = True
 
     def __init__(self, config: IVVAEConfig):
         super().__init__(config)

@@ -37,6 +37,7 @@ class KL2D(Autoencoder):
 
     family = "kl2d"
     config_cls = KL2DConfig
+    spatial_tiling = True
 
     def __init__(self, config: KL2DConfig):
         super().__init__(config)

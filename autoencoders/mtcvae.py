@@ -120,6 +120,7 @@ class MTCVAE(Causal3D):
     family = "mtcvae"
     config_cls = MTCVAEConfig
     ddp_find_unused_parameters = True  # a step trains the rate levels its segments chose, not all of them
+    spatial_tiling = False  # each segment's rate is chosen from the whole frame: tiles would disagree
 
     def __init__(self, config: MTCVAEConfig):
         super().__init__(config)

@@ -144,6 +144,7 @@ class DiffusersAE(Autoencoder):
 
     family = "diffusers"
     config_cls = DiffusersAEConfig
+    spatial_tiling = True
 
     def __init__(self, config: DiffusersAEConfig, model: nn.Module | None = None):
         super().__init__(config)
