@@ -97,7 +97,7 @@ def _cli(args: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, 
 
 
 def pipeline(tmp: Path, ae: str, dit: str, frames: int, size: int, clips: int, steps: int, device: str,
-             timeout: float) -> list[dict]:
+             timeout: float, batch: int = 8, sample_compile: str = "auto") -> list[dict]:
     rows = []
 
     def step(part: str, args: list[str], **extra) -> bool:
@@ -125,14 +125,15 @@ def pipeline(tmp: Path, ae: str, dit: str, frames: int, size: int, clips: int, s
     if not step("train", ["train", "--config", str(ROOT / "launch/configs/train-debug.yaml"),
                           f"data.shards={tmp / 'latents'}", f"output={tmp / 'dit'}", f"model.dit={dit}",
                           f"steps={steps}", f"save_every={steps}", f"log_every={max(1, steps // 2)}",
-                          "data.batch_size=8"], dit=dit):
+                          f"data.batch_size={batch}", "universal_checkpoints=false"], dit=dit):
         return rows
     log = [json.loads(line) for line in (tmp / "dit" / "log.jsonl").read_text().splitlines()]
     rows[-1].update(loss=log[-1]["loss"], samples_per_s=log[-1]["samples_per_s"], mfu=log[-1]["mfu"],
-                    tflops_per_s=log[-1]["tflops_per_s"])
+                    tflops_per_s=log[-1]["tflops_per_s"], tokens_per_s=log[-1]["tokens_per_s"])
+    rows[-1]["log"] = log
     if step("sample", ["sample", "--checkpoint", str(tmp / "dit"), "--prompt", "a red circle moving left",
                        "--prompt", "a blue square moving up", "--steps", "10", "--output", str(tmp / "samples"),
-                       "--device", device]):
+                       "--device", device, "--compile", sample_compile]):
         rows[-1]["videos"] = len(list((tmp / "samples").glob("*.mp4")))
         rows[-1]["ok"] = rows[-1]["videos"] == 2
     return rows
@@ -147,7 +148,7 @@ def line(row: dict) -> str:
                 f"({row['params_m']:.0f}M params)")
     if not row.get("ok"):
         return f"{status} {row['part']}: {row.get('error', '')[-600:]}"
-    extra = {k: v for k, v in row.items() if k not in ("part", "ok")}
+    extra = {k: v for k, v in row.items() if k not in ("part", "ok", "log")}
     return f"{status} {row['part']}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                   for k, v in extra.items())
 
@@ -161,18 +162,22 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--skip-pipeline", action="store_true")
+    p.add_argument("--skip-autoencoders", action="store_true")
+    p.add_argument("--sample-compile", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--pipeline-ae", default="causal3d-f4x8c4")
     p.add_argument("--pipeline-dit", default="dit-B")
     p.add_argument("--pipeline-size", type=int, default=128)
     p.add_argument("--pipeline-clips", type=int, default=32)
     p.add_argument("--pipeline-steps", type=int, default=10)
+    p.add_argument("--pipeline-batch", type=int, default=8)
     p.add_argument("--timeout", type=float, default=300, help="seconds per pipeline command")
     p.add_argument("--json", help="write every row here")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = compute_dtype(args.dtype, device)
-    names = (args.autoencoders.split(",") if args.autoencoders else
-             sorted(n for n in REGISTRY if n.endswith("-debug") == args.debug))
+    names = [] if args.skip_autoencoders else (args.autoencoders.split(",") if args.autoencoders else sorted(
+        n for n, (cls, _) in REGISTRY.items() if cls.__module__.startswith("autoencoders.")
+        and n.endswith("-debug") == args.debug))
     rows = []
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"dtype {dtype}", flush=True)
@@ -190,7 +195,8 @@ def main() -> None:
         dit = "dit-debug" if args.debug else args.pipeline_dit
         with tempfile.TemporaryDirectory() as tmp:
             for row in pipeline(Path(tmp), ae, dit, args.frames, args.pipeline_size, args.pipeline_clips,
-                                args.pipeline_steps, args.device, args.timeout):
+                                args.pipeline_steps, args.device, args.timeout, args.pipeline_batch,
+                                args.sample_compile):
                 rows.append(row)
                 print(line(row), flush=True)
     failed = [r for r in rows if not r.get("ok")]
