@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup test test-slow demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/ivvae_cache.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/varlen.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/tiling.py
+
+# On a GPU machine (make setup TORCH_SPEC="torch"): every full-size autoencoder, then
+# ldm extract -> ldm train (DeepSpeed bf16) -> ldm sample, one line per part.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf demo_out runs

@@ -120,6 +120,13 @@ class Autoencoder(nn.Module):
         """Back to one-shot ``encode`` / ``decode``."""
         self.tiling = None
 
+    def set_chunk_frames(self, frames: int | None) -> None:
+        """Encode and decode long clips ``frames`` video frames at a time with the same result as
+        one shot (bounded memory), where the family streams causally: IV-VAE's cache mechanism,
+        H3AE's sliced spatial stage. ``None``: one shot. Families that cannot stream say so."""
+        raise ValueError(f"{self.family}: no chunked (streaming) encode/decode; decode long clips with "
+                         "spatial tiling (enable_tiling) or on a larger device")
+
     def train_forward(self, video: Tensor, cond: Cond | None = None,
                       generator: torch.Generator | None = None) -> AEOutput:
         posterior = self._encode(video, cond)

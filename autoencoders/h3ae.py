@@ -593,6 +593,10 @@ class H3AE(Autoencoder):
         _check_chunk(frames, self.encoder.spatial_dims)
         self.frame_chunk = frames
 
+    def set_chunk_frames(self, frames: int | None) -> None:
+        """The contract's name for sliced inference (``set_frame_chunk``)."""
+        self.set_frame_chunk(frames)
+
     def last_layer(self) -> Tensor:
         """The decoder's output convolution weight (for the adaptive GAN weight)."""
         return self.decoder.conv_out.weight

@@ -305,6 +305,11 @@ class IVVAE(Autoencoder):
             out[:, :, f0:f0 + x.shape[2]] = x
         return out
 
+    def set_chunk_frames(self, frames: int | None) -> None:
+        """The cache mechanism (Sec. 4.5.2): frame 0, then ``frames`` frames per chunk (a multiple
+        of the temporal factor); the same output as one shot."""
+        self.config = cfglib.replace(self.config, chunk_frames=frames or 0)
+
     def _encode(self, video: Tensor, cond: Cond | None) -> Latent:
         key_mean, key_logvar, mot_mean, mot_logvar = self.encoder_moments(video).chunk(4, dim=1)
         mean = torch.cat([key_mean, mot_mean], dim=1)  # (B, Z, t, h, w): keyframe channels first

@@ -77,6 +77,27 @@ class Tiling:
         return Tiling(self.tile // factor, self.overlap // factor, self.margin // factor)
 
 
+def parse_tile(spec: str) -> tuple[int, int]:
+    """A CLI ``--tile`` value, ``TILE`` or ``TILE:OVERLAP`` in video pixels (default overlap
+    ``TILE / 4`` rounded down to a multiple of 8) -> ``(tile, overlap)``."""
+    try:
+        parts = [int(x) for x in spec.split(":")]
+    except ValueError:
+        raise ValueError(f"--tile must be TILE or TILE:OVERLAP in pixels (e.g. 256 or 256:64), got {spec!r}") from None
+    if len(parts) not in (1, 2):
+        raise ValueError(f"--tile must be TILE or TILE:OVERLAP in pixels (e.g. 256 or 256:64), got {spec!r}")
+    tile = parts[0]
+    return tile, parts[1] if len(parts) == 2 else tile // 4 // 8 * 8
+
+
+def configure_inference(ae: "Autoencoder", tile: str | None = None, chunk_frames: int | None = None) -> None:
+    """The memory knobs of the inference verbs (``--tile``, ``--chunk-frames``) on ``ae``."""
+    if tile:
+        ae.enable_tiling(*parse_tile(tile))
+    if chunk_frames:
+        ae.set_chunk_frames(chunk_frames)
+
+
 def tile_spans(size: int, tile: int, overlap: int) -> list[Span]:
     """The tiles covering ``[0, size)``: starts every ``tile - overlap``, the last one moved back to end
     at ``size`` (so neighbours overlap by ``overlap`` or more and every tile is ``tile`` long); one

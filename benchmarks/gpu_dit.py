@@ -130,7 +130,8 @@ def build_pair(mode: str, size: dict, channels: int, device: torch.device, compi
         model = RefDiT(channels * 4, size["hidden"], size["depth"], size["heads"], NUM_CLASSES)
 
         def make(B: int, tokens: int):
-            return (torch.randn(B, tokens, channels * 4, device=device), torch.rand(B, device=device),
+            dtype = torch.bfloat16 if bf16_params else torch.float32  # the reference takes tokens in its dtype
+            return (torch.randn(B, tokens, channels * 4, device=device, dtype=dtype), torch.rand(B, device=device),
                     torch.randint(0, NUM_CLASSES, (B,), device=device))
 
         def forward(m, inp):

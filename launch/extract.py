@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from autoencoders import Autoencoder, build, load_pretrained
+from autoencoders.tiling import configure_inference
 from data import shards
 from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, read_video
@@ -63,6 +64,8 @@ class ExtractConfig:
     verify: int = 0
     device: str = "auto"
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16: the encoder runs in it
+    tile: str | None = None  # spatial tiling of the encoder, "TILE[:OVERLAP]" pixels (large frames)
+    chunk_frames: int = 0  # streaming encode this many frames at a time (IV-VAE, H3AE); 0 = one shot
     seed: int = 0
 
 
@@ -85,6 +88,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=-1,
                    help="video decoding worker processes per rank (default -1 = auto: 0 on the CPU, "
                         "min(8, cores / ranks) with a GPU)")
+    p.add_argument("--tile", help="encode large frames in blended spatial tiles: TILE or TILE:OVERLAP pixels "
+                   "(e.g. 512:128); grid autoencoders only")
+    p.add_argument("--chunk-frames", type=int, default=0,
+                   help="stream long clips this many frames at a time, same latents as one shot (IV-VAE, H3AE)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision the autoencoder runs in (weights and activations): auto = bf16 on CUDA, fp32 "
                         "on the CPU. Latents are stored as fp32 either way")
@@ -167,7 +174,8 @@ def _run_signature(cfg: ExtractConfig, name: str, ae: Autoencoder, ckpt_hash: st
                    dtype: torch.dtype) -> dict[str, Any]:
     return {"autoencoder": name, "config_hash": cfglib.config_hash(ae.config), "checkpoint_hash": ckpt_hash,
             "video": {"frames": cfg.frames, "height": cfg.height, "width": cfg.width, "fps": cfg.fps},
-            "text_encoder": cfg.text_encoder, "shard_size": cfg.shard_size, "dtype": dist.dtype_name(dtype)}
+            "text_encoder": cfg.text_encoder, "shard_size": cfg.shard_size, "dtype": dist.dtype_name(dtype),
+            "tile": cfg.tile}
 
 
 def auto_workers(requested: int, device: torch.device, local_world: int) -> int:
@@ -215,6 +223,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
 
     ae, name, ckpt_hash = _load_autoencoder(cfg)
     ae.check_input(cfg.frames, cfg.height, cfg.width)  # clear error before any work
+    configure_inference(ae, cfg.tile, cfg.chunk_frames)
     ae = ae.to(device=device, dtype=dtype).eval()
     spec = ae.latent_spec(cfg.frames, cfg.height, cfg.width)
     text_encoder = None

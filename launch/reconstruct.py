@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from autoencoders import REGISTRY, Autoencoder, build, load_pretrained
+from autoencoders.tiling import configure_inference
 from data.video import GIF_SUFFIXES, MP4_SUFFIXES, probe, read_video, write_video
 from launch import dist
 from ldm.checkpoint import read_json
@@ -105,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--prompt", help="the clip's caption, for a text-guided autoencoder (text_dim > 0)")
     a("--text-encoder", help="text encoder of a text-guided autoencoder: builtin | t5:DIR | clip:DIR")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    a("--tile", help="encode/decode large frames in blended spatial tiles: TILE or TILE:OVERLAP pixels")
+    a("--chunk-frames", type=int, default=0, help="stream long clips this many frames at a time (IV-VAE, H3AE)")
     a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
       help="precision the autoencoder runs in: auto = bf16 on CUDA, fp32 on the CPU")
     a("--json", action="store_true", help="print the metrics as one JSON object")
@@ -117,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--output {out}: suffix must be one of {MP4_SUFFIXES + GIF_SUFFIXES}")
     ae, name = load_autoencoder(args.autoencoder, args.checkpoint)
     ae.check_input(args.frames, args.height, args.width)  # before decoding anything
+    configure_inference(ae, args.tile, args.chunk_frames)
     video = read_video(args.input, args.frames, args.height, args.width, fps=args.fps)  # (C, T, H, W)
     fps = args.fps or probe(args.input)["fps"] or 8.0
     device = dist.device_for(dist.dist_env(), args.device)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from autoencoders import FAMILIES, Autoencoder, build, load_pretrained
 from autoencoders.hivae import known_content_velocity
+from autoencoders.tiling import configure_inference
 from data.video import resize_center_crop, video_to_uint8, write_video
 from launch.train import load_export
 from ldm import samplers
@@ -67,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision the DiT and the autoencoder run in: auto = bf16 on CUDA, fp32 on the CPU "
                         "(the sampler's state stays fp32)")
+    p.add_argument("--tile", help="decode large frames in blended spatial tiles: TILE or TILE:OVERLAP pixels")
+    p.add_argument("--chunk-frames", type=int, default=0,
+                   help="decode long videos this many frames at a time, as one shot (IV-VAE, H3AE)")
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                    help="regional torch.compile of the DiT's blocks (auto: on for CUDA)")
 
@@ -228,7 +232,9 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(dtype)
     if resolve_switch({"true": True, "false": False}.get(args.compile, args.compile), device, "--compile"):
         compile_blocks(model)
-    ae = load_autoencoder(context, args.ae_checkpoint).to(device=device, dtype=dtype).eval()
+    ae = load_autoencoder(context, args.ae_checkpoint)
+    configure_inference(ae, args.tile, args.chunk_frames)
+    ae = ae.to(device=device, dtype=dtype).eval()
     video = context["video"]
     frames = args.num_frames or video["frames"]
     height, width = args.height or video["height"], args.width or video["width"]

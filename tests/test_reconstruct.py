@@ -129,3 +129,25 @@ def test_text_guided_autoencoder_takes_the_prompt(clip, tmp_path, capsys):
         _run(_args(clip, tmp_path / "a.mp4", "--checkpoint", str(ckpt), "--frames", "1"))
     with pytest.raises(ValueError, match="not text-guided"):
         _run(_args(clip, tmp_path / "a.mp4", "--autoencoder", "kl2d-f8c4-debug", "--prompt", "x"))
+
+
+def test_memory_knobs_tile_and_chunk_frames(clip, tmp_path, capsys):
+    """``--tile`` runs the autoencoder on blended tiles (close to one shot), ``--chunk-frames``
+    streams a family that can (IV-VAE: the very same reconstruction) and is refused by one that
+    cannot; ``--dtype bf16`` runs the model in bf16 on the CPU too."""
+    def metrics(*extra):
+        assert _run(_args(clip, tmp_path / "o.mp4", "--json", *extra)) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    one = metrics("--autoencoder", "kl2d-f8c4-debug")
+    tiled = metrics("--autoencoder", "kl2d-f8c4-debug", "--tile", "16:8")
+    assert abs(tiled["psnr"] - one["psnr"]) < 3.0 and tiled["psnr"] != one["psnr"]
+    low = metrics("--autoencoder", "kl2d-f8c4-debug", "--dtype", "bf16")
+    assert low["dtype"] == "bf16" and abs(low["psnr"] - one["psnr"]) < 3.0  # random weights, 10-12 dB
+    a = metrics("--autoencoder", "ivvae-z4-debug")
+    b = metrics("--autoencoder", "ivvae-z4-debug", "--chunk-frames", "4")
+    assert b["psnr"] == pytest.approx(a["psnr"], abs=1e-3)
+    with pytest.raises(ValueError, match="no chunked"):
+        _run(_args(clip, tmp_path / "o.mp4", "--autoencoder", "kl2d-f8c4-debug", "--chunk-frames", "4"))
+    with pytest.raises(ValueError, match="--tile must be"):
+        _run(_args(clip, tmp_path / "o.mp4", "--autoencoder", "kl2d-f8c4-debug", "--tile", "big"))
