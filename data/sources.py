@@ -69,6 +69,10 @@ class VideoItem:
         """Human-readable origin, for reports."""
         return str(self.path) if self.path is not None else f"{self.shard}:{self.member}"
 
+    def readable(self) -> Path | bytes:
+        """What the decoder reads: the video file's path, or the bytes of its shard member."""
+        return self.path if self.path is not None else self.load_bytes()
+
     def load_bytes(self) -> bytes:
         """The encoded video; VideoError when the file is gone or the shard is cut short."""
         if self.path is not None:
@@ -336,12 +340,8 @@ class VideoClipDataset(Dataset):
         return dict(video=video, key=item.key, caption=item.caption or "",
                     class_id=-1 if item.class_id is None else item.class_id)
 
-    def _source(self, index: int) -> Path | bytes:
-        item = self.items[index]
-        return item.path if item.path is not None else item.load_bytes()
-
     def __getitem__(self, index: int) -> dict[str, Any]:
-        video: torch.Tensor = read_video(self._source(index), self.frames, self.height, self.width, fps=self.fps)
+        video: torch.Tensor = read_video(self.items[index].readable(), self.frames, self.height, self.width, fps=self.fps)
         return self._fields(index, video)
 
     def plan(self, index: int, windows: Windows) -> list[Window]:
@@ -349,13 +349,13 @@ class VideoClipDataset(Dataset):
         only need no look at the file. VideoError when the video is unreadable or too short."""
         if windows.first_only:
             return [Window(0, 0, 0.0)]
-        return plan_windows(self._source(index), self.frames, self.fps, windows)
+        return plan_windows(self.items[index].readable(), self.frames, self.fps, windows)
 
     def read_windows(self, index: int, windows: Sequence[Window]) -> list[dict[str, Any] | VideoError]:
         """The clips of item ``index`` at ``windows`` (from `plan`), decoded in one pass: a dict like
         ``self[index]`` per window, or the VideoError of a window the video cannot give. Raises
         VideoError when the video cannot be read at all. ``[Window(0, 0, 0.0)]`` gives exactly
         ``self[index]``'s clip."""
-        clips = read_clips(self._source(index), self.frames, self.height, self.width, self.fps,
+        clips = read_clips(self.items[index].readable(), self.frames, self.height, self.width, self.fps,
                            [w.start for w in windows])
         return [c if isinstance(c, VideoError) else self._fields(index, c) for c in clips]
