@@ -7,9 +7,12 @@ One sample per clip, members (raw bytes, nothing pickled):
     <key>.json                 source key, caption, class id, fps/frames/height/width
     <key>.txt / <key>.cls      caption / class id, for other WebDataset tools
 
-Keys are the clip's global index (``%09d``), so they never contain dots or paths; the source key is
-in the JSON. Shard ``j`` holds the clips ``[j*S, (j+1)*S)`` of the sorted input list, whatever the
-number of ranks, so a rerun (even with another world size) finds the same shard names. A shard is
+Keys are the video's index in the sorted input list (``%09d``), plus ``_<first frame>`` (``%06d``)
+for a window that does not start at frame 0 (`clip_key`; several clips per video), so they never
+contain dots or paths and never depend on ranks, workers or batch size; the source key, and for
+several clips per video the window (``clip``, ``start_frame``, ``start_s``), are in the JSON. Shard
+``j`` holds the clips of the videos ``[j*S, (j+1)*S)`` of the sorted input list, whatever the number
+of ranks, so a rerun (even with another world size) finds the same shard names. A shard is
 written to ``.shard-j.tar.tmp`` and renamed when complete; its sidecar ``shard-j.json`` (counts,
 skipped inputs, channel statistics) is written after the rename and marks the shard done.
 """
@@ -43,7 +46,13 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 SHARD_NAME = "shard-{:06d}.tar"
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
-_KEY_RE = re.compile(r"^\d{9}$")
+_KEY_RE = re.compile(r"^\d{9}(_\d{6,})?$")
+
+
+def clip_key(index: int, start: int = 0) -> str:
+    """A clip's sample key: its video's index in the sorted input list, and the window's first
+    output frame when that is not 0 (``000000042``, ``000000042_000034``); sorts in clip order."""
+    return f"{index:09d}" if start == 0 else f"{index:09d}_{start:06d}"
 
 
 class SampleError(ValueError):
@@ -436,9 +445,10 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def read_all(path: str | Path) -> list[dict[str, Any]]:
-    """Every sample of an extraction folder in key order (for tests, verification and small sets)."""
+    """Every sample of an extraction folder in key order (video, then window; for tests,
+    verification and small sets)."""
     samples = [decode_sample(raw) for url in shard_urls(path) for raw in iter_shard(url)]
-    return sorted(samples, key=lambda s: s["meta"]["index"])
+    return sorted(samples, key=lambda s: (s["meta"]["index"], s["meta"].get("start_frame", 0)))
 
 
 def raw_bytes_digest(path: str | Path) -> dict[str, str]:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from data.video import VideoError, read_video
+from data.video import VideoError, Window, Windows, plan_windows, read_clips, read_video
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,10 @@ class VideoItem:
     def source(self) -> str:
         """Human-readable origin, for reports."""
         return str(self.path) if self.path is not None else f"{self.shard}:{self.member}"
+
+    def readable(self) -> Path | bytes:
+        """What the decoder reads: the video file's path, or the bytes of its shard member."""
+        return self.path if self.path is not None else self.load_bytes()
 
     def load_bytes(self) -> bytes:
         """The encoded video; VideoError when the file is gone or the shard is cut short."""
@@ -319,8 +323,9 @@ def _shard_item(shard: Path, key: str, sample: dict[str, Any], problems: list[st
 # --------------------------------------------------------------------------------------------
 class VideoClipDataset(Dataset):
     """Decoded clips of a list of `VideoItem`: ``dict(video=(C, T, H, W) in [-1, 1], key, caption,
-    class_id)`` with ``caption=""`` and ``class_id=-1`` when absent. A bad item raises
-    `VideoError`; callers decide whether to skip it."""
+    class_id)`` with ``caption=""`` and ``class_id=-1`` when absent. ``ds[i]`` is the first clip of
+    video ``i``; `plan` + `read_windows` give several windows of one video (``ldm extract
+    --clips-per-video``). A bad item raises `VideoError`; callers decide whether to skip it."""
 
     def __init__(self, items: Sequence[VideoItem], frames: int, height: int, width: int,
                  fps: float | None = None) -> None:
@@ -330,9 +335,27 @@ class VideoClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _fields(self, index: int, video: torch.Tensor) -> dict[str, Any]:
         item = self.items[index]
-        src = item.path if item.path is not None else item.load_bytes()
-        video: torch.Tensor = read_video(src, self.frames, self.height, self.width, fps=self.fps)
         return dict(video=video, key=item.key, caption=item.caption or "",
                     class_id=-1 if item.class_id is None else item.class_id)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        video: torch.Tensor = read_video(self.items[index].readable(), self.frames, self.height, self.width, fps=self.fps)
+        return self._fields(index, video)
+
+    def plan(self, index: int, windows: Windows) -> list[Window]:
+        """The windows item ``index`` gives as clips (see `data.video.Windows`); the first frames
+        only need no look at the file. VideoError when the video is unreadable or too short."""
+        if windows.first_only:
+            return [Window(0, 0, 0.0)]
+        return plan_windows(self.items[index].readable(), self.frames, self.fps, windows)
+
+    def read_windows(self, index: int, windows: Sequence[Window]) -> list[dict[str, Any] | VideoError]:
+        """The clips of item ``index`` at ``windows`` (from `plan`), decoded in one pass: a dict like
+        ``self[index]`` per window, or the VideoError of a window the video cannot give. Raises
+        VideoError when the video cannot be read at all. ``[Window(0, 0, 0.0)]`` gives exactly
+        ``self[index]``'s clip."""
+        clips = read_clips(self.items[index].readable(), self.frames, self.height, self.width, self.fps,
+                           [w.start for w in windows])
+        return [c if isinstance(c, VideoError) else self._fields(index, c) for c in clips]

@@ -7,12 +7,18 @@ a ``(C=3, T, H, W)`` float32 tensor in [-1, 1]:
 2. temporal resampling by timestamps: output frame ``i`` is the source frame whose presentation
    time is nearest to ``start + i / fps`` (``fps=None`` keeps the native rate: consecutive frames
    from ``start`` on);
-3. each frame is resized with antialiasing so that it covers ``height x width`` with its aspect
-   ratio kept (the shorter side, relative to the target, fits exactly), then center-cropped.
+3. each frame is turned upright when the stream says so (phone videos: the display matrix, or an
+   older ``rotate`` tag; quarter turns), then resized with antialiasing so that it covers
+   ``height x width`` with its aspect ratio kept (the shorter side, relative to the target, fits
+   exactly), and center-cropped.
+
+``read_clips`` gives several windows of one video in one decoding pass (seeking over the gaps where
+the container allows it); `Windows` says which windows (``--clips-per-video K`` / ``--clip-stride
+S``) and `plan_windows` places them from the container header.
 
 Anything that cannot give the requested clip raises `VideoError` whose message starts with the
 reason (``"not a readable video"``, ``"no video stream"``, ``"zero frames"``, ``"too short"``,
-``"corrupt or truncated"``, ``"file not found"``, ``"empty file"``), so callers (extraction, datasets)
+``"corrupt or truncated"``, ``"file not found"``, ``"empty file"``, ``"unknown frame rate"``), so callers (extraction, datasets)
 can skip the input and report why.
 
 ``write_video`` writes ``.mp4`` (H.264 via libx264, yuv420p, so even sizes) and ``.gif`` (PIL,
@@ -21,10 +27,13 @@ adaptive palette per frame). Files are written to a temporary name and renamed w
 from __future__ import annotations
 
 import io
+import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import av
 import numpy as np
@@ -99,7 +108,8 @@ def probe(src: str | Path | bytes) -> dict[str, Any]:
     """Container facts without decoding pixels: ``dict(frames, fps, width, height, duration, codec)``.
 
     ``frames`` comes from the container header when it has it, otherwise from counting the video
-    packets (demuxing only). ``duration`` is in seconds.
+    packets (demuxing only). ``duration`` is in seconds. ``width``/``height`` are the stored size,
+    before rotation metadata turns the frames upright.
     """
     container, stream = _open(src)
     try:
@@ -126,66 +136,188 @@ def probe(src: str | Path | bytes) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------------
+SEEK_GAP_S = 2.0  # read_clips seeks ahead when the next window starts this many seconds past the last decoded frame
+
+
+def _rotate_tag(stream: Any) -> int:
+    """Degrees counterclockwise from a ``rotate`` stream tag (older muxers/demuxers; the tag counts
+    clockwise degrees, e.g. ``90`` for a phone held upright); 0 without one."""
+    for key, value in stream.metadata.items():
+        if key.lower() == "rotate":
+            try:
+                return -round(float(value))
+            except ValueError:
+                return 0
+    return 0
+
+
 class _Decoded:
-    """One decoded source frame; converted to an RGB array only if it is picked (once)."""
+    """One decoded source frame; converted to an upright RGB array only if it is picked (once).
 
-    __slots__ = ("time", "_frame", "_rgb")
+    Upright: the frame's display matrix (``VideoFrame.rotation``, degrees counterclockwise, e.g.
+    -90 for a phone video shot upright; FFmpeg attaches the stream's matrix to every frame), or else
+    the stream's ``rotate`` tag, is applied in quarter turns (flips in the matrix are ignored).
+    """
 
-    def __init__(self, time: float, frame: Any) -> None:
-        self.time, self._frame, self._rgb = time, frame, None
+    __slots__ = ("time", "_frame", "_rgb", "_tag")
+
+    def __init__(self, time: float, frame: Any, tag: int = 0) -> None:
+        self.time, self._frame, self._rgb, self._tag = time, frame, None, tag
 
     def rgb(self) -> np.ndarray:
         if self._rgb is None:
-            self._rgb, self._frame = self._frame.to_ndarray(format="rgb24"), None
+            turns = round((self._frame.rotation or self._tag) / 90) % 4
+            rgb = self._frame.to_ndarray(format="rgb24")                  # (h, w, 3)
+            self._rgb = np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+            self._frame = None
         return self._rgb
 
 
-def _select_frames(container: Any, stream: Any, frames: int, fps: float | None, start: float,
-                   name: str) -> list[np.ndarray]:
-    """Decode lazily and return ``frames`` RGB uint8 arrays (h, w, 3) chosen by timestamp."""
-    native = _native_fps(stream)
-    half = 0.5 / native if native else 0.0          # half a source frame, in seconds
-    targets = [start + i / fps for i in range(frames)] if fps is not None else None
-    chosen: list[np.ndarray] = []
-    n = 0                                           # source frames decoded so far
-    t0: float | None = None                         # times are relative to the first frame
-    prev: _Decoded | None = None
-    try:
-        for frame in container.decode(stream):
-            t = frame.time if frame.time is not None else (n / native if native else float(n))
-            t0 = t if t0 is None else t0
-            cur = _Decoded(t - t0, frame)
-            n += 1
-            if targets is None:
-                # native rate: consecutive frames from the one nearest to `start`
-                if cur.time >= start - half - 1e-9:
-                    chosen.append(cur.rgb())
-            else:
-                while len(chosen) < frames and targets[len(chosen)] <= cur.time + 1e-9:
-                    target = targets[len(chosen)]
-                    # the nearer of (prev, cur); ties go to the earlier frame
-                    near_prev = prev is not None and target - prev.time <= cur.time - target + 1e-9
-                    chosen.append((prev if near_prev else cur).rgb())
-                prev = cur
-            if len(chosen) == frames:
+class _Reader:
+    """The frames of a video stream in presentation order, ``time`` in seconds from the first frame.
+
+    ``seek(t)`` (only with ``seekable=True``) jumps to the keyframe at or before ``t`` so that the
+    next frames cover ``t`` again; frames up to the last one already returned are never returned
+    twice. A demuxer that lands past ``t`` (imprecise seeking) makes the reader reopen the video and
+    decode on from the start, without seeking again: seeking never changes which frames come out.
+    A decoding error ends the stream early and is kept in ``error``.
+    """
+
+    def __init__(self, src: str | Path | bytes, seekable: bool = False) -> None:
+        self.src, self.name = src, _source_name(src)
+        self.container, self.stream = _open(src)
+        self.native = _native_fps(self.stream)
+        self.tag = _rotate_tag(self.stream)
+        self.n = 0                          # frames decoded
+        self.seeks = 0                      # successful seeks
+        self.t0: float | None = None        # absolute time of the first frame
+        self.last: float | None = None      # time of the last frame returned
+        self.seekable = seekable and self.native is not None
+        self._skip_to: float | None = None  # after a seek: drop frames up to here (already returned)
+        self.error: VideoError | None = None
+        self._ahead: _Decoded | None = None
+        self._frames = self.container.decode(self.stream)
+
+    def close(self) -> None:
+        self._frames.close()
+        self.container.close()
+
+    def _decode(self) -> _Decoded | None:
+        try:
+            frame = next(self._frames, None)
+        except _AV_ERRORS as e:
+            raise VideoError(f"corrupt or truncated: decoding {self.name} failed after {self.n} frames ({e})") from e
+        if frame is None:
+            return None
+        if frame.time is None:
+            self.seekable = False           # no timestamps: times are counted, seeking would lose count
+            t = self.n / self.native if self.native else float(self.n)
+        else:
+            t = frame.time
+        self.t0 = t if self.t0 is None else self.t0
+        self.n += 1
+        return _Decoded(t - self.t0, frame, self.tag)
+
+    def next(self) -> _Decoded | None:
+        """The next frame, None at the end of the stream (or after a decoding error)."""
+        cur, self._ahead = self._ahead, None
+        while True:
+            try:
+                cur = cur or self._decode()
+            except VideoError as e:
+                self.error, cur = e, None
+            if cur is None or self._skip_to is None or cur.time > self._skip_to + 1e-9:
                 break
-    except _AV_ERRORS as e:
-        raise VideoError(f"corrupt or truncated: decoding {name} failed after {n} frames ({e})") from e
-    if n == 0:
-        raise VideoError(f"zero frames: {name} has a video stream but no decodable frame")
-    if targets is not None and prev is not None:
+            cur = None
+        self._skip_to = None
+        if cur is not None:
+            self.last = cur.time
+        return cur
+
+    def seek(self, t: float) -> None:
+        """Continue from the keyframe at or before ``t`` (seconds from the first frame), if allowed."""
+        if not self.seekable or self.t0 is None or self.last is None:
+            return
+        self._frames.close()
+        try:
+            self.container.seek(math.floor((t + self.t0) / float(self.stream.time_base)), stream=self.stream)
+            self._frames = self.container.decode(self.stream)
+            landed = self._decode()
+        except (*_AV_ERRORS, VideoError):
+            landed = None           # the reopened reader below meets a real decoding error again
+        if landed is not None and landed.time <= t + 1e-9:
+            self.seeks += 1
+            self._ahead, self._skip_to = landed, self.last
+            return
+        self.container.close()          # landed past t (or failed): decode from the start instead
+        self.container, self.stream = _open(self.src)
+        self._frames = self.container.decode(self.stream)
+        self.seekable, self.n, self.t0, self._skip_to = False, 0, None, self.last
+
+    def frames_seen(self) -> int:
+        """Frames up to the last one returned (counted, or from its time after a seek)."""
+        if self.seeks and self.native and self.last is not None:
+            return round(self.last * self.native) + 1
+        return self.n
+
+
+def _pick_nearest(reader: _Reader, targets: list[float]) -> list[_Decoded]:
+    """For increasing ``targets`` (seconds), the source frame whose time is nearest to each (ties go
+    to the earlier frame); fewer than ``targets`` when the video ends first."""
+    chosen: list[_Decoded] = []
+    prev: _Decoded | None = None
+    while len(chosen) < len(targets):
+        if reader.last is not None and targets[len(chosen)] - reader.last > SEEK_GAP_S:
+            reader.seek(targets[len(chosen)])
+        cur = reader.next()
+        if cur is None:
+            break
+        while len(chosen) < len(targets) and targets[len(chosen)] <= cur.time + 1e-9:
+            target = targets[len(chosen)]
+            # the nearer of (prev, cur); ties go to the earlier frame
+            near_prev = prev is not None and target - prev.time <= cur.time - target + 1e-9
+            chosen.append(prev if near_prev else cur)
+        prev = cur
+    if prev is not None and len(chosen) < len(targets) and reader.error is None:
         # targets just past the last frame are still nearest to it (within half a source frame)
-        if not native and n > 1:
-            half = 0.5 * prev.time / (n - 1)
-        while len(chosen) < frames and targets[len(chosen)] - prev.time <= half + 1e-9:
-            chosen.append(prev.rgb())
-    if len(chosen) < frames:
-        rate = f"{native:g}" if native else "unknown"
-        need = f"need {frames}" + (f" frames at {fps:g} fps" if fps is not None else " frames")
-        if start:
-            need += f" from t={start:g}s"
-        raise VideoError(f"too short: has {n} frames at {rate} fps, {need}")
+        half = 0.5 / reader.native if reader.native else (0.5 * prev.time / (reader.n - 1) if reader.n > 1 else 0.0)
+        while len(chosen) < len(targets) and targets[len(chosen)] - prev.time <= half + 1e-9:
+            chosen.append(prev)
     return chosen
+
+
+def _pick_consecutive(reader: _Reader, starts: list[float], frames: int) -> list[list[_Decoded]]:
+    """Native rate: for increasing ``starts`` (seconds), ``frames`` consecutive source frames from
+    the one nearest to each start; a window the video ends inside comes back short."""
+    half = 0.5 / reader.native if reader.native else 0.0       # half a source frame, in seconds
+    windows: list[list[_Decoded]] = [[] for _ in starts]
+    opened, done = 0, 0             # windows that found their first frame / that are complete
+    while done < len(starts):
+        if opened == done and reader.last is not None and starts[opened] - half - reader.last > SEEK_GAP_S:
+            reader.seek(starts[opened] - half)
+        cur = reader.next()
+        if cur is None:
+            break
+        while opened < len(starts) and cur.time >= starts[opened] - half - 1e-9:
+            opened += 1
+        for w in windows[done:opened]:
+            w.append(cur)
+        while done < opened and len(windows[done]) == frames:
+            done += 1
+    return windows
+
+
+def _failure(reader: _Reader, frames: int, fps: float | None, start: float) -> VideoError:
+    """Why a window came back short: a decoding error, no frame at all, or the video ends first."""
+    if reader.error is not None:
+        return reader.error
+    if reader.n == 0:
+        return VideoError(f"zero frames: {reader.name} has a video stream but no decodable frame")
+    rate = f"{reader.native:g}" if reader.native else "unknown"
+    need = f"need {frames}" + (f" frames at {fps:g} fps" if fps is not None else " frames")
+    if start:
+        need += f" from t={start:g}s"
+    return VideoError(f"too short: has {reader.frames_seen()} frames at {rate} fps, {need}")
 
 
 def resize_center_crop(video: Tensor, height: int, width: int) -> Tensor:
@@ -202,24 +334,8 @@ def resize_center_crop(video: Tensor, height: int, width: int) -> Tensor:
     return video[..., top:top + height, left:left + width]
 
 
-def read_video(src: str | Path | bytes, frames: int, height: int, width: int, fps: float | None = None,
-               start: float = 0.0) -> Tensor:
-    """Decode a clip of ``frames`` frames at ``fps`` (None: native rate) from ``start`` seconds.
-
-    Returns a ``(3, T, H, W)`` float32 tensor in [-1, 1]. Raises `VideoError` (see module doc).
-    """
-    if frames < 1 or height < 1 or width < 1:
-        raise ValueError(f"frames, height and width must be >= 1, got {frames}, {height}, {width}")
-    if fps is not None and fps <= 0:
-        raise ValueError(f"fps must be > 0 or None, got {fps}")
-    if start < 0:
-        raise ValueError(f"start must be >= 0 seconds, got {start}")
-    name = _source_name(src)
-    container, stream = _open(src)
-    try:
-        picked = _select_frames(container, stream, frames, fps, start, name)
-    finally:
-        container.close()
+def _to_clip(picked: list[np.ndarray], height: int, width: int) -> Tensor:
+    """RGB uint8 frames ``(h, w, 3)`` -> a ``(3, T, H, W)`` float32 clip in [-1, 1]."""
     if all(f.shape[:2] == (height, width) for f in picked):
         out = np.stack(picked).transpose(3, 0, 1, 2).astype(np.float32)   # (3, T, H, W)
         out /= 127.5
@@ -233,6 +349,156 @@ def read_video(src: str | Path | bytes, frames: int, height: int, width: int, fp
         group = torch.from_numpy(np.stack([picked[i] for i in idx])).float()       # (n, h, w, 3)
         x[idx] = resize_center_crop(rearrange(group, "n h w c -> n c h w"), height, width)  # (n, 3, H, W)
     return rearrange(x.clamp_(0, 255) / 127.5 - 1.0, "t c h w -> c t h w").contiguous()  # (3, T, H, W)
+
+
+def _check_size(frames: int, height: int, width: int, fps: float | None) -> None:
+    if frames < 1 or height < 1 or width < 1:
+        raise ValueError(f"frames, height and width must be >= 1, got {frames}, {height}, {width}")
+    if fps is not None and fps <= 0:
+        raise ValueError(f"fps must be > 0 or None, got {fps}")
+
+
+def read_video(src: str | Path | bytes, frames: int, height: int, width: int, fps: float | None = None,
+               start: float = 0.0) -> Tensor:
+    """Decode a clip of ``frames`` frames at ``fps`` (None: native rate) from ``start`` seconds.
+
+    Frames are decoded lazily and turned upright (display matrix / ``rotate`` tag). Returns a
+    ``(3, T, H, W)`` float32 tensor in [-1, 1]. Raises `VideoError` (see module doc).
+    """
+    _check_size(frames, height, width, fps)
+    if start < 0:
+        raise ValueError(f"start must be >= 0 seconds, got {start}")
+    reader = _Reader(src)
+    try:
+        if fps is not None:
+            picked = _pick_nearest(reader, [start + i / fps for i in range(frames)])
+        else:
+            picked = _pick_consecutive(reader, [start], frames)[0]
+        if len(picked) < frames:
+            raise _failure(reader, frames, fps, start)
+        return _to_clip([p.rgb() for p in picked], height, width)
+    finally:
+        reader.close()
+
+
+def read_clips(src: str | Path | bytes, frames: int, height: int, width: int, fps: float | None = None,
+               starts: Sequence[int] = (0,)) -> list[Tensor | VideoError]:
+    """Several windows of one video in one decoding pass: window ``k`` is the clip ``read_video``
+    gives from output frame ``starts[k]`` (at ``fps``, or the native rate: ``start = starts[k] / fps``
+    seconds), so ``starts=[0]`` is exactly ``read_video``'s first clip.
+
+    ``starts`` must increase; windows may overlap (shared frames are decoded once). Across a gap of
+    more than ``SEEK_GAP_S`` seconds the reader seeks to the keyframe before the next window where
+    the container allows it (the frames are the same either way). Returns one ``(3, T, H, W)``
+    tensor per window, or the `VideoError` of a window the video cannot give (too short, corrupt
+    past that point); raises `VideoError` when the video cannot be read at all.
+    """
+    _check_size(frames, height, width, fps)
+    starts = [int(s) for s in starts]
+    if not starts or starts[0] < 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"starts must be increasing output frame indices >= 0, got {starts}")
+    reader = _Reader(src, seekable=True)
+    try:
+        if fps is not None:
+            wanted = sorted({(s + i) / fps for s in starts for i in range(frames)})
+            at = dict(zip(wanted, _pick_nearest(reader, wanted)))
+            windows = [[at[(s + i) / fps] for i in range(frames) if (s + i) / fps in at] for s in starts]
+        else:
+            if reader.native is None and starts != [0]:
+                raise VideoError(f"unknown frame rate: cannot place windows after the first in {reader.name}")
+            windows = _pick_consecutive(reader, [s / reader.native if s else 0.0 for s in starts], frames)
+        return [_to_clip([p.rgb() for p in w], height, width) if len(w) == frames
+                else _failure(reader, frames, fps, s / (fps or reader.native or 1.0)) for s, w in zip(starts, windows)]
+    finally:
+        reader.close()
+
+
+# --------------------------------------------------------------------------------------------
+# windows: several clips per video
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Windows:
+    """Which windows of ``frames`` output frames (at the chosen fps) a video gives as clips.
+
+    - ``clips_per_video=K >= 1`` (default 1): K evenly spaced windows, the first at frame 0 and the
+      last ending with the video (rounded to whole frames). K=1 is the first frames only. A video
+      with fewer than K window positions gives one clip per position.
+    - ``clips_per_video=0``: every window that fits, one starting every ``stride`` output frames
+      (default ``frames``: back to back without overlap; a smaller stride overlaps, a larger one
+      leaves gaps).
+
+    A ``stride`` with ``K >= 1`` is contradictory (K spaces its windows evenly) and rejected;
+    `from_flags` reads the CLI, where ``--clip-stride S`` alone means ``K=0``.
+    """
+
+    clips_per_video: int = 1
+    stride: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.clips_per_video < 0:
+            raise ValueError(f"clips per video must be >= 0 (0 = every window that fits), got {self.clips_per_video}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"clip stride must be >= 1 output frame, got {self.stride}")
+        if self.stride is not None and self.clips_per_video >= 1:
+            raise ValueError(f"--clips-per-video {self.clips_per_video} spaces its windows evenly, --clip-stride "
+                             f"{self.stride} fixes their spacing: give one of them (--clip-stride S alone, or "
+                             "with --clips-per-video 0, takes every window that fits, S frames apart)")
+
+    @classmethod
+    def from_flags(cls, clips_per_video: int | None, stride: int | None) -> "Windows":
+        """``--clips-per-video`` / ``--clip-stride`` as given (None = not given)."""
+        if clips_per_video is None:
+            clips_per_video = 0 if stride is not None else 1
+        return cls(clips_per_video, stride)
+
+    @property
+    def first_only(self) -> bool:
+        """One clip per video, its first frames: nothing to plan (no probing)."""
+        return self.clips_per_video == 1
+
+    def starts(self, length: int, frames: int) -> list[int]:
+        """First output frame of each window of a video offering ``length`` output frames."""
+        if length < frames:
+            return []
+        last = length - frames                              # the last start that fits
+        k = self.clips_per_video
+        if k == 0:
+            return list(range(0, last + 1, self.stride or frames))
+        if k == 1:
+            return [0]
+        # c * last / (k - 1) rounded half up, in integers; duplicates (short videos) dropped
+        return sorted({(2 * c * last + k - 1) // (2 * (k - 1)) for c in range(k)})
+
+
+class Window(NamedTuple):
+    """One window of a video: its place among the video's windows, first output frame, start time."""
+    clip: int
+    start: int
+    start_s: float
+
+
+def output_frames(source_frames: int, native: float | None, fps: float | None) -> int:
+    """Output frames a video of ``source_frames`` frames at ``native`` fps offers at ``fps`` (None:
+    the native rate): output frame ``i`` (time ``i / fps``) must lie within half a source frame of
+    the last frame, as in `read_video`. Assumes a constant frame rate (the header's)."""
+    if fps is None or not native:
+        return source_frames
+    return math.floor((source_frames - 0.5) * fps / native + 1e-9) + 1 if source_frames else 0
+
+
+def plan_windows(src: str | Path | bytes, frames: int, fps: float | None, windows: Windows) -> list[Window]:
+    """The windows of one video (from its header: `probe`, no decoding); VideoError when it cannot
+    be read or not even one window fits (``"too short: ..."``)."""
+    info = probe(src)
+    rate = fps if fps is not None else info["fps"]
+    starts = windows.starts(output_frames(info["frames"], info["fps"], fps), frames)
+    if not starts:
+        native = f"{info['fps']:g}" if info["fps"] else "unknown"
+        at = f" frames at {fps:g} fps" if fps is not None else " frames"
+        raise VideoError(f"too short: has {info['frames']} frames at {native} fps, need {frames}{at}")
+    if not rate:
+        starts = starts[:1]     # without a frame rate only the first window can be placed
+    return [Window(k, s, s / rate if s else 0.0) for k, s in enumerate(starts)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 - ``ldm data synth --output DIR --num N [--frames T] [--size S] [--fps F] [--seed K]
   [--layout folder|shards] [--holdout "red circle left" ...] [--diagonals] ...``: write the synthetic
   attribute video set (see `data.synth`).
-- ``ldm data list --input PATH [--captions FILE]``: what `data.sources.list_items` finds in an
-  input (count, captions, class ids, problems), to check a folder or shards before extraction.
+- ``ldm data list --input PATH [--captions FILE] [--frames T [--fps F] [--clips-per-video K |
+  --clip-stride S]]``: what `data.sources.list_items` finds in an input (count, captions, class ids,
+  problems), to check a folder or shards before extraction; with ``--frames``, how many clips each
+  video gives with those `ldm extract` settings (from the container headers).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import time
 
 from data.sources import list_items
 from data.synth import COLORS, DIRECTIONS, NUM_CLASSES, SHAPES, synth_dataset
+from data.video import VideoError, Windows, plan_windows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lister.add_argument("--input", required=True, help="folder, video file, .tar, or brace pattern of .tar shards")
     lister.add_argument("--captions", default=None, help="CSV or JSONL captions file (folders only)")
     lister.add_argument("--show", type=int, default=5, help="items to print (default 5)")
+    lister.add_argument("--frames", type=int, default=None,
+                        help="count the clips of T frames each video gives (as `ldm extract` would)")
+    lister.add_argument("--fps", type=float, default=None, help="with --frames: frame rate (default: native)")
+    lister.add_argument("--clips-per-video", type=int, default=None, metavar="K", help="with --frames, as in ldm extract")
+    lister.add_argument("--clip-stride", type=int, default=None, metavar="S", help="with --frames, as in ldm extract")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,16 +100,43 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clip_counts(items: list, args: argparse.Namespace) -> list[int | str]:
+    """Per video, the clips ``ldm extract`` would take with these settings, or why none."""
+    windows = Windows.from_flags(args.clips_per_video, args.clip_stride)
+    counts: list[int | str] = []
+    for it in items:
+        try:
+            counts.append(len(plan_windows(it.readable(), args.frames, args.fps, windows)))
+        except VideoError as e:
+            counts.append(str(e))
+    return counts
+
+
 def _list(args: argparse.Namespace) -> int:
+    counts = None
+    if args.frames is None and (args.fps, args.clips_per_video, args.clip_stride) != (None, None, None):
+        raise ValueError("--fps / --clips-per-video / --clip-stride count clips: give --frames too")
     items = list_items(args.input, args.captions)
+    if args.frames is not None:
+        counts = _clip_counts(items, args)
     captioned = sum(it.caption is not None for it in items)
     labelled = sum(it.class_id is not None for it in items)
     print(f"{len(items)} videos in {args.input}: {captioned} with captions, {labelled} with class ids, "
           f"{len({it.class_id for it in items if it.class_id is not None})} distinct classes")
-    for it in items[: args.show]:
-        print(f"  {it.key}: {it.caption!r} class={it.class_id} ({it.source})")
+    for i, it in enumerate(items[: args.show]):
+        clips = ""
+        if counts is not None:
+            clips = f", {counts[i]} clips" if isinstance(counts[i], int) else ", no clip"
+        print(f"  {it.key}: {it.caption!r} class={it.class_id} ({it.source}){clips}")
     if len(items) > args.show:
         print(f"  ... {len(items) - args.show} more")
+    if counts is not None:
+        none = [(it.key, c) for it, c in zip(items, counts) if isinstance(c, str)]
+        rate = f" at {args.fps:g} fps" if args.fps is not None else ""
+        print(f"{sum(c for c in counts if isinstance(c, int))} clips of {args.frames} frames{rate} from "
+              f"{len(items) - len(none)} videos; {len(none)} without a clip:")
+        for key, reason in none:
+            print(f"  - {key}: {reason}")
     if items.problems:
         print(f"{len(items.problems)} problem(s):")
         for p in items.problems:

@@ -2,13 +2,17 @@
 
     ldm extract --autoencoder NAME [--checkpoint DIR] --input PATH --output DIR
                 [--frames T] [--height H] [--width W] [--fps F] [--shard-size N] [--verify K]
+                [--clips-per-video K | --clip-stride S]
     torchrun --nproc_per_node 2 -m launch.cli extract ...      # same command, several ranks / nodes
 
-The sorted input list is cut into shards of ``--shard-size`` clips; shard j goes to rank
-j mod world_size. Each shard is written under a temporary name and renamed when complete, then its
-sidecar JSON (counts, skipped inputs with reasons, channel statistics) marks it done, so a rerun
-with the same arguments skips finished shards (with any number of ranks). Rank 0 merges the
-sidecars into ``manifest.json``.
+The sorted input list is cut into shards of ``--shard-size`` videos; shard j (all the clips of its
+videos) goes to rank j mod world_size. A video gives one clip (its first frames) or, with
+``--clips-per-video K`` / ``--clip-stride S``, several windows (`data.video.Windows`) decoded in
+one pass; a clip's key is ``data.shards.clip_key(video index, first frame)``, the same for any
+number of ranks, workers or batch size. Each shard is written under a temporary name and renamed
+when complete, then its sidecar JSON (counts, skipped inputs with reasons, channel statistics)
+marks it done, so a rerun with the same arguments skips finished shards (with any number of
+ranks). Rank 0 merges the sidecars into ``manifest.json``.
 
 A text-guided autoencoder (``text_dim > 0``, e.g. ``cmvae-*-text``) encodes each clip with its
 caption's embedding from ``--text-encoder`` (the same embedding is cached in the shard).
@@ -34,7 +38,7 @@ from autoencoders import Autoencoder, build, load_pretrained
 from autoencoders.tiling import configure_inference
 from data import shards
 from data.sources import VideoClipDataset, list_items
-from data.video import VideoError, read_video
+from data.video import VideoError, Window, Windows, read_clips
 from launch import dist
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_json, dir_hash, read_json
@@ -67,6 +71,8 @@ class ExtractConfig:
     tile: str | None = None  # spatial tiling of the encoder, "TILE[:OVERLAP]" pixels (large frames)
     chunk_frames: int = 0  # streaming encode this many frames at a time (IV-VAE, H3AE); 0 = one shot
     seed: int = 0
+    clips_per_video: int | None = None  # None: 1, or 0 with clip_stride (data.video.Windows.from_flags)
+    clip_stride: int | None = None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: native)")
-    p.add_argument("--shard-size", type=int, default=64, help="clips per shard")
+    p.add_argument("--shard-size", type=int, default=64, help="videos per shard (= clips per shard with one clip per video)")
     p.add_argument("--batch-size", type=int, default=0,
                    help="clips per encoder call (default 0 = auto: 4 on the CPU; on a GPU as many as half its "
                         "free memory holds, measured on one clip, at most 64)")
@@ -99,6 +105,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", type=int, default=0, metavar="K", help="decode K random latents, report PSNR vs source")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clips-per-video", type=int, default=None, metavar="K",
+                   help="K evenly spaced windows per video (default 1: the first frames; 0: every "
+                        "non-overlapping window that fits)")
+    p.add_argument("--clip-stride", type=int, default=None, metavar="S",
+                   help="every window that fits, one starting every S output frames (instead of K)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,24 +142,65 @@ def _load_autoencoder(cfg: ExtractConfig) -> tuple[Autoencoder, str, str | None]
     return build(cfg.autoencoder), cfg.autoencoder, None
 
 
-class _Clips(torch.utils.data.Dataset):
-    """Decoded clips or the reason they could not be decoded (so workers never kill the run)."""
+WINDOWS_PER_READ = 16  # windows of one video decoded together (one loader item): bounds memory on long videos
+Unit = tuple[int, "list[Window] | str"]  # a video and some of its windows, or why it gives none
 
-    def __init__(self, clips: VideoClipDataset, indices: list[int]):
-        self.clips, self.indices = clips, indices
+
+class _Plans(torch.utils.data.Dataset):
+    """Each video's windows (from its header), or the reason it gives none."""
+
+    def __init__(self, clips: VideoClipDataset, indices: list[int], windows: Windows):
+        self.clips, self.indices, self.windows = clips, indices, windows
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        idx = self.indices[i]
+    def __getitem__(self, i: int) -> Unit:
         try:
-            return {"index": idx, **self.clips[idx]}
+            return self.indices[i], self.clips.plan(self.indices[i], self.windows)
         except VideoError as e:
-            return {"index": idx, "error": str(e)}
+            return self.indices[i], str(e)
 
 
-def _first(batch: list[dict[str, Any]]) -> dict[str, Any]:
+def _plan_units(clips: VideoClipDataset, indices: list[int], windows: Windows, workers: int) -> list[Unit]:
+    """The loader items for videos ``indices``: their windows in groups of WINDOWS_PER_READ, or one
+    item with the reason a video gives none. The first frames only need no look at the files; other
+    windows come from the headers, read by ``workers`` processes."""
+    plans: Any = ((i, clips.plan(i, windows)) for i in indices)
+    if not windows.first_only:
+        plans = torch.utils.data.DataLoader(_Plans(clips, indices, windows), batch_size=1, num_workers=workers,
+                                            collate_fn=_first)
+    units: list[Unit] = []
+    for idx, plan in plans:
+        if isinstance(plan, str):
+            units.append((idx, plan))
+        else:
+            units += [(idx, plan[k:k + WINDOWS_PER_READ]) for k in range(0, len(plan), WINDOWS_PER_READ)]
+    return units
+
+
+class _Clips(torch.utils.data.Dataset):
+    """Per unit, its decoded clips or the reason each could not be decoded (so workers never kill the run)."""
+
+    def __init__(self, clips: VideoClipDataset, units: list[Unit]):
+        self.clips, self.units = clips, units
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, i: int) -> list[dict[str, Any]]:
+        idx, windows = self.units[i]
+        if isinstance(windows, str):
+            return [{"index": idx, "window": None, "error": windows}]
+        try:
+            got: list = self.clips.read_windows(idx, windows)
+        except VideoError as e:
+            got = [e] * len(windows)
+        return [{"index": idx, "window": w, **({"error": str(g)} if isinstance(g, VideoError) else g)}
+                for w, g in zip(windows, got)]
+
+
+def _first(batch: list[Any]) -> Any:
     return batch[0]
 
 
@@ -172,8 +224,10 @@ def _ae_cond(ae: Autoencoder, emb: torch.Tensor | None, mask: torch.Tensor | Non
 
 def _run_signature(cfg: ExtractConfig, name: str, ae: Autoencoder, ckpt_hash: str | None,
                    dtype: torch.dtype) -> dict[str, Any]:
+    windows = Windows.from_flags(cfg.clips_per_video, cfg.clip_stride)
     return {"autoencoder": name, "config_hash": cfglib.config_hash(ae.config), "checkpoint_hash": ckpt_hash,
-            "video": {"frames": cfg.frames, "height": cfg.height, "width": cfg.width, "fps": cfg.fps},
+            "video": {"frames": cfg.frames, "height": cfg.height, "width": cfg.width, "fps": cfg.fps,
+                      "clips_per_video": windows.clips_per_video, "clip_stride": windows.stride},
             "text_encoder": cfg.text_encoder, "shard_size": cfg.shard_size, "dtype": dist.dtype_name(dtype),
             "tile": cfg.tile}
 
@@ -215,6 +269,7 @@ def auto_batch_size(requested: int, ae: Autoencoder, cfg: ExtractConfig, device:
 
 
 def extract(cfg: ExtractConfig) -> dict[str, Any]:
+    windows = Windows.from_flags(cfg.clips_per_video, cfg.clip_stride)  # contradictory flags: clear error first
     env = dist.init_distributed()
     device = dist.device_for(env, cfg.device)
     dtype = dist.compute_dtype(cfg.dtype, device)
@@ -256,13 +311,15 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
                 continue
         todo.append(j)
 
-    n_clips = sum(len(items[j * cfg.shard_size:(j + 1) * cfg.shard_size]) for j in todo)
     workers = auto_workers(cfg.num_workers, device, env.world_size)
     batch = auto_batch_size(cfg.batch_size, ae, cfg, device, dtype, ae.text_dim) if todo else 1
+    S = cfg.shard_size
+    units = _plan_units(clips, [i for j in todo for i in range(j * S, min((j + 1) * S, len(items)))], windows, workers)
+    n_clips = sum(1 if isinstance(w, str) else len(w) for _, w in units)
     bar = tqdm(total=n_clips, desc=f"extract r{env.rank}", unit="clip", disable=not dist.is_main())
     t0 = time.perf_counter()
-    encoded = _extract_shards(todo, cfg, items, clips, ae, text_encoder, signature, out, device, dtype, batch,
-                              workers, bar)
+    encoded = _extract_shards(units, windows, cfg, items, clips, ae, text_encoder, signature, out, device, dtype,
+                              batch, workers, bar)
     elapsed = time.perf_counter() - t0
     bar.close()
 
@@ -290,7 +347,7 @@ class _ShardBuffer:
     index: int
     samples: list[dict[str, bytes]] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     stats: shards.ChannelStats = field(default_factory=shards.ChannelStats)
     text_tokens: int = 0
 
@@ -306,20 +363,21 @@ def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signa
 
 
 @torch.no_grad()
-def _extract_shards(todo: list[int], cfg: ExtractConfig, items: list, clips: VideoClipDataset, ae: Autoencoder,
-                    text_encoder, signature: dict, out: Path, device: torch.device, dtype: torch.dtype,
-                    batch_size: int, workers: int, bar: tqdm) -> int:
-    """Encode the clips of shards ``todo`` in order and write each shard when its last clip is done.
+def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, items: list, clips: VideoClipDataset,
+                    ae: Autoencoder, text_encoder, signature: dict, out: Path, device: torch.device,
+                    dtype: torch.dtype, batch_size: int, workers: int, bar: tqdm) -> int:
+    """Encode the clips of ``units`` (`_plan_units`: this rank's shards, in order) and write each
+    shard when its last clip is done.
 
     One DataLoader decodes every clip of this rank (``workers`` processes, pinned memory on a GPU)
     while the encoder runs; finished shards are written by a background thread, so tar writing
     overlaps the next shard's encoding. Batches never span shards. Returns the clips handled."""
     S = cfg.shard_size
-    indices = [i for j in todo for i in range(j * S, min((j + 1) * S, len(items)))]
     cuda = device.type == "cuda"
-    loader = torch.utils.data.DataLoader(_Clips(clips, indices), batch_size=1, num_workers=workers,
-                                         collate_fn=_first, pin_memory=cuda,
-                                         prefetch_factor=2 * batch_size if workers else None)
+    per_unit = max(1, round(sum(1 if isinstance(w, str) else len(w) for _, w in units) / max(len(units), 1)))
+    loader = torch.utils.data.DataLoader(_Clips(clips, units), batch_size=1, num_workers=workers,
+                                         collate_fn=_first, pin_memory=cuda,  # about 2 batches of clips ahead:
+                                         prefetch_factor=-(-2 * batch_size // per_unit) if workers else None)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
     written: list[Future] = []
     pending: list[dict[str, Any]] = []
@@ -338,13 +396,15 @@ def _extract_shards(todo: list[int], cfg: ExtractConfig, items: list, clips: Vid
         latent = ae.encode(video, _ae_cond(ae, emb, mask, device, dtype)).to("cpu", torch.float32)
         buf.stats.update(latent)
         for b, (p, lat) in enumerate(zip(pending, latent.unbatch())):
-            item = items[p["index"]]
+            item, w = items[p["index"]], p["window"]
             meta = {"index": p["index"], "key": item.key, "caption": p["caption"] or None,
                     "class_id": None if p["class_id"] < 0 else p["class_id"], "fps": cfg.fps,
                     "frames": cfg.frames, "height": cfg.height, "width": cfg.width,
                     "autoencoder": signature["autoencoder"]}
+            if not windows.first_only:  # several clips per video: which window this is
+                meta.update(clip=w.clip, start_frame=w.start, start_s=round(w.start_s, 6))
             buf.samples.append(shards.encode_sample(lat, meta, None if text is None else text[b]))
-            buf.keys.append(f"{p['index']:09d}")
+            buf.keys.append(shards.clip_key(p["index"], w.start))
         pending.clear()
 
     def finish_shard() -> None:
@@ -355,7 +415,7 @@ def _extract_shards(todo: list[int], cfg: ExtractConfig, items: list, clips: Vid
         written.append(writer.submit(_write_shard_files, buf, cfg, items, signature, out))
 
     try:
-        for clip in loader:
+        for clip in (clip for unit in loader for clip in unit):
             bar.update(1)
             handled += 1
             j = clip["index"] // S
@@ -364,8 +424,10 @@ def _extract_shards(todo: list[int], cfg: ExtractConfig, items: list, clips: Vid
                     finish_shard()
                 buf = _ShardBuffer(j)
             if "error" in clip:
-                buf.skipped.append({"key": items[clip["index"]].key, "reason": clip["error"]})
-                log.warning("skipping %s: %s", items[clip["index"]].key, clip["error"])
+                w, key = clip["window"], items[clip["index"]].key
+                where = {} if windows.first_only or w is None else {"clip": w.clip, "start_frame": w.start}
+                buf.skipped.append({"key": key, **where, "reason": clip["error"]})
+                log.warning("skipping %s%s: %s", key, f" (window at frame {w.start})" if where else "", clip["error"])
                 continue
             pending.append(clip)
             if len(pending) >= batch_size:
@@ -420,7 +482,11 @@ def verify(out: Path, ae: Autoencoder, cfg: ExtractConfig, items: list, device: 
     values = []
     for s in chosen:
         item = items[s["meta"]["index"]]
-        video = read_video(item.load_bytes(), cfg.frames, cfg.height, cfg.width, cfg.fps)[None].to(device)
+        clip = read_clips(item.load_bytes(), cfg.frames, cfg.height, cfg.width, cfg.fps,
+                          [s["meta"].get("start_frame", 0)])[0]
+        if isinstance(clip, VideoError):
+            raise clip
+        video = clip[None].to(device)
         cond = None
         if ae.text_dim:
             emb, mask = text_encoder.encode([s["cond"]["caption"]])

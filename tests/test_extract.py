@@ -5,11 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from data import shards
 from data.synth import synth_dataset
+from data.video import write_frames
 from launch.cli import main as ldm
 from procs import torchrun
 
@@ -110,6 +112,93 @@ def test_two_ranks_equal_one_rank(videos, tmp_path):
     assert {k: v for k, v in two.items() if k not in ("world_size", "stats")} == \
         {k: v for k, v in one.items() if k not in ("world_size", "stats")}
     torch.testing.assert_close(torch.tensor(two["stats"]["z"]["mean"]), torch.tensor(one["stats"]["z"]["mean"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# several clips per video
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def long_videos(tmp_path_factory):
+    """Four synthetic videos of 24 frames (3 s at 8 fps) and one of 6 frames (shorter than a window)."""
+    out = tmp_path_factory.mktemp("long")
+    synth_dataset(out, num=4, frames=24, size=32, fps=8, seed=1)
+    write_frames(out / "videos" / "zz_short.mp4", np.zeros((6, 32, 32, 3), np.uint8), fps=8)
+    return out
+
+
+def _keys(out) -> list[str]:
+    return [raw["__key__"] for url in shards.shard_urls(out) for raw in shards.iter_shard(url)]
+
+
+def test_clips_per_video(long_videos, tmp_path):
+    _extract(long_videos, tmp_path / "k3", "--clips-per-video", "3", "--shard-size", "2", "--batch-size", "1",
+             "--verify", "2")
+    m = shards.load_manifest(tmp_path / "k3")
+    assert m["video"]["clips_per_video"] == 3 and m["video"]["clip_stride"] is None
+    assert m["counts"] == {"inputs": 5, "written": 12, "skipped": 1} and m["verify"]["k"] == 2
+    assert m["skipped"] == [{"key": "videos/zz_short", "reason": "too short: has 6 frames at 8 fps, need 8 frames"}]
+    assert [s["count"] for s in m["shards"]] == [6, 6]                       # shard j: all clips of videos 2j, 2j+1
+    assert _keys(tmp_path / "k3") == [shards.clip_key(i, f) for i in range(4) for f in (0, 8, 16)]
+    metas = [s["meta"] for s in shards.read_all(tmp_path / "k3")]
+    assert [(x["index"], x["clip"], x["start_frame"], x["start_s"]) for x in metas[:3]] == \
+        [(0, 0, 0, 0.0), (0, 1, 8, 1.0), (0, 2, 16, 2.0)]
+    # one clip per video (the default) keeps its keys, and its clip is the first window's
+    _extract(long_videos, tmp_path / "k1", "--shard-size", "2", "--batch-size", "1")
+    one = {raw["__key__"]: raw for url in shards.shard_urls(tmp_path / "k1") for raw in shards.iter_shard(url)}
+    three = {raw["__key__"]: raw for url in shards.shard_urls(tmp_path / "k3") for raw in shards.iter_shard(url)}
+    assert sorted(one) == [f"{i:09d}" for i in range(4)]
+    assert all(one[k]["latent.safetensors"] == three[k]["latent.safetensors"] for k in one)
+    assert set(json.loads(one["000000000"]["json"])) == {"index", "key", "caption", "class_id", "fps", "frames",
+                                                         "height", "width", "autoencoder"}
+
+
+def test_every_window_is_stable_across_batch_sizes_workers_and_resume(long_videos, tmp_path):
+    every = ("--clip-stride", "4", "--fps", "8")                            # windows at 0, 4, 8, 12, 16
+    _extract(long_videos, tmp_path / "a", *every)
+    _extract(long_videos, tmp_path / "workers", *every, "--num-workers", "2")
+    _extract(long_videos, tmp_path / "b3", *every, "--batch-size", "3")
+    digest = shards.raw_bytes_digest(tmp_path / "a")
+    assert shards.raw_bytes_digest(tmp_path / "workers") == digest          # workers change no byte
+    a, b = shards.read_all(tmp_path / "a"), shards.read_all(tmp_path / "b3")
+    assert _keys(tmp_path / "a") == _keys(tmp_path / "b3") and len(a) == 20
+    assert [s["meta"] for s in a] == [s["meta"] for s in b]
+    assert [s["meta"]["start_frame"] for s in a[:5]] == [0, 4, 8, 12, 16]
+    for x, y in zip(a, b):                                                  # batch size: float rounding only
+        torch.testing.assert_close(x["latent"]["z"], y["latent"]["z"], rtol=1e-4, atol=1e-5)
+    manifest = shards.load_manifest(tmp_path / "a")
+    assert manifest["video"]["clips_per_video"] == 0 and manifest["video"]["clip_stride"] == 4
+    (tmp_path / "a" / "shard-000001.tar").unlink()                          # a run killed before shard 1
+    (tmp_path / "a" / "shard-000001.json").unlink()
+    _extract(long_videos, tmp_path / "a", *every)
+    assert shards.raw_bytes_digest(tmp_path / "a") == digest
+    assert shards.load_manifest(tmp_path / "a") == manifest
+    with pytest.raises(RuntimeError, match="different extraction"):
+        _extract(long_videos, tmp_path / "a", "--clip-stride", "8", "--fps", "8")
+
+
+@pytest.mark.parametrize("flags, match", [(["--clips-per-video", "2", "--clip-stride", "4"], "give one of them"),
+                                          (["--clips-per-video", "-1"], ">= 0"), (["--clip-stride", "0"], ">= 1")])
+def test_contradictory_clip_flags_are_rejected(long_videos, tmp_path, flags, match):
+    with pytest.raises(ValueError, match=match):
+        _extract(long_videos, tmp_path / "x", *flags)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.dist
+def test_windows_two_ranks_equal_one_rank(long_videos, tmp_path):
+    args = ["--clips-per-video", "0", "--clip-stride", "6", "--shard-size", "1"]
+    _extract(long_videos, tmp_path / "one", *args)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = torchrun(2, "extract", "--autoencoder", AE, "--input", str(long_videos), "--output", str(tmp_path / "two"),
+                   "--frames", "8", "--height", "32", "--width", "32", "--batch-size", "2", *args)
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _keys(tmp_path / "two") == _keys(tmp_path / "one")
+    assert len(_keys(tmp_path / "one")) == 4 * 3 and len(set(_keys(tmp_path / "one"))) == 12
+    a, b = shards.read_all(tmp_path / "one"), shards.read_all(tmp_path / "two")
+    assert [s["meta"] for s in a] == [s["meta"] for s in b]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x["latent"]["z"], y["latent"]["z"], rtol=1e-4, atol=1e-5)
 
 
 def test_diffusers_vae_from_a_local_folder(videos, tmp_path):

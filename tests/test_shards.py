@@ -111,6 +111,19 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     assert ds.skipped["bad_sample"] == 5
 
 
+def test_clip_keys_of_several_windows_read_back_in_clip_order(tmp_path):
+    assert shards.clip_key(42) == shards.clip_key(42, 0) == "000000042"      # one clip per video: as always
+    assert shards.clip_key(42, 34) == "000000042_000034"
+    windows = [(1, 0), (0, 16), (0, 0), (1, 8), (0, 8)]                      # (video index, first frame)
+    samples = [shards.encode_sample(Latent({"z": torch.zeros(1, 2, 1, 2, 2)}), {"index": i, "start_frame": f})
+               for i, f in windows]
+    shards.write_shard(tmp_path / shards.SHARD_NAME.format(0), samples, [shards.clip_key(i, f) for i, f in windows])
+    got = [(s["meta"]["index"], s["meta"]["start_frame"]) for s in shards.read_all(tmp_path)]
+    assert got == sorted(windows)
+    assert len(list(shards.LatentShards(str(tmp_path)))) == 5                 # the reader accepts the keys
+    assert sorted(shards.clip_key(i, f) for i, f in windows) == [shards.clip_key(i, f) for i, f in sorted(windows)]
+
+
 def test_truncated_shard_keeps_earlier_samples(tmp_path):
     _write(tmp_path, n_shards=1, per=6)
     path = tmp_path / shards.SHARD_NAME.format(0)

@@ -13,7 +13,7 @@ import torch
 
 from data.sources import ItemList, VideoClipDataset, VideoItem, list_items
 from data.synth import synth_dataset
-from data.video import VideoError, encode_video, write_frames
+from data.video import VideoError, Window, Windows, encode_video, write_frames
 
 
 def _clip(value: int, frames: int = 8) -> np.ndarray:
@@ -175,6 +175,27 @@ def test_video_clip_dataset(folder, tmp_path):
     gone = VideoItem(key="gone", path=tmp_path / "gone.mp4")
     with pytest.raises(VideoError, match="file not found"):
         VideoClipDataset([gone], 4, 16, 16)[0]
+
+
+def test_video_clip_dataset_windows(tmp_path):
+    frames = np.stack([np.full((32, 32, 3), 10 * i, np.uint8) for i in range(20)])
+    write_frames(tmp_path / "v" / "a.mp4", frames, fps=10)
+    write_frames(tmp_path / "v" / "b.mp4", frames[:3], fps=10)
+    ds = VideoClipDataset(list_items(tmp_path / "v"), frames=4, height=16, width=16)
+    assert ds.plan(0, Windows()) == [Window(0, 0, 0.0)]                # first frames: no look at the file
+    assert [w.start for w in ds.plan(0, Windows(3))] == [0, 8, 16]
+    assert [w.start for w in ds.plan(0, Windows(0, stride=6))] == [0, 6, 12]
+    with pytest.raises(VideoError, match="too short: has 3 frames at 10 fps, need 4 frames"):
+        ds.plan(1, Windows(0, stride=6))
+    clips = ds.read_windows(0, ds.plan(0, Windows(3)))
+    assert [c["key"] for c in clips] == ["a"] * 3
+    gray = [float(c["video"].mean() + 1) * 127.5 for c in clips]      # mean of frames s..s+3 = 10 * (s + 1.5)
+    assert gray == pytest.approx([15, 95, 175], abs=3)
+    assert torch.equal(ds.read_windows(0, [Window(0, 0, 0.0)])[0]["video"], ds[0]["video"])
+    gone = VideoClipDataset([VideoItem(key="gone", path=tmp_path / "gone.mp4")], 4, 16, 16)
+    assert gone.plan(0, Windows()) == [Window(0, 0, 0.0)]
+    with pytest.raises(VideoError, match="file not found"):
+        gone.read_windows(0, [Window(0, 0, 0.0)])
 
 
 def test_shard_dataset_decodes(shard_set):

@@ -174,6 +174,17 @@ def test_ldm_data_synth_and_list(tmp_path, capsys):
     assert len(list((tmp_path / "sh").glob("shard-*.tar"))) == 3
     assert data_cmd.run(_parse(["list", "--input", str(out)])) == 0
     assert "10 videos" in capsys.readouterr().out
+    # how many clips each video gives with `ldm extract`'s window settings (8 frames at 4 fps)
+    assert data_cmd.run(_parse(["list", "--input", str(out), "--frames", "3", "--clip-stride", "2", "--show", "1"])) == 0
+    text = capsys.readouterr().out
+    assert ", 3 clips" in text and "30 clips of 3 frames from 10 videos; 0 without a clip" in text
+    assert data_cmd.run(_parse(["list", "--input", str(out), "--frames", "3", "--fps", "2", "--clips-per-video", "2"])) == 0
+    assert "20 clips of 3 frames at 2 fps" in capsys.readouterr().out   # 4 output frames: windows at 0 and 1
+    assert data_cmd.run(_parse(["list", "--input", str(out), "--frames", "9"])) == 0
+    assert "0 clips of 9 frames from 0 videos; 10 without a clip" in capsys.readouterr().out
+    assert data_cmd.run(_parse(["list", "--input", str(out), "--frames", "3", "--clips-per-video", "2",
+                                "--clip-stride", "2"])) == 2
+    assert "give one of them" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _parse(["synth", "--output", str(out)])   # --num is required
     bad = _parse(["synth", "--output", str(tmp_path / "bad"), "--num", "2", "--holdout", "red", "circle", "left"])

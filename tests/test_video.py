@@ -1,7 +1,9 @@
-"""data.video: decode/encode round trips, timestamp resampling, resize + crop, every VideoError."""
+"""data.video: decode/encode round trips, timestamp resampling, resize + crop, every VideoError,
+several windows per video (positions, one decoding pass with seeking), rotation metadata."""
 from __future__ import annotations
 
 import io
+import math
 from fractions import Fraction
 
 import av
@@ -9,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.video import (VideoError, encode_video, probe, read_video, resize_center_crop, video_to_uint8,
-                        write_frames, write_video)
+import data.video as video_mod
+from data.video import (VideoError, Window, Windows, encode_video, output_frames, plan_windows, probe, read_clips,
+                        read_video, resize_center_crop, video_to_uint8, write_frames, write_video)
 
 STEP = 10  # frame i is filled with gray level i * STEP, so decoded pixels say which frame came back
 
@@ -197,3 +200,172 @@ def test_read_video_rejects_bad_arguments(clip12):
         read_video(clip12, 4, 16, 16, fps=0)
     with pytest.raises(ValueError):
         read_video(io.BytesIO(b"x").getvalue(), 4, 16, 16, start=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# several windows per video
+# ---------------------------------------------------------------------------------------------
+def test_window_positions():
+    assert Windows().starts(40, 17) == [0]                                   # K=1: the first frames
+    assert Windows(3).starts(40, 17) == [0, 12, 23]                          # first at 0, last ends the video
+    assert Windows(2).starts(17, 17) == [0]                                  # one position: one clip
+    assert Windows(5).starts(19, 17) == [0, 1, 2]                            # fewer positions than K
+    assert Windows(0).starts(40, 8) == [0, 8, 16, 24, 32]                    # K=0: back to back, all that fit
+    assert Windows(0).starts(39, 8) == [0, 8, 16, 24]
+    assert Windows(0, stride=3).starts(20, 8) == [0, 3, 6, 9, 12]            # overlapping
+    assert Windows(0, stride=12).starts(40, 8) == [0, 12, 24]                # gaps
+    assert all(Windows(k, s).starts(7, 8) == [] for k, s in [(1, None), (3, None), (0, None), (0, 2)])
+    assert Windows.from_flags(None, None) == Windows(1) and Windows.from_flags(None, 4) == Windows(0, 4)
+    assert Windows.from_flags(0, 4) == Windows(0, 4) and Windows.from_flags(3, None) == Windows(3)
+
+
+@pytest.mark.parametrize("k, stride, match", [
+    (2, 4, "give one of them"), (1, 4, "give one of them"), (-1, None, ">= 0"), (0, 0, ">= 1")])
+def test_contradictory_window_flags_are_rejected(k, stride, match):
+    with pytest.raises(ValueError, match=match):
+        Windows.from_flags(k, stride)
+
+
+def test_output_frames_agrees_with_the_decoder(clip12):
+    for fps, frames in [(None, 24), (6, 12), (5, 10), (24, 48), (7, 14)]:
+        n = output_frames(24, 12.0, fps)
+        assert n == frames
+        assert read_video(clip12, n, 16, 16, fps=fps).shape[1] == n
+        with pytest.raises(VideoError, match="too short"):
+            read_video(clip12, n + 1, 16, 16, fps=fps)
+
+
+def test_plan_windows(clip12):
+    assert plan_windows(clip12, 8, None, Windows(3)) == [Window(0, 0, 0.0), Window(1, 8, 8 / 12), Window(2, 16, 16 / 12)]
+    assert [w.start for w in plan_windows(clip12, 4, 6, Windows(0))] == [0, 4, 8]
+    assert plan_windows(clip12, 4, 6, Windows(0))[1].start_s == pytest.approx(4 / 6)
+    with pytest.raises(VideoError, match=r"too short: has 24 frames at 12 fps, need 13 frames at 6 fps"):
+        plan_windows(clip12, 13, 6, Windows(3))
+
+
+def short_gop_mp4(n: int, fps: int = 12, gop: int = 6, fmt: str = "mp4") -> bytes:
+    """``indexed_frames``-style video whose frame i has gray level i % 25 * STEP, a keyframe every ``gop``."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream("libx264", rate=Fraction(fps))
+        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+        s.codec_context.gop_size = gop
+        for i in range(n):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.full((32, 48, 3), i % 25 * STEP, np.uint8), format="rgb24")))
+        c.mux(s.encode(None))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def long_clip() -> bytes:
+    return short_gop_mp4(120)    # 10 s at 12 fps, a keyframe every half second
+
+
+def _readers(monkeypatch) -> list:
+    made = []
+
+    class Spy(video_mod._Reader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    monkeypatch.setattr(video_mod, "_Reader", Spy)
+    return made
+
+
+@pytest.mark.parametrize("fps, starts", [(None, [0, 37, 75, 112]), (5, [0, 20, 40]), (24, [0, 3, 150, 228]),
+                                         (None, [0, 2, 4, 60, 61])])   # overlapping windows
+def test_read_clips_decodes_once_and_equals_one_read_per_window(long_clip, monkeypatch, fps, starts):
+    made = _readers(monkeypatch)
+    clips = read_clips(long_clip, 8, 32, 48, fps, starts)
+    assert made[0].seeks >= 1 and made[0].n < 120                  # skipped the gaps, decoded each frame once
+    for start, clip in zip(starts, clips):
+        ref = read_video(long_clip, 8, 32, 48, fps=fps, start=start / (fps or 12))   # linear decoding
+        assert torch.equal(clip, ref), start
+    nearest = [math.ceil((starts[1] + i) * 12 / (fps or 12) - 0.5) for i in range(8)]   # ties: the earlier frame
+    assert frame_indices(clips[1]) == [i % 25 for i in nearest]
+
+
+def test_read_clips_first_window_is_read_video(clip12):
+    for fps in (None, 5, 24):
+        assert torch.equal(read_clips(clip12, 8, 16, 16, fps, [0])[0], read_video(clip12, 8, 16, 16, fps=fps))
+
+
+def test_read_clips_without_precise_seeking_gives_the_same_frames(monkeypatch):
+    """MPEG-TS seeks by byte estimates: the reader notices it landed past the window, reopens and
+    decodes on from the start; the frames are the same as reading each window alone."""
+    data = short_gop_mp4(120, fmt="mpegts")
+    made = _readers(monkeypatch)
+    clips = read_clips(data, 6, 32, 48, None, [0, 60, 100])
+    assert not made[0].seekable      # gave up seeking after the first try
+    for start, clip in zip([0, 60, 100], clips):
+        assert torch.equal(clip, read_video(data, 6, 32, 48, start=start / 12))
+
+
+def test_read_clips_window_past_the_end_fails_alone(long_clip):
+    first, last = read_clips(long_clip, 8, 16, 16, None, [0, 115])
+    assert first.shape == (3, 8, 16, 16)
+    assert isinstance(last, VideoError) and str(last).startswith("too short")
+    with pytest.raises(ValueError, match="increasing"):
+        read_clips(long_clip, 8, 16, 16, None, [8, 0])
+    with pytest.raises(VideoError, match="empty file"):
+        read_clips(b"", 8, 16, 16, None, [0])
+
+
+# ---------------------------------------------------------------------------------------------
+# rotation metadata (phone videos)
+# ---------------------------------------------------------------------------------------------
+def portrait() -> np.ndarray:
+    """An upright 48x32 (portrait) picture: red top, green bottom left, blue bottom right."""
+    img = np.zeros((48, 32, 3), np.uint8)
+    img[:24] = (255, 0, 0)
+    img[24:, :16] = (0, 255, 0)
+    img[24:, 16:] = (0, 0, 255)
+    return img
+
+
+def assert_upright(video: torch.Tensor) -> None:
+    x = video_to_uint8(video)[0].float()                           # (48, 32, 3), first frame
+    assert x.shape == (48, 32, 3)
+    for region, color in [(x[4:20, 4:28], (255, 0, 0)), (x[28:44, 2:12], (0, 255, 0)), (x[28:44, 20:30], (0, 0, 255))]:
+        assert (region.mean(dim=(0, 1)) - torch.tensor(color, dtype=torch.float32)).abs().max() < 40, color
+
+
+def _write_stored(path, stored: np.ndarray, fmt: str, rotation: int | None = None, tag: str | None = None) -> None:
+    with av.open(str(path), "w", format=fmt) as c:
+        s = c.add_stream("libx264", rate=Fraction(8))
+        s.height, s.width = stored.shape[:2]
+        s.pix_fmt = "yuv420p"
+        if rotation is not None:
+            s.set_display_rotation(rotation)   # display matrix (coded side data), as phones write it
+        if tag is not None:
+            s.metadata["rotate"] = tag         # the older `rotate` tag (clockwise degrees)
+        for _ in range(4):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(stored), format="rgb24")))
+        c.mux(s.encode(None))
+
+
+@pytest.mark.parametrize("rotation", [90, 180, -90])
+def test_display_matrix_rotation_is_applied(tmp_path, rotation):
+    """A phone stores the sensor's picture and a display matrix saying how to turn it (ffprobe:
+    "displaymatrix: rotation of -90.00 degrees" for one held upright); PyAV reads it back as
+    ``VideoFrame.rotation`` (degrees counterclockwise). Frames must come out upright."""
+    if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip("this PyAV cannot write a display matrix (VideoStream.set_display_rotation)")
+    stored = np.rot90(portrait(), -rotation // 90)            # what the camera stored
+    path = tmp_path / "phone.mp4"
+    _write_stored(path, stored, "mp4", rotation=rotation)
+    with av.open(str(path)) as c:
+        assert next(c.decode(video=0)).rotation % 360 == rotation % 360   # the metadata is really in the file
+    assert_upright(read_video(path, 4, 48, 32))
+    assert_upright(read_clips(path, 2, 48, 32, None, [0, 2])[1])
+
+
+def test_rotate_tag_is_applied(tmp_path):
+    """Matroska keeps a stream's ``rotate`` tag (as older FFmpeg versions wrote it when remuxing
+    phone videos): 90 means "turn 90 degrees clockwise to display"."""
+    stored = np.rot90(portrait(), 1)                           # portrait turned counterclockwise
+    path = tmp_path / "tagged.mkv"
+    _write_stored(path, stored, "matroska", tag="90")
+    assert_upright(read_video(path, 4, 48, 32))
+    _write_stored(tmp_path / "plain.mkv", np.ascontiguousarray(portrait()), "matroska")
+    assert_upright(read_video(tmp_path / "plain.mkv", 4, 48, 32))   # no metadata: unchanged
