@@ -1,0 +1,36 @@
+"""The GPU benchmarks run their own code at toy size on the CPU (``--device cpu``), so they do not
+first break on a GPU machine."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_dit_tiny_on_cpu(tmp_path):
+    out = tmp_path / "dit.json"
+    proc = _run(["benchmarks/gpu_dit.py", "--device", "cpu", "--tiny", "--compile-backend", "aot_eager",
+                 "--tokens", "64", "--batches", "2", "--sample-batches", "2", "--steps", "1", "--warmup", "1",
+                 "--modes", "ref-autocast,ours-bf16,ref-bf16", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert set(rows) == {"ref-autocast", "ours-bf16", "ref-bf16"}
+    for r in rows.values():
+        assert r["step_s"] > 0 and r["forward_s"] > 0 and r["tokens"] == 64 and r["mfu"] is None
+    assert rows["ref-autocast"]["train_speedup_vs_ref"] == 1.0
+
+
+def test_gpu_check_debug_on_cpu(tmp_path):
+    out = tmp_path / "check.json"
+    proc = _run(["benchmarks/gpu_check.py", "--device", "cpu", "--debug", "--skip-pipeline", "--frames", "9",
+                 "--size", "32", "--autoencoders", "kl2d-f8c4-debug,mtcvae-c4-debug", "--json", str(out)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["name"] for r in rows] == ["kl2d-f8c4-debug", "mtcvae-c4-debug"] and all(r["ok"] for r in rows)
+    assert "ok   ae kl2d-f8c4-debug" in proc.stdout
