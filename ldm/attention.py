@@ -259,16 +259,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "sdpa", mask: T
     ``max_seqlen`` is the longest sequence in ``cu_seqlens`` (computed when omitted).
     ``scale`` defaults to ``1 / sqrt(d)``.
 
-    The plain case (sdpa, no mask or ids) is one SDPA call that ``torch.compile`` traces into the
-    surrounding graph; every other case runs eagerly (``torch.compiler.disable``): the id
-    bookkeeping reads sizes on the host, and the optional kernels are opaque to the compiler.
+    Two cases are plain SDPA calls that ``torch.compile`` traces into the surrounding graph: no
+    mask or ids, and a key-padding mask alone (``kv_seq_ids`` only: cross-attention to a padded
+    caption). Every other case runs eagerly (``torch.compiler.disable``): the id bookkeeping reads
+    sizes on the host, and the optional kernels are opaque to the compiler.
     """
     if backend == "auto" and q.ndim == 4:
         backend = auto_backend(q, mask)
-    plain = mask is None and seq_ids is None and kv_seq_ids is None and cu_seqlens is None
-    if backend == "sdpa" and plain and q.ndim == k.ndim == v.ndim == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2] \
-            and k.shape == v.shape and k.shape[-1] == q.shape[-1] and not (causal and q.shape[2] != k.shape[2]):
+    simple = (backend == "sdpa" and mask is None and seq_ids is None and cu_seqlens is None
+              and q.ndim == k.ndim == v.ndim == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]
+              and k.shape == v.shape and k.shape[-1] == q.shape[-1])
+    if simple and kv_seq_ids is None and not (causal and q.shape[2] != k.shape[2]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)  # (B, H, Nq, d)
+    if simple and not causal and kv_seq_ids is not None and kv_seq_ids.shape == (k.shape[0], k.shape[2]):
+        key_ok = (kv_seq_ids >= 0)[:, None, None, :]  # (B, 1, 1, Nk)
+        has_key = key_ok.any(-1, keepdim=True)  # (B, 1, 1, 1): a row with no visible key gets zeros
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_ok | ~has_key, scale=scale)
+        return out * has_key.to(out.dtype)  # (B, H, Nq, d)
     return _attention(q, k, v, backend=backend, mask=mask, causal=causal, seq_ids=seq_ids, kv_seq_ids=kv_seq_ids,
                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
 

@@ -204,3 +204,13 @@ def test_compile_switch_is_validated(tmp_path):
     cfg = cfglib.from_dict(TrainConfig, cfglib.apply_dotted({}, ["model.compile=true", "engine.precision=bf16"]))
     assert cfg.model.compile is True and cfg.engine.precision == "bf16"
     assert cfglib.from_dict(TrainConfig, cfglib.apply_dotted({}, ["model.compile=auto"])).model.compile == "auto"
+
+
+def test_text_conditioned_block_compiles_without_graph_breaks():
+    """Cross-attention to a padded caption (a key-padding mask) stays inside the compiled block:
+    one graph for the whole block, not pieces around an eager attention call."""
+    model = _randomize(dit.build("dit-debug", GRID, text_dim=8, num_classes=4))
+    backend = CountingBackend()
+    compile_blocks(model, backend=backend)
+    model(_batch(GRID, 3), torch.rand(3), _text_cond(3))
+    assert backend.graphs == 1
