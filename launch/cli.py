@@ -1,10 +1,22 @@
 """The ``ldm`` console script. Each verb lives in its own module under ``launch/`` with
-``add_arguments(parser)`` and ``run(args)``; this file only wires them."""
+``add_arguments(parser)`` and ``run(args)``; this file only wires them.
+
+Errors: a `ldm.errors.UserError` (a bad value, a wrong kind of folder, an id out of range, ...)
+is printed as ONE line, ``ldm VERB: error: ...``, and the command exits with status 2; under
+torchrun / the DeepSpeed launcher / srun only the first rank of each node prints it. Every other
+exception is a bug and shows its traceback. ``--debug`` (anywhere on the command line) or
+``LDM_DEBUG=1`` shows the traceback of user errors too.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from ldm.errors import UserError
 
 # verb -> (module, help)
 VERBS: dict[str, tuple[str, str]] = {  # keep in sync with the README's verb table
@@ -20,31 +32,93 @@ VERBS: dict[str, tuple[str, str]] = {  # keep in sync with the README's verb tab
     "eval": ("launch.evaluate", "quality: recon (PSNR/SSIM/LPIPS/rFVD) and gen (FVD/FID, attributes, VBench)"),
     "compare": ("launch.compare", "autoencoders side by side: same clips, same DiT, cost and quality report"),
 }
+DEBUG_ENV = "LDM_DEBUG"
+
+
+def package_version() -> str:
+    try:
+        return version("ldm-video")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default: X)`` to the help of every option of ``parser`` (and of its sub-commands)
+    that has a default worth showing and whose help does not state one already."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+            continue
+        default = action.default
+        if (not action.option_strings or action.help == argparse.SUPPRESS or default is None
+                or default is False or default == argparse.SUPPRESS or default in ([], ())):
+            continue
+        text = action.help or ""
+        if "default" not in text.lower():
+            action.help = f"{text} (default: %(default)s)".strip()
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The parser with every verb listed; only ``verb``'s module is imported (fast start-up, and a
     verb whose optional dependencies are missing cannot break the others)."""
     parser = argparse.ArgumentParser(prog="ldm", description="Latent-diffusion video platform")
+    parser.add_argument("--version", action="version", version=f"ldm {package_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of user errors too (also: {DEBUG_ENV}=1); anywhere on the line")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (module, help_text) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == verb:
             mod = importlib.import_module(module)
             mod.add_arguments(p)
+            _show_defaults(p)
             p.set_defaults(_run=mod.run)
     return parser
 
 
+def _first_rank_of_node() -> bool:
+    """True unless this is a launcher's second or later process on its node."""
+    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    return local.strip() in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Parse ``argv`` and run the verb; exceptions propagate (the programmatic entry, used by tests
+    and by verbs that run others in-process). `console` is the process entry."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     # the `deepspeed` launcher inserts --local_rank=N after the module; the rank also comes in
     # LOCAL_RANK, which launch.dist reads, so drop the flag wherever it is
-    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank=")) and a != "--debug"]
     verb = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(verb).parse_args(argv)
     return int(args._run(args) or 0)
 
 
+def console(argv: list[str] | None = None) -> int:
+    """The ``ldm`` command: `main`, with a `UserError` turned into one line on stderr and exit
+    status 2 (``--debug`` / ``LDM_DEBUG=1``: the traceback instead)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    try:
+        return main(argv)
+    except UserError as e:
+        if debug:
+            raise
+        if _first_rank_of_node():
+            print(f"{_command([a for a in argv if a != '--debug'])}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def _command(argv: list[str]) -> str:
+    """``ldm VERB [SUBCOMMAND]`` as typed: the leading plain words of ``argv`` (at most two)."""
+    words = []
+    for a in argv:
+        if not re.fullmatch(r"[a-z][a-z-]*", a) or len(words) == 2:
+            break
+        words.append(a)
+    return " ".join(["ldm", *words])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -1,14 +1,18 @@
 """Checkpoint IO: safetensors for tensors, JSON for everything else. Never pickle.
 
 Writes are atomic: a file is written to a temporary name in the same folder and renamed, so a
-killed process never leaves a half-written file under its final name.
+killed process never leaves a half-written file under its final name. Files get the permissions
+of any file the user creates (``0666`` minus the umask: ``0644`` under the usual ``022``), so
+teammates on a shared cluster can read checkpoints and manifests (``tempfile.mkstemp`` would
+make them ``0600``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +20,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
+def _temp_file(path: Path) -> tuple[int, Path]:
+    """A new, empty ``.<name>.<random>.tmp`` beside ``path`` (created exclusively, mode ``0666``
+    minus the umask, applied by the kernel) and its open descriptor."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    fd, tmp = _temp_file(Path(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -27,7 +41,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -42,14 +56,15 @@ def read_json(path: str | Path) -> Any:
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomic safetensors save (contiguous, detached CPU copies; shared storage is cloned)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file(path)
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0666 minus the umask
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)  # safetensors recreates the file as 0600
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -1,23 +1,50 @@
 """Frozen-dataclass configs: strict overrides, dict/JSON/YAML round trips, dotted CLI overrides.
 
-Configs fail loudly (STYLE.md 10): an unknown key is an error naming the known ones.
+Configs fail loudly (STYLE.md 10): an unknown key is an error naming the known ones; a wrong
+value type is an error naming the key. Both are `ldm.errors.UserError`.
+
+Numbers are read as people write them: PyYAML (YAML 1.1) reads ``3e-4`` and ``1e-6`` as strings
+(its float pattern needs a dot), so a float field also takes a string that Python's ``float``
+reads (``3e-4``, ``1_000.5``), and an int field one that ``int`` reads (``1_000``) or a
+whole number in exponent form (``1e5``). Booleans are never numbers.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from ldm.errors import UserError
+
 T = TypeVar("T")
 
 
 def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
+
+
+_NUMBER = re.compile(r"[+-]?(\d[\d_]*)?(\.[\d_]*)?([eE][+-]?\d+)?")
+
+
+def _number(tp: type, text: str) -> int | float:
+    """A number written as text (``3e-4``, ``1_000``, ``1e5`` for an int); TypeError otherwise."""
+    t = text.strip()
+    if t and _NUMBER.fullmatch(t) and any(c.isdigit() for c in t):
+        value = float(t)
+        if tp is float:
+            return value
+        try:
+            return int(t)
+        except ValueError:
+            if value.is_integer():
+                return int(value)
+    raise TypeError(f"expected {tp.__name__}, got {text!r} (str)")
 
 
 def _coerce(tp: Any, value: Any) -> Any:
@@ -47,6 +74,8 @@ def _coerce(tp: Any, value: Any) -> Any:
         return {k: _coerce(args[1], v) for k, v in value.items()} if args else dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp in (int, float) and isinstance(value, str):
+        return _number(tp, value)
     if tp is tuple and isinstance(value, list):
         return tuple(value)
     if tp in (int, float, bool, str) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
@@ -65,7 +94,7 @@ def _coerced(cls: type, data: dict[str, Any]) -> dict[str, Any]:
         try:
             out[k] = _coerce(hints[k], v)
         except TypeError as e:
-            raise ValueError(f"{cls.__name__}.{k}: {e}") from None
+            raise UserError(f"{cls.__name__}.{k}: {e}") from None
     return out
 
 
@@ -74,7 +103,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     names = _field_names(cls)
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} for {cls.__name__}; known keys: {names}")
+        raise UserError(f"unknown key(s) {unknown} for {cls.__name__}; known keys: {names}")
     return cls(**_coerced(cls, data))
 
 
@@ -87,7 +116,7 @@ def replace(cfg: T, **overrides: Any) -> T:
     names = _field_names(type(cfg))
     unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise ValueError(f"unknown override(s) {unknown} for {type(cfg).__name__}; known keys: {names}")
+        raise UserError(f"unknown override(s) {unknown} for {type(cfg).__name__}; known keys: {names}")
     return dataclasses.replace(cfg, **_coerced(type(cfg), overrides))
 
 
@@ -108,18 +137,27 @@ def apply_dotted(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     data = json.loads(json.dumps(data))
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key.path=value")
+            raise UserError(f"override {item!r} is not of the form key.path=value")
         key, value = item.split("=", 1)
         node = data
         *path, last = key.split(".")
         for p in path:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p!r} is not a section")
+                raise UserError(f"override {item!r}: {p!r} is not a section")
         node[last] = parse_value(value)
     return data
 
 
 def load_yaml(path: str | Path, cls: type[T], overrides: list[str] = ()) -> T:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    """``cls`` from a YAML file, then dotted ``overrides``; strict (`UserError` naming the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     return from_dict(cls, apply_dotted(data, list(overrides)))
