@@ -2,8 +2,11 @@
 
 ``list_items(input, captions=None)`` returns a deterministic, sorted list of `VideoItem`:
 
-- a folder (searched recursively; hidden files skipped) of videos with a common extension
-  (`VIDEO_EXTENSIONS`); keys are the relative paths without extension, items sorted by them;
+- a folder (searched recursively, following symlinked folders; hidden files and folders skipped)
+  of videos with a common extension (`VIDEO_EXTENSIONS`); keys are the relative paths without
+  extension (with it when two videos share a path up to the extension, ``bikes.mp4`` and
+  ``bikes.webm``), items sorted by relative path. A folder reached twice (a symlink loop, or two
+  links to one folder) is listed once and the second way in is reported;
 - a single video file;
 - raw WebDataset shards: a ``.tar`` file, a folder holding ``.tar`` files (and no videos), or a brace
   pattern such as ``"dir/shard-{000000..000003}.tar"``. Members are grouped into samples by
@@ -12,23 +15,31 @@
   ``json`` (metadata; ``caption``/``text`` and ``class_id``/``label`` are read from it when there
   is no ``txt``/``cls``) and ``cls`` (integer class). Items are sorted by (shard, key).
 
-Captions file (folders only): CSV with a header or JSONL, one row per video, with columns
+Captions file (folders only): CSV (``.csv``; comma, semicolon or tab, from its header line) or
+TSV (``.tsv``) with a header, or JSONL (any other name), one row per video, with columns
 ``path | file | video`` (relative to the input folder, else to the captions file's folder, or
-absolute), ``caption | text`` and ``class_id | label``. Non-integer labels (e.g. UCF-101 class
-names) are numbered in sorted order and kept as ``meta["label"]``. Every column lands in
-``item.meta``. A folder holding ``metadata.jsonl`` (what ``ldm data synth`` writes) uses it when no
-captions file is given.
+absolute), ``caption | text`` and ``class_id | label``, matched in any case (``PATH,Caption``).
+Non-integer labels (e.g. UCF-101 class names) are numbered in sorted order and kept as
+``meta["label"]``. Every column lands in ``item.meta`` under its lower-case name. The encoding is
+found from a byte-order mark (UTF-8/16/32), NUL-byte patterns (UTF-16 without a mark), else UTF-8,
+else Windows-1252 / Latin-1 (reported as a problem: check accented characters); a file that is none
+of these is an error naming it. A folder holding ``metadata.jsonl`` (what ``ldm data synth``
+writes) uses it when no captions file is given.
 
 Problems that should not stop a run (a captions row naming a missing file, a duplicate row, a
-shard sample without a video, an unreadable shard) are logged and collected in
+shard sample without a video, an unreadable shard, a broken symlink) are logged and collected in
 ``items.problems``: the returned `ItemList` is a plain list with that extra attribute. A missing
-input or a captions file without a path column is an error.
+input or captions file (`MissingInput`), a captions file without a path column or in an unknown
+encoding, or an input without videos is a `UserError`.
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import logging
+import os
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +50,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.video import VideoError, Window, Windows, plan_windows, read_clips, read_video
+from ldm.errors import MissingInput, UserError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +61,7 @@ PATH_COLUMNS = ("path", "file", "video")
 CAPTION_COLUMNS = ("caption", "text")
 CLASS_COLUMNS = ("class_id", "label")
 AUTO_CAPTIONS = "metadata.jsonl"
+DELIMITED = (".csv", ".tsv", ".tab")  # captions files read as delimited text with a header; others as JSONL
 
 
 @dataclass
@@ -107,10 +120,6 @@ def _report(problems: list[str], message: str) -> None:
     problems.append(message)
 
 
-def _is_hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
-
-
 def _is_pattern(text: str) -> bool:
     return "{" in text and "}" in text
 
@@ -124,37 +133,73 @@ def list_items(input: str | Path, captions: str | Path | None = None) -> ItemLis
         shards = [Path(p) for p in braceexpand(text)]
         missing = [str(p) for p in shards if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} shard(s) of {text!r} not found: {', '.join(missing[:5])}"
+            raise MissingInput(f"{len(missing)} shard(s) of {text!r} not found: {', '.join(missing[:5])}"
                                     + (" ..." if len(missing) > 5 else ""))
         _no_captions_for_shards(captions)
         return _list_shards(shards)
     root = Path(input)
     if not root.exists():
-        raise FileNotFoundError(f"input not found: {root}")
+        raise MissingInput(f"input not found: {root}" + (" (a broken symlink)" if root.is_symlink() else ""))
     if root.is_file():
         if root.suffix.lower() == ".tar":
             _no_captions_for_shards(captions)
             return _list_shards([root])
         if root.suffix.lower() not in VIDEO_EXTENSIONS:
-            raise ValueError(f"{root} is neither a video ({', '.join(VIDEO_EXTENSIONS)}) nor a .tar shard")
+            raise UserError(f"{root} is neither a video ({', '.join(VIDEO_EXTENSIONS)}) nor a .tar shard")
         return _list_folder(root.parent, [root], captions)
-    files = sorted((p for p in root.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(root))),
-                   key=lambda p: p.relative_to(root).as_posix())
+    problems: list[str] = []
+    files = _walk(root, problems)
     videos = [p for p in files if p.suffix.lower() in VIDEO_EXTENSIONS]
     if videos:
         if captions is None and (root / AUTO_CAPTIONS).is_file():
             captions = root / AUTO_CAPTIONS
-        return _list_folder(root, videos, captions)
+        items = _list_folder(root, videos, captions)
+        items.problems[:0] = problems
+        return items
     tars = [p for p in files if p.suffix.lower() == ".tar"]
     if tars:
         _no_captions_for_shards(captions)
-        return _list_shards(tars)
-    raise ValueError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) and no .tar shards under {root}")
+        items = _list_shards(tars)
+        items.problems[:0] = problems
+        return items
+    raise UserError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) and no .tar shards under {root}"
+                    + (f" ({'; '.join(problems)})" if problems else ""))
+
+
+def _walk(root: Path, problems: list[str]) -> list[Path]:
+    """Every file under ``root`` that is not hidden, sorted by relative path, following symlinked
+    folders. Each folder is entered once (identified by device and inode), so a symlink loop or a
+    second link to a listed folder is reported instead of listed again; broken links are reported."""
+    seen: set[tuple[int, int]] = set()
+    files: list[Path] = []
+
+    def unreadable(e: OSError) -> None:
+        _report(problems, f"{e.filename}: cannot be listed ({e.strerror})")
+
+    for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
+        here = Path(folder)
+        st = here.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            _report(problems, f"{here.relative_to(root).as_posix()}: links to a folder already listed "
+                              f"({here.resolve()}); skipped")
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            path = here / name
+            if name.startswith("."):
+                continue
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink():
+                _report(problems, f"{path.relative_to(root).as_posix()}: broken symlink; skipped")
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
 def _no_captions_for_shards(captions: str | Path | None) -> None:
     if captions is not None:
-        raise ValueError("a captions file applies to a folder of videos; shards carry their own "
+        raise UserError("a captions file applies to a folder of videos; shards carry their own "
                          "captions (<key>.txt / .json / .cls members)")
 
 
@@ -168,33 +213,90 @@ def _first(row: dict[str, Any], names: Sequence[str]) -> Any:
     return None
 
 
-def _read_rows(path: Path, problems: list[str]) -> list[tuple[int, dict[str, Any]]]:
-    """Rows of a CSV (header required) or JSONL file, with 1-based line numbers."""
-    rows: list[tuple[int, dict[str, Any]]] = []
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not set(reader.fieldnames) & set(PATH_COLUMNS):
-                raise ValueError(f"captions file {path} has no path column (one of {', '.join(PATH_COLUMNS)}); "
-                                 f"header: {reader.fieldnames}")
-            for row in reader:
-                rows.append((reader.line_num, {k: v for k, v in row.items() if k is not None}))
-        return rows
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def read_text(path: Path, problems: list[str]) -> str:
+    """The text of a captions file in whatever encoding it was saved (see the module doc); a
+    `UserError` naming the file when it is no text at all."""
+    data = path.read_bytes()
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), None)
+    if encoding is None and b"\x00" in data[:4096]:
+        head = data[:4096]
+        odd, even = head[1::2].count(0), head[0::2].count(0)  # ASCII in UTF-16: every other byte is NUL
+        if max(odd, even) >= 0.3 * (len(head) // 2) and min(odd, even) == 0:
+            encoding = "utf-16-le" if odd else "utf-16-be"
+    try:
+        text = data.decode(encoding or "utf-8")
+    except UnicodeDecodeError as e:
+        if encoding is not None:
+            raise UserError(f"captions file {path}: not valid {encoding} ({e.reason} at byte {e.start}); "
+                            "save it as UTF-8") from None
+        for encoding in ("cp1252", "latin-1"):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                _report(problems, f"captions {path.name} line {n}: not JSON ({e.msg})")
+                text = data.decode(encoding)
+                break
+            except UnicodeDecodeError:
                 continue
-            if not isinstance(row, dict):
-                _report(problems, f"captions {path.name} line {n}: not a JSON object")
-                continue
-            rows.append((n, row))
+        _report(problems, f"captions {path.name}: not UTF-8; read as {encoding} (check accented characters, or "
+                          "save it as UTF-8)")
+    if any(c in text for c in "\x00\x01\x02\x03\x04\x05\x06\x07\x08\x0e\x0f"):
+        raise UserError(f"captions file {path}: binary content, not a text file (CSV/TSV with a header, or JSONL); "
+                        "save it as UTF-8 text")
+    return text
+
+
+def _delimiter(path: Path, header: str) -> str:
+    """Tab for .tsv / .tab; for .csv the most frequent of comma, semicolon and tab in the header."""
+    if path.suffix.lower() in (".tsv", ".tab"):
+        return "\t"
+    counts = {d: header.count(d) for d in (",", ";", "\t")}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
+def _lower_keys(row: dict[Any, Any]) -> dict[str, Any]:
+    return {str(k).strip().lower(): v for k, v in row.items() if k is not None}
+
+
+def _read_rows(path: Path, problems: list[str]) -> list[tuple[int, dict[str, Any]]]:
+    """Rows of a CSV/TSV (header required) or JSONL file, with 1-based line numbers; column names
+    lower-cased."""
+    rows: list[tuple[int, dict[str, Any]]] = []
+    text = read_text(path, problems)
+    if path.suffix.lower() in DELIMITED:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(path, text.split("\n", 1)[0]))
+        try:
+            fields = [str(f).strip().lower() for f in reader.fieldnames or []]
+            if not set(fields) & set(PATH_COLUMNS):
+                raise UserError(f"captions file {path} has no path column (one of {', '.join(PATH_COLUMNS)}, any "
+                                f"case); header: {reader.fieldnames}")
+            reader.fieldnames = fields
+            for row in reader:
+                rows.append((reader.line_num, _lower_keys(row)))
+        except csv.Error as e:
+            raise UserError(f"captions file {path} line {reader.line_num}: {e}") from None
+        return rows
+    lines = 0
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        lines += 1
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            _report(problems, f"captions {path.name} line {n}: not JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict):
+            _report(problems, f"captions {path.name} line {n}: not a JSON object")
+            continue
+        rows.append((n, _lower_keys(row)))
     if rows and not any(_first(r, PATH_COLUMNS) is not None for _, r in rows):
-        raise ValueError(f"captions file {path} has no path column (one of {', '.join(PATH_COLUMNS)}) in any row")
+        raise UserError(f"captions file {path} has no path column (one of {', '.join(PATH_COLUMNS)}) in any row")
+    if lines and not rows:
+        raise UserError(f"captions file {path}: no line is a JSON object (read as JSONL; a CSV or TSV file needs a "
+                        ".csv or .tsv name)")
     return rows
 
 
@@ -205,7 +307,7 @@ def _list_folder(root: Path, videos: list[Path], captions: str | Path | None) ->
     if captions is not None:
         cap = Path(captions)
         if not cap.is_file():
-            raise FileNotFoundError(f"captions file not found: {cap}")
+            raise MissingInput(f"captions file not found: {cap}")
         for n, row in _read_rows(cap, problems):
             rel = _first(row, PATH_COLUMNS)
             if rel is None:
@@ -225,18 +327,30 @@ def _list_folder(root: Path, videos: list[Path], captions: str | Path | None) ->
     labels = [_first(r, CLASS_COLUMNS) for r in rows.values()]
     names = _label_names([lab for lab in labels if lab is not None])
     items = ItemList(problems=problems)
-    for p in videos:
-        rel = p.relative_to(root).as_posix()
+    rels = [p.relative_to(root).as_posix() for p in videos]
+    for p, rel, key in zip(videos, rels, video_keys(rels)):
         row = rows.get(p.resolve(), {})
         label = _first(row, CLASS_COLUMNS)
         meta = dict(row, path=rel)
         if names is not None and label is not None:
             meta["label"] = str(label)
         caption_text = _first(row, CAPTION_COLUMNS)
-        items.append(VideoItem(key=rel.rsplit(".", 1)[0], path=p, meta=meta,
+        items.append(VideoItem(key=key, path=p, meta=meta,
                                caption=None if caption_text is None else str(caption_text),
                                class_id=None if label is None else (names[str(label)] if names else int(float(label)))))
     return items
+
+
+def video_keys(rels: Sequence[str]) -> list[str]:
+    """The key of each video from its relative path: the path without its extension, unless
+    another video has the same one (``bikes.mp4`` and ``bikes.webm``): then the whole path."""
+    stems = [r.rsplit(".", 1)[0] for r in rels]
+    counts: dict[str, int] = {}
+    for k in stems:
+        counts[k] = counts.get(k, 0) + 1
+    keys = [r if counts[k] > 1 else k for r, k in zip(rels, stems)]
+    taken = set(rels)  # a kept extension may meet another video's stem ("a.mp4" vs "a.mp4.mkv")
+    return [r if k != r and k in taken else k for r, k in zip(rels, keys)]
 
 
 def _label_names(labels: list[Any]) -> dict[str, int] | None:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from data.video import encode_video, write_frames
+from ldm.errors import UserError, checking
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -212,6 +213,11 @@ def _as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
+def _check_frame_size(height: int, width: int) -> None:
+    if min(height, width) < 12:
+        raise ValueError(f"frames of {height}x{width} are too small for the synthetic shapes (>= 12 px)")
+
+
 def plan_motion(direction: str, speed: str, frames: int, height: int, width: int,
                 rng: np.random.Generator | int | None = None) -> tuple[float, np.ndarray, np.ndarray]:
     """Draw an object half-extent and a straight path that stays inside the frame.
@@ -223,8 +229,7 @@ def plan_motion(direction: str, speed: str, frames: int, height: int, width: int
         raise ValueError(f"unknown direction {direction!r}; known: {', '.join(DIRECTIONS)}")
     if speed not in SPEED_TRAVEL:
         raise ValueError(f"unknown speed {speed!r}; known: {', '.join(SPEEDS)}")
-    if min(height, width) < 12:
-        raise ValueError(f"frames of {height}x{width} are too small for the synthetic shapes (>= 12 px)")
+    _check_frame_size(height, width)
     r = rng.uniform(*RADIUS_RANGE) * min(height, width)
     lo = r + MARGIN
     hi_x, hi_y = width - r - MARGIN, height - r - MARGIN
@@ -358,28 +363,34 @@ def synth_dataset(output: str | Path, num: int, frames: int = 16, size: int = 64
     Both write ``synth.json`` (the spec and counts). A folder set rerun with the same arguments
     reuses the clips already written (they are deterministic).
     """
-    if num < 1:
-        raise ValueError(f"num must be >= 1, got {num}")
-    if frames < 2:
-        raise ValueError(f"frames must be >= 2 (motion needs two frames), got {frames}")
-    if layout not in ("folder", "shards"):
-        raise ValueError(f"unknown layout {layout!r}; expected 'folder' or 'shards'")
-    height, width = height or size, width or size
-    combos = combinations(shapes, colors, directions, diagonals, holdout, include_holdout)
-    spec = SynthSpec(num=num, frames=frames, height=height, width=width, fps=float(fps), seed=seed,
-                     shapes=tuple(sorted({c["shape"] for c in combos}, key=SHAPES.index)),
-                     colors=tuple(sorted({c["color"] for c in combos}, key=COLORS.index)),
-                     directions=tuple(sorted({c["direction"] for c in combos}, key=DIRECTIONS.index)),
-                     holdout=tuple(sorted(parse_combo(h) for h in holdout)),
-                     include_holdout=include_holdout, layout=layout)
+    with checking():  # everything the caller asked for is checked before the folder is made
+        if num < 1:
+            raise ValueError(f"num must be >= 1, got {num}")
+        if frames < 2:
+            raise ValueError(f"frames must be >= 2 (motion needs two frames), got {frames}")
+        if layout not in ("folder", "shards"):
+            raise ValueError(f"unknown layout {layout!r}; expected 'folder' or 'shards'")
+        if layout == "shards" and shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        if not fps > 0:
+            raise ValueError(f"fps must be > 0, got {fps}")
+        height, width = height or size, width or size
+        _check_frame_size(height, width)
+        combos = combinations(shapes, colors, directions, diagonals, holdout, include_holdout)
+        spec = SynthSpec(num=num, frames=frames, height=height, width=width, fps=float(fps), seed=seed,
+                         shapes=tuple(sorted({c["shape"] for c in combos}, key=SHAPES.index)),
+                         colors=tuple(sorted({c["color"] for c in combos}, key=COLORS.index)),
+                         directions=tuple(sorted({c["direction"] for c in combos}, key=DIRECTIONS.index)),
+                         holdout=tuple(sorted(parse_combo(h) for h in holdout)),
+                         include_holdout=include_holdout, layout=layout)
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "synth.json"
     if spec_path.exists():
         old = json.loads(spec_path.read_text()).get("spec")
         if old != json.loads(json.dumps(dataclasses.asdict(spec))):
-            raise ValueError(f"{out} already holds a different synthetic set (see {spec_path}); "
-                             "choose another output directory or delete it")
+            raise UserError(f"{out} already holds a different synthetic set (see {spec_path}); "
+                            "choose another output directory or delete it")
+    out.mkdir(parents=True, exist_ok=True)
     indices: Iterable[int] = range(num)
     if progress:
         from tqdm import tqdm
@@ -407,8 +418,6 @@ def synth_dataset(output: str | Path, num: int, frames: int = 16, size: int = 64
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, out / "metadata.jsonl")
     else:
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         _write_shards(out, indices, shard_size, shards, rows,
                       lambda i: synth_clip(seed, i, combos, frames, height, width), row_for, fps)
     summary = dict(spec=dataclasses.asdict(spec), count=len(rows), shards=shards,

@@ -43,6 +43,8 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
+from ldm.errors import checking
+
 MP4_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")
 GIF_SUFFIXES = (".gif",)
 DEFAULT_CRF = 18  # libx264 constant rate factor: 18 is visually near-lossless, small files
@@ -446,10 +448,12 @@ class Windows:
 
     @classmethod
     def from_flags(cls, clips_per_video: int | None, stride: int | None) -> "Windows":
-        """``--clips-per-video`` / ``--clip-stride`` as given (None = not given)."""
+        """``--clips-per-video`` / ``--clip-stride`` as given (None = not given); `UserError` when
+        they are out of range or contradict each other."""
         if clips_per_video is None:
             clips_per_video = 0 if stride is not None else 1
-        return cls(clips_per_video, stride)
+        with checking():
+            return cls(clips_per_video, stride)
 
     @property
     def first_only(self) -> bool:
@@ -499,6 +503,28 @@ def plan_windows(src: str | Path | bytes, frames: int, fps: float | None, window
     if not rate:
         starts = starts[:1]     # without a frame rate only the first window can be placed
     return [Window(k, s, s / rate if s else 0.0) for k, s in enumerate(starts)]
+
+
+def check_video(src: str | Path | bytes) -> dict[str, Any]:
+    """Decode every frame of a video (no pixel conversion) and return its `probe` facts plus
+    ``decoded``, the frames that came out. VideoError (the reasons of the module doc) when it cannot
+    be opened, a frame fails to decode, or fewer frames decode than its header announces (a file
+    cut short after its index). ``ldm data list --check`` runs this on every input."""
+    info = probe(src)
+    reader = _Reader(src)
+    try:
+        while reader.next() is not None:
+            pass
+    finally:
+        reader.close()
+    if reader.error is not None:
+        raise reader.error
+    if reader.n == 0:
+        raise VideoError(f"zero frames: {reader.name} has a video stream but no decodable frame")
+    if reader.n < info["frames"]:
+        raise VideoError(f"corrupt or truncated: {reader.name} decodes {reader.n} of the {info['frames']} frames "
+                         "its header announces")
+    return {**info, "decoded": reader.n}
 
 
 # --------------------------------------------------------------------------------------------

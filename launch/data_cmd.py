@@ -4,19 +4,21 @@
   [--layout folder|shards] [--holdout "red circle left" ...] [--diagonals] ...``: write the synthetic
   attribute video set (see `data.synth`).
 - ``ldm data list --input PATH [--captions FILE] [--frames T [--fps F] [--clips-per-video K |
-  --clip-stride S]]``: what `data.sources.list_items` finds in an input (count, captions, class ids,
-  problems), to check a folder or shards before extraction; with ``--frames``, how many clips each
-  video gives with those `ldm extract` settings (from the container headers).
+  --clip-stride S]] [--check]``: what `data.sources.list_items` finds in an input (count, captions,
+  class ids, problems), to check a folder or shards before extraction; with ``--frames``, how many
+  clips each video gives with those `ldm extract` settings (from the container headers); with
+  ``--check``, every video is decoded to its end and the broken ones (truncated, not a video, no
+  video stream, ...) are listed with their reason (exit status 1 when there are any).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from data.sources import list_items
 from data.synth import COLORS, DIRECTIONS, NUM_CLASSES, SHAPES, synth_dataset
-from data.video import VideoError, Windows, plan_windows
+from data.video import VideoError, Windows, check_video, plan_windows
+from ldm.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,17 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lister.add_argument("--fps", type=float, default=None, help="with --frames: frame rate (default: native)")
     lister.add_argument("--clips-per-video", type=int, default=None, metavar="K", help="with --frames, as in ldm extract")
     lister.add_argument("--clip-stride", type=int, default=None, metavar="S", help="with --frames, as in ldm extract")
+    lister.add_argument("--check", action="store_true",
+                        help="decode every video to its end and list the broken ones (exit status 1 if any)")
 
 
 def run(args: argparse.Namespace) -> int:
     commands = {"synth": _synth, "list": _list}
-    if args.data_command not in commands:
-        raise ValueError(f"unknown data command {args.data_command!r}; known: {', '.join(commands)}")
-    try:
-        return commands[args.data_command](args)
-    except (ValueError, FileNotFoundError) as e:   # bad arguments or inputs: one clear line, exit 2
-        print(f"ldm data {args.data_command}: error: {e}", file=sys.stderr)
-        return 2
+    return commands[args.data_command](args)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -112,10 +110,27 @@ def _clip_counts(items: list, args: argparse.Namespace) -> list[int | str]:
     return counts
 
 
+def _broken(items: list) -> list[tuple[str, str]]:
+    """``(key, reason)`` of every item that does not decode to its end (`data.video.check_video`)."""
+    broken = []
+    for it in items:
+        try:
+            check_video(it.readable())
+        except VideoError as e:
+            broken.append((it.key, str(e)))
+    return broken
+
+
 def _list(args: argparse.Namespace) -> int:
     counts = None
     if args.frames is None and (args.fps, args.clips_per_video, args.clip_stride) != (None, None, None):
-        raise ValueError("--fps / --clips-per-video / --clip-stride count clips: give --frames too")
+        raise UserError("--fps / --clips-per-video / --clip-stride count clips: give --frames too")
+    if args.frames is not None and args.frames < 1 or args.fps is not None and not args.fps > 0:
+        raise UserError(f"--frames must be >= 1 and --fps > 0; got {args.frames}, {args.fps}")
+    if args.show < 0:
+        raise UserError(f"--show must be >= 0, got {args.show}")
+    if args.frames is not None:
+        Windows.from_flags(args.clips_per_video, args.clip_stride)  # contradictory flags: clear error first
     items = list_items(args.input, args.captions)
     if args.frames is not None:
         counts = _clip_counts(items, args)
@@ -141,4 +156,11 @@ def _list(args: argparse.Namespace) -> int:
         print(f"{len(items.problems)} problem(s):")
         for p in items.problems:
             print(f"  - {p}")
+    if args.check:
+        broken = _broken(items)
+        print(f"checked {len(items)} videos (decoded to the end): {len(items) - len(broken)} good, "
+              f"{len(broken)} broken" + (":" if broken else ""))
+        for key, reason in broken:
+            print(f"  - {key}: {reason}")
+        return 1 if broken else 0
     return 0

@@ -22,6 +22,10 @@ class UserError(ValueError):
     """A mistake in the user's input; the message says what is wrong and what to do."""
 
 
+class MissingInput(UserError, FileNotFoundError):
+    """A path the user named does not exist (also a ``FileNotFoundError``)."""
+
+
 def _message(e: BaseException) -> str:
     if isinstance(e, KeyError) and len(e.args) == 1:  # str(KeyError) quotes its message
         return str(e.args[0])

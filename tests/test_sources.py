@@ -2,6 +2,7 @@
 problems reported without crashing, VideoClipDataset."""
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import tarfile
@@ -13,7 +14,9 @@ import torch
 
 from data.sources import ItemList, VideoClipDataset, VideoItem, list_items
 from data.synth import synth_dataset
-from data.video import VideoError, Window, Windows, encode_video, write_frames
+from data.video import VideoError, Window, Windows, check_video, encode_video, write_frames
+from launch.cli import console
+from ldm.errors import UserError
 
 
 def _clip(value: int, frames: int = 8) -> np.ndarray:
@@ -202,3 +205,125 @@ def test_shard_dataset_decodes(shard_set):
     ds = VideoClipDataset(list_items(shard_set), frames=8, height=32, width=32)
     sample = ds[6]
     assert sample["video"].shape == (3, 8, 32, 32) and sample["key"] == "000006" and sample["class_id"] >= 0
+
+
+# --------------------------------------------------------------------------------------------
+# real-world inputs: files made by other tools
+# --------------------------------------------------------------------------------------------
+ROWS = [("a.mp4", "café au lait", "3"), ("sub/c.gif", "third, with comma", "1")]
+
+
+def _captions(items) -> list[tuple[str, str | None, int | None]]:
+    return [(it.key, it.caption, it.class_id) for it in items]
+
+
+EXPECTED = [("a", "café au lait", 3), ("b", None, None), ("sub/c", "third, with comma", 1)]
+
+
+@pytest.mark.parametrize("name, header, sep, encoding", [
+    ("bom.csv", "path,caption,class_id", ",", "utf-8-sig"),            # Excel's "CSV UTF-8"
+    ("upper.csv", "PATH,Caption,Label", ",", "utf-8"),                  # any header case
+    ("spaces.csv", " Path , CAPTION , class_id", ",", "utf-8"),
+    ("semicolon.csv", "path;caption;label", ";", "utf-8"),              # European Excel
+    ("tabs.tsv", "Video\tText\tLabel", "\t", "utf-8"),
+    ("utf16.csv", "path,caption,label", ",", "utf-16"),                 # with a byte-order mark
+    ("utf16le.tsv", "path\tcaption\tlabel", "\t", "utf-16-le"),         # without one
+    ("utf16be.csv", "path,caption,label", ",", "utf-16-be"),
+])
+def test_captions_made_by_other_tools(folder, tmp_path, name, header, sep, encoding):
+    def cell(v):
+        return f'"{v}"' if sep in v else v
+    lines = [header] + [sep.join(cell(v) for v in row) for row in ROWS]
+    (tmp_path / name).write_bytes(("\r\n".join(lines) + "\r\n").encode(encoding))
+    items = list_items(folder, tmp_path / name)
+    assert _captions(items) == EXPECTED
+    assert items.problems == ["1 of 3 videos have no row in " + name + " (no caption/class)"]
+    assert "path" in items[0].meta and "Path" not in items[0].meta   # columns under lower-case names
+
+
+def test_latin1_captions_are_read_and_reported(folder, tmp_path):
+    (tmp_path / "latin1.csv").write_bytes("path,caption,label\na.mp4,café au lait,3\nsub/c.gif,\"third, with comma\",1\n"
+                                          .encode("latin-1"))
+    items = list_items(folder, tmp_path / "latin1.csv")
+    assert _captions(items) == EXPECTED
+    assert any("latin1.csv: not UTF-8; read as cp1252" in p for p in items.problems)
+
+
+def test_unreadable_captions_name_the_file(folder, tmp_path):
+    (tmp_path / "binary.csv").write_bytes(b"path,caption\n\x00\x01\x02\x03garbage\xff\xfe\x00")
+    with pytest.raises(UserError, match="binary.csv: binary content"):
+        list_items(folder, tmp_path / "binary.csv")
+    (tmp_path / "bad16.csv").write_bytes(codecs.BOM_UTF16_LE + b"p\x00a\x00\x00\xd8")  # a lone surrogate
+    with pytest.raises(UserError, match="bad16.csv: not valid utf-16"):
+        list_items(folder, tmp_path / "bad16.csv")
+    (tmp_path / "rows.txt").write_text("path,caption\na.mp4,x\n")  # CSV under a JSONL name
+    with pytest.raises(UserError, match="rows.txt: no line is a JSON object"):
+        list_items(folder, tmp_path / "rows.txt")
+    (tmp_path / "nopath.tsv").write_text("name\tcaption\na.mp4\tx\n")
+    with pytest.raises(UserError, match="nopath.tsv has no path column"):
+        list_items(folder, tmp_path / "nopath.tsv")
+
+
+def test_symlinked_folders_are_followed_once(tmp_path):
+    outside = tmp_path / "elsewhere"
+    write_frames(outside / "b.mp4", _clip(10), fps=8)
+    root = tmp_path / "videos"
+    write_frames(root / "real" / "a.mp4", _clip(50), fps=8)
+    (root / "linked").symlink_to(outside, target_is_directory=True)         # a folder kept on another disk
+    (root / "real" / "loop").symlink_to(root, target_is_directory=True)     # a loop back to the top
+    (root / "zz-again").symlink_to(root / "real", target_is_directory=True)  # a second way to one folder
+    (root / "gone.mp4").symlink_to(tmp_path / "deleted.mp4")                 # a broken link
+    items = list_items(root)
+    assert [it.key for it in items] == ["linked/b", "real/a"]
+    assert items[0].load_bytes() == (outside / "b.mp4").read_bytes()
+    text = "\n".join(items.problems)
+    assert "real/loop: links to a folder already listed" in text
+    assert "zz-again: links to a folder already listed" in text and "gone.mp4: broken symlink" in text
+    cap = tmp_path / "c.csv"
+    cap.write_text("path,caption\nlinked/b.mp4,through the link\n")
+    assert list_items(root, cap)[0].caption == "through the link"
+
+
+def test_keys_are_unique_when_stems_collide(tmp_path):
+    root = tmp_path / "v"
+    for name in ("bikes.mp4", "bikes.webm", "cars.mp4", "x.mp4", "x.mp4.mkv", "sub/bikes.mp4"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"listing does not open the files")
+    items = list_items(root)
+    assert [it.key for it in items] == ["bikes.mp4", "bikes.webm", "cars", "sub/bikes", "x", "x.mp4.mkv"]
+    cap = tmp_path / "c.csv"
+    cap.write_text("path,caption\nbikes.webm,the webm one\n")
+    assert {it.key: it.caption for it in list_items(root, cap)}["bikes.webm"] == "the webm one"
+
+
+def test_data_list_check_reports_broken_videos(folder, tmp_path, capsys):
+    good = (folder / "a.mp4").read_bytes()
+    (folder / "cut.mp4").write_bytes(good[: len(good) // 2])          # index (moov) lost
+    (folder / "fake.mp4").write_text("<html>404 not found</html>")    # a web page saved as .mp4
+    assert console(["data", "list", "--input", str(folder)]) == 0      # listing alone does not open files
+    capsys.readouterr()
+    assert console(["data", "list", "--input", str(folder), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "checked 5 videos (decoded to the end): 3 good, 2 broken:" in out
+    assert "  - cut: no video stream" in out and "  - fake: not a readable video" in out
+    (folder / "cut.mp4").unlink()
+    (folder / "fake.mp4").unlink()
+    assert console(["data", "list", "--input", str(folder), "--check"]) == 0
+
+
+def test_check_video_finds_a_file_cut_after_its_index(tmp_path):
+    import av
+
+    path = tmp_path / "faststart.mp4"   # index first (as streaming sites write): a cut file still opens
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width = s.height = 32
+        s.pix_fmt = "yuv420p"
+        for f in (np.random.default_rng(0).random((16, 32, 32, 3)) * 255).astype(np.uint8):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+    assert check_video(path)["decoded"] == 16
+    data = path.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: int(len(data) * 0.7)])
+    with pytest.raises(VideoError, match="corrupt or truncated"):
+        check_video(tmp_path / "cut.mp4")

@@ -14,6 +14,7 @@ from data.synth import (BACKGROUNDS, CARDINAL, COLORS, DIRECTION_VECTORS, DIRECT
                         plan_motion, render_clip, synth_clip, synth_dataset)
 from data.video import read_video
 from launch import data_cmd
+from launch.cli import console
 
 
 def test_class_ids_are_a_fixed_bijection():
@@ -182,13 +183,19 @@ def test_ldm_data_synth_and_list(tmp_path, capsys):
     assert "20 clips of 3 frames at 2 fps" in capsys.readouterr().out   # 4 output frames: windows at 0 and 1
     assert data_cmd.run(_parse(["list", "--input", str(out), "--frames", "9"])) == 0
     assert "0 clips of 9 frames from 0 videos; 10 without a clip" in capsys.readouterr().out
-    assert data_cmd.run(_parse(["list", "--input", str(out), "--frames", "3", "--clips-per-video", "2",
-                                "--clip-stride", "2"])) == 2
-    assert "give one of them" in capsys.readouterr().err
+    # user errors: one line on stderr, exit status 2, nothing created (`ldm` is launch.cli.console)
+    assert console(["data", "list", "--input", str(out), "--frames", "3", "--clips-per-video", "2",
+                    "--clip-stride", "2"]) == 2
+    assert "ldm data list: error: --clips-per-video 2 spaces" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _parse(["synth", "--output", str(out)])   # --num is required
-    bad = _parse(["synth", "--output", str(tmp_path / "bad"), "--num", "2", "--holdout", "red", "circle", "left"])
-    assert data_cmd.run(bad) == 2
-    assert "must name a color, a shape and a direction" in capsys.readouterr().err
-    assert data_cmd.run(_parse(["list", "--input", str(tmp_path / "nowhere")])) == 2
-    assert "input not found" in capsys.readouterr().err
+    capsys.readouterr()
+    for flags, message in [(["--holdout", "red", "circle", "left"], "must name a color, a shape and a direction"),
+                           (["--shard-size", "0", "--layout", "shards"], "shard_size must be >= 1, got 0"),
+                           (["--size", "8"], "too small"), (["--fps", "0"], "fps must be > 0")]:
+        assert console(["data", "synth", "--output", str(tmp_path / "bad"), "--num", "2", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "ldm data synth: error: " in err and message in err, err
+    assert not (tmp_path / "bad").exists()
+    assert console(["data", "list", "--input", str(tmp_path / "nowhere")]) == 2
+    assert "ldm data list: error: input not found" in capsys.readouterr().err
