@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from autoencoders.tiling import Tiling, tiled_decode, tiled_encode
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
+from ldm.errors import MissingInput, UserError
 from ldm.latent import Cond, Latent, LatentSpec
 
 
@@ -215,13 +216,39 @@ def build(name: str, **overrides: Any) -> Autoencoder:
     return cls(cfglib.replace(config, **overrides))
 
 
+def saved_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a folder written by ``save_pretrained``; a `UserError` that says what
+    the folder is instead (missing, a file, a DiT export, a ``train-ae`` run folder, something
+    else) and what to pass."""
+    path = Path(path)
+    wanted = "a folder written by save_pretrained, e.g. a `ldm train-ae` run's final/"
+    if not path.exists():
+        raise MissingInput(f"autoencoder checkpoint {path} not found (expected {wanted})")
+    if not path.is_dir():
+        raise UserError(f"autoencoder checkpoint {path} is a file; expected {wanted}")
+    if (path / "training.json").is_file() or (path / "export" / "training.json").is_file():
+        raise UserError(f"{path} is a DiT (an `ldm train` run or export), not an autoencoder: pass it to `ldm sample "
+                        f"--checkpoint`; here give the autoencoder's own folder ({wanted})")
+    if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
+        raise UserError(f"{path} is a `ldm train-ae` run folder; give its final/ folder: {path / 'final'}")
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise UserError(f"{path} has no config.json + model.safetensors: not {wanted}")
+    try:
+        meta = read_json(path / "config.json")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "family" not in meta or "config" not in meta:
+        raise UserError(f"{path / 'config.json'} is not an autoencoder's config (no 'family'/'config'): not {wanted}")
+    if meta["family"] not in FAMILIES:
+        raise UserError(f"{path}: unknown autoencoder family {meta['family']!r}; known: {sorted(FAMILIES)}")
+    return meta
+
+
 def load_pretrained(path: str | Path, strict: bool = True) -> Autoencoder:
     """Load a folder written by ``save_pretrained`` (safetensors + JSON config)."""
     path = Path(path)
-    meta = read_json(path / "config.json")
+    meta = saved_config(path)
     family = meta["family"]
-    if family not in FAMILIES:
-        raise KeyError(f"{path}: unknown autoencoder family {family!r}; known: {sorted(FAMILIES)}")
     model = FAMILIES[family].from_config_dict(meta["config"])
     model.load_state_dict(load_tensors(path / "model.safetensors"), strict=strict)
     return model

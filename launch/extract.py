@@ -12,7 +12,10 @@ one pass; a clip's key is ``data.shards.clip_key(video index, first frame)``, th
 number of ranks, workers or batch size. Each shard is written under a temporary name and renamed
 when complete, then its sidecar JSON (counts, skipped inputs with reasons, channel statistics)
 marks it done, so a rerun with the same arguments skips finished shards (with any number of
-ranks). Rank 0 merges the sidecars into ``manifest.json``.
+ranks). Rank 0 merges the sidecars into ``manifest.json`` and prints every skipped input with its
+reason. An extraction that wrote no clip at all removes what it wrote and fails (`UserError`, exit
+status 2). Every argument, the autoencoder and the input list are checked before the output
+folder is made; the folder appears with the first finished shard.
 
 A text-guided autoencoder (``text_dim > 0``, e.g. ``cmvae-*-text``) encodes each clip with its
 caption's embedding from ``--text-encoder`` (the same embedding is cached in the shard).
@@ -42,6 +45,7 @@ from data.video import VideoError, Window, Windows, read_clips
 from launch import dist
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_json, dir_hash, read_json
+from ldm.errors import UserError, checking
 from ldm.latent import Cond
 from ldm.metrics import psnr
 
@@ -110,6 +114,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "non-overlapping window that fits)")
     p.add_argument("--clip-stride", type=int, default=None, metavar="S",
                    help="every window that fits, one starting every S output frames (instead of K)")
+
+
+def check_config(cfg: ExtractConfig) -> None:
+    """The numbers of an extraction are usable (`UserError` naming the flag otherwise)."""
+    positive = {"--frames": cfg.frames, "--height": cfg.height, "--width": cfg.width, "--shard-size": cfg.shard_size}
+    for flag, value in positive.items():
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    for flag, value in {"--verify": cfg.verify, "--chunk-frames": cfg.chunk_frames, "--batch-size": cfg.batch_size}.items():
+        if value < 0:
+            raise UserError(f"{flag} must be >= 0, got {value}" + (" (0 = auto)" if flag == "--batch-size" else ""))
+    if cfg.num_workers < -1:
+        raise UserError(f"--num-workers must be >= 0 or -1 (auto), got {cfg.num_workers}")
+    if cfg.fps is not None and not cfg.fps > 0:
+        raise UserError(f"--fps must be > 0 (or left out for the native rate), got {cfg.fps}")
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; give a folder (new, or an earlier run of this extraction)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -208,10 +230,10 @@ def check_text_encoder(ae: Autoencoder, name: str, text_encoder, spec: str | Non
     """A text-guided autoencoder (``ae.text_dim > 0``) needs a text encoder of its width."""
     need = ae.text_dim
     if need and text_encoder is None:
-        raise ValueError(f"{name} is text-guided (text_dim={need}) and encodes with the caption: pass "
+        raise UserError(f"{name} is text-guided (text_dim={need}) and encodes with the caption: pass "
                          "--text-encoder (the one it was trained with)")
     if need and text_encoder.dim != need:
-        raise ValueError(f"--text-encoder {spec} gives {text_encoder.dim}-d embeddings, {name} takes {need}-d")
+        raise UserError(f"--text-encoder {spec} gives {text_encoder.dim}-d embeddings, {name} takes {need}-d")
 
 
 def _ae_cond(ae: Autoencoder, emb: torch.Tensor | None, mask: torch.Tensor | None,
@@ -270,26 +292,30 @@ def auto_batch_size(requested: int, ae: Autoencoder, cfg: ExtractConfig, device:
 
 def extract(cfg: ExtractConfig) -> dict[str, Any]:
     windows = Windows.from_flags(cfg.clips_per_video, cfg.clip_stride)  # contradictory flags: clear error first
-    env = dist.init_distributed()
-    device = dist.device_for(env, cfg.device)
-    dtype = dist.compute_dtype(cfg.dtype, device)
+    check_config(cfg)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-
-    ae, name, ckpt_hash = _load_autoencoder(cfg)
-    ae.check_input(cfg.frames, cfg.height, cfg.width)  # clear error before any work
-    configure_inference(ae, cfg.tile, cfg.chunk_frames)
+    made_output = not out.exists()  # made by this run (with its first shard): removed again if it writes nothing
+    env = dist.init_distributed()
+    with checking():
+        device = dist.device_for(env, cfg.device)
+        dtype = dist.compute_dtype(cfg.dtype, device)
+        ae, name, ckpt_hash = _load_autoencoder(cfg)
+    with checking(f"--frames {cfg.frames} --height {cfg.height} --width {cfg.width}"):
+        ae.check_input(cfg.frames, cfg.height, cfg.width)  # clear error before any work
+    with checking():
+        configure_inference(ae, cfg.tile, cfg.chunk_frames)
     ae = ae.to(device=device, dtype=dtype).eval()
     spec = ae.latent_spec(cfg.frames, cfg.height, cfg.width)
     text_encoder = None
     if cfg.text_encoder:
         from ldm.text import build_text_encoder
-        text_encoder = build_text_encoder(cfg.text_encoder).to(device)
+        with checking("--text-encoder"):
+            text_encoder = build_text_encoder(cfg.text_encoder).to(device)
     check_text_encoder(ae, name, text_encoder, cfg.text_encoder)
 
     items = list_items(cfg.input, cfg.captions)
     if not items:
-        raise ValueError(f"no videos found in {cfg.input}")
+        raise UserError(f"no videos found in {cfg.input}")
     clips = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, cfg.fps)
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     mine = dist.shard_list(list(range(n_shards)), env.rank, env.world_size)
@@ -336,8 +362,39 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
             atomic_write_json(out / shards.MANIFEST, manifest)
         print(f"extracted {encoded} clips in {elapsed:.1f}s on rank 0 ({summary['clips_per_s']:.2f} clips/s/rank); "
               f"{summary['written']} written, {summary['skipped']} skipped, {summary['shards']} shards -> {out}")
+        print_skipped(manifest["skipped"])
+        if not manifest["counts"]["written"]:
+            _remove_empty_run(out, n_shards, made_output)
     dist.barrier()
+    if not summary.get("written", 1):
+        raise UserError(f"no clip was written: all {len(items)} inputs were skipped (reasons above); fix or replace "
+                        f"the inputs, or change --frames/--fps/--clips-per-video, and run again")
     return summary
+
+
+SKIPPED_SHOWN = 20  # skipped inputs printed at the end of a run (all of them are in manifest.json)
+
+
+def print_skipped(skipped: list[dict[str, Any]]) -> None:
+    """The skipped inputs of a run with their reasons, at most ``SKIPPED_SHOWN`` of them."""
+    if not skipped:
+        return
+    print(f"skipped {len(skipped)}:")
+    for s in skipped[:SKIPPED_SHOWN]:
+        where = f" (clip {s['clip']} at frame {s['start_frame']})" if "start_frame" in s else ""
+        print(f"  - {s['key']}{where}: {s['reason']}")
+    if len(skipped) > SKIPPED_SHOWN:
+        print(f"  ... {len(skipped) - SKIPPED_SHOWN} more in {shards.MANIFEST} (\"skipped\")")
+
+
+def _remove_empty_run(out: Path, n_shards: int, made_output: bool) -> None:
+    """An extraction that wrote no clip: remove its sidecars and manifest (a rerun must not take
+    the inputs as done), and the folder when this run made it and nothing else is in it."""
+    for j in range(n_shards):
+        (out / f"shard-{j:06d}.json").unlink(missing_ok=True)
+    (out / shards.MANIFEST).unlink(missing_ok=True)
+    if made_output and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 @dataclass
@@ -353,7 +410,9 @@ class _ShardBuffer:
 
 
 def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signature: dict, out: Path) -> None:
-    """The shard's tar (atomic rename), then its sidecar, which marks it done."""
+    """The shard's tar (atomic rename), then its sidecar, which marks it done. The output folder is
+    made with the first shard, so a run that fails before writing one leaves no folder."""
+    out.mkdir(parents=True, exist_ok=True)
     lo, hi = buf.index * cfg.shard_size, min((buf.index + 1) * cfg.shard_size, len(items))
     if buf.samples:
         shards.write_shard(out / shards.SHARD_NAME.format(buf.index), buf.samples, buf.keys)
