@@ -13,6 +13,8 @@ from typing import Any, Sequence, TypeVar
 import torch
 import torch.distributed as torch_dist
 
+from ldm.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -107,11 +109,11 @@ def is_main() -> bool:
 def device_for(env: DistEnv, requested: str = "auto") -> torch.device:
     """``auto``: this rank's GPU when CUDA is available, else CPU; ``cpu``/``cuda`` force one."""
     if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+        raise UserError(f"device must be auto, cpu or cuda, got {requested!r}")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but CUDA is not available")
+        raise UserError("--device cuda requested but CUDA is not available")
     return torch.device("cuda", env.local_rank)
 
 
@@ -126,9 +128,9 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}, got {name!r}")
+        raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}, got {name!r}")
     if name == "fp16" and device.type != "cuda":
-        raise ValueError("--dtype fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
+        raise UserError("--dtype fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
     return DTYPES[name]
 
 

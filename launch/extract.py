@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import random
+import statistics
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,7 +42,7 @@ from autoencoders import Autoencoder, build, load_pretrained
 from autoencoders.tiling import configure_inference
 from data import shards
 from data.sources import VideoClipDataset, list_items
-from data.video import VideoError, Window, Windows, read_clips
+from data.video import VideoError, Window, Windows, probe, read_clips
 from launch import dist
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_json, dir_hash, read_json
@@ -512,8 +513,12 @@ def _merge_manifest(out: Path, n_shards: int, signature: dict, ae: Autoencoder, 
         text_tokens += side["text_tokens"]
         if side["written"]:
             shard_list.append({"name": shards.SHARD_NAME.format(j), "count": side["written"]})
+    skipped_keys = {s["key"] for s in skipped}
     manifest = {
         **signature, "family": ae.family, "config": cfglib.to_dict(ae.config),
+        # the rate the clips play at (`ldm sample` writes videos at it): --fps, else the inputs' own
+        "video": {**signature["video"], "clip_fps": cfg.fps or native_fps([it for it in items
+                                                                           if it.key not in skipped_keys])},
         # where the weights were (runtime provenance; the hash above is what identifies them) and the
         # seed that drew random weights when no checkpoint was given
         "checkpoint": str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None, "seed": cfg.seed,
@@ -528,6 +533,22 @@ def _merge_manifest(out: Path, n_shards: int, signature: dict, ae: Autoencoder, 
     }
     atomic_write_json(out / shards.MANIFEST, manifest)
     return manifest
+
+
+def native_fps(items: list, limit: int = 8) -> float | None:
+    """The median native frame rate of the first ``limit`` readable ``items`` (container headers
+    only), None when none has one."""
+    rates = []
+    for it in items:
+        try:
+            rate = probe(it.readable())["fps"]
+        except VideoError:
+            continue
+        if rate:
+            rates.append(rate)
+        if len(rates) == limit:
+            break
+    return statistics.median(rates) if rates else None
 
 
 @torch.no_grad()

@@ -8,6 +8,19 @@ The DiT export carries ``training.json``: the autoencoder it was trained for (na
 checkpoint path and hash), the latent statistics to undo, and the text encoder spec. Decoding goes
 through the autoencoder's ``decode`` with the prompt's text embedding in ``cond``.
 
+Outputs: ``NNNN.mp4`` + ``NNNN.gif`` per video, ``grid.png`` and ``index.json`` (per video: file,
+prompt, class id, seed and row of its initial noise, steps, guidance, shift, sampler, fps, frames,
+size, image, checkpoint). Nothing is ever overwritten: a non-empty ``--output`` is refused unless
+``--append`` is given, which numbers the new videos after the ones there, continues the seeds
+(batch ``g`` starts at ``--seed + g``, ``g`` counting every video of the folder), extends
+``index.json`` and writes its grid as ``grid-NNNN.png``. Videos play at ``--fps``, by default the
+rate of the training clips (``training.json``: the extraction's ``--fps`` or the videos' native
+rate).
+
+Every argument is checked before a model is loaded or a file written (`UserError`, one line):
+empty prompts, class ids outside the DiT's classes, sizes the autoencoder cannot take, a folder
+that is not a DiT export.
+
 Image-to-video (``--image``) for autoencoders whose latent has a ``content`` part (Hi-VAE: the
 first frame's base latent) and a generator that models it: the image's content latent
 (``encode_content``, standardised like the training latents) is held fixed on its flow path while
@@ -33,8 +46,11 @@ from autoencoders.tiling import configure_inference
 from data.video import resize_center_crop, video_to_uint8, write_video
 from launch.train import load_export
 from ldm import samplers
-from ldm.checkpoint import dir_hash
+from ldm.checkpoint import atomic_write_json, dir_hash, read_json
+from ldm.errors import MissingInput, UserError, checking
 from ldm.latent import Cond, Latent, normalize
+
+DEFAULT_FPS = 8.0  # videos of an export that does not record its clips' rate
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,15 +71,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "sets the latent length for --num-frames")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--sampler", choices=sorted(samplers.SAMPLERS), default="euler")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--shift", type=float, default=1.0, help="timestep shift of the sampling schedule")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the first batch (batch g: seed + g)")
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--fps", type=float, default=8.0)
-    p.add_argument("--output", required=True, help="output folder (MP4 + GIF per video, grid.png)")
+    p.add_argument("--fps", type=float, default=None,
+                   help=f"frame rate of the written videos (default: the training clips' rate, else {DEFAULT_FPS:g})")
+    p.add_argument("--output", required=True, help="output folder (MP4 + GIF per video, grid.png, index.json); "
+                   "must be new or empty unless --append")
+    p.add_argument("--append", action="store_true",
+                   help="add to the videos already in --output: numbered after them, index.json extended")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision the DiT and the autoencoder run in: auto = bf16 on CUDA, fp32 on the CPU "
@@ -199,9 +219,10 @@ def _dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
-def save_videos(videos: torch.Tensor | list[torch.Tensor], out: Path, names: list[str], fps: float) -> list[Path]:
-    """MP4 + GIF per video and ``grid.png`` with every video's frames in a row (videos of
-    different lengths hold their last frame in the grid)."""
+def save_videos(videos: torch.Tensor | list[torch.Tensor], out: Path, names: list[str], fps: float,
+                grid: str = "grid.png") -> list[Path]:
+    """MP4 + GIF per video and ``grid`` with every video's frames in a row (videos of different
+    lengths hold their last frame in the grid)."""
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -215,9 +236,71 @@ def save_videos(videos: torch.Tensor | list[torch.Tensor], out: Path, names: lis
                           for v in videos])  # (B, T, H, W, C)
     B, T, H, W, C = frames.shape
     step = max(1, T // 8)
-    grid = frames[:, ::step].permute(0, 2, 1, 3, 4).reshape(B * H, -1, C)  # rows: videos, columns: frames
-    Image.fromarray(grid.numpy()).save(out / "grid.png")
+    rows = frames[:, ::step].permute(0, 2, 1, 3, 4).reshape(B * H, -1, C)  # rows: videos, columns: frames
+    Image.fromarray(rows.numpy()).save(out / grid)
     return paths
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The numbers and texts of a ``ldm sample`` command are usable (`UserError` otherwise)."""
+    for flag, value in {"--steps": args.steps, "--num-per-prompt": args.num_per_prompt,
+                        "--batch-size": args.batch_size, "--num-frames": args.num_frames, "--height": args.height,
+                        "--width": args.width, "--latent-frames": args.latent_frames}.items():
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    for flag, value in {"--fps": args.fps, "--rate": args.rate, "--shift": args.shift}.items():
+        if value is not None and not value > 0:
+            raise UserError(f"{flag} must be > 0, got {value}")
+    if args.guidance < 0 or args.chunk_frames < 0:
+        raise UserError(f"--guidance and --chunk-frames must be >= 0, got {args.guidance}, {args.chunk_frames}")
+    for i, prompt in enumerate(args.prompt or [], 1):
+        if not prompt.strip():
+            raise UserError(f"--prompt number {i} is empty: give the text of the video to make (or use --class)")
+    for c in args.class_id or []:
+        if c < 0:
+            raise UserError(f"--class {c}: class ids are >= 0 (-1 is not 'no class'; to sample without a class "
+                            "use a text prompt)")
+    if args.image and not Path(args.image).is_file():
+        raise MissingInput(f"--image {args.image} not found")
+
+
+def check_export(path: str | Path) -> None:
+    """``path`` is a ``ldm train`` run folder or its ``export/`` (a `UserError` saying what it is
+    otherwise)."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingInput(f"--checkpoint {path} not found (expected a `ldm train` run folder or its export/)")
+    if (path / "training.json").is_file() or (path / "export" / "training.json").is_file():
+        return
+    if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+        raise UserError(f"--checkpoint {path} is an autoencoder, not a DiT: give the `ldm train` run folder "
+                        "(the autoencoder is found through it, or passed with --ae-checkpoint)")
+    if (path / "checkpoints").is_dir():
+        raise UserError(f"--checkpoint {path}: this `ldm train` run has no export/ yet (it is written at the "
+                        "first checkpoint); wait for it or sample from a finished run")
+    raise UserError(f"--checkpoint {path} is not a `ldm train` run folder or export (no training.json)")
+
+
+def output_start(out: Path, append: bool) -> tuple[int, list[dict[str, Any]]]:
+    """Where new videos go in ``out``: the first free number and the index so far. An existing
+    non-empty folder is refused unless ``append``."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; give a folder")
+    present = sorted(out.iterdir()) if out.is_dir() else []
+    if not present:
+        return 0, []
+    if not append:
+        raise UserError(f"--output {out} already holds {len(present)} file(s); nothing is overwritten: give a new "
+                        "folder, or --append to add videos to these")
+    index: list[dict[str, Any]] = []
+    if (out / "index.json").is_file():
+        try:
+            index = read_json(out / "index.json")
+        except ValueError as e:
+            raise UserError(f"{out / 'index.json'} is not valid JSON ({e}); move it away to append") from None
+    numbers = [int(p.stem) for p in present if p.stem.isdigit()] + [int(Path(x["file"]).stem) for x in index
+                                                                     if Path(x.get("file", "")).stem.isdigit()]
+    return max(numbers, default=-1) + 1, index
 
 
 def run(args: argparse.Namespace) -> int:
@@ -226,50 +309,82 @@ def run(args: argparse.Namespace) -> int:
     from launch.engine import resolve_switch
     from ldm.layers import compile_blocks
 
+    check_args(args)
+    check_export(args.checkpoint)
+    out = Path(args.output)
+    first, index = output_start(out, args.append)
+    prompts = args.prompt
+    if args.prompts_file:
+        if not Path(args.prompts_file).is_file():
+            raise MissingInput(f"--prompts-file {args.prompts_file} not found")
+        prompts = [p.strip() for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
+        if not prompts:
+            raise UserError(f"--prompts-file {args.prompts_file} has no prompt (one per line)")
+    class_ids = args.class_id
+
     device = dist.device_for(dist.dist_env(), args.device)
     dtype = dist.compute_dtype(args.dtype, device)
     model, context = load_export(args.checkpoint, device)
+    n_classes, text = model.config.num_classes, context.get("text_encoder")
+    if class_ids is not None:
+        if not n_classes:
+            raise UserError("this DiT was trained without class ids (no class_id in its data, or model.class_cond="
+                            "false); use --prompt" + ("" if text else " -- it takes no text either"))
+        bad = [c for c in class_ids if c >= n_classes]
+        if bad:
+            raise UserError(f"--class {bad[0]}: this DiT knows {n_classes} classes, ids 0 to {n_classes - 1}")
+    if prompts and (not text or not model.config.text_dim):
+        raise UserError("this DiT was trained without text; use --class" + (f" (0 to {n_classes - 1})" if n_classes else ""))
     model = model.to(dtype)
     if resolve_switch({"true": True, "false": False}.get(args.compile, args.compile), device, "--compile"):
         compile_blocks(model)
-    ae = load_autoencoder(context, args.ae_checkpoint)
-    configure_inference(ae, args.tile, args.chunk_frames)
+    with checking():
+        ae = load_autoencoder(context, args.ae_checkpoint)
+        configure_inference(ae, args.tile, args.chunk_frames)
     ae = ae.to(device=device, dtype=dtype).eval()
     video = context["video"]
     frames = args.num_frames or video["frames"]
     height, width = args.height or video["height"], args.width or video["width"]
+    with checking(f"--num-frames {frames} --height {height} --width {width}"):
+        ae.check_input(frames, height, width)
+    fps = args.fps or video.get("clip_fps") or video.get("fps") or DEFAULT_FPS
     latent_frames = args.latent_frames
     if args.rate is not None:
         if not hasattr(ae, "varlen_length"):
-            raise ValueError(f"--rate needs a variable-rate autoencoder (MTC-VAE), not {context.get('autoencoder')}")
-        latent_frames = ae.varlen_length(frames, args.rate)
-    image = load_image(args.image, height, width) if args.image else None
-    prompts = args.prompt or (Path(args.prompts_file).read_text().splitlines() if args.prompts_file else None)
-    prompts = [p for p in prompts if p.strip()] if prompts else None
-    class_ids = args.class_id
+            raise UserError(f"--rate needs a variable-rate autoencoder (MTC-VAE), not {context.get('autoencoder')}")
+        with checking("--rate"):
+            latent_frames = ae.varlen_length(frames, args.rate)
+    image = None
+    if args.image:
+        try:
+            image = load_image(args.image, height, width)
+        except OSError as e:  # PIL.UnidentifiedImageError and unreadable files
+            raise UserError(f"--image {args.image}: not an image Pillow can read ({e})") from None
     text_encoder = None
     if prompts:
-        if not context.get("text_encoder"):
-            raise ValueError("this DiT was trained without text; use --class")
         from ldm.text import build_text_encoder
         text_encoder = build_text_encoder(context["text_encoder"], device=device)
     items = [(p, None) for p in prompts] if prompts else [(None, c) for c in class_ids]
     items = [it for it in items for _ in range(args.num_per_prompt)]
-    out = Path(args.output)
-    videos, names = [], []
+    videos, names, noise = [], [], []
     for i in range(0, len(items), args.batch_size):
         chunk = items[i:i + args.batch_size]
+        seed = args.seed + first + i  # an appended run continues the seeds of the folder
         videos.extend(generate(model, ae, context, prompts=[c[0] for c in chunk] if prompts else None,
                                class_ids=None if prompts else [c[1] for c in chunk], frames=frames,
                                height=height, width=width, steps=args.steps, guidance=args.guidance,
-                               shift=args.shift, sampler=args.sampler, seed=args.seed + i,
+                               shift=args.shift, sampler=args.sampler, seed=seed,
                                text_encoder=text_encoder, device=device, latent_frames=latent_frames,
                                image=image))
-        names += [f"{i + j:04d}" for j in range(len(chunk))]
-    paths = save_videos(videos, out, names, args.fps)
-    index = [{"file": p.name, "prompt": it[0], "class_id": it[1], "frames": v.shape[1], "image": args.image}
-             for p, it, v in zip(paths, items, videos)]
-    (out / "index.json").write_text(json.dumps(index, indent=2))
-    print(f"wrote {len(paths)} videos to {out} (index.json, grid.png)")
+        names += [f"{first + i + j:04d}" for j in range(len(chunk))]
+        noise += [(seed, j) for j in range(len(chunk))]
+    paths = save_videos(videos, out, names, fps, grid=f"grid-{first:04d}.png" if first else "grid.png")
+    settings = {"steps": args.steps, "guidance": args.guidance, "shift": args.shift, "sampler": args.sampler,
+                "fps": fps, "height": height, "width": width, "image": args.image,
+                "checkpoint": str(Path(args.checkpoint).resolve())}
+    index += [{"file": p.name, "prompt": it[0], "class_id": it[1], "seed": seed, "noise_row": row,
+               "frames": v.shape[1], **settings} for p, it, v, (seed, row) in zip(paths, items, videos, noise)]
+    atomic_write_json(out / "index.json", index)
+    print(f"wrote {len(paths)} videos to {out} ({names[0]}..{names[-1]}; index.json, "
+          f"{'grid.png' if not first else f'grid-{first:04d}.png'}) at {fps:g} fps")
     return 0
-

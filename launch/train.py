@@ -34,6 +34,7 @@ from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, de
 from ldm import config as cfglib
 from ldm import flow
 from ldm.checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, read_json, save_tensors
+from ldm.errors import UserError, checking
 from ldm.latent import VARLEN_AXIS, Cond, Latent, normalize
 from ldm.layers import compile_blocks
 
@@ -407,9 +408,63 @@ def bucket_batch_sizes(manifest: dict, dcfg: dit.DiTConfig, dcfg_data: DataConfi
     return sizes
 
 
+def _check_ranges(cfg: TrainConfig) -> None:
+    at_least = {"steps": (cfg.steps, 1), "log_every": (cfg.log_every, 1), "save_every": (cfg.save_every, 1),
+                "keep_checkpoints": (cfg.keep_checkpoints, 1), "max_nonfinite": (cfg.max_nonfinite, 0),
+                "data.batch_size": (cfg.data.batch_size, 1), "data.shuffle": (cfg.data.shuffle, 0),
+                "data.num_workers": (cfg.data.num_workers, 0), "data.prefetch": (cfg.data.prefetch, 0),
+                "model.sequence_parallel": (cfg.model.sequence_parallel, 1),
+                "optim.grad_accum": (cfg.optim.grad_accum, 1), "optim.warmup_steps": (cfg.optim.warmup_steps, 0),
+                **{f"data.bucket_batch.{k}": (v, 1) for k, v in cfg.data.bucket_batch.items()}}
+    for key, (value, low) in at_least.items():
+        if value < low:
+            raise UserError(f"{key} must be >= {low}, got {value}")
+    if not cfg.optim.lr > 0 or cfg.optim.weight_decay < 0 or cfg.optim.grad_clip < 0:
+        raise UserError(f"need optim.lr > 0, optim.weight_decay >= 0, optim.grad_clip >= 0; got {cfg.optim.lr}, "
+                        f"{cfg.optim.weight_decay}, {cfg.optim.grad_clip}")
+    fractions = {"ema_decay": cfg.ema_decay, "optim.min_lr_ratio": cfg.optim.min_lr_ratio,
+                 "flow.cond_dropout": cfg.flow.cond_dropout, "flow.class_dropout": cfg.flow.class_dropout,
+                 "flow.text_dropout": cfg.flow.text_dropout, "optim.betas[0]": cfg.optim.betas[0],
+                 "optim.betas[1]": cfg.optim.betas[1]}
+    for key, value in fractions.items():
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{key} must be in [0, 1], got {value}")
+    if not cfg.flow.scale > 0 or not cfg.flow.shift > 0:
+        raise UserError(f"flow.scale and flow.shift must be > 0, got {cfg.flow.scale}, {cfg.flow.shift}")
+    choices = {"optim.schedule": (cfg.optim.schedule, ("constant", "cosine")),
+               "flow.timesteps": (cfg.flow.timesteps, ("uniform", "logit_normal")),
+               "data.split": (cfg.data.split, ("sample", "shard")),
+               "data.bucket_sizing": (cfg.data.bucket_sizing, ("compute", "fixed"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Everything a run needs is usable before any work starts: value ranges, the shard folders
+    and their manifests, the DiT for their latents, the DeepSpeed config, the output path
+    (`UserError` naming the key otherwise)."""
+    _check_ranges(cfg)
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output={out} is a file; give a run folder")
+    for folder in (f for f in cfg.data.shards.split(",") if f):
+        if not (Path(folder) / "manifest.json").is_file():
+            what = "not found" if not Path(folder).exists() else "has no manifest.json"
+            raise UserError(f"data.shards: {folder} {what}; give an `ldm extract` output folder")
+    with checking():
+        manifest = load_manifests(cfg.data.shards)
+        make_dit_config(cfg, manifest)
+        resolve_switch(cfg.model.compile, torch.device("cpu"), "model.compile")
+        precision = resolve_precision(cfg.engine.precision, dist.device_for(dist.dist_env()))
+        deepspeed_config(cfglib.replace(cfg.engine, precision=precision), cfg.data.batch_size, cfg.optim.grad_accum,
+                         cfg.optim.grad_clip)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     import deepspeed
 
+    check_config(cfg)
     env = dist.init_distributed()
     if env.world_size == 1:
         _single_process_group()
@@ -425,7 +480,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     dcfg = make_dit_config(cfg, manifest)
     latent_norm = latent_norm_stats(cfg.data, manifest)
     if manifest.get("mixed_shapes") and not cfg.data.buckets:
-        raise ValueError(f"the folders in data.shards hold latents of different shapes; set data.buckets=true "
+        raise UserError(f"the folders in data.shards hold latents of different shapes; set data.buckets=true "
                          f"(and data.bucket_batch per shape) to train on them together")
     dist.check_same(json.dumps(cfglib.to_dict(cfg), sort_keys=True), "training config")
     dist.check_same(json.dumps([manifest["config_hash"], manifest["counts"], manifest["shards"]], sort_keys=True),
@@ -437,7 +492,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         apply_activation_checkpointing(model.blocks)
     sp = cfg.model.sequence_parallel
     if sp < 1 or env.world_size % sp:
-        raise ValueError(f"model.sequence_parallel={sp} must divide the world size {env.world_size}")
+        raise UserError(f"model.sequence_parallel={sp} must divide the world size {env.world_size}")
     if sp > 1:  # consecutive ranks form a group that shares each batch and splits its tokens
         from launch.sequence_parallel import apply_sequence_parallel, sequence_parallel_group
         apply_sequence_parallel(model, sequence_parallel_group(sp))

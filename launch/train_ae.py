@@ -57,11 +57,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from autoencoders import FAMILIES, REGISTRY, Autoencoder, build, load_pretrained
+from autoencoders.base import saved_config
 from autoencoders.losses import REC_LOSSES, AELoss, AELossConfig, last_decoder_layer
 from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, video_to_uint8
 from launch import dist
 from ldm import config as cfglib
+from ldm.errors import UserError, checking
 from ldm.latent import Cond
 from ldm.metrics import LPIPS
 from ldm.checkpoint import (atomic_write_bytes, atomic_write_json, file_sha256, load_tensors, read_json,
@@ -983,12 +985,34 @@ def config_from_args(args: argparse.Namespace) -> TrainAEConfig:
     return TrainAEConfig(**values)
 
 
+def check_inputs(cfg: TrainAEConfig) -> None:
+    """What a run reads is there and fits, before any process group, model or folder: the output
+    path, the ``--init`` / ``--base-checkpoint`` folders, the videos, and the clip size for the
+    autoencoder (built on the meta device: no weights). `UserError` otherwise."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; give a run folder")
+    if cfg.base_checkpoint is not None:
+        saved_config(cfg.base_checkpoint)
+    meta = saved_config(cfg.init) if cfg.init is not None else None
+    list_items(cfg.data)
+    with checking(f"--frames {cfg.frames} --height {cfg.height} --width {cfg.width}"), torch.device("meta"):
+        ae = (FAMILIES[meta["family"]].from_config_dict(meta["config"]) if meta is not None
+              else build(cfg.autoencoder, **cfglib.apply_dotted({}, list(cfg.ae_config))))
+        ae.check_input(cfg.frames, cfg.height, cfg.width)
+        if cfg.image_ratio > 0:
+            ae.check_input(1, cfg.height, cfg.width)
+
+
 def run(args: argparse.Namespace) -> int:
+    with checking():
+        cfg = config_from_args(args)
+    check_inputs(cfg)
     env = dist.dist_env()
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING, stream=sys.stderr,
                         format=f"[rank {env.rank}] %(levelname)s %(message)s" if env.world_size > 1
                         else "%(levelname)s %(message)s")
-    summary = train_autoencoder(config_from_args(args))
+    summary = train_autoencoder(cfg)
     if env.rank == 0:
         print(json.dumps({k: summary[k] for k in ("autoencoder", "steps", "first_loss", "last_loss",
                                                   "steps_per_s", "clips_per_s", "final")}))

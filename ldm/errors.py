@@ -46,4 +46,5 @@ def checking(what: str | None = None) -> Iterator[None]:
         raise
     except (ValueError, KeyError, FileNotFoundError, NotADirectoryError) as e:
         text = _message(e)
-        raise UserError(f"{what}: {text}" if what else text) from e
+        kind = MissingInput if isinstance(e, FileNotFoundError) else UserError
+        raise kind(f"{what}: {text}" if what else text) from e

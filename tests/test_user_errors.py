@@ -1,0 +1,284 @@
+"""A user's mistake is one line and exit status 2, before any work and before any folder appears;
+`--debug` / LDM_DEBUG=1 show the traceback; bugs keep theirs; `ldm sample` never overwrites and
+records what made each video."""
+import json
+import os
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+
+from autoencoders import build
+from data.synth import synth_dataset
+from data.video import probe
+from launch import extract as extract_verb
+from launch.cli import console
+from ldm.errors import UserError
+from procs import torchrun
+
+ROOT = Path(__file__).resolve().parents[1]
+YAML = ROOT / "launch" / "configs" / "train-debug.yaml"
+AE = "kl2d-f8c4-debug"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Synthetic videos (8 fps), their latents, a 2-step DiT run and a saved autoencoder."""
+    base = tmp_path_factory.mktemp("errors")
+    synth_dataset(base / "videos", num=6, frames=8, size=32, fps=8, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(["extract", "--autoencoder", AE, "--input", str(base / "videos"), "--output",
+                        str(base / "lat"), "--frames", "8", "--height", "32", "--width", "32", "--shard-size", "3",
+                        "--text-encoder", "builtin"]) == 0
+        assert console(["train", "--config", str(YAML), f"data.shards={base / 'lat'}", f"output={base / 'dit'}",
+                        "steps=2", "save_every=2", "data.batch_size=2", "optim.warmup_steps=1"]) == 0
+    build(AE).save_pretrained(base / "ae", name=AE)
+    return base
+
+
+def _one_line_error(argv: list[str], capsys, match: str) -> str:
+    """Run ``ldm ARGV``: exit status 2 and exactly one line on stderr, ``ldm VERB: error: ...``;
+    returns what went to stdout."""
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(argv) == 2
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # not progress bars
+    assert len(lines) == 1 and lines[0].startswith(f"ldm {argv[0]}"), err
+    assert ": error: " in lines[0] and match in lines[0], lines[0]
+    return out
+
+
+def _extract(run, out, *extra):
+    return ["extract", "--autoencoder", AE, "--input", str(run / "videos"), "--output", str(out), "--frames", "8",
+            "--height", "32", "--width", "32", *extra]
+
+
+EXTRACT_ERRORS = [
+    (["--shard-size", "0"], "--shard-size must be >= 1, got 0"),
+    (["--shard-size", "-3"], "--shard-size must be >= 1, got -3"),
+    (["--frames", "0"], "--frames must be >= 1"),
+    (["--fps", "0"], "--fps must be > 0"),
+    (["--height", "20"], "height and width must be positive multiples of 8, got 20x32"),
+    (["--autoencoder", "nope"], "unknown autoencoder 'nope'"),
+    (["--text-encoder", "gpt:x"], "--text-encoder: unknown text encoder spec"),
+    (["--clips-per-video", "2", "--clip-stride", "4"], "give one of them"),
+    (["--tile", "big"], "--tile must be"),
+    (["--dtype", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("flags, match", EXTRACT_ERRORS)
+def test_extract_errors_are_one_line_before_any_folder(run, tmp_path, capsys, flags, match):
+    _one_line_error(_extract(run, tmp_path / "out", *flags), capsys, match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_kind_of_folder_says_what_it_is(run, tmp_path, capsys):
+    argv = ["extract", "--input", str(run / "videos"), "--output", str(tmp_path / "out"), "--frames", "8",
+            "--height", "32", "--width", "32", "--checkpoint"]
+    for dit in (run / "dit", run / "dit" / "export"):  # was: KeyError: 'family'
+        _one_line_error(argv + [str(dit)], capsys, "is a DiT (an `ldm train` run or export), not an autoencoder")
+    _one_line_error(argv + [str(run / "lat")], capsys, "has no config.json + model.safetensors")
+    _one_line_error(argv + [str(tmp_path / "nowhere")], capsys, "not found")
+    _one_line_error(_extract(run, tmp_path / "out", "--input", str(tmp_path / "nowhere")), capsys,
+                    "input not found")
+    (tmp_path / "file").write_text("x")
+    _one_line_error(_extract(run, tmp_path / "file"), capsys, "is a file")
+    assert not (tmp_path / "out").exists()
+    sample = ["sample", "--class", "1", "--output", str(tmp_path / "s"), "--checkpoint"]
+    _one_line_error(sample + [str(run / "ae")], capsys, "is an autoencoder, not a DiT")
+    _one_line_error(sample + [str(run / "lat")], capsys, "not a `ldm train` run folder or export")
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_extraction_that_writes_nothing_fails_and_leaves_no_folder(run, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.mp4").write_text("<html>not a video</html>")
+    (bad / "b.mp4").write_bytes(b"")
+    out = _one_line_error(_extract(run, tmp_path / "out", "--input", str(bad)), capsys, "no clip was written")
+    assert not (tmp_path / "out").exists()
+    assert "skipped 2:" in out and "  - a: not a readable video" in out and "  - b: empty file (0 bytes)" in out
+    # one good video among them: the run succeeds, prints what it skipped, and a rerun resumes
+    (bad / "c.mp4").write_bytes((run / "videos" / "videos" / "000000.mp4").read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(_extract(run, tmp_path / "out", "--input", str(bad))) == 0
+    assert "skipped 2:" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"] == {"inputs": 3, "written": 1, "skipped": 2}
+    assert manifest["video"]["clip_fps"] == 8.0   # the native rate of the inputs (no --fps)
+
+
+def test_print_skipped_shows_windows_and_the_rest(capsys):
+    skipped = [{"key": f"v{i}", "reason": "too short"} for i in range(extract_verb.SKIPPED_SHOWN + 3)]
+    skipped[0].update(clip=1, start_frame=16)
+    extract_verb.print_skipped(skipped)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"skipped {len(skipped)}:" and out[1] == "  - v0 (clip 1 at frame 16): too short"
+    assert out[-1] == '  ... 3 more in manifest.json ("skipped")' and len(out) == extract_verb.SKIPPED_SHOWN + 2
+
+
+SAMPLE_ERRORS = [
+    (["--class", "999"], "--class 999: this DiT knows"),              # was IndexError
+    (["--class", "-1"], "--class -1: class ids are >= 0"),            # was taken as "no class"
+    (["--prompt", ""], "--prompt number 1 is empty"),                 # was TypeError
+    (["--prompt", "a red circle", "--prompt", "  "], "--prompt number 2 is empty"),
+    (["--class", "1", "--steps", "0"], "--steps must be >= 1, got 0"),  # was: exit 0, nothing written
+    (["--class", "1", "--steps", "-5"], "--steps must be >= 1, got -5"),
+    (["--class", "1", "--num-per-prompt", "0"], "--num-per-prompt must be >= 1"),
+    (["--class", "1", "--fps", "0"], "--fps must be > 0"),
+    (["--class", "1", "--height", "20"], "--height 20 --width 32: kl2d: height and width must be positive multiples"),
+    (["--class", "1", "--image", "nope.png"], "--image nope.png not found"),
+    (["--class", "1", "--ae-checkpoint", "nowhere"], "not found"),
+]
+
+
+@pytest.mark.parametrize("flags, match", SAMPLE_ERRORS)
+def test_sample_errors_are_one_line_before_any_folder(run, tmp_path, capsys, flags, match):
+    _one_line_error(["sample", "--checkpoint", str(run / "dit"), "--output", str(tmp_path / "s"), *flags], capsys,
+                    match)
+    assert not (tmp_path / "s").exists()
+
+
+def _train(run, out, *over):
+    return ["train", "--config", str(YAML), f"data.shards={run / 'lat'}", f"output={out}", "steps=2", *over]
+
+
+TRAIN_ERRORS = [
+    (["data.batch_size=-2"], "data.batch_size must be >= 1, got -2"),   # was DeepSpeed's AssertionError
+    (["steps=0"], "steps must be >= 1, got 0"),                         # was: exit 0, nothing written
+    (["steps=-5"], "steps must be >= 1, got -5"),
+    (["optim.lr=fast"], "OptimConfig.lr: expected float, got 'fast'"),
+    (["optim.lr=-3e-4"], "need optim.lr > 0"),
+    (["optim.lrr=1"], "unknown key(s) ['lrr']"),
+    (["flow.cond_dropout=1.5"], "flow.cond_dropout must be in [0, 1]"),
+    (["optim.schedule=linear"], "optim.schedule must be one of constant, cosine"),
+    (["model.dit=dit-huge"], "unknown DiT 'dit-huge'"),
+    (["engine.deepspeed=zero9"], "DeepSpeed config 'zero9' not found"),
+    (["data.shards=nowhere"], "data.shards: nowhere not found"),
+    (["steps"], "not of the form key.path=value"),
+]
+
+
+@pytest.mark.parametrize("over, match", TRAIN_ERRORS)
+def test_train_errors_are_one_line_before_any_folder(run, tmp_path, capsys, over, match):
+    _one_line_error(_train(run, tmp_path / "r", *over), capsys, match)
+    assert not (tmp_path / "r").exists()
+
+
+def test_numbers_as_people_write_them_on_the_train_command_line(run, tmp_path):
+    assert console(_train(run, tmp_path / "r", "optim.lr=3e-4", "optim.weight_decay=1e-6", "save_every=1_000",
+                          "data.batch_size=2")) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert config["optim"]["lr"] == 3e-4 and config["optim"]["weight_decay"] == 1e-6 and config["save_every"] == 1000
+
+
+def test_config_file_errors(run, tmp_path, capsys):
+    _one_line_error(["train", "--config", str(tmp_path / "nope.yaml")], capsys, "nope.yaml not found")
+    (tmp_path / "bad.yaml").write_text("steps: [2\n")
+    _one_line_error(["train", "--config", str(tmp_path / "bad.yaml")], capsys, "bad.yaml is not valid YAML")
+
+
+def _train_ae(run, out, *extra):
+    return ["train-ae", "--autoencoder", AE, "--data", str(run / "videos"), "--output", str(out), "--frames", "8",
+            "--height", "32", "--width", "32", "--steps", "1", *extra]
+
+
+TRAIN_AE_ERRORS = [
+    (["--batch-size", "-2"], "batch_size must be >= 1, got -2"),
+    (["--steps", "0"], "steps must be >= 1, got 0"),
+    (["--data", "nowhere"], "input not found: nowhere"),
+    (["--autoencoder", "causal3d-f4x8c4-debug"], "needs 1 + 4k frames"),
+    (["--height", "20"], "height and width must be positive multiples of 8"),
+    (["--ae-config", "nope=1"], "unknown override"),
+]
+
+
+@pytest.mark.parametrize("flags, match", TRAIN_AE_ERRORS)
+def test_train_ae_errors_are_one_line_before_any_folder(run, tmp_path, capsys, flags, match):
+    _one_line_error(_train_ae(run, tmp_path / "a", *flags), capsys, match)
+    assert not (tmp_path / "a").exists()
+
+
+def test_train_ae_init_from_a_dit_says_what_it_is(run, tmp_path, capsys):
+    _one_line_error(["train-ae", "--init", str(run / "dit"), "--data", str(run / "videos"), "--output",
+                     str(tmp_path / "a")], capsys, "is a DiT")
+    assert not (tmp_path / "a").exists()
+
+
+def test_debug_shows_the_traceback_and_bugs_keep_theirs(run, tmp_path, monkeypatch):
+    argv = _extract(run, tmp_path / "out", "--shard-size", "0")
+    with pytest.raises(UserError, match="--shard-size must be >= 1"):
+        console(argv + ["--debug"])
+    monkeypatch.setenv("LDM_DEBUG", "1")
+    with pytest.raises(UserError):
+        console(argv)
+    monkeypatch.delenv("LDM_DEBUG")
+
+    def bug(cfg):
+        return {}["written"]   # a real bug: KeyError, not a user error
+
+    monkeypatch.setattr(extract_verb, "extract", bug)
+    with pytest.raises(KeyError, match="written"):
+        console(_extract(run, tmp_path / "out"))
+
+
+@pytest.mark.dist
+def test_under_torchrun_the_error_is_printed_once(run, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for argv, message in [(_train(run, tmp_path / "r", "data.batch_size=-2"), "ldm train: error: data.batch_size"),
+                          (_extract(run, tmp_path / "e", "--shard-size", "0"), "ldm extract: error: --shard-size")]:
+        r = subprocess.run(torchrun(2, *argv), env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert r.returncode != 0
+        assert r.stderr.count(message) == 1, r.stderr[-3000:]
+        assert "[rank0]" not in r.stderr and "[rank1]" not in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# ldm sample: never overwrites, --append continues, index.json says how each video was made
+# --------------------------------------------------------------------------------------------
+def _sample(run, out, *extra):
+    return ["sample", "--checkpoint", str(run / "dit"), "--output", str(out), "--steps", "2", *extra]
+
+
+def test_sample_never_overwrites_and_appends(run, tmp_path, capsys):
+    out = tmp_path / "s"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(_sample(run, out, "--prompt", "a red circle moving left", "--prompt", "a blue square",
+                               "--seed", "7")) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(first) == ["0000.gif", "0000.mp4", "0001.gif", "0001.mp4", "grid.png", "index.json"]
+    _one_line_error(_sample(run, out, "--class", "3"), capsys, "already holds 6 file(s); nothing is overwritten")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(_sample(run, out, "--class", "3", "--num-per-prompt", "2", "--seed", "7", "--append",
+                               "--fps", "5", "--guidance", "2", "--sampler", "heun")) == 0
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {k: after[k] for k in first if k != "index.json"} == {k: v for k, v in first.items() if k != "index.json"}
+    assert {"0002.mp4", "0003.mp4", "0002.gif", "0003.gif", "grid-0002.png"} <= set(after)
+    index = json.loads((out / "index.json").read_text())
+    assert [x["file"] for x in index] == ["0000.mp4", "0001.mp4", "0002.mp4", "0003.mp4"]
+    assert [x["prompt"] for x in index] == ["a red circle moving left", "a blue square", None, None]
+    assert [x["class_id"] for x in index] == [None, None, 3, 3]
+    assert [(x["seed"], x["noise_row"]) for x in index] == [(7, 0), (7, 1), (9, 0), (9, 1)]  # seeds continue
+    assert [(x["steps"], x["guidance"], x["sampler"], x["fps"]) for x in index] == \
+        [(2, 4.0, "euler", 8.0)] * 2 + [(2, 2.0, "heun", 5.0)] * 2
+    assert all(x["frames"] == 8 and (x["height"], x["width"]) == (32, 32) for x in index)
+    # the videos play at the rate of the training clips (the synthetic set's 8 fps), or --fps
+    assert probe(out / "0000.mp4")["fps"] == pytest.approx(8.0) and probe(out / "0002.mp4")["fps"] == pytest.approx(5.0)
+
+
+def test_sample_prompt_file_and_text_checks(run, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("\n   \n")
+    argv = ["sample", "--checkpoint", str(run / "dit"), "--output", str(tmp_path / "s")]
+    _one_line_error(argv + ["--prompts-file", str(tmp_path / "prompts.txt")], capsys, "has no prompt")
+    _one_line_error(argv + ["--prompts-file", str(tmp_path / "none.txt")], capsys, "none.txt not found")
+    assert not (tmp_path / "s").exists()
