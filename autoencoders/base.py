@@ -221,7 +221,7 @@ def saved_config(path: str | Path) -> dict[str, Any]:
     the folder is instead (missing, a file, a DiT export, a ``train-ae`` run folder, something
     else) and what to pass."""
     path = Path(path)
-    wanted = "a folder written by save_pretrained, e.g. a `ldm train-ae` run's final/"
+    wanted = "a folder with config.json + model.safetensors written by save_pretrained (e.g. a `ldm train-ae` run's final/)"
     if not path.exists():
         raise MissingInput(f"autoencoder checkpoint {path} not found (expected {wanted})")
     if not path.is_dir():
@@ -232,7 +232,7 @@ def saved_config(path: str | Path) -> dict[str, Any]:
     if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
         raise UserError(f"{path} is a `ldm train-ae` run folder; give its final/ folder: {path / 'final'}")
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise UserError(f"{path} has no config.json + model.safetensors: not {wanted}")
+        raise UserError(f"{path} is not {wanted}")
     try:
         meta = read_json(path / "config.json")
     except (ValueError, UnicodeDecodeError) as e:

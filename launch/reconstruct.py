@@ -22,10 +22,11 @@ from typing import Any
 import torch
 
 from autoencoders import REGISTRY, Autoencoder, build, load_pretrained
+from autoencoders.base import saved_config
 from autoencoders.tiling import configure_inference
-from data.video import GIF_SUFFIXES, MP4_SUFFIXES, probe, read_video, write_video
+from data.video import GIF_SUFFIXES, MP4_SUFFIXES, VideoError, probe, read_video, write_video
 from launch import dist
-from ldm.checkpoint import read_json
+from ldm.errors import UserError, checking
 from ldm.latent import Cond
 from ldm.metrics import psnr, ssim
 
@@ -41,10 +42,7 @@ def load_autoencoder(name: str | None, checkpoint: str | None) -> tuple[Autoenco
         log.warning("no --checkpoint: %s has RANDOM weights (fine for pipeline checks, not for quality)", name)
         return build(name), name
     path = Path(checkpoint)
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: expected a folder with config.json and "
-                                "model.safetensors (written by save_pretrained, e.g. a run's final/)")
-    saved = read_json(path / "config.json").get("name")
+    saved = saved_config(path).get("name")
     if name is not None and saved is not None and saved != name:
         raise ValueError(f"--checkpoint {checkpoint} holds {saved!r}, not --autoencoder {name!r}")
     return load_pretrained(path), name or saved or "checkpoint"
@@ -116,17 +114,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
     out = Path(args.output)
-    if out.suffix.lower() not in MP4_SUFFIXES + GIF_SUFFIXES:
-        raise ValueError(f"--output {out}: suffix must be one of {MP4_SUFFIXES + GIF_SUFFIXES}")
-    ae, name = load_autoencoder(args.autoencoder, args.checkpoint)
-    ae.check_input(args.frames, args.height, args.width)  # before decoding anything
-    configure_inference(ae, args.tile, args.chunk_frames)
-    video = read_video(args.input, args.frames, args.height, args.width, fps=args.fps)  # (C, T, H, W)
-    fps = args.fps or probe(args.input)["fps"] or 8.0
-    device = dist.device_for(dist.dist_env(), args.device)
-    dtype = dist.compute_dtype(args.dtype, device)
-    recon, metrics = reconstruct(ae, video, device, caption_cond(ae, name, args.prompt, args.text_encoder, device),
-                                 dtype)
+    with checking():  # every argument before any decoding (a UserError: one line, exit status 2)
+        if out.suffix.lower() not in MP4_SUFFIXES + GIF_SUFFIXES:
+            raise ValueError(f"--output {out}: suffix must be one of {MP4_SUFFIXES + GIF_SUFFIXES}")
+        ae, name = load_autoencoder(args.autoencoder, args.checkpoint)
+        ae.check_input(args.frames, args.height, args.width)
+        configure_inference(ae, args.tile, args.chunk_frames)
+        device = dist.device_for(dist.dist_env(), args.device)
+        dtype = dist.compute_dtype(args.dtype, device)
+        cond = caption_cond(ae, name, args.prompt, args.text_encoder, device)
+    try:
+        video = read_video(args.input, args.frames, args.height, args.width, fps=args.fps)  # (C, T, H, W)
+        fps = args.fps or probe(args.input)["fps"] or 8.0
+    except VideoError as e:
+        raise UserError(f"--input {args.input}: {e}") from None
+    recon, metrics = reconstruct(ae, video, device, cond, dtype)
     frames = torch.cat([video, recon], dim=-1) if args.side_by_side else recon  # (C, T, H, W or 2W)
     write_video(out, frames, fps)
     result: dict[str, Any] = {"autoencoder": name, "checkpoint": args.checkpoint, "input": args.input,

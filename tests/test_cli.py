@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from launch.cli import VERBS, main
+from launch.cli import VERBS, console, main, package_version
 
 
 @pytest.mark.parametrize("verb", sorted(VERBS))
@@ -27,3 +27,25 @@ def test_deepspeed_launcher_flag_is_dropped(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--local_rank=1", "list", "--help"])
     assert e.value.code == 0
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        console(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ldm {package_version()}"
+    assert package_version() != "unknown"
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["extract", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--shard-size SHARD_SIZE videos per shard (= clips per shard with one clip per video) (default: 64)" in text
+    assert "--frames FRAMES (default: 17)" in text and "--device {auto,cpu,cuda} (default: auto)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    with pytest.raises(SystemExit):
+        main(["data", "synth", "--help"])   # sub-commands too; helps that state their default keep it
+    text = " ".join(capsys.readouterr().out.split())
+    assert "frames per clip (default 16)" in text and "--seed SEED dataset seed (default 0)" in text
+    assert "--layout {folder,shards} folder: videos/*.mp4 + metadata.jsonl; shards: raw WebDataset video shards " \
+           "(default: folder)" in text

@@ -82,7 +82,7 @@ def test_wrong_kind_of_folder_says_what_it_is(run, tmp_path, capsys):
             "--height", "32", "--width", "32", "--checkpoint"]
     for dit in (run / "dit", run / "dit" / "export"):  # was: KeyError: 'family'
         _one_line_error(argv + [str(dit)], capsys, "is a DiT (an `ldm train` run or export), not an autoencoder")
-    _one_line_error(argv + [str(run / "lat")], capsys, "has no config.json + model.safetensors")
+    _one_line_error(argv + [str(run / "lat")], capsys, "is not a folder with config.json + model.safetensors")
     _one_line_error(argv + [str(tmp_path / "nowhere")], capsys, "not found")
     _one_line_error(_extract(run, tmp_path / "out", "--input", str(tmp_path / "nowhere")), capsys,
                     "input not found")
@@ -209,6 +209,19 @@ def test_train_ae_init_from_a_dit_says_what_it_is(run, tmp_path, capsys):
     _one_line_error(["train-ae", "--init", str(run / "dit"), "--data", str(run / "videos"), "--output",
                      str(tmp_path / "a")], capsys, "is a DiT")
     assert not (tmp_path / "a").exists()
+
+
+def test_reconstruct_errors(run, tmp_path, capsys):
+    argv = ["reconstruct", "--autoencoder", AE, "--frames", "8", "--height", "32", "--width", "32", "--output",
+            str(tmp_path / "r.mp4"), "--input"]
+    (tmp_path / "fake.mp4").write_text("<html>")
+    _one_line_error(argv + [str(tmp_path / "none.mp4")], capsys, "file not found")
+    _one_line_error(argv + [str(tmp_path / "fake.mp4")], capsys, "not a readable video")
+    video = str(run / "videos" / "videos" / "000000.mp4")
+    _one_line_error(argv + [video, "--frames", "9"], capsys, "too short: has 8 frames")
+    _one_line_error(argv + [video, "--height", "20"], capsys, "multiples of 8")
+    _one_line_error(argv + [video, "--checkpoint", str(run / "dit")], capsys, "is a DiT")
+    assert not (tmp_path / "r.mp4").exists()
 
 
 def test_debug_shows_the_traceback_and_bugs_keep_theirs(run, tmp_path, monkeypatch):
