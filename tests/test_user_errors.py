@@ -84,6 +84,10 @@ def test_wrong_kind_of_folder_says_what_it_is(run, tmp_path, capsys):
         _one_line_error(argv + [str(dit)], capsys, "is a DiT (an `ldm train` run or export), not an autoencoder")
     _one_line_error(argv + [str(run / "lat")], capsys, "is not a folder with config.json + model.safetensors")
     _one_line_error(argv + [str(tmp_path / "nowhere")], capsys, "not found")
+    (tmp_path / "ae-run" / "final").mkdir(parents=True)   # a train-ae run folder instead of its final/
+    for f in (run / "ae").iterdir():
+        (tmp_path / "ae-run" / "final" / f.name).write_bytes(f.read_bytes())
+    _one_line_error(argv + [str(tmp_path / "ae-run")], capsys, "is a `ldm train-ae` run folder; give its final/")
     _one_line_error(_extract(run, tmp_path / "out", "--input", str(tmp_path / "nowhere")), capsys,
                     "input not found")
     (tmp_path / "file").write_text("x")
