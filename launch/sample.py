@@ -13,7 +13,7 @@ prompt, class id, seed and row of its initial noise, steps, guidance, shift, sam
 size, image, checkpoint). Nothing is ever overwritten: a non-empty ``--output`` is refused unless
 ``--append`` is given, which numbers the new videos after the ones there, continues the seeds
 (batch ``g`` starts at ``--seed + g``, ``g`` counting every video of the folder), extends
-``index.json`` and writes its grid as ``grid-NNNN.png``. Videos play at ``--fps``, by default the
+``index.json`` and writes its grid as ``grid-NNNN.png`` when ``grid.png`` exists. Videos play at ``--fps``, by default the
 rate of the training clips (``training.json``: the extraction's ``--fps`` or the videos' native
 rate).
 
@@ -30,7 +30,6 @@ video starts from the given frame.
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -378,13 +377,13 @@ def run(args: argparse.Namespace) -> int:
                                image=image))
         names += [f"{first + i + j:04d}" for j in range(len(chunk))]
         noise += [(seed, j) for j in range(len(chunk))]
-    paths = save_videos(videos, out, names, fps, grid=f"grid-{first:04d}.png" if first else "grid.png")
+    grid = f"grid-{first:04d}.png" if (out / "grid.png").exists() else "grid.png"
+    paths = save_videos(videos, out, names, fps, grid=grid)
     settings = {"steps": args.steps, "guidance": args.guidance, "shift": args.shift, "sampler": args.sampler,
                 "fps": fps, "height": height, "width": width, "image": args.image,
                 "checkpoint": str(Path(args.checkpoint).resolve())}
     index += [{"file": p.name, "prompt": it[0], "class_id": it[1], "seed": seed, "noise_row": row,
                "frames": v.shape[1], **settings} for p, it, v, (seed, row) in zip(paths, items, videos, noise)]
     atomic_write_json(out / "index.json", index)
-    print(f"wrote {len(paths)} videos to {out} ({names[0]}..{names[-1]}; index.json, "
-          f"{'grid.png' if not first else f'grid-{first:04d}.png'}) at {fps:g} fps")
+    print(f"wrote {len(paths)} videos to {out} ({names[0]}..{names[-1]}; index.json, {grid}) at {fps:g} fps")
     return 0

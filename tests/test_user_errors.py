@@ -293,6 +293,17 @@ def test_sample_never_overwrites_and_appends(run, tmp_path, capsys):
     assert probe(out / "0000.mp4")["fps"] == pytest.approx(8.0) and probe(out / "0002.mp4")["fps"] == pytest.approx(5.0)
 
 
+def test_append_into_a_folder_without_numbered_videos_keeps_its_files(run, tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "grid.png").write_bytes(b"someone else's grid")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(_sample(run, out, "--class", "2", "--append")) == 0
+    assert (out / "grid.png").read_bytes() == b"someone else's grid"
+    assert sorted(p.name for p in out.iterdir()) == ["0000.gif", "0000.mp4", "grid-0000.png", "grid.png", "index.json"]
+
+
 def test_sample_prompt_file_and_text_checks(run, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("\n   \n")
     argv = ["sample", "--checkpoint", str(run / "dit"), "--output", str(tmp_path / "s")]
