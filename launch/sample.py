@@ -13,9 +13,9 @@ prompt, class id, seed and row of its initial noise, steps, guidance, shift, sam
 size, image, checkpoint). Nothing is ever overwritten: a non-empty ``--output`` is refused unless
 ``--append`` is given, which numbers the new videos after the ones there, continues the seeds
 (batch ``g`` starts at ``--seed + g``, ``g`` counting every video of the folder), extends
-``index.json`` and writes its grid as ``grid-NNNN.png`` when ``grid.png`` exists. Videos play at ``--fps``, by default the
-rate of the training clips (``training.json``: the extraction's ``--fps`` or the videos' native
-rate).
+``index.json`` and writes its grid as ``grid-NNNN.png`` when ``grid.png`` exists. Videos play at
+``--fps``, by default the rate of the training clips (``training.json``: the extraction's ``--fps``
+or the videos' native rate).
 
 Every argument is checked before a model is loaded or a file written (`UserError`, one line):
 empty prompts, class ids outside the DiT's classes, sizes the autoencoder cannot take, a folder
