@@ -17,12 +17,20 @@ either kind of map. Their temporal resamplers are kept in their own lists (``tem
 ``temporal_up``, one slot per resolution boundary, `nn.Identity` where a boundary does not resample
 time) so a family can add resamplers at further boundaries (MTC-VAE's 8x/16x variants) by copying
 an existing one into an empty slot.
+
+Released video VAEs differ from this causal default in two places, both available as options so
+their weights can be held exactly: ``norm="clip"`` (GroupNorm statistics over every frame of the map,
+as CogVideoX and VideoVAE+) and a decoder whose norms are modulated by the latent (`SpatialNorm`,
+CogVideoX). With ``norm="clip"`` a model is causal only chunk by chunk: the `StreamCache` below lets
+a family run its encoder/decoder over chunks of frames with the temporal state of every causal layer
+carried across, which is what defines CogVideoX's statistics (and, with per-frame norms, gives the
+one-shot result exactly with bounded memory).
 """
 from __future__ import annotations
 
 import math
-from typing import Any
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +67,61 @@ def _unfold_frames(x: Tensor, frames: int | None) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------
+# Streaming state (chunk-by-chunk processing of a clip)
+# ------------------------------------------------------------------------------------------
+class StreamCache:
+    """Per-layer state carried from one chunk of a video to the next (IV-VAE Sec. 4.5.2's cache
+    mechanism; CogVideoX's ``conv_cache``).
+
+    A causal convolution keeps the input frames its next window still needs; temporal resamplers and
+    output selectors keep only the fact that the video has started (frame 0 is special). Keys are the
+    layers themselves, so one cache serves one pass of one model over one video.
+    """
+
+    def __init__(self) -> None:
+        self._state: dict[nn.Module, Tensor | None] = {}
+
+    def started(self, layer: nn.Module) -> bool:
+        """True when ``layer`` has already processed the start of the video."""
+        return layer in self._state
+
+    def get(self, layer: nn.Module) -> Tensor | None:
+        return self._state.get(layer)
+
+    def put(self, layer: nn.Module, value: Tensor | None) -> None:
+        self._state[layer] = value
+
+    def cached_bytes(self) -> int:
+        """Bytes of the storages the cache keeps alive between chunks."""
+        return sum(v.untyped_storage().nbytes() for v in self._state.values() if v is not None)
+
+
+def starts_video(layer: nn.Module, cache: StreamCache | None) -> bool:
+    """Whether this call of ``layer`` begins the video (one-shot calls always do); marks it."""
+    if cache is None:
+        return True
+    start = not cache.started(layer)
+    if start:
+        cache.put(layer, None)
+    return start
+
+
+def chunk_spans(frames: int, chunk: int) -> list[tuple[int, int]]:
+    """CogVideoX's chunk schedule (diffusers ``AutoencoderKLCogVideoX._encode`` / ``_decode``): chunks
+    of ``chunk`` frames, the remainder ``frames % chunk`` added to the FIRST chunk (which therefore
+    starts the video with frame 0 plus whole groups); one chunk when ``frames < chunk``."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    n, rest = max(frames // chunk, 1), frames % chunk
+    return [(0 if i == 0 else chunk * i + rest, min(chunk * (i + 1) + rest, frames)) for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------
 # Normalisation
 # ------------------------------------------------------------------------------------------
+NORMS = ("group", "clip", "rms")  # per-frame GroupNorm | GroupNorm over the clip | channel RMSNorm
+
+
 class FrameGroupNorm(nn.GroupNorm):
     """GroupNorm whose statistics never mix frames: a ``B C T H W`` map is normalised per frame
     (time folded into the batch), which keeps 3D encoders causal; ``B C H W`` maps as usual."""
@@ -78,6 +139,92 @@ def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> FrameGroup
     return FrameGroupNorm(math.gcd(channels, groups), channels, eps=eps, affine=True)
 
 
+def clip_group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm over a whole ``B C T H W`` clip (statistics across time too), as ``nn.GroupNorm``
+    on a 5-D map: CogVideoX's and VideoVAE+'s norm; ``gcd(channels, groups)`` groups."""
+    return nn.GroupNorm(math.gcd(channels, groups), channels, eps=eps, affine=True)
+
+
+class ChannelRMSNorm(nn.Module):
+    """``x / ||x||_2 * sqrt(C) * gamma`` over the channel axis of ``B C ...`` maps (= ``x / rms(x) *
+    gamma``), at every pixel of every frame, so it never mixes frames (IV-VAE Sec. 3.5's reason to
+    drop GroupNorm). The norm is `F.normalize`'s (eps 1e-12 on the L2 norm), as IV-VAE's public code,
+    so released weights see the same values. ``halves=2`` normalises the two halves of the channels
+    separately (IV-VAE's per-branch norm)."""
+
+    def __init__(self, channels: int, halves: int = 1):
+        super().__init__()
+        if channels % halves:
+            raise ValueError(f"{channels} channels cannot be cut into {halves} equal parts")
+        self.halves = halves
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape, part = x.shape, x.shape[1] // self.halves
+        h = x.reshape(shape[0], self.halves, part, *shape[2:])  # (B, r, C/r, ...)
+        # F.normalize's rule through a norm reduction: no map of squares is materialised
+        scale = math.sqrt(part) / torch.linalg.vector_norm(h, dim=2, keepdim=True).clamp_min(1e-12)  # (B, r, 1, ...)
+        h = (h * scale).reshape(shape)
+        weight = self.weight.view(1, -1, *([1] * (x.ndim - 2)))
+        return h.mul_(weight) if not torch.is_grad_enabled() else h * weight  # in place without autograd
+
+
+def norm_layer(kind: str, channels: int, groups: int = 32) -> nn.Module:
+    """One normaliser of ``channels`` (see `NORMS`): per-frame GroupNorm, GroupNorm over the clip,
+    or channel RMSNorm."""
+    if kind == "group":
+        return group_norm(channels, groups)
+    if kind == "clip":
+        return clip_group_norm(channels, groups)
+    if kind == "rms":
+        return ChannelRMSNorm(channels)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+def expand_latent(z: Tensor, size: Sequence[int], start: bool) -> Tensor:
+    """Nearest-neighbour resize of a latent ``B c t h w`` to a feature map's ``(T, H, W)`` with the
+    causal frame rule: when ``start`` (the chunk begins the video) latent frame 0 covers frame 0
+    alone and every later latent frame ``(T - 1) / (t - 1)`` frames; otherwise each covers ``T / t``.
+    For the power-of-two ratios of a VAE this equals CogVideoX's ``F.interpolate`` (first frame apart
+    for odd ``T > 1``)."""
+    t, (T, H, W) = z.shape[2], size
+    if H % z.shape[3] or W % z.shape[4]:
+        raise ValueError(f"cannot expand a {tuple(z.shape[3:])} latent to {H}x{W}")
+    if start and t > 1:
+        if (T - 1) % (t - 1):
+            raise ValueError(f"cannot expand {t} latent frames (frame 0 alone) to {T} frames")
+        z = torch.cat([z[:, :, :1], z[:, :, 1:].repeat_interleave((T - 1) // (t - 1), dim=2)], dim=2)
+    else:
+        if T % t:
+            raise ValueError(f"cannot expand {t} latent frames to {T} frames")
+        z = z.repeat_interleave(T // t, dim=2)
+    return z.repeat_interleave(H // z.shape[3], dim=3).repeat_interleave(W // z.shape[4], dim=4)
+
+
+class SpatialNorm(nn.Module):
+    """A norm modulated by the latent (Zheng et al. 2022, MoVQ, arXiv:2209.09002; CogVideoX's decoder):
+    ``norm(x) * scale(z) + shift(z)`` with ``z`` resized to ``x`` by `expand_latent` and ``scale`` /
+    ``shift`` pointwise convolutions of the latent."""
+
+    def __init__(self, channels: int, latent_channels: int, kind: str = "clip", groups: int = 32):
+        super().__init__()
+        self.norm = norm_layer(kind, channels, groups)
+        self.scale = nn.Conv3d(latent_channels, channels, 1)
+        self.shift = nn.Conv3d(latent_channels, channels, 1)
+
+    def forward(self, x: Tensor, z: Tensor, cache: StreamCache | None = None) -> Tensor:
+        zq = expand_latent(z, x.shape[2:], starts_video(self, cache))  # (B, c, T, H, W)
+        return self.norm(x) * self.scale(zq) + self.shift(zq)
+
+
+def _norm(norm: nn.Module, x: Tensor, z: Tensor | None, cache: StreamCache | None) -> Tensor:
+    if isinstance(norm, SpatialNorm):
+        if z is None:
+            raise ValueError("a latent-modulated norm (SpatialNorm) needs the latent z")
+        return norm(x, z, cache)
+    return norm(x)
+
+
 # ------------------------------------------------------------------------------------------
 # Convolutions
 # ------------------------------------------------------------------------------------------
@@ -89,6 +236,9 @@ class CausalConv3d(nn.Conv3d):
     ("same"). With temporal stride ``s`` a clip of ``1 + s*k`` frames gives ``1 + k`` frames, the first
     of which depends on input frame 0 alone. Weights are those of a plain `nn.Conv3d`, so layers can
     be inflated from / copied into it directly.
+
+    With a `StreamCache`, a later chunk is padded with the frames the previous chunk left for the
+    next window (``k_t - s`` of them), so chunk by chunk equals one shot.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int] = 3,
@@ -100,12 +250,18 @@ class CausalConv3d(nn.Conv3d):
                          padding=(0, kh // 2, kw // 2), bias=bias)
         self.time_pad = kt - 1
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
         if x.ndim != 5:
             raise ValueError(f"CausalConv3d expects B C T H W, got shape {tuple(x.shape)}")
         if self.time_pad:
-            first = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)  # (B, C, k_t - 1, H, W)
-            x = torch.cat([first, x], dim=2)  # (B, C, T + k_t - 1, H, W)
+            past = cache.get(self) if cache is not None else None
+            if past is None:  # the video starts here: pad with the first frame
+                past = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)  # (B, C, k_t - 1, H, W)
+            x = torch.cat([past, x], dim=2)  # (B, C, P + T, H, W)
+            if cache is not None:  # what the next window needs (a copy: a view would pin this chunk)
+                s = self.stride[0]
+                used = ((x.shape[2] - self.kernel_size[0]) // s + 1) * s
+                cache.put(self, x[:, :, used:].clone())
         return super().forward(x)
 
 
@@ -126,19 +282,27 @@ def conv1x1(in_channels: int, out_channels: int, dims: int) -> nn.Module:
     raise ValueError(f"dims must be 2 or 3, got {dims}")
 
 
+def _conv(conv: nn.Module, x: Tensor, cache: StreamCache | None) -> Tensor:
+    return conv(x, cache) if isinstance(conv, CausalConv3d) else conv(x)
+
+
 # ------------------------------------------------------------------------------------------
 # Residual block and attention
 # ------------------------------------------------------------------------------------------
+NormFactory = Callable[[int], nn.Module]
+
+
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv -> GroupNorm -> SiLU -> dropout -> conv, plus a (1x1) skip.
 
     ``dims=2`` uses 3x3 convolutions on ``B C H W``; ``dims=3`` uses causal 3x3x3 convolutions on
     ``B C T H W`` with per-frame GroupNorm. ``norm`` (a factory ``channels -> module``) replaces the
-    GroupNorm, e.g. by a parameter-free PixelNorm (H3AE).
+    GroupNorm, e.g. by a parameter-free PixelNorm (H3AE), a clip GroupNorm or a `SpatialNorm` (then
+    ``forward`` takes the latent ``z``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, dims: int = 2, groups: int = 32,
-                 dropout: float = 0.0, norm: Callable[[int], nn.Module] | None = None):
+                 dropout: float = 0.0, norm: NormFactory | None = None):
         super().__init__()
         make_norm = norm if norm is not None else (lambda ch: group_norm(ch, groups))
         self.norm1 = make_norm(in_channels)
@@ -148,27 +312,27 @@ class ResBlock(nn.Module):
         self.conv2 = conv3x3(out_channels, out_channels, dims)
         self.skip = conv1x1(in_channels, out_channels, dims) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+    def forward(self, x: Tensor, cache: StreamCache | None = None, z: Tensor | None = None) -> Tensor:
+        h = _conv(self.conv1, F.silu(_norm(self.norm1, x, z, cache)), cache)
+        h = _conv(self.conv2, self.dropout(F.silu(_norm(self.norm2, h, z, cache))), cache)
         return self.skip(x) + h
 
 
 class SpatialSelfAttention(nn.Module):
     """Single-head self-attention over the pixels of each frame (the SD-VAE mid-block attention),
     with `F.scaled_dot_product_attention`. A ``B C T H W`` map attends within each frame only, so it
-    stays causal in time."""
+    stays causal in time (its norm too unless ``norm`` makes it a clip GroupNorm)."""
 
-    def __init__(self, channels: int, groups: int = 32):
+    def __init__(self, channels: int, groups: int = 32, norm: NormFactory | None = None):
         super().__init__()
-        self.norm = group_norm(channels, groups)
+        self.norm = norm(channels) if norm is not None else group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h, frames = _fold_frames(x)
+        h, frames = _fold_frames(self.norm(x))
         height = h.shape[2]
-        qkv = self.qkv(self.norm(h))
+        qkv = self.qkv(h)
         q, k, v = rearrange(qkv, "n (three c) h w -> three n 1 (h w) c", three=3)  # each (N, 1, HW, C)
         out = F.scaled_dot_product_attention(q, k, v)
         out = rearrange(out, "n 1 (h w) c -> n c h w", h=height)  # (N, C, H, W)
@@ -179,25 +343,28 @@ class SpatialSelfAttention(nn.Module):
 # Resampling
 # ------------------------------------------------------------------------------------------
 class SpatialDownsample(nn.Module):
-    """2x spatial downsampling by a stride-2 3x3 convolution, applied per frame on clip maps."""
+    """2x spatial downsampling: one zero row/column padded at the bottom/right, then a stride-2 3x3
+    convolution, per frame on clip maps (the SD-VAE's layout, kept by CogVideoX, IV-VAE and
+    VideoVAE+: output pixel ``i`` sees input pixels ``2i .. 2i+2``)."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
         h, frames = _fold_frames(x)
         if h.shape[-2] % 2 or h.shape[-1] % 2:
             raise ValueError(f"SpatialDownsample needs even height and width, got {tuple(h.shape[-2:])}")
-        return _unfold_frames(self.conv(h), frames)
+        return _unfold_frames(self.conv(F.pad(h, (0, 1, 0, 1))), frames)
 
 
 class SpatialUpsample(nn.Module):
-    """2x nearest-neighbour spatial upsampling followed by a 3x3 convolution, per frame."""
+    """2x nearest-neighbour spatial upsampling followed by a 3x3 convolution, per frame; with
+    ``out_channels < channels`` the width shrinks here (IV-VAE Sec. 3.5)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h, frames = _fold_frames(x)
@@ -210,7 +377,9 @@ class TemporalDownsample(nn.Module):
 
     A causal temporal convolution (kernel ``factor + 1`` over time, stride ``factor``) maps
     ``1 + factor*k`` frames to ``1 + k``: output 0 sees input frame 0 only, output ``j >= 1`` sees
-    input frames ``factor*(j-1) .. factor*j``.
+    input frames ``factor*(j-1) .. factor*j``. (CogVideoX's parameter-free average of each pair is the
+    factor-2 kernel ``[0, 1/2, 1/2]``: see ``causal3d.average_resamplers``.) A later chunk of a
+    streamed video holds whole groups of ``factor`` frames.
     """
 
     def __init__(self, channels: int, factor: int = 2):
@@ -220,11 +389,12 @@ class TemporalDownsample(nn.Module):
         self.factor = factor
         self.conv = CausalConv3d(channels, channels, (factor + 1, 1, 1), stride=(factor, 1, 1))
 
-    def forward(self, x: Tensor) -> Tensor:
-        frames = x.shape[2]
-        if (frames - 1) % self.factor:
-            raise ValueError(f"TemporalDownsample x{self.factor} needs 1 + {self.factor}k frames, got {frames}")
-        return self.conv(x)
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        frames, start = x.shape[2], starts_video(self, cache)
+        if (frames - 1 if start else frames) % self.factor:
+            need = f"1 + {self.factor}k" if start else f"a multiple of {self.factor}"
+            raise ValueError(f"TemporalDownsample x{self.factor} needs {need} frames, got {frames}")
+        return self.conv(x, cache)
 
 
 class TemporalUpsample(nn.Module):
@@ -234,7 +404,8 @@ class TemporalUpsample(nn.Module):
     A causal temporal convolution predicts ``factor`` sub-frames per input frame (channels
     ``factor*C``), they are unfolded along time and the ``factor - 1`` sub-frames before frame 0 are
     dropped, so frame 0 is kept alone and input frame ``j >= 1`` yields output frames
-    ``factor*(j-1)+1 .. factor*j`` (depending on input frames ``<= j`` only).
+    ``factor*(j-1)+1 .. factor*j`` (depending on input frames ``<= j`` only). A later chunk of a
+    streamed video keeps all its sub-frames.
     """
 
     def __init__(self, channels: int, factor: int = 2):
@@ -244,10 +415,15 @@ class TemporalUpsample(nn.Module):
         self.factor = factor
         self.conv = CausalConv3d(channels, channels * factor, (3, 1, 1))
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv(x)  # (B, C*r, T, H, W)
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        start = starts_video(self, cache)
+        h = self.conv(x, cache)  # (B, C*r, T, H, W)
         h = rearrange(h, "b (c r) t h w -> b c (t r) h w", r=self.factor)  # (B, C, T*r, H, W)
-        return h[:, :, self.factor - 1:]  # (B, C, 1 + r*(T-1), H, W)
+        return h[:, :, self.factor - 1:] if start else h  # (B, C, 1 + r*(T-1), H, W) at the start
+
+
+def _temporal_layer(layer: nn.Module, h: Tensor, cache: StreamCache | None) -> Tensor:
+    return layer(h, cache) if isinstance(layer, (TemporalDownsample, TemporalUpsample)) else layer(h)
 
 
 # ------------------------------------------------------------------------------------------
@@ -263,14 +439,15 @@ class _Stage(nn.Module):
 class MidBlock(nn.Module):
     """ResBlock -> (spatial self-attention) -> ResBlock at the lowest resolution."""
 
-    def __init__(self, channels: int, dims: int, groups: int, attention: bool, dropout: float = 0.0):
+    def __init__(self, channels: int, dims: int, groups: int, attention: bool, dropout: float = 0.0,
+                 norm: NormFactory | None = None, attention_norm: NormFactory | None = None):
         super().__init__()
-        self.res1 = ResBlock(channels, channels, dims, groups, dropout)
-        self.attn = SpatialSelfAttention(channels, groups) if attention else nn.Identity()
-        self.res2 = ResBlock(channels, channels, dims, groups, dropout)
+        self.res1 = ResBlock(channels, channels, dims, groups, dropout, norm)
+        self.attn = SpatialSelfAttention(channels, groups, attention_norm) if attention else nn.Identity()
+        self.res2 = ResBlock(channels, channels, dims, groups, dropout, norm)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.res2(self.attn(self.res1(x)))
+    def forward(self, x: Tensor, cache: StreamCache | None = None, z: Tensor | None = None) -> Tensor:
+        return self.res2(self.attn(self.res1(x, cache, z)), cache, z)
 
 
 def _check_temporal(temporal: Sequence[bool], levels: int) -> tuple[bool, ...]:
@@ -282,99 +459,115 @@ def _check_temporal(temporal: Sequence[bool], levels: int) -> tuple[bool, ...]:
 
 class ConvEncoder(nn.Module):
     """SD-style encoder: conv_in, one stage per channel multiplier (``num_res_blocks`` ResBlocks,
-    then a 2x spatial downsample except at the last level), mid block, GroupNorm -> SiLU -> conv_out.
+    then a 2x spatial downsample except at the last level), mid block, norm -> SiLU -> conv_out.
 
     ``dims=3`` builds the causal clip version; ``temporal[i]`` puts a 2x `TemporalDownsample` after
     the spatial downsample of boundary ``i`` (slot ``temporal_down[i]``, `nn.Identity` otherwise).
+    ``norm`` is one of `NORMS` (default: per-frame GroupNorm).
     """
 
     def __init__(self, in_channels: int, out_channels: int, base_channels: int, channel_mult: Sequence[int],
                  num_res_blocks: int, dims: int = 2, temporal: Sequence[bool] = (), groups: int = 32,
-                 attention: bool = True, dropout: float = 0.0):
+                 attention: bool = True, dropout: float = 0.0, norm: str = "group"):
         super().__init__()
         widths = [base_channels * m for m in channel_mult]
         temporal = _check_temporal(temporal or (False,) * (len(widths) - 1), len(widths))
         if dims == 2 and any(temporal):
             raise ValueError("a 2D encoder cannot downsample time")
+        make_norm = lambda ch: norm_layer(norm, ch, groups)  # noqa: E731
         self.conv_in = conv3x3(in_channels, widths[0], dims)
         stages, ch = [], widths[0]
         for i, w in enumerate(widths):
             blocks = []
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(ch, w, dims, groups, dropout))
+                blocks.append(ResBlock(ch, w, dims, groups, dropout, make_norm))
                 ch = w
             last = i == len(widths) - 1
             stages.append(_Stage(blocks, nn.Identity() if last else SpatialDownsample(ch)))
         self.stages = nn.ModuleList(stages)
         self.temporal_down = nn.ModuleList(
             [TemporalDownsample(widths[i]) if t else nn.Identity() for i, t in enumerate(temporal)])
-        self.mid = MidBlock(ch, dims, groups, attention, dropout)
-        self.norm_out = group_norm(ch, groups)
+        self.mid = MidBlock(ch, dims, groups, attention, dropout, make_norm, make_norm)
+        self.norm_out = make_norm(ch)
         self.conv_out = conv3x3(ch, out_channels, dims)
 
-    def forward(self, x: Tensor, extra_temporal: Mapping[int, Sequence[nn.Module]] | None = None) -> Tensor:
+    def forward(self, x: Tensor, extra_temporal: Mapping[int, Sequence[nn.Module]] | None = None,
+                cache: StreamCache | None = None) -> Tensor:
         """``extra_temporal[i]``: further resamplers run right after slot ``temporal_down[i]`` (in
-        order), e.g. MTC-VAE's 8x/16x layers chosen per call."""
+        order), e.g. MTC-VAE's 8x/16x layers chosen per call. ``cache``: stream a chunk of a video
+        (see `StreamCache`)."""
         extra = extra_temporal or {}
-        h = self.conv_in(x)
+        h = _conv(self.conv_in, x, cache)
         for i, stage in enumerate(self.stages):
             for block in stage.blocks:
-                h = block(h)
+                h = block(h, cache)
             h = stage.resample(h)
             if i < len(self.temporal_down):
-                h = self.temporal_down[i](h)
+                h = _temporal_layer(self.temporal_down[i], h, cache)
                 for layer in extra.get(i, ()):
-                    h = layer(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                    h = _temporal_layer(layer, h, cache)
+        h = self.mid(h, cache)
+        return _conv(self.conv_out, F.silu(self.norm_out(h)), cache)
 
 
 class ConvDecoder(nn.Module):
     """Mirror of `ConvEncoder`: conv_in, mid block, one stage per level from the deepest
     (``num_res_blocks + 1`` ResBlocks, then the temporal and spatial 2x upsamples of the boundary
-    below), GroupNorm -> SiLU -> conv_out. ``temporal_up[i]`` undoes encoder slot ``temporal_down[i]``.
+    below), norm -> SiLU -> conv_out. ``temporal[i]`` puts a 2x `TemporalUpsample` at boundary
+    ``i`` (slot ``temporal_up[i]``; a mirror decoder uses the encoder's flags, CogVideoX upsamples
+    time at the two DEEPEST boundaries while its encoder downsamples at the two finest).
+
+    ``spatial_norm=True`` modulates every norm by the latent (`SpatialNorm`, CogVideoX);
+    ``upsample_shrink=True`` halves the width in each spatial upsampler (IV-VAE Sec. 3.5).
     """
 
     def __init__(self, in_channels: int, out_channels: int, base_channels: int, channel_mult: Sequence[int],
                  num_res_blocks: int, dims: int = 2, temporal: Sequence[bool] = (), groups: int = 32,
-                 attention: bool = True, dropout: float = 0.0):
+                 attention: bool = True, dropout: float = 0.0, norm: str = "group", spatial_norm: bool = False,
+                 upsample_shrink: bool = False):
         super().__init__()
         widths = [base_channels * m for m in channel_mult]
         temporal = _check_temporal(temporal or (False,) * (len(widths) - 1), len(widths))
         if dims == 2 and any(temporal):
             raise ValueError("a 2D decoder cannot upsample time")
+        plain = lambda ch: norm_layer(norm, ch, groups)  # noqa: E731
+        make_norm = (lambda ch: SpatialNorm(ch, in_channels, norm, groups)) if spatial_norm else plain
         ch = widths[-1]
         self.conv_in = conv3x3(in_channels, ch, dims)
-        self.mid = MidBlock(ch, dims, groups, attention, dropout)
-        stages = []
+        self.mid = MidBlock(ch, dims, groups, attention, dropout, make_norm, plain)
+        stages, up_widths = [], {}
         for i in reversed(range(len(widths))):  # deepest level first
             blocks = []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(ch, widths[i], dims, groups, dropout))
+                blocks.append(ResBlock(ch, widths[i], dims, groups, dropout, make_norm))
                 ch = widths[i]
-            stages.append(_Stage(blocks, SpatialUpsample(ch) if i > 0 else nn.Identity()))
+            up_widths[i - 1] = ch  # the width at boundary i - 1 (below this level)
+            out = ch // 2 if upsample_shrink and i > 0 else ch
+            stages.append(_Stage(blocks, SpatialUpsample(ch, out) if i > 0 else nn.Identity()))
+            ch = out
         self.stages = nn.ModuleList(stages)  # stages[j] works at level len(widths) - 1 - j
         self.temporal_up = nn.ModuleList(
-            [TemporalUpsample(widths[i + 1]) if t else nn.Identity() for i, t in enumerate(temporal)])
-        self.norm_out = group_norm(ch, groups)
+            [TemporalUpsample(up_widths[i]) if t else nn.Identity() for i, t in enumerate(temporal)])
+        self.norm_out = make_norm(ch)
         self.conv_out = conv3x3(ch, out_channels, dims)
 
-    def forward(self, z: Tensor, extra_temporal: Mapping[int, Sequence[nn.Module]] | None = None) -> Tensor:
+    def forward(self, z: Tensor, extra_temporal: Mapping[int, Sequence[nn.Module]] | None = None,
+                cache: StreamCache | None = None) -> Tensor:
         """``extra_temporal[i]``: further resamplers run right before slot ``temporal_up[i]`` (in
-        order), the mirror of the encoder's hook."""
+        order), the mirror of the encoder's hook. ``cache``: stream a chunk of latent frames."""
         extra = extra_temporal or {}
-        h = self.mid(self.conv_in(z))
+        h = self.mid(_conv(self.conv_in, z, cache), cache, z)
         levels = len(self.stages)
         for j, stage in enumerate(self.stages):
             for block in stage.blocks:
-                h = block(h)
+                h = block(h, cache, z)
             boundary = levels - 2 - j  # the boundary between this level and the one above it
             if boundary >= 0:
                 for layer in extra.get(boundary, ()):
-                    h = layer(h)
-                h = self.temporal_up[boundary](h)
+                    h = _temporal_layer(layer, h, cache)
+                h = _temporal_layer(self.temporal_up[boundary], h, cache)
             h = stage.resample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return _conv(self.conv_out, F.silu(_norm(self.norm_out, h, z, cache)), cache)
 
 
 # ------------------------------------------------------------------------------------------

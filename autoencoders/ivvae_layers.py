@@ -5,7 +5,7 @@ half comes from 2D convolutions (per frame, the image prior of the keyframes), t
 from 3D group causal convolutions. Each half is normalised on its own. The model is assembled in
 ``autoencoders/ivvae.py``; this file holds the parts:
 
-- `StreamCache`: per-layer temporal state for chunk-by-chunk encoding/decoding (Sec. 4.5.2).
+- `StreamCache` (``blocks.py``): per-layer temporal state for chunk-by-chunk encoding/decoding (Sec. 4.5.2).
 - `GroupCausalConv3d` (GCConv, Sec. 3.2): frames are grouped by the current temporal rate, the
   first frame is its own group; inside a group a plain (bidirectional) convolution, between groups
   causal padding from the previous group's last frames, zeros after the group.
@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from autoencoders.blocks import SpatialDownsample, group_norm
+from autoencoders.blocks import (ChannelRMSNorm, SpatialDownsample, StreamCache, group_norm, norm_layer,
+                                 starts_video)
 from ldm.attention import attention
 
 NORMS = ("rms", "group")
@@ -55,46 +56,6 @@ def _frame_step(x: Tensor, frames_axis: int = 2) -> int:
     """Frames per chunk so that one chunk of ``x`` holds about ``FRAME_CHUNK_ELEMENTS`` elements."""
     per_frame = max(1, x.numel() // max(1, x.shape[frames_axis]))
     return max(1, FRAME_CHUNK_ELEMENTS // per_frame)
-
-
-# ------------------------------------------------------------------------------------------
-# Streaming state
-# ------------------------------------------------------------------------------------------
-class StreamCache:
-    """Per-layer state carried from one chunk of a video to the next (IV-VAE Sec. 4.5.2).
-
-    A GCConv keeps the last ``P_t`` frames of its input (the temporal padding it needs from the
-    past); temporal resamplers and the output selector keep only the fact that the video has
-    started (frame 0 is special). Keys are the layers themselves, so one cache serves one pass of
-    one model over one video.
-    """
-
-    def __init__(self) -> None:
-        self._state: dict[nn.Module, Tensor | None] = {}
-
-    def started(self, layer: nn.Module) -> bool:
-        """True when ``layer`` has already processed the start of the video."""
-        return layer in self._state
-
-    def get(self, layer: nn.Module) -> Tensor | None:
-        return self._state.get(layer)
-
-    def put(self, layer: nn.Module, value: Tensor | None) -> None:
-        self._state[layer] = value
-
-    def cached_bytes(self) -> int:
-        """Bytes of the storages the cache keeps alive between chunks."""
-        return sum(v.untyped_storage().nbytes() for v in self._state.values() if v is not None)
-
-
-def starts_video(layer: nn.Module, cache: StreamCache | None) -> bool:
-    """Whether this call of ``layer`` begins the video (one-shot calls always do); marks it."""
-    if cache is None:
-        return True
-    start = not cache.started(layer)
-    if start:
-        cache.put(layer, None)
-    return start
 
 
 def _check_groups(frames: int, group: int, start: bool, name: str) -> int:
@@ -239,35 +200,11 @@ class KTCConv(nn.Module):
 # ------------------------------------------------------------------------------------------
 # Normalisation (Sec. 3.5) and attention (Sec. 3.4)
 # ------------------------------------------------------------------------------------------
-class ChannelRMSNorm(nn.Module):
-    """``x / sqrt(mean_c(x^2) + eps) * gamma`` over the channel axis of ``B C ...`` maps, at every
-    pixel of every frame (so it never mixes frames: Sec. 3.5's reason to drop GroupNorm).
-    ``halves=2`` normalises the two halves of the channels separately (KTC's per-branch norm)."""
-
-    def __init__(self, channels: int, halves: int = 1, eps: float = 1e-6):
-        super().__init__()
-        if channels % halves:
-            raise ValueError(f"{channels} channels cannot be cut into {halves} equal parts")
-        self.halves, self.eps = halves, eps
-        self.weight = nn.Parameter(torch.ones(channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        h = x.reshape(shape[0], self.halves, shape[1] // self.halves, *shape[2:])  # (B, r, C/r, ...)
-        # mean of squares through a norm reduction: no map of squares is materialised
-        ms = torch.linalg.vector_norm(h, dim=2, keepdim=True).square() / h.shape[2]  # (B, r, 1, ...)
-        h = h * torch.rsqrt(ms + self.eps)
-        weight = self.weight.view(1, -1, *([1] * (x.ndim - 2)))
-        return h.reshape(shape).mul_(weight) if _inference() else h.reshape(shape) * weight
-
-
 def channel_norm(kind: str, channels: int, groups: int) -> nn.Module:
     """One normaliser of ``channels``: RMS over channels, or the per-frame GroupNorm of kl2d."""
-    if kind == "rms":
-        return ChannelRMSNorm(channels)
-    if kind == "group":
-        return group_norm(channels, groups)
-    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+    if kind not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+    return norm_layer(kind, channels, groups)
 
 
 class BranchNorm(nn.Module):
