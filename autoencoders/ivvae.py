@@ -34,9 +34,12 @@ follows the code: temporal downsampling at the two deepest boundaries (``tempora
 True, True)``); attention blocks: one entering the deepest level, one after each of its ResBlocks
 and the mid-block one in the encoder, one after each deepest ResBlock plus the mid-block one in the
 decoder (8 in all at 2 ResBlocks per level; the paper's text says 7); the upsampler halves the width.
+The registered ``ivvae-z4/z8/z16/z16-dim96`` hold the released weights exactly (``ldm convert
+--source ivvae-official``, ``ivvae_weights.py``): same parameters (107.17 / 107.38 / 107.80 /
+241.85 M), ZeroPad2d((0, 1, 0, 1)) before each stride-2 conv, RMS norms as ``F.normalize * sqrt(C)``.
 The public code's latent statistics belong to its weights (z4 1.3196/0.1250, z8 1.0940/-0.0322,
-z16 0.9697/-0.1553, z16-dim96 0.7619/-0.0483 as scale/shift) and are not set here: ``ldm train-ae``
-measures our own.
+z16 0.9697/-0.1553, z16-dim96 0.7619/-0.0483 as scale/shift): the converter writes them into the
+config; the registered configs have none (``ldm train-ae`` measures our own).
 """
 from __future__ import annotations
 

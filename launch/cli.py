@@ -22,6 +22,7 @@ from ldm.errors import UserError
 VERBS: dict[str, tuple[str, str]] = {  # keep in sync with the README's verb table
     "list": ("launch.list_models", "list registered autoencoders and DiTs with their compression"),
     "data": ("launch.data_cmd", "dataset tools (synth: generate the synthetic attribute video set)"),
+    "convert": ("launch.convert", "released weights (official IV-VAE / VideoVAE+, diffusers SD / CogVideoX VAEs) -> our format"),
     "train-ae": ("launch.train_ae", "train an autoencoder on videos"),
     "extract": ("launch.extract", "encode videos into WebDataset latent shards"),
     "reconstruct": ("launch.reconstruct", "encode+decode a video, print PSNR/SSIM"),

@@ -1,0 +1,257 @@
+"""External weights -> our autoencoders: the registry of weight *sources* and the strict key mapping
+every converter uses.
+
+A source names a kind of released checkpoint and the converter that turns a LOCAL copy of it into
+one of our models, e.g. ``ivvae-official`` (the ``.pth`` files of ali-vilab/iv-vae) or
+``diffusers:AutoencoderKL`` (a diffusers folder of an SD VAE). Each converter lives next to the
+family it fills and registers itself here, as families register their configs; ``ldm convert``
+(``launch/convert.py``) is glue over `convert`.
+
+A source fills its own family exactly. Other families can start from it through an *initialiser*
+registered by the target family (``register_initialiser("cmvae", "kl2d", fn)``: the cross-modal
+VAE's first stage inflated from a converted SD VAE), so ``convert("diffusers:AutoencoderKL", path,
+"cmvae-z4")`` converts to ``kl2d`` first and then initialises a ``cmvae-z4`` from it.
+
+`KeyMap` makes every conversion strict: every source tensor is used or dropped by name with a
+reason, every parameter of the target is filled, shapes must agree; otherwise one error lists all
+that is wrong (never a silent partial load).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from autoencoders.base import FAMILIES, REGISTRY, Autoencoder
+from ldm.checkpoint import load_tensors
+
+_SHOW = 12  # list at most this many keys per kind of problem
+
+
+@dataclass
+class Conversion:
+    """A converted model, the registered name whose architecture it has (None for a config built
+    from the source alone) and notes on what was checked or dropped (printed by ``ldm convert``)."""
+
+    model: Autoencoder
+    name: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    family: str  # the family this source fills exactly
+    reads: str  # what --path must be
+    convert: Callable[[Path, str], Conversion]  # (local path, target name or family) -> Conversion
+
+
+SOURCES: dict[str, Source] = {}
+# (target family, base family) -> fn(converted base model, target name or family) -> (model, note)
+INITIALISERS: dict[tuple[str, str], Callable[[Autoencoder, str], tuple[Autoencoder, str]]] = {}
+
+
+def register_source(name: str, family: str, reads: str) -> Callable:
+    def deco(fn: Callable[[Path, str], Conversion]) -> Callable[[Path, str], Conversion]:
+        if name in SOURCES:
+            raise ValueError(f"weight source {name!r} registered twice")
+        SOURCES[name] = Source(name, family, reads, fn)
+        return fn
+    return deco
+
+
+def register_initialiser(family: str, base_family: str) -> Callable:
+    def deco(fn: Callable[[Autoencoder, str], tuple[Autoencoder, str]]) -> Callable:
+        INITIALISERS[(family, base_family)] = fn
+        return fn
+    return deco
+
+
+def family_of(target: str) -> str:
+    """The family of ``target``: a registered name or a family name."""
+    if target in REGISTRY:
+        return REGISTRY[target][0].family
+    if target in FAMILIES:
+        return target
+    raise KeyError(f"unknown target {target!r}: give a registered autoencoder (`ldm list`) or a family "
+                   f"({sorted(FAMILIES)})")
+
+
+def targets(source: str) -> list[str]:
+    """Families a source can fill: its own and those with an initialiser from it."""
+    own = SOURCES[source].family
+    return [own] + sorted(f for f, b in INITIALISERS if b == own)
+
+
+def convert(source: str, path: str | Path, target: str) -> Conversion:
+    """Convert the local checkpoint ``path`` of ``source`` into ``target`` (a registered name, which
+    the source must match, or a family name, which builds the config the source implies)."""
+    if source not in SOURCES:
+        raise KeyError(f"unknown weight source {source!r}; known: {sorted(SOURCES)}")
+    src, path = SOURCES[source], Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{source}: no such file or folder {path}")
+    family = family_of(target)
+    if family == src.family:
+        return src.convert(path, target)
+    init = INITIALISERS.get((family, src.family))
+    if init is None:
+        raise ValueError(f"{source} fills {src.family!r} (and by initialisation {targets(source)[1:] or 'nothing else'}); "
+                         f"target {target!r} is a {family!r}")
+    base = src.convert(path, src.family)
+    model, note = init(base.model, target)
+    return Conversion(model, target if target in REGISTRY else None, base.notes + [note])
+
+
+# ------------------------------------------------------------------------------------------
+# Targets: a registered name is checked against what the source implies
+# ------------------------------------------------------------------------------------------
+SOURCE_STATS = ("latent_scale", "latent_shift")  # config fields that come from the weights, not the layout
+
+
+def arch_diff(ours: Any, theirs: Any, ignore: tuple[str, ...] = SOURCE_STATS) -> dict[str, tuple[Any, Any]]:
+    """Config fields (other than ``ignore``) where two configs of one class differ: ``{field: (ours, theirs)}``."""
+    return {f.name: (getattr(ours, f.name), getattr(theirs, f.name)) for f in dataclasses.fields(ours)
+            if f.name not in ignore and getattr(ours, f.name) != getattr(theirs, f.name)}
+
+
+def resolve_target(target: str, family: str, implied: Any, source: str,
+                   keep: tuple[str, ...] = ()) -> tuple[str | None, Any]:
+    """(name, config) for ``target``: the family name gives ``implied`` (the config the source
+    describes); a registered name must have exactly that architecture, else a ValueError names the
+    differing fields. ``keep``: further fields of a registered config the source does not decide
+    (e.g. memory knobs) that are taken from the registry."""
+    if target == family:
+        return None, implied
+    if target not in REGISTRY or REGISTRY[target][0].family != family:
+        raise ValueError(f"{source} fills {family!r}: --target must be {family!r} or one of its registered "
+                         f"names {sorted(n for n, (c, _) in REGISTRY.items() if c.family == family)}, got {target!r}")
+    registered = REGISTRY[target][1]
+    diff = arch_diff(registered, implied, SOURCE_STATS + keep)
+    if diff:
+        fields = ", ".join(f"{k}: {a!r} (theirs {b!r})" for k, a, b in ((k, *v) for k, v in diff.items()))
+        raise ValueError(f"{source} does not have the architecture of {target}: {fields}; convert to "
+                         f"--target {family} to keep the source's own configuration")
+    return target, dataclasses.replace(implied, **{k: getattr(registered, k) for k in keep})
+
+
+# ------------------------------------------------------------------------------------------
+# Reading checkpoints (never arbitrary pickles)
+# ------------------------------------------------------------------------------------------
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a checkpoint FILE: safetensors, or a torch file read with
+    ``torch.load(weights_only=True)`` (a Lightning ``{"state_dict": ...}`` is unwrapped)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: pass the checkpoint file itself")
+    if path.suffix == ".safetensors":
+        return load_tensors(path)
+    if path.suffix not in TORCH_SUFFIXES:
+        raise ValueError(f"{path}: expected a .safetensors or {'/'.join(TORCH_SUFFIXES)} checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} holds Python objects besides tensors (e.g. training hyper-parameters), which "
+            f"torch.load(weights_only=True) refuses to unpickle, and this platform never loads arbitrary "
+            f"pickles. Save its state dict as safetensors in an environment you trust "
+            f"(safetensors.torch.save_file(torch.load(PATH)['state_dict'], 'model.safetensors')) and "
+            f"convert that file. torch said: {str(e).splitlines()[0]}") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]  # a Lightning checkpoint
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    bad = sorted(k for k, v in obj.items() if not isinstance(v, Tensor))
+    if bad:
+        raise ValueError(f"{path}: entries that are not tensors: {_listing(bad)}")
+    return dict(obj)
+
+
+# ------------------------------------------------------------------------------------------
+# Strict key mapping
+# ------------------------------------------------------------------------------------------
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOW])
+    return f"[{shown}{f', ... and {len(keys) - _SHOW} more' if len(keys) > _SHOW else ''}]"
+
+
+class KeyMap:
+    """Build our state dict from a source state dict, accounting for every key.
+
+    ``take(key)`` reads a source tensor (a missing one is recorded), ``put(ours, tensor)`` sets one of
+    our tensors, ``drop(key, reason)`` skips a source tensor knowingly; `load_into` then raises ONE
+    ValueError listing missing, unused, unfilled and wrongly shaped tensors, or loads strictly.
+    """
+
+    def __init__(self, source: Mapping[str, Tensor], what: str):
+        self.source, self.what = source, what
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+        self.dropped: dict[str, str] = {}
+        self.out: dict[str, Tensor] = {}
+        self._placeholder = torch.empty(0)
+
+    def has(self, key: str) -> bool:
+        return key in self.source
+
+    def take(self, key: str) -> Tensor:
+        if key not in self.source:
+            self.missing.append(key)
+            return self._placeholder
+        self.used.add(key)
+        return self.source[key]
+
+    def put(self, ours: str, tensor: Tensor) -> None:
+        if ours in self.out:
+            raise ValueError(f"{self.what}: {ours} filled twice (a bug in the converter)")
+        self.out[ours] = tensor
+
+    def drop(self, key: str, reason: str) -> None:
+        if key not in self.source:
+            self.missing.append(key)
+        self.dropped[key] = reason
+
+    def drop_prefix(self, prefix: str, reason: str) -> int:
+        """Drop every source tensor under ``prefix`` (e.g. a training-only loss module); returns how many."""
+        keys = [k for k in self.source if k.startswith(prefix)]
+        for k in keys:
+            self.dropped[k] = reason
+        return len(keys)
+
+    def problems(self, model: torch.nn.Module) -> list[str]:
+        expected = model.state_dict()
+        unused = sorted(set(self.source) - self.used - set(self.dropped))
+        unfilled = sorted(set(expected) - set(self.out))
+        extra = sorted(set(self.out) - set(expected))
+        wrong = [f"{k} {tuple(v.shape)} (ours {tuple(expected[k].shape)})" for k, v in self.out.items()
+                 if k in expected and v.numel() and v.shape != expected[k].shape]
+        out = []
+        for label, keys in (("missing from the checkpoint", sorted(set(self.missing))),
+                            ("in the checkpoint but not used", unused), ("of ours left unfilled", unfilled),
+                            ("mapped to no tensor of ours", extra), ("with the wrong shape", wrong)):
+            if keys:
+                out.append(f"{len(keys)} tensor(s) {label}: {_listing(keys)}")
+        return out
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        problems = self.problems(model)
+        if problems:
+            raise ValueError(f"cannot convert {self.what}:\n  " + "\n  ".join(problems))
+        expected = model.state_dict()
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in self.out.items()}, strict=True)
+
+    def dropped_summary(self) -> str:
+        """One line per reason: how many source tensors were dropped for it."""
+        counts: dict[str, int] = {}
+        for reason in self.dropped.values():
+            counts[reason] = counts.get(reason, 0) + 1
+        return "; ".join(f"dropped {n} tensor(s): {r}" for r, n in counts.items())
