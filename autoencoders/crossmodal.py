@@ -45,11 +45,20 @@ a batch's frames into an image batch.
 Parameters of temporal layers live in modules whose names start with ``temporal``
 (`CrossModalVAE.temporal_parameters`); image mode never touches them.
 
-Deviations from the public code, on purpose: GroupNorm in the spatial stage normalises each frame on
-its own (time folded into the batch), so image mode and video frames see the same statistics and the
-zero-initialised temporal layers make a fresh model exactly the per-frame image VAE; the temporal
-attention uses rotary positions over time (`ldm.layers.Rope3D`) instead of learned relative-position
-tables; the spatial downsampler pads symmetrically (as `kl2d`).
+The registered ``cmvae-z4/z16(-text)`` are the public code's models layer for layer, so the
+released weights load exactly (``ldm convert --source videovaeplus-official``, ``crossmodal_weights.py``):
+GroupNorm over the whole clip (``norm="clip"``), the mid block's temporal attention with learned
+relative-position tables (`TemporalSelfAttention`), a temporal decoder of widths ``4h -> 4h -> 2h``
+(``h = temporal_channels``), one zero row/column padded before each stride-2 conv, bias-free q/k/v in
+the text attention, and no quant convs for the 16-channel model (``quant_conv=False``: SD-3.5's VAE,
+its initialisation, has none). The public module also holds a temporal conv on EVERY residual
+shortcut that its forward uses only where the width changes; ours has it only there (the converter
+drops the unused ones).
+
+One deviation is kept as an option: ``norm="frame"`` normalises each frame on its own. Then image
+mode and video frames see the same statistics and the zero-initialised temporal layers make a fresh
+model exactly the per-frame image VAE on ANY clip; with the public clip-wise GroupNorm that holds for
+images and static clips only (`CrossModalVAE.from_kl2d` inflates a converted SD VAE either way).
 """
 from __future__ import annotations
 
@@ -64,9 +73,9 @@ from torch import Tensor, nn
 
 from autoencoders.base import AEConfig, AEOutput, Autoencoder, register, register_family
 from autoencoders.blocks import (LOGVAR_CLAMP, SpatialDownsample, SpatialSelfAttention, SpatialUpsample,
-                                 check_latent_stats, grid_z, group_norm, split_moments)
+                                 check_latent_stats, clip_group_norm, grid_z, norm_layer, split_moments)
 from ldm.latent import Cond, Latent, LatentSpec
-from ldm.layers import CrossAttention, Rope3D, SelfAttention
+from ldm.layers import CrossAttention
 
 
 @dataclass(frozen=True)
@@ -79,15 +88,18 @@ class CrossModalVAEConfig(AEConfig):
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # one level per entry; 2x spatial down between levels
     num_res_blocks: int = 2  # per encoder level (the decoder uses one more, as SD)
     norm_groups: int = 32
+    norm: str = "clip"  # spatial-stage GroupNorm over the whole clip (public code) | "frame": per frame
+    quant_conv: bool = True  # 1x1 convs around the first-stage latent (the 16-channel model has none)
     dropout: float = 0.0
     temporal_layers: bool = True  # STBlock3D temporal convs + mid-block temporal attention
     temporal_kernel: tuple[int, int, int] = (3, 3, 3)  # of the temporal convs (Tab. 4 ablation)
     temporal_attention_heads: int = 1
+    temporal_attention_distance: int = 64  # relative positions are clipped to +-this many frames
     spatial_temporal_down: tuple[bool, ...] = (False, False, False)  # option 1: 2x time down per boundary
     # --- second stage: the temporal autoencoder ------------------------------------------------
     temporal_ae: bool = True
     temporal_factor: int = 4  # time compression of the temporal AE (a power of 2)
-    temporal_channels: int = 128  # hidden width at full frame rate, doubled per 2x
+    temporal_channels: int = 128  # h: encoder width at full frame rate, doubled per 2x (decoder: 4h, 4h, 2h)
     temporal_decoder_blocks: int = 2  # ResBlocks after each decoder upsampling (the encoder has 1)
     # --- text guidance ---------------------------------------------------------------------------
     text_dim: int = 0  # width of the text embeddings; 0 = no text guidance (Flan-T5-large: 1024)
@@ -100,6 +112,16 @@ class CrossModalVAEConfig(AEConfig):
 # ------------------------------------------------------------------------------------------
 # Convolutions
 # ------------------------------------------------------------------------------------------
+SPATIAL_NORMS = {"clip": "clip", "frame": "group"}  # config.norm -> blocks.norm_layer kind
+
+
+def _norm(kind: str, channels: int, groups: int) -> nn.Module:
+    """The spatial stage's GroupNorm: over the whole clip (public code) or per frame."""
+    if kind not in SPATIAL_NORMS:
+        raise ValueError(f"norm must be one of {sorted(SPATIAL_NORMS)}, got {kind!r}")
+    return norm_layer(SPATIAL_NORMS[kind], channels, groups)
+
+
 def spatial_conv(in_channels: int, out_channels: int, kernel: int = 3) -> nn.Conv3d:
     """The inflated 2D convolution: a (1, k, k) `nn.Conv3d` (a 2D SD-VAE weight ``(o, i, k, k)``
     loads as ``w[:, :, None]``)."""
@@ -134,11 +156,6 @@ class SameConv3d(nn.Conv3d):
         return super().forward(F.pad(x, self.same_pad, mode="replicate"))
 
 
-def clip_group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    """GroupNorm over a whole clip (statistics across time too): used by temporal layers only."""
-    return nn.GroupNorm(math.gcd(channels, groups), channels, eps=1e-6)
-
-
 class TemporalConv(nn.Module):
     """The temporal half of STBlock3D: norm -> SiLU -> 3D conv (kernel ``(k_t, k_h, k_w)``, zero
     padding), with weight and bias initialised to zero so ``h + TemporalConv(h)`` starts as ``h``."""
@@ -163,11 +180,11 @@ class STResBlock(nn.Module):
     then exactly the 2D block applied to each frame."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, dropout: float,
-                 temporal_kernel: tuple[int, int, int] | None):
+                 temporal_kernel: tuple[int, int, int] | None, norm: str = "clip"):
         super().__init__()
-        self.norm1 = group_norm(in_channels, groups)
+        self.norm1 = _norm(norm, in_channels, groups)
         self.conv1 = spatial_conv(in_channels, out_channels)
-        self.norm2 = group_norm(out_channels, groups)
+        self.norm2 = _norm(norm, out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = spatial_conv(out_channels, out_channels)
         self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -209,8 +226,8 @@ class PatchCrossAttention(nn.Module):
 
     ``B C T H W`` is cut into ``p x p`` patches, each a token of width ``p*p*C`` (LayerNorm), the
     tokens of all frames query the text (keys and values, padding masked) through
-    `ldm.layers.CrossAttention` with ``heads x head_dim`` inner width, and the zero-initialised output
-    projection is added back (residual). Putting every frame's queries in one row is the same as
+    `ldm.layers.CrossAttention` with ``heads x head_dim`` inner width (bias-free q/k/v, as the public
+    code), and the zero-initialised output projection is added back (residual). Putting every frame's queries in one row is the same as
     attending per frame: each query attends on its own.
     """
 
@@ -219,7 +236,7 @@ class PatchCrossAttention(nn.Module):
         self.patch = patch
         dim = channels * patch * patch
         self.norm = nn.LayerNorm(dim)
-        self.attn = CrossAttention(dim, context_dim, heads, qk_norm=False, inner_dim=heads * head_dim)
+        self.attn = CrossAttention(dim, context_dim, heads, qk_norm=False, inner_dim=heads * head_dim, qkv_bias=False)
         nn.init.zeros_(self.attn.proj.weight)
         nn.init.zeros_(self.attn.proj.bias)
 
@@ -235,28 +252,52 @@ class PatchCrossAttention(nn.Module):
 
 
 class TemporalSelfAttention(nn.Module):
-    """Self-attention along time at every pixel (the mid block's temporal attention): LayerNorm ->
-    multi-head attention with rotary positions over the frame index -> zero-initialised projection,
-    residual. Non-causal: every frame sees the whole clip."""
+    """Self-attention along time at every pixel (the mid block's temporal attention), as the public
+    code: GroupNorm over (channel group, time) of each pixel -> 1x1 qkv -> multi-head attention with
+    learned relative-position tables for keys and values (Shaw et al. 2018; offsets clipped to
+    ``+-max_distance`` frames) -> zero-initialised 1x1 projection, residual. Non-causal.
 
-    def __init__(self, channels: int, heads: int):
+    The key-position term is the public code's: the logit of query frame ``i`` for key frame ``j``
+    adds ``q_j . a_k(i - j)`` (the KEY frame's query vector with the offset ``i - j``, where Shaw et al.
+    write ``q_i . a_k(j - i)``), so released weights see what they were trained with; values add
+    ``sum_j w_ij a_v(j - i)``.
+    """
+
+    def __init__(self, channels: int, heads: int, groups: int = 32, max_distance: int = 64):
         super().__init__()
-        if channels % heads or (channels // heads) % 2 or channels // heads < 6:
-            raise ValueError(f"temporal attention needs an even head width >= 6: {channels} channels, {heads} heads")
+        if channels % heads:
+            raise ValueError(f"temporal attention: {channels} channels are not divisible by {heads} heads")
+        self.heads, self.max_distance = heads, max_distance
         head_dim = channels // heads
-        self.norm = nn.LayerNorm(channels)
-        self.attn = SelfAttention(channels, heads, qk_norm=False)
-        self.rope = Rope3D(head_dim, axes=(head_dim - 4, 2, 2))  # positions (t, 0, 0): rotation by time only
-        nn.init.zeros_(self.attn.proj.weight)
-        nn.init.zeros_(self.attn.proj.bias)
+        self.norm = nn.GroupNorm(math.gcd(channels, groups), channels)  # (eps 1e-5, as the public code)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.rel_k = nn.Parameter(torch.empty(2 * max_distance + 1, head_dim))
+        self.rel_v = nn.Parameter(torch.empty(2 * max_distance + 1, head_dim))
+        self.proj = nn.Conv1d(channels, channels, 1)
+        nn.init.xavier_uniform_(self.rel_k)
+        nn.init.xavier_uniform_(self.rel_v)
+        for layer in (self.qkv, self.proj):  # zero-initialised: a fresh layer is the identity
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _table(self, table: Tensor, t: int) -> Tensor:
+        """``out[i, j] = table[clip(j - i) + max_distance]``: ``(T, T, head_dim)``."""
+        pos = torch.arange(t, device=table.device)
+        return table[(pos[None, :] - pos[:, None]).clamp(-self.max_distance, self.max_distance) + self.max_distance]
 
     def forward(self, x: Tensor) -> Tensor:
-        b, _, t, height, _ = x.shape
-        tokens = rearrange(x, "b c t h w -> (b h w) t c")  # (B*H*W, T, C)
-        pos = torch.zeros(t, 3, dtype=torch.long, device=x.device)
-        pos[:, 0] = torch.arange(t, device=x.device)
-        out = self.attn(self.norm(tokens), self.rope(pos))  # (B*H*W, T, C)
-        return x + rearrange(out, "(b h w) t c -> b c t h w", b=b, h=height)
+        b, c, t, height, width = x.shape
+        h = rearrange(x, "b c t h w -> (b h w) c t")  # (N, C, T)
+        q, k, v = rearrange(self.qkv(self.norm(h.float()).to(h.dtype)), "n (three g d) t -> three (n g) d t",
+                            three=3, g=self.heads)  # each (N*heads, d, T)
+        scale = q.shape[1] ** -0.25
+        q, k = q * scale, k * scale
+        logits = torch.einsum("bdi,bdj->bij", q, k)  # (N*heads, T_query, T_key)
+        logits = logits + torch.einsum("bdj,jid->bij", q, self._table(self.rel_k, t))  # the public code's term
+        weights = logits.float().softmax(dim=-1).to(q.dtype)
+        out = torch.einsum("bij,bdj->bdi", weights, v) + torch.einsum("bij,ijd->bdi", weights, self._table(self.rel_v, t))
+        out = self.proj(rearrange(out, "(n g) d t -> n (g d) t", g=self.heads))  # (N, C, T)
+        return x + rearrange(out, "(b h w) c t -> b c t h w", b=b, h=height, w=width)
 
 
 class STMidBlock(nn.Module):
@@ -265,11 +306,11 @@ class STMidBlock(nn.Module):
     def __init__(self, channels: int, cfg: CrossModalVAEConfig):
         super().__init__()
         kernel = cfg.temporal_kernel if cfg.temporal_layers else None
-        self.res1 = STResBlock(channels, channels, cfg.norm_groups, cfg.dropout, kernel)
-        self.attn = SpatialSelfAttention(channels, cfg.norm_groups)
-        self.temporal_attn = (TemporalSelfAttention(channels, cfg.temporal_attention_heads)
-                              if cfg.temporal_layers else None)
-        self.res2 = STResBlock(channels, channels, cfg.norm_groups, cfg.dropout, kernel)
+        self.res1 = STResBlock(channels, channels, cfg.norm_groups, cfg.dropout, kernel, cfg.norm)
+        self.attn = SpatialSelfAttention(channels, cfg.norm_groups, lambda ch: _norm(cfg.norm, ch, cfg.norm_groups))
+        self.temporal_attn = (TemporalSelfAttention(channels, cfg.temporal_attention_heads, cfg.norm_groups,
+                                                    cfg.temporal_attention_distance) if cfg.temporal_layers else None)
+        self.res2 = STResBlock(channels, channels, cfg.norm_groups, cfg.dropout, kernel, cfg.norm)
 
     def forward(self, x: Tensor, temporal: bool) -> Tensor:
         h = self.attn(self.res1(x, temporal))
@@ -338,7 +379,7 @@ class STEncoder(nn.Module):
         for i, w in enumerate(widths):
             blocks, text = [], []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(STResBlock(ch, w, cfg.norm_groups, cfg.dropout, kernel))
+                blocks.append(STResBlock(ch, w, cfg.norm_groups, cfg.dropout, kernel, cfg.norm))
                 ch = w
                 if cfg.text_dim:
                     text.append(_text_layer(ch, 2 ** (levels - 1 - i), cfg))
@@ -347,7 +388,7 @@ class STEncoder(nn.Module):
         self.temporal_down = nn.ModuleList(
             [TemporalDown(widths[i]) if down else nn.Identity() for i, down in enumerate(cfg.spatial_temporal_down)])
         self.mid = STMidBlock(ch, cfg)
-        self.norm_out = group_norm(ch, cfg.norm_groups)
+        self.norm_out = _norm(cfg.norm, ch, cfg.norm_groups)
         self.conv_out = spatial_conv(ch, out_channels)
 
     def forward(self, x: Tensor, text: TextContext | None, temporal: bool) -> Tensor:
@@ -377,7 +418,7 @@ class STDecoder(nn.Module):
         for i in reversed(range(levels)):  # deepest level first
             blocks, text = [], []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(STResBlock(ch, widths[i], cfg.norm_groups, cfg.dropout, kernel))
+                blocks.append(STResBlock(ch, widths[i], cfg.norm_groups, cfg.dropout, kernel, cfg.norm))
                 ch = widths[i]
                 if cfg.text_dim:
                     text.append(_text_layer(ch, 2 ** (levels - 1 - i), cfg))
@@ -385,7 +426,7 @@ class STDecoder(nn.Module):
         self.levels = nn.ModuleList(stages)  # levels[j] works at resolution level (levels - 1 - j)
         self.temporal_up = nn.ModuleList(  # temporal_up[i] undoes the encoder's temporal_down[i]
             [TemporalUp(widths[i + 1]) if down else nn.Identity() for i, down in enumerate(cfg.spatial_temporal_down)])
-        self.norm_out = group_norm(ch, cfg.norm_groups)
+        self.norm_out = _norm(cfg.norm, ch, cfg.norm_groups)
         self.conv_out = spatial_conv(ch, cfg.in_channels)
 
     def forward(self, z: Tensor, text: TextContext | None, temporal: bool) -> Tensor:
@@ -465,8 +506,10 @@ class TemporalEncoder(nn.Module):
 
 
 class TemporalDecoder(nn.Module):
-    """D2 (Eq. 4): conv_in, per 2x a (3, 3, 3) transposed conv with stride (2, 1, 1) halving the
-    width and ``temporal_decoder_blocks`` ResBlocks (each + text cross-attention), conv_out to c."""
+    """D2 (Eq. 4): conv_in to ``h * 2^s`` (the encoder's deepest width), per 2x a (3, 3, 3)
+    transposed conv with stride (2, 1, 1) to ``h * 2^(s - i)`` and ``temporal_decoder_blocks``
+    ResBlocks (each + text cross-attention), conv_out to c: widths 4h -> 4h -> 2h for 4x, as the
+    public code (so the last stage is twice as wide as the encoder's first)."""
 
     def __init__(self, cfg: CrossModalVAEConfig):
         super().__init__()
@@ -474,15 +517,16 @@ class TemporalDecoder(nn.Module):
         hidden, z = cfg.temporal_channels, cfg.latent_channels
         width = hidden * 2 ** steps
         self.conv_in = SameConv3d(z, width, 3)
-        stages = []
+        stages, cin = [], width
         for i in range(steps):
-            cin, cout = hidden * 2 ** (steps - i), hidden * 2 ** (steps - i - 1)
+            cout = hidden * 2 ** (steps - i)
             up = nn.ConvTranspose3d(cin, cout, 3, stride=(2, 1, 1), padding=1, output_padding=(1, 0, 0))  # T -> 2T
             blocks = [TemporalResBlock(cout, cfg.norm_groups, cfg.dropout) for _ in range(cfg.temporal_decoder_blocks)]
             text = ([_text_layer(cout, 1, cfg) for _ in blocks] if cfg.text_dim and cfg.text_in_temporal_ae else [])
             stages.append(_TemporalStage(up, blocks, text))
+            cin = cout
         self.stages = nn.ModuleList(stages)
-        self.conv_out = SameConv3d(hidden, z, 3)
+        self.conv_out = SameConv3d(cin, z, 3)
 
     def forward(self, z2: Tensor, text: TextContext | None) -> Tensor:
         h = self.conv_in(z2)
@@ -539,8 +583,8 @@ class CrossModalVAE(Autoencoder):
         _check_config(config)
         z = config.latent_channels
         self.encoder = STEncoder(config, 2 * z)
-        self.quant_conv = nn.Conv3d(2 * z, 2 * z, 1)
-        self.post_quant_conv = nn.Conv3d(z, z, 1)
+        self.quant_conv = nn.Conv3d(2 * z, 2 * z, 1) if config.quant_conv else nn.Identity()
+        self.post_quant_conv = nn.Conv3d(z, z, 1) if config.quant_conv else nn.Identity()
         self.decoder = STDecoder(config, z)
         self.temporal_ae = TemporalAutoencoder(config) if config.temporal_ae else None
 
@@ -598,7 +642,7 @@ class CrossModalVAE(Autoencoder):
         if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(emb.shape[:2])):
             raise ValueError(f"{self.family}: text_mask must be bool of shape {tuple(emb.shape[:2])}, got "
                              f"{mask.dtype} {tuple(mask.shape)}")
-        emb = emb.to(device=device, dtype=self.quant_conv.weight.dtype).expand(batch, -1, -1)  # (B, L, D)
+        emb = emb.to(device=device, dtype=self.decoder.conv_out.weight.dtype).expand(batch, -1, -1)  # (B, L, D)
         if mask is None:
             return TextContext(emb, None)
         kv_ids = torch.where(mask.to(device), 0, -1).expand(batch, -1)  # (B, L)
@@ -673,11 +717,11 @@ _SIMULTANEOUS = dict(spatial_temporal_down=(True, True, False), temporal_ae=Fals
 _SEQUENTIAL = dict(temporal_layers=False)
 
 for _z in (4, 16):
-    register(f"cmvae-z{_z}", CrossModalVAE, CrossModalVAEConfig(latent_channels=_z, **_PAPER))
-    register(f"cmvae-z{_z}-text", CrossModalVAE, CrossModalVAEConfig(latent_channels=_z, text_dim=_T5_DIM, **_PAPER))
-    register(f"cmvae-z{_z}-debug", CrossModalVAE, CrossModalVAEConfig(latent_channels=_z, **_DEBUG))
-    register(f"cmvae-z{_z}-text-debug", CrossModalVAE,
-             CrossModalVAEConfig(latent_channels=_z, text_dim=_BUILTIN_DIM, **_DEBUG))
+    _q = dict(latent_channels=_z, quant_conv=_z == 4)  # the 16-channel model (from SD-3.5) has no quant convs
+    register(f"cmvae-z{_z}", CrossModalVAE, CrossModalVAEConfig(**_q, **_PAPER))
+    register(f"cmvae-z{_z}-text", CrossModalVAE, CrossModalVAEConfig(**_q, text_dim=_T5_DIM, **_PAPER))
+    register(f"cmvae-z{_z}-debug", CrossModalVAE, CrossModalVAEConfig(**_q, **_DEBUG))
+    register(f"cmvae-z{_z}-text-debug", CrossModalVAE, CrossModalVAEConfig(**_q, text_dim=_BUILTIN_DIM, **_DEBUG))
 for _name, _option in (("simultaneous", _SIMULTANEOUS), ("sequential", _SEQUENTIAL)):
     register(f"cmvae-z4-{_name}", CrossModalVAE, CrossModalVAEConfig(latent_channels=4, **_PAPER, **_option))
     register(f"cmvae-z4-{_name}-debug", CrossModalVAE, CrossModalVAEConfig(latent_channels=4, **_DEBUG, **_option))

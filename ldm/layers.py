@@ -212,17 +212,18 @@ class CrossAttention(nn.Module):
     """Queries from the sequence, keys/values from a context (text) of width ``context_dim``;
     ``kv_seq_ids`` marks the context tokens each query may see (-1 = masked out). ``inner_dim``
     (default ``dim``) is the width of the attention itself, ``heads * head_dim``: wide queries
-    (patchified feature maps) attend in a narrower space and are projected back to ``dim``."""
+    (patchified feature maps) attend in a narrower space and are projected back to ``dim``.
+    ``qkv_bias=False`` drops the biases of the query/key/value projections."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, qk_norm: bool = True,
-                 inner_dim: int | None = None):
+                 inner_dim: int | None = None, qkv_bias: bool = True):
         super().__init__()
         inner = dim if inner_dim is None else inner_dim
         if inner % heads:
             raise ValueError(f"attention width {inner} is not divisible by heads {heads}")
         self.heads, self.backend = heads, "auto"
-        self.q = nn.Linear(dim, inner)
-        self.kv = nn.Linear(context_dim, 2 * inner)
+        self.q = nn.Linear(dim, inner, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim, 2 * inner, bias=qkv_bias)
         self.norm = QKNorm(inner // heads) if qk_norm else None
         self.proj = nn.Linear(inner, dim)
 
