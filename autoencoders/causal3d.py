@@ -9,16 +9,36 @@ frames (the first latent frame is an image latent) and latent frame ``j`` depend
 long clips). It is the base that MTC-VAE converts: the temporal resamplers live in their own lists
 ``encoder.temporal_down`` / ``decoder.temporal_up`` (one slot per resolution boundary, `nn.Identity`
 where time is not resampled) so extra 2x layers can be added in empty slots.
+
+CogVideoX's VAE itself (diffusers ``AutoencoderKLCogVideoX``) is a causal3d with four options, the
+registered ``causal3d-cogvideox``: GroupNorm over the frames of each processed chunk (``norm="clip"``),
+decoder norms modulated by the latent (``spatial_norm``, `blocks.SpatialNorm`), time upsampled at the
+decoder's two DEEPEST boundaries (``temporal_up``), and chunked processing (``chunk_latent_frames=2``:
+the encoder takes 8 frames at a time, the decoder 2 latent frames, the remainder going to the first
+chunk, every causal conv carrying its past across chunks) -- with clip norms the chunks define the
+statistics, exactly as diffusers runs it. CogVideoX resamples time without parameters (the mean of
+each pair of frames; each frame twice); our learned `TemporalDownsample` / `TemporalUpsample` hold
+those exactly (`average_resamplers`), which also gives MTC-VAE trainable copies to start from.
+``ldm convert --source diffusers:AutoencoderKLCogVideoX`` reproduces the diffusers model for clips of
+``1 + 8k`` frames (odd latent lengths, the ones its decoder maps back to ``1 + 4k`` frames).
 """
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from autoencoders.base import AEConfig, Autoencoder, causal_grid_spec, register, register_family
-from autoencoders.blocks import (LOGVAR_CLAMP, ConvDecoder, ConvEncoder, check_latent_stats, grid_z,
-                                 split_moments)
+from autoencoders.blocks import (LOGVAR_CLAMP, ConvDecoder, ConvEncoder, StreamCache, TemporalDownsample,
+                                 TemporalUpsample, check_latent_stats, chunk_spans, grid_z, split_moments)
+from autoencoders.pretrained import load_diffusers, normalisation
+from autoencoders.sources import Conversion, KeyMap, compare, register_source, resolve_target
 from ldm.latent import Cond, Latent, LatentSpec
 
 
@@ -31,6 +51,13 @@ class Causal3DConfig(AEConfig):
     num_res_blocks: int = 2  # per encoder level (the decoder uses one more)
     attention: bool = True  # per-frame self-attention in the mid block
     norm_groups: int = 32
+    norm: str = "group"  # per-frame GroupNorm (causal) | "clip": over the frames of each chunk (CogVideoX)
+    spatial_norm: bool = False  # decoder norms modulated by the latent (CogVideoX)
+    temporal_up: tuple[bool, ...] = ()  # decoder: per boundary, upsample time; () = mirror temporal_down
+    # 0: one pass; n > 0: n latent frames per chunk (encoder: n * rate frames), the remainder first,
+    # causal state carried across. With per-frame norms the result is the same; with clip norms the
+    # chunks define the statistics (CogVideoX: 2)
+    chunk_latent_frames: int = 0
     dropout: float = 0.0
     logvar_clamp: tuple[float, float] = LOGVAR_CLAMP
 
@@ -46,16 +73,25 @@ class Causal3D(Autoencoder):
 
     def __init__(self, config: Causal3DConfig):
         super().__init__(config)
-        if len(config.temporal_down) != len(config.channel_mult) - 1:
-            raise ValueError(f"temporal_down needs one flag per resolution boundary "
-                             f"({len(config.channel_mult) - 1}), got {config.temporal_down}")
+        boundaries = len(config.channel_mult) - 1
+        for name in ("temporal_down", "temporal_up"):
+            flags = getattr(config, name)
+            if len(flags) != boundaries and not (name == "temporal_up" and not flags):
+                raise ValueError(f"{name} needs one flag per resolution boundary ({boundaries}), got {flags}")
+        if config.temporal_up and sum(config.temporal_up) != sum(config.temporal_down):
+            raise ValueError(f"the decoder must upsample time as often as the encoder downsamples it: "
+                             f"temporal_up={config.temporal_up}, temporal_down={config.temporal_down}")
+        if config.norm not in ("group", "clip") or config.chunk_latent_frames < 0:
+            raise ValueError(f"norm must be 'group' or 'clip' and chunk_latent_frames >= 0, got {config.norm!r}, "
+                             f"{config.chunk_latent_frames}")
         arch = dict(base_channels=config.base_channels, channel_mult=config.channel_mult,
-                    num_res_blocks=config.num_res_blocks, dims=3, temporal=config.temporal_down,
-                    groups=config.norm_groups, attention=config.attention, dropout=config.dropout)
+                    num_res_blocks=config.num_res_blocks, dims=3, groups=config.norm_groups,
+                    attention=config.attention, dropout=config.dropout, norm=config.norm)
         z = config.latent_channels
         check_latent_stats(config, z)
-        self.encoder = ConvEncoder(config.in_channels, 2 * z, **arch)
-        self.decoder = ConvDecoder(z, config.in_channels, **arch)
+        self.encoder = ConvEncoder(config.in_channels, 2 * z, temporal=config.temporal_down, **arch)
+        self.decoder = ConvDecoder(z, config.in_channels, temporal=config.temporal_up or config.temporal_down,
+                                   spatial_norm=config.spatial_norm, **arch)
 
     @property
     def spatial_factor(self) -> int:
@@ -73,12 +109,134 @@ class Causal3D(Autoencoder):
         return causal_grid_spec(self, frames, height, width, self.temporal_factor, self.spatial_factor,
                                 self.config.latent_channels)
 
+    def encoder_moments(self, video: Tensor, extra: Mapping[int, Sequence[nn.Module]] | None = None) -> Tensor:
+        """Encoder output ``B 2c t h w`` (``extra``: further temporal downsamplers per slot, MTC-VAE),
+        in one pass or chunk by chunk (``config.chunk_latent_frames``)."""
+        n = self.config.chunk_latent_frames
+        if not n:
+            return self.encoder(video, extra)
+        rate = self.temporal_factor * 2 ** sum(len(v) for v in (extra or {}).values())
+        cache = StreamCache()
+        return torch.cat([self.encoder(video[:, :, s:e], extra, cache)
+                          for s, e in chunk_spans(video.shape[2], n * rate)], dim=2)  # (B, 2c, t, h, w)
+
+    def decoder_video(self, z: Tensor, extra: Mapping[int, Sequence[nn.Module]] | None = None) -> Tensor:
+        """Decoder ``B c t h w -> B C T H W`` (``extra``: further temporal upsamplers per slot), in one
+        pass or ``config.chunk_latent_frames`` latent frames at a time."""
+        n = self.config.chunk_latent_frames
+        if not n:
+            return self.decoder(z, extra)
+        cache = StreamCache()
+        return torch.cat([self.decoder(z[:, :, s:e], extra, cache) for s, e in chunk_spans(z.shape[2], n)], dim=2)
+
     def _encode(self, video: Tensor, cond: Cond | None) -> Latent:
-        mean, logvar = split_moments(self.encoder(video), self.config.logvar_clamp)  # each (B, c, t, h, w)
+        mean, logvar = split_moments(self.encoder_moments(video), self.config.logvar_clamp)  # each (B, c, t, h, w)
         return Latent({"z": mean}, form="grid", logvar={"z": logvar})
 
     def _decode(self, latent: Latent, cond: Cond | None) -> Tensor:
-        return self.decoder(grid_z(latent, self.config.latent_channels, self.family))  # (B, C, T, H, W)
+        return self.decoder_video(grid_z(latent, self.config.latent_channels, self.family))  # (B, C, T, H, W)
+
+
+@torch.no_grad()
+def average_resamplers(model: nn.Module) -> None:
+    """Set every 2x temporal resampler of ``model`` to CogVideoX's parameter-free one: a
+    `TemporalDownsample` to the mean of each pair (kernel ``[0, 1/2, 1/2]`` over frames
+    ``2j-2, 2j-1, 2j``; frame 0 stays itself), a `TemporalUpsample` to repeating each frame
+    (both sub-frames copy the current frame; frame 0 stays alone)."""
+    for m in model.modules():
+        if isinstance(m, (TemporalDownsample, TemporalUpsample)) and m.factor != 2:
+            raise ValueError(f"only 2x resamplers have CogVideoX's form, got x{m.factor}")
+        if isinstance(m, TemporalDownsample):
+            c = m.conv.in_channels
+            eye = torch.eye(c, dtype=m.conv.weight.dtype, device=m.conv.weight.device)
+            m.conv.weight.zero_()
+            m.conv.weight[:, :, 1, 0, 0] = eye / 2
+            m.conv.weight[:, :, 2, 0, 0] = eye / 2
+            m.conv.bias.zero_()
+        elif isinstance(m, TemporalUpsample):
+            c = m.conv.in_channels
+            w = torch.zeros_like(m.conv.weight)  # (c * 2, c, 3, 1, 1), output channel 2 * i + sub-frame
+            idx = torch.arange(c, device=w.device)
+            for sub in range(2):
+                w[2 * idx + sub, idx, 2, 0, 0] = 1.0  # time index 2 = the current frame (causal)
+            m.conv.weight.copy_(w)
+            m.conv.bias.zero_()
+
+
+# ------------------------------------------------------------------------------------------
+# diffusers AutoencoderKLCogVideoX -> causal3d
+# ------------------------------------------------------------------------------------------
+def config_from_cogvideox(c: Mapping[str, Any], scale: tuple[float, ...], shift: tuple[float, ...]) -> Causal3DConfig:
+    """The causal3d config of a diffusers ``AutoencoderKLCogVideoX`` config, or a ValueError naming
+    what causal3d cannot hold."""
+    widths, groups = list(c["block_out_channels"]), int(c.get("norm_num_groups", 32))
+    levels = len(widths)
+    problems = []
+    if c.get("in_channels", 3) != c.get("out_channels", 3):
+        problems.append(f"in_channels {c.get('in_channels')} != out_channels {c.get('out_channels')}")
+    if any(t != "CogVideoXDownBlock3D" for t in c["down_block_types"]) or \
+            any(t != "CogVideoXUpBlock3D" for t in c["up_block_types"]):
+        problems.append("block types other than CogVideoXDownBlock3D / CogVideoXUpBlock3D")
+    if c.get("act_fn", "silu") != "silu" or float(c.get("norm_eps", 1e-6)) != 1e-6:
+        problems.append(f"act_fn {c.get('act_fn')!r} / norm_eps {c.get('norm_eps')} (only silu, 1e-6)")
+    if any(w % widths[0] for w in widths) or any(w % groups for w in widths):
+        problems.append(f"widths {widths} must be multiples of the first and of norm_num_groups {groups}")
+    if float(c.get("temporal_compression_ratio", 4)) != 4 or levels < 3:
+        problems.append(f"temporal_compression_ratio {c.get('temporal_compression_ratio')} with {levels} levels "
+                        "(every released CogVideoX VAE: 4, four levels)")
+    if c.get("use_quant_conv") or c.get("use_post_quant_conv"):
+        problems.append("quant convs (no released CogVideoX VAE has them)")
+    if problems:
+        raise ValueError("causal3d cannot hold this AutoencoderKLCogVideoX: " + "; ".join(problems))
+    down = tuple(i < 2 for i in range(levels - 1))  # compress_time in the two finest down blocks
+    up = tuple(levels - 2 - b < 2 for b in range(levels - 1))  # ... and in the two deepest up blocks
+    return Causal3DConfig(in_channels=int(c.get("in_channels", 3)), latent_scale=scale, latent_shift=shift,
+                          latent_channels=int(c["latent_channels"]), base_channels=widths[0],
+                          channel_mult=tuple(w // widths[0] for w in widths), temporal_down=down, temporal_up=up,
+                          num_res_blocks=int(c["layers_per_block"]), attention=False, norm_groups=groups,
+                          norm="clip", spatial_norm=True, chunk_latent_frames=2)
+
+
+def cogvideox_key(ours: str) -> str:
+    """The diffusers ``AutoencoderKLCogVideoX`` name of one of our causal3d tensors."""
+    side, rest = ours.split(".", 1)
+    blocks, resamplers = ("down_blocks", "downsamplers") if side == "encoder" else ("up_blocks", "upsamplers")
+    rest = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.skip\.", rf"{blocks}.\1.resnets.\2.conv_shortcut.", rest)
+    rest = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", rf"{blocks}.\1.resnets.\2.", rest)
+    rest = re.sub(r"^stages\.(\d+)\.resample\.conv\.", rf"{blocks}.\1.{resamplers}.0.conv.", rest)
+    rest = re.sub(r"^mid\.res([12])\.", lambda m: f"mid_block.resnets.{int(m[1]) - 1}.", rest)
+    rest = re.sub(r"(conv_in|conv_out|conv1|conv2)\.(weight|bias)$", r"\1.conv.\2", rest)  # causal convs wrap a conv
+    rest = re.sub(r"(norm1|norm2|norm_out)\.norm\.", r"\1.norm_layer.", rest)  # SpatialNorm
+    rest = re.sub(r"\.scale\.(weight|bias)$", r".conv_y.conv.\1", rest)
+    rest = re.sub(r"\.shift\.(weight|bias)$", r".conv_b.conv.\1", rest)
+    return f"{side}.{rest}"
+
+
+@register_source("diffusers:AutoencoderKLCogVideoX", family="causal3d",
+                 reads="a local diffusers AutoencoderKLCogVideoX folder (a CogVideoX pipeline's vae/)")
+def convert_cogvideox(path: Path, target: str) -> Conversion:
+    """A causal3d holding the diffusers ``AutoencoderKLCogVideoX`` in the local folder ``path``:
+    its tensors renamed, its parameter-free temporal resamplers as `average_resamplers`;
+    ``target`` ``causal3d`` or a registered causal3d it must match (``causal3d-cogvideox``)."""
+    source = load_diffusers("AutoencoderKLCogVideoX", path).eval()
+    scale, shift = normalisation("AutoencoderKLCogVideoX", source)
+    name, config = resolve_target(target, "causal3d", config_from_cogvideox(source.config, scale, shift),
+                                  "diffusers:AutoencoderKLCogVideoX")
+    model = Causal3D(config).eval()
+    average_resamplers(model)
+    km = KeyMap(source.state_dict(), f"{path} as causal3d")
+    for key, value in model.state_dict().items():
+        km.put(key, value.clone() if ".temporal_" in key else km.take(cogvideox_key(key)))
+    km.load_into(model)
+    f = model.spatial_factor  # 17 frames: two encoder chunks (9 + 8), two decoder chunks (3 + 2)
+    x = torch.rand(1, config.in_channels, 17, 2 * f, 2 * f, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        post = source.encode(x).latent_dist
+        lat = model._encode(x, None)
+        note = compare([("mean", lat["z"], post.mean), ("logvar", lat.logvar["z"], post.logvar),
+                        ("decode", model._decode(lat, None), source.decode(post.mean).sample)], str(path))
+    return Conversion(model, name, [f"latent scale/shift from the diffusers config: {scale} / {shift}",
+                                    "temporal resamplers: CogVideoX's pair mean / frame repeat as weights", note])
 
 
 # CogVideoX's VAE widths (128, 256, 256, 512); two ResBlocks per level as the SD-VAE.
@@ -89,3 +247,11 @@ register("causal3d-f4x8c4", Causal3D, Causal3DConfig(latent_channels=4, **_FULL)
 register("causal3d-f4x8c16", Causal3D, Causal3DConfig(latent_channels=16, **_FULL))
 register("causal3d-f4x8c4-debug", Causal3D, Causal3DConfig(latent_channels=4, **_DEBUG))
 register("causal3d-f4x8c16-debug", Causal3D, Causal3DConfig(latent_channels=16, **_DEBUG))
+# CogVideoX's VAE (CogVideoX-2b / -5b / 1.5: the same layout; their latent scales differ and come
+# with the weights): three ResBlocks per level, no mid attention, the four options above
+_COGVIDEOX = dict(latent_channels=16, temporal_down=(True, True, False), temporal_up=(False, True, True),
+                  attention=False, norm="clip", spatial_norm=True, chunk_latent_frames=2)
+register("causal3d-cogvideox", Causal3D, Causal3DConfig(base_channels=128, channel_mult=(1, 2, 2, 4), num_res_blocks=3,
+                                                          norm_groups=32, **_COGVIDEOX))
+register("causal3d-cogvideox-debug", Causal3D, Causal3DConfig(base_channels=16, channel_mult=(1, 2, 2, 2),
+                                                                num_res_blocks=1, norm_groups=8, **_COGVIDEOX))

@@ -47,8 +47,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from autoencoders.base import AEOutput, load_pretrained, register, register_family
+from autoencoders.base import REGISTRY, AEOutput, load_pretrained, register, register_family
 from autoencoders.blocks import split_moments
+from autoencoders.sources import register_initialiser
 # the base's widths, so each MTC config is its causal3d base plus the multi-level parts
 from autoencoders.causal3d import _DEBUG, _FULL, Causal3D, Causal3DConfig
 from autoencoders.mtcvae_layers import (KeyframePredictor, Segment, flow_guided_loss, h264_quality,
@@ -293,11 +294,11 @@ class MTCVAE(Causal3D):
     def encode_segments(self, segments: Tensor, rate: int) -> tuple[Tensor, Tensor]:
         """Eq. 4: posterior (mean, logvar) ``(n, c, 1 + (T-1)/rate, h, w)`` of ``(n, C, T, H, W)``
         segments, skipping the extra down-samplers ``rate`` does not use. No keyframe mark."""
-        return split_moments(self.encoder(segments, self._extra(rate, up=False)), self.config.logvar_clamp)
+        return split_moments(self.encoder_moments(segments, self._extra(rate, up=False)), self.config.logvar_clamp)
 
     def decode_segments(self, z: Tensor, rate: int) -> Tensor:
         """Eq. 8: ``(n, c, l, h, w)`` latent segments (no keyframe mark) -> ``(n, C, 1 + rate (l-1), H, W)``."""
-        return self.decoder(z, self._extra(rate, up=True))
+        return self.decoder_video(z, self._extra(rate, up=True))
 
     def _segments(self, latent: Latent) -> list[list[Segment]]:
         """Segments of each sample of a raw (unscaled) varlen latent: from ``aux["rates"]`` when
@@ -519,6 +520,25 @@ def convert(model: Causal3D, **overrides: Any) -> MTCVAE:
     return new
 
 
+@register_initialiser("mtcvae", "causal3d")
+def from_causal3d(base: Causal3D, target: str) -> tuple[MTCVAE, str]:
+    """``ldm convert --target mtcvae[-NAME]`` from a converted causal3d (e.g. CogVideoX's VAE): a
+    stage-1 MTC-VAE on it (`convert`); a registered target must have the base's architecture."""
+    overrides: dict[str, Any] = {}
+    if target != "mtcvae":
+        registered = REGISTRY[target][1]
+        base_fields = [f.name for f in fields(Causal3DConfig) if f.name not in ("latent_scale", "latent_shift")]
+        diff = {k: (getattr(registered, k), getattr(base.config, k)) for k in base_fields
+                if getattr(registered, k) != getattr(base.config, k)}
+        if diff:
+            raise ValueError(f"{target} is not built on this base: {diff} (field: (registered, base)); "
+                             "use --target mtcvae to keep the base's configuration")
+        overrides = {f.name: getattr(registered, f.name) for f in fields(MTCVAEConfig)
+                     if f.name not in base_fields + ["latent_scale", "latent_shift"]}
+    model = convert(base, **overrides)
+    return model, f"mtcvae stage {model.config.stage} on the converted causal3d: its 4x path is the base model"
+
+
 def convert_checkpoint(src: str | Path, dst: str | Path, name: str | None = None, **overrides: Any) -> MTCVAE:
     """``convert`` a ``save_pretrained`` folder (causal3d or mtcvae) into ``dst``, ready for
     ``ldm train-ae --init dst`` (stage 1, then again with ``stage=2``)."""
@@ -533,3 +553,9 @@ register("mtcvae-c4", MTCVAE, MTCVAEConfig(latent_channels=4, **_FULL))
 register("mtcvae-c16", MTCVAE, MTCVAEConfig(latent_channels=16, **_FULL))
 register("mtcvae-c4-debug", MTCVAE, MTCVAEConfig(latent_channels=4, **_DEBUG))
 register("mtcvae-c16-debug", MTCVAE, MTCVAEConfig(latent_channels=16, **_DEBUG))
+# MTC-VAE(ch=16) on CogVideoX's VAE itself (ldm convert --source diffusers:AutoencoderKLCogVideoX
+# --target mtcvae-c16-cogvideox): the base's chunked clip statistics and averaging resamplers
+for _suffix in ("", "-debug"):
+    _base = REGISTRY[f"causal3d-cogvideox{_suffix}"][1]
+    register(f"mtcvae-c16-cogvideox{_suffix}", MTCVAE,
+             MTCVAEConfig(**{f.name: getattr(_base, f.name) for f in fields(Causal3DConfig)}, stage=1))

@@ -8,7 +8,7 @@ hub) and offers the same face as our own families:
   Image VAEs (``AutoencoderKL``, ``AutoencoderDC``) run per frame: ``t = T``.
 - The model's own latent normalisation is applied inside encode/decode through
   ``config.latent_scale`` / ``latent_shift`` as ``(z - shift) * scale``, read once from the model at
-  build time with the convention of the model's diffusers pipelines (see `_normalisation`).
+  build time with the convention of the model's diffusers pipelines (see `normalisation`).
   Passing ``latent_scale=`` / ``latent_shift=`` to `build` replaces them (e.g. dataset statistics).
 - ``latent_spec`` follows the model config's compression ratios with the causal frame rule
   ``T = 1 + r*k -> t = 1 + k`` (r = 4 for Wan / HunyuanVideo, 8 for LTX-Video; CogVideoX has r = 4
@@ -110,7 +110,7 @@ class DiffusersAEConfig(AEConfig):
     decode_timestep: float = 0.0  # timestep passed to timestep-conditioned LTX-Video decoders
 
 
-def _normalisation(class_name: str, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def normalisation(class_name: str, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(latent_scale, latent_shift) such that ``(z - shift) * scale`` is what the model's diffusers
     pipelines feed the denoiser:
 
@@ -202,11 +202,10 @@ class DiffusersAE(Autoencoder):
         return self.model.decode(z).sample
 
 
-def build_diffusers(class_name: str, path: str | Path | None = None, subfolder: str | None = None,
-                    **overrides: Any) -> DiffusersAE:
-    """Load ``class_name`` (e.g. ``"AutoencoderKLWan"``) from the local diffusers folder ``path``
-    (``subfolder`` e.g. ``"vae"`` inside a pipeline folder) and wrap it. ``overrides`` may set
-    ``latent_scale``, ``latent_shift`` (replacing the model's normalisation) and ``decode_timestep``."""
+def load_diffusers(class_name: str, path: str | Path | None, subfolder: str | None = None) -> nn.Module:
+    """The diffusers model ``class_name`` from the LOCAL folder ``path`` (never a hub), with clear
+    errors for a missing folder, a pipeline folder without ``subfolder`` and a folder holding another
+    class."""
     cls = _diffusers_class(class_name)
     if path is None:
         raise ValueError(f"diffusers:{class_name} needs path=<local diffusers folder>")
@@ -220,12 +219,20 @@ def build_diffusers(class_name: str, path: str | Path | None = None, subfolder: 
     saved_class = json.loads(config_file.read_text()).get("_class_name")
     if saved_class is not None and saved_class != class_name:
         raise ValueError(f"{folder} holds a {saved_class}, not a {class_name}")
+    return cls.from_pretrained(str(Path(path)), subfolder=subfolder, local_files_only=True)
+
+
+def build_diffusers(class_name: str, path: str | Path | None = None, subfolder: str | None = None,
+                    **overrides: Any) -> DiffusersAE:
+    """Load ``class_name`` (e.g. ``"AutoencoderKLWan"``) from the local diffusers folder ``path``
+    (``subfolder`` e.g. ``"vae"`` inside a pipeline folder) and wrap it. ``overrides`` may set
+    ``latent_scale``, ``latent_shift`` (replacing the model's normalisation) and ``decode_timestep``."""
     fixed = sorted(set(overrides) & {"class_name", "model_config", "in_channels"})
     if fixed:
         raise ValueError(f"diffusers:{class_name}: {fixed} come from the model folder and cannot be overridden")
-    model = cls.from_pretrained(str(Path(path)), subfolder=subfolder, local_files_only=True)
+    model = load_diffusers(class_name, path, subfolder)
     model_config = {k: v for k, v in model.config.items() if not k.startswith("_")}
-    scale, shift = _normalisation(class_name, model)
+    scale, shift = normalisation(class_name, model)
     config = DiffusersAEConfig(in_channels=int(_cfg(model_config, "in_channels", 3)), latent_scale=scale,
                                latent_shift=shift, class_name=class_name,
                                model_config=json.loads(json.dumps(model_config)))

@@ -255,3 +255,16 @@ class KeyMap:
         for reason in self.dropped.values():
             counts[reason] = counts.get(reason, 0) + 1
         return "; ".join(f"dropped {n} tensor(s): {r}" for r, n in counts.items())
+
+
+def compare(pairs: list[tuple[str, Tensor, Tensor]], what: str) -> str:
+    """A note with the largest differences ``ours - source`` of each ``(label, ours, source)``; a
+    ValueError if any exceeds float tolerance (1e-3 of the source's largest value, at least 1e-3):
+    a converter that runs the source model checks its result with this before writing anything."""
+    diffs = {label: (a - b).abs().max().item() for label, a, b in pairs}
+    limit = {label: 1e-3 * max(1.0, b.abs().max().item()) for label, _, b in pairs}
+    bad = {k: v for k, v in diffs.items() if not v <= limit[k]}
+    if bad:
+        raise ValueError(f"{what}: the converted model does not reproduce the source ({bad}); its configuration "
+                         "has something this family does not hold")
+    return "max |ours - source| on a random input: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())

@@ -23,6 +23,13 @@ def _model(name: str, **overrides) -> torch.nn.Module:
     return build(name, **overrides).eval()
 
 
+def _causal(name: str) -> torch.nn.Module:
+    """A causal3d debug model with per-frame norms: CogVideoX's clip-wise GroupNorm (causal3d-cogvideox)
+    is causal only chunk by chunk (tests/test_diffusers_weights.py), everything else in its layout
+    (latent-modulated norms, deep temporal upsampling, chunked streaming) is causal frame by frame."""
+    return _model(name, **({"norm": "group"} if REGISTRY[name][1].norm == "clip" else {}))
+
+
 def _video(frames: int, height: int, width: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, frames, height, width, generator=g) * 2 - 1
@@ -127,7 +134,7 @@ def test_clear_errors_for_bad_input(name):
 def test_causal3d_encoder_is_causal(name):
     """Latent frame j sees input frames <= 4j only: perturbing frame s leaves latent frames j < s/4
     unchanged and changes latent frame ceil(s/4)."""
-    model = _model(name)
+    model = _causal(name)
     x = _video(9, 16, 16)
     with torch.no_grad():
         z = model.encode(x)["z"]
@@ -143,7 +150,7 @@ def test_causal3d_encoder_is_causal(name):
 @pytest.mark.parametrize("name", [n for n in DEBUG if n.startswith("causal3d")])
 def test_causal3d_decoder_is_causal(name):
     """Latent frame j decodes to frames 4j-3..4j: perturbing it leaves frames < 4j-3 unchanged."""
-    model = _model(name)
+    model = _causal(name)
     with torch.no_grad():
         latent = model.encode(_video(9, 16, 16))
         y = model.decode(latent)
