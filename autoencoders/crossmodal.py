@@ -65,15 +65,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from autoencoders.base import AEConfig, AEOutput, Autoencoder, register, register_family
+from autoencoders.base import REGISTRY, AEConfig, AEOutput, Autoencoder, register, register_family
 from autoencoders.blocks import (LOGVAR_CLAMP, SpatialDownsample, SpatialSelfAttention, SpatialUpsample,
                                  check_latent_stats, clip_group_norm, grid_z, norm_layer, split_moments)
+from autoencoders.kl2d import KL2D
+from autoencoders.sources import register_initialiser
+from ldm import config as cfglib
 from ldm.latent import Cond, Latent, LatentSpec
 from ldm.layers import CrossAttention
 
@@ -682,6 +686,48 @@ class CrossModalVAE(Autoencoder):
             z = self.temporal_decode(z, text)
         return self.spatial_decode(z, text, temporal=not image)
 
+    # --- initialisation from an image VAE (Sec. 3.2, Sec. 4: SD-1.4 for 4 channels, SD-3.5 for 16) ---
+    @classmethod
+    def from_kl2d(cls, image_vae: KL2D, target: str | None = None, **overrides: Any) -> "CrossModalVAE":
+        """A cross-modal VAE whose first stage is ``image_vae`` inflated: every 2D conv as a (1, k, k)
+        3D conv, norms, attention, resamplers and quant convs copied; the temporal convs and temporal
+        attention keep their zero initialisation and the temporal AE its random one (the paper trains
+        it from scratch). ``target``: a registered cmvae the image VAE must fit (``cmvae-z4`` for an
+        SD-1.x VAE, ``cmvae-z16`` for SD-3.5's); default: a config with the image VAE's widths.
+
+        A fresh model therefore equals the image VAE frame by frame in image mode, and in video mode
+        for static clips (for any clip with ``norm="frame"``)."""
+        c = image_vae.config
+        if target is not None:
+            if target not in REGISTRY or REGISTRY[target][0] is not cls:
+                raise ValueError(f"{target!r} is not a registered cross-modal VAE")
+            config = REGISTRY[target][1]
+        else:
+            config = CrossModalVAEConfig(in_channels=c.in_channels, latent_channels=c.latent_channels,
+                                         base_channels=c.base_channels, channel_mult=c.channel_mult,
+                                         num_res_blocks=c.num_res_blocks, norm_groups=c.norm_groups,
+                                         quant_conv=c.quant_conv, dropout=c.dropout, logvar_clamp=c.logvar_clamp)
+        config = cfglib.replace(config, **overrides)
+        need = dict(in_channels=c.in_channels, latent_channels=c.latent_channels, base_channels=c.base_channels,
+                    channel_mult=tuple(c.channel_mult), num_res_blocks=c.num_res_blocks, norm_groups=c.norm_groups,
+                    quant_conv=c.quant_conv)
+        wrong = {k: (getattr(config, k), v) for k, v in need.items() if getattr(config, k) != v}
+        if c.norm != "group" or c.upsample_shrink or not c.attention:
+            wrong["image VAE layout"] = ("GroupNorm, mid attention, no shrinking upsampler",
+                                         f"norm={c.norm}, attention={c.attention}, upsample_shrink={c.upsample_shrink}")
+        if wrong:
+            raise ValueError(f"the image VAE does not fit {target or 'this config'} (field: (cmvae, image VAE)): {wrong}")
+        model = cls(config)
+        state, ours = image_vae.state_dict(), model.state_dict()
+        missing = [k for k in state if k.replace(".stages.", ".levels.") not in ours]
+        if missing:
+            raise ValueError(f"cannot inflate: image VAE tensors without a place in the cross-modal VAE: {missing[:8]}")
+        with torch.no_grad():
+            for key, value in state.items():
+                dst = ours[key.replace(".stages.", ".levels.")]
+                dst.copy_(value.reshape(dst.shape))  # 2D kernels (o, i, k, k) as (o, i, 1, k, k)
+        return model
+
     def train_forward(self, video: Tensor, cond: Cond | None = None,
                       generator: torch.Generator | None = None) -> AEOutput:
         """One training reconstruction. Images (T = 1) run the first stage alone and regularise its
@@ -700,6 +746,14 @@ class CrossModalVAE(Autoencoder):
         posterior = Latent({"z": mean2}, form="grid", logvar={"z": logvar2})
         z1_hat = self.temporal_decode(posterior.sample(generator)["z"], text)
         return AEOutput(recon=self.spatial_decode(z1_hat, text, temporal=True), posterior=posterior)
+
+
+@register_initialiser("cmvae", "kl2d")
+def from_converted_kl2d(base: KL2D, target: str) -> tuple[CrossModalVAE, str]:
+    """``ldm convert --target cmvae[-NAME]`` from a converted image VAE (e.g. SD-1.4's or SD-3.5's)."""
+    model = CrossModalVAE.from_kl2d(base, None if target == "cmvae" else target)
+    return model, ("cmvae first stage inflated from the converted kl2d (temporal layers zero, temporal AE fresh): "
+                   "train it with ldm train-ae --init")
 
 
 # ------------------------------------------------------------------------------------------

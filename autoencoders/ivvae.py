@@ -23,7 +23,10 @@ What makes it IV-VAE, with where each piece lives:
 - Initialisation from a lower-dimension image VAE (Sec. 3.3, Fig. 1a): ``IVVAE.from_kl2d`` loads a
   ``kl2d`` model with ``Z/2`` channels into both branches (centre-inflated for the 3D one) so that at
   step 0 the model already compresses time 2x by keyframes: latent channels ``[0, Z/2)`` are the
-  image latent of each group's keyframe, ``[Z/2, Z)`` that of the group's third frame.
+  image latent of each group's keyframe, ``[Z/2, Z)`` that of the group's third frame. The paper's
+  image VAE has the same modifications (RMSNorm, shrinking upsampler: ``kl2d-ivvae-z*``), so it
+  inflates into the registered ``ivvae-z*`` (``IVVAE.from_kl2d(image_vae, "ivvae-z16")``); an SD-style
+  GroupNorm image VAE (e.g. a converted SD VAE) gives the GroupNorm variant of its own widths.
 - Cache mechanism (Sec. 4.5.2, Table 7): with ``chunk_frames = c`` the encoder sees frame 0 alone
   and then chunks of ``c`` frames (the decoder 1 latent frame, then ``c/4``), every GCConv carrying
   its last input frame to the next chunk in a `StreamCache`: the result equals one-shot processing
@@ -49,13 +52,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoencoders.base import AEConfig, Autoencoder, causal_grid_spec, register, register_family
-from autoencoders.blocks import LOGVAR_CLAMP, ResBlock, SpatialSelfAttention, check_latent_stats, grid_z
+from autoencoders.base import REGISTRY, AEConfig, Autoencoder, causal_grid_spec, register, register_family
+from autoencoders.blocks import (LOGVAR_CLAMP, ChannelRMSNorm, ResBlock, SpatialSelfAttention, check_latent_stats,
+                                 grid_z)
 from autoencoders.ivvae_layers import (NORMS, BranchAttention, BranchNorm, BranchSpatialDownsample,
                                        BranchSpatialUpsample, GroupCausalConv3d, KeyframeDownsample,
                                        KeyframeUpsample, KTCConv, KTCResBlock, ParallelAtrousConv, StreamCache,
                                        inflate_center, keyframe_select, starts_video)
 from autoencoders.kl2d import KL2D
+from autoencoders.sources import register_initialiser
 from ldm import config as cfglib
 from ldm.latent import Cond, Latent, LatentSpec
 
@@ -324,19 +329,26 @@ class IVVAE(Autoencoder):
 
     # --- initialisation from a lower-dimension image VAE (Sec. 3.3, Fig. 1a) ----------------
     @classmethod
-    def from_kl2d(cls, image_vae: KL2D, **overrides) -> "IVVAE":
-        """An IV-VAE with ``2c`` latent channels built in ``image_vae``'s layout (its widths, depth,
-        per-frame GroupNorm, SD upsampler) from a ``kl2d`` model with ``c`` channels, with both
-        branches initialised from it (`inflate_kl2d`). ``overrides`` change other config fields."""
+    def from_kl2d(cls, image_vae: KL2D, target: str | None = None, **overrides) -> "IVVAE":
+        """An IV-VAE with ``2c`` latent channels initialised from a ``kl2d`` model with ``c`` channels
+        in both branches (`inflate_kl2d`): the registered ``target`` (e.g. ``"ivvae-z16"``, whose
+        layout the image VAE must have: ``kl2d-ivvae-z16``), or by default the image VAE's own layout
+        (its widths, depth, norm and upsampler). The latent statistics are the image VAE's, once per
+        branch (at step 0 both halves are its latents). ``overrides`` change other config fields."""
         c = image_vae.config
-        levels = len(c.channel_mult)
-        temporal = (False,) * max(0, levels - 3) + (True,) * min(2, levels - 1)
         stats = {k: v if len(v) == 1 else v + v for k, v in
                  (("latent_scale", c.latent_scale), ("latent_shift", c.latent_shift))}
-        config = IVVAEConfig(in_channels=c.in_channels, latent_channels=2 * c.latent_channels, dim=c.base_channels,
-                             channel_mult=c.channel_mult, temporal_down=temporal, num_res_blocks=c.num_res_blocks,
-                             norm="group", norm_groups=c.norm_groups, upsample_shrink=False, dropout=c.dropout,
-                             logvar_clamp=c.logvar_clamp, **stats)
+        if target is not None:
+            if target not in REGISTRY or REGISTRY[target][0] is not cls:
+                raise ValueError(f"{target!r} is not a registered IV-VAE")
+            config = cfglib.replace(REGISTRY[target][1], **stats)
+        else:
+            levels = len(c.channel_mult)
+            temporal = (False,) * max(0, levels - 3) + (True,) * min(2, levels - 1)
+            config = IVVAEConfig(in_channels=c.in_channels, latent_channels=2 * c.latent_channels, dim=c.base_channels,
+                                 channel_mult=c.channel_mult, temporal_down=temporal, num_res_blocks=c.num_res_blocks,
+                                 norm=c.norm, norm_groups=c.norm_groups, upsample_shrink=c.upsample_shrink,
+                                 dropout=c.dropout, logvar_clamp=c.logvar_clamp, **stats)
         model = cls(cfglib.replace(config, **overrides))
         inflate_kl2d(model, image_vae)
         return model
@@ -370,19 +382,26 @@ def _copy(dst: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
     if dst.weight.shape != weight.shape:
         raise ValueError(f"cannot inflate: weight {tuple(weight.shape)} into {tuple(dst.weight.shape)}")
     dst.weight.copy_(weight)
-    if dst.bias is not None:
+    if getattr(dst, "bias", None) is not None:
         if bias is None:
             dst.bias.zero_()
         else:
             dst.bias.copy_(bias)
 
 
-def _norm_from(dst: nn.Module, src: nn.GroupNorm) -> None:
-    """Both halves of a group `BranchNorm` (or a single GroupNorm) take ``src``'s affine parameters."""
-    targets = list(dst.norm) if isinstance(dst, BranchNorm) else [dst]
+def _norm_from(dst: nn.Module, src: nn.Module) -> None:
+    """Both halves of a `BranchNorm` (or a single norm) take ``src``'s parameters: GroupNorm affines,
+    or the RMSNorm scale (a group BranchNorm holds two GroupNorms, an RMS one a scale per half)."""
+    if isinstance(src, ChannelRMSNorm):
+        norm = dst.norm if isinstance(dst, BranchNorm) else dst
+        if not isinstance(norm, ChannelRMSNorm):
+            raise ValueError("exact inflation of an RMSNorm image VAE needs norm='rms'")
+        _copy(norm, src.weight.repeat(norm.halves), None)
+        return
+    targets = list(dst.norm) if isinstance(dst, BranchNorm) and dst.kind == "group" else [dst]
     for norm in targets:
         if not isinstance(norm, nn.GroupNorm) or norm.num_groups != src.num_groups:
-            raise ValueError("exact inflation needs norm='group' with the image VAE's norm_groups")
+            raise ValueError("exact inflation of a GroupNorm image VAE needs norm='group' with its norm_groups")
         _copy(norm, src.weight, src.bias)
 
 
@@ -408,6 +427,16 @@ def _attention_from(dst: BranchAttention, src: nn.Module) -> None:
         else:
             half.proj.weight.zero_()
             half.proj.bias.zero_()
+
+
+def _as_conv(layer: nn.Module, channels: int) -> nn.Module:
+    """``layer``, or for an image VAE without quant convs (``nn.Identity``) the identity 1x1 conv."""
+    if not isinstance(layer, nn.Identity):
+        return layer
+    conv = nn.Conv2d(channels, channels, 1)
+    conv.weight.copy_(_eye_conv(conv.weight))
+    conv.bias.zero_()
+    return conv
 
 
 def _eye_conv(weight: Tensor) -> Tensor:
@@ -437,12 +466,15 @@ def inflate_kl2d(model: IVVAE, image_vae: KL2D) -> None:
     """
     c, ic = model.config, image_vae.config
     expect = dict(in_channels=ic.in_channels, latent_channels=2 * ic.latent_channels, dim=ic.base_channels,
-                  channel_mult=tuple(ic.channel_mult), num_res_blocks=ic.num_res_blocks, norm="group",
-                  norm_groups=ic.norm_groups, upsample_shrink=False)
+                  channel_mult=tuple(ic.channel_mult), num_res_blocks=ic.num_res_blocks, norm=ic.norm,
+                  upsample_shrink=ic.upsample_shrink)
+    if ic.norm == "group":
+        expect["norm_groups"] = ic.norm_groups
     wrong = {k: (getattr(c, k), v) for k, v in expect.items() if getattr(c, k) != v}
-    if wrong:
+    if wrong or not ic.attention:
         raise ValueError(f"IV-VAE config does not match the image VAE for an exact inflation "
-                         f"(field: (ours, needed)): {wrong}; build it with IVVAE.from_kl2d")
+                         f"(field: (ours, needed)): {wrong or {'image VAE attention': (True, False)}}; build it with "
+                         "IVVAE.from_kl2d (the paper's layout takes an image VAE like kl2d-ivvae-z16)")
     if c.pac_dilations and 1 not in c.pac_dilations:
         raise ValueError(f"the PAC head needs a dilation-1 branch to take the image VAE's output conv, "
                          f"got {c.pac_dilations}")
@@ -487,8 +519,8 @@ def inflate_kl2d(model: IVVAE, image_vae: KL2D) -> None:
         _copy(head.fuse, fuse, None)
     else:
         _ktc_from_conv(enc.head, ienc.conv_out)
-    _ktc_from_conv(model.quant, image_vae.quant_conv)
-    _ktc_from_conv(model.post_quant, image_vae.post_quant_conv)
+    _ktc_from_conv(model.quant, _as_conv(image_vae.quant_conv, 2 * ic.latent_channels))
+    _ktc_from_conv(model.post_quant, _as_conv(image_vae.post_quant_conv, ic.latent_channels))
 
     dec, idec = model.decoder, image_vae.decoder
     _ktc_from_conv(dec.conv_in, idec.conv_in)
@@ -505,6 +537,14 @@ def inflate_kl2d(model: IVVAE, image_vae: KL2D) -> None:
                 _copy(half, stage.resample.conv.weight, stage.resample.conv.bias)
     _norm_from(dec.norm_out, idec.norm_out)
     _ktc_from_conv(dec.head, idec.conv_out)
+
+
+@register_initialiser("ivvae", "kl2d")
+def from_converted_kl2d(base: KL2D, target: str) -> tuple[IVVAE, str]:
+    """``ldm convert --target ivvae[-NAME]`` from a converted image VAE: `IVVAE.from_kl2d`."""
+    model = IVVAE.from_kl2d(base, None if target == "ivvae" else target)
+    return model, (f"ivvae with {model.config.latent_channels} latent channels inflated from the converted kl2d "
+                   "(Sec. 3.3): at step 0 it compresses time 2x by keyframes")
 
 
 # ------------------------------------------------------------------------------------------

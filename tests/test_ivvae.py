@@ -197,6 +197,30 @@ def test_kl2d_inflation_gives_keyframe_2x_temporal_compression_at_step_0():
     assert (_model("ivvae-z8-debug").decode(lat) - rec).abs().mean() > 0.1
 
 
+@pytest.mark.parametrize("name", ["ivvae-z4", "ivvae-z8", "ivvae-z16", "ivvae-z16-dim96"])
+def test_registered_configs_inflate_from_the_papers_image_vae(name):
+    """The paper's image VAE (RMSNorm, shrinking upsampler, Z/2 channels: kl2d-ivvae-*) fills the
+    registered IV-VAE exactly (checked on the meta device at full size, numerically on the twin)."""
+    with torch.device("meta"):
+        model = IVVAE.from_kl2d(build(name.replace("ivvae-", "kl2d-ivvae-")), name)
+    assert model.config == REGISTRY[name][1]
+    torch.manual_seed(0)
+    kl2d = build(name.replace("ivvae-", "kl2d-ivvae-") + "-debug").eval()
+    for p in kl2d.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    twin = IVVAE.from_kl2d(kl2d, name + "-debug").eval()
+    c, x = kl2d.config.latent_channels, _video(9)
+    with torch.no_grad():
+        lat = twin.encode(x)
+        zk, zm = kl2d.encode(x[:, :, [0, 1, 5]]), kl2d.encode(x[:, :, [0, 3, 7]])
+        torch.testing.assert_close(lat["z"], torch.cat([zk["z"], zm["z"]], 1), rtol=1e-4, atol=1e-5)
+        rk, rm = kl2d.decode(zk), kl2d.decode(zm)
+    source = [rk[:, :, 0]] + [rk[:, :, j] if pos == 0 else rm[:, :, j] for j in (1, 2) for pos in range(4)]
+    torch.testing.assert_close(twin.decode(lat), torch.stack(source, dim=2), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="does not match the image VAE"):
+        IVVAE.from_kl2d(build("kl2d-f8c4-debug"), name + "-debug")  # an SD-style GroupNorm image VAE
+
+
 def test_inflation_needs_a_matching_layout():
     kl2d = build("kl2d-f8c4-debug")
     with pytest.raises(ValueError, match="from_kl2d"):
