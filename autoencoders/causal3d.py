@@ -24,7 +24,6 @@ those exactly (`average_resamplers`), which also gives MTC-VAE trainable copies 
 """
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass

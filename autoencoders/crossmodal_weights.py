@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from autoencoders.base import REGISTRY
 from autoencoders.crossmodal import (CrossModalVAE, PatchCrossAttention, STResBlock, TemporalConv,
                                      TemporalResBlock, TemporalSelfAttention)
-from autoencoders.sources import Conversion, KeyMap, read_state_dict, register_source
+from autoencoders.sources import Conversion, KeyMap, read_state_dict, register_source, registered_target
 
 UNUSED = "the public forward never runs conv3_tmp where a residual block keeps its width"
 TRAINING = "training loss (LPIPS and discriminator)"
@@ -160,32 +160,13 @@ def map_official(km: KeyMap, model: CrossModalVAE) -> None:
     km.drop_prefix("loss.", TRAINING)
 
 
-def _problems(state: dict[str, Tensor], name: str) -> list[str]:
-    with torch.device("meta"):
-        model = CrossModalVAE(REGISTRY[name][1])
-    km = KeyMap(state, name)
-    try:
-        map_official(km, model)
-    except ValueError as e:
-        return [str(e)]
-    return km.problems(model)
-
-
 @register_source("videovaeplus-official", family="cmvae",
                  reads="a released VideoVAE+ checkpoint (sota-4-16z.ckpt, ...: .ckpt/.pt or .safetensors)")
 def convert_official(path: Path, target: str) -> Conversion:
     """A cross-modal VAE holding the official checkpoint ``path``; ``target`` a registered cmvae
     or ``cmvae`` (the registered one whose shapes the file has)."""
     state = read_state_dict(path)
-    if target == "cmvae":
-        names = sorted(n for n, (cls, _) in REGISTRY.items() if cls is CrossModalVAE)
-        found = [n for n in names if not _problems(state, n)]
-        if len(found) != 1:
-            raise ValueError(f"{path}: the official tensors match {found or 'none'} of the registered cross-modal "
-                             f"VAEs {names}; pass --target NAME to see what differs")
-        target = found[0]
-    if target not in REGISTRY or REGISTRY[target][0] is not CrossModalVAE:
-        raise ValueError(f"videovaeplus-official: --target must be 'cmvae' or a registered cross-modal VAE, got {target!r}")
+    target = registered_target(state, target, CrossModalVAE, map_official, f"videovaeplus-official {path}")
     model = CrossModalVAE(REGISTRY[target][1])
     km = KeyMap(state, f"{path} as {target}")
     map_official(km, model)

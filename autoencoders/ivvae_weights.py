@@ -23,12 +23,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from autoencoders.base import REGISTRY
 from autoencoders.ivvae import IVVAE, IVVAEConfig
 from autoencoders.ivvae_layers import BranchAttention, BranchNorm, GroupCausalConv3d, KTCConv, KTCResBlock
-from autoencoders.sources import Conversion, KeyMap, read_state_dict, register_source
+from autoencoders.sources import Conversion, KeyMap, read_state_dict, register_source, registered_target
 from ldm import config as cfglib
 
 # (latent_scale, latent_shift) of the released weights (the public code's IV_VAE factory)
@@ -164,37 +164,14 @@ def map_official(km: KeyMap, model: IVVAE) -> None:
     m.ktc(dec.head, "decoder.head.2", joint=False)
 
 
-def _problems(state: dict[str, Tensor], name: str) -> list[str]:
-    with torch.device("meta"):
-        model = IVVAE(REGISTRY[name][1])
-    km = KeyMap(state, name)
-    try:
-        map_official(km, model)
-    except ValueError as e:
-        return [str(e)]
-    return km.problems(model)
-
-
-def _infer_target(state: dict[str, Tensor], path: Path) -> str:
-    names = sorted(n for n, (cls, _) in REGISTRY.items() if cls is IVVAE)
-    found = [n for n in names if not _problems(state, n)]
-    if len(found) != 1:
-        raise ValueError(f"{path}: the official tensors match {found or 'none'} of the registered IV-VAEs "
-                         f"{names}; pass --target NAME to see what differs")
-    return found[0]
-
-
 @register_source("ivvae-official", family="ivvae",
                  reads="a released IV-VAE state dict (ivvae_z16_dim64.pth, ...: .pth/.pt or .safetensors)")
 def convert_official(path: Path, target: str) -> Conversion:
     """An IV-VAE holding the official checkpoint ``path``; ``target`` a registered IV-VAE or
     ``ivvae`` (the registered one whose shapes the file has)."""
     state = read_state_dict(path)
-    if target == "ivvae":
-        target = _infer_target(state, path)
-    if target not in REGISTRY or REGISTRY[target][0] is not IVVAE:
-        raise ValueError(f"ivvae-official: --target must be 'ivvae' or a registered IV-VAE, got {target!r}")
-    name, config = target, REGISTRY[target][1]
+    name = registered_target(state, target, IVVAE, map_official, f"ivvae-official {path}")
+    config = REGISTRY[name][1]
     if name in OFFICIAL_STATS:
         scale, shift = OFFICIAL_STATS[name]
         config = cfglib.replace(config, latent_scale=(scale,), latent_shift=(shift,))

@@ -141,6 +141,35 @@ def resolve_target(target: str, family: str, implied: Any, source: str,
     return target, dataclasses.replace(implied, **{k: getattr(registered, k) for k in keep})
 
 
+def registered_target(state: Mapping[str, Tensor], target: str, cls: type, fill: Callable[[KeyMap, Any], None],
+                      source: str) -> str:
+    """The registered name an official checkpoint (tensors only, no config) converts into:
+    ``target`` itself when it is a registered ``cls``, or for the family name the one registered
+    ``cls`` whose parameters ``fill(keymap, model)`` maps from ``state`` without a problem (each
+    candidate built on the meta device)."""
+    names = sorted(n for n, (c, _) in REGISTRY.items() if c is cls)
+    if target != cls.family:
+        if target not in names:
+            raise ValueError(f"{source}: --target must be {cls.family!r} or one of {names}, got {target!r}")
+        return target
+
+    def fits(name: str) -> bool:
+        with torch.device("meta"):
+            model = cls(REGISTRY[name][1])
+        km = KeyMap(state, name)
+        try:
+            fill(km, model)
+        except ValueError:
+            return False
+        return not km.problems(model)
+
+    found = [n for n in names if fits(n)]
+    if len(found) != 1:
+        raise ValueError(f"{source}: the checkpoint's tensors match {found or 'none'} of the registered {cls.family} "
+                         f"models {names}; pass --target NAME to see what differs")
+    return found[0]
+
+
 # ------------------------------------------------------------------------------------------
 # Reading checkpoints (never arbitrary pickles)
 # ------------------------------------------------------------------------------------------
