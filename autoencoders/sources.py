@@ -106,7 +106,8 @@ def convert(source: str, path: str | Path, target: str) -> Conversion:
                          f"target {target!r} is a {family!r}")
     base = src.convert(path, src.family)
     model, note = init(base.model, target)
-    return Conversion(model, target if target in REGISTRY else None, base.notes + [note])
+    return Conversion(model, target if target in REGISTRY else None,
+                      [f"{src.family} (converted first): {n}" for n in base.notes] + [note])
 
 
 # ------------------------------------------------------------------------------------------
