@@ -14,6 +14,7 @@ from autoencoders.hivae import build_hivae
 from autoencoders.mtcvae import convert_checkpoint
 from autoencoders.sources import convert
 from launch.cli import main as ldm
+from ldm import config as cfglib
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -133,7 +134,7 @@ def test_cogvideox_statistics_are_per_chunk(folders):
     latents differ; with per-frame norms chunks change nothing (the streaming state is exact)."""
     model = convert("diffusers:AutoencoderKLCogVideoX", folders["cog"], "causal3d").model
     x = _video(17)
-    one_pass = type(model)(model.config.__class__(**{**model.config.__dict__, "chunk_latent_frames": 0})).eval()
+    one_pass = type(model)(cfglib.replace(model.config, chunk_latent_frames=0)).eval()
     one_pass.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert (one_pass.encode(x)["z"] - model.encode(x)["z"]).abs().max() > 1e-3
