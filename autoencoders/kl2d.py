@@ -158,7 +158,7 @@ def diffusers_key(ours: str) -> str:
 
 
 def map_diffusers(km: KeyMap, model: nn.Module) -> None:
-    """Fill ``model`` (kl2d, or a causal3d whose blocks share the names) from the diffusers names in
+    """Fill the kl2d ``model`` from the diffusers ``AutoencoderKL`` names in
     ``km``: 1-to-1 renames; the mid-block attention's ``to_q/to_k/to_v`` (linear layers) become our
     fused 1x1 ``qkv`` and ``to_out.0`` our 1x1 ``proj``."""
     for key, ref in model.state_dict().items():
