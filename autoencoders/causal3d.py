@@ -38,6 +38,7 @@ from autoencoders.blocks import (LOGVAR_CLAMP, ConvDecoder, ConvEncoder, StreamC
                                  TemporalUpsample, check_latent_stats, chunk_spans, grid_z, split_moments)
 from autoencoders.pretrained import load_diffusers, normalisation
 from autoencoders.sources import Conversion, KeyMap, compare, register_source, resolve_target
+from ldm import config as cfglib
 from ldm.latent import Cond, Latent, LatentSpec
 
 
@@ -127,6 +128,18 @@ class Causal3D(Autoencoder):
             return self.decoder(z, extra)
         cache = StreamCache()
         return torch.cat([self.decoder(z[:, :, s:e], extra, cache) for s, e in chunk_spans(z.shape[2], n)], dim=2)
+
+    def set_chunk_frames(self, frames: int | None) -> None:
+        """Stream long clips ``frames`` video frames at a time (a multiple of the temporal factor; the
+        remainder joins the first chunk) with the one-shot result, for per-frame norms. With clip
+        norms (CogVideoX) the chunks define the statistics: they are part of the model."""
+        r = self.temporal_factor
+        if self.config.norm == "clip":
+            raise ValueError(f"{self.family}: with clip-wise norms the chunks ({self.config.chunk_latent_frames} latent "
+                             "frames, as CogVideoX) are part of the model; use spatial tiling for memory")
+        if frames is not None and (frames < r or frames % r):
+            raise ValueError(f"{self.family}: chunk frames must be a positive multiple of {r}, got {frames}")
+        self.config = cfglib.replace(self.config, chunk_latent_frames=(frames or 0) // r)
 
     def _encode(self, video: Tensor, cond: Cond | None) -> Latent:
         mean, logvar = split_moments(self.encoder_moments(video), self.config.logvar_clamp)  # each (B, c, t, h, w)

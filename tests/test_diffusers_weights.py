@@ -144,12 +144,19 @@ def test_cogvideox_statistics_are_per_chunk(folders):
         a, b = model.encode(x)["z"], model.encode(x2)["z"]
         assert torch.equal(a[:, :, :3], b[:, :, :3]) and (a[:, :, 3:] - b[:, :, 3:]).abs().max() > 1e-3
     frame = build("causal3d-cogvideox-debug", norm="group").eval()
-    chunked = build("causal3d-cogvideox-debug", norm="group", chunk_latent_frames=0).eval()
-    chunked.load_state_dict(frame.state_dict())
+    one_shot = build("causal3d-cogvideox-debug", norm="group", chunk_latent_frames=0).eval()
+    one_shot.load_state_dict(frame.state_dict())
+    ours = build("causal3d-f4x8c4-debug").eval()
+    reference = build("causal3d-f4x8c4-debug").eval()
+    reference.load_state_dict(ours.state_dict())
+    ours.set_chunk_frames(4)  # the inference verbs' --chunk-frames
     with torch.no_grad():
-        la, lb = frame.encode(_video(25)), chunked.encode(_video(25))
-        torch.testing.assert_close(la["z"], lb["z"], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(frame.decode(la), chunked.decode(la), atol=1e-5, rtol=1e-5)
+        for chunked, whole in ((frame, one_shot), (ours, reference)):
+            la, lb = chunked.encode(_video(25)), whole.encode(_video(25))
+            torch.testing.assert_close(la["z"], lb["z"], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(chunked.decode(la), whole.decode(la), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="part of the model"):
+        model.set_chunk_frames(8)
 
 
 def test_registered_cogvideox_target(folders):
