@@ -39,6 +39,7 @@ from autoencoders.blocks import (LOGVAR_CLAMP, ConvDecoder, ConvEncoder, StreamC
 from autoencoders.pretrained import load_diffusers, normalisation
 from autoencoders.sources import Conversion, KeyMap, compare, register_source, resolve_target
 from ldm import config as cfglib
+from ldm.errors import UserError, checking
 from ldm.latent import Cond, Latent, LatentSpec
 
 
@@ -199,7 +200,7 @@ def config_from_cogvideox(c: Mapping[str, Any], scale: tuple[float, ...], shift:
     if c.get("use_quant_conv") or c.get("use_post_quant_conv"):
         problems.append("quant convs (no released CogVideoX VAE has them)")
     if problems:
-        raise ValueError("causal3d cannot hold this AutoencoderKLCogVideoX: " + "; ".join(problems))
+        raise UserError("causal3d cannot hold this AutoencoderKLCogVideoX: " + "; ".join(problems))
     down = tuple(i < 2 for i in range(levels - 1))  # compress_time in the two finest down blocks
     up = tuple(levels - 2 - b < 2 for b in range(levels - 1))  # ... and in the two deepest up blocks
     return Causal3DConfig(in_channels=int(c.get("in_channels", 3)), latent_scale=scale, latent_shift=shift,
@@ -230,7 +231,8 @@ def convert_cogvideox(path: Path, target: str) -> Conversion:
     """A causal3d holding the diffusers ``AutoencoderKLCogVideoX`` in the local folder ``path``:
     its tensors renamed, its parameter-free temporal resamplers as `average_resamplers`;
     ``target`` ``causal3d`` or a registered causal3d it must match (``causal3d-cogvideox``)."""
-    source = load_diffusers("AutoencoderKLCogVideoX", path).eval()
+    with checking("diffusers:AutoencoderKLCogVideoX --path"):
+        source = load_diffusers("AutoencoderKLCogVideoX", path).eval()
     scale, shift = normalisation("AutoencoderKLCogVideoX", source)
     name, config = resolve_target(target, "causal3d", config_from_cogvideox(source.config, scale, shift),
                                   "diffusers:AutoencoderKLCogVideoX")

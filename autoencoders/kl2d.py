@@ -30,6 +30,7 @@ from autoencoders.blocks import (LOGVAR_CLAMP, ConvDecoder, ConvEncoder, check_l
                                  split_moments)
 from autoencoders.pretrained import load_diffusers, normalisation
 from autoencoders.sources import Conversion, KeyMap, compare, register_source, resolve_target
+from ldm.errors import UserError, checking
 from ldm.latent import Cond, Latent, LatentSpec
 
 
@@ -131,7 +132,7 @@ def config_from_diffusers(c: Mapping[str, Any], scale: tuple[float, ...], shift:
     if quant != post:
         problems.append(f"use_quant_conv={quant} but use_post_quant_conv={post}")
     if problems:
-        raise ValueError("kl2d cannot hold this AutoencoderKL: " + "; ".join(problems))
+        raise UserError("kl2d cannot hold this AutoencoderKL: " + "; ".join(problems))
     return KL2DConfig(in_channels=int(c.get("in_channels", 3)), latent_scale=scale, latent_shift=shift,
                       latent_channels=int(c["latent_channels"]), base_channels=widths[0],
                       channel_mult=tuple(w // widths[0] for w in widths), num_res_blocks=int(c["layers_per_block"]),
@@ -176,7 +177,8 @@ def map_diffusers(km: KeyMap, model: nn.Module) -> None:
 def convert_diffusers(path: Path, target: str) -> Conversion:
     """A kl2d holding the diffusers ``AutoencoderKL`` in the local folder ``path`` exactly; ``target``
     ``kl2d`` (the config the folder implies) or a registered kl2d it must match."""
-    source = load_diffusers("AutoencoderKL", path).eval()
+    with checking("diffusers:AutoencoderKL --path"):
+        source = load_diffusers("AutoencoderKL", path).eval()
     scale, shift = normalisation("AutoencoderKL", source)
     name, config = resolve_target(target, "kl2d", config_from_diffusers(source.config, scale, shift),
                                   "diffusers:AutoencoderKL")

@@ -14,7 +14,8 @@ VAE's first stage inflated from a converted SD VAE), so ``convert("diffusers:Aut
 
 `KeyMap` makes every conversion strict: every source tensor is used or dropped by name with a
 reason, every parameter of the target is filled, shapes must agree; otherwise one error lists all
-that is wrong (never a silent partial load).
+that is wrong (never a silent partial load). What the user can fix (a wrong file, folder or target)
+is an `ldm.errors.UserError`.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from autoencoders.base import FAMILIES, REGISTRY, Autoencoder
 from ldm.checkpoint import load_tensors
+from ldm.errors import MissingInput, UserError, checking
 
 _SHOW = 12  # list at most this many keys per kind of problem
 
@@ -79,7 +81,7 @@ def family_of(target: str) -> str:
         return REGISTRY[target][0].family
     if target in FAMILIES:
         return target
-    raise KeyError(f"unknown target {target!r}: give a registered autoencoder (`ldm list`) or a family "
+    raise UserError(f"unknown target {target!r}: give a registered autoencoder (`ldm list`) or a family "
                    f"({sorted(FAMILIES)})")
 
 
@@ -93,19 +95,20 @@ def convert(source: str, path: str | Path, target: str) -> Conversion:
     """Convert the local checkpoint ``path`` of ``source`` into ``target`` (a registered name, which
     the source must match, or a family name, which builds the config the source implies)."""
     if source not in SOURCES:
-        raise KeyError(f"unknown weight source {source!r}; known: {sorted(SOURCES)}")
+        raise UserError(f"unknown weight source {source!r}; known: {sorted(SOURCES)}")
     src, path = SOURCES[source], Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{source}: no such file or folder {path}")
+        raise MissingInput(f"{source}: no such file or folder {path}")
     family = family_of(target)
     if family == src.family:
         return src.convert(path, target)
     init = INITIALISERS.get((family, src.family))
     if init is None:
-        raise ValueError(f"{source} fills {src.family!r} (and by initialisation {targets(source)[1:] or 'nothing else'}); "
+        raise UserError(f"{source} fills {src.family!r} (and by initialisation {targets(source)[1:] or 'nothing else'}); "
                          f"target {target!r} is a {family!r}")
     base = src.convert(path, src.family)
-    model, note = init(base.model, target)
+    with checking(f"--target {target}"):  # the converted base does not fit the target's layout
+        model, note = init(base.model, target)
     return Conversion(model, target if target in REGISTRY else None,
                       [f"{src.family} (converted first): {n}" for n in base.notes] + [note])
 
@@ -131,13 +134,13 @@ def resolve_target(target: str, family: str, implied: Any, source: str,
     if target == family:
         return None, implied
     if target not in REGISTRY or REGISTRY[target][0].family != family:
-        raise ValueError(f"{source} fills {family!r}: --target must be {family!r} or one of its registered "
+        raise UserError(f"{source} fills {family!r}: --target must be {family!r} or one of its registered "
                          f"names {sorted(n for n, (c, _) in REGISTRY.items() if c.family == family)}, got {target!r}")
     registered = REGISTRY[target][1]
     diff = arch_diff(registered, implied, SOURCE_STATS + keep)
     if diff:
         fields = ", ".join(f"{k}: {a!r} (theirs {b!r})" for k, a, b in ((k, *v) for k, v in diff.items()))
-        raise ValueError(f"{source} does not have the architecture of {target}: {fields}; convert to "
+        raise UserError(f"{source} does not have the architecture of {target}: {fields}; convert to "
                          f"--target {family} to keep the source's own configuration")
     return target, dataclasses.replace(implied, **{k: getattr(registered, k) for k in keep})
 
@@ -151,7 +154,7 @@ def registered_target(state: Mapping[str, Tensor], target: str, cls: type, fill:
     names = sorted(n for n, (c, _) in REGISTRY.items() if c is cls)
     if target != cls.family:
         if target not in names:
-            raise ValueError(f"{source}: --target must be {cls.family!r} or one of {names}, got {target!r}")
+            raise UserError(f"{source}: --target must be {cls.family!r} or one of {names}, got {target!r}")
         return target
 
     def fits(name: str) -> bool:
@@ -166,7 +169,7 @@ def registered_target(state: Mapping[str, Tensor], target: str, cls: type, fill:
 
     found = [n for n in names if fits(n)]
     if len(found) != 1:
-        raise ValueError(f"{source}: the checkpoint's tensors match {found or 'none'} of the registered {cls.family} "
+        raise UserError(f"{source}: the checkpoint's tensors match {found or 'none'} of the registered {cls.family} "
                          f"models {names}; pass --target NAME to see what differs")
     return found[0]
 
@@ -182,15 +185,15 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     ``torch.load(weights_only=True)`` (a Lightning ``{"state_dict": ...}`` is unwrapped)."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder: pass the checkpoint file itself")
+        raise UserError(f"{path} is a folder: pass the checkpoint file itself")
     if path.suffix == ".safetensors":
         return load_tensors(path)
     if path.suffix not in TORCH_SUFFIXES:
-        raise ValueError(f"{path}: expected a .safetensors or {'/'.join(TORCH_SUFFIXES)} checkpoint")
+        raise UserError(f"{path}: expected a .safetensors or {'/'.join(TORCH_SUFFIXES)} checkpoint")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
+        raise UserError(
             f"{path} holds Python objects besides tensors (e.g. training hyper-parameters), which "
             f"torch.load(weights_only=True) refuses to unpickle, and this platform never loads arbitrary "
             f"pickles. Save its state dict as safetensors in an environment you trust "
@@ -199,10 +202,10 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # a Lightning checkpoint
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+        raise UserError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
     bad = sorted(k for k, v in obj.items() if not isinstance(v, Tensor))
     if bad:
-        raise ValueError(f"{path}: entries that are not tensors: {_listing(bad)}")
+        raise UserError(f"{path}: entries that are not tensors: {_listing(bad)}")
     return dict(obj)
 
 
@@ -275,7 +278,7 @@ class KeyMap:
     def load_into(self, model: torch.nn.Module) -> None:
         problems = self.problems(model)
         if problems:
-            raise ValueError(f"cannot convert {self.what}:\n  " + "\n  ".join(problems))
+            raise UserError(f"cannot convert {self.what}:\n  " + "\n  ".join(problems))
         expected = model.state_dict()
         model.load_state_dict({k: v.to(expected[k].dtype) for k, v in self.out.items()}, strict=True)
 
@@ -295,6 +298,6 @@ def compare(pairs: list[tuple[str, Tensor, Tensor]], what: str) -> str:
     limit = {label: 1e-3 * max(1.0, b.abs().max().item()) for label, _, b in pairs}
     bad = {k: v for k, v in diffs.items() if not v <= limit[k]}
     if bad:
-        raise ValueError(f"{what}: the converted model does not reproduce the source ({bad}); its configuration "
+        raise UserError(f"{what}: the converted model does not reproduce the source ({bad}); its configuration "
                          "has something this family does not hold")
     return "max |ours - source| on a random input: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import autoencoders  # noqa: F401  (registers every family and source)
 from autoencoders.sources import SOURCES, convert, targets
+from ldm.errors import UserError
 
 log = logging.getLogger("ldm.convert")
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.output)
     if (out / "config.json").exists() or (out / "model.safetensors").exists():
-        raise FileExistsError(f"{out} already holds a model; choose a new --output folder")
+        raise UserError(f"{out} already holds a model; choose a new --output folder")
     result = convert(args.source, args.path, args.target)
     result.model.save_pretrained(out, result.name)
     family = result.model.family

@@ -14,7 +14,9 @@ from safetensors.torch import save_file
 from autoencoders import build, load_pretrained
 from autoencoders.ivvae_weights import OFFICIAL_STATS
 from autoencoders.sources import convert, read_state_dict
+from launch.cli import console
 from launch.cli import main as ldm
+from ldm.errors import UserError
 from official_ivvae import OfficialIVVAE, official_shapes, official_state_dict, parameter_count
 
 # the public code's VAutoencoder3d sizes (counted from its modules; equal to the enumeration here)
@@ -131,5 +133,10 @@ def test_ldm_convert_writes_a_folder_the_other_verbs_read(official, tmp_path, ca
     with torch.no_grad():
         torch.testing.assert_close(model.encode(_video())["z"], OfficialIVVAE(sd, **DEBUG).encode(_video())[0],
                                    atol=1e-4, rtol=1e-4)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UserError, match="already holds a model"):
         ldm(["convert", "--source", "ivvae-official", "--path", str(path), "--target", "ivvae", "--output", str(out)])
+    capsys.readouterr()
+    assert console(["convert", "--source", "ivvae-official", "--path", str(path), "--target", "kl2d",
+                    "--output", str(tmp_path / "other")]) == 2  # a user error: one line, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("ldm convert: error: ivvae-official") and "'kl2d'" in err and len(err.splitlines()) == 1
