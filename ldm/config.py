@@ -104,6 +104,10 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise UserError(f"unknown key(s) {unknown} for {cls.__name__}; known keys: {names}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"{cls.__name__} needs {missing} (no default)")
     return cls(**_coerced(cls, data))
 
 
@@ -149,8 +153,13 @@ def apply_dotted(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return data
 
 
-def load_yaml(path: str | Path, cls: type[T], overrides: list[str] = ()) -> T:
-    """``cls`` from a YAML file, then dotted ``overrides``; strict (`UserError` naming the file)."""
+def load_yaml(path: str | Path | None, cls: type[T], overrides: list[str] = (),
+              values: dict[str, Any] | None = None) -> T:
+    """``cls`` from a YAML file (none: the defaults), then ``values`` (top-level keys, e.g. the
+    command-line flags a user gave), then dotted ``overrides`` (``a.b=value``); strict
+    (`UserError` naming the file)."""
+    if path is None:
+        return from_dict(cls, apply_dotted(dict(values or {}), list(overrides)))
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
@@ -160,4 +169,4 @@ def load_yaml(path: str | Path, cls: type[T], overrides: list[str] = ()) -> T:
         raise UserError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return from_dict(cls, apply_dotted(data, list(overrides)))
+    return from_dict(cls, apply_dotted({**data, **(values or {})}, list(overrides)))

@@ -372,31 +372,56 @@ def adam_model_state_bytes(num_params: int, bytes_per_param: int = 16) -> int:
 
 
 # ------------------------------------------------------------------------------------------
-# analytic count (the cross-check of the counter)
+# analytic count: the one FLOP model of a transformer block (the cross-check of the counter,
+# the trainer's TFLOP/s and MFU, Hi-VAE's cost breakdown)
 # ------------------------------------------------------------------------------------------
+def transformer_block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0, *, context: int = 0,
+                            attn_group: int | None = None, cond_dim: int | None = None,
+                            self_attn: bool = True) -> tuple[int, int]:
+    """``(linear, attention)`` forward FLOPs (2 x MAC) of one adaLN transformer block
+    (``ldm.layers.TransformerBlock``) on ONE sequence of N = ``tokens`` tokens of width d = ``dim``:
+
+        adaLN modulation 12 c d (c = ``cond_dim``, default d), MLP 4 N d F (F = int(d * mlp_ratio)),
+        self-attention: QKV + output projections 8 N d^2, scores + weighted sum 4 N g d over groups
+        of g = ``attn_group`` tokens (default N: full attention),
+        cross-attention to M = ``context`` tokens: 4 N d^2 + 4 M d^2, scores + sum 4 N M d.
+
+    ``linear`` is every matrix product with weights, ``attention`` the scores and weighted sums."""
+    n, d, ffn = tokens, dim, int(dim * mlp_ratio)
+    g = n if attn_group is None else attn_group
+    linear = 2 * (d if cond_dim is None else cond_dim) * 6 * d + 2 * 2 * n * d * ffn
+    attention = 0
+    if self_attn:
+        linear += 2 * n * d * 3 * d + 2 * n * d * d
+        attention += 4 * n * g * d
+    if context:
+        linear += 2 * n * d * d + 2 * context * d * 2 * d + 2 * n * d * d
+        attention += 4 * n * context * d
+    return linear, attention
+
+
+def dit_trunk_flops(depth: int, hidden: int, tokens: int, mlp_ratio: float = 4.0, context: int = 0) -> int:
+    """Forward FLOPs of one sample through ``depth`` DiT blocks (full attention, cross-attention to
+    ``context`` tokens); embeddings and heads are left out. A training step is ~3x the forward."""
+    return depth * sum(transformer_block_flops(tokens, hidden, mlp_ratio, context=context))
+
+
 def dit_forward_flops_analytic(depth: int, hidden: int, groups: Sequence[tuple[int, int]], mlp_ratio: float = 4.0,
                                freq_dim: int = 256, text_tokens: int = 0, text_dim: int = 0) -> int:
     """Exact forward FLOPs (2 x MAC) of one sample through an adaLN-Zero DiT with full attention.
 
-    ``groups``: ``(tokens, token_dim)`` per token group (patch features in = out). With N the
-    total tokens, d the width, r the MLP ratio, per block:
-
-        QKV + output projection 8 N d^2, MLP 4 r N d^2, attention 4 N^2 d, adaLN 12 d^2
-        (+ cross-attention to M = 1 + text_tokens context tokens: 4 N d^2 + 4 M d^2 + 4 N M d)
-
-    plus the patch embeddings 2 N_g p_g d, the output heads 2 N_g d p_g + 4 d^2 each, the timestep
-    MLP 2 freq d + 2 d^2 and the text projection 2 L text_dim d + 2 L d^2. (For r = 4 the trunk is
+    ``groups``: ``(tokens, token_dim)`` per token group (patch features in = out). The trunk is
+    ``dit_trunk_flops`` over N = all tokens (with cross-attention to M = 1 + text_tokens context
+    tokens when there is text: the learned empty-text token + the caption), plus the patch
+    embeddings 2 N_g p_g d, the output heads 2 N_g d p_g + 4 d^2 each, the timestep MLP
+    2 freq d + 2 d^2 and the text projection 2 L text_dim d + 2 L d^2. (For r = 4 the trunk is
     the familiar 24 N d^2 + 4 N^2 d per layer.)
     """
     n = sum(t for t, _ in groups)
     d = hidden
-    ffn = int(d * mlp_ratio)
-    per_block = 2 * n * d * 3 * d + 2 * n * d * d + 4 * n * n * d + 2 * 2 * n * d * ffn + 2 * d * 6 * d
-    total = depth * per_block
+    total = dit_trunk_flops(depth, d, n, mlp_ratio, context=1 + text_tokens if text_dim else 0)
     if text_dim:
-        m = 1 + text_tokens  # the learned empty-text token + the caption
-        per_cross = 2 * n * d * d + 2 * m * d * 2 * d + 4 * n * m * d + 2 * n * d * d
-        total += depth * per_cross + 2 * text_tokens * text_dim * d + 2 * text_tokens * d * d
+        total += 2 * text_tokens * text_dim * d + 2 * text_tokens * d * d
     total += sum(2 * t * p * d + 2 * t * d * p + 2 * d * 2 * d for t, p in groups)  # embeddings, heads
     total += 2 * freq_dim * d + 2 * d * d  # timestep MLP
     return total

@@ -179,6 +179,17 @@ def normalize(latent: Latent, stats: dict[str, dict[str, list[float]]], inverse:
     return latent.replace(parts, logvar=logvar)
 
 
+def part_tokens(shape: tuple[int, ...], patch: tuple[int, int, int] = (1, 2, 2)) -> int:
+    """Tokens one latent part makes for a DiT (the platform's one token count): a grid part
+    ``c t h w`` is patchified with ``patch = (pt, ph, pw)``, ceil per axis as the DiT pads; a
+    token-set part ``f n c`` passes through as ``f * n`` tokens."""
+    if len(shape) == 4:
+        return math.prod(math.ceil(n / p) for n, p in zip(shape[1:], patch))
+    if len(shape) == 3:
+        return shape[0] * shape[1]
+    raise ValueError(f"part shape {shape} is neither a grid (c t h w) nor a token set (f n c)")
+
+
 @dataclass(frozen=True)
 class LatentSpec:
     """Shape arithmetic of one autoencoder at one input size (no weights involved).
@@ -209,19 +220,11 @@ class LatentSpec:
     def compression_factor(self) -> float:
         return self.input_elements / self.latent_elements
 
-    def tokens(self, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
-        """Tokens a DiT with grid patching ``patch = (pt, ph, pw)`` sees: grid parts (4-D, c t h w)
-        are patchified (ceil, as the DiT pads), token-set parts (3-D, f n c) pass through."""
-        total = 0
-        for shape in self.parts.values():
-            if len(shape) == 4:
-                _, t, h, w = shape
-                total += math.ceil(t / patch[0]) * math.ceil(h / patch[1]) * math.ceil(w / patch[2])
-            elif len(shape) == 3:
-                total += shape[0] * shape[1]
-            else:
-                raise ValueError(f"part shape {shape} is neither a grid (c t h w) nor a token set (f n c)")
-        return total
+    def tokens(self, patch: tuple[int, int, int] = (1, 2, 2),
+               part_patch: Mapping[str, tuple[int, int, int]] | None = None) -> int:
+        """Tokens a DiT with grid patching ``patch`` (``part_patch`` per part) sees (`part_tokens`)."""
+        part_patch = part_patch or {}
+        return sum(part_tokens(shape, part_patch.get(name, patch)) for name, shape in self.parts.items())
 
     def to_dict(self, patch: tuple[int, int, int] = (1, 2, 2)) -> dict:
         return {"form": self.form, "latent_shape": {k: list(v) for k, v in self.parts.items()},

@@ -1,4 +1,6 @@
-"""Quality metrics: PSNR, SSIM, LPIPS (reconstruction) and the Fréchet distance (FVD / FID).
+"""Quality metrics: PSNR, SSIM, LPIPS (reconstruction), the Fréchet distance and the FVD / FID
+feature protocols (extractors from user files), VBench's score aggregation and its model-free
+temporal flickering.
 
 Conventions: images are ``(B, C, H, W)`` and videos ``(B, C, T, H, W)``; the platform's pixel
 range is [-1, 1], hence ``data_range=2.0`` by default. Per-sample metrics return ``(B,)``.
@@ -6,13 +8,18 @@ range is [-1, 1], hence ``data_range=2.0`` by default. Per-sample metrics return
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+from ldm.checkpoint import file_sha256
 
 # --------------------------------------------------------------------------------------------
 # PSNR / SSIM
@@ -332,3 +339,200 @@ def _checked(t: Tensor, shape: torch.Size, key: str, path: str | Path) -> Tensor
     if t.shape != shape:
         raise ValueError(f"{key} in {str(path)!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     return t.float()
+
+
+# --------------------------------------------------------------------------------------------
+# FVD / FID: feature extractors from user files and the reference protocols
+# --------------------------------------------------------------------------------------------
+FVD_FRAMES = 16
+FVD_SIZE = 224
+
+
+@dataclass
+class Extractor:
+    """A frozen feature network loaded from a user file, with what a result must record."""
+
+    kind: str  # i3d_torchscript | torchscript | inception_torchscript
+    path: Path
+    sha256: str
+    module: Any
+    device: torch.device
+    dim: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"extractor": self.kind, "weights": self.path.name, "sha256": self.sha256, "feature_dim": self.dim}
+
+
+I3D_KINDS = ("i3d_torchscript", "torchscript")
+
+
+def _load_torchscript(path: str | Path, what: str, device: torch.device) -> tuple[Path, Any]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {str(p)!r}")
+    try:
+        module = torch.jit.load(str(p), map_location=device)
+    except RuntimeError as e:
+        raise ValueError(f"{what} {str(p)!r} is not a TorchScript archive ({str(e).splitlines()[0]}); "
+                         "export it with torch.jit.script / torch.jit.save") from None
+    return p, module.eval()
+
+
+def load_i3d(path: str | Path, kind: str = "i3d_torchscript", device: str | torch.device = "cpu") -> Extractor:
+    """The FVD feature network: ``i3d_torchscript`` (StyleGAN-V's TorchScript I3D, Kinetics-400
+    logits) or ``torchscript`` (any scripted ``module(x) -> (B, D)`` on the same input)."""
+    if kind not in I3D_KINDS:
+        raise ValueError(f"unknown FVD extractor kind {kind!r}; expected one of {I3D_KINDS}")
+    device = torch.device(device)
+    p, module = _load_torchscript(path, f"FVD extractor ({kind}, e.g. i3d_torchscript.pt)", device)
+    ext = Extractor(kind, p, file_sha256(p), module, device)
+    probe_x = torch.zeros(1, 3, FVD_FRAMES, FVD_SIZE, FVD_SIZE, device=device)
+    ext.dim = int(_i3d_features(ext, probe_x).shape[1])
+    return ext
+
+
+def load_inception(path: str | Path, device: str | torch.device = "cpu") -> Extractor:
+    """The FID feature network: StyleGAN2-ADA's TorchScript Inception (``inception-2015-12-05.pt``)."""
+    device = torch.device(device)
+    p, module = _load_torchscript(path, "FID Inception (e.g. inception-2015-12-05.pt)", device)
+    ext = Extractor("inception_torchscript", p, file_sha256(p), module, device)
+    ext.dim = int(_inception_features(ext, torch.zeros(1, 3, 64, 64, dtype=torch.uint8, device=device)).shape[1])
+    return ext
+
+
+@torch.no_grad()
+def _i3d_features(ext: Extractor, x: Tensor) -> Tensor:
+    out = ext.module(x, rescale=False, resize=False, return_features=True) if ext.kind == "i3d_torchscript" \
+        else ext.module(x)
+    if out.ndim != 2 or out.shape[0] != x.shape[0]:
+        raise ValueError(f"{ext.path.name} returned {tuple(out.shape)} for {x.shape[0]} clips; expected (B, D)")
+    return out.double().cpu()
+
+
+@torch.no_grad()
+def _inception_features(ext: Extractor, frames: Tensor) -> Tensor:
+    out = ext.module(frames, return_features=True)
+    if out.ndim != 2 or out.shape[0] != frames.shape[0]:
+        raise ValueError(f"{ext.path.name} returned {tuple(out.shape)} for {frames.shape[0]} frames; expected (N, D)")
+    return out.double().cpu()
+
+
+def to_uint8_range(videos: Tensor) -> Tensor:
+    """``[-1, 1]`` -> float values in {0, ..., 255} (what a saved video holds)."""
+    return ((videos.float().clamp(-1, 1) + 1) * 127.5).round()
+
+
+def fvd_preprocess(videos: Tensor, frames: int = FVD_FRAMES, size: int = FVD_SIZE) -> Tensor:
+    """``(B, 3, T, H, W)`` in [-1, 1] -> ``(B, 3, frames, size, size)`` in [-1, 1]: the first
+    ``frames`` frames, quantised to [0, 255], each resized bilinearly (no crop, no antialias),
+    mapped back to [-1, 1] as the reference FVD does."""
+    if videos.ndim != 5 or videos.shape[1] != 3:
+        raise ValueError(f"expected (B, 3, T, H, W) videos, got {tuple(videos.shape)}")
+    if videos.shape[2] < frames:
+        raise ValueError(f"FVD uses {frames} frames; the clips have {videos.shape[2]} (use longer clips or "
+                         "--fvd-frames, and report it)")
+    x = to_uint8_range(videos[:, :, :frames])
+    B = x.shape[0]
+    x = rearrange(x, "b c t h w -> (b t) c h w")
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # (B*T, 3, size, size)
+    x = rearrange(x, "(b t) c h w -> b c t h w", b=B)
+    return x / 127.5 - 1.0
+
+
+class FrechetAccumulator:
+    """Streaming features of two sets (``real`` / ``fake``) for one extractor."""
+
+    def __init__(self, ext: Extractor, features: Callable[[Tensor], Tensor], protocol: dict[str, Any]):
+        self.ext, self.features, self.protocol = ext, features, protocol
+        self.stats = {"real": RunningGaussian(ext.dim), "fake": RunningGaussian(ext.dim)}
+
+    def update(self, which: str, batch: Tensor) -> None:
+        self.stats[which].update(self.features(batch))
+
+    def result(self, name: str) -> dict[str, Any]:
+        (m1, s1), (m2, s2) = self.stats["real"].stats(), self.stats["fake"].stats()
+        return {name: frechet_distance(m1, s1, m2, s2), **self.ext.describe(), "n_real": self.stats["real"].n,
+                "n_fake": self.stats["fake"].n, "covariance": "unbiased (N - 1), float64", **self.protocol}
+
+
+def fvd_accumulator(ext: Extractor, frames: int = FVD_FRAMES, batch: int = 8) -> FrechetAccumulator:
+    def feats(videos: Tensor) -> Tensor:
+        out = [_i3d_features(ext, fvd_preprocess(videos[i:i + batch], frames).to(ext.device))
+               for i in range(0, len(videos), batch)]
+        return torch.cat(out)
+    return FrechetAccumulator(ext, feats, {"frames": frames, "resize": f"bilinear {FVD_SIZE}x{FVD_SIZE}, no crop",
+                                            "range": "[-1, 1]"})
+
+
+def fid_accumulator(ext: Extractor, batch: int = 64) -> FrechetAccumulator:
+    def feats(videos: Tensor) -> Tensor:
+        frames = rearrange(to_uint8_range(videos), "b c t h w -> (b t) c h w").to(torch.uint8)
+        return torch.cat([_inception_features(ext, frames[i:i + batch].to(ext.device))
+                          for i in range(0, len(frames), batch)])
+    return FrechetAccumulator(ext, feats, {"frames": "all frames of every clip",
+                                            "input": "uint8 frames, resized inside the network"})
+
+
+# --------------------------------------------------------------------------------------------
+# VBench: score aggregation and temporal flickering
+# --------------------------------------------------------------------------------------------
+# VBench (Huang et al. 2024), scripts/constant.py: per-dimension normalisation, dimension weights and
+# the Quality / Semantic split; Total = (4 Quality + 1 Semantic) / 5.
+VBENCH_NORMALIZE = {
+    "subject_consistency": (0.1462, 1.0), "background_consistency": (0.2615, 1.0),
+    "temporal_flickering": (0.6293, 1.0), "motion_smoothness": (0.706, 0.9975), "dynamic_degree": (0.0, 1.0),
+    "aesthetic_quality": (0.0, 1.0), "imaging_quality": (0.0, 1.0), "object_class": (0.0, 1.0),
+    "multiple_objects": (0.0, 1.0), "human_action": (0.0, 1.0), "color": (0.0, 1.0),
+    "spatial_relationship": (0.0, 1.0), "scene": (0.0, 0.8222), "appearance_style": (0.0009, 0.2855),
+    "temporal_style": (0.0, 0.364), "overall_consistency": (0.0, 0.364),
+}
+VBENCH_WEIGHT = {d: (0.5 if d == "dynamic_degree" else 1.0) for d in VBENCH_NORMALIZE}
+VBENCH_QUALITY = ("subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
+                  "aesthetic_quality", "imaging_quality", "dynamic_degree")
+VBENCH_SEMANTIC = ("object_class", "multiple_objects", "human_action", "color", "spatial_relationship", "scene",
+                   "appearance_style", "temporal_style", "overall_consistency")
+VBENCH_QUALITY_WEIGHT, VBENCH_SEMANTIC_WEIGHT = 4.0, 1.0
+
+
+def vbench_aggregate(scores: dict[str, float]) -> dict[str, Any]:
+    """VBench's Quality, Semantic and Total scores from raw per-dimension scores (keys with ``_``
+    or spaces). Each dimension is min-max normalised with VBench's table and weighted (dynamic
+    degree 0.5); a group's score is the weighted mean over its dimensions, ``None`` with the
+    missing dimensions listed when any is absent."""
+    raw = {k.replace(" ", "_"): float(v) for k, v in scores.items()}
+    unknown = sorted(set(raw) - set(VBENCH_NORMALIZE))
+    if unknown:
+        raise ValueError(f"unknown VBench dimension(s) {unknown}; known: {sorted(VBENCH_NORMALIZE)}")
+    norm = {d: (v - VBENCH_NORMALIZE[d][0]) / (VBENCH_NORMALIZE[d][1] - VBENCH_NORMALIZE[d][0]) * VBENCH_WEIGHT[d]
+            for d, v in raw.items()}
+
+    def group(dims: tuple[str, ...]) -> tuple[float | None, list[str]]:
+        missing = [d for d in dims if d not in norm]
+        if missing:
+            return None, missing
+        return sum(norm[d] for d in dims) / sum(VBENCH_WEIGHT[d] for d in dims), []
+
+    quality, miss_q = group(VBENCH_QUALITY)
+    semantic, miss_s = group(VBENCH_SEMANTIC)
+    total = None
+    if quality is not None and semantic is not None:
+        total = (VBENCH_QUALITY_WEIGHT * quality + VBENCH_SEMANTIC_WEIGHT * semantic) / (
+            VBENCH_QUALITY_WEIGHT + VBENCH_SEMANTIC_WEIGHT)
+    return {"raw": raw, "normalized": norm, "quality": quality, "semantic": semantic, "total": total,
+            "missing": miss_q + miss_s}
+
+
+def temporal_flickering(video: Tensor | np.ndarray) -> float:
+    """VBench's temporal flickering of one clip: ``(255 - mean_t MAE(frame_t, frame_t+1)) / 255`` on
+    [0, 255] frames (higher = steadier). ``video``: uint8 ``(T, H, W, 3)`` or float ``(3, T, H, W)``
+    in [-1, 1]."""
+    if isinstance(video, Tensor):
+        x = video.detach().cpu()
+        x = to_uint8_range(x).permute(1, 2, 3, 0).numpy() if x.is_floating_point() else x.numpy()
+    else:
+        x = np.asarray(video)
+    x = x.astype(np.float64)
+    if x.ndim != 4 or x.shape[0] < 2:
+        raise ValueError(f"temporal flickering needs >= 2 frames (T, H, W, C), got shape {x.shape}")
+    mae = np.abs(np.diff(x, axis=0)).reshape(x.shape[0] - 1, -1).mean(1)  # (T-1,)
+    return float((255.0 - mae.mean()) / 255.0)

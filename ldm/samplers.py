@@ -185,3 +185,47 @@ def sample(model: VelocityModel, x: Mapping[str, Tensor], cond: Any = None, *, m
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; expected one of {sorted(SAMPLERS)}")
     return SAMPLERS[method](model, x, cond, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How a trained generator is sampled: the one set of settings ``ldm sample``, ``eval``,
+    ``compare`` and ``demo`` share. ``guidance`` is the CFG scale (1 = off), ``shift`` the timestep
+    shift of the schedule, ``seed`` the seed of the first batch's initial noise."""
+
+    steps: int = 20
+    guidance: float = 4.0
+    shift: float = 1.0
+    sampler: str = "euler"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"sampling steps must be >= 1, got {self.steps}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {sorted(SAMPLERS)}")
+
+
+def known_part_velocity(model: VelocityModel, name: str, value: Tensor, noise: Tensor) -> VelocityModel:
+    """Wrap a velocity model so sampling keeps part ``name`` on the flow path of a GIVEN value
+    ``c`` (normalised like the model's training data), ``x_t = (1 - t) c + t eps`` with ``eps =
+    noise`` (that part of the initial noise): the model sees the noised given value at every step
+    and the returned velocity of the part is ``eps - c``, which Euler integrates exactly along the
+    path, ending at ``c``. The other parts are therefore sampled conditioned on it (replacement /
+    imputation conditioning, Song et al. 2021, "Score-Based Generative Modeling through SDEs",
+    Sec. 5 and App. I.2); e.g. image-to-video with Hi-VAE's first-frame ``content`` part. Works
+    with CFG (the doubled batch is handled)."""
+    if value.shape != noise.shape:
+        raise ValueError(f"{name} value {tuple(value.shape)} and noise {tuple(noise.shape)} differ")
+
+    def velocity(x, t: Tensor, cond: Any) -> dict[str, Tensor]:
+        reps = x[name].shape[0] // value.shape[0]
+        c = value.repeat(reps, *[1] * (value.ndim - 1))
+        eps = noise.repeat(reps, *[1] * (noise.ndim - 1))
+        tt = t.to(c.dtype).view(-1, *[1] * (c.ndim - 1))
+        parts = {**x, name: (1 - tt) * c + tt * eps}
+        v = dict(model(_with_parts(x, parts), t, cond))
+        v[name] = (eps - c).to(v[name].dtype)
+        return v
+
+    return velocity
