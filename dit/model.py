@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from dit.registry import FIRST_FRAME, DiTConfig
+from dit.config import FIRST_FRAME, DiTConfig
 from dit.tokens import GRID, PartSpec, Tokens, count_tokens, detokenize, packing, part_specs, tokenize
 from ldm.latent import Cond, Latent
 from ldm.layers import FinalLayer, Rope3D, TimestepEmbedder, TokenLayout, TransformerBlock, set_attention_backend

@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ldm.attention import cu_seqlens_from_lengths
-from ldm.latent import Latent
+from ldm.latent import Latent, part_tokens
 
 GRID, SET = "grid", "set"
 
@@ -74,16 +74,9 @@ def part_specs(parts: Mapping[str, tuple[int, ...]], patch: tuple[int, int, int]
 
 
 def count_tokens(parts: Mapping[str, tuple[int, ...]], specs: list[PartSpec]) -> int:
-    """Tokens the adapter makes for per-sample part shapes (grid: ceil per axis; set: f * n)."""
+    """Tokens the adapter makes for per-sample part shapes (``ldm.latent.part_tokens``)."""
     by_name = {s.name: s for s in specs}
-    total = 0
-    for name, shape in parts.items():
-        s = by_name[name]
-        if s.kind == GRID:
-            total += math.prod(math.ceil(n / p) for n, p in zip(shape[1:], s.patch))
-        else:
-            total += shape[0] * shape[1]
-    return total
+    return sum(part_tokens(shape, by_name[name].patch) for name, shape in parts.items())
 
 
 def set_time_strides(slots: Mapping[str, int]) -> dict[str, int]:

@@ -1,0 +1,73 @@
+"""A trained DiT ready for sampling: ``export/`` of an ``ldm train`` run.
+
+The folder holds the EMA weights in ``save_pretrained``'s format (``model.safetensors`` +
+``config.json``) and ``training.json``, the typed `Export` context: the autoencoder the DiT was
+trained for (an `AERecord`), the clips and latent spec of its training data, the per-part latent
+statistics the trainer standardised with (sampling undoes them), and the text encoder of the
+cached caption embeddings. ``load_export`` gives both back; ``ldm sample`` / ``eval`` /
+``compare`` / ``demo`` read nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dit.config import DiTConfig
+from dit.model import VideoDiT
+from dit.registry import load_pretrained, save_state
+from ldm import config as cfglib
+from ldm.artifacts import AERecord, ClipSpec, load_versioned, migrate_v1_record
+from ldm.checkpoint import atomic_write_json, read_json
+
+TRAINING_JSON = "training.json"
+
+
+@dataclass(frozen=True)
+class Export:
+    autoencoder: AERecord
+    video: ClipSpec
+    latent_spec: dict[str, Any]  # LatentSpec.to_dict() of the training latents
+    form: str
+    latent_norm: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # part -> mean / std
+    text_encoder: str | None = None
+    text_dim: int | None = None
+    text_tokens: int = 0
+    num_classes: int = 0
+    version: int = 2
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], what: str = TRAINING_JSON) -> "Export":
+        return load_versioned(cls, data, what, {1: _from_v1})
+
+    def to_dict(self) -> dict[str, Any]:
+        return cfglib.to_dict(self)
+
+
+_V1_DROPPED = ("stats",)  # version 1 also copied the manifest's raw statistics (latent_norm has what is used)
+
+
+def _from_v1(d: dict[str, Any]) -> dict[str, Any]:
+    d = migrate_v1_record({k: v for k, v in d.items() if k not in _V1_DROPPED})
+    d["video"] = {k: d["video"][k] for k in ("frames", "height", "width", "fps")}
+    return d
+
+
+def save_export(path: str | Path, state: dict[str, torch.Tensor], config: DiTConfig, context: Export) -> None:
+    """EMA weights ``state`` of a DiT with ``config`` + ``training.json`` into ``path``."""
+    save_state(path, state, config)
+    atomic_write_json(Path(path) / TRAINING_JSON, context.to_dict())
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[VideoDiT, Export]:
+    """The DiT of an export folder (or of a run folder's ``export/``), in eval mode on ``device``,
+    and its `Export` context."""
+    path = Path(path)
+    if (path / "export").is_dir():
+        path = path / "export"
+    if not (path / TRAINING_JSON).exists():
+        raise FileNotFoundError(f"{path} is not an `ldm train` export (no {TRAINING_JSON})")
+    context = Export.from_dict(read_json(path / TRAINING_JSON), what=str(path / TRAINING_JSON))
+    return load_pretrained(path).to(device).eval(), context
