@@ -23,7 +23,8 @@ import torch
 
 import autoencoders
 import dit
-from data.shards import LatentShards, collate, load_manifest
+from data.manifest import load_manifest
+from data.shards import LatentShards, collate
 from data.sources import VideoClipDataset, list_items
 from data.synth import synth_dataset
 from launch.extract import ExtractConfig, extract
@@ -68,15 +69,15 @@ def main() -> None:
                               frames=args.frames, height=args.size, width=args.size, shard_size=16, batch_size=8,
                               text_encoder="builtin"))
         manifest = load_manifest(tmp / "lat")
-        parts = {k: tuple(v) for k, v in manifest["latent_spec"]["latent_shape"].items()}
-        norm = {k: {"mean": s["mean"], "std": s["std"]} for k, s in manifest["stats"].items()}
+        parts = manifest.parts
+        norm = {k: {"mean": s["mean"], "std": s["std"]} for k, s in manifest.stats.items()}
         torch.manual_seed(0)
         ae = autoencoders.build(args.autoencoder).eval()  # same seed as extraction's random weights
         text = build_text_encoder("builtin")
 
         def new_model():
             torch.manual_seed(0)
-            model = dit.build(args.dit, parts, num_classes=manifest["num_classes"], text_dim=text.dim)
+            model = dit.build(args.dit, parts, num_classes=manifest.num_classes, text_dim=text.dim)
             return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def from_shards():

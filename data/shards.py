@@ -38,12 +38,10 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from ldm.checkpoint import read_json
 from ldm.latent import Latent, channel_dim
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 SHARD_NAME = "shard-{:06d}.tar"
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 _KEY_RE = re.compile(r"^\d{9}(_\d{6,})?$")
@@ -247,14 +245,6 @@ def shard_urls(spec: str | Path | list[str]) -> list[str]:
     if missing:
         raise FileNotFoundError(f"shard(s) not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     return urls
-
-
-def load_manifest(path: str | Path) -> dict:
-    p = Path(path)
-    p = p / MANIFEST if p.is_dir() else p
-    if not p.exists():
-        raise FileNotFoundError(f"no {MANIFEST} at {p}: is this an `ldm extract` output folder?")
-    return read_json(p)
 
 
 def iter_shard(url: str, counters: Counter | None = None) -> Iterator[dict[str, Any]]:

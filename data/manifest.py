@@ -1,0 +1,114 @@
+"""The extraction manifest: what an ``ldm extract`` output folder holds, typed.
+
+``manifest.json`` (written last by rank 0, after every shard) records which autoencoder made the
+latents (an `AERecord`: name, config, weights path and hash, or the seed of random weights), the
+clips they were made from, the latent spec, counts, per-channel latent statistics, every skipped
+input with its reason, the shards, and the cached text embeddings. `Manifest.from_dict` is strict
+(unknown keys are errors) and versioned (version-1 manifests, with the record as flat keys, are
+migrated on reading).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ldm import config as cfglib
+from ldm.artifacts import AERecord, ClipSpec, load_versioned, migrate_v1_record
+from ldm.checkpoint import atomic_write_json, read_json
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Counts:
+    inputs: int
+    written: int
+    skipped: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    autoencoder: AERecord
+    video: ClipSpec
+    latent_spec: dict[str, Any]  # LatentSpec.to_dict() at the clip size
+    form: str  # grid | tokens | varlen
+    counts: Counts
+    stats: dict[str, dict[str, Any]]  # per part: count, per-channel mean / std / sample_std
+    shards: tuple[dict[str, Any], ...] = ()  # {"name": shard file, "count": samples}
+    skipped: tuple[dict[str, str], ...] = ()  # {"key", "reason"} per input that could not be used
+    input_problems: tuple[str, ...] = ()  # problems of the input listing (caption rows without files, ...)
+    text_encoder: str | None = None  # spec of the cached caption embeddings
+    text_dim: int | None = None
+    text_tokens: int = 0  # mean caption length in tokens
+    num_classes: int = 0
+    shard_size: int = 64
+    world_size: int = 1
+    verify: dict[str, Any] | None = None  # {"k", "psnr"} of ``--verify K``
+    mixed_shapes: bool = False  # several folders merged with different latent shapes (buckets)
+    version: int = 2
+
+    @property
+    def parts(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample latent part shapes (``LatentSpec.parts``)."""
+        return {k: tuple(v) for k, v in self.latent_spec["latent_shape"].items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], what: str = "manifest") -> "Manifest":
+        return load_versioned(cls, data, what, {1: _from_v1})
+
+    def to_dict(self) -> dict[str, Any]:
+        return cfglib.to_dict(self)
+
+    def write(self, folder: str | Path) -> None:
+        atomic_write_json(Path(folder) / MANIFEST, self.to_dict())
+
+
+def _from_v1(d: dict[str, Any]) -> dict[str, Any]:
+    d = migrate_v1_record(d)
+    d["video"] = {k: d["video"][k] for k in ("frames", "height", "width", "fps")}
+    return d
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """The manifest of an ``ldm extract`` output folder (or the ``manifest.json`` file itself)."""
+    p = Path(path)
+    p = p / MANIFEST if p.is_dir() else p
+    if not p.exists():
+        raise FileNotFoundError(f"no {MANIFEST} at {p}: is this an `ldm extract` output folder?")
+    return Manifest.from_dict(read_json(p), what=str(p))
+
+
+def load_manifests(spec: str) -> Manifest:
+    """The manifest of one extraction folder, or of several (comma-separated) merged: they must
+    come from the same autoencoder (config and weights hash); counts add up, the per-channel
+    statistics are pooled and ``mixed_shapes`` says whether the latent shapes differ."""
+    folders = [f for f in spec.split(",") if f]
+    if not folders:
+        raise ValueError("data.shards is empty: give an `ldm extract` output folder")
+    manifests = [load_manifest(f) for f in folders]
+    first = manifests[0]
+    for f, m in zip(folders[1:], manifests[1:]):
+        if (m.autoencoder.config_hash, m.autoencoder.checkpoint_hash) != \
+                (first.autoencoder.config_hash, first.autoencoder.checkpoint_hash):
+            raise ValueError(f"{f} was extracted with another autoencoder than {folders[0]}; one run trains on one "
+                             "autoencoder's latents")
+    if len(manifests) == 1:
+        return first
+    shapes = {json.dumps(m.latent_spec["latent_shape"], sort_keys=True) for m in manifests}
+    counts = Counts(**{k: sum(getattr(m.counts, k) for m in manifests) for k in ("inputs", "written", "skipped")})
+    stats = {}
+    for part in first.stats:
+        n = [m.stats[part]["count"] for m in manifests]
+        total = sum(n)
+        mean = [sum(c * m.stats[part]["mean"][i] for c, m in zip(n, manifests)) / total
+                for i in range(len(first.stats[part]["mean"]))]
+        stats[part] = {"count": total, "mean": mean}
+        for key in ("std", "sample_std"):  # pooled: E[x^2] - mean^2 over all folders
+            stats[part][key] = [math.sqrt(max(sum(c * (m.stats[part][key][i] ** 2 + m.stats[part]["mean"][i] ** 2)
+                                                  for c, m in zip(n, manifests)) / total - mean[i] ** 2, 0.0))
+                                for i in range(len(mean))]
+    return cfglib.replace(first, shards=tuple(s for m in manifests for s in m.shards), counts=counts, stats=stats,
+                          num_classes=max(m.num_classes for m in manifests), mixed_shapes=len(shapes) > 1)
