@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -55,11 +56,20 @@ class AEOutput:
 class Autoencoder(nn.Module):
     family: ClassVar[str] = ""
     config_cls: ClassVar[type] = AEConfig
+    # --- what the family can do: declared here, never probed with hasattr --------------------
     # True when a training step can leave parameters without gradients (DDP must not wait for them)
     ddp_find_unused_parameters: ClassVar[bool] = False
     # True when the latent is one grid part ``z: B c t H/f W/f`` with ``f = self.spatial_factor`` (an
     # attribute such families have) whose cells depend mostly on nearby pixels: enable_tiling applies
     spatial_tiling: ClassVar[bool] = False
+    # training stages (``config.stage`` values ``with_stage`` takes); () = trained in one go
+    stages: ClassVar[tuple[int, ...]] = ()
+    # family of the pretrained autoencoder ``load_base`` starts from ("" = none)
+    base_family: ClassVar[str] = ""
+    # ``encode_content(image)`` gives a first frame's ``content`` latent (image-to-video)
+    content_encoding: ClassVar[bool] = False
+    # variable-length latents at a chosen temporal rate (``varlen_length``)
+    variable_rate: ClassVar[bool] = False
 
     def __init__(self, config: AEConfig):
         super().__init__()
@@ -82,6 +92,45 @@ class Autoencoder(nn.Module):
         """Width of the caption embeddings a text-guided autoencoder takes in ``cond.text`` at
         encode and decode (0, the default: the model takes no text)."""
         return int(getattr(self.config, "text_dim", 0))
+
+    @property
+    def stage(self) -> int | None:
+        """The training stage of a staged family (``config.stage``), None for the others."""
+        return self.config.stage if self.stages else None
+
+    def with_stage(self, stage: int) -> "Autoencoder":
+        """This model set up to train stage ``stage`` (the same object, or a converted one when a
+        stage changes the architecture, as MTC-VAE's EMA in stage 2)."""
+        raise ValueError(f"{self.family} is not trained in stages; --stage applies to "
+                         f"{', '.join(sorted(f for f, c in FAMILIES.items() if c.stages))}")
+
+    def load_base(self, path: str | Path) -> None:
+        """Load the pretrained base this model starts from (``base_family``) from a
+        ``save_pretrained`` folder."""
+        raise ValueError(f"{self.family} has no frozen base autoencoder; --base-checkpoint applies to "
+                         f"{', '.join(sorted(f for f, c in FAMILIES.items() if c.base_family))}")
+
+    def encode_content(self, image: Tensor) -> Tensor:
+        """``(B, C, H, W)`` frames -> the ``content`` latent part (families with ``content_encoding``)."""
+        raise ValueError(f"{self.family} has no content (first-frame) latent to encode an image into")
+
+    def varlen_length(self, frames: int, rate: float) -> int:
+        """Latent frames of a ``frames``-frame clip at average temporal rate ``rate`` (families with
+        ``variable_rate``)."""
+        raise ValueError(f"{self.family} compresses every clip at one fixed rate; a rate budget needs a "
+                         "variable-rate autoencoder (MTC-VAE)")
+
+    def last_layer(self) -> Tensor:
+        """The weight the adaptive GAN weight differentiates (taming Eq. 7): by default the last
+        trainable weight matrix of ``self.decoder``; families without one override it."""
+        decoder = getattr(self, "decoder", None)
+        if not isinstance(decoder, nn.Module):
+            raise ValueError(f"{type(self).__name__} has no .decoder module: the adaptive GAN weight needs "
+                             "last_layer() (or train without --gan)")
+        weights = [p for p in decoder.parameters() if p.ndim > 1 and p.requires_grad]
+        if not weights:
+            raise ValueError(f"{type(self).__name__}.decoder has no trainable weight matrix")
+        return weights[-1]
 
     def check_input(self, frames: int, height: int, width: int) -> None:
         """Raise ValueError for an input size this autoencoder cannot take (default: whatever
@@ -188,6 +237,9 @@ def causal_grid_spec(ae: "Autoencoder", frames: int, height: int, width: int, te
 # ------------------------------------------------------------------------------------------
 FAMILIES: dict[str, type[Autoencoder]] = {}
 REGISTRY: dict[str, tuple[type[Autoencoder], Any]] = {}
+# external weights: "<prefix>:<what>" names (diffusers:AutoencoderKL) -> a loader taking
+# ``(what, path=<local folder>, subfolder=None, **overrides)``
+SOURCES: dict[str, Callable[..., Autoencoder]] = {}
 
 
 def register_family(cls: type[Autoencoder]) -> type[Autoencoder]:
@@ -203,15 +255,29 @@ def register(name: str, cls: type[Autoencoder], config: Any) -> None:
     REGISTRY[name] = (cls, config)
 
 
+def register_source(prefix: str, load: Callable[..., Autoencoder]) -> None:
+    """Register a kind of external weights: ``build("<prefix>:<what>", path=DIR, ...)`` calls
+    ``load(what, path=DIR, ...)`` (e.g. ``diffusers``: ``what`` is the diffusers class)."""
+    if prefix in SOURCES:
+        raise ValueError(f"autoencoder source {prefix!r} registered twice")
+    SOURCES[prefix] = load
+
+
+def source_of(name: str) -> str | None:
+    """The source prefix of a ``<prefix>:<what>`` name, None for a registered name."""
+    prefix, sep, _ = name.partition(":")
+    return prefix if sep and prefix in SOURCES else None
+
+
 def build(name: str, **overrides: Any) -> Autoencoder:
-    """Build a registered autoencoder, or a diffusers one with ``diffusers:<Class>`` and
-    ``path=<local dir>``."""
-    if name.startswith("diffusers:"):
-        from autoencoders.pretrained import build_diffusers
-        return build_diffusers(name.split(":", 1)[1], **overrides)
+    """Build a registered autoencoder (random weights), or load one from a registered source:
+    ``<prefix>:<what>`` with ``path=<local dir>`` (``diffusers:AutoencoderKLWan``)."""
+    source = source_of(name)
+    if source is not None:
+        return SOURCES[source](name.split(":", 1)[1], **overrides)
     if name not in REGISTRY:
         raise KeyError(f"unknown autoencoder {name!r}; registered: {sorted(REGISTRY)} "
-                       "(or diffusers:<Class> with path=DIR)")
+                       f"(or {' / '.join(f'{p}:<what>' for p in sorted(SOURCES))} with path=DIR)")
     cls, config = REGISTRY[name]
     return cls(cfglib.replace(config, **overrides))
 

@@ -48,6 +48,7 @@ from autoencoders.blocks import LOGVAR_CLAMP, latent_kl
 from autoencoders.kl2d import KL2D, KL2DConfig
 from ldm import config as cfglib
 from ldm import flow, samplers
+from ldm.cost import transformer_block_flops
 from ldm.latent import Cond, Latent, LatentSpec
 from ldm.layers import FinalLayer, Rope3D, TimestepEmbedder, TokenLayout, TransformerBlock, timestep_embedding
 
@@ -475,6 +476,9 @@ class HiVAE(Autoencoder):
 
     family = "hivae"
     config_cls = HiVAEConfig
+    stages = (1, 2)  # Sec. 3.3: 1 global motion module + decoder, 2 detailed motion module + decoder
+    base_family = "kl2d"  # the frozen per-frame base VAE (load_base)
+    content_encoding = True  # encode_content: a first frame's content latent (image-to-video)
 
     def __init__(self, config: HiVAEConfig):
         super().__init__(config)
@@ -494,6 +498,10 @@ class HiVAE(Autoencoder):
         self.config = cfglib.replace(self.config, stage=stage)
         _check_config(self.config)
         self._apply_stage()
+
+    def with_stage(self, stage: int) -> "HiVAE":
+        self.set_stage(stage)
+        return self
 
     def _apply_stage(self) -> None:
         stage = self.config.stage
@@ -729,17 +737,10 @@ def _base_flops(base: KL2DConfig, height: int, width: int) -> tuple[int, int]:
 def _block_flops(rows: int, n: int, dim: int, mlp_ratio: float, group: int, cond_dim: int,
                  context: int = 0, self_attn: bool = True) -> tuple[int, int]:
     """(linear, attention) FLOPs of one shared TransformerBlock over ``rows`` sequences of ``n``
-    tokens, self-attention in groups of ``group`` tokens, cross-attention to ``context`` tokens."""
-    hidden = int(dim * mlp_ratio)
-    linear = rows * (2 * cond_dim * 6 * dim + n * 2 * (2 * dim * hidden))  # adaLN + MLP
-    attn = 0
-    if self_attn:
-        linear += rows * n * 2 * 4 * dim * dim
-        attn += rows * n * 2 * 2 * group * dim
-    if context:
-        linear += rows * (n * 2 * 2 * dim * dim + context * 2 * 2 * dim * dim)
-        attn += rows * n * 2 * 2 * context * dim
-    return linear, attn
+    tokens (``ldm.cost.transformer_block_flops``)."""
+    linear, attention = transformer_block_flops(n, dim, mlp_ratio, context=context, attn_group=group,
+                                                cond_dim=cond_dim, self_attn=self_attn)
+    return rows * linear, rows * attention
 
 
 def _motion_flops(cfg: HiVAEConfig, c: int, T: int, h: int, w: int) -> tuple[dict, dict, dict]:
@@ -779,33 +780,6 @@ def _motion_flops(cfg: HiVAEConfig, c: int, T: int, h: int, w: int) -> tuple[dic
     lin += 2 * D * 2 * D + 2 * T * nf * D * c * p * p  # final adaLN + head
     dec = {"tokens": N, "context": L, "linear": lin, "attention": att}
     return glob, det, dec
-
-
-# ------------------------------------------------------------------------------------------
-# Image-to-video with a generator that models the content latent jointly with the motion
-# ------------------------------------------------------------------------------------------
-def known_content_velocity(model: samplers.VelocityModel, content: Tensor, noise: Tensor) -> samplers.VelocityModel:
-    """Wrap a generator's velocity model so sampling keeps the ``content`` part on the flow path of
-    a GIVEN content latent (already normalised like the generator's training data), ``x_t = (1 - t)
-    c + t eps`` with ``eps = noise`` (the content part of the initial noise): the model sees that
-    noised content at every step and the returned content velocity is ``eps - c``, which Euler
-    integrates exactly along the path, ending at ``c``. The motion parts are therefore sampled
-    conditioned on the given first frame (replacement / imputation conditioning, Song et al. 2021,
-    "Score-Based Generative Modeling through SDEs", Sec. 5 and App. I.2). Works with CFG (the
-    doubled batch is handled) and with the generator trained for class/text-to-video alone."""
-    if content.shape != noise.shape:
-        raise ValueError(f"content {tuple(content.shape)} and noise {tuple(noise.shape)} differ")
-
-    def velocity(x, t: Tensor, cond: Any) -> dict[str, Tensor]:
-        reps = x["content"].shape[0] // content.shape[0]
-        c, eps = content.repeat(reps, 1, 1, 1, 1), noise.repeat(reps, 1, 1, 1, 1)
-        tt = t.to(c.dtype).view(-1, 1, 1, 1, 1)
-        parts = {**x, "content": (1 - tt) * c + tt * eps}
-        v = dict(model(x.replace(parts) if isinstance(x, Latent) else parts, t, cond))
-        v["content"] = (eps - c).to(v["content"].dtype)
-        return v
-
-    return velocity
 
 
 # ------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from autoencoders.base import AEOutput, Autoencoder
+from autoencoders.base import AEOutput
 from autoencoders.blocks import latent_kl
 from ldm.latent import Latent
 from ldm.metrics import LPIPS
@@ -153,21 +153,6 @@ def adaptive_gan_weight(nll: Tensor, g_loss: Tensor, last_layer: Tensor, max_wei
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
-
-
-def last_decoder_layer(model: Autoencoder) -> Tensor:
-    """The weight the adaptive GAN weight differentiates: ``model.last_layer()`` when a family
-    defines it, else the last multi-dimensional parameter of ``model.decoder``."""
-    if hasattr(model, "last_layer"):
-        return model.last_layer()
-    decoder = getattr(model, "decoder", None)
-    if not isinstance(decoder, nn.Module):
-        raise ValueError(f"{type(model).__name__} has neither last_layer() nor a .decoder module; "
-                         "the adaptive GAN weight needs one (or disable adaptive_weight)")
-    weights = [p for p in decoder.parameters() if p.ndim > 1 and p.requires_grad]
-    if not weights:
-        raise ValueError(f"{type(model).__name__}.decoder has no trainable weight matrix")
-    return weights[-1]
 
 
 @contextmanager

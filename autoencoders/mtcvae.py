@@ -30,8 +30,9 @@ fixed-length segment of a clip at its own temporal rate ``c in {4, 8, 16}`` (Sec
   writes. Stage 0 (ours) trains everything with every term at once, to train from scratch.
 
 The training objective is chosen in the config (``stage``, loss weights) because the AE trainer
-hands every family's objective to ``train_forward``; ``convert`` / ``convert_checkpoint`` turn a
-trained ``causal3d`` folder into a stage-1 model and a stage-1 model into stage 2.
+hands every family's objective to ``train_forward``. From the CLI, as Hi-VAE: ``ldm train-ae
+--autoencoder mtcvae-c4 --base-checkpoint CAUSAL3D_RUN/final --stage 1`` (``load_base``), then
+``--init STAGE1_RUN/final --stage 2`` (``with_stage``; ``convert`` does the conversion).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ from autoencoders.mtcvae_layers import (KeyframePredictor, Segment, flow_guided_
                                         h264_temporal_bits, segment_latent_frames, segment_psnr,
                                         segments_from_rates, select_rates, split_segments)
 from ldm import config as cfglib
-from ldm.latent import Cond, Latent, LatentSpec
+from ldm.latent import Cond, Latent, LatentSpec, part_tokens
 
 SELECTORS = ("psnr", "h264", "random")
 TRAIN_RATES = ("random", "selector")
@@ -105,8 +106,8 @@ class MTCLatentSpec(LatentSpec):
     mix_latent_frames: float = 0.0  # expected latent frames per clip under rate_mix
 
     def to_dict(self, patch: tuple[int, int, int] = (1, 2, 2)) -> dict:
-        _, _, h, w = self.parts["z"]
-        mix_tokens = math.ceil(self.mix_latent_frames / patch[0]) * math.ceil(h / patch[1]) * math.ceil(w / patch[2])
+        c, _, h, w = self.parts["z"]
+        mix_tokens = part_tokens((c, math.ceil(self.mix_latent_frames), h, w), patch)
         return {**super().to_dict(patch), "vcpr_per_rate": {str(k): v for k, v in self.vcpr_per_rate.items()},
                 "rate_mix": {str(k): v for k, v in self.rate_mix.items()},
                 "mix_latent_frames": self.mix_latent_frames, "mix_tokens": mix_tokens}
@@ -122,6 +123,9 @@ class MTCVAE(Causal3D):
     config_cls = MTCVAEConfig
     ddp_find_unused_parameters = True  # a step trains the rate levels its segments chose, not all of them
     spatial_tiling = False  # each segment's rate is chosen from the whole frame: tiles would disagree
+    stages = (0, 1, 2)  # Sec. 3.5: 1 new sampling layers, 2 f_c + predictor (+ decoder); 0 (ours) everything
+    base_family = "causal3d"  # the fixed-rate VAE the multi-level one is converted from (load_base)
+    variable_rate = True
 
     def __init__(self, config: MTCVAEConfig):
         super().__init__(config)
@@ -189,6 +193,31 @@ class MTCVAE(Causal3D):
             self.keyframe_embed.requires_grad_(True)
         for m in train:
             m.requires_grad_(True)
+
+    def with_stage(self, stage: int) -> "MTCVAE":
+        """This model at ``stage`` (``convert``: weights kept; stage 2 adds the EMA, restarted)."""
+        return self if stage == self.config.stage else convert(self, stage=stage)
+
+    def load_base(self, path: str | Path) -> None:
+        """Start from a trained fixed-rate ``causal3d`` (a ``save_pretrained`` folder with this
+        model's base architecture): its weights and latent scale/shift, the extra sampling layers
+        initialised from its deepest temporal resampler (Sec. 3.5)."""
+        base = load_pretrained(path)
+        if type(base) is not Causal3D:
+            raise ValueError(f"{path}: the MTC-VAE base must be a causal3d autoencoder, got family {base.family!r}")
+        arch = lambda cfg: {f.name: getattr(cfg, f.name) for f in fields(Causal3DConfig)  # noqa: E731
+                            if f.name not in ("latent_scale", "latent_shift")}
+        if arch(base.config) != arch(self.config):
+            raise ValueError(f"{path}: base architecture {arch(base.config)} does not match this MTC-VAE's "
+                             f"{arch(self.config)}")
+        missing, unexpected = self.load_state_dict(base.state_dict(), strict=False)
+        if unexpected or any(not k.startswith(("extra_down.", "extra_up.", "keyframe_embed", "predictor.", "ema_"))
+                             for k in missing):
+            raise ValueError(f"{path}: unexpected weights {unexpected[:5]}, missing {missing[:5]}")
+        self.config = cfglib.replace(self.config, latent_scale=base.config.latent_scale,
+                                     latent_shift=base.config.latent_shift)
+        self.init_sampling_layers()
+        self.reset_ema()
 
     def last_layer(self) -> Tensor:
         """The decoder's output convolution, or (stage 1 on the sampling layers) the last new
@@ -537,14 +566,6 @@ def from_causal3d(base: Causal3D, target: str) -> tuple[MTCVAE, str]:
                      if f.name not in base_fields + ["latent_scale", "latent_shift"]}
     model = convert(base, **overrides)
     return model, f"mtcvae stage {model.config.stage} on the converted causal3d: its 4x path is the base model"
-
-
-def convert_checkpoint(src: str | Path, dst: str | Path, name: str | None = None, **overrides: Any) -> MTCVAE:
-    """``convert`` a ``save_pretrained`` folder (causal3d or mtcvae) into ``dst``, ready for
-    ``ldm train-ae --init dst`` (stage 1, then again with ``stage=2``)."""
-    model = convert(load_pretrained(src), **overrides)
-    model.save_pretrained(dst, name)
-    return model
 
 
 # The paper's two models: MTC-VAE(ch=4) (base OD-VAE) and MTC-VAE(ch=16) (base CogVideoX's VAE),

@@ -1,4 +1,5 @@
-"""Pretrained diffusers VAEs behind the latent contract: ``build("diffusers:<Class>", path=DIR)``.
+"""Pretrained diffusers VAEs behind the latent contract, registered as the autoencoder source
+``diffusers``: ``build("diffusers:<Class>", path=DIR)``, ``resolve("diffusers:<Class>", checkpoint=DIR)``.
 
 The wrapper loads a diffusers autoencoder from a LOCAL folder (``local_files_only=True``; never a
 hub) and offers the same face as our own families:
@@ -34,7 +35,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from autoencoders.base import AEConfig, Autoencoder, register_family
+from autoencoders.base import AEConfig, Autoencoder, register_family, register_source
 from autoencoders.blocks import check_latent_stats, grid_z
 from ldm import config as cfglib
 from ldm.latent import Cond, Latent, LatentSpec
@@ -239,3 +240,5 @@ def build_diffusers(class_name: str, path: str | Path | None = None, subfolder: 
     config = cfglib.replace(config, **overrides)
     return DiffusersAE(config, model=model)
 
+
+register_source("diffusers", build_diffusers)

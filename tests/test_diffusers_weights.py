@@ -11,7 +11,7 @@ from einops import rearrange
 
 from autoencoders import build, load_pretrained
 from autoencoders.hivae import build_hivae
-from autoencoders.mtcvae import convert_checkpoint
+from autoencoders.mtcvae import convert as to_mtcvae
 from autoencoders.sources import convert
 from launch.cli import main as ldm
 from ldm import config as cfglib
@@ -177,7 +177,7 @@ def test_mtcvae_from_cogvideox_keeps_its_4x_path(folders, tmp_path):
     source = diffusers.AutoencoderKLCogVideoX.from_pretrained(folders["cog_debug"]).eval()
     assert ldm(["convert", "--source", "diffusers:AutoencoderKLCogVideoX", "--path", str(folders["cog_debug"]),
                 "--target", "causal3d-cogvideox-debug", "--output", str(tmp_path / "base")]) == 0
-    model = convert_checkpoint(tmp_path / "base", tmp_path / "mtc").eval()
+    model = to_mtcvae(load_pretrained(tmp_path / "base")).eval()  # what --base-checkpoint --stage 1 builds
     direct = convert("diffusers:AutoencoderKLCogVideoX", folders["cog_debug"], "mtcvae-c16-cogvideox-debug")
     assert direct.model.config == model.config and direct.name == "mtcvae-c16-cogvideox-debug"
     seg = _video(17, batch=2)

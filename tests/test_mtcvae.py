@@ -7,7 +7,7 @@ import torch
 
 import autoencoders
 from autoencoders.losses import AELoss, AELossConfig
-from autoencoders.mtcvae import MTCVAE, convert, convert_checkpoint
+from autoencoders.mtcvae import MTCVAE, convert
 from autoencoders.mtcvae_layers import (Segment, compression_tolerance, flow_guided_loss, keyframe_accuracy,
                                         optical_flow, segments_from_rates, select_rates, split_segments, warp)
 from data.synth import render_clip
@@ -87,6 +87,33 @@ def test_convert_from_causal3d_keeps_the_4x_path():
     assert trainable == {"keyframe_embed", "predictor", "decoder", "extra_up"}
     with pytest.raises(TypeError):
         convert(autoencoders.build("kl2d-f8c4-debug"))
+
+
+@torch.no_grad()
+def test_load_base_then_stages_is_the_cli_protocol(tmp_path):
+    """``--base-checkpoint`` (``load_base``) on the registered name gives what ``convert`` of the
+    causal3d gives; ``with_stage`` moves between stages; a base of another architecture is refused."""
+    torch.manual_seed(0)
+    base = autoencoders.build("causal3d-f4x8c4-debug", latent_scale=(0.5,), latent_shift=(0.1,)).eval()
+    base.save_pretrained(tmp_path / "base")
+    autoencoders.build("causal3d-f4x8c16-debug").save_pretrained(tmp_path / "wide")
+    assert (MTCVAE.base_family, MTCVAE.stages, MTCVAE.variable_rate) == ("causal3d", (0, 1, 2), True)
+    mtc = autoencoders.build("mtcvae-c4-debug")
+    mtc.load_base(tmp_path / "base")
+    mtc = mtc.with_stage(1).eval()
+    ref = convert(base).eval()
+    assert mtc.config.stage == 1 and (mtc.config.latent_scale, mtc.config.latent_shift) == ((0.5,), (0.1,))
+    for (n, p), q in zip(mtc.state_dict().items(), ref.state_dict().values()):
+        if not n.startswith(("keyframe_embed", "predictor")):  # new parts: random either way
+            torch.testing.assert_close(p, q, msg=n)
+    trainable = {n.split(".")[0] for n, p in mtc.named_parameters() if p.requires_grad}
+    assert trainable == {"extra_down", "extra_up"} and mtc.stage == 1
+    assert mtc.with_stage(1) is mtc and mtc.with_stage(2).stage == 2
+    with pytest.raises(ValueError, match="does not match"):
+        autoencoders.build("mtcvae-c4-debug").load_base(tmp_path / "wide")
+    with pytest.raises(ValueError, match="must be a causal3d"):
+        autoencoders.build("kl2d-f8c4-debug").save_pretrained(tmp_path / "kl")
+        autoencoders.build("mtcvae-c4-debug").load_base(tmp_path / "kl")
 
 
 def test_latent_spec_vcpr_and_paper_configs():
@@ -330,15 +357,16 @@ def test_save_load_round_trip_and_stage2_ema(tmp_path):
     saved = autoencoders.load_pretrained(tmp_path / "b")
     torch.testing.assert_close(saved.predictor.proj.weight, ema)  # the EMA weights were written
 
-    convert_checkpoint(tmp_path / "a", tmp_path / "c", name="mine", stage=2)
+    autoencoders.load_pretrained(tmp_path / "a").with_stage(2).save_pretrained(tmp_path / "c", name="mine")
     c = autoencoders.load_pretrained(tmp_path / "c")
     assert c.config.stage == 2 and int(c.ema_steps) == 0
 
 
 @pytest.mark.slow
 def test_two_step_recipe_through_the_ae_trainer(tmp_path):
-    """Sec. 3.5 with `ldm train-ae`: causal3d -> stage 1 (new sampling layers, rec + KL + GAN) ->
-    stage 2 (f_c + P + decoder, BCE + flow, EMA written at the end)."""
+    """Sec. 3.5 with `ldm train-ae`, the staged protocol Hi-VAE uses too: a trained causal3d as
+    ``--base-checkpoint`` -> ``--stage 1`` (new sampling layers, rec + KL + GAN) -> ``--init
+    S1/final --stage 2`` (f_c + P + decoder, BCE + flow, EMA written at the end)."""
     import json
 
     from data.synth import synth_dataset
@@ -349,12 +377,12 @@ def test_two_step_recipe_through_the_ae_trainer(tmp_path):
     autoencoders.build("causal3d-f4x8c4-debug").save_pretrained(tmp_path / "base", name="causal3d-f4x8c4-debug")
     common = dict(data=str(tmp_path / "videos"), frames=34, height=32, width=32, batch_size=1, log_every=1,
                   num_workers=0, latent_stats_clips=1, progress=False)
-    convert_checkpoint(tmp_path / "base", tmp_path / "s1init", name="mtcvae-c4-debug")
-    train_autoencoder(TrainAEConfig(output=str(tmp_path / "s1"), init=str(tmp_path / "s1init"), steps=2,
-                                    save_every=2, sample_every=2, gan=True, **common))
-    convert_checkpoint(tmp_path / "s1" / "final", tmp_path / "s2init", stage=2)
-    train_autoencoder(TrainAEConfig(output=str(tmp_path / "s2"), init=str(tmp_path / "s2init"), steps=3,
-                                    save_every=3, sample_every=3, **common))
+    s1 = train_autoencoder(TrainAEConfig(output=str(tmp_path / "s1"), autoencoder="mtcvae-c4-debug",
+                                         base_checkpoint=str(tmp_path / "base"), stage=1, steps=2, save_every=2,
+                                         sample_every=2, gan=True, **common))
+    assert s1["stage"] == 1
+    train_autoencoder(TrainAEConfig(output=str(tmp_path / "s2"), init=str(tmp_path / "s1" / "final"), stage=2,
+                                    steps=3, save_every=3, sample_every=3, **common))
     logs = [json.loads(line) for line in (tmp_path / "s2" / "log.jsonl").read_text().splitlines()]
     assert {"bce", "flow", "rec", "kl"} <= set(logs[-1])
     final = autoencoders.load_pretrained(tmp_path / "s2" / "final")

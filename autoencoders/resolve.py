@@ -1,0 +1,147 @@
+""""Which autoencoder": the one resolver every verb uses.
+
+A reference is one of
+
+- a **registered name** (``kl2d-f8c4``; ``ldm list``): the registered config, with RANDOM weights
+  (a warning says so) unless a ``checkpoint`` folder of ours is given too;
+- **our checkpoint folder** (``save_pretrained``: ``config.json`` + ``model.safetensors``, e.g. a
+  ``ldm train-ae`` run's ``final/``), as ``checkpoint=`` or as the reference itself; with a name
+  too, the folder must hold that name;
+- a **source name** ``<prefix>:<what>`` with ``checkpoint=`` a LOCAL folder (and ``subfolder``):
+  external weights loaded by a loader registered with ``register_source`` (``diffusers``:
+  ``diffusers:AutoencoderKLWan``; the weights converters register theirs the same way).
+
+``resolve(ref, checkpoint) -> Resolved(model, name, weights_hash)``; ``weights_hash`` is the
+``dir_hash`` of the weights folder (None for random weights) and is what manifests record.
+``resolve_record(record)`` rebuilds the model an extraction manifest / DiT export names (an
+``ldm.artifacts.AERecord``), checking the weights against the recorded hash.
+``config_of(ref)`` gives the class and config without any weights (shape arithmetic, costs).
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from autoencoders.base import FAMILIES, REGISTRY, SOURCES, Autoencoder, build, load_pretrained, source_of
+from ldm import config as cfglib
+from ldm.artifacts import AERecord
+from ldm.checkpoint import dir_hash, read_json
+
+
+class Resolved(NamedTuple):
+    model: Autoencoder
+    name: str  # registered / source name, or the name saved in the folder (else the family)
+    weights_hash: str | None  # dir_hash of the weights folder; None: random weights
+
+
+def _saved_folder(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def _check_saved(path: Path) -> dict[str, Any]:
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"checkpoint {path}: expected a folder with config.json and model.safetensors "
+                                "(written by save_pretrained, e.g. a `ldm train-ae` run's final/)")
+    return read_json(path / "config.json")
+
+
+def _unknown(ref: str) -> KeyError:
+    sources = " / ".join(f"{p}:<what>" for p in sorted(SOURCES))
+    return KeyError(f"unknown autoencoder {ref!r}: not registered (see `ldm list`), and neither a registered "
+                    f"source name ({sources}) nor a saved model folder")
+
+
+def resolve(ref: str | None = None, checkpoint: str | Path | None = None, *, subfolder: str | None = None,
+            seed: int | None = 0, overrides: Mapping[str, Any] | None = None, warn_random: bool = True,
+            expect_hash: str | None = None) -> Resolved:
+    """The model ``ref`` / ``checkpoint`` name (see the module docstring). Random weights are drawn
+    after ``torch.manual_seed(seed)`` (no reseeding with ``seed=None``); ``overrides`` are config
+    fields of a registered name or a source's options; ``expect_hash`` must equal the weights'
+    hash (the weights a manifest recorded)."""
+    overrides = dict(overrides or {})
+    if ref is not None and checkpoint is None and ref not in REGISTRY and source_of(ref) is None:
+        if not _saved_folder(ref):
+            raise _unknown(ref)
+        ref, checkpoint = None, ref  # a folder given as the reference
+    if ref is not None and source_of(ref) is not None:
+        if checkpoint is None:
+            raise ValueError(f"{ref} loads weights from a local folder: give its path (--ae-path / --checkpoint)")
+        folder = Path(checkpoint) / subfolder if subfolder else Path(checkpoint)
+        model = build(ref, path=checkpoint, subfolder=subfolder, **overrides)
+        found = Resolved(model, ref, dir_hash(folder))
+    elif checkpoint is not None:
+        if overrides:
+            raise ValueError(f"config overrides {sorted(overrides)} do not apply to a saved model: its config is used")
+        if subfolder:
+            checkpoint = Path(checkpoint) / subfolder
+        meta = _check_saved(Path(checkpoint))
+        saved = meta.get("name")
+        if ref is not None and saved is not None and saved != ref:
+            raise ValueError(f"checkpoint {checkpoint} holds {saved!r}, not {ref!r}")
+        found = Resolved(load_pretrained(checkpoint), saved or ref or meta["family"], dir_hash(checkpoint))
+    elif ref is not None:
+        if ref not in REGISTRY:
+            raise _unknown(ref)
+        if warn_random:
+            warnings.warn(f"no checkpoint: {ref} has RANDOM weights (fine for pipeline and cost checks, not for "
+                          "quality or training a denoiser)", stacklevel=2)
+        if seed is not None:
+            torch.manual_seed(seed)
+        found = Resolved(build(ref, **overrides), ref, None)
+    else:
+        raise ValueError("give --autoencoder NAME, --checkpoint DIR, or both")
+    if expect_hash is not None and found.weights_hash != expect_hash:
+        raise ValueError(f"autoencoder weights {checkpoint} are not the ones the latents were extracted with "
+                         f"(hash {found.weights_hash} != {expect_hash})")
+    return found
+
+
+def resolve_record(record: AERecord, checkpoint: str | Path | None = None) -> Resolved:
+    """The autoencoder ``record`` names: its weights (``checkpoint`` replaces the recorded path;
+    their hash must match the record's), or, for latents made with random weights, the same
+    seeded random init of the recorded config."""
+    path = checkpoint or record.checkpoint
+    if path is not None:
+        where = Path(path) / record.subfolder if record.subfolder else Path(path)
+        if not where.exists():
+            raise FileNotFoundError(f"autoencoder weights {where} not found; pass --ae-checkpoint")
+        if source_of(record.name) is not None:
+            return resolve(record.name, path, subfolder=record.subfolder, expect_hash=record.checkpoint_hash)
+        return resolve(None, path, subfolder=record.subfolder, expect_hash=record.checkpoint_hash)
+    if record.family not in FAMILIES:
+        raise KeyError(f"unknown autoencoder family {record.family!r}; known: {sorted(FAMILIES)}")
+    warnings.warn("the latents were extracted with a RANDOM autoencoder; rebuilding it from its seed", stacklevel=2)
+    torch.manual_seed(record.seed)
+    return Resolved(FAMILIES[record.family].from_config_dict(record.config), record.name or record.family, None)
+
+
+def record_of(found: Resolved, checkpoint: str | Path | None = None, subfolder: str | None = None,
+              seed: int = 0) -> AERecord:
+    """The `AERecord` of a resolved model (what a manifest stores to rebuild it)."""
+    model = found.model
+    return AERecord(name=found.name, family=model.family, config=cfglib.to_dict(model.config),
+                    config_hash=cfglib.config_hash(model.config),
+                    checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None, subfolder=subfolder,
+                    checkpoint_hash=found.weights_hash, seed=seed)
+
+
+def config_of(ref: str) -> tuple[type[Autoencoder], Any]:
+    """``(family class, config)`` of a registered name or a saved folder (its ``config.json``
+    only): no weights are read."""
+    if ref in REGISTRY:
+        return REGISTRY[ref]
+    if source_of(ref) is not None:
+        raise ValueError(f"{ref}: a source's config comes with its weights; save it with save_pretrained (or "
+                         "`ldm extract` it and compare the manifests) to cost it")
+    if not _saved_folder(ref):
+        raise _unknown(ref)
+    meta = read_json(Path(ref) / "config.json")
+    family = meta.get("family")
+    if family not in FAMILIES:
+        raise KeyError(f"{ref}: unknown autoencoder family {family!r}; known: {sorted(FAMILIES)}")
+    cls = FAMILIES[family]
+    return cls, cfglib.from_dict(cls.config_cls, meta["config"])
