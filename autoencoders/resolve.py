@@ -26,7 +26,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from autoencoders.base import FAMILIES, REGISTRY, SOURCES, Autoencoder, build, load_pretrained, source_of
+from autoencoders.base import (FAMILIES, REGISTRY, SOURCES, Autoencoder, build, load_pretrained, saved_config,
+                               source_of)
 from ldm import config as cfglib
 from ldm.artifacts import AERecord
 from ldm.checkpoint import dir_hash, read_json
@@ -40,13 +41,6 @@ class Resolved(NamedTuple):
 
 def _saved_folder(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
-
-
-def _check_saved(path: Path) -> dict[str, Any]:
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"checkpoint {path}: expected a folder with config.json and model.safetensors "
-                                "(written by save_pretrained, e.g. a `ldm train-ae` run's final/)")
-    return read_json(path / "config.json")
 
 
 def _unknown(ref: str) -> KeyError:
@@ -78,7 +72,7 @@ def resolve(ref: str | None = None, checkpoint: str | Path | None = None, *, sub
             raise ValueError(f"config overrides {sorted(overrides)} do not apply to a saved model: its config is used")
         if subfolder:
             checkpoint = Path(checkpoint) / subfolder
-        meta = _check_saved(Path(checkpoint))
+        meta = saved_config(checkpoint)  # a clear error for a DiT, a run folder, a missing folder
         saved = meta.get("name")
         if ref is not None and saved is not None and saved != ref:
             raise ValueError(f"checkpoint {checkpoint} holds {saved!r}, not {ref!r}")

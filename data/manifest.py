@@ -38,16 +38,19 @@ class Manifest:
     counts: Counts
     stats: dict[str, dict[str, Any]]  # per part: count, per-channel mean / std / sample_std
     shards: tuple[dict[str, Any], ...] = ()  # {"name": shard file, "count": samples}
-    skipped: tuple[dict[str, str], ...] = ()  # {"key", "reason"} per input that could not be used
+    skipped: tuple[dict[str, Any], ...] = ()  # {"key", ["clip", "start_frame",] "reason"} per input not used
     input_problems: tuple[str, ...] = ()  # problems of the input listing (caption rows without files, ...)
     text_encoder: str | None = None  # spec of the cached caption embeddings
     text_dim: int | None = None
     text_tokens: int = 0  # mean caption length in tokens
     num_classes: int = 0
     shard_size: int = 64
+    dtype: str = "fp32"  # the encoder's compute precision (latents are stored as fp32 either way)
+    tile: str | None = None  # spatial tiling of the encoder, "TILE[:OVERLAP]" pixels
     world_size: int = 1
     verify: dict[str, Any] | None = None  # {"k", "psnr"} of ``--verify K``
     mixed_shapes: bool = False  # several folders merged with different latent shapes (buckets)
+    latent_shapes: tuple[dict[str, list[int]], ...] = ()  # merged folders: every distinct latent_shape
     version: int = 2
 
     @property
@@ -57,19 +60,13 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], what: str = "manifest") -> "Manifest":
-        return load_versioned(cls, data, what, {1: _from_v1})
+        return load_versioned(cls, data, what, {1: migrate_v1_record})
 
     def to_dict(self) -> dict[str, Any]:
         return cfglib.to_dict(self)
 
     def write(self, folder: str | Path) -> None:
         atomic_write_json(Path(folder) / MANIFEST, self.to_dict())
-
-
-def _from_v1(d: dict[str, Any]) -> dict[str, Any]:
-    d = migrate_v1_record(d)
-    d["video"] = {k: d["video"][k] for k in ("frames", "height", "width", "fps")}
-    return d
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -111,4 +108,5 @@ def load_manifests(spec: str) -> Manifest:
                                                   for c, m in zip(n, manifests)) / total - mean[i] ** 2, 0.0))
                                 for i in range(len(mean))]
     return cfglib.replace(first, shards=tuple(s for m in manifests for s in m.shards), counts=counts, stats=stats,
-                          num_classes=max(m.num_classes for m in manifests), mixed_shapes=len(shapes) > 1)
+                          num_classes=max(m.num_classes for m in manifests), mixed_shapes=len(shapes) > 1,
+                          latent_shapes=tuple(json.loads(x) for x in sorted(shapes)))

@@ -50,9 +50,7 @@ _V1_DROPPED = ("stats",)  # version 1 also copied the manifest's raw statistics 
 
 
 def _from_v1(d: dict[str, Any]) -> dict[str, Any]:
-    d = migrate_v1_record({k: v for k, v in d.items() if k not in _V1_DROPPED})
-    d["video"] = {k: d["video"][k] for k in ("frames", "height", "width", "fps")}
-    return d
+    return migrate_v1_record({k: v for k, v in d.items() if k not in _V1_DROPPED})
 
 
 def save_export(path: str | Path, state: dict[str, torch.Tensor], config: DiTConfig, context: Export) -> None:

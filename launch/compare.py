@@ -26,21 +26,27 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 import autoencoders
+from data.manifest import load_manifest
+from dit import load_export
 from launch import cost as costlib
+from launch import dist
 from launch import evaluate as ev
+from launch.extract import ExtractConfig
+from launch.pipeline import run_verb
+from launch.train import TrainConfig, dit_overrides
+from launch.train_ae import TrainAEConfig
 from ldm import config as cfglib
-from ldm.checkpoint import atomic_write_json
+from ldm.checkpoint import atomic_write_json, read_json
+from ldm.metrics import FVD_FRAMES, load_i3d
+from ldm.samplers import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRAIN = ROOT / "launch" / "configs" / "train-debug.yaml"
@@ -74,12 +80,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-clips", type=int, default=8)
     p.add_argument("--per-prompt", type=int, default=1, help="attribute benchmark: samples per prompt")
     p.add_argument("--sample-steps", type=int, default=10)
-    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--guidance", type=float, default=SamplingConfig.guidance)
     p.add_argument("--lpips-backbone")
     p.add_argument("--lpips-heads")
     p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"])
     p.add_argument("--i3d", help="FVD / rFVD extractor (i3d_torchscript.pt)")
-    p.add_argument("--fvd-frames", type=int, default=ev.FVD_FRAMES)
+    p.add_argument("--fvd-frames", type=int, default=FVD_FRAMES)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
 
@@ -93,19 +99,18 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------
 def _entries(spec: str) -> list[dict[str, Any]]:
-    """Each autoencoder: its label, registered name and/or checkpoint folder."""
+    """Each autoencoder: its label, registered name and/or checkpoint folder (``autoencoders.config_of``
+    says whether an item is either)."""
     out = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
+        autoencoders.config_of(item)  # unknown: a clear error before anything runs
         if item in autoencoders.REGISTRY:
             out.append({"label": item, "name": item, "checkpoint": None})
-        elif (Path(item) / "config.json").is_file():
-            meta = json.loads((Path(item) / "config.json").read_text())
-            label = meta.get("name") or Path(item).resolve().parent.name
-            out.append({"label": label, "name": meta.get("name"), "checkpoint": str(item)})
         else:
-            raise KeyError(f"{item!r} is neither a registered autoencoder (see `ldm list`) nor a saved model folder")
+            name = read_json(Path(item) / "config.json").get("name")
+            out.append({"label": name or Path(item).resolve().parent.name, "name": name, "checkpoint": str(item)})
     labels = [e["label"] for e in out]
     if len(set(labels)) != len(labels):
         for i, e in enumerate(out):
@@ -117,18 +122,6 @@ def _entries(spec: str) -> list[dict[str, Any]]:
 
 def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
-
-
-def _torchrun(nproc: int, verb_args: list[str], log: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "launch.cli", *verb_args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        code = subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-    if code:
-        raise RuntimeError(f"`ldm {verb_args[0]}` on {nproc} processes failed ({code}); log {log}:\n"
-                           f"{log.read_text()[-3000:]}")
 
 
 def _data(args: argparse.Namespace, out: Path) -> tuple[str, str, dict[str, Any] | None]:
@@ -156,42 +149,29 @@ def _data(args: argparse.Namespace, out: Path) -> tuple[str, str, dict[str, Any]
 
 
 def _train_ae(entry: dict[str, Any], args: argparse.Namespace, train_data: str, work: Path) -> dict[str, Any]:
-    from launch.train_ae import TrainAEConfig, train_autoencoder
-
-    summary = train_autoencoder(TrainAEConfig(
-        data=train_data, output=str(work / "ae"), autoencoder=entry["name"], frames=args.frames, height=args.height,
-        width=args.width, batch_size=4, lr=1e-3, steps=args.ae_steps, log_every=max(1, args.ae_steps // 10),
-        save_every=args.ae_steps, sample_every=args.ae_steps, num_workers=0, seed=args.seed, progress=False,
-        device=args.device))
+    cfg = TrainAEConfig(data=train_data, output=str(work / "ae"), autoencoder=entry["name"], frames=args.frames,
+                        height=args.height, width=args.width, batch_size=4, lr=1e-3, steps=args.ae_steps,
+                        log_every=max(1, args.ae_steps // 10), save_every=args.ae_steps, sample_every=args.ae_steps,
+                        num_workers=0, seed=args.seed, progress=False, device=args.device)
+    summary = run_verb("train-ae", cfg, work / "train_ae.log", in_process=True)
     entry["checkpoint"] = summary["final"]
     return {"steps": args.ae_steps, "first_loss": summary.get("first_loss"), "last_loss": summary.get("last_loss")}
 
 
 def _extract(entry: dict[str, Any], args: argparse.Namespace, train_data: str, work: Path) -> dict[str, Any]:
-    from data.shards import load_manifest
-    from launch.extract import ExtractConfig, extract
-
     latents = work / "latents"
+    cfg = ExtractConfig(autoencoder=None if entry["checkpoint"] else entry["name"], checkpoint=entry["checkpoint"],
+                        input=train_data, output=str(latents), frames=args.frames, height=args.height,
+                        width=args.width, fps=args.fps, text_encoder="builtin", device=args.device, seed=args.seed)
     t0 = time.perf_counter()
-    if args.nproc > 1:
-        which = ["--checkpoint", entry["checkpoint"]] if entry["checkpoint"] else ["--autoencoder", entry["name"]]
-        _torchrun(args.nproc, ["extract", *which, "--input", train_data, "--output", str(latents), "--frames",
-                               str(args.frames), "--height", str(args.height), "--width", str(args.width),
-                               "--text-encoder", "builtin", "--device", args.device], work / "extract.log")
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the random-weights warning is in the report
-            extract(ExtractConfig(autoencoder=None if entry["checkpoint"] else entry["name"],
-                                  checkpoint=entry["checkpoint"], input=train_data, output=str(latents),
-                                  frames=args.frames, height=args.height, width=args.width, fps=args.fps,
-                                  text_encoder="builtin", device=args.device, seed=args.seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-weights warning is in the report
+        run_verb("extract", cfg, work / "extract.log", ranks=args.nproc, in_process=args.nproc == 1)
     m = load_manifest(latents)
-    return {"seconds": time.perf_counter() - t0, "clips": m["counts"]["written"], "manifest": m}
+    return {"seconds": time.perf_counter() - t0, "clips": m.counts.written, "manifest": m}
 
 
 def _train_dit(args: argparse.Namespace, latents: Path, work: Path) -> tuple[dict[str, Any], Any]:
-    from launch.train import TrainConfig, train
-
     over = [f"output={work / 'dit'}", f"data.shards={latents}", "log_every=1", "keep_checkpoints=1", *args.train]
     if args.dit_steps:
         over.append(f"steps={args.dit_steps}")
@@ -199,16 +179,12 @@ def _train_dit(args: argparse.Namespace, latents: Path, work: Path) -> tuple[dic
     cfg = cfglib.replace(cfg, save_every=cfg.steps)
     cuda = torch.cuda.is_available() and args.device != "cpu"
     t0 = time.perf_counter()
-    if args.nproc > 1:
-        yaml_path = work / "dit.yaml"
-        yaml_path.write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
-        _torchrun(args.nproc, ["train", "--config", str(yaml_path)], work / "train.log")
-        peak = None
-    else:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        train(cfg)
-        peak = int(torch.cuda.max_memory_allocated()) if cuda else None
+    peak = None
+    if cuda and args.nproc == 1:
+        torch.cuda.reset_peak_memory_stats()
+    run_verb("train", cfg, work / "train.log", ranks=args.nproc, in_process=args.nproc == 1)
+    if cuda and args.nproc == 1:
+        peak = int(torch.cuda.max_memory_allocated())
     seconds = time.perf_counter() - t0
     log = [json.loads(line) for line in (work / "dit" / "log.jsonl").read_text().splitlines() if line.strip()]
     per_step = cfg.data.batch_size * cfg.optim.grad_accum * args.nproc
@@ -222,13 +198,10 @@ def _train_dit(args: argparse.Namespace, latents: Path, work: Path) -> tuple[dic
 
 def _evaluate(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, synth: dict[str, Any] | None,
               work: Path, lpips, i3d, device: torch.device) -> dict[str, Any]:
-    from launch.sample import load_autoencoder
-    from launch.train import load_export
-
-    model, context = load_export(work / "dit", device)
+    model, export = load_export(work / "dit", device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ae = load_autoencoder(context).to(device).eval()
+        ae = autoencoders.resolve_record(export.autoencoder).model.to(device).eval()
     text_encoder = None
     if ae.text_dim:
         from ldm.text import build_text_encoder
@@ -238,31 +211,30 @@ def _evaluate(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, s
                                               num=args.eval_clips, device=device, lpips=lpips, i3d=i3d,
                                               fvd_frames=args.fvd_frames, text_encoder=text_encoder,
                                               grid=work / "recon_grid.png")
-    sampling = dict(frames=args.frames, height=args.height, width=args.width, steps=args.sample_steps,
-                    guidance=args.guidance, seed=args.seed, device=device)
+    sampling = SamplingConfig(steps=args.sample_steps, guidance=args.guidance, seed=args.seed)
+    clip = dict(frames=args.frames, height=args.height, width=args.width, sampling=sampling, device=device)
     if synth is not None:
         suite = ev.attribute_suite(synth["shapes"], synth["colors"], synth["directions"],
                                    [" ".join(h) for h in synth["holdout"]])
         (work / "samples").mkdir(exist_ok=True)
-        out["attributes"] = ev.attribute_benchmark(model, ae, context, suite, per_prompt=args.per_prompt,
-                                                   save_dir=work / "samples", **sampling)
+        out["attributes"] = ev.attribute_benchmark(model, ae, export, suite, per_prompt=args.per_prompt,
+                                                   save_dir=work / "samples", **clip)
         out["sample_s_per_video"] = out["attributes"]["sample_s_per_video"]
     else:  # no attribute suite: time a few samples
         from launch.sample import generate
         from ldm.text import build_text_encoder
 
-        text = bool(model.config.text_dim and context.get("text_encoder"))
+        text = bool(model.config.text_dim and export.text_encoder)
         n = max(1, min(args.eval_clips, 4))
         if text or model.config.num_classes:
             t0 = time.perf_counter()
-            generate(model, ae, context, prompts=["a video"] * n if text else None,
+            generate(model, ae, export.latent_norm, prompts=["a video"] * n if text else None,
                      class_ids=None if text else [0] * n, progress=False,
-                     text_encoder=build_text_encoder(context["text_encoder"], device=device) if text else None,
-                     **sampling)
+                     text_encoder=build_text_encoder(export.text_encoder, device=device) if text else None, **clip)
             out["sample_s_per_video"] = (time.perf_counter() - t0) / n
     if i3d is not None:
-        out["fvd"] = ev.generation_fd(model, ae, context, eval_data, num=args.eval_clips, i3d=i3d, inception=None,
-                                      fvd_frames=args.fvd_frames, **sampling)["fvd"]
+        out["fvd"] = ev.generation_fd(model, ae, export, eval_data, num=args.eval_clips, i3d=i3d, inception=None,
+                                      fvd_frames=args.fvd_frames, **clip)["fvd"]
     return out
 
 
@@ -274,12 +246,12 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     entries = _entries(args.autoencoders)
     for e in entries:  # every autoencoder must take the clip size before anything runs
         costlib.latent_spec(e["checkpoint"] or e["name"], args.frames, args.height, args.width)
-    device = ev._device(args.device)
+    device = dist.device_for(dist.dist_env(), args.device)
     lpips = None
     if args.lpips_backbone or args.lpips_heads:
         from ldm.metrics import LPIPS
         lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
-    i3d = ev.load_i3d(args.i3d, device=device) if args.i3d else None
+    i3d = load_i3d(args.i3d, device=device) if args.i3d else None
     train_data, eval_data, synth = _data(args, out)
     rows = []
     for e in entries:
@@ -295,15 +267,11 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         row["extract"] = ext
         row["dit"], tcfg = _train_dit(args, work / "latents", work)
         row.update(_evaluate(e, args, eval_data, synth, work, lpips, i3d, device))
-        overrides = dict(tcfg.model.overrides)
-        if tcfg.model.class_cond and manifest.get("num_classes", 0) > 0:
-            overrides.setdefault("num_classes", manifest["num_classes"])
-        if tcfg.model.text_cond and manifest.get("text_dim"):
-            overrides.setdefault("text_dim", manifest["text_dim"])
+        overrides = dit_overrides(tcfg.model, manifest)
         row["cost"], = costlib.cost_table([e["checkpoint"] or e["name"]], args.frames, args.height, args.width,
                                           tcfg.model.dit, batch_size=tcfg.data.batch_size, steps=args.sample_steps,
                                           cfg=args.guidance != 1.0, dit_overrides=overrides,
-                                          text_tokens=manifest.get("text_tokens", 0) if "text_dim" in overrides else 0)
+                                          text_tokens=manifest.text_tokens if "text_dim" in overrides else 0)
         row["cost"]["autoencoder"] = e["label"]
         rows.append(row)
     report = {"settings": {k: v for k, v in vars(args).items() if not callable(v)}, "data": {

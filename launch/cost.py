@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -36,12 +35,10 @@ import torch
 
 import autoencoders
 import dit
-from autoencoders import Autoencoder
-from dit.tokens import count_tokens
 from ldm import config as cfglib
 from ldm.cost import (FLOP_CONVENTION, count_flops, dit_forward_flops_analytic, fake_mode, prime_optimizer,
                       train_step_memory)
-from ldm.latent import Cond, Latent, LatentSpec
+from ldm.latent import Cond, Latent, LatentSpec, part_tokens
 
 KEYS = ("autoencoder", "latent_shape", "latent_elements", "compression_rate", "compression_factor", "vcpr",
         "tokens", "dit_params", "dit_forward_flops", "dit_forward_flops_analytic", "dit_train_step_flops",
@@ -96,27 +93,10 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------
 # rows
 # ------------------------------------------------------------------------------------------
-def _resolve(name: str) -> tuple[type[Autoencoder], Any]:
-    """A registered name, or a saved model folder (config.json only)."""
-    if name in autoencoders.REGISTRY:
-        return autoencoders.REGISTRY[name]
-    folder = Path(name)
-    if (folder / "config.json").is_file():
-        meta = json.loads((folder / "config.json").read_text())
-        family = meta.get("family")
-        if family not in autoencoders.FAMILIES:
-            raise KeyError(f"{folder}: unknown autoencoder family {family!r}")
-        cls = autoencoders.FAMILIES[family]
-        return cls, cfglib.from_dict(cls.config_cls, meta["config"])
-    if name.startswith("diffusers:"):
-        raise ValueError(f"{name}: diffusers VAEs are costed from a saved folder only; use `ldm extract` "
-                         "with --ae-path and compare the manifests")
-    raise KeyError(f"unknown autoencoder {name!r}: not registered (see `ldm list`) and not a saved model folder")
-
-
 def latent_spec(name: str, frames: int, height: int, width: int) -> LatentSpec:
-    """The latent spec of ``name`` at this size, computed on the meta device (no weights)."""
-    cls, config = _resolve(name)
+    """The latent spec of ``name`` (``autoencoders.config_of``: a registered name or a saved folder)
+    at this size, computed on the meta device (no weights)."""
+    cls, config = autoencoders.config_of(name)
     with torch.device("meta"):
         model = cls(config)
     return model.latent_spec(frames, height, width)
@@ -139,7 +119,7 @@ def decode_flops(name: str, spec: LatentSpec, text_tokens: int = AE_TEXT_TOKENS)
     decoder (``text_dim`` > 0) gets a caption embedding of ``text_tokens`` tokens."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
-    cls, config = _resolve(name)
+    cls, config = autoencoders.config_of(name)
     with fake_mode(small_real=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # deepcopy of fakes
         ae = cls(config).eval()
@@ -225,12 +205,8 @@ def measured_dit_costs(spec: LatentSpec, cfg: dit.DiTConfig, batch_size: int, te
 def _analytic(spec: LatentSpec, cfg: dit.DiTConfig, text_tokens: int) -> int | None:
     if cfg.attn_layout != "full":
         return None
-    groups = []
-    for s in dit.part_specs(spec.parts, cfg.patch, cfg.part_patch):
-        shape = spec.parts[s.name]
-        n = (math.prod(math.ceil(a / p) for a, p in zip(shape[1:], s.patch)) if len(shape) == 4
-             else shape[0] * shape[1])
-        groups.append((n, s.token_dim))
+    groups = [(part_tokens(spec.parts[s.name], s.patch), s.token_dim)
+              for s in dit.part_specs(spec.parts, cfg.patch, cfg.part_patch)]
     return dit_forward_flops_analytic(cfg.depth, cfg.hidden, groups, cfg.mlp_ratio, cfg.freq_dim,
                                       text_tokens if cfg.text_dim else 0, cfg.text_dim)
 
@@ -246,7 +222,7 @@ def cost_table(names: list[str], frames: int, height: int, width: int, dit_name:
     if text_tokens:
         overrides.setdefault("text_dim", text_dim)
     for name in names:
-        _resolve(name)  # an unknown name is an error, not a row
+        autoencoders.config_of(name)  # an unknown name is an error, not a row
     cache: dict[str, dict[str, Any]] = {}
     rows = []
     for name in names:
@@ -263,7 +239,7 @@ def cost_table(names: list[str], frames: int, height: int, width: int, dit_name:
         row.update(latent_shape=d["latent_shape"], latent_elements=d["latent_elements"],
                    compression_rate=d["compression_rate"], compression_factor=d["compression_factor"],
                    vcpr=d["vcpr"],
-                   tokens=count_tokens(spec.parts, dit.part_specs(spec.parts, dcfg.patch, dcfg.part_patch)))
+                   tokens=spec.tokens(dcfg.patch, dcfg.part_patch))
         key = json.dumps([cfglib.to_dict(dcfg), batch_size, text_tokens, measure], sort_keys=True)
         if key not in cache:
             costs = dit_costs(spec, dcfg, batch_size, text_tokens)

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -41,15 +40,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import yaml
 
 from data.attributes import read_attributes
 from data.synth import CARDINAL, COLORS, SHAPES, caption, class_id, parse_combo, synth_dataset
+from launch.extract import ExtractConfig
+from launch.pipeline import run_verb
 from launch.train import TrainConfig
+from launch.train_ae import TrainAEConfig
 from ldm import config as cfglib
+from ldm.samplers import SamplingConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-ROOT = Path(__file__).resolve().parents[1]
 MARKER = ".ldm-demo"  # marks a folder written by `ldm demo` (so a rerun may clear it)
 ATTRS = ("color", "direction", "shape")
 
@@ -91,14 +92,14 @@ class ExtractStage:
 
 
 @dataclass(frozen=True)
-class SampleStage:
+class SampleStage(SamplingConfig):
+    """The sampling settings (``SamplingConfig``: steps, guidance, shift, sampler, seed) and the
+    prompt suite."""
+
+    steps: int = 25
     seen: tuple[str, ...] = ()  # training combinations to prompt ("color shape direction")
     seen_seeds: int = 3
     holdout_seeds: int = 6
-    steps: int = 25
-    guidance: float = 4.0
-    sampler: str = "euler"
-    shift: float = 1.0
     batch_size: int = 24
     fps: float = 8.0
 
@@ -200,22 +201,6 @@ def _threads_per_rank(ranks: int) -> int:
     return max(1, (os.cpu_count() or 1) // ranks)
 
 
-def _torchrun(ranks: int, verb_args: list[str], log_path: Path) -> None:
-    """``torchrun --standalone --nproc_per_node RANKS -m launch.cli VERB ...``, output to ``log_path``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-           "-m", "launch.cli", *verb_args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(_threads_per_rank(ranks)),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        code = subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        tail = log_path.read_text()[-4000:]
-        raise RuntimeError(f"`ldm {verb_args[0]}` on {ranks} rank(s) failed (exit {code}); log {log_path}:\n{tail}")
-
-
 def _combo_attrs(combo: str) -> dict[str, str]:
     c, s, d = parse_combo(combo)
     return {"color": c, "shape": s, "direction": d}
@@ -298,14 +283,12 @@ def _train_ae(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
     from ldm.checkpoint import read_json
 
     s, a = cfg.synth, cfg.autoencoder
-    _torchrun(cfg.ranks, ["train-ae", "--autoencoder", a.autoencoder, "--data", str(work / "videos"),
-                          "--output", str(work / "ae"), "--frames", str(a.frames or s.frames), "--height", str(s.size),
-                          "--width", str(s.size), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
-                          "--warmup", str(a.warmup), "--steps", str(a.steps), "--kl-weight", str(a.kl_weight),
-                          "--log-every", str(max(1, min(10, a.steps // 10))), "--save-every", str(a.steps),
-                          "--sample-every", str(a.steps), "--num-workers", str(a.num_workers),
-                          "--seed", str(s.seed), "--device", "cpu", "--no-progress"],
-              out / "logs" / "train_ae.log")
+    run_verb("train-ae", TrainAEConfig(
+        autoencoder=a.autoencoder, data=str(work / "videos"), output=str(work / "ae"), frames=a.frames or s.frames,
+        height=s.size, width=s.size, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, steps=a.steps,
+        kl_weight=a.kl_weight, log_every=max(1, min(10, a.steps // 10)), save_every=a.steps, sample_every=a.steps,
+        num_workers=a.num_workers, seed=s.seed, device="cpu", progress=False),
+        out / "logs" / "train_ae.log", ranks=cfg.ranks, threads=_threads_per_rank(cfg.ranks))
     summary = read_json(work / "ae" / "summary.json")
     return {"name": a.autoencoder, "steps": summary["steps"], "world_size": summary["world_size"],
             "first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
@@ -316,13 +299,13 @@ def _train_ae(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
 def _eval_ae(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
     """PSNR/SSIM of the trained AE on the evaluation clips (another seed; the held-out combinations
     among them), and the attribute reader on the clips and on their reconstructions."""
-    from autoencoders import load_pretrained
+    from autoencoders import resolve
     from data.sources import VideoClipDataset, list_items
     from launch.train_ae import save_grid
     from ldm.metrics import psnr, ssim
 
     s = cfg.synth
-    ae = load_pretrained(work / "ae" / "final").eval()
+    ae = resolve(checkpoint=work / "ae" / "final").model.eval()
     items = list_items(work / "eval")
     clips = VideoClipDataset(items, s.frames, s.size, s.size)
     videos = torch.stack([clips[i]["video"] for i in range(len(items))])  # (N, C, T, H, W)
@@ -342,30 +325,26 @@ def _eval_ae(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
 
 
 def _extract(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
-    from data.shards import load_manifest
+    from data.manifest import load_manifest
 
     s, e = cfg.synth, cfg.extract
-    _torchrun(cfg.ranks, ["extract", "--checkpoint", str(work / "ae" / "final"), "--input", str(work / "videos"),
-                          "--output", str(work / "latents"), "--frames", str(s.frames), "--height", str(s.size),
-                          "--width", str(s.size), "--shard-size", str(e.shard_size), "--batch-size",
-                          str(e.batch_size), "--text-encoder", e.text_encoder, "--device", "cpu"],
-              out / "logs" / "extract.log")
+    run_verb("extract", ExtractConfig(
+        checkpoint=str(work / "ae" / "final"), input=str(work / "videos"), output=str(work / "latents"),
+        frames=s.frames, height=s.size, width=s.size, shard_size=e.shard_size, batch_size=e.batch_size,
+        text_encoder=e.text_encoder, device="cpu"),
+        out / "logs" / "extract.log", ranks=cfg.ranks, threads=_threads_per_rank(cfg.ranks))
     m = load_manifest(work / "latents")
-    return {"world_size": m["world_size"], "written": m["counts"]["written"], "skipped": m["counts"]["skipped"],
-            "shards": len(m["shards"]), "latent_shape": m["latent_spec"]["latent_shape"],
-            "text_encoder": m["text_encoder"], "text_dim": m["text_dim"], "num_classes": m["num_classes"]}
+    return {"world_size": m.world_size, "written": m.counts.written, "skipped": m.counts.skipped,
+            "shards": len(m.shards), "latent_shape": m.latent_spec["latent_shape"],
+            "text_encoder": m.text_encoder, "text_dim": m.text_dim, "num_classes": m.num_classes}
 
 
 def _train_dit(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
-    import dataclasses
+    from dit import load_export
 
-    from launch.train import load_export
-
-    tcfg = dataclasses.replace(cfg.dit, output=str(work / "dit"),
-                               data=dataclasses.replace(cfg.dit.data, shards=str(work / "latents")))
-    yaml_path = work / "dit.yaml"
-    yaml_path.write_text(yaml.safe_dump(cfglib.to_dict(tcfg), sort_keys=False))
-    _torchrun(cfg.ranks, ["train", "--config", str(yaml_path)], out / "logs" / "train.log")
+    tcfg = cfglib.replace(cfg.dit, output=str(work / "dit"),
+                          data=cfglib.replace(cfg.dit.data, shards=str(work / "latents")))
+    run_verb("train", tcfg, out / "logs" / "train.log", ranks=cfg.ranks, threads=_threads_per_rank(cfg.ranks))
     log = [json.loads(line) for line in (work / "dit" / "log.jsonl").read_text().splitlines()]
     ckpt = work / "dit" / "checkpoints"
     latest = ckpt / (ckpt / "latest").read_text().strip()
@@ -381,14 +360,15 @@ def _train_dit(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
 def _sample(cfg: DemoConfig, work: Path, out: Path) -> list[dict[str, Any]]:
     """The prompt suite: (group, combos, seeds, use class ids). Returns one row per video with the
     decoded ``video`` tensor (scored, then dropped)."""
-    from launch.sample import generate, load_autoencoder, save_videos
-    from launch.train import load_export
+    from autoencoders import resolve_record
+    from dit import load_export
+    from launch.sample import generate, save_videos
     from ldm.text import build_text_encoder
 
     s, p = cfg.synth, cfg.sample
-    model, context = load_export(work / "dit")
-    ae = load_autoencoder(context).eval()
-    text_encoder = build_text_encoder(context["text_encoder"])
+    model, export = load_export(work / "dit")
+    ae = resolve_record(export.autoencoder).model.eval()
+    text_encoder = build_text_encoder(export.text_encoder)
     suites = []
     if p.seen:
         suites += [("seen_text_class", p.seen, p.seen_seeds, True, 0), ("seen_text", p.seen, p.seen_seeds, False, 0)]
@@ -402,9 +382,9 @@ def _sample(cfg: DemoConfig, work: Path, out: Path) -> list[dict[str, Any]]:
             chunk = items[i:i + p.batch_size]
             prompts = [caption(a) for a, _ in chunk]
             ids = [class_id(a["shape"], a["color"], a["direction"]) for a, _ in chunk] if use_class else None
-            videos.append(generate(model, ae, context, prompts=prompts, class_ids=ids, frames=s.frames,
-                                   height=s.size, width=s.size, steps=p.steps, guidance=p.guidance, shift=p.shift,
-                                   sampler=p.sampler, seed=seed0 + i, text_encoder=text_encoder, progress=False))
+            videos.append(generate(model, ae, export.latent_norm, prompts=prompts, class_ids=ids, frames=s.frames,
+                                   height=s.size, width=s.size, sampling=p, seed_offset=seed0 + i,
+                                   text_encoder=text_encoder, progress=False))
         video = torch.cat(videos)
         names = [f"{j:03d}-{a['color']}-{a['shape']}-{a['direction']}-s{k}" for j, (a, k) in enumerate(items)]
         save_videos(video, out / "videos" / group, names, p.fps)

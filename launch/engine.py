@@ -1,5 +1,5 @@
 """DeepSpeed glue for `ldm train`: the engine config, safe checkpoint loading, activation
-checkpointing, EMA weights, and the FLOP/MFU estimate. Model code never sees any of it.
+checkpointing, EMA weights, and MFU (the FLOP model is ``ldm.cost``). Model code never sees any of it.
 """
 from __future__ import annotations
 
@@ -195,20 +195,6 @@ def peak_flops(cfg: EngineConfig) -> float | None:
             if key in name:
                 return tf * 1e12
     return None
-
-
-def transformer_flops(depth: int, hidden: int, tokens: int, mlp_ratio: float, context: int = 0) -> float:
-    """Analytic forward FLOPs of one sample through a DiT trunk, counted as 2 x multiply-adds.
-
-    Per layer: QKV + output projections 8·N·d², MLP 4·r·N·d², attention scores and weighted sum
-    4·N²·d, cross-attention over ``context`` tokens 4·N·d² + 4·M·d² + 4·N·M·d, adaLN 12·d² (per
-    sample). Embeddings and heads are small and left out. A training step is ~3x the forward.
-    """
-    n, d = tokens, hidden
-    per_layer = 8 * n * d * d + 4 * mlp_ratio * n * d * d + 4 * n * n * d + 12 * d * d
-    if context:
-        per_layer += 4 * n * d * d + 4 * context * d * d + 4 * n * context * d
-    return float(depth * per_layer)
 
 
 def mfu(flops_per_s: float, peak: float | None) -> float | None:

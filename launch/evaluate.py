@@ -14,7 +14,8 @@ causal 4x-temporal VAE reconstructs the frames of each group of 4 unequally), a 
 
 Generation (``gen``):
 
-- FVD / FID: Fréchet distances (float64, unbiased covariances, streaming statistics; ``ldm.metrics``)
+- FVD / FID: Fréchet distances (float64, unbiased covariances, streaming statistics; the features
+  and the protocols below live in ``ldm.metrics``)
   between features of reference clips and of as many generated clips (sampled with the reference
   clips' captions or class ids). FVD follows the reference protocol: the first 16 frames, each
   resized bilinearly to 224x224 (no crop) after quantising to [0, 255], mapped to [-1, 1], I3D
@@ -37,192 +38,34 @@ Generation (``gen``):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import time
-import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
-from autoencoders import Autoencoder, build, load_pretrained
+from autoencoders import Autoencoder, resolve, resolve_record
 from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, probe, read_video, write_video
+from dit import Export, load_export
+from launch import dist
 from launch.dist import compute_dtype
-from ldm.checkpoint import atomic_write_json, dir_hash
+from launch.sample import add_sampling_arguments, generate, sampling_from_args
+from launch.train_ae import save_grid
+from ldm.checkpoint import atomic_write_json, file_sha256
 from ldm.latent import Cond
-from ldm.metrics import LPIPS, RunningGaussian, frechet_distance, psnr, ssim_per_frame
-
-FVD_FRAMES = 16
-FVD_SIZE = 224
-
-
-# ------------------------------------------------------------------------------------------
-# feature extractors (FVD / FID) from user files
-# ------------------------------------------------------------------------------------------
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@dataclass
-class Extractor:
-    """A frozen feature network loaded from a user file, with what a result must record."""
-
-    kind: str  # i3d_torchscript | torchscript | inception_torchscript
-    path: Path
-    sha256: str
-    module: Any
-    device: torch.device
-    dim: int = 0
-
-    def describe(self) -> dict[str, Any]:
-        return {"extractor": self.kind, "weights": self.path.name, "sha256": self.sha256, "feature_dim": self.dim}
-
-
-I3D_KINDS = ("i3d_torchscript", "torchscript")
-
-
-def _load_torchscript(path: str | Path, what: str, device: torch.device) -> tuple[Path, Any]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} not found: {str(p)!r}")
-    try:
-        module = torch.jit.load(str(p), map_location=device)
-    except RuntimeError as e:
-        raise ValueError(f"{what} {str(p)!r} is not a TorchScript archive ({str(e).splitlines()[0]}); "
-                         "export it with torch.jit.script / torch.jit.save") from None
-    return p, module.eval()
-
-
-def load_i3d(path: str | Path, kind: str = "i3d_torchscript", device: str | torch.device = "cpu") -> Extractor:
-    """The FVD feature network: ``i3d_torchscript`` (StyleGAN-V's TorchScript I3D, Kinetics-400
-    logits) or ``torchscript`` (any scripted ``module(x) -> (B, D)`` on the same input)."""
-    if kind not in I3D_KINDS:
-        raise ValueError(f"unknown FVD extractor kind {kind!r}; expected one of {I3D_KINDS}")
-    device = torch.device(device)
-    p, module = _load_torchscript(path, f"FVD extractor ({kind}, e.g. i3d_torchscript.pt)", device)
-    ext = Extractor(kind, p, sha256_file(p), module, device)
-    probe_x = torch.zeros(1, 3, FVD_FRAMES, FVD_SIZE, FVD_SIZE, device=device)
-    ext.dim = int(_i3d_features(ext, probe_x).shape[1])
-    return ext
-
-
-def load_inception(path: str | Path, device: str | torch.device = "cpu") -> Extractor:
-    """The FID feature network: StyleGAN2-ADA's TorchScript Inception (``inception-2015-12-05.pt``)."""
-    device = torch.device(device)
-    p, module = _load_torchscript(path, "FID Inception (e.g. inception-2015-12-05.pt)", device)
-    ext = Extractor("inception_torchscript", p, sha256_file(p), module, device)
-    ext.dim = int(_inception_features(ext, torch.zeros(1, 3, 64, 64, dtype=torch.uint8, device=device)).shape[1])
-    return ext
-
-
-@torch.no_grad()
-def _i3d_features(ext: Extractor, x: Tensor) -> Tensor:
-    out = ext.module(x, rescale=False, resize=False, return_features=True) if ext.kind == "i3d_torchscript" \
-        else ext.module(x)
-    if out.ndim != 2 or out.shape[0] != x.shape[0]:
-        raise ValueError(f"{ext.path.name} returned {tuple(out.shape)} for {x.shape[0]} clips; expected (B, D)")
-    return out.double().cpu()
-
-
-@torch.no_grad()
-def _inception_features(ext: Extractor, frames: Tensor) -> Tensor:
-    out = ext.module(frames, return_features=True)
-    if out.ndim != 2 or out.shape[0] != frames.shape[0]:
-        raise ValueError(f"{ext.path.name} returned {tuple(out.shape)} for {frames.shape[0]} frames; expected (N, D)")
-    return out.double().cpu()
-
-
-def to_uint8_range(videos: Tensor) -> Tensor:
-    """``[-1, 1]`` -> float values in {0, ..., 255} (what a saved video holds)."""
-    return ((videos.float().clamp(-1, 1) + 1) * 127.5).round()
-
-
-def fvd_preprocess(videos: Tensor, frames: int = FVD_FRAMES, size: int = FVD_SIZE) -> Tensor:
-    """``(B, 3, T, H, W)`` in [-1, 1] -> ``(B, 3, frames, size, size)`` in [-1, 1]: the first
-    ``frames`` frames, quantised to [0, 255], each resized bilinearly (no crop, no antialias),
-    mapped back to [-1, 1] as the reference FVD does."""
-    if videos.ndim != 5 or videos.shape[1] != 3:
-        raise ValueError(f"expected (B, 3, T, H, W) videos, got {tuple(videos.shape)}")
-    if videos.shape[2] < frames:
-        raise ValueError(f"FVD uses {frames} frames; the clips have {videos.shape[2]} (use longer clips or "
-                         "--fvd-frames, and report it)")
-    x = to_uint8_range(videos[:, :, :frames])
-    B = x.shape[0]
-    x = rearrange(x, "b c t h w -> (b t) c h w")
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # (B*T, 3, size, size)
-    x = rearrange(x, "(b t) c h w -> b c t h w", b=B)
-    return x / 127.5 - 1.0
-
-
-class FrechetAccumulator:
-    """Streaming features of two sets (``real`` / ``fake``) for one extractor."""
-
-    def __init__(self, ext: Extractor, features: Callable[[Tensor], Tensor], protocol: dict[str, Any]):
-        self.ext, self.features, self.protocol = ext, features, protocol
-        self.stats = {"real": RunningGaussian(ext.dim), "fake": RunningGaussian(ext.dim)}
-
-    def update(self, which: str, batch: Tensor) -> None:
-        self.stats[which].update(self.features(batch))
-
-    def result(self, name: str) -> dict[str, Any]:
-        (m1, s1), (m2, s2) = self.stats["real"].stats(), self.stats["fake"].stats()
-        return {name: frechet_distance(m1, s1, m2, s2), **self.ext.describe(), "n_real": self.stats["real"].n,
-                "n_fake": self.stats["fake"].n, "covariance": "unbiased (N - 1), float64", **self.protocol}
-
-
-def fvd_accumulator(ext: Extractor, frames: int = FVD_FRAMES, batch: int = 8) -> FrechetAccumulator:
-    def feats(videos: Tensor) -> Tensor:
-        out = [_i3d_features(ext, fvd_preprocess(videos[i:i + batch], frames).to(ext.device))
-               for i in range(0, len(videos), batch)]
-        return torch.cat(out)
-    return FrechetAccumulator(ext, feats, {"frames": frames, "resize": f"bilinear {FVD_SIZE}x{FVD_SIZE}, no crop",
-                                            "range": "[-1, 1]"})
-
-
-def fid_accumulator(ext: Extractor, batch: int = 64) -> FrechetAccumulator:
-    def feats(videos: Tensor) -> Tensor:
-        frames = rearrange(to_uint8_range(videos), "b c t h w -> (b t) c h w").to(torch.uint8)
-        return torch.cat([_inception_features(ext, frames[i:i + batch].to(ext.device))
-                          for i in range(0, len(frames), batch)])
-    return FrechetAccumulator(ext, feats, {"frames": "all frames of every clip",
-                                            "input": "uint8 frames, resized inside the network"})
-
+from ldm.metrics import (FVD_FRAMES, I3D_KINDS, LPIPS, VBENCH_NORMALIZE, Extractor, fid_accumulator, fvd_accumulator,
+                         load_i3d, load_inception, psnr, ssim_per_frame, temporal_flickering, vbench_aggregate)
+from ldm.samplers import SamplingConfig
 
 # ------------------------------------------------------------------------------------------
 # reconstruction
 # ------------------------------------------------------------------------------------------
-def load_autoencoder(name: str | None, checkpoint: str | None, ae_path: str | None = None,
-                     ae_subfolder: str | None = None, seed: int = 0) -> tuple[Autoencoder, str, str | None]:
-    """``(model, name, weights hash)`` from a saved folder, a diffusers folder or a registered
-    name (random weights, with a warning)."""
-    if checkpoint:
-        ae = load_pretrained(checkpoint)
-        meta = json.loads((Path(checkpoint) / "config.json").read_text())
-        return ae, meta.get("name") or name or ae.family, dir_hash(checkpoint)
-    if not name:
-        raise ValueError("give --autoencoder NAME and/or --checkpoint DIR")
-    if name.startswith("diffusers:"):
-        if not ae_path:
-            raise ValueError(f"--autoencoder {name} needs --ae-path (a local diffusers folder)")
-        return build(name, path=ae_path, subfolder=ae_subfolder), name, dir_hash(Path(ae_path) / (ae_subfolder or ""))
-    warnings.warn(f"no --checkpoint: {name} has RANDOM weights (a pipeline check, not a measurement)", stacklevel=2)
-    torch.manual_seed(seed)
-    return build(name), name, None
-
-
 def position_ssim(per_frame: Tensor, group: int, start: int = 0) -> dict[str, Any]:
     """Mean SSIM by frame position inside groups of ``group`` frames starting at ``start``
     (``per_frame``: ``(N, T)``): ``positions[k]`` averages frames ``start + k, start + k + group, ...``;
@@ -286,8 +129,6 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
     """Encode + decode the clips of ``input``; per-clip PSNR / SSIM (/ LPIPS), rFVD, optional
     per-position SSIM and a grid of the first ``grid_clips`` clips. The autoencoder runs in
     ``dtype``; the metrics are computed in fp32."""
-    from launch.train_ae import save_grid
-
     device = torch.device(device)
     ae = ae.to(device=device, dtype=dtype).eval()
     ae.check_input(frames, height, width)
@@ -360,10 +201,10 @@ def attribute_suite(shapes: Sequence[str] | None = None, colors: Sequence[str] |
     return [{**c, "prompt": caption(c)} for c in combos]
 
 
-def _conditioning(model, context: dict[str, Any], use_class: bool | None) -> tuple[bool, bool]:
+def _conditioning(model, export: Export, use_class: bool | None) -> tuple[bool, bool]:
     """(text, class): what the benchmark conditions on. Text when the DiT and its training run have
     it; class ids when asked (default: only when there is no text)."""
-    text = bool(model.config.text_dim and context.get("text_encoder"))
+    text = bool(model.config.text_dim and export.text_encoder)
     has_class = bool(model.config.num_classes)
     cls = has_class and (use_class if use_class is not None else not text)
     if use_class and not has_class:
@@ -373,9 +214,9 @@ def _conditioning(model, context: dict[str, Any], use_class: bool | None) -> tup
     return text, cls
 
 
-def attribute_benchmark(model, ae: Autoencoder, context: dict[str, Any], suite: list[dict[str, Any]], *,
-                        per_prompt: int, frames: int, height: int, width: int, steps: int = 20,
-                        guidance: float = 4.0, shift: float = 1.0, sampler: str = "euler", seed: int = 0,
+def attribute_benchmark(model, ae: Autoencoder, export: Export, suite: list[dict[str, Any]], *,
+                        per_prompt: int, frames: int, height: int, width: int,
+                        sampling: SamplingConfig = SamplingConfig(),
                         batch_size: int = 8, use_class: bool | None = None, text_encoder=None,
                         device: str | torch.device = "cpu", save_dir: Path | None = None,
                         fps: float = 8.0) -> dict[str, Any]:
@@ -385,14 +226,13 @@ def attribute_benchmark(model, ae: Autoencoder, context: dict[str, Any], suite: 
     separately, per-prompt rows and the sampling time per video. Candidates for the reader are the
     suite's own shapes / colors / directions."""
     from data.attributes import read_attributes
-    from launch.sample import generate
 
     if per_prompt < 1 or not suite:
         raise ValueError("the attribute benchmark needs a non-empty suite and per_prompt >= 1")
-    use_text, use_cls = _conditioning(model, context, use_class)
+    use_text, use_cls = _conditioning(model, export, use_class)
     if use_text and text_encoder is None:
         from ldm.text import build_text_encoder
-        text_encoder = build_text_encoder(context["text_encoder"], device=device)
+        text_encoder = build_text_encoder(export.text_encoder, device=device)
     cands = {a: tuple(dict.fromkeys(c[a] for c in suite)) for a in ("shape", "color", "direction")}
     items = [(i, k) for i in range(len(suite)) for k in range(per_prompt)]
     rows, t_sample = [], 0.0
@@ -400,10 +240,10 @@ def attribute_benchmark(model, ae: Autoencoder, context: dict[str, Any], suite: 
         chunk = items[b:b + batch_size]
         prompts = [suite[i]["prompt"] for i, _ in chunk]
         t0 = time.perf_counter()
-        videos = generate(model, ae, context, prompts=prompts if use_text else None,
+        videos = generate(model, ae, export.latent_norm, prompts=prompts if use_text else None,
                           class_ids=[suite[i]["class_id"] for i, _ in chunk] if use_cls else None,
-                          frames=frames, height=height, width=width, steps=steps, guidance=guidance, shift=shift,
-                          sampler=sampler, seed=seed + b, text_encoder=text_encoder, device=device, progress=False)
+                          frames=frames, height=height, width=width, sampling=sampling, seed_offset=b,
+                          text_encoder=text_encoder, device=device, progress=False)
         t_sample += time.perf_counter() - t0
         for (i, k), v in zip(chunk, videos):
             got = read_attributes(v, cands["shape"], cands["color"], cands["direction"])
@@ -428,75 +268,14 @@ def attribute_benchmark(model, ae: Autoencoder, context: dict[str, Any], suite: 
     return {"accuracy": acc(rows), "accuracy_seen": acc([r for r in rows if not r["holdout"]]),
             "accuracy_holdout": acc([r for r in rows if r["holdout"]]), "chance": chance,
             "prompts": len(suite), "per_prompt": per_prompt, "conditioning": {"text": use_text, "class": use_cls},
-            "sampling": {"steps": steps, "guidance": guidance, "sampler": sampler, "shift": shift, "seed": seed},
+            "sampling": {"steps": sampling.steps, "guidance": sampling.guidance, "sampler": sampling.sampler,
+                         "shift": sampling.shift, "seed": sampling.seed},
             "sample_s_per_video": t_sample / len(rows), "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------
 # generation: VBench bridge
 # ------------------------------------------------------------------------------------------
-# VBench (Huang et al. 2024), scripts/constant.py: per-dimension normalisation, dimension weights and
-# the Quality / Semantic split; Total = (4 Quality + 1 Semantic) / 5.
-VBENCH_NORMALIZE = {
-    "subject_consistency": (0.1462, 1.0), "background_consistency": (0.2615, 1.0),
-    "temporal_flickering": (0.6293, 1.0), "motion_smoothness": (0.706, 0.9975), "dynamic_degree": (0.0, 1.0),
-    "aesthetic_quality": (0.0, 1.0), "imaging_quality": (0.0, 1.0), "object_class": (0.0, 1.0),
-    "multiple_objects": (0.0, 1.0), "human_action": (0.0, 1.0), "color": (0.0, 1.0),
-    "spatial_relationship": (0.0, 1.0), "scene": (0.0, 0.8222), "appearance_style": (0.0009, 0.2855),
-    "temporal_style": (0.0, 0.364), "overall_consistency": (0.0, 0.364),
-}
-VBENCH_WEIGHT = {d: (0.5 if d == "dynamic_degree" else 1.0) for d in VBENCH_NORMALIZE}
-VBENCH_QUALITY = ("subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
-                  "aesthetic_quality", "imaging_quality", "dynamic_degree")
-VBENCH_SEMANTIC = ("object_class", "multiple_objects", "human_action", "color", "spatial_relationship", "scene",
-                   "appearance_style", "temporal_style", "overall_consistency")
-VBENCH_QUALITY_WEIGHT, VBENCH_SEMANTIC_WEIGHT = 4.0, 1.0
-
-
-def vbench_aggregate(scores: dict[str, float]) -> dict[str, Any]:
-    """VBench's Quality, Semantic and Total scores from raw per-dimension scores (keys with ``_``
-    or spaces). Each dimension is min-max normalised with VBench's table and weighted (dynamic
-    degree 0.5); a group's score is the weighted mean over its dimensions, ``None`` with the
-    missing dimensions listed when any is absent."""
-    raw = {k.replace(" ", "_"): float(v) for k, v in scores.items()}
-    unknown = sorted(set(raw) - set(VBENCH_NORMALIZE))
-    if unknown:
-        raise ValueError(f"unknown VBench dimension(s) {unknown}; known: {sorted(VBENCH_NORMALIZE)}")
-    norm = {d: (v - VBENCH_NORMALIZE[d][0]) / (VBENCH_NORMALIZE[d][1] - VBENCH_NORMALIZE[d][0]) * VBENCH_WEIGHT[d]
-            for d, v in raw.items()}
-
-    def group(dims: tuple[str, ...]) -> tuple[float | None, list[str]]:
-        missing = [d for d in dims if d not in norm]
-        if missing:
-            return None, missing
-        return sum(norm[d] for d in dims) / sum(VBENCH_WEIGHT[d] for d in dims), []
-
-    quality, miss_q = group(VBENCH_QUALITY)
-    semantic, miss_s = group(VBENCH_SEMANTIC)
-    total = None
-    if quality is not None and semantic is not None:
-        total = (VBENCH_QUALITY_WEIGHT * quality + VBENCH_SEMANTIC_WEIGHT * semantic) / (
-            VBENCH_QUALITY_WEIGHT + VBENCH_SEMANTIC_WEIGHT)
-    return {"raw": raw, "normalized": norm, "quality": quality, "semantic": semantic, "total": total,
-            "missing": miss_q + miss_s}
-
-
-def temporal_flickering(video: Tensor | np.ndarray) -> float:
-    """VBench's temporal flickering of one clip: ``(255 - mean_t MAE(frame_t, frame_t+1)) / 255`` on
-    [0, 255] frames (higher = steadier). ``video``: uint8 ``(T, H, W, 3)`` or float ``(3, T, H, W)``
-    in [-1, 1]."""
-    if isinstance(video, Tensor):
-        x = video.detach().cpu()
-        x = to_uint8_range(x).permute(1, 2, 3, 0).numpy() if x.is_floating_point() else x.numpy()
-    else:
-        x = np.asarray(video)
-    x = x.astype(np.float64)
-    if x.ndim != 4 or x.shape[0] < 2:
-        raise ValueError(f"temporal flickering needs >= 2 frames (T, H, W, C), got shape {x.shape}")
-    mae = np.abs(np.diff(x, axis=0)).reshape(x.shape[0] - 1, -1).mean(1)  # (T-1,)
-    return float((255.0 - mae.mean()) / 255.0)
-
-
 def read_native(path: str | Path) -> Tensor:
     """All frames of a video file at its own size: ``(3, T, H, W)`` in [-1, 1]."""
     info = probe(path)
@@ -567,24 +346,23 @@ def read_vbench_results(path: Path) -> dict[str, float]:
     return {k: float(v[0] if isinstance(v, list) else v) for k, v in data.items()}
 
 
-def vbench_bridge(model, ae: Autoencoder, context: dict[str, Any], out: Path, *, info: Path,
+def vbench_bridge(model, ae: Autoencoder, export: Export, out: Path, *, info: Path,
                   dimensions: Sequence[str] | None, per_prompt: int = 5, frames: int, height: int, width: int,
-                  steps: int = 20, guidance: float = 4.0, shift: float = 1.0, sampler: str = "euler", seed: int = 0,
-                  batch_size: int = 8, fps: float = 8.0, device: str | torch.device = "cpu",
+                  sampling: SamplingConfig = SamplingConfig(), batch_size: int = 8, fps: float = 8.0,
+                  device: str | torch.device = "cpu",
                   vbench_python: str | None = None, vbench_results: str | None = None, gpus: int = 1,
                   max_prompts: int | None = None) -> dict[str, Any]:
     """Sample the standard prompts, score temporal flickering in-house, run VBench if given its
     environment (or read its results), aggregate."""
-    from launch.sample import generate
     from ldm.text import build_text_encoder
 
-    if not (model.config.text_dim and context.get("text_encoder")):
+    if not (model.config.text_dim and export.text_encoder):
         raise ValueError("VBench prompts need a text-conditioned DiT")
     entries = vbench_prompts(info, dimensions)[:max_prompts] if max_prompts else vbench_prompts(info, dimensions)
     dims = list(dimensions) if dimensions else sorted({d for e in entries for d in e["dimension"]})
     videos_dir = out / "vbench_videos"
     videos_dir.mkdir(parents=True, exist_ok=True)
-    text_encoder = build_text_encoder(context["text_encoder"], device=device)
+    text_encoder = build_text_encoder(export.text_encoder, device=device)
     jobs = [(e["prompt_en"], k) for e in entries for k in range(per_prompt)]
     flicker: list[float] = []
     flicker_prompts = {e["prompt_en"] for e in entries if "temporal_flickering" in e["dimension"]}
@@ -592,16 +370,16 @@ def vbench_bridge(model, ae: Autoencoder, context: dict[str, Any], out: Path, *,
         chunk = jobs[b:b + batch_size]
         todo = [(p, k) for p, k in chunk if not (videos_dir / vbench_video_name(p, k)).exists()]
         if todo:
-            vids = generate(model, ae, context, prompts=[p for p, _ in todo], frames=frames, height=height,
-                            width=width, steps=steps, guidance=guidance, shift=shift, sampler=sampler,
-                            seed=seed + b, text_encoder=text_encoder, device=device, progress=False)
+            vids = generate(model, ae, export.latent_norm, prompts=[p for p, _ in todo], frames=frames, height=height,
+                            width=width, sampling=sampling, seed_offset=b, text_encoder=text_encoder, device=device,
+                            progress=False)
             for (p, k), v in zip(todo, vids):
                 write_video(videos_dir / vbench_video_name(p, k), v, fps)
         for p, k in chunk:
             if p in flicker_prompts:
                 flicker.append(temporal_flickering(read_native(videos_dir / vbench_video_name(p, k))))
     result: dict[str, Any] = {"videos": str(videos_dir), "prompts": len(entries), "per_prompt": per_prompt,
-                              "dimensions": dims, "info": str(info), "info_sha256": sha256_file(info)}
+                              "dimensions": dims, "info": str(info), "info_sha256": file_sha256(info)}
     scores: dict[str, float] = {}
     if flicker:
         result["temporal_flickering_inhouse"] = float(np.mean(flicker))
@@ -627,15 +405,13 @@ def _as_batches(videos: Tensor | list[Tensor]) -> list[Tensor]:
     return [videos] if isinstance(videos, Tensor) else [v[None] for v in videos]
 
 
-def generation_fd(model, ae: Autoencoder, context: dict[str, Any], reference: str, *, frames: int, height: int,
+def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, frames: int, height: int,
                   width: int, num: int | None, i3d: Extractor | None, inception: Extractor | None,
-                  fvd_frames: int = FVD_FRAMES, samples: str | None = None, steps: int = 20, guidance: float = 4.0,
-                  shift: float = 1.0, sampler: str = "euler", seed: int = 0, batch_size: int = 8,
+                  fvd_frames: int = FVD_FRAMES, samples: str | None = None,
+                  sampling: SamplingConfig = SamplingConfig(), batch_size: int = 8,
                   device: str | torch.device = "cpu", fps: float | None = None) -> dict[str, Any]:
     """FVD / FID between the reference clips and generated ones: the given ``samples`` folder, or
     one sample per reference clip from its caption (text DiT) or class id."""
-    from launch.sample import generate
-
     if i3d is None and inception is None:
         raise ValueError("FVD / FID need --i3d and/or --inception")
     accs = {}
@@ -647,10 +423,10 @@ def generation_fd(model, ae: Autoencoder, context: dict[str, Any], reference: st
     text_encoder = None
     use_text, use_cls = (False, False)
     if samples is None:
-        use_text, use_cls = _conditioning(model, context, None)
+        use_text, use_cls = _conditioning(model, export, None)
         if use_text:
             from ldm.text import build_text_encoder
-            text_encoder = build_text_encoder(context["text_encoder"], device=device)
+            text_encoder = build_text_encoder(export.text_encoder, device=device)
     n = 0
     for b, batch in enumerate(_batches(ref, batch_size)):
         real = torch.stack([x["video"] for x in batch])
@@ -659,10 +435,10 @@ def generation_fd(model, ae: Autoencoder, context: dict[str, Any], reference: st
         if samples is None:
             if use_cls and any(x["class_id"] < 0 for x in batch):
                 raise ValueError("a reference clip has no class id; this DiT is class-conditioned only")
-            fake = generate(model, ae, context, prompts=[x["caption"] for x in batch] if use_text else None,
+            fake = generate(model, ae, export.latent_norm, prompts=[x["caption"] for x in batch] if use_text else None,
                             class_ids=[x["class_id"] for x in batch] if use_cls else None, frames=frames,
-                            height=height, width=width, steps=steps, guidance=guidance, shift=shift, sampler=sampler,
-                            seed=seed + b * batch_size, text_encoder=text_encoder, device=device, progress=False)
+                            height=height, width=width, sampling=sampling, seed_offset=b * batch_size,
+                            text_encoder=text_encoder, device=device, progress=False)
             for video in _as_batches(fake):
                 for acc in accs.values():
                     acc.update("fake", video)
@@ -716,11 +492,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frames", type=int, help="default: the training clips'")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--sampler", default="euler")
-    g.add_argument("--guidance", type=float, default=4.0)
-    g.add_argument("--shift", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(g)
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--fps", type=float, default=8.0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -758,14 +530,8 @@ def _metric_args(p: argparse.ArgumentParser, lpips: bool = True) -> None:
     p.add_argument("--fvd-frames", type=int, default=FVD_FRAMES, help="frames per clip for FVD (reference: 16)")
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def run(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    device = dist.device_for(dist.dist_env(), args.device)
     if args.what == "recon":
         result = run_recon(args, device)
     else:
@@ -792,7 +558,7 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             raise ValueError("LPIPS needs both --lpips-backbone and --lpips-heads")
         lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
     i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None  # fail early, before encoding
-    ae, name, ckpt_hash = load_autoencoder(args.autoencoder, args.checkpoint, args.ae_path, args.ae_subfolder)
+    ae, name, ckpt_hash = resolve(args.autoencoder, args.checkpoint or args.ae_path, subfolder=args.ae_subfolder)
     text_encoder = None
     if args.text_encoder:
         from ldm.text import build_text_encoder
@@ -805,16 +571,13 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     result = {"autoencoder": name, "checkpoint": args.checkpoint, "checkpoint_hash": ckpt_hash, "input": args.input,
               **result}
     if lpips is not None:
-        result["lpips"]["backbone_sha256"] = sha256_file(args.lpips_backbone)
-        result["lpips"]["heads_sha256"] = sha256_file(args.lpips_heads)
+        result["lpips"]["backbone_sha256"] = file_sha256(args.lpips_backbone)
+        result["lpips"]["heads_sha256"] = file_sha256(args.lpips_heads)
     atomic_write_json(Path(args.output), result)
     return result
 
 
 def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    from launch.sample import load_autoencoder as load_context_ae
-    from launch.train import load_export
-
     if not (args.attributes or args.reference or args.vbench):
         raise ValueError("choose at least one of --attributes, --reference (FVD / FID), --vbench")
     i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None
@@ -823,34 +586,33 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         raise ValueError("--reference needs --i3d (FVD) and/or --inception (FID)")
     info = vbench_info_path(args.vbench_info) if args.vbench else None
     dtype = compute_dtype(args.dtype, device)
-    model, context = load_export(args.checkpoint, device)
+    model, export = load_export(args.checkpoint, device)
     model = model.to(dtype)
-    ae = load_context_ae(context, args.ae_checkpoint).to(device=device, dtype=dtype).eval()
-    video = context["video"]
-    frames, height, width = args.frames or video["frames"], args.height or video["height"], args.width or video["width"]
+    ae = resolve_record(export.autoencoder, args.ae_checkpoint).model.to(device=device, dtype=dtype).eval()
+    frames = args.frames or export.video.frames
+    height, width = args.height or export.video.height, args.width or export.video.width
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    sampling = dict(steps=args.steps, guidance=args.guidance, shift=args.shift, sampler=args.sampler, seed=args.seed,
-                    batch_size=args.batch_size, device=device)
-    result: dict[str, Any] = {"checkpoint": args.checkpoint, "autoencoder": context.get("autoencoder"),
+    sampling = sampling_from_args(args)
+    common = dict(sampling=sampling, batch_size=args.batch_size, device=device)
+    result: dict[str, Any] = {"checkpoint": args.checkpoint, "autoencoder": export.autoencoder.name,
                               "frames": frames, "height": height, "width": width}
     if args.attributes:
         suite = attribute_suite(args.shapes, args.colors, args.directions, args.holdout)
         (out / "attribute_videos").mkdir(exist_ok=True)
-        result["attributes"] = attribute_benchmark(model, ae, context, suite, per_prompt=args.per_prompt,
+        result["attributes"] = attribute_benchmark(model, ae, export, suite, per_prompt=args.per_prompt,
                                                    frames=frames, height=height, width=width,
                                                    use_class=True if args.use_class else None,
-                                                   save_dir=out / "attribute_videos", fps=args.fps, **sampling)
+                                                   save_dir=out / "attribute_videos", fps=args.fps, **common)
     if args.reference:
-        result["fd"] = generation_fd(model, ae, context, args.reference, frames=frames, height=height, width=width,
+        result["fd"] = generation_fd(model, ae, export, args.reference, frames=frames, height=height, width=width,
                                      num=args.num, i3d=i3d, inception=inception, fvd_frames=args.fvd_frames,
-                                     samples=args.samples, **sampling)
+                                     samples=args.samples, **common)
     if args.vbench:
-        result["vbench"] = vbench_bridge(model, ae, context, out, info=info, dimensions=args.vbench_dimensions,
+        result["vbench"] = vbench_bridge(model, ae, export, out, info=info, dimensions=args.vbench_dimensions,
                                          per_prompt=args.vbench_per_prompt, frames=frames, height=height,
                                          width=width, fps=args.fps, vbench_python=args.vbench_python,
                                          vbench_results=args.vbench_results, gpus=args.vbench_gpus,
-                                         max_prompts=args.vbench_max_prompts, **sampling)
+                                         max_prompts=args.vbench_max_prompts, **common)
     atomic_write_json(out / "result.json", result)
     return result
-

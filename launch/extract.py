@@ -3,7 +3,11 @@
     ldm extract --autoencoder NAME [--checkpoint DIR] --input PATH --output DIR
                 [--frames T] [--height H] [--width W] [--fps F] [--shard-size N] [--verify K]
                 [--clips-per-video K | --clip-stride S]
+    ldm extract --config extract.yaml [KEY=VALUE ...]          # the same settings as an ExtractConfig YAML
     torchrun --nproc_per_node 2 -m launch.cli extract ...      # same command, several ranks / nodes
+
+The autoencoder comes from ``autoencoders.resolve`` (a registered name, a saved folder, or a
+source such as ``diffusers:<Class>`` with its local folder in ``--ae-path``).
 
 The sorted input list is cut into shards of ``--shard-size`` videos; shard j (all the clips of its
 videos) goes to rank j mod world_size. A video gives one clip (its first frames) or, with
@@ -12,10 +16,10 @@ one pass; a clip's key is ``data.shards.clip_key(video index, first frame)``, th
 number of ranks, workers or batch size. Each shard is written under a temporary name and renamed
 when complete, then its sidecar JSON (counts, skipped inputs with reasons, channel statistics)
 marks it done, so a rerun with the same arguments skips finished shards (with any number of
-ranks). Rank 0 merges the sidecars into ``manifest.json`` and prints every skipped input with its
-reason. An extraction that wrote no clip at all removes what it wrote and fails (`UserError`, exit
-status 2). Every argument, the autoencoder and the input list are checked before the output
-folder is made; the folder appears with the first finished shard.
+ranks). Rank 0 merges the sidecars into ``manifest.json`` (a typed ``data.manifest.Manifest``) and
+prints every skipped input with its reason. An extraction that wrote no clip at all removes what
+it wrote and fails (`UserError`, exit status 2). Every argument, the autoencoder and the input list
+are checked before the output folder is made; the folder appears with the first finished shard.
 
 A text-guided autoencoder (``text_dim > 0``, e.g. ``cmvae-*-text``) encodes each clip with its
 caption's embedding from ``--text-encoder`` (the same embedding is cached in the shard).
@@ -29,7 +33,6 @@ import os
 import random
 import statistics
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +41,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from autoencoders import Autoencoder, build, load_pretrained
+from autoencoders import SOURCES, Autoencoder, record_of, resolve
 from autoencoders.tiling import configure_inference
 from data import shards
+from data.manifest import MANIFEST, Counts, Manifest
 from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, Window, Windows, probe, read_clips
 from launch import dist
 from ldm import config as cfglib
-from ldm.checkpoint import atomic_write_json, dir_hash, read_json
+from ldm.artifacts import AERecord, ClipSpec
+from ldm.checkpoint import atomic_write_json, read_json
 from ldm.errors import UserError, checking
 from ldm.latent import Cond
 from ldm.metrics import psnr
@@ -55,11 +60,11 @@ log = logging.getLogger("ldm.extract")
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    autoencoder: str | None
     input: str
     output: str
+    autoencoder: str | None = None  # registered or source name (autoencoders.resolve); optional with checkpoint
     checkpoint: str | None = None
-    ae_path: str | None = None  # local diffusers folder, for --autoencoder diffusers:<Class>
+    ae_path: str | None = None  # a source's local folder, e.g. a diffusers model for diffusers:<Class>
     ae_subfolder: str | None = None
     captions: str | None = None
     frames: int = 17
@@ -81,39 +86,52 @@ class ExtractConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--autoencoder", help="registered name (see `ldm list`); optional with --checkpoint")
-    p.add_argument("--checkpoint", help="folder written by save_pretrained / `ldm train-ae` (OUTPUT/final)")
-    p.add_argument("--ae-path", help="local diffusers model folder, with --autoencoder diffusers:<Class>")
-    p.add_argument("--ae-subfolder", help="subfolder of --ae-path holding the VAE (e.g. vae)")
-    p.add_argument("--input", required=True, help="folder of videos, a raw video .tar, a folder of tars or a brace pattern")
-    p.add_argument("--captions", help="CSV/JSONL with path,caption,class_id (default: metadata.jsonl in the folder)")
-    p.add_argument("--output", required=True, help="output folder for shards + manifest.json")
-    p.add_argument("--frames", type=int, default=17)
-    p.add_argument("--height", type=int, default=64)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: native)")
-    p.add_argument("--shard-size", type=int, default=64, help="videos per shard (= clips per shard with one clip per video)")
-    p.add_argument("--batch-size", type=int, default=0,
+    """``[--config FILE.yaml] [flags] [KEY=VALUE ...]``: the flags are shorthands of ``ExtractConfig``
+    keys and win over the YAML; dotted overrides win over both."""
+    d = ExtractConfig.__dataclass_fields__
+    S = argparse.SUPPRESS
+    p.add_argument("--config", help="an ExtractConfig YAML")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. shard_size=128")
+    p.add_argument("--autoencoder", default=S,
+                   help=f"registered name (see `ldm list`; optional with --checkpoint) or "
+                        f"{' / '.join(k + ':<what>' for k in sorted(SOURCES))} with --ae-path")
+    p.add_argument("--checkpoint", default=S, help="folder written by save_pretrained / `ldm train-ae` (OUTPUT/final)")
+    p.add_argument("--ae-path", default=S, help="local folder of a source's weights, e.g. a diffusers model with "
+                   "--autoencoder diffusers:<Class>")
+    p.add_argument("--ae-subfolder", default=S, help="subfolder of --ae-path holding the VAE (e.g. vae)")
+    p.add_argument("--input", default=S, help="folder of videos, a raw video .tar, a folder of tars or a brace pattern")
+    p.add_argument("--captions", default=S,
+                   help="CSV/JSONL with path,caption,class_id (default: metadata.jsonl in the folder)")
+    p.add_argument("--output", default=S, help="output folder for shards + manifest.json")
+    p.add_argument("--frames", type=int, default=S, help=f"default {d['frames'].default}")
+    p.add_argument("--height", type=int, default=S, help=f"default {d['height'].default}")
+    p.add_argument("--width", type=int, default=S, help=f"default {d['width'].default}")
+    p.add_argument("--fps", type=float, default=S, help="resample to this frame rate (default: native)")
+    p.add_argument("--shard-size", type=int, default=S,
+                   help=f"videos per shard (= clips per shard with one clip per video; default "
+                        f"{d['shard_size'].default})")
+    p.add_argument("--batch-size", type=int, default=S,
                    help="clips per encoder call (default 0 = auto: 4 on the CPU; on a GPU as many as half its "
                         "free memory holds, measured on one clip, at most 64)")
-    p.add_argument("--num-workers", type=int, default=-1,
+    p.add_argument("--num-workers", type=int, default=S,
                    help="video decoding worker processes per rank (default -1 = auto: 0 on the CPU, "
                         "min(8, cores / ranks) with a GPU)")
-    p.add_argument("--tile", help="encode large frames in blended spatial tiles: TILE or TILE:OVERLAP pixels "
-                   "(e.g. 512:128); grid autoencoders only")
-    p.add_argument("--chunk-frames", type=int, default=0,
-                   help="stream long clips this many frames at a time, same latents as one shot (IV-VAE, H3AE, causal3d)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--tile", default=S, help="encode large frames in blended spatial tiles: TILE or TILE:OVERLAP "
+                   "pixels (e.g. 512:128); grid autoencoders only")
+    p.add_argument("--chunk-frames", type=int, default=S,
+                   help="stream long clips this many frames at a time, same latents as one shot (IV-VAE, H3AE, "
+                        "causal3d)")
+    p.add_argument("--dtype", default=S, choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision the autoencoder runs in (weights and activations): auto = bf16 on CUDA, fp32 "
                         "on the CPU. Latents are stored as fp32 either way")
-    p.add_argument("--text-encoder", help="cache caption embeddings: builtin | t5:DIR | clip:DIR")
-    p.add_argument("--verify", type=int, default=0, metavar="K", help="decode K random latents, report PSNR vs source")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clips-per-video", type=int, default=None, metavar="K",
+    p.add_argument("--text-encoder", default=S, help="cache caption embeddings: builtin | t5:DIR | clip:DIR")
+    p.add_argument("--verify", type=int, default=S, metavar="K", help="decode K random latents, report PSNR vs source")
+    p.add_argument("--device", default=S, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=S, help="seed of random weights (registered name, no checkpoint)")
+    p.add_argument("--clips-per-video", type=int, default=S, metavar="K",
                    help="K evenly spaced windows per video (default 1: the first frames; 0: every "
                         "non-overlapping window that fits)")
-    p.add_argument("--clip-stride", type=int, default=None, metavar="S",
+    p.add_argument("--clip-stride", type=int, default=S, metavar="S",
                    help="every window that fits, one starting every S output frames (instead of K)")
 
 
@@ -136,33 +154,20 @@ def check_config(cfg: ExtractConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    fields = {f for f in ExtractConfig.__dataclass_fields__}
-    cfg = cfglib.from_dict(ExtractConfig, {k: v for k, v in vars(args).items() if k in fields})
-    summary = extract(cfg)
+    flags = {k: v for k, v in vars(args).items() if k in ExtractConfig.__dataclass_fields__}
+    summary = extract(cfglib.load_yaml(args.config, ExtractConfig, args.overrides, values=flags))
     if dist.is_main():
         print(json.dumps({k: summary[k] for k in ("written", "skipped", "shards", "clips_per_s", "verify_psnr")}))
     return 0
 
 
-def _load_autoencoder(cfg: ExtractConfig) -> tuple[Autoencoder, str, str | None]:
-    if cfg.checkpoint:
-        ae = load_pretrained(cfg.checkpoint)
-        meta = read_json(Path(cfg.checkpoint) / "config.json")
-        name = meta.get("name") or cfg.autoencoder or ae.family
-        if cfg.autoencoder and meta.get("name") and cfg.autoencoder != meta["name"]:
-            raise ValueError(f"--autoencoder {cfg.autoencoder} but the checkpoint holds {meta['name']}")
-        return ae, name, dir_hash(cfg.checkpoint)
-    if not cfg.autoencoder:
-        raise ValueError("give --autoencoder NAME or --checkpoint DIR")
-    if cfg.autoencoder.startswith("diffusers:"):
-        if not cfg.ae_path:
-            raise ValueError(f"--autoencoder {cfg.autoencoder} needs --ae-path (a local diffusers folder)")
-        folder = Path(cfg.ae_path) / (cfg.ae_subfolder or "")
-        return build(cfg.autoencoder, path=cfg.ae_path, subfolder=cfg.ae_subfolder), cfg.autoencoder, dir_hash(folder)
-    warnings.warn(f"no --checkpoint: {cfg.autoencoder} has RANDOM weights (fine for pipeline and cost checks, "
-                  "not for training a real denoiser)", stacklevel=2)
-    torch.manual_seed(cfg.seed)
-    return build(cfg.autoencoder), cfg.autoencoder, None
+def load_autoencoder(cfg: ExtractConfig) -> tuple[Autoencoder, AERecord]:
+    """The model to encode with and its record (what the manifest stores to rebuild it)."""
+    if cfg.checkpoint and cfg.ae_path:
+        raise ValueError("give --checkpoint (our saved folder) or --ae-path (a source's folder), not both")
+    weights = cfg.checkpoint or cfg.ae_path
+    found = resolve(cfg.autoencoder, weights, subfolder=cfg.ae_subfolder, seed=cfg.seed)
+    return found.model, record_of(found, weights, cfg.ae_subfolder, cfg.seed)
 
 
 WINDOWS_PER_READ = 16  # windows of one video decoded together (one loader item): bounds memory on long videos
@@ -245,14 +250,17 @@ def _ae_cond(ae: Autoencoder, emb: torch.Tensor | None, mask: torch.Tensor | Non
     return Cond(text=emb.to(device, dtype), text_mask=mask.to(device))
 
 
-def _run_signature(cfg: ExtractConfig, name: str, ae: Autoencoder, ckpt_hash: str | None,
-                   dtype: torch.dtype) -> dict[str, Any]:
+def _run_signature(cfg: ExtractConfig, record: AERecord, dtype: torch.dtype) -> dict[str, Any]:
+    """What the shards of one extraction share: a rerun into the same folder must match it."""
+    return {"autoencoder": record.name, "config_hash": record.config_hash, "checkpoint_hash": record.checkpoint_hash,
+            "video": cfglib.to_dict(_clip_spec(cfg)), "text_encoder": cfg.text_encoder, "shard_size": cfg.shard_size,
+            "dtype": dist.dtype_name(dtype), "tile": cfg.tile}
+
+
+def _clip_spec(cfg: ExtractConfig) -> ClipSpec:
     windows = Windows.from_flags(cfg.clips_per_video, cfg.clip_stride)
-    return {"autoencoder": name, "config_hash": cfglib.config_hash(ae.config), "checkpoint_hash": ckpt_hash,
-            "video": {"frames": cfg.frames, "height": cfg.height, "width": cfg.width, "fps": cfg.fps,
-                      "clips_per_video": windows.clips_per_video, "clip_stride": windows.stride},
-            "text_encoder": cfg.text_encoder, "shard_size": cfg.shard_size, "dtype": dist.dtype_name(dtype),
-            "tile": cfg.tile}
+    return ClipSpec(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps,
+                    clips_per_video=windows.clips_per_video, clip_stride=windows.stride)
 
 
 def auto_workers(requested: int, device: torch.device, local_world: int) -> int:
@@ -300,7 +308,8 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     with checking():
         device = dist.device_for(env, cfg.device)
         dtype = dist.compute_dtype(cfg.dtype, device)
-        ae, name, ckpt_hash = _load_autoencoder(cfg)
+        ae, record = load_autoencoder(cfg)
+    name = record.name
     with checking(f"--frames {cfg.frames} --height {cfg.height} --width {cfg.width}"):
         ae.check_input(cfg.frames, cfg.height, cfg.width)  # clear error before any work
     with checking():
@@ -320,7 +329,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     clips = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, cfg.fps)
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     mine = dist.shard_list(list(range(n_shards)), env.rank, env.world_size)
-    signature = _run_signature(cfg, name, ae, ckpt_hash, dtype)
+    signature = _run_signature(cfg, record, dtype)
 
     todo = []
     for j in mine:  # temp files a killed run left for this rank's shards
@@ -353,18 +362,16 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     dist.barrier()
     summary: dict[str, Any] = {"clips_per_s": encoded / elapsed if elapsed > 0 else 0.0, "verify_psnr": None}
     if dist.is_main():
-        manifest = _merge_manifest(out, n_shards, signature, ae, spec, env.world_size, items,
-                                   text_encoder.dim if text_encoder is not None else None, cfg)
-        summary.update(written=manifest["counts"]["written"], skipped=manifest["counts"]["skipped"],
-                       shards=len(manifest["shards"]))
-        if cfg.verify > 0 and manifest["counts"]["written"] > 0:
+        manifest = _merge_manifest(out, n_shards, record, spec, env.world_size, items,
+                                   text_encoder.dim if text_encoder is not None else None, cfg, signature["dtype"])
+        summary.update(written=manifest.counts.written, skipped=manifest.counts.skipped, shards=len(manifest.shards))
+        if cfg.verify > 0 and manifest.counts.written > 0:
             summary["verify_psnr"] = verify(out, ae, cfg, items, device, text_encoder, dtype)
-            manifest["verify"] = {"k": cfg.verify, "psnr": summary["verify_psnr"]}
-            atomic_write_json(out / shards.MANIFEST, manifest)
+            cfglib.replace(manifest, verify={"k": cfg.verify, "psnr": summary["verify_psnr"]}).write(out)
         print(f"extracted {encoded} clips in {elapsed:.1f}s on rank 0 ({summary['clips_per_s']:.2f} clips/s/rank); "
               f"{summary['written']} written, {summary['skipped']} skipped, {summary['shards']} shards -> {out}")
-        print_skipped(manifest["skipped"])
-        if not manifest["counts"]["written"]:
+        print_skipped(list(manifest.skipped))
+        if not manifest.counts.written:
             _remove_empty_run(out, n_shards, made_output)
     dist.barrier()
     if not summary.get("written", 1):
@@ -385,7 +392,7 @@ def print_skipped(skipped: list[dict[str, Any]]) -> None:
         where = f" (clip {s['clip']} at frame {s['start_frame']})" if "start_frame" in s else ""
         print(f"  - {s['key']}{where}: {s['reason']}")
     if len(skipped) > SKIPPED_SHOWN:
-        print(f"  ... {len(skipped) - SKIPPED_SHOWN} more in {shards.MANIFEST} (\"skipped\")")
+        print(f"  ... {len(skipped) - SKIPPED_SHOWN} more in {MANIFEST} (\"skipped\")")
 
 
 def _remove_empty_run(out: Path, n_shards: int, made_output: bool) -> None:
@@ -393,7 +400,7 @@ def _remove_empty_run(out: Path, n_shards: int, made_output: bool) -> None:
     the inputs as done), and the folder when this run made it and nothing else is in it."""
     for j in range(n_shards):
         (out / f"shard-{j:06d}.json").unlink(missing_ok=True)
-    (out / shards.MANIFEST).unlink(missing_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
     if made_output and out.is_dir() and not any(out.iterdir()):
         out.rmdir()
 
@@ -502,8 +509,8 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
     return handled
 
 
-def _merge_manifest(out: Path, n_shards: int, signature: dict, ae: Autoencoder, spec, world_size: int,
-                    items: list, text_dim: int | None, cfg: ExtractConfig) -> dict[str, Any]:
+def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size: int, items: list,
+                    text_dim: int | None, cfg: ExtractConfig, dtype: str) -> Manifest:
     stats, skipped, shard_list, written, text_tokens = shards.ChannelStats(), [], [], 0, 0
     for j in range(n_shards):
         side = read_json(out / f"shard-{j:06d}.json")
@@ -514,24 +521,19 @@ def _merge_manifest(out: Path, n_shards: int, signature: dict, ae: Autoencoder, 
         if side["written"]:
             shard_list.append({"name": shards.SHARD_NAME.format(j), "count": side["written"]})
     skipped_keys = {s["key"] for s in skipped}
-    manifest = {
-        **signature, "family": ae.family, "config": cfglib.to_dict(ae.config),
-        # the rate the clips play at (`ldm sample` writes videos at it): --fps, else the inputs' own
-        "video": {**signature["video"], "clip_fps": cfg.fps or native_fps([it for it in items
-                                                                           if it.key not in skipped_keys])},
-        # where the weights were (runtime provenance; the hash above is what identifies them) and the
-        # seed that drew random weights when no checkpoint was given
-        "checkpoint": str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None, "seed": cfg.seed,
-        "ae_path": str(Path(cfg.ae_path).resolve()) if cfg.ae_path else None, "ae_subfolder": cfg.ae_subfolder,
-        "latent_spec": spec.to_dict(), "form": spec.form,
-        "counts": {"inputs": len(items), "written": written, "skipped": len(skipped)},
-        "stats": stats.summary(), "skipped": skipped, "shards": shard_list,
-        "text_dim": text_dim, "text_tokens": round(text_tokens / written) if written else 0,
-        "world_size": world_size,
-        "num_classes": max((it.class_id for it in items if it.class_id is not None), default=-1) + 1,
-        "input_problems": list(getattr(items, "problems", [])),
-    }
-    atomic_write_json(out / shards.MANIFEST, manifest)
+    # the rate the clips play at (`ldm sample` writes videos at it): --fps, else the inputs' own
+    clip_fps = cfg.fps or native_fps([it for it in items if it.key not in skipped_keys])
+    manifest = Manifest(
+        autoencoder=record, video=cfglib.replace(_clip_spec(cfg), clip_fps=clip_fps), latent_spec=spec.to_dict(),
+        form=spec.form,
+        counts=Counts(inputs=len(items), written=written, skipped=len(skipped)),
+        stats=stats.summary(), shards=tuple(shard_list), skipped=tuple(skipped),
+        input_problems=tuple(getattr(items, "problems", [])), text_encoder=cfg.text_encoder, text_dim=text_dim,
+        text_tokens=round(text_tokens / written) if written else 0,
+        num_classes=max((it.class_id for it in items if it.class_id is not None), default=-1) + 1,
+        shard_size=cfg.shard_size, dtype=dtype, tile=cfg.tile, world_size=world_size)
+    manifest = Manifest.from_dict(manifest.to_dict())  # JSON-normalised (what readers see), and checked
+    manifest.write(out)
     return manifest
 
 

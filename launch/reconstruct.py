@@ -3,9 +3,11 @@ PSNR / SSIM against the input.
 
     ldm reconstruct --autoencoder kl2d-f8c4 --checkpoint runs/ae/final --input clip.mp4 --output rec.mp4
 
-``--checkpoint`` takes a folder written by ``save_pretrained`` (a training run's ``final/`` or one
-of its ``checkpoints/step-N/``); without it the registered config gets random weights (a warning
-says so; useful to check the pipeline and cost). ``--side-by-side`` writes input | reconstruction.
+``--autoencoder`` / ``--checkpoint`` go through ``autoencoders.resolve``: a folder written by
+``save_pretrained`` (a training run's ``final/`` or one of its ``checkpoints/step-N/``), a
+registered name with random weights (a warning says so; useful to check the pipeline and cost),
+or a source such as ``diffusers:<Class>`` with ``--checkpoint`` its local folder.
+``--side-by-side`` writes input | reconstruction.
 A text-guided autoencoder (``text_dim > 0``, e.g. ``cmvae-z4-text``) encodes and decodes with the
 caption: ``--prompt "..." --text-encoder builtin|t5:DIR|clip:DIR`` (the encoder it was trained with).
 """
@@ -13,40 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from autoencoders import REGISTRY, Autoencoder, build, load_pretrained
-from autoencoders.base import saved_config
+from autoencoders import REGISTRY, SOURCES, Autoencoder, resolve
 from autoencoders.tiling import configure_inference
 from data.video import GIF_SUFFIXES, MP4_SUFFIXES, VideoError, probe, read_video, write_video
 from launch import dist
 from ldm.errors import UserError, checking
 from ldm.latent import Cond
 from ldm.metrics import psnr, ssim
-
-log = logging.getLogger("ldm.reconstruct")
-
-
-def load_autoencoder(name: str | None, checkpoint: str | None) -> tuple[Autoencoder, str]:
-    """The model ``extract``/``reconstruct`` use: the saved folder when given (its config wins;
-    ``name``, if given too, must match the saved name), else ``build(name)`` with random weights."""
-    if checkpoint is None:
-        if name is None:
-            raise ValueError("give --autoencoder NAME, --checkpoint DIR, or both")
-        log.warning("no --checkpoint: %s has RANDOM weights (fine for pipeline checks, not for quality)", name)
-        return build(name), name
-    path = Path(checkpoint)
-    saved = saved_config(path).get("name")
-    if name is not None and saved is not None and saved != name:
-        raise ValueError(f"--checkpoint {checkpoint} holds {saved!r}, not --autoencoder {name!r}")
-    return load_pretrained(path), name or saved or "checkpoint"
-
 
 @torch.no_grad()
 def reconstruct(ae: Autoencoder, video: torch.Tensor, device: torch.device, cond: Cond | None = None,
@@ -92,8 +73,11 @@ def caption_cond(ae: Autoencoder, name: str, prompt: str | None, text_encoder: s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--autoencoder", choices=sorted(REGISTRY), help="registered autoencoder (optional with --checkpoint)")
-    a("--checkpoint", help="folder written by save_pretrained (a train-ae run's final/ or checkpoints/step-N/)")
+    a("--autoencoder", help=f"registered name ({', '.join(sorted(REGISTRY))}; optional with --checkpoint) or "
+                             f"{' / '.join(p + ':<what>' for p in sorted(SOURCES))} with --checkpoint DIR")
+    a("--checkpoint", help="folder written by save_pretrained (a train-ae run's final/ or checkpoints/step-N/), or "
+                           "a source's local folder")
+    a("--subfolder", help="subfolder of --checkpoint holding the model (e.g. vae in a diffusers pipeline)")
     a("--input", required=True, help="input video (any container/codec PyAV reads)")
     a("--output", required=True, help="output video, .mp4 or .gif")
     a("--frames", type=int, default=17)
@@ -112,12 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
     out = Path(args.output)
     with checking():  # every argument before any decoding (a UserError: one line, exit status 2)
         if out.suffix.lower() not in MP4_SUFFIXES + GIF_SUFFIXES:
             raise ValueError(f"--output {out}: suffix must be one of {MP4_SUFFIXES + GIF_SUFFIXES}")
-        ae, name = load_autoencoder(args.autoencoder, args.checkpoint)
+        ae, name, _ = resolve(args.autoencoder, args.checkpoint, subfolder=args.subfolder)
         ae.check_input(args.frames, args.height, args.width)
         configure_inference(ae, args.tile, args.chunk_frames)
         device = dist.device_for(dist.dist_env(), args.device)

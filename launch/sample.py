@@ -4,9 +4,11 @@
     ldm sample --checkpoint runs/dit --class 3 --num-frames 17 --height 64 --width 64 --guidance 4
     ldm sample --checkpoint runs/hivae-gen --class 3 --image first.png --output i2v/
 
-The DiT export carries ``training.json``: the autoencoder it was trained for (name, config,
-checkpoint path and hash), the latent statistics to undo, and the text encoder spec. Decoding goes
-through the autoencoder's ``decode`` with the prompt's text embedding in ``cond``.
+The DiT export (``dit.load_export``) carries the typed ``Export`` context: the autoencoder it was
+trained for (an ``AERecord``: name, config, weights path and hash; ``autoencoders.resolve_record``
+rebuilds it), the latent statistics to undo, and the text encoder spec. Decoding goes through the
+autoencoder's ``decode`` with the prompt's text embedding in ``cond``. Sampling settings are one
+``ldm.samplers.SamplingConfig`` (``--steps --sampler --guidance --shift --seed``).
 
 Outputs: ``NNNN.mp4`` + ``NNNN.gif`` per video, ``grid.png`` and ``index.json`` (per video: file,
 prompt, class id, seed and row of its initial noise, steps, guidance, shift, sampler, fps, frames,
@@ -21,16 +23,15 @@ Every argument is checked before a model is loaded or a file written (`UserError
 empty prompts, class ids outside the DiT's classes, sizes the autoencoder cannot take, a folder
 that is not a DiT export.
 
-Image-to-video (``--image``) for autoencoders whose latent has a ``content`` part (Hi-VAE: the
-first frame's base latent) and a generator that models it: the image's content latent
-(``encode_content``, standardised like the training latents) is held fixed on its flow path while
-the generator samples the motion (``autoencoders.hivae.known_content_velocity``), so the decoded
+Image-to-video (``--image``) for autoencoders that declare ``content_encoding`` (Hi-VAE: the first
+frame's base latent is the ``content`` part) and a generator that models it: the image's content
+latent (``encode_content``, standardised like the training latents) is held fixed on its flow path
+while the generator samples the motion (``ldm.samplers.known_part_velocity``), so the decoded
 video starts from the given frame.
 """
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +40,33 @@ import torch
 from einops import rearrange
 from tqdm import tqdm
 
-from autoencoders import FAMILIES, Autoencoder, build, load_pretrained
-from autoencoders.hivae import known_content_velocity
+from autoencoders import Autoencoder, resolve_record
 from autoencoders.tiling import configure_inference
 from data.video import resize_center_crop, video_to_uint8, write_video
-from launch.train import load_export
+from dit import load_export
 from ldm import samplers
-from ldm.checkpoint import atomic_write_json, dir_hash, read_json
+from ldm.checkpoint import atomic_write_json, read_json
 from ldm.errors import MissingInput, UserError, checking
 from ldm.latent import Cond, Latent, normalize
+from ldm.samplers import SamplingConfig
 
 DEFAULT_FPS = 8.0  # videos of an export that does not record its clips' rate
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``SamplingConfig`` flags (its defaults), shared by every verb that samples."""
+    d = SamplingConfig()
+    p.add_argument("--steps", type=int, default=d.steps, help="sampler steps")
+    p.add_argument("--sampler", choices=sorted(samplers.SAMPLERS), default=d.sampler)
+    p.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--shift", type=float, default=d.shift, help="timestep shift of the sampling schedule")
+    p.add_argument("--seed", type=int, default=d.seed, help="noise seed of the first batch (batch g: seed + g)")
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
+    with checking():
+        return SamplingConfig(steps=args.steps, guidance=args.guidance, shift=args.shift, sampler=args.sampler,
+                              seed=args.seed)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,11 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "sets the latent length for --num-frames")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--sampler", choices=sorted(samplers.SAMPLERS), default="euler")
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--shift", type=float, default=1.0, help="timestep shift of the sampling schedule")
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the first batch (batch g: seed + g)")
+    add_sampling_arguments(p)
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--fps", type=float, default=None,
@@ -94,33 +107,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="regional torch.compile of the DiT's blocks (auto: on for CUDA)")
 
 
-def load_autoencoder(context: dict[str, Any], checkpoint: str | None = None) -> Autoencoder:
-    """The autoencoder a DiT was trained for: ``checkpoint``, else the path recorded at extraction
-    (its hash must match), else (an extraction with random weights) the same seeded random init.
-    For a diffusers VAE the path is its local diffusers folder."""
-    name = context.get("autoencoder") or ""
-    if name.startswith("diffusers:"):
-        path = checkpoint or context["ae_path"]
-        folder = Path(path) / (context.get("ae_subfolder") or "")
-        _check_hash(folder, context)
-        return build(name, path=path, subfolder=context.get("ae_subfolder"))
-    path = checkpoint or context.get("checkpoint")
-    if path:
-        _check_hash(Path(path), context)
-        return load_pretrained(path)
-    warnings.warn("the latents were extracted with a RANDOM autoencoder; rebuilding it from its seed", stacklevel=2)
-    torch.manual_seed(context["seed"])
-    return FAMILIES[context["family"]].from_config_dict(context["config"])
-
-
-def _check_hash(path: Path, context: dict[str, Any]) -> None:
-    if not path.exists():
-        raise FileNotFoundError(f"autoencoder weights {path} not found; pass --ae-checkpoint")
-    if context.get("checkpoint_hash") and dir_hash(path) != context["checkpoint_hash"]:
-        raise ValueError(f"autoencoder weights {path} are not the ones the latents were extracted with "
-                         f"(hash {dir_hash(path)} != {context['checkpoint_hash']})")
-
-
 def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     """An image file (any format Pillow reads; converted to RGB) as a ``(3, height, width)`` frame
     in [-1, 1], resized to cover ``height x width`` with its aspect kept, then center-cropped (the
@@ -134,16 +120,16 @@ def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     return frame.clamp(0, 255) / 127.5 - 1.0
 
 
-def content_condition(model, ae: Autoencoder, context: dict[str, Any], image: torch.Tensor, batch: int,
-                      frames: int, height: int, width: int) -> torch.Tensor:
+def content_condition(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list[float]]], image: torch.Tensor,
+                      batch: int, frames: int, height: int, width: int) -> torch.Tensor:
     """The generator-space content latent of a first frame ``(3, H, W)`` for ``batch`` samples,
-    ``(batch, c, 1, h, w)``: ``ae.encode_content`` standardised with the extraction statistics.
+    ``(batch, c, 1, h, w)``: ``ae.encode_content`` standardised with the training statistics
+    ``latent_norm`` (``Export.latent_norm``).
     A clear error when the autoencoder or the generator has no content part."""
     spec = ae.latent_spec(frames, height, width)
-    name = context.get("autoencoder") or ae.family
-    if "content" not in spec.parts or not hasattr(ae, "encode_content"):
+    if not ae.content_encoding or "content" not in spec.parts:
         raise ValueError(f"--image needs an autoencoder with a content (first-frame) latent, such as Hi-VAE; "
-                         f"{name} ({ae.family}) has latent parts {sorted(spec.parts)}")
+                         f"{ae.family} has latent parts {sorted(spec.parts)}")
     if "content" not in model.config.parts:
         raise ValueError(f"--image: this generator does not model a content part (its parts: "
                          f"{sorted(model.config.parts)})")
@@ -151,20 +137,23 @@ def content_condition(model, ae: Autoencoder, context: dict[str, Any], image: to
         raise ValueError(f"--image: the frame must be (3, {height}, {width}), got {tuple(image.shape)}")
     device = next(model.parameters()).device
     content = ae.encode_content(image[None].to(device, _dtype_of(ae))).float()  # (1, c, 1, h, w)
-    content = normalize(Latent({"content": content}, spec.form), context.get("latent_norm", {}))["content"]
+    content = normalize(Latent({"content": content}, spec.form), latent_norm)["content"]
     return content.expand(batch, -1, -1, -1, -1).contiguous()  # (B, c, 1, h, w)
 
 
 @torch.no_grad()
-def sample_latents(model, ae: Autoencoder, context: dict[str, Any], *, prompts: list[str] | None = None,
-                   class_ids: list[int] | None = None, frames: int, height: int, width: int, steps: int = 20,
-                   guidance: float = 4.0, shift: float = 1.0, sampler: str = "euler", seed: int = 0,
-                   text_encoder=None, device: torch.device | str = "cpu", progress: bool = True,
-                   latent_frames: int | None = None, image: torch.Tensor | None = None) -> tuple[Latent, Cond]:
-    """Sample one latent per prompt / class id (in the autoencoder's scale, statistics undone) and
-    the condition its decoder takes. ``latent_frames``: the length of a variable-length latent
-    (default: the spec's, the longest). ``image``: a first frame ``(3, H, W)`` in [-1, 1] whose
-    content latent every sample keeps (image-to-video, see the module docstring)."""
+def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list[float]]], *,
+                   prompts: list[str] | None = None, class_ids: list[int] | None = None, frames: int, height: int,
+                   width: int,
+                   sampling: SamplingConfig = SamplingConfig(), seed_offset: int = 0, text_encoder=None,
+                   device: torch.device | str = "cpu", progress: bool = True, latent_frames: int | None = None,
+                   image: torch.Tensor | None = None) -> tuple[Latent, Cond]:
+    """Sample one latent per prompt / class id (in the autoencoder's scale: the per-part training
+    statistics ``latent_norm``, an export's ``Export.latent_norm``, undone) and the condition its
+    decoder takes; the noise seed is ``sampling.seed + seed_offset``.
+    ``latent_frames``: the length of a variable-length latent (default: the spec's, the longest).
+    ``image``: a first frame ``(3, H, W)`` in [-1, 1] whose content latent every sample keeps
+    (image-to-video, see the module docstring)."""
     n = len(prompts) if prompts is not None else len(class_ids)
     spec = ae.latent_spec(frames, height, width)
     dcfg = model.config
@@ -184,25 +173,27 @@ def sample_latents(model, ae: Autoencoder, context: dict[str, Any], *, prompts: 
         aux = {"length": torch.full((n,), t, device=device)}
     elif latent_frames is not None:
         raise ValueError(f"latent_frames applies to variable-length latents; this autoencoder's are {spec.form!r}")
-    x = Latent(samplers.initial_noise(shapes, n, seed=seed, device=device), spec.form, aux=aux)
+    x = Latent(samplers.initial_noise(shapes, n, seed=sampling.seed + seed_offset, device=device), spec.form, aux=aux)
     velocity = model
     if image is not None:
-        given = content_condition(model, ae, context, image, n, frames, height, width)
-        velocity = known_content_velocity(model, given, x["content"])
-    bar = tqdm(total=steps, desc="sample", unit="step", disable=not progress)
-    latent = samplers.sample(velocity, x, cond, method=sampler, steps=steps, shift=shift, guidance_scale=guidance,
-                             null_cond=model.null_cond(cond), callback=lambda *a: bar.update(1))
+        given = content_condition(model, ae, latent_norm, image, n, frames, height, width)
+        velocity = samplers.known_part_velocity(model, "content", given, x["content"])
+    bar = tqdm(total=sampling.steps, desc="sample", unit="step", disable=not progress)
+    latent = samplers.sample(velocity, x, cond, method=sampling.sampler, steps=sampling.steps, shift=sampling.shift,
+                             guidance_scale=sampling.guidance, null_cond=model.null_cond(cond),
+                             callback=lambda *a: bar.update(1))
     bar.close()
-    latent = normalize(latent, context.get("latent_norm", {}), inverse=True)
+    latent = normalize(latent, latent_norm, inverse=True)
     return latent.to(device), Cond(text=cond.text, text_mask=cond.text_mask)
 
 
 @torch.no_grad()
-def generate(model, ae: Autoencoder, context: dict[str, Any], **kw: Any) -> torch.Tensor | list[torch.Tensor]:
+def generate(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list[float]]], **kw: Any
+             ) -> torch.Tensor | list[torch.Tensor]:
     """Sample one video per prompt / class id (``sample_latents``' arguments): ``(B, C, T, H, W)``
     in [-1, 1]; for variable-length latents a list of ``(C, T_i, H, W)``, each decoded on its own
     (MTC-VAE splits it at predicted keyframes, so its frame count follows the segments)."""
-    latent, ae_cond = sample_latents(model, ae, context, **kw)
+    latent, ae_cond = sample_latents(model, ae, latent_norm, **kw)
     dtype = _dtype_of(ae)  # the autoencoder decodes in its own precision (--dtype)
     latent = latent.to(dtype=dtype)
     if ae_cond.text is not None:
@@ -309,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
     from ldm.layers import compile_blocks
 
     check_args(args)
+    sampling = sampling_from_args(args)
     check_export(args.checkpoint)
     out = Path(args.output)
     first, index = output_start(out, args.append)
@@ -323,8 +315,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = dist.device_for(dist.dist_env(), args.device)
     dtype = dist.compute_dtype(args.dtype, device)
-    model, context = load_export(args.checkpoint, device)
-    n_classes, text = model.config.num_classes, context.get("text_encoder")
+    model, export = load_export(args.checkpoint, device)
+    n_classes, text = model.config.num_classes, export.text_encoder
     if class_ids is not None:
         if not n_classes:
             raise UserError("this DiT was trained without class ids (no class_id in its data, or model.class_cond="
@@ -338,19 +330,19 @@ def run(args: argparse.Namespace) -> int:
     if resolve_switch({"true": True, "false": False}.get(args.compile, args.compile), device, "--compile"):
         compile_blocks(model)
     with checking():
-        ae = load_autoencoder(context, args.ae_checkpoint)
+        ae = resolve_record(export.autoencoder, args.ae_checkpoint).model
         configure_inference(ae, args.tile, args.chunk_frames)
     ae = ae.to(device=device, dtype=dtype).eval()
-    video = context["video"]
-    frames = args.num_frames or video["frames"]
-    height, width = args.height or video["height"], args.width or video["width"]
+    video = export.video
+    frames = args.num_frames or video.frames
+    height, width = args.height or video.height, args.width or video.width
     with checking(f"--num-frames {frames} --height {height} --width {width}"):
         ae.check_input(frames, height, width)
-    fps = args.fps or video.get("clip_fps") or video.get("fps") or DEFAULT_FPS
+    fps = args.fps or video.clip_fps or video.fps or DEFAULT_FPS
     latent_frames = args.latent_frames
     if args.rate is not None:
-        if not hasattr(ae, "varlen_length"):
-            raise UserError(f"--rate needs a variable-rate autoencoder (MTC-VAE), not {context.get('autoencoder')}")
+        if not ae.variable_rate:
+            raise UserError(f"--rate needs a variable-rate autoencoder (MTC-VAE), not {export.autoencoder.name}")
         with checking("--rate"):
             latent_frames = ae.varlen_length(frames, args.rate)
     image = None
@@ -362,25 +354,24 @@ def run(args: argparse.Namespace) -> int:
     text_encoder = None
     if prompts:
         from ldm.text import build_text_encoder
-        text_encoder = build_text_encoder(context["text_encoder"], device=device)
+        text_encoder = build_text_encoder(export.text_encoder, device=device)
     items = [(p, None) for p in prompts] if prompts else [(None, c) for c in class_ids]
     items = [it for it in items for _ in range(args.num_per_prompt)]
     videos, names, noise = [], [], []
     for i in range(0, len(items), args.batch_size):
         chunk = items[i:i + args.batch_size]
-        seed = args.seed + first + i  # an appended run continues the seeds of the folder
-        videos.extend(generate(model, ae, context, prompts=[c[0] for c in chunk] if prompts else None,
+        seed = sampling.seed + first + i  # an appended run continues the seeds of the folder
+        videos.extend(generate(model, ae, export.latent_norm, prompts=[c[0] for c in chunk] if prompts else None,
                                class_ids=None if prompts else [c[1] for c in chunk], frames=frames,
-                               height=height, width=width, steps=args.steps, guidance=args.guidance,
-                               shift=args.shift, sampler=args.sampler, seed=seed,
+                               height=height, width=width, sampling=sampling, seed_offset=first + i,
                                text_encoder=text_encoder, device=device, latent_frames=latent_frames,
                                image=image))
         names += [f"{first + i + j:04d}" for j in range(len(chunk))]
         noise += [(seed, j) for j in range(len(chunk))]
     grid = f"grid-{first:04d}.png" if (out / "grid.png").exists() else "grid.png"
     paths = save_videos(videos, out, names, fps, grid=grid)
-    settings = {"steps": args.steps, "guidance": args.guidance, "shift": args.shift, "sampler": args.sampler,
-                "fps": fps, "height": height, "width": width, "image": args.image,
+    settings = {"steps": sampling.steps, "guidance": sampling.guidance, "shift": sampling.shift,
+                "sampler": sampling.sampler, "fps": fps, "height": height, "width": width, "image": args.image,
                 "checkpoint": str(Path(args.checkpoint).resolve())}
     index += [{"file": p.name, "prompt": it[0], "class_id": it[1], "seed": seed, "noise_row": row,
                "frames": v.shape[1], **settings} for p, it, v, (seed, row) in zip(paths, items, videos, noise)]

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +24,17 @@ import torch
 from tqdm import tqdm
 
 import dit
-from data.shards import LatentShards, load_manifest
-from launch import dist
+from data.manifest import Manifest, load_manifests
+from data.shards import LatentShards
+from dit import Export, save_export
+from launch import dist, runs
 from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config, gather_universal,
                            mfu, peak_flops, resolve_precision, resolve_switch, safe_checkpoint_engine,
-                           scatter_universal, skip_cpu_shm_kernel, transformer_flops)
+                           scatter_universal, skip_cpu_shm_kernel)
 from ldm import config as cfglib
 from ldm import flow
-from ldm.checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, read_json, save_tensors
+from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
+from ldm.cost import dit_trunk_flops
 from ldm.errors import UserError, checking
 from ldm.latent import VARLEN_AXIS, Cond, Latent, normalize
 from ldm.layers import compile_blocks
@@ -85,7 +86,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100
-    schedule: str = "constant"  # constant | cosine (after warm-up)
+    schedule: str = "constant"  # constant | cosine (after warm-up; runs.lr_factor)
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     grad_accum: int = 1
@@ -100,7 +101,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2
-    max_nonfinite: int = 10  # non-finite losses in a row before the run stops
+    max_nonfinite: int = 10  # non-finite losses in a row that stop the run (runs.NonFiniteGuard)
     universal_checkpoints: bool = True  # also save topology-independent state (resume on any world size/stage)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -118,20 +119,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = cfglib.load_yaml(args.config, TrainConfig, args.overrides)
     train(cfg)
     return 0
-
-
-def lr_lambda(cfg: OptimConfig, total_steps: int):
-    """Linear warm-up to ``lr``, then constant or cosine decay to ``min_lr_ratio * lr``."""
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min((step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1), 1.0)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.schedule not in ("constant", "cosine"):
-        raise ValueError(f"optim.schedule must be constant or cosine, got {cfg.schedule!r}")
-    return f
 
 
 def sample_generators(seed: int, positions: list[int]) -> list[torch.Generator]:
@@ -174,58 +161,35 @@ def sample_posterior(latent: Latent, gens: list[torch.Generator]) -> Latent:
     return Latent(parts, latent.form, {}, dict(latent.aux))
 
 
-def load_manifests(spec: str) -> dict:
-    """The manifest of one extraction folder, or of several merged: they must come from the same
-    autoencoder (config hash); counts add up and the per-channel statistics are pooled."""
-    folders = [f for f in spec.split(",") if f]
-    if not folders:
-        raise ValueError("data.shards is empty: give an `ldm extract` output folder")
-    manifests = [load_manifest(f) for f in folders]
-    first = manifests[0]
-    for f, m in zip(folders[1:], manifests[1:]):
-        if m["config_hash"] != first["config_hash"] or m.get("checkpoint_hash") != first.get("checkpoint_hash"):
-            raise ValueError(f"{f} was extracted with another autoencoder than {folders[0]}; one run trains on one "
-                             "autoencoder's latents")
-    if len(manifests) == 1:
-        return first
-    shapes = {json.dumps(m["latent_spec"]["latent_shape"], sort_keys=True) for m in manifests}
-    merged = dict(first, shards=[s for m in manifests for s in m["shards"]], mixed_shapes=len(shapes) > 1,
-                  latent_shapes=[json.loads(x) for x in sorted(shapes)],
-                  counts={k: sum(m["counts"][k] for m in manifests) for k in first["counts"]},
-                  num_classes=max(m.get("num_classes", 0) for m in manifests))
-    stats = {}
-    for part in first["stats"]:
-        n = [m["stats"][part]["count"] for m in manifests]
-        total = sum(n)
-        stats[part] = {"count": total}
-        mean = [sum(c * m["stats"][part]["mean"][i] for c, m in zip(n, manifests)) / total
-                for i in range(len(first["stats"][part]["mean"]))]
-        stats[part]["mean"] = mean
-        for key in ("std", "sample_std"):  # pooled: E[x^2] - mean^2 over all folders
-            stats[part][key] = [math.sqrt(max(sum(c * (m["stats"][part][key][i] ** 2 + m["stats"][part]["mean"][i] ** 2)
-                                                  for c, m in zip(n, manifests)) / total - mean[i] ** 2, 0.0))
-                                for i in range(len(mean))]
-    merged["stats"] = stats
-    return merged
+def dit_overrides(model: ModelConfig, manifest: Manifest) -> dict[str, Any]:
+    """``model.overrides`` plus the class and text conditioning the shards carry (unless switched off)."""
+    overrides = dict(model.overrides)
+    if model.class_cond and manifest.num_classes > 0:
+        overrides.setdefault("num_classes", manifest.num_classes)
+    if model.text_cond and manifest.text_dim:
+        overrides.setdefault("text_dim", manifest.text_dim)
+    return overrides
 
 
-def make_dit_config(cfg: TrainConfig, manifest: dict) -> dit.DiTConfig:
-    parts = {k: tuple(v) for k, v in manifest["latent_spec"]["latent_shape"].items()}
-    overrides = dict(cfg.model.overrides)
-    if cfg.model.class_cond and manifest.get("num_classes", 0) > 0:
-        overrides.setdefault("num_classes", manifest["num_classes"])
-    if cfg.model.text_cond and manifest.get("text_dim"):
-        overrides.setdefault("text_dim", manifest["text_dim"])
-    return dit.make_config(cfg.model.dit, parts, **overrides)
+def make_dit_config(model: ModelConfig, manifest: Manifest) -> dit.DiTConfig:
+    """The DiT config ``model`` names for the latents of ``manifest``."""
+    return dit.make_config(model.dit, manifest.parts, **dit_overrides(model, manifest))
 
 
-def latent_norm_stats(dcfg: DataConfig, manifest: dict) -> dict[str, dict[str, list[float]]]:
+def latent_norm_stats(dcfg: DataConfig, manifest: Manifest) -> dict[str, dict[str, list[float]]]:
     """Per-part, per-channel mean/std the trainer standardises with (and sampling undoes): the
     manifest's statistics, with the std of posterior samples when z is sampled from the posterior."""
     if not dcfg.normalize:
         return {}
     key = "sample_std" if dcfg.sample_posterior else "std"
-    return {part: {"mean": st["mean"], "std": st.get(key, st["std"])} for part, st in manifest["stats"].items()}
+    return {part: {"mean": st["mean"], "std": st.get(key, st["std"])} for part, st in manifest.stats.items()}
+
+
+def export_context(manifest: Manifest, latent_norm: dict[str, dict[str, list[float]]]) -> Export:
+    """What an export of this run records for sampling (``dit.Export``)."""
+    return Export(autoencoder=manifest.autoencoder, video=manifest.video, latent_spec=manifest.latent_spec,
+                  form=manifest.form, latent_norm=latent_norm, text_encoder=manifest.text_encoder,
+                  text_dim=manifest.text_dim, text_tokens=manifest.text_tokens, num_classes=manifest.num_classes)
 
 
 def batch_cond(batch: dict, dcfg: dit.DiTConfig) -> Cond:
@@ -252,7 +216,7 @@ def batch_work(model, latent: Latent, dcfg, context: int) -> torch.Tensor:
                 s[VARLEN_AXIS - 1] = int(lengths[i])
         n = model.num_tokens({k: tuple(s) for k, s in shape.items()})
         tokens += n
-        flops += 3 * transformer_flops(dcfg.depth, dcfg.hidden, n, dcfg.mlp_ratio, context)
+        flops += 3 * dit_trunk_flops(dcfg.depth, dcfg.hidden, n, dcfg.mlp_ratio, context)
     return torch.tensor([tokens, flops], dtype=torch.float64)
 
 
@@ -386,7 +350,7 @@ class Prefetcher:
             self.thread.join(timeout=5)
 
 
-def bucket_batch_sizes(manifest: dict, dcfg: dit.DiTConfig, dcfg_data: DataConfig, model) -> dict[str, int]:
+def bucket_batch_sizes(manifest: Manifest, dcfg: dit.DiTConfig, dcfg_data: DataConfig, model) -> dict[str, int]:
     """Per-shape batch sizes for bucketed training. ``compute``: the costliest shape gets
     ``batch_size`` and every other shape as many samples as fit the same DiT FLOPs per step (the
     FLOP model counts attention, quadratic in tokens), so a step takes about the same time whatever
@@ -396,12 +360,12 @@ def bucket_batch_sizes(manifest: dict, dcfg: dit.DiTConfig, dcfg_data: DataConfi
     if dcfg_data.bucket_sizing not in ("compute", "fixed"):
         raise ValueError(f"data.bucket_sizing must be compute or fixed, got {dcfg_data.bucket_sizing!r}")
     if dcfg_data.bucket_sizing == "compute":
-        shapes = manifest.get("latent_shapes") or [manifest["latent_spec"]["latent_shape"]]
+        shapes = manifest.latent_shapes or (manifest.latent_spec["latent_shape"],)
         flops = {}
         for parts in shapes:
             key = ";".join(f"{k}={'x'.join(map(str, v))}" for k, v in sorted(parts.items()))
             n = model.num_tokens({k: tuple(v) for k, v in parts.items()})
-            flops[key] = transformer_flops(dcfg.depth, dcfg.hidden, n, dcfg.mlp_ratio)
+            flops[key] = dit_trunk_flops(dcfg.depth, dcfg.hidden, n, dcfg.mlp_ratio)
         most = max(flops.values())
         sizes = {k: max(1, int(dcfg_data.batch_size * most / f)) for k, f in flops.items()}
     sizes.update(dcfg_data.bucket_batch)
@@ -410,7 +374,7 @@ def bucket_batch_sizes(manifest: dict, dcfg: dit.DiTConfig, dcfg_data: DataConfi
 
 def _check_ranges(cfg: TrainConfig) -> None:
     at_least = {"steps": (cfg.steps, 1), "log_every": (cfg.log_every, 1), "save_every": (cfg.save_every, 1),
-                "keep_checkpoints": (cfg.keep_checkpoints, 1), "max_nonfinite": (cfg.max_nonfinite, 0),
+                "keep_checkpoints": (cfg.keep_checkpoints, 1), "max_nonfinite": (cfg.max_nonfinite, 1),
                 "data.batch_size": (cfg.data.batch_size, 1), "data.shuffle": (cfg.data.shuffle, 0),
                 "data.num_workers": (cfg.data.num_workers, 0), "data.prefetch": (cfg.data.prefetch, 0),
                 "model.sequence_parallel": (cfg.model.sequence_parallel, 1),
@@ -454,7 +418,7 @@ def check_config(cfg: TrainConfig) -> None:
             raise UserError(f"data.shards: {folder} {what}; give an `ldm extract` output folder")
     with checking():
         manifest = load_manifests(cfg.data.shards)
-        make_dit_config(cfg, manifest)
+        make_dit_config(cfg.model, manifest)
         resolve_switch(cfg.model.compile, torch.device("cpu"), "model.compile")
         precision = resolve_precision(cfg.engine.precision, dist.device_for(dist.dist_env()))
         deepspeed_config(cfglib.replace(cfg.engine, precision=precision), cfg.data.batch_size, cfg.optim.grad_accum,
@@ -477,14 +441,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     use_compile = resolve_switch(cfg.model.compile, device, "model.compile")
     out = Path(cfg.output)
     manifest = load_manifests(cfg.data.shards)
-    dcfg = make_dit_config(cfg, manifest)
+    dcfg = make_dit_config(cfg.model, manifest)
     latent_norm = latent_norm_stats(cfg.data, manifest)
-    if manifest.get("mixed_shapes") and not cfg.data.buckets:
-        raise UserError(f"the folders in data.shards hold latents of different shapes; set data.buckets=true "
-                         f"(and data.bucket_batch per shape) to train on them together")
+    context = export_context(manifest, latent_norm)
+    if manifest.mixed_shapes and not cfg.data.buckets:
+        raise UserError("the folders in data.shards hold latents of different shapes; set data.buckets=true "
+                         "(and data.bucket_batch per shape) to train on them together")
     dist.check_same(json.dumps(cfglib.to_dict(cfg), sort_keys=True), "training config")
-    dist.check_same(json.dumps([manifest["config_hash"], manifest["counts"], manifest["shards"]], sort_keys=True),
-                    "latent shards (manifest)")
+    dist.check_same(json.dumps([manifest.autoencoder.config_hash, cfglib.to_dict(manifest.counts),
+                                list(manifest.shards)], sort_keys=True), "latent shards (manifest)")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = dit.VideoDiT(dcfg)
@@ -500,7 +465,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # fused AdamW on GPUs (one kernel over all tensors); DeepSpeed's ZeRO keeps fp32 master weights for it
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.steps))
+    o = cfg.optim
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: runs.lr_factor(
+        step, o.warmup_steps, o.schedule, cfg.steps, o.min_lr_ratio))
     ds_cfg = deepspeed_config(cfg.engine, cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
                                            dist_init_required=False)
@@ -515,13 +482,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ema = EMA(engine.module, cfg.ema_decay, zero3)
 
     step, dropped = resume(engine, ema, out)
-    nonfinite = 0
+    nonfinite = runs.NonFiniteGuard(cfg.max_nonfinite)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", {"train": cfglib.to_dict(cfg), "dit": cfglib.to_dict(dcfg),
-                                                "manifest": _manifest_summary(manifest),
-                                                "latent_norm": latent_norm})
-    parts = {k: tuple(v) for k, v in manifest["latent_spec"]["latent_shape"].items()}
+                                                "export": context.to_dict()})
+    parts = manifest.parts
     per_step = cfg.data.batch_size * cfg.optim.grad_accum
     # the global stream position is step x global batch, whatever the topology (see LatentShards)
     data = LatentShards(cfg.data.shards.split(","), rank=dp_rank, world_size=dp_world, seed=cfg.seed,
@@ -529,15 +495,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         skip=(step * per_step + dropped * cfg.data.batch_size) * dp_world,
                         batch_size=cfg.data.batch_size,
                         buckets=bucket_batch_sizes(manifest, dcfg, cfg.data, engine.module) if cfg.data.buckets else None,
-                        expect_shapes=parts if manifest["form"] != "varlen" and not cfg.data.buckets else None)
+                        expect_shapes=parts if manifest.form != "varlen" and not cfg.data.buckets else None)
     workers = cfg.data.num_workers
     # worker processes started by fork after CUDA / NCCL threads exist can deadlock: spawn them
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                          multiprocessing_context="spawn" if workers and device.type == "cuda" else None)
     null_cond = engine.module.null_cond
 
-    context = 1 + manifest.get("text_tokens", 0) if dcfg.text_dim else 0  # the empty-text token + caption
-    inputs = Prefetcher(loader, lambda b: prepare_step(b, cfg, dcfg, latent_norm, engine.module, context),
+    text_context = 1 + manifest.text_tokens if dcfg.text_dim else 0  # the empty-text token + caption
+    inputs = Prefetcher(loader, lambda b: prepare_step(b, cfg, dcfg, latent_norm, engine.module, text_context),
                         cfg.data.prefetch, pin=device.type == "cuda")
     peak = peak_flops(cfg.engine)
     work = torch.zeros(2, dtype=torch.float64)  # this rank's (tokens, training FLOPs) since the last log
@@ -557,16 +523,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             # a non-finite loss on any rank drops this micro-batch on every rank (no backward, no
             # step: DeepSpeed's accumulation stays aligned); too many in a row stop the run. This is
             # the loop's one host sync per micro-batch: backward must not start on a bad loss.
-            if float(dist.all_reduce_mean(torch.isfinite(loss.detach()).float().view(1))[0]) < 1.0:
-                nonfinite += 1
+            finite = float(dist.all_reduce_mean(torch.isfinite(loss.detach()).float().view(1))[0]) == 1.0
+            try:
+                applied = nonfinite.check(finite, step + 1, "batch dropped")
+            except RuntimeError:
+                inputs.close()
+                raise
+            if not applied:
                 dropped += 1
-                log.warning("non-finite loss at step %d (%d in a row); batch dropped", step + 1, nonfinite)
-                if nonfinite > cfg.max_nonfinite:
-                    inputs.close()
-                    raise RuntimeError(f"{nonfinite} non-finite losses in a row at step {step + 1}: stopping "
-                                       "(lower the learning rate, check the data, or raise max_nonfinite)")
                 continue
-            nonfinite = 0
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float() / cfg.optim.grad_accum
@@ -597,7 +562,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if pending:
                 losses += torch.cat(pending).tolist()
                 pending.clear()
-            save_checkpoint(engine, ema, out, step, dropped, cfg.keep_checkpoints, dcfg, cfg.universal_checkpoints)
+            save_checkpoint(engine, ema, out, step, dropped, cfg.keep_checkpoints, dcfg, context,
+                            cfg.universal_checkpoints)
     inputs.close()
     bar.close()
     logger.close()
@@ -622,12 +588,6 @@ def _single_process_group() -> None:
     torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
 
 
-def _manifest_summary(m: dict) -> dict:
-    keep = ("autoencoder", "family", "config", "config_hash", "checkpoint", "checkpoint_hash", "seed", "ae_path", "ae_subfolder", "video",
-            "latent_spec", "form", "stats", "text_encoder", "text_dim", "text_tokens", "num_classes")
-    return {k: m.get(k) for k in keep}
-
-
 class _Logger:
     """JSONL + TensorBoard on rank 0 (FLOPs = 2 x multiply-adds; a train step = 3 x forward)."""
 
@@ -636,25 +596,10 @@ class _Logger:
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
-        self._truncate(out / "log.jsonl", resumed_step)
+        runs.truncate_log(out / "log.jsonl", resumed_step)
         self.jsonl = open(out / "log.jsonl", "a")
         from torch.utils.tensorboard import SummaryWriter
         self.tb = SummaryWriter(str(out / "tensorboard"))
-
-    @staticmethod
-    def _truncate(path: Path, step: int) -> None:
-        """Drop the lines a killed run logged past the checkpoint it resumes from (and a torn last
-        line), so the log reads as one uninterrupted run."""
-        if not path.exists():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError):
-                continue
-        atomic_write_bytes(path, "".join(x + "\n" for x in keep).encode())
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -672,62 +617,55 @@ class _Logger:
 
 
 # ------------------------------------------------------------------------------------------
-# checkpoints: DeepSpeed's own (model, optimizer, scheduler) + EMA safetensors + a `latest`
-# pointer written last; exports of the EMA weights for sampling
+# checkpoints: DeepSpeed's own (model, optimizer, scheduler) + EMA safetensors + trainer.json in a
+# `runs` checkpoint folder (hashed, renamed into place, rotated); exports of the EMA weights
 # ------------------------------------------------------------------------------------------
+REQUIRED_FILES = ("trainer.json", "ema.safetensors")
+
+
 def save_checkpoint(engine, ema: EMA, out: Path, step: int, dropped: int, keep: int, dcfg: dit.DiTConfig,
-                    universal: bool) -> None:
+                    context: Export, universal: bool) -> None:
     """DeepSpeed's own checkpoint (fast resume on the same topology) + EMA + with ``universal`` the
-    topology-independent state (any world size / ZeRO stage resumes it) + ``complete.json`` last."""
-    ckpt = out / "checkpoints"
-    tag = f"step-{step:08d}"
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"step": step}, save_latest=False)
+    topology-independent state (any world size / ZeRO stage resumes it) + ``trainer.json``, sealed
+    by ``runs.commit``; then the export of the EMA weights."""
+    root = out / "checkpoints"
+    tmp = runs.begin(root, step) if dist.is_main() else root / f".{runs.step_dir_name(step)}.tmp"
+    dist.barrier()  # the folder exists before any rank writes into it
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False)
     tensors, meta = gather_universal(engine) if universal else ({}, {})  # a collective: every rank
+    dist.barrier()  # every rank's DeepSpeed files are written
     if dist.is_main():
         if universal:
-            save_tensors(ckpt / tag / "universal.safetensors", tensors)
-        save_tensors(ckpt / tag / "ema.safetensors", ema.state_dict())
-        atomic_write_json(ckpt / tag / "complete.json", {
+            save_tensors(tmp / "universal.safetensors", tensors)
+        save_tensors(tmp / "ema.safetensors", ema.state_dict())
+        atomic_write_json(tmp / "trainer.json", {
             "step": step, "dropped_batches": dropped, "world_size": dist.world_size(),
             "zero_stage": engine.zero_optimization_stage(),
             "universal": universal, "scheduler": engine.lr_scheduler.state_dict(), **meta})
-        (ckpt / "latest.tmp").write_text(tag)
-        (ckpt / "latest.tmp").replace(ckpt / "latest")
-        run_cfg = read_json(out / "config.json")
-        export(ema.state_dict(), dcfg, out / "export", {**run_cfg["manifest"], "latent_norm": run_cfg["latent_norm"]})
-        old = sorted(p for p in ckpt.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
+        runs.commit(root, step, keep)
+        save_export(out / "export", ema.state_dict(), dcfg, context)
     dist.barrier()
 
 
-def export(state: dict[str, torch.Tensor], dcfg: dit.DiTConfig, path: Path, context: dict) -> None:
-    """Plain EMA weights for sampling, in ``dit.save_pretrained``'s format (safetensors + JSON),
-    plus ``training.json``: the latent statistics, autoencoder and text encoder it was trained for."""
-    save_tensors(path / "model.safetensors", state)
-    atomic_write_json(path / "config.json", {"kind": "dit", "name": None, "config": cfglib.to_dict(dcfg)})
-    atomic_write_json(path / "training.json", context)
-
-
 def resume(engine, ema: EMA, out: Path) -> tuple[int, int]:
-    """Load the newest complete checkpoint; return its step and the micro-batches dropped for
+    """Load the newest intact checkpoint; return its step and the micro-batches dropped for
     non-finite losses before it (for the data position), (0, 0) when there is none.
 
-    Same world size and ZeRO stage: DeepSpeed's own checkpoint. Otherwise the universal state
-    (weights, Adam moments and step, LR schedule) is scattered into this engine. A checkpoint
-    without ``complete.json``, or that fails to load on any rank, is passed over (all ranks agree)
-    for the previous one."""
-    ckpt = out / "checkpoints"
-    candidates = sorted((p for p in ckpt.glob("step-*") if p.is_dir()), reverse=True) if ckpt.exists() else []
+    Rank 0 verifies the checkpoints against their manifests (``runs``); same world size and ZeRO
+    stage: DeepSpeed's own checkpoint, otherwise the universal state (weights, Adam moments and
+    step, LR schedule) is scattered into this engine. A checkpoint that fails to load on any rank
+    is passed over (all ranks agree) for the previous one."""
+    root = out / "checkpoints"
+    found = runs.verified_checkpoints(root, REQUIRED_FILES) if dist.is_main() else None
+    candidates, rejected = dist.broadcast_object(found)
+    for r in rejected:
+        log.warning("checkpoint %s rejected: %s", Path(r["path"]).name, r["reason"])
     for p in candidates:
-        if not (p / "complete.json").exists():
-            log.warning("checkpoint %s is incomplete; trying an older one", p.name)
-            continue
-        info = read_json(p / "complete.json")
+        info = read_json(p / "trainer.json")
         ok = True
         try:
             if info["world_size"] == dist.world_size() and info["zero_stage"] == engine.zero_optimization_stage():
-                path, _ = engine.load_checkpoint(str(ckpt), tag=p.name)
+                path, _ = engine.load_checkpoint(str(root), tag=p.name)
                 if path is None:
                     raise RuntimeError("DeepSpeed found nothing to load")
             elif info.get("universal"):
@@ -749,13 +687,3 @@ def resume(engine, ema: EMA, out: Path) -> tuple[int, int]:
             print(f"resumed from {p} at step {info['step']} ({kind} state)")
         return int(info["step"]), int(info.get("dropped_batches", 0))
     return 0, 0
-
-
-def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[dit.VideoDiT, dict]:
-    """The DiT of an export folder (or of a run folder's ``export/``) and its ``training.json``."""
-    path = Path(path)
-    if (path / "export").is_dir():
-        path = path / "export"
-    if not (path / "training.json").exists():
-        raise FileNotFoundError(f"{path} is not an `ldm train` export (no training.json)")
-    return dit.load_pretrained(path).to(device).eval(), read_json(path / "training.json")

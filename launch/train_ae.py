@@ -15,19 +15,23 @@ Outputs under ``--output``::
     final/                          Autoencoder.save_pretrained (what extract/reconstruct take)
     summary.json
 
-The learning rate is a pure function of the step (``lr_at``): linear warm-up, then ``--lr`` and,
-from each ``--lr-drop STEP:LR`` on, that LR (H3AE: 1e-4, 1e-5 for the last 10K of 80K iterations).
-Hi-VAE trains in two stages (Sec. 3.3): ``--stage 1`` from the registered name with the trained base
-``--base-checkpoint KL2D_RUN/final``, then ``--init STAGE1_RUN/final --stage 2`` (global module
-frozen) into a new ``--output``; a resumed run keeps its checkpoint's stage. Models whose steps
-leave some parameters unused set the class attribute ``ddp_find_unused_parameters = True``.
+Settings: ``--config FILE.yaml`` (``TrainAEConfig`` keys; paper recipes in
+``launch/configs/train-ae-*.yaml``), then the flags (shorthands of the same keys), then dotted
+``KEY=VALUE`` overrides -- the config system of ``ldm train``.
+
+The learning rate is a pure function of the step (``runs.lr_at``): linear warm-up, then ``--lr``
+and, from each ``--lr-drop STEP:LR`` on, that LR (H3AE: 1e-4, 1e-5 for the last 10K of 80K
+iterations). Staged autoencoders (``Autoencoder.stages``: Hi-VAE, MTC-VAE) train stage by stage
+from the CLI: ``--stage 1`` from the registered name with its trained base ``--base-checkpoint
+BASE_RUN/final`` (``load_base``: Hi-VAE's frozen kl2d, MTC-VAE's causal3d), then ``--init
+STAGE1_RUN/final --stage 2`` into a new ``--output``; a resumed run keeps its checkpoint's stage.
+Models whose steps leave some parameters unused declare ``ddp_find_unused_parameters = True``.
 
 Text-guided autoencoders (``--text-encoder``) get each clip's caption embedding in ``cond``; joint
 image-video training (``--image-ratio``) trains a share of the steps on the batch's frames as
 single images (T = 1).
 
-A checkpoint folder is written under a temporary name, its MANIFEST (sha256 + size of every file)
-last, then renamed; on resume every candidate is verified against its manifest, newest first, so a
+Checkpoints are written, verified and rotated by ``launch.runs`` (shared with ``ldm train``): a
 half-written or corrupt checkpoint is skipped (with its reason) in favour of the previous one.
 Resuming restores weights, optimizer moments, every RNG stream and each rank's data position: on
 CPU with a fixed seed the loss sequence equals that of an uninterrupted run.
@@ -40,7 +44,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -51,42 +54,42 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from einops import rearrange
-from torch import Tensor, nn
 from PIL import Image
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from autoencoders import FAMILIES, REGISTRY, Autoencoder, build, load_pretrained
+from autoencoders import FAMILIES, REGISTRY, Autoencoder, build, resolve
 from autoencoders.base import saved_config
-from autoencoders.losses import REC_LOSSES, AELoss, AELossConfig, last_decoder_layer
+from autoencoders.losses import REC_LOSSES, AELoss, AELossConfig
 from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, video_to_uint8
-from launch import dist
+from launch import dist, runs
 from ldm import config as cfglib
+from ldm.checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, read_json
 from ldm.errors import UserError, checking
 from ldm.latent import Cond
 from ldm.metrics import LPIPS
-from ldm.checkpoint import (atomic_write_bytes, atomic_write_json, file_sha256, load_tensors, read_json,
-                            save_tensors)
 
 log = logging.getLogger("ldm.train_ae")
 
-CHECKPOINT_FORMAT = 1
-STEP_PREFIX = "step-"
+# files every train-ae checkpoint holds (runs.verify_checkpoint)
+REQUIRED_FILES = ("model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json", "rng.safetensors",
+                  "trainer.json")
 # trainer settings that must match between a checkpoint and the run resuming it
 RESUME_MUST_MATCH = ("frames", "height", "width", "fps", "batch_size", "seed", "text_encoder")
 
 
 @dataclass(frozen=True)
 class TrainAEConfig:
-    """Everything one ``ldm train-ae`` run needs (the CLI flags, one to one)."""
+    """Everything one ``ldm train-ae`` run needs (the YAML keys; the CLI flags are shorthands)."""
 
     data: str
     output: str
     autoencoder: str | None = None  # registry name; optional when --init names a saved model
     init: str | None = None  # folder written by save_pretrained to start from
-    stage: int | None = None  # training stage of a staged autoencoder (Hi-VAE); None: the model's own
-    base_checkpoint: str | None = None  # save_pretrained folder of the frozen base VAE (Hi-VAE)
+    stage: int | None = None  # training stage of a staged autoencoder (Autoencoder.stages); None: the model's own
+    base_checkpoint: str | None = None  # save_pretrained folder of the base it starts from (Autoencoder.load_base)
     ae_config: tuple[str, ...] = ()  # KEY=VALUE overrides of the registered config
     frames: int = 17
     height: int = 256
@@ -97,7 +100,7 @@ class TrainAEConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup: int = 0  # linear LR warm-up steps (the LR is a function of the step: nothing to save)
-    lr_drop: tuple[tuple[int, float], ...] = ()  # (step, lr): from that step on the base LR is lr (lr_at)
+    lr_drop: tuple[tuple[int, float], ...] = ()  # (step, lr): from that step on the base LR is lr (runs.lr_at)
     steps: int = 1000
     max_grad_norm: float = 1.0  # 0 = no clipping (the norm is still logged)
     loss: str = "l1"
@@ -153,8 +156,8 @@ class TrainAEConfig:
         if not all(float(v) > 0 for _, v in drops):
             raise ValueError(f"lr_drop learning rates must be > 0, got {[v for _, v in drops]}")
         object.__setattr__(self, "lr_drop", tuple((int(at), float(v)) for at, v in drops))  # JSON lists -> pairs
-        if self.stage is not None and self.stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.stage is not None and self.stage < 0:
+            raise ValueError(f"stage must be >= 0, got {self.stage}")
         if not 0.0 <= self.image_ratio <= 1.0:
             raise ValueError(f"image_ratio must be in [0, 1], got {self.image_ratio}")
         if self.fps is not None and not self.fps > 0:
@@ -167,6 +170,10 @@ class TrainAEConfig:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    def learning_rate(self, step: int) -> float:
+        """LR of the update with 0-based index ``step`` (``runs.lr_at``)."""
+        return runs.lr_at(step, self.lr, self.lr_drop, warmup=self.warmup)
 
     def loss_config(self) -> AELossConfig:
         return AELossConfig(rec=self.loss, kl_weight=self.kl_weight,
@@ -233,154 +240,6 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON, verified by a manifest
-# ------------------------------------------------------------------------------------------
-def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Split an optimizer state dict into tensors (``state.<param>.<key>``) and JSON (the rest)."""
-    sd = opt.state_dict()
-    tensors: dict[str, Tensor] = {}
-    state_json: dict[str, dict[str, Any]] = {}
-    for pid, st in sd["state"].items():
-        for key, value in st.items():
-            if isinstance(value, Tensor):
-                tensors[f"state.{pid}.{key}"] = value
-            else:
-                state_json.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "state": state_json}
-
-
-def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = value
-    for pid, st in meta["state"].items():
-        state.setdefault(int(pid), {}).update(st)
-    if len(meta["param_groups"]) != len(opt.param_groups):
-        raise ValueError(f"checkpoint has {len(meta['param_groups'])} parameter groups, "
-                         f"the optimizer {len(opt.param_groups)}")
-    groups = []
-    for saved, current in zip(meta["param_groups"], opt.param_groups):
-        # JSON turned tuples (e.g. AdamW betas) into lists: restore the type the optimizer uses
-        groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _rng_state(generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors = {"torch": torch.get_rng_state(), "posterior": generator.get_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    meta = {"python": [py_state[0], list(py_state[1]), py_state[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
-    return tensors, meta
-
-
-def _set_rng_state(generator: torch.Generator, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch"])
-    generator.set_state(tensors["posterior"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"])
-    v, st, gauss = meta["python"]
-    random.setstate((v, tuple(st), gauss))
-    name, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def step_dir_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
-
-
-def _step_of(path: Path) -> int | None:
-    name = path.name
-    if not name.startswith(STEP_PREFIX) or not name[len(STEP_PREFIX):].isdigit():
-        return None
-    return int(name[len(STEP_PREFIX):])
-
-
-def write_checkpoint(root: Path, step: int, files: dict[str, bytes | dict[str, Tensor] | Any], keep: int) -> Path:
-    """Write one checkpoint folder atomically and point ``root/latest`` at it.
-
-    ``files`` maps a file name to raw bytes, a dict of tensors (``*.safetensors``) or a JSON-able
-    object (``*.json``). Order: files in a temporary folder -> MANIFEST.json (sha256 + size of each)
-    -> rename to ``step-N`` -> ``latest`` -> prune to the newest ``keep`` at or below ``step``.
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name, content in files.items():
-        if name.endswith(".safetensors"):
-            save_tensors(tmp / name, content)
-        elif name.endswith(".json"):
-            atomic_write_json(tmp / name, content)
-        else:
-            atomic_write_bytes(tmp / name, content)
-    manifest = {"format": CHECKPOINT_FORMAT, "step": step,
-                "files": {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
-                          for p in sorted(tmp.iterdir()) if p.is_file()}}
-    atomic_write_json(tmp / "MANIFEST.json", manifest)
-    if final.exists():  # an older run's (possibly corrupt) checkpoint of the same step
-        trash = root / f".{final.name}.old"
-        if trash.exists():
-            shutil.rmtree(trash)
-        final.rename(trash)
-        shutil.rmtree(trash)
-    tmp.rename(final)
-    atomic_write_bytes(root / "latest", (final.name + "\n").encode())
-    older = sorted((s, p) for p in root.iterdir() if (s := _step_of(p)) is not None and s <= step)
-    for _, p in older[:-keep]:
-        shutil.rmtree(p)
-    return final
-
-
-def verify_checkpoint(path: Path) -> str | None:
-    """None when every file listed in MANIFEST.json is present with its size and sha256; else the
-    reason the checkpoint cannot be trusted."""
-    manifest_path = path / "MANIFEST.json"
-    if not manifest_path.is_file():
-        return "no MANIFEST.json (half-written checkpoint)"
-    try:
-        manifest = read_json(manifest_path)
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        return f"unreadable MANIFEST.json ({e})"
-    for required in ("model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json",
-                     "rng.safetensors", "trainer.json"):
-        if required not in files:
-            return f"MANIFEST.json does not list {required}"
-    for name, info in files.items():
-        p = path / name
-        if not p.is_file():
-            return f"{name} is missing"
-        if p.stat().st_size != info["bytes"]:
-            return f"{name} has {p.stat().st_size} bytes, manifest says {info['bytes']}"
-        if file_sha256(p) != info["sha256"]:
-            return f"{name} does not match its sha256 in MANIFEST.json"
-    return None
-
-
-def find_checkpoint(root: Path) -> tuple[Path | None, list[dict[str, str]]]:
-    """The newest verified checkpoint under ``root`` (None when there is none) and the rejected
-    ones, each with its reason. Newest is by step number, so a complete checkpoint whose ``latest``
-    update was interrupted still counts."""
-    if not root.is_dir():
-        return None, []
-    candidates = sorted(((s, p) for p in root.iterdir() if p.is_dir() and (s := _step_of(p)) is not None),
-                        reverse=True)
-    rejected = []
-    for _, path in candidates:
-        reason = verify_checkpoint(path)
-        if reason is None:
-            return path, rejected
-        rejected.append({"path": str(path), "reason": reason})
-    return None, rejected
-
-
-# ------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------
 class _TrainForward(nn.Module):
@@ -395,50 +254,21 @@ class _TrainForward(nn.Module):
 
 
 def _build_model(cfg: TrainAEConfig, stage: int | None = None) -> tuple[Autoencoder, str]:
-    """The autoencoder to train: ``--init`` or the registered ``--autoencoder`` (with overrides),
-    then, for a staged autoencoder (Hi-VAE: ``load_base`` / ``set_stage``), its frozen base from
-    ``--base-checkpoint`` and the training stage ``stage`` (default ``cfg.stage``; None keeps the
-    model's own)."""
-    if cfg.init is not None:
-        meta = read_json(Path(cfg.init) / "config.json")
-        saved = meta.get("name")
-        if cfg.autoencoder is not None and saved is not None and saved != cfg.autoencoder:
-            raise ValueError(f"--init {cfg.init} holds {saved!r}, not --autoencoder {cfg.autoencoder!r}")
-        ae, name = load_pretrained(cfg.init), cfg.autoencoder or saved or meta["family"]
-    else:
-        ae, name = build(cfg.autoencoder, **cfglib.apply_dotted({}, list(cfg.ae_config))), cfg.autoencoder
+    """The autoencoder to train: ``--init`` or the registered ``--autoencoder`` (with overrides)
+    from ``autoencoders.resolve``; then, for a family that starts from a pretrained base
+    (``base_family``), the base from ``--base-checkpoint``; then, for a staged family (``stages``),
+    the training stage ``stage`` (default ``cfg.stage``; None keeps the model's own)."""
+    overrides = cfglib.apply_dotted({}, list(cfg.ae_config))
+    ae, name, _ = resolve(cfg.autoencoder, cfg.init, overrides=overrides, seed=None, warn_random=False)
     stage = cfg.stage if stage is None else stage
     if cfg.base_checkpoint is not None:
-        if not hasattr(ae, "load_base"):
-            raise ValueError(f"--base-checkpoint: {name} ({ae.family}) has no frozen base autoencoder; "
-                             "it applies to Hi-VAE (hivae-*)")
         ae.load_base(cfg.base_checkpoint)
-    elif hasattr(ae, "load_base") and cfg.init is None:
-        log.warning("%s starts with a RANDOM frozen base VAE: pass --base-checkpoint (a trained kl2d's "
-                    "OUTPUT/final) for a usable model", name)
+    elif ae.base_family and cfg.init is None:
+        log.warning("%s starts from a RANDOM %s base: pass --base-checkpoint (a trained %s's OUTPUT/final) for "
+                    "a usable model", name, ae.base_family, ae.base_family)
     if stage is not None:
-        if not hasattr(ae, "set_stage"):
-            raise ValueError(f"--stage: {name} ({ae.family}) is not trained in stages; it applies to Hi-VAE "
-                             "(hivae-*: stage 1 global motion, stage 2 detailed motion)")
-        ae.set_stage(stage)
+        ae = ae.with_stage(stage)
     return ae, name
-
-
-def model_stage(ae: Autoencoder) -> int | None:
-    """The training stage of a staged autoencoder (Hi-VAE), None for the others."""
-    return getattr(ae.config, "stage", None) if hasattr(ae, "set_stage") else None
-
-
-def lr_at(cfg: TrainAEConfig, step: int) -> float:
-    """Learning rate of the update with 0-based index ``step`` (a pure function of the step, so
-    resuming needs no scheduler state): ``lr``, replaced by the LR of every ``lr_drop`` (STEP, LR)
-    with STEP <= step (piecewise constant; H3AE: ``lr 1e-4`` with ``lr_drop (70000, 1e-5)`` for the
-    last 10K of 80K iterations), times the linear warm-up factor ``min(1, (step + 1) / warmup)``."""
-    lr = cfg.lr
-    for at, value in cfg.lr_drop:
-        if step >= at:
-            lr = value
-    return lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else lr
 
 
 def is_image_step(cfg: TrainAEConfig, step: int) -> bool:
@@ -529,7 +359,7 @@ class AETrainer:
         if cfg.lpips_vgg:
             lpips = LPIPS.from_files("vgg", cfg.lpips_vgg, cfg.lpips_heads)
         self.loss_fn = AELoss(cfg.loss_config(), self.ae.config.in_channels, lpips).to(self.device)
-        self.last_layer = last_decoder_layer(self.ae) if self.loss_fn.discriminator is not None else None
+        self.last_layer = self.ae.last_layer() if self.loss_fn.discriminator is not None else None
         # image steps leave the temporal layers unused, and a model may declare parameters that some
         # steps do not use (class attribute ``ddp_find_unused_parameters``): DDP must not wait for them
         unused = cfg.image_ratio > 0 or self.ae.ddp_find_unused_parameters
@@ -582,33 +412,33 @@ class AETrainer:
 
     # --- checkpoints -----------------------------------------------------------------------
     def save(self) -> None:
-        rng_tensors, rng_meta = _rng_state(self.generator)
+        rng_tensors, rng_meta = runs.rng_state(self.generator)
         rank_state = {"rank": self.env.rank, "data": {"epoch": self.pos[0], "batch": self.pos[1]},
                       "rng": rng_meta, "skipped": self.skipped}
         gathered = dist.all_gather_object((rank_state, {k: v.cpu() for k, v in rng_tensors.items()}))
         if self.main:
-            opt_t, opt_j = optimizer_to_files(self.opt)
+            opt_t, opt_j = runs.optimizer_to_files(self.opt)
             files: dict[str, Any] = {
                 "model.safetensors": self.ae.state_dict(),
                 "config.json": {"family": self.ae.family, "name": self.name,
                                 "config": cfglib.to_dict(self.ae.config)},
                 "optimizer.safetensors": opt_t, "optimizer.json": opt_j,
                 "rng.safetensors": {f"rank{r}.{k}": v for r, (_, ts) in enumerate(gathered) for k, v in ts.items()},
-                "trainer.json": {"format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.env.world_size,
+                "trainer.json": {"format": runs.FORMAT, "step": self.step, "world_size": self.env.world_size,
                                  "autoencoder": self.name, "settings": cfglib.to_dict(self.cfg),
                                  "ranks": [s for s, _ in gathered]},
             }
             if self.loss_fn.discriminator is not None:
-                d_t, d_j = optimizer_to_files(self.d_opt)
+                d_t, d_j = runs.optimizer_to_files(self.d_opt)
                 files.update({"discriminator.safetensors": self.loss_fn.discriminator.state_dict(),
                               "disc_optimizer.safetensors": d_t, "disc_optimizer.json": d_j})
-            write_checkpoint(self.ckpt_root, self.step, files, self.cfg.keep)
+            runs.write_checkpoint(self.ckpt_root, self.step, files, self.cfg.keep)
         dist.barrier()
 
     def load(self, path: Path) -> None:
         trainer = read_json(path / "trainer.json")
-        if trainer.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: checkpoint format {trainer.get('format')} != {CHECKPOINT_FORMAT}")
+        if trainer.get("format") != runs.FORMAT:
+            raise ValueError(f"{path}: checkpoint format {trainer.get('format')} != {runs.FORMAT}")
         if trainer["world_size"] != self.env.world_size:
             raise ValueError(f"{path} was written by {trainer['world_size']} rank(s); this run has "
                              f"{self.env.world_size}. Resume with the same number of processes.")
@@ -625,20 +455,20 @@ class AETrainer:
                              f"({meta['family']} {meta['config']} vs {self.ae.family} "
                              f"{cfglib.to_dict(self.ae.config)})")
         self.ae.load_state_dict(load_tensors(path / "model.safetensors", self.device))
-        optimizer_from_files(self.opt, load_tensors(path / "optimizer.safetensors", self.device),
+        runs.optimizer_from_files(self.opt, load_tensors(path / "optimizer.safetensors", self.device),
                              read_json(path / "optimizer.json"))
         if self.loss_fn.discriminator is not None:
             if (path / "discriminator.safetensors").is_file():
                 disc_sd = load_tensors(path / "discriminator.safetensors", self.device)
                 self.loss_fn.discriminator.load_state_dict(disc_sd)
-                optimizer_from_files(self.d_opt, load_tensors(path / "disc_optimizer.safetensors", self.device),
+                runs.optimizer_from_files(self.d_opt, load_tensors(path / "disc_optimizer.safetensors", self.device),
                                      read_json(path / "disc_optimizer.json"))
             else:
                 log.warning("%s has no discriminator: the GAN starts from a fresh one", path)
         mine = trainer["ranks"][self.env.rank]
         rng = load_tensors(path / "rng.safetensors")
         prefix = f"rank{self.env.rank}."
-        _set_rng_state(self.generator, {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)},
+        runs.set_rng_state(self.generator, {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)},
                        mine["rng"])
         self.step = trainer["step"]
         self.pos = (mine["data"]["epoch"], mine["data"]["batch"])
@@ -652,7 +482,7 @@ class AETrainer:
             return None
         if mode == "auto":
             # rank 0 verifies (hashing every file once), every rank loads the same checkpoint
-            found = find_checkpoint(self.ckpt_root) if self.main else None
+            found = runs.find_checkpoint(self.ckpt_root, REQUIRED_FILES) if self.main else None
             path, self.rejected = dist.broadcast_object(found)
             for r in self.rejected:
                 log.warning("checkpoint %s rejected: %s", r["path"], r["reason"])
@@ -663,7 +493,7 @@ class AETrainer:
                 return None
         else:
             path = Path(mode)
-            reason = verify_checkpoint(path) if path.is_dir() else "not a folder"
+            reason = runs.verify_checkpoint(path, REQUIRED_FILES) if path.is_dir() else "not a folder"
             if reason is not None:
                 raise ValueError(f"--resume {path}: {reason}")
         return path
@@ -675,8 +505,8 @@ class AETrainer:
         if self.resume_path is None:
             return self.cfg.stage
         meta = read_json(self.resume_path / "config.json")
-        staged = hasattr(FAMILIES.get(meta.get("family")), "set_stage")
-        saved = meta["config"].get("stage") if staged else None
+        family = FAMILIES.get(meta.get("family"))
+        saved = meta["config"].get("stage") if family is not None and family.stages else None
         if self.cfg.stage is not None and saved is not None and saved != self.cfg.stage:
             raise ValueError(f"{self.resume_path} was trained at stage {saved}, not --stage {self.cfg.stage}: "
                              f"resume with --stage {saved}, or start stage {self.cfg.stage} as a new run "
@@ -698,7 +528,7 @@ class AETrainer:
         image_step = is_image_step(cfg, self.step)
         if image_step:
             video, cond = frames_as_images(video, cond)
-        lr = lr_at(cfg, self.step)
+        lr = cfg.learning_rate(self.step)
         for opt in filter(None, (self.opt, self.d_opt)):
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -776,22 +606,7 @@ class AETrainer:
         cond = self._text_cond(captions)
         recon = self.ae.decode(self.ae.encode(video, cond), cond).clamp(-1, 1)
         self.ae.train()
-        save_grid(video, recon, self.out / "samples" / f"{step_dir_name(self.step)}.png")
-
-    def _truncate_log(self, path: Path) -> None:
-        """Drop log lines past the resumed step (written by the interrupted run after its last
-        checkpoint), so the log holds one line per step."""
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line torn by a kill
-                continue
-            if record.get("step", 0) <= self.step:
-                kept.append(line)
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        save_grid(video, recon, self.out / "samples" / f"{runs.step_dir_name(self.step)}.png")
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -802,14 +617,14 @@ class AETrainer:
         sample_captions: list[str] = []
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            self._truncate_log(log_path)
+            runs.truncate_log(log_path, self.step)
             sample_clips, sample_captions = self._sample_clips(2)
         dist.barrier()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.main and cfg.progress),
                    desc=f"train-ae {self.name}", unit="step", dynamic_ncols=True)
         batches = self._loader() if self.step < cfg.steps else iter(())
         losses: list[float] = []
-        nonfinite = skipped_steps = 0
+        nonfinite = runs.NonFiniteGuard(cfg.max_nonfinite)
         clips_since, t_since, train_time = 0, time.perf_counter(), 0.0
         while self.step < cfg.steps:
             t0 = time.perf_counter()
@@ -818,20 +633,11 @@ class AETrainer:
             logs = self.train_step(video, self._text_cond(batch["captions"]))
             self.step += 1
             clips_since += video.shape[0]
-            if logs is None:
-                nonfinite += 1
-                skipped_steps += 1
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                            self.step, nonfinite)
-                if nonfinite >= cfg.max_nonfinite:
-                    raise RuntimeError(f"{nonfinite} non-finite steps in a row at step {self.step}; stopping "
-                                       "(lower --lr, check the data, or resume from an earlier checkpoint)")
-            else:
-                nonfinite = 0
+            nonfinite.check(logs is not None, self.step)
             train_time += time.perf_counter() - t0
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                record = self._log_record(logs, clips_since, time.perf_counter() - t_since, skipped_steps)
+                record = self._log_record(logs, clips_since, time.perf_counter() - t_since, nonfinite.total)
                 clips_since, t_since = 0, time.perf_counter()
                 if self.main:
                     with open(log_path, "a") as f:
@@ -848,7 +654,7 @@ class AETrainer:
         return self._finish(start_step, losses, train_time, log_path)
 
     def _log_record(self, logs: dict[str, Tensor] | None, clips: int, seconds: float, skipped: int) -> dict[str, Any]:
-        record: dict[str, Any] = {"step": self.step, "epoch": self.pos[0], "lr": lr_at(self.cfg, self.step - 1)}
+        record: dict[str, Any] = {"step": self.step, "epoch": self.pos[0], "lr": self.cfg.learning_rate(self.step - 1)}
         # every rank reaches this point on the same steps; a skipped step is skipped everywhere
         if logs is not None:
             keys = sorted(logs)
@@ -883,7 +689,7 @@ class AETrainer:
             "steps_per_s": steps_done / train_time if train_time > 0 else None,
             "clips_per_s": steps_done * cfg.batch_size * self.env.world_size / train_time if train_time > 0 else None,
             "skipped_clips": skipped, "latent_stats": {k: list(v) for k, v in stats.items()},
-            "text_encoder": cfg.text_encoder, "image_ratio": cfg.image_ratio, "stage": model_stage(self.ae),
+            "text_encoder": cfg.text_encoder, "image_ratio": cfg.image_ratio, "stage": self.ae.stage,
             "final": str(final), "log": str(log_path), "checkpoints": str(self.ckpt_root),
         }
         if self.main:
@@ -908,61 +714,71 @@ def train_autoencoder(cfg: TrainAEConfig) -> dict[str, Any]:
 # CLI
 # ------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``[--config FILE.yaml] [flags] [KEY=VALUE ...]``: each flag is a shorthand of a
+    ``TrainAEConfig`` key and wins over the YAML; dotted overrides win over both. Flags not given
+    do not touch the YAML's values (defaults come from ``TrainAEConfig``)."""
     d = TrainAEConfig.__dataclass_fields__
-    a = parser.add_argument
+    S = argparse.SUPPRESS
+
+    def a(*names: str, **kw: Any) -> None:
+        parser.add_argument(*names, default=S, **kw)
+
+    parser.add_argument("--config", help="train-ae YAML (TrainAEConfig keys; recipes: launch/configs/train-ae-*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides (YAML values), e.g. steps=2000 lr_drop=[[70000,1e-5]]")
     a("--autoencoder", choices=sorted(REGISTRY), help="registered autoencoder to train")
     a("--init", help="start from a folder written by save_pretrained (e.g. another run's final/)")
-    a("--ae-config", action="append", default=[], metavar="KEY=VALUE",
+    a("--ae-config", dest="ae_config", action="append", metavar="KEY=VALUE",
       help="override a field of the registered config (repeatable)")
-    a("--stage", type=int, choices=(1, 2),
-      help="Hi-VAE training stage: 1 = global motion module + decoder, 2 = global module frozen, detailed "
-           "module + decoder (start it from the stage-1 run: --init RUN/final --stage 2); default: the model's "
-           "own, and a resumed run keeps its checkpoint's")
+    a("--stage", type=int, choices=(0, 1, 2),
+      help="training stage of a staged autoencoder: Hi-VAE 1 = global motion module + decoder, 2 = detailed "
+           "module + decoder (global module frozen); MTC-VAE 1 = new sampling layers, 2 = keyframe embedding + "
+           "predictor (+ decoder), 0 = everything. Start stage 2 from the stage-1 run: --init RUN/final --stage 2. "
+           "Default: the model's own; a resumed run keeps its checkpoint's")
     a("--base-checkpoint", metavar="DIR",
-      help="Hi-VAE: the frozen per-frame base VAE, a save_pretrained folder of a matching kl2d (e.g. its "
-           "train-ae OUTPUT/final)")
-    a("--data", required=True, help="folder of videos or raw video shards (data.sources.list_items)")
-    a("--output", required=True, help="run folder (checkpoints, samples, log, final/)")
-    a("--frames", type=int, default=d["frames"].default)
-    a("--height", type=int, default=d["height"].default)
-    a("--width", type=int, default=d["width"].default)
-    a("--fps", type=float, default=None, help="resample clips to this rate (default: native)")
-    a("--batch-size", type=int, default=d["batch_size"].default, help="clips per rank per step")
-    a("--lr", type=float, default=d["lr"].default)
-    a("--weight-decay", type=float, default=d["weight_decay"].default)
-    a("--warmup", type=int, default=d["warmup"].default, help="linear LR warm-up steps")
-    a("--lr-drop", type=_parse_lr_drop, action="append", default=[], metavar="STEP:LR",
+      help="the trained base a staged autoencoder starts from (a save_pretrained folder, e.g. a train-ae "
+           "OUTPUT/final): Hi-VAE's frozen kl2d, MTC-VAE's causal3d")
+    a("--data", help="folder of videos or raw video shards (data.sources.list_items)")
+    a("--output", help="run folder (checkpoints, samples, log, final/)")
+    a("--frames", type=int, help=f"clip length (default {d['frames'].default})")
+    a("--height", type=int, help=f"default {d['height'].default}")
+    a("--width", type=int, help=f"default {d['width'].default}")
+    a("--fps", type=float, help="resample clips to this rate (default: native)")
+    a("--batch-size", type=int, help=f"clips per rank per step (default {d['batch_size'].default})")
+    a("--lr", type=float, help=f"default {d['lr'].default}")
+    a("--weight-decay", type=float)
+    a("--warmup", type=int, help="linear LR warm-up steps")
+    a("--lr-drop", dest="lr_drop", type=_parse_lr_drop, action="append", metavar="STEP:LR",
       help="from update STEP on (0-based; the log's steps > STEP) the LR is LR (repeatable, piecewise constant "
            "after warm-up; H3AE: --lr 1e-4 --lr-drop 70000:1e-5 --steps 80000)")
-    a("--steps", type=int, default=d["steps"].default, help="total optimizer steps (resume continues up to it)")
-    a("--max-grad-norm", type=float, default=d["max_grad_norm"].default, help="gradient clipping (0: off)")
-    a("--loss", choices=REC_LOSSES, default=d["loss"].default, help="reconstruction loss")
-    a("--kl-weight", type=float, default=d["kl_weight"].default,
-      help="weight of the KL term (SD convention: KL summed over latents / input elements)")
+    a("--steps", type=int, help=f"total optimizer steps, resume continues up to it (default {d['steps'].default})")
+    a("--max-grad-norm", type=float, help="gradient clipping (0: off)")
+    a("--loss", choices=REC_LOSSES, help="reconstruction loss")
+    a("--kl-weight", type=float, help="weight of the KL term (SD convention: KL summed over latents / input elements)")
     a("--lpips-vgg", help="torchvision VGG16 weights file for the LPIPS term")
     a("--lpips-heads", help="the lpips package's vgg.pth linear heads")
-    a("--lpips-weight", type=float, default=d["lpips_weight"].default)
+    a("--lpips-weight", type=float)
     a("--gan", action="store_true", help="add a PatchGAN discriminator (hinge loss, adaptive weight)")
-    a("--gan-weight", type=float, default=d["gan_weight"].default)
-    a("--disc-kind", choices=("2d", "3d"), default=d["disc_kind"].default)
-    a("--disc-start", type=int, default=d["disc_start"].default, help="step at which the GAN switches on")
+    a("--gan-weight", type=float)
+    a("--disc-kind", choices=("2d", "3d"))
+    a("--disc-start", type=int, help="step at which the GAN switches on")
     a("--text-encoder", help="caption embeddings for a text-guided autoencoder: builtin | t5:DIR | clip:DIR")
-    a("--image-ratio", type=float, default=d["image_ratio"].default,
+    a("--image-ratio", type=float,
       help="fraction of steps that train on the batch's frames as single images (joint image-video training; "
            "the cross-modal VAE paper uses 0.2)")
-    a("--log-every", type=int, default=d["log_every"].default)
-    a("--save-every", type=int, default=d["save_every"].default)
-    a("--sample-every", type=int, default=d["sample_every"].default)
-    a("--keep", type=int, default=d["keep"].default, help="checkpoints to keep (>= 2)")
-    a("--num-workers", type=int, default=d["num_workers"].default)
-    a("--seed", type=int, default=d["seed"].default)
-    a("--resume", default=d["resume"].default,
-      help="auto (default): newest valid checkpoint under OUTPUT/checkpoints; no: start over; or a checkpoint folder")
-    a("--device", choices=("auto", "cpu", "cuda"), default=d["device"].default)
-    a("--precision", choices=("fp32", "bf16"), default=d["precision"].default)
-    a("--latent-stats-clips", type=int, default=d["latent_stats_clips"].default,
+    a("--log-every", type=int)
+    a("--save-every", type=int)
+    a("--sample-every", type=int)
+    a("--keep", type=int, help="checkpoints to keep (>= 2)")
+    a("--num-workers", type=int)
+    a("--seed", type=int)
+    a("--resume", help="auto (default): newest valid checkpoint under OUTPUT/checkpoints; no: start over; or a "
+                       "checkpoint folder")
+    a("--device", choices=("auto", "cpu", "cuda"))
+    a("--precision", choices=("fp32", "bf16"))
+    a("--latent-stats-clips", type=int,
       help="clips used to set the final model's latent_scale/shift (0: keep the config's)")
-    a("--no-progress", action="store_true", help="no progress bar")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def _parse_lr_drop(text: str) -> tuple[int, float]:
@@ -977,12 +793,9 @@ def _parse_lr_drop(text: str) -> tuple[int, float]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainAEConfig:
-    fields = TrainAEConfig.__dataclass_fields__
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values["ae_config"] = tuple(args.ae_config)
-    values["lr_drop"] = tuple(args.lr_drop)
-    values["progress"] = not args.no_progress
-    return TrainAEConfig(**values)
+    """``--config`` YAML, then the flags given, then the ``KEY=VALUE`` overrides."""
+    flags = {k: v for k, v in vars(args).items() if k in TrainAEConfig.__dataclass_fields__}
+    return cfglib.load_yaml(args.config, TrainAEConfig, args.overrides, values=flags)
 
 
 def check_inputs(cfg: TrainAEConfig) -> None:

@@ -66,12 +66,16 @@ class AERecord:
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """The clips latents were made from: frames, size and (resampled) frame rate."""
+    """The clips latents were made from: frames, size, (resampled) frame rate, and the windows
+    taken per video (``data.video.Windows``: K evenly spaced, or every window at a stride)."""
 
     frames: int
     height: int
     width: int
     fps: float | None = None
+    clips_per_video: int = 1
+    clip_stride: int | None = None
+    clip_fps: float | None = None  # the rate the clips play at: fps, else the inputs' native rate (manifests)
 
 
 V1_RECORD_KEYS = ("autoencoder", "family", "config", "config_hash", "checkpoint", "checkpoint_hash", "seed",
@@ -79,7 +83,9 @@ V1_RECORD_KEYS = ("autoencoder", "family", "config", "config_hash", "checkpoint"
 
 
 def migrate_v1_record(d: dict[str, Any]) -> dict[str, Any]:
-    """Version 1 kept the autoencoder record as flat keys; version 2 nests it under ``autoencoder``."""
+    """Version 1 kept the autoencoder record as flat keys; version 2 nests it under ``autoencoder``
+    (and reads the clip spec's known keys)."""
     record = AERecord.from_v1(d)
     rest = {k: v for k, v in d.items() if k not in V1_RECORD_KEYS}
-    return {**rest, "autoencoder": cfglib.to_dict(record)}
+    video = {k: v for k, v in rest["video"].items() if k in ClipSpec.__dataclass_fields__}
+    return {**rest, "video": video, "autoencoder": cfglib.to_dict(record)}

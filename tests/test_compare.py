@@ -32,7 +32,7 @@ def test_compare_one_autoencoder(tmp_path, capsys):
     # the cost row is `ldm cost` for the very DiT that was trained (class + text conditioning)
     c = row["cost"]
     assert set(KEYS) <= set(c) and c["tokens"] == 9 * 2 * 2 and c["dit"] == "dit-debug"
-    from launch.train import load_export
+    from dit import load_export
     model, _ = load_export(out / "kl2d-f8c4-debug" / "dit")
     assert c["dit_params"] == model.num_parameters()
     manifest = json.loads((out / "kl2d-f8c4-debug" / "latents" / "manifest.json").read_text())

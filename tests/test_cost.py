@@ -14,9 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import dit
 from launch.cli import main as ldm
 from launch.cost import KEYS, cost_table
-from launch.engine import transformer_flops
-from ldm.cost import (adam_model_state_bytes, count_flops, dit_forward_flops_analytic, fake_mode, prime_optimizer,
-                      train_step_memory)
+from ldm.cost import (adam_model_state_bytes, count_flops, dit_forward_flops_analytic, dit_trunk_flops, fake_mode,
+                      prime_optimizer, train_step_memory)
 from ldm.latent import Cond
 
 
@@ -61,7 +60,7 @@ def test_counter_agrees_with_the_trainers_mfu_count_and_train_step_is_3x():
         x = {"z": torch.randn(1, 16, 5, 32, 32)}
         out, fwd = count_flops(lambda: model(x, torch.rand(1)))
         _, bwd = count_flops(lambda: out["z"].sum().backward())
-    trunk = transformer_flops(cfg.depth, cfg.hidden, 5 * 16 * 16, cfg.mlp_ratio)
+    trunk = dit_trunk_flops(cfg.depth, cfg.hidden, 5 * 16 * 16, cfg.mlp_ratio)
     assert abs(fwd.total / trunk - 1) < 0.01  # the trunk is all but embeddings and heads
     assert 2.9 < (fwd.total + bwd.total) / fwd.total < 3.2
 

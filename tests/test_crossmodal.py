@@ -372,6 +372,7 @@ def test_trainer_rejects_missing_or_mismatched_text_encoder(clips, tmp_path):
 
 def test_extract_encodes_with_the_caption(trained, clips, tmp_path, text_encoder):
     from data import shards
+    from data.manifest import load_manifest
     from launch.extract import ExtractConfig, extract
 
     final = trained[0] / "final"
@@ -379,8 +380,8 @@ def test_extract_encodes_with_the_caption(trained, clips, tmp_path, text_encoder
                         frames=T, height=S, width=S, shard_size=2, batch_size=2, text_encoder="builtin", verify=1)
     summary = extract(cfg)
     assert summary["written"] == 4 and summary["verify_psnr"] is not None
-    manifest = shards.load_manifest(tmp_path / "lat")
-    assert manifest["latent_spec"]["latent_shape"] == {"z": [4, 2, 4, 4]} and manifest["text_dim"] == 256
+    manifest = load_manifest(tmp_path / "lat")
+    assert manifest.latent_spec["latent_shape"] == {"z": [4, 2, 4, 4]} and manifest.text_dim == 256
     sample = shards.read_all(tmp_path / "lat")[0]
     ae = load_pretrained(final).eval()
     from data.sources import VideoClipDataset, list_items
@@ -401,17 +402,19 @@ def test_dit_sampling_path_decodes_with_the_prompt(text_encoder):
     with it; a class-conditioned DiT cannot drive a text-guided autoencoder (clear error)."""
     import dit
     from launch.sample import generate
+    from ldm.samplers import SamplingConfig
 
     ae = _model("cmvae-z4-text-debug")
     spec = ae.latent_spec(T, S, S)
     torch.manual_seed(0)
     model = dit.build("dit-debug", spec, text_dim=text_encoder.dim).eval()
-    video = generate(model, ae, {}, prompts=["a red circle"], frames=T, height=S, width=S, steps=2,
-                     text_encoder=text_encoder, progress=False)
+    video = generate(model, ae, {}, prompts=["a red circle"], frames=T, height=S, width=S,
+                     sampling=SamplingConfig(steps=2), text_encoder=text_encoder, progress=False)
     assert video.shape == (1, 3, T, S, S) and torch.isfinite(video).all()
     classes = dit.build("dit-debug", spec, num_classes=3).eval()
     with pytest.raises(ValueError, match="text-guided"):
-        generate(classes, ae, {}, class_ids=[1], frames=T, height=S, width=S, steps=1, progress=False)
+        generate(classes, ae, {}, class_ids=[1], frames=T, height=S, width=S, sampling=SamplingConfig(steps=1),
+                 progress=False)
 
 
 @pytest.mark.dist

@@ -14,9 +14,11 @@ import dit
 from data.synth import render_clip, synth_dataset
 from launch import evaluate as ev
 from launch.cli import main as ldm
-from launch.train import export
 from ldm import config as cfglib
+from ldm import metrics
+from ldm.artifacts import AERecord, ClipSpec
 from ldm.metrics import LPIPS
+from ldm.samplers import SamplingConfig
 from ldm.text import build_text_encoder
 
 
@@ -57,43 +59,43 @@ def files(tmp_path_factory):
 
 
 def test_extractor_loaders(files, tmp_path):
-    ext = ev.load_i3d(files / "i3d_torchscript.pt")
+    ext = metrics.load_i3d(files / "i3d_torchscript.pt")
     assert ext.dim == 5 and ext.sha256 == hashlib.sha256((files / "i3d_torchscript.pt").read_bytes()).hexdigest()
     assert ext.describe()["weights"] == "i3d_torchscript.pt"
-    assert ev.load_inception(files / "inception-2015-12-05.pt").dim == 6
+    assert metrics.load_inception(files / "inception-2015-12-05.pt").dim == 6
     with pytest.raises(FileNotFoundError, match="missing_i3d.pt"):
-        ev.load_i3d(tmp_path / "missing_i3d.pt")
+        metrics.load_i3d(tmp_path / "missing_i3d.pt")
     torch.save({"w": torch.zeros(2)}, tmp_path / "state_dict.pt")
     with pytest.raises(ValueError, match="not a TorchScript archive"):
-        ev.load_i3d(tmp_path / "state_dict.pt")
+        metrics.load_i3d(tmp_path / "state_dict.pt")
     with pytest.raises(ValueError, match="unknown FVD extractor"):
-        ev.load_i3d(files / "i3d_torchscript.pt", kind="videomae")
+        metrics.load_i3d(files / "i3d_torchscript.pt", kind="videomae")
 
 
 def test_fvd_preprocessing():
     v = torch.full((2, 3, 20, 32, 48), 0.3)
-    x = ev.fvd_preprocess(v)
+    x = metrics.fvd_preprocess(v)
     assert x.shape == (2, 3, 16, 224, 224)
     assert torch.allclose(x, torch.full_like(x, round(1.3 * 127.5) / 127.5 - 1))  # quantised to [0, 255]
     ramp = torch.linspace(-1, 1, 48).expand(1, 3, 16, 32, 48)
-    y = ev.fvd_preprocess(ramp)
+    y = metrics.fvd_preprocess(ramp)
     assert y.min() >= -1 - 1e-6 and y.max() <= 1 + 1e-6 and (y[..., 1:] >= y[..., :-1] - 1e-6).all()  # not cropped
     with pytest.raises(ValueError, match="16 frames"):
-        ev.fvd_preprocess(torch.zeros(1, 3, 8, 32, 32))
+        metrics.fvd_preprocess(torch.zeros(1, 3, 8, 32, 32))
 
 
 def test_frechet_distance_of_features(files):
-    ext = ev.load_i3d(files / "i3d_torchscript.pt")
+    ext = metrics.load_i3d(files / "i3d_torchscript.pt")
     torch.manual_seed(1)
     a = torch.rand(12, 3, 16, 24, 24) * 2 - 1
-    acc = ev.fvd_accumulator(ext, batch=5)
+    acc = metrics.fvd_accumulator(ext, batch=5)
     acc.update("real", a[:7])
     acc.update("real", a[7:])  # streamed
     acc.update("fake", a)
     same = acc.result("fvd")
     assert abs(same["fvd"]) < 1e-6 and same["n_real"] == same["n_fake"] == 12 and same["frames"] == 16
     assert same["sha256"] == ext.sha256 and "unbiased" in same["covariance"]
-    acc2 = ev.fvd_accumulator(ext)
+    acc2 = metrics.fvd_accumulator(ext)
     acc2.update("real", a)
     acc2.update("fake", (a * 0.5).clamp(-1, 1))
     assert acc2.result("fvd")["fvd"] > 1e-3
@@ -166,20 +168,16 @@ def run_dir(tmp_path_factory):
     dcfg = dit.make_config("dit-debug", spec, text_dim=build_text_encoder("builtin").dim, num_classes=224)
     torch.manual_seed(0)
     model = dit.VideoDiT(dcfg)
-    context = {"autoencoder": "kl2d-f8c4-debug", "family": "kl2d", "config": cfglib.to_dict(config), "seed": 0,
-               "checkpoint": None, "video": {"frames": 8, "height": 32, "width": 32}, "text_encoder": "builtin",
-               "latent_norm": {}}
-    export(model.state_dict(), dcfg, d / "export", context)
+    context = dit.Export(autoencoder=AERecord(name="kl2d-f8c4-debug", family="kl2d", config=cfglib.to_dict(config)),
+                         video=ClipSpec(8, 32, 32), latent_spec=spec.to_dict(), form="grid", text_encoder="builtin")
+    dit.save_export(d / "export", model.state_dict(), dcfg, context)
     return d
 
 
 def _load(run_dir):
-    from launch.sample import load_autoencoder
-    from launch.train import load_export
-
-    model, context = load_export(run_dir)
+    model, context = dit.load_export(run_dir)
     with pytest.warns(UserWarning, match="RANDOM"):
-        ae = load_autoencoder(context).eval()
+        ae = autoencoders.resolve_record(context.autoencoder).model.eval()
     return model, ae, context
 
 
@@ -194,14 +192,12 @@ def test_attribute_suite():
 def test_attribute_benchmark_scores_what_is_generated(run_dir, monkeypatch):
     model, ae, context = _load(run_dir)
     suite = ev.attribute_suite(["circle", "square"], ["red", "blue"], ["left", "right"], holdout=["red circle right"])
-    import launch.sample
-
     def perfect(model, ae, context, prompts=None, class_ids=None, frames=8, height=32, width=32, seed=0, **kw):
         from data.synth import parse_attributes
         clips = [render_clip(parse_attributes(p), frames, height, width, seed + i) for i, p in enumerate(prompts)]
         return torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
-    monkeypatch.setattr(launch.sample, "generate", perfect)
+    monkeypatch.setattr(ev, "generate", perfect)
     r = ev.attribute_benchmark(model, ae, context, suite, per_prompt=2, frames=8, height=32, width=32, batch_size=3)
     assert r["accuracy"] == {"shape": 1.0, "color": 1.0, "direction": 1.0, "all": 1.0, "n": 16}
     assert r["accuracy_holdout"]["n"] == 2 and r["chance"]["color"] == 0.5 and r["chance"]["all"] == 0.125
@@ -211,7 +207,7 @@ def test_attribute_benchmark_scores_what_is_generated(run_dir, monkeypatch):
         return perfect(*a, prompts=[p.replace("red", "x").replace("blue", "red").replace("x", "blue")
                                     for p in prompts], **kw)
 
-    monkeypatch.setattr(launch.sample, "generate", wrong_color)
+    monkeypatch.setattr(ev, "generate", wrong_color)
     r = ev.attribute_benchmark(model, ae, context, suite, per_prompt=1, frames=8, height=32, width=32)
     assert r["accuracy"]["color"] == 0.0 and r["accuracy"]["shape"] == 1.0 and r["accuracy"]["all"] == 0.0
 
@@ -229,42 +225,43 @@ def test_eval_gen_attributes_cli(run_dir, tmp_path, capsys):
 
 def test_fvd_fid_of_generated_folders(files, run_dir, tmp_path):
     model, ae, context = _load(run_dir)
-    i3d, inc = ev.load_i3d(files / "i3d_torchscript.pt"), ev.load_inception(files / "inception-2015-12-05.pt")
+    i3d, inc = metrics.load_i3d(files / "i3d_torchscript.pt"), metrics.load_inception(files / "inception-2015-12-05.pt")
     kw = dict(frames=8, height=32, width=32, num=None, i3d=i3d, inception=inc, fvd_frames=8)
     same = ev.generation_fd(model, ae, context, str(files / "videos"), samples=str(files / "videos"), **kw)
     assert abs(same["fvd"]["fvd"]) < 1e-6 and abs(same["fid"]["fid"]) < 1e-6 and same["fid"]["n_real"] == 6 * 8
     other = ev.generation_fd(model, ae, context, str(files / "videos"), samples=str(files / "other"), **kw)
     assert other["fvd"]["fvd"] > 1e-3 and other["fid"]["fid"] > 1e-3
-    sampled = ev.generation_fd(model, ae, context, str(files / "videos"), steps=2, **kw)  # from the captions
+    sampled = ev.generation_fd(model, ae, context, str(files / "videos"), sampling=SamplingConfig(steps=2),
+                               **kw)  # from the captions
     assert sampled["fvd"]["n_fake"] == 6 and sampled["fvd"]["fvd"] > 0
 
 
 def test_vbench_aggregate_known_answers():
-    best = {d: hi for d, (lo, hi) in ev.VBENCH_NORMALIZE.items()}
-    agg = ev.vbench_aggregate(best)
+    best = {d: hi for d, (lo, hi) in metrics.VBENCH_NORMALIZE.items()}
+    agg = metrics.vbench_aggregate(best)
     assert agg["quality"] == pytest.approx(1) and agg["semantic"] == pytest.approx(1)
     assert agg["total"] == pytest.approx(1)
-    mixed = {d: (lo if d in ev.VBENCH_QUALITY else hi) for d, (lo, hi) in ev.VBENCH_NORMALIZE.items()}
-    agg = ev.vbench_aggregate({k.replace("_", " "): v for k, v in mixed.items()})  # VBench's own key style
+    mixed = {d: (lo if d in metrics.VBENCH_QUALITY else hi) for d, (lo, hi) in metrics.VBENCH_NORMALIZE.items()}
+    agg = metrics.vbench_aggregate({k.replace("_", " "): v for k, v in mixed.items()})  # VBench's own key style
     assert agg["quality"] == pytest.approx(0) and agg["total"] == pytest.approx(1 / 5)
     half = dict(best, dynamic_degree=0.0)  # weight 0.5 of 6.5 in Quality
-    assert ev.vbench_aggregate(half)["quality"] == pytest.approx(6 / 6.5)
-    part = ev.vbench_aggregate({"temporal_flickering": 0.9})
+    assert metrics.vbench_aggregate(half)["quality"] == pytest.approx(6 / 6.5)
+    part = metrics.vbench_aggregate({"temporal_flickering": 0.9})
     assert part["total"] is None and "subject_consistency" in part["missing"]
     assert part["normalized"]["temporal_flickering"] == pytest.approx((0.9 - 0.6293) / (1 - 0.6293))
     with pytest.raises(ValueError, match="unknown VBench dimension"):
-        ev.vbench_aggregate({"beauty": 1.0})
+        metrics.vbench_aggregate({"beauty": 1.0})
 
 
 def test_temporal_flickering():
     static = np.full((5, 8, 8, 3), 77, dtype=np.uint8)
-    assert ev.temporal_flickering(static) == 1.0
+    assert metrics.temporal_flickering(static) == 1.0
     flip = np.stack([np.zeros((8, 8, 3)), np.full((8, 8, 3), 255)] * 2).astype(np.uint8)
-    assert ev.temporal_flickering(flip) == 0.0
+    assert metrics.temporal_flickering(flip) == 0.0
     steps = np.stack([np.full((8, 8, 3), 10 * t) for t in range(4)]).astype(np.uint8)
-    assert ev.temporal_flickering(steps) == pytest.approx(245 / 255)
+    assert metrics.temporal_flickering(steps) == pytest.approx(245 / 255)
     video = torch.from_numpy(steps).permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, T, H, W) in [-1, 1]
-    assert ev.temporal_flickering(video) == pytest.approx(245 / 255)
+    assert metrics.temporal_flickering(video) == pytest.approx(245 / 255)
 
 
 FAKE_VBENCH = '''
@@ -293,7 +290,7 @@ def test_vbench_bridge(run_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fakevb"))
     model, ae, context = _load(run_dir)
     r = ev.vbench_bridge(model, ae, context, tmp_path / "out", info=info, dimensions=None, per_prompt=2, frames=8,
-                         height=32, width=32, steps=2, vbench_python=sys.executable)
+                         height=32, width=32, sampling=SamplingConfig(steps=2), vbench_python=sys.executable)
     names = sorted(p.name for p in (tmp_path / "out" / "vbench_videos").iterdir())
     assert names == ["a blue square, frozen in time-0.mp4", "a blue square, frozen in time-1.mp4",
                      "a red circle moving left-0.mp4", "a red circle moving left-1.mp4"]
@@ -302,6 +299,7 @@ def test_vbench_bridge(run_dir, tmp_path, monkeypatch):
     assert r["aggregate"]["raw"]["temporal_flickering"] == 0.5  # VBench's own value wins when it ran
     assert r["aggregate"]["total"] is None and r["info_sha256"]
     again = ev.vbench_bridge(model, ae, context, tmp_path / "out", info=info, dimensions=["temporal_flickering"],
-                             per_prompt=2, frames=8, height=32, width=32, steps=2)  # videos reused, no vbench
+                             per_prompt=2, frames=8, height=32, width=32,
+                             sampling=SamplingConfig(steps=2))  # videos reused, no vbench
     assert again["vbench_scores"] == {} and "not run" in again["vbench_note"]
     assert again["aggregate"]["raw"] == {"temporal_flickering": r["temporal_flickering_inhouse"]}

@@ -1,4 +1,5 @@
 """`ldm extract`: shards + manifest from real (synthetic) videos, resume, bad inputs, 2 ranks."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from data import shards
+from data.manifest import load_manifest
 from data.synth import synth_dataset
 from data.video import write_frames
 from launch.cli import main as ldm
@@ -34,17 +36,17 @@ def _extract(videos, out, *extra):
 def test_extract_writes_shards_and_manifest(videos, tmp_path):
     with pytest.warns(UserWarning, match="RANDOM weights"):
         assert _extract(videos, tmp_path / "lat", "--verify", "2", "--text-encoder", "builtin") == 0
-    m = shards.load_manifest(tmp_path / "lat")
-    assert m["counts"] == {"inputs": 7, "written": 7, "skipped": 0}
-    assert [s["name"] for s in m["shards"]] == [shards.SHARD_NAME.format(j) for j in range(3)]
-    assert m["latent_spec"]["latent_shape"] == {"z": [4, 8, 4, 4]} and m["form"] == "grid"
-    assert len(m["stats"]["z"]["mean"]) == 4 and all(s > 0 for s in m["stats"]["z"]["std"])
-    assert m["num_classes"] > 0 and m["text_dim"] > 0 and m["verify"]["k"] == 2
+    m = load_manifest(tmp_path / "lat")
+    assert (m.counts.inputs, m.counts.written, m.counts.skipped) == (7, 7, 0)
+    assert [s["name"] for s in m.shards] == [shards.SHARD_NAME.format(j) for j in range(3)]
+    assert m.latent_spec["latent_shape"] == {"z": [4, 8, 4, 4]} and m.form == "grid"
+    assert len(m.stats["z"]["mean"]) == 4 and all(s > 0 for s in m.stats["z"]["std"])
+    assert m.num_classes > 0 and m.text_dim > 0 and m.verify["k"] == 2
     samples = shards.read_all(tmp_path / "lat")
     meta = [json.loads(line) for line in (videos / "metadata.jsonl").read_text().splitlines()]
     assert [s["cond"]["caption"] for s in samples] == [r["caption"] for r in sorted(meta, key=lambda r: r["key"])]
     assert samples[0]["latent"].logvar["z"].shape == samples[0]["latent"]["z"].shape
-    assert samples[0]["cond"]["text_emb"].shape[-1] == m["text_dim"]
+    assert samples[0]["cond"]["text_emb"].shape[-1] == m.text_dim
     # the latents decode back to clips of the requested size
     import autoencoders
     torch.manual_seed(0)
@@ -55,7 +57,7 @@ def test_extract_writes_shards_and_manifest(videos, tmp_path):
 def test_resume_skips_finished_shards_and_matches(videos, tmp_path):
     _extract(videos, tmp_path / "a")
     digest = shards.raw_bytes_digest(tmp_path / "a")
-    manifest = shards.load_manifest(tmp_path / "a")
+    manifest = load_manifest(tmp_path / "a")
     # simulate a run killed after shard 0: shard 1 never finished, shard 2 left a temp file
     (tmp_path / "a" / "shard-000001.tar").unlink()
     (tmp_path / "a" / "shard-000001.json").unlink()
@@ -65,7 +67,7 @@ def test_resume_skips_finished_shards_and_matches(videos, tmp_path):
     _extract(videos, tmp_path / "a")
     assert (tmp_path / "a" / "shard-000000.tar").stat().st_mtime_ns == mtime0  # not redone
     assert shards.raw_bytes_digest(tmp_path / "a") == digest
-    assert shards.load_manifest(tmp_path / "a") == manifest
+    assert load_manifest(tmp_path / "a") == manifest
     with pytest.raises(RuntimeError, match="different extraction"):
         _extract(videos, tmp_path / "a", "--fps", "4")
 
@@ -80,11 +82,11 @@ def test_bad_inputs_are_skipped_with_reasons(videos, tmp_path):
     good = sorted((videos / "videos").glob("*.mp4"))[2].read_bytes()
     (bad / "truncated.mp4").write_bytes(good[: len(good) // 3])
     _extract(bad, tmp_path / "lat", "--frames", "8")
-    m = shards.load_manifest(tmp_path / "lat")
-    assert m["counts"]["inputs"] == 5 and m["counts"]["written"] + m["counts"]["skipped"] == 5
-    reasons = {s["key"]: s["reason"] for s in m["skipped"]}
+    m = load_manifest(tmp_path / "lat")
+    assert m.counts.inputs == 5 and m.counts.written + m.counts.skipped == 5
+    reasons = {s["key"]: s["reason"] for s in m.skipped}
     assert {"empty", "text"} <= set(reasons) and all(reasons.values())
-    assert m["counts"]["written"] >= 2
+    assert m.counts.written >= 2
 
 
 def test_bad_frame_count_is_a_clear_error(videos, tmp_path):
@@ -107,11 +109,10 @@ def test_two_ranks_equal_one_rank(videos, tmp_path):
     assert [s["meta"] for s in a] == [s["meta"] for s in b]
     for x, y in zip(a, b):  # other thread counts may round differently
         torch.testing.assert_close(x["latent"]["z"], y["latent"]["z"], rtol=1e-4, atol=1e-5)
-    one, two = shards.load_manifest(tmp_path / "one"), shards.load_manifest(tmp_path / "two")
-    assert two["world_size"] == 2
-    assert {k: v for k, v in two.items() if k not in ("world_size", "stats")} == \
-        {k: v for k, v in one.items() if k not in ("world_size", "stats")}
-    torch.testing.assert_close(torch.tensor(two["stats"]["z"]["mean"]), torch.tensor(one["stats"]["z"]["mean"]))
+    one, two = load_manifest(tmp_path / "one"), load_manifest(tmp_path / "two")
+    assert two.world_size == 2
+    assert dataclasses.replace(two, world_size=1, stats={}) == dataclasses.replace(one, world_size=1, stats={})
+    torch.testing.assert_close(torch.tensor(two.stats["z"]["mean"]), torch.tensor(one.stats["z"]["mean"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,11 +134,11 @@ def _keys(out) -> list[str]:
 def test_clips_per_video(long_videos, tmp_path):
     _extract(long_videos, tmp_path / "k3", "--clips-per-video", "3", "--shard-size", "2", "--batch-size", "1",
              "--verify", "2")
-    m = shards.load_manifest(tmp_path / "k3")
-    assert m["video"]["clips_per_video"] == 3 and m["video"]["clip_stride"] is None
-    assert m["counts"] == {"inputs": 5, "written": 12, "skipped": 1} and m["verify"]["k"] == 2
-    assert m["skipped"] == [{"key": "videos/zz_short", "reason": "too short: has 6 frames at 8 fps, need 8 frames"}]
-    assert [s["count"] for s in m["shards"]] == [6, 6]                       # shard j: all clips of videos 2j, 2j+1
+    m = load_manifest(tmp_path / "k3")
+    assert m.video.clips_per_video == 3 and m.video.clip_stride is None
+    assert (m.counts.inputs, m.counts.written, m.counts.skipped) == (5, 12, 1) and m.verify["k"] == 2
+    assert m.skipped == ({"key": "videos/zz_short", "reason": "too short: has 6 frames at 8 fps, need 8 frames"},)
+    assert [s["count"] for s in m.shards] == [6, 6]                       # shard j: all clips of videos 2j, 2j+1
     assert _keys(tmp_path / "k3") == [shards.clip_key(i, f) for i in range(4) for f in (0, 8, 16)]
     metas = [s["meta"] for s in shards.read_all(tmp_path / "k3")]
     assert [(x["index"], x["clip"], x["start_frame"], x["start_s"]) for x in metas[:3]] == \
@@ -165,13 +166,13 @@ def test_every_window_is_stable_across_batch_sizes_workers_and_resume(long_video
     assert [s["meta"]["start_frame"] for s in a[:5]] == [0, 4, 8, 12, 16]
     for x, y in zip(a, b):                                                  # batch size: float rounding only
         torch.testing.assert_close(x["latent"]["z"], y["latent"]["z"], rtol=1e-4, atol=1e-5)
-    manifest = shards.load_manifest(tmp_path / "a")
-    assert manifest["video"]["clips_per_video"] == 0 and manifest["video"]["clip_stride"] == 4
+    manifest = load_manifest(tmp_path / "a")
+    assert manifest.video.clips_per_video == 0 and manifest.video.clip_stride == 4
     (tmp_path / "a" / "shard-000001.tar").unlink()                          # a run killed before shard 1
     (tmp_path / "a" / "shard-000001.json").unlink()
     _extract(long_videos, tmp_path / "a", *every)
     assert shards.raw_bytes_digest(tmp_path / "a") == digest
-    assert shards.load_manifest(tmp_path / "a") == manifest
+    assert load_manifest(tmp_path / "a") == manifest
     with pytest.raises(RuntimeError, match="different extraction"):
         _extract(long_videos, tmp_path / "a", "--clip-stride", "8", "--fps", "8")
 
@@ -204,7 +205,7 @@ def test_windows_two_ranks_equal_one_rank(long_videos, tmp_path):
 def test_diffusers_vae_from_a_local_folder(videos, tmp_path):
     from diffusers import AutoencoderKL
 
-    from launch.sample import load_autoencoder
+    from autoencoders import resolve_record
     torch.manual_seed(0)
     raw = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
@@ -215,9 +216,10 @@ def test_diffusers_vae_from_a_local_folder(videos, tmp_path):
     ldm(["extract", "--autoencoder", "diffusers:AutoencoderKL", "--ae-path", str(tmp_path / "sd"), "--ae-subfolder",
          "vae", "--input", str(videos), "--output", str(tmp_path / "lat"), "--frames", "8", "--height", "32",
          "--width", "32", "--shard-size", "4"])
-    m = shards.load_manifest(tmp_path / "lat")
-    assert m["latent_spec"]["latent_shape"] == {"z": [4, 8, 16, 16]} and m["counts"]["written"] == 7
-    ae = load_autoencoder(m)  # what `ldm sample` rebuilds from training.json (the manifest's fields)
+    m = load_manifest(tmp_path / "lat")
+    assert m.latent_spec["latent_shape"] == {"z": [4, 8, 16, 16]} and m.counts.written == 7
+    assert m.autoencoder.checkpoint_hash is not None and m.autoencoder.subfolder == "vae"
+    ae = resolve_record(m.autoencoder).model  # what `ldm sample` rebuilds from the export's record
     sample = shards.read_all(tmp_path / "lat")[0]
     with torch.no_grad():
         assert ae.decode(sample["latent"]).shape == (1, 3, 8, 32, 32)
@@ -235,8 +237,8 @@ def test_workers_batch_size_and_dtype(videos, tmp_path):
     for a, b in zip(ref, shards.read_all(tmp_path / "batch5")):
         torch.testing.assert_close(a["latent"]["z"], b["latent"]["z"], atol=1e-5, rtol=1e-5)
     _extract(videos, tmp_path / "bf16", "--dtype", "bf16")
-    m = shards.load_manifest(tmp_path / "bf16")
-    assert m["dtype"] == "bf16" and shards.load_manifest(tmp_path / "ref")["dtype"] == "fp32"
+    m = load_manifest(tmp_path / "bf16")
+    assert m.dtype == "bf16" and load_manifest(tmp_path / "ref").dtype == "fp32"
     low = shards.read_all(tmp_path / "bf16")
     assert low[0]["latent"]["z"].dtype == torch.float32  # stored as fp32 whatever the compute precision
     for a, b in zip(ref, low):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from data import shards
+from data.manifest import load_manifest
 from data.synth import synth_dataset
 from data.video import write_frames
 from launch.cli import main as ldm
@@ -67,8 +68,8 @@ def test_extraction_killed_five_times_ends_identical(videos, tmp_path):
     done = subprocess.run(cmd(tmp_path / "run"), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert shards.raw_bytes_digest(tmp_path / "run") == shards.raw_bytes_digest(tmp_path / "ref")
-    a, b = shards.load_manifest(tmp_path / "run"), shards.load_manifest(tmp_path / "ref")
-    assert {k: v for k, v in a.items() if k != "checkpoint"} == {k: v for k, v in b.items() if k != "checkpoint"}
+    a, b = load_manifest(tmp_path / "run"), load_manifest(tmp_path / "ref")
+    assert a == b
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 
@@ -93,7 +94,7 @@ def test_disk_full_leaves_no_partial_shard(videos, tmp_path, monkeypatch):
     assert not (tmp_path / "lat" / "shard-000001.tar").exists() and not list((tmp_path / "lat").glob(".*tmp"))
     monkeypatch.setattr(shards, "os", os)  # space freed: the same command finishes the job
     ldm(["extract", *ARGS, "--input", str(videos), "--output", str(tmp_path / "lat")])
-    assert shards.load_manifest(tmp_path / "lat")["counts"]["written"] == 16
+    assert load_manifest(tmp_path / "lat").counts.written == 16
 
 
 def test_corrupt_input_suite(videos, tmp_path):
@@ -123,10 +124,10 @@ def test_corrupt_input_suite(videos, tmp_path):
     (src / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert ldm(["extract", *ARGS, "--input", str(src), "--captions", str(src / "captions.jsonl"), "--output",
                 str(tmp_path / "lat")]) == 0
-    m = shards.load_manifest(tmp_path / "lat")
-    reasons = {s["key"]: s["reason"] for s in m["skipped"]}
-    assert m["counts"]["written"] == 3
+    m = load_manifest(tmp_path / "lat")
+    reasons = {s["key"]: s["reason"] for s in m.skipped}
+    assert m.counts.written == 3
     assert set(reasons) == {"truncated", "zero", "text", "one_frame", "short", "audio_only"}
     assert all(reasons.values()) and "short" in reasons["short"] or "frames" in reasons["short"]
-    assert m["counts"]["written"] + m["counts"]["skipped"] == m["counts"]["inputs"] == 9
-    assert len(m["input_problems"]) >= 2  # the caption rows naming no existing file
+    assert m.counts.written + m.counts.skipped == m.counts.inputs == 9
+    assert len(m.input_problems) >= 2  # the caption rows naming no existing file

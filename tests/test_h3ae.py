@@ -448,6 +448,7 @@ def test_one_train_step_lowers_the_loss():
 
 def test_trains_with_train_autoencoder_and_extracts(tmp_path):
     from data import shards
+    from data.manifest import load_manifest
     from data.synth import synth_dataset
     from launch.extract import ExtractConfig, extract
     from launch.train_ae import TrainAEConfig, train_autoencoder
@@ -471,5 +472,5 @@ def test_trains_with_train_autoencoder_and_extracts(tmp_path):
                                        output=str(tmp_path / "latents"), frames=5, height=32, width=32,
                                        shard_size=2, batch_size=2, verify=1, device="cpu"))
     assert result["written"] == 4 and result["verify_psnr"] > 5
-    manifest = shards.load_manifest(tmp_path / "latents")
-    assert manifest["family"] == "h3ae" and manifest["latent_spec"]["latent_shape"] == {"z": [256, 2, 2, 2]}
+    manifest = load_manifest(tmp_path / "latents")
+    assert manifest.autoencoder.family == "h3ae" and manifest.latent_spec["latent_shape"] == {"z": [256, 2, 2, 2]}

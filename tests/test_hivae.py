@@ -14,8 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import dit
 from autoencoders import REGISTRY, build, describe, load_pretrained
 from autoencoders.blocks import latent_kl
-from autoencoders.hivae import (HiVAE, build_hivae, frequency_split, gaussian_blur, known_content_velocity,
-                                lowpass_mask, motion_kl, prepare_init, random_keep)
+from autoencoders.hivae import (HiVAE, build_hivae, frequency_split, gaussian_blur, lowpass_mask, motion_kl,
+                                prepare_init, random_keep)
 from ldm import config as cfglib
 from ldm import samplers
 from ldm.latent import Cond, Latent, normalize
@@ -467,43 +467,48 @@ def hivae_latents(tmp_path_factory):
 
 def test_motion_generator_extract_train_generate(hivae_latents, tmp_path):
     from data import shards
+    from data.manifest import load_manifest
     from launch.cli import main as ldm
-    from launch.sample import generate, load_autoencoder
-    from launch.train import TrainConfig, load_export, train
+    from autoencoders import resolve_record
+    from dit import load_export
+    from launch.sample import generate
+    from launch.train import TrainConfig, train
+    from ldm.samplers import SamplingConfig
     from ldm.text import build_text_encoder
 
-    manifest = shards.load_manifest(hivae_latents)
-    assert manifest["form"] == "tokens" and manifest["counts"]["written"] == 6
-    assert manifest["latent_spec"]["latent_shape"] == {"content": [4, 1, 4, 4], "global": [4, 8, 4],
+    manifest = load_manifest(hivae_latents)
+    assert manifest.form == "tokens" and manifest.counts.written == 6
+    assert manifest.latent_spec["latent_shape"] == {"content": [4, 1, 4, 4], "global": [4, 8, 4],
                                                        "detailed": [8, 16, 8]}
-    assert set(manifest["stats"]) == {"content", "global", "detailed"}
-    assert len(manifest["stats"]["global"]["std"]) == 4 and len(manifest["stats"]["detailed"]["std"]) == 8
+    assert set(manifest.stats) == {"content", "global", "detailed"}
+    assert len(manifest.stats["global"]["std"]) == 4 and len(manifest.stats["detailed"]["std"]) == 8
     cfg = cfglib.load_yaml(ROOT / "launch" / "configs" / "train-hivae-debug.yaml", TrainConfig,
                            [f"data.shards={hivae_latents}", f"output={tmp_path / 'gen'}", "data.batch_size=2",
                             "data.shuffle=4", "steps=3", "save_every=3", "log_every=1", "optim.warmup_steps=1"])
     run = train(cfg)
     assert len(run["losses"]) == 3 and all(math.isfinite(x) for x in run["losses"])
     net, context = load_export(tmp_path / "gen")
-    assert net.config.num_classes == manifest["num_classes"] > 0 and net.config.text_dim > 0
+    assert net.config.num_classes == manifest.num_classes > 0 and net.config.text_dim > 0
     assert {s.name: s.kind for s in net.specs} == {"content": "grid", "global": "set", "detailed": "set"}
     with pytest.warns(UserWarning, match="RANDOM"):  # the fixture extracted with seeded random weights
-        ae = load_autoencoder(context).eval()
+        ae = resolve_record(context.autoencoder).model.eval()
     assert isinstance(ae, HiVAE)
-    encoder = build_text_encoder(context["text_encoder"])
-    videos = generate(net, ae, context, prompts=["a red circle moving left", "a blue square"], class_ids=[0, 1],
-                      frames=8, height=32, width=32, steps=2, guidance=5.0, text_encoder=encoder, progress=False)
+    encoder = build_text_encoder(context.text_encoder)
+    videos = generate(net, ae, context.latent_norm, prompts=["a red circle moving left", "a blue square"],
+                      class_ids=[0, 1], frames=8, height=32, width=32, sampling=SamplingConfig(steps=2, guidance=5.0),
+                      text_encoder=encoder, progress=False)
     assert videos.shape == (2, 3, 8, 32, 32) and torch.isfinite(videos).all()
 
     # image-to-video: the generator keeps the given first frame's content latent, samples the motion
     frame = _moving_square(batch=2)[:, :, 0]
-    stats = context["latent_norm"]
+    stats = context.latent_norm
     given = normalize(Latent({"content": ae.encode_content(frame)}, "tokens"), stats)["content"]
     spec = ae.latent_spec(8, 32, 32)
     x = Latent(samplers.initial_noise(spec.parts, 2, seed=0), "tokens")
     cond = Cond(class_id=torch.tensor([0, 1]))
     _wake(net)  # a 3-step EMA export is still ~zero-initialised
     with torch.no_grad():
-        out = samplers.euler(known_content_velocity(net, given, x["content"]), x, cond, steps=3,
+        out = samplers.euler(samplers.known_part_velocity(net, "content", given, x["content"]), x, cond, steps=3,
                              guidance_scale=5.0, null_cond=net.null_cond(cond))
         torch.testing.assert_close(out["content"], given, atol=1e-5, rtol=1e-5)
         free = samplers.euler(net, x, cond, steps=3, guidance_scale=5.0, null_cond=net.null_cond(cond))

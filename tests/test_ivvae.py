@@ -345,6 +345,7 @@ def test_train_autoencoder_with_3d_gan_stage_then_extract(tmp_path):
     """The paper's recipe through the shared trainer (L1 + KL, then a 3D PatchGAN stage), then
     `ldm extract` with the trained model on synthetic clips."""
     from data import shards
+    from data.manifest import load_manifest
     from data.synth import synth_dataset
     from launch.extract import ExtractConfig, extract
     from launch.train_ae import TrainAEConfig, train_autoencoder
@@ -368,9 +369,9 @@ def test_train_autoencoder_with_3d_gan_stage_then_extract(tmp_path):
         extract(ExtractConfig(autoencoder=None, checkpoint=summary["final"], input=str(videos),
                               output=str(tmp_path / "lat"), frames=5, height=32, width=32, shard_size=2,
                               batch_size=2))
-    manifest = shards.load_manifest(tmp_path / "lat")
-    assert manifest["counts"]["written"] == 4 and manifest["family"] == "ivvae"
-    assert manifest["latent_spec"]["latent_shape"] == {"z": [4, 2, 4, 4]}
+    manifest = load_manifest(tmp_path / "lat")
+    assert manifest.counts.written == 4 and manifest.autoencoder.family == "ivvae"
+    assert manifest.latent_spec["latent_shape"] == {"z": [4, 2, 4, 4]}
     sample = shards.read_all(tmp_path / "lat")[0]
     with torch.no_grad():
         assert final.eval().decode(sample["latent"]).shape == (1, 3, 5, 32, 32)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from data import shards
+from data.manifest import load_manifest
 from data.synth import synth_dataset
 from procs import free_port, torchrun
 
@@ -35,8 +36,8 @@ def test_two_nodes_extract_and_train(tmp_path):
     extract = ["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", str(tmp_path / "videos"), "--frames", "8",
                "--height", "32", "--width", "32", "--shard-size", "3", "--text-encoder", "builtin"]
     _two_nodes(*extract, "--output", str(tmp_path / "lat"))
-    m = shards.load_manifest(tmp_path / "lat")
-    assert m["world_size"] == 2 and m["counts"]["written"] == 10
+    m = load_manifest(tmp_path / "lat")
+    assert m.world_size == 2 and m.counts.written == 10
     assert sorted(s["meta"]["index"] for s in shards.read_all(tmp_path / "lat")) == list(range(10))
 
     train = ["train", "--config", str(YAML), f"data.shards={tmp_path / 'lat'}", "data.batch_size=2", "steps=3",

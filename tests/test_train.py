@@ -11,7 +11,8 @@ import torch
 
 from data.synth import synth_dataset
 from launch.cli import main as ldm
-from launch.train import TrainConfig, load_export, train
+from dit import load_export
+from launch.train import TrainConfig, train
 from ldm import config as cfglib
 from procs import free_port, torchrun
 
@@ -51,7 +52,7 @@ def test_resume_repeats_the_uninterrupted_run(latents, tmp_path):
     ref, _ = load_export(tmp_path / "full")
     for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(a, b, msg=n)
-    assert ctx["autoencoder"] == "kl2d-f8c4-debug" and "latent_norm" in ctx
+    assert ctx.autoencoder.name == "kl2d-f8c4-debug" and set(ctx.latent_norm) == {"z"}
 
 
 def test_corrupt_checkpoint_falls_back(latents, tmp_path):
@@ -192,7 +193,7 @@ def test_elastic_restart_after_a_rank_is_killed(latents, tmp_path):
                    "optim.warmup_steps=2", "optim.lr=0.001", *args, extra=("--max-restarts", "1"))
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 200
-    while not (out / "checkpoints" / "step-00000010" / "complete.json").exists():
+    while not (out / "checkpoints" / "step-00000010" / "MANIFEST.json").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
         time.sleep(0.05)
     pids = _worker_pids(str(out))
@@ -297,8 +298,8 @@ def test_varlen_draws_do_not_depend_on_the_batch_padding():
 
 def test_throughput_counts_each_varlen_sample_at_its_length():
     import dit
-    from launch.engine import transformer_flops
     from launch.train import batch_work
+    from ldm.cost import dit_trunk_flops
     from ldm.latent import Latent
 
     model = dit.build("dit-debug", {"z": (4, 5, 8, 8)}, patch=(1, 2, 2))
@@ -307,5 +308,5 @@ def test_throughput_counts_each_varlen_sample_at_its_length():
     per_frame = 16  # (8 / 2) * (8 / 2) tokens
     assert tokens == (2 + 5) * per_frame  # not 2 x 5 padded frames
     cfg = model.config
-    assert flops == pytest.approx(sum(3 * transformer_flops(cfg.depth, cfg.hidden, n * per_frame, cfg.mlp_ratio)
+    assert flops == pytest.approx(sum(3 * dit_trunk_flops(cfg.depth, cfg.hidden, n * per_frame, cfg.mlp_ratio)
                                       for n in (2, 5)))

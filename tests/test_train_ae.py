@@ -18,8 +18,8 @@ from autoencoders.losses import (AELoss, AELossConfig, PatchDiscriminator, adapt
                                  kl_loss, reconstruction_loss)
 from data.video import write_video
 from launch import dist
-from launch.train_ae import (TrainAEConfig, add_arguments, config_from_args, find_checkpoint, lr_at,
-                             optimizer_from_files, optimizer_to_files, train_autoencoder, write_checkpoint)
+from launch.runs import find_checkpoint, optimizer_from_files, optimizer_to_files, write_checkpoint
+from launch.train_ae import TrainAEConfig, add_arguments, config_from_args, train_autoencoder
 from ldm.latent import Latent
 from ldm.metrics import LPIPS
 
@@ -130,10 +130,10 @@ def test_lr_drop_schedule(clips, tmp_path):
     cfg = _cfg(clips, tmp_path, lr=1e-4, warmup=4, lr_drop=[(6, 1e-5), (8, 1e-6)])  # lists as from JSON
     assert cfg.lr_drop == ((6, 1e-5), (8, 1e-6))
     expected = [2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6]
-    assert [lr_at(cfg, s) for s in range(10)] == pytest.approx(expected, rel=1e-12)
+    assert [cfg.learning_rate(s) for s in range(10)] == pytest.approx(expected, rel=1e-12)
     h3ae = _cfg(clips, tmp_path, lr=1e-4, lr_drop=((70000, 1e-5),), steps=80000)  # H3AE: last 10K of 80K at 1e-5
-    assert (lr_at(h3ae, 0), lr_at(h3ae, 69999), lr_at(h3ae, 70000), lr_at(h3ae, 79999)) == (1e-4, 1e-4, 1e-5, 1e-5)
-    assert [lr_at(_cfg(clips, tmp_path, lr=3e-4, warmup=2), s) for s in range(3)] == [1.5e-4, 3e-4, 3e-4]
+    assert tuple(h3ae.learning_rate(s) for s in (0, 69999, 70000, 79999)) == (1e-4, 1e-4, 1e-5, 1e-5)
+    assert [_cfg(clips, tmp_path, lr=3e-4, warmup=2).learning_rate(s) for s in range(3)] == [1.5e-4, 3e-4, 3e-4]
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     base = ["--data", "d", "--output", "o", "--autoencoder", "kl2d-f8c4-debug"]
@@ -145,6 +145,26 @@ def test_lr_drop_schedule(clips, tmp_path):
         _cfg(clips, tmp_path, lr_drop=((8, 1e-5), (6, 1e-6)))
     with pytest.raises(ValueError, match="must be > 0"):
         _cfg(clips, tmp_path, lr_drop=((8, 0.0),))
+
+
+def test_config_file_then_flags_then_overrides(tmp_path):
+    """``ldm train-ae --config FILE.yaml [flags] [KEY=VALUE ...]``: the config system of ``ldm train``
+    (strict keys), flags as shorthands over the YAML, dotted overrides over both."""
+    (tmp_path / "ae.yaml").write_text("data: videos\noutput: run\nautoencoder: kl2d-f8c4-debug\nlr: 1.0e-4\n"
+                                      "steps: 80000\nlr_drop: [[70000, 1.0e-5]]\nbatch_size: 3\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--config", str(tmp_path / "ae.yaml"), "--batch-size", "5", "--frames",
+                                              "9", "steps=100", "frames=17"]))
+    assert (cfg.data, cfg.lr, cfg.lr_drop, cfg.steps) == ("videos", 1e-4, ((70000, 1e-5),), 100)
+    assert (cfg.batch_size, cfg.frames, cfg.height) == (5, 17, TrainAEConfig.__dataclass_fields__["height"].default)
+    with pytest.raises(ValueError, match="unknown key"):
+        config_from_args(parser.parse_args(["--config", str(tmp_path / "ae.yaml"), "lrr=1"]))
+    with pytest.raises(ValueError, match="needs \\['data', 'output'\\]"):
+        config_from_args(parser.parse_args(["--autoencoder", "kl2d-f8c4-debug"]))
+    recipe = config_from_args(parser.parse_args(["--config", str(REPO / "launch" / "configs" / "train-ae-h3ae.yaml"),
+                                                 "--data", "d", "--output", "o"]))
+    assert recipe.learning_rate(69999) == 1e-4 and recipe.learning_rate(70000) == 1e-5 and recipe.steps == 80000
 
 
 def test_lr_drop_survives_resume(clips, tmp_path):

@@ -10,13 +10,16 @@ import torch
 
 import autoencoders
 from autoencoders.mtcvae import MTCVAE
-from data.shards import load_manifest, read_all
+from data.manifest import load_manifest
+from data.shards import read_all
 from data.synth import render_clip
 from data.video import probe, read_video, write_frames
 from launch.cli import main as ldm
-from launch.sample import generate, load_autoencoder, sample_latents
-from launch.train import TrainConfig, load_export, train
+from dit import load_export
+from launch.sample import generate, sample_latents
+from launch.train import TrainConfig, train
 from ldm import config as cfglib
+from ldm.samplers import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, SEG = 32, 17
@@ -67,9 +70,9 @@ def pipeline(tmp_path_factory):
 
 def test_extraction_stores_variable_length_latents_with_rates(pipeline):
     manifest = load_manifest(pipeline / "lat")
-    assert manifest["form"] == "varlen" and manifest["counts"]["written"] == 4
-    assert manifest["latent_spec"]["vcpr_per_rate"] == {"4": 256.0, "8": 512.0, "16": 1024.0}
-    assert manifest["verify"]["psnr"] > 0
+    assert manifest.form == "varlen" and manifest.counts.written == 4
+    assert manifest.latent_spec["vcpr_per_rate"] == {"4": 256.0, "8": 512.0, "16": 1024.0}
+    assert manifest.verify["psnr"] > 0
     ae = autoencoders.load_pretrained(pipeline / "ae").eval()
     for s in read_all(pipeline / "lat"):
         lat = s["latent"]
@@ -106,16 +109,16 @@ def test_dit_trains_on_varlen_batches_padded_and_packed(trained):
 
 def test_sample_with_a_budget_splits_and_decodes(pipeline, trained, tmp_path):
     model, context = load_export(pipeline / "dit-packed")
-    ae = load_autoencoder(context).eval()
+    ae = autoencoders.resolve_record(context.autoencoder).model.eval()
     assert isinstance(ae, MTCVAE)
     length = ae.varlen_length(2 * SEG, 8.0)  # rate budget 8 -> 2 segments of 3 latent frames
     assert length == 6
-    kw = dict(class_ids=[0, 1], frames=2 * SEG, height=SIZE, width=SIZE, steps=2, guidance=1.0, seed=3,
-              progress=False)
-    latent, _ = sample_latents(model, ae, context, latent_frames=length, **kw)
+    kw = dict(class_ids=[0, 1], frames=2 * SEG, height=SIZE, width=SIZE,
+              sampling=SamplingConfig(steps=2, guidance=1.0, seed=3), progress=False)
+    latent, _ = sample_latents(model, ae, context.latent_norm, latent_frames=length, **kw)
     assert latent.form == "varlen" and latent["z"].shape[2] == length and "rates" not in latent.aux
     segments = ae.split(latent)
-    videos = generate(model, ae, context, latent_frames=length, **kw)
+    videos = generate(model, ae, context.latent_norm, latent_frames=length, **kw)
     assert [tuple(v.shape) for v in videos] == [(3, sum(s.frames for s in segs), SIZE, SIZE) for segs in segments]
     assert all(sum(s.length for s in segs) == length for segs in segments)
 

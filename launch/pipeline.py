@@ -1,0 +1,61 @@
+"""The pipeline runner ``ldm demo`` and ``ldm compare`` share: run a verb (``train-ae``,
+``extract``, ``train``) with its typed config, in this process or on several ranks under
+``torchrun``. The config travels as a YAML file (``ldm VERB --config FILE``, the verbs' own
+config system), never as flags rebuilt by hand, and is kept next to the verb's log.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ldm import config as cfglib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _function(verb: str):
+    """The function behind a verb (imported on use: each pulls in its own dependencies)."""
+    if verb == "train-ae":
+        from launch.train_ae import train_autoencoder
+        return train_autoencoder
+    if verb == "extract":
+        from launch.extract import extract
+        return extract
+    if verb == "train":
+        from launch.train import train
+        return train
+    raise ValueError(f"the pipeline runs train-ae, extract and train, not {verb!r}")
+
+
+def run_verb(verb: str, cfg: Any, log: Path, ranks: int = 1, in_process: bool = False,
+             threads: int | None = None) -> Any:
+    """Run ``ldm VERB`` with the config dataclass ``cfg``; ``log`` gets the command's output and,
+    beside it, the config as ``<log stem>.yaml``. ``in_process`` (one rank only) calls the verb's
+    function here and returns its result; otherwise ``ranks`` processes run under ``torchrun
+    --standalone`` (``threads``: their OMP_NUM_THREADS) and a failure raises with the log's tail."""
+    function = _function(verb)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    config = log.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
+    if in_process:
+        if ranks != 1:
+            raise ValueError(f"in_process runs one rank, not {ranks}")
+        return function(cfg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+           "-m", "launch.cli", verb, "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        code = subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = log.read_text()[-4000:]
+        raise RuntimeError(f"`ldm {verb}` on {ranks} rank(s) failed (exit {code}); log {log}:\n{tail}")
+    return None

@@ -1,0 +1,279 @@
+"""What both trainers (``ldm train-ae`` and ``ldm train``) share about a run: one way to write,
+verify, rotate and find checkpoints, to cut the log back to a resumed step, to react to
+non-finite losses, and one learning-rate schedule (a pure function of the step, so resuming needs
+no scheduler state).
+
+A checkpoint is the folder ``OUTPUT/checkpoints/step-NNNNNNNN/``. It is written under the temporary
+name ``.step-NNNNNNNN.tmp`` (``begin``; every rank may write into it, e.g. DeepSpeed's shards),
+then ``commit`` (rank 0) writes ``MANIFEST.json`` -- sha256 and size of every file -- renames the
+folder into place (the rename is the completion marker: no half-written checkpoint ever has a
+final name), points ``checkpoints/latest`` at it and removes all but the newest ``keep``. On resume
+``find_checkpoint`` verifies the candidates newest first against their manifests and returns the
+first intact one with the reasons the others were rejected.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ldm.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256, read_json, save_tensors
+
+log = logging.getLogger("ldm.checkpoints")
+
+FORMAT = 1
+STEP_PREFIX = "step-"
+MANIFEST = "MANIFEST.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def step_of(path: Path) -> int | None:
+    """The step of a checkpoint folder name, None for anything else (temporary folders, files)."""
+    name = path.name
+    if not name.startswith(STEP_PREFIX) or not name[len(STEP_PREFIX):].isdigit():
+        return None
+    return int(name[len(STEP_PREFIX):])
+
+
+def begin(root: Path, step: int) -> Path:
+    """A fresh temporary folder for the checkpoint of ``step`` (left-overs of a killed run removed)."""
+    tmp = root / f".{step_dir_name(step)}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_files(folder: Path, files: dict[str, bytes | dict[str, Tensor] | Any]) -> None:
+    """``files``: name -> raw bytes, a dict of tensors (``*.safetensors``) or a JSON-able object (``*.json``)."""
+    for name, content in files.items():
+        if name.endswith(".safetensors"):
+            save_tensors(folder / name, content)
+        elif name.endswith(".json"):
+            atomic_write_json(folder / name, content)
+        else:
+            atomic_write_bytes(folder / name, content)
+
+
+def commit(root: Path, step: int, keep: int) -> Path:
+    """Seal ``begin``'s folder: MANIFEST.json (sha256 + size of every file below it) -> rename to
+    ``step-N`` -> ``latest`` -> keep the newest ``keep`` at or below ``step`` (``keep <= 0``: all)."""
+    tmp, final = root / f".{step_dir_name(step)}.tmp", root / step_dir_name(step)
+    files = {str(p.relative_to(tmp)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    atomic_write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})
+    if final.exists():  # an older run's (possibly corrupt) checkpoint of the same step
+        trash = root / f".{final.name}.old"
+        if trash.exists():
+            shutil.rmtree(trash)
+        final.rename(trash)
+        shutil.rmtree(trash)
+    tmp.rename(final)
+    atomic_write_bytes(root / "latest", (final.name + "\n").encode())
+    if keep > 0:
+        older = sorted((s, p) for p in root.iterdir() if p.is_dir() and (s := step_of(p)) is not None and s <= step)
+        for _, p in older[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def write_checkpoint(root: Path, step: int, files: dict[str, bytes | dict[str, Tensor] | Any], keep: int) -> Path:
+    """``begin`` + ``write_files`` + ``commit`` for a checkpoint one process writes whole."""
+    write_files(begin(root, step), files)
+    return commit(root, step, keep)
+
+
+def verify_checkpoint(path: Path, required: tuple[str, ...] = ()) -> str | None:
+    """None when MANIFEST.json lists every ``required`` file and every listed file is present with
+    its size and sha256; else the reason the checkpoint cannot be trusted."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return f"no {MANIFEST} (half-written checkpoint)"
+    try:
+        files = read_json(manifest_path)["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    for name in required:
+        if name not in files:
+            return f"{MANIFEST} does not list {name}"
+    for name, info in files.items():
+        p = path / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != info["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, manifest says {info['bytes']}"
+        if file_sha256(p) != info["sha256"]:
+            return f"{name} does not match its sha256 in {MANIFEST}"
+    return None
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under ``root``, newest (highest step) first."""
+    if not root.is_dir():
+        return []
+    found = [(step_of(p), p) for p in root.iterdir() if p.is_dir()]
+    return [p for s, p in sorted(((s, p) for s, p in found if s is not None), reverse=True)]
+
+
+def verified_checkpoints(root: Path, required: tuple[str, ...] = ()) -> tuple[list[Path], list[dict[str, str]]]:
+    """Every intact checkpoint under ``root``, newest first, and the rejected ones with their
+    reasons (newest is by step number, so a complete checkpoint whose ``latest`` update was
+    interrupted still counts)."""
+    good, rejected = [], []
+    for path in checkpoints(root):
+        reason = verify_checkpoint(path, required)
+        if reason is None:
+            good.append(path)
+        else:
+            rejected.append({"path": str(path), "reason": reason})
+    return good, rejected
+
+
+def find_checkpoint(root: Path, required: tuple[str, ...] = ()) -> tuple[Path | None, list[dict[str, str]]]:
+    """The newest intact checkpoint under ``root`` (None when there is none) and the newer ones
+    rejected, each with its reason."""
+    rejected = []
+    for path in checkpoints(root):
+        reason = verify_checkpoint(path, required)
+        if reason is None:
+            return path, rejected
+        rejected.append({"path": str(path), "reason": reason})
+    return None, rejected
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the JSONL lines a killed run logged past the step it resumes from (and lines torn by
+    the kill), so the log reads as one uninterrupted run with one line per step."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write_bytes(path, "".join(x + "\n" for x in kept).encode())
+
+
+class NonFiniteGuard:
+    """The non-finite-loss policy of both trainers: a step (or micro-batch) whose loss or gradient
+    is not finite on any rank is skipped on every rank; ``limit`` of them in a row stop the run
+    (it would only burn compute) with advice; a finite one resets the count."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"max_nonfinite must be >= 1, got {limit}")
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def check(self, finite: bool, step: int, what: str = "update skipped") -> bool:
+        """Record one step's outcome; True when it may be applied. Raises after ``limit`` in a row."""
+        if finite:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        log.warning("step %d: non-finite loss or gradient, %s (%d in a row)", step, what, self.in_a_row)
+        if self.in_a_row >= self.limit:
+            raise RuntimeError(f"{self.in_a_row} non-finite losses in a row at step {step}: stopping (lower the "
+                               "learning rate, check the data, or resume from an earlier checkpoint)")
+        return False
+
+
+# ------------------------------------------------------------------------------------------
+# learning rate
+# ------------------------------------------------------------------------------------------
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(step: int, warmup: int = 0, schedule: str = "constant", total_steps: int = 0,
+              min_lr_ratio: float = 0.1) -> float:
+    """Multiplier of the base LR for the update with 0-based index ``step``: linear warm-up
+    ``(step + 1) / warmup``, then 1 (``constant``) or a cosine decay to ``min_lr_ratio`` at
+    ``total_steps`` (``cosine``)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"LR schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, lr: float, drops: tuple[tuple[int, float], ...] = (), **factor: Any) -> float:
+    """Learning rate of the update with 0-based index ``step``: ``lr``, replaced by the LR of every
+    ``drops`` entry (STEP, LR) with STEP <= step (piecewise constant; H3AE: 1e-4 with (70000, 1e-5)
+    for the last 10K of 80K iterations), times ``lr_factor(step, **factor)``."""
+    for at, value in drops:
+        if step >= at:
+            lr = value
+    return lr * lr_factor(step, **factor)
+
+
+# ------------------------------------------------------------------------------------------
+# optimizer and RNG state as safetensors + JSON (no pickle)
+# ------------------------------------------------------------------------------------------
+def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (``state.<param>.<key>``) and JSON (the rest)."""
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    state_json: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, Tensor):
+                tensors[f"state.{pid}.{key}"] = value
+            else:
+                state_json.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "state": state_json}
+
+
+def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, st in meta["state"].items():
+        state.setdefault(int(pid), {}).update(st)
+    if len(meta["param_groups"]) != len(opt.param_groups):
+        raise ValueError(f"checkpoint has {len(meta['param_groups'])} parameter groups, "
+                         f"the optimizer {len(opt.param_groups)}")
+    groups = []
+    for saved, current in zip(meta["param_groups"], opt.param_groups):
+        # JSON turned tuples (e.g. AdamW betas) into lists: restore the type the optimizer uses
+        groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state(generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Every RNG stream of this process (torch, CUDA, numpy, python, and ``generator``)."""
+    tensors = {"torch": torch.get_rng_state(), "posterior": generator.get_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {"python": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def set_rng_state(generator: torch.Generator, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    generator.set_state(tensors["posterior"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    v, st, gauss = meta["python"]
+    random.setstate((v, tuple(st), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
