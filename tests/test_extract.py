@@ -262,3 +262,17 @@ def test_auto_workers_and_batch_size_on_the_cpu():
     assert auto_batch_size(7, None, None, cpu, torch.float32, 0) == 7
     with pytest.raises(ValueError, match="batch-size"):
         auto_batch_size(-1, None, None, cpu, torch.float32, 0)
+
+
+def test_config_file_matches_the_flags(videos, tmp_path):
+    """``ldm extract --config FILE.yaml [flags] [KEY=VALUE]`` (what demo/compare's pipeline runner
+    passes under torchrun) writes what the flags write."""
+    _extract(videos, tmp_path / "flags")
+    (tmp_path / "x.yaml").write_text(f"autoencoder: {AE}\ninput: {videos}\nframes: 8\nheight: 32\nwidth: 32\n"
+                                     "shard_size: 5\nbatch_size: 2\n")
+    assert ldm(["extract", "--config", str(tmp_path / "x.yaml"), "--output", str(tmp_path / "yaml"),
+                "shard_size=3"]) == 0
+    assert shards.raw_bytes_digest(tmp_path / "yaml") == shards.raw_bytes_digest(tmp_path / "flags")
+    assert load_manifest(tmp_path / "yaml").shard_size == 3
+    with pytest.raises(ValueError, match="unknown key"):
+        ldm(["extract", "--config", str(tmp_path / "x.yaml"), "--output", str(tmp_path / "z"), "shards=3"])

@@ -18,6 +18,7 @@ from autoencoders.losses import (AELoss, AELossConfig, PatchDiscriminator, adapt
                                  kl_loss, reconstruction_loss)
 from data.video import write_video
 from launch import dist
+from launch import runs
 from launch.runs import find_checkpoint, optimizer_from_files, optimizer_to_files, write_checkpoint
 from launch.train_ae import TrainAEConfig, add_arguments, config_from_args, train_autoencoder
 from ldm.latent import Latent
@@ -196,6 +197,31 @@ def test_half_written_checkpoints_are_skipped(tmp_path):
         if name.name.startswith("step-"):
             shutil.rmtree(name)
     assert find_checkpoint(root) == (None, [])
+
+
+def test_runs_log_truncation_nonfinite_policy_and_lr_schedule(tmp_path):
+    """What both trainers share (``launch.runs``): the log cut back to the resumed step (torn lines
+    dropped), the non-finite policy (``limit`` in a row stop the run, a finite step resets), the
+    LR schedule (warm-up, constant / cosine, drops) and ``keep <= 0`` keeping every checkpoint."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": i, "loss": 1.0}) + "\n" for i in range(1, 6)) + '{"step": 6, "lo')
+    runs.truncate_log(log, 3)
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3]
+    guard = runs.NonFiniteGuard(3)
+    assert [guard.check(f, i) for i, f in enumerate([True, False, False, True, False, False])] == \
+        [True, False, False, True, False, False]
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row at step 6"):
+        guard.check(False, 6)
+    assert guard.total == 5
+    cosine = [runs.lr_factor(s, warmup=2, schedule="cosine", total_steps=6, min_lr_ratio=0.1)
+              for s in (0, 1, 2, 4, 6, 9)]
+    assert cosine == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1, 0.1])
+    assert runs.lr_at(5, 1e-3, ((3, 1e-4),), warmup=2) == 1e-4
+    with pytest.raises(ValueError, match="LR schedule"):
+        runs.lr_factor(5, schedule="linear")
+    for step in (1, 2, 3):
+        runs.write_checkpoint(tmp_path / "all", step, {"trainer.json": {"step": step}}, keep=0)
+    assert [p.name for p in runs.checkpoints(tmp_path / "all")] == ["step-00000003", "step-00000002", "step-00000001"]
 
 
 def test_optimizer_state_round_trip_without_pickle():

@@ -1,0 +1,126 @@
+""""Which autoencoder" has one answer (``autoencoders.resolve``): registered names, our saved
+folders, sources such as diffusers; the record a manifest / export keeps rebuilds the same model;
+typed, versioned artifacts; capabilities declared on the class."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import autoencoders
+from autoencoders import config_of, record_of, resolve, resolve_record
+from data.manifest import Manifest
+from dit import Export
+from ldm import config as cfglib
+from ldm.artifacts import AERecord
+from ldm.checkpoint import dir_hash
+
+NAME = "kl2d-f8c4-debug"
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_registered_name_saved_folder_and_errors(tmp_path):
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        a = resolve(NAME, seed=3)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        b = resolve(NAME, seed=3)
+    assert a.name == NAME and a.weights_hash is None and _same(a.model, b.model)  # seeded
+    a.model.save_pretrained(tmp_path / "ae", name=NAME)
+    for found in (resolve(checkpoint=tmp_path / "ae"), resolve(str(tmp_path / "ae")), resolve(NAME, tmp_path / "ae")):
+        assert found.name == NAME and found.weights_hash == dir_hash(tmp_path / "ae") and _same(found.model, a.model)
+    with pytest.raises(ValueError, match="holds 'kl2d-f8c4-debug', not 'causal3d"):
+        resolve("causal3d-f4x8c4-debug", tmp_path / "ae")
+    with pytest.raises(ValueError, match="do not apply to a saved model"):
+        resolve(None, tmp_path / "ae", overrides={"latent_channels": 8})
+    with pytest.raises(FileNotFoundError, match="config.json and model.safetensors"):
+        resolve(None, tmp_path / "missing")
+    with pytest.raises(KeyError, match="not registered"):
+        resolve("kl2d-nope")
+    with pytest.raises(ValueError, match="give --autoencoder"):
+        resolve()
+    with pytest.raises(ValueError, match="local folder"):
+        resolve("diffusers:AutoencoderKL")
+    assert "diffusers" in autoencoders.SOURCES
+    with pytest.raises(ValueError, match="not the ones the latents were extracted with"):
+        resolve(None, tmp_path / "ae", expect_hash="0" * 16)
+    # config_of reads config.json only: no weights needed (costs, labels)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text((tmp_path / "ae" / "config.json").read_text())
+    cls, config = config_of(str(tmp_path / "cfg"))
+    assert cls.family == "kl2d" and config == a.model.config and config_of(NAME)[1] == config
+
+
+def test_record_rebuilds_the_model_and_checks_the_weights(tmp_path):
+    torch.manual_seed(0)
+    ae = autoencoders.build(NAME)
+    ae.save_pretrained(tmp_path / "ae", name=NAME)
+    found = resolve(None, tmp_path / "ae")
+    record = record_of(found, tmp_path / "ae")
+    assert record.checkpoint == str((tmp_path / "ae").resolve()) and record.config_hash == cfglib.config_hash(ae.config)
+    assert _same(resolve_record(record).model, ae)
+    moved = tmp_path / "moved"
+    (tmp_path / "ae").rename(moved)
+    with pytest.raises(FileNotFoundError, match="--ae-checkpoint"):
+        resolve_record(record)
+    assert _same(resolve_record(record, moved).model, ae)  # --ae-checkpoint: another path, same hash
+    autoencoders.build(NAME).save_pretrained(tmp_path / "other", name=NAME)
+    with pytest.raises(ValueError, match="not the ones the latents were extracted with"):
+        resolve_record(record, tmp_path / "other")
+    with pytest.warns(UserWarning):
+        random = resolve(NAME, seed=5)
+    with pytest.warns(UserWarning, match="RANDOM autoencoder"):
+        again = resolve_record(record_of(random, seed=5))
+    assert _same(again.model, random.model)
+
+
+def _v1_manifest() -> dict:
+    """A manifest as version-1 ``ldm extract`` wrote it (flat autoencoder keys, no version)."""
+    return {"autoencoder": "diffusers:AutoencoderKL", "config_hash": "abc", "checkpoint_hash": "def",
+            "family": "diffusers", "config": {"class_name": "AutoencoderKL"}, "checkpoint": None, "seed": 0,
+            "ae_path": "/models/sd", "ae_subfolder": "vae",
+            "video": {"frames": 8, "height": 32, "width": 32, "fps": None},
+            "text_encoder": "builtin", "shard_size": 4, "dtype": "fp32",
+            "latent_spec": {"latent_shape": {"z": [4, 8, 4, 4]}}, "form": "grid",
+            "counts": {"inputs": 2, "written": 2, "skipped": 0},
+            "stats": {"z": {"count": 1, "mean": [0.0] * 4, "std": [1.0] * 4, "sample_std": [1.0] * 4}},
+            "skipped": [], "shards": [{"name": "shard-000000.tar", "count": 2}], "text_dim": 256, "text_tokens": 5,
+            "world_size": 1, "num_classes": 3, "input_problems": []}
+
+
+def test_versioned_artifacts_migrate_and_stay_strict():
+    m = Manifest.from_dict(_v1_manifest())
+    assert m.version == 2 and m.counts.written == 2 and m.parts == {"z": (4, 8, 4, 4)}
+    assert m.autoencoder == AERecord(name="diffusers:AutoencoderKL", family="diffusers",
+                                     config={"class_name": "AutoencoderKL"}, config_hash="abc",
+                                     checkpoint="/models/sd", subfolder="vae", checkpoint_hash="def", seed=0)
+    assert Manifest.from_dict(json.loads(json.dumps(m.to_dict()))) == m  # v2 round trip
+    with pytest.raises(ValueError, match="unknown key"):
+        Manifest.from_dict({**m.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="format version 3"):
+        Manifest.from_dict({**m.to_dict(), "version": 3})
+    keep = ("autoencoder", "family", "config", "config_hash", "checkpoint", "checkpoint_hash", "seed", "ae_path",
+            "ae_subfolder", "video", "latent_spec", "form", "stats", "text_encoder", "text_dim", "text_tokens",
+            "num_classes")
+    v1_export = {**{k: _v1_manifest()[k] for k in keep}, "latent_norm": {"z": {"mean": [0.0], "std": [2.0]}}}
+    e = Export.from_dict(v1_export)
+    assert e.autoencoder == m.autoencoder and e.video == m.video and e.latent_norm["z"]["std"] == [2.0]
+
+
+def test_capabilities_are_declared_not_probed():
+    kl = autoencoders.build(NAME)
+    assert (kl.stages, kl.base_family, kl.content_encoding, kl.variable_rate, kl.stage) == ((), "", False, False, None)
+    with pytest.raises(ValueError, match="not trained in stages; --stage applies to hivae, mtcvae"):
+        kl.with_stage(1)
+    with pytest.raises(ValueError, match="no frozen base autoencoder"):
+        kl.load_base("anywhere")
+    with pytest.raises(ValueError, match="content"):
+        kl.encode_content(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="variable-rate"):
+        kl.varlen_length(17, 8.0)
+    assert kl.last_layer() is [p for p in kl.decoder.parameters() if p.ndim > 1][-1]
+    hivae = autoencoders.REGISTRY["hivae-s-debug"][0]
+    assert (hivae.stages, hivae.base_family, hivae.content_encoding) == ((1, 2), "kl2d", True)
