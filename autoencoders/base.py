@@ -132,6 +132,18 @@ class Autoencoder(nn.Module):
             raise ValueError(f"{type(self).__name__}.decoder has no trainable weight matrix")
         return weights[-1]
 
+    def check_text_encoder(self, encoder: Any, spec: str | None = None, name: str | None = None) -> None:
+        """A text-guided model (``text_dim > 0``) encodes and decodes with caption embeddings: it
+        needs ``encoder`` (an ``ldm.text`` encoder, built from ``spec``) of its width. Other models
+        take any (extraction caches embeddings for the DiT) or none."""
+        need, name = self.text_dim, name or self.family
+        if need and encoder is None:
+            raise ValueError(f"{name} is text-guided (text_dim={need}) and encodes with the caption: pass "
+                             "--text-encoder builtin | t5:DIR | clip:DIR (the one it was trained with)")
+        if need and encoder.dim != need:
+            raise ValueError(f"--text-encoder {spec} gives {encoder.dim}-d embeddings, {name} takes {need}-d "
+                             f"(to train with this encoder, build it with --ae-config text_dim={encoder.dim})")
+
     def check_input(self, frames: int, height: int, width: int) -> None:
         """Raise ValueError for an input size this autoencoder cannot take (default: whatever
         ``latent_spec`` rejects)."""

@@ -133,8 +133,7 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
     ae = ae.to(device=device, dtype=dtype).eval()
     ae.check_input(frames, height, width)
     text_dim = ae.text_dim
-    if text_dim and text_encoder is None:
-        raise ValueError(f"this autoencoder is text-guided (text_dim={text_dim}): pass --text-encoder")
+    ae.check_text_encoder(text_encoder)
     clips, skipped, listed = _clips(input, frames, height, width, fps, num)
     rfvd = fvd_accumulator(i3d, fvd_frames) if i3d is not None else None
     scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}

@@ -232,16 +232,6 @@ def _first(batch: list[Any]) -> Any:
     return batch[0]
 
 
-def check_text_encoder(ae: Autoencoder, name: str, text_encoder, spec: str | None) -> None:
-    """A text-guided autoencoder (``ae.text_dim > 0``) needs a text encoder of its width."""
-    need = ae.text_dim
-    if need and text_encoder is None:
-        raise UserError(f"{name} is text-guided (text_dim={need}) and encodes with the caption: pass "
-                         "--text-encoder (the one it was trained with)")
-    if need and text_encoder.dim != need:
-        raise UserError(f"--text-encoder {spec} gives {text_encoder.dim}-d embeddings, {name} takes {need}-d")
-
-
 def _ae_cond(ae: Autoencoder, emb: torch.Tensor | None, mask: torch.Tensor | None,
              device: torch.device, dtype: torch.dtype = torch.float32) -> Cond | None:
     """``cond`` for encode/decode: the caption embeddings for a text-guided autoencoder, else None."""
@@ -321,7 +311,8 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
         from ldm.text import build_text_encoder
         with checking("--text-encoder"):
             text_encoder = build_text_encoder(cfg.text_encoder).to(device)
-    check_text_encoder(ae, name, text_encoder, cfg.text_encoder)
+    with checking():
+        ae.check_text_encoder(text_encoder, cfg.text_encoder, name)
 
     items = list_items(cfg.input, cfg.captions)
     if not items:

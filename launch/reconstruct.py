@@ -62,11 +62,10 @@ def caption_cond(ae: Autoencoder, name: str, prompt: str | None, text_encoder: s
     if prompt is None or text_encoder is None:
         raise ValueError(f"{name} is text-guided (text_dim={ae.text_dim}): pass --prompt (the clip's caption) "
                          "and --text-encoder (the one it was trained with)")
-    from launch.extract import check_text_encoder
     from ldm.text import build_text_encoder
 
     encoder = build_text_encoder(text_encoder).to(device)
-    check_text_encoder(ae, name, encoder, text_encoder)
+    ae.check_text_encoder(encoder, text_encoder, name)
     emb, mask = encoder.encode([prompt])
     return Cond(text=emb.to(device), text_mask=mask.to(device))
 

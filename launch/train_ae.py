@@ -389,19 +389,14 @@ class AETrainer:
 
     def _build_text_encoder(self):
         """The frozen text encoder a text-guided autoencoder trains with (None otherwise)."""
-        need, spec = self.ae.text_dim, self.cfg.text_encoder
-        if not spec:
-            if need:
-                raise ValueError(f"{self.name} is text-guided (text_dim={need}): pass --text-encoder builtin | "
-                                 "t5:DIR | clip:DIR (the one its latents will be extracted and sampled with)")
-            return None
-        if not need:
+        spec = self.cfg.text_encoder
+        if spec and not self.ae.text_dim:
             raise ValueError(f"--text-encoder {spec}: {self.name} takes no text")
-        from ldm.text import build_text_encoder
-        encoder = build_text_encoder(spec, device=self.device)
-        if encoder.dim != need:
-            raise ValueError(f"--text-encoder {spec} gives {encoder.dim}-d embeddings, {self.name} takes {need}-d "
-                             f"(build it with --ae-config text_dim={encoder.dim})")
+        encoder = None
+        if spec:
+            from ldm.text import build_text_encoder
+            encoder = build_text_encoder(spec, device=self.device)
+        self.ae.check_text_encoder(encoder, spec, self.name)
         return encoder
 
     def _text_cond(self, captions: list[str]) -> Cond | None:
