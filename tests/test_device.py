@@ -127,6 +127,7 @@ def test_samplers_with_guidance_off_the_cpu(method):
 def test_sample_and_decode_path_off_the_cpu(ae_name):
     """``ldm sample``'s ``generate``: noise, guided sampling, statistics undone, decode."""
     from launch.sample import generate
+    from ldm.samplers import SamplingConfig
     from ldm.text import build_text_encoder
 
     torch.manual_seed(0)
@@ -137,10 +138,9 @@ def test_sample_and_decode_path_off_the_cpu(ae_name):
     model = dit.build("dit-debug", spec.parts, text_dim=text.dim).eval()
     stats = {k: {"mean": [0.1] * (s[0] if len(s) == 4 else s[-1]), "std": [2.0] * (s[0] if len(s) == 4 else s[-1])}
              for k, s in spec.parts.items()}
-    context = {"latent_norm": stats}
     with OffDevice():
-        videos = generate(off(model), off(ae), context, prompts=["a red circle", "a blue square"], frames=T,
-                          height=H, width=W, steps=2, guidance=3.0, text_encoder=off(text), device=OFF,
-                          progress=False)
+        videos = generate(off(model), off(ae), stats, prompts=["a red circle", "a blue square"], frames=T,
+                          height=H, width=W, sampling=SamplingConfig(steps=2, guidance=3.0), text_encoder=off(text),
+                          device=OFF, progress=False)
     videos = videos if isinstance(videos, list) else list(videos)
     assert len(videos) == 2 and all(type(v) is torch.Tensor and torch.isfinite(v).all() for v in videos)
