@@ -19,7 +19,7 @@ set-up), ``ref-bf16`` (bf16 weights), ``ours-bf16`` (bf16 weights, compiled: wha
 runs on a GPU, where DeepSpeed keeps the fp32 master weights), ``ours-autocast`` (fp32 weights,
 bf16 autocast, compiled), ``ours-eager`` (bf16 weights, not compiled). On the CPU every mode runs
 in fp32. For each: seconds per training step (forward, backward, optimizer), tokens/s, TFLOP/s
-(2 x multiply-adds of the trunk as ``launch.engine.transformer_flops`` counts them, a step = 3
+(2 x multiply-adds of the trunk as ``ldm.cost.dit_trunk_flops`` counts them, a step = 3
 forwards), MFU against the device's dense bf16 peak, peak memory; and the forward alone at the
 sampling batch. Ratios are speed-ups over ``ref-autocast`` measured in the same run.
 """
@@ -42,7 +42,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dit  # noqa: E402
-from launch.engine import PEAK_TFLOPS, transformer_flops  # noqa: E402
+from launch.engine import PEAK_TFLOPS  # noqa: E402
+from ldm.cost import dit_trunk_flops  # noqa: E402
 from ldm.latent import Cond  # noqa: E402
 from ldm.layers import compile_blocks, timestep_embedding  # noqa: E402
 
@@ -183,7 +184,7 @@ def measure(mode: str, size: dict, tokens: int, batch: int, sample_batch: int, s
     _sync(device)
     dt = (time.perf_counter() - t0) / steps
     peak_mem = _peak_gib(device)
-    flops = 3 * batch * transformer_flops(size["depth"], size["hidden"], tokens, 4.0)
+    flops = 3 * batch * dit_trunk_flops(size["depth"], size["hidden"], tokens, 4.0)
     row = {"mode": mode, "tokens": tokens, "batch": batch, "step_s": dt, "tokens_per_s": batch * tokens / dt,
            "tflops_per_s": flops / dt / 1e12, "mfu": flops / dt / peak if peak else None, "peak_gib": peak_mem,
            "warmup_s": first}
