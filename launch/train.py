@@ -621,6 +621,7 @@ class _Logger:
 # `runs` checkpoint folder (hashed, renamed into place, rotated); exports of the EMA weights
 # ------------------------------------------------------------------------------------------
 REQUIRED_FILES = ("trainer.json", "ema.safetensors")
+LEGACY_INFO = "complete.json"  # the trainer state of checkpoints written before launch/runs.py (no manifest)
 
 
 def save_checkpoint(engine, ema: EMA, out: Path, step: int, dropped: int, keep: int, dcfg: dit.DiTConfig,
@@ -654,14 +655,20 @@ def resume(engine, ema: EMA, out: Path) -> tuple[int, int]:
     Rank 0 verifies the checkpoints against their manifests (``runs``); same world size and ZeRO
     stage: DeepSpeed's own checkpoint, otherwise the universal state (weights, Adam moments and
     step, LR schedule) is scattered into this engine. A checkpoint that fails to load on any rank
-    is passed over (all ranks agree) for the previous one."""
+    is passed over (all ranks agree) for the previous one; when every checkpoint is rejected the run
+    stops rather than start over. Checkpoints of earlier versions (``complete.json``, no manifest)
+    are loaded unverified."""
     root = out / "checkpoints"
     found = runs.verified_checkpoints(root, REQUIRED_FILES) if dist.is_main() else None
     candidates, rejected = dist.broadcast_object(found)
+    legacy = [Path(r["path"]) for r in rejected if (Path(r["path"]) / LEGACY_INFO).is_file()
+              and not (Path(r["path"]) / runs.MANIFEST).exists()]
+    candidates = sorted(candidates + legacy, key=runs.step_of, reverse=True)
     for r in rejected:
-        log.warning("checkpoint %s rejected: %s", Path(r["path"]).name, r["reason"])
+        if Path(r["path"]) not in legacy:
+            log.warning("checkpoint %s rejected: %s", Path(r["path"]).name, r["reason"])
     for p in candidates:
-        info = read_json(p / "trainer.json")
+        info = read_json(p / (LEGACY_INFO if p in legacy else "trainer.json"))
         ok = True
         try:
             if info["world_size"] == dist.world_size() and info["zero_stage"] == engine.zero_optimization_stage():
@@ -686,4 +693,7 @@ def resume(engine, ema: EMA, out: Path) -> tuple[int, int]:
             kind = "DeepSpeed" if info["world_size"] == dist.world_size() else "universal"
             print(f"resumed from {p} at step {info['step']} ({kind} state)")
         return int(info["step"]), int(info.get("dropped_batches", 0))
+    if rejected or candidates:
+        raise RuntimeError(f"no usable checkpoint under {root} (see the warnings above); move them away or give a "
+                           "new output to start over")
     return 0, 0

@@ -64,6 +64,18 @@ def test_corrupt_checkpoint_falls_back(latents, tmp_path):
     assert len(out["losses"]) == 3  # resumed from step 2, not 4
 
 
+def test_checkpoints_of_earlier_versions_resume_and_all_rejected_stops(latents, tmp_path):
+    train(_cfg(latents, tmp_path / "old", steps=2, save_every=2))
+    step = tmp_path / "old" / "checkpoints" / "step-00000002"
+    (step / "trainer.json").rename(step / "complete.json")  # the layout before launch/runs.py: no manifest
+    (step / "MANIFEST.json").unlink()
+    assert len(train(_cfg(latents, tmp_path / "old", steps=3, save_every=3))["losses"]) == 1  # resumed at 2
+    train(_cfg(latents, tmp_path / "bad", steps=2, save_every=2))
+    (tmp_path / "bad" / "checkpoints" / "step-00000002" / "ema.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="no usable checkpoint"):  # not a silent start from step 0
+        train(_cfg(latents, tmp_path / "bad", steps=3, save_every=3))
+
+
 def test_loss_decreases(latents, tmp_path):
     # posterior means: a random-weight AE has a wide posterior whose samples are mostly unlearnable noise
     out = train(_cfg(latents, tmp_path / "r", steps=60, save_every=60,
