@@ -138,10 +138,10 @@ class Autoencoder(nn.Module):
         take any (extraction caches embeddings for the DiT) or none."""
         need, name = self.text_dim, name or self.family
         if need and encoder is None:
-            raise ValueError(f"{name} is text-guided (text_dim={need}) and encodes with the caption: pass "
+            raise UserError(f"{name} is text-guided (text_dim={need}) and encodes with the caption: pass "
                              "--text-encoder builtin | t5:DIR | clip:DIR (the one it was trained with)")
         if need and encoder.dim != need:
-            raise ValueError(f"--text-encoder {spec} gives {encoder.dim}-d embeddings, {name} takes {need}-d "
+            raise UserError(f"--text-encoder {spec} gives {encoder.dim}-d embeddings, {name} takes {need}-d "
                              f"(to train with this encoder, build it with --ae-config text_dim={encoder.dim})")
 
     def check_input(self, frames: int, height: int, width: int) -> None:

@@ -36,7 +36,7 @@ def test_registered_name_saved_folder_and_errors(tmp_path):
         resolve("causal3d-f4x8c4-debug", tmp_path / "ae")
     with pytest.raises(ValueError, match="do not apply to a saved model"):
         resolve(None, tmp_path / "ae", overrides={"latent_channels": 8})
-    with pytest.raises(FileNotFoundError, match="config.json and model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="not found .expected a folder with config.json"):
         resolve(None, tmp_path / "missing")
     with pytest.raises(KeyError, match="not registered"):
         resolve("kl2d-nope")
