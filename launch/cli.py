@@ -10,6 +10,7 @@ exception is a bug and shows its traceback. ``--debug`` (anywhere on the command
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import re
@@ -43,6 +44,18 @@ def package_version() -> str:
         return "unknown"
 
 
+def config_flag(parser: argparse.ArgumentParser, config_cls: type, *names: str, **kwargs) -> argparse.Action:
+    """A flag that is a shorthand of a key of the config dataclass ``config_cls`` (``ldm train-ae``,
+    ``ldm extract``: ``--config FILE.yaml`` + flags + ``key=value``): absent from the parsed
+    arguments unless given, so the YAML's value or the dataclass default applies; ``--help`` shows
+    the dataclass default."""
+    action = parser.add_argument(*names, default=argparse.SUPPRESS, **kwargs)
+    field = config_cls.__dataclass_fields__.get(action.dest)
+    if field is not None and field.default is not dataclasses.MISSING:
+        action.config_default = field.default
+    return action
+
+
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Append ``(default: X)`` to the help of every option of ``parser`` (and of its sub-commands)
     that has a default worth showing and whose help does not state one already."""
@@ -51,13 +64,13 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
             for sub in action.choices.values():
                 _show_defaults(sub)
             continue
-        default = action.default
+        default = getattr(action, "config_default", action.default)  # config_flag: the dataclass default
         if (not action.option_strings or action.help == argparse.SUPPRESS or default is None
                 or default is False or default == argparse.SUPPRESS or default in ([], ())):
             continue
         text = action.help or ""
         if "default" not in text.lower():
-            action.help = f"{text} (default: %(default)s)".strip()
+            action.help = f"{text} (default: {str(default).replace('%', '%%')})".strip()
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:

@@ -48,6 +48,7 @@ from data.manifest import MANIFEST, Counts, Manifest
 from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, Window, Windows, probe, read_clips
 from launch import dist
+from launch.cli import config_flag
 from ldm import config as cfglib
 from ldm.artifacts import AERecord, ClipSpec
 from ldm.checkpoint import atomic_write_json, read_json
@@ -88,51 +89,47 @@ class ExtractConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``[--config FILE.yaml] [flags] [KEY=VALUE ...]``: the flags are shorthands of ``ExtractConfig``
     keys and win over the YAML; dotted overrides win over both."""
-    d = ExtractConfig.__dataclass_fields__
-    S = argparse.SUPPRESS
+    def a(*names: str, **kw: Any) -> None:
+        config_flag(p, ExtractConfig, *names, **kw)
+
     p.add_argument("--config", help="an ExtractConfig YAML")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. shard_size=128")
-    p.add_argument("--autoencoder", default=S,
-                   help=f"registered name (see `ldm list`; optional with --checkpoint) or "
-                        f"{' / '.join(k + ':<what>' for k in sorted(SOURCES))} with --ae-path")
-    p.add_argument("--checkpoint", default=S, help="folder written by save_pretrained / `ldm train-ae` (OUTPUT/final)")
-    p.add_argument("--ae-path", default=S, help="local folder of a source's weights, e.g. a diffusers model with "
-                   "--autoencoder diffusers:<Class>")
-    p.add_argument("--ae-subfolder", default=S, help="subfolder of --ae-path holding the VAE (e.g. vae)")
-    p.add_argument("--input", default=S, help="folder of videos, a raw video .tar, a folder of tars or a brace pattern")
-    p.add_argument("--captions", default=S,
-                   help="CSV/JSONL with path,caption,class_id (default: metadata.jsonl in the folder)")
-    p.add_argument("--output", default=S, help="output folder for shards + manifest.json")
-    p.add_argument("--frames", type=int, default=S, help=f"default {d['frames'].default}")
-    p.add_argument("--height", type=int, default=S, help=f"default {d['height'].default}")
-    p.add_argument("--width", type=int, default=S, help=f"default {d['width'].default}")
-    p.add_argument("--fps", type=float, default=S, help="resample to this frame rate (default: native)")
-    p.add_argument("--shard-size", type=int, default=S,
-                   help=f"videos per shard (= clips per shard with one clip per video; default "
-                        f"{d['shard_size'].default})")
-    p.add_argument("--batch-size", type=int, default=S,
-                   help="clips per encoder call (default 0 = auto: 4 on the CPU; on a GPU as many as half its "
-                        "free memory holds, measured on one clip, at most 64)")
-    p.add_argument("--num-workers", type=int, default=S,
-                   help="video decoding worker processes per rank (default -1 = auto: 0 on the CPU, "
-                        "min(8, cores / ranks) with a GPU)")
-    p.add_argument("--tile", default=S, help="encode large frames in blended spatial tiles: TILE or TILE:OVERLAP "
-                   "pixels (e.g. 512:128); grid autoencoders only")
-    p.add_argument("--chunk-frames", type=int, default=S,
-                   help="stream long clips this many frames at a time, same latents as one shot (IV-VAE, H3AE, "
-                        "causal3d)")
-    p.add_argument("--dtype", default=S, choices=["auto", "fp32", "bf16", "fp16"],
-                   help="precision the autoencoder runs in (weights and activations): auto = bf16 on CUDA, fp32 "
-                        "on the CPU. Latents are stored as fp32 either way")
-    p.add_argument("--text-encoder", default=S, help="cache caption embeddings: builtin | t5:DIR | clip:DIR")
-    p.add_argument("--verify", type=int, default=S, metavar="K", help="decode K random latents, report PSNR vs source")
-    p.add_argument("--device", default=S, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=S, help="seed of random weights (registered name, no checkpoint)")
-    p.add_argument("--clips-per-video", type=int, default=S, metavar="K",
-                   help="K evenly spaced windows per video (default 1: the first frames; 0: every "
-                        "non-overlapping window that fits)")
-    p.add_argument("--clip-stride", type=int, default=S, metavar="S",
-                   help="every window that fits, one starting every S output frames (instead of K)")
+    a("--autoencoder", help=f"registered name (see `ldm list`; optional with --checkpoint) or "
+                            f"{' / '.join(k + ':<what>' for k in sorted(SOURCES))} with --ae-path")
+    a("--checkpoint", help="folder written by save_pretrained / `ldm train-ae` (OUTPUT/final)")
+    a("--ae-path", help="local folder of a source's weights, e.g. a diffusers model with --autoencoder "
+                        "diffusers:<Class>")
+    a("--ae-subfolder", help="subfolder of --ae-path holding the VAE (e.g. vae)")
+    a("--input", help="folder of videos, a raw video .tar, a folder of tars or a brace pattern")
+    a("--captions", help="CSV/JSONL with path,caption,class_id (default: metadata.jsonl in the folder)")
+    a("--output", help="output folder for shards + manifest.json")
+    a("--frames", type=int)
+    a("--height", type=int)
+    a("--width", type=int)
+    a("--fps", type=float, help="resample to this frame rate (default: native)")
+    a("--shard-size", type=int, help="videos per shard (= clips per shard with one clip per video)")
+    a("--batch-size", type=int,
+      help="clips per encoder call (default 0 = auto: 4 on the CPU; on a GPU as many as half its free memory "
+           "holds, measured on one clip, at most 64)")
+    a("--num-workers", type=int,
+      help="video decoding worker processes per rank (default -1 = auto: 0 on the CPU, min(8, cores / ranks) "
+           "with a GPU)")
+    a("--tile", help="encode large frames in blended spatial tiles: TILE or TILE:OVERLAP pixels (e.g. 512:128); "
+                     "grid autoencoders only")
+    a("--chunk-frames", type=int,
+      help="stream long clips this many frames at a time, same latents as one shot (IV-VAE, H3AE, causal3d)")
+    a("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+      help="precision the autoencoder runs in (weights and activations): auto = bf16 on CUDA, fp32 on the CPU. "
+           "Latents are stored as fp32 either way")
+    a("--text-encoder", help="cache caption embeddings: builtin | t5:DIR | clip:DIR")
+    a("--verify", type=int, metavar="K", help="decode K random latents, report PSNR vs source")
+    a("--device", choices=["auto", "cpu", "cuda"])
+    a("--seed", type=int, help="seed of random weights (registered name, no checkpoint)")
+    a("--clips-per-video", type=int, metavar="K",
+      help="K evenly spaced windows per video (default 1: the first frames; 0: every non-overlapping window "
+           "that fits)")
+    a("--clip-stride", type=int, metavar="S",
+      help="every window that fits, one starting every S output frames (instead of K)")
 
 
 def check_config(cfg: ExtractConfig) -> None:

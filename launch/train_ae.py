@@ -65,6 +65,7 @@ from autoencoders.losses import REC_LOSSES, AELoss, AELossConfig
 from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, video_to_uint8
 from launch import dist, runs
+from launch.cli import config_flag
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, read_json
 from ldm.errors import UserError, checking
@@ -712,11 +713,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``[--config FILE.yaml] [flags] [KEY=VALUE ...]``: each flag is a shorthand of a
     ``TrainAEConfig`` key and wins over the YAML; dotted overrides win over both. Flags not given
     do not touch the YAML's values (defaults come from ``TrainAEConfig``)."""
-    d = TrainAEConfig.__dataclass_fields__
-    S = argparse.SUPPRESS
-
     def a(*names: str, **kw: Any) -> None:
-        parser.add_argument(*names, default=S, **kw)
+        config_flag(parser, TrainAEConfig, *names, **kw)
 
     parser.add_argument("--config", help="train-ae YAML (TrainAEConfig keys; recipes: launch/configs/train-ae-*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -735,18 +733,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "OUTPUT/final): Hi-VAE's frozen kl2d, MTC-VAE's causal3d")
     a("--data", help="folder of videos or raw video shards (data.sources.list_items)")
     a("--output", help="run folder (checkpoints, samples, log, final/)")
-    a("--frames", type=int, help=f"clip length (default {d['frames'].default})")
-    a("--height", type=int, help=f"default {d['height'].default}")
-    a("--width", type=int, help=f"default {d['width'].default}")
+    a("--frames", type=int, help="clip length")
+    a("--height", type=int)
+    a("--width", type=int)
     a("--fps", type=float, help="resample clips to this rate (default: native)")
-    a("--batch-size", type=int, help=f"clips per rank per step (default {d['batch_size'].default})")
-    a("--lr", type=float, help=f"default {d['lr'].default}")
+    a("--batch-size", type=int, help="clips per rank per step")
+    a("--lr", type=float)
     a("--weight-decay", type=float)
     a("--warmup", type=int, help="linear LR warm-up steps")
     a("--lr-drop", dest="lr_drop", type=_parse_lr_drop, action="append", metavar="STEP:LR",
       help="from update STEP on (0-based; the log's steps > STEP) the LR is LR (repeatable, piecewise constant "
            "after warm-up; H3AE: --lr 1e-4 --lr-drop 70000:1e-5 --steps 80000)")
-    a("--steps", type=int, help=f"total optimizer steps, resume continues up to it (default {d['steps'].default})")
+    a("--steps", type=int, help="total optimizer steps, resume continues up to it")
     a("--max-grad-norm", type=float, help="gradient clipping (0: off)")
     a("--loss", choices=REC_LOSSES, help="reconstruction loss")
     a("--kl-weight", type=float, help="weight of the KL term (SD convention: KL summed over latents / input elements)")
