@@ -5,12 +5,12 @@ autoencoder" for every verb (resolve.py)."""
 import importlib
 import pkgutil
 
-from autoencoders.base import (FAMILIES, REGISTRY, SOURCES, AEConfig, AEOutput, Autoencoder, build, describe,
+from autoencoders.base import (FAMILIES, LOADERS, REGISTRY, AEConfig, AEOutput, Autoencoder, build, describe,
                                load_pretrained)
 from autoencoders.resolve import Resolved, config_of, record_of, resolve, resolve_record
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_mod}")
 
-__all__ = ["FAMILIES", "REGISTRY", "SOURCES", "AEConfig", "AEOutput", "Autoencoder", "build", "describe",
+__all__ = ["FAMILIES", "REGISTRY", "LOADERS", "AEConfig", "AEOutput", "Autoencoder", "build", "describe",
            "load_pretrained", "Resolved", "resolve", "resolve_record", "record_of", "config_of"]

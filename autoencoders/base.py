@@ -249,9 +249,10 @@ def causal_grid_spec(ae: "Autoencoder", frames: int, height: int, width: int, te
 # ------------------------------------------------------------------------------------------
 FAMILIES: dict[str, type[Autoencoder]] = {}
 REGISTRY: dict[str, tuple[type[Autoencoder], Any]] = {}
-# external weights: "<prefix>:<what>" names (diffusers:AutoencoderKL) -> a loader taking
-# ``(what, path=<local folder>, subfolder=None, **overrides)``
-SOURCES: dict[str, Callable[..., Autoencoder]] = {}
+# run-time loaders of external weights: "<prefix>:<what>" names (diffusers:AutoencoderKL wraps a
+# local diffusers folder) -> a loader taking ``(what, path=<local folder>, subfolder=None, **overrides)``.
+# (Released checkpoints converted into our families are the weight sources of ``sources.py``.)
+LOADERS: dict[str, Callable[..., Autoencoder]] = {}
 
 
 def register_family(cls: type[Autoencoder]) -> type[Autoencoder]:
@@ -267,29 +268,29 @@ def register(name: str, cls: type[Autoencoder], config: Any) -> None:
     REGISTRY[name] = (cls, config)
 
 
-def register_source(prefix: str, load: Callable[..., Autoencoder]) -> None:
-    """Register a kind of external weights: ``build("<prefix>:<what>", path=DIR, ...)`` calls
-    ``load(what, path=DIR, ...)`` (e.g. ``diffusers``: ``what`` is the diffusers class)."""
-    if prefix in SOURCES:
-        raise ValueError(f"autoencoder source {prefix!r} registered twice")
-    SOURCES[prefix] = load
+def register_loader(prefix: str, load: Callable[..., Autoencoder]) -> None:
+    """Register a run-time loader of external weights: ``build("<prefix>:<what>", path=DIR, ...)``
+    calls ``load(what, path=DIR, ...)`` (``diffusers``: ``what`` is the diffusers class)."""
+    if prefix in LOADERS:
+        raise ValueError(f"autoencoder loader {prefix!r} registered twice")
+    LOADERS[prefix] = load
 
 
-def source_of(name: str) -> str | None:
-    """The source prefix of a ``<prefix>:<what>`` name, None for a registered name."""
+def loader_of(name: str) -> str | None:
+    """The loader prefix of a ``<prefix>:<what>`` name, None for any other name."""
     prefix, sep, _ = name.partition(":")
-    return prefix if sep and prefix in SOURCES else None
+    return prefix if sep and prefix in LOADERS else None
 
 
 def build(name: str, **overrides: Any) -> Autoencoder:
     """Build a registered autoencoder (random weights), or load one from a registered source:
     ``<prefix>:<what>`` with ``path=<local dir>`` (``diffusers:AutoencoderKLWan``)."""
-    source = source_of(name)
-    if source is not None:
-        return SOURCES[source](name.split(":", 1)[1], **overrides)
+    loader = loader_of(name)
+    if loader is not None:
+        return LOADERS[loader](name.split(":", 1)[1], **overrides)
     if name not in REGISTRY:
         raise KeyError(f"unknown autoencoder {name!r}; registered: {sorted(REGISTRY)} "
-                       f"(or {' / '.join(f'{p}:<what>' for p in sorted(SOURCES))} with path=DIR)")
+                       f"(or {' / '.join(f'{p}:<what>' for p in sorted(LOADERS))} with path=DIR)")
     cls, config = REGISTRY[name]
     return cls(cfglib.replace(config, **overrides))
 

@@ -1,5 +1,6 @@
-"""Pretrained diffusers VAEs behind the latent contract, registered as the autoencoder source
-``diffusers``: ``build("diffusers:<Class>", path=DIR)``, ``resolve("diffusers:<Class>", checkpoint=DIR)``.
+"""Pretrained diffusers VAEs behind the latent contract, registered as the run-time loader
+``diffusers``: ``build("diffusers:<Class>", path=DIR)``, ``resolve("diffusers:<Class>", checkpoint=DIR)``
+(``ldm convert`` turns some of them into our own families instead: ``sources.py``).
 
 The wrapper loads a diffusers autoencoder from a LOCAL folder (``local_files_only=True``; never a
 hub) and offers the same face as our own families:
@@ -35,7 +36,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from autoencoders.base import AEConfig, Autoencoder, register_family, register_source
+from autoencoders.base import AEConfig, Autoencoder, register_family, register_loader
 from autoencoders.blocks import check_latent_stats, grid_z
 from ldm import config as cfglib
 from ldm.latent import Cond, Latent, LatentSpec
@@ -241,4 +242,4 @@ def build_diffusers(class_name: str, path: str | Path | None = None, subfolder: 
     return DiffusersAE(config, model=model)
 
 
-register_source("diffusers", build_diffusers)
+register_loader("diffusers", build_diffusers)

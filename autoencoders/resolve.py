@@ -7,12 +7,17 @@ A reference is one of
 - **our checkpoint folder** (``save_pretrained``: ``config.json`` + ``model.safetensors``, e.g. a
   ``ldm train-ae`` run's ``final/``), as ``checkpoint=`` or as the reference itself; with a name
   too, the folder must hold that name;
-- a **source name** ``<prefix>:<what>`` with ``checkpoint=`` a LOCAL folder (and ``subfolder``):
-  external weights loaded by a loader registered with ``register_source`` (``diffusers``:
-  ``diffusers:AutoencoderKLWan``; the weights converters register theirs the same way).
+- a **loader name** ``<prefix>:<what>`` with ``checkpoint=`` a LOCAL folder (and ``subfolder``):
+  external weights wrapped at run time by a loader registered with ``base.register_loader``
+  (``diffusers``: ``diffusers:AutoencoderKLWan`` runs the diffusers model behind our contract);
+- a **weight source** of ``sources.py`` (``ivvae-official``, ``videovaeplus-official``, ...) with
+  ``checkpoint=`` its LOCAL released file or folder: converted into the family it fills, as
+  ``ldm convert`` does (loader names win when a name is both: ``diffusers:AutoencoderKL`` wraps;
+  ``ldm convert --source diffusers:AutoencoderKL`` makes a kl2d).
 
 ``resolve(ref, checkpoint) -> Resolved(model, name, weights_hash)``; ``weights_hash`` is the
-``dir_hash`` of the weights folder (None for random weights) and is what manifests record.
+``dir_hash`` of the weights folder (a file's sha256 for a released file; None for random weights)
+and is what manifests record.
 ``resolve_record(record)`` rebuilds the model an extraction manifest / DiT export names (an
 ``ldm.artifacts.AERecord``), checking the weights against the recorded hash.
 ``config_of(ref)`` gives the class and config without any weights (shape arithmetic, costs).
@@ -26,27 +31,40 @@ from typing import Any, NamedTuple
 
 import torch
 
-from autoencoders.base import (FAMILIES, REGISTRY, SOURCES, Autoencoder, build, load_pretrained, saved_config,
-                               source_of)
+from autoencoders import sources as weight_sources
+from autoencoders.base import (FAMILIES, LOADERS, REGISTRY, Autoencoder, build, load_pretrained, loader_of,
+                               saved_config)
 from ldm import config as cfglib
 from ldm.artifacts import AERecord
-from ldm.checkpoint import dir_hash, read_json
+from ldm.checkpoint import dir_hash, file_sha256, read_json
+from ldm.errors import MissingInput, UserError
 
 
 class Resolved(NamedTuple):
     model: Autoencoder
-    name: str  # registered / source name, or the name saved in the folder (else the family)
-    weights_hash: str | None  # dir_hash of the weights folder; None: random weights
+    name: str  # registered / loader / weight-source name, or the name saved in the folder (else the family)
+    weights_hash: str | None  # dir_hash of the weights folder (a file: its sha256); None: random weights
 
 
 def _saved_folder(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
+def _weights_hash(path: str | Path) -> str:
+    path = Path(path)
+    return dir_hash(path) if path.is_dir() else file_sha256(path)[:16]
+
+
 def _unknown(ref: str) -> KeyError:
-    sources = " / ".join(f"{p}:<what>" for p in sorted(SOURCES))
-    return KeyError(f"unknown autoencoder {ref!r}: not registered (see `ldm list`), and neither a registered "
-                    f"source name ({sources}) nor a saved model folder")
+    loaders = " / ".join(f"{p}:<what>" for p in sorted(LOADERS))
+    return KeyError(f"unknown autoencoder {ref!r}: not registered (see `ldm list`), and neither a loader name "
+                    f"({loaders}), a weight source ({', '.join(sorted(weight_sources.SOURCES))}) nor a saved model "
+                    "folder")
+
+
+def _external(ref: str) -> bool:
+    """``ref`` names external weights (a loader or a weight source) that need a local path."""
+    return loader_of(ref) is not None or ref in weight_sources.SOURCES
 
 
 def resolve(ref: str | None = None, checkpoint: str | Path | None = None, *, subfolder: str | None = None,
@@ -57,16 +75,24 @@ def resolve(ref: str | None = None, checkpoint: str | Path | None = None, *, sub
     fields of a registered name or a source's options; ``expect_hash`` must equal the weights'
     hash (the weights a manifest recorded)."""
     overrides = dict(overrides or {})
-    if ref is not None and checkpoint is None and ref not in REGISTRY and source_of(ref) is None:
+    if ref is not None and checkpoint is None and ref not in REGISTRY and not _external(ref):
         if not _saved_folder(ref):
             raise _unknown(ref)
         ref, checkpoint = None, ref  # a folder given as the reference
-    if ref is not None and source_of(ref) is not None:
-        if checkpoint is None:
-            raise ValueError(f"{ref} loads weights from a local folder: give its path (--ae-path / --checkpoint)")
+    if ref is not None and _external(ref) and checkpoint is None:
+        raise UserError(f"{ref} loads weights from a local copy: give its path (--ae-path / --checkpoint)")
+    if ref is not None and loader_of(ref) is not None:
         folder = Path(checkpoint) / subfolder if subfolder else Path(checkpoint)
         model = build(ref, path=checkpoint, subfolder=subfolder, **overrides)
         found = Resolved(model, ref, dir_hash(folder))
+    elif ref is not None and ref in weight_sources.SOURCES:
+        if overrides:
+            raise UserError(f"config overrides {sorted(overrides)} do not apply to {ref}: the weights set the config")
+        where = Path(checkpoint) / subfolder if subfolder else Path(checkpoint)
+        if not where.exists():
+            raise MissingInput(f"{ref}: no such file or folder {where}")
+        conversion = weight_sources.convert(ref, where, weight_sources.SOURCES[ref].family)
+        found = Resolved(conversion.model, ref, _weights_hash(where))
     elif checkpoint is not None:
         if overrides:
             raise ValueError(f"config overrides {sorted(overrides)} do not apply to a saved model: its config is used")
@@ -103,7 +129,7 @@ def resolve_record(record: AERecord, checkpoint: str | Path | None = None) -> Re
         where = Path(path) / record.subfolder if record.subfolder else Path(path)
         if not where.exists():
             raise FileNotFoundError(f"autoencoder weights {where} not found; pass --ae-checkpoint")
-        if source_of(record.name) is not None:
+        if _external(record.name):
             return resolve(record.name, path, subfolder=record.subfolder, expect_hash=record.checkpoint_hash)
         return resolve(None, path, subfolder=record.subfolder, expect_hash=record.checkpoint_hash)
     if record.family not in FAMILIES:
@@ -128,9 +154,9 @@ def config_of(ref: str) -> tuple[type[Autoencoder], Any]:
     only): no weights are read."""
     if ref in REGISTRY:
         return REGISTRY[ref]
-    if source_of(ref) is not None:
-        raise ValueError(f"{ref}: a source's config comes with its weights; save it with save_pretrained (or "
-                         "`ldm extract` it and compare the manifests) to cost it")
+    if _external(ref):
+        raise ValueError(f"{ref}: external weights bring their config; save the model with save_pretrained (or "
+                         "`ldm convert` it) to cost it")
     if not _saved_folder(ref):
         raise _unknown(ref)
     meta = read_json(Path(ref) / "config.json")

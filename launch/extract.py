@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from autoencoders import SOURCES, Autoencoder, record_of, resolve
+from autoencoders import LOADERS, Autoencoder, record_of, resolve
 from autoencoders.tiling import configure_inference
 from data import shards
 from data.manifest import MANIFEST, Counts, Manifest
@@ -95,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="an ExtractConfig YAML")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. shard_size=128")
     a("--autoencoder", help=f"registered name (see `ldm list`; optional with --checkpoint) or "
-                            f"{' / '.join(k + ':<what>' for k in sorted(SOURCES))} with --ae-path")
+                            f"{' / '.join(k + ':<what>' for k in sorted(LOADERS))} with --ae-path")
     a("--checkpoint", help="folder written by save_pretrained / `ldm train-ae` (OUTPUT/final)")
     a("--ae-path", help="local folder of a source's weights, e.g. a diffusers model with --autoencoder "
                         "diffusers:<Class>")

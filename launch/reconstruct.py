@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from autoencoders import REGISTRY, SOURCES, Autoencoder, resolve
+from autoencoders import LOADERS, REGISTRY, Autoencoder, resolve
 from autoencoders.tiling import configure_inference
 from data.video import GIF_SUFFIXES, MP4_SUFFIXES, VideoError, probe, read_video, write_video
 from launch import dist
@@ -73,7 +73,7 @@ def caption_cond(ae: Autoencoder, name: str, prompt: str | None, text_encoder: s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--autoencoder", help=f"registered name ({', '.join(sorted(REGISTRY))}; optional with --checkpoint) or "
-                             f"{' / '.join(p + ':<what>' for p in sorted(SOURCES))} with --checkpoint DIR")
+                             f"{' / '.join(p + ':<what>' for p in sorted(LOADERS))} with --checkpoint DIR")
     a("--checkpoint", help="folder written by save_pretrained (a train-ae run's final/ or checkpoints/step-N/), or "
                            "a source's local folder")
     a("--subfolder", help="subfolder of --checkpoint holding the model (e.g. vae in a diffusers pipeline)")

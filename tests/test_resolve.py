@@ -42,9 +42,9 @@ def test_registered_name_saved_folder_and_errors(tmp_path):
         resolve("kl2d-nope")
     with pytest.raises(ValueError, match="give --autoencoder"):
         resolve()
-    with pytest.raises(ValueError, match="local folder"):
+    with pytest.raises(ValueError, match="local copy"):
         resolve("diffusers:AutoencoderKL")
-    assert "diffusers" in autoencoders.SOURCES
+    assert "diffusers" in autoencoders.LOADERS
     with pytest.raises(ValueError, match="not the ones the latents were extracted with"):
         resolve(None, tmp_path / "ae", expect_hash="0" * 16)
     # config_of reads config.json only: no weights needed (costs, labels)
@@ -124,3 +124,29 @@ def test_capabilities_are_declared_not_probed():
     assert kl.last_layer() is [p for p in kl.decoder.parameters() if p.ndim > 1][-1]
     hivae = autoencoders.REGISTRY["hivae-s-debug"][0]
     assert (hivae.stages, hivae.base_family, hivae.content_encoding) == ((1, 2), "kl2d", True)
+
+
+def test_weight_sources_convert_through_the_resolver(tmp_path, monkeypatch):
+    """A weight source of ``autoencoders.sources`` (released weights, as ``ldm convert`` reads them)
+    is a reference too: converted on the fly, its file's hash recorded, rebuilt from the record."""
+    from autoencoders import sources
+    from ldm.checkpoint import file_sha256, load_tensors
+
+    torch.manual_seed(0)
+    ae = autoencoders.build(NAME)
+    ae.save_pretrained(tmp_path / "ae", name=NAME)
+    released = tmp_path / "ae" / "model.safetensors"
+
+    def stand_in(path, target):  # a converter reading a plain state dict file into kl2d
+        model = autoencoders.build(NAME)
+        model.load_state_dict(load_tensors(path))
+        return sources.Conversion(model, NAME)
+
+    monkeypatch.setitem(sources.SOURCES, "test-released", sources.Source("test-released", "kl2d", "a file", stand_in))
+    found = resolve("test-released", released)
+    assert found.name == "test-released" and found.weights_hash == file_sha256(released)[:16] and _same(found.model, ae)
+    assert _same(resolve_record(record_of(found, released)).model, ae)
+    with pytest.raises(ValueError, match="local copy"):
+        resolve("test-released")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        resolve("test-released", tmp_path / "missing.pth")
