@@ -57,8 +57,8 @@ def _weights_hash(path: str | Path) -> str:
 
 def _unknown(ref: str) -> KeyError:
     loaders = " / ".join(f"{p}:<what>" for p in sorted(LOADERS))
-    return KeyError(f"unknown autoencoder {ref!r}: not registered (see `ldm list`), and neither a loader name "
-                    f"({loaders}), a weight source ({', '.join(sorted(weight_sources.SOURCES))}) nor a saved model "
+    return KeyError(f"unknown autoencoder {ref!r}: not registered (see `ldm list`), and neither a registered loader "
+                    f"name ({loaders}), a weight source ({', '.join(sorted(weight_sources.SOURCES))}) nor a saved model "
                     "folder")
 
 
