@@ -113,9 +113,15 @@ class TrainConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="training YAML (see launch/configs/train-debug.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=4 engine.deepspeed=zero3")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML) and exit; reads and writes nothing")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.print_config:
+        with checking():
+            print(cfglib.resolved_yaml(args.config, TrainConfig, args.overrides), end="")
+        return 0
     cfg = cfglib.load_yaml(args.config, TrainConfig, args.overrides)
     train(cfg)
     return 0

@@ -15,13 +15,16 @@ Outputs under ``--output``::
     final/                          Autoencoder.save_pretrained (what extract/reconstruct take)
     summary.json
 
-Settings: ``--config FILE.yaml`` (``TrainAEConfig`` keys; paper recipes in
-``launch/configs/train-ae-*.yaml``), then the flags (shorthands of the same keys), then dotted
-``KEY=VALUE`` overrides -- the config system of ``ldm train``.
+Settings: ``--config FILE.yaml`` (``TrainAEConfig`` keys; the papers' recipes in
+``launch/configs/recipes/``), then the flags (shorthands of the same keys), then dotted
+``KEY=VALUE`` overrides -- the config system of ``ldm train``. ``--print-config`` prints the
+resolved settings as YAML and exits (nothing is read or written).
 
-The learning rate is a pure function of the step (``runs.lr_at``): linear warm-up, then ``--lr``
-and, from each ``--lr-drop STEP:LR`` on, that LR (H3AE: 1e-4, 1e-5 for the last 10K of 80K
-iterations). Staged autoencoders (``Autoencoder.stages``: Hi-VAE, MTC-VAE) train stage by stage
+The learning rate is a pure function of the step (``runs.lr_at``, as in ``ldm train``): linear
+warm-up, then ``--lr`` constant or (``--schedule cosine``) decaying to ``min_lr_ratio`` x LR at
+``--steps``, and from each ``--lr-drop STEP:LR`` on, that LR as the base (H3AE: 1e-4, 1e-5 for the
+last 10K of 80K iterations; Hi-VAE: 5K warm-up, then cosine). AdamW with ``betas`` /
+``weight_decay``; the discriminator's with ``disc_betas`` (VideoVAE+: (0.5, 0.9)). Staged autoencoders (``Autoencoder.stages``: Hi-VAE, MTC-VAE) train stage by stage
 from the CLI: ``--stage 1`` from the registered name with its trained base ``--base-checkpoint
 BASE_RUN/final`` (``load_base``: Hi-VAE's frozen kl2d, MTC-VAE's causal3d), then ``--init
 STAGE1_RUN/final --stage 2`` into a new ``--output``; a resumed run keeps its checkpoint's stage.
@@ -101,6 +104,8 @@ class TrainAEConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup: int = 0  # linear LR warm-up steps (the LR is a function of the step: nothing to save)
+    schedule: str = "constant"  # after warm-up: constant | cosine (to min_lr_ratio x lr at `steps`; runs.lr_factor)
+    min_lr_ratio: float = 0.1  # cosine: the final LR as a fraction of the base LR
     lr_drop: tuple[tuple[int, float], ...] = ()  # (step, lr): from that step on the base LR is lr (runs.lr_at)
     steps: int = 1000
     max_grad_norm: float = 1.0  # 0 = no clipping (the norm is still logged)
@@ -113,6 +118,7 @@ class TrainAEConfig:
     gan_weight: float = 0.5
     disc_kind: str = "2d"
     disc_start: int = 0
+    disc_betas: tuple[float, float] | None = None  # the discriminator's AdamW betas; None: `betas`
     text_encoder: str | None = None  # builtin | t5:DIR | clip:DIR: caption embeddings for text-guided AEs
     image_ratio: float = 0.0  # fraction of steps that train on the batch's frames as images (joint training)
     log_every: int = 10
@@ -145,6 +151,14 @@ class TrainAEConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.keep < 2:
             raise ValueError(f"keep must be >= 2 (a corrupt newest checkpoint needs a fallback), got {self.keep}")
+        if self.schedule not in runs.SCHEDULES:
+            raise ValueError(f"schedule must be one of {runs.SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("betas", "disc_betas"):
+            betas = getattr(self, name)
+            if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
+                raise ValueError(f"{name} must be two numbers in [0, 1), got {betas}")
         if not self.lr > 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, max_grad_norm >= 0; got {self.lr}, "
                              f"{self.weight_decay}, {self.max_grad_norm}")
@@ -173,8 +187,10 @@ class TrainAEConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
     def learning_rate(self, step: int) -> float:
-        """LR of the update with 0-based index ``step`` (``runs.lr_at``)."""
-        return runs.lr_at(step, self.lr, self.lr_drop, warmup=self.warmup)
+        """LR of the update with 0-based index ``step`` (``runs.lr_at``, the schedule of ``ldm train``
+        too): warm-up, then constant or cosine, times the piecewise ``lr_drop`` base LR."""
+        return runs.lr_at(step, self.lr, self.lr_drop, warmup=self.warmup, schedule=self.schedule,
+                          total_steps=self.steps, min_lr_ratio=self.min_lr_ratio)
 
     def loss_config(self) -> AELossConfig:
         return AELossConfig(rec=self.loss, kl_weight=self.kl_weight,
@@ -376,7 +392,7 @@ class AETrainer:
         if self.loss_fn.discriminator is not None:
             self.disc = dist.wrap_ddp(self.loss_fn.discriminator, self.device)
             self.d_opt = torch.optim.AdamW(self.loss_fn.discriminator.parameters(), lr=cfg.lr,
-                                           betas=cfg.betas, weight_decay=cfg.weight_decay)
+                                           betas=cfg.disc_betas or cfg.betas, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + env.rank)
 
         items = list_items(cfg.data)
@@ -716,7 +732,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def a(*names: str, **kw: Any) -> None:
         config_flag(parser, TrainAEConfig, *names, **kw)
 
-    parser.add_argument("--config", help="train-ae YAML (TrainAEConfig keys; recipes: launch/configs/train-ae-*.yaml)")
+    parser.add_argument("--config", help="train-ae YAML (TrainAEConfig keys; the papers' recipes: launch/configs/recipes/)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved settings (YAML) and exit; reads and writes nothing")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides (YAML values), e.g. steps=2000 lr_drop=[[70000,1e-5]]")
     a("--autoencoder", choices=sorted(REGISTRY), help="registered autoencoder to train")
@@ -741,6 +759,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lr", type=float)
     a("--weight-decay", type=float)
     a("--warmup", type=int, help="linear LR warm-up steps")
+    a("--schedule", choices=runs.SCHEDULES, help="LR after warm-up: constant, or cosine to min_lr_ratio x LR at --steps")
+    a("--min-lr-ratio", type=float, help="cosine schedule: final LR as a fraction of --lr")
+    a("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas of the autoencoder")
+    a("--disc-betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas of the discriminator (default: --betas)")
     a("--lr-drop", dest="lr_drop", type=_parse_lr_drop, action="append", metavar="STEP:LR",
       help="from update STEP on (0-based; the log's steps > STEP) the LR is LR (repeatable, piecewise constant "
            "after warm-up; H3AE: --lr 1e-4 --lr-drop 70000:1e-5 --steps 80000)")
@@ -785,10 +807,20 @@ def _parse_lr_drop(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not STEP:LR (e.g. 70000:1e-5)") from None
 
 
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in TrainAEConfig.__dataclass_fields__}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainAEConfig:
     """``--config`` YAML, then the flags given, then the ``KEY=VALUE`` overrides."""
-    flags = {k: v for k, v in vars(args).items() if k in TrainAEConfig.__dataclass_fields__}
-    return cfglib.load_yaml(args.config, TrainAEConfig, args.overrides, values=flags)
+    return cfglib.load_yaml(args.config, TrainAEConfig, args.overrides, values=_flags(args))
+
+
+def _resolved_yaml(args: argparse.Namespace) -> str:
+    """``--print-config``: the settings ``config_from_args`` resolves, as YAML (``data`` / ``output``
+    may still be unset: a recipe leaves them to the command line)."""
+    with checking():
+        return cfglib.resolved_yaml(args.config, TrainAEConfig, args.overrides, values=_flags(args))
 
 
 def check_inputs(cfg: TrainAEConfig) -> None:
@@ -811,6 +843,9 @@ def check_inputs(cfg: TrainAEConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.print_config:
+        print(_resolved_yaml(args), end="")
+        return 0
     with checking():
         cfg = config_from_args(args)
     check_inputs(cfg)

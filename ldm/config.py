@@ -68,6 +68,8 @@ def _coerce(tp: Any, value: Any) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v) for v in value)
         if args:
+            if len(args) != len(value):
+                raise TypeError(f"expected {len(args)} values, got {len(value)}: {value!r}")
             return tuple(_coerce(a, v) for a, v in zip(args, value))
         return tuple(value)
     if origin is dict and isinstance(value, dict):
@@ -104,11 +106,16 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise UserError(f"unknown key(s) {unknown} for {cls.__name__}; known keys: {names}")
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = _missing(cls, data)
     if missing:
         raise UserError(f"{cls.__name__} needs {missing} (no default)")
     return cls(**_coerced(cls, data))
+
+
+def _missing(cls: type, data: dict[str, Any]) -> list[str]:
+    """Fields of ``cls`` without a default that ``data`` does not give."""
+    return [f.name for f in dataclasses.fields(cls) if f.name not in data
+            and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -158,8 +165,29 @@ def load_yaml(path: str | Path | None, cls: type[T], overrides: list[str] = (),
     """``cls`` from a YAML file (none: the defaults), then ``values`` (top-level keys, e.g. the
     command-line flags a user gave), then dotted ``overrides`` (``a.b=value``); strict
     (`UserError` naming the file)."""
+    return from_dict(cls, read_config(path, overrides, values))
+
+
+def resolved_yaml(path: str | Path | None, cls: type, overrides: list[str] = (),
+                  values: dict[str, Any] | None = None) -> str:
+    """What ``load_yaml`` builds, as YAML (``--print-config``), after the same checks. Required
+    text keys not given yet (a recipe leaves ``data`` to the command line) print as null under a
+    comment naming them; any other missing key is the error ``load_yaml`` raises."""
+    data = read_config(path, overrides, values)
+    hints = typing.get_type_hints(cls)
+    unset = [k for k in _missing(cls, data) if hints[k] is str]
+    out = to_dict(from_dict(cls, {**data, **{k: "" for k in unset}}))
+    out.update({k: None for k in unset})
+    note = f"# not set, required to run: {', '.join(unset)}\n" if unset else ""
+    return f"# {cls.__name__} resolved from {path or 'the defaults'}\n{note}" + yaml.safe_dump(out, sort_keys=False, default_flow_style=None)
+
+
+def read_config(path: str | Path | None, overrides: list[str] = (),
+                values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The merged settings ``load_yaml`` builds from: the YAML file's mapping, ``values`` over it,
+    dotted ``overrides`` over both (not yet checked against a class)."""
     if path is None:
-        return from_dict(cls, apply_dotted(dict(values or {}), list(overrides)))
+        return apply_dotted(dict(values or {}), list(overrides))
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
@@ -169,4 +197,4 @@ def load_yaml(path: str | Path | None, cls: type[T], overrides: list[str] = (),
         raise UserError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return from_dict(cls, apply_dotted({**data, **(values or {})}, list(overrides)))
+    return apply_dotted({**data, **(values or {})}, list(overrides))
