@@ -4,7 +4,9 @@ scripts make denoisers (STYLE.md 4).
 Sizes follow the DiT paper (Peebles & Xie 2023, Table 1): S 12x384 (6 heads), B 12x768 (12),
 L 24x1024 (16), XL 28x1152 (16), all with MLP ratio 4. ``dit-standard`` is Hi-VAE's standardized
 cost DiT (Hi-VAE Appendix C.2: 8 layers, 8 heads, hidden 512, FFN 2048, full self-attention over
-all tokens). ``dit-debug`` is tiny, for CPU tests and the demo.
+all tokens). ``dit-hivae`` is Hi-VAE's motion generator (App. A.3: 16 layers, hidden 1152; heads
+and full 3D attention are guesses, see below) with its tiny twin ``dit-hivae-debug``. ``dit-debug``
+is tiny, for CPU tests and the demo.
 """
 from __future__ import annotations
 
@@ -29,6 +31,11 @@ REGISTRY: dict[str, DiTConfig] = {
     "dit-L": DiTConfig(hidden=1024, depth=24, heads=16),
     "dit-XL": DiTConfig(hidden=1152, depth=28, heads=16),
     "dit-standard": DiTConfig(hidden=512, depth=8, heads=8, mlp_ratio=4.0, attn_layout="full"),
+    # Hi-VAE App. A.3 gives 16 layers and hidden 1152 only. Guesses: 16 heads (DiT-XL's, head width 72)
+    # and full 3D attention in every block, where the paper adds a temporal self-attention to each
+    # layer (alternative: attn_layout="factorized", blocks alternating spatial and temporal attention)
+    "dit-hivae": DiTConfig(hidden=1152, depth=16, heads=16, mlp_ratio=4.0, attn_layout="full"),
+    "dit-hivae-debug": DiTConfig(hidden=64, depth=2, heads=4, mlp_ratio=4.0, attn_layout="full"),
 }
 
 

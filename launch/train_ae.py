@@ -71,7 +71,7 @@ from launch import dist, runs
 from launch.cli import config_flag
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, read_json
-from ldm.errors import UserError, checking
+from ldm.errors import MissingInput, UserError, checking
 from ldm.latent import Cond
 from ldm.metrics import LPIPS
 
@@ -830,6 +830,9 @@ def check_inputs(cfg: TrainAEConfig) -> None:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file; give a run folder")
+    for flag, path in (("--lpips-vgg", cfg.lpips_vgg), ("--lpips-heads", cfg.lpips_heads)):
+        if path is not None and not Path(path).is_file():
+            raise MissingInput(f"{flag} {path}: no such file (the LPIPS weights, local files: README, LPIPS)")
     if cfg.base_checkpoint is not None:
         saved_config(cfg.base_checkpoint)
     meta = saved_config(cfg.init) if cfg.init is not None else None
