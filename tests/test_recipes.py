@@ -1,0 +1,160 @@
+"""The papers' recipes (``launch/configs/recipes/``): ``--print-config`` shows the paper's numbers and
+writes nothing; every recipe of this file runs a few steps on CPU at a debug size through ``ldm
+train-ae`` / ``ldm train`` (its `-debug` model, 32x32 clips), staged recipes chained as the
+recipes say (stage 2 from stage 1's ``final/``); the LR schedule is ``runs.lr_factor``'s."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+import dit
+from autoencoders import load_pretrained
+from autoencoders.ivvae import IVVAE
+from data.synth import synth_dataset
+from launch import runs
+from launch.cli import main as ldm
+from launch.train_ae import TrainAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "launch" / "configs" / "recipes"
+SIZE = 32
+# what every train-ae recipe gets in the tests: the shared clips, 32x32, 2 logged steps, no LPIPS
+# files and no trained base (random, with a warning)
+DEBUG = [f"height={SIZE}", f"width={SIZE}", "batch_size=1", "steps=2", "num_workers=0", "log_every=1",
+         "save_every=2", "sample_every=2", "latent_stats_clips=0", "progress=false", "lpips_vgg=null",
+         "lpips_heads=null"]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("recipes") / "videos"
+    synth_dataset(out, num=2, frames=17, size=SIZE, fps=8, seed=0)
+    return out
+
+
+def _train_ae(recipe: str, videos: Path, out: Path, *overrides: str) -> Path:
+    assert ldm(["train-ae", "--config", str(RECIPES / recipe), f"data={videos}", f"output={out}", *DEBUG,
+                *overrides]) == 0
+    return out
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _checkpoint(out: Path, name: str) -> dict:
+    return json.loads((out / "checkpoints" / "step-00000002" / name).read_text())
+
+
+def _print_config(capsys, verb: str, recipe: str, *extra: str) -> dict:
+    assert ldm([verb, "--config", str(RECIPES / recipe), "--print-config", *extra]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+# ------------------------------------------------------------------------------------------
+# --print-config
+# ------------------------------------------------------------------------------------------
+def test_print_config_shows_the_papers_numbers_and_writes_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipes' relative output folders would land here
+    cfg = _print_config(capsys, "train-ae", "hivae-stage1.yaml")
+    assert cfg["data"] is None  # left to the command line, printed as unset
+    assert (cfg["betas"], cfg["lr"], cfg["warmup"], cfg["schedule"], cfg["weight_decay"], cfg["batch_size"],
+            cfg["steps"]) == ([0.9, 0.99], 1e-4, 5000, "cosine", 1e-4, 8, 20000)  # Tab. 4, App. A.2
+    assert cfg["ae_config"] == ["stage1_blur=2.0"] and cfg["stage"] == 1 and cfg["max_grad_norm"] == 0.0
+    # flags and overrides resolve as for a run; the printed YAML loads back to the same config
+    cfg = _print_config(capsys, "train-ae", "videovaeplus.yaml", "--data", "clips", "steps=7")
+    assert (cfg["data"], cfg["steps"], cfg["betas"], cfg["disc_betas"]) == ("clips", 7, [0.5, 0.9], [0.5, 0.9])
+    (tmp_path / "printed.yaml").write_text(yaml.safe_dump(cfg))
+    again = _print_config(capsys, "train-ae", str(tmp_path / "printed.yaml"))
+    assert again == cfg
+    gen = _print_config(capsys, "train", "hivae-generator.yaml", "steps=5")
+    assert (gen["model"]["dit"], gen["steps"], gen["flow"]["cond_dropout"], gen["optim"]["warmup_steps"],
+            gen["optim"]["betas"]) == ("dit-hivae", 5, 0.2, 10000, [0.9, 0.999])  # App. A.3
+    paper = dit.REGISTRY["dit-hivae"]
+    assert (paper.depth, paper.hidden) == (16, 1152) and "dit-hivae-debug" in dit.REGISTRY
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["printed.yaml"]  # no run folder was made
+    # a bad value is the one-line error a run gives, before anything is written
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        ldm(["train-ae", "--config", str(RECIPES / "hivae-stage1.yaml"), "--print-config", "schedule=cos"])
+    with pytest.raises(ValueError, match="expected 2 values"):
+        ldm(["train-ae", "--config", str(RECIPES / "hivae-stage1.yaml"), "--print-config", "betas=[0.9,0.9,0.9]"])
+
+
+def test_every_recipe_resolves():
+    for path in sorted(RECIPES.glob("*.yaml")):
+        verb = "train" if "model" in yaml.safe_load(path.read_text()) else "train-ae"
+        assert ldm([verb, "--config", str(path), "--print-config"]) == 0, path.name
+
+
+# ------------------------------------------------------------------------------------------
+# the LR schedule: one code path (runs.lr_at / lr_factor) for both trainers
+# ------------------------------------------------------------------------------------------
+def test_cosine_schedule_with_warmup_and_drops_is_runs_lr_factor():
+    cfg = TrainAEConfig(data="d", output="o", autoencoder="kl2d-f8c4-debug", lr=1e-3, warmup=4, schedule="cosine",
+                        steps=20, min_lr_ratio=0.1, lr_drop=((15, 1e-4),))
+    for step in (0, 1, 3, 4, 5, 10, 14, 15, 19, 25):
+        base = 1e-4 if step >= 15 else 1e-3
+        assert cfg.learning_rate(step) == pytest.approx(base * runs.lr_factor(step, 4, "cosine", 20, 0.1), rel=1e-12)
+    assert cfg.learning_rate(3) == pytest.approx(1e-3) and cfg.learning_rate(4) == pytest.approx(1e-3)
+    assert cfg.learning_rate(19) == pytest.approx(1e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16))))
+    assert TrainAEConfig(data="d", output="o", autoencoder="kl2d-f8c4-debug", schedule="cosine", steps=10,
+                         min_lr_ratio=0.0).learning_rate(10) == 0.0
+    for bad in (dict(schedule="linear"), dict(min_lr_ratio=1.5), dict(betas=(0.9, 1.0)), dict(disc_betas=(-0.1, 0.9))):
+        with pytest.raises(ValueError):
+            TrainAEConfig(data="d", output="o", autoencoder="kl2d-f8c4-debug", **bad)
+
+
+# ------------------------------------------------------------------------------------------
+# each recipe runs at a debug size
+# ------------------------------------------------------------------------------------------
+def test_hivae_recipes_stage_1_stage_2_and_generator(videos, tmp_path):
+    s1 = _train_ae("hivae-stage1.yaml", videos, tmp_path / "s1", "autoencoder=hivae-s-debug", "base_checkpoint=null",
+                   "frames=8", "steps=4", "warmup=2", "save_every=4")
+    # warm-up then cosine to 0 over the 4 steps: the logged LR (update step - 1) is lr_factor's
+    lrs = [r["lr"] for r in _log(s1)]
+    assert lrs == pytest.approx([1e-4 * runs.lr_factor(s, 2, "cosine", 4, 0.0) for s in range(4)], rel=1e-12)
+    groups = json.loads((s1 / "checkpoints" / "step-00000004" / "optimizer.json").read_text())["param_groups"]
+    assert [(g["betas"], g["weight_decay"], g["lr"]) for g in groups] == [([0.9, 0.99], 1e-4, pytest.approx(lrs[-1]))]
+    model = load_pretrained(s1 / "final")
+    assert (model.config.stage, model.config.stage1_blur) == (1, 2.0)  # the recipe's blur reached the model
+    s2 = _train_ae("hivae-stage2.yaml", videos, tmp_path / "s2", f"init={s1 / 'final'}", "frames=8")
+    assert load_pretrained(s2 / "final").config.stage == 2
+    # the motion generator: the recipe with its debug twin on the stage-2 model's latents
+    assert ldm(["extract", "--checkpoint", str(s2 / "final"), "--input", str(videos), "--output", str(tmp_path / "lat"),
+                "--frames", "8", "--height", str(SIZE), "--width", str(SIZE), "--shard-size", "2",
+                "--text-encoder", "builtin"]) == 0
+    assert ldm(["train", "--config", str(RECIPES / "hivae-generator.yaml"), "model.dit=dit-hivae-debug",
+                f"data.shards={tmp_path / 'lat'}", f"output={tmp_path / 'gen'}", "steps=2", "data.batch_size=2",
+                "data.shuffle=2", "save_every=2", "log_every=1", "optim.warmup_steps=1"]) == 0
+    assert len(_log(tmp_path / "gen")) == 2
+
+
+def test_ivvae_recipes_image_then_video_256_then_512(videos, tmp_path):
+    image = _train_ae("ivvae-image.yaml", videos, tmp_path / "image", "autoencoder=kl2d-ivvae-z16-debug")
+    # the inflation step the video recipe's comment gives
+    IVVAE.from_kl2d(load_pretrained(image / "final"), "ivvae-z16-debug").save_pretrained(tmp_path / "init")
+    v256 = _train_ae("ivvae-video-256.yaml", videos, tmp_path / "v256", "autoencoder=ivvae-z16-debug",
+                     f"init={tmp_path / 'init'}", "frames=5")
+    v512 = _train_ae("ivvae-video-512.yaml", videos, tmp_path / "v512", f"init={v256 / 'final'}", "frames=5")
+    assert load_pretrained(v512 / "final").config == load_pretrained(v256 / "final").config
+    assert [r["lr"] for r in _log(v512)] == pytest.approx([1e-7, 2e-7])  # 1e-4 x (s + 1) / 1000 warm-up
+
+
+def test_videovaeplus_recipe_with_text_joint_batches_and_gan(videos, tmp_path):
+    out = _train_ae("videovaeplus.yaml", videos, tmp_path / "vae", "autoencoder=cmvae-z4-text-debug", "init=null",
+                    "text_encoder=builtin", "frames=8", "disc_start=0")
+    assert {"d_loss", "g_adv"} <= set(_log(out)[-1])  # the discriminator trained
+    assert [g["betas"] for g in _checkpoint(out, "optimizer.json")["param_groups"]] == [[0.5, 0.9]]
+    assert [g["betas"] for g in _checkpoint(out, "disc_optimizer.json")["param_groups"]] == [[0.5, 0.9]]
+
+
+def test_mtcvae_recipes_stage_1_then_stage_2(videos, tmp_path):
+    s1 = _train_ae("mtcvae-stage1.yaml", videos, tmp_path / "s1", "autoencoder=mtcvae-c4-debug",
+                   "base_checkpoint=null", "frames=17")
+    assert [r["lr"] for r in _log(s1)] == [1e-5, 1e-5]
+    s2 = _train_ae("mtcvae-stage2.yaml", videos, tmp_path / "s2", f"init={s1 / 'final'}", "frames=17")
+    assert (load_pretrained(s1 / "final").config.stage, load_pretrained(s2 / "final").config.stage) == (1, 2)
