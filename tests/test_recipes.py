@@ -159,3 +159,11 @@ def test_mtcvae_recipes_stage_1_then_stage_2(videos, tmp_path):
     assert [r["lr"] for r in _log(s1)] == [1e-5, 1e-5]
     s2 = _train_ae("mtcvae-stage2.yaml", videos, tmp_path / "s2", f"init={s1 / 'final'}", "frames=17")
     assert (load_pretrained(s1 / "final").config.stage, load_pretrained(s2 / "final").config.stage) == (1, 2)
+
+
+def test_missing_lpips_files_stop_a_recipe_before_any_work(videos, tmp_path):
+    """A recipe names the LPIPS files it trains with; absent, the run stops before any folder."""
+    with pytest.raises(FileNotFoundError, match="--lpips-vgg models/lpips/vgg16.pth: no such file"):
+        ldm(["train-ae", "--config", str(RECIPES / "ivvae-image.yaml"), f"data={videos}", f"output={tmp_path / 'r'}",
+             "autoencoder=kl2d-ivvae-z16-debug", f"height={SIZE}", f"width={SIZE}"])
+    assert not (tmp_path / "r").exists()
