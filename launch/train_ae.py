@@ -24,10 +24,12 @@ The learning rate is a pure function of the step (``runs.lr_at``, as in ``ldm tr
 warm-up, then ``--lr`` constant or (``--schedule cosine``) decaying to ``min_lr_ratio`` x LR at
 ``--steps``, and from each ``--lr-drop STEP:LR`` on, that LR as the base (H3AE: 1e-4, 1e-5 for the
 last 10K of 80K iterations; Hi-VAE: 5K warm-up, then cosine). AdamW with ``betas`` /
-``weight_decay``; the discriminator's with ``disc_betas`` (VideoVAE+: (0.5, 0.9)). Staged autoencoders (``Autoencoder.stages``: Hi-VAE, MTC-VAE) train stage by stage
-from the CLI: ``--stage 1`` from the registered name with its trained base ``--base-checkpoint
-BASE_RUN/final`` (``load_base``: Hi-VAE's frozen kl2d, MTC-VAE's causal3d), then ``--init
-STAGE1_RUN/final --stage 2`` into a new ``--output``; a resumed run keeps its checkpoint's stage.
+``weight_decay``; the discriminator's with ``disc_betas`` (VideoVAE+: (0.5, 0.9)).
+
+Staged autoencoders (``Autoencoder.stages``: Hi-VAE, MTC-VAE) train stage by stage from the CLI:
+``--stage 1`` from the registered name with its trained base ``--base-checkpoint BASE_RUN/final``
+(``load_base``: Hi-VAE's frozen kl2d, MTC-VAE's causal3d), then ``--init STAGE1_RUN/final --stage
+2`` into a new ``--output``; a resumed run keeps its checkpoint's stage.
 Models whose steps leave some parameters unused declare ``ddp_find_unused_parameters = True``.
 
 Text-guided autoencoders (``--text-encoder``) get each clip's caption embedding in ``cond``; joint
@@ -732,7 +734,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def a(*names: str, **kw: Any) -> None:
         config_flag(parser, TrainAEConfig, *names, **kw)
 
-    parser.add_argument("--config", help="train-ae YAML (TrainAEConfig keys; the papers' recipes: launch/configs/recipes/)")
+    parser.add_argument("--config",
+                        help="train-ae YAML (TrainAEConfig keys; the papers' recipes: launch/configs/recipes/)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved settings (YAML) and exit; reads and writes nothing")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -759,10 +762,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lr", type=float)
     a("--weight-decay", type=float)
     a("--warmup", type=int, help="linear LR warm-up steps")
-    a("--schedule", choices=runs.SCHEDULES, help="LR after warm-up: constant, or cosine to min_lr_ratio x LR at --steps")
+    a("--schedule", choices=runs.SCHEDULES,
+      help="LR after warm-up: constant, or cosine to min_lr_ratio x LR at --steps")
     a("--min-lr-ratio", type=float, help="cosine schedule: final LR as a fraction of --lr")
     a("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas of the autoencoder")
-    a("--disc-betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas of the discriminator (default: --betas)")
+    a("--disc-betas", type=float, nargs=2, metavar=("B1", "B2"),
+      help="AdamW betas of the discriminator (default: --betas)")
     a("--lr-drop", dest="lr_drop", type=_parse_lr_drop, action="append", metavar="STEP:LR",
       help="from update STEP on (0-based; the log's steps > STEP) the LR is LR (repeatable, piecewise constant "
            "after warm-up; H3AE: --lr 1e-4 --lr-drop 70000:1e-5 --steps 80000)")

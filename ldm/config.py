@@ -179,7 +179,8 @@ def resolved_yaml(path: str | Path | None, cls: type, overrides: list[str] = (),
     out = to_dict(from_dict(cls, {**data, **{k: "" for k in unset}}))
     out.update({k: None for k in unset})
     note = f"# not set, required to run: {', '.join(unset)}\n" if unset else ""
-    return f"# {cls.__name__} resolved from {path or 'the defaults'}\n{note}" + yaml.safe_dump(out, sort_keys=False, default_flow_style=None)
+    text = yaml.safe_dump(out, sort_keys=False, default_flow_style=None)
+    return f"# {cls.__name__} resolved from {path or 'the defaults'}\n{note}{text}"
 
 
 def read_config(path: str | Path | None, overrides: list[str] = (),
