@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from autoencoders.base import FAMILIES, REGISTRY, Autoencoder
+from autoencoders.base import FAMILIES, REGISTRY, Autoencoder, load_pretrained
 from ldm.checkpoint import load_tensors
 from ldm.errors import MissingInput, UserError, checking
 
@@ -102,15 +102,38 @@ def convert(source: str, path: str | Path, target: str) -> Conversion:
     family = family_of(target)
     if family == src.family:
         return src.convert(path, target)
-    init = INITIALISERS.get((family, src.family))
-    if init is None:
+    if (family, src.family) not in INITIALISERS:
         raise UserError(f"{source} fills {src.family!r} (and by initialisation {targets(source)[1:] or 'nothing else'}); "
                          f"target {target!r} is a {family!r}")
     base = src.convert(path, src.family)
-    with checking(f"--target {target}"):  # the converted base does not fit the target's layout
-        model, note = init(base.model, target)
-    return Conversion(model, target if target in REGISTRY else None,
-                      [f"{src.family} (converted first): {n}" for n in base.notes] + [note])
+    return initialise(base.model, target, [f"{src.family} (converted first): {n}" for n in base.notes])
+
+
+def initialise(base: Autoencoder, target: str, notes: list[str] = ()) -> Conversion:
+    """``target`` (a registered name or family) started from the model ``base`` of another family
+    through the target family's registered initialiser (e.g. IV-VAE's video VAE inflated from an
+    image VAE, Sec. 3.3)."""
+    family = family_of(target)
+    init = INITIALISERS.get((family, base.family))
+    if init is None:
+        known = sorted(f"{b} -> {f}" for f, b in INITIALISERS)
+        raise UserError(f"no initialiser of a {family!r} from a {base.family!r}; known: {', '.join(known)}")
+    with checking(f"--target {target}"):  # the base does not fit the target's layout
+        model, note = init(base, target)
+    return Conversion(model, target if target in REGISTRY else None, [*notes, note])
+
+
+SAVED = "saved"  # ``ldm convert --source saved``: our own save_pretrained folder, initialising another family
+
+
+def convert_saved(path: str | Path, target: str) -> Conversion:
+    """Start ``target`` from a model we saved (``save_pretrained`` folder, e.g. the image VAE a
+    ``kl2d`` run trained) through the target family's initialiser: the step between two recipes
+    whose second trains another family (IV-VAE's image VAE -> video VAE)."""
+    base = load_pretrained(path)
+    if family_of(target) == base.family:
+        raise UserError(f"{path} already holds a {base.family!r}; give it to --init / --checkpoint directly")
+    return initialise(base, target, [f"{base.family} loaded from {path}"])
 
 
 # ------------------------------------------------------------------------------------------

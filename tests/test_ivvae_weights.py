@@ -140,3 +140,28 @@ def test_ldm_convert_writes_a_folder_the_other_verbs_read(official, tmp_path, ca
                     "--output", str(tmp_path / "other")]) == 2  # a user error: one line, no traceback
     err = capsys.readouterr().err
     assert err.startswith("ldm convert: error: ivvae-official") and "'kl2d'" in err and len(err.splitlines()) == 1
+
+
+def test_convert_saved_inflates_a_trained_image_vae(tmp_path, capsys):
+    """`ldm convert --source saved`: the image VAE a kl2d run saved -> the registered video VAE by
+    the family's initialiser (IVVAE.from_kl2d), the same weights as calling it in Python."""
+    from autoencoders.ivvae import IVVAE
+
+    torch.manual_seed(0)
+    image = build("kl2d-ivvae-z16-debug")
+    image.save_pretrained(tmp_path / "image", "kl2d-ivvae-z16-debug")
+    assert ldm(["convert", "--source", "saved", "--path", str(tmp_path / "image"), "--target", "ivvae-z16-debug",
+                "--output", str(tmp_path / "video")]) == 0
+    video, expected = load_pretrained(tmp_path / "video"), IVVAE.from_kl2d(image, "ivvae-z16-debug")
+    assert video.config == expected.config
+    got, want = video.state_dict(), expected.state_dict()
+    inflated = [k for k in want if ".qkv." not in k]  # attention q/k/v start fresh (random) in from_kl2d
+    assert got.keys() == want.keys() and len(inflated) > len(want) // 2
+    assert all(torch.equal(got[k], want[k]) for k in inflated)
+    # the same family needs no conversion; a pair without an initialiser names the known ones
+    for target, message in (("kl2d-ivvae-z16-debug", "already holds a 'kl2d'"),
+                            ("h3ae-4x16x16-debug", "no initialiser of a 'h3ae' from a 'kl2d'; known: ")):
+        assert console(["convert", "--source", "saved", "--path", str(tmp_path / "image"), "--target", target,
+                        "--output", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

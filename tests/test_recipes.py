@@ -13,7 +13,6 @@ import yaml
 
 import dit
 from autoencoders import load_pretrained
-from autoencoders.ivvae import IVVAE
 from data.synth import synth_dataset
 from launch import runs
 from launch.cli import main as ldm
@@ -136,7 +135,8 @@ def test_hivae_recipes_stage_1_stage_2_and_generator(videos, tmp_path):
 def test_ivvae_recipes_image_then_video_256_then_512(videos, tmp_path):
     image = _train_ae("ivvae-image.yaml", videos, tmp_path / "image", "autoencoder=kl2d-ivvae-z16-debug")
     # the inflation step the video recipe's comment gives
-    IVVAE.from_kl2d(load_pretrained(image / "final"), "ivvae-z16-debug").save_pretrained(tmp_path / "init")
+    assert ldm(["convert", "--source", "saved", "--path", str(image / "final"), "--target", "ivvae-z16-debug",
+                "--output", str(tmp_path / "init")]) == 0
     v256 = _train_ae("ivvae-video-256.yaml", videos, tmp_path / "v256", "autoencoder=ivvae-z16-debug",
                      f"init={tmp_path / 'init'}", "frames=5")
     v512 = _train_ae("ivvae-video-512.yaml", videos, tmp_path / "v512", f"init={v256 / 'final'}", "frames=5")
