@@ -6,7 +6,7 @@ step -> (discriminator step) -> log -> sample grid -> checkpoint. One process, o
 
 Outputs under ``--output``::
 
-    log.jsonl                       one line per logged step (loss terms, lr, grad norm, clips/s)
+    log.jsonl                       one line per logged step (loss terms, lr, grad norm, clips/s, bucket)
     samples/step-00000100.png       originals (odd rows) vs reconstructions (even rows), a few frames
     checkpoints/step-00000100/      model.safetensors + config.json (loadable by load_pretrained),
                                     optimizer.safetensors + optimizer.json, [discriminator.*,
@@ -29,7 +29,8 @@ Models whose steps leave some parameters unused declare ``ddp_find_unused_parame
 
 Text-guided autoencoders (``--text-encoder``) get each clip's caption embedding in ``cond``; joint
 image-video training (``--image-ratio``) trains a share of the steps on the batch's frames as
-single images (T = 1).
+single images (T = 1). Shape buckets (``buckets``, `data.buckets`) give each step a clip length and
+size drawn by ``(seed, step)`` and weight its GAN terms by the bucket's ``disc_weight``.
 
 Checkpoints are written, verified and rotated by ``launch.runs`` (shared with ``ldm train``): a
 half-written or corrupt checkpoint is skipped (with its reason) in favour of the previous one.
