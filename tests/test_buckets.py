@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +17,8 @@ import torch
 from data.buckets import Bucket, BucketSchedule
 from data.synth import synth_dataset
 from launch import dist
-from launch.train_ae import AETrainer, TrainAEConfig, add_arguments, check_inputs, config_from_args, train_autoencoder
+from launch.train_ae import (AETrainer, TrainAEConfig, _SkipBad, add_arguments, check_inputs, config_from_args,
+                             train_autoencoder)
 from ldm.errors import UserError, checking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +38,7 @@ def clips(tmp_path_factory) -> Path:
 def _cfg(data: Path, out: Path, **kw) -> TrainAEConfig:
     base = dict(data=str(data), output=str(out), autoencoder="ivvae-z16-debug", frames=5, height=32, width=32,
                 buckets=SHAPES, batch_size=1, steps=4, log_every=1, save_every=2, sample_every=100,
-                num_workers=0, progress=False, latent_stats_clips=0, seed=2)
+                num_workers=0, progress=False, latent_stats_clips=0, seed=5)
     base.update(kw)
     return TrainAEConfig(**base)
 
@@ -92,11 +96,23 @@ def test_buckets_the_model_cannot_take_fail_before_work(clips, tmp_path, bucket,
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
 
 
-def test_run_trains_on_several_shapes_and_resume_repeats_the_sequence(clips, tmp_path):
-    # straight: 4 steps with loader workers (a batch of the broken file is dropped, and the batches
-    # the workers already read for later steps are read again at their new step's shape)
+def test_run_trains_on_several_shapes_and_resume_repeats_the_sequence(clips, tmp_path, monkeypatch):
+    # straight: 4 steps with loader workers. The batch of the broken file is dropped, so the batches
+    # the workers already read for later steps are read again, in this process, at their new step's
+    # shape (seed 5 makes those shapes differ)
+    pid, main_reads = os.getpid(), []
+    read = _SkipBad.__getitem__
+
+    def counted(self, index):
+        if os.getpid() == pid:
+            main_reads.append(index)
+        return read(self, index)
+
+    monkeypatch.setattr(_SkipBad, "__getitem__", counted)
     straight = tmp_path / "straight"
     train_autoencoder(_cfg(clips, straight, num_workers=2))
+    assert main_reads, "no batch was read again at its new shape"
+    monkeypatch.undo()
     schedule = _cfg(clips, straight).bucket_schedule()
     log = _log(straight)
     shapes = [tuple(r["bucket"]) for r in log]
@@ -156,3 +172,24 @@ def test_recipes_run_two_steps_at_a_debug_size(clips, tmp_path, recipe, debug, b
     log = _log(tmp_path / "run")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert {tuple(r["bucket"]) for r in log} <= {tuple(b[:3]) for b in json.loads(buckets)}
+
+
+@pytest.mark.dist
+def test_two_ranks_train_the_same_buckets(clips, tmp_path):
+    """torchrun, 2 ranks: image and video buckets under DDP (1-frame steps leave temporal weights
+    unused), the 3D GAN at the bucket's weight; the log follows the (seed, step) draw."""
+    out = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "launch.cli", "train-ae", "--autoencoder", "ivvae-z16-debug", "--data", str(clips),
+           "--output", str(out), "--frames", "5", "--height", "32", "--width", "32", "--steps", "4",
+           "--log-every", "1", "--num-workers", "0", "--gan", "--disc-kind", "3d", "--latent-stats-clips", "0",
+           "--seed", "5", "--no-progress", "buckets=[[1, 32, 32, 1, 1.0], [5, 32, 32, 1, 0.5]]"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    schedule = BucketSchedule.from_spec([[1, 32, 32, 1, 1.0], [5, 32, 32, 1, 0.5]], seed=5)
+    log = _log(out)
+    assert [tuple(r["bucket"]) for r in log] == [schedule.at(s).shape for s in range(4)]
+    assert [r["disc_weight"] for r in log] == [schedule.at(s).disc_weight for s in range(4)]
+    assert len({tuple(r["bucket"]) for r in log}) == 2
