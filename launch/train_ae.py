@@ -621,7 +621,8 @@ class AETrainer:
             if batch["video"] is not None:
                 return batch
             self.sampler.next_step -= 1  # this step still needs its batch: later batches shift one step back
-        raise RuntimeError(f"no readable clip in two epochs of {self.cfg.data}; skipped: {self.skipped}")
+        raise RuntimeError(f"no clip of {self.cfg.data} readable at {'x'.join(map(str, shape))} (frames x height x "
+                           f"width) in two epochs; skipped: {self.skipped}")
 
     def _sample_clips(self, n: int) -> tuple[list[Tensor], list[str]]:
         """The first ``n`` readable clips and their captions."""

@@ -193,3 +193,8 @@ def test_two_ranks_train_the_same_buckets(clips, tmp_path):
     assert [tuple(r["bucket"]) for r in log] == [schedule.at(s).shape for s in range(4)]
     assert [r["disc_weight"] for r in log] == [schedule.at(s).disc_weight for s in range(4)]
     assert len({tuple(r["bucket"]) for r in log}) == 2
+
+
+def test_a_bucket_longer_than_every_clip_stops_with_its_shape(clips, tmp_path):
+    with pytest.raises(RuntimeError, match="no clip of .* readable at 13x32x32 .*too short"):
+        train_autoencoder(_cfg(clips, tmp_path / "run", buckets=[[13, 32, 32, 1, 1.0]], steps=1))
