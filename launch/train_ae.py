@@ -16,7 +16,7 @@ Outputs under ``--output``::
     summary.json
 
 Settings: ``--config FILE.yaml`` (``TrainAEConfig`` keys; paper recipes in
-``launch/configs/train-ae-*.yaml``), then the flags (shorthands of the same keys), then dotted
+``launch/configs/recipes/`` and ``launch/configs/train-ae-*.yaml``), then the flags (shorthands of the same keys), then dotted
 ``KEY=VALUE`` overrides -- the config system of ``ldm train``.
 
 The learning rate is a pure function of the step (``runs.lr_at``): linear warm-up, then ``--lr``
@@ -760,7 +760,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def a(*names: str, **kw: Any) -> None:
         config_flag(parser, TrainAEConfig, *names, **kw)
 
-    parser.add_argument("--config", help="train-ae YAML (TrainAEConfig keys; recipes: launch/configs/train-ae-*.yaml)")
+    parser.add_argument("--config", help="train-ae YAML (TrainAEConfig keys; recipes: launch/configs/recipes/*.yaml, launch/configs/train-ae-*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides (YAML values), e.g. steps=2000 lr_drop=[[70000,1e-5]]")
     a("--autoencoder", choices=sorted(REGISTRY), help="registered autoencoder to train")
