@@ -16,8 +16,8 @@ Outputs under ``--output``::
     summary.json
 
 Settings: ``--config FILE.yaml`` (``TrainAEConfig`` keys; paper recipes in
-``launch/configs/recipes/`` and ``launch/configs/train-ae-*.yaml``), then the flags (shorthands of the same keys), then dotted
-``KEY=VALUE`` overrides -- the config system of ``ldm train``.
+``launch/configs/recipes/`` and ``launch/configs/train-ae-*.yaml``), then the flags (shorthands of
+the same keys), then dotted ``KEY=VALUE`` overrides -- the config system of ``ldm train``.
 
 The learning rate is a pure function of the step (``runs.lr_at``): linear warm-up, then ``--lr``
 and, from each ``--lr-drop STEP:LR`` on, that LR (H3AE: 1e-4, 1e-5 for the last 10K of 80K
