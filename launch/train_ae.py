@@ -760,7 +760,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def a(*names: str, **kw: Any) -> None:
         config_flag(parser, TrainAEConfig, *names, **kw)
 
-    parser.add_argument("--config", help="train-ae YAML (TrainAEConfig keys; recipes: launch/configs/recipes/*.yaml, launch/configs/train-ae-*.yaml)")
+    parser.add_argument("--config", help="train-ae YAML (TrainAEConfig keys; recipes: launch/configs/recipes/*.yaml, "
+                                         "launch/configs/train-ae-*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides (YAML values), e.g. steps=2000 lr_drop=[[70000,1e-5]]")
     a("--autoencoder", choices=sorted(REGISTRY), help="registered autoencoder to train")
