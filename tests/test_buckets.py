@@ -91,7 +91,7 @@ def test_bad_bucket_specs_are_one_line_errors(override, message):
 @pytest.mark.parametrize("bucket, message", [([4, 32, 32, 1, 1], "1 \\+ 4k"), ([5, 36, 32, 1, 1], "36")])
 def test_buckets_the_model_cannot_take_fail_before_work(clips, tmp_path, bucket, message):
     cfg = _cfg(clips, tmp_path / "run", buckets=[SHAPES[0], bucket])
-    with pytest.raises(UserError, match=f"bucket \\[{bucket[0]}, {bucket[1]}, 32\\] of ivvae: .*{message}") as e:
+    with pytest.raises(UserError, match=f"bucket \\[{bucket[0]}, {bucket[1]}, 32\\]: ivvae: .*{message}") as e:
         check_inputs(cfg)
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
 
