@@ -455,7 +455,12 @@ class VideoClipDataset(Dataset):
                     class_id=-1 if item.class_id is None else item.class_id)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        video: torch.Tensor = read_video(self.items[index].readable(), self.frames, self.height, self.width, fps=self.fps)
+        return self.read(index, self.frames, self.height, self.width)
+
+    def read(self, index: int, frames: int, height: int, width: int) -> dict[str, Any]:
+        """``self[index]`` at another length and size (``ldm train-ae`` shape buckets,
+        `data.buckets`): the first ``frames`` frames at ``height x width``."""
+        video: torch.Tensor = read_video(self.items[index].readable(), frames, height, width, fps=self.fps)
         return self._fields(index, video)
 
     def plan(self, index: int, windows: Windows) -> list[Window]:

@@ -6,7 +6,7 @@ step -> (discriminator step) -> log -> sample grid -> checkpoint. One process, o
 
 Outputs under ``--output``::
 
-    log.jsonl                       one line per logged step (loss terms, lr, grad norm, clips/s)
+    log.jsonl                       one line per logged step (loss terms, lr, grad norm, clips/s, bucket)
     samples/step-00000100.png       originals (odd rows) vs reconstructions (even rows), a few frames
     checkpoints/step-00000100/      model.safetensors + config.json (loadable by load_pretrained),
                                     optimizer.safetensors + optimizer.json, [discriminator.*,
@@ -34,7 +34,8 @@ Models whose steps leave some parameters unused declare ``ddp_find_unused_parame
 
 Text-guided autoencoders (``--text-encoder``) get each clip's caption embedding in ``cond``; joint
 image-video training (``--image-ratio``) trains a share of the steps on the batch's frames as
-single images (T = 1).
+single images (T = 1). Shape buckets (``buckets``, `data.buckets`) give each step a clip length and
+size drawn by ``(seed, step)`` and weight its GAN terms by the bucket's ``disc_weight``.
 
 Checkpoints are written, verified and rotated by ``launch.runs`` (shared with ``ldm train``): a
 half-written or corrupt checkpoint is skipped (with its reason) in favour of the previous one.
@@ -67,6 +68,7 @@ from tqdm import tqdm
 from autoencoders import FAMILIES, REGISTRY, Autoencoder, build, resolve
 from autoencoders.base import saved_config
 from autoencoders.losses import REC_LOSSES, AELoss, AELossConfig
+from data.buckets import BucketSchedule
 from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, video_to_uint8
 from launch import dist, runs
@@ -83,7 +85,7 @@ log = logging.getLogger("ldm.train_ae")
 REQUIRED_FILES = ("model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json", "rng.safetensors",
                   "trainer.json")
 # trainer settings that must match between a checkpoint and the run resuming it
-RESUME_MUST_MATCH = ("frames", "height", "width", "fps", "batch_size", "seed", "text_encoder")
+RESUME_MUST_MATCH = ("frames", "height", "width", "buckets", "fps", "batch_size", "seed", "text_encoder")
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,9 @@ class TrainAEConfig:
     disc_betas: tuple[float, float] | None = None  # the discriminator's AdamW betas; None: `betas`
     text_encoder: str | None = None  # builtin | t5:DIR | clip:DIR: caption embeddings for text-guided AEs
     image_ratio: float = 0.0  # fraction of steps that train on the batch's frames as images (joint training)
+    # shape buckets (data.buckets): [frames, height, width, probability, disc_weight] each; a step draws
+    # one, its clips are read at that shape, its GAN weight is x disc_weight. () = frames x height x width
+    buckets: tuple[tuple[int | float, ...], ...] = ()
     log_every: int = 10
     save_every: int = 500
     sample_every: int = 500
@@ -177,6 +182,12 @@ class TrainAEConfig:
             raise ValueError(f"stage must be >= 0, got {self.stage}")
         if not 0.0 <= self.image_ratio <= 1.0:
             raise ValueError(f"image_ratio must be in [0, 1], got {self.image_ratio}")
+        if self.buckets:
+            object.__setattr__(self, "buckets", tuple(tuple(b) for b in self.buckets))  # JSON lists -> tuples
+            self.bucket_schedule()  # validates every entry
+            if self.image_ratio > 0:
+                raise ValueError("give images as a 1-frame bucket (e.g. [1, 256, 256, 0.2, 1.0]) rather than "
+                                 "image_ratio together with buckets")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"fps must be > 0, got {self.fps}")
         if self.loss not in REC_LOSSES:
@@ -194,11 +205,18 @@ class TrainAEConfig:
         return runs.lr_at(step, self.lr, self.lr_drop, warmup=self.warmup, schedule=self.schedule,
                           total_steps=self.steps, min_lr_ratio=self.min_lr_ratio)
 
-    def loss_config(self) -> AELossConfig:
+    def loss_config(self, disc_weight: float = 1.0) -> AELossConfig:
+        """The autoencoder loss; ``disc_weight`` (a bucket's) multiplies the GAN weight."""
         return AELossConfig(rec=self.loss, kl_weight=self.kl_weight,
                             lpips_weight=self.lpips_weight if self.lpips_vgg else 0.0,
-                            gan_weight=self.gan_weight if self.gan else 0.0, disc_kind=self.disc_kind,
+                            gan_weight=self.gan_weight * disc_weight if self.gan else 0.0, disc_kind=self.disc_kind,
                             disc_start=self.disc_start)
+
+    def bucket_schedule(self) -> BucketSchedule:
+        """The clip shape of each step: ``buckets``, or ``frames x height x width`` on every step."""
+        if self.buckets:
+            return BucketSchedule.from_spec(self.buckets, self.seed)
+        return BucketSchedule.single(self.frames, self.height, self.width, self.seed)
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,28 +230,37 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, wor
     return [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
 
 
+Shape = tuple[int, int, int]  # (frames, height, width) of a batch's clips
+
+
 class _PositionSampler:
     """Batch sampler over epochs from a saved position ``(epoch, batch)``. Every index it yields
-    is ``(clip index, epoch, batch)`` so the consumer knows the position of each batch even though
-    DataLoader workers prefetch ahead."""
+    is ``(clip index, epoch, batch, shape)`` so the consumer knows the position of each batch even
+    though DataLoader workers prefetch ahead; ``shape`` is the bucket of the step the batch is
+    meant for (``schedule.at(next_step)``; the trainer moves ``next_step`` back when it drops a
+    batch of unreadable clips)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int, epoch: int, batch: int):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int, epoch: int, batch: int,
+                 schedule: BucketSchedule, step: int):
         self.args = (n, batch_size, seed, rank, world)
         self.epoch, self.batch = epoch, batch
+        self.schedule, self.next_step = schedule, step
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, Shape]]]:
         n, bs, seed, rank, world = self.args
         epoch, start = self.epoch, self.batch
         while True:
             batches = epoch_batches(n, bs, epoch, seed, rank, world)
             for b in range(start, len(batches)):
-                yield [(i, epoch, b) for i in batches[b]]
+                shape = self.schedule.at(self.next_step).shape
+                self.next_step += 1
+                yield [(i, epoch, b, shape) for i in batches[b]]
             epoch, start = epoch + 1, 0
 
 
 class _SkipBad(Dataset):
-    """Wraps VideoClipDataset: a clip that raises VideoError becomes an error record (its key and
-    reason) instead of killing the loader."""
+    """Wraps VideoClipDataset: reads clip ``i`` at the index's shape; a clip that raises VideoError
+    becomes an error record (its key and reason) instead of killing the loader."""
 
     def __init__(self, dataset: VideoClipDataset, keys: list[str]):
         self.dataset, self.keys = dataset, keys
@@ -241,13 +268,13 @@ class _SkipBad(Dataset):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, index: tuple[int, int, int]) -> dict[str, Any]:
-        i, epoch, batch = index
+    def __getitem__(self, index: tuple[int, int, int, Shape]) -> dict[str, Any]:
+        i, epoch, batch, shape = index
         try:
-            item = self.dataset[i]
+            item = self.dataset.read(i, *shape)
         except VideoError as e:
-            return {"error": str(e), "key": self.keys[i], "pos": (epoch, batch)}
-        return {"video": item["video"], "caption": item["caption"], "key": self.keys[i], "pos": (epoch, batch)}
+            return {"error": str(e), "key": self.keys[i], "index": index}
+        return {"video": item["video"], "caption": item["caption"], "key": self.keys[i], "index": index}
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -255,7 +282,8 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {"video": torch.stack([s["video"] for s in good]) if good else None,  # (B, C, T, H, W)
             "keys": [s["key"] for s in good], "captions": [s["caption"] for s in good],
             "errors": [(s["key"], s["error"]) for s in samples if "error" in s],
-            "pos": samples[0]["pos"]}
+            "indices": [s["index"] for s in samples], "pos": samples[0]["index"][1:3],
+            "shape": samples[0]["index"][3]}
 
 
 # ------------------------------------------------------------------------------------------
@@ -369,7 +397,10 @@ class AETrainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.ae, self.name = _build_model(cfg, self._resume_stage())
+        self.schedule = cfg.bucket_schedule()
         self.ae.check_input(cfg.frames, cfg.height, cfg.width)  # fail before any work
+        for bucket in self.schedule.buckets:
+            self.ae.check_input(*bucket.shape)
         if cfg.image_ratio > 0:
             self.ae.check_input(1, cfg.height, cfg.width)
         self.ae.to(self.device).train()
@@ -381,7 +412,7 @@ class AETrainer:
         self.last_layer = self.ae.last_layer() if self.loss_fn.discriminator is not None else None
         # image steps leave the temporal layers unused, and a model may declare parameters that some
         # steps do not use (class attribute ``ddp_find_unused_parameters``): DDP must not wait for them
-        unused = cfg.image_ratio > 0 or self.ae.ddp_find_unused_parameters
+        unused = cfg.image_ratio > 0 or self.schedule.has_images or self.ae.ddp_find_unused_parameters
         if unused and dist.is_initialized() and env.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
             self.model = DistributedDataParallel(_TrainForward(self.ae), find_unused_parameters=True,
@@ -403,6 +434,8 @@ class AETrainer:
                              f"{env.world_size} rank(s)")
         self.keys = [it.key for it in items]
         self.dataset = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, fps=cfg.fps)
+        self.reader = _SkipBad(self.dataset, self.keys)
+        self.sampler: _PositionSampler | None = None
         self.step, self.pos = 0, (0, 0)
         self.skipped: dict[str, str] = {}
 
@@ -460,7 +493,7 @@ class AETrainer:
         for key in RESUME_MUST_MATCH:
             # a checkpoint written before a setting existed ran with its default
             was = saved.get(key, TrainAEConfig.__dataclass_fields__[key].default)
-            if was != getattr(self.cfg, key):
+            if json.loads(json.dumps(was)) != json.loads(json.dumps(getattr(self.cfg, key))):  # tuples as lists
                 raise ValueError(f"{path}: --{key.replace('_', '-')} was {was!r} in the checkpoint, "
                                  f"{getattr(self.cfg, key)!r} now; it must not change on resume")
         meta = read_json(path / "config.json")
@@ -537,9 +570,12 @@ class AETrainer:
     # --- one optimisation step ---------------------------------------------------------------
     def train_step(self, video: Tensor, cond: Cond | None = None) -> dict[str, Tensor] | None:
         """One generator (+ discriminator) update; None when the loss was not finite (skipped). On an
-        image step (``is_image_step``) the clips' frames are trained on as single images."""
+        image step (``is_image_step``) the clips' frames are trained on as single images. The GAN
+        terms are weighted by the step's bucket's ``disc_weight``."""
         cfg = self.cfg
         image_step = is_image_step(cfg, self.step)
+        disc_weight = self.schedule.at(self.step).disc_weight
+        self.loss_fn.config = cfg.loss_config(disc_weight)  # this step's GAN weight (the rest is fixed)
         if image_step:
             video, cond = frames_as_images(video, cond)
         lr = cfg.learning_rate(self.step)
@@ -562,42 +598,49 @@ class AETrainer:
         logs["grad_norm"] = grad_norm.detach()
         if cfg.image_ratio > 0:
             logs["image_step"] = torch.tensor(float(image_step), device=video.device)
-        if self.loss_fn.gan_active(self.step):
+        if self.loss_fn.gan_active(self.step) and disc_weight > 0:
             with autocast:
                 d_loss, d_logs = self.loss_fn.discriminator_loss(video, out.recon, disc=self.disc)
             self.d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
+            (disc_weight * d_loss).backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.loss_fn.discriminator.parameters(), cfg.max_grad_norm)
             self.d_opt.step()
             logs.update(d_logs)
+            logs["disc_weight"] = torch.tensor(disc_weight, device=video.device)
         return logs
 
     # --- the loop ----------------------------------------------------------------------------
     def _loader(self) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
-        sampler = _PositionSampler(len(self.keys), cfg.batch_size, cfg.seed, self.env.rank, self.env.world_size,
-                                   *self.pos)
-        loader = DataLoader(_SkipBad(self.dataset, self.keys), batch_sampler=sampler, collate_fn=_collate,
+        self.sampler = _PositionSampler(len(self.keys), cfg.batch_size, cfg.seed, self.env.rank,
+                                        self.env.world_size, *self.pos, self.schedule, self.step)
+        loader = DataLoader(self.reader, batch_sampler=self.sampler, collate_fn=_collate,
                             num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
                             persistent_workers=False)
         return iter(loader)
 
     def _next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
-        """Next batch with at least one readable clip; bad clips are logged once and skipped."""
+        """Next batch with at least one readable clip, read at this step's bucket shape; bad clips
+        (unreadable, or too short for the bucket) are logged once and skipped."""
         per_epoch = max(1, len(self.keys) // self.env.world_size // self.cfg.batch_size)
+        shape = self.schedule.at(self.step).shape
         for _ in range(2 * per_epoch + 1):
             batch = next(batches)
             epoch, b = batch["pos"]
             self.pos = (epoch, b + 1)
+            if batch["shape"] != shape:  # prefetched for the next step before a batch was dropped: read again
+                batch = _collate([self.reader[(i, epoch, b, shape)] for i, *_ in batch["indices"]])
             for key, reason in batch["errors"]:
                 if key not in self.skipped:
                     self.skipped[key] = reason
                     log.warning("skipping %s: %s", key, reason)
             if batch["video"] is not None:
                 return batch
-        raise RuntimeError(f"no readable clip in two epochs of {self.cfg.data}; skipped: {self.skipped}")
+            self.sampler.next_step -= 1  # this step still needs its batch: later batches shift one step back
+        raise RuntimeError(f"no clip of {self.cfg.data} readable at {'x'.join(map(str, shape))} (frames x height x "
+                           f"width) in two epochs; skipped: {self.skipped}")
 
     def _sample_clips(self, n: int) -> tuple[list[Tensor], list[str]]:
         """The first ``n`` readable clips and their captions."""
@@ -668,7 +711,8 @@ class AETrainer:
         return self._finish(start_step, losses, train_time, log_path)
 
     def _log_record(self, logs: dict[str, Tensor] | None, clips: int, seconds: float, skipped: int) -> dict[str, Any]:
-        record: dict[str, Any] = {"step": self.step, "epoch": self.pos[0], "lr": self.cfg.learning_rate(self.step - 1)}
+        record: dict[str, Any] = {"step": self.step, "epoch": self.pos[0], "lr": self.cfg.learning_rate(self.step - 1),
+                                  "bucket": list(self.schedule.at(self.step - 1).shape)}
         # every rank reaches this point on the same steps; a skipped step is skipped everywhere
         if logs is not None:
             keys = sorted(logs)
@@ -848,6 +892,9 @@ def check_inputs(cfg: TrainAEConfig) -> None:
         ae.check_input(cfg.frames, cfg.height, cfg.width)
         if cfg.image_ratio > 0:
             ae.check_input(1, cfg.height, cfg.width)
+    for bucket in cfg.bucket_schedule().buckets:
+        with checking(f"bucket {list(bucket.shape)}"), torch.device("meta"):
+            ae.check_input(*bucket.shape)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -163,7 +163,7 @@ def test_config_file_then_flags_then_overrides(tmp_path):
         config_from_args(parser.parse_args(["--config", str(tmp_path / "ae.yaml"), "lrr=1"]))
     with pytest.raises(ValueError, match="needs \\['data', 'output'\\]"):
         config_from_args(parser.parse_args(["--autoencoder", "kl2d-f8c4-debug"]))
-    recipe = config_from_args(parser.parse_args(["--config", str(REPO / "launch" / "configs" / "train-ae-h3ae.yaml"),
+    recipe = config_from_args(parser.parse_args(["--config", str(REPO / "launch" / "configs" / "recipes" / "h3ae.yaml"),
                                                  "--data", "d", "--output", "o"]))
     assert recipe.learning_rate(69999) == 1e-4 and recipe.learning_rate(70000) == 1e-5 and recipe.steps == 80000
 
