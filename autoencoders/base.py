@@ -120,9 +120,10 @@ class Autoencoder(nn.Module):
         raise ValueError(f"{self.family} compresses every clip at one fixed rate; a rate budget needs a "
                          "variable-rate autoencoder (MTC-VAE)")
 
-    def last_layer(self) -> Tensor:
+    def last_layer(self) -> Tensor | tuple[Tensor, ...]:
         """The weight the adaptive GAN weight differentiates (taming Eq. 7): by default the last
-        trainable weight matrix of ``self.decoder``; families without one override it."""
+        trainable weight matrix of ``self.decoder``; families without one override it (several
+        weights when the output is written by parallel heads)."""
         decoder = getattr(self, "decoder", None)
         if not isinstance(decoder, nn.Module):
             raise ValueError(f"{type(self).__name__} has no .decoder module: the adaptive GAN weight needs "

@@ -267,9 +267,10 @@ class IVVAE(Autoencoder):
     def temporal_factor(self) -> int:
         return self.config.temporal_factor
 
-    def last_layer(self) -> Tensor:
-        """The motion head's weight (it writes 3 of every 4 output frames), for the adaptive GAN weight."""
-        return self.decoder.head.motion.weight
+    def last_layer(self) -> tuple[Tensor, Tensor]:
+        """The output head's two weights, for the adaptive GAN weight: the key half writes each
+        group's keyframe (all of a 1-frame clip), the motion half the other 3 of every 4 frames."""
+        return self.decoder.head.key.weight, self.decoder.head.motion.weight
 
     def latent_spec(self, frames: int, height: int, width: int) -> LatentSpec:
         return causal_grid_spec(self, frames, height, width, self.temporal_factor, self.spatial_factor,

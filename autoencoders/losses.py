@@ -27,9 +27,9 @@ BatchNorm so real and fake batches are normalised independently and DDP needs no
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -147,11 +147,18 @@ def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def adaptive_gan_weight(nll: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
-    """taming Eq. 7: ||grad_GL nll|| / (||grad_GL g_loss|| + 1e-4), clipped and detached."""
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
+def adaptive_gan_weight(nll: Tensor, g_loss: Tensor, last_layer: Tensor | Sequence[Tensor],
+                        max_weight: float = 1e4) -> Tensor:
+    """taming Eq. 7: ||grad_GL nll|| / (||grad_GL g_loss|| + 1e-4), clipped and detached. ``last_layer``
+    may be several weights that together write the output (IV-VAE's key and motion heads): the
+    norms are over all of them, and a weight this clip did not reach counts as a zero gradient."""
+    layers = [last_layer] if isinstance(last_layer, Tensor) else list(last_layer)
+
+    def grad_norm(loss: Tensor) -> Tensor:
+        grads = torch.autograd.grad(loss, layers, retain_graph=True, allow_unused=True)
+        return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads if g is not None] or [loss.new_zeros(())]))
+
+    weight = grad_norm(nll) / (grad_norm(g_loss) + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
 
 

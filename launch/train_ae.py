@@ -365,12 +365,17 @@ def measure_latent_stats(ae: Autoencoder, videos: list[Tensor], device: torch.de
     conds = conds if conds is not None else [None] * len(videos)
     lats = [ae.encode(v[None].to(device), c).unbatch()[0] for v, c in zip(videos, conds)]
     parts = [t for lat in lats for t in lat.parts.values()]
-    per_channel = all(t.ndim == 5 for t in parts) and len({t.shape[1] for t in parts}) == 1
+    # per channel needs >= 2 values of each channel (one 1-frame latent pixel has one: pooled then)
+    per_channel = (all(t.ndim == 5 for t in parts) and len({t.shape[1] for t in parts}) == 1
+                   and sum(t[:, 0].numel() for t in parts) >= 2)
     if per_channel:
         flat = torch.cat([t.transpose(0, 1).flatten(1) for t in parts], dim=1).double()  # (c, N)
         mean, std = flat.mean(1), flat.std(1)
     else:
         flat = torch.cat([t.flatten() for t in parts]).double()
+        if flat.numel() < 2:
+            log.warning("latent statistics need at least 2 latent values; the current ones are kept")
+            return {"latent_scale": tuple(ae.config.latent_scale), "latent_shift": tuple(ae.config.latent_shift)}
         mean, std = flat.mean()[None], flat.std()[None]
     std = std.clamp_min(1e-6)
     old_s = torch.tensor(ae.config.latent_scale, dtype=torch.float64)

@@ -2,6 +2,7 @@
 LPIPS terms, 2-rank DDP. Tiny synthetic clips (5 frames, 32x32) and debug configs, CPU."""
 from __future__ import annotations
 
+import math
 import argparse
 import json
 import os
@@ -317,6 +318,19 @@ def test_generator_loss_terms_lpips_gradient_and_adaptive_weight():
         AELoss(AELossConfig(lpips_weight=1.0))
 
 
+def test_adaptive_gan_weight_on_ivvae_images_reaches_the_key_head():
+    """IV-VAE's output is written by two heads (keyframes / the rest): a 1-frame clip reaches only
+    the key head, so a weight on the motion head alone was 0 on every image step."""
+    torch.manual_seed(0)
+    ae = build("ivvae-z4-debug")
+    key, motion = ae.last_layer()
+    for frames, reached in ((1, False), (5, True)):
+        out = ae.train_forward(torch.rand(1, 3, frames, 32, 32) * 2 - 1, generator=torch.Generator().manual_seed(0))
+        nll, g = out.recon.abs().mean(), (out.recon ** 2).mean()
+        assert adaptive_gan_weight(nll, g, ae.last_layer()) > 0
+        assert (adaptive_gan_weight(nll, g, motion) > 0) == reached
+
+
 # --- distributed -------------------------------------------------------------------------------
 def test_shard_list_covers_every_item_once():
     items = list(range(11))
@@ -427,3 +441,16 @@ def test_ddp_expects_unused_parameters_when_the_model_declares_them(clips, tmp_p
     assert json.loads((tmp_path / "declare" / "summary.json").read_text())["steps"] == 3
     failed = run("silent")
     assert failed.returncode != 0 and "find_unused_parameters" in failed.stderr
+
+
+def test_latent_stats_from_one_latent_pixel_are_pooled_or_kept():
+    """One 1-frame clip at the smallest size gives one value per channel: the per-channel std is
+    undefined (it was NaN), so the statistics are pooled over channels; one value keeps the old ones."""
+    from launch.train_ae import measure_latent_stats
+
+    torch.manual_seed(0)
+    ae = build("kl2d-f8c4-debug")
+    stats = measure_latent_stats(ae, [torch.rand(3, 1, 8, 8) * 2 - 1], torch.device("cpu"))
+    assert len(stats["latent_scale"]) == 1 and all(math.isfinite(v) for v in stats["latent_scale"] + stats["latent_shift"])
+    stats = measure_latent_stats(ae, [torch.rand(3, 2, 16, 16) * 2 - 1], torch.device("cpu"))
+    assert len(stats["latent_scale"]) == ae.config.latent_channels
