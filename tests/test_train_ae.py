@@ -2,9 +2,9 @@
 LPIPS terms, 2-rank DDP. Tiny synthetic clips (5 frames, 32x32) and debug configs, CPU."""
 from __future__ import annotations
 
-import math
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
