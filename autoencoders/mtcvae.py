@@ -41,6 +41,35 @@ The training objective is chosen in the config (``stage``, loss weights) because
 hands every family's objective to ``train_forward``. From the CLI, as Hi-VAE: ``ldm train-ae
 --autoencoder mtcvae-c4 --base-checkpoint CAUSAL3D_RUN/final --stage 1`` (``load_base``), then
 ``--init STAGE1_RUN/final --stage 2`` (``with_stage``; ``convert`` does the conversion).
+
+Guesses (details the paper leaves open: what this code does, then the alternative; no public code
+exists, so none is settled by code):
+
+- f_c's initial value: zeros (the decoder reads it, so stage 1 and a converted model decode as the
+  base). Alternative: a random direction of RMS 1 (what ``stage2_mode="decoder"`` uses).
+- Stage 2's objective: the trainer's reconstruction + KL are kept beside BCE + flow (the paper
+  calls BCE and flow "extra losses"), so the reconstruction reaches f_c too; weights
+  ``bce_weight`` 1.0, ``flow_weight`` 0.1 (the paper gives none). Alternative: BCE + flow only, or
+  other weights.
+- Optical flow: a weight-free, differentiable Horn-Schunck flow (the paper: a learned flow network,
+  RPKNet), from each input frame to its reconstruction. Alternative: a learned flow network from
+  local weights.
+- Keyframe predictor "linear": one Conv1d over a window of 3 latent frames on each frame's
+  per-channel spatial mean and RMS deviation. Alternative: window 1, or a linear map of the whole
+  flattened frame (tied to one latent size).
+- Eq. 7 for a causal VAE: the rate of a segment of ``l`` latent frames is ``(T - 1) / (l - 1)``
+  (the first frame stays alone); the paper writes ``T / l``.
+- Eq. 3's Q_min, Q_max, sigma_max: from each clip's own segments. Alternative: a dataset-wide
+  reference (``quality_reference``).
+- The H.264 quality function: PSNR modelled as falling linearly in ``log2(c)`` with a slope
+  proportional to the segment's temporal bits (the paper gives no formula). Alternative: measure
+  the PSNR of an H.264 encode at each frame rate.
+- PSNR capped at 60 dB in Q (a perfect reconstruction would be infinite).
+- Stage 2's rates: the selector runs on the model being trained, every step. Alternative: rates
+  chosen once (e.g. by the stage-1 model) and stored with the data.
+- The EMA (decay 0.999) covers the trained weights (f_c and P). Alternative: the whole model.
+- The extra sampling layers sit in the base's deepest temporal slot (see above). Alternative: a new
+  deeper slot.
 """
 from __future__ import annotations
 
