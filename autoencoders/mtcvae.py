@@ -66,7 +66,9 @@ exists, so none is settled by code):
   the PSNR of an H.264 encode at each frame rate.
 - PSNR capped at 60 dB in Q (a perfect reconstruction would be infinite).
 - Stage 2's rates: the selector runs on the model being trained, every step. Alternative: rates
-  chosen once (e.g. by the stage-1 model) and stored with the data.
+  chosen once (e.g. by the stage-1 model) and stored with the data. f_c and P learn only the rates
+  the selector picks (an untrained model's flat Q picks the highest everywhere): ``train_rates=
+  "random"`` covers every rate.
 - The EMA (decay 0.999) covers the trained weights (f_c and P). Alternative: the whole model.
 - The extra sampling layers sit in the base's deepest temporal slot (see above). Alternative: a new
   deeper slot.
