@@ -147,6 +147,8 @@ def test_latent_spec_vcpr_and_paper_configs():
         autoencoders.build("mtcvae-c4-debug", segment_frames=9)
     with pytest.raises(ValueError, match="stage 1"):
         autoencoders.build("mtcvae-c4-debug", stage=1, train_rates="selector")
+    with pytest.raises(ValueError, match="stage2_mode"):
+        autoencoders.build("mtcvae-c4-debug", stage2_mode="decoder_too")
 
 
 # ---------------------------------------------------------------------------------------------
