@@ -440,7 +440,7 @@ def test_save_load_round_trip_and_stage2_ema(tmp_path):
 def test_two_step_recipe_through_the_ae_trainer(tmp_path):
     """Sec. 3.5 with `ldm train-ae`, the staged protocol Hi-VAE uses too: a trained causal3d as
     ``--base-checkpoint`` -> ``--stage 1`` (new sampling layers, rec + KL + GAN) -> ``--init
-    S1/final --stage 2`` (f_c + P + decoder, BCE + flow, EMA written at the end)."""
+    S1/final --stage 2`` (f_c + P at the selector's rates, BCE + flow, EMA written at the end)."""
     import json
 
     from data.synth import synth_dataset
