@@ -59,6 +59,23 @@ One deviation is kept as an option: ``norm="frame"`` normalises each frame on it
 mode and video frames see the same statistics and the zero-initialised temporal layers make a fresh
 model exactly the per-frame image VAE on ANY clip; with the public clip-wise GroupNorm that holds for
 images and static clips only (`CrossModalVAE.from_kl2d` inflates a converted SD VAE either way).
+
+Guesses (details the paper leaves open: what this code does, then the alternative; "code:" marks
+what the public code settles):
+
+- Text attention: keys AND values from the text (code). The paper's text says visual tokens give
+  the values. Alternative: the paper's wording (then attention returns no text content).
+- Reconstruction loss: the paper mixes a pixel and a perceptual term "weighted by a
+  hyperparameter"; the trainer computes L1 + ``lpips_weight`` x LPIPS with KL 1e-6 (code: L1 +
+  LPIPS under a learned log-variance, KL 1e-6). Alternative: the code's learned-variance form.
+- Discriminator: the paper says "3D GAN loss" for both models; code: a 3D PatchGAN for the
+  16-channel model and a 2D one for the 4-channel model (the trainer's ``disc_kind``). Alternative: 3D for both.
+- Optimiser: code: Adam betas (0.5, 0.9); the trainer's ``betas`` default is (0.9, 0.999).
+  Gradient clipping at norm 1.0 is the trainer's default for every family; neither the paper nor
+  the code notes mention it. Alternative: clipping off (``max_grad_norm=0``).
+- Clip lengths: videos need ``T = 4k`` with ``k >= 2``, because a one-frame latent always decodes
+  as an image. Alternative: 4-frame clips as videos (then a one-frame latent would be ambiguous).
+- ``norm="frame"`` (ours, off by default): per-frame GroupNorm instead of the code's clip-wise one.
 """
 from __future__ import annotations
 

@@ -73,6 +73,32 @@ Training objectives (``train_forward``):
 
 Sliced inference (Sec. 3.1.1): the S stage works frame by frame, so ``set_frame_chunk(n)`` runs it
 on ``n`` frames at a time in encode and decode (same result, bounded high-resolution memory).
+
+Guesses (details the paper leaves open: what this code does, then the alternative; no public code
+exists, so none is settled by code; the Tab. 9 reading above is the largest one):
+
+- Latent consistency weight: 1.0 (``consistency_weight``). The paper's Eq. 2 weights only the KL
+  (lambda) and gives L_LC no weight. Alternative: another weight, e.g. lambda of the KL.
+- Latent consistency normalisation: Eq. 3's sum over latent elements divided by the input
+  elements per sample, batch mean (the KL term's normalisation in ``autoencoders.losses``).
+  Alternative: Eq. 3's plain sum, or a mean per latent element (about 68x larger than ours for
+  8x32x32 at 17x256x256 with 256 channels).
+- Latent consistency target: ``q(z|x)`` is detached, so L_LC trains the decoder (through
+  ``x_hat``) and never the encoder. The paper only says the re-encoding's weights are frozen.
+  Alternative: let L_LC's gradient reach the encoder through ``q(z|x)`` too.
+- First-frame features broadcast to all frames: the first frame's encoder feature (one frame) is
+  added to EVERY frame of the symmetric decoder feature, ``(z_i + e_{N-i}) / 2`` at each time
+  step. Eq. 1 does not say how one frame meets T frames. Alternative: fuse only the frames that
+  come from latent frame 0 (the other frames keep ``z_i``).
+- Omni draw: one Bernoulli(p) per sample decides for all decoder columns at once. Eq. 1 writes
+  the choice per block. Alternative: an independent draw per column.
+- Symmetric pairs: the input of decoder column ``i`` (before its blocks) is fused with the output
+  of encoder column ``i`` (same width and resolution). Alternative: the encoder column's input, or
+  the decoder column's output.
+- 8x64x64: its four ST downsamplings halve time in the first three columns. Alternative: another
+  column is the spatial-only one.
+- 3D RoPE: the head dimension split over (t, h, w) by ``ldm.layers.rope_axes``. Alternative: another
+  split, or RoPE on space only (time is handled by the causal mask).
 """
 from __future__ import annotations
 

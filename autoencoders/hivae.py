@@ -30,6 +30,31 @@ our generator models) and without it (the paper's number, e.g. 2304 / 3,145,728 
 
 Conventions: ``ldm.flow`` runs time from data (t = 0) to noise (t = 1) with ``v = eps - z``; the
 paper runs it the other way (``v = z - eps``); the two differ only in the sign of t.
+
+Guesses (details the paper leaves open: what this code does, then the alternative; "code:" marks
+what the authors' public code shows, from the shared notes on papers and code):
+
+- Global positions to one latent: the per-position query outputs are averaged over the kept
+  positions (invariant to how many are masked). Alternative: keep one ``u_g`` per position, or a
+  learned pooling.
+- Self-attention among the global queries: ours (the shared transformer block); code: none,
+  cross-attention only. Alternative: drop it to match the code.
+- Mask ratio: one ratio ``r ~ U(0.3, 0.5)`` per batch, so every sample keeps the same number of
+  positions. Alternative: one ratio per sample (ragged batches).
+- KL (lambda_KL = 1e-3, App. A.2): summed over the motion elements, batch mean. Alternative: mean
+  per element (a weaker KL by the element count). ``kl_free_bits`` / ``posterior_init_logvar``
+  (ours, off by default) counter the posterior collapse seen at CPU scale.
+- Stage-1 blur: the paper trains stage 1 on "blurred video" without naming the blur: a per-frame
+  Gaussian of sigma ``stage1_blur`` pixels, 0 (off) by default. Alternative: on, at a sigma of a
+  few pixels, or another low-pass.
+- Condition dropout: 10 % drops both motions (App. A.2); ``part_dropout`` = 5 % drops each motion
+  on its own (ours, so single-motion decoding (Fig. 5) stays in distribution). Alternative: 0.
+- Flow-matching times: uniform t, shift 1 (debug twins 3); the paper names 1000 training steps
+  only. Alternative: logit-normal or shifted times.
+- Decoder size: "16 layers, 640 M" read as 16 pairs (spatial block + Temporal Align Block) at
+  width 1024: 675 M here (code: width 1024, 12 layers). Alternative: 16 blocks in all, alternating.
+- Global slots: ``f_g = ceil(T / 2)``, slot f at frame 2f ("half the number of frames").
+  Alternative: ``floor(T / 2)``, or slots centred between frame pairs.
 """
 from __future__ import annotations
 

@@ -43,6 +43,26 @@ The registered ``ivvae-z4/z8/z16/z16-dim96`` hold the released weights exactly (
 The public code's latent statistics belong to its weights (z4 1.3196/0.1250, z8 1.0940/-0.0322,
 z16 0.9697/-0.1553, z16-dim96 0.7619/-0.0483 as scale/shift): the converter writes them into the
 config; the registered configs have none (``ldm train-ae`` measures our own).
+
+Guesses (details the paper leaves open: what this code does, then the alternative; "code:" marks
+what the public inference code settles, which this file follows):
+
+- The motion half's frame at initialisation: the frame at group position ``r/2`` (the third of
+  four). The paper only says the new temporal layers are set "elaborately" so the branches see two
+  different frames. Alternative: the group's last (or second) frame.
+- The new parts at initialisation: cross-branch weights zero, new attention blocks identities
+  (zero output projection), the TMPE head passing its dilation-1 branch, the motion upsampler
+  copying a frame into both sub-frames, GCConvs centre-inflated (``[0, W, 0]``: the current frame).
+  Alternative: random initialisation of the new parts; ``[0, 0, W]`` (the causal baseline's
+  inflation, which in a GCConv reads the next frame).
+- Training losses: MAE + LPIPS + KL (Sec. 4.1) with weights the paper does not give: the trainer's
+  ``kl_weight`` (1e-6 by default) and ``lpips_weight`` (1.0); the last phase's 3D discriminator and
+  its per-resolution weights are not given either (the trainer's PatchGAN). Alternative: any
+  other weights; the training recipe is not public.
+- Latent scale / shift: measured by ``ldm train-ae`` on the training data; code: the released
+  weights carry their own (the converter writes them). Alternative: none (scale 1, shift 0).
+- code: temporal downsampling at the two deepest boundaries, 8 attention blocks (the paper's text
+  says 7), the width-halving upsampler, ZeroPad2d((0, 1, 0, 1)) before stride-2 convs.
 """
 from __future__ import annotations
 

@@ -19,20 +19,59 @@ fixed-length segment of a clip at its own temporal rate ``c in {4, 8, 16}`` (Sec
   variable-length latent (``Latent`` form ``"varlen"``: ``z``, ``aux`` length / keyframe / rates).
 - **Decoding** (Sec. 3.4, Eq. 7-8): segments come from the stored rates when the latent has them,
   else from the linear keyframe predictor P (``KeyframePredictor``): split at predicted keyframes,
-  rate from each segment's length, low-confidence fallback (Sec. 8.1); ``f_c`` is taken off each
-  segment's first frame and segments of equal (rate, length) are decoded in one batch. A latent
-  segment of ``l`` frames at rate c decodes to ``1 + c (l - 1)`` frames (causal first frame), so the
-  video's frame count follows the segments.
+  rate from each segment's length, low-confidence fallback (Sec. 8.1); segments of equal (rate,
+  length) are decoded in one batch. A latent segment of ``l`` frames at rate c decodes to
+  ``1 + c (l - 1)`` frames (causal first frame), so the video's frame count follows the segments.
+- **What the decoder sees**: the marked latent as it is, ``z + f_c`` on each segment's first frame
+  (Eq. 5 is never undone: Alg. 1 decodes the marked ``z_i``, Alg. 2 the generated ``z_0``), in
+  training and in ``decode`` alike, so the flow loss reaches ``f_c``. ``f_c`` starts at zero, so a
+  converted model decodes exactly as its base until stage 2 trains ``f_c``. The older mode
+  ``stage2_mode="decoder"`` takes ``f_c`` off before decoding (train and inference), so the
+  decoder never sees it and only BCE trains it.
 - **Two-step fine-tuning** (Sec. 3.5) as ``train_forward`` terms chosen by ``config.stage``:
-  stage 1 trains the new sampling layers with the trainer's reconstruction + KL (+ GAN); stage 2
-  trains ``f_c`` and P with BCE (Eq. 9) and the flow-guided loss (Eq. 10-12; the decoder too with
-  ``stage2_decoder``), with an EMA of the trained weights (decay 0.999) that ``save_pretrained``
-  writes. Stage 0 (ours) trains everything with every term at once, to train from scratch.
+  stage 1 trains the new sampling layers (``extra_down``, ``extra_up``) with the trainer's
+  reconstruction + KL (+ GAN) at random 8x/16x rates; stage 2 trains ``f_c`` and P only (encoder,
+  decoder and sampling layers frozen) with BCE (Eq. 9) and the flow-guided loss (Eq. 10-12) on top
+  of the trainer's terms, at the rates of the compression algorithm (Alg. 1), with an EMA of the
+  trained weights (decay 0.999) that ``save_pretrained`` writes. ``stage2_mode="decoder"`` (ours,
+  the behaviour before) also trains the decoder and the extra up-samplers in stage 2, at random
+  rates. Stage 0 (ours) trains everything with every term at once, to train from scratch.
 
 The training objective is chosen in the config (``stage``, loss weights) because the AE trainer
 hands every family's objective to ``train_forward``. From the CLI, as Hi-VAE: ``ldm train-ae
 --autoencoder mtcvae-c4 --base-checkpoint CAUSAL3D_RUN/final --stage 1`` (``load_base``), then
 ``--init STAGE1_RUN/final --stage 2`` (``with_stage``; ``convert`` does the conversion).
+
+Guesses (details the paper leaves open: what this code does, then the alternative; no public code
+exists, so none is settled by code):
+
+- f_c's initial value: zeros (the decoder reads it, so stage 1 and a converted model decode as the
+  base). Alternative: a random direction of RMS 1 (what ``stage2_mode="decoder"`` uses).
+- Stage 2's objective: the trainer's reconstruction + KL are kept beside BCE + flow (the paper
+  calls BCE and flow "extra losses"), so the reconstruction reaches f_c too; weights
+  ``bce_weight`` 1.0, ``flow_weight`` 0.1 (the paper gives none). Alternative: BCE + flow only, or
+  other weights.
+- Optical flow: a weight-free, differentiable Horn-Schunck flow (the paper: a learned flow network,
+  RPKNet), from each input frame to its reconstruction. Alternative: a learned flow network from
+  local weights.
+- Keyframe predictor "linear": one Conv1d over a window of 3 latent frames on each frame's
+  per-channel spatial mean and RMS deviation. Alternative: window 1, or a linear map of the whole
+  flattened frame (tied to one latent size).
+- Eq. 7 for a causal VAE: the rate of a segment of ``l`` latent frames is ``(T - 1) / (l - 1)``
+  (the first frame stays alone); the paper writes ``T / l``.
+- Eq. 3's Q_min, Q_max, sigma_max: from each clip's own segments. Alternative: a dataset-wide
+  reference (``quality_reference``).
+- The H.264 quality function: PSNR modelled as falling linearly in ``log2(c)`` with a slope
+  proportional to the segment's temporal bits (the paper gives no formula). Alternative: measure
+  the PSNR of an H.264 encode at each frame rate.
+- PSNR capped at 60 dB in Q (a perfect reconstruction would be infinite).
+- Stage 2's rates: the selector runs on the model being trained, every step. Alternative: rates
+  chosen once (e.g. by the stage-1 model) and stored with the data. f_c and P learn only the rates
+  the selector picks (an untrained model's flat Q picks the highest everywhere): ``train_rates=
+  "random"`` covers every rate.
+- The EMA (decay 0.999) covers the trained weights (f_c and P). Alternative: the whole model.
+- The extra sampling layers sit in the base's deepest temporal slot (see above). Alternative: a new
+  deeper slot.
 """
 from __future__ import annotations
 
@@ -60,8 +99,9 @@ from ldm import config as cfglib
 from ldm.latent import Cond, Latent, LatentSpec, part_tokens
 
 SELECTORS = ("psnr", "h264", "random")
-TRAIN_RATES = ("random", "selector")
+TRAIN_RATES = ("auto", "random", "selector")
 STAGE1_SCOPES = ("sampling", "all")
+STAGE2_MODES = ("paper", "decoder")
 
 
 @dataclass(frozen=True)
@@ -82,10 +122,16 @@ class MTCVAEConfig(Causal3DConfig):
     keyframe_threshold: float = 0.5
     keyframe_confidence: float = 0.6
     # fine-tuning (Sec. 3.5): what train_forward optimises
-    stage: int = 0  # 0: everything, all terms; 1: new sampling layers; 2: f_c + predictor (+ decoder)
+    stage: int = 0  # 0: everything, all terms; 1: new sampling layers; 2: f_c + predictor
     stage1_scope: str = "sampling"  # stage 1 trains the new sampling layers, or "all" but f_c / P
-    stage2_decoder: bool = True  # stage 2 also trains the decoder (so the flow loss has a target)
-    train_rates: str = "random"  # segment rates in training: random (stage 1: the new rates), or the selector's
+    # "paper": the decoder reads the marked latent z + f_c (Eq. 5, Alg. 1-2) in training and at
+    # inference; stage 2 trains f_c + P only (decoder frozen), at the selector's rates.
+    # "decoder" (ours, the behaviour before): f_c is taken off before decoding, stage 2 also trains
+    # the decoder and the extra up-samplers, at random rates; f_c starts as a random direction.
+    stage2_mode: str = "paper"
+    # segment rates in training: auto = stage 1 random among the new rates (Sec. 3.5), stage 2 the
+    # selector's (Alg. 1; random with stage2_mode="decoder"), stage 0 random; or force random / selector
+    train_rates: str = "auto"
     bce_weight: float = 1.0  # Eq. 9 (stages 0, 2)
     flow_weight: float = 0.1  # Eq. 10 (stages 0, 2)
     flow_levels: int = 3
@@ -123,7 +169,7 @@ class MTCVAE(Causal3D):
     config_cls = MTCVAEConfig
     ddp_find_unused_parameters = True  # a step trains the rate levels its segments chose, not all of them
     spatial_tiling = False  # each segment's rate is chosen from the whole frame: tiles would disagree
-    stages = (0, 1, 2)  # Sec. 3.5: 1 new sampling layers, 2 f_c + predictor (+ decoder); 0 (ours) everything
+    stages = (0, 1, 2)  # Sec. 3.5: 1 new sampling layers, 2 f_c + predictor; 0 (ours) everything
     base_family = "causal3d"  # the fixed-rate VAE the multi-level one is converted from (load_base)
     variable_rate = True
 
@@ -135,10 +181,16 @@ class MTCVAE(Causal3D):
         self.extra_down = nn.ModuleList([copy.deepcopy(self.encoder.temporal_down[self.host]) for _ in range(levels)])
         self.extra_up = nn.ModuleList([copy.deepcopy(self.decoder.temporal_up[self.host]) for _ in range(levels)])
         c = config.latent_channels
-        # one shared random direction of RMS 1 for every rate, so the predictor has a mark to find
-        # from the first step; training separates them
-        direction = torch.randn(c)
-        self.keyframe_embed = nn.Parameter((direction / direction.norm() * math.sqrt(c)).repeat(len(config.rates), 1))
+        if config.stage2_mode == "paper":
+            # zeros: the decoder reads z + f_c, so a converted model decodes exactly as its base and
+            # stage 1 trains without a mark, as in the paper (f_c is introduced in stage 2)
+            embed = torch.zeros(len(config.rates), c)
+        else:
+            # the decoder never sees f_c: one shared random direction of RMS 1 for every rate, so
+            # the predictor has a mark to find from the first step; training separates them
+            direction = torch.randn(c)
+            embed = (direction / direction.norm() * math.sqrt(c)).repeat(len(config.rates), 1)
+        self.keyframe_embed = nn.Parameter(embed)  # (R, c): f_c of each rate
         self.predictor = KeyframePredictor(c, config.predictor_window)
         self._set_trainable()
         self._ema_names: list[str] = []
@@ -147,6 +199,16 @@ class MTCVAE(Causal3D):
             for n in self._ema_names:
                 self.register_buffer(_ema_key(n), self.get_parameter(n).detach().clone())
             self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def from_config_dict(cls, data: dict[str, Any]) -> "MTCVAE":
+        """A saved config; one written before ``stage2_mode`` existed has ``stage2_decoder`` and
+        ``train_rates="random"`` and was trained with f_c taken off before decoding: it loads as
+        ``stage2_mode="decoder"``, so it decodes as it was trained."""
+        if "stage2_decoder" in data:
+            data = {k: v for k, v in data.items() if k != "stage2_decoder"}
+            data["stage2_mode"] = "decoder"
+        return super().from_config_dict(data)
 
     @staticmethod
     def _check_config(cfg: MTCVAEConfig) -> None:
@@ -160,15 +222,16 @@ class MTCVAE(Causal3D):
         if cfg.segment_frames < 1 + rates[-1] or (cfg.segment_frames - 1) % rates[-1]:
             raise ValueError(f"segment_frames must be 1 + {rates[-1]}k (k >= 1) so every rate fits, "
                              f"got {cfg.segment_frames}")
-        choices = {"selector": SELECTORS, "train_rates": TRAIN_RATES, "stage1_scope": STAGE1_SCOPES}
+        choices = {"selector": SELECTORS, "train_rates": TRAIN_RATES, "stage1_scope": STAGE1_SCOPES,
+                   "stage2_mode": STAGE2_MODES}
         for name, allowed in choices.items():
             if getattr(cfg, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
         if cfg.stage not in (0, 1, 2):
             raise ValueError(f"stage must be 0, 1 or 2, got {cfg.stage}")
-        if cfg.stage == 1 and cfg.train_rates != "random":
-            raise ValueError("stage 1 trains the new sampling layers at their rates (train_rates='random'); "
-                             "the selector would pick the base rate from untrained layers")
+        if cfg.stage == 1 and cfg.train_rates == "selector":
+            raise ValueError("stage 1 trains the new sampling layers at their rates (train_rates='auto' or "
+                             "'random'); the selector would pick the base rate from untrained layers")
         if cfg.quality_reference and len(cfg.quality_reference) != 3:
             raise ValueError(f"quality_reference is (Q_min, Q_max, sigma_max) or (), got {cfg.quality_reference}")
         if not 0 <= cfg.ema_decay < 1:
@@ -188,8 +251,8 @@ class MTCVAE(Causal3D):
             train: list[nn.Module] = [self.extra_down, self.extra_up]
             if cfg.stage1_scope == "all":
                 train += [self.encoder, self.decoder]
-        else:
-            train = [self.predictor] + ([self.decoder, self.extra_up] if cfg.stage2_decoder else [])
+        else:  # Sec. 3.5: f_c + P; the old mode also the decoder and the extra up-samplers
+            train = [self.predictor] + ([self.decoder, self.extra_up] if cfg.stage2_mode == "decoder" else [])
             self.keyframe_embed.requires_grad_(True)
         for m in train:
             m.requires_grad_(True)
@@ -220,11 +283,14 @@ class MTCVAE(Causal3D):
         self.reset_ema()
 
     def last_layer(self) -> Tensor:
-        """The decoder's output convolution, or (stage 1 on the sampling layers) the last new
-        upsampler: the trained weight nearest the output, for the adaptive GAN weight."""
+        """The trained weight nearest the output, for the adaptive GAN weight: the decoder's
+        output convolution, or (stage 1 on the sampling layers) the last new upsampler, or (stage 2
+        with the decoder frozen) ``f_c``, the only trained weight the reconstruction depends on."""
         if self.decoder.conv_out.weight.requires_grad:
             return self.decoder.conv_out.weight
-        return self.extra_up[0].conv.weight
+        if self.extra_up[0].conv.weight.requires_grad:
+            return self.extra_up[0].conv.weight
+        return self.keyframe_embed
 
     def init_sampling_layers(self) -> None:
         """Copy the base's deepest temporal resamplers into every extra layer (Sec. 3.5)."""
@@ -343,6 +409,10 @@ class MTCVAE(Causal3D):
         return [split_segments(p[:n], self.config.segment_frames, self.config.rates, self.config.keyframe_threshold,
                                self.config.keyframe_confidence) for p, n in zip(probs, lengths)]
 
+    def _embed(self, rate: int, ref: Tensor) -> Tensor:
+        """``f_c`` of ``rate`` as ``(1, c, 1, 1, 1)`` in ``ref``'s dtype."""
+        return self.keyframe_embed[self.config.rates.index(rate)].to(ref.dtype)[None, :, None, None, None]
+
     def _keyframe_offsets(self, segments: list[list[Segment]], t: int, ref: Tensor) -> Tensor:
         """``f_c`` of each segment at its first frame, zeros elsewhere: ``(B, c, t, 1, 1)``."""
         index = torch.full((len(segments), t), -1, dtype=torch.long, device=ref.device)
@@ -366,8 +436,12 @@ class MTCVAE(Causal3D):
         each rate (posterior mean), or the H.264 model; the random selector has none."""
         cfg = self.config
         if cfg.selector == "psnr":
-            cols = [segment_psnr(self.decode_segments(self.encode_segments(segments, c)[0], c), segments)
-                    for c in cfg.rates]
+            cols = []
+            for c in cfg.rates:
+                z = self.encode_segments(segments, c)[0]  # (n, c, l, h, w)
+                if cfg.stage2_mode == "paper":  # Q of what decode gives: the keyframe marked (Eq. 5)
+                    z = torch.cat([z[:, :, :1] + self._embed(c, z), z[:, :, 1:]], 2)
+                cols.append(segment_psnr(self.decode_segments(z, c), segments))
             return torch.stack(cols, 1)  # (n, R)
         if cfg.selector == "h264":
             bits = torch.tensor([h264_temporal_bits(s, cfg.h264_crf) for s in segments])
@@ -438,7 +512,8 @@ class MTCVAE(Causal3D):
         if z.ndim != 5 or z.shape[1] != cfg.latent_channels:
             raise ValueError(f"{self.family}: expected z of shape B {cfg.latent_channels} t h w, got {tuple(z.shape)}")
         segments = self._segments(latent)
-        z = z - self._keyframe_offsets(segments, z.shape[2], z)
+        if cfg.stage2_mode == "decoder":  # the old mode: the decoder never sees f_c
+            z = z - self._keyframe_offsets(segments, z.shape[2], z)
         groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for b, segs in enumerate(segments):
             for k, s in enumerate(segs):
@@ -487,17 +562,27 @@ class MTCVAE(Causal3D):
         valid = marked.padding_mask()
         return F.binary_cross_entropy_with_logits(logits[valid], marked.aux["keyframe"][valid].to(logits.dtype))
 
+    def training_rates(self) -> str:
+        """Where ``train_forward`` takes segment rates from: ``"random"`` or ``"selector"``
+        (``train_rates="auto"``: the selector's in stage 2 as Alg. 1, random otherwise)."""
+        cfg = self.config
+        if cfg.train_rates != "auto":
+            return cfg.train_rates
+        return "selector" if cfg.stage == 2 and cfg.stage2_mode == "paper" else "random"
+
     def train_forward(self, video: Tensor, cond: Cond | None = None,
                       generator: torch.Generator | None = None) -> AEOutput:
-        """One training forward per ``config.stage``: encode every segment at its rate (random --
-        in stage 1 among the new rates only -- or the selector's), sample the posterior, mark
-        keyframes, decode with the true rates. Stages 0 and 2 add ``bce`` (Eq. 9) and ``flow``
-        (Eq. 10) to the trainer's reconstruction + KL."""
+        """One training forward per ``config.stage`` (Alg. 1): encode every segment at its rate
+        (``training_rates``: random -- in stage 1 among the new rates only -- or the selector's),
+        sample the posterior, mark keyframes (Eq. 5), decode with the true rates what ``decode``
+        reads at inference (the marked latent; ``stage2_mode="decoder"``: f_c taken off). Stages 0
+        and 2 add ``bce`` (Eq. 9) and ``flow`` (Eq. 10) to the trainer's reconstruction + KL; in
+        stage 2 with the decoder frozen, ``flow`` and the reconstruction reach only ``f_c``."""
         cfg = self.config
         self.check_input(*video.shape[2:])
         if cfg.stage == 2:
             self._update_ema()
-        if cfg.train_rates == "random":
+        if self.training_rates() == "random":
             # stage 1 fine-tunes at the new rates only (Sec. 3.5: "at compression rates of 8x8x8 and 16x8x8")
             choices = cfg.rates[1:] if cfg.stage == 1 else cfg.rates
             g = generator or torch.Generator().manual_seed(cfg.selector_seed)
@@ -505,7 +590,7 @@ class MTCVAE(Causal3D):
             idx = torch.randint(len(choices), (video.shape[0], n), generator=g, device=g.device).cpu()
             rates = torch.tensor(choices)[idx]
         else:
-            rates = self.choose_rates(video)
+            rates = self.choose_rates(video, generator)
         posterior = self._encode_at(video, rates, mark=False)
         marked = self.mark_keyframes(posterior.sample(generator))
         losses: dict[str, Tensor] = {}

@@ -82,8 +82,13 @@ def test_convert_from_causal3d_keeps_the_4x_path():
         torch.testing.assert_close(layer.conv.weight, mtc.decoder.temporal_up[mtc.host].conv.weight)
     trainable = {n.split(".")[0] for n, p in mtc.named_parameters() if p.requires_grad}
     assert trainable == {"extra_down", "extra_up"}  # stage 1: the new sampling layers
+    # f_c starts at zero and the decoder reads z + f_c: the whole 4x path (marks included) is the base
+    torch.testing.assert_close(mtc.decode(mtc.encode_at(x, torch.tensor([[4]]))), base.decode(base.encode(x)))
     stage2 = convert(mtc, stage=2)
     trainable = {n.split(".")[0] for n, p in stage2.named_parameters() if p.requires_grad}
+    assert trainable == {"keyframe_embed", "predictor"}  # Sec. 3.5: f_c + P, the decoder frozen
+    old = convert(mtc, stage=2, stage2_mode="decoder")  # the documented older mode
+    trainable = {n.split(".")[0] for n, p in old.named_parameters() if p.requires_grad}
     assert trainable == {"keyframe_embed", "predictor", "decoder", "extra_up"}
     with pytest.raises(TypeError):
         convert(autoencoders.build("kl2d-f8c4-debug"))
@@ -142,6 +147,8 @@ def test_latent_spec_vcpr_and_paper_configs():
         autoencoders.build("mtcvae-c4-debug", segment_frames=9)
     with pytest.raises(ValueError, match="stage 1"):
         autoencoders.build("mtcvae-c4-debug", stage=1, train_rates="selector")
+    with pytest.raises(ValueError, match="stage2_mode"):
+        autoencoders.build("mtcvae-c4-debug", stage2_mode="decoder_too")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,11 +192,12 @@ def test_psnr_selector_follows_reconstruction_quality(monkeypatch):
     (so quality falls with motion as a real VAE's does): static -> 16x, fast -> 4x."""
     ae = autoencoders.build("mtcvae-c4-debug")  # selector="psnr" is the default
 
-    def encode(seg, rate):
-        return seg[:, :, ::rate], torch.zeros_like(seg[:, :, ::rate])
+    def encode(seg, rate):  # the latent has the model's 4 channels (f_c is added to it): RGB + a zero one
+        z = torch.cat([seg[:, :, ::rate], torch.zeros_like(seg[:, :1, ::rate])], 1)
+        return z, torch.zeros_like(z)
 
     def decode(z, rate):
-        return torch.cat([z[:, :, :1], z[:, :, 1:].repeat_interleave(rate, 2)], 2)
+        return torch.cat([z[:, :3, :1], z[:, :3, 1:].repeat_interleave(rate, 2)], 2)
 
     monkeypatch.setattr(ae, "encode_segments", encode)
     monkeypatch.setattr(ae, "decode_segments", decode)
@@ -324,11 +332,67 @@ def test_training_steps_lower_the_loss_and_respect_stages():
     assert stage1.last_layer() is stage1.extra_up[0].conv.weight  # the GAN's adaptive weight target
 
     stage2 = convert(ae, stage=2)
-    out = stage2.train_forward(_smooth_clips(1, 34, 16, 6), None, torch.Generator().manual_seed(0))
+    clip = _smooth_clips(1, 34, 16, 6)
+    out = stage2.train_forward(clip, None, torch.Generator().manual_seed(0))
     assert set(out.losses) == {"bce", "flow"}
+    assert stage2.training_rates() == "selector"  # Alg. 1: the compression algorithm's rates
+    assert torch.equal(out.posterior.aux["rates"], stage2.choose_rates(clip))
     sum(out.losses.values()).add(out.recon.mean()).backward()
     grads = {n.split(".")[0] for n, p in stage2.named_parameters() if p.grad is not None}
+    assert grads == {"keyframe_embed", "predictor"}  # Sec. 3.5: the decoder is frozen
+    assert stage2.last_layer() is stage2.keyframe_embed
+
+    old = convert(ae, stage=2, stage2_mode="decoder")  # the older mode: decoder trained, random rates
+    out = old.train_forward(clip, None, torch.Generator().manual_seed(0))
+    assert old.training_rates() == "random"
+    sum(out.losses.values()).add(out.recon.mean()).backward()
+    grads = {n.split(".")[0] for n, p in old.named_parameters() if p.grad is not None}
     assert grads == {"keyframe_embed", "predictor", "decoder", "extra_up"}
+
+
+def test_stage2_flow_loss_reaches_the_keyframe_embedding(capsys):
+    """Sec. 3.5: stage 2 trains f_c with the flow-guided loss, so f_c must be in what the decoder
+    reads. The flow loss alone gives f_c a non-zero gradient; with f_c taken off before decoding
+    (``stage2_mode="decoder"``) the gradient is exactly zero."""
+    torch.manual_seed(0)
+    base = autoencoders.build("mtcvae-c4-debug", stage=2)
+    clip = _smooth_clips(2, 34, 16, 8)
+    norms = {}
+    for mode in ("paper", "decoder"):
+        model = convert(base, stage2_mode=mode, bce_weight=0.0)
+        out = model.train_forward(clip, None, torch.Generator().manual_seed(0))
+        assert set(out.losses) == {"flow"}
+        (grad,) = torch.autograd.grad(out.losses["flow"], [model.keyframe_embed], allow_unused=True)
+        norms[mode] = 0.0 if grad is None else grad.norm().item()
+    with capsys.disabled():
+        print(f"\n|d flow / d f_c|: paper {norms['paper']:.3e}, decoder mode {norms['decoder']:.3e}")
+    assert norms["paper"] > 1e-8 and norms["decoder"] == 0.0
+
+
+def test_decoder_reads_the_marked_latent_in_training_and_at_inference():
+    """What the decoder reads (Eq. 5, Alg. 1-2): ``decode`` of an encoded latent decodes each
+    segment with f_c on its first frame, and ``train_forward``'s reconstruction is ``decode`` of
+    its marked posterior sample; the older mode takes f_c off first in both."""
+    torch.manual_seed(0)
+    x = _smooth_clips(1, 34, 16, 9)
+    rates = torch.tensor([[4, 16]])
+    for mode in ("paper", "decoder"):
+        model = autoencoders.build("mtcvae-c4-debug", stage=2, stage2_mode=mode, train_rates="selector",
+                                   latent_scale=(0.5,), latent_shift=(0.1,)).eval()
+        with torch.no_grad():
+            model.keyframe_embed.normal_()  # a trained, non-zero f_c
+            latent = model.encode_at(x, rates)
+            mean = [model.encode_segments(x[:, :, 17 * i:17 * (i + 1)], int(c))[0] for i, c in enumerate(rates[0])]
+            if mode == "paper":
+                mean = [torch.cat([m[:, :, :1] + model._embed(int(c), m), m[:, :, 1:]], 2)
+                        for m, c in zip(mean, rates[0])]
+            expect = torch.cat([model.decode_segments(m, int(c)) for m, c in zip(mean, rates[0])], 2)
+            torch.testing.assert_close(model.decode(latent), expect)
+        out = model.train_forward(x, None, torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            marked = model.mark_keyframes(out.posterior.sample(torch.Generator().manual_seed(3)))
+            torch.testing.assert_close(model.decode(model._scale(marked, forward=True)), out.recon,
+                                       atol=1e-4, rtol=1e-4)
 
 
 def test_save_load_round_trip_and_stage2_ema(tmp_path):
@@ -357,6 +421,16 @@ def test_save_load_round_trip_and_stage2_ema(tmp_path):
     saved = autoencoders.load_pretrained(tmp_path / "b")
     torch.testing.assert_close(saved.predictor.proj.weight, ema)  # the EMA weights were written
 
+    # a folder saved before stage2_mode existed was trained with f_c taken off before decoding
+    import json
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    del saved["config"]["stage2_mode"]
+    saved["config"].update(stage2_decoder=True, train_rates="random")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "old" / "model.safetensors").write_bytes((tmp_path / "a" / "model.safetensors").read_bytes())
+    assert autoencoders.load_pretrained(tmp_path / "old").config.stage2_mode == "decoder"
+
     autoencoders.load_pretrained(tmp_path / "a").with_stage(2).save_pretrained(tmp_path / "c", name="mine")
     c = autoencoders.load_pretrained(tmp_path / "c")
     assert c.config.stage == 2 and int(c.ema_steps) == 0
@@ -366,7 +440,7 @@ def test_save_load_round_trip_and_stage2_ema(tmp_path):
 def test_two_step_recipe_through_the_ae_trainer(tmp_path):
     """Sec. 3.5 with `ldm train-ae`, the staged protocol Hi-VAE uses too: a trained causal3d as
     ``--base-checkpoint`` -> ``--stage 1`` (new sampling layers, rec + KL + GAN) -> ``--init
-    S1/final --stage 2`` (f_c + P + decoder, BCE + flow, EMA written at the end)."""
+    S1/final --stage 2`` (f_c + P at the selector's rates, BCE + flow, EMA written at the end)."""
     import json
 
     from data.synth import synth_dataset
