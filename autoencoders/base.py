@@ -104,6 +104,19 @@ class Autoencoder(nn.Module):
         raise ValueError(f"{self.family} is not trained in stages; --stage applies to "
                          f"{', '.join(sorted(f for f, c in FAMILIES.items() if c.stages))}")
 
+    def with_config(self, **overrides: Any) -> "Autoencoder":
+        """This model (its weights) with config fields changed that keep every weight's shape:
+        how it trains or decodes (Hi-VAE's ``kl_free_bits``, MTC-VAE's ``train_rates``, ...). A
+        field that changes the architecture is a `UserError` naming the weights that no longer fit."""
+        model = type(self)(cfglib.replace(self.config, **overrides))
+        try:
+            model.load_state_dict(self.state_dict(), strict=True)
+        except RuntimeError as e:
+            detail = str(e).split("\n", 1)[-1].strip().splitlines()[0]
+            raise UserError(f"config overrides {sorted(overrides)} change {self.family}'s architecture, so the saved "
+                            f"weights no longer fit ({detail}); start from the registered name instead") from None
+        return model
+
     def load_base(self, path: str | Path) -> None:
         """Load the pretrained base this model starts from (``base_family``) from a
         ``save_pretrained`` folder."""

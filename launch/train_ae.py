@@ -98,7 +98,7 @@ class TrainAEConfig:
     init: str | None = None  # folder written by save_pretrained to start from
     stage: int | None = None  # training stage of a staged autoencoder (Autoencoder.stages); None: the model's own
     base_checkpoint: str | None = None  # save_pretrained folder of the base it starts from (Autoencoder.load_base)
-    ae_config: tuple[str, ...] = ()  # KEY=VALUE overrides of the registered config
+    ae_config: tuple[str, ...] = ()  # KEY=VALUE overrides of the registered config (with init: of the saved one, same weight shapes)
     frames: int = 17
     height: int = 256
     width: int = 256
@@ -146,8 +146,6 @@ class TrainAEConfig:
             raise ValueError("give --autoencoder NAME or --init DIR (or both)")
         if self.autoencoder is not None and self.autoencoder not in REGISTRY:
             raise ValueError(f"unknown autoencoder {self.autoencoder!r}; registered: {sorted(REGISTRY)}")
-        if self.init is not None and self.ae_config:
-            raise ValueError("--ae-config overrides cannot be combined with --init (the saved config is used)")
         positive = ("frames", "height", "width", "batch_size", "steps", "log_every", "save_every",
                     "sample_every", "max_nonfinite")
         for name in positive:
@@ -306,7 +304,10 @@ def _build_model(cfg: TrainAEConfig, stage: int | None = None) -> tuple[Autoenco
     (``base_family``), the base from ``--base-checkpoint``; then, for a staged family (``stages``),
     the training stage ``stage`` (default ``cfg.stage``; None keeps the model's own)."""
     overrides = cfglib.apply_dotted({}, list(cfg.ae_config))
-    ae, name, _ = resolve(cfg.autoencoder, cfg.init, overrides=overrides, seed=None, warn_random=False)
+    ae, name, _ = resolve(cfg.autoencoder, cfg.init, overrides=None if cfg.init else overrides, seed=None,
+                          warn_random=False)
+    if cfg.init is not None and overrides:
+        ae = ae.with_config(**overrides)  # settings of the saved model that keep its weights' shapes
     stage = cfg.stage if stage is None else stage
     if cfg.base_checkpoint is not None:
         ae.load_base(cfg.base_checkpoint)
@@ -792,7 +793,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--autoencoder", choices=sorted(REGISTRY), help="registered autoencoder to train")
     a("--init", help="start from a folder written by save_pretrained (e.g. another run's final/)")
     a("--ae-config", dest="ae_config", action="append", metavar="KEY=VALUE",
-      help="override a field of the registered config (repeatable)")
+      help="override a field of the registered config (repeatable); with --init, of the saved one, for fields "
+           "that keep the weights' shapes (e.g. MTC-VAE train_rates=random, Hi-VAE kl_free_bits=1)")
     a("--stage", type=int, choices=(0, 1, 2),
       help="training stage of a staged autoencoder: Hi-VAE 1 = global motion module + decoder, 2 = detailed "
            "module + decoder (global module frozen); MTC-VAE 1 = new sampling layers, 2 = keyframe embedding + "
@@ -892,8 +894,12 @@ def check_inputs(cfg: TrainAEConfig) -> None:
     meta = saved_config(cfg.init) if cfg.init is not None else None
     list_items(cfg.data)
     with checking(f"--frames {cfg.frames} --height {cfg.height} --width {cfg.width}"), torch.device("meta"):
-        ae = (FAMILIES[meta["family"]].from_config_dict(meta["config"]) if meta is not None
-              else build(cfg.autoencoder, **cfglib.apply_dotted({}, list(cfg.ae_config))))
+        overrides = cfglib.apply_dotted({}, list(cfg.ae_config))
+        if meta is not None:
+            saved = FAMILIES[meta["family"]].from_config_dict(meta["config"])
+            ae = saved.with_config(**overrides) if overrides else saved  # an architecture change stops here
+        else:
+            ae = build(cfg.autoencoder, **overrides)
         ae.check_input(cfg.frames, cfg.height, cfg.width)
         if cfg.image_ratio > 0:
             ae.check_input(1, cfg.height, cfg.width)

@@ -17,6 +17,7 @@ from data.synth import synth_dataset
 from launch import runs
 from launch.cli import main as ldm
 from launch.train_ae import TrainAEConfig
+from ldm.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "launch" / "configs" / "recipes"
@@ -157,8 +158,15 @@ def test_mtcvae_recipes_stage_1_then_stage_2(videos, tmp_path):
     s1 = _train_ae("mtcvae-stage1.yaml", videos, tmp_path / "s1", "autoencoder=mtcvae-c4-debug",
                    "base_checkpoint=null", "frames=17")
     assert [r["lr"] for r in _log(s1)] == [1e-5, 1e-5]
-    s2 = _train_ae("mtcvae-stage2.yaml", videos, tmp_path / "s2", f"init={s1 / 'final'}", "frames=17")
-    assert (load_pretrained(s1 / "final").config.stage, load_pretrained(s2 / "final").config.stage) == (1, 2)
+    s2 = _train_ae("mtcvae-stage2.yaml", videos, tmp_path / "s2", f"init={s1 / 'final'}", "frames=17",
+                   "ae_config=[train_rates=random]")  # a setting of the saved model (same weight shapes)
+    saved = load_pretrained(s2 / "final").config
+    assert (load_pretrained(s1 / "final").config.stage, saved.stage, saved.train_rates) == (1, 2, "random")
+    # a setting that changes the architecture does not fit the saved weights: stopped before any work
+    with pytest.raises(UserError, match="change mtcvae's architecture"):
+        ldm(["train-ae", "--config", str(RECIPES / "mtcvae-stage2.yaml"), f"data={videos}", *DEBUG, "frames=17",
+             f"init={s1 / 'final'}", f"output={tmp_path / 's2b'}", "ae_config=[latent_channels=8]"])
+    assert not (tmp_path / "s2b").exists()
 
 
 def test_missing_lpips_files_stop_a_recipe_before_any_work(videos, tmp_path):
