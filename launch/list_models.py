@@ -6,6 +6,7 @@ import json
 
 import autoencoders
 import dit
+from ldm.errors import check_min
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_min({"--frames": args.frames, "--height": args.height, "--width": args.width}, 1)
     aes = [autoencoders.describe(n, args.frames, args.height, args.width) for n in sorted(autoencoders.REGISTRY)]
     dits = [dit.describe(n) for n in sorted(dit.REGISTRY)]
     if args.json:

@@ -173,3 +173,25 @@ def test_an_intact_checkpoint_of_the_same_step_is_kept_aside(tmp_path):
     runs.write_checkpoint(root, 4, {"a.json": {"v": 3}}, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000004", "step-00000004.kept-1"]
     assert runs.checkpoints(root) == [root / "step-00000004"]
+
+
+def test_a_pipeline_rerun_adds_to_the_log_of_the_earlier_run(tmp_path, monkeypatch):
+    """`ldm compare` / `ldm demo` rerun into their folder: each verb's log keeps the earlier runs'
+    output (was: truncated), and a failure shows this run's tail only."""
+    from launch import pipeline
+    from launch.train import TrainConfig
+
+    class Done:
+        returncode = 1
+
+    def fake_run(cmd, stdout, **kw):
+        stdout.write("this run failed\n")
+        return Done()
+
+    monkeypatch.setattr(pipeline.subprocess, "run", fake_run)
+    log = tmp_path / "train.log"
+    log.write_text("an earlier run's log\n")
+    with pytest.raises(RuntimeError) as e:
+        pipeline.run_verb("train", TrainConfig(), log, ranks=2)
+    assert log.read_text().startswith("an earlier run's log\n$ ") and log.read_text().endswith("this run failed\n")
+    assert "this run failed" in str(e.value) and "an earlier run" not in str(e.value)
