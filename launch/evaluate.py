@@ -639,9 +639,14 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     height, width = args.height or export.video.height, args.width or export.video.width
     with checking(f"--frames {frames} --height {height} --width {width}"):
         ae.check_input(frames, height, width)
+    with checking():
+        if args.attributes:
+            _conditioning(model, export, True if args.use_class else None)
+        if args.reference and args.samples is None:
+            _conditioning(model, export, None)
+    sampling = sampling_from_args(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    sampling = sampling_from_args(args)
     common = dict(sampling=sampling, batch_size=args.batch_size, device=device)
     result: dict[str, Any] = {"checkpoint": args.checkpoint, "autoencoder": export.autoencoder.name,
                               "frames": frames, "height": height, "width": width}

@@ -86,6 +86,11 @@ def test_train_refuses_another_model_or_autoencoder_and_allows_a_longer_schedule
     assert saved["record"]["steps"] == 3 and saved["changes"][0]["changes"] == {"steps": [2, 3]}
     assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()][-1] == 3
     assert (out / "checkpoints" / "step-00000002").is_dir()  # the earlier run's checkpoint is still there
+    # a folder made before run.json existed: resumed, and bound from now on
+    (out / runs.BINDING).unlink()
+    assert _ldm(_train(base, out, "steps=3")) == 0
+    assert json.loads((out / runs.BINDING).read_text())["record"]["steps"] == 3
+    _refused(_train(base, out, "steps=4"), capsys, "steps: 3 -> 4")
 
 
 def _train_ae(base: Path, out: Path, *extra: str) -> list[str]:

@@ -372,3 +372,13 @@ def test_demo_refuses_a_folder_it_did_not_write(run, tmp_path, capsys):
     (tmp_path / "d" / "notes.txt").write_text("mine")
     _one_line_error(["demo", "--quick", "--output", str(tmp_path / "d")], capsys, "was not written by `ldm demo`")
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["notes.txt"]
+
+
+def test_eval_gen_conditioning_the_dit_lacks_is_one_line_before_any_folder(run, tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(_train(run, tmp_path / "dit", "save_every=2", "data.batch_size=2", "optim.warmup_steps=1",
+                              "model.class_cond=false")) == 0
+    _one_line_error(["eval", "gen", "--checkpoint", str(tmp_path / "dit"), "--attributes", "--use-class", "--output",
+                     str(tmp_path / "g")], capsys, "--use-class: this DiT has no class conditioning")
+    assert not (tmp_path / "g").exists()
