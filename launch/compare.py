@@ -110,6 +110,11 @@ def check_args(args: argparse.Namespace) -> list[dict[str, Any]]:
             raise MissingInput(f"{flag} {path}: not found")
     if bool(args.lpips_backbone) != bool(args.lpips_heads):
         raise UserError("LPIPS needs both --lpips-backbone and --lpips-heads")
+    from data.sources import list_items
+    for flag, folder in {"--input": args.input, "--eval-input": args.eval_input}.items():
+        if folder is not None:
+            with checking(flag):
+                list_items(folder)
     with checking("--train"):
         cfglib.load_yaml(args.train_config, TrainConfig, list(args.train))
     if args.synth:
@@ -279,12 +284,12 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     entries = check_args(args)
     with checking():
         device = dist.device_for(dist.dist_env(), args.device)
+        lpips = None
+        if args.lpips_backbone or args.lpips_heads:
+            from ldm.metrics import LPIPS
+            lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
+        i3d = load_i3d(args.i3d, device=device) if args.i3d else None
     out.mkdir(parents=True, exist_ok=True)
-    lpips = None
-    if args.lpips_backbone or args.lpips_heads:
-        from ldm.metrics import LPIPS
-        lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
-    i3d = load_i3d(args.i3d, device=device) if args.i3d else None
     train_data, eval_data, synth = _data(args, out)
     rows = []
     for e in entries:

@@ -169,7 +169,8 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
             shown[1].extend(y[:take])
     n = len(scores["psnr"])
     if n == 0:
-        raise ValueError(f"none of the {listed} videos in {input} could be read: {skipped[:3]}")
+        raise UserError(f"none of the {listed} videos in {input} could be read: {skipped[:3]}; fix or replace the "
+                        "inputs, or change --frames/--fps")
     result: dict[str, Any] = {"clips": n, "skipped": skipped, "frames": frames, "height": height, "width": width,
                               "psnr_db": _mean_std(scores["psnr"]), "ssim": _mean_std(scores["ssim"]),
                               "ssim_protocol": "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 2 "
@@ -599,7 +600,8 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         if not (args.lpips_backbone and args.lpips_heads):
             raise ValueError("LPIPS needs both --lpips-backbone and --lpips-heads")
         lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
-    i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None  # fail early, before encoding
+    with checking("--i3d"):
+        i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None  # fail early, before encoding
     with checking():
         ae, name, ckpt_hash = resolve(args.autoencoder, args.checkpoint or args.ae_path, subfolder=args.ae_subfolder)
     with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
@@ -626,8 +628,9 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 
 def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None
-    inception = load_inception(args.inception, device) if args.inception else None
+    with checking():
+        i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None
+        inception = load_inception(args.inception, device) if args.inception else None
     with checking():
         info = vbench_info_path(args.vbench_info) if args.vbench else None
         dtype = compute_dtype(args.dtype, device)

@@ -335,6 +335,10 @@ def _other_verbs(run, tmp):
         (_recon(run, tmp / "r.json", "--height", "20"), "multiples of 8", tmp / "r.json"),
         (_recon(run, tmp / "r.json", "--input", str(tmp / "none")), "--input", tmp / "r.json"),
         (_recon(run, tmp / "r.json", "--i3d", str(tmp / "none.pt")), "--i3d", tmp / "r.json"),
+        (_recon(run, tmp / "r.json", "--input", str(tmp / "fake.mp4")), "none of the 1 videos", tmp / "r.json"),
+        (_recon(run, tmp / "r.json", "--i3d", str(tmp / "fake.mp4")), "not a TorchScript archive", tmp / "r.json"),
+        (["list", "--height", "7"], "no registered autoencoder takes this size", None),
+        (cmp[:3] + ["--input", str(tmp / "empty")] + cmp[5:], "no videos", tmp / "c"),
         (gen, "choose at least one of --attributes", tmp / "g"),
         (gen + ["--attributes", "--per-prompt", "0"], "--per-prompt must be >= 1", tmp / "g"),
         (gen + ["--attributes", "--shapes", "hexagon"], "hexagon", tmp / "g"),
@@ -362,6 +366,8 @@ def _other_verbs(run, tmp):
 
 
 def test_list_eval_cost_compare_demo_errors_are_one_line_before_any_folder(run, tmp_path, capsys):
+    (tmp_path / "fake.mp4").write_text("<html>")
+    (tmp_path / "empty").mkdir()
     for argv, match, absent in _other_verbs(run, tmp_path):
         _one_line_error(argv, capsys, match)
         assert absent is None or not absent.exists(), argv
