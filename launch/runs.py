@@ -193,8 +193,8 @@ def truncate_log(path: Path, step: int) -> None:
 # ------------------------------------------------------------------------------------------
 BINDING = "run.json"
 ALLOW_FLAG = "--allow-change"
-ALLOW_HELP = ("KEY[,KEY] settings that may differ from the run this folder holds (an intended change, e.g. "
-              "steps for a longer schedule; a key or a prefix such as optim); without it a resume with other "
+ALLOW_HELP = ("settings that may differ from the run the output folder holds: an intended change, e.g. steps for a "
+              "longer schedule (a key or a prefix such as optim; repeatable). Without it a resume with other "
               "settings or inputs is refused")
 _ABSENT = "(none)"
 

@@ -794,8 +794,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--keep", type=int, help="checkpoints to keep (>= 2)")
     a("--num-workers", type=int)
     a("--seed", type=int)
-    a("--resume", help="auto (default): newest valid checkpoint under OUTPUT/checkpoints; no: start over; or a "
-                       "checkpoint folder")
+    a("--resume", help="auto (default): newest valid checkpoint under OUTPUT/checkpoints; no: start from step 0 (an "
+                       "OUTPUT holding checkpoints is refused); or a checkpoint folder")
     a("--device", choices=("auto", "cpu", "cuda"))
     a("--precision", choices=("fp32", "bf16"))
     a("--latent-stats-clips", type=int,
