@@ -341,7 +341,8 @@ def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str,
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     mine = dist.shard_list(list(range(n_shards)), env.rank, env.world_size)
     signature = _run_signature(cfg, record, dtype)
-    binding = runs.check_binding(out, run_binding(cfg, record, dtype, items), allow_change)
+    binding = runs.check_binding(out, run_binding(cfg, record, dtype, items), allow_change,
+                                 defaults=runs.defaults_of(ExtractConfig))
 
     todo = []
     for j in mine:  # temp files a killed run left for this rank's shards

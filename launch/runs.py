@@ -24,6 +24,7 @@ an intended change (e.g. ``steps`` for a longer schedule); an allowed change is 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -224,6 +225,22 @@ def binding_record(settings: dict[str, Any], harmless: tuple[str, ...], facts: d
     return json.loads(json.dumps(record, sort_keys=True))
 
 
+def defaults_of(cls: type) -> dict[str, Any]:
+    """The defaults of a config dataclass's fields as binding keys (nested configs flattened;
+    fields without a default left out): a setting that did not exist when a run folder was bound
+    counts as its default there, so adding a setting does not strand the runs made before it."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        values[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return json.loads(json.dumps(flatten(values)))
+
+
 def parse_allow(values: list[str] | str | None) -> tuple[str, ...]:
     """``--allow-change`` values (repeatable, comma-separated) -> the keys."""
     if values is None:
@@ -257,11 +274,12 @@ class Binding:
 
 
 def check_binding(folder: str | Path, record: dict[str, Any], allow: tuple[str, ...] = (),
-                  new_folder: str = "--output NEW_FOLDER") -> Binding:
+                  new_folder: str = "--output NEW_FOLDER", defaults: dict[str, Any] | None = None) -> Binding:
     """The binding of a run that will write into ``folder``: refused (`UserError`) when the folder
     holds a run whose record differs in a key that ``allow`` does not name (a key, or a prefix of
-    keys). ``new_folder`` is how this verb is given another output (named in the message). Reads
-    only: ``Binding.write`` records it."""
+    keys). ``new_folder`` is how this verb is given another output (named in the message);
+    ``defaults`` (`defaults_of`) stand in for keys the folder's record predates. Reads only:
+    ``Binding.write`` records it."""
     folder = Path(folder)
     path = folder / BINDING
     old: dict[str, Any] = {}
@@ -279,6 +297,7 @@ def check_binding(folder: str | Path, record: dict[str, Any], allow: tuple[str, 
                         f"(bound: {', '.join(sorted(record))})")
     if not path.is_file():
         return Binding(folder, record)
+    old = {**{k: v for k, v in (defaults or {}).items() if k in record}, **old}
     differ = {k: [old.get(k, _ABSENT), record.get(k, _ABSENT)] for k in sorted(set(old) | set(record))
               if old.get(k, _ABSENT) != record.get(k, _ABSENT)}
     refused = [k for k in differ if not any(_covers(a, k) for a in allow)]

@@ -448,7 +448,8 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
         deepspeed_config(cfglib.replace(cfg.engine, precision=precision), cfg.data.batch_size, cfg.optim.grad_accum,
                          cfg.optim.grad_clip)
     record = run_binding(cfg, manifest, dist.dist_env().world_size, precision)
-    return runs.check_binding(out, record, allow_change, new_folder="output=NEW_FOLDER")
+    return runs.check_binding(out, record, allow_change, new_folder="output=NEW_FOLDER",
+                              defaults=runs.defaults_of(TrainConfig))
 
 
 def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -715,8 +715,9 @@ def check_run_folder(cfg: TrainAEConfig, allow_change: tuple[str, ...] = ()) -> 
     if cfg.resume not in ("auto", "no"):
         source = Path(cfg.resume).resolve().parent.parent  # RUN/checkpoints/step-N -> RUN
         if source != out.resolve():
-            runs.check_binding(source, record, allow_change, new_folder="--resume CHECKPOINT of a run like this one")
-    return runs.check_binding(out, record, allow_change)
+            runs.check_binding(source, record, allow_change, new_folder="--resume CHECKPOINT of a run like this one",
+                               defaults=runs.defaults_of(TrainAEConfig))
+    return runs.check_binding(out, record, allow_change, defaults=runs.defaults_of(TrainAEConfig))
 
 
 def train_autoencoder(cfg: TrainAEConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 one line naming each key ``old -> new`` and the two ways out, before anything is written -- and
 ``--allow-change KEY`` lets an intended change through (recorded in run.json). No checkpoint
 another run wrote is deleted."""
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -161,6 +162,15 @@ def test_binding_unit(tmp_path):
         runs.check_binding(tmp_path / "new", changed)
     assert set(runs.check_binding(tmp_path / "new", changed, ("optim",)).changes) == {"optim.betas", "optim.lr"}
     assert runs.parse_allow(["steps,optim.lr", " seed "]) == ("steps", "optim.lr", "seed")
+    # a setting added after the folder was bound counts as its default there
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        steps: int = 2
+        added: float = 0.5
+    with_added = dict(record, added=0.5)
+    assert runs.check_binding(tmp_path / "new", with_added, defaults=runs.defaults_of(Cfg)).changes == {}
+    with pytest.raises(UserError, match=r"added: 0.5 -> 0.7"):
+        runs.check_binding(tmp_path / "new", dict(record, added=0.7), defaults=runs.defaults_of(Cfg))
     (tmp_path / "new" / runs.BINDING).write_text("{")
     with pytest.raises(UserError, match="cannot be read"):
         runs.check_binding(tmp_path / "new", record)
