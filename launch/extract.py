@@ -345,7 +345,7 @@ def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str,
                                  defaults=runs.defaults_of(ExtractConfig))
 
     todo = []
-    for j in mine:  # temp files a killed run left for this rank's shards
+    for j in mine:  # this rank's shards that are not done (or differ, with an allowed change)
         sidecar = out / f"shard-{j:06d}.json"
         keys = [it.key for it in items[j * cfg.shard_size:(j + 1) * cfg.shard_size]]
         if sidecar.exists():
@@ -360,7 +360,7 @@ def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str,
             if tar_ok and not differ:
                 continue
         todo.append(j)
-    for j in mine:
+    for j in mine:  # temp files a killed run left for this rank's shards
         for stale in out.glob(f".shard-{j:06d}.*tmp"):
             stale.unlink(missing_ok=True)
 
