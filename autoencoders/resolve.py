@@ -162,6 +162,7 @@ def config_of(ref: str) -> tuple[type[Autoencoder], Any]:
     meta = read_json(Path(ref) / "config.json")
     family = meta.get("family")
     if family not in FAMILIES:
+        saved_config(ref)  # says what the folder is instead (a DiT run, ...)
         raise KeyError(f"{ref}: unknown autoencoder family {family!r}; known: {sorted(FAMILIES)}")
     cls = FAMILIES[family]
     return cls, cfglib.from_dict(cls.config_cls, meta["config"])

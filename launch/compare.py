@@ -45,6 +45,7 @@ from launch.train import TrainConfig, dit_overrides
 from launch.train_ae import TrainAEConfig
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_json, read_json
+from ldm.errors import MissingInput, UserError, check_min, checking
 from ldm.metrics import FVD_FRAMES, load_i3d
 from ldm.samplers import SamplingConfig
 
@@ -90,6 +91,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def check_args(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The numbers, files and autoencoders of an ``ldm compare`` command are usable before any
+    work or folder (`UserError` naming the flag otherwise); returns the autoencoder entries."""
+    check_min({"--frames": args.frames, "--height": args.height, "--width": args.width, "--synth": args.synth,
+               "--dit-steps": args.dit_steps, "--nproc": args.nproc, "--eval-clips": args.eval_clips,
+               "--per-prompt": args.per_prompt, "--sample-steps": args.sample_steps,
+               "--fvd-frames": args.fvd_frames}, 1)
+    check_min({"--ae-steps": args.ae_steps, "--guidance": args.guidance}, 0)
+    if args.fps is not None and not args.fps > 0:
+        raise UserError(f"--fps must be > 0, got {args.fps}")
+    if Path(args.output).is_file():
+        raise UserError(f"--output {args.output} is a file; give a folder for the report")
+    paths = {"--input": args.input, "--eval-input": args.eval_input, "--train-config": args.train_config,
+             "--lpips-backbone": args.lpips_backbone, "--lpips-heads": args.lpips_heads, "--i3d": args.i3d}
+    for flag, path in paths.items():
+        if path is not None and not Path(path).exists():
+            raise MissingInput(f"{flag} {path}: not found")
+    if bool(args.lpips_backbone) != bool(args.lpips_heads):
+        raise UserError("LPIPS needs both --lpips-backbone and --lpips-heads")
+    from data.sources import list_items
+    for flag, folder in {"--input": args.input, "--eval-input": args.eval_input}.items():
+        if folder is not None:
+            with checking(flag):
+                list_items(folder)
+    with checking("--train"):
+        cfglib.load_yaml(args.train_config, TrainConfig, list(args.train))
+    if args.synth:
+        from data.synth import combinations
+        with checking():
+            combinations(args.shapes, args.colors, args.directions)
+    with checking("--autoencoders"):
+        entries = _entries(args.autoencoders)
+    with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
+        for e in entries:  # every autoencoder must take the clip size before anything runs
+            costlib.latent_spec(e["checkpoint"] or e["name"], args.frames, args.height, args.width)
+    return entries
+
+
 def run(args: argparse.Namespace) -> int:
     report = compare(args)
     print((Path(args.output) / "compare.md").read_text())
@@ -116,7 +155,7 @@ def _entries(spec: str) -> list[dict[str, Any]]:
         for i, e in enumerate(out):
             e["label"] = f"{i}-{e['label']}"
     if not out:
-        raise ValueError("--autoencoders is empty")
+        raise UserError("--autoencoders is empty: give NAME[,NAME...] (see `ldm list`) or saved folders")
     return out
 
 
@@ -242,16 +281,15 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Run the comparison (see the module doc); returns the report also written as compare.json."""
     t_start = time.perf_counter()
     out = Path(args.output)
+    entries = check_args(args)
+    with checking():
+        device = dist.device_for(dist.dist_env(), args.device)
+        lpips = None
+        if args.lpips_backbone or args.lpips_heads:
+            from ldm.metrics import LPIPS
+            lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
+        i3d = load_i3d(args.i3d, device=device) if args.i3d else None
     out.mkdir(parents=True, exist_ok=True)
-    entries = _entries(args.autoencoders)
-    for e in entries:  # every autoencoder must take the clip size before anything runs
-        costlib.latent_spec(e["checkpoint"] or e["name"], args.frames, args.height, args.width)
-    device = dist.device_for(dist.dist_env(), args.device)
-    lpips = None
-    if args.lpips_backbone or args.lpips_heads:
-        from ldm.metrics import LPIPS
-        lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
-    i3d = load_i3d(args.i3d, device=device) if args.i3d else None
     train_data, eval_data, synth = _data(args, out)
     rows = []
     for e in entries:

@@ -38,6 +38,7 @@ import dit
 from ldm import config as cfglib
 from ldm.cost import (FLOP_CONVENTION, count_flops, dit_forward_flops_analytic, fake_mode, prime_optimizer,
                       train_step_memory)
+from ldm.errors import MissingInput, UserError, check_min, checking
 from ldm.latent import Cond, Latent, LatentSpec, part_tokens
 
 KEYS = ("autoencoder", "latent_shape", "latent_elements", "compression_rate", "compression_factor", "vcpr",
@@ -68,12 +69,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", help="also write a PNG of FLOPs and memory vs compression rate")
 
 
-def run(args: argparse.Namespace) -> int:
+def check_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+    """The autoencoder names and DiT overrides of an ``ldm cost`` command, checked before any
+    work (`UserError` naming the flag otherwise)."""
+    check_min({"--frames": args.frames, "--height": args.height, "--width": args.width,
+               "--batch-size": args.batch_size, "--steps": args.steps, "--text-dim": args.text_dim}, 1)
+    check_min({"--text-tokens": args.text_tokens}, 0)
     names = (sorted(autoencoders.REGISTRY) if args.all
              else [n.strip() for n in args.autoencoders.split(",") if n.strip()])
     if not names:
-        raise ValueError("--autoencoders is empty")
-    overrides = cfglib.apply_dotted({}, args.dit_config)
+        raise UserError("--autoencoders is empty: give NAME[,NAME...] (see `ldm list`) or --all")
+    with checking("--autoencoders"):
+        for name in names:
+            autoencoders.config_of(name)
+    refused = []
+    for name in names:  # a size no autoencoder takes is an error; with some, the others get an error row
+        try:
+            latent_spec(name, args.frames, args.height, args.width)
+        except (ValueError, KeyError) as e:
+            refused.append(f"{name}: {e}")
+    if len(refused) == len(names):
+        raise UserError(f"--frames {args.frames} --height {args.height} --width {args.width}: no autoencoder asked "
+                        f"for takes this size ({refused[0]}{'; ...' if len(refused) > 1 else ''})")
+    with checking("--dit-config"):
+        overrides = cfglib.apply_dotted({}, args.dit_config)
+        cfglib.replace(dit.REGISTRY[args.dit], **overrides)
+    for flag, path in {"--csv": args.csv, "--plot": args.plot}.items():
+        if path is not None and Path(path).is_dir():
+            raise UserError(f"{flag} {path} is a folder; give a file to write")
+        if path is not None and not Path(path).parent.is_dir():
+            raise MissingInput(f"{flag} {path}: folder {Path(path).parent} does not exist")
+    return names, overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    names, overrides = check_args(args)
     t0 = time.perf_counter()
     rows = cost_table(names, args.frames, args.height, args.width, args.dit, batch_size=args.batch_size,
                       steps=args.steps, cfg=args.cfg, dit_overrides=overrides, text_tokens=args.text_tokens,

@@ -43,11 +43,14 @@ import torch
 
 from data.attributes import read_attributes
 from data.synth import CARDINAL, COLORS, SHAPES, caption, class_id, parse_combo, synth_dataset
+from autoencoders import build
 from launch.extract import ExtractConfig
+from launch.extract import check_config as check_extract
 from launch.pipeline import run_verb
-from launch.train import TrainConfig
+from launch.train import TrainConfig, check_ranges
 from launch.train_ae import TrainAEConfig
 from ldm import config as cfglib
+from ldm.errors import UserError, check_min, checking
 from ldm.samplers import SamplingConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -150,9 +153,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     path = args.config or CONFIG_DIR / ("demo-quick.yaml" if args.quick else "demo.yaml")
+    with checking():
+        cfg = load_config(path, args.overrides)
+    check_config(cfg, Path(args.output))
     try:
-        report = run_demo(load_config(path, args.overrides), args.output)
-    except (ValueError, OSError, RuntimeError) as e:  # bad settings, output folder, a failed stage
+        report = run_demo(cfg, args.output)
+    except UserError:
+        raise
+    except (ValueError, OSError, RuntimeError) as e:  # a failed stage (its log is named)
         print(f"ldm demo: error: {e}", file=sys.stderr)
         return 1
     acc = report["accuracy"]
@@ -195,6 +203,60 @@ def _prepare_output(out: Path) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by `ldm demo`; running the demo again clears this folder\n")
+
+
+def _ae_config(cfg: DemoConfig, work: Path) -> TrainAEConfig:
+    """The `ldm train-ae` settings of the demo's autoencoder stage."""
+    s, a = cfg.synth, cfg.autoencoder
+    return TrainAEConfig(
+        autoencoder=a.autoencoder, data=str(work / "videos"), output=str(work / "ae"), frames=a.frames or s.frames,
+        height=s.size, width=s.size, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, steps=a.steps,
+        kl_weight=a.kl_weight, log_every=max(1, min(10, a.steps // 10)), save_every=max(a.steps, 1),
+        sample_every=max(a.steps, 1), num_workers=a.num_workers, seed=s.seed, device="cpu", progress=False)
+
+
+def _extract_config(cfg: DemoConfig, work: Path) -> ExtractConfig:
+    """The `ldm extract` settings of the demo's extraction stage."""
+    s, e = cfg.synth, cfg.extract
+    return ExtractConfig(
+        checkpoint=str(work / "ae" / "final"), input=str(work / "videos"), output=str(work / "latents"),
+        frames=s.frames, height=s.size, width=s.size, shard_size=e.shard_size, batch_size=e.batch_size,
+        text_encoder=e.text_encoder, device="cpu")
+
+
+def _dit_config(cfg: DemoConfig, work: Path) -> TrainConfig:
+    """The `ldm train` settings of the demo's DiT stage."""
+    return cfglib.replace(cfg.dit, output=str(work / "dit"),
+                          data=cfglib.replace(cfg.dit.data, shards=str(work / "latents")))
+
+
+@contextmanager
+def _section(name: str) -> Iterator[None]:
+    """A stage's settings rejected (any `ValueError`, a `UserError` included): one `UserError`
+    that names the section of the demo YAML."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(f"{name}: {e}") from e
+
+
+def check_config(cfg: DemoConfig, out: Path) -> None:
+    """Every stage's settings and the output folder are usable before anything runs (`UserError`
+    naming the key otherwise)."""
+    check_min({"synth.num": cfg.synth.num, "synth.eval_per_combo": cfg.synth.eval_per_combo,
+               "synth.frames": cfg.synth.frames, "synth.size": cfg.synth.size}, 1)
+    with _section("autoencoder"):
+        ae = _ae_config(cfg, out / "work")
+        with torch.device("meta"):
+            build(ae.autoencoder).check_input(ae.frames, ae.height, ae.width)
+    with _section("extract"):
+        check_extract(_extract_config(cfg, out / "work"))
+    with _section("dit"):
+        check_ranges(_dit_config(cfg, out / "work"))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; give a folder for the report")
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise UserError(f"--output {out} is not empty and was not written by `ldm demo`; choose a new folder")
 
 
 def _threads_per_rank(ranks: int) -> int:
@@ -282,13 +344,9 @@ def _train_ae(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
     """`ldm train-ae` (``train_autoencoder`` under DDP) on ``ranks`` processes."""
     from ldm.checkpoint import read_json
 
-    s, a = cfg.synth, cfg.autoencoder
-    run_verb("train-ae", TrainAEConfig(
-        autoencoder=a.autoencoder, data=str(work / "videos"), output=str(work / "ae"), frames=a.frames or s.frames,
-        height=s.size, width=s.size, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, steps=a.steps,
-        kl_weight=a.kl_weight, log_every=max(1, min(10, a.steps // 10)), save_every=a.steps, sample_every=a.steps,
-        num_workers=a.num_workers, seed=s.seed, device="cpu", progress=False),
-        out / "logs" / "train_ae.log", ranks=cfg.ranks, threads=_threads_per_rank(cfg.ranks))
+    a = cfg.autoencoder
+    run_verb("train-ae", _ae_config(cfg, work), out / "logs" / "train_ae.log", ranks=cfg.ranks,
+             threads=_threads_per_rank(cfg.ranks))
     summary = read_json(work / "ae" / "summary.json")
     return {"name": a.autoencoder, "steps": summary["steps"], "world_size": summary["world_size"],
             "first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
@@ -327,12 +385,8 @@ def _eval_ae(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
 def _extract(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
     from data.manifest import load_manifest
 
-    s, e = cfg.synth, cfg.extract
-    run_verb("extract", ExtractConfig(
-        checkpoint=str(work / "ae" / "final"), input=str(work / "videos"), output=str(work / "latents"),
-        frames=s.frames, height=s.size, width=s.size, shard_size=e.shard_size, batch_size=e.batch_size,
-        text_encoder=e.text_encoder, device="cpu"),
-        out / "logs" / "extract.log", ranks=cfg.ranks, threads=_threads_per_rank(cfg.ranks))
+    run_verb("extract", _extract_config(cfg, work), out / "logs" / "extract.log", ranks=cfg.ranks,
+             threads=_threads_per_rank(cfg.ranks))
     m = load_manifest(work / "latents")
     return {"world_size": m.world_size, "written": m.counts.written, "skipped": m.counts.skipped,
             "shards": len(m.shards), "latent_shape": m.latent_spec["latent_shape"],
@@ -342,8 +396,7 @@ def _extract(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
 def _train_dit(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
     from dit import load_export
 
-    tcfg = cfglib.replace(cfg.dit, output=str(work / "dit"),
-                          data=cfglib.replace(cfg.dit.data, shards=str(work / "latents")))
+    tcfg = _dit_config(cfg, work)
     run_verb("train", tcfg, out / "logs" / "train.log", ranks=cfg.ranks, threads=_threads_per_rank(cfg.ranks))
     log = [json.loads(line) for line in (work / "dit" / "log.jsonl").read_text().splitlines()]
     ckpt = work / "dit" / "checkpoints"

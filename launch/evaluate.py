@@ -55,9 +55,10 @@ from data.video import VideoError, probe, read_video, write_video
 from dit import Export, load_export
 from launch import dist
 from launch.dist import compute_dtype
-from launch.sample import add_sampling_arguments, generate, sampling_from_args
+from launch.sample import add_sampling_arguments, check_export, generate, sampling_from_args
 from launch.train_ae import save_grid
 from ldm.checkpoint import atomic_write_json, file_sha256
+from ldm.errors import MissingInput, UserError, check_min, checking
 from ldm.latent import Cond
 from ldm.metrics import (FVD_FRAMES, I3D_KINDS, LPIPS, VBENCH_NORMALIZE, Extractor, fid_accumulator, fvd_accumulator,
                          load_i3d, load_inception, psnr, ssim_per_frame, temporal_flickering, vbench_aggregate)
@@ -168,7 +169,8 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
             shown[1].extend(y[:take])
     n = len(scores["psnr"])
     if n == 0:
-        raise ValueError(f"none of the {listed} videos in {input} could be read: {skipped[:3]}")
+        raise UserError(f"none of the {listed} videos in {input} could be read: {skipped[:3]}; fix or replace the "
+                        "inputs, or change --frames/--fps")
     result: dict[str, Any] = {"clips": n, "skipped": skipped, "frames": frames, "height": height, "width": width,
                               "psnr_db": _mean_std(scores["psnr"]), "ssim": _mean_std(scores["ssim"]),
                               "ssim_protocol": "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 2 "
@@ -529,8 +531,50 @@ def _metric_args(p: argparse.ArgumentParser, lpips: bool = True) -> None:
     p.add_argument("--fvd-frames", type=int, default=FVD_FRAMES, help="frames per clip for FVD (reference: 16)")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The numbers, files and folders of an ``ldm eval`` command are usable, before any model is
+    loaded or anything written (`UserError` naming the flag otherwise)."""
+    gen = args.what == "gen"
+    check_min({"--frames": args.frames, "--height": args.height, "--width": args.width, "--num": args.num,
+               "--batch-size": args.batch_size, "--fvd-frames": args.fvd_frames,
+               **({"--per-prompt": args.per_prompt, "--vbench-per-prompt": args.vbench_per_prompt,
+                   "--vbench-gpus": args.vbench_gpus, "--vbench-max-prompts": args.vbench_max_prompts} if gen else {})}, 1)
+    if not gen:
+        check_min({"--frame-group": args.frame_group, "--group-start": args.group_start}, 0)
+    if args.fps is not None and not args.fps > 0:
+        raise UserError(f"--fps must be > 0, got {args.fps}")
+    files = {"--i3d": args.i3d, **({"--inception": args.inception} if gen else
+                                    {"--lpips-backbone": args.lpips_backbone, "--lpips-heads": args.lpips_heads})}
+    for flag, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise MissingInput(f"{flag} {path}: file not found")
+    out = Path(args.output)
+    if gen:
+        if out.is_file():
+            raise UserError(f"--output {out} is a file; give a folder (result.json and videos go there)")
+        check_export(args.checkpoint)
+        for flag, path in {"--reference": args.reference, "--samples": args.samples,
+                           "--ae-checkpoint": args.ae_checkpoint}.items():
+            if path is not None and not Path(path).exists():
+                raise MissingInput(f"{flag} {path}: not found")
+        if not (args.attributes or args.reference or args.vbench):
+            raise UserError("choose at least one of --attributes, --reference (FVD / FID), --vbench")
+        if args.reference and not (args.i3d or args.inception):
+            raise UserError("--reference needs --i3d (FVD) and/or --inception (FID)")
+        if args.attributes:
+            with checking():
+                attribute_suite(args.shapes, args.colors, args.directions, args.holdout)
+    else:
+        if out.is_dir():
+            raise UserError(f"--output {out} is a folder; give the result JSON file to write")
+        if not Path(args.input).exists():
+            raise MissingInput(f"--input {args.input}: not found")
+
+
 def run(args: argparse.Namespace) -> int:
-    device = dist.device_for(dist.dist_env(), args.device)
+    check_args(args)
+    with checking():
+        device = dist.device_for(dist.dist_env(), args.device)
     if args.what == "recon":
         result = run_recon(args, device)
     else:
@@ -556,12 +600,19 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         if not (args.lpips_backbone and args.lpips_heads):
             raise ValueError("LPIPS needs both --lpips-backbone and --lpips-heads")
         lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
-    i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None  # fail early, before encoding
-    ae, name, ckpt_hash = resolve(args.autoencoder, args.checkpoint or args.ae_path, subfolder=args.ae_subfolder)
+    with checking("--i3d"):
+        i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None  # fail early, before encoding
+    with checking():
+        ae, name, ckpt_hash = resolve(args.autoencoder, args.checkpoint or args.ae_path, subfolder=args.ae_subfolder)
+    with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
+        ae.check_input(args.frames, args.height, args.width)
     text_encoder = None
     if args.text_encoder:
         from ldm.text import build_text_encoder
-        text_encoder = build_text_encoder(args.text_encoder, device=device)
+        with checking("--text-encoder"):
+            text_encoder = build_text_encoder(args.text_encoder, device=device)
+    with checking():
+        ae.check_text_encoder(text_encoder, args.text_encoder, name)
     result = evaluate_reconstruction(ae, args.input, args.frames, args.height, args.width, fps=args.fps, num=args.num,
                                      batch_size=args.batch_size, device=device, lpips=lpips, i3d=i3d,
                                      fvd_frames=args.fvd_frames, frame_group=args.frame_group,
@@ -577,22 +628,28 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 
 def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    if not (args.attributes or args.reference or args.vbench):
-        raise ValueError("choose at least one of --attributes, --reference (FVD / FID), --vbench")
-    i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None
-    inception = load_inception(args.inception, device) if args.inception else None
-    if args.reference and i3d is None and inception is None:
-        raise ValueError("--reference needs --i3d (FVD) and/or --inception (FID)")
-    info = vbench_info_path(args.vbench_info) if args.vbench else None
-    dtype = compute_dtype(args.dtype, device)
+    with checking():
+        i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None
+        inception = load_inception(args.inception, device) if args.inception else None
+    with checking():
+        info = vbench_info_path(args.vbench_info) if args.vbench else None
+        dtype = compute_dtype(args.dtype, device)
     model, export = load_export(args.checkpoint, device)
     model = model.to(dtype)
-    ae = resolve_record(export.autoencoder, args.ae_checkpoint).model.to(device=device, dtype=dtype).eval()
+    with checking():
+        ae = resolve_record(export.autoencoder, args.ae_checkpoint).model.to(device=device, dtype=dtype).eval()
     frames = args.frames or export.video.frames
     height, width = args.height or export.video.height, args.width or export.video.width
+    with checking(f"--frames {frames} --height {height} --width {width}"):
+        ae.check_input(frames, height, width)
+    with checking():
+        if args.attributes:
+            _conditioning(model, export, True if args.use_class else None)
+        if args.reference and args.samples is None:
+            _conditioning(model, export, None)
+    sampling = sampling_from_args(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    sampling = sampling_from_args(args)
     common = dict(sampling=sampling, batch_size=args.batch_size, device=device)
     result: dict[str, Any] = {"checkpoint": args.checkpoint, "autoencoder": export.autoencoder.name,
                               "frames": frames, "height": height, "width": width}

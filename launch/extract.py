@@ -27,6 +27,7 @@ caption's embedding from ``--text-encoder`` (the same embedding is cached in the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ from data import shards
 from data.manifest import MANIFEST, Counts, Manifest
 from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, Window, Windows, probe, read_clips
-from launch import dist
+from launch import dist, runs
 from launch.cli import config_flag
 from ldm import config as cfglib
 from ldm.artifacts import AERecord, ClipSpec
@@ -86,6 +87,12 @@ class ExtractConfig:
     clip_stride: int | None = None
 
 
+# settings that may differ when an extraction is run again into its folder (they do not change
+# the latents); every other ExtractConfig key binds the folder (runs.check_binding). ``dtype`` is
+# bound as the precision it resolves to.
+HARMLESS = ("output", "batch_size", "num_workers", "verify", "device", "chunk_frames", "dtype")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``[--config FILE.yaml] [flags] [KEY=VALUE ...]``: the flags are shorthands of ``ExtractConfig``
     keys and win over the YAML; dotted overrides win over both."""
@@ -94,6 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--config", help="an ExtractConfig YAML")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. shard_size=128")
+    p.add_argument(runs.ALLOW_FLAG, dest="allow_change", action="append", metavar="KEY[,KEY]",
+                   help=runs.ALLOW_HELP + " (finished shards that differ are encoded again)")
     a("--autoencoder", help=f"registered name (see `ldm list`; optional with --checkpoint) or "
                             f"{' / '.join(k + ':<what>' for k in sorted(LOADERS))} with --ae-path")
     a("--checkpoint", help="folder written by save_pretrained / `ldm train-ae` (OUTPUT/final)")
@@ -152,7 +161,8 @@ def check_config(cfg: ExtractConfig) -> None:
 
 def run(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k in ExtractConfig.__dataclass_fields__}
-    summary = extract(cfglib.load_yaml(args.config, ExtractConfig, args.overrides, values=flags))
+    summary = extract(cfglib.load_yaml(args.config, ExtractConfig, args.overrides, values=flags),
+                      runs.parse_allow(args.allow_change))
     if dist.is_main():
         print(json.dumps({k: summary[k] for k in ("written", "skipped", "shards", "clips_per_s", "verify_psnr")}))
     return 0
@@ -244,6 +254,17 @@ def _run_signature(cfg: ExtractConfig, record: AERecord, dtype: torch.dtype) -> 
             "dtype": dist.dtype_name(dtype), "tile": cfg.tile}
 
 
+def run_binding(cfg: ExtractConfig, record: AERecord, dtype: torch.dtype, items: list) -> dict[str, Any]:
+    """What the output folder is bound to: the settings except ``HARMLESS``, the autoencoder
+    (name, config and weights hashes), the precision and the inputs (how many, a hash of their keys)."""
+    keys = [it.key for it in items]
+    facts = {"model": {"name": record.name, "config_hash": record.config_hash,
+                       "checkpoint_hash": record.checkpoint_hash},
+             "compute_dtype": dist.dtype_name(dtype),
+             "inputs": f"{len(keys)} (keys sha256 {hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]})"}
+    return runs.binding_record(cfglib.to_dict(cfg), HARMLESS, facts)
+
+
 def _clip_spec(cfg: ExtractConfig) -> ClipSpec:
     windows = Windows.from_flags(cfg.clips_per_video, cfg.clip_stride)
     return ClipSpec(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps,
@@ -286,7 +307,9 @@ def auto_batch_size(requested: int, ae: Autoencoder, cfg: ExtractConfig, device:
     return int(min(64, max(1, 0.5 * free // per_clip)))
 
 
-def extract(cfg: ExtractConfig) -> dict[str, Any]:
+def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run the extraction ``cfg``; ``allow_change``: keys of the binding that may differ from the
+    extraction the output folder holds (its differing shards are encoded again)."""
     windows = Windows.from_flags(cfg.clips_per_video, cfg.clip_stride)  # contradictory flags: clear error first
     check_config(cfg)
     out = Path(cfg.output)
@@ -318,22 +341,28 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     mine = dist.shard_list(list(range(n_shards)), env.rank, env.world_size)
     signature = _run_signature(cfg, record, dtype)
+    binding = runs.check_binding(out, run_binding(cfg, record, dtype, items), allow_change,
+                                 defaults=runs.defaults_of(ExtractConfig))
 
     todo = []
-    for j in mine:  # temp files a killed run left for this rank's shards
-        for stale in out.glob(f".shard-{j:06d}.*tmp"):
-            stale.unlink(missing_ok=True)
+    for j in mine:  # this rank's shards that are not done (or differ, with an allowed change)
         sidecar = out / f"shard-{j:06d}.json"
         keys = [it.key for it in items[j * cfg.shard_size:(j + 1) * cfg.shard_size]]
         if sidecar.exists():
             done = read_json(sidecar)
-            if done["signature"] != signature or done["keys"] != keys:
-                raise RuntimeError(f"{out} holds shards of a different extraction ({sidecar.name} differs in "
-                                   "autoencoder/checkpoint/video spec/inputs); use a new --output folder")
+            old = done["signature"]
+            differ = [k for k in sorted(set(old) | set(signature)) if old.get(k) != signature.get(k)]
+            differ += ["inputs"] if done["keys"] != keys else []
+            if differ and not binding.changes:  # a folder of an extraction made before run.json existed
+                raise UserError(f"{out} holds shards of a different extraction ({sidecar.name}: {', '.join(differ)} "
+                                "differ); give a new --output folder")
             tar_ok = done["written"] == 0 or (out / shards.SHARD_NAME.format(j)).exists()
-            if tar_ok:
+            if tar_ok and not differ:
                 continue
         todo.append(j)
+    for j in mine:  # temp files a killed run left for this rank's shards
+        for stale in out.glob(f".shard-{j:06d}.*tmp"):
+            stale.unlink(missing_ok=True)
 
     workers = auto_workers(cfg.num_workers, device, env.world_size)
     batch = auto_batch_size(cfg.batch_size, ae, cfg, device, dtype, ae.text_dim) if todo else 1
@@ -343,7 +372,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     bar = tqdm(total=n_clips, desc=f"extract r{env.rank}", unit="clip", disable=not dist.is_main())
     t0 = time.perf_counter()
     encoded = _extract_shards(units, windows, cfg, items, clips, ae, text_encoder, signature, out, device, dtype,
-                              batch, workers, bar)
+                              batch, workers, bar, binding)
     elapsed = time.perf_counter() - t0
     bar.close()
 
@@ -352,6 +381,8 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     if dist.is_main():
         manifest = _merge_manifest(out, n_shards, record, spec, env.world_size, items,
                                    text_encoder.dim if text_encoder is not None else None, cfg, signature["dtype"])
+        if manifest.counts.written and (binding.changes or not (out / runs.BINDING).exists()):
+            binding.write()  # allowed changes recorded (also for a folder of an earlier version)
         summary.update(written=manifest.counts.written, skipped=manifest.counts.skipped, shards=len(manifest.shards))
         if cfg.verify > 0 and manifest.counts.written > 0:
             summary["verify_psnr"] = verify(out, ae, cfg, items, device, text_encoder, dtype)
@@ -389,6 +420,7 @@ def _remove_empty_run(out: Path, n_shards: int, made_output: bool) -> None:
     for j in range(n_shards):
         (out / f"shard-{j:06d}.json").unlink(missing_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
+    (out / runs.BINDING).unlink(missing_ok=True)
     if made_output and out.is_dir() and not any(out.iterdir()):
         out.rmdir()
 
@@ -405,10 +437,14 @@ class _ShardBuffer:
     text_tokens: int = 0
 
 
-def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signature: dict, out: Path) -> None:
-    """The shard's tar (atomic rename), then its sidecar, which marks it done. The output folder is
-    made with the first shard, so a run that fails before writing one leaves no folder."""
+def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signature: dict, out: Path,
+                       binding: runs.Binding) -> None:
+    """The shard's tar (atomic rename), then its sidecar, which marks it done. The output folder
+    (and its ``run.json``) is made with the first shard, so a run that fails before writing one
+    leaves no folder."""
     out.mkdir(parents=True, exist_ok=True)
+    if binding.changes or not (out / runs.BINDING).exists():
+        binding.write()
     lo, hi = buf.index * cfg.shard_size, min((buf.index + 1) * cfg.shard_size, len(items))
     if buf.samples:
         shards.write_shard(out / shards.SHARD_NAME.format(buf.index), buf.samples, buf.keys)
@@ -420,7 +456,7 @@ def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signa
 @torch.no_grad()
 def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, items: list, clips: VideoClipDataset,
                     ae: Autoencoder, text_encoder, signature: dict, out: Path, device: torch.device,
-                    dtype: torch.dtype, batch_size: int, workers: int, bar: tqdm) -> int:
+                    dtype: torch.dtype, batch_size: int, workers: int, bar: tqdm, binding: runs.Binding) -> int:
     """Encode the clips of ``units`` (`_plan_units`: this rank's shards, in order) and write each
     shard when its last clip is done.
 
@@ -467,7 +503,7 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
         for f in written:  # a failed write (disk full) stops the run at the next shard
             if f.done():
                 f.result()
-        written.append(writer.submit(_write_shard_files, buf, cfg, items, signature, out))
+        written.append(writer.submit(_write_shard_files, buf, cfg, items, signature, out, binding))
 
     try:
         for clip in (clip for unit in loader for clip in unit):

@@ -6,6 +6,7 @@ import json
 
 import autoencoders
 import dit
+from ldm.errors import UserError, check_min
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,7 +17,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_min({"--frames": args.frames, "--height": args.height, "--width": args.width}, 1)
     aes = [autoencoders.describe(n, args.frames, args.height, args.width) for n in sorted(autoencoders.REGISTRY)]
+    if all("error" in d for d in aes):
+        raise UserError(f"--frames {args.frames} --height {args.height} --width {args.width}: no registered "
+                        f"autoencoder takes this size (e.g. {aes[0]['name']}: {aes[0]['error']})")
     dits = [dit.describe(n) for n in sorted(dit.REGISTRY)]
     if args.json:
         print(json.dumps({"autoencoders": aes, "dits": dits}, indent=2))

@@ -35,7 +35,7 @@ def _function(verb: str):
 def run_verb(verb: str, cfg: Any, log: Path, ranks: int = 1, in_process: bool = False,
              threads: int | None = None) -> Any:
     """Run ``ldm VERB`` with the config dataclass ``cfg``; ``log`` gets the command's output and,
-    beside it, the config as ``<log stem>.yaml``. ``in_process`` (one rank only) calls the verb's
+    beside it, the config as ``<log stem>.yaml`` (appended to, never truncated). ``in_process`` (one rank only) calls the verb's
     function here and returns its result; otherwise ``ranks`` processes run under ``torchrun
     --standalone`` (``threads``: their OMP_NUM_THREADS) and a failure raises with the log's tail."""
     function = _function(verb)
@@ -51,11 +51,12 @@ def run_verb(verb: str, cfg: Any, log: Path, ranks: int = 1, in_process: bool = 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    with open(log, "w") as f:
+    with open(log, "a") as f:  # a rerun into the same folder adds to the earlier runs' log
+        start = f.tell()
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         code = subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
-        tail = log.read_text()[-4000:]
+        tail = log.read_bytes()[start:].decode(errors="replace")[-4000:]
         raise RuntimeError(f"`ldm {verb}` on {ranks} rank(s) failed (exit {code}); log {log}:\n{tail}")
     return None

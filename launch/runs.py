@@ -9,15 +9,29 @@ then ``commit`` (rank 0) writes ``MANIFEST.json`` -- sha256 and size of every fi
 folder into place (the rename is the completion marker: no half-written checkpoint ever has a
 final name), points ``checkpoints/latest`` at it and removes all but the newest ``keep``. On resume
 ``find_checkpoint`` verifies the candidates newest first against their manifests and returns the
-first intact one with the reasons the others were rejected.
+first intact one with the reasons the others were rejected. An intact checkpoint is never
+deleted to make room for one of the same step (a run that fell back past it): it is kept aside as
+``step-N.kept-K``.
+
+A run folder is bound to what made it (``check_binding`` / ``Binding.write``): ``run.json``
+records every setting that shapes the run -- all of the verb's settings except the harmless ones
+it names (logging, checkpoint cadence, workers, progress, device) -- and what the inputs are
+(the latents' autoencoder and weights hashes, the list of videos, ...). Resuming into a folder
+whose record differs is refused before anything is done or written, naming each differing key
+``old -> new`` and the two ways out: a new output folder, or ``--allow-change KEY[,KEY]`` for
+an intended change (e.g. ``steps`` for a longer schedule); an allowed change is recorded in
+``run.json`` (``changes``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import random
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ldm.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256, read_json, save_tensors
+from ldm.errors import UserError
 
 log = logging.getLogger("ldm.checkpoints")
 
@@ -73,12 +88,19 @@ def commit(root: Path, step: int, keep: int) -> Path:
     files = {str(p.relative_to(tmp)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
              for p in sorted(tmp.rglob("*")) if p.is_file()}
     atomic_write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})
-    if final.exists():  # an older run's (possibly corrupt) checkpoint of the same step
-        trash = root / f".{final.name}.old"
-        if trash.exists():
+    if final.exists():  # a checkpoint of the same step that this run fell back past
+        if verify_checkpoint(final) is None:  # intact (e.g. it could not be loaded here): never deleted
+            k = 1
+            while (root / f"{final.name}.kept-{k}").exists():
+                k += 1
+            final.rename(root / f"{final.name}.kept-{k}")
+            log.warning("%s existed and is intact: kept as %s.kept-%d", final, final.name, k)
+        else:  # corrupt or half-written: replaced
+            trash = root / f".{final.name}.old"
+            if trash.exists():
+                shutil.rmtree(trash)
+            final.rename(trash)
             shutil.rmtree(trash)
-        final.rename(trash)
-        shutil.rmtree(trash)
     tmp.rename(final)
     atomic_write_bytes(root / "latest", (final.name + "\n").encode())
     if keep > 0:
@@ -165,6 +187,125 @@ def truncate_log(path: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue
     atomic_write_bytes(path, "".join(x + "\n" for x in kept).encode())
+
+
+# ------------------------------------------------------------------------------------------
+# run binding: a run folder belongs to the settings and inputs that made it
+# ------------------------------------------------------------------------------------------
+BINDING = "run.json"
+ALLOW_FLAG = "--allow-change"
+ALLOW_HELP = ("settings that may differ from the run the output folder holds: an intended change, e.g. steps for a "
+              "longer schedule (a key or a prefix such as optim; repeatable). Without it a resume with other "
+              "settings or inputs is refused")
+_ABSENT = "(none)"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> one level of dotted keys (lists and other values kept as they are; an empty
+    dict gives no key)."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _covers(prefix: str, key: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def binding_record(settings: dict[str, Any], harmless: tuple[str, ...], facts: dict[str, Any]) -> dict[str, Any]:
+    """What a run folder is bound to: the ``settings`` (a config as a dict, flattened to dotted
+    keys) except the ``harmless`` keys (or prefixes), plus ``facts`` about its inputs; JSON-normal
+    (tuples as lists), as ``run.json`` gives it back."""
+    record = {k: v for k, v in flatten(settings).items() if not any(_covers(h, k) for h in harmless)}
+    record.update(flatten(facts))
+    return json.loads(json.dumps(record, sort_keys=True))
+
+
+def defaults_of(cls: type) -> dict[str, Any]:
+    """The defaults of a config dataclass's fields as binding keys (nested configs flattened;
+    fields without a default left out): a setting that did not exist when a run folder was bound
+    counts as its default there, so adding a setting does not strand the runs made before it."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        values[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return json.loads(json.dumps(flatten(values)))
+
+
+def parse_allow(values: list[str] | str | None) -> tuple[str, ...]:
+    """``--allow-change`` values (repeatable, comma-separated) -> the keys."""
+    if values is None:
+        return ()
+    if isinstance(values, str):
+        values = [values]
+    return tuple(k.strip() for v in values for k in v.split(",") if k.strip())
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if value == _ABSENT else json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@dataclass
+class Binding:
+    """The record a run folder is bound to, and the allowed changes from the one it held."""
+
+    folder: Path
+    record: dict[str, Any]
+    changes: dict[str, list[Any]] = field(default_factory=dict)  # key -> [old, new]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def write(self) -> None:
+        """``run.json`` (atomically; the folder is made if needed). Call on one rank, once the run
+        starts writing into the folder."""
+        history = self.history + ([{"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": self.changes}]
+                                  if self.changes else [])
+        atomic_write_json(self.folder / BINDING, {"format": FORMAT, "record": self.record, "changes": history})
+        self.history, self.changes = history, {}
+
+
+def check_binding(folder: str | Path, record: dict[str, Any], allow: tuple[str, ...] = (),
+                  new_folder: str = "--output NEW_FOLDER", defaults: dict[str, Any] | None = None) -> Binding:
+    """The binding of a run that will write into ``folder``: refused (`UserError`) when the folder
+    holds a run whose record differs in a key that ``allow`` does not name (a key, or a prefix of
+    keys). ``new_folder`` is how this verb is given another output (named in the message);
+    ``defaults`` (`defaults_of`) stand in for keys the folder's record predates. Reads only:
+    ``Binding.write`` records it."""
+    folder = Path(folder)
+    path = folder / BINDING
+    old: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    if path.is_file():
+        try:
+            saved = read_json(path)
+            old, history = dict(saved["record"]), list(saved.get("changes", []))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path} cannot be read ({e}); move it away only if {folder} holds nothing you need, "
+                            f"or give {new_folder}") from None
+    unknown = [a for a in allow if not any(_covers(a, k) for k in set(record) | set(old))]
+    if unknown:
+        raise UserError(f"{ALLOW_FLAG} {','.join(unknown)}: not a setting this run is bound to "
+                        f"(bound: {', '.join(sorted(record))})")
+    if not path.is_file():
+        return Binding(folder, record)
+    old = {**{k: v for k, v in (defaults or {}).items() if k in record}, **old}
+    differ = {k: [old.get(k, _ABSENT), record.get(k, _ABSENT)] for k in sorted(set(old) | set(record))
+              if old.get(k, _ABSENT) != record.get(k, _ABSENT)}
+    refused = [k for k in differ if not any(_covers(a, k) for a in allow)]
+    if refused:
+        what = "; ".join(f"{k}: {_short(differ[k][0])} -> {_short(differ[k][1])}" for k in refused)
+        raise UserError(f"{folder} holds a run made with other settings or inputs ({what}); give {new_folder} for a "
+                        f"new run, or {ALLOW_FLAG} {','.join(refused)} if the change is intended")
+    return Binding(folder, record, differ, history)
 
 
 class NonFiniteGuard:

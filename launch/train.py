@@ -110,8 +110,18 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
+# settings that may change when a run is resumed; every other key of TrainConfig binds the run
+# folder (runs.check_binding). The per-rank batch, accumulation and sequence parallelism follow
+# the topology: the global batch they make is bound instead.
+HARMLESS = ("output", "log_every", "save_every", "keep_checkpoints", "max_nonfinite", "universal_checkpoints",
+            "data.num_workers", "data.prefetch", "data.batch_size", "optim.grad_accum", "model.sequence_parallel",
+            "model.compile", "engine.deepspeed", "engine.activation_checkpointing", "engine.peak_tflops",
+            "engine.precision")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="training YAML (see launch/configs/train-debug.yaml)")
+    p.add_argument(runs.ALLOW_FLAG, dest="allow_change", action="append", metavar="KEY[,KEY]", help=runs.ALLOW_HELP)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=4 engine.deepspeed=zero3")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (YAML) and exit; reads and writes nothing")
@@ -123,8 +133,20 @@ def run(args: argparse.Namespace) -> int:
             print(cfglib.resolved_yaml(args.config, TrainConfig, args.overrides), end="")
         return 0
     cfg = cfglib.load_yaml(args.config, TrainConfig, args.overrides)
-    train(cfg)
+    train(cfg, runs.parse_allow(args.allow_change))
     return 0
+
+
+def run_binding(cfg: TrainConfig, manifest: Manifest, world_size: int, precision: str) -> dict[str, Any]:
+    """What the run folder is bound to: the settings except ``HARMLESS``, the global batch, the
+    precision, and the latents (their autoencoder, its config and weights hashes, shapes, clips)."""
+    ae = manifest.autoencoder
+    facts = {"global_batch": cfg.data.batch_size * cfg.optim.grad_accum * max(world_size // cfg.model.sequence_parallel, 1),
+             "precision": precision,
+             "latents": {"autoencoder": ae.name, "config_hash": ae.config_hash, "checkpoint_hash": ae.checkpoint_hash,
+                         "shapes": list(manifest.latent_shapes) or manifest.latent_spec["latent_shape"],
+                         "clips": manifest.counts.written}}
+    return runs.binding_record(cfglib.to_dict(cfg), HARMLESS, facts)
 
 
 def sample_generators(seed: int, positions: list[int]) -> list[torch.Generator]:
@@ -378,7 +400,8 @@ def bucket_batch_sizes(manifest: Manifest, dcfg: dit.DiTConfig, dcfg_data: DataC
     return sizes
 
 
-def _check_ranges(cfg: TrainConfig) -> None:
+def check_ranges(cfg: TrainConfig) -> None:
+    """The numbers and choices of ``cfg`` are in range (`UserError` naming the key otherwise)."""
     at_least = {"steps": (cfg.steps, 1), "log_every": (cfg.log_every, 1), "save_every": (cfg.save_every, 1),
                 "keep_checkpoints": (cfg.keep_checkpoints, 1), "max_nonfinite": (cfg.max_nonfinite, 1),
                 "data.batch_size": (cfg.data.batch_size, 1), "data.shuffle": (cfg.data.shuffle, 0),
@@ -410,11 +433,12 @@ def _check_ranges(cfg: TrainConfig) -> None:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def check_config(cfg: TrainConfig) -> None:
+def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.Binding:
     """Everything a run needs is usable before any work starts: value ranges, the shard folders
-    and their manifests, the DiT for their latents, the DeepSpeed config, the output path
-    (`UserError` naming the key otherwise)."""
-    _check_ranges(cfg)
+    and their manifests, the DiT for their latents, the DeepSpeed config, the output path, and a
+    folder of an earlier run was made by these settings and latents (`UserError` naming the key
+    otherwise). Returns the binding to record."""
+    check_ranges(cfg)
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"output={out} is a file; give a run folder")
@@ -429,12 +453,17 @@ def check_config(cfg: TrainConfig) -> None:
         precision = resolve_precision(cfg.engine.precision, dist.device_for(dist.dist_env()))
         deepspeed_config(cfglib.replace(cfg.engine, precision=precision), cfg.data.batch_size, cfg.optim.grad_accum,
                          cfg.optim.grad_clip)
+    record = run_binding(cfg, manifest, dist.dist_env().world_size, precision)
+    return runs.check_binding(out, record, allow_change, new_folder="output=NEW_FOLDER",
+                              defaults=runs.defaults_of(TrainConfig))
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train per ``cfg``; ``allow_change``: keys of the binding that may differ from the run the
+    output folder holds (``--allow-change``)."""
     import deepspeed
 
-    check_config(cfg)
+    binding = check_config(cfg, allow_change)
     env = dist.init_distributed()
     if env.world_size == 1:
         _single_process_group()
@@ -491,6 +520,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     nonfinite = runs.NonFiniteGuard(cfg.max_nonfinite)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
+        if not (out / runs.BINDING).is_file() and runs.checkpoints(out / "checkpoints"):
+            log.warning("%s has checkpoints but no %s (made before runs were bound): bound to this run's settings "
+                        "from now on", out, runs.BINDING)
+        binding.write()
         atomic_write_json(out / "config.json", {"train": cfglib.to_dict(cfg), "dit": cfglib.to_dict(dcfg),
                                                 "export": context.to_dict()})
     parts = manifest.parts

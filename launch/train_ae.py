@@ -45,6 +45,7 @@ CPU with a fixed seed the loss sequence equals that of an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import logging
@@ -74,7 +75,7 @@ from data.video import VideoError, video_to_uint8
 from launch import dist, runs
 from launch.cli import config_flag
 from ldm import config as cfglib
-from ldm.checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, read_json
+from ldm.checkpoint import atomic_write_bytes, atomic_write_json, dir_hash, load_tensors, read_json
 from ldm.errors import MissingInput, UserError, checking
 from ldm.latent import Cond
 from ldm.metrics import LPIPS
@@ -84,8 +85,10 @@ log = logging.getLogger("ldm.train_ae")
 # files every train-ae checkpoint holds (runs.verify_checkpoint)
 REQUIRED_FILES = ("model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json", "rng.safetensors",
                   "trainer.json")
-# trainer settings that must match between a checkpoint and the run resuming it
-RESUME_MUST_MATCH = ("frames", "height", "width", "buckets", "fps", "batch_size", "seed", "text_encoder")
+# settings that may change when a run is resumed; every other TrainAEConfig key binds the run
+# folder (runs.check_binding). ``stage`` is checked against the checkpoint's (AETrainer._resume_stage).
+HARMLESS = ("output", "log_every", "save_every", "sample_every", "keep", "num_workers", "resume", "device",
+            "progress", "max_nonfinite", "latent_stats_clips", "stage")
 
 
 @dataclass(frozen=True)
@@ -387,8 +390,8 @@ def measure_latent_stats(ae: Autoencoder, videos: list[Tensor], device: torch.de
 
 
 class AETrainer:
-    def __init__(self, cfg: TrainAEConfig, env: dist.DistEnv):
-        self.cfg, self.env = cfg, env
+    def __init__(self, cfg: TrainAEConfig, env: dist.DistEnv, binding: runs.Binding | None = None):
+        self.cfg, self.env, self.binding = cfg, env, binding
         self.out = Path(cfg.output)
         self.ckpt_root = self.out / "checkpoints"
         self.device = dist.device_for(env, cfg.device)
@@ -495,13 +498,6 @@ class AETrainer:
         if trainer["world_size"] != self.env.world_size:
             raise ValueError(f"{path} was written by {trainer['world_size']} rank(s); this run has "
                              f"{self.env.world_size}. Resume with the same number of processes.")
-        saved = trainer["settings"]
-        for key in RESUME_MUST_MATCH:
-            # a checkpoint written before a setting existed ran with its default
-            was = saved.get(key, TrainAEConfig.__dataclass_fields__[key].default)
-            if json.loads(json.dumps(was)) != json.loads(json.dumps(getattr(self.cfg, key))):  # tuples as lists
-                raise ValueError(f"{path}: --{key.replace('_', '-')} was {was!r} in the checkpoint, "
-                                 f"{getattr(self.cfg, key)!r} now; it must not change on resume")
         meta = read_json(path / "config.json")
         if meta["family"] != self.ae.family or meta["config"] != cfglib.to_dict(self.ae.config):
             raise ValueError(f"{path}: the checkpoint's autoencoder config differs from this run's "
@@ -542,7 +538,7 @@ class AETrainer:
             if path is None:
                 if self.rejected:
                     raise RuntimeError(f"no valid checkpoint under {self.ckpt_root} (all rejected, see above); "
-                                       "pass --resume no to start over")
+                                       "give a new --output to start over")
                 return None
         else:
             path = Path(mode)
@@ -561,7 +557,7 @@ class AETrainer:
         family = FAMILIES.get(meta.get("family"))
         saved = meta["config"].get("stage") if family is not None and family.stages else None
         if self.cfg.stage is not None and saved is not None and saved != self.cfg.stage:
-            raise ValueError(f"{self.resume_path} was trained at stage {saved}, not --stage {self.cfg.stage}: "
+            raise UserError(f"{self.resume_path} was trained at stage {saved}, not --stage {self.cfg.stage}: "
                              f"resume with --stage {saved}, or start stage {self.cfg.stage} as a new run "
                              f"(--init {self.out / 'final'} --stage {self.cfg.stage} --output NEW_DIR)")
         return self.cfg.stage if self.cfg.stage is not None else saved
@@ -680,6 +676,8 @@ class AETrainer:
         sample_captions: list[str] = []
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if self.binding is not None:
+                self.binding.write()
             runs.truncate_log(log_path, self.step)
             sample_clips, sample_captions = self._sample_clips(2)
         dist.barrier()
@@ -762,13 +760,43 @@ class AETrainer:
         return summary
 
 
-def train_autoencoder(cfg: TrainAEConfig) -> dict[str, Any]:
+def run_binding(cfg: TrainAEConfig) -> dict[str, Any]:
+    """What the run folder is bound to: the settings except ``HARMLESS``, the videos (how many,
+    and a hash of their names) and the weights hash of ``init`` / ``base_checkpoint``."""
+    keys = [it.key for it in list_items(cfg.data)]
+    facts = {"videos": f"{len(keys)} (names sha256 {hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]})"}
+    for key in ("init", "base_checkpoint"):
+        if getattr(cfg, key) is not None:
+            facts[f"{key}_weights"] = dir_hash(getattr(cfg, key))
+    return runs.binding_record(cfglib.to_dict(cfg), HARMLESS, facts)
+
+
+def check_run_folder(cfg: TrainAEConfig, allow_change: tuple[str, ...] = ()) -> runs.Binding:
+    """The output folder may take this run: no earlier run's checkpoints are replaced
+    (``--resume no`` into a folder that has some), and a folder of an earlier run -- or the run
+    of ``--resume CHECKPOINT`` -- was made by the same settings and inputs (`runs.check_binding`)."""
+    out = Path(cfg.output)
+    if cfg.resume == "no" and runs.checkpoints(out / "checkpoints"):
+        raise UserError(f"--resume no: {out} holds checkpoints of an earlier run, which this run would replace; "
+                        f"give a new --output to start over (or move {out / 'checkpoints'} away)")
+    record = run_binding(cfg)
+    if cfg.resume not in ("auto", "no"):
+        source = Path(cfg.resume).resolve().parent.parent  # RUN/checkpoints/step-N -> RUN
+        if source != out.resolve():
+            runs.check_binding(source, record, allow_change, new_folder="--resume CHECKPOINT of a run like this one",
+                               defaults=runs.defaults_of(TrainAEConfig))
+    return runs.check_binding(out, record, allow_change, defaults=runs.defaults_of(TrainAEConfig))
+
+
+def train_autoencoder(cfg: TrainAEConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train per ``cfg`` (single process, or every rank of a torchrun/srun job) and return the
-    run summary (steps, first/last logged loss, throughput, skipped clips, paths)."""
+    run summary (steps, first/last logged loss, throughput, skipped clips, paths).
+    ``allow_change``: keys of the binding that may differ from the run the output folder holds."""
+    binding = check_run_folder(cfg, allow_change)  # before any process group or folder
     owns_group = not dist.is_initialized()
     env = dist.init_distributed()
     try:
-        return AETrainer(cfg, env).run()
+        return AETrainer(cfg, env, binding).run()
     finally:
         if owns_group:
             dist.cleanup()
@@ -790,6 +818,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the resolved settings (YAML) and exit; reads and writes nothing")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides (YAML values), e.g. steps=2000 lr_drop=[[70000,1e-5]]")
+    parser.add_argument(runs.ALLOW_FLAG, dest="allow_change", action="append", metavar="KEY[,KEY]",
+                        help=runs.ALLOW_HELP)
     a("--autoencoder", choices=sorted(REGISTRY), help="registered autoencoder to train")
     a("--init", help="start from a folder written by save_pretrained (e.g. another run's final/)")
     a("--ae-config", dest="ae_config", action="append", metavar="KEY=VALUE",
@@ -843,8 +873,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--keep", type=int, help="checkpoints to keep (>= 2)")
     a("--num-workers", type=int)
     a("--seed", type=int)
-    a("--resume", help="auto (default): newest valid checkpoint under OUTPUT/checkpoints; no: start over; or a "
-                       "checkpoint folder")
+    a("--resume", help="auto (default): newest valid checkpoint under OUTPUT/checkpoints; no: start from step 0 (an "
+                       "OUTPUT holding checkpoints is refused); or a checkpoint folder")
     a("--device", choices=("auto", "cpu", "cuda"))
     a("--precision", choices=("fp32", "bf16"))
     a("--latent-stats-clips", type=int,
@@ -919,7 +949,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING, stream=sys.stderr,
                         format=f"[rank {env.rank}] %(levelname)s %(message)s" if env.world_size > 1
                         else "%(levelname)s %(message)s")
-    summary = train_autoencoder(cfg)
+    summary = train_autoencoder(cfg, runs.parse_allow(args.allow_change))
     if env.rank == 0:
         print(json.dumps({k: summary[k] for k in ("autoencoder", "steps", "first_loss", "last_loss",
                                                   "steps_per_s", "clips_per_s", "final")}))

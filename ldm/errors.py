@@ -48,3 +48,11 @@ def checking(what: str | None = None) -> Iterator[None]:
         text = _message(e)
         kind = MissingInput if isinstance(e, FileNotFoundError) else UserError
         raise kind(f"{what}: {text}" if what else text) from e
+
+
+def check_min(values: dict[str, float | int | None], low: float | int, note: str = "") -> None:
+    """Each ``flag -> value`` (None: not given, skipped) is at least ``low``; else a `UserError`
+    ``FLAG must be >= LOW, got VALUE`` (plus ``note``)."""
+    for flag, value in values.items():
+        if value is not None and value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}{note}")

@@ -15,6 +15,7 @@ from data.manifest import load_manifest
 from data.synth import synth_dataset
 from data.video import write_frames
 from launch.cli import main as ldm
+from ldm.errors import UserError
 from procs import torchrun
 
 AE = "kl2d-f8c4-debug"
@@ -68,7 +69,7 @@ def test_resume_skips_finished_shards_and_matches(videos, tmp_path):
     assert (tmp_path / "a" / "shard-000000.tar").stat().st_mtime_ns == mtime0  # not redone
     assert shards.raw_bytes_digest(tmp_path / "a") == digest
     assert load_manifest(tmp_path / "a") == manifest
-    with pytest.raises(RuntimeError, match="different extraction"):
+    with pytest.raises(UserError, match=r"other settings or inputs \(fps: null -> 4.0\)"):
         _extract(videos, tmp_path / "a", "--fps", "4")
 
 
@@ -173,7 +174,7 @@ def test_every_window_is_stable_across_batch_sizes_workers_and_resume(long_video
     _extract(long_videos, tmp_path / "a", *every)
     assert shards.raw_bytes_digest(tmp_path / "a") == digest
     assert load_manifest(tmp_path / "a") == manifest
-    with pytest.raises(RuntimeError, match="different extraction"):
+    with pytest.raises(UserError, match=r"\(clip_stride: 4 -> 8\)"):
         _extract(long_videos, tmp_path / "a", "--clip-stride", "8", "--fps", "8")
 
 
@@ -244,7 +245,7 @@ def test_workers_batch_size_and_dtype(videos, tmp_path):
     for a, b in zip(ref, low):
         err = (a["latent"]["z"] - b["latent"]["z"]).abs().max() / a["latent"]["z"].abs().max()
         assert 0 < err < 0.05  # bf16 has 8 mantissa bits: close, but not identical
-    with pytest.raises(RuntimeError, match="different extraction"):
+    with pytest.raises(UserError, match='compute_dtype: "fp32" -> "bf16"'):
         _extract(videos, tmp_path / "ref", "--dtype", "bf16")
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         _extract(videos, tmp_path / "fp16", "--dtype", "fp16")

@@ -105,14 +105,14 @@ def test_resumed_stage_2_run_keeps_its_stage(runs, tmp_path, capsys):
     first = _train_ae(capsys, *init, "--stage", "2", "--steps", "2", *common)
     assert load_pretrained(first["final"]).config.stage == 2
     # resumed without --stage: the checkpoint's stage 2, not the --init folder's stage 1
-    _train_ae(capsys, *init, "--steps", "3", *common)
+    _train_ae(capsys, *init, "--steps", "3", "--allow-change", "steps", *common)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"].endswith("step-00000002") and summary["stage"] == 2
     s1, s2 = load_pretrained(runs["s1"] / "final"), load_pretrained(out / "final")
     for (n, p), q in zip(s1.global_encoder.state_dict().items(), s2.global_encoder.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
     with pytest.raises(ValueError, match="trained at stage 2, not --stage 1"):
-        ldm(["train-ae", *init, "--stage", "1", "--steps", "4", *common])
+        ldm(["train-ae", *init, "--stage", "1", "--steps", "3", *common])
 
 
 def test_stage_flags_are_clear_errors_for_other_families(runs, tmp_path):

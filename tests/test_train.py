@@ -45,7 +45,7 @@ def test_resume_repeats_the_uninterrupted_run(latents, tmp_path):
     full = train(_cfg(latents, tmp_path / "full", steps=6, save_every=3))
     assert len(full["losses"]) == 6 and all(map(torch.isfinite, torch.tensor(full["losses"])))
     train(_cfg(latents, tmp_path / "part", steps=3, save_every=3))
-    resumed = train(_cfg(latents, tmp_path / "part", steps=6, save_every=3))
+    resumed = train(_cfg(latents, tmp_path / "part", steps=6, save_every=3), allow_change=("steps",))
     assert resumed["losses"] == full["losses"][3:]  # exact, not approximately
     assert _losses(tmp_path / "part") == full["losses"]
     model, ctx = load_export(tmp_path / "part")
@@ -60,7 +60,7 @@ def test_corrupt_checkpoint_falls_back(latents, tmp_path):
     newest = tmp_path / "r" / "checkpoints" / "step-00000004"
     for f in newest.glob("*optim_states.pt"):
         f.write_bytes(b"garbage")
-    out = train(_cfg(latents, tmp_path / "r", steps=5, save_every=5))
+    out = train(_cfg(latents, tmp_path / "r", steps=5, save_every=5), allow_change=("steps",))
     assert len(out["losses"]) == 3  # resumed from step 2, not 4
 
 
@@ -69,11 +69,11 @@ def test_checkpoints_of_earlier_versions_resume_and_all_rejected_stops(latents, 
     step = tmp_path / "old" / "checkpoints" / "step-00000002"
     (step / "trainer.json").rename(step / "complete.json")  # the layout before launch/runs.py: no manifest
     (step / "MANIFEST.json").unlink()
-    assert len(train(_cfg(latents, tmp_path / "old", steps=3, save_every=3))["losses"]) == 1  # resumed at 2
+    assert len(train(_cfg(latents, tmp_path / "old", steps=3, save_every=3), allow_change=("steps",))["losses"]) == 1  # resumed at 2
     train(_cfg(latents, tmp_path / "bad", steps=2, save_every=2))
     (tmp_path / "bad" / "checkpoints" / "step-00000002" / "ema.safetensors").write_bytes(b"garbage")
     with pytest.raises(RuntimeError, match="no usable checkpoint"):  # not a silent start from step 0
-        train(_cfg(latents, tmp_path / "bad", steps=3, save_every=3))
+        train(_cfg(latents, tmp_path / "bad", steps=3, save_every=3), allow_change=("steps",))
 
 
 def test_loss_decreases(latents, tmp_path):
@@ -156,9 +156,10 @@ def test_activation_checkpointing_and_accumulation_and_bf16(latents, tmp_path):
     assert all(map(torch.isfinite, torch.tensor(bf16))) and bf16[1:] != base[1:]  # bf16 really ran
 
 
-def _torchrun(latents, out, *over, nproc=2):
+def _torchrun(latents, out, *over, nproc=2, allow=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = torchrun(nproc, "train", "--config", str(YAML), f"data.shards={latents}", f"output={out}",
+    cmd = torchrun(nproc, "train", "--config", str(YAML), *(["--allow-change", allow] if allow else []),
+                   f"data.shards={latents}", f"output={out}",
                    "data.shuffle=8", "log_every=1", "optim.warmup_steps=2", "optim.lr=0.001", *over)
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -173,9 +174,10 @@ def test_resume_on_another_topology(latents, tmp_path):
     ref = _losses(tmp_path / "ref")
     _torchrun(latents, tmp_path / "run", "data.batch_size=2", "steps=2", "save_every=2")
     one = train(_cfg(latents, tmp_path / "run", steps=4, save_every=2, **{"data.batch_size": 4,
-                                                                          "engine.deepspeed": "zero3"}))
+                                                                          "engine.deepspeed": "zero3"}),
+                allow_change=("steps",))
     assert one["losses"] == pytest.approx(ref[2:4], rel=1e-4)
-    out = _torchrun(latents, tmp_path / "run", "data.batch_size=2", "steps=6", "save_every=2")
+    out = _torchrun(latents, tmp_path / "run", "data.batch_size=2", "steps=6", "save_every=2", allow="steps")
     assert "universal state" in out
     assert _losses(tmp_path / "run") == pytest.approx(ref, rel=1e-4)
 

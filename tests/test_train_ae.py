@@ -111,7 +111,7 @@ def test_resume_is_exact_and_corrupt_checkpoint_falls_back(straight, clips, tmp_
     out = tmp_path / "run"
     first = train_autoencoder(_cfg(clips, out, steps=3))
     assert first["resumed_from"] is None
-    second = train_autoencoder(_cfg(clips, out, steps=6))
+    second = train_autoencoder(_cfg(clips, out, steps=6), allow_change=("steps",))
     assert second["resumed_from"].endswith("step-00000003") and second["start_step"] == 3
     assert [r["loss"] for r in _log(out)] == ref[:6]  # bit-identical to the uninterrupted run
     # corrupt the newest checkpoint: the previous one is used and the sequence is still exact
@@ -119,7 +119,7 @@ def test_resume_is_exact_and_corrupt_checkpoint_falls_back(straight, clips, tmp_
     data = bytearray(model_file.read_bytes())
     data[-7] ^= 0xFF
     model_file.write_bytes(bytes(data))
-    third = train_autoencoder(_cfg(clips, out, steps=7))
+    third = train_autoencoder(_cfg(clips, out, steps=7), allow_change=("steps",))
     assert third["resumed_from"].endswith("step-00000003")
     assert len(third["rejected_checkpoints"]) == 1
     assert "sha256" in third["rejected_checkpoints"][0]["reason"]
@@ -172,7 +172,8 @@ def test_config_file_then_flags_then_overrides(tmp_path):
 def test_lr_drop_survives_resume(clips, tmp_path):
     out = tmp_path / "run"
     train_autoencoder(_cfg(clips, out, steps=2, save_every=2, lr_drop=((3, 1e-4),), latent_stats_clips=0))
-    summary = train_autoencoder(_cfg(clips, out, steps=4, save_every=2, lr_drop=((3, 1e-4),), latent_stats_clips=0))
+    summary = train_autoencoder(_cfg(clips, out, steps=4, save_every=2, lr_drop=((3, 1e-4),), latent_stats_clips=0),
+                                allow_change=("steps",))
     assert summary["resumed_from"].endswith("step-00000002")
     assert [r["lr"] for r in _log(out)] == [2e-3, 2e-3, 2e-3, 1e-4]
     groups = json.loads((out / "checkpoints" / "step-00000004" / "optimizer.json").read_text())["param_groups"]

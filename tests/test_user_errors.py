@@ -237,7 +237,7 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(run, tmp_path, monkeypat
         console(argv)
     monkeypatch.delenv("LDM_DEBUG")
 
-    def bug(cfg):
+    def bug(cfg, allow_change=()):
         return {}["written"]   # a real bug: KeyError, not a user error
 
     monkeypatch.setattr(extract_verb, "extract", bug)
@@ -310,3 +310,80 @@ def test_sample_prompt_file_and_text_checks(run, tmp_path, capsys):
     _one_line_error(argv + ["--prompts-file", str(tmp_path / "prompts.txt")], capsys, "has no prompt")
     _one_line_error(argv + ["--prompts-file", str(tmp_path / "none.txt")], capsys, "none.txt not found")
     assert not (tmp_path / "s").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# ldm list, eval, cost, compare, demo: the same one-line errors before any work or folder
+# --------------------------------------------------------------------------------------------
+def _recon(run, out, *extra):
+    return ["eval", "recon", "--autoencoder", AE, "--input", str(run / "videos"), "--frames", "8", "--height", "32",
+            "--width", "32", "--output", str(out), *extra]
+
+
+def _other_verbs(run, tmp):
+    """(argv, message, path that must not appear) for each mistake."""
+    gen = ["eval", "gen", "--checkpoint", str(run / "dit"), "--output", str(tmp / "g")]
+    cost = ["cost", "--frames", "17", "--height", "64", "--width", "64"]
+    cmp = ["compare", "--autoencoders", AE, "--synth", "4", "--output", str(tmp / "c")]
+    demo = ["demo", "--quick", "--output", str(tmp / "d")]
+    return [
+        (["list", "--frames", "0"], "--frames must be >= 1, got 0", None),  # was: exit 0, every row an error
+        (_recon(run, tmp / "r.json", "--num", "0"), "--num must be >= 1, got 0", tmp / "r.json"),  # was: exit 0
+        (_recon(run, tmp / "r.json", "--batch-size", "0"), "--batch-size must be >= 1", tmp / "r.json"),
+        (_recon(run, tmp, ), "is a folder; give the result JSON file", None),  # was: IsADirectoryError
+        (_recon(run, tmp / "r.json", "--autoencoder", "nope"), "unknown autoencoder 'nope'", tmp / "r.json"),
+        (_recon(run, tmp / "r.json", "--height", "20"), "multiples of 8", tmp / "r.json"),
+        (_recon(run, tmp / "r.json", "--input", str(tmp / "none")), "--input", tmp / "r.json"),
+        (_recon(run, tmp / "r.json", "--i3d", str(tmp / "none.pt")), "--i3d", tmp / "r.json"),
+        (_recon(run, tmp / "r.json", "--input", str(tmp / "fake.mp4")), "none of the 1 videos", tmp / "r.json"),
+        (_recon(run, tmp / "r.json", "--i3d", str(tmp / "fake.mp4")), "not a TorchScript archive", tmp / "r.json"),
+        (cmp[:3] + ["--input", str(tmp / "empty")] + cmp[5:], "no videos", tmp / "c"),
+        (gen, "choose at least one of --attributes", tmp / "g"),
+        (gen + ["--attributes", "--per-prompt", "0"], "--per-prompt must be >= 1", tmp / "g"),
+        (gen + ["--attributes", "--shapes", "hexagon"], "hexagon", tmp / "g"),
+        (gen + ["--reference", str(run / "videos")], "--reference needs --i3d", tmp / "g"),
+        (["eval", "gen", "--checkpoint", str(run / "lat"), "--attributes", "--output", str(tmp / "g")], "--checkpoint",
+         tmp / "g"),
+        (cost + ["--autoencoders", "nope"], "unknown autoencoder 'nope'", None),
+        (cost + ["--all", "--frames", "0"], "--frames must be >= 1, got 0", None),
+        (cost + ["--all", "--dit-config", "nope=1"], "unknown override(s) ['nope'] for DiTConfig", None),
+        (cost + ["--autoencoders", ","], "--autoencoders is empty", None),
+        (cost + ["--autoencoders", str(run / "dit")], "is a DiT", None),  # was: unknown autoencoder family None
+        (cost + ["--autoencoders", AE, "--height", "30"], "no autoencoder asked for takes this size", None),
+        (cost + ["--all", "--csv", str(tmp / "nodir" / "x.csv")], "does not exist", tmp / "nodir"),
+        (cmp[:2] + ["nope"] + cmp[3:], "unknown autoencoder 'nope'", tmp / "c"),
+        (cmp + ["--synth", "0"], "--synth must be >= 1, got 0", tmp / "c"),
+        (cmp + ["--height", "20"], "multiples of 8", tmp / "c"),
+        (cmp + ["--train", "optim.lrr=1"], "unknown key(s) ['lrr']", tmp / "c"),
+        (cmp + ["--shapes", "hexagon"], "hexagon", tmp / "c"),
+        (cmp + ["--nproc", "0"], "--nproc must be >= 1", tmp / "c"),
+        (demo + ["nope=1"], "unknown key(s) ['nope']", tmp / "d"),
+        (demo + ["dit.steps=0"], "dit: steps must be >= 1, got 0", tmp / "d"),
+        (demo + ["autoencoder.steps=-1"], "autoencoder: steps must be >= 1", tmp / "d"),
+        (demo + ["synth.size=20"], "multiples of 8", tmp / "d"),
+    ]
+
+
+def test_list_eval_cost_compare_demo_errors_are_one_line_before_any_folder(run, tmp_path, capsys):
+    (tmp_path / "fake.mp4").write_text("<html>")
+    (tmp_path / "empty").mkdir()
+    for argv, match, absent in _other_verbs(run, tmp_path):
+        _one_line_error(argv, capsys, match)
+        assert absent is None or not absent.exists(), argv
+
+
+def test_demo_refuses_a_folder_it_did_not_write(run, tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    _one_line_error(["demo", "--quick", "--output", str(tmp_path / "d")], capsys, "was not written by `ldm demo`")
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["notes.txt"]
+
+
+def test_eval_gen_conditioning_the_dit_lacks_is_one_line_before_any_folder(run, tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(_train(run, tmp_path / "dit", "save_every=2", "data.batch_size=2", "optim.warmup_steps=1",
+                              "model.class_cond=false")) == 0
+    _one_line_error(["eval", "gen", "--checkpoint", str(tmp_path / "dit"), "--attributes", "--use-class", "--output",
+                     str(tmp_path / "g")], capsys, "--use-class: this DiT has no class conditioning")
+    assert not (tmp_path / "g").exists()

@@ -1,0 +1,212 @@
+"""A run folder is bound to what made it (``launch.runs.check_binding``): ``ldm train``,
+``ldm train-ae`` and ``ldm extract`` refuse to continue a folder whose settings or inputs differ --
+one line naming each key ``old -> new`` and the two ways out, before anything is written -- and
+``--allow-change KEY`` lets an intended change through (recorded in run.json). No checkpoint
+another run wrote is deleted."""
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+from data.synth import synth_dataset
+from launch import runs
+from launch.cli import console
+from ldm.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+YAML = ROOT / "launch" / "configs" / "train-debug.yaml"
+AE = "kl2d-f8c4-debug"
+
+
+def _ldm(argv: list[str]) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return console(argv)
+
+
+def _extract(base: Path, out: Path, *extra: str, ae: str = AE) -> list[str]:
+    return ["extract", "--autoencoder", ae, "--input", str(base / "videos"), "--output", str(out), "--frames", "8",
+            "--height", "32", "--width", "32", "--shard-size", "3", *extra]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Videos, their latents from two autoencoders, and a 2-step DiT run on the first."""
+    base = tmp_path_factory.mktemp("binding")
+    synth_dataset(base / "videos", num=6, frames=8, size=32, fps=8, seed=0)
+    assert _ldm(_extract(base, base / "lat")) == 0
+    assert _ldm(_extract(base, base / "lat16", ae="kl2d-f8c16-debug")) == 0
+    return base
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _refused(argv: list[str], capsys, *needles: str) -> str:
+    """``ldm ARGV`` exits 2 with one line holding every needle."""
+    capsys.readouterr()
+    assert _ldm(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]
+    assert len(err) == 1 and ": error: " in err[0], err
+    for needle in needles:
+        assert needle in err[0], err[0]
+    return err[0]
+
+
+def _train(base: Path, out: Path, *over: str, allow: str | None = None) -> list[str]:
+    return ["train", "--config", str(YAML), *(["--allow-change", allow] if allow else []),
+            f"data.shards={base / 'lat'}", f"output={out}", "data.batch_size=2", "optim.warmup_steps=1",
+            "save_every=2", "steps=2", *over]
+
+
+def test_train_refuses_another_model_or_autoencoder_and_allows_a_longer_schedule(base, tmp_path, capsys):
+    out = tmp_path / "dit"
+    assert _ldm(_train(base, out)) == 0
+    record = json.loads((out / runs.BINDING).read_text())["record"]
+    assert record["model.dit"] == "dit-debug" and record["latents.autoencoder"] == AE and record["global_batch"] == 2
+    before = _snapshot(out)
+    # the issue's cases: another DiT size (was: 120 warnings, restart at 0, old checkpoints rotated away) and
+    # shards of another autoencoder (was: "resumed", trained on latents of another shape)
+    _refused(_train(base, out, "model.overrides.hidden=32"), capsys,
+             f"{out} holds a run made with other settings or inputs (model.overrides.hidden: (none) -> 32)",
+             "give output=NEW_FOLDER for a new run, or --allow-change model.overrides.hidden")
+    line = _refused(_train(base, out, f"data.shards={base / 'lat16'}"), capsys, "data.shards:",
+                    'latents.autoencoder: "kl2d-f8c4-debug" -> "kl2d-f8c16-debug"', "latents.shapes.z:")
+    assert "latents.config_hash" in line
+    _refused(_train(base, out, "steps=3"), capsys, "steps: 2 -> 3", "--allow-change steps")
+    _refused(_train(base, out, "steps=3", allow="step"), capsys, "--allow-change step: not a setting")
+    assert _snapshot(out) == before  # refused before anything was written
+    # harmless settings may change; an intended change goes through and is recorded
+    assert _ldm(_train(base, out, "steps=3", "log_every=1", "keep_checkpoints=5", allow="steps")) == 0
+    assert "resumed from" in capsys.readouterr().out
+    saved = json.loads((out / runs.BINDING).read_text())
+    assert saved["record"]["steps"] == 3 and saved["changes"][0]["changes"] == {"steps": [2, 3]}
+    assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()][-1] == 3
+    assert (out / "checkpoints" / "step-00000002").is_dir()  # the earlier run's checkpoint is still there
+    # a folder made before run.json existed: resumed, and bound from now on
+    (out / runs.BINDING).unlink()
+    assert _ldm(_train(base, out, "steps=3")) == 0
+    assert json.loads((out / runs.BINDING).read_text())["record"]["steps"] == 3
+    _refused(_train(base, out, "steps=4"), capsys, "steps: 3 -> 4")
+
+
+def _train_ae(base: Path, out: Path, *extra: str) -> list[str]:
+    return ["train-ae", "--autoencoder", AE, "--data", str(base / "videos"), "--output", str(out), "--frames", "8",
+            "--height", "32", "--width", "32", "--steps", "2", "--save-every", "2", "--sample-every", "100",
+            "--latent-stats-clips", "0", "--num-workers", "0", "--no-progress", *extra]
+
+
+def test_train_ae_refuses_other_settings_and_never_replaces_an_earlier_run(base, tmp_path, capsys):
+    out = tmp_path / "ae"
+    assert _ldm(_train_ae(base, out)) == 0
+    before = _snapshot(out)
+    _refused(_train_ae(base, out, "--frames", "4"), capsys, "frames: 8 -> 4", "--output NEW_FOLDER",
+             "--allow-change frames")
+    _refused(_train_ae(base, out, "--lr", "3e-4"), capsys, "lr: 0.0001 -> 0.0003")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.mp4").write_bytes((base / "videos" / "videos" / "000000.mp4").read_bytes())
+    _refused(_train_ae(base, out, "--data", str(other)), capsys, "videos: \"6 (names", "-> \"1 (names")
+    # --resume no would start at step 0 and rotate the earlier run's checkpoints away
+    _refused(_train_ae(base, out, "--resume", "no"), capsys, "--resume no:", "holds checkpoints of an earlier run")
+    assert _snapshot(out) == before
+    assert _ldm(_train_ae(base, out, "--steps", "3", "--log-every", "1", "--allow-change", "steps")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-00000002") and summary["steps"] == 3
+    assert json.loads((out / runs.BINDING).read_text())["changes"][0]["changes"] == {"steps": [2, 3]}
+    # a checkpoint of another run given with --resume is held to that run's binding
+    _refused(_train_ae(base, tmp_path / "new", "--frames", "4", "--resume",
+                       str(out / "checkpoints" / "step-00000002")), capsys, "frames: 8 -> 4")
+    assert not (tmp_path / "new").exists()
+
+
+def test_extract_refuses_another_extraction_and_redoes_shards_on_an_allowed_change(base, tmp_path, capsys):
+    out = tmp_path / "lat"
+    assert _ldm(_extract(base, out)) == 0
+    before = _snapshot(out)
+    _refused(_extract(base, out, "--fps", "4"), capsys, "fps: null -> 4.0", "--allow-change fps")
+    _refused(_extract(base, out, ae="kl2d-f8c16-debug"), capsys, 'autoencoder: "kl2d-f8c4-debug" -> "kl2d-f8c16-debug"',
+             "model.config_hash")
+    assert _snapshot(out) == before
+    assert _ldm(_extract(base, out, "--batch-size", "2")) == 0  # harmless: nothing redone
+    assert {k: v for k, v in _snapshot(out).items() if k.endswith(".tar")} == \
+        {k: v for k, v in before.items() if k.endswith(".tar")}
+    assert _ldm(_extract(base, out, "--frames", "4", "--allow-change", "frames")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["video"]["frames"] == 4 and manifest["counts"]["written"] == 6
+    assert all(json.loads((out / f"shard-00000{j}.json").read_text())["signature"]["video"]["frames"] == 4
+               for j in (0, 1))
+    assert json.loads((out / runs.BINDING).read_text())["changes"][0]["changes"] == {"frames": [8, 4]}
+
+
+def test_a_folder_of_an_earlier_version_is_checked_by_its_shards(base, tmp_path, capsys):
+    out = tmp_path / "lat"
+    assert _ldm(_extract(base, out)) == 0
+    (out / runs.BINDING).unlink()  # made before run.json existed
+    _refused(_extract(base, out, "--fps", "4"), capsys, "holds shards of a different extraction",
+             "shard-000000.json: video differ")
+
+
+def test_binding_unit(tmp_path):
+    record = runs.binding_record({"steps": 2, "log_every": 1, "optim": {"lr": 1e-4, "betas": (0.9, 0.99)},
+                                  "overrides": {}}, ("log_every",), {"data": {"clips": 3}})
+    assert record == {"steps": 2, "optim.lr": 1e-4, "optim.betas": [0.9, 0.99], "data.clips": 3}
+    runs.check_binding(tmp_path / "new", record).write()
+    assert runs.check_binding(tmp_path / "new", record).changes == {}
+    changed = dict(record, **{"optim.lr": 2e-4, "optim.betas": [0.9, 0.999]})
+    with pytest.raises(UserError, match="optim.betas: .* -> .*; optim.lr: 0.0001 -> 0.0002"):
+        runs.check_binding(tmp_path / "new", changed)
+    assert set(runs.check_binding(tmp_path / "new", changed, ("optim",)).changes) == {"optim.betas", "optim.lr"}
+    assert runs.parse_allow(["steps,optim.lr", " seed "]) == ("steps", "optim.lr", "seed")
+    # a setting added after the folder was bound counts as its default there
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        steps: int = 2
+        added: float = 0.5
+    with_added = dict(record, added=0.5)
+    assert runs.check_binding(tmp_path / "new", with_added, defaults=runs.defaults_of(Cfg)).changes == {}
+    with pytest.raises(UserError, match=r"added: 0.5 -> 0.7"):
+        runs.check_binding(tmp_path / "new", dict(record, added=0.7), defaults=runs.defaults_of(Cfg))
+    (tmp_path / "new" / runs.BINDING).write_text("{")
+    with pytest.raises(UserError, match="cannot be read"):
+        runs.check_binding(tmp_path / "new", record)
+
+
+def test_an_intact_checkpoint_of_the_same_step_is_kept_aside(tmp_path):
+    """A run that fell back past an intact checkpoint (it could not be loaded here) and reaches its
+    step again keeps the old one as step-N.kept-1; a corrupt one is replaced."""
+    root = tmp_path / "checkpoints"
+    runs.write_checkpoint(root, 4, {"a.json": {"v": 1}}, keep=2)
+    runs.write_checkpoint(root, 4, {"a.json": {"v": 2}}, keep=2)
+    assert json.loads((root / "step-00000004" / "a.json").read_text()) == {"v": 2}
+    assert json.loads((root / "step-00000004.kept-1" / "a.json").read_text()) == {"v": 1}
+    (root / "step-00000004" / "a.json").write_text("torn")
+    runs.write_checkpoint(root, 4, {"a.json": {"v": 3}}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000004", "step-00000004.kept-1"]
+    assert runs.checkpoints(root) == [root / "step-00000004"]
+
+
+def test_a_pipeline_rerun_adds_to_the_log_of_the_earlier_run(tmp_path, monkeypatch):
+    """`ldm compare` / `ldm demo` rerun into their folder: each verb's log keeps the earlier runs'
+    output (was: truncated), and a failure shows this run's tail only."""
+    from launch import pipeline
+    from launch.train import TrainConfig
+
+    class Done:
+        returncode = 1
+
+    def fake_run(cmd, stdout, **kw):
+        stdout.write("this run failed\n")
+        return Done()
+
+    monkeypatch.setattr(pipeline.subprocess, "run", fake_run)
+    log = tmp_path / "train.log"
+    log.write_text("an earlier run's log\n")
+    with pytest.raises(RuntimeError) as e:
+        pipeline.run_verb("train", TrainConfig(), log, ranks=2)
+    assert log.read_text().startswith("an earlier run's log\n$ ") and log.read_text().endswith("this run failed\n")
+    assert "this run failed" in str(e.value) and "an earlier run" not in str(e.value)
