@@ -54,7 +54,7 @@ from ldm.errors import UserError, check_min, checking
 from ldm.samplers import SamplingConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-MARKER = ".ldm-demo"  # marks a folder written by `ldm demo` (so a rerun may clear it)
+MARKER = ".ldm-demo"  # marks a folder written by `ldm demo` (so a rerun with --overwrite may clear it)
 ATTRS = ("color", "direction", "shape")
 
 
@@ -148,6 +148,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="report folder (report.md/.html/.json, videos, work/)")
     p.add_argument("--quick", action="store_true", help="tiny numbers: the same pipeline in well under 2 minutes")
     p.add_argument("--config", help="demo YAML (default: launch/configs/demo.yaml, demo-quick.yaml with --quick)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="clear an earlier demo's --output folder (its checkpoints and report) and run again")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dit.steps=2000 sample.guidance=6")
 
 
@@ -155,9 +157,9 @@ def run(args: argparse.Namespace) -> int:
     path = args.config or CONFIG_DIR / ("demo-quick.yaml" if args.quick else "demo.yaml")
     with checking():
         cfg = load_config(path, args.overrides)
-    check_config(cfg, Path(args.output))
+    check_config(cfg, Path(args.output), args.overwrite)
     try:
-        report = run_demo(cfg, args.output)
+        report = run_demo(cfg, args.output, args.overwrite)
     except UserError:
         raise
     except (ValueError, OSError, RuntimeError) as e:  # a failed stage (its log is named)
@@ -192,17 +194,21 @@ class _Clock:
         return time.perf_counter() - self.start
 
 
-def _prepare_output(out: Path) -> None:
-    """An empty (or new) folder, or one an earlier demo wrote (cleared); anything else is an error."""
+def _prepare_output(out: Path, overwrite: bool = False) -> None:
+    """An empty (or new) folder, or with ``overwrite`` one an earlier demo wrote (cleared); anything
+    else is an error (nothing another run wrote is deleted unless asked)."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output {out} is a file")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise FileExistsError(f"--output {out} is not empty and was not written by `ldm demo`; "
                                   "choose a new folder")
+        if not overwrite:
+            raise FileExistsError(f"--output {out} holds an earlier demo; give --overwrite to replace it "
+                                  "or choose a new folder")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by `ldm demo`; running the demo again clears this folder\n")
+    (out / MARKER).write_text("written by `ldm demo`; `ldm demo --overwrite` clears this folder\n")
 
 
 def _ae_config(cfg: DemoConfig, work: Path) -> TrainAEConfig:
@@ -240,7 +246,7 @@ def _section(name: str) -> Iterator[None]:
         raise UserError(f"{name}: {e}") from e
 
 
-def check_config(cfg: DemoConfig, out: Path) -> None:
+def check_config(cfg: DemoConfig, out: Path, overwrite: bool = False) -> None:
     """Every stage's settings and the output folder are usable before anything runs (`UserError`
     naming the key otherwise)."""
     check_min({"synth.num": cfg.synth.num, "synth.eval_per_combo": cfg.synth.eval_per_combo,
@@ -257,6 +263,8 @@ def check_config(cfg: DemoConfig, out: Path) -> None:
         raise UserError(f"--output {out} is a file; give a folder for the report")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise UserError(f"--output {out} is not empty and was not written by `ldm demo`; choose a new folder")
+    if out.exists() and (out / MARKER).exists() and not overwrite:
+        raise UserError(f"--output {out} holds an earlier demo; give --overwrite to replace it or choose a new folder")
 
 
 def _threads_per_rank(ranks: int) -> int:
@@ -290,10 +298,11 @@ def accuracy(rows: list[dict[str, Any]], s: SynthStage) -> dict[str, float]:
     return out
 
 
-def run_demo(cfg: DemoConfig, output: str | Path) -> dict[str, Any]:
-    """Run every stage into ``output`` and return the report (also written as report.json)."""
+def run_demo(cfg: DemoConfig, output: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Run every stage into ``output`` and return the report (also written as report.json);
+    ``overwrite``: an earlier demo's ``output`` is cleared first (else refused)."""
     out = Path(output)
-    _prepare_output(out)
+    _prepare_output(out, overwrite)
     work = out / "work"
     clock = _Clock()
     load_start = os.getloadavg()

@@ -6,7 +6,8 @@ import math
 import pytest
 
 from launch.cli import main as ldm
-from launch.demo import CONFIG_DIR, MARKER, accuracy, load_config, run_demo
+from launch.demo import CONFIG_DIR, MARKER, _prepare_output, accuracy, check_config, load_config, run_demo
+from ldm.errors import UserError
 
 STAGES = ("synth", "train_ae", "eval_ae", "extract", "train_dit", "sample", "score", "report")
 GROUPS = ("seen_text_class", "seen_text", "heldout_text")
@@ -80,6 +81,18 @@ def test_output_folder_must_be_new_or_a_demo(tmp_path):
         run_demo(load_config(CONFIG_DIR / "demo-quick.yaml"), tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / MARKER).exists()
+    # an earlier demo's folder is replaced only when asked
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / MARKER).write_text("")
+    (old / "report.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        _prepare_output(old)
+    assert (old / "report.json").exists()
+    with pytest.raises(UserError, match="holds an earlier demo; give --overwrite"):
+        check_config(load_config(CONFIG_DIR / "demo-quick.yaml"), old)
+    _prepare_output(old, overwrite=True)
+    assert sorted(p.name for p in old.iterdir()) == [MARKER]
 
 
 def test_accuracy_counts_each_attribute_against_chance():
