@@ -17,20 +17,23 @@ Conventions (every report that uses this module states them):
   which recomputes the scores as FlashAttention does, costs 2.5x its forward.
 - **Per sample** means batch size 1, as in Hi-VAE's Appendix C.2.
 
-Memory: ``train_step_memory`` runs optimizer steps under ``MemTracker`` (torch's private
-``torch.distributed._tools.mem_tracker``; a single-process dispatch-mode tracker, no process
-group involved). Under ``FakeTensorMode`` (``fake_mode()``) no tensor storage is allocated, so a
-28-layer DiT at 32k tokens is measured on a laptop in seconds. Fake tensors follow the CPU
-dispatch: SDPA takes the CPU flash kernel, which keeps only the output and the log-sum-exp for
-backward, as the CUDA flash / memory-efficient kernels do. The tracker rounds every storage up to
-512 bytes as the CUDA caching allocator does; it does not model allocator fragmentation, the CUDA
-context or cuBLAS workspaces, so a measured ``torch.cuda.max_memory_allocated`` is expected a few
-percent higher (``cuda_train_step_memory`` measures it on a GPU).
+Memory: ``train_step_memory`` runs optimizer steps under ``PeakMemory``, a ``TorchDispatchMode``
+(the extension point ``FlopCounterMode`` uses) that counts every live tensor storage once, from
+the op that made it until it is freed. Under ``FakeTensorMode`` (``fake_mode()``) no tensor
+storage is allocated, so a 28-layer DiT at 32k tokens is measured on a laptop in seconds. Fake
+tensors follow the CPU dispatch: SDPA takes the CPU flash kernel, which keeps only the output and
+the log-sum-exp for backward, as the CUDA flash / memory-efficient kernels do. The tracker rounds
+every storage up to 512 bytes as the CUDA caching allocator does; it does not model allocator
+fragmentation, the CUDA context or cuBLAS workspaces, so a measured
+``torch.cuda.max_memory_allocated`` is expected a few percent higher (``cuda_train_step_memory``
+measures it on a GPU).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -261,15 +264,14 @@ class _SmallReal(TorchDispatchMode):
 # ------------------------------------------------------------------------------------------
 # memory
 # ------------------------------------------------------------------------------------------
-# MemTracker's categories -> our report keys
-_CATEGORIES = {"Parameter": "params", "Buffer": "buffers", "Gradient": "grads", "Optstate": "optimizer",
-               "Activation": "activations", "Temp": "temporary", "Other": "other"}
+CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporary")
+ALLOCATION_BLOCK = 512  # bytes: the CUDA caching allocator rounds every allocation up to a multiple of this
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
     peak_bytes: int
-    breakdown: dict[str, int]  # what was alive at the peak: params, grads, optimizer, activations, ...
+    breakdown: dict[str, int]  # what was alive at the peak, by CATEGORIES
     method: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -282,20 +284,67 @@ def _is_fake(t: Tensor) -> bool:
     return isinstance(t, FakeTensor)
 
 
-def _peak_tracker():
-    """``MemTracker`` keeping the global peak only. Its per-module peak bookkeeping walks every
-    tracked module on every dispatched op (quadratic in depth: 13 s instead of 2 s for
-    ``dit-standard``), and the reports here need the global peak and its breakdown only."""
-    from torch.distributed._tools.mem_tracker import MemTracker
+class PeakMemory(TorchDispatchMode):
+    """The peak of live tensor memory on one device while ops run inside this mode, and what was
+    alive at that peak by category (one of ``CATEGORIES``).
 
-    class PeakTracker(MemTracker):
-        def _update_peak_stats(self, peak_state) -> None:
-            for dev, snap in self._curr_mem_snap.items():
-                if self._peak_mem.get(dev, 0) < snap["Total"]:
-                    self._peak_mem[dev] = snap["Total"]
-                    self._peak_mem_snap[dev] = dict(snap)
+    Every distinct untyped storage on ``device`` counts once, its bytes rounded up to
+    ``ALLOCATION_BLOCK``: from when it is first seen (``add``-ed up front, or the output of an op run
+    inside) until Python frees it (a weakref callback on the storage object, which lives as long as
+    the storage). An op's new outputs count in the category of ``phase`` (set by the caller:
+    "activations" in the forward, "temporary" in the backward from the loss's gradient on,
+    "optimizer" in the optimizer step);
+    ``add(t, category)`` re-labels a storage already counted (a gradient, an optimizer state). Works
+    on fake tensors (nothing allocated) and on real ones on any device. Storage ``resize_`` (which
+    bypasses dispatch) and non-strided tensors are not seen."""
 
-    return PeakTracker()
+    def __init__(self, device: torch.device | str):
+        super().__init__()
+        self.device = torch.device(device)
+        self.phase = "activations"
+        self.live: dict[int, tuple[Any, str, int]] = {}  # id(storage) -> (weakref, category, bytes)
+        self.current = dict.fromkeys(CATEGORIES, 0)
+        self.total = self.peak = 0
+        self.at_peak = dict(self.current)
+
+    def add(self, t: Tensor, category: str | None = None) -> None:
+        """Count ``t``'s storage in ``category``, moving it there if it is counted already. With
+        ``category=None`` (an op's output) a new storage counts in the current ``phase`` and one
+        counted already keeps its category (a view, an in-place result) at its current size."""
+        if t.device != self.device or t.layout != torch.strided:
+            return
+        storage = t.untyped_storage()
+        size = -(-storage.nbytes() // ALLOCATION_BLOCK) * ALLOCATION_BLOCK
+        entry = self.live.get(id(storage))
+        if entry is None:
+            ref = weakref.ref(storage, functools.partial(self._freed, id(storage)))
+            category = category or self.phase
+        else:
+            ref, old, old_size = entry
+            if category in (None, old) and size == old_size:
+                return
+            category = category or old
+            self.current[old] -= old_size
+            self.total -= old_size
+        self.live[id(storage)] = (ref, category, size)
+        self.current[category] += size
+        self.total += size
+        if self.total > self.peak:
+            self.peak, self.at_peak = self.total, dict(self.current)
+
+    def _freed(self, key: int, ref: Any) -> None:
+        entry = self.live.get(key)
+        if entry is not None and entry[0] is ref:
+            del self.live[key]
+            self.current[entry[1]] -= entry[2]
+            self.total -= entry[2]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor):
+                self.add(t)
+        return out
 
 
 def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -312,35 +361,58 @@ def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
 def train_step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[], Tensor],
                       iterations: int = 2) -> MemoryEstimate:
     """Peak memory of ``iterations`` training steps, each ``loss_fn().backward(); optimizer.step();
-    optimizer.zero_grad(set_to_none=True)``, by ``MemTracker``.
+    optimizer.zero_grad(set_to_none=True)``, by ``PeakMemory`` on the parameters' device.
 
-    ``loss_fn`` should create its inputs (they count as activations). Adam's state appears in the
-    first step, so the steady-state peak needs 2 iterations, or 1 after ``prime_optimizer``. Build
-    the model, optimizer and inputs inside one ``fake_mode()`` to allocate nothing; with real
-    tensors the same call tracks real allocations (on any device)."""
+    Breakdown at the peak: the model's parameters and buffers and the optimizer's state (counted
+    from the start), gradients (each ``p.grad`` once accumulated), and what the ops made in each
+    phase: activations (``loss_fn``, which should create its inputs), temporary (backward: the
+    activations' gradients), optimizer (the step's own temporaries too). Adam's state appears in
+    the first step, so the steady-state peak needs 2 iterations, or 1 after ``prime_optimizer``.
+    Build the model, optimizer and inputs inside one ``fake_mode()`` to allocate nothing; with
+    real tensors the same call tracks real allocations (on any device)."""
     if iterations < 1 or (iterations < 2 and not optimizer.state):
         raise ValueError(f"{iterations} iteration(s) of an optimizer without state: the steady-state peak needs "
                          "2 (Adam's state appears in the first step), or 1 after prime_optimizer()")
     params = list(model.parameters())
     if not params:
         raise ValueError("the model has no parameters")
-    tracker = _peak_tracker()
-    tracker.track_external(model, optimizer)
-    with tracker:
-        for _ in range(iterations):
-            loss = loss_fn()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            del loss
-            tracker.reset_mod_stats()
-    device = params[0].device  # the parameters' device (Adam's step counters may sit on the CPU)
-    snap = tracker.get_tracker_snapshot("peak").get(device, {"Total": 0})
-    breakdown = {ours: int(snap.get(theirs, 0)) for theirs, ours in _CATEGORIES.items()}
-    kind = "FakeTensorMode + MemTracker" if _is_fake(params[0]) else f"MemTracker on {device}"
-    method = (f"{kind}: steady-state {type(optimizer).__name__} step, {params[0].dtype}, "
-              f"storages rounded to 512 B; no allocator fragmentation / CUDA context")
-    return MemoryEstimate(int(snap["Total"]), breakdown, method)
+    device = params[0].device  # Adam's step counters may sit on the CPU beside CUDA parameters: not counted
+    tracker = PeakMemory(device)
+
+    def add_optimizer_state() -> None:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, Tensor):
+                    tracker.add(value, "optimizer")
+
+    for p in params:
+        tracker.add(p, "params")
+        if p.grad is not None:
+            tracker.add(p.grad, "grads")
+    for b in model.buffers():
+        tracker.add(b, "buffers")
+    add_optimizer_state()
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.add(p.grad, "grads"))
+             for p in params if p.requires_grad]
+    try:
+        with tracker:
+            for _ in range(iterations):
+                tracker.phase = "activations"
+                loss = loss_fn()
+                tracker.phase = "temporary"
+                loss.backward()
+                tracker.phase = "optimizer"
+                optimizer.step()
+                add_optimizer_state()  # the state the first step creates
+                optimizer.zero_grad(set_to_none=True)
+                del loss
+    finally:
+        for hook in hooks:
+            hook.remove()
+    kind = "FakeTensorMode + ldm.cost.PeakMemory" if _is_fake(params[0]) else f"ldm.cost.PeakMemory on {device}"
+    method = (f"{kind}: live tensor storages at the peak of a steady-state {type(optimizer).__name__} step, "
+              f"{params[0].dtype}, each rounded up to {ALLOCATION_BLOCK} B; no allocator fragmentation / CUDA context")
+    return MemoryEstimate(tracker.peak, dict(tracker.at_peak), method)
 
 
 def cuda_train_step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[], Tensor],

@@ -14,8 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import dit
 from launch.cli import main as ldm
 from launch.cost import KEYS, cost_table
-from ldm.cost import (adam_model_state_bytes, count_flops, dit_forward_flops_analytic, dit_trunk_flops, fake_mode,
-                      prime_optimizer, train_step_memory)
+from ldm.cost import (CATEGORIES, adam_model_state_bytes, count_flops, dit_forward_flops_analytic, dit_trunk_flops,
+                      fake_mode, prime_optimizer, train_step_memory)
 from ldm.latent import Cond
 
 
@@ -84,7 +84,8 @@ def test_memory_without_allocating_equals_the_real_run():
     fake, n = _train_memory(True)
     real, _ = _train_memory(False)
     assert fake.peak_bytes == real.peak_bytes and fake.breakdown == real.breakdown
-    assert fake.method.startswith("FakeTensorMode + MemTracker") and real.method.startswith("MemTracker on cpu")
+    assert fake.method.startswith("FakeTensorMode + ldm.cost.PeakMemory")
+    assert real.method.startswith("ldm.cost.PeakMemory on cpu")
     # fp32 AdamW model state: 4 B weights + 8 B moments (+ 4 B gradients) per parameter, 512 B rounding
     assert 4 * n <= fake.breakdown["params"] < 4 * n + 512 * 60
     assert 8 * n <= fake.breakdown["optimizer"] < 8 * n + 1024 * 60
@@ -93,6 +94,38 @@ def test_memory_without_allocating_equals_the_real_run():
     assert primed.peak_bytes == fake.peak_bytes  # one primed step == the steady state of two
     with pytest.raises(ValueError, match="2 .Adam's state appears"):
         _train_memory(True, iterations=1)
+
+
+@pytest.mark.parametrize("fake", [False, True])
+@pytest.mark.parametrize("adam", [False, True])
+def test_peak_of_one_linear_by_hand(fake, adam):
+    """y = x W^T, loss = y.sum(), W 128 x 256 fp32 (w = 128 KiB), x 4 x 256 (4 KiB); every scalar
+    takes one 512 B block."""
+    w = 128 * 256 * 4
+    with fake_mode() if fake else contextlib.nullcontext():
+        lin = nn.Linear(256, 128, bias=False)
+        opt = (torch.optim.Adam(lin.parameters(), lr=0.1, foreach=False) if adam else
+               torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9, foreach=False))
+        prime_optimizer(opt)
+        got = train_step_memory(lin, opt, lambda: lin(torch.randn(4, 256)).sum(), iterations=1)
+    if adam:
+        # the step: W, its gradient, the two moments + the step counter, sqrt(v) and sqrt(v) / c
+        # (the denominator), and the loss
+        expect = {"params": w, "grads": w, "optimizer": 2 * w + 512 + 2 * w, "activations": 512}
+    else:
+        # the backward, as it makes W's gradient (not yet accumulated into .grad): W, the momentum,
+        # x (saved for the gradient) and the loss, the loss's gradient (1.0) and W's gradient
+        expect = {"params": w, "optimizer": w, "activations": 4096 + 512, "temporary": 512 + w}
+    assert got.breakdown == {**dict.fromkeys(CATEGORIES, 0), **expect}
+    assert got.peak_bytes == sum(expect.values())
+
+
+def test_memory_is_tracked_with_public_torch_only():
+    import inspect
+
+    import ldm.cost
+
+    assert "torch.distributed" not in inspect.getsource(ldm.cost)
 
 
 class _Loop(nn.Module):
@@ -153,7 +186,7 @@ def test_cost_cli_json_csv_plot(tmp_path, capsys):
         assert r["compression_factor"] == pytest.approx(1 / r["compression_rate"])
         assert r["dit_forward_flops"] == r["dit_forward_flops_analytic"]
         assert r["sample_flops"] == 10 * 2 * r["dit_forward_flops"] + r["ae_decode_flops"]
-        assert "FakeTensorMode + MemTracker" in r["method"]
+        assert "FakeTensorMode + ldm.cost.PeakMemory" in r["method"]
     kl, c3 = rows
     assert kl["latent_shape"] == {"z": [4, 9, 8, 8]} and kl["tokens"] == 9 * 4 * 4 and kl["vcpr"] == 64
     assert c3["latent_shape"] == {"z": [4, 3, 8, 8]} and c3["tokens"] == 3 * 4 * 4 and c3["vcpr"] == 192
