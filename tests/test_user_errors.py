@@ -439,3 +439,29 @@ def test_eval_gen_replaces_earlier_results_only_with_overwrite(run, tmp_path, ca
     assert set(_files(out)) == {"notes.txt", "result.json", "attribute_videos/000-red-circle-up-0.mp4"}
     assert (out / "notes.txt").read_text() == "mine"
     assert json.loads((out / "result.json").read_text())["attributes"]["prompts"] == 1
+
+
+def test_reconstruct_and_cost_replace_a_file_only_with_overwrite(run, tmp_path, capsys):
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes((run / "videos" / "videos" / "000000.mp4").read_bytes())
+    original = clip.read_bytes()
+    argv = ["reconstruct", "--autoencoder", AE, "--frames", "8", "--height", "32", "--width", "32",
+            "--input", str(clip), "--output"]
+    # was: the input video replaced by its reconstruction
+    _one_line_error(argv + [str(clip), "--overwrite"], capsys, "is the --input video")
+    (tmp_path / "rec.mp4").write_bytes(b"an earlier reconstruction")
+    _one_line_error(argv + [str(tmp_path / "rec.mp4")], capsys, "exists; give --overwrite")
+    assert clip.read_bytes() == original and (tmp_path / "rec.mp4").read_bytes() == b"an earlier reconstruction"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(argv + [str(tmp_path / "rec.mp4"), "--overwrite"]) == 0
+    assert probe(tmp_path / "rec.mp4")["frames"] == 8
+    cost = ["cost", "--autoencoders", AE, "--frames", "8", "--height", "32", "--width", "32", "--dit", "dit-debug"]
+    (tmp_path / "c.csv").write_text("mine")
+    _one_line_error(cost + ["--csv", str(tmp_path / "c.csv")], capsys, "exists; give --overwrite")
+    _one_line_error(cost + ["--plot", str(clip)], capsys, "exists; give --overwrite")
+    assert (tmp_path / "c.csv").read_text() == "mine" and clip.read_bytes() == original
+    assert console(cost + ["--csv", str(tmp_path / "c.csv"), "--plot", str(tmp_path / "c.png"), "--overwrite"]) == 0
+    assert (tmp_path / "c.csv").read_text().startswith("autoencoder,") and \
+        (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "c.png", "clip.mp4", "rec.mp4"]  # no temp files
