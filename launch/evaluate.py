@@ -641,6 +641,9 @@ def check_args(args: argparse.Namespace) -> None:
         if args.grid is not None and Path(args.grid).is_dir():
             raise UserError(f"--grid {args.grid} is a folder; give the PNG file to write")
         for flag, path in {"--output": out, "--grid": args.grid}.items():
+            if path is not None and Path(path).exists() and Path(args.input).exists() and \
+                    Path(path).samefile(args.input):
+                raise UserError(f"{flag} {path} is the --input video; give another file name")
             if path is not None and Path(path).exists() and not args.overwrite:
                 raise UserError(f"{flag} {path} holds an earlier result; give --overwrite to replace it, or another "
                                 "file name")

@@ -406,6 +406,8 @@ def test_eval_recon_replaces_an_earlier_result_only_with_overwrite(run, tmp_path
     _one_line_error(_recon(run, tmp_path / "new.json", "--grid", str(grid)), capsys, f"--grid {grid} holds an earlier")
     _one_line_error(_recon(run, tmp_path / "new.json", "--grid", str(tmp_path), "--overwrite"), capsys,
                     "is a folder; give the PNG")
+    video = run / "videos" / "videos" / "000000.mp4"
+    _one_line_error(_recon(run, video, "--overwrite", "--input", str(video)), capsys, "is the --input video")
     assert _files(tmp_path) == first  # refused before any work: nothing written, nothing changed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
