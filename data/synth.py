@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from data.video import encode_video, write_frames
+from ldm.checkpoint import atomic_write_json
 from ldm.errors import UserError, checking
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
@@ -360,8 +361,10 @@ def synth_dataset(output: str | Path, num: int, frames: int = 16, size: int = 64
     layout "shards": raw WebDataset video shards ``shard-%06d.tar`` of ``shard_size`` samples, each
     sample ``<key>.mp4`` + ``<key>.json`` (the metadata row) + ``<key>.txt`` (caption) + ``<key>.cls``,
     written by ``webdataset.ShardWriter`` under a temporary name and renamed when complete.
-    Both write ``synth.json`` (the spec and counts). A folder set rerun with the same arguments
-    reuses the clips already written (they are deterministic).
+    Both write ``synth.json`` (the spec when the run starts, the spec and counts when it ends). A
+    folder set rerun with the same arguments reuses the clips already written (they are
+    deterministic); a folder holding another set, or files this function did not write (no
+    ``synth.json``: e.g. a real data set's ``metadata.jsonl`` or ``shard-000000.tar``), is refused.
     """
     with checking():  # everything the caller asked for is checked before the folder is made
         if num < 1:
@@ -390,7 +393,11 @@ def synth_dataset(output: str | Path, num: int, frames: int = 16, size: int = 64
         if old != json.loads(json.dumps(dataclasses.asdict(spec))):
             raise UserError(f"{out} already holds a different synthetic set (see {spec_path}); "
                             "choose another output directory or delete it")
+    elif out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out} holds files that `ldm data synth` did not write (no synth.json); choose a new or "
+                        "empty output directory")
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(spec_path, {"spec": dataclasses.asdict(spec)})  # binds the folder while clips are written
     indices: Iterable[int] = range(num)
     if progress:
         from tqdm import tqdm
@@ -423,9 +430,7 @@ def synth_dataset(output: str | Path, num: int, frames: int = 16, size: int = 64
     summary = dict(spec=dataclasses.asdict(spec), count=len(rows), shards=shards,
                    classes=len({r["class_id"] for r in rows}),
                    holdout_emitted=sum(r["holdout"] for r in rows))
-    tmp = out / ".synth.json.partial"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, spec_path)
+    atomic_write_json(spec_path, summary)
     summary["output"] = str(out)
     return summary
 

@@ -16,6 +16,10 @@ very DiT config trained. Registered names without weights can be trained first (
 otherwise their weights are random (a pipeline check, flagged in the report).
 
 Writes ``compare.json`` (everything), ``compare.md`` (the side-by-side table) and ``cost.png``.
+The output folder is bound to the comparison that made it (``run.json``, `launch.runs`): a rerun
+with the same settings resumes its stages and writes the report again; one with other settings,
+another training config or other inputs is refused before anything runs, naming what differs
+(give a new ``--output``).
 Measured step time is the median wall time of a training step after the first (from the run's
 log); measured peak memory is ``torch.cuda.max_memory_allocated`` over the training run (GPU, one
 process per run; ``--nproc`` > 1 runs under torchrun and reports the estimate only).
@@ -23,6 +27,7 @@ process per run; ``--nproc`` > 1 runs under torchrun and reports the estimate on
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -39,12 +44,13 @@ from dit import load_export
 from launch import cost as costlib
 from launch import dist
 from launch import evaluate as ev
+from launch import runs
 from launch.extract import ExtractConfig
 from launch.pipeline import run_verb
 from launch.train import TrainConfig, dit_overrides
 from launch.train_ae import TrainAEConfig
 from ldm import config as cfglib
-from ldm.checkpoint import atomic_write_json, read_json
+from ldm.checkpoint import atomic_write_bytes, atomic_write_json, dir_hash, read_json
 from ldm.errors import MissingInput, UserError, check_min, checking
 from ldm.metrics import FVD_FRAMES, load_i3d
 from ldm.samplers import SamplingConfig
@@ -91,9 +97,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def check_args(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The numbers, files and autoencoders of an ``ldm compare`` command are usable before any
-    work or folder (`UserError` naming the flag otherwise); returns the autoencoder entries."""
+# flags that may differ when a comparison is rerun into its folder; every other flag, the training
+# config's content and the inputs bind it (the stages' own bindings would refuse the change anyway,
+# naming flags `ldm compare` does not take)
+HARMLESS = ("--output", "--device", "--train-config", "--train")
+
+
+def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Binding]:
+    """The numbers, files and autoencoders of an ``ldm compare`` command are usable, and an output
+    folder of an earlier comparison was made by the same settings, before any work or folder
+    (`UserError` naming the flag otherwise); returns the autoencoder entries and the binding."""
     check_min({"--frames": args.frames, "--height": args.height, "--width": args.width, "--synth": args.synth,
                "--dit-steps": args.dit_steps, "--nproc": args.nproc, "--eval-clips": args.eval_clips,
                "--per-prompt": args.per_prompt, "--sample-steps": args.sample_steps,
@@ -111,12 +124,14 @@ def check_args(args: argparse.Namespace) -> list[dict[str, Any]]:
     if bool(args.lpips_backbone) != bool(args.lpips_heads):
         raise UserError("LPIPS needs both --lpips-backbone and --lpips-heads")
     from data.sources import list_items
+    inputs = {}
     for flag, folder in {"--input": args.input, "--eval-input": args.eval_input}.items():
         if folder is not None:
             with checking(flag):
-                list_items(folder)
+                keys = [it.key for it in list_items(folder)]
+            inputs[flag] = f"{len(keys)} (keys sha256 {hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]})"
     with checking("--train"):
-        cfglib.load_yaml(args.train_config, TrainConfig, list(args.train))
+        train_cfg = cfglib.load_yaml(args.train_config, TrainConfig, list(args.train))
     if args.synth:
         from data.synth import combinations
         with checking():
@@ -126,7 +141,15 @@ def check_args(args: argparse.Namespace) -> list[dict[str, Any]]:
     with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
         for e in entries:  # every autoencoder must take the clip size before anything runs
             costlib.latent_spec(e["checkpoint"] or e["name"], args.frames, args.height, args.width)
-    return entries
+    settings = {"--" + k.replace("_", "-"): v for k, v in vars(args).items()
+                if not k.startswith("_") and not callable(v) and k not in ("verb", "debug")}
+    facts = {"train": {k: v for k, v in cfglib.to_dict(train_cfg).items() if k != "output"},
+             "inputs": inputs, "autoencoder_weights": {e["label"]: dir_hash(e["checkpoint"]) for e in entries
+                                                       if e["checkpoint"]}}
+    facts["train"]["data"].pop("shards", None)  # set per autoencoder
+    record = runs.binding_record(settings, HARMLESS, facts)
+    binding = runs.check_binding(args.output, record, new_folder="a new --output", allow_flag=None)
+    return entries, binding
 
 
 def run(args: argparse.Namespace) -> int:
@@ -281,7 +304,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Run the comparison (see the module doc); returns the report also written as compare.json."""
     t_start = time.perf_counter()
     out = Path(args.output)
-    entries = check_args(args)
+    entries, binding = check_args(args)
     with checking():
         device = dist.device_for(dist.dist_env(), args.device)
         lpips = None
@@ -290,6 +313,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
         i3d = load_i3d(args.i3d, device=device) if args.i3d else None
     out.mkdir(parents=True, exist_ok=True)
+    binding.write()
     train_data, eval_data, synth = _data(args, out)
     rows = []
     for e in entries:
@@ -323,7 +347,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                  title=f"{args.frames}x{args.height}x{args.width}, DiT {rows[0]['cost']['dit']}" if rows else "")
     report["seconds"] = time.perf_counter() - t_start
     atomic_write_json(out / "compare.json", report)
-    (out / "compare.md").write_text(markdown(report))
+    atomic_write_bytes(out / "compare.md", markdown(report).encode())
     return report
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import time
 import warnings
@@ -36,6 +37,7 @@ import torch
 import autoencoders
 import dit
 from ldm import config as cfglib
+from ldm.checkpoint import atomic_write_bytes
 from ldm.cost import (FLOP_CONVENTION, count_flops, dit_forward_flops_analytic, fake_mode, prime_optimizer,
                       train_step_memory)
 from ldm.errors import MissingInput, UserError, check_min, checking
@@ -67,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     p.add_argument("--csv", help="also write the rows to this CSV file")
     p.add_argument("--plot", help="also write a PNG of FLOPs and memory vs compression rate")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --csv / --plot file")
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
@@ -99,6 +102,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
             raise UserError(f"{flag} {path} is a folder; give a file to write")
         if path is not None and not Path(path).parent.is_dir():
             raise MissingInput(f"{flag} {path}: folder {Path(path).parent} does not exist")
+        if path is not None and Path(path).exists() and not args.overwrite:
+            raise UserError(f"{flag} {path} exists; give --overwrite to replace it, or another file name")
     return names, overrides
 
 
@@ -340,14 +345,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
     keys = list(KEYS) + sorted({k for r in rows for k in r} - set(KEYS) - {"memory_breakdown"})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (_shape_text(v) if k == "latent_shape" else json.dumps(v) if isinstance(v, (list, dict))
-                            else v) for k, v in r.items()})
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (_shape_text(v) if k == "latent_shape" else json.dumps(v) if isinstance(v, (list, dict))
+                        else v) for k, v in r.items()})
+    atomic_write_bytes(path, f.getvalue().encode())  # the folder is made if needed
 
 
 def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
@@ -385,6 +389,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     fig.suptitle(title or "downstream cost vs compression")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix[1:].lower() or "png")
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())  # the folder is made if needed

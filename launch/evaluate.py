@@ -2,8 +2,8 @@
 
     ldm eval recon --autoencoder NAME --checkpoint DIR --input VIDEOS --frames 17 --height 256 --width 256 \\
                    [--lpips-backbone vgg16.pth --lpips-heads vgg.pth] [--i3d i3d_torchscript.pt] \\
-                   [--frame-group 4 --group-start 1] --output recon.json [--grid recon.png]
-    ldm eval gen --checkpoint RUN --output DIR [--attributes --per-prompt 4] \\
+                   [--frame-group 4 --group-start 1] --output recon.json [--grid recon.png] [--overwrite]
+    ldm eval gen --checkpoint RUN --output DIR [--overwrite] [--attributes --per-prompt 4] \\
                  [--reference VIDEOS --num 2048 --i3d i3d_torchscript.pt --inception inception-2015-12-05.pt] \\
                  [--vbench --vbench-info VBench_full_info.json --vbench-python /envs/vbench/bin/python]
 
@@ -34,11 +34,20 @@ Generation (``gen``):
   (``--vbench-python``; it pins old dependencies and needs CUDA), the model-free temporal
   flickering computed in-house, and the Quality / Semantic / Total aggregation in-house with
   VBench's normalisation table.
+
+Results are never replaced silently: an existing ``recon`` result file (or grid PNG), or a ``gen``
+folder holding an earlier evaluation's results (`GEN_RESULTS`), is refused before any work unless
+``--overwrite`` is given; ``gen --overwrite`` then removes the earlier results once the models are
+loaded, except VBench videos made by the same DiT, autoencoder and sampling settings (recorded in
+``vbench_videos.json``), which are reused: generating VBench's prompt list takes hours.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
+import shutil
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
@@ -57,7 +66,7 @@ from launch import dist
 from launch.dist import compute_dtype
 from launch.sample import add_sampling_arguments, check_export, generate, sampling_from_args
 from launch.train_ae import save_grid
-from ldm.checkpoint import atomic_write_json, file_sha256
+from ldm.checkpoint import atomic_write_json, file_sha256, read_json
 from ldm.errors import MissingInput, UserError, check_min, checking
 from ldm.latent import Cond
 from ldm.metrics import (FVD_FRAMES, I3D_KINDS, LPIPS, VBENCH_NORMALIZE, Extractor, fid_accumulator, fvd_accumulator,
@@ -347,22 +356,46 @@ def read_vbench_results(path: Path) -> dict[str, float]:
     return {k: float(v[0] if isinstance(v, list) else v) for k, v in data.items()}
 
 
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 over a module's state (names and raw bytes, in name order): which weights made a video."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+VBENCH_RECORD = "vbench_videos.json"  # beside vbench_videos/: what made the videos in it
+
+
 def vbench_bridge(model, ae: Autoencoder, export: Export, out: Path, *, info: Path,
                   dimensions: Sequence[str] | None, per_prompt: int = 5, frames: int, height: int, width: int,
                   sampling: SamplingConfig = SamplingConfig(), batch_size: int = 8, fps: float = 8.0,
                   device: str | torch.device = "cpu",
                   vbench_python: str | None = None, vbench_results: str | None = None, gpus: int = 1,
-                  max_prompts: int | None = None) -> dict[str, Any]:
+                  max_prompts: int | None = None, replace: bool = False) -> dict[str, Any]:
     """Sample the standard prompts, score temporal flickering in-house, run VBench if given its
-    environment (or read its results), aggregate."""
+    environment (or read its results), aggregate. Videos already in ``out/vbench_videos`` are
+    reused when ``vbench_videos.json`` shows the same DiT and autoencoder weights, clip size, fps
+    and sampling settings; videos made otherwise are removed with ``replace``, else refused."""
     from ldm.text import build_text_encoder
 
     if not (model.config.text_dim and export.text_encoder):
         raise ValueError("VBench prompts need a text-conditioned DiT")
     entries = vbench_prompts(info, dimensions)[:max_prompts] if max_prompts else vbench_prompts(info, dimensions)
     dims = list(dimensions) if dimensions else sorted({d for e in entries for d in e["dimension"]})
-    videos_dir = out / "vbench_videos"
+    videos_dir, record_path = out / "vbench_videos", out / VBENCH_RECORD
+    record = json.loads(json.dumps({"dit": weights_sha256(model), "autoencoder": weights_sha256(ae), "frames": frames,
+                                    "height": height, "width": width, "fps": fps,
+                                    "sampling": dataclasses.asdict(sampling)}))
+    if videos_dir.exists() and not (record_path.is_file() and read_json(record_path) == record):
+        if not replace:
+            raise UserError(f"{videos_dir} holds videos of another DiT, autoencoder or sampling settings (see "
+                            f"{record_path}); choose a new output folder or --overwrite")
+        shutil.rmtree(videos_dir)
     videos_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record_path, record)
     text_encoder = build_text_encoder(export.text_encoder, device=device)
     jobs = [(e["prompt_en"], k) for e in entries for k in range(per_prompt)]
     flicker: list[float] = []
@@ -461,6 +494,31 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
 # ------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------
+GEN_RESULTS = ("result.json", "attribute_videos", "vbench_videos", VBENCH_RECORD, "vbench_results")
+
+
+def earlier_results(out: Path) -> list[str]:
+    """What an earlier ``ldm eval gen`` left in ``out`` (names of `GEN_RESULTS`)."""
+    return [name for name in GEN_RESULTS if (out / name).exists()]
+
+
+def clear_earlier_results(out: Path, keep_vbench_videos: bool) -> None:
+    """Remove an earlier ``ldm eval gen``'s results from ``out`` (nothing else in the folder);
+    with ``keep_vbench_videos`` its VBench videos stay for `vbench_bridge` to reuse or replace."""
+    for name in earlier_results(out):
+        if keep_vbench_videos and name in ("vbench_videos", VBENCH_RECORD):
+            continue
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _inside(path: str | Path, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(folder.resolve())
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="what", required=True, metavar="{recon,gen}")
     r = sub.add_parser("recon", help="reconstruction quality of an autoencoder")
@@ -482,6 +540,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--group-start", type=int, default=0, help="first frame of the first group (1 for a causal VAE)")
     r.add_argument("--grid", help="reconstruction grid PNG (originals above reconstructions)")
     r.add_argument("--output", required=True, help="result JSON")
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier result JSON (and --grid PNG)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision the autoencoder runs in (auto: bf16 on CUDA, fp32 on the CPU)")
@@ -490,6 +549,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", required=True, help="an `ldm train` run folder or its export/")
     g.add_argument("--ae-checkpoint", help="autoencoder weights (default: recorded at extraction)")
     g.add_argument("--output", required=True, help="output folder (result.json, videos)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier evaluation in --output (its VBench videos are reused "
+                        "when the same DiT and sampling settings made them)")
     g.add_argument("--frames", type=int, help="default: the training clips'")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
@@ -552,6 +614,15 @@ def check_args(args: argparse.Namespace) -> None:
     if gen:
         if out.is_file():
             raise UserError(f"--output {out} is a file; give a folder (result.json and videos go there)")
+        earlier = earlier_results(out)
+        if earlier and not args.overwrite:
+            raise UserError(f"--output {out} holds the results of an earlier evaluation ({', '.join(earlier)}); "
+                            "give --overwrite to replace them, or a new --output")
+        for flag, path in {"--samples": args.samples, "--reference": args.reference,
+                           "--vbench-results": args.vbench_results, "--vbench-info": args.vbench_info}.items():
+            if path is not None and any(_inside(path, out / name) for name in earlier):
+                raise UserError(f"{flag} {path} lies inside the earlier results that --overwrite replaces; move it "
+                                f"out of {out} first, or give a new --output")
         check_export(args.checkpoint)
         for flag, path in {"--reference": args.reference, "--samples": args.samples,
                            "--ae-checkpoint": args.ae_checkpoint}.items():
@@ -567,6 +638,15 @@ def check_args(args: argparse.Namespace) -> None:
     else:
         if out.is_dir():
             raise UserError(f"--output {out} is a folder; give the result JSON file to write")
+        if args.grid is not None and Path(args.grid).is_dir():
+            raise UserError(f"--grid {args.grid} is a folder; give the PNG file to write")
+        for flag, path in {"--output": out, "--grid": args.grid}.items():
+            if path is not None and Path(path).exists() and Path(args.input).exists() and \
+                    Path(path).samefile(args.input):
+                raise UserError(f"{flag} {path} is the --input video; give another file name")
+            if path is not None and Path(path).exists() and not args.overwrite:
+                raise UserError(f"{flag} {path} holds an earlier result; give --overwrite to replace it, or another "
+                                "file name")
         if not Path(args.input).exists():
             raise MissingInput(f"--input {args.input}: not found")
 
@@ -649,6 +729,8 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             _conditioning(model, export, None)
     sampling = sampling_from_args(args)
     out = Path(args.output)
+    if args.overwrite:  # the earlier results go only now that everything is checked and loaded
+        clear_earlier_results(out, keep_vbench_videos=args.vbench)
     out.mkdir(parents=True, exist_ok=True)
     common = dict(sampling=sampling, batch_size=args.batch_size, device=device)
     result: dict[str, Any] = {"checkpoint": args.checkpoint, "autoencoder": export.autoencoder.name,
@@ -669,6 +751,6 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                                          per_prompt=args.vbench_per_prompt, frames=frames, height=height,
                                          width=width, fps=args.fps, vbench_python=args.vbench_python,
                                          vbench_results=args.vbench_results, gpus=args.vbench_gpus,
-                                         max_prompts=args.vbench_max_prompts, **common)
+                                         max_prompts=args.vbench_max_prompts, replace=args.overwrite, **common)
     atomic_write_json(out / "result.json", result)
     return result

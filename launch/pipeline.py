@@ -1,7 +1,9 @@
 """The pipeline runner ``ldm demo`` and ``ldm compare`` share: run a verb (``train-ae``,
 ``extract``, ``train``) with its typed config, in this process or on several ranks under
 ``torchrun``. The config travels as a YAML file (``ldm VERB --config FILE``, the verbs' own
-config system), never as flags rebuilt by hand, and is kept next to the verb's log.
+config system), never as flags rebuilt by hand, and is kept next to the verb's log: a rerun with
+the same config uses the same file, one with another config gets the next free name, so the file
+of an earlier run (which its folder may still hold) is never overwritten.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import yaml
 
 from ldm import config as cfglib
+from ldm.checkpoint import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,16 +35,31 @@ def _function(verb: str):
     raise ValueError(f"the pipeline runs train-ae, extract and train, not {verb!r}")
 
 
+def config_file(log: Path, text: str) -> Path:
+    """The YAML beside ``log`` holding ``text``: ``<log stem>.yaml`` when absent or the same,
+    else the first ``<log stem>.N.yaml`` (N = 2, 3, ...) that is absent or the same (written
+    atomically; an earlier run's file is never overwritten)."""
+    n = 1
+    while True:
+        path = log.with_suffix(".yaml" if n == 1 else f".{n}.yaml")
+        if not path.exists():
+            atomic_write_bytes(path, text.encode())
+            return path
+        if path.read_text() == text:
+            return path
+        n += 1
+
+
 def run_verb(verb: str, cfg: Any, log: Path, ranks: int = 1, in_process: bool = False,
              threads: int | None = None) -> Any:
-    """Run ``ldm VERB`` with the config dataclass ``cfg``; ``log`` gets the command's output and,
-    beside it, the config as ``<log stem>.yaml`` (appended to, never truncated). ``in_process`` (one rank only) calls the verb's
-    function here and returns its result; otherwise ``ranks`` processes run under ``torchrun
-    --standalone`` (``threads``: their OMP_NUM_THREADS) and a failure raises with the log's tail."""
+    """Run ``ldm VERB`` with the config dataclass ``cfg``; ``log`` gets the command's output (appended
+    to, never truncated) and, beside it, the config as ``<log stem>.yaml`` (`config_file`).
+    ``in_process`` (one rank only) calls the verb's function here and returns its result; otherwise
+    ``ranks`` processes run under ``torchrun --standalone`` (``threads``: their OMP_NUM_THREADS)
+    and a failure raises with the log's tail."""
     function = _function(verb)
     log.parent.mkdir(parents=True, exist_ok=True)
-    config = log.with_suffix(".yaml")
-    config.write_text(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
+    config = config_file(log, yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
     if in_process:
         if ranks != 1:
             raise ValueError(f"in_process runs one rank, not {ranks}")

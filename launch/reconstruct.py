@@ -7,7 +7,8 @@ PSNR / SSIM against the input.
 ``save_pretrained`` (a training run's ``final/`` or one of its ``checkpoints/step-N/``), a
 registered name with random weights (a warning says so; useful to check the pipeline and cost),
 or a source such as ``diffusers:<Class>`` with ``--checkpoint`` its local folder.
-``--side-by-side`` writes input | reconstruction.
+``--side-by-side`` writes input | reconstruction. An existing ``--output`` is replaced only with
+``--overwrite``, and never when it is the input.
 A text-guided autoencoder (``text_dim > 0``, e.g. ``cmvae-z4-text``) encodes and decodes with the
 caption: ``--prompt "..." --text-encoder builtin|t5:DIR|clip:DIR`` (the encoder it was trained with).
 """
@@ -79,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--subfolder", help="subfolder of --checkpoint holding the model (e.g. vae in a diffusers pipeline)")
     a("--input", required=True, help="input video (any container/codec PyAV reads)")
     a("--output", required=True, help="output video, .mp4 or .gif")
+    a("--overwrite", action="store_true", help="replace an existing --output file (never the --input)")
     a("--frames", type=int, default=17)
     a("--height", type=int, default=256)
     a("--width", type=int, default=256)
@@ -99,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
     with checking():  # every argument before any decoding (a UserError: one line, exit status 2)
         if out.suffix.lower() not in MP4_SUFFIXES + GIF_SUFFIXES:
             raise ValueError(f"--output {out}: suffix must be one of {MP4_SUFFIXES + GIF_SUFFIXES}")
+        if out.exists() and Path(args.input).exists() and out.samefile(args.input):
+            raise ValueError(f"--output {out} is the --input video; give another file name")
+        if out.exists() and not args.overwrite:
+            raise ValueError(f"--output {out} exists; give --overwrite to replace it, or another file name")
         ae, name, _ = resolve(args.autoencoder, args.checkpoint, subfolder=args.subfolder)
         ae.check_input(args.frames, args.height, args.width)
         configure_inference(ae, args.tile, args.chunk_frames)

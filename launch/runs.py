@@ -274,12 +274,13 @@ class Binding:
 
 
 def check_binding(folder: str | Path, record: dict[str, Any], allow: tuple[str, ...] = (),
-                  new_folder: str = "--output NEW_FOLDER", defaults: dict[str, Any] | None = None) -> Binding:
+                  new_folder: str = "--output NEW_FOLDER", defaults: dict[str, Any] | None = None,
+                  allow_flag: str | None = ALLOW_FLAG) -> Binding:
     """The binding of a run that will write into ``folder``: refused (`UserError`) when the folder
     holds a run whose record differs in a key that ``allow`` does not name (a key, or a prefix of
-    keys). ``new_folder`` is how this verb is given another output (named in the message);
-    ``defaults`` (`defaults_of`) stand in for keys the folder's record predates. Reads only:
-    ``Binding.write`` records it."""
+    keys). ``new_folder`` is how this verb is given another output and ``allow_flag`` how it allows
+    a change (None: it has no such flag), both named in the message; ``defaults`` (`defaults_of`)
+    stand in for keys the folder's record predates. Reads only: ``Binding.write`` records it."""
     folder = Path(folder)
     path = folder / BINDING
     old: dict[str, Any] = {}
@@ -303,8 +304,9 @@ def check_binding(folder: str | Path, record: dict[str, Any], allow: tuple[str, 
     refused = [k for k in differ if not any(_covers(a, k) for a in allow)]
     if refused:
         what = "; ".join(f"{k}: {_short(differ[k][0])} -> {_short(differ[k][1])}" for k in refused)
+        allowed = f", or {allow_flag} {','.join(refused)} if the change is intended" if allow_flag else ""
         raise UserError(f"{folder} holds a run made with other settings or inputs ({what}); give {new_folder} for a "
-                        f"new run, or {ALLOW_FLAG} {','.join(refused)} if the change is intended")
+                        f"new run{allowed}")
     return Binding(folder, record, differ, history)
 
 

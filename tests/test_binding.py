@@ -210,3 +210,53 @@ def test_a_pipeline_rerun_adds_to_the_log_of_the_earlier_run(tmp_path, monkeypat
         pipeline.run_verb("train", TrainConfig(), log, ranks=2)
     assert log.read_text().startswith("an earlier run's log\n$ ") and log.read_text().endswith("this run failed\n")
     assert "this run failed" in str(e.value) and "an earlier run" not in str(e.value)
+
+
+def test_a_pipeline_rerun_with_another_config_keeps_the_earlier_config_file(tmp_path):
+    """The config beside a stage's log is the earlier run's record: a rerun with the same config
+    uses it, one with another config gets the next name (was: overwritten before the stage ran)."""
+    from launch import pipeline
+
+    log = tmp_path / "train.log"
+    assert pipeline.config_file(log, "steps: 3\n") == tmp_path / "train.yaml"
+    assert pipeline.config_file(log, "steps: 3\n") == tmp_path / "train.yaml"
+    assert pipeline.config_file(log, "steps: 5\n") == tmp_path / "train.2.yaml"
+    assert pipeline.config_file(log, "steps: 7\n") == tmp_path / "train.3.yaml"
+    assert pipeline.config_file(log, "steps: 5\n") == tmp_path / "train.2.yaml"
+    assert [(tmp_path / f).read_text() for f in ("train.yaml", "train.2.yaml", "train.3.yaml")] == \
+        ["steps: 3\n", "steps: 5\n", "steps: 7\n"]
+
+
+COMPARE = ["--synth", "8", "--shapes", "circle", "--colors", "red", "blue", "--directions", "left", "right",
+           "--frames", "9", "--height", "32", "--width", "32", "--eval-clips", "2", "--sample-steps", "2",
+           "--device", "cpu"]
+
+
+def _state(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_compare_rerun_with_other_settings_is_refused_in_its_own_terms(tmp_path, capsys):
+    """`ldm compare` binds its folder: a rerun with other flags, another training config or
+    other inputs is refused before anything runs, naming compare's flags (was: the inner
+    `ldm train` refusal, naming `output=` and `--allow-change`, which compare does not take, after
+    extraction had run again); the same command resumes and writes the report again."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--autoencoders", AE, "--output", str(out), *COMPARE, "--dit-steps", "3",
+            "--train", "data.batch_size=4", "data.shuffle=8"]
+    assert _ldm(argv) == 0
+    before = _state(out)
+    capsys.readouterr()
+    for extra, what in ((["--dit-steps", "5"], "--dit-steps: 3 -> 5"),
+                        (["--train", "data.batch_size=4", "data.shuffle=8", "optim.lr=1e-3"],
+                         "train.optim.lr: 0.0003 -> 0.001"),
+                        (["--synth", "9"], "--synth: 8 -> 9")):
+        assert _ldm(argv + extra) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and what in err[0] and err[0].endswith("give a new --output for a new run"), err
+        assert "--allow-change" not in err[0] and "output=" not in err[0]
+        assert _state(out) == before  # refused before anything ran: not a byte or a time stamp changed
+    assert _ldm(argv + ["--device", "cpu"]) == 0  # the same comparison: resumed, the report written again
+    assert json.loads((out / "compare.json").read_text())["rows"][0]["dit"]["steps"] == 3
+    assert json.loads((out / "run.json").read_text())["record"]["--dit-steps"] == 3

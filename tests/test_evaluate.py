@@ -18,6 +18,7 @@ from ldm import config as cfglib
 from ldm import metrics
 from ldm.artifacts import AERecord, ClipSpec
 from ldm.metrics import LPIPS
+from ldm.errors import UserError
 from ldm.samplers import SamplingConfig
 from ldm.text import build_text_encoder
 
@@ -303,3 +304,14 @@ def test_vbench_bridge(run_dir, tmp_path, monkeypatch):
                              sampling=SamplingConfig(steps=2))  # videos reused, no vbench
     assert again["vbench_scores"] == {} and "not run" in again["vbench_note"]
     assert again["aggregate"]["raw"] == {"temporal_flickering": r["temporal_flickering_inhouse"]}
+    # videos of other sampling settings are never reused: refused, or replaced when asked
+    made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "vbench_videos").iterdir()}
+    other = dict(info=info, dimensions=["temporal_flickering"], per_prompt=2, frames=8, height=32, width=32,
+                 sampling=SamplingConfig(steps=3))
+    with pytest.raises(UserError, match="holds videos of another DiT, autoencoder or sampling settings"):
+        ev.vbench_bridge(model, ae, context, tmp_path / "out", **other)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "vbench_videos").iterdir()} == made
+    ev.vbench_bridge(model, ae, context, tmp_path / "out", replace=True, **other)
+    assert json.loads((tmp_path / "out" / "vbench_videos.json").read_text())["sampling"]["steps"] == 3
+    assert sorted(p.name for p in (tmp_path / "out" / "vbench_videos").iterdir()) == \
+        ["a red circle moving left-0.mp4", "a red circle moving left-1.mp4"]

@@ -135,7 +135,7 @@ def test_memory_knobs_tile_and_chunk_frames(clip, tmp_path, capsys):
     cannot; ``--dtype bf16`` runs the model in bf16 on the CPU too."""
     def metrics(*extra):
         torch.manual_seed(0)  # the same random weights in every run
-        assert _run(_args(clip, tmp_path / "o.mp4", "--json", *extra)) == 0
+        assert _run(_args(clip, tmp_path / "o.mp4", "--json", "--overwrite", *extra)) == 0
         return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     one = metrics("--autoencoder", "kl2d-f8c4-debug")
@@ -147,6 +147,6 @@ def test_memory_knobs_tile_and_chunk_frames(clip, tmp_path, capsys):
     b = metrics("--autoencoder", "ivvae-z4-debug", "--chunk-frames", "4")
     assert b["psnr"] == pytest.approx(a["psnr"], abs=1e-3)
     with pytest.raises(ValueError, match="no chunked"):
-        _run(_args(clip, tmp_path / "o.mp4", "--autoencoder", "kl2d-f8c4-debug", "--chunk-frames", "4"))
+        _run(_args(clip, tmp_path / "o.mp4", "--autoencoder", "kl2d-f8c4-debug", "--chunk-frames", "4", "--overwrite"))
     with pytest.raises(ValueError, match="--tile must be"):
-        _run(_args(clip, tmp_path / "o.mp4", "--autoencoder", "kl2d-f8c4-debug", "--tile", "big"))
+        _run(_args(clip, tmp_path / "o.mp4", "--autoencoder", "kl2d-f8c4-debug", "--tile", "big", "--overwrite"))

@@ -106,6 +106,41 @@ def test_synth_folder_layout(tmp_path):
         synth_dataset(out, 30, frames=8, size=32, seed=2)
 
 
+def test_synth_never_writes_into_a_folder_it_did_not_make(tmp_path, monkeypatch):
+    """A real data set's folder (its metadata.jsonl, its shard-000000.tar) is refused, untouched
+    (was: both replaced by synthetic ones); a synthetic run killed half way resumes."""
+    (tmp_path / "real" / "videos").mkdir(parents=True)
+    (tmp_path / "real" / "metadata.jsonl").write_text('{"file": "videos/000000.mp4", "caption": "mine"}\n')
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "shard-000000.tar").write_bytes(b"my shard")
+    for folder, layout in (("real", "folder"), ("raw", "shards")):
+        before = {p: p.read_bytes() for p in (tmp_path / folder).rglob("*") if p.is_file()}
+        with pytest.raises(ValueError, match="holds files that `ldm data synth` did not write"):
+            synth_dataset(tmp_path / folder, 2, frames=8, size=32, layout=layout)
+        assert {p: p.read_bytes() for p in (tmp_path / folder).rglob("*") if p.is_file()} == before
+
+    import data.synth as synth
+    real_clip, made = synth.synth_clip, []
+
+    def dies_after_two(*args, **kwargs):
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        made.append(args[1])
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "synth_clip", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        synth_dataset(tmp_path / "set", 4, frames=8, size=32, seed=3)
+    assert json.loads((tmp_path / "set" / "synth.json").read_text())["spec"]["num"] == 4  # bound from the start
+    monkeypatch.setattr(synth, "synth_clip", real_clip)
+    assert synth_dataset(tmp_path / "set", 4, frames=8, size=32, seed=3)["count"] == 4
+    assert synth_dataset(tmp_path / "fresh", 4, frames=8, size=32, seed=3)["count"] == 4
+    for i in range(4):
+        name = f"videos/{i:06d}.mp4"
+        assert (tmp_path / "set" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    assert (tmp_path / "set" / "metadata.jsonl").read_text() == (tmp_path / "fresh" / "metadata.jsonl").read_text()
+
+
 def test_any_subset_regenerates_identically(tmp_path):
     synth_dataset(tmp_path / "a", 6, frames=8, size=32, seed=4)
     synth_dataset(tmp_path / "b", 12, frames=8, size=32, seed=4)

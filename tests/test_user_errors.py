@@ -387,3 +387,83 @@ def test_eval_gen_conditioning_the_dit_lacks_is_one_line_before_any_folder(run, 
     _one_line_error(["eval", "gen", "--checkpoint", str(tmp_path / "dit"), "--attributes", "--use-class", "--output",
                      str(tmp_path / "g")], capsys, "--use-class: this DiT has no class conditioning")
     assert not (tmp_path / "g").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# ldm eval: an earlier result is replaced only with --overwrite
+# --------------------------------------------------------------------------------------------
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_eval_recon_replaces_an_earlier_result_only_with_overwrite(run, tmp_path, capsys):
+    out, grid = tmp_path / "r.json", tmp_path / "r.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(_recon(run, out, "--num", "2", "--grid", str(grid))) == 0
+    first = _files(tmp_path)
+    _one_line_error(_recon(run, out, "--num", "3"), capsys, f"--output {out} holds an earlier result; give --overwrite")
+    _one_line_error(_recon(run, tmp_path / "new.json", "--grid", str(grid)), capsys, f"--grid {grid} holds an earlier")
+    _one_line_error(_recon(run, tmp_path / "new.json", "--grid", str(tmp_path), "--overwrite"), capsys,
+                    "is a folder; give the PNG")
+    video = run / "videos" / "videos" / "000000.mp4"
+    _one_line_error(_recon(run, video, "--overwrite", "--input", str(video)), capsys, "is the --input video")
+    assert _files(tmp_path) == first  # refused before any work: nothing written, nothing changed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(_recon(run, out, "--num", "3", "--grid", str(grid), "--overwrite")) == 0
+    assert json.loads(out.read_text())["clips"] == 3 and grid.read_bytes() != first["r.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.png"]  # no temporary file left
+
+
+def test_eval_gen_replaces_earlier_results_only_with_overwrite(run, tmp_path, capsys):
+    out = tmp_path / "g"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # not an evaluation's result: kept through everything
+    gen = ["eval", "gen", "--checkpoint", str(run / "dit"), "--output", str(out), "--attributes", "--per-prompt", "1",
+           "--shapes", "circle", "--colors", "red", "--directions", "left", "right", "--steps", "2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(gen) == 0
+    first = _files(out)
+    assert set(first) == {"notes.txt", "result.json", "attribute_videos/000-red-circle-left-0.mp4",
+                          "attribute_videos/001-red-circle-right-0.mp4"}
+    _one_line_error(gen[:-2] + ["--directions", "up"], capsys,
+                    f"--output {out} holds the results of an earlier evaluation (result.json, attribute_videos); "
+                    "give --overwrite")
+    _one_line_error(gen + ["--overwrite", "--samples", str(out / "attribute_videos"), "--reference",
+                           str(run / "videos"), "--i3d", str(out / "notes.txt")], capsys,
+                    "lies inside the earlier results that --overwrite replaces")
+    assert _files(out) == first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(gen[:-4] + ["up", "--steps", "2", "--overwrite"]) == 0
+    assert set(_files(out)) == {"notes.txt", "result.json", "attribute_videos/000-red-circle-up-0.mp4"}
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "result.json").read_text())["attributes"]["prompts"] == 1
+
+
+def test_reconstruct_and_cost_replace_a_file_only_with_overwrite(run, tmp_path, capsys):
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes((run / "videos" / "videos" / "000000.mp4").read_bytes())
+    original = clip.read_bytes()
+    argv = ["reconstruct", "--autoencoder", AE, "--frames", "8", "--height", "32", "--width", "32",
+            "--input", str(clip), "--output"]
+    # was: the input video replaced by its reconstruction
+    _one_line_error(argv + [str(clip), "--overwrite"], capsys, "is the --input video")
+    (tmp_path / "rec.mp4").write_bytes(b"an earlier reconstruction")
+    _one_line_error(argv + [str(tmp_path / "rec.mp4")], capsys, "exists; give --overwrite")
+    assert clip.read_bytes() == original and (tmp_path / "rec.mp4").read_bytes() == b"an earlier reconstruction"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(argv + [str(tmp_path / "rec.mp4"), "--overwrite"]) == 0
+    assert probe(tmp_path / "rec.mp4")["frames"] == 8
+    cost = ["cost", "--autoencoders", AE, "--frames", "8", "--height", "32", "--width", "32", "--dit", "dit-debug"]
+    (tmp_path / "c.csv").write_text("mine")
+    _one_line_error(cost + ["--csv", str(tmp_path / "c.csv")], capsys, "exists; give --overwrite")
+    _one_line_error(cost + ["--plot", str(clip)], capsys, "exists; give --overwrite")
+    assert (tmp_path / "c.csv").read_text() == "mine" and clip.read_bytes() == original
+    assert console(cost + ["--csv", str(tmp_path / "c.csv"), "--plot", str(tmp_path / "c.png"), "--overwrite"]) == 0
+    assert (tmp_path / "c.csv").read_text().startswith("autoencoder,") and \
+        (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "c.png", "clip.mp4", "rec.mp4"]  # no temp files
