@@ -823,29 +823,6 @@ def build_hivae(name: str, base_checkpoint: str | Path | None = None, **override
     return model
 
 
-def prepare_init(output: str | Path, *, name: str | None = None, init: str | Path | None = None,
-                 base_checkpoint: str | Path | None = None, stage: int | None = None) -> Path:
-    """Write a ``save_pretrained`` folder for ``ldm train-ae --init``: registered ``name`` (with
-    ``base_checkpoint``) for stage 1, or a trained Hi-VAE folder ``init`` switched to ``stage``
-    (stage 2 after stage 1). Returns ``output``."""
-    if (name is None) == (init is None):
-        raise ValueError("give exactly one of name (a registered Hi-VAE) or init (a saved one)")
-    if init is not None:
-        model = load_pretrained(init)
-        if not isinstance(model, HiVAE):
-            raise ValueError(f"{init} holds a {model.family!r} autoencoder, not a Hi-VAE")
-        from ldm.checkpoint import read_json
-        name = read_json(Path(init) / "config.json").get("name")
-        if base_checkpoint is not None:
-            model.load_base(base_checkpoint)
-    else:
-        model = build_hivae(name, base_checkpoint)
-    if stage is not None:
-        model.set_stage(stage)
-    model.save_pretrained(output, name=name)
-    return Path(output)
-
-
 # ------------------------------------------------------------------------------------------
 # Registry: the paper's S / N / L motion shapes (Sec. 4.3), paper-size modules (App. A.1: 8-layer
 # 8-head motion modules, 16-layer decoder of ~640 M parameters), tiny -debug twins with the same

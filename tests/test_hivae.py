@@ -15,7 +15,7 @@ import dit
 from autoencoders import REGISTRY, build, describe, load_pretrained
 from autoencoders.blocks import latent_kl
 from autoencoders.hivae import (HiVAE, build_hivae, frequency_split, gaussian_blur, lowpass_mask, motion_kl,
-                                prepare_init, random_keep)
+                                random_keep)
 from ldm import config as cfglib
 from ldm import samplers
 from ldm.latent import Cond, Latent, normalize
@@ -361,10 +361,9 @@ def test_base_checkpoint_and_stage_init_folders(tmp_path):
         build_hivae("hivae-s-debug", base_checkpoint=tmp_path / "wrong")
     with pytest.raises(KeyError, match="not a registered Hi-VAE"):
         build_hivae("kl2d-f8c4-debug")
-    # stage 1 folder with the base -> stage 2 folder from it
-    prepare_init(tmp_path / "s1", name="hivae-s-debug", base_checkpoint=tmp_path / "base")
-    prepare_init(tmp_path / "s2", init=tmp_path / "s1", stage=2)
-    s1, s2 = load_pretrained(tmp_path / "s1"), load_pretrained(tmp_path / "s2")
+    # stage 1 with the base, saved -> loaded and switched to stage 2 (train-ae's --init DIR --stage 2)
+    build_hivae("hivae-s-debug", base_checkpoint=tmp_path / "base").save_pretrained(tmp_path / "s1", "hivae-s-debug")
+    s1, s2 = load_pretrained(tmp_path / "s1"), load_pretrained(tmp_path / "s1").with_stage(2)
     assert (s1.config.stage, s2.config.stage) == (1, 2) and s2.config.base.latent_scale == (0.5,)
     for (n, p), q in zip(s1.state_dict().items(), s2.state_dict().values()):
         torch.testing.assert_close(p, q, msg=n)
@@ -380,8 +379,7 @@ def test_ae_trainer_runs_both_stages(tmp_path):
                   progress=False)
     s1 = train_autoencoder(TrainAEConfig(output=str(tmp_path / "s1"), autoencoder="hivae-s-debug", **common))
     assert s1["last_loss"] is not None and (tmp_path / "s1" / "samples" / "step-00000002.png").exists()
-    prepare_init(tmp_path / "init2", init=s1["final"], stage=2)
-    s2 = train_autoencoder(TrainAEConfig(output=str(tmp_path / "s2"), init=str(tmp_path / "init2"), **common))
+    s2 = train_autoencoder(TrainAEConfig(output=str(tmp_path / "s2"), init=s1["final"], stage=2, **common))
     one, two = load_pretrained(s1["final"]), load_pretrained(s2["final"])
     assert two.config.stage == 2
     for (n, p), q in zip(one.global_encoder.state_dict().items(), two.global_encoder.state_dict().values()):
