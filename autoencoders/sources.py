@@ -20,7 +20,6 @@ is an `ldm.errors.UserError`.
 from __future__ import annotations
 
 import dataclasses
-import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,15 +212,22 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         return load_tensors(path)
     if path.suffix not in TORCH_SUFFIXES:
         raise UserError(f"{path}: expected a .safetensors or {'/'.join(TORCH_SUFFIXES)} checkpoint")
+    try:  # a static read of the file's pickle opcodes: nothing is executed
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 (not a zip-format torch file: the weights-only load below judges it)
+        unsafe = []
+    if unsafe:
+        raise UserError(
+            f"{path} holds Python objects besides tensors ({', '.join(sorted(unsafe)[:5])}), which "
+            f"weights_only=True loading refuses; this platform never loads arbitrary pickles. In an "
+            f"environment you trust, re-save its state dict as safetensors (safetensors.torch.save_file) "
+            f"and convert that file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(
-            f"{path} holds Python objects besides tensors (e.g. training hyper-parameters), which "
-            f"torch.load(weights_only=True) refuses to unpickle, and this platform never loads arbitrary "
-            f"pickles. Save its state dict as safetensors in an environment you trust "
-            f"(safetensors.torch.save_file(torch.load(PATH)['state_dict'], 'model.safetensors')) and "
-            f"convert that file. torch said: {str(e).splitlines()[0]}") from None
+    except Exception:  # noqa: BLE001 (a truncated or foreign file: the user's input, not a bug)
+        raise UserError(f"{path} is not a torch checkpoint of tensors that loads with weights_only=True "
+                        f"(truncated, another format, or pickled objects); convert it to safetensors where "
+                        f"you trust it, or give the right file") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # a Lightning checkpoint
     if not isinstance(obj, Mapping):

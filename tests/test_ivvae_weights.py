@@ -165,3 +165,9 @@ def test_convert_saved_inflates_a_trained_image_vae(tmp_path, capsys):
                         "--output", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_clear_error(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="is not a torch checkpoint of tensors"):
+        read_state_dict(tmp_path / "junk.pth")
