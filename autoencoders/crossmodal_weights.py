@@ -23,12 +23,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from autoencoders.base import REGISTRY
 from autoencoders.crossmodal import (CrossModalVAE, PatchCrossAttention, STResBlock, TemporalConv,
                                      TemporalResBlock, TemporalSelfAttention)
-from autoencoders.sources import Conversion, KeyMap, read_state_dict, register_source, registered_target
+from autoencoders.sources import Conversion, KeyMap, ParamMapper, read_state_dict, register_source, registered_target
 
 UNUSED = "the public forward never runs conv3_tmp where a residual block keeps its width"
 TRAINING = "training loss (LPIPS and discriminator)"
@@ -45,14 +45,7 @@ def check_official_layout(model: CrossModalVAE) -> None:
         raise ValueError(f"the official VideoVAE+ layout needs {need}; this config has {wrong}")
 
 
-class _Mapper:
-    def __init__(self, km: KeyMap, model: CrossModalVAE):
-        self.km = km
-        self.names = {p: n for n, p in model.named_parameters()}
-
-    def param(self, ours: nn.Parameter, tensor: Tensor) -> None:
-        self.km.put(self.names[ours], tensor)
-
+class _Mapper(ParamMapper):
     def conv(self, ours: nn.Module, theirs: str, squeeze_time: bool = False) -> None:
         w = self.km.take(f"{theirs}.weight")
         self.param(ours.weight, w[:, :, 0] if squeeze_time and w.numel() else w)  # (o, i, 1, k, k) -> (o, i, k, k)

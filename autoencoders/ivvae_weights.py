@@ -28,7 +28,7 @@ from torch import nn
 from autoencoders.base import REGISTRY
 from autoencoders.ivvae import IVVAE, IVVAEConfig
 from autoencoders.ivvae_layers import BranchAttention, BranchNorm, GroupCausalConv3d, KTCConv, KTCResBlock
-from autoencoders.sources import Conversion, KeyMap, read_state_dict, register_source, registered_target
+from autoencoders.sources import Conversion, KeyMap, ParamMapper, read_state_dict, register_source, registered_target
 from ldm import config as cfglib
 
 # (latent_scale, latent_shift) of the released weights (the public code's IV_VAE factory)
@@ -49,12 +49,8 @@ def check_official_layout(cfg: IVVAEConfig) -> None:
         raise ValueError(f"the official IV-VAE layout needs {need} and four levels; this config has {wrong}")
 
 
-class _Mapper:
+class _Mapper(ParamMapper):
     """Fills an IV-VAE's parameters from official names (see the module docstring for the layout)."""
-
-    def __init__(self, km: KeyMap, model: IVVAE):
-        self.km = km
-        self.names = {p: n for n, p in model.named_parameters()}
 
     def conv(self, ours: nn.Module, theirs: str, rows: slice | None = None, squeeze_time: bool = False) -> None:
         w, b = self.km.take(f"{theirs}.weight"), self.km.take(f"{theirs}.bias")
@@ -62,8 +58,8 @@ class _Mapper:
             w, b = (t[rows] if t.numel() else t for t in (w, b))
         if squeeze_time and w.numel():
             w = w[:, :, 0]  # a 1x1x1 3D kernel as our 1x1 2D one
-        self.km.put(self.names[ours.weight], w)
-        self.km.put(self.names[ours.bias], b)
+        self.param(ours.weight, w)
+        self.param(ours.bias, b)
 
     def ktc(self, ours: KTCConv, theirs: str, joint: bool) -> None:
         """``joint``: their ``Sep_Conv2d`` (one conv writing both halves); else ``conv_2d`` + ``conv_3d``."""
@@ -77,7 +73,7 @@ class _Mapper:
 
     def gamma(self, ours: nn.Parameter, theirs: str) -> None:
         g = self.km.take(theirs)  # (C, 1, 1[, 1]) there, (C,) here
-        self.km.put(self.names[ours], g.flatten() if g.numel() else g)
+        self.param(ours, g.flatten() if g.numel() else g)
 
     def norm(self, ours: BranchNorm, theirs: str) -> None:
         self.gamma(ours.norm.weight, f"{theirs}.gamma")

@@ -241,6 +241,18 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 # ------------------------------------------------------------------------------------------
 # Strict key mapping
 # ------------------------------------------------------------------------------------------
+class ParamMapper:
+    """Fills a model's parameters, found by the module objects a converter walks (``param(conv.weight,
+    tensor)``), into a `KeyMap` under their names: the base of the family converters' mappers."""
+
+    def __init__(self, km: "KeyMap", model: torch.nn.Module):
+        self.km = km
+        self.names = {p: n for n, p in model.named_parameters()}
+
+    def param(self, ours: torch.nn.Parameter, tensor: Tensor) -> None:
+        self.km.put(self.names[ours], tensor)
+
+
 def _listing(keys: list[str]) -> str:
     shown = ", ".join(keys[:_SHOW])
     return f"[{shown}{f', ... and {len(keys) - _SHOW} more' if len(keys) > _SHOW else ''}]"
