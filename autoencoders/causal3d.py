@@ -36,10 +36,9 @@ from torch import Tensor, nn
 from autoencoders.base import AEConfig, Autoencoder, causal_grid_spec, register, register_family
 from autoencoders.blocks import (LOGVAR_CLAMP, ConvDecoder, ConvEncoder, StreamCache, TemporalDownsample,
                                  TemporalUpsample, check_latent_stats, chunk_spans, grid_z, split_moments)
-from autoencoders.pretrained import load_diffusers, normalisation
-from autoencoders.sources import Conversion, KeyMap, compare, register_source, resolve_target
+from autoencoders.sources import Conversion, KeyMap, compare, open_diffusers, register_source
 from ldm import config as cfglib
-from ldm.errors import UserError, checking
+from ldm.errors import UserError
 from ldm.latent import Cond, Latent, LatentSpec
 
 
@@ -231,11 +230,7 @@ def convert_cogvideox(path: Path, target: str) -> Conversion:
     """A causal3d holding the diffusers ``AutoencoderKLCogVideoX`` in the local folder ``path``:
     its tensors renamed, its parameter-free temporal resamplers as `average_resamplers`;
     ``target`` ``causal3d`` or a registered causal3d it must match (``causal3d-cogvideox``)."""
-    with checking("diffusers:AutoencoderKLCogVideoX --path"):
-        source = load_diffusers("AutoencoderKLCogVideoX", path).eval()
-    scale, shift = normalisation("AutoencoderKLCogVideoX", source)
-    name, config = resolve_target(target, "causal3d", config_from_cogvideox(source.config, scale, shift),
-                                  "diffusers:AutoencoderKLCogVideoX")
+    source, name, config = open_diffusers("AutoencoderKLCogVideoX", path, target, "causal3d", config_from_cogvideox)
     model = Causal3D(config).eval()
     average_resamplers(model)
     km = KeyMap(source.state_dict(), f"{path} as causal3d")
@@ -249,7 +244,7 @@ def convert_cogvideox(path: Path, target: str) -> Conversion:
         lat = model._encode(x, None)
         note = compare([("mean", lat["z"], post.mean), ("logvar", lat.logvar["z"], post.logvar),
                         ("decode", model._decode(lat, None), source.decode(post.mean).sample)], str(path))
-    return Conversion(model, name, [f"latent scale/shift from the diffusers config: {scale} / {shift}",
+    return Conversion(model, name, [f"latent scale/shift from the diffusers config: {config.latent_scale} / {config.latent_shift}",
                                     "temporal resamplers: CogVideoX's pair mean / frame repeat as weights", note])
 
 

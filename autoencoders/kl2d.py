@@ -28,9 +28,8 @@ from torch import Tensor, nn
 from autoencoders.base import AEConfig, Autoencoder, register, register_family
 from autoencoders.blocks import (LOGVAR_CLAMP, ConvDecoder, ConvEncoder, check_latent_stats, grid_z,
                                  split_moments)
-from autoencoders.pretrained import load_diffusers, normalisation
-from autoencoders.sources import Conversion, KeyMap, compare, register_source, resolve_target
-from ldm.errors import UserError, checking
+from autoencoders.sources import Conversion, KeyMap, compare, open_diffusers, register_source
+from ldm.errors import UserError
 from ldm.latent import Cond, Latent, LatentSpec
 
 
@@ -177,11 +176,7 @@ def map_diffusers(km: KeyMap, model: nn.Module) -> None:
 def convert_diffusers(path: Path, target: str) -> Conversion:
     """A kl2d holding the diffusers ``AutoencoderKL`` in the local folder ``path`` exactly; ``target``
     ``kl2d`` (the config the folder implies) or a registered kl2d it must match."""
-    with checking("diffusers:AutoencoderKL --path"):
-        source = load_diffusers("AutoencoderKL", path).eval()
-    scale, shift = normalisation("AutoencoderKL", source)
-    name, config = resolve_target(target, "kl2d", config_from_diffusers(source.config, scale, shift),
-                                  "diffusers:AutoencoderKL")
+    source, name, config = open_diffusers("AutoencoderKL", path, target, "kl2d", config_from_diffusers)
     model = KL2D(config).eval()
     km = KeyMap(source.state_dict(), f"{path} as kl2d")
     map_diffusers(km, model)
@@ -193,7 +188,7 @@ def convert_diffusers(path: Path, target: str) -> Conversion:
         lat = model._encode(x, None)
         note = compare([("mean", lat["z"][:, :, 0], post.mean), ("logvar", lat.logvar["z"][:, :, 0], post.logvar),
                         ("decode", model._decode(lat, None)[:, :, 0], source.decode(post.mean).sample)], str(path))
-    return Conversion(model, name, [f"latent scale/shift from the diffusers config: {scale} / {shift}", note])
+    return Conversion(model, name, [f"latent scale/shift from the diffusers config: {config.latent_scale} / {config.latent_shift}", note])
 
 
 _SD = dict(base_channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention=True, norm_groups=32)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from autoencoders.base import FAMILIES, REGISTRY, Autoencoder, load_pretrained
+from autoencoders.pretrained import load_diffusers, normalisation
 from ldm.checkpoint import load_tensors
 from ldm.errors import MissingInput, UserError, checking
 
@@ -165,6 +166,18 @@ def resolve_target(target: str, family: str, implied: Any, source: str,
         raise UserError(f"{source} does not have the architecture of {target}: {fields}; convert to "
                          f"--target {family} to keep the source's own configuration")
     return target, dataclasses.replace(implied, **{k: getattr(registered, k) for k in keep})
+
+
+def open_diffusers(class_name: str, path: Path, target: str, family: str,
+                   config_from: Callable[[Any, tuple[float, ...], tuple[float, ...]], Any]) -> tuple[Any, str | None, Any]:
+    """The diffusers ``class_name`` model in the local folder ``path`` (eval mode), and the registered
+    name and config of ``target`` in ``family``: the config it implies (``config_from(its config,
+    scale, shift)``), checked against a registered ``target`` (`resolve_target`)."""
+    with checking(f"diffusers:{class_name} --path"):
+        source = load_diffusers(class_name, path).eval()
+    scale, shift = normalisation(class_name, source)
+    name, config = resolve_target(target, family, config_from(source.config, scale, shift), f"diffusers:{class_name}")
+    return source, name, config
 
 
 def registered_target(state: Mapping[str, Tensor], target: str, cls: type, fill: Callable[[KeyMap, Any], None],
