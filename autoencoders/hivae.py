@@ -453,7 +453,8 @@ class MotionDecoderDiT(nn.Module):
         dpos = _grid(T, n_d, device=hx.device)
         det_pos = torch.stack([dpos[:, 0], -1 - dpos[:, 1], torch.full_like(dpos[:, 0], -1)], -1)  # (T*n_d, 3)
         positions = torch.cat([frame_pos, det_pos])[None].expand(B, -1, -1)  # (B, T*(N_f + n_d), 3)
-        layout = TokenLayout(positions, None, self.rope(positions[:1]))
+        # frame tokens and detailed tokens, T frames each: a frame's spatial group holds both
+        layout = TokenLayout(positions, None, self.rope(positions[:1]), grids=(T, (hi * wi, n_d)))
         seq = torch.cat([hx, hd], 1)  # (B, T*(N_f + n_d), D)
         c_t = self.t_embed(t)  # (B, D)
         for blk in self.blocks:

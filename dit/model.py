@@ -222,7 +222,10 @@ class VideoDiT(nn.Module):
                 context, context_ids = context.reshape(1, -1, context.shape[-1]), ids.reshape(1, -1)  # (1, B*(1+L), D)
         else:
             seq_ids = None if tokens.valid is None else torch.where(tokens.valid, 0, -1)
-            layout = TokenLayout(tokens.positions, seq_ids, self.rope(tokens.positions))
+            # one grid or token set without padding: spatial / temporal groups are dense reshapes
+            g = tokens.groups[0].grid
+            grids = (g[0], (g[1] * g[2],)) if seq_ids is None and len(tokens.groups) == 1 else None
+            layout = TokenLayout(tokens.positions, seq_ids, self.rope(tokens.positions), grids=grids)
 
         for blk in self.blocks:
             h = blk(h, c, layout, context, context_ids)

@@ -149,17 +149,68 @@ def group_ids(positions: Tensor, seq_ids: Tensor | None, axes: tuple[int, ...]) 
     return torch.where(seq >= 0, ids, -1)
 
 
+def fold_groups(x: Tensor, layout: str, sizes: tuple[int, ...]) -> Tensor:
+    """Spatial / temporal groups of a grid sequence as a dense batch: ``x: (B, H, N, d)`` whose
+    rows are ``len(sizes)`` blocks of ``T x S_g`` tokens (frame-major, ``T = N / sum(sizes)``),
+    concatenated -> ``(B*T, H, sum(sizes), d)`` for ``"spatial"`` (frame t of every block),
+    ``(B*sum(sizes), H, T, d)`` for ``"temporal"`` (each site of each block across the frames).
+    ``T`` comes from the shape, so a compiled caller does not specialise on it."""
+    B, H, N, d = x.shape
+    frames = N // sum(sizes)
+    if len(sizes) == 1:
+        g = x.reshape(B, H, frames, sizes[0], d)
+    else:
+        g = torch.cat([p.reshape(B, H, frames, s, d) for p, s in zip(x.split([frames * s for s in sizes], 2), sizes)],
+                      3)  # (B, H, T, S, d)
+    if layout == "spatial":
+        return rearrange(g, "b h t s d -> (b t) h s d")
+    return rearrange(g, "b h t s d -> (b s) h t d")
+
+
+def unfold_groups(o: Tensor, layout: str, sizes: tuple[int, ...], batch: int) -> Tensor:
+    """Inverse of `fold_groups`: ``(batch*G, H, n, d)`` -> ``(batch, H, N, d)``."""
+    if layout == "spatial":
+        g = rearrange(o, "(b t) h s d -> b h t s d", b=batch)
+    else:
+        g = rearrange(o, "(b s) h t d -> b h t s d", b=batch)
+    B, H, frames, _, d = g.shape
+    if len(sizes) == 1:
+        return g.reshape(B, H, frames * sizes[0], d)
+    return torch.cat([p.reshape(B, H, frames * s, d) for p, s in zip(g.split(list(sizes), 3), sizes)], 2)
+
+
 @dataclass
 class TokenLayout:
     """What every block of one forward needs about the sequence: positions ``(B|1, N, 3)``,
     sequence ids ``(B, N)`` (None = each row is one complete sequence, the fast path with no
-    mask), precomputed RoPE, and the per-sample conditioning index for packed rows."""
+    mask), precomputed RoPE, and the per-sample conditioning index for packed rows.
+
+    ``grids = (T, (S_1, ..., S_k))``, when the producer knows it, says every row is ``k`` blocks of
+    ``T x S_g`` tokens, frame-major, concatenated, with no padding, whose spatial groups are frame
+    ``t`` of every block and whose temporal groups are each site of each block. Spatial / temporal
+    attention then reshapes into a dense batch (`fold_groups`) instead of gathering by ids: no host
+    syncs, and the block stays one compiled graph. It must describe the same groups as
+    ``ids(layout)`` (tests compare both)."""
 
     positions: Tensor
     seq_ids: Tensor | None = None
     rope: tuple[Tensor, Tensor] | None = None
     cond_index: Tensor | None = None  # (B, N) index into per-sample conditioning rows (packed)
+    grids: tuple[int, tuple[int, ...]] | None = None
     _groups: dict[str, Tensor | None] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.grids is not None:
+            frames, sizes = self.grids
+            if self.seq_ids is not None or frames * sum(sizes) != self.positions.shape[-2]:
+                raise ValueError(f"grids {self.grids} must cover the {self.positions.shape[-2]} tokens of rows "
+                                 "without padding (seq_ids None)")
+
+    def fold(self, layout: str) -> tuple[str, tuple[int, ...]] | None:
+        """``(layout, sizes)`` for `fold_groups` when ``layout``'s groups are dense, else None."""
+        if layout == "full" or self.grids is None:
+            return None
+        return (layout, self.grids[1])
 
     def ids(self, layout: str) -> Tensor | None:
         """Attention ids for a block layout: ``"full"`` (the sequence), ``"spatial"`` (tokens of
@@ -195,13 +246,21 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // heads) if qk_norm else None
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, seq_ids: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, seq_ids: Tensor | None = None,
+                fold: tuple[str, tuple[int, ...]] | None = None) -> Tensor:
+        """``seq_ids``: which tokens attend together (None = the whole row); ``fold``: the same as
+        dense groups (`TokenLayout.fold`), used instead of ``seq_ids``."""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if self.norm is not None:
             q, k = self.norm(q, k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            if fold is not None:  # on the whole sequence (after a sequence-parallel exchange)
+                B = q.shape[0]
+                q, k, v = (fold_groups(t, *fold) for t in (q, k, v))
+                return unfold_groups(attention(q, k, v, backend=self.backend), *fold, B)  # (B, H, N, d)
             return attention(q, k, v, backend=self.backend, seq_ids=seq_ids)  # (B, H, N, d)
 
         o = attend(q, k, v) if self.attention_wrapper is None else self.attention_wrapper(attend, q, k, v)
@@ -295,18 +354,21 @@ class TransformerBlock(nn.Module):
         (sample id per context token, -1 masked; None = all visible)."""
         if self.cross is not None and context is None:
             raise ValueError("this block has cross-attention: give a context")
-        args = (x, c, layout.rope, layout.ids(self.layout), layout.seq_ids, layout.cond_index, context, context_ids)
+        fold = layout.fold(self.layout)
+        ids = None if fold is not None else layout.ids(self.layout)
+        args = (x, c, layout.rope, ids, layout.seq_ids, layout.cond_index, context, context_ids, fold)
         return self.core(*args) if self.compiled_core is None else self.compiled_core(self, *args)
 
     def core(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None, ids: Tensor | None,
              seq_ids: Tensor | None, cond_index: Tensor | None, context: Tensor | None,
-             context_ids: Tensor | None) -> Tensor:
-        """The block's math on plain tensors (``ids``: attention ids of this block's layout,
-        ``seq_ids``: sequence ids for the cross-attention queries): the region that
-        ``compile_blocks`` compiles, with no Python objects to guard on besides the tensors."""
+             context_ids: Tensor | None, fold: tuple[str, tuple[int, ...]] | None = None) -> Tensor:
+        """The block's math on plain tensors (``ids``: attention ids of this block's layout, or
+        ``fold``: its dense groups; ``seq_ids``: sequence ids for the cross-attention queries): the
+        region that ``compile_blocks`` compiles, with no Python objects to guard on besides the
+        tensors and ``fold``'s sizes."""
         mod = expand_modulation(self.ada(F.silu(c)), cond_index)  # (B, 1|N, 6D)
         b1, s1, g1, b2, s2, g2 = mod.chunk(6, -1)
-        x = x + g1 * self.attn(modulate(self.norm1(x), b1, s1), rope, ids)
+        x = x + g1 * self.attn(modulate(self.norm1(x), b1, s1), rope, ids, fold)
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), context, seq_ids, context_ids)
         return x + g2 * self.mlp(modulate(self.norm2(x), b2, s2))
@@ -338,6 +400,9 @@ def set_attention_backend(module: nn.Module, backend: str) -> None:
             m.backend = backend
 
 
+RECOMPILE_LIMIT = 16
+
+
 def compile_blocks(module: nn.Module, dynamic: bool | None = None, mode: str | None = None,
                    backend: str | Callable = "inductor") -> int:
     """Regional compilation: compile ``TransformerBlock.core`` once with ``torch.compile`` and let
@@ -345,9 +410,15 @@ def compile_blocks(module: nn.Module, dynamic: bool | None = None, mode: str | N
     dynamo treats their parameters as inputs, so one compile serves the whole trunk, and a new token
     count or batch recompiles once with dynamic sizes instead of once per shape (``dynamic=None``).
     Only the tensor math is compiled: the layout's id computation, the attention kernels that
-    need host-side bookkeeping (grouped / packed ids, flash-attn, xformers) and sequence-parallel
-    hooks stay eager. Parameters, state dicts and checkpoints are unchanged; ``uncompile_blocks``
-    undoes it."""
+    need host-side bookkeeping (packed or padded ids, flash-attn, xformers) and sequence-parallel
+    hooks stay eager; dense spatial / temporal groups (`TokenLayout.grids`) are compiled in.
+    Parameters, state dicts and checkpoints are unchanged; ``uncompile_blocks`` undoes it.
+
+    The shared function has one graph per block kind (full, spatial, temporal) and size regime
+    (the first sizes, dynamic sizes, batch 1, one frame): dynamo's per-function recompile limit
+    is raised to ``RECOMPILE_LIMIT`` (from its default 8) so a factorised trunk does not fall back
+    to eager after its warm-up."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     fn = torch.compile(TransformerBlock.core, dynamic=dynamic, mode=mode, backend=backend)
     blocks = [m for m in module.modules() if isinstance(m, TransformerBlock)]
     for blk in blocks:

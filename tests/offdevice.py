@@ -14,8 +14,14 @@ values; a ``FakeTensorMode`` with a fake cuda device was tried too: it cannot ru
         model = model.to(OFF)
         out = model(x.to(OFF))           # real numbers; mixed devices raise as on CUDA
         out.cpu()                        # back to plain CPU tensors
+
+    with OffDevice() as dev:
+        ...
+    dev.syncs                            # where CUDA would wait for the device (see `HOST_SYNCS`)
 """
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,6 +34,19 @@ aten = torch.ops.aten
 _MIXING_ALLOWED = {aten._to_copy.default, aten.copy_.default, aten.index.Tensor, aten.index_put_.default,
                    aten.index_put.default, aten._index_put_impl_.default, aten._unsafe_index.Tensor,
                    aten._unsafe_index_put.default}
+
+
+# ops that make the host wait for the device on CUDA: a value read on the host, or an output whose
+# shape depends on the values (boolean-mask indexing goes through ``nonzero``; counted below)
+HOST_SYNCS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+              aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
+              aten.repeat_interleave.Tensor, aten.bincount.default}
+_counters: list[Counter] = []  # the entered `OffDevice` modes' sync counters
+
+
+def _count_sync(what: str) -> None:
+    for c in _counters:
+        c[what] += 1
 
 
 class OffDeviceTensor(torch.Tensor):
@@ -47,6 +66,7 @@ class OffDeviceTensor(torch.Tensor):
         return f"OffDeviceTensor({self.inner!r})"
 
     def tolist(self):  # a copy to the host, as on CUDA (``.numpy()`` stays an error, as on CUDA)
+        _count_sync("tolist")
         return self.inner.tolist()
 
     # Python lists as indices become index tensors in C++ on the indexed tensor's device, copied
@@ -86,6 +106,8 @@ def _run(func, args, kwargs):
         raise RuntimeError(f"{func} got a tensor without values (a real meta tensor): some C++ conversion made it "
                            "on the stand-in device below the dispatcher; extend tests/offdevice.py for it")
     to_off = _targets_off(kwargs.get("device"))
+    if off_in and _counters:
+        _note_sync(func, args, kwargs, to_off)
     unwrap = lambda a: a.inner if isinstance(a, OffDeviceTensor) else a  # noqa: E731
     args2, kwargs2 = tree_map(unwrap, args), tree_map(unwrap, kwargs)
     if to_off:
@@ -100,9 +122,28 @@ def _run(func, args, kwargs):
     return tree_map(lambda o: OffDeviceTensor(o) if type(o) is torch.Tensor else o, out)
 
 
+def _note_sync(func, args, kwargs, to_off: bool) -> None:
+    if func in HOST_SYNCS and not (func is aten.repeat_interleave.Tensor and kwargs.get("output_size")):
+        _count_sync(str(func.overloadpacket.__name__))
+    elif func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default) \
+            and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
+        _count_sync("boolean index")
+    elif func is aten._to_copy.default and not to_off and kwargs.get("device") is not None:
+        _count_sync("copy to host")
+    elif func is aten.copy_.default and not isinstance(args[0], OffDeviceTensor):
+        _count_sync("copy to host")
+
+
 class OffDevice(TorchDispatchMode):
     """Within it, factories asked for ``device=OFF`` make ``OffDeviceTensor`` s. ``torch.tensor``
-    and ``torch.as_tensor`` copy Python data without dispatching, so they are wrapped too."""
+    and ``torch.as_tensor`` copy Python data without dispatching, so they are wrapped too.
+
+    ``syncs`` counts, by kind, the operations on stand-in tensors that would make the host wait for
+    the device on CUDA (`HOST_SYNCS`, boolean-mask indexing, copies to the host, ``tolist``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return _run(func, args, kwargs or {})
@@ -118,10 +159,12 @@ class OffDevice(TorchDispatchMode):
             return wrapped
 
         torch.tensor, torch.as_tensor = from_data(torch.tensor), from_data(torch.as_tensor)
+        _counters.append(self.syncs)
         return super().__enter__()
 
     def __exit__(self, *exc):
         torch.tensor, torch.as_tensor = self._saved
+        _counters.remove(self.syncs)
         return super().__exit__(*exc)
 
 

@@ -129,6 +129,33 @@ def test_token_count_changes_recompile_once_not_per_shape():
     assert backend.graphs == warm
 
 
+def test_factorised_trunk_compiles_its_groups_and_stays_compiled():
+    """Spatial / temporal blocks over a grid attend in dense groups inside the compiled block (no
+    eager attention between pieces): one graph per block kind and size regime (first sizes,
+    dynamic, batch 1, one frame), then new shapes find a graph (none recompiles, none falls back to
+    eager at dynamo's recompile limit)."""
+    model = _randomize(dit.build("dit-debug", {"z": (4, 8, 8, 8)}, num_classes=4, attn_layout="factorized"))
+    backend = CountingBackend()
+    compile_blocks(model, backend=backend)
+
+    def run(shapes):
+        for B, T, H in shapes:
+            model({"z": torch.randn(B, 4, T, H, H)}, torch.rand(B), Cond(class_id=torch.zeros(B, dtype=torch.long)))
+
+    run([(2, 2, 4)])
+    assert backend.graphs == 2  # spatial + temporal, each one whole block
+    run([(3, 4, 6), (1, 5, 8), (2, 1, 4)])
+    warm = backend.graphs
+    assert warm <= 8, warm
+    with torch.compiler.set_stance("fail_on_recompile"):
+        run([(4, 3, 4), (2, 8, 8), (5, 1, 6), (1, 7, 4), (6, 6, 6), (3, 9, 4), (1, 3, 6)])
+    assert backend.graphs == warm
+    run([(2, 3, 2)])  # one token per frame: two more regimes, past dynamo's default limit of 8 graphs
+    assert backend.graphs == warm + 2
+    with torch.compiler.set_stance("fail_on_recompile"):
+        run([(3, 5, 2)])
+
+
 def test_uncompile_and_state_dict_unchanged():
     eager, compiled = _pair(GRID)
     assert compiled.state_dict().keys() == eager.state_dict().keys()

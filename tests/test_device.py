@@ -1,7 +1,9 @@
 """Device correctness without a GPU: every registered autoencoder, a DiT training step, the
 samplers and ``ldm sample``'s sampling + decode path run with tensors on a stand-in device
 (``tests/offdevice.py``: real values, CUDA's rule against mixing devices), so a tensor created on
-the CPU inside a forward fails here as it would on CUDA (the MTC-VAE bug of the GPU report did)."""
+the CPU inside a forward fails here as it would on CUDA (the MTC-VAE bug of the GPU report did).
+The same runs count host syncs (a value read on the host, a data-dependent shape): none in the
+model code except where the method itself decides on the host (`HOST_READS`, packed varlen rows)."""
 import pytest
 import torch
 
@@ -34,6 +36,12 @@ def _text_cond(ae, B: int) -> Cond | None:
     return Cond(text=torch.randn(B, 5, ae.text_dim), text_mask=mask)
 
 
+# families whose method reads values on the host (a GPU waits there); every other family's encode
+# and decode never does (a host sync drains the GPU's queue: extraction and sampling stall on it)
+HOST_READS = {"mtcvae": "encode picks each segment's temporal rate from the content (Alg. 1, on the host) and "
+                        "decode sizes each segment's frames by its rate"}
+
+
 def _roundtrip(name: str) -> None:
     torch.manual_seed(0)
     ae = autoencoders.build(name).eval()
@@ -42,14 +50,22 @@ def _roundtrip(name: str) -> None:
     cond = _text_cond(ae, 2)
     with torch.no_grad():
         ref = ae.decode(ae.encode(video, cond), cond) if not name.startswith("hivae") else None
-        with OffDevice():
+        with OffDevice() as dev:
             ae_off, cond_off = off(ae), None if cond is None else Cond(*off([cond.text, cond.text_mask, None, None]))
-            latent = ae_off.encode(off(video), cond_off)
+            video_off = off(video)
+            dev.syncs.clear()
+            latent = ae_off.encode(video_off, cond_off)
             assert all(v.device == OFF for v in latent.parts.values())
             out = ae_off.decode(latent, cond_off)
             assert out.device == OFF and out.shape[:2] == (2, 3)
+            syncs = dict(dev.syncs)
             back = out.cpu()
     assert type(back) is torch.Tensor and torch.isfinite(back).all()
+    family = name.split("-")[0]
+    if family in HOST_READS:
+        assert syncs, f"{name} no longer reads values on the host: drop it from HOST_READS"
+    else:  # on a GPU, encode and decode queue their work without waiting for it
+        assert not syncs, f"{name} waits for the device: {syncs}"
     if ref is not None:  # the stand-in runs the very same numbers
         torch.testing.assert_close(back, ref, atol=1e-5, rtol=1e-5)
 
@@ -69,6 +85,22 @@ def test_the_stand_in_device_flags_mixing_like_cuda():
         lin(x).sum().backward()
         assert lin.weight.grad.device == OFF
         assert torch.nonzero(x > 0).device == OFF and (x > 0).sum().item() >= 0
+
+
+def test_the_stand_in_device_counts_host_syncs():
+    with OffDevice() as dev:
+        x = torch.randn(6, device=OFF)
+        dev.syncs.clear()
+        y = torch.where(x > 0, x * 2, x.new_zeros(())).reshape(2, 3).sum(0)  # queued work only
+        assert not dev.syncs
+        float(y.sum())
+        x[x > 0]
+        torch.nonzero(x)
+        x.cpu()
+        x.tolist()
+        torch.repeat_interleave(x.new_ones(2, dtype=torch.long))
+        assert dev.syncs == {"_local_scalar_dense": 1, "boolean index": 1, "nonzero": 1, "copy to host": 1,
+                             "tolist": 1, "repeat_interleave": 1}
 
 
 @pytest.mark.parametrize("name", _platform(debug=True))
@@ -99,26 +131,35 @@ def test_dit_training_step_off_the_cpu(parts, pack):
     draws = flow_draws(latent, fcfg, sample_generators(0, [0, 1]))
     cond = Cond(text=torch.randn(2, 3, 8), text_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]).bool(),
                 class_id=torch.tensor([1, -1]))
-    with OffDevice():
+    with OffDevice() as dev:
         m = off(model)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True)
         lat = latent.to(OFF)
         c = Cond(*off([cond.text, cond.text_mask, None, cond.class_id]))
-        loss = flow_step_loss(m, lat, c, fcfg, off(draws), m.null_cond, pack=pack)
+        d = off(draws)
+        dev.syncs.clear()
+        loss = flow_step_loss(m, lat, c, fcfg, d, m.null_cond, pack=pack)
         loss.backward()
         opt.step()
+        syncs = dict(dev.syncs)
         assert loss.device == OFF and torch.isfinite(loss.cpu())
+    # one grid part (full or factorised attention) never waits for the device; packing varlen rows
+    # sizes the packed row from the lengths on the host, and factorised attention over several
+    # parts (Hi-VAE's content + motion tokens) groups ragged sets of tokens by their positions
+    assert bool(syncs) == (pack or len(parts) > 1), syncs
 
 
 @pytest.mark.parametrize("method", sorted(samplers.SAMPLERS))
 def test_samplers_with_guidance_off_the_cpu(method):
     torch.manual_seed(0)
     model = dit.build("dit-debug", {"z": (4, 2, 4, 4)}, num_classes=4)
-    with OffDevice(), torch.no_grad():
+    with OffDevice() as dev, torch.no_grad():
         m = off(model)
         x = Latent(samplers.initial_noise({"z": (4, 2, 4, 4)}, 2, seed=0, device=OFF))
         cond = Cond(class_id=torch.tensor([0, 3], device=OFF))
+        dev.syncs.clear()
         out = samplers.sample(m, x, cond, method=method, steps=3, guidance_scale=4.0, null_cond=m.null_cond(cond))
+        assert not dev.syncs, dict(dev.syncs)  # the sampling loop never waits for the device
         assert out["z"].device == OFF and torch.isfinite(out["z"].cpu()).all()
 
 

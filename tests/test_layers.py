@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from ldm.layers import (FinalLayer, QKNorm, RMSNorm, Rope3D, TimestepEmbedder, TokenLayout, TransformerBlock,
-                        apply_rope, group_ids, rope_axes, set_attention_backend, timestep_embedding)
+                        apply_rope, fold_groups, group_ids, rope_axes, set_attention_backend, timestep_embedding,
+                        unfold_groups)
 
 
 def _grid_positions(t, h, w):
@@ -95,6 +96,74 @@ def test_factorised_layouts_attend_within_groups(layout_name, axis_same):
     same = torch.all(pos[:, list(axis_same)] == pos[0, list(axis_same)], -1)
     changed = (y2 - y).abs().amax(-1)[0] > 1e-6
     assert torch.equal(changed, same)  # only tokens of the perturbed token's group move
+
+
+def _two_block_positions(t, h, w, n):
+    """Hi-VAE decoder's rows: a (t, h, w) frame grid, then n detailed tokens per frame at (t, -1-i, -1)."""
+    det = _grid_positions(t, n, 1)
+    return torch.cat([_grid_positions(t, h, w), torch.stack([det[:, 0], -1 - det[:, 1], det[:, 2] - 1], -1)])
+
+
+@pytest.mark.parametrize("layout_name", ["spatial", "temporal"])
+@pytest.mark.parametrize("sizes", [(6,), (6, 2)])
+def test_dense_groups_equal_the_id_groups(layout_name, sizes):
+    """``TokenLayout.grids`` (reshaped dense groups, no host syncs) gives the outputs and gradients
+    of the id path (grouped by positions), for one grid and for a grid + detailed tokens."""
+    T = 3
+    pos = _grid_positions(T, 2, 3) if sizes == (6,) else _two_block_positions(T, 2, 3, 2)
+    N, rope, pos = pos.shape[0], Rope3D(8)(pos), pos[None].expand(2, -1, -1)
+    blk = _block(layout=layout_name, context_dim=24)
+    _randomize(blk, seed=2)
+    x, c, ctx = torch.randn(2, N, 32), torch.randn(2, 32), torch.randn(2, 5, 24)
+    x.requires_grad_(True)
+    ids_out = blk(x, c, TokenLayout(pos, rope=rope), ctx)
+    (g_ids,) = torch.autograd.grad(ids_out.square().sum(), x)
+    dense = TokenLayout(pos, rope=rope, grids=(T, sizes))
+    assert dense.fold(layout_name) == (layout_name, sizes) and dense.fold("full") is None
+    dense_out = blk(x, c, dense, ctx)
+    (g_dense,) = torch.autograd.grad(dense_out.square().sum(), x)
+    torch.testing.assert_close(dense_out, ids_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_dense, g_ids, atol=1e-5, rtol=1e-5)
+    q = torch.randn(2, 4, N, 8)
+    folded = fold_groups(q, layout_name, sizes)
+    assert folded.shape == ((2 * T, 4, sum(sizes), 8) if layout_name == "spatial" else (2 * sum(sizes), 4, T, 8))
+    assert torch.equal(unfold_groups(folded, layout_name, sizes, 2), q)
+    with pytest.raises(ValueError, match="grids"):
+        TokenLayout(pos, rope=rope, grids=(T + 1, sizes))
+    with pytest.raises(ValueError, match="grids"):
+        TokenLayout(pos, seq_ids=torch.zeros(2, N, dtype=torch.long), grids=(T, sizes))
+
+
+def test_models_declare_dense_groups_that_match_their_ids(monkeypatch):
+    """The DiT (factorised, one grid or one token set) and Hi-VAE's decoder declare ``grids``; with
+    the declaration ignored (the id path) both give the same outputs."""
+    import autoencoders
+    import dit
+    from ldm.latent import Cond
+
+    torch.manual_seed(0)
+    runs = []
+    for parts in ({"z": (4, 3, 4, 6)}, {"s": (5, 3, 4)}):
+        model = dit.build("dit-debug", parts, num_classes=4, attn_layout="factorized")
+        _randomize(model)
+        x = {k: torch.randn(2, *v) for k, v in parts.items()}
+        runs.append(lambda m=model, x=x: m(x, torch.rand(2, generator=torch.Generator().manual_seed(1)),
+                                           Cond(class_id=torch.tensor([1, 2])))[next(iter(x))])
+    ae = autoencoders.build("hivae-debug").eval()
+    video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    with torch.no_grad():
+        latent = ae.encode(video)
+    runs.append(lambda: ae.decode(latent, None, steps=2, seed=0))
+    folds = []
+    real_fold = TokenLayout.fold
+    monkeypatch.setattr(TokenLayout, "fold", lambda self, layout: folds.append(layout) or real_fold(self, layout))
+    with torch.no_grad():
+        dense = [run() for run in runs]
+    assert {"spatial", "temporal"} <= set(folds)
+    monkeypatch.setattr(TokenLayout, "fold", lambda self, layout: None)
+    with torch.no_grad():
+        for run, out in zip(runs, dense):
+            torch.testing.assert_close(out, run(), atol=1e-5, rtol=1e-5)
 
 
 def test_block_padding_and_cross_attention_mask():
