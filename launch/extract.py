@@ -54,7 +54,7 @@ from ldm import config as cfglib
 from ldm.artifacts import AERecord, ClipSpec
 from ldm.checkpoint import atomic_write_json, read_json
 from ldm.errors import UserError, checking
-from ldm.latent import Cond
+from ldm.latent import Cond, Latent
 from ldm.metrics import psnr
 
 log = logging.getLogger("ldm.extract")
@@ -475,18 +475,44 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
     buf: _ShardBuffer | None = None
     handled = 0
 
+    in_flight: list[tuple[_ShardBuffer, list[dict[str, Any]], Latent, tuple | None, Any]] = []
+
     def encode_pending() -> None:
+        """Queue the pending clips' encode and the copy of their latents back to the host, then store
+        the batch queued before: on a GPU the host serialises one batch while the device encodes the
+        next (nothing waits but the copy of the batch being stored)."""
         if not pending:
             return
-        video = torch.stack([p["video"] for p in pending]).to(device, non_blocking=True).to(dtype)  # (B, C, T, H, W)
-        text, emb, mask = None, None, None
+        batch = list(pending)
+        pending.clear()
+        # page-locked clips (DataLoader pin_memory) copy asynchronously; stacked on the device
+        video = torch.stack([p["video"].to(device, non_blocking=True) for p in batch]).to(dtype)  # (B, C, T, H, W)
+        emb, mask, text = None, None, None
         if text_encoder is not None:
-            emb, mask = text_encoder.encode([p["caption"] for p in pending])
-            text = [e[m].cpu() for e, m in zip(emb, mask)]  # valid tokens only, (L_i, D)
-            buf.text_tokens += int(mask.sum())
-        latent = ae.encode(video, _ae_cond(ae, emb, mask, device, dtype)).to("cpu", torch.float32)
-        buf.stats.update(latent)
-        for b, (p, lat) in enumerate(zip(pending, latent.unbatch())):
+            emb, mask = text_encoder.encode([p["caption"] for p in batch])
+            text = (emb.to("cpu", non_blocking=cuda), mask.to("cpu", non_blocking=cuda))
+        latent = ae.encode(video, _ae_cond(ae, emb, mask, device, dtype))
+        host = latent.to(dtype=torch.float32).to("cpu", non_blocking=cuda)  # into page-locked memory on CUDA
+        copied = None
+        if cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        store_batch()
+        in_flight.append((buf, batch, host, text, copied))
+
+    def store_batch() -> None:
+        """Serialise the queued batch into its shard buffer once its latents are on the host."""
+        if not in_flight:
+            return
+        into, batch, latent, text, copied = in_flight.pop()
+        if copied is not None:
+            copied.synchronize()
+        if text is not None:
+            emb, mask = text
+            text = [e[m] for e, m in zip(emb, mask)]  # valid tokens only, (L_i, D)
+            into.text_tokens += int(mask.sum())
+        into.stats.update(latent)
+        for b, (p, lat) in enumerate(zip(batch, latent.unbatch())):
             item, w = items[p["index"]], p["window"]
             meta = {"index": p["index"], "key": item.key, "caption": p["caption"] or None,
                     "class_id": None if p["class_id"] < 0 else p["class_id"], "fps": cfg.fps,
@@ -494,12 +520,12 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
                     "autoencoder": signature["autoencoder"]}
             if not windows.first_only:  # several clips per video: which window this is
                 meta.update(clip=w.clip, start_frame=w.start, start_s=round(w.start_s, 6))
-            buf.samples.append(shards.encode_sample(lat, meta, None if text is None else text[b]))
-            buf.keys.append(shards.clip_key(p["index"], w.start))
-        pending.clear()
+            into.samples.append(shards.encode_sample(lat, meta, None if text is None else text[b]))
+            into.keys.append(shards.clip_key(p["index"], w.start))
 
     def finish_shard() -> None:
         encode_pending()
+        store_batch()
         for f in written:  # a failed write (disk full) stops the run at the next shard
             if f.done():
                 f.result()
