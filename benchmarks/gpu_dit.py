@@ -4,6 +4,7 @@ forward at several token counts, plus ``ldm train``'s own logged throughput on a
     python benchmarks/gpu_dit.py --json OUT.json                       # on a GPU: dit-XL size
     python benchmarks/gpu_dit.py --device cpu --tiny --compile-backend aot_eager   # toy size, seconds
     python benchmarks/gpu_dit.py --ldm-train SHARDS_DIR --ldm-train-dit dit-XL     # + `ldm train`'s MFU
+    python benchmarks/gpu_dit.py ... --ldm-train-profile 3    # + where `ldm train`'s step time goes
 
 The reference is defined here from the DiT paper (Peebles & Xie 2023, Sec. 3.2 and App.): a
 stack of blocks ``x + g1 * Attn(modulate(LN(x), b1, s1))``, ``x + g2 * MLP(modulate(LN(x), b2,
@@ -244,20 +245,29 @@ def attention_kernels(size: dict, tokens_list: list[int], device: torch.device, 
     return out
 
 
-def ldm_train(shards: str, dit_name: str, batch: int, steps: int, out_dir: Path, extra: list[str]) -> dict:
-    """Run ``ldm train`` on a shard folder and read back its own logged throughput."""
+def ldm_train(shards: str, dit_name: str, batch: int, steps: int, out_dir: Path, extra: list[str],
+              profile: int = 0) -> dict:
+    """Run ``ldm train`` on a shard folder and read back its own logged throughput; with
+    ``profile`` > 0, also its profile of that many steps before the last (``OUTPUT/profile``)."""
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "launch.cli", "train", "--config", str(root / "launch/configs/train-debug.yaml"),
            f"data.shards={shards}", f"output={out_dir}", f"model.dit={dit_name}", f"data.batch_size={batch}",
            f"steps={steps}", f"save_every={10 * steps}", f"log_every={max(1, steps // 3)}", "model.text_cond=false",
            "universal_checkpoints=false", "ema_decay=0.9999", *extra]
+    if profile:
+        cmd += [f"profile.start={max(steps - profile - 1, 1)}", f"profile.steps={profile}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"error": proc.stderr[-3000:], "wall_s": wall}
     logs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-    return {"dit": dit_name, "batch": batch, "steps": steps, "wall_s": wall, "log": logs, "last": logs[-1]}
+    out = {"dit": dit_name, "batch": batch, "steps": steps, "wall_s": wall, "log": logs, "last": logs[-1]}
+    ops = out_dir / "profile" / "ops-rank0.json"
+    if profile and ops.is_file():
+        out["profile"] = json.loads(ops.read_text())
+        out["profile"]["top"] = out["profile"]["top"][:25]
+    return out
 
 
 def main() -> None:
@@ -281,6 +291,8 @@ def main() -> None:
     p.add_argument("--ldm-train-batch", type=int, default=8)
     p.add_argument("--ldm-train-steps", type=int, default=30)
     p.add_argument("--ldm-train-extra", nargs="*", default=[], help="more dotted overrides for `ldm train`")
+    p.add_argument("--ldm-train-profile", type=int, default=0, metavar="N",
+                   help="profile N steps of `ldm train` before its last (top operators by device time in the JSON)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
 
@@ -331,8 +343,11 @@ def main() -> None:
     if args.ldm_train:
         with tempfile.TemporaryDirectory() as tmp:
             result["ldm_train"] = ldm_train(args.ldm_train, args.ldm_train_dit, args.ldm_train_batch,
-                                            args.ldm_train_steps, Path(tmp) / "run", args.ldm_train_extra)
-        print(json.dumps({k: v for k, v in result["ldm_train"].items() if k != "log"}), flush=True)
+                                            args.ldm_train_steps, Path(tmp) / "run", args.ldm_train_extra,
+                                            args.ldm_train_profile)
+        print(json.dumps({k: v for k, v in result["ldm_train"].items() if k not in ("log", "profile")}), flush=True)
+        for row in result["ldm_train"].get("profile", {}).get("top", [])[:15]:
+            print(f"  {row['share']:6.1%} {row['self_us'] / 1e3:9.1f} ms {row['calls']:6d}x  {row['name'][:90]}")
     print(f"\n{'mode':14} {'tokens':>6} {'batch':>5} {'step s':>8} {'TFLOP/s':>8} {'MFU':>6} {'GiB':>6} "
           f"{'fwd s':>8} {'train x':>7} {'fwd x':>6}")
     for r in result["rows"]:

@@ -13,6 +13,9 @@ first intact one with the reasons the others were rejected. An intact checkpoint
 deleted to make room for one of the same step (a run that fell back past it): it is kept aside as
 ``step-N.kept-K``.
 
+``StepProfiler`` records a window of training steps with ``torch.profiler`` into
+``OUTPUT/profile/`` (a Chrome trace and the operators that took the most time, per rank).
+
 A run folder is bound to what made it (``check_binding`` / ``Binding.write``): ``run.json``
 records every setting that shapes the run -- all of the verb's settings except the harmless ones
 it names (logging, checkpoint cadence, workers, progress, device) -- and what the inputs are
@@ -338,6 +341,60 @@ class NonFiniteGuard:
 # learning rate
 # ------------------------------------------------------------------------------------------
 SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """Which training steps ``torch.profiler`` records: the ``steps`` steps after step ``start``
+    (``steps: 0`` = off). The step before them is a warm-up the profiler discards."""
+
+    start: int = 10
+    steps: int = 0
+
+
+class StepProfiler:
+    """``torch.profiler`` over a window of training steps (``ProfileConfig``), written when the
+    window closes to ``folder``: ``trace-rankR.json`` (Chrome / Perfetto trace), ``ops-rankR.txt``
+    (the operators by self time on the device, or on the CPU without one) and ``ops-rankR.json``
+    (the same top rows, for scripts). Made before step ``first_step + 1`` (a resumed run starts
+    later); ``step()`` after each training step; a no-op when off or outside the window."""
+
+    def __init__(self, cfg: ProfileConfig, folder: Path, rank: int, first_step: int, cuda: bool, rows: int = 40):
+        self.folder, self.rank, self.cuda, self.rows = folder, rank, cuda, rows
+        self.prof = None
+        if cfg.steps <= 0 or cfg.start + cfg.steps <= first_step:
+            return
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        lead = cfg.start - first_step  # steps of this run before the window
+        active = cfg.start + cfg.steps - max(cfg.start, first_step)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        self.prof = profile(activities=activities, on_trace_ready=self._write,
+                            schedule=schedule(wait=max(lead - 1, 0), warmup=min(max(lead, 0), 1), active=active,
+                                              repeat=1))
+        self.prof.start()
+
+    def step(self) -> None:
+        if self.prof is not None:
+            self.prof.step()
+
+    def close(self) -> None:
+        if self.prof is not None:
+            self.prof.stop()
+            self.prof = None
+
+    def _write(self, prof: Any) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.folder / f"trace-rank{self.rank}.json"))
+        key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+        total = sum(getattr(e, key) for e in events) or 1.0
+        top = [{"name": e.key, "calls": e.count, "self_us": round(getattr(e, key), 1),
+                "share": round(getattr(e, key) / total, 4)} for e in events[:self.rows]]
+        (self.folder / f"ops-rank{self.rank}.txt").write_text(
+            prof.key_averages().table(sort_by=key, row_limit=self.rows) + "\n")
+        atomic_write_json(self.folder / f"ops-rank{self.rank}.json", {"sorted_by": key, "total_us": total, "top": top})
+        log.info("profile of the training steps written to %s", self.folder)
 
 
 def lr_factor(step: int, warmup: int = 0, schedule: str = "constant", total_steps: int = 0,

@@ -108,6 +108,7 @@ class TrainConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    profile: runs.ProfileConfig = field(default_factory=runs.ProfileConfig)  # torch.profiler window -> OUTPUT/profile
 
 
 # settings that may change when a run is resumed; every other key of TrainConfig binds the run
@@ -116,7 +117,7 @@ class TrainConfig:
 HARMLESS = ("output", "log_every", "save_every", "keep_checkpoints", "max_nonfinite", "universal_checkpoints",
             "data.num_workers", "data.prefetch", "data.batch_size", "optim.grad_accum", "model.sequence_parallel",
             "model.compile", "engine.deepspeed", "engine.activation_checkpointing", "engine.peak_tflops",
-            "engine.precision")
+            "engine.precision", "profile")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -408,6 +409,7 @@ def check_ranges(cfg: TrainConfig) -> None:
                 "data.num_workers": (cfg.data.num_workers, 0), "data.prefetch": (cfg.data.prefetch, 0),
                 "model.sequence_parallel": (cfg.model.sequence_parallel, 1),
                 "optim.grad_accum": (cfg.optim.grad_accum, 1), "optim.warmup_steps": (cfg.optim.warmup_steps, 0),
+                "profile.start": (cfg.profile.start, 0), "profile.steps": (cfg.profile.steps, 0),
                 **{f"data.bucket_batch.{k}": (v, 1) for k, v in cfg.data.bucket_batch.items()}}
     for key, (value, low) in at_least.items():
         if value < low:
@@ -551,6 +553,7 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # per-step mean losses on the device, read at log time (no per-step sync)
     t_last, step_last = time.perf_counter(), step
+    profiler = runs.StepProfiler(cfg.profile, out / "profile", env.rank, step, device.type == "cuda")
     while step < cfg.steps:
         engine.train()
         loss_sum, micro = torch.zeros((), device=device), 0
@@ -578,6 +581,7 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
         step += 1
         ema.update(engine.module)
         pending.append(dist.all_reduce_mean(loss_sum.view(1)))
+        profiler.step()
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
             done = torch.cat(pending).tolist()
@@ -604,6 +608,7 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
             save_checkpoint(engine, ema, out, step, dropped, cfg.keep_checkpoints, dcfg, context,
                             cfg.universal_checkpoints)
     inputs.close()
+    profiler.close()
     bar.close()
     logger.close()
     dist.barrier()

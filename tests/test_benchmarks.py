@@ -26,6 +26,30 @@ def test_gpu_dit_tiny_on_cpu(tmp_path):
     assert rows["ref-autocast"]["train_speedup_vs_ref"] == 1.0
 
 
+def test_gpu_dit_ldm_train_profile_on_cpu(tmp_path):
+    """The ``--ldm-train`` part: a real shard folder, `ldm train`'s logged rates and its profile."""
+    import pytest
+
+    from data.synth import synth_dataset
+    from launch.cli import main as ldm
+
+    synth_dataset(tmp_path / "videos", num=4, frames=8, size=32, fps=8, seed=0)
+    with pytest.warns(UserWarning):
+        ldm(["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", str(tmp_path / "videos"), "--output",
+             str(tmp_path / "lat"), "--frames", "8", "--height", "32", "--width", "32"])
+    out = tmp_path / "dit.json"
+    proc = _run(["benchmarks/gpu_dit.py", "--device", "cpu", "--tiny", "--compile-backend", "none", "--tokens", "64",
+                 "--batches", "2", "--sample-batches", "2", "--steps", "1", "--warmup", "1", "--modes", "ref-bf16",
+                 "--ldm-train", str(tmp_path / "lat"), "--ldm-train-dit", "dit-debug", "--ldm-train-batch", "2",
+                 "--ldm-train-steps", "4", "--ldm-train-profile", "1", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads(out.read_text())["ldm_train"]
+    assert "error" not in run, run.get("error")
+    assert run["last"]["step"] == 4 and run["last"]["samples_per_s"] > 0
+    assert run["profile"]["top"] and any(r["name"].startswith("aten::") for r in run["profile"]["top"])
+    assert "ms" in proc.stdout
+
+
 def test_gpu_check_debug_on_cpu(tmp_path):
     out = tmp_path / "check.json"
     proc = _run(["benchmarks/gpu_check.py", "--device", "cpu", "--debug", "--skip-pipeline", "--frames", "9",

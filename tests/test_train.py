@@ -14,6 +14,7 @@ from launch.cli import main as ldm
 from dit import load_export
 from launch.train import TrainConfig, train
 from ldm import config as cfglib
+from ldm.errors import UserError
 from procs import free_port, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,20 @@ def test_resume_repeats_the_uninterrupted_run(latents, tmp_path):
     for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(a, b, msg=n)
     assert ctx.autoencoder.name == "kl2d-f8c4-debug" and set(ctx.latent_norm) == {"z"}
+
+
+def test_profile_window_writes_a_trace_and_the_top_operators(latents, tmp_path):
+    train(_cfg(latents, tmp_path / "r", steps=4, **{"profile.start": 2, "profile.steps": 1}))
+    prof = tmp_path / "r" / "profile"
+    top = json.loads((prof / "ops-rank0.json").read_text())
+    assert top["sorted_by"] == "self_cpu_time_total" and any(r["name"].startswith("aten::") for r in top["top"])
+    assert 0.99 <= sum(r["share"] for r in top["top"]) or len(top["top"]) == 40
+    trace = json.loads((prof / "trace-rank0.json").read_text())
+    steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
+    assert len(steps) == 1  # the one step of the window (the step before it was the discarded warm-up)
+    assert "aten::" in (prof / "ops-rank0.txt").read_text()
+    with pytest.raises(UserError, match="profile.steps"):
+        train(_cfg(latents, tmp_path / "bad", **{"profile.steps": -1}))
 
 
 def test_corrupt_checkpoint_falls_back(latents, tmp_path):
