@@ -387,7 +387,8 @@ class StepProfiler:
         self.folder.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.folder / f"trace-rank{self.rank}.json"))
         key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+        events = sorted((e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")),
+                        key=lambda e: getattr(e, key), reverse=True)  # (the step's own span is all of it)
         total = sum(getattr(e, key) for e in events) or 1.0
         top = [{"name": e.key, "calls": e.count, "self_us": round(getattr(e, key), 1),
                 "share": round(getattr(e, key) / total, 4)} for e in events[:self.rows]]

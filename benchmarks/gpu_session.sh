@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One GPU call that measures what the CPU cannot, in about 7 minutes on an H100/H200, each part
+# under its own time limit so a slow part cannot eat the rest. Results: JSON and logs under $OUT.
+#
+#   source .whl/device-setup.sh && bash benchmarks/gpu_session.sh     # on the GPU machine
+#   TOY=1 bash benchmarks/gpu_session.sh                                # the same steps at toy size on the CPU
+#
+# 1. `ldm train`'s own MFU for dit-XL at 4096 tokens (kl2d-f8c4 latents of 16x256x256 clips) and
+#    where its step time goes (`--ldm-train-profile`), next to the bare train step of ours and of
+#    the plain DiT reference at the same size (benchmarks/gpu_dit.py);
+# 2. extraction's loop rate against the autoencoder's own batched encode (benchmarks/extraction.py);
+# 3. every full-size autoencoder's encode / decode FPS and peak memory (benchmarks/gpu_check.py).
+set -u
+OUT=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT"
+T0=$(date +%s)
+stamp() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
+if [ -z "${TOY:-}" ]; then
+  DEV=cuda; PY=${PY:-python3}; export OMP_NUM_THREADS=4
+  CLIPS=64; FRAMES=16; SIZE=256; AE=kl2d-f8c4; DIT=dit-XL; BATCH=8; STEPS=40
+  DIT_ARGS="--tokens 4096 --batches 8 --sample-batches 16 --steps 4 --warmup 2"
+  EX_ARGS="--clips 96 --frames 17 --size 256 --autoencoders causal3d-f4x8c4 --workers 0,6 --batch-sizes 8"
+  AE_ARGS="--frames 17 --size 256"
+  L1=330; L2=90; L3=120
+else
+  DEV=cpu; PY=${PY:-.venv/bin/python}; export OMP_NUM_THREADS=2
+  CLIPS=4; FRAMES=8; SIZE=32; AE=kl2d-f8c4-debug; DIT=dit-debug; BATCH=2; STEPS=4
+  DIT_ARGS="--tiny --tokens 64 --batches 2 --sample-batches 2 --steps 1 --warmup 1 --compile-backend aot_eager"
+  EX_ARGS="--clips 4 --frames 9 --size 32 --autoencoders causal3d-f4x8c4-debug --workers 0 --batch-sizes 2"
+  AE_ARGS="--debug --frames 9 --size 32 --autoencoders kl2d-f8c4-debug,hivae-s-debug"
+  L1=600; L2=300; L3=300
+fi
+export PYTHONUNBUFFERED=1
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+stamp "shards for ldm train: $CLIPS clips ${FRAMES}x${SIZE}x${SIZE} through $AE"
+$PY -m launch.cli data synth --output "$OUT/videos" --num $CLIPS --frames $FRAMES --size $SIZE --quiet 2>&1 | tail -2
+$PY -m launch.cli extract --autoencoder $AE --input "$OUT/videos" --output "$OUT/latents" --frames $FRAMES \
+  --height $SIZE --width $SIZE --device $DEV 2>&1 | grep -v Warning | tail -2
+
+stamp "gpu_dit: ours vs the reference, then ldm train (profiled)"
+timeout $L1 $PY benchmarks/gpu_dit.py --device $DEV $DIT_ARGS --modes ref-autocast,ours-bf16,ref-bf16 \
+  --ldm-train "$OUT/latents" --ldm-train-dit $DIT --ldm-train-batch $BATCH --ldm-train-steps $STEPS \
+  --ldm-train-profile 3 --json "$OUT/gpu_dit.json" 2>&1 | grep -v Warning | tail -40
+
+stamp "extraction vs encode"
+timeout $L2 $PY benchmarks/extraction.py --device $DEV $EX_ARGS --json 2>/dev/null | grep -v "^extracted" \
+  > "$OUT/extraction.json"; tail -c 2500 "$OUT/extraction.json"
+
+stamp "autoencoders: encode / decode FPS, peak memory"
+timeout $L3 $PY benchmarks/gpu_check.py --device $DEV --skip-pipeline $AE_ARGS --json "$OUT/autoencoders.json" \
+  2>&1 | grep -v Warning | tail -30
+stamp "done"
