@@ -1,6 +1,7 @@
 """The GPU benchmarks run their own code at toy size on the CPU (``--device cpu``), so they do not
 first break on a GPU machine."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # not the rank variables an in-process `ldm train` of another test left (its group holds that port)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK")}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_gpu_dit_tiny_on_cpu(tmp_path):
