@@ -167,8 +167,12 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         with self._gathered(module):
-            params = [p.detach().float() for _, p in module.named_parameters()]  # no copy for fp32 weights
-            torch._foreach_lerp_([self.shadow[n] for n in self.names], params, 1.0 - self.decay)
+            shadow, params = [self.shadow[n] for n in self.names], [p.detach() for p in module.parameters()]
+            if all(p.dtype == torch.float32 for p in params):
+                torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
+            else:  # bf16 weights added into the fp32 average as they are: no fp32 copy of the model per step
+                torch._foreach_mul_(shadow, self.decay)
+                torch._foreach_add_(shadow, params, alpha=1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

@@ -241,3 +241,4 @@ def test_text_conditioned_block_compiles_without_graph_breaks():
     compile_blocks(model, backend=backend)
     model(_batch(GRID, 3), torch.rand(3), _text_cond(3))
     assert backend.graphs == 1
+

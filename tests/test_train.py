@@ -339,3 +339,21 @@ def test_throughput_counts_each_varlen_sample_at_its_length():
     cfg = model.config
     assert flops == pytest.approx(sum(3 * dit_trunk_flops(cfg.depth, cfg.hidden, n * per_frame, cfg.mlp_ratio)
                                       for n in (2, 5)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ema_of_fp32_and_bf16_weights(dtype):
+    """The trainer's EMA: fp32 averages of the weights, bf16 weights (DeepSpeed's on a GPU) added
+    as they are; both follow ``ema = d * ema + (1 - d) * w``."""
+    from launch.engine import EMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(dtype)
+    ema = EMA(model, 0.9, zero3=False)
+    start = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for n, p in model.named_parameters():
+        assert ema.shadow[n].dtype == torch.float32
+        torch.testing.assert_close(ema.shadow[n], 0.9 * start[n] + 0.1 * p.detach().float(), atol=1e-6, rtol=1e-6)
