@@ -104,7 +104,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-frames", type=int, default=0,
                    help="decode long videos this many frames at a time, as one shot (IV-VAE, H3AE, causal3d)")
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
-                   help="regional torch.compile of the DiT's blocks (auto: on for CUDA)")
+                   help="regional torch.compile of the DiT's blocks and of a diffusion decoder's (Hi-VAE) "
+                        "(auto: on for CUDA)")
 
 
 def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
@@ -327,12 +328,13 @@ def run(args: argparse.Namespace) -> int:
     if prompts and (not text or not model.config.text_dim):
         raise UserError("this DiT was trained without text; use --class" + (f" (0 to {n_classes - 1})" if n_classes else ""))
     model = model.to(dtype)
-    if resolve_switch({"true": True, "false": False}.get(args.compile, args.compile), device, "--compile"):
-        compile_blocks(model)
     with checking():
         ae = resolve_record(export.autoencoder, args.ae_checkpoint).model
         configure_inference(ae, args.tile, args.chunk_frames)
     ae = ae.to(device=device, dtype=dtype).eval()
+    if resolve_switch({"true": True, "false": False}.get(args.compile, args.compile), device, "--compile"):
+        compile_blocks(model)
+        compile_blocks(ae)  # a diffusion decoder's transformer blocks (Hi-VAE); none elsewhere
     video = export.video
     frames = args.num_frames or video.frames
     height, width = args.height or video.height, args.width or video.width

@@ -242,3 +242,20 @@ def test_text_conditioned_block_compiles_without_graph_breaks():
     model(_batch(GRID, 3), torch.rand(3), _text_cond(3))
     assert backend.graphs == 1
 
+
+
+def test_hivae_decoder_blocks_compile_whole():
+    """``ldm sample --compile`` compiles a diffusion decoder's blocks too: Hi-VAE's spatial (with
+    cross-attention to the motion tokens) and temporal blocks are one graph each, decoding as eager."""
+    import autoencoders
+
+    torch.manual_seed(0)
+    ae = autoencoders.build("hivae-debug").eval()
+    with torch.no_grad():
+        latent = ae.encode(torch.rand(1, 3, 9, 32, 32) * 2 - 1)
+        eager = ae.decode(latent, steps=2)
+        backend = CountingBackend()
+        from ldm.layers import TransformerBlock
+        assert compile_blocks(ae, backend=backend) == sum(isinstance(m, TransformerBlock) for m in ae.modules())
+        torch.testing.assert_close(ae.decode(latent, steps=2), eager, atol=1e-5, rtol=1e-5)
+    assert backend.graphs == 2
