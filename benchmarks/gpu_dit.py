@@ -18,7 +18,9 @@ typed token groups) on a grid latent with patch (1, 2, 2), with regional compila
 Rows (``--modes``): ``ref-autocast`` (fp32 weights, bf16 autocast: the reference code's usual
 set-up), ``ref-bf16`` (bf16 weights), ``ours-bf16`` (bf16 weights, compiled: what ``ldm train``
 runs on a GPU, where DeepSpeed keeps the fp32 master weights), ``ours-autocast`` (fp32 weights,
-bf16 autocast, compiled), ``ours-eager`` (bf16 weights, not compiled). On the CPU every mode runs
+bf16 autocast, compiled), ``ours-eager`` (bf16 weights, not compiled), ``ours-autotune`` (bf16
+weights, compiled with ``max-autotune-no-cudagraphs``: Triton matmul templates with fused epilogues;
+minutes of compilation). On the CPU every mode runs
 in fp32. For each: seconds per training step (forward, backward, optimizer), tokens/s, TFLOP/s
 (2 x multiply-adds of the trunk as ``ldm.cost.dit_trunk_flops`` counts them, a step = 3
 forwards), MFU against the device's dense bf16 peak, peak memory; and the forward alone at the
@@ -126,7 +128,7 @@ def build_pair(mode: str, size: dict, channels: int, device: torch.device, compi
                dynamic: bool | None = None):
     """(model, make_inputs(B, tokens), forward(model, inputs), autocast flag) for one mode."""
     cuda = device.type == "cuda"
-    bf16_params = cuda and mode in ("ref-bf16", "ours-bf16", "ours-eager")
+    bf16_params = cuda and mode in ("ref-bf16", "ours-bf16", "ours-eager", "ours-autotune")
     autocast = cuda and mode in ("ref-autocast", "ours-autocast")
     if mode.startswith("ref"):
         model = RefDiT(channels * 4, size["hidden"], size["depth"], size["heads"], NUM_CLASSES)
@@ -151,7 +153,8 @@ def build_pair(mode: str, size: dict, channels: int, device: torch.device, compi
             return m(*inp)["z"].float().square().mean()
     model = model.to(device=device, dtype=torch.bfloat16 if bf16_params else torch.float32)
     if mode.startswith("ours") and mode != "ours-eager" and compile_backend:
-        compile_blocks(model, backend=compile_backend, dynamic=dynamic)
+        compile_blocks(model, backend=compile_backend, dynamic=dynamic,
+                       mode="max-autotune-no-cudagraphs" if mode == "ours-autotune" else None)
     return model, make, forward, autocast
 
 
