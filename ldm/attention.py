@@ -38,7 +38,10 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -187,15 +190,38 @@ class _Segments:
     k_index: Tensor  # (Tk,)
     q_counts: Tensor  # (S,)
     k_counts: Tensor  # (S,)
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def num(self) -> int:
         return self.q_counts.numel()
 
+    def memo(self, key: str, make: Callable[[], Any]) -> Any:
+        """What a backend derives from the segments (sizes read on the host, gather indices), made
+        once and reused by every call with the same ids (every block of a forward)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+
+# the segments of the last few ids pairs: every block of a forward passes the same ids tensors, so
+# the grouping (and its host syncs) happens once per forward, not once per block
+_SEGMENTS_CACHE: list[tuple[weakref.ref, weakref.ref, int, int, _Segments]] = []
+
 
 def _segments(q_ids: Tensor, kv_ids: Tensor) -> _Segments:
     """Group queries and keys by (row, id); sequences present on only one side are dropped (their
-    queries get zero output)."""
+    queries get zero output). Cached by the ids tensors' identity and version."""
+    for q_ref, k_ref, q_version, k_version, seg in _SEGMENTS_CACHE:
+        if q_ref() is q_ids and k_ref() is kv_ids and (q_ids._version, kv_ids._version) == (q_version, k_version):
+            return seg
+    seg = _group_segments(q_ids, kv_ids)
+    _SEGMENTS_CACHE.insert(0, (weakref.ref(q_ids), weakref.ref(kv_ids), q_ids._version, kv_ids._version, seg))
+    del _SEGMENTS_CACHE[4:]
+    return seg
+
+
+def _group_segments(q_ids: Tensor, kv_ids: Tensor) -> _Segments:
     B = q_ids.shape[0]
     span = int(torch.maximum(q_ids.max(), kv_ids.max()).clamp(min=0).item()) + 1
     rows = torch.arange(B, device=q_ids.device)[:, None]
@@ -385,24 +411,33 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_ids: Tensor | 
     out = q.new_zeros(B * Nq, H, q.shape[-1])
     if seg.num == 0:
         return _from_tokens(out, B, Nq)
-    Lq, Lk = int(seg.q_counts.max()), int(seg.k_counts.max())
-    gq = torch.repeat_interleave(torch.arange(seg.num, device=q.device), seg.q_counts)  # (Tq,)
-    gk = torch.repeat_interleave(torch.arange(seg.num, device=q.device), seg.k_counts)  # (Tk,)
-    rq = torch.arange(gq.numel(), device=q.device) - (torch.cumsum(seg.q_counts, 0) - seg.q_counts)[gq]
-    rk = torch.arange(gk.numel(), device=q.device) - (torch.cumsum(seg.k_counts, 0) - seg.k_counts)[gk]
+    Lq, Lk, gq, gk, rq, rk, key_ok = seg.memo("sdpa", lambda: _group_plan(seg))
 
     def group(x: Tensor, index: Tensor, g: Tensor, r: Tensor, L: int) -> Tensor:
         flat = _to_tokens(x)[index]  # (T, H, d)
         return flat.new_zeros(seg.num, L, H, x.shape[-1]).index_put((g, r), flat).transpose(1, 2)  # (S, H, L, d)
 
     qg, kg, vg = group(q, seg.q_index, gq, rq, Lq), group(k, seg.k_index, gk, rk, Lk), group(v, seg.k_index, gk, rk, Lk)
-    key_ok = torch.arange(Lk, device=q.device)[None] < seg.k_counts[:, None]  # (S, Lk)
     gmask = key_ok[:, None, None, :]  # (S, 1, 1, Lk)
     if causal:
         gmask = gmask & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
     og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=gmask, scale=scale)  # (S, H, Lq, d)
     out = out.index_put((seg.q_index,), og.transpose(1, 2)[gq, rq])
     return _from_tokens(out, B, Nq)
+
+
+def _group_plan(seg: _Segments) -> tuple[int, int, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Where each token of ``seg`` goes in padded ``(S, L)`` groups: the longest group of queries and
+    of keys (read on the host), group and rank of every query / key token, and the valid keys."""
+    device = seg.q_counts.device
+    Lq, Lk = int(seg.q_counts.max()), int(seg.k_counts.max())
+    groups = torch.arange(seg.num, device=device)
+    gq = torch.repeat_interleave(groups, seg.q_counts)  # (Tq,)
+    gk = torch.repeat_interleave(groups, seg.k_counts)  # (Tk,)
+    rq = torch.arange(gq.numel(), device=device) - (torch.cumsum(seg.q_counts, 0) - seg.q_counts)[gq]
+    rk = torch.arange(gk.numel(), device=device) - (torch.cumsum(seg.k_counts, 0) - seg.k_counts)[gk]
+    key_ok = torch.arange(Lk, device=device)[None] < seg.k_counts[:, None]  # (S, Lk)
+    return Lq, Lk, gq, gk, rq, rk, key_ok
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_ids: Tensor | None,
@@ -452,10 +487,12 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, q_ids: Tensor | None, 
     out = q.new_zeros(B * Nq, H, d)
     if seg.num == 0:
         return _from_tokens(out, B, Nq)
+    cu_q, cu_k, Lq, Lk = seg.memo("flash", lambda: (cu_seqlens_from_lengths(seg.q_counts),
+                                                    cu_seqlens_from_lengths(seg.k_counts),
+                                                    int(seg.q_counts.max()), int(seg.k_counts.max())))
     packed = _first(fa.varlen_func(
         _to_tokens(q)[seg.q_index], _to_tokens(k)[seg.k_index], _to_tokens(v)[seg.k_index],
-        cu_seqlens_from_lengths(seg.q_counts), cu_seqlens_from_lengths(seg.k_counts),
-        int(seg.q_counts.max()), int(seg.k_counts.max()), softmax_scale=scale, causal=causal))  # (Tq, H, d)
+        cu_q, cu_k, Lq, Lk, softmax_scale=scale, causal=causal))  # (Tq, H, d)
     return _from_tokens(out.index_put((seg.q_index,), packed), B, Nq)
 
 
@@ -485,7 +522,7 @@ def _xformers(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_ids: Tenso
     if seg.num == 0:
         return _from_tokens(out, B, Nq)
     cls = bias_mod.BlockDiagonalCausalMask if causal else bias_mod.BlockDiagonalMask
-    bias = cls.from_seqlens(seg.q_counts.tolist(), seg.k_counts.tolist())
+    bias = cls.from_seqlens(*seg.memo("lengths", lambda: (seg.q_counts.tolist(), seg.k_counts.tolist())))
     packed = xops.memory_efficient_attention(
         _to_tokens(q)[seg.q_index][None], _to_tokens(k)[seg.k_index][None], _to_tokens(v)[seg.k_index][None],
         attn_bias=bias, scale=scale)[0]  # (Tq, H, d)

@@ -155,3 +155,18 @@ def test_low_rank_masks_broadcast(backend):
     tri = torch.ones(N, N, dtype=torch.bool).tril()  # (Nq, Nk)
     torch.testing.assert_close(attention(q, k, v, backend=backend, mask=tri),
                                attention(q, k, v, backend="sdpa", causal=True), atol=1e-5, rtol=1e-5)
+
+
+def test_grouping_is_reused_for_the_same_ids_and_redone_when_they_change():
+    """The (row, id) grouping is cached by the ids tensors (every block of a forward passes the
+    same ones); ids changed in place or new ids are grouped anew."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 8) for _ in range(3))
+    ids = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 1, 1]])
+    first = attention(q, k, v, seq_ids=ids)
+    torch.testing.assert_close(attention(q, k, v, seq_ids=ids), first)
+    fresh = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    expected = attention(q, k, v, seq_ids=fresh.clone())
+    ids.copy_(fresh)  # same tensor, new values
+    torch.testing.assert_close(attention(q, k, v, seq_ids=ids), expected)
+    assert not torch.allclose(expected, first)

@@ -189,3 +189,22 @@ def test_sample_and_decode_path_off_the_cpu(ae_name):
         assert dev.syncs == {"copy to host": 1}, dict(dev.syncs)  # the videos, once, at the end
     videos = videos if isinstance(videos, list) else list(videos)
     assert len(videos) == 2 and all(type(v) is torch.Tensor and torch.isfinite(v).all() for v in videos)
+
+
+def test_varlen_id_bookkeeping_happens_once_per_forward_not_per_block():
+    """Padded or packed varlen rows group tokens by ids on the host (sizes of the groups): every
+    block passes the same ids, so the grouping is done once per forward, whatever the depth."""
+    items = [Latent({"z": torch.randn(1, 3, n, 4, 4)}, "varlen", aux={"length": torch.tensor([n])}) for n in (5, 2)]
+    latent = Latent.collate(items)
+    syncs = {}
+    for depth in (2, 6):
+        for pack in (False, True):
+            torch.manual_seed(0)
+            model = dit.build("dit-debug", {"z": (3, 5, 4, 4)}, text_dim=8, depth=depth).eval()
+            cond = Cond(text=torch.randn(2, 3, 8), text_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]).bool())
+            with OffDevice() as dev, torch.no_grad():
+                m, lat, c = off(model), latent.to(OFF), Cond(*off([cond.text, cond.text_mask, None, None]))
+                dev.syncs.clear()
+                m(lat, torch.rand(2, device=OFF), c, pack=pack)
+                syncs[depth, pack] = sum(dev.syncs.values())
+    assert syncs[2, False] == syncs[6, False] > 0 and syncs[2, True] == syncs[6, True] > 0, syncs
