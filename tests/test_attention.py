@@ -170,3 +170,23 @@ def test_grouping_is_reused_for_the_same_ids_and_redone_when_they_change():
     ids.copy_(fresh)  # same tensor, new values
     torch.testing.assert_close(attention(q, k, v, seq_ids=ids), expected)
     assert not torch.allclose(expected, first)
+
+
+def test_auto_policy_keeps_plain_calls_on_sdpa_unless_flash_attention_3():
+    """``"auto"`` on a GPU: calls with ids take an installed varlen kernel (flash, then xformers);
+    plain calls stay on SDPA (cuDNN on Hopper, traced by torch.compile) unless FlashAttention-3 is
+    installed; masks, fp32 and CPU tensors always SDPA."""
+    from ldm.attention import auto_choice
+
+    def choice(installed, grouped, cuda=True, half=True, masked=False, head_dim=72):
+        return auto_choice(cuda=cuda, half=half, head_dim=head_dim, masked=masked, grouped=grouped,
+                           installed=dict.fromkeys(installed, True))
+
+    fa2, fa3, xf = {"flash"}, {"flash", "flash3"}, {"xformers"}
+    assert [choice(s, grouped=False) for s in (set(), fa2, fa3, xf, fa2 | xf)] == \
+        ["sdpa", "sdpa", "flash", "sdpa", "sdpa"]
+    assert [choice(s, grouped=True) for s in (set(), fa2, fa3, xf, fa2 | xf)] == \
+        ["sdpa", "flash", "flash", "xformers", "flash"]
+    assert choice(fa3, grouped=True, masked=True) == choice(fa3, grouped=False, half=False) == "sdpa"
+    assert choice(fa3 | xf, grouped=True, cuda=False) == "sdpa" and choice(fa3, False, head_dim=512) == "sdpa"
+    assert choice(fa2 | xf, grouped=True, half=False) == "xformers"
