@@ -280,7 +280,7 @@ def auto_choice(*, cuda: bool, half: bool, head_dim: int, masked: bool, grouped:
     when one is installed -- flash-attn (3 or 2), then xformers' block-diagonal one -- which skips
     the padding SDPA's grouping pays for. A plain call goes to FlashAttention-3 when installed, else
     SDPA, never to flash-attn 2 or xformers: SDPA already runs the best of cuDNN / flash-2 /
-    memory-efficient for a plain call (cuDNN's was 1.7x flash-2's on an H200 at head dim 72) and is
+    memory-efficient for a plain call (cuDNN's was 1.7x its flash-2 on an H200 at head dim 72) and is
     traced into a compiled block, while an optional kernel breaks the graph around it. Masks and
     key-padding-only calls (``kv_seq_ids`` without ``seq_ids``) are SDPA's."""
     flash_ok = cuda and half and head_dim <= 256 and not masked
