@@ -8,7 +8,8 @@
 # 1. `ldm train`'s own MFU for dit-XL at 4096 tokens (kl2d-f8c4 latents of 16x256x256 clips) and
 #    where its step time goes (`--ldm-train-profile`), next to the bare train step of ours and of
 #    the plain DiT reference at the same size (benchmarks/gpu_dit.py);
-# 2. extraction's loop rate against the autoencoder's own batched encode (benchmarks/extraction.py);
+# 2. extraction's loop rate against the autoencoder's own batched encode, for five families
+#    (benchmarks/extraction.py: the README's extraction clips/s per autoencoder);
 # 3. every full-size autoencoder's encode / decode FPS and peak memory (benchmarks/gpu_check.py).
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -19,14 +20,16 @@ if [ -z "${TOY:-}" ]; then
   DEV=cuda; PY=${PY:-python3}; export OMP_NUM_THREADS=4
   CLIPS=64; FRAMES=16; SIZE=256; AE=kl2d-f8c4; DIT=dit-XL; BATCH=8; STEPS=40
   DIT_ARGS="--tokens 4096 --batches 8 --sample-batches 16 --steps 4 --warmup 2"
-  EX_ARGS="--clips 96 --frames 17 --size 256 --autoencoders causal3d-f4x8c4 --workers 0,6 --batch-sizes 8"
+  EX_AES="causal3d-f4x8c4 kl2d-f8c4 ivvae-z16 h3ae-8x32x32 mtcvae-c4"
+  EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,6 --batch-sizes 8"
   AE_ARGS="--frames 17 --size 256"
-  L1=330; L2=90; L3=120
+  L1=300; L2=40; L3=110
 else
   DEV=cpu; PY=${PY:-.venv/bin/python}; export OMP_NUM_THREADS=2
   CLIPS=4; FRAMES=8; SIZE=32; AE=kl2d-f8c4-debug; DIT=dit-debug; BATCH=2; STEPS=4
   DIT_ARGS="--tiny --tokens 64 --batches 2 --sample-batches 2 --steps 1 --warmup 1 --compile-backend aot_eager"
-  EX_ARGS="--clips 4 --frames 9 --size 32 --autoencoders causal3d-f4x8c4-debug --workers 0 --batch-sizes 2"
+  EX_AES="causal3d-f4x8c4-debug kl2d-f8c4-debug"
+  EX_ARGS="--clips 4 --frames 9 --size 32 --workers 0 --batch-sizes 2"
   AE_ARGS="--debug --frames 9 --size 32 --autoencoders kl2d-f8c4-debug,hivae-s-debug"
   L1=600; L2=300; L3=300
 fi
@@ -43,9 +46,14 @@ timeout $L1 $PY benchmarks/gpu_dit.py --device $DEV $DIT_ARGS --modes ref-autoca
   --ldm-train "$OUT/latents" --ldm-train-dit $DIT --ldm-train-batch $BATCH --ldm-train-steps $STEPS \
   --ldm-train-profile 3 --json "$OUT/gpu_dit.json" 2>&1 | grep -v Warning | tail -40
 
-stamp "extraction vs encode"
-timeout $L2 $PY benchmarks/extraction.py --device $DEV $EX_ARGS --json 2>/dev/null | grep -v "^extracted" \
-  > "$OUT/extraction.json"; tail -c 2500 "$OUT/extraction.json"
+stamp "extraction vs encode, each autoencoder under its own limit"
+for A in $EX_AES; do
+  timeout $L2 $PY benchmarks/extraction.py --device $DEV $EX_ARGS --autoencoders $A --json 2>/dev/null \
+    | grep -v "^extracted" > "$OUT/extraction-$A.json"
+  $PY -c "import json, sys; r = json.load(open(sys.argv[1]))[0]; print(r['autoencoder'], 'encode', r['encode_clips_per_s'], \
+'extract', [(e['workers'], round(e['extract_clips_per_s'], 1), round(e['efficiency_vs_encode'], 2)) for e in r['extract']])" \
+    "$OUT/extraction-$A.json" 2>/dev/null || echo "$A: no result (timed out or failed)"
+done
 
 stamp "autoencoders: encode / decode FPS, peak memory"
 timeout $L3 $PY benchmarks/gpu_check.py --device $DEV --skip-pipeline $AE_ARGS --json "$OUT/autoencoders.json" \
