@@ -187,10 +187,11 @@ def test_a_few_training_steps_agree():
     assert losses["eager"][-1] < losses["eager"][0]
 
 
-def test_activation_checkpointing_with_compiled_blocks():
+@pytest.mark.parametrize("attn_layout", ["full", "factorized"])
+def test_activation_checkpointing_with_compiled_blocks(attn_layout):
     from launch.engine import apply_activation_checkpointing
 
-    eager, compiled = _pair(GRID)
+    eager, compiled = _pair(GRID, attn_layout=attn_layout)
     apply_activation_checkpointing(compiled.blocks)
     x, t = _batch(GRID, 2), torch.rand(2)
     for model in (eager, compiled):
