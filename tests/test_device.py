@@ -101,6 +101,13 @@ def test_the_stand_in_device_counts_host_syncs():
         torch.repeat_interleave(x.new_ones(2, dtype=torch.long))
         assert dev.syncs == {"_local_scalar_dense": 1, "boolean index": 1, "nonzero": 1, "copy to host": 1,
                              "tolist": 1, "repeat_interleave": 1}
+    with OffDevice() as outer:  # nested modes: each counts what runs inside it
+        with OffDevice() as inner:
+            pass
+        with OffDevice() as inner:
+            float(y.sum())
+        float(y.sum())
+    assert inner.syncs == {"_local_scalar_dense": 1} and outer.syncs == {"_local_scalar_dense": 2}
 
 
 @pytest.mark.parametrize("name", _platform(debug=True))
