@@ -4,6 +4,7 @@
 #
 #   source .whl/device-setup.sh && bash benchmarks/gpu_session.sh     # on the GPU machine
 #   TOY=1 bash benchmarks/gpu_session.sh                                # the same steps at toy size on the CPU
+#   TRAIN_VARIANTS="engine.deepspeed=zero0;model.text_cond=true" ...   # + those `ldm train` runs
 #
 # 1. `ldm train`'s own MFU for dit-XL at 4096 tokens (kl2d-f8c4 latents of 16x256x256 clips) and
 #    where its step time goes (`--ldm-train-profile`), next to the bare train step of ours and of
@@ -39,12 +40,25 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 stamp "shards for ldm train: $CLIPS clips ${FRAMES}x${SIZE}x${SIZE} through $AE"
 $PY -m launch.cli data synth --output "$OUT/videos" --num $CLIPS --frames $FRAMES --size $SIZE --quiet 2>&1 | tail -2
 $PY -m launch.cli extract --autoencoder $AE --input "$OUT/videos" --output "$OUT/latents" --frames $FRAMES \
-  --height $SIZE --width $SIZE --device $DEV 2>&1 | grep -v Warning | tail -2
+  --height $SIZE --width $SIZE --device $DEV --text-encoder builtin 2>&1 | grep -v Warning | tail -2
 
 stamp "gpu_dit: ours vs the reference, then ldm train (profiled)"
 timeout $L1 $PY benchmarks/gpu_dit.py --device $DEV $DIT_ARGS --modes ref-autocast,ours-bf16,ref-bf16 \
   --ldm-train "$OUT/latents" --ldm-train-dit $DIT --ldm-train-batch $BATCH --ldm-train-steps $STEPS \
   --ldm-train-profile 3 --json "$OUT/gpu_dit.json" 2>&1 | grep -v Warning | tail -40
+
+# optional: more `ldm train` variants on the same shards, e.g.
+#   TRAIN_VARIANTS="engine.deepspeed=zero0;engine.deepspeed=zero1;model.text_cond=true"   (about 100 s each)
+IFS=';' read -ra VARIANTS <<< "${TRAIN_VARIANTS:-}"
+for i in "${!VARIANTS[@]}"; do
+  stamp "ldm train variant: ${VARIANTS[$i]}"
+  # shellcheck disable=SC2086
+  timeout 150 $PY -m launch.cli train --config launch/configs/train-debug.yaml data.shards="$OUT/latents" \
+    output="$OUT/train-variant-$i" model.dit=$DIT data.batch_size=$BATCH steps=$STEPS log_every=$(( STEPS / 2 )) \
+    save_every=$(( 10 * STEPS )) model.text_cond=false universal_checkpoints=false ${VARIANTS[$i]} 2>&1 \
+    | grep -v Warning | tail -3
+  tail -1 "$OUT/train-variant-$i/log.jsonl" 2>/dev/null
+done
 
 stamp "extraction vs encode, each autoencoder under its own limit"
 for A in $EX_AES; do
