@@ -6,6 +6,7 @@ Works the same under ``torchrun`` / the DeepSpeed launcher (``RANK``, ``WORLD_SI
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence, TypeVar
@@ -75,7 +76,22 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
     torch_dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=_elastic_store())
+    destroy_at_exit()
     return env
+
+
+_DESTROY_REGISTERED = False
+
+
+def destroy_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, before the communicators'
+    own destructors run in its teardown (where NCCL reports a group that was never destroyed, or
+    aborts, after the run's last step). Not earlier: DeepSpeed caches its groups, so a process that
+    trains again (tests, notebooks) keeps using this one."""
+    global _DESTROY_REGISTERED
+    if not _DESTROY_REGISTERED:
+        atexit.register(cleanup)
+        _DESTROY_REGISTERED = True
 
 
 def _elastic_store() -> torch_dist.Store | None:

@@ -630,6 +630,7 @@ def _single_process_group() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    dist.destroy_at_exit()
 
 
 class _Logger:

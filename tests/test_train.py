@@ -70,6 +70,25 @@ def test_profile_window_writes_a_trace_and_the_top_operators(latents, tmp_path):
         train(_cfg(latents, tmp_path / "bad", **{"profile.steps": -1}))
 
 
+def test_train_process_destroys_its_process_group_at_exit(latents, tmp_path):
+    """The group ``ldm train`` made is destroyed at interpreter exit, before the communicators'
+    own teardown (where NCCL reports a never-destroyed group after the last step); not earlier,
+    so an in-process caller can train again. An exit handler registered before training runs
+    after ours (they run last-in first-out) and sees the group gone."""
+    script = (
+        "import atexit, sys, torch.distributed as d\n"
+        "atexit.register(lambda: print('group after exit handlers:', 'alive' if d.is_initialized() else 'destroyed'))\n"
+        "from launch.cli import main\n"
+        f"sys.exit(main(['train', '--config', {str(YAML)!r}, 'data.shards={latents}', "
+        f"'output={tmp_path / 'r'}', 'steps=1', 'data.batch_size=4']))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "group after exit handlers: destroyed" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_corrupt_checkpoint_falls_back(latents, tmp_path):
     train(_cfg(latents, tmp_path / "r", steps=4, save_every=2))
     newest = tmp_path / "r" / "checkpoints" / "step-00000004"
