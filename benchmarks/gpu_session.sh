@@ -11,7 +11,8 @@
 #    the plain DiT reference at the same size (benchmarks/gpu_dit.py);
 # 2. extraction's loop rate against the autoencoder's own batched encode, for five families
 #    (benchmarks/extraction.py: the README's extraction clips/s per autoencoder);
-# 3. every full-size autoencoder's encode / decode FPS and peak memory (benchmarks/gpu_check.py).
+# 3. every full-size autoencoder's encode / decode FPS and peak memory (benchmarks/gpu_check.py);
+# and a short `ldm train` under torchrun that must exit cleanly (NCCL teardown).
 set -u
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
@@ -19,7 +20,7 @@ T0=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
 if [ -z "${TOY:-}" ]; then
   DEV=cuda; PY=${PY:-python3}; export OMP_NUM_THREADS=4
-  CLIPS=64; FRAMES=16; SIZE=256; AE=kl2d-f8c4; DIT=dit-XL; BATCH=8; STEPS=40
+  CLIPS=64; FRAMES=16; SIZE=256; AE=kl2d-f8c4; DIT=dit-XL; SMALL_DIT=dit-S; BATCH=8; STEPS=40
   DIT_ARGS="--tokens 4096 --batches 8 --sample-batches 16 --steps 4 --warmup 2"
   EX_AES="causal3d-f4x8c4 kl2d-f8c4 ivvae-z16 h3ae-8x32x32 mtcvae-c4"
   EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,6 --batch-sizes 8"
@@ -27,7 +28,7 @@ if [ -z "${TOY:-}" ]; then
   L1=300; L2=40; L3=110
 else
   DEV=cpu; PY=${PY:-.venv/bin/python}; export OMP_NUM_THREADS=2
-  CLIPS=4; FRAMES=8; SIZE=32; AE=kl2d-f8c4-debug; DIT=dit-debug; BATCH=2; STEPS=4
+  CLIPS=4; FRAMES=8; SIZE=32; AE=kl2d-f8c4-debug; DIT=dit-debug; SMALL_DIT=dit-debug; BATCH=2; STEPS=4
   DIT_ARGS="--tiny --tokens 64 --batches 2 --sample-batches 2 --steps 1 --warmup 1 --compile-backend aot_eager"
   EX_AES="causal3d-f4x8c4-debug kl2d-f8c4-debug"
   EX_ARGS="--clips 4 --frames 9 --size 32 --workers 0 --batch-sizes 2"
@@ -46,6 +47,12 @@ stamp "gpu_dit: ours vs the reference, then ldm train (profiled)"
 timeout $L1 $PY benchmarks/gpu_dit.py --device $DEV $DIT_ARGS --modes ref-autocast,ours-bf16,ref-bf16 \
   --ldm-train "$OUT/latents" --ldm-train-dit $DIT --ldm-train-batch $BATCH --ldm-train-steps $STEPS \
   --ldm-train-profile 3 --json "$OUT/gpu_dit.json" 2>&1 | grep -v Warning | tail -40
+
+stamp "ldm train under torchrun (NCCL), a few steps of a small DiT: a clean exit, no traceback"
+timeout 120 $PY -m torch.distributed.run --nproc_per_node 1 -m launch.cli train \
+  --config launch/configs/train-debug.yaml data.shards="$OUT/latents" output="$OUT/train-torchrun" \
+  model.dit=$SMALL_DIT data.batch_size=$BATCH steps=4 log_every=2 save_every=4 > "$OUT/torchrun.log" 2>&1
+echo "torchrun exit code $? ; tracebacks: $(grep -c Traceback "$OUT/torchrun.log")"; tail -2 "$OUT/train-torchrun/log.jsonl"
 
 # optional: more `ldm train` variants on the same shards, e.g.
 #   TRAIN_VARIANTS="engine.deepspeed=zero0;engine.deepspeed=zero1;model.text_cond=true"   (about 100 s each)
