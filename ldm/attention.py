@@ -91,8 +91,8 @@ def _flash_module() -> _Flash | None:
 # Which optional kernels are installed, known without importing them, so that ``"auto"`` resolves
 # with plain Python inside a compiled region.
 _INSTALLED = {name: any(importlib.util.find_spec(m) is not None for m in mods)
-              for name, mods in (("flash", ("flash_attn_interface", "flash_attn")), ("flash3", ("flash_attn_interface",)),
-                                 ("xformers", ("xformers",)))}
+              for name, mods in (("flash", ("flash_attn_interface", "flash_attn")),
+                                 ("flash3", ("flash_attn_interface",)), ("xformers", ("xformers",)))}
 
 
 @functools.cache
