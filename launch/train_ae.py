@@ -54,7 +54,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -88,7 +88,7 @@ REQUIRED_FILES = ("model.safetensors", "config.json", "optimizer.safetensors", "
 # settings that may change when a run is resumed; every other TrainAEConfig key binds the run
 # folder (runs.check_binding). ``stage`` is checked against the checkpoint's (AETrainer._resume_stage).
 HARMLESS = ("output", "log_every", "save_every", "sample_every", "keep", "num_workers", "resume", "device",
-            "progress", "max_nonfinite", "latent_stats_clips", "stage")
+            "progress", "max_nonfinite", "latent_stats_clips", "stage", "profile")
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,7 @@ class TrainAEConfig:
     latent_stats_clips: int = 32  # clips used to set latent_scale/shift of the final model; 0 keeps them
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
     progress: bool = True
+    profile: runs.ProfileConfig = field(default_factory=runs.ProfileConfig)  # torch.profiler window -> OUTPUT/profile
 
     def __post_init__(self) -> None:
         if self.autoencoder is None and self.init is None:
@@ -157,6 +158,8 @@ class TrainAEConfig:
         for name in ("warmup", "num_workers", "disc_start", "latent_stats_clips"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.profile.start < 0 or self.profile.steps < 0:
+            raise ValueError(f"profile.start and profile.steps must be >= 0, got {self.profile}")
         if self.keep < 2:
             raise ValueError(f"keep must be >= 2 (a corrupt newest checkpoint needs a fallback), got {self.keep}")
         if self.schedule not in runs.SCHEDULES:
@@ -687,12 +690,15 @@ class AETrainer:
         losses: list[float] = []
         nonfinite = runs.NonFiniteGuard(cfg.max_nonfinite)
         clips_since, t_since, train_time = 0, time.perf_counter(), 0.0
+        profiler = runs.StepProfiler(cfg.profile, self.out / "profile", self.env.rank, self.step,
+                                     self.device.type == "cuda")
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             batch = self._next_batch(batches)
             video = batch["video"].to(self.device, non_blocking=True)
             logs = self.train_step(video, self._text_cond(batch["captions"]))
             self.step += 1
+            profiler.step()
             clips_since += video.shape[0]
             nonfinite.check(logs is not None, self.step)
             train_time += time.perf_counter() - t0
@@ -710,6 +716,7 @@ class AETrainer:
                 self._write_samples(sample_clips, sample_captions)
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save()
+        profiler.close()
         bar.close()
         del batches  # stops the loader's workers before the final export
         return self._finish(start_step, losses, train_time, log_path)

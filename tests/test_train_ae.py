@@ -455,3 +455,13 @@ def test_latent_stats_from_one_latent_pixel_are_pooled_or_kept():
     assert len(stats["latent_scale"]) == 1 and all(math.isfinite(v) for v in stats["latent_scale"] + stats["latent_shift"])
     stats = measure_latent_stats(ae, [torch.rand(3, 2, 16, 16) * 2 - 1], torch.device("cpu"))
     assert len(stats["latent_scale"]) == ae.config.latent_channels
+
+
+def test_profile_window(clips, tmp_path):
+    """``profile.steps`` records that many steps with torch.profiler into OUTPUT/profile, as in ldm train."""
+    out = tmp_path / "r"
+    train_autoencoder(_cfg(clips, out, steps=3, profile=runs.ProfileConfig(start=1, steps=1)))
+    top = json.loads((out / "profile" / "ops-rank0.json").read_text())["top"]
+    assert any(r["name"].startswith("aten::") for r in top) and (out / "profile" / "trace-rank0.json").is_file()
+    with pytest.raises(ValueError, match="profile"):
+        _cfg(clips, out, profile=runs.ProfileConfig(steps=-1))
