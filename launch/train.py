@@ -35,7 +35,7 @@ from ldm import config as cfglib
 from ldm import flow
 from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
 from ldm.cost import dit_trunk_flops
-from ldm.errors import UserError, checking
+from ldm.errors import UserError, check_min, checking
 from ldm.latent import VARLEN_AXIS, Cond, Latent, normalize
 from ldm.layers import compile_blocks
 
@@ -403,17 +403,14 @@ def bucket_batch_sizes(manifest: Manifest, dcfg: dit.DiTConfig, dcfg_data: DataC
 
 def check_ranges(cfg: TrainConfig) -> None:
     """The numbers and choices of ``cfg`` are in range (`UserError` naming the key otherwise)."""
-    at_least = {"steps": (cfg.steps, 1), "log_every": (cfg.log_every, 1), "save_every": (cfg.save_every, 1),
-                "keep_checkpoints": (cfg.keep_checkpoints, 1), "max_nonfinite": (cfg.max_nonfinite, 1),
-                "data.batch_size": (cfg.data.batch_size, 1), "data.shuffle": (cfg.data.shuffle, 0),
-                "data.num_workers": (cfg.data.num_workers, 0), "data.prefetch": (cfg.data.prefetch, 0),
-                "model.sequence_parallel": (cfg.model.sequence_parallel, 1),
-                "optim.grad_accum": (cfg.optim.grad_accum, 1), "optim.warmup_steps": (cfg.optim.warmup_steps, 0),
-                "profile.start": (cfg.profile.start, 0), "profile.steps": (cfg.profile.steps, 0),
-                **{f"data.bucket_batch.{k}": (v, 1) for k, v in cfg.data.bucket_batch.items()}}
-    for key, (value, low) in at_least.items():
-        if value < low:
-            raise UserError(f"{key} must be >= {low}, got {value}")
+    check_min({"steps": cfg.steps, "log_every": cfg.log_every, "save_every": cfg.save_every,
+               "keep_checkpoints": cfg.keep_checkpoints, "max_nonfinite": cfg.max_nonfinite,
+               "data.batch_size": cfg.data.batch_size, "model.sequence_parallel": cfg.model.sequence_parallel,
+               "optim.grad_accum": cfg.optim.grad_accum,
+               **{f"data.bucket_batch.{k}": v for k, v in cfg.data.bucket_batch.items()}}, 1)
+    check_min({"data.shuffle": cfg.data.shuffle, "data.num_workers": cfg.data.num_workers,
+               "data.prefetch": cfg.data.prefetch, "optim.warmup_steps": cfg.optim.warmup_steps,
+               "profile.start": cfg.profile.start, "profile.steps": cfg.profile.steps}, 0)
     if not cfg.optim.lr > 0 or cfg.optim.weight_decay < 0 or cfg.optim.grad_clip < 0:
         raise UserError(f"need optim.lr > 0, optim.weight_decay >= 0, optim.grad_clip >= 0; got {cfg.optim.lr}, "
                         f"{cfg.optim.weight_decay}, {cfg.optim.grad_clip}")

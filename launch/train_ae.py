@@ -76,7 +76,7 @@ from launch import dist, runs
 from launch.cli import config_flag
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_bytes, atomic_write_json, dir_hash, load_tensors, read_json
-from ldm.errors import MissingInput, UserError, checking
+from ldm.errors import MissingInput, UserError, check_min, checking
 from ldm.latent import Cond
 from ldm.metrics import LPIPS
 
@@ -150,16 +150,12 @@ class TrainAEConfig:
             raise ValueError("give --autoencoder NAME or --init DIR (or both)")
         if self.autoencoder is not None and self.autoencoder not in REGISTRY:
             raise ValueError(f"unknown autoencoder {self.autoencoder!r}; registered: {sorted(REGISTRY)}")
-        positive = ("frames", "height", "width", "batch_size", "steps", "log_every", "save_every",
-                    "sample_every", "max_nonfinite")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "num_workers", "disc_start", "latent_stats_clips"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.profile.start < 0 or self.profile.steps < 0:
-            raise ValueError(f"profile.start and profile.steps must be >= 0, got {self.profile}")
+        positive = ("frames", "height", "width", "batch_size", "steps", "log_every", "save_every", "sample_every",
+                    "max_nonfinite")
+        check_min({name: getattr(self, name) for name in positive}, 1)
+        check_min({"warmup": self.warmup, "num_workers": self.num_workers, "disc_start": self.disc_start,
+                   "latent_stats_clips": self.latent_stats_clips, "profile.start": self.profile.start,
+                   "profile.steps": self.profile.steps}, 0)
         if self.keep < 2:
             raise ValueError(f"keep must be >= 2 (a corrupt newest checkpoint needs a fallback), got {self.keep}")
         if self.schedule not in runs.SCHEDULES:
