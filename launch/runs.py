@@ -387,13 +387,14 @@ class StepProfiler:
         self.folder.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.folder / f"trace-rank{self.rank}.json"))
         key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        events = sorted((e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")),
+        averages = prof.key_averages()
+        events = sorted((e for e in averages if not e.key.startswith("ProfilerStep")),
                         key=lambda e: getattr(e, key), reverse=True)  # (the step's own span is all of it)
         total = sum(getattr(e, key) for e in events) or 1.0
         top = [{"name": e.key, "calls": e.count, "self_us": round(getattr(e, key), 1),
                 "share": round(getattr(e, key) / total, 4)} for e in events[:self.rows]]
         (self.folder / f"ops-rank{self.rank}.txt").write_text(
-            prof.key_averages().table(sort_by=key, row_limit=self.rows) + "\n")
+            averages.table(sort_by=key, row_limit=self.rows) + "\n")
         atomic_write_json(self.folder / f"ops-rank{self.rank}.json", {"sorted_by": key, "total_us": total, "top": top})
         log.info("profile of the training steps written to %s", self.folder)
 
