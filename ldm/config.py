@@ -53,8 +53,10 @@ def _coerce(tp: Any, value: Any) -> Any:
         return None
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return from_dict(tp, value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, (dict, tp)):
+            raise TypeError(f"expected a section of {tp.__name__} keys ({', '.join(_field_names(tp))}), got {value!r}")
+        return from_dict(tp, value) if isinstance(value, dict) else value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         for a in args:
             if a is type(None):

@@ -41,6 +41,7 @@ def test_exponents_and_underscores_in_yaml_and_on_the_command_line(tmp_path):
     ("optim.lr=1e-4e", "Optim.lr"),
     ("optim.lrr=1", "unknown key"),
     ("steps", "not of the form"),
+    ("optim=3", r"Run.optim: expected a section of Optim keys \(lr, betas, min_lr\), got 3"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(UserError, match=match):
