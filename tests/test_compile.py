@@ -18,9 +18,7 @@ import dit
 from ldm.latent import Cond, Latent
 from ldm.layers import compile_blocks, uncompile_blocks
 
-GRID = {"z": (4, 3, 6, 5)}
-HIVAE = {"content": (4, 1, 8, 8), "global": (2, 4, 3), "detailed": (4, 3, 5)}
-VARLEN = {"z": (3, 5, 4, 4)}
+from dits import GRID, HIVAE, VARLEN, random_parts, randomize, varlen_batch
 
 
 @pytest.fixture(autouse=True)
@@ -43,29 +41,8 @@ class CountingBackend:
         return aot_autograd(fw_compiler=lambda g, _: g.forward, bw_compiler=lambda g, _: g.forward)(gm, example_inputs)
 
 
-def _randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.all(p == 0):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
-def _batch(parts, B, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn((B, *s), generator=g) for k, s in parts.items()}
-
-
-def _varlen(lengths=(5, 2, 3), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    items = [Latent({"z": torch.randn(1, 3, n, 4, 4, generator=g)}, "varlen", aux={"length": torch.tensor([n])})
-             for n in lengths]
-    return Latent.collate(items)
-
-
 def _pair(parts, **kw):
-    eager = _randomize(dit.build("dit-debug", parts, **kw))
+    eager = randomize(dit.build("dit-debug", parts, **kw))
     compiled = copy.deepcopy(eager)
     assert compile_blocks(compiled, backend="aot_eager") == eager.config.depth
     return eager, compiled
@@ -83,7 +60,7 @@ def test_compiled_equals_eager_forward_and_gradients(form):
     parts = {"grid": GRID, "tokens": HIVAE, "factorized": GRID}.get(form, VARLEN)
     kw = dict(text_dim=8, num_classes=4, attn_layout="factorized" if form == "factorized" else "full")
     eager, compiled = _pair(parts, **kw)
-    x = _varlen() if form.startswith("varlen") else _batch(parts, 3)
+    x = varlen_batch()[0] if form.startswith("varlen") else random_parts(parts, 3)
     t, cond = torch.tensor([0.2, 0.5, 0.9]), _text_cond(3)
     pack = form == "varlen-packed"
     outs = []
@@ -104,7 +81,7 @@ def test_token_count_changes_recompile_once_not_per_shape():
     """Buckets and varlen batches change the token count and batch every step: after the first
     recompile the sizes are dynamic, so a few shapes compile every graph there is (the first shape,
     the dynamic one, batch 1 which dynamo specialises) and new shapes compile nothing."""
-    model = _randomize(dit.build("dit-debug", {"z": (4, 8, 8, 8)}, num_classes=4))
+    model = randomize(dit.build("dit-debug", {"z": (4, 8, 8, 8)}, num_classes=4))
     backend = CountingBackend()
     compile_blocks(model, backend=backend)
 
@@ -119,13 +96,13 @@ def test_token_count_changes_recompile_once_not_per_shape():
     assert backend.graphs == warm
     # padded varlen rows: the attention with ids runs eagerly between compiled pieces, each of
     # which also goes dynamic after its first recompile
-    vmodel = _randomize(dit.build("dit-debug", VARLEN))
+    vmodel = randomize(dit.build("dit-debug", VARLEN))
     compile_blocks(vmodel, backend=backend)
     for lengths in [(5, 2, 3), (4, 4), (3,)]:
-        vmodel(_varlen(lengths), torch.rand(len(lengths)))
+        vmodel(varlen_batch(lengths)[0], torch.rand(len(lengths)))
     warm = backend.graphs
     for lengths in [(1, 2, 3, 5), (2, 5, 5, 1, 4), (5,), (3, 3)]:
-        vmodel(_varlen(lengths), torch.rand(len(lengths)))
+        vmodel(varlen_batch(lengths)[0], torch.rand(len(lengths)))
     assert backend.graphs == warm
 
 
@@ -134,7 +111,7 @@ def test_factorised_trunk_compiles_its_groups_and_stays_compiled():
     eager attention between pieces): one graph per block kind and size regime (first sizes,
     dynamic, batch 1, one frame), then new shapes find a graph (none recompiles, none falls back to
     eager at dynamo's recompile limit)."""
-    model = _randomize(dit.build("dit-debug", {"z": (4, 8, 8, 8)}, num_classes=4, attn_layout="factorized"))
+    model = randomize(dit.build("dit-debug", {"z": (4, 8, 8, 8)}, num_classes=4, attn_layout="factorized"))
     backend = CountingBackend()
     compile_blocks(model, backend=backend)
 
@@ -161,7 +138,7 @@ def test_uncompile_and_state_dict_unchanged():
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     uncompile_blocks(compiled)
     assert all(blk.compiled_core is None for blk in compiled.blocks)
-    x, t = _batch(GRID, 2), torch.rand(2)
+    x, t = random_parts(GRID, 2), torch.rand(2)
     torch.testing.assert_close(compiled(x, t)["z"], eager(x, t)["z"])
 
 
@@ -176,7 +153,7 @@ def test_a_few_training_steps_agree():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         losses[name] = []
         for step in range(5):
-            lat = Latent(_batch(GRID, 4, seed=step))
+            lat = Latent(random_parts(GRID, 4, seed=step))
             draws = flow_draws(lat, fcfg, sample_generators(0, list(range(4 * step, 4 * step + 4))))
             loss = flow_step_loss(model, lat, Cond(class_id=torch.tensor([0, 1, 2, 3])), fcfg, draws, model.null_cond)
             opt.zero_grad()
@@ -193,7 +170,7 @@ def test_activation_checkpointing_with_compiled_blocks(attn_layout):
 
     eager, compiled = _pair(GRID, attn_layout=attn_layout)
     apply_activation_checkpointing(compiled.blocks)
-    x, t = _batch(GRID, 2), torch.rand(2)
+    x, t = random_parts(GRID, 2), torch.rand(2)
     for model in (eager, compiled):
         model(x, t)["z"].square().mean().backward()
     for (n, pe), (_, pc) in zip(eager.named_parameters(), compiled.named_parameters()):
@@ -203,10 +180,10 @@ def test_activation_checkpointing_with_compiled_blocks(attn_layout):
 
 def test_inductor_compiled_block_matches_eager():
     """The real compiler (inductor; C++ kernels on CPU) on the tiniest trunk: forward and backward."""
-    eager = _randomize(dit.build("dit-debug", GRID, depth=1, hidden=32, heads=2, num_classes=4))
+    eager = randomize(dit.build("dit-debug", GRID, depth=1, hidden=32, heads=2, num_classes=4))
     compiled = copy.deepcopy(eager)
     compile_blocks(compiled)
-    x, t, cond = _batch(GRID, 2), torch.rand(2), Cond(class_id=torch.tensor([1, -1]))
+    x, t, cond = random_parts(GRID, 2), torch.rand(2), Cond(class_id=torch.tensor([1, -1]))
     out_e, out_c = eager(x, t, cond)["z"], compiled(x, t, cond)["z"]
     torch.testing.assert_close(out_c, out_e, atol=1e-4, rtol=1e-4)
     out_e.square().mean().backward()
@@ -237,12 +214,11 @@ def test_compile_switch_is_validated(tmp_path):
 def test_text_conditioned_block_compiles_without_graph_breaks():
     """Cross-attention to a padded caption (a key-padding mask) stays inside the compiled block:
     one graph for the whole block, not pieces around an eager attention call."""
-    model = _randomize(dit.build("dit-debug", GRID, text_dim=8, num_classes=4))
+    model = randomize(dit.build("dit-debug", GRID, text_dim=8, num_classes=4))
     backend = CountingBackend()
     compile_blocks(model, backend=backend)
-    model(_batch(GRID, 3), torch.rand(3), _text_cond(3))
+    model(random_parts(GRID, 3), torch.rand(3), _text_cond(3))
     assert backend.graphs == 1
-
 
 
 def test_hivae_decoder_blocks_compile_whole():

@@ -8,38 +8,14 @@ from ldm import flow
 from ldm.latent import Cond, Latent, LatentSpec
 from ldm.samplers import guided_velocity
 
-GRID = {"z": (4, 3, 6, 5)}  # c t h w: odd sizes exercise the patch padding
-HIVAE = {"content": (4, 1, 8, 8), "global": (2, 4, 3), "detailed": (4, 3, 5)}  # content grid + two token sets
-VARLEN = {"z": (3, 5, 4, 4)}
-
-
-def _randomize(model, seed=0):
-    """Give the zero-initialised parameters (adaLN, heads) values so outputs depend on inputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.all(p == 0):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
-def _batch(parts, B, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn((B, *s), generator=g) for k, s in parts.items()}
-
-
-def _varlen(B_lengths=(5, 2, 3), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    items = [Latent({"z": torch.randn(1, 3, n, 4, 4, generator=g)}, "varlen", aux={"length": torch.tensor([n])})
-             for n in B_lengths]
-    return Latent.collate(items), items
+from dits import GRID, HIVAE, VARLEN, random_parts, randomize, varlen_batch
 
 
 # --- tokens ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("parts", [GRID, HIVAE])
 def test_tokens_round_trip(parts):
     specs = part_specs(parts, (2, 4, 4))
-    x = _batch(parts, 2)
+    x = random_parts(parts, 2)
     tok = tokenize(x, specs)
     back = detokenize(tok.features, tok)
     assert all(torch.equal(back[k], x[k]) for k in x)
@@ -57,7 +33,7 @@ def test_token_set_time_strides_share_one_clock():
     from dit.tokens import set_time_strides
 
     parts = {"content": (4, 1, 32, 32), "global": (8, 8, 4), "detailed": (16, 16, 8)}
-    tok = tokenize(_batch(parts, 1), part_specs(parts, (1, 2, 2)))
+    tok = tokenize(random_parts(parts, 1), part_specs(parts, (1, 2, 2)))
     pos = tok.split(tok.positions)
     f, n = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
     assert torch.equal(pos["global"][0], torch.stack([2 * f, n, torch.zeros_like(f)], -1).reshape(-1, 3))
@@ -67,23 +43,23 @@ def test_token_set_time_strides_share_one_clock():
     assert torch.equal(pos["content"][0], torch.stack([t, h, w], -1).reshape(-1, 3))  # (0, i, j) in patch units
     assert [g.time_stride for g in tok.groups] == [1, 2, 1]
     model = build("dit-debug", parts, abs_pos=True)  # the model's RoPE and abs_pos read these positions
-    assert torch.equal(model.tokenize(_batch(parts, 1)).positions, tok.positions)
+    assert torch.equal(model.tokenize(random_parts(parts, 1)).positions, tok.positions)
     # any clip length: f_g = ceil(T / 2) slots still land on frames 0, 2, 4, ...
     assert set_time_strides({"global": 3, "detailed": 5}) == {"global": 2, "detailed": 1}
     assert set_time_strides({"global": 4, "detailed": 16}) == {"global": 4, "detailed": 1}
     assert set_time_strides({"only": 7}) == {"only": 1} and set_time_strides({}) == {}
     odd = {"content": (4, 1, 4, 4), "global": (3, 2, 4), "detailed": (5, 2, 8)}
-    tok = tokenize(_batch(odd, 1), part_specs(odd))
+    tok = tokenize(random_parts(odd, 1), part_specs(odd))
     assert tok.split(tok.positions)["global"][0, ::2, 0].tolist() == [0, 2, 4]
     # a grid latent: positions are the plain (t, h, w) patch grid, as before strides existed
-    tok = tokenize(_batch(GRID, 2), part_specs(GRID, (2, 4, 4)))
+    tok = tokenize(random_parts(GRID, 2), part_specs(GRID, (2, 4, 4)))
     t, h, w = torch.meshgrid(torch.arange(2), torch.arange(2), torch.arange(2), indexing="ij")
     assert torch.equal(tok.positions[1], torch.stack([t, h, w], -1).reshape(-1, 3))
     assert [g.time_stride for g in tok.groups] == [1]
 
 
 def test_tokens_varlen_round_trip_and_packing():
-    lat, _ = _varlen()
+    lat, _ = varlen_batch()
     specs = part_specs(VARLEN, (2, 2, 2))
     tok = tokenize(lat, specs)
     assert tok.valid.sum(1).tolist() == [3 * 4, 1 * 4, 2 * 4]  # ceil(length / pt) frames of 2x2 tokens
@@ -109,11 +85,11 @@ def test_tokens_bad_input():
 # --- the model -------------------------------------------------------------------------------
 @pytest.mark.parametrize("parts", [GRID, HIVAE, VARLEN])
 def test_shapes_for_all_latent_forms(parts):
-    model = _randomize(build("dit-debug", parts, num_classes=3, text_dim=8))
+    model = randomize(build("dit-debug", parts, num_classes=3, text_dim=8))
     if parts is VARLEN:
-        x, _ = _varlen()
+        x, _ = varlen_batch()
     else:
-        x = _batch(parts, 2)
+        x = random_parts(parts, 2)
     B = next(iter(x.values())).shape[0]
     cond = Cond(text=torch.randn(B, 4, 8), class_id=torch.arange(B) % 3)
     v = model(x, torch.rand(B), cond)
@@ -124,16 +100,16 @@ def test_shapes_for_all_latent_forms(parts):
 
 def test_output_is_zero_at_init():
     model = build("dit-debug", HIVAE, num_classes=3)
-    v = model(_batch(HIVAE, 2), torch.rand(2), Cond(class_id=torch.tensor([0, 2])))
+    v = model(random_parts(HIVAE, 2), torch.rand(2), Cond(class_id=torch.tensor([0, 2])))
     assert all(torch.all(t == 0) for t in v.values())
 
 
 @pytest.mark.parametrize("layout", ["full", "factorized"])
 @pytest.mark.parametrize("abs_pos", [False, True])
 def test_padded_equals_unpadded_and_packed_equals_padded(layout, abs_pos):
-    model = _randomize(build("dit-debug", VARLEN, patch=(2, 2, 2), attn_layout=layout, text_dim=8, num_classes=4,
+    model = randomize(build("dit-debug", VARLEN, patch=(2, 2, 2), attn_layout=layout, text_dim=8, num_classes=4,
                              abs_pos=abs_pos))
-    lat, items = _varlen()
+    lat, items = varlen_batch()
     t = torch.tensor([0.3, 0.6, 0.9])
     cond = Cond(text=torch.randn(3, 5, 8), text_mask=torch.tensor([[1, 1, 0, 0, 0], [1] * 5, [1, 1, 1, 0, 0]]).bool(),
                 class_id=torch.tensor([0, 3, -1]))
@@ -157,18 +133,18 @@ def test_absolute_positions_are_fixed_and_used():
     # only the t channels (64 - 2 * 20 = 24 of them) see the frame index
     torch.testing.assert_close(emb[1, 24:], emb[3, 24:])
     # no weights: the same state dict loads with and without, and the embedding changes the output
-    plain = _randomize(build("dit-debug", GRID, num_classes=3))
+    plain = randomize(build("dit-debug", GRID, num_classes=3))
     absolute = build("dit-debug", GRID, num_classes=3, abs_pos=True)
     absolute.load_state_dict(plain.state_dict())
-    x, t, cond = _batch(GRID, 2), torch.rand(2), Cond(class_id=torch.tensor([0, 2]))
+    x, t, cond = random_parts(GRID, 2), torch.rand(2), Cond(class_id=torch.tensor([0, 2]))
     assert not torch.allclose(plain(x, t, cond)["z"], absolute(x, t, cond)["z"])
     with pytest.raises(ValueError, match="even hidden"):
         make_config("dit-debug", GRID, hidden=63, heads=3, abs_pos=True)
 
 
 def test_cfg_scale_one_equals_conditional_and_null_class():
-    model = _randomize(build("dit-debug", GRID, num_classes=5, text_dim=8))
-    x, t = _batch(GRID, 2), torch.rand(2)
+    model = randomize(build("dit-debug", GRID, num_classes=5, text_dim=8))
+    x, t = random_parts(GRID, 2), torch.rand(2)
     cond = Cond(text=torch.randn(2, 3, 8), text_mask=torch.ones(2, 3, dtype=torch.bool), class_id=torch.tensor([1, 4]))
     null = model.null_cond(cond)
     v1 = guided_velocity(model, x, t, cond, null, 1.0)
@@ -184,8 +160,8 @@ def test_cfg_scale_one_equals_conditional_and_null_class():
 
 
 def test_text_mask_is_respected():
-    model = _randomize(build("dit-debug", HIVAE, text_dim=8))
-    x, t = _batch(HIVAE, 2), torch.rand(2)
+    model = randomize(build("dit-debug", HIVAE, text_dim=8))
+    x, t = random_parts(HIVAE, 2), torch.rand(2)
     text = torch.randn(2, 6, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]]).bool()
     v = model(x, t, Cond(text=text, text_mask=mask))
@@ -197,8 +173,8 @@ def test_text_mask_is_respected():
 
 
 def test_first_frame_tokens_condition_but_are_not_denoised():
-    model = _randomize(build("dit-debug", GRID, first_frame_channels=4))
-    x, t = _batch(GRID, 2), torch.rand(2)
+    model = randomize(build("dit-debug", GRID, first_frame_channels=4))
+    x, t = random_parts(GRID, 2), torch.rand(2)
     ff = torch.randn(2, 4, 1, 6, 5)
     v = model(x, t, Cond(first_frame=ff))
     assert set(v) == {"z"}
@@ -213,8 +189,8 @@ def test_first_frame_tokens_condition_but_are_not_denoised():
 def test_one_step_lowers_the_flow_loss():
     torch.manual_seed(0)
     model = build("dit-debug", HIVAE, num_classes=3)
-    x0 = _batch(HIVAE, 4, seed=1)
-    noise = _batch(HIVAE, 4, seed=2)
+    x0 = random_parts(HIVAE, 4, seed=1)
+    noise = random_parts(HIVAE, 4, seed=2)
     t = torch.tensor([0.2, 0.4, 0.6, 0.8])
     cond = Cond(class_id=torch.tensor([0, 1, 2, -1]))
     xt, target = flow.interpolate(x0, noise, t), flow.velocity_target(x0, noise)
@@ -257,11 +233,11 @@ def test_meta_device_forward_for_cost_accounting():
 
 
 def test_save_load_round_trip(tmp_path):
-    model = _randomize(build("dit-debug", HIVAE, num_classes=3, text_dim=8, attn_layout="factorized"))
+    model = randomize(build("dit-debug", HIVAE, num_classes=3, text_dim=8, attn_layout="factorized"))
     save_pretrained(model, tmp_path / "ckpt", name="dit-debug")
     loaded = load_pretrained(tmp_path / "ckpt")
     assert loaded.config == model.config  # JSON sorts the parts; dict equality ignores order
-    x, t = _batch(HIVAE, 2), torch.rand(2)
+    x, t = random_parts(HIVAE, 2), torch.rand(2)
     cond = Cond(text=torch.randn(2, 3, 8), class_id=torch.tensor([0, 2]))
     a, b = model(x, t, cond), loaded(x, t, cond)
     for k in a:  # same function; the token order may differ, so only up to float rounding
@@ -271,8 +247,8 @@ def test_save_load_round_trip(tmp_path):
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("backend", ["flex", "math"])
 def test_attention_backends_agree_inside_the_model(backend):
-    model = _randomize(build("dit-debug", VARLEN, patch=(2, 2, 2), attn_layout="factorized", text_dim=8))
-    lat, _ = _varlen()
+    model = randomize(build("dit-debug", VARLEN, patch=(2, 2, 2), attn_layout="factorized", text_dim=8))
+    lat, _ = varlen_batch()
     t, cond = torch.rand(3), Cond(text=torch.randn(3, 4, 8), text_mask=torch.tensor([[1, 0, 0, 0]] * 3).bool())
     with torch.no_grad():  # torch's FlexAttention has no CPU backward
         ref = model(lat, t, cond, pack=True)["z"]
@@ -282,8 +258,8 @@ def test_attention_backends_agree_inside_the_model(backend):
 
 
 def test_model_dtype_casts_inputs_and_returns_part_dtype():
-    model = _randomize(build("dit-debug", GRID)).to(torch.bfloat16)
-    x = _batch(GRID, 2)
+    model = randomize(build("dit-debug", GRID)).to(torch.bfloat16)
+    x = random_parts(GRID, 2)
     v = model(x, torch.rand(2))
     assert v["z"].dtype == torch.float32 and torch.isfinite(v["z"]).all()
 
@@ -291,7 +267,7 @@ def test_model_dtype_casts_inputs_and_returns_part_dtype():
 def test_guided_sampling_through_the_dit_is_seeded():
     from ldm.samplers import euler, initial_noise
 
-    model = _randomize(build("dit-debug", VARLEN, patch=(2, 2, 2), num_classes=3, text_dim=8))
+    model = randomize(build("dit-debug", VARLEN, patch=(2, 2, 2), num_classes=3, text_dim=8))
     cond = Cond(text=torch.randn(2, 3, 8), class_id=torch.tensor([0, 2]))
 
     def run(seed):

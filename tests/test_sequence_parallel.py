@@ -8,20 +8,12 @@ import torch.multiprocessing as mp
 
 from dit import build
 from ldm.latent import Cond, Latent
+from dits import randomize
 from procs import free_port
 
 GRID = {"z": (4, 2, 6, 8)}  # patch (1, 2, 2): 2 x 3 x 4 = 24 tokens, split 12 / 12
 ODD = {"z": (4, 3, 6, 5)}  # 3 x 3 x 3 = 27 tokens: one padding token
 
-
-def _randomize(model, seed):
-    """Give the zero-initialised parameters (adaLN, heads) values so outputs and gradients depend on everything."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.all(p == 0):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 def _run(model, x, t, cond, pack=False):
@@ -59,17 +51,17 @@ def _worker(rank, port):
         B = 2
         text, mask = torch.randn(B, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1] * 5]).bool()
         # grid latent, full 3D attention, text cross-attention with a mask, class labels
-        model = _randomize(build("dit-debug", GRID, text_dim=8, num_classes=3), 1)
+        model = randomize(build("dit-debug", GRID, text_dim=8, num_classes=3), 1, scale=0.1)
         x = {"z": torch.randn(B, *GRID["z"])}
         _check("grid", model, x, torch.rand(B), Cond(text=text, text_mask=mask, class_id=torch.tensor([0, -1])))
         # odd token count (padded), factorized spatial / temporal blocks, text, activation checkpointing
-        model = _randomize(build("dit-debug", ODD, text_dim=8, attn_layout="factorized", depth=3), 2)
+        model = randomize(build("dit-debug", ODD, text_dim=8, attn_layout="factorized", depth=3), 2, scale=0.1)
         apply_activation_checkpointing(model.blocks)  # as train.py does: blocks recomputed (with exchanges) in backward
         _check("odd-factorized", model, {"z": torch.randn(B, *ODD["z"])}, torch.rand(B), Cond(text=text))
         # varlen packed: several samples in one row (sequence ids, per-token conditioning index)
         items = [Latent({"z": torch.randn(1, 3, n, 4, 4)}, "varlen", aux={"length": torch.tensor([n])})
                  for n in (3, 2)]
-        model = _randomize(build("dit-debug", {"z": (3, 4, 4, 4)}, text_dim=8), 3)
+        model = randomize(build("dit-debug", {"z": (3, 4, 4, 4)}, text_dim=8), 3, scale=0.1)
         _check("packed", model, Latent.collate(items), torch.rand(B), Cond(text=text, text_mask=mask), pack=True)
         # heads must split over the ranks
         odd_heads = build("dit-debug", GRID, hidden=48, heads=3)
