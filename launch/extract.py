@@ -164,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     summary = extract(cfglib.load_yaml(args.config, ExtractConfig, args.overrides, values=flags),
                       runs.parse_allow(args.allow_change))
     if dist.is_main():
-        print(json.dumps({k: summary[k] for k in ("written", "skipped", "shards", "clips_per_s", "verify_psnr")}))
+        keys = ("written", "skipped", "shards", "clips_per_s", "steady_clips_per_s", "verify_psnr")
+        print(json.dumps({k: summary[k] for k in keys}))
     return 0
 
 
@@ -371,13 +372,18 @@ def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str,
     n_clips = sum(1 if isinstance(w, str) else len(w) for _, w in units)
     bar = tqdm(total=n_clips, desc=f"extract r{env.rank}", unit="clip", disable=not dist.is_main())
     t0 = time.perf_counter()
-    encoded = _extract_shards(units, windows, cfg, items, clips, ae, text_encoder, signature, out, device, dtype,
-                              batch, workers, bar, binding)
+    encoded, first_queued = _extract_shards(units, windows, cfg, items, clips, ae, text_encoder, signature, out,
+                                            device, dtype, batch, workers, bar, binding)
     elapsed = time.perf_counter() - t0
     bar.close()
 
     dist.barrier()
-    summary: dict[str, Any] = {"clips_per_s": encoded / elapsed if elapsed > 0 else 0.0, "verify_psnr": None}
+    # fill: the wait for the first batch of decoded clips (worker start-up, first reads), paid once per
+    # run; the steady rate leaves it out and is what a long extraction approaches
+    fill = (first_queued - t0) if first_queued is not None else 0.0
+    summary: dict[str, Any] = {"clips_per_s": encoded / elapsed if elapsed > 0 else 0.0,
+                               "steady_clips_per_s": encoded / (elapsed - fill) if elapsed > fill else 0.0,
+                               "fill_s": fill, "batch_size": batch, "num_workers": workers, "verify_psnr": None}
     if dist.is_main():
         manifest = _merge_manifest(out, n_shards, record, spec, env.world_size, items,
                                    text_encoder.dim if text_encoder is not None else None, cfg, signature["dtype"])
@@ -387,7 +393,8 @@ def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str,
         if cfg.verify > 0 and manifest.counts.written > 0:
             summary["verify_psnr"] = verify(out, ae, cfg, items, device, text_encoder, dtype)
             cfglib.replace(manifest, verify={"k": cfg.verify, "psnr": summary["verify_psnr"]}).write(out)
-        print(f"extracted {encoded} clips in {elapsed:.1f}s on rank 0 ({summary['clips_per_s']:.2f} clips/s/rank); "
+        print(f"extracted {encoded} clips in {elapsed:.1f}s on rank 0 ({summary['clips_per_s']:.2f} clips/s/rank, "
+              f"{summary['steady_clips_per_s']:.2f} after the first batch); "
               f"{summary['written']} written, {summary['skipped']} skipped, {summary['shards']} shards -> {out}")
         print_skipped(list(manifest.skipped))
         if not manifest.counts.written:
@@ -456,13 +463,15 @@ def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signa
 @torch.no_grad()
 def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, items: list, clips: VideoClipDataset,
                     ae: Autoencoder, text_encoder, signature: dict, out: Path, device: torch.device,
-                    dtype: torch.dtype, batch_size: int, workers: int, bar: tqdm, binding: runs.Binding) -> int:
+                    dtype: torch.dtype, batch_size: int, workers: int, bar: tqdm,
+                    binding: runs.Binding) -> tuple[int, float | None]:
     """Encode the clips of ``units`` (`_plan_units`: this rank's shards, in order) and write each
     shard when its last clip is done.
 
     One DataLoader decodes every clip of this rank (``workers`` processes, pinned memory on a GPU)
     while the encoder runs; finished shards are written by a background thread, so tar writing
-    overlaps the next shard's encoding. Batches never span shards. Returns the clips handled."""
+    overlaps the next shard's encoding. Batches never span shards. Returns the clips handled and when
+    (``time.perf_counter()``) the first batch went to the encoder, None if none did."""
     S = cfg.shard_size
     cuda = device.type == "cuda"
     per_unit = max(1, round(sum(1 if isinstance(w, str) else len(w) for _, w in units) / max(len(units), 1)))
@@ -474,6 +483,7 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
     pending: list[dict[str, Any]] = []
     buf: _ShardBuffer | None = None
     handled = 0
+    first_queued: list[float] = []
 
     in_flight: list[tuple[_ShardBuffer, list[dict[str, Any]], Latent, tuple | None, Any]] = []
 
@@ -485,6 +495,8 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
             return
         batch = list(pending)
         pending.clear()
+        if not first_queued:
+            first_queued.append(time.perf_counter())
         # page-locked clips (DataLoader pin_memory) copy asynchronously; stacked on the device
         video = torch.stack([p["video"].to(device, non_blocking=True) for p in batch]).to(dtype)  # (B, C, T, H, W)
         emb, mask, text = None, None, None
@@ -556,7 +568,7 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
             f.result()
     finally:
         writer.shutdown(wait=True)
-    return handled
+    return handled, (first_queued[0] if first_queued else None)
 
 
 def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size: int, items: list,

@@ -251,6 +251,33 @@ def test_workers_batch_size_and_dtype(videos, tmp_path):
         _extract(videos, tmp_path / "fp16", "--dtype", "fp16")
 
 
+def test_summary_separates_the_fill_from_the_steady_rate(videos, tmp_path, monkeypatch):
+    """The wait for the first batch of decoded clips (worker start-up, first reads) is reported as
+    ``fill_s`` and left out of ``steady_clips_per_s``; ``clips_per_s`` is the whole loop."""
+    import time
+
+    from data.sources import VideoClipDataset
+    from launch.extract import ExtractConfig, extract
+
+    slow_first, read = 0.6, VideoClipDataset.read_windows
+
+    def read_windows(self, index, windows):  # the first video is slow to open, the rest are not
+        if index == 0:
+            time.sleep(slow_first)
+        return read(self, index, windows)
+
+    monkeypatch.setattr(VideoClipDataset, "read_windows", read_windows)
+    cfg = ExtractConfig(autoencoder=AE, input=str(videos), output=str(tmp_path / "lat"), frames=8, height=32,
+                        width=32, shard_size=3, batch_size=2, num_workers=0)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        summary = extract(cfg)
+    assert summary["written"] == 7 and (summary["batch_size"], summary["num_workers"]) == (2, 0)
+    assert summary["fill_s"] >= slow_first
+    elapsed = 7 / summary["clips_per_s"]
+    assert summary["steady_clips_per_s"] == pytest.approx(7 / (elapsed - summary["fill_s"]), rel=1e-6)
+    assert summary["steady_clips_per_s"] > summary["clips_per_s"]
+
+
 def test_auto_workers_and_batch_size_on_the_cpu():
     from launch.extract import auto_batch_size, auto_workers
 
