@@ -80,7 +80,8 @@ def check_autoencoder(name: str, frames: int, size: int, device: torch.device, d
     t2 = time.perf_counter()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     ok = tuple(out.shape) == tuple(video.shape) and bool(torch.isfinite(out.float()).all())
-    row = {"part": "autoencoder", "name": name, "frames": f, "size": s, "params_m": ae.num_parameters() / 1e6,
+    row = {"part": "autoencoder", "name": name, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+           "frames": f, "size": s, "params_m": ae.num_parameters() / 1e6,
            "encode_fps": f / (t1 - t0), "decode_fps": f / (t2 - t1), "peak_gib": peak, "ok": ok,
            "latent": {k: list(v.shape[1:]) for k, v in latent.parts.items()}, "build_s": build_s}
     del ae, video, latent, out
@@ -171,8 +172,12 @@ def main() -> None:
     p.add_argument("--pipeline-steps", type=int, default=10)
     p.add_argument("--pipeline-batch", type=int, default=8)
     p.add_argument("--timeout", type=float, default=300, help="seconds per pipeline command")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms per shape (torch.backends.cudnn.benchmark; "
+                        "off in the platform): for an A/B of the autoencoders' FPS and peak memory")
     p.add_argument("--json", help="write every row here")
     args = p.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     dtype = compute_dtype(args.dtype, device)
     names = [] if args.skip_autoencoders else (args.autoencoders.split(",") if args.autoencoders else sorted(
@@ -180,7 +185,7 @@ def main() -> None:
         and n.endswith("-debug") == args.debug))
     rows = []
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"dtype {dtype}", flush=True)
+          f"dtype {dtype}, cudnn.benchmark {args.cudnn_benchmark}", flush=True)
     for name in names:
         try:
             row = check_autoencoder(name, args.frames, args.size, device, dtype)

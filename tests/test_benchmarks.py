@@ -57,10 +57,12 @@ def test_gpu_dit_ldm_train_profile_on_cpu(tmp_path):
 def test_gpu_check_debug_on_cpu(tmp_path):
     out = tmp_path / "check.json"
     proc = _run(["benchmarks/gpu_check.py", "--device", "cpu", "--debug", "--skip-pipeline", "--frames", "9",
-                 "--size", "32", "--autoencoders", "kl2d-f8c4-debug,mtcvae-c4-debug", "--json", str(out)])
+                 "--size", "32", "--autoencoders", "kl2d-f8c4-debug,mtcvae-c4-debug", "--cudnn-benchmark",
+                 "--json", str(out)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert [r["name"] for r in rows] == ["kl2d-f8c4-debug", "mtcvae-c4-debug"] and all(r["ok"] for r in rows)
+    assert all(r["cudnn_benchmark"] for r in rows)
     assert "ok   ae kl2d-f8c4-debug" in proc.stdout
 
 
