@@ -14,6 +14,8 @@
 # 3. every full-size autoencoder's encode / decode FPS and peak memory (benchmarks/gpu_check.py),
 #    then four conv autoencoders again with cuDNN's per-shape algorithm search on (an A/B for the
 #    inference verbs' default, which leaves it off);
+# 4. our DiT step compiled with max-autotune (Triton matmuls with fused epilogues) against the
+#    default mode (model.compile_mode), last: its compile takes minutes;
 # and a short `ldm train` under torchrun that must exit cleanly (NCCL teardown).
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -28,7 +30,7 @@ if [ -z "${TOY:-}" ]; then
   EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,6 --batch-sizes 8"
   AE_ARGS="--frames 17 --size 256"
   AB_ARGS="--frames 17 --size 256 --autoencoders causal3d-f4x8c16,ivvae-z16,kl2d-f8c4,h3ae-8x32x32"
-  L1=300; L2=40; L3=110; L4=60
+  L1=300; L2=40; L3=110; L4=60; L5=200
 else
   DEV=cpu; PY=${PY:-.venv/bin/python}; export OMP_NUM_THREADS=2
   CLIPS=4; FRAMES=8; SIZE=32; AE=kl2d-f8c4-debug; DIT=dit-debug; SMALL_DIT=dit-debug; BATCH=2; STEPS=4
@@ -37,7 +39,7 @@ else
   EX_ARGS="--clips 4 --frames 9 --size 32 --workers 0 --batch-sizes 2"
   AE_ARGS="--debug --frames 9 --size 32 --autoencoders kl2d-f8c4-debug,hivae-s-debug"
   AB_ARGS="--debug --frames 9 --size 32 --autoencoders kl2d-f8c4-debug"
-  L1=600; L2=300; L3=300; L4=300
+  L1=600; L2=300; L3=300; L4=300; L5=300
 fi
 export PYTHONUNBUFFERED=1
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
@@ -84,6 +86,10 @@ done
 stamp "autoencoders: encode / decode FPS, peak memory"
 timeout $L3 $PY benchmarks/gpu_check.py --device $DEV --skip-pipeline $AE_ARGS --json "$OUT/autoencoders.json" \
   2>&1 | grep -v Warning | tail -30
+stamp "gpu_dit: inductor's default vs max-autotune (model.compile_mode) at the same size"
+timeout $L5 $PY benchmarks/gpu_dit.py --device $DEV $DIT_ARGS --modes ours-bf16,ours-autotune \
+  --json "$OUT/gpu_dit_autotune.json" 2>&1 | grep -v Warning | tail -6
+
 stamp "conv autoencoders with cuDNN's per-shape algorithm search (torch.backends.cudnn.benchmark): A/B"
 timeout $L4 $PY benchmarks/gpu_check.py --device $DEV --skip-pipeline $AB_ARGS --cudnn-benchmark \
   --json "$OUT/autoencoders-cudnn-benchmark.json" 2>&1 | grep -v Warning | tail -8

@@ -37,7 +37,7 @@ from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tens
 from ldm.cost import dit_trunk_flops
 from ldm.errors import UserError, check_min, checking
 from ldm.latent import VARLEN_AXIS, Cond, Latent, normalize
-from ldm.layers import compile_blocks
+from ldm.layers import check_compile_mode, compile_blocks
 
 log = logging.getLogger("ldm.train")
 
@@ -67,6 +67,7 @@ class ModelConfig:
     text_cond: bool = True  # condition on cached text embeddings (when the shards have them)
     pack: bool = False  # varlen batches as one packed row (valid tokens only) instead of padded rows
     compile: bool | str = "auto"  # regional torch.compile of the transformer blocks: true | false | auto (on for CUDA)
+    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (ldm.layers.COMPILE_MODES)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class TrainConfig:
 # the topology: the global batch they make is bound instead.
 HARMLESS = ("output", "log_every", "save_every", "keep_checkpoints", "max_nonfinite", "universal_checkpoints",
             "data.num_workers", "data.prefetch", "data.batch_size", "optim.grad_accum", "model.sequence_parallel",
-            "model.compile", "engine.deepspeed", "engine.activation_checkpointing", "engine.peak_tflops",
+            "model.compile", "model.compile_mode", "engine.deepspeed", "engine.activation_checkpointing", "engine.peak_tflops",
             "engine.precision", "profile")
 
 
@@ -449,6 +450,7 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
         manifest = load_manifests(cfg.data.shards)
         make_dit_config(cfg.model, manifest)
         resolve_switch(cfg.model.compile, torch.device("cpu"), "model.compile")
+        check_compile_mode(cfg.model.compile_mode)
         precision = resolve_precision(cfg.engine.precision, dist.device_for(dist.dist_env()))
         deepspeed_config(cfglib.replace(cfg.engine, precision=precision), cfg.data.batch_size, cfg.optim.grad_accum,
                          cfg.optim.grad_clip)
@@ -512,7 +514,7 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
             log.warning("model.compile is off: regional compilation runs with ZeRO stages 0-2 and without sequence "
                         "parallelism (their hooks gather parameters / exchange tokens inside the blocks)")
         else:
-            compile_blocks(engine.module)
+            compile_blocks(engine.module, mode=cfg.model.compile_mode)
     ema = EMA(engine.module, cfg.ema_decay, zero3)
 
     step, dropped = resume(engine, ema, out)

@@ -401,6 +401,16 @@ def set_attention_backend(module: nn.Module, backend: str) -> None:
 
 
 RECOMPILE_LIMIT = 16
+# torch.compile modes the trainers and samplers accept: inductor's default (cuBLAS matmuls, fused
+# elementwise kernels), or Triton matmul templates autotuned per shape with the elementwise work
+# fused into their epilogues (compiles take minutes; CUDA graphs stay off: shapes vary, and
+# DeepSpeed's hooks run between blocks)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: str, key: str = "model.compile_mode") -> None:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"{key} must be one of {COMPILE_MODES}, got {mode!r}")
 
 
 def compile_blocks(module: nn.Module, dynamic: bool | None = None, mode: str | None = None,
@@ -417,7 +427,9 @@ def compile_blocks(module: nn.Module, dynamic: bool | None = None, mode: str | N
     The shared function has one graph per block kind (full, spatial, temporal) and size regime
     (the first sizes, dynamic sizes, batch 1, one frame): dynamo's per-function recompile limit
     is raised to ``RECOMPILE_LIMIT`` (from its default 8) so a factorised trunk does not fall back
-    to eager after its warm-up."""
+    to eager after its warm-up. ``mode``: one of `COMPILE_MODES` (None = ``"default"``)."""
+    check_compile_mode(mode or "default", "compile mode")
+    mode = None if mode == "default" else mode
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     fn = torch.compile(TransformerBlock.core, dynamic=dynamic, mode=mode, backend=backend)
     blocks = [m for m in module.modules() if isinstance(m, TransformerBlock)]

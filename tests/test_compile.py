@@ -211,6 +211,23 @@ def test_compile_switch_is_validated(tmp_path):
     assert cfglib.from_dict(TrainConfig, cfglib.apply_dotted({}, ["model.compile=auto"])).model.compile == "auto"
 
 
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """``model.compile_mode`` / ``compile_blocks(mode=)``: inductor's default is passed as no mode,
+    autotuning by its name; anything else is refused before compiling."""
+    from ldm import layers
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["mode"]) or fn)
+    model = dit.build("dit-debug", GRID)
+    layers.compile_blocks(model, mode="default")
+    layers.compile_blocks(model, mode="max-autotune-no-cudagraphs")
+    layers.compile_blocks(model)
+    assert seen == [None, "max-autotune-no-cudagraphs", None]
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        layers.compile_blocks(model, mode="reduce-overhead")
+    assert len(seen) == 3
+
+
 def test_text_conditioned_block_compiles_without_graph_breaks():
     """Cross-attention to a padded caption (a key-padding mask) stays inside the compiled block:
     one graph for the whole block, not pieces around an eager attention call."""
