@@ -48,6 +48,7 @@ from ldm import samplers
 from ldm.checkpoint import atomic_write_json, read_json
 from ldm.errors import MissingInput, UserError, checking
 from ldm.latent import Cond, Latent, normalize
+from ldm.layers import COMPILE_MODES
 from ldm.samplers import SamplingConfig
 
 DEFAULT_FPS = 8.0  # videos of an export that does not record its clips' rate
@@ -106,6 +107,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                    help="regional torch.compile of the DiT's blocks and of a diffusion decoder's (Hi-VAE) "
                         "(auto: on for CUDA)")
+    p.add_argument("--compile-mode", default="default", choices=list(COMPILE_MODES),
+                   help="torch.compile mode for --compile (max-autotune-no-cudagraphs: autotuned Triton matmuls "
+                        "with fused epilogues, minutes of compiling first)")
 
 
 def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
@@ -333,8 +337,8 @@ def run(args: argparse.Namespace) -> int:
         configure_inference(ae, args.tile, args.chunk_frames)
     ae = ae.to(device=device, dtype=dtype).eval()
     if resolve_switch({"true": True, "false": False}.get(args.compile, args.compile), device, "--compile"):
-        compile_blocks(model)
-        compile_blocks(ae)  # a diffusion decoder's transformer blocks (Hi-VAE); none elsewhere
+        compile_blocks(model, mode=args.compile_mode)
+        compile_blocks(ae, mode=args.compile_mode)  # a diffusion decoder's transformer blocks (Hi-VAE); none elsewhere
     video = export.video
     frames = args.num_frames or video.frames
     height, width = args.height or video.height, args.width or video.width

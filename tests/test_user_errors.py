@@ -468,3 +468,16 @@ def test_reconstruct_and_cost_replace_a_file_only_with_overwrite(run, tmp_path, 
     assert (tmp_path / "c.csv").read_text().startswith("autoencoder,") and \
         (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "c.png", "clip.mp4", "rec.mp4"]  # no temp files
+
+
+def test_sample_compile_mode_reaches_both_compilations(run, tmp_path, monkeypatch):
+    """``ldm sample --compile true --compile-mode M`` compiles the DiT's and the autoencoder's blocks in mode M."""
+    from ldm import layers
+
+    seen = []
+    monkeypatch.setattr(layers, "compile_blocks", lambda module, mode=None: seen.append((type(module).__name__, mode)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(_sample(run, tmp_path / "s", "--prompt", "a red circle", "--compile", "true",
+                               "--compile-mode", "max-autotune-no-cudagraphs")) == 0
+    assert seen == [("VideoDiT", "max-autotune-no-cudagraphs"), ("KL2D", "max-autotune-no-cudagraphs")]
