@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# One GPU call that measures what the CPU cannot, in about 7 minutes on an H100/H200, each part
-# under its own time limit so a slow part cannot eat the rest. Results: JSON and logs under $OUT.
+# One GPU call that measures what the CPU cannot, each part under its own time limit and all of
+# them inside BUDGET seconds (default 520: the device tool allows 600 s a call, and setting up its
+# packages takes about 40), so a slow part cannot eat the rest. Results: JSON and logs under $OUT.
+# All parts take about 9-11 minutes on an H200: the last ones (autotune) are cut short in one call;
+# PARTS picks some, for two calls.
 #
 #   source .whl/device-setup.sh && bash benchmarks/gpu_session.sh     # on the GPU machine
+#   PARTS="dit torchrun extract" bash ...; PARTS="ae cudnn autotune" bash ...   # the same in two calls
 #   TOY=1 bash benchmarks/gpu_session.sh                                # the same steps at toy size on the CPU
-#   TRAIN_VARIANTS="engine.deepspeed=zero0;model.text_cond=true" ...   # + those `ldm train` runs
+#   TRAIN_VARIANTS="engine.deepspeed=zero0;model.text_cond=true" ...   # + those `ldm train` runs (part "variants")
+#
+# Parts (PARTS, in this order; default all): dit, torchrun, variants, extract, ae, cudnn, autotune.
 #
 # 1. `ldm train`'s own MFU for dit-XL at 4096 tokens (kl2d-f8c4 latents of 16x256x256 clips) and
 #    where its step time goes (`--ldm-train-profile`), next to the bare train step of ours and of
@@ -14,14 +20,19 @@
 # 3. every full-size autoencoder's encode / decode FPS and peak memory (benchmarks/gpu_check.py),
 #    then four conv autoencoders again with cuDNN's per-shape algorithm search on (an A/B for the
 #    inference verbs' default, which leaves it off);
-# 4. our DiT step compiled with max-autotune (Triton matmuls with fused epilogues) against the
-#    default mode (model.compile_mode), last: its compile takes minutes;
+# 4. last, in the time left of BUDGET seconds: our DiT step compiled with max-autotune (Triton
+#    matmuls with fused epilogues) against the default mode (model.compile_mode); it compiles for minutes;
 # and a short `ldm train` under torchrun that must exit cleanly (NCCL teardown).
 set -u
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
 T0=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
+# a part's limit: its own, or what is left of BUDGET seconds for the whole call if less (at least 1)
+left() { local rest=$(( BUDGET - $(date +%s) + T0 )); [ "$rest" -lt "$1" ] && echo $(( rest > 1 ? rest : 1 )) || echo "$1"; }
+BUDGET=${BUDGET:-520}
+PARTS=" ${PARTS:-dit torchrun variants extract ae cudnn autotune} "
+want() { [[ "$PARTS" == *" $1 "* ]]; }
 if [ -z "${TOY:-}" ]; then
   DEV=cuda; PY=${PY:-python3}; export OMP_NUM_THREADS=4
   CLIPS=64; FRAMES=16; SIZE=256; AE=kl2d-f8c4; DIT=dit-XL; SMALL_DIT=dit-S; BATCH=8; STEPS=40
@@ -44,53 +55,69 @@ fi
 export PYTHONUNBUFFERED=1
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
+if want dit || want torchrun || want variants; then
 stamp "shards for ldm train: $CLIPS clips ${FRAMES}x${SIZE}x${SIZE} through $AE"
 $PY -m launch.cli data synth --output "$OUT/videos" --num $CLIPS --frames $FRAMES --size $SIZE --quiet 2>&1 | tail -2
 $PY -m launch.cli extract --autoencoder $AE --input "$OUT/videos" --output "$OUT/latents" --frames $FRAMES \
   --height $SIZE --width $SIZE --device $DEV --text-encoder builtin 2>&1 | grep -v Warning | tail -2
+fi
 
+if want dit; then
 stamp "gpu_dit: ours vs the reference, then ldm train (profiled)"
-timeout $L1 $PY benchmarks/gpu_dit.py --device $DEV $DIT_ARGS --modes ref-autocast,ours-bf16,ref-bf16 \
+timeout $(left $L1) $PY benchmarks/gpu_dit.py --device $DEV $DIT_ARGS --modes ref-autocast,ours-bf16,ref-bf16 \
   --ldm-train "$OUT/latents" --ldm-train-dit $DIT --ldm-train-batch $BATCH --ldm-train-steps $STEPS \
   --ldm-train-profile 3 --json "$OUT/gpu_dit.json" 2>&1 | grep -v Warning | tail -40
+fi
 
+if want torchrun; then
 stamp "ldm train under torchrun (NCCL), a few steps of a small DiT: a clean exit, no traceback"
-timeout 120 $PY -m torch.distributed.run --nproc_per_node 1 -m launch.cli train \
+timeout $(left 120) $PY -m torch.distributed.run --nproc_per_node 1 -m launch.cli train \
   --config launch/configs/train-debug.yaml data.shards="$OUT/latents" output="$OUT/train-torchrun" \
   model.dit=$SMALL_DIT data.batch_size=$BATCH steps=4 log_every=2 save_every=4 > "$OUT/torchrun.log" 2>&1
 echo "torchrun exit code $? ; tracebacks: $(grep -c Traceback "$OUT/torchrun.log")"; tail -2 "$OUT/train-torchrun/log.jsonl"
+fi
 
 # optional: more `ldm train` variants on the same shards, e.g.
 #   TRAIN_VARIANTS="engine.deepspeed=zero0;engine.deepspeed=zero1;model.text_cond=true"   (about 100 s each)
 IFS=';' read -ra VARIANTS <<< "${TRAIN_VARIANTS:-}"
+want variants || VARIANTS=()
 for i in "${!VARIANTS[@]}"; do
   stamp "ldm train variant: ${VARIANTS[$i]}"
   # shellcheck disable=SC2086
-  timeout 150 $PY -m launch.cli train --config launch/configs/train-debug.yaml data.shards="$OUT/latents" \
+  timeout $(left 150) $PY -m launch.cli train --config launch/configs/train-debug.yaml data.shards="$OUT/latents" \
     output="$OUT/train-variant-$i" model.dit=$DIT data.batch_size=$BATCH steps=$STEPS log_every=$(( STEPS / 2 )) \
     save_every=$(( 10 * STEPS )) model.text_cond=false universal_checkpoints=false ${VARIANTS[$i]} 2>&1 \
     | grep -v Warning | tail -3
   tail -1 "$OUT/train-variant-$i/log.jsonl" 2>/dev/null
 done
 
+if want extract; then
 stamp "extraction vs encode, each autoencoder under its own limit"
 for A in $EX_AES; do
-  timeout $L2 $PY benchmarks/extraction.py --device $DEV $EX_ARGS --autoencoders $A --json 2>/dev/null \
+  timeout $(left $L2) $PY benchmarks/extraction.py --device $DEV $EX_ARGS --autoencoders $A --json 2>/dev/null \
     | grep -v "^extracted" > "$OUT/extraction-$A.json"
   $PY -c "import json, sys; r = json.load(open(sys.argv[1]))[0]; print(r['autoencoder'], 'encode', r['encode_clips_per_s'], \
 'extract (workers, clips/s, vs encode, fill s, steady vs encode)', [(e['workers'], round(e['extract_clips_per_s'], 1), \
 round(e['efficiency_vs_encode'], 2), round(e['fill_s'], 2), round(e['steady_efficiency_vs_encode'], 2)) for e in r['extract']])" \
     "$OUT/extraction-$A.json" 2>/dev/null || echo "$A: no result (timed out or failed)"
 done
+fi
 
+if want ae; then
 stamp "autoencoders: encode / decode FPS, peak memory"
-timeout $L3 $PY benchmarks/gpu_check.py --device $DEV --skip-pipeline $AE_ARGS --json "$OUT/autoencoders.json" \
+timeout $(left $L3) $PY benchmarks/gpu_check.py --device $DEV --skip-pipeline $AE_ARGS --json "$OUT/autoencoders.json" \
   2>&1 | grep -v Warning | tail -30
-stamp "gpu_dit: inductor's default vs max-autotune (model.compile_mode) at the same size"
-timeout $L5 $PY benchmarks/gpu_dit.py --device $DEV $DIT_ARGS --modes ours-bf16,ours-autotune \
-  --json "$OUT/gpu_dit_autotune.json" 2>&1 | grep -v Warning | tail -6
+fi
 
+if want cudnn; then
 stamp "conv autoencoders with cuDNN's per-shape algorithm search (torch.backends.cudnn.benchmark): A/B"
-timeout $L4 $PY benchmarks/gpu_check.py --device $DEV --skip-pipeline $AB_ARGS --cudnn-benchmark \
+timeout $(left $L4) $PY benchmarks/gpu_check.py --device $DEV --skip-pipeline $AB_ARGS --cudnn-benchmark \
   --json "$OUT/autoencoders-cudnn-benchmark.json" 2>&1 | grep -v Warning | tail -8
+fi
+
+if want autotune; then
+stamp "gpu_dit: inductor's default vs max-autotune (model.compile_mode) at the same size, in the time left"
+timeout $(left $L5) $PY benchmarks/gpu_dit.py --device $DEV $DIT_ARGS --modes ours-bf16,ours-autotune \
+  --json "$OUT/gpu_dit_autotune.json" 2>&1 | grep -v Warning | tail -6
+fi
 stamp "done"

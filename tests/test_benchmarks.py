@@ -79,3 +79,17 @@ def test_extraction_benchmark_on_cpu():
     assert run["efficiency_vs_encode"] == run["extract_clips_per_s"] / encode
     assert run["steady_efficiency_vs_encode"] == run["steady_clips_per_s"] / encode
     assert run["steady_clips_per_s"] > run["extract_clips_per_s"] > 0
+
+
+def test_gpu_session_script_runs_the_parts_it_is_given(tmp_path):
+    """`benchmarks/gpu_session.sh` at toy size on the CPU (TOY=1), two of its parts (PARTS): their
+    files and nothing of the others."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK")}
+    env.update(TOY="1", OUT=str(tmp_path), PARTS="ae cudnn", PY=sys.executable)
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["autoencoders-cudnn-benchmark.json", "autoencoders.json"]
+    assert all(r["ok"] for r in json.loads((tmp_path / "autoencoders.json").read_text()))
+    assert "=== [" in proc.stdout and "done" in proc.stdout
