@@ -327,6 +327,12 @@ def prepare_step(batch: dict, cfg: TrainConfig, dcfg: dit.DiTConfig, latent_norm
     return StepInputs(latent, batch_cond(batch, dcfg), draws, batch_work(model, latent, dcfg, context))
 
 
+def reader_start(workers: int, device: torch.device) -> str | None:
+    """How the shard reader processes start: spawned on CUDA (processes forked after CUDA / NCCL
+    threads exist can deadlock), the platform's default (fork on Linux) elsewhere."""
+    return "spawn" if workers and device.type == "cuda" else None
+
+
 class Prefetcher:
     """Runs ``make(item)`` over ``source`` in a background thread, ``depth`` items ahead (pinned
     when ``pin``), so reading shards and drawing noise overlap the GPU's work. Errors in the
@@ -537,9 +543,8 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
                         buckets=bucket_batch_sizes(manifest, dcfg, cfg.data, engine.module) if cfg.data.buckets else None,
                         expect_shapes=parts if manifest.form != "varlen" and not cfg.data.buckets else None)
     workers = cfg.data.num_workers
-    # worker processes started by fork after CUDA / NCCL threads exist can deadlock: spawn them
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                                         multiprocessing_context="spawn" if workers and device.type == "cuda" else None)
+                                         multiprocessing_context=reader_start(workers, device))
     null_cond = engine.module.null_cond
 
     text_context = 1 + manifest.text_tokens if dcfg.text_dim else 0  # the empty-text token + caption

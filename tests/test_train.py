@@ -89,6 +89,31 @@ def test_train_process_destroys_its_process_group_at_exit(latents, tmp_path):
     assert "group after exit handlers: destroyed" in proc.stdout, proc.stdout[-2000:]
 
 
+def test_reader_workers_forked_or_spawned_change_no_loss(latents, tmp_path):
+    """``data.num_workers``: shard reader processes, forked (CPU) or spawned (as on CUDA, here
+    forced), give the same losses as reading in the prefetch thread, and the run ends."""
+    ref = _losses_of(train(_cfg(latents, tmp_path / "w0", steps=4, save_every=4)))
+    forked = _losses_of(train(_cfg(latents, tmp_path / "fork", steps=4, save_every=4, **{"data.num_workers": 2})))
+    script = (
+        "import sys\n"
+        "import launch.train as T\n"
+        "T.reader_start = lambda workers, device: 'spawn' if workers else None\n"
+        "from launch.cli import main\n"
+        f"sys.exit(main(['train', '--config', {str(YAML)!r}, 'data.shards={latents}', 'output={tmp_path / 'spawn'}', "
+        "'data.batch_size=4', 'data.shuffle=8', 'log_every=1', 'optim.warmup_steps=2', 'optim.lr=0.001', "
+        "'steps=4', 'save_every=4', 'data.num_workers=2']))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ref == forked == _losses(tmp_path / "spawn") and len(ref) == 4
+
+
+def _losses_of(summary):
+    return _losses(summary["output"])
+
+
 def test_corrupt_checkpoint_falls_back(latents, tmp_path):
     train(_cfg(latents, tmp_path / "r", steps=4, save_every=2))
     newest = tmp_path / "r" / "checkpoints" / "step-00000004"
