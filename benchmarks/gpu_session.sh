@@ -22,7 +22,8 @@
 #    inference verbs' default, which leaves it off);
 # 4. last, in the time left of BUDGET seconds: our DiT step compiled with max-autotune (Triton
 #    matmuls with fused epilogues) against the default mode (model.compile_mode); it compiles for minutes;
-# and a short `ldm train` under torchrun that must exit cleanly (NCCL teardown).
+# and a short `ldm train` under torchrun, with shard reader processes (spawned on CUDA), that must
+# exit cleanly (NCCL teardown).
 set -u
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
@@ -70,10 +71,10 @@ timeout $(left $L1) $PY benchmarks/gpu_dit.py --device $DEV $DIT_ARGS --modes re
 fi
 
 if want torchrun; then
-stamp "ldm train under torchrun (NCCL), a few steps of a small DiT: a clean exit, no traceback"
+stamp "ldm train under torchrun (NCCL), a few steps of a small DiT with 2 spawned shard readers: a clean exit, no traceback"
 timeout $(left 120) $PY -m torch.distributed.run --nproc_per_node 1 -m launch.cli train \
   --config launch/configs/train-debug.yaml data.shards="$OUT/latents" output="$OUT/train-torchrun" \
-  model.dit=$SMALL_DIT data.batch_size=$BATCH steps=4 log_every=2 save_every=4 > "$OUT/torchrun.log" 2>&1
+  model.dit=$SMALL_DIT data.batch_size=$BATCH data.num_workers=2 steps=4 log_every=2 save_every=4 > "$OUT/torchrun.log" 2>&1
 echo "torchrun exit code $? ; tracebacks: $(grep -c Traceback "$OUT/torchrun.log")"; tail -2 "$OUT/train-torchrun/log.jsonl"
 fi
 
