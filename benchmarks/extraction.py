@@ -34,7 +34,7 @@ from data.sources import VideoClipDataset, list_items
 from data.synth import synth_dataset
 from data.video import read_video
 from launch import dist
-from launch.extract import ExtractConfig, extract
+from launch.extract import ExtractConfig, auto_workers, extract
 
 
 def reader_rate(path: Path, workers: int, batch: int = 16) -> float:
@@ -84,7 +84,7 @@ def main() -> None:
     p.add_argument("--autoencoders", default="kl2d-f8c4-debug,causal3d-f4x8c4-debug")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--workers", default="0,2", help="decoding worker counts to compare")
+    p.add_argument("--workers", default="0,2", help="decoding worker counts to compare (-1: ldm extract's auto)")
     p.add_argument("--batch-sizes", default="1,8", help="encoder batch sizes to compare")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -96,7 +96,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         synth_dataset(tmp / "videos", num=args.clips, frames=args.frames, size=args.size, fps=8, seed=0)
-        decode = {w: decode_rate(tmp / "videos", args.frames, args.size, w) for w in worker_counts}
+        decode = {w: decode_rate(tmp / "videos", args.frames, args.size, auto_workers(w, device, 1))
+                  for w in worker_counts}
         clips = torch.stack([read_video(it.load_bytes(), args.frames, args.size, args.size)
                              for it in list_items(tmp / "videos")])
         for name in args.autoencoders.split(","):
@@ -117,7 +118,8 @@ def main() -> None:
                     # one to compare with the encoder alone; the wall rate adds the fixed set-up
                     # and the steady rate leaves out the fill (the wait for the first batch of decoded clips)
                     rate, steady = summary["clips_per_s"], summary["steady_clips_per_s"]
-                    runs.append({"workers": w, "batch": b, "extract_clips_per_s": rate, "wall_clips_per_s": wall,
+                    runs.append({"workers": w, "workers_used": summary["num_workers"], "batch": b,
+                                 "extract_clips_per_s": rate, "wall_clips_per_s": wall,
                                  "efficiency_vs_encode": rate / encode[b], "fill_s": summary["fill_s"],
                                  "steady_clips_per_s": steady, "steady_efficiency_vs_encode": steady / encode[b]})
             base = next(r["extract_clips_per_s"] for r in runs

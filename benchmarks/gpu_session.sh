@@ -39,7 +39,7 @@ if [ -z "${TOY:-}" ]; then
   CLIPS=64; FRAMES=16; SIZE=256; AE=kl2d-f8c4; DIT=dit-XL; SMALL_DIT=dit-S; BATCH=8; STEPS=40
   DIT_ARGS="--tokens 4096 --batches 8 --sample-batches 16 --steps 4 --warmup 2"
   EX_AES="causal3d-f4x8c4 kl2d-f8c4 ivvae-z16 h3ae-8x32x32 mtcvae-c4"
-  EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,6 --batch-sizes 8"
+  EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,-1 --batch-sizes 8"  # -1: ldm extract's default
   AE_ARGS="--frames 17 --size 256"
   AB_ARGS="--frames 17 --size 256 --autoencoders causal3d-f4x8c16,ivvae-z16,kl2d-f8c4,h3ae-8x32x32"
   L1=300; L2=40; L3=110; L4=60; L5=200

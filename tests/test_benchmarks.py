@@ -70,12 +70,13 @@ def test_extraction_benchmark_on_cpu():
     """`benchmarks/extraction.py`: decode alone, encode alone and the extraction loop (whole and
     steady) of one autoencoder, as JSON, the efficiencies computed from the rates beside them."""
     proc = _run(["benchmarks/extraction.py", "--clips", "4", "--frames", "9", "--size", "32", "--autoencoders",
-                 "kl2d-f8c4-debug", "--workers", "0", "--batch-sizes", "2", "--json"])
+                 "kl2d-f8c4-debug", "--workers", "-1", "--batch-sizes", "2", "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     row, = json.loads(proc.stdout[proc.stdout.index("["):])
     run, = row["extract"]
     encode = row["encode_clips_per_s"]["2"]
-    assert row["decode_clips_per_s"]["0"] > 0 and encode > 0 and run["fill_s"] > 0
+    assert row["decode_clips_per_s"]["-1"] > 0 and encode > 0 and run["fill_s"] > 0
+    assert (run["workers"], run["workers_used"]) == (-1, 0)  # ldm extract's auto: no reader processes on the CPU
     assert run["efficiency_vs_encode"] == run["extract_clips_per_s"] / encode
     assert run["steady_efficiency_vs_encode"] == run["steady_clips_per_s"] / encode
     assert run["steady_clips_per_s"] > run["extract_clips_per_s"] > 0
