@@ -94,7 +94,20 @@ def deepspeed_config(cfg: EngineConfig, micro_batch: int, grad_accum: int, grad_
         raise ValueError(f"engine.precision must be fp32 or bf16 here (resolve auto first), got {cfg.precision!r}")
     ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
               gradient_clipping=grad_clip, bf16={"enabled": cfg.precision == "bf16"})
+    # DeepSpeed's throughput timer (on unless a config says otherwise) synchronizes the device at
+    # the start of every forward and the end of every step, to time a rate it prints every
+    # `steps_per_print` steps; `ldm train` logs its own rates without waiting for the GPU
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     return ds
+
+
+def slow_engine_warning(ds: dict[str, Any], name: str) -> str | None:
+    """Why the DeepSpeed config ``ds`` (named ``name``) will run slowly, or None."""
+    if ds.get("bf16", {}).get("enabled") and ds.get("zero_optimization", {}).get("stage", 0) == 0:
+        return (f"engine.deepspeed={name} runs ZeRO stage 0 with bf16: DeepSpeed's optimizer for that pair checks "
+                "every gradient tensor for overflow on the host (a device sync per parameter tensor, every step); "
+                "zero1 keeps the same memory on one GPU and checks once per step")
+    return None
 
 
 def safe_checkpoint_engine(config_params: Any):

@@ -30,7 +30,7 @@ from dit import Export, save_export
 from launch import dist, runs
 from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config, gather_universal,
                            mfu, peak_flops, resolve_precision, resolve_switch, safe_checkpoint_engine,
-                           scatter_universal, skip_cpu_shm_kernel)
+                           scatter_universal, skip_cpu_shm_kernel, slow_engine_warning)
 from ldm import config as cfglib
 from ldm import flow
 from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
@@ -511,6 +511,9 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: runs.lr_factor(
         step, o.warmup_steps, o.schedule, cfg.steps, o.min_lr_ratio))
     ds_cfg = deepspeed_config(cfg.engine, cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip)
+    slow = slow_engine_warning(ds_cfg, cfg.engine.deepspeed)
+    if slow and dist.is_main():
+        log.warning(slow)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
                                            dist_init_required=False)
     engine.checkpoint_engine = safe_checkpoint_engine(engine._config)

@@ -114,6 +114,34 @@ def _losses_of(summary):
     return _losses(summary["output"])
 
 
+def test_train_never_synchronizes_the_device(latents, tmp_path, monkeypatch):
+    """No explicit device synchronize in a training run: DeepSpeed's throughput timer (which
+    synchronizes at every forward and step) is off unless a DeepSpeed JSON turns it on."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc, calls = get_accelerator(), []
+    real = acc.synchronize
+    monkeypatch.setattr(acc, "synchronize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train(_cfg(latents, tmp_path / "r", steps=5, save_every=10))
+    assert calls == []
+    own = tmp_path / "timed.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 2}, "timers": {"throughput": {"enabled": True}}}))
+    train(_cfg(latents, tmp_path / "t", steps=5, save_every=10, **{"engine.deepspeed": str(own)}))
+    assert len(calls) == 2 * (5 - 2)  # the user's timer: start and stop of every step after its first two
+
+
+def test_deepspeed_config_and_its_slow_settings():
+    from launch.engine import EngineConfig, deepspeed_config, slow_engine_warning
+
+    for stage, precision, slow in (("zero0", "bf16", True), ("zero0", "fp32", False), ("zero1", "bf16", False),
+                                   ("zero2", "bf16", False)):
+        ds = deepspeed_config(EngineConfig(deepspeed=stage, precision=precision), 4, 1, 1.0)
+        assert ds["timers"] == {"throughput": {"enabled": False}}
+        assert (slow_engine_warning(ds, stage) is not None) == slow
+    assert "a device sync per parameter tensor" in slow_engine_warning(
+        deepspeed_config(EngineConfig(deepspeed="zero0", precision="bf16"), 4, 1, 1.0), "zero0")
+
+
 def test_corrupt_checkpoint_falls_back(latents, tmp_path):
     train(_cfg(latents, tmp_path / "r", steps=4, save_every=2))
     newest = tmp_path / "r" / "checkpoints" / "step-00000004"
