@@ -8,7 +8,7 @@
 #   source .whl/device-setup.sh && bash benchmarks/gpu_session.sh     # on the GPU machine
 #   PARTS="dit torchrun extract" bash ...; PARTS="ae cudnn autotune" bash ...   # the same in two calls
 #   TOY=1 bash benchmarks/gpu_session.sh                                # the same steps at toy size on the CPU
-#   TRAIN_VARIANTS="engine.deepspeed=zero0;model.text_cond=true" ...   # + those `ldm train` runs (part "variants")
+#   TRAIN_VARIANTS="engine.deepspeed=zero1;model.text_cond=true" ...   # + those `ldm train` runs (part "variants")
 #
 # Parts (PARTS, in this order; default all): dit, torchrun, variants, extract, ae, cudnn, autotune.
 #
@@ -79,7 +79,7 @@ echo "torchrun exit code $? ; tracebacks: $(grep -c Traceback "$OUT/torchrun.log
 fi
 
 # optional: more `ldm train` variants on the same shards, e.g.
-#   TRAIN_VARIANTS="engine.deepspeed=zero0;engine.deepspeed=zero1;model.text_cond=true"   (about 100 s each)
+#   TRAIN_VARIANTS="engine.deepspeed=zero1;model.text_cond=true;data.num_workers=4"   (about 100 s each)
 IFS=';' read -ra VARIANTS <<< "${TRAIN_VARIANTS:-}"
 want variants || VARIANTS=()
 for i in "${!VARIANTS[@]}"; do
