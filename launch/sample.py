@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
     ae = ae.to(device=device, dtype=dtype).eval()
     if resolve_switch({"true": True, "false": False}.get(args.compile, args.compile), device, "--compile"):
         compile_blocks(model, mode=args.compile_mode)
-        compile_blocks(ae, mode=args.compile_mode)  # a diffusion decoder's transformer blocks (Hi-VAE); none elsewhere
+        compile_blocks(ae, mode=args.compile_mode)  # a diffusion decoder's blocks (Hi-VAE); none elsewhere
     video = export.video
     frames = args.num_frames or video.frames
     height, width = args.height or video.height, args.width or video.width

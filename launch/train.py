@@ -117,8 +117,8 @@ class TrainConfig:
 # the topology: the global batch they make is bound instead.
 HARMLESS = ("output", "log_every", "save_every", "keep_checkpoints", "max_nonfinite", "universal_checkpoints",
             "data.num_workers", "data.prefetch", "data.batch_size", "optim.grad_accum", "model.sequence_parallel",
-            "model.compile", "model.compile_mode", "engine.deepspeed", "engine.activation_checkpointing", "engine.peak_tflops",
-            "engine.precision", "profile")
+            "model.compile", "model.compile_mode", "engine.deepspeed", "engine.activation_checkpointing",
+            "engine.peak_tflops", "engine.precision", "profile")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
