@@ -119,9 +119,27 @@ def console(argv: list[str] | None = None) -> int:
     except UserError as e:
         if debug:
             raise
+        line = f"{_command([a for a in argv if a != '--debug'])}: error: {' '.join(str(e).split())}"
         if _first_rank_of_node():
-            print(f"{_command([a for a in argv if a != '--debug'])}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            print(line, file=sys.stderr)
+        else:
+            _let_the_first_rank_report(line)
         return 2
+
+
+ERROR_GRACE_S = 5.0  # how long a second or later rank waits for the node's first rank to print an error
+
+
+def _let_the_first_rank_report(line: str) -> None:
+    """On a second or later rank of a node: wait before exiting, so the first rank prints the error
+    (a bad flag or config fails on every rank) before a launcher that stops all ranks when one
+    exits (torchrun, deepspeed) stops it. Still running after the wait under torchrun means the
+    first rank did not fail: the error is this rank's own, so print it, with the rank."""
+    import time
+
+    time.sleep(ERROR_GRACE_S)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        print(f"{line} (rank {os.environ.get('RANK', '?')})", file=sys.stderr)
 
 
 def _command(argv: list[str]) -> str:

@@ -258,6 +258,28 @@ def test_under_torchrun_the_error_is_printed_once(run, tmp_path):
     assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
 
 
+def test_later_ranks_wait_for_the_first_and_report_their_own_errors(run, tmp_path, capsys, monkeypatch):
+    """A second rank of a node does not print a user error at once (the node's first rank does,
+    unless a launcher stops it first: the later rank waits ``ERROR_GRACE_S``); still alive after the
+    wait under torchrun, the error was its own and it prints it with its rank; without torchrun it
+    stays silent (every rank of e.g. srun runs on, the first rank prints)."""
+    from launch import cli
+
+    slept = []
+    monkeypatch.setattr("time.sleep", slept.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "3")
+    argv = _extract(run, tmp_path / "e", "--shard-size", "0")
+    capsys.readouterr()
+    assert console(argv) == 2
+    assert capsys.readouterr().err == "" and slept == [cli.ERROR_GRACE_S]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    assert console(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ldm extract: error: --shard-size must be >= 1") and err.endswith("(rank 3)")
+    assert not (tmp_path / "e").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # ldm sample: never overwrites, --append continues, index.json says how each video was made
 # --------------------------------------------------------------------------------------------
