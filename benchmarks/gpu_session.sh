@@ -58,8 +58,8 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 
 if want dit || want torchrun || want variants; then
 stamp "shards for ldm train: $CLIPS clips ${FRAMES}x${SIZE}x${SIZE} through $AE"
-$PY -m launch.cli data synth --output "$OUT/videos" --num $CLIPS --frames $FRAMES --size $SIZE --quiet 2>&1 | tail -2
-$PY -m launch.cli extract --autoencoder $AE --input "$OUT/videos" --output "$OUT/latents" --frames $FRAMES \
+timeout $(left 90) $PY -m launch.cli data synth --output "$OUT/videos" --num $CLIPS --frames $FRAMES --size $SIZE --quiet 2>&1 | tail -2
+timeout $(left 120) $PY -m launch.cli extract --autoencoder $AE --input "$OUT/videos" --output "$OUT/latents" --frames $FRAMES \
   --height $SIZE --width $SIZE --device $DEV --text-encoder builtin 2>&1 | grep -v Warning | tail -2
 fi
 
