@@ -45,7 +45,7 @@ log = logging.getLogger("ldm.train")
 @dataclass(frozen=True)
 class DataConfig:
     shards: str = ""  # an `ldm extract` output folder, or several comma-separated (same autoencoder)
-    batch_size: int = 8  # per rank, per micro-step (with buckets: for the most expensive shape)
+    batch_size: int = 8  # per rank, per micro-step (with buckets: for the cheapest shape)
     shuffle: int = 256
     num_workers: int = 0  # DataLoader worker processes reading shards (0: read in the prefetch thread)
     prefetch: int = 2  # micro-batches prepared ahead by a background thread (read, draws, pinned); 0 = inline
@@ -54,8 +54,8 @@ class DataConfig:
     split: str = "sample"  # "sample": every clip once per epoch across ranks; "shard": whole shards per rank
     buckets: bool = False  # batch by latent shape (mixed resolutions / lengths in one run)
     bucket_batch: dict[str, int] = field(default_factory=dict)  # per-bucket batch size, e.g. {"z=4x5x8x8": 8}
-    bucket_sizing: str = "compute"  # compute: batch_size for the costliest shape, more samples of cheaper ones
-    #                                 (equal DiT FLOPs per step; attention is quadratic); fixed: batch_size for all
+    bucket_sizing: str = "compute"  # compute: batch_size for the cheapest shape, fewer samples of costlier ones
+    #                                 (equal DiT FLOPs per step, no more tokens); fixed: batch_size for all
 
 
 @dataclass(frozen=True)
@@ -387,24 +387,35 @@ class Prefetcher:
 
 
 def bucket_batch_sizes(manifest: Manifest, dcfg: dit.DiTConfig, dcfg_data: DataConfig, model) -> dict[str, int]:
-    """Per-shape batch sizes for bucketed training. ``compute``: the costliest shape gets
-    ``batch_size`` and every other shape as many samples as fit the same DiT FLOPs per step (the
-    FLOP model counts attention, quadratic in tokens), so a step takes about the same time whatever
-    its bucket and long clips do not stall the ranks on short ones. Explicit ``bucket_batch``
-    entries win."""
+    """Per-shape batch sizes for bucketed training. ``compute``: every bucket's batch costs the
+    same DiT FLOPs, so ranks stepping on different shapes finish together and long clips do not
+    stall the others. ``batch_size`` is the batch of the cheapest shape: a longer shape costs more
+    per token (attention is quadratic in tokens), so its equal-cost batch has fewer tokens and
+    needs no more activation memory than the cheapest shape's batch, which is the one to size to
+    the GPU. A shape of which even one sample costs more than that batch gets 1 (warned: its
+    steps take longer and need more memory). ``fixed``: ``batch_size`` for every shape. Explicit
+    ``bucket_batch`` entries win."""
     sizes: dict[str, int] = {}
     if dcfg_data.bucket_sizing not in ("compute", "fixed"):
         raise ValueError(f"data.bucket_sizing must be compute or fixed, got {dcfg_data.bucket_sizing!r}")
     if dcfg_data.bucket_sizing == "compute":
         shapes = manifest.latent_shapes or (manifest.latent_spec["latent_shape"],)
-        flops = {}
+        cost: dict[str, tuple[int, int]] = {}  # key -> (tokens, forward FLOPs) of one sample
         for parts in shapes:
             key = ";".join(f"{k}={'x'.join(map(str, v))}" for k, v in sorted(parts.items()))
             n = model.num_tokens({k: tuple(v) for k, v in parts.items()})
-            flops[key] = dit_trunk_flops(dcfg.depth, dcfg.hidden, n, dcfg.mlp_ratio)
-        most = max(flops.values())
-        sizes = {k: max(1, int(dcfg_data.batch_size * most / f)) for k, f in flops.items()}
+            cost[key] = n, dit_trunk_flops(dcfg.depth, dcfg.hidden, n, dcfg.mlp_ratio)
+        n_min, f_min = min(cost.values(), key=lambda c: c[1])
+        budget = dcfg_data.batch_size * f_min  # the FLOPs of every step
+        for key, (n, f) in cost.items():
+            sizes[key] = max(1, int(budget / f))
+            if f > budget:
+                log.warning("bucket %s: one sample costs %.1fx the FLOPs of a step of the cheapest shape's batch "
+                            "(%d x %d tokens) and has %.1fx its tokens: its steps take longer and need more memory; "
+                            "raise data.batch_size or set data.bucket_batch", key, f / budget,
+                            dcfg_data.batch_size, n_min, n / (dcfg_data.batch_size * n_min))
     sizes.update(dcfg_data.bucket_batch)
+    log.info("batch size per shape bucket: %s", ", ".join(f"{k}: {b}" for k, b in sizes.items()))
     return sizes
 
 

@@ -318,6 +318,38 @@ def test_mixed_resolutions_train_in_buckets(latents, tmp_path):
     assert len(out["losses"]) == 6 and all(map(torch.isfinite, torch.tensor(out["losses"])))
 
 
+def test_bucket_batches_cost_the_same_and_hold_no_more_tokens_than_the_cheapest(caplog):
+    """``data.bucket_sizing: compute`` at dit-XL's width, shapes of 1k / 4k / 16k tokens:
+    ``batch_size`` samples of the cheapest shape, every other bucket within one sample of the same
+    FLOPs and with fewer tokens (attention makes a long clip cost more per token), so no bucket
+    needs more activation memory; a shape of which one sample exceeds the budget gets 1, warned."""
+    from types import SimpleNamespace
+
+    from launch.train import DataConfig, bucket_batch_sizes
+    from ldm.cost import dit_trunk_flops
+
+    dcfg = SimpleNamespace(depth=28, hidden=1152, mlp_ratio=4.0)
+    shapes = [{"z": [4, t, 64, 64]} for t in (1, 4, 16)]  # 1024 / 4096 / 16384 tokens at patch 2
+    manifest = SimpleNamespace(latent_shapes=shapes, latent_spec={"latent_shape": shapes[0]})
+    model = SimpleNamespace(num_tokens=lambda parts: parts["z"][1] * 32 * 32)
+    sizes = bucket_batch_sizes(manifest, dcfg, DataConfig(batch_size=64, buckets=True), model)
+    n = {f"z=4x{t}x64x64": t * 1024 for t in (1, 4, 16)}
+    assert sizes["z=4x1x64x64"] == 64
+    budget = 64 * dit_trunk_flops(28, 1152, 1024)
+    for key, b in sizes.items():
+        f = dit_trunk_flops(28, 1152, n[key])
+        assert budget - f < b * f <= budget  # the same FLOPs, within one sample
+        assert b * n[key] <= 64 * 1024  # no more tokens than the cheapest shape's batch
+    assert sizes == {"z=4x1x64x64": 64, "z=4x4x64x64": 11, "z=4x16x64x64": 1}  # 64k, 45k, 16k tokens
+    assert "one sample costs" not in caplog.text
+    fixed = bucket_batch_sizes(manifest, dcfg, DataConfig(batch_size=64, buckets=True, bucket_sizing="fixed"), model)
+    assert fixed == {}  # every bucket falls back to batch_size
+    over = bucket_batch_sizes(manifest, dcfg, DataConfig(batch_size=2, buckets=True,
+                                                          bucket_batch={"z=4x4x64x64": 3}), model)
+    assert over["z=4x16x64x64"] == 1 and over["z=4x4x64x64"] == 3  # explicit entries win
+    assert "bucket z=4x16x64x64: one sample costs" in caplog.text and "raise data.batch_size" in caplog.text
+
+
 def test_nonfinite_losses_drop_batches_then_stop(latents, tmp_path, monkeypatch):
     import launch.train as T
     real, calls = T.flow_step_loss, {"n": 0}
