@@ -23,7 +23,9 @@ from torch import Tensor, nn
 from dit.config import FIRST_FRAME, DiTConfig
 from dit.tokens import GRID, PartSpec, Tokens, count_tokens, detokenize, packing, part_specs, tokenize
 from ldm.latent import Cond, Latent
-from ldm.layers import FinalLayer, Rope3D, TimestepEmbedder, TokenLayout, TransformerBlock, set_attention_backend
+from ldm.cost import transformer_block_flops
+from ldm.layers import (FinalLayer, Rope3D, TimestepEmbedder, TokenLayout, TransformerBlock, group_ids,
+                        set_attention_backend)
 
 
 def sincos_embedding_3d(positions: Tensor, dim: int, base: float = 10000.0) -> Tensor:
@@ -50,6 +52,7 @@ class VideoDiT(nn.Module):
             raise ValueError("DiTConfig.parts is empty: build the DiT for a latent "
                              "(dit.registry.build(name, latent_parts=...))")
         self.config = config
+        self._trunk_flops: dict[tuple, int] = {}  # trunk_flops per sample shape
         D = config.hidden
         self.specs = part_specs(config.parts, config.patch, config.part_patch)
         self.first_frame_spec = (PartSpec(FIRST_FRAME, GRID, config.first_frame_channels, (1, *config.patch[1:]))
@@ -104,6 +107,25 @@ class VideoDiT(nn.Module):
     def num_tokens(self, parts: Mapping[str, tuple[int, ...]]) -> int:
         """Tokens per sample for per-sample part shapes (``LatentSpec.parts``), without I2V tokens."""
         return count_tokens(parts, self.specs)
+
+    def trunk_flops(self, parts: Mapping[str, tuple[int, ...]], context: int = 0) -> int:
+        """Forward FLOPs of ONE sample of per-sample part shapes ``parts`` through the blocks
+        (`ldm.cost.transformer_block_flops`; cross-attention to ``context`` tokens), each block's
+        attention over its own groups: the whole sequence (``full``: 4 N^2 d), or the sum over its
+        groups of 4 g^2 d -- frames (``spatial``), sites across the frames (``temporal``).
+        Embeddings and heads are left out; a training step is ~3x. Cached per shape."""
+        key = (tuple(sorted((k, tuple(v)) for k, v in parts.items())), context)
+        if key not in self._trunk_flops:
+            tokens = tokenize({k: torch.zeros(1, *v) for k, v in parts.items()}, self.specs)
+            n, d = tokens.positions.shape[-2], self.config.hidden
+            linear, attention = transformer_block_flops(n, d, self.config.mlp_ratio, context=context)
+            pairs = {"full": n * n}  # (query, key) pairs of one block's self-attention
+            for layout in {blk.layout for blk in self.blocks} - {"full"}:
+                ids = group_ids(tokens.positions[0], None, (0,) if layout == "spatial" else (1, 2))
+                pairs[layout] = int((torch.bincount(ids.flatten()) ** 2).sum())
+            self._trunk_flops[key] = sum(linear + attention + 4 * d * (pairs[blk.layout] - n * n)
+                                         for blk in self.blocks)
+        return self._trunk_flops[key]
 
     def set_attention_backend(self, backend: str) -> None:
         """Route all attention through ``backend`` (``ldm.attention.BACKENDS``)."""

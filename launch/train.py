@@ -34,7 +34,6 @@ from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, de
 from ldm import config as cfglib
 from ldm import flow
 from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
-from ldm.cost import dit_trunk_flops
 from ldm.errors import UserError, check_min, checking
 from ldm.latent import VARLEN_AXIS, Cond, Latent, normalize
 from ldm.layers import check_compile_mode, compile_blocks
@@ -234,9 +233,10 @@ def batch_cond(batch: dict, dcfg: dit.DiTConfig) -> Cond:
     return Cond(text=text, text_mask=text_mask, class_id=class_id)
 
 
-def batch_work(model, latent: Latent, dcfg, context: int) -> torch.Tensor:
-    """``(tokens, training FLOPs)`` of one batch through the DiT trunk, counted per sample at its
-    real size: a varlen sample at its own length, a bucket at its own shape (not the manifest's)."""
+def batch_work(model, latent: Latent, context: int) -> torch.Tensor:
+    """``(tokens, training FLOPs)`` of one batch through the DiT trunk (`VideoDiT.trunk_flops`: each
+    block's attention over its own groups), counted per sample at its real size: a varlen sample at
+    its own length, a bucket at its own shape (not the manifest's)."""
     lengths = _lengths(latent)
     tokens = flops = 0.0
     for i in range(latent.batch_size):
@@ -244,9 +244,9 @@ def batch_work(model, latent: Latent, dcfg, context: int) -> torch.Tensor:
         if lengths is not None:
             for s in shape.values():
                 s[VARLEN_AXIS - 1] = int(lengths[i])
-        n = model.num_tokens({k: tuple(s) for k, s in shape.items()})
-        tokens += n
-        flops += 3 * dit_trunk_flops(dcfg.depth, dcfg.hidden, n, dcfg.mlp_ratio, context)
+        parts = {k: tuple(s) for k, s in shape.items()}
+        tokens += model.num_tokens(parts)
+        flops += 3 * model.trunk_flops(parts, context)
     return torch.tensor([tokens, flops], dtype=torch.float64)
 
 
@@ -324,7 +324,7 @@ def prepare_step(batch: dict, cfg: TrainConfig, dcfg: dit.DiTConfig, latent_norm
         latent = sample_posterior(latent, gens)
     latent = normalize(latent, latent_norm)
     draws = flow_draws(latent, cfg.flow, gens)
-    return StepInputs(latent, batch_cond(batch, dcfg), draws, batch_work(model, latent, dcfg, context))
+    return StepInputs(latent, batch_cond(batch, dcfg), draws, batch_work(model, latent, context))
 
 
 def reader_start(workers: int, device: torch.device) -> str | None:
@@ -386,7 +386,7 @@ class Prefetcher:
             self.thread.join(timeout=5)
 
 
-def bucket_batch_sizes(manifest: Manifest, dcfg: dit.DiTConfig, dcfg_data: DataConfig, model) -> dict[str, int]:
+def bucket_batch_sizes(manifest: Manifest, dcfg_data: DataConfig, model) -> dict[str, int]:
     """Per-shape batch sizes for bucketed training. ``compute``: every bucket's batch costs the
     same DiT FLOPs, so ranks stepping on different shapes finish together and long clips do not
     stall the others. ``batch_size`` is the batch of the cheapest shape: a longer shape costs more
@@ -403,8 +403,8 @@ def bucket_batch_sizes(manifest: Manifest, dcfg: dit.DiTConfig, dcfg_data: DataC
         cost: dict[str, tuple[int, int]] = {}  # key -> (tokens, forward FLOPs) of one sample
         for parts in shapes:
             key = ";".join(f"{k}={'x'.join(map(str, v))}" for k, v in sorted(parts.items()))
-            n = model.num_tokens({k: tuple(v) for k, v in parts.items()})
-            cost[key] = n, dit_trunk_flops(dcfg.depth, dcfg.hidden, n, dcfg.mlp_ratio)
+            shape = {k: tuple(v) for k, v in parts.items()}
+            cost[key] = model.num_tokens(shape), model.trunk_flops(shape)
         n_min, f_min = min(cost.values(), key=lambda c: c[1])
         budget = dcfg_data.batch_size * f_min  # the FLOPs of every step
         for key, (n, f) in cost.items():
@@ -554,7 +554,7 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
                         shuffle=cfg.data.shuffle, epochs=None, split=cfg.data.split,
                         skip=(step * per_step + dropped * cfg.data.batch_size) * dp_world,
                         batch_size=cfg.data.batch_size,
-                        buckets=bucket_batch_sizes(manifest, dcfg, cfg.data, engine.module) if cfg.data.buckets else None,
+                        buckets=bucket_batch_sizes(manifest, cfg.data, engine.module) if cfg.data.buckets else None,
                         expect_shapes=parts if manifest.form != "varlen" and not cfg.data.buckets else None)
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, persistent_workers=workers > 0,

@@ -11,6 +11,26 @@ from ldm.samplers import guided_velocity
 from dits import GRID, HIVAE, VARLEN, random_parts, randomize, varlen_batch
 
 
+def test_trunk_flops_count_each_blocks_attention_groups():
+    """``VideoDiT.trunk_flops``: full attention is ``ldm.cost.dit_trunk_flops`` (4 N^2 d per block);
+    factorised blocks attend within frames (T groups of S tokens) and sites (S groups of T), and
+    over a content grid + token sets within whatever groups their positions make."""
+    from ldm.cost import dit_trunk_flops, transformer_block_flops
+
+    parts = {"z": (4, 6, 8, 10)}  # patch (1, 2, 2): T = 6 frames of S = 4 x 5 = 20 tokens
+    full = build("dit-debug", parts, patch=(1, 2, 2))
+    c = full.config
+    assert full.trunk_flops(parts) == dit_trunk_flops(c.depth, c.hidden, 120, c.mlp_ratio)
+    assert full.trunk_flops(parts, context=7) == dit_trunk_flops(c.depth, c.hidden, 120, c.mlp_ratio, 7)
+    fact = build("dit-debug", parts, patch=(1, 2, 2), attn_layout="factorized")
+    spatial = sum(transformer_block_flops(120, c.hidden, c.mlp_ratio, attn_group=20))
+    temporal = sum(transformer_block_flops(120, c.hidden, c.mlp_ratio, attn_group=6))
+    assert c.depth % 2 == 0 and fact.trunk_flops(parts) == c.depth // 2 * (spatial + temporal)
+    hivae = build("dit-debug", HIVAE, attn_layout="factorized")
+    n = hivae.num_tokens(HIVAE)
+    assert 0 < hivae.trunk_flops(HIVAE) < dit_trunk_flops(c.depth, c.hidden, n, c.mlp_ratio)
+
+
 # --- tokens ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("parts", [GRID, HIVAE])
 def test_tokens_round_trip(parts):

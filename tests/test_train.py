@@ -328,11 +328,11 @@ def test_bucket_batches_cost_the_same_and_hold_no_more_tokens_than_the_cheapest(
     from launch.train import DataConfig, bucket_batch_sizes
     from ldm.cost import dit_trunk_flops
 
-    dcfg = SimpleNamespace(depth=28, hidden=1152, mlp_ratio=4.0)
     shapes = [{"z": [4, t, 64, 64]} for t in (1, 4, 16)]  # 1024 / 4096 / 16384 tokens at patch 2
     manifest = SimpleNamespace(latent_shapes=shapes, latent_spec={"latent_shape": shapes[0]})
-    model = SimpleNamespace(num_tokens=lambda parts: parts["z"][1] * 32 * 32)
-    sizes = bucket_batch_sizes(manifest, dcfg, DataConfig(batch_size=64, buckets=True), model)
+    model = SimpleNamespace(num_tokens=lambda parts: parts["z"][1] * 32 * 32,  # full attention, as dit-XL
+                            trunk_flops=lambda parts: dit_trunk_flops(28, 1152, parts["z"][1] * 32 * 32))
+    sizes = bucket_batch_sizes(manifest, DataConfig(batch_size=64, buckets=True), model)
     n = {f"z=4x{t}x64x64": t * 1024 for t in (1, 4, 16)}
     assert sizes["z=4x1x64x64"] == 64
     budget = 64 * dit_trunk_flops(28, 1152, 1024)
@@ -342,9 +342,9 @@ def test_bucket_batches_cost_the_same_and_hold_no_more_tokens_than_the_cheapest(
         assert b * n[key] <= 64 * 1024  # no more tokens than the cheapest shape's batch
     assert sizes == {"z=4x1x64x64": 64, "z=4x4x64x64": 11, "z=4x16x64x64": 1}  # 64k, 45k, 16k tokens
     assert "one sample costs" not in caplog.text
-    fixed = bucket_batch_sizes(manifest, dcfg, DataConfig(batch_size=64, buckets=True, bucket_sizing="fixed"), model)
+    fixed = bucket_batch_sizes(manifest, DataConfig(batch_size=64, buckets=True, bucket_sizing="fixed"), model)
     assert fixed == {}  # every bucket falls back to batch_size
-    over = bucket_batch_sizes(manifest, dcfg, DataConfig(batch_size=2, buckets=True,
+    over = bucket_batch_sizes(manifest, DataConfig(batch_size=2, buckets=True,
                                                           bucket_batch={"z=4x4x64x64": 3}), model)
     assert over["z=4x16x64x64"] == 1 and over["z=4x4x64x64"] == 3  # explicit entries win
     assert "bucket z=4x16x64x64: one sample costs" in caplog.text and "raise data.batch_size" in caplog.text
@@ -437,12 +437,16 @@ def test_throughput_counts_each_varlen_sample_at_its_length():
 
     model = dit.build("dit-debug", {"z": (4, 5, 8, 8)}, patch=(1, 2, 2))
     items = [Latent({"z": torch.zeros(1, 4, n, 8, 8)}, "varlen", {}, {"length": torch.tensor([n])}) for n in (2, 5)]
-    tokens, flops = batch_work(model, Latent.collate(items), model.config, context=0).tolist()
+    tokens, flops = batch_work(model, Latent.collate(items), context=0).tolist()
     per_frame = 16  # (8 / 2) * (8 / 2) tokens
     assert tokens == (2 + 5) * per_frame  # not 2 x 5 padded frames
     cfg = model.config
     assert flops == pytest.approx(sum(3 * dit_trunk_flops(cfg.depth, cfg.hidden, n * per_frame, cfg.mlp_ratio)
                                       for n in (2, 5)))
+    # factorised spatial / temporal attention is counted over its own groups, not the whole sequence
+    fact = dit.build("dit-debug", {"z": (4, 5, 8, 8)}, patch=(1, 2, 2), attn_layout="factorized")
+    _, fflops = batch_work(fact, Latent.collate(items), context=0).tolist()
+    assert fflops == sum(3 * fact.trunk_flops({"z": (4, n, 8, 8)}) for n in (2, 5)) < flops
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
