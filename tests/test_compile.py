@@ -238,6 +238,22 @@ def test_text_conditioned_block_compiles_without_graph_breaks():
     assert backend.graphs == 1
 
 
+def test_caption_lengths_compile_once_more_not_per_length():
+    """Batches pad their captions to their longest, so the context length changes from batch to
+    batch: the shared block compiles its first length, then once with a dynamic length, and no
+    more for any other (training steps, forward and backward)."""
+    model = randomize(dit.build("dit-debug", GRID, text_dim=8, num_classes=4))
+    backend = CountingBackend()
+    compile_blocks(model, backend=backend)
+    graphs = []
+    for L in (3, 5, 9, 2, 12, 1, 4):
+        mask = torch.arange(L)[None] < torch.tensor([L, max(1, L - 1), 1])[:, None]
+        cond = Cond(text=torch.randn(3, L, 8), text_mask=mask, class_id=torch.tensor([0, 1, -1]))
+        model(random_parts(GRID, 3), torch.rand(3), cond)["z"].square().mean().backward()
+        graphs.append(backend.graphs)
+    assert graphs == [1] + [2] * 6
+
+
 def test_hivae_decoder_blocks_compile_whole():
     """``ldm sample --compile`` compiles a diffusion decoder's blocks too: Hi-VAE's spatial (with
     cross-attention to the motion tokens) and temporal blocks are one graph each, decoding as eager."""
