@@ -130,6 +130,52 @@ def test_train_never_synchronizes_the_device(latents, tmp_path, monkeypatch):
     assert len(calls) == 2 * (5 - 2)  # the user's timer: start and stop of every step after its first two
 
 
+def test_the_training_loop_reads_one_value_per_micro_batch(latents, tmp_path, monkeypatch):
+    """Between log steps our code reads exactly one value from the device per micro-batch (the
+    non-finite-loss guard: backward must not start on a bad loss); a value read on the host waits
+    for the GPU. Counted on the main thread (the prefetch thread works on host tensors), in steps
+    3-5 of a run that logs and saves only at its end; DeepSpeed's own reads are not ours to count."""
+    import threading
+    import traceback
+    from collections import Counter
+
+    from launch import runs
+
+    ours, active = Counter(), [False]
+    roots = ("/launch/", "/ldm/", "/dit/", "/data/", "/autoencoders/")
+
+    def caller() -> str | None:
+        for f in reversed(traceback.extract_stack()[:-2]):
+            if "site-packages" in f.filename:
+                return None  # a library's read (DeepSpeed's overflow and norm checks)
+            if any(r in f.filename for r in roots):
+                return f"{Path(f.filename).name}:{f.lineno}"
+        return None
+
+    for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy"):
+        def counting(*a, _real=getattr(torch.Tensor, name), **k):
+            if active[0] and threading.current_thread() is threading.main_thread():
+                where = caller()
+                if where:
+                    ours[where] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    real_step, steps = runs.StepProfiler.step, [0]
+
+    def step(self):
+        steps[0] += 1
+        active[0] = 2 <= steps[0] < 5  # from after step 2 to after step 5: steps 3, 4, 5
+        return real_step(self)
+
+    monkeypatch.setattr(runs.StepProfiler, "step", step)
+    for accum in (1, 2):
+        ours.clear()
+        steps[0] = 0
+        train(_cfg(latents, tmp_path / f"a{accum}", steps=6, log_every=100, save_every=100,
+                   **{"optim.grad_accum": accum}))
+        assert sum(ours.values()) == 3 * accum and len(ours) == 1, dict(ours)
+
+
 def test_deepspeed_config_and_its_slow_settings():
     from launch.engine import EngineConfig, deepspeed_config, slow_engine_warning
 
