@@ -36,7 +36,7 @@ from ldm import flow
 from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
 from ldm.errors import UserError, check_min, checking
 from ldm.latent import VARLEN_AXIS, Cond, Latent, normalize
-from ldm.layers import check_compile_mode, compile_blocks
+from ldm.layers import COMPILE_MODES, compile_blocks
 
 log = logging.getLogger("ldm.train")
 
@@ -444,7 +444,8 @@ def check_ranges(cfg: TrainConfig) -> None:
     choices = {"optim.schedule": (cfg.optim.schedule, ("constant", "cosine")),
                "flow.timesteps": (cfg.flow.timesteps, ("uniform", "logit_normal")),
                "data.split": (cfg.data.split, ("sample", "shard")),
-               "data.bucket_sizing": (cfg.data.bucket_sizing, ("compute", "fixed"))}
+               "data.bucket_sizing": (cfg.data.bucket_sizing, ("compute", "fixed")),
+               "model.compile_mode": (cfg.model.compile_mode, COMPILE_MODES)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
@@ -467,7 +468,6 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
         manifest = load_manifests(cfg.data.shards)
         make_dit_config(cfg.model, manifest)
         resolve_switch(cfg.model.compile, torch.device("cpu"), "model.compile")
-        check_compile_mode(cfg.model.compile_mode)
         precision = resolve_precision(cfg.engine.precision, dist.device_for(dist.dist_env()))
         deepspeed_config(cfglib.replace(cfg.engine, precision=precision), cfg.data.batch_size, cfg.optim.grad_accum,
                          cfg.optim.grad_clip)

@@ -408,11 +408,6 @@ RECOMPILE_LIMIT = 16
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
-def check_compile_mode(mode: str, key: str = "model.compile_mode") -> None:
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"{key} must be one of {COMPILE_MODES}, got {mode!r}")
-
-
 def compile_blocks(module: nn.Module, dynamic: bool | None = None, mode: str | None = None,
                    backend: str | Callable = "inductor") -> int:
     """Regional compilation: compile ``TransformerBlock.core`` once with ``torch.compile`` and let
@@ -428,7 +423,8 @@ def compile_blocks(module: nn.Module, dynamic: bool | None = None, mode: str | N
     (the first sizes, dynamic sizes, batch 1, one frame): dynamo's per-function recompile limit
     is raised to ``RECOMPILE_LIMIT`` (from its default 8) so a factorised trunk does not fall back
     to eager after its warm-up. ``mode``: one of `COMPILE_MODES` (None = ``"default"``)."""
-    check_compile_mode(mode or "default", "compile mode")
+    if (mode or "default") not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     mode = None if mode == "default" else mode
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     fn = torch.compile(TransformerBlock.core, dynamic=dynamic, mode=mode, backend=backend)

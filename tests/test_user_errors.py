@@ -164,7 +164,7 @@ TRAIN_ERRORS = [
     (["optim.schedule=linear"], "optim.schedule must be one of constant, cosine"),
     (["model.dit=dit-huge"], "unknown DiT 'dit-huge'"),
     (["engine.deepspeed=zero9"], "DeepSpeed config 'zero9' not found"),
-    (["model.compile_mode=max-autotune"], "model.compile_mode must be one of ('default', 'max-autotune-no-"),
+    (["model.compile_mode=max-autotune"], "model.compile_mode must be one of default, max-autotune-no-cudagraphs"),
     (["data.shards=nowhere"], "data.shards: nowhere not found"),
     (["steps"], "not of the form key.path=value"),
 ]
