@@ -24,7 +24,8 @@ def _platform(debug: bool) -> list[str]:
 def _clip_size(name: str) -> tuple[int, int, int]:
     family = name.split("-")[0]
     frames = {"mtcvae": 17, "cmvae": 8, "h3ae": 9}.get(family, 9)
-    side = 64 if "8x64x64" in name else 32
+    # full-size Hi-VAE patchifies its 8x-downsampled latent by 8: sides that are multiples of 64
+    side = 64 if "8x64x64" in name or (family == "hivae" and not name.endswith("-debug")) else 32
     return frames, side, side
 
 
