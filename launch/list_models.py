@@ -16,9 +16,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=256)
 
 
+NEAREST_FRAMES = 8  # how far from --frames a row looks for a clip length its autoencoder takes
+
+
+def describe_near(name: str, frames: int, height: int, width: int) -> dict:
+    """``autoencoders.describe`` at the reference size or, when the autoencoder does not take that
+    many frames (cmvae wants multiples of 4, causal models 1 + 4k), at the nearest count it takes
+    (the shorter one on a tie), with ``frames_note`` saying why; the error stays when none is near."""
+    d = autoencoders.describe(name, frames, height, width)
+    if "error" not in d:
+        return d
+    for step in range(1, NEAREST_FRAMES + 1):
+        for n in (frames - step, frames + step):
+            near = autoencoders.describe(name, n, height, width) if n >= 1 else {"error": ""}
+            if "error" not in near:
+                return {**near, "frames_note": f"{n}f: {d['error']}"}
+    return d
+
+
 def run(args: argparse.Namespace) -> int:
     check_min({"--frames": args.frames, "--height": args.height, "--width": args.width}, 1)
-    aes = [autoencoders.describe(n, args.frames, args.height, args.width) for n in sorted(autoencoders.REGISTRY)]
+    aes = [describe_near(n, args.frames, args.height, args.width) for n in sorted(autoencoders.REGISTRY)]
     if all("error" in d for d in aes):
         raise UserError(f"--frames {args.frames} --height {args.height} --width {args.width}: no registered "
                         f"autoencoder takes this size (e.g. {aes[0]['name']}: {aes[0]['error']})")
@@ -27,15 +45,21 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"autoencoders": aes, "dits": dits}, indent=2))
         return 0
     size = f"{args.frames}x{args.height}x{args.width}"
-    print(f"autoencoders (latent at {size}; diffusers:<Class> path=DIR loads pretrained ones)")
-    print(f"  {'name':28s} {'family':10s} {'latent':28s} {'factor':>8s} {'vcpr':>6s} {'tokens@1x2x2':>12s}")
+    print(f"autoencoders (latent at {size}; @Nf: at N frames, the nearest count it takes; "
+          f"diffusers:<Class> path=DIR loads pretrained ones)")
+    shapes = {d["name"]: ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in d.get("latent_shape", {}).items())
+              + (f" @{d['reference_input'][1]}f" if "frames_note" in d else "") for d in aes}
+    wide = max(28, *map(len, shapes.values()))
+    print(f"  {'name':28s} {'family':10s} {'latent':{wide}s} {'factor':>8s} {'vcpr':>6s} {'tokens@1x2x2':>12s}")
     for d in aes:
         if "error" in d:
             print(f"  {d['name']:28s} {d['family']:10s} {d['error']}")
             continue
-        shape = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in d["latent_shape"].items())
         vcpr = f"{d['vcpr']:.0f}" if d["vcpr"] else "-"
-        print(f"  {d['name']:28s} {d['family']:10s} {shape:28s} {d['compression_factor']:8.1f} {vcpr:>6s} {d['tokens']:12d}")
+        print(f"  {d['name']:28s} {d['family']:10s} {shapes[d['name']]:{wide}s} {d['compression_factor']:8.1f} "
+              f"{vcpr:>6s} {d['tokens']:12d}")
+    for note in dict.fromkeys(d["frames_note"] for d in aes if "frames_note" in d):  # once per distinct reason
+        print(f"  @{note}")
     print("dits")
     print(f"  {'name':16s} {'depth':>5s} {'width':>6s} {'heads':>5s}")
     for d in dits:

@@ -23,6 +23,24 @@ def test_list_json(capsys):
     assert {"dit-debug", "dit-standard"} <= {d["name"] for d in out["dits"]}
 
 
+def test_list_shows_each_autoencoder_at_a_length_it_takes(capsys, monkeypatch):
+    import launch.list_models as list_models
+
+    assert main(["list", "--json", "--height", "64", "--width", "64"]) == 0  # 17 frames: cmvae takes 16 or 20
+    rows = {d["name"]: d for d in json.loads(capsys.readouterr().out)["autoencoders"]}
+    assert rows["cmvae-z4-debug"]["reference_input"] == [3, 16, 64, 64]
+    assert rows["cmvae-z4-debug"]["frames_note"].startswith("16f: cmvae: needs")
+    assert rows["causal3d-f4x8c4-debug"]["reference_input"][1] == 17 and "frames_note" not in rows["causal3d-f4x8c4-debug"]
+    assert main(["list", "--height", "64", "--width", "64"]) == 0
+    text = capsys.readouterr().out
+    assert " z:4x4x8x8 @16f " in next(line for line in text.splitlines() if "cmvae-z4-debug" in line)
+    assert text.count("@16f: cmvae: needs") == 1  # one note per reason, not per row
+    monkeypatch.setattr(list_models, "NEAREST_FRAMES", 0)  # nothing near: the row keeps its error
+    assert main(["list", "--height", "64", "--width", "64"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "cmvae-z4-debug" in line)
+    assert "needs 1 frame (an image) or a multiple of 4 frames" in line and "@" not in line
+
+
 def test_deepspeed_launcher_flag_is_dropped(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--local_rank=1", "list", "--help"])
