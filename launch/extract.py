@@ -561,7 +561,6 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
             pending.append(clip)
             if len(pending) >= batch_size:
                 encode_pending()
-            bar.set_postfix(clips_per_s=f"{bar.format_dict['rate'] or 0:.2f}")
         if buf is not None:
             finish_shard()
         for f in written:
