@@ -162,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------
 def _entries(spec: str) -> list[dict[str, Any]]:
     """Each autoencoder: its label, registered name and/or checkpoint folder (``autoencoders.config_of``
-    says whether an item is either)."""
+    says whether an item is either). A folder's label is its own name, or its run's for a
+    ``train-ae`` RUN/final."""
     out = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
@@ -172,7 +173,9 @@ def _entries(spec: str) -> list[dict[str, Any]]:
             out.append({"label": item, "name": item, "checkpoint": None})
         else:
             name = read_json(Path(item) / "config.json").get("name")
-            out.append({"label": name or Path(item).resolve().parent.name, "name": name, "checkpoint": str(item)})
+            folder = Path(item).resolve()
+            label = folder.parent.name if folder.name == "final" else folder.name
+            out.append({"label": label, "name": name, "checkpoint": str(item)})
     labels = [e["label"] for e in out]
     if len(set(labels)) != len(labels):
         for i, e in enumerate(out):

@@ -57,6 +57,27 @@ def test_compare_rejects_sizes_and_names_before_running(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # checked before any folder
 
 
+def test_compare_saved_folders_on_plain_videos(tmp_path):
+    """User videos (no synth.json: no attribute benchmark, a few samples timed) and saved
+    autoencoder folders, labelled by folder (a train-ae RUN/final by its run)."""
+    import autoencoders
+    from data.synth import synth_dataset
+
+    synth_dataset(tmp_path / "videos", num=6, frames=9, height=32, width=32, fps=8, seed=0)
+    (tmp_path / "videos" / "synth.json").unlink()
+    ae = autoencoders.build("kl2d-f8c4-debug")
+    ae.save_pretrained(tmp_path / "mine")
+    ae.save_pretrained(tmp_path / "run7" / "final", name="kl2d-f8c4-debug")
+    out = tmp_path / "cmp"
+    ldm(["compare", "--autoencoders", f"{tmp_path / 'mine'},{tmp_path / 'run7' / 'final'}", "--input",
+         str(tmp_path / "videos"), "--output", str(out), *SMALL[SMALL.index("--frames"):]])
+    mine, run7 = _report(out)["rows"]
+    assert (mine["autoencoder"], run7["autoencoder"]) == ("mine", "run7")
+    assert not mine["random_weights"] and mine["checkpoint"] == str(tmp_path / "mine")
+    assert "attributes" not in mine and mine["sample_s_per_video"] > 0 and mine["recon"]["clips"] == 2
+    assert (out / "mine" / "latents" / "manifest.json").is_file() and (out / "run7" / "dit").is_dir()
+
+
 @pytest.mark.slow
 def test_compare_two_autoencoders_trained_first_with_fvd_and_lpips(tmp_path):
     """The full flagship path: two families, each autoencoder trained briefly, rFVD / FVD from a
