@@ -188,6 +188,32 @@ def test_deepspeed_config_and_its_slow_settings():
         deepspeed_config(EngineConfig(deepspeed="zero0", precision="bf16"), 4, 1, 1.0), "zero0")
 
 
+def test_deepspeed_settings_from_accelerates_environment(monkeypatch, tmp_path):
+    """`accelerate launch` passes its DeepSpeed plugin in the environment: a config file, or a ZeRO
+    stage with offload devices; its mixed precision must agree with engine.precision."""
+    from launch.engine import EngineConfig, deepspeed_config
+
+    cfg = EngineConfig(deepspeed="accelerate", precision="bf16")
+    with pytest.raises(ValueError, match="needs `accelerate launch`"):
+        deepspeed_config(cfg, 4, 1, 1.0)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    ds = deepspeed_config(cfg, 4, 2, 1.0)
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert ds["bf16"]["enabled"] and ds["gradient_accumulation_steps"] == 2
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="mixed precision 'fp16'"):
+        deepspeed_config(cfg, 4, 1, 1.0)
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_batch_size": "auto"}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    ds = deepspeed_config(cfg, 4, 1, 1.0)  # the file wins over the stage variables; "auto" keys are ours
+    assert ds["zero_optimization"] == {"stage": 1} and ds["train_micro_batch_size_per_gpu"] == 4
+
+
 def test_corrupt_checkpoint_falls_back(latents, tmp_path):
     train(_cfg(latents, tmp_path / "r", steps=4, save_every=2))
     newest = tmp_path / "r" / "checkpoints" / "step-00000004"
