@@ -281,7 +281,7 @@ def test_two_ranks_zero(latents, tmp_path, stage):
 
 
 @pytest.mark.dist
-def test_deepspeed_and_accelerate_launchers_match_torchrun(latents, tmp_path):
+def test_deepspeed_accelerate_and_srun_launchers_match_torchrun(latents, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     args = ["train", "--config", str(YAML), f"data.shards={latents}", "data.batch_size=2", "steps=3", "save_every=3",
             "log_every=1"]
@@ -300,8 +300,19 @@ def test_deepspeed_and_accelerate_launchers_match_torchrun(latents, tmp_path):
                            timeout=300)
         assert r.returncode == 0, (name, r.stderr[-3000:])
         losses[name] = _losses(tmp_path / name)
+    # `srun --ntasks 2` without torchrun: each task has only SLURM's variables (ranks, the launch
+    # node's address); the port is the user's MASTER_PORT
+    slurm = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    slurm.update(SLURM_NTASKS="2", SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    tasks = [subprocess.Popen([sys.executable, "-m", "launch.cli", *args, f"output={tmp_path / 'srun'}"],
+                              env={**slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for task in tasks:
+        _, err = task.communicate(timeout=300)
+        assert task.returncode == 0, ("srun", err[-3000:])
+    losses["srun"] = _losses(tmp_path / "srun")
     assert len(losses["torchrun"]) == 3
-    assert losses["deepspeed"] == pytest.approx(losses["torchrun"]) == losses["accelerate"]
+    assert losses["deepspeed"] == pytest.approx(losses["torchrun"]) == losses["accelerate"] == losses["srun"]
 
 
 def test_activation_checkpointing_and_accumulation_and_bf16(latents, tmp_path):
