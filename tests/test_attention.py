@@ -1,4 +1,5 @@
 import pytest
+import standin_kernels
 import torch
 
 from ldm.attention import (AttentionBackendError, attention, available_backends, check_backend,
@@ -190,3 +191,50 @@ def test_auto_policy_keeps_plain_calls_on_sdpa_unless_flash_attention_3():
     assert choice(fa3, grouped=True, masked=True) == choice(fa3, grouped=False, half=False) == "sdpa"
     assert choice(fa3 | xf, grouped=True, cuda=False) == "sdpa" and choice(fa3, False, head_dim=512) == "sdpa"
     assert choice(fa2 | xf, grouped=True, half=False) == "xformers"
+
+
+# flash-attn and xformers call paths on the CPU, through stand-ins (tests/standin_kernels.py)
+@pytest.fixture
+def stand_in_kernels(monkeypatch):
+    return standin_kernels.install(monkeypatch)
+
+
+@pytest.mark.parametrize("backend", ["flash", "xformers"])
+@pytest.mark.parametrize("case", list(_cases()))
+def test_flash_and_xformers_call_paths_equal_sdpa(stand_in_kernels, backend, case):
+    kw = _cases()[case]
+    q, k, v = _qkv(seed=7)
+    if backend == "flash" and "mask" in kw:
+        with pytest.raises(AttentionBackendError, match="masks"):
+            attention(q, k, v, backend=backend, **kw)
+        return
+    torch.testing.assert_close(attention(q, k, v, backend=backend, **kw), attention(q, k, v, backend="math", **kw),
+                               atol=1e-5, rtol=1e-5)
+    if backend == "flash":
+        assert stand_in_kernels == ["varlen" if "seq_ids" in kw else "func"]
+
+
+@pytest.mark.parametrize("backend", ["flash", "xformers"])
+def test_flash_and_xformers_varlen_and_cross_paths_equal_sdpa(stand_in_kernels, backend):
+    q, k, v = (x[:1] for x in _qkv(seed=8))
+    cu = cu_seqlens_from_lengths(torch.tensor([4, 2, 3]))  # 9 of 11 tokens: the last two get zeros
+    out = attention(q, k, v, backend=backend, cu_seqlens=cu)
+    torch.testing.assert_close(out, attention(q, k, v, backend="math", cu_seqlens=cu), atol=1e-5, rtol=1e-5)
+    assert torch.all(out[..., 9:, :] == 0)
+    q, k, v = _qkv(N, M, seed=9)
+    for kw in (dict(seq_ids=IDS, kv_seq_ids=KV_IDS), dict(kv_seq_ids=KV_IDS)):
+        torch.testing.assert_close(attention(q, k, v, backend=backend, **kw),
+                                   attention(q, k, v, backend="math", **kw), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["flash", "xformers"])
+def test_flash_and_xformers_call_paths_carry_gradients(stand_in_kernels, backend):
+    """Training through the packed paths: gradients reach q, k, v as through SDPA (zeros for padding)."""
+    grads = {}
+    for name in (backend, "math"):
+        q, k, v = (x.requires_grad_() for x in _qkv(seed=10))
+        attention(q, k, v, backend=name, seq_ids=IDS, causal=True).square().sum().backward()
+        grads[name] = (q.grad, k.grad, v.grad)
+    for g, ref in zip(grads[backend], grads["math"]):
+        torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-5)
+    assert torch.all(grads[backend][0][0, :, 9:] == 0)  # padding tokens (id -1)

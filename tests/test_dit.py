@@ -265,8 +265,11 @@ def test_save_load_round_trip(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("backend", ["flex", "math"])
-def test_attention_backends_agree_inside_the_model(backend):
+@pytest.mark.parametrize("backend", ["flex", "math", "flash", "xformers"])
+def test_attention_backends_agree_inside_the_model(backend, monkeypatch):
+    import standin_kernels
+
+    standin_kernels.install(monkeypatch)  # flash / xformers: their call paths, computed with SDPA
     model = randomize(build("dit-debug", VARLEN, patch=(2, 2, 2), attn_layout="factorized", text_dim=8))
     lat, _ = varlen_batch()
     t, cond = torch.rand(3), Cond(text=torch.randn(3, 4, 8), text_mask=torch.tensor([[1, 0, 0, 0]] * 3).bool())
