@@ -188,6 +188,34 @@ def test_deepspeed_config_and_its_slow_settings():
         deepspeed_config(EngineConfig(deepspeed="zero0", precision="bf16"), 4, 1, 1.0), "zero0")
 
 
+@pytest.mark.parametrize("depth", [0, 2])
+def test_prefetcher_keeps_order_and_raises_errors_at_their_item(depth):
+    """The training loop's reader thread: items in order, made ``depth`` ahead (inline at 0); an error
+    while making item i (a corrupt shard, a bad caption) is raised by the i-th ``next``, not lost
+    in the thread and not a hang; ``close`` stops the thread."""
+    from launch.train import Prefetcher
+
+    def make(i):
+        if i == 3:
+            raise ValueError("bad sample 3")
+        return i * 10
+
+    made = []
+    source = (made.append(i) or i for i in range(100))
+    inputs = Prefetcher(source, make, depth, pin=False)
+    assert [next(inputs) for _ in range(3)] == [0, 10, 20]
+    with pytest.raises(ValueError, match="bad sample 3"):
+        next(inputs)
+    inputs.close()
+    assert len(made) <= 4 + depth  # reads at most `depth` ahead, and stops at the error
+    if depth:
+        assert not inputs.thread.is_alive()
+        slow = Prefetcher(iter(range(10 ** 6)), lambda i: i, depth, pin=False)
+        assert next(slow) == 0
+        slow.close()  # a full queue does not keep the thread alive
+        assert not slow.thread.is_alive()
+
+
 def test_deepspeed_settings_from_accelerates_environment(monkeypatch, tmp_path):
     """`accelerate launch` passes its DeepSpeed plugin in the environment: a config file, or a ZeRO
     stage with offload devices; its mixed precision must agree with engine.precision."""
