@@ -125,6 +125,20 @@ def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     return frame.clamp(0, 255) / 127.5 - 1.0
 
 
+def check_request(model, ae: Autoencoder, spec, latent_frames: int | None = None, image: bool = False) -> None:
+    """A ``ValueError`` when a latent length or a first frame is asked of a DiT and autoencoder
+    that cannot take it (``spec``: the autoencoder's latent spec at the sampled size)."""
+    if latent_frames is not None and spec.form != "varlen":
+        raise ValueError(f"a latent length (--latent-frames, latent_frames) applies to variable-length latents "
+                         f"only (MTC-VAE); this autoencoder's are {spec.form!r}")
+    if image and (not ae.content_encoding or "content" not in spec.parts):
+        raise ValueError(f"--image needs an autoencoder with a content (first-frame) latent, such as Hi-VAE; "
+                         f"{ae.family} has latent parts {sorted(spec.parts)}")
+    if image and "content" not in model.config.parts:
+        raise ValueError(f"--image: this generator does not model a content part (its parts: "
+                         f"{sorted(model.config.parts)})")
+
+
 def content_condition(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list[float]]], image: torch.Tensor,
                       batch: int, frames: int, height: int, width: int) -> torch.Tensor:
     """The generator-space content latent of a first frame ``(3, H, W)`` for ``batch`` samples,
@@ -132,12 +146,7 @@ def content_condition(model, ae: Autoencoder, latent_norm: dict[str, dict[str, l
     ``latent_norm`` (``Export.latent_norm``).
     A clear error when the autoencoder or the generator has no content part."""
     spec = ae.latent_spec(frames, height, width)
-    if not ae.content_encoding or "content" not in spec.parts:
-        raise ValueError(f"--image needs an autoencoder with a content (first-frame) latent, such as Hi-VAE; "
-                         f"{ae.family} has latent parts {sorted(spec.parts)}")
-    if "content" not in model.config.parts:
-        raise ValueError(f"--image: this generator does not model a content part (its parts: "
-                         f"{sorted(model.config.parts)})")
+    check_request(model, ae, spec, image=True)
     if image.shape != (3, height, width):
         raise ValueError(f"--image: the frame must be (3, {height}, {width}), got {tuple(image.shape)}")
     device = next(model.parameters()).device
@@ -171,13 +180,12 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
     if cond.text is None and cond.class_id is None:
         raise ValueError("this DiT takes neither the given prompts nor class ids "
                          f"(text_dim={dcfg.text_dim}, num_classes={dcfg.num_classes})")
+    check_request(model, ae, spec, latent_frames)
     shapes, aux = dict(spec.parts), {}
     if spec.form == "varlen":
         t = latent_frames or shapes["z"][1]
         shapes["z"] = (shapes["z"][0], t, *shapes["z"][2:])
         aux = {"length": torch.full((n,), t, device=device)}
-    elif latent_frames is not None:
-        raise ValueError(f"latent_frames applies to variable-length latents; this autoencoder's are {spec.form!r}")
     x = Latent(samplers.initial_noise(shapes, n, seed=sampling.seed + seed_offset, device=device), spec.form, aux=aux)
     velocity = model
     if image is not None:
@@ -357,6 +365,10 @@ def run(args: argparse.Namespace) -> int:
             image = load_image(args.image, height, width)
         except OSError as e:  # PIL.UnidentifiedImageError and unreadable files
             raise UserError(f"--image {args.image}: not an image Pillow can read ({e})") from None
+    with checking(f"--num-frames {frames} --height {height} --width {width}"):
+        spec = ae.latent_spec(frames, height, width)
+    with checking():
+        check_request(model, ae, spec, args.latent_frames, image=bool(args.image))
     text_encoder = None
     if prompts:
         from ldm.text import build_text_encoder

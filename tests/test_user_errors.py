@@ -139,6 +139,9 @@ SAMPLE_ERRORS = [
     (["--class", "1", "--height", "20"], "--height 20 --width 32: kl2d: height and width must be positive multiples"),
     (["--class", "1", "--image", "nope.png"], "--image nope.png not found"),
     (["--class", "1", "--ae-checkpoint", "nowhere"], "not found"),
+    (["--class", "1", "--guidance", "-1"], "--guidance and --chunk-frames must be >= 0"),
+    (["--class", "1", "--rate", "0.5"], "--rate needs a variable-rate autoencoder (MTC-VAE), not kl2d-f8c4-debug"),
+    (["--class", "1", "--latent-frames", "3"], "applies to variable-length latents only"),  # was a traceback
 ]
 
 
@@ -147,6 +150,27 @@ def test_sample_errors_are_one_line_before_any_folder(run, tmp_path, capsys, fla
     _one_line_error(["sample", "--checkpoint", str(run / "dit"), "--output", str(tmp_path / "s"), *flags], capsys,
                     match)
     assert not (tmp_path / "s").exists()
+
+
+def test_sample_input_and_output_mistakes_are_one_line(run, tmp_path, capsys):
+    from PIL import Image
+
+    argv = ["sample", "--checkpoint", str(run / "dit"), "--class", "1", "--output"]
+    (tmp_path / "text.png").write_text("not an image")
+    _one_line_error(argv + [str(tmp_path / "s"), "--image", str(tmp_path / "text.png")], capsys,
+                    "not an image Pillow can read")
+    Image.new("RGB", (32, 32)).save(tmp_path / "frame.png")  # a real frame, but kl2d has no content latent
+    _one_line_error(argv + [str(tmp_path / "s"), "--image", str(tmp_path / "frame.png")], capsys,
+                    "--image needs an autoencoder with a content (first-frame) latent")  # was a traceback
+    assert not (tmp_path / "s").exists()
+    (tmp_path / "file").write_text("x")
+    _one_line_error(argv + [str(tmp_path / "file")], capsys, "is a file; give a folder")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "index.json").write_text("{oops")
+    _one_line_error(argv + [str(tmp_path / "bad"), "--append"], capsys, "index.json is not valid JSON")
+    (tmp_path / "young" / "checkpoints").mkdir(parents=True)  # a run before its first checkpoint
+    _one_line_error(["sample", "--checkpoint", str(tmp_path / "young"), "--class", "1", "--output",
+                     str(tmp_path / "s")], capsys, "has no export/ yet")
 
 
 def _train(run, out, *over):
