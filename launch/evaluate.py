@@ -305,7 +305,10 @@ def vbench_info_path(path: str | None) -> Path:
     if spec is None or spec.origin is None:
         raise FileNotFoundError("no --vbench-info given and vbench is not installed here: pass VBench's "
                                 "VBench_full_info.json (from its repository or its environment)")
-    return Path(spec.origin).parent / "VBench_full_info.json"
+    found = Path(spec.origin).parent / "VBench_full_info.json"
+    if not found.is_file():
+        raise FileNotFoundError(f"the installed vbench has no {found.name} ({found.parent}); pass --vbench-info")
+    return found
 
 
 def vbench_prompts(info: Path, dimensions: Sequence[str] | None = None) -> list[dict[str, Any]]:

@@ -315,3 +315,22 @@ def test_vbench_bridge(run_dir, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / "vbench_videos.json").read_text())["sampling"]["steps"] == 3
     assert sorted(p.name for p in (tmp_path / "out" / "vbench_videos").iterdir()) == \
         ["a red circle moving left-0.mp4", "a red circle moving left-1.mp4"]
+
+
+def test_vbench_info_is_found_or_named(tmp_path, monkeypatch):
+    """``--vbench-info`` given, else the file inside an installed ``vbench``; each miss says what to pass."""
+    with pytest.raises(FileNotFoundError, match="VBench prompt info not found"):
+        ev.vbench_info_path(str(tmp_path / "none.json"))
+    pkg = tmp_path / "site" / "vbench"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "vbench", raising=False)
+    with pytest.raises(FileNotFoundError, match="the installed vbench has no VBench_full_info.json"):
+        ev.vbench_info_path(None)
+    (pkg / "VBench_full_info.json").write_text("[]")
+    assert ev.vbench_info_path(None) == pkg / "VBench_full_info.json"
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path / "site")])
+    monkeypatch.delitem(sys.modules, "vbench", raising=False)
+    with pytest.raises(FileNotFoundError, match="vbench is not installed here"):
+        ev.vbench_info_path(None)
