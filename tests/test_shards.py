@@ -105,10 +105,24 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     members["../evil/000000004.json"] = b"{}"
     members["000000005.latent.safetensors"] = b"garbage!" * 4
     members["000000005.json"] = b'{"index": 5}'
+    other = shards.encode_sample(Latent({"y": torch.zeros(1, 2, 1, 2, 2)}), {"index": 6})  # not the expected part
+    members.update({f"000000006.{k}": v for k, v in other.items()})
+    members.update({f"000000007.{k}": v for k, v in good.items()})
+    members["000000007.text.safetensors"] = b"\x10" + b"\x00" * 7 + b"{broken"  # a corrupt caption embedding
+    members.update({f"000000008.{k}": v for k, v in good.items()})
+    members["000000008.json"] = b'{"index": 8'  # truncated JSON
     _tar_with(members, tmp_path / "shard-000000.tar")
     ds = shards.LatentShards(str(tmp_path), expect_shapes={"z": (2, 1, 2, 2)})
     assert _indices(ds) == [0]
-    assert ds.skipped["bad_sample"] == 5
+    assert ds.skipped["bad_sample"] == 8
+    reasons = []
+    for key in ("000000006", "000000007", "000000008"):
+        with pytest.raises(shards.SampleError) as e:
+            shards.decode_sample({"__key__": key, **{m[len(key) + 1:]: v for m, v in members.items()
+                                                     if m.startswith(key + ".")}}, {"z": (2, 1, 2, 2)})
+        reasons.append(str(e.value))
+    assert "missing part 'z'" in reasons[0] and "unreadable text embedding" in reasons[1]
+    assert "unreadable member (JSONDecodeError" in reasons[2]
 
 
 def test_clip_keys_of_several_windows_read_back_in_clip_order(tmp_path):
