@@ -369,3 +369,28 @@ def test_rotate_tag_is_applied(tmp_path):
     assert_upright(read_video(path, 4, 48, 32))
     _write_stored(tmp_path / "plain.mkv", np.ascontiguousarray(portrait()), "matroska")
     assert_upright(read_video(tmp_path / "plain.mkv", 4, 48, 32))   # no metadata: unchanged
+
+
+@pytest.mark.parametrize("suffix, codec", [(".mkv", "libx264"), (".webm", "libvpx-vp9"), (".webm", "libvpx")])
+def test_containers_without_a_frame_count_are_counted_and_read(tmp_path, suffix, codec):
+    """Matroska / WebM headers carry no frame count (``stream.frames == 0``): ``probe`` counts the
+    packets, and the frames, windows and rate come out as from an MP4 of the same frames."""
+    path = tmp_path / f"clip{suffix}"
+    try:
+        with av.open(str(path), "w") as out:
+            stream = out.add_stream(codec, rate=12)
+            stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+            for frame in indexed_frames(24):
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            out.mux(stream.encode())
+    except (av.error.FFmpegError, ValueError) as e:  # an encoder this PyAV build lacks
+        pytest.skip(f"{codec}: {e}")
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].frames == 0  # the case under test
+    info = probe(str(path))
+    assert (info["frames"], info["fps"], info["width"], info["height"]) == (24, 12.0, 48, 32)
+    assert frame_indices(read_video(str(path), 24, 32, 48)) == list(range(24))
+    first, late = read_clips(str(path), 6, 32, 48, 6, [0, 6])  # 6 fps: every other frame
+    assert frame_indices(first) == [0, 2, 4, 6, 8, 10] and frame_indices(late) == [12, 14, 16, 18, 20, 22]
+    with pytest.raises(VideoError, match="too short"):
+        read_video(str(path), 25, 32, 48)
