@@ -73,7 +73,8 @@ def run_verb(verb: str, cfg: Any, log: Path, ranks: int = 1, in_process: bool = 
         start = f.tell()
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        code = subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        # the caller's working folder: relative paths in the config mean what they meant to the user
+        code = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
         tail = log.read_bytes()[start:].decode(errors="replace")[-4000:]
         raise RuntimeError(f"`ldm {verb}` on {ranks} rank(s) failed (exit {code}); log {log}:\n{tail}")

@@ -2,6 +2,7 @@
 training) and writes a complete, sane report; config and output-folder errors are clear."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -22,8 +23,9 @@ def _check_accuracy(acc, n=None):
 
 
 @pytest.mark.dist
-def test_quick_demo_writes_a_complete_report(tmp_path):
-    out = tmp_path / "demo"
+def test_quick_demo_writes_a_complete_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --output, from outside the checkout (the stages' processes
+    out = Path("demo")           # ran in the checkout and did not find their configs)
     assert ldm(["demo", "--quick", "--output", str(out)]) == 0
     for name in ("report.md", "report.html", "report.json", "dit_loss.png", "ae_loss.png", "ae_reconstructions.png"):
         assert (out / name).stat().st_size > 0, name
