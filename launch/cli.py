@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank=")) and a != "--debug"]
     verb = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(verb).parse_args(argv)
+    if getattr(args, "config", None) is not None:  # train, train-ae, extract, demo: a path or a built-in name
+        from launch.configs import config_path
+        args.config = config_path(args.config)
     return int(args._run(args) or 0)
 
 

@@ -44,6 +44,7 @@ import torch
 from data.attributes import read_attributes
 from data.synth import CARDINAL, COLORS, SHAPES, caption, class_id, parse_combo, synth_dataset
 from autoencoders import build
+from launch.configs import CONFIG_DIR
 from launch.extract import ExtractConfig
 from launch.extract import check_config as check_extract
 from launch.pipeline import run_verb
@@ -53,7 +54,6 @@ from ldm import config as cfglib
 from ldm.errors import UserError, check_min, checking
 from ldm.samplers import SamplingConfig
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 MARKER = ".ldm-demo"  # marks a folder written by `ldm demo` (so a rerun with --overwrite may clear it)
 ATTRS = ("color", "direction", "shape")
 
@@ -147,7 +147,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> DemoConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="report folder (report.md/.html/.json, videos, work/)")
     p.add_argument("--quick", action="store_true", help="tiny numbers: the same pipeline in well under 2 minutes")
-    p.add_argument("--config", help="demo YAML (default: launch/configs/demo.yaml, demo-quick.yaml with --quick)")
+    p.add_argument("--config",
+                   help="demo YAML (default: launch/configs/demo.yaml, demo-quick.yaml with --quick)")
     p.add_argument("--overwrite", action="store_true",
                    help="clear an earlier demo's --output folder (its checkpoints and report) and run again")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dit.steps=2000 sample.guidance=6")

@@ -13,7 +13,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+from launch.configs import CONFIG_DIR
+
 # keys the trainer owns (set from the YAML config); a DeepSpeed JSON that sets them is an error
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
               "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")

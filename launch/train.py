@@ -121,7 +121,8 @@ HARMLESS = ("output", "log_every", "save_every", "keep_checkpoints", "max_nonfin
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="training YAML (see launch/configs/train-debug.yaml)")
+    p.add_argument("--config", required=True,
+                   help="training YAML, or a built-in one by name (train-debug, hivae-generator)")
     p.add_argument(runs.ALLOW_FLAG, dest="allow_change", action="append", metavar="KEY[,KEY]", help=runs.ALLOW_HELP)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=4 engine.deepspeed=zero3")
     p.add_argument("--print-config", action="store_true",

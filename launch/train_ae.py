@@ -816,7 +816,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         config_flag(parser, TrainAEConfig, *names, **kw)
 
     parser.add_argument("--config",
-                        help="train-ae YAML (TrainAEConfig keys; the papers' recipes: launch/configs/recipes/)")
+                        help="train-ae YAML (TrainAEConfig keys), or a recipe by name (hivae-stage1; "
+                             "launch/configs/recipes/)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved settings (YAML) and exit; reads and writes nothing")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

@@ -67,3 +67,22 @@ def test_help_shows_defaults(capsys):
     assert "frames per clip (default 16)" in text and "--seed SEED dataset seed (default 0)" in text
     assert "--layout {folder,shards} folder: videos/*.mp4 + metadata.jsonl; shards: raw WebDataset video shards " \
            "(default: folder)" in text
+
+
+def test_config_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    """``--config NAME`` finds a built-in YAML (configs/ or configs/recipes/) when no such file is
+    here; a file of that name here wins; anything else is one line listing the names."""
+    from launch.configs import CONFIG_DIR, builtin_names, config_path
+
+    monkeypatch.chdir(tmp_path)
+    assert config_path("train-debug") == str(CONFIG_DIR / "train-debug.yaml")
+    assert config_path("hivae-stage1.yaml") == str(CONFIG_DIR / "recipes" / "hivae-stage1.yaml")
+    (tmp_path / "train-debug.yaml").write_text("steps: 3\n")
+    assert config_path("train-debug.yaml") == "train-debug.yaml"
+    assert {"train-debug", "hivae-stage1", "demo-quick"} <= set(builtin_names()) and "accelerate-zero2" not in builtin_names()
+    assert main(["train", "--config", "hivae-generator", "--print-config"]) == 0
+    assert "model:" in capsys.readouterr().out
+    assert console(["train", "--config", "nope", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ldm train: error: config file nope not found; give a YAML path or a built-in config: ")
+    assert "train-debug" in err and "\n" not in err
