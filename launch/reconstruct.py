@@ -24,7 +24,7 @@ import torch
 
 from autoencoders import LOADERS, REGISTRY, Autoencoder, resolve
 from autoencoders.tiling import configure_inference
-from data.video import GIF_SUFFIXES, MP4_SUFFIXES, VideoError, probe, read_video, write_video
+from data.video import GIF_SUFFIXES, MP4_SUFFIXES, VideoError, output_frames, probe, read_video, write_video
 from launch import dist
 from ldm.errors import UserError, checking
 from ldm.latent import Cond
@@ -71,6 +71,22 @@ def caption_cond(ae: Autoencoder, name: str, prompt: str | None, text_encoder: s
     return Cond(text=emb.to(device), text_mask=mask.to(device))
 
 
+DEFAULT_FRAMES = 17
+
+
+def default_frames(ae: Autoencoder, available: int, height: int, width: int) -> int:
+    """``DEFAULT_FRAMES``, or for a video with fewer frames (``available``) the longest clip it holds
+    that the autoencoder takes (a causal 4x model: 1 + 4k frames); ValueError when none."""
+    for n in range(min(DEFAULT_FRAMES, available), 0, -1):
+        try:
+            ae.check_input(n, height, width)
+            return n
+        except ValueError:
+            continue
+    ae.check_input(min(DEFAULT_FRAMES, available), height, width)  # raises with the model's own rule
+    raise ValueError(f"no clip of 1 to {available} frames fits the autoencoder")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--autoencoder", help=f"registered name ({', '.join(sorted(REGISTRY))}; optional with --checkpoint) or "
@@ -81,7 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--input", required=True, help="input video (any container/codec PyAV reads)")
     a("--output", required=True, help="output video, .mp4 or .gif")
     a("--overwrite", action="store_true", help="replace an existing --output file (never the --input)")
-    a("--frames", type=int, default=17)
+    a("--frames", type=int, default=None,
+      help=f"frames to reconstruct (default: {DEFAULT_FRAMES}, or the longest clip the autoencoder takes from a "
+           "shorter video)")
     a("--height", type=int, default=256)
     a("--width", type=int, default=256)
     a("--fps", type=float, default=None, help="resample to this rate (default: native); also the output rate")
@@ -106,25 +124,32 @@ def run(args: argparse.Namespace) -> int:
         if out.exists() and not args.overwrite:
             raise ValueError(f"--output {out} exists; give --overwrite to replace it, or another file name")
         ae, name, _ = resolve(args.autoencoder, args.checkpoint, subfolder=args.subfolder)
-        ae.check_input(args.frames, args.height, args.width)
+        if args.frames is not None:
+            ae.check_input(args.frames, args.height, args.width)
         configure_inference(ae, args.tile, args.chunk_frames)
         device = dist.device_for(dist.dist_env(), args.device)
         dtype = dist.compute_dtype(args.dtype, device)
         cond = caption_cond(ae, name, args.prompt, args.text_encoder, device)
     try:
-        video = read_video(args.input, args.frames, args.height, args.width, fps=args.fps)  # (C, T, H, W)
-        fps = args.fps or probe(args.input)["fps"] or 8.0
+        info = probe(args.input)
+        frames = args.frames
+        if frames is None:
+            with checking(f"--input {args.input}"):
+                frames = default_frames(ae, output_frames(info["frames"], info["fps"], args.fps), args.height,
+                                        args.width)
+        video = read_video(args.input, frames, args.height, args.width, fps=args.fps)  # (C, T, H, W)
+        fps = args.fps or info["fps"] or 8.0
     except VideoError as e:
         raise UserError(f"--input {args.input}: {e}") from None
     recon, metrics = reconstruct(ae, video, device, cond, dtype)
-    frames = torch.cat([video, recon], dim=-1) if args.side_by_side else recon  # (C, T, H, W or 2W)
-    write_video(out, frames, fps)
+    shown = torch.cat([video, recon], dim=-1) if args.side_by_side else recon  # (C, T, H, W or 2W)
+    write_video(out, shown, fps)
     result: dict[str, Any] = {"autoencoder": name, "checkpoint": args.checkpoint, "input": args.input,
-                              "output": str(out), "frames": args.frames, "height": args.height,
+                              "output": str(out), "frames": frames, "height": args.height,
                               "width": args.width, "fps": fps, "dtype": dist.dtype_name(dtype), **metrics}
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{name}: PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}  "
-              f"({args.frames}x{args.height}x{args.width}, encode+decode {metrics['seconds']:.2f} s) -> {out}")
+              f"({frames}x{args.height}x{args.width}, encode+decode {metrics['seconds']:.2f} s) -> {out}")
     return 0

@@ -11,6 +11,7 @@ import torch
 from autoencoders import build
 from data.video import probe, read_video, write_video
 from launch import reconstruct
+from ldm.errors import UserError
 
 FRAMES, SIZE = 5, 32
 
@@ -150,3 +151,25 @@ def test_memory_knobs_tile_and_chunk_frames(clip, tmp_path, capsys):
         _run(_args(clip, tmp_path / "o.mp4", "--autoencoder", "kl2d-f8c4-debug", "--chunk-frames", "4", "--overwrite"))
     with pytest.raises(ValueError, match="--tile must be"):
         _run(_args(clip, tmp_path / "o.mp4", "--autoencoder", "kl2d-f8c4-debug", "--tile", "big", "--overwrite"))
+
+
+def test_default_frame_count_fits_a_short_video(clip, tmp_path, capsys):
+    """Without --frames: 17, or from a shorter video the longest clip the autoencoder takes (a
+    causal 4x model 1 + 4k frames); an explicit --frames that the video lacks stays an error."""
+    def frames_used(*extra):
+        out = tmp_path / f"r{len(list(tmp_path.iterdir()))}.mp4"
+        argv = ["--input", str(clip), "--output", str(out), "--height", str(SIZE), "--width", str(SIZE),
+                "--device", "cpu", "--json", *extra]
+        with pytest.warns(UserWarning, match="RANDOM weights"):
+            assert _run(argv) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert probe(out)["frames"] == result["frames"]
+        return result["frames"]
+
+    assert frames_used("--autoencoder", "causal3d-f4x8c4-debug") == 5  # the whole 5-frame clip
+    assert frames_used("--autoencoder", "kl2d-f8c4-debug", "--fps", "4") == 3  # 5 frames at 8 fps -> 3 at 4
+    assert frames_used("--autoencoder", "causal3d-f4x8c4-debug", "--fps", "4") == 1
+    with pytest.raises(UserError, match="mtcvae: needs a multiple of 17 frames"):
+        frames_used("--autoencoder", "mtcvae-c4-debug")
+    with pytest.raises(UserError, match="too short"):
+        frames_used("--autoencoder", "kl2d-f8c4-debug", "--frames", "6")
