@@ -149,7 +149,7 @@ def _list(args: argparse.Namespace) -> int:
         none = [(it.key, c) for it, c in zip(items, counts) if isinstance(c, str)]
         rate = f" at {args.fps:g} fps" if args.fps is not None else ""
         print(f"{sum(c for c in counts if isinstance(c, int))} clips of {args.frames} frames{rate} from "
-              f"{len(items) - len(none)} videos; {len(none)} without a clip:")
+              f"{len(items) - len(none)} videos; {len(none)} without a clip" + (":" if none else ""))
         for key, reason in none:
             print(f"  - {key}: {reason}")
     if items.problems:

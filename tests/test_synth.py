@@ -213,7 +213,7 @@ def test_ldm_data_synth_and_list(tmp_path, capsys):
     # how many clips each video gives with `ldm extract`'s window settings (8 frames at 4 fps)
     assert data_cmd.run(_parse(["list", "--input", str(out), "--frames", "3", "--clip-stride", "2", "--show", "1"])) == 0
     text = capsys.readouterr().out
-    assert ", 3 clips" in text and "30 clips of 3 frames from 10 videos; 0 without a clip" in text
+    assert ", 3 clips" in text and "30 clips of 3 frames from 10 videos; 0 without a clip\n" in text
     assert data_cmd.run(_parse(["list", "--input", str(out), "--frames", "3", "--fps", "2", "--clips-per-video", "2"])) == 0
     assert "20 clips of 3 frames at 2 fps" in capsys.readouterr().out   # 4 output frames: windows at 0 and 1
     assert data_cmd.run(_parse(["list", "--input", str(out), "--frames", "9"])) == 0
