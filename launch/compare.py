@@ -45,6 +45,7 @@ from launch import cost as costlib
 from launch import dist
 from launch import evaluate as ev
 from launch import runs
+from launch.configs import config_path
 from launch.extract import ExtractConfig
 from launch.pipeline import run_verb
 from launch.train import TrainConfig, dit_overrides
@@ -55,8 +56,7 @@ from ldm.errors import MissingInput, UserError, check_min, checking
 from ldm.metrics import FVD_FRAMES, load_i3d
 from ldm.samplers import SamplingConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TRAIN = ROOT / "launch" / "configs" / "train-debug.yaml"
+DEFAULT_TRAIN = "train-debug"  # a built-in config's name (launch.configs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,8 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float)
     p.add_argument("--ae-steps", type=int, default=0,
                    help="train each registered autoencoder without weights for N steps first (0: use as is)")
-    p.add_argument("--train-config", default=str(DEFAULT_TRAIN), help="an `ldm train` YAML (output and "
-                   "data.shards are set per autoencoder)")
+    p.add_argument("--train-config", default=DEFAULT_TRAIN, help="an `ldm train` YAML or a built-in one's name "
+                   "(output and data.shards are set per autoencoder)")
     p.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE",
                    help="dotted overrides of the training YAML, e.g. model.dit=dit-S optim.lr=3e-4")
     p.add_argument("--dit-steps", type=int, help="training steps (overrides the YAML's steps)")
@@ -107,6 +107,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Bin
     """The numbers, files and autoencoders of an ``ldm compare`` command are usable, and an output
     folder of an earlier comparison was made by the same settings, before any work or folder
     (`UserError` naming the flag otherwise); returns the autoencoder entries and the binding."""
+    args.train_config = config_path(args.train_config)  # a built-in name -> its file
     check_min({"--frames": args.frames, "--height": args.height, "--width": args.width, "--synth": args.synth,
                "--dit-steps": args.dit_steps, "--nproc": args.nproc, "--eval-clips": args.eval_clips,
                "--per-prompt": args.per_prompt, "--sample-steps": args.sample_steps,
