@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from aes import one_step
 from autoencoders import REGISTRY, build, describe, load_pretrained
 from autoencoders.blocks import (CausalConv3d, FrameGroupNorm, TemporalDownsample, TemporalUpsample,
                                  kl_standard_normal, latent_kl)
@@ -177,19 +178,13 @@ def test_one_training_step_lowers_the_loss(name):
     model = _model(name).train()
     frames, height, width = SIZES[REGISTRY[name][0].family][1]
     x = _video(frames, height, width, batch=2)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def loss_fn() -> torch.Tensor:
         out = model.train_forward(x, generator=torch.Generator().manual_seed(0))
         return F.l1_loss(out.recon, x) + 1e-6 * latent_kl(out.posterior).mean()
 
-    before = loss_fn()
-    opt.zero_grad()
-    before.backward()
-    opt.step()
-    with torch.no_grad():
-        after = loss_fn()
-    assert after.item() < before.item()
+    before, after = one_step(model, loss_fn, optimizer=torch.optim.Adam)
+    assert after < before
 
 
 @pytest.mark.parametrize("name", DEBUG)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from aes import one_step
 from autoencoders import REGISTRY, build, describe, load_pretrained
 from autoencoders.blocks import CausalConv3d, latent_kl
 from autoencoders.ivvae import IVVAE, IVVAEConfig, inflate_kl2d
@@ -326,19 +327,13 @@ def test_encode_is_deterministic_and_save_load_round_trip(tmp_path):
 def test_one_training_step_lowers_the_loss():
     model = _model().train()
     x = _video(5, batch=2)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def loss_fn() -> torch.Tensor:
         out = model.train_forward(x, generator=torch.Generator().manual_seed(0))
         return F.l1_loss(out.recon, x) + 1e-6 * latent_kl(out.posterior).mean()
 
-    before = loss_fn()
-    opt.zero_grad()
-    before.backward()
-    opt.step()
-    with torch.no_grad():
-        after = loss_fn()
-    assert after.item() < before.item()
+    before, after = one_step(model, loss_fn, optimizer=torch.optim.Adam)
+    assert after < before
 
 
 def test_train_autoencoder_with_3d_gan_stage_then_extract(tmp_path):
