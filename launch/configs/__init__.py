@@ -9,13 +9,11 @@ from ldm.errors import UserError
 
 CONFIG_DIR = Path(__file__).parent
 FOLDERS = (CONFIG_DIR, CONFIG_DIR / "recipes")
-
-
 NOT_LDM = ("accelerate-zero2",)  # `accelerate launch --config_file` configs, not ldm's
 
 
 def builtin_names() -> list[str]:
-    """Names ``config_arg`` resolves: the built-in YAMLs' stems."""
+    """Names ``config_path`` resolves: the built-in YAMLs' stems."""
     return sorted(p.stem for folder in FOLDERS for p in folder.glob("*.yaml") if p.stem not in NOT_LDM)
 
 
