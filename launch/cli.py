@@ -119,6 +119,11 @@ def console(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     try:
         return main(argv)
+    except KeyboardInterrupt:  # a second Ctrl-C in a trainer (the first stops it with a checkpoint), or any other verb
+        if debug:
+            raise
+        print(f"{_command([a for a in argv if a != '--debug'])}: interrupted", file=sys.stderr)
+        return 130
     except UserError as e:
         if debug:
             raise

@@ -337,6 +337,62 @@ class NonFiniteGuard:
         return False
 
 
+class StopRequest:
+    """A graceful stop for both trainers: SIGTERM (a scheduler's preemption or time limit, a
+    launcher stopping its workers) or a first Ctrl-C asks the run to finish its step, write a
+    checkpoint and exit; a second Ctrl-C stops at once (KeyboardInterrupt). The request is a flag
+    the trainer all-reduces with the step's finite-loss flag, so every rank stops after the same
+    step without a read of its own. Handlers are installed from the main thread only, and
+    ``close`` puts the earlier ones back."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.signal: str | None = None  # the first signal's name, once one came
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                num = getattr(signal, name)
+                self._previous[num] = signal.signal(num, self._handle)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            if name == "SIGINT":
+                raise KeyboardInterrupt
+            return  # SIGTERM after Ctrl-C (a launcher passing the stop on): already stopping
+        self.signal = name
+        log.warning("%s: stopping after this step with a checkpoint (Ctrl-C again to stop at once)", name)
+
+    def close(self) -> None:
+        import signal
+
+        for num, handler in self._previous.items():
+            signal.signal(num, handler)
+        self._previous = {}
+
+
+def stopped_exit_code(summary: dict[str, Any]) -> int:
+    """A trainer's exit status: 0 when it ran to its last step; after a graceful stop 128 + the
+    signal's number (130 Ctrl-C, 143 SIGTERM), as for a process the signal ended, so schedulers
+    and shells see the run as interrupted (a stop asked of another rank: 143)."""
+    import signal
+
+    stopped = summary.get("stopped")
+    if not stopped:
+        return 0
+    return 128 + int(getattr(signal, stopped, signal.SIGTERM))
+
+
 # ------------------------------------------------------------------------------------------
 # learning rate
 # ------------------------------------------------------------------------------------------

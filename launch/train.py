@@ -135,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
             print(cfglib.resolved_yaml(args.config, TrainConfig, args.overrides), end="")
         return 0
     cfg = cfglib.load_yaml(args.config, TrainConfig, args.overrides)
-    train(cfg, runs.parse_allow(args.allow_change))
-    return 0
+    summary = train(cfg, runs.parse_allow(args.allow_change))
+    return runs.stopped_exit_code(summary)
 
 
 def run_binding(cfg: TrainConfig, manifest: Manifest, world_size: int, precision: str) -> dict[str, Any]:
@@ -573,66 +573,81 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
     pending: list[torch.Tensor] = []  # per-step mean losses on the device, read at log time (no per-step sync)
     t_last, step_last = time.perf_counter(), step
     profiler = runs.StepProfiler(cfg.profile, out / "profile", env.rank, step, device.type == "cuda")
-    while step < cfg.steps:
-        engine.train()
-        loss_sum, micro = torch.zeros((), device=device), 0
-        while micro < cfg.optim.grad_accum:
-            batch = next(inputs).to(device)
-            work += batch.work
-            loss = flow_step_loss(engine, batch.latent, batch.cond, cfg.flow, batch.draws, null_cond,
-                                  pack=cfg.model.pack)
-            # a non-finite loss on any rank drops this micro-batch on every rank (no backward, no
-            # step: DeepSpeed's accumulation stays aligned); too many in a row stop the run. This is
-            # the loop's one host sync per micro-batch: backward must not start on a bad loss.
-            finite = float(dist.all_reduce_mean(torch.isfinite(loss.detach()).float().view(1))[0]) == 1.0
-            try:
-                applied = nonfinite.check(finite, step + 1, "batch dropped")
-            except RuntimeError:
-                inputs.close()
-                raise
-            if not applied:
-                dropped += 1
-                continue
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float() / cfg.optim.grad_accum
-            micro += 1
-        step += 1
-        ema.update(engine.module)
-        pending.append(dist.all_reduce_mean(loss_sum.view(1)))
-        profiler.step()
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            done = torch.cat(pending).tolist()
-            losses += done
-            pending.clear()
-            loss_mean = done[-1]
-            bar.set_postfix(loss=f"{loss_mean:.4f}")
-            now = time.perf_counter()
-            dt = max(now - t_last, 1e-9) / (step - step_last)
-            # every rank of a sequence-parallel group counts the same samples: mean x dp_world = all work
-            tokens_s, flops_s = (dist.all_reduce_mean(work.clone()) * dp_world / max(now - t_last, 1e-9)).tolist()
-            work.zero_()
-            grad_norm = engine.get_global_grad_norm()
-            logger.log(step, {"loss": loss_mean, "lr": engine.get_lr()[0],
-                              "grad_norm": None if grad_norm is None else float(grad_norm),
-                              "samples_per_s": per_step * dp_world / dt,
-                              "tokens_per_s": tokens_s,
-                              "tflops_per_s": flops_s / 1e12, "mfu": mfu(flops_s / env.world_size, peak)})
-            t_last, step_last = now, step
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            if pending:
-                losses += torch.cat(pending).tolist()
+    stop, stopping = runs.StopRequest(), False
+    asked = {False: torch.zeros((), device=device), True: torch.ones((), device=device)}  # no copy per step
+    try:
+        while step < cfg.steps and not stopping:
+            engine.train()
+            loss_sum, micro = torch.zeros((), device=device), 0
+            while micro < cfg.optim.grad_accum:
+                batch = next(inputs).to(device)
+                work += batch.work
+                loss = flow_step_loss(engine, batch.latent, batch.cond, cfg.flow, batch.draws, null_cond,
+                                      pack=cfg.model.pack)
+                # a non-finite loss on any rank drops this micro-batch on every rank (no backward, no
+                # step: DeepSpeed's accumulation stays aligned); too many in a row stop the run. This is
+                # the loop's one host sync per micro-batch: backward must not start on a bad loss. The
+                # same read tells every rank whether any was asked to stop (SIGTERM, Ctrl-C).
+                finite_mean, stop_mean = dist.all_reduce_mean(
+                    torch.stack([torch.isfinite(loss.detach()).float(), asked[stop.requested]])).tolist()
+                finite, stopping = finite_mean == 1.0, stopping or stop_mean > 0
+                try:
+                    applied = nonfinite.check(finite, step + 1, "batch dropped")
+                except RuntimeError:
+                    inputs.close()
+                    raise
+                if not applied:
+                    dropped += 1
+                    continue
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().float() / cfg.optim.grad_accum
+                micro += 1
+            step += 1
+            ema.update(engine.module)
+            pending.append(dist.all_reduce_mean(loss_sum.view(1)))
+            profiler.step()
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                done = torch.cat(pending).tolist()
+                losses += done
                 pending.clear()
-            save_checkpoint(engine, ema, out, step, dropped, cfg.keep_checkpoints, dcfg, context,
-                            cfg.universal_checkpoints)
+                loss_mean = done[-1]
+                bar.set_postfix(loss=f"{loss_mean:.4f}")
+                now = time.perf_counter()
+                dt = max(now - t_last, 1e-9) / (step - step_last)
+                # every rank of a sequence-parallel group counts the same samples: mean x dp_world = all work
+                tokens_s, flops_s = (dist.all_reduce_mean(work.clone()) * dp_world / max(now - t_last, 1e-9)).tolist()
+                work.zero_()
+                grad_norm = engine.get_global_grad_norm()
+                logger.log(step, {"loss": loss_mean, "lr": engine.get_lr()[0],
+                                  "grad_norm": None if grad_norm is None else float(grad_norm),
+                                  "samples_per_s": per_step * dp_world / dt,
+                                  "tokens_per_s": tokens_s,
+                                  "tflops_per_s": flops_s / 1e12, "mfu": mfu(flops_s / env.world_size, peak)})
+                t_last, step_last = now, step
+            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+                if pending:
+                    losses += torch.cat(pending).tolist()
+                    pending.clear()
+                save_checkpoint(engine, ema, out, step, dropped, cfg.keep_checkpoints, dcfg, context,
+                                cfg.universal_checkpoints)
+    finally:
+        stop.close()
     inputs.close()
     profiler.close()
     bar.close()
     logger.close()
     dist.barrier()
-    return {"steps": step, "losses": losses, "output": str(out), "skipped": dict(data.skipped),
-            "dropped_batches": dropped}
+    summary = {"steps": step, "losses": losses, "output": str(out), "skipped": dict(data.skipped),
+               "dropped_batches": dropped}
+    if stopping and step < cfg.steps:
+        # the signal may have come to another rank: this one reports what all of them did
+        summary["stopped"] = stop.signal or "a signal to another rank"
+        if dist.is_main():
+            print(f"stopped at step {step} of {cfg.steps} ({summary['stopped']}); checkpoint saved in {out}: "
+                  "run the same command to resume", flush=True)
+    return summary
 
 
 def _single_process_group() -> None:

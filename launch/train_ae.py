@@ -397,6 +397,8 @@ class AETrainer:
         if cfg.precision == "bf16" and self.device.type != "cuda":
             raise ValueError("--precision bf16 needs a CUDA device")
         self.main = env.rank == 0
+        self.stop: runs.StopRequest | None = None  # set while `run` trains (SIGTERM / Ctrl-C: a graceful stop)
+        self.stopping = False  # some rank was asked to stop: this step is the last, with a checkpoint
 
         self.resumed_from: str | None = None
         self.rejected: list[dict[str, str]] = []
@@ -587,8 +589,12 @@ class AETrainer:
         with autocast:
             out = self.model(video, self.generator, cond)
             total, logs = self.loss_fn.generator_loss(video, out, self.step, self.last_layer)
-        finite = dist.all_reduce_mean(torch.isfinite(total).float())
-        if finite.item() < 1.0:
+        # one read per step: is the loss finite on every rank, and was any rank asked to stop
+        asked = float(self.stop is not None and self.stop.requested)
+        flags = torch.stack([torch.isfinite(total).float(), torch.full((), asked, device=total.device)])
+        finite, stop = dist.all_reduce_mean(flags).tolist()
+        self.stopping = self.stopping or stop > 0
+        if finite < 1.0:
             return None
         self.opt.zero_grad(set_to_none=True)
         total.backward()
@@ -685,10 +691,29 @@ class AETrainer:
         batches = self._loader() if self.step < cfg.steps else iter(())
         losses: list[float] = []
         nonfinite = runs.NonFiniteGuard(cfg.max_nonfinite)
-        clips_since, t_since, train_time = 0, time.perf_counter(), 0.0
+        self.train_time = 0.0  # seconds in training steps, for the summary's rates
         profiler = runs.StepProfiler(cfg.profile, self.out / "profile", self.env.rank, self.step,
                                      self.device.type == "cuda")
-        while self.step < cfg.steps:
+        self.stop, self.stopping = runs.StopRequest(), False
+        try:
+            self._train_steps(batches, bar, nonfinite, profiler, log_path, losses, sample_clips, sample_captions)
+        finally:
+            self.stop.close()
+        profiler.close()
+        bar.close()
+        del batches  # stops the loader's workers before the final export
+        if self.stopping and self.step < cfg.steps:
+            if self.main:
+                print(f"stopped at step {self.step} of {cfg.steps} ({self.stop.signal or 'a signal to another rank'}); "
+                      f"checkpoint saved in {self.ckpt_root}: run the same command to resume", flush=True)
+            return {"stopped": self.stop.signal or "a signal to another rank", "steps": self.step}
+        return self._finish(start_step, losses, self.train_time, log_path)
+
+    def _train_steps(self, batches, bar, nonfinite, profiler, log_path: Path, losses: list[float],
+                     sample_clips: list[Tensor], sample_captions: list[str]) -> None:
+        cfg = self.cfg
+        clips_since, t_since = 0, time.perf_counter()
+        while self.step < cfg.steps and not self.stopping:
             t0 = time.perf_counter()
             batch = self._next_batch(batches)
             video = batch["video"].to(self.device, non_blocking=True)
@@ -697,7 +722,7 @@ class AETrainer:
             profiler.step()
             clips_since += video.shape[0]
             nonfinite.check(logs is not None, self.step)
-            train_time += time.perf_counter() - t0
+            self.train_time += time.perf_counter() - t0
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 record = self._log_record(logs, clips_since, time.perf_counter() - t_since, nonfinite.total)
@@ -710,12 +735,8 @@ class AETrainer:
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
             if self.main and sample_clips and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
                 self._write_samples(sample_clips, sample_captions)
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.stopping:
                 self.save()
-        profiler.close()
-        bar.close()
-        del batches  # stops the loader's workers before the final export
-        return self._finish(start_step, losses, train_time, log_path)
 
     def _log_record(self, logs: dict[str, Tensor] | None, clips: int, seconds: float, skipped: int) -> dict[str, Any]:
         record: dict[str, Any] = {"step": self.step, "epoch": self.pos[0], "lr": self.cfg.learning_rate(self.step - 1),
@@ -954,6 +975,8 @@ def run(args: argparse.Namespace) -> int:
                         format=f"[rank {env.rank}] %(levelname)s %(message)s" if env.world_size > 1
                         else "%(levelname)s %(message)s")
     summary = train_autoencoder(cfg, runs.parse_allow(args.allow_change))
+    if summary.get("stopped"):
+        return runs.stopped_exit_code(summary)
     if env.rank == 0:
         print(json.dumps({k: summary[k] for k in ("autoencoder", "steps", "first_loss", "last_loss",
                                                   "steps_per_s", "clips_per_s", "final")}))

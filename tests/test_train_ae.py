@@ -128,6 +128,35 @@ def test_resume_is_exact_and_corrupt_checkpoint_falls_back(straight, clips, tmp_
     assert [r["loss"] for r in log] == ref[:7]
 
 
+def test_sigterm_stops_with_a_checkpoint_of_that_step_and_resumes_exactly(straight, clips, tmp_path, monkeypatch,
+                                                                           capsys):
+    """SIGTERM in the middle of step 5 (save_every 3): the step finishes, step-5 is saved, no final/
+    is exported, the status is 143; the same command then resumes from step 5, losses exact."""
+    import signal
+
+    from launch.train_ae import AETrainer
+
+    real = AETrainer.train_step
+
+    def train_step(self, video, cond=None):
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, video, cond)
+
+    monkeypatch.setattr(AETrainer, "train_step", train_step)
+    out = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGTERM)
+    first = train_autoencoder(_cfg(clips, out, steps=7))
+    assert first == {"stopped": "SIGTERM", "steps": 5} and runs.stopped_exit_code(first) == 143
+    assert "stopped at step 5 of 7 (SIGTERM)" in capsys.readouterr().out
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000005" and not (out / "final").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone with it
+    monkeypatch.setattr(AETrainer, "train_step", real)
+    second = train_autoencoder(_cfg(clips, out, steps=7))
+    assert second["resumed_from"].endswith("step-00000005") and (out / "final").is_dir()
+    assert [r["loss"] for r in _log(out)] == [r["loss"] for r in _log(straight[0])][:7]
+
+
 def test_lr_drop_schedule(clips, tmp_path):
     cfg = _cfg(clips, tmp_path, lr=1e-4, warmup=4, lr_drop=[(6, 1e-5), (8, 1e-6)])  # lists as from JSON
     assert cfg.lr_drop == ((6, 1e-5), (8, 1e-6))
