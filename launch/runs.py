@@ -381,6 +381,15 @@ class StopRequest:
         self._previous = {}
 
 
+def reader_ignores_interrupts(worker_id: int) -> None:
+    """``worker_init_fn`` of the trainers' DataLoaders: a terminal's Ctrl-C reaches every process
+    of the foreground group; the readers leave it to the trainer, which still needs batches to
+    finish its step (`StopRequest`), and stop with it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def stopped_exit_code(summary: dict[str, Any]) -> int:
     """A trainer's exit status: 0 when it ran to its last step; after a graceful stop 128 + the
     signal's number (130 Ctrl-C, 143 SIGTERM), as for a process the signal ended, so schedulers

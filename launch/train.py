@@ -559,7 +559,8 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
                         expect_shapes=parts if manifest.form != "varlen" and not cfg.data.buckets else None)
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                                         multiprocessing_context=reader_start(workers, device))
+                                         multiprocessing_context=reader_start(workers, device),
+                                         worker_init_fn=runs.reader_ignores_interrupts)
     null_cond = engine.module.null_cond
 
     text_context = 1 + manifest.text_tokens if dcfg.text_dim else 0  # the empty-text token + caption

@@ -625,7 +625,7 @@ class AETrainer:
         loader = DataLoader(self.reader, batch_sampler=self.sampler, collate_fn=_collate,
                             num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
-                            persistent_workers=False)
+                            persistent_workers=False, worker_init_fn=runs.reader_ignores_interrupts)
         return iter(loader)
 
     def _next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:

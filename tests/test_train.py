@@ -653,3 +653,33 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(late
                               capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert _losses(run) == pytest.approx(_losses(tmp_path / "u"), rel=1e-5)
+
+
+@pytest.mark.dist
+def test_ctrl_c_in_a_terminal_stops_with_readers_and_accumulation(latents, tmp_path):
+    """A terminal's Ctrl-C reaches the whole foreground group, shard readers included: the trainer
+    finishes its step (2 micro-batches, read as needed; the readers ignore SIGINT, so a reader
+    that had no batch ready yet still delivers one), exits 130 without a traceback and leaves that
+    step's checkpoint."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    run = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--config", str(YAML),
+                             f"data.shards={latents}", f"output={run}", "data.batch_size=2", "log_every=1",
+                             "save_every=1000", "steps=100000", "data.num_workers=2", "optim.grad_accum=2",
+                             "data.prefetch=0"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, like a terminal's foreground job
+    try:
+        _wait_for_steps(run, 3, proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    step = len(_losses(run))
+    assert proc.returncode == 130, out[-3000:]
+    assert f"stopped at step {step} of 100000 (SIGINT)" in out and "Traceback" not in out
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{step:08d}"
