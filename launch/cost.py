@@ -310,15 +310,18 @@ def _num(x: float | None, scale: float, fmt: str) -> str:
 
 def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = None) -> str:
     """A fixed-width table (FLOPs in GFLOP/TFLOP, memory in GiB)."""
-    head = (f"{'autoencoder':26s} {'latent':24s} {'rate':>8s} {'factor':>7s} {'vcpr':>5s} {'tokens':>7s} "
+    name_w = max(26, *(len(r["autoencoder"]) for r in rows)) if rows else 26
+    shape_w = max(24, *(len(_shape_text(r.get("latent_shape"))) for r in rows)) if rows else 24  # Hi-VAE: 3 parts
+    head = (f"{'autoencoder':{name_w}s} {'latent':{shape_w}s} {'rate':>8s} {'factor':>7s} {'vcpr':>5s} {'tokens':>7s} "
             f"{'fwd GF':>9s} {'train GF':>9s} {'mem GiB':>8s} {'dec GF':>9s} {'sample TF':>10s}")
     lines = [head]
     for r in rows:
         if r.get("error"):
-            lines.append(f"{r['autoencoder']:26s} {r['error']}")
+            lines.append(f"{r['autoencoder']:{name_w}s} {r['error']}")
             continue
         vcpr = f"{r['vcpr']:.0f}" if r["vcpr"] else "-"
-        lines.append(f"{r['autoencoder']:26s} {_shape_text(r['latent_shape']):24s} {r['compression_rate']:8.5f} "
+        shape = _shape_text(r["latent_shape"])
+        lines.append(f"{r['autoencoder']:{name_w}s} {shape:{shape_w}s} {r['compression_rate']:8.5f} "
                      f"{r['compression_factor']:7.1f} {vcpr:>5s} {r['tokens']:7d} "
                      f"{_num(r['dit_forward_flops'], 1e9, '9.1f')} {_num(r['dit_train_step_flops'], 1e9, '9.1f')} "
                      f"{_num(r['dit_train_peak_memory_bytes'], 2 ** 30, '8.2f')} "

@@ -30,7 +30,8 @@ def test_list_shows_each_autoencoder_at_a_length_it_takes(capsys, monkeypatch):
     rows = {d["name"]: d for d in json.loads(capsys.readouterr().out)["autoencoders"]}
     assert rows["cmvae-z4-debug"]["reference_input"] == [3, 16, 64, 64]
     assert rows["cmvae-z4-debug"]["frames_note"].startswith("16f: cmvae: needs")
-    assert rows["causal3d-f4x8c4-debug"]["reference_input"][1] == 17 and "frames_note" not in rows["causal3d-f4x8c4-debug"]
+    causal = rows["causal3d-f4x8c4-debug"]
+    assert causal["reference_input"][1] == 17 and "frames_note" not in causal
     assert main(["list", "--height", "64", "--width", "64"]) == 0
     text = capsys.readouterr().out
     assert " z:4x4x8x8 @16f " in next(line for line in text.splitlines() if "cmvae-z4-debug" in line)
@@ -79,7 +80,8 @@ def test_config_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
     assert config_path("hivae-stage1.yaml") == str(CONFIG_DIR / "recipes" / "hivae-stage1.yaml")
     (tmp_path / "train-debug.yaml").write_text("steps: 3\n")
     assert config_path("train-debug.yaml") == "train-debug.yaml"
-    assert {"train-debug", "hivae-stage1", "demo-quick"} <= set(builtin_names()) and "accelerate-zero2" not in builtin_names()
+    names = builtin_names()
+    assert {"train-debug", "hivae-stage1", "demo-quick"} <= set(names) and "accelerate-zero2" not in names
     assert main(["train", "--config", "hivae-generator", "--print-config"]) == 0
     assert "model:" in capsys.readouterr().out
     assert console(["train", "--config", "nope", "--print-config"]) == 2

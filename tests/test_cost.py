@@ -203,6 +203,17 @@ def test_cost_rows_report_sizes_an_autoencoder_cannot_take(capsys):
         cost_table(["no-such-ae"], 9, 64, 64, "dit-debug")
 
 
+def test_cost_table_columns_line_up_with_long_latent_names():
+    """Hi-VAE's three-part latent is longer than the latent column was: every row's numbers still
+    start under their headings."""
+    from launch.cost import format_table
+
+    lines = format_table(cost_table(["kl2d-f8c4-debug", "hivae-s-debug"], 17, 64, 64, "dit-debug")).splitlines()
+    assert "global:" in lines[2]
+    starts = {line.index(" 0.") for line in lines[1:]}  # the compression rate column
+    assert len(starts) == 1 and lines[0].index("rate") == starts.pop() + 4  # "    rate" over " 0.02083"
+
+
 def test_cost_reads_a_saved_model_folder(tmp_path):
     import autoencoders
 
