@@ -88,3 +88,16 @@ def test_config_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("ldm train: error: config file nope not found; give a YAML path or a built-in config: ")
     assert "train-debug" in err and "\n" not in err
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    import launch.list_models as list_models
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(list_models, "run", interrupted)
+    assert console(["list"]) == 130
+    assert capsys.readouterr().err.strip() == "ldm list: interrupted"
+    with pytest.raises(KeyboardInterrupt):  # --debug: the traceback
+        console(["list", "--debug"])
