@@ -147,8 +147,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> DemoConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="report folder (report.md/.html/.json, videos, work/)")
     p.add_argument("--quick", action="store_true", help="tiny numbers: the same pipeline in well under 2 minutes")
-    p.add_argument("--config",
-                   help="demo YAML (default: launch/configs/demo.yaml, demo-quick.yaml with --quick)")
+    p.add_argument("--config", help="demo YAML (default: launch/configs/demo.yaml, demo-quick.yaml with --quick)")
     p.add_argument("--overwrite", action="store_true",
                    help="clear an earlier demo's --output folder (its checkpoints and report) and run again")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dit.steps=2000 sample.guidance=6")

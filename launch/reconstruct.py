@@ -75,8 +75,9 @@ DEFAULT_FRAMES = 17
 
 
 def default_frames(ae: Autoencoder, available: int, height: int, width: int) -> int:
-    """``DEFAULT_FRAMES``, or for a video with fewer frames (``available``) the longest clip it holds
-    that the autoencoder takes (a causal 4x model: 1 + 4k frames); ValueError when none."""
+    """The longest clip of at most ``DEFAULT_FRAMES`` frames that a video of ``available`` frames
+    holds and the autoencoder takes (a causal 4x model: 1 + 4k; cmvae: multiples of 4); ValueError
+    when none."""
     for n in range(min(DEFAULT_FRAMES, available), 0, -1):
         try:
             ae.check_input(n, height, width)
@@ -98,8 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--output", required=True, help="output video, .mp4 or .gif")
     a("--overwrite", action="store_true", help="replace an existing --output file (never the --input)")
     a("--frames", type=int, default=None,
-      help=f"frames to reconstruct (default: {DEFAULT_FRAMES}, or the longest clip the autoencoder takes from a "
-           "shorter video)")
+      help=f"frames to reconstruct (default: the longest clip of at most {DEFAULT_FRAMES} frames that the video "
+           "holds and the autoencoder takes)")
     a("--height", type=int, default=256)
     a("--width", type=int, default=256)
     a("--fps", type=float, default=None, help="resample to this rate (default: native); also the output rate")
