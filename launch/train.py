@@ -609,7 +609,7 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
             pending.append(dist.all_reduce_mean(loss_sum.view(1)))
             profiler.step()
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == cfg.steps or stopping:  # a stop logs its last step
                 done = torch.cat(pending).tolist()
                 losses += done
                 pending.clear()

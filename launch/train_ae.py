@@ -724,7 +724,7 @@ class AETrainer:
             nonfinite.check(logs is not None, self.step)
             self.train_time += time.perf_counter() - t0
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.stopping:
                 record = self._log_record(logs, clips_since, time.perf_counter() - t_since, nonfinite.total)
                 clips_since, t_since = 0, time.perf_counter()
                 if self.main:

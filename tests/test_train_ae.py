@@ -130,8 +130,9 @@ def test_resume_is_exact_and_corrupt_checkpoint_falls_back(straight, clips, tmp_
 
 def test_sigterm_stops_with_a_checkpoint_of_that_step_and_resumes_exactly(straight, clips, tmp_path, monkeypatch,
                                                                            capsys):
-    """SIGTERM in the middle of step 5 (save_every 3): the step finishes, step-5 is saved, no final/
-    is exported, the status is 143; the same command then resumes from step 5, losses exact."""
+    """SIGTERM in the middle of step 5 (save_every 3, log_every 2): the step finishes, is logged and
+    saved as step-5, no final/ is exported, the status is 143; the same command then resumes from
+    step 5 with the losses of an uninterrupted run."""
     import signal
 
     from launch.train_ae import AETrainer
@@ -146,15 +147,17 @@ def test_sigterm_stops_with_a_checkpoint_of_that_step_and_resumes_exactly(straig
     monkeypatch.setattr(AETrainer, "train_step", train_step)
     out = tmp_path / "run"
     handler = signal.getsignal(signal.SIGTERM)
-    first = train_autoencoder(_cfg(clips, out, steps=7))
+    first = train_autoencoder(_cfg(clips, out, steps=7, log_every=2))
     assert first == {"stopped": "SIGTERM", "steps": 5} and runs.stopped_exit_code(first) == 143
     assert "stopped at step 5 of 7 (SIGTERM)" in capsys.readouterr().out
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000005" and not (out / "final").exists()
+    assert [r["step"] for r in _log(out)] == [2, 4, 5]  # the stop logs its step, off the log_every cadence
     assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone with it
     monkeypatch.setattr(AETrainer, "train_step", real)
-    second = train_autoencoder(_cfg(clips, out, steps=7))
+    second = train_autoencoder(_cfg(clips, out, steps=7, log_every=2))
     assert second["resumed_from"].endswith("step-00000005") and (out / "final").is_dir()
-    assert [r["loss"] for r in _log(out)] == [r["loss"] for r in _log(straight[0])][:7]
+    ref = {r["step"]: r["loss"] for r in _log(straight[0])}
+    assert [(r["step"], r["loss"]) for r in _log(out)] == [(s, ref[s]) for s in (2, 4, 5, 6, 7)]
 
 
 def test_lr_drop_schedule(clips, tmp_path):
