@@ -63,7 +63,10 @@ def run_verb(verb: str, cfg: Any, log: Path, ranks: int = 1, in_process: bool = 
     if in_process:
         if ranks != 1:
             raise ValueError(f"in_process runs one rank, not {ranks}")
-        return function(cfg)
+        result = function(cfg)
+        if isinstance(result, dict) and result.get("stopped"):  # a trainer stopped by Ctrl-C / SIGTERM, saved
+            raise KeyboardInterrupt(f"`ldm {verb}` stopped at step {result.get('steps')} ({result['stopped']})")
+        return result
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
            "-m", "launch.cli", verb, "--config", str(config)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -74,7 +77,16 @@ def run_verb(verb: str, cfg: Any, log: Path, ranks: int = 1, in_process: bool = 
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         # the caller's working folder: relative paths in the config mean what they meant to the user
-        code = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:  # the stage got the Ctrl-C too: a trainer finishes its step and saves it
+            try:
+                proc.wait()
+            except KeyboardInterrupt:  # a second Ctrl-C: the stage stops at once as well
+                proc.kill()
+                proc.wait()
+            raise
     if code != 0:
         tail = log.read_bytes()[start:].decode(errors="replace")[-4000:]
         raise RuntimeError(f"`ldm {verb}` on {ranks} rank(s) failed (exit {code}); log {log}:\n{tail}")

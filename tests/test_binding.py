@@ -196,20 +196,53 @@ def test_a_pipeline_rerun_adds_to_the_log_of_the_earlier_run(tmp_path, monkeypat
     from launch import pipeline
     from launch.train import TrainConfig
 
-    class Done:
-        returncode = 1
+    class Failing:
+        def __init__(self, cmd, stdout, **kw):
+            stdout.write("this run failed\n")
 
-    def fake_run(cmd, stdout, **kw):
-        stdout.write("this run failed\n")
-        return Done()
+        def wait(self):
+            return 1
 
-    monkeypatch.setattr(pipeline.subprocess, "run", fake_run)
+    monkeypatch.setattr(pipeline.subprocess, "Popen", Failing)
     log = tmp_path / "train.log"
     log.write_text("an earlier run's log\n")
     with pytest.raises(RuntimeError) as e:
         pipeline.run_verb("train", TrainConfig(), log, ranks=2)
     assert log.read_text().startswith("an earlier run's log\n$ ") and log.read_text().endswith("this run failed\n")
     assert "this run failed" in str(e.value) and "an earlier run" not in str(e.value)
+
+
+def test_a_pipeline_stage_stopped_by_ctrl_c_keeps_its_checkpoint_and_stops_the_pipeline(tmp_path, monkeypatch):
+    """Ctrl-C reaches the stage too: run_verb waits for it to finish its step and save (a second
+    Ctrl-C kills it), then stops the pipeline; an in-process trainer that stopped stops it as well."""
+    from launch import pipeline
+    from launch.train import TrainConfig
+
+    class Stage:
+        made: list = []
+
+        def __init__(self, cmd, stdout, **kw):
+            self.waits, self.killed = 0, False
+            Stage.made.append(self)
+
+        def wait(self):
+            self.waits += 1
+            if self.waits <= Stage.interrupts:
+                raise KeyboardInterrupt
+            return 130
+
+        def kill(self):
+            self.killed = True
+
+    monkeypatch.setattr(pipeline.subprocess, "Popen", Stage)
+    for interrupts, killed, waits in ((1, False, 2), (2, True, 3)):  # waited for until it exits, or killed
+        Stage.interrupts = interrupts
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_verb("train", TrainConfig(), tmp_path / "train.log", ranks=2)
+        assert (Stage.made[-1].killed, Stage.made[-1].waits) == (killed, waits)
+    monkeypatch.setattr(pipeline, "_function", lambda verb: lambda cfg: {"stopped": "SIGINT", "steps": 3})
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
+        pipeline.run_verb("train", TrainConfig(), tmp_path / "train.log", in_process=True)
 
 
 def test_a_pipeline_rerun_with_another_config_keeps_the_earlier_config_file(tmp_path):
