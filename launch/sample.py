@@ -222,25 +222,35 @@ def _dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
-def save_videos(videos: torch.Tensor | list[torch.Tensor], out: Path, names: list[str], fps: float,
-                grid: str = "grid.png") -> list[Path]:
-    """MP4 + GIF per video and ``grid`` with every video's frames in a row (videos of different
-    lengths hold their last frame in the grid)."""
-    from PIL import Image
-
+def write_videos(videos: torch.Tensor | list[torch.Tensor], out: Path, names: list[str], fps: float) -> list[Path]:
+    """MP4 + GIF per video ``(C, T, H, W)``; the MP4 paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for v, name in zip(videos, names):
         write_video(out / f"{name}.mp4", v, fps)
         write_video(out / f"{name}.gif", v, fps)
         paths.append(out / f"{name}.mp4")
+    return paths
+
+
+def write_grid(videos: torch.Tensor | list[torch.Tensor], path: Path) -> None:
+    """A PNG with every video's frames in a row (videos of different lengths hold their last frame)."""
+    from PIL import Image
+
     longest = max(v.shape[1] for v in videos)
     frames = torch.stack([video_to_uint8(torch.cat([v, v[:, -1:].expand(-1, longest - v.shape[1], -1, -1)], 1))
                           for v in videos])  # (B, T, H, W, C)
     B, T, H, W, C = frames.shape
     step = max(1, T // 8)
     rows = frames[:, ::step].permute(0, 2, 1, 3, 4).reshape(B * H, -1, C)  # rows: videos, columns: frames
-    Image.fromarray(rows.numpy()).save(out / grid)
+    Image.fromarray(rows.numpy()).save(path)
+
+
+def save_videos(videos: torch.Tensor | list[torch.Tensor], out: Path, names: list[str], fps: float,
+                grid: str = "grid.png") -> list[Path]:
+    """`write_videos` and `write_grid` (``out / grid``)."""
+    paths = write_videos(videos, out, names, fps)
+    write_grid(videos, out / grid)
     return paths
 
 
@@ -375,24 +385,25 @@ def run(args: argparse.Namespace) -> int:
         text_encoder = build_text_encoder(export.text_encoder, device=device)
     items = [(p, None) for p in prompts] if prompts else [(None, c) for c in class_ids]
     items = [it for it in items for _ in range(args.num_per_prompt)]
-    videos, names, noise = [], [], []
-    for i in range(0, len(items), args.batch_size):
-        chunk = items[i:i + args.batch_size]
-        seed = sampling.seed + first + i  # an appended run continues the seeds of the folder
-        videos.extend(generate(model, ae, export.latent_norm, prompts=[c[0] for c in chunk] if prompts else None,
-                               class_ids=None if prompts else [c[1] for c in chunk], frames=frames,
-                               height=height, width=width, sampling=sampling, seed_offset=first + i,
-                               text_encoder=text_encoder, device=device, latent_frames=latent_frames,
-                               image=image))
-        names += [f"{first + i + j:04d}" for j in range(len(chunk))]
-        noise += [(seed, j) for j in range(len(chunk))]
     grid = f"grid-{first:04d}.png" if (out / "grid.png").exists() else "grid.png"
-    paths = save_videos(videos, out, names, fps, grid=grid)
     settings = {"steps": sampling.steps, "guidance": sampling.guidance, "shift": sampling.shift,
                 "sampler": sampling.sampler, "fps": fps, "height": height, "width": width, "image": args.image,
                 "checkpoint": str(Path(args.checkpoint).resolve())}
-    index += [{"file": p.name, "prompt": it[0], "class_id": it[1], "seed": seed, "noise_row": row,
-               "frames": v.shape[1], **settings} for p, it, v, (seed, row) in zip(paths, items, videos, noise)]
-    atomic_write_json(out / "index.json", index)
-    print(f"wrote {len(paths)} videos to {out} ({names[0]}..{names[-1]}; index.json, {grid}) at {fps:g} fps")
+    videos, names = [], []
+    for i in range(0, len(items), args.batch_size):
+        chunk = items[i:i + args.batch_size]
+        seed = sampling.seed + first + i  # an appended run continues the seeds of the folder
+        batch = generate(model, ae, export.latent_norm, prompts=[c[0] for c in chunk] if prompts else None,
+                         class_ids=None if prompts else [c[1] for c in chunk], frames=frames,
+                         height=height, width=width, sampling=sampling, seed_offset=first + i,
+                         text_encoder=text_encoder, device=device, latent_frames=latent_frames, image=image)
+        batch_names = [f"{first + i + j:04d}" for j in range(len(chunk))]
+        paths = write_videos(batch, out, batch_names, fps)
+        index += [{"file": p.name, "prompt": it[0], "class_id": it[1], "seed": seed, "noise_row": row,
+                   "frames": v.shape[1], **settings} for row, (p, it, v) in enumerate(zip(paths, chunk, batch))]
+        atomic_write_json(out / "index.json", index)  # each batch is kept as soon as it is made
+        videos.extend(batch)
+        names += batch_names
+    write_grid(videos, out / grid)
+    print(f"wrote {len(names)} videos to {out} ({names[0]}..{names[-1]}; index.json, {grid}) at {fps:g} fps")
     return 0

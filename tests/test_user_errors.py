@@ -351,6 +351,32 @@ def test_append_into_a_folder_without_numbered_videos_keeps_its_files(run, tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["0000.gif", "0000.mp4", "grid-0000.png", "grid.png", "index.json"]
 
 
+def test_an_interrupted_sample_keeps_its_finished_batches(run, tmp_path, capsys, monkeypatch):
+    """Each batch's videos and index.json are written as soon as the batch is made: a Ctrl-C in the
+    second batch leaves the first (status 130); --append then adds after them."""
+    import launch.sample as sample_verb
+
+    real, calls = sample_verb.generate, []
+
+    def generate(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sample_verb, "generate", generate)
+    out = tmp_path / "s"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(_sample(run, out, "--class", "1", "--num-per-prompt", "4", "--batch-size", "2")) == 130
+        assert capsys.readouterr().err.strip().endswith("ldm sample: interrupted")
+        index = json.loads((out / "index.json").read_text())
+        assert [x["file"] for x in index] == ["0000.mp4", "0001.mp4"] and not (out / "grid.png").exists()
+        assert all((out / x["file"]).stat().st_size > 0 for x in index)
+        assert console(_sample(run, out, "--class", "1", "--append")) == 0
+    assert [x["file"] for x in json.loads((out / "index.json").read_text())] == ["0000.mp4", "0001.mp4", "0002.mp4"]
+
+
 def test_sample_prompt_file_and_text_checks(run, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("\n   \n")
     argv = ["sample", "--checkpoint", str(run / "dit"), "--output", str(tmp_path / "s")]
