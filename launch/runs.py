@@ -362,6 +362,20 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal is not None
 
+    def flag(self, device: torch.device | str) -> Tensor:
+        """This rank's request as a 0-d float on ``device`` (a fill, no copy from the host), for the
+        step's all-reduce: the mean is > 0 when any rank was asked to stop."""
+        return torch.full((), float(self.requested), device=device)
+
+    @property
+    def cause(self) -> str:
+        """What stopped the run: this rank's signal, or another rank's (every rank stops together)."""
+        return self.signal or "a signal to another rank"
+
+    def message(self, step: int, steps: int, where: Path) -> str:
+        return (f"stopped at step {step} of {steps} ({self.cause}); checkpoint saved in {where}: run the same "
+                "command to resume")
+
     def _handle(self, signum: int, frame) -> None:
         import signal
 

@@ -575,7 +575,6 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
     t_last, step_last = time.perf_counter(), step
     profiler = runs.StepProfiler(cfg.profile, out / "profile", env.rank, step, device.type == "cuda")
     stop, stopping = runs.StopRequest(), False
-    asked = {False: torch.zeros((), device=device), True: torch.ones((), device=device)}  # no copy per step
     try:
         while step < cfg.steps and not stopping:
             engine.train()
@@ -590,7 +589,7 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
                 # the loop's one host sync per micro-batch: backward must not start on a bad loss. The
                 # same read tells every rank whether any was asked to stop (SIGTERM, Ctrl-C).
                 finite_mean, stop_mean = dist.all_reduce_mean(
-                    torch.stack([torch.isfinite(loss.detach()).float(), asked[stop.requested]])).tolist()
+                    torch.stack([torch.isfinite(loss.detach()).float(), stop.flag(device)])).tolist()
                 finite, stopping = finite_mean == 1.0, stopping or stop_mean > 0
                 try:
                     applied = nonfinite.check(finite, step + 1, "batch dropped")
@@ -643,11 +642,9 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
     summary = {"steps": step, "losses": losses, "output": str(out), "skipped": dict(data.skipped),
                "dropped_batches": dropped}
     if stopping and step < cfg.steps:
-        # the signal may have come to another rank: this one reports what all of them did
-        summary["stopped"] = stop.signal or "a signal to another rank"
+        summary["stopped"] = stop.cause
         if dist.is_main():
-            print(f"stopped at step {step} of {cfg.steps} ({summary['stopped']}); checkpoint saved in {out}: "
-                  "run the same command to resume", flush=True)
+            print(stop.message(step, cfg.steps, out), flush=True)
     return summary
 
 

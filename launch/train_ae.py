@@ -590,8 +590,8 @@ class AETrainer:
             out = self.model(video, self.generator, cond)
             total, logs = self.loss_fn.generator_loss(video, out, self.step, self.last_layer)
         # one read per step: is the loss finite on every rank, and was any rank asked to stop
-        asked = float(self.stop is not None and self.stop.requested)
-        flags = torch.stack([torch.isfinite(total).float(), torch.full((), asked, device=total.device)])
+        asked = self.stop.flag(total.device) if self.stop is not None else total.new_zeros((), dtype=torch.float32)
+        flags = torch.stack([torch.isfinite(total).float(), asked])
         finite, stop = dist.all_reduce_mean(flags).tolist()
         self.stopping = self.stopping or stop > 0
         if finite < 1.0:
@@ -704,9 +704,8 @@ class AETrainer:
         del batches  # stops the loader's workers before the final export
         if self.stopping and self.step < cfg.steps:
             if self.main:
-                print(f"stopped at step {self.step} of {cfg.steps} ({self.stop.signal or 'a signal to another rank'}); "
-                      f"checkpoint saved in {self.ckpt_root}: run the same command to resume", flush=True)
-            return {"stopped": self.stop.signal or "a signal to another rank", "steps": self.step}
+                print(self.stop.message(self.step, cfg.steps, self.ckpt_root), flush=True)
+            return {"stopped": self.stop.cause, "steps": self.step}
         return self._finish(start_step, losses, self.train_time, log_path)
 
     def _train_steps(self, batches, bar, nonfinite, profiler, log_path: Path, losses: list[float],
