@@ -89,6 +89,15 @@ def class_id(shape: str, color: str, direction: str) -> int:
     return (s * len(COLORS) + c) * len(DIRECTIONS) + d
 
 
+def class_space(input: str | Path) -> int:
+    """``NUM_CLASSES`` when ``input`` (a folder, or a video / shard file or brace pattern in one) is a
+    set written by `synth_dataset` (its folder holds ``synth.json``), else 0: a synthetic set's class
+    ids index the whole space, whichever of them its clips happen to use."""
+    path = Path(input)
+    folder = path if path.is_dir() else path.parent
+    return NUM_CLASSES if (folder / "synth.json").is_file() else 0
+
+
 def class_attributes(cid: int) -> dict[str, str]:
     """Inverse of `class_id`: ``dict(shape, color, direction)``."""
     if not 0 <= int(cid) < NUM_CLASSES:

@@ -224,6 +224,19 @@ def _conditioning(model, export: Export, use_class: bool | None) -> tuple[bool, 
     return text, cls
 
 
+def check_suite_classes(model, suite: list[dict[str, Any]]) -> None:
+    """The DiT's class embedding holds every class id of the suite (`ValueError` otherwise: a DiT
+    trained on latents whose manifest counted fewer classes, e.g. extracted before synthetic sets
+    declared their whole id space)."""
+    known, worst = model.config.num_classes, max(suite, key=lambda c: c["class_id"])
+    top = worst["class_id"]
+    if top >= known:
+        raise ValueError(f"the prompt suite uses class ids up to {top} ({worst['prompt']!r}), but this DiT "
+                         f"knows {known} classes (ids 0 to {known - 1}); choose --shapes / --colors / --directions "
+                         f"within its classes, or train on latents extracted with "
+                         f"--num-classes {top + 1} or more")
+
+
 def attribute_benchmark(model, ae: Autoencoder, export: Export, suite: list[dict[str, Any]], *,
                         per_prompt: int, frames: int, height: int, width: int,
                         sampling: SamplingConfig = SamplingConfig(),
@@ -240,6 +253,8 @@ def attribute_benchmark(model, ae: Autoencoder, export: Export, suite: list[dict
     if per_prompt < 1 or not suite:
         raise ValueError("the attribute benchmark needs a non-empty suite and per_prompt >= 1")
     use_text, use_cls = _conditioning(model, export, use_class)
+    if use_cls:
+        check_suite_classes(model, suite)
     if use_text and text_encoder is None:
         from ldm.text import build_text_encoder
         text_encoder = build_text_encoder(export.text_encoder, device=device)
@@ -726,8 +741,8 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     with checking(f"--frames {frames} --height {height} --width {width}"):
         ae.check_input(frames, height, width)
     with checking():
-        if args.attributes:
-            _conditioning(model, export, True if args.use_class else None)
+        if args.attributes and _conditioning(model, export, True if args.use_class else None)[1]:
+            check_suite_classes(model, attribute_suite(args.shapes, args.colors, args.directions, args.holdout))
         if args.reference and args.samples is None:
             _conditioning(model, export, None)
     sampling = sampling_from_args(args)

@@ -47,6 +47,7 @@ from autoencoders.tiling import configure_inference
 from data import shards
 from data.manifest import MANIFEST, Counts, Manifest
 from data.sources import VideoClipDataset, list_items
+from data.synth import class_space
 from data.video import VideoError, Window, Windows, probe, read_clips
 from launch import dist, runs
 from launch.cli import config_flag
@@ -85,6 +86,7 @@ class ExtractConfig:
     seed: int = 0
     clips_per_video: int | None = None  # None: 1, or 0 with clip_stride (data.video.Windows.from_flags)
     clip_stride: int | None = None
+    num_classes: int = 0  # class-id space of the DiT's class embedding; 0 = the data's (`class_count`)
 
 
 # settings that may differ when an extraction is run again into its folder (they do not change
@@ -131,6 +133,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="precision the autoencoder runs in (weights and activations): auto = bf16 on CUDA, fp32 on the CPU. "
            "Latents are stored as fp32 either way")
     a("--text-encoder", help="cache caption embeddings: builtin | t5:DIR | clip:DIR")
+    a("--num-classes", type=int, metavar="N",
+      help="class ids the data's labels index, 0..N-1 (default 0 = from the data: the whole id space of a "
+           "`ldm data synth` set, else the largest id + 1)")
     a("--verify", type=int, metavar="K", help="decode K random latents, report PSNR vs source")
     a("--device", choices=["auto", "cpu", "cuda"])
     a("--seed", type=int, help="seed of random weights (registered name, no checkpoint)")
@@ -147,7 +152,8 @@ def check_config(cfg: ExtractConfig) -> None:
     for flag, value in positive.items():
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    for flag, value in {"--verify": cfg.verify, "--chunk-frames": cfg.chunk_frames, "--batch-size": cfg.batch_size}.items():
+    for flag, value in {"--verify": cfg.verify, "--chunk-frames": cfg.chunk_frames, "--batch-size": cfg.batch_size,
+                        "--num-classes": cfg.num_classes}.items():
         if value < 0:
             raise UserError(f"{flag} must be >= 0, got {value}" + (" (0 = auto)" if flag == "--batch-size" else ""))
     if cfg.num_workers < -1:
@@ -266,6 +272,22 @@ def run_binding(cfg: ExtractConfig, record: AERecord, dtype: torch.dtype, items:
     return runs.binding_record(cfglib.to_dict(cfg), HARMLESS, facts)
 
 
+def class_count(cfg: ExtractConfig, items: list) -> int:
+    """The manifest's ``num_classes`` (the DiT's class embedding has that many rows): ``--num-classes``,
+    else the whole id space of a synthetic set (`data.synth.class_space`: its clips may not use every
+    id, and the attribute benchmark asks for all of them), else the largest label + 1 (0: no labels)."""
+    labelled = max((it.class_id for it in items if it.class_id is not None), default=-1) + 1
+    declared = cfg.num_classes or class_space(cfg.input)
+    if cfg.num_classes and not labelled:
+        raise UserError(f"--num-classes {cfg.num_classes}: no video of {cfg.input} has a class id (a class_id or label "
+                        "column of the captions, or a shard's .cls)")
+    if declared and labelled > declared:
+        worst = next(it for it in items if it.class_id == labelled - 1)
+        raise UserError(f"{worst.key} has class id {labelled - 1}, outside --num-classes {declared} (ids 0 to "
+                        f"{declared - 1}); give a larger --num-classes, or 0 to count them from the data")
+    return declared or labelled
+
+
 def _clip_spec(cfg: ExtractConfig) -> ClipSpec:
     windows = Windows.from_flags(cfg.clips_per_video, cfg.clip_stride)
     return ClipSpec(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps,
@@ -338,6 +360,7 @@ def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str,
     items = list_items(cfg.input, cfg.captions)
     if not items:
         raise UserError(f"no videos found in {cfg.input}")
+    class_count(cfg, items)  # a label outside --num-classes: clear error before any work
     clips = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, cfg.fps)
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     mine = dist.shard_list(list(range(n_shards)), env.rank, env.world_size)
@@ -591,7 +614,7 @@ def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size
         stats=stats.summary(), shards=tuple(shard_list), skipped=tuple(skipped),
         input_problems=tuple(getattr(items, "problems", [])), text_encoder=cfg.text_encoder, text_dim=text_dim,
         text_tokens=round(text_tokens / written) if written else 0,
-        num_classes=max((it.class_id for it in items if it.class_id is not None), default=-1) + 1,
+        num_classes=class_count(cfg, items),
         shard_size=cfg.shard_size, dtype=dtype, tile=cfg.tile, world_size=world_size)
     manifest = Manifest.from_dict(manifest.to_dict())  # JSON-normalised (what readers see), and checked
     manifest.write(out)

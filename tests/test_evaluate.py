@@ -1,5 +1,6 @@
 """`ldm eval`: FVD / FID extractors loaded from user files (tiny scripted stand-ins saved and loaded
 through the real loaders), reconstruction metrics, the attribute benchmark, the VBench bridge."""
+import dataclasses
 import hashlib
 import json
 import sys
@@ -222,6 +223,22 @@ def test_eval_gen_attributes_cli(run_dir, tmp_path, capsys):
     assert r["accuracy"]["n"] == 4 and len(r["rows"]) == 4 and r["conditioning"] == {"text": True, "class": True}
     assert all((tmp_path / "g" / "attribute_videos" / row["file"]).exists() for row in r["rows"])
     assert r["sample_s_per_video"] > 0
+
+
+def test_eval_gen_refuses_class_ids_the_dit_does_not_know(run_dir, tmp_path):
+    model, context = dit.load_export(run_dir)
+    few = tmp_path / "few"  # the same DiT with 40 classes: the suite's ids reach 219
+    dcfg = dataclasses.replace(model.config, num_classes=40)
+    dit.save_export(few / "export", dit.VideoDiT(dcfg).state_dict(), dcfg, context)
+    args = ["eval", "gen", "--checkpoint", str(few), "--output", str(tmp_path / "g"), "--attributes", "--use-class",
+            "--steps", "1", "--device", "cpu"]
+    with pytest.raises(UserError, match=r"class ids up to 219 \('a white diamond moving down'\), but this DiT knows "
+                                        r"40 classes \(ids 0 to 39\)"), pytest.warns(UserWarning, match="RANDOM"):
+        ldm(args)
+    assert not (tmp_path / "g").exists()
+    with pytest.warns(UserWarning, match="RANDOM"):  # a suite within its classes runs
+        ldm(args + ["--per-prompt", "1", "--shapes", "circle", "--colors", "red", "--directions", "left"])
+    assert json.loads((tmp_path / "g" / "result.json").read_text())["attributes"]["accuracy"]["n"] == 1
 
 
 def test_fvd_fid_of_generated_folders(files, run_dir, tmp_path):

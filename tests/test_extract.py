@@ -12,7 +12,7 @@ import torch
 
 from data import shards
 from data.manifest import load_manifest
-from data.synth import synth_dataset
+from data.synth import NUM_CLASSES, synth_dataset
 from data.video import write_frames
 from launch.cli import main as ldm
 from ldm.errors import UserError
@@ -42,7 +42,7 @@ def test_extract_writes_shards_and_manifest(videos, tmp_path):
     assert [s["name"] for s in m.shards] == [shards.SHARD_NAME.format(j) for j in range(3)]
     assert m.latent_spec["latent_shape"] == {"z": [4, 8, 4, 4]} and m.form == "grid"
     assert len(m.stats["z"]["mean"]) == 4 and all(s > 0 for s in m.stats["z"]["std"])
-    assert m.num_classes > 0 and m.text_dim > 0 and m.verify["k"] == 2
+    assert m.num_classes == NUM_CLASSES and m.text_dim > 0 and m.verify["k"] == 2  # a synthetic set's whole id space
     samples = shards.read_all(tmp_path / "lat")
     meta = [json.loads(line) for line in (videos / "metadata.jsonl").read_text().splitlines()]
     assert [s["cond"]["caption"] for s in samples] == [r["caption"] for r in sorted(meta, key=lambda r: r["key"])]
@@ -53,6 +53,31 @@ def test_extract_writes_shards_and_manifest(videos, tmp_path):
     torch.manual_seed(0)
     ae = autoencoders.build(AE)
     assert ae.decode(samples[0]["latent"]).shape == (1, 3, 8, 32, 32)
+
+
+def test_class_count_declared_or_counted(videos, tmp_path):
+    from types import SimpleNamespace
+
+    from launch.extract import ExtractConfig, class_count
+
+    items = [SimpleNamespace(key=f"v{i}", class_id=c) for i, c in enumerate([3, None, 7])]
+    cfg = ExtractConfig(input=str(tmp_path), output=str(tmp_path / "o"))  # not a synthetic set
+    assert class_count(cfg, items) == 8  # the largest label + 1
+    assert class_count(ExtractConfig(input=str(videos), output="o"), items) == NUM_CLASSES
+    sharded = tmp_path / "sharded"  # a synthetic set in shards, given as one shard or a brace pattern
+    synth_dataset(sharded, num=2, frames=2, size=16, layout="shards", shard_size=1)
+    for given in ("shard-000000.tar", "shard-{000000..000001}.tar"):
+        assert class_count(ExtractConfig(input=str(sharded / given), output="o"), items) == NUM_CLASSES
+    assert class_count(dataclasses.replace(cfg, num_classes=20), items) == 20
+    assert class_count(cfg, [SimpleNamespace(key="v", class_id=None)]) == 0
+    with pytest.raises(UserError, match="v2 has class id 7, outside --num-classes 5"):
+        class_count(dataclasses.replace(cfg, num_classes=5), items)
+    with pytest.raises(UserError, match="--num-classes 5: no video of .* has a class id"):
+        class_count(dataclasses.replace(cfg, num_classes=5), items[1:2])
+    # through the verb: refused before the output folder appears
+    with pytest.raises(UserError, match="outside --num-classes 3"), pytest.warns(UserWarning, match="RANDOM"):
+        _extract(videos, tmp_path / "few", "--num-classes", "3")
+    assert not (tmp_path / "few").exists()
 
 
 def test_resume_skips_finished_shards_and_matches(videos, tmp_path):
