@@ -386,7 +386,8 @@ def _list_shards(shards: list[Path]) -> ItemList:
                     if not m.isfile():
                         continue
                     key, ext = _split_member(m.name)
-                    sample = samples.setdefault(key, {"videos": []})
+                    sample = samples.setdefault(key, {"videos": [], "members": []})
+                    sample["members"].append(ext)
                     if ext.rsplit(".", 1)[-1] in SHARD_VIDEO_EXTENSIONS:
                         sample["videos"].append(m)
                     elif ext in ("txt", "json", "cls"):
@@ -407,8 +408,8 @@ def _list_shards(shards: list[Path]) -> ItemList:
 
 def _shard_item(shard: Path, key: str, sample: dict[str, Any], problems: list[str]) -> VideoItem | None:
     if not sample["videos"]:
-        others = sorted(k for k in sample if k != "videos")
-        _report(problems, f"shard {shard}: sample {key!r} has no video member (has: {', '.join(others) or 'nothing'})")
+        _report(problems, f"shard {shard}: sample {key!r} has no video member (has: "
+                          f"{', '.join(sorted(sample['members'])) or 'nothing'})")
         return None
     video = sorted(sample["videos"], key=lambda m: m.name)[0]
     meta: dict[str, Any] = {}

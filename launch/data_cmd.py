@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
+from data.manifest import MANIFEST
 from data.sources import list_items
 from data.synth import COLORS, DIRECTIONS, NUM_CLASSES, SHAPES, synth_dataset
 from data.video import VideoError, Windows, check_video, plan_windows
@@ -121,7 +123,82 @@ def _broken(items: list) -> list[tuple[str, str]]:
     return broken
 
 
+def _parts(shape: dict[str, list[int]]) -> str:
+    return ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shape.items())
+
+
+def _list_latents(args: argparse.Namespace, folder: Path) -> int:
+    """An ``ldm extract`` output folder: what its manifest records and, with ``--check``, whether
+    every sample of every shard reads (`data.shards.decode_sample`, the trainer's own checks)."""
+    from collections import Counter
+
+    from data import shards
+    from data.manifest import load_manifest
+
+    if (args.frames, args.fps, args.clips_per_video, args.clip_stride, args.captions) != (None,) * 5:
+        raise UserError(f"{folder} holds latent shards (`ldm extract` output): --frames / --fps / --clips-per-video / "
+                        "--clip-stride / --captions are about video inputs; give the videos the latents came from")
+    try:
+        m = load_manifest(folder)
+    except ValueError as e:
+        raise UserError(f"{folder / MANIFEST} cannot be read ({e})") from None
+    ae, v = m.autoencoder, m.video
+    weights = (f"weights {ae.checkpoint} (sha256 {ae.checkpoint_hash[:12]})" if ae.checkpoint_hash
+               else f"RANDOM weights (seed {ae.seed})")
+    per_video = {None: "", 0: ", every window"}.get(v.clips_per_video, f", {v.clips_per_video} per video")
+    if v.clip_stride:
+        per_video = f", one every {v.clip_stride} frames"
+    print(f"latent shards in {folder} (`ldm extract`): {m.counts.written} clips from {m.counts.inputs} videos in "
+          f"{len(m.shards)} shards, {m.counts.skipped} videos skipped")
+    print(f"  autoencoder: {ae.name} ({ae.family}), {weights}; encoded in {m.dtype}"
+          + (f", tiles {m.tile}" if m.tile else ""))
+    rate = f"{v.clip_fps:g} fps" if v.clip_fps else "their native rate"
+    print(f"  clips: {v.frames}x{v.height}x{v.width}, played at {rate}{per_video}")
+    shapes = [_parts(s) for s in m.latent_shapes] if m.mixed_shapes else [_parts(m.latent_spec["latent_shape"])]
+    print(f"  latent ({m.form}): {'; '.join(shapes)}")
+    text = (f"{m.text_encoder} embeddings (dim {m.text_dim}, ~{m.text_tokens} tokens)" if m.text_encoder
+            else "no text embeddings")
+    print(f"  conditioning: {text}; {m.num_classes or 'no'} class ids")
+    for part, st in m.stats.items():
+        std = " ".join(f"{x:.3g}" for x in st["std"][:16])
+        more = f" ... ({len(st['std'])} channels)" if len(st["std"]) > 16 else ""
+        print(f"  {part}: per-channel std {std}{more} over {st['count']} positions")
+    for sk in m.skipped[: args.show]:
+        print(f"  - skipped {sk['key']}: {sk['reason']}")
+    if len(m.skipped) > args.show:
+        print(f"  ... {len(m.skipped) - args.show} more skipped (all in {MANIFEST})")
+    if not args.check:
+        return 0
+    expect = None if m.mixed_shapes else m.parts
+    bad: list[str] = []
+    for entry in m.shards:
+        url, counters, n = str(folder / entry["name"]), Counter(), 0
+        if not Path(url).is_file():
+            bad.append(f"{entry['name']}: missing")
+            continue
+        for raw in shards.iter_shard(url, counters):
+            try:
+                shards.decode_sample(raw, expect)
+                n += 1
+            except shards.SampleError as e:
+                bad.append(f"{entry['name']}: {e}")
+        if counters["bad_shard"]:
+            bad.append(f"{entry['name']}: truncated or unreadable after {n} good samples")
+        elif n != entry["count"] and not any(b.startswith(entry["name"]) for b in bad):
+            bad.append(f"{entry['name']}: {n} samples, the manifest says {entry['count']}")
+    print(f"checked {len(m.shards)} shards (every sample read): " + (f"{len(bad)} problem(s):" if bad else "all good"))
+    for b in bad:
+        print(f"  - {b}")
+    return 1 if bad else 0
+
+
 def _list(args: argparse.Namespace) -> int:
+    folder = Path(args.input)
+    if folder.is_dir() and (folder / MANIFEST).is_file():
+        return _list_latents(args, folder)
+    if folder.is_dir() and any(folder.glob("shard-*.json")):
+        raise UserError(f"{folder} holds an unfinished `ldm extract` output (shard sidecars, no {MANIFEST} yet): "
+                        "run the same extraction again to finish it")
     counts = None
     if args.frames is None and (args.fps, args.clips_per_video, args.clip_stride) != (None, None, None):
         raise UserError("--fps / --clips-per-video / --clip-stride count clips: give --frames too")

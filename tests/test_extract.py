@@ -80,6 +80,39 @@ def test_class_count_declared_or_counted(videos, tmp_path):
     assert not (tmp_path / "few").exists()
 
 
+def test_data_list_describes_and_checks_a_latent_folder(videos, tmp_path, capsys):
+    import shutil
+
+    from launch.cli import console
+
+    with pytest.warns(UserWarning, match="RANDOM"):
+        _extract(videos, tmp_path / "lat", "--text-encoder", "builtin")
+    capsys.readouterr()
+    assert console(["data", "list", "--input", str(tmp_path / "lat"), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "7 clips from 7 videos in 3 shards, 0 videos skipped" in out
+    assert f"{AE} (kl2d), RANDOM weights (seed 0); encoded in fp32" in out
+    assert "clips: 8x32x32, played at 8 fps" in out and "latent (grid): z:4x8x4x4" in out
+    assert "conditioning: builtin embeddings" in out and f"{NUM_CLASSES} class ids" in out
+    assert "z: per-channel std" in out and "all good" in out
+    bad = tmp_path / "bad"  # a truncated shard and a sample whose latent has the wrong shape
+    shutil.copytree(tmp_path / "lat", bad)
+    blob = (bad / "shard-000001.tar").read_bytes()
+    (bad / "shard-000001.tar").write_bytes(blob[: len(blob) // 2])
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["latent_spec"]["latent_shape"]["z"] = [4, 8, 2, 2]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    assert console(["data", "list", "--input", str(bad), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "shard-000001.tar: truncated or unreadable after" in out
+    assert "shard-000000.tar: sample 000000000: part 'z' has shape (4, 8, 4, 4), expected (4, 8, 2, 2)" in out
+    (bad / "manifest.json").unlink()  # sidecars without a manifest: an unfinished extraction
+    assert console(["data", "list", "--input", str(bad)]) == 2
+    assert "unfinished `ldm extract` output" in capsys.readouterr().err
+    assert console(["data", "list", "--input", str(tmp_path / "lat"), "--frames", "8"]) == 2
+    assert "holds latent shards" in capsys.readouterr().err
+
+
 def test_resume_skips_finished_shards_and_matches(videos, tmp_path):
     _extract(videos, tmp_path / "a")
     digest = shards.raw_bytes_digest(tmp_path / "a")
