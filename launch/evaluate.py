@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 
 from autoencoders import Autoencoder, resolve, resolve_record
+from autoencoders.tiling import configure_inference
 from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, probe, read_video, write_video
 from dit import Export, load_export
@@ -562,6 +563,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision the autoencoder runs in (auto: bf16 on CUDA, fp32 on the CPU)")
+    _memory_args(r, "encode and decode")
 
     g = sub.add_parser("gen", help="generation quality of a trained DiT")
     g.add_argument("--checkpoint", required=True, help="an `ldm train` run folder or its export/")
@@ -579,6 +581,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision the DiT and the autoencoder run in (auto: bf16 on CUDA, fp32 on the CPU)")
+    _memory_args(g, "decode")
     g.add_argument("--attributes", action="store_true", help="the offline attribute benchmark")
     g.add_argument("--per-prompt", type=int, default=4)
     g.add_argument("--shapes", nargs="+")
@@ -601,6 +604,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vbench-gpus", type=int, default=1)
 
 
+def _memory_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--tile`` / ``--chunk-frames`` as on `ldm reconstruct` (`autoencoders.tiling.configure_inference`)."""
+    p.add_argument("--tile", help=f"{what} large frames in blended spatial tiles: TILE or TILE:OVERLAP pixels")
+    p.add_argument("--chunk-frames", type=int, default=0,
+                   help="stream long clips this many frames at a time (IV-VAE, H3AE, causal3d)")
+
+
 def _metric_args(p: argparse.ArgumentParser, lpips: bool = True) -> None:
     if lpips:
         p.add_argument("--lpips-backbone", help="torchvision VGG16 / AlexNet weights file (e.g. vgg16-397923af.pth)")
@@ -619,6 +629,7 @@ def check_args(args: argparse.Namespace) -> None:
                "--batch-size": args.batch_size, "--fvd-frames": args.fvd_frames,
                **({"--per-prompt": args.per_prompt, "--vbench-per-prompt": args.vbench_per_prompt,
                    "--vbench-gpus": args.vbench_gpus, "--vbench-max-prompts": args.vbench_max_prompts} if gen else {})}, 1)
+    check_min({"--chunk-frames": args.chunk_frames}, 0)
     if not gen:
         check_min({"--frame-group": args.frame_group, "--group-start": args.group_start}, 0)
     if args.fps is not None and not args.fps > 0:
@@ -704,6 +715,8 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         ae, name, ckpt_hash = resolve(args.autoencoder, args.checkpoint or args.ae_path, subfolder=args.ae_subfolder)
     with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
         ae.check_input(args.frames, args.height, args.width)
+    with checking():
+        configure_inference(ae, args.tile, args.chunk_frames)
     text_encoder = None
     if args.text_encoder:
         from ldm.text import build_text_encoder
@@ -717,7 +730,7 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                                      group_start=args.group_start, text_encoder=text_encoder, grid=args.grid,
                                      dtype=compute_dtype(args.dtype, device))
     result = {"autoencoder": name, "checkpoint": args.checkpoint, "checkpoint_hash": ckpt_hash, "input": args.input,
-              **result}
+              "tile": args.tile, "chunk_frames": args.chunk_frames, **result}
     if lpips is not None:
         result["lpips"]["backbone_sha256"] = file_sha256(args.lpips_backbone)
         result["lpips"]["heads_sha256"] = file_sha256(args.lpips_heads)
@@ -741,6 +754,7 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     with checking(f"--frames {frames} --height {height} --width {width}"):
         ae.check_input(frames, height, width)
     with checking():
+        configure_inference(ae, args.tile, args.chunk_frames)
         if args.attributes and _conditioning(model, export, True if args.use_class else None)[1]:
             check_suite_classes(model, attribute_suite(args.shapes, args.colors, args.directions, args.holdout))
         if args.reference and args.samples is None:
@@ -752,7 +766,8 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     common = dict(sampling=sampling, batch_size=args.batch_size, device=device)
     result: dict[str, Any] = {"checkpoint": args.checkpoint, "autoencoder": export.autoencoder.name,
-                              "frames": frames, "height": height, "width": width}
+                              "frames": frames, "height": height, "width": width, "tile": args.tile,
+                              "chunk_frames": args.chunk_frames}
     if args.attributes:
         suite = attribute_suite(args.shapes, args.colors, args.directions, args.holdout)
         (out / "attribute_videos").mkdir(exist_ok=True)

@@ -128,6 +128,24 @@ def test_eval_recon_cli(files, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["clips"] == 6
 
 
+def test_eval_recon_tiles_and_chunks(files, tmp_path):
+    def recon(name, *extra):
+        with pytest.warns(UserWarning, match="RANDOM"):
+            ldm(["eval", "recon", "--autoencoder", "causal3d-f4x8c4-debug", "--input", str(files / "videos"),
+                 "--frames", "5", "--height", "32", "--width", "32", "--num", "2", "--output", str(tmp_path / name),
+                 "--device", "cpu", *extra])
+        return json.loads((tmp_path / name).read_text())
+
+    plain, chunked = recon("plain.json"), recon("chunked.json", "--chunk-frames", "4")
+    assert (chunked["chunk_frames"], chunked["tile"], plain["chunk_frames"]) == (4, None, 0)
+    assert chunked["psnr_db"]["mean"] == pytest.approx(plain["psnr_db"]["mean"], abs=1e-3)  # causal streaming
+    tiled = recon("tiled.json", "--tile", "16:8")
+    assert tiled["tile"] == "16:8" and tiled["psnr_db"]["mean"] != plain["psnr_db"]["mean"]
+    with pytest.raises(UserError, match="tile must be a positive multiple of the spatial factor 8, got 12"):
+        recon("bad.json", "--tile", "12")
+    assert not (tmp_path / "bad.json").exists()
+
+
 def test_recon_metrics_are_right_for_a_perfect_autoencoder(files):
     class Identity(autoencoders.Autoencoder):
         family = "identity-test"
@@ -218,8 +236,10 @@ def test_eval_gen_attributes_cli(run_dir, tmp_path, capsys):
     with pytest.warns(UserWarning, match="RANDOM"):
         ldm(["eval", "gen", "--checkpoint", str(run_dir), "--output", str(tmp_path / "g"), "--attributes",
              "--per-prompt", "1", "--shapes", "circle", "square", "--colors", "red", "--directions", "left", "right",
-             "--steps", "2", "--use-class", "--device", "cpu"])
-    r = json.loads((tmp_path / "g" / "result.json").read_text())["attributes"]
+             "--steps", "2", "--use-class", "--device", "cpu", "--tile", "16:8"])
+    result = json.loads((tmp_path / "g" / "result.json").read_text())
+    assert result["tile"] == "16:8"
+    r = result["attributes"]
     assert r["accuracy"]["n"] == 4 and len(r["rows"]) == 4 and r["conditioning"] == {"text": True, "class": True}
     assert all((tmp_path / "g" / "attribute_videos" / row["file"]).exists() for row in r["rows"])
     assert r["sample_s_per_video"] > 0
