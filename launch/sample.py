@@ -405,5 +405,6 @@ def run(args: argparse.Namespace) -> int:
         videos.extend(batch)
         names += batch_names
     write_grid(videos, out / grid)
-    print(f"wrote {len(names)} videos to {out} ({names[0]}..{names[-1]}; index.json, {grid}) at {fps:g} fps")
+    what = f"{len(names)} videos ({names[0]}..{names[-1]})" if len(names) > 1 else f"1 video ({names[0]})"
+    print(f"wrote {what} to {out} (index.json, {grid}) at {fps:g} fps")
     return 0
