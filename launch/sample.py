@@ -1,7 +1,7 @@
 """``ldm sample``: videos from text prompts or class labels with a trained DiT + its autoencoder.
 
     ldm sample --checkpoint runs/dit --prompt "a red circle moving left" --output samples/
-    ldm sample --checkpoint runs/dit --class 3 --num-frames 17 --height 64 --width 64 --guidance 4
+    ldm sample --checkpoint runs/dit --class 3 --frames 17 --height 64 --width 64 --guidance 4
     ldm sample --checkpoint runs/hivae-gen --class 3 --image first.png --output i2v/
 
 The DiT export (``dit.load_export``) carries the typed ``Export`` context: the autoencoder it was
@@ -80,12 +80,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "cropped to --height x --width), held fixed while the motion is sampled (Hi-VAE generators)")
     p.add_argument("--ae-checkpoint", help="autoencoder weights, or a diffusers VAE folder (default: the path "
                    "recorded at extraction)")
-    p.add_argument("--num-frames", type=int, help="default: the training clips' length")
+    p.add_argument("--frames", "--num-frames", dest="num_frames", type=int,
+                   help="video frames to sample (default: the training clips' length); as --frames on every verb")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--latent-frames", type=int, help="variable-rate autoencoders (MTC-VAE): latent length "
                         "to generate (default: the longest, every segment at the base rate)")
     budget.add_argument("--rate", type=float, help="variable-rate autoencoders: average temporal rate budget, "
-                        "sets the latent length for --num-frames")
+                        "sets the latent length for --frames")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     add_sampling_arguments(p)
@@ -257,7 +258,7 @@ def save_videos(videos: torch.Tensor | list[torch.Tensor], out: Path, names: lis
 def check_args(args: argparse.Namespace) -> None:
     """The numbers and texts of a ``ldm sample`` command are usable (`UserError` otherwise)."""
     for flag, value in {"--steps": args.steps, "--num-per-prompt": args.num_per_prompt,
-                        "--batch-size": args.batch_size, "--num-frames": args.num_frames, "--height": args.height,
+                        "--batch-size": args.batch_size, "--frames": args.num_frames, "--height": args.height,
                         "--width": args.width, "--latent-frames": args.latent_frames}.items():
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
@@ -360,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
     video = export.video
     frames = args.num_frames or video.frames
     height, width = args.height or video.height, args.width or video.width
-    with checking(f"--num-frames {frames} --height {height} --width {width}"):
+    with checking(f"--frames {frames} --height {height} --width {width}"):
         ae.check_input(frames, height, width)
     fps = args.fps or video.clip_fps or video.fps or DEFAULT_FPS
     latent_frames = args.latent_frames
@@ -375,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
             image = load_image(args.image, height, width)
         except OSError as e:  # PIL.UnidentifiedImageError and unreadable files
             raise UserError(f"--image {args.image}: not an image Pillow can read ({e})") from None
-    with checking(f"--num-frames {frames} --height {height} --width {width}"):
+    with checking(f"--frames {frames} --height {height} --width {width}"):
         spec = ae.latent_spec(frames, height, width)
     with checking():
         check_request(model, ae, spec, args.latent_frames, image=bool(args.image))

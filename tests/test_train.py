@@ -292,6 +292,11 @@ def test_sample_cli_writes_videos(latents, tmp_path):
         assert (tmp_path / "s" / x["file"].replace(".mp4", ".gif")).exists()
     assert (tmp_path / "s" / "grid.png").exists()
     ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--class", "2", "--steps", "2", "--output", str(tmp_path / "c")])
+    assert json.loads((tmp_path / "c" / "index.json").read_text())[0]["frames"] == 8  # the training clips'
+    for flag in ("--frames", "--num-frames"):  # --frames as on every verb; --num-frames its older name
+        ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--class", "2", "--steps", "2", flag, "4",
+             "--output", str(tmp_path / flag[2:])])
+        assert json.loads((tmp_path / flag[2:] / "index.json").read_text())[0]["frames"] == 4
 
 
 @pytest.mark.dist
