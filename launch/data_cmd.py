@@ -149,7 +149,7 @@ def _list_latents(args: argparse.Namespace, folder: Path) -> int:
     if v.clip_stride:
         per_video = f", one every {v.clip_stride} frames"
     print(f"latent shards in {folder} (`ldm extract`): {m.counts.written} clips from {m.counts.inputs} videos in "
-          f"{len(m.shards)} shards, {m.counts.skipped} videos skipped")
+          f"{len(m.shards)} shard{'s' * (len(m.shards) != 1)}, {m.counts.skipped} videos skipped")
     print(f"  autoencoder: {ae.name} ({ae.family}), {weights}; encoded in {m.dtype}"
           + (f", tiles {m.tile}" if m.tile else ""))
     rate = f"{v.clip_fps:g} fps" if v.clip_fps else "their native rate"
