@@ -65,7 +65,7 @@ from data.video import VideoError, probe, read_video, write_video
 from dit import Export, load_export
 from launch import dist
 from launch.dist import compute_dtype
-from launch.sample import add_sampling_arguments, check_export, generate, sampling_from_args
+from launch.sample import add_sampling_arguments, check_export, generate, playback_fps, sampling_from_args
 from launch.train_ae import save_grid
 from ldm.checkpoint import atomic_write_json, file_sha256, read_json
 from ldm.errors import MissingInput, UserError, check_min, checking
@@ -464,9 +464,13 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
                   sampling: SamplingConfig = SamplingConfig(), batch_size: int = 8,
                   device: str | torch.device = "cpu", fps: float | None = None) -> dict[str, Any]:
     """FVD / FID between the reference clips and generated ones: the given ``samples`` folder, or
-    one sample per reference clip from its caption (text DiT) or class id."""
+    one sample per reference clip from its caption (text DiT) or class id. Reference (and
+    ``samples``) clips are read at ``fps``, by default the rate the DiT's training clips were
+    resampled to (``export.video.fps``; None: the videos' own), so both sides have the same motion
+    per frame."""
     if i3d is None and inception is None:
         raise ValueError("FVD / FID need --i3d and/or --inception")
+    fps = export.video.fps if fps is None else fps
     accs = {}
     if i3d is not None:
         accs["fvd"] = fvd_accumulator(i3d, fvd_frames)
@@ -504,7 +508,7 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
             for acc in accs.values():
                 acc.update("fake", fake)
     out = {name: acc.result(name) for name, acc in accs.items()}
-    out["reference"] = reference
+    out["reference"], out["read_fps"] = reference, fps
     out["generated"] = samples or "sampled now: one per reference clip (its caption / class id)"
     out["skipped"] = skipped
     return out
@@ -577,7 +581,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int)
     add_sampling_arguments(g)
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--fps", type=float, default=8.0)
+    g.add_argument("--fps", type=float,
+                   help="frame rate of the written videos (default: the training clips' rate, as `ldm sample`)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision the DiT and the autoencoder run in (auto: bf16 on CUDA, fp32 on the CPU)")
@@ -760,6 +765,7 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         if args.reference and args.samples is None:
             _conditioning(model, export, None)
     sampling = sampling_from_args(args)
+    fps = playback_fps(export.video, args.fps)  # of the written videos
     out = Path(args.output)
     if args.overwrite:  # the earlier results go only now that everything is checked and loaded
         clear_earlier_results(out, keep_vbench_videos=args.vbench)
@@ -774,7 +780,7 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         result["attributes"] = attribute_benchmark(model, ae, export, suite, per_prompt=args.per_prompt,
                                                    frames=frames, height=height, width=width,
                                                    use_class=True if args.use_class else None,
-                                                   save_dir=out / "attribute_videos", fps=args.fps, **common)
+                                                   save_dir=out / "attribute_videos", fps=fps, **common)
     if args.reference:
         result["fd"] = generation_fd(model, ae, export, args.reference, frames=frames, height=height, width=width,
                                      num=args.num, i3d=i3d, inception=inception, fvd_frames=args.fvd_frames,
@@ -782,7 +788,7 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     if args.vbench:
         result["vbench"] = vbench_bridge(model, ae, export, out, info=info, dimensions=args.vbench_dimensions,
                                          per_prompt=args.vbench_per_prompt, frames=frames, height=height,
-                                         width=width, fps=args.fps, vbench_python=args.vbench_python,
+                                         width=width, fps=fps, vbench_python=args.vbench_python,
                                          vbench_results=args.vbench_results, gpus=args.vbench_gpus,
                                          max_prompts=args.vbench_max_prompts, replace=args.overwrite, **common)
     atomic_write_json(out / "result.json", result)

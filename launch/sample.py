@@ -45,6 +45,7 @@ from autoencoders.tiling import configure_inference
 from data.video import resize_center_crop, video_to_uint8, write_video
 from dit import load_export
 from ldm import samplers
+from ldm.artifacts import ClipSpec
 from ldm.checkpoint import atomic_write_json, read_json
 from ldm.errors import MissingInput, UserError, checking
 from ldm.latent import Cond, Latent, normalize
@@ -52,6 +53,12 @@ from ldm.layers import COMPILE_MODES
 from ldm.samplers import SamplingConfig
 
 DEFAULT_FPS = 8.0  # videos of an export that does not record its clips' rate
+
+
+def playback_fps(video: ClipSpec, requested: float | None = None) -> float:
+    """The rate generated videos are written at: ``requested`` (``--fps``), else the rate the DiT's
+    training clips play at (``clip_fps``, recorded at extraction), else `DEFAULT_FPS`."""
+    return requested or video.clip_fps or video.fps or DEFAULT_FPS
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -363,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     height, width = args.height or video.height, args.width or video.width
     with checking(f"--frames {frames} --height {height} --width {width}"):
         ae.check_input(frames, height, width)
-    fps = args.fps or video.clip_fps or video.fps or DEFAULT_FPS
+    fps = playback_fps(video, args.fps)
     latent_frames = args.latent_frames
     if args.rate is not None:
         if not ae.variable_rate:

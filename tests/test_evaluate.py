@@ -274,6 +274,20 @@ def test_fvd_fid_of_generated_folders(files, run_dir, tmp_path):
     assert sampled["fvd"]["n_fake"] == 6 and sampled["fvd"]["fvd"] > 0
 
 
+def test_fd_reads_clips_at_the_training_rate(files, run_dir, monkeypatch):
+    model, ae, context = _load(run_dir)
+    rates, read = [], ev._clips
+    monkeypatch.setattr(ev, "_clips", lambda input, frames, h, w, fps, num: rates.append(fps) or
+                        read(input, frames, h, w, fps, num))
+    at4 = dataclasses.replace(context, video=ClipSpec(8, 32, 32, fps=4.0))  # trained on clips resampled to 4 fps
+    kw = dict(frames=4, height=32, width=32, num=None, i3d=metrics.load_i3d(files / "i3d_torchscript.pt"),
+              inception=None, fvd_frames=4, samples=str(files / "videos"))
+    r = ev.generation_fd(model, ae, at4, str(files / "videos"), **kw)
+    assert rates == [4.0, 4.0] and r["read_fps"] == 4.0 and r["fvd"]["n_real"] == 6  # 8 frames at 8 fps hold 4 at 4
+    rates.clear()
+    assert ev.generation_fd(model, ae, context, str(files / "videos"), **kw)["read_fps"] is None and rates == [None] * 2
+
+
 def test_vbench_aggregate_known_answers():
     best = {d: hi for d, (lo, hi) in metrics.VBENCH_NORMALIZE.items()}
     agg = metrics.vbench_aggregate(best)
