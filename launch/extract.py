@@ -105,6 +105,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. shard_size=128")
     p.add_argument(runs.ALLOW_FLAG, dest="allow_change", action="append", metavar="KEY[,KEY]",
                    help=runs.ALLOW_HELP + " (finished shards that differ are encoded again)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings (YAML) and exit; reads and writes nothing")
     a("--autoencoder", help=f"registered name (see `ldm list`; optional with --checkpoint) or "
                             f"{' / '.join(k + ':<what>' for k in sorted(LOADERS))} with --ae-path")
     a("--checkpoint", help="folder written by save_pretrained / `ldm train-ae` (OUTPUT/final)")
@@ -167,6 +169,10 @@ def check_config(cfg: ExtractConfig) -> None:
 
 def run(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k in ExtractConfig.__dataclass_fields__}
+    if args.print_config:
+        with checking():
+            print(cfglib.resolved_yaml(args.config, ExtractConfig, args.overrides, values=flags), end="")
+        return 0
     summary = extract(cfglib.load_yaml(args.config, ExtractConfig, args.overrides, values=flags),
                       runs.parse_allow(args.allow_change))
     if dist.is_main():

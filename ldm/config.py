@@ -182,6 +182,8 @@ def resolved_yaml(path: str | Path | None, cls: type, overrides: list[str] = (),
     out.update({k: None for k in unset})
     note = f"# not set, required to run: {', '.join(unset)}\n" if unset else ""
     text = yaml.safe_dump(out, sort_keys=False, default_flow_style=None)
+    if text.startswith("{"):  # a config of scalars only: one key per line all the same
+        text = yaml.safe_dump(out, sort_keys=False, default_flow_style=False)
     return f"# {cls.__name__} resolved from {path or 'the defaults'}\n{note}{text}"
 
 

@@ -1,0 +1,71 @@
+"""The README is the user's manual: the commands it shows parse, and the flags its verb table
+names exist. (Its prose is read by people; these checks keep the two from drifting apart.)"""
+import argparse
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from launch.cli import VERBS, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+SETTINGS_VERBS = ("train", "train-ae", "extract")  # --print-config resolves their settings without work
+
+
+def readme_commands() -> list[list[str]]:
+    """``ldm`` command lines of the README's code blocks (``ldm VERB ...``, ``$ ldm ...``, or a
+    launcher's ``-m launch.cli VERB ...``), continuation lines joined, comments dropped; printed
+    output (``ldm VERB: error: ...``) and lines with a ``...`` placeholder are left out."""
+    commands = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", README, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip().removeprefix("$ ")
+            start = re.search(r"(?:^ldm|-m launch\.cli)\s+(.*)", line)
+            if start is None or "..." in line:
+                continue
+            argv = shlex.split(start.group(1), comments=True)
+            if argv and not argv[0].endswith(":"):
+                commands.append(argv)
+    return commands
+
+
+def options(verb: str) -> set[str]:
+    """Every option string of ``verb`` and of its sub-commands (``data synth``, ``eval recon``)."""
+    parser = build_parser(verb)._subparsers._group_actions[0].choices[verb]
+    found = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= set(sub._option_string_actions)
+    return found
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_shows_commands_of_every_kind():
+    assert len(COMMANDS) >= 15 and {"data", "train-ae", "extract", "train", "sample", "convert"} <= {c[0] for c in
+                                                                                                    COMMANDS}
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
+def test_readme_command_parses(argv, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # the README's paths are relative to a checkout
+    build_parser(argv[0]).parse_args(argv)  # SystemExit (unknown flag, bad choice) fails the test
+    config = argv[argv.index("--config") + 1] if "--config" in argv else None
+    if argv[0] in SETTINGS_VERBS and (config is None or not config.endswith("X.yaml")):
+        assert main([*argv, "--print-config"]) == 0  # the keys and the config it names exist
+        assert "resolved from" in capsys.readouterr().out
+
+
+def test_verb_table_flags_exist():
+    table = re.search(r"## CLI verbs\n(.*?)\n## ", README, re.S).group(1)
+    rows = re.findall(r"^\| (`ldm [a-z].*?`(?: / `ldm .*?`)?) \|", table, re.M)
+    verbs = [re.match(r"`ldm ([a-z-]+)", r).group(1) for r in rows]
+    assert set(verbs) == set(VERBS)  # one row per verb
+    for verb, row in zip(verbs, rows):
+        named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", row))
+        missing = named - options(verb)
+        assert not missing, f"README's `ldm {verb}` row names {sorted(missing)}, which `ldm {verb}` lacks"
