@@ -36,6 +36,7 @@ class Export:
     text_dim: int | None = None
     text_tokens: int = 0
     num_classes: int = 0
+    flow_shift: float = 1.0  # the timestep shift it was trained with (flow.shift); sampling's default
     version: int = 2
 
     @classmethod

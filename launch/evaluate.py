@@ -764,7 +764,7 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             check_suite_classes(model, attribute_suite(args.shapes, args.colors, args.directions, args.holdout))
         if args.reference and args.samples is None:
             _conditioning(model, export, None)
-    sampling = sampling_from_args(args)
+    sampling = sampling_from_args(args, export)
     fps = playback_fps(export.video, args.fps)  # of the written videos
     out = Path(args.output)
     if args.overwrite:  # the earlier results go only now that everything is checked and loaded

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from autoencoders import Autoencoder, resolve_record
 from autoencoders.tiling import configure_inference
 from data.video import resize_center_crop, video_to_uint8, write_video
-from dit import load_export
+from dit import Export, load_export
 from ldm import samplers
 from ldm.artifacts import ClipSpec
 from ldm.checkpoint import atomic_write_json, read_json
@@ -67,13 +67,17 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="sampler steps")
     p.add_argument("--sampler", choices=sorted(samplers.SAMPLERS), default=d.sampler)
     p.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--shift", type=float, default=d.shift, help="timestep shift of the sampling schedule")
+    p.add_argument("--shift", type=float, default=None,
+                   help="timestep shift of the sampling schedule (default: the DiT's training flow.shift)")
     p.add_argument("--seed", type=int, default=d.seed, help="noise seed of the first batch (batch g: seed + g)")
 
 
-def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
+def sampling_from_args(args: argparse.Namespace, export: Export) -> SamplingConfig:
+    """The sampling flags; ``--shift`` left out samples with the shift ``export``'s DiT was trained with
+    (SD3 uses one shift for both)."""
+    shift = export.flow_shift if args.shift is None else args.shift
     with checking():
-        return SamplingConfig(steps=args.steps, guidance=args.guidance, shift=args.shift, sampler=args.sampler,
+        return SamplingConfig(steps=args.steps, guidance=args.guidance, shift=shift, sampler=args.sampler,
                               seed=args.seed)
 
 
@@ -331,7 +335,6 @@ def run(args: argparse.Namespace) -> int:
     from ldm.layers import compile_blocks
 
     check_args(args)
-    sampling = sampling_from_args(args)
     check_export(args.checkpoint)
     out = Path(args.output)
     first, index = output_start(out, args.append)
@@ -347,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
     device = dist.device_for(dist.dist_env(), args.device)
     dtype = dist.compute_dtype(args.dtype, device)
     model, export = load_export(args.checkpoint, device)
+    sampling = sampling_from_args(args, export)
     n_classes, text = model.config.num_classes, export.text_encoder
     if class_ids is not None:
         if not n_classes:

@@ -215,11 +215,13 @@ def latent_norm_stats(dcfg: DataConfig, manifest: Manifest) -> dict[str, dict[st
     return {part: {"mean": st["mean"], "std": st.get(key, st["std"])} for part, st in manifest.stats.items()}
 
 
-def export_context(manifest: Manifest, latent_norm: dict[str, dict[str, list[float]]]) -> Export:
+def export_context(manifest: Manifest, latent_norm: dict[str, dict[str, list[float]]],
+                   flow_shift: float = 1.0) -> Export:
     """What an export of this run records for sampling (``dit.Export``)."""
     return Export(autoencoder=manifest.autoencoder, video=manifest.video, latent_spec=manifest.latent_spec,
                   form=manifest.form, latent_norm=latent_norm, text_encoder=manifest.text_encoder,
-                  text_dim=manifest.text_dim, text_tokens=manifest.text_tokens, num_classes=manifest.num_classes)
+                  text_dim=manifest.text_dim, text_tokens=manifest.text_tokens, num_classes=manifest.num_classes,
+                  flow_shift=flow_shift)
 
 
 def batch_cond(batch: dict, dcfg: dit.DiTConfig) -> Cond:
@@ -497,7 +499,7 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
     manifest = load_manifests(cfg.data.shards)
     dcfg = make_dit_config(cfg.model, manifest)
     latent_norm = latent_norm_stats(cfg.data, manifest)
-    context = export_context(manifest, latent_norm)
+    context = export_context(manifest, latent_norm, cfg.flow.shift)
     if manifest.mixed_shapes and not cfg.data.buckets:
         raise UserError("the folders in data.shards hold latents of different shapes; set data.buckets=true "
                          "(and data.bucket_batch per shape) to train on them together")

@@ -202,6 +202,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"sampling steps must be >= 1, got {self.steps}")
+        if not self.shift > 0:
+            raise ValueError(f"the sampling shift must be > 0, got {self.shift}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {sorted(SAMPLERS)}")
 

@@ -281,7 +281,7 @@ def test_config_errors(latents, tmp_path):
 
 
 def test_sample_cli_writes_videos(latents, tmp_path):
-    train(_cfg(latents, tmp_path / "r", steps=2, save_every=2))
+    train(_cfg(latents, tmp_path / "r", steps=2, save_every=2, **{"flow.shift": 3.0}))
     with pytest.warns(UserWarning, match="RANDOM"):
         ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--prompt", "a red circle moving left",
              "--prompt", "a blue square moving up", "--steps", "3", "--output", str(tmp_path / "s")])
@@ -292,11 +292,13 @@ def test_sample_cli_writes_videos(latents, tmp_path):
         assert (tmp_path / "s" / x["file"].replace(".mp4", ".gif")).exists()
     assert (tmp_path / "s" / "grid.png").exists()
     ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--class", "2", "--steps", "2", "--output", str(tmp_path / "c")])
-    assert json.loads((tmp_path / "c" / "index.json").read_text())[0]["frames"] == 8  # the training clips'
+    first = json.loads((tmp_path / "c" / "index.json").read_text())[0]
+    assert first["frames"] == 8 and first["shift"] == 3.0  # the training clips' length, the training's shift
     for flag in ("--frames", "--num-frames"):  # --frames as on every verb; --num-frames its older name
         ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--class", "2", "--steps", "2", flag, "4",
-             "--output", str(tmp_path / flag[2:])])
-        assert json.loads((tmp_path / flag[2:] / "index.json").read_text())[0]["frames"] == 4
+             "--shift", "1.5", "--output", str(tmp_path / flag[2:])])
+        first = json.loads((tmp_path / flag[2:] / "index.json").read_text())[0]
+        assert first["frames"] == 4 and first["shift"] == 1.5
 
 
 @pytest.mark.dist
