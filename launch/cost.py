@@ -326,6 +326,12 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = N
                      f"{_num(r['dit_forward_flops'], 1e9, '9.1f')} {_num(r['dit_train_step_flops'], 1e9, '9.1f')} "
                      f"{_num(r['dit_train_peak_memory_bytes'], 2 ** 30, '8.2f')} "
                      f"{_num(r['ae_decode_flops'], 1e9, '9.1f')} {_num(r['sample_flops'], 1e12, '10.2f')}")
+    unmeasured: dict[str, list[str]] = {}  # why a decode cost is "-", once per reason
+    for r in rows:
+        if r.get("ae_decode_error"):
+            unmeasured.setdefault(r["ae_decode_error"], []).append(r["autoencoder"])
+    for reason, names in unmeasured.items():
+        lines.append(f"dec GF / sample TF '-' for {', '.join(names)}: {reason}")
     return "\n".join(lines)
 
 

@@ -203,6 +203,15 @@ def test_cost_rows_report_sizes_an_autoencoder_cannot_take(capsys):
         cost_table(["no-such-ae"], 9, 64, 64, "dit-debug")
 
 
+def test_cost_table_says_why_a_decode_cost_is_missing():
+    from launch.cost import format_table
+
+    rows = cost_table(["kl2d-f8c4-debug", "mtcvae-c4-debug"], 17, 128, 128, "dit-debug")
+    assert rows[1]["ae_decode_flops"] is None and "data-dependent" in rows[1]["ae_decode_error"]
+    last = format_table(rows).splitlines()[-1]
+    assert last.startswith("dec GF / sample TF '-' for mtcvae-c4-debug: ValueError: decode reads the latent's")
+
+
 def test_cost_table_columns_line_up_with_long_latent_names():
     """Hi-VAE's three-part latent is longer than the latent column was: every row's numbers still
     start under their headings."""
