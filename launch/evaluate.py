@@ -478,8 +478,8 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
         accs["fid"] = fid_accumulator(inception)
     ref, skipped, _ = _clips(reference, frames, height, width, fps, num)
     text_encoder = None
-    use_text, use_cls = (False, False)
-    if samples is None:
+    use_text, use_cls = (False, False)  # both False: an unconditional DiT, sampled unconditionally
+    if samples is None and (model.config.text_dim or model.config.num_classes):
         use_text, use_cls = _conditioning(model, export, None)
         if use_text:
             from ldm.text import build_text_encoder
@@ -493,8 +493,8 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
             if use_cls and any(x["class_id"] < 0 for x in batch):
                 raise ValueError("a reference clip has no class id; this DiT is class-conditioned only")
             fake = generate(model, ae, export.latent_norm, prompts=[x["caption"] for x in batch] if use_text else None,
-                            class_ids=[x["class_id"] for x in batch] if use_cls else None, frames=frames,
-                            height=height, width=width, sampling=sampling, seed_offset=b * batch_size,
+                            class_ids=[x["class_id"] for x in batch] if use_cls else None, count=len(batch),
+                            frames=frames, height=height, width=width, sampling=sampling, seed_offset=b * batch_size,
                             text_encoder=text_encoder, device=device, progress=False)
             for video in _as_batches(fake):
                 for acc in accs.values():
@@ -762,7 +762,7 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         configure_inference(ae, args.tile, args.chunk_frames)
         if args.attributes and _conditioning(model, export, True if args.use_class else None)[1]:
             check_suite_classes(model, attribute_suite(args.shapes, args.colors, args.directions, args.holdout))
-        if args.reference and args.samples is None:
+        if args.reference and args.samples is None and (model.config.text_dim or model.config.num_classes):
             _conditioning(model, export, None)
     sampling = sampling_from_args(args, export)
     fps = playback_fps(export.video, args.fps)  # of the written videos

@@ -87,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
     src.add_argument("--prompts-file", help="a text file with one prompt per line")
     src.add_argument("--class", dest="class_id", type=int, action="append", help="a class id (repeatable)")
+    src.add_argument("--unconditional", type=int, metavar="N",
+                     help="N videos without a condition: the null class and no text (a DiT trained without "
+                          "captions or class ids, or a conditional one's unconditional samples); no guidance")
     p.add_argument("--image", help="image-to-video: the first frame (any image Pillow reads; resized and center-"
                    "cropped to --height x --width), held fixed while the motion is sampled (Hi-VAE generators)")
     p.add_argument("--ae-checkpoint", help="autoencoder weights, or a diffusers VAE folder (default: the path "
@@ -173,14 +176,19 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
                    width: int,
                    sampling: SamplingConfig = SamplingConfig(), seed_offset: int = 0, text_encoder=None,
                    device: torch.device | str = "cpu", progress: bool = True, latent_frames: int | None = None,
-                   image: torch.Tensor | None = None) -> tuple[Latent, Cond]:
+                   image: torch.Tensor | None = None, count: int | None = None) -> tuple[Latent, Cond]:
     """Sample one latent per prompt / class id (in the autoencoder's scale: the per-part training
     statistics ``latent_norm``, an export's ``Export.latent_norm``, undone) and the condition its
-    decoder takes; the noise seed is ``sampling.seed + seed_offset``.
+    decoder takes; the noise seed is ``sampling.seed + seed_offset``. With neither prompts nor class
+    ids, ``count`` unconditional latents: the null condition (null class, only the empty-text token;
+    what condition dropout trains, and all an unconditional DiT knows), without guidance.
     ``latent_frames``: the length of a variable-length latent (default: the spec's, the longest).
     ``image``: a first frame ``(3, H, W)`` in [-1, 1] whose content latent every sample keeps
     (image-to-video, see the module docstring)."""
-    n = len(prompts) if prompts is not None else len(class_ids)
+    unconditional = prompts is None and class_ids is None
+    if unconditional and not count:
+        raise ValueError("give prompts, class ids, or a count of unconditional samples")
+    n = count if unconditional else len(prompts) if prompts is not None else len(class_ids)
     spec = ae.latent_spec(frames, height, width)
     dcfg = model.config
     cond = Cond()
@@ -189,7 +197,7 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
         cond.text, cond.text_mask = emb.to(device), mask.to(device)
     if class_ids is not None and dcfg.num_classes:
         cond.class_id = torch.tensor(class_ids, device=device)
-    if cond.text is None and cond.class_id is None:
+    if cond.text is None and cond.class_id is None and not unconditional:
         raise ValueError("this DiT takes neither the given prompts nor class ids "
                          f"(text_dim={dcfg.text_dim}, num_classes={dcfg.num_classes})")
     check_request(model, ae, spec, latent_frames)
@@ -205,7 +213,7 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
         velocity = samplers.known_part_velocity(model, "content", given, x["content"])
     bar = tqdm(total=sampling.steps, desc="sample", unit="step", disable=not progress)
     latent = samplers.sample(velocity, x, cond, method=sampling.sampler, steps=sampling.steps, shift=sampling.shift,
-                             guidance_scale=sampling.guidance, null_cond=model.null_cond(cond),
+                             guidance_scale=1.0 if unconditional else sampling.guidance, null_cond=model.null_cond(cond),
                              callback=lambda *a: bar.update(1))
     bar.close()
     latent = normalize(latent, latent_norm, inverse=True)
@@ -270,7 +278,8 @@ def check_args(args: argparse.Namespace) -> None:
     """The numbers and texts of a ``ldm sample`` command are usable (`UserError` otherwise)."""
     for flag, value in {"--steps": args.steps, "--num-per-prompt": args.num_per_prompt,
                         "--batch-size": args.batch_size, "--frames": args.num_frames, "--height": args.height,
-                        "--width": args.width, "--latent-frames": args.latent_frames}.items():
+                        "--width": args.width, "--latent-frames": args.latent_frames,
+                        "--unconditional": args.unconditional}.items():
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
     for flag, value in {"--fps": args.fps, "--rate": args.rate, "--shift": args.shift}.items():
@@ -395,10 +404,12 @@ def run(args: argparse.Namespace) -> int:
     if prompts:
         from ldm.text import build_text_encoder
         text_encoder = build_text_encoder(export.text_encoder, device=device)
-    items = [(p, None) for p in prompts] if prompts else [(None, c) for c in class_ids]
+    items = ([(p, None) for p in prompts] if prompts else [(None, c) for c in class_ids] if class_ids else
+             [(None, None)] * args.unconditional)
     items = [it for it in items for _ in range(args.num_per_prompt)]
     grid = f"grid-{first:04d}.png" if (out / "grid.png").exists() else "grid.png"
-    settings = {"steps": sampling.steps, "guidance": sampling.guidance, "shift": sampling.shift,
+    settings = {"steps": sampling.steps, "guidance": 1.0 if args.unconditional else sampling.guidance,
+                "shift": sampling.shift,
                 "sampler": sampling.sampler, "fps": fps, "height": height, "width": width, "image": args.image,
                 "checkpoint": str(Path(args.checkpoint).resolve())}
     videos, names = [], []
@@ -406,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
         chunk = items[i:i + args.batch_size]
         seed = sampling.seed + first + i  # an appended run continues the seeds of the folder
         batch = generate(model, ae, export.latent_norm, prompts=[c[0] for c in chunk] if prompts else None,
-                         class_ids=None if prompts else [c[1] for c in chunk], frames=frames,
+                         class_ids=[c[1] for c in chunk] if class_ids else None, count=len(chunk), frames=frames,
                          height=height, width=width, sampling=sampling, seed_offset=first + i,
                          text_encoder=text_encoder, device=device, latent_frames=latent_frames, image=image)
         batch_names = [f"{first + i + j:04d}" for j in range(len(chunk))]

@@ -647,6 +647,14 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
         summary["stopped"] = stop.cause
         if dist.is_main():
             print(stop.message(step, cfg.steps, out), flush=True)
+    elif dist.is_main():
+        last = f", last logged loss {losses[-1]:.4f}" if losses else ""
+        bad = f"; skipped {sum(data.skipped.values())} bad samples ({dict(data.skipped)})" if data.skipped else ""
+        how = (["--prompt TEXT"] if dcfg.text_dim and context.text_encoder else []) + \
+            ([f"--class N (0 to {dcfg.num_classes - 1})"] if dcfg.num_classes else [])
+        what = how[0] if len(how) == 1 else f"({' | '.join(how)})" if how else "--unconditional N"
+        print(f"trained to step {step}{last} -> {out / 'export'}{bad}\n"
+              f"  sample it: ldm sample --checkpoint {out} {what} --output DIR", flush=True)
     return summary
 
 

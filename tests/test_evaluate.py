@@ -274,6 +274,19 @@ def test_fvd_fid_of_generated_folders(files, run_dir, tmp_path):
     assert sampled["fvd"]["n_fake"] == 6 and sampled["fvd"]["fvd"] > 0
 
 
+def test_fd_of_an_unconditional_dit(files, run_dir, tmp_path):
+    model, context = dit.load_export(run_dir)
+    plain = dataclasses.replace(model.config, num_classes=0, text_dim=0)  # trained on unlabelled videos
+    dit.save_export(tmp_path / "export", dit.VideoDiT(plain).state_dict(), plain,
+                    dataclasses.replace(context, text_encoder=None, text_dim=None, num_classes=0))
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ldm(["eval", "gen", "--checkpoint", str(tmp_path), "--reference", str(files / "videos"), "--i3d",
+             str(files / "i3d_torchscript.pt"), "--fvd-frames", "8", "--frames", "8", "--steps", "1",
+             "--output", str(tmp_path / "g"), "--device", "cpu"])
+    fd = json.loads((tmp_path / "g" / "result.json").read_text())["fd"]
+    assert fd["fvd"]["n_fake"] == 6 and fd["fvd"]["fvd"] > 0
+
+
 def test_fd_reads_clips_at_the_training_rate(files, run_dir, monkeypatch):
     model, ae, context = _load(run_dir)
     rates, read = [], ev._clips

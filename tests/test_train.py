@@ -301,6 +301,25 @@ def test_sample_cli_writes_videos(latents, tmp_path):
         assert first["frames"] == 4 and first["shift"] == 1.5
 
 
+def test_unconditional_dit_samples(latents, tmp_path, capsys):
+    """A DiT trained on neither captions nor class ids (unlabelled videos) samples with
+    --unconditional; guidance does not apply (the same videos at any --guidance)."""
+    train(_cfg(latents, tmp_path / "r", steps=2, save_every=2, **{"model.class_cond": False,
+                                                                  "model.text_cond": False}))
+    assert "--unconditional N --output DIR" in capsys.readouterr().out  # the closing hint
+    runs = {}
+    for guidance in ("1", "4"):
+        ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--unconditional", "3", "--batch-size", "2", "--steps", "2",
+             "--guidance", guidance, "--output", str(tmp_path / guidance)])
+        runs[guidance] = json.loads((tmp_path / guidance / "index.json").read_text())
+    assert [(x["prompt"], x["class_id"], x["guidance"], x["seed"]) for x in runs["4"]] == \
+        [(None, None, 1.0, 0), (None, None, 1.0, 0), (None, None, 1.0, 2)]
+    assert all((tmp_path / "1" / x["file"]).read_bytes() == (tmp_path / "4" / x["file"]).read_bytes()
+               for x in runs["1"])
+    with pytest.raises(UserError, match="trained without class ids"):
+        ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--class", "1", "--output", str(tmp_path / "c")])
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_zero(latents, tmp_path, stage):
