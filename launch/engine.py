@@ -3,9 +3,11 @@ checkpointing, EMA weights, and MFU (the FLOP model is ``ldm.cost``). Model code
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -300,3 +302,17 @@ def scatter_universal(engine, tensors: dict[str, torch.Tensor], meta: dict[str, 
     for state in opt.state.values():  # the step count of every (flat or per-parameter) state
         if "step" in state:
             state["step"] = torch.tensor(meta["adam_step"]) if torch.is_tensor(state["step"]) else meta["adam_step"]
+
+
+@contextlib.contextmanager
+def deepspeed_patches_undone() -> Iterator[None]:
+    """Undo, when the block ends, what DeepSpeed changes process-wide: ZeRO-3 replaces
+    ``torch.nn.functional.linear`` with its memory-efficient version and keeps it "unless manually
+    reset" (its ``memory_efficient_linear``). Code that runs after a trainer in the same process (an
+    evaluation, a notebook, the next test) then gets PyTorch's own again; TorchScript, for one, fails
+    on DeepSpeed's."""
+    linear = torch.nn.functional.linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear

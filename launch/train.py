@@ -28,9 +28,10 @@ from data.manifest import Manifest, load_manifests
 from data.shards import LatentShards
 from dit import Export, save_export
 from launch import dist, runs
-from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config, gather_universal,
-                           mfu, peak_flops, resolve_precision, resolve_switch, safe_checkpoint_engine,
-                           scatter_universal, skip_cpu_shm_kernel, slow_engine_warning)
+from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config,
+                           deepspeed_patches_undone, gather_universal, mfu, peak_flops, resolve_precision,
+                           resolve_switch, safe_checkpoint_engine, scatter_universal, skip_cpu_shm_kernel,
+                           slow_engine_warning)
 from ldm import config as cfglib
 from ldm import flow
 from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
@@ -481,7 +482,13 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
 
 def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train per ``cfg``; ``allow_change``: keys of the binding that may differ from the run the
-    output folder holds (``--allow-change``)."""
+    output folder holds (``--allow-change``). Returns the summary (steps, logged losses, output,
+    skipped samples, dropped batches, and ``stopped`` after a graceful stop)."""
+    with deepspeed_patches_undone():
+        return _train(cfg, allow_change)
+
+
+def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     import deepspeed
 
     binding = check_config(cfg, allow_change)

@@ -397,10 +397,12 @@ def test_resume_on_another_topology(latents, tmp_path):
     _torchrun(latents, tmp_path / "ref", "data.batch_size=2", "steps=6", "save_every=2")
     ref = _losses(tmp_path / "ref")
     _torchrun(latents, tmp_path / "run", "data.batch_size=2", "steps=2", "save_every=2")
+    linear = torch.nn.functional.linear
     one = train(_cfg(latents, tmp_path / "run", steps=4, save_every=2, **{"data.batch_size": 4,
                                                                           "engine.deepspeed": "zero3"}),
                 allow_change=("steps",))
     assert one["losses"] == pytest.approx(ref[2:4], rel=1e-4)
+    assert torch.nn.functional.linear is linear  # ZeRO-3's process-wide replacement is undone
     out = _torchrun(latents, tmp_path / "run", "data.batch_size=2", "steps=6", "save_every=2", allow="steps")
     assert "universal state" in out
     assert _losses(tmp_path / "run") == pytest.approx(ref, rel=1e-4)
