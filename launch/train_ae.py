@@ -312,12 +312,14 @@ def _build_model(cfg: TrainAEConfig, stage: int | None = None) -> tuple[Autoenco
         ae = ae.with_config(**overrides)  # settings of the saved model that keep its weights' shapes
     stage = cfg.stage if stage is None else stage
     if cfg.base_checkpoint is not None:
-        ae.load_base(cfg.base_checkpoint)
+        with checking():  # a family without a base, a base of another family or architecture
+            ae.load_base(cfg.base_checkpoint)
     elif ae.base_family and cfg.init is None:
         log.warning("%s starts from a RANDOM %s base: pass --base-checkpoint (a trained %s's OUTPUT/final) for "
                     "a usable model", name, ae.base_family, ae.base_family)
     if stage is not None:
-        ae = ae.with_stage(stage)
+        with checking():  # a family not trained in stages
+            ae = ae.with_stage(stage)
     return ae, name
 
 
@@ -419,7 +421,8 @@ class AETrainer:
         if cfg.lpips_vgg:
             lpips = LPIPS.from_files("vgg", cfg.lpips_vgg, cfg.lpips_heads)
         self.loss_fn = AELoss(cfg.loss_config(), self.ae.config.in_channels, lpips).to(self.device)
-        self.last_layer = self.ae.last_layer() if self.loss_fn.discriminator is not None else None
+        with checking("--gan"):  # a family whose decoder has no weight for the adaptive GAN weight (Hi-VAE)
+            self.last_layer = self.ae.last_layer() if self.loss_fn.discriminator is not None else None
         # image steps leave the temporal layers unused, and a model may declare parameters that some
         # steps do not use (class attribute ``ddp_find_unused_parameters``): DDP must not wait for them
         unused = cfg.image_ratio > 0 or self.schedule.has_images or self.ae.ddp_find_unused_parameters
@@ -440,8 +443,8 @@ class AETrainer:
 
         items = list_items(cfg.data)
         if len(items) // env.world_size < cfg.batch_size:
-            raise ValueError(f"{cfg.data}: {len(items)} clips cannot fill a batch of {cfg.batch_size} on each of "
-                             f"{env.world_size} rank(s)")
+            raise UserError(f"{cfg.data}: {len(items)} clips cannot fill a batch of {cfg.batch_size} on each of "
+                            f"{env.world_size} rank(s); give a smaller --batch-size")
         self.keys = [it.key for it in items]
         self.dataset = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, fps=cfg.fps)
         self.reader = _SkipBad(self.dataset, self.keys)

@@ -225,12 +225,26 @@ TRAIN_AE_ERRORS = [
     (["--autoencoder", "causal3d-f4x8c4-debug"], "needs 1 + 4k frames"),
     (["--height", "20"], "height and width must be positive multiples of 8"),
     (["--ae-config", "nope=1"], "unknown override"),
+    (["--stage", "2"], "kl2d is not trained in stages"),
+    (["--batch-size", "7"], "6 clips cannot fill a batch of 7"),
 ]
 
 
 @pytest.mark.parametrize("flags, match", TRAIN_AE_ERRORS)
 def test_train_ae_errors_are_one_line_before_any_folder(run, tmp_path, capsys, flags, match):
     _one_line_error(_train_ae(run, tmp_path / "a", *flags), capsys, match)
+    assert not (tmp_path / "a").exists()
+
+
+def test_train_ae_base_and_gan_that_do_not_fit_the_family(run, tmp_path, capsys):
+    """--base-checkpoint on a family without a base, a base of another family, --gan on Hi-VAE
+    (no decoder weight for the adaptive GAN weight): one line each (was: a traceback)."""
+    ae = str(run / "ae")  # a kl2d-f8c4-debug
+    _one_line_error(_train_ae(run, tmp_path / "a", "--base-checkpoint", ae), capsys, "kl2d has no frozen base")
+    _one_line_error(_train_ae(run, tmp_path / "a", "--autoencoder", "mtcvae-c4-debug", "--frames", "17",
+                              "--base-checkpoint", ae), capsys, "the MTC-VAE base must be a causal3d")
+    _one_line_error(_train_ae(run, tmp_path / "a", "--autoencoder", "hivae-s-debug", "--base-checkpoint", ae,
+                              "--gan"), capsys, "--gan: hivae decodes by sampling a diffusion model")
     assert not (tmp_path / "a").exists()
 
 
