@@ -649,8 +649,10 @@ class AETrainer:
             if batch["video"] is not None:
                 return batch
             self.sampler.next_step -= 1  # this step still needs its batch: later batches shift one step back
-        raise RuntimeError(f"no clip of {self.cfg.data} readable at {'x'.join(map(str, shape))} (frames x height x "
-                           f"width) in two epochs; skipped: {self.skipped}")
+        key, reason = next(iter(self.skipped.items()), ("-", "-"))
+        raise UserError(f"no clip of {self.cfg.data} readable at {'x'.join(map(str, shape))} (frames x height x "
+                        f"width) in two epochs: {len(self.skipped)} skipped (e.g. {key}: {reason}; all in the log "
+                        "above); give clips the videos hold (--frames, --fps, buckets) or other videos")
 
     def _sample_clips(self, n: int) -> tuple[list[Tensor], list[str]]:
         """The first ``n`` readable clips and their captions."""
@@ -800,7 +802,8 @@ def run_binding(cfg: TrainAEConfig) -> dict[str, Any]:
 def check_run_folder(cfg: TrainAEConfig, allow_change: tuple[str, ...] = ()) -> runs.Binding:
     """The output folder may take this run: no earlier run's checkpoints are replaced
     (``--resume no`` into a folder that has some), and a folder of an earlier run -- or the run
-    of ``--resume CHECKPOINT`` -- was made by the same settings and inputs (`runs.check_binding`)."""
+    of ``--resume CHECKPOINT`` -- was made by the same settings and inputs (`runs.check_binding`;
+    an earlier run that left no checkpoint and no final/ binds nothing)."""
     out = Path(cfg.output)
     if cfg.resume == "no" and runs.checkpoints(out / "checkpoints"):
         raise UserError(f"--resume no: {out} holds checkpoints of an earlier run, which this run would replace; "
@@ -811,6 +814,10 @@ def check_run_folder(cfg: TrainAEConfig, allow_change: tuple[str, ...] = ()) -> 
         if source != out.resolve():
             runs.check_binding(source, record, allow_change, new_folder="--resume CHECKPOINT of a run like this one",
                                defaults=runs.defaults_of(TrainAEConfig))
+    if (out / runs.BINDING).is_file() and not runs.checkpoints(out / "checkpoints") and not (out / "final").exists():
+        # a run that stopped before its first checkpoint (e.g. on videos too short for --frames): nothing to
+        # resume or lose, so its settings bind nothing and the corrected command may start here
+        return runs.Binding(out, record)
     return runs.check_binding(out, record, allow_change, defaults=runs.defaults_of(TrainAEConfig))
 
 

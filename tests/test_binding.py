@@ -100,6 +100,17 @@ def _train_ae(base: Path, out: Path, *extra: str) -> list[str]:
             "--latent-stats-clips", "0", "--num-workers", "0", "--no-progress", *extra]
 
 
+def test_train_ae_run_that_stopped_before_a_checkpoint_binds_nothing(base, tmp_path, capsys):
+    """Clips longer than every video: one line (was: a traceback), and the corrected command runs
+    in the same folder (was: refused, "frames: 9 -> 8", by the run.json the failed run left)."""
+    out = tmp_path / "ae"
+    _refused(_train_ae(base, out, "--frames", "9"), capsys, "no clip of", "6 skipped", "too short")
+    assert (out / runs.BINDING).is_file() and not (out / "checkpoints").exists()
+    assert _ldm(_train_ae(base, out)) == 0
+    assert json.loads((out / runs.BINDING).read_text())["record"]["frames"] == 8
+    _refused(_train_ae(base, out, "--frames", "4"), capsys, "frames: 8 -> 4")  # now it holds a run
+
+
 def test_train_ae_refuses_other_settings_and_never_replaces_an_earlier_run(base, tmp_path, capsys):
     out = tmp_path / "ae"
     assert _ldm(_train_ae(base, out)) == 0
