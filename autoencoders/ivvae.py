@@ -362,16 +362,17 @@ class IVVAE(Autoencoder):
         if target is not None:
             if target not in REGISTRY or REGISTRY[target][0] is not cls:
                 raise ValueError(f"{target!r} is not a registered IV-VAE")
-            config = cfglib.replace(REGISTRY[target][1], **stats)
+            config = REGISTRY[target][1]
         else:
             levels = len(c.channel_mult)
             temporal = (False,) * max(0, levels - 3) + (True,) * min(2, levels - 1)
             config = IVVAEConfig(in_channels=c.in_channels, latent_channels=2 * c.latent_channels, dim=c.base_channels,
                                  channel_mult=c.channel_mult, temporal_down=temporal, num_res_blocks=c.num_res_blocks,
                                  norm=c.norm, norm_groups=c.norm_groups, upsample_shrink=c.upsample_shrink,
-                                 dropout=c.dropout, logvar_clamp=c.logvar_clamp, **stats)
+                                 dropout=c.dropout, logvar_clamp=c.logvar_clamp)
         model = cls(cfglib.replace(config, **overrides))
-        inflate_kl2d(model, image_vae)
+        inflate_kl2d(model, image_vae)  # first: a layout mismatch names its fields, not the statistics' length
+        model.config = cfglib.replace(model.config, **{**stats, **overrides})
         return model
 
 

@@ -228,6 +228,12 @@ def test_inflation_needs_a_matching_layout():
         inflate_kl2d(build("ivvae-z8-debug"), kl2d)  # paper layout: RMSNorm, shrinking upsampler
     with pytest.raises(ValueError, match="dilation-1"):
         IVVAE.from_kl2d(kl2d, pac_dilations=(3, 6))
+    # a trained image VAE (per-channel statistics) with other channels than the target's Z/2: the layout
+    # is named (was: "latent_scale=(...): expected 1 or 16 (latent channels) finite values")
+    z4_image = build("kl2d-ivvae-z4-debug", latent_scale=(1.0, 2.0), latent_shift=(0.0, 0.1))
+    with pytest.raises(ValueError, match=r"does not match the image VAE.*'latent_channels': \(16, 4\)"):
+        IVVAE.from_kl2d(z4_image, "ivvae-z16-debug")
+    assert IVVAE.from_kl2d(z4_image, "ivvae-z4-debug").config.latent_scale == (1.0, 2.0, 1.0, 2.0)
     torch.testing.assert_close(inflate_center(torch.ones(2, 3, 3, 3), 3)[:, :, 1], torch.ones(2, 3, 3, 3))
 
 
