@@ -913,7 +913,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--precision", choices=("fp32", "bf16"))
     a("--latent-stats-clips", type=int,
       help="clips used to set the final model's latent_scale/shift (0: keep the config's)")
-    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar (default: a bar on rank 0)")
 
 
 def _parse_lr_drop(text: str) -> tuple[int, float]:
@@ -953,9 +953,14 @@ def check_inputs(cfg: TrainAEConfig) -> None:
     for flag, path in (("--lpips-vgg", cfg.lpips_vgg), ("--lpips-heads", cfg.lpips_heads)):
         if path is not None and not Path(path).is_file():
             raise MissingInput(f"{flag} {path}: no such file (the LPIPS weights, local files: README, LPIPS)")
-    if cfg.base_checkpoint is not None:
-        saved_config(cfg.base_checkpoint)
-    meta = saved_config(cfg.init) if cfg.init is not None else None
+    saved = {}
+    for flag, path in (("--base-checkpoint", cfg.base_checkpoint), ("--init", cfg.init)):
+        if path is not None:
+            try:
+                saved[flag] = saved_config(path)
+            except UserError as e:  # say which folder (a recipe names them; its header says how to make them)
+                raise type(e)(f"{flag}: {e}") from None
+    meta = saved.get("--init")
     list_items(cfg.data)
     with checking(f"--frames {cfg.frames} --height {cfg.height} --width {cfg.width}"), torch.device("meta"):
         overrides = cfglib.apply_dotted({}, list(cfg.ae_config))
