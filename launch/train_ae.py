@@ -972,6 +972,9 @@ def check_inputs(cfg: TrainAEConfig) -> None:
         ae.check_input(cfg.frames, cfg.height, cfg.width)
         if cfg.image_ratio > 0:
             ae.check_input(1, cfg.height, cfg.width)
+    if cfg.stage == 2 and meta is None and ae.stages:  # stage 2 freezes what stage 1 trains
+        raise UserError(f"--stage 2 trains on a stage-1 model: from {cfg.autoencoder} what stage 1 trains would stay "
+                        "untrained and frozen; run --stage 1 first, then --init STAGE1_RUN/final --stage 2")
     for bucket in cfg.bucket_schedule().buckets:
         with checking(f"bucket {list(bucket.shape)}"), torch.device("meta"):
             ae.check_input(*bucket.shape)

@@ -226,6 +226,7 @@ TRAIN_AE_ERRORS = [
     (["--height", "20"], "height and width must be positive multiples of 8"),
     (["--ae-config", "nope=1"], "unknown override"),
     (["--stage", "2"], "kl2d is not trained in stages"),
+    (["--autoencoder", "hivae-s-debug", "--stage", "2"], "--stage 2 trains on a stage-1 model"),  # was: trained
     (["--base-checkpoint", "nowhere"], "--base-checkpoint: autoencoder checkpoint nowhere not found"),
     (["--init", "nowhere"], "--init: autoencoder checkpoint nowhere not found"),
     (["--batch-size", "7"], "6 clips cannot fill a batch of 7"),
