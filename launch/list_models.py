@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
               f"{vcpr:>6s} {d['tokens']:12d}")
     for note in dict.fromkeys(d["frames_note"] for d in aes if "frames_note" in d):  # once per distinct reason
         print(f"  @{note}")
+    motion = [f"{d['name']} {d['motion_compression_factor']:.1f}" for d in aes if d.get("motion_compression_factor")]
+    if motion:  # Hi-VAE: the factor above counts the content latent (what the generator models); the paper's does not
+        print(f"  factor of the motion tokens alone (Hi-VAE's paper rate, without the content latent): {', '.join(motion)}")
     print("dits")
     print(f"  {'name':16s} {'depth':>5s} {'width':>6s} {'heads':>5s}")
     for d in dits:

@@ -36,6 +36,9 @@ def test_list_shows_each_autoencoder_at_a_length_it_takes(capsys, monkeypatch):
     text = capsys.readouterr().out
     assert " z:4x4x8x8 @16f " in next(line for line in text.splitlines() if "cmvae-z4-debug" in line)
     assert text.count("@16f: cmvae: needs") == 1  # one note per reason, not per row
+    # Hi-VAE: both rates, with the content latent (the row) and of the motion alone (the paper's)
+    motion = rows["hivae-s"]["motion_compression_factor"]
+    assert motion > rows["hivae-s"]["compression_factor"] and f"hivae-s {motion:.1f}" in text
     monkeypatch.setattr(list_models, "NEAREST_FRAMES", 0)  # nothing near: the row keeps its error
     assert main(["list", "--height", "64", "--width", "64"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if "cmvae-z4-debug" in line)
