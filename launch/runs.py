@@ -151,6 +151,14 @@ def checkpoints(root: Path) -> list[Path]:
     return [p for s, p in sorted(((s, p) for s, p in found if s is not None), reverse=True)]
 
 
+def holds_training(folder: Path) -> bool:
+    """A trainer's run folder holds work a rerun could resume or lose: a checkpoint, or its model
+    (``final/`` of ``ldm train-ae``, ``export/`` of ``ldm train``). A run that stopped before its
+    first checkpoint (a typo, too short videos, out of memory at step 1) holds none, so its
+    ``run.json`` binds nothing and the corrected command may start in the same folder."""
+    return bool(checkpoints(folder / "checkpoints")) or (folder / "final").exists() or (folder / "export").exists()
+
+
 def verified_checkpoints(root: Path, required: tuple[str, ...] = ()) -> tuple[list[Path], list[dict[str, str]]]:
     """Every intact checkpoint under ``root``, newest first, and the rejected ones with their
     reasons (newest is by step number, so a complete checkpoint whose ``latest`` update was
@@ -278,12 +286,14 @@ class Binding:
 
 def check_binding(folder: str | Path, record: dict[str, Any], allow: tuple[str, ...] = (),
                   new_folder: str = "--output NEW_FOLDER", defaults: dict[str, Any] | None = None,
-                  allow_flag: str | None = ALLOW_FLAG) -> Binding:
+                  allow_flag: str | None = ALLOW_FLAG, holds_work: bool = True) -> Binding:
     """The binding of a run that will write into ``folder``: refused (`UserError`) when the folder
     holds a run whose record differs in a key that ``allow`` does not name (a key, or a prefix of
     keys). ``new_folder`` is how this verb is given another output and ``allow_flag`` how it allows
     a change (None: it has no such flag), both named in the message; ``defaults`` (`defaults_of`)
-    stand in for keys the folder's record predates. Reads only: ``Binding.write`` records it."""
+    stand in for keys the folder's record predates; ``holds_work=False`` (`holds_training`): the
+    earlier run left nothing to resume or lose, and its record binds nothing. Reads only:
+    ``Binding.write`` records it."""
     folder = Path(folder)
     path = folder / BINDING
     old: dict[str, Any] = {}
@@ -299,7 +309,7 @@ def check_binding(folder: str | Path, record: dict[str, Any], allow: tuple[str, 
     if unknown:
         raise UserError(f"{ALLOW_FLAG} {','.join(unknown)}: not a setting this run is bound to "
                         f"(bound: {', '.join(sorted(record))})")
-    if not path.is_file():
+    if not path.is_file() or not holds_work:
         return Binding(folder, record)
     old = {**{k: v for k, v in (defaults or {}).items() if k in record}, **old}
     differ = {k: [old.get(k, _ABSENT), record.get(k, _ABSENT)] for k in sorted(set(old) | set(record))

@@ -477,7 +477,7 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
                          cfg.optim.grad_clip)
     record = run_binding(cfg, manifest, dist.dist_env().world_size, precision)
     return runs.check_binding(out, record, allow_change, new_folder="output=NEW_FOLDER",
-                              defaults=runs.defaults_of(TrainConfig))
+                              defaults=runs.defaults_of(TrainConfig), holds_work=runs.holds_training(out))
 
 
 def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any]:

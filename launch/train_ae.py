@@ -803,7 +803,7 @@ def check_run_folder(cfg: TrainAEConfig, allow_change: tuple[str, ...] = ()) -> 
     """The output folder may take this run: no earlier run's checkpoints are replaced
     (``--resume no`` into a folder that has some), and a folder of an earlier run -- or the run
     of ``--resume CHECKPOINT`` -- was made by the same settings and inputs (`runs.check_binding`;
-    an earlier run that left no checkpoint and no final/ binds nothing)."""
+    an earlier run that left no checkpoint and no final/ binds nothing, `runs.holds_training`)."""
     out = Path(cfg.output)
     if cfg.resume == "no" and runs.checkpoints(out / "checkpoints"):
         raise UserError(f"--resume no: {out} holds checkpoints of an earlier run, which this run would replace; "
@@ -814,11 +814,8 @@ def check_run_folder(cfg: TrainAEConfig, allow_change: tuple[str, ...] = ()) -> 
         if source != out.resolve():
             runs.check_binding(source, record, allow_change, new_folder="--resume CHECKPOINT of a run like this one",
                                defaults=runs.defaults_of(TrainAEConfig))
-    if (out / runs.BINDING).is_file() and not runs.checkpoints(out / "checkpoints") and not (out / "final").exists():
-        # a run that stopped before its first checkpoint (e.g. on videos too short for --frames): nothing to
-        # resume or lose, so its settings bind nothing and the corrected command may start here
-        return runs.Binding(out, record)
-    return runs.check_binding(out, record, allow_change, defaults=runs.defaults_of(TrainAEConfig))
+    return runs.check_binding(out, record, allow_change, defaults=runs.defaults_of(TrainAEConfig),
+                              holds_work=runs.holds_training(out))
 
 
 def train_autoencoder(cfg: TrainAEConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -5,6 +5,7 @@ one line naming each key ``old -> new`` and the two ways out, before anything is
 another run wrote is deleted."""
 import dataclasses
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -182,9 +183,28 @@ def test_binding_unit(tmp_path):
     assert runs.check_binding(tmp_path / "new", with_added, defaults=runs.defaults_of(Cfg)).changes == {}
     with pytest.raises(UserError, match=r"added: 0.5 -> 0.7"):
         runs.check_binding(tmp_path / "new", dict(record, added=0.7), defaults=runs.defaults_of(Cfg))
+    # an earlier run that left nothing (holds_work=False) binds nothing; --allow-change is still checked
+    assert runs.check_binding(tmp_path / "new", changed, holds_work=False).changes == {}
+    with pytest.raises(UserError, match="--allow-change optim.lrr: not a setting"):
+        runs.check_binding(tmp_path / "new", changed, ("optim.lrr",), holds_work=False)
     (tmp_path / "new" / runs.BINDING).write_text("{")
     with pytest.raises(UserError, match="cannot be read"):
         runs.check_binding(tmp_path / "new", record)
+
+
+def test_train_run_that_left_no_checkpoint_binds_nothing(base, tmp_path, capsys):
+    """A DiT run stopped before its first checkpoint (say, out of memory at step 1) leaves only
+    run.json and logs: the corrected command starts in the same folder; once a checkpoint or an
+    export is there, the folder belongs to its run."""
+    out = tmp_path / "dit"
+    assert _ldm(_train(base, out)) == 0
+    assert runs.holds_training(out)
+    for kept in ("checkpoints", "export"):
+        shutil.rmtree(out / kept)
+    assert not runs.holds_training(out) and (out / runs.BINDING).is_file()
+    assert _ldm(_train(base, out, "data.batch_size=1")) == 0  # was refused: "global_batch: 2 -> 1"
+    assert json.loads((out / runs.BINDING).read_text())["record"]["global_batch"] == 1
+    _refused(_train(base, out, "data.batch_size=2"), capsys, "global_batch: 1 -> 2")
 
 
 def test_an_intact_checkpoint_of_the_same_step_is_kept_aside(tmp_path):

@@ -196,5 +196,5 @@ def test_two_ranks_train_the_same_buckets(clips, tmp_path):
 
 
 def test_a_bucket_longer_than_every_clip_stops_with_its_shape(clips, tmp_path):
-    with pytest.raises(RuntimeError, match="no clip of .* readable at 13x32x32 .*too short"):
+    with pytest.raises(UserError, match="no clip of .* readable at 13x32x32 .*too short"):
         train_autoencoder(_cfg(clips, tmp_path / "run", buckets=[[13, 32, 32, 1, 1.0]], steps=1))
