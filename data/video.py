@@ -360,6 +360,20 @@ def _check_size(frames: int, height: int, width: int, fps: float | None) -> None
         raise ValueError(f"fps must be > 0 or None, got {fps}")
 
 
+def upright_size(src: str | Path | bytes) -> tuple[int, int]:
+    """``(height, width)`` of the frames as shown, rotation metadata applied (a phone video held
+    upright is taller than wide; `probe` gives the stored size). Decodes the first frame only."""
+    reader = _Reader(src)
+    try:
+        first = reader.next()
+        if first is None:
+            raise reader.error or VideoError(f"no frame in {reader.name}")
+        h, w = first.rgb().shape[:2]
+        return int(h), int(w)
+    finally:
+        reader.close()
+
+
 def read_video(src: str | Path | bytes, frames: int, height: int, width: int, fps: float | None = None,
                start: float = 0.0) -> Tensor:
     """Decode a clip of ``frames`` frames at ``fps`` (None: native rate) from ``start`` seconds.

@@ -24,7 +24,8 @@ import torch
 
 from autoencoders import LOADERS, REGISTRY, Autoencoder, resolve
 from autoencoders.tiling import configure_inference
-from data.video import GIF_SUFFIXES, MP4_SUFFIXES, VideoError, output_frames, probe, read_video, write_video
+from data.video import (GIF_SUFFIXES, MP4_SUFFIXES, VideoError, output_frames, probe, read_video, upright_size,
+                        write_video)
 from launch import dist
 from ldm.errors import UserError, checking
 from ldm.latent import Cond
@@ -88,6 +89,29 @@ def default_frames(ae: Autoencoder, available: int, height: int, width: int) -> 
     raise ValueError(f"no clip of 1 to {available} frames fits the autoencoder")
 
 
+DEFAULT_SIZE = 256
+SIZE_MULTIPLES = (1, 2, 4, 8, 16, 32, 64, 128)  # the spatial factors and patch sizes of the families
+
+
+def default_size(ae: Autoencoder, height: int, width: int) -> tuple[int, int]:
+    """The clip size when ``--height`` / ``--width`` are not given, for a video shown at ``height x
+    width``: its own size rounded down to the nearest multiple the autoencoder takes when it fits in
+    ``DEFAULT_SIZE`` x ``DEFAULT_SIZE`` (a small video is not upscaled), else that square (center
+    crop, as before: a 4K video in one shot would not fit most devices; give --height/--width and
+    --tile for full size)."""
+    if height > DEFAULT_SIZE or width > DEFAULT_SIZE:
+        return DEFAULT_SIZE, DEFAULT_SIZE
+    for m in SIZE_MULTIPLES:
+        h, w = height // m * m, width // m * m
+        for n in range(1, DEFAULT_FRAMES + 1):
+            try:
+                ae.check_input(n, h, w)
+                return h, w
+            except ValueError:
+                continue
+    return DEFAULT_SIZE, DEFAULT_SIZE  # smaller than any size it takes: upscaled
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--autoencoder", help=f"registered name ({', '.join(sorted(REGISTRY))}; optional with --checkpoint) or "
@@ -101,8 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--frames", type=int, default=None,
       help=f"frames to reconstruct (default: the longest clip of at most {DEFAULT_FRAMES} frames that the video "
            "holds and the autoencoder takes)")
-    a("--height", type=int, default=256)
-    a("--width", type=int, default=256)
+    a("--height", type=int, help=f"(default: the video's own when it fits in {DEFAULT_SIZE}x{DEFAULT_SIZE}, "
+                                 f"rounded down to a size the autoencoder takes; else {DEFAULT_SIZE})")
+    a("--width", type=int, help="(default: as --height)")
     a("--fps", type=float, default=None, help="resample to this rate (default: native); also the output rate")
     a("--side-by-side", action="store_true", help="write input | reconstruction side by side")
     a("--prompt", help="the clip's caption, for a text-guided autoencoder (text_dim > 0)")
@@ -125,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         if out.exists() and not args.overwrite:
             raise ValueError(f"--output {out} exists; give --overwrite to replace it, or another file name")
         ae, name, _ = resolve(args.autoencoder, args.checkpoint, subfolder=args.subfolder)
-        if args.frames is not None:
+        if args.frames is not None and args.height is not None and args.width is not None:
             ae.check_input(args.frames, args.height, args.width)
         configure_inference(ae, args.tile, args.chunk_frames)
         device = dist.device_for(dist.dist_env(), args.device)
@@ -133,6 +158,12 @@ def run(args: argparse.Namespace) -> int:
         cond = caption_cond(ae, name, args.prompt, args.text_encoder, device)
     try:
         info = probe(args.input)
+        if args.height is None or args.width is None:
+            shown = default_size(ae, *upright_size(args.input))
+            args.height, args.width = args.height or shown[0], args.width or shown[1]
+            if args.frames is not None:
+                with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
+                    ae.check_input(args.frames, args.height, args.width)
         frames = args.frames
         if frames is None:
             with checking(f"--input {args.input}"):

@@ -173,3 +173,28 @@ def test_default_frame_count_fits_a_short_video(clip, tmp_path, capsys):
         frames_used("--autoencoder", "mtcvae-c4-debug")
     with pytest.raises(UserError, match="too short"):
         frames_used("--autoencoder", "kl2d-f8c4-debug", "--frames", "6")
+
+
+def test_default_size_is_the_videos_own_when_small(clip, tmp_path, capsys):
+    """Without --height/--width: a video that fits in 256x256 at its own size, rounded down to a
+    size the autoencoder takes (was: upscaled to 256x256); a larger one at 256x256 as before."""
+    def size_used(video, ae):
+        out = tmp_path / f"r{len(list(tmp_path.iterdir()))}.mp4"
+        with pytest.warns(UserWarning, match="RANDOM weights"):
+            assert _run(["--input", str(video), "--output", str(out), "--autoencoder", ae, "--device", "cpu",
+                         "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert (probe(out)["height"], probe(out)["width"]) == (result["height"], result["width"])
+        return result["height"], result["width"]
+
+    assert size_used(clip, "kl2d-f8c4-debug") == (SIZE, SIZE)
+    odd = tmp_path / "odd.mp4"  # 44 x 70: not a multiple of 8
+    write_video(odd, torch.zeros(3, 3, 44, 70), fps=8)
+    assert size_used(odd, "kl2d-f8c4-debug") == (40, 64)
+    assert size_used(odd, "hivae-s-debug") == (32, 64)  # its debug twin takes multiples of 16
+    tiny = tmp_path / "tiny.mp4"
+    write_video(tiny, torch.zeros(3, 3, 12, 12), fps=8)
+    assert size_used(tiny, "hivae-s-debug") == (256, 256)  # smaller than any size it takes: upscaled
+    big = tmp_path / "big.mp4"
+    write_video(big, torch.zeros(3, 3, 264, 320), fps=8)
+    assert size_used(big, "kl2d-f8c4-debug") == (256, 256)

@@ -13,7 +13,7 @@ import torch
 
 import data.video as video_mod
 from data.video import (VideoError, Window, Windows, encode_video, output_frames, plan_windows, probe, read_clips,
-                        read_video, resize_center_crop, video_to_uint8, write_frames, write_video)
+                        read_video, resize_center_crop, upright_size, video_to_uint8, write_frames, write_video)
 
 STEP = 10  # frame i is filled with gray level i * STEP, so decoded pixels say which frame came back
 
@@ -358,6 +358,7 @@ def test_display_matrix_rotation_is_applied(tmp_path, rotation):
         assert next(c.decode(video=0)).rotation % 360 == rotation % 360   # the metadata is really in the file
     assert_upright(read_video(path, 4, 48, 32))
     assert_upright(read_clips(path, 2, 48, 32, None, [0, 2])[1])
+    assert upright_size(path) == (48, 32) and (probe(path)["height"], probe(path)["width"]) == stored.shape[:2]
 
 
 def test_rotate_tag_is_applied(tmp_path):
@@ -367,6 +368,7 @@ def test_rotate_tag_is_applied(tmp_path):
     path = tmp_path / "tagged.mkv"
     _write_stored(path, stored, "matroska", tag="90")
     assert_upright(read_video(path, 4, 48, 32))
+    assert upright_size(path) == (48, 32)
     _write_stored(tmp_path / "plain.mkv", np.ascontiguousarray(portrait()), "matroska")
     assert_upright(read_video(tmp_path / "plain.mkv", 4, 48, 32))   # no metadata: unchanged
 
