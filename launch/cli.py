@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     verb = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(verb).parse_args(argv)
     if getattr(args, "config", None) is not None:  # train, train-ae, extract, demo: a path or a built-in name
-        from launch.configs import config_path
-        args.config = config_path(args.config)
+        from launch.configs import check_verb, config_path
+        given, args.config = args.config, config_path(args.config)
+        check_verb(args.verb, args.config, given)
     return int(args._run(args) or 0)
 
 

@@ -91,6 +91,15 @@ def test_config_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("ldm train: error: config file nope not found; give a YAML path or a built-in config: ")
     assert "train-debug" in err and "\n" not in err
+    # another verb's config says whose it is (was: a list of unknown keys)
+    assert console(["train-ae", "--config", "hivae-generator", "--print-config"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        "ldm train-ae: error: --config hivae-generator is an `ldm train` config: it has ema_decay, engine, flow")
+    assert console(["train", "--config", "hivae-stage1", "--print-config"]) == 2
+    assert "run `ldm train-ae --config hivae-stage1`" in capsys.readouterr().err
+    (tmp_path / "typo.yaml").write_text("stepz: 3\n")  # a key of no verb: the verb's own error
+    assert console(["train", "--config", "typo.yaml", "--print-config"]) == 2
+    assert "unknown key(s) ['stepz']" in capsys.readouterr().err
 
 
 def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
