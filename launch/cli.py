@@ -120,6 +120,9 @@ def console(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     try:
         return main(argv)
+    except BrokenPipeError:  # `ldm list --json | head`: the reader has gone, as for any command-line tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe ended
     except KeyboardInterrupt:  # a second Ctrl-C in a trainer (the first stops it with a checkpoint), or any other verb
         if debug:
             raise

@@ -1,5 +1,7 @@
 """Every `ldm` verb imports and answers --help; `ldm list --json` reports the registries."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -100,6 +102,19 @@ def test_config_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
     (tmp_path / "typo.yaml").write_text("stepz: 3\n")  # a key of no verb: the verb's own error
     assert console(["train", "--config", "typo.yaml", "--print-config"]) == 2
     assert "unknown key(s) ['stepz']" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_is_no_error():
+    """``ldm list --json | head``: the pipe closes while ldm writes (97 kB, more than a pipe holds);
+    status 141 as for any tool a pipe ended, and no traceback."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "list", "--json"], cwd=Path(__file__).parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(10).startswith(b"{")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err, err
 
 
 def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
