@@ -86,6 +86,16 @@ class Autoencoder(nn.Module):
     def latent_spec(self, frames: int, height: int, width: int) -> LatentSpec:
         raise NotImplementedError
 
+    def example_latent(self, spec: LatentSpec, batch: int = 1) -> Latent:
+        """A random latent of ``spec`` (``batch`` samples) carrying the ``aux`` its decoder reads, for
+        uses that need its shapes, not its values (counting a decode's FLOPs on fake tensors): a
+        varlen latent gets its ``length``."""
+        parts = {k: torch.randn(batch, *s) for k, s in spec.parts.items()}
+        aux = {}
+        if spec.form == "varlen":
+            aux = {"length": torch.full((batch,), next(iter(spec.parts.values()))[1], dtype=torch.long)}
+        return Latent(parts, spec.form, aux=aux)
+
     # --- the contract --------------------------------------------------------------------
     @property
     def text_dim(self) -> int:

@@ -340,6 +340,14 @@ class MTCVAE(Causal3D):
         """Latent frames of one segment at ``rate``."""
         return segment_latent_frames(self.config.segment_frames, rate)
 
+    def example_latent(self, spec: LatentSpec, batch: int = 1) -> Latent:
+        """The spec's latent (every segment at the base rate, the longest) with those rates in
+        ``aux``, so ``decode`` splits it by them rather than by the keyframe predictor's reading of
+        random values: a decode's cost at the base rate."""
+        latent = super().example_latent(spec, batch)
+        n = spec.input_shape[1] // self.config.segment_frames
+        return latent.replace(aux={**latent.aux, "rates": torch.full((batch, n), self.config.rates[0])})
+
     def latent_spec(self, frames: int, height: int, width: int,
                     rate_mix: Mapping[int, float] | None = None) -> MTCLatentSpec:
         """Shapes for clips of ``frames = N * segment_frames``; ``rate_mix`` (rate -> share of

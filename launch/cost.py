@@ -41,7 +41,7 @@ from ldm.checkpoint import atomic_write_bytes
 from ldm.cost import (FLOP_CONVENTION, count_flops, dit_forward_flops_analytic, fake_mode, prime_optimizer,
                       train_step_memory)
 from ldm.errors import MissingInput, UserError, check_min, checking
-from ldm.latent import Cond, Latent, LatentSpec, part_tokens
+from ldm.latent import Cond, LatentSpec, part_tokens
 
 KEYS = ("autoencoder", "latent_shape", "latent_elements", "compression_rate", "compression_factor", "vcpr",
         "tokens", "dit_params", "dit_forward_flops", "dit_forward_flops_analytic", "dit_train_step_flops",
@@ -137,15 +137,6 @@ def latent_spec(name: str, frames: int, height: int, width: int) -> LatentSpec:
     return model.latent_spec(frames, height, width)
 
 
-def _fake_latent(spec: LatentSpec, batch: int) -> Latent:
-    parts = {k: torch.randn(batch, *s) for k, s in spec.parts.items()}
-    aux = {}
-    if spec.form == "varlen":
-        z = next(iter(spec.parts.values()))
-        aux = {"length": torch.full((batch,), z[1], dtype=torch.long)}
-    return Latent(parts, spec.form, aux=aux)
-
-
 AE_TEXT_TOKENS = 64  # caption length for a text-guided decoder (the builtin text encoder's) when not given
 
 
@@ -158,7 +149,7 @@ def decode_flops(name: str, spec: LatentSpec, text_tokens: int = AE_TEXT_TOKENS)
     with fake_mode(small_real=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # deepcopy of fakes
         ae = cls(config).eval()
-        latent = _fake_latent(spec, 1)
+        latent = ae.example_latent(spec, 1)
         text_dim = ae.text_dim
         cond = Cond(text=torch.randn(1, text_tokens, text_dim), text_mask=torch.ones(1, text_tokens, dtype=torch.bool)
                     ) if text_dim else Cond()
