@@ -166,9 +166,9 @@ def run(args: argparse.Namespace) -> int:
                     ae.check_input(args.frames, args.height, args.width)
         frames = args.frames
         if frames is None:
-            with checking(f"--input {args.input}"):
-                frames = default_frames(ae, output_frames(info["frames"], info["fps"], args.fps), args.height,
-                                        args.width)
+            available = output_frames(info["frames"], info["fps"], args.fps)
+            with checking(f"--input {args.input} ({available} frames) at --height {args.height} --width {args.width}"):
+                frames = default_frames(ae, available, args.height, args.width)
         video = read_video(args.input, frames, args.height, args.width, fps=args.fps)  # (C, T, H, W)
         fps = args.fps or info["fps"] or 8.0
     except VideoError as e:

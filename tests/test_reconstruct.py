@@ -104,6 +104,11 @@ def test_bad_requests_fail_clearly(clip, tmp_path):
         _run(_args(clip, tmp_path / "a.mp4", "--autoencoder", "kl2d-f8c4-debug", "--height", "20"))
     with pytest.raises(ValueError, match="give --autoencoder"):
         _run(_args(clip, tmp_path / "a.mp4"))
+    no_frames = ["--input", str(clip), "--output", str(tmp_path / "a.mp4"), "--autoencoder", "kl2d-f8c4-debug",
+                 "--height", "20", "--device", "cpu"]  # the default length: the error names the size asked for
+    with pytest.raises(ValueError, match=r"\(5 frames\) at --height 20 --width 32: kl2d: height and width must be"), \
+            pytest.warns(UserWarning, match="RANDOM"):
+        _run(no_frames)
     assert not list(tmp_path.glob("a.*"))
 
 
