@@ -357,7 +357,7 @@ class SynthSpec:
     layout: str
 
 
-def synth_dataset(output: str | Path, num: int, frames: int = 16, size: int = 64, fps: float = 8,
+def synth_dataset(output: str | Path, num: int, frames: int = 17, size: int = 64, fps: float = 8,
                   seed: int = 0, layout: str = "folder", holdout: Iterable[str | Sequence[str]] = (),
                   include_holdout: bool = False, shard_size: int = 1000,
                   shapes: Sequence[str] | None = None, colors: Sequence[str] | None = None,

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        f"class ids (index in shapes x colors x directions, {NUM_CLASSES} ids).")
     synth.add_argument("--output", required=True, help="output directory")
     synth.add_argument("--num", type=int, required=True, help="number of clips")
-    synth.add_argument("--frames", type=int, default=16, help="frames per clip (default 16)")
+    synth.add_argument("--frames", type=int, default=17,
+                       help="frames per clip (default 17, the default clip of `ldm extract` and `ldm train-ae`)")
     synth.add_argument("--size", type=int, default=64, help="square frame size in pixels (default 64)")
     synth.add_argument("--height", type=int, default=None, help="frame height (overrides --size)")
     synth.add_argument("--width", type=int, default=None, help="frame width (overrides --size)")

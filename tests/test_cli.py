@@ -70,7 +70,7 @@ def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["data", "synth", "--help"])   # sub-commands too; helps that state their default keep it
     text = " ".join(capsys.readouterr().out.split())
-    assert "frames per clip (default 16)" in text and "--seed SEED dataset seed (default 0)" in text
+    assert "frames per clip (default 17," in text and "--seed SEED dataset seed (default 0)" in text
     assert "--layout {folder,shards} folder: videos/*.mp4 + metadata.jsonl; shards: raw WebDataset video shards " \
            "(default: folder)" in text
 
