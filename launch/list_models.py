@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  @{note}")
     motion = [f"{d['name']} {d['motion_compression_factor']:.1f}" for d in aes if d.get("motion_compression_factor")]
     if motion:  # Hi-VAE: the factor above counts the content latent (what the generator models); the paper's does not
-        print(f"  factor of the motion tokens alone (Hi-VAE's paper rate, without the content latent): {', '.join(motion)}")
+        print("  factor of the motion tokens alone (Hi-VAE's paper rate, without the content latent): "
+              + ", ".join(motion))
     print("dits")
     print(f"  {'name':16s} {'depth':>5s} {'width':>6s} {'heads':>5s}")
     for d in dits:

@@ -213,7 +213,8 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
         velocity = samplers.known_part_velocity(model, "content", given, x["content"])
     bar = tqdm(total=sampling.steps, desc="sample", unit="step", disable=not progress)
     latent = samplers.sample(velocity, x, cond, method=sampling.sampler, steps=sampling.steps, shift=sampling.shift,
-                             guidance_scale=1.0 if unconditional else sampling.guidance, null_cond=model.null_cond(cond),
+                             guidance_scale=1.0 if unconditional else sampling.guidance,
+                             null_cond=model.null_cond(cond),
                              callback=lambda *a: bar.update(1))
     bar.close()
     latent = normalize(latent, latent_norm, inverse=True)

@@ -48,7 +48,8 @@ def _fields(verb: str) -> set[str]:
 def check_verb(verb: str, path: str, given: str | None = None) -> None:
     """A `UserError` when the YAML at ``path`` holds keys ``verb`` does not know but is another
     verb's config (``ldm train-ae --config hivae-generator``: a DiT recipe), naming that verb
-    (``given``: what the user typed, for the message); otherwise nothing (the verb's own loading reports any other bad key)."""
+    (``given``: what the user typed, for the message); otherwise nothing (the verb's own loading
+    reports any other bad key)."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
