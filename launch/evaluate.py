@@ -61,7 +61,7 @@ from torch import Tensor
 from autoencoders import Autoencoder, resolve, resolve_record
 from autoencoders.tiling import configure_inference
 from data.sources import VideoClipDataset, list_items
-from data.video import VideoError, probe, read_video, write_video
+from data.video import VideoError, probe, read_video, upright_size, write_video
 from dit import Export, load_export
 from launch import dist
 from launch.dist import compute_dtype
@@ -551,8 +551,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--ae-subfolder")
     r.add_argument("--input", required=True, help="videos (folder, raw shards, as `ldm extract`)")
     r.add_argument("--frames", type=int, default=17)
-    r.add_argument("--height", type=int, default=256)
-    r.add_argument("--width", type=int, default=256)
+    r.add_argument("--height", type=int, help="(default: as `ldm reconstruct`, from the first video: its own size "
+                   "when it fits in 256x256, rounded down to one the autoencoder takes; else 256)")
+    r.add_argument("--width", type=int, help="(default: as --height)")
     r.add_argument("--fps", type=float)
     r.add_argument("--num", type=int, help="evaluate the first N clips")
     r.add_argument("--batch-size", type=int, default=4)
@@ -718,6 +719,16 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None  # fail early, before encoding
     with checking():
         ae, name, ckpt_hash = resolve(args.autoencoder, args.checkpoint or args.ae_path, subfolder=args.ae_subfolder)
+    if args.height is None or args.width is None:  # the size of the first video, as `ldm reconstruct`
+        from launch.reconstruct import default_size
+
+        first = list_items(args.input)[0]
+        try:
+            shown = default_size(ae, *upright_size(first.readable()))
+        except VideoError as e:
+            raise UserError(f"--input {args.input}: {first.key}, whose size is the default, cannot be read ({e}); "
+                            "give --height and --width") from None
+        args.height, args.width = args.height or shown[0], args.width or shown[1]
     with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
         ae.check_input(args.frames, args.height, args.width)
     with checking():

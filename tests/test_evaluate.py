@@ -146,6 +146,22 @@ def test_eval_recon_tiles_and_chunks(files, tmp_path):
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_eval_recon_default_size_is_the_first_videos(files, tmp_path):
+    """Without --height/--width, as `ldm reconstruct`: the 32x32 videos at 32x32 (was: upscaled to
+    256x256, PSNR measured on the upscaled frames); a first video that cannot be read says so."""
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ldm(["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(files / "videos"), "--frames", "8",
+             "--num", "2", "--output", str(tmp_path / "r.json"), "--device", "cpu"])
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert (r["height"], r["width"], r["clips"]) == (32, 32, 2)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.mp4").write_bytes(b"not a video")
+    with pytest.raises(UserError, match="a, whose size is the default, cannot be read .*give --height and --width"), \
+            pytest.warns(UserWarning, match="RANDOM"):
+        ldm(["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(tmp_path / "bad"),
+             "--output", str(tmp_path / "b.json"), "--device", "cpu"])
+
+
 def test_recon_metrics_are_right_for_a_perfect_autoencoder(files):
     class Identity(autoencoders.Autoencoder):
         family = "identity-test"
