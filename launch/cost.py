@@ -41,7 +41,7 @@ from ldm.checkpoint import atomic_write_bytes
 from ldm.cost import (FLOP_CONVENTION, count_flops, dit_forward_flops_analytic, fake_mode, prime_optimizer,
                       train_step_memory)
 from ldm.errors import MissingInput, UserError, check_min, checking
-from ldm.latent import Cond, LatentSpec, part_tokens
+from ldm.latent import Cond, LatentSpec, part_tokens, parts_text
 
 KEYS = ("autoencoder", "latent_shape", "latent_elements", "compression_rate", "compression_factor", "vcpr",
         "tokens", "dit_params", "dit_forward_flops", "dit_forward_flops_analytic", "dit_train_step_flops",
@@ -289,12 +289,6 @@ def cost_table(names: list[str], frames: int, height: int, width: int, dit_name:
 # ------------------------------------------------------------------------------------------
 # output
 # ------------------------------------------------------------------------------------------
-def _shape_text(shape: dict[str, list[int]] | None) -> str:
-    if not shape:
-        return "-"
-    return ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shape.items())
-
-
 def _num(x: float | None, scale: float, fmt: str) -> str:
     return "-" if x is None else format(x / scale, fmt)
 
@@ -302,7 +296,7 @@ def _num(x: float | None, scale: float, fmt: str) -> str:
 def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = None) -> str:
     """A fixed-width table (FLOPs in GFLOP/TFLOP, memory in GiB)."""
     name_w = max(26, *(len(r["autoencoder"]) for r in rows)) if rows else 26
-    shape_w = max(24, *(len(_shape_text(r.get("latent_shape"))) for r in rows)) if rows else 24  # Hi-VAE: 3 parts
+    shape_w = max(24, *(len(parts_text(r.get("latent_shape"))) for r in rows)) if rows else 24  # Hi-VAE: 3 parts
     head = (f"{'autoencoder':{name_w}s} {'latent':{shape_w}s} {'rate':>8s} {'factor':>7s} {'vcpr':>5s} {'tokens':>7s} "
             f"{'fwd GF':>9s} {'train GF':>9s} {'mem GiB':>8s} {'dec GF':>9s} {'sample TF':>10s}")
     lines = [head]
@@ -311,7 +305,7 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = N
             lines.append(f"{r['autoencoder']:{name_w}s} {r['error']}")
             continue
         vcpr = f"{r['vcpr']:.0f}" if r["vcpr"] else "-"
-        shape = _shape_text(r["latent_shape"])
+        shape = parts_text(r["latent_shape"])
         lines.append(f"{r['autoencoder']:{name_w}s} {shape:{shape_w}s} {r['compression_rate']:8.5f} "
                      f"{r['compression_factor']:7.1f} {vcpr:>5s} {r['tokens']:7d} "
                      f"{_num(r['dit_forward_flops'], 1e9, '9.1f')} {_num(r['dit_train_step_flops'], 1e9, '9.1f')} "
@@ -335,7 +329,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         if r.get("error"):
             out.append(f"| {r['autoencoder']} | {r['error']} | | | | | | | | |")
             continue
-        out.append(f"| {r['autoencoder']} | {_shape_text(r['latent_shape'])} | {r['compression_rate']:.5f} | "
+        out.append(f"| {r['autoencoder']} | {parts_text(r['latent_shape'])} | {r['compression_rate']:.5f} | "
                    f"{r['compression_factor']:.0f} | {r['tokens']} | {_num(r['dit_forward_flops'], 1e9, '.1f')} | "
                    f"{_num(r['dit_train_step_flops'], 1e9, '.1f')} | "
                    f"{_num(r['dit_train_peak_memory_bytes'], 2 ** 30, '.2f')} | "
@@ -349,7 +343,7 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
     w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (_shape_text(v) if k == "latent_shape" else json.dumps(v) if isinstance(v, (list, dict))
+        w.writerow({k: (parts_text(v) if k == "latent_shape" else json.dumps(v) if isinstance(v, (list, dict))
                         else v) for k, v in r.items()})
     atomic_write_bytes(path, f.getvalue().encode())  # the folder is made if needed
 

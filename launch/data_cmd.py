@@ -21,6 +21,7 @@ from data.sources import list_items
 from data.synth import COLORS, DIRECTIONS, NUM_CLASSES, SHAPES, synth_dataset
 from data.video import VideoError, Windows, check_video, plan_windows
 from ldm.errors import UserError
+from ldm.latent import parts_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,10 +125,6 @@ def _broken(items: list) -> list[tuple[str, str]]:
     return broken
 
 
-def _parts(shape: dict[str, list[int]]) -> str:
-    return ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shape.items())
-
-
 def _list_latents(args: argparse.Namespace, folder: Path) -> int:
     """An ``ldm extract`` output folder: what its manifest records and, with ``--check``, whether
     every sample of every shard reads (`data.shards.decode_sample`, the trainer's own checks)."""
@@ -155,8 +152,8 @@ def _list_latents(args: argparse.Namespace, folder: Path) -> int:
           + (f", tiles {m.tile}" if m.tile else ""))
     rate = f"{v.clip_fps:g} fps" if v.clip_fps else "their native rate"
     print(f"  clips: {v.frames}x{v.height}x{v.width}, played at {rate}{per_video}")
-    shapes = [_parts(s) for s in m.latent_shapes] if m.mixed_shapes else [_parts(m.latent_spec["latent_shape"])]
-    print(f"  latent ({m.form}): {'; '.join(shapes)}")
+    shapes = m.latent_shapes if m.mixed_shapes else [m.latent_spec["latent_shape"]]
+    print(f"  latent ({m.form}): {'; '.join(parts_text(s) for s in shapes)}")
     text = (f"{m.text_encoder} embeddings (dim {m.text_dim}, ~{m.text_tokens} tokens)" if m.text_encoder
             else "no text embeddings")
     print(f"  conditioning: {text}; {m.num_classes or 'no'} class ids")

@@ -65,6 +65,7 @@ from data.video import VideoError, probe, read_video, upright_size, write_video
 from dit import Export, load_export
 from launch import dist
 from launch.dist import compute_dtype
+from launch.reconstruct import default_size
 from launch.sample import add_sampling_arguments, check_export, generate, playback_fps, sampling_from_args
 from launch.train_ae import save_grid
 from ldm.checkpoint import atomic_write_json, file_sha256, read_json
@@ -720,8 +721,6 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     with checking():
         ae, name, ckpt_hash = resolve(args.autoencoder, args.checkpoint or args.ae_path, subfolder=args.ae_subfolder)
     if args.height is None or args.width is None:  # the size of the first video, as `ldm reconstruct`
-        from launch.reconstruct import default_size
-
         first = list_items(args.input)[0]
         try:
             shown = default_size(ae, *upright_size(first.readable()))

@@ -7,6 +7,7 @@ import json
 import autoencoders
 import dit
 from ldm.errors import UserError, check_min
+from ldm.latent import parts_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     size = f"{args.frames}x{args.height}x{args.width}"
     print(f"autoencoders (latent at {size}; @Nf: at N frames, the nearest count it takes; "
           f"diffusers:<Class> path=DIR loads pretrained ones)")
-    shapes = {d["name"]: ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in d.get("latent_shape", {}).items())
+    shapes = {d["name"]: parts_text(d.get("latent_shape"))
               + (f" @{d['reference_input'][1]}f" if "frames_note" in d else "") for d in aes}
     wide = max(28, *map(len, shapes.values()))
     print(f"  {'name':28s} {'family':10s} {'latent':{wide}s} {'factor':>8s} {'vcpr':>6s} {'tokens@1x2x2':>12s}")

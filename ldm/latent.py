@@ -17,7 +17,7 @@ denoised (valid lengths, segment rates, keyframe marks).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -177,6 +177,14 @@ def normalize(latent: Latent, stats: dict[str, dict[str, list[float]]], inverse:
         if name in logvar:
             logvar[name] = logvar[name] + (2 if inverse else -2) * torch.log(std)
     return latent.replace(parts, logvar=logvar)
+
+
+def parts_text(parts: Mapping[str, Sequence[int]] | None) -> str:
+    """Per-part shapes as people read them: ``z:4x5x32x32`` (Hi-VAE: ``content:4x1x32x32,
+    global:9x8x8, ...``); ``-`` for none."""
+    if not parts:
+        return "-"
+    return ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in parts.items())
 
 
 def part_tokens(shape: tuple[int, ...], patch: tuple[int, int, int] = (1, 2, 2)) -> int:
