@@ -431,4 +431,8 @@ def run(args: argparse.Namespace) -> int:
     write_grid(videos, out / grid)
     what = f"{len(names)} videos ({names[0]}..{names[-1]})" if len(names) > 1 else f"1 video ({names[0]})"
     print(f"wrote {what} to {out} (index.json, {grid}) at {fps:g} fps")
+    lengths = sorted({v.shape[1] for v in videos})
+    if lengths != [frames]:  # MTC-VAE: the keyframe predictor's segments set each video's length
+        print(f"  frames: {', '.join(map(str, lengths))} (--frames {frames}: {ae.family} splits each latent at "
+              f"its predicted keyframes, so the length follows the segments; see index.json)")
     return 0

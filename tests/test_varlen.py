@@ -107,7 +107,7 @@ def test_dit_trains_on_varlen_batches_padded_and_packed(trained):
     assert packed["losses"][0] == pytest.approx(padded["losses"][0], rel=1e-4)
 
 
-def test_sample_with_a_budget_splits_and_decodes(pipeline, trained, tmp_path):
+def test_sample_with_a_budget_splits_and_decodes(pipeline, trained, tmp_path, capsys):
     model, context = load_export(pipeline / "dit-packed")
     ae = autoencoders.resolve_record(context.autoencoder).model.eval()
     assert isinstance(ae, MTCVAE)
@@ -129,3 +129,9 @@ def test_sample_with_a_budget_splits_and_decodes(pipeline, trained, tmp_path):
     assert len(index) == 2 and (out / "grid.png").exists()
     for row in index:
         assert row["frames"] == probe(out / row["file"])["frames"] > 0
+    lengths = sorted({row["frames"] for row in index})
+    printed = capsys.readouterr().out
+    if lengths != [2 * SEG]:  # a length other than --frames is said, not left to index.json
+        assert f"frames: {', '.join(map(str, lengths))} (--frames {2 * SEG}: mtcvae splits" in printed
+    else:
+        assert "frames:" not in printed
