@@ -19,7 +19,9 @@ full attention), ``dit_train_step_flops`` (forward + backward, per sample),
 ``ae_decode_flops`` (one clip; whatever ``decode`` runs, so a diffusion decoder's steps and
 guidance are included), ``sample_flops`` (``steps x forward x (2 with --cfg) + decode``) and
 ``method`` (how the memory was obtained). FLOPs are 2 x multiply-accumulates (``ldm.cost``).
-An autoencoder that cannot take the size gets a row with ``error`` and null costs.
+An autoencoder that does not take ``--frames`` is costed at the nearest clip length it takes, as
+``ldm list`` does (``input`` holds it, ``frames_note`` says why; ``@Nf`` in the table); one that
+cannot take the size at all gets a row with ``error`` and null costs.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from ldm.checkpoint import atomic_write_bytes
 from ldm.cost import (FLOP_CONVENTION, count_flops, dit_forward_flops_analytic, fake_mode, prime_optimizer,
                       train_step_memory)
 from ldm.errors import MissingInput, UserError, check_min, checking
+from launch.list_models import nearest
 from ldm.latent import Cond, LatentSpec, part_tokens, parts_text
 
 KEYS = ("autoencoder", "latent_shape", "latent_elements", "compression_rate", "compression_factor", "vcpr",
@@ -86,9 +89,9 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
         for name in names:
             autoencoders.config_of(name)
     refused = []
-    for name in names:  # a size no autoencoder takes is an error; with some, the others get an error row
+    for name in names:  # a size no autoencoder takes (nor one near it) is an error; with some, the others get a row
         try:
-            latent_spec(name, args.frames, args.height, args.width)
+            nearest(args.frames, lambda n: latent_spec(name, n, args.height, args.width))
         except (ValueError, KeyError) as e:
             refused.append(f"{name}: {e}")
     if len(refused) == len(names):
@@ -255,11 +258,16 @@ def cost_table(names: list[str], frames: int, height: int, width: int, dit_name:
         row: dict[str, Any] = {k: None for k in KEYS}
         row["autoencoder"] = name
         try:
-            spec = latent_spec(name, frames, height, width)
+            used, spec = nearest(frames, lambda n: latent_spec(name, n, height, width))
         except (ValueError, KeyError) as e:
             row["error"] = f"{type(e).__name__}: {e}"
             rows.append(row)
             continue
+        if used != frames:  # costed at the nearest clip length it takes, as `ldm list` does
+            try:
+                latent_spec(name, frames, height, width)
+            except ValueError as e:
+                row["frames_note"] = f"{used}f: {e}"
         dcfg = dit.make_config(dit_name, spec, **overrides)
         d = spec.to_dict(dcfg.patch)
         row.update(latent_shape=d["latent_shape"], latent_elements=d["latent_elements"],
@@ -280,7 +288,7 @@ def cost_table(names: list[str], frames: int, height: int, width: int, dit_name:
             row["ae_decode_error"] = f"{type(e).__name__}: {e}"
         per_step = row["dit_forward_flops"] * (2 if cfg else 1)
         row["sample_flops"] = None if row["ae_decode_flops"] is None else steps * per_step + row["ae_decode_flops"]
-        row.update(input=[frames, height, width], dit=dit_name, batch_size=batch_size, steps=steps, cfg=cfg,
+        row.update(input=[used, height, width], dit=dit_name, batch_size=batch_size, steps=steps, cfg=cfg,
                    flops_convention=FLOP_CONVENTION)
         rows.append(row)
     return rows
@@ -289,6 +297,11 @@ def cost_table(names: list[str], frames: int, height: int, width: int, dit_name:
 # ------------------------------------------------------------------------------------------
 # output
 # ------------------------------------------------------------------------------------------
+def _shape(r: dict[str, Any]) -> str:
+    """The latent column: per-part shapes, ``@Nf`` when costed at another clip length than asked."""
+    return parts_text(r.get("latent_shape")) + (f" @{r['input'][0]}f" if r.get("frames_note") else "")
+
+
 def _num(x: float | None, scale: float, fmt: str) -> str:
     return "-" if x is None else format(x / scale, fmt)
 
@@ -296,7 +309,7 @@ def _num(x: float | None, scale: float, fmt: str) -> str:
 def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = None) -> str:
     """A fixed-width table (FLOPs in GFLOP/TFLOP, memory in GiB)."""
     name_w = max(26, *(len(r["autoencoder"]) for r in rows)) if rows else 26
-    shape_w = max(24, *(len(parts_text(r.get("latent_shape"))) for r in rows)) if rows else 24  # Hi-VAE: 3 parts
+    shape_w = max(24, *(len(_shape(r)) for r in rows)) if rows else 24  # Hi-VAE: 3 parts
     head = (f"{'autoencoder':{name_w}s} {'latent':{shape_w}s} {'rate':>8s} {'factor':>7s} {'vcpr':>5s} {'tokens':>7s} "
             f"{'fwd GF':>9s} {'train GF':>9s} {'mem GiB':>8s} {'dec GF':>9s} {'sample TF':>10s}")
     lines = [head]
@@ -305,7 +318,7 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = N
             lines.append(f"{r['autoencoder']:{name_w}s} {r['error']}")
             continue
         vcpr = f"{r['vcpr']:.0f}" if r["vcpr"] else "-"
-        shape = parts_text(r["latent_shape"])
+        shape = _shape(r)
         lines.append(f"{r['autoencoder']:{name_w}s} {shape:{shape_w}s} {r['compression_rate']:8.5f} "
                      f"{r['compression_factor']:7.1f} {vcpr:>5s} {r['tokens']:7d} "
                      f"{_num(r['dit_forward_flops'], 1e9, '9.1f')} {_num(r['dit_train_step_flops'], 1e9, '9.1f')} "
@@ -317,6 +330,8 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = N
             unmeasured.setdefault(r["ae_decode_error"], []).append(r["autoencoder"])
     for reason, names in unmeasured.items():
         lines.append(f"dec GF / sample TF '-' for {', '.join(names)}: {reason}")
+    for note in dict.fromkeys(r["frames_note"] for r in rows if r.get("frames_note")):  # once per distinct reason
+        lines.append(f"@{note}")
     return "\n".join(lines)
 
 
@@ -329,7 +344,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         if r.get("error"):
             out.append(f"| {r['autoencoder']} | {r['error']} | | | | | | | | |")
             continue
-        out.append(f"| {r['autoencoder']} | {parts_text(r['latent_shape'])} | {r['compression_rate']:.5f} | "
+        out.append(f"| {r['autoencoder']} | {_shape(r)} | {r['compression_rate']:.5f} | "
                    f"{r['compression_factor']:.0f} | {r['tokens']} | {_num(r['dit_forward_flops'], 1e9, '.1f')} | "
                    f"{_num(r['dit_train_step_flops'], 1e9, '.1f')} | "
                    f"{_num(r['dit_train_peak_memory_bytes'], 2 ** 30, '.2f')} | "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Callable, TypeVar
 
 import autoencoders
 import dit
@@ -18,21 +19,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 NEAREST_FRAMES = 8  # how far from --frames a row looks for a clip length its autoencoder takes
+T = TypeVar("T")
+
+
+def nearest(frames: int, attempt: Callable[[int], T]) -> tuple[int, T]:
+    """``(frames, attempt(frames))`` or, when that raises ``ValueError`` (a clip length the
+    autoencoder does not take: cmvae wants multiples of 4, causal models 1 + 4k), ``(n, attempt(n))``
+    at the nearest count n within ``NEAREST_FRAMES`` that it takes (the shorter one on a tie).
+    Raises the error at ``frames`` when none is near."""
+    try:
+        return frames, attempt(frames)
+    except ValueError as at_frames:
+        for step in range(1, NEAREST_FRAMES + 1):
+            for n in (frames - step, frames + step):
+                if n < 1:
+                    continue
+                try:
+                    return n, attempt(n)
+                except ValueError:
+                    continue
+        raise at_frames
 
 
 def describe_near(name: str, frames: int, height: int, width: int) -> dict:
-    """``autoencoders.describe`` at the reference size or, when the autoencoder does not take that
-    many frames (cmvae wants multiples of 4, causal models 1 + 4k), at the nearest count it takes
-    (the shorter one on a tie), with ``frames_note`` saying why; the error stays when none is near."""
+    """``autoencoders.describe`` at the reference size or at the `nearest` frame count the
+    autoencoder takes, with ``frames_note`` saying why; the error stays when none is near."""
     d = autoencoders.describe(name, frames, height, width)
     if "error" not in d:
         return d
-    for step in range(1, NEAREST_FRAMES + 1):
-        for n in (frames - step, frames + step):
-            near = autoencoders.describe(name, n, height, width) if n >= 1 else {"error": ""}
-            if "error" not in near:
-                return {**near, "frames_note": f"{n}f: {d['error']}"}
-    return d
+
+    def taken(n: int) -> dict:
+        near = autoencoders.describe(name, n, height, width)
+        if "error" in near:
+            raise ValueError(near["error"])
+        return near
+
+    try:
+        n, near = nearest(frames, taken)
+    except ValueError:
+        return d
+    return {**near, "frames_note": f"{n}f: {d['error']}"}
 
 
 def run(args: argparse.Namespace) -> int:

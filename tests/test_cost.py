@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dit
 from launch.cli import main as ldm
-from launch.cost import KEYS, cost_table
+from launch import list_models
+from launch.cost import KEYS, cost_table, format_table, markdown_table
 from ldm.cost import (CATEGORIES, adam_model_state_bytes, count_flops, dit_forward_flops_analytic, dit_trunk_flops,
                       fake_mode, prime_optimizer, train_step_memory)
 from ldm.latent import Cond
@@ -195,9 +196,23 @@ def test_cost_cli_json_csv_plot(tmp_path, capsys):
     assert len((tmp_path / "c.csv").read_text().splitlines()) == 3
 
 
-def test_cost_rows_report_sizes_an_autoencoder_cannot_take(capsys):
-    rows = cost_table(["kl2d-f8c4-debug", "causal3d-f4x8c4-debug"], 16, 64, 64, "dit-debug")
-    assert rows[0]["dit_forward_flops"] > 0 and "error" not in rows[0]
+def test_cost_rows_at_the_nearest_length_or_report_sizes_an_autoencoder_cannot_take(monkeypatch):
+    names = ["kl2d-f8c4-debug", "causal3d-f4x8c4-debug", "cmvae-z4-debug"]
+    rows = cost_table(names, 16, 64, 64, "dit-debug")
+    assert rows[0]["dit_forward_flops"] > 0 and "error" not in rows[0] and "frames_note" not in rows[0]
+    # causal3d takes 1 + 4k frames: costed at 17, the nearest (13 is 3 away), and marked
+    causal = rows[1]
+    assert causal["input"] == [17, 64, 64] and causal["frames_note"].startswith("17f: ") and "1 + 4k" in causal["frames_note"]
+    assert causal == cost_table(["causal3d-f4x8c4-debug"], 17, 64, 64, "dit-debug")[0] | {
+        "frames_note": causal["frames_note"]}
+    text = format_table(rows)
+    assert " @17f " in next(line for line in text.splitlines() if line.startswith("causal3d-f4x8c4-debug"))
+    assert text.splitlines()[-1] == f"@{causal['frames_note']}" and "@" not in text.splitlines()[1]
+    assert "@17f |" in markdown_table(rows)
+    at17 = cost_table(names, 17, 64, 64, "dit-debug")  # cmvae takes 16 and 20: the shorter on a tie
+    assert at17[2]["input"] == [16, 64, 64] and at17[0]["input"] == [17, 64, 64]
+    monkeypatch.setattr(list_models, "NEAREST_FRAMES", 0)  # nothing near: an error row with null costs
+    rows = cost_table(names[:2], 16, 64, 64, "dit-debug")
     assert "1 + 4k frames" in rows[1]["error"] and rows[1]["dit_forward_flops"] is None
     with pytest.raises(KeyError, match="not registered"):
         cost_table(["no-such-ae"], 9, 64, 64, "dit-debug")
