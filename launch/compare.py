@@ -287,15 +287,14 @@ def _evaluate(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, s
                                                    save_dir=work / "samples", **clip)
         out["sample_s_per_video"] = out["attributes"]["sample_s_per_video"]
     else:  # no attribute suite: time a few samples
-        from launch.sample import generate
-        from ldm.text import build_text_encoder
+        from launch.sample import generate, sampling_text_encoder
 
         text = bool(model.config.text_dim and export.text_encoder)
         n = max(1, min(args.eval_clips, 4))
         t0 = time.perf_counter()  # an unconditional DiT samples without guidance (one model call per step)
         generate(model, ae, export.latent_norm, prompts=["a video"] * n if text else None,
                  class_ids=[0] * n if not text and model.config.num_classes else None, count=n, progress=False,
-                 text_encoder=build_text_encoder(export.text_encoder, device=device) if text else None, **clip)
+                 text_encoder=sampling_text_encoder(model, ae, export, text, device), **clip)
         out["sample_s_per_video"] = (time.perf_counter() - t0) / n
     if i3d is not None:
         out["fvd"] = ev.generation_fd(model, ae, export, eval_data, num=args.eval_clips, i3d=i3d, inception=None,

@@ -66,7 +66,8 @@ from dit import Export, load_export
 from launch import dist
 from launch.dist import compute_dtype
 from launch.reconstruct import default_size
-from launch.sample import add_sampling_arguments, check_export, generate, playback_fps, sampling_from_args
+from launch.sample import (add_sampling_arguments, check_export, generate, playback_fps, sampling_from_args,
+                          sampling_text_encoder)
 from launch.train_ae import save_grid
 from ldm.checkpoint import atomic_write_json, file_sha256, read_json
 from ldm.errors import MissingInput, UserError, check_min, checking
@@ -257,9 +258,8 @@ def attribute_benchmark(model, ae: Autoencoder, export: Export, suite: list[dict
     use_text, use_cls = _conditioning(model, export, use_class)
     if use_cls:
         check_suite_classes(model, suite)
-    if use_text and text_encoder is None:
-        from ldm.text import build_text_encoder
-        text_encoder = build_text_encoder(export.text_encoder, device=device)
+    if text_encoder is None:
+        text_encoder = sampling_text_encoder(model, ae, export, use_text, device)
     cands = {a: tuple(dict.fromkeys(c[a] for c in suite)) for a in ("shape", "color", "direction")}
     items = [(i, k) for i in range(len(suite)) for k in range(per_prompt)]
     rows, t_sample = [], 0.0
@@ -482,9 +482,8 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     use_text, use_cls = (False, False)  # both False: an unconditional DiT, sampled unconditionally
     if samples is None and (model.config.text_dim or model.config.num_classes):
         use_text, use_cls = _conditioning(model, export, None)
-        if use_text:
-            from ldm.text import build_text_encoder
-            text_encoder = build_text_encoder(export.text_encoder, device=device)
+    if samples is None:
+        text_encoder = sampling_text_encoder(model, ae, export, use_text, device)
     n = 0
     for b, batch in enumerate(_batches(ref, batch_size)):
         real = torch.stack([x["video"] for x in batch])

@@ -218,7 +218,28 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
                              callback=lambda *a: bar.update(1))
     bar.close()
     latent = normalize(latent, latent_norm, inverse=True)
-    return latent.to(device), Cond(text=cond.text, text_mask=cond.text_mask)
+    ae_cond = Cond(text=cond.text, text_mask=cond.text_mask)
+    if ae.text_dim and cond.text is None:  # a text-guided decoder always reads a caption: the prompts, else
+        if text_encoder is None:         # the empty one (what extraction gives a clip without a caption)
+            raise ValueError(f"{ae.family} is text-guided: its decoder needs the text encoder the latents were "
+                             "extracted with (text_encoder=, see sampling_text_encoder)")
+        emb, mask = text_encoder.encode(list(prompts) if prompts is not None else [""] * n)
+        ae_cond = Cond(text=emb.to(device), text_mask=mask.to(device))
+    return latent.to(device), ae_cond
+
+
+def sampling_text_encoder(model, ae: Autoencoder, export, prompts: bool, device: torch.device | str = "cpu"):
+    """The text encoder that sampling needs (the one the latents were extracted with,
+    ``export.text_encoder``), or None: for the DiT's ``prompts``, and always for a text-guided
+    autoencoder, whose decoder reads a caption (the empty one when sampling class ids or
+    unconditionally)."""
+    if not ((prompts and model.config.text_dim) or ae.text_dim):
+        return None
+    if not export.text_encoder:
+        raise ValueError(f"no text encoder is recorded with this DiT's latents; {ae.family} decodes with text"
+                         if ae.text_dim else "this DiT was trained without text")
+    from ldm.text import build_text_encoder
+    return build_text_encoder(export.text_encoder, device=device)
 
 
 @torch.no_grad()
@@ -402,9 +423,9 @@ def run(args: argparse.Namespace) -> int:
     with checking():
         check_request(model, ae, spec, args.latent_frames, image=bool(args.image))
     text_encoder = None
-    if prompts:
-        from ldm.text import build_text_encoder
-        text_encoder = build_text_encoder(export.text_encoder, device=device)
+    text_encoder = sampling_text_encoder(model, ae, export, bool(prompts), device)
+    if ae.text_dim and not prompts:
+        print(f"{export.autoencoder.name} is text-guided: it decodes these samples with the empty caption")
     items = ([(p, None) for p in prompts] if prompts else [(None, c) for c in class_ids] if class_ids else
              [(None, None)] * args.unconditional)
     items = [it for it in items for _ in range(args.num_per_prompt)]

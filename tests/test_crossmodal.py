@@ -394,9 +394,10 @@ def test_extract_encodes_with_the_caption(trained, clips, tmp_path, text_encoder
 
 def test_dit_sampling_path_decodes_with_the_prompt(text_encoder):
     """launch.sample.generate passes the prompt's embedding to decode: a text-guided model decodes
-    with it; a class-conditioned DiT cannot drive a text-guided autoencoder (clear error)."""
+    with it. Sampled by class id or unconditionally, it decodes with the prompts when given, else
+    with the empty caption (what extraction gives an uncaptioned clip); it needs the text encoder."""
     import dit
-    from launch.sample import generate
+    from launch.sample import generate, sample_latents
     from ldm.samplers import SamplingConfig
 
     ae = _model("cmvae-z4-text-debug")
@@ -407,9 +408,17 @@ def test_dit_sampling_path_decodes_with_the_prompt(text_encoder):
                      sampling=SamplingConfig(steps=2), text_encoder=text_encoder, progress=False)
     assert video.shape == (1, 3, T, S, S) and torch.isfinite(video).all()
     classes = dit.build("dit-debug", spec, num_classes=3).eval()
-    with pytest.raises(ValueError, match="text-guided"):
-        generate(classes, ae, {}, class_ids=[1], frames=T, height=S, width=S, sampling=SamplingConfig(steps=1),
-                 progress=False)
+    kw = dict(frames=T, height=S, width=S, sampling=SamplingConfig(steps=1), progress=False)
+    with pytest.raises(ValueError, match="text-guided: its decoder needs the text encoder"):
+        generate(classes, ae, {}, class_ids=[1], **kw)
+    for how in ({"class_ids": [1, 2]}, {"count": 2}):
+        latent, cond = sample_latents(classes, ae, {}, text_encoder=text_encoder, **how, **kw)
+        assert torch.equal(cond.text, _cond(text_encoder, ["", ""]).text)
+        with torch.no_grad():
+            assert torch.equal(generate(classes, ae, {}, text_encoder=text_encoder, **how, **kw),
+                               ae.decode(latent, cond).clamp(-1, 1))
+    _, cond = sample_latents(classes, ae, {}, class_ids=[1], prompts=["a red circle"], text_encoder=text_encoder, **kw)
+    assert torch.equal(cond.text, _cond(text_encoder, ["a red circle"]).text)  # the class DiT ignores it, the decoder not
 
 
 @pytest.mark.dist
