@@ -788,6 +788,6 @@ def resume(engine, ema: EMA, out: Path) -> tuple[int, int]:
             print(f"resumed from {p} at step {info['step']} ({kind} state)")
         return int(info["step"]), int(info.get("dropped_batches", 0))
     if rejected or candidates:
-        raise RuntimeError(f"no usable checkpoint under {root} (see the warnings above); move them away or give a "
-                           "new output to start over")
+        raise UserError(f"no usable checkpoint under {root} (see the warnings above); move them away or give a "
+                        "new output to start over")
     return 0, 0

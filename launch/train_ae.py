@@ -541,14 +541,14 @@ class AETrainer:
                 log.warning("checkpoint %s rejected: %s", r["path"], r["reason"])
             if path is None:
                 if self.rejected:
-                    raise RuntimeError(f"no valid checkpoint under {self.ckpt_root} (all rejected, see above); "
-                                       "give a new --output to start over")
+                    raise UserError(f"no valid checkpoint under {self.ckpt_root} (all rejected, see above); "
+                                    "give a new --output to start over")
                 return None
         else:
             path = Path(mode)
             reason = runs.verify_checkpoint(path, REQUIRED_FILES) if path.is_dir() else "not a folder"
             if reason is not None:
-                raise ValueError(f"--resume {path}: {reason}")
+                raise UserError(f"--resume {path}: {reason}")
         return path
 
     def _resume_stage(self) -> int | None:

@@ -22,6 +22,7 @@ from launch import dist
 from launch import runs
 from launch.runs import find_checkpoint, optimizer_from_files, optimizer_to_files, write_checkpoint
 from launch.train_ae import TrainAEConfig, add_arguments, config_from_args, train_autoencoder
+from ldm.errors import UserError
 from ldm.latent import Latent
 from ldm.metrics import LPIPS
 
@@ -126,6 +127,12 @@ def test_resume_is_exact_and_corrupt_checkpoint_falls_back(straight, clips, tmp_
     log = _log(out)
     assert [r["step"] for r in log] == list(range(1, 8))  # lines past the resumed step were dropped
     assert [r["loss"] for r in log] == ref[:7]
+    for step in runs.checkpoints(out / "checkpoints"):  # every checkpoint corrupt: one line, not a start from step 0
+        (step / "MANIFEST.json").unlink()
+    with pytest.raises(UserError, match="no valid checkpoint"):
+        train_autoencoder(_cfg(clips, out, steps=8), allow_change=("steps",))
+    with pytest.raises(UserError, match="--resume .*MANIFEST"):
+        train_autoencoder(_cfg(clips, tmp_path / "other", steps=7, resume=str(step)))
 
 
 def test_sigterm_stops_with_a_checkpoint_of_that_step_and_resumes_exactly(straight, clips, tmp_path, monkeypatch,
