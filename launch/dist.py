@@ -32,7 +32,7 @@ def _env_int(name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise UserError(f"environment variable {name}={value!r} is not an integer (set by the launcher?)") from None
 
 
 def dist_env() -> DistEnv:
@@ -48,7 +48,7 @@ def dist_env() -> DistEnv:
     else:
         return DistEnv(0, 1, 0, "single")
     if world < 1 or not 0 <= rank < world or local < 0:
-        raise ValueError(f"inconsistent rank layout from {source}: rank={rank} world_size={world} local_rank={local}")
+        raise UserError(f"inconsistent rank layout from {source}: rank={rank} world_size={world} local_rank={local}")
     return DistEnv(rank, world, local, source)
 
 
@@ -67,8 +67,8 @@ def init_distributed(backend: str | None = None) -> DistEnv:
         os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
         if "MASTER_ADDR" not in os.environ:
             if "SLURM_LAUNCH_NODE_IPADDR" not in os.environ:
-                raise RuntimeError("SLURM launch without MASTER_ADDR: export MASTER_ADDR (the first node's "
-                                   "address) and MASTER_PORT, or launch with torchrun")
+                raise UserError("SLURM launch without MASTER_ADDR: export MASTER_ADDR (the first node's "
+                                "address) and MASTER_PORT, or launch with torchrun")
             os.environ["MASTER_ADDR"] = os.environ["SLURM_LAUNCH_NODE_IPADDR"]
         os.environ.setdefault("MASTER_PORT", "29500")
     if backend is None:
@@ -205,7 +205,7 @@ def check_same(value: str, what: str) -> None:
     t = torch.tensor([h, -h], dtype=torch.int64, device=_comm_device())
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
     if t[0] != h or -t[1] != h:
-        raise RuntimeError(f"ranks disagree on the {what}: check that every node runs the same command, "
+        raise UserError(f"ranks disagree on the {what}: check that every node runs the same command, "
                            f"config file and data (rank {rank()} has fingerprint {h:x})")
 
 

@@ -4,6 +4,7 @@ records what made each video."""
 import json
 import os
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -198,6 +199,16 @@ TRAIN_ERRORS = [
 def test_train_errors_are_one_line_before_any_folder(run, tmp_path, capsys, over, match):
     _one_line_error(_train(run, tmp_path / "r", *over), capsys, match)
     assert not (tmp_path / "r").exists()
+
+
+def test_srun_without_a_master_address_is_one_line(run, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE",
+                                                                   "LOCAL_RANK", "TORCHELASTIC"))}
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", *_train(run, tmp_path / "r")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**env, "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(("ldm", "Traceback"))]
+    assert proc.returncode == 2 and lines == ["ldm train: error: SLURM launch without MASTER_ADDR: export MASTER_ADDR "
+                                              "(the first node's address) and MASTER_PORT, or launch with torchrun"]
 
 
 def test_numbers_as_people_write_them_on_the_train_command_line(run, tmp_path):
