@@ -323,6 +323,55 @@ def check_binding(folder: str | Path, record: dict[str, Any], allow: tuple[str, 
     return Binding(folder, record, differ, history)
 
 
+LOCK = ".lock"
+_HELD: dict[Path, Any] = {}  # folder -> the open lock file this process holds
+
+
+def claim_folder(folder: str | Path, new_folder: str = "--output NEW_FOLDER") -> None:
+    """Make ``folder`` and hold it for this run (call on every rank; rank 0 locks): an exclusive
+    ``flock`` on ``folder/.lock``, which the kernel drops when the process ends, SIGKILL included,
+    so a stale lock cannot exist. A second run started into a folder a live run holds is refused
+    on every rank (`UserError`) before it writes anything: two runs would interleave their steps,
+    checkpoints and log. A file system without locks (some network mounts) gets a warning only.
+    `release_folder` (or the end of the process) lets it go; claiming a folder twice is a no-op."""
+    import fcntl
+    import os
+    import socket
+
+    from launch import dist
+    folder = Path(folder)
+    error = None
+    if dist.is_main() and folder.resolve() not in _HELD:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            error = (f"{folder} is in use by another run ({holder}): wait for it to end or stop it, or give "
+                     f"{new_folder}")
+        except OSError as e:  # no locking on this file system
+            log.warning("cannot lock %s (%s): make sure no other run writes into it", folder, e.strerror or e)
+            _HELD[folder.resolve()] = handle
+        else:
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            handle.flush()
+            _HELD[folder.resolve()] = handle
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+
+
+def release_folder(folder: str | Path) -> None:
+    """Let go of `claim_folder`'s lock (nothing when this process does not hold it)."""
+    handle = _HELD.pop(Path(folder).resolve(), None)
+    if handle is not None:
+        handle.close()
+
+
 class NonFiniteGuard:
     """The non-finite-loss policy of both trainers: a step (or micro-batch) whose loss or gradient
     is not finite on any rank is skipped on every rank; ``limit`` of them in a row stop the run

@@ -485,7 +485,10 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
     output folder holds (``--allow-change``). Returns the summary (steps, logged losses, output,
     skipped samples, dropped batches, and ``stopped`` after a graceful stop)."""
     with deepspeed_patches_undone():
-        return _train(cfg, allow_change)
+        try:
+            return _train(cfg, allow_change)
+        finally:
+            runs.release_folder(cfg.output)
 
 
 def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
@@ -547,6 +550,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
             compile_blocks(engine.module, mode=cfg.model.compile_mode)
     ema = EMA(engine.module, cfg.ema_decay, zero3)
 
+    runs.claim_folder(out, new_folder="output=NEW_FOLDER")  # no second run into it while this one lives
     step, dropped = resume(engine, ema, out)
     nonfinite = runs.NonFiniteGuard(cfg.max_nonfinite)
     if dist.is_main():

@@ -679,6 +679,7 @@ class AETrainer:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
+        runs.claim_folder(self.out)  # no second run into it while this one lives
         self.maybe_resume()
         start_step = self.step
         log_path = self.out / "log.jsonl"
@@ -828,6 +829,7 @@ def train_autoencoder(cfg: TrainAEConfig, allow_change: tuple[str, ...] = ()) ->
     try:
         return AETrainer(cfg, env, binding).run()
     finally:
+        runs.release_folder(cfg.output)
         if owns_group:
             dist.cleanup()
 

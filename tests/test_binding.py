@@ -101,6 +101,23 @@ def _train_ae(base: Path, out: Path, *extra: str) -> list[str]:
             "--latent-stats-clips", "0", "--num-workers", "0", "--no-progress", *extra]
 
 
+def test_a_second_run_into_a_folder_in_use_is_refused(base, tmp_path, capsys):
+    """Two runs started into one folder (was: both trained, their checkpoints piled up as
+    ``step-N.kept-1`` and one died with a FileNotFoundError traceback). The lock goes with its
+    process, so a killed run never leaves the folder locked."""
+    import fcntl
+    for argv, out in ((_train(base, tmp_path / "dit"), tmp_path / "dit"), (_train_ae(base, tmp_path / "ae"), tmp_path / "ae")):
+        out.mkdir()
+        with open(out / runs.LOCK, "a+") as other:  # another process's lock (a lock of its own file description)
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            other.write("pid 4242 on node7 since 2026-12-05 06:00:00\n")
+            other.flush()
+            _refused(argv, capsys, f"{out} is in use by another run (pid 4242 on node7", "give ")
+            assert sorted(p.name for p in out.iterdir()) == [runs.LOCK]  # nothing written
+        assert _ldm(argv) == 0  # the holder has ended
+        assert _ldm(argv) == 0  # and this run let go of it
+
+
 def test_train_ae_run_that_stopped_before_a_checkpoint_binds_nothing(base, tmp_path, capsys):
     """Clips longer than every video: one line (was: a traceback), and the corrected command runs
     in the same folder (was: refused, "frames: 9 -> 8", by the run.json the failed run left)."""
