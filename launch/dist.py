@@ -71,6 +71,8 @@ def init_distributed(backend: str | None = None) -> DistEnv:
                                 "address) and MASTER_PORT, or launch with torchrun")
             os.environ["MASTER_ADDR"] = os.environ["SLURM_LAUNCH_NODE_IPADDR"]
         os.environ.setdefault("MASTER_PORT", "29500")
+    if env.source == "torchrun":
+        _stop_with_the_launcher()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -78,6 +80,25 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     torch_dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=_elastic_store())
     destroy_at_exit()
     return env
+
+
+def _stop_with_the_launcher() -> None:
+    """A rank of a launcher (torchrun, deepspeed, accelerate) gets SIGTERM when the launcher's
+    process dies (SIGKILLed, out of memory), as when the launcher stops it: the trainers then
+    finish the step, write a checkpoint and exit. Without it such a rank trained on as an orphan
+    (racing the next run started into its folder) or waited minutes for the dead launcher's store.
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere nothing changes."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0:  # 1 = PR_SET_PDEATHSIG
+        return
+    if os.getppid() != parent:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 _DESTROY_REGISTERED = False

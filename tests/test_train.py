@@ -445,6 +445,32 @@ def test_elastic_restart_after_a_rank_is_killed(latents, tmp_path):
     assert _losses(out) == pytest.approx(_losses(tmp_path / "ref"), rel=1e-5)
 
 
+@pytest.mark.dist
+def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed(latents, tmp_path):
+    """SIGKILL to the torchrun agent alone (out of memory, ``kill -9``): its ranks stop after the
+    step with a checkpoint (was: they trained on as orphans, into a folder a rerun then shared)."""
+    import signal
+    import time
+    out = tmp_path / "orphans"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = torchrun(2, "train", "--config", str(YAML), f"data.shards={latents}", f"output={out}",
+                   "data.batch_size=2", "steps=100000", "save_every=5", "log_every=1")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 200
+    while not (out / "checkpoints" / "step-00000005" / "MANIFEST.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    try:
+        output, _ = proc.communicate(timeout=120)  # the pipe closes when the last rank has exited
+    finally:
+        for pid in _worker_pids(str(out)):  # what a failure would leave running
+            os.kill(pid, signal.SIGKILL)
+    assert "stopped at step" in output and "(SIGTERM)" in output
+    step = int(output.split("stopped at step ")[1].split()[0])
+    assert (out / "checkpoints" / f"step-{step:08d}" / "MANIFEST.json").is_file()
+
+
 def test_mixed_resolutions_train_in_buckets(latents, tmp_path):
     ldm(["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", str(latents.parent / "videos"), "--output",
          str(tmp_path / "big"), "--frames", "8", "--height", "48", "--width", "48", "--shard-size", "4",
