@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import os
 import re
@@ -128,6 +129,12 @@ def console(argv: list[str] | None = None) -> int:
             raise
         print(f"{_command([a for a in argv if a != '--debug'])}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the disk is full or cannot be written: the message says which file and what to do
+        if debug or e.errno not in STORAGE_ERRNOS:
+            raise
+        what = e.strerror if e.filename is None and e.strerror else str(e)
+        print(f"{_command([a for a in argv if a != '--debug'])}: error: {' '.join(what.split())}", file=sys.stderr)
+        return 1
     except UserError as e:
         if debug:
             raise
@@ -139,6 +146,7 @@ def console(argv: list[str] | None = None) -> int:
         return 2
 
 
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG)
 ERROR_GRACE_S = 5.0  # how long a second or later rank waits for the node's first rank to print an error
 
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
 from ldm.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256, read_json, save_tensors
@@ -117,6 +118,25 @@ def write_checkpoint(root: Path, step: int, files: dict[str, bytes | dict[str, T
     """``begin`` + ``write_files`` + ``commit`` for a checkpoint one process writes whole."""
     write_files(begin(root, step), files)
     return commit(root, step, keep)
+
+
+# what a full disk, a quota or an I/O error raises while a checkpoint is written (torch.save: a
+# RuntimeError "unexpected pos"; safetensors: its own error type)
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def write_failed(root: Path, step: int, error: Exception) -> OSError:
+    """The error to raise when the checkpoint of ``step`` could not be written (disk full, quota,
+    I/O error; torch and safetensors report these in their own exception types): its temporary
+    folder is removed, the earlier checkpoints are untouched, and the message says so in one line."""
+    import errno
+
+    shutil.rmtree(root / f".{step_dir_name(step)}.tmp", ignore_errors=True)
+    free = shutil.disk_usage(root).free / 2**20 if root.is_dir() else float("nan")
+    return OSError(getattr(error, "errno", None) or errno.EIO,
+                   f"writing the checkpoint of step {step} into {root} failed ({type(error).__name__}: {error}; "
+                   f"{free:.0f} MiB free there); the earlier checkpoints are intact: free space and run the same "
+                   "command to resume")
 
 
 def verify_checkpoint(path: Path, required: tuple[str, ...] = ()) -> str | None:

@@ -647,9 +647,9 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                                 cfg.universal_checkpoints)
     finally:
         stop.close()
+        bar.close()  # an error's line then starts on a line of its own
     inputs.close()
     profiler.close()
-    bar.close()
     logger.close()
     dist.barrier()
     summary = {"steps": step, "losses": losses, "output": str(out), "skipped": dict(data.skipped),
@@ -730,18 +730,24 @@ def save_checkpoint(engine, ema: EMA, out: Path, step: int, dropped: int, keep: 
     root = out / "checkpoints"
     tmp = runs.begin(root, step) if dist.is_main() else root / f".{runs.step_dir_name(step)}.tmp"
     dist.barrier()  # the folder exists before any rank writes into it
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False)
+    try:
+        engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False)
+    except runs.WRITE_ERRORS as e:
+        raise runs.write_failed(root, step, e) from e
     tensors, meta = gather_universal(engine) if universal else ({}, {})  # a collective: every rank
     dist.barrier()  # every rank's DeepSpeed files are written
     if dist.is_main():
-        if universal:
-            save_tensors(tmp / "universal.safetensors", tensors)
-        save_tensors(tmp / "ema.safetensors", ema.state_dict())
-        atomic_write_json(tmp / "trainer.json", {
-            "step": step, "dropped_batches": dropped, "world_size": dist.world_size(),
-            "zero_stage": engine.zero_optimization_stage(),
-            "universal": universal, "scheduler": engine.lr_scheduler.state_dict(), **meta})
-        runs.commit(root, step, keep)
+        try:
+            if universal:
+                save_tensors(tmp / "universal.safetensors", tensors)
+            save_tensors(tmp / "ema.safetensors", ema.state_dict())
+            atomic_write_json(tmp / "trainer.json", {
+                "step": step, "dropped_batches": dropped, "world_size": dist.world_size(),
+                "zero_stage": engine.zero_optimization_stage(),
+                "universal": universal, "scheduler": engine.lr_scheduler.state_dict(), **meta})
+            runs.commit(root, step, keep)
+        except runs.WRITE_ERRORS as e:
+            raise runs.write_failed(root, step, e) from e
         save_export(out / "export", ema.state_dict(), dcfg, context)
     dist.barrier()
 

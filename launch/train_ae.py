@@ -492,7 +492,10 @@ class AETrainer:
                 d_t, d_j = runs.optimizer_to_files(self.d_opt)
                 files.update({"discriminator.safetensors": self.loss_fn.discriminator.state_dict(),
                               "disc_optimizer.safetensors": d_t, "disc_optimizer.json": d_j})
-            runs.write_checkpoint(self.ckpt_root, self.step, files, self.cfg.keep)
+            try:
+                runs.write_checkpoint(self.ckpt_root, self.step, files, self.cfg.keep)
+            except runs.WRITE_ERRORS as e:  # disk full, quota, I/O error
+                raise runs.write_failed(self.ckpt_root, self.step, e) from e
         dist.barrier()
 
     def load(self, path: Path) -> None:
@@ -705,8 +708,8 @@ class AETrainer:
             self._train_steps(batches, bar, nonfinite, profiler, log_path, losses, sample_clips, sample_captions)
         finally:
             self.stop.close()
+            bar.close()  # an error's line then starts on a line of its own
         profiler.close()
-        bar.close()
         del batches  # stops the loader's workers before the final export
         if self.stopping and self.step < cfg.steps:
             if self.main:

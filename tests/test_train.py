@@ -471,6 +471,33 @@ def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed(latents, tmp_path)
     assert (out / "checkpoints" / f"step-{step:08d}" / "MANIFEST.json").is_file()
 
 
+def test_a_full_disk_while_a_checkpoint_is_written_is_one_line_and_the_run_resumes(latents, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """What torch.save raises when the disk fills (was: that traceback, and a half-written
+    ``.step-N.tmp`` left behind)."""
+    from launch import train as train_module
+    from launch.cli import console
+    real = train_module.save_tensors
+
+    def full_disk(path, *args, **kwargs):
+        if "step-00000004" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 13248 vs 13142")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_tensors", full_disk)
+    out = tmp_path / "r"
+    argv = ["train", "--config", str(YAML), f"data.shards={latents}", f"output={out}", "steps=4", "save_every=2",
+            "data.batch_size=2"]
+    capsys.readouterr()
+    assert console(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("ldm", "Traceback"))]
+    assert len(err) == 1 and err[0].startswith("ldm train: error: writing the checkpoint of step 4 into"), err
+    assert "unexpected pos" in err[0] and "MiB free there" in err[0] and "run the same command to resume" in err[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step-00000002"]
+    monkeypatch.setattr(train_module, "save_tensors", real)
+    assert console(argv) == 0 and "resumed from" in capsys.readouterr().out
+
+
 def test_mixed_resolutions_train_in_buckets(latents, tmp_path):
     ldm(["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", str(latents.parent / "videos"), "--output",
          str(tmp_path / "big"), "--frames", "8", "--height", "48", "--width", "48", "--shard-size", "4",
