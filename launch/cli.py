@@ -129,12 +129,6 @@ def console(argv: list[str] | None = None) -> int:
             raise
         print(f"{_command([a for a in argv if a != '--debug'])}: interrupted", file=sys.stderr)
         return 130
-    except OSError as e:  # the disk is full or cannot be written: the message says which file and what to do
-        if debug or e.errno not in STORAGE_ERRNOS:
-            raise
-        what = e.strerror if e.filename is None and e.strerror else str(e)
-        print(f"{_command([a for a in argv if a != '--debug'])}: error: {' '.join(what.split())}", file=sys.stderr)
-        return 1
     except UserError as e:
         if debug:
             raise
@@ -144,6 +138,12 @@ def console(argv: list[str] | None = None) -> int:
         else:
             _let_the_first_rank_report(line)
         return 2
+    except OSError as e:  # the disk is full or cannot be written: the message says which file and what to do
+        if debug or e.errno not in STORAGE_ERRNOS:
+            raise
+        what = e.strerror if e.filename is None and e.strerror else str(e)
+        print(f"{_command([a for a in argv if a != '--debug'])}: error: {' '.join(what.split())}", file=sys.stderr)
+        return 1
 
 
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG)
