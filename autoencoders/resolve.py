@@ -6,7 +6,7 @@ A reference is one of
   (a warning says so) unless a ``checkpoint`` folder of ours is given too;
 - **our checkpoint folder** (``save_pretrained``: ``config.json`` + ``model.safetensors``, e.g. a
   ``ldm train-ae`` run's ``final/``), as ``checkpoint=`` or as the reference itself; with a name
-  too, the folder must hold that name;
+  too, the folder must hold that name (a folder ``ldm convert`` wrote for a family: a name of that family);
 - a **loader name** ``<prefix>:<what>`` with ``checkpoint=`` a LOCAL folder (and ``subfolder``):
   external weights wrapped at run time by a loader registered with ``base.register_loader``
   (``diffusers``: ``diffusers:AutoencoderKLWan`` runs the diffusers model behind our contract);
@@ -102,6 +102,13 @@ def resolve(ref: str | None = None, checkpoint: str | Path | None = None, *, sub
         saved = meta.get("name")
         if ref is not None and saved is not None and saved != ref:
             raise ValueError(f"checkpoint {checkpoint} holds {saved!r}, not {ref!r}")
+        if ref is not None and saved is None:  # a converted folder keeps its family only
+            cls = REGISTRY[ref][0] if ref in REGISTRY else FAMILIES.get(ref)
+            if cls is None:
+                raise _unknown(ref)
+            if cls is not FAMILIES[meta["family"]]:
+                raise ValueError(f"checkpoint {checkpoint} holds a {meta['family']!r} model, not {ref!r} "
+                                 f"(a {cls.family!r}); leave out the name or give the right folder")
         found = Resolved(load_pretrained(checkpoint), saved or ref or meta["family"], dir_hash(checkpoint))
     elif ref is not None:
         if ref not in REGISTRY:

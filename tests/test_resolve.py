@@ -34,6 +34,13 @@ def test_registered_name_saved_folder_and_errors(tmp_path):
         assert found.name == NAME and found.weights_hash == dir_hash(tmp_path / "ae") and _same(found.model, a.model)
     with pytest.raises(ValueError, match="holds 'kl2d-f8c4-debug', not 'causal3d"):
         resolve("causal3d-f4x8c4-debug", tmp_path / "ae")
+    a.model.save_pretrained(tmp_path / "converted")  # `ldm convert --target kl2d`: no name, the family only
+    assert resolve("kl2d", tmp_path / "converted").name == "kl2d"
+    for wrong in ("causal3d", "causal3d-f4x8c4-debug", "hivae-s-debug"):
+        with pytest.raises(ValueError, match=f"holds a 'kl2d' model, not '{wrong}'"):
+            resolve(wrong, tmp_path / "converted")
+    with pytest.raises(KeyError, match="not registered"):
+        resolve("kl2d-nope", tmp_path / "converted")
     with pytest.raises(ValueError, match="do not apply to a saved model"):
         resolve(None, tmp_path / "ae", overrides={"latent_channels": 8})
     with pytest.raises(FileNotFoundError, match="not found .expected a folder with config.json"):
