@@ -216,12 +216,21 @@ def load_diffusers(class_name: str, path: str | Path | None, subfolder: str | No
         raise FileNotFoundError(f"diffusers:{class_name}: no such directory {folder}")
     config_file = folder / "config.json"
     if not config_file.is_file():
-        hint = " (a pipeline folder? pass subfolder='vae')" if (folder / "vae").is_dir() else ""
+        hint = " (a pipeline folder: its VAE is the vae/ subfolder)" if (folder / "vae").is_dir() else ""
         raise FileNotFoundError(f"diffusers:{class_name}: {folder} has no config.json{hint}")
-    saved_class = json.loads(config_file.read_text()).get("_class_name")
-    if saved_class is not None and saved_class != class_name:
+    try:
+        saved_class = json.loads(config_file.read_text()).get("_class_name")
+    except (ValueError, AttributeError):
+        raise ValueError(f"diffusers:{class_name}: {config_file} is not a JSON object") from None
+    if saved_class is None:
+        raise ValueError(f"diffusers:{class_name}: {folder} is not a diffusers model folder (its config.json names "
+                         "no _class_name; a transformers model such as a text encoder?)")
+    if saved_class != class_name:
         raise ValueError(f"{folder} holds a {saved_class}, not a {class_name}")
-    return cls.from_pretrained(str(Path(path)), subfolder=subfolder, local_files_only=True)
+    try:
+        return cls.from_pretrained(str(Path(path)), subfolder=subfolder, local_files_only=True)
+    except OSError as e:  # no weights file (diffusers names the file it looked for)
+        raise FileNotFoundError(f"diffusers:{class_name}: {folder}: {str(e).splitlines()[0]}") from None
 
 
 def build_diffusers(class_name: str, path: str | Path | None = None, subfolder: str | None = None,

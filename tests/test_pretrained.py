@@ -186,7 +186,7 @@ def test_overrides_and_subfolder(saved, tmp_path):
     raw, folder = saved["AutoencoderKLWan"]
     pipeline = tmp_path / "pipeline"
     raw.save_pretrained(pipeline / "vae")
-    with pytest.raises(FileNotFoundError, match="subfolder='vae'"):
+    with pytest.raises(FileNotFoundError, match="its VAE is the vae/ subfolder"):
         build("diffusers:AutoencoderKLWan", path=pipeline)
     ae = build("diffusers:AutoencoderKLWan", path=pipeline, subfolder="vae", latent_scale=(2.0,),
                latent_shift=(0.5,)).eval()
@@ -213,3 +213,12 @@ def test_clear_errors(saved, tmp_path):
     with pytest.raises(ValueError, match="holds a AutoencoderKLWan"):
         build("diffusers:AutoencoderKL", path=saved["AutoencoderKLWan"][1])
     assert json.loads((saved["AutoencoderKL"][1] / "config.json").read_text())["_class_name"] == "AutoencoderKL"
+    # a pipeline's text_encoder/ (a transformers config) and a VAE folder without its weights file
+    (tmp_path / "text_encoder").mkdir()
+    (tmp_path / "text_encoder" / "config.json").write_text(json.dumps({"model_type": "clip_text_model"}))
+    with pytest.raises(ValueError, match="not a diffusers model folder"):
+        build("diffusers:AutoencoderKL", path=tmp_path, subfolder="text_encoder")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text((saved["AutoencoderKL"][1] / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no file named"):
+        build("diffusers:AutoencoderKL", path=tmp_path, subfolder="vae")
