@@ -19,6 +19,7 @@ False in the mask and zero in ``emb``.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import zlib
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.config import replace
+from ldm.errors import MissingInput, UserError
 
 T5_MAX_LENGTH = 120
 CLIP_MAX_LENGTH = 77
@@ -92,7 +94,7 @@ def _resolve_local_dirs(path: str, spec: str) -> tuple[Path, Path]:
     """(model dir, tokenizer dir) for a model dir or a diffusers pipeline dir."""
     root = Path(path).expanduser()
     if not path or not root.is_dir():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"text encoder directory not found: {str(root)!r} (spec {spec!r}). Text encoders are "
             "loaded from a local transformers directory only; download the model first and pass "
             "its path.")
@@ -100,7 +102,7 @@ def _resolve_local_dirs(path: str, spec: str) -> tuple[Path, Path]:
         return root, root
     if (root / "text_encoder" / "config.json").is_file() and (root / "tokenizer").is_dir():
         return root / "text_encoder", root / "tokenizer"
-    raise FileNotFoundError(
+    raise MissingInput(
         f"no config.json in text encoder directory {str(root)!r} (spec {spec!r}); expected a "
         "transformers model directory or a pipeline directory with text_encoder/ and tokenizer/")
 
@@ -134,20 +136,52 @@ class HFTextEncoder(TextEncoder):
         return emb[torch.arange(emb.shape[0], device=emb.device), last]
 
 
+# config.json model_type each kind loads (a full seq2seq T5 / a CLIP text+vision model hold the encoder)
+HF_MODEL_TYPES = {"t5": ("t5", "mt5"), "clip": ("clip", "clip_text_model")}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model", "vocab.json")
+
+
+def _check_hf_dirs(kind: str, path: str, model_dir: Path, tok_dir: Path, spec: str) -> None:
+    """The folder holds a model of ``kind`` and a tokenizer: transformers would otherwise build the
+    wrong class with random weights, or a tokenizer with an empty vocabulary, without an error."""
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        raise UserError(f"{str(model_dir / 'config.json')!r} is not a JSON object (spec {spec!r})") from None
+    if model_type not in HF_MODEL_TYPES[kind]:
+        other = [k for k, types in HF_MODEL_TYPES.items() if model_type in types]
+        what = f"a {model_type!r} model" if model_type else "no transformers model (config.json names no model_type)"
+        hint = f": pass it as {other[0]}:{path}" if other else ""
+        raise UserError(f"text encoder directory {str(model_dir)!r} holds {what}, not a "
+                        f"{kind.upper()} text encoder (spec {spec!r}){hint}")
+    if not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"no tokenizer in {str(tok_dir)!r} (spec {spec!r}): expected one of {list(TOKENIZER_FILES)}; "
+                        "copy the model's tokenizer files next to its config.json")
+
+
 def _load_hf(kind: str, path: str, spec: str, max_length: int | None,
              dtype: torch.dtype | None) -> HFTextEncoder:
     model_dir, tok_dir = _resolve_local_dirs(path, spec)
+    _check_hf_dirs(kind, path, model_dir, tok_dir, spec)
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     cls = T5EncoderModel if kind == "t5" else CLIPTextModel
-    model = cls.from_pretrained(model_dir, local_files_only=True, dtype=dtype or torch.float32)
+    try:
+        model, info = cls.from_pretrained(model_dir, local_files_only=True, dtype=dtype or torch.float32,
+                                          output_loading_info=True)
+    except OSError as e:  # no weights file
+        raise MissingInput(f"text encoder {spec!r}: {str(e).splitlines()[0]}") from None
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise UserError(f"text encoder {spec!r}: the weights in {str(model_dir)!r} lack {len(missing)} tensor(s) of a "
+                        f"{cls.__name__} ({missing[:3]} ...): not this model's weights")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     if tokenizer.pad_token is None:
-        raise ValueError(f"the tokenizer in {str(tok_dir)!r} has no pad token (spec {spec!r})")
+        raise UserError(f"the tokenizer in {str(tok_dir)!r} has no pad token (spec {spec!r})")
     if max_length is None:
         max_length = T5_MAX_LENGTH if kind == "t5" else CLIP_MAX_LENGTH
     if kind == "clip" and max_length > model.config.max_position_embeddings:
-        raise ValueError(f"max_length {max_length} exceeds the CLIP model's "
+        raise UserError(f"max_length {max_length} exceeds the CLIP model's "
                          f"{model.config.max_position_embeddings} positions (spec {spec!r})")
     return HFTextEncoder(spec, kind, model, tokenizer, max_length)
 
@@ -318,6 +352,6 @@ def build_text_encoder(spec: str, *, max_length: int | None = None,
     elif kind in ("t5", "clip") and sep:
         enc = _load_hf(kind, arg, spec, max_length, dtype)
     else:
-        raise ValueError(f"unknown text encoder spec {spec!r}; expected 'builtin', "
+        raise UserError(f"unknown text encoder spec {spec!r}; expected 'builtin', "
                          "'t5:<local dir>' or 'clip:<local dir>'")
     return enc.to(device) if device is not None else enc
