@@ -21,6 +21,7 @@ from dit.registry import load_pretrained, save_state
 from ldm import config as cfglib
 from ldm.artifacts import AERecord, ClipSpec, load_versioned, migrate_v1_record
 from ldm.checkpoint import atomic_write_json, read_json
+from ldm.errors import UserError
 
 TRAINING_JSON = "training.json"
 
@@ -52,6 +53,23 @@ _V1_DROPPED = ("stats",)  # version 1 also copied the manifest's raw statistics 
 
 def _from_v1(d: dict[str, Any]) -> dict[str, Any]:
     return migrate_v1_record({k: v for k, v in d.items() if k not in _V1_DROPPED})
+
+
+def load_text_encoder(export: Export, device: str | torch.device | None = None):
+    """The text encoder the DiT's caption embeddings came from (``export.text_encoder``, recorded at
+    extraction), checked against the recorded width: a folder that moved or now holds another model
+    is a `UserError` that says so."""
+    from ldm.text import build_text_encoder
+
+    where = f"the text encoder the training captions were embedded with ({export.text_encoder!r}, recorded at extraction)"
+    try:
+        encoder = build_text_encoder(export.text_encoder, device=device)
+    except UserError as e:
+        raise type(e)(f"{where} cannot be loaded ({str(e).rstrip('.')}); put that folder back where it was") from None
+    if export.text_dim and encoder.dim != export.text_dim:
+        raise UserError(f"{where} now gives {encoder.dim}-d embeddings, the DiT was trained on {export.text_dim}-d: "
+                        "that folder holds another model than at extraction")
+    return encoder
 
 
 def save_export(path: str | Path, state: dict[str, torch.Tensor], config: DiTConfig, context: Export) -> None:

@@ -62,7 +62,7 @@ from autoencoders import Autoencoder, resolve, resolve_record
 from autoencoders.tiling import configure_inference
 from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, probe, read_video, upright_size, write_video
-from dit import Export, load_export
+from dit import Export, load_export, load_text_encoder
 from launch import dist
 from launch.dist import compute_dtype
 from launch.reconstruct import default_size
@@ -399,8 +399,6 @@ def vbench_bridge(model, ae: Autoencoder, export: Export, out: Path, *, info: Pa
     environment (or read its results), aggregate. Videos already in ``out/vbench_videos`` are
     reused when ``vbench_videos.json`` shows the same DiT and autoencoder weights, clip size, fps
     and sampling settings; videos made otherwise are removed with ``replace``, else refused."""
-    from ldm.text import build_text_encoder
-
     if not (model.config.text_dim and export.text_encoder):
         raise ValueError("VBench prompts need a text-conditioned DiT")
     entries = vbench_prompts(info, dimensions)[:max_prompts] if max_prompts else vbench_prompts(info, dimensions)
@@ -416,7 +414,7 @@ def vbench_bridge(model, ae: Autoencoder, export: Export, out: Path, *, info: Pa
         shutil.rmtree(videos_dir)
     videos_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record_path, record)
-    text_encoder = build_text_encoder(export.text_encoder, device=device)
+    text_encoder = load_text_encoder(export, device=device)
     jobs = [(e["prompt_en"], k) for e in entries for k in range(per_prompt)]
     flicker: list[float] = []
     flicker_prompts = {e["prompt_en"] for e in entries if "temporal_flickering" in e["dimension"]}

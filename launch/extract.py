@@ -57,6 +57,7 @@ from ldm.checkpoint import atomic_write_json, read_json
 from ldm.errors import UserError, checking
 from ldm.latent import Cond, Latent
 from ldm.metrics import psnr
+from ldm.text import absolute_spec
 
 log = logging.getLogger("ldm.extract")
 
@@ -341,6 +342,8 @@ def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str,
     extraction the output folder holds (its differing shards are encoded again)."""
     windows = Windows.from_flags(cfg.clips_per_video, cfg.clip_stride)  # contradictory flags: clear error first
     check_config(cfg)
+    if cfg.text_encoder:  # recorded with an absolute folder: `ldm sample` runs from anywhere
+        cfg = cfglib.replace(cfg, text_encoder=absolute_spec(cfg.text_encoder))
     out = Path(cfg.output)
     made_output = not out.exists()  # made by this run (with its first shard): removed again if it writes nothing
     env = dist.init_distributed()

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from autoencoders import Autoencoder, resolve_record
 from autoencoders.tiling import configure_inference
 from data.video import resize_center_crop, video_to_uint8, write_video
-from dit import Export, load_export
+from dit import Export, load_export, load_text_encoder
 from ldm import samplers
 from ldm.artifacts import ClipSpec
 from ldm.checkpoint import atomic_write_json, read_json
@@ -238,8 +238,7 @@ def sampling_text_encoder(model, ae: Autoencoder, export, prompts: bool, device:
     if not export.text_encoder:
         raise ValueError(f"no text encoder is recorded with this DiT's latents; {ae.family} decodes with text"
                          if ae.text_dim else "this DiT was trained without text")
-    from ldm.text import build_text_encoder
-    return build_text_encoder(export.text_encoder, device=device)
+    return load_text_encoder(export, device=device)
 
 
 @torch.no_grad()
@@ -422,7 +421,6 @@ def run(args: argparse.Namespace) -> int:
         spec = ae.latent_spec(frames, height, width)
     with checking():
         check_request(model, ae, spec, args.latent_frames, image=bool(args.image))
-    text_encoder = None
     text_encoder = sampling_text_encoder(model, ae, export, bool(prompts), device)
     if ae.text_dim and not prompts:
         print(f"{export.autoencoder.name} is text-guided: it decodes these samples with the empty caption")

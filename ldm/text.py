@@ -332,6 +332,15 @@ class BuiltinTextEncoder(TextEncoder):
 
 # --------------------------------------------------------------------------------------------
 
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its folder as an absolute path (``t5:models/x`` -> ``t5:/home/.../models/x``),
+    as a manifest records it so that other working directories find the same folder."""
+    kind, sep, arg = spec.partition(":")
+    if kind in ("t5", "clip") and sep and arg:
+        return f"{kind}:{Path(arg).expanduser().resolve()}"
+    return spec
+
+
 def build_text_encoder(spec: str, *, max_length: int | None = None,
                        device: torch.device | str | None = None,
                        dtype: torch.dtype | None = None) -> TextEncoder:

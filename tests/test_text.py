@@ -219,6 +219,27 @@ def test_wrong_folders_are_clear_errors_not_random_weights(t5_dir, clip_dir, tmp
         build_text_encoder("t5")
 
 
+def test_recorded_spec_is_absolute_and_checked_at_sampling(t5_dir, tmp_path, monkeypatch):
+    """A manifest records the folder absolutely (sampling from another directory finds it); the DiT's
+    text encoder that moved, or now gives another width, is a one-line error (was: a traceback)."""
+    from dit import Export, load_text_encoder
+    from ldm.artifacts import AERecord, ClipSpec
+    from ldm.errors import MissingInput, UserError
+    from ldm.text import absolute_spec
+
+    monkeypatch.chdir(t5_dir.parent)
+    spec = absolute_spec(f"t5:{t5_dir.name}")
+    assert spec == f"t5:{t5_dir}" and absolute_spec("builtin") == "builtin"
+    export = Export(AERecord(name="kl2d-f8c4-debug", family="kl2d"), ClipSpec(8, 32, 32), {}, "grid",
+                    text_encoder=spec, text_dim=32)
+    monkeypatch.chdir(tmp_path)
+    assert load_text_encoder(export).dim == 32
+    with pytest.raises(UserError, match="now gives 32-d embeddings, the DiT was trained on 48-d"):
+        load_text_encoder(Export(**{**export.__dict__, "text_dim": 48}))
+    with pytest.raises(MissingInput, match="recorded at extraction.*not found.*put that folder back"):
+        load_text_encoder(Export(**{**export.__dict__, "text_encoder": f"t5:{tmp_path / 'moved'}"}))
+
+
 def test_missing_local_dir_is_a_clear_error(tmp_path):
     missing = tmp_path / "flan-t5-xl"
     with pytest.raises(FileNotFoundError, match="flan-t5-xl"):
