@@ -131,14 +131,19 @@ def resolve_record(record: AERecord, checkpoint: str | Path | None = None) -> Re
     """The autoencoder ``record`` names: its weights (``checkpoint`` replaces the recorded path;
     their hash must match the record's), or, for latents made with random weights, the same
     seeded random init of the recorded config."""
-    path = checkpoint or record.checkpoint
+    path, subfolder = checkpoint or record.checkpoint, record.subfolder
+    if checkpoint is not None and subfolder and not (Path(checkpoint) / subfolder).exists() \
+            and _saved_folder(checkpoint):
+        subfolder = None  # the model folder itself (a pipeline's vae/) given in place of the pipeline
     if path is not None:
-        where = Path(path) / record.subfolder if record.subfolder else Path(path)
+        where = Path(path) / subfolder if subfolder else Path(path)
         if not where.exists():
-            raise FileNotFoundError(f"autoencoder weights {where} not found; pass --ae-checkpoint")
+            raise MissingInput(f"autoencoder weights {where} not found; " + (
+                "pass the folder that holds them with --ae-checkpoint" if checkpoint is None else
+                f"--ae-checkpoint {checkpoint}" + (f" (+ the recorded subfolder {subfolder})" if subfolder else "")))
         if _external(record.name):
-            return resolve(record.name, path, subfolder=record.subfolder, expect_hash=record.checkpoint_hash)
-        return resolve(None, path, subfolder=record.subfolder, expect_hash=record.checkpoint_hash)
+            return resolve(record.name, path, subfolder=subfolder, expect_hash=record.checkpoint_hash)
+        return resolve(None, path, subfolder=subfolder, expect_hash=record.checkpoint_hash)
     if record.family not in FAMILIES:
         raise KeyError(f"unknown autoencoder family {record.family!r}; known: {sorted(FAMILIES)}")
     warnings.warn("the latents were extracted with a RANDOM autoencoder; rebuilding it from its seed", stacklevel=2)

@@ -77,6 +77,14 @@ def test_record_rebuilds_the_model_and_checks_the_weights(tmp_path):
     autoencoders.build(NAME).save_pretrained(tmp_path / "other", name=NAME)
     with pytest.raises(ValueError, match="not the ones the latents were extracted with"):
         resolve_record(record, tmp_path / "other")
+    # weights in a pipeline's subfolder: --ae-checkpoint takes the moved pipeline or its vae/ itself
+    ae.save_pretrained(tmp_path / "pipe" / "vae", name=NAME)
+    record = record_of(resolve(None, tmp_path / "pipe", subfolder="vae"), tmp_path / "pipe", "vae")
+    (tmp_path / "pipe").rename(tmp_path / "pipe2")
+    for given in (tmp_path / "pipe2", tmp_path / "pipe2" / "vae"):
+        assert _same(resolve_record(record, given).model, ae)
+    with pytest.raises(FileNotFoundError, match=r"--ae-checkpoint .*nowhere \(\+ the recorded subfolder vae\)"):
+        resolve_record(record, tmp_path / "nowhere")
     with pytest.warns(UserWarning):
         random = resolve(NAME, seed=5)
     with pytest.warns(UserWarning, match="RANDOM autoencoder"):
