@@ -28,7 +28,8 @@ from torch import nn
 from autoencoders.base import REGISTRY
 from autoencoders.crossmodal import (CrossModalVAE, PatchCrossAttention, STResBlock, TemporalConv,
                                      TemporalResBlock, TemporalSelfAttention)
-from autoencoders.sources import Conversion, KeyMap, ParamMapper, read_state_dict, register_source, registered_target
+from autoencoders.sources import Conversion, KeyMap, ParamMapper, register_source, registered_target
+from ldm.checkpoint import read_state_dict
 
 UNUSED = "the public forward never runs conv3_tmp where a residual block keeps its width"
 TRAINING = "training loss (LPIPS and discriminator)"

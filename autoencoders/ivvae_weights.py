@@ -28,8 +28,9 @@ from torch import nn
 from autoencoders.base import REGISTRY
 from autoencoders.ivvae import IVVAE, IVVAEConfig
 from autoencoders.ivvae_layers import BranchAttention, BranchNorm, GroupCausalConv3d, KTCConv, KTCResBlock
-from autoencoders.sources import Conversion, KeyMap, ParamMapper, read_state_dict, register_source, registered_target
+from autoencoders.sources import Conversion, KeyMap, ParamMapper, register_source, registered_target
 from ldm import config as cfglib
+from ldm.checkpoint import read_state_dict
 
 # (latent_scale, latent_shift) of the released weights (the public code's IV_VAE factory)
 OFFICIAL_STATS = {"ivvae-z4": (1.3196, 0.1250), "ivvae-z8": (1.0940, -0.0322), "ivvae-z16": (0.9697, -0.1553),

@@ -30,7 +30,6 @@ from torch import Tensor
 
 from autoencoders.base import FAMILIES, REGISTRY, Autoencoder, load_pretrained
 from autoencoders.pretrained import load_diffusers, normalisation
-from ldm.checkpoint import load_tensors
 from ldm.errors import MissingInput, UserError, checking
 
 _SHOW = 12  # list at most this many keys per kind of problem
@@ -207,48 +206,6 @@ def registered_target(state: Mapping[str, Tensor], target: str, cls: type, fill:
         raise UserError(f"{source}: the checkpoint's tensors match {found or 'none'} of the registered {cls.family} "
                          f"models {names}; pass --target NAME to see what differs")
     return found[0]
-
-
-# ------------------------------------------------------------------------------------------
-# Reading checkpoints (never arbitrary pickles)
-# ------------------------------------------------------------------------------------------
-TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """The tensors of a checkpoint FILE: safetensors, or a torch file read with
-    ``torch.load(weights_only=True)`` (a Lightning ``{"state_dict": ...}`` is unwrapped)."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a folder: pass the checkpoint file itself")
-    if path.suffix == ".safetensors":
-        return load_tensors(path)
-    if path.suffix not in TORCH_SUFFIXES:
-        raise UserError(f"{path}: expected a .safetensors or {'/'.join(TORCH_SUFFIXES)} checkpoint")
-    try:  # a static read of the file's pickle opcodes: nothing is executed
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001 (not a zip-format torch file: the weights-only load below judges it)
-        unsafe = []
-    if unsafe:
-        raise UserError(
-            f"{path} holds Python objects besides tensors ({', '.join(sorted(unsafe)[:5])}), which "
-            f"weights_only=True loading refuses; this platform never loads arbitrary pickles. In an "
-            f"environment you trust, re-save its state dict as safetensors (safetensors.torch.save_file) "
-            f"and convert that file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 (a truncated or foreign file: the user's input, not a bug)
-        raise UserError(f"{path} is not a torch checkpoint of tensors that loads with weights_only=True "
-                        f"(truncated, another format, or pickled objects); convert it to safetensors where "
-                        f"you trust it, or give the right file") from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]  # a Lightning checkpoint
-    if not isinstance(obj, Mapping):
-        raise UserError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
-    bad = sorted(k for k, v in obj.items() if not isinstance(v, Tensor))
-    if bad:
-        raise UserError(f"{path}: entries that are not tensors: {_listing(bad)}")
-    return dict(obj)
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,11 +13,14 @@ import json
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ldm.errors import UserError
 
 
 def _temp_file(path: Path) -> tuple[int, Path]:
@@ -88,3 +91,43 @@ def dir_hash(path: str | Path) -> str:
             h.update(str(p.relative_to(path)).encode())
             h.update(file_sha256(p).encode())
     return h.hexdigest()[:16]
+
+
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint FILE: safetensors, or a torch file read with
+    ``torch.load(weights_only=True)`` (a Lightning ``{"state_dict": ...}`` is unwrapped). Anything
+    else (pickled objects, a truncated or foreign file, a folder) is a `UserError` saying what to do."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: pass the checkpoint file itself")
+    if path.suffix == ".safetensors":
+        return load_tensors(path)
+    if path.suffix not in TORCH_SUFFIXES:
+        raise UserError(f"{path}: expected a .safetensors or {'/'.join(TORCH_SUFFIXES)} checkpoint")
+    try:  # a static read of the file's pickle opcodes: nothing is executed
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 (not a zip-format torch file: the weights-only load below judges it)
+        unsafe = []
+    if unsafe:
+        raise UserError(
+            f"{path} holds Python objects besides tensors ({', '.join(sorted(unsafe)[:5])}), which "
+            f"weights_only=True loading refuses; this platform never loads arbitrary pickles. In an "
+            f"environment you trust, re-save its state dict as safetensors (safetensors.torch.save_file) "
+            f"and use that file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (a truncated or foreign file: the user's input, not a bug)
+        raise UserError(f"{path} is not a torch checkpoint of tensors that loads with weights_only=True "
+                        f"(truncated, another format, or pickled objects); convert it to safetensors where "
+                        f"you trust it, or give the right file") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]  # a Lightning checkpoint
+    if not isinstance(obj, Mapping):
+        raise UserError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    bad = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise UserError(f"{path}: entries that are not tensors: {bad[:12]}" + (" ..." if len(bad) > 12 else ""))
+    return dict(obj)

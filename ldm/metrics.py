@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ldm.checkpoint import file_sha256
+from ldm.checkpoint import file_sha256, read_state_dict
+from ldm.errors import MissingInput, UserError, checking
 
 # --------------------------------------------------------------------------------------------
 # PSNR / SSIM
@@ -235,15 +236,9 @@ _LPIPS_SCALE = (0.458, 0.448, 0.450)
 def _load_tensor_file(path: str | Path, what: str) -> dict[str, Tensor]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"{what} not found: {str(p)!r}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(p))
-    else:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise ValueError(f"{what} {str(p)!r} is not a flat state dict of tensors")
-    return sd
+        raise MissingInput(f"{what} not found: {str(p)!r}")
+    with checking(what):
+        return read_state_dict(p)
 
 
 class LPIPS(nn.Module):
@@ -290,8 +285,10 @@ class LPIPS(nn.Module):
         own = model.features.state_dict()
         missing = [k for k in own if f"features.{k}" not in sd]
         if missing:
-            raise ValueError(f"LPIPS backbone file {str(backbone)!r} lacks "
-                             f"{['features.' + k for k in missing]}; expected {what}")
+            swapped = " (it holds LPIPS linear heads: the two files are swapped)" if any(
+                re.fullmatch(r"lin\d+\.model\.\d+\.weight", k) for k in sd) else ""
+            raise UserError(f"LPIPS backbone file {str(backbone)!r} lacks {len(missing)} of the {net} trunk's "
+                            f"{len(own)} tensors ({['features.' + k for k in missing[:4]]} ...); expected {what}{swapped}")
         model.features.load_state_dict({k: _checked(sd[f"features.{k}"], v.shape, f"features.{k}", backbone)
                                         for k, v in own.items()})
         hd = _load_tensor_file(heads, f"LPIPS linear-head file (the lpips package's {net}.pth)")
@@ -301,7 +298,7 @@ class LPIPS(nn.Module):
             if m:
                 found[int(m.group(1))] = v
         if sorted(found) != list(range(len(model.heads))):
-            raise ValueError(f"LPIPS head file {str(heads)!r} has heads {sorted(found)}; expected "
+            raise UserError(f"LPIPS head file {str(heads)!r} has heads {sorted(found)}; expected "
                              f"lin0..lin{len(model.heads) - 1} (lpips {net}.pth format)")
         for i, head in enumerate(model.heads):
             head.weight.copy_(_checked(found[i], head.weight.shape, f"lin{i}", heads))
@@ -337,7 +334,7 @@ class LPIPS(nn.Module):
 
 def _checked(t: Tensor, shape: torch.Size, key: str, path: str | Path) -> Tensor:
     if t.shape != shape:
-        raise ValueError(f"{key} in {str(path)!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        raise UserError(f"{key} in {str(path)!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     return t.float()
 
 

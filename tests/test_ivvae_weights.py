@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 
 from autoencoders import build, load_pretrained
 from autoencoders.ivvae_weights import OFFICIAL_STATS
-from autoencoders.sources import convert, read_state_dict
+from autoencoders.sources import convert
 from launch.cli import console
 from launch.cli import main as ldm
+from ldm.checkpoint import read_state_dict
 from ldm.errors import UserError
 from official_ivvae import OfficialIVVAE, official_shapes, official_state_dict, parameter_count
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ldm.errors import UserError
 from ldm.metrics import (LPIPS, RunningGaussian, frechet_distance, gaussian_stats, psnr, ssim,
                          ssim_per_frame)
 
@@ -268,6 +269,15 @@ def test_lpips_errors(tmp_path):
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="lin1"):
         LPIPS.from_files("alex", bp, tmp_path / "bad.pth")
+    # a user's mix-ups are one-line UserErrors (were tracebacks: ValueError, UnpicklingError, KeyError)
+    with pytest.raises(UserError, match="lacks 10 of the alex trunk's 10 tensors.*the two files are swapped"):
+        LPIPS.from_files("alex", hp, bp)
+    torch.save(LPIPS("alex"), tmp_path / "module.pth")  # a pickled module: never unpickled
+    with pytest.raises(UserError, match="holds Python objects besides tensors"):
+        LPIPS.from_files("alex", tmp_path / "module.pth", hp)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="is not a torch checkpoint"):
+        LPIPS.from_files("alex", bp, tmp_path / "junk.pth")
     with pytest.raises(ValueError, match="unknown LPIPS net"):
         LPIPS("squeeze")
     m = LPIPS.from_files("alex", bp, hp)
