@@ -642,7 +642,8 @@ def check_args(args: argparse.Namespace) -> None:
                                     {"--lpips-backbone": args.lpips_backbone, "--lpips-heads": args.lpips_heads})}
     for flag, path in files.items():
         if path is not None and not Path(path).is_file():
-            raise MissingInput(f"{flag} {path}: file not found")
+            raise MissingInput(f"{flag} {path}: " + ("a folder; give the file itself" if Path(path).is_dir() else
+                                                     "file not found"))
     out = Path(args.output)
     if gen:
         if out.is_file():

@@ -384,8 +384,19 @@ def load_i3d(path: str | Path, kind: str = "i3d_torchscript", device: str | torc
     p, module = _load_torchscript(path, f"FVD extractor ({kind}, e.g. i3d_torchscript.pt)", device)
     ext = Extractor(kind, p, file_sha256(p), module, device)
     probe_x = torch.zeros(1, 3, FVD_FRAMES, FVD_SIZE, FVD_SIZE, device=device)
-    ext.dim = int(_i3d_features(ext, probe_x).shape[1])
+    ext.dim = _probe(lambda: _i3d_features(ext, probe_x), p, f"an FVD extractor ({kind}) on float clips (B, 3, T, H, W)")
     return ext
+
+
+def _probe(features: Callable[[], Tensor], path: Path, what: str) -> int:
+    """The feature width of a user's network on a probe input; a network that does not take that
+    input (the Inception file given as --i3d, or the reverse) is a `UserError`."""
+    try:
+        return int(features().shape[1])
+    except RuntimeError as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        raise UserError(f"{path.name} does not run as {what} ({lines[-1].strip() if lines else e}); "
+                        "is it the right file?") from None
 
 
 def load_inception(path: str | Path, device: str | torch.device = "cpu") -> Extractor:
@@ -393,7 +404,8 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> Extr
     device = torch.device(device)
     p, module = _load_torchscript(path, "FID Inception (e.g. inception-2015-12-05.pt)", device)
     ext = Extractor("inception_torchscript", p, file_sha256(p), module, device)
-    ext.dim = int(_inception_features(ext, torch.zeros(1, 3, 64, 64, dtype=torch.uint8, device=device)).shape[1])
+    frames = torch.zeros(1, 3, 64, 64, dtype=torch.uint8, device=device)
+    ext.dim = _probe(lambda: _inception_features(ext, frames), p, "the FID Inception on uint8 frames (N, 3, H, W)")
     return ext
 
 

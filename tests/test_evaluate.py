@@ -72,6 +72,11 @@ def test_extractor_loaders(files, tmp_path):
         metrics.load_i3d(tmp_path / "state_dict.pt")
     with pytest.raises(ValueError, match="unknown FVD extractor"):
         metrics.load_i3d(files / "i3d_torchscript.pt", kind="videomae")
+    # the two files swapped: one line each (were RuntimeError tracebacks from the TorchScript call)
+    with pytest.raises(UserError, match="inception-2015-12-05.pt does not run as an FVD extractor"):
+        metrics.load_i3d(files / "inception-2015-12-05.pt")
+    with pytest.raises(UserError, match="i3d_torchscript.pt does not run as the FID Inception"):
+        metrics.load_inception(files / "i3d_torchscript.pt")
 
 
 def test_fvd_preprocessing():
