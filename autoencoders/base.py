@@ -319,6 +319,15 @@ def build(name: str, **overrides: Any) -> Autoencoder:
     return cls(cfglib.replace(config, **overrides))
 
 
+def _diffusers_class_of(path: Path) -> str | None:
+    """The ``_class_name`` a diffusers model folder's config.json names (None: not one)."""
+    try:
+        name = read_json(path / "config.json").get("_class_name")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
 def saved_config(path: str | Path) -> dict[str, Any]:
     """The ``config.json`` of a folder written by ``save_pretrained``; a `UserError` that says what
     the folder is instead (missing, a file, a DiT export, a ``train-ae`` run folder, something
@@ -334,6 +343,15 @@ def saved_config(path: str | Path) -> dict[str, Any]:
                         f"--checkpoint`; here give the autoencoder's own folder ({wanted})")
     if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
         raise UserError(f"{path} is a `ldm train-ae` run folder; give its final/ folder: {path / 'final'}")
+    diffusers_class = _diffusers_class_of(path)
+    if diffusers_class:
+        from autoencoders.sources import SOURCES  # sources.py builds on this module
+
+        source = f"diffusers:{diffusers_class}"
+        convert = (f", or convert it into ours with `ldm convert --source {source} --path {path} --target NAME "
+                   "--output DIR`") if source in SOURCES else ""
+        raise UserError(f"{path} is a diffusers {diffusers_class} folder, not one of ours: ldm extract / reconstruct "
+                        f"/ eval run it as --autoencoder {source} with the folder as its path{convert}")
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise UserError(f"{path} is not {wanted}")
     try:
