@@ -42,6 +42,7 @@ class Manifest:
     input_problems: tuple[str, ...] = ()  # problems of the input listing (caption rows without files, ...)
     text_encoder: str | None = None  # spec of the cached caption embeddings
     text_dim: int | None = None
+    text_fingerprint: tuple[float, ...] | None = None  # ldm.text.fingerprint of the encoder
     text_tokens: int = 0  # mean caption length in tokens
     num_classes: int = 0
     shard_size: int = 64

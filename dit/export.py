@@ -35,6 +35,7 @@ class Export:
     latent_norm: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # part -> mean / std
     text_encoder: str | None = None
     text_dim: int | None = None
+    text_fingerprint: tuple[float, ...] | None = None  # ldm.text.fingerprint at extraction
     text_tokens: int = 0
     num_classes: int = 0
     flow_shift: float = 1.0  # the timestep shift it was trained with (flow.shift); sampling's default
@@ -57,9 +58,9 @@ def _from_v1(d: dict[str, Any]) -> dict[str, Any]:
 
 def load_text_encoder(export: Export, device: str | torch.device | None = None):
     """The text encoder the DiT's caption embeddings came from (``export.text_encoder``, recorded at
-    extraction), checked against the recorded width: a folder that moved or now holds another model
-    is a `UserError` that says so."""
-    from ldm.text import build_text_encoder
+    extraction), checked against the recorded width and fingerprint: a folder that moved or now holds
+    another model is a `UserError` that says so."""
+    from ldm.text import build_text_encoder, fingerprint, same_fingerprint
 
     where = f"the text encoder the training captions were embedded with ({export.text_encoder!r}, recorded at extraction)"
     try:
@@ -69,6 +70,9 @@ def load_text_encoder(export: Export, device: str | torch.device | None = None):
     if export.text_dim and encoder.dim != export.text_dim:
         raise UserError(f"{where} now gives {encoder.dim}-d embeddings, the DiT was trained on {export.text_dim}-d: "
                         "that folder holds another model than at extraction")
+    if export.text_fingerprint and not same_fingerprint(fingerprint(encoder), export.text_fingerprint):
+        raise UserError(f"{where} now embeds a probe prompt differently than at extraction: that folder holds "
+                        "another model or tokenizer (restore the one the DiT was trained with)")
     return encoder
 
 

@@ -57,7 +57,7 @@ from ldm.checkpoint import atomic_write_json, read_json
 from ldm.errors import UserError, checking
 from ldm.latent import Cond, Latent
 from ldm.metrics import psnr
-from ldm.text import absolute_spec
+from ldm.text import absolute_spec, fingerprint
 
 log = logging.getLogger("ldm.extract")
 
@@ -417,8 +417,8 @@ def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str,
                                "steady_clips_per_s": encoded / (elapsed - fill) if elapsed > fill else 0.0,
                                "fill_s": fill, "batch_size": batch, "num_workers": workers, "verify_psnr": None}
     if dist.is_main():
-        manifest = _merge_manifest(out, n_shards, record, spec, env.world_size, items,
-                                   text_encoder.dim if text_encoder is not None else None, cfg, signature["dtype"])
+        manifest = _merge_manifest(out, n_shards, record, spec, env.world_size, items, text_encoder, cfg,
+                                   signature["dtype"])
         if manifest.counts.written and (binding.changes or not (out / runs.BINDING).exists()):
             binding.write()  # allowed changes recorded (also for a folder of an earlier version)
         summary.update(written=manifest.counts.written, skipped=manifest.counts.skipped, shards=len(manifest.shards))
@@ -603,7 +603,7 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
 
 
 def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size: int, items: list,
-                    text_dim: int | None, cfg: ExtractConfig, dtype: str) -> Manifest:
+                    text_encoder, cfg: ExtractConfig, dtype: str) -> Manifest:
     stats, skipped, shard_list, written, text_tokens = shards.ChannelStats(), [], [], 0, 0
     for j in range(n_shards):
         side = read_json(out / f"shard-{j:06d}.json")
@@ -621,7 +621,9 @@ def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size
         form=spec.form,
         counts=Counts(inputs=len(items), written=written, skipped=len(skipped)),
         stats=stats.summary(), shards=tuple(shard_list), skipped=tuple(skipped),
-        input_problems=tuple(getattr(items, "problems", [])), text_encoder=cfg.text_encoder, text_dim=text_dim,
+        input_problems=tuple(getattr(items, "problems", [])), text_encoder=cfg.text_encoder,
+        text_dim=text_encoder.dim if text_encoder is not None else None,
+        text_fingerprint=fingerprint(text_encoder) if text_encoder is not None else None,
         text_tokens=round(text_tokens / written) if written else 0,
         num_classes=class_count(cfg, items),
         shard_size=cfg.shard_size, dtype=dtype, tile=cfg.tile, world_size=world_size)

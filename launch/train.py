@@ -221,7 +221,8 @@ def export_context(manifest: Manifest, latent_norm: dict[str, dict[str, list[flo
     """What an export of this run records for sampling (``dit.Export``)."""
     return Export(autoencoder=manifest.autoencoder, video=manifest.video, latent_spec=manifest.latent_spec,
                   form=manifest.form, latent_norm=latent_norm, text_encoder=manifest.text_encoder,
-                  text_dim=manifest.text_dim, text_tokens=manifest.text_tokens, num_classes=manifest.num_classes,
+                  text_dim=manifest.text_dim, text_fingerprint=manifest.text_fingerprint,
+                  text_tokens=manifest.text_tokens, num_classes=manifest.num_classes,
                   flow_shift=flow_shift)
 
 

@@ -332,6 +332,26 @@ class BuiltinTextEncoder(TextEncoder):
 
 # --------------------------------------------------------------------------------------------
 
+FINGERPRINT_PROMPT = "a red circle moving left"
+FINGERPRINT_DIMS = 16
+
+
+def fingerprint(encoder: TextEncoder) -> tuple[float, ...]:
+    """What identifies an encoder's weights and tokenizer in a manifest, in a few numbers: the first
+    ``FINGERPRINT_DIMS`` values of the pooled embedding of a fixed prompt."""
+    emb, mask = encoder.encode([FINGERPRINT_PROMPT])
+    return tuple(round(float(v), 5) for v in encoder.pool(emb, mask)[0, :FINGERPRINT_DIMS].cpu())
+
+
+def same_fingerprint(a: Sequence[float], b: Sequence[float], min_cosine: float = 0.99) -> bool:
+    """Two fingerprints of the same encoder (up to device and precision): cosine >= ``min_cosine``;
+    another model's are unrelated vectors."""
+    if len(a) != len(b):
+        return False
+    x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return bool(F.cosine_similarity(x, y, dim=0) >= min_cosine)
+
+
 def absolute_spec(spec: str) -> str:
     """``spec`` with its folder as an absolute path (``t5:models/x`` -> ``t5:/home/.../models/x``),
     as a manifest records it so that other working directories find the same folder."""

@@ -16,6 +16,7 @@ from data.synth import NUM_CLASSES, synth_dataset
 from data.video import write_frames
 from launch.cli import main as ldm
 from ldm.errors import UserError
+from ldm.text import build_text_encoder, fingerprint
 from procs import torchrun
 
 AE = "kl2d-f8c4-debug"
@@ -43,6 +44,7 @@ def test_extract_writes_shards_and_manifest(videos, tmp_path):
     assert m.latent_spec["latent_shape"] == {"z": [4, 8, 4, 4]} and m.form == "grid"
     assert len(m.stats["z"]["mean"]) == 4 and all(s > 0 for s in m.stats["z"]["std"])
     assert m.num_classes == NUM_CLASSES and m.text_dim > 0 and m.verify["k"] == 2  # a synthetic set's whole id space
+    assert m.text_fingerprint == fingerprint(build_text_encoder("builtin"))  # `ldm sample` checks its encoder by it
     samples = shards.read_all(tmp_path / "lat")
     meta = [json.loads(line) for line in (videos / "metadata.jsonl").read_text().splitlines()]
     assert [s["cond"]["caption"] for s in samples] == [r["caption"] for r in sorted(meta, key=lambda r: r["key"])]

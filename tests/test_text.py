@@ -221,11 +221,12 @@ def test_wrong_folders_are_clear_errors_not_random_weights(t5_dir, clip_dir, tmp
 
 def test_recorded_spec_is_absolute_and_checked_at_sampling(t5_dir, tmp_path, monkeypatch):
     """A manifest records the folder absolutely (sampling from another directory finds it); the DiT's
-    text encoder that moved, or now gives another width, is a one-line error (was: a traceback)."""
+    text encoder that moved, now gives another width (was: a traceback) or embeds a probe prompt
+    differently (was: sampled with the wrong encoder) is a one-line error."""
     from dit import Export, load_text_encoder
     from ldm.artifacts import AERecord, ClipSpec
     from ldm.errors import MissingInput, UserError
-    from ldm.text import absolute_spec
+    from ldm.text import absolute_spec, fingerprint, same_fingerprint
 
     monkeypatch.chdir(t5_dir.parent)
     spec = absolute_spec(f"t5:{t5_dir.name}")
@@ -238,6 +239,14 @@ def test_recorded_spec_is_absolute_and_checked_at_sampling(t5_dir, tmp_path, mon
         load_text_encoder(Export(**{**export.__dict__, "text_dim": 48}))
     with pytest.raises(MissingInput, match="recorded at extraction.*not found.*put that folder back"):
         load_text_encoder(Export(**{**export.__dict__, "text_encoder": f"t5:{tmp_path / 'moved'}"}))
+    # the same width, other weights (a folder replaced by another model): caught by the fingerprint
+    fp = fingerprint(build_text_encoder(spec))
+    assert len(fp) == 16 and same_fingerprint(fp, [v + 1e-4 for v in fp])
+    assert load_text_encoder(Export(**{**export.__dict__, "text_fingerprint": fp})).dim == 32
+    other = fingerprint(build_text_encoder("builtin"))
+    assert not same_fingerprint(fp, other) and not same_fingerprint(fp, fp[:8])
+    with pytest.raises(UserError, match="embeds a probe prompt differently than at extraction"):
+        load_text_encoder(Export(**{**export.__dict__, "text_fingerprint": other}))
 
 
 def test_missing_local_dir_is_a_clear_error(tmp_path):
