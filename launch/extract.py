@@ -342,8 +342,6 @@ def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str,
     extraction the output folder holds (its differing shards are encoded again)."""
     windows = Windows.from_flags(cfg.clips_per_video, cfg.clip_stride)  # contradictory flags: clear error first
     check_config(cfg)
-    if cfg.text_encoder:  # recorded with an absolute folder: `ldm sample` runs from anywhere
-        cfg = cfglib.replace(cfg, text_encoder=absolute_spec(cfg.text_encoder))
     out = Path(cfg.output)
     made_output = not out.exists()  # made by this run (with its first shard): removed again if it writes nothing
     env = dist.init_distributed()
@@ -621,7 +619,8 @@ def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size
         form=spec.form,
         counts=Counts(inputs=len(items), written=written, skipped=len(skipped)),
         stats=stats.summary(), shards=tuple(shard_list), skipped=tuple(skipped),
-        input_problems=tuple(getattr(items, "problems", [])), text_encoder=cfg.text_encoder,
+        input_problems=tuple(getattr(items, "problems", [])),
+        text_encoder=absolute_spec(cfg.text_encoder) if cfg.text_encoder else None,  # `ldm sample` runs anywhere
         text_dim=text_encoder.dim if text_encoder is not None else None,
         text_fingerprint=fingerprint(text_encoder) if text_encoder is not None else None,
         text_tokens=round(text_tokens / written) if written else 0,
