@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; give a new folder")
     if (out / "config.json").exists() or (out / "model.safetensors").exists():
         raise UserError(f"{out} already holds a model; choose a new --output folder")
     if args.source == SAVED:

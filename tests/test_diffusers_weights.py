@@ -100,8 +100,13 @@ def test_wrong_folders_and_configs_are_clear_errors(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         convert("diffusers:AutoencoderKL", tmp_path / "nothing", "kl2d")
     (tmp_path / "pipeline" / "vae").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="subfolder='vae'"):
+    with pytest.raises(FileNotFoundError, match="its VAE is the vae/ subfolder"):
         convert("diffusers:AutoencoderKL", tmp_path / "pipeline", "kl2d")
+    (tmp_path / "notes.txt").write_text("mine")  # an --output that is a file: one line, the file kept
+    with pytest.raises(ValueError, match="--output .*notes.txt is a file"):
+        ldm(["convert", "--source", "diffusers:AutoencoderKL", "--path", str(folders["sd"]), "--target", "kl2d",
+             "--output", str(tmp_path / "notes.txt")])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
     odd = _save(tmp_path, "odd", _sd(**dict(SD, act_fn="gelu")))
     with pytest.raises(ValueError, match="act_fn 'gelu'"):
         convert("diffusers:AutoencoderKL", odd, "kl2d")
