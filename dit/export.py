@@ -21,7 +21,7 @@ from dit.registry import load_pretrained, save_state
 from ldm import config as cfglib
 from ldm.artifacts import AERecord, ClipSpec, load_versioned, migrate_v1_record
 from ldm.checkpoint import atomic_write_json, read_json
-from ldm.errors import UserError
+from ldm.errors import MissingInput, UserError
 
 TRAINING_JSON = "training.json"
 
@@ -65,8 +65,9 @@ def load_text_encoder(export: Export, device: str | torch.device | None = None):
     where = f"the text encoder the training captions were embedded with ({export.text_encoder!r}, recorded at extraction)"
     try:
         encoder = build_text_encoder(export.text_encoder, device=device)
-    except UserError as e:
-        raise type(e)(f"{where} cannot be loaded ({str(e).rstrip('.')}); put that folder back where it was") from None
+    except (ValueError, FileNotFoundError) as e:  # the folder moved or holds something else now
+        kind = MissingInput if isinstance(e, FileNotFoundError) else UserError
+        raise kind(f"{where} cannot be loaded ({str(e).rstrip('.')}); put that folder back where it was") from None
     if export.text_dim and encoder.dim != export.text_dim:
         raise UserError(f"{where} now gives {encoder.dim}-d embeddings, the DiT was trained on {export.text_dim}-d: "
                         "that folder holds another model than at extraction")

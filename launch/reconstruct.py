@@ -66,7 +66,8 @@ def caption_cond(ae: Autoencoder, name: str, prompt: str | None, text_encoder: s
                          "and --text-encoder (the one it was trained with)")
     from ldm.text import build_text_encoder
 
-    encoder = build_text_encoder(text_encoder).to(device)
+    with checking("--text-encoder"):
+        encoder = build_text_encoder(text_encoder).to(device)
     ae.check_text_encoder(encoder, text_encoder, name)
     emb, mask = encoder.encode([prompt])
     return Cond(text=emb.to(device), text_mask=mask.to(device))

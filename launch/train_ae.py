@@ -460,7 +460,8 @@ class AETrainer:
         encoder = None
         if spec:
             from ldm.text import build_text_encoder
-            encoder = build_text_encoder(spec, device=self.device)
+            with checking("--text-encoder"):
+                encoder = build_text_encoder(spec, device=self.device)
         self.ae.check_text_encoder(encoder, spec, self.name)
         return encoder
 

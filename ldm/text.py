@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.config import replace
-from ldm.errors import MissingInput, UserError
 
 T5_MAX_LENGTH = 120
 CLIP_MAX_LENGTH = 77
@@ -94,7 +93,7 @@ def _resolve_local_dirs(path: str, spec: str) -> tuple[Path, Path]:
     """(model dir, tokenizer dir) for a model dir or a diffusers pipeline dir."""
     root = Path(path).expanduser()
     if not path or not root.is_dir():
-        raise MissingInput(
+        raise FileNotFoundError(
             f"text encoder directory not found: {str(root)!r} (spec {spec!r}). Text encoders are "
             "loaded from a local transformers directory only; download the model first and pass "
             "its path.")
@@ -102,7 +101,7 @@ def _resolve_local_dirs(path: str, spec: str) -> tuple[Path, Path]:
         return root, root
     if (root / "text_encoder" / "config.json").is_file() and (root / "tokenizer").is_dir():
         return root / "text_encoder", root / "tokenizer"
-    raise MissingInput(
+    raise FileNotFoundError(
         f"no config.json in text encoder directory {str(root)!r} (spec {spec!r}); expected a "
         "transformers model directory or a pipeline directory with text_encoder/ and tokenizer/")
 
@@ -147,15 +146,15 @@ def _check_hf_dirs(kind: str, path: str, model_dir: Path, tok_dir: Path, spec: s
     try:
         model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
     except (ValueError, AttributeError):
-        raise UserError(f"{str(model_dir / 'config.json')!r} is not a JSON object (spec {spec!r})") from None
+        raise ValueError(f"{str(model_dir / 'config.json')!r} is not a JSON object (spec {spec!r})") from None
     if model_type not in HF_MODEL_TYPES[kind]:
         other = [k for k, types in HF_MODEL_TYPES.items() if model_type in types]
         what = f"a {model_type!r} model" if model_type else "no transformers model (config.json names no model_type)"
         hint = f": pass it as {other[0]}:{path}" if other else ""
-        raise UserError(f"text encoder directory {str(model_dir)!r} holds {what}, not a "
+        raise ValueError(f"text encoder directory {str(model_dir)!r} holds {what}, not a "
                         f"{kind.upper()} text encoder (spec {spec!r}){hint}")
     if not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
-        raise UserError(f"no tokenizer in {str(tok_dir)!r} (spec {spec!r}): expected one of {list(TOKENIZER_FILES)}; "
+        raise ValueError(f"no tokenizer in {str(tok_dir)!r} (spec {spec!r}): expected one of {list(TOKENIZER_FILES)}; "
                         "copy the model's tokenizer files next to its config.json")
 
 
@@ -170,18 +169,18 @@ def _load_hf(kind: str, path: str, spec: str, max_length: int | None,
         model, info = cls.from_pretrained(model_dir, local_files_only=True, dtype=dtype or torch.float32,
                                           output_loading_info=True)
     except OSError as e:  # no weights file
-        raise MissingInput(f"text encoder {spec!r}: {str(e).splitlines()[0]}") from None
+        raise FileNotFoundError(f"text encoder {spec!r}: {str(e).splitlines()[0]}") from None
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
-        raise UserError(f"text encoder {spec!r}: the weights in {str(model_dir)!r} lack {len(missing)} tensor(s) of a "
+        raise ValueError(f"text encoder {spec!r}: the weights in {str(model_dir)!r} lack {len(missing)} tensor(s) of a "
                         f"{cls.__name__} ({missing[:3]} ...): not this model's weights")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     if tokenizer.pad_token is None:
-        raise UserError(f"the tokenizer in {str(tok_dir)!r} has no pad token (spec {spec!r})")
+        raise ValueError(f"the tokenizer in {str(tok_dir)!r} has no pad token (spec {spec!r})")
     if max_length is None:
         max_length = T5_MAX_LENGTH if kind == "t5" else CLIP_MAX_LENGTH
     if kind == "clip" and max_length > model.config.max_position_embeddings:
-        raise UserError(f"max_length {max_length} exceeds the CLIP model's "
+        raise ValueError(f"max_length {max_length} exceeds the CLIP model's "
                          f"{model.config.max_position_embeddings} positions (spec {spec!r})")
     return HFTextEncoder(spec, kind, model, tokenizer, max_length)
 
@@ -381,6 +380,6 @@ def build_text_encoder(spec: str, *, max_length: int | None = None,
     elif kind in ("t5", "clip") and sep:
         enc = _load_hf(kind, arg, spec, max_length, dtype)
     else:
-        raise UserError(f"unknown text encoder spec {spec!r}; expected 'builtin', "
+        raise ValueError(f"unknown text encoder spec {spec!r}; expected 'builtin', "
                          "'t5:<local dir>' or 'clip:<local dir>'")
     return enc.to(device) if device is not None else enc
