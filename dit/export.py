@@ -62,7 +62,8 @@ def load_text_encoder(export: Export, device: str | torch.device | None = None):
     another model is a `UserError` that says so."""
     from ldm.text import build_text_encoder, fingerprint, same_fingerprint
 
-    where = f"the text encoder the training captions were embedded with ({export.text_encoder!r}, recorded at extraction)"
+    where = (f"the text encoder the training captions were embedded with ({export.text_encoder!r}, recorded at "
+             "extraction)")
     try:
         encoder = build_text_encoder(export.text_encoder, device=device)
     except (ValueError, FileNotFoundError) as e:  # the folder moved or holds something else now

@@ -201,6 +201,9 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
         raise ValueError("this DiT takes neither the given prompts nor class ids "
                          f"(text_dim={dcfg.text_dim}, num_classes={dcfg.num_classes})")
     check_request(model, ae, spec, latent_frames)
+    if ae.text_dim and cond.text is None and text_encoder is None:  # before any step, not after them all
+        raise ValueError(f"{ae.family} is text-guided: its decoder needs the text encoder the latents were "
+                         "extracted with (text_encoder=, see sampling_text_encoder)")
     shapes, aux = dict(spec.parts), {}
     if spec.form == "varlen":
         t = latent_frames or shapes["z"][1]
@@ -220,9 +223,7 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
     latent = normalize(latent, latent_norm, inverse=True)
     ae_cond = Cond(text=cond.text, text_mask=cond.text_mask)
     if ae.text_dim and cond.text is None:  # a text-guided decoder always reads a caption: the prompts, else
-        if text_encoder is None:         # the empty one (what extraction gives a clip without a caption)
-            raise ValueError(f"{ae.family} is text-guided: its decoder needs the text encoder the latents were "
-                             "extracted with (text_encoder=, see sampling_text_encoder)")
+        # the empty one (what extraction gives a clip without a caption)
         emb, mask = text_encoder.encode(list(prompts) if prompts is not None else [""] * n)
         ae_cond = Cond(text=emb.to(device), text_mask=mask.to(device))
     return latent.to(device), ae_cond

@@ -287,8 +287,9 @@ class LPIPS(nn.Module):
         if missing:
             swapped = " (it holds LPIPS linear heads: the two files are swapped)" if any(
                 re.fullmatch(r"lin\d+\.model\.\d+\.weight", k) for k in sd) else ""
+            shown = ["features." + k for k in missing[:4]]
             raise UserError(f"LPIPS backbone file {str(backbone)!r} lacks {len(missing)} of the {net} trunk's "
-                            f"{len(own)} tensors ({['features.' + k for k in missing[:4]]} ...); expected {what}{swapped}")
+                            f"{len(own)} tensors ({shown} ...); expected {what}{swapped}")
         model.features.load_state_dict({k: _checked(sd[f"features.{k}"], v.shape, f"features.{k}", backbone)
                                         for k, v in own.items()})
         hd = _load_tensor_file(heads, f"LPIPS linear-head file (the lpips package's {net}.pth)")
@@ -299,7 +300,7 @@ class LPIPS(nn.Module):
                 found[int(m.group(1))] = v
         if sorted(found) != list(range(len(model.heads))):
             raise UserError(f"LPIPS head file {str(heads)!r} has heads {sorted(found)}; expected "
-                             f"lin0..lin{len(model.heads) - 1} (lpips {net}.pth format)")
+                            f"lin0..lin{len(model.heads) - 1} (lpips {net}.pth format)")
         for i, head in enumerate(model.heads):
             head.weight.copy_(_checked(found[i], head.weight.shape, f"lin{i}", heads))
         return model
@@ -384,7 +385,8 @@ def load_i3d(path: str | Path, kind: str = "i3d_torchscript", device: str | torc
     p, module = _load_torchscript(path, f"FVD extractor ({kind}, e.g. i3d_torchscript.pt)", device)
     ext = Extractor(kind, p, file_sha256(p), module, device)
     probe_x = torch.zeros(1, 3, FVD_FRAMES, FVD_SIZE, FVD_SIZE, device=device)
-    ext.dim = _probe(lambda: _i3d_features(ext, probe_x), p, f"an FVD extractor ({kind}) on float clips (B, 3, T, H, W)")
+    ext.dim = _probe(lambda: _i3d_features(ext, probe_x), p,
+                     f"an FVD extractor ({kind}) on float clips (B, 3, T, H, W)")
     return ext
 
 

@@ -152,10 +152,10 @@ def _check_hf_dirs(kind: str, path: str, model_dir: Path, tok_dir: Path, spec: s
         what = f"a {model_type!r} model" if model_type else "no transformers model (config.json names no model_type)"
         hint = f": pass it as {other[0]}:{path}" if other else ""
         raise ValueError(f"text encoder directory {str(model_dir)!r} holds {what}, not a "
-                        f"{kind.upper()} text encoder (spec {spec!r}){hint}")
+                         f"{kind.upper()} text encoder (spec {spec!r}){hint}")
     if not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
         raise ValueError(f"no tokenizer in {str(tok_dir)!r} (spec {spec!r}): expected one of {list(TOKENIZER_FILES)}; "
-                        "copy the model's tokenizer files next to its config.json")
+                         "copy the model's tokenizer files next to its config.json")
 
 
 def _load_hf(kind: str, path: str, spec: str, max_length: int | None,
@@ -173,7 +173,7 @@ def _load_hf(kind: str, path: str, spec: str, max_length: int | None,
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise ValueError(f"text encoder {spec!r}: the weights in {str(model_dir)!r} lack {len(missing)} tensor(s) of a "
-                        f"{cls.__name__} ({missing[:3]} ...): not this model's weights")
+                         f"{cls.__name__} ({missing[:3]} ...): not this model's weights")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     if tokenizer.pad_token is None:
         raise ValueError(f"the tokenizer in {str(tok_dir)!r} has no pad token (spec {spec!r})")

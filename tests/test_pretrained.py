@@ -225,5 +225,5 @@ def test_clear_errors(saved, tmp_path):
     # a diffusers folder where one of ours is expected (--checkpoint, --init) says how to use it
     with pytest.raises(ValueError, match="is a diffusers AutoencoderKL folder, not one of ours.*ldm convert --source"):
         load_pretrained(saved["AutoencoderKL"][1])
-    with pytest.raises(ValueError, match="run it as --autoencoder diffusers:AutoencoderKLWan with the folder as its path$"):
+    with pytest.raises(ValueError, match="as --autoencoder diffusers:AutoencoderKLWan with the folder as its path$"):
         load_pretrained(saved["AutoencoderKLWan"][1])
