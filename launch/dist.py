@@ -71,7 +71,7 @@ def init_distributed(backend: str | None = None) -> DistEnv:
                                 "address) and MASTER_PORT, or launch with torchrun")
             os.environ["MASTER_ADDR"] = os.environ["SLURM_LAUNCH_NODE_IPADDR"]
         os.environ.setdefault("MASTER_PORT", "29500")
-    if env.source == "torchrun":
+    if env.source == "torchrun" and started_by_a_launcher():
         _stop_with_the_launcher()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -80,6 +80,14 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     torch_dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=_elastic_store())
     destroy_at_exit()
     return env
+
+
+def started_by_a_launcher() -> bool:
+    """Whether this process is a rank a launcher started and watches: torchrun (and accelerate /
+    torch.distributed.run, which set ``TORCHELASTIC_RUN_ID``) or DeepSpeed's launcher (``CROSS_RANK``).
+    Ranks started by hand (``RANK=0 WORLD_SIZE=2 ldm ...`` from a shell) are not: their parent
+    may end first by design."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "CROSS_RANK" in os.environ
 
 
 def _stop_with_the_launcher() -> None:

@@ -393,6 +393,15 @@ def test_dist_env_reads_torchrun_and_slurm(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert dist.dist_env() == dist.DistEnv(1, 2, 1, "torchrun")  # torchrun wins inside an allocation
+    # ranks set up by hand (a shell exporting RANK, whose parent may end first) do not stop with their
+    # parent; those of torchrun / accelerate (TORCHELASTIC_RUN_ID) and DeepSpeed's launcher (CROSS_RANK) do
+    for k in ("TORCHELASTIC_RUN_ID", "CROSS_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert not dist.started_by_a_launcher()
+    for k in ("TORCHELASTIC_RUN_ID", "CROSS_RANK"):
+        monkeypatch.setenv(k, "0")
+        assert dist.started_by_a_launcher()
+        monkeypatch.delenv(k)
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ValueError, match="inconsistent"):
         dist.dist_env()
