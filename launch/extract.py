@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import random
+import re
 import statistics
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -415,6 +416,7 @@ def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str,
                                "steady_clips_per_s": encoded / (elapsed - fill) if elapsed > fill else 0.0,
                                "fill_s": fill, "batch_size": batch, "num_workers": workers, "verify_psnr": None}
     if dist.is_main():
+        _remove_shards_beyond(out, n_shards)
         manifest = _merge_manifest(out, n_shards, record, spec, env.world_size, items, text_encoder, cfg,
                                    signature["dtype"])
         if manifest.counts.written and (binding.changes or not (out / runs.BINDING).exists()):
@@ -451,6 +453,18 @@ def print_skipped(skipped: list[dict[str, Any]]) -> None:
         print(f"  ... {len(skipped) - SKIPPED_SHOWN} more in {MANIFEST} (\"skipped\")")
 
 
+def _remove_shards_beyond(out: Path, n_shards: int) -> None:
+    """Shards ``>= n_shards`` (tar and sidecar) of an earlier extraction into ``out`` with more
+    shards (an allowed change of ``shard_size`` or of the inputs): the trainer reads every
+    ``shard-*.tar`` of the folder, so they would repeat or add clips the manifest does not hold."""
+    if not out.is_dir():
+        return
+    for p in out.glob("shard-*"):
+        m = re.fullmatch(r"shard-(\d{6})\.(tar|json)", p.name)
+        if m and int(m.group(1)) >= n_shards:
+            p.unlink(missing_ok=True)
+
+
 def _remove_empty_run(out: Path, n_shards: int, made_output: bool) -> None:
     """An extraction that wrote no clip: remove its sidecars and manifest (a rerun must not take
     the inputs as done), and the folder when this run made it and nothing else is in it."""
@@ -485,6 +499,8 @@ def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signa
     lo, hi = buf.index * cfg.shard_size, min((buf.index + 1) * cfg.shard_size, len(items))
     if buf.samples:
         shards.write_shard(out / shards.SHARD_NAME.format(buf.index), buf.samples, buf.keys)
+    else:  # an allowed change that leaves the shard empty: its earlier tar must not be read
+        (out / shards.SHARD_NAME.format(buf.index)).unlink(missing_ok=True)
     atomic_write_json(out / f"shard-{buf.index:06d}.json", {
         "signature": signature, "keys": [it.key for it in items[lo:hi]], "written": len(buf.samples),
         "skipped": buf.skipped, "stats": buf.stats.to_json(), "text_tokens": buf.text_tokens})

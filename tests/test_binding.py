@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from data import shards
 from data.synth import synth_dataset
 from launch import runs
 from launch.cli import console
@@ -170,6 +171,32 @@ def test_extract_refuses_another_extraction_and_redoes_shards_on_an_allowed_chan
     assert all(json.loads((out / f"shard-00000{j}.json").read_text())["signature"]["video"]["frames"] == 4
                for j in (0, 1))
     assert json.loads((out / runs.BINDING).read_text())["changes"][0]["changes"] == {"frames": [8, 4]}
+
+
+def test_an_allowed_change_to_fewer_shards_leaves_no_stale_shard(base, tmp_path):
+    """--shard-size 3 -> 6 with --allow-change (was: shard-000001.tar of the old layout stayed, and
+    the trainer, which reads every shard-*.tar of the folder, saw its clips twice)."""
+    out = tmp_path / "lat"
+    assert _ldm(_extract(base, out)) == 0
+    assert len(shards.shard_urls(out)) == 2
+    assert _ldm(_extract(base, out, "--shard-size", "6", "--allow-change", "shard_size")) == 0
+    assert [Path(u).name for u in shards.shard_urls(out)] == ["shard-000000.tar"]
+    assert sorted(p.name for p in out.glob("shard-*.json")) == ["shard-000000.json"]
+    assert len(shards.read_all(out)) == 6
+
+
+def test_an_allowed_change_that_empties_a_shard_removes_its_tar(tmp_path):
+    """A shard whose clips are all skipped after an allowed change (was: its earlier tar stayed and
+    was trained on, with clips of the old settings)."""
+    import numpy as np
+    from data.video import write_frames
+    for name, n in (("a", 8), ("b", 4)):
+        write_frames(tmp_path / "videos" / f"{name}.mp4", np.zeros((n, 32, 32, 3), np.uint8), fps=8)
+    argv = ["extract", "--autoencoder", AE, "--input", str(tmp_path / "videos"), "--output", str(tmp_path / "lat"),
+            "--height", "32", "--width", "32", "--shard-size", "1"]
+    assert _ldm([*argv, "--frames", "4"]) == 0 and len(shards.shard_urls(tmp_path / "lat")) == 2
+    assert _ldm([*argv, "--frames", "8", "--allow-change", "frames"]) == 0
+    assert [Path(u).name for u in shards.shard_urls(tmp_path / "lat")] == ["shard-000000.tar"]
 
 
 def test_a_folder_of_an_earlier_version_is_checked_by_its_shards(base, tmp_path, capsys):
