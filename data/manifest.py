@@ -79,11 +79,17 @@ def load_manifest(path: str | Path) -> Manifest:
     return Manifest.from_dict(read_json(p), what=str(p))
 
 
+def shard_folders(spec: str) -> list[str]:
+    """The folders of a comma-separated ``data.shards`` (``a,b``, ``a, b``, ``a,``): spaces around
+    the commas and empty entries dropped."""
+    return [f.strip() for f in spec.split(",") if f.strip()]
+
+
 def load_manifests(spec: str) -> Manifest:
     """The manifest of one extraction folder, or of several (comma-separated) merged: they must
     come from the same autoencoder (config and weights hash); counts add up, the per-channel
     statistics are pooled and ``mixed_shapes`` says whether the latent shapes differ."""
-    folders = [f for f in spec.split(",") if f]
+    folders = shard_folders(spec)
     if not folders:
         raise ValueError("data.shards is empty: give an `ldm extract` output folder")
     manifests = [load_manifest(f) for f in folders]

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import dit
-from data.manifest import Manifest, load_manifests
+from data.manifest import Manifest, load_manifests, shard_folders
 from data.shards import LatentShards
 from dit import Export, save_export
 from launch import dist, runs
@@ -465,7 +465,7 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"output={out} is a file; give a run folder")
-    for folder in (f for f in cfg.data.shards.split(",") if f):
+    for folder in shard_folders(cfg.data.shards):
         if not (Path(folder) / "manifest.json").is_file():
             what = "not found" if not Path(folder).exists() else "has no manifest.json"
             raise UserError(f"data.shards: {folder} {what}; give an `ldm extract` output folder")
@@ -565,7 +565,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     parts = manifest.parts
     per_step = cfg.data.batch_size * cfg.optim.grad_accum
     # the global stream position is step x global batch, whatever the topology (see LatentShards)
-    data = LatentShards(cfg.data.shards.split(","), rank=dp_rank, world_size=dp_world, seed=cfg.seed,
+    data = LatentShards(shard_folders(cfg.data.shards), rank=dp_rank, world_size=dp_world, seed=cfg.seed,
                         shuffle=cfg.data.shuffle, epochs=None, split=cfg.data.split,
                         skip=(step * per_step + dropped * cfg.data.batch_size) * dp_world,
                         batch_size=cfg.data.batch_size,

@@ -510,6 +510,13 @@ def test_mixed_resolutions_train_in_buckets(latents, tmp_path):
     assert len(out["losses"]) == 6 and all(map(torch.isfinite, torch.tensor(out["losses"])))
 
 
+def test_shard_folders_as_people_write_them(latents, tmp_path):
+    """``data.shards=a,`` or ``a, b`` (was: the checks passed, then the reader took "" as the working
+    folder and ``[rank0]: FileNotFoundError: no shard-*.tar files in .`` after the run folder was made)."""
+    out = train(_cfg(latents, tmp_path / "r", steps=1, save_every=1, **{"data.shards": f"{latents}, {latents},"}))
+    assert len(out["losses"]) == 1
+
+
 def test_bucket_batches_cost_the_same_and_hold_no_more_tokens_than_the_cheapest(caplog):
     """``data.bucket_sizing: compute`` at dit-XL's width, shapes of 1k / 4k / 16k tokens:
     ``batch_size`` samples of the cheapest shape, every other bucket within one sample of the same
