@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import dit
 from data.manifest import Manifest, load_manifests, shard_folders
-from data.shards import LatentShards
+from data.shards import LatentShards, shard_urls
 from dit import Export, save_export
 from launch import dist, runs
 from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config,
@@ -476,7 +476,15 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
         precision = resolve_precision(cfg.engine.precision, dist.device_for(dist.dist_env()))
         deepspeed_config(cfglib.replace(cfg.engine, precision=precision), cfg.data.batch_size, cfg.optim.grad_accum,
                          cfg.optim.grad_clip)
-    record = run_binding(cfg, manifest, dist.dist_env().world_size, precision)
+    world = dist.dist_env().world_size
+    if cfg.data.split == "shard":  # each reader (data-parallel rank x loader worker) needs a shard of its own
+        readers = world // cfg.model.sequence_parallel * max(1, cfg.data.num_workers)
+        found = len(shard_urls(shard_folders(cfg.data.shards)))
+        if found < readers:
+            raise UserError(f"data.split=shard needs at least {readers} shards (data-parallel ranks x "
+                            f"max(1, data.num_workers)), data.shards holds {found}; use data.split=sample, "
+                            "fewer data.num_workers, or a smaller --shard-size at extraction")
+    record = run_binding(cfg, manifest, world, precision)
     return runs.check_binding(out, record, allow_change, new_folder="output=NEW_FOLDER",
                               defaults=runs.defaults_of(TrainConfig), holds_work=runs.holds_training(out))
 

@@ -191,6 +191,8 @@ TRAIN_ERRORS = [
     (["engine.deepspeed=zero9"], "DeepSpeed config 'zero9' not found"),
     (["model.compile_mode=max-autotune"], "model.compile_mode must be one of default, max-autotune-no-cudagraphs"),
     (["data.shards=nowhere"], "data.shards: nowhere not found"),
+    (["data.split=shard", "data.num_workers=3"],                       # was: ValueError traceback after the
+     "data.split=shard needs at least 3 shards (data-parallel ranks"),  # run folder was made
     (["steps"], "not of the form key.path=value"),
 ]
 
