@@ -265,7 +265,9 @@ class LatentShards(torch.utils.data.IterableDataset):
     ``split="sample"`` (default): every reader walks the same GLOBAL stream -- shards permuted per
     epoch, then a shuffle buffer of ``shuffle`` samples, both seeded by (seed, epoch) -- and keeps its
     own chunks: the stream is cut into chunks of ``batch_size`` samples, chunk c belongs to rank
-    ``c % world_size`` and, within the rank, to DataLoader worker ``(c // world_size) % workers``.
+    ``c % world_size`` and, within the rank, to DataLoader worker ``(c // world_size - k) % workers``
+    (``k``: the rank's chunks that ``skip`` passes, so its first chunk is worker 0's, which the
+    loader reads first).
     A ``DataLoader(batch_size=None)`` over this dataset hands rank r the chunks r, r+W, r+2W, ... in
     order, so after s steps the run has consumed exactly the first ``s * batch_size * world_size``
     samples of the global stream, whatever the topology: ``skip`` is that global count, and a resume
@@ -334,11 +336,13 @@ class LatentShards(torch.utils.data.IterableDataset):
     def _global_chunks(self, workers: int, worker: int) -> Iterator[Any]:
         size = self.batch_size or 1
         position, batch = 0, []
+        # the loader asks worker 0 first: the rank's first chunk after ``skip`` is worker 0's
+        resumed_at = self.skip // (size * self.world_size)
         for epoch in self._epochs():
             for raw in self._global_stream(epoch):
                 chunk = position // size
                 if (position >= self.skip and chunk % self.world_size == self.rank
-                        and (chunk // self.world_size) % workers == worker):
+                        and (chunk // self.world_size - resumed_at) % workers == worker):
                     sample = self._decode(raw, epoch, position)
                     if sample is not None:
                         batch.append(sample)

@@ -187,6 +187,10 @@ def test_global_stream_is_the_same_for_any_topology(tmp_path):
     assert steps(2, 2, 2, 6) == one  # 2 ranks x 2 workers, same global batch
     assert steps(4, 1, 0, 6) == one
     assert steps(2, 2, 0, 3, skip=12) == one[3:]  # resume after 3 steps with another topology
+    # resume after an odd number of steps with 2 workers (was: the workers took their chunks by absolute
+    # index, so the loader, which starts at worker 0, swapped every pair of steps after the resume)
+    assert steps(1, 4, 2, 3, skip=12) == one[3:]
+    assert steps(2, 2, 2, 3, skip=12) == one[3:]
     first = [i for s in one[:3] for i in s]
     assert len(set(first)) == 12 and set(range(15)) - set(first) <= set(one[3])  # once per epoch
 
