@@ -117,9 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--autoencoder", help=f"registered name ({', '.join(sorted(REGISTRY))}; optional with --checkpoint) or "
                              f"{' / '.join(p + ':<what>' for p in sorted(LOADERS))} with --checkpoint DIR")
-    a("--checkpoint", help="folder written by save_pretrained (a train-ae run's final/ or checkpoints/step-N/), or "
-                           "a source's local folder")
-    a("--subfolder", help="subfolder of --checkpoint holding the model (e.g. vae in a diffusers pipeline)")
+    a("--checkpoint", "--ae-path", dest="checkpoint",
+      help="folder written by save_pretrained (a train-ae run's final/ or checkpoints/step-N/), or a source's local "
+           "folder (--ae-path: the same, as `ldm extract` / `eval recon` name it)")
+    a("--subfolder", "--ae-subfolder", dest="subfolder",
+      help="subfolder of --checkpoint holding the model (e.g. vae in a diffusers pipeline)")
     a("--input", required=True, help="input video (any container/codec PyAV reads)")
     a("--output", required=True, help="output video, .mp4 or .gif")
     a("--overwrite", action="store_true", help="replace an existing --output file (never the --input)")

@@ -203,3 +203,14 @@ def test_default_size_is_the_videos_own_when_small(clip, tmp_path, capsys):
     big = tmp_path / "big.mp4"
     write_video(big, torch.zeros(3, 3, 264, 320), fps=8)
     assert size_used(big, "kl2d-f8c4-debug") == (256, 256)
+
+
+def test_weights_flags_take_the_names_extract_uses():
+    """``--ae-path`` / ``--ae-subfolder`` (as ``ldm extract`` and ``eval recon`` name them) are
+    ``--checkpoint`` / ``--subfolder`` here, so a command moved between verbs keeps working."""
+    parser = argparse.ArgumentParser()
+    reconstruct.add_arguments(parser)
+    base = ["--input", "in.mp4", "--output", "out.mp4", "--autoencoder", "diffusers:AutoencoderKL"]
+    ours = parser.parse_args(base + ["--checkpoint", "pipe", "--subfolder", "vae"])
+    theirs = parser.parse_args(base + ["--ae-path", "pipe", "--ae-subfolder", "vae"])
+    assert vars(ours) == vars(theirs) and (ours.checkpoint, ours.subfolder) == ("pipe", "vae")
