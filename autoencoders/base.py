@@ -75,6 +75,9 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.config = config
         self.tiling: Tiling | None = None
+        # a text-guided model's training text encoder: {"spec", "dim", "fingerprint"} (ldm.text.fingerprint),
+        # set by `ldm train-ae`, saved in config.json, checked by check_text_encoder
+        self.trained_text_encoder: dict[str, Any] | None = None
 
     # --- to implement -------------------------------------------------------------------
     def _encode(self, video: Tensor, cond: Cond | None) -> Latent:
@@ -167,6 +170,12 @@ class Autoencoder(nn.Module):
         if need and encoder.dim != need:
             raise UserError(f"--text-encoder {spec} gives {encoder.dim}-d embeddings, {name} takes {need}-d "
                              f"(to train with this encoder, build it with --ae-config text_dim={encoder.dim})")
+        trained = self.trained_text_encoder
+        if need and trained and trained.get("fingerprint"):
+            from ldm.text import fingerprint, same_fingerprint
+            if not same_fingerprint(fingerprint(encoder), trained["fingerprint"]):
+                raise UserError(f"--text-encoder {spec} embeds captions differently from the encoder {name} was "
+                                f"trained with ({trained.get('spec')}): pass that one")
 
     def check_input(self, frames: int, height: int, width: int) -> None:
         """Raise ValueError for an input size this autoencoder cannot take (default: whatever
@@ -241,8 +250,9 @@ class Autoencoder(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_tensors(path / "model.safetensors", self.state_dict())
+        extra = {"text_encoder": self.trained_text_encoder} if self.trained_text_encoder else {}
         atomic_write_json(path / "config.json", {"family": self.family, "name": name,
-                                                 "config": cfglib.to_dict(self.config)})
+                                                 "config": cfglib.to_dict(self.config), **extra})
 
     @classmethod
     def from_config_dict(cls, data: dict[str, Any]) -> "Autoencoder":
@@ -372,6 +382,7 @@ def load_pretrained(path: str | Path, strict: bool = True) -> Autoencoder:
     family = meta["family"]
     model = FAMILIES[family].from_config_dict(meta["config"])
     model.load_state_dict(load_tensors(path / "model.safetensors"), strict=strict)
+    model.trained_text_encoder = meta.get("text_encoder")
     return model
 
 

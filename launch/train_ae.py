@@ -459,9 +459,12 @@ class AETrainer:
             raise ValueError(f"--text-encoder {spec}: {self.name} takes no text")
         encoder = None
         if spec:
-            from ldm.text import build_text_encoder
+            from ldm.text import absolute_spec, build_text_encoder, fingerprint
             with checking("--text-encoder"):
                 encoder = build_text_encoder(spec, device=self.device)
+            # what final/ records: extract / reconstruct / eval recon then refuse another encoder
+            self.ae.trained_text_encoder = {"spec": absolute_spec(spec), "dim": encoder.dim,
+                                            "fingerprint": list(fingerprint(encoder))}
         self.ae.check_text_encoder(encoder, spec, self.name)
         return encoder
 

@@ -15,6 +15,7 @@ from aes import one_step
 from autoencoders import REGISTRY, build, describe, load_pretrained
 from autoencoders.crossmodal import CrossModalVAE, PatchCrossAttention, TemporalConv, TemporalSelfAttention
 from autoencoders.losses import AELoss, AELossConfig
+from ldm.errors import UserError
 from ldm.latent import Cond, Latent
 from ldm.text import build_text_encoder
 
@@ -349,6 +350,31 @@ def test_train_autoencoder_with_text_joint_batches_and_video_gan(trained, text_e
         assert (ae.decode(lat, a) - ae.decode(lat, b)).abs().max() > 1e-4  # training gave the text path weights
         with pytest.raises(ValueError, match="text-guided"):
             ae.decode(lat)
+
+
+def test_final_records_its_text_encoder_and_another_is_refused(trained, text_encoder, tmp_path):
+    """train-ae writes the text encoder into final/config.json; extract / reconstruct / eval recon
+    (``check_text_encoder``) then refuse an encoder of the same width that embeds differently."""
+    import shutil
+
+    from ldm.text import fingerprint
+    final = trained[0] / "final"
+    record = json.loads((final / "config.json").read_text())["text_encoder"]
+    assert record["spec"] == "builtin" and record["dim"] == 256
+    assert record["fingerprint"] == pytest.approx(list(fingerprint(text_encoder)))
+    ae = load_pretrained(final)
+    ae.check_text_encoder(text_encoder, "builtin")  # the same encoder passes
+    other = tmp_path / "other"  # as if trained with another 256-d encoder
+    shutil.copytree(final, other)
+    meta = json.loads((other / "config.json").read_text())
+    meta["text_encoder"] = {**record, "spec": "t5:/models/elsewhere",
+                            "fingerprint": [-v for v in record["fingerprint"]]}
+    (other / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"embeds captions differently .* \(t5:/models/elsewhere\): pass that one"):
+        load_pretrained(other).check_text_encoder(text_encoder, "builtin")
+    meta.pop("text_encoder")  # folders saved before this (or converted ones) are not checked
+    (other / "config.json").write_text(json.dumps(meta))
+    load_pretrained(other).check_text_encoder(text_encoder, "builtin")
 
 
 def test_trainer_rejects_missing_or_mismatched_text_encoder(clips, tmp_path):
