@@ -97,6 +97,7 @@ class TrainAEConfig:
 
     data: str
     output: str
+    captions: str | None = None  # CSV/JSONL with path,caption (as `ldm extract --captions`); default: metadata.jsonl
     autoencoder: str | None = None  # registry name; optional when --init names a saved model
     init: str | None = None  # folder written by save_pretrained to start from
     stage: int | None = None  # training stage of a staged autoencoder (Autoencoder.stages); None: the model's own
@@ -441,7 +442,7 @@ class AETrainer:
                                            betas=cfg.disc_betas or cfg.betas, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + env.rank)
 
-        items = list_items(cfg.data)
+        items = list_items(cfg.data, cfg.captions)
         if len(items) // env.world_size < cfg.batch_size:
             raise UserError(f"{cfg.data}: {len(items)} clips cannot fill a batch of {cfg.batch_size} on each of "
                             f"{env.world_size} rank(s); give a smaller --batch-size")
@@ -799,7 +800,7 @@ class AETrainer:
 def run_binding(cfg: TrainAEConfig) -> dict[str, Any]:
     """What the run folder is bound to: the settings except ``HARMLESS``, the videos (how many,
     and a hash of their names) and the weights hash of ``init`` / ``base_checkpoint``."""
-    keys = [it.key for it in list_items(cfg.data)]
+    keys = [it.key for it in list_items(cfg.data, cfg.captions)]
     facts = {"videos": f"{len(keys)} (names sha256 {hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]})"}
     for key in ("init", "base_checkpoint"):
         if getattr(cfg, key) is not None:
@@ -874,6 +875,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="the trained base a staged autoencoder starts from (a save_pretrained folder, e.g. a train-ae "
            "OUTPUT/final): Hi-VAE's frozen kl2d, MTC-VAE's causal3d")
     a("--data", help="folder of videos or raw video shards (data.sources.list_items)")
+    a("--captions", help="CSV/JSONL with path,caption for the videos of --data (default: metadata.jsonl in the "
+                         "folder); text-guided autoencoders train with them")
     a("--output", help="run folder (checkpoints, samples, log, final/)")
     a("--frames", type=int, help="clip length")
     a("--height", type=int)
@@ -967,7 +970,7 @@ def check_inputs(cfg: TrainAEConfig) -> None:
             except UserError as e:  # say which folder (a recipe names them; its header says how to make them)
                 raise type(e)(f"{flag}: {e}") from None
     meta = saved.get("--init")
-    list_items(cfg.data)
+    list_items(cfg.data, cfg.captions)  # a missing --data or --captions file is one line here
     with checking(f"--frames {cfg.frames} --height {cfg.height} --width {cfg.width}"), torch.device("meta"):
         overrides = cfglib.apply_dotted({}, list(cfg.ae_config))
         if meta is not None:

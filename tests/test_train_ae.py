@@ -22,7 +22,7 @@ from launch import dist
 from launch import runs
 from launch.runs import find_checkpoint, optimizer_from_files, optimizer_to_files, write_checkpoint
 from launch.train_ae import TrainAEConfig, add_arguments, config_from_args, train_autoencoder
-from ldm.errors import UserError
+from ldm.errors import MissingInput, UserError
 from ldm.latent import Latent
 from ldm.metrics import LPIPS
 
@@ -307,6 +307,20 @@ def test_bad_settings_fail_before_work(clips, tmp_path):
     with pytest.raises(ValueError, match="cannot fill a batch"):
         train_autoencoder(_cfg(clips, tmp_path / "e", batch_size=8))
     assert not (tmp_path / "a").exists() and not (tmp_path / "e").exists()
+
+
+def test_captions_file_gives_the_trainer_its_captions(clips, tmp_path):
+    """``--captions FILE`` (as ``ldm extract`` takes it) sets the captions a text-guided
+    autoencoder trains with; a missing file is one line before any work."""
+    from launch.train_ae import AETrainer
+    rows = "path,caption\n" + "".join(f"clip{i:02d}.mp4,disc number {i}\n" for i in range(6))
+    (tmp_path / "caps.csv").write_text(rows)
+    trainer = AETrainer(_cfg(clips, tmp_path / "run", captions=str(tmp_path / "caps.csv")), dist.dist_env())
+    assert {it.key: it.caption for it in trainer.dataset.items}["clip03"] == "disc number 3"
+    assert all(it.caption is None for it in AETrainer(_cfg(clips, tmp_path / "run2"), dist.dist_env()).dataset.items)
+    with pytest.raises(MissingInput, match="nope.csv"):
+        train_autoencoder(_cfg(clips, tmp_path / "f", captions=str(tmp_path / "nope.csv")))
+    assert not (tmp_path / "f").exists()
 
 
 # --- losses -----------------------------------------------------------------------------------
