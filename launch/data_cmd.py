@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -206,7 +207,13 @@ def _list(args: argparse.Namespace) -> int:
         raise UserError(f"--show must be >= 0, got {args.show}")
     if args.frames is not None:
         Windows.from_flags(args.clips_per_video, args.clip_stride)  # contradictory flags: clear error first
-    items = list_items(args.input, args.captions)
+    sources_log = logging.getLogger("data.sources")  # its warnings are the problems listed below: once
+    level = sources_log.level
+    sources_log.setLevel(logging.ERROR)
+    try:
+        items = list_items(args.input, args.captions)
+    finally:
+        sources_log.setLevel(level)
     if args.frames is not None:
         counts = _clip_counts(items, args)
     captioned = sum(it.caption is not None for it in items)

@@ -327,3 +327,18 @@ def test_check_video_finds_a_file_cut_after_its_index(tmp_path):
     (tmp_path / "cut.mp4").write_bytes(data[: int(len(data) * 0.7)])
     with pytest.raises(VideoError, match="corrupt or truncated"):
         check_video(tmp_path / "cut.mp4")
+
+
+def test_data_list_reports_each_captions_problem_once(folder, tmp_path, capsys, caplog):
+    """``ldm data list`` prints the captions problems in its report; list_items' log warnings of
+    the same problems (what ``ldm extract`` shows) are not printed a second time."""
+    caps = tmp_path / "caps.csv"
+    caps.write_text("path,caption\na.mp4,one\nmissing.mp4,two\na.mp4,three\n")
+    caplog.set_level("WARNING")
+    assert console(["data", "list", "--input", str(folder), "--captions", str(caps)]) == 0
+    out = capsys.readouterr().out
+    assert "3 problem(s):" in out and out.count("'missing.mp4' is not a video") == 1
+    assert not [r for r in caplog.records if r.name == "data.sources"]
+    caplog.clear()
+    list_items(folder, caps)  # elsewhere the problems are still logged
+    assert any("'missing.mp4' is not a video" in r.getMessage() for r in caplog.records)
