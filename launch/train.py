@@ -537,6 +537,8 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
         from launch.sequence_parallel import apply_sequence_parallel, sequence_parallel_group
         apply_sequence_parallel(model, sequence_parallel_group(sp))
     dp_rank, dp_world = env.rank // sp, env.world_size // sp  # data-parallel position
+    # no second run into the folder while this one lives; claimed before DeepSpeed puts the model on the device
+    runs.claim_folder(out, new_folder="output=NEW_FOLDER")
     # fused AdamW on GPUs (one kernel over all tensors); DeepSpeed's ZeRO keeps fp32 master weights for it
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
@@ -559,7 +561,6 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
             compile_blocks(engine.module, mode=cfg.model.compile_mode)
     ema = EMA(engine.module, cfg.ema_decay, zero3)
 
-    runs.claim_folder(out, new_folder="output=NEW_FOLDER")  # no second run into it while this one lives
     step, dropped = resume(engine, ema, out)
     nonfinite = runs.NonFiniteGuard(cfg.max_nonfinite)
     if dist.is_main():
