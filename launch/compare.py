@@ -122,6 +122,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Bin
     for flag, path in paths.items():
         if path is not None and not Path(path).exists():
             raise MissingInput(f"{flag} {path}: not found")
+    ev.check_clip_frames(args.frames, args.fvd_frames if args.i3d else None)
     if bool(args.lpips_backbone) != bool(args.lpips_heads):
         raise UserError("LPIPS needs both --lpips-backbone and --lpips-heads")
     from data.sources import list_items

@@ -94,6 +94,21 @@ def position_ssim(per_frame: Tensor, group: int, start: int = 0) -> dict[str, An
             "positions": [float(p.mean()) if p.numel() else None for p in pos], "per_frame": curve.tolist()}
 
 
+def check_clip_frames(frames: int, fvd_frames: int | None = None, frame_group: int = 0, group_start: int = 0
+                      ) -> None:
+    """FVD's frames (``fvd_frames``, None: no FVD) and the SSIM frame groups fit in clips of
+    ``frames`` frames; else a `UserError` naming the flag, before any work."""
+    if fvd_frames is not None and fvd_frames > frames:
+        raise UserError(f"--fvd-frames {fvd_frames}: the clips have {frames} frames; give --fvd-frames {frames} or "
+                        "fewer (and report it: the reference FVD uses 16), or longer clips")
+    if frame_group and group_start >= frames:
+        raise UserError(f"--group-start {group_start}: the clips have {frames} frames; give a --group-start below "
+                        f"{frames}")
+    if frame_group and group_start + frame_group > frames:
+        raise UserError(f"--frame-group {frame_group}: the clips have {frames - group_start} frames after "
+                        f"--group-start {group_start}; give --frame-group {frames - group_start} or fewer")
+
+
 def _clips(input: str, frames: int, height: int, width: int, fps: float | None, num: int | None
            ) -> tuple[Iterable[dict[str, Any]], list[str], int]:
     items = list_items(input)
@@ -644,6 +659,8 @@ def check_args(args: argparse.Namespace) -> None:
         if path is not None and not Path(path).is_file():
             raise MissingInput(f"{flag} {path}: " + ("a folder; give the file itself" if Path(path).is_dir() else
                                                      "file not found"))
+    if not gen:
+        check_clip_frames(args.frames, args.fvd_frames if args.i3d else None, args.frame_group, args.group_start)
     out = Path(args.output)
     if gen:
         if out.is_file():
@@ -766,6 +783,7 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     height, width = args.height or export.video.height, args.width or export.video.width
     with checking(f"--frames {frames} --height {height} --width {width}"):
         ae.check_input(frames, height, width)
+    check_clip_frames(frames, args.fvd_frames if args.reference and args.i3d else None)
     with checking():
         configure_inference(ae, args.tile, args.chunk_frames)
         if args.attributes and _conditioning(model, export, True if args.use_class else None)[1]:

@@ -295,6 +295,15 @@ def test_fvd_fid_of_generated_folders(files, run_dir, tmp_path):
     assert sampled["fvd"]["n_fake"] == 6 and sampled["fvd"]["fvd"] > 0
 
 
+def test_eval_gen_fvd_longer_than_the_clips_is_one_line_before_any_folder(files, run_dir, tmp_path):
+    argv = ["eval", "gen", "--checkpoint", str(run_dir), "--reference", str(files / "videos"), "--i3d",
+            str(files / "i3d_torchscript.pt"), "--output", str(tmp_path / "g"), "--device", "cpu"]
+    with pytest.raises(UserError, match="--fvd-frames 16: the clips have 8 frames"), \
+            pytest.warns(UserWarning, match="RANDOM"):  # was: a traceback after sampling, and an empty --output
+        ldm(argv)
+    assert not (tmp_path / "g").exists()
+
+
 def test_fd_of_an_unconditional_dit(files, run_dir, tmp_path):
     model, context = dit.load_export(run_dir)
     plain = dataclasses.replace(model.config, num_classes=0, text_dim=0)  # trained on unlabelled videos

@@ -439,7 +439,15 @@ def _other_verbs(run, tmp):
         (_recon(run, tmp / "r.json", "--input", str(tmp / "none")), "--input", tmp / "r.json"),
         (_recon(run, tmp / "r.json", "--i3d", str(tmp / "none.pt")), "--i3d", tmp / "r.json"),
         (_recon(run, tmp / "r.json", "--input", str(tmp / "fake.mp4")), "none of the 1 videos", tmp / "r.json"),
-        (_recon(run, tmp / "r.json", "--i3d", str(tmp / "fake.mp4")), "not a TorchScript archive", tmp / "r.json"),
+        (_recon(run, tmp / "r.json", "--i3d", str(tmp / "fake.mp4"), "--fvd-frames", "8"), "not a TorchScript archive",
+         tmp / "r.json"),
+        # clips shorter than FVD's frames or the SSIM groups (were: tracebacks after the whole evaluation)
+        (_recon(run, tmp / "r.json", "--i3d", str(tmp / "fake.mp4")), "--fvd-frames 16: the clips have 8 frames",
+         tmp / "r.json"),
+        (_recon(run, tmp / "r.json", "--frame-group", "4", "--group-start", "8"), "--group-start 8", tmp / "r.json"),
+        (_recon(run, tmp / "r.json", "--frame-group", "8", "--group-start", "1"), "--frame-group 7 or fewer",
+         tmp / "r.json"),  # was: exit 0 with null positions
+        (cmp + ["--i3d", str(tmp / "fake.mp4")], "--fvd-frames 16: the clips have 9 frames", tmp / "c"),
         (cmp[:3] + ["--input", str(tmp / "empty")] + cmp[5:], "no videos", tmp / "c"),
         (gen, "choose at least one of --attributes", tmp / "g"),
         (gen + ["--attributes", "--per-prompt", "0"], "--per-prompt must be >= 1", tmp / "g"),
