@@ -60,7 +60,7 @@ from torch import Tensor
 
 from autoencoders import Autoencoder, resolve, resolve_record
 from autoencoders.tiling import configure_inference
-from data.sources import VideoClipDataset, list_items
+from data.sources import ItemList, VideoClipDataset, list_items
 from data.video import VideoError, probe, read_video, upright_size, write_video
 from dit import Export, load_export, load_text_encoder
 from launch import dist
@@ -111,7 +111,12 @@ def check_clip_frames(frames: int, fvd_frames: int | None = None, frame_group: i
 
 def _clips(input: str, frames: int, height: int, width: int, fps: float | None, num: int | None
            ) -> tuple[Iterable[dict[str, Any]], list[str], int]:
-    items = list_items(input)
+    """The clips of ``input``; a GIF beside a video of the same name (``ldm sample`` writes
+    ``NNNN.mp4`` + ``NNNN.gif``) is the same clip and is read once, from the video."""
+    listed = list_items(input)
+    videos = {it.path.with_suffix("") for it in listed if it.path is not None and it.path.suffix.lower() != ".gif"}
+    items = ItemList([it for it in listed if it.path is None or it.path.suffix.lower() != ".gif"
+                      or it.path.with_suffix("") not in videos], listed.problems)
     if num:
         items = items[:num]
     if not items:

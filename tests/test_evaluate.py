@@ -13,6 +13,7 @@ from torch import Tensor, nn
 import autoencoders
 import dit
 from data.synth import render_clip, synth_dataset
+from data.video import write_video
 from launch import evaluate as ev
 from launch.cli import main as ldm
 from ldm import config as cfglib
@@ -293,6 +294,21 @@ def test_fvd_fid_of_generated_folders(files, run_dir, tmp_path):
     sampled = ev.generation_fd(model, ae, context, str(files / "videos"), sampling=SamplingConfig(steps=2),
                                **kw)  # from the captions
     assert sampled["fvd"]["n_fake"] == 6 and sampled["fvd"]["fvd"] > 0
+
+
+def test_fd_reads_a_sample_folder_s_gif_twins_once(files, run_dir, tmp_path):
+    model, ae, context = _load(run_dir)
+    samples = tmp_path / "samples"  # as `ldm sample` writes them: NNNN.mp4 + NNNN.gif
+    samples.mkdir()
+    for i, video in enumerate(sorted((files / "videos").rglob("*.mp4"))):
+        clip = ev.read_native(video)
+        write_video(samples / f"{i:04d}.mp4", clip, 8)
+        write_video(samples / f"{i:04d}.gif", clip, 8)
+    i3d = metrics.load_i3d(files / "i3d_torchscript.pt")
+    kw = dict(frames=8, height=32, width=32, i3d=i3d, inception=None, fvd_frames=8, samples=str(samples))
+    out = ev.generation_fd(model, ae, context, str(files / "videos"), num=None, **kw)["fvd"]
+    assert out["n_fake"] == 6 and abs(out["fvd"]) < 1e-2  # were 12 (each clip twice)
+    assert ev.generation_fd(model, ae, context, str(files / "videos"), num=3, **kw)["fvd"]["n_fake"] == 3
 
 
 def test_eval_gen_fvd_longer_than_the_clips_is_one_line_before_any_folder(files, run_dir, tmp_path):
