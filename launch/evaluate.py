@@ -392,8 +392,12 @@ def read_vbench_results(path: Path) -> dict[str, float]:
         if not found:
             raise FileNotFoundError(f"no *_eval_results.json in {path}")
         path = found[-1]
-    data = json.loads(path.read_text())
-    return {k: float(v[0] if isinstance(v, list) else v) for k, v in data.items()}
+    try:
+        data = json.loads(path.read_text())
+        return {k: float(v[0] if isinstance(v, list) else v) for k, v in data.items()}
+    except (ValueError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{path} is not a VBench *_eval_results.json ({{dimension: [score, per-video rows]}}): "
+                         f"{e}") from None
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
@@ -681,7 +685,7 @@ def check_args(args: argparse.Namespace) -> None:
                                 f"out of {out} first, or give a new --output")
         check_export(args.checkpoint)
         for flag, path in {"--reference": args.reference, "--samples": args.samples,
-                           "--ae-checkpoint": args.ae_checkpoint}.items():
+                           "--ae-checkpoint": args.ae_checkpoint, "--vbench-results": args.vbench_results}.items():
             if path is not None and not Path(path).exists():
                 raise MissingInput(f"{flag} {path}: not found")
         if not (args.attributes or args.reference or args.vbench):
@@ -780,6 +784,11 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     with checking():
         info = vbench_info_path(args.vbench_info) if args.vbench else None
         dtype = compute_dtype(args.dtype, device)
+        if args.vbench:  # read now: --overwrite clears the earlier results before the work
+            vbench_prompts(info, args.vbench_dimensions)
+    if args.vbench and args.vbench_results:
+        with checking("--vbench-results"):
+            vbench_aggregate(read_vbench_results(Path(args.vbench_results)))
     model, export = load_export(args.checkpoint, device)
     model = model.to(dtype)
     with checking():

@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -444,3 +445,27 @@ def test_vbench_info_is_found_or_named(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "vbench", raising=False)
     with pytest.raises(FileNotFoundError, match="vbench is not installed here"):
         ev.vbench_info_path(None)
+
+
+def test_vbench_inputs_are_checked_before_overwrite_clears_the_earlier_result(run_dir, tmp_path):
+    info = tmp_path / "VBench_full_info.json"
+    info.write_text(json.dumps([{"prompt_en": "a red circle moving left", "dimension": ["color"]}]))
+    bad = {"empty": None, "unknown": '{"foo": [0.5, []]}', "garbled": "not json"}
+    for name, text in bad.items():
+        (tmp_path / name).mkdir()
+        if text is not None:
+            (tmp_path / name / "x_eval_results.json").write_text(text)
+    args = ["eval", "gen", "--checkpoint", str(run_dir), "--vbench", "--vbench-info", str(info), "--vbench-per-prompt",
+            "1", "--steps", "1", "--device", "cpu", "--output", str(tmp_path / "g")]
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ldm(args)
+    earlier = (tmp_path / "g" / "result.json").read_bytes()
+    for extra, match in [(["--vbench-results", str(tmp_path / "empty")], "no \\*_eval_results.json"),
+                         (["--vbench-results", str(tmp_path / "unknown")], "unknown VBench dimension"),
+                         (["--vbench-results", str(tmp_path / "garbled")], "is not a VBench \\*_eval_results.json"),
+                         (["--vbench-results", str(tmp_path / "none")], "--vbench-results .*not found"),
+                         (["--vbench-dimensions", "foo"], "unknown VBench dimension")]:
+        with warnings.catch_warnings(), pytest.raises(UserError, match=match):  # were tracebacks after the clearing
+            warnings.simplefilter("ignore")
+            ldm(args + ["--overwrite"] + extra)
+        assert (tmp_path / "g" / "result.json").read_bytes() == earlier, extra
