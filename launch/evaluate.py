@@ -688,6 +688,10 @@ def check_args(args: argparse.Namespace) -> None:
                            "--ae-checkpoint": args.ae_checkpoint, "--vbench-results": args.vbench_results}.items():
             if path is not None and not Path(path).exists():
                 raise MissingInput(f"{flag} {path}: not found")
+        for flag, path in {"--reference": args.reference, "--samples": args.samples}.items():
+            if path is not None:  # videos there, before --overwrite clears anything
+                with checking(flag):
+                    list_items(path)
         if not (args.attributes or args.reference or args.vbench):
             raise UserError("choose at least one of --attributes, --reference (FVD / FID), --vbench")
         if args.reference and not (args.i3d or args.inception):

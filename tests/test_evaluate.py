@@ -447,7 +447,7 @@ def test_vbench_info_is_found_or_named(tmp_path, monkeypatch):
         ev.vbench_info_path(None)
 
 
-def test_vbench_inputs_are_checked_before_overwrite_clears_the_earlier_result(run_dir, tmp_path):
+def test_inputs_are_checked_before_overwrite_clears_the_earlier_result(files, run_dir, tmp_path):
     info = tmp_path / "VBench_full_info.json"
     info.write_text(json.dumps([{"prompt_en": "a red circle moving left", "dimension": ["color"]}]))
     bad = {"empty": None, "unknown": '{"foo": [0.5, []]}', "garbled": "not json"}
@@ -464,7 +464,11 @@ def test_vbench_inputs_are_checked_before_overwrite_clears_the_earlier_result(ru
                          (["--vbench-results", str(tmp_path / "unknown")], "unknown VBench dimension"),
                          (["--vbench-results", str(tmp_path / "garbled")], "is not a VBench \\*_eval_results.json"),
                          (["--vbench-results", str(tmp_path / "none")], "--vbench-results .*not found"),
-                         (["--vbench-dimensions", "foo"], "unknown VBench dimension")]:
+                         (["--vbench-dimensions", "foo"], "unknown VBench dimension"),
+                         (["--reference", str(tmp_path / "empty"), "--i3d", str(files / "i3d_torchscript.pt"),
+                           "--fvd-frames", "8"], "no videos"),
+                         (["--reference", str(files / "videos"), "--samples", str(tmp_path / "empty"), "--i3d",
+                           str(files / "i3d_torchscript.pt"), "--fvd-frames", "8"], "no videos")]:
         with warnings.catch_warnings(), pytest.raises(UserError, match=match):  # were tracebacks after the clearing
             warnings.simplefilter("ignore")
             ldm(args + ["--overwrite"] + extra)
