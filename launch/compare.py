@@ -123,8 +123,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Bin
         if path is not None and not Path(path).exists():
             raise MissingInput(f"{flag} {path}: not found")
     ev.check_clip_frames(args.frames, args.fvd_frames if args.i3d else None)
-    if bool(args.lpips_backbone) != bool(args.lpips_heads):
-        raise UserError("LPIPS needs both --lpips-backbone and --lpips-heads")
+    ev.check_lpips_files(args.lpips_backbone, args.lpips_heads)
     from data.sources import list_items
     inputs = {}
     for flag, folder in {"--input": args.input, "--eval-input": args.eval_input}.items():

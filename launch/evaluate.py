@@ -109,6 +109,12 @@ def check_clip_frames(frames: int, fvd_frames: int | None = None, frame_group: i
                         f"--group-start {group_start}; give --frame-group {frames - group_start} or fewer")
 
 
+def check_lpips_files(backbone: str | None, heads: str | None) -> None:
+    """LPIPS takes both files or neither (`UserError` otherwise)."""
+    if bool(backbone) != bool(heads):
+        raise UserError("LPIPS needs both --lpips-backbone and --lpips-heads")
+
+
 def _clips(input: str, frames: int, height: int, width: int, fps: float | None, num: int | None
            ) -> tuple[Iterable[dict[str, Any]], list[str], int]:
     """The clips of ``input``; a GIF beside a video of the same name (``ldm sample`` writes
@@ -669,6 +675,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise MissingInput(f"{flag} {path}: " + ("a folder; give the file itself" if Path(path).is_dir() else
                                                      "file not found"))
     if not gen:
+        check_lpips_files(args.lpips_backbone, args.lpips_heads)
         check_clip_frames(args.frames, args.fvd_frames if args.i3d else None, args.frame_group, args.group_start)
     out = Path(args.output)
     if gen:
@@ -741,8 +748,6 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     lpips = None
     if args.lpips_backbone or args.lpips_heads:
-        if not (args.lpips_backbone and args.lpips_heads):
-            raise ValueError("LPIPS needs both --lpips-backbone and --lpips-heads")
         lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
     with checking("--i3d"):
         i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None  # fail early, before encoding

@@ -444,6 +444,8 @@ def _other_verbs(run, tmp):
         # clips shorter than FVD's frames or the SSIM groups (were: tracebacks after the whole evaluation)
         (_recon(run, tmp / "r.json", "--i3d", str(tmp / "fake.mp4")), "--fvd-frames 16: the clips have 8 frames",
          tmp / "r.json"),
+        (_recon(run, tmp / "r.json", "--lpips-heads", str(tmp / "fake.mp4")), "LPIPS needs both --lpips-backbone and",
+         tmp / "r.json"),  # was: a traceback
         (_recon(run, tmp / "r.json", "--frame-group", "4", "--group-start", "8"), "--group-start 8", tmp / "r.json"),
         (_recon(run, tmp / "r.json", "--frame-group", "8", "--group-start", "1"), "--frame-group 7 or fewer",
          tmp / "r.json"),  # was: exit 0 with null positions
