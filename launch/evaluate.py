@@ -530,12 +530,17 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
         n += len(batch)
     if samples is not None:
         gen, gen_skipped, _ = _clips(samples, frames, height, width, fps, num)
-        skipped += gen_skipped
         for batch in _batches(gen, batch_size):
             fake = torch.stack([x["video"] for x in batch])
             for acc in accs.values():
                 acc.update("fake", fake)
-    out = {name: acc.result(name) for name, acc in accs.items()}
+        skipped += gen_skipped  # filled while reading
+    out: dict[str, Any] = {}
+    for name, acc in accs.items():  # as rFVD: too few readable clips is an entry, not a lost evaluation
+        n_real, n_fake = acc.stats["real"].n, acc.stats["fake"].n
+        out[name] = acc.result(name) if min(n_real, n_fake) >= 2 else {
+            "error": f"{name.upper()} needs >= 2 {'clips' if name == 'fvd' else 'frames'} on each side, got "
+                     f"{n_real} reference and {n_fake} generated (see skipped)"}
     out["reference"], out["read_fps"] = reference, fps
     out["generated"] = samples or "sampled now: one per reference clip (its caption / class id)"
     out["skipped"] = skipped

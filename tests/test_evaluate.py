@@ -312,6 +312,20 @@ def test_fd_reads_a_sample_folder_s_gif_twins_once(files, run_dir, tmp_path):
     assert ev.generation_fd(model, ae, context, str(files / "videos"), num=3, **kw)["fvd"]["n_fake"] == 3
 
 
+def test_fd_with_too_few_readable_clips_is_an_entry_naming_the_skipped(files, run_dir, tmp_path):
+    model, ae, context = _load(run_dir)
+    short = tmp_path / "short"  # generated at 4 frames, evaluated at 8: every sample is skipped
+    short.mkdir()
+    for i, video in enumerate(sorted((files / "videos").rglob("*.mp4"))[:3]):
+        write_video(short / f"{i:04d}.mp4", ev.read_native(video)[:, :4], 8)
+    i3d, inc = metrics.load_i3d(files / "i3d_torchscript.pt"), metrics.load_inception(files / "inception-2015-12-05.pt")
+    out = ev.generation_fd(model, ae, context, str(files / "videos"), frames=8, height=32, width=32, num=None, i3d=i3d,
+                           inception=inc, fvd_frames=8, samples=str(short))  # was: a covariance ValueError
+    assert out["fvd"] == {"error": "FVD needs >= 2 clips on each side, got 6 reference and 0 generated (see skipped)"}
+    assert "FID needs >= 2 frames" in out["fid"]["error"]
+    assert len(out["skipped"]) == 3 and "too short" in out["skipped"][0]  # were lost: []
+
+
 def test_eval_gen_fvd_longer_than_the_clips_is_one_line_before_any_folder(files, run_dir, tmp_path):
     argv = ["eval", "gen", "--checkpoint", str(run_dir), "--reference", str(files / "videos"), "--i3d",
             str(files / "i3d_torchscript.pt"), "--output", str(tmp_path / "g"), "--device", "cpu"]
