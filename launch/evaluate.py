@@ -419,6 +419,12 @@ def weights_sha256(module: torch.nn.Module) -> str:
 VBENCH_RECORD = "vbench_videos.json"  # beside vbench_videos/: what made the videos in it
 
 
+def check_vbench_dit(model, export: Export) -> None:
+    """VBench's prompts are text: the DiT must read it (ValueError otherwise)."""
+    if not (model.config.text_dim and export.text_encoder):
+        raise ValueError("VBench prompts need a text-conditioned DiT; this one has no text conditioning")
+
+
 def vbench_bridge(model, ae: Autoencoder, export: Export, out: Path, *, info: Path,
                   dimensions: Sequence[str] | None, per_prompt: int = 5, frames: int, height: int, width: int,
                   sampling: SamplingConfig = SamplingConfig(), batch_size: int = 8, fps: float = 8.0,
@@ -429,8 +435,7 @@ def vbench_bridge(model, ae: Autoencoder, export: Export, out: Path, *, info: Pa
     environment (or read its results), aggregate. Videos already in ``out/vbench_videos`` are
     reused when ``vbench_videos.json`` shows the same DiT and autoencoder weights, clip size, fps
     and sampling settings; videos made otherwise are removed with ``replace``, else refused."""
-    if not (model.config.text_dim and export.text_encoder):
-        raise ValueError("VBench prompts need a text-conditioned DiT")
+    check_vbench_dit(model, export)
     entries = vbench_prompts(info, dimensions)[:max_prompts] if max_prompts else vbench_prompts(info, dimensions)
     dims = list(dimensions) if dimensions else sorted({d for e in entries for d in e["dimension"]})
     videos_dir, record_path = out / "vbench_videos", out / VBENCH_RECORD
@@ -818,6 +823,9 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             check_suite_classes(model, attribute_suite(args.shapes, args.colors, args.directions, args.holdout))
         if args.reference and args.samples is None and (model.config.text_dim or model.config.num_classes):
             _conditioning(model, export, None)
+    if args.vbench:
+        with checking("--vbench"):
+            check_vbench_dit(model, export)
     sampling = sampling_from_args(args, export)
     fps = playback_fps(export.video, args.fps)  # of the written videos
     out = Path(args.output)

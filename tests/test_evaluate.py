@@ -346,6 +346,13 @@ def test_fd_of_an_unconditional_dit(files, run_dir, tmp_path):
              "--output", str(tmp_path / "g"), "--device", "cpu"])
     fd = json.loads((tmp_path / "g" / "result.json").read_text())["fd"]
     assert fd["fvd"]["n_fake"] == 6 and fd["fvd"]["fvd"] > 0
+    info = tmp_path / "VBench_full_info.json"
+    info.write_text(json.dumps([{"prompt_en": "a red circle moving left", "dimension": ["color"]}]))
+    with pytest.raises(UserError, match="--vbench: VBench prompts need a text-conditioned DiT"), \
+            pytest.warns(UserWarning, match="RANDOM"):  # was: a traceback, and an empty --output folder
+        ldm(["eval", "gen", "--checkpoint", str(tmp_path), "--vbench", "--vbench-info", str(info), "--output",
+             str(tmp_path / "v"), "--device", "cpu"])
+    assert not (tmp_path / "v").exists()
 
 
 def test_fd_reads_clips_at_the_training_rate(files, run_dir, monkeypatch):
