@@ -821,8 +821,11 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         configure_inference(ae, args.tile, args.chunk_frames)
         if args.attributes and _conditioning(model, export, True if args.use_class else None)[1]:
             check_suite_classes(model, attribute_suite(args.shapes, args.colors, args.directions, args.holdout))
-        if args.reference and args.samples is None and (model.config.text_dim or model.config.num_classes):
-            _conditioning(model, export, None)
+        if args.reference and args.samples is None and (model.config.text_dim or model.config.num_classes) and \
+                _conditioning(model, export, None)[1] and \
+                any(it.class_id is None for it in list_items(args.reference)[:args.num]):
+            raise UserError(f"--reference {args.reference}: a clip has no class id and this DiT is class-conditioned "
+                            "only; give clips with class ids (an `ldm data synth` folder) or --samples")
     if args.vbench:
         with checking("--vbench"):
             check_vbench_dit(model, export)

@@ -335,6 +335,22 @@ def test_eval_gen_fvd_longer_than_the_clips_is_one_line_before_any_folder(files,
     assert not (tmp_path / "g").exists()
 
 
+def test_fd_of_a_class_only_dit_needs_class_ids_in_the_reference(files, run_dir, tmp_path):
+    model, context = dit.load_export(run_dir)
+    cls_only = dataclasses.replace(model.config, text_dim=0)
+    dit.save_export(tmp_path / "export", dit.VideoDiT(cls_only).state_dict(), cls_only,
+                    dataclasses.replace(context, text_encoder=None, text_dim=None))
+    plain = tmp_path / "plain"  # videos without metadata: no class ids
+    plain.mkdir()
+    for video in sorted((files / "videos").rglob("*.mp4"))[:2]:
+        (plain / video.name).write_bytes(video.read_bytes())
+    with pytest.raises(UserError, match="a clip has no class id and this DiT is class-conditioned only"), \
+            pytest.warns(UserWarning, match="RANDOM"):  # was: a traceback after the output folder was made
+        ldm(["eval", "gen", "--checkpoint", str(tmp_path), "--reference", str(plain), "--i3d",
+             str(files / "i3d_torchscript.pt"), "--fvd-frames", "8", "--output", str(tmp_path / "g"), "--device", "cpu"])
+    assert not (tmp_path / "g").exists()
+
+
 def test_fd_of_an_unconditional_dit(files, run_dir, tmp_path):
     model, context = dit.load_export(run_dir)
     plain = dataclasses.replace(model.config, num_classes=0, text_dim=0)  # trained on unlabelled videos
