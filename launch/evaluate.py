@@ -713,6 +713,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError("choose at least one of --attributes, --reference (FVD / FID), --vbench")
         if args.reference and not (args.i3d or args.inception):
             raise UserError("--reference needs --i3d (FVD) and/or --inception (FID)")
+        for flag, value, needs in [("--samples", args.samples, args.reference), ("--i3d", args.i3d, args.reference),
+                                   ("--inception", args.inception, args.reference),
+                                   ("--vbench-results", args.vbench_results, args.vbench)]:
+            if value is not None and not needs:  # was: ignored without a word
+                raise UserError(f"{flag} is used only with {'--vbench' if flag == '--vbench-results' else '--reference'}"
+                                "; add it, or leave the flag out")
         if args.attributes:
             with checking():
                 attribute_suite(args.shapes, args.colors, args.directions, args.holdout)

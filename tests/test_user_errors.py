@@ -455,6 +455,10 @@ def _other_verbs(run, tmp):
         (gen + ["--attributes", "--per-prompt", "0"], "--per-prompt must be >= 1", tmp / "g"),
         (gen + ["--attributes", "--shapes", "hexagon"], "hexagon", tmp / "g"),
         (gen + ["--reference", str(run / "videos")], "--reference needs --i3d", tmp / "g"),
+        (gen + ["--attributes", "--samples", str(run / "videos")], "--samples is used only with --reference",
+         tmp / "g"),  # was: ignored, the benchmark sampled its own videos
+        (gen + ["--attributes", "--vbench-results", str(run / "videos")], "--vbench-results is used only with --vbench",
+         tmp / "g"),
         (["eval", "gen", "--checkpoint", str(run / "lat"), "--attributes", "--output", str(tmp / "g")], "--checkpoint",
          tmp / "g"),
         (cost + ["--autoencoders", "nope"], "unknown autoencoder 'nope'", None),
