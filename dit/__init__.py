@@ -6,5 +6,5 @@ from dit.registry import REGISTRY, build, describe, load_pretrained, make_config
 from dit.tokens import PartSpec, Tokens, detokenize, packing, part_specs, tokenize
 
 __all__ = ["VideoDiT", "DiTConfig", "REGISTRY", "build", "make_config", "describe", "save_pretrained",
-           "load_pretrained", "Export", "load_export", "load_text_encoder", "save_export", "PartSpec", "Tokens", "part_specs", "tokenize",
-           "detokenize", "packing"]
+           "load_pretrained", "Export", "load_export", "load_text_encoder", "save_export", "PartSpec", "Tokens",
+           "part_specs", "tokenize", "detokenize", "packing"]

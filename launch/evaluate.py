@@ -717,8 +717,8 @@ def check_args(args: argparse.Namespace) -> None:
                                    ("--inception", args.inception, args.reference),
                                    ("--vbench-results", args.vbench_results, args.vbench)]:
             if value is not None and not needs:  # was: ignored without a word
-                raise UserError(f"{flag} is used only with {'--vbench' if flag == '--vbench-results' else '--reference'}"
-                                "; add it, or leave the flag out")
+                needed = "--vbench" if flag == "--vbench-results" else "--reference"
+                raise UserError(f"{flag} is used only with {needed}; add it, or leave the flag out")
         if args.attributes:
             with checking():
                 attribute_suite(args.shapes, args.colors, args.directions, args.holdout)

@@ -422,7 +422,8 @@ def run(args: argparse.Namespace) -> int:
         spec = ae.latent_spec(frames, height, width)
     with checking():
         check_request(model, ae, spec, args.latent_frames, image=bool(args.image))
-    text_encoder = sampling_text_encoder(model, ae, export, bool(prompts), device)
+    with checking():
+        text_encoder = sampling_text_encoder(model, ae, export, bool(prompts), device)
     if ae.text_dim and not prompts:
         print(f"{export.autoencoder.name} is text-guided: it decodes these samples with the empty caption")
     items = ([(p, None) for p in prompts] if prompts else [(None, c) for c in class_ids] if class_ids else

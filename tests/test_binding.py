@@ -107,7 +107,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused(base, tmp_path, capsys):
     ``step-N.kept-1`` and one died with a FileNotFoundError traceback). The lock goes with its
     process, so a killed run never leaves the folder locked."""
     import fcntl
-    for argv, out in ((_train(base, tmp_path / "dit"), tmp_path / "dit"), (_train_ae(base, tmp_path / "ae"), tmp_path / "ae")):
+    runs_of = [(_train(base, tmp_path / "dit"), tmp_path / "dit"), (_train_ae(base, tmp_path / "ae"), tmp_path / "ae")]
+    for argv, out in runs_of:
         out.mkdir()
         with open(out / runs.LOCK, "a+") as other:  # another process's lock (a lock of its own file description)
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -202,7 +202,8 @@ def test_cost_rows_at_the_nearest_length_or_report_sizes_an_autoencoder_cannot_t
     assert rows[0]["dit_forward_flops"] > 0 and "error" not in rows[0] and "frames_note" not in rows[0]
     # causal3d takes 1 + 4k frames: costed at 17, the nearest (13 is 3 away), and marked
     causal = rows[1]
-    assert causal["input"] == [17, 64, 64] and causal["frames_note"].startswith("17f: ") and "1 + 4k" in causal["frames_note"]
+    assert causal["input"] == [17, 64, 64]
+    assert causal["frames_note"].startswith("17f: ") and "1 + 4k" in causal["frames_note"]
     assert causal == cost_table(["causal3d-f4x8c4-debug"], 17, 64, 64, "dit-debug")[0] | {
         "frames_note": causal["frames_note"]}
     text = format_table(rows)

@@ -444,7 +444,8 @@ def test_dit_sampling_path_decodes_with_the_prompt(text_encoder):
             assert torch.equal(generate(classes, ae, {}, text_encoder=text_encoder, **how, **kw),
                                ae.decode(latent, cond).clamp(-1, 1))
     _, cond = sample_latents(classes, ae, {}, class_ids=[1], prompts=["a red circle"], text_encoder=text_encoder, **kw)
-    assert torch.equal(cond.text, _cond(text_encoder, ["a red circle"]).text)  # the class DiT ignores it, the decoder not
+    # the class DiT ignores the prompt, the decoder reads it
+    assert torch.equal(cond.text, _cond(text_encoder, ["a red circle"]).text)
 
 
 @pytest.mark.dist

@@ -347,7 +347,8 @@ def test_fd_of_a_class_only_dit_needs_class_ids_in_the_reference(files, run_dir,
     with pytest.raises(UserError, match="a clip has no class id and this DiT is class-conditioned only"), \
             pytest.warns(UserWarning, match="RANDOM"):  # was: a traceback after the output folder was made
         ldm(["eval", "gen", "--checkpoint", str(tmp_path), "--reference", str(plain), "--i3d",
-             str(files / "i3d_torchscript.pt"), "--fvd-frames", "8", "--output", str(tmp_path / "g"), "--device", "cpu"])
+             str(files / "i3d_torchscript.pt"), "--fvd-frames", "8", "--output", str(tmp_path / "g"),
+             "--device", "cpu"])
     assert not (tmp_path / "g").exists()
 
 

@@ -1,4 +1,5 @@
-"""The README is the user's manual: the commands it shows parse, and every flag it names exists. (Its prose is read by people; these checks keep the two from drifting apart.)"""
+"""The README is the user's manual: the commands it shows parse, and every flag it names exists.
+(Its prose is read by people; these checks keep the two from drifting apart.)"""
 import argparse
 import re
 import shlex

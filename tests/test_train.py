@@ -259,7 +259,8 @@ def test_checkpoints_of_earlier_versions_resume_and_all_rejected_stops(latents, 
     assert len(train(_cfg(latents, tmp_path / "old", steps=3, save_every=3), allow_change=("steps",))["losses"]) == 1  # resumed at 2
     train(_cfg(latents, tmp_path / "bad", steps=2, save_every=2))
     (tmp_path / "bad" / "checkpoints" / "step-00000002" / "ema.safetensors").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="no usable checkpoint"):  # not a silent start from step 0; one line, no traceback
+    # not a silent start from step 0; one line, no traceback
+    with pytest.raises(UserError, match="no usable checkpoint"):
         train(_cfg(latents, tmp_path / "bad", steps=3, save_every=3), allow_change=("steps",))
 
 

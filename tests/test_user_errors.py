@@ -206,8 +206,9 @@ def test_train_errors_are_one_line_before_any_folder(run, tmp_path, capsys, over
 def test_srun_without_a_master_address_is_one_line(run, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE",
                                                                    "LOCAL_RANK", "TORCHELASTIC"))}
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", *_train(run, tmp_path / "r")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**env, "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", *_train(run, tmp_path / "r")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**env, "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
     lines = [line for line in proc.stderr.splitlines() if line.startswith(("ldm", "Traceback"))]
     assert proc.returncode == 2 and lines == ["ldm train: error: SLURM launch without MASTER_ADDR: export MASTER_ADDR "
                                               "(the first node's address) and MASTER_PORT, or launch with torchrun"]
