@@ -28,11 +28,15 @@ an intended change (e.g. ``steps`` for a longer schedule); an allowed change is 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import logging
 import math
+import os
 import random
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +47,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
+from launch import dist
 from ldm.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256, read_json, save_tensors
 from ldm.errors import UserError
 
@@ -129,8 +134,6 @@ def write_failed(root: Path, step: int, error: Exception) -> OSError:
     """The error to raise when the checkpoint of ``step`` could not be written (disk full, quota,
     I/O error; torch and safetensors report these in their own exception types): its temporary
     folder is removed, the earlier checkpoints are untouched, and the message says so in one line."""
-    import errno
-
     shutil.rmtree(root / f".{step_dir_name(step)}.tmp", ignore_errors=True)
     free = shutil.disk_usage(root).free / 2**20 if root.is_dir() else float("nan")
     return OSError(getattr(error, "errno", None) or errno.EIO,
@@ -354,11 +357,6 @@ def claim_folder(folder: str | Path, new_folder: str = "--output NEW_FOLDER") ->
     on every rank (`UserError`) before it writes anything: two runs would interleave their steps,
     checkpoints and log. A file system without locks (some network mounts) gets a warning only.
     `release_folder` (or the end of the process) lets it go; claiming a folder twice is a no-op."""
-    import fcntl
-    import os
-    import socket
-
-    from launch import dist
     folder = Path(folder)
     error = None
     if dist.is_main() and folder.resolve() not in _HELD:
