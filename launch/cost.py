@@ -258,16 +258,13 @@ def cost_table(names: list[str], frames: int, height: int, width: int, dit_name:
         row: dict[str, Any] = {k: None for k in KEYS}
         row["autoencoder"] = name
         try:
-            used, spec = nearest(frames, lambda n: latent_spec(name, n, height, width))
+            used, spec, why = nearest(frames, lambda n: latent_spec(name, n, height, width))
         except (ValueError, KeyError) as e:
             row["error"] = f"{type(e).__name__}: {e}"
             rows.append(row)
             continue
-        if used != frames:  # costed at the nearest clip length it takes, as `ldm list` does
-            try:
-                latent_spec(name, frames, height, width)
-            except ValueError as e:
-                row["frames_note"] = f"{used}f: {e}"
+        if why is not None:  # costed at the nearest clip length it takes, as `ldm list` does
+            row["frames_note"] = f"{used}f: {why}"
         dcfg = dit.make_config(dit_name, spec, **overrides)
         d = spec.to_dict(dcfg.patch)
         row.update(latent_shape=d["latent_shape"], latent_elements=d["latent_elements"],

@@ -22,20 +22,20 @@ NEAREST_FRAMES = 8  # how far from --frames a row looks for a clip length its au
 T = TypeVar("T")
 
 
-def nearest(frames: int, attempt: Callable[[int], T]) -> tuple[int, T]:
-    """``(frames, attempt(frames))`` or, when that raises ``ValueError`` (a clip length the
-    autoencoder does not take: cmvae wants multiples of 4, causal models 1 + 4k), ``(n, attempt(n))``
-    at the nearest count n within ``NEAREST_FRAMES`` that it takes (the shorter one on a tie).
-    Raises the error at ``frames`` when none is near."""
+def nearest(frames: int, attempt: Callable[[int], T]) -> tuple[int, T, str | None]:
+    """``(frames, attempt(frames), None)`` or, when that raises ``ValueError`` (a clip length the
+    autoencoder does not take: cmvae wants multiples of 4, causal models 1 + 4k), ``(n, attempt(n),
+    why)`` at the nearest count n within ``NEAREST_FRAMES`` that it takes (the shorter one on a tie),
+    ``why`` being the error at ``frames``. Raises that error when none is near."""
     try:
-        return frames, attempt(frames)
+        return frames, attempt(frames), None
     except ValueError as at_frames:
         for step in range(1, NEAREST_FRAMES + 1):
             for n in (frames - step, frames + step):
                 if n < 1:
                     continue
                 try:
-                    return n, attempt(n)
+                    return n, attempt(n), str(at_frames)
                 except ValueError:
                     continue
         raise at_frames
@@ -44,21 +44,18 @@ def nearest(frames: int, attempt: Callable[[int], T]) -> tuple[int, T]:
 def describe_near(name: str, frames: int, height: int, width: int) -> dict:
     """``autoencoders.describe`` at the reference size or at the `nearest` frame count the
     autoencoder takes, with ``frames_note`` saying why; the error stays when none is near."""
-    d = autoencoders.describe(name, frames, height, width)
-    if "error" not in d:
-        return d
 
     def taken(n: int) -> dict:
-        near = autoencoders.describe(name, n, height, width)
-        if "error" in near:
-            raise ValueError(near["error"])
-        return near
+        d = autoencoders.describe(name, n, height, width)
+        if "error" in d:
+            raise ValueError(d["error"])
+        return d
 
     try:
-        n, near = nearest(frames, taken)
+        n, d, why = nearest(frames, taken)
     except ValueError:
-        return d
-    return {**near, "frames_note": f"{n}f: {d['error']}"}
+        return autoencoders.describe(name, frames, height, width)  # with its error
+    return d if why is None else {**d, "frames_note": f"{n}f: {why}"}
 
 
 def run(args: argparse.Namespace) -> int:
