@@ -49,6 +49,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -61,11 +62,11 @@ from torch import Tensor
 from autoencoders import Autoencoder, resolve, resolve_record
 from autoencoders.tiling import configure_inference
 from data.sources import ItemList, VideoClipDataset, list_items
-from data.video import VideoError, probe, read_video, upright_size, write_video
+from data.video import VideoError, output_frames, probe, read_video, upright_size, write_video
 from dit import Export, load_export, load_text_encoder
 from launch import dist
 from launch.dist import compute_dtype
-from launch.reconstruct import default_size
+from launch.reconstruct import DEFAULT_FRAMES, default_frames, default_size
 from launch.sample import (add_sampling_arguments, check_export, generate, playback_fps, sampling_from_args,
                           sampling_text_encoder)
 from launch.train_ae import save_grid
@@ -588,7 +589,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--ae-path", help="local diffusers folder, with --autoencoder diffusers:<Class>")
     r.add_argument("--ae-subfolder")
     r.add_argument("--input", required=True, help="videos (folder, raw shards, as `ldm extract`)")
-    r.add_argument("--frames", type=int, default=17)
+    r.add_argument("--frames", type=int, help="frames per clip (default: as `ldm reconstruct`, the longest clip of "
+                   f"at most {DEFAULT_FRAMES} frames that the first video holds and the autoencoder takes)")
     r.add_argument("--height", type=int, help="(default: as `ldm reconstruct`, from the first video: its own size "
                    "when it fits in 256x256, rounded down to one the autoencoder takes; else 256)")
     r.add_argument("--width", type=int, help="(default: as --height)")
@@ -686,7 +688,8 @@ def check_args(args: argparse.Namespace) -> None:
                                                      "file not found"))
     if not gen:
         check_lpips_files(args.lpips_backbone, args.lpips_heads)
-        check_clip_frames(args.frames, args.fvd_frames if args.i3d else None, args.frame_group, args.group_start)
+        if args.frames is not None:  # else checked once the autoencoder chose its default
+            check_clip_frames(args.frames, args.fvd_frames if args.i3d else None, args.frame_group, args.group_start)
     out = Path(args.output)
     if gen:
         if out.is_file():
@@ -769,14 +772,26 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None  # fail early, before encoding
     with checking():
         ae, name, ckpt_hash = resolve(args.autoencoder, args.checkpoint or args.ae_path, subfolder=args.ae_subfolder)
-    if args.height is None or args.width is None:  # the size of the first video, as `ldm reconstruct`
+    if args.height is None or args.width is None or args.frames is None:  # from the first video, as `ldm reconstruct`
         first = list_items(args.input)[0]
+        missing = [f for f in ("frames", "height", "width") if getattr(args, f) is None]
         try:
-            shown = default_size(ae, *upright_size(first.readable()))
+            src = first.readable()
+            if args.height is None or args.width is None:
+                shown = default_size(ae, *upright_size(src))
+                args.height, args.width = args.height or shown[0], args.width or shown[1]
+            info = probe(src) if args.frames is None else None
         except VideoError as e:
-            raise UserError(f"--input {args.input}: {first.key}, whose size is the default, cannot be read ({e}); "
-                            "give --height and --width") from None
-        args.height, args.width = args.height or shown[0], args.width or shown[1]
+            raise UserError(f"--input {args.input}: {first.key}, which sets the defaults, cannot be read ({e}); give "
+                            + " and ".join(f"--{f}" for f in missing)) from None
+        if info is not None:  # the longest clip of at most 17 frames that it holds and the autoencoder takes
+            available = output_frames(info["frames"], info["fps"], args.fps)
+            with checking(f"--input {args.input}: {first.key} ({available} frames) at --height {args.height} "
+                          f"--width {args.width}"):
+                args.frames = default_frames(ae, available, args.height, args.width)
+            print(f"ldm eval recon: clips of {args.frames} frames, as {first.key} holds (--frames for another length)",
+                  file=sys.stderr)
+            check_clip_frames(args.frames, args.fvd_frames if args.i3d else None, args.frame_group, args.group_start)
     with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
         ae.check_input(args.frames, args.height, args.width)
     with checking():

@@ -163,10 +163,24 @@ def test_eval_recon_default_size_is_the_first_videos(files, tmp_path):
     assert (r["height"], r["width"], r["clips"]) == (32, 32, 2)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.mp4").write_bytes(b"not a video")
-    with pytest.raises(UserError, match="a, whose size is the default, cannot be read .*give --height and --width"), \
+    with pytest.raises(UserError, match="a, which sets the defaults, cannot be read .*give --frames and --height and "
+                                        "--width"), \
             pytest.warns(UserWarning, match="RANDOM"):
         ldm(["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(tmp_path / "bad"),
              "--output", str(tmp_path / "b.json"), "--device", "cpu"])
+
+
+def test_eval_recon_default_frames_are_reconstructs(files, tmp_path, capsys):
+    """Without --frames, as `ldm reconstruct`: the longest clip of at most 17 frames that the first
+    video holds and the autoencoder takes (was: always 17, so the 8-frame videos gave no clip, and
+    an autoencoder that takes no 17-frame clip, cmvae, failed)."""
+    for ae, frames in [("causal3d-f4x8c4-debug", 5), ("cmvae-z4-debug", 8), ("kl2d-f8c4-debug", 8)]:
+        with pytest.warns(UserWarning, match="RANDOM"):
+            ldm(["eval", "recon", "--autoencoder", ae, "--input", str(files / "videos"), "--num", "2",
+                 "--output", str(tmp_path / f"{ae}.json"), "--device", "cpu"])
+        r = json.loads((tmp_path / f"{ae}.json").read_text())
+        assert (r["frames"], r["clips"]) == (frames, 2), ae
+        assert f"clips of {frames} frames" in capsys.readouterr().err
 
 
 def test_recon_metrics_are_right_for_a_perfect_autoencoder(files):
