@@ -197,6 +197,16 @@ def all_gather_object(obj: T) -> list[T]:
     return out
 
 
+def gather_object(obj: T, dst: int = 0) -> list[T] | None:
+    """Every rank's ``obj`` in rank order on rank ``dst``, None on the others (a one-element list
+    for one process)."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if rank() == dst else None
+    torch_dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def broadcast_object(obj: T, src: int = 0) -> T:
     """``src``'s ``obj`` on every rank."""
     if not is_initialized():

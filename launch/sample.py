@@ -19,6 +19,11 @@ size, image, checkpoint). Nothing is ever overwritten: a non-empty ``--output`` 
 ``--fps``, by default the rate of the training clips (``training.json``: the extraction's ``--fps``
 or the videos' native rate).
 
+Under torchrun / srun each rank samples every ``world_size``-th batch and writes its videos; rank 0
+gathers the index entries after each round of batches and writes ``index.json`` and the grid. The
+noise of a batch depends only on its first video's number, so the folder is the same on any number
+of ranks at the same ``--batch-size``.
+
 Every argument is checked before a model is loaded or a file written (`UserError`, one line):
 empty prompts, class ids outside the DiT's classes, sizes the autoencoder cannot take, a folder
 that is not a DiT export.
@@ -368,7 +373,10 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     check_export(args.checkpoint)
     out = Path(args.output)
+    env = dist.init_distributed()  # under torchrun / srun each rank samples its share of the batches
     first, index = output_start(out, args.append)
+    dist.barrier()  # every rank has seen the folder as it was before any of them writes
+    main = env.rank == 0
     prompts = args.prompt
     if args.prompts_file:
         if not Path(args.prompts_file).is_file():
@@ -378,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--prompts-file {args.prompts_file} has no prompt (one per line)")
     class_ids = args.class_id
 
-    device = dist.device_for(dist.dist_env(), args.device)
+    device = dist.device_for(env, args.device)
     dtype = dist.compute_dtype(args.dtype, device)
     model, export = load_export(args.checkpoint, device)
     sampling = sampling_from_args(args, export)
@@ -424,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
         check_request(model, ae, spec, args.latent_frames, image=bool(args.image))
     with checking():
         text_encoder = sampling_text_encoder(model, ae, export, bool(prompts), device)
-    if ae.text_dim and not prompts:
+    if ae.text_dim and not prompts and main:
         print(f"{export.autoencoder.name} is text-guided: it decodes these samples with the empty caption")
     items = ([(p, None) for p in prompts] if prompts else [(None, c) for c in class_ids] if class_ids else
              [(None, None)] * args.unconditional)
@@ -434,21 +442,30 @@ def run(args: argparse.Namespace) -> int:
                 "shift": sampling.shift,
                 "sampler": sampling.sampler, "fps": fps, "height": height, "width": width, "image": args.image,
                 "checkpoint": str(Path(args.checkpoint).resolve())}
+    starts = list(range(0, len(items), args.batch_size))  # batch i: videos first + i, ..., seed + first + i
     videos, names = [], []
-    for i in range(0, len(items), args.batch_size):
-        chunk = items[i:i + args.batch_size]
-        seed = sampling.seed + first + i  # an appended run continues the seeds of the folder
-        batch = generate(model, ae, export.latent_norm, prompts=[c[0] for c in chunk] if prompts else None,
-                         class_ids=[c[1] for c in chunk] if class_ids else None, count=len(chunk), frames=frames,
-                         height=height, width=width, sampling=sampling, seed_offset=first + i,
-                         text_encoder=text_encoder, device=device, latent_frames=latent_frames, image=image)
-        batch_names = [f"{first + i + j:04d}" for j in range(len(chunk))]
-        paths = write_videos(batch, out, batch_names, fps)
-        index += [{"file": p.name, "prompt": it[0], "class_id": it[1], "seed": seed, "noise_row": row,
-                   "frames": v.shape[1], **settings} for row, (p, it, v) in enumerate(zip(paths, chunk, batch))]
-        atomic_write_json(out / "index.json", index)  # each batch is kept as soon as it is made
-        videos.extend(batch)
-        names += batch_names
+    for r in range(0, len(starts), env.world_size):  # a round: one batch per rank
+        made: tuple[list[dict[str, Any]], list[torch.Tensor]] = ([], [])
+        if r + env.rank < len(starts):
+            i = starts[r + env.rank]
+            chunk = items[i:i + args.batch_size]
+            batch = generate(model, ae, export.latent_norm, prompts=[c[0] for c in chunk] if prompts else None,
+                             class_ids=[c[1] for c in chunk] if class_ids else None, count=len(chunk), frames=frames,
+                             height=height, width=width, sampling=sampling, seed_offset=first + i,
+                             text_encoder=text_encoder, device=device, latent_frames=latent_frames, image=image,
+                             progress=main)
+            paths = write_videos(batch, out, [f"{first + i + j:04d}" for j in range(len(chunk))], fps)
+            made = ([{"file": p.name, "prompt": it[0], "class_id": it[1], "seed": sampling.seed + first + i,
+                      "noise_row": row, "frames": v.shape[1], **settings}
+                     for row, (p, it, v) in enumerate(zip(paths, chunk, batch))], list(batch))
+        for entries, batch in dist.gather_object(made) or []:  # on rank 0, in batch order
+            index += entries
+            videos += batch
+            names += [Path(e["file"]).stem for e in entries]
+        if main:
+            atomic_write_json(out / "index.json", index)  # each round is kept as soon as it is made
+    if not main:
+        return 0
     write_grid(videos, out / grid)
     what = f"{len(names)} videos ({names[0]}..{names[-1]})" if len(names) > 1 else f"1 video ({names[0]})"
     print(f"wrote {what} to {out} (index.json, {grid}) at {fps:g} fps")

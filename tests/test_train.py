@@ -302,6 +302,39 @@ def test_sample_cli_writes_videos(latents, tmp_path):
         assert first["frames"] == 4 and first["shift"] == 1.5
 
 
+@pytest.mark.dist
+def test_sample_on_two_ranks_splits_the_batches_and_writes_what_one_process_does(latents, tmp_path):
+    """`torchrun ... ldm sample`: each rank samples every other batch into the one folder; videos,
+    grid and index.json are byte-identical to one process's, --append included (was: every rank
+    sampled everything, and one died on the folder the other had filled)."""
+    train(_cfg(latents, tmp_path / "r", steps=1, save_every=1))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for out, nproc in [("one", 1), ("two", 2)]:
+        for extra in ([], ["--append", "--seed", "5"]):  # 3 batches (one rank idle in the last round), then 2
+            args = ["sample", "--checkpoint", str(tmp_path / "r"), "--class", "1", "--class", "2", "--class", "3",
+                    "--num-per-prompt", "2" if not extra else "1", "--batch-size", "2", "--steps", "2",
+                    "--output", str(tmp_path / out), *extra]
+            if nproc == 1:  # in this process, at the ranks' one thread (float sums depend on the thread count)
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    with pytest.warns(UserWarning, match="RANDOM"):
+                        ldm(args)
+                finally:
+                    torch.set_num_threads(threads)
+                continue
+            r = subprocess.run(torchrun(nproc, *args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-4000:]
+            assert r.stdout.count("wrote ") == 1, r.stdout  # rank 0 reports
+    one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == 2 * 9 + 3  # mp4 + gif each, 2 grids, index
+    for a, b in zip(one, two):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    index = json.loads((tmp_path / "two" / "index.json").read_text())
+    assert [x["class_id"] for x in index] == [1, 1, 2, 2, 3, 3, 1, 2, 3]
+    assert [x["seed"] for x in index] == [0, 0, 2, 2, 4, 4, 11, 11, 13]
+
+
 def test_unconditional_dit_samples(latents, tmp_path, capsys):
     """A DiT trained on neither captions nor class ids (unlabelled videos) samples with
     --unconditional; guidance does not apply (the same videos at any --guidance)."""
