@@ -2,7 +2,9 @@
 
 Works the same under ``torchrun`` / the DeepSpeed launcher (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``) and under ``srun`` without torchrun (``SLURM_PROCID``, ``SLURM_NTASKS``,
-``SLURM_LOCALID``). A plain ``python`` run is rank 0 of 1 and every helper is a cheap no-op.
+``SLURM_LOCALID`` of a job step, which ``srun`` marks with ``SLURM_STEP_ID``). A plain ``python``
+run is rank 0 of 1 and every helper is a cheap no-op, also in an ``sbatch`` script or an
+``salloc`` shell, whose ``SLURM_NTASKS`` is the allocation's, not this process's.
 """
 from __future__ import annotations
 
@@ -36,12 +38,14 @@ def _env_int(name: str) -> int:
 
 
 def dist_env() -> DistEnv:
-    """Rank layout from the launcher's environment variables (torchrun first, then SLURM)."""
+    """Rank layout from the launcher's environment variables (torchrun first, then an srun step:
+    an sbatch script or salloc shell also holds ``SLURM_PROCID=0`` and the allocation's
+    ``SLURM_NTASKS``, but no ``SLURM_STEP_ID``, and runs as one process)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
         local = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
         source = "torchrun"
-    elif "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+    elif "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and "SLURM_STEP_ID" in os.environ:
         rank, world = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
         local = _env_int("SLURM_LOCALID") if "SLURM_LOCALID" in os.environ else 0
         source = "slurm"

@@ -391,7 +391,8 @@ def test_deepspeed_accelerate_and_srun_launchers_match_torchrun(latents, tmp_pat
     # `srun --ntasks 2` without torchrun: each task has only SLURM's variables (ranks, the launch
     # node's address); the port is the user's MASTER_PORT
     slurm = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    slurm.update(SLURM_NTASKS="2", SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    slurm.update(SLURM_NTASKS="2", SLURM_STEP_ID="0", SLURM_LAUNCH_NODE_IPADDR="127.0.0.1",
+                 MASTER_PORT=str(free_port()))
     tasks = [subprocess.Popen([sys.executable, "-m", "launch.cli", *args, f"output={tmp_path / 'srun'}"],
                               env={**slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]

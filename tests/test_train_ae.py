@@ -396,11 +396,17 @@ def test_shard_list_covers_every_item_once():
 
 
 def test_dist_env_reads_torchrun_and_slurm(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_STEP_ID"):
         monkeypatch.delenv(k, raising=False)
     assert dist.dist_env() == dist.DistEnv(0, 1, 0, "single")
-    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    # an sbatch script or salloc shell: the allocation's task count, but not an srun step (was: rank
+    # 0 of 8, so `ldm train` there waited for 7 ranks that never came)
+    assert dist.dist_env() == dist.DistEnv(0, 1, 0, "single")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     assert dist.dist_env() == dist.DistEnv(3, 8, 1, "slurm")
     monkeypatch.setenv("RANK", "1")

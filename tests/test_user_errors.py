@@ -208,7 +208,7 @@ def test_srun_without_a_master_address_is_one_line(run, tmp_path):
                                                                    "LOCAL_RANK", "TORCHELASTIC"))}
     proc = subprocess.run([sys.executable, "-m", "launch.cli", *_train(run, tmp_path / "r")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120,
-                          env={**env, "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+                          env={**env, "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"})
     lines = [line for line in proc.stderr.splitlines() if line.startswith(("ldm", "Traceback"))]
     assert proc.returncode == 2 and lines == ["ldm train: error: SLURM launch without MASTER_ADDR: export MASTER_ADDR "
                                               "(the first node's address) and MASTER_PORT, or launch with torchrun"]
