@@ -35,6 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {  # keep in sync with the README's verb tab
     "eval": ("launch.evaluate", "quality: recon (PSNR/SSIM/LPIPS/rFVD) and gen (FVD/FID, attributes, VBench)"),
     "compare": ("launch.compare", "autoencoders side by side: same clips, same DiT, cost and quality report"),
 }
+RANKED_VERBS = ("train", "train-ae", "extract", "sample")  # the others run as one process
 DEBUG_ENV = "LDM_DEBUG"
 
 
@@ -107,11 +108,28 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank=")) and a != "--debug"]
     verb = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(verb).parse_args(argv)
+    if args.verb not in RANKED_VERBS:
+        check_one_process(args.verb)
     if getattr(args, "config", None) is not None:  # train, train-ae, extract, demo: a path or a built-in name
         from launch.configs import check_verb, config_path
         given, args.config = args.config, config_path(args.config)
         check_verb(args.verb, args.config, given)
     return int(args._run(args) or 0)
+
+
+def check_one_process(verb: str) -> None:
+    """A verb that runs as one process, started by a launcher with several ranks: a `UserError`
+    saying how to run it (was: every rank did the whole work into the same files)."""
+    from launch.dist import dist_env
+
+    env = dist_env()
+    if env.world_size == 1:
+        return
+    hint = {"eval": "; to sample on many GPUs: `torchrun ... ldm sample` into a folder, then "
+                    "`ldm eval gen --samples FOLDER`",
+            "compare": "; `--nproc N` runs its trainings on N ranks"}.get(verb, "")
+    raise UserError(f"ldm {verb} runs as one process, not on {env.world_size} ranks ({env.source}): start it "
+                    f"without the launcher{hint} (the verbs that take ranks: {', '.join(RANKED_VERBS)})")
 
 
 def console(argv: list[str] | None = None) -> int:

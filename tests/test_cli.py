@@ -128,3 +128,20 @@ def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "ldm list: interrupted"
     with pytest.raises(KeyboardInterrupt):  # --debug: the traceback
         console(["list", "--debug"])
+
+
+def test_one_process_verbs_refuse_ranks_and_say_how_to_run(monkeypatch, tmp_path, capsys):
+    """`torchrun --nproc_per_node 2 -m launch.cli eval ...` (or reconstruct, compare, ...): one line
+    before any work (was: every rank did the whole evaluation into the same files); the verbs that
+    take ranks are not refused."""
+    import launch.list_models as list_models
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(list_models, "run", lambda args: pytest.fail("ran on a rank"))
+    assert console(["list"]) == 2
+    assert "ldm list: error: ldm list runs as one process, not on 2 ranks (torchrun)" in capsys.readouterr().err
+    assert console(["eval", "gen", "--checkpoint", str(tmp_path), "--attributes", "--output", str(tmp_path / "e")]) == 2
+    assert "`ldm eval gen --samples FOLDER`" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    from launch import cli
+    assert set(cli.RANKED_VERBS) < set(VERBS)
