@@ -350,6 +350,29 @@ LOCK = ".lock"
 _HELD: dict[Path, Any] = {}  # folder -> the open lock file this process holds
 
 
+def _in_use(folder: Path, new_folder: str, handle: Any) -> str:
+    handle.seek(0)
+    holder = handle.read().strip() or "another process"
+    return f"{folder} is in use by another run ({holder}): wait for it to end or stop it, or give {new_folder}"
+
+
+def check_free(folder: str | Path, new_folder: str = "--output NEW_FOLDER") -> None:
+    """`UserError` when a live run holds ``folder`` (`claim_folder`), found without creating or
+    holding anything: a trainer asks this before it builds its model and puts it on the GPU,
+    and claims the folder once its settings are checked. A shared ``flock`` probe, so the ranks of
+    one run asking at once do not see each other."""
+    lock = Path(folder) / LOCK
+    if Path(folder).resolve() in _HELD or not lock.is_file():
+        return
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(_in_use(Path(folder), new_folder, handle)) from None
+        except OSError:  # no locking on this file system: `claim_folder` warns
+            return
+
+
 def claim_folder(folder: str | Path, new_folder: str = "--output NEW_FOLDER") -> None:
     """Make ``folder`` and hold it for this run (call on every rank; rank 0 locks): an exclusive
     ``flock`` on ``folder/.lock``, which the kernel drops when the process ends, SIGKILL included,
@@ -365,11 +388,8 @@ def claim_folder(folder: str | Path, new_folder: str = "--output NEW_FOLDER") ->
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            error = _in_use(folder, new_folder, handle)
             handle.close()
-            error = (f"{folder} is in use by another run ({holder}): wait for it to end or stop it, or give "
-                     f"{new_folder}")
         except OSError as e:  # no locking on this file system
             log.warning("cannot lock %s (%s): make sure no other run writes into it", folder, e.strerror or e)
             _HELD[folder.resolve()] = handle

@@ -504,6 +504,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     import deepspeed
 
     binding = check_config(cfg, allow_change)
+    runs.check_free(cfg.output, new_folder="output=NEW_FOLDER")  # a live run's folder: before any other work
     env = dist.init_distributed()
     if env.world_size == 1:
         _single_process_group()

@@ -832,6 +832,7 @@ def train_autoencoder(cfg: TrainAEConfig, allow_change: tuple[str, ...] = ()) ->
     run summary (steps, first/last logged loss, throughput, skipped clips, paths).
     ``allow_change``: keys of the binding that may differ from the run the output folder holds."""
     binding = check_run_folder(cfg, allow_change)  # before any process group or folder
+    runs.check_free(cfg.output)  # a live run's folder: refused before the model takes GPU memory
     owns_group = not dist.is_initialized()
     env = dist.init_distributed()
     try:

@@ -102,11 +102,14 @@ def _train_ae(base: Path, out: Path, *extra: str) -> list[str]:
             "--latent-stats-clips", "0", "--num-workers", "0", "--no-progress", *extra]
 
 
-def test_a_second_run_into_a_folder_in_use_is_refused(base, tmp_path, capsys):
+def test_a_second_run_into_a_folder_in_use_is_refused(base, tmp_path, capsys, monkeypatch):
     """Two runs started into one folder (was: both trained, their checkpoints piled up as
     ``step-N.kept-1`` and one died with a FileNotFoundError traceback). The lock goes with its
-    process, so a killed run never leaves the folder locked."""
+    process, so a killed run never leaves the folder locked. Refused before a model is built
+    (was, for train-ae: after it was on the device, taking the GPU memory the live run uses)."""
     import fcntl
+
+    from launch import train as train_mod, train_ae
     runs_of = [(_train(base, tmp_path / "dit"), tmp_path / "dit"), (_train_ae(base, tmp_path / "ae"), tmp_path / "ae")]
     for argv, out in runs_of:
         out.mkdir()
@@ -114,7 +117,10 @@ def test_a_second_run_into_a_folder_in_use_is_refused(base, tmp_path, capsys):
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
             other.write("pid 4242 on node7 since 2026-12-05 06:00:00\n")
             other.flush()
-            _refused(argv, capsys, f"{out} is in use by another run (pid 4242 on node7", "give ")
+            with monkeypatch.context() as m:
+                m.setattr(train_ae, "_build_model", lambda *a: pytest.fail("model built"))
+                m.setattr(train_mod.dist, "init_distributed", lambda *a: pytest.fail("process group made"))
+                _refused(argv, capsys, f"{out} is in use by another run (pid 4242 on node7", "give ")
             assert sorted(p.name for p in out.iterdir()) == [runs.LOCK]  # nothing written
         assert _ldm(argv) == 0  # the holder has ended
         assert _ldm(argv) == 0  # and this run let go of it
