@@ -325,21 +325,21 @@ def check_args(args: argparse.Namespace) -> None:
         raise MissingInput(f"--image {args.image} not found")
 
 
-def check_export(path: str | Path) -> None:
-    """``path`` is a ``ldm train`` run folder or its ``export/`` (a `UserError` saying what it is
-    otherwise)."""
+def check_export(path: str | Path, flag: str = "--checkpoint") -> None:
+    """``path`` (given as ``flag``) is a ``ldm train`` run folder or its ``export/`` (a `UserError`
+    saying what it is otherwise)."""
     path = Path(path)
     if not path.exists():
-        raise MissingInput(f"--checkpoint {path} not found (expected a `ldm train` run folder or its export/)")
+        raise MissingInput(f"{flag} {path} not found (expected a `ldm train` run folder or its export/)")
     if (path / "training.json").is_file() or (path / "export" / "training.json").is_file():
         return
     if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
-        raise UserError(f"--checkpoint {path} is an autoencoder, not a DiT: give the `ldm train` run folder "
+        raise UserError(f"{flag} {path} is an autoencoder, not a DiT: give the `ldm train` run folder "
                         "(the autoencoder is found through it, or passed with --ae-checkpoint)")
     if (path / "checkpoints").is_dir():
-        raise UserError(f"--checkpoint {path}: this `ldm train` run has no export/ yet (it is written at the "
-                        "first checkpoint); wait for it or sample from a finished run")
-    raise UserError(f"--checkpoint {path} is not a `ldm train` run folder or export (no training.json)")
+        raise UserError(f"{flag} {path}: this `ldm train` run has no export/ yet (it is written at the "
+                        "first checkpoint); wait for it or use a finished run")
+    raise UserError(f"{flag} {path} is not a `ldm train` run folder or export (no training.json)")
 
 
 def output_start(out: Path, append: bool) -> tuple[int, list[dict[str, Any]]]:

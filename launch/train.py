@@ -27,6 +27,7 @@ import dit
 from data.manifest import Manifest, load_manifests, shard_folders
 from data.shards import LatentShards, shard_urls
 from dit import Export, save_export
+from dit.export import TRAINING_JSON
 from launch import dist, runs
 from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config,
                            deepspeed_patches_undone, gather_universal, mfu, peak_flops, resolve_precision,
@@ -62,6 +63,7 @@ class DataConfig:
 class ModelConfig:
     dit: str = "dit-debug"
     overrides: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields (hidden, depth, patch, ...)
+    init: str = ""  # start from the EMA weights of an `ldm train` run or export (progressive training)
     sequence_parallel: int = 1  # ranks that split one sample's tokens (DeepSpeed-Ulysses); a divisor of the world size
     class_cond: bool = True  # condition on class ids (count from the manifest)
     text_cond: bool = True  # condition on cached text embeddings (when the shards have them)
@@ -424,6 +426,39 @@ def bucket_batch_sizes(manifest: Manifest, dcfg_data: DataConfig, model) -> dict
     return sizes
 
 
+def init_weights(path: str, dcfg: dit.DiTConfig, manifest: Manifest, load: bool = True
+                 ) -> dict[str, torch.Tensor] | None:
+    """The EMA weights of the ``ldm train`` run or export at ``path`` (``model.init``) for a DiT of
+    ``dcfg`` on ``manifest``'s latents (None with ``load=False``: only checked). Every parameter must
+    be there with its shape; clip length and resolution may differ (RoPE positions, no learned
+    position table), the autoencoder may not (`UserError` saying which)."""
+    from launch.sample import check_export
+    from safetensors import safe_open
+
+    check_export(path, flag="model.init")
+    folder = Path(path) / "export" if (Path(path) / "export").is_dir() else Path(path)
+    with checking(f"model.init={path}"):
+        trained = Export.from_dict(read_json(folder / TRAINING_JSON), what=str(folder / TRAINING_JSON))
+    if trained.autoencoder.config_hash != manifest.autoencoder.config_hash:
+        raise UserError(f"model.init={path} was trained on latents of {trained.autoencoder.name}, data.shards holds "
+                        f"latents of {manifest.autoencoder.name}: a DiT continues on its own autoencoder's latents")
+    if trained.autoencoder.checkpoint_hash != manifest.autoencoder.checkpoint_hash:
+        log.warning("model.init=%s was trained on latents of other %s weights than data.shards", path,
+                    manifest.autoencoder.name)
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in dit.VideoDiT(dcfg).state_dict().items()}
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    wrong = [f"{k} {found[k]} (this DiT: {wanted[k]})" for k in wanted if k in found and found[k] != wanted[k]]
+    missing, extra = sorted(wanted.keys() - found.keys()), sorted(found.keys() - wanted.keys())
+    if wrong or missing or extra:
+        what = "; ".join(wrong[:2] + [f"missing {', '.join(missing[:2])}"] * bool(missing) +
+                         [f"not in this DiT: {', '.join(extra[:2])}"] * bool(extra))
+        raise UserError(f"model.init={path} is another DiT than this run's: {what} (it needs the same model.dit, "
+                        "model.overrides and conditioning: class count, text width)")
+    return load_tensors(folder / "model.safetensors") if load else None
+
+
 def check_ranges(cfg: TrainConfig) -> None:
     """The numbers and choices of ``cfg`` are in range (`UserError` naming the key otherwise)."""
     check_min({"steps": cfg.steps, "log_every": cfg.log_every, "save_every": cfg.save_every,
@@ -471,11 +506,13 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
             raise UserError(f"data.shards: {folder} {what}; give an `ldm extract` output folder")
     with checking():
         manifest = load_manifests(cfg.data.shards)
-        make_dit_config(cfg.model, manifest)
+        dcfg = make_dit_config(cfg.model, manifest)
         resolve_switch(cfg.model.compile, torch.device("cpu"), "model.compile")
         precision = resolve_precision(cfg.engine.precision, dist.device_for(dist.dist_env()))
         deepspeed_config(cfglib.replace(cfg.engine, precision=precision), cfg.data.batch_size, cfg.optim.grad_accum,
                          cfg.optim.grad_clip)
+    if cfg.model.init and not runs.checkpoints(out / "checkpoints"):  # a resumed run continues its checkpoint
+        init_weights(cfg.model.init, dcfg, manifest, load=False)
     world = dist.dist_env().world_size
     if cfg.data.split == "shard":  # each reader (data-parallel rank x loader worker) needs a shard of its own
         readers = world // cfg.model.sequence_parallel * max(1, cfg.data.num_workers)
@@ -529,6 +566,10 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = dit.VideoDiT(dcfg)
+    if cfg.model.init and not runs.checkpoints(out / "checkpoints"):
+        model.load_state_dict(init_weights(cfg.model.init, dcfg, manifest))
+        if dist.is_main():
+            log.info("started from the weights of %s (model.init)", cfg.model.init)
     if cfg.engine.activation_checkpointing:
         apply_activation_checkpointing(model.blocks)
     sp = cfg.model.sequence_parallel

@@ -11,6 +11,7 @@ import torch
 
 from data.synth import synth_dataset
 from launch.cli import main as ldm
+import dit
 from dit import load_export
 from launch.train import TrainConfig, train
 from ldm import config as cfglib
@@ -333,6 +334,32 @@ def test_sample_on_two_ranks_splits_the_batches_and_writes_what_one_process_does
     index = json.loads((tmp_path / "two" / "index.json").read_text())
     assert [x["class_id"] for x in index] == [1, 1, 2, 2, 3, 3, 1, 2, 3]
     assert [x["seed"] for x in index] == [0, 0, 2, 2, 4, 4, 11, 11, 13]
+
+
+def test_model_init_starts_from_a_trained_dit_and_a_resume_from_its_checkpoint(latents, tmp_path):
+    """``model.init=RUN``: a new run starts from RUN's EMA weights (with ema_decay 1 its EMA never
+    moves, so its export is RUN's exactly); resumed, it continues from its own checkpoint and no
+    longer needs RUN; a DiT of another size, or a folder that is no DiT, is one line before any work."""
+    from safetensors.torch import load_file
+    train(_cfg(latents, tmp_path / "a", steps=2, save_every=2))
+    train(_cfg(latents, tmp_path / "b", steps=1, save_every=1, ema_decay=1.0, **{"model.init": tmp_path / "a"}))
+    a, b = (load_file(tmp_path / r / "export" / "model.safetensors") for r in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(_cfg(latents, tmp_path / "b").seed)  # b's weights without model.init, as the trainer seeds
+    fresh = dit.VideoDiT(load_export(tmp_path / "a")[0].config).state_dict()
+    assert not all(torch.equal(fresh[k], b[k]) for k in b)
+    (tmp_path / "a").rename(tmp_path / "a-moved")  # a resumed run does not read model.init again
+    train(_cfg(latents, tmp_path / "b", steps=2, save_every=1, ema_decay=1.0, **{"model.init": tmp_path / "a"}),
+          allow_change=("steps",))
+    assert _losses(tmp_path / "b")[-1] > 0
+    with pytest.raises(UserError, match=r"model.init=.* is another DiT than this run's: .*model.overrides"):
+        train(_cfg(latents, tmp_path / "c", steps=1, **{"model.init": tmp_path / "a-moved",
+                                                        "model.overrides": '{"hidden": 96}'}))
+    with pytest.raises(UserError, match=r"model.init .* not found"):
+        train(_cfg(latents, tmp_path / "c", steps=1, **{"model.init": tmp_path / "a"}))
+    with pytest.raises(UserError, match=r"model.init .*videos is not a `ldm train` run folder or export"):
+        train(_cfg(latents, tmp_path / "c", steps=1, **{"model.init": latents.parent / "videos"}))
+    assert not (tmp_path / "c").exists()
 
 
 def test_unconditional_dit_samples(latents, tmp_path, capsys):
