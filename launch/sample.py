@@ -10,14 +10,14 @@ rebuilds it), the latent statistics to undo, and the text encoder spec. Decoding
 autoencoder's ``decode`` with the prompt's text embedding in ``cond``. Sampling settings are one
 ``ldm.samplers.SamplingConfig`` (``--steps --sampler --guidance --shift --seed``).
 
-Outputs: ``NNNN.mp4`` + ``NNNN.gif`` per video, ``grid.png`` and ``index.json`` (per video: file,
-prompt, class id, seed and row of its initial noise, steps, guidance, shift, sampler, fps, frames,
-size, image, checkpoint). Nothing is ever overwritten: a non-empty ``--output`` is refused unless
-``--append`` is given, which numbers the new videos after the ones there, continues the seeds
-(batch ``g`` starts at ``--seed + g``, ``g`` counting every video of the folder), extends
-``index.json`` and writes its grid as ``grid-NNNN.png`` when ``grid.png`` exists. Videos play at
-``--fps``, by default the rate of the training clips (``training.json``: the extraction's ``--fps``
-or the videos' native rate).
+Outputs: ``NNNN.mp4`` + ``NNNN.gif`` per video, ``grid.png`` (the run's first `GRID_VIDEOS` videos)
+and ``index.json`` (per video: file, prompt, class id, seed and row of its initial noise, steps,
+guidance, shift, sampler, fps, frames, size, image, checkpoint). Nothing is ever overwritten: a
+non-empty ``--output`` is refused unless ``--append`` is given, which numbers the new videos after
+the ones there, continues the seeds (batch ``g`` starts at ``--seed + g``, ``g`` counting every
+video of the folder), extends ``index.json`` and writes its grid as ``grid-NNNN.png`` when
+``grid.png`` exists. Videos play at ``--fps``, by default the rate of the training clips
+(``training.json``: the extraction's ``--fps`` or the videos' native rate).
 
 Under torchrun / srun each rank samples every ``world_size``-th batch and writes its videos; rank 0
 gathers the index entries after each round of batches and writes ``index.json`` and the grid. The
@@ -58,6 +58,7 @@ from ldm.layers import COMPILE_MODES
 from ldm.samplers import SamplingConfig
 
 DEFAULT_FPS = 8.0  # videos of an export that does not record its clips' rate
+GRID_VIDEOS = 64  # videos shown in grid.png (the first of the run): memory stays bounded for thousands of samples
 
 
 def playback_fps(video: ClipSpec, requested: float | None = None) -> float:
@@ -443,7 +444,7 @@ def run(args: argparse.Namespace) -> int:
                 "sampler": sampling.sampler, "fps": fps, "height": height, "width": width, "image": args.image,
                 "checkpoint": str(Path(args.checkpoint).resolve())}
     starts = list(range(0, len(items), args.batch_size))  # batch i: videos first + i, ..., seed + first + i
-    videos, names = [], []
+    videos, names, lengths = [], [], set()
     for r in range(0, len(starts), env.world_size):  # a round: one batch per rank
         made: tuple[list[dict[str, Any]], list[torch.Tensor]] = ([], [])
         if r + env.rank < len(starts):
@@ -457,11 +458,13 @@ def run(args: argparse.Namespace) -> int:
             paths = write_videos(batch, out, [f"{first + i + j:04d}" for j in range(len(chunk))], fps)
             made = ([{"file": p.name, "prompt": it[0], "class_id": it[1], "seed": sampling.seed + first + i,
                       "noise_row": row, "frames": v.shape[1], **settings}
-                     for row, (p, it, v) in enumerate(zip(paths, chunk, batch))], list(batch))
+                     for row, (p, it, v) in enumerate(zip(paths, chunk, batch))],
+                    list(batch)[:max(0, GRID_VIDEOS - i)])  # only what the grid shows goes to rank 0
         for entries, batch in dist.gather_object(made) or []:  # on rank 0, in batch order
             index += entries
             videos += batch
             names += [Path(e["file"]).stem for e in entries]
+            lengths.update(e["frames"] for e in entries)
         if main:
             atomic_write_json(out / "index.json", index)  # each round is kept as soon as it is made
     if not main:
@@ -469,8 +472,7 @@ def run(args: argparse.Namespace) -> int:
     write_grid(videos, out / grid)
     what = f"{len(names)} videos ({names[0]}..{names[-1]})" if len(names) > 1 else f"1 video ({names[0]})"
     print(f"wrote {what} to {out} (index.json, {grid}) at {fps:g} fps")
-    lengths = sorted({v.shape[1] for v in videos})
-    if lengths != [frames]:  # MTC-VAE: the keyframe predictor's segments set each video's length
-        print(f"  frames: {', '.join(map(str, lengths))} (--frames {frames}: {ae.family} splits each latent at "
-              f"its predicted keyframes, so the length follows the segments; see index.json)")
+    if lengths != {frames}:  # MTC-VAE: the keyframe predictor's segments set each video's length
+        print(f"  frames: {', '.join(map(str, sorted(lengths)))} (--frames {frames}: {ae.family} splits each latent "
+              f"at its predicted keyframes, so the length follows the segments; see index.json)")
     return 0

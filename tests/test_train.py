@@ -296,6 +296,16 @@ def test_sample_cli_writes_videos(latents, tmp_path):
     ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--class", "2", "--steps", "2", "--output", str(tmp_path / "c")])
     first = json.loads((tmp_path / "c" / "index.json").read_text())[0]
     assert first["frames"] == 8 and first["shift"] == 3.0  # the training clips' length, the training's shift
+    from PIL import Image
+    import launch.sample
+    launch.sample.GRID_VIDEOS, grid_videos = 2, launch.sample.GRID_VIDEOS  # the grid shows the run's first videos
+    try:
+        ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--class", "1", "--class", "2", "--class", "3", "--steps",
+             "1", "--batch-size", "2", "--output", str(tmp_path / "g")])
+    finally:
+        launch.sample.GRID_VIDEOS = grid_videos
+    assert len(json.loads((tmp_path / "g" / "index.json").read_text())) == 3
+    assert Image.open(tmp_path / "g" / "grid.png").height == 2 * 32
     for flag in ("--frames", "--num-frames"):  # --frames as on every verb; --num-frames its older name
         ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--class", "2", "--steps", "2", flag, "4",
              "--shift", "1.5", "--output", str(tmp_path / flag[2:])])
