@@ -37,6 +37,7 @@ video starts from the given frame.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--unconditional", type=int, metavar="N",
                      help="N videos without a condition: the null class and no text (a DiT trained without "
                           "captions or class ids, or a conditional one's unconditional samples); no guidance")
+    p.add_argument("--negative-prompt", metavar="TEXT",
+                   help="with --prompt / --prompts-file and --guidance > 1: guide away from TEXT instead of from the "
+                        "null condition (CFG's unconditional branch reads TEXT)")
     p.add_argument("--image", help="image-to-video: the first frame (any image Pillow reads; resized and center-"
                    "cropped to --height x --width), held fixed while the motion is sampled (Hi-VAE generators)")
     p.add_argument("--ae-checkpoint", help="autoencoder weights, or a diffusers VAE folder (default: the path "
@@ -182,7 +186,8 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
                    width: int,
                    sampling: SamplingConfig = SamplingConfig(), seed_offset: int = 0, text_encoder=None,
                    device: torch.device | str = "cpu", progress: bool = True, latent_frames: int | None = None,
-                   image: torch.Tensor | None = None, count: int | None = None) -> tuple[Latent, Cond]:
+                   image: torch.Tensor | None = None, count: int | None = None, negative_prompt: str | None = None
+                   ) -> tuple[Latent, Cond]:
     """Sample one latent per prompt / class id (in the autoencoder's scale: the per-part training
     statistics ``latent_norm``, an export's ``Export.latent_norm``, undone) and the condition its
     decoder takes; the noise seed is ``sampling.seed + seed_offset``. With neither prompts nor class
@@ -190,7 +195,8 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
     what condition dropout trains, and all an unconditional DiT knows), without guidance.
     ``latent_frames``: the length of a variable-length latent (default: the spec's, the longest).
     ``image``: a first frame ``(3, H, W)`` in [-1, 1] whose content latent every sample keeps
-    (image-to-video, see the module docstring)."""
+    (image-to-video, see the module docstring). ``negative_prompt``: the text guidance steers away
+    from, in place of the null text (``v_neg + w (v_cond - v_neg)``)."""
     unconditional = prompts is None and class_ids is None
     if unconditional and not count:
         raise ValueError("give prompts, class ids, or a count of unconditional samples")
@@ -220,10 +226,16 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
     if image is not None:
         given = content_condition(model, ae, latent_norm, image, n, frames, height, width)
         velocity = samplers.known_part_velocity(model, "content", given, x["content"])
+    null_cond = model.null_cond(cond)
+    if negative_prompt is not None:
+        if cond.text is None:
+            raise ValueError("a negative prompt needs prompts and a text-conditioned DiT")
+        emb, mask = text_encoder.encode([negative_prompt] * n)
+        null_cond = dataclasses.replace(null_cond, text=emb.to(device), text_mask=mask.to(device))
     bar = tqdm(total=sampling.steps, desc="sample", unit="step", disable=not progress)
     latent = samplers.sample(velocity, x, cond, method=sampling.sampler, steps=sampling.steps, shift=sampling.shift,
                              guidance_scale=1.0 if unconditional else sampling.guidance,
-                             null_cond=model.null_cond(cond),
+                             null_cond=null_cond,
                              callback=lambda *a: bar.update(1))
     bar.close()
     latent = normalize(latent, latent_norm, inverse=True)
@@ -324,6 +336,12 @@ def check_args(args: argparse.Namespace) -> None:
                             "use a text prompt)")
     if args.image and not Path(args.image).is_file():
         raise MissingInput(f"--image {args.image} not found")
+    if args.negative_prompt is not None:
+        if not (args.prompt or args.prompts_file):
+            raise UserError("--negative-prompt goes with --prompt / --prompts-file (it replaces the null text of "
+                            "classifier-free guidance)")
+        if args.guidance == 1.0:
+            raise UserError("--negative-prompt acts through guidance: give --guidance > 1")
 
 
 def check_export(path: str | Path, flag: str = "--checkpoint") -> None:
@@ -442,6 +460,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {"steps": sampling.steps, "guidance": 1.0 if args.unconditional else sampling.guidance,
                 "shift": sampling.shift,
                 "sampler": sampling.sampler, "fps": fps, "height": height, "width": width, "image": args.image,
+                "negative_prompt": args.negative_prompt,
                 "checkpoint": str(Path(args.checkpoint).resolve())}
     starts = list(range(0, len(items), args.batch_size))  # batch i: videos first + i, ..., seed + first + i
     videos, names, lengths = [], [], set()
@@ -454,7 +473,7 @@ def run(args: argparse.Namespace) -> int:
                              class_ids=[c[1] for c in chunk] if class_ids else None, count=len(chunk), frames=frames,
                              height=height, width=width, sampling=sampling, seed_offset=first + i,
                              text_encoder=text_encoder, device=device, latent_frames=latent_frames, image=image,
-                             progress=main)
+                             negative_prompt=args.negative_prompt, progress=main)
             paths = write_videos(batch, out, [f"{first + i + j:04d}" for j in range(len(chunk))], fps)
             made = ([{"file": p.name, "prompt": it[0], "class_id": it[1], "seed": sampling.seed + first + i,
                       "noise_row": row, "frames": v.shape[1], **settings}

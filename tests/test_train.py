@@ -372,6 +372,40 @@ def test_model_init_starts_from_a_trained_dit_and_a_resume_from_its_checkpoint(l
     assert not (tmp_path / "c").exists()
 
 
+def test_negative_prompt_replaces_the_null_text_of_guidance(latents, tmp_path):
+    """``--negative-prompt``: CFG's unconditional branch reads its embedding, so a negative prompt
+    equal to the prompt cancels guidance (v_neg + w (v_c - v_neg) = v_c: the guidance-1 sample),
+    and another one changes the sample; it needs prompts and guidance > 1 (one line otherwise)."""
+    import autoencoders
+    from dits import randomize
+    from launch.sample import sample_latents
+    from ldm.samplers import SamplingConfig
+    from ldm.text import build_text_encoder
+
+    text = build_text_encoder("builtin")
+    ae = autoencoders.build("kl2d-f8c4-debug")
+    torch.manual_seed(0)
+    model = randomize(dit.build("dit-debug", ae.latent_spec(4, 16, 16), text_dim=text.dim)).eval()  # not zero-init
+    kw = dict(prompts=["a red circle moving left"], frames=4, height=16, width=16, text_encoder=text, progress=False)
+    plain, _ = sample_latents(model, ae, {}, sampling=SamplingConfig(steps=2, guidance=1.0), **kw)
+    cancelled, _ = sample_latents(model, ae, {}, sampling=SamplingConfig(steps=2, guidance=4.0),
+                                  negative_prompt="a red circle moving left", **kw)
+    guided, _ = sample_latents(model, ae, {}, sampling=SamplingConfig(steps=2, guidance=4.0), **kw)
+    other, _ = sample_latents(model, ae, {}, sampling=SamplingConfig(steps=2, guidance=4.0),
+                              negative_prompt="a blue square", **kw)
+    assert torch.allclose(cancelled["z"], plain["z"], atol=1e-5)
+    assert (other["z"] - guided["z"]).abs().max() > 1e-3 and (cancelled["z"] - guided["z"]).abs().max() > 1e-3
+    train(_cfg(latents, tmp_path / "r", steps=1, save_every=1))
+    base = ["sample", "--checkpoint", str(tmp_path / "r"), "--steps", "1", "--output", str(tmp_path / "s")]
+    with pytest.raises(UserError, match="--negative-prompt goes with --prompt"):
+        ldm([*base, "--class", "1", "--negative-prompt", "blurry"])
+    with pytest.raises(UserError, match="give --guidance > 1"):
+        ldm([*base, "--prompt", "a red circle", "--guidance", "1", "--negative-prompt", "blurry"])
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ldm([*base, "--prompt", "a red circle", "--negative-prompt", "blurry"])
+    assert json.loads((tmp_path / "s" / "index.json").read_text())[0]["negative_prompt"] == "blurry"
+
+
 def test_unconditional_dit_samples(latents, tmp_path, capsys):
     """A DiT trained on neither captions nor class ids (unlabelled videos) samples with
     --unconditional; guidance does not apply (the same videos at any --guidance)."""
