@@ -19,7 +19,7 @@ marks it done, so a rerun with the same arguments skips finished shards (with an
 ranks). Rank 0 merges the sidecars into ``manifest.json`` (a typed ``data.manifest.Manifest``) and
 prints every skipped input with its reason. An extraction that wrote no clip at all removes what
 it wrote and fails (`UserError`, exit status 2). Every argument, the autoencoder and the input list
-are checked before the output folder is made; the folder appears with the first finished shard.
+are checked before the output folder is made (when encoding starts; locked for the run, `launch.runs.claim_folder`).
 
 A text-guided autoencoder (``text_dim > 0``, e.g. ``cmvae-*-text``) encodes each clip with its
 caption's embedding from ``--text-encoder`` (the same embedding is cached in the shard).
@@ -341,10 +341,19 @@ def auto_batch_size(requested: int, ae: Autoencoder, cfg: ExtractConfig, device:
 def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the extraction ``cfg``; ``allow_change``: keys of the binding that may differ from the
     extraction the output folder holds (its differing shards are encoded again)."""
+    out = Path(cfg.output)
+    made_output = not out.exists()  # made by this run: removed again if it ends holding nothing
+    try:
+        return _extract(cfg, allow_change)
+    finally:
+        runs.release_folder(out, made=made_output)
+
+
+def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     windows = Windows.from_flags(cfg.clips_per_video, cfg.clip_stride)  # contradictory flags: clear error first
     check_config(cfg)
     out = Path(cfg.output)
-    made_output = not out.exists()  # made by this run (with its first shard): removed again if it writes nothing
+    runs.check_free(out)  # a live extraction's folder: refused before the autoencoder is loaded
     env = dist.init_distributed()
     with checking():
         device = dist.device_for(env, cfg.device)
@@ -375,6 +384,9 @@ def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str,
     signature = _run_signature(cfg, record, dtype)
     binding = runs.check_binding(out, run_binding(cfg, record, dtype, items), allow_change,
                                  defaults=runs.defaults_of(ExtractConfig))
+    # no second extraction into the folder while this one lives (rank 0 holds it for every rank of the run);
+    # the folder appears here, after every check
+    runs.claim_folder(out)
 
     todo = []
     for j in mine:  # this rank's shards that are not done (or differ, with an allowed change)
@@ -430,7 +442,7 @@ def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str,
               f"{summary['written']} written, {summary['skipped']} skipped, {summary['shards']} shards -> {out}")
         print_skipped(list(manifest.skipped))
         if not manifest.counts.written:
-            _remove_empty_run(out, n_shards, made_output)
+            _remove_empty_run(out, n_shards)
     dist.barrier()
     if not summary.get("written", 1):
         raise UserError(f"no clip was written: all {len(items)} inputs were skipped (reasons above); fix or replace "
@@ -465,15 +477,13 @@ def _remove_shards_beyond(out: Path, n_shards: int) -> None:
             p.unlink(missing_ok=True)
 
 
-def _remove_empty_run(out: Path, n_shards: int, made_output: bool) -> None:
+def _remove_empty_run(out: Path, n_shards: int) -> None:
     """An extraction that wrote no clip: remove its sidecars and manifest (a rerun must not take
-    the inputs as done), and the folder when this run made it and nothing else is in it."""
+    the inputs as done); `extract` removes the folder when this run made it and nothing else is in it."""
     for j in range(n_shards):
         (out / f"shard-{j:06d}.json").unlink(missing_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     (out / runs.BINDING).unlink(missing_ok=True)
-    if made_output and out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
 
 
 @dataclass

@@ -403,11 +403,17 @@ def claim_folder(folder: str | Path, new_folder: str = "--output NEW_FOLDER") ->
         raise UserError(error)
 
 
-def release_folder(folder: str | Path) -> None:
-    """Let go of `claim_folder`'s lock (nothing when this process does not hold it)."""
-    handle = _HELD.pop(Path(folder).resolve(), None)
-    if handle is not None:
-        handle.close()
+def release_folder(folder: str | Path, made: bool = False) -> None:
+    """Let go of `claim_folder`'s lock (nothing when this process does not hold it). ``made``: this
+    run made the folder, which goes too when it holds nothing but the lock."""
+    folder = Path(folder)
+    handle = _HELD.pop(folder.resolve(), None)
+    if handle is None:
+        return
+    if made and [p.name for p in folder.iterdir()] == [LOCK]:
+        (folder / LOCK).unlink()  # while still locked: a run starting now makes a lock file of its own
+        folder.rmdir()
+    handle.close()
 
 
 class NonFiniteGuard:

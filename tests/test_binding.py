@@ -110,7 +110,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused(base, tmp_path, capsys, mo
     import fcntl
 
     from launch import train as train_mod, train_ae
-    runs_of = [(_train(base, tmp_path / "dit"), tmp_path / "dit"), (_train_ae(base, tmp_path / "ae"), tmp_path / "ae")]
+    runs_of = [(_train(base, tmp_path / "dit"), tmp_path / "dit"), (_train_ae(base, tmp_path / "ae"), tmp_path / "ae"),
+               (_extract(base, tmp_path / "lat"), tmp_path / "lat")]  # extract: was two extractions mixing shards
     for argv, out in runs_of:
         out.mkdir()
         with open(out / runs.LOCK, "a+") as other:  # another process's lock (a lock of its own file description)
