@@ -58,7 +58,7 @@ from ldm.checkpoint import atomic_write_json, read_json
 from ldm.errors import UserError, checking
 from ldm.latent import Cond, Latent
 from ldm.metrics import psnr
-from ldm.text import absolute_spec, fingerprint
+from ldm.text import absolute_spec, fingerprint, same_fingerprint
 
 log = logging.getLogger("ldm.extract")
 
@@ -262,22 +262,48 @@ def _ae_cond(ae: Autoencoder, emb: torch.Tensor | None, mask: torch.Tensor | Non
     return Cond(text=emb.to(device, dtype), text_mask=mask.to(device))
 
 
-def _run_signature(cfg: ExtractConfig, record: AERecord, dtype: torch.dtype) -> dict[str, Any]:
+def _run_signature(cfg: ExtractConfig, record: AERecord, dtype: torch.dtype,
+                   text_fp: list[float] | None) -> dict[str, Any]:
     """What the shards of one extraction share: a rerun into the same folder must match it."""
     return {"autoencoder": record.name, "config_hash": record.config_hash, "checkpoint_hash": record.checkpoint_hash,
-            "video": cfglib.to_dict(_clip_spec(cfg)), "text_encoder": cfg.text_encoder, "shard_size": cfg.shard_size,
-            "dtype": dist.dtype_name(dtype), "tile": cfg.tile}
+            "video": cfglib.to_dict(_clip_spec(cfg)), "text_encoder": cfg.text_encoder, "text_fingerprint": text_fp,
+            "shard_size": cfg.shard_size, "dtype": dist.dtype_name(dtype), "tile": cfg.tile}
 
 
-def run_binding(cfg: ExtractConfig, record: AERecord, dtype: torch.dtype, items: list) -> dict[str, Any]:
+TEXT_FINGERPRINT = "text_encoder.fingerprint"  # its binding key: --allow-change text_encoder covers it
+
+
+def run_binding(cfg: ExtractConfig, record: AERecord, dtype: torch.dtype, items: list,
+                text_fp: list[float] | None) -> dict[str, Any]:
     """What the output folder is bound to: the settings except ``HARMLESS``, the autoencoder
-    (name, config and weights hashes), the precision and the inputs (how many, a hash of their keys)."""
+    (name, config and weights hashes), the precision, the inputs (how many, a hash of their keys)
+    and the text encoder's fingerprint (`bound_fingerprint`)."""
     keys = [it.key for it in items]
     facts = {"model": {"name": record.name, "config_hash": record.config_hash,
                        "checkpoint_hash": record.checkpoint_hash},
-             "compute_dtype": dist.dtype_name(dtype),
+             "compute_dtype": dist.dtype_name(dtype), TEXT_FINGERPRINT: text_fp,
              "inputs": f"{len(keys)} (keys sha256 {hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]})"}
     return runs.binding_record(cfglib.to_dict(cfg), HARMLESS, facts)
+
+
+def bound_fingerprint(out: Path, text_encoder) -> tuple[list[float] | None, list[float] | None]:
+    """The text encoder's fingerprint (`ldm.text.fingerprint`) as this run binds the folder, and the
+    one the folder recorded (its run.json's, else its manifest's; None if neither has one: a folder
+    made before, which resumes as it is). The recorded one when the encoder still gives it
+    (`same_fingerprint`: another device moves the last digits), so a folder whose encoder was
+    replaced between an interrupted run and its rerun is refused instead of mixing encoders."""
+    recorded = None
+    try:
+        if (out / runs.BINDING).is_file():
+            recorded = read_json(out / runs.BINDING)["record"].get(TEXT_FINGERPRINT)
+        if recorded is None and (out / MANIFEST).is_file():
+            recorded = read_json(out / MANIFEST).get("text_fingerprint")
+    except (ValueError, KeyError, TypeError, AttributeError):  # unreadable: check_binding says so
+        pass
+    current = None if text_encoder is None else list(fingerprint(text_encoder))
+    if current is not None and recorded and same_fingerprint(current, recorded):
+        current = list(recorded)
+    return current, recorded
 
 
 def class_count(cfg: ExtractConfig, items: list) -> int:
@@ -381,9 +407,11 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     clips = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, cfg.fps)
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     mine = dist.shard_list(list(range(n_shards)), env.rank, env.world_size)
-    signature = _run_signature(cfg, record, dtype)
-    binding = runs.check_binding(out, run_binding(cfg, record, dtype, items), allow_change,
-                                 defaults=runs.defaults_of(ExtractConfig))
+    text_fp, recorded_fp = bound_fingerprint(out, text_encoder)
+    since = {"text_fingerprint": recorded_fp or text_fp}  # what a shard or run.json of an earlier version stands for
+    signature = _run_signature(cfg, record, dtype, text_fp)
+    binding = runs.check_binding(out, run_binding(cfg, record, dtype, items, text_fp), allow_change,
+                                 defaults={**runs.defaults_of(ExtractConfig), TEXT_FINGERPRINT: since["text_fingerprint"]})
     # no second extraction into the folder while this one lives (rank 0 holds it for every rank of the run);
     # the folder appears here, after every check
     runs.claim_folder(out)
@@ -394,7 +422,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
         keys = [it.key for it in items[j * cfg.shard_size:(j + 1) * cfg.shard_size]]
         if sidecar.exists():
             done = read_json(sidecar)
-            old = done["signature"]
+            old = {**since, **done["signature"]}
             differ = [k for k in sorted(set(old) | set(signature)) if old.get(k) != signature.get(k)]
             differ += ["inputs"] if done["keys"] != keys else []
             if differ and not binding.changes:  # a folder of an extraction made before run.json existed
@@ -430,7 +458,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     if dist.is_main():
         _remove_shards_beyond(out, n_shards)
         manifest = _merge_manifest(out, n_shards, record, spec, env.world_size, items, text_encoder, cfg,
-                                   signature["dtype"])
+                                   signature)
         if manifest.counts.written and (binding.changes or not (out / runs.BINDING).exists()):
             binding.write()  # allowed changes recorded (also for a folder of an earlier version)
         summary.update(written=manifest.counts.written, skipped=manifest.counts.skipped, shards=len(manifest.shards))
@@ -627,7 +655,7 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
 
 
 def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size: int, items: list,
-                    text_encoder, cfg: ExtractConfig, dtype: str) -> Manifest:
+                    text_encoder, cfg: ExtractConfig, signature: dict[str, Any]) -> Manifest:
     stats, skipped, shard_list, written, text_tokens = shards.ChannelStats(), [], [], 0, 0
     for j in range(n_shards):
         side = read_json(out / f"shard-{j:06d}.json")
@@ -648,10 +676,10 @@ def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size
         input_problems=tuple(getattr(items, "problems", [])),
         text_encoder=absolute_spec(cfg.text_encoder) if cfg.text_encoder else None,  # `ldm sample` runs anywhere
         text_dim=text_encoder.dim if text_encoder is not None else None,
-        text_fingerprint=fingerprint(text_encoder) if text_encoder is not None else None,
+        text_fingerprint=signature["text_fingerprint"],
         text_tokens=round(text_tokens / written) if written else 0,
         num_classes=class_count(cfg, items),
-        shard_size=cfg.shard_size, dtype=dtype, tile=cfg.tile, world_size=world_size)
+        shard_size=cfg.shard_size, dtype=signature["dtype"], tile=cfg.tile, world_size=world_size)
     manifest = Manifest.from_dict(manifest.to_dict())  # JSON-normalised (what readers see), and checked
     manifest.write(out)
     return manifest

@@ -215,6 +215,42 @@ def test_a_folder_of_an_earlier_version_is_checked_by_its_shards(base, tmp_path,
              "shard-000000.json: video differ")
 
 
+def test_extract_binds_the_text_encoder_weights_not_only_its_folder(base, tmp_path, capsys):
+    """A text encoder folder replaced between an interrupted extraction and its rerun (was: the rerun
+    kept the finished shards and embedded the others with the new model: one folder, two encoders)."""
+    from texts import save_t5
+    t5, out = save_t5(tmp_path / "t5"), tmp_path / "lat"
+    argv = _extract(base, out, "--text-encoder", f"t5:{t5}")
+    assert _ldm(argv) == 0
+    for name in ("shard-000001.tar", "shard-000001.json", "manifest.json"):  # as a run killed after shard 0 leaves it
+        (out / name).unlink()
+    save_t5(t5, seed=1)  # another model in the same folder
+    before = _snapshot(out)
+    _refused(argv, capsys, "text_encoder.fingerprint: [", "--allow-change text_encoder.fingerprint")
+    assert _snapshot(out) == before
+    assert _ldm([*argv, "--allow-change", "text_encoder"]) == 0  # intended: every shard embedded with the new one
+    fp = json.loads((out / "manifest.json").read_text())["text_fingerprint"]
+    assert [json.loads((out / f"shard-00000{j}.json").read_text())["signature"]["text_fingerprint"] for j in (0, 1)] \
+        == [fp, fp]
+    assert _snapshot(out)["shard-000000.tar"] != before["shard-000000.tar"]
+
+    # a folder of an earlier version (no fingerprint in run.json or the sidecars) is checked by its manifest's
+    record = json.loads((out / runs.BINDING).read_text())
+    del record["record"]["text_encoder.fingerprint"]
+    (out / runs.BINDING).write_text(json.dumps(record))
+    for side in out.glob("shard-*.json"):
+        done = json.loads(side.read_text())
+        del done["signature"]["text_fingerprint"]
+        side.write_text(json.dumps(done))
+    tars = {k: v for k, v in _snapshot(out).items() if k.endswith(".tar")}
+    assert _ldm(argv) == 0  # the same encoder: resumed, nothing encoded again
+    assert {k: v for k, v in _snapshot(out).items() if k.endswith(".tar")} == tars
+    save_t5(t5, seed=0)
+    _refused(argv, capsys, "text_encoder.fingerprint: [")
+    (out / "manifest.json").unlink()  # interrupted before its manifest: nothing recorded the encoder, it resumes
+    assert _ldm(argv) == 0
+
+
 def test_binding_unit(tmp_path):
     record = runs.binding_record({"steps": 2, "log_every": 1, "optim": {"lr": 1e-4, "betas": (0.9, 0.99)},
                                   "overrides": {}}, ("log_every",), {"data": {"clips": 3}})

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.text import BuiltinTextEncoder, TextEncoder, build_text_encoder
-
-WORDS = "a red blue green circle square triangle moving left right up down small big".split()
+from texts import save_t5, tokenizer
 
 
 # ------------------------------------------------------------------------------------ builtin
@@ -94,34 +93,9 @@ def test_builtin_frozen_and_input_checks():
 
 # ------------------------------------------------------------------------------------ T5 / CLIP
 
-def _tokenizer(bos: str | None, eos: str, pad: str):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [t for t in dict.fromkeys([pad, eos, bos, "<unk>"]) if t is not None]
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    single = f"{bos} $A {eos}" if bos else f"$A {eos}"
-    tok.post_processor = processors.TemplateProcessing(
-        single=single, special_tokens=[(t, vocab[t]) for t in (bos, eos) if t])
-    kw = dict(bos_token=bos) if bos else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=eos,
-                                   unk_token="<unk>", **kw), vocab
-
-
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
-    from transformers import T5Config, T5EncoderModel
-
-    d = tmp_path_factory.mktemp("t5")
-    tok, vocab = _tokenizer(None, "</s>", "<pad>")
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                   pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"], decoder_start_token_id=0)
-    T5EncoderModel(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_t5(tmp_path_factory.mktemp("t5"))
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +103,7 @@ def clip_dir(tmp_path_factory):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     root = tmp_path_factory.mktemp("pipe")  # diffusers pipeline layout
-    tok, vocab = _tokenizer("<|startoftext|>", "<|endoftext|>", "<|endoftext|>")
+    tok, vocab = tokenizer("<|startoftext|>", "<|endoftext|>", "<|endoftext|>")
     torch.manual_seed(0)
     cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=77,
