@@ -300,7 +300,8 @@ def bound_fingerprint(out: Path, text_encoder) -> tuple[list[float] | None, list
             recorded = read_json(out / MANIFEST).get("text_fingerprint")
     except (ValueError, KeyError, TypeError, AttributeError):  # unreadable: check_binding says so
         pass
-    current = None if text_encoder is None else list(fingerprint(text_encoder))
+    # rank 0's: every rank's shards record the same one (GPUs may differ in the last digit)
+    current = dist.broadcast_object(None if text_encoder is None else list(fingerprint(text_encoder)))
     if current is not None and recorded and same_fingerprint(current, recorded):
         current = list(recorded)
     return current, recorded
