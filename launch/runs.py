@@ -350,6 +350,18 @@ LOCK = ".lock"
 _HELD: dict[Path, Any] = {}  # folder -> the open lock file this process holds
 
 
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the lock files it inherited, so the lock goes
+    with the run's process and not with a worker that outlives it by a few seconds (which refused
+    the run that torchrun --max-restarts started next). The parent's lock stays."""
+    for handle in _HELD.values():
+        handle.close()  # this process's reference only: no unlock (flock is held while any reference is open)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 def _in_use(folder: Path, new_folder: str, handle: Any) -> str:
     handle.seek(0)
     holder = handle.read().strip() or "another process"

@@ -127,6 +127,48 @@ def test_a_second_run_into_a_folder_in_use_is_refused(base, tmp_path, capsys, mo
         assert _ldm(argv) == 0  # and this run let go of it
 
 
+FORKS_A_WORKER = """
+import os, sys, time
+from launch import runs
+runs.claim_folder(sys.argv[1])
+child = os.fork()
+if child == 0:  # a DataLoader worker, busy decoding when its rank dies
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+sys.stdin.readline()  # the rank lives until the test says
+"""
+
+
+def test_a_folder_lock_goes_with_its_run_not_with_a_forked_worker(tmp_path):
+    """A rank SIGKILLed while its forked DataLoader workers decode on for a few seconds (was: the
+    workers kept the folder locked, and the rank torchrun --max-restarts started next was refused)."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    def locked() -> bool:
+        with open(tmp_path / runs.LOCK, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False
+
+    rank = subprocess.Popen([sys.executable, "-c", FORKS_A_WORKER, str(tmp_path)], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    worker = int(rank.stdout.readline())
+    try:
+        assert locked()  # the rank holds it
+        rank.stdin.close()
+        rank.wait(timeout=60)  # the rank ends, its worker lives on
+        os.kill(worker, 0)
+        assert not locked()
+    finally:
+        os.kill(worker, 9)
+
+
 def test_train_ae_run_that_stopped_before_a_checkpoint_binds_nothing(base, tmp_path, capsys):
     """Clips longer than every video: one line (was: a traceback), and the corrected command runs
     in the same folder (was: refused, "frames: 9 -> 8", by the run.json the failed run left)."""
