@@ -422,7 +422,7 @@ def release_folder(folder: str | Path, made: bool = False) -> None:
     handle = _HELD.pop(folder.resolve(), None)
     if handle is None:
         return
-    if made and [p.name for p in folder.iterdir()] == [LOCK]:
+    if made and folder.is_dir() and [p.name for p in folder.iterdir()] == [LOCK]:
         (folder / LOCK).unlink()  # while still locked: a run starting now makes a lock file of its own
         folder.rmdir()
     handle.close()
