@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from data.manifest import MANIFEST
 from data.video import VideoError, Window, Windows, plan_windows, read_clips, read_video
 from ldm.errors import MissingInput, UserError
 
@@ -157,6 +158,9 @@ def list_items(input: str | Path, captions: str | Path | None = None) -> ItemLis
         items.problems[:0] = problems
         return items
     tars = [p for p in files if p.suffix.lower() == ".tar"]
+    if tars and ((root / MANIFEST).is_file() or any(root.glob("shard-*.json"))):
+        raise UserError(f"{root} holds latent shards written by `ldm extract` ({MANIFEST}, shard-*.json), not videos: "
+                        "give the videos (or raw video shards) they came from")
     if tars:
         _no_captions_for_shards(captions)
         items = _list_shards(tars)

@@ -91,6 +91,8 @@ def test_wrong_kind_of_folder_says_what_it_is(run, tmp_path, capsys):
     _one_line_error(argv + [str(tmp_path / "ae-run")], capsys, "is a `ldm train-ae` run folder; give its final/")
     _one_line_error(_extract(run, tmp_path / "out", "--input", str(tmp_path / "nowhere")), capsys,
                     "input not found")
+    _one_line_error(_extract(run, tmp_path / "out", "--input", str(run / "lat")), capsys,  # was: a warning per sample
+                    "holds latent shards written by `ldm extract` (manifest.json, shard-*.json), not videos")
     (tmp_path / "file").write_text("x")
     _one_line_error(_extract(run, tmp_path / "file"), capsys, "is a file")
     assert not (tmp_path / "out").exists()
