@@ -282,8 +282,16 @@ def run_binding(cfg: ExtractConfig, record: AERecord, dtype: torch.dtype, items:
     facts = {"model": {"name": record.name, "config_hash": record.config_hash,
                        "checkpoint_hash": record.checkpoint_hash},
              "compute_dtype": dist.dtype_name(dtype), TEXT_FINGERPRINT: text_fp,
-             "inputs": f"{len(keys)} (keys sha256 {hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]})"}
+             "inputs": f"{len(keys)} (keys sha256 {hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]})",
+             "labels": labels_digest(items)}
     return runs.binding_record(cfglib.to_dict(cfg), HARMLESS, facts)
+
+
+def labels_digest(items: list) -> str:
+    """A hash of the captions and class ids of ``items`` (what their samples' text, text embeddings
+    and labels come from): a captions file edited between runs is a change, not a mix."""
+    text = "\n".join(json.dumps([it.caption, it.class_id]) for it in items)
+    return f"captions and class ids sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def bound_fingerprint(out: Path, text_encoder) -> tuple[list[float] | None, list[float] | None]:
@@ -412,7 +420,8 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     since = {"text_fingerprint": recorded_fp or text_fp}  # what a shard or run.json of an earlier version stands for
     signature = _run_signature(cfg, record, dtype, text_fp)
     binding = runs.check_binding(out, run_binding(cfg, record, dtype, items, text_fp), allow_change,
-                                 defaults={**runs.defaults_of(ExtractConfig), TEXT_FINGERPRINT: since["text_fingerprint"]})
+                                 defaults={**runs.defaults_of(ExtractConfig), TEXT_FINGERPRINT: since["text_fingerprint"],
+                                           "labels": labels_digest(items)})
     # no second extraction into the folder while this one lives (rank 0 holds it for every rank of the run);
     # the folder appears here, after every check
     runs.claim_folder(out)
@@ -421,11 +430,13 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     for j in mine:  # this rank's shards that are not done (or differ, with an allowed change)
         sidecar = out / f"shard-{j:06d}.json"
         keys = [it.key for it in items[j * cfg.shard_size:(j + 1) * cfg.shard_size]]
+        labels = labels_digest(items[j * cfg.shard_size:(j + 1) * cfg.shard_size])
         if sidecar.exists():
             done = read_json(sidecar)
             old = {**since, **done["signature"]}
             differ = [k for k in sorted(set(old) | set(signature)) if old.get(k) != signature.get(k)]
             differ += ["inputs"] if done["keys"] != keys else []
+            differ += ["labels"] if done.get("labels", labels) != labels else []  # none: a shard of an earlier version
             if differ and not binding.changes:  # a folder of an extraction made before run.json existed
                 raise UserError(f"{out} holds shards of a different extraction ({sidecar.name}: {', '.join(differ)} "
                                 "differ); give a new --output folder")
@@ -529,9 +540,8 @@ class _ShardBuffer:
 
 def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signature: dict, out: Path,
                        binding: runs.Binding) -> None:
-    """The shard's tar (atomic rename), then its sidecar, which marks it done. The output folder
-    (and its ``run.json``) is made with the first shard, so a run that fails before writing one
-    leaves no folder."""
+    """The shard's tar (atomic rename), then its sidecar, which marks it done. ``run.json`` is
+    written with the first shard, so a run that fails before writing one binds nothing."""
     out.mkdir(parents=True, exist_ok=True)
     if binding.changes or not (out / runs.BINDING).exists():
         binding.write()
@@ -541,7 +551,8 @@ def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signa
     else:  # an allowed change that leaves the shard empty: its earlier tar must not be read
         (out / shards.SHARD_NAME.format(buf.index)).unlink(missing_ok=True)
     atomic_write_json(out / f"shard-{buf.index:06d}.json", {
-        "signature": signature, "keys": [it.key for it in items[lo:hi]], "written": len(buf.samples),
+        "signature": signature, "keys": [it.key for it in items[lo:hi]], "labels": labels_digest(items[lo:hi]),
+        "written": len(buf.samples),
         "skipped": buf.skipped, "stats": buf.stats.to_json(), "text_tokens": buf.text_tokens})
 
 

@@ -293,6 +293,34 @@ def test_extract_binds_the_text_encoder_weights_not_only_its_folder(base, tmp_pa
     assert _ldm(argv) == 0
 
 
+def test_extract_binds_the_captions_and_class_ids(base, tmp_path, capsys):
+    """A captions file edited between two runs into one folder (was: the finished shards kept the
+    old captions and embeddings, the others took the new ones, without a word)."""
+    videos, out = tmp_path / "videos", tmp_path / "lat"
+    shutil.copytree(base / "videos", videos)
+    argv = _extract(base, out, "--input", str(videos), "--text-encoder", "builtin")
+    assert _ldm(argv) == 0
+    rows = [json.loads(line) for line in (videos / "metadata.jsonl").read_text().splitlines()]
+    rows[4]["caption"] = "a big red square moving up"  # a fix in shard 1 (videos 3 to 5)
+    (videos / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = _snapshot(out)
+    _refused(argv, capsys, "labels: \"captions and class ids sha256 ", "--allow-change labels")
+    assert _snapshot(out) == before
+    assert _ldm([*argv, "--allow-change", "labels"]) == 0  # the shard that changed is made again
+    after = _snapshot(out)
+    assert after["shard-000000.tar"] == before["shard-000000.tar"] and after["shard-000001.tar"] != before["shard-000001.tar"]
+    assert shards.read_all(out)[4]["meta"]["caption"] == "a big red square moving up"
+    # a folder of an earlier version (no labels recorded) resumes
+    record = json.loads((out / runs.BINDING).read_text())
+    del record["record"]["labels"]
+    (out / runs.BINDING).write_text(json.dumps(record))
+    for side in out.glob("shard-*.json"):
+        side.write_text(json.dumps({k: v for k, v in json.loads(side.read_text()).items() if k != "labels"}))
+    rows[4]["caption"] = "a small red square moving up"
+    (videos / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _ldm(argv) == 0
+
+
 def test_binding_unit(tmp_path):
     record = runs.binding_record({"steps": 2, "log_every": 1, "optim": {"lr": 1e-4, "betas": (0.9, 0.99)},
                                   "overrides": {}}, ("log_every",), {"data": {"clips": 3}})
