@@ -27,7 +27,7 @@ test-slow: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m slow tests
 
 demo: setup
-	$(VENV)/bin/ldm demo --output demo_out --overwrite
+	$(VENV)/bin/ldm demo --output demo_out
 
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/extraction.py

@@ -21,6 +21,10 @@ Stages, each timed:
 7. ``report``: ``report.md``, ``report.html`` (videos as MP4 + GIF, loss curves, accuracies vs
    chance, reconstruction PSNR/SSIM, stage timings) and ``report.json`` with the same numbers.
 
+The output folder is bound to the settings (``run.json``): the same command resumes an interrupted
+demo, keeping the stages it finished (``work/stages.json``); other settings are refused, naming
+them (``--overwrite`` clears the folder and starts again).
+
 The settings live in ``launch/configs/demo.yaml`` (``demo-quick.yaml`` for ``--quick``); the
 ``dit`` section is an `ldm train` config (``output`` and ``data.shards`` are set by the demo).
 """
@@ -44,6 +48,7 @@ import torch
 from data.attributes import read_attributes
 from data.synth import CARDINAL, COLORS, SHAPES, caption, class_id, parse_combo, synth_dataset
 from autoencoders import build
+from launch import runs
 from launch.configs import CONFIG_DIR
 from launch.extract import ExtractConfig
 from launch.extract import check_config as check_extract
@@ -51,6 +56,7 @@ from launch.pipeline import run_verb
 from launch.train import TrainConfig, check_ranges
 from launch.train_ae import TrainAEConfig
 from ldm import config as cfglib
+from ldm.checkpoint import atomic_write_json, read_json
 from ldm.errors import UserError, check_min, checking
 from ldm.samplers import SamplingConfig
 
@@ -149,7 +155,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny numbers: the same pipeline in well under 2 minutes")
     p.add_argument("--config", help="demo YAML (default: launch/configs/demo.yaml, demo-quick.yaml with --quick)")
     p.add_argument("--overwrite", action="store_true",
-                   help="clear an earlier demo's --output folder (its checkpoints and report) and run again")
+                   help="clear an earlier demo's --output folder (its checkpoints and report) and run again "
+                   "(without it, the same settings resume that demo)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dit.steps=2000 sample.guidance=6")
 
 
@@ -157,7 +164,6 @@ def run(args: argparse.Namespace) -> int:
     path = args.config or CONFIG_DIR / ("demo-quick.yaml" if args.quick else "demo.yaml")
     with checking():
         cfg = load_config(path, args.overrides)
-    check_config(cfg, Path(args.output), args.overwrite)
     try:
         report = run_demo(cfg, args.output, args.overwrite)
     except UserError:
@@ -194,21 +200,25 @@ class _Clock:
         return time.perf_counter() - self.start
 
 
-def _prepare_output(out: Path, overwrite: bool = False) -> None:
-    """An empty (or new) folder, or with ``overwrite`` one an earlier demo wrote (cleared); anything
-    else is an error (nothing another run wrote is deleted unless asked)."""
+def _prepare_output(out: Path, overwrite: bool = False, binding: runs.Binding | None = None) -> None:
+    """An empty (or new) folder, or one an earlier demo wrote: resumed when ``binding`` (the
+    demo's settings, `check_config`) matches the one it records, cleared first with ``overwrite``;
+    anything else is an error (nothing another run wrote is deleted unless asked)."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output {out} is a file")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise FileExistsError(f"--output {out} is not empty and was not written by `ldm demo`; "
                                   "choose a new folder")
-        if not overwrite:
+        if overwrite:
+            shutil.rmtree(out)
+        elif not (out / runs.BINDING).exists():  # a demo of a version that did not record its settings
             raise FileExistsError(f"--output {out} holds an earlier demo; give --overwrite to replace it "
                                   "or choose a new folder")
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by `ldm demo`; `ldm demo --overwrite` clears this folder\n")
+    if binding is not None:
+        binding.write()
 
 
 def _ae_config(cfg: DemoConfig, work: Path) -> TrainAEConfig:
@@ -246,9 +256,10 @@ def _section(name: str) -> Iterator[None]:
         raise UserError(f"{name}: {e}") from e
 
 
-def check_config(cfg: DemoConfig, out: Path, overwrite: bool = False) -> None:
+def check_config(cfg: DemoConfig, out: Path, overwrite: bool = False) -> runs.Binding:
     """Every stage's settings and the output folder are usable before anything runs (`UserError`
-    naming the key otherwise)."""
+    naming the key otherwise); returns the folder's binding to the settings: an earlier demo's
+    folder is resumed only by the same settings (or cleared with ``overwrite``)."""
     check_min({"synth.num": cfg.synth.num, "synth.eval_per_combo": cfg.synth.eval_per_combo,
                "synth.frames": cfg.synth.frames, "synth.size": cfg.synth.size}, 1)
     with _section("autoencoder"):
@@ -263,8 +274,14 @@ def check_config(cfg: DemoConfig, out: Path, overwrite: bool = False) -> None:
         raise UserError(f"--output {out} is a file; give a folder for the report")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise UserError(f"--output {out} is not empty and was not written by `ldm demo`; choose a new folder")
-    if out.exists() and (out / MARKER).exists() and not overwrite:
-        raise UserError(f"--output {out} holds an earlier demo; give --overwrite to replace it or choose a new folder")
+    if (out / MARKER).exists() and not (out / runs.BINDING).exists() and not overwrite:
+        raise UserError(f"--output {out} holds a demo of an earlier version (its settings are not recorded); "
+                        "give --overwrite to replace it or choose a new folder")
+    record = runs.binding_record(cfglib.to_dict(cfg), (), {})
+    if overwrite:
+        return runs.Binding(out, record)
+    return runs.check_binding(out, record, new_folder="--overwrite to start again or a new --output",
+                              allow_flag=None)
 
 
 def _threads_per_rank(ranks: int) -> int:
@@ -298,67 +315,96 @@ def accuracy(rows: list[dict[str, Any]], s: SynthStage) -> dict[str, float]:
     return out
 
 
+STAGES = "stages.json"  # in work/: each finished stage's seconds and result (a rerun skips it)
+STAGE_NAMES = ("synth", "train_ae", "eval_ae", "extract", "train_dit", "sample", "score", "report")
+
+
 def run_demo(cfg: DemoConfig, output: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Run every stage into ``output`` and return the report (also written as report.json);
-    ``overwrite``: an earlier demo's ``output`` is cleared first (else refused)."""
+    """Run every stage into ``output`` and return the report (also written as report.json).
+    An earlier demo's ``output`` with the same settings is resumed: its finished stages are kept
+    (``work/stages.json``), an interrupted one resumes from its own checkpoints (train-ae,
+    extract, train) or runs again (the others); ``overwrite`` clears it first."""
     out = Path(output)
-    _prepare_output(out, overwrite)
+    binding = check_config(cfg, out, overwrite)
+    _prepare_output(out, overwrite, binding)
     work = out / "work"
+    state_file = work / STAGES
+    state: dict[str, Any] = read_json(state_file) if state_file.exists() else {}
     clock = _Clock()
     load_start = os.getloadavg()
     s = cfg.synth
-    report: dict[str, Any] = {"settings": cfglib.to_dict(cfg)}
+    report: dict[str, Any] = {"settings": cfglib.to_dict(cfg), "resumed": [n for n in STAGE_NAMES if n in state]}
+    earlier = sum(v["seconds"] for v in state.values())  # the stages earlier runs finished
 
-    with clock.stage("synth"):
-        train_set = synth_dataset(work / "videos", num=s.num, frames=s.frames, size=s.size, fps=s.fps, seed=s.seed,
-                                  shapes=s.shapes, colors=s.colors, directions=s.directions, holdout=s.holdout)
-        n_combos = len(s.shapes) * len(s.colors) * len(s.directions)
-        eval_set = synth_dataset(work / "eval", num=n_combos * s.eval_per_combo,
-                                 frames=s.frames, size=s.size, fps=s.fps, seed=s.seed + 1, shapes=s.shapes,
-                                 colors=s.colors, directions=s.directions, holdout=s.holdout, include_holdout=True)
-    report["data"] = {"train_clips": train_set["count"], "train_combinations": train_set["classes"],
-                      "eval_clips": eval_set["count"], "holdout": list(s.holdout)}
+    def stage(name: str, fn, record: bool = True) -> Any:
+        """``fn()``, timed and recorded (its result too, with ``record``), or what an earlier run
+        recorded for ``name``."""
+        if name in state:
+            clock.times[name] = state[name]["seconds"]
+            print(f"[demo] {name} done by an earlier run ({clock.times[name]:.1f}s)", flush=True)
+            return state[name]["result"]
+        with clock.stage(name):
+            result = fn()
+        state[name] = {"seconds": clock.times[name], "result": result if record else None}
+        atomic_write_json(state_file, state)
+        return result
 
-    with clock.stage("train_ae"):
-        report["autoencoder"] = _train_ae(cfg, work, out)
-    with clock.stage("eval_ae"):
-        report["autoencoder"].update(_eval_ae(cfg, work, out))
-    with clock.stage("extract"):
-        report["extract"] = _extract(cfg, work, out)
-    with clock.stage("train_dit"):
-        report["dit"] = _train_dit(cfg, work, out)
-    with clock.stage("sample"):
-        videos = _sample(cfg, work, out)
-    with clock.stage("score"):
-        for v in videos:
-            v["read"] = _read(v.pop("video"), s)
-            v["correct"] = {a: v["read"][a] == v["want"][a] for a in ATTRS}
-        groups = list(dict.fromkeys(v["group"] for v in videos))
-        report["accuracy"] = {g: accuracy([v for v in videos if v["group"] == g], s) for g in groups}
-        report["videos"] = videos
+    report["data"] = stage("synth", lambda: _synth(cfg, work))
+    report["autoencoder"] = stage("train_ae", lambda: _train_ae(cfg, work, out))
+    report["autoencoder"].update(stage("eval_ae", lambda: _eval_ae(cfg, work, out)))
+    report["extract"] = stage("extract", lambda: _extract(cfg, work, out))
+    report["dit"] = stage("train_dit", lambda: _train_dit(cfg, work, out))
+    videos: list[dict[str, Any]] = []
+    if "score" not in state:  # the videos are scored in memory: sampled again unless scored
+        state.pop("sample", None)
+        videos = stage("sample", lambda: _sample(cfg, work, out), record=False)
+    report["videos"] = stage("score", lambda: _score(videos, s))
+    groups = list(dict.fromkeys(v["group"] for v in report["videos"]))
+    report["accuracy"] = {g: accuracy([v for v in report["videos"] if v["group"] == g], s) for g in groups}
     with clock.stage("report"):
         _plot_losses(work, out)
         report["machine"] = {"cpus": os.cpu_count(), "ranks": cfg.ranks,
                              "threads_per_rank": _threads_per_rank(cfg.ranks),
                              "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
                              "torch": torch.__version__}
-        report["timings_s"] = {**clock.times, "total": clock.total()}
+        report["timings_s"] = {**clock.times, "total": earlier + clock.total()}
         _write_reports(report, out)
-    report["timings_s"] = {**clock.times, "total": clock.total()}
+    report["timings_s"] = {**clock.times, "total": earlier + clock.total()}
     _write_reports(report, out)  # again, with the report stage's own time in the table
     return report
 
 
-def _train_ae(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
-    """`ldm train-ae` (``train_autoencoder`` under DDP) on ``ranks`` processes."""
-    from ldm.checkpoint import read_json
+def _synth(cfg: DemoConfig, work: Path) -> dict[str, Any]:
+    """The training videos (holdout left out) and the evaluation videos (another seed, all combinations)."""
+    s = cfg.synth
+    train_set = synth_dataset(work / "videos", num=s.num, frames=s.frames, size=s.size, fps=s.fps, seed=s.seed,
+                              shapes=s.shapes, colors=s.colors, directions=s.directions, holdout=s.holdout)
+    n_combos = len(s.shapes) * len(s.colors) * len(s.directions)
+    eval_set = synth_dataset(work / "eval", num=n_combos * s.eval_per_combo,
+                             frames=s.frames, size=s.size, fps=s.fps, seed=s.seed + 1, shapes=s.shapes,
+                             colors=s.colors, directions=s.directions, holdout=s.holdout, include_holdout=True)
+    return {"train_clips": train_set["count"], "train_combinations": train_set["classes"],
+            "eval_clips": eval_set["count"], "holdout": list(s.holdout)}
 
+
+def _score(videos: list[dict[str, Any]], s: SynthStage) -> list[dict[str, Any]]:
+    """The attribute reader on each sampled video (its tensor dropped from the row)."""
+    for v in videos:
+        v["read"] = _read(v.pop("video"), s)
+        v["correct"] = {a: v["read"][a] == v["want"][a] for a in ATTRS}
+    return videos
+
+
+def _train_ae(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
+    """`ldm train-ae` (``train_autoencoder`` under DDP) on ``ranks`` processes (the losses from its
+    log, which a resumed run continues: its summary covers the resumed steps only)."""
     a = cfg.autoencoder
     run_verb("train-ae", _ae_config(cfg, work), out / "logs" / "train_ae.log", ranks=cfg.ranks,
              threads=_threads_per_rank(cfg.ranks))
     summary = read_json(work / "ae" / "summary.json")
+    _, losses = _read_log(work / "ae" / "log.jsonl", "loss")
     return {"name": a.autoencoder, "steps": summary["steps"], "world_size": summary["world_size"],
-            "first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
+            "first_loss": losses[0], "last_loss": losses[-1],
             "steps_per_s": summary["steps_per_s"]}
 
 
@@ -527,7 +573,8 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
         f"{dit['samples_per_s']:.0f} samples/s",
         f"sampling: {st['sample']['sampler']}, {st['sample']['steps']} steps, guidance {st['sample']['guidance']}",
         f"total wall time: {t['total']:.0f} s on {report['machine']['cpus']} CPU cores "
-        f"(load average at start {report['machine']['load_average_start'][0]:.1f})",
+        f"(load average at start {report['machine']['load_average_start'][0]:.1f})"
+        + (f"; resumed: {', '.join(report['resumed'])} done by an earlier run" if report["resumed"] else ""),
     ]
 
 

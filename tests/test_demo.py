@@ -79,11 +79,13 @@ def test_config_errors():
 
 def test_output_folder_must_be_new_or_a_demo(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not written by `ldm demo`"):
+    with pytest.raises(UserError, match="not written by `ldm demo`"):
         run_demo(load_config(CONFIG_DIR / "demo-quick.yaml"), tmp_path)
+    with pytest.raises(FileExistsError, match="not written by `ldm demo`"):
+        _prepare_output(tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / MARKER).exists()
-    # an earlier demo's folder is replaced only when asked
+    # a demo folder that does not record its settings (an earlier version) is replaced only when asked
     old = tmp_path / "old"
     old.mkdir()
     (old / MARKER).write_text("")
@@ -91,10 +93,61 @@ def test_output_folder_must_be_new_or_a_demo(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         _prepare_output(old)
     assert (old / "report.json").exists()
-    with pytest.raises(UserError, match="holds an earlier demo; give --overwrite"):
+    with pytest.raises(UserError, match=r"settings are not recorded\); give --overwrite"):
         check_config(load_config(CONFIG_DIR / "demo-quick.yaml"), old)
     _prepare_output(old, overwrite=True)
     assert sorted(p.name for p in old.iterdir()) == [MARKER]
+
+
+@pytest.mark.dist
+def test_an_interrupted_demo_resumes_without_redoing_its_finished_stages(tmp_path, monkeypatch):
+    """Stopped in the DiT stage, the same demo keeps the stages done and resumes; a rerun after the
+    end redoes nothing; other settings are refused, naming them; --overwrite starts again."""
+    import launch.demo as demo
+
+    cfg = load_config(CONFIG_DIR / "demo-quick.yaml", ["ranks=1"])
+    out = tmp_path / "d"
+
+    def stop(*a):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(demo, "_train_dit", stop)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(cfg, out)
+    done = ["synth", "train_ae", "eval_ae", "extract"]
+    recorded = json.loads((out / "work" / "stages.json").read_text())
+    assert sorted(recorded) == sorted(done)
+
+    def redone(*a):
+        raise AssertionError("a finished stage ran again")
+
+    with monkeypatch.context() as m:
+        for f in ("_synth", "_train_ae", "_eval_ae", "_extract"):
+            m.setattr(demo, f, redone)
+        r = run_demo(cfg, out)
+    assert r["resumed"] == done and set(r["timings_s"]) >= set(STAGES)
+    for s in done:  # the earlier run's numbers, in the report
+        assert r["timings_s"][s] == recorded[s]["seconds"]
+    assert r["autoencoder"]["psnr"] == recorded["eval_ae"]["result"]["psnr"]
+    assert r["extract"]["written"] == cfg.synth.num and r["dit"]["steps"] == cfg.dit.steps
+    assert "resumed: synth, train_ae, eval_ae, extract" in (out / "report.md").read_text()
+
+    with monkeypatch.context() as m:  # after the end: nothing runs again, the same report
+        for f in ("_synth", "_train_ae", "_eval_ae", "_extract", "_train_dit", "_sample"):
+            m.setattr(demo, f, redone)
+        again = run_demo(cfg, out)
+    assert again["accuracy"] == r["accuracy"] and again["resumed"] == [*done, "train_dit", "sample", "score"]
+
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(UserError, match=r"sample.steps: 2 -> 3\); give --overwrite"):
+        run_demo(load_config(CONFIG_DIR / "demo-quick.yaml", ["ranks=1", "sample.steps=3"]), out)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    with monkeypatch.context() as m:
+        m.setattr(demo, "_synth", stop)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(load_config(CONFIG_DIR / "demo-quick.yaml", ["ranks=1", "sample.steps=3"]), out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "run.json"]
 
 
 def test_accuracy_counts_each_attribute_against_chance():
