@@ -76,7 +76,7 @@ def init_distributed(backend: str | None = None) -> DistEnv:
             os.environ["MASTER_ADDR"] = os.environ["SLURM_LAUNCH_NODE_IPADDR"]
         os.environ.setdefault("MASTER_PORT", "29500")
     if env.source == "torchrun" and started_by_a_launcher():
-        _stop_with_the_launcher()
+        stop_with_parent()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -94,12 +94,14 @@ def started_by_a_launcher() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "CROSS_RANK" in os.environ
 
 
-def _stop_with_the_launcher() -> None:
-    """A rank of a launcher (torchrun, deepspeed, accelerate) gets SIGTERM when the launcher's
-    process dies (SIGKILLed, out of memory), as when the launcher stops it: the trainers then
-    finish the step, write a checkpoint and exit. Without it such a rank trained on as an orphan
-    (racing the next run started into its folder) or waited minutes for the dead launcher's store.
-    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere nothing changes."""
+def stop_with_parent() -> None:
+    """This process gets SIGTERM when its parent dies (SIGKILLed, out of memory, SIGTERM), as when
+    the parent stops it. For a rank of a launcher (torchrun, deepspeed, accelerate): the trainers
+    then finish the step, write a checkpoint and exit; without it such a rank trained on as an
+    orphan (racing the next run started into its folder) or waited minutes for the dead launcher's
+    store. `launch.pipeline` gives it to the launchers `ldm demo` / `ldm compare` start (a
+    ``preexec_fn``), which pass it on to their ranks. Linux only (``prctl(PR_SET_PDEATHSIG)``);
+    elsewhere nothing changes."""
     import ctypes
     import signal
     import sys

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from launch import dist
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_bytes
 
@@ -77,7 +78,9 @@ def run_verb(verb: str, cfg: Any, log: Path, ranks: int = 1, in_process: bool = 
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         # the caller's working folder: relative paths in the config mean what they meant to the user
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        # stopped with this process (SIGTERM, SIGKILL): the launcher gets SIGTERM and its trainers save a
+        # checkpoint (was: they trained on as orphans into the folder a rerun resumes)
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, preexec_fn=dist.stop_with_parent)
         try:
             code = proc.wait()
         except KeyboardInterrupt:  # the stage got the Ctrl-C too: a trainer finishes its step and saves it

@@ -5,6 +5,11 @@ one line naming each key ``old -> new`` and the two ways out, before anything is
 another run wrote is deleted."""
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import shutil
 import warnings
 from pathlib import Path
@@ -482,3 +487,44 @@ def test_compare_rerun_with_other_settings_is_refused_in_its_own_terms(tmp_path,
     assert _ldm(argv + ["--device", "cpu"]) == 0  # the same comparison: resumed, the report written again
     assert json.loads((out / "compare.json").read_text())["rows"][0]["dit"]["steps"] == 3
     assert json.loads((out / "run.json").read_text())["record"]["--dit-steps"] == 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_a_pipeline_stage_stops_when_ldm_demo_or_compare_is_killed(tmp_path, signal_name):
+    """`kill PID` (or -9) of `ldm demo` / `ldm compare` while a stage runs under torchrun: the stage's
+    launcher gets SIGTERM, as its trainers would from a Ctrl-C (was: it trained on as an orphan
+    into the folder the rerun resumes). The stage here is a `sleep` standing in for torchrun."""
+    script = f"""
+import subprocess
+from pathlib import Path
+from launch import pipeline
+from launch.train import TrainConfig
+real = subprocess.Popen
+def stage(cmd, **kw):
+    proc = real(["sleep", "60"], **kw)
+    print(proc.pid, flush=True)
+    return proc
+pipeline.subprocess.Popen = stage
+pipeline.run_verb("train", TrainConfig(), Path({str(tmp_path / 'train.log')!r}), ranks=2)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    child = int(parent.stdout.readline())
+    parent.send_signal(getattr(signal, signal_name))
+    parent.wait()
+    deadline = time.time() + 10
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = _alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "the stage outlived the pipeline that started it"
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
