@@ -17,7 +17,8 @@ otherwise their weights are random (a pipeline check, flagged in the report).
 
 Writes ``compare.json`` (everything), ``compare.md`` (the side-by-side table) and ``cost.png``.
 The output folder is bound to the comparison that made it (``run.json``, `launch.runs`): a rerun
-with the same settings resumes its stages and writes the report again; one with other settings,
+with the same settings resumes its stages (each autoencoder's finished ones, in its ``stages.json``,
+are kept) and writes the report again; one with other settings,
 another training config or other inputs is refused before anything runs, naming what differs
 (give a new ``--output``).
 Measured step time is the median wall time of a training step after the first (from the run's
@@ -47,7 +48,7 @@ from launch import evaluate as ev
 from launch import runs
 from launch.configs import config_path
 from launch.extract import ExtractConfig
-from launch.pipeline import run_verb
+from launch.pipeline import Stages, run_verb
 from launch.train import TrainConfig, dit_overrides
 from launch.train_ae import TrainAEConfig
 from ldm import config as cfglib
@@ -57,6 +58,7 @@ from ldm.metrics import FVD_FRAMES, load_i3d
 from ldm.samplers import SamplingConfig
 
 DEFAULT_TRAIN = "train-debug"  # a built-in config's name (launch.configs)
+STAGES = "stages.json"  # in each autoencoder's folder: its finished stages (`launch.pipeline.Stages`)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -220,8 +222,8 @@ def _train_ae(entry: dict[str, Any], args: argparse.Namespace, train_data: str, 
                         log_every=max(1, args.ae_steps // 10), save_every=args.ae_steps, sample_every=args.ae_steps,
                         num_workers=0, seed=args.seed, progress=False, device=args.device)
     summary = run_verb("train-ae", cfg, work / "train_ae.log", in_process=True)
-    entry["checkpoint"] = summary["final"]
-    return {"steps": args.ae_steps, "first_loss": summary.get("first_loss"), "last_loss": summary.get("last_loss")}
+    return {"steps": args.ae_steps, "first_loss": summary.get("first_loss"), "last_loss": summary.get("last_loss"),
+            "final": summary["final"]}
 
 
 def _extract(entry: dict[str, Any], args: argparse.Namespace, train_data: str, work: Path) -> dict[str, Any]:
@@ -233,16 +235,21 @@ def _extract(entry: dict[str, Any], args: argparse.Namespace, train_data: str, w
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-weights warning is in the report
         run_verb("extract", cfg, work / "extract.log", ranks=args.nproc, in_process=args.nproc == 1)
-    m = load_manifest(latents)
-    return {"seconds": time.perf_counter() - t0, "clips": m.counts.written, "manifest": m}
+    return {"seconds": time.perf_counter() - t0, "clips": load_manifest(latents).counts.written}
 
 
-def _train_dit(args: argparse.Namespace, latents: Path, work: Path) -> tuple[dict[str, Any], Any]:
-    over = [f"output={work / 'dit'}", f"data.shards={latents}", "log_every=1", "keep_checkpoints=1", *args.train]
+def _dit_config(args: argparse.Namespace, work: Path) -> TrainConfig:
+    """The `ldm train` settings of one autoencoder's DiT (its latents in ``work/latents``)."""
+    over = [f"output={work / 'dit'}", f"data.shards={work / 'latents'}", "log_every=1", "keep_checkpoints=1",
+            *args.train]
     if args.dit_steps:
         over.append(f"steps={args.dit_steps}")
     cfg = cfglib.load_yaml(args.train_config, TrainConfig, over)
-    cfg = cfglib.replace(cfg, save_every=cfg.steps)
+    return cfglib.replace(cfg, save_every=cfg.steps)
+
+
+def _train_dit(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    cfg = _dit_config(args, work)
     cuda = torch.cuda.is_available() and args.device != "cpu"
     t0 = time.perf_counter()
     peak = None
@@ -255,11 +262,11 @@ def _train_dit(args: argparse.Namespace, latents: Path, work: Path) -> tuple[dic
     log = [json.loads(line) for line in (work / "dit" / "log.jsonl").read_text().splitlines() if line.strip()]
     per_step = cfg.data.batch_size * cfg.optim.grad_accum * args.nproc
     step_s = [per_step / r["samples_per_s"] for r in log[1:] if r.get("samples_per_s")]  # first step: warm-up
-    return ({"steps": cfg.steps, "batch_size": cfg.data.batch_size, "nproc": args.nproc, "seconds": seconds,
-             "step_s_median": statistics.median(step_s) if step_s else None, "first_loss": log[0]["loss"],
-             "last_loss": log[-1]["loss"], "peak_memory_bytes_measured": peak,
-             "peak_memory_method": "torch.cuda.max_memory_allocated over the run (EMA and DeepSpeed buffers "
-                                   "included)" if peak is not None else None}, cfg)
+    return {"steps": cfg.steps, "batch_size": cfg.data.batch_size, "nproc": args.nproc, "seconds": seconds,
+            "step_s_median": statistics.median(step_s) if step_s else None, "first_loss": log[0]["loss"],
+            "last_loss": log[-1]["loss"], "peak_memory_bytes_measured": peak,
+            "peak_memory_method": "torch.cuda.max_memory_allocated over the run (EMA and DeepSpeed buffers "
+                                  "included)" if peak is not None else None}
 
 
 def _evaluate(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, synth: dict[str, Any] | None,
@@ -320,17 +327,18 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for e in entries:
         work = out / _safe(e["label"])
+        stages = Stages(work / STAGES, f"compare {e['label']}")  # a rerun skips the stages finished
         row: dict[str, Any] = {"autoencoder": e["label"]}
-        print(f"[compare] {e['label']}", flush=True)
         if e["checkpoint"] is None and args.ae_steps > 0:
-            row["ae_training"] = _train_ae(e, args, train_data, work)
+            row["ae_training"] = stages.run("train_ae", lambda: _train_ae(e, args, train_data, work))
+            e["checkpoint"] = row["ae_training"]["final"]
         row["checkpoint"] = e["checkpoint"]
         row["random_weights"] = e["checkpoint"] is None
-        ext = _extract(e, args, train_data, work)
-        manifest = ext.pop("manifest")
-        row["extract"] = ext
-        row["dit"], tcfg = _train_dit(args, work / "latents", work)
-        row.update(_evaluate(e, args, eval_data, synth, work, lpips, i3d, device))
+        row["extract"] = stages.run("extract", lambda: _extract(e, args, train_data, work))
+        row["dit"] = stages.run("train_dit", lambda: _train_dit(args, work))
+        row.update(stages.run("evaluate", lambda: _evaluate(e, args, eval_data, synth, work, lpips, i3d, device)))
+        row["resumed"] = stages.resumed
+        manifest, tcfg = load_manifest(work / "latents"), _dit_config(args, work)
         overrides = dit_overrides(tcfg.model, manifest)
         row["cost"], = costlib.cost_table([e["checkpoint"] or e["name"]], args.frames, args.height, args.width,
                                           tcfg.model.dit, batch_size=tcfg.data.batch_size, steps=args.sample_steps,

@@ -52,11 +52,11 @@ from launch import runs
 from launch.configs import CONFIG_DIR
 from launch.extract import ExtractConfig
 from launch.extract import check_config as check_extract
-from launch.pipeline import run_verb
+from launch.pipeline import Stages, run_verb
 from launch.train import TrainConfig, check_ranges
 from launch.train_ae import TrainAEConfig
 from ldm import config as cfglib
-from ldm.checkpoint import atomic_write_json, read_json
+from ldm.checkpoint import read_json
 from ldm.errors import UserError, check_min, checking
 from ldm.samplers import SamplingConfig
 
@@ -181,25 +181,6 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------
 # the pipeline
 # ------------------------------------------------------------------------------------------
-class _Clock:
-    """Wall time of each stage (seconds), printed as the demo goes."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        print(f"[demo] {name} ...", flush=True)
-        t0 = time.perf_counter()
-        yield
-        self.times[name] = time.perf_counter() - t0
-        print(f"[demo] {name} done in {self.times[name]:.1f}s", flush=True)
-
-    def total(self) -> float:
-        return time.perf_counter() - self.start
-
-
 def _prepare_output(out: Path, overwrite: bool = False, binding: runs.Binding | None = None) -> None:
     """An empty (or new) folder, or one an earlier demo wrote: resumed when ``binding`` (the
     demo's settings, `check_config`) matches the one it records, cleared first with ``overwrite``;
@@ -316,7 +297,6 @@ def accuracy(rows: list[dict[str, Any]], s: SynthStage) -> dict[str, float]:
 
 
 STAGES = "stages.json"  # in work/: each finished stage's seconds and result (a rerun skips it)
-STAGE_NAMES = ("synth", "train_ae", "eval_ae", "extract", "train_dit", "sample", "score", "report")
 
 
 def run_demo(cfg: DemoConfig, output: str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -328,48 +308,32 @@ def run_demo(cfg: DemoConfig, output: str | Path, overwrite: bool = False) -> di
     binding = check_config(cfg, out, overwrite)
     _prepare_output(out, overwrite, binding)
     work = out / "work"
-    state_file = work / STAGES
-    state: dict[str, Any] = read_json(state_file) if state_file.exists() else {}
-    clock = _Clock()
+    stages = Stages(work / STAGES, "demo")
+    t0 = time.perf_counter()
     load_start = os.getloadavg()
     s = cfg.synth
-    report: dict[str, Any] = {"settings": cfglib.to_dict(cfg), "resumed": [n for n in STAGE_NAMES if n in state]}
-    earlier = sum(v["seconds"] for v in state.values())  # the stages earlier runs finished
-
-    def stage(name: str, fn, record: bool = True) -> Any:
-        """``fn()``, timed and recorded (its result too, with ``record``), or what an earlier run
-        recorded for ``name``."""
-        if name in state:
-            clock.times[name] = state[name]["seconds"]
-            print(f"[demo] {name} done by an earlier run ({clock.times[name]:.1f}s)", flush=True)
-            return state[name]["result"]
-        with clock.stage(name):
-            result = fn()
-        state[name] = {"seconds": clock.times[name], "result": result if record else None}
-        atomic_write_json(state_file, state)
-        return result
-
-    report["data"] = stage("synth", lambda: _synth(cfg, work))
-    report["autoencoder"] = stage("train_ae", lambda: _train_ae(cfg, work, out))
-    report["autoencoder"].update(stage("eval_ae", lambda: _eval_ae(cfg, work, out)))
-    report["extract"] = stage("extract", lambda: _extract(cfg, work, out))
-    report["dit"] = stage("train_dit", lambda: _train_dit(cfg, work, out))
-    videos: list[dict[str, Any]] = []
-    if "score" not in state:  # the videos are scored in memory: sampled again unless scored
-        state.pop("sample", None)
-        videos = stage("sample", lambda: _sample(cfg, work, out), record=False)
-    report["videos"] = stage("score", lambda: _score(videos, s))
+    report: dict[str, Any] = {"settings": cfglib.to_dict(cfg)}
+    report["data"] = stages.run("synth", lambda: _synth(cfg, work))
+    report["autoencoder"] = {**stages.run("train_ae", lambda: _train_ae(cfg, work, out)),
+                             **stages.run("eval_ae", lambda: _eval_ae(cfg, work, out))}
+    report["extract"] = stages.run("extract", lambda: _extract(cfg, work, out))
+    report["dit"] = stages.run("train_dit", lambda: _train_dit(cfg, work, out))
+    if "score" not in stages.done:  # the videos are scored in memory: sampled again unless scored
+        stages.redo("sample")
+    videos = stages.run("sample", lambda: _sample(cfg, work, out), keep_result=False)
+    report["videos"] = stages.run("score", lambda: _score(videos, s))
     groups = list(dict.fromkeys(v["group"] for v in report["videos"]))
     report["accuracy"] = {g: accuracy([v for v in report["videos"] if v["group"] == g], s) for g in groups}
-    with clock.stage("report"):
+    report["resumed"] = stages.resumed
+    with stages.timed("report"):
         _plot_losses(work, out)
         report["machine"] = {"cpus": os.cpu_count(), "ranks": cfg.ranks,
                              "threads_per_rank": _threads_per_rank(cfg.ranks),
                              "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
                              "torch": torch.__version__}
-        report["timings_s"] = {**clock.times, "total": earlier + clock.total()}
+        report["timings_s"] = {**stages.seconds, "total": stages.earlier_seconds() + time.perf_counter() - t0}
         _write_reports(report, out)
-    report["timings_s"] = {**clock.times, "total": earlier + clock.total()}
+    report["timings_s"] = {**stages.seconds, "total": stages.earlier_seconds() + time.perf_counter() - t0}
     _write_reports(report, out)  # again, with the report stage's own time in the table
     return report
 

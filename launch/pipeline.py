@@ -10,14 +10,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import yaml
 
 from launch import dist
 from ldm import config as cfglib
-from ldm.checkpoint import atomic_write_bytes
+from ldm.checkpoint import atomic_write_bytes, atomic_write_json, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,3 +96,47 @@ def run_verb(verb: str, cfg: Any, log: Path, ranks: int = 1, in_process: bool = 
         tail = log.read_bytes()[start:].decode(errors="replace")[-4000:]
         raise RuntimeError(f"`ldm {verb}` on {ranks} rank(s) failed (exit {code}); log {log}:\n{tail}")
     return None
+
+
+class Stages:
+    """The stages of a pipeline (``ldm demo``, each autoencoder of ``ldm compare``), timed, each
+    finished one recorded in ``path`` (its seconds and JSON result): a rerun into the same folder
+    returns what a finished stage gave instead of running it again, so an interrupted pipeline
+    resumes at the stage it was in. ``tag`` prefixes the progress lines."""
+
+    def __init__(self, path: Path, tag: str) -> None:
+        self.path, self.tag = Path(path), tag
+        self.done: dict[str, Any] = read_json(self.path) if self.path.is_file() else {}
+        self.seconds: dict[str, float] = {}  # this run's and the reused stages', in the order met
+        self.resumed: list[str] = []  # the stages an earlier run finished
+
+    def run(self, name: str, fn: Callable[[], Any], keep_result: bool = True) -> Any:
+        """``fn()``, timed and recorded (its result only with ``keep_result``), or what an earlier run
+        recorded for ``name``."""
+        if name in self.done:
+            self.seconds[name] = self.done[name]["seconds"]
+            self.resumed.append(name)
+            print(f"[{self.tag}] {name} done by an earlier run ({self.seconds[name]:.1f}s)", flush=True)
+            return self.done[name]["result"]
+        with self.timed(name):
+            result = fn()
+        self.done[name] = {"seconds": self.seconds[name], "result": result if keep_result else None}
+        atomic_write_json(self.path, self.done)
+        return result
+
+    def redo(self, name: str) -> None:
+        """Run ``name`` again (its recorded result is not usable on its own)."""
+        self.done.pop(name, None)
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Time a stage that is not recorded (done again on every run)."""
+        print(f"[{self.tag}] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t0
+        print(f"[{self.tag}] {name} done in {self.seconds[name]:.1f}s", flush=True)
+
+    def earlier_seconds(self) -> float:
+        """The time earlier runs spent on the stages this run reused."""
+        return sum(self.seconds[n] for n in self.resumed)

@@ -105,3 +105,50 @@ def test_compare_two_autoencoders_trained_first_with_fvd_and_lpips(tmp_path):
         assert row["recon"]["rfvd"]["n_real"] == 2 and row["recon"]["lpips"]["mean"] > 0
         assert row["fvd"]["n_fake"] == 2 and row["fvd"]["sha256"]
     assert "| causal3d-f4x8c4-debug |" in (out / "compare.md").read_text()
+
+
+def test_an_interrupted_compare_resumes_without_redoing_finished_stages(tmp_path, monkeypatch):
+    """Stopped in the second autoencoder's DiT training, the same command keeps what was finished
+    (the first autoencoder's every stage, the second's extraction) and reports the first run's
+    numbers for them; after the end a rerun redoes nothing (was: every stage ran again, the report's
+    training seconds became the resumed run's)."""
+    import launch.compare as compare
+
+    out = tmp_path / "cmp"
+    cmd = ["compare", "--autoencoders", "kl2d-f8c4-debug,kl2d-f8c16-debug", "--output", str(out), *SMALL]
+    real = {f: getattr(compare, f) for f in ("_extract", "_train_dit", "_evaluate")}
+
+    def second_training_stops(args, work):
+        if work.name == "kl2d-f8c16-debug":
+            raise KeyboardInterrupt
+        return real["_train_dit"](args, work)
+
+    with monkeypatch.context() as m:
+        m.setattr(compare, "_train_dit", second_training_stops)
+        with pytest.raises(KeyboardInterrupt):
+            ldm(cmd)
+    first = json.loads((out / "kl2d-f8c4-debug" / "stages.json").read_text())
+    assert sorted(first) == ["evaluate", "extract", "train_dit"]
+    assert list(json.loads((out / "kl2d-f8c16-debug" / "stages.json").read_text())) == ["extract"]
+
+    def only_the_second(name):
+        def stage(*a):
+            assert "kl2d-f8c16-debug" in str(a), f"{name} of a finished autoencoder ran again"
+            return real[name](*a)
+        return stage
+
+    with monkeypatch.context() as m:
+        m.setattr(compare, "_extract", lambda *a: pytest.fail("a finished extraction ran again"))
+        for name in ("_train_dit", "_evaluate"):
+            m.setattr(compare, name, only_the_second(name))
+        ldm(cmd)
+    kl4, kl16 = _report(out)["rows"]
+    assert kl4["resumed"] == ["extract", "train_dit", "evaluate"] and kl16["resumed"] == ["extract"]
+    assert kl4["dit"] == first["train_dit"]["result"] and kl4["recon"] == first["evaluate"]["result"]["recon"]
+    assert kl16["dit"]["steps"] == 3 and kl16["attributes"]["accuracy"]["n"] == 4
+
+    with monkeypatch.context() as m:
+        for name in real:
+            m.setattr(compare, name, lambda *a: pytest.fail("a finished stage ran again"))
+        ldm(cmd)
+    assert [r["dit"] for r in _report(out)["rows"]] == [kl4["dit"], kl16["dit"]]
