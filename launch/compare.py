@@ -119,6 +119,10 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Bin
         raise UserError(f"--fps must be > 0, got {args.fps}")
     if Path(args.output).is_file():
         raise UserError(f"--output {args.output} is a file; give a folder for the report")
+    if Path(args.output).is_dir() and any(Path(args.output).iterdir()) and \
+            not (Path(args.output) / runs.BINDING).is_file():
+        raise UserError(f"--output {args.output} is not empty and holds no `ldm compare` run (no {runs.BINDING}); "
+                        "choose a new folder")
     paths = {"--input": args.input, "--eval-input": args.eval_input, "--train-config": args.train_config,
              "--lpips-backbone": args.lpips_backbone, "--lpips-heads": args.lpips_heads, "--i3d": args.i3d}
     for flag, path in paths.items():

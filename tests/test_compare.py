@@ -55,6 +55,12 @@ def test_compare_rejects_sizes_and_names_before_running(tmp_path):
     with pytest.raises(UserError, match="neither a registered"):
         ldm(["compare", "--autoencoders", "nope", "--synth", "4", "--output", str(tmp_path / "y")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # checked before any folder
+    mine = tmp_path / "mine"  # a folder `ldm compare` did not write: refused, untouched
+    mine.mkdir()
+    (mine / "compare.md").write_text("my notes")
+    with pytest.raises(UserError, match="not empty and holds no `ldm compare` run"):
+        ldm(["compare", "--autoencoders", "kl2d-f8c4-debug", "--synth", "4", "--output", str(mine)])
+    assert [p.name for p in mine.iterdir()] == ["compare.md"] and (mine / "compare.md").read_text() == "my notes"
 
 
 def test_compare_saved_folders_on_plain_videos(tmp_path):
