@@ -160,12 +160,13 @@ def test_disc_weight_multiplies_the_gan_terms(clips, tmp_path):
 ])
 def test_recipes_run_two_steps_at_a_debug_size(clips, tmp_path, recipe, debug, buckets):
     path = str(RECIPES / f"{recipe}.yaml")
-    full = _args("--config", path, "--data", str(clips), "--output", str(tmp_path / "full"))
+    no_files = ("init=null", "lpips_vgg=null", "lpips_heads=null")  # no earlier stage's model nor LPIPS files here
+    full = _args("--config", path, "--data", str(clips), "--output", str(tmp_path / "full"), *no_files)
     check_inputs(full)  # the paper-size buckets fit the paper-size model (meta device, no weights)
     assert len(full.buckets) >= 2
     cfg = _args("--config", path, "--data", str(clips), "--output", str(tmp_path / "run"), f"autoencoder={debug}",
                 f"buckets={buckets}", "frames=1", "height=32", "width=32", "steps=2", "save_every=2",
-                "sample_every=2", "log_every=1", "latent_stats_clips=0", "num_workers=0", "progress=false")
+                "sample_every=2", "log_every=1", "latent_stats_clips=0", "num_workers=0", "progress=false", *no_files)
     check_inputs(cfg)
     summary = train_autoencoder(cfg)
     assert summary["steps"] == 2 and (tmp_path / "run" / "final" / "config.json").is_file()

@@ -90,6 +90,31 @@ def test_every_recipe_resolves():
         assert ldm([verb, "--config", str(path), "--print-config"]) == 0, path.name
 
 
+def test_each_recipe_runs_with_the_readme_command_and_chains_to_the_files_it_names(capsys):
+    """The README gives each recipe as `--config RECIPE --data VIDEOS` (the generator: no flag at
+    all): every recipe names its own output folder, runs/<recipe> (was: h3ae and ivvae-multires
+    had none, so the README's command stopped on a missing --output), and every folder or file it
+    starts from is an earlier recipe's runs/<recipe>/final or made by a command in its header
+    (was: ivvae-multires started from random weights, its header naming runs/ivvae-512/final)."""
+    cfgs, headers = {}, {}
+    for path in sorted(RECIPES.glob("*.yaml")):
+        train_ae = "model" not in yaml.safe_load(path.read_text())
+        cfgs[path.stem] = _print_config(capsys, "train-ae" if train_ae else "train", path.name,
+                                        *(["--data", "VIDEOS"] if train_ae else []))
+        headers[path.stem] = "".join(line for line in path.read_text().splitlines(True) if line.startswith("#"))
+        assert cfgs[path.stem]["output"] == f"runs/{path.stem}", path.name
+    starts = {"ivvae-video-256", "ivvae-video-512", "ivvae-multires", "hivae-stage1", "hivae-stage2",
+              "mtcvae-stage1", "mtcvae-stage2", "videovaeplus"}  # the recipes that start from weights
+    for name, cfg in cfgs.items():
+        sources = [cfg.get(k) for k in ("init", "base_checkpoint") if cfg.get(k)]
+        assert bool(sources) == (name in starts), name
+        for src in sources:
+            earlier = src.removeprefix("runs/").removesuffix("/final")
+            assert earlier in cfgs or f"--output {src.removesuffix('/final')}" in headers[name], (name, src)
+        if "lpips_weight" in yaml.safe_load((RECIPES / f"{name}.yaml").read_text()):  # LPIPS in the loss:
+            assert cfg["lpips_vgg"] and cfg["lpips_heads"], name  # its files (was: silently off in ivvae-multires)
+
+
 # ------------------------------------------------------------------------------------------
 # the LR schedule: one code path (runs.lr_at / lr_factor) for both trainers
 # ------------------------------------------------------------------------------------------
