@@ -187,12 +187,13 @@ def _prepare_output(out: Path, overwrite: bool = False, binding: runs.Binding | 
     anything else is an error (nothing another run wrote is deleted unless asked)."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output {out} is a file")
-    if out.exists() and any(out.iterdir()):
+    if _entries(out):
         if not (out / MARKER).exists():
             raise FileExistsError(f"--output {out} is not empty and was not written by `ldm demo`; "
                                   "choose a new folder")
-        if overwrite:
-            shutil.rmtree(out)
+        if overwrite:  # all but the lock this demo holds (`runs.claim_folder`)
+            for p in _entries(out):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         elif not (out / runs.BINDING).exists():  # a demo of a version that did not record its settings
             raise FileExistsError(f"--output {out} holds an earlier demo; give --overwrite to replace it "
                                   "or choose a new folder")
@@ -200,6 +201,11 @@ def _prepare_output(out: Path, overwrite: bool = False, binding: runs.Binding | 
     (out / MARKER).write_text("written by `ldm demo`; `ldm demo --overwrite` clears this folder\n")
     if binding is not None:
         binding.write()
+
+
+def _entries(out: Path) -> list[Path]:
+    """What ``out`` holds, but the lock file of a demo (`runs.claim_folder`)."""
+    return [p for p in out.iterdir() if p.name != runs.LOCK] if out.is_dir() else []
 
 
 def _ae_config(cfg: DemoConfig, work: Path) -> TrainAEConfig:
@@ -253,7 +259,7 @@ def check_config(cfg: DemoConfig, out: Path, overwrite: bool = False) -> runs.Bi
         check_ranges(_dit_config(cfg, out / "work"))
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file; give a folder for the report")
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+    if _entries(out) and not (out / MARKER).exists():
         raise UserError(f"--output {out} is not empty and was not written by `ldm demo`; choose a new folder")
     if (out / MARKER).exists() and not (out / runs.BINDING).exists() and not overwrite:
         raise UserError(f"--output {out} holds a demo of an earlier version (its settings are not recorded); "
@@ -306,6 +312,7 @@ def run_demo(cfg: DemoConfig, output: str | Path, overwrite: bool = False) -> di
     extract, train) or runs again (the others); ``overwrite`` clears it first."""
     out = Path(output)
     binding = check_config(cfg, out, overwrite)
+    runs.claim_folder(out, "a new --output")  # a demo running into it: refused before anything is cleared
     _prepare_output(out, overwrite, binding)
     work = out / "work"
     stages = Stages(work / STAGES, "demo")

@@ -147,7 +147,29 @@ def test_an_interrupted_demo_resumes_without_redoing_its_finished_stages(tmp_pat
         m.setattr(demo, "_synth", stop)
         with pytest.raises(KeyboardInterrupt):
             run_demo(load_config(CONFIG_DIR / "demo-quick.yaml", ["ranks=1", "sample.steps=3"]), out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == [MARKER, "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, ".lock", "run.json"]
+
+
+def test_a_running_demo_s_folder_is_not_cleared_by_another(tmp_path):
+    """`ldm demo --overwrite` (or the same command) into the folder of a demo still running is
+    refused, naming it, and nothing is deleted (was: the running demo's folder was cleared under it)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / MARKER).write_text("")
+    (out / "report.json").write_text("{}")
+    holder = subprocess.Popen([sys.executable, "-c", f"from launch import runs; runs.claim_folder({str(out)!r}); "
+                               "print('held', flush=True); input()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match="is in use by another run .*give a new --output"):
+            run_demo(load_config(CONFIG_DIR / "demo-quick.yaml"), out, overwrite=True)
+        assert (out / "report.json").read_text() == "{}"
+    finally:
+        holder.communicate("")
 
 
 def test_accuracy_counts_each_attribute_against_chance():
