@@ -491,6 +491,18 @@ def check_ranges(cfg: TrainConfig) -> None:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
 
 
+def check_sequence_parallel(sp: int, world: int, heads: int) -> None:
+    """``model.sequence_parallel`` fits the launch and the DiT (``UserError`` otherwise): it divides
+    the world size, and the attention heads split over its ranks."""
+    if world % sp:
+        raise UserError(f"model.sequence_parallel={sp} must divide the world size {world} (the ranks "
+                        f"launched); launch a multiple of {sp} ranks or give a divisor of {world}")
+    if heads % sp:
+        raise UserError(f"model.sequence_parallel={sp} splits the attention heads over its ranks: the DiT's "
+                        f"{heads} heads are not divisible by {sp}; give a divisor of {heads} or other "
+                        "model.overrides.heads")
+
+
 def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.Binding:
     """Everything a run needs is usable before any work starts: value ranges, the shard folders
     and their manifests, the DiT for their latents, the DeepSpeed config, the output path, and a
@@ -514,6 +526,7 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
     if cfg.model.init and not runs.checkpoints(out / "checkpoints"):  # a resumed run continues its checkpoint
         init_weights(cfg.model.init, dcfg, manifest, load=False)
     world = dist.dist_env().world_size
+    check_sequence_parallel(cfg.model.sequence_parallel, world, dcfg.heads)
     if cfg.data.split == "shard":  # each reader (data-parallel rank x loader worker) needs a shard of its own
         readers = world // cfg.model.sequence_parallel * max(1, cfg.data.num_workers)
         found = len(shard_urls(shard_folders(cfg.data.shards)))
@@ -573,8 +586,6 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     if cfg.engine.activation_checkpointing:
         apply_activation_checkpointing(model.blocks)
     sp = cfg.model.sequence_parallel
-    if sp < 1 or env.world_size % sp:
-        raise UserError(f"model.sequence_parallel={sp} must divide the world size {env.world_size}")
     if sp > 1:  # consecutive ranks form a group that shares each batch and splits its tokens
         from launch.sequence_parallel import apply_sequence_parallel, sequence_parallel_group
         apply_sequence_parallel(model, sequence_parallel_group(sp))

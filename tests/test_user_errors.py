@@ -205,6 +205,19 @@ def test_train_errors_are_one_line_before_any_folder(run, tmp_path, capsys, over
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("over, match", [
+    (["model.sequence_parallel=4"], "model.sequence_parallel=4 must divide the world size 2"),
+    (["model.sequence_parallel=2", "model.overrides.hidden=48", "model.overrides.heads=3"],  # was a ValueError
+     "the DiT's 3 heads are not divisible by 2"),                                           # traceback per rank
+])
+def test_sequence_parallel_errors_are_one_line_before_any_process_group(run, tmp_path, capsys, monkeypatch, over,
+                                                                          match):
+    monkeypatch.setenv("RANK", "0")  # rank 0 of 2, as torchrun starts it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _one_line_error(_train(run, tmp_path / "r", *over), capsys, match)
+    assert not (tmp_path / "r").exists()
+
+
 def test_srun_without_a_master_address_is_one_line(run, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE",
                                                                    "LOCAL_RANK", "TORCHELASTIC"))}
