@@ -110,7 +110,7 @@ def decode_sample(raw: dict[str, Any], expect_shapes: dict[str, tuple[int, ...]]
     except Exception as e:  # safetensors/JSON parse errors of many kinds
         raise SampleError(f"sample {key}: unreadable member ({type(e).__name__}: {e})") from e
     parts, logvar, aux = {}, {}, {}
-    for name, t in tensors.items():
+    for name, t in sorted(tensors.items()):  # safetensors returns them in a random (hash) order
         if name.startswith("logvar."):
             logvar[name[7:]] = t[None]
         elif name.startswith("aux."):

@@ -138,6 +138,16 @@ def test_clip_keys_of_several_windows_read_back_in_clip_order(tmp_path):
     assert sorted(shards.clip_key(i, f) for i, f in windows) == [shards.clip_key(i, f) for i, f in sorted(windows)]
 
 
+def test_parts_read_back_in_name_order():
+    """safetensors hands a blob's tensors back in a random (hash) order; the trainer draws each part's
+    noise in the order of the parts, so a multi-part latent (Hi-VAE) must read back in one order in
+    every process, or runs on other topologies / resumed runs compute other losses."""
+    names = ["global", "detailed", "content", "motion", "b", "a"]
+    lat = Latent({k: torch.zeros(1, 2, 3, 4) for k in names}, "tokens", {k: torch.zeros(1, 2, 3, 4) for k in names})
+    out = shards.decode_sample({"__key__": "000000000", **shards.encode_sample(lat, {})})["latent"]
+    assert list(out.parts) == list(out.logvar) == sorted(names)
+
+
 def test_truncated_shard_keeps_earlier_samples(tmp_path):
     _write(tmp_path, n_shards=1, per=6)
     path = tmp_path / shards.SHARD_NAME.format(0)
