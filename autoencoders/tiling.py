@@ -77,23 +77,28 @@ class Tiling:
         return Tiling(self.tile // factor, self.overlap // factor, self.margin // factor)
 
 
-def parse_tile(spec: str) -> tuple[int, int]:
-    """A CLI ``--tile`` value, ``TILE`` or ``TILE:OVERLAP`` in video pixels (default overlap
-    ``TILE / 4`` rounded down to a multiple of 8) -> ``(tile, overlap)``."""
+def parse_tile(spec: str) -> tuple[int, int | None]:
+    """A CLI ``--tile`` value, ``TILE`` or ``TILE:OVERLAP`` in video pixels -> ``(tile, overlap)``,
+    overlap None when not given."""
     try:
         parts = [int(x) for x in spec.split(":")]
     except ValueError:
         raise ValueError(f"--tile must be TILE or TILE:OVERLAP in pixels (e.g. 256 or 256:64), got {spec!r}") from None
     if len(parts) not in (1, 2):
         raise ValueError(f"--tile must be TILE or TILE:OVERLAP in pixels (e.g. 256 or 256:64), got {spec!r}")
-    tile = parts[0]
-    return tile, parts[1] if len(parts) == 2 else tile // 4 // 8 * 8
+    return parts[0], parts[1] if len(parts) == 2 else None
 
 
 def configure_inference(ae: "Autoencoder", tile: str | None = None, chunk_frames: int | None = None) -> None:
-    """The memory knobs of the inference verbs (``--tile``, ``--chunk-frames``) on ``ae``."""
+    """The memory knobs of the inference verbs (``--tile``, ``--chunk-frames``) on ``ae``. The default
+    overlap is ``TILE / 4`` rounded down to a multiple of the spatial factor, so a bare ``TILE`` the
+    model takes always gives an overlap it takes."""
     if tile:
-        ae.enable_tiling(*parse_tile(tile))
+        size, overlap = parse_tile(tile)
+        if overlap is None:
+            f = ae.spatial_factor if ae.spatial_tiling else 1  # a model that cannot tile says so in enable_tiling
+            overlap = size // 4 // f * f
+        ae.enable_tiling(size, overlap)
     if chunk_frames:
         ae.set_chunk_frames(chunk_frames)
 

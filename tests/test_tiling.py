@@ -11,7 +11,7 @@ from torch import nn
 
 import autoencoders
 from autoencoders.base import AEConfig, Autoencoder
-from autoencoders.tiling import blend_weights, tile_spans
+from autoencoders.tiling import blend_weights, configure_inference, tile_spans
 from data.synth import combinations, synth_clip
 from ldm.latent import Cond, Latent, LatentSpec
 from ldm.metrics import psnr
@@ -328,3 +328,18 @@ def test_every_convolution_sees_at_most_a_tile(name, frames):
         ae.enable_tiling(tile=32, overlap=16)
         assert _largest_conv_input(ae, lambda: ae.encode(big)) == tile_enc
         assert _largest_conv_input(ae, lambda: ae.decode(latent)) == tile_dec
+
+
+@pytest.mark.parametrize("name,tile,overlap", [("h3ae-4x16x16-debug", "32", 0), ("h3ae-8x64x64-debug", "128", 0),
+                                               ("h3ae-8x32x32-debug", "256", 64), ("kl2d-f8c4-debug", "64", 16)])
+def test_a_bare_tile_gets_an_overlap_the_model_takes(name, tile, overlap):
+    """``--tile TILE``: the default overlap (TILE / 4) is rounded down to the model's spatial factor
+    (it was rounded to 8, so `--tile 32` on a 16x model failed on an overlap the user never gave)."""
+    with torch.device("meta"):
+        ae = autoencoders.build(name)
+    configure_inference(ae, tile)
+    assert (ae.tiling.tile, ae.tiling.overlap) == (int(tile), overlap)
+    with torch.device("meta"):
+        hivae = autoencoders.build("hivae-debug")
+    with pytest.raises(ValueError, match="spatial tiling applies to autoencoders whose latent is one grid"):
+        configure_inference(hivae, tile)
