@@ -219,8 +219,10 @@ class Autoencoder(nn.Module):
         """Encode and decode long clips ``frames`` video frames at a time with the same result as
         one shot (bounded memory), where the family streams causally: IV-VAE's cache mechanism,
         H3AE's sliced spatial stage. ``None``: one shot. Families that cannot stream say so."""
-        raise ValueError(f"{self.family}: no chunked (streaming) encode/decode; decode long clips with "
-                         "spatial tiling (enable_tiling) or on a larger device")
+        instead = ("bound memory with spatial tiling (--tile, enable_tiling) or a larger device" if self.spatial_tiling
+                   else "it takes no spatial tiling either: run long clips on a larger device")
+        raise ValueError(f"{self.family}: no chunked (streaming) encode/decode (--chunk-frames: IV-VAE, H3AE, "
+                         f"causal3d, MTC-VAE); {instead}")
 
     def train_forward(self, video: Tensor, cond: Cond | None = None,
                       generator: torch.Generator | None = None) -> AEOutput:
