@@ -26,7 +26,7 @@ from data.synth import combinations, synth_clip
 from ivvae_cache import MiB, measure
 from ldm.metrics import psnr
 
-SHORTEST = {"kl2d": 1, "cmvae": 8}  # others: causal, 1 + r frames with r = 4
+SHORTEST = {"kl2d": 1, "cmvae": 8}  # others: causal, 1 + r frames (r: the temporal factor)
 DEFAULT = "kl2d-f8c4-debug,causal3d-f4x8c4-debug,ivvae-z16-debug,h3ae-4x16x16-debug,cmvae-z4-debug"
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     for name in args.autoencoders.split(","):
         torch.manual_seed(0)
         ae = build(name).to(device, dtype).eval()
-        frames = args.frames or SHORTEST.get(ae.family, 5)
+        frames = args.frames or SHORTEST.get(ae.family, 1 + ae.temporal_factor)
         video = clip(frames, args.size).to(device, dtype)
         with torch.no_grad():
             ref = ae.encode(video)

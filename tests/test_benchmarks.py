@@ -94,3 +94,13 @@ def test_gpu_session_script_runs_the_parts_it_is_given(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["autoencoders-cudnn-benchmark.json", "autoencoders.json"]
     assert all(r["ok"] for r in json.loads((tmp_path / "autoencoders.json").read_text()))
     assert "=== [" in proc.stdout and "done" in proc.stdout
+
+
+def test_tiling_benchmark_takes_each_models_shortest_clip():
+    """``--frames 0`` is 1 + the temporal factor for a causal model (h3ae-8x32x32: 9; it was 5, a traceback)."""
+    proc = _run(["benchmarks/tiling.py", "--autoencoders", "h3ae-8x32x32-debug,causal3d-f4x8c4-debug", "--size", "64",
+                 "--tiles", "32:0:0", "--device", "cpu", "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)["rows"]
+    assert sorted({(r["autoencoder"], r["frames"]) for r in rows}) == [("causal3d-f4x8c4-debug", 5),
+                                                                     ("h3ae-8x32x32-debug", 9)]
