@@ -181,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     write_video(out, shown, fps)
     result: dict[str, Any] = {"autoencoder": name, "checkpoint": args.checkpoint, "input": args.input,
                               "output": str(out), "frames": frames, "height": args.height,
-                              "width": args.width, "fps": fps, "dtype": dist.dtype_name(dtype), **metrics}
+                              "width": args.width, "fps": fps, "dtype": dist.dtype_name(dtype), "tile": args.tile,
+                              "chunk_frames": args.chunk_frames or None, **metrics}
     if args.json:
         print(json.dumps(result))
     else:

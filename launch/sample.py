@@ -461,6 +461,7 @@ def run(args: argparse.Namespace) -> int:
                 "shift": sampling.shift,
                 "sampler": sampling.sampler, "fps": fps, "height": height, "width": width, "image": args.image,
                 "negative_prompt": args.negative_prompt,
+                "dtype": dist.dtype_name(dtype), "tile": args.tile, "chunk_frames": args.chunk_frames or None,
                 "checkpoint": str(Path(args.checkpoint).resolve())}
     starts = list(range(0, len(items), args.batch_size))  # batch i: videos first + i, ..., seed + first + i
     videos, names, lengths = [], [], set()

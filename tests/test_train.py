@@ -296,6 +296,11 @@ def test_sample_cli_writes_videos(latents, tmp_path):
     ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--class", "2", "--steps", "2", "--output", str(tmp_path / "c")])
     first = json.loads((tmp_path / "c" / "index.json").read_text())[0]
     assert first["frames"] == 8 and first["shift"] == 3.0  # the training clips' length, the training's shift
+    assert (first["dtype"], first["tile"], first["chunk_frames"]) == ("fp32", None, None)
+    ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--class", "2", "--steps", "2", "--dtype", "bf16", "--tile",
+         "16:8", "--output", str(tmp_path / "knobs")])  # settings that change the video are recorded
+    first = json.loads((tmp_path / "knobs" / "index.json").read_text())[0]
+    assert (first["dtype"], first["tile"], first["chunk_frames"]) == ("bf16", "16:8", None)
     from PIL import Image
     import launch.sample
     launch.sample.GRID_VIDEOS, grid_videos = 2, launch.sample.GRID_VIDEOS  # the grid shows the run's first videos
