@@ -119,7 +119,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Bin
         raise UserError(f"--fps must be > 0, got {args.fps}")
     if Path(args.output).is_file():
         raise UserError(f"--output {args.output} is a file; give a folder for the report")
-    if Path(args.output).is_dir() and any(Path(args.output).iterdir()) and \
+    if Path(args.output).is_dir() and any(p.name != runs.LOCK for p in Path(args.output).iterdir()) and \
             not (Path(args.output) / runs.BINDING).is_file():
         raise UserError(f"--output {args.output} is not empty and holds no `ldm compare` run (no {runs.BINDING}); "
                         "choose a new folder")
@@ -325,7 +325,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             from ldm.metrics import LPIPS
             lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
         i3d = load_i3d(args.i3d, device=device) if args.i3d else None
-    out.mkdir(parents=True, exist_ok=True)
+    runs.claim_folder(out, "a new --output")  # a comparison running into it: refused before anything is written
     binding.write()
     train_data, eval_data, synth = _data(args, out)
     rows = []

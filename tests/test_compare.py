@@ -158,3 +158,25 @@ def test_an_interrupted_compare_resumes_without_redoing_finished_stages(tmp_path
             m.setattr(compare, name, lambda *a: pytest.fail("a finished stage ran again"))
         ldm(cmd)
     assert [r["dit"] for r in _report(out)["rows"]] == [kl4["dit"], kl16["dit"]]
+
+
+def test_a_running_comparisons_folder_is_refused(tmp_path):
+    """A second `ldm compare` into the folder of one still running is refused in one line naming
+    it, before anything is written (was: both wrote the same report and trained into the same
+    folders; only the training stage's own lock stopped one, half way)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from launch import runs
+    out = tmp_path / "cmp"
+    holder = subprocess.Popen([sys.executable, "-c", f"from launch import runs; runs.claim_folder({str(out)!r}); "
+                               "print('held', flush=True); input()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match="is in use by another run .*give a new --output"):
+            ldm(["compare", "--autoencoders", "kl2d-f8c4-debug", "--output", str(out), *SMALL])
+        assert [p.name for p in out.iterdir()] == [runs.LOCK]
+    finally:
+        holder.communicate("")
