@@ -1,6 +1,10 @@
-"""Helpers for tests that spawn several processes: a free loopback port and a torchrun command."""
+"""Helpers for tests that spawn several processes: a free loopback port, a torchrun command, a
+folder held by another process."""
+import contextlib
 import socket
+import subprocess
 import sys
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -14,3 +18,17 @@ def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
     """``python -m torch.distributed.run --nproc_per_node N --master_port <free> [extra] -m launch.cli ARGS``."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
             str(free_port()), *extra, "-m", "launch.cli", *args]
+
+
+@contextlib.contextmanager
+def folder_held_by_another_process(folder):
+    """``launch.runs.claim_folder(folder)`` held by a separate process (a live run's lock) while the block runs."""
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen([sys.executable, "-c", f"from launch import runs; runs.claim_folder({str(folder)!r}); "
+                               "print('held', flush=True); input()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=root)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.communicate("")

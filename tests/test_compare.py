@@ -164,19 +164,10 @@ def test_a_running_comparisons_folder_is_refused(tmp_path):
     """A second `ldm compare` into the folder of one still running is refused in one line naming
     it, before anything is written (was: both wrote the same report and trained into the same
     folders; only the training stage's own lock stopped one, half way)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from launch import runs
+    from procs import folder_held_by_another_process
     out = tmp_path / "cmp"
-    holder = subprocess.Popen([sys.executable, "-c", f"from launch import runs; runs.claim_folder({str(out)!r}); "
-                               "print('held', flush=True); input()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, cwd=Path(__file__).resolve().parents[1])
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with folder_held_by_another_process(out):
         with pytest.raises(UserError, match="is in use by another run .*give a new --output"):
             ldm(["compare", "--autoencoders", "kl2d-f8c4-debug", "--output", str(out), *SMALL])
         assert [p.name for p in out.iterdir()] == [runs.LOCK]
-    finally:
-        holder.communicate("")

@@ -153,23 +153,15 @@ def test_an_interrupted_demo_resumes_without_redoing_its_finished_stages(tmp_pat
 def test_a_running_demo_s_folder_is_not_cleared_by_another(tmp_path):
     """`ldm demo --overwrite` (or the same command) into the folder of a demo still running is
     refused, naming it, and nothing is deleted (was: the running demo's folder was cleared under it)."""
-    import subprocess
-    import sys
-
+    from procs import folder_held_by_another_process
     out = tmp_path / "d"
     out.mkdir()
     (out / MARKER).write_text("")
     (out / "report.json").write_text("{}")
-    holder = subprocess.Popen([sys.executable, "-c", f"from launch import runs; runs.claim_folder({str(out)!r}); "
-                               "print('held', flush=True); input()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, cwd=Path(__file__).resolve().parents[1])
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with folder_held_by_another_process(out):
         with pytest.raises(UserError, match="is in use by another run .*give a new --output"):
             run_demo(load_config(CONFIG_DIR / "demo-quick.yaml"), out, overwrite=True)
         assert (out / "report.json").read_text() == "{}"
-    finally:
-        holder.communicate("")
 
 
 def test_accuracy_counts_each_attribute_against_chance():
