@@ -29,7 +29,8 @@ last 10K of 80K iterations; Hi-VAE: 5K warm-up, then cosine). AdamW with ``betas
 Staged autoencoders (``Autoencoder.stages``: Hi-VAE, MTC-VAE) train stage by stage from the CLI:
 ``--stage 1`` from the registered name with its trained base ``--base-checkpoint BASE_RUN/final``
 (``load_base``: Hi-VAE's frozen kl2d, MTC-VAE's causal3d), then ``--init STAGE1_RUN/final --stage
-2`` into a new ``--output``; a resumed run keeps its checkpoint's stage.
+2`` into a new ``--output`` (never back: ``--init`` at an earlier stage than the folder's is refused);
+a resumed run keeps its checkpoint's stage.
 Models whose steps leave some parameters unused declare ``ddp_find_unused_parameters = True``.
 
 Text-guided autoencoders (``--text-encoder``) get each clip's caption embedding in ``cond``; joint
@@ -985,6 +986,13 @@ def check_inputs(cfg: TrainAEConfig) -> None:
     if cfg.stage == 2 and meta is None and ae.stages:  # stage 2 freezes what stage 1 trains
         raise UserError(f"--stage 2 trains on a stage-1 model: from {cfg.autoencoder} what stage 1 trains would stay "
                         "untrained and frozen; run --stage 1 first, then --init STAGE1_RUN/final --stage 2")
+    saved_stage = ae.stage if meta is not None else None
+    if cfg.stage and saved_stage and cfg.stage < saved_stage:  # stage 0 (everything) may start from any stage
+        raise UserError(f"--init {cfg.init} is a stage-{saved_stage} {ae.family} model: --stage {cfg.stage} after "
+                        f"stage {saved_stage} would retrain stage {cfg.stage}'s part over it and leave stage "
+                        f"{saved_stage}'s training stale; to train stage {cfg.stage} longer, resume its run or --init "
+                        f"STAGE{cfg.stage}_RUN/final --stage {cfg.stage}; to go on with stage {saved_stage}, leave "
+                        "out --stage")
     for bucket in cfg.bucket_schedule().buckets:
         with checking(f"bucket {list(bucket.shape)}"), torch.device("meta"):
             ae.check_input(*bucket.shape)

@@ -280,6 +280,17 @@ def test_train_ae_base_and_gan_that_do_not_fit_the_family(run, tmp_path, capsys)
     assert not (tmp_path / "a").exists()
 
 
+def test_train_ae_init_of_a_later_stage_at_an_earlier_stage_is_refused(run, tmp_path, capsys):
+    """``--init STAGE2/final --stage 1`` would retrain stage 1 over a stage-2 model (Hi-VAE: a decoder
+    without the detailed motion stage 2 trained, decoding global motion only): one line, no folder
+    (was: trained silently)."""
+    for name, frames in (("hivae-s-debug", "8"), ("mtcvae-c4-debug", "17")):
+        build(name).with_stage(2).save_pretrained(tmp_path / name, name=name)
+        argv = _train_ae(run, tmp_path / "a", "--autoencoder", name, "--frames", frames, "--init", str(tmp_path / name))
+        _one_line_error(argv + ["--stage", "1"], capsys, f"is a stage-2 {name.split('-')[0]} model: --stage 1 after")
+        assert not (tmp_path / "a").exists()
+
+
 def test_train_ae_init_from_a_dit_says_what_it_is(run, tmp_path, capsys):
     _one_line_error(["train-ae", "--init", str(run / "dit"), "--data", str(run / "videos"), "--output",
                      str(tmp_path / "a")], capsys, "is a DiT")
