@@ -986,6 +986,10 @@ def check_inputs(cfg: TrainAEConfig) -> None:
     if cfg.stage == 2 and meta is None and ae.stages:  # stage 2 freezes what stage 1 trains
         raise UserError(f"--stage 2 trains on a stage-1 model: from {cfg.autoencoder} what stage 1 trains would stay "
                         "untrained and frozen; run --stage 1 first, then --init STAGE1_RUN/final --stage 2")
+    if cfg.base_checkpoint is not None and meta is not None and ae.base_family:
+        raise UserError(f"--base-checkpoint with --init: {cfg.init} holds the {ae.base_family} base its modules were "
+                        "trained on, and another would replace it under them; leave out --base-checkpoint (it "
+                        "starts a model from --autoencoder NAME)")
     saved_stage = ae.stage if meta is not None else None
     if cfg.stage and saved_stage and cfg.stage < saved_stage:  # stage 0 (everything) may start from any stage
         raise UserError(f"--init {cfg.init} is a stage-{saved_stage} {ae.family} model: --stage {cfg.stage} after "

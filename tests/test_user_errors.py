@@ -277,6 +277,11 @@ def test_train_ae_base_and_gan_that_do_not_fit_the_family(run, tmp_path, capsys)
                               "--base-checkpoint", ae), capsys, "the MTC-VAE base must be a causal3d")
     _one_line_error(_train_ae(run, tmp_path / "a", "--autoencoder", "hivae-s-debug", "--base-checkpoint", ae,
                               "--gan"), capsys, "--gan: hivae decodes by sampling a diffusion model")
+    # a saved Hi-VAE / MTC-VAE keeps the base it was trained on (was: replaced under its trained modules)
+    for name in ("hivae-s-debug", "mtcvae-c4-debug"):
+        build(name).save_pretrained(tmp_path / name, name=name)
+        _one_line_error(_train_ae(run, tmp_path / "a", "--init", str(tmp_path / name), "--frames", "17",
+                                  "--base-checkpoint", ae), capsys, "--base-checkpoint with --init")
     assert not (tmp_path / "a").exists()
 
 
