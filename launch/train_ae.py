@@ -973,13 +973,14 @@ def check_inputs(cfg: TrainAEConfig) -> None:
                 raise type(e)(f"{flag}: {e}") from None
     meta = saved.get("--init")
     list_items(cfg.data, cfg.captions)  # a missing --data or --captions file is one line here
-    with checking(f"--frames {cfg.frames} --height {cfg.height} --width {cfg.width}"), torch.device("meta"):
+    with checking(f"--ae-config {' '.join(cfg.ae_config)}" if cfg.ae_config else None), torch.device("meta"):
         overrides = cfglib.apply_dotted({}, list(cfg.ae_config))
         if meta is not None:
             saved = FAMILIES[meta["family"]].from_config_dict(meta["config"])
             ae = saved.with_config(**overrides) if overrides else saved  # an architecture change stops here
         else:
             ae = build(cfg.autoencoder, **overrides)
+    with checking(f"--frames {cfg.frames} --height {cfg.height} --width {cfg.width}"), torch.device("meta"):
         ae.check_input(cfg.frames, cfg.height, cfg.width)
         if cfg.image_ratio > 0:
             ae.check_input(1, cfg.height, cfg.width)

@@ -254,6 +254,8 @@ TRAIN_AE_ERRORS = [
     (["--autoencoder", "causal3d-f4x8c4-debug"], "needs 1 + 4k frames"),
     (["--height", "20"], "height and width must be positive multiples of 8"),
     (["--ae-config", "nope=1"], "unknown override"),
+    (["--autoencoder", "hivae-s-debug", "--ae-config", "stage1_blur=-1"],  # was: named --frames --height --width
+     "error: --ae-config stage1_blur=-1: hivae: stage1_blur"),
     (["--stage", "2"], "kl2d is not trained in stages"),
     (["--autoencoder", "hivae-s-debug", "--stage", "2"], "--stage 2 trains on a stage-1 model"),  # was: trained
     (["--base-checkpoint", "nowhere"], "--base-checkpoint: autoencoder checkpoint nowhere not found"),
