@@ -645,7 +645,8 @@ def convert(model: Causal3D, **overrides: Any) -> MTCVAE:
 @register_initialiser("mtcvae", "causal3d")
 def from_causal3d(base: Causal3D, target: str) -> tuple[MTCVAE, str]:
     """``ldm convert --target mtcvae[-NAME]`` from a converted causal3d (e.g. CogVideoX's VAE): a
-    stage-1 MTC-VAE on it (`convert`); a registered target must have the base's architecture."""
+    stage-1 MTC-VAE on it (`convert`; a registered target gives its settings but stage 1, as
+    ``--base-checkpoint``: stage 0 trains from nothing); it must have the base's architecture."""
     overrides: dict[str, Any] = {}
     if target != "mtcvae":
         registered = REGISTRY[target][1]
@@ -656,7 +657,7 @@ def from_causal3d(base: Causal3D, target: str) -> tuple[MTCVAE, str]:
             raise ValueError(f"{target} is not built on this base: {diff} (field: (registered, base)); "
                              "use --target mtcvae to keep the base's configuration")
         overrides = {f.name: getattr(registered, f.name) for f in fields(MTCVAEConfig)
-                     if f.name not in base_fields + ["latent_scale", "latent_shift"]}
+                     if f.name not in base_fields + ["latent_scale", "latent_shift", "stage"]}
     model = convert(base, **overrides)
     return model, f"mtcvae stage {model.config.stage} on the converted causal3d: its 4x path is the base model"
 

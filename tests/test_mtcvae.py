@@ -11,6 +11,7 @@ from autoencoders.mtcvae import MTCVAE, convert
 from autoencoders.mtcvae_layers import (Segment, compression_tolerance, flow_guided_loss, keyframe_accuracy,
                                         optical_flow, segments_from_rates, select_rates, split_segments, warp)
 from data.synth import render_clip
+from launch.cli import main as ldm
 
 RATES = (4, 8, 16)
 
@@ -92,6 +93,18 @@ def test_convert_from_causal3d_keeps_the_4x_path():
     assert trainable == {"keyframe_embed", "predictor", "decoder", "extra_up"}
     with pytest.raises(TypeError):
         convert(autoencoders.build("kl2d-f8c4-debug"))
+
+
+def test_convert_saved_causal3d_to_a_registered_name_is_stage_1(tmp_path, capsys):
+    """``ldm convert --source saved`` of a trained causal3d into ``mtcvae-c4-debug`` starts stage 1
+    on it, as ``--base-checkpoint`` does (was: the registered name's stage 0, so ``--init DIR``
+    trained everything at random rates)."""
+    autoencoders.build("causal3d-f4x8c4-debug").save_pretrained(tmp_path / "base")
+    assert ldm(["convert", "--source", "saved", "--path", str(tmp_path / "base"), "--target", "mtcvae-c4-debug",
+                "--output", str(tmp_path / "mtc")]) == 0
+    mtc = autoencoders.load_pretrained(tmp_path / "mtc")
+    assert mtc.config.stage == 1
+    assert {n.split(".")[0] for n, p in mtc.named_parameters() if p.requires_grad} == {"extra_down", "extra_up"}
 
 
 @torch.no_grad()
