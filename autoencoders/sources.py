@@ -102,6 +102,7 @@ def convert(source: str, path: str | Path, target: str) -> Conversion:
     if family == src.family:
         return src.convert(path, target)
     if (family, src.family) not in INITIALISERS:
+        _check_not_a_base(target, src.family, f"convert to --target {src.family} and give that folder")
         raise UserError(f"{source} fills {src.family!r} (and by initialisation {targets(source)[1:] or 'nothing else'}); "
                          f"target {target!r} is a {family!r}")
     base = src.convert(path, src.family)
@@ -115,11 +116,22 @@ def initialise(base: Autoencoder, target: str, notes: list[str] = ()) -> Convers
     family = family_of(target)
     init = INITIALISERS.get((family, base.family))
     if init is None:
+        _check_not_a_base(target, base.family, "give this folder as it is")
         known = sorted(f"{b} -> {f}" for f, b in INITIALISERS)
         raise UserError(f"no initialiser of a {family!r} from a {base.family!r}; known: {', '.join(known)}")
     with checking(f"--target {target}"):  # the base does not fit the target's layout
         model, note = init(base, target)
     return Conversion(model, target if target in REGISTRY else None, [*notes, note])
+
+
+def _check_not_a_base(target: str, base_family: str, how: str) -> None:
+    """A family that trains on a frozen ``base_family`` model (Hi-VAE on a kl2d) is not converted from
+    one: the base goes to ``ldm train-ae --base-checkpoint``; `UserError` saying so."""
+    family = family_of(target)
+    if FAMILIES[family].base_family == base_family:
+        name = target if target in REGISTRY else f"{family}-NAME"
+        raise UserError(f"{family} is not converted from a {base_family}: it trains on one as its frozen base; "
+                        f"{how} to `ldm train-ae --autoencoder {name} --base-checkpoint DIR --stage 1`")
 
 
 SAVED = "saved"  # ``ldm convert --source saved``: our own save_pretrained folder, initialising another family

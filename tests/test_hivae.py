@@ -369,6 +369,21 @@ def test_base_checkpoint_and_stage_init_folders(tmp_path):
         torch.testing.assert_close(p, q, msg=n)
 
 
+def test_convert_into_hivae_points_to_base_checkpoint(tmp_path):
+    """``ldm convert`` into Hi-VAE from its base's family (a saved kl2d, an SD VAE folder) says the kl2d
+    is the frozen base of ``train-ae --base-checkpoint`` (was: "no initialiser", "fills 'kl2d'")."""
+    from autoencoders.sources import convert, convert_saved
+    from ldm.errors import UserError
+
+    build("kl2d-f8c4-debug").save_pretrained(tmp_path / "kl", name="kl2d-f8c4-debug")
+    with pytest.raises(UserError, match="hivae is not converted from a kl2d: .* give this folder as it is to `ldm "
+                                        "train-ae --autoencoder hivae-s-debug --base-checkpoint DIR --stage 1`"):
+        convert_saved(tmp_path / "kl", "hivae-s-debug")
+    with pytest.raises(UserError, match="convert to --target kl2d and give that folder to `ldm train-ae "
+                                        "--autoencoder hivae --base-checkpoint"):
+        convert("diffusers:AutoencoderKL", tmp_path, "hivae")  # the family is refused before the folder is read
+
+
 def test_ae_trainer_runs_both_stages(tmp_path):
     from data.synth import synth_dataset
     from launch.train_ae import TrainAEConfig, train_autoencoder
