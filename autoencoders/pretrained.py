@@ -219,9 +219,14 @@ def load_diffusers(class_name: str, path: str | Path | None, subfolder: str | No
         hint = " (a pipeline folder: its VAE is the vae/ subfolder)" if (folder / "vae").is_dir() else ""
         raise FileNotFoundError(f"diffusers:{class_name}: {folder} has no config.json{hint}")
     try:
-        saved_class = json.loads(config_file.read_text()).get("_class_name")
+        saved = json.loads(config_file.read_text())
+        saved_class = saved.get("_class_name")
     except (ValueError, AttributeError):
         raise ValueError(f"diffusers:{class_name}: {config_file} is not a JSON object") from None
+    if saved_class is None and "family" in saved:  # save_pretrained's config.json
+        raise ValueError(f"{folder} holds one of our own models ({saved['family']}), not a diffusers one: give it to "
+                         "--checkpoint / --init as it is, or start another family from it with `ldm convert "
+                         "--source saved`")
     if saved_class is None:
         raise ValueError(f"diffusers:{class_name}: {folder} is not a diffusers model folder (its config.json names "
                          "no _class_name; a transformers model such as a text encoder?)")

@@ -222,6 +222,11 @@ def test_clear_errors(saved, tmp_path):
     (tmp_path / "vae" / "config.json").write_text((saved["AutoencoderKL"][1] / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="no file named"):
         build("diffusers:AutoencoderKL", path=tmp_path, subfolder="vae")
+    # and the reverse: one of ours where a diffusers folder is expected (was: "a transformers model?")
+    build("kl2d-f8c4-debug").save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match="holds one of our own models \\(kl2d\\), not a diffusers one: give it to "
+                                         "--checkpoint / --init as it is"):
+        build("diffusers:AutoencoderKL", path=tmp_path / "ours")
     # a diffusers folder where one of ours is expected (--checkpoint, --init) says how to use it
     with pytest.raises(ValueError, match="is a diffusers AutoencoderKL folder, not one of ours.*ldm convert --source"):
         load_pretrained(saved["AutoencoderKL"][1])
