@@ -67,6 +67,22 @@ def _external(ref: str) -> bool:
     return loader_of(ref) is not None or ref in weight_sources.SOURCES
 
 
+def check_saved_name(checkpoint: str | Path, meta: dict[str, Any], ref: str | None) -> None:
+    """A name given with a saved folder (``meta``: its `saved_config`) must be the one it holds (a
+    converted folder, which keeps its family only: a name of that family); ValueError otherwise."""
+    saved = meta.get("name")
+    if ref is not None and saved is not None and saved != ref:
+        raise ValueError(f"checkpoint {checkpoint} holds {saved!r}, not {ref!r}; leave out the name or give the "
+                         "right folder")
+    if ref is not None and saved is None:  # a converted folder keeps its family only
+        cls = REGISTRY[ref][0] if ref in REGISTRY else FAMILIES.get(ref)
+        if cls is None:
+            raise _unknown(ref)
+        if cls is not FAMILIES[meta["family"]]:
+            raise ValueError(f"checkpoint {checkpoint} holds a {meta['family']!r} model, not {ref!r} "
+                             f"(a {cls.family!r}); leave out the name or give the right folder")
+
+
 def resolve(ref: str | None = None, checkpoint: str | Path | None = None, *, subfolder: str | None = None,
             seed: int | None = 0, overrides: Mapping[str, Any] | None = None, warn_random: bool = True,
             expect_hash: str | None = None) -> Resolved:
@@ -99,17 +115,8 @@ def resolve(ref: str | None = None, checkpoint: str | Path | None = None, *, sub
         if subfolder:
             checkpoint = Path(checkpoint) / subfolder
         meta = saved_config(checkpoint)  # a clear error for a DiT, a run folder, a missing folder
-        saved = meta.get("name")
-        if ref is not None and saved is not None and saved != ref:
-            raise ValueError(f"checkpoint {checkpoint} holds {saved!r}, not {ref!r}")
-        if ref is not None and saved is None:  # a converted folder keeps its family only
-            cls = REGISTRY[ref][0] if ref in REGISTRY else FAMILIES.get(ref)
-            if cls is None:
-                raise _unknown(ref)
-            if cls is not FAMILIES[meta["family"]]:
-                raise ValueError(f"checkpoint {checkpoint} holds a {meta['family']!r} model, not {ref!r} "
-                                 f"(a {cls.family!r}); leave out the name or give the right folder")
-        found = Resolved(load_pretrained(checkpoint), saved or ref or meta["family"], dir_hash(checkpoint))
+        check_saved_name(checkpoint, meta, ref)
+        found = Resolved(load_pretrained(checkpoint), meta.get("name") or ref or meta["family"], dir_hash(checkpoint))
     elif ref is not None:
         if ref not in REGISTRY:
             raise _unknown(ref)

@@ -69,6 +69,7 @@ from tqdm import tqdm
 
 from autoencoders import FAMILIES, REGISTRY, Autoencoder, build, resolve
 from autoencoders.base import saved_config
+from autoencoders.resolve import check_saved_name
 from autoencoders.losses import REC_LOSSES, AELoss, AELossConfig
 from data.buckets import BucketSchedule
 from data.sources import VideoClipDataset, list_items
@@ -972,6 +973,9 @@ def check_inputs(cfg: TrainAEConfig) -> None:
             except UserError as e:  # say which folder (a recipe names them; its header says how to make them)
                 raise type(e)(f"{flag}: {e}") from None
     meta = saved.get("--init")
+    if meta is not None:
+        with checking("--init"):  # --autoencoder NAME with --init: the folder must hold it
+            check_saved_name(cfg.init, meta, cfg.autoencoder)
     list_items(cfg.data, cfg.captions)  # a missing --data or --captions file is one line here
     with checking(f"--ae-config {' '.join(cfg.ae_config)}" if cfg.ae_config else None), torch.device("meta"):
         overrides = cfglib.apply_dotted({}, list(cfg.ae_config))

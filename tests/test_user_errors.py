@@ -260,12 +260,16 @@ TRAIN_AE_ERRORS = [
     (["--autoencoder", "hivae-s-debug", "--stage", "2"], "--stage 2 trains on a stage-1 model"),  # was: trained
     (["--base-checkpoint", "nowhere"], "--base-checkpoint: autoencoder checkpoint nowhere not found"),
     (["--init", "nowhere"], "--init: autoencoder checkpoint nowhere not found"),
+    (["--init", "SAVED_AE", "--autoencoder", "kl2d-f8c16-debug"],  # was: a traceback after the checks
+     "--init: checkpoint SAVED_AE holds 'kl2d-f8c4-debug', not 'kl2d-f8c16-debug'"),
     (["--batch-size", "7"], "6 clips cannot fill a batch of 7"),
 ]
 
 
 @pytest.mark.parametrize("flags, match", TRAIN_AE_ERRORS)
 def test_train_ae_errors_are_one_line_before_any_folder(run, tmp_path, capsys, flags, match):
+    saved = str(run / "ae")  # a kl2d-f8c4-debug
+    flags, match = [saved if f == "SAVED_AE" else f for f in flags], match.replace("SAVED_AE", saved)
     _one_line_error(_train_ae(run, tmp_path / "a", *flags), capsys, match)
     assert not (tmp_path / "a").exists()
 
