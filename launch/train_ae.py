@@ -980,8 +980,8 @@ def check_inputs(cfg: TrainAEConfig) -> None:
     with checking(f"--ae-config {' '.join(cfg.ae_config)}" if cfg.ae_config else None), torch.device("meta"):
         overrides = cfglib.apply_dotted({}, list(cfg.ae_config))
         if meta is not None:
-            saved = FAMILIES[meta["family"]].from_config_dict(meta["config"])
-            ae = saved.with_config(**overrides) if overrides else saved  # an architecture change stops here
+            init = FAMILIES[meta["family"]].from_config_dict(meta["config"])
+            ae = init.with_config(**overrides) if overrides else init  # an architecture change stops here
         else:
             ae = build(cfg.autoencoder, **overrides)
     with checking(f"--frames {cfg.frames} --height {cfg.height} --width {cfg.width}"), torch.device("meta"):
@@ -995,12 +995,13 @@ def check_inputs(cfg: TrainAEConfig) -> None:
         raise UserError(f"--base-checkpoint with --init: {cfg.init} holds the {ae.base_family} base its modules were "
                         "trained on, and another would replace it under them; leave out --base-checkpoint (it "
                         "starts a model from --autoencoder NAME)")
-    saved_stage = ae.stage if meta is not None else None
-    if cfg.stage and saved_stage and cfg.stage < saved_stage:  # stage 0 (everything) may start from any stage
-        raise UserError(f"--init {cfg.init} is a stage-{saved_stage} {ae.family} model: --stage {cfg.stage} after "
-                        f"stage {saved_stage} would retrain stage {cfg.stage}'s part over it and leave stage "
-                        f"{saved_stage}'s training stale; to train stage {cfg.stage} longer, resume its run or --init "
-                        f"STAGE{cfg.stage}_RUN/final --stage {cfg.stage}; to go on with stage {saved_stage}, leave "
+    saved_stage = init.stage if meta is not None else None
+    stage = cfg.stage if cfg.stage is not None else ae.stage  # --ae-config stage=N trains that stage too
+    if stage and saved_stage and stage < saved_stage:  # stage 0 (everything) may start from any stage
+        raise UserError(f"--init {cfg.init} is a stage-{saved_stage} {ae.family} model: --stage {stage} after "
+                        f"stage {saved_stage} would retrain stage {stage}'s part over it and leave stage "
+                        f"{saved_stage}'s training stale; to train stage {stage} longer, resume its run or --init "
+                        f"STAGE{stage}_RUN/final --stage {stage}; to go on with stage {saved_stage}, leave "
                         "out --stage")
     for bucket in cfg.bucket_schedule().buckets:
         with checking(f"bucket {list(bucket.shape)}"), torch.device("meta"):

@@ -286,8 +286,8 @@ def test_train_ae_base_and_gan_that_do_not_fit_the_family(run, tmp_path, capsys)
     # a saved Hi-VAE / MTC-VAE keeps the base it was trained on (was: replaced under its trained modules)
     for name in ("hivae-s-debug", "mtcvae-c4-debug"):
         build(name).save_pretrained(tmp_path / name, name=name)
-        _one_line_error(_train_ae(run, tmp_path / "a", "--init", str(tmp_path / name), "--frames", "17",
-                                  "--base-checkpoint", ae), capsys, "--base-checkpoint with --init")
+        _one_line_error(_train_ae(run, tmp_path / "a", "--autoencoder", name, "--init", str(tmp_path / name),
+                                  "--frames", "17", "--base-checkpoint", ae), capsys, "--base-checkpoint with --init")
     assert not (tmp_path / "a").exists()
 
 
@@ -300,6 +300,10 @@ def test_train_ae_init_of_a_later_stage_at_an_earlier_stage_is_refused(run, tmp_
         argv = _train_ae(run, tmp_path / "a", "--autoencoder", name, "--frames", frames, "--init", str(tmp_path / name))
         _one_line_error(argv + ["--stage", "1"], capsys, f"is a stage-2 {name.split('-')[0]} model: --stage 1 after")
         assert not (tmp_path / "a").exists()
+    argv = _train_ae(run, tmp_path / "a", "--autoencoder", "hivae-s-debug", "--init", str(tmp_path / "hivae-s-debug"),
+                     "--ae-config", "stage=1")
+    _one_line_error(argv, capsys, "is a stage-2 hivae model: --stage 1 after")  # the stage as a setting
+    assert not (tmp_path / "a").exists()
 
 
 def test_train_ae_init_from_a_dit_says_what_it_is(run, tmp_path, capsys):
