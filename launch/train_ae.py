@@ -988,7 +988,8 @@ def check_inputs(cfg: TrainAEConfig) -> None:
         ae.check_input(cfg.frames, cfg.height, cfg.width)
         if cfg.image_ratio > 0:
             ae.check_input(1, cfg.height, cfg.width)
-    if cfg.stage == 2 and meta is None and ae.stages:  # stage 2 freezes what stage 1 trains
+    stage = cfg.stage if cfg.stage is not None else ae.stage  # --ae-config stage=N trains that stage too
+    if stage == 2 and meta is None and ae.stages:  # stage 2 freezes what stage 1 trains
         raise UserError(f"--stage 2 trains on a stage-1 model: from {cfg.autoencoder} what stage 1 trains would stay "
                         "untrained and frozen; run --stage 1 first, then --init STAGE1_RUN/final --stage 2")
     if cfg.base_checkpoint is not None and meta is not None and ae.base_family:
@@ -996,7 +997,6 @@ def check_inputs(cfg: TrainAEConfig) -> None:
                         "trained on, and another would replace it under them; leave out --base-checkpoint (it "
                         "starts a model from --autoencoder NAME)")
     saved_stage = init.stage if meta is not None else None
-    stage = cfg.stage if cfg.stage is not None else ae.stage  # --ae-config stage=N trains that stage too
     if stage and saved_stage and stage < saved_stage:  # stage 0 (everything) may start from any stage
         raise UserError(f"--init {cfg.init} is a stage-{saved_stage} {ae.family} model: --stage {stage} after "
                         f"stage {saved_stage} would retrain stage {stage}'s part over it and leave stage "

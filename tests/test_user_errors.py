@@ -258,6 +258,7 @@ TRAIN_AE_ERRORS = [
      "error: --ae-config stage1_blur=-1: hivae: stage1_blur"),
     (["--stage", "2"], "kl2d is not trained in stages"),
     (["--autoencoder", "hivae-s-debug", "--stage", "2"], "--stage 2 trains on a stage-1 model"),  # was: trained
+    (["--autoencoder", "hivae-s-debug", "--ae-config", "stage=2"], "--stage 2 trains on a stage-1 model"),  # same
     (["--base-checkpoint", "nowhere"], "--base-checkpoint: autoencoder checkpoint nowhere not found"),
     (["--init", "nowhere"], "--init: autoencoder checkpoint nowhere not found"),
     (["--init", "SAVED_AE", "--autoencoder", "kl2d-f8c16-debug"],  # was: a traceback after the checks
