@@ -495,9 +495,9 @@ def inflate_kl2d(model: IVVAE, image_vae: KL2D) -> None:
     wrong = {k: (getattr(c, k), v) for k, v in expect.items() if getattr(c, k) != v}
     if wrong or not ic.attention:
         raise ValueError(f"IV-VAE config does not match the image VAE for an exact inflation "
-                         f"(field: (ours, needed)): {wrong or {'image VAE attention': (True, False)}}; the family as the "
-                         "target (--target ivvae, IVVAE.from_kl2d without one) keeps the image VAE's layout; the "
-                         "paper's layouts take an image VAE like kl2d-ivvae-z16")
+                         f"(field: (ours, needed)): {wrong or {'image VAE attention': (True, False)}}; the family "
+                         "as the target (--target ivvae, IVVAE.from_kl2d without one) keeps the image VAE's layout; "
+                         "the paper's layouts take an image VAE like kl2d-ivvae-z16")
     if c.pac_dilations and 1 not in c.pac_dilations:
         raise ValueError(f"the PAC head needs a dilation-1 branch to take the image VAE's output conv, "
                          f"got {c.pac_dilations}")

@@ -69,8 +69,8 @@ from tqdm import tqdm
 
 from autoencoders import FAMILIES, REGISTRY, Autoencoder, build, resolve
 from autoencoders.base import saved_config
-from autoencoders.resolve import check_saved_name
 from autoencoders.losses import REC_LOSSES, AELoss, AELossConfig
+from autoencoders.resolve import check_saved_name
 from data.buckets import BucketSchedule
 from data.sources import VideoClipDataset, list_items
 from data.video import VideoError, video_to_uint8

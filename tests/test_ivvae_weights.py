@@ -163,7 +163,7 @@ def test_convert_saved_inflates_a_trained_image_vae(tmp_path, capsys):
     for target, message in (("kl2d-ivvae-z16-debug", "already holds a 'kl2d'"),
                             ("h3ae-4x16x16-debug", "no initialiser of a 'h3ae' from a 'kl2d'; known: "),
                             # was: "build it with IVVAE.from_kl2d", Python for a command-line user
-                            ("ivvae-z4-debug", "'latent_channels': (4, 16)}; the family as the target (--target ivvae")):
+                            ("ivvae-z4-debug", "'latent_channels': (4, 16)}; the family as the target")):
         assert console(["convert", "--source", "saved", "--path", str(tmp_path / "image"), "--target", target,
                         "--output", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err
