@@ -121,13 +121,22 @@ class Autoencoder(nn.Module):
         """This model (its weights) with config fields changed that keep every weight's shape:
         how it trains or decodes (Hi-VAE's ``kl_free_bits``, MTC-VAE's ``train_rates``, ...). A
         field that changes the architecture is a `UserError` naming the weights that no longer fit."""
-        model = type(self)(cfglib.replace(self.config, **overrides))
+        detail = None
         try:
-            model.load_state_dict(self.state_dict(), strict=True)
-        except RuntimeError as e:
-            detail = str(e).split("\n", 1)[-1].strip().splitlines()[0]
+            model = type(self)(cfglib.replace(self.config, **overrides))
+        except ValueError:  # a wrong value says so (raised here); else the saved latent statistics no longer fit
+            if {"latent_scale", "latent_shift"} & set(overrides):
+                raise
+            type(self)(cfglib.replace(self.config, **overrides, latent_scale=(1.0,), latent_shift=(0.0,)))
+            detail = "its latent statistics have another number of channels"
+        else:
+            try:
+                model.load_state_dict(self.state_dict(), strict=True)
+            except RuntimeError as e:
+                detail = str(e).split("\n", 1)[-1].strip().splitlines()[0]
+        if detail is not None:
             raise UserError(f"config overrides {sorted(overrides)} change {self.family}'s architecture, so the saved "
-                            f"weights no longer fit ({detail}); start from the registered name instead") from None
+                            f"weights no longer fit ({detail}); start from the registered name instead")
         return model
 
     def load_base(self, path: str | Path) -> None:

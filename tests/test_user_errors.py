@@ -307,6 +307,15 @@ def test_train_ae_init_of_a_later_stage_at_an_earlier_stage_is_refused(run, tmp_
     assert not (tmp_path / "a").exists()
 
 
+def test_train_ae_init_with_other_latent_channels_says_the_architecture_changes(run, tmp_path, capsys):
+    """A saved model with per-channel latent statistics (as train-ae measures them) and --ae-config
+    latent_channels=N: the architecture changes (was: "latent_scale=(...): expected 1 or N ...")."""
+    build(AE, latent_scale=(1.0, 2.0, 3.0, 4.0)).save_pretrained(tmp_path / "saved", name=AE)
+    _one_line_error(_train_ae(run, tmp_path / "a", "--init", str(tmp_path / "saved"), "--ae-config",
+                              "latent_channels=8"), capsys, "overrides ['latent_channels'] change kl2d's architecture")
+    assert not (tmp_path / "a").exists()
+
+
 def test_train_ae_init_from_a_dit_says_what_it_is(run, tmp_path, capsys):
     _one_line_error(["train-ae", "--init", str(run / "dit"), "--data", str(run / "videos"), "--output",
                      str(tmp_path / "a")], capsys, "is a DiT")
