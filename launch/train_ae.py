@@ -559,6 +559,11 @@ class AETrainer:
             reason = runs.verify_checkpoint(path, REQUIRED_FILES) if path.is_dir() else "not a folder"
             if reason is not None:
                 raise UserError(f"--resume {path}: {reason}")
+        written_by = read_json(path / "trainer.json").get("world_size")
+        if written_by != self.env.world_size:  # before the model is built; each rank's data position and RNG are in it
+            raise UserError(f"{path} was written by {written_by} rank(s), this run has {self.env.world_size}: "
+                            f"resume it with {written_by} process(es) (a train-ae checkpoint holds each rank's "
+                            "data position and random state), or give a new --output")
         return path
 
     def _resume_stage(self) -> int | None:

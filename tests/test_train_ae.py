@@ -533,3 +533,15 @@ def test_profile_window(clips, tmp_path):
     assert any(r["name"].startswith("aten::") for r in top) and (out / "profile" / "trace-rank0.json").is_file()
     with pytest.raises(ValueError, match="profile"):
         _cfg(clips, out, profile=runs.ProfileConfig(steps=-1))
+
+
+def test_resume_on_another_rank_count_is_one_line_before_the_model(clips, tmp_path, monkeypatch):
+    """A train-ae checkpoint holds each rank's data position and random state: resumed by another
+    number of ranks it is a `UserError` saying how many, before any model is built (was: a
+    ValueError traceback from the checkpoint loader, after the model was on the device)."""
+    import launch.train_ae as train_ae
+    out = tmp_path / "run"
+    train_autoencoder(_cfg(clips, out, steps=3))
+    monkeypatch.setattr(train_ae, "_build_model", lambda *a: pytest.fail("model built"))
+    with pytest.raises(UserError, match=r"written by 1 rank\(s\), this run has 2: resume it with 1 process"):
+        train_ae.AETrainer(_cfg(clips, out, steps=6), dist.DistEnv(0, 2, 0, "torchrun"))
