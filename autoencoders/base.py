@@ -111,6 +111,11 @@ class Autoencoder(nn.Module):
         """The training stage of a staged family (``config.stage``), None for the others."""
         return self.config.stage if self.stages else None
 
+    def latent_caveat(self) -> str | None:
+        """Why this model's latents are not yet worth training a DiT on (``ldm extract`` logs it),
+        None when they are: a staged model before the stage that trains part of its latent."""
+        return None
+
     def with_stage(self, stage: int) -> "Autoencoder":
         """This model set up to train stage ``stage`` (the same object, or a converted one when a
         stage changes the architecture, as MTC-VAE's EMA in stage 2)."""

@@ -529,6 +529,13 @@ class HiVAE(Autoencoder):
         self.set_stage(stage)
         return self
 
+    def latent_caveat(self) -> str | None:
+        if self.config.stage == 1:  # the detailed module trains in stage 2; the stage-1 decoder ignores its tokens
+            return ("a stage-1 Hi-VAE: its detailed-motion tokens come from the detailed module, which stage 1 "
+                    "leaves untrained (its decoder does not read them), so a DiT would learn noise there; train "
+                    "stage 2 (ldm train-ae --init RUN/final --stage 2) and extract with its final/")
+        return None
+
     def _apply_stage(self) -> None:
         stage = self.config.stage
         self.base.requires_grad_(False).eval()

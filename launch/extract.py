@@ -395,6 +395,9 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
         dtype = dist.compute_dtype(cfg.dtype, device)
         ae, record = load_autoencoder(cfg)
     name = record.name
+    caveat = ae.latent_caveat()
+    if caveat and env.rank == 0:
+        log.warning("%s is %s", name, caveat)
     with checking(f"--frames {cfg.frames} --height {cfg.height} --width {cfg.width}"):
         ae.check_input(cfg.frames, cfg.height, cfg.width)  # clear error before any work
     with checking():

@@ -207,3 +207,15 @@ def test_sample_image_needs_a_content_latent(tmp_path):
     img = load_image(tmp_path / "wide.jpg", SIZE, SIZE)
     assert img.shape == (3, SIZE, SIZE) and img.min() >= -1 and img.max() <= 1
     assert img[0].mean() > 0.9 and img[1:].mean() < -0.9
+
+
+def test_extracting_from_a_stage_1_model_warns_that_its_detailed_tokens_are_untrained(runs, tmp_path, caplog):
+    """A stage-1 Hi-VAE's detailed-motion tokens come from the module stage 1 leaves untrained: `ldm
+    extract` says so (was: silent, and a DiT trained on them learns noise there); stage 2's does not."""
+    import autoencoders
+    assert autoencoders.build("hivae-s-debug").with_stage(2).latent_caveat() is None
+    caplog.set_level("WARNING", logger="ldm.extract")
+    args = ["--input", str(runs["videos"]), "--frames", str(FRAMES), "--height", str(SIZE), "--width", str(SIZE),
+            "--text-encoder", "builtin"]
+    assert ldm(["extract", "--checkpoint", str(runs["s1"] / "final"), "--output", str(tmp_path / "l1"), *args]) == 0
+    assert "is a stage-1 Hi-VAE: its detailed-motion tokens" in caplog.text
