@@ -516,6 +516,10 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
         if not (Path(folder) / "manifest.json").is_file():
             what = "not found" if not Path(folder).exists() else "has no manifest.json"
             raise UserError(f"data.shards: {folder} {what}; give an `ldm extract` output folder")
+    folders = [Path(f).resolve() for f in shard_folders(cfg.data.shards)]
+    for folder in sorted({f for f in folders if folders.count(f) > 1}):
+        log.warning("data.shards lists %s %d times: its clips are drawn %d times as often as the others' (list it "
+                    "once unless that oversampling is meant)", folder, folders.count(folder), folders.count(folder))
     with checking():
         manifest = load_manifests(cfg.data.shards)
         dcfg = make_dit_config(cfg.model, manifest)

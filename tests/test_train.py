@@ -621,11 +621,14 @@ def test_mixed_resolutions_train_in_buckets(latents, tmp_path):
     assert len(out["losses"]) == 6 and all(map(torch.isfinite, torch.tensor(out["losses"])))
 
 
-def test_shard_folders_as_people_write_them(latents, tmp_path):
+def test_shard_folders_as_people_write_them(latents, tmp_path, caplog):
     """``data.shards=a,`` or ``a, b`` (was: the checks passed, then the reader took "" as the working
-    folder and ``[rank0]: FileNotFoundError: no shard-*.tar files in .`` after the run folder was made)."""
+    folder and ``[rank0]: FileNotFoundError: no shard-*.tar files in .`` after the run folder was made).
+    A folder listed twice trains (oversampling), with a warning saying so (was: silent)."""
+    caplog.set_level("WARNING", logger="ldm.train")
     out = train(_cfg(latents, tmp_path / "r", steps=1, save_every=1, **{"data.shards": f"{latents}, {latents},"}))
     assert len(out["losses"]) == 1
+    assert f"data.shards lists {latents.resolve()} 2 times" in caplog.text
 
 
 def test_bucket_batches_cost_the_same_and_hold_no_more_tokens_than_the_cheapest(caplog):
