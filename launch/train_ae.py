@@ -509,9 +509,6 @@ class AETrainer:
         trainer = read_json(path / "trainer.json")
         if trainer.get("format") != runs.FORMAT:
             raise ValueError(f"{path}: checkpoint format {trainer.get('format')} != {runs.FORMAT}")
-        if trainer["world_size"] != self.env.world_size:
-            raise ValueError(f"{path} was written by {trainer['world_size']} rank(s); this run has "
-                             f"{self.env.world_size}. Resume with the same number of processes.")
         meta = read_json(path / "config.json")
         if meta["family"] != self.ae.family or meta["config"] != cfglib.to_dict(self.ae.config):
             raise ValueError(f"{path}: the checkpoint's autoencoder config differs from this run's "
