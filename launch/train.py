@@ -447,8 +447,12 @@ def init_weights(path: str, dcfg: dit.DiTConfig, manifest: Manifest, load: bool 
                     manifest.autoencoder.name)
     with torch.device("meta"):
         wanted = {k: tuple(v.shape) for k, v in dit.VideoDiT(dcfg).state_dict().items()}
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # missing, truncated or not safetensors (the Rust reader's own error types)
+        raise UserError(f"model.init={path}: {folder / 'model.safetensors'} cannot be read ({e}); give a finished "
+                        "run's folder") from None
     wrong = [f"{k} {found[k]} (this DiT: {wanted[k]})" for k in wanted if k in found and found[k] != wanted[k]]
     missing, extra = sorted(wanted.keys() - found.keys()), sorted(found.keys() - wanted.keys())
     if wrong or missing or extra:

@@ -372,6 +372,9 @@ def test_model_init_starts_from_a_trained_dit_and_a_resume_from_its_checkpoint(l
                                                         "model.overrides": '{"hidden": 96}'}))
     with pytest.raises(UserError, match=r"model.init .* not found"):
         train(_cfg(latents, tmp_path / "c", steps=1, **{"model.init": tmp_path / "a"}))
+    (tmp_path / "a-moved" / "export" / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(UserError, match=r"model.init=.*model.safetensors cannot be read"):
+        train(_cfg(latents, tmp_path / "c", steps=1, **{"model.init": tmp_path / "a-moved"}))
     with pytest.raises(UserError, match=r"model.init .*videos is not a `ldm train` run folder or export"):
         train(_cfg(latents, tmp_path / "c", steps=1, **{"model.init": latents.parent / "videos"}))
     assert not (tmp_path / "c").exists()
