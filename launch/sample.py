@@ -10,7 +10,7 @@ rebuilds it), the latent statistics to undo, and the text encoder spec. Decoding
 autoencoder's ``decode`` with the prompt's text embedding in ``cond``. Sampling settings are one
 ``ldm.samplers.SamplingConfig`` (``--steps --sampler --guidance --shift --seed``).
 
-Outputs: ``NNNN.mp4`` + ``NNNN.gif`` per video, ``grid.png`` (the run's first `GRID_VIDEOS` videos)
+Outputs: ``NNNN.mp4`` + ``NNNN.gif`` per video, ``grid.png`` (the run's first `GRID_VIDEOS` videos, also when interrupted)
 and ``index.json`` (per video: file, prompt, class id, seed and row of its initial noise, steps,
 guidance, shift, sampler, fps, frames, size, image, checkpoint). Nothing is ever overwritten: a
 non-empty ``--output`` is refused unless ``--append`` is given, which numbers the new videos after
@@ -465,31 +465,34 @@ def run(args: argparse.Namespace) -> int:
                 "checkpoint": str(Path(args.checkpoint).resolve())}
     starts = list(range(0, len(items), args.batch_size))  # batch i: videos first + i, ..., seed + first + i
     videos, names, lengths = [], [], set()
-    for r in range(0, len(starts), env.world_size):  # a round: one batch per rank
-        made: tuple[list[dict[str, Any]], list[torch.Tensor]] = ([], [])
-        if r + env.rank < len(starts):
-            i = starts[r + env.rank]
-            chunk = items[i:i + args.batch_size]
-            batch = generate(model, ae, export.latent_norm, prompts=[c[0] for c in chunk] if prompts else None,
-                             class_ids=[c[1] for c in chunk] if class_ids else None, count=len(chunk), frames=frames,
-                             height=height, width=width, sampling=sampling, seed_offset=first + i,
-                             text_encoder=text_encoder, device=device, latent_frames=latent_frames, image=image,
-                             negative_prompt=args.negative_prompt, progress=main)
-            paths = write_videos(batch, out, [f"{first + i + j:04d}" for j in range(len(chunk))], fps)
-            made = ([{"file": p.name, "prompt": it[0], "class_id": it[1], "seed": sampling.seed + first + i,
-                      "noise_row": row, "frames": v.shape[1], **settings}
-                     for row, (p, it, v) in enumerate(zip(paths, chunk, batch))],
-                    list(batch)[:max(0, GRID_VIDEOS - i)])  # only what the grid shows goes to rank 0
-        for entries, batch in dist.gather_object(made) or []:  # on rank 0, in batch order
-            index += entries
-            videos += batch
-            names += [Path(e["file"]).stem for e in entries]
-            lengths.update(e["frames"] for e in entries)
-        if main:
-            atomic_write_json(out / "index.json", index)  # each round is kept as soon as it is made
+    try:
+        for r in range(0, len(starts), env.world_size):  # a round: one batch per rank
+            made: tuple[list[dict[str, Any]], list[torch.Tensor]] = ([], [])
+            if r + env.rank < len(starts):
+                i = starts[r + env.rank]
+                chunk = items[i:i + args.batch_size]
+                batch = generate(model, ae, export.latent_norm, prompts=[c[0] for c in chunk] if prompts else None,
+                                 class_ids=[c[1] for c in chunk] if class_ids else None, count=len(chunk),
+                                 frames=frames, height=height, width=width, sampling=sampling, seed_offset=first + i,
+                                 text_encoder=text_encoder, device=device, latent_frames=latent_frames, image=image,
+                                 negative_prompt=args.negative_prompt, progress=main)
+                paths = write_videos(batch, out, [f"{first + i + j:04d}" for j in range(len(chunk))], fps)
+                made = ([{"file": p.name, "prompt": it[0], "class_id": it[1], "seed": sampling.seed + first + i,
+                          "noise_row": row, "frames": v.shape[1], **settings}
+                         for row, (p, it, v) in enumerate(zip(paths, chunk, batch))],
+                        list(batch)[:max(0, GRID_VIDEOS - i)])  # only what the grid shows goes to rank 0
+            for entries, batch in dist.gather_object(made) or []:  # on rank 0, in batch order
+                index += entries
+                videos += batch
+                names += [Path(e["file"]).stem for e in entries]
+                lengths.update(e["frames"] for e in entries)
+            if main:
+                atomic_write_json(out / "index.json", index)  # each round is kept as soon as it is made
+    finally:  # an interrupted run keeps the grid of the videos it made
+        if main and videos:
+            write_grid(videos, out / grid)
     if not main:
         return 0
-    write_grid(videos, out / grid)
     what = f"{len(names)} videos ({names[0]}..{names[-1]})" if len(names) > 1 else f"1 video ({names[0]})"
     print(f"wrote {what} to {out} (index.json, {grid}) at {fps:g} fps")
     if lengths != {frames}:  # MTC-VAE: the keyframe predictor's segments set each video's length

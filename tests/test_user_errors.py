@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from autoencoders import build
 from data.synth import synth_dataset
@@ -435,7 +436,7 @@ def test_append_into_a_folder_without_numbered_videos_keeps_its_files(run, tmp_p
 
 def test_an_interrupted_sample_keeps_its_finished_batches(run, tmp_path, capsys, monkeypatch):
     """Each batch's videos and index.json are written as soon as the batch is made: a Ctrl-C in the
-    second batch leaves the first (status 130); --append then adds after them."""
+    second batch leaves the first and their grid (status 130); --append then adds after them."""
     import launch.sample as sample_verb
 
     real, calls = sample_verb.generate, []
@@ -453,10 +454,12 @@ def test_an_interrupted_sample_keeps_its_finished_batches(run, tmp_path, capsys,
         assert console(_sample(run, out, "--class", "1", "--num-per-prompt", "4", "--batch-size", "2")) == 130
         assert capsys.readouterr().err.strip().endswith("ldm sample: interrupted")
         index = json.loads((out / "index.json").read_text())
-        assert [x["file"] for x in index] == ["0000.mp4", "0001.mp4"] and not (out / "grid.png").exists()
+        assert [x["file"] for x in index] == ["0000.mp4", "0001.mp4"]
+        assert Image.open(out / "grid.png").size[0] > 0
         assert all((out / x["file"]).stat().st_size > 0 for x in index)
         assert console(_sample(run, out, "--class", "1", "--append")) == 0
     assert [x["file"] for x in json.loads((out / "index.json").read_text())] == ["0000.mp4", "0001.mp4", "0002.mp4"]
+    assert (out / "grid-0002.png").is_file()
 
 
 def test_sample_prompt_file_and_text_checks(run, tmp_path, capsys):
