@@ -69,8 +69,15 @@ def _external(ref: str) -> bool:
 
 def check_saved_name(checkpoint: str | Path, meta: dict[str, Any], ref: str | None) -> None:
     """A name given with a saved folder (``meta``: its `saved_config`) must be the one it holds (a
-    converted folder, which keeps its family only: a name of that family); ValueError otherwise."""
+    converted folder, which keeps its family only: a name of that family), or its family's name (a
+    recipe's ``autoencoder: mtcvae`` takes any MTC-VAE's folder); ValueError otherwise."""
     saved = meta.get("name")
+    if ref in FAMILIES:  # a family's name, also where a registered model has the same name ("hivae")
+        if meta["family"] != ref:
+            raise ValueError(f"checkpoint {checkpoint} holds a {meta['family']!r} model"
+                             + (f" ({saved!r})" if saved else "") + f", not a {ref!r} one; give a folder of the "
+                             f"{ref} family")
+        return
     if ref is not None and saved is not None and saved != ref:
         raise ValueError(f"checkpoint {checkpoint} holds {saved!r}, not {ref!r}; leave out the name or give the "
                          "right folder")

@@ -152,7 +152,11 @@ class TrainAEConfig:
         if self.autoencoder is None and self.init is None:
             raise ValueError("give --autoencoder NAME or --init DIR (or both)")
         if self.autoencoder is not None and self.autoencoder not in REGISTRY:
-            raise ValueError(f"unknown autoencoder {self.autoencoder!r}; registered: {sorted(REGISTRY)}")
+            if self.autoencoder in FAMILIES and self.init is None:
+                raise ValueError(f"autoencoder {self.autoencoder!r} is a family: with --init it checks the folder's "
+                                 "family; without, give a registered name (see `ldm list`)")
+            if self.autoencoder not in FAMILIES:
+                raise ValueError(f"unknown autoencoder {self.autoencoder!r}; registered: {sorted(REGISTRY)}")
         positive = ("frames", "height", "width", "batch_size", "steps", "log_every", "save_every", "sample_every",
                     "max_nonfinite")
         check_min({name: getattr(self, name) for name in positive}, 1)

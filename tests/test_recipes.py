@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import dit
-from autoencoders import load_pretrained
+from autoencoders import build, load_pretrained
 from data.synth import synth_dataset
 from launch import runs
 from launch.cli import main as ldm
@@ -192,6 +192,12 @@ def test_mtcvae_recipes_stage_1_then_stage_2(videos, tmp_path):
         ldm(["train-ae", "--config", str(RECIPES / "mtcvae-stage2.yaml"), f"data={videos}", *DEBUG, "frames=17",
              f"init={s1 / 'final'}", f"output={tmp_path / 's2b'}", "ae_config=[latent_channels=8]"])
     assert not (tmp_path / "s2b").exists()
+    # another family's folder as init: the recipe's `autoencoder: mtcvae` names the mistake
+    build("hivae-s-debug").save_pretrained(tmp_path / "hivae", name="hivae-s-debug")
+    with pytest.raises(UserError, match="holds a 'hivae' model .'hivae-s-debug'., not a 'mtcvae' one"):
+        ldm(["train-ae", "--config", str(RECIPES / "mtcvae-stage2.yaml"), f"data={videos}", *DEBUG, "frames=17",
+             f"init={tmp_path / 'hivae'}", f"output={tmp_path / 's2c'}"])
+    assert not (tmp_path / "s2c").exists()
 
 
 def test_missing_lpips_files_stop_a_recipe_before_any_work(videos, tmp_path):

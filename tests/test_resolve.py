@@ -36,9 +36,15 @@ def test_registered_name_saved_folder_and_errors(tmp_path):
         resolve("causal3d-f4x8c4-debug", tmp_path / "ae")
     a.model.save_pretrained(tmp_path / "converted")  # `ldm convert --target kl2d`: no name, the family only
     assert resolve("kl2d", tmp_path / "converted").name == "kl2d"
-    for wrong in ("causal3d", "causal3d-f4x8c4-debug", "hivae-s-debug"):
+    for wrong in ("causal3d-f4x8c4-debug", "hivae-s-debug"):
         with pytest.raises(ValueError, match=f"holds a 'kl2d' model, not '{wrong}'"):
             resolve(wrong, tmp_path / "converted")
+    # a family's name takes any folder of the family (a recipe's `autoencoder: mtcvae`), and no other
+    assert resolve("kl2d", tmp_path / "ae").name == NAME
+    for folder, message in (("converted", "holds a 'kl2d' model, not a 'causal3d' one"),
+                            ("ae", f"holds a 'kl2d' model \\('{NAME}'\\), not a 'hivae' one")):
+        with pytest.raises(ValueError, match=message):
+            resolve("causal3d" if folder == "converted" else "hivae", tmp_path / folder)
     with pytest.raises(KeyError, match="not registered"):
         resolve("kl2d-nope", tmp_path / "converted")
     with pytest.raises(ValueError, match="do not apply to a saved model"):
