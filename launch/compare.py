@@ -263,7 +263,7 @@ def _train_dit(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if cuda and args.nproc == 1:
         peak = int(torch.cuda.max_memory_allocated())
     seconds = time.perf_counter() - t0
-    log = [json.loads(line) for line in (work / "dit" / "log.jsonl").read_text().splitlines() if line.strip()]
+    log = [r for r in map(json.loads, (work / "dit" / "log.jsonl").read_text().splitlines()) if "loss" in r]
     per_step = cfg.data.batch_size * cfg.optim.grad_accum * args.nproc
     step_s = [per_step / r["samples_per_s"] for r in log[1:] if r.get("samples_per_s")]  # first step: warm-up
     return {"steps": cfg.steps, "batch_size": cfg.data.batch_size, "nproc": args.nproc, "seconds": seconds,

@@ -424,7 +424,7 @@ def _train_dit(cfg: DemoConfig, work: Path, out: Path) -> dict[str, Any]:
 
     tcfg = _dit_config(cfg, work)
     run_verb("train", tcfg, out / "logs" / "train.log", ranks=cfg.ranks, threads=_threads_per_rank(cfg.ranks))
-    log = [json.loads(line) for line in (work / "dit" / "log.jsonl").read_text().splitlines()]
+    log = [r for r in map(json.loads, (work / "dit" / "log.jsonl").read_text().splitlines()) if "loss" in r]
     ckpt = work / "dit" / "checkpoints"
     latest = ckpt / (ckpt / "latest").read_text().strip()
     model, _ = load_export(work / "dit")

@@ -13,6 +13,7 @@ the data stream is deterministic in (seed, epoch), so a resumed run repeats an u
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
@@ -96,6 +97,14 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class ValConfig:
+    shards: str = ""  # held-out `ldm extract` folder(s) of the training latents' autoencoder; "" = no validation
+    every: int = 0  # steps between validation losses; 0 = at every checkpoint (save_every) and the last step
+    clips: int = 256  # its first clips used, rounded down to whole global batches
+    timesteps: int = 8  # the loss at t = (k + 0.5) / timesteps, k = 0..timesteps-1, averaged
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     output: str = "runs/dit"
     steps: int = 1000
@@ -112,6 +121,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     profile: runs.ProfileConfig = field(default_factory=runs.ProfileConfig)  # torch.profiler window -> OUTPUT/profile
+    val: ValConfig = field(default_factory=ValConfig)  # validation loss on held-out latents (logged as val_loss)
 
 
 # settings that may change when a run is resumed; every other key of TrainConfig binds the run
@@ -120,7 +130,7 @@ class TrainConfig:
 HARMLESS = ("output", "log_every", "save_every", "keep_checkpoints", "max_nonfinite", "universal_checkpoints",
             "data.num_workers", "data.prefetch", "data.batch_size", "optim.grad_accum", "model.sequence_parallel",
             "model.compile", "model.compile_mode", "engine.deepspeed", "engine.activation_checkpointing",
-            "engine.peak_tflops", "engine.precision", "profile")
+            "engine.peak_tflops", "engine.precision", "profile", "val")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -326,12 +336,77 @@ def prepare_step(batch: dict, cfg: TrainConfig, dcfg: dit.DiTConfig, latent_norm
     """A reader's batch -> ``StepInputs`` (host tensors): posterior sample, normalisation, flow
     draws, condition, work count."""
     gens = sample_generators(cfg.seed, [m["position"] for m in batch["meta"]])
-    latent = batch["latent"]
-    if cfg.data.sample_posterior and latent.logvar:
-        latent = sample_posterior(latent, gens)
-    latent = normalize(latent, latent_norm)
+    latent = standardized(batch["latent"], cfg.data, latent_norm, gens)
     draws = flow_draws(latent, cfg.flow, gens)
     return StepInputs(latent, batch_cond(batch, dcfg), draws, batch_work(model, latent, context))
+
+
+def standardized(latent: Latent, dcfg: DataConfig, latent_norm: dict, gens: list[torch.Generator]) -> Latent:
+    """A batch's latent as the DiT sees it: a posterior sample (``data.sample_posterior``, drawn
+    from the per-sample generators), standardised with the training statistics."""
+    if dcfg.sample_posterior and latent.logvar:
+        latent = sample_posterior(latent, gens)
+    return normalize(latent, latent_norm)
+
+
+def check_val_shards(cfg: TrainConfig, manifest: Manifest, dcfg: dit.DiTConfig, world: int) -> int:
+    """``val.shards`` holds latents the run can be validated on (same autoencoder, latent shape and
+    text encoder; class ids the DiT knows), at least one global batch of them; `UserError`
+    otherwise. Returns the clips used: ``val.clips`` rounded down to whole global batches."""
+    if cfg.data.buckets:
+        raise UserError("val.shards with data.buckets=true: the validation loss reads one latent shape; train "
+                        "without buckets or leave val.shards empty")
+    check_extract_folders("val.shards", cfg.val.shards)
+    with checking("val.shards"):
+        val = load_manifests(cfg.val.shards)
+    ae, own = val.autoencoder, manifest.autoencoder
+    if (ae.config_hash, ae.checkpoint_hash) != (own.config_hash, own.checkpoint_hash):
+        raise UserError(f"val.shards was extracted with another autoencoder ({ae.name}) than data.shards "
+                        f"({own.name}); validate on latents of the same weights")
+    if val.mixed_shapes or val.parts != manifest.parts:
+        raise UserError(f"val.shards holds latents of shape {val.latent_spec['latent_shape']}, data.shards "
+                        f"{manifest.latent_spec['latent_shape']}; extract the held-out clips at the same size")
+    if dcfg.text_dim and (val.text_encoder, val.text_fingerprint) != (manifest.text_encoder,
+                                                                       manifest.text_fingerprint):
+        raise UserError(f"val.shards holds captions of text encoder {val.text_encoder}, data.shards of "
+                        f"{manifest.text_encoder}; extract the held-out clips with the same --text-encoder")
+    if dcfg.num_classes and val.num_classes > dcfg.num_classes:
+        raise UserError(f"val.shards holds class ids up to {val.num_classes - 1}; the DiT knows "
+                        f"{dcfg.num_classes} classes")
+    global_batch = cfg.data.batch_size * max(world // cfg.model.sequence_parallel, 1)
+    used = min(cfg.val.clips, val.counts.written) // global_batch * global_batch
+    if not used:
+        raise UserError(f"val.shards: {min(cfg.val.clips, val.counts.written)} clips (val.clips "
+                        f"{cfg.val.clips}, {val.counts.written} in the folders) make no global batch of "
+                        f"{global_batch} (data.batch_size x data-parallel ranks)")
+    return used
+
+
+def validation_loss(engine, batches, cfg: TrainConfig, dcfg: dit.DiTConfig, latent_norm: dict, null_cond,
+                    device: torch.device) -> float:
+    """The flow loss on held-out ``batches`` (this rank's share), averaged over every rank, clip and
+    the ``val.timesteps`` fixed timesteps, with the conditions kept (no dropout). A clip's posterior
+    sample and noise come from generators seeded by its place in the held-out stream, so every
+    evaluation sees the same draws and the curve shows the model, not the draws."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of per-clip losses, clips)
+    k = cfg.val.timesteps
+    engine.eval()
+    with torch.no_grad():
+        for batch in batches:
+            gens = sample_generators(cfg.seed, [m["position"] for m in batch["meta"]])
+            latent = standardized(batch["latent"], cfg.data, latent_norm, gens)
+            n = latent.batch_size
+            for i in range(k):
+                draws = (torch.full((n,), (i + 0.5) / k), {p: per_sample_normal(gens, v, _lengths(latent))
+                                                           for p, v in latent.parts.items()},
+                         torch.ones(n, 3))  # u = 1: no condition dropped
+                step = StepInputs(latent, batch_cond(batch, dcfg), draws, torch.zeros(2)).to(device)
+                loss = flow_step_loss(engine, step.latent, step.cond, cfg.flow, step.draws, null_cond,
+                                      pack=cfg.model.pack)
+                total += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=device)])
+    engine.train()
+    loss_sum, clips = dist.all_reduce_mean(total).tolist()
+    return loss_sum / clips
 
 
 def reader_start(workers: int, device: torch.device) -> str | None:
@@ -472,7 +547,9 @@ def check_ranges(cfg: TrainConfig) -> None:
                **{f"data.bucket_batch.{k}": v for k, v in cfg.data.bucket_batch.items()}}, 1)
     check_min({"data.shuffle": cfg.data.shuffle, "data.num_workers": cfg.data.num_workers,
                "data.prefetch": cfg.data.prefetch, "optim.warmup_steps": cfg.optim.warmup_steps,
-               "profile.start": cfg.profile.start, "profile.steps": cfg.profile.steps}, 0)
+               "profile.start": cfg.profile.start, "profile.steps": cfg.profile.steps, "val.every": cfg.val.every},
+              0)
+    check_min({"val.clips": cfg.val.clips, "val.timesteps": cfg.val.timesteps}, 1)
     if not cfg.optim.lr > 0 or cfg.optim.weight_decay < 0 or cfg.optim.grad_clip < 0:
         raise UserError(f"need optim.lr > 0, optim.weight_decay >= 0, optim.grad_clip >= 0; got {cfg.optim.lr}, "
                         f"{cfg.optim.weight_decay}, {cfg.optim.grad_clip}")
@@ -507,6 +584,14 @@ def check_sequence_parallel(sp: int, world: int, heads: int) -> None:
                         "model.overrides.heads")
 
 
+def check_extract_folders(key: str, spec: str) -> None:
+    """Each folder of ``spec`` (comma-separated) holds an extraction's manifest (`UserError` naming ``key``)."""
+    for folder in shard_folders(spec):
+        if not (Path(folder) / "manifest.json").is_file():
+            what = "not found" if not Path(folder).exists() else "has no manifest.json"
+            raise UserError(f"{key}: {folder} {what}; give an `ldm extract` output folder")
+
+
 def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.Binding:
     """Everything a run needs is usable before any work starts: value ranges, the shard folders
     and their manifests, the DiT for their latents, the DeepSpeed config, the output path, and a
@@ -516,10 +601,7 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"output={out} is a file; give a run folder")
-    for folder in shard_folders(cfg.data.shards):
-        if not (Path(folder) / "manifest.json").is_file():
-            what = "not found" if not Path(folder).exists() else "has no manifest.json"
-            raise UserError(f"data.shards: {folder} {what}; give an `ldm extract` output folder")
+    check_extract_folders("data.shards", cfg.data.shards)
     folders = [Path(f).resolve() for f in shard_folders(cfg.data.shards)]
     for folder in sorted({f for f in folders if folders.count(f) > 1}):
         log.warning("data.shards lists %s %d times: its clips are drawn %d times as often as the others' (list it "
@@ -535,6 +617,8 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
         init_weights(cfg.model.init, dcfg, manifest, load=False)
     world = dist.dist_env().world_size
     check_sequence_parallel(cfg.model.sequence_parallel, world, dcfg.heads)
+    if cfg.val.shards:
+        check_val_shards(cfg, manifest, dcfg, world)
     if cfg.data.split == "shard":  # each reader (data-parallel rank x loader worker) needs a shard of its own
         readers = world // cfg.model.sequence_parallel * max(1, cfg.data.num_workers)
         found = len(shard_urls(shard_folders(cfg.data.shards)))
@@ -646,6 +730,12 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                                          multiprocessing_context=reader_start(workers, device),
                                          worker_init_fn=runs.reader_ignores_interrupts)
     null_cond = engine.module.null_cond
+    val_every, val_losses = cfg.val.every or cfg.save_every, []
+    if cfg.val.shards:  # the same held-out batches at every evaluation: each rank its share of whole rounds
+        val_rounds = check_val_shards(cfg, manifest, dcfg, env.world_size) // (cfg.data.batch_size * dp_world)
+        val_data = LatentShards(shard_folders(cfg.val.shards), rank=dp_rank, world_size=dp_world, seed=cfg.seed,
+                                batch_size=cfg.data.batch_size,
+                                expect_shapes=parts if manifest.form != "varlen" else None)
 
     text_context = 1 + manifest.text_tokens if dcfg.text_dim else 0  # the empty-text token + caption
     inputs = Prefetcher(loader, lambda b: prepare_step(b, cfg, dcfg, latent_norm, engine.module, text_context),
@@ -710,6 +800,10 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                                   "tokens_per_s": tokens_s,
                                   "tflops_per_s": flops_s / 1e12, "mfu": mfu(flops_s / env.world_size, peak)})
                 t_last, step_last = now, step
+            if cfg.val.shards and (step % val_every == 0 or step == cfg.steps) and not stopping:
+                val_losses.append((step, validation_loss(engine, itertools.islice(val_data, val_rounds), cfg, dcfg,
+                                                         latent_norm, null_cond, device)))
+                logger.log(step, {"val_loss": val_losses[-1][1]}, group="val")
             if step % cfg.save_every == 0 or step == cfg.steps or stopping:
                 if pending:
                     losses += torch.cat(pending).tolist()
@@ -724,13 +818,14 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     logger.close()
     dist.barrier()
     summary = {"steps": step, "losses": losses, "output": str(out), "skipped": dict(data.skipped),
-               "dropped_batches": dropped}
+               "dropped_batches": dropped, "val_losses": val_losses}
     if stopping and step < cfg.steps:
         summary["stopped"] = stop.cause
         if dist.is_main():
             print(stop.message(step, cfg.steps, out), flush=True)
     elif dist.is_main():
         last = f", last logged loss {losses[-1]:.4f}" if losses else ""
+        last += f", validation loss {val_losses[-1][1]:.4f}" if val_losses else ""
         bad = f"; skipped {sum(data.skipped.values())} bad samples ({dict(data.skipped)})" if data.skipped else ""
         how = (["--prompt TEXT"] if dcfg.text_dim and context.text_encoder else []) + \
             ([f"--class N (0 to {dcfg.num_classes - 1})"] if dcfg.num_classes else [])
@@ -770,14 +865,15 @@ class _Logger:
         from torch.utils.tensorboard import SummaryWriter
         self.tb = SummaryWriter(str(out / "tensorboard"))
 
-    def log(self, step: int, values: dict[str, Any]) -> None:
+    def log(self, step: int, values: dict[str, Any], group: str = "train") -> None:
+        """One line of ``log.jsonl``; TensorBoard tags ``GROUP/KEY`` (``val/val_loss`` for validation)."""
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
         for k, v in values.items():
             if v is not None:
-                self.tb.add_scalar(f"train/{k}", v, step)
+                self.tb.add_scalar(f"{group}/{k}", v, step)
 
     def close(self) -> None:
         if self.enabled:

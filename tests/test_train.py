@@ -1,6 +1,7 @@
 """`ldm train` with DeepSpeed: loss goes down, resume repeats an uninterrupted run exactly, a corrupt
 checkpoint falls back to the previous one, ZeRO-2/3 on 2 ranks, export -> `ldm sample`."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,8 +40,16 @@ def _cfg(latents, out, **over):
     return cfglib.load_yaml(YAML, TrainConfig, items)
 
 
+def _log(run):
+    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+
+
 def _losses(run):
-    return [json.loads(line)["loss"] for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in _log(run) if "loss" in r]
+
+
+def _val_losses(run):
+    return [(r["step"], r["val_loss"]) for r in _log(run) if "val_loss" in r]
 
 
 def test_resume_repeats_the_uninterrupted_run(latents, tmp_path):
@@ -55,6 +64,42 @@ def test_resume_repeats_the_uninterrupted_run(latents, tmp_path):
     for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(a, b, msg=n)
     assert ctx.autoencoder.name == "kl2d-f8c4-debug" and set(ctx.latent_norm) == {"z"}
+
+
+def _extract(videos, out, autoencoder="kl2d-f8c4-debug"):
+    with pytest.warns(UserWarning):
+        ldm(["extract", "--autoencoder", autoencoder, "--input", str(videos), "--output", str(out), "--frames", "8",
+             "--height", "32", "--width", "32", "--shard-size", "4", "--text-encoder", "builtin"])
+    return out
+
+
+def test_validation_loss_on_held_out_latents(latents, tmp_path):
+    """val.shards: the flow loss on held-out clips at fixed timesteps, logged as val_loss at every
+    val.every steps; it changes no training step, and a resumed run computes the same values."""
+    synth_dataset(tmp_path / "videos", num=4, frames=8, size=32, fps=8, seed=1)
+    held = _extract(tmp_path / "videos", tmp_path / "held")
+    val = {"val.shards": held, "val.every": 2, "save_every": 2}
+    full = train(_cfg(latents, tmp_path / "full", steps=4, **val))
+    assert [s for s, _ in full["val_losses"]] == [2, 4] and all(map(math.isfinite, (v for _, v in full["val_losses"])))
+    assert _val_losses(tmp_path / "full") == full["val_losses"] and _losses(tmp_path / "full") == full["losses"]
+    assert full["val_losses"][0][1] != full["val_losses"][1][1]  # the model changed between them
+    # 2 steps without validation, then resumed with it (a harmless change)
+    train(_cfg(latents, tmp_path / "part", steps=2, save_every=2))
+    train(_cfg(latents, tmp_path / "part", steps=4, **val), allow_change=("steps",))
+    assert _losses(tmp_path / "part") == full["losses"]  # validation touched no weight, draw or data position
+    assert _val_losses(tmp_path / "part") == full["val_losses"][1:]  # the same clips and draws: exact
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "full" / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("val/val_loss")] == [2, 4]
+    # mistakes are one line before any work
+    for over, message in (({"val.shards": tmp_path / "none"}, "val.shards: .*none not found"),
+                          ({"val.clips": 3}, "3 clips .* make no global batch of 4"),
+                          ({"val.shards": _extract(tmp_path / "videos", tmp_path / "c16", "kl2d-f8c16-debug")},
+                           "another autoencoder .kl2d-f8c16-debug."),
+                          ({"data.buckets": True}, "val.shards with data.buckets")):
+        with pytest.raises(UserError, match=message):
+            train(_cfg(latents, tmp_path / "bad", steps=2, **{**val, **over}))
+        assert not (tmp_path / "bad").exists()
 
 
 def test_profile_window_writes_a_trace_and_the_top_operators(latents, tmp_path):
@@ -508,18 +553,24 @@ def _torchrun(latents, out, *over, nproc=2, allow=None):
 def test_resume_on_another_topology(latents, tmp_path):
     """2 ranks x batch 2 (ZeRO-2) -> 1 rank x batch 4 (ZeRO-3) and back: the global batch, data
     position and per-sample randomness are the same, so the losses continue as if uninterrupted."""
-    _torchrun(latents, tmp_path / "ref", "data.batch_size=2", "steps=6", "save_every=2")
+    val = (f"val.shards={latents}", "val.clips=4")  # the validation loss too: each rank half of the clips
+    _torchrun(latents, tmp_path / "ref", "data.batch_size=2", "steps=6", "save_every=2", *val)
     ref = _losses(tmp_path / "ref")
-    _torchrun(latents, tmp_path / "run", "data.batch_size=2", "steps=2", "save_every=2")
+    _torchrun(latents, tmp_path / "run", "data.batch_size=2", "steps=2", "save_every=2", *val)
     linear = torch.nn.functional.linear
     one = train(_cfg(latents, tmp_path / "run", steps=4, save_every=2, **{"data.batch_size": 4,
-                                                                          "engine.deepspeed": "zero3"}),
+                                                                          "engine.deepspeed": "zero3",
+                                                                          "val.shards": latents, "val.clips": 4}),
                 allow_change=("steps",))
     assert one["losses"] == pytest.approx(ref[2:4], rel=1e-4)
+    assert one["val_losses"][0][1] == pytest.approx(_val_losses(tmp_path / "ref")[1][1], rel=1e-4)
     assert torch.nn.functional.linear is linear  # ZeRO-3's process-wide replacement is undone
-    out = _torchrun(latents, tmp_path / "run", "data.batch_size=2", "steps=6", "save_every=2", allow="steps")
+    out = _torchrun(latents, tmp_path / "run", "data.batch_size=2", "steps=6", "save_every=2", *val, allow="steps")
     assert "universal state" in out
     assert _losses(tmp_path / "run") == pytest.approx(ref, rel=1e-4)
+    assert [s for s, _ in _val_losses(tmp_path / "run")] == [2, 4, 6]
+    assert [v for _, v in _val_losses(tmp_path / "run")] == pytest.approx([v for _, v in _val_losses(tmp_path / "ref")],
+                                                                            rel=1e-4)
 
 
 def _worker_pids(marker: str) -> list[int]:
