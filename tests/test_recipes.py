@@ -158,6 +158,24 @@ def test_hivae_recipes_stage_1_stage_2_and_generator(videos, tmp_path):
     assert len(_log(tmp_path / "gen")) == 2
 
 
+def test_dit_xl_recipe_trains_at_debug_size_with_its_validation_loss(videos, tmp_path, monkeypatch):
+    """The DiT recipe, named as `--config dit-xl` from another folder, at the debug DiT size: its
+    settings reach the run (DiT's optimiser, EMA, logit-normal t) and it logs its validation loss."""
+    monkeypatch.chdir(tmp_path)
+    for name, seed in (("latents", 0), ("latents-val", 1)):
+        synth_dataset(tmp_path / f"v-{name}", num=2, frames=8, size=SIZE, fps=8, seed=seed)
+        with pytest.warns(UserWarning, match="RANDOM"):
+            assert ldm(["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", str(tmp_path / f"v-{name}"),
+                        "--output", f"runs/{name}", "--frames", "8", "--height", str(SIZE), "--width",
+                        str(SIZE)]) == 0
+    assert ldm(["train", "--config", "dit-xl", "model.dit=dit-debug", "steps=2", "data.batch_size=2",
+                "data.num_workers=0", "save_every=2", "log_every=1", "val.every=1"]) == 0
+    config = json.loads((tmp_path / "runs" / "dit-xl" / "config.json").read_text())["train"]
+    assert (config["ema_decay"], config["optim"]["lr"], config["optim"]["warmup_steps"], config["flow"]["timesteps"]) \
+        == (0.9999, 1e-4, 0, "logit_normal")
+    assert [r["step"] for r in _log(tmp_path / "runs" / "dit-xl") if "val_loss" in r] == [1, 2]
+
+
 def test_ivvae_recipes_image_then_video_256_then_512(videos, tmp_path):
     image = _train_ae("ivvae-image.yaml", videos, tmp_path / "image", "autoencoder=kl2d-ivvae-z16-debug")
     # the inflation step the video recipe's comment gives
