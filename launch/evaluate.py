@@ -63,11 +63,11 @@ from autoencoders import Autoencoder, resolve, resolve_record
 from autoencoders.tiling import configure_inference
 from data.sources import ItemList, VideoClipDataset, list_items
 from data.video import VideoError, output_frames, probe, read_video, upright_size, write_video
-from dit import Export, load_export, load_text_encoder
+from dit import Export, load_text_encoder
 from launch import dist
 from launch.dist import compute_dtype
 from launch.reconstruct import DEFAULT_FRAMES, default_frames, default_size
-from launch.sample import (add_sampling_arguments, check_export, generate, playback_fps, sampling_from_args,
+from launch.sample import (add_sampling_arguments, check_export, generate, load_dit, playback_fps, sampling_from_args,
                           sampling_text_encoder)
 from launch.train_ae import save_grid
 from ldm.checkpoint import atomic_write_json, file_sha256, read_json
@@ -829,7 +829,7 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     if args.vbench and args.vbench_results:
         with checking("--vbench-results"):
             vbench_aggregate(read_vbench_results(Path(args.vbench_results)))
-    model, export = load_export(args.checkpoint, device)
+    model, export = load_dit(args.checkpoint, device)
     model = model.to(dtype)
     with checking():
         ae = resolve_record(export.autoencoder, args.ae_checkpoint).model.to(device=device, dtype=dtype).eval()

@@ -49,10 +49,12 @@ from tqdm import tqdm
 from autoencoders import Autoencoder, resolve_record
 from autoencoders.tiling import configure_inference
 from data.video import resize_center_crop, video_to_uint8, write_video
-from dit import Export, load_export, load_text_encoder
+from dit import DiTConfig, Export, VideoDiT, load_export, load_text_encoder
+from dit.export import TRAINING_JSON
+from ldm import config as cfglib
 from ldm import samplers
 from ldm.artifacts import ClipSpec
-from ldm.checkpoint import atomic_write_json, read_json
+from ldm.checkpoint import atomic_write_json, load_tensors, read_json
 from ldm.errors import MissingInput, UserError, checking
 from ldm.latent import Cond, Latent, normalize
 from ldm.layers import COMPILE_MODES
@@ -344,13 +346,49 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError("--negative-prompt acts through guidance: give --guidance > 1")
 
 
+def checkpoint_run(path: str | Path) -> Path | None:
+    """The run folder of a ``ldm train`` checkpoint ``RUN/checkpoints/step-N`` (its EMA weights and
+    the run's ``config.json``, which holds the DiT config and the export context), else None."""
+    path = Path(path)
+    run = path.parent.parent
+    if (path / "ema.safetensors").is_file() and (path / "trainer.json").is_file() and \
+            (run / "config.json").is_file() and "dit" in read_json(run / "config.json"):
+        return run
+    return None
+
+
+def export_weights(path: str | Path) -> tuple[Export, Path]:
+    """The export context and the file of EMA weights of a run folder, its ``export/`` or one of
+    its checkpoints (``RUN/checkpoints/step-N``)."""
+    path = Path(path)
+    run = checkpoint_run(path)
+    if run is not None:
+        return Export.from_dict(read_json(run / "config.json")["export"], what=str(run / "config.json")), \
+            path / "ema.safetensors"
+    folder = path / "export" if (path / "export").is_dir() else path
+    return Export.from_dict(read_json(folder / TRAINING_JSON), what=str(folder / TRAINING_JSON)), \
+        folder / "model.safetensors"
+
+
+def load_dit(path: str | Path, device: torch.device | str = "cpu") -> tuple[VideoDiT, Export]:
+    """``dit.load_export`` that also takes a checkpoint of the run (``RUN/checkpoints/step-N``):
+    any kept step can be sampled and evaluated, not only the newest (``export/``)."""
+    run = checkpoint_run(path)
+    if run is None:
+        return load_export(path, device)
+    context, weights = export_weights(path)
+    model = VideoDiT(cfglib.from_dict(DiTConfig, read_json(run / "config.json")["dit"]))
+    model.load_state_dict(load_tensors(weights))
+    return model.to(device).eval(), context
+
+
 def check_export(path: str | Path, flag: str = "--checkpoint") -> None:
-    """``path`` (given as ``flag``) is a ``ldm train`` run folder or its ``export/`` (a `UserError`
-    saying what it is otherwise)."""
+    """``path`` (given as ``flag``) is a ``ldm train`` run folder, its ``export/`` or one of its
+    checkpoints (a `UserError` saying what it is otherwise)."""
     path = Path(path)
     if not path.exists():
         raise MissingInput(f"{flag} {path} not found (expected a `ldm train` run folder or its export/)")
-    if (path / "training.json").is_file() or (path / "export" / "training.json").is_file():
+    if (path / "training.json").is_file() or (path / "export" / "training.json").is_file() or checkpoint_run(path):
         return
     if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
         raise UserError(f"{flag} {path} is an autoencoder, not a DiT: give the `ldm train` run folder "
@@ -407,7 +445,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = dist.device_for(env, args.device)
     dtype = dist.compute_dtype(args.dtype, device)
-    model, export = load_export(args.checkpoint, device)
+    model, export = load_dit(args.checkpoint, device)
     sampling = sampling_from_args(args, export)
     n_classes, text = model.config.num_classes, export.text_encoder
     if class_ids is not None:

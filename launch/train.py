@@ -28,7 +28,6 @@ import dit
 from data.manifest import Manifest, load_manifests, shard_folders
 from data.shards import LatentShards, shard_urls
 from dit import Export, save_export
-from dit.export import TRAINING_JSON
 from launch import dist, runs
 from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config,
                            deepspeed_patches_undone, gather_universal, mfu, peak_flops, resolve_precision,
@@ -507,13 +506,12 @@ def init_weights(path: str, dcfg: dit.DiTConfig, manifest: Manifest, load: bool 
     ``dcfg`` on ``manifest``'s latents (None with ``load=False``: only checked). Every parameter must
     be there with its shape; clip length and resolution may differ (RoPE positions, no learned
     position table), the autoencoder may not (`UserError` saying which)."""
-    from launch.sample import check_export
+    from launch.sample import check_export, export_weights
     from safetensors import safe_open
 
     check_export(path, flag="model.init")
-    folder = Path(path) / "export" if (Path(path) / "export").is_dir() else Path(path)
     with checking(f"model.init={path}"):
-        trained = Export.from_dict(read_json(folder / TRAINING_JSON), what=str(folder / TRAINING_JSON))
+        trained, weights = export_weights(path)
     if trained.autoencoder.config_hash != manifest.autoencoder.config_hash:
         raise UserError(f"model.init={path} was trained on latents of {trained.autoencoder.name}, data.shards holds "
                         f"latents of {manifest.autoencoder.name}: a DiT continues on its own autoencoder's latents")
@@ -523,11 +521,10 @@ def init_weights(path: str, dcfg: dit.DiTConfig, manifest: Manifest, load: bool 
     with torch.device("meta"):
         wanted = {k: tuple(v.shape) for k, v in dit.VideoDiT(dcfg).state_dict().items()}
     try:
-        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        with safe_open(str(weights), framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # missing, truncated or not safetensors (the Rust reader's own error types)
-        raise UserError(f"model.init={path}: {folder / 'model.safetensors'} cannot be read ({e}); give a finished "
-                        "run's folder") from None
+        raise UserError(f"model.init={path}: {weights} cannot be read ({e}); give a finished run's folder") from None
     wrong = [f"{k} {found[k]} (this DiT: {wanted[k]})" for k in wanted if k in found and found[k] != wanted[k]]
     missing, extra = sorted(wanted.keys() - found.keys()), sorted(found.keys() - wanted.keys())
     if wrong or missing or extra:
@@ -535,7 +532,7 @@ def init_weights(path: str, dcfg: dit.DiTConfig, manifest: Manifest, load: bool 
                          [f"not in this DiT: {', '.join(extra[:2])}"] * bool(extra))
         raise UserError(f"model.init={path} is another DiT than this run's: {what} (it needs the same model.dit, "
                         "model.overrides and conditioning: class count, text width)")
-    return load_tensors(folder / "model.safetensors") if load else None
+    return load_tensors(weights) if load else None
 
 
 def check_ranges(cfg: TrainConfig) -> None:

@@ -425,6 +425,27 @@ def test_model_init_starts_from_a_trained_dit_and_a_resume_from_its_checkpoint(l
     assert not (tmp_path / "c").exists()
 
 
+def test_any_kept_checkpoint_samples_and_starts_a_run(latents, tmp_path):
+    """``--checkpoint RUN/checkpoints/step-N`` samples that step's EMA weights (the newest one
+    gives the run's export/ videos byte for byte), and ``model.init`` takes it too."""
+    from safetensors.torch import load_file
+    train(_cfg(latents, tmp_path / "r", steps=2, save_every=1, keep_checkpoints=2))
+    videos = {}
+    for name, path in (("run", tmp_path / "r"), ("step2", tmp_path / "r" / "checkpoints" / "step-00000002"),
+                       ("step1", tmp_path / "r" / "checkpoints" / "step-00000001")):
+        assert ldm(["sample", "--checkpoint", str(path), "--class", "2", "--steps", "2",
+                    "--output", str(tmp_path / name)]) == 0
+        videos[name] = (tmp_path / name / "0000.mp4").read_bytes()
+    assert videos["step2"] == videos["run"] and videos["step1"] != videos["run"]
+    step1 = tmp_path / "r" / "checkpoints" / "step-00000001"
+    train(_cfg(latents, tmp_path / "b", steps=1, save_every=1, ema_decay=1.0, **{"model.init": step1}))
+    a, b = load_file(step1 / "ema.safetensors"), load_file(tmp_path / "b" / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="not a `ldm train` run folder or export"):
+        ldm(["sample", "--checkpoint", str(tmp_path / "r" / "checkpoints"), "--class", "2", "--output",
+             str(tmp_path / "x")])
+
+
 def test_negative_prompt_replaces_the_null_text_of_guidance(latents, tmp_path):
     """``--negative-prompt``: CFG's unconditional branch reads its embedding, so a negative prompt
     equal to the prompt cancels guidance (v_neg + w (v_c - v_neg) = v_c: the guidance-1 sample),
