@@ -611,7 +611,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _memory_args(r, "encode and decode")
 
     g = sub.add_parser("gen", help="generation quality of a trained DiT")
-    g.add_argument("--checkpoint", required=True, help="an `ldm train` run folder, its export/, or one of its checkpoints (RUN/checkpoints/step-N)")
+    g.add_argument("--checkpoint", required=True,
+                   help="an `ldm train` run folder, its export/, or one of its checkpoints (RUN/checkpoints/step-N)")
     g.add_argument("--ae-checkpoint", help="autoencoder weights (default: recorded at extraction)")
     g.add_argument("--output", required=True, help="output folder (result.json, videos)")
     g.add_argument("--overwrite", action="store_true",

@@ -91,7 +91,8 @@ def sampling_from_args(args: argparse.Namespace, export: Export) -> SamplingConf
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a `ldm train` run folder, its export/ folder, or one of its checkpoints (RUN/checkpoints/step-N)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a `ldm train` run folder, its export/ folder, or one of its checkpoints (RUN/checkpoints/step-N)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
     src.add_argument("--prompts-file", help="a text file with one prompt per line")
