@@ -10,8 +10,8 @@ rebuilds it), the latent statistics to undo, and the text encoder spec. Decoding
 autoencoder's ``decode`` with the prompt's text embedding in ``cond``. Sampling settings are one
 ``ldm.samplers.SamplingConfig`` (``--steps --sampler --guidance --shift --seed``).
 
-Outputs: ``NNNN.mp4`` + ``NNNN.gif`` per video, ``grid.png`` (the run's first `GRID_VIDEOS` videos, also when interrupted)
-and ``index.json`` (per video: file, prompt, class id, seed and row of its initial noise, steps,
+Outputs: ``NNNN.mp4`` + ``NNNN.gif`` per video, ``grid.png`` (the run's first `GRID_VIDEOS` videos, also
+when interrupted) and ``index.json`` (per video: file, prompt, class id, seed and row of its initial noise, steps,
 guidance, shift, sampler, fps, frames, size, image, checkpoint). Nothing is ever overwritten: a
 non-empty ``--output`` is refused unless ``--append`` is given, which numbers the new videos after
 the ones there, continues the seeds (batch ``g`` starts at ``--seed + g``, ``g`` counting every
@@ -92,7 +92,8 @@ def sampling_from_args(args: argparse.Namespace, export: Export) -> SamplingConf
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="a `ldm train` run folder, its export/ folder, or one of its checkpoints (RUN/checkpoints/step-N)")
+                   help="a `ldm train` run folder, its export/ folder, or one of its checkpoints "
+                        "(RUN/checkpoints/step-N)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
     src.add_argument("--prompts-file", help="a text file with one prompt per line")
