@@ -5,7 +5,8 @@ A spec names the encoder and is recorded in shard manifests next to cached embed
 | spec               | encoder                                                                  |
 |--------------------|--------------------------------------------------------------------------|
 | ``"builtin"``      | offline stand-in: byte tokenizer + small seeded frozen transformer       |
-| ``"t5:<dir>"``     | transformers ``T5EncoderModel`` + tokenizer from a LOCAL directory       |
+| ``"t5:<dir>"``     | transformers ``T5EncoderModel`` (``UMT5EncoderModel`` for a ``umt5``     |
+|                    | folder, Wan's encoder) + tokenizer from a LOCAL directory                |
 | ``"clip:<dir>"``   | transformers ``CLIPTextModel`` + tokenizer from a LOCAL directory        |
 
 ``<dir>`` is either a model directory (``config.json`` + weights + tokenizer files) or a
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from ldm.config import replace
 
 T5_MAX_LENGTH = 120
+UMT5_MAX_LENGTH = 512  # Wan 2.1 pads its UMT5 captions to 512 tokens
 CLIP_MAX_LENGTH = 77
 
 
@@ -136,13 +138,14 @@ class HFTextEncoder(TextEncoder):
 
 
 # config.json model_type each kind loads (a full seq2seq T5 / a CLIP text+vision model hold the encoder)
-HF_MODEL_TYPES = {"t5": ("t5", "mt5"), "clip": ("clip", "clip_text_model")}
+HF_MODEL_TYPES = {"t5": ("t5", "mt5", "umt5"), "clip": ("clip", "clip_text_model")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model", "vocab.json")
 
 
-def _check_hf_dirs(kind: str, path: str, model_dir: Path, tok_dir: Path, spec: str) -> None:
+def _check_hf_dirs(kind: str, path: str, model_dir: Path, tok_dir: Path, spec: str) -> str:
     """The folder holds a model of ``kind`` and a tokenizer: transformers would otherwise build the
-    wrong class with random weights, or a tokenizer with an empty vocabulary, without an error."""
+    wrong class with random weights, or a tokenizer with an empty vocabulary, without an error.
+    Returns its ``model_type``."""
     try:
         model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
     except (ValueError, AttributeError):
@@ -156,15 +159,19 @@ def _check_hf_dirs(kind: str, path: str, model_dir: Path, tok_dir: Path, spec: s
     if not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
         raise ValueError(f"no tokenizer in {str(tok_dir)!r} (spec {spec!r}): expected one of {list(TOKENIZER_FILES)}; "
                          "copy the model's tokenizer files next to its config.json")
+    return model_type
 
 
 def _load_hf(kind: str, path: str, spec: str, max_length: int | None,
              dtype: torch.dtype | None) -> HFTextEncoder:
     model_dir, tok_dir = _resolve_local_dirs(path, spec)
-    _check_hf_dirs(kind, path, model_dir, tok_dir, spec)
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+    model_type = _check_hf_dirs(kind, path, model_dir, tok_dir, spec)
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel, UMT5EncoderModel
 
-    cls = T5EncoderModel if kind == "t5" else CLIPTextModel
+    # UMT5 (Wan's encoder) has relative position biases in every layer: T5EncoderModel would load it
+    # without them, silently wrong
+    cls = {"umt5": UMT5EncoderModel, "clip": CLIPTextModel, "clip_text_model": CLIPTextModel}.get(model_type,
+                                                                                                   T5EncoderModel)
     try:
         model, info = cls.from_pretrained(model_dir, local_files_only=True, dtype=dtype or torch.float32,
                                           output_loading_info=True)
@@ -178,7 +185,7 @@ def _load_hf(kind: str, path: str, spec: str, max_length: int | None,
     if tokenizer.pad_token is None:
         raise ValueError(f"the tokenizer in {str(tok_dir)!r} has no pad token (spec {spec!r})")
     if max_length is None:
-        max_length = T5_MAX_LENGTH if kind == "t5" else CLIP_MAX_LENGTH
+        max_length = UMT5_MAX_LENGTH if model_type == "umt5" else T5_MAX_LENGTH if kind == "t5" else CLIP_MAX_LENGTH
     if kind == "clip" and max_length > model.config.max_position_embeddings:
         raise ValueError(f"max_length {max_length} exceeds the CLIP model's "
                          f"{model.config.max_position_embeddings} positions (spec {spec!r})")

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.text import BuiltinTextEncoder, TextEncoder, build_text_encoder
-from texts import save_t5, tokenizer
+from texts import save_t5, save_umt5, tokenizer
 
 
 # ------------------------------------------------------------------------------------ builtin
@@ -139,6 +139,32 @@ def test_t5_from_local_dir(t5_dir):
     enc.train()
     assert not enc.model.training
     torch.testing.assert_close(enc.pool(emb, mask)[1], emb[1, :2].mean(0))
+
+
+def test_umt5_loads_as_umt5_with_wans_length(tmp_path):
+    """A UMT5 folder (Wan's text encoder) given as t5:DIR loads as UMT5EncoderModel, whose layers
+    each keep their relative position bias (T5EncoderModel dropped them: other embeddings), and
+    pads to Wan's 512 tokens; also from a pipeline's text_encoder/ + tokenizer/."""
+    from transformers import AutoTokenizer, T5EncoderModel, UMT5EncoderModel
+
+    folder = save_umt5(tmp_path / "umt5")
+    enc = build_text_encoder(f"t5:{folder}")
+    assert type(enc.model) is UMT5EncoderModel and (enc.dim, enc.max_length) == (32, 512)
+    emb, mask = enc.encode(["a red circle moving left"])
+    assert mask.sum().item() == 6 and (emb[~mask] == 0).all()
+    ids = AutoTokenizer.from_pretrained(folder)(["a red circle moving left"], return_tensors="pt")
+    with torch.no_grad():
+        ref = UMT5EncoderModel.from_pretrained(folder).eval()(**ids).last_hidden_state[0]
+        as_t5 = T5EncoderModel.from_pretrained(folder).eval()(**ids).last_hidden_state[0]
+    torch.testing.assert_close(emb[0, :6], ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(as_t5, ref, atol=1e-3)  # what loading it as T5 computed
+    pipe = tmp_path / "wan"
+    (pipe / "text_encoder").mkdir(parents=True)
+    for f in folder.iterdir():
+        target = pipe / ("text_encoder" if f.name in ("config.json", "model.safetensors") else "tokenizer") / f.name
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(f.read_bytes())
+    torch.testing.assert_close(build_text_encoder(f"t5:{pipe}").encode(["a red circle moving left"])[0], emb)
 
 
 def test_clip_from_pipeline_dir(clip_dir):
