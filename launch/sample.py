@@ -94,10 +94,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="a `ldm train` run folder, its export/ folder, or one of its checkpoints "
                         "(RUN/checkpoints/step-N)")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
     src.add_argument("--prompts-file", help="a text file with one prompt per line")
-    src.add_argument("--class", dest="class_id", type=int, action="append", help="a class id (repeatable)")
+    p.add_argument("--class", dest="class_id", type=int, action="append",
+                   help="a class id (repeatable); with prompts, for a DiT conditioned on both: one class for every "
+                        "prompt, or one per prompt")
     src.add_argument("--unconditional", type=int, metavar="N",
                      help="N videos without a condition: the null class and no text (a DiT trained without "
                           "captions or class ids, or a conditional one's unconditional samples); no guidance")
@@ -340,6 +342,10 @@ def check_args(args: argparse.Namespace) -> None:
                             "use a text prompt)")
     if args.image and not Path(args.image).is_file():
         raise MissingInput(f"--image {args.image} not found")
+    if args.unconditional and args.class_id:
+        raise UserError("--unconditional samples without a condition; leave out --class")
+    if not (args.prompt or args.prompts_file or args.class_id or args.unconditional):
+        raise UserError("give what to sample: --prompt TEXT, --prompts-file F, --class N or --unconditional N")
     if args.negative_prompt is not None:
         if not (args.prompt or args.prompts_file):
             raise UserError("--negative-prompt goes with --prompt / --prompts-file (it replaces the null text of "
@@ -444,6 +450,11 @@ def run(args: argparse.Namespace) -> int:
         if not prompts:
             raise UserError(f"--prompts-file {args.prompts_file} has no prompt (one per line)")
     class_ids = args.class_id
+    if prompts and class_ids and len(class_ids) not in (1, len(prompts)):
+        raise UserError(f"{len(class_ids)} --class for {len(prompts)} prompts: give one class for every prompt, or "
+                        "one per prompt")
+    if prompts and class_ids:  # a DiT conditioned on both: each prompt with its class
+        class_ids = class_ids * len(prompts) if len(class_ids) == 1 else class_ids
 
     device = dist.device_for(env, args.device)
     dtype = dist.compute_dtype(args.dtype, device)
@@ -493,7 +504,8 @@ def run(args: argparse.Namespace) -> int:
         text_encoder = sampling_text_encoder(model, ae, export, bool(prompts), device)
     if ae.text_dim and not prompts and main:
         print(f"{export.autoencoder.name} is text-guided: it decodes these samples with the empty caption")
-    items = ([(p, None) for p in prompts] if prompts else [(None, c) for c in class_ids] if class_ids else
+    items = ([(p, c) for p, c in zip(prompts, class_ids or [None] * len(prompts))] if prompts else
+             [(None, c) for c in class_ids] if class_ids else
              [(None, None)] * args.unconditional)
     items = [it for it in items for _ in range(args.num_per_prompt)]
     grid = f"grid-{first:04d}.png" if (out / "grid.png").exists() else "grid.png"

@@ -356,6 +356,27 @@ def test_sample_cli_writes_videos(latents, tmp_path):
         launch.sample.GRID_VIDEOS = grid_videos
     assert len(json.loads((tmp_path / "g" / "index.json").read_text())) == 3
     assert Image.open(tmp_path / "g" / "grid.png").height == 2 * 32
+    # a DiT conditioned on class and text samples with both: one class for every prompt, or one per prompt
+    both = ["sample", "--checkpoint", str(tmp_path / "r"), "--prompt", "a red circle", "--prompt", "a blue square",
+            "--steps", "1"]
+    real, calls = launch.sample.generate, []
+    launch.sample.generate = lambda *a, **k: calls.append((k["prompts"], k["class_ids"])) or real(*a, **k)
+    try:
+        ldm(both + ["--class", "3", "--output", str(tmp_path / "both")])
+        ldm(both + ["--class", "3", "--class", "5", "--output", str(tmp_path / "pairs")])
+        ldm(both + ["--output", str(tmp_path / "text")])
+    finally:
+        launch.sample.generate = real
+    prompts = ["a red circle", "a blue square"]
+    assert calls == [(prompts, [3, 3]), (prompts, [3, 5]), (prompts, None)]  # what reaches the DiT's condition
+    index = {k: json.loads((tmp_path / k / "index.json").read_text()) for k in ("both", "pairs", "text")}
+    assert [(x["prompt"], x["class_id"]) for x in index["both"]] == [("a red circle", 3), ("a blue square", 3)]
+    assert [x["class_id"] for x in index["pairs"]] == [3, 5] and [x["class_id"] for x in index["text"]] == [None] * 2
+    with pytest.raises(UserError, match="3 --class for 2 prompts"):
+        ldm(both + ["--class", "1", "--class", "2", "--class", "3", "--output", str(tmp_path / "x")])
+    with pytest.raises(UserError, match="give what to sample"):
+        ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--output", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
     for flag in ("--frames", "--num-frames"):  # --frames as on every verb; --num-frames its older name
         ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--class", "2", "--steps", "2", flag, "4",
              "--shift", "1.5", "--output", str(tmp_path / flag[2:])])
