@@ -497,9 +497,11 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
                   width: int, num: int | None, i3d: Extractor | None, inception: Extractor | None,
                   fvd_frames: int = FVD_FRAMES, samples: str | None = None,
                   sampling: SamplingConfig = SamplingConfig(), batch_size: int = 8,
-                  device: str | torch.device = "cpu", fps: float | None = None) -> dict[str, Any]:
+                  device: str | torch.device = "cpu", fps: float | None = None,
+                  use_class: bool | None = None) -> dict[str, Any]:
     """FVD / FID between the reference clips and generated ones: the given ``samples`` folder, or
-    one sample per reference clip from its caption (text DiT) or class id. Reference (and
+    one sample per reference clip from its caption (text DiT) or class id (``use_class``: also
+    with text, as `_conditioning`). Reference (and
     ``samples``) clips are read at ``fps``, by default the rate the DiT's training clips were
     resampled to (``export.video.fps``; None: the videos' own), so both sides have the same motion
     per frame."""
@@ -515,7 +517,7 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     text_encoder = None
     use_text, use_cls = (False, False)  # both False: an unconditional DiT, sampled unconditionally
     if samples is None and (model.config.text_dim or model.config.num_classes):
-        use_text, use_cls = _conditioning(model, export, None)
+        use_text, use_cls = _conditioning(model, export, use_class)
     if samples is None:
         text_encoder = sampling_text_encoder(model, ae, export, use_text, device)
     n = 0
@@ -525,7 +527,8 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
             acc.update("real", real)
         if samples is None:
             if use_cls and any(x["class_id"] < 0 for x in batch):
-                raise ValueError("a reference clip has no class id; this DiT is class-conditioned only")
+                raise ValueError("a reference clip has no class id" + (" (--use-class)" if use_text else
+                                                                       "; this DiT is class-conditioned only"))
             fake = generate(model, ae, export.latent_norm, prompts=[x["caption"] for x in batch] if use_text else None,
                             class_ids=[x["class_id"] for x in batch] if use_cls else None, count=len(batch),
                             frames=frames, height=height, width=width, sampling=sampling, seed_offset=b * batch_size,
@@ -635,7 +638,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--colors", nargs="+")
     g.add_argument("--directions", nargs="+")
     g.add_argument("--holdout", nargs="*", default=[], help="combinations held out of training, 'red circle left'")
-    g.add_argument("--use-class", action="store_true", help="condition on class ids too (default: text if any)")
+    g.add_argument("--use-class", action="store_true",
+                   help="condition on class ids too, for the attribute benchmark and FVD / FID (default: text if any; "
+                        "a DiT trained on both samples as trained with it)")
     g.add_argument("--reference", help="reference videos for FVD / FID")
     g.add_argument("--samples", help="already generated videos (instead of sampling one per reference clip)")
     g.add_argument("--num", type=int, help="clips used for FVD / FID (reference and generated)")
@@ -871,7 +876,7 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     if args.reference:
         result["fd"] = generation_fd(model, ae, export, args.reference, frames=frames, height=height, width=width,
                                      num=args.num, i3d=i3d, inception=inception, fvd_frames=args.fvd_frames,
-                                     samples=args.samples, **common)
+                                     samples=args.samples, use_class=True if args.use_class else None, **common)
     if args.vbench:
         result["vbench"] = vbench_bridge(model, ae, export, out, info=info, dimensions=args.vbench_dimensions,
                                          per_prompt=args.vbench_per_prompt, frames=frames, height=height,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 import autoencoders
 import dit
 from data.synth import render_clip, synth_dataset
+from data.sources import list_items
 from data.video import write_video
 from launch import evaluate as ev
 from launch.cli import main as ldm
@@ -298,7 +299,7 @@ def test_eval_gen_refuses_class_ids_the_dit_does_not_know(run_dir, tmp_path):
     assert json.loads((tmp_path / "g" / "result.json").read_text())["attributes"]["accuracy"]["n"] == 1
 
 
-def test_fvd_fid_of_generated_folders(files, run_dir, tmp_path):
+def test_fvd_fid_of_generated_folders(files, run_dir, tmp_path, monkeypatch):
     model, ae, context = _load(run_dir)
     i3d, inc = metrics.load_i3d(files / "i3d_torchscript.pt"), metrics.load_inception(files / "inception-2015-12-05.pt")
     kw = dict(frames=8, height=32, width=32, num=None, i3d=i3d, inception=inc, fvd_frames=8)
@@ -309,6 +310,13 @@ def test_fvd_fid_of_generated_folders(files, run_dir, tmp_path):
     sampled = ev.generation_fd(model, ae, context, str(files / "videos"), sampling=SamplingConfig(steps=2),
                                **kw)  # from the captions
     assert sampled["fvd"]["n_fake"] == 6 and sampled["fvd"]["fvd"] > 0
+    # --use-class: a DiT conditioned on class and text samples each clip with its caption and class id
+    real, calls = ev.generate, []
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: calls.append((k["prompts"], k["class_ids"])) or real(*a, **k))
+    ev.generation_fd(model, ae, context, str(files / "videos"), sampling=SamplingConfig(steps=1), use_class=True,
+                     **{**kw, "inception": None})
+    ids = [it.class_id for it in list_items(str(files / "videos"))]
+    assert [c for _, cs in calls for c in cs] == ids and all(p for p, _ in calls) and min(ids) >= 0
 
 
 def test_fd_reads_a_sample_folder_s_gif_twins_once(files, run_dir, tmp_path):
