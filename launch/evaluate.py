@@ -322,8 +322,7 @@ def attribute_benchmark(model, ae: Autoencoder, export: Export, suite: list[dict
     return {"accuracy": acc(rows), "accuracy_seen": acc([r for r in rows if not r["holdout"]]),
             "accuracy_holdout": acc([r for r in rows if r["holdout"]]), "chance": chance,
             "prompts": len(suite), "per_prompt": per_prompt, "conditioning": {"text": use_text, "class": use_cls},
-            "sampling": {"steps": sampling.steps, "guidance": sampling.guidance, "sampler": sampling.sampler,
-                         "shift": sampling.shift, "seed": sampling.seed},
+            "sampling": dataclasses.asdict(sampling),
             "sample_s_per_video": t_sample / len(rows), "rows": rows}
 
 
@@ -373,6 +372,15 @@ def vbench_video_name(prompt: str, index: int) -> str:
     if "/" in prompt or "\0" in prompt:
         raise ValueError(f"prompt {prompt!r} cannot be a file name")
     return f"{prompt}-{index}.mp4"
+
+
+def sampling_record(sampling: SamplingConfig) -> dict[str, Any]:
+    """The settings a VBench folder records; the guidance interval only when set (folders made
+    before it existed were sampled with guidance at every step, its default)."""
+    record = dataclasses.asdict(sampling)
+    if sampling.guidance_interval == SamplingConfig().guidance_interval:
+        del record["guidance_interval"]
+    return record
 
 
 def run_vbench(python: str, videos: Path, info: Path, dimensions: Sequence[str], output: Path,
@@ -442,7 +450,7 @@ def vbench_bridge(model, ae: Autoencoder, export: Export, out: Path, *, info: Pa
     videos_dir, record_path = out / "vbench_videos", out / VBENCH_RECORD
     record = json.loads(json.dumps({"dit": weights_sha256(model), "autoencoder": weights_sha256(ae), "frames": frames,
                                     "height": height, "width": width, "fps": fps,
-                                    "sampling": dataclasses.asdict(sampling)}))
+                                    "sampling": sampling_record(sampling)}))
     if videos_dir.exists() and not (record_path.is_file() and read_json(record_path) == record):
         if not replace:
             raise UserError(f"{videos_dir} holds videos of another DiT, autoencoder or sampling settings (see "

@@ -76,6 +76,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="sampler steps")
     p.add_argument("--sampler", choices=sorted(samplers.SAMPLERS), default=d.sampler)
     p.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance-interval", metavar="LO:HI", default=None,
+                   help="guide only at the steps with LO < t <= HI (t = 1 noise, 0 data; Kynkaanniemi et al. 2024), "
+                        "e.g. 0.1:0.8; default: every step")
     p.add_argument("--shift", type=float, default=None,
                    help="timestep shift of the sampling schedule (default: the DiT's training flow.shift)")
     p.add_argument("--seed", type=int, default=d.seed, help="noise seed of the first batch (batch g: seed + g)")
@@ -85,9 +88,16 @@ def sampling_from_args(args: argparse.Namespace, export: Export) -> SamplingConf
     """The sampling flags; ``--shift`` left out samples with the shift ``export``'s DiT was trained with
     (SD3 uses one shift for both)."""
     shift = export.flow_shift if args.shift is None else args.shift
-    with checking():
+    interval = SamplingConfig().guidance_interval
+    if args.guidance_interval is not None:
+        try:
+            lo, hi = (float(v) for v in args.guidance_interval.split(":"))
+        except ValueError:
+            raise UserError(f"--guidance-interval {args.guidance_interval}: give LO:HI, e.g. 0.1:0.8") from None
+        interval = (lo, hi)
+    with checking("--guidance-interval" if args.guidance_interval else None):
         return SamplingConfig(steps=args.steps, guidance=args.guidance, shift=shift, sampler=args.sampler,
-                              seed=args.seed)
+                              seed=args.seed, guidance_interval=interval)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -241,6 +251,7 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
     bar = tqdm(total=sampling.steps, desc="sample", unit="step", disable=not progress)
     latent = samplers.sample(velocity, x, cond, method=sampling.sampler, steps=sampling.steps, shift=sampling.shift,
                              guidance_scale=1.0 if unconditional else sampling.guidance,
+                             guidance_interval=sampling.guidance_interval,
                              null_cond=null_cond,
                              callback=lambda *a: bar.update(1))
     bar.close()
@@ -510,6 +521,7 @@ def run(args: argparse.Namespace) -> int:
     items = [it for it in items for _ in range(args.num_per_prompt)]
     grid = f"grid-{first:04d}.png" if (out / "grid.png").exists() else "grid.png"
     settings = {"steps": sampling.steps, "guidance": 1.0 if args.unconditional else sampling.guidance,
+                "guidance_interval": list(sampling.guidance_interval),
                 "shift": sampling.shift,
                 "sampler": sampling.sampler, "fps": fps, "height": height, "width": width, "image": args.image,
                 "negative_prompt": args.negative_prompt,

@@ -9,6 +9,9 @@ integrates from t = 1 down to t = 0 over a schedule ``1 = t_0 > t_1 > ... > t_N 
 Classifier-free guidance (Ho & Salimans 2022, Eq. 6, written for velocities and with the common
 scale ``w = 1 + w_paper``): ``v = v_u + w (v_c - v_u)``, with the conditional and the
 null-conditional calls batched together into one model call; ``w = 1`` is the plain conditional model.
+With a guidance interval ``(lo, hi)`` (Kynkäänniemi et al. 2024, "Applying guidance in a limited
+interval improves sample and distribution quality in diffusion models") guidance acts only at the
+steps with ``lo < t <= hi``; the others are plain conditional calls (one model pass).
 """
 from __future__ import annotations
 
@@ -110,13 +113,14 @@ def guided_velocity(model: VelocityModel, x: Mapping[str, Tensor], t: Tensor, co
     return {k: u[B:] + scale * (u[:B] - u[B:]) for k, u in v.items()}
 
 
-def _velocity_fn(model: VelocityModel, cond: Any, null_cond: Any, guidance_scale: float):
+def _velocity_fn(model: VelocityModel, cond: Any, null_cond: Any, guidance_scale: float,
+                 interval: tuple[float, float] = (0.0, 1.0)):
     if guidance_scale != 1.0 and null_cond is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs a null_cond")
 
     def velocity(x: Mapping[str, Tensor], t: float) -> dict[str, Tensor]:
         tt = torch.full((next(iter(x.values())).shape[0],), t, device=next(iter(x.values())).device)
-        if guidance_scale == 1.0:
+        if guidance_scale == 1.0 or not interval[0] < t <= interval[1]:
             v = dict(model(x, tt, cond))
         else:
             v = guided_velocity(model, x, tt, cond, null_cond, guidance_scale)
@@ -141,12 +145,13 @@ def _schedule(steps: int, shift: float, schedule: Tensor | None) -> list[float]:
 
 def euler(model: VelocityModel, x: Mapping[str, Tensor], cond: Any = None, *, steps: int = 20,
           shift: float = 1.0, guidance_scale: float = 1.0, null_cond: Any = None,
-          schedule: Tensor | None = None, callback: StepCallback | None = None) -> Mapping[str, Tensor]:
+          schedule: Tensor | None = None, callback: StepCallback | None = None,
+          guidance_interval: tuple[float, float] = (0.0, 1.0)) -> Mapping[str, Tensor]:
     """Euler's method on the flow ODE ``dx/dt = v(x, t)`` (the sampler of rectified flow, Liu et
     al. 2022): ``x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i)`` from t = 1 (``x`` = noise)
     to t = 0. One model call per step (two batched with CFG). Returns the same type as ``x``."""
     ts = _schedule(steps, shift, schedule)
-    velocity = _velocity_fn(model, cond, null_cond, guidance_scale)
+    velocity = _velocity_fn(model, cond, null_cond, guidance_scale, guidance_interval)
     for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
         v = velocity(x, t)
         x = _with_parts(x, {k: xk + (t_next - t) * v[k] for k, xk in x.items()})
@@ -157,13 +162,14 @@ def euler(model: VelocityModel, x: Mapping[str, Tensor], cond: Any = None, *, st
 
 def heun(model: VelocityModel, x: Mapping[str, Tensor], cond: Any = None, *, steps: int = 20,
          shift: float = 1.0, guidance_scale: float = 1.0, null_cond: Any = None,
-         schedule: Tensor | None = None, callback: StepCallback | None = None) -> Mapping[str, Tensor]:
+         schedule: Tensor | None = None, callback: StepCallback | None = None,
+         guidance_interval: tuple[float, float] = (0.0, 1.0)) -> Mapping[str, Tensor]:
     """Heun's second-order method (Karras et al. 2022, "Elucidating the design space", Alg. 1):
     an Euler predictor ``x' = x_i + h v(x_i, t_i)``, then the trapezoidal corrector
     ``x_{i+1} = x_i + h (v(x_i, t_i) + v(x', t_{i+1})) / 2`` with ``h = t_{i+1} - t_i``; as in
     Alg. 1 the last step into t = 0 is a plain Euler step. 2N - 1 model calls for N steps."""
     ts = _schedule(steps, shift, schedule)
-    velocity = _velocity_fn(model, cond, null_cond, guidance_scale)
+    velocity = _velocity_fn(model, cond, null_cond, guidance_scale, guidance_interval)
     for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
         v = velocity(x, t)
         x_pred = {k: xk + (t_next - t) * v[k] for k, xk in x.items()}
@@ -190,14 +196,16 @@ def sample(model: VelocityModel, x: Mapping[str, Tensor], cond: Any = None, *, m
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How a trained generator is sampled: the one set of settings ``ldm sample``, ``eval``,
-    ``compare`` and ``demo`` share. ``guidance`` is the CFG scale (1 = off), ``shift`` the timestep
-    shift of the schedule, ``seed`` the seed of the first batch's initial noise."""
+    ``compare`` and ``demo`` share. ``guidance`` is the CFG scale (1 = off), ``guidance_interval``
+    the ``(lo, hi)`` of t where it acts (``lo < t <= hi``; default everywhere), ``shift`` the
+    timestep shift of the schedule, ``seed`` the seed of the first batch's initial noise."""
 
     steps: int = 20
     guidance: float = 4.0
     shift: float = 1.0
     sampler: str = "euler"
     seed: int = 0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -206,6 +214,9 @@ class SamplingConfig:
             raise ValueError(f"the sampling shift must be > 0, got {self.shift}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {sorted(SAMPLERS)}")
+        lo, hi = self.guidance_interval
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"the guidance interval needs 0 <= lo < hi <= 1 (t = 1 is noise), got {lo}:{hi}")
 
 
 def known_part_velocity(model: VelocityModel, name: str, value: Tensor, noise: Tensor) -> VelocityModel:

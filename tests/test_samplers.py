@@ -106,3 +106,33 @@ def test_guidance_needs_null_cond_and_unknown_method():
         samplers.sample(lambda x, t, c: x, x, method="rk4")
     with pytest.raises(ValueError, match="returned parts"):
         samplers.euler(lambda x, t, c: {"y": x["x"]}, x, steps=1)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_guidance_interval_guides_only_the_steps_inside_it(method):
+    """Guidance acts at the steps with lo < t <= hi (one batched [cond; null] call), the others are
+    plain conditional calls; (0, 1] is every step, an interval holding no step is guidance 1."""
+    cond = Cond(text=torch.randn(2, 4, 3), text_mask=torch.ones(2, 4, dtype=torch.bool), class_id=torch.tensor([2, 3]))
+    null = Cond(text=torch.zeros(2, 1, 3), text_mask=torch.zeros(2, 1, dtype=torch.bool),
+                class_id=torch.zeros(2, dtype=torch.long))
+    x = {"x": torch.randn(2, 3)}
+
+    def run(scale, interval=None):
+        model = _CondModel()
+        kw = {} if interval is None else {"guidance_interval": interval}
+        out = samplers.sample(model, x, cond, method=method, steps=4, guidance_scale=scale, null_cond=null, **kw)
+        return out["x"], model.batches
+
+    full, full_batches = run(4.0)
+    torch.testing.assert_close(run(4.0, (0.0, 1.0))[0], full)
+    assert set(full_batches) == {4}
+    none, none_batches = run(4.0, (0.8, 0.9))  # the schedule 1, .75, .5, .25, 0 has no t in (0.8, 0.9]
+    torch.testing.assert_close(none, run(1.0)[0])
+    assert set(none_batches) == {2}
+    part, part_batches = run(4.0, (0.3, 0.8))  # guided at t = .75 and .5 only
+    ts = [1.0, 0.75, 0.5, 0.25] if method == "euler" else [1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25]
+    assert part_batches == [4 if 0.3 < t <= 0.8 else 2 for t in ts]
+    assert not torch.allclose(part, full) and not torch.allclose(part, none)
+    for bad in ((0.5, 0.5), (-0.1, 0.5), (0.2, 1.5)):
+        with pytest.raises(ValueError, match="guidance interval"):
+            samplers.SamplingConfig(guidance_interval=bad)

@@ -346,6 +346,15 @@ def test_sample_cli_writes_videos(latents, tmp_path):
          "16:8", "--output", str(tmp_path / "knobs")])  # settings that change the video are recorded
     first = json.loads((tmp_path / "knobs" / "index.json").read_text())[0]
     assert (first["dtype"], first["tile"], first["chunk_frames"]) == ("bf16", "16:8", None)
+    assert first["guidance_interval"] == [0.0, 1.0]
+    ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--class", "2", "--steps", "2", "--guidance-interval",
+         "0.2:0.8", "--output", str(tmp_path / "interval")])
+    assert json.loads((tmp_path / "interval" / "index.json").read_text())[0]["guidance_interval"] == [0.2, 0.8]
+    for bad, message in (("0.8", "give LO:HI"), ("0.9:0.1", "guidance interval needs 0 <= lo < hi <= 1")):
+        with pytest.raises(UserError, match=message):
+            ldm(["sample", "--checkpoint", str(tmp_path / "r"), "--class", "2", "--guidance-interval", bad,
+                 "--output", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
     from PIL import Image
     import launch.sample
     launch.sample.GRID_VIDEOS, grid_videos = 2, launch.sample.GRID_VIDEOS  # the grid shows the run's first videos
