@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.text import BuiltinTextEncoder, TextEncoder, build_text_encoder
-from texts import save_t5, save_umt5, tokenizer
+from texts import save_t5, tokenizer
 
 
 # ------------------------------------------------------------------------------------ builtin
@@ -147,7 +147,7 @@ def test_umt5_loads_as_umt5_with_wans_length(tmp_path):
     pads to Wan's 512 tokens; also from a pipeline's text_encoder/ + tokenizer/."""
     from transformers import AutoTokenizer, T5EncoderModel, UMT5EncoderModel
 
-    folder = save_umt5(tmp_path / "umt5")
+    folder = save_t5(tmp_path / "umt5", umt5=True)
     enc = build_text_encoder(f"t5:{folder}")
     assert type(enc.model) is UMT5EncoderModel and (enc.dim, enc.max_length) == (32, 512)
     emb, mask = enc.encode(["a red circle moving left"])

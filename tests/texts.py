@@ -25,28 +25,16 @@ def tokenizer(bos: str | None, eos: str, pad: str):
                                    unk_token="<unk>", **kw), vocab
 
 
-def save_t5(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide T5 encoder with random weights (``seed``) and its tokenizer in ``folder``."""
-    from transformers import T5Config, T5EncoderModel
+def save_t5(folder: Path, seed: int = 0, umt5: bool = False) -> Path:
+    """A 2-layer, 32-wide T5 encoder (``umt5``: a UMT5 one, Wan's kind, with relative position
+    biases in every layer) with random weights (``seed``) and its tokenizer in ``folder``."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
+    config, model = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
     tok, vocab = tokenizer(None, "</s>", "<pad>")
     torch.manual_seed(seed)
-    cfg = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                   pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"], decoder_start_token_id=0)
-    T5EncoderModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def save_umt5(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide UMT5 encoder (Wan's kind: relative position biases in every layer) with
-    random weights (``seed``) and its tokenizer in ``folder``."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    tok, vocab = tokenizer(None, "</s>", "<pad>")
-    torch.manual_seed(seed)
-    cfg = UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                     pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"], decoder_start_token_id=0)
-    UMT5EncoderModel(cfg).save_pretrained(folder)
+    cfg = config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                 pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"], decoder_start_token_id=0)
+    model(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
