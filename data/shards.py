@@ -268,8 +268,8 @@ class LatentShards(torch.utils.data.IterableDataset):
     ``c % world_size`` and, within the rank, to DataLoader worker ``(c // world_size - k) % workers``
     (``k``: the rank's chunks that ``skip`` passes, so its first chunk is worker 0's, which the
     loader reads first).
-    A ``DataLoader(batch_size=None)`` over this dataset hands rank r the chunks r, r+W, r+2W, ... in
-    order, so after s steps the run has consumed exactly the first ``s * batch_size * world_size``
+    A ``DataLoader(batch_size=None, collate_fn=as_batched)`` over this dataset hands rank r the
+    chunks r, r+W, r+2W, ... in order, so after s steps the run has consumed exactly the first ``s * batch_size * world_size``
     samples of the global stream, whatever the topology: ``skip`` is that global count, and a resume
     with another number of ranks (same global batch) continues at the same place. Each sample is
     seen once per epoch across ranks, and its ``meta["position"]`` (its place in the stream, counting
@@ -422,6 +422,13 @@ def _shuffled(stream: Iterator[Any], size: int, rng: random.Random) -> Iterator[
             yield buf.pop()
     rng.shuffle(buf)
     yield from buf
+
+
+def as_batched(batch: dict[str, Any]) -> dict[str, Any]:
+    """The ``collate_fn`` of a ``DataLoader(batch_size=None)`` over ``LatentShards(batch_size=...)``:
+    its batches are already collated. (The default, ``default_convert``, rebuilds a `Latent` from
+    its parts alone: the posterior ``logvar``, the ``form`` and the varlen lengths were lost.)"""
+    return batch
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import dit
 from data.manifest import Manifest, load_manifests, shard_folders
-from data.shards import LatentShards, shard_urls
+from data.shards import LatentShards, as_batched, shard_urls
 from dit import Export, save_export
 from launch import dist, runs
 from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config,
@@ -723,7 +723,8 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                         buckets=bucket_batch_sizes(manifest, cfg.data, engine.module) if cfg.data.buckets else None,
                         expect_shapes=parts if manifest.form != "varlen" and not cfg.data.buckets else None)
     workers = cfg.data.num_workers
-    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+    loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=as_batched, num_workers=workers,
+                                         persistent_workers=workers > 0,
                                          multiprocessing_context=reader_start(workers, device),
                                          worker_init_fn=runs.reader_ignores_interrupts)
     null_cond = engine.module.null_cond

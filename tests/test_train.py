@@ -102,6 +102,24 @@ def test_validation_loss_on_held_out_latents(latents, tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_step_gets_posterior_samples_at_unit_variance(latents, tmp_path, monkeypatch, workers):
+    """The reader's batches reach the step as read: z is drawn from the stored posterior and
+    standardised with the posterior samples' std, so the DiT sees unit variance, and the zero-output
+    DiT at step 1 has loss E|eps - z|^2 = 2 (was: the DataLoader rebuilt each Latent from its parts,
+    dropping the logvar: the DiT trained on the means at variance ~0.02, loss ~1.04)."""
+    import launch.train as train_verb
+
+    seen, real = [], train_verb.standardized
+    monkeypatch.setattr(train_verb, "standardized", lambda latent, *a: seen.append(
+        (bool(latent.logvar), real(latent, *a))) or seen[-1][1])
+    summary = train(_cfg(latents, tmp_path / "r", steps=1, **{"data.num_workers": workers}))
+    assert seen and all(has_logvar for has_logvar, _ in seen)
+    z = torch.cat([out.parts["z"] for _, out in seen])
+    assert z.var().item() == pytest.approx(1.0, abs=0.15)
+    assert summary["losses"][0] == pytest.approx(2.0, abs=0.3)
+
+
 def test_profile_window_writes_a_trace_and_the_top_operators(latents, tmp_path):
     train(_cfg(latents, tmp_path / "r", steps=4, **{"profile.start": 2, "profile.steps": 1}))
     prof = tmp_path / "r" / "profile"

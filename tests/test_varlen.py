@@ -107,6 +107,18 @@ def test_dit_trains_on_varlen_batches_padded_and_packed(trained):
     assert packed["losses"][0] == pytest.approx(padded["losses"][0], rel=1e-4)
 
 
+def test_the_step_gets_varlen_batches_with_their_lengths(pipeline, tmp_path, monkeypatch):
+    """The trainer's reader hands the step varlen latents with their lengths (was: rebuilt as a
+    grid by the DataLoader, so padding frames were attended to and counted in the loss)."""
+    import launch.train as train_verb
+
+    forms, real = [], train_verb.flow_step_loss
+    monkeypatch.setattr(train_verb, "flow_step_loss", lambda model, latent, *a, **k: forms.append(
+        (latent.form, latent.aux.get("length"))) or real(model, latent, *a, **k))
+    train(_train_cfg(pipeline, tmp_path / "dit", steps=1, save_every=1))
+    assert forms and all(form == "varlen" and length is not None for form, length in forms)
+
+
 def test_sample_with_a_budget_splits_and_decodes(pipeline, trained, tmp_path, capsys):
     model, context = load_export(pipeline / "dit-packed")
     ae = autoencoders.resolve_record(context.autoencoder).model.eval()
