@@ -110,19 +110,33 @@ def probe(src: str | Path | bytes) -> dict[str, Any]:
     """Container facts without decoding pixels: ``dict(frames, fps, width, height, duration, codec)``.
 
     ``frames`` comes from the container header when it has it, otherwise from counting the video
-    packets (demuxing only). ``duration`` is in seconds. ``width``/``height`` are the stored size,
+    packets (demuxing only). ``duration`` is in seconds, the video stream's own: measured from the
+    packets' timestamps when they are counted (Matroska/WebM, MPEG-PS: their headers have no count
+    and no or a rough duration), else from the header. ``width``/``height`` are the stored size,
     before rotation metadata turns the frames upright.
     """
     container, stream = _open(src)
     try:
         fps = _native_fps(stream)
         frames = int(stream.frames or 0)
+        span = None
         if frames == 0:
+            first = end = None
             try:
-                frames = sum(1 for p in container.demux(stream) if p.size > 0)
+                for p in container.demux(stream):
+                    if p.size <= 0:
+                        continue
+                    frames += 1
+                    if p.pts is not None:
+                        first = p.pts if first is None else min(first, p.pts)
+                        end = max(end if end is not None else p.pts, p.pts + (p.duration or 0))
             except _AV_ERRORS as e:
                 raise VideoError(f"corrupt or truncated: demuxing {_source_name(src)} failed ({e})") from e
-        if stream.duration is not None and stream.time_base is not None:
+            if first is not None and end > first:
+                span = float((end - first) * stream.time_base)
+        if span is not None:
+            duration = span
+        elif stream.duration is not None and stream.time_base is not None:
             duration = float(stream.duration * stream.time_base)
         elif container.duration is not None:
             duration = container.duration / av.time_base
@@ -495,12 +509,16 @@ class Window(NamedTuple):
     start_s: float
 
 
-def output_frames(source_frames: int, native: float | None, fps: float | None) -> int:
+def output_frames(source_frames: int, native: float | None, fps: float | None, duration: float | None = None) -> int:
     """Output frames a video of ``source_frames`` frames at ``native`` fps offers at ``fps`` (None:
     the native rate): output frame ``i`` (time ``i / fps``) must lie within half a source frame of
-    the last frame, as in `read_video`. Assumes a constant frame rate (the header's)."""
+    the last frame, as in `read_video`. With ``duration`` (seconds, `probe`'s) a variable-rate video
+    counts as long as it plays (its header rate is often only its fastest), else the header's
+    constant rate is assumed."""
     if fps is None or not native:
         return source_frames
+    if duration:
+        source_frames = max(source_frames, round(duration * native, 6))
     return math.floor((source_frames - 0.5) * fps / native + 1e-9) + 1 if source_frames else 0
 
 
@@ -509,7 +527,7 @@ def plan_windows(src: str | Path | bytes, frames: int, fps: float | None, window
     be read or not even one window fits (``"too short: ..."``)."""
     info = probe(src)
     rate = fps if fps is not None else info["fps"]
-    starts = windows.starts(output_frames(info["frames"], info["fps"], fps), frames)
+    starts = windows.starts(output_frames(info["frames"], info["fps"], fps, info["duration"]), frames)
     if not starts:
         native = f"{info['fps']:g}" if info["fps"] else "unknown"
         at = f" frames at {fps:g} fps" if fps is not None else " frames"

@@ -799,7 +799,7 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             raise UserError(f"--input {args.input}: {first.key}, which sets the defaults, cannot be read ({e}); give "
                             + " and ".join(f"--{f}" for f in missing)) from None
         if info is not None:  # the longest clip of at most 17 frames that it holds and the autoencoder takes
-            available = output_frames(info["frames"], info["fps"], args.fps)
+            available = output_frames(info["frames"], info["fps"], args.fps, info["duration"])
             with checking(f"--input {args.input}: {first.key} ({available} frames) at --height {args.height} "
                           f"--width {args.width}"):
                 args.frames = default_frames(ae, available, args.height, args.width)

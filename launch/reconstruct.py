@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                     ae.check_input(args.frames, args.height, args.width)
         frames = args.frames
         if frames is None:
-            available = output_frames(info["frames"], info["fps"], args.fps)
+            available = output_frames(info["frames"], info["fps"], args.fps, info["duration"])
             with checking(f"--input {args.input} ({available} frames) at --height {args.height} --width {args.width}"):
                 frames = default_frames(ae, available, args.height, args.width)
         video = read_video(args.input, frames, args.height, args.width, fps=args.fps)  # (C, T, H, W)

@@ -396,3 +396,31 @@ def test_containers_without_a_frame_count_are_counted_and_read(tmp_path, suffix,
     assert frame_indices(first) == [0, 2, 4, 6, 8, 10] and frame_indices(late) == [12, 14, 16, 18, 20, 22]
     with pytest.raises(VideoError, match="too short"):
         read_video(str(path), 25, 32, 48)
+
+
+def test_variable_frame_rate_mkv_windows_follow_the_timestamps(tmp_path):
+    """A variable-rate Matroska video (phones slow down in the dark) has no frame count and a header
+    rate that is only its fastest: 10 frames 1/30 s apart, then 10 frames 1/10 s apart (1.23 s).
+    At 10 fps it gives 13 frames; `probe` measures its span from the packets and `plan_windows`
+    places windows over all of it (was: "too short: has 20 frames at 30 fps", from the count)."""
+    path = tmp_path / "vfr.mkv"
+    times_ms = [round(1000 * (i / 30 if i < 10 else 1 / 3 + (i - 10) / 10)) for i in range(20)]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for frame, ms in zip(indexed_frames(20), times_ms):
+            f = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            f.pts, f.time_base = ms, Fraction(1, 1000)
+            out.mux(stream.encode(f))
+        out.mux(stream.encode())
+    info = probe(str(path))
+    assert info["frames"] == 20 and info["duration"] == pytest.approx(1.233 + 1 / 30, abs=2e-3)
+    n = output_frames(info["frames"], info["fps"], 10, info["duration"])
+    assert n == 13
+    assert read_video(str(path), n, 16, 16, fps=10).shape[1] == n
+    with pytest.raises(VideoError, match="too short"):
+        read_video(str(path), n + 1, 16, 16, fps=10)
+    windows = plan_windows(str(path), 9, 10, Windows(2))
+    assert [w.start for w in windows] == [0, 4]
+    assert all(isinstance(c, torch.Tensor) for c in read_clips(str(path), 9, 16, 16, 10, [w.start for w in windows]))
