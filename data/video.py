@@ -85,11 +85,11 @@ def _open(src: str | Path | bytes) -> tuple[Any, Any]:
     try:
         container = av.open(target, mode="r")
     except _AV_ERRORS as e:
-        raise VideoError(f"not a readable video: {name} ({e})") from e
+        raise _cut_short(src, VideoError(f"not a readable video: {name} ({getattr(e, 'strerror', None) or e})")) from e
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         container.close()
-        raise VideoError(f"no video stream in {name} (streams: {', '.join(kinds)})")
+        raise _cut_short(src, VideoError(f"no video stream in {name} (streams: {', '.join(kinds)})"))
     stream = container.streams.video[0]
     ctx = stream.codec_context
     if ctx.width * ctx.height < LARGE_FRAME:
@@ -97,6 +97,31 @@ def _open(src: str | Path | bytes) -> tuple[Any, Any]:
     else:
         stream.thread_type = "AUTO"
     return container, stream
+
+
+def _cut_short(src: str | Path | bytes, error: VideoError) -> VideoError:
+    """``error``, unless ``src`` is an MP4/MOV file (it starts with an ``ftyp`` box) whose last
+    top-level box runs past the end of the file: then an error that says it was cut short. An
+    interrupted download or copy of a video whose index (``moov``) comes last looks like this, and
+    FFmpeg finds no valid data, no video stream or no frame in it."""
+    with io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else open(src, "rb") as f:
+        end, pos = f.seek(0, io.SEEK_END), 0
+        while pos + 8 <= end:
+            f.seek(pos)
+            head = f.read(16)
+            size, box = int.from_bytes(head[:4], "big"), head[4:8]
+            if pos == 0 and box != b"ftyp":
+                return error
+            if size == 1 and len(head) == 16:
+                size = int.from_bytes(head[8:16], "big")   # 64-bit size
+            if size < 8:
+                return error                               # 0: runs to the end; < 8: no box structure
+            if pos + size > end:
+                return VideoError(f"corrupt or truncated: {_source_name(src)} ends inside its "
+                                  f"{box.decode('latin-1')!r} box ({end - pos} of {size} bytes): an "
+                                  "interrupted download or copy")
+            pos += size
+    return error
 
 
 def _native_fps(stream: Any) -> float | None:
@@ -323,12 +348,16 @@ def _pick_consecutive(reader: _Reader, starts: list[float], frames: int) -> list
     return windows
 
 
+def _zero_frames(reader: _Reader) -> VideoError:
+    return _cut_short(reader.src, VideoError(f"zero frames: {reader.name} has a video stream but no decodable frame"))
+
+
 def _failure(reader: _Reader, frames: int, fps: float | None, start: float) -> VideoError:
     """Why a window came back short: a decoding error, no frame at all, or the video ends first."""
     if reader.error is not None:
         return reader.error
     if reader.n == 0:
-        return VideoError(f"zero frames: {reader.name} has a video stream but no decodable frame")
+        return _zero_frames(reader)
     rate = f"{reader.native:g}" if reader.native else "unknown"
     need = f"need {frames}" + (f" frames at {fps:g} fps" if fps is not None else " frames")
     if start:
@@ -526,6 +555,8 @@ def plan_windows(src: str | Path | bytes, frames: int, fps: float | None, window
     """The windows of one video (from its header: `probe`, no decoding); VideoError when it cannot
     be read or not even one window fits (``"too short: ..."``)."""
     info = probe(src)
+    if info["frames"] == 0:
+        raise _cut_short(src, VideoError(f"zero frames: {_source_name(src)} has a video stream but no frame"))
     rate = fps if fps is not None else info["fps"]
     starts = windows.starts(output_frames(info["frames"], info["fps"], fps, info["duration"]), frames)
     if not starts:
@@ -552,7 +583,7 @@ def check_video(src: str | Path | bytes) -> dict[str, Any]:
     if reader.error is not None:
         raise reader.error
     if reader.n == 0:
-        raise VideoError(f"zero frames: {reader.name} has a video stream but no decodable frame")
+        raise _zero_frames(reader)
     if reader.n < info["frames"]:
         raise VideoError(f"corrupt or truncated: {reader.name} decodes {reader.n} of the {info['frames']} frames "
                          "its header announces")

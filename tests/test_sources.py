@@ -305,7 +305,7 @@ def test_data_list_check_reports_broken_videos(folder, tmp_path, capsys):
     assert console(["data", "list", "--input", str(folder), "--check"]) == 1
     out = capsys.readouterr().out
     assert "checked 5 videos (decoded to the end): 3 good, 2 broken:" in out
-    assert "  - cut: no video stream" in out and "  - fake: not a readable video" in out
+    assert "  - cut: corrupt or truncated: " in out and "  - fake: not a readable video" in out
     (folder / "cut.mp4").unlink()
     (folder / "fake.mp4").unlink()
     assert console(["data", "list", "--input", str(folder), "--check"]) == 0
