@@ -6,7 +6,8 @@
   of videos with a common extension (`VIDEO_EXTENSIONS`); keys are the relative paths without
   extension (with it when two videos share a path up to the extension, ``bikes.mp4`` and
   ``bikes.webm``), items sorted by relative path. A folder reached twice (a symlink loop, or two
-  links to one folder) is listed once and the second way in is reported;
+  links to one folder) is listed once and the second way in is reported; so is a file reached
+  twice (a symlink or hard link to a listed video: the file itself is kept);
 - a single video file;
 - raw WebDataset shards: a ``.tar`` file, a folder holding ``.tar`` files (and no videos), or a brace
   pattern such as ``"dir/shard-{000000..000003}.tar"``. Members are grouped into samples by
@@ -198,7 +199,25 @@ def _walk(root: Path, problems: list[str]) -> list[Path]:
                 files.append(path)
             elif path.is_symlink():
                 _report(problems, f"{path.relative_to(root).as_posix()}: broken symlink; skipped")
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    return _once(sorted(files, key=lambda p: p.relative_to(root).as_posix()), root, problems)
+
+
+def _once(files: list[Path], root: Path, problems: list[str]) -> list[Path]:
+    """``files`` with each file once (by device and inode): a link to a file listed under another
+    name is reported and left out, the file itself (not a symlink) kept where there is one."""
+    by_id: dict[tuple[int, int], list[Path]] = {}
+    for path in files:
+        st = path.stat()
+        by_id.setdefault((st.st_dev, st.st_ino), []).append(path)
+    dropped: set[Path] = set()
+    for same in by_id.values():
+        kept = next((p for p in same if not p.is_symlink()), same[0])
+        for path in same:
+            if path is not kept:
+                dropped.add(path)
+                _report(problems, f"{path.relative_to(root).as_posix()}: the same file as "
+                                  f"{kept.relative_to(root).as_posix()}; skipped")
+    return [p for p in files if p not in dropped]
 
 
 def _no_captions_for_shards(captions: str | Path | None) -> None:

@@ -273,15 +273,17 @@ def test_symlinked_folders_are_followed_once(tmp_path):
     (root / "real" / "loop").symlink_to(root, target_is_directory=True)     # a loop back to the top
     (root / "zz-again").symlink_to(root / "real", target_is_directory=True)  # a second way to one folder
     (root / "gone.mp4").symlink_to(tmp_path / "deleted.mp4")                 # a broken link
+    (root / "a-link.mp4").symlink_to(root / "real" / "a.mp4")                # a second name for a listed video
     items = list_items(root)
     assert [it.key for it in items] == ["linked/b", "real/a"]
     assert items[0].load_bytes() == (outside / "b.mp4").read_bytes()
     text = "\n".join(items.problems)
     assert "real/loop: links to a folder already listed" in text
     assert "zz-again: links to a folder already listed" in text and "gone.mp4: broken symlink" in text
+    assert "a-link.mp4: the same file as real/a.mp4; skipped" in text   # was: listed twice, its clips encoded twice
     cap = tmp_path / "c.csv"
-    cap.write_text("path,caption\nlinked/b.mp4,through the link\n")
-    assert list_items(root, cap)[0].caption == "through the link"
+    cap.write_text("path,caption\nlinked/b.mp4,through the link\na-link.mp4,by the link's name\n")
+    assert [it.caption for it in list_items(root, cap)] == ["through the link", "by the link's name"]
 
 
 def test_keys_are_unique_when_stems_collide(tmp_path):
