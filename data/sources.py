@@ -57,7 +57,10 @@ from ldm.errors import MissingInput, UserError
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".gif", ".flv",
-                    ".wmv", ".ts", ".3gp", ".ogv")
+                    ".wmv", ".ts", ".3gp", ".ogv",
+                    # camcorders (AVCHD), DVDs, broadcast and older web formats, raw streams
+                    ".mts", ".m2ts", ".m2v", ".vob", ".mxf", ".dv", ".f4v", ".3g2", ".asf", ".rm", ".rmvb", ".qt",
+                    ".divx", ".nut", ".y4m", ".h264", ".264", ".hevc", ".265", ".mjpeg")
 SHARD_VIDEO_EXTENSIONS = tuple(e[1:] for e in VIDEO_EXTENSIONS) + ("video",)
 PATH_COLUMNS = ("path", "file", "video")
 CAPTION_COLUMNS = ("caption", "text")

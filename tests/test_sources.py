@@ -8,13 +8,14 @@ import json
 import tarfile
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
 
 from data.sources import ItemList, VideoClipDataset, VideoItem, list_items
 from data.synth import synth_dataset
-from data.video import VideoError, Window, Windows, check_video, encode_video, write_frames
+from data.video import VideoError, Window, Windows, check_video, encode_video, read_video, write_frames
 from launch.cli import console
 from ldm.errors import UserError
 
@@ -344,3 +345,21 @@ def test_data_list_reports_each_captions_problem_once(folder, tmp_path, capsys, 
     caplog.clear()
     list_items(folder, caps)  # elsewhere the problems are still logged
     assert any("'missing.mp4' is not a video" in r.getMessage() for r in caplog.records)
+
+
+def test_camcorder_and_broadcast_extensions_are_videos(tmp_path):
+    """AVCHD camcorders write ``.MTS`` (MPEG-TS), DVDs ``.VOB``: listed and read like any video (was:
+    left out without a word, as files that are not videos)."""
+    root = tmp_path / "cam"
+    root.mkdir()
+    for name, fmt in (("00001.MTS", "mpegts"), ("VTS_01_1.VOB", "vob"), ("take.m2ts", "mpegts")):
+        with av.open(str(root / name), "w", format=fmt) as c:
+            s = c.add_stream("mpeg2video", rate=25)
+            s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+            for frame in _clip(60):
+                c.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            c.mux(s.encode(None))
+    items = list_items(root)
+    assert [it.key for it in items] == ["00001", "VTS_01_1", "take"]
+    for it in items:
+        assert read_video(it.readable(), 8, 16, 16).shape == (3, 8, 16, 16)
