@@ -25,7 +25,8 @@ Non-integer labels (e.g. UCF-101 class names) are numbered in sorted order and k
 found from a byte-order mark (UTF-8/16/32), NUL-byte patterns (UTF-16 without a mark), else UTF-8,
 else Windows-1252 / Latin-1 (reported as a problem: check accented characters); a file that is none
 of these is an error naming it. A folder holding ``metadata.jsonl`` (what ``ldm data synth``
-writes) uses it when no captions file is given.
+writes) uses it when no captions file is given. A video without a caption from a file takes the
+text of a sidecar next to it, ``clip.txt`` for ``clip.mp4`` (as raw shards' ``<key>.txt``).
 
 Problems that should not stop a run (a captions row naming a missing file, a duplicate row, a
 shard sample without a video, an unreadable shard, a broken symlink) are logged and collected in
@@ -361,6 +362,8 @@ def _list_folder(root: Path, videos: list[Path], captions: str | Path | None) ->
         if names is not None and label is not None:
             meta["label"] = str(label)
         caption_text = _first(row, CAPTION_COLUMNS)
+        if caption_text is None and p.with_suffix(".txt").is_file():  # a sidecar: clip.mp4 + clip.txt
+            caption_text = read_text(p.with_suffix(".txt"), items.problems).strip() or None
         items.append(VideoItem(key=key, path=p, meta=meta,
                                caption=None if caption_text is None else str(caption_text),
                                class_id=None if label is None else (names[str(label)] if names else int(float(label)))))

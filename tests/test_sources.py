@@ -363,3 +363,17 @@ def test_camcorder_and_broadcast_extensions_are_videos(tmp_path):
     assert [it.key for it in items] == ["00001", "VTS_01_1", "take"]
     for it in items:
         assert read_video(it.readable(), 8, 16, 16).shape == (3, 8, 16, 16)
+
+
+def test_sidecar_txt_captions(folder, tmp_path):
+    """``clip.txt`` next to ``clip.mp4`` is its caption (was: ignored; the videos had none); a
+    captions file's row wins, an empty sidecar is no caption, any encoding `read_text` reads."""
+    (folder / "a.txt").write_text("  a gray square, 猫 🎬\n", encoding="utf-8")
+    (folder / "b.txt").write_text("\n")
+    (folder / "sub" / "c.txt").write_bytes("caf\xe9 au lait".encode("cp1252"))
+    items = list_items(folder)
+    assert [it.caption for it in items] == ["a gray square, 猫 🎬", None, "café au lait"]
+    assert any("c.txt: not UTF-8" in p for p in items.problems)
+    cap = tmp_path / "captions.csv"
+    cap.write_text("path,caption\na.mp4,from the file\nb.mp4,\n")
+    assert [it.caption for it in list_items(folder, cap)] == ["from the file", None, "café au lait"]
