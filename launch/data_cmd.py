@@ -24,6 +24,8 @@ from data.video import VideoError, Windows, check_video, plan_windows
 from ldm.errors import UserError
 from ldm.latent import parts_text
 
+SHOWN_CAPTION = 100  # characters of a caption `ldm data list` prints (a scraped one can be pages long)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
@@ -224,7 +226,10 @@ def _list(args: argparse.Namespace) -> int:
         clips = ""
         if counts is not None:
             clips = f", {counts[i]} clips" if isinstance(counts[i], int) else ", no clip"
-        print(f"  {it.key}: {it.caption!r} class={it.class_id} ({it.source}){clips}")
+        caption = repr(it.caption)
+        if it.caption is not None and len(it.caption) > SHOWN_CAPTION:
+            caption = f"{it.caption[:SHOWN_CAPTION]!r}... ({len(it.caption)} characters)"
+        print(f"  {it.key}: {caption} class={it.class_id} ({it.source}){clips}")
     if len(items) > args.show:
         print(f"  ... {len(items) - args.show} more")
     if counts is not None:

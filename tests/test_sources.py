@@ -377,3 +377,11 @@ def test_sidecar_txt_captions(folder, tmp_path):
     cap = tmp_path / "captions.csv"
     cap.write_text("path,caption\na.mp4,from the file\nb.mp4,\n")
     assert [it.caption for it in list_items(folder, cap)] == ["from the file", None, "café au lait"]
+
+
+def test_data_list_shortens_long_captions(folder, tmp_path, capsys):
+    cap = tmp_path / "c.jsonl"
+    cap.write_text(json.dumps({"path": "a.mp4", "caption": "very " * 2000}) + "\n")
+    assert console(["data", "list", "--input", str(folder), "--captions", str(cap)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  a:"))
+    assert "... (10000 characters) class=None" in line and len(line) < 400   # was: all 10,000 characters
