@@ -416,6 +416,9 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     if not items:
         raise UserError(f"no videos found in {cfg.input}")
     class_count(cfg, items)  # a label outside --num-classes: clear error before any work
+    mixed = mixed_rates(items) if cfg.fps is None and env.rank == 0 else None
+    if mixed:
+        log.warning(mixed)
     clips = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, cfg.fps)
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     mine = dist.shard_list(list(range(n_shards)), env.rank, env.world_size)
@@ -700,9 +703,8 @@ def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size
     return manifest
 
 
-def native_fps(items: list, limit: int = 8) -> float | None:
-    """The median native frame rate of the first ``limit`` readable ``items`` (container headers
-    only), None when none has one."""
+def native_rates(items: list, limit: int = 8) -> list[float]:
+    """The native frame rates of the first ``limit`` readable ``items`` (container headers only)."""
     rates = []
     for it in items:
         try:
@@ -713,7 +715,25 @@ def native_fps(items: list, limit: int = 8) -> float | None:
             rates.append(rate)
         if len(rates) == limit:
             break
+    return rates
+
+
+def native_fps(items: list, limit: int = 8) -> float | None:
+    """The median native frame rate of the first ``limit`` readable ``items``, None when none has one."""
+    rates = native_rates(items, limit)
     return statistics.median(rates) if rates else None
+
+
+def mixed_rates(items: list, limit: int = 8) -> str | None:
+    """Without ``--fps``: a warning when the first ``limit`` readable inputs play at rates more than
+    10 % apart (scraped or phone videos: 24, 30, 60 fps, ...), None when they agree."""
+    rates = native_rates(items, limit)
+    if not rates or max(rates) <= 1.1 * min(rates):
+        return None
+    return (f"the inputs play at different frame rates ({min(rates):g} to {max(rates):g} fps in the first "
+            f"{len(rates)} read) and --fps is not given: each clip keeps its video's own rate, so one motion "
+            "spans different numbers of frames, and `ldm sample` plays every clip at one rate; give --fps F "
+            "to resample every video to F fps")
 
 
 @torch.no_grad()

@@ -364,3 +364,21 @@ def test_config_file_matches_the_flags(videos, tmp_path):
     assert load_manifest(tmp_path / "yaml").shard_size == 3
     with pytest.raises(ValueError, match="unknown key"):
         ldm(["extract", "--config", str(tmp_path / "x.yaml"), "--output", str(tmp_path / "z"), "shards=3"])
+
+
+def test_inputs_at_mixed_frame_rates_are_warned_about(tmp_path):
+    """Scraped videos at 24 / 25 / 60 fps without --fps: each clip keeps its own rate (a motion
+    spans 2.5x more frames in one than another) and the manifest names one rate. Said at the start
+    (was: nothing); rates within 10 % (24 / 25) are one rate."""
+    from data.sources import list_items
+    from launch.extract import mixed_rates
+
+    frames = np.zeros((4, 16, 16, 3), np.uint8)
+    for name, fps in (("a.mp4", 24), ("b.mp4", 25)):
+        write_frames(tmp_path / name, frames, fps=fps)
+    (tmp_path / "broken.mp4").write_text("not a video")
+    assert mixed_rates(list_items(tmp_path)) is None
+    write_frames(tmp_path / "c.mp4", frames, fps=60)
+    warning = mixed_rates(list_items(tmp_path))
+    assert warning.startswith("the inputs play at different frame rates (24 to 60 fps in the first 3 read)")
+    assert "give --fps F" in warning
