@@ -104,7 +104,11 @@ def _cut_short(src: str | Path | bytes, error: VideoError) -> VideoError:
     top-level box runs past the end of the file: then an error that says it was cut short. An
     interrupted download or copy of a video whose index (``moov``) comes last looks like this, and
     FFmpeg finds no valid data, no video stream or no frame in it."""
-    with io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else open(src, "rb") as f:
+    try:
+        f = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else open(src, "rb")
+    except OSError:
+        return error                                       # unreadable: FFmpeg's own reason stands
+    with f:
         end, pos = f.seek(0, io.SEEK_END), 0
         while pos + 8 <= end:
             f.seek(pos)

@@ -127,6 +127,18 @@ def test_text_file_named_mp4(tmp_path):
         read_video(tmp_path / "notes.mp4", 4, 16, 16)
 
 
+def test_unreadable_file_keeps_ffmpegs_reason(tmp_path, monkeypatch):
+    """A file Python may not open (permissions) while looking for an MP4 cut short: FFmpeg's reason
+    stands (was: a PermissionError traceback out of the check)."""
+    (tmp_path / "notes.mp4").write_text("not a video")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(video_mod, "open", refuse, raising=False)
+    with pytest.raises(VideoError, match="not a readable video"):
+        read_video(tmp_path / "notes.mp4", 4, 16, 16)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(VideoError, match="file not found"):
         read_video(tmp_path / "nope.mp4", 4, 16, 16)
