@@ -19,7 +19,8 @@
 Captions file (folders only): CSV (``.csv``; comma, semicolon or tab, from its header line) or
 TSV (``.tsv``) with a header, or JSONL (any other name), one row per video, with columns
 ``path | file | video`` (relative to the input folder, else to the captions file's folder, or
-absolute), ``caption | text`` and ``class_id | label``, matched in any case (``PATH,Caption``).
+absolute; ``\\`` separators and names in another Unicode normalization, as Windows and macOS write
+them, match too), ``caption | text`` and ``class_id | label``, matched in any case (``PATH,Caption``).
 Non-integer labels (e.g. UCF-101 class names) are numbered in sorted order and kept as
 ``meta["label"]``. Every column lands in ``item.meta`` under its lower-case name. The encoding is
 found from a byte-order mark (UTF-8/16/32), NUL-byte patterns (UTF-16 without a mark), else UTF-8,
@@ -43,6 +44,7 @@ import json
 import logging
 import os
 import tarfile
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,9 +329,15 @@ def _read_rows(path: Path, problems: list[str]) -> list[tuple[int, dict[str, Any
     return rows
 
 
+def _same_name(path: Path) -> str:
+    """``path`` resolved, in Unicode NFC: a name typed in a captions file matches a file named on a
+    Mac (NFD: "u" + combining diaeresis for "ü")."""
+    return unicodedata.normalize("NFC", str(path.resolve()))
+
+
 def _list_folder(root: Path, videos: list[Path], captions: str | Path | None) -> ItemList:
     problems: list[str] = []
-    by_path = {p.resolve(): p for p in videos}
+    by_path = {_same_name(p): p.resolve() for p in videos}
     rows: dict[Path, dict[str, Any]] = {}
     if captions is not None:
         cap = Path(captions)
@@ -340,8 +348,9 @@ def _list_folder(root: Path, videos: list[Path], captions: str | Path | None) ->
             if rel is None:
                 _report(problems, f"captions {cap.name} line {n}: no path ({'/'.join(PATH_COLUMNS)})")
                 continue
+            rel = str(rel).replace("\\", "/")  # a path written on Windows
             candidates = [Path(rel)] if Path(rel).is_absolute() else [root / rel, cap.parent / rel]
-            found = next((c.resolve() for c in candidates if c.resolve() in by_path), None)
+            found = next((by_path[_same_name(c)] for c in candidates if _same_name(c) in by_path), None)
             if found is None:
                 _report(problems, f"captions {cap.name} line {n}: {rel!r} is not a video under {root}")
             elif found in rows:

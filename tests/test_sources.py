@@ -385,3 +385,19 @@ def test_data_list_shortens_long_captions(folder, tmp_path, capsys):
     assert console(["data", "list", "--input", str(folder), "--captions", str(cap)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  a:"))
     assert "... (10000 characters) class=None" in line and len(line) < 400   # was: all 10,000 characters
+
+
+def test_captions_paths_written_on_windows_or_macos_match(tmp_path):
+    """A captions file typed on Windows (``sub\\clip.mp4``) or naming "café" in NFC while the
+    file came from a Mac in NFD: its rows still find their videos (was: "not a video under")."""
+    import unicodedata
+
+    root = tmp_path / "v"
+    nfd = unicodedata.normalize("NFD", "café.mp4")
+    write_frames(root / nfd, _clip(10), fps=8)
+    write_frames(root / "sub" / "clip.mp4", _clip(50), fps=8)
+    cap = tmp_path / "c.csv"
+    cap.write_text(f"path,caption\n{unicodedata.normalize('NFC', 'café.mp4')},accented\nsub\\clip.mp4,windows\n",
+                   encoding="utf-8")
+    items = list_items(root, cap)
+    assert [it.caption for it in items] == ["accented", "windows"] and items.problems == []
