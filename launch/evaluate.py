@@ -601,8 +601,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--ae-subfolder")
     r.add_argument("--input", required=True, help="videos (folder, raw shards, as `ldm extract`)")
     r.add_argument("--frames", type=int, help="frames per clip (default: as `ldm reconstruct`, the longest clip of "
-                   f"at most {DEFAULT_FRAMES} frames that the first video holds and the autoencoder takes)")
-    r.add_argument("--height", type=int, help="(default: as `ldm reconstruct`, from the first video: its own size "
+                   f"at most {DEFAULT_FRAMES} frames that the first readable video holds and the autoencoder takes)")
+    r.add_argument("--height", type=int, help="(default: as `ldm reconstruct`, from the first readable video: its own size "
                    "when it fits in 256x256, rounded down to one the autoencoder takes; else 256)")
     r.add_argument("--width", type=int, help="(default: as --height)")
     r.add_argument("--fps", type=float)
@@ -787,17 +787,24 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     with checking():
         ae, name, ckpt_hash = resolve(args.autoencoder, args.checkpoint or args.ae_path, subfolder=args.ae_subfolder)
     if args.height is None or args.width is None or args.frames is None:  # from the first video, as `ldm reconstruct`
-        first = list_items(args.input)[0]
         missing = [f for f in ("frames", "height", "width") if getattr(args, f) is None]
-        try:
-            src = first.readable()
-            if args.height is None or args.width is None:
-                shown = default_size(ae, *upright_size(src))
-                args.height, args.width = args.height or shown[0], args.width or shown[1]
-            info = probe(src) if args.frames is None else None
-        except VideoError as e:
-            raise UserError(f"--input {args.input}: {first.key}, which sets the defaults, cannot be read ({e}); give "
-                            + " and ".join(f"--{f}" for f in missing)) from None
+        items = list_items(args.input)
+        if not items:
+            raise UserError(f"--input {args.input}: no videos")
+        for first in items:  # the first one that can be read: a broken one is skipped later
+            try:
+                src = first.readable()
+                size = upright_size(src) if args.height is None or args.width is None else None
+                info = probe(src) if args.frames is None else None
+                break
+            except VideoError as e:
+                error = e
+        else:
+            raise UserError(f"--input {args.input}: no video can be read to set the defaults (the last: {first.key}: "
+                            f"{error}); give " + " and ".join(f"--{f}" for f in missing))
+        if size is not None:
+            shown = default_size(ae, *size)
+            args.height, args.width = args.height or shown[0], args.width or shown[1]
         if info is not None:  # the longest clip of at most 17 frames that it holds and the autoencoder takes
             available = output_frames(info["frames"], info["fps"], args.fps, info["duration"])
             with checking(f"--input {args.input}: {first.key} ({available} frames) at --height {args.height} "
