@@ -235,6 +235,11 @@ def _no_captions_for_shards(captions: str | Path | None) -> None:
 # --------------------------------------------------------------------------------------------
 # folders
 # --------------------------------------------------------------------------------------------
+def _caption(value: Any) -> str | None:
+    """A caption as text without the spaces and line breaks around it; None when nothing is left."""
+    return None if value is None else (str(value).strip() or None)
+
+
 def _first(row: dict[str, Any], names: Sequence[str]) -> Any:
     for n in names:
         if n in row and row[n] not in (None, ""):
@@ -370,11 +375,11 @@ def _list_folder(root: Path, videos: list[Path], captions: str | Path | None) ->
         meta = dict(row, path=rel)
         if names is not None and label is not None:
             meta["label"] = str(label)
-        caption_text = _first(row, CAPTION_COLUMNS)
+        caption_text = _caption(_first(row, CAPTION_COLUMNS))
         if caption_text is None and p.with_suffix(".txt").is_file():  # a sidecar: clip.mp4 + clip.txt
-            caption_text = read_text(p.with_suffix(".txt"), items.problems).strip() or None
+            caption_text = _caption(read_text(p.with_suffix(".txt"), items.problems))
         items.append(VideoItem(key=key, path=p, meta=meta,
-                               caption=None if caption_text is None else str(caption_text),
+                               caption=caption_text,
                                class_id=None if label is None else (names[str(label)] if names else int(float(label)))))
     return items
 
@@ -457,8 +462,8 @@ def _shard_item(shard: Path, key: str, sample: dict[str, Any], problems: list[st
             meta = loaded if isinstance(loaded, dict) else {"json": loaded}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             _report(problems, f"shard {shard}: sample {key!r} has an unreadable .json ({e})")
-    caption = (sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample
-               else _first(meta, CAPTION_COLUMNS))
+    caption = _caption(sample["txt"].decode("utf-8", errors="replace") if "txt" in sample
+                       else _first(meta, CAPTION_COLUMNS))
     raw_class = (sample["cls"].decode("utf-8", errors="replace").strip() if "cls" in sample
                  else _first(meta, CLASS_COLUMNS))
     class_id = None
@@ -467,7 +472,7 @@ def _shard_item(shard: Path, key: str, sample: dict[str, Any], problems: list[st
             class_id = int(raw_class)
         except (TypeError, ValueError):
             _report(problems, f"shard {shard}: sample {key!r} has a non-integer class {raw_class!r}; ignored")
-    return VideoItem(key=key, caption=None if caption is None else str(caption), class_id=class_id, meta=meta,
+    return VideoItem(key=key, caption=caption, class_id=class_id, meta=meta,
                      shard=shard, member=video.name, offset=video.offset_data, size=video.size)
 
 

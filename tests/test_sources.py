@@ -381,7 +381,7 @@ def test_sidecar_txt_captions(folder, tmp_path):
 
 def test_data_list_shortens_long_captions(folder, tmp_path, capsys):
     cap = tmp_path / "c.jsonl"
-    cap.write_text(json.dumps({"path": "a.mp4", "caption": "very " * 2000}) + "\n")
+    cap.write_text(json.dumps({"path": "a.mp4", "caption": "very" * 2500}) + "\n")
     assert console(["data", "list", "--input", str(folder), "--captions", str(cap)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  a:"))
     assert "... (10000 characters) class=None" in line and len(line) < 400   # was: all 10,000 characters
@@ -401,3 +401,13 @@ def test_captions_paths_written_on_windows_or_macos_match(tmp_path):
                    encoding="utf-8")
     items = list_items(root, cap)
     assert [it.caption for it in items] == ["accented", "windows"] and items.problems == []
+
+
+def test_captions_are_stripped_and_blank_ones_are_none(folder, tmp_path):
+    """Scraped captions carry line breaks and spaces around them, or only those (was: kept as they
+    are, a blank caption encoded as text)."""
+    cap = tmp_path / "c.jsonl"
+    cap.write_text(json.dumps({"path": "a.mp4", "caption": "  a cat 🐈\r\n"}) + "\n"
+                   + json.dumps({"path": "b.mp4", "caption": " \n\t"}) + "\n")
+    (folder / "b.txt").write_text("from the sidecar\n")
+    assert [it.caption for it in list_items(folder, cap)] == ["a cat 🐈", "from the sidecar", None]
