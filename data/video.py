@@ -59,6 +59,11 @@ class VideoError(Exception):
     """A video input that cannot give the requested clip; ``str(e)`` starts with the reason."""
 
 
+def _reason(e: Exception) -> str:
+    """FFmpeg's words for an error, without the errno and file name PyAV adds around them."""
+    return getattr(e, "strerror", None) or str(e)
+
+
 # --------------------------------------------------------------------------------------------
 # opening
 # --------------------------------------------------------------------------------------------
@@ -85,7 +90,7 @@ def _open(src: str | Path | bytes) -> tuple[Any, Any]:
     try:
         container = av.open(target, mode="r")
     except _AV_ERRORS as e:
-        raise _cut_short(src, VideoError(f"not a readable video: {name} ({getattr(e, 'strerror', None) or e})")) from e
+        raise _cut_short(src, VideoError(f"not a readable video: {name} ({_reason(e)})")) from e
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         container.close()
@@ -160,7 +165,7 @@ def probe(src: str | Path | bytes) -> dict[str, Any]:
                         first = p.pts if first is None else min(first, p.pts)
                         end = max(end if end is not None else p.pts, p.pts + (p.duration or 0))
             except _AV_ERRORS as e:
-                raise VideoError(f"corrupt or truncated: demuxing {_source_name(src)} failed ({e})") from e
+                raise VideoError(f"corrupt or truncated: demuxing {_source_name(src)} failed ({_reason(e)})") from e
             if first is not None and end > first:
                 span = float((end - first) * stream.time_base)
         if span is not None:
@@ -251,7 +256,7 @@ class _Reader:
         try:
             frame = next(self._frames, None)
         except _AV_ERRORS as e:
-            raise VideoError(f"corrupt or truncated: decoding {self.name} failed after {self.n} frames ({e})") from e
+            raise VideoError(f"corrupt or truncated: decoding {self.name} failed after {self.n} frames ({_reason(e)})") from e
         if frame is None:
             return None
         if frame.time is None:

@@ -444,3 +444,22 @@ def test_variable_frame_rate_mkv_windows_follow_the_timestamps(tmp_path):
     windows = plan_windows(str(path), 9, 10, Windows(2))
     assert [w.start for w in windows] == [0, 4]
     assert all(isinstance(c, torch.Tensor) for c in read_clips(str(path), 9, 16, 16, 10, [w.start for w in windows]))
+
+
+def test_faststart_mp4_cut_short_is_found_by_check_video(tmp_path):
+    """An MP4 with its index first (``movflags=faststart``, as web servers want) cut short opens and
+    decodes its first frames; `check_video` finds where it breaks, in FFmpeg's words (was: with
+    PyAV's ``[Errno 1094995529] ...: 'avcodec_send_packet()'`` around them)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "web.mp4"     # faststart rewrites the file at the end: a real file, not bytes
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+        for _ in range(40):
+            c.mux(s.encode(av.VideoFrame.from_ndarray((rng.random((32, 48, 3)) * 255).astype(np.uint8), format="rgb24")))
+        c.mux(s.encode(None))
+    data = path.read_bytes()
+    assert data[4:8] == b"ftyp" and b"moov" in data[:4096]                # the index comes first
+    with pytest.raises(VideoError, match="corrupt or truncated") as info:
+        video_mod.check_video(data[: int(len(data) * 0.6)])
+    assert "Errno" not in str(info.value) and "avcodec" not in str(info.value)
