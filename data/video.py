@@ -581,10 +581,13 @@ def check_video(src: str | Path | bytes) -> dict[str, Any]:
     """Decode every frame of a video (no pixel conversion) and return its `probe` facts plus
     ``decoded``, the frames that came out. VideoError (the reasons of the module doc) when it cannot
     be opened, a frame fails to decode, or fewer frames decode than its header announces (a file
-    cut short after its index). ``ldm data list --check`` runs this on every input."""
+    cut short after its index), or it plays clearly shorter than the duration its header gives its
+    video track (Matroska / WebM, which keep no frame count: a download cut short).
+    ``ldm data list --check`` runs this on every input."""
     info = probe(src)
     reader = _Reader(src)
     try:
+        announced = _track_duration(reader.stream)
         while reader.next() is not None:
             pass
     finally:
@@ -596,7 +599,22 @@ def check_video(src: str | Path | bytes) -> dict[str, Any]:
     if reader.n < info["frames"]:
         raise VideoError(f"corrupt or truncated: {reader.name} decodes {reader.n} of the {info['frames']} frames "
                          "its header announces")
+    plays = reader.last + (1 / reader.native if reader.native else 0.0)
+    if announced is not None and plays < announced - max(0.5, 0.05 * announced):
+        raise VideoError(f"corrupt or truncated: {reader.name} plays {plays:.2f} s of the {announced:.2f} s its "
+                         "header announces")
     return {**info, "decoded": reader.n}
+
+
+def _track_duration(stream: Any) -> float | None:
+    """Seconds from a video track's ``DURATION`` tag (``00:01:02.500000000``, Matroska / WebM muxers
+    write it per track), None without one."""
+    value = next((v for k, v in stream.metadata.items() if k.upper() == "DURATION"), None)
+    try:
+        h, m, sec = str(value).split(":")
+        return int(h) * 3600 + int(m) * 60 + float(sec)
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -463,3 +463,20 @@ def test_faststart_mp4_cut_short_is_found_by_check_video(tmp_path):
     with pytest.raises(VideoError, match="corrupt or truncated") as info:
         video_mod.check_video(data[: int(len(data) * 0.6)])
     assert "Errno" not in str(info.value) and "avcodec" not in str(info.value)
+
+
+def test_webm_cut_short_is_found_by_check_video(tmp_path):
+    """WebM / Matroska keep no frame count, so a download cut short decodes cleanly to where it
+    stops; its video track's DURATION tag says how long it should play (was: reported good)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "web.webm"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libvpx", rate=25)
+        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+        for _ in range(40):
+            c.mux(s.encode(av.VideoFrame.from_ndarray((rng.random((32, 48, 3)) * 255).astype(np.uint8), format="rgb24")))
+        c.mux(s.encode(None))
+    data = path.read_bytes()
+    assert video_mod.check_video(data)["decoded"] == 40
+    with pytest.raises(VideoError, match=r"corrupt or truncated: .* plays 0\.\d\d s of the 1\.60 s its header announces"):
+        video_mod.check_video(data[: int(len(data) * 0.6)])
