@@ -446,19 +446,25 @@ def test_variable_frame_rate_mkv_windows_follow_the_timestamps(tmp_path):
     assert all(isinstance(c, torch.Tensor) for c in read_clips(str(path), 9, 16, 16, 10, [w.start for w in windows]))
 
 
-def test_faststart_mp4_cut_short_is_found_by_check_video(tmp_path):
-    """An MP4 with its index first (``movflags=faststart``, as web servers want) cut short opens and
-    decodes its first frames; `check_video` finds where it breaks, in FFmpeg's words (was: with
-    PyAV's ``[Errno 1094995529] ...: 'avcodec_send_packet()'`` around them)."""
+def noise_video(path, codec: str, **options: str) -> bytes:
+    """40 frames of noise at 25 fps (1.6 s; noise: every frame a sizeable packet), written to
+    ``path`` with muxer ``options``; returns the file's bytes."""
     rng = np.random.default_rng(0)
-    path = tmp_path / "web.mp4"     # faststart rewrites the file at the end: a real file, not bytes
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
-        s = c.add_stream("libx264", rate=25)
+    with av.open(str(path), "w", options=options) as c:
+        s = c.add_stream(codec, rate=25)
         s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
         for _ in range(40):
             c.mux(s.encode(av.VideoFrame.from_ndarray((rng.random((32, 48, 3)) * 255).astype(np.uint8), format="rgb24")))
         c.mux(s.encode(None))
-    data = path.read_bytes()
+    return path.read_bytes()
+
+
+def test_faststart_mp4_cut_short_is_found_by_check_video(tmp_path):
+    """An MP4 with its index first (``movflags=faststart``, as web servers want) cut short opens and
+    decodes its first frames; `check_video` finds where it breaks, in FFmpeg's words (was: with
+    PyAV's ``[Errno 1094995529] ...: 'avcodec_send_packet()'`` around them)."""
+    # faststart rewrites the file at the end: a real file, not bytes
+    data = noise_video(tmp_path / "web.mp4", "libx264", movflags="faststart")
     assert data[4:8] == b"ftyp" and b"moov" in data[:4096]                # the index comes first
     with pytest.raises(VideoError, match="corrupt or truncated") as info:
         video_mod.check_video(data[: int(len(data) * 0.6)])
@@ -468,15 +474,7 @@ def test_faststart_mp4_cut_short_is_found_by_check_video(tmp_path):
 def test_webm_cut_short_is_found_by_check_video(tmp_path):
     """WebM / Matroska keep no frame count, so a download cut short decodes cleanly to where it
     stops; its video track's DURATION tag says how long it should play (was: reported good)."""
-    rng = np.random.default_rng(0)
-    path = tmp_path / "web.webm"
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libvpx", rate=25)
-        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
-        for _ in range(40):
-            c.mux(s.encode(av.VideoFrame.from_ndarray((rng.random((32, 48, 3)) * 255).astype(np.uint8), format="rgb24")))
-        c.mux(s.encode(None))
-    data = path.read_bytes()
+    data = noise_video(tmp_path / "web.webm", "libvpx")
     assert video_mod.check_video(data)["decoded"] == 40
     with pytest.raises(VideoError, match=r"corrupt or truncated: .* plays 0\.\d\d s of the 1\.60 s its header announces"):
         video_mod.check_video(data[: int(len(data) * 0.6)])
