@@ -480,6 +480,9 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
         if manifest.counts.written and (binding.changes or not (out / runs.BINDING).exists()):
             binding.write()  # allowed changes recorded (also for a folder of an earlier version)
         summary.update(written=manifest.counts.written, skipped=manifest.counts.skipped, shards=len(manifest.shards))
+        if text_encoder is not None:
+            summary["captions_cut"] = sum(read_json(out / f"shard-{j:06d}.json").get("captions_cut", 0)
+                                          for j in range(n_shards) if (out / f"shard-{j:06d}.json").is_file())
         if cfg.verify > 0 and manifest.counts.written > 0:
             summary["verify_psnr"] = verify(out, ae, cfg, items, device, text_encoder, dtype)
             cfglib.replace(manifest, verify={"k": cfg.verify, "psnr": summary["verify_psnr"]}).write(out)
@@ -487,6 +490,9 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
               f"{summary['steady_clips_per_s']:.2f} after the first batch); "
               f"{summary['written']} written, {summary['skipped']} skipped, {summary['shards']} shards -> {out}")
         print_skipped(list(manifest.skipped))
+        if summary.get("captions_cut"):
+            print(f"{summary['captions_cut']} caption(s) filled the text encoder's {text_encoder.max_length} "
+                  "tokens and were cut to them: the DiT sees only their beginning")
         if not manifest.counts.written:
             _remove_empty_run(out, n_shards)
     dist.barrier()
@@ -542,6 +548,7 @@ class _ShardBuffer:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     stats: shards.ChannelStats = field(default_factory=shards.ChannelStats)
     text_tokens: int = 0
+    captions_cut: int = 0  # captions that fill the text encoder's max_length: cut to it (or exactly as long)
 
 
 def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signature: dict, out: Path,
@@ -559,7 +566,8 @@ def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signa
     atomic_write_json(out / f"shard-{buf.index:06d}.json", {
         "signature": signature, "keys": [it.key for it in items[lo:hi]], "labels": labels_digest(items[lo:hi]),
         "written": len(buf.samples),
-        "skipped": buf.skipped, "stats": buf.stats.to_json(), "text_tokens": buf.text_tokens})
+        "skipped": buf.skipped, "stats": buf.stats.to_json(), "text_tokens": buf.text_tokens,
+        "captions_cut": buf.captions_cut})
 
 
 @torch.no_grad()
@@ -588,6 +596,7 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
     first_queued: list[float] = []
 
     in_flight: list[tuple[_ShardBuffer, list[dict[str, Any]], Latent, tuple | None, Any]] = []
+    warned_cut: list[bool] = []  # a caption cut to the text encoder's length was reported
 
     def encode_pending() -> None:
         """Queue the pending clips' encode and the copy of their latents back to the host, then store
@@ -625,6 +634,13 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
             emb, mask = text
             text = [e[m] for e, m in zip(emb, mask)]  # valid tokens only, (L_i, D)
             into.text_tokens += int(mask.sum())
+            cut = [p for p, full in zip(batch, mask.all(1).tolist()) if full and p["caption"]]
+            if cut and not warned_cut:  # once per process, at the first
+                warned_cut.append(True)
+                log.warning("captions longer than the text encoder's %d tokens are cut to them (%s; first: %s); "
+                            "the count is in the summary", text_encoder.max_length, text_encoder.spec,
+                            items[cut[0]["index"]].key)
+            into.captions_cut += len(cut)
         into.stats.update(latent)
         for b, (p, lat) in enumerate(zip(batch, latent.unbatch())):
             item, w = items[p["index"]], p["window"]

@@ -14,6 +14,7 @@ from data import shards
 from data.manifest import load_manifest
 from data.synth import NUM_CLASSES, synth_dataset
 from data.video import write_frames
+from launch import extract as extract_verb
 from launch.cli import main as ldm
 from ldm.errors import UserError
 from ldm.text import build_text_encoder, fingerprint
@@ -382,3 +383,21 @@ def test_inputs_at_mixed_frame_rates_are_warned_about(tmp_path):
     warning = mixed_rates(list_items(tmp_path))
     assert warning.startswith("the inputs play at different frame rates (24 to 60 fps in the first 3 read)")
     assert "give --fps F" in warning
+
+
+def test_captions_cut_to_the_text_encoders_length_are_reported(videos, tmp_path, caplog, capsys):
+    """A caption longer than the text encoder's max_length (the builtin's 64 byte tokens) is cut:
+    a warning names the first, the summary counts them (was: cut without a word)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, video in enumerate(sorted(videos.glob("**/*.mp4"))[:3]):
+        (folder / f"v{i}.mp4").write_bytes(video.read_bytes())
+    (folder / "v0.txt").write_text("a red circle moving left " * 10)  # 250 bytes
+    (folder / "v1.txt").write_text("a blue square")
+    with pytest.warns(UserWarning, match="RANDOM"):
+        summary = extract_verb.extract(extract_verb.ExtractConfig(
+            autoencoder=AE, input=str(folder), output=str(tmp_path / "lat"), frames=8, height=32, width=32,
+            text_encoder="builtin", batch_size=2))
+    assert summary["captions_cut"] == 1
+    assert "are cut to them (builtin; first: v0)" in caplog.text
+    assert "1 caption(s) filled the text encoder's 64 tokens" in capsys.readouterr().out
