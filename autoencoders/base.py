@@ -191,6 +191,19 @@ class Autoencoder(nn.Module):
                 raise UserError(f"--text-encoder {spec} embeds captions differently from the encoder {name} was "
                                 f"trained with ({trained.get('spec')}): pass that one")
 
+    def example_clip(self) -> tuple[int, int, int]:
+        """The smallest ``(frames, height, width)`` this model takes, preferring a video (2 or more
+        frames) to an image: the clip the contract tests (tests/test_contract.py) run every
+        registered config on. Found with ``check_input`` (shape arithmetic, no weights)."""
+        for side in (8, 16, 32, 64, 128, 256, 512):
+            for frames in [*range(2, 65), 1]:
+                try:
+                    self.check_input(frames, side, side)
+                except ValueError:
+                    continue
+                return frames, side, side
+        raise ValueError(f"{self.family}: check_input takes no clip of 1 to 64 frames at 8x8 to 512x512")
+
     def check_input(self, frames: int, height: int, width: int) -> None:
         """Raise ValueError for an input size this autoencoder cannot take (default: whatever
         ``latent_spec`` rejects)."""
@@ -202,9 +215,12 @@ class Autoencoder(nn.Module):
         if video.shape[1] != self.config.in_channels:
             raise ValueError(f"expected {self.config.in_channels} channels, got {video.shape[1]}")
         self.check_input(*video.shape[2:])
-        if self.tiling is not None:
-            return self._scale(tiled_encode(self, video, cond, self.tiling), forward=True)
-        return self._scale(self._encode(video, cond), forward=True)
+        latent = tiled_encode(self, video, cond, self.tiling) if self.tiling is not None else self._encode(video, cond)
+        wrong = self.latent_spec(*video.shape[2:]).mismatch(latent)
+        if wrong:  # a bug of the family: every verb sizes shards, DiTs and costs from latent_spec
+            raise RuntimeError(f"{self.family}: encode of a {tuple(video.shape)} video gives a latent whose {wrong} "
+                               f"by latent_spec; fix latent_spec or _encode in {type(self).__module__}")
+        return self._scale(latent, forward=True)
 
     def decode(self, latent: Latent, cond: Cond | None = None) -> Tensor:
         if self.tiling is not None:

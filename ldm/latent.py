@@ -234,6 +234,23 @@ class LatentSpec:
         part_patch = part_patch or {}
         return sum(part_tokens(shape, part_patch.get(name, patch)) for name, shape in self.parts.items())
 
+    def mismatch(self, latent: Latent) -> str | None:
+        """What in a batched ``latent`` disagrees with this spec (form, part names, per-sample part
+        and log-variance shapes; a varlen part may be shorter along its time axis), None if nothing."""
+        if latent.form != self.form or set(latent.parts) != set(self.parts):
+            return f"form {latent.form!r} with parts {sorted(latent.parts)}, declared {self.form!r} with {sorted(self.parts)}"
+        for name, want in self.parts.items():
+            for what, t in (("part", latent.parts[name]), ("logvar of", latent.logvar.get(name))):
+                got = None if t is None else tuple(t.shape[1:])
+                if got is None or got == tuple(want):
+                    continue
+                t_axis = VARLEN_AXIS - 1  # per-sample time axis of a varlen part
+                shorter = (self.form == "varlen" and len(got) == len(want) > t_axis and got[t_axis] <= want[t_axis]
+                           and got[:t_axis] + got[t_axis + 1:] == tuple(want[:t_axis]) + tuple(want[t_axis + 1:]))
+                if not shorter:
+                    return f"{what} {name!r} has shape {got}, declared {tuple(want)}"
+        return None
+
     def to_dict(self, patch: tuple[int, int, int] = (1, 2, 2)) -> dict:
         return {"form": self.form, "latent_shape": {k: list(v) for k, v in self.parts.items()},
                 "input_shape": list(self.input_shape), "latent_elements": self.latent_elements,

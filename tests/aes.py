@@ -18,3 +18,23 @@ def one_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], lr: fl
     with torch.no_grad():
         after = loss_fn()
     return before.item(), after.item()
+
+
+def registered(debug: bool) -> list[str]:
+    """Registered names of the package's own families (test fakes register into the same registry),
+    the ``-debug`` ones or the others."""
+    from autoencoders.base import REGISTRY
+
+    return sorted(n for n, (cls, _) in REGISTRY.items()
+                  if cls.__module__.startswith("autoencoders.") and n.endswith("-debug") == debug)
+
+
+def text_cond(ae, batch: int):
+    """Random caption embeddings (5 tokens, the last 2 masked) for a text-guided model, else None."""
+    from ldm.latent import Cond
+
+    if not ae.text_dim:
+        return None
+    mask = torch.ones(batch, 5, dtype=torch.bool)
+    mask[:, 3:] = False
+    return Cond(text=torch.randn(batch, 5, ae.text_dim), text_mask=mask)

@@ -34,7 +34,7 @@ class FakeGridAE(Autoencoder):
         if height % s or width % s:
             raise ValueError(f"height and width must be multiples of {s}")
         return LatentSpec("grid", {"z": (c, frames, height // s, width // s)}, (3, frames, height, width),
-                          vcpr=float(s * s * 3 / c))
+                          vcpr=float(s * s))
 
     def _encode(self, video, cond):
         s = self.config.spatial

@@ -1,12 +1,80 @@
-"""The latent contract carries all three latent forms end to end: encode -> shard -> read -> decode."""
+"""The latent contract: every registered autoencoder keeps it (`check_contract`, `check_twins`: a new
+registry entry is checked with no test to write), and it carries all three latent forms end to
+end: encode -> shard -> read -> decode."""
+from dataclasses import dataclass
+
 import pytest
 import torch
 
 import autoencoders
+from aes import registered, text_cond
+from autoencoders.base import FAMILIES, REGISTRY, Autoencoder
 from data import shards
 from ldm.latent import Latent, LatentSpec
 
 import fakes  # noqa: F401  (registers the fake autoencoders)
+
+
+def check_contract(ae: Autoencoder, tmp_path) -> None:
+    """What every autoencoder promises (autoencoders/base.py), on its `example_clip`: latents of the
+    declared spec (checked by ``encode`` itself), float32 for a float32 video, the posterior mean
+    (the same latent twice), the VCPR of a grid, decodes to the input's shape, and the same latents
+    after ``save_pretrained`` / ``load_pretrained``."""
+    frames, height, width = ae.example_clip()
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(2, ae.config.in_channels, frames, height, width, generator=g) * 2 - 1
+    cond = text_cond(ae, 2)
+    spec = ae.latent_spec(frames, height, width)
+    assert spec.input_shape == tuple(video.shape[1:]), f"latent_spec's input_shape {spec.input_shape}"
+    with torch.no_grad():
+        latent, again = ae.encode(video, cond), ae.encode(video, cond)
+        for part, x in {**latent.parts, **{f"logvar of {k}": v for k, v in latent.logvar.items()}}.items():
+            assert x.dtype == video.dtype, f"encode gives {part} in {x.dtype} for a {video.dtype} video"
+            assert torch.isfinite(x).all(), f"encode gives non-finite values in {part}"
+            other = again.parts[part] if part in again.parts else again.logvar[part.removeprefix("logvar of ")]
+            assert torch.equal(x, other), f"encode is not deterministic ({part} differs between two calls): it " \
+                "must return the posterior mean, sampling is Latent.sample's job"
+        if spec.form == "grid" and spec.vcpr is not None:
+            _, t, h, w = spec.parts["z"]
+            assert spec.vcpr == pytest.approx(frames / t * height / h * width / w), \
+                f"latent_spec declares VCPR {spec.vcpr}, its shapes give {frames / t * height / h * width / w}"
+        out = ae.decode(latent, cond)
+    assert out.shape == video.shape and out.dtype == video.dtype, f"decode gives {tuple(out.shape)} {out.dtype}"
+    ae.save_pretrained(tmp_path / "ae")
+    back = autoencoders.load_pretrained(tmp_path / "ae").eval()
+    with torch.no_grad():
+        reloaded = back.encode(video, cond)
+    assert type(back) is type(ae) and back.config == ae.config
+    for part in latent:
+        assert torch.equal(reloaded[part], latent[part]), f"{part} differs after save_pretrained / load_pretrained"
+
+
+def check_twins(registry: dict[str, tuple[type, object]]) -> None:
+    """Every full-size name ``N`` has a tiny ``N-debug`` of the same family whose latent has the same
+    form, shapes and VCPR (the same compression factors) at the clip ``N`` takes."""
+    for name, (cls, config) in registry.items():
+        if name.endswith("-debug"):
+            continue
+        assert f"{name}-debug" in registry, f"{name} has no tiny {name}-debug twin for CPU tests: register one " \
+            "with the same compression factors (and ``-debug`` at the end of its name)"
+        twin_cls, twin_config = registry[f"{name}-debug"]
+        assert twin_cls is cls, f"{name}-debug is a {twin_cls.__name__}, {name} a {cls.__name__}"
+        with torch.device("meta"):
+            full, debug = cls(config), cls(twin_config)
+        size = full.example_clip()
+        a, b = full.latent_spec(*size), debug.latent_spec(*size)
+        assert (a.form, a.parts, a.vcpr) == (b.form, b.parts, b.vcpr), \
+            f"{name}-debug compresses a {size} clip to {b.parts}, {name} to {a.parts}: a debug twin keeps the factors"
+
+
+@pytest.mark.parametrize("name", registered(debug=True) + sorted(fakes.FAKES))
+def test_registered_autoencoder_keeps_the_contract(name, tmp_path):
+    torch.manual_seed(0)
+    check_contract(autoencoders.build(name).eval(), tmp_path)
+
+
+def test_every_registered_autoencoder_has_a_debug_twin():
+    check_twins({n: REGISTRY[n] for n in registered(debug=False) + registered(debug=True)})
 
 
 def _videos(frames=8, size=16):
@@ -94,3 +162,60 @@ def test_build_errors_and_save_load(tmp_path):
     torch.testing.assert_close(back.encode(v)["z"], ae.encode(v)["z"])
     with pytest.raises(ValueError, match="B C T H W"):
         ae.encode(v[0])
+
+
+# --- the checks catch the mistakes a new family makes -------------------------------------------
+class WrongShape(fakes.FakeGridAE):
+    def latent_spec(self, frames, height, width):  # declares 2x fewer latent frames than encode gives
+        spec = super().latent_spec(frames, height, width)
+        c, t, h, w = spec.parts["z"]
+        return LatentSpec("grid", {"z": (c, max(t // 2, 1), h, w)}, spec.input_shape)
+
+
+class WrongDtype(fakes.FakeGridAE):
+    def _encode(self, video, cond):
+        latent = super()._encode(video, cond)
+        return latent.replace({"z": latent["z"].double()})
+
+
+class Sampling(fakes.FakeGridAE):
+    def _encode(self, video, cond):
+        return super()._encode(video, cond).sample()  # a sample of the posterior instead of its mean
+
+
+class WrongVCPR(fakes.FakeGridAE):
+    def latent_spec(self, frames, height, width):
+        spec = super().latent_spec(frames, height, width)
+        return LatentSpec(spec.form, spec.parts, spec.input_shape, vcpr=2 * spec.vcpr)
+
+
+class UnsavedState(fakes.FakeGridAE):
+    def __init__(self, config):
+        super().__init__(config)
+        self.gain = torch.rand(())  # a plain attribute: save_pretrained does not keep it
+
+    def _encode(self, video, cond):
+        return super()._encode(video * self.gain, cond)
+
+
+@pytest.mark.parametrize("cls,error", [(WrongShape, "declared .* by latent_spec; fix latent_spec or _encode"),
+                                       (WrongDtype, "float64"), (Sampling, "not deterministic"),
+                                       (WrongVCPR, "VCPR"), (UnsavedState, "load_pretrained")])
+def test_the_contract_check_catches_a_broken_family(cls, error, tmp_path, monkeypatch):
+    monkeypatch.setattr(cls, "family", cls.__name__)
+    monkeypatch.setitem(FAMILIES, cls.__name__, cls)  # so load_pretrained rebuilds the broken class
+    config = fakes.FakeConfig()
+    check_contract(fakes.FakeGridAE(config).eval(), tmp_path / "good")
+    with pytest.raises((AssertionError, RuntimeError), match=error):
+        check_contract(cls(config).eval(), tmp_path / "bad")
+
+
+def test_the_twin_check_catches_a_missing_or_different_twin():
+    cls, config = REGISTRY["causal3d-f4x8c4"]
+    _, debug = REGISTRY["causal3d-f4x8c4-debug"]
+    check_twins({"causal3d-f4x8c4": (cls, config), "causal3d-f4x8c4-debug": (cls, debug)})
+    with pytest.raises(AssertionError, match="no tiny causal3d-f4x8c4-debug"):
+        check_twins({"causal3d-f4x8c4": (cls, config)})
+    other = type(debug)(**{**debug.__dict__, "temporal_down": (True, False, False)})  # 2x time instead of 4x
+    with pytest.raises(AssertionError, match="keeps the factors"):
+        check_twins({"causal3d-f4x8c4": (cls, config), "causal3d-f4x8c4-debug": (cls, other)})

@@ -9,32 +9,10 @@ import torch
 
 import autoencoders
 import dit
-from autoencoders.base import REGISTRY
 from ldm import samplers
 from ldm.latent import Cond, Latent
+from aes import registered, text_cond
 from offdevice import OFF, OffDevice, OffDeviceTensor, off
-
-
-def _platform(debug: bool) -> list[str]:
-    """Registered names of the package's own families (test fakes register into the same registry)."""
-    return sorted(n for n, (cls, _) in REGISTRY.items()
-                  if cls.__module__.startswith("autoencoders.") and n.endswith("-debug") == debug)
-
-
-def _clip_size(name: str) -> tuple[int, int, int]:
-    family = name.split("-")[0]
-    frames = {"mtcvae": 17, "cmvae": 8, "h3ae": 9}.get(family, 9)
-    # full-size Hi-VAE patchifies its 8x-downsampled latent by 8: sides that are multiples of 64
-    side = 64 if "8x64x64" in name or (family == "hivae" and not name.endswith("-debug")) else 32
-    return frames, side, side
-
-
-def _text_cond(ae, B: int) -> Cond | None:
-    if not ae.text_dim:
-        return None
-    mask = torch.ones(B, 5, dtype=torch.bool)
-    mask[:, 3:] = False
-    return Cond(text=torch.randn(B, 5, ae.text_dim), text_mask=mask)
 
 
 # families whose method reads values on the host (a GPU waits there); every other family's encode
@@ -46,9 +24,9 @@ HOST_READS = {"mtcvae": "encode picks each segment's temporal rate from the cont
 def _roundtrip(name: str) -> None:
     torch.manual_seed(0)
     ae = autoencoders.build(name).eval()
-    T, H, W = _clip_size(name)
+    T, H, W = ae.example_clip()
     video = torch.rand(2, 3, T, H, W) * 2 - 1
-    cond = _text_cond(ae, 2)
+    cond = text_cond(ae, 2)
     with torch.no_grad():
         ref = ae.decode(ae.encode(video, cond), cond) if not name.startswith("hivae") else None
         with OffDevice() as dev:
@@ -111,13 +89,13 @@ def test_the_stand_in_device_counts_host_syncs():
     assert inner.syncs == {"_local_scalar_dense": 1} and outer.syncs == {"_local_scalar_dense": 2}
 
 
-@pytest.mark.parametrize("name", _platform(debug=True))
+@pytest.mark.parametrize("name", registered(debug=True))
 def test_autoencoder_runs_off_the_cpu(name):
     _roundtrip(name)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _platform(debug=False))
+@pytest.mark.parametrize("name", registered(debug=False))
 def test_full_size_autoencoder_runs_off_the_cpu(name):
     _roundtrip(name)
 
@@ -181,7 +159,7 @@ def test_sample_and_decode_path_off_the_cpu(ae_name):
 
     torch.manual_seed(0)
     ae = autoencoders.build(ae_name).eval()
-    T, H, W = _clip_size(ae_name)
+    T, H, W = ae.example_clip()
     spec = ae.latent_spec(T, H, W)
     text = build_text_encoder("builtin")
     model = dit.build("dit-debug", spec.parts, text_dim=text.dim).eval()
