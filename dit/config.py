@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ldm.layers import rope_axes
+
 ATTN_LAYOUTS = ("full", "factorized")
 FIRST_FRAME = "first_frame"  # reserved group name for the clean image-to-video tokens
 
@@ -44,6 +46,11 @@ class DiTConfig:
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        try:
+            rope_axes(self.head_dim, self.rope_axes)
+        except ValueError as e:
+            raise ValueError(f"hidden {self.hidden} / heads {self.heads} = head dim {self.head_dim}: {e} (choose "
+                             "hidden and heads for an even head dim >= 6, or rope_axes)") from None
         if self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
         if self.abs_pos and self.hidden % 2:

@@ -86,9 +86,15 @@ class QKNorm(nn.Module):
 # ------------------------------------------------------------------------------------------
 # 3D rotary position embedding
 # ------------------------------------------------------------------------------------------
-def rope_axes(head_dim: int) -> tuple[int, int, int]:
-    """Default split of a head dim over (t, h, w): equal even shares for h and w, the rest to t
-    (e.g. 64 -> (24, 20, 20), 72 -> (24, 24, 24), 16 -> (8, 4, 4))."""
+def rope_axes(head_dim: int, axes: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+    """``axes`` checked (three positive even dims summing to ``head_dim``), or by default a split of
+    the head dim over (t, h, w): equal even shares for h and w, the rest to t (e.g. 64 -> (24, 20,
+    20), 72 -> (24, 24, 24), 16 -> (8, 4, 4)). ValueError when the head dim cannot be split."""
+    if axes is not None:
+        axes = tuple(axes)
+        if len(axes) != 3 or sum(axes) != head_dim or any(a % 2 or a <= 0 for a in axes):
+            raise ValueError(f"RoPE axes {axes} must be three positive even dims summing to the head dim {head_dim}")
+        return axes
     if head_dim % 2 or head_dim < 6:
         raise ValueError(f"3D RoPE needs an even head dim >= 6, got {head_dim}")
     share = (head_dim // 3) // 2 * 2
@@ -104,9 +110,7 @@ class Rope3D(nn.Module):
 
     def __init__(self, head_dim: int, axes: tuple[int, int, int] | None = None, theta: float = 10000.0):
         super().__init__()
-        axes = tuple(axes) if axes is not None else rope_axes(head_dim)
-        if len(axes) != 3 or sum(axes) != head_dim or any(a % 2 or a <= 0 for a in axes):
-            raise ValueError(f"RoPE axes {axes} must be three positive even dims summing to {head_dim}")
+        axes = rope_axes(head_dim, axes)
         self.head_dim, self.axes, self.theta = head_dim, axes, theta
         inv = [theta ** (-torch.arange(0, a, 2, dtype=torch.float64) / a) for a in axes]
         axis_of = torch.cat([torch.full((a // 2,), i) for i, a in enumerate(axes)])
