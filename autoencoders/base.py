@@ -322,8 +322,14 @@ LOADERS: dict[str, Callable[..., Autoencoder]] = {}
 
 
 def register_family(cls: type[Autoencoder]) -> type[Autoencoder]:
+    """Class decorator: ``cls.family`` names the class in saved ``config.json`` files
+    (``load_pretrained`` rebuilds it by that name), so each family has its own."""
     if not cls.family:
         raise ValueError(f"{cls.__name__} has no family name")
+    known = FAMILIES.get(cls.family)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"{cls.__name__}: family {cls.family!r} is already {known.__name__} ({known.__module__}); "
+                         f"give {cls.__name__} its own `family = ...` (a subclass inherits its parent's)")
     FAMILIES[cls.family] = cls
     return cls
 
@@ -331,6 +337,12 @@ def register_family(cls: type[Autoencoder]) -> type[Autoencoder]:
 def register(name: str, cls: type[Autoencoder], config: Any) -> None:
     if name in REGISTRY:
         raise ValueError(f"autoencoder {name!r} registered twice")
+    if FAMILIES.get(cls.family) is not cls:
+        raise ValueError(f"autoencoder {name!r}: {cls.__name__} is not a registered family (load_pretrained could "
+                         f"not rebuild it): decorate the class with @register_family")
+    if not isinstance(config, cls.config_cls):
+        raise ValueError(f"autoencoder {name!r}: config is a {type(config).__name__}, {cls.__name__} takes "
+                         f"{cls.config_cls.__name__} (its config_cls)")
     REGISTRY[name] = (cls, config)
 
 

@@ -219,3 +219,22 @@ def test_the_twin_check_catches_a_missing_or_different_twin():
     other = type(debug)(**{**debug.__dict__, "temporal_down": (True, False, False)})  # 2x time instead of 4x
     with pytest.raises(AssertionError, match="keeps the factors"):
         check_twins({"causal3d-f4x8c4": (cls, config), "causal3d-f4x8c4-debug": (cls, other)})
+
+
+def test_registering_a_family_or_name_wrongly_is_an_error_at_import(monkeypatch):
+    """A newcomer's copy of a family file that keeps ``family``, a subclass that inherits it, a class
+    left undecorated, a config of another class: each was accepted and broke ``load_pretrained``
+    later (a saved kl2d rebuilt as the copy; an unknown family; a config it cannot read)."""
+    monkeypatch.setattr(autoencoders.base, "FAMILIES", dict(FAMILIES))
+    monkeypatch.setattr(autoencoders.base, "REGISTRY", dict(REGISTRY))
+    with pytest.raises(ValueError, match="family 'fake-grid' is already FakeGridAE .*its own `family = ...`"):
+        autoencoders.base.register_family(type("MyVariant", (fakes.FakeGridAE,), {}))
+    undecorated = type("Undecorated", (fakes.FakeGridAE,), {"family": "undecorated"})
+    with pytest.raises(ValueError, match="decorate the class with @register_family"):
+        autoencoders.base.register("undecorated-debug", undecorated, fakes.FakeConfig())
+    autoencoders.base.register_family(undecorated)
+    other = REGISTRY["kl2d-f8c4-debug"][1]
+    with pytest.raises(ValueError, match="config is a KL2DConfig, Undecorated takes FakeConfig"):
+        autoencoders.base.register("undecorated-debug", undecorated, other)
+    autoencoders.base.register("undecorated-debug", undecorated, fakes.FakeConfig())
+    assert autoencoders.base.REGISTRY["undecorated-debug"][0] is undecorated
