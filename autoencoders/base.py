@@ -120,7 +120,7 @@ class Autoencoder(nn.Module):
         """This model set up to train stage ``stage`` (the same object, or a converted one when a
         stage changes the architecture, as MTC-VAE's EMA in stage 2)."""
         raise ValueError(f"{self.family} is not trained in stages; --stage applies to "
-                         f"{', '.join(sorted(f for f, c in FAMILIES.items() if c.stages))}")
+                         f"{families_with(lambda c: c.stages)}")
 
     def with_config(self, **overrides: Any) -> "Autoencoder":
         """This model (its weights) with config fields changed that keep every weight's shape:
@@ -148,7 +148,7 @@ class Autoencoder(nn.Module):
         """Load the pretrained base this model starts from (``base_family``) from a
         ``save_pretrained`` folder."""
         raise ValueError(f"{self.family} has no frozen base autoencoder; --base-checkpoint applies to "
-                         f"{', '.join(sorted(f for f, c in FAMILIES.items() if c.base_family))}")
+                         f"{families_with(lambda c: c.base_family)}")
 
     def encode_content(self, image: Tensor) -> Tensor:
         """``(B, C, H, W)`` frames -> the ``content`` latent part (families with ``content_encoding``)."""
@@ -236,7 +236,8 @@ class Autoencoder(nn.Module):
         Recommended: ``tile`` as large as memory allows (256 or more), ``overlap = tile / 4``."""
         if not self.spatial_tiling:
             raise ValueError(f"{self.family}: spatial tiling applies to autoencoders whose latent is one grid "
-                             "following the frame (kl2d, causal3d, ivvae, h3ae, cmvae, diffusers); this one's is not")
+                             f"following the frame and that declare it ({families_with(lambda c: c.spatial_tiling)}; "
+                             "a family sets spatial_tiling = True and has a spatial_factor); this one does not")
         tiling = Tiling(tile, overlap, margin)
         tiling.check(self.spatial_factor, self.family)
         self.tiling = tiling
@@ -251,8 +252,8 @@ class Autoencoder(nn.Module):
         H3AE's sliced spatial stage. ``None``: one shot. Families that cannot stream say so."""
         instead = ("bound memory with spatial tiling (--tile, enable_tiling) or a larger device" if self.spatial_tiling
                    else "it takes no spatial tiling either: run long clips on a larger device")
-        raise ValueError(f"{self.family}: no chunked (streaming) encode/decode (--chunk-frames: IV-VAE, H3AE, "
-                         f"causal3d, MTC-VAE); {instead}")
+        streams = families_with(lambda c: c.set_chunk_frames is not Autoencoder.set_chunk_frames)
+        raise ValueError(f"{self.family}: no chunked (streaming) encode/decode (--chunk-frames: {streams}); {instead}")
 
     def train_forward(self, video: Tensor, cond: Cond | None = None,
                       generator: torch.Generator | None = None) -> AEOutput:
@@ -319,6 +320,11 @@ REGISTRY: dict[str, tuple[type[Autoencoder], Any]] = {}
 # local diffusers folder) -> a loader taking ``(what, path=<local folder>, subfolder=None, **overrides)``.
 # (Released checkpoints converted into our families are the weight sources of ``sources.py``.)
 LOADERS: dict[str, Callable[..., Autoencoder]] = {}
+
+
+def families_with(can: Callable[[type[Autoencoder]], Any]) -> str:
+    """The registered families whose class ``can`` do something, for messages: "h3ae, ivvae"."""
+    return ", ".join(sorted(f for f, c in FAMILIES.items() if can(c))) or "none"
 
 
 def register_family(cls: type[Autoencoder]) -> type[Autoencoder]:

@@ -238,3 +238,25 @@ def test_registering_a_family_or_name_wrongly_is_an_error_at_import(monkeypatch)
         autoencoders.base.register("undecorated-debug", undecorated, other)
     autoencoders.base.register("undecorated-debug", undecorated, fakes.FakeConfig())
     assert autoencoders.base.REGISTRY["undecorated-debug"][0] is undecorated
+
+
+def test_capability_errors_list_the_families_that_have_it(monkeypatch):
+    """--tile / --chunk-frames / --stage / --base-checkpoint refused: the message names the
+    registered families that declare the capability (a new family joins them with no list to edit)."""
+    class Streaming(fakes.FakeGridAE):
+        family = "streaming"
+        spatial_tiling = True
+        stages = (1, 2)
+        base_family = "fake-grid"
+
+        def set_chunk_frames(self, frames):
+            pass
+
+    monkeypatch.setitem(FAMILIES, "streaming", Streaming)
+    plain = fakes.FakeTokenAE(fakes.FakeConfig())
+    for call, match in ((lambda: plain.enable_tiling(64, 16), r"\(causal3d, .*kl2d, streaming; a family sets"),
+                        (lambda: plain.set_chunk_frames(4), r"--chunk-frames: causal3d, h3ae, ivvae, mtcvae, streaming\)"),
+                        (lambda: plain.with_stage(2), "--stage applies to hivae, mtcvae, streaming"),
+                        (lambda: plain.load_base("x"), "--base-checkpoint applies to .*streaming")):
+        with pytest.raises(ValueError, match=match):
+            call()
