@@ -192,17 +192,18 @@ class Autoencoder(nn.Module):
                                 f"trained with ({trained.get('spec')}): pass that one")
 
     def example_clip(self) -> tuple[int, int, int]:
-        """The smallest ``(frames, height, width)`` this model takes, preferring a video (2 or more
-        frames) to an image: the clip the contract tests (tests/test_contract.py) run every
-        registered config on. Found with ``check_input`` (shape arithmetic, no weights)."""
-        for side in (8, 16, 32, 64, 128, 256, 512):
+        """The smallest ``(frames, height, width)`` of at least 32x32 pixels this model takes,
+        preferring a video (2 or more frames) to an image: the clip the contract tests
+        (tests/test_contract.py, tests/test_device.py) run every registered config on (smaller
+        frames leave 1x1 latents). Found with ``check_input`` (shape arithmetic, no weights)."""
+        for side in (32, 64, 128, 256, 512):
             for frames in [*range(2, 65), 1]:
                 try:
                     self.check_input(frames, side, side)
                 except ValueError:
                     continue
                 return frames, side, side
-        raise ValueError(f"{self.family}: check_input takes no clip of 1 to 64 frames at 8x8 to 512x512")
+        raise ValueError(f"{self.family}: check_input takes no clip of 1 to 64 frames at 32x32 to 512x512")
 
     def check_input(self, frames: int, height: int, width: int) -> None:
         """Raise ValueError for an input size this autoencoder cannot take (default: whatever

@@ -46,15 +46,15 @@ class DiTConfig:
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+        if self.abs_pos and self.hidden % 2:
+            raise ValueError(f"abs_pos needs an even hidden size (sin-cos pairs), got {self.hidden}")
         try:
             rope_axes(self.head_dim, self.rope_axes)
         except ValueError as e:
             raise ValueError(f"hidden {self.hidden} / heads {self.heads} = head dim {self.head_dim}: {e} (choose "
                              "hidden and heads for an even head dim >= 6, or rope_axes)") from None
-        if self.depth < 1:
-            raise ValueError(f"depth must be >= 1, got {self.depth}")
-        if self.abs_pos and self.hidden % 2:
-            raise ValueError(f"abs_pos needs an even hidden size (sin-cos pairs), got {self.hidden}")
         if self.attn_layout not in ATTN_LAYOUTS:
             raise ValueError(f"attn_layout {self.attn_layout!r} is not one of {ATTN_LAYOUTS}")
         if FIRST_FRAME in self.parts:
