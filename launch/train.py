@@ -703,7 +703,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
             compile_blocks(engine.module, mode=cfg.model.compile_mode)
     ema = EMA(engine.module, cfg.ema_decay, zero3)
 
-    step, dropped = resume(engine, ema, out)
+    step, dropped = resume(engine, ema, out, cfg.optim.lr)
     nonfinite = runs.NonFiniteGuard(cfg.max_nonfinite)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -917,9 +917,21 @@ def save_checkpoint(engine, ema: EMA, out: Path, step: int, dropped: int, keep: 
     dist.barrier()
 
 
-def resume(engine, ema: EMA, out: Path) -> tuple[int, int]:
+def _schedule_from_config(engine, lr: float) -> None:
+    """The loaded scheduler's base LR is the checkpoint's: put this run's ``lr`` in and set the LR of
+    the next update from this run's schedule (the LambdaLR's function) at the loaded step."""
+    sched = engine.lr_scheduler
+    sched.base_lrs = [lr] * len(sched.base_lrs)
+    sched._last_lr = [lr * fn(sched.last_epoch) for fn in sched.lr_lambdas]
+    for group, value in zip(engine.optimizer.param_groups, sched._last_lr):
+        group["lr"] = value
+
+
+def resume(engine, ema: EMA, out: Path, lr: float) -> tuple[int, int]:
     """Load the newest intact checkpoint; return its step and the micro-batches dropped for
-    non-finite losses before it (for the data position), (0, 0) when there is none.
+    non-finite losses before it (for the data position), (0, 0) when there is none. The LR
+    schedule continues at the checkpoint's step with this run's settings (``lr``, warm-up,
+    schedule, ``steps``), so an ``--allow-change optim.lr`` / ``steps`` takes effect.
 
     Rank 0 verifies the checkpoints against their manifests (``runs``); same world size and ZeRO
     stage: DeepSpeed's own checkpoint, otherwise the universal state (weights, Adam moments and
@@ -947,12 +959,11 @@ def resume(engine, ema: EMA, out: Path) -> tuple[int, int]:
             elif info.get("universal"):
                 scatter_universal(engine, load_tensors(p / "universal.safetensors"), info)
                 engine.lr_scheduler.load_state_dict(info["scheduler"])
-                for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-                    group["lr"] = lr
             else:
                 raise RuntimeError(f"written by {info['world_size']} ranks with ZeRO-{info['zero_stage']} and "
                                    "without universal state; resume on that topology")
             ema.load_state_dict(load_tensors(p / "ema.safetensors"))
+            _schedule_from_config(engine, lr)
         except Exception as e:  # a corrupt file of any kind: fall back to the previous checkpoint
             log.warning("checkpoint %s could not be loaded (%s: %s); trying an older one", p.name, type(e).__name__, e)
             ok = False

@@ -1008,3 +1008,17 @@ def test_ctrl_c_in_a_terminal_stops_with_readers_and_accumulation(latents, tmp_p
     assert proc.returncode == 130, out[-3000:]
     assert f"stopped at step {step} of 100000 (SIGINT)" in out and "Traceback" not in out
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{step:08d}"
+
+
+def test_a_resume_with_another_lr_trains_with_it(latents, tmp_path):
+    """optim.lr changed on resume (--allow-change optim.lr) is the LR of the next steps (was: the
+    checkpoint's scheduler put the old base LR back, so the change was recorded and ignored)."""
+    train(_cfg(latents, tmp_path / "r", steps=3, save_every=3))
+    train(_cfg(latents, tmp_path / "r", steps=5, save_every=3, **{"optim.lr": 0.01, "optim.schedule": "cosine",
+                                                                  "optim.min_lr_ratio": 0.5}),
+          allow_change=("steps", "optim"))
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    # warm-up of 2 steps, then a cosine over 5 steps at the new LR (a step's line logs the LR of the next update)
+    from launch.runs import lr_at
+    want = [lr_at(s, 0.01, warmup=2, schedule="cosine", total_steps=5, min_lr_ratio=0.5) for s in (4, 5)]
+    assert lrs[3:] == pytest.approx(want)
