@@ -413,6 +413,33 @@ def claim_folder(folder: str | Path, new_folder: str = "--output NEW_FOLDER") ->
     error = dist.broadcast_object(error)
     if error is not None:
         raise UserError(error)
+    check_shared(folder)
+
+
+def check_shared(folder: Path, wait_s: float = 30.0) -> None:
+    """`UserError` on every rank when ``folder`` is not one folder for all ranks (an output on each
+    node's own disk): rank 0 would seal checkpoints without the other nodes' files. Rank 0 writes a
+    file of a fresh name; each rank looks for it, on another host for up to ``wait_s`` (a network
+    file system may show a new file late)."""
+    if dist.world_size() == 1:
+        return
+    probe = folder / f".shared-{dist.broadcast_object(os.urandom(6).hex())}"
+    host = socket.gethostname()
+    if dist.is_main():
+        probe.write_text(host)
+    dist.barrier()
+    main_host = dist.broadcast_object(host)
+    deadline = time.monotonic() + (wait_s if host != main_host else 0)
+    while not (seen := probe.is_file()) and time.monotonic() < deadline:
+        time.sleep(1)
+    blind = [(r, h) for r, (ok, h) in enumerate(dist.all_gather_object((seen, host))) if not ok]
+    if dist.is_main():
+        probe.unlink()
+    if blind:
+        r, h = blind[0]
+        raise UserError(f"{folder} is not the same folder on every rank: rank {r} on {h} does not see the files rank 0 "
+                        f"on {main_host} writes there (a folder on each node's own disk?); give an output folder on a "
+                        "file system every node shares")
 
 
 def release_folder(folder: str | Path, made: bool = False) -> None:

@@ -18,16 +18,20 @@ YAML = ROOT / "launch" / "configs" / "train-debug.yaml"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def _two_nodes(*args: str) -> None:
+def _two_nodes(*args: str, cwds: tuple[Path, Path] = (ROOT, ROOT)) -> list[subprocess.CompletedProcess]:
+    """Run ``ldm ARGS`` on two "nodes" (node n in ``cwds[n]``); assert success unless ``cwds`` differ."""
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
                                "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
                                f"127.0.0.1:{port}", "--rdzv_id", "ldm-test", "-m", "launch.cli", *args],
-                              env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=ENV, cwd=cwds[n], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for n in range(2)]
+    done = []
     for p in procs:
-        _, err = p.communicate(timeout=400)
-        assert p.returncode == 0, err[-3000:]
+        out, err = p.communicate(timeout=400)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+        assert p.returncode == 0 or cwds[0] != cwds[1], err[-3000:]
+    return done
 
 
 @pytest.mark.dist
@@ -49,3 +53,27 @@ def test_two_nodes_extract_and_train(tmp_path):
     losses = [[json.loads(x)["loss"] for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
               for run in ("nodes", "single")]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.dist
+def test_an_output_that_is_not_shared_by_the_nodes_is_one_line_before_training(tmp_path):
+    """Each node's own folder (its local disk; here a relative output from two working folders):
+    one line on the first node before any step (was: rank 0 sealed checkpoints without the other
+    node's optimizer files, and the resume died with a FileNotFoundError traceback)."""
+    synth_dataset(tmp_path / "videos", num=4, frames=8, size=32, fps=8, seed=0)
+    shards_dir = tmp_path / "lat"
+    from launch.cli import main as ldm
+    with pytest.warns(UserWarning):
+        ldm(["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", str(tmp_path / "videos"), "--frames", "8",
+             "--height", "32", "--width", "32", "--shard-size", "2", "--text-encoder", "builtin", "--output",
+             str(shards_dir)])
+    nodes = (tmp_path / "node0", tmp_path / "node1")
+    for n in nodes:
+        n.mkdir()
+    first, _ = _two_nodes("train", "--config", str(YAML), f"data.shards={shards_dir}", "data.batch_size=1",
+                          "steps=2", "output=runs/dit", cwds=nodes)
+    assert first.returncode != 0
+    lines = [x for x in first.stderr.splitlines() if "ldm train: error:" in x]
+    assert len(lines) == 1 and "not the same folder on every rank" in lines[0], first.stderr[-3000:]
+    assert "Traceback" not in first.stderr.split("ldm train: error:")[0][-2000:]
+    assert not (nodes[0] / "runs" / "dit" / "checkpoints").exists()
