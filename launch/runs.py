@@ -487,7 +487,8 @@ class StopRequest:
     step without a read of its own. Handlers are installed from the main thread only, and
     ``close`` puts the earlier ones back."""
 
-    SIGNALS = ("SIGTERM", "SIGINT")
+    # SIGUSR1: SLURM's `--signal=USR1@120` habit; SIGHUP: a closed terminal (torchrun passes it on)
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")
 
     def __init__(self) -> None:
         import signal
@@ -539,11 +540,13 @@ class StopRequest:
 
 def reader_ignores_interrupts(worker_id: int) -> None:
     """``worker_init_fn`` of the trainers' DataLoaders: a terminal's Ctrl-C reaches every process
-    of the foreground group; the readers leave it to the trainer, which still needs batches to
-    finish its step (`StopRequest`), and stop with it."""
+    of the foreground group, SLURM's SIGTERM (or ``--signal``) every process of the job step; the
+    readers leave `StopRequest`'s signals to the trainer, which still needs batches to finish its
+    step, and stop with it."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in StopRequest.SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def stopped_exit_code(summary: dict[str, Any]) -> int:

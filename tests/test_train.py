@@ -920,6 +920,13 @@ def test_stop_request_signals():
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         stop.close()
+    for name in ("SIGUSR1", "SIGHUP"):  # SLURM's --signal=USR1@120; a closed terminal, or torchrun passing it on
+        stop = runs.StopRequest()
+        try:
+            os.kill(os.getpid(), getattr(signal, name))
+            assert stop.signal == name
+        finally:
+            stop.close()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert runs.stopped_exit_code({"stopped": "SIGINT"}) == 130 and runs.stopped_exit_code({}) == 0
     assert runs.stopped_exit_code({"stopped": "a signal to another rank"}) == 143
@@ -981,11 +988,14 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(late
 
 
 @pytest.mark.dist
-def test_ctrl_c_in_a_terminal_stops_with_readers_and_accumulation(latents, tmp_path):
-    """A terminal's Ctrl-C reaches the whole foreground group, shard readers included: the trainer
-    finishes its step (2 micro-batches, read as needed; the readers ignore SIGINT, so a reader
-    that had no batch ready yet still delivers one), exits 130 without a traceback and leaves that
-    step's checkpoint."""
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGUSR1"])
+def test_a_signal_to_the_process_group_stops_with_readers_and_accumulation(latents, tmp_path, name):
+    """A terminal's Ctrl-C reaches the whole foreground group, and SLURM's SIGTERM (preemption,
+    time limit) or `--signal=USR1@120` every process of the job step, shard readers included: the
+    trainer finishes its step (2 micro-batches, read as needed; the readers ignore these signals, so
+    a reader that had no batch ready yet still delivers one), exits 128 + the signal's number
+    without a traceback and leaves that step's checkpoint (was, for SIGTERM and SIGUSR1: the readers
+    died, and the trainer with a DataLoader traceback and no checkpoint)."""
     import signal
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -1000,13 +1010,13 @@ def test_ctrl_c_in_a_terminal_stops_with_readers_and_accumulation(latents, tmp_p
                             start_new_session=True)  # its own process group, like a terminal's foreground job
     try:
         _wait_for_steps(run, 3, proc)
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, getattr(signal, name))
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
     step = len(_losses(run))
-    assert proc.returncode == 130, out[-3000:]
-    assert f"stopped at step {step} of 100000 (SIGINT)" in out and "Traceback" not in out
+    assert proc.returncode == 128 + getattr(signal, name), out[-3000:]
+    assert f"stopped at step {step} of 100000 ({name})" in out and "Traceback" not in out
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{step:08d}"
 
 
