@@ -861,7 +861,8 @@ class _Logger:
         runs.truncate_log(out / "log.jsonl", resumed_step)
         self.jsonl = open(out / "log.jsonl", "a")
         from torch.utils.tensorboard import SummaryWriter
-        self.tb = SummaryWriter(str(out / "tensorboard"))
+        # steps after the resumed one, logged by a run that died before its next checkpoint, are hidden
+        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resumed_step + 1)
 
     def log(self, step: int, values: dict[str, Any], group: str = "train") -> None:
         """One line of ``log.jsonl``; TensorBoard tags ``GROUP/KEY`` (``val/val_loss`` for validation)."""

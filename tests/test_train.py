@@ -1032,3 +1032,21 @@ def test_a_resume_with_another_lr_trains_with_it(latents, tmp_path):
     from launch.runs import lr_at
     want = [lr_at(s, 0.01, warmup=2, schedule="cosine", total_steps=5, min_lr_ratio=0.5) for s in (4, 5)]
     assert lrs[3:] == pytest.approx(want)
+
+
+def test_tensorboard_after_a_resume_behind_the_log_has_each_step_once(latents, tmp_path):
+    """A run that logged past its newest checkpoint (killed, or that checkpoint was corrupt) and
+    resumed: log.jsonl and TensorBoard show each step once, in order (was: TensorBoard kept the
+    dead run's step 3 and showed 1, 2, 3, 3, 4)."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "r"
+    train(_cfg(latents, run, steps=3, save_every=2))
+    shutil.rmtree(run / "checkpoints" / "step-00000003")  # as if killed after logging step 3
+    train(_cfg(latents, run, steps=4, save_every=2), allow_change=("steps",))
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
