@@ -703,7 +703,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
             compile_blocks(engine.module, mode=cfg.model.compile_mode)
     ema = EMA(engine.module, cfg.ema_decay, zero3)
 
-    step, dropped = resume(engine, ema, out, cfg.optim.lr)
+    step, dropped, position = resume(engine, ema, out, cfg.optim.lr)
     nonfinite = runs.NonFiniteGuard(cfg.max_nonfinite)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -715,10 +715,14 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                                                 "export": context.to_dict()})
     parts = manifest.parts
     per_step = cfg.data.batch_size * cfg.optim.grad_accum
-    # the global stream position is step x global batch, whatever the topology (see LatentShards)
+    micro_global = cfg.data.batch_size * dp_world  # samples of the global stream one micro-batch reads
+    if position is None:  # a checkpoint that did not record it: read with this run's batch
+        position = (step * cfg.optim.grad_accum + dropped) * micro_global
+    # the place in the one global stream (any topology resumes it, see LatentShards): the samples read
+    # so far, counted as they are read, so a resume with another global batch (--allow-change) goes on from it
     data = LatentShards(shard_folders(cfg.data.shards), rank=dp_rank, world_size=dp_world, seed=cfg.seed,
                         shuffle=cfg.data.shuffle, epochs=None, split=cfg.data.split,
-                        skip=(step * per_step + dropped * cfg.data.batch_size) * dp_world,
+                        skip=position,
                         batch_size=cfg.data.batch_size,
                         buckets=bucket_batch_sizes(manifest, cfg.data, engine.module) if cfg.data.buckets else None,
                         expect_shapes=parts if manifest.form != "varlen" and not cfg.data.buckets else None)
@@ -753,6 +757,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
             loss_sum, micro = torch.zeros((), device=device), 0
             while micro < cfg.optim.grad_accum:
                 batch = next(inputs).to(device)
+                position += micro_global
                 work += batch.work
                 loss = flow_step_loss(engine, batch.latent, batch.cond, cfg.flow, batch.draws, null_cond,
                                       pack=cfg.model.pack)
@@ -806,7 +811,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                 if pending:
                     losses += torch.cat(pending).tolist()
                     pending.clear()
-                save_checkpoint(engine, ema, out, step, dropped, cfg.keep_checkpoints, dcfg, context,
+                save_checkpoint(engine, ema, out, step, dropped, position, cfg.keep_checkpoints, dcfg, context,
                                 cfg.universal_checkpoints)
     finally:
         stop.close()
@@ -888,7 +893,7 @@ REQUIRED_FILES = ("trainer.json", "ema.safetensors")
 LEGACY_INFO = "complete.json"  # the trainer state of checkpoints written before launch/runs.py (no manifest)
 
 
-def save_checkpoint(engine, ema: EMA, out: Path, step: int, dropped: int, keep: int, dcfg: dit.DiTConfig,
+def save_checkpoint(engine, ema: EMA, out: Path, step: int, dropped: int, position: int, keep: int, dcfg: dit.DiTConfig,
                     context: Export, universal: bool) -> None:
     """DeepSpeed's own checkpoint (fast resume on the same topology) + EMA + with ``universal`` the
     topology-independent state (any world size / ZeRO stage resumes it) + ``trainer.json``, sealed
@@ -908,7 +913,7 @@ def save_checkpoint(engine, ema: EMA, out: Path, step: int, dropped: int, keep: 
                 save_tensors(tmp / "universal.safetensors", tensors)
             save_tensors(tmp / "ema.safetensors", ema.state_dict())
             atomic_write_json(tmp / "trainer.json", {
-                "step": step, "dropped_batches": dropped, "world_size": dist.world_size(),
+                "step": step, "dropped_batches": dropped, "position": position, "world_size": dist.world_size(),
                 "zero_stage": engine.zero_optimization_stage(),
                 "universal": universal, "scheduler": engine.lr_scheduler.state_dict(), **meta})
             runs.commit(root, step, keep)
@@ -928,9 +933,10 @@ def _schedule_from_config(engine, lr: float) -> None:
         group["lr"] = value
 
 
-def resume(engine, ema: EMA, out: Path, lr: float) -> tuple[int, int]:
-    """Load the newest intact checkpoint; return its step and the micro-batches dropped for
-    non-finite losses before it (for the data position), (0, 0) when there is none. The LR
+def resume(engine, ema: EMA, out: Path, lr: float) -> tuple[int, int, int | None]:
+    """Load the newest intact checkpoint; return its step, the micro-batches dropped for non-finite
+    losses before it and the samples of the global stream read (None when the checkpoint did not
+    record them), (0, 0, 0) when there is none. The LR
     schedule continues at the checkpoint's step with this run's settings (``lr``, warm-up,
     schedule, ``steps``), so an ``--allow-change optim.lr`` / ``steps`` takes effect.
 
@@ -973,8 +979,8 @@ def resume(engine, ema: EMA, out: Path, lr: float) -> tuple[int, int]:
         if dist.is_main():
             kind = "DeepSpeed" if info["world_size"] == dist.world_size() else "universal"
             print(f"resumed from {p} at step {info['step']} ({kind} state)")
-        return int(info["step"]), int(info.get("dropped_batches", 0))
+        return int(info["step"]), int(info.get("dropped_batches", 0)), info.get("position")
     if rejected or candidates:
         raise UserError(f"no usable checkpoint under {root} (see the warnings above); move them away or give a "
                         "new output to start over")
-    return 0, 0
+    return 0, 0, 0

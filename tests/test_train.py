@@ -1050,3 +1050,18 @@ def test_tensorboard_after_a_resume_behind_the_log_has_each_step_once(latents, t
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_a_resume_with_another_global_batch_reads_on_from_where_the_run_was(latents, tmp_path, monkeypatch):
+    """--allow-change global_batch (data.batch_size 4 -> 2): the resumed run reads the stream from
+    the 2 x 4 samples read so far (was: step x the new global batch, 2 x 2: samples read again)."""
+    import launch.train as train_mod
+
+    skips = []
+    real = train_mod.LatentShards
+    monkeypatch.setattr(train_mod, "LatentShards", lambda *a, **kw: skips.append(kw["skip"]) or real(*a, **kw))
+    run = tmp_path / "r"
+    train(_cfg(latents, run, steps=2, save_every=2))
+    train(_cfg(latents, run, steps=3, save_every=3, **{"data.batch_size": 2}), allow_change=("steps", "global_batch"))
+    assert skips == [0, 8]
+    assert json.loads((run / "checkpoints" / "step-00000003" / "trainer.json").read_text())["position"] == 10
