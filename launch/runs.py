@@ -130,16 +130,17 @@ def write_checkpoint(root: Path, step: int, files: dict[str, bytes | dict[str, T
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
-def write_failed(root: Path, step: int, error: Exception) -> OSError:
-    """The error to raise when the checkpoint of ``step`` could not be written (disk full, quota,
-    I/O error; torch and safetensors report these in their own exception types): its temporary
-    folder is removed, the earlier checkpoints are untouched, and the message says so in one line."""
+def write_failed(root: Path, step: int, error: Exception, what: str = "the checkpoint",
+                 kept: str = "the earlier checkpoints are intact") -> OSError:
+    """The error to raise when the checkpoint of ``step`` (or ``what`` else into ``root``) could not
+    be written (disk full, quota, I/O error; torch and safetensors report these in their own
+    exception types): its temporary folder is removed, the earlier checkpoints are untouched, and
+    the message says so (``kept``) in one line."""
     shutil.rmtree(root / f".{step_dir_name(step)}.tmp", ignore_errors=True)
     free = shutil.disk_usage(root).free / 2**20 if root.is_dir() else float("nan")
     return OSError(getattr(error, "errno", None) or errno.EIO,
-                   f"writing the checkpoint of step {step} into {root} failed ({type(error).__name__}: {error}; "
-                   f"{free:.0f} MiB free there); the earlier checkpoints are intact: free space and run the same "
-                   "command to resume")
+                   f"writing {what} of step {step} into {root} failed ({type(error).__name__}: {error}; "
+                   f"{free:.0f} MiB free there); {kept}: free space and run the same command to resume")
 
 
 def verify_checkpoint(path: Path, required: tuple[str, ...] = ()) -> str | None:

@@ -704,6 +704,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     ema = EMA(engine.module, cfg.ema_decay, zero3)
 
     step, dropped, position = resume(engine, ema, out, cfg.optim.lr)
+    resumed_at = step
     nonfinite = runs.NonFiniteGuard(cfg.max_nonfinite)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -819,6 +820,8 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     inputs.close()
     profiler.close()
     logger.close()
+    if step == resumed_at and dist.is_main():  # a finished run again: its export (a full disk may have cut it)
+        write_export(out, ema, dcfg, context, step)
     dist.barrier()
     summary = {"steps": step, "losses": losses, "output": str(out), "skipped": dict(data.skipped),
                "dropped_batches": dropped, "val_losses": val_losses}
@@ -919,8 +922,17 @@ def save_checkpoint(engine, ema: EMA, out: Path, step: int, dropped: int, positi
             runs.commit(root, step, keep)
         except runs.WRITE_ERRORS as e:
             raise runs.write_failed(root, step, e) from e
-        save_export(out / "export", ema.state_dict(), dcfg, context)
+        write_export(out, ema, dcfg, context, step)
     dist.barrier()
+
+
+def write_export(out: Path, ema: EMA, dcfg: dit.DiTConfig, context: Export, step: int) -> None:
+    """``OUTPUT/export/``: the EMA weights of ``step``, whose checkpoint is saved (a full disk is one line)."""
+    try:
+        save_export(out / "export", ema.state_dict(), dcfg, context)
+    except runs.WRITE_ERRORS as e:
+        raise runs.write_failed(out / "export", step, e, "the export",
+                                f"the checkpoint of step {step} is saved and a rerun writes the export again") from e
 
 
 def _schedule_from_config(engine, lr: float) -> None:

@@ -16,6 +16,7 @@ import dit
 from dit import load_export
 from launch.train import TrainConfig, train
 from ldm import config as cfglib
+from ldm.checkpoint import load_tensors
 from ldm.errors import UserError
 from procs import free_port, torchrun
 
@@ -730,6 +731,42 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_one_line_and_the_run_resum
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step-00000002"]
     monkeypatch.setattr(train_module, "save_tensors", real)
     assert console(argv) == 0 and "resumed from" in capsys.readouterr().out
+
+
+def test_a_full_disk_while_the_export_is_written_is_one_line_and_a_rerun_writes_it(latents, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """The checkpoint of the last step fits, its export does not (was: safetensors' traceback; a
+    rerun of the finished run wrote no export, and `ldm sample` read the step before's)."""
+    from safetensors import SafetensorError
+
+    from launch import train as train_module
+    from launch.cli import console
+    real = train_module.save_export
+
+    calls = []
+
+    def full_disk(*args):
+        calls.append(args)
+        if len(calls) == 2:  # the export of step 4
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "save_export", full_disk)
+    out = tmp_path / "r"
+    argv = ["train", "--config", str(YAML), f"data.shards={latents}", f"output={out}", "steps=4", "save_every=2",
+            "data.batch_size=2"]
+    capsys.readouterr()
+    assert console(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("ldm", "Traceback"))]
+    assert len(err) == 1 and err[0].startswith("ldm train: error: writing the export of step 4 into"), err
+    assert "the checkpoint of step 4 is saved" in err[0]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+    monkeypatch.setattr(train_module, "save_export", real)
+    assert console(argv) == 0
+    saved = load_tensors(out / "checkpoints" / "step-00000004" / "ema.safetensors")
+    model, _ = load_export(out)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[name], msg=name)
 
 
 def test_mixed_resolutions_train_in_buckets(latents, tmp_path):
