@@ -786,7 +786,11 @@ class AETrainer:
                 if clips:
                     stats = measure_latent_stats(self.ae, clips, self.device, [self._text_cond([c]) for c in captions])
                     self.ae.config = cfglib.replace(self.ae.config, **stats)
-            self.ae.save_pretrained(final, name=self.name)
+            try:
+                self.ae.save_pretrained(final, name=self.name)
+            except runs.WRITE_ERRORS as e:  # disk full, quota, I/O error: the checkpoint is there
+                raise runs.write_failed(final, self.step, e, "the final model",
+                                        f"the checkpoint of step {self.step} is saved and a rerun writes final/") from e
         steps_done = self.step - start_step
         summary = {
             "autoencoder": self.name, "steps": self.step, "start_step": start_step, "steps_run": steps_done,

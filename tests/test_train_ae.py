@@ -545,3 +545,25 @@ def test_resume_on_another_rank_count_is_one_line_before_the_model(clips, tmp_pa
     monkeypatch.setattr(train_ae, "_build_model", lambda *a: pytest.fail("model built"))
     with pytest.raises(UserError, match=r"written by 1 rank\(s\), this run has 2: resume it with 1 process"):
         train_ae.AETrainer(_cfg(clips, out, steps=6), dist.DistEnv(0, 2, 0, "torchrun"))
+
+
+def test_a_full_disk_while_final_is_written_is_one_line_and_a_rerun_writes_it(clips, tmp_path, monkeypatch):
+    """The last checkpoint fits, final/ does not: an OSError the CLI prints as one line, naming
+    final/ and saying the checkpoint is saved (was: safetensors' traceback); the same command
+    writes final/."""
+    from safetensors import SafetensorError
+
+    from autoencoders.base import Autoencoder
+
+    def full_disk(self, path, name=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    out = tmp_path / "r"
+    with monkeypatch.context() as m:
+        m.setattr(Autoencoder, "save_pretrained", full_disk)
+        with pytest.raises(OSError, match=r"writing the final model of step 2 into .*final failed \(SafetensorError"
+                                          r".*the checkpoint of step 2 is saved"):
+            train_autoencoder(_cfg(clips, out, steps=2, save_every=2))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    assert train_autoencoder(_cfg(clips, out, steps=2, save_every=2))["steps_run"] == 0
+    assert load_pretrained(out / "final") is not None
