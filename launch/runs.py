@@ -456,6 +456,10 @@ def release_folder(folder: str | Path, made: bool = False) -> None:
     handle.close()
 
 
+class NonFiniteLosses(UserError, RuntimeError):
+    """A diverged run (`NonFiniteGuard`): one line from the CLI, with advice, not a traceback."""
+
+
 class NonFiniteGuard:
     """The non-finite-loss policy of both trainers: a step (or micro-batch) whose loss or gradient
     is not finite on any rank is skipped on every rank; ``limit`` of them in a row stop the run
@@ -475,8 +479,8 @@ class NonFiniteGuard:
         self.total += 1
         log.warning("step %d: non-finite loss or gradient, %s (%d in a row)", step, what, self.in_a_row)
         if self.in_a_row >= self.limit:
-            raise RuntimeError(f"{self.in_a_row} non-finite losses in a row at step {step}: stopping (lower the "
-                               "learning rate, check the data, or resume from an earlier checkpoint)")
+            raise NonFiniteLosses(f"{self.in_a_row} non-finite losses in a row at step {step}: stopping (lower the "
+                                  "learning rate, check the data, or resume from an earlier checkpoint)")
         return False
 
 

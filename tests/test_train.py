@@ -837,7 +837,8 @@ def test_nonfinite_losses_drop_batches_then_stop(latents, tmp_path, monkeypatch)
     assert out["dropped_batches"] == 2 and len(out["losses"]) == 5
     assert all(map(torch.isfinite, torch.tensor(out["losses"])))
     monkeypatch.setattr(T, "flow_step_loss", lambda *a, **k: real(*a, **k) * float("inf"))
-    with pytest.raises(RuntimeError, match="non-finite losses in a row"):
+    # a UserError: one line from the CLI, the advice in it (was: a RuntimeError traceback)
+    with pytest.raises(UserError, match="non-finite losses in a row"):
         train(_cfg(latents, tmp_path / "s", steps=5, save_every=5, max_nonfinite=3))
 
 
