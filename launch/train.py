@@ -755,6 +755,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     try:
         while step < cfg.steps and not stopping:
             engine.train()
+            lr = engine.get_lr()[0]  # this step's update's (the scheduler moves on after it)
             loss_sum, micro = torch.zeros((), device=device), 0
             while micro < cfg.optim.grad_accum:
                 batch = next(inputs).to(device)
@@ -798,7 +799,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                 tokens_s, flops_s = (dist.all_reduce_mean(work.clone()) * dp_world / max(now - t_last, 1e-9)).tolist()
                 work.zero_()
                 grad_norm = engine.get_global_grad_norm()
-                logger.log(step, {"loss": loss_mean, "lr": engine.get_lr()[0],
+                logger.log(step, {"loss": loss_mean, "lr": lr,
                                   "grad_norm": None if grad_norm is None else float(grad_norm),
                                   "samples_per_s": per_step * dp_world / dt,
                                   "tokens_per_s": tokens_s,

@@ -1066,10 +1066,12 @@ def test_a_resume_with_another_lr_trains_with_it(latents, tmp_path):
                                                                   "optim.min_lr_ratio": 0.5}),
           allow_change=("steps", "optim"))
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
-    # warm-up of 2 steps, then a cosine over 5 steps at the new LR (a step's line logs the LR of the next update)
+    # warm-up of 2 steps, then a cosine over 5 steps at the new LR; step N's line has the LR of its
+    # update, 0-based N - 1, as ldm train-ae's (was: the next update's)
     from launch.runs import lr_at
-    want = [lr_at(s, 0.01, warmup=2, schedule="cosine", total_steps=5, min_lr_ratio=0.5) for s in (4, 5)]
-    assert lrs[3:] == pytest.approx(want)
+    assert lrs[:3] == pytest.approx([lr_at(s, 0.001, warmup=2) for s in (0, 1, 2)])
+    assert lrs[3:] == pytest.approx([lr_at(s, 0.01, warmup=2, schedule="cosine", total_steps=5, min_lr_ratio=0.5)
+                                     for s in (3, 4)])
 
 
 def test_tensorboard_after_a_resume_behind_the_log_has_each_step_once(latents, tmp_path):
