@@ -706,6 +706,19 @@ def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed(latents, tmp_path)
     assert (out / "checkpoints" / f"step-{step:08d}" / "MANIFEST.json").is_file()
 
 
+def _fails_in_one_line(latents, out, capsys) -> tuple[list[str], str]:
+    """``ldm train`` of 4 steps (a checkpoint every 2) into ``out``, in this process: its argv and
+    the one line it printed, exit status 1."""
+    from launch.cli import console
+    argv = ["train", "--config", str(YAML), f"data.shards={latents}", f"output={out}", "steps=4", "save_every=2",
+            "data.batch_size=2"]
+    capsys.readouterr()
+    assert console(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("ldm", "Traceback"))]
+    assert len(err) == 1, err
+    return argv, err[0]
+
+
 def test_a_full_disk_while_a_checkpoint_is_written_is_one_line_and_the_run_resumes(latents, tmp_path, monkeypatch,
                                                                                       capsys):
     """What torch.save raises when the disk fills (was: that traceback, and a half-written
@@ -721,13 +734,9 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_one_line_and_the_run_resum
 
     monkeypatch.setattr(train_module, "save_tensors", full_disk)
     out = tmp_path / "r"
-    argv = ["train", "--config", str(YAML), f"data.shards={latents}", f"output={out}", "steps=4", "save_every=2",
-            "data.batch_size=2"]
-    capsys.readouterr()
-    assert console(argv) == 1
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("ldm", "Traceback"))]
-    assert len(err) == 1 and err[0].startswith("ldm train: error: writing the checkpoint of step 4 into"), err
-    assert "unexpected pos" in err[0] and "MiB free there" in err[0] and "run the same command to resume" in err[0]
+    argv, err = _fails_in_one_line(latents, out, capsys)
+    assert err.startswith("ldm train: error: writing the checkpoint of step 4 into"), err
+    assert "unexpected pos" in err and "MiB free there" in err and "run the same command to resume" in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step-00000002"]
     monkeypatch.setattr(train_module, "save_tensors", real)
     assert console(argv) == 0 and "resumed from" in capsys.readouterr().out
@@ -753,13 +762,9 @@ def test_a_full_disk_while_the_export_is_written_is_one_line_and_a_rerun_writes_
 
     monkeypatch.setattr(train_module, "save_export", full_disk)
     out = tmp_path / "r"
-    argv = ["train", "--config", str(YAML), f"data.shards={latents}", f"output={out}", "steps=4", "save_every=2",
-            "data.batch_size=2"]
-    capsys.readouterr()
-    assert console(argv) == 1
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("ldm", "Traceback"))]
-    assert len(err) == 1 and err[0].startswith("ldm train: error: writing the export of step 4 into"), err
-    assert "the checkpoint of step 4 is saved" in err[0]
+    argv, err = _fails_in_one_line(latents, out, capsys)
+    assert err.startswith("ldm train: error: writing the export of step 4 into"), err
+    assert "the checkpoint of step 4 is saved" in err
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000004"
     monkeypatch.setattr(train_module, "save_export", real)
     assert console(argv) == 0
