@@ -77,3 +77,36 @@ def test_an_output_that_is_not_shared_by_the_nodes_is_one_line_before_training(t
     assert len(lines) == 1 and "not the same folder on every rank" in lines[0], first.stderr[-3000:]
     assert "Traceback" not in first.stderr.split("ldm train: error:")[0][-2000:]
     assert not (nodes[0] / "runs" / "dit" / "checkpoints").exists()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_the_slurm_recipe_trains_on_two_nodes(tmp_path):
+    """launch/recipes/slurm-train.sbatch as SLURM runs it, with stand-ins for srun (one task per
+    node, the step's SLURM variables) and scontrol: both nodes' torchrun meet at the first node and
+    train."""
+    synth_dataset(tmp_path / "videos", num=4, frames=8, size=32, fps=8, seed=0)
+    from launch.cli import main as ldm
+    with pytest.warns(UserWarning):
+        ldm(["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", str(tmp_path / "videos"), "--frames", "8",
+             "--height", "32", "--width", "32", "--shard-size", "2", "--text-encoder", "builtin", "--output",
+             str(tmp_path / "lat")])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    (bin_dir / "srun").write_text(  # one task per node; the options before the command are srun's own
+        "#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n"
+        "for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_STEP_ID=0 SLURM_PROCID=$i SLURM_NODEID=$i "
+        "SLURM_NTASKS=$SLURM_NNODES \"$@\" & done\nrc=0; for p in $(jobs -p); do wait $p || rc=$?; done; exit $rc\n")
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "1",
+           "SLURM_CPUS_PER_TASK": "1", "MASTER_PORT": str(free_port())}
+    r = subprocess.run(["bash", str(ROOT / "launch" / "recipes" / "slurm-train.sbatch"), str(YAML),
+                        f"data.shards={tmp_path / 'lat'}", f"output={tmp_path / 'run'}", "steps=2", "data.batch_size=1",
+                        "log_every=1"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer.json").read_text())[
+        "world_size"] == 2
