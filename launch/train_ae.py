@@ -587,7 +587,8 @@ class AETrainer:
         if self.resume_path is None:
             return
         self.load(self.resume_path)
-        log.info("resumed from %s at step %d", self.resume_path, self.step)
+        if self.main:  # as ldm train says it: a run that started over would look the same otherwise
+            print(f"resumed from {self.resume_path} at step {self.step}", flush=True)
 
     # --- one optimisation step ---------------------------------------------------------------
     def train_step(self, video: Tensor, cond: Cond | None = None) -> dict[str, Tensor] | None:

@@ -107,13 +107,15 @@ def test_final_export_loads_and_has_latent_stats(straight, clips):
     assert all(torch.equal(final_sd[k], step_sd[k]) for k in final_sd)
 
 
-def test_resume_is_exact_and_corrupt_checkpoint_falls_back(straight, clips, tmp_path):
+def test_resume_is_exact_and_corrupt_checkpoint_falls_back(straight, clips, tmp_path, capsys):
     ref = [r["loss"] for r in _log(straight[0])]
     out = tmp_path / "run"
     first = train_autoencoder(_cfg(clips, out, steps=3))
-    assert first["resumed_from"] is None
+    assert first["resumed_from"] is None and "resumed from" not in capsys.readouterr().out
     second = train_autoencoder(_cfg(clips, out, steps=6), allow_change=("steps",))
     assert second["resumed_from"].endswith("step-00000003") and second["start_step"] == 3
+    # printed, as ldm train does (was: a log.info nobody saw: a resume looked like a new run)
+    assert f"resumed from {out / 'checkpoints' / 'step-00000003'} at step 3" in capsys.readouterr().out
     assert [r["loss"] for r in _log(out)] == ref[:6]  # bit-identical to the uninterrupted run
     # corrupt the newest checkpoint: the previous one is used and the sequence is still exact
     model_file = out / "checkpoints" / "step-00000006" / "model.safetensors"
