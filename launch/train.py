@@ -949,9 +949,9 @@ def _schedule_from_config(engine, lr: float) -> None:
 def resume(engine, ema: EMA, out: Path, lr: float) -> tuple[int, int, int | None]:
     """Load the newest intact checkpoint; return its step, the micro-batches dropped for non-finite
     losses before it and the samples of the global stream read (None when the checkpoint did not
-    record them), (0, 0, 0) when there is none. The LR
-    schedule continues at the checkpoint's step with this run's settings (``lr``, warm-up,
-    schedule, ``steps``), so an ``--allow-change optim.lr`` / ``steps`` takes effect.
+    record them), (0, 0, 0) when there is none. The LR schedule continues at the checkpoint's step
+    with this run's settings (``lr``, warm-up, schedule, ``steps``), so an ``--allow-change
+    optim.lr`` / ``steps`` takes effect.
 
     Rank 0 verifies the checkpoints against their manifests (``runs``); same world size and ZeRO
     stage: DeepSpeed's own checkpoint, otherwise the universal state (weights, Adam moments and
