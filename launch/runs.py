@@ -504,7 +504,8 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 num = getattr(signal, name)
-                self._previous[num] = signal.signal(num, self._handle)
+                if signal.getsignal(num) is not signal.SIG_IGN:  # `nohup ldm train`: a hang-up stays ignored
+                    self._previous[num] = signal.signal(num, self._handle)
 
     @property
     def requested(self) -> bool:

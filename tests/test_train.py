@@ -970,6 +970,15 @@ def test_stop_request_signals():
             assert stop.signal == name
         finally:
             stop.close()
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # started with nohup: a hang-up stays ignored
+    try:
+        stop = runs.StopRequest()
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert not stop.requested
+        stop.close()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert runs.stopped_exit_code({"stopped": "SIGINT"}) == 130 and runs.stopped_exit_code({}) == 0
     assert runs.stopped_exit_code({"stopped": "a signal to another rank"}) == 143
