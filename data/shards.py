@@ -38,6 +38,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from ldm.errors import UserError
 from ldm.latent import Latent, channel_dim
 
 log = logging.getLogger(__name__)
@@ -269,8 +270,8 @@ class LatentShards(torch.utils.data.IterableDataset):
     (``k``: the rank's chunks that ``skip`` passes, so its first chunk is worker 0's, which the
     loader reads first).
     A ``DataLoader(batch_size=None, collate_fn=as_batched)`` over this dataset hands rank r the
-    chunks r, r+W, r+2W, ... in order, so after s steps the run has consumed exactly the first ``s * batch_size * world_size``
-    samples of the global stream, whatever the topology: ``skip`` is that global count, and a resume
+    chunks r, r+W, r+2W, ... in order, so after s steps the run has consumed exactly the first
+    ``s * batch_size * world_size`` samples of the global stream, whatever the topology: ``skip`` is that global count, and a resume
     with another number of ranks (same global batch) continues at the same place. Each sample is
     seen once per epoch across ranks, and its ``meta["position"]`` (its place in the stream, counting
     on across epochs) can seed its randomness. Bad samples are skipped and counted in
@@ -294,8 +295,10 @@ class LatentShards(torch.utils.data.IterableDataset):
         self.shuffle, self.epochs, self.resample, self.split = shuffle, epochs, resample, split
         self.expect_shapes, self.skip, self.batch_size, self.buckets = expect_shapes, skip, batch_size, buckets
         self.skipped: Counter = Counter()
+        self._tried = self._decoded = 0  # samples this reader read / decoded (an endless stream must decode some)
 
     def _decode(self, raw: dict[str, Any], epoch: int, position: int) -> dict[str, Any] | None:
+        self._tried += 1
         try:
             sample = decode_sample(raw, self.expect_shapes)
         except SampleError as e:
@@ -303,16 +306,29 @@ class LatentShards(torch.utils.data.IterableDataset):
             log.warning("skipping sample: %s", e)
             return None
         sample["meta"].update(epoch=epoch, position=position)
+        self._decoded += 1
         return sample
 
     def _emit(self, batch: list[dict[str, Any]]) -> Any:
         return collate(batch) if self.batch_size else batch[0]
 
-    def _epochs(self) -> Iterator[int]:
-        epoch = 0
+    def _epochs(self, n_readers: int = 1) -> Iterator[int]:
+        """0, 1, ... (``epochs`` of them, or endless). An endless stream stops with a `UserError` once
+        this reader, in more passes than there are readers + 1, read samples and could decode none of
+        them: every sample is bad or of another shape, and the trainer would wait for a batch forever."""
+        epoch, barren, tried, decoded = 0, 0, self._tried, self._decoded
         while self.epochs is None or epoch < self.epochs:
             yield epoch
             epoch += 1
+            if self._decoded > decoded:
+                barren = 0
+            elif self._tried > tried:  # a pass with this reader's turn, and nothing read well
+                barren += 1
+            tried, decoded = self._tried, self._decoded
+            if self.epochs is None and barren > n_readers + 1:
+                raise UserError(f"none of the {self._tried} samples read from {len(self.urls)} shard(s) in {barren} "
+                                f"passes could be used (skipped: {dict(self.skipped)}; see the warnings above): the "
+                                "shards are corrupt or not the latents their manifest describes")
 
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
@@ -338,7 +354,7 @@ class LatentShards(torch.utils.data.IterableDataset):
         position, batch = 0, []
         # the loader asks worker 0 first: the rank's first chunk after ``skip`` is worker 0's
         resumed_at = self.skip // (size * self.world_size)
-        for epoch in self._epochs():
+        for epoch in self._epochs(self.world_size * workers):
             for raw in self._global_stream(epoch):
                 chunk = position // size
                 if (position >= self.skip and chunk % self.world_size == self.rank
@@ -361,7 +377,7 @@ class LatentShards(torch.utils.data.IterableDataset):
         reader, n_readers = self.rank * workers + worker, self.world_size * workers
         skip, position, own = self.skip // n_readers, 0, 0
         pending: dict[str, list[dict[str, Any]]] = {}
-        for epoch in self._epochs():
+        for epoch in self._epochs(n_readers):
             for raw in self._global_stream(epoch):
                 if position % n_readers == reader:
                     sample = self._decode(raw, epoch, position) if own >= skip else None
@@ -381,7 +397,7 @@ class LatentShards(torch.utils.data.IterableDataset):
     def _own_shards(self, reader: int, n_readers: int) -> Iterator[Any]:
         size = self.batch_size or 1
         skip, position, batch = self.skip // n_readers, 0, []
-        for epoch in self._epochs():
+        for epoch in self._epochs(n_readers):
             urls = list(self.urls)
             if self.resample:
                 rng = random.Random(f"{self.seed}-{reader}")

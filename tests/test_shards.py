@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from data import shards
+from ldm.errors import UserError
 from ldm.latent import Latent
 
 
@@ -92,6 +93,24 @@ def _tar_with(members: dict[str, bytes], path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
+
+
+def test_an_endless_stream_that_can_decode_nothing_stops(tmp_path):
+    """Shards whose every sample is skipped (here: another latent shape than the manifest's) stop
+    an endless reader with one clear error after a few passes (was: the trainer waited forever);
+    one good sample among them keeps it going."""
+    wrong = shards.encode_sample(Latent({"z": torch.zeros(1, 2, 1, 3, 3)}), {"index": 0})
+    _tar_with({f"00000000{i}.{k}": v for i in range(3) for k, v in wrong.items()}, tmp_path / "shard-000000.tar")
+    for split, workers in (("sample", 1), ("shard", 1)):
+        ds = shards.LatentShards(str(tmp_path), expect_shapes={"z": (2, 1, 2, 2)}, epochs=None, batch_size=2,
+                                 split=split)
+        with pytest.raises(UserError, match=r"none of the \d+ samples read .* could be used .*bad_sample"):
+            next(iter(ds))
+    good = shards.encode_sample(Latent({"z": torch.zeros(1, 2, 1, 2, 2)}), {"index": 3})
+    _tar_with({f"00000000{i}.{k}": v for i, sample in enumerate([wrong, wrong, good]) for k, v in sample.items()},
+              tmp_path / "shard-000000.tar")
+    stream = iter(shards.LatentShards(str(tmp_path), expect_shapes={"z": (2, 1, 2, 2)}, epochs=None))
+    assert [next(stream)["meta"]["index"] for _ in range(10)] == [3] * 10
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
