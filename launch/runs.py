@@ -417,6 +417,20 @@ def claim_folder(folder: str | Path, new_folder: str = "--output NEW_FOLDER") ->
     check_shared(folder)
 
 
+def check_output_layout(out: Path, flag: str, folders: tuple[str, ...], files: tuple[str, ...]) -> None:
+    """``out`` can hold a run: it is a folder (or not there yet), and of the entries a run writes
+    there, ``folders`` are folders and ``files`` files, where present (`UserError` naming the one in
+    the way; was: a traceback at the first log line or checkpoint)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag}{out} is a file; give a run folder")
+    for name in folders + files:
+        path = out / name
+        if path.exists() and path.is_dir() != (name in folders):
+            what, want = ("a folder", "a file") if path.is_dir() else ("a file", "a folder")
+            raise UserError(f"{path} is {what}, where the run keeps {want} of that name; move it away or give "
+                            "another output folder")
+
+
 def check_shared(folder: Path, wait_s: float = 30.0) -> None:
     """`UserError` on every rank when ``folder`` is not one folder for all ranks (an output on each
     node's own disk): rank 0 would seal checkpoints without the other nodes' files. Rank 0 writes a

@@ -596,8 +596,8 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
     otherwise). Returns the binding to record."""
     check_ranges(cfg)
     out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output={out} is a file; give a run folder")
+    runs.check_output_layout(out, "output=", ("checkpoints", "export", "tensorboard", "profile"),
+                          ("log.jsonl", "config.json", runs.BINDING))
     check_extract_folders("data.shards", cfg.data.shards)
     folders = [Path(f).resolve() for f in shard_folders(cfg.data.shards)]
     for folder in sorted({f for f in folders if folders.count(f) > 1}):

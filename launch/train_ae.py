@@ -971,8 +971,8 @@ def check_inputs(cfg: TrainAEConfig) -> None:
     path, the ``--init`` / ``--base-checkpoint`` folders, the videos, and the clip size for the
     autoencoder (built on the meta device: no weights). `UserError` otherwise."""
     out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file; give a run folder")
+    runs.check_output_layout(out, "--output ", ("checkpoints", "final", "samples", "tensorboard", "profile"),
+                          ("log.jsonl", "summary.json", runs.BINDING))
     for flag, path in (("--lpips-vgg", cfg.lpips_vgg), ("--lpips-heads", cfg.lpips_heads)):
         if path is not None and not Path(path).is_file():
             raise MissingInput(f"{flag} {path}: no such file (the LPIPS weights, local files: README, LPIPS)")

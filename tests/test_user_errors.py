@@ -181,6 +181,20 @@ def _train(run, out, *over):
     return ["train", "--config", str(YAML), f"data.shards={run / 'lat'}", f"output={out}", "steps=2", *over]
 
 
+def test_an_entry_in_the_way_in_a_run_folder_is_one_line_before_any_work(run, tmp_path, capsys):
+    """A file where a trainer keeps a folder (``checkpoints``), or a folder where it keeps a file
+    (``log.jsonl``), stops both trainers in one line (was: a traceback at the first save or log)."""
+    for name, make in (("checkpoints", lambda p: p.write_text("x")), ("log.jsonl", lambda p: p.mkdir())):
+        out = tmp_path / name.replace(".", "-")
+        out.mkdir()
+        make(out / name)
+        kind = ("a file, where the run keeps a folder" if name == "checkpoints" else
+                "a folder, where the run keeps a file")
+        for argv in (_train(run, out), _train_ae(run, out)):
+            _one_line_error(argv, capsys, f"{out / name} is {kind} of that name")
+        assert sorted(p.name for p in out.iterdir()) == [name]
+
+
 TRAIN_ERRORS = [
     (["data.batch_size=-2"], "data.batch_size must be >= 1, got -2"),   # was DeepSpeed's AssertionError
     (["steps=0"], "steps must be >= 1, got 0"),                         # was: exit 0, nothing written
