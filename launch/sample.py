@@ -406,7 +406,7 @@ def check_export(path: str | Path, flag: str = "--checkpoint") -> None:
     checkpoints (a `UserError` saying what it is otherwise)."""
     path = Path(path)
     if not path.exists():
-        raise MissingInput(f"{flag} {path} not found (expected a `ldm train` run folder or its export/)")
+        raise MissingInput(f"{flag} {path} not found (expected a `ldm train` run folder, its export/ or a checkpoint)")
     if (path / "training.json").is_file() or (path / "export" / "training.json").is_file() or checkpoint_run(path):
         return
     if (path / "model.safetensors").is_file() and (path / "config.json").is_file():

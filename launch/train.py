@@ -394,13 +394,15 @@ def validation_loss(engine, batches, cfg: TrainConfig, dcfg: dit.DiTConfig, late
         for batch in batches:
             gens = sample_generators(cfg.seed, [m["position"] for m in batch["meta"]])
             latent = standardized(batch["latent"], cfg.data, latent_norm, gens)
-            n = latent.batch_size
+            n, lengths = latent.batch_size, _lengths(latent)
+            # the clips and conditions moved once; u = 1: no condition dropped
+            held = StepInputs(latent, batch_cond(batch, dcfg), (torch.zeros(n), {}, torch.ones(n, 3)),
+                              torch.zeros(2)).to(device)
+            keep = held.draws[2]
             for i in range(k):
-                draws = (torch.full((n,), (i + 0.5) / k), {p: per_sample_normal(gens, v, _lengths(latent))
-                                                           for p, v in latent.parts.items()},
-                         torch.ones(n, 3))  # u = 1: no condition dropped
-                step = StepInputs(latent, batch_cond(batch, dcfg), draws, torch.zeros(2)).to(device)
-                loss = flow_step_loss(engine, step.latent, step.cond, cfg.flow, step.draws, null_cond,
+                t = torch.full((n,), (i + 0.5) / k, device=device)
+                noise = {p: per_sample_normal(gens, v, lengths).to(device, v.dtype) for p, v in latent.parts.items()}
+                loss = flow_step_loss(engine, held.latent, held.cond, cfg.flow, (t, noise, keep), null_cond,
                                       pack=cfg.model.pack)
                 total += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=device)])
     engine.train()
@@ -597,7 +599,7 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
     check_ranges(cfg)
     out = Path(cfg.output)
     runs.check_output_layout(out, "output=", ("checkpoints", "export", "tensorboard", "profile"),
-                          ("log.jsonl", "config.json", runs.BINDING))
+                             ("log.jsonl", "config.json", runs.BINDING))
     check_extract_folders("data.shards", cfg.data.shards)
     folders = [Path(f).resolve() for f in shard_folders(cfg.data.shards)]
     for folder in sorted({f for f in folders if folders.count(f) > 1}):

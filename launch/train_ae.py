@@ -972,7 +972,7 @@ def check_inputs(cfg: TrainAEConfig) -> None:
     autoencoder (built on the meta device: no weights). `UserError` otherwise."""
     out = Path(cfg.output)
     runs.check_output_layout(out, "--output ", ("checkpoints", "final", "samples", "tensorboard", "profile"),
-                          ("log.jsonl", "summary.json", runs.BINDING))
+                             ("log.jsonl", "summary.json", runs.BINDING))
     for flag, path in (("--lpips-vgg", cfg.lpips_vgg), ("--lpips-heads", cfg.lpips_heads)):
         if path is not None and not Path(path).is_file():
             raise MissingInput(f"{flag} {path}: no such file (the LPIPS weights, local files: README, LPIPS)")
