@@ -271,8 +271,8 @@ class LatentShards(torch.utils.data.IterableDataset):
     loader reads first).
     A ``DataLoader(batch_size=None, collate_fn=as_batched)`` over this dataset hands rank r the
     chunks r, r+W, r+2W, ... in order, so after s steps the run has consumed exactly the first
-    ``s * batch_size * world_size`` samples of the global stream, whatever the topology: ``skip`` is that global count, and a resume
-    with another number of ranks (same global batch) continues at the same place. Each sample is
+    ``s * batch_size * world_size`` samples of the global stream, whatever the topology: ``skip``
+    is that global count, and a resume with another number of ranks (same global batch) continues at the same place. Each sample is
     seen once per epoch across ranks, and its ``meta["position"]`` (its place in the stream, counting
     on across epochs) can seed its randomness. Bad samples are skipped and counted in
     ``self.skipped`` (their chunk comes out one smaller).

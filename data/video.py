@@ -256,7 +256,8 @@ class _Reader:
         try:
             frame = next(self._frames, None)
         except _AV_ERRORS as e:
-            raise VideoError(f"corrupt or truncated: decoding {self.name} failed after {self.n} frames ({_reason(e)})") from e
+            raise VideoError(f"corrupt or truncated: decoding {self.name} failed after {self.n} frames "
+                             f"({_reason(e)})") from e
         if frame is None:
             return None
         if frame.time is None:

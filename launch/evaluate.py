@@ -602,8 +602,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--input", required=True, help="videos (folder, raw shards, as `ldm extract`)")
     r.add_argument("--frames", type=int, help="frames per clip (default: as `ldm reconstruct`, the longest clip of "
                    f"at most {DEFAULT_FRAMES} frames that the first readable video holds and the autoencoder takes)")
-    r.add_argument("--height", type=int, help="(default: as `ldm reconstruct`, from the first readable video: its own size "
-                   "when it fits in 256x256, rounded down to one the autoencoder takes; else 256)")
+    r.add_argument("--height", type=int, help="(default: as `ldm reconstruct`, from the first readable video: its "
+                   "own size when it fits in 256x256, rounded down to one the autoencoder takes; else 256)")
     r.add_argument("--width", type=int, help="(default: as --height)")
     r.add_argument("--fps", type=float)
     r.add_argument("--num", type=int, help="evaluate the first N clips")

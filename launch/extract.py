@@ -426,7 +426,8 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     since = {"text_fingerprint": recorded_fp or text_fp}  # what a shard or run.json of an earlier version stands for
     signature = _run_signature(cfg, record, dtype, text_fp)
     binding = runs.check_binding(out, run_binding(cfg, record, dtype, items, text_fp), allow_change,
-                                 defaults={**runs.defaults_of(ExtractConfig), TEXT_FINGERPRINT: since["text_fingerprint"],
+                                 defaults={**runs.defaults_of(ExtractConfig),
+                                           TEXT_FINGERPRINT: since["text_fingerprint"],
                                            "labels": labels_digest(items)})
     # no second extraction into the folder while this one lives (rank 0 holds it for every rank of the run);
     # the folder appears here, after every check

@@ -238,7 +238,8 @@ class LatentSpec:
         """What in a batched ``latent`` disagrees with this spec (form, part names, per-sample part
         and log-variance shapes; a varlen part may be shorter along its time axis), None if nothing."""
         if latent.form != self.form or set(latent.parts) != set(self.parts):
-            return f"form {latent.form!r} with parts {sorted(latent.parts)}, declared {self.form!r} with {sorted(self.parts)}"
+            return (f"form {latent.form!r} with parts {sorted(latent.parts)}, declared {self.form!r} with "
+                    f"{sorted(self.parts)}")
         for name, want in self.parts.items():
             for what, t in (("part", latent.parts[name]), ("logvar of", latent.logvar.get(name))):
                 got = None if t is None else tuple(t.shape[1:])
