@@ -281,23 +281,40 @@ class LatentShards(torch.utils.data.IterableDataset):
     the data, not ranks x data); the shuffle buffer is per reader and ``skip`` is shared evenly
     among readers, so a resume is exact only on the same topology with ``num_workers=0``.
     ``resample=True``: each reader draws shards with replacement, forever. ``epochs=None``: endless.
+
+    ``urls`` as a list of folders (or tar specs) with ``rates``: folder i's clips are read ``rates[i]``
+    times per epoch (data mixing: `_epoch_urls`); every sample's ``meta["source"]`` is its folder's
+    index. ``start=(epoch, position)``: the global stream begins at that epoch, whose first sample
+    is at ``position`` (``meta["epoch"]`` / ``meta["epoch_start"]`` of a sample read before), so a
+    resume reads the epoch in progress only, not every epoch before it (``split="sample"``).
     """
 
     def __init__(self, urls: str | list[str], *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: int = 0, epochs: int | None = 1, resample: bool = False, split: str = "sample",
                  expect_shapes: dict[str, tuple[int, ...]] | None = None, skip: int = 0,
-                 batch_size: int | None = None, buckets: dict[str, int] | None = None):
+                 batch_size: int | None = None, buckets: dict[str, int] | None = None,
+                 rates: tuple[float, ...] = (), start: tuple[int, int] = (0, 0)):
         super().__init__()
         if split not in ("shard", "sample"):
             raise ValueError(f"split must be 'shard' or 'sample', got {split!r}")
-        self.urls = shard_urls(urls)
+        specs = [urls] if isinstance(urls, (str, Path)) else list(urls)
+        if rates and len(rates) != len(specs):
+            raise ValueError(f"{len(rates)} rates for {len(specs)} shard folders")
+        # (urls, rate) per source: a source's clips are read ``rate`` times per epoch (see _epoch_urls)
+        self.sources = [(shard_urls(s), float(r)) for s, r in zip(specs, rates or [1.0] * len(specs))]
+        self.urls = [u for group, _ in self.sources for u in group]
+        self._source_of = {}
+        for i, (group, _) in enumerate(self.sources):
+            for u in group:
+                self._source_of.setdefault(u, i)
+        self.start = start
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.epochs, self.resample, self.split = shuffle, epochs, resample, split
         self.expect_shapes, self.skip, self.batch_size, self.buckets = expect_shapes, skip, batch_size, buckets
         self.skipped: Counter = Counter()
         self._tried = self._decoded = 0  # samples this reader read / decoded (an endless stream must decode some)
 
-    def _decode(self, raw: dict[str, Any], epoch: int, position: int) -> dict[str, Any] | None:
+    def _decode(self, raw: dict[str, Any], epoch: int, position: int, epoch_start: int = 0) -> dict[str, Any] | None:
         self._tried += 1
         try:
             sample = decode_sample(raw, self.expect_shapes)
@@ -305,18 +322,19 @@ class LatentShards(torch.utils.data.IterableDataset):
             self.skipped["bad_sample"] += 1
             log.warning("skipping sample: %s", e)
             return None
-        sample["meta"].update(epoch=epoch, position=position)
+        sample["meta"].update(epoch=epoch, position=position, epoch_start=epoch_start,
+                              source=self._source_of.get(raw.get("__url__"), 0))
         self._decoded += 1
         return sample
 
     def _emit(self, batch: list[dict[str, Any]]) -> Any:
         return collate(batch) if self.batch_size else batch[0]
 
-    def _epochs(self, n_readers: int = 1) -> Iterator[int]:
-        """0, 1, ... (``epochs`` of them, or endless). An endless stream stops with a `UserError` once
+    def _epochs(self, n_readers: int = 1, first: int = 0) -> Iterator[int]:
+        """``first``, ``first + 1``, ... (up to ``epochs``, or endless). An endless stream stops with a `UserError` once
         this reader, in more passes than there are readers + 1, read samples and could decode none of
         them: every sample is bad or of another shape, and the trainer would wait for a batch forever."""
-        epoch, barren, tried, decoded = 0, 0, self._tried, self._decoded
+        epoch, barren, tried, decoded = first, 0, self._tried, self._decoded
         while self.epochs is None or epoch < self.epochs:
             yield epoch
             epoch += 1
@@ -340,9 +358,22 @@ class LatentShards(torch.utils.data.IterableDataset):
         else:
             yield from self._own_shards(self.rank * workers + worker, self.world_size * workers)
 
+    def _epoch_urls(self, epoch: int) -> list[str]:
+        """The shards of one epoch, before their shuffle: each source's shards ``int(rate)`` times,
+        plus for the fraction of its rate a share of its shards drawn anew each epoch (seeded by
+        (seed, epoch); the shard count rounded up or down at random, so on average a source's clips
+        are read ``rate`` times per epoch). With every rate 1, each shard once, as without rates."""
+        rng = random.Random(f"{self.seed}-{epoch}-mix")
+        urls: list[str] = []
+        for group, rate in self.sources:
+            share = (rate - int(rate)) * len(group)  # shards beyond the whole copies
+            extra = int(share) + int(rng.random() < share - int(share))
+            urls += group * int(rate) + rng.sample(group, extra)
+        return urls
+
     def _global_stream(self, epoch: int) -> Iterator[dict[str, Any]]:
         """The raw samples of one epoch in the order every reader agrees on."""
-        urls = list(self.urls)
+        urls = self._epoch_urls(epoch)
         random.Random(f"{self.seed}-{epoch}").shuffle(urls)
         stream = (raw for url in urls for raw in iter_shard(url, self.skipped))
         if self.shuffle > 1:
@@ -351,15 +382,17 @@ class LatentShards(torch.utils.data.IterableDataset):
 
     def _global_chunks(self, workers: int, worker: int) -> Iterator[Any]:
         size = self.batch_size or 1
-        position, batch = 0, []
+        first_epoch, position = self.start
+        batch = []
         # the loader asks worker 0 first: the rank's first chunk after ``skip`` is worker 0's
         resumed_at = self.skip // (size * self.world_size)
-        for epoch in self._epochs(self.world_size * workers):
+        for epoch in self._epochs(self.world_size * workers, first_epoch):
+            epoch_start = position
             for raw in self._global_stream(epoch):
                 chunk = position // size
                 if (position >= self.skip and chunk % self.world_size == self.rank
                         and (chunk // self.world_size - resumed_at) % workers == worker):
-                    sample = self._decode(raw, epoch, position)
+                    sample = self._decode(raw, epoch, position, epoch_start)
                     if sample is not None:
                         batch.append(sample)
                 position += 1
@@ -472,3 +505,14 @@ def raw_bytes_digest(path: str | Path) -> dict[str, str]:
     """sha256 of every shard file in a folder: equal digests = byte-identical shard sets."""
     return {Path(u).name: hashlib.sha256(Path(u).read_bytes()).hexdigest() for u in shard_urls(path)}
 
+
+
+def content_fingerprint(folders: list[str]) -> str:
+    """What the latents of extraction ``folders`` are, whatever their path: a hash of each folder's
+    ``manifest.json`` bytes and the names and sizes of its shards, in order (cheap: no shard is
+    read). A copy of the folders elsewhere (node-local disk, another file system) has the same."""
+    h = hashlib.sha256()
+    for folder in folders:
+        h.update(hashlib.sha256((Path(folder) / "manifest.json").read_bytes()).digest())
+        h.update(json.dumps([[Path(u).name, Path(u).stat().st_size] for u in shard_urls(folder)]).encode())
+    return h.hexdigest()[:16]

@@ -264,3 +264,50 @@ def test_malicious_pickle_members_are_never_unpickled(tmp_path):
     got = list(shards.LatentShards(str(tmp_path)))
     assert len(got) == 1 and not marker.exists()
     assert shards.read_all(tmp_path)[0]["meta"]["index"] == 0 and not marker.exists()
+
+
+def test_mixing_rates_give_each_folder_its_share_of_every_epoch(tmp_path):
+    """``rates``: folder i's clips are read rates[i] times per epoch -- whole copies of its shards and a
+    share of them drawn anew each epoch for the fraction -- deterministic in (seed, epoch), each
+    sample tagged with its folder; all rates 1 is the stream without rates."""
+    big, small = tmp_path / "big", tmp_path / "small"
+    big.mkdir(), small.mkdir()
+    _write(big, n_shards=4, per=5)  # 20 clips
+    _write(small, n_shards=1, per=5)  # 5 clips
+    folders = [str(big), str(small)]
+
+    def epochs(rates, n=8):
+        ds = shards.LatentShards(folders, rates=rates, epochs=n, shuffle=8, seed=4)
+        counts = Counter((s["meta"]["epoch"], s["meta"]["source"]) for s in ds)
+        return [(counts[e, 0], counts[e, 1]) for e in range(n)]
+
+    mixed = epochs((0.625, 2.5))  # 12.5 big clips and 12.5 small ones per epoch: a 50/50 mix of 25 a epoch
+    assert {b for b, _ in mixed} <= {10, 15} and {s for _, s in mixed} <= {10, 15}  # whole shards of 5
+    assert sum(b for b, _ in mixed) == pytest.approx(8 * 12.5, rel=0.25)
+    assert sum(s for _, s in mixed) == pytest.approx(8 * 12.5, rel=0.25)
+    assert len({b for b, _ in mixed}) == 2  # rounded up in some epochs, down in others
+    assert mixed == epochs((0.625, 2.5))  # deterministic
+    assert epochs((1.0, 3.0), 2) == [(20, 15), (20, 15)]
+    plain = [(s["meta"]["index"], s["meta"]["position"]) for s in shards.LatentShards(folders, epochs=2, seed=4)]
+    assert plain == [(s["meta"]["index"], s["meta"]["position"])
+                     for s in shards.LatentShards(folders, rates=(1.0, 1.0), epochs=2, seed=4)]
+    with pytest.raises(ValueError, match="1 rates for 2 shard folders"):
+        shards.LatentShards(folders, rates=(1.0,))
+
+
+def test_a_start_epoch_reads_on_as_reading_through_every_epoch(tmp_path, monkeypatch):
+    """``start=(epoch, its first position)`` from a sample's meta: the resumed stream is the same as
+    one that skips from epoch 0, and only the epoch in progress is read (was: a resume read every
+    shard of every epoch before, weeks of data for a long run)."""
+    n = _write(tmp_path)  # 15 clips
+    stream = iter(shards.LatentShards(str(tmp_path), epochs=None, shuffle=4, seed=2, batch_size=2))
+    batches = [next(stream) for _ in range(20)]  # 40 samples: into epoch 2
+    meta = batches[16]["meta"][0]
+    assert (meta["epoch"], meta["epoch_start"]) == (2, 2 * n)
+    opened = []
+    real = shards.iter_shard
+    monkeypatch.setattr(shards, "iter_shard", lambda url, counters=None: opened.append(url) or real(url, counters))
+    resumed = iter(shards.LatentShards(str(tmp_path), epochs=None, shuffle=4, seed=2, batch_size=2, skip=32,
+                                       start=(meta["epoch"], meta["epoch_start"])))
+    assert [next(resumed)["meta"] for _ in range(4)] == [b["meta"] for b in batches[16:20]]
+    assert len(opened) <= 3  # the shards of epoch 2 only
