@@ -308,14 +308,24 @@ class Binding:
         self.history, self.changes = history, {}
 
 
+def bound_record(folder: str | Path) -> dict[str, Any]:
+    """The record of ``folder``'s ``run.json``; {} when there is none or it cannot be read."""
+    try:
+        return dict(read_json(Path(folder) / BINDING)["record"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def check_binding(folder: str | Path, record: dict[str, Any], allow: tuple[str, ...] = (),
                   new_folder: str = "--output NEW_FOLDER", defaults: dict[str, Any] | None = None,
-                  allow_flag: str | None = ALLOW_FLAG, holds_work: bool = True) -> Binding:
+                  allow_flag: str | None = ALLOW_FLAG, holds_work: bool = True,
+                  harmless: tuple[str, ...] = ()) -> Binding:
     """The binding of a run that will write into ``folder``: refused (`UserError`) when the folder
     holds a run whose record differs in a key that ``allow`` does not name (a key, or a prefix of
     keys). ``new_folder`` is how this verb is given another output and ``allow_flag`` how it allows
     a change (None: it has no such flag), both named in the message; ``defaults`` (`defaults_of`)
-    stand in for keys the folder's record predates; ``holds_work=False`` (`holds_training`): the
+    stand in for keys the folder's record predates, and keys of it that ``harmless`` now covers (a
+    setting made harmless since) bind nothing; ``holds_work=False`` (`holds_training`): the
     earlier run left nothing to resume or lose, and its record binds nothing. Reads only:
     ``Binding.write`` records it."""
     folder = Path(folder)
@@ -335,6 +345,7 @@ def check_binding(folder: str | Path, record: dict[str, Any], allow: tuple[str, 
                         f"(bound: {', '.join(sorted(record))})")
     if not path.is_file() or not holds_work:
         return Binding(folder, record)
+    old = {k: v for k, v in old.items() if not any(_covers(h, k) for h in harmless)}
     old = {**{k: v for k, v in (defaults or {}).items() if k in record}, **old}
     differ = {k: [old.get(k, _ABSENT), record.get(k, _ABSENT)] for k in sorted(set(old) | set(record))
               if old.get(k, _ABSENT) != record.get(k, _ABSENT)}

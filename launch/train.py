@@ -16,7 +16,9 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 import dit
-from data.manifest import Manifest, load_manifests, shard_folders
-from data.shards import LatentShards, as_batched, shard_urls
+from data.manifest import Manifest, load_manifest, load_manifests, shard_folders
+from data.shards import LatentShards, as_batched, content_fingerprint, shard_urls
 from dit import Export, save_export
 from launch import dist, runs
 from launch.engine import (EMA, EngineConfig, apply_activation_checkpointing, deepspeed_config,
@@ -46,6 +48,7 @@ log = logging.getLogger("ldm.train")
 @dataclass(frozen=True)
 class DataConfig:
     shards: str = ""  # an `ldm extract` output folder, or several comma-separated (same autoencoder)
+    weights: tuple[float, ...] = ()  # share of the stream per data.shards folder, e.g. [3, 1]; () = every clip once
     batch_size: int = 8  # per rank, per micro-step (with buckets: for the cheapest shape)
     shuffle: int = 256
     num_workers: int = 0  # DataLoader worker processes reading shards (0: read in the prefetch thread)
@@ -125,11 +128,12 @@ class TrainConfig:
 
 # settings that may change when a run is resumed; every other key of TrainConfig binds the run
 # folder (runs.check_binding). The per-rank batch, accumulation and sequence parallelism follow
-# the topology: the global batch they make is bound instead.
-HARMLESS = ("output", "log_every", "save_every", "keep_checkpoints", "max_nonfinite", "universal_checkpoints",
-            "data.num_workers", "data.prefetch", "data.batch_size", "optim.grad_accum", "model.sequence_parallel",
-            "model.compile", "model.compile_mode", "engine.deepspeed", "engine.activation_checkpointing",
-            "engine.peak_tflops", "engine.precision", "profile", "val")
+# the topology: the global batch they make is bound instead; the shard folders' path may change,
+# their content (latents.content) is bound.
+HARMLESS = ("output", "data.shards", "log_every", "save_every", "keep_checkpoints", "max_nonfinite",
+            "universal_checkpoints", "data.num_workers", "data.prefetch", "data.batch_size", "optim.grad_accum",
+            "model.sequence_parallel", "model.compile", "model.compile_mode", "engine.deepspeed",
+            "engine.activation_checkpointing", "engine.peak_tflops", "engine.precision", "profile", "val")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -153,13 +157,15 @@ def run(args: argparse.Namespace) -> int:
 
 def run_binding(cfg: TrainConfig, manifest: Manifest, world_size: int, precision: str) -> dict[str, Any]:
     """What the run folder is bound to: the settings except ``HARMLESS``, the global batch, the
-    precision, and the latents (their autoencoder, its config and weights hashes, shapes, clips)."""
+    precision, and the latents (their autoencoder, its config and weights hashes, shapes, clips,
+    and ``content_fingerprint`` of the folders: the same at another path)."""
     ae = manifest.autoencoder
     facts = {"global_batch": cfg.data.batch_size * cfg.optim.grad_accum * max(world_size // cfg.model.sequence_parallel, 1),
              "precision": precision,
              "latents": {"autoencoder": ae.name, "config_hash": ae.config_hash, "checkpoint_hash": ae.checkpoint_hash,
                          "shapes": list(manifest.latent_shapes) or manifest.latent_spec["latent_shape"],
-                         "clips": manifest.counts.written}}
+                         "clips": manifest.counts.written,
+                         "content": content_fingerprint(shard_folders(cfg.data.shards))}}
     return runs.binding_record(cfglib.to_dict(cfg), HARMLESS, facts)
 
 
@@ -306,20 +312,25 @@ def flow_step_loss(model, latent: Latent, cond: Cond, fcfg: FlowConfig,
 @dataclass
 class StepInputs:
     """One micro-batch made ready on the host: the latent (posterior-sampled, normalised), its
-    condition, the flow draws ``(t, noise, u)`` and its ``(tokens, FLOPs)``. Everything random here
-    comes from the per-sample generators, so it can be prepared ahead in another thread."""
+    condition, the flow draws ``(t, noise, u)`` and its ``(tokens, FLOPs)``; where its first clip is
+    in the data stream (``(epoch, epoch_start)`` of its meta) and its clips per data.shards folder.
+    Everything random here comes from the per-sample generators, so it can be prepared ahead in
+    another thread."""
 
     latent: Latent
     cond: Cond
     draws: tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
     work: torch.Tensor
+    stream: tuple[int, int] = (0, 0)
+    sources: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
 
     def pin_memory(self) -> "StepInputs":
         t, noise, u = self.draws
         pin = lambda x: None if x is None else x.pin_memory()  # noqa: E731
         return StepInputs(self.latent.pin_memory(), Cond(*(pin(x) for x in (self.cond.text, self.cond.text_mask,
                                                                              None, self.cond.class_id))),
-                          (t.pin_memory(), {k: v.pin_memory() for k, v in noise.items()}, u.pin_memory()), self.work)
+                          (t.pin_memory(), {k: v.pin_memory() for k, v in noise.items()}, u.pin_memory()), self.work,
+                          self.stream, self.sources)
 
     def to(self, device: torch.device) -> "StepInputs":
         """On ``device``; asynchronous from pinned memory."""
@@ -327,17 +338,21 @@ class StepInputs:
         t, noise, u = self.draws
         return StepInputs(self.latent.to(device, non_blocking=True),
                           Cond(*(move(x) for x in (self.cond.text, self.cond.text_mask, None, self.cond.class_id))),
-                          (move(t), {k: move(v) for k, v in noise.items()}, move(u)), self.work)
+                          (move(t), {k: move(v) for k, v in noise.items()}, move(u)), self.work, self.stream,
+                          self.sources)
 
 
-def prepare_step(batch: dict, cfg: TrainConfig, dcfg: dit.DiTConfig, latent_norm: dict, model, context: int
-                 ) -> StepInputs:
+def prepare_step(batch: dict, cfg: TrainConfig, dcfg: dit.DiTConfig, latent_norm: dict, model, context: int,
+                 folders: int = 1) -> StepInputs:
     """A reader's batch -> ``StepInputs`` (host tensors): posterior sample, normalisation, flow
-    draws, condition, work count."""
-    gens = sample_generators(cfg.seed, [m["position"] for m in batch["meta"]])
+    draws, condition, work count, stream place, clips per folder (of ``folders``)."""
+    meta = batch["meta"]
+    gens = sample_generators(cfg.seed, [m["position"] for m in meta])
     latent = standardized(batch["latent"], cfg.data, latent_norm, gens)
     draws = flow_draws(latent, cfg.flow, gens)
-    return StepInputs(latent, batch_cond(batch, dcfg), draws, batch_work(model, latent, context))
+    sources = torch.bincount(torch.tensor([m["source"] for m in meta]), minlength=folders).double()
+    return StepInputs(latent, batch_cond(batch, dcfg), draws, batch_work(model, latent, context),
+                      (meta[0]["epoch"], meta[0]["epoch_start"]), sources)
 
 
 def standardized(latent: Latent, dcfg: DataConfig, latent_norm: dict, gens: list[torch.Generator]) -> Latent:
@@ -591,6 +606,38 @@ def check_extract_folders(key: str, spec: str) -> None:
             raise UserError(f"{key}: {folder} {what}; give an `ldm extract` output folder")
 
 
+def data_mix(cfg: TrainConfig) -> list[tuple[str, int, float]]:
+    """``(folder, clips, share of the stream)`` per folder of ``data.shards``, checked (`UserError`
+    naming the key): one ``data.weights`` entry per folder, each > 0, and with text conditioning the
+    same text encoder in every folder. Without weights a folder's share is its share of the clips."""
+    folders = shard_folders(cfg.data.shards)
+    with checking("data.shards"):
+        manifests = [load_manifest(f) for f in folders]
+    weights = cfg.data.weights
+    if weights and len(weights) != len(folders):
+        raise UserError(f"data.weights has {len(weights)} weights for the {len(folders)} folders of data.shards; "
+                        "give one per folder, in the same order")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise UserError(f"data.weights must all be > 0, got {list(weights)}; leave a folder out of data.shards "
+                        "to train without it")
+    first = manifests[0]
+    for folder, m in zip(folders[1:], manifests[1:]):
+        if cfg.model.text_cond and (m.text_encoder, m.text_fingerprint) != (first.text_encoder, first.text_fingerprint):
+            raise UserError(f"data.shards: {folder} holds captions of text encoder {m.text_encoder}, {folders[0]} of "
+                            f"{first.text_encoder}; extract both with the same --text-encoder, or set "
+                            "model.text_cond=false")
+    clips = [max(m.counts.written, 1) for m in manifests]
+    shares = weights or clips
+    return [(f, n, w / sum(shares)) for f, n, w in zip(folders, clips, shares)]
+
+
+def mix_rates(mix: list[tuple[str, int, float]], weighted: bool) -> tuple[float, ...]:
+    """How many times per epoch each folder's clips are read to give its share of the stream, an
+    epoch keeping the length of one pass over all folders; () without ``data.weights`` (each once)."""
+    total = sum(n for _, n, _ in mix)
+    return tuple(share * total / n for _, n, share in mix) if weighted else ()
+
+
 def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.Binding:
     """Everything a run needs is usable before any work starts: value ranges, the shard folders
     and their manifests, the DiT for their latents, the DeepSpeed config, the output path, and a
@@ -601,6 +648,10 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
     runs.check_output_layout(out, "output=", ("checkpoints", "export", "tensorboard", "profile"),
                              ("log.jsonl", "config.json", runs.BINDING))
     check_extract_folders("data.shards", cfg.data.shards)
+    data_mix(cfg)
+    if cfg.data.weights and cfg.data.split == "shard":
+        raise UserError("data.weights mixes the folders in the global stream of data.split=sample; "
+                        "drop data.split=shard or data.weights")
     folders = [Path(f).resolve() for f in shard_folders(cfg.data.shards)]
     for folder in sorted({f for f in folders if folders.count(f) > 1}):
         log.warning("data.shards lists %s %d times: its clips are drawn %d times as often as the others' (list it "
@@ -626,8 +677,11 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
                             f"max(1, data.num_workers)), data.shards holds {found}; use data.split=sample, "
                             "fewer data.num_workers, or a smaller --shard-size at extraction")
     record = run_binding(cfg, manifest, world, precision)
-    return runs.check_binding(out, record, allow_change, new_folder="output=NEW_FOLDER",
-                              defaults=runs.defaults_of(TrainConfig), holds_work=runs.holds_training(out))
+    defaults = runs.defaults_of(TrainConfig)
+    if runs.bound_record(out).get("data.shards") == cfg.data.shards:  # bound by its path before latents.content
+        defaults["latents.content"] = record["latents.content"]
+    return runs.check_binding(out, record, allow_change, new_folder="output=NEW_FOLDER", defaults=defaults,
+                              holds_work=runs.holds_training(out), harmless=HARMLESS)
 
 
 def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -705,7 +759,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
             compile_blocks(engine.module, mode=cfg.model.compile_mode)
     ema = EMA(engine.module, cfg.ema_decay, zero3)
 
-    step, dropped, position = resume(engine, ema, out, cfg.optim.lr)
+    step, dropped, position, saved = resume(engine, ema, out, cfg.optim.lr)
     resumed_at = step
     nonfinite = runs.NonFiniteGuard(cfg.max_nonfinite)
     if dist.is_main():
@@ -721,11 +775,22 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     micro_global = cfg.data.batch_size * dp_world  # samples of the global stream one micro-batch reads
     if position is None:  # a checkpoint that did not record it: read with this run's batch
         position = (step * cfg.optim.grad_accum + dropped) * micro_global
+    mix = data_mix(cfg)
+    stream = {"shards": cfg.data.shards, "content": content_fingerprint(shard_folders(cfg.data.shards)),
+              "clips": manifest.counts.written}
+    global_chunks = cfg.data.split == "sample" and not cfg.data.buckets
+    start, moved = resume_stream(saved, stream, position, global_chunks)
+    if dist.is_main():
+        if moved:
+            print(moved, flush=True)
+        if cfg.data.weights:
+            print("data mix: " + ", ".join(f"{f} {share:.0%} ({n} clips, each read {r:.3g}x per epoch)"
+                                           for (f, n, share), r in zip(mix, mix_rates(mix, True))), flush=True)
     # the place in the one global stream (any topology resumes it, see LatentShards): the samples read
     # so far, counted as they are read, so a resume with another global batch (--allow-change) goes on from it
     data = LatentShards(shard_folders(cfg.data.shards), rank=dp_rank, world_size=dp_world, seed=cfg.seed,
                         shuffle=cfg.data.shuffle, epochs=None, split=cfg.data.split,
-                        skip=position,
+                        skip=position, rates=mix_rates(mix, bool(cfg.data.weights)), start=start,
                         batch_size=cfg.data.batch_size,
                         buckets=bucket_batch_sizes(manifest, cfg.data, engine.module) if cfg.data.buckets else None,
                         expect_shapes=parts if manifest.form != "varlen" and not cfg.data.buckets else None)
@@ -743,10 +808,13 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                                 expect_shapes=parts if manifest.form != "varlen" else None)
 
     text_context = 1 + manifest.text_tokens if dcfg.text_dim else 0  # the empty-text token + caption
-    inputs = Prefetcher(loader, lambda b: prepare_step(b, cfg, dcfg, latent_norm, engine.module, text_context),
+    inputs = Prefetcher(loader, lambda b: prepare_step(b, cfg, dcfg, latent_norm, engine.module, text_context,
+                                                      len(mix)),
                         cfg.data.prefetch, pin=device.type == "cuda")
     peak = peak_flops(cfg.engine)
     work = torch.zeros(2, dtype=torch.float64)  # this rank's (tokens, training FLOPs) since the last log
+    read = torch.zeros(len(mix), dtype=torch.float64)  # this rank's clips per data.shards folder
+    stream["epoch"], stream["epoch_start"] = start
     logger = _Logger(out, enabled=dist.is_main(), resumed_step=step)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not dist.is_main())
     losses: list[float] = []
@@ -763,6 +831,8 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                 batch = next(inputs).to(device)
                 position += micro_global
                 work += batch.work
+                read += batch.sources
+                stream["epoch"], stream["epoch_start"] = batch.stream  # rank 0's is saved: not past `position`
                 loss = flow_step_loss(engine, batch.latent, batch.cond, cfg.flow, batch.draws, null_cond,
                                       pack=cfg.model.pack)
                 # a non-finite loss on any rank drops this micro-batch on every rank (no backward, no
@@ -815,7 +885,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                 if pending:
                     losses += torch.cat(pending).tolist()
                     pending.clear()
-                save_checkpoint(engine, ema, out, step, dropped, position, cfg.keep_checkpoints, dcfg, context,
+                save_checkpoint(engine, ema, out, step, dropped, position, stream, cfg.keep_checkpoints, dcfg, context,
                                 cfg.universal_checkpoints)
     finally:
         stop.close()
@@ -826,8 +896,12 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     if step == resumed_at and dist.is_main():  # a finished run again: its export (a full disk may have cut it)
         write_export(out, ema, dcfg, context, step)
     dist.barrier()
+    # every rank of a sequence-parallel group reads the same clips: mean x dp_world = all clips read
+    read_by = Counter()  # a folder listed twice in data.shards counts once
+    for (folder, _, _), n in zip(mix, (dist.all_reduce_mean(read) * dp_world).round().long().tolist()):
+        read_by[folder] += n
     summary = {"steps": step, "losses": losses, "output": str(out), "skipped": dict(data.skipped),
-               "dropped_batches": dropped, "val_losses": val_losses}
+               "dropped_batches": dropped, "val_losses": val_losses, "read": dict(read_by)}
     if stopping and step < cfg.steps:
         summary["stopped"] = stop.cause
         if dist.is_main():
@@ -839,9 +913,35 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
         how = (["--prompt TEXT"] if dcfg.text_dim and context.text_encoder else []) + \
             ([f"--class N (0 to {dcfg.num_classes - 1})"] if dcfg.num_classes else [])
         what = how[0] if len(how) == 1 else f"({' | '.join(how)})" if how else "--unconditional N"
+        total = sum(read_by.values())
+        if len(read_by) > 1 and total:
+            bad += "\n  clips read by this run: " + ", ".join(f"{f} {n / total:.1%} ({n})" for f, n in read_by.items())
         print(f"trained to step {step}{last} -> {out / 'export'}{bad}\n"
               f"  sample it: ldm sample --checkpoint {out} {what} --output DIR", flush=True)
     return summary
+
+
+def resume_stream(saved: dict[str, Any], stream: dict[str, Any], position: int, global_chunks: bool
+                  ) -> tuple[tuple[int, int], str | None]:
+    """Where the reader of a run resumed from the checkpoint info ``saved`` starts
+    (``LatentShards(start=...)``), and the line to print when data.shards changed since. The same
+    latents (``stream["content"]``, at any path): the epoch in progress, from its first sample (the
+    reader passes over the samples read, not every epoch before). Other latents (more clips
+    extracted into the folder): a new epoch over all of them at ``position``; the rest of the
+    epoch in progress is not read. A checkpoint of an earlier version: from epoch 0."""
+    if "stream" not in saved:
+        return (0, 0), None
+    old = saved["stream"]
+    if old["content"] == stream["content"]:
+        moved = old["shards"] != stream["shards"]
+        return (old["epoch"], old["epoch_start"]), (f"data.shards moved ({old['shards']} -> {stream['shards']}): "
+                                                    "the same latents (manifests, shard names and sizes), read on "
+                                                    "from the same place" if moved else None)
+    epoch = old["epoch"] + 1
+    where = (f"epoch {epoch} starts at the next step over all of them (the rest of epoch {old['epoch']} is not read)"
+             if global_chunks else f"the reader goes on after the first {position} samples of the new stream")
+    return (epoch, position), (f"data.shards holds other latents than at step {saved['step']} ({old['clips']} -> "
+                               f"{stream['clips']} clips): {where}")
 
 
 def _single_process_group() -> None:
@@ -899,7 +999,8 @@ REQUIRED_FILES = ("trainer.json", "ema.safetensors")
 LEGACY_INFO = "complete.json"  # the trainer state of checkpoints written before launch/runs.py (no manifest)
 
 
-def save_checkpoint(engine, ema: EMA, out: Path, step: int, dropped: int, position: int, keep: int, dcfg: dit.DiTConfig,
+def save_checkpoint(engine, ema: EMA, out: Path, step: int, dropped: int, position: int, stream: dict[str, Any],
+                    keep: int, dcfg: dit.DiTConfig,
                     context: Export, universal: bool) -> None:
     """DeepSpeed's own checkpoint (fast resume on the same topology) + EMA + with ``universal`` the
     topology-independent state (any world size / ZeRO stage resumes it) + ``trainer.json``, sealed
@@ -919,7 +1020,8 @@ def save_checkpoint(engine, ema: EMA, out: Path, step: int, dropped: int, positi
                 save_tensors(tmp / "universal.safetensors", tensors)
             save_tensors(tmp / "ema.safetensors", ema.state_dict())
             atomic_write_json(tmp / "trainer.json", {
-                "step": step, "dropped_batches": dropped, "position": position, "world_size": dist.world_size(),
+                "step": step, "dropped_batches": dropped, "position": position, "stream": stream,
+                "world_size": dist.world_size(),
                 "zero_stage": engine.zero_optimization_stage(),
                 "universal": universal, "scheduler": engine.lr_scheduler.state_dict(), **meta})
             runs.commit(root, step, keep)
@@ -948,12 +1050,12 @@ def _schedule_from_config(engine, lr: float) -> None:
         group["lr"] = value
 
 
-def resume(engine, ema: EMA, out: Path, lr: float) -> tuple[int, int, int | None]:
+def resume(engine, ema: EMA, out: Path, lr: float) -> tuple[int, int, int | None, dict[str, Any]]:
     """Load the newest intact checkpoint; return its step, the micro-batches dropped for non-finite
-    losses before it and the samples of the global stream read (None when the checkpoint did not
-    record them), (0, 0, 0) when there is none. The LR schedule continues at the checkpoint's step
-    with this run's settings (``lr``, warm-up, schedule, ``steps``), so an ``--allow-change
-    optim.lr`` / ``steps`` takes effect.
+    losses before it, the samples of the global stream read (None when the checkpoint did not
+    record them) and its ``trainer.json``; (0, 0, 0, {}) when there is none. The LR schedule
+    continues at the checkpoint's step with this run's settings (``lr``, warm-up, schedule,
+    ``steps``), so an ``--allow-change optim.lr`` / ``steps`` takes effect.
 
     Rank 0 verifies the checkpoints against their manifests (``runs``); same world size and ZeRO
     stage: DeepSpeed's own checkpoint, otherwise the universal state (weights, Adam moments and
@@ -994,8 +1096,8 @@ def resume(engine, ema: EMA, out: Path, lr: float) -> tuple[int, int, int | None
         if dist.is_main():
             kind = "DeepSpeed" if info["world_size"] == dist.world_size() else "universal"
             print(f"resumed from {p} at step {info['step']} ({kind} state)")
-        return int(info["step"]), int(info.get("dropped_batches", 0)), info.get("position")
+        return int(info["step"]), int(info.get("dropped_batches", 0)), info.get("position"), info
     if rejected or candidates:
         raise UserError(f"no usable checkpoint under {root} (see the warnings above); move them away or give a "
                         "new output to start over")
-    return 0, 0, 0
+    return 0, 0, 0, {}

@@ -81,7 +81,7 @@ def test_train_refuses_another_model_or_autoencoder_and_allows_a_longer_schedule
     _refused(_train(base, out, "model.overrides.hidden=32"), capsys,
              f"{out} holds a run made with other settings or inputs (model.overrides.hidden: (none) -> 32)",
              "give output=NEW_FOLDER for a new run, or --allow-change model.overrides.hidden")
-    line = _refused(_train(base, out, f"data.shards={base / 'lat16'}"), capsys, "data.shards:",
+    line = _refused(_train(base, out, f"data.shards={base / 'lat16'}"), capsys, "latents.content:",
                     'latents.autoencoder: "kl2d-f8c4-debug" -> "kl2d-f8c16-debug"', "latents.shapes.z:")
     assert "latents.config_hash" in line
     _refused(_train(base, out, "steps=3"), capsys, "steps: 2 -> 3", "--allow-change steps")

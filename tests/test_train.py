@@ -14,7 +14,7 @@ from data.synth import synth_dataset
 from launch.cli import main as ldm
 import dit
 from dit import load_export
-from launch.train import TrainConfig, train
+from launch.train import TrainConfig, check_config, train
 from ldm import config as cfglib
 from ldm.checkpoint import load_tensors
 from ldm.errors import UserError
@@ -1119,3 +1119,80 @@ def test_a_resume_with_another_global_batch_reads_on_from_where_the_run_was(late
     train(_cfg(latents, run, steps=3, save_every=3, **{"data.batch_size": 2}), allow_change=("steps", "global_batch"))
     assert skips == [0, 8]
     assert json.loads((run / "checkpoints" / "step-00000003" / "trainer.json").read_text())["position"] == 10
+
+
+def test_data_weights_mix_the_folders_deterministically_and_the_closing_line_shows_the_mix(latents, tmp_path,
+                                                                                           capsys):
+    """data.weights=[1,1] over 12 + 4 clips: half the stream from each folder (the big one read 2/3x,
+    the small one 2x per epoch), the same losses when resumed, and the clips read per folder in the
+    closing line (was: no mixing weights; data.shards only took every clip once per epoch)."""
+    synth_dataset(tmp_path / "videos", num=4, frames=8, size=32, fps=8, seed=1)
+    small = _extract(tmp_path / "videos", tmp_path / "small")
+    mix = {"data.shards": f"{latents},{small}", "data.weights": "[1,1]"}
+    full = train(_cfg(latents, tmp_path / "full", steps=4, save_every=4, **mix))
+    assert full["read"] == {str(latents): 8, str(small): 8}  # one epoch of 16: 2 of the 3 big shards, 2 x the small
+    out = capsys.readouterr().out
+    assert "data mix: " in out and "(4 clips, each read 2x per epoch)" in out
+    assert f"clips read by this run: {latents} 50.0% (8), {small} 50.0% (8)" in out
+    train(_cfg(latents, tmp_path / "part", steps=2, save_every=2, **mix))
+    resumed = train(_cfg(latents, tmp_path / "part", steps=4, save_every=2, **mix), allow_change=("steps",))
+    assert resumed["losses"] == full["losses"][2:]
+    for over, message in (({"data.weights": "[1]"}, "data.weights has 1 weights for the 2 folders"),
+                          ({"data.weights": "[1,0]"}, r"data.weights must all be > 0, got \[1.0, 0.0\]"),
+                          ({"data.split": "shard"}, "data.weights mixes the folders")):
+        with pytest.raises(UserError, match=message):
+            train(_cfg(latents, tmp_path / "bad", steps=2, **{**mix, **over}))
+    with pytest.warns(UserWarning):
+        ldm(["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", str(tmp_path / "videos"), "--output",
+             str(tmp_path / "untexted"), "--frames", "8", "--height", "32", "--width", "32"])
+    with pytest.raises(UserError, match="untexted holds captions of text encoder None, .* of builtin"):
+        train(_cfg(latents, tmp_path / "bad", steps=2, **{"data.shards": f"{latents},{tmp_path / 'untexted'}"}))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_moved_shard_folder_resumes_and_a_grown_one_reads_its_new_clips_from_the_next_epoch(latents, tmp_path,
+                                                                                             capsys):
+    """Shards copied to another path (node-local disk): the run resumes on them with one line and the
+    losses of an uninterrupted run (was: refused, data.shards: OLD -> NEW, unless --allow-change).
+    Other latents at the new path are refused as before; clips extracted into the folder while the
+    run was paused are refused naming the way out, and with it a new epoch over all the clips starts
+    at the next step. A folder bound by its path (before latents.content) resumes on that path."""
+    import shutil
+
+    first = tmp_path / "a"
+    shutil.copytree(latents, first)
+    full = train(_cfg(first, tmp_path / "full", steps=4, save_every=2))
+    run = tmp_path / "run"
+    train(_cfg(first, run, steps=2, save_every=2))
+    legacy = tmp_path / "legacy"  # the same run as written before latents.content was bound
+    shutil.copytree(run, legacy)
+    saved = json.loads((legacy / "run.json").read_text())
+    saved["record"].pop("latents.content")
+    saved["record"]["data.shards"] = str(first)
+    (legacy / "run.json").write_text(json.dumps(saved))
+    moved = tmp_path / "nvme" / "a"
+    shutil.copytree(first, moved)
+    with pytest.raises(UserError, match=r"latents.content: \(none\) ->"):  # bound by its path: refused elsewhere
+        check_config(_cfg(moved, legacy, steps=3), ("steps",))
+    check_config(_cfg(first, legacy, steps=3), ("steps",))  # on its path it resumes
+    shutil.rmtree(first)
+    capsys.readouterr()
+    resumed = train(_cfg(moved, run, steps=4, save_every=2), allow_change=("steps",))
+    assert f"data.shards moved ({first} -> {moved}): the same latents" in capsys.readouterr().out
+    assert resumed["losses"] == full["losses"][2:]
+    # 4 more videos extracted into the folder (the first 12 are the fixture's)
+    synth_dataset(tmp_path / "videos16", num=16, frames=8, size=32, fps=8, seed=0)
+    with pytest.warns(UserWarning):
+        ldm(["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", str(tmp_path / "videos16"), "--output",
+             str(moved), "--frames", "8", "--height", "32", "--width", "32", "--shard-size", "4", "--text-encoder",
+             "builtin", "--allow-change", "input,inputs,labels"])
+    with pytest.raises(UserError, match=r"latents.clips: 12 -> 16; latents.content: .* --allow-change "
+                                        r"latents.clips,latents.content"):  # other latents: refused, path or not
+        check_config(_cfg(moved, run, steps=6), ("steps",))
+    capsys.readouterr()
+    train(_cfg(moved, run, steps=6, save_every=2), allow_change=("steps", "latents"))
+    assert ("data.shards holds other latents than at step 4 (12 -> 16 clips): epoch 2 starts at the next step over "
+            "all of them (the rest of epoch 1 is not read)") in capsys.readouterr().out
+    stream = json.loads((run / "checkpoints" / "step-00000006" / "trainer.json").read_text())["stream"]
+    assert stream == {"shards": str(moved), "content": stream["content"], "clips": 16, "epoch": 2,
+                      "epoch_start": 16}
