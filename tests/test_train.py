@@ -56,9 +56,11 @@ def _val_losses(run):
 def test_resume_repeats_the_uninterrupted_run(latents, tmp_path):
     full = train(_cfg(latents, tmp_path / "full", steps=6, save_every=3))
     assert len(full["losses"]) == 6 and all(map(torch.isfinite, torch.tensor(full["losses"])))
-    train(_cfg(latents, tmp_path / "part", steps=3, save_every=3))
+    train(_cfg(latents, tmp_path / "part", steps=4, save_every=4))
+    stream = json.loads((tmp_path / "part" / "checkpoints" / "step-00000004" / "trainer.json").read_text())["stream"]
+    assert (stream["epoch"], stream["epoch_start"]) == (1, 12)  # 16 of the 12-clip stream read: resumed in epoch 1
     resumed = train(_cfg(latents, tmp_path / "part", steps=6, save_every=3), allow_change=("steps",))
-    assert resumed["losses"] == full["losses"][3:]  # exact, not approximately
+    assert resumed["losses"] == full["losses"][4:]  # exact, not approximately
     assert _losses(tmp_path / "part") == full["losses"]
     model, ctx = load_export(tmp_path / "part")
     ref, _ = load_export(tmp_path / "full")
