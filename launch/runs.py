@@ -319,15 +319,15 @@ def bound_record(folder: str | Path) -> dict[str, Any]:
 def check_binding(folder: str | Path, record: dict[str, Any], allow: tuple[str, ...] = (),
                   new_folder: str = "--output NEW_FOLDER", defaults: dict[str, Any] | None = None,
                   allow_flag: str | None = ALLOW_FLAG, holds_work: bool = True,
-                  harmless: tuple[str, ...] = ()) -> Binding:
+                  harmless: tuple[str, ...] = (), hints: dict[str, str] | None = None) -> Binding:
     """The binding of a run that will write into ``folder``: refused (`UserError`) when the folder
     holds a run whose record differs in a key that ``allow`` does not name (a key, or a prefix of
     keys). ``new_folder`` is how this verb is given another output and ``allow_flag`` how it allows
     a change (None: it has no such flag), both named in the message; ``defaults`` (`defaults_of`)
     stand in for keys the folder's record predates, and keys of it that ``harmless`` now covers (a
     setting made harmless since) bind nothing; ``holds_work=False`` (`holds_training`): the
-    earlier run left nothing to resume or lose, and its record binds nothing. Reads only:
-    ``Binding.write`` records it."""
+    earlier run left nothing to resume or lose, and its record binds nothing; ``hints``: a sentence
+    the refusal adds for a key it names (how to keep it). Reads only: ``Binding.write`` records it."""
     folder = Path(folder)
     path = folder / BINDING
     old: dict[str, Any] = {}
@@ -353,8 +353,9 @@ def check_binding(folder: str | Path, record: dict[str, Any], allow: tuple[str, 
     if refused:
         what = "; ".join(f"{k}: {_short(differ[k][0])} -> {_short(differ[k][1])}" for k in refused)
         allowed = f", or {allow_flag} {','.join(refused)} if the change is intended" if allow_flag else ""
+        told = "".join(f"; {hints[k]}" for k in refused if k in (hints or {}))
         raise UserError(f"{folder} holds a run made with other settings or inputs ({what}); give {new_folder} for a "
-                        f"new run{allowed}")
+                        f"new run{allowed}{told}")
     return Binding(folder, record, differ, history)
 
 

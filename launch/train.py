@@ -677,11 +677,17 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
                             f"max(1, data.num_workers)), data.shards holds {found}; use data.split=sample, "
                             "fewer data.num_workers, or a smaller --shard-size at extraction")
     record = run_binding(cfg, manifest, world, precision)
-    defaults = runs.defaults_of(TrainConfig)
-    if runs.bound_record(out).get("data.shards") == cfg.data.shards:  # bound by its path before latents.content
+    defaults, old = runs.defaults_of(TrainConfig), runs.bound_record(out)
+    if old.get("data.shards") == cfg.data.shards:  # bound by its path before latents.content
         defaults["latents.content"] = record["latents.content"]
+    dp = max(world // cfg.model.sequence_parallel, 1)
+    hints = {"latents.content": "a copy of the same shards at another path needs no change; with --allow-change "
+                                "latents a new epoch over the folders' clips starts at the resume"}
+    if isinstance(old.get("global_batch"), int) and old["global_batch"] % dp == 0:
+        hints["global_batch"] = (f"to keep {old['global_batch']} on {dp} data-parallel rank(s), set data.batch_size x "
+                                 f"optim.grad_accum = {old['global_batch'] // dp}")
     return runs.check_binding(out, record, allow_change, new_folder="output=NEW_FOLDER", defaults=defaults,
-                              holds_work=runs.holds_training(out), harmless=HARMLESS)
+                              holds_work=runs.holds_training(out), harmless=HARMLESS, hints=hints)
 
 
 def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any]:
