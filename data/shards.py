@@ -323,7 +323,7 @@ class LatentShards(torch.utils.data.IterableDataset):
             log.warning("skipping sample: %s", e)
             return None
         sample["meta"].update(epoch=epoch, position=position, epoch_start=epoch_start,
-                              source=self._source_of.get(raw.get("__url__"), 0))
+                              source=self._source_of[raw["__url__"]])
         self._decoded += 1
         return sample
 
@@ -331,9 +331,10 @@ class LatentShards(torch.utils.data.IterableDataset):
         return collate(batch) if self.batch_size else batch[0]
 
     def _epochs(self, n_readers: int = 1, first: int = 0) -> Iterator[int]:
-        """``first``, ``first + 1``, ... (up to ``epochs``, or endless). An endless stream stops with a `UserError` once
-        this reader, in more passes than there are readers + 1, read samples and could decode none of
-        them: every sample is bad or of another shape, and the trainer would wait for a batch forever."""
+        """``first``, ``first + 1``, ... (up to ``epochs``, or endless). An endless stream stops with a
+        `UserError` once this reader, in more passes than there are readers + 1, read samples and could
+        decode none of them: every sample is bad or of another shape, and the trainer would wait for a
+        batch forever."""
         epoch, barren, tried, decoded = first, 0, self._tried, self._decoded
         while self.epochs is None or epoch < self.epochs:
             yield epoch
@@ -504,7 +505,6 @@ def read_all(path: str | Path) -> list[dict[str, Any]]:
 def raw_bytes_digest(path: str | Path) -> dict[str, str]:
     """sha256 of every shard file in a folder: equal digests = byte-identical shard sets."""
     return {Path(u).name: hashlib.sha256(Path(u).read_bytes()).hexdigest() for u in shard_urls(path)}
-
 
 
 def content_fingerprint(folders: list[str]) -> str:
