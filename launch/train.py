@@ -725,8 +725,9 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
         raise UserError("the folders in data.shards hold latents of different shapes; set data.buckets=true "
                          "(and data.bucket_batch per shape) to train on them together")
     dist.check_same(json.dumps(cfglib.to_dict(cfg), sort_keys=True), "training config")
+    content = binding.record["latents.content"]  # the shards' names and sizes: a node's incomplete copy differs
     dist.check_same(json.dumps([manifest.autoencoder.config_hash, cfglib.to_dict(manifest.counts),
-                                list(manifest.shards)], sort_keys=True), "latent shards (manifest)")
+                                list(manifest.shards), content], sort_keys=True), "latent shards (manifest)")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = dit.VideoDiT(dcfg)
@@ -782,8 +783,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     if position is None:  # a checkpoint that did not record it: read with this run's batch
         position = (step * cfg.optim.grad_accum + dropped) * micro_global
     mix = data_mix(cfg)
-    stream = {"shards": cfg.data.shards, "content": content_fingerprint(shard_folders(cfg.data.shards)),
-              "clips": manifest.counts.written}
+    stream = {"shards": cfg.data.shards, "content": content, "clips": manifest.counts.written}
     global_chunks = cfg.data.split == "sample" and not cfg.data.buckets
     start, moved = resume_stream(saved, stream, position, global_chunks)
     if dist.is_main():

@@ -2,6 +2,7 @@
 clips over both with none lost or duplicated, and training matches the single-node 2-rank run."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,30 @@ def test_an_output_that_is_not_shared_by_the_nodes_is_one_line_before_training(t
     assert len(lines) == 1 and "not the same folder on every rank" in lines[0], first.stderr[-3000:]
     assert "Traceback" not in first.stderr.split("ldm train: error:")[0][-2000:]
     assert not (nodes[0] / "runs" / "dit" / "checkpoints").exists()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_node_whose_local_copy_of_the_shards_differs_is_one_line_before_training(tmp_path):
+    """Shards copied to each node's own disk (here the same relative path in two working folders),
+    one copy cut short: one line before any step (was: that node's ranks read a shorter stream than
+    the others, so clips were read twice or passed over, with a warning only)."""
+    synth_dataset(tmp_path / "videos", num=4, frames=8, size=32, fps=8, seed=0)
+    from launch.cli import main as ldm
+    with pytest.warns(UserWarning):
+        ldm(["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", str(tmp_path / "videos"), "--frames", "8",
+             "--height", "32", "--width", "32", "--shard-size", "2", "--output", str(tmp_path / "lat")])
+    nodes = (tmp_path / "node0", tmp_path / "node1")
+    for n in nodes:
+        shutil.copytree(tmp_path / "lat", n / "lat")
+    tar = nodes[1] / "lat" / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:-4096])  # a copy that stopped early
+    first, _ = _two_nodes("train", "--config", str(YAML), "data.shards=lat", "data.batch_size=1", "steps=2",
+                          f"output={tmp_path / 'dit'}", cwds=nodes)
+    lines = [x for x in first.stderr.splitlines() if "ldm train: error:" in x]
+    assert first.returncode != 0 and len(lines) == 1, first.stderr[-3000:]
+    assert "ranks disagree on the latent shards" in lines[0]
+    assert not (tmp_path / "dit" / "checkpoints").exists()
 
 
 @pytest.mark.dist
