@@ -286,7 +286,8 @@ class LatentShards(torch.utils.data.IterableDataset):
     times per epoch (data mixing: `_epoch_urls`); every sample's ``meta["source"]`` is its folder's
     index. ``start=(epoch, position)``: the global stream begins at that epoch, whose first sample
     is at ``position`` (``meta["epoch"]`` / ``meta["epoch_start"]`` of a sample read before), so a
-    resume reads the epoch in progress only, not every epoch before it (``split="sample"``).
+    resume reads the epoch in progress only, not every epoch before it (``split="sample"``, with or
+    without buckets).
     """
 
     def __init__(self, urls: str | list[str], *, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -409,12 +410,14 @@ class LatentShards(torch.utils.data.IterableDataset):
         coming from ``buckets`` (default ``batch_size``). Ranks may step on different shapes at
         once; ``skip`` (global) is shared evenly among readers, so a resume is approximate."""
         reader, n_readers = self.rank * workers + worker, self.world_size * workers
-        skip, position, own = self.skip // n_readers, 0, 0
+        first_epoch, position = self.start
+        skip, own = self.skip // n_readers, max(position - reader + n_readers - 1, 0) // n_readers  # dealt before
         pending: dict[str, list[dict[str, Any]]] = {}
-        for epoch in self._epochs(n_readers):
+        for epoch in self._epochs(n_readers, first_epoch):
+            epoch_start = position
             for raw in self._global_stream(epoch):
                 if position % n_readers == reader:
-                    sample = self._decode(raw, epoch, position) if own >= skip else None
+                    sample = self._decode(raw, epoch, position, epoch_start) if own >= skip else None
                     own += 1
                     if sample is not None:
                         key = shape_key(sample["latent"])

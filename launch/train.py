@@ -784,8 +784,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
         position = (step * cfg.optim.grad_accum + dropped) * micro_global
     mix = data_mix(cfg)
     stream = {"shards": cfg.data.shards, "content": content, "clips": manifest.counts.written}
-    global_chunks = cfg.data.split == "sample" and not cfg.data.buckets
-    start, moved = resume_stream(saved, stream, position, global_chunks)
+    start, moved = resume_stream(saved, stream, position, cfg.data.split == "sample")
     if dist.is_main():
         if moved:
             print(moved, flush=True)
@@ -927,27 +926,31 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     return summary
 
 
-def resume_stream(saved: dict[str, Any], stream: dict[str, Any], position: int, global_chunks: bool
+def resume_stream(saved: dict[str, Any], stream: dict[str, Any], position: int, global_stream: bool
                   ) -> tuple[tuple[int, int], str | None]:
     """Where the reader of a run resumed from the checkpoint info ``saved`` starts
     (``LatentShards(start=...)``), and the line to print when data.shards changed since. The same
     latents (``stream["content"]``, at any path): the epoch in progress, from its first sample (the
     reader passes over the samples read, not every epoch before). Other latents (more clips
     extracted into the folder): a new epoch over all of them at ``position``; the rest of the
-    epoch in progress is not read. A checkpoint of an earlier version: from epoch 0."""
-    if "stream" not in saved:
+    epoch in progress is not read. From epoch 0: a checkpoint of an earlier version, or readers of
+    their own shards (``global_stream=False``, data.split=shard), whose positions are their own."""
+    old = saved.get("stream")
+    if old is None:
         return (0, 0), None
-    old = saved["stream"]
     if old["content"] == stream["content"]:
-        moved = old["shards"] != stream["shards"]
-        return (old["epoch"], old["epoch_start"]), (f"data.shards moved ({old['shards']} -> {stream['shards']}): "
-                                                    "the same latents (manifests, shard names and sizes), read on "
-                                                    "from the same place" if moved else None)
+        moved = (f"data.shards moved ({old['shards']} -> {stream['shards']}): the same latents (manifests, shard "
+                 "names and sizes), read on from the same place") if old["shards"] != stream["shards"] else None
+        in_epoch = global_stream and old["epoch_start"] <= position  # a bucket's first clip may be read ahead
+        return ((old["epoch"], old["epoch_start"]) if in_epoch else (0, 0)), moved
+    if not global_stream:
+        return (0, 0), (f"data.shards holds other latents than at step {saved['step']} ({old['clips']} -> "
+                        f"{stream['clips']} clips): each reader goes on after its share of the {position} samples "
+                        "read, in the new stream")
     epoch = old["epoch"] + 1
-    where = (f"epoch {epoch} starts at the next step over all of them (the rest of epoch {old['epoch']} is not read)"
-             if global_chunks else f"the reader goes on after the first {position} samples of the new stream")
     return (epoch, position), (f"data.shards holds other latents than at step {saved['step']} ({old['clips']} -> "
-                               f"{stream['clips']} clips): {where}")
+                               f"{stream['clips']} clips): epoch {epoch} starts at the next step over all of them "
+                               f"(the rest of epoch {old['epoch']} is not read)")
 
 
 def _single_process_group() -> None:

@@ -311,3 +311,11 @@ def test_a_start_epoch_reads_on_as_reading_through_every_epoch(tmp_path, monkeyp
                                        start=(meta["epoch"], meta["epoch_start"])))
     assert [next(resumed)["meta"] for _ in range(4)] == [b["meta"] for b in batches[16:20]]
     assert len(opened) <= 3  # the shards of epoch 2 only
+    # shape buckets (rank 1 of 2 here): the same batches as reading every epoch from the start
+    kw = dict(epochs=None, shuffle=4, seed=2, batch_size=2, buckets={}, rank=1, world_size=2, skip=32)
+    through = iter(shards.LatentShards(str(tmp_path), **kw))
+    expected = [next(through)["meta"] for _ in range(3)]
+    assert (expected[0][0]["epoch"], expected[0][0]["epoch_start"]) == (2, 30)
+    opened.clear()
+    resumed = iter(shards.LatentShards(str(tmp_path), start=(2, 30), **kw))
+    assert [next(resumed)["meta"] for _ in range(3)] == expected and len(opened) <= 3
