@@ -681,8 +681,8 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
     if old.get("data.shards") == cfg.data.shards:  # bound by its path before latents.content
         defaults["latents.content"] = record["latents.content"]
     dp = max(world // cfg.model.sequence_parallel, 1)
-    hints = {"latents.content": "a copy of the same shards at another path needs no change; with --allow-change "
-                                "latents a new epoch over the folders' clips starts at the resume"}
+    hints = {"latents.content": "a copy of the same shards at another path needs no change; with the change allowed "
+                                "a new epoch over all their clips starts at the resume"}
     if isinstance(old.get("global_batch"), int) and old["global_batch"] % dp == 0:
         hints["global_batch"] = (f"to keep {old['global_batch']} on {dp} data-parallel rank(s), set data.batch_size x "
                                  f"optim.grad_accum = {old['global_batch'] // dp}")
