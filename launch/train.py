@@ -907,10 +907,13 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
         read_by[folder] += n
     summary = {"steps": step, "losses": losses, "output": str(out), "skipped": dict(data.skipped),
                "dropped_batches": dropped, "val_losses": val_losses, "read": dict(read_by)}
+    total = sum(read_by.values())
+    mixed = ("\n  clips read by this run: " + ", ".join(f"{f} {n / total:.1%} ({n})" for f, n in read_by.items())
+             if len(read_by) > 1 and total else "")  # a job stopped at its time limit shows it too
     if stopping and step < cfg.steps:
         summary["stopped"] = stop.cause
         if dist.is_main():
-            print(stop.message(step, cfg.steps, out), flush=True)
+            print(stop.message(step, cfg.steps, out) + mixed, flush=True)
     elif dist.is_main():
         last = f", last logged loss {losses[-1]:.4f}" if losses else ""
         last += f", validation loss {val_losses[-1][1]:.4f}" if val_losses else ""
@@ -918,10 +921,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
         how = (["--prompt TEXT"] if dcfg.text_dim and context.text_encoder else []) + \
             ([f"--class N (0 to {dcfg.num_classes - 1})"] if dcfg.num_classes else [])
         what = how[0] if len(how) == 1 else f"({' | '.join(how)})" if how else "--unconditional N"
-        total = sum(read_by.values())
-        if len(read_by) > 1 and total:
-            bad += "\n  clips read by this run: " + ", ".join(f"{f} {n / total:.1%} ({n})" for f, n in read_by.items())
-        print(f"trained to step {step}{last} -> {out / 'export'}{bad}\n"
+        print(f"trained to step {step}{last} -> {out / 'export'}{bad}{mixed}\n"
               f"  sample it: ldm sample --checkpoint {out} {what} --output DIR", flush=True)
     return summary
 

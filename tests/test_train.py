@@ -1127,7 +1127,7 @@ def test_a_resume_with_another_global_batch_reads_on_from_where_the_run_was(late
 
 
 def test_data_weights_mix_the_folders_deterministically_and_the_closing_line_shows_the_mix(latents, tmp_path,
-                                                                                           capsys):
+                                                                                           capsys, monkeypatch):
     """data.weights=[1,1] over 12 + 4 clips: half the stream from each folder (the big one read 2/3x,
     the small one 2x per epoch), the same losses when resumed, and the clips read per folder in the
     closing line (was: no mixing weights; data.shards only took every clip once per epoch)."""
@@ -1139,6 +1139,12 @@ def test_data_weights_mix_the_folders_deterministically_and_the_closing_line_sho
     out = capsys.readouterr().out
     assert "data mix: " in out and "(4 clips, each read 2x per epoch)" in out
     assert f"clips read by this run: {latents} 50.0% (8), {small} 50.0% (8)" in out
+    from launch import runs
+    with monkeypatch.context() as m:  # a job stopped (a time limit: SIGTERM) after step 1 shows the mix too
+        m.setattr(runs.StopRequest, "requested", property(lambda self: True))
+        train(_cfg(latents, tmp_path / "stopped", steps=4, save_every=4, **mix))
+    out = capsys.readouterr().out
+    assert "stopped at step 1 of 4" in out and f"clips read by this run: {latents} " in out
     train(_cfg(latents, tmp_path / "part", steps=2, save_every=2, **mix))
     resumed = train(_cfg(latents, tmp_path / "part", steps=4, save_every=2, **mix), allow_change=("steps",))
     assert resumed["losses"] == full["losses"][2:]
