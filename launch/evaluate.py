@@ -74,7 +74,7 @@ from ldm.checkpoint import atomic_write_json, file_sha256, read_json
 from ldm.errors import MissingInput, UserError, check_min, checking
 from ldm.latent import Cond
 from ldm.metrics import (FVD_FRAMES, I3D_KINDS, LPIPS, VBENCH_NORMALIZE, Extractor, fid_accumulator, fvd_accumulator,
-                         load_i3d, load_inception, psnr, ssim_per_frame, temporal_flickering, vbench_aggregate)
+                         load_i3d, load_inception, reconstruction_scores, temporal_flickering, vbench_aggregate)
 from ldm.samplers import SamplingConfig
 
 # ------------------------------------------------------------------------------------------
@@ -192,13 +192,12 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
         y = ae.decode(latent, cond).clamp(-1, 1)
         t_enc, t_dec = t_enc + t1 - t0, t_dec + time.perf_counter() - t1
         x, y = x.float().cpu(), y.float().cpu()
-        scores["psnr"] += psnr(y, x).tolist()
-        per_frame = ssim_per_frame(y, x)  # (B, T)
-        frame_ssim.append(per_frame)
-        scores["ssim"] += per_frame.mean(1).tolist()
+        clip_scores = reconstruction_scores(x, y, lpips)
+        scores["psnr"] += clip_scores["psnr"].tolist()
+        frame_ssim.append(clip_scores["ssim_per_frame"])  # (B, T)
+        scores["ssim"] += clip_scores["ssim_per_frame"].mean(1).tolist()
         if lpips is not None:
-            where = next(lpips.parameters()).device
-            scores["lpips"] += lpips(y.to(where), x.to(where)).cpu().tolist()
+            scores["lpips"] += clip_scores["lpips"].tolist()
         if rfvd is not None:
             rfvd.update("real", x)
             rfvd.update("fake", y)

@@ -6,7 +6,8 @@ step -> (discriminator step) -> log -> sample grid -> checkpoint. One process, o
 
 Outputs under ``--output``::
 
-    log.jsonl                       one line per logged step (loss terms, lr, grad norm, clips/s, bucket)
+    log.jsonl                       one line per logged step (loss terms, lr, grad norm, clips/s, bucket),
+                                    one per validation (val.data: held-out PSNR / SSIM / LPIPS, `validate`)
     samples/step-00000100.png       originals (odd rows) vs reconstructions (even rows), a few frames
     checkpoints/step-00000100/      model.safetensors + config.json (loadable by load_pretrained),
                                     optimizer.safetensors + optimizer.json, [discriminator.*,
@@ -80,7 +81,7 @@ from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_bytes, atomic_write_json, dir_hash, load_tensors, read_json
 from ldm.errors import MissingInput, UserError, check_min, checking
 from ldm.latent import Cond
-from ldm.metrics import LPIPS
+from ldm.metrics import LPIPS, reconstruction_scores
 
 log = logging.getLogger("ldm.train_ae")
 
@@ -90,7 +91,16 @@ REQUIRED_FILES = ("model.safetensors", "config.json", "optimizer.safetensors", "
 # settings that may change when a run is resumed; every other TrainAEConfig key binds the run
 # folder (runs.check_binding). ``stage`` is checked against the checkpoint's (AETrainer._resume_stage).
 HARMLESS = ("output", "log_every", "save_every", "sample_every", "keep", "num_workers", "resume", "device",
-            "progress", "max_nonfinite", "latent_stats_clips", "stage", "profile")
+            "progress", "max_nonfinite", "latent_stats_clips", "stage", "profile", "val")
+
+
+@dataclass(frozen=True)
+class ValConfig:
+    """Held-out reconstruction metrics over training (``ldm train``'s ``val`` for the DiT's loss)."""
+
+    data: str = ""  # held-out videos (a folder or raw video shards, as --data); "" = no validation
+    every: int = 0  # steps between validations; 0 = at every checkpoint (save_every) and the last step
+    clips: int = 16  # its first clips (in list order), read once at frames x height x width
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,7 @@ class TrainAEConfig:
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
     progress: bool = True
     profile: runs.ProfileConfig = field(default_factory=runs.ProfileConfig)  # torch.profiler window -> OUTPUT/profile
+    val: ValConfig = field(default_factory=ValConfig)  # PSNR / SSIM (/ LPIPS) on held-out clips, in log.jsonl
 
     def __post_init__(self) -> None:
         if self.autoencoder is None and self.init is None:
@@ -162,7 +173,8 @@ class TrainAEConfig:
         check_min({name: getattr(self, name) for name in positive}, 1)
         check_min({"warmup": self.warmup, "num_workers": self.num_workers, "disc_start": self.disc_start,
                    "latent_stats_clips": self.latent_stats_clips, "profile.start": self.profile.start,
-                   "profile.steps": self.profile.steps}, 0)
+                   "profile.steps": self.profile.steps, "val.every": self.val.every}, 0)
+        check_min({"val.clips": self.val.clips}, 1)
         if self.keep < 2:
             raise ValueError(f"keep must be >= 2 (a corrupt newest checkpoint needs a fallback), got {self.keep}")
         if self.schedule not in runs.SCHEDULES:
@@ -428,6 +440,9 @@ class AETrainer:
         if cfg.lpips_vgg:
             lpips = LPIPS.from_files("vgg", cfg.lpips_vgg, cfg.lpips_heads)
         self.loss_fn = AELoss(cfg.loss_config(), self.ae.config.in_channels, lpips).to(self.device)
+        self.val_lpips = lpips.to(self.device).eval() if lpips is not None else None  # a validation metric too
+        self.val_clips: list[tuple[Tensor, str]] = []  # this rank's share of the held-out clips (`_read_val_clips`)
+        self.val_records: list[dict[str, Any]] = []
         with checking("--gan"):  # a family whose decoder has no weight for the adaptive GAN weight (Hi-VAE)
             self.last_layer = self.ae.last_layer() if self.loss_fn.discriminator is not None else None
         # image steps leave the temporal layers unused, and a model may declare parameters that some
@@ -685,6 +700,57 @@ class AETrainer:
                 break
         return clips, captions
 
+    def _read_val_clips(self) -> list[tuple[Tensor, str]]:
+        """This rank's share (round-robin) of the held-out clips: the first ``val.clips`` of
+        ``val.data`` with their captions, read once at ``frames x height x width`` so every
+        validation sees the same pixels; an unreadable one is skipped with a warning."""
+        cfg = self.cfg
+        items = list_items(cfg.val.data)[:cfg.val.clips]
+        dataset = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, fps=cfg.fps)
+        mine = []
+        for i in dist.shard_list(list(range(len(items))), self.env.rank, self.env.world_size):
+            try:
+                item = dataset[i]
+            except VideoError as e:
+                log.warning("val.data: skipping %s: %s", items[i].key, e)
+                continue
+            mine.append((item["video"], item["caption"]))
+        readable = dist.all_reduce_mean(torch.tensor([float(len(mine))], device=self.device)).item()
+        if readable == 0:
+            raise UserError(f"val.data {cfg.val.data}: none of its first {len(items)} clips is readable at "
+                            f"{cfg.frames}x{cfg.height}x{cfg.width} (frames x height x width; warnings above); "
+                            "give held-out videos that hold such clips")
+        return mine
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """PSNR / SSIM (/ LPIPS with ``--lpips-vgg``) of the held-out clips encoded and decoded as
+        ``ldm eval recon`` does (deterministic encode, fp32, ``ldm.metrics.reconstruction_scores``),
+        averaged over every clip of every rank (a clip whose PSNR is infinite, a perfect one, is
+        left out of the PSNR mean, as in ``eval recon``)."""
+        self.ae.eval()
+        sums = torch.zeros(5, dtype=torch.float64)  # finite PSNR sum, finite PSNR clips, SSIM sum, LPIPS sum, clips
+        for i in range(0, len(self.val_clips), self.cfg.batch_size):
+            chunk = self.val_clips[i:i + self.cfg.batch_size]
+            video = torch.stack([v for v, _ in chunk]).to(self.device)  # (B, C, T, H, W)
+            cond = self._text_cond([c for _, c in chunk])
+            scores = reconstruction_scores(video, self.ae.decode(self.ae.encode(video, cond), cond).clamp(-1, 1),
+                                           self.val_lpips)
+            finite = torch.isfinite(scores["psnr"])
+            lpips = scores["lpips"].double().sum() if "lpips" in scores else 0.0
+            sums += torch.tensor([scores["psnr"][finite].sum().item(), finite.sum().item(),
+                                  scores["ssim_per_frame"].mean(1).sum().item(), float(lpips), len(chunk)],
+                                 dtype=torch.float64)
+        self.ae.train()
+        psnr_sum, psnr_n, ssim_sum, lpips_sum, n = (dist.all_reduce_mean(sums.to(self.device))
+                                                    * self.env.world_size).tolist()
+        record: dict[str, Any] = {"step": self.step, "val_psnr": psnr_sum / psnr_n if psnr_n else math.inf,
+                                  "val_ssim": ssim_sum / n}
+        if self.val_lpips is not None:
+            record["val_lpips"] = lpips_sum / n
+        record["val_clips"] = round(n)
+        return record
+
     @torch.no_grad()
     def _write_samples(self, clips: list[Tensor], captions: list[str]) -> None:
         self.ae.eval()
@@ -698,6 +764,8 @@ class AETrainer:
         cfg = self.cfg
         runs.claim_folder(self.out)  # no second run into it while this one lives
         self.maybe_resume()
+        if cfg.val.data:
+            self.val_clips = self._read_val_clips()
         start_step = self.step
         log_path = self.out / "log.jsonl"
         sample_clips: list[Tensor] = []
@@ -755,6 +823,12 @@ class AETrainer:
                     if "loss" in record:
                         losses.append(record["loss"])
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if cfg.val.data and (self.step % (cfg.val.every or cfg.save_every) == 0 or self.step == cfg.steps) \
+                    and not self.stopping:
+                self.val_records.append(self.validate())
+                if self.main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(self.val_records[-1]) + "\n")
             if self.main and sample_clips and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
                 self._write_samples(sample_clips, sample_captions)
             if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.stopping:
@@ -802,6 +876,7 @@ class AETrainer:
             "clips_per_s": steps_done * cfg.batch_size * self.env.world_size / train_time if train_time > 0 else None,
             "skipped_clips": skipped, "latent_stats": {k: list(v) for k, v in stats.items()},
             "text_encoder": cfg.text_encoder, "image_ratio": cfg.image_ratio, "stage": self.ae.stage,
+            "val": self.val_records,
             "final": str(final), "log": str(log_path), "checkpoints": str(self.ckpt_root),
         }
         if self.main:
@@ -988,6 +1063,10 @@ def check_inputs(cfg: TrainAEConfig) -> None:
         with checking("--init"):  # --autoencoder NAME with --init: the folder must hold it
             check_saved_name(cfg.init, meta, cfg.autoencoder)
     list_items(cfg.data, cfg.captions)  # a missing --data or --captions file is one line here
+    if cfg.val.data:
+        with checking("val.data"):
+            if not list_items(cfg.val.data):
+                raise UserError(f"val.data {cfg.val.data}: no videos found; give a folder of held-out videos")
     with checking(f"--ae-config {' '.join(cfg.ae_config)}" if cfg.ae_config else None), torch.device("meta"):
         overrides = cfglib.apply_dotted({}, list(cfg.ae_config))
         if meta is not None:
@@ -1034,8 +1113,11 @@ def run(args: argparse.Namespace) -> int:
     if summary.get("stopped"):
         return runs.stopped_exit_code(summary)
     if env.rank == 0:
-        print(json.dumps({k: summary[k] for k in ("autoencoder", "steps", "first_loss", "last_loss",
-                                                  "steps_per_s", "clips_per_s", "final")}))
+        shown = {k: summary[k] for k in ("autoencoder", "steps", "first_loss", "last_loss", "steps_per_s",
+                                         "clips_per_s", "final")}
+        if summary["val"]:  # the last validation of this run
+            shown["val"] = summary["val"][-1]
+        print(json.dumps(shown))
         if summary["skipped_clips"]:
             print(f"skipped {len(summary['skipped_clips'])} unreadable clip(s); see {summary['log']} "
                   "and summary.json", file=sys.stderr)

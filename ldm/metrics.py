@@ -95,6 +95,19 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
     return ssim_per_frame(x, y, data_range).mean(1)
 
 
+def reconstruction_scores(x: Tensor, y: Tensor, lpips: "LPIPS | None" = None) -> dict[str, Tensor]:
+    """Per-clip scores of reconstructions ``y`` of clips ``x`` (``(B, C, T, H, W)`` in [-1, 1]), the
+    protocol of ``ldm eval recon`` and of ``ldm train-ae``'s validation: ``psnr`` (dB, over all
+    frames) and ``ssim_per_frame`` ``(B, T)`` in float64 on CPU, ``lpips`` ``(B,)`` (frames
+    averaged) when an LPIPS network is given (computed on its device)."""
+    x, y = x.float().cpu(), y.float().cpu()
+    scores = {"psnr": psnr(y, x), "ssim_per_frame": ssim_per_frame(y, x)}
+    if lpips is not None:
+        where = next(lpips.parameters()).device
+        scores["lpips"] = lpips(y.to(where), x.to(where)).cpu()
+    return scores
+
+
 # --------------------------------------------------------------------------------------------
 # Fréchet distance
 # --------------------------------------------------------------------------------------------

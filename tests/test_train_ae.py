@@ -169,6 +169,37 @@ def test_sigterm_stops_with_a_checkpoint_of_that_step_and_resumes_exactly(straig
     assert [(r["step"], r["loss"]) for r in _log(out)] == [(s, ref[s]) for s in (2, 4, 5, 6, 7)]
 
 
+def test_validation_on_held_out_clips_equals_eval_recon_and_may_be_added_on_resume(clips, tmp_path):
+    """``val.data``: PSNR / SSIM of the held-out clips at every checkpoint and the last step, as
+    lines of log.jsonl and the summary; at the last step they equal ``ldm eval recon`` of the
+    final model on those clips. Added on resume (harmless), the resumed run's numbers equal the
+    uninterrupted run's (was: no held-out metric during training)."""
+    from launch.evaluate import evaluate_reconstruction
+    from launch.train_ae import ValConfig, check_inputs
+
+    val = ValConfig(data=str(clips))
+    out = tmp_path / "with-val"
+    summary = train_autoencoder(_cfg(clips, out, steps=4, save_every=2, latent_stats_clips=0, val=val))
+    records = [r for r in _log(out) if "val_psnr" in r]
+    assert [r["step"] for r in records] == [2, 4] and summary["val"] == records
+    assert all(r["val_clips"] == 6 for r in records)  # the broken file is skipped
+    assert [r["step"] for r in _log(out) if "loss" in r] == [1, 2, 3, 4]
+    ref = evaluate_reconstruction(load_pretrained(out / "final"), str(clips), FRAMES, SIZE, SIZE)
+    assert records[-1]["val_psnr"] == pytest.approx(ref["psnr_db"]["mean"], abs=1e-6)
+    assert records[-1]["val_ssim"] == pytest.approx(ref["ssim"]["mean"], abs=1e-6)
+
+    later = tmp_path / "val-on-resume"
+    train_autoencoder(_cfg(clips, later, steps=4, save_every=2, latent_stats_clips=0))
+    assert not [r for r in _log(later) if "val_psnr" in r]
+    shutil.rmtree(later / "checkpoints" / "step-00000004")
+    resumed = train_autoencoder(_cfg(clips, later, steps=4, save_every=2, latent_stats_clips=0, val=val))
+    assert resumed["start_step"] == 2 and resumed["val"] == records[1:]
+    with pytest.raises(UserError, match="val.clips must be >= 1"):
+        _cfg(clips, out, val=ValConfig(data=str(clips), clips=0))
+    with pytest.raises(MissingInput, match="nowhere"):
+        check_inputs(_cfg(clips, tmp_path / "x", val=ValConfig(data=str(tmp_path / "nowhere"))))
+
+
 def test_lr_drop_schedule(clips, tmp_path):
     cfg = _cfg(clips, tmp_path, lr=1e-4, warmup=4, lr_drop=[(6, 1e-5), (8, 1e-6)])  # lists as from JSON
     assert cfg.lr_drop == ((6, 1e-5), (8, 1e-6))
@@ -438,10 +469,14 @@ def test_two_rank_ddp_run(clips, tmp_path):
            "-m", "launch.cli", "train-ae", "--autoencoder", "kl2d-f8c4-debug", "--data", str(clips),
            "--output", str(out), "--frames", str(FRAMES), "--height", str(SIZE), "--width", str(SIZE),
            "--batch-size", "1", "--lr", "2e-3", "--steps", "4", "--log-every", "1", "--save-every", "2",
-           "--num-workers", "0", "--gan", "--disc-start", "2", "--latent-stats-clips", "2", "--no-progress"]
+           "--num-workers", "0", "--gan", "--disc-start", "2", "--latent-stats-clips", "2", "--no-progress",
+           f"val.data={clips}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    log = _log(out)
+    val = [r for r in _log(out) if "val_psnr" in r]  # each rank validates its share, the means are of all 6
+    assert [(r["step"], r["val_clips"]) for r in val] == [(2, 6), (4, 6)]
+    assert json.loads(proc.stdout.splitlines()[-1])["val"] == val[-1]
+    log = [r for r in _log(out) if "loss" in r]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all("d_loss" in r for r in log[2:])
     assert log[0]["clips_per_s"] > 0
     trainer = json.loads((out / "checkpoints" / "step-00000004" / "trainer.json").read_text())
@@ -457,8 +492,9 @@ def test_two_rank_ddp_run(clips, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step-00000002")
-    assert [(r["step"], r["loss"], r["d_loss"] if "d_loss" in r else None) for r in _log(out)] == \
+    assert [(r["step"], r["loss"], r["d_loss"] if "d_loss" in r else None) for r in _log(out) if "loss" in r] == \
         [(r["step"], r["loss"], r["d_loss"] if "d_loss" in r else None) for r in log]
+    assert [r for r in _log(out) if "val_psnr" in r] == val
 
 
 _UNUSED_PARAM_SCRIPT = """
