@@ -147,7 +147,7 @@ class TrainAEConfig:
     log_every: int = 10
     save_every: int = 500
     sample_every: int = 500
-    keep: int = 3  # checkpoints kept (>= 2 so a corrupt newest one has a fallback)
+    keep: int = 3  # checkpoints kept, >= 1 as ldm train's keep_checkpoints (1: no fallback, see add_arguments)
     num_workers: int = 2
     seed: int = 0
     resume: str = "auto"  # auto | no | a checkpoint folder
@@ -174,9 +174,7 @@ class TrainAEConfig:
         check_min({"warmup": self.warmup, "num_workers": self.num_workers, "disc_start": self.disc_start,
                    "latent_stats_clips": self.latent_stats_clips, "profile.start": self.profile.start,
                    "profile.steps": self.profile.steps, "val.every": self.val.every}, 0)
-        check_min({"val.clips": self.val.clips}, 1)
-        if self.keep < 2:
-            raise ValueError(f"keep must be >= 2 (a corrupt newest checkpoint needs a fallback), got {self.keep}")
+        check_min({"val.clips": self.val.clips, "keep": self.keep}, 1)
         if self.schedule not in runs.SCHEDULES:
             raise ValueError(f"schedule must be one of {runs.SCHEDULES}, got {self.schedule!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -1002,7 +1000,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--log-every", type=int)
     a("--save-every", type=int)
     a("--sample-every", type=int)
-    a("--keep", type=int, help="checkpoints to keep (>= 2)")
+    # the older checkpoints go only once the new one is sealed (launch.runs.commit), so 1 is safe against a kill
+    # or a full disk while writing; more guard against a sealed one damaged later (a crash before the page cache
+    # reached the disk, a disk error): resume then falls back to the one before
+    a("--keep", type=int, help="checkpoints to keep (default 3; >= 1, as ldm train's keep_checkpoints: with 1 a "
+                               "checkpoint damaged after it was written has no fallback)")
     a("--num-workers", type=int)
     a("--seed", type=int)
     a("--resume", help="auto (default): newest valid checkpoint under OUTPUT/checkpoints; no: start from step 0 (an "

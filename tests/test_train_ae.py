@@ -333,13 +333,24 @@ def test_bad_settings_fail_before_work(clips, tmp_path):
         train_autoencoder(_cfg(clips, tmp_path / "a", autoencoder="causal3d-f4x8c4-debug", frames=4))
     with pytest.raises(ValueError, match="unknown autoencoder"):
         _cfg(clips, tmp_path / "b", autoencoder="nope")
-    with pytest.raises(ValueError, match="keep must be >= 2"):
-        _cfg(clips, tmp_path / "c", keep=1)
+    with pytest.raises(ValueError, match="keep must be >= 1"):  # as ldm train's keep_checkpoints
+        _cfg(clips, tmp_path / "c", keep=0)
     with pytest.raises(ValueError, match="both --lpips-vgg"):
         _cfg(clips, tmp_path / "d", lpips_vgg="vgg.pth")
     with pytest.raises(ValueError, match="cannot fill a batch"):
         train_autoencoder(_cfg(clips, tmp_path / "e", batch_size=8))
     assert not (tmp_path / "a").exists() and not (tmp_path / "e").exists()
+
+
+def test_keep_one_checkpoint_as_ldm_train_allows(clips, tmp_path):
+    """``--keep 1`` (ldm train's keep_checkpoints may be 1) keeps only the newest checkpoint, which
+    the run resumes from (was: refused, keep must be >= 2)."""
+    out = tmp_path / "r"
+    train_autoencoder(_cfg(clips, out, steps=3, save_every=1, keep=1, latent_stats_clips=0))
+    assert [p.name for p in runs.checkpoints(out / "checkpoints")] == ["step-00000003"]
+    resumed = train_autoencoder(_cfg(clips, out, steps=4, save_every=1, keep=1, latent_stats_clips=0),
+                                allow_change=("steps",))
+    assert resumed["start_step"] == 3 and [p.name for p in runs.checkpoints(out / "checkpoints")] == ["step-00000004"]
 
 
 def test_captions_file_gives_the_trainer_its_captions(clips, tmp_path):
