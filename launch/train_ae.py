@@ -42,7 +42,9 @@ size drawn by ``(seed, step)`` and weight its GAN terms by the bucket's ``disc_w
 Checkpoints are written, verified and rotated by ``launch.runs`` (shared with ``ldm train``): a
 half-written or corrupt checkpoint is skipped (with its reason) in favour of the previous one.
 Resuming restores weights, optimizer moments, every RNG stream and each rank's data position: on
-CPU with a fixed seed the loss sequence equals that of an uninterrupted run.
+CPU with a fixed seed the loss sequence equals that of an uninterrupted run. On another number of
+ranks it needs the same global batch (``--batch-size`` x ranks) or an allowed ``batch_size``
+change, and goes on from the clips every rank had read (``carried_position``).
 """
 from __future__ import annotations
 
@@ -245,6 +247,16 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, wor
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     mine = dist.shard_list(torch.randperm(n, generator=g).tolist(), rank, world)
     return [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
+
+
+def carried_position(positions: list[tuple[int, int]], old_global: int, new_global: int) -> tuple[int, int]:
+    """The ``(epoch, batch)`` every rank of another topology resumes from, given each saved rank's
+    ``(epoch, next batch)`` and the global batches (clips per step over all ranks) before and now.
+    Ranks split an epoch's permutation round-robin (`epoch_batches`), so ``b`` batches on every
+    rank are its first ``b x old_global`` clips: the new ranks start at the batch that holds the
+    next one (the least advanced rank counts; a clip may be read twice, none is passed over)."""
+    epoch, batch = min(positions)
+    return epoch, batch * old_global // new_global
 
 
 Shape = tuple[int, int, int]  # (frames, height, width) of a batch's clips
@@ -542,15 +554,31 @@ class AETrainer:
                                      read_json(path / "disc_optimizer.json"))
             else:
                 log.warning("%s has no discriminator: the GAN starts from a fresh one", path)
-        mine = trainer["ranks"][self.env.rank]
-        rng = load_tensors(path / "rng.safetensors")
-        prefix = f"rank{self.env.rank}."
-        runs.set_rng_state(self.generator, {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)},
-                       mine["rng"])
         self.step = trainer["step"]
-        self.pos = (mine["data"]["epoch"], mine["data"]["batch"])
-        self.skipped = dict(mine["skipped"])
+        ranks, rank = trainer["ranks"], self.env.rank
+        saved = ranks[rank % len(ranks)]
+        rng = load_tensors(path / "rng.safetensors")
+        prefix = f"rank{saved['rank']}."
+        runs.set_rng_state(self.generator, {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)},
+                           saved["rng"])
+        old_global = trainer["settings"]["batch_size"] * len(ranks)
+        if (len(ranks), old_global) == (self.env.world_size, self.cfg.batch_size * self.env.world_size):
+            self.pos = (saved["data"]["epoch"], saved["data"]["batch"])  # exact: the same ranks go on
+            self.skipped = dict(saved["skipped"])
+            self.resumed_from = str(path)
+            return
+        # another topology (allowed by _find_resume): every rank goes on from the clips all ranks had read
+        self.pos = carried_position([(r["data"]["epoch"], r["data"]["batch"]) for r in ranks], old_global,
+                                    self.cfg.batch_size * self.env.world_size)
+        if rank >= len(ranks):  # a rank the checkpoint did not have: posterior noise of its own
+            self.generator.manual_seed((self.cfg.seed * 1_000_003 + rank) * 1_000_003 + self.step)
+        self.skipped = {k: v for r in ranks for k, v in r["skipped"].items()}
         self.resumed_from = str(path)
+        if self.main:
+            log.warning("%s was written by %d rank(s) x batch %d, this run has %d x %d: the epoch goes on from its "
+                        "clip %d (the loss sequence is not that of an uninterrupted run)", path, len(ranks),
+                        old_global // len(ranks), self.env.world_size, self.cfg.batch_size,
+                        self.pos[1] * self.cfg.batch_size * self.env.world_size)
 
     def _find_resume(self) -> Path | None:
         """The checkpoint this run resumes from (``--resume``), None to start fresh."""
@@ -573,11 +601,16 @@ class AETrainer:
             reason = runs.verify_checkpoint(path, REQUIRED_FILES) if path.is_dir() else "not a folder"
             if reason is not None:
                 raise UserError(f"--resume {path}: {reason}")
-        written_by = read_json(path / "trainer.json").get("world_size")
-        if written_by != self.env.world_size:  # before the model is built; each rank's data position and RNG are in it
-            raise UserError(f"{path} was written by {written_by} rank(s), this run has {self.env.world_size}: "
-                            f"resume it with {written_by} process(es) (a train-ae checkpoint holds each rank's "
-                            "data position and random state), or give a new --output")
+        trainer = read_json(path / "trainer.json")
+        ranks, batch = trainer["world_size"], trainer["settings"]["batch_size"]
+        world = self.env.world_size
+        if ranks != world and batch == self.cfg.batch_size:  # before the model is built
+            keep = (f"--batch-size {ranks * batch // world} --allow-change batch_size to keep its global batch, or "
+                    if ranks * batch % world == 0 else "")
+            raise UserError(f"{path} was written by {ranks} rank(s) x --batch-size {batch} (a global batch of "
+                            f"{ranks * batch} clips), this run has {world}: resume it with {keep}another "
+                            "--batch-size N --allow-change batch_size for another global batch (the LR is not "
+                            f"rescaled), or with {ranks} process(es)")
         return path
 
     def _resume_stage(self) -> int | None:

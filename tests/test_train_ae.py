@@ -506,6 +506,19 @@ def test_two_rank_ddp_run(clips, tmp_path):
     assert [(r["step"], r["loss"], r["d_loss"] if "d_loss" in r else None) for r in _log(out) if "loss" in r] == \
         [(r["step"], r["loss"], r["d_loss"] if "d_loss" in r else None) for r in log]
     assert [r for r in _log(out) if "val_psnr" in r] == val
+    # on one rank: the same per-rank batch would halve the global batch, refused with what to give;
+    # --batch-size 2 keeps it and the run goes on from step 4 (was: refused, resume with 2 processes)
+    from launch.cli import main
+    one = cmd[cmd.index("train-ae"):]
+    with pytest.raises(UserError, match=r"written by 2 rank\(s\) x --batch-size 1 .* this run has 1: resume it "
+                                        r"with --batch-size 2 --allow-change batch_size to keep its global batch"):
+        main(one + ["--steps", "6", "--allow-change", "steps"])
+    assert main(one + ["--steps", "6", "--batch-size", "2", "--allow-change", "steps,batch_size"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-00000004") and summary["world_size"] == 1
+    assert list(summary["skipped_clips"]) == ["broken"]  # what every rank had skipped
+    assert [r["step"] for r in _log(out) if "loss" in r] == list(range(1, 7))
+    assert json.loads((out / "checkpoints" / "step-00000006" / "trainer.json").read_text())["world_size"] == 1
 
 
 _UNUSED_PARAM_SCRIPT = """
@@ -585,15 +598,35 @@ def test_profile_window(clips, tmp_path):
 
 
 def test_resume_on_another_rank_count_is_one_line_before_the_model(clips, tmp_path, monkeypatch):
-    """A train-ae checkpoint holds each rank's data position and random state: resumed by another
-    number of ranks it is a `UserError` saying how many, before any model is built (was: a
-    ValueError traceback from the checkpoint loader, after the model was on the device)."""
+    """Resumed by another number of ranks with the same per-rank batch (so another global batch),
+    a train-ae checkpoint is a `UserError` naming the batch that keeps the global batch, before any
+    model is built (was: a ValueError traceback from the checkpoint loader, after the model was on
+    the device)."""
     import launch.train_ae as train_ae
     out = tmp_path / "run"
     train_autoencoder(_cfg(clips, out, steps=3))
     monkeypatch.setattr(train_ae, "_build_model", lambda *a: pytest.fail("model built"))
-    with pytest.raises(UserError, match=r"written by 1 rank\(s\), this run has 2: resume it with 1 process"):
+    with pytest.raises(UserError, match=r"written by 1 rank\(s\) x --batch-size 2 \(a global batch of 2 "
+                                        r"clips\), this run has 2: resume it with --batch-size 1 --allow-change"):
         train_ae.AETrainer(_cfg(clips, out, steps=6), dist.DistEnv(0, 2, 0, "torchrun"))
+    with pytest.raises(UserError, match=r"this run has 3: resume it with another --batch-size N .* or with 1 process"):
+        train_ae.AETrainer(_cfg(clips, out, steps=6), dist.DistEnv(0, 3, 0, "torchrun"))
+
+
+def test_carried_position_reads_on_from_the_clips_every_rank_read():
+    """Resumed on another topology, the new ranks read on from the first clip of the epoch that the
+    saved ranks had not all read: none is passed over, fewer than one new global batch is read twice."""
+    from launch.train_ae import carried_position, epoch_batches
+
+    n, seed = 24, 3
+    for (old_batch, old_world, done), (batch, world) in [((1, 2, 3), (2, 1)), ((2, 1, 3), (1, 2)),
+                                                         ((1, 3, 3), (1, 2)), ((2, 2, 2), (1, 3))]:
+        read = [i for r in range(old_world)
+                for b in epoch_batches(n, old_batch, 1, seed, r, old_world)[:done] for i in b]
+        epoch, start = carried_position([(1, done)] * old_world, old_batch * old_world, batch * world)
+        rest = [i for r in range(world) for b in epoch_batches(n, batch, epoch, seed, r, world)[start:] for i in b]
+        assert epoch == 1 and set(read) | set(rest) == set(range(n))
+        assert len(read) + len(rest) - n < batch * world
 
 
 def test_a_full_disk_while_final_is_written_is_one_line_and_a_rerun_writes_it(clips, tmp_path, monkeypatch):
