@@ -22,6 +22,11 @@ guidance are included), ``sample_flops`` (``steps x forward x (2 with --cfg) + d
 An autoencoder that does not take ``--frames`` is costed at the nearest clip length it takes, as
 ``ldm list`` does (``input`` holds it, ``frames_note`` says why; ``@Nf`` in the table); one that
 cannot take the size at all gets a row with ``error`` and null costs.
+
+``--recon VIDEOS`` puts quality beside the cost: each saved autoencoder (a folder: its weights
+are loaded) is measured as ``ldm eval recon`` measures it on the first ``--recon-clips`` of VIDEOS
+at the row's own clip (``input``), adding ``psnr_db``, ``ssim`` (means) and ``recon_clips``; a row
+without them (a registered name has random weights) says why in ``recon_error``.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_bytes
 from ldm.cost import (FLOP_CONVENTION, count_flops, dit_forward_flops_analytic, fake_mode, prime_optimizer,
                       train_step_memory)
+from data.sources import list_items
 from ldm.errors import MissingInput, UserError, check_min, checking
 from launch.list_models import nearest
 from ldm.latent import Cond, LatentSpec, part_tokens, parts_text
@@ -73,13 +79,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", help="also write the rows to this CSV file")
     p.add_argument("--plot", help="also write a PNG of FLOPs and memory vs compression rate")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --csv / --plot file")
+    p.add_argument("--recon", metavar="VIDEOS",
+                   help="also measure each saved autoencoder's reconstruction (PSNR / SSIM, as `ldm eval recon`) on "
+                        "these held-out videos at its row's clip size (loads its weights; registered names have "
+                        "random weights and get none)")
+    p.add_argument("--recon-clips", type=int, default=8, help="with --recon: its first N clips (default: 8)")
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     """The autoencoder names and DiT overrides of an ``ldm cost`` command, checked before any
     work (`UserError` naming the flag otherwise)."""
     check_min({"--frames": args.frames, "--height": args.height, "--width": args.width,
-               "--batch-size": args.batch_size, "--steps": args.steps, "--text-dim": args.text_dim}, 1)
+               "--batch-size": args.batch_size, "--steps": args.steps, "--text-dim": args.text_dim,
+               "--recon-clips": args.recon_clips}, 1)
     check_min({"--text-tokens": args.text_tokens}, 0)
     names = (sorted(autoencoders.REGISTRY) if args.all
              else [n.strip() for n in args.autoencoders.split(",") if n.strip()])
@@ -97,6 +109,13 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     if len(refused) == len(names):
         raise UserError(f"--frames {args.frames} --height {args.height} --width {args.width}: no autoencoder asked "
                         f"for takes this size ({refused[0]}{'; ...' if len(refused) > 1 else ''})")
+    if args.recon is not None:
+        if all(name in autoencoders.REGISTRY for name in names):
+            raise UserError("--recon measures saved autoencoders (folders such as a train-ae RUN/final); registered "
+                            "names have random weights: give --autoencoders FOLDER[,...]")
+        with checking("--recon"):
+            if not list_items(args.recon):
+                raise UserError(f"--recon {args.recon}: no videos found")
     with checking("--dit-config"):
         overrides = cfglib.apply_dotted({}, args.dit_config)
         cfglib.replace(dit.REGISTRY[args.dit], **overrides)
@@ -116,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     rows = cost_table(names, args.frames, args.height, args.width, args.dit, batch_size=args.batch_size,
                       steps=args.steps, cfg=args.cfg, dit_overrides=overrides, text_tokens=args.text_tokens,
                       text_dim=args.text_dim, measure=args.measure)
+    if args.recon:
+        add_reconstruction(rows, args.recon, args.recon_clips)
     if args.csv:
         write_csv(rows, args.csv)
     if args.plot:
@@ -124,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(rows, args))
-        print(f"({len(rows)} autoencoders in {time.perf_counter() - t0:.1f}s; {FLOP_CONVENTION})")
+        recon = (f"; PSNR / SSIM: first {args.recon_clips} clips of {args.recon} at each row's clip, as `ldm eval "
+                 "recon`" if args.recon else "")
+        print(f"({len(rows)} autoencoders in {time.perf_counter() - t0:.1f}s; {FLOP_CONVENTION}{recon})")
     return 0
 
 
@@ -291,6 +314,32 @@ def cost_table(names: list[str], frames: int, height: int, width: int, dit_name:
     return rows
 
 
+def add_reconstruction(rows: list[dict[str, Any]], videos: str, clips: int) -> None:
+    """Each row of a saved autoencoder gains ``psnr_db`` / ``ssim`` (means over ``recon_clips``)
+    on the first ``clips`` of ``videos`` at the row's clip (``input``), measured by ``ldm eval
+    recon``'s `evaluate_reconstruction` (on CUDA when there is one); any other row gets
+    ``recon_error``: why it has none."""
+    from launch.evaluate import evaluate_reconstruction
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for row in rows:
+        name = row["autoencoder"]
+        if row.get("error"):
+            continue
+        if name in autoencoders.REGISTRY:
+            row["recon_error"] = "a registered name has random weights: give its trained folder (e.g. RUN/final)"
+            continue
+        ae = autoencoders.load_pretrained(name)
+        if ae.text_dim:
+            row["recon_error"] = "text-guided: measure it with `ldm eval recon --text-encoder SPEC`"
+            continue
+        result = evaluate_reconstruction(ae, videos, *row["input"], num=clips, device=device)
+        row.update(psnr_db=result["psnr_db"]["mean"], ssim=result["ssim"]["mean"], recon_clips=result["clips"])
+        del ae
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 # ------------------------------------------------------------------------------------------
 # output
 # ------------------------------------------------------------------------------------------
@@ -300,15 +349,23 @@ def _shape(r: dict[str, Any]) -> str:
 
 
 def _num(x: float | None, scale: float, fmt: str) -> str:
-    return "-" if x is None else format(x / scale, fmt)
+    """``x / scale`` in ``fmt`` ("-" for None, in its width); below 1, three significant digits, so
+    small models keep their differences (0.0119 and 0.00531, not 0.0 and 0.0)."""
+    width = int(fmt.split(".")[0] or 0)
+    if x is None:
+        return "-".rjust(width)
+    v = x / scale
+    return f"{v:.3g}".rjust(width) if 0 < abs(v) < 1 else format(v, fmt)
 
 
 def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = None) -> str:
     """A fixed-width table (FLOPs in GFLOP/TFLOP, memory in GiB)."""
     name_w = max(26, *(len(r["autoencoder"]) for r in rows)) if rows else 26
     shape_w = max(24, *(len(_shape(r)) for r in rows)) if rows else 24  # Hi-VAE: 3 parts
+    recon = any("psnr_db" in r or "recon_error" in r for r in rows)
     head = (f"{'autoencoder':{name_w}s} {'latent':{shape_w}s} {'rate':>8s} {'factor':>7s} {'vcpr':>5s} {'tokens':>7s} "
-            f"{'fwd GF':>9s} {'train GF':>9s} {'mem GiB':>8s} {'dec GF':>9s} {'sample TF':>10s}")
+            f"{'fwd GF':>9s} {'train GF':>9s} {'mem GiB':>8s} {'dec GF':>9s} {'sample TF':>10s}"
+            + (f" {'PSNR dB':>8s} {'SSIM':>6s}" if recon else ""))
     lines = [head]
     for r in rows:
         if r.get("error"):
@@ -320,13 +377,15 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = N
                      f"{r['compression_factor']:7.1f} {vcpr:>5s} {r['tokens']:7d} "
                      f"{_num(r['dit_forward_flops'], 1e9, '9.1f')} {_num(r['dit_train_step_flops'], 1e9, '9.1f')} "
                      f"{_num(r['dit_train_peak_memory_bytes'], 2 ** 30, '8.2f')} "
-                     f"{_num(r['ae_decode_flops'], 1e9, '9.1f')} {_num(r['sample_flops'], 1e12, '10.2f')}")
-    unmeasured: dict[str, list[str]] = {}  # why a decode cost is "-", once per reason
-    for r in rows:
-        if r.get("ae_decode_error"):
-            unmeasured.setdefault(r["ae_decode_error"], []).append(r["autoencoder"])
-    for reason, names in unmeasured.items():
-        lines.append(f"dec GF / sample TF '-' for {', '.join(names)}: {reason}")
+                     f"{_num(r['ae_decode_flops'], 1e9, '9.1f')} {_num(r['sample_flops'], 1e12, '10.2f')}"
+                     + (f" {_num(r.get('psnr_db'), 1, '8.2f')} {_num(r.get('ssim'), 1, '6.3f')}" if recon else ""))
+    for key, what in (("ae_decode_error", "dec GF / sample TF"), ("recon_error", "PSNR / SSIM")):
+        unmeasured: dict[str, list[str]] = {}  # why a number is "-", once per reason
+        for r in rows:
+            if r.get(key):
+                unmeasured.setdefault(r[key], []).append(r["autoencoder"])
+        for reason, names in unmeasured.items():
+            lines.append(f"{what} '-' for {', '.join(names)}: {reason}")
     for note in dict.fromkeys(r["frames_note"] for r in rows if r.get("frames_note")):  # once per distinct reason
         lines.append(f"@{note}")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from launch import list_models
 from launch.cost import KEYS, cost_table, format_table, markdown_table
 from ldm.cost import (CATEGORIES, adam_model_state_bytes, count_flops, dit_forward_flops_analytic, dit_trunk_flops,
                       fake_mode, prime_optimizer, train_step_memory)
+from ldm.errors import UserError
 from ldm.latent import Cond
 
 
@@ -314,3 +315,35 @@ def test_replayed_diffusion_decoder_count_equals_the_full_run():
                 _, count = count_flops(lambda: ae.decode(latent, Cond()), repeats_of=ae if memo else None)
         totals.append(count.total)
     assert totals[0] == totals[1] > 0
+
+
+def test_cost_recon_puts_eval_recon_quality_beside_the_cost_at_each_rows_clip(tmp_path, capsys):
+    """``--recon VIDEOS``: a saved autoencoder's row gains PSNR / SSIM equal to ``ldm eval recon``'s
+    at the row's clip; a registered name (random weights) says why it has none; small costs keep
+    three significant digits (was: no quality in `ldm cost`, and 0.0 for every debug-sized cost)."""
+    import autoencoders
+    from data.video import write_video
+    from launch.evaluate import evaluate_reconstruction
+
+    torch.manual_seed(0)
+    autoencoders.build("kl2d-f8c4-debug").save_pretrained(tmp_path / "ae", name="kl2d-f8c4-debug")
+    for i in range(3):
+        write_video(tmp_path / "videos" / f"{i}.mp4", torch.rand(3, 9, 32, 32) * 2 - 1, fps=8)
+    args = ["cost", "--autoencoders", f"{tmp_path / 'ae'},causal3d-f4x8c4-debug", "--frames", "9", "--height", "32",
+            "--width", "32", "--dit", "dit-debug", "--recon", str(tmp_path / "videos"), "--recon-clips", "2"]
+    ldm(args + ["--json"])
+    saved, named = json.loads(capsys.readouterr().out)
+    ref = evaluate_reconstruction(autoencoders.load_pretrained(tmp_path / "ae"), str(tmp_path / "videos"), 9, 32, 32,
+                                  num=2)
+    assert saved["recon_clips"] == 2 and saved["psnr_db"] == ref["psnr_db"]["mean"]
+    assert saved["ssim"] == ref["ssim"]["mean"]
+    assert "psnr_db" not in named and "random weights" in named["recon_error"]
+    ldm(args)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-3:] == ["PSNR", "dB", "SSIM"]
+    assert lines[1].split()[-2:] == [f"{saved['psnr_db']:.2f}", f"{saved['ssim']:.3g}"]
+    assert lines[1].split()[6] == f"{saved['dit_forward_flops'] / 1e9:.3g}" != "0.0"
+    assert lines[2].split()[-2:] == ["-", "-"] and lines[3].startswith("PSNR / SSIM '-' for causal3d-f4x8c4-debug")
+    with pytest.raises(UserError, match="--recon measures saved autoencoders"):
+        ldm(["cost", "--autoencoders", "kl2d-f8c4-debug", "--frames", "9", "--height", "32", "--width", "32",
+             "--recon", str(tmp_path / "videos")])
