@@ -369,11 +369,21 @@ def _f(x: float | None, fmt: str, scale: float = 1.0) -> str:
     return "-" if x is None else format(x / scale, fmt)
 
 
+def _eval_note(report: dict[str, Any]) -> str:
+    """Which clips the quality columns come from, and whether they are held out (without
+    ``--eval-input``, plain videos are evaluated on the training clips themselves)."""
+    data = report["data"]
+    clips = next((r["recon"]["clips"] for r in report["rows"]), 0)
+    held_out = Path(data["eval"]).resolve() != Path(data["train"]).resolve()
+    where = "held out" if held_out else "the training videos, NOT held out: give --eval-input HELD_OUT"
+    return f"Reconstruction (PSNR, SSIM, LPIPS, rFVD) and FVD's reference: {clips} clips of {data['eval']} ({where})."
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = ["# `ldm compare`", "",
              f"Clips {s['frames']}x{s['height']}x{s['width']}; the same DiT config and steps for every autoencoder; "
-             f"device {report['machine']['device']}.", "",
+             f"device {report['machine']['device']}.", _eval_note(report), "",
              "| autoencoder | compression rate | tokens | train step (s) | train peak GiB measured / est. | "
              "DiT fwd GFLOPs | train step GFLOPs | sample s/video | decode GFLOPs | PSNR dB | SSIM | LPIPS | rFVD | "
              "attributes all / color / shape / direction | FVD |",

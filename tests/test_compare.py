@@ -43,6 +43,7 @@ def test_compare_one_autoencoder(tmp_path, capsys):
     assert ref["dit_forward_flops"] == c["dit_forward_flops"] and ref["sample_flops"] == c["sample_flops"]
     md = (out / "compare.md").read_text()
     assert "| kl2d-f8c4-debug (random weights) |" in md and "random weights" in md
+    assert f"2 clips of {out / 'data' / 'eval'} (held out)" in md
     assert (out / "cost.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "kl2d-f8c4-debug" / "recon_grid.png").exists()
     assert "compare finished" in capsys.readouterr().out
@@ -82,6 +83,9 @@ def test_compare_saved_folders_on_plain_videos(tmp_path):
     assert not mine["random_weights"] and mine["checkpoint"] == str(tmp_path / "mine")
     assert "attributes" not in mine and mine["sample_s_per_video"] > 0 and mine["recon"]["clips"] == 2
     assert (out / "mine" / "latents" / "manifest.json").is_file() and (out / "run7" / "dit").is_dir()
+    # the quality columns come from the training clips here: the report says so (was: not a word)
+    assert f"2 clips of {tmp_path / 'videos'} (the training videos, NOT held out: give --eval-input" in \
+        (out / "compare.md").read_text()
 
 
 @pytest.mark.slow
