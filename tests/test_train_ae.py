@@ -194,6 +194,13 @@ def test_validation_on_held_out_clips_equals_eval_recon_and_may_be_added_on_resu
     shutil.rmtree(later / "checkpoints" / "step-00000004")
     resumed = train_autoencoder(_cfg(clips, later, steps=4, save_every=2, latent_stats_clips=0, val=val))
     assert resumed["start_step"] == 2 and resumed["val"] == records[1:]
+    # with an LPIPS network (--lpips-vgg; here a random AlexNet one) its mean is logged too, as eval recon's
+    from launch.train_ae import AETrainer
+    trainer = AETrainer(_cfg(clips, tmp_path / "lpips", val=ValConfig(data=str(clips), clips=3)), dist.dist_env())
+    trainer.val_lpips, trainer.val_clips = LPIPS("alex"), trainer._read_val_clips()
+    record = trainer.validate()
+    ref = evaluate_reconstruction(trainer.ae, str(clips), FRAMES, SIZE, SIZE, num=3, lpips=trainer.val_lpips)
+    assert record["val_clips"] == 2 and record["val_lpips"] == pytest.approx(ref["lpips"]["mean"], abs=1e-6)
     with pytest.raises(UserError, match="val.clips must be >= 1"):
         _cfg(clips, out, val=ValConfig(data=str(clips), clips=0))
     with pytest.raises(MissingInput, match="nowhere"):
