@@ -184,6 +184,8 @@ def config_of(ref: str) -> tuple[type[Autoencoder], Any]:
         raise ValueError(f"{ref}: external weights bring their config; save the model with save_pretrained (or "
                          "`ldm convert` it) to cost it")
     if not _saved_folder(ref):
+        if Path(ref).is_dir():
+            saved_config(ref)  # says what the folder is instead (a train-ae run folder: its final/, ...)
         raise _unknown(ref)
     meta = read_json(Path(ref) / "config.json")
     family = meta.get("family")

@@ -253,6 +253,19 @@ def test_cost_reads_a_saved_model_folder(tmp_path):
     assert {k: row[k] for k in KEYS if k != "autoencoder"} == {k: ref[k] for k in KEYS if k != "autoencoder"}
 
 
+def test_cost_and_compare_name_a_train_ae_run_folders_final(tmp_path):
+    """A train-ae run folder given for its model: one line naming its final/, as eval recon says it
+    (was: "unknown autoencoder ...: nor a saved model folder")."""
+    import autoencoders
+
+    autoencoders.build("kl2d-f8c4-debug").save_pretrained(tmp_path / "run" / "final", name="kl2d-f8c4-debug")
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"is a `ldm train-ae` run folder; give its final/ folder: .*run/final"):
+        ldm(["cost", "--autoencoders", run, "--frames", "9", "--height", "32", "--width", "32"])
+    with pytest.raises(UserError, match=r"is a `ldm train-ae` run folder; give its final/ folder"):
+        ldm(["compare", "--autoencoders", run, "--synth", "4", "--output", str(tmp_path / "cmp")])
+
+
 def test_cost_at_65x512x512_allocates_nothing():
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.process_time()
