@@ -1099,9 +1099,12 @@ def check_inputs(cfg: TrainAEConfig) -> None:
             check_saved_name(cfg.init, meta, cfg.autoencoder)
     list_items(cfg.data, cfg.captions)  # a missing --data or --captions file is one line here
     if cfg.val.data:
-        with checking("val.data"):
-            if not list_items(cfg.val.data):
-                raise UserError(f"val.data {cfg.val.data}: no videos found; give a folder of held-out videos")
+        try:
+            held_out = list_items(cfg.val.data)
+        except UserError as e:  # say which setting: --data's message reads the same
+            raise type(e)(f"val.data: {e}") from None
+        if not held_out:
+            raise UserError(f"val.data {cfg.val.data}: no videos found; give a folder of held-out videos")
     with checking(f"--ae-config {' '.join(cfg.ae_config)}" if cfg.ae_config else None), torch.device("meta"):
         overrides = cfglib.apply_dotted({}, list(cfg.ae_config))
         if meta is not None:

@@ -203,7 +203,7 @@ def test_validation_on_held_out_clips_equals_eval_recon_and_may_be_added_on_resu
     assert record["val_clips"] == 2 and record["val_lpips"] == pytest.approx(ref["lpips"]["mean"], abs=1e-6)
     with pytest.raises(UserError, match="val.clips must be >= 1"):
         _cfg(clips, out, val=ValConfig(data=str(clips), clips=0))
-    with pytest.raises(MissingInput, match="nowhere"):
+    with pytest.raises(MissingInput, match="val.data: .*nowhere"):
         check_inputs(_cfg(clips, tmp_path / "x", val=ValConfig(data=str(tmp_path / "nowhere"))))
 
 
