@@ -978,7 +978,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved settings (YAML) and exit; reads and writes nothing")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides (YAML values), e.g. steps=2000 lr_drop=[[70000,1e-5]]")
+                        help="config overrides (YAML values), e.g. steps=2000 lr_drop=[[70000,1e-5]]; "
+                             "val.data=HELD_OUT_VIDEOS [val.every=N val.clips=16]: held-out PSNR / SSIM in log.jsonl")
     parser.add_argument(runs.ALLOW_FLAG, dest="allow_change", action="append", metavar="KEY[,KEY]",
                         help=runs.ALLOW_HELP)
     a("--autoencoder", choices=sorted(REGISTRY), help="registered autoencoder to train")
