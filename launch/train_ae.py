@@ -1106,6 +1106,8 @@ def check_inputs(cfg: TrainAEConfig) -> None:
             raise type(e)(f"val.data: {e}") from None
         if not held_out:
             raise UserError(f"val.data {cfg.val.data}: no videos found; give a folder of held-out videos")
+        if Path(cfg.val.data).resolve() == Path(cfg.data).resolve():
+            log.warning("val.data is --data (%s): the validation clips are training clips, not held out", cfg.data)
     with checking(f"--ae-config {' '.join(cfg.ae_config)}" if cfg.ae_config else None), torch.device("meta"):
         overrides = cfglib.apply_dotted({}, list(cfg.ae_config))
         if meta is not None:

@@ -169,7 +169,7 @@ def test_sigterm_stops_with_a_checkpoint_of_that_step_and_resumes_exactly(straig
     assert [(r["step"], r["loss"]) for r in _log(out)] == [(s, ref[s]) for s in (2, 4, 5, 6, 7)]
 
 
-def test_validation_on_held_out_clips_equals_eval_recon_and_may_be_added_on_resume(clips, tmp_path):
+def test_validation_on_held_out_clips_equals_eval_recon_and_may_be_added_on_resume(clips, tmp_path, caplog):
     """``val.data``: PSNR / SSIM of the held-out clips at every checkpoint and the last step, as
     lines of log.jsonl and the summary; at the last step they equal ``ldm eval recon`` of the
     final model on those clips. Added on resume (harmless), the resumed run's numbers equal the
@@ -205,6 +205,9 @@ def test_validation_on_held_out_clips_equals_eval_recon_and_may_be_added_on_resu
         _cfg(clips, out, val=ValConfig(data=str(clips), clips=0))
     with pytest.raises(MissingInput, match="val.data: .*nowhere"):
         check_inputs(_cfg(clips, tmp_path / "x", val=ValConfig(data=str(tmp_path / "nowhere"))))
+    with caplog.at_level("WARNING", logger="ldm.train_ae"):
+        check_inputs(_cfg(clips, tmp_path / "x", val=val))
+    assert "the validation clips are training clips, not held out" in caplog.text
 
 
 def test_lr_drop_schedule(clips, tmp_path):
