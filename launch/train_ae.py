@@ -8,6 +8,7 @@ Outputs under ``--output``::
 
     log.jsonl                       one line per logged step (loss terms, lr, grad norm, clips/s, bucket),
                                     one per validation (val.data: held-out PSNR / SSIM / LPIPS, `validate`)
+    tensorboard/                    the same numbers, tags train/KEY and val/KEY (as ldm train's)
     samples/step-00000100.png       originals (odd rows) vs reconstructions (even rows), a few frames
     checkpoints/step-00000100/      model.safetensors + config.json (loadable by load_pretrained),
                                     optimizer.safetensors + optimizer.json, [discriminator.*,
@@ -453,6 +454,7 @@ class AETrainer:
         self.val_lpips = lpips.to(self.device).eval() if lpips is not None else None  # a validation metric too
         self.val_clips: list[tuple[Tensor, str]] = []  # this rank's share of the held-out clips (`_read_val_clips`)
         self.val_records: list[dict[str, Any]] = []
+        self.tensorboard = None  # rank 0's SummaryWriter while `run` trains
         with checking("--gan"):  # a family whose decoder has no weight for the adaptive GAN weight (Hi-VAE)
             self.last_layer = self.ae.last_layer() if self.loss_fn.discriminator is not None else None
         # image steps leave the temporal layers unused, and a model may declare parameters that some
@@ -806,6 +808,9 @@ class AETrainer:
             if self.binding is not None:
                 self.binding.write()
             runs.truncate_log(log_path, self.step)
+            from torch.utils.tensorboard import SummaryWriter
+            # steps after the resumed one, logged by a run that died before its next checkpoint, are hidden
+            self.tensorboard = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
             sample_clips, sample_captions = self._sample_clips(2)
         dist.barrier()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.main and cfg.progress),
@@ -822,6 +827,8 @@ class AETrainer:
         finally:
             self.stop.close()
             bar.close()  # an error's line then starts on a line of its own
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         profiler.close()
         del batches  # stops the loader's workers before the final export
         if self.stopping and self.step < cfg.steps:
@@ -849,8 +856,7 @@ class AETrainer:
                 record = self._log_record(logs, clips_since, time.perf_counter() - t_since, nonfinite.total)
                 clips_since, t_since = 0, time.perf_counter()
                 if self.main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    self._log(log_path, record, "train")
                     if "loss" in record:
                         losses.append(record["loss"])
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -858,12 +864,20 @@ class AETrainer:
                     and not self.stopping:
                 self.val_records.append(self.validate())
                 if self.main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(self.val_records[-1]) + "\n")
+                    self._log(log_path, self.val_records[-1], "val")
             if self.main and sample_clips and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
                 self._write_samples(sample_clips, sample_captions)
             if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.stopping:
                 self.save()
+
+    def _log(self, log_path: Path, record: dict[str, Any], group: str) -> None:
+        """One line of ``log.jsonl``; its numbers also to TensorBoard as ``GROUP/KEY`` (``train/loss``,
+        ``val/val_psnr``: the tags of ``ldm train``). Rank 0."""
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.tensorboard.add_scalar(f"{group}/{key}", value, record["step"])
 
     def _log_record(self, logs: dict[str, Tensor] | None, clips: int, seconds: float, skipped: int) -> dict[str, Any]:
         record: dict[str, Any] = {"step": self.step, "epoch": self.pos[0], "lr": self.cfg.learning_rate(self.step - 1),

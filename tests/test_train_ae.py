@@ -184,6 +184,12 @@ def test_validation_on_held_out_clips_equals_eval_recon_and_may_be_added_on_resu
     assert [r["step"] for r in records] == [2, 4] and summary["val"] == records
     assert all(r["val_clips"] == 6 for r in records)  # the broken file is skipped
     assert [r["step"] for r in _log(out) if "loss" in r] == [1, 2, 3, 4]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(out / "tensorboard"))  # the same numbers, tagged as ldm train tags them
+    board.Reload()
+    assert [(e.step, e.value) for e in board.Scalars("val/val_psnr")] == \
+        [(r["step"], pytest.approx(r["val_psnr"], rel=1e-6)) for r in records]
+    assert [e.step for e in board.Scalars("train/loss")] == [1, 2, 3, 4]
     ref = evaluate_reconstruction(load_pretrained(out / "final"), str(clips), FRAMES, SIZE, SIZE)
     assert records[-1]["val_psnr"] == pytest.approx(ref["psnr_db"]["mean"], abs=1e-6)
     assert records[-1]["val_ssim"] == pytest.approx(ref["ssim"]["mean"], abs=1e-6)
