@@ -3,7 +3,8 @@
 ``manifest.json`` (written last by rank 0, after every shard) records which autoencoder made the
 latents (an `AERecord`: name, config, weights path and hash, or the seed of random weights), the
 clips they were made from, the latent spec, counts, per-channel latent statistics, every skipped
-input with its reason, the shards, and the cached text embeddings. `Manifest.from_dict` is strict
+input with its reason, the shards, the cached text embeddings, and the class names (index = class
+id; from ``--classes`` or a captions column of names) with the clips written per class. `Manifest.from_dict` is strict
 (unknown keys are errors) and versioned (version-1 manifests, with the record as flat keys, are
 migrated on reading).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import zip_longest
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,8 @@ class Manifest:
     text_fingerprint: tuple[float, ...] | None = None  # ldm.text.fingerprint of the encoder
     text_tokens: int = 0  # mean caption length in tokens
     num_classes: int = 0
+    class_names: tuple[str, ...] = ()  # name of each class id (index = id; fewer than num_classes or none)
+    class_counts: tuple[int, ...] = ()  # written clips per class id, num_classes of them (empty: no class ids)
     shard_size: int = 64
     dtype: str = "fp32"  # the encoder's compute precision (latents are stored as fp32 either way)
     tile: str | None = None  # spatial tiling of the encoder, "TILE[:OVERLAP]" pixels
@@ -99,6 +103,12 @@ def load_manifests(spec: str) -> Manifest:
                 (first.autoencoder.config_hash, first.autoencoder.checkpoint_hash):
             raise ValueError(f"{f} was extracted with another autoencoder than {folders[0]}; one run trains on one "
                              "autoencoder's latents")
+    named = [(f, m.class_names) for f, m in zip(folders, manifests) if m.class_names]
+    for f, names in named[1:]:
+        if names != named[0][1]:
+            i, a, b = next((i, a, b) for i, (a, b) in enumerate(zip_longest(names, named[0][1])) if a != b)
+            raise ValueError(f"{f} names its classes differently than {named[0][0]} (class id {i}: {a!r} vs "
+                             f"{b!r}): one id would mean two classes; extract both with the same --classes list")
     if len(manifests) == 1:
         return first
     shapes = {json.dumps(m.latent_spec["latent_shape"], sort_keys=True) for m in manifests}
@@ -116,4 +126,16 @@ def load_manifests(spec: str) -> Manifest:
                                 for i in range(len(mean))]
     return cfglib.replace(first, shards=tuple(s for m in manifests for s in m.shards), counts=counts, stats=stats,
                           num_classes=max(m.num_classes for m in manifests), mixed_shapes=len(shapes) > 1,
+                          class_names=named[0][1] if named else (), class_counts=_merged_counts(manifests),
                           latent_shapes=tuple(json.loads(x) for x in sorted(shapes)))
+
+
+def _merged_counts(manifests: list[Manifest]) -> tuple[int, ...]:
+    """Clips per class id over several folders; empty when a folder with class ids did not count them."""
+    if any(m.num_classes and not m.class_counts for m in manifests):
+        return ()
+    total = [0] * max(m.num_classes for m in manifests)
+    for m in manifests:
+        for i, n in enumerate(m.class_counts):
+            total[i] += n
+    return tuple(total) if sum(total) else ()

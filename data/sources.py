@@ -22,12 +22,29 @@ TSV (``.tsv``) with a header, or JSONL (any other name), one row per video, with
 absolute; ``\\`` separators and names in another Unicode normalization, as Windows and macOS write
 them, match too), ``caption | text`` and ``class_id | label``, matched in any case (``PATH,Caption``).
 Non-integer labels (e.g. UCF-101 class names) are numbered in sorted order and kept as
-``meta["label"]``. Every column lands in ``item.meta`` under its lower-case name. The encoding is
+``meta["label"]`` and as the class name (``item.class_name``, ``items.class_names``). Every column lands in
+``item.meta`` under its lower-case name. The encoding is
 found from a byte-order mark (UTF-8/16/32), NUL-byte patterns (UTF-16 without a mark), else UTF-8,
 else Windows-1252 / Latin-1 (reported as a problem: check accented characters); a file that is none
 of these is an error naming it. A folder holding ``metadata.jsonl`` (what ``ldm data synth``
 writes) uses it when no captions file is given. A video without a caption from a file takes the
 text of a sidecar next to it, ``clip.txt`` for ``clip.mp4`` (as raw shards' ``<key>.txt``).
+
+Class folders (folders only; ``classes=``): ``"folder"`` takes each video's class from the top-level
+folder it lies in under the input (``UCF-101/ApplyEyeMakeup/v_..._g01_c01.avi``: ``ApplyEyeMakeup``; an
+ImageNet / Kinetics-style tree), ids in sorted folder-name order from 0 (as torchvision's ImageFolder).
+A class list file instead fixes the numbering (`read_class_list`): UCF-101's ``classInd.txt`` ("1
+ApplyEyeMakeup"; numbered from 1) or a Kinetics-style list (one name a line, or "0 abseiling"; numbered
+from 0). Ids are always 0-based: the file's first number is id 0, so classInd's "1 ApplyEyeMakeup" is
+class id 0 and "101 YoYo" id 100. Folder names match the list's names exactly, else ignoring case; a
+folder the list does not name, or a video outside any class folder, is a `UserError`. The ids are given
+before a split is applied, so a train and a test split number their classes alike.
+
+A split list (folders only; ``split=``): one video a line, its path relative to the input folder
+(UCF-101's ``trainlist01.txt`` / ``testlist01.txt``), optionally followed by a label number; only the listed
+videos are kept (``items.left_out`` counts the others). A label must agree with the class list file's number
+for the video's folder (``trainlist01``'s "ApplyEyeMakeup/v_..._g08_c01.avi 1" with classInd's "1
+ApplyEyeMakeup"), else a `UserError`; a listed path that is not a video under the folder is a problem.
 
 Problems that should not stop a run (a captions row naming a missing file, a duplicate row, a
 shard sample without a video, an unreadable shard, a broken symlink) are logged and collected in
@@ -78,6 +95,7 @@ class VideoItem:
     key: str
     caption: str | None = None
     class_id: int | None = None
+    class_name: str | None = None   # the name of class_id: a class folder or a text label
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None        # a video file (folder inputs)
     shard: Path | None = None       # a raw shard (shard inputs) ...
@@ -116,11 +134,16 @@ class VideoItem:
 
 
 class ItemList(list):
-    """A list of `VideoItem` with ``problems``: what was skipped or did not match, and why."""
+    """A list of `VideoItem` with ``problems``: what was skipped or did not match, and why;
+    ``class_names``: the name of each class id (index = id; empty when the ids are bare numbers);
+    ``left_out``: videos of the input that a split list does not name."""
 
-    def __init__(self, items: Sequence[VideoItem] = (), problems: Sequence[str] = ()) -> None:
+    def __init__(self, items: Sequence[VideoItem] = (), problems: Sequence[str] = (),
+                 class_names: Sequence[str] = (), left_out: int = 0) -> None:
         super().__init__(items)
         self.problems: list[str] = list(problems)
+        self.class_names: tuple[str, ...] = tuple(class_names)
+        self.left_out = left_out
 
 
 def _report(problems: list[str], message: str) -> None:
@@ -132,8 +155,13 @@ def _is_pattern(text: str) -> bool:
     return "{" in text and "}" in text
 
 
-def list_items(input: str | Path, captions: str | Path | None = None) -> ItemList:
-    """List the videos of ``input`` (see module doc); sorted and deterministic."""
+FOLDER_CLASSES = "folder"  # ``classes=``: each video's class is its top-level folder
+
+
+def list_items(input: str | Path, captions: str | Path | None = None, classes: str | Path | None = None,
+               split: str | Path | None = None) -> ItemList:
+    """List the videos of ``input`` (see module doc); sorted and deterministic. ``classes``:
+    `FOLDER_CLASSES` or a class list file; ``split``: a list of the videos to keep."""
     text = str(input)
     if _is_pattern(text) and not Path(text).exists():
         from braceexpand import braceexpand
@@ -143,17 +171,19 @@ def list_items(input: str | Path, captions: str | Path | None = None) -> ItemLis
         if missing:
             raise MissingInput(f"{len(missing)} shard(s) of {text!r} not found: {', '.join(missing[:5])}"
                                     + (" ..." if len(missing) > 5 else ""))
-        _no_captions_for_shards(captions)
+        _no_captions_for_shards(captions, classes, split)
         return _list_shards(shards)
     root = Path(input)
     if not root.exists():
         raise MissingInput(f"input not found: {root}" + (" (a broken symlink)" if root.is_symlink() else ""))
     if root.is_file():
         if root.suffix.lower() == ".tar":
-            _no_captions_for_shards(captions)
+            _no_captions_for_shards(captions, classes, split)
             return _list_shards([root])
         if root.suffix.lower() not in VIDEO_EXTENSIONS:
             raise UserError(f"{root} is neither a video ({', '.join(VIDEO_EXTENSIONS)}) nor a .tar shard")
+        if classes is not None or split is not None:
+            raise UserError(f"--classes / --split apply to a folder of videos, not to one file ({root})")
         return _list_folder(root.parent, [root], captions)
     problems: list[str] = []
     files = _walk(root, problems)
@@ -163,13 +193,16 @@ def list_items(input: str | Path, captions: str | Path | None = None) -> ItemLis
             captions = root / AUTO_CAPTIONS
         items = _list_folder(root, videos, captions)
         items.problems[:0] = problems
-        return items
+        base = None
+        if classes is not None:
+            base = _folder_classes(root, items, classes)
+        return items if split is None else _split(items, Path(split), root, base)
     tars = [p for p in files if p.suffix.lower() == ".tar"]
     if tars and ((root / MANIFEST).is_file() or any(root.glob("shard-*.json"))):
         raise UserError(f"{root} holds latent shards written by `ldm extract` ({MANIFEST}, shard-*.json), not videos: "
                         "give the videos (or raw video shards) they came from")
     if tars:
-        _no_captions_for_shards(captions)
+        _no_captions_for_shards(captions, classes, split)
         items = _list_shards(tars)
         items.problems[:0] = problems
         return items
@@ -226,10 +259,14 @@ def _once(files: list[Path], root: Path, problems: list[str]) -> list[Path]:
     return [p for p in files if p not in dropped]
 
 
-def _no_captions_for_shards(captions: str | Path | None) -> None:
+def _no_captions_for_shards(captions: str | Path | None, classes: str | Path | None = None,
+                            split: str | Path | None = None) -> None:
     if captions is not None:
         raise UserError("a captions file applies to a folder of videos; shards carry their own "
                          "captions (<key>.txt / .json / .cls members)")
+    if classes is not None or split is not None:
+        raise UserError("--classes / --split apply to a folder of videos; shards carry their own class ids "
+                        "(<key>.cls / .json members)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,7 +404,7 @@ def _list_folder(root: Path, videos: list[Path], captions: str | Path | None) ->
             _report(problems, f"{missing} of {len(videos)} videos have no row in {cap.name} (no caption/class)")
     labels = [_first(r, CLASS_COLUMNS) for r in rows.values()]
     names = _label_names([lab for lab in labels if lab is not None])
-    items = ItemList(problems=problems)
+    items = ItemList(problems=problems, class_names=list(names or ()))
     rels = [p.relative_to(root).as_posix() for p in videos]
     for p, rel, key in zip(videos, rels, video_keys(rels)):
         row = rows.get(p.resolve(), {})
@@ -378,8 +415,8 @@ def _list_folder(root: Path, videos: list[Path], captions: str | Path | None) ->
         caption_text = _caption(_first(row, CAPTION_COLUMNS))
         if caption_text is None and p.with_suffix(".txt").is_file():  # a sidecar: clip.mp4 + clip.txt
             caption_text = _caption(read_text(p.with_suffix(".txt"), items.problems))
-        items.append(VideoItem(key=key, path=p, meta=meta,
-                               caption=caption_text,
+        items.append(VideoItem(key=key, path=p, meta=meta, caption=caption_text,
+                               class_name=str(label) if names is not None and label is not None else None,
                                class_id=None if label is None else (names[str(label)] if names else int(float(label)))))
     return items
 
@@ -394,6 +431,115 @@ def video_keys(rels: Sequence[str]) -> list[str]:
     keys = [r if counts[k] > 1 else k for r, k in zip(rels, stems)]
     taken = set(rels)  # a kept extension may meet another video's stem ("a.mp4" vs "a.mp4.mkv")
     return [r if k != r and k in taken else k for r, k in zip(rels, keys)]
+
+
+def class_index(names: Sequence[str], name: str) -> int | None:
+    """The id of class ``name`` in ``names`` (index = id): the exact name, else the one name that
+    matches ignoring case (UCF-101 lists ``HandstandPushups``, its files say ``HandStandPushups``);
+    None when there is none."""
+    if name in names:
+        return list(names).index(name)
+    folded = [i for i, n in enumerate(names) if n.casefold() == name.casefold()]
+    return folded[0] if len(folded) == 1 else None
+
+
+def read_class_list(path: str | Path) -> tuple[tuple[str, ...], int]:
+    """The class names of a class list file by id, and the number the file gives id 0: ``"N name"``
+    lines numbered from 1 (UCF-101's ``classInd.txt``) or from 0 without gaps, or one name a line
+    (numbered from 0 in line order). A `UserError` naming the file and line when it is neither."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInput(f"--classes {path}: class list file not found (or give 'folder': sorted folder names)")
+    lines = [(n, line.strip()) for n, line in enumerate(read_text(path, []).splitlines(), 1) if line.strip()]
+    if not lines:
+        raise UserError(f"--classes {path}: no class names in the file")
+    numbered = [(n, line.split(None, 1)) for n, line in lines]
+    if all(len(parts) == 2 and parts[0].isdigit() for _, parts in numbered):
+        numbers = [int(parts[0]) for _, parts in numbered]
+        base = min(numbers)
+        if base not in (0, 1) or sorted(numbers) != list(range(base, base + len(numbers))):
+            raise UserError(f"--classes {path}: the class numbers must run from 1 (classInd.txt) or from 0 to the "
+                            f"number of classes without gaps or repeats; got {base} to {max(numbers)} for "
+                            f"{len(numbers)} lines")
+        names = tuple(parts[1].strip() for _, parts in sorted(numbered, key=lambda x: int(x[1][0])))
+    elif any(len(parts) == 2 and parts[0].isdigit() for _, parts in numbered):
+        n = next(n for n, parts in numbered if not (len(parts) == 2 and parts[0].isdigit()))
+        raise UserError(f"--classes {path} line {n}: some lines are 'NUMBER NAME' and this one is not; number "
+                        "every line or none")
+    else:
+        base, names = 0, tuple(line for _, line in lines)
+    repeated = sorted({x for x in names if names.count(x) > 1})
+    if repeated:
+        raise UserError(f"--classes {path}: class {repeated[0]!r} is named twice")
+    return names, base
+
+
+def _folder_classes(root: Path, items: ItemList, classes: str | Path) -> int | None:
+    """Set each item's class from its top-level folder (see the module doc); returns the number a
+    class list file gives id 0 (None with `FOLDER_CLASSES`)."""
+    labelled = next((it for it in items if it.class_id is not None), None)
+    if labelled is not None:
+        raise UserError(f"--classes {classes}: {labelled.key} already has a class id from its captions file (class_id "
+                        "/ label column); give one source of class ids")
+    folders = [it.meta["path"].split("/", 1)[0] if "/" in it.meta["path"] else None for it in items]
+    loose = [it.meta["path"] for it, f in zip(items, folders) if f is None]
+    if loose:
+        raise UserError(f"--classes {classes}: {len(loose)} video(s) of {root} lie outside any class folder (first: "
+                        f"{loose[0]}); put each video in its class's folder, or give --input the folder above them")
+    base = None
+    if str(classes) == FOLDER_CLASSES:
+        names = tuple(sorted(set(folders)))  # type: ignore[arg-type]
+    else:
+        names, base = read_class_list(classes)
+    ids = {f: class_index(names, f) for f in set(folders)}  # type: ignore[arg-type]
+    unknown = sorted(f for f, i in ids.items() if i is None)
+    if unknown:
+        raise UserError(f"--classes {classes}: folder(s) {', '.join(unknown[:3])}{' ...' * (len(unknown) > 3)} of "
+                        f"{root} name no class of the list ({len(names)} classes); leave them out with --split, or "
+                        "fix the list")
+    for it, f in zip(items, folders):
+        it.class_id = ids[f]
+        it.class_name = names[it.class_id]  # type: ignore[index]
+    items.class_names = names
+    return base
+
+
+def _split(items: ItemList, split: Path, root: Path, base: int | None) -> ItemList:
+    """The items a split list names (see the module doc), in the input's order."""
+    if not split.is_file():
+        raise MissingInput(f"--split {split}: split list file not found")
+    by_path: dict[str, VideoItem] = {}
+    for it in items:
+        by_path[it.meta["path"]] = by_path[it.key] = it
+    folded: dict[str, list[VideoItem]] = {}
+    for it in items:
+        folded.setdefault(unicodedata.normalize("NFC", it.meta["path"]).casefold(), []).append(it)
+    chosen: set[int] = set()
+    for n, line in enumerate(read_text(split, items.problems).splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.rsplit(None, 1)
+        label = int(parts[1]) if len(parts) == 2 and parts[1].isdigit() else None
+        rel = (parts[0] if label is not None else line).replace("\\", "/").removeprefix("./")
+        same = folded.get(unicodedata.normalize("NFC", rel).casefold(), [])
+        it = by_path.get(rel) or (same[0] if len(same) == 1 else None)
+        if it is None:
+            _report(items.problems, f"split {split.name} line {n}: {rel!r} is not a video under {root}")
+            continue
+        if id(it) in chosen:
+            _report(items.problems, f"split {split.name} line {n}: {rel!r} is listed twice")
+            continue
+        if label is not None and base is not None and label - base != it.class_id:
+            raise UserError(f"--split {split} line {n}: {rel} has label {label}, but the class list numbers its "
+                            f"folder's class {it.class_name!r} {it.class_id + base}; give the class list "
+                            "that goes with this split")
+        chosen.add(id(it))
+    kept = [it for it in items if id(it) in chosen]
+    if not kept:
+        raise UserError(f"--split {split}: none of its lines names a video under {root} (paths relative to it, "
+                        f"e.g. {items[0].meta['path']})")
+    return ItemList(kept, items.problems, items.class_names, left_out=len(items) - len(kept))
 
 
 def _label_names(labels: list[Any]) -> dict[str, int] | None:

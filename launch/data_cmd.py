@@ -3,10 +3,12 @@
 - ``ldm data synth --output DIR --num N [--frames T] [--size S] [--fps F] [--seed K]
   [--layout folder|shards] [--holdout "red circle left" ...] [--diagonals] ...``: write the synthetic
   attribute video set (see `data.synth`).
-- ``ldm data list --input PATH [--captions FILE] [--frames T [--fps F] [--clips-per-video K |
-  --clip-stride S]] [--check]``: what `data.sources.list_items` finds in an input (count, captions,
-  class ids, problems), to check a folder or shards before extraction; with ``--frames``, how many
-  clips each video gives with those `ldm extract` settings (from the container headers); with
+- ``ldm data list --input PATH [--captions FILE] [--classes folder|FILE] [--split FILE] [--frames T
+  [--fps F] [--clips-per-video K | --clip-stride S]] [--check]``: what `data.sources.list_items` finds in
+  an input (count, captions, class ids and names with the videos per class, problems), to check a folder
+  or shards before extraction (an ``ldm extract`` output folder: its manifest, with the clips per
+  class); with ``--frames``, how many clips each video gives with those `ldm extract` settings (from
+  the container headers); with
   ``--check``, every video is decoded to its end and the broken ones (truncated, not a video, no
   video stream, ...) are listed with their reason (exit status 1 when there are any).
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from data.manifest import MANIFEST
@@ -62,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         "shards, and every problem found (rows without files, ...).")
     lister.add_argument("--input", required=True, help="folder, video file, .tar, or brace pattern of .tar shards")
     lister.add_argument("--captions", default=None, help="CSV or JSONL captions file (folders only)")
+    lister.add_argument("--classes", metavar="folder|FILE", default=None,
+                        help="class of each video from its top-level folder: 'folder' (ids in sorted name order) or "
+                             "a class list fixing the ids (UCF-101 classInd.txt, numbered from 1: id = number - 1)")
+    lister.add_argument("--split", metavar="FILE", default=None,
+                        help="keep only the videos this list names (UCF-101 trainlist01.txt / testlist01.txt)")
     lister.add_argument("--show", type=int, default=5, help="items to print (default 5)")
     lister.add_argument("--frames", type=int, default=None,
                         help="count the clips of T frames each video gives (as `ldm extract` would)")
@@ -128,17 +137,39 @@ def _broken(items: list) -> list[tuple[str, str]]:
     return broken
 
 
+CLASSES_SHOWN = 20  # classes `ldm data list` prints one a line (all with --show larger)
+
+
+def print_classes(counts: Counter, names: Sequence[str], what: str, show: int = CLASSES_SHOWN) -> None:
+    """Per class id: its name (when known) and how many ``what`` it has; the classes a name list
+    numbers that have none are counted too (a split missing a class shows here)."""
+    if not counts:
+        return
+    ids = sorted(set(counts) | set(range(len(names))))
+    empty = [i for i in ids if not counts[i]]
+    print(f"  per class ({len(ids) - len(empty)} of {len(ids)} classes have {what}; fewest "
+          f"{min(counts.values())}, most {max(counts.values())}):")
+    for i in [i for i in ids if counts[i]][:show]:
+        print(f"    {i}" + (f" {names[i]}" if i < len(names) else "") + f": {counts[i]}")
+    if len(ids) - len(empty) > show:
+        print(f"    ... {len(ids) - len(empty) - show} more classes")
+    if empty:
+        shown = ", ".join(f"{i} {names[i]}" if i < len(names) else str(i) for i in empty[:10])
+        print(f"    without {what}: {shown}" + (f" ... ({len(empty)} in all)" if len(empty) > 10 else ""))
+
+
 def _list_latents(args: argparse.Namespace, folder: Path) -> int:
     """An ``ldm extract`` output folder: what its manifest records and, with ``--check``, whether
     every sample of every shard reads (`data.shards.decode_sample`, the trainer's own checks)."""
-    from collections import Counter
-
     from data import shards
     from data.manifest import load_manifest
 
-    if (args.frames, args.fps, args.clips_per_video, args.clip_stride, args.captions) != (None,) * 5:
+    video_flags = (args.frames, args.fps, args.clips_per_video, args.clip_stride, args.captions, args.classes,
+                   args.split)
+    if video_flags != (None,) * len(video_flags):
         raise UserError(f"{folder} holds latent shards (`ldm extract` output): --frames / --fps / --clips-per-video / "
-                        "--clip-stride / --captions are about video inputs; give the videos the latents came from")
+                        "--clip-stride / --captions / --classes / --split are about video inputs; give the videos "
+                        "the latents came from")
     try:
         m = load_manifest(folder)
     except ValueError as e:
@@ -160,6 +191,9 @@ def _list_latents(args: argparse.Namespace, folder: Path) -> int:
     text = (f"{m.text_encoder} embeddings (dim {m.text_dim}, ~{m.text_tokens} tokens)" if m.text_encoder
             else "no text embeddings")
     print(f"  conditioning: {text}; {m.num_classes or 'no'} class ids")
+    print_classes(Counter(dict(enumerate(m.class_counts))), m.class_names, "clips")
+    if m.num_classes and not m.class_counts:
+        print("  (clips per class: not recorded by the extraction that wrote these shards)")
     for part, st in m.stats.items():
         std = " ".join(f"{x:.3g}" for x in st["std"][:16])
         more = f" ... ({len(st['std'])} channels)" if len(st["std"]) > 16 else ""
@@ -213,15 +247,17 @@ def _list(args: argparse.Namespace) -> int:
     level = sources_log.level
     sources_log.setLevel(logging.ERROR)
     try:
-        items = list_items(args.input, args.captions)
+        items = list_items(args.input, args.captions, args.classes, args.split)
     finally:
         sources_log.setLevel(level)
     if args.frames is not None:
         counts = _clip_counts(items, args)
     captioned = sum(it.caption is not None for it in items)
     labelled = sum(it.class_id is not None for it in items)
-    print(f"{len(items)} videos in {args.input}: {captioned} with captions, {labelled} with class ids, "
+    split = f" listed in {args.split} ({items.left_out} others left out)" if args.split else ""
+    print(f"{len(items)} videos in {args.input}{split}: {captioned} with captions, {labelled} with class ids, "
           f"{len({it.class_id for it in items if it.class_id is not None})} distinct classes")
+    print_classes(Counter(it.class_id for it in items if it.class_id is not None), items.class_names, "videos")
     for i, it in enumerate(items[: args.show]):
         clips = ""
         if counts is not None:
@@ -229,7 +265,8 @@ def _list(args: argparse.Namespace) -> int:
         caption = repr(it.caption)
         if it.caption is not None and len(it.caption) > SHOWN_CAPTION:
             caption = f"{it.caption[:SHOWN_CAPTION]!r}... ({len(it.caption)} characters)"
-        print(f"  {it.key}: {caption} class={it.class_id} ({it.source}){clips}")
+        name = f" ({it.class_name})" if it.class_name is not None else ""
+        print(f"  {it.key}: {caption} class={it.class_id}{name} ({it.source}){clips}")
     if len(items) > args.show:
         print(f"  ... {len(items) - args.show} more")
     if counts is not None:

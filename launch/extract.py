@@ -6,6 +6,11 @@
     ldm extract --config extract.yaml [KEY=VALUE ...]          # the same settings as an ExtractConfig YAML
     torchrun --nproc_per_node 2 -m launch.cli extract ...      # same command, several ranks / nodes
 
+Class ids come from the captions (a ``class_id`` / ``label`` column) or, with ``--classes folder|FILE``,
+from each video's top-level folder (UCF-101 / Kinetics / ImageNet layouts; a class list such as
+classInd.txt fixes the 0-based ids); ``--split FILE`` keeps the videos a list names (trainlist01.txt);
+see `data.sources`. The class names and the clips per class go into the manifest.
+
 The autoencoder comes from ``autoencoders.resolve`` (a registered name, a saved folder, or a
 source such as ``diffusers:<Class>`` with its local folder in ``--ae-path``).
 
@@ -72,6 +77,8 @@ class ExtractConfig:
     ae_path: str | None = None  # a source's local folder, e.g. a diffusers model for diffusers:<Class>
     ae_subfolder: str | None = None
     captions: str | None = None
+    classes: str | None = None  # "folder" or a class list file (data.sources): each video's class is its folder
+    split: str | None = None  # a list of the videos to take (UCF-101 trainlist01.txt)
     frames: int = 17
     height: int = 64
     width: int = 64
@@ -117,6 +124,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--ae-subfolder", help="subfolder of --ae-path holding the VAE (e.g. vae)")
     a("--input", help="folder of videos, a raw video .tar, a folder of tars or a brace pattern")
     a("--captions", help="CSV/JSONL with path,caption,class_id (default: metadata.jsonl in the folder)")
+    a("--classes", metavar="folder|FILE",
+      help="class of each video from its top-level folder (UCF-101/<Class>/...): 'folder' numbers the folders in "
+           "sorted order from 0; a class list (UCF-101 classInd.txt '1 ApplyEyeMakeup') fixes the ids: "
+           "its first number is id 0 (classInd's 1 -> 0). The names are kept for `ldm sample --class NAME`")
+    a("--split", metavar="FILE",
+      help="encode only the videos this list names, paths relative to --input (UCF-101 trainlist01.txt)")
     a("--output", help="output folder for shards + manifest.json")
     a("--frames", type=int)
     a("--height", type=int)
@@ -318,9 +331,15 @@ def bound_fingerprint(out: Path, text_encoder) -> tuple[list[float] | None, list
 def class_count(cfg: ExtractConfig, items: list) -> int:
     """The manifest's ``num_classes`` (the DiT's class embedding has that many rows): ``--num-classes``,
     else the whole id space of a synthetic set (`data.synth.class_space`: its clips may not use every
-    id, and the attribute benchmark asks for all of them), else the largest label + 1 (0: no labels)."""
+    id, and the attribute benchmark asks for all of them), else the classes of a class list
+    (``--classes classInd.txt``: all of them, also those without a video here), else the largest
+    label + 1 (0: no labels)."""
     labelled = max((it.class_id for it in items if it.class_id is not None), default=-1) + 1
-    declared = cfg.num_classes or class_space(cfg.input)
+    names = getattr(items, "class_names", ())
+    declared = cfg.num_classes or class_space(cfg.input) or len(names)
+    if cfg.num_classes and cfg.num_classes < len(names):
+        raise UserError(f"--num-classes {cfg.num_classes}: the class list names {len(names)} classes (ids 0 to "
+                        f"{len(names) - 1}); give --num-classes {len(names)} or more, or leave it out")
     if cfg.num_classes and not labelled:
         raise UserError(f"--num-classes {cfg.num_classes}: no video of {cfg.input} has a class id (a class_id or label "
                         "column of the captions, or a shard's .cls)")
@@ -412,7 +431,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     with checking():
         ae.check_text_encoder(text_encoder, cfg.text_encoder, name)
 
-    items = list_items(cfg.input, cfg.captions)
+    items = list_items(cfg.input, cfg.captions, cfg.classes, cfg.split)
     if not items:
         raise UserError(f"no videos found in {cfg.input}")
     class_count(cfg, items)  # a label outside --num-classes: clear error before any work
@@ -550,6 +569,7 @@ class _ShardBuffer:
     stats: shards.ChannelStats = field(default_factory=shards.ChannelStats)
     text_tokens: int = 0
     captions_cut: int = 0  # captions that fill the text encoder's max_length: cut to it (or exactly as long)
+    class_counts: dict[int, int] = field(default_factory=dict)  # written clips per class id
 
 
 def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signature: dict, out: Path,
@@ -568,7 +588,7 @@ def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signa
         "signature": signature, "keys": [it.key for it in items[lo:hi]], "labels": labels_digest(items[lo:hi]),
         "written": len(buf.samples),
         "skipped": buf.skipped, "stats": buf.stats.to_json(), "text_tokens": buf.text_tokens,
-        "captions_cut": buf.captions_cut})
+        "captions_cut": buf.captions_cut, "class_counts": {str(k): v for k, v in sorted(buf.class_counts.items())}})
 
 
 @torch.no_grad()
@@ -649,6 +669,10 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
                     "class_id": None if p["class_id"] < 0 else p["class_id"], "fps": cfg.fps,
                     "frames": cfg.frames, "height": cfg.height, "width": cfg.width,
                     "autoencoder": signature["autoencoder"]}
+            if item.class_name is not None:
+                meta["class_name"] = item.class_name
+            if p["class_id"] >= 0:
+                into.class_counts[p["class_id"]] = into.class_counts.get(p["class_id"], 0) + 1
             if not windows.first_only:  # several clips per video: which window this is
                 meta.update(clip=w.clip, start_frame=w.start, start_s=round(w.start_s, 6))
             into.samples.append(shards.encode_sample(lat, meta, None if text is None else text[b]))
@@ -692,8 +716,15 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
 def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size: int, items: list,
                     text_encoder, cfg: ExtractConfig, signature: dict[str, Any]) -> Manifest:
     stats, skipped, shard_list, written, text_tokens = shards.ChannelStats(), [], [], 0, 0
+    num_classes = class_count(cfg, items)
+    per_class: list[int] | None = [0] * num_classes  # None: a shard written before the counts were kept
     for j in range(n_shards):
         side = read_json(out / f"shard-{j:06d}.json")
+        if per_class is not None and "class_counts" in side:
+            for k, v in side["class_counts"].items():
+                per_class[int(k)] += v
+        else:
+            per_class = None
         stats.merge(shards.ChannelStats.from_json(side["stats"]))
         skipped.extend(side["skipped"])
         written += side["written"]
@@ -713,7 +744,8 @@ def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size
         text_dim=text_encoder.dim if text_encoder is not None else None,
         text_fingerprint=signature["text_fingerprint"],
         text_tokens=round(text_tokens / written) if written else 0,
-        num_classes=class_count(cfg, items),
+        num_classes=num_classes, class_names=tuple(getattr(items, "class_names", ())),
+        class_counts=tuple(per_class) if per_class and sum(per_class) else (),
         shard_size=cfg.shard_size, dtype=signature["dtype"], tile=cfg.tile, world_size=world_size)
     manifest = Manifest.from_dict(manifest.to_dict())  # JSON-normalised (what readers see), and checked
     manifest.write(out)

@@ -1,0 +1,131 @@
+"""Class-conditional data the standard way (UCF-101, ImageNet / Kinetics-style class folders): the
+class of a video from its folder with the official numbering (classInd.txt, 1-based in the file,
+0-based ids) and split lists, the class names kept in the extraction's manifest, and
+per-class counts in `ldm data list`."""
+
+import av
+import numpy as np
+import pytest
+
+from data.manifest import load_manifest, load_manifests
+from data.sources import list_items, read_class_list
+from launch.cli import main as ldm
+from ldm.errors import UserError
+
+CLASSES = ["ApplyEyeMakeup", "Basketball", "HandstandPushups"]
+
+
+def _avi(path, shade: int, frames: int = 8) -> None:
+    """A tiny MPEG-4 .avi (as UCF-101 ships), 32x32."""
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=25)
+        s.width = s.height = 32
+        s.pix_fmt = "yuv420p"
+        for t in range(frames):
+            img = np.full((32, 32, 3), shade, np.uint8)
+            img[t:t + 8, 4:12] = 255
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+
+
+@pytest.fixture(scope="module")
+def ucf(tmp_path_factory):
+    """UCF-101's layout: UCF-101/<Class>/v_<Class>_gXX_c01.avi (the files of HandstandPushups say
+    HandStand, as in the real set) and ucfTrainTestlist/ with Windows line ends; groups 8-9 train."""
+    root = tmp_path_factory.mktemp("ucf")
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir()
+    train, test = [], []
+    for i, c in enumerate(CLASSES):
+        (root / "UCF-101" / c).mkdir(parents=True)
+        for g in (1, 8, 9):
+            name = f"v_{c.replace('Handstand', 'HandStand')}_g{g:02d}_c01.avi"
+            _avi(root / "UCF-101" / c / name, 40 + 60 * i + g)
+            (train if g >= 8 else test).append(f"{c}/{name}" + (f" {i + 1}" if g >= 8 else ""))
+    (lists / "classInd.txt").write_text("".join(f"{i + 1} {c}\r\n" for i, c in enumerate(CLASSES)), newline="")
+    (lists / "trainlist01.txt").write_text("".join(f"{x}\r\n" for x in train), newline="")
+    (lists / "testlist01.txt").write_text("".join(f"{x}\r\n" for x in test), newline="")
+    return root
+
+
+def test_class_folders_with_the_official_numbering_and_splits(ucf):
+    lists = ucf / "ucfTrainTestlist"
+    train = list_items(ucf / "UCF-101", classes=lists / "classInd.txt", split=lists / "trainlist01.txt")
+    assert [(it.class_id, it.class_name) for it in train] == [(i, c) for i, c in enumerate(CLASSES) for _ in (8, 9)]
+    assert train.class_names == tuple(CLASSES) and train.left_out == 3 and not train.problems
+    test = list_items(ucf / "UCF-101", classes=lists / "classInd.txt", split=lists / "testlist01.txt")
+    assert [it.key.split("/")[0] for it in test] == CLASSES and [it.class_id for it in test] == [0, 1, 2]
+    # was: no class at all (class ids came only from a captions file's column)
+    assert all(it.class_id is None for it in list_items(ucf / "UCF-101"))
+    by_folder = list_items(ucf / "UCF-101", classes="folder")  # sorted folder names, from 0
+    assert len(by_folder) == 9 and by_folder.class_names == tuple(CLASSES) and by_folder[-1].class_id == 2
+    # a class list in another numbering: ids follow the list, not the folders' order; 0-based name lists
+    (ucf / "names.txt").write_text("HandstandPushups\nBasketball\nApplyEyeMakeup\nYoYo\n")
+    assert read_class_list(ucf / "names.txt") == (("HandstandPushups", "Basketball", "ApplyEyeMakeup", "YoYo"), 0)
+    items = list_items(ucf / "UCF-101", classes=ucf / "names.txt")
+    assert [it.class_id for it in items][::3] == [2, 1, 0] and items.class_names[3] == "YoYo"
+
+
+def test_class_list_and_split_mistakes_are_one_line(ucf, tmp_path):
+    lists, videos = ucf / "ucfTrainTestlist", ucf / "UCF-101"
+    (tmp_path / "shifted.txt").write_text("2 ApplyEyeMakeup\n3 Basketball\n4 HandstandPushups\n")
+    (tmp_path / "two.txt").write_text("1 ApplyEyeMakeup\n2 Basketball\n")
+    (tmp_path / "mixed.txt").write_text("1 ApplyEyeMakeup\nBasketball\n")
+    (tmp_path / "swapped.txt").write_text("1 Basketball\n2 ApplyEyeMakeup\n3 HandstandPushups\n")
+    cases = [(dict(classes=tmp_path / "shifted.txt"), "must run from 1 .classInd.txt. or from 0"),
+             (dict(classes=tmp_path / "two.txt"), "folder.s. HandstandPushups of .* name no class of the list"),
+             (dict(classes=tmp_path / "mixed.txt"), "mixed.txt line 2: some lines are 'NUMBER NAME'"),
+             (dict(classes=tmp_path / "swapped.txt", split=lists / "trainlist01.txt"),
+              "trainlist01.txt line 1: ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi has label 1, but the class list "
+              "numbers its folder's class 'ApplyEyeMakeup' 2"),
+             (dict(classes=tmp_path / "nope.txt"), "class list file not found"),
+             (dict(split=tmp_path / "two.txt"), "none of its lines names a video")]
+    for kw, message in cases:
+        with pytest.raises(UserError, match=message):
+            list_items(videos, **kw)
+    loose = tmp_path / "loose"
+    (loose / "Basketball").mkdir(parents=True)
+    (loose / "clip.avi").write_bytes((videos / CLASSES[0] / "v_ApplyEyeMakeup_g01_c01.avi").read_bytes())
+    (loose / "Basketball" / "b.avi").write_bytes((videos / CLASSES[0] / "v_ApplyEyeMakeup_g01_c01.avi").read_bytes())
+    with pytest.raises(UserError, match="1 video.s. of .* lie outside any class folder .first: clip.avi."):
+        list_items(loose, classes="folder")
+    (loose / "captions.csv").write_text("path,label\nBasketball/b.avi,dunk\n")
+    with pytest.raises(UserError, match="already has a class id from its captions file"):
+        list_items(loose, loose / "captions.csv", classes="folder")
+    assert list_items(loose, loose / "captions.csv")[0].class_name == "dunk"  # a text label keeps its name
+    with pytest.raises(UserError, match="--classes / --split apply to a folder of videos"):
+        list_items(loose / "clip.avi", classes="folder")
+
+
+def test_extract_keeps_class_names_and_counts_for_data_list(ucf, tmp_path, capsys):
+    lists = ucf / "ucfTrainTestlist"
+    common = ["--autoencoder", "kl2d-f8c4-debug", "--frames", "8", "--height", "32", "--width", "32"]
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ldm(["extract", "--input", str(ucf / "UCF-101"), "--classes", str(lists / "classInd.txt"), "--split",
+             str(lists / "trainlist01.txt"), "--output", str(tmp_path / "train"), *common])
+        ldm(["extract", "--input", str(ucf / "UCF-101"), "--classes", "folder", "--split",
+             str(lists / "testlist01.txt"), "--output", str(tmp_path / "test"), *common])
+    m = load_manifest(tmp_path / "train")  # was: num_classes only, no names
+    assert (m.num_classes, m.class_names, m.class_counts, m.counts.written) == (3, tuple(CLASSES), (2, 2, 2), 6)
+    merged = load_manifests(f"{tmp_path / 'train'},{tmp_path / 'test'}")
+    assert merged.class_names == tuple(CLASSES) and merged.class_counts == (3, 3, 3)
+    capsys.readouterr()
+    ldm(["data", "list", "--input", str(ucf / "UCF-101"), "--classes", str(lists / "classInd.txt"), "--split",
+         str(lists / "testlist01.txt")])
+    shown = capsys.readouterr().out
+    assert "3 videos in" in shown and "(6 others left out)" in shown and "    2 HandstandPushups: 1\n" in shown
+    assert "class=1 (Basketball)" in shown
+    ldm(["data", "list", "--input", str(tmp_path / "train")])
+    shown = capsys.readouterr().out
+    assert "per class (3 of 3 classes have clips; fewest 2, most 2)" in shown and "    0 ApplyEyeMakeup: 2\n" in shown
+    side = tmp_path / "other"
+    side.mkdir()
+    (side / "names.txt").write_text("Basketball\nApplyEyeMakeup\nHandstandPushups\n")
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ldm(["extract", "--input", str(ucf / "UCF-101"), "--classes", str(side / "names.txt"), "--split",
+             str(lists / "testlist01.txt"), "--output", str(side / "lat"), *common])
+    with pytest.raises(ValueError, match="names its classes differently .* .class id 0: 'Basketball' vs "
+                                         "'ApplyEyeMakeup'.: one id would mean two classes"):
+        load_manifests(f"{tmp_path / 'train'},{side / 'lat'}")
