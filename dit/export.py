@@ -38,6 +38,7 @@ class Export:
     text_fingerprint: tuple[float, ...] | None = None  # ldm.text.fingerprint at extraction
     text_tokens: int = 0
     num_classes: int = 0
+    class_names: tuple[str, ...] = ()  # name of each class id, from the extraction (`ldm sample --class NAME`)
     flow_shift: float = 1.0  # the timestep shift it was trained with (flow.shift); sampling's default
     version: int = 2
 

@@ -2,6 +2,7 @@
 
     ldm sample --checkpoint runs/dit --prompt "a red circle moving left" --output samples/
     ldm sample --checkpoint runs/dit --class 3 --frames 17 --height 64 --width 64 --guidance 4
+    ldm sample --checkpoint runs/ucf-dit --class ApplyEyeMakeup --num-per-prompt 4 --output samples/
     ldm sample --checkpoint runs/hivae-gen --class 3 --image first.png --output i2v/
 
 The DiT export (``dit.load_export``) carries the typed ``Export`` context: the autoencoder it was
@@ -10,8 +11,10 @@ rebuilds it), the latent statistics to undo, and the text encoder spec. Decoding
 autoencoder's ``decode`` with the prompt's text embedding in ``cond``. Sampling settings are one
 ``ldm.samplers.SamplingConfig`` (``--steps --sampler --guidance --shift --seed``).
 
+``--class`` takes an id or a class name the export records (``Export.class_names``, from extraction).
 Outputs: ``NNNN.mp4`` + ``NNNN.gif`` per video, ``grid.png`` (the run's first `GRID_VIDEOS` videos, also
-when interrupted) and ``index.json`` (per video: file, prompt, class id, seed and row of its initial noise, steps,
+when interrupted; each row labelled with its class name and / or prompt) and ``index.json`` (per video:
+file, prompt, class id and name, seed and row of its initial noise, steps,
 guidance, shift, sampler, fps, frames, size, image, checkpoint). Nothing is ever overwritten: a
 non-empty ``--output`` is refused unless ``--append`` is given, which numbers the new videos after
 the ones there, continues the seeds (batch ``g`` starts at ``--seed + g``, ``g`` counting every
@@ -38,6 +41,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,7 @@ from tqdm import tqdm
 
 from autoencoders import Autoencoder, resolve_record
 from autoencoders.tiling import configure_inference
+from data.sources import class_index
 from data.video import resize_center_crop, video_to_uint8, write_video
 from dit import DiTConfig, Export, VideoDiT, load_export, load_text_encoder
 from dit.export import TRAINING_JSON
@@ -107,9 +113,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
     src.add_argument("--prompts-file", help="a text file with one prompt per line")
-    p.add_argument("--class", dest="class_id", type=int, action="append",
-                   help="a class id (repeatable); with prompts, for a DiT conditioned on both: one class for every "
-                        "prompt, or one per prompt")
+    p.add_argument("--class", dest="class_id", action="append", metavar="ID|NAME",
+                   help="a class id, or its name when the latents were extracted with named classes (--classes, a "
+                        "label column of names), e.g. ApplyEyeMakeup (repeatable); with prompts, for a DiT "
+                        "conditioned on both: one class for every prompt, or one per prompt")
     src.add_argument("--unconditional", type=int, metavar="N",
                      help="N videos without a condition: the null class and no text (a DiT trained without "
                           "captions or class ids, or a conditional one's unconditional samples); no guidance")
@@ -310,9 +317,26 @@ def write_videos(videos: torch.Tensor | list[torch.Tensor], out: Path, names: li
     return paths
 
 
-def write_grid(videos: torch.Tensor | list[torch.Tensor], path: Path) -> None:
-    """A PNG with every video's frames in a row (videos of different lengths hold their last frame)."""
-    from PIL import Image
+def class_name(names: Sequence[str], class_id: int | None) -> str | None:
+    """The name of ``class_id`` in an export's ``class_names``, None when it has none."""
+    return names[class_id] if class_id is not None and class_id < len(names) else None
+
+
+GRID_LABEL = 28  # characters of a row's label in grid.png
+
+
+def row_label(entry: dict[str, Any]) -> str | None:
+    """What a grid row is labelled with: the class name (else ``class N``) and / or the prompt."""
+    cls = entry.get("class_name") or (None if entry.get("class_id") is None else f"class {entry['class_id']}")
+    text = " | ".join(x for x in (cls, entry.get("prompt")) if x)
+    return (text[:GRID_LABEL - 3] + "..." if len(text) > GRID_LABEL else text) or None
+
+
+def write_grid(videos: torch.Tensor | list[torch.Tensor], path: Path, labels: Sequence[str | None] | None = None
+               ) -> None:
+    """A PNG with every video's frames in a row (videos of different lengths hold their last frame);
+    ``labels``: a text per row, written in a column left of the frames (the class name, the prompt)."""
+    from PIL import Image, ImageDraw, ImageFont
 
     longest = max(v.shape[1] for v in videos)
     frames = torch.stack([video_to_uint8(torch.cat([v, v[:, -1:].expand(-1, longest - v.shape[1], -1, -1)], 1))
@@ -320,7 +344,17 @@ def write_grid(videos: torch.Tensor | list[torch.Tensor], path: Path) -> None:
     B, T, H, W, C = frames.shape
     step = max(1, T // 8)
     rows = frames[:, ::step].permute(0, 2, 1, 3, 4).reshape(B * H, -1, C)  # rows: videos, columns: frames
-    Image.fromarray(rows.numpy()).save(path)
+    image = Image.fromarray(rows.numpy())
+    if labels is not None:
+        font = ImageFont.load_default()
+        width = max(int(font.getlength(x or "")) for x in labels) + 8
+        framed = Image.new("RGB", (width + image.width, image.height), (255, 255, 255))
+        framed.paste(image, (width, 0))
+        draw = ImageDraw.Draw(framed)
+        for b, text in enumerate(labels):
+            draw.text((4, b * H + 2), text or "", fill=(0, 0, 0), font=font)
+        image = framed
+    image.save(path)
 
 
 def save_videos(videos: torch.Tensor | list[torch.Tensor], out: Path, names: list[str], fps: float,
@@ -348,7 +382,9 @@ def check_args(args: argparse.Namespace) -> None:
         if not prompt.strip():
             raise UserError(f"--prompt number {i} is empty: give the text of the video to make (or use --class)")
     for c in args.class_id or []:
-        if c < 0:
+        if not c.strip():
+            raise UserError("--class is empty: give a class id or name")
+        if c.strip().startswith("-") and c.strip()[1:].isdigit():
             raise UserError(f"--class {c}: class ids are >= 0 (-1 is not 'no class'; to sample without a class "
                             "use a text prompt)")
     if args.image and not Path(args.image).is_file():
@@ -363,6 +399,31 @@ def check_args(args: argparse.Namespace) -> None:
                             "classifier-free guidance)")
         if args.guidance == 1.0:
             raise UserError("--negative-prompt acts through guidance: give --guidance > 1")
+
+
+def class_ids_of(values: Sequence[str], names: Sequence[str], num_classes: int) -> list[int]:
+    """The class ids of ``--class`` values: an id as it is, a name looked up in ``names`` (the
+    export's class names; `data.sources.class_index`: exact, else ignoring case). A `UserError` for
+    an id or name the DiT does not know, with the names that come closest."""
+    ids = []
+    for value in values:
+        value = value.strip()
+        if value.isdigit():
+            ids.append(int(value))
+            if ids[-1] >= num_classes:
+                raise UserError(f"--class {value}: this DiT knows {num_classes} classes, ids 0 to {num_classes - 1}")
+            continue
+        found = class_index(names, value)
+        if found is None and not names:
+            raise UserError(f"--class {value!r}: this DiT's class ids have no names (its latents were extracted "
+                            f"without --classes or a label column of names); give an id, 0 to {num_classes - 1}")
+        if found is None:
+            close = difflib.get_close_matches(value, names, n=3, cutoff=0.5)
+            raise UserError(f"--class {value!r} is not one of this DiT's {len(names)} classes" +
+                            (f"; did you mean {' / '.join(close)}?" if close else
+                             f" ({', '.join(names[:4])}{', ...' * (len(names) > 4)})"))
+        ids.append(found)
+    return ids
 
 
 def checkpoint_run(path: str | Path) -> Path | None:
@@ -476,9 +537,7 @@ def run(args: argparse.Namespace) -> int:
         if not n_classes:
             raise UserError("this DiT was trained without class ids (no class_id in its data, or model.class_cond="
                             "false); use --prompt" + ("" if text else " -- it takes no text either"))
-        bad = [c for c in class_ids if c >= n_classes]
-        if bad:
-            raise UserError(f"--class {bad[0]}: this DiT knows {n_classes} classes, ids 0 to {n_classes - 1}")
+        class_ids = class_ids_of(class_ids, export.class_names, n_classes)
     if prompts and (not text or not model.config.text_dim):
         raise UserError("this DiT was trained without text; use --class" + (f" (0 to {n_classes - 1})" if n_classes else ""))
     model = model.to(dtype)
@@ -528,7 +587,7 @@ def run(args: argparse.Namespace) -> int:
                 "dtype": dist.dtype_name(dtype), "tile": args.tile, "chunk_frames": args.chunk_frames or None,
                 "checkpoint": str(Path(args.checkpoint).resolve())}
     starts = list(range(0, len(items), args.batch_size))  # batch i: videos first + i, ..., seed + first + i
-    videos, names, lengths = [], [], set()
+    videos, names, lengths, labels = [], [], set(), []
     try:
         for r in range(0, len(starts), env.world_size):  # a round: one batch per rank
             made: tuple[list[dict[str, Any]], list[torch.Tensor]] = ([], [])
@@ -541,20 +600,22 @@ def run(args: argparse.Namespace) -> int:
                                  text_encoder=text_encoder, device=device, latent_frames=latent_frames, image=image,
                                  negative_prompt=args.negative_prompt, progress=main)
                 paths = write_videos(batch, out, [f"{first + i + j:04d}" for j in range(len(chunk))], fps)
-                made = ([{"file": p.name, "prompt": it[0], "class_id": it[1], "seed": sampling.seed + first + i,
+                made = ([{"file": p.name, "prompt": it[0], "class_id": it[1],
+                          "class_name": class_name(export.class_names, it[1]), "seed": sampling.seed + first + i,
                           "noise_row": row, "frames": v.shape[1], **settings}
                          for row, (p, it, v) in enumerate(zip(paths, chunk, batch))],
                         list(batch)[:max(0, GRID_VIDEOS - i)])  # only what the grid shows goes to rank 0
             for entries, batch in dist.gather_object(made) or []:  # on rank 0, in batch order
                 index += entries
                 videos += batch
+                labels += [row_label(e) for e in entries[:len(batch)]]
                 names += [Path(e["file"]).stem for e in entries]
                 lengths.update(e["frames"] for e in entries)
             if main:
                 atomic_write_json(out / "index.json", index)  # each round is kept as soon as it is made
     finally:  # an interrupted run keeps the grid of the videos it made
         if main and videos:
-            write_grid(videos, out / grid)
+            write_grid(videos, out / grid, labels if any(labels) else None)
     if not main:
         return 0
     what = f"{len(names)} videos ({names[0]}..{names[-1]})" if len(names) > 1 else f"1 video ({names[0]})"

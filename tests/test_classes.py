@@ -1,15 +1,22 @@
 """Class-conditional data the standard way (UCF-101, ImageNet / Kinetics-style class folders): the
 class of a video from its folder with the official numbering (classInd.txt, 1-based in the file,
-0-based ids) and split lists, the class names kept in the extraction's manifest, and
+0-based ids) and split lists, the class names kept from extraction to `ldm sample --class NAME`,
 per-class counts in `ldm data list`."""
+import json
 
 import av
 import numpy as np
 import pytest
+import torch
 
+import autoencoders
+import dit
 from data.manifest import load_manifest, load_manifests
 from data.sources import list_items, read_class_list
 from launch.cli import main as ldm
+from launch.sample import class_ids_of, row_label, write_grid
+from ldm import config as cfglib
+from ldm.artifacts import AERecord, ClipSpec
 from ldm.errors import UserError
 
 CLASSES = ["ApplyEyeMakeup", "Basketball", "HandstandPushups"]
@@ -129,3 +136,42 @@ def test_extract_keeps_class_names_and_counts_for_data_list(ucf, tmp_path, capsy
     with pytest.raises(ValueError, match="names its classes differently .* .class id 0: 'Basketball' vs "
                                          "'ApplyEyeMakeup'.: one id would mean two classes"):
         load_manifests(f"{tmp_path / 'train'},{side / 'lat'}")
+
+
+@pytest.fixture(scope="module")
+def named_dit(tmp_path_factory):
+    """A class-only DiT export (RANDOM weights) that knows the class names of its training data."""
+    d = tmp_path_factory.mktemp("dit")
+    cls, config = autoencoders.REGISTRY["kl2d-f8c4-debug"]
+    spec = cls(config).latent_spec(8, 32, 32)
+    dcfg = dit.make_config("dit-debug", spec, num_classes=3)
+    torch.manual_seed(0)
+    context = dit.Export(autoencoder=AERecord(name="kl2d-f8c4-debug", family="kl2d", config=cfglib.to_dict(config)),
+                         video=ClipSpec(8, 32, 32), latent_spec=spec.to_dict(), form="grid", num_classes=3,
+                         class_names=tuple(CLASSES))
+    dit.save_export(d / "export", dit.VideoDiT(dcfg).state_dict(), dcfg, context)
+    return d
+
+
+def test_sample_by_class_name(named_dit, tmp_path):
+    assert class_ids_of(["handstandpushups", "1", "ApplyEyeMakeup"], CLASSES, 3) == [2, 1, 0]
+    with pytest.raises(UserError, match="--class 'ApplyMakeup' is not one of this DiT's 3 classes; did you mean "
+                                        "ApplyEyeMakeup"):
+        class_ids_of(["ApplyMakeup"], CLASSES, 3)
+    with pytest.raises(UserError, match="this DiT's class ids have no names .* give an id, 0 to 2"):
+        class_ids_of(["Basketball"], (), 3)
+    with pytest.warns(UserWarning, match="RANDOM"):  # was: argparse "invalid int value: 'Basketball'"
+        ldm(["sample", "--checkpoint", str(named_dit), "--class", "Basketball", "--class", "0", "--steps", "1",
+             "--output", str(tmp_path / "s"), "--device", "cpu"])
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert [(e["class_id"], e["class_name"]) for e in index] == [(1, "Basketball"), (0, "ApplyEyeMakeup")]
+    assert [row_label(e) for e in index] == ["Basketball", "ApplyEyeMakeup"]
+    long = {"class_id": 4, "prompt": "a very long prompt about a red circle"}
+    assert row_label(long) == "class 4 | a very long pro..."
+    videos = torch.zeros(2, 3, 4, 8, 8)
+    write_grid(videos, tmp_path / "plain.png")
+    write_grid(videos, tmp_path / "named.png", ["Basketball", None])
+    from PIL import Image
+    plain, named = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "named.png")
+    assert named.height == plain.height and named.width > plain.width + 40  # a label column left of the frames
+    assert np.asarray(named)[:8, :40].min() < 128  # ... with dark text on white
