@@ -17,7 +17,10 @@ Generation (``gen``):
 - FVD / FID: Fréchet distances (float64, unbiased covariances, streaming statistics; the features
   and the protocols below live in ``ldm.metrics``)
   between features of reference clips and of as many generated clips (sampled with the reference
-  clips' captions or class ids). FVD follows the reference protocol: the first 16 frames, each
+  clips' captions or class ids; a random ``--num`` of the reference clips, seeded; a class-only DiT draws
+  the classes like the reference set or, ``--class-dist uniform``, in equal shares, recorded in the
+  result; ``--classes`` / ``--split`` read a class-per-folder reference such as UCF-101's test split, its
+  classes matched to the DiT's by name). FVD follows the reference protocol: the first 16 frames, each
   resized bilinearly to 224x224 (no crop) after quantising to [0, 255], mapped to [-1, 1], I3D
   Kinetics-400 logits; the default extractor is the TorchScript ``i3d_torchscript.pt`` (StyleGAN-V's
   port of the TF-Hub I3D, called with ``rescale=False, resize=False, return_features=True``);
@@ -47,6 +50,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -61,7 +65,7 @@ from torch import Tensor
 
 from autoencoders import Autoencoder, resolve, resolve_record
 from autoencoders.tiling import configure_inference
-from data.sources import ItemList, VideoClipDataset, list_items
+from data.sources import ItemList, VideoClipDataset, class_index, list_items
 from data.video import VideoError, output_frames, probe, read_video, upright_size, write_video
 from dit import Export, load_text_encoder
 from launch import dist
@@ -116,16 +120,22 @@ def check_lpips_files(backbone: str | None, heads: str | None) -> None:
         raise UserError("LPIPS needs both --lpips-backbone and --lpips-heads")
 
 
-def _clips(input: str, frames: int, height: int, width: int, fps: float | None, num: int | None
-           ) -> tuple[Iterable[dict[str, Any]], list[str], int]:
-    """The clips of ``input``; a GIF beside a video of the same name (``ldm sample`` writes
-    ``NNNN.mp4`` + ``NNNN.gif``) is the same clip and is read once, from the video."""
-    listed = list_items(input)
+def _without_gif_twins(listed: ItemList) -> ItemList:
+    """``listed`` without a GIF beside a video of the same name (``ldm sample`` writes ``NNNN.mp4``
+    + ``NNNN.gif``): the same clip, read once, from the video."""
     videos = {it.path.with_suffix("") for it in listed if it.path is not None and it.path.suffix.lower() != ".gif"}
-    items = ItemList([it for it in listed if it.path is None or it.path.suffix.lower() != ".gif"
-                      or it.path.with_suffix("") not in videos], listed.problems)
-    if num:
-        items = items[:num]
+    return ItemList([it for it in listed if it.path is None or it.path.suffix.lower() != ".gif"
+                     or it.path.with_suffix("") not in videos], listed.problems, listed.class_names, listed.left_out)
+
+
+def _clips(input: str, frames: int, height: int, width: int, fps: float | None, num: int | None,
+           items: ItemList | None = None) -> tuple[Iterable[dict[str, Any]], list[str], int]:
+    """The clips of ``input`` (its first ``num``; GIF twins once, `_without_gif_twins`), or of
+    ``items`` when given (already chosen: ``num`` is not applied)."""
+    if items is None:
+        items = _without_gif_twins(list_items(input))
+        if num:
+            items = ItemList(items[:num], items.problems, items.class_names)
     if not items:
         raise ValueError(f"no videos found in {input}")
     data = VideoClipDataset(items, frames, height, width, fps)
@@ -134,7 +144,7 @@ def _clips(input: str, frames: int, height: int, width: int, fps: float | None, 
     def gen():
         for i in range(len(data)):
             try:
-                yield data[i]
+                yield {**data[i], "index": i}  # the item's place in ``items``
             except VideoError as e:
                 skipped.append(f"{items[i].source}: {e}")
     return gen(), skipped, len(items)
@@ -500,44 +510,114 @@ def _as_batches(videos: Tensor | list[Tensor]) -> list[Tensor]:
     return [videos] if isinstance(videos, Tensor) else [v[None] for v in videos]
 
 
+CLASS_DISTS = ("reference", "uniform")  # how `generation_fd` draws the classes of the generated clips
+
+
+def reference_items(reference: str, export: Export, *, num: int | None = None, seed: int = 0,
+                    classes: str | None = None, split: str | None = None) -> tuple[ItemList, dict[str, Any]]:
+    """The reference clips of FVD / FID and how they were chosen: the videos of ``reference``
+    (``classes`` / ``split`` as `data.sources.list_items`), a random ``num`` of them (seeded by
+    ``seed``, kept in listing order; all when ``num`` is None or larger: sorted listings run class by
+    class, so the first N would cover a few classes). A clip's class is the DiT's id of its class
+    NAME when both have names (`class_index`; an unknown name is a `UserError`), else its id as is."""
+    items = _without_gif_twins(list_items(reference, classes=classes, split=split))
+    total = len(items)
+    if num and num < total:
+        chosen = sorted(random.Random(seed).sample(range(total), num))
+        items = ItemList([items[i] for i in chosen], items.problems, items.class_names)
+    by = "ids"
+    if export.class_names and any(it.class_name is not None for it in items):
+        by = "names"
+        for it in items:
+            if it.class_name is None:
+                continue
+            found = class_index(export.class_names, it.class_name)
+            if found is None:
+                raise UserError(f"--reference {reference}: class {it.class_name!r} ({it.key}) is not one of the "
+                                f"{len(export.class_names)} classes this DiT was trained on; leave it out (--split) "
+                                "or give the --classes list of its training data")
+            it.class_id = found
+    record = {"classes": classes, "split": split, "listed": total, "used": len(items),
+              "chosen": f"random {len(items)} of {total} (seed {seed})" if len(items) < total else "all",
+              "class_ids_from": by}
+    return items, record
+
+
+def _class_plan(items: list, dist: str, seed: int) -> list[int]:
+    """The class of each generated clip: the reference clip's own (``reference``), or the reference
+    set's classes in equal shares (``uniform``: counts differ by at most one; which classes get one
+    more, and the order, follow ``seed``)."""
+    ids = [it.class_id for it in items]
+    if dist == "reference":
+        return ids
+    present = sorted(set(ids))
+    plan = [present[i % len(present)] for i in range(len(ids))]
+    random.Random(seed).shuffle(plan)
+    return plan
+
+
+def _per_class(ids: list[int], names: Sequence[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for i in sorted(ids):
+        label = names[i] if i < len(names) else str(i)
+        counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
 def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, frames: int, height: int,
                   width: int, num: int | None, i3d: Extractor | None, inception: Extractor | None,
                   fvd_frames: int = FVD_FRAMES, samples: str | None = None,
                   sampling: SamplingConfig = SamplingConfig(), batch_size: int = 8,
                   device: str | torch.device = "cpu", fps: float | None = None,
-                  use_class: bool | None = None) -> dict[str, Any]:
-    """FVD / FID between the reference clips and generated ones: the given ``samples`` folder, or
-    one sample per reference clip from its caption (text DiT) or class id (``use_class``: also
-    with text, as `_conditioning`). Reference (and
+                  use_class: bool | None = None, classes: str | None = None, split: str | None = None,
+                  class_dist: str = "reference") -> dict[str, Any]:
+    """FVD / FID between the reference clips (`reference_items`: a random ``num`` of them, seeded by
+    ``sampling.seed``) and generated ones: the given ``samples`` folder (its first ``num``), or one
+    sample per reference clip from its caption (text DiT) or class (``use_class``: also with text,
+    as `_conditioning`). A class-conditional DiT samples each reference clip's class
+    (``class_dist="reference"``: the generated classes follow the reference set's) or the reference
+    set's classes in equal shares (``"uniform"``); the result records which, with the clips per
+    class. The noise of clip i is the same on every run (seed + its batch), so a rerun gives the
+    same value. Reference (and
     ``samples``) clips are read at ``fps``, by default the rate the DiT's training clips were
     resampled to (``export.video.fps``; None: the videos' own), so both sides have the same motion
     per frame."""
     if i3d is None and inception is None:
         raise ValueError("FVD / FID need --i3d and/or --inception")
+    if class_dist not in CLASS_DISTS:
+        raise ValueError(f"class_dist must be one of {', '.join(CLASS_DISTS)}, got {class_dist!r}")
     fps = export.video.fps if fps is None else fps
     accs = {}
     if i3d is not None:
         accs["fvd"] = fvd_accumulator(i3d, fvd_frames)
     if inception is not None:
         accs["fid"] = fid_accumulator(inception)
-    ref, skipped, _ = _clips(reference, frames, height, width, fps, num)
+    items, chosen = reference_items(reference, export, num=num, seed=sampling.seed, classes=classes, split=split)
+    ref, skipped, _ = _clips(reference, frames, height, width, fps, num, items)
     text_encoder = None
     use_text, use_cls = (False, False)  # both False: an unconditional DiT, sampled unconditionally
     if samples is None and (model.config.text_dim or model.config.num_classes):
         use_text, use_cls = _conditioning(model, export, use_class)
     if samples is None:
         text_encoder = sampling_text_encoder(model, ae, export, use_text, device)
+    if class_dist != "reference" and not (use_cls and not use_text):
+        raise ValueError(f"--class-dist {class_dist}: the generated clips' classes are drawn only for a DiT sampled "
+                         "by class ids alone (with text, or from --samples, each clip keeps its reference's condition)")
+    if use_cls and any(it.class_id is None for it in items):
+        raise ValueError("a reference clip has no class id" + (" (--use-class)" if use_text else
+                                                               "; this DiT is class-conditioned only"))
+    plan = _class_plan(items, class_dist, sampling.seed) if use_cls else []
+    made: list[int] = []  # the class of each generated clip
     n = 0
     for b, batch in enumerate(_batches(ref, batch_size)):
         real = torch.stack([x["video"] for x in batch])
         for acc in accs.values():
             acc.update("real", real)
         if samples is None:
-            if use_cls and any(x["class_id"] < 0 for x in batch):
-                raise ValueError("a reference clip has no class id" + (" (--use-class)" if use_text else
-                                                                       "; this DiT is class-conditioned only"))
+            ids = [plan[x["index"]] for x in batch] if use_cls else None
+            made += ids or []
             fake = generate(model, ae, export.latent_norm, prompts=[x["caption"] for x in batch] if use_text else None,
-                            class_ids=[x["class_id"] for x in batch] if use_cls else None, count=len(batch),
+                            class_ids=ids, count=len(batch),
                             frames=frames, height=height, width=width, sampling=sampling, seed_offset=b * batch_size,
                             text_encoder=text_encoder, device=device, progress=False)
             for video in _as_batches(fake):
@@ -557,8 +637,13 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
         out[name] = acc.result(name) if min(n_real, n_fake) >= 2 else {
             "error": f"{name.upper()} needs >= 2 {'clips' if name == 'fvd' else 'frames'} on each side, got "
                      f"{n_real} reference and {n_fake} generated (see skipped)"}
-    out["reference"], out["read_fps"] = reference, fps
+    out["reference"], out["read_fps"], out["reference_clips"] = reference, fps, chosen
     out["generated"] = samples or "sampled now: one per reference clip (its caption / class id)"
+    if samples is None:
+        out["conditioning"] = {"text": use_text, "class": use_cls}
+        if use_cls:
+            out["conditioning"].update(class_dist=class_dist, seed=sampling.seed,
+                                       per_class=_per_class(made, export.class_names))
     out["skipped"] = skipped
     return out
 
@@ -649,8 +734,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="condition on class ids too, for the attribute benchmark and FVD / FID (default: text if any; "
                         "a DiT trained on both samples as trained with it)")
     g.add_argument("--reference", help="reference videos for FVD / FID")
+    g.add_argument("--classes", metavar="folder|FILE",
+                   help="the reference clips' classes from their top-level folders, as `ldm extract --classes` "
+                        "(UCF-101: the classInd.txt of the training data); matched to the DiT's classes by name")
+    g.add_argument("--split", metavar="FILE", help="only the reference videos this list names (UCF-101 testlist01.txt)")
+    g.add_argument("--class-dist", choices=CLASS_DISTS, default="reference",
+                   help="classes of the generated clips of a class-conditional DiT: each reference clip's own "
+                        "(default: distributed as the reference set) or the reference set's classes in equal shares")
     g.add_argument("--samples", help="already generated videos (instead of sampling one per reference clip)")
-    g.add_argument("--num", type=int, help="clips used for FVD / FID (reference and generated)")
+    g.add_argument("--num", type=int, help="clips used for FVD / FID: a random N of the reference clips (seeded by "
+                   "--seed; all when fewer) and as many generated (the first N of --samples)")
     _metric_args(g, lpips=False)
     g.add_argument("--inception", help="FID: StyleGAN2-ADA's TorchScript Inception (inception-2015-12-05.pt)")
     g.add_argument("--vbench", action="store_true", help="sample VBench's standard prompts and score them")
@@ -724,7 +817,12 @@ def check_args(args: argparse.Namespace) -> None:
         for flag, path in {"--reference": args.reference, "--samples": args.samples}.items():
             if path is not None:  # videos there, before --overwrite clears anything
                 with checking(flag):
-                    list_items(path)
+                    list_items(path, **({"classes": args.classes, "split": args.split} if flag == "--reference"
+                                        else {}))
+        for flag, value in {"--classes": args.classes, "--split": args.split,
+                            "--class-dist": None if args.class_dist == "reference" else args.class_dist}.items():
+            if value is not None and not args.reference:
+                raise UserError(f"{flag} is about the --reference videos; add --reference, or leave the flag out")
         if not (args.attributes or args.reference or args.vbench):
             raise UserError("choose at least one of --attributes, --reference (FVD / FID), --vbench")
         if args.reference and not (args.i3d or args.inception):
@@ -862,11 +960,20 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         configure_inference(ae, args.tile, args.chunk_frames)
         if args.attributes and _conditioning(model, export, True if args.use_class else None)[1]:
             check_suite_classes(model, attribute_suite(args.shapes, args.colors, args.directions, args.holdout))
+        if args.class_dist != "reference" and (args.samples is not None or not model.config.num_classes or
+                                               _conditioning(model, export, True if args.use_class else None)
+                                               != (False, True)):
+            raise UserError(f"--class-dist {args.class_dist}: classes are drawn only when this DiT samples the "
+                            "reference by class ids alone (a class-conditional DiT without text, no --samples); "
+                            "leave the flag out")
+        if args.reference:  # class names the DiT does not know: before anything is written
+            reference = reference_items(args.reference, export, num=args.num, seed=args.seed, classes=args.classes,
+                                        split=args.split)[0]
         if args.reference and args.samples is None and (model.config.text_dim or model.config.num_classes) and \
-                _conditioning(model, export, None)[1] and \
-                any(it.class_id is None for it in list_items(args.reference)[:args.num]):
+                _conditioning(model, export, None)[1] and any(it.class_id is None for it in reference):
             raise UserError(f"--reference {args.reference}: a clip has no class id and this DiT is class-conditioned "
-                            "only; give clips with class ids (an `ldm data synth` folder) or --samples")
+                            "only; give clips with class ids (--classes for a folder per class, an `ldm data synth` "
+                            "folder) or --samples")
     if args.vbench:
         with checking("--vbench"):
             check_vbench_dit(model, export)
@@ -890,7 +997,8 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     if args.reference:
         result["fd"] = generation_fd(model, ae, export, args.reference, frames=frames, height=height, width=width,
                                      num=args.num, i3d=i3d, inception=inception, fvd_frames=args.fvd_frames,
-                                     samples=args.samples, use_class=True if args.use_class else None, **common)
+                                     samples=args.samples, use_class=True if args.use_class else None,
+                                     classes=args.classes, split=args.split, class_dist=args.class_dist, **common)
     if args.vbench:
         result["vbench"] = vbench_bridge(model, ae, export, out, info=info, dimensions=args.vbench_dimensions,
                                          per_prompt=args.vbench_per_prompt, frames=frames, height=height,

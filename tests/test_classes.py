@@ -1,7 +1,7 @@
 """Class-conditional data the standard way (UCF-101, ImageNet / Kinetics-style class folders): the
 class of a video from its folder with the official numbering (classInd.txt, 1-based in the file,
 0-based ids) and split lists, the class names kept from extraction to `ldm sample --class NAME`,
-per-class counts in `ldm data list`."""
+per-class counts in `ldm data list`, and the class protocol of FVD in `ldm eval gen`."""
 import json
 
 import av
@@ -175,3 +175,48 @@ def test_sample_by_class_name(named_dit, tmp_path):
     plain, named = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "named.png")
     assert named.height == plain.height and named.width > plain.width + 40  # a label column left of the frames
     assert np.asarray(named)[:8, :40].min() < 128  # ... with dark text on white
+
+
+def test_eval_gen_draws_classes_as_told_and_says_so(ucf, named_dit, tmp_path):
+    from test_evaluate import TinyI3D
+
+    from launch import evaluate as ev
+
+    torch.jit.save(torch.jit.script(TinyI3D()), str(tmp_path / "i3d_torchscript.pt"))
+    lists = ucf / "ucfTrainTestlist"
+    sub = tmp_path / "sub"  # a reference with two of the three classes: sorted folder ids would be 0, 1
+    for c in CLASSES[1:]:
+        (sub / c).mkdir(parents=True)
+        for v in (ucf / "UCF-101" / c).glob("*.avi"):
+            (sub / c / v.name).write_bytes(v.read_bytes())
+
+    export = dit.load_export(named_dit)[1]
+    picked = [ev.reference_items(str(ucf / "UCF-101"), export, num=3, seed=0, classes="folder")[0] for _ in (0, 1)]
+    assert [it.key for it in picked[0]] == [it.key for it in picked[1]]  # the same subset on every run
+    assert len({it.class_name for it in picked[0]}) > 1  # was: the first 3, all ApplyEyeMakeup
+
+    def fd(out, *flags):
+        with pytest.warns(UserWarning, match="RANDOM"):
+            ldm(["eval", "gen", "--checkpoint", str(named_dit), "--i3d", str(tmp_path / "i3d_torchscript.pt"),
+                 "--fvd-frames", "8", "--steps", "1", "--batch-size", "2", "--device", "cpu", "--output",
+                 str(tmp_path / out), *flags])
+        return json.loads((tmp_path / out / "result.json").read_text())["fd"]
+
+    ref = fd("ref", "--reference", str(ucf / "UCF-101"), "--classes", str(lists / "classInd.txt"), "--split",
+             str(lists / "testlist01.txt"))
+    assert ref["conditioning"] == {"text": False, "class": True, "class_dist": "reference", "seed": 0,
+                                   "per_class": dict.fromkeys(CLASSES, 1)}
+    assert ref["reference_clips"]["used"] == 3 and ref["reference_clips"]["class_ids_from"] == "names"
+    # matched by name: Basketball is id 1 of the DiT, also where the reference's own folders number it 0
+    named = fd("named", "--reference", str(sub), "--classes", "folder", "--num", "5", "--class-dist", "uniform")
+    assert named["conditioning"]["per_class"] == {"Basketball": 3, "HandstandPushups": 2}
+    assert named["reference_clips"]["chosen"] == "random 5 of 6 (seed 0)"
+    again = fd("again", "--reference", str(sub), "--classes", "folder", "--num", "5", "--class-dist", "uniform")
+    assert again["fvd"]["fvd"] == named["fvd"]["fvd"] and again["conditioning"] == named["conditioning"]
+    (sub / "YoYo").mkdir()
+    (sub / "YoYo" / "v_YoYo_g01_c01.avi").write_bytes(next((sub / "Basketball").glob("*.avi")).read_bytes())
+    with pytest.raises(UserError, match="class 'YoYo' .YoYo/v_YoYo_g01_c01. is not one of the 3 classes this DiT"), \
+            pytest.warns(UserWarning, match="RANDOM"):
+        ldm(["eval", "gen", "--checkpoint", str(named_dit), "--i3d", str(tmp_path / "i3d_torchscript.pt"),
+             "--fvd-frames", "8", "--reference", str(sub), "--classes", "folder", "--output", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

@@ -405,8 +405,8 @@ def test_fd_of_an_unconditional_dit(files, run_dir, tmp_path):
 def test_fd_reads_clips_at_the_training_rate(files, run_dir, monkeypatch):
     model, ae, context = _load(run_dir)
     rates, read = [], ev._clips
-    monkeypatch.setattr(ev, "_clips", lambda input, frames, h, w, fps, num: rates.append(fps) or
-                        read(input, frames, h, w, fps, num))
+    monkeypatch.setattr(ev, "_clips", lambda input, frames, h, w, fps, num, items=None: rates.append(fps) or
+                        read(input, frames, h, w, fps, num, items))
     at4 = dataclasses.replace(context, video=ClipSpec(8, 32, 32, fps=4.0))  # trained on clips resampled to 4 fps
     kw = dict(frames=4, height=32, width=32, num=None, i3d=metrics.load_i3d(files / "i3d_torchscript.pt"),
               inception=None, fvd_frames=4, samples=str(files / "videos"))
