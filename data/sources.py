@@ -34,8 +34,8 @@ Class folders (folders only; ``classes=``): ``"folder"`` takes each video's clas
 folder it lies in under the input (``UCF-101/ApplyEyeMakeup/v_..._g01_c01.avi``: ``ApplyEyeMakeup``; an
 ImageNet / Kinetics-style tree), ids in sorted folder-name order from 0 (as torchvision's ImageFolder).
 A class list file instead fixes the numbering (`read_class_list`): UCF-101's ``classInd.txt`` ("1
-ApplyEyeMakeup"; numbered from 1) or a Kinetics-style list (one name a line, or "0 abseiling"; numbered
-from 0). Ids are always 0-based: the file's first number is id 0, so classInd's "1 ApplyEyeMakeup" is
+ApplyEyeMakeup"; numbered from 1) or a Kinetics-style list (one name a line, "0 abseiling", or a CSV of
+``id,name`` under a header; numbered from 0). Ids are always 0-based: the file's first number is id 0, so classInd's "1 ApplyEyeMakeup" is
 class id 0 and "101 YoYo" id 100. Folder names match the list's names exactly, else ignoring case; a
 folder the list does not name, or a video outside any class folder, is a `UserError`. The ids are given
 before a split is applied, so a train and a test split number their classes alike.
@@ -446,28 +446,40 @@ def class_index(names: Sequence[str], name: str) -> int | None:
 def read_class_list(path: str | Path) -> tuple[tuple[str, ...], int]:
     """The class names of a class list file by id, and the number the file gives id 0: ``"N name"``
     lines numbered from 1 (UCF-101's ``classInd.txt``) or from 0 without gaps, or one name a line
-    (numbered from 0 in line order). A `UserError` naming the file and line when it is neither."""
+    (numbered from 0 in line order); a ``.csv`` / ``.tsv`` file holds ``id,name`` or ``name`` rows
+    (Kinetics label lists) under a header line, as a captions file. A header line before numbered
+    lines (``id,name``) is skipped. A `UserError` naming the file and line when it is none of these."""
     path = Path(path)
     if not path.is_file():
         raise MissingInput(f"--classes {path}: class list file not found (or give 'folder': sorted folder names)")
-    lines = [(n, line.strip()) for n, line in enumerate(read_text(path, []).splitlines(), 1) if line.strip()]
+    text = read_text(path, [])
+    if path.suffix.lower() in DELIMITED:  # (number, name) or (name, ...) columns
+        rows = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(path, text.split("\n", 1)[0]))
+        lines = [(n, [c.strip() for c in row]) for n, row in enumerate(rows, 1) if any(c.strip() for c in row)]
+        lines = [(n, row[:2] if row[0].isdigit() else row[:1]) for n, row in lines]
+        if lines and len(lines[0][1]) == 1:  # its header line ("name"), as a captions file has
+            lines = lines[1:]
+    else:  # "number name" (the name may hold spaces) or the whole line
+        lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        lines = [(n, line.split(None, 1) if line.split(None, 1)[0].isdigit() else [line]) for n, line in lines]
+    if len(lines) > 1 and len(lines[0][1]) != 2 and all(len(parts) == 2 for _, parts in lines[1:]):
+        lines = lines[1:]  # a header: "id,name", "index name"
     if not lines:
         raise UserError(f"--classes {path}: no class names in the file")
-    numbered = [(n, line.split(None, 1)) for n, line in lines]
-    if all(len(parts) == 2 and parts[0].isdigit() for _, parts in numbered):
-        numbers = [int(parts[0]) for _, parts in numbered]
+    if all(len(parts) == 2 for _, parts in lines):
+        numbers = [int(parts[0]) for _, parts in lines]
         base = min(numbers)
         if base not in (0, 1) or sorted(numbers) != list(range(base, base + len(numbers))):
             raise UserError(f"--classes {path}: the class numbers must run from 1 (classInd.txt) or from 0 to the "
                             f"number of classes without gaps or repeats; got {base} to {max(numbers)} for "
                             f"{len(numbers)} lines")
-        names = tuple(parts[1].strip() for _, parts in sorted(numbered, key=lambda x: int(x[1][0])))
-    elif any(len(parts) == 2 and parts[0].isdigit() for _, parts in numbered):
-        n = next(n for n, parts in numbered if not (len(parts) == 2 and parts[0].isdigit()))
+        names = tuple(parts[1].strip() for _, parts in sorted(lines, key=lambda x: int(x[1][0])))
+    elif any(len(parts) == 2 for _, parts in lines):
+        n = next(n for n, parts in lines if len(parts) != 2)
         raise UserError(f"--classes {path} line {n}: some lines are 'NUMBER NAME' and this one is not; number "
                         "every line or none")
     else:
-        base, names = 0, tuple(line for _, line in lines)
+        base, names = 0, tuple(parts[0] for _, parts in lines)
     repeated = sorted({x for x in names if names.count(x) > 1})
     if repeated:
         raise UserError(f"--classes {path}: class {repeated[0]!r} is named twice")

@@ -69,8 +69,11 @@ def test_class_folders_with_the_official_numbering_and_splits(ucf):
     by_folder = list_items(ucf / "UCF-101", classes="folder")  # sorted folder names, from 0
     assert len(by_folder) == 9 and by_folder.class_names == tuple(CLASSES) and by_folder[-1].class_id == 2
     # a class list in another numbering: ids follow the list, not the folders' order; 0-based name lists
-    (ucf / "names.txt").write_text("HandstandPushups\nBasketball\nApplyEyeMakeup\nYoYo\n")
-    assert read_class_list(ucf / "names.txt") == (("HandstandPushups", "Basketball", "ApplyEyeMakeup", "YoYo"), 0)
+    (ucf / "names.txt").write_text("HandstandPushups\nBasketball\nApplyEyeMakeup\nYoYo\nplaying guitar\n")
+    assert read_class_list(ucf / "names.txt") == (("HandstandPushups", "Basketball", "ApplyEyeMakeup", "YoYo",
+                                                   "playing guitar"), 0)
+    (ucf / "labels.csv").write_text('id,name\n1,"air drumming"\n0,abseiling\n')  # Kinetics-style, a header
+    assert read_class_list(ucf / "labels.csv") == (("abseiling", "air drumming"), 0)
     items = list_items(ucf / "UCF-101", classes=ucf / "names.txt")
     assert [it.class_id for it in items][::3] == [2, 1, 0] and items.class_names[3] == "YoYo"
 
