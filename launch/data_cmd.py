@@ -258,6 +258,10 @@ def _list(args: argparse.Namespace) -> int:
     print(f"{len(items)} videos in {args.input}{split}: {captioned} with captions, {labelled} with class ids, "
           f"{len({it.class_id for it in items if it.class_id is not None})} distinct classes")
     print_classes(Counter(it.class_id for it in items if it.class_id is not None), items.class_names, "videos")
+    folders = sorted({it.meta["path"].split("/", 1)[0] for it in items if "/" in it.meta.get("path", "")})
+    if not labelled and len(folders) > 1 and all("/" in it.meta.get("path", "") for it in items):
+        print(f"  the videos lie in {len(folders)} folders ({', '.join(folders[:3])}{', ...' * (len(folders) > 3)}): "
+              "if each is a class, --classes folder (or a class list such as classInd.txt) reads it")
     for i, it in enumerate(items[: args.show]):
         clips = ""
         if counts is not None:

@@ -127,6 +127,9 @@ def test_extract_keeps_class_names_and_counts_for_data_list(ucf, tmp_path, capsy
     shown = capsys.readouterr().out
     assert "3 videos in" in shown and "(6 others left out)" in shown and "    2 HandstandPushups: 1\n" in shown
     assert "class=1 (Basketball)" in shown
+    ldm(["data", "list", "--input", str(ucf / "UCF-101")])
+    assert "the videos lie in 3 folders (ApplyEyeMakeup, Basketball, HandstandPushups): if each is a class, " \
+        "--classes folder" in capsys.readouterr().out
     ldm(["data", "list", "--input", str(tmp_path / "train")])
     shown = capsys.readouterr().out
     assert "per class (3 of 3 classes have clips; fewest 2, most 2)" in shown and "    0 ApplyEyeMakeup: 2\n" in shown
