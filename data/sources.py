@@ -35,16 +35,19 @@ folder it lies in under the input (``UCF-101/ApplyEyeMakeup/v_..._g01_c01.avi``:
 ImageNet / Kinetics-style tree), ids in sorted folder-name order from 0 (as torchvision's ImageFolder).
 A class list file instead fixes the numbering (`read_class_list`): UCF-101's ``classInd.txt`` ("1
 ApplyEyeMakeup"; numbered from 1) or a Kinetics-style list (one name a line, "0 abseiling", or a CSV of
-``id,name`` under a header; numbered from 0). Ids are always 0-based: the file's first number is id 0, so classInd's "1 ApplyEyeMakeup" is
-class id 0 and "101 YoYo" id 100. Folder names match the list's names exactly, else ignoring case; a
-folder the list does not name, or a video outside any class folder, is a `UserError`. The ids are given
-before a split is applied, so a train and a test split number their classes alike.
+``id,name`` under a header; numbered from 0). Ids are always 0-based: the file's first number is id 0,
+so classInd's "1 ApplyEyeMakeup" is class id 0 and "101 YoYo" id 100. Folder names match the list's
+names exactly, else ignoring case; a folder the list does not name, or a video outside any class
+folder, is a `UserError`. The ids are given before a split is applied, so a train and a test split
+number their classes alike.
 
 A split list (folders only; ``split=``): one video a line, its path relative to the input folder
 (UCF-101's ``trainlist01.txt`` / ``testlist01.txt``), optionally followed by a label number; only the listed
 videos are kept (``items.left_out`` counts the others). A label must agree with the class list file's number
 for the video's folder (``trainlist01``'s "ApplyEyeMakeup/v_..._g08_c01.avi 1" with classInd's "1
-ApplyEyeMakeup"), else a `UserError`; a listed path that is not a video under the folder is a problem.
+ApplyEyeMakeup"), else a `UserError`; labels that number the classes otherwise than ``"folder"``'s
+sorted names (classInd.txt sorts ``JumpingJack`` before ``JumpRope``, Python the reverse) are a problem,
+as is a listed path that is not a video under the folder.
 
 Problems that should not stop a run (a captions row naming a missing file, a duplicate row, a
 shard sample without a video, an unreadable shard, a broken symlink) are logged and collected in
@@ -527,6 +530,7 @@ def _split(items: ItemList, split: Path, root: Path, base: int | None) -> ItemLi
     for it in items:
         folded.setdefault(unicodedata.normalize("NFC", it.meta["path"]).casefold(), []).append(it)
     chosen: set[int] = set()
+    labelled: list[tuple[VideoItem, int]] = []
     for n, line in enumerate(read_text(split, items.problems).splitlines(), 1):
         line = line.strip()
         if not line:
@@ -547,6 +551,17 @@ def _split(items: ItemList, split: Path, root: Path, base: int | None) -> ItemLi
                             f"folder's class {it.class_name!r} {it.class_id + base}; give the class list "
                             "that goes with this split")
         chosen.add(id(it))
+        if label is not None:
+            labelled.append((it, label))
+    if base is None and labelled and labelled[0][0].class_id is not None:  # --classes folder: sorted folder names
+        first = 0 if min(label for _, label in labelled) == 0 else 1
+        differ = {it.class_name: (label, it.class_id) for it, label in labelled if label - first != it.class_id}
+        if differ:
+            name, (label, got) = next(iter(differ.items()))
+            _report(items.problems, f"split {split.name}: its labels number {len(differ)} class(es) otherwise than "
+                                    f"--classes folder (sorted folder names), e.g. {name!r}: {label} in the list "
+                                    f"(id {label - first}), id {got} here; for the list's numbering give its class "
+                                    "list (UCF-101: classInd.txt) as --classes")
     kept = [it for it in items if id(it) in chosen]
     if not kept:
         raise UserError(f"--split {split}: none of its lines names a video under {root} (paths relative to it, "

@@ -95,6 +95,14 @@ def test_class_list_and_split_mistakes_are_one_line(ucf, tmp_path):
     for kw, message in cases:
         with pytest.raises(UserError, match=message):
             list_items(videos, **kw)
+    (tmp_path / "renumbered.txt").write_text("Basketball/v_Basketball_g08_c01.avi 1\n"
+                                             "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 2\n")
+    listed = list_items(videos, classes="folder", split=tmp_path / "renumbered.txt")  # the list is not the folders'
+    assert [it.class_id for it in listed] == [0, 1] and listed.problems == [
+        "split renumbered.txt: its labels number 2 class(es) otherwise than --classes folder (sorted folder names), "
+        "e.g. 'Basketball': 1 in the list (id 0), id 1 here; for the list's numbering give its class list (UCF-101: "
+        "classInd.txt) as --classes"]
+    assert not list_items(videos, classes="folder", split=lists / "trainlist01.txt").problems
     loose = tmp_path / "loose"
     (loose / "Basketball").mkdir(parents=True)
     (loose / "clip.avi").write_bytes((videos / CLASSES[0] / "v_ApplyEyeMakeup_g01_c01.avi").read_bytes())
