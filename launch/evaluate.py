@@ -958,22 +958,29 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     check_clip_frames(frames, args.fvd_frames if args.reference and args.i3d else None)
     with checking():
         configure_inference(ae, args.tile, args.chunk_frames)
-        if args.attributes and _conditioning(model, export, True if args.use_class else None)[1]:
+        use_text, use_cls = False, False  # what --attributes and --reference condition on
+        if (args.attributes or args.reference) and (model.config.text_dim or model.config.num_classes):
+            use_text, use_cls = _conditioning(model, export, True if args.use_class else None)
+        if args.attributes and use_cls:
             check_suite_classes(model, attribute_suite(args.shapes, args.colors, args.directions, args.holdout))
-        if args.class_dist != "reference" and (args.samples is not None or not model.config.num_classes or
-                                               _conditioning(model, export, True if args.use_class else None)
-                                               != (False, True)):
+        if args.class_dist != "reference" and (args.samples is not None or use_text or not use_cls):
             raise UserError(f"--class-dist {args.class_dist}: classes are drawn only when this DiT samples the "
                             "reference by class ids alone (a class-conditional DiT without text, no --samples); "
                             "leave the flag out")
         if args.reference:  # class names the DiT does not know: before anything is written
             reference = reference_items(args.reference, export, num=args.num, seed=args.seed, classes=args.classes,
                                         split=args.split)[0]
-        if args.reference and args.samples is None and (model.config.text_dim or model.config.num_classes) and \
-                _conditioning(model, export, None)[1] and any(it.class_id is None for it in reference):
-            raise UserError(f"--reference {args.reference}: a clip has no class id and this DiT is class-conditioned "
-                            "only; give clips with class ids (--classes for a folder per class, an `ldm data synth` "
-                            "folder) or --samples")
+        if args.reference and args.samples is None and use_cls:
+            if any(it.class_id is None for it in reference):
+                raise UserError(f"--reference {args.reference}: a clip has no class id and this DiT is "
+                                + ("sampled with class ids (--use-class)" if use_text else "class-conditioned only")
+                                + "; give clips with class ids (--classes for a folder per class, an `ldm data synth` "
+                                "folder) or --samples")
+            worst = max(reference, key=lambda it: it.class_id)
+            if worst.class_id >= model.config.num_classes:
+                raise UserError(f"--reference {args.reference}: {worst.key} has class id {worst.class_id}, outside "
+                                f"this DiT's {model.config.num_classes} classes (ids 0 to "
+                                f"{model.config.num_classes - 1}); give --classes the class list of its training data")
     if args.vbench:
         with checking("--vbench"):
             check_vbench_dit(model, export)

@@ -2,6 +2,7 @@
 class of a video from its folder with the official numbering (classInd.txt, 1-based in the file,
 0-based ids) and split lists, the class names kept from extraction to `ldm sample --class NAME`,
 per-class counts in `ldm data list`, and the class protocol of FVD in `ldm eval gen`."""
+import dataclasses
 import json
 
 import av
@@ -234,3 +235,19 @@ def test_eval_gen_draws_classes_as_told_and_says_so(ucf, named_dit, tmp_path):
         ldm(["eval", "gen", "--checkpoint", str(named_dit), "--i3d", str(tmp_path / "i3d_torchscript.pt"),
              "--fvd-frames", "8", "--reference", str(sub), "--classes", "folder", "--output", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_gen_refuses_reference_classes_outside_the_dit(ucf, named_dit, tmp_path):
+    model, context = dit.load_export(named_dit)  # an export made before class names were kept: ids only
+    dit.save_export(tmp_path / "export", model.state_dict(), model.config, dataclasses.replace(context, class_names=()))
+    (tmp_path / "names.txt").write_text("\n".join(["Archery", "Biking", *CLASSES]) + "\n")  # ids 2, 3, 4
+    from test_evaluate import TinyI3D
+
+    i3d = str(tmp_path / "i3d_torchscript.pt")
+    torch.jit.save(torch.jit.script(TinyI3D()), i3d)
+    with pytest.raises(UserError, match="v_HandStandPushups_g01_c01 has class id 4, outside this DiT's 3 classes "
+                                        ".ids 0 to 2.; give --classes the class list of its training data"), \
+            pytest.warns(UserWarning, match="RANDOM"):  # was: an IndexError traceback in the class embedding
+        ldm(["eval", "gen", "--checkpoint", str(tmp_path), "--reference", str(ucf / "UCF-101"), "--classes",
+             str(tmp_path / "names.txt"), "--i3d", i3d, "--fvd-frames", "8", "--output", str(tmp_path / "g")])
+    assert not (tmp_path / "g").exists()
