@@ -14,7 +14,9 @@
   WebDataset's rule (the key is the member path up to the first dot of its base name); a sample
   needs one video member (``mp4``, ``webm``, ... or ``video``) and may have ``txt`` (caption),
   ``json`` (metadata; ``caption``/``text`` and ``class_id``/``label`` are read from it when there
-  is no ``txt``/``cls``) and ``cls`` (integer class). Items are sorted by (shard, key).
+  is no ``txt``/``cls``) and ``cls`` (integer class). A ``.json`` class that is a name (Kinetics-style
+  ``"label": "abseiling"``) is numbered in sorted name order from 0, or by a class list (``classes=``,
+  as for folders). Items are sorted by (shard, key).
 
 Captions file (folders only): CSV (``.csv``; comma, semicolon or tab, from its header line) or
 TSV (``.tsv``) with a header, or JSONL (any other name), one row per video, with columns
@@ -174,15 +176,15 @@ def list_items(input: str | Path, captions: str | Path | None = None, classes: s
         if missing:
             raise MissingInput(f"{len(missing)} shard(s) of {text!r} not found: {', '.join(missing[:5])}"
                                     + (" ..." if len(missing) > 5 else ""))
-        _no_captions_for_shards(captions, classes, split)
-        return _list_shards(shards)
+        _no_captions_for_shards(captions, split)
+        return _list_shards(shards, classes)
     root = Path(input)
     if not root.exists():
         raise MissingInput(f"input not found: {root}" + (" (a broken symlink)" if root.is_symlink() else ""))
     if root.is_file():
         if root.suffix.lower() == ".tar":
-            _no_captions_for_shards(captions, classes, split)
-            return _list_shards([root])
+            _no_captions_for_shards(captions, split)
+            return _list_shards([root], classes)
         if root.suffix.lower() not in VIDEO_EXTENSIONS:
             raise UserError(f"{root} is neither a video ({', '.join(VIDEO_EXTENSIONS)}) nor a .tar shard")
         if classes is not None or split is not None:
@@ -205,8 +207,8 @@ def list_items(input: str | Path, captions: str | Path | None = None, classes: s
         raise UserError(f"{root} holds latent shards written by `ldm extract` ({MANIFEST}, shard-*.json), not videos: "
                         "give the videos (or raw video shards) they came from")
     if tars:
-        _no_captions_for_shards(captions, classes, split)
-        items = _list_shards(tars)
+        _no_captions_for_shards(captions, split)
+        items = _list_shards(tars, classes)
         items.problems[:0] = problems
         return items
     raise UserError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) and no .tar shards under {root}"
@@ -262,14 +264,12 @@ def _once(files: list[Path], root: Path, problems: list[str]) -> list[Path]:
     return [p for p in files if p not in dropped]
 
 
-def _no_captions_for_shards(captions: str | Path | None, classes: str | Path | None = None,
-                            split: str | Path | None = None) -> None:
+def _no_captions_for_shards(captions: str | Path | None, split: str | Path | None = None) -> None:
     if captions is not None:
         raise UserError("a captions file applies to a folder of videos; shards carry their own "
                          "captions (<key>.txt / .json / .cls members)")
-    if classes is not None or split is not None:
-        raise UserError("--classes / --split apply to a folder of videos; shards carry their own class ids "
-                        "(<key>.cls / .json members)")
+    if split is not None:
+        raise UserError("--split applies to a folder of videos; shards hold the videos of one split")
 
 
 # --------------------------------------------------------------------------------------------
@@ -590,7 +590,7 @@ def _split_member(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def _list_shards(shards: list[Path]) -> ItemList:
+def _list_shards(shards: list[Path], classes: str | Path | None = None) -> ItemList:
     items = ItemList()
     problems = items.problems
     seen: set[str] = set()
@@ -619,6 +619,7 @@ def _list_shards(shards: list[Path]) -> ItemList:
                 _report(problems, f"shard {shard}: key {key!r} already seen in an earlier shard; renamed {item.key!r}")
             seen.add(item.key)
             items.append(item)
+    _shard_classes(items, classes)
     return items
 
 
@@ -639,14 +640,45 @@ def _shard_item(shard: Path, key: str, sample: dict[str, Any], problems: list[st
                        else _first(meta, CAPTION_COLUMNS))
     raw_class = (sample["cls"].decode("utf-8", errors="replace").strip() if "cls" in sample
                  else _first(meta, CLASS_COLUMNS))
-    class_id = None
+    class_id, class_name = None, None
     if raw_class is not None:
         try:
             class_id = int(raw_class)
         except (TypeError, ValueError):
-            _report(problems, f"shard {shard}: sample {key!r} has a non-integer class {raw_class!r}; ignored")
-    return VideoItem(key=key, caption=caption, class_id=class_id, meta=meta,
+            if "cls" in sample or isinstance(raw_class, (bool, float, list, dict)) or not str(raw_class).strip():
+                _report(problems, f"shard {shard}: sample {key!r} has a non-integer class {raw_class!r}; ignored")
+            else:  # a class name in the .json ("label": "abseiling"): numbered by `_shard_classes`
+                class_name = str(raw_class).strip()
+    return VideoItem(key=key, caption=caption, class_id=class_id, class_name=class_name, meta=meta,
                      shard=shard, member=video.name, offset=video.offset_data, size=video.size)
+
+
+def _shard_classes(items: ItemList, classes: str | Path | None) -> None:
+    """Number the class names of shard samples (a .json ``label`` / ``class_id`` that is a name): by
+    the class list ``classes`` (ids as `read_class_list`), else in sorted name order from 0. Integer
+    ids stay as they are beside a list; without one, names and integer ids in one set are a `UserError`."""
+    named = [it for it in items if it.class_name is not None]
+    if classes is None and not named:
+        return
+    if str(classes) == FOLDER_CLASSES:
+        raise UserError("--classes folder applies to a folder of videos; for shards give a class list file that "
+                        "numbers the names of their .json labels (or no --classes)")
+    if classes is None:
+        numbered = next((it for it in items if it.class_id is not None), None)
+        if numbered is not None:
+            raise UserError(f"the shards give class names ({named[0].key}: {named[0].class_name!r}) and integer ids "
+                            f"({numbered.key}: {numbered.class_id}); give --classes LIST to number the names")
+        names = tuple(sorted({it.class_name for it in named}))  # type: ignore[type-var]
+    else:
+        names, _ = read_class_list(classes)
+    unknown = sorted({it.class_name for it in named if class_index(names, it.class_name) is None})  # type: ignore
+    if unknown:
+        raise UserError(f"--classes {classes}: class(es) {', '.join(map(repr, unknown[:3]))}"
+                        f"{' ...' * (len(unknown) > 3)} of the shards are not in the list ({len(names)} classes)")
+    for it in named:
+        it.class_id = class_index(names, it.class_name)  # type: ignore[arg-type]
+        it.class_name = names[it.class_id]  # type: ignore[index]
+    items.class_names = names
 
 
 # --------------------------------------------------------------------------------------------

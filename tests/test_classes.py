@@ -3,7 +3,9 @@ class of a video from its folder with the official numbering (classInd.txt, 1-ba
 0-based ids) and split lists, the class names kept from extraction to `ldm sample --class NAME`,
 per-class counts in `ldm data list`, and the class protocol of FVD in `ldm eval gen`."""
 import dataclasses
+import io
 import json
+import tarfile
 
 import av
 import numpy as np
@@ -151,6 +153,34 @@ def test_extract_keeps_class_names_and_counts_for_data_list(ucf, tmp_path, capsy
     with pytest.raises(ValueError, match="names its classes differently .* .class id 0: 'Basketball' vs "
                                          "'ApplyEyeMakeup'.: one id would mean two classes"):
         load_manifests(f"{tmp_path / 'train'},{side / 'lat'}")
+
+
+def test_kinetics_style_shards_with_label_names(ucf, tmp_path):
+    video = (ucf / "UCF-101" / CLASSES[0] / "v_ApplyEyeMakeup_g01_c01.avi").read_bytes()
+
+    def shard(path, labels):
+        with tarfile.open(path, "w") as tar:
+            for i, label in enumerate(labels):
+                for name, data in ((f"{i:04d}.avi", video), (f"{i:04d}.json", json.dumps({"label": label}).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+    shard(tmp_path / "k.tar", ["playing guitar", "abseiling", "playing guitar"])
+    items = list_items(tmp_path / "k.tar")  # was: "non-integer class 'abseiling'; ignored" for every sample
+    assert [(it.class_id, it.class_name) for it in items] == [(1, "playing guitar"), (0, "abseiling"),
+                                                              (1, "playing guitar")]
+    assert items.class_names == ("abseiling", "playing guitar") and not items.problems
+    (tmp_path / "k400.txt").write_text("abseiling\nair drumming\nplaying guitar\n")
+    assert [it.class_id for it in list_items(tmp_path / "k.tar", classes=tmp_path / "k400.txt")] == [2, 0, 2]
+    (tmp_path / "two.txt").write_text("abseiling\nair drumming\n")
+    with pytest.raises(UserError, match="class.es. 'playing guitar' of the shards are not in the list"):
+        list_items(tmp_path / "k.tar", classes=tmp_path / "two.txt")
+    with pytest.raises(UserError, match="--classes folder applies to a folder of videos"):
+        list_items(tmp_path / "k.tar", classes="folder")
+    shard(tmp_path / "mixed.tar", ["abseiling", 3])
+    with pytest.raises(UserError, match="the shards give class names .* and integer ids .*; give --classes LIST"):
+        list_items(tmp_path / "mixed.tar")
 
 
 @pytest.fixture(scope="module")
