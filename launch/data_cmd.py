@@ -137,7 +137,7 @@ def _broken(items: list) -> list[tuple[str, str]]:
     return broken
 
 
-CLASSES_SHOWN = 20  # classes `ldm data list` prints one a line (all with --show larger)
+CLASSES_SHOWN = 20  # classes `ldm data list` prints one a line (more with a larger --show)
 
 
 def print_classes(counts: Counter, names: Sequence[str], what: str, show: int = CLASSES_SHOWN) -> None:
@@ -191,7 +191,7 @@ def _list_latents(args: argparse.Namespace, folder: Path) -> int:
     text = (f"{m.text_encoder} embeddings (dim {m.text_dim}, ~{m.text_tokens} tokens)" if m.text_encoder
             else "no text embeddings")
     print(f"  conditioning: {text}; {m.num_classes or 'no'} class ids")
-    print_classes(Counter(dict(enumerate(m.class_counts))), m.class_names, "clips")
+    print_classes(Counter(dict(enumerate(m.class_counts))), m.class_names, "clips", max(CLASSES_SHOWN, args.show))
     if m.num_classes and not m.class_counts:
         print("  (clips per class: not recorded by the extraction that wrote these shards)")
     for part, st in m.stats.items():
@@ -257,7 +257,8 @@ def _list(args: argparse.Namespace) -> int:
     split = f" listed in {args.split} ({items.left_out} others left out)" if args.split else ""
     print(f"{len(items)} videos in {args.input}{split}: {captioned} with captions, {labelled} with class ids, "
           f"{len({it.class_id for it in items if it.class_id is not None})} distinct classes")
-    print_classes(Counter(it.class_id for it in items if it.class_id is not None), items.class_names, "videos")
+    print_classes(Counter(it.class_id for it in items if it.class_id is not None), items.class_names, "videos",
+                  max(CLASSES_SHOWN, args.show))
     folders = sorted({it.meta["path"].split("/", 1)[0] for it in items if "/" in it.meta.get("path", "")})
     if not labelled and len(folders) > 1 and all("/" in it.meta.get("path", "") for it in items):
         print(f"  the videos lie in {len(folders)} folders ({', '.join(folders[:3])}{', ...' * (len(folders) > 3)}): "

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import tarfile
+from collections import Counter
 
 import av
 import numpy as np
@@ -17,6 +18,7 @@ import dit
 from data.manifest import load_manifest, load_manifests
 from data.sources import list_items, read_class_list
 from launch.cli import main as ldm
+from launch.data_cmd import print_classes
 from launch.sample import class_ids_of, row_label, write_grid
 from ldm import config as cfglib
 from ldm.artifacts import AERecord, ClipSpec
@@ -144,6 +146,18 @@ def test_extract_keeps_class_names_and_counts_for_data_list(ucf, tmp_path, capsy
     ldm(["data", "list", "--input", str(tmp_path / "train")])
     shown = capsys.readouterr().out
     assert "per class (3 of 3 classes have clips; fewest 2, most 2)" in shown and "    0 ApplyEyeMakeup: 2\n" in shown
+    many = tmp_path / "many"  # more classes than shown by default: a larger --show shows them all
+    for i in range(21):
+        (many / f"c{i:02d}").mkdir(parents=True)
+        (many / f"c{i:02d}" / "a.avi").write_bytes((ucf / "UCF-101" / CLASSES[0] / "v_ApplyEyeMakeup_g01_c01.avi")
+                                                   .read_bytes())
+    ldm(["data", "list", "--input", str(many), "--classes", "folder", "--show", "0"])
+    assert "    ... 1 more classes\n" in capsys.readouterr().out
+    ldm(["data", "list", "--input", str(many), "--classes", "folder", "--show", "21"])
+    assert "    20 c20: 1\n" in capsys.readouterr().out
+    print_classes(Counter({0: 5, 2: 1}), ("a", "b", "c", "d"), "clips", show=1)
+    assert capsys.readouterr().out == ("  per class (2 of 4 classes have clips; fewest 1, most 5):\n    0 a: 5\n"
+                                       "    ... 1 more classes\n    without clips: 1 b, 3 d\n")
     side = tmp_path / "other"
     side.mkdir()
     (side / "names.txt").write_text("Basketball\nApplyEyeMakeup\nHandstandPushups\n")
