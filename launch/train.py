@@ -918,12 +918,19 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
         last = f", last logged loss {losses[-1]:.4f}" if losses else ""
         last += f", validation loss {val_losses[-1][1]:.4f}" if val_losses else ""
         bad = f"; skipped {sum(data.skipped.values())} bad samples ({dict(data.skipped)})" if data.skipped else ""
-        how = (["--prompt TEXT"] if dcfg.text_dim and context.text_encoder else []) + \
-            ([f"--class N (0 to {dcfg.num_classes - 1})"] if dcfg.num_classes else [])
-        what = how[0] if len(how) == 1 else f"({' | '.join(how)})" if how else "--unconditional N"
         print(f"trained to step {step}{last} -> {out / 'export'}{bad}{mixed}\n"
-              f"  sample it: ldm sample --checkpoint {out} {what} --output DIR", flush=True)
+              f"  sample it: ldm sample --checkpoint {out} {sample_conditions(dcfg, context)} --output DIR", flush=True)
     return summary
+
+
+def sample_conditions(dcfg: dit.DiTConfig, context: Export) -> str:
+    """The conditions of the closing line's `ldm sample` hint: ``--prompt`` and/or ``--class``
+    (with the class names of the extraction when it kept them), else ``--unconditional``."""
+    names = context.class_names
+    example = f", e.g. {names[0]!r}" if names and " " in names[0] else f", e.g. {names[0]}" if names else ""
+    how = (["--prompt TEXT"] if dcfg.text_dim and context.text_encoder else []) + \
+        ([f"--class {'ID|NAME' if names else 'N'} (0 to {dcfg.num_classes - 1}{example})"] if dcfg.num_classes else [])
+    return how[0] if len(how) == 1 else f"({' | '.join(how)})" if how else "--unconditional N"
 
 
 def resume_stream(saved: dict[str, Any], stream: dict[str, Any], position: int, global_stream: bool

@@ -295,3 +295,16 @@ def test_eval_gen_refuses_reference_classes_outside_the_dit(ucf, named_dit, tmp_
         ldm(["eval", "gen", "--checkpoint", str(tmp_path), "--reference", str(ucf / "UCF-101"), "--classes",
              str(tmp_path / "names.txt"), "--i3d", i3d, "--fvd-frames", "8", "--output", str(tmp_path / "g")])
     assert not (tmp_path / "g").exists()
+
+
+def test_the_closing_sample_hint_names_the_classes():
+    from launch.train import sample_conditions
+    cls, config = autoencoders.REGISTRY["kl2d-f8c4-debug"]
+    spec = cls(config).latent_spec(8, 32, 32)
+    dcfg = dit.make_config("dit-debug", spec, num_classes=3)
+    context = dit.Export(autoencoder=AERecord(name="kl2d-f8c4-debug", family="kl2d", config=cfglib.to_dict(config)),
+                         video=ClipSpec(8, 32, 32), latent_spec=spec.to_dict(), form="grid", num_classes=3)
+    assert sample_conditions(dcfg, context) == "--class N (0 to 2)"
+    named = dataclasses.replace(context, class_names=("Apply Eye Makeup", "Basketball", "YoYo"))
+    assert sample_conditions(dcfg, named) == "--class ID|NAME (0 to 2, e.g. 'Apply Eye Makeup')"  # was: N only
+    assert sample_conditions(dit.make_config("dit-debug", spec), context) == "--unconditional N"
