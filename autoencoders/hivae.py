@@ -638,7 +638,8 @@ class HiVAE(Autoencoder):
                steps: int | None = None, guidance: float | None = None, seed: int = 0) -> Tensor:
         """Sample the video latent with the diffusion decoder (Euler, ``steps`` default
         ``config.sample_steps``; CFG ``guidance`` default ``config.guidance_scale``, the null condition
-        drops both motions) from noise drawn with ``seed``, then decode it with the base VAE.
+        drops both motions) from noise drawn with ``seed`` (the same for every clip of the batch, so a
+        clip's decoding does not depend on its batch), then decode it with the base VAE.
         ``motion`` = ``"both"`` | ``"global"`` | ``"detailed"`` decodes with only that motion (the other
         becomes the null condition; paper Fig. 5). Default: both after stage 2, global after stage 1
         (whose decoder has never seen detailed motion). ``cond`` is not used (the decoder is
@@ -669,8 +670,9 @@ class HiVAE(Autoencoder):
         guidance = cfg.guidance_scale if guidance is None else guidance
         cond, null = self.motion_condition(latent, motion)
         content = latent["content"]
-        noise = samplers.initial_noise({"z": (cfg.base.latent_channels, T, h, w)}, latent.batch_size, seed=seed,
-                                       device=content.device, dtype=content.dtype)
+        # every clip from the same noise: a clip decodes alike whatever batch it is in (ldm sample's seeds)
+        noise = samplers.noise_per_seed({"z": (cfg.base.latent_channels, T, h, w)}, [seed] * latent.batch_size,
+                                        device=content.device, dtype=content.dtype)
         z = samplers.euler(self.decoder, noise, cond, steps=steps, shift=cfg.timestep_shift, guidance_scale=guidance,
                            null_cond=null if guidance != 1.0 else None)["z"]
         return self.base.decode(Latent({"z": z}, form="grid"))

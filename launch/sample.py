@@ -14,18 +14,20 @@ autoencoder's ``decode`` with the prompt's text embedding in ``cond``. Sampling 
 ``--class`` takes an id or a class name the export records (``Export.class_names``, from extraction).
 Outputs: ``NNNN.mp4`` + ``NNNN.gif`` per video, ``grid.png`` (the run's first `GRID_VIDEOS` videos, also
 when interrupted; each row labelled with its class name and / or prompt) and ``index.json`` (per video:
-file, prompt, class id and name, seed and row of its initial noise, steps,
-guidance, shift, sampler, fps, frames, size, image, checkpoint). Nothing is ever overwritten: a
-non-empty ``--output`` is refused unless ``--append`` is given, which numbers the new videos after
-the ones there, continues the seeds (batch ``g`` starts at ``--seed + g``, ``g`` counting every
-video of the folder), extends ``index.json`` and writes its grid as ``grid-NNNN.png`` when
-``grid.png`` exists. Videos play at ``--fps``, by default the rate of the training clips
+file, prompt, class id and name, the seed of its initial noise, steps, guidance, shift, sampler,
+fps, frames, size, image, checkpoint). Each video's noise comes from its own seed
+(``samplers.noise_per_seed``): video ``g`` of the folder is drawn with ``--seed + g``, whatever the
+batch size, the number of ranks or the videos beside it, so ``--seed S`` with its one prompt /
+class makes that video again. Nothing is ever overwritten: a non-empty ``--output`` is refused
+unless ``--append`` is given, which numbers the new videos after the ones there, continues the
+seeds (``g`` counting every video of the folder), extends ``index.json`` and writes its grid as
+``grid-NNNN.png`` when ``grid.png`` exists. Videos play at ``--fps``, by default the rate of the training clips
 (``training.json``: the extraction's ``--fps`` or the videos' native rate).
 
 Under torchrun / srun each rank samples every ``world_size``-th batch and writes its videos; rank 0
 gathers the index entries after each round of batches and writes ``index.json`` and the grid. The
-noise of a batch depends only on its first video's number, so the folder is the same on any number
-of ranks at the same ``--batch-size``.
+noise of a video depends only on its number, so the folder is the same on any number of ranks and at
+any ``--batch-size``.
 
 Every argument is checked before a model is loaded or a file written (`UserError`, one line):
 empty prompts, class ids outside the DiT's classes, sizes the autoencoder cannot take, a folder
@@ -87,7 +89,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                         "e.g. 0.1:0.8; default: every step")
     p.add_argument("--shift", type=float, default=None,
                    help="timestep shift of the sampling schedule (default: the DiT's training flow.shift)")
-    p.add_argument("--seed", type=int, default=d.seed, help="noise seed of the first batch (batch g: seed + g)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="noise seed of the first video (video g: seed + g, whatever the batch size or ranks); "
+                        "one video of an index.json is made again by its prompt / class and --seed its seed")
 
 
 def sampling_from_args(args: argparse.Namespace, export: Export) -> SamplingConfig:
@@ -209,12 +213,14 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
                    width: int,
                    sampling: SamplingConfig = SamplingConfig(), seed_offset: int = 0, text_encoder=None,
                    device: torch.device | str = "cpu", progress: bool = True, latent_frames: int | None = None,
-                   image: torch.Tensor | None = None, count: int | None = None, negative_prompt: str | None = None
-                   ) -> tuple[Latent, Cond]:
+                   image: torch.Tensor | None = None, count: int | None = None, negative_prompt: str | None = None,
+                   seeds: Sequence[int] | None = None) -> tuple[Latent, Cond]:
     """Sample one latent per prompt / class id (in the autoencoder's scale: the per-part training
     statistics ``latent_norm``, an export's ``Export.latent_norm``, undone) and the condition its
-    decoder takes; the noise seed is ``sampling.seed + seed_offset``. With neither prompts nor class
-    ids, ``count`` unconditional latents: the null condition (null class, only the empty-text token;
+    decoder takes. Each sample's initial noise is drawn with its own seed (`samplers.noise_per_seed`),
+    ``seeds[i]``, by default ``sampling.seed + seed_offset + i`` (``seed_offset``: the number of the
+    first sample in the run), so a sample is the same whatever batch it is made in. With neither
+    prompts nor class ids, ``count`` unconditional latents: the null condition (null class, only the empty-text token;
     what condition dropout trains, and all an unconditional DiT knows), without guidance.
     ``latent_frames``: the length of a variable-length latent (default: the spec's, the longest).
     ``image``: a first frame ``(3, H, W)`` in [-1, 1] whose content latent every sample keeps
@@ -224,6 +230,9 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
     if unconditional and not count:
         raise ValueError("give prompts, class ids, or a count of unconditional samples")
     n = count if unconditional else len(prompts) if prompts is not None else len(class_ids)
+    seeds = [sampling.seed + seed_offset + i for i in range(n)] if seeds is None else list(seeds)
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} samples: give one seed per sample")
     spec = ae.latent_spec(frames, height, width)
     dcfg = model.config
     cond = Cond()
@@ -244,7 +253,7 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
         t = latent_frames or shapes["z"][1]
         shapes["z"] = (shapes["z"][0], t, *shapes["z"][2:])
         aux = {"length": torch.full((n,), t, device=device)}
-    x = Latent(samplers.initial_noise(shapes, n, seed=sampling.seed + seed_offset, device=device), spec.form, aux=aux)
+    x = Latent(samplers.noise_per_seed(shapes, seeds, device=device), spec.form, aux=aux)
     velocity = model
     if image is not None:
         given = content_condition(model, ae, latent_norm, image, n, frames, height, width)
@@ -586,7 +595,7 @@ def run(args: argparse.Namespace) -> int:
                 "negative_prompt": args.negative_prompt,
                 "dtype": dist.dtype_name(dtype), "tile": args.tile, "chunk_frames": args.chunk_frames or None,
                 "checkpoint": str(Path(args.checkpoint).resolve())}
-    starts = list(range(0, len(items), args.batch_size))  # batch i: videos first + i, ..., seed + first + i
+    starts = list(range(0, len(items), args.batch_size))  # batch i: videos first + i, ...; video g: seed + g
     videos, names, lengths, labels = [], [], set(), []
     try:
         for r in range(0, len(starts), env.world_size):  # a round: one batch per rank
@@ -601,9 +610,9 @@ def run(args: argparse.Namespace) -> int:
                                  negative_prompt=args.negative_prompt, progress=main)
                 paths = write_videos(batch, out, [f"{first + i + j:04d}" for j in range(len(chunk))], fps)
                 made = ([{"file": p.name, "prompt": it[0], "class_id": it[1],
-                          "class_name": class_name(export.class_names, it[1]), "seed": sampling.seed + first + i,
-                          "noise_row": row, "frames": v.shape[1], **settings}
-                         for row, (p, it, v) in enumerate(zip(paths, chunk, batch))],
+                          "class_name": class_name(export.class_names, it[1]), "seed": sampling.seed + first + i + j,
+                          "frames": v.shape[1], **settings}
+                         for j, (p, it, v) in enumerate(zip(paths, chunk, batch))],
                         list(batch)[:max(0, GRID_VIDEOS - i)])  # only what the grid shows goes to rank 0
             for entries, batch in dist.gather_object(made) or []:  # on rank 0, in batch order
                 index += entries

@@ -16,7 +16,7 @@ steps with ``lo < t <= hi``; the others are plain conditional calls (one model p
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,6 +50,16 @@ def initial_noise(shapes: Mapping[str, tuple[int, ...]], batch: int, *, seed: in
     gen_device = generator.device if generator is not None else device
     return {k: torch.randn((batch, *shape), generator=generator, device=gen_device, dtype=dtype).to(device)
             for k, shape in shapes.items()}
+
+
+def noise_per_seed(shapes: Mapping[str, tuple[int, ...]], seeds: Sequence[int], *,
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Standard normal noise for one sample per seed, ``(len(seeds), *shape)`` per part: row i is
+    ``initial_noise(shapes, 1, seed=seeds[i])`` (its own CPU generator), so a sample's noise depends on
+    its seed alone, not on the batch it is drawn in, its row there or the device (the per-sample
+    generators of diffusers pipelines)."""
+    rows = [initial_noise(shapes, 1, seed=s, dtype=dtype) for s in seeds]
+    return {k: torch.cat([r[k] for r in rows]).to(device) for k in shapes}
 
 
 # ------------------------------------------------------------------------------------------
@@ -198,7 +208,8 @@ class SamplingConfig:
     """How a trained generator is sampled: the one set of settings ``ldm sample``, ``eval``,
     ``compare`` and ``demo`` share. ``guidance`` is the CFG scale (1 = off), ``guidance_interval``
     the ``(lo, hi)`` of t where it acts (``lo < t <= hi``; default everywhere), ``shift`` the
-    timestep shift of the schedule, ``seed`` the seed of the first batch's initial noise."""
+    timestep shift of the schedule, ``seed`` the seed of the first sample's initial noise (sample i:
+    ``seed + i``, `noise_per_seed`)."""
 
     steps: int = 20
     guidance: float = 4.0

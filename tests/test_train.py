@@ -444,7 +444,7 @@ def test_sample_on_two_ranks_splits_the_batches_and_writes_what_one_process_does
         assert a.read_bytes() == b.read_bytes(), a.name
     index = json.loads((tmp_path / "two" / "index.json").read_text())
     assert [x["class_id"] for x in index] == [1, 1, 2, 2, 3, 3, 1, 2, 3]
-    assert [x["seed"] for x in index] == [0, 0, 2, 2, 4, 4, 11, 11, 13]
+    assert [x["seed"] for x in index] == [0, 1, 2, 3, 4, 5, 11, 12, 13]  # each video's own seed
 
 
 def test_model_init_starts_from_a_trained_dit_and_a_resume_from_its_checkpoint(latents, tmp_path):
@@ -543,7 +543,7 @@ def test_unconditional_dit_samples(latents, tmp_path, capsys):
              "--guidance", guidance, "--output", str(tmp_path / guidance)])
         runs[guidance] = json.loads((tmp_path / guidance / "index.json").read_text())
     assert [(x["prompt"], x["class_id"], x["guidance"], x["seed"]) for x in runs["4"]] == \
-        [(None, None, 1.0, 0), (None, None, 1.0, 0), (None, None, 1.0, 2)]
+        [(None, None, 1.0, 0), (None, None, 1.0, 1), (None, None, 1.0, 2)]  # each video its own seed
     assert all((tmp_path / "1" / x["file"]).read_bytes() == (tmp_path / "4" / x["file"]).read_bytes()
                for x in runs["1"])
     with pytest.raises(UserError, match="trained without class ids"):

@@ -429,12 +429,30 @@ def test_sample_never_overwrites_and_appends(run, tmp_path, capsys):
     assert [x["file"] for x in index] == ["0000.mp4", "0001.mp4", "0002.mp4", "0003.mp4"]
     assert [x["prompt"] for x in index] == ["a red circle moving left", "a blue square", None, None]
     assert [x["class_id"] for x in index] == [None, None, 3, 3]
-    assert [(x["seed"], x["noise_row"]) for x in index] == [(7, 0), (7, 1), (9, 0), (9, 1)]  # seeds continue
+    assert [x["seed"] for x in index] == [7, 8, 9, 10] and "noise_row" not in index[0]  # seeds continue
     assert [(x["steps"], x["guidance"], x["sampler"], x["fps"]) for x in index] == \
         [(2, 4.0, "euler", 8.0)] * 2 + [(2, 2.0, "heun", 5.0)] * 2
     assert all(x["frames"] == 8 and (x["height"], x["width"]) == (32, 32) for x in index)
     # the videos play at the rate of the training clips (the synthetic set's 8 fps), or --fps
     assert probe(out / "0000.mp4")["fps"] == pytest.approx(8.0) and probe(out / "0002.mp4")["fps"] == pytest.approx(5.0)
+
+
+def test_a_video_is_the_same_at_any_batch_size_and_made_again_alone_from_its_seed(run, tmp_path):
+    """Each video's noise comes from its own seed (index.json's ``seed``): --batch-size 1 and 3 write
+    the same videos, and one of them is made again alone with its prompt and --seed (was: one noise
+    per batch, seeded with its first video, so a video changed with the batch size)."""
+    prompts = ["--prompt", "a red circle moving left", "--prompt", "a blue square", "--prompt", "a green triangle"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for size in ("1", "3"):
+            assert console(_sample(run, tmp_path / size, *prompts, "--seed", "4", "--batch-size", size)) == 0
+        third = json.loads((tmp_path / "3" / "index.json").read_text())[2]
+        assert (third["prompt"], third["seed"]) == ("a green triangle", 6)
+        assert console(_sample(run, tmp_path / "again", "--prompt", third["prompt"], "--seed", str(third["seed"]))) == 0
+    for name in ("0000.mp4", "0001.mp4", "0002.mp4"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "3" / name).read_bytes(), name
+    assert (tmp_path / "again" / "0000.mp4").read_bytes() == (tmp_path / "3" / "0002.mp4").read_bytes()
+    assert (tmp_path / "3" / "0001.mp4").read_bytes() != (tmp_path / "3" / "0002.mp4").read_bytes()
 
 
 def test_append_into_a_folder_without_numbered_videos_keeps_its_files(run, tmp_path):
