@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(RUN/checkpoints/step-N)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
-    src.add_argument("--prompts-file", help="a text file with one prompt per line")
+    src.add_argument("--prompts-file", help="a text file with one prompt per line, or a JSON Lines file (.jsonl) "
+                     "with one object per line: prompt, class (id or name), seed, negative_prompt (each optional; "
+                     "a prompt or a class on every line)")
     p.add_argument("--class", dest="class_id", action="append", metavar="ID|NAME",
                    help="a class id, or its name when the latents were extracted with named classes (--classes, a "
                         "label column of names), e.g. ApplyEyeMakeup (repeatable); with prompts, for a DiT "
@@ -410,6 +413,68 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError("--negative-prompt acts through guidance: give --guidance > 1")
 
 
+PROMPT_KEYS = ("prompt", "class", "seed", "negative_prompt")  # what a line of a JSONL --prompts-file may give
+
+
+def read_prompts_file(path: str | Path) -> list[dict[str, Any]]:
+    """The videos a ``--prompts-file`` asks for, one dict of `PROMPT_KEYS` per line (absent keys
+    None): a text file gives one prompt per non-empty line; a JSON Lines file (named ``.jsonl``, or
+    whose first line starts with ``{``) one object per line, e.g. ``{"prompt": "a red circle",
+    "class": "ApplyEyeMakeup", "seed": 7, "negative_prompt": "blurry"}``. Every line gives a prompt,
+    or none does (then every line gives a class). A `UserError` naming the line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInput(f"--prompts-file {path} not found")
+    lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    if not lines:
+        raise UserError(f"--prompts-file {path} has no prompt (one per line, or one JSON object per line)")
+    if path.suffix != ".jsonl" and not lines[0][1].startswith("{"):
+        return [{**dict.fromkeys(PROMPT_KEYS), "prompt": line} for _, line in lines]
+    entries = []
+    for n, line in lines:
+        where = f"--prompts-file {path} line {n}"
+        try:
+            entry = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{where} is not JSON ({e}); give one object per line, e.g. "
+                            '{"prompt": "a red circle", "seed": 7}') from None
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: give a JSON object, e.g. {{\"prompt\": \"a red circle\"}}")
+        unknown = sorted(set(entry) - set(PROMPT_KEYS))
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; a line may give {', '.join(PROMPT_KEYS)}")
+        for key in ("prompt", "negative_prompt"):
+            if key in entry and not (isinstance(entry[key], str) and entry[key].strip()):
+                raise UserError(f"{where}: {key} must be a non-empty text, got {entry[key]!r}")
+        if "seed" in entry and (isinstance(entry["seed"], bool) or not isinstance(entry["seed"], int)):
+            raise UserError(f"{where}: seed must be an integer, got {entry['seed']!r}")
+        if "class" in entry and (isinstance(entry["class"], bool) or not isinstance(entry["class"], (int, str))):
+            raise UserError(f"{where}: class must be an id or a class name, got {entry['class']!r}")
+        if "prompt" not in entry and "class" not in entry:
+            raise UserError(f"{where} gives neither a prompt nor a class")
+        entries.append({**dict.fromkeys(PROMPT_KEYS), **entry})
+    for key in ("prompt", "class"):
+        given = [e[key] is not None for e in entries]
+        if any(given) and not all(given):
+            raise UserError(f"--prompts-file {path} line {lines[given.index(False)][0]} has no {key}: give every "
+                            f"line a {key}, or none")
+    if any(e["negative_prompt"] is not None for e in entries) and entries[0]["prompt"] is None:
+        raise UserError(f"--prompts-file {path}: a negative_prompt goes with prompts (it replaces the null text of "
+                        "classifier-free guidance)")
+    return [{**e, "class": None if e["class"] is None else str(e["class"])} for e in entries]
+
+
+def batch_starts(negatives: Sequence[str | None], size: int) -> list[int]:
+    """Where each batch of videos starts: at most ``size`` consecutive videos that share a negative
+    prompt (the null condition of a batch is one). A video's noise is its own seed's, so how the
+    videos are batched does not change them."""
+    starts: list[int] = []
+    for g, negative in enumerate(negatives):
+        if not starts or g - starts[-1] == size or negative != negatives[g - 1]:
+            starts.append(g)
+    return starts
+
+
 def class_ids_of(values: Sequence[str], names: Sequence[str], num_classes: int) -> list[int]:
     """The class ids of ``--class`` values: an id as it is, a name looked up in ``names`` (the
     export's class names; `data.sources.class_index`: exact, else ignoring case). A `UserError` for
@@ -523,14 +588,18 @@ def run(args: argparse.Namespace) -> int:
     first, index = output_start(out, args.append)
     dist.barrier()  # every rank has seen the folder as it was before any of them writes
     main = env.rank == 0
-    prompts = args.prompt
-    if args.prompts_file:
-        if not Path(args.prompts_file).is_file():
-            raise MissingInput(f"--prompts-file {args.prompts_file} not found")
-        prompts = [p.strip() for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
-        if not prompts:
-            raise UserError(f"--prompts-file {args.prompts_file} has no prompt (one per line)")
-    class_ids = args.class_id
+    prompts, class_ids = args.prompt, args.class_id
+    lines = read_prompts_file(args.prompts_file) if args.prompts_file else []
+    if lines and lines[0]["class"] is not None:
+        if class_ids:
+            raise UserError(f"--prompts-file {args.prompts_file} gives each line's class; leave out --class")
+        class_ids = [e["class"] for e in lines]
+    if lines:
+        prompts = [e["prompt"] for e in lines] if lines[0]["prompt"] is not None else None
+        if any(e["negative_prompt"] for e in lines) and args.guidance == 1.0:
+            raise UserError("a negative_prompt of --prompts-file acts through guidance: give --guidance > 1")
+    if args.negative_prompt is not None and not prompts:
+        raise UserError(f"--negative-prompt goes with prompts; --prompts-file {args.prompts_file} gives classes only")
     if prompts and class_ids and len(class_ids) not in (1, len(prompts)):
         raise UserError(f"{len(class_ids)} --class for {len(prompts)} prompts: give one class for every prompt, or "
                         "one per prompt")
@@ -583,35 +652,37 @@ def run(args: argparse.Namespace) -> int:
         text_encoder = sampling_text_encoder(model, ae, export, bool(prompts), device)
     if ae.text_dim and not prompts and main:
         print(f"{export.autoencoder.name} is text-guided: it decodes these samples with the empty caption")
-    items = ([(p, c) for p, c in zip(prompts, class_ids or [None] * len(prompts))] if prompts else
-             [(None, c) for c in class_ids] if class_ids else
-             [(None, None)] * args.unconditional)
-    items = [it for it in items for _ in range(args.num_per_prompt)]
+    n = len(prompts or class_ids or []) or args.unconditional
+    lines = lines or [dict.fromkeys(PROMPT_KEYS)] * n
+    items = [(prompts[k] if prompts else None, class_ids[k] if class_ids else None,
+              None if line["seed"] is None else line["seed"] + copy, line["negative_prompt"] or args.negative_prompt)
+             for k, line in enumerate(lines) for copy in range(args.num_per_prompt)]  # (prompt, class, seed, neg.)
+    seeds = [sampling.seed + first + g if it[2] is None else it[2] for g, it in enumerate(items)]  # video g: seed + g
     grid = f"grid-{first:04d}.png" if (out / "grid.png").exists() else "grid.png"
     settings = {"steps": sampling.steps, "guidance": 1.0 if args.unconditional else sampling.guidance,
                 "guidance_interval": list(sampling.guidance_interval),
                 "shift": sampling.shift,
                 "sampler": sampling.sampler, "fps": fps, "height": height, "width": width, "image": args.image,
-                "negative_prompt": args.negative_prompt,
                 "dtype": dist.dtype_name(dtype), "tile": args.tile, "chunk_frames": args.chunk_frames or None,
                 "checkpoint": str(Path(args.checkpoint).resolve())}
-    starts = list(range(0, len(items), args.batch_size))  # batch i: videos first + i, ...; video g: seed + g
+    starts = batch_starts([it[3] for it in items], args.batch_size)  # batch i: videos first + i, ...
+    ends = starts[1:] + [len(items)]
     videos, names, lengths, labels = [], [], set(), []
     try:
         for r in range(0, len(starts), env.world_size):  # a round: one batch per rank
             made: tuple[list[dict[str, Any]], list[torch.Tensor]] = ([], [])
             if r + env.rank < len(starts):
-                i = starts[r + env.rank]
-                chunk = items[i:i + args.batch_size]
+                i, end = starts[r + env.rank], ends[r + env.rank]
+                chunk = items[i:end]
                 batch = generate(model, ae, export.latent_norm, prompts=[c[0] for c in chunk] if prompts else None,
                                  class_ids=[c[1] for c in chunk] if class_ids else None, count=len(chunk),
-                                 frames=frames, height=height, width=width, sampling=sampling, seed_offset=first + i,
+                                 frames=frames, height=height, width=width, sampling=sampling, seeds=seeds[i:end],
                                  text_encoder=text_encoder, device=device, latent_frames=latent_frames, image=image,
-                                 negative_prompt=args.negative_prompt, progress=main)
+                                 negative_prompt=chunk[0][3], progress=main)
                 paths = write_videos(batch, out, [f"{first + i + j:04d}" for j in range(len(chunk))], fps)
                 made = ([{"file": p.name, "prompt": it[0], "class_id": it[1],
-                          "class_name": class_name(export.class_names, it[1]), "seed": sampling.seed + first + i + j,
-                          "frames": v.shape[1], **settings}
+                          "class_name": class_name(export.class_names, it[1]), "seed": seeds[i + j],
+                          "negative_prompt": it[3], "frames": v.shape[1], **settings}
                          for j, (p, it, v) in enumerate(zip(paths, chunk, batch))],
                         list(batch)[:max(0, GRID_VIDEOS - i)])  # only what the grid shows goes to rank 0
             for entries, batch in dist.gather_object(made) or []:  # on rank 0, in batch order
