@@ -40,6 +40,7 @@ class Export:
     num_classes: int = 0
     class_names: tuple[str, ...] = ()  # name of each class id, from the extraction (`ldm sample --class NAME`)
     flow_shift: float = 1.0  # the timestep shift it was trained with (flow.shift); sampling's default
+    mixed_shapes: bool = False  # trained on several clip shapes (buckets): `video` is only the first folder's
     version: int = 2
 
     @classmethod

@@ -377,6 +377,18 @@ def save_videos(videos: torch.Tensor | list[torch.Tensor], out: Path, names: lis
     return paths
 
 
+def beyond_training(frames: int, height: int, width: int, video: ClipSpec) -> str | None:
+    """A note when the sampled clip is longer than, or of another size than, the DiT's training clips
+    (``video``): RoPE runs any length and size, but a DiT seldom keeps its quality outside what it saw."""
+    longer = frames > video.frames
+    other = (height, width) != (video.height, video.width)
+    if not (longer or other):
+        return None
+    what = " and ".join(x for x in (f"{frames} frames" if longer else "", f"{height}x{width}" if other else "") if x)
+    return (f"note: sampling {what}, beyond the {video.frames}-frame {video.height}x{video.width} clips this DiT was "
+            "trained on: it runs (RoPE), but motion and detail usually degrade outside the training length and size")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """The numbers and texts of a ``ldm sample`` command are usable (`UserError` otherwise)."""
     for flag, value in {"--steps": args.steps, "--num-per-prompt": args.num_per_prompt,
@@ -631,6 +643,9 @@ def run(args: argparse.Namespace) -> int:
     height, width = args.height or video.height, args.width or video.width
     with checking(f"--frames {frames} --height {height} --width {width}"):
         ae.check_input(frames, height, width)
+    note = None if export.mixed_shapes else beyond_training(frames, height, width, video)
+    if note and main:
+        print(note)
     fps = playback_fps(video, args.fps)
     latent_frames = args.latent_frames
     if args.rate is not None:

@@ -240,7 +240,7 @@ def export_context(manifest: Manifest, latent_norm: dict[str, dict[str, list[flo
                   form=manifest.form, latent_norm=latent_norm, text_encoder=manifest.text_encoder,
                   text_dim=manifest.text_dim, text_fingerprint=manifest.text_fingerprint,
                   text_tokens=manifest.text_tokens, num_classes=manifest.num_classes,
-                  class_names=manifest.class_names, flow_shift=flow_shift)
+                  class_names=manifest.class_names, flow_shift=flow_shift, mixed_shapes=manifest.mixed_shapes)
 
 
 def batch_cond(batch: dict, dcfg: dit.DiTConfig) -> Cond:

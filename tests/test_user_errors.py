@@ -469,6 +469,31 @@ def test_a_video_is_the_same_at_any_batch_size_and_made_again_alone_from_its_see
     assert not _same_video(tmp_path / "3" / "0001.mp4", tmp_path / "3" / "0002.mp4")
 
 
+def test_sampling_beyond_the_training_clips_says_so(run, tmp_path, capsys):
+    """--frames longer than the training clips, or another size: sampled (RoPE takes any length), with
+    a note that the DiT never saw it (was: silently); none at the training shape, nor for a DiT
+    trained on several shapes (buckets), whose export records only the first."""
+    import shutil
+
+    def note(checkpoint, out, *extra):
+        capsys.readouterr()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert console(["sample", "--checkpoint", str(checkpoint), "--output", str(tmp_path / out), "--steps", "1",
+                            "--class", "1", *extra]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+
+    assert note(run / "dit", "a") == []
+    assert note(run / "dit", "b", "--frames", "16") == [
+        "note: sampling 16 frames, beyond the 8-frame 32x32 clips this DiT was trained on: it runs (RoPE), but motion "
+        "and detail usually degrade outside the training length and size"]
+    assert note(run / "dit", "c", "--height", "64", "--frames", "4")[0].startswith("note: sampling 64x32, beyond")
+    shutil.copytree(run / "dit" / "export", tmp_path / "mixed")
+    context = json.loads((tmp_path / "mixed" / "training.json").read_text())
+    (tmp_path / "mixed" / "training.json").write_text(json.dumps({**context, "mixed_shapes": True}))
+    assert note(tmp_path / "mixed", "d", "--frames", "16") == []
+
+
 def test_append_into_a_folder_without_numbered_videos_keeps_its_files(run, tmp_path):
     out = tmp_path / "s"
     out.mkdir()
