@@ -4,6 +4,7 @@
     ldm sample --checkpoint runs/dit --class 3 --frames 17 --height 64 --width 64 --guidance 4
     ldm sample --checkpoint runs/ucf-dit --class ApplyEyeMakeup --num-per-prompt 4 --output samples/
     ldm sample --checkpoint runs/hivae-gen --class 3 --image first.png --output i2v/
+    ldm sample --checkpoint runs/dit --prompts-file prompts.jsonl --output samples/ --resume  # after a Ctrl-C
 
 The DiT export (``dit.load_export``) carries the typed ``Export`` context: the autoencoder it was
 trained for (an ``AERecord``: name, config, weights path and hash; ``autoencoders.resolve_record``
@@ -21,7 +22,8 @@ batch size, the number of ranks or the videos beside it, so ``--seed S`` with it
 class makes that video again. Nothing is ever overwritten: a non-empty ``--output`` is refused
 unless ``--append`` is given, which numbers the new videos after the ones there, continues the
 seeds (``g`` counting every video of the folder), extends ``index.json`` and writes its grid as
-``grid-NNNN.png`` when ``grid.png`` exists. Videos play at ``--fps``, by default the rate of the training clips
+``grid-NNNN.png`` when ``grid.png`` exists. ``--resume`` finishes an interrupted run: the same command
+makes only the videos its ``index.json`` lacks (`resume_todo`). Videos play at ``--fps``, by default the rate of the training clips
 (``training.json``: the extraction's ``--fps`` or the videos' native rate).
 
 Under torchrun / srun each rank samples every ``world_size``-th batch and writes its videos; rank 0
@@ -150,8 +152,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"frame rate of the written videos (default: the training clips' rate, else {DEFAULT_FPS:g})")
     p.add_argument("--output", required=True, help="output folder (MP4 + GIF per video, grid.png, index.json); "
                    "must be new or empty unless --append")
-    p.add_argument("--append", action="store_true",
-                   help="add to the videos already in --output: numbered after them, index.json extended")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--append", action="store_true",
+                       help="add to the videos already in --output: numbered after them, index.json extended")
+    where.add_argument("--resume", action="store_true",
+                       help="finish an interrupted run: the same command makes only the videos its index.json lacks "
+                            "(each from its own seed, so the folder ends as an uninterrupted run's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision the DiT and the autoencoder run in: auto = bf16 on CUDA, fp32 on the CPU "
@@ -476,6 +482,24 @@ def read_prompts_file(path: str | Path) -> list[dict[str, Any]]:
     return [{**e, "class": None if e["class"] is None else str(e["class"])} for e in entries]
 
 
+def resume_todo(index: list[dict[str, Any]], wanted: list[dict[str, Any]], out: Path) -> list[int]:
+    """Which of a command's videos (``wanted``: their index entries, but ``frames``) ``--resume`` still
+    has to make: those not in ``index`` (``out``'s index.json). A `UserError` when ``index`` holds a
+    video this command does not make, or one made with other settings."""
+    made = {e.get("file"): e for e in index}
+    extra = sorted(set(made) - {w["file"] for w in wanted}, key=str)
+    if extra:
+        raise UserError(f"--resume: {out / 'index.json'} holds {extra[0]}, which this command does not make (it makes "
+                        f"{len(wanted)} videos); give the command that made the folder, or --append to add to it")
+    for w in wanted:
+        e = made.get(w["file"])
+        key = next((k for k in w if e is not None and e.get(k) != w[k]), None)
+        if key is not None:
+            raise UserError(f"--resume: {w['file']} in {out / 'index.json'} was made with {key} {e.get(key)!r}, this "
+                            f"command gives {w[key]!r}; give the command that made the folder, or --append")
+    return [g for g, w in enumerate(wanted) if w["file"] not in made]
+
+
 def batch_starts(negatives: Sequence[str | None], size: int) -> list[int]:
     """Where each batch of videos starts: at most ``size`` consecutive videos that share a negative
     prompt (the null condition of a batch is one). A video's noise is its own seed's, so how the
@@ -597,7 +621,8 @@ def run(args: argparse.Namespace) -> int:
     check_export(args.checkpoint)
     out = Path(args.output)
     env = dist.init_distributed()  # under torchrun / srun each rank samples its share of the batches
-    first, index = output_start(out, args.append)
+    first, index = output_start(out, args.append or args.resume)
+    first = 0 if args.resume else first  # a resumed command numbers its videos from 0, as it did the first time
     dist.barrier()  # every rank has seen the folder as it was before any of them writes
     main = env.rank == 0
     prompts, class_ids = args.prompt, args.class_id
@@ -673,35 +698,43 @@ def run(args: argparse.Namespace) -> int:
               None if line["seed"] is None else line["seed"] + copy, line["negative_prompt"] or args.negative_prompt)
              for k, line in enumerate(lines) for copy in range(args.num_per_prompt)]  # (prompt, class, seed, neg.)
     seeds = [sampling.seed + first + g if it[2] is None else it[2] for g, it in enumerate(items)]  # video g: seed + g
-    grid = f"grid-{first:04d}.png" if (out / "grid.png").exists() else "grid.png"
     settings = {"steps": sampling.steps, "guidance": 1.0 if args.unconditional else sampling.guidance,
                 "guidance_interval": list(sampling.guidance_interval),
                 "shift": sampling.shift,
                 "sampler": sampling.sampler, "fps": fps, "height": height, "width": width, "image": args.image,
                 "dtype": dist.dtype_name(dtype), "tile": args.tile, "chunk_frames": args.chunk_frames or None,
                 "checkpoint": str(Path(args.checkpoint).resolve())}
-    starts = batch_starts([it[3] for it in items], args.batch_size)  # batch i: videos first + i, ...
-    ends = starts[1:] + [len(items)]
+    wanted = [{"file": f"{first + g:04d}.mp4", "prompt": it[0], "class_id": it[1],
+               "class_name": class_name(export.class_names, it[1]), "seed": seeds[g], "negative_prompt": it[3],
+               **settings} for g, it in enumerate(items)]  # each video's index entry, but its frames
+    todo = resume_todo(index, wanted, out) if args.resume else list(range(len(items)))
+    if not todo:
+        if main:
+            print(f"nothing to do: the {len(items)} videos of this command are in {out} (index.json)")
+        return 0
+    grid = f"grid-{first + todo[0]:04d}.png" if (out / "grid.png").exists() else "grid.png"
+    starts = batch_starts([items[g][3] for g in todo], args.batch_size)  # batch b: todo[starts[b]:ends[b]]
+    ends = starts[1:] + [len(todo)]
     videos, names, lengths, labels = [], [], set(), []
     try:
         for r in range(0, len(starts), env.world_size):  # a round: one batch per rank
             made: tuple[list[dict[str, Any]], list[torch.Tensor]] = ([], [])
             if r + env.rank < len(starts):
-                i, end = starts[r + env.rank], ends[r + env.rank]
-                chunk = items[i:end]
+                i = starts[r + env.rank]
+                ids = todo[i:ends[r + env.rank]]
+                chunk = [items[g] for g in ids]
                 batch = generate(model, ae, export.latent_norm, prompts=[c[0] for c in chunk] if prompts else None,
                                  class_ids=[c[1] for c in chunk] if class_ids else None, count=len(chunk),
-                                 frames=frames, height=height, width=width, sampling=sampling, seeds=seeds[i:end],
-                                 text_encoder=text_encoder, device=device, latent_frames=latent_frames, image=image,
-                                 negative_prompt=chunk[0][3], progress=main)
-                paths = write_videos(batch, out, [f"{first + i + j:04d}" for j in range(len(chunk))], fps)
-                made = ([{"file": p.name, "prompt": it[0], "class_id": it[1],
-                          "class_name": class_name(export.class_names, it[1]), "seed": seeds[i + j],
-                          "negative_prompt": it[3], "frames": v.shape[1], **settings}
-                         for j, (p, it, v) in enumerate(zip(paths, chunk, batch))],
+                                 frames=frames, height=height, width=width, sampling=sampling,
+                                 seeds=[seeds[g] for g in ids], text_encoder=text_encoder, device=device,
+                                 latent_frames=latent_frames, image=image, negative_prompt=chunk[0][3], progress=main)
+                write_videos(batch, out, [Path(wanted[g]["file"]).stem for g in ids], fps)
+                made = ([{**wanted[g], "frames": v.shape[1]} for g, v in zip(ids, batch)],
                         list(batch)[:max(0, GRID_VIDEOS - i)])  # only what the grid shows goes to rank 0
             for entries, batch in dist.gather_object(made) or []:  # on rank 0, in batch order
                 index += entries
+                if args.resume:  # a resumed run fills the gaps an interrupted one left
+                    index.sort(key=lambda e: str(e.get("file")))
                 videos += batch
                 labels += [row_label(e) for e in entries[:len(batch)]]
                 names += [Path(e["file"]).stem for e in entries]

@@ -533,6 +533,43 @@ def test_an_interrupted_sample_keeps_its_finished_batches(run, tmp_path, capsys,
     assert (out / "grid-0002.png").is_file()
 
 
+def test_resume_finishes_an_interrupted_sample_as_if_it_had_not_stopped(run, tmp_path, capsys, monkeypatch):
+    """--resume: the same command makes only the videos index.json lacks, each from its own seed, so
+    the folder ends as an uninterrupted run's (was: only --append, which samples every video again
+    after the ones made, with other seeds); another command's folder is one line."""
+    import launch.sample as sample_verb
+
+    real, calls = sample_verb.generate, []
+
+    def generate(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    argv = ["--prompt", "a red circle moving left", "--prompt", "a blue square", "--num-per-prompt", "2",
+            "--batch-size", "2", "--seed", "3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(_sample(run, tmp_path / "full", *argv)) == 0
+        monkeypatch.setattr(sample_verb, "generate", generate)
+        assert console(_sample(run, tmp_path / "s", *argv)) == 130
+        monkeypatch.setattr(sample_verb, "generate", real)
+        assert len(json.loads((tmp_path / "s" / "index.json").read_text())) == 2
+        capsys.readouterr()
+        assert console(_sample(run, tmp_path / "s", *argv, "--resume")) == 0
+        assert "wrote 2 videos (0002..0003)" in capsys.readouterr().out
+        assert console(_sample(run, tmp_path / "s", *argv, "--resume")) == 0
+        assert "nothing to do: the 4 videos of this command are in" in capsys.readouterr().out
+    full, resumed = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("full", "s"))
+    assert resumed == full
+    assert all(_same_video(tmp_path / "full" / x["file"], tmp_path / "s" / x["file"]) for x in full)
+    _one_line_error(_sample(run, tmp_path / "s", *argv, "--steps", "3", "--resume"), capsys,
+                    "--resume: 0000.mp4 in")
+    _one_line_error(_sample(run, tmp_path / "s", "--class", "1", "--resume"), capsys,
+                    "holds 0001.mp4, which this command does not make")
+
+
 def test_sample_prompt_file_and_text_checks(run, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("\n   \n")
     argv = ["sample", "--checkpoint", str(run / "dit"), "--output", str(tmp_path / "s")]
