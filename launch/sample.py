@@ -22,8 +22,9 @@ batch size, the number of ranks or the videos beside it, so ``--seed S`` with it
 class makes that video again. Nothing is ever overwritten: a non-empty ``--output`` is refused
 unless ``--append`` is given, which numbers the new videos after the ones there, continues the
 seeds (``g`` counting every video of the folder), extends ``index.json`` and writes its grid as
-``grid-NNNN.png`` when ``grid.png`` exists. ``--resume`` finishes an interrupted run: the same command
-makes only the videos its ``index.json`` lacks (`resume_todo`). Videos play at ``--fps``, by default the rate of the training clips
+``grid-NNNN.png`` when ``grid.png`` exists. ``--resume`` finishes an interrupted run: the same
+command makes only the videos its ``index.json`` lacks (`resume_todo`). Videos play at ``--fps``,
+by default the rate of the training clips
 (``training.json``: the extraction's ``--fps`` or the videos' native rate).
 
 Under torchrun / srun each rank samples every ``world_size``-th batch and writes its videos; rank 0
@@ -229,8 +230,9 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
     decoder takes. Each sample's initial noise is drawn with its own seed (`samplers.noise_per_seed`),
     ``seeds[i]``, by default ``sampling.seed + seed_offset + i`` (``seed_offset``: the number of the
     first sample in the run), so a sample is the same whatever batch it is made in. With neither
-    prompts nor class ids, ``count`` unconditional latents: the null condition (null class, only the empty-text token;
-    what condition dropout trains, and all an unconditional DiT knows), without guidance.
+    prompts nor class ids, ``count`` unconditional latents: the null condition (null class, only the
+    empty-text token; what condition dropout trains, and all an unconditional DiT knows), without
+    guidance.
     ``latent_frames``: the length of a variable-length latent (default: the spec's, the longest).
     ``image``: a first frame ``(3, H, W)`` in [-1, 1] whose content latent every sample keeps
     (image-to-video, see the module docstring). ``negative_prompt``: the text guidance steers away
@@ -654,7 +656,8 @@ def run(args: argparse.Namespace) -> int:
                             "false); use --prompt" + ("" if text else " -- it takes no text either"))
         class_ids = class_ids_of(class_ids, export.class_names, n_classes)
     if prompts and (not text or not model.config.text_dim):
-        raise UserError("this DiT was trained without text; use --class" + (f" (0 to {n_classes - 1})" if n_classes else ""))
+        raise UserError("this DiT was trained without text; use --class" +
+                        (f" (0 to {n_classes - 1})" if n_classes else ""))
     model = model.to(dtype)
     with checking():
         ae = resolve_record(export.autoencoder, args.ae_checkpoint).model
