@@ -440,7 +440,7 @@ def read_prompts_file(path: str | Path) -> list[dict[str, Any]]:
     """The videos a ``--prompts-file`` asks for, one dict of `PROMPT_KEYS` per line (absent keys
     None): a text file gives one prompt per non-empty line; a JSON Lines file (named ``.jsonl``, or
     whose first line starts with ``{``) one object per line, e.g. ``{"prompt": "a red circle",
-    "class": "ApplyEyeMakeup", "seed": 7, "negative_prompt": "blurry"}``. Every line gives a prompt,
+    "class": "ApplyEyeMakeup", "seed": 7, "negative_prompt": "blurry"}`` (null: not given). Every line gives a prompt,
     or none does (then every line gives a class). A `UserError` naming the line otherwise."""
     path = Path(path)
     if not path.is_file():
@@ -460,6 +460,7 @@ def read_prompts_file(path: str | Path) -> list[dict[str, Any]]:
                             '{"prompt": "a red circle", "seed": 7}') from None
         if not isinstance(entry, dict):
             raise UserError(f"{where}: give a JSON object, e.g. {{\"prompt\": \"a red circle\"}}")
+        entry = {k: v for k, v in entry.items() if v is not None}  # null: not given (as index.json writes it)
         unknown = sorted(set(entry) - set(PROMPT_KEYS))
         if unknown:
             raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; a line may give {', '.join(PROMPT_KEYS)}")

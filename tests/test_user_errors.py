@@ -599,6 +599,16 @@ def test_a_jsonl_prompts_file_gives_each_video_its_prompt_class_seed_and_negativ
         ("a green triangle", 3, 9, None), ("a green triangle", 3, 10, None)]
     assert _same_video(tmp_path / "one" / "0000.mp4", tmp_path / "s" / "0003.mp4")
     assert not _same_video(tmp_path / "one" / "0000.mp4", tmp_path / "s" / "0002.mp4")
+    # the folder again from its index.json (null values are "not given", as index.json writes them)
+    lines = [{"prompt": x["prompt"], "class": x["class_id"], "seed": x["seed"], "negative_prompt": x["negative_prompt"]}
+             for x in index]
+    (tmp_path / "again.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(_sample(run, tmp_path / "again", "--prompts-file", str(tmp_path / "again.jsonl"))) == 0
+    again = json.loads((tmp_path / "again" / "index.json").read_text())
+    assert again == index
+    assert all(_same_video(tmp_path / "again" / x["file"], tmp_path / "s" / x["file"]) for x in index)
 
 
 @pytest.mark.parametrize("text,match", [
