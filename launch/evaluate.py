@@ -2,7 +2,8 @@
 
     ldm eval recon --autoencoder NAME --checkpoint DIR --input VIDEOS --frames 17 --height 256 --width 256 \\
                    [--lpips-backbone vgg16.pth --lpips-heads vgg.pth] [--i3d i3d_torchscript.pt] \\
-                   [--frame-group 4 --group-start 1] --output recon.json [--grid recon.png] [--overwrite]
+                   [--frame-group 4 --group-start 1] [--num 2048 --seed 0] [--classes folder|FILE --split FILE] \\
+                   --output recon.json [--grid recon.png] [--overwrite]
     ldm eval gen --checkpoint RUN --output DIR [--overwrite] [--attributes --per-prompt 4] \\
                  [--reference VIDEOS --num 2048 --i3d i3d_torchscript.pt --inception inception-2015-12-05.pt] \\
                  [--vbench --vbench-info VBench_full_info.json --vbench-python /envs/vbench/bin/python]
@@ -65,7 +66,7 @@ from torch import Tensor
 
 from autoencoders import Autoencoder, resolve, resolve_record
 from autoencoders.tiling import configure_inference
-from data.sources import ItemList, VideoClipDataset, class_index, list_items
+from data.sources import ItemList, VideoClipDataset, VideoItem, class_index, list_items
 from data.video import VideoError, output_frames, probe, read_video, upright_size, write_video
 from dit import Export, load_text_encoder
 from launch import dist
@@ -170,21 +171,26 @@ def _mean_std(x: list[float]) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: int, width: int, *,
-                            fps: float | None = None, num: int | None = None, batch_size: int = 4,
+                            fps: float | None = None, num: int | None = None, seed: int | None = None,
+                            classes: str | None = None, split: str | None = None, batch_size: int = 4,
                             device: str | torch.device = "cpu", lpips: LPIPS | None = None,
                             i3d: Extractor | None = None, fvd_frames: int = FVD_FRAMES,
                             frame_group: int = 0, group_start: int = 0, text_encoder=None,
                             grid: str | Path | None = None, grid_clips: int = 4,
                             dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Encode + decode the clips of ``input``; per-clip PSNR / SSIM (/ LPIPS), rFVD, optional
-    per-position SSIM and a grid of the first ``grid_clips`` clips. The autoencoder runs in
-    ``dtype``; the metrics are computed in fp32."""
+    """Encode + decode the clips of ``input`` (`choose_items`: with ``num``, a random ``num`` of them
+    seeded by ``seed``, or the first ``num`` when ``seed`` is None, as `ldm train-ae`'s held-out set
+    and `ldm cost --recon` take them; ``classes`` / ``split`` as `data.sources.list_items`); per-clip
+    PSNR / SSIM (/ LPIPS), rFVD, optional per-position SSIM and a grid of the first ``grid_clips``
+    clips. The autoencoder runs in ``dtype``; the metrics are computed in fp32. ``input_clips`` in
+    the result records how the clips were chosen."""
     device = torch.device(device)
     ae = ae.to(device=device, dtype=dtype).eval()
     ae.check_input(frames, height, width)
     text_dim = ae.text_dim
     ae.check_text_encoder(text_encoder)
-    clips, skipped, listed = _clips(input, frames, height, width, fps, num)
+    items, chosen = choose_items(input, num=num, seed=seed, classes=classes, split=split)
+    clips, skipped, listed = _clips(input, frames, height, width, fps, num, items)
     rfvd = fvd_accumulator(i3d, fvd_frames) if i3d is not None else None
     scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
     frame_ssim: list[Tensor] = []
@@ -219,7 +225,9 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
     if n == 0:
         raise UserError(f"none of the {listed} videos in {input} could be read: {skipped[:3]}; fix or replace the "
                         "inputs, or change --frames/--fps")
-    result: dict[str, Any] = {"clips": n, "skipped": skipped, "frames": frames, "height": height, "width": width,
+    result: dict[str, Any] = {"clips": n, "skipped": skipped, "input_clips": chosen, "frames": frames,
+                              "height": height, "width": width, "read_fps": fps,
+                              "dtype": str(dtype).removeprefix("torch."),
                               "psnr_db": _mean_std(scores["psnr"]), "ssim": _mean_std(scores["ssim"]),
                               "ssim_protocol": "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 2 "
                                                "([-1, 1]), per frame, averaged",
@@ -513,18 +521,37 @@ def _as_batches(videos: Tensor | list[Tensor]) -> list[Tensor]:
 CLASS_DISTS = ("reference", "uniform")  # how `generation_fd` draws the classes of the generated clips
 
 
+def choose_items(input: str, *, num: int | None = None, seed: int | None = 0, classes: str | None = None,
+                 split: str | None = None) -> tuple[ItemList, dict[str, Any]]:
+    """The videos of ``input`` that an evaluation uses, and how they were chosen: the listing
+    (``classes`` / ``split`` as `data.sources.list_items`, GIF twins once), then a random ``num`` of
+    them seeded by ``seed`` and kept in listing order (sorted listings run class by class, so the
+    first N would cover a few classes); the first ``num`` when ``seed`` is None; all when ``num`` is
+    None or larger. The record says how many were listed and used, how, and the classes covered."""
+    items = _without_gif_twins(list_items(input, classes=classes, split=split))
+    total, listed_classes = len(items), _class_labels(items)
+    if num and num < total:
+        chosen = range(num) if seed is None else sorted(random.Random(seed).sample(range(total), num))
+        items = ItemList([items[i] for i in chosen], items.problems, items.class_names)
+    how = "all" if len(items) == total else (f"first {len(items)} of {total} in listing order" if seed is None
+                                              else f"random {len(items)} of {total} (seed {seed})")
+    record: dict[str, Any] = {"classes": classes, "split": split, "listed": total, "used": len(items), "chosen": how}
+    if listed_classes:
+        record["classes_covered"] = f"{len(_class_labels(items))} of {len(listed_classes)}"
+    return items, record
+
+
+def _class_labels(items: Iterable[VideoItem]) -> set[str | int]:
+    """The distinct classes (names, else ids) of ``items``."""
+    return {it.class_name or it.class_id for it in items if it.class_name or it.class_id is not None}
+
+
 def reference_items(reference: str, export: Export, *, num: int | None = None, seed: int = 0,
                     classes: str | None = None, split: str | None = None) -> tuple[ItemList, dict[str, Any]]:
-    """The reference clips of FVD / FID and how they were chosen: the videos of ``reference``
-    (``classes`` / ``split`` as `data.sources.list_items`), a random ``num`` of them (seeded by
-    ``seed``, kept in listing order; all when ``num`` is None or larger: sorted listings run class by
-    class, so the first N would cover a few classes). A clip's class is the DiT's id of its class
-    NAME when both have names (`class_index`; an unknown name is a `UserError`), else its id as is."""
-    items = _without_gif_twins(list_items(reference, classes=classes, split=split))
-    total = len(items)
-    if num and num < total:
-        chosen = sorted(random.Random(seed).sample(range(total), num))
-        items = ItemList([items[i] for i in chosen], items.problems, items.class_names)
+    """The reference clips of FVD / FID and how they were chosen (`choose_items`: a random ``num``,
+    seeded by ``seed``). A clip's class is the DiT's id of its class NAME when both have names
+    (`class_index`; an unknown name is a `UserError`), else its id as is."""
+    items, record = choose_items(reference, num=num, seed=seed, classes=classes, split=split)
     by = "ids"
     if export.class_names and any(it.class_name is not None for it in items):
         by = "names"
@@ -537,10 +564,7 @@ def reference_items(reference: str, export: Export, *, num: int | None = None, s
                                 f"{len(export.class_names)} classes this DiT was trained on; leave it out (--split) "
                                 "or give the --classes list of its training data")
             it.class_id = found
-    record = {"classes": classes, "split": split, "listed": total, "used": len(items),
-              "chosen": f"random {len(items)} of {total} (seed {seed})" if len(items) < total else "all",
-              "class_ids_from": by}
-    return items, record
+    return items, record | {"class_ids_from": by}
 
 
 def _class_plan(items: list, dist: str, seed: int) -> list[int]:
@@ -690,7 +714,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "own size when it fits in 256x256, rounded down to one the autoencoder takes; else 256)")
     r.add_argument("--width", type=int, help="(default: as --height)")
     r.add_argument("--fps", type=float)
-    r.add_argument("--num", type=int, help="evaluate the first N clips")
+    r.add_argument("--num", type=int, help="evaluate a random N of the videos, seeded by --seed (all when fewer): "
+                   "a sorted class-per-folder listing runs class by class, so the first N would cover a few classes")
+    r.add_argument("--seed", type=int, default=0, help="which --num videos are chosen (recorded in input_clips)")
+    r.add_argument("--first", action="store_true", help="take the first --num videos in listing order instead, as "
+                   "`ldm train-ae`'s val.clips and `ldm cost --recon` do")
+    r.add_argument("--classes", metavar="folder|FILE",
+                   help="the videos' classes from their top-level folders, as `ldm extract --classes` (UCF-101: "
+                        "classInd.txt); recorded, with the classes the chosen clips cover")
+    r.add_argument("--split", metavar="FILE", help="only the videos this list names (UCF-101 testlist01.txt for rFVD)")
     r.add_argument("--batch-size", type=int, default=4)
     r.add_argument("--text-encoder", help="for a text-guided autoencoder: builtin | t5:DIR | clip:DIR")
     _metric_args(r)
@@ -850,6 +882,8 @@ def check_args(args: argparse.Namespace) -> None:
                                 "file name")
         if not Path(args.input).exists():
             raise MissingInput(f"--input {args.input}: not found")
+        with checking("--input"):  # videos there, --classes / --split readable, before any model is loaded
+            list_items(args.input, classes=args.classes, split=args.split)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -885,7 +919,7 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         ae, name, ckpt_hash = resolve(args.autoencoder, args.checkpoint or args.ae_path, subfolder=args.ae_subfolder)
     if args.height is None or args.width is None or args.frames is None:  # from the first video, as `ldm reconstruct`
         missing = [f for f in ("frames", "height", "width") if getattr(args, f) is None]
-        items = list_items(args.input)
+        items = list_items(args.input, classes=args.classes, split=args.split)
         if not items:
             raise UserError(f"--input {args.input}: no videos")
         for first in items:  # the first one that can be read: a broken one is skipped later
@@ -922,6 +956,7 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     with checking():
         ae.check_text_encoder(text_encoder, args.text_encoder, name)
     result = evaluate_reconstruction(ae, args.input, args.frames, args.height, args.width, fps=args.fps, num=args.num,
+                                     seed=None if args.first else args.seed, classes=args.classes, split=args.split,
                                      batch_size=args.batch_size, device=device, lpips=lpips, i3d=i3d,
                                      fvd_frames=args.fvd_frames, frame_group=args.frame_group,
                                      group_start=args.group_start, text_encoder=text_encoder, grid=args.grid,
