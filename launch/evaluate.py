@@ -664,6 +664,7 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     out["reference"], out["read_fps"], out["reference_clips"] = reference, fps, chosen
     out["generated"] = samples or "sampled now: one per reference clip (its caption / class id)"
     if samples is None:
+        out["sampling"] = dataclasses.asdict(sampling)
         out["conditioning"] = {"text": use_text, "class": use_cls}
         if use_cls:
             out["conditioning"].update(class_dist=class_dist, seed=sampling.seed,
@@ -895,7 +896,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = run_gen(args, device)
     print(json.dumps(_summary(result), indent=2))
+    for where, warning in _small_sample_warnings(result):
+        print(f"ldm eval {args.what}: warning: {where}: {warning}", file=sys.stderr)
     return 0
+
+
+def _small_sample_warnings(result: dict[str, Any], where: str = "") -> list[tuple[str, str]]:
+    """``(metric, warning)`` of every Fréchet distance of ``result`` measured below its protocol's N."""
+    found = []
+    for k, v in result.items():
+        if isinstance(v, dict):
+            found += _small_sample_warnings(v, k)
+        elif k == "small_sample":
+            found.append((where, v))
+    return found
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -904,6 +918,8 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     for k, v in result.items():
         if isinstance(v, dict):
             out[k] = _summary(v)
+        elif k == "skipped" and len(v) > 3:  # all of them stay in the JSON file
+            out[k] = v[:3] + [f"... {len(v)} in all"]
         elif k not in ("rows", "per_frame"):
             out[k] = v
     return out
@@ -1028,7 +1044,8 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     common = dict(sampling=sampling, batch_size=args.batch_size, device=device)
     result: dict[str, Any] = {"checkpoint": args.checkpoint, "autoencoder": export.autoencoder.name,
                               "frames": frames, "height": height, "width": width, "tile": args.tile,
-                              "chunk_frames": args.chunk_frames}
+                              "chunk_frames": args.chunk_frames, "dtype": str(dtype).removeprefix("torch."),
+                              "batch_size": args.batch_size}
     if args.attributes:
         suite = attribute_suite(args.shapes, args.colors, args.directions, args.holdout)
         (out / "attribute_videos").mkdir(exist_ok=True)

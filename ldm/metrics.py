@@ -357,6 +357,8 @@ def _checked(t: Tensor, shape: torch.Size, key: str, path: str | Path) -> Tensor
 # --------------------------------------------------------------------------------------------
 FVD_FRAMES = 16
 FVD_SIZE = 224
+FVD_PROTOCOL_N = 2048  # clips a side in the reference FVD protocol (and rFVD)
+FID_PROTOCOL_N = 50_000  # FID's usual sample size (images; here video frames)
 
 
 @dataclass
@@ -463,11 +465,26 @@ def fvd_preprocess(videos: Tensor, frames: int = FVD_FRAMES, size: int = FVD_SIZ
     return x / 127.5 - 1.0
 
 
-class FrechetAccumulator:
-    """Streaming features of two sets (``real`` / ``fake``) for one extractor."""
+def small_sample_warning(n_real: int, n_fake: int, protocol_n: int, unit: str) -> str | None:
+    """A Fréchet distance measured on fewer than the protocol's ``protocol_n`` samples a side is
+    biased upward (two samples of one distribution are already apart, by about d(d+1)/2N): the line
+    a result carries, or None at the protocol's size."""
+    n = min(n_real, n_fake)
+    if n >= protocol_n:
+        return None
+    return (f"measured on {n_real} reference and {n_fake} generated {unit}, fewer than the usual {protocol_n}: "
+            "Fréchet distances are biased upward at small N; compare it only with values at the same N, not with "
+            f"published {protocol_n}-{unit[:-1]} numbers")
 
-    def __init__(self, ext: Extractor, features: Callable[[Tensor], Tensor], protocol: dict[str, Any]):
+
+class FrechetAccumulator:
+    """Streaming features of two sets (``real`` / ``fake``) for one extractor; ``protocol_n``
+    samples (``unit``) a side is the protocol's size, below which a result carries a warning."""
+
+    def __init__(self, ext: Extractor, features: Callable[[Tensor], Tensor], protocol: dict[str, Any],
+                 protocol_n: int, unit: str):
         self.ext, self.features, self.protocol = ext, features, protocol
+        self.protocol_n, self.unit = protocol_n, unit
         self.stats = {"real": RunningGaussian(ext.dim), "fake": RunningGaussian(ext.dim)}
 
     def update(self, which: str, batch: Tensor) -> None:
@@ -475,8 +492,11 @@ class FrechetAccumulator:
 
     def result(self, name: str) -> dict[str, Any]:
         (m1, s1), (m2, s2) = self.stats["real"].stats(), self.stats["fake"].stats()
-        return {name: frechet_distance(m1, s1, m2, s2), **self.ext.describe(), "n_real": self.stats["real"].n,
-                "n_fake": self.stats["fake"].n, "covariance": "unbiased (N - 1), float64", **self.protocol}
+        n_real, n_fake = self.stats["real"].n, self.stats["fake"].n
+        out = {name: frechet_distance(m1, s1, m2, s2), **self.ext.describe(), "n_real": n_real, "n_fake": n_fake,
+               "protocol_n": self.protocol_n, "covariance": "unbiased (N - 1), float64", **self.protocol}
+        warning = small_sample_warning(n_real, n_fake, self.protocol_n, self.unit)
+        return out | ({"small_sample": warning} if warning else {})
 
 
 def fvd_accumulator(ext: Extractor, frames: int = FVD_FRAMES, batch: int = 8) -> FrechetAccumulator:
@@ -485,7 +505,7 @@ def fvd_accumulator(ext: Extractor, frames: int = FVD_FRAMES, batch: int = 8) ->
                for i in range(0, len(videos), batch)]
         return torch.cat(out)
     return FrechetAccumulator(ext, feats, {"frames": frames, "resize": f"bilinear {FVD_SIZE}x{FVD_SIZE}, no crop",
-                                            "range": "[-1, 1]"})
+                                            "range": "[-1, 1]"}, FVD_PROTOCOL_N, "clips")
 
 
 def fid_accumulator(ext: Extractor, batch: int = 64) -> FrechetAccumulator:
@@ -494,7 +514,8 @@ def fid_accumulator(ext: Extractor, batch: int = 64) -> FrechetAccumulator:
         return torch.cat([_inception_features(ext, frames[i:i + batch].to(ext.device))
                           for i in range(0, len(frames), batch)])
     return FrechetAccumulator(ext, feats, {"frames": "all frames of every clip",
-                                            "input": "uint8 frames, resized inside the network"})
+                                            "input": "uint8 frames, resized inside the network"}, FID_PROTOCOL_N,
+                              "frames")
 
 
 # --------------------------------------------------------------------------------------------

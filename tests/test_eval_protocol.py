@@ -4,9 +4,12 @@ and, for FVD over training, the same reference statistics for every checkpoint."
 import json
 
 import pytest
+import torch
 
 from launch.cli import main as ldm
+from ldm import metrics
 from test_classes import _avi
+from test_evaluate import files, run_dir  # noqa: F401 (fixtures)
 
 CLASSES = ["ApplyEyeMakeup", "Basketball", "YoYo"]
 
@@ -53,3 +56,32 @@ def test_eval_recon_takes_a_seeded_random_subset_across_classes(ucf, tmp_path):
     assert split["clips"] == 6 and split["input_clips"] | {"classes": None, "split": None} == {
         "classes": None, "split": None, "listed": 6, "used": 6, "chosen": "all", "classes_covered": "3 of 3"}
     assert (split["read_fps"], split["dtype"]) == (None, "float32")
+
+
+def test_frechet_results_say_n_and_warn_below_the_protocol_size(files, monkeypatch):
+    ext = metrics.load_i3d(files / "i3d_torchscript.pt")
+    clips = torch.rand(6, 3, 8, 16, 16) * 2 - 1
+    acc = metrics.fvd_accumulator(ext, frames=8)
+    acc.update("real", clips)
+    acc.update("fake", clips[:4])
+    r = acc.result("fvd")
+    assert (r["n_real"], r["n_fake"], r["protocol_n"]) == (6, 4, 2048)
+    assert r["small_sample"].startswith("measured on 6 reference and 4 generated clips, fewer than the usual 2048")
+    monkeypatch.setattr(metrics, "FVD_PROTOCOL_N", 4)
+    at = metrics.fvd_accumulator(ext, frames=8)
+    at.stats = acc.stats
+    assert "small_sample" not in at.result("fvd") and at.result("fvd")["fvd"] == r["fvd"]
+
+
+def test_eval_gen_records_sampling_precision_and_warns_at_small_n(files, run_dir, tmp_path, capsys):
+    """FVD's result carries what made the generated clips (sampler settings, seed, dtype, batch
+    size) and says when N is below the protocol's (was: none of them; a 4-clip FVD looked final)."""
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ldm(["eval", "gen", "--checkpoint", str(run_dir), "--reference", str(files / "videos"), "--num", "4",
+             "--i3d", str(files / "i3d_torchscript.pt"), "--fvd-frames", "8", "--steps", "1", "--seed", "3",
+             "--batch-size", "2", "--device", "cpu", "--output", str(tmp_path / "g")])
+    r = json.loads((tmp_path / "g" / "result.json").read_text())
+    assert (r["dtype"], r["batch_size"]) == ("float32", 2)
+    assert r["fd"]["sampling"]["steps"] == 1 and r["fd"]["sampling"]["seed"] == 3
+    assert r["fd"]["fvd"]["n_fake"] == 4 and "fewer than the usual 2048" in r["fd"]["fvd"]["small_sample"]
+    assert "ldm eval gen: warning: fvd: measured on 4 reference and 4 generated clips" in capsys.readouterr().err
