@@ -5,7 +5,8 @@
                    [--frame-group 4 --group-start 1] [--num 2048 --seed 0] [--classes folder|FILE --split FILE] \\
                    --output recon.json [--grid recon.png] [--overwrite]
     ldm eval gen --checkpoint RUN --output DIR [--overwrite] [--attributes --per-prompt 4] \\
-                 [--reference VIDEOS --num 2048 --i3d i3d_torchscript.pt --inception inception-2015-12-05.pt] \\
+                 [--reference VIDEOS --num 2048 --i3d i3d_torchscript.pt --inception inception-2015-12-05.pt \\
+                  --reference-stats DIR] \\
                  [--vbench --vbench-info VBench_full_info.json --vbench-python /envs/vbench/bin/python]
 
 Reconstruction (``recon``): PSNR, SSIM (Gaussian 11 / 1.5, data range 2), LPIPS (torchvision
@@ -75,11 +76,12 @@ from launch.reconstruct import DEFAULT_FRAMES, default_frames, default_size
 from launch.sample import (add_sampling_arguments, check_export, generate, load_dit, playback_fps, sampling_from_args,
                           sampling_text_encoder)
 from launch.train_ae import save_grid
-from ldm.checkpoint import atomic_write_json, file_sha256, read_json
+from ldm.checkpoint import atomic_write_json, file_sha256, load_tensors, read_json, save_tensors
 from ldm.errors import MissingInput, UserError, check_min, checking
 from ldm.latent import Cond
-from ldm.metrics import (FVD_FRAMES, I3D_KINDS, LPIPS, VBENCH_NORMALIZE, Extractor, fid_accumulator, fvd_accumulator,
-                         load_i3d, load_inception, reconstruction_scores, temporal_flickering, vbench_aggregate)
+from ldm.metrics import (FVD_FRAMES, I3D_KINDS, LPIPS, VBENCH_NORMALIZE, Extractor, FrechetAccumulator,
+                         fid_accumulator, fvd_accumulator, load_i3d, load_inception, reconstruction_scores,
+                         temporal_flickering, vbench_aggregate)
 from ldm.samplers import SamplingConfig
 
 # ------------------------------------------------------------------------------------------
@@ -588,13 +590,63 @@ def _per_class(ids: list[int], names: Sequence[str]) -> dict[str, int]:
     return counts
 
 
+REFERENCE_STATS_VERSION = 1  # raise when the reading or the feature protocol changes what the statistics hold
+
+
+def _item_stamp(it: VideoItem) -> list[Any]:
+    """Where an item's bytes are and their file's size and modification time: a replaced video
+    gives another stamp."""
+    path = it.path if it.path is not None else it.shard
+    st = Path(path).stat()
+    return [it.key, str(Path(path).resolve()), it.member, it.offset, it.size, st.st_size, st.st_mtime_ns]
+
+
+def reference_stats_file(folder: Path, items: Sequence[VideoItem], accs: dict[str, FrechetAccumulator],
+                         frames: int, height: int, width: int, fps: float | None) -> Path:
+    """The file in ``folder`` for the statistics of these reference clips (each one's file, size and
+    modification time), read at this clip size and rate, under each extractor's protocol (its
+    weights' sha256 included): ``<sha256 of all that>.safetensors``."""
+    key = {"version": REFERENCE_STATS_VERSION, "clips": [_item_stamp(it) for it in items], "frames": frames,
+           "height": height, "width": width, "fps": fps,
+           "features": {name: acc.describe() for name, acc in sorted(accs.items())}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return folder / f"{digest[:32]}.safetensors"
+
+
+def save_reference_stats(path: Path, accs: dict[str, FrechetAccumulator], readable: list[int],
+                         skipped: list[str]) -> None:
+    """Keep the reference side of ``accs`` with the clips it was read from (indices into the chosen
+    items) and the skipped ones."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v for name, acc in accs.items() for k, v in acc.stats["real"].state(name).items()}
+    save_tensors(path, tensors, {"readable": json.dumps(readable), "skipped": json.dumps(skipped),
+                                 "features": json.dumps({name: acc.describe() for name, acc in accs.items()})})
+
+
+def load_reference_stats(path: Path, accs: dict[str, FrechetAccumulator]) -> tuple[list[int], list[str]]:
+    """Fill the reference side of ``accs`` from `save_reference_stats`' file; its readable clip
+    indices and skipped list. A file that cannot be read is a `UserError` naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        tensors = load_tensors(path)
+        for name, acc in accs.items():
+            acc.stats["real"].load(tensors, name)
+        return json.loads(meta["readable"]), json.loads(meta["skipped"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise UserError(f"--reference-stats: {path} cannot be read ({e}); delete it to compute the reference "
+                        "statistics again") from None
+
+
 def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, frames: int, height: int,
                   width: int, num: int | None, i3d: Extractor | None, inception: Extractor | None,
                   fvd_frames: int = FVD_FRAMES, samples: str | None = None,
                   sampling: SamplingConfig = SamplingConfig(), batch_size: int = 8,
                   device: str | torch.device = "cpu", fps: float | None = None,
                   use_class: bool | None = None, classes: str | None = None, split: str | None = None,
-                  class_dist: str = "reference") -> dict[str, Any]:
+                  class_dist: str = "reference", reference_stats: str | Path | None = None) -> dict[str, Any]:
     """FVD / FID between the reference clips (`reference_items`: a random ``num`` of them, seeded by
     ``sampling.seed``) and generated ones: the given ``samples`` folder (its first ``num``), or one
     sample per reference clip from its caption (text DiT) or class (``use_class``: also with text,
@@ -605,7 +657,10 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     same value. Reference (and
     ``samples``) clips are read at ``fps``, by default the rate the DiT's training clips were
     resampled to (``export.video.fps``; None: the videos' own), so both sides have the same motion
-    per frame."""
+    per frame. With ``reference_stats`` (a folder), the reference features' statistics are kept
+    there (`reference_stats_file`) and reused by a later evaluation against the same clips under the
+    same protocol, e.g. another checkpoint of the run: the same numbers, without reading the
+    reference again."""
     if i3d is None and inception is None:
         raise ValueError("FVD / FID need --i3d and/or --inception")
     if class_dist not in CLASS_DISTS:
@@ -617,7 +672,15 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     if inception is not None:
         accs["fid"] = fid_accumulator(inception)
     items, chosen = reference_items(reference, export, num=num, seed=sampling.seed, classes=classes, split=split)
-    ref, skipped, _ = _clips(reference, frames, height, width, fps, num, items)
+    stats_file = reference_stats_file(Path(reference_stats), items, accs, frames, height, width, fps) \
+        if reference_stats else None
+    cached = load_reference_stats(stats_file, accs) if stats_file is not None and stats_file.is_file() else None
+    if cached is None:
+        ref, skipped, _ = _clips(reference, frames, height, width, fps, num, items)
+    else:  # the reference statistics of an earlier evaluation: its readable clips, not decoded again
+        readable, skipped = cached
+        ref = iter([{"caption": items[i].caption or "", "index": i} for i in readable])
+    readable_now: list[int] = []
     text_encoder = None
     use_text, use_cls = (False, False)  # both False: an unconditional DiT, sampled unconditionally
     if samples is None and (model.config.text_dim or model.config.num_classes):
@@ -634,9 +697,11 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     made: list[int] = []  # the class of each generated clip
     n = 0
     for b, batch in enumerate(_batches(ref, batch_size)):
-        real = torch.stack([x["video"] for x in batch])
-        for acc in accs.values():
-            acc.update("real", real)
+        if cached is None:
+            real = torch.stack([x["video"] for x in batch])
+            for acc in accs.values():
+                acc.update("real", real)
+            readable_now += [x["index"] for x in batch]
         if samples is None:
             ids = [plan[x["index"]] for x in batch] if use_cls else None
             made += ids or []
@@ -648,6 +713,8 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
                 for acc in accs.values():
                     acc.update("fake", video)
         n += len(batch)
+    if stats_file is not None and cached is None and readable_now:
+        save_reference_stats(stats_file, accs, readable_now, skipped)
     if samples is not None:
         gen, gen_skipped, _ = _clips(samples, frames, height, width, fps, num)
         for batch in _batches(gen, batch_size):
@@ -662,6 +729,8 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
             "error": f"{name.upper()} needs >= 2 {'clips' if name == 'fvd' else 'frames'} on each side, got "
                      f"{n_real} reference and {n_fake} generated (see skipped)"}
     out["reference"], out["read_fps"], out["reference_clips"] = reference, fps, chosen
+    if stats_file is not None:
+        out["reference_stats"] = {"file": str(stats_file), "reused": cached is not None}
     out["generated"] = samples or "sampled now: one per reference clip (its caption / class id)"
     if samples is None:
         out["sampling"] = dataclasses.asdict(sampling)
@@ -775,6 +844,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="classes of the generated clips of a class-conditional DiT: each reference clip's own "
                         "(default: distributed as the reference set) or the reference set's classes in equal shares")
     g.add_argument("--samples", help="already generated videos (instead of sampling one per reference clip)")
+    g.add_argument("--reference-stats", metavar="DIR",
+                   help="keep the reference clips' feature statistics in DIR and reuse them when the same clips are "
+                        "evaluated under the same protocol again (another checkpoint of the run: no re-reading)")
     g.add_argument("--num", type=int, help="clips used for FVD / FID: a random N of the reference clips (seeded by "
                    "--seed; all when fewer) and as many generated (the first N of --samples)")
     _metric_args(g, lpips=False)
@@ -853,9 +925,13 @@ def check_args(args: argparse.Namespace) -> None:
                     list_items(path, **({"classes": args.classes, "split": args.split} if flag == "--reference"
                                         else {}))
         for flag, value in {"--classes": args.classes, "--split": args.split,
+                            "--reference-stats": args.reference_stats,
                             "--class-dist": None if args.class_dist == "reference" else args.class_dist}.items():
             if value is not None and not args.reference:
                 raise UserError(f"{flag} is about the --reference videos; add --reference, or leave the flag out")
+        if args.reference_stats is not None and Path(args.reference_stats).is_file():
+            raise UserError(f"--reference-stats {args.reference_stats} is a file; give a folder (one statistics file "
+                            "per reference and protocol goes there)")
         if not (args.attributes or args.reference or args.vbench):
             raise UserError("choose at least one of --attributes, --reference (FVD / FID), --vbench")
         if args.reference and not (args.i3d or args.inception):
@@ -1057,7 +1133,8 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         result["fd"] = generation_fd(model, ae, export, args.reference, frames=frames, height=height, width=width,
                                      num=args.num, i3d=i3d, inception=inception, fvd_frames=args.fvd_frames,
                                      samples=args.samples, use_class=True if args.use_class else None,
-                                     classes=args.classes, split=args.split, class_dist=args.class_dist, **common)
+                                     classes=args.classes, split=args.split, class_dist=args.class_dist,
+                                     reference_stats=args.reference_stats, **common)
     if args.vbench:
         result["vbench"] = vbench_bridge(model, ae, export, out, info=info, dimensions=args.vbench_dimensions,
                                          per_prompt=args.vbench_per_prompt, frames=frames, height=height,

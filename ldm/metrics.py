@@ -199,6 +199,17 @@ class RunningGaussian:
             raise ValueError(f"cannot merge stats of dim {other.dim} into dim {self.dim}")
         self._combine(other.n, other.mean, other.m2)
 
+    def state(self, prefix: str) -> dict[str, Tensor]:
+        """The accumulated sums as tensors (``prefix.n``, ``.mean``, ``.m2``), to save and `load`."""
+        return {f"{prefix}.n": torch.tensor([self.n]), f"{prefix}.mean": self.mean, f"{prefix}.m2": self.m2}
+
+    def load(self, tensors: dict[str, Tensor], prefix: str) -> None:
+        """Take the sums of `state` back (exactly: float64 throughout)."""
+        mean, m2 = tensors[f"{prefix}.mean"].double(), tensors[f"{prefix}.m2"].double()
+        if mean.shape != (self.dim,) or m2.shape != (self.dim, self.dim):
+            raise ValueError(f"saved statistics of dim {mean.shape[0]} do not fit dim {self.dim}")
+        self.n, self.mean, self.m2 = int(tensors[f"{prefix}.n"][0]), mean, m2
+
     def stats(self) -> tuple[Tensor, Tensor]:
         """(mean, unbiased covariance)."""
         if self.n < 2:
@@ -489,6 +500,10 @@ class FrechetAccumulator:
 
     def update(self, which: str, batch: Tensor) -> None:
         self.stats[which].update(self.features(batch))
+
+    def describe(self) -> dict[str, Any]:
+        """The extractor (file name, sha256, width) and the protocol: what the features depend on."""
+        return {**self.ext.describe(), **self.protocol}
 
     def result(self, name: str) -> dict[str, Any]:
         (m1, s1), (m2, s2) = self.stats["real"].stats(), self.stats["fake"].stats()

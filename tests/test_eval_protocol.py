@@ -8,6 +8,7 @@ import torch
 
 from launch.cli import main as ldm
 from ldm import metrics
+from ldm.errors import UserError
 from test_classes import _avi
 from test_evaluate import files, run_dir  # noqa: F401 (fixtures)
 
@@ -51,8 +52,9 @@ def test_eval_recon_takes_a_seeded_random_subset_across_classes(ucf, tmp_path):
     assert first["input_clips"] | {"classes": None} == {"classes": None, "split": None, "listed": 9, "used": 3,
                                                         "chosen": "first 3 of 9 in listing order",
                                                         "classes_covered": "1 of 3"}  # as train-ae's val.clips
-    split = _recon(tmp_path, "d.json", "--input", str(ucf / "UCF-101"), "--classes", str(ucf / "lists" / "classInd.txt"),
-                   "--split", str(ucf / "lists" / "testlist01.txt"))
+    lists = ucf / "lists"
+    split = _recon(tmp_path, "d.json", "--input", str(ucf / "UCF-101"), "--classes", str(lists / "classInd.txt"),
+                   "--split", str(lists / "testlist01.txt"))
     assert split["clips"] == 6 and split["input_clips"] | {"classes": None, "split": None} == {
         "classes": None, "split": None, "listed": 6, "used": 6, "chosen": "all", "classes_covered": "3 of 3"}
     assert (split["read_fps"], split["dtype"]) == (None, "float32")
@@ -85,3 +87,43 @@ def test_eval_gen_records_sampling_precision_and_warns_at_small_n(files, run_dir
     assert r["fd"]["sampling"]["steps"] == 1 and r["fd"]["sampling"]["seed"] == 3
     assert r["fd"]["fvd"]["n_fake"] == 4 and "fewer than the usual 2048" in r["fd"]["fvd"]["small_sample"]
     assert "ldm eval gen: warning: fvd: measured on 4 reference and 4 generated clips" in capsys.readouterr().err
+
+
+def test_reference_stats_are_kept_and_reused_for_another_checkpoint(files, run_dir, tmp_path, monkeypatch):
+    """FVD over training: with ``reference_stats`` the reference side is read and featurised once;
+    a later evaluation of the same clips under the same protocol reuses it (the same number, the
+    reference not decoded, its skipped clips still listed); another protocol or a replaced video
+    is computed afresh (was: every checkpoint decoded and featurised the whole reference again)."""
+    from test_evaluate import _load
+
+    from launch import evaluate as ev
+    from ldm.samplers import SamplingConfig
+
+    model, ae, context = _load(run_dir)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for video in sorted((files / "videos").rglob("*.mp4"))[:4]:
+        (ref / video.name).write_bytes(video.read_bytes())
+    (ref / "zz-broken.mp4").write_bytes(b"not a video")
+    i3d = metrics.load_i3d(files / "i3d_torchscript.pt")
+    kw = dict(frames=8, height=32, width=32, num=None, i3d=i3d, inception=None, sampling=SamplingConfig(steps=1),
+              batch_size=2, reference_stats=tmp_path / "stats")
+    first = ev.generation_fd(model, ae, context, str(ref), fvd_frames=8, **kw)
+    assert first["reference_stats"]["reused"] is False and len(list((tmp_path / "stats").iterdir())) == 1
+    read, clips = [], ev._clips
+    monkeypatch.setattr(ev, "_clips", lambda input, *a: read.append(input) or clips(input, *a))
+    again = ev.generation_fd(model, ae, context, str(ref), fvd_frames=8, **kw)
+    assert again["reference_stats"] == first["reference_stats"] | {"reused": True} and read == []
+    assert again["fvd"] == first["fvd"] and again["skipped"] == first["skipped"] and len(first["skipped"]) == 1
+    assert ev.generation_fd(model, ae, context, str(ref), fvd_frames=4, **kw)["reference_stats"]["reused"] is False
+    (ref / "zz-broken.mp4").write_bytes(b"still not a video, but another file")
+    assert ev.generation_fd(model, ae, context, str(ref), fvd_frames=8, **kw)["reference_stats"]["reused"] is False
+    assert read == [str(ref)] * 2 and len(list((tmp_path / "stats").iterdir())) == 3
+    for f in (tmp_path / "stats").iterdir():
+        f.write_bytes(b"junk")
+    with pytest.raises(UserError, match="--reference-stats: .* cannot be read .*delete it"):
+        ev.generation_fd(model, ae, context, str(ref), fvd_frames=8, **kw)
+    with pytest.raises(UserError, match="--reference-stats .* is a file; give a folder"):
+        ldm(["eval", "gen", "--checkpoint", str(run_dir), "--reference", str(ref), "--i3d",
+             str(files / "i3d_torchscript.pt"), "--fvd-frames", "8", "--reference-stats", str(f), "--output",
+             str(tmp_path / "g")])
