@@ -73,8 +73,8 @@ from dit import Export, load_text_encoder
 from launch import dist
 from launch.dist import compute_dtype
 from launch.reconstruct import DEFAULT_FRAMES, default_frames, default_size
-from launch.sample import (add_sampling_arguments, check_export, generate, load_dit, playback_fps, sampling_from_args,
-                          sampling_text_encoder)
+from launch.sample import (add_sampling_arguments, check_export, checkpoint_run, export_weights, generate, load_dit,
+                          playback_fps, sampling_from_args, sampling_text_encoder)
 from launch.train_ae import save_grid
 from ldm.checkpoint import atomic_write_json, file_sha256, load_tensors, read_json, save_tensors
 from ldm.errors import MissingInput, UserError, check_min, checking
@@ -1062,6 +1062,16 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return result
 
 
+def dit_weights(checkpoint: str | Path) -> dict[str, Any]:
+    """Which weights an evaluation sampled: the file (a run's export, or a kept checkpoint's EMA
+    weights), its sha256 and, for a checkpoint, its training step: the x axis of FVD over training."""
+    path = export_weights(checkpoint)[1]
+    record: dict[str, Any] = {"file": str(path), "sha256": file_sha256(path)}
+    if checkpoint_run(checkpoint) is not None:
+        record["step"] = read_json(Path(checkpoint) / "trainer.json")["step"]
+    return record
+
+
 def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     with checking():
         i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None
@@ -1121,7 +1131,7 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     result: dict[str, Any] = {"checkpoint": args.checkpoint, "autoencoder": export.autoencoder.name,
                               "frames": frames, "height": height, "width": width, "tile": args.tile,
                               "chunk_frames": args.chunk_frames, "dtype": str(dtype).removeprefix("torch."),
-                              "batch_size": args.batch_size}
+                              "batch_size": args.batch_size, "dit_weights": dit_weights(args.checkpoint)}
     if args.attributes:
         suite = attribute_suite(args.shapes, args.colors, args.directions, args.holdout)
         (out / "attribute_videos").mkdir(exist_ok=True)

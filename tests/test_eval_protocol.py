@@ -83,7 +83,7 @@ def test_eval_gen_records_sampling_precision_and_warns_at_small_n(files, run_dir
              "--i3d", str(files / "i3d_torchscript.pt"), "--fvd-frames", "8", "--steps", "1", "--seed", "3",
              "--batch-size", "2", "--device", "cpu", "--output", str(tmp_path / "g")])
     r = json.loads((tmp_path / "g" / "result.json").read_text())
-    assert (r["dtype"], r["batch_size"]) == ("float32", 2)
+    assert (r["dtype"], r["batch_size"]) == ("float32", 2) and len(r["dit_weights"]["sha256"]) == 64
     assert r["fd"]["sampling"]["steps"] == 1 and r["fd"]["sampling"]["seed"] == 3
     assert r["fd"]["fvd"]["n_fake"] == 4 and "fewer than the usual 2048" in r["fd"]["fvd"]["small_sample"]
     assert "ldm eval gen: warning: fvd: measured on 4 reference and 4 generated clips" in capsys.readouterr().err
@@ -127,3 +127,26 @@ def test_reference_stats_are_kept_and_reused_for_another_checkpoint(files, run_d
         ldm(["eval", "gen", "--checkpoint", str(run_dir), "--reference", str(ref), "--i3d",
              str(files / "i3d_torchscript.pt"), "--fvd-frames", "8", "--reference-stats", str(f), "--output",
              str(tmp_path / "g")])
+
+
+def test_eval_gen_records_which_weights_and_step(run_dir, tmp_path):
+    """A result names the weights it sampled (file and sha256) and, for a kept checkpoint
+    ``RUN/checkpoints/step-N``, its step (was: only the path given)."""
+    import hashlib
+    import shutil
+
+    from ldm.checkpoint import read_json
+
+    from launch import evaluate as ev
+
+    export = run_dir / "export"
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-00000030"
+    step.mkdir(parents=True)
+    shutil.copy(export / "model.safetensors", step / "ema.safetensors")
+    (step / "trainer.json").write_text(json.dumps({"step": 30}))
+    (run / "config.json").write_text(json.dumps({"dit": read_json(export / "config.json"),
+                                                 "export": read_json(export / "training.json")}))
+    sha = hashlib.sha256((export / "model.safetensors").read_bytes()).hexdigest()
+    assert ev.dit_weights(run_dir) == {"file": str(export / "model.safetensors"), "sha256": sha}
+    assert ev.dit_weights(step) == {"file": str(step / "ema.safetensors"), "sha256": sha, "step": 30}
