@@ -52,6 +52,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -286,6 +287,17 @@ def check_suite_classes(model, suite: list[dict[str, Any]]) -> None:
                          f"--num-classes {top + 1} or more")
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> list[float]:
+    """The Wilson score interval of a proportion ``k / n`` (95% for ``z = 1.96``): how far an accuracy
+    measured on ``n`` samples may be from the model's (Wilson 1927; sound at small n and at 0 or 1)."""
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 def attribute_benchmark(model, ae: Autoencoder, export: Export, suite: list[dict[str, Any]], *,
                         per_prompt: int, frames: int, height: int, width: int,
                         sampling: SamplingConfig = SamplingConfig(),
@@ -294,7 +306,7 @@ def attribute_benchmark(model, ae: Autoencoder, export: Export, suite: list[dict
                         fps: float = 8.0) -> dict[str, Any]:
     """Sample ``per_prompt`` videos per suite prompt and read the attributes back.
 
-    Accuracy per attribute, ``all`` (all three right), chance levels, the held-out combinations
+    Accuracy per attribute, ``all`` (all three right), their 95% Wilson intervals, chance levels, the held-out combinations
     separately, per-prompt rows and the sampling time per video. Candidates for the reader are the
     suite's own shapes / colors / directions."""
     from data.attributes import read_attributes
@@ -338,7 +350,8 @@ def attribute_benchmark(model, ae: Autoencoder, export: Export, suite: list[dict
 
     chance = {a: 1 / len(cands[a]) for a in ("shape", "color", "direction")}
     chance["all"] = chance["shape"] * chance["color"] * chance["direction"]
-    return {"accuracy": acc(rows), "accuracy_seen": acc([r for r in rows if not r["holdout"]]),
+    ci95 = {a: wilson_interval(sum(r[a] for r in rows), len(rows)) for a in ("shape", "color", "direction", "all")}
+    return {"accuracy": acc(rows), "accuracy_ci95": ci95, "accuracy_seen": acc([r for r in rows if not r["holdout"]]),
             "accuracy_holdout": acc([r for r in rows if r["holdout"]]), "chance": chance,
             "prompts": len(suite), "per_prompt": per_prompt, "conditioning": {"text": use_text, "class": use_cls},
             "sampling": dataclasses.asdict(sampling),

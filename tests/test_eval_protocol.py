@@ -10,7 +10,7 @@ from launch.cli import main as ldm
 from ldm import metrics
 from ldm.errors import UserError
 from test_classes import _avi
-from test_evaluate import files, run_dir  # noqa: F401 (fixtures)
+from test_evaluate import _load, files, run_dir  # noqa: F401 (fixtures)
 
 CLASSES = ["ApplyEyeMakeup", "Basketball", "YoYo"]
 
@@ -94,8 +94,6 @@ def test_reference_stats_are_kept_and_reused_for_another_checkpoint(files, run_d
     a later evaluation of the same clips under the same protocol reuses it (the same number, the
     reference not decoded, its skipped clips still listed); another protocol or a replaced video
     is computed afresh (was: every checkpoint decoded and featurised the whole reference again)."""
-    from test_evaluate import _load
-
     from launch import evaluate as ev
     from ldm.samplers import SamplingConfig
 
@@ -150,3 +148,20 @@ def test_eval_gen_records_which_weights_and_step(run_dir, tmp_path):
     sha = hashlib.sha256((export / "model.safetensors").read_bytes()).hexdigest()
     assert ev.dit_weights(run_dir) == {"file": str(export / "model.safetensors"), "sha256": sha}
     assert ev.dit_weights(step) == {"file": str(step / "ema.safetensors"), "sha256": sha, "step": 30}
+
+
+def test_attribute_accuracy_comes_with_its_interval(run_dir, monkeypatch):
+    """An accuracy over a few samples per prompt carries its 95% Wilson interval (was: a bare
+    fraction: 4 of 4 right read as 100%, though the model's may be 51%)."""
+    from launch import evaluate as ev
+
+    assert ev.wilson_interval(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert ev.wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert ev.wilson_interval(4, 4) == pytest.approx([0.5101, 1.0], abs=1e-4)
+    with pytest.raises(ValueError):
+        ev.wilson_interval(3, 2)
+    model, ae, context = _load(run_dir)
+    suite = ev.attribute_suite(["circle"], ["red", "blue"], ["left", "right"])
+    monkeypatch.setattr(ev, "generate", lambda *a, prompts=None, **k: torch.zeros(len(prompts), 3, 8, 32, 32))
+    r = ev.attribute_benchmark(model, ae, context, suite, per_prompt=1, frames=8, height=32, width=32)
+    assert r["accuracy"]["shape"] == 1.0 and r["accuracy_ci95"]["shape"] == pytest.approx([0.5101, 1.0], abs=1e-4)
