@@ -670,7 +670,8 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     same value. Reference (and
     ``samples``) clips are read at ``fps``, by default the rate the DiT's training clips were
     resampled to (``export.video.fps``; None: the videos' own), so both sides have the same motion
-    per frame. With ``reference_stats`` (a folder), the reference features' statistics are kept
+    per frame; an `ldm sample` folder (``index.json``) is read frame by frame, whatever playback
+    ``--fps`` it was written at. With ``reference_stats`` (a folder), the reference features' statistics are kept
     there (`reference_stats_file`) and reused by a later evaluation against the same clips under the
     same protocol, e.g. another checkpoint of the run: the same numbers, without reading the
     reference again."""
@@ -728,8 +729,11 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
         n += len(batch)
     if stats_file is not None and cached is None and readable_now:
         save_reference_stats(stats_file, accs, readable_now, skipped)
+    samples_fps = fps
     if samples is not None:
-        gen, gen_skipped, _ = _clips(samples, frames, height, width, fps, num)
+        if (Path(samples) / "index.json").is_file():  # an `ldm sample` folder: each file frame is a DiT frame,
+            samples_fps = None                       # whatever --fps it was written at
+        gen, gen_skipped, _ = _clips(samples, frames, height, width, samples_fps, num)
         for batch in _batches(gen, batch_size):
             fake = torch.stack([x["video"] for x in batch])
             for acc in accs.values():
@@ -742,6 +746,8 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
             "error": f"{name.upper()} needs >= 2 {'clips' if name == 'fvd' else 'frames'} on each side, got "
                      f"{n_real} reference and {n_fake} generated (see skipped)"}
     out["reference"], out["read_fps"], out["reference_clips"] = reference, fps, chosen
+    if samples is not None:
+        out["samples_read_fps"] = samples_fps
     if stats_file is not None:
         out["reference_stats"] = {"file": str(stats_file), "reused": cached is not None}
     out["generated"] = samples or "sampled now: one per reference clip (its caption / class id)"

@@ -165,3 +165,36 @@ def test_attribute_accuracy_comes_with_its_interval(run_dir, monkeypatch):
     monkeypatch.setattr(ev, "generate", lambda *a, prompts=None, **k: torch.zeros(len(prompts), 3, 8, 32, 32))
     r = ev.attribute_benchmark(model, ae, context, suite, per_prompt=1, frames=8, height=32, width=32)
     assert r["accuracy"]["shape"] == 1.0 and r["accuracy_ci95"]["shape"] == pytest.approx([0.5101, 1.0], abs=1e-4)
+
+
+class StepMotion(torch.nn.Module):
+    """An FVD stand-in that sees motion per frame step: its mean and its least (0 for a repeated frame)."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        d = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(1, 3, 4))  # (B, T - 1)
+        return torch.stack([d.mean(1), d.min(1).values], 1) * 10
+
+
+def test_an_ldm_sample_folder_is_read_frame_by_frame_whatever_its_playback_fps(files, run_dir, tmp_path):
+    """``ldm sample --fps 4`` of a DiT trained at 8 fps writes the same frames to play slower; FVD
+    reads them one by one (was: resampled to 8 fps, each frame twice: a slowed-down clip scored)."""
+    import dataclasses
+
+    from data.video import write_video
+    from launch import evaluate as ev
+    from ldm.artifacts import ClipSpec
+
+    model, ae, context = _load(run_dir)
+    at8 = dataclasses.replace(context, video=ClipSpec(8, 32, 32, fps=8.0))
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i, video in enumerate(sorted((files / "videos").rglob("*.mp4"))):
+        write_video(samples / f"{i:04d}.mp4", ev.read_native(video), 4)
+    (samples / "index.json").write_text(json.dumps([{"file": f"{i:04d}.mp4", "fps": 4} for i in range(6)]))
+    torch.jit.save(torch.jit.script(StepMotion()), str(tmp_path / "motion.pt"))
+    kw = dict(frames=8, height=32, width=32, num=None, i3d=metrics.load_i3d(tmp_path / "motion.pt"),
+              inception=None, fvd_frames=8, samples=str(samples))
+    r = ev.generation_fd(model, ae, at8, str(files / "videos"), **kw)
+    assert r["read_fps"] == 8.0 and r["samples_read_fps"] is None
+    assert r["fvd"]["n_fake"] == 6 and r["fvd"]["fvd"] < 1e-2  # was 0.22: every other step without motion
