@@ -132,6 +132,10 @@ def _without_gif_twins(listed: ItemList) -> ItemList:
                      or it.path.with_suffix("") not in videos], listed.problems, listed.class_names, listed.left_out)
 
 
+# how `_clips` makes a clip of HxW from a video of another size (`data.video.resize_center_crop`), recorded with results
+CLIP_READING = "each frame resized to cover the clip size, aspect kept (bilinear, antialiased), then center-cropped"
+
+
 def _clips(input: str, frames: int, height: int, width: int, fps: float | None, num: int | None,
            items: ItemList | None = None) -> tuple[Iterable[dict[str, Any]], list[str], int]:
     """The clips of ``input`` (its first ``num``; GIF twins once, `_without_gif_twins`), or of
@@ -229,7 +233,7 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
         raise UserError(f"none of the {listed} videos in {input} could be read: {skipped[:3]}; fix or replace the "
                         "inputs, or change --frames/--fps")
     result: dict[str, Any] = {"clips": n, "skipped": skipped, "input_clips": chosen, "frames": frames,
-                              "height": height, "width": width, "read_fps": fps,
+                              "height": height, "width": width, "read_fps": fps, "read": CLIP_READING,
                               "dtype": str(dtype).removeprefix("torch."),
                               "psnr_db": _mean_std(scores["psnr"]), "ssim": _mean_std(scores["ssim"]),
                               "ssim_protocol": "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 2 "
@@ -746,6 +750,7 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
             "error": f"{name.upper()} needs >= 2 {'clips' if name == 'fvd' else 'frames'} on each side, got "
                      f"{n_real} reference and {n_fake} generated (see skipped)"}
     out["reference"], out["read_fps"], out["reference_clips"] = reference, fps, chosen
+    out["read"] = CLIP_READING
     if samples is not None:
         out["samples_read_fps"] = samples_fps
     if stats_file is not None:
