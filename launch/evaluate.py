@@ -310,9 +310,9 @@ def attribute_benchmark(model, ae: Autoencoder, export: Export, suite: list[dict
                         fps: float = 8.0) -> dict[str, Any]:
     """Sample ``per_prompt`` videos per suite prompt and read the attributes back.
 
-    Accuracy per attribute, ``all`` (all three right), their 95% Wilson intervals, chance levels, the held-out combinations
-    separately, per-prompt rows and the sampling time per video. Candidates for the reader are the
-    suite's own shapes / colors / directions."""
+    Accuracy per attribute, ``all`` (all three right), their 95% Wilson intervals, chance levels,
+    the held-out combinations separately, per-prompt rows and the sampling time per video.
+    Candidates for the reader are the suite's own shapes / colors / directions."""
     from data.attributes import read_attributes
 
     if per_prompt < 1 or not suite:
@@ -635,9 +635,15 @@ def save_reference_stats(path: Path, accs: dict[str, FrechetAccumulator], readab
     """Keep the reference side of ``accs`` with the clips it was read from (indices into the chosen
     items) and the skipped ones."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v for name, acc in accs.items() for k, v in acc.stats["real"].state(name).items()}
+    tensors = {k: v for name, acc in accs.items() for side in _real_sides(acc)
+               for k, v in acc.stats[side].state(f"{name}.{side}").items()}
     save_tensors(path, tensors, {"readable": json.dumps(readable), "skipped": json.dumps(skipped),
                                  "features": json.dumps({name: acc.describe() for name, acc in accs.items()})})
+
+
+def _real_sides(acc: FrechetAccumulator) -> list[str]:
+    """The reference side's statistics of ``acc``: all of it, and its halves when it keeps them."""
+    return [side for side in acc.stats if side.startswith("real")]
 
 
 def load_reference_stats(path: Path, accs: dict[str, FrechetAccumulator]) -> tuple[list[int], list[str]]:
@@ -650,7 +656,8 @@ def load_reference_stats(path: Path, accs: dict[str, FrechetAccumulator]) -> tup
             meta = f.metadata()
         tensors = load_tensors(path)
         for name, acc in accs.items():
-            acc.stats["real"].load(tensors, name)
+            for side in _real_sides(acc):
+                acc.stats[side].load(tensors, f"{name}.{side}")
         return json.loads(meta["readable"]), json.loads(meta["skipped"])
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise UserError(f"--reference-stats: {path} cannot be read ({e}); delete it to compute the reference "

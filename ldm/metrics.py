@@ -490,16 +490,25 @@ def small_sample_warning(n_real: int, n_fake: int, protocol_n: int, unit: str) -
 
 class FrechetAccumulator:
     """Streaming features of two sets (``real`` / ``fake``) for one extractor; ``protocol_n``
-    samples (``unit``) a side is the protocol's size, below which a result carries a warning."""
+    samples (``unit``) a side is the protocol's size, below which a result carries a warning.
+    With ``split_half`` (one feature row per sample, as FVD's clips) the real rows are also kept in
+    two halves, alternately, for the distance between them: the noise floor at this N."""
 
     def __init__(self, ext: Extractor, features: Callable[[Tensor], Tensor], protocol: dict[str, Any],
-                 protocol_n: int, unit: str):
+                 protocol_n: int, unit: str, split_half: bool = False):
         self.ext, self.features, self.protocol = ext, features, protocol
         self.protocol_n, self.unit = protocol_n, unit
         self.stats = {"real": RunningGaussian(ext.dim), "fake": RunningGaussian(ext.dim)}
+        if split_half:
+            self.stats |= {"real_half0": RunningGaussian(ext.dim), "real_half1": RunningGaussian(ext.dim)}
 
     def update(self, which: str, batch: Tensor) -> None:
-        self.stats[which].update(self.features(batch))
+        f = self.features(batch)
+        if which == "real" and "real_half0" in self.stats:  # row g of all real rows goes to half g % 2
+            first = self.stats["real"].n % 2
+            self.stats["real_half0"].update(f[first::2])
+            self.stats["real_half1"].update(f[1 - first::2])
+        self.stats[which].update(f)
 
     def describe(self) -> dict[str, Any]:
         """The extractor (file name, sha256, width) and the protocol: what the features depend on."""
@@ -511,6 +520,14 @@ class FrechetAccumulator:
         out = {name: frechet_distance(m1, s1, m2, s2), **self.ext.describe(), "n_real": n_real, "n_fake": n_fake,
                "protocol_n": self.protocol_n, "covariance": "unbiased (N - 1), float64", **self.protocol}
         warning = small_sample_warning(n_real, n_fake, self.protocol_n, self.unit)
+        halves = [self.stats[k] for k in ("real_half0", "real_half1") if k in self.stats]
+        if halves and min(h.n for h in halves) >= 2:
+            (h1, c1), (h2, c2) = halves[0].stats(), halves[1].stats()
+            out["reference_split_half"] = {
+                name: frechet_distance(h1, c1, h2, c2), "n": [h.n for h in halves],
+                "meaning": f"{name} between two halves of the reference {self.unit}: what two samples of one "
+                           f"distribution score at {halves[0].n} a side (the bias falls about as 1/N: about twice "
+                           f"the floor at {n_real}); a value near it cannot be told from the reference at this N"}
         return out | ({"small_sample": warning} if warning else {})
 
 
@@ -520,7 +537,7 @@ def fvd_accumulator(ext: Extractor, frames: int = FVD_FRAMES, batch: int = 8) ->
                for i in range(0, len(videos), batch)]
         return torch.cat(out)
     return FrechetAccumulator(ext, feats, {"frames": frames, "resize": f"bilinear {FVD_SIZE}x{FVD_SIZE}, no crop",
-                                            "range": "[-1, 1]"}, FVD_PROTOCOL_N, "clips")
+                                            "range": "[-1, 1]"}, FVD_PROTOCOL_N, "clips", split_half=True)
 
 
 def fid_accumulator(ext: Extractor, batch: int = 64) -> FrechetAccumulator:

@@ -200,3 +200,21 @@ def test_an_ldm_sample_folder_is_read_frame_by_frame_whatever_its_playback_fps(f
     r = ev.generation_fd(model, ae, at8, str(files / "videos"), **kw)
     assert r["read_fps"] == 8.0 and r["samples_read_fps"] is None
     assert r["fvd"]["n_fake"] == 6 and r["fvd"]["fvd"] < 1e-2  # was 0.22: every other step without motion
+
+
+def test_fvd_reports_the_split_half_floor_of_the_reference(files):
+    """FVD's result carries the distance between two halves of the reference clips (alternate
+    clips, whatever the batches): about what a perfect model would score at this N (was: no scale
+    for the bias at small N)."""
+    ext = metrics.load_i3d(files / "i3d_torchscript.pt")
+    torch.manual_seed(2)
+    clips = torch.rand(11, 3, 8, 16, 16) * 2 - 1
+    acc = metrics.fvd_accumulator(ext, frames=8)
+    for part in (clips[:3], clips[3:4], clips[4:]):  # odd batch boundaries
+        acc.update("real", part)
+    acc.update("fake", clips)
+    half = acc.result("fvd")["reference_split_half"]
+    feats = metrics._i3d_features(ext, metrics.fvd_preprocess(clips, 8))
+    want = metrics.frechet_distance(*metrics.gaussian_stats(feats[0::2]), *metrics.gaussian_stats(feats[1::2]))
+    assert half["n"] == [6, 5] and half["fvd"] == pytest.approx(want, rel=1e-6) and half["fvd"] > 0
+    assert "two halves of the reference clips" in half["meaning"]
