@@ -704,7 +704,8 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
         ref, skipped, _ = _clips(reference, frames, height, width, fps, num, items)
     else:  # the reference statistics of an earlier evaluation: its readable clips, not decoded again
         readable, skipped = cached
-        ref = iter([{"caption": items[i].caption or "", "index": i} for i in readable])
+        ref = iter([{"key": items[i].key, "caption": items[i].caption or "", "index": i,  # a clip's fields, no video
+                     "class_id": -1 if items[i].class_id is None else items[i].class_id} for i in readable])
     readable_now: list[int] = []
     text_encoder = None
     use_text, use_cls = (False, False)  # both False: an unconditional DiT, sampled unconditionally
