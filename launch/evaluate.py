@@ -234,7 +234,7 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
                         "inputs, or change --frames/--fps")
     result: dict[str, Any] = {"clips": n, "skipped": skipped, "input_clips": chosen, "frames": frames,
                               "height": height, "width": width, "read_fps": fps, "read": CLIP_READING,
-                              "dtype": str(dtype).removeprefix("torch."),
+                              "dtype": dist.dtype_name(dtype),
                               "psnr_db": _mean_std(scores["psnr"]), "ssim": _mean_std(scores["ssim"]),
                               "ssim_protocol": "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 2 "
                                                "([-1, 1]), per frame, averaged",
@@ -1162,7 +1162,7 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     common = dict(sampling=sampling, batch_size=args.batch_size, device=device)
     result: dict[str, Any] = {"checkpoint": args.checkpoint, "autoencoder": export.autoencoder.name,
                               "frames": frames, "height": height, "width": width, "tile": args.tile,
-                              "chunk_frames": args.chunk_frames, "dtype": str(dtype).removeprefix("torch."),
+                              "chunk_frames": args.chunk_frames, "dtype": dist.dtype_name(dtype),
                               "batch_size": args.batch_size, "dit_weights": dit_weights(args.checkpoint)}
     if args.attributes:
         suite = attribute_suite(args.shapes, args.colors, args.directions, args.holdout)

@@ -57,7 +57,7 @@ def test_eval_recon_takes_a_seeded_random_subset_across_classes(ucf, tmp_path):
                    "--split", str(lists / "testlist01.txt"))
     assert split["clips"] == 6 and split["input_clips"] | {"classes": None, "split": None} == {
         "classes": None, "split": None, "listed": 6, "used": 6, "chosen": "all", "classes_covered": "3 of 3"}
-    assert (split["read_fps"], split["dtype"]) == (None, "float32") and "center-cropped" in split["read"]
+    assert (split["read_fps"], split["dtype"]) == (None, "fp32") and "center-cropped" in split["read"]
 
 
 def test_frechet_results_say_n_and_warn_below_the_protocol_size(files, monkeypatch):
@@ -83,7 +83,7 @@ def test_eval_gen_records_sampling_precision_and_warns_at_small_n(files, run_dir
              "--i3d", str(files / "i3d_torchscript.pt"), "--fvd-frames", "8", "--steps", "1", "--seed", "3",
              "--batch-size", "2", "--device", "cpu", "--output", str(tmp_path / "g")])
     r = json.loads((tmp_path / "g" / "result.json").read_text())
-    assert (r["dtype"], r["batch_size"]) == ("float32", 2) and len(r["dit_weights"]["sha256"]) == 64
+    assert (r["dtype"], r["batch_size"]) == ("fp32", 2) and len(r["dit_weights"]["sha256"]) == 64
     assert r["fd"]["sampling"]["steps"] == 1 and r["fd"]["sampling"]["seed"] == 3
     assert r["fd"]["read"] == "each frame resized to cover the clip size, aspect kept (bilinear, antialiased), then " \
                               "center-cropped"
