@@ -29,7 +29,11 @@ Generation (``gen``):
   ``--i3d-kind torchscript`` takes any TorchScript module mapping the same input to features (e.g.
   a scripted VideoMAE-v2 for content-debiased FVD). FID uses every frame through the TorchScript
   Inception of StyleGAN2-ADA (``inception-2015-12-05.pt``: uint8 frames, ``return_features=True``,
-  2048-d pool features). The extractor's file name and sha256, N and T are recorded with every value.
+  2048-d pool features). The extractor's file name and sha256, N and T are recorded with every value,
+  with a ``small_sample`` warning below the protocol's N (biased upward) and, for FVD, the FVD
+  between two halves of the reference clips (``reference_split_half``: about a perfect model's
+  score at that N). ``--reference-stats DIR`` keeps the reference statistics for the next
+  evaluation of the same clips under the same protocol (another checkpoint: FVD over training).
 - The offline attribute benchmark: a fixed prompt suite over the synthetic attributes
   (``data.synth``: shape x color x direction, captions "a red circle moving left"), N samples per
   prompt, read back by the weight-free reader (``data.attributes``): accuracy per attribute and
