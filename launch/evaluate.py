@@ -674,11 +674,12 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
                   sampling: SamplingConfig = SamplingConfig(), batch_size: int = 8,
                   device: str | torch.device = "cpu", fps: float | None = None,
                   use_class: bool | None = None, classes: str | None = None, split: str | None = None,
-                  class_dist: str = "reference", reference_stats: str | Path | None = None) -> dict[str, Any]:
+                  class_dist: str = "reference", reference_stats: str | Path | None = None,
+                  reference_seed: int | None = None) -> dict[str, Any]:
     """FVD / FID between the reference clips (`reference_items`: a random ``num`` of them, seeded by
-    ``sampling.seed``) and generated ones: the given ``samples`` folder (its first ``num``), or one
-    sample per reference clip from its caption (text DiT) or class (``use_class``: also with text,
-    as `_conditioning`). A class-conditional DiT samples each reference clip's class
+    ``reference_seed``, by default ``sampling.seed``) and generated ones: the given ``samples``
+    folder (its first ``num``), or one sample per reference clip from its caption (text DiT) or
+    class (``use_class``: also with text, as `_conditioning`). A class-conditional DiT samples each reference clip's class
     (``class_dist="reference"``: the generated classes follow the reference set's) or the reference
     set's classes in equal shares (``"uniform"``); the result records which, with the clips per
     class. The noise of clip i is the same on every run (seed + i, any batch size), so a rerun gives the
@@ -700,7 +701,8 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
         accs["fvd"] = fvd_accumulator(i3d, fvd_frames)
     if inception is not None:
         accs["fid"] = fid_accumulator(inception)
-    items, chosen = reference_items(reference, export, num=num, seed=sampling.seed, classes=classes, split=split)
+    reference_seed = sampling.seed if reference_seed is None else reference_seed
+    items, chosen = reference_items(reference, export, num=num, seed=reference_seed, classes=classes, split=split)
     stats_file = reference_stats_file(Path(reference_stats), items, accs, frames, height, width, fps) \
         if reference_stats else None
     cached = load_reference_stats(stats_file, accs) if stats_file is not None and stats_file.is_file() else None
@@ -885,6 +887,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "evaluated under the same protocol again (another checkpoint of the run: no re-reading)")
     g.add_argument("--num", type=int, help="clips used for FVD / FID: a random N of the reference clips (seeded by "
                    "--seed; all when fewer) and as many generated (the first N of --samples)")
+    g.add_argument("--reference-seed", type=int, metavar="K",
+                   help="choose the --num reference clips with seed K instead of --seed: the same clips for every "
+                        "--seed (error bars over sampling seeds)")
     _metric_args(g, lpips=False)
     g.add_argument("--inception", help="FID: StyleGAN2-ADA's TorchScript Inception (inception-2015-12-05.pt)")
     g.add_argument("--vbench", action="store_true", help="sample VBench's standard prompts and score them")
@@ -961,7 +966,7 @@ def check_args(args: argparse.Namespace) -> None:
                     list_items(path, **({"classes": args.classes, "split": args.split} if flag == "--reference"
                                         else {}))
         for flag, value in {"--classes": args.classes, "--split": args.split,
-                            "--reference-stats": args.reference_stats,
+                            "--reference-stats": args.reference_stats, "--reference-seed": args.reference_seed,
                             "--class-dist": None if args.class_dist == "reference" else args.class_dist}.items():
             if value is not None and not args.reference:
                 raise UserError(f"{flag} is about the --reference videos; add --reference, or leave the flag out")
@@ -1108,6 +1113,10 @@ def dit_weights(checkpoint: str | Path) -> dict[str, Any]:
     return record
 
 
+def _reference_seed(args: argparse.Namespace) -> int:
+    return args.seed if args.reference_seed is None else args.reference_seed
+
+
 def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     with checking():
         i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None
@@ -1141,8 +1150,8 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                             "reference by class ids alone (a class-conditional DiT without text, no --samples); "
                             "leave the flag out")
         if args.reference:  # class names the DiT does not know: before anything is written
-            reference = reference_items(args.reference, export, num=args.num, seed=args.seed, classes=args.classes,
-                                        split=args.split)[0]
+            reference = reference_items(args.reference, export, num=args.num, seed=_reference_seed(args),
+                                        classes=args.classes, split=args.split)[0]
         if args.reference and args.samples is None and use_cls:
             if any(it.class_id is None for it in reference):
                 raise UserError(f"--reference {args.reference}: a clip has no class id and this DiT is "
@@ -1180,7 +1189,8 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                                      num=args.num, i3d=i3d, inception=inception, fvd_frames=args.fvd_frames,
                                      samples=args.samples, use_class=True if args.use_class else None,
                                      classes=args.classes, split=args.split, class_dist=args.class_dist,
-                                     reference_stats=args.reference_stats, **common)
+                                     reference_stats=args.reference_stats, reference_seed=_reference_seed(args),
+                                     **common)
     if args.vbench:
         result["vbench"] = vbench_bridge(model, ae, export, out, info=info, dimensions=args.vbench_dimensions,
                                          per_prompt=args.vbench_per_prompt, frames=frames, height=height,

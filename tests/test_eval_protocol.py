@@ -218,3 +218,23 @@ def test_fvd_reports_the_split_half_floor_of_the_reference(files):
     want = metrics.frechet_distance(*metrics.gaussian_stats(feats[0::2]), *metrics.gaussian_stats(feats[1::2]))
     assert half["n"] == [6, 5] and half["fvd"] == pytest.approx(want, rel=1e-6) and half["fvd"] > 0
     assert "two halves of the reference clips" in half["meaning"]
+
+
+def test_reference_seed_keeps_the_reference_clips_across_sampling_seeds(files, run_dir, tmp_path):
+    """Error bars over sampling seeds: ``--reference-seed`` fixes which ``--num`` reference clips
+    are used while ``--seed`` changes the noise (was: --seed changed both), so the statistics of
+    the reference are reused."""
+    def fd(*flags):
+        out = tmp_path / "g"
+        with pytest.warns(UserWarning, match="RANDOM"):
+            ldm(["eval", "gen", "--checkpoint", str(run_dir), "--reference", str(files / "videos"), "--num", "3",
+                 "--i3d", str(files / "i3d_torchscript.pt"), "--fvd-frames", "8", "--steps", "1", "--device", "cpu",
+                 "--reference-stats", str(tmp_path / "stats"), "--output", str(out), "--overwrite", *flags])
+        return json.loads((out / "result.json").read_text())["fd"]
+
+    base = fd("--seed", "0")
+    other = fd("--seed", "7", "--reference-seed", "0")
+    assert other["reference_clips"] == base["reference_clips"] and other["reference_clips"]["chosen"] == \
+        "random 3 of 6 (seed 0)"
+    assert other["reference_stats"]["reused"] and other["sampling"]["seed"] == 7 and other["fvd"] != base["fvd"]
+    assert fd("--seed", "7")["reference_clips"]["chosen"] == "random 3 of 6 (seed 7)"
