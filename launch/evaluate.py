@@ -677,20 +677,17 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
                   class_dist: str = "reference", reference_stats: str | Path | None = None,
                   reference_seed: int | None = None) -> dict[str, Any]:
     """FVD / FID between the reference clips (`reference_items`: a random ``num`` of them, seeded by
-    ``reference_seed``, by default ``sampling.seed``) and generated ones: the given ``samples``
-    folder (its first ``num``), or one sample per reference clip from its caption (text DiT) or
-    class (``use_class``: also with text, as `_conditioning`). A class-conditional DiT samples each
-    reference clip's class (``class_dist="reference"``: the generated classes follow the reference
-    set's) or the reference set's classes in equal shares (``"uniform"``); the result records
-    which, with the clips per class. The noise of clip i is the same on every run (seed + i, any
-    batch size), so a rerun gives the
-    same value. Reference (and
-    ``samples``) clips are read at ``fps``, by default the rate the DiT's training clips were
-    resampled to (``export.video.fps``; None: the videos' own), so both sides have the same motion
-    per frame; an `ldm sample` folder (``index.json``) is read frame by frame, whatever playback
-    ``--fps`` it was written at. With ``reference_stats`` (a folder), the reference features' statistics are kept
-    there (`reference_stats_file`) and reused by a later evaluation against the same clips under the
-    same protocol, e.g. another checkpoint of the run: the same numbers, without reading the
+    ``reference_seed``, by default ``sampling.seed``) and generated ones: the given ``samples`` folder (its first
+    ``num``), or one sample per reference clip from its caption (text DiT) or class (``use_class``: also with text,
+    as `_conditioning`). A class-conditional DiT samples each reference clip's class (``class_dist="reference"``:
+    the generated classes follow the reference set's) or the reference set's classes in equal shares
+    (``"uniform"``); the result records which, with the clips per class. The noise of clip i is the same on every
+    run (seed + i, any batch size), so a rerun gives the same value. Reference (and ``samples``) clips are read at
+    ``fps``, by default the rate the DiT's training clips were resampled to (``export.video.fps``; None: the videos'
+    own), so both sides have the same motion per frame; an `ldm sample` folder (``index.json``) is read frame by
+    frame, whatever playback ``--fps`` it was written at. With ``reference_stats`` (a folder), the reference
+    features' statistics are kept there (`reference_stats_file`) and reused by a later evaluation against the same
+    clips under the same protocol, e.g. another checkpoint of the run: the same numbers, without reading the
     reference again."""
     if i3d is None and inception is None:
         raise ValueError("FVD / FID need --i3d and/or --inception")
