@@ -507,8 +507,8 @@ def vbench_bridge(model, ae: Autoencoder, export: Export, out: Path, *, info: Pa
         todo = [(p, k) for p, k in chunk if not (videos_dir / vbench_video_name(p, k)).exists()]
         if todo:
             vids = generate(model, ae, export.latent_norm, prompts=[p for p, _ in todo], frames=frames, height=height,
-                            width=width, sampling=sampling, seed_offset=b, text_encoder=text_encoder, device=device,
-                            progress=False)
+                            width=width, sampling=sampling, text_encoder=text_encoder, device=device, progress=False,
+                            seeds=[sampling.seed + b + j for j, job in enumerate(chunk) if job in todo])  # a resume too
             for (p, k), v in zip(todo, vids):
                 write_video(videos_dir / vbench_video_name(p, k), v, fps)
         for p, k in chunk:

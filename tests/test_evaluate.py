@@ -478,10 +478,15 @@ def test_vbench_bridge(run_dir, tmp_path, monkeypatch):
     assert r["vbench_scores"] == {"color": 0.5, "scene": 0.5, "temporal_flickering": 0.5}
     assert r["aggregate"]["raw"]["temporal_flickering"] == 0.5  # VBench's own value wins when it ran
     assert r["aggregate"]["total"] is None and r["info_sha256"]
+    # a video lost (a run killed while writing) is made again from its own seed, not its place in the batch
+    lost = tmp_path / "out" / "vbench_videos" / "a red circle moving left-1.mp4"
+    before = ev.read_native(lost).float()
+    lost.unlink()
     again = ev.vbench_bridge(model, ae, context, tmp_path / "out", info=info, dimensions=["temporal_flickering"],
                              per_prompt=2, frames=8, height=32, width=32,
                              sampling=SamplingConfig(steps=2))  # videos reused, no vbench
     assert again["vbench_scores"] == {} and "not run" in again["vbench_note"]
+    assert (ev.read_native(lost).float() - before).abs().mean() < 1 / 255  # was: the seed of video 0 (~30 levels off)
     assert again["aggregate"]["raw"] == {"temporal_flickering": r["temporal_flickering_inhouse"]}
     # videos of other sampling settings are never reused: refused, or replaced when asked
     made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "vbench_videos").iterdir()}
