@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--colors", nargs="+", help="with --synth: the colors (default all)")
     p.add_argument("--directions", nargs="+", help="with --synth: the directions (default the four cardinal)")
     p.add_argument("--eval-input", help="held-out videos for reconstruction / FVD (default: a synthetic set drawn "
-                   "with another seed, or the first --eval-clips of --input)")
+                   "with another seed, or a random --eval-clips of --input, seeded by --seed)")
     p.add_argument("--output", required=True)
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--height", type=int, default=32)
@@ -285,7 +285,8 @@ def _evaluate(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, s
         text_encoder = build_text_encoder("builtin", device=device)
     out: dict[str, Any] = {}
     out["recon"] = ev.evaluate_reconstruction(ae, eval_data, args.frames, args.height, args.width, fps=args.fps,
-                                              num=args.eval_clips, device=device, lpips=lpips, i3d=i3d,
+                                              num=args.eval_clips, seed=args.seed, device=device, lpips=lpips,
+                                              i3d=i3d,  # the same random clips as FVD's reference (its seed)
                                               fvd_frames=args.fvd_frames, text_encoder=text_encoder,
                                               grid=work / "recon_grid.png")
     sampling = SamplingConfig(steps=args.sample_steps, guidance=args.guidance, seed=args.seed)

@@ -82,6 +82,7 @@ def test_compare_saved_folders_on_plain_videos(tmp_path):
     assert (mine["autoencoder"], run7["autoencoder"]) == ("mine", "run7")
     assert not mine["random_weights"] and mine["checkpoint"] == str(tmp_path / "mine")
     assert "attributes" not in mine and mine["sample_s_per_video"] > 0 and mine["recon"]["clips"] == 2
+    assert mine["recon"]["input_clips"]["chosen"] == "random 2 of 6 (seed 0)"  # as FVD's (was: the first 2)
     assert (out / "mine" / "latents" / "manifest.json").is_file() and (out / "run7" / "dit").is_dir()
     # the quality columns come from the training clips here: the report says so (was: not a word)
     assert f"2 clips of {tmp_path / 'videos'} (the training videos, NOT held out: give --eval-input" in \
