@@ -224,6 +224,39 @@ def truncate_log(path: Path, step: int) -> None:
     atomic_write_bytes(path, "".join(x + "\n" for x in kept).encode())
 
 
+class RunLog:
+    """A run's ``log.jsonl`` and ``tensorboard/`` (rank 0; inert elsewhere): one JSON line per ``log``
+    call, its numbers also to TensorBoard as ``GROUP/KEY`` (``train/loss``, ``val/val_loss``). A run
+    resumed from ``resumed_step`` first drops the lines a killed run logged past it (``truncate_log``)
+    and hides its TensorBoard points past it (``purge_step``), so both read as one uninterrupted run."""
+
+    def __init__(self, out: Path, resumed_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = out / "log.jsonl"
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        truncate_log(self.path, resumed_step)
+        self.jsonl = open(self.path, "a")
+        from torch.utils.tensorboard import SummaryWriter
+        self.board = SummaryWriter(str(out / "tensorboard"), purge_step=resumed_step + 1)
+
+    def log(self, step: int, values: dict[str, Any], group: str = "train") -> None:
+        """One line ``{"step": STEP, **values}``; numbers (not None, bools, lists) also to TensorBoard."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.board.add_scalar(f"{group}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled and not self.jsonl.closed:
+            self.jsonl.close()
+            self.board.close()
+
+
 # ------------------------------------------------------------------------------------------
 # run binding: a run folder belongs to the settings and inputs that made it
 # ------------------------------------------------------------------------------------------

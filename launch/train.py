@@ -820,7 +820,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     work = torch.zeros(2, dtype=torch.float64)  # this rank's (tokens, training FLOPs) since the last log
     read = torch.zeros(len(mix), dtype=torch.float64)  # this rank's clips per data.shards folder
     stream["epoch"], stream["epoch_start"] = start
-    logger = _Logger(out, enabled=dist.is_main(), resumed_step=step)
+    logger = runs.RunLog(out, step, enabled=dist.is_main())
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not dist.is_main())
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # per-step mean losses on the device, read at log time (no per-step sync)
@@ -975,36 +975,6 @@ def _single_process_group() -> None:
                       MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
     dist.destroy_at_exit()
-
-
-class _Logger:
-    """JSONL + TensorBoard on rank 0 (FLOPs = 2 x multiply-adds; a train step = 3 x forward)."""
-
-    def __init__(self, out: Path, enabled: bool, resumed_step: int):
-        self.enabled = enabled
-        if not enabled:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        runs.truncate_log(out / "log.jsonl", resumed_step)
-        self.jsonl = open(out / "log.jsonl", "a")
-        from torch.utils.tensorboard import SummaryWriter
-        # steps after the resumed one, logged by a run that died before its next checkpoint, are hidden
-        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resumed_step + 1)
-
-    def log(self, step: int, values: dict[str, Any], group: str = "train") -> None:
-        """One line of ``log.jsonl``; TensorBoard tags ``GROUP/KEY`` (``val/val_loss`` for validation)."""
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
-        for k, v in values.items():
-            if v is not None:
-                self.tb.add_scalar(f"{group}/{k}", v, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
 
 
 # ------------------------------------------------------------------------------------------

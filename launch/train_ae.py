@@ -307,6 +307,10 @@ class _SkipBad(Dataset):
         return {"video": item["video"], "caption": item["caption"], "key": self.keys[i], "index": index}
 
 
+def _without_step(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "step"}
+
+
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     good = [s for s in samples if "video" in s]
     return {"video": torch.stack([s["video"] for s in good]) if good else None,  # (B, C, T, H, W)
@@ -454,7 +458,7 @@ class AETrainer:
         self.val_lpips = lpips.to(self.device).eval() if lpips is not None else None  # a validation metric too
         self.val_clips: list[tuple[Tensor, str]] = []  # this rank's share of the held-out clips (`_read_val_clips`)
         self.val_records: list[dict[str, Any]] = []
-        self.tensorboard = None  # rank 0's SummaryWriter while `run` trains
+        self.logger: runs.RunLog | None = None  # log.jsonl + TensorBoard while `run` trains
         with checking("--gan"):  # a family whose decoder has no weight for the adaptive GAN weight (Hi-VAE)
             self.last_layer = self.ae.last_layer() if self.loss_fn.discriminator is not None else None
         # image steps leave the temporal layers unused, and a model may declare parameters that some
@@ -807,11 +811,8 @@ class AETrainer:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.binding is not None:
                 self.binding.write()
-            runs.truncate_log(log_path, self.step)
-            from torch.utils.tensorboard import SummaryWriter
-            # steps after the resumed one, logged by a run that died before its next checkpoint, are hidden
-            self.tensorboard = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
             sample_clips, sample_captions = self._sample_clips(2)
+        self.logger = runs.RunLog(self.out, self.step, enabled=self.main)
         dist.barrier()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.main and cfg.progress),
                    desc=f"train-ae {self.name}", unit="step", dynamic_ncols=True)
@@ -823,12 +824,11 @@ class AETrainer:
                                      self.device.type == "cuda")
         self.stop, self.stopping = runs.StopRequest(), False
         try:
-            self._train_steps(batches, bar, nonfinite, profiler, log_path, losses, sample_clips, sample_captions)
+            self._train_steps(batches, bar, nonfinite, profiler, losses, sample_clips, sample_captions)
         finally:
             self.stop.close()
             bar.close()  # an error's line then starts on a line of its own
-            if self.tensorboard is not None:
-                self.tensorboard.close()
+            self.logger.close()
         profiler.close()
         del batches  # stops the loader's workers before the final export
         if self.stopping and self.step < cfg.steps:
@@ -837,7 +837,7 @@ class AETrainer:
             return {"stopped": self.stop.cause, "steps": self.step}
         return self._finish(start_step, losses, self.train_time, log_path)
 
-    def _train_steps(self, batches, bar, nonfinite, profiler, log_path: Path, losses: list[float],
+    def _train_steps(self, batches, bar, nonfinite, profiler, losses: list[float],
                      sample_clips: list[Tensor], sample_captions: list[str]) -> None:
         cfg = self.cfg
         clips_since, t_since = 0, time.perf_counter()
@@ -856,7 +856,7 @@ class AETrainer:
                 record = self._log_record(logs, clips_since, time.perf_counter() - t_since, nonfinite.total)
                 clips_since, t_since = 0, time.perf_counter()
                 if self.main:
-                    self._log(log_path, record, "train")
+                    self.logger.log(self.step, _without_step(record))
                     if "loss" in record:
                         losses.append(record["loss"])
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -864,20 +864,11 @@ class AETrainer:
                     and not self.stopping:
                 self.val_records.append(self.validate())
                 if self.main:
-                    self._log(log_path, self.val_records[-1], "val")
+                    self.logger.log(self.step, _without_step(self.val_records[-1]), "val")
             if self.main and sample_clips and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
                 self._write_samples(sample_clips, sample_captions)
             if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.stopping:
                 self.save()
-
-    def _log(self, log_path: Path, record: dict[str, Any], group: str) -> None:
-        """One line of ``log.jsonl``; its numbers also to TensorBoard as ``GROUP/KEY`` (``train/loss``,
-        ``val/val_psnr``: the tags of ``ldm train``). Rank 0."""
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.tensorboard.add_scalar(f"{group}/{key}", value, record["step"])
 
     def _log_record(self, logs: dict[str, Tensor] | None, clips: int, seconds: float, skipped: int) -> dict[str, Any]:
         record: dict[str, Any] = {"step": self.step, "epoch": self.pos[0], "lr": self.cfg.learning_rate(self.step - 1),

@@ -289,6 +289,30 @@ def test_half_written_checkpoints_are_skipped(tmp_path):
     assert find_checkpoint(root) == (None, [])
 
 
+def test_run_log_is_the_log_of_both_trainers(tmp_path):
+    """``runs.RunLog`` (was: a private logger in launch/train.py and a copy in train_ae.py): JSON
+    lines, numbers to TensorBoard as train/KEY and val/KEY; a resumed run drops the lines past its
+    step and hides the TensorBoard points past it; other ranks write nothing."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    first = runs.RunLog(tmp_path, 0)
+    for step in (1, 2, 3):
+        first.log(step, {"loss": float(step), "bucket": [1, 8, 8], "grad_norm": None, "flag": True})
+    first.log(2, {"val_loss": 0.5}, "val")
+    first.close()
+    runs.RunLog(tmp_path / "other", 0, enabled=False).log(1, {"loss": 1.0})
+    assert not (tmp_path / "other").exists()
+    again = runs.RunLog(tmp_path, 2)  # resumed from a step-2 checkpoint: step 3 is logged again
+    again.log(3, {"loss": 30.0})
+    again.close()
+    assert [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [
+        {"step": 1, "loss": 1.0, "bucket": [1, 8, 8], "grad_norm": None, "flag": True},
+        {"step": 2, "loss": 2.0, "bucket": [1, 8, 8], "grad_norm": None, "flag": True},
+        {"step": 2, "val_loss": 0.5}, {"step": 3, "loss": 30.0}]
+    board = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert sorted(board.Tags()["scalars"]) == ["train/loss", "val/val_loss"]
+    assert [(e.step, e.value) for e in board.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
 def test_runs_log_truncation_nonfinite_policy_and_lr_schedule(tmp_path):
     """What both trainers share (``launch.runs``): the log cut back to the resumed step (torn lines
     dropped), the non-finite policy (``limit`` in a row stop the run, a finite step resets), the
