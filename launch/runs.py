@@ -5,9 +5,10 @@ no scheduler state).
 
 A checkpoint is the folder ``OUTPUT/checkpoints/step-NNNNNNNN/``. It is written under the temporary
 name ``.step-NNNNNNNN.tmp`` (``begin``; every rank may write into it, e.g. DeepSpeed's shards),
-then ``commit`` (rank 0) writes ``MANIFEST.json`` -- sha256 and size of every file -- renames the
-folder into place (the rename is the completion marker: no half-written checkpoint ever has a
-final name), points ``checkpoints/latest`` at it and removes all but the newest ``keep``. On resume
+then ``commit`` (rank 0) writes ``MANIFEST.json`` -- sha256 and size of every file --, flushes every
+file and folder to disk (fsync), renames the folder into place and flushes that rename (the rename
+is the completion marker: no half-written checkpoint ever has a final name, not even after a
+machine crash), points ``checkpoints/latest`` at it and removes all but the newest ``keep``. On resume
 ``find_checkpoint`` verifies the candidates newest first against their manifests and returns the
 first intact one with the reasons the others were rejected. An intact checkpoint is never
 deleted to make room for one of the same step (a run that fell back past it): it is kept aside as
@@ -48,7 +49,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from launch import dist
-from ldm.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256, read_json, save_tensors
+from ldm.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256, fsync_path, read_json, save_tensors
 from ldm.errors import UserError
 
 log = logging.getLogger("ldm.checkpoints")
@@ -96,7 +97,14 @@ def commit(root: Path, step: int, keep: int) -> Path:
     tmp, final = root / f".{step_dir_name(step)}.tmp", root / step_dir_name(step)
     files = {str(p.relative_to(tmp)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
              for p in sorted(tmp.rglob("*")) if p.is_file()}
+    # durable before sealed: every file (whoever wrote it, e.g. DeepSpeed's torch.save) and folder is
+    # on disk before the rename, and the rename itself after it, so a machine crash cannot leave a
+    # sealed checkpoint with lost data (files just hashed: the fsyncs write what the cache still holds)
+    for name in files:
+        fsync_path(tmp / name)
     atomic_write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})
+    for folder in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+        fsync_path(folder)
     if final.exists():  # a checkpoint of the same step that this run fell back past
         if verify_checkpoint(final) is None:  # intact (e.g. it could not be loaded here): never deleted
             k = 1
@@ -111,6 +119,7 @@ def commit(root: Path, step: int, keep: int) -> Path:
             final.rename(trash)
             shutil.rmtree(trash)
     tmp.rename(final)
+    fsync_path(root)
     atomic_write_bytes(root / "latest", (final.name + "\n").encode())
     if keep > 0:
         older = sorted((s, p) for p in root.iterdir() if p.is_dir() and (s := step_of(p)) is not None and s <= step)

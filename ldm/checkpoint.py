@@ -1,7 +1,8 @@
 """Checkpoint IO: safetensors for tensors, JSON for everything else. Never pickle.
 
-Writes are atomic: a file is written to a temporary name in the same folder and renamed, so a
-killed process never leaves a half-written file under its final name. Files get the permissions
+Writes are atomic: a file is written to a temporary name in the same folder, flushed to disk (fsync)
+and renamed, so a killed process or a crashed machine never leaves a half-written file under its
+final name. Files get the permissions
 of any file the user creates (``0666`` minus the umask: ``0644`` under the usual ``022``), so
 teammates on a shared cluster can read checkpoints and manifests (``tempfile.mkstemp`` would
 make them ``0600``).
@@ -35,6 +36,16 @@ def _temp_file(path: Path) -> tuple[int, Path]:
             continue
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries (the names renamed or created in it), to disk:
+    whoever wrote them, they then survive a machine crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fd, tmp = _temp_file(Path(path))
     try:
@@ -65,6 +76,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     try:
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.chmod(tmp, mode)  # safetensors recreates the file as 0600
+        fsync_path(tmp)  # on disk before it has its name (as atomic_write_bytes)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -33,3 +33,30 @@ def test_a_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_bytes(tmp_path / "f", Boom())
     assert (tmp_path / "f").read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_a_sealed_checkpoint_is_on_disk_before_and_after_its_rename(tmp_path, monkeypatch):
+    """A machine crash right after a checkpoint is sealed cannot leave it damaged: every file
+    (tensors too, was: save_tensors never fsynced) and folder is flushed before the rename that
+    seals it, and the rename is flushed after it."""
+    from launch import runs
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(a))), real_rename(a, b))[1])
+    folder = runs.begin(tmp_path, 3)
+    save_tensors(folder / "ema.safetensors", {"w": torch.ones(2)})
+    (folder / "sub" / "deep").mkdir(parents=True)
+    (folder / "sub" / "deep" / "shard.pt").write_bytes(b"written by another library, never fsynced")
+    assert ("fsync", str(folder / "ema.safetensors")) not in events  # the temporary name's, then renamed
+    assert len(events) == 1 and events[0][1].startswith(str(folder / ".ema.safetensors."))
+    final = runs.commit(tmp_path, 3, keep=2)
+    sealed = events.index(("rename", str(folder)))
+    before = {path for kind, path in events[:sealed] if kind == "fsync"}
+    for name in ("ema.safetensors", "sub/deep/shard.pt", "sub/deep", "sub", ""):
+        assert str((folder / name).resolve()) in before, name
+    manifest = [i for i, (_, path) in enumerate(events) if path.startswith(str(folder / ".MANIFEST.json."))]
+    assert manifest and manifest[0] < events.index(("fsync", str(folder))) < sealed  # written, then its name
+    assert ("fsync", str(tmp_path)) in events[sealed:]
+    assert runs.verify_checkpoint(final) is None
