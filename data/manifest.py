@@ -89,10 +89,12 @@ def shard_folders(spec: str) -> list[str]:
     return [f.strip() for f in spec.split(",") if f.strip()]
 
 
-def load_manifests(spec: str) -> Manifest:
+def load_manifests(spec: str, weights: tuple[float, ...] = ()) -> Manifest:
     """The manifest of one extraction folder, or of several (comma-separated) merged: they must
     come from the same autoencoder (config and weights hash); counts add up, the per-channel
-    statistics are pooled and ``mixed_shapes`` says whether the latent shapes differ."""
+    statistics are those of the stream a trainer reads (``weights``: each folder's relative share of
+    the clips, as ``data.weights``; none: every clip once, i.e. pooled by clip count) and
+    ``mixed_shapes`` says whether the latent shapes differ."""
     folders = shard_folders(spec)
     if not folders:
         raise ValueError("data.shards is empty: give an `ldm extract` output folder")
@@ -115,11 +117,13 @@ def load_manifests(spec: str) -> Manifest:
     counts = Counts(**{k: sum(getattr(m.counts, k) for m in manifests) for k in ("inputs", "written", "skipped")})
     stats = {}
     for part in first.stats:
-        n = [m.stats[part]["count"] for m in manifests]
+        n = [m.stats[part]["count"] for m in manifests]  # values per channel: the pool's weights without a mix
+        if weights:  # a folder's share of the clips x its values per clip (its latents' size)
+            n = [w / sum(weights) * c / max(m.counts.written, 1) for w, c, m in zip(weights, n, manifests)]
         total = sum(n)
         mean = [sum(c * m.stats[part]["mean"][i] for c, m in zip(n, manifests)) / total
                 for i in range(len(first.stats[part]["mean"]))]
-        stats[part] = {"count": total, "mean": mean}
+        stats[part] = {"count": sum(m.stats[part]["count"] for m in manifests), "mean": mean}
         for key in ("std", "sample_std"):  # pooled: E[x^2] - mean^2 over all folders
             stats[part][key] = [math.sqrt(max(sum(c * (m.stats[part][key][i] ** 2 + m.stats[part]["mean"][i] ** 2)
                                                   for c, m in zip(n, manifests)) / total - mean[i] ** 2, 0.0))

@@ -233,6 +233,20 @@ def latent_norm_stats(dcfg: DataConfig, manifest: Manifest) -> dict[str, dict[st
     return {part: {"mean": st["mean"], "std": st.get(key, st["std"])} for part, st in manifest.stats.items()}
 
 
+def norm_change(config_json: Path, latent_norm: dict[str, dict[str, list[float]]]) -> float:
+    """How far ``latent_norm`` is from the one the run's last start recorded in ``config.json``: the
+    largest change of a channel's mean or std, in that channel's old std (0 when none is recorded)."""
+    try:
+        old = read_json(config_json)["export"]["latent_norm"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+    if set(old) != set(latent_norm):
+        return math.inf if old or latent_norm else 0.0
+    return max((max(abs(nm - om), abs(ns - os_)) / max(os_, 1e-12)
+                for part, new in latent_norm.items()
+                for nm, ns, om, os_ in zip(new["mean"], new["std"], old[part]["mean"], old[part]["std"])), default=0.0)
+
+
 def export_context(manifest: Manifest, latent_norm: dict[str, dict[str, list[float]]],
                    flow_shift: float = 1.0) -> Export:
     """What an export of this run records for sampling (``dit.Export``)."""
@@ -657,7 +671,7 @@ def check_config(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> runs.B
         log.warning("data.shards lists %s %d times: its clips are drawn %d times as often as the others' (list it "
                     "once unless that oversampling is meant)", folder, folders.count(folder), folders.count(folder))
     with checking():
-        manifest = load_manifests(cfg.data.shards)
+        manifest = load_manifests(cfg.data.shards, cfg.data.weights)
         dcfg = make_dit_config(cfg.model, manifest)
         resolve_switch(cfg.model.compile, torch.device("cpu"), "model.compile")
         precision = resolve_precision(cfg.engine.precision, dist.device_for(dist.dist_env()))
@@ -717,7 +731,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                                                                                             device)))
     use_compile = resolve_switch(cfg.model.compile, device, "model.compile")
     out = Path(cfg.output)
-    manifest = load_manifests(cfg.data.shards)
+    manifest = load_manifests(cfg.data.shards, cfg.data.weights)
     dcfg = make_dit_config(cfg.model, manifest)
     latent_norm = latent_norm_stats(cfg.data, manifest)
     context = export_context(manifest, latent_norm, cfg.flow.shift)
@@ -775,6 +789,11 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
             log.warning("%s has checkpoints but no %s (made before runs were bound): bound to this run's settings "
                         "from now on", out, runs.BINDING)
         binding.write()
+        changed = norm_change(out / "config.json", latent_norm) if step else 0.0
+        if changed > 1e-6:  # a grown folder or other data.weights allowed on resume
+            print(f"latent normalisation: the per-channel statistics of data.shards (with data.weights) moved by up "
+                  f"to {changed:.3g} std since the run last started; from step {step + 1} latents are standardised "
+                  "with the new ones (exports record them)", flush=True)
         atomic_write_json(out / "config.json", {"train": cfglib.to_dict(cfg), "dit": cfglib.to_dict(dcfg),
                                                 "export": context.to_dict()})
     parts = manifest.parts

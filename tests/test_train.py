@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.manifest import load_manifest
 from data.synth import synth_dataset
 from launch.cli import main as ldm
 import dit
@@ -1139,6 +1140,16 @@ def test_data_weights_mix_the_folders_deterministically_and_the_closing_line_sho
     out = capsys.readouterr().out
     assert "data mix: " in out and "(4 clips, each read 2x per epoch)" in out
     assert f"clips read by this run: {latents} 50.0% (8), {small} 50.0% (8)" in out
+    # latents standardised with the statistics of the stream read: half of each folder's (was: pooled
+    # by clip count, 3/4 of the big folder's)
+    norm = load_export(tmp_path / "full")[1].latent_norm
+    stats = [load_manifest(f).stats for f in (latents, small)]
+    for part, want in norm.items():
+        mean = [(a + b) / 2 for a, b in zip(stats[0][part]["mean"], stats[1][part]["mean"])]
+        square = [sum(s[part]["sample_std"][i] ** 2 + s[part]["mean"][i] ** 2 for s in stats) / 2
+                  for i in range(len(mean))]
+        assert want["mean"] == pytest.approx(mean, rel=1e-9)
+        assert want["std"] == pytest.approx([math.sqrt(q - m * m) for q, m in zip(square, mean)], rel=1e-9)
     from launch import runs
     with monkeypatch.context() as m:  # a job stopped (a time limit: SIGTERM) after step 1 shows the mix too
         m.setattr(runs.StopRequest, "requested", property(lambda self: True))
@@ -1189,7 +1200,8 @@ def test_a_moved_shard_folder_resumes_and_a_grown_one_reads_its_new_clips_from_t
     shutil.rmtree(first)
     capsys.readouterr()
     resumed = train(_cfg(moved, run, steps=4, save_every=2), allow_change=("steps",))
-    assert f"data.shards moved ({first} -> {moved}): the same latents" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"data.shards moved ({first} -> {moved}): the same latents" in out and "normalisation" not in out
     assert resumed["losses"] == full["losses"][2:]
     # 4 more videos extracted into the folder (the first 12 are the fixture's)
     synth_dataset(tmp_path / "videos16", num=16, frames=8, size=32, fps=8, seed=0)
@@ -1203,8 +1215,14 @@ def test_a_moved_shard_folder_resumes_and_a_grown_one_reads_its_new_clips_from_t
         check_config(_cfg(moved, run, steps=6), ("steps",))
     capsys.readouterr()
     train(_cfg(moved, run, steps=6, save_every=2), allow_change=("steps", "latents.clips", "latents.content"))
+    out = capsys.readouterr().out
     assert ("data.shards holds other latents than at step 4 (12 -> 16 clips): epoch 2 starts at the next step over "
-            "all of them (the rest of epoch 1 is not read)") in capsys.readouterr().out
+            "all of them (the rest of epoch 1 is not read)") in out
+    # the 16 clips' statistics standardise from step 5 on, said in one line (was: silently)
+    assert "latent normalisation: the per-channel statistics of data.shards (with data.weights) moved by up to " in out
+    assert "from step 5 latents are standardised with the new ones" in out
+    grown = load_manifest(moved).stats
+    assert {p: n["mean"] for p, n in load_export(run)[1].latent_norm.items()} == {p: s["mean"] for p, s in grown.items()}
     stream = json.loads((run / "checkpoints" / "step-00000006" / "trainer.json").read_text())["stream"]
     assert stream == {"shards": str(moved), "content": stream["content"], "clips": 16, "epoch": 2,
                       "epoch_start": 16}
