@@ -379,8 +379,9 @@ def standardized(latent: Latent, dcfg: DataConfig, latent_norm: dict, gens: list
 
 def check_val_shards(cfg: TrainConfig, manifest: Manifest, dcfg: dit.DiTConfig, world: int) -> int:
     """``val.shards`` holds latents the run can be validated on (same autoencoder, latent shape and
-    text encoder; class ids the DiT knows), at least one global batch of them; `UserError`
-    otherwise. Returns the clips used: ``val.clips`` rounded down to whole global batches."""
+    text encoder; class ids the DiT knows, named as data.shards names them), at least one global
+    batch of them; `UserError` otherwise. Returns the clips used: ``val.clips`` rounded down to
+    whole global batches."""
     if cfg.data.buckets:
         raise UserError("val.shards with data.buckets=true: the validation loss reads one latent shape; train "
                         "without buckets or leave val.shards empty")
@@ -401,6 +402,11 @@ def check_val_shards(cfg: TrainConfig, manifest: Manifest, dcfg: dit.DiTConfig, 
     if dcfg.num_classes and val.num_classes > dcfg.num_classes:
         raise UserError(f"val.shards holds class ids up to {val.num_classes - 1}; the DiT knows "
                         f"{dcfg.num_classes} classes")
+    differ = [(i, a, b) for i, (a, b) in enumerate(zip(val.class_names, manifest.class_names)) if a != b]
+    if dcfg.num_classes and differ:
+        i, a, b = differ[0]
+        raise UserError(f"val.shards names its classes differently than data.shards (class id {i}: {a!r} vs {b!r}): "
+                        "its ids would mean other classes; extract the held-out clips with the same --classes list")
     global_batch = cfg.data.batch_size * max(world // cfg.model.sequence_parallel, 1)
     used = min(cfg.val.clips, val.counts.written) // global_batch * global_batch
     if not used:

@@ -104,6 +104,17 @@ def test_validation_loss_on_held_out_latents(latents, tmp_path):
         with pytest.raises(UserError, match=message):
             train(_cfg(latents, tmp_path / "bad", steps=2, **{**val, **over}))
         assert not (tmp_path / "bad").exists()
+    # held-out clips whose class ids name other classes (was: validated on, a loss of wrong labels)
+    import shutil
+    for folder, names in ((latents, ["Archery", "Basketball"]), (held, ["Basketball", "Archery"])):
+        shutil.copytree(folder, tmp_path / "named" / folder.name)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest.update(num_classes=2, class_names=names, class_counts=[])
+        (tmp_path / "named" / folder.name / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"val.shards names its classes differently than data.shards \(class id 0: "
+                                        r"'Basketball' vs 'Archery'\): .* the same --classes list"):
+        train(_cfg(tmp_path / "named" / latents.name, tmp_path / "bad", steps=2,
+                   **{**val, "val.shards": tmp_path / "named" / held.name}))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
