@@ -102,6 +102,7 @@ class ValConfig:
     """Held-out reconstruction metrics over training (``ldm train``'s ``val`` for the DiT's loss)."""
 
     data: str = ""  # held-out videos (a folder or raw video shards, as --data); "" = no validation
+    split: str = ""  # a list of the videos of val.data to take (UCF-101 testlist01.txt), as --split
     every: int = 0  # steps between validations; 0 = at every checkpoint (save_every) and the last step
     clips: int = 16  # its first clips (in list order), read once at frames x height x width
 
@@ -113,6 +114,7 @@ class TrainAEConfig:
     data: str
     output: str
     captions: str | None = None  # CSV/JSONL with path,caption (as `ldm extract --captions`); default: metadata.jsonl
+    split: str | None = None  # a list of the videos of `data` to train on (UCF-101 trainlist01.txt), as extract's
     autoencoder: str | None = None  # registry name; optional when --init names a saved model
     init: str | None = None  # folder written by save_pretrained to start from
     stage: int | None = None  # training stage of a staged autoencoder (Autoencoder.stages); None: the model's own
@@ -479,7 +481,7 @@ class AETrainer:
                                            betas=cfg.disc_betas or cfg.betas, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + env.rank)
 
-        items = list_items(cfg.data, cfg.captions)
+        items = training_videos(cfg)
         if len(items) // env.world_size < cfg.batch_size:
             raise UserError(f"{cfg.data}: {len(items)} clips cannot fill a batch of {cfg.batch_size} on each of "
                             f"{env.world_size} rank(s); give a smaller --batch-size")
@@ -742,7 +744,7 @@ class AETrainer:
         ``val.data`` with their captions, read once at ``frames x height x width`` so every
         validation sees the same pixels; an unreadable one is skipped with a warning."""
         cfg = self.cfg
-        items = list_items(cfg.val.data)[:cfg.val.clips]
+        items = held_out_videos(cfg)[:cfg.val.clips]
         dataset = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, fps=cfg.fps)
         mine = []
         for i in dist.shard_list(list(range(len(items))), self.env.rank, self.env.world_size):
@@ -921,10 +923,20 @@ class AETrainer:
         return summary
 
 
+def training_videos(cfg: TrainAEConfig):
+    """The videos of ``--data`` (with ``--captions``), those ``--split`` names when it is given."""
+    return list_items(cfg.data, cfg.captions, split=cfg.split)
+
+
+def held_out_videos(cfg: TrainAEConfig):
+    """The videos of ``val.data``, those ``val.split`` names when it is given."""
+    return list_items(cfg.val.data, split=cfg.val.split or None)
+
+
 def run_binding(cfg: TrainAEConfig) -> dict[str, Any]:
     """What the run folder is bound to: the settings except ``HARMLESS``, the videos (how many,
     and a hash of their names) and the weights hash of ``init`` / ``base_checkpoint``."""
-    keys = [it.key for it in list_items(cfg.data, cfg.captions)]
+    keys = [it.key for it in training_videos(cfg)]
     facts = {"videos": f"{len(keys)} (names sha256 {hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]})"}
     for key in ("init", "base_checkpoint"):
         if getattr(cfg, key) is not None:
@@ -1003,6 +1015,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--data", help="folder of videos or raw video shards (data.sources.list_items)")
     a("--captions", help="CSV/JSONL with path,caption for the videos of --data (default: metadata.jsonl in the "
                          "folder); text-guided autoencoders train with them")
+    a("--split", metavar="FILE",
+      help="train on the videos this list names, paths relative to --data (UCF-101 trainlist01.txt; as `ldm "
+           "extract --split`); val.split=FILE takes the held-out videos of val.data the same way")
     a("--output", help="run folder (checkpoints, samples, log, final/)")
     a("--frames", type=int, help="clip length")
     a("--height", type=int)
@@ -1103,16 +1118,22 @@ def check_inputs(cfg: TrainAEConfig) -> None:
     if meta is not None:
         with checking("--init"):  # --autoencoder NAME with --init: the folder must hold it
             check_saved_name(cfg.init, meta, cfg.autoencoder)
-    list_items(cfg.data, cfg.captions)  # a missing --data or --captions file is one line here
+    videos = training_videos(cfg)  # a missing --data, --captions or --split file is one line here
+    if cfg.val.split and not cfg.val.data:
+        raise UserError(f"val.split {cfg.val.split} without val.data: give val.data=FOLDER, the videos it lists from")
+    if cfg.val.split and not Path(cfg.val.split).is_file():
+        raise MissingInput(f"val.split {cfg.val.split}: split list file not found")
     if cfg.val.data:
         try:
-            held_out = list_items(cfg.val.data)
+            held_out = held_out_videos(cfg)
         except UserError as e:  # say which setting: --data's message reads the same
             raise type(e)(f"val.data: {e}") from None
         if not held_out:
             raise UserError(f"val.data {cfg.val.data}: no videos found; give a folder of held-out videos")
-        if Path(cfg.val.data).resolve() == Path(cfg.data).resolve():
-            log.warning("val.data is --data (%s): the validation clips are training clips, not held out", cfg.data)
+        both = {it.key for it in videos} & {it.key for it in held_out[:cfg.val.clips]}
+        if Path(cfg.val.data).resolve() == Path(cfg.data).resolve() and both:
+            log.warning("val.data is --data (%s) and %d of the validation clips are training clips (e.g. %s), not "
+                        "held out; give val.split=LIST of videos --split leaves out", cfg.data, len(both), min(both))
     with checking(f"--ae-config {' '.join(cfg.ae_config)}" if cfg.ae_config else None), torch.device("meta"):
         overrides = cfglib.apply_dotted({}, list(cfg.ae_config))
         if meta is not None:

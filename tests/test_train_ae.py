@@ -3,6 +3,7 @@ LPIPS terms, 2-rank DDP. Tiny synthetic clips (5 frames, 32x32) and debug config
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -213,7 +214,36 @@ def test_validation_on_held_out_clips_equals_eval_recon_and_may_be_added_on_resu
         check_inputs(_cfg(clips, tmp_path / "x", val=ValConfig(data=str(tmp_path / "nowhere"))))
     with caplog.at_level("WARNING", logger="ldm.train_ae"):
         check_inputs(_cfg(clips, tmp_path / "x", val=val))
-    assert "the validation clips are training clips, not held out" in caplog.text
+    assert "7 of the validation clips are training clips (e.g. broken), not held out" in caplog.text
+
+
+def test_split_lists_choose_the_training_and_held_out_videos_of_one_folder(clips, tmp_path, caplog):
+    """``--split trainlist`` trains on the videos a list names and ``val.split`` holds others of the
+    same folder out (was: no --split: the whole folder, validation clips among the training ones)."""
+    from launch.train_ae import AETrainer, ValConfig, check_inputs, run_binding
+    (tmp_path / "train.txt").write_text("clip00.mp4 1\nclip01.mp4 1\nclip02.mp4 2\nclip03.mp4 2\n")  # UCF-101 style
+    (tmp_path / "test.txt").write_text("clip04.mp4\nclip05.mp4\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(
+        ["--data", str(clips), "--split", str(tmp_path / "train.txt"), "--output", str(tmp_path / "run"),
+         "--autoencoder", "kl2d-f8c4-debug", "--frames", str(FRAMES), "--height", str(SIZE), "--width", str(SIZE),
+         f"val.data={clips}", f"val.split={tmp_path / 'test.txt'}"]))
+    with caplog.at_level("WARNING", logger="ldm.train_ae"):
+        check_inputs(cfg)
+    assert "not held out" not in caplog.text
+    assert run_binding(cfg)["videos"].startswith("4 ")
+    trainer = AETrainer(cfg, dist.dist_env())
+    assert trainer.keys == ["clip00", "clip01", "clip02", "clip03"] and len(trainer._read_val_clips()) == 2
+    with caplog.at_level("WARNING", logger="ldm.train_ae"):  # held-out videos --split trains on: said
+        check_inputs(dataclasses.replace(cfg, val=ValConfig(data=str(clips), split=str(tmp_path / "train.txt"))))
+    assert "4 of the validation clips are training clips (e.g. clip00), not held out" in caplog.text
+    with pytest.raises(MissingInput, match="--split .*nowhere.txt: split list file not found"):
+        check_inputs(dataclasses.replace(cfg, split=str(tmp_path / "nowhere.txt")))
+    with pytest.raises(MissingInput, match="val.split .*nowhere.txt: split list file not found"):
+        check_inputs(dataclasses.replace(cfg, val=ValConfig(data=str(clips), split=str(tmp_path / "nowhere.txt"))))
+    with pytest.raises(UserError, match="val.split .*test.txt without val.data"):
+        check_inputs(dataclasses.replace(cfg, val=ValConfig(split=str(tmp_path / "test.txt"))))
 
 
 def test_lr_drop_schedule(clips, tmp_path):
