@@ -1,7 +1,7 @@
 """What both trainers (``ldm train-ae`` and ``ldm train``) share about a run: one way to write,
-verify, rotate and find checkpoints, to cut the log back to a resumed step, to react to
-non-finite losses, and one learning-rate schedule (a pure function of the step, so resuming needs
-no scheduler state).
+verify, rotate and find checkpoints, one log (``RunLog``: log.jsonl + TensorBoard, cut back to a
+resumed step), one way to react to non-finite losses, and one learning-rate schedule (a pure
+function of the step, so resuming needs no scheduler state).
 
 A checkpoint is the folder ``OUTPUT/checkpoints/step-NNNNNNNN/``. It is written under the temporary
 name ``.step-NNNNNNNN.tmp`` (``begin``; every rank may write into it, e.g. DeepSpeed's shards),
