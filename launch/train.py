@@ -796,10 +796,14 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                         "from now on", out, runs.BINDING)
         binding.write()
         changed = norm_change(out / "config.json", latent_norm) if step else 0.0
-        if changed > 1e-6:  # a grown folder or other data.weights allowed on resume
-            print(f"latent normalisation: the per-channel statistics of data.shards (with data.weights) moved by up "
-                  f"to {changed:.3g} std since the run last started; from step {step + 1} latents are standardised "
-                  "with the new ones (exports record them)", flush=True)
+        if changed > 1e-6:  # a grown folder, other data.weights or data.normalize allowed on resume
+            if math.isinf(changed):
+                print(f"latent normalisation switched {'on' if latent_norm else 'off'} (data.normalize) from step "
+                      f"{step + 1} (exports record it)", flush=True)
+            else:
+                print(f"latent normalisation: the per-channel statistics of data.shards (with data.weights) moved by "
+                      f"up to {changed:.3g} std since the run last started; from step {step + 1} latents are "
+                      "standardised with the new ones (exports record them)", flush=True)
         atomic_write_json(out / "config.json", {"train": cfglib.to_dict(cfg), "dit": cfglib.to_dict(dcfg),
                                                 "export": context.to_dict()})
     parts = manifest.parts

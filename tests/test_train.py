@@ -1183,6 +1183,15 @@ def test_data_weights_mix_the_folders_deterministically_and_the_closing_line_sho
     assert not (tmp_path / "bad").exists()
 
 
+def test_norm_change_measures_the_move_of_the_statistics_in_old_stds(tmp_path):
+    from launch.train import norm_change
+    config = tmp_path / "config.json"
+    assert norm_change(config, {"z": {"mean": [0.0], "std": [1.0]}}) == 0.0  # a run that recorded none
+    config.write_text(json.dumps({"export": {"latent_norm": {"z": {"mean": [0.0, 1.0], "std": [2.0, 1.0]}}}}))
+    assert norm_change(config, {"z": {"mean": [0.1, 1.0], "std": [2.0, 1.03]}}) == pytest.approx(0.05)
+    assert norm_change(config, {}) == math.inf  # data.normalize switched off
+
+
 def test_a_moved_shard_folder_resumes_and_a_grown_one_reads_its_new_clips_from_the_next_epoch(latents, tmp_path,
                                                                                              capsys):
     """Shards copied to another path (node-local disk): the run resumes on them with one line and the
