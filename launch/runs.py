@@ -602,7 +602,8 @@ class StopRequest:
                 raise KeyboardInterrupt
             return  # SIGTERM after Ctrl-C (a launcher passing the stop on): already stopping
         self.signal = name
-        log.warning("%s: stopping after this step with a checkpoint (Ctrl-C again to stop at once)", name)
+        log.warning("%s: stopping after this step with a checkpoint (%s to stop at once)", name,
+                    "Ctrl-C again" if name == "SIGINT" else "Ctrl-C")
 
     def close(self) -> None:
         import signal

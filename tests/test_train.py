@@ -960,7 +960,7 @@ def test_ema_of_fp32_and_bf16_weights(dtype):
         torch.testing.assert_close(ema.shadow[n], 0.9 * start[n] + 0.1 * p.detach().float(), atol=1e-6, rtol=1e-6)
 
 
-def test_stop_request_signals():
+def test_stop_request_signals(caplog):
     """SIGTERM or a first Ctrl-C only ask; a second Ctrl-C interrupts; the handlers are put back."""
     import signal
 
@@ -972,9 +972,17 @@ def test_stop_request_signals():
         assert not stop.requested
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signal == "SIGTERM"
+        # a scheduler's SIGTERM: no "again" (was: "Ctrl-C again" when nobody had pressed Ctrl-C)
+        assert "SIGTERM: stopping after this step with a checkpoint (Ctrl-C to stop at once)" in caplog.text
         os.kill(os.getpid(), signal.SIGTERM)  # a launcher passing the stop on: still a request
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.close()
+    stop = runs.StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert "SIGINT: stopping after this step with a checkpoint (Ctrl-C again to stop at once)" in caplog.text
     finally:
         stop.close()
     for name in ("SIGUSR1", "SIGHUP"):  # SLURM's --signal=USR1@120; a closed terminal, or torchrun passing it on
