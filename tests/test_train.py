@@ -1250,7 +1250,8 @@ def test_a_moved_shard_folder_resumes_and_a_grown_one_reads_its_new_clips_from_t
     assert "latent normalisation: the per-channel statistics of data.shards (with data.weights) moved by up to " in out
     assert "from step 5 latents are standardised with the new ones" in out
     grown = load_manifest(moved).stats
-    assert {p: n["mean"] for p, n in load_export(run)[1].latent_norm.items()} == {p: s["mean"] for p, s in grown.items()}
+    exported = load_export(run)[1].latent_norm
+    assert {p: n["mean"] for p, n in exported.items()} == {p: s["mean"] for p, s in grown.items()}
     stream = json.loads((run / "checkpoints" / "step-00000006" / "trainer.json").read_text())["stream"]
     assert stream == {"shards": str(moved), "content": stream["content"], "clips": 16, "epoch": 2,
                       "epoch_start": 16}
