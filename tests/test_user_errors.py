@@ -505,9 +505,8 @@ def test_append_into_a_folder_without_numbered_videos_keeps_its_files(run, tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["0000.gif", "0000.mp4", "grid-0000.png", "grid.png", "index.json"]
 
 
-def test_an_interrupted_sample_keeps_its_finished_batches(run, tmp_path, capsys, monkeypatch):
-    """Each batch's videos and index.json are written as soon as the batch is made: a Ctrl-C in the
-    second batch leaves the first and their grid (status 130); --append then adds after them."""
+def _second_batch_interrupted():
+    """`launch.sample.generate` and a stand-in for it that raises KeyboardInterrupt at its second call."""
     import launch.sample as sample_verb
 
     real, calls = sample_verb.generate, []
@@ -517,8 +516,15 @@ def test_an_interrupted_sample_keeps_its_finished_batches(run, tmp_path, capsys,
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
+    return real, generate
 
-    monkeypatch.setattr(sample_verb, "generate", generate)
+
+def test_an_interrupted_sample_keeps_its_finished_batches(run, tmp_path, capsys, monkeypatch):
+    """Each batch's videos and index.json are written as soon as the batch is made: a Ctrl-C in the
+    second batch leaves the first and their grid (status 130); --append then adds after them."""
+    import launch.sample as sample_verb
+
+    monkeypatch.setattr(sample_verb, "generate", _second_batch_interrupted()[1])
     out = tmp_path / "s"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -539,14 +545,7 @@ def test_resume_finishes_an_interrupted_sample_as_if_it_had_not_stopped(run, tmp
     after the ones made, with other seeds); another command's folder is one line."""
     import launch.sample as sample_verb
 
-    real, calls = sample_verb.generate, []
-
-    def generate(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
+    real, generate = _second_batch_interrupted()
     argv = ["--prompt", "a red circle moving left", "--prompt", "a blue square", "--num-per-prompt", "2",
             "--batch-size", "2", "--seed", "3"]
     with warnings.catch_warnings():
