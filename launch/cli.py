@@ -36,6 +36,7 @@ VERBS: dict[str, tuple[str, str]] = {  # keep in sync with the README's verb tab
     "compare": ("launch.compare", "autoencoders side by side: same clips, same DiT, cost and quality report"),
 }
 RANKED_VERBS = ("train", "train-ae", "extract", "sample")  # the others run as one process
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # a `key=value` override of train / train-ae / extract
 DEBUG_ENV = "LDM_DEBUG"
 
 
@@ -107,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     # LOCAL_RANK, which launch.dist reads, so drop the flag wherever it is
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank=")) and a != "--debug"]
     verb = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(verb).parse_args(argv)
+    parser = build_parser(verb)
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all(OVERRIDE.match(x) for x in extra):
+        args.overrides = [*(args.overrides or []), *extra]  # key=value after a flag (argparse takes one run)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.verb not in RANKED_VERBS:
         check_one_process(args.verb)
     if getattr(args, "config", None) is not None:  # train, train-ae, extract, demo: a path or a built-in name

@@ -89,6 +89,14 @@ def test_config_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
     assert {"train-debug", "hivae-stage1", "demo-quick"} <= set(names) and "accelerate-zero2" not in names
     assert main(["train", "--config", "hivae-generator", "--print-config"]) == 0
     assert "model:" in capsys.readouterr().out
+    # overrides on both sides of a flag, in order (was: "unrecognized arguments: steps=7 save_every=3")
+    assert main(["train", "--config", "hivae-generator", "steps=5", "--allow-change", "steps", "steps=7",
+                 "save_every=3", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "\nsteps: 7\n" in printed and "\nsave_every: 3\n" in printed
+    with pytest.raises(SystemExit):  # argparse's own error, as before
+        main(["train", "--config", "hivae-generator", "steps=5", "--print-config", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
     assert console(["train", "--config", "nope", "--print-config"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ldm train: error: config file nope not found; give a YAML path or a built-in config: ")
