@@ -8,7 +8,7 @@ range is [-1, 1], hence ``data_range=2.0`` by default. Per-sample metrics return
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -502,13 +502,32 @@ class FrechetAccumulator:
         if split_half:
             self.stats |= {"real_half0": RunningGaussian(ext.dim), "real_half1": RunningGaussian(ext.dim)}
 
-    def update(self, which: str, batch: Tensor) -> None:
+    def update(self, which: str, batch: Tensor, index: Sequence[int] | None = None) -> None:
+        """Add the features of ``batch``; ``index``: each clip's number in the whole set, whose parity
+        picks its reference half (the same halves on any number of ranks), by default its row among
+        all the real rows so far."""
         f = self.features(batch)
-        if which == "real" and "real_half0" in self.stats:  # row g of all real rows goes to half g % 2
-            first = self.stats["real"].n % 2
-            self.stats["real_half0"].update(f[first::2])
-            self.stats["real_half1"].update(f[1 - first::2])
+        if which == "real" and "real_half0" in self.stats:  # clip g goes to half g % 2
+            first = self.stats["real"].n
+            g = torch.arange(first, first + len(f)) if index is None else torch.as_tensor(list(index))
+            self.stats["real_half0"].update(f[g % 2 == 0])
+            self.stats["real_half1"].update(f[g % 2 == 1])
         self.stats[which].update(f)
+
+    def state(self) -> dict[str, Tensor]:
+        """The sums of every side (`RunningGaussian.state`), to send to another rank."""
+        return {k: v for side, g in self.stats.items() for k, v in g.state(side).items()}
+
+    def merge_states(self, states: Sequence[dict[str, Tensor]]) -> None:
+        """Replace the statistics by the merge of ``states`` (`state` of accumulators of this
+        extractor that saw disjoint clips, e.g. one per rank): as if one had seen them all."""
+        for side in self.stats:
+            merged = RunningGaussian(self.ext.dim)
+            for state in states:
+                part = RunningGaussian(self.ext.dim)
+                part.load(state, side)
+                merged.merge(part)
+            self.stats[side] = merged
 
     def describe(self) -> dict[str, Any]:
         """The extractor (file name, sha256, width) and the protocol: what the features depend on."""

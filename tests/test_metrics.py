@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ldm.errors import UserError
-from ldm.metrics import (LPIPS, RunningGaussian, frechet_distance, gaussian_stats, psnr, ssim,
-                         ssim_per_frame)
+from ldm.metrics import (LPIPS, Extractor, FrechetAccumulator, RunningGaussian, frechet_distance, gaussian_stats,
+                         psnr, ssim, ssim_per_frame)
 
 # ------------------------------------------------------------------------------------ PSNR
 
@@ -171,6 +172,33 @@ def test_running_gaussian_matches_batch_and_merge():
     torch.testing.assert_close(s2, s, rtol=1e-7, atol=1e-9)
     with pytest.raises(ValueError, match="at least 2"):
         RunningGaussian(8).stats()
+
+
+def test_frechet_accumulators_of_two_ranks_merge_into_the_one_of_all_clips():
+    """Clips split between two accumulators (as ranks take every other batch), merged: the same
+    sums, distance and reference halves (by clip number) as one accumulator that saw them all."""
+    ext = Extractor("torchscript", Path("stand-in.pt"), "0", None, torch.device("cpu"), 4)
+
+    def acc():
+        return FrechetAccumulator(ext, lambda x: x, {}, 2048, "clips", split_half=True)
+    g = torch.Generator().manual_seed(3)
+    real, fake = torch.randn(11, 4, generator=g), torch.randn(11, 4, generator=g) + 0.5
+    one, parts = acc(), [acc(), acc()]
+    for start in range(0, 11, 3):  # batches of 3: batch b on "rank" b % 2
+        rows = list(range(start, min(start + 3, 11)))
+        for a in (one, parts[start // 3 % 2]):
+            a.update("real", real[rows], index=rows)
+            a.update("fake", fake[rows])
+    merged = acc()
+    merged.merge_states([p.state() for p in parts])
+    assert all(p.stats["real"].n < 11 for p in parts) and merged.stats["real"].n == 11
+    for side in one.stats:
+        assert merged.stats[side].n == one.stats[side].n
+        torch.testing.assert_close(merged.stats[side].mean, one.stats[side].mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(merged.stats[side].m2, one.stats[side].m2, rtol=1e-10, atol=1e-12)
+    a, b = merged.result("fvd"), one.result("fvd")
+    assert a["fvd"] == pytest.approx(b["fvd"], rel=1e-9)
+    assert a["reference_split_half"]["fvd"] == pytest.approx(b["reference_split_half"]["fvd"], rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------ LPIPS
