@@ -162,6 +162,41 @@ def _clips(input: str, frames: int, height: int, width: int, fps: float | None, 
     return gen(), skipped, len(items)
 
 
+def _rank_share(input: str, frames: int, height: int, width: int, fps: float | None, items: ItemList,
+                batch_size: int) -> tuple[Iterable[dict[str, Any]], list[str]]:
+    """`_clips` of this rank's share of ``items``: every world_size-th batch of ``batch_size`` of
+    them (all of them on one rank), each clip's ``index`` its place in ``items``; the listing's
+    problems go with rank 0's skipped list."""
+    if not items:
+        raise ValueError(f"no videos found in {input}")
+    mine = _rank_indices(len(items), batch_size)
+    share = ItemList([items[i] for i in mine], items.problems if dist.rank() == 0 else [], items.class_names)
+    if not share:
+        return iter(()), list(share.problems)
+    clips, skipped, _ = _clips(input, frames, height, width, fps, None, share)
+    return ({**x, "index": mine[x["index"]]} for x in clips), skipped
+
+
+def _rank_indices(n: int, batch_size: int) -> list[int]:
+    """The indices (of ``n`` clips) that this rank takes: every world_size-th batch of ``batch_size``."""
+    batches = [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    return [i for b in dist.shard_list(batches, dist.rank(), dist.world_size()) for i in b]
+
+
+def _merge_ranks(accs: dict[str, FrechetAccumulator]) -> None:
+    """Every rank's statistics merged (in rank order) into ``accs`` on every rank; nothing on one rank."""
+    if dist.world_size() == 1:
+        return
+    states = dist.all_gather_object({name: acc.state() for name, acc in accs.items()})
+    for name, acc in accs.items():
+        acc.merge_states([s[name] for s in states])
+
+
+def _gathered(values: list) -> list:
+    """Every rank's ``values``, one list in rank order (``values`` itself on one rank)."""
+    return [v for part in dist.all_gather_object(values) for v in part]
+
+
 def _batches(it: Iterable[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
     batch: list[dict[str, Any]] = []
     for x in it:
@@ -682,13 +717,15 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     as `_conditioning`). A class-conditional DiT samples each reference clip's class (``class_dist="reference"``:
     the generated classes follow the reference set's) or the reference set's classes in equal shares
     (``"uniform"``); the result records which, with the clips per class. The noise of clip i is the same on every
-    run (seed + i, any batch size), so a rerun gives the same value. Reference (and ``samples``) clips are read at
-    ``fps``, by default the rate the DiT's training clips were resampled to (``export.video.fps``; None: the videos'
-    own), so both sides have the same motion per frame; an `ldm sample` folder (``index.json``) is read frame by
-    frame, whatever playback ``--fps`` it was written at. With ``reference_stats`` (a folder), the reference
-    features' statistics are kept there (`reference_stats_file`) and reused by a later evaluation against the same
-    clips under the same protocol, e.g. another checkpoint of the run: the same numbers, without reading the
-    reference again."""
+    run (seed + i, any batch size or number of ranks), so a rerun gives the same value. Under several ranks each
+    samples and reads every world_size-th batch of clips, the statistics are merged (`_merge_ranks`) and every rank
+    returns the same result; ``reference_stats`` is read and written by rank 0 alone. Reference (and ``samples``)
+    clips are read at ``fps``, by default the rate the DiT's training clips were resampled to
+    (``export.video.fps``; None: the videos' own), so both sides have the same motion per frame; an `ldm sample`
+    folder (``index.json``) is read frame by frame, whatever playback ``--fps`` it was written at. With
+    ``reference_stats`` (a folder), the reference features' statistics are kept there (`reference_stats_file`)
+    and reused by a later evaluation against the same clips under the same protocol, e.g. another checkpoint of
+    the run: the same numbers, without reading the reference again."""
     if i3d is None and inception is None:
         raise ValueError("FVD / FID need --i3d and/or --inception")
     if class_dist not in CLASS_DISTS:
@@ -703,13 +740,24 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     items, chosen = reference_items(reference, export, num=num, seed=reference_seed, classes=classes, split=split)
     stats_file = reference_stats_file(Path(reference_stats), items, accs, frames, height, width, fps) \
         if reference_stats else None
-    cached = load_reference_stats(stats_file, accs) if stats_file is not None and stats_file.is_file() else None
+    cached, error = None, None  # read by rank 0 alone (the others' reference sides stay empty), sent to all
+    if stats_file is not None and dist.rank() == 0 and stats_file.is_file():
+        try:
+            cached = load_reference_stats(stats_file, accs)
+        except UserError as e:
+            error = str(e)
+    cached, error = dist.broadcast_object((cached, error))
+    if error is not None:
+        raise UserError(error)
     if cached is None:
-        ref, skipped, _ = _clips(reference, frames, height, width, fps, num, items)
+        ref, skipped = _rank_share(reference, frames, height, width, fps, items, batch_size)
     else:  # the reference statistics of an earlier evaluation: its readable clips, not decoded again
         readable, skipped = cached
+        mine = set(_rank_indices(len(items), batch_size))
+        skipped = skipped if dist.rank() == 0 else []
         ref = iter([{"key": items[i].key, "caption": items[i].caption or "", "index": i,  # a clip's fields, no video
-                     "class_id": -1 if items[i].class_id is None else items[i].class_id} for i in readable])
+                     "class_id": -1 if items[i].class_id is None else items[i].class_id}
+                    for i in readable if i in mine])
     readable_now: list[int] = []
     text_encoder = None
     use_text, use_cls = (False, False)  # both False: an unconditional DiT, sampled unconditionally
@@ -725,36 +773,39 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
                                                                "; this DiT is class-conditioned only"))
     plan = _class_plan(items, class_dist, sampling.seed) if use_cls else []
     made: list[int] = []  # the class of each generated clip
-    n = 0
-    for b, batch in enumerate(_batches(ref, batch_size)):
+    for batch in _batches(ref, batch_size):
         if cached is None:
             real = torch.stack([x["video"] for x in batch])
             for acc in accs.values():
-                acc.update("real", real)
+                acc.update("real", real, index=[x["index"] for x in batch])
             readable_now += [x["index"] for x in batch]
         if samples is None:
             ids = [plan[x["index"]] for x in batch] if use_cls else None
             made += ids or []
             fake = generate(model, ae, export.latent_norm, prompts=[x["caption"] for x in batch] if use_text else None,
-                            class_ids=ids, count=len(batch),
-                            frames=frames, height=height, width=width, sampling=sampling, seed_offset=b * batch_size,
+                            class_ids=ids, count=len(batch), frames=frames, height=height, width=width,
+                            sampling=sampling, seeds=[sampling.seed + x["index"] for x in batch],  # clip i: seed + i
                             text_encoder=text_encoder, device=device, progress=False)
             for video in _as_batches(fake):
                 for acc in accs.values():
                     acc.update("fake", video)
-        n += len(batch)
-    if stats_file is not None and cached is None and readable_now:
-        save_reference_stats(stats_file, accs, readable_now, skipped)
     samples_fps = fps
     if samples is not None:
         if (Path(samples) / "index.json").is_file():  # an `ldm sample` folder: each file frame is a DiT frame,
             samples_fps = None                       # whatever --fps it was written at
-        gen, gen_skipped, _ = _clips(samples, frames, height, width, samples_fps, num)
+        listed = _without_gif_twins(list_items(samples))
+        listed = ItemList(listed[:num], listed.problems, listed.class_names) if num else listed
+        gen, gen_skipped = _rank_share(samples, frames, height, width, samples_fps, listed, batch_size)
         for batch in _batches(gen, batch_size):
             fake = torch.stack([x["video"] for x in batch])
             for acc in accs.values():
                 acc.update("fake", fake)
-        skipped += gen_skipped  # filled while reading
+    _merge_ranks(accs)  # every rank's clips; each list below in rank order
+    skipped, made, readable_now = _gathered(skipped), _gathered(made), sorted(_gathered(readable_now))
+    if stats_file is not None and cached is None and readable_now and dist.rank() == 0:
+        save_reference_stats(stats_file, accs, readable_now, skipped)
+    if samples is not None:
+        skipped += _gathered(gen_skipped)  # filled while reading
     out: dict[str, Any] = {}
     for name, acc in accs.items():  # as rFVD: too few readable clips is an entry, not a lost evaluation
         n_real, n_fake = acc.stats["real"].n, acc.stats["fake"].n
@@ -1003,13 +1054,21 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    env = dist.dist_env()
+    if env.world_size > 1 and args.what == "gen" and (args.attributes or args.vbench or not args.reference):
+        raise UserError(f"ldm eval gen on {env.world_size} ranks splits the clips of FVD / FID (--reference) alone; "
+                        "run --attributes / --vbench as one process, without the launcher")
     check_args(args)
+    if args.what == "gen":  # under torchrun / srun each rank takes its share of the reference clips
+        env = dist.init_distributed()
     with checking():
-        device = dist.device_for(dist.dist_env(), args.device)
+        device = dist.device_for(env, args.device)
     if args.what == "recon":
         result = run_recon(args, device)
     else:
         result = run_gen(args, device)
+    if env.rank != 0:  # rank 0 wrote the result and reports it
+        return 0
     print(json.dumps(_summary(result), indent=2))
     for where, warning in _small_sample_warnings(result):
         print(f"ldm eval {args.what}: warning: {where}: {warning}", file=sys.stderr)
@@ -1167,14 +1226,16 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     sampling = sampling_from_args(args, export)
     fps = playback_fps(export.video, args.fps)  # of the written videos
     out = Path(args.output)
-    if args.overwrite:  # the earlier results go only now that everything is checked and loaded
+    if args.overwrite and dist.rank() == 0:  # the earlier results go only now that everything is checked and loaded
         clear_earlier_results(out, keep_vbench_videos=args.vbench)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
     common = dict(sampling=sampling, batch_size=args.batch_size, device=device)
     result: dict[str, Any] = {"checkpoint": args.checkpoint, "autoencoder": export.autoencoder.name,
                               "frames": frames, "height": height, "width": width, "tile": args.tile,
                               "chunk_frames": args.chunk_frames, "dtype": dist.dtype_name(dtype),
-                              "batch_size": args.batch_size, "dit_weights": dit_weights(args.checkpoint)}
+                              "batch_size": args.batch_size, "dit_weights": dit_weights(args.checkpoint),
+                              "world_size": dist.world_size()}
     if args.attributes:
         suite = attribute_suite(args.shapes, args.colors, args.directions, args.holdout)
         (out / "attribute_videos").mkdir(exist_ok=True)
@@ -1195,5 +1256,6 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                                          width=width, fps=fps, vbench_python=args.vbench_python,
                                          vbench_results=args.vbench_results, gpus=args.vbench_gpus,
                                          max_prompts=args.vbench_max_prompts, replace=args.overwrite, **common)
-    atomic_write_json(out / "result.json", result)
+    if dist.rank() == 0:
+        atomic_write_json(out / "result.json", result)
     return result

@@ -546,3 +546,42 @@ def test_inputs_are_checked_before_overwrite_clears_the_earlier_result(files, ru
             warnings.simplefilter("ignore")
             ldm(args + ["--overwrite"] + extra)
         assert (tmp_path / "g" / "result.json").read_bytes() == earlier, extra
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_eval_gen_on_two_ranks_gives_the_one_rank_fvd_and_fid(files, run_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m launch.cli eval gen --reference ...`: each rank samples and reads
+    every other batch of the reference clips, their statistics are merged, rank 0 writes result.json
+    (was: refused under a launcher). FVD / FID / the split-half floor equal the one-rank run's to
+    1e-6 relative (the same clips and noise, merged sums in float64); the reference statistics that
+    one rank cached are reused by two."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from procs import torchrun
+
+    args = ["eval", "gen", "--checkpoint", str(run_dir / "export"), "--reference", str(files / "videos"), "--i3d",
+            str(files / "i3d_torchscript.pt"), "--inception", str(files / "inception-2015-12-05.pt"), "--fvd-frames",
+            "8", "--steps", "1", "--batch-size", "2", "--device", "cpu"]
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ldm(args + ["--output", str(tmp_path / "one"), "--reference-stats", str(tmp_path / "stats")])
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    for name, extra in [("two", []), ("two-cached", ["--reference-stats", str(tmp_path / "stats")])]:
+        r = subprocess.run(torchrun(2, *args, "--output", str(tmp_path / name), *extra), env=env, cwd=root,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count('"world_size": 2') == 1  # printed once, by rank 0
+    one, two, cached = (json.loads((tmp_path / n / "result.json").read_text()) for n in ("one", "two", "two-cached"))
+    assert (one["world_size"], two["world_size"], cached["world_size"]) == (1, 2, 2)
+    assert cached["fd"]["reference_stats"]["reused"] and not one["fd"]["reference_stats"]["reused"]
+    for result in (two, cached):
+        fd, ref = result["fd"], one["fd"]
+        assert (fd["fvd"]["n_real"], fd["fvd"]["n_fake"], fd["fid"]["n_fake"]) == (6, 6, 6 * 8)
+        assert fd["fvd"]["fvd"] == pytest.approx(ref["fvd"]["fvd"], rel=1e-6)
+        assert fd["fid"]["fid"] == pytest.approx(ref["fid"]["fid"], rel=1e-6)
+        assert fd["fvd"]["reference_split_half"]["fvd"] == pytest.approx(ref["fvd"]["reference_split_half"]["fvd"],
+                                                                          rel=1e-6)
+        assert fd["fvd"]["reference_split_half"]["n"] == ref["fvd"]["reference_split_half"]["n"] == [3, 3]
