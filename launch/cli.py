@@ -35,7 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {  # keep in sync with the README's verb tab
     "eval": ("launch.evaluate", "quality: recon (PSNR/SSIM/LPIPS/rFVD) and gen (FVD/FID, attributes, VBench)"),
     "compare": ("launch.compare", "autoencoders side by side: same clips, same DiT, cost and quality report"),
 }
-RANKED_VERBS = ("train", "train-ae", "extract", "sample")  # the others run as one process (but `eval gen`)
+RANKED_VERBS = ("train", "train-ae", "extract", "sample", "eval")  # the others run as one process
 OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # a `key=value` override of train / train-ae / extract
 DEBUG_ENV = "LDM_DEBUG"
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.verb not in RANKED_VERBS:
-        check_one_process(args.verb, getattr(args, "what", None))
+        check_one_process(args.verb)
     if getattr(args, "config", None) is not None:  # train, train-ae, extract, demo: a path or a built-in name
         from launch.configs import check_verb, config_path
         given, args.config = args.config, config_path(args.config)
@@ -123,20 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     return int(args._run(args) or 0)
 
 
-def check_one_process(verb: str, what: str | None = None) -> None:
+def check_one_process(verb: str) -> None:
     """A verb that runs as one process, started by a launcher with several ranks: a `UserError`
-    saying how to run it (was: every rank did the whole work into the same files). ``ldm eval gen``
-    (``what``: its sub-command) takes ranks: they split the clips of FVD / FID."""
+    saying how to run it (was: every rank did the whole work into the same files)."""
     from launch.dist import dist_env
 
     env = dist_env()
-    if env.world_size == 1 or (verb, what) == ("eval", "gen"):
+    if env.world_size == 1:
         return
-    hint = {"eval": "; `ldm eval gen --reference` splits its clips over ranks",
-            "compare": "; `--nproc N` runs its trainings on N ranks"}.get(verb, "")
-    name = f"{verb} {what}" if what else verb
-    raise UserError(f"ldm {name} runs as one process, not on {env.world_size} ranks ({env.source}): start it "
-                    f"without the launcher{hint} (the verbs that take ranks: {', '.join(RANKED_VERBS)}, eval gen)")
+    hint = {"compare": "; `--nproc N` runs its trainings on N ranks"}.get(verb, "")
+    raise UserError(f"ldm {verb} runs as one process, not on {env.world_size} ranks ({env.source}): start it "
+                    f"without the launcher{hint} (the verbs that take ranks: {', '.join(RANKED_VERBS)})")
 
 
 def console(argv: list[str] | None = None) -> int:

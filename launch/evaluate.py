@@ -236,11 +236,11 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
     text_dim = ae.text_dim
     ae.check_text_encoder(text_encoder)
     items, chosen = choose_items(input, num=num, seed=seed, classes=classes, split=split)
-    clips, skipped, listed = _clips(input, frames, height, width, fps, num, items)
+    clips, skipped = _rank_share(input, frames, height, width, fps, items, batch_size)  # all of them on one rank
+    listed = len(items)
     rfvd = fvd_accumulator(i3d, fvd_frames) if i3d is not None else None
-    scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
-    frame_ssim: list[Tensor] = []
-    shown: tuple[list[Tensor], list[Tensor]] = ([], [])
+    rows: list[dict[str, Any]] = []  # one per clip: its index, scores and per-frame SSIM
+    shown: list[tuple[int, Tensor, Tensor]] = []  # (index, clip, reconstruction) of this rank's first grid_clips
     t_enc = t_dec = 0.0
     for batch in _batches(clips, batch_size):
         x = torch.stack([b["video"] for b in batch]).to(device)  # (B, C, T, H, W)
@@ -255,18 +255,24 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
         t_enc, t_dec = t_enc + t1 - t0, t_dec + time.perf_counter() - t1
         x, y = x.float().cpu(), y.float().cpu()
         clip_scores = reconstruction_scores(x, y, lpips)
-        scores["psnr"] += clip_scores["psnr"].tolist()
-        frame_ssim.append(clip_scores["ssim_per_frame"])  # (B, T)
-        scores["ssim"] += clip_scores["ssim_per_frame"].mean(1).tolist()
-        if lpips is not None:
-            scores["lpips"] += clip_scores["lpips"].tolist()
+        index = [b["index"] for b in batch]
+        for j, i in enumerate(index):
+            rows.append({"index": i, "psnr": float(clip_scores["psnr"][j]),
+                         "frame_ssim": clip_scores["ssim_per_frame"][j],
+                         "lpips": float(clip_scores["lpips"][j]) if lpips is not None else None})
         if rfvd is not None:
-            rfvd.update("real", x)
+            rfvd.update("real", x, index=index)
             rfvd.update("fake", y)
-        if len(shown[0]) < grid_clips:
-            take = grid_clips - len(shown[0])
-            shown[0].extend(x[:take])
-            shown[1].extend(y[:take])
+        shown += [(i, x[j], y[j]) for j, i in enumerate(index)][:grid_clips - len(shown)]
+    if rfvd is not None:
+        _merge_ranks({"rfvd": rfvd})
+    # every rank's clips in the order of one rank (nothing changes on one rank)
+    rows, shown, skipped = (sorted(_gathered(rows), key=lambda r: r["index"]),
+                            sorted(_gathered(shown), key=lambda s: s[0])[:grid_clips], _gathered(skipped))
+    t_enc, t_dec = sum(_gathered([t_enc])), sum(_gathered([t_dec]))
+    scores = {"psnr": [r["psnr"] for r in rows], "ssim": [float(r["frame_ssim"].mean()) for r in rows],
+              "lpips": [r["lpips"] for r in rows if r["lpips"] is not None]}
+    frame_ssim = [torch.stack([r["frame_ssim"] for r in rows])] if rows else []
     n = len(scores["psnr"])
     if n == 0:
         raise UserError(f"none of the {listed} videos in {input} could be read: {skipped[:3]}; fix or replace the "
@@ -285,7 +291,9 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
     if frame_group:
         result["ssim_per_position"] = position_ssim(torch.cat(frame_ssim), frame_group, group_start)
     if grid:
-        save_grid(torch.stack(shown[0]), torch.stack(shown[1]), Path(grid), max_frames=min(frames, 8))
+        if dist.rank() == 0:
+            save_grid(torch.stack([s[1] for s in shown]), torch.stack([s[2] for s in shown]), Path(grid),
+                      max_frames=min(frames, 8))
         result["grid"] = str(grid)
     return result
 
@@ -1059,8 +1067,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"ldm eval gen on {env.world_size} ranks splits the clips of FVD / FID (--reference) alone; "
                         "run --attributes / --vbench as one process, without the launcher")
     check_args(args)
-    if args.what == "gen":  # under torchrun / srun each rank takes its share of the reference clips
-        env = dist.init_distributed()
+    env = dist.init_distributed()  # under torchrun / srun each rank takes its share of the clips
     with checking():
         device = dist.device_for(env, args.device)
     if args.what == "recon":
@@ -1131,8 +1138,9 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             with checking(f"--input {args.input}: {first.key} ({available} frames) at --height {args.height} "
                           f"--width {args.width}"):
                 args.frames = default_frames(ae, available, args.height, args.width)
-            print(f"ldm eval recon: clips of {args.frames} frames, as {first.key} holds (--frames for another length)",
-                  file=sys.stderr)
+            if dist.rank() == 0:
+                print(f"ldm eval recon: clips of {args.frames} frames, as {first.key} holds (--frames for another "
+                      "length)", file=sys.stderr)
             check_clip_frames(args.frames, args.fvd_frames if args.i3d else None, args.frame_group, args.group_start)
     with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
         ae.check_input(args.frames, args.height, args.width)
@@ -1156,7 +1164,8 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     if lpips is not None:
         result["lpips"]["backbone_sha256"] = file_sha256(args.lpips_backbone)
         result["lpips"]["heads_sha256"] = file_sha256(args.lpips_heads)
-    atomic_write_json(Path(args.output), result)
+    if dist.rank() == 0:
+        atomic_write_json(Path(args.output), result)
     return result
 
 

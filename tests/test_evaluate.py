@@ -585,3 +585,33 @@ def test_eval_gen_on_two_ranks_gives_the_one_rank_fvd_and_fid(files, run_dir, tm
         assert fd["fvd"]["reference_split_half"]["fvd"] == pytest.approx(ref["fvd"]["reference_split_half"]["fvd"],
                                                                           rel=1e-6)
         assert fd["fvd"]["reference_split_half"]["n"] == ref["fvd"]["reference_split_half"]["n"] == [3, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_eval_recon_on_two_ranks_gives_the_one_rank_scores(files, tmp_path):
+    """`torchrun --nproc_per_node 2 -m launch.cli eval recon`: the ranks split the clips, rank 0
+    writes the one-process scores (to 1e-6 relative) and grid (was: refused under a launcher)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from procs import torchrun
+
+    args = ["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(files / "videos"), "--frames", "8",
+            "--height", "32", "--width", "32", "--i3d", str(files / "i3d_torchscript.pt"), "--fvd-frames", "8",
+            "--frame-group", "4", "--batch-size", "2", "--device", "cpu"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    for name, cmd in [("one", [sys.executable, "-m", "launch.cli"]), ("two", torchrun(2))]:  # fresh processes:
+        r = subprocess.run([*cmd, *args, "--output", str(tmp_path / f"{name}.json"), "--grid",  # the same weights
+                            str(tmp_path / f"{name}.png")], env=env, cwd=root, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["clips"] == two["clips"] == 6 and two["rfvd"]["n_real"] == 6
+    for key in ("psnr_db", "ssim"):
+        assert two[key]["mean"] == pytest.approx(one[key]["mean"], rel=1e-6) and two[key]["n"] == 6
+    assert two["rfvd"]["rfvd"] == pytest.approx(one["rfvd"]["rfvd"], rel=1e-6)
+    assert two["ssim_per_position"]["positions"] == pytest.approx(one["ssim_per_position"]["positions"], rel=1e-6)
+    assert (tmp_path / "two.png").read_bytes() == (tmp_path / "one.png").read_bytes()
