@@ -23,6 +23,7 @@ from ldm import metrics
 from ldm.artifacts import AERecord, ClipSpec
 from ldm.metrics import LPIPS
 from ldm.errors import UserError
+from ldm.checkpoint import load_tensors
 from ldm.samplers import SamplingConfig
 from ldm.text import build_text_encoder
 
@@ -569,7 +570,8 @@ def test_eval_gen_on_two_ranks_gives_the_one_rank_fvd_and_fid(files, run_dir, tm
         ldm(args + ["--output", str(tmp_path / "one"), "--reference-stats", str(tmp_path / "stats")])
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    for name, extra in [("two", []), ("two-cached", ["--reference-stats", str(tmp_path / "stats")])]:
+    for name, extra in [("two", ["--reference-stats", str(tmp_path / "stats2")]),
+                        ("two-cached", ["--reference-stats", str(tmp_path / "stats")])]:
         r = subprocess.run(torchrun(2, *args, "--output", str(tmp_path / name), *extra), env=env, cwd=root,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -577,6 +579,10 @@ def test_eval_gen_on_two_ranks_gives_the_one_rank_fvd_and_fid(files, run_dir, tm
     one, two, cached = (json.loads((tmp_path / n / "result.json").read_text()) for n in ("one", "two", "two-cached"))
     assert (one["world_size"], two["world_size"], cached["world_size"]) == (1, 2, 2)
     assert cached["fd"]["reference_stats"]["reused"] and not one["fd"]["reference_stats"]["reused"]
+    (written,), (merged,) = (tmp_path / "stats").iterdir(), (tmp_path / "stats2").iterdir()  # by rank 0, merged
+    assert written.name == merged.name
+    a, b = load_tensors(written), load_tensors(merged)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].double(), b[k].double(), rtol=1e-9) for k in a)
     for result in (two, cached):
         fd, ref = result["fd"], one["fd"]
         assert (fd["fvd"]["n_real"], fd["fvd"]["n_fake"], fd["fid"]["n_fake"]) == (6, 6, 6 * 8)
