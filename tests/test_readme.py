@@ -1,6 +1,8 @@
 """The README is the user's manual: the commands it shows parse, and every flag it names exists.
 (Its prose is read by people; these checks keep the two from drifting apart.)"""
 import argparse
+import dataclasses
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -31,15 +33,23 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
-def options(verb: str) -> set[str]:
-    """Every option string of ``verb`` and of its sub-commands (``data synth``, ``eval recon``)."""
+def options(verb: str, sub: str | None = None) -> set[str]:
+    """Every option string of ``verb`` and of its sub-command ``sub`` (``eval recon``), or of all its
+    sub-commands when ``sub`` is None."""
     parser = build_parser(verb)._subparsers._group_actions[0].choices[verb]
     found = set(parser._option_string_actions)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                found |= set(sub._option_string_actions)
+            for name, subparser in action.choices.items():
+                if sub is None or name == sub:
+                    found |= set(subparser._option_string_actions)
     return found
+
+
+def subcommands(verb: str) -> set[str]:
+    parser = build_parser(verb)._subparsers._group_actions[0].choices[verb]
+    return {name for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for name in action.choices}
 
 
 COMMANDS = readme_commands()
@@ -72,5 +82,37 @@ def test_every_flag_the_readme_names_exists():
     assert len(spans) > 50
     for verb, rest in spans:
         assert verb in VERBS, f"README names `ldm {verb}`, which is not a verb"
-        missing = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest)) - options(verb)
+        sub = rest.split()[0] if rest.split() and rest.split()[0] in subcommands(verb) else None
+        missing = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest)) - options(verb, sub)
         assert not missing, f"README's `ldm {verb}{rest[:60]}` names {sorted(missing)}, which `ldm {verb}` lacks"
+
+
+def config_keys(cls, prefix: str = "") -> set[str]:
+    """The dotted keys of a config dataclass and of its sections (``data.weights``, ``val.split``)."""
+    keys = set()
+    for f in dataclasses.fields(cls):
+        keys.add(prefix + f.name)
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
+            keys |= config_keys(type(f.default_factory()), f"{prefix}{f.name}.")
+    return keys
+
+
+def is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its package is missing
+        return False
+
+
+def test_every_settings_key_the_readme_names_exists():
+    """A `section.key` the README names (`data.weights`, `val.data=DIR`) is a key of `ldm train` or
+    `ldm train-ae` (or a module, as `data.attributes`): a renamed key leaves no stale sentence."""
+    from launch.train import TrainConfig
+    from launch.train_ae import TrainAEConfig
+
+    known = config_keys(TrainConfig) | config_keys(TrainAEConfig)
+    named = {key for span in re.findall(r"`([^`\n]+)`", README) for key in
+             re.findall(r"(?<![\w./-])((?:data|model|flow|optim|engine|val|profile)\.[a-z_]+)(?![\w.(])", span)}
+    assert len(named) > 20
+    unknown = {key for key in named - known if not is_module(key)}
+    assert not unknown, f"README names {sorted(unknown)}, which neither `ldm train` nor `ldm train-ae` has"
