@@ -116,3 +116,18 @@ def test_every_settings_key_the_readme_names_exists():
     assert len(named) > 20
     unknown = {key for key in named - known if not is_module(key)}
     assert not unknown, f"README names {sorted(unknown)}, which neither `ldm train` nor `ldm train-ae` has"
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but hyphens dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_contents_lists_every_section_and_every_link_finds_its_heading():
+    headings = re.findall(r"^#{2,3} (.+)$", README, re.M)
+    anchors = {anchor(h) for h in headings}
+    links = re.findall(r"\]\(#([^)]+)\)", README)
+    assert links and not set(links) - anchors, f"links to no heading: {sorted(set(links) - anchors)}"
+    contents = re.search(r"^\*\*Contents\*\*: (.+?)\n\n", README, re.M | re.S).group(1)
+    sections = [anchor(h) for h in re.findall(r"^## (.+)$", README, re.M)]
+    assert re.findall(r"\]\(#([^)]+)\)", contents) == sections  # every section, in the README's order
