@@ -122,7 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
     src.add_argument("--prompts-file", help="a text file with one prompt per line, or a JSON Lines file (.jsonl) "
                      "with one object per line: prompt, class (id or name), seed, negative_prompt (each optional; "
-                     "a prompt or a class on every line)")
+                     "a prompt or a class on every line, and each of the two on every line or on none)")
     p.add_argument("--class", dest="class_id", action="append", metavar="ID|NAME",
                    help="a class id, or its name when the latents were extracted with named classes (--classes, a "
                         "label column of names), e.g. ApplyEyeMakeup (repeatable); with prompts, for a DiT "
