@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(rows, args))
         recon = (f"; PSNR / SSIM: first {args.recon_clips} clips of {args.recon} at each row's clip, as `ldm eval "
                  "recon`" if args.recon else "")
-        print(f"({len(rows)} autoencoders in {time.perf_counter() - t0:.1f}s; {FLOP_CONVENTION}{recon})")
+        plural = "s" if len(rows) != 1 else ""
+        print(f"({len(rows)} autoencoder{plural} in {time.perf_counter() - t0:.1f}s; {FLOP_CONVENTION}{recon})")
     return 0
 
 

@@ -267,11 +267,12 @@ def _list(args: argparse.Namespace) -> int:
         clips = ""
         if counts is not None:
             clips = f", {counts[i]} clips" if isinstance(counts[i], int) else ", no clip"
-        caption = repr(it.caption)
+        caption = repr(it.caption) if it.caption is not None else "no caption"
         if it.caption is not None and len(it.caption) > SHOWN_CAPTION:
             caption = f"{it.caption[:SHOWN_CAPTION]!r}... ({len(it.caption)} characters)"
-        name = f" ({it.class_name})" if it.class_name is not None else ""
-        print(f"  {it.key}: {caption} class={it.class_id}{name} ({it.source}){clips}")
+        label = "" if it.class_id is None else f" class={it.class_id}"
+        label += f" ({it.class_name})" if it.class_id is not None and it.class_name else ""
+        print(f"  {it.key}: {caption}{label} ({it.source}){clips}")
     if len(items) > args.show:
         print(f"  ... {len(items) - args.show} more")
     if counts is not None:

@@ -801,7 +801,8 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                 print(f"latent normalisation switched {'on' if latent_norm else 'off'} (data.normalize) from step "
                       f"{step + 1} (exports record it)", flush=True)
             else:
-                print(f"latent normalisation: the per-channel statistics of data.shards (with data.weights) moved by "
+                mixed = " (mixed)" if cfg.data.weights else ""
+                print(f"latent normalisation: the per-channel statistics of data.shards{mixed} moved by "
                       f"up to {changed:.3g} std since the run last started; from step {step + 1} latents are "
                       "standardised with the new ones (exports record them)", flush=True)
         atomic_write_json(out / "config.json", {"train": cfglib.to_dict(cfg), "dit": cfglib.to_dict(dcfg),
