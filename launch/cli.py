@@ -16,6 +16,7 @@ import importlib
 import os
 import re
 import sys
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 
 from ldm.errors import UserError
@@ -141,6 +142,9 @@ def console(argv: list[str] | None = None) -> int:
     status 2 (``--debug`` / ``LDM_DEBUG=1``: the traceback instead)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    default_format = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = own_warning_format(_command([a for a in argv if a != "--debug"]), default_format)
     try:
         return main(argv)
     except BrokenPipeError:  # `ldm list --json | head`: the reader has gone, as for any command-line tool
@@ -166,6 +170,23 @@ def console(argv: list[str] | None = None) -> int:
         what = e.strerror if e.filename is None and e.strerror else str(e)
         print(f"{_command([a for a in argv if a != '--debug'])}: error: {' '.join(what.split())}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = default_format
+
+
+OWN_PACKAGES = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name, "")
+                     for name in ("autoencoders", "data", "dit", "launch", "ldm"))
+
+
+def own_warning_format(command: str, default):
+    """`warnings.formatwarning` for the ``ldm`` command: a UserWarning of this project's code is one
+    line ``ldm VERB: warning: ...`` (was: Python's ``/path/to/file.py:131: UserWarning: ...`` and the
+    source line); any other warning (a library's deprecation, ...) keeps Python's format."""
+    def fmt(message, category, filename, lineno, line=None):
+        if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(OWN_PACKAGES):
+            return f"{command}: warning: {' '.join(str(message).split())}\n"
+        return default(message, category, filename, lineno, line)
+    return fmt
 
 
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG)

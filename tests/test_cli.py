@@ -154,3 +154,23 @@ def test_one_process_verbs_refuse_ranks_and_say_how_to_run(monkeypatch, tmp_path
     assert "run --attributes / --vbench as one process" in capsys.readouterr().err and not (tmp_path / "e").exists()
     from launch import cli
     assert set(cli.RANKED_VERBS) < set(VERBS)
+
+
+def test_the_projects_warnings_are_one_line_of_the_command(capsys):
+    """A UserWarning of our code prints as ``ldm VERB: warning: ...`` (was: Python's source path,
+    line number and source line); others keep Python's format; console puts the format back."""
+    import os
+    import warnings
+
+    import launch.cli as ours
+    from launch.cli import own_warning_format
+
+    fmt = own_warning_format("ldm eval recon", warnings.formatwarning)
+    assert fmt(UserWarning("no checkpoint: kl2d has RANDOM\n  weights"), UserWarning, ours.__file__, 131) == \
+        "ldm eval recon: warning: no checkpoint: kl2d has RANDOM weights\n"
+    other = fmt(DeprecationWarning("old"), DeprecationWarning, ours.__file__, 7)
+    assert other.startswith(ours.__file__) and "DeprecationWarning" in other
+    assert fmt(UserWarning("x"), UserWarning, os.__file__, 1).startswith(os.__file__)  # a library's own warning
+    before = warnings.formatwarning
+    assert console(["list"]) == 0
+    assert warnings.formatwarning is before
