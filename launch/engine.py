@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from launch.configs import CONFIG_DIR
+from ldm.checkpoint import fsync_path
 
 # keys the trainer owns (set from the YAML config); a DeepSpeed JSON that sets them is an error
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -116,7 +117,8 @@ def slow_engine_warning(ds: dict[str, Any], name: str) -> str | None:
 def safe_checkpoint_engine(config_params: Any):
     """DeepSpeed's torch checkpoint engine, but loading with ``torch.load(weights_only=True)``:
     only tensors, containers, primitives and an explicit allowlist of DeepSpeed's own plain types
-    can come out of a checkpoint, never arbitrary pickled objects."""
+    can come out of a checkpoint, never arbitrary pickled objects. It keeps the paths it saved
+    until ``flush`` writes them to disk."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
@@ -130,6 +132,22 @@ def safe_checkpoint_engine(config_params: Any):
         pass
 
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def __init__(self, config_params: Any):
+            super().__init__(config_params)
+            self.written: list[str] = []  # this process's files since the last `flush`
+
+        def save(self, state_dict, path: str):
+            super().save(state_dict, path)
+            self.written.append(path)
+
+        def flush(self) -> None:
+            """This rank's files on disk (fsync), before rank 0 seals the checkpoint that holds them:
+            only the writer's fsync flushes its node's cache (another node's fsync on a shared file
+            system does not)."""
+            for path in self.written:
+                fsync_path(path)
+            self.written = []
+
         def load(self, path: str, map_location=None):
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True)

@@ -1026,10 +1026,11 @@ def save_checkpoint(engine, ema: EMA, out: Path, step: int, dropped: int, positi
     dist.barrier()  # the folder exists before any rank writes into it
     try:
         engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False)
+        engine.checkpoint_engine.flush()  # by the rank that wrote them: on disk before rank 0 seals them
     except runs.WRITE_ERRORS as e:
         raise runs.write_failed(root, step, e) from e
     tensors, meta = gather_universal(engine) if universal else ({}, {})  # a collective: every rank
-    dist.barrier()  # every rank's DeepSpeed files are written
+    dist.barrier()  # every rank's DeepSpeed files are written and on disk
     if dist.is_main():
         try:
             if universal:

@@ -733,6 +733,21 @@ def _fails_in_one_line(latents, out, capsys) -> tuple[list[str], str]:
     return argv, err[0]
 
 
+def test_each_rank_flushes_its_deepspeed_files_before_rank_0_seals_the_checkpoint(latents, tmp_path, monkeypatch):
+    """The rank that wrote DeepSpeed's files (its optimizer shard) fsyncs them before the barrier
+    after which rank 0 writes the rest and seals: on a shared file system only the writer's fsync
+    flushes its node's cache (was: only rank 0's fsyncs in the seal, so a crash right after it could
+    leave a sealed checkpoint with another node's shard cut short)."""
+    events = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    train(_cfg(latents, tmp_path / "r", steps=1, save_every=1))
+    shards = sorted({p for p in events if p.endswith(".pt")})
+    assert any("optim_states" in p for p in shards), events
+    sealing = next(i for i, p in enumerate(events) if "ema.safetensors" in p)  # rank 0, after the barrier
+    assert all(events.index(p) < sealing for p in shards), events
+
+
 def test_a_full_disk_while_a_checkpoint_is_written_is_one_line_and_the_run_resumes(latents, tmp_path, monkeypatch,
                                                                                       capsys):
     """What torch.save raises when the disk fills (was: that traceback, and a half-written
