@@ -602,8 +602,9 @@ class StopRequest:
                 raise KeyboardInterrupt
             return  # SIGTERM after Ctrl-C (a launcher passing the stop on): already stopping
         self.signal = name
-        log.warning("%s: stopping after this step with a checkpoint (%s to stop at once)", name,
-                    "Ctrl-C again" if name == "SIGINT" else "Ctrl-C")
+        if dist.is_main():  # a launcher, SLURM and a terminal signal every rank: one line, not one per rank
+            log.warning("%s: stopping after this step with a checkpoint (%s to stop at once)", name,
+                        "Ctrl-C again" if name == "SIGINT" else "Ctrl-C")
 
     def close(self) -> None:
         import signal

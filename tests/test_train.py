@@ -975,8 +975,9 @@ def test_ema_of_fp32_and_bf16_weights(dtype):
         torch.testing.assert_close(ema.shadow[n], 0.9 * start[n] + 0.1 * p.detach().float(), atol=1e-6, rtol=1e-6)
 
 
-def test_stop_request_signals(caplog):
-    """SIGTERM or a first Ctrl-C only ask; a second Ctrl-C interrupts; the handlers are put back."""
+def test_stop_request_signals(caplog, monkeypatch):
+    """SIGTERM or a first Ctrl-C only ask; a second Ctrl-C interrupts; the handlers are put back; only
+    rank 0 says so."""
     import signal
 
     from launch import runs
@@ -1017,6 +1018,14 @@ def test_stop_request_signals(caplog):
     finally:
         signal.signal(signal.SIGHUP, previous)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    caplog.clear()  # the other ranks stop as quietly: rank 0 says it once (was: one line per rank)
+    monkeypatch.setattr(runs.dist, "is_main", lambda: False)
+    stop = runs.StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and "stopping after this step" not in caplog.text
+    finally:
+        stop.close()
     assert runs.stopped_exit_code({"stopped": "SIGINT"}) == 130 and runs.stopped_exit_code({}) == 0
     assert runs.stopped_exit_code({"stopped": "a signal to another rank"}) == 143
 
