@@ -1087,7 +1087,7 @@ def resume(engine, ema: EMA, out: Path, lr: float) -> tuple[int, int, int | None
               and not (Path(r["path"]) / runs.MANIFEST).exists()]
     candidates = sorted(candidates + legacy, key=runs.step_of, reverse=True)
     for r in rejected:
-        if Path(r["path"]) not in legacy:
+        if Path(r["path"]) not in legacy and dist.is_main():  # rank 0's verdict: said once, not once per rank
             log.warning("checkpoint %s rejected: %s", Path(r["path"]).name, r["reason"])
     for p in candidates:
         info = read_json(p / (LEGACY_INFO if p in legacy else "trainer.json"))

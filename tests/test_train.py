@@ -574,6 +574,13 @@ def test_two_ranks_zero(latents, tmp_path, stage):
     assert len(losses) == 4 and all(map(torch.isfinite, torch.tensor(losses)))
     model, _ = load_export(tmp_path / "r")
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "heads" in n)  # trained past zero-init
+    if stage == 2:  # a corrupt newest checkpoint: both ranks resume from the one before, said once
+        shard = next((tmp_path / "r" / "checkpoints" / "step-00000004").glob("zero_pp_rank_1_*optim_states.pt"))
+        shard.write_bytes(shard.read_bytes()[:-100])
+        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert (r.stdout + r.stderr).count("checkpoint step-00000004 rejected") == 1, r.stderr[-4000:]
+        assert "resumed from" in r.stdout and "step 2 " in r.stdout and _losses(tmp_path / "r") == losses
 
 
 @pytest.mark.dist
