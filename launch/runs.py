@@ -593,6 +593,12 @@ class StopRequest:
         return (f"stopped at step {step} of {steps} ({self.cause}); checkpoint saved in {where}: run the same "
                 "command to resume")
 
+    def heard(self) -> None:
+        """Every rank learned of the stop (the step's all-reduce): rank 0 says so when the signal
+        came to other ranks only (its own handler said it otherwise)."""
+        if self.signal is None and dist.is_main():
+            log.warning("%s: stopping after this step with a checkpoint", self.cause)
+
     def _handle(self, signum: int, frame) -> None:
         import signal
 

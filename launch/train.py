@@ -876,7 +876,10 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                 # same read tells every rank whether any was asked to stop (SIGTERM, Ctrl-C).
                 finite_mean, stop_mean = dist.all_reduce_mean(
                     torch.stack([torch.isfinite(loss.detach()).float(), stop.flag(device)])).tolist()
-                finite, stopping = finite_mean == 1.0, stopping or stop_mean > 0
+                finite = finite_mean == 1.0
+                if stop_mean > 0 and not stopping:
+                    stopping = True
+                    stop.heard()
                 try:
                     applied = nonfinite.check(finite, step + 1, "batch dropped")
                 except RuntimeError:

@@ -1082,6 +1082,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(late
     else:  # torchrun reports its worker's status as a failure of its own
         assert proc.returncode != 0 and "exitcode  : 143" in out, out[-3000:]
     assert f"stopped at step {step} of 100000" in out
+    assert out.count("stopping after this step with a checkpoint") == 1, out[-3000:]  # rank 0's, heard or not
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{step:08d}"
     resumed = subprocess.run(cmd + [f"steps={step + 2}", f"output={run}", "--allow-change", "steps"], env=env,
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
