@@ -147,8 +147,10 @@ def write_failed(root: Path, step: int, error: Exception, what: str = "the check
     the message says so (``kept``) in one line."""
     shutil.rmtree(root / f".{step_dir_name(step)}.tmp", ignore_errors=True)
     free = shutil.disk_usage(root).free / 2**20 if root.is_dir() else float("nan")
+    # each rank writes its own files: a node's own quota, mount or disk fails on its ranks only
+    where = f" on rank {dist.rank()} ({socket.gethostname()})" if dist.world_size() > 1 else ""
     return OSError(getattr(error, "errno", None) or errno.EIO,
-                   f"writing {what} of step {step} into {root} failed ({type(error).__name__}: {error}; "
+                   f"writing {what} of step {step} into {root} failed{where} ({type(error).__name__}: {error}; "
                    f"{free:.0f} MiB free there); {kept}: free space and run the same command to resume")
 
 

@@ -60,3 +60,21 @@ def test_a_sealed_checkpoint_is_on_disk_before_and_after_its_rename(tmp_path, mo
     assert manifest and manifest[0] < events.index(("fsync", str(folder))) < sealed  # written, then its name
     assert ("fsync", str(tmp_path)) in events[sealed:]
     assert runs.verify_checkpoint(final) is None
+
+
+def test_a_failed_checkpoint_write_names_the_rank_and_host_of_several(tmp_path, monkeypatch):
+    """A node's own quota, mount or disk fails on its ranks only: the line says which (was: the
+    same line from any rank, naming none)."""
+    import errno
+    import socket
+
+    from launch import runs
+
+    (tmp_path / ".step-00000004.tmp").mkdir()
+    error = OSError(errno.EDQUOT, "Disk quota exceeded")
+    alone = str(runs.write_failed(tmp_path, 4, error))
+    assert " on rank " not in alone and not (tmp_path / ".step-00000004.tmp").exists()
+    monkeypatch.setattr(runs.dist, "world_size", lambda: 16)
+    monkeypatch.setattr(runs.dist, "rank", lambda: 9)
+    line = str(runs.write_failed(tmp_path, 4, error))
+    assert f"failed on rank 9 ({socket.gethostname()}) (OSError:" in line and "run the same command" in line
