@@ -215,6 +215,67 @@ def _mean_std(x: list[float]) -> dict[str, float]:
             "std": float(finite.std()) if finite.size else 0.0, "n": int(a.size), "infinite": int(a.size - finite.size)}
 
 
+# The per-clip metrics of ``ldm eval recon``: the result's key -> the entry of
+# `ldm.metrics.reconstruction_scores` it summarises. A clip's value is the mean of its entry (an entry per frame
+# is averaged over the clip's frames); the result holds mean / std / n / infinite over the clips (`_mean_std`).
+# An entry that a run does not compute (``lpips`` without LPIPS files) leaves its key out of the result.
+# To add a metric: compute it in `reconstruction_scores`, add its line here, describe it in README's evaluation.
+RECON_METRICS = {"psnr_db": "psnr", "ssim": "ssim_per_frame", "lpips": "lpips"}
+SSIM_PROTOCOL = "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 2 ([-1, 1]), per frame, averaged"
+
+
+@dataclasses.dataclass
+class _ReconPass:
+    """What one rank's pass over its clips gathered (`_reconstruct_clips`)."""
+    rows: list[dict[str, Any]]  # one per clip: its ``index`` and its `reconstruction_scores` entries
+    shown: list[tuple[int, Tensor, Tensor]]  # (index, clip, reconstruction) of the first grid clips
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+
+
+def _reconstruct_clips(ae: Autoencoder, clips: Iterable[dict[str, Any]], *, batch_size: int, device: torch.device,
+                       dtype: torch.dtype, lpips: LPIPS | None, rfvd: FrechetAccumulator | None, text_encoder,
+                       grid_clips: int) -> _ReconPass:
+    """Encode + decode ``clips`` batch by batch: each clip's scores, rFVD's features, the first ``grid_clips``
+    clips for the grid and the seconds spent encoding and decoding."""
+    done = _ReconPass(rows=[], shown=[])
+    for batch in _batches(clips, batch_size):
+        x = torch.stack([b["video"] for b in batch]).to(device)  # (B, C, T, H, W)
+        cond = None
+        if ae.text_dim:
+            emb, mask = text_encoder.encode([b["caption"] for b in batch])
+            cond = Cond(text=emb.to(device, dtype), text_mask=mask.to(device))
+        t0 = time.perf_counter()
+        latent = ae.encode(x.to(dtype), cond)
+        t1 = time.perf_counter()
+        y = ae.decode(latent, cond).clamp(-1, 1)
+        done.encode_s, done.decode_s = done.encode_s + t1 - t0, done.decode_s + time.perf_counter() - t1
+        x, y = x.float().cpu(), y.float().cpu()
+        scores = reconstruction_scores(x, y, lpips)
+        index = [b["index"] for b in batch]
+        done.rows += [{"index": i, **{entry: v[j].clone() for entry, v in scores.items()}}
+                      for j, i in enumerate(index)]
+        if rfvd is not None:
+            rfvd.update("real", x, index=index)
+            rfvd.update("fake", y)
+        done.shown += [(i, x[j], y[j]) for j, i in enumerate(index)][:grid_clips - len(done.shown)]
+    return done
+
+
+def _gathered_pass(done: _ReconPass, grid_clips: int) -> _ReconPass:
+    """Every rank's clips in the order of one rank (nothing changes on one rank)."""
+    return _ReconPass(rows=sorted(_gathered(done.rows), key=lambda r: r["index"]),
+                      shown=sorted(_gathered(done.shown), key=lambda s: s[0])[:grid_clips],
+                      encode_s=sum(_gathered([done.encode_s])), decode_s=sum(_gathered([done.decode_s])))
+
+
+def recon_metrics(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each `RECON_METRICS` key that ``rows`` (one per clip, `reconstruction_scores` entries) hold: `_mean_std`
+    over the clips of each clip's value (its entry, averaged over frames)."""
+    return {key: _mean_std([float(r[entry].double().mean()) for r in rows])
+            for key, entry in RECON_METRICS.items() if rows and entry in rows[0]}
+
+
 @torch.no_grad()
 def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: int, width: int, *,
                             fps: float | None = None, num: int | None = None, seed: int | None = None,
@@ -226,73 +287,41 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
                             dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Encode + decode the clips of ``input`` (`choose_items`: with ``num``, a random ``num`` of them
     seeded by ``seed``, or the first ``num`` when ``seed`` is None, as `ldm train-ae`'s held-out set
-    and `ldm cost --recon` take them; ``classes`` / ``split`` as `data.sources.list_items`); per-clip
-    PSNR / SSIM (/ LPIPS), rFVD, optional per-position SSIM and a grid of the first ``grid_clips``
+    and `ldm cost --recon` take them; ``classes`` / ``split`` as `data.sources.list_items`); the per-clip
+    metrics of `RECON_METRICS`, rFVD, optional per-position SSIM and a grid of the first ``grid_clips``
     clips. The autoencoder runs in ``dtype``; the metrics are computed in fp32. ``input_clips`` in
     the result records how the clips were chosen."""
     device = torch.device(device)
     ae = ae.to(device=device, dtype=dtype).eval()
     ae.check_input(frames, height, width)
-    text_dim = ae.text_dim
     ae.check_text_encoder(text_encoder)
     items, chosen = choose_items(input, num=num, seed=seed, classes=classes, split=split)
     clips, skipped = _rank_share(input, frames, height, width, fps, items, batch_size)  # all of them on one rank
-    listed = len(items)
     rfvd = fvd_accumulator(i3d, fvd_frames) if i3d is not None else None
-    rows: list[dict[str, Any]] = []  # one per clip: its index, scores and per-frame SSIM
-    shown: list[tuple[int, Tensor, Tensor]] = []  # (index, clip, reconstruction) of this rank's first grid_clips
-    t_enc = t_dec = 0.0
-    for batch in _batches(clips, batch_size):
-        x = torch.stack([b["video"] for b in batch]).to(device)  # (B, C, T, H, W)
-        cond = None
-        if text_dim:
-            emb, mask = text_encoder.encode([b["caption"] for b in batch])
-            cond = Cond(text=emb.to(device, dtype), text_mask=mask.to(device))
-        t0 = time.perf_counter()
-        latent = ae.encode(x.to(dtype), cond)
-        t1 = time.perf_counter()
-        y = ae.decode(latent, cond).clamp(-1, 1)
-        t_enc, t_dec = t_enc + t1 - t0, t_dec + time.perf_counter() - t1
-        x, y = x.float().cpu(), y.float().cpu()
-        clip_scores = reconstruction_scores(x, y, lpips)
-        index = [b["index"] for b in batch]
-        for j, i in enumerate(index):
-            rows.append({"index": i, "psnr": float(clip_scores["psnr"][j]),
-                         "frame_ssim": clip_scores["ssim_per_frame"][j],
-                         "lpips": float(clip_scores["lpips"][j]) if lpips is not None else None})
-        if rfvd is not None:
-            rfvd.update("real", x, index=index)
-            rfvd.update("fake", y)
-        shown += [(i, x[j], y[j]) for j, i in enumerate(index)][:grid_clips - len(shown)]
+    done = _reconstruct_clips(ae, clips, batch_size=batch_size, device=device, dtype=dtype, lpips=lpips, rfvd=rfvd,
+                              text_encoder=text_encoder, grid_clips=grid_clips)
     if rfvd is not None:
         _merge_ranks({"rfvd": rfvd})
-    # every rank's clips in the order of one rank (nothing changes on one rank)
-    rows, shown, skipped = (sorted(_gathered(rows), key=lambda r: r["index"]),
-                            sorted(_gathered(shown), key=lambda s: s[0])[:grid_clips], _gathered(skipped))
-    t_enc, t_dec = sum(_gathered([t_enc])), sum(_gathered([t_dec]))
-    scores = {"psnr": [r["psnr"] for r in rows], "ssim": [float(r["frame_ssim"].mean()) for r in rows],
-              "lpips": [r["lpips"] for r in rows if r["lpips"] is not None]}
-    frame_ssim = [torch.stack([r["frame_ssim"] for r in rows])] if rows else []
-    n = len(scores["psnr"])
+    done, skipped = _gathered_pass(done, grid_clips), _gathered(skipped)
+    n = len(done.rows)
     if n == 0:
-        raise UserError(f"none of the {listed} videos in {input} could be read: {skipped[:3]}; fix or replace the "
-                        "inputs, or change --frames/--fps")
+        raise UserError(f"none of the {len(items)} videos in {input} could be read: {skipped[:3]}; fix or replace "
+                        "the inputs, or change --frames/--fps")
     result: dict[str, Any] = {"clips": n, "skipped": skipped, "input_clips": chosen, "frames": frames,
                               "height": height, "width": width, "read_fps": fps, "read": CLIP_READING,
-                              "dtype": dist.dtype_name(dtype),
-                              "psnr_db": _mean_std(scores["psnr"]), "ssim": _mean_std(scores["ssim"]),
-                              "ssim_protocol": "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 2 "
-                                               "([-1, 1]), per frame, averaged",
-                              "encode_s_per_clip": t_enc / n, "decode_s_per_clip": t_dec / n}
+                              "dtype": dist.dtype_name(dtype), **recon_metrics(done.rows),
+                              "ssim_protocol": SSIM_PROTOCOL,
+                              "encode_s_per_clip": done.encode_s / n, "decode_s_per_clip": done.decode_s / n}
     if lpips is not None:
-        result["lpips"] = _mean_std(scores["lpips"]) | {"net": lpips.net}
+        result["lpips"]["net"] = lpips.net
     if rfvd is not None:
         result["rfvd"] = rfvd.result("rfvd") if n >= 2 else {"error": "rFVD needs >= 2 clips"}
     if frame_group:
-        result["ssim_per_position"] = position_ssim(torch.cat(frame_ssim), frame_group, group_start)
+        per_frame = torch.stack([r["ssim_per_frame"] for r in done.rows])
+        result["ssim_per_position"] = position_ssim(per_frame, frame_group, group_start)
     if grid:
         if dist.rank() == 0:
-            save_grid(torch.stack([s[1] for s in shown]), torch.stack([s[2] for s in shown]), Path(grid),
+            save_grid(torch.stack([s[1] for s in done.shown]), torch.stack([s[2] for s in done.shown]), Path(grid),
                       max_frames=min(frames, 8))
         result["grid"] = str(grid)
     return result
@@ -983,7 +1012,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_min({"--frames": args.frames, "--height": args.height, "--width": args.width, "--num": args.num,
                "--batch-size": args.batch_size, "--fvd-frames": args.fvd_frames,
                **({"--per-prompt": args.per_prompt, "--vbench-per-prompt": args.vbench_per_prompt,
-                   "--vbench-gpus": args.vbench_gpus, "--vbench-max-prompts": args.vbench_max_prompts} if gen else {})}, 1)
+                   "--vbench-gpus": args.vbench_gpus, "--vbench-max-prompts": args.vbench_max_prompts}
+                  if gen else {})}, 1)
     check_min({"--chunk-frames": args.chunk_frames}, 0)
     if not gen:
         check_min({"--frame-group": args.frame_group, "--group-start": args.group_start}, 0)
