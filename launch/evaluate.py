@@ -740,6 +740,61 @@ def load_reference_stats(path: Path, accs: dict[str, FrechetAccumulator]) -> tup
                         "statistics again") from None
 
 
+def _reference_clips(reference: str, items: ItemList, accs: dict[str, FrechetAccumulator], stats_file: Path | None, *,
+                     frames: int, height: int, width: int, fps: float | None, batch_size: int
+                     ) -> tuple[Iterable[dict[str, Any]], list[str], bool]:
+    """This rank's reference clips, the skipped ones and whether the reference statistics came from
+    ``stats_file`` (an earlier evaluation's, `load_reference_stats`: then the clips carry their caption and
+    class, not their video, and are not decoded again). The file is read by rank 0 alone (the others'
+    reference sides stay empty) and its answer sent to all."""
+    cached, error = None, None
+    if stats_file is not None and dist.rank() == 0 and stats_file.is_file():
+        try:
+            cached = load_reference_stats(stats_file, accs)
+        except UserError as e:
+            error = str(e)
+    cached, error = dist.broadcast_object((cached, error))
+    if error is not None:
+        raise UserError(error)
+    if cached is None:
+        ref, skipped = _rank_share(reference, frames, height, width, fps, items, batch_size)
+        return ref, skipped, False
+    readable, skipped = cached
+    mine = set(_rank_indices(len(items), batch_size))
+    ref = iter([{"key": items[i].key, "caption": items[i].caption or "", "index": i,  # a clip's fields, no video
+                 "class_id": -1 if items[i].class_id is None else items[i].class_id}
+                for i in readable if i in mine])
+    return ref, skipped if dist.rank() == 0 else [], True
+
+
+def _read_samples(samples: str, accs: dict[str, FrechetAccumulator], *, num: int | None, frames: int, height: int,
+                  width: int, fps: float | None, batch_size: int) -> tuple[float | None, list[str]]:
+    """Add this rank's share of the ``samples`` folder's clips (its first ``num``) to the generated side of
+    ``accs``; the rate they were read at and the skipped ones. An `ldm sample` folder (``index.json``) is read
+    frame by frame: each file frame is a DiT frame, whatever ``--fps`` it was written at."""
+    samples_fps = None if (Path(samples) / "index.json").is_file() else fps
+    listed = _without_gif_twins(list_items(samples))
+    listed = ItemList(listed[:num], listed.problems, listed.class_names) if num else listed
+    gen, skipped = _rank_share(samples, frames, height, width, samples_fps, listed, batch_size)
+    for batch in _batches(gen, batch_size):
+        fake = torch.stack([x["video"] for x in batch])
+        for acc in accs.values():
+            acc.update("fake", fake)
+    return samples_fps, skipped
+
+
+def _fd_values(accs: dict[str, FrechetAccumulator]) -> dict[str, Any]:
+    """Each accumulator's Fréchet distance (`FrechetAccumulator.result`); as rFVD, too few readable clips
+    on a side is an entry, not a lost evaluation."""
+    out: dict[str, Any] = {}
+    for name, acc in accs.items():
+        n_real, n_fake = acc.stats["real"].n, acc.stats["fake"].n
+        out[name] = acc.result(name) if min(n_real, n_fake) >= 2 else {
+            "error": f"{name.upper()} needs >= 2 {'clips' if name == 'fvd' else 'frames'} on each side, got "
+                     f"{n_real} reference and {n_fake} generated (see skipped)"}
+    return out
+
+
 def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, frames: int, height: int,
                   width: int, num: int | None, i3d: Extractor | None, inception: Extractor | None,
                   fvd_frames: int = FVD_FRAMES, samples: str | None = None,
@@ -777,25 +832,8 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     items, chosen = reference_items(reference, export, num=num, seed=reference_seed, classes=classes, split=split)
     stats_file = reference_stats_file(Path(reference_stats), items, accs, frames, height, width, fps) \
         if reference_stats else None
-    cached, error = None, None  # read by rank 0 alone (the others' reference sides stay empty), sent to all
-    if stats_file is not None and dist.rank() == 0 and stats_file.is_file():
-        try:
-            cached = load_reference_stats(stats_file, accs)
-        except UserError as e:
-            error = str(e)
-    cached, error = dist.broadcast_object((cached, error))
-    if error is not None:
-        raise UserError(error)
-    if cached is None:
-        ref, skipped = _rank_share(reference, frames, height, width, fps, items, batch_size)
-    else:  # the reference statistics of an earlier evaluation: its readable clips, not decoded again
-        readable, skipped = cached
-        mine = set(_rank_indices(len(items), batch_size))
-        skipped = skipped if dist.rank() == 0 else []
-        ref = iter([{"key": items[i].key, "caption": items[i].caption or "", "index": i,  # a clip's fields, no video
-                     "class_id": -1 if items[i].class_id is None else items[i].class_id}
-                    for i in readable if i in mine])
-    readable_now: list[int] = []
+    ref, skipped, reused = _reference_clips(reference, items, accs, stats_file, frames=frames, height=height,
+                                            width=width, fps=fps, batch_size=batch_size)
     text_encoder = None
     use_text, use_cls = (False, False)  # both False: an unconditional DiT, sampled unconditionally
     if samples is None and (model.config.text_dim or model.config.num_classes):
@@ -810,8 +848,9 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
                                                                "; this DiT is class-conditioned only"))
     plan = _class_plan(items, class_dist, sampling.seed) if use_cls else []
     made: list[int] = []  # the class of each generated clip
+    readable_now: list[int] = []  # the reference clips read now (none when reused)
     for batch in _batches(ref, batch_size):
-        if cached is None:
+        if not reused:
             real = torch.stack([x["video"] for x in batch])
             for acc in accs.values():
                 acc.update("real", real, index=[x["index"] for x in batch])
@@ -826,35 +865,22 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
             for video in _as_batches(fake):
                 for acc in accs.values():
                     acc.update("fake", video)
-    samples_fps = fps
     if samples is not None:
-        if (Path(samples) / "index.json").is_file():  # an `ldm sample` folder: each file frame is a DiT frame,
-            samples_fps = None                       # whatever --fps it was written at
-        listed = _without_gif_twins(list_items(samples))
-        listed = ItemList(listed[:num], listed.problems, listed.class_names) if num else listed
-        gen, gen_skipped = _rank_share(samples, frames, height, width, samples_fps, listed, batch_size)
-        for batch in _batches(gen, batch_size):
-            fake = torch.stack([x["video"] for x in batch])
-            for acc in accs.values():
-                acc.update("fake", fake)
+        samples_fps, gen_skipped = _read_samples(samples, accs, num=num, frames=frames, height=height, width=width,
+                                                 fps=fps, batch_size=batch_size)
     _merge_ranks(accs)  # every rank's clips; each list below in rank order
     skipped, made, readable_now = _gathered(skipped), _gathered(made), sorted(_gathered(readable_now))
-    if stats_file is not None and cached is None and readable_now and dist.rank() == 0:
+    if stats_file is not None and not reused and readable_now and dist.rank() == 0:
         save_reference_stats(stats_file, accs, readable_now, skipped)
     if samples is not None:
-        skipped += _gathered(gen_skipped)  # filled while reading
-    out: dict[str, Any] = {}
-    for name, acc in accs.items():  # as rFVD: too few readable clips is an entry, not a lost evaluation
-        n_real, n_fake = acc.stats["real"].n, acc.stats["fake"].n
-        out[name] = acc.result(name) if min(n_real, n_fake) >= 2 else {
-            "error": f"{name.upper()} needs >= 2 {'clips' if name == 'fvd' else 'frames'} on each side, got "
-                     f"{n_real} reference and {n_fake} generated (see skipped)"}
+        skipped += _gathered(gen_skipped)
+    out = _fd_values(accs)
     out["reference"], out["read_fps"], out["reference_clips"] = reference, fps, chosen
     out["read"] = CLIP_READING
     if samples is not None:
         out["samples_read_fps"] = samples_fps
     if stats_file is not None:
-        out["reference_stats"] = {"file": str(stats_file), "reused": cached is not None}
+        out["reference_stats"] = {"file": str(stats_file), "reused": reused}
     out["generated"] = samples or "sampled now: one per reference clip (its caption / class id)"
     if samples is None:
         out["sampling"] = dataclasses.asdict(sampling)
