@@ -9,9 +9,9 @@
                   --reference-stats DIR] \\
                  [--vbench --vbench-info VBench_full_info.json --vbench-python /envs/vbench/bin/python]
 
-Reconstruction (``recon``): PSNR, SSIM (Gaussian 11 / 1.5, data range 2), LPIPS (torchvision
-backbone + the lpips package's linear heads, both user files) and rFVD (originals vs their
-reconstructions), optionally SSIM per frame position inside a frame group (IV-VAE Fig. 1b: a
+Reconstruction (``recon``): the per-clip metrics of `RECON_METRICS` (PSNR, SSIM: Gaussian 11 / 1.5, data
+range 2, LPIPS: torchvision backbone + the lpips package's linear heads, both user files, and the temporal error:
+frame-to-frame change unlike the clip's) and rFVD (originals vs their reconstructions), optionally SSIM per frame position inside a frame group (IV-VAE Fig. 1b: a
 causal 4x-temporal VAE reconstructs the frames of each group of 4 unequally), a grid PNG and JSON.
 
 Generation (``gen``):
@@ -220,7 +220,7 @@ def _mean_std(x: list[float]) -> dict[str, float]:
 # is averaged over the clip's frames); the result holds mean / std / n / infinite over the clips (`_mean_std`).
 # An entry that a run does not compute (``lpips`` without LPIPS files) leaves its key out of the result.
 # To add a metric: compute it in `reconstruction_scores`, add its line here, describe it in README's evaluation.
-RECON_METRICS = {"psnr_db": "psnr", "ssim": "ssim_per_frame", "lpips": "lpips"}
+RECON_METRICS = {"psnr_db": "psnr", "ssim": "ssim_per_frame", "lpips": "lpips", "temporal_error": "temporal_error"}
 SSIM_PROTOCOL = "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 2 ([-1, 1]), per frame, averaged"
 
 

@@ -95,13 +95,30 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
     return ssim_per_frame(x, y, data_range).mean(1)
 
 
+def temporal_error(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
+    """How differently ``y`` changes from frame to frame than ``x`` does, per video ``(B,)`` float64, in grey
+    levels of a [0, 255] scale: the mean over consecutive frame pairs, channels and pixels of
+    ``|(y[t+1] - y[t]) - (x[t+1] - x[t])|``, times ``255 / data_range``. Videos ``(B, C, T, H, W)``, T >= 2.
+    0 when ``y``'s error is the same on every frame (a steady blur or colour shift costs nothing); it grows
+    with errors that change from frame to frame: flicker, jitter, boiling texture. A reconstruction that
+    freezes a moving clip scores the clip's own mean frame-to-frame change."""
+    _check_pair(x, y, data_range)
+    if x.ndim != 5 or x.shape[2] < 2:
+        raise ValueError(f"temporal error needs videos (B, C, T >= 2, H, W), got shape {tuple(x.shape)}")
+    dx, dy = x.double().diff(dim=2), y.double().diff(dim=2)  # (B, C, T - 1, H, W)
+    return (dy - dx).abs().flatten(1).mean(1) * (255.0 / data_range)
+
+
 def reconstruction_scores(x: Tensor, y: Tensor, lpips: "LPIPS | None" = None) -> dict[str, Tensor]:
     """Per-clip scores of reconstructions ``y`` of clips ``x`` (``(B, C, T, H, W)`` in [-1, 1]), the
     protocol of ``ldm eval recon`` and of ``ldm train-ae``'s validation: ``psnr`` (dB, over all
-    frames) and ``ssim_per_frame`` ``(B, T)`` in float64 on CPU, ``lpips`` ``(B,)`` (frames
-    averaged) when an LPIPS network is given (computed on its device)."""
+    frames), ``ssim_per_frame`` ``(B, T)`` and, for clips of 2 frames or more, ``temporal_error``
+    (`temporal_error`, grey levels) in float64 on CPU, ``lpips`` ``(B,)`` (frames averaged) when an
+    LPIPS network is given (computed on its device)."""
     x, y = x.float().cpu(), y.float().cpu()
     scores = {"psnr": psnr(y, x), "ssim_per_frame": ssim_per_frame(y, x)}
+    if x.ndim == 5 and x.shape[2] >= 2:
+        scores["temporal_error"] = temporal_error(x, y)
     if lpips is not None:
         where = next(lpips.parameters()).device
         scores["lpips"] = lpips(y.to(where), x.to(where)).cpu()

@@ -621,3 +621,37 @@ def test_eval_recon_on_two_ranks_gives_the_one_rank_scores(files, tmp_path):
     assert two["rfvd"]["rfvd"] == pytest.approx(one["rfvd"]["rfvd"], rel=1e-6)
     assert two["ssim_per_position"]["positions"] == pytest.approx(one["ssim_per_position"]["positions"], rel=1e-6)
     assert (tmp_path / "two.png").read_bytes() == (tmp_path / "one.png").read_bytes()
+
+
+class _FrozenAE(autoencoders.Autoencoder):
+    """Decodes every frame as the clip's first: all motion lost, the first frame exact."""
+    family = "frozen-test"
+
+    def __init__(self):
+        super().__init__(autoencoders.AEConfig())
+
+    def latent_spec(self, frames, height, width):
+        from ldm.latent import LatentSpec
+        return LatentSpec("grid", {"z": (3, frames, height, width)}, (3, frames, height, width))
+
+    def _encode(self, video, cond):
+        from ldm.latent import Latent
+        return Latent({"z": video})
+
+    def _decode(self, latent, cond):
+        z = latent["z"]
+        return z[:, :, :1].expand_as(z)
+
+
+def test_eval_recon_temporal_error_is_the_motion_a_frozen_reconstruction_loses(files):
+    """``temporal_error`` of `ldm eval recon` (RECON_METRICS): per clip, the mean grey levels (0..255) by which the
+    reconstruction's frame-to-frame change differs from the clip's; a frozen decoder loses all of it."""
+    from data.sources import VideoClipDataset
+
+    r = ev.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 8, 32, 32)
+    clips = [c["video"].double() for c in VideoClipDataset(list_items(files / "videos"), 8, 32, 32, None)]
+    motion = [float(c.diff(dim=1).abs().mean() * 127.5) for c in clips]  # (C, T, H, W): frame to frame, grey levels
+    assert r["temporal_error"]["n"] == 6 and min(motion) > 0
+    assert r["temporal_error"]["mean"] == pytest.approx(np.mean(motion), rel=1e-6)
+    assert r["temporal_error"]["std"] == pytest.approx(np.std(motion), rel=1e-6)
+    assert "temporal_error" not in ev.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 1, 32, 32)

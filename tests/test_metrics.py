@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ldm.errors import UserError
 from ldm.metrics import (LPIPS, Extractor, FrechetAccumulator, RunningGaussian, frechet_distance, gaussian_stats,
-                         psnr, ssim, ssim_per_frame)
+                         psnr, reconstruction_scores, ssim, ssim_per_frame, temporal_error)
 
 # ------------------------------------------------------------------------------------ PSNR
 
@@ -32,6 +32,26 @@ def test_psnr_default_range_and_identity():
 
 
 # ------------------------------------------------------------------------------------ SSIM
+
+
+def test_temporal_error_on_hand_made_frames():
+    """Grey levels (0..255) of frame-to-frame change that the reconstruction adds or loses."""
+    x = torch.zeros(1, 3, 4, 16, 16)
+    x[:, :, :, :, 8:] = 0.5  # a still clip: half the frame grey
+    assert temporal_error(x, (x - 0.3)).item() == 0.0  # the same error on every frame: no flicker
+    flicker = x.clone()
+    flicker[:, :, 1::2] += 0.2  # frames 1 and 3 brighter by 0.2 (25.5 grey levels): 3 changes of 25.5 each
+    assert temporal_error(x, flicker).item() == pytest.approx(25.5)
+    assert temporal_error(flicker, x).item() == pytest.approx(25.5)  # symmetric
+    moving = torch.stack([torch.full((3, 16, 16), -1.0 + 0.4 * t) for t in range(4)], dim=1)[None]  # +51 a frame
+    frozen = moving[:, :, :1].expand_as(moving)
+    assert temporal_error(moving, frozen).item() == pytest.approx(51.0)  # a frozen clip loses all the motion
+    both = torch.cat([x, flicker])
+    assert temporal_error(both, torch.cat([flicker, flicker])).tolist() == pytest.approx([25.5, 0.0])  # per clip
+    with pytest.raises(ValueError, match="T >= 2"):
+        temporal_error(x[:, :, :1], x[:, :, :1])
+    assert "temporal_error" in reconstruction_scores(x, flicker)
+    assert "temporal_error" not in reconstruction_scores(x[:, :, :1], x[:, :, :1])  # one frame: not measured
 
 
 def test_ssim_identity_is_one_for_images_and_videos():
