@@ -11,8 +11,9 @@
 
 Reconstruction (``recon``): the per-clip metrics of `RECON_METRICS` (PSNR, SSIM: Gaussian 11 / 1.5, data
 range 2, LPIPS: torchvision backbone + the lpips package's linear heads, both user files, and the temporal error:
-frame-to-frame change unlike the clip's) and rFVD (originals vs their reconstructions), optionally SSIM per frame position inside a frame group (IV-VAE Fig. 1b: a
-causal 4x-temporal VAE reconstructs the frames of each group of 4 unequally), a grid PNG and JSON.
+frame-to-frame change unlike the clip's) and rFVD (originals vs their reconstructions), optionally SSIM per frame
+position inside a frame group (IV-VAE Fig. 1b: a causal 4x-temporal VAE reconstructs the frames of each group
+of 4 unequally), a grid PNG and JSON.
 
 Generation (``gen``):
 
@@ -33,7 +34,9 @@ Generation (``gen``):
   with a ``small_sample`` warning below the protocol's N (biased upward) and, for FVD, the FVD
   between two halves of the reference clips (``reference_split_half``: about a perfect model's
   score at that N). ``--reference-stats DIR`` keeps the reference statistics for the next
-  evaluation of the same clips under the same protocol (another checkpoint: FVD over training).
+  evaluation of the same clips under the same protocol (another checkpoint: FVD over training). Beside them
+  the per-clip statistics of `GEN_CLIP_METRICS` on each side (``frame_change``: how much clips change from
+  frame to frame, in grey levels).
 - The offline attribute benchmark: a fixed prompt suite over the synthetic attributes
   (``data.synth``: shape x color x direction, captions "a red circle moving left"), N samples per
   prompt, read back by the weight-free reader (``data.attributes``): accuracy per attribute and
@@ -85,8 +88,8 @@ from ldm.checkpoint import atomic_write_json, file_sha256, load_tensors, read_js
 from ldm.errors import MissingInput, UserError, check_min, checking
 from ldm.latent import Cond
 from ldm.metrics import (FVD_FRAMES, I3D_KINDS, LPIPS, VBENCH_NORMALIZE, Extractor, FrechetAccumulator,
-                         fid_accumulator, fvd_accumulator, load_i3d, load_inception, reconstruction_scores,
-                         temporal_flickering, vbench_aggregate)
+                         fid_accumulator, fvd_accumulator, frame_change, load_i3d, load_inception,
+                         reconstruction_scores, temporal_flickering, vbench_aggregate)
 from ldm.samplers import SamplingConfig
 
 # ------------------------------------------------------------------------------------------
@@ -707,13 +710,14 @@ def reference_stats_file(folder: Path, items: Sequence[VideoItem], accs: dict[st
 
 
 def save_reference_stats(path: Path, accs: dict[str, FrechetAccumulator], readable: list[int],
-                         skipped: list[str]) -> None:
+                         skipped: list[str], clip_metrics: dict[str, list[float]]) -> None:
     """Keep the reference side of ``accs`` with the clips it was read from (indices into the chosen
-    items) and the skipped ones."""
+    items), the skipped ones and the reference clips' `GEN_CLIP_METRICS` values."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v for name, acc in accs.items() for side in _real_sides(acc)
                for k, v in acc.stats[side].state(f"{name}.{side}").items()}
     save_tensors(path, tensors, {"readable": json.dumps(readable), "skipped": json.dumps(skipped),
+                                 "clip_metrics": json.dumps(clip_metrics),
                                  "features": json.dumps({name: acc.describe() for name, acc in accs.items()})})
 
 
@@ -722,9 +726,11 @@ def _real_sides(acc: FrechetAccumulator) -> list[str]:
     return [side for side in acc.stats if side.startswith("real")]
 
 
-def load_reference_stats(path: Path, accs: dict[str, FrechetAccumulator]) -> tuple[list[int], list[str]]:
+def load_reference_stats(path: Path, accs: dict[str, FrechetAccumulator]
+                         ) -> tuple[list[int], list[str], dict[str, list[float]]]:
     """Fill the reference side of ``accs`` from `save_reference_stats`' file; its readable clip
-    indices and skipped list. A file that cannot be read is a `UserError` naming it."""
+    indices, skipped list and clip metrics (none from a file written before they were kept). A file
+    that cannot be read is a `UserError` naming it."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -734,7 +740,7 @@ def load_reference_stats(path: Path, accs: dict[str, FrechetAccumulator]) -> tup
         for name, acc in accs.items():
             for side in _real_sides(acc):
                 acc.stats[side].load(tensors, f"{name}.{side}")
-        return json.loads(meta["readable"]), json.loads(meta["skipped"])
+        return json.loads(meta["readable"]), json.loads(meta["skipped"]), json.loads(meta.get("clip_metrics", "{}"))
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise UserError(f"--reference-stats: {path} cannot be read ({e}); delete it to compute the reference "
                         "statistics again") from None
@@ -742,11 +748,11 @@ def load_reference_stats(path: Path, accs: dict[str, FrechetAccumulator]) -> tup
 
 def _reference_clips(reference: str, items: ItemList, accs: dict[str, FrechetAccumulator], stats_file: Path | None, *,
                      frames: int, height: int, width: int, fps: float | None, batch_size: int
-                     ) -> tuple[Iterable[dict[str, Any]], list[str], bool]:
-    """This rank's reference clips, the skipped ones and whether the reference statistics came from
+                     ) -> tuple[Iterable[dict[str, Any]], list[str], dict[str, list[float]] | None]:
+    """This rank's reference clips, the skipped ones and, when the reference statistics came from
     ``stats_file`` (an earlier evaluation's, `load_reference_stats`: then the clips carry their caption and
-    class, not their video, and are not decoded again). The file is read by rank 0 alone (the others'
-    reference sides stay empty) and its answer sent to all."""
+    class, not their video, and are not decoded again), the reference clips' `GEN_CLIP_METRICS` (else None).
+    The file is read by rank 0 alone (the others' reference sides stay empty) and its answer sent to all."""
     cached, error = None, None
     if stats_file is not None and dist.rank() == 0 and stats_file.is_file():
         try:
@@ -758,20 +764,22 @@ def _reference_clips(reference: str, items: ItemList, accs: dict[str, FrechetAcc
         raise UserError(error)
     if cached is None:
         ref, skipped = _rank_share(reference, frames, height, width, fps, items, batch_size)
-        return ref, skipped, False
-    readable, skipped = cached
+        return ref, skipped, None
+    readable, skipped, clip_metrics = cached
     mine = set(_rank_indices(len(items), batch_size))
     ref = iter([{"key": items[i].key, "caption": items[i].caption or "", "index": i,  # a clip's fields, no video
                  "class_id": -1 if items[i].class_id is None else items[i].class_id}
                 for i in readable if i in mine])
-    return ref, skipped if dist.rank() == 0 else [], True
+    return ref, skipped if dist.rank() == 0 else [], clip_metrics
 
 
-def _read_samples(samples: str, accs: dict[str, FrechetAccumulator], *, num: int | None, frames: int, height: int,
-                  width: int, fps: float | None, batch_size: int) -> tuple[float | None, list[str]]:
+def _read_samples(samples: str, accs: dict[str, FrechetAccumulator], clip_metrics: dict[str, list[float]], *,
+                  num: int | None, frames: int, height: int, width: int, fps: float | None, batch_size: int
+                  ) -> tuple[float | None, list[str]]:
     """Add this rank's share of the ``samples`` folder's clips (its first ``num``) to the generated side of
-    ``accs``; the rate they were read at and the skipped ones. An `ldm sample` folder (``index.json``) is read
-    frame by frame: each file frame is a DiT frame, whatever ``--fps`` it was written at."""
+    ``accs`` and their `GEN_CLIP_METRICS` to ``clip_metrics``; the rate they were read at and the skipped ones.
+    An `ldm sample` folder (``index.json``) is read frame by frame: each file frame is a DiT frame, whatever
+    ``--fps`` it was written at."""
     samples_fps = None if (Path(samples) / "index.json").is_file() else fps
     listed = _without_gif_twins(list_items(samples))
     listed = ItemList(listed[:num], listed.problems, listed.class_names) if num else listed
@@ -780,7 +788,38 @@ def _read_samples(samples: str, accs: dict[str, FrechetAccumulator], *, num: int
         fake = torch.stack([x["video"] for x in batch])
         for acc in accs.values():
             acc.update("fake", fake)
+        _add_clip_metrics(clip_metrics, fake)
     return samples_fps, skipped
+
+
+# The per-clip statistics of ``ldm eval gen --reference``: name -> (function of clips ``(B, C, T, H, W)`` in
+# [-1, 1] to one value per clip ``(B,)``, the fewest frames it needs). Each is measured on every reference and
+# generated clip; ``fd.<name>`` holds `_mean_std` of each side. To add one: write the function in
+# `ldm.metrics`, add its line here, describe it in README's evaluation section.
+GEN_CLIP_METRICS = {"frame_change": (frame_change, 2)}
+
+
+def _add_clip_metrics(values: dict[str, list[float]], videos: Tensor) -> None:
+    """Append each clip's `GEN_CLIP_METRICS` of ``videos`` ``(B, C, T, H, W)`` to ``values``."""
+    for name, (measure, fewest_frames) in GEN_CLIP_METRICS.items():
+        if videos.shape[2] >= fewest_frames:
+            values.setdefault(name, []).extend(measure(videos.float().cpu()).tolist())
+
+
+def _gathered_metrics(values: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Every rank's ``values`` (`_add_clip_metrics`), each list in rank order."""
+    out: dict[str, list[float]] = {}
+    for part in dist.all_gather_object(values):
+        for name, v in part.items():
+            out.setdefault(name, []).extend(v)
+    return out
+
+
+def _clip_metric_results(reference: dict[str, list[float]], generated: dict[str, list[float]]) -> dict[str, Any]:
+    """``{name: {"reference": _mean_std, "generated": _mean_std}}`` of the sides that measured it."""
+    return {name: {side: _mean_std(values[name]) for side, values in (("reference", reference),
+                                                                       ("generated", generated)) if values.get(name)}
+            for name in GEN_CLIP_METRICS if reference.get(name) or generated.get(name)}
 
 
 def _fd_values(accs: dict[str, FrechetAccumulator]) -> dict[str, Any]:
@@ -832,8 +871,11 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     items, chosen = reference_items(reference, export, num=num, seed=reference_seed, classes=classes, split=split)
     stats_file = reference_stats_file(Path(reference_stats), items, accs, frames, height, width, fps) \
         if reference_stats else None
-    ref, skipped, reused = _reference_clips(reference, items, accs, stats_file, frames=frames, height=height,
-                                            width=width, fps=fps, batch_size=batch_size)
+    ref, skipped, ref_metrics = _reference_clips(reference, items, accs, stats_file, frames=frames, height=height,
+                                                 width=width, fps=fps, batch_size=batch_size)
+    reused = ref_metrics is not None
+    gen_metrics: dict[str, list[float]] = {}
+    ref_metrics = ref_metrics or {}
     text_encoder = None
     use_text, use_cls = (False, False)  # both False: an unconditional DiT, sampled unconditionally
     if samples is None and (model.config.text_dim or model.config.num_classes):
@@ -855,6 +897,7 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
             for acc in accs.values():
                 acc.update("real", real, index=[x["index"] for x in batch])
             readable_now += [x["index"] for x in batch]
+            _add_clip_metrics(ref_metrics, real)
         if samples is None:
             ids = [plan[x["index"]] for x in batch] if use_cls else None
             made += ids or []
@@ -865,16 +908,20 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
             for video in _as_batches(fake):
                 for acc in accs.values():
                     acc.update("fake", video)
+                _add_clip_metrics(gen_metrics, video)
     if samples is not None:
-        samples_fps, gen_skipped = _read_samples(samples, accs, num=num, frames=frames, height=height, width=width,
-                                                 fps=fps, batch_size=batch_size)
+        samples_fps, gen_skipped = _read_samples(samples, accs, gen_metrics, num=num, frames=frames, height=height,
+                                                 width=width, fps=fps, batch_size=batch_size)
     _merge_ranks(accs)  # every rank's clips; each list below in rank order
     skipped, made, readable_now = _gathered(skipped), _gathered(made), sorted(_gathered(readable_now))
+    if not reused:  # else the kept values, sent to every rank
+        ref_metrics = _gathered_metrics(ref_metrics)
+    gen_metrics = _gathered_metrics(gen_metrics)
     if stats_file is not None and not reused and readable_now and dist.rank() == 0:
-        save_reference_stats(stats_file, accs, readable_now, skipped)
+        save_reference_stats(stats_file, accs, readable_now, skipped, ref_metrics)
     if samples is not None:
         skipped += _gathered(gen_skipped)
-    out = _fd_values(accs)
+    out = _fd_values(accs) | _clip_metric_results(ref_metrics, gen_metrics)
     out["reference"], out["read_fps"], out["reference_clips"] = reference, fps, chosen
     out["read"] = CLIP_READING
     if samples is not None:

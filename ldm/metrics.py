@@ -95,18 +95,29 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
     return ssim_per_frame(x, y, data_range).mean(1)
 
 
+def frame_change(x: Tensor, data_range: float = 2.0) -> Tensor:
+    """How much a video changes from frame to frame, per video ``(B,)`` float64, in grey levels of a [0, 255]
+    scale: the mean over consecutive frame pairs, channels and pixels of ``|x[t+1] - x[t]|``, times
+    ``255 / data_range``. Videos ``(B, C, T, H, W)``, T >= 2. 0 for a still clip; motion and flicker both raise
+    it (VBench's temporal flickering is about ``1 - frame_change / 255``, on frames quantised to uint8)."""
+    if x.ndim != 5 or x.shape[2] < 2:
+        raise ValueError(f"frame change needs videos (B, C, T >= 2, H, W), got shape {tuple(x.shape)}")
+    if not data_range > 0:
+        raise ValueError(f"data_range must be positive, got {data_range}")
+    return x.double().diff(dim=2).abs().flatten(1).mean(1) * (255.0 / data_range)
+
+
 def temporal_error(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
     """How differently ``y`` changes from frame to frame than ``x`` does, per video ``(B,)`` float64, in grey
     levels of a [0, 255] scale: the mean over consecutive frame pairs, channels and pixels of
-    ``|(y[t+1] - y[t]) - (x[t+1] - x[t])|``, times ``255 / data_range``. Videos ``(B, C, T, H, W)``, T >= 2.
-    0 when ``y``'s error is the same on every frame (a steady blur or colour shift costs nothing); it grows
-    with errors that change from frame to frame: flicker, jitter, boiling texture. A reconstruction that
-    freezes a moving clip scores the clip's own mean frame-to-frame change."""
+    ``|(y[t+1] - y[t]) - (x[t+1] - x[t])|``, times ``255 / data_range`` (the `frame_change` of the error
+    ``y - x``). Videos ``(B, C, T, H, W)``, T >= 2. 0 when ``y``'s error is the same on every frame (a steady
+    blur or colour shift costs nothing); it grows with errors that change from frame to frame: flicker,
+    jitter, boiling texture. A reconstruction that freezes a moving clip scores the clip's `frame_change`."""
     _check_pair(x, y, data_range)
     if x.ndim != 5 or x.shape[2] < 2:
         raise ValueError(f"temporal error needs videos (B, C, T >= 2, H, W), got shape {tuple(x.shape)}")
-    dx, dy = x.double().diff(dim=2), y.double().diff(dim=2)  # (B, C, T - 1, H, W)
-    return (dy - dx).abs().flatten(1).mean(1) * (255.0 / data_range)
+    return frame_change(y.double() - x.double(), data_range)
 
 
 def reconstruction_scores(x: Tensor, y: Tensor, lpips: "LPIPS | None" = None) -> dict[str, Tensor]:

@@ -238,3 +238,30 @@ def test_reference_seed_keeps_the_reference_clips_across_sampling_seeds(files, r
         "random 3 of 6 (seed 0)"
     assert other["reference_stats"]["reused"] and other["sampling"]["seed"] == 7 and other["fvd"] != base["fvd"]
     assert fd("--seed", "7")["reference_clips"]["chosen"] == "random 3 of 6 (seed 7)"
+
+
+def test_eval_gen_frame_change_of_each_side(files, run_dir, tmp_path):
+    """``fd.frame_change`` (GEN_CLIP_METRICS): per clip, the mean grey levels (0..255) by which consecutive frames
+    differ, for the reference and the generated clips; the reference's is kept with ``--reference-stats``."""
+    from data.video import write_video
+    from launch import evaluate as ev
+    from ldm.samplers import SamplingConfig
+
+    model, ae, context = _load(run_dir)
+    (tmp_path / "ref").mkdir(), (tmp_path / "still").mkdir()
+    blink = torch.full((3, 8, 32, 32), -1.0)
+    blink[:, 1::2] = -0.6  # every other frame 51 grey levels brighter: 51 between any two frames
+    for i in range(3):
+        write_video(tmp_path / "ref" / f"{i}.gif", blink, 8)
+    for i in range(2):
+        write_video(tmp_path / "still" / f"{i}.mp4", torch.full((3, 8, 32, 32), 0.2), 8)  # a GIF keeps 1 frame
+    kw = dict(frames=8, height=32, width=32, num=None, i3d=metrics.load_i3d(files / "i3d_torchscript.pt"),
+              inception=None, fvd_frames=8, sampling=SamplingConfig(steps=1), batch_size=2,
+              reference_stats=tmp_path / "stats")
+    r = ev.generation_fd(model, ae, context, str(tmp_path / "ref"), samples=str(tmp_path / "still"), **kw)
+    assert r["frame_change"] == {"reference": {"mean": pytest.approx(51.0), "std": pytest.approx(0.0), "n": 3,
+                                               "infinite": 0},
+                                 "generated": {"mean": 0.0, "std": 0.0, "n": 2, "infinite": 0}}
+    again = ev.generation_fd(model, ae, context, str(tmp_path / "ref"), **kw)  # sampled now, the reference kept
+    assert again["reference_stats"]["reused"] and again["frame_change"]["reference"] == r["frame_change"]["reference"]
+    assert again["frame_change"]["generated"]["n"] == 3 and again["frame_change"]["generated"]["mean"] >= 0

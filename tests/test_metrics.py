@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from ldm.errors import UserError
 from ldm.metrics import (LPIPS, Extractor, FrechetAccumulator, RunningGaussian, frechet_distance, gaussian_stats,
-                         psnr, reconstruction_scores, ssim, ssim_per_frame, temporal_error)
+                         frame_change, psnr, reconstruction_scores, ssim, ssim_per_frame,
+                         temporal_error)
 
 # ------------------------------------------------------------------------------------ PSNR
 
@@ -52,6 +53,18 @@ def test_temporal_error_on_hand_made_frames():
         temporal_error(x[:, :, :1], x[:, :, :1])
     assert "temporal_error" in reconstruction_scores(x, flicker)
     assert "temporal_error" not in reconstruction_scores(x[:, :, :1], x[:, :, :1])  # one frame: not measured
+
+
+def test_frame_change_on_hand_made_frames():
+    """Grey levels (0..255) between consecutive frames, per clip."""
+    still = torch.full((1, 3, 4, 8, 8), 0.3)
+    moving = torch.stack([torch.full((3, 8, 8), -1.0 + 0.4 * t) for t in range(4)], dim=1)[None]  # +51 a frame
+    half = moving.clone()
+    half[..., :4] = -1.0  # half the pixels still: half the change
+    assert frame_change(torch.cat([still, moving, half])).tolist() == pytest.approx([0.0, 51.0, 25.5])
+    assert frame_change(moving, data_range=1.0).item() == pytest.approx(102.0)  # pixels in [0, 1]
+    with pytest.raises(ValueError, match="T >= 2"):
+        frame_change(still[:, :, :1])
 
 
 def test_ssim_identity_is_one_for_images_and_videos():
