@@ -834,6 +834,20 @@ def _fd_values(accs: dict[str, FrechetAccumulator]) -> dict[str, Any]:
     return out
 
 
+def _fd_conditioning(model, ae: Autoencoder, export: Export, items: ItemList, use_class: bool | None,
+                     device: str | torch.device) -> tuple[bool, bool, Any]:
+    """(text, class, text encoder): what `generation_fd` samples each reference clip's twin from (`_conditioning`;
+    both False for an unconditional DiT); `ValueError` for a clip without the class id that the DiT needs."""
+    use_text, use_cls = False, False  # an unconditional DiT, sampled unconditionally
+    if model.config.text_dim or model.config.num_classes:
+        use_text, use_cls = _conditioning(model, export, use_class)
+    text_encoder = sampling_text_encoder(model, ae, export, use_text, device)
+    if use_cls and any(it.class_id is None for it in items):
+        raise ValueError("a reference clip has no class id" + (" (--use-class)" if use_text else
+                                                               "; this DiT is class-conditioned only"))
+    return use_text, use_cls, text_encoder
+
+
 def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, frames: int, height: int,
                   width: int, num: int | None, i3d: Extractor | None, inception: Extractor | None,
                   fvd_frames: int = FVD_FRAMES, samples: str | None = None,
@@ -876,18 +890,12 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     reused = ref_metrics is not None
     gen_metrics: dict[str, list[float]] = {}
     ref_metrics = ref_metrics or {}
-    text_encoder = None
-    use_text, use_cls = (False, False)  # both False: an unconditional DiT, sampled unconditionally
-    if samples is None and (model.config.text_dim or model.config.num_classes):
-        use_text, use_cls = _conditioning(model, export, use_class)
+    use_text, use_cls, text_encoder = False, False, None  # --samples: nothing sampled
     if samples is None:
-        text_encoder = sampling_text_encoder(model, ae, export, use_text, device)
+        use_text, use_cls, text_encoder = _fd_conditioning(model, ae, export, items, use_class, device)
     if class_dist != "reference" and not (use_cls and not use_text):
         raise ValueError(f"--class-dist {class_dist}: the generated clips' classes are drawn only for a DiT sampled "
                          "by class ids alone (with text, or from --samples, each clip keeps its reference's condition)")
-    if use_cls and any(it.class_id is None for it in items):
-        raise ValueError("a reference clip has no class id" + (" (--use-class)" if use_text else
-                                                               "; this DiT is class-conditioned only"))
     plan = _class_plan(items, class_dist, sampling.seed) if use_cls else []
     made: list[int] = []  # the class of each generated clip
     readable_now: list[int] = []  # the reference clips read now (none when reused)
