@@ -1217,6 +1217,39 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _recon_defaults(args: argparse.Namespace, ae: Autoencoder) -> None:
+    """Fill ``--frames`` / ``--height`` / ``--width`` left out from the first readable video of ``--input``, as
+    `ldm reconstruct` does: its own size (`default_size`) and the longest clip of at most 17 frames that it holds
+    and the autoencoder takes (`default_frames`)."""
+    missing = [f for f in ("frames", "height", "width") if getattr(args, f) is None]
+    items = list_items(args.input, classes=args.classes, split=args.split)
+    if not items:
+        raise UserError(f"--input {args.input}: no videos")
+    for first in items:  # the first one that can be read: a broken one is skipped later
+        try:
+            src = first.readable()
+            size = upright_size(src) if args.height is None or args.width is None else None
+            info = probe(src) if args.frames is None else None
+            break
+        except VideoError as e:
+            error = e
+    else:
+        raise UserError(f"--input {args.input}: no video can be read to set the defaults (the last: {first.key}: "
+                        f"{error}); give " + " and ".join(f"--{f}" for f in missing))
+    if size is not None:
+        shown = default_size(ae, *size)
+        args.height, args.width = args.height or shown[0], args.width or shown[1]
+    if info is not None:  # the longest clip of at most 17 frames that it holds and the autoencoder takes
+        available = output_frames(info["frames"], info["fps"], args.fps, info["duration"])
+        with checking(f"--input {args.input}: {first.key} ({available} frames) at --height {args.height} "
+                      f"--width {args.width}"):
+            args.frames = default_frames(ae, available, args.height, args.width)
+        if dist.rank() == 0:
+            print(f"ldm eval recon: clips of {args.frames} frames, as {first.key} holds (--frames for another "
+                  "length)", file=sys.stderr)
+        check_clip_frames(args.frames, args.fvd_frames if args.i3d else None, args.frame_group, args.group_start)
+
+
 def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     lpips = None
     if args.lpips_backbone or args.lpips_heads:
@@ -1226,33 +1259,7 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     with checking():
         ae, name, ckpt_hash = resolve(args.autoencoder, args.checkpoint or args.ae_path, subfolder=args.ae_subfolder)
     if args.height is None or args.width is None or args.frames is None:  # from the first video, as `ldm reconstruct`
-        missing = [f for f in ("frames", "height", "width") if getattr(args, f) is None]
-        items = list_items(args.input, classes=args.classes, split=args.split)
-        if not items:
-            raise UserError(f"--input {args.input}: no videos")
-        for first in items:  # the first one that can be read: a broken one is skipped later
-            try:
-                src = first.readable()
-                size = upright_size(src) if args.height is None or args.width is None else None
-                info = probe(src) if args.frames is None else None
-                break
-            except VideoError as e:
-                error = e
-        else:
-            raise UserError(f"--input {args.input}: no video can be read to set the defaults (the last: {first.key}: "
-                            f"{error}); give " + " and ".join(f"--{f}" for f in missing))
-        if size is not None:
-            shown = default_size(ae, *size)
-            args.height, args.width = args.height or shown[0], args.width or shown[1]
-        if info is not None:  # the longest clip of at most 17 frames that it holds and the autoencoder takes
-            available = output_frames(info["frames"], info["fps"], args.fps, info["duration"])
-            with checking(f"--input {args.input}: {first.key} ({available} frames) at --height {args.height} "
-                          f"--width {args.width}"):
-                args.frames = default_frames(ae, available, args.height, args.width)
-            if dist.rank() == 0:
-                print(f"ldm eval recon: clips of {args.frames} frames, as {first.key} holds (--frames for another "
-                      "length)", file=sys.stderr)
-            check_clip_frames(args.frames, args.fvd_frames if args.i3d else None, args.frame_group, args.group_start)
+        _recon_defaults(args, ae)
     with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
         ae.check_input(args.frames, args.height, args.width)
     with checking():
