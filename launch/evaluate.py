@@ -1301,6 +1301,35 @@ def _reference_seed(args: argparse.Namespace) -> int:
     return args.seed if args.reference_seed is None else args.reference_seed
 
 
+def _check_gen_conditioning(args: argparse.Namespace, model, export: Export) -> None:
+    """What ``--attributes`` and ``--reference`` condition the DiT on can be sampled: the suite's and the reference
+    clips' class ids are within the DiT's classes, ``--class-dist`` applies; else a `UserError` (or `ValueError`
+    from `_conditioning` / `check_suite_classes` / `reference_items`) before anything is written."""
+    use_text, use_cls = False, False  # what --attributes and --reference condition on
+    if (args.attributes or args.reference) and (model.config.text_dim or model.config.num_classes):
+        use_text, use_cls = _conditioning(model, export, True if args.use_class else None)
+    if args.attributes and use_cls:
+        check_suite_classes(model, attribute_suite(args.shapes, args.colors, args.directions, args.holdout))
+    if args.class_dist != "reference" and (args.samples is not None or use_text or not use_cls):
+        raise UserError(f"--class-dist {args.class_dist}: classes are drawn only when this DiT samples the "
+                        "reference by class ids alone (a class-conditional DiT without text, no --samples); "
+                        "leave the flag out")
+    if args.reference:  # class names the DiT does not know: before anything is written
+        reference = reference_items(args.reference, export, num=args.num, seed=_reference_seed(args),
+                                    classes=args.classes, split=args.split)[0]
+    if args.reference and args.samples is None and use_cls:
+        if any(it.class_id is None for it in reference):
+            raise UserError(f"--reference {args.reference}: a clip has no class id and this DiT is "
+                            + ("sampled with class ids (--use-class)" if use_text else "class-conditioned only")
+                            + "; give clips with class ids (--classes for a folder per class, an `ldm data synth` "
+                            "folder) or --samples")
+        worst = max(reference, key=lambda it: it.class_id)
+        if worst.class_id >= model.config.num_classes:
+            raise UserError(f"--reference {args.reference}: {worst.key} has class id {worst.class_id}, outside "
+                            f"this DiT's {model.config.num_classes} classes (ids 0 to "
+                            f"{model.config.num_classes - 1}); give --classes the class list of its training data")
+
+
 def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     with checking():
         i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None
@@ -1324,29 +1353,7 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     check_clip_frames(frames, args.fvd_frames if args.reference and args.i3d else None)
     with checking():
         configure_inference(ae, args.tile, args.chunk_frames)
-        use_text, use_cls = False, False  # what --attributes and --reference condition on
-        if (args.attributes or args.reference) and (model.config.text_dim or model.config.num_classes):
-            use_text, use_cls = _conditioning(model, export, True if args.use_class else None)
-        if args.attributes and use_cls:
-            check_suite_classes(model, attribute_suite(args.shapes, args.colors, args.directions, args.holdout))
-        if args.class_dist != "reference" and (args.samples is not None or use_text or not use_cls):
-            raise UserError(f"--class-dist {args.class_dist}: classes are drawn only when this DiT samples the "
-                            "reference by class ids alone (a class-conditional DiT without text, no --samples); "
-                            "leave the flag out")
-        if args.reference:  # class names the DiT does not know: before anything is written
-            reference = reference_items(args.reference, export, num=args.num, seed=_reference_seed(args),
-                                        classes=args.classes, split=args.split)[0]
-        if args.reference and args.samples is None and use_cls:
-            if any(it.class_id is None for it in reference):
-                raise UserError(f"--reference {args.reference}: a clip has no class id and this DiT is "
-                                + ("sampled with class ids (--use-class)" if use_text else "class-conditioned only")
-                                + "; give clips with class ids (--classes for a folder per class, an `ldm data synth` "
-                                "folder) or --samples")
-            worst = max(reference, key=lambda it: it.class_id)
-            if worst.class_id >= model.config.num_classes:
-                raise UserError(f"--reference {args.reference}: {worst.key} has class id {worst.class_id}, outside "
-                                f"this DiT's {model.config.num_classes} classes (ids 0 to "
-                                f"{model.config.num_classes - 1}); give --classes the class list of its training data")
+        _check_gen_conditioning(args, model, export)
     if args.vbench:
         with checking("--vbench"):
             check_vbench_dit(model, export)
