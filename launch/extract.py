@@ -473,6 +473,10 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     for j in mine:  # temp files a killed run left for this rank's shards
         for stale in out.glob(f".shard-{j:06d}.*tmp"):
             stale.unlink(missing_ok=True)
+    if env.rank == 0:  # and for the files rank 0 alone writes (manifest, run binding)
+        for name in (MANIFEST, runs.BINDING):
+            for stale in out.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
 
     workers = auto_workers(cfg.num_workers, device, env.world_size)
     batch = auto_batch_size(cfg.batch_size, ae, cfg, device, dtype, ae.text_dim) if todo else 1

@@ -125,11 +125,14 @@ def test_resume_skips_finished_shards_and_matches(videos, tmp_path):
     (tmp_path / "a" / "shard-000001.json").unlink()
     (tmp_path / "a" / "shard-000002.json").unlink()
     (tmp_path / "a" / ".shard-000002.tar.tmp").write_bytes(b"partial")
+    (tmp_path / "a" / ".manifest.json.0123abcd.tmp").write_bytes(b"{")  # killed while rank 0 wrote the manifest
+    (tmp_path / "a" / ".shard-000002.json.0123abcd.tmp").write_bytes(b"{")
     mtime0 = (tmp_path / "a" / "shard-000000.tar").stat().st_mtime_ns
     _extract(videos, tmp_path / "a")
     assert (tmp_path / "a" / "shard-000000.tar").stat().st_mtime_ns == mtime0  # not redone
     assert shards.raw_bytes_digest(tmp_path / "a") == digest
     assert load_manifest(tmp_path / "a") == manifest
+    assert not list((tmp_path / "a").glob(".*tmp"))  # what the killed run left is gone
     with pytest.raises(UserError, match=r"other settings or inputs \(fps: null -> 4.0\)"):
         _extract(videos, tmp_path / "a", "--fps", "4")
 
