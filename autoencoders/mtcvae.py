@@ -93,7 +93,7 @@ from autoencoders.sources import register_initialiser
 # the base's widths, so each MTC config is its causal3d base plus the multi-level parts
 from autoencoders.causal3d import _DEBUG, _FULL, Causal3D, Causal3DConfig
 from autoencoders.mtcvae_layers import (KeyframePredictor, Segment, flow_guided_loss, h264_quality,
-                                        h264_temporal_bits, segment_latent_frames, segment_psnr,
+                                        h264_temporal_bits, keyframe_accuracy, segment_latent_frames, segment_psnr,
                                         segments_from_rates, select_rates, split_segments)
 from ldm import config as cfglib
 from ldm.latent import Cond, Latent, LatentSpec, part_tokens
@@ -553,6 +553,25 @@ class MTCVAE(Causal3D):
         """P's keyframe probabilities ``(B, t_max)`` for an encoded (scaled) varlen latent."""
         raw = self._scale(latent, forward=False)
         return torch.sigmoid(self.predictor(raw["z"], raw.aux["length"]))
+
+    def rate_report(self, latent: Latent) -> list[dict[str, Any]]:
+        """What Tab. 1 / Tab. 3-4 report beside PSNR, per sample of an encoded (scaled) varlen latent:
+        ``rates`` of its segments, ``vcpr`` (the mean of the segments' ``c * f * f``, the convention
+        of ``latent_spec``; Sec. 4.1's T/t * H/h * W/w per segment) and ``keyframe_accuracy`` (Sec.
+        4.1's Acc.: latent frames whose keyframe call by P at ``keyframe_threshold`` is right / all
+        latent frames, frame 0 a keyframe by definition), the last one only when ``aux`` holds the true keyframes (an encoded latent)."""
+        f = self.spatial_factor
+        probs = self.keyframe_probs(latent) if "keyframe" in latent.aux else None
+        out = []
+        for b, segs in enumerate(self.split(latent)):
+            rates = [s.rate for s in segs]
+            item: dict[str, Any] = {"rates": rates, "vcpr": sum(c * f * f for c in rates) / len(rates)}
+            if probs is not None:
+                n = int(latent.aux["length"][b])
+                item["keyframe_accuracy"] = keyframe_accuracy(probs[b, :n], latent.aux["keyframe"][b, :n],
+                                                              self.config.keyframe_threshold)
+            out.append(item)
+        return out
 
     def _scale(self, latent: Latent, forward: bool) -> Latent:
         out = super()._scale(latent, forward)

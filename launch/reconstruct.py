@@ -11,6 +11,8 @@ or a source such as ``diffusers:<Class>`` with ``--checkpoint`` its local folder
 ``--overwrite``, and never when it is the input.
 A text-guided autoencoder (``text_dim > 0``, e.g. ``cmvae-z4-text``) encodes and decodes with the
 caption: ``--prompt "..." --text-encoder builtin|t5:DIR|clip:DIR`` (the encoder it was trained with).
+A multi-rate autoencoder (MTC-VAE) also reports its segments' rates, the clip's VCPR and its
+keyframe predictor's accuracy (``rate_report``).
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ def reconstruct(ae: Autoencoder, video: torch.Tensor, device: torch.device, cond
         raise RuntimeError(f"decoder returned {tuple(recon.shape)} for input {tuple(x.shape)}")
     metrics = {"psnr": float(psnr(recon.float(), x.float())[0]), "ssim": float(ssim(recon.float(), x.float())[0]),
                "seconds": seconds, "latent_shape": {k: list(v) for k, v in latent.shapes().items()}}
+    if ae.variable_rate:  # MTC-VAE: the rates its selector chose, the VCPR they give, the keyframe predictor's Acc.
+        metrics.update(ae.rate_report(latent)[0])
     return recon[0].cpu(), metrics
 
 
@@ -188,4 +192,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{name}: PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}  "
               f"({frames}x{args.height}x{args.width}, encode+decode {metrics['seconds']:.2f} s) -> {out}")
+        if "rates" in metrics:
+            acc = metrics.get("keyframe_accuracy")
+            print(f"  segment rates {metrics['rates']}  VCPR {metrics['vcpr']:.1f}"
+                  + (f"  keyframe accuracy {100 * acc:.1f} %" if acc is not None else ""))
     return 0

@@ -2,6 +2,8 @@
 three selectors, keyframe embedding + predictor + split decoding (with the fallback), the two-step
 fine-tuning terms, the flow-guided loss, save/load, and the paper-size configs' specs."""
 
+import copy
+
 import pytest
 import torch
 
@@ -283,6 +285,24 @@ def test_keyframe_split_round_trip_on_mixed_rates(capsys):
     assert [[s.rate for s in segs] for segs in segments] == test_rates.tolist()
     assert not any(s.fallback for segs in segments for s in segs)
     assert all(v.shape == (3, 51, 16, 16) for v in videos)
+
+
+@torch.no_grad()
+def test_rate_report_gives_the_papers_vcpr_and_keyframe_accuracy(ae):
+    """Tab. 1's VCPR (per segment c x 8 x 8: 256 / 512 / 1024, averaged over the segments) and Sec.
+    4.1's Acc. of P (frame 0 always a keyframe), per sample of an encoded latent."""
+    model = copy.deepcopy(ae)
+    latent = model.encode_at(_smooth_clips(2, 34, 16, 0), torch.tensor([[4, 16], [8, 8]]))
+    model.predictor.proj.weight.zero_()
+    model.predictor.proj.bias.fill_(100.0)  # P calls every frame a keyframe
+    report = model.rate_report(latent)
+    assert [r["rates"] for r in report] == [[4, 16], [8, 8]]
+    assert [r["vcpr"] for r in report] == [640.0, 512.0]
+    assert [r["keyframe_accuracy"] for r in report] == pytest.approx([2 / 7, 2 / 6])  # 5 + 2 and 3 + 3 frames
+    model.predictor.proj.bias.fill_(-100.0)  # no keyframe called: only frame 0 (by definition) is right
+    assert [r["keyframe_accuracy"] for r in model.rate_report(latent)] == pytest.approx([6 / 7, 5 / 6])
+    generated = latent.replace(aux={"length": latent.aux["length"]})  # a DiT's latent: no true keyframes
+    assert "keyframe_accuracy" not in model.rate_report(generated)[0]
 
 
 # ---------------------------------------------------------------------------------------------

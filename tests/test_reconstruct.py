@@ -183,6 +183,27 @@ def test_default_frame_count_fits_a_short_video(clip, tmp_path, capsys):
         frames_used("--autoencoder", "kl2d-f8c4-debug", "--frames", "6")
 
 
+def test_multi_rate_autoencoder_reports_rates_vcpr_and_keyframe_accuracy(tmp_path, capsys):
+    """MTC-VAE's reconstruction comes with what its paper reports beside PSNR: the segment rates the
+    selector chose, the VCPR they give (Tab. 1) and the keyframe predictor's accuracy (Acc.)."""
+    clip = tmp_path / "two-segments.mp4"
+    t = torch.arange(34).view(1, 34, 1, 1).float()
+    x = torch.linspace(-1, 1, SIZE).view(1, 1, 1, SIZE)
+    channels = [torch.sin(3 * x + 0.2 * t), torch.cos(2 * x + 0 * t), 0.5 * x + 0 * t]
+    write_video(clip, torch.cat(channels).expand(3, 34, SIZE, SIZE) * 0.8, fps=8)
+    out = tmp_path / "rec.mp4"
+    argv = ["--input", str(clip), "--output", str(out), "--autoencoder", "mtcvae-c4-debug", "--device", "cpu"]
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        assert _run([*argv, "--frames", "34", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["rates"]) == 2 and set(result["rates"]) <= {4, 8, 16}
+    assert result["vcpr"] == sum(64 * c for c in result["rates"]) / 2
+    assert 0.0 <= result["keyframe_accuracy"] <= 1.0
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        assert _run([*argv, "--frames", "34", "--overwrite"]) == 0
+    assert f"VCPR {result['vcpr']:.1f}" in capsys.readouterr().out
+
+
 def test_default_size_is_the_videos_own_when_small(clip, tmp_path, capsys):
     """Without --height/--width: a video that fits in 256x256 at its own size, rounded down to a
     size the autoencoder takes (was: upscaled to 256x256); a larger one at 256x256 as before."""
