@@ -70,6 +70,9 @@ class Autoencoder(nn.Module):
     content_encoding: ClassVar[bool] = False
     # variable-length latents at a chosen temporal rate (``varlen_length``)
     variable_rate: ClassVar[bool] = False
+    # ``decode(latent, Cond(first_frame=pixels))`` also reads the clip's first frame (image-to-video
+    # reconstruction, H3AE's omni objective); plain ``decode(latent)`` stays available
+    first_frame_decoding: ClassVar[bool] = False
 
     def __init__(self, config: AEConfig):
         super().__init__()

@@ -597,6 +597,7 @@ class H3AE(Autoencoder):
     family = "h3ae"
     config_cls = H3AEConfig
     spatial_tiling = True
+    first_frame_decoding = True  # Sec. 3.2: one set of weights decodes plainly or with the first frame (I2V)
 
     def __init__(self, config: H3AEConfig):
         super().__init__(config)

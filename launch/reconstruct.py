@@ -11,12 +11,15 @@ or a source such as ``diffusers:<Class>`` with ``--checkpoint`` its local folder
 ``--overwrite``, and never when it is the input.
 A text-guided autoencoder (``text_dim > 0``, e.g. ``cmvae-z4-text``) encodes and decodes with the
 caption: ``--prompt "..." --text-encoder builtin|t5:DIR|clip:DIR`` (the encoder it was trained with).
+``--first-frame`` decodes with the clip's own first frame as the image condition, for a model that
+takes one (H3AE's image-to-video reconstruction, its Tab. 4; the plain decode is the default).
 A multi-rate autoencoder (MTC-VAE) also reports its segments' rates, the clip's VCPR and its
 keyframe predictor's accuracy (``rate_report``).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -35,16 +38,19 @@ from ldm.metrics import psnr, ssim
 
 @torch.no_grad()
 def reconstruct(ae: Autoencoder, video: torch.Tensor, device: torch.device, cond: Cond | None = None,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, float]]:
+                dtype: torch.dtype = torch.float32, first_frame: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
     """``video`` ``(C, T, H, W)`` in [-1, 1] -> reconstruction (same shape, clamped, fp32) and
     metrics. ``cond`` (batch 1) goes to both encode and decode, e.g. the caption of a text-guided
-    model. The autoencoder runs in ``dtype`` (its weights are cast)."""
+    model; ``first_frame`` also gives the decoder the clip's first frame (``first_frame_decoding``
+    models: image-to-video reconstruction). The autoencoder runs in ``dtype`` (its weights are cast)."""
     ae.eval().to(device=device, dtype=dtype)
     x = video[None].to(device)  # (1, C, T, H, W)
     if cond is not None and cond.text is not None:
         cond = Cond(text=cond.text.to(dtype), text_mask=cond.text_mask)
     t0 = time.perf_counter()
     latent = ae.encode(x.to(dtype), cond)
+    if first_frame:
+        cond = dataclasses.replace(cond or Cond(), first_frame=x[:, :, :1].to(dtype))
     recon = ae.decode(latent, cond).float().clamp(-1, 1)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -139,6 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--side-by-side", action="store_true", help="write input | reconstruction side by side")
     a("--prompt", help="the clip's caption, for a text-guided autoencoder (text_dim > 0)")
     a("--text-encoder", help="text encoder of a text-guided autoencoder: builtin | t5:DIR | clip:DIR")
+    a("--first-frame", action="store_true",
+      help="decode with the clip's first frame as the image condition (image-to-video reconstruction, H3AE)")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
     a("--tile", help="encode/decode large frames in blended spatial tiles: TILE or TILE:OVERLAP pixels")
     a("--chunk-frames", type=int, default=0, help="stream long clips this many frames at a time (IV-VAE, H3AE, causal3d)")
@@ -157,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         if out.exists() and not args.overwrite:
             raise ValueError(f"--output {out} exists; give --overwrite to replace it, or another file name")
         ae, name, _ = resolve(args.autoencoder, args.checkpoint, subfolder=args.subfolder)
+        if args.first_frame and not ae.first_frame_decoding:
+            raise ValueError(f"--first-frame: {name} does not decode with a first frame (H3AE does); leave it out")
         if args.frames is not None and args.height is not None and args.width is not None:
             ae.check_input(args.frames, args.height, args.width)
         configure_inference(ae, args.tile, args.chunk_frames)
@@ -180,18 +190,20 @@ def run(args: argparse.Namespace) -> int:
         fps = args.fps or info["fps"] or 8.0
     except VideoError as e:
         raise UserError(f"--input {args.input}: {e}") from None
-    recon, metrics = reconstruct(ae, video, device, cond, dtype)
+    recon, metrics = reconstruct(ae, video, device, cond, dtype, first_frame=args.first_frame)
     shown = torch.cat([video, recon], dim=-1) if args.side_by_side else recon  # (C, T, H, W or 2W)
     write_video(out, shown, fps)
     result: dict[str, Any] = {"autoencoder": name, "checkpoint": args.checkpoint, "input": args.input,
                               "output": str(out), "frames": frames, "height": args.height,
                               "width": args.width, "fps": fps, "dtype": dist.dtype_name(dtype), "tile": args.tile,
+                              "first_frame": args.first_frame,
                               "chunk_frames": args.chunk_frames or None, **metrics}
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{name}: PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}  "
-              f"({frames}x{args.height}x{args.width}, encode+decode {metrics['seconds']:.2f} s) -> {out}")
+              f"({frames}x{args.height}x{args.width}{', first-frame conditioned' if args.first_frame else ''}, "
+              f"encode+decode {metrics['seconds']:.2f} s) -> {out}")
         if "rates" in metrics:
             acc = metrics.get("keyframe_accuracy")
             print(f"  segment rates {metrics['rates']}  VCPR {metrics['vcpr']:.1f}"

@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import autoencoders
 from autoencoders import build
 from data.video import probe, read_video, write_video
 from launch import reconstruct
 from ldm.errors import UserError
+from ldm.latent import Cond
+from ldm.metrics import psnr
 
 FRAMES, SIZE = 5, 32
 
@@ -202,6 +205,31 @@ def test_multi_rate_autoencoder_reports_rates_vcpr_and_keyframe_accuracy(tmp_pat
     with pytest.warns(UserWarning, match="RANDOM weights"):
         assert _run([*argv, "--frames", "34", "--overwrite"]) == 0
     assert f"VCPR {result['vcpr']:.1f}" in capsys.readouterr().out
+
+
+def test_first_frame_decodes_image_conditioned(clip, tmp_path, capsys):
+    """H3AE's I2V reconstruction (Tab. 4): --first-frame decodes with the clip's own first frame, the
+    same as decode(latent, Cond(first_frame=...)); a model without it refuses the flag in one line."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "h3ae"
+    build("h3ae-4x16x16-debug").save_pretrained(ckpt, name="h3ae-4x16x16-debug")
+    results = {}
+    for extra in ((), ("--first-frame",)):
+        out = tmp_path / f"rec{len(extra)}.mp4"
+        assert _run(_args(clip, out, "--checkpoint", str(ckpt), "--json", *extra)) == 0
+        results[extra] = json.loads(capsys.readouterr().out)
+    plain, i2v = results[()], results[("--first-frame",)]
+    assert i2v["first_frame"] is True and plain["first_frame"] is False
+    ae = autoencoders.load_pretrained(ckpt).eval()
+    video = read_video(clip, FRAMES, SIZE, SIZE)[None]
+    with torch.no_grad():
+        latent = ae.encode(video)
+        want = ae.decode(latent, Cond(first_frame=video[:, :, :1])).clamp(-1, 1)
+    assert i2v["psnr"] == pytest.approx(float(psnr(want, video)[0]), abs=1e-4)
+    assert i2v["psnr"] != pytest.approx(plain["psnr"], abs=1e-3)
+    with pytest.warns(UserWarning, match="RANDOM"), \
+            pytest.raises(UserError, match="--first-frame: kl2d-f8c4-debug does not decode with a first frame"):
+        _run(_args(clip, tmp_path / "o.mp4", "--autoencoder", "kl2d-f8c4-debug", "--first-frame"))
 
 
 def test_default_size_is_the_videos_own_when_small(clip, tmp_path, capsys):
