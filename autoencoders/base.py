@@ -73,6 +73,10 @@ class Autoencoder(nn.Module):
     # ``decode(latent, Cond(first_frame=pixels))`` also reads the clip's first frame (image-to-video
     # reconstruction, H3AE's omni objective); plain ``decode(latent)`` stays available
     first_frame_decoding: ClassVar[bool] = False
+    # ``train_forward``'s ``recon`` carries gradients to the weights, so the trainer's pixel terms
+    # (reconstruction, LPIPS) train the model; False (Hi-VAE: a detached one-step estimate of a
+    # diffusion decoder) logs them as progress measures, outside the total the model minimises
+    recon_trained: ClassVar[bool] = True
 
     def __init__(self, config: AEConfig):
         super().__init__()

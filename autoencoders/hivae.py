@@ -565,6 +565,8 @@ class HiVAE(Autoencoder):
         self.config = cfglib.replace(self.config, base=base.config)
         self._apply_stage()
 
+    recon_trained = False  # train_forward's recon is a detached one-step estimate: Eq. 11 is the whole loss
+
     def last_layer(self) -> Tensor:
         raise ValueError("hivae decodes by sampling a diffusion model: train it without --gan (its loss is "
                          "the flow-matching velocity loss, and the logged rec is a one-step estimate)")

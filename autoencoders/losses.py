@@ -199,11 +199,13 @@ class AELoss(nn.Module):
         b = rearrange(x_hat, "b c t h w -> (b t) c h w")  # (B*T, C, H, W)
         return self.lpips.distance(b, a).mean()  # differentiable (forward is the no-grad metric)
 
-    def generator_loss(self, video: Tensor, out: AEOutput, step: int,
-                       last_layer: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def generator_loss(self, video: Tensor, out: AEOutput, step: int, last_layer: Tensor | None = None,
+                       recon_trained: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         """Total autoencoder loss and its detached terms. ``last_layer`` is needed only for the
         adaptive GAN weight once the GAN is active. Family terms in ``out.losses`` (already
-        weighted) are added to the total and logged under their own names."""
+        weighted) are added to the total and logged under their own names. ``recon_trained=False``
+        (``Autoencoder.recon_trained``: ``out.recon`` is a detached estimate) logs ``rec`` and
+        ``lpips`` without adding them to the total, which is then the family's own objective."""
         cfg = self.config
         rec = reconstruction_loss(video, out.recon, cfg.rec)
         kl = kl_loss(out.posterior, video[0].numel())
@@ -213,6 +215,10 @@ class AELoss(nn.Module):
             p = self.perceptual(video, out.recon)
             nll = nll + cfg.lpips_weight * p
             logs["lpips"] = p.detach()
+        if not recon_trained:
+            if self.discriminator is not None:
+                raise ValueError("the GAN needs a reconstruction that carries gradients (recon_trained)")
+            nll = rec.new_zeros(())
         total = nll + cfg.kl_weight * kl
         if self.gan_active(step):
             with _frozen(self.discriminator):

@@ -662,7 +662,7 @@ class AETrainer:
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
         with autocast:
             out = self.model(video, self.generator, cond)
-            total, logs = self.loss_fn.generator_loss(video, out, self.step, self.last_layer)
+            total, logs = self.loss_fn.generator_loss(video, out, self.step, self.last_layer, self.ae.recon_trained)
         # one read per step: is the loss finite on every rank, and was any rank asked to stop
         asked = self.stop.flag(total.device) if self.stop is not None else total.new_zeros((), dtype=torch.float32)
         flags = torch.stack([torch.isfinite(total).float(), asked])

@@ -4,6 +4,7 @@ lowers the loss, the AE trainer runs both stages, cost accounting, and the motio
 (extract -> `ldm train` -> `generate`) with class and text conditioning."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -394,6 +395,12 @@ def test_ae_trainer_runs_both_stages(tmp_path):
                   progress=False)
     s1 = train_autoencoder(TrainAEConfig(output=str(tmp_path / "s1"), autoencoder="hivae-s-debug", **common))
     assert s1["last_loss"] is not None and (tmp_path / "s1" / "samples" / "step-00000002.png").exists()
+    # the logged loss is Eq. 11 (velocity MSE + weighted motion KL): the detached one-step L1 `rec` is
+    # logged beside it, outside the total
+    for line in (tmp_path / "s1" / "log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            assert row["rec"] > 0.01 and row["loss"] == pytest.approx(row["flow"] + row["kl_motion"], rel=1e-5)
     s2 = train_autoencoder(TrainAEConfig(output=str(tmp_path / "s2"), init=s1["final"], stage=2, **common))
     one, two = load_pretrained(s1["final"]), load_pretrained(s2["final"])
     assert two.config.stage == 2
