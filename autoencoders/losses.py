@@ -2,7 +2,7 @@
 
 The generator objective (what ``ldm train-ae`` minimises for the autoencoder) is
 
-    L = L_rec + w_kl * L_KL + w_lpips * L_LPIPS + w_gan * lambda * L_G + sum(AEOutput.losses)
+    L = L_rec + w_kl * L_KL + w_lpips * L_LPIPS + w_dwt * L_DWT + w_gan * lambda * L_G + sum(AEOutput.losses)
 
 with the discriminator trained on the hinge loss ``L_D`` once ``step >= disc_start`` (Esser et al.,
 "Taming Transformers", Eq. 4-7; the SD-VAE recipe of Rombach et al. 2022, Appendix G).
@@ -16,6 +16,11 @@ Normalisation (documented once, used everywhere):
   per-element mean, the weight ``w_kl`` therefore means what it means in the SD-VAE / taming code
   (sum of rec over pixels + w * sum of KL over latents, both per sample): 1e-6 is the usual value.
 - ``L_LPIPS`` is the mean LPIPS distance over frames (frames folded into the batch).
+- ``L_DWT`` is the mean over all coefficients of ``|DWT(x) - DWT(x_hat)|``, DWT one level of the
+  orthonormal 3D Haar transform over (T, H, W) (`haar_dwt3d`, 8 sub-bands). The DWT loss of H3AE's
+  Tab. 5 (after WF-VAE and LTX-Video); H3AE gives neither its transform nor its weight, so the
+  transform and level are our choice (alternative: a 2D per-frame DWT, several levels, or the
+  high-frequency sub-bands only).
 - ``lambda`` is the adaptive weight ``||grad_GL(L_rec + L_LPIPS)|| / (||grad_GL(L_G)|| + 1e-4)``
   clipped to [0, 1e4], where ``GL`` is the last decoder layer's weight (taming Eq. 7).
 
@@ -50,6 +55,7 @@ class AELossConfig:
     rec: str = "l1"  # "l1" | "l2"
     kl_weight: float = 1e-6
     lpips_weight: float = 0.0  # needs an LPIPS network given to AELoss
+    dwt_weight: float = 0.0  # L1 between 3D Haar wavelet coefficients (H3AE Tab. 5's DWT loss); 0 = off
     gan_weight: float = 0.0  # 0 disables the discriminator
     disc_kind: str = "2d"  # "2d" per frame | "3d" spatio-temporal
     disc_start: int = 0  # optimizer step at which the GAN terms switch on
@@ -62,7 +68,7 @@ class AELossConfig:
             raise ValueError(f"rec must be one of {REC_LOSSES}, got {self.rec!r}")
         if self.disc_kind not in DISC_KINDS:
             raise ValueError(f"disc_kind must be one of {DISC_KINDS}, got {self.disc_kind!r}")
-        for name in ("kl_weight", "lpips_weight", "gan_weight"):
+        for name in ("kl_weight", "lpips_weight", "dwt_weight", "gan_weight"):
             if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite value >= 0, got {getattr(self, name)}")
         if self.disc_start < 0:
@@ -85,6 +91,28 @@ def reconstruction_loss(x: Tensor, x_hat: Tensor, kind: str = "l1") -> Tensor:
     if kind == "l2":
         return (x - x_hat).pow(2).mean()
     raise ValueError(f"rec must be one of {REC_LOSSES}, got {kind!r}")
+
+
+def haar_dwt3d(video: Tensor) -> Tensor:
+    """One level of the orthonormal Haar transform over (T, H, W) of ``B C T H W``: ``B C 8 T' H' W'``
+    with ``T' = ceil(T / 2)`` etc. (an odd size is padded by repeating its last frame / row /
+    column), sub-band 0 the low-pass of all three axes."""
+    pad = [0, video.shape[4] % 2, 0, video.shape[3] % 2, 0, video.shape[2] % 2]
+    if any(pad):
+        video = F.pad(video, pad, mode="replicate")
+    bands = video[:, :, None]  # (B, C, 1, T, H, W)
+    for dim in (3, 4, 5):
+        x = bands.movedim(dim, -1)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        bands = (torch.cat([even + odd, even - odd], 2) / math.sqrt(2)).movedim(-1, dim)
+    return bands
+
+
+def dwt_loss(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Mean over all coefficients of ``|haar_dwt3d(x) - haar_dwt3d(x_hat)|``."""
+    if x.shape != x_hat.shape:
+        raise ValueError(f"reconstruction shape {tuple(x_hat.shape)} != input shape {tuple(x.shape)}")
+    return (haar_dwt3d(x) - haar_dwt3d(x_hat)).abs().mean()
 
 
 def kl_loss(posterior: Latent, input_elements: int) -> Tensor:
@@ -204,8 +232,8 @@ class AELoss(nn.Module):
         """Total autoencoder loss and its detached terms. ``last_layer`` is needed only for the
         adaptive GAN weight once the GAN is active. Family terms in ``out.losses`` (already
         weighted) are added to the total and logged under their own names. ``recon_trained=False``
-        (``Autoencoder.recon_trained``: ``out.recon`` is a detached estimate) logs ``rec`` and
-        ``lpips`` without adding them to the total, which is then the family's own objective."""
+        (``Autoencoder.recon_trained``: ``out.recon`` is a detached estimate) logs ``rec``,
+        ``lpips`` and ``dwt`` without adding them to the total, which is then the family's own objective."""
         cfg = self.config
         rec = reconstruction_loss(video, out.recon, cfg.rec)
         kl = kl_loss(out.posterior, video[0].numel())
@@ -215,6 +243,10 @@ class AELoss(nn.Module):
             p = self.perceptual(video, out.recon)
             nll = nll + cfg.lpips_weight * p
             logs["lpips"] = p.detach()
+        if cfg.dwt_weight > 0:
+            d = dwt_loss(video, out.recon)
+            nll = nll + cfg.dwt_weight * d
+            logs["dwt"] = d.detach()
         if not recon_trained:
             if self.discriminator is not None:
                 raise ValueError("the GAN needs a reconstruction that carries gradients (recon_trained)")

@@ -139,6 +139,7 @@ class TrainAEConfig:
     lpips_vgg: str | None = None
     lpips_heads: str | None = None
     lpips_weight: float = 1.0
+    dwt_weight: float = 0.0  # L1 on 3D Haar wavelet coefficients (H3AE Tab. 5's DWT loss; autoencoders.losses)
     gan: bool = False
     gan_weight: float = 0.5
     disc_kind: str = "2d"
@@ -230,7 +231,7 @@ class TrainAEConfig:
     def loss_config(self, disc_weight: float = 1.0) -> AELossConfig:
         """The autoencoder loss; ``disc_weight`` (a bucket's) multiplies the GAN weight."""
         return AELossConfig(rec=self.loss, kl_weight=self.kl_weight,
-                            lpips_weight=self.lpips_weight if self.lpips_vgg else 0.0,
+                            lpips_weight=self.lpips_weight if self.lpips_vgg else 0.0, dwt_weight=self.dwt_weight,
                             gan_weight=self.gan_weight * disc_weight if self.gan else 0.0, disc_kind=self.disc_kind,
                             disc_start=self.disc_start)
 
@@ -1043,6 +1044,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lpips-vgg", help="torchvision VGG16 weights file for the LPIPS term")
     a("--lpips-heads", help="the lpips package's vgg.pth linear heads")
     a("--lpips-weight", type=float)
+    a("--dwt-weight", type=float, help="weight of an L1 loss on 3D Haar wavelet coefficients (H3AE Tab. 5's DWT loss)")
     a("--gan", action="store_true", help="add a PatchGAN discriminator (hinge loss, adaptive weight)")
     a("--gan-weight", type=float)
     a("--disc-kind", choices=("2d", "3d"))

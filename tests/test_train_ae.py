@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from autoencoders import build, load_pretrained
-from autoencoders.losses import (AELoss, AELossConfig, PatchDiscriminator, adaptive_gan_weight, hinge_d_loss,
-                                 kl_loss, reconstruction_loss)
+from autoencoders.losses import (AELoss, AELossConfig, PatchDiscriminator, adaptive_gan_weight, dwt_loss,
+                                 haar_dwt3d, hinge_d_loss, kl_loss, reconstruction_loss)
 from data.video import write_video
 from launch import dist
 from launch import runs
@@ -484,6 +484,31 @@ def test_generator_loss_terms_lpips_gradient_and_adaptive_weight():
     assert all(p.grad is None for p in loss_fn.discriminator.parameters())  # G step leaves D alone
     with pytest.raises(ValueError, match="needs an LPIPS network"):
         AELoss(AELossConfig(lpips_weight=1.0))
+
+
+def test_dwt_loss_term_from_the_cli():
+    """H3AE Tab. 5's DWT loss: `--dwt-weight` adds w x mean |Haar3D(x) - Haar3D(x_hat)|; the 3D Haar
+    level is orthonormal (energy kept, 8 sub-bands) and takes odd clip lengths (1 + 4k frames)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, 6, generator=g)
+    bands = haar_dwt3d(x)
+    assert bands.shape == (2, 3, 8, 3, 4, 3)
+    even = torch.randn(1, 2, 4, 4, 4, generator=g)
+    assert torch.isclose(haar_dwt3d(even).pow(2).sum(), even.pow(2).sum())
+    flat = torch.full((1, 1, 2, 2, 2), 0.5)
+    assert torch.allclose(haar_dwt3d(flat).flatten(), torch.tensor([0.5 * 8 ** 0.5] + [0.0] * 7))
+    assert dwt_loss(x, x) == 0
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--autoencoder", "h3ae-4x16x16-debug", "--data", "d", "--output", "o",
+                                              "--dwt-weight", "0.5"]))
+    assert cfg.loss_config().dwt_weight == 0.5
+    ae = build("h3ae-4x16x16-debug")
+    video = torch.rand(1, 3, 5, 32, 32, generator=g) * 2 - 1
+    out = ae.train_forward(video, generator=torch.Generator().manual_seed(0))
+    total, logs = AELoss(cfg.loss_config()).generator_loss(video, out, step=0)
+    assert torch.isclose(logs["dwt"], dwt_loss(video, out.recon.detach()))
+    assert torch.isclose(total.detach(), logs["rec"] + 0.5 * logs["dwt"] + 1e-6 * logs["kl"])
 
 
 def test_adaptive_gan_weight_on_ivvae_images_reaches_the_key_head():
