@@ -559,7 +559,8 @@ class MTCVAE(Causal3D):
         ``rates`` of its segments, ``vcpr`` (the mean of the segments' ``c * f * f``, the convention
         of ``latent_spec``; Sec. 4.1's T/t * H/h * W/w per segment) and ``keyframe_accuracy`` (Sec.
         4.1's Acc.: latent frames whose keyframe call by P at ``keyframe_threshold`` is right / all
-        latent frames, frame 0 a keyframe by definition), the last one only when ``aux`` holds the true keyframes (an encoded latent)."""
+        latent frames, frame 0 a keyframe by definition), the last one only when ``aux`` holds the
+        true keyframes (an encoded latent)."""
         f = self.spatial_factor
         probs = self.keyframe_probs(latent) if "keyframe" in latent.aux else None
         out = []
