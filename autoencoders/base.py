@@ -113,6 +113,11 @@ class Autoencoder(nn.Module):
         encode and decode (0, the default: the model takes no text)."""
         return int(getattr(self.config, "text_dim", 0))
 
+    def schedule_warnings(self, steps_left: int) -> list[str]:
+        """Warnings about the model's own step-scheduled training terms for a run with ``steps_left``
+        training steps to go (e.g. H3AE's consistency loss starting after the run ends); none here."""
+        return []
+
     @property
     def stage(self) -> int | None:
         """The training stage of a staged family (``config.stage``), None for the others."""

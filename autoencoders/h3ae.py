@@ -663,6 +663,17 @@ class H3AE(Autoencoder):
         return self.decoder(z, first, None, self.frame_chunk)  # (B, C, T, H, W)
 
     # --- training ------------------------------------------------------------------------
+    def schedule_warnings(self, steps_left: int) -> list[str]:
+        """The consistency loss never switches on when ``consistency_start`` lies beyond the run's
+        last step (``train_steps`` counts the steps this model has trained, ``--init`` runs included)."""
+        cfg, done = self.config, int(self.train_steps)
+        if cfg.consistency == "none" or cfg.consistency_start < done + steps_left:
+            return []
+        return [f"the {cfg.consistency} consistency loss starts after {cfg.consistency_start} training steps "
+                f"(consistency_start) and this run ends after {done + steps_left}: it never applies. The paper "
+                f"applies it in the last 10K of 80K steps; e.g. --ae-config consistency_start="
+                f"{done + steps_left - max(steps_left // 8, 1)}, or consistency=none to train without it"]
+
     def consistency_active(self) -> bool:
         cfg = self.config
         return cfg.consistency != "none" and int(self.train_steps) >= cfg.consistency_start

@@ -807,6 +807,13 @@ class AETrainer:
         if cfg.val.data:
             self.val_clips = self._read_val_clips()
         start_step = self.step
+        if self.main:  # a scheduled change after the last step would never happen (a shortened recipe)
+            late = [at for at, _ in cfg.lr_drop if int(at) >= cfg.steps]
+            if late:
+                log.warning("lr_drop at step(s) %s: after the run's last step %d, it never applies (give "
+                            "--lr-drop STEP:LR below --steps)", late, cfg.steps)
+            for message in self.ae.schedule_warnings(max(cfg.steps - self.step, 0)):
+                log.warning("%s", message)
         log_path = self.out / "log.jsonl"
         sample_clips: list[Tensor] = []
         sample_captions: list[str] = []

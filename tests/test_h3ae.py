@@ -441,6 +441,29 @@ def test_one_train_step_lowers_the_loss():
     assert after < before
 
 
+def test_a_run_that_ends_before_the_consistency_start_is_warned(tmp_path, caplog):
+    """A recipe shortened with --steps (80K -> 2) keeps consistency_start 70000 and lr_drop 70000:
+    neither would ever apply, and the run says so before training (as it does for the debug twin)."""
+    from data.synth import synth_dataset
+    from launch.train_ae import TrainAEConfig, train_autoencoder
+
+    model = build("h3ae-4x16x16-debug")  # consistency_start 150
+    assert model.schedule_warnings(151) == []
+    assert build("h3ae-4x16x16-debug", consistency="none").schedule_warnings(5) == []
+    model.train_steps += 140  # an --init model that has trained 140 steps: 10 to go before the loss
+    assert model.schedule_warnings(11) == []
+    (message,) = model.schedule_warnings(10)
+    assert "starts after 150 training steps" in message and "consistency_start=149" in message
+    synth_dataset(tmp_path / "clips", num=2, frames=5, size=32, fps=8, seed=0)
+    with caplog.at_level("WARNING", logger="ldm.train_ae"):
+        train_autoencoder(TrainAEConfig(data=str(tmp_path / "clips"), output=str(tmp_path / "run"),
+                                        autoencoder="h3ae-4x16x16-debug", frames=5, height=32, width=32, steps=2,
+                                        lr_drop=((70000, 1e-5),), num_workers=0, progress=False,
+                                        latent_stats_clips=2))
+    assert "lr_drop at step(s) [70000]: after the run's last step 2" in caplog.text
+    assert "starts after 150 training steps (consistency_start) and this run ends after 2" in caplog.text
+
+
 def test_trains_with_train_autoencoder_and_extracts(tmp_path):
     from data import shards
     from data.manifest import load_manifest
