@@ -668,7 +668,10 @@ class AETrainer:
         asked = self.stop.flag(total.device) if self.stop is not None else total.new_zeros((), dtype=torch.float32)
         flags = torch.stack([torch.isfinite(total).float(), asked])
         finite, stop = dist.all_reduce_mean(flags).tolist()
-        self.stopping = self.stopping or stop > 0
+        if stop > 0 and not self.stopping:
+            self.stopping = True
+            if self.stop is not None:
+                self.stop.heard()  # rank 0 says so when only another rank was signalled
         if finite < 1.0:
             return None
         self.opt.zero_grad(set_to_none=True)
