@@ -1220,9 +1220,9 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 def _recon_defaults(args: argparse.Namespace, ae: Autoencoder) -> None:
     """Fill ``--frames`` / ``--height`` / ``--width`` left out from the first readable video of ``--input``, as
     `ldm reconstruct` does: its own size (`default_size`) and the longest clip of at most 17 frames that it holds
-    and the autoencoder takes (`default_frames`)."""
+    and the autoencoder takes (`default_frames`); of a video and its GIF twin, the video, as the clips are read."""
     missing = [f for f in ("frames", "height", "width") if getattr(args, f) is None]
-    items = list_items(args.input, classes=args.classes, split=args.split)
+    items = _without_gif_twins(list_items(args.input, classes=args.classes, split=args.split))
     if not items:
         raise UserError(f"--input {args.input}: no videos")
     for first in items:  # the first one that can be read: a broken one is skipped later

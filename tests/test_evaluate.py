@@ -655,3 +655,18 @@ def test_eval_recon_temporal_error_is_the_motion_a_frozen_reconstruction_loses(f
     assert r["temporal_error"]["mean"] == pytest.approx(np.mean(motion), rel=1e-6)
     assert r["temporal_error"]["std"] == pytest.approx(np.std(motion), rel=1e-6)
     assert "temporal_error" not in ev.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 1, 32, 32)
+
+
+def test_eval_recon_default_frames_come_from_the_video_not_its_gif_twin(tmp_path, capsys):
+    """In an `ldm sample` folder (``0000.mp4`` + ``0000.gif``) the default clip comes from the MP4, the file read
+    (was: from the GIF listed first, whose centisecond frame delays give 8 frames at 15 fps, so a causal VAE took
+    clips of 5 frames of the 9)."""
+    clip = torch.rand(3, 9, 32, 32) * 2 - 1
+    for suffix in (".mp4", ".gif"):
+        write_video(tmp_path / "s" / f"0000{suffix}", clip, 15.0)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ldm(["eval", "recon", "--autoencoder", "causal3d-f4x8c4-debug", "--input", str(tmp_path / "s"), "--fps", "15",
+             "--output", str(tmp_path / "r.json"), "--device", "cpu"])
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert (r["frames"], r["clips"]) == (9, 1)
+    assert "clips of 9 frames, as 0000.mp4 holds" in capsys.readouterr().err
