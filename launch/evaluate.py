@@ -2,7 +2,8 @@
 
     ldm eval recon --autoencoder NAME --checkpoint DIR --input VIDEOS --frames 17 --height 256 --width 256 \\
                    [--lpips-backbone vgg16.pth --lpips-heads vgg.pth] [--i3d i3d_torchscript.pt] \\
-                   [--frame-group 4 --group-start 1] [--num 2048 --seed 0] [--classes folder|FILE --split FILE] \\
+                   [--inception inception-2015-12-05.pt] [--first-frame] [--frame-group 4 --group-start 1] \\
+                   [--num 2048 --seed 0] [--classes folder|FILE --split FILE] \\
                    --output recon.json [--grid recon.png] [--overwrite]
     ldm eval gen --checkpoint RUN --output DIR [--overwrite] [--attributes --per-prompt 4] \\
                  [--reference VIDEOS --num 2048 --i3d i3d_torchscript.pt --inception inception-2015-12-05.pt \\
@@ -11,8 +12,10 @@
 
 Reconstruction (``recon``): the per-clip metrics of `RECON_METRICS` (PSNR, SSIM: Gaussian 11 / 1.5, data
 range 2, LPIPS: torchvision backbone + the lpips package's linear heads, both user files, and the temporal error:
-frame-to-frame change unlike the clip's) and rFVD (originals vs their reconstructions), optionally SSIM per frame
-position inside a frame group (IV-VAE Fig. 1b: a causal 4x-temporal VAE reconstructs the frames of each group
+frame-to-frame change unlike the clip's; a variable-rate autoencoder's VCPR and keyframe accuracy, MTC-VAE's
+``rate_report``), rFVD and rFID (originals vs their reconstructions; rFID: every frame, eval gen's Inception),
+optionally decoded with each clip's first frame (``--first-frame``, H3AE's I2V reconstruction), optionally SSIM
+per frame position inside a frame group (IV-VAE Fig. 1b: a causal 4x-temporal VAE reconstructs the frames of each group
 of 4 unequally), a grid PNG and JSON.
 
 Generation (``gen``):
@@ -219,11 +222,13 @@ def _mean_std(x: list[float]) -> dict[str, float]:
 
 
 # The per-clip metrics of ``ldm eval recon``: the result's key -> the entry of
-# `ldm.metrics.reconstruction_scores` it summarises. A clip's value is the mean of its entry (an entry per frame
-# is averaged over the clip's frames); the result holds mean / std / n / infinite over the clips (`_mean_std`).
-# An entry that a run does not compute (``lpips`` without LPIPS files) leaves its key out of the result.
+# `ldm.metrics.reconstruction_scores` (or, for a variable-rate autoencoder, of its ``rate_report``: `_rate_scores`)
+# it summarises. A clip's value is the mean of its entry (an entry per frame is averaged over the clip's frames);
+# the result holds mean / std / n / infinite over the clips (`_mean_std`). An entry that a run does not compute
+# (``lpips`` without LPIPS files, ``vcpr`` of a fixed-rate autoencoder) leaves its key out of the result.
 # To add a metric: compute it in `reconstruction_scores`, add its line here, describe it in README's evaluation.
-RECON_METRICS = {"psnr_db": "psnr", "ssim": "ssim_per_frame", "lpips": "lpips", "temporal_error": "temporal_error"}
+RECON_METRICS = {"psnr_db": "psnr", "ssim": "ssim_per_frame", "lpips": "lpips", "temporal_error": "temporal_error",
+                 "vcpr": "vcpr", "keyframe_accuracy": "keyframe_accuracy"}
 SSIM_PROTOCOL = "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 2 ([-1, 1]), per frame, averaged"
 
 
@@ -236,10 +241,22 @@ class _ReconPass:
     decode_s: float = 0.0
 
 
+def _rate_scores(ae: Autoencoder, latent) -> list[dict[str, Tensor]]:
+    """Per clip of an encoded batch, the `RECON_METRICS` entries of a variable-rate autoencoder's
+    ``rate_report`` (MTC-VAE Tab. 1 / 3: the clip's ``vcpr``, its keyframe predictor's ``keyframe_accuracy``);
+    nothing for a fixed-rate one."""
+    if not ae.variable_rate:
+        return [{} for _ in range(latent.batch_size)]
+    return [{k: torch.tensor(float(v), dtype=torch.float64) for k, v in report.items()
+             if k in ("vcpr", "keyframe_accuracy")} for report in ae.rate_report(latent)]
+
+
 def _reconstruct_clips(ae: Autoencoder, clips: Iterable[dict[str, Any]], *, batch_size: int, device: torch.device,
                        dtype: torch.dtype, lpips: LPIPS | None, rfvd: FrechetAccumulator | None, text_encoder,
-                       grid_clips: int) -> _ReconPass:
-    """Encode + decode ``clips`` batch by batch: each clip's scores, rFVD's features, the first ``grid_clips``
+                       grid_clips: int, rfid: FrechetAccumulator | None = None,
+                       first_frame: bool = False) -> _ReconPass:
+    """Encode + decode ``clips`` batch by batch (``first_frame``: the decoder also gets each clip's first frame,
+    image-to-video reconstruction): each clip's scores, rFVD's and rFID's features, the first ``grid_clips``
     clips for the grid and the seconds spent encoding and decoding."""
     done = _ReconPass(rows=[], shown=[])
     for batch in _batches(clips, batch_size):
@@ -251,16 +268,22 @@ def _reconstruct_clips(ae: Autoencoder, clips: Iterable[dict[str, Any]], *, batc
         t0 = time.perf_counter()
         latent = ae.encode(x.to(dtype), cond)
         t1 = time.perf_counter()
+        if first_frame:
+            cond = dataclasses.replace(cond or Cond(), first_frame=x[:, :, :1].to(dtype))
         y = ae.decode(latent, cond).clamp(-1, 1)
         done.encode_s, done.decode_s = done.encode_s + t1 - t0, done.decode_s + time.perf_counter() - t1
+        rates = _rate_scores(ae, latent)
         x, y = x.float().cpu(), y.float().cpu()
         scores = reconstruction_scores(x, y, lpips)
         index = [b["index"] for b in batch]
-        done.rows += [{"index": i, **{entry: v[j].clone() for entry, v in scores.items()}}
+        done.rows += [{"index": i, **{entry: v[j].clone() for entry, v in scores.items()}, **rates[j]}
                       for j, i in enumerate(index)]
         if rfvd is not None:
             rfvd.update("real", x, index=index)
             rfvd.update("fake", y)
+        if rfid is not None:
+            rfid.update("real", x)
+            rfid.update("fake", y)
         done.shown += [(i, x[j], y[j]) for j, i in enumerate(index)][:grid_clips - len(done.shown)]
     return done
 
@@ -287,24 +310,30 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
                             i3d: Extractor | None = None, fvd_frames: int = FVD_FRAMES,
                             frame_group: int = 0, group_start: int = 0, text_encoder=None,
                             grid: str | Path | None = None, grid_clips: int = 4,
-                            dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                            dtype: torch.dtype = torch.float32, inception: Extractor | None = None,
+                            first_frame: bool = False) -> dict[str, Any]:
     """Encode + decode the clips of ``input`` (`choose_items`: with ``num``, a random ``num`` of them
     seeded by ``seed``, or the first ``num`` when ``seed`` is None, as `ldm train-ae`'s held-out set
     and `ldm cost --recon` take them; ``classes`` / ``split`` as `data.sources.list_items`); the per-clip
-    metrics of `RECON_METRICS`, rFVD, optional per-position SSIM and a grid of the first ``grid_clips``
-    clips. The autoencoder runs in ``dtype``; the metrics are computed in fp32. ``input_clips`` in
-    the result records how the clips were chosen."""
+    metrics of `RECON_METRICS`, rFVD (``i3d``), rFID (``inception``: every frame of the originals against every
+    frame of their reconstructions), optional per-position SSIM and a grid of the first ``grid_clips``
+    clips. ``first_frame``: decoded with each clip's first frame (``first_frame_decoding`` autoencoders: H3AE's
+    image-to-video reconstruction, its Tab. 4). The autoencoder runs in ``dtype``; the metrics are computed in
+    fp32. ``input_clips`` in the result records how the clips were chosen."""
     device = torch.device(device)
     ae = ae.to(device=device, dtype=dtype).eval()
     ae.check_input(frames, height, width)
     ae.check_text_encoder(text_encoder)
+    if first_frame and not ae.first_frame_decoding:
+        raise ValueError(f"{ae.family} does not decode with a first frame (H3AE does): no image-to-video "
+                         "reconstruction")
     items, chosen = choose_items(input, num=num, seed=seed, classes=classes, split=split)
     clips, skipped = _rank_share(input, frames, height, width, fps, items, batch_size)  # all of them on one rank
     rfvd = fvd_accumulator(i3d, fvd_frames) if i3d is not None else None
+    rfid = fid_accumulator(inception) if inception is not None else None
     done = _reconstruct_clips(ae, clips, batch_size=batch_size, device=device, dtype=dtype, lpips=lpips, rfvd=rfvd,
-                              text_encoder=text_encoder, grid_clips=grid_clips)
-    if rfvd is not None:
-        _merge_ranks({"rfvd": rfvd})
+                              text_encoder=text_encoder, grid_clips=grid_clips, rfid=rfid, first_frame=first_frame)
+    _merge_ranks({k: acc for k, acc in {"rfvd": rfvd, "rfid": rfid}.items() if acc is not None})
     done, skipped = _gathered_pass(done, grid_clips), _gathered(skipped)
     n = len(done.rows)
     if n == 0:
@@ -312,13 +341,15 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
                         "the inputs, or change --frames/--fps")
     result: dict[str, Any] = {"clips": n, "skipped": skipped, "input_clips": chosen, "frames": frames,
                               "height": height, "width": width, "read_fps": fps, "read": CLIP_READING,
-                              "dtype": dist.dtype_name(dtype), **recon_metrics(done.rows),
+                              "first_frame": first_frame, "dtype": dist.dtype_name(dtype), **recon_metrics(done.rows),
                               "ssim_protocol": SSIM_PROTOCOL,
                               "encode_s_per_clip": done.encode_s / n, "decode_s_per_clip": done.decode_s / n}
     if lpips is not None:
         result["lpips"]["net"] = lpips.net
     if rfvd is not None:
         result["rfvd"] = rfvd.result("rfvd") if n >= 2 else {"error": "rFVD needs >= 2 clips"}
+    if rfid is not None:
+        result["rfid"] = rfid.result("rfid") if n * frames >= 2 else {"error": "rFID needs >= 2 frames"}
     if frame_group:
         per_frame = torch.stack([r["ssim_per_frame"] for r in done.rows])
         result["ssim_per_position"] = position_ssim(per_frame, frame_group, group_start)
@@ -1001,6 +1032,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--batch-size", type=int, default=4)
     r.add_argument("--text-encoder", help="for a text-guided autoencoder: builtin | t5:DIR | clip:DIR")
     _metric_args(r)
+    r.add_argument("--inception", help="rFID: StyleGAN2-ADA's TorchScript Inception (inception-2015-12-05.pt), every "
+                   "frame of the originals against every frame of their reconstructions (Hi-VAE Tab. 2)")
+    r.add_argument("--first-frame", action="store_true",
+                   help="decode with each clip's first frame as the image condition (image-to-video reconstruction, "
+                        "H3AE Tab. 4; autoencoders with first_frame_decoding)")
     r.add_argument("--frame-group", type=int, default=0, metavar="K",
                    help="also report SSIM per frame position inside groups of K frames (IV-VAE Fig. 1b)")
     r.add_argument("--group-start", type=int, default=0, help="first frame of the first group (1 for a causal VAE)")
@@ -1100,8 +1136,8 @@ def check_args(args: argparse.Namespace) -> None:
         check_min({"--frame-group": args.frame_group, "--group-start": args.group_start}, 0)
     if args.fps is not None and not args.fps > 0:
         raise UserError(f"--fps must be > 0, got {args.fps}")
-    files = {"--i3d": args.i3d, **({"--inception": args.inception} if gen else
-                                    {"--lpips-backbone": args.lpips_backbone, "--lpips-heads": args.lpips_heads})}
+    files = {"--i3d": args.i3d, "--inception": args.inception,
+             **({} if gen else {"--lpips-backbone": args.lpips_backbone, "--lpips-heads": args.lpips_heads})}
     for flag, path in files.items():
         if path is not None and not Path(path).is_file():
             raise MissingInput(f"{flag} {path}: " + ("a folder; give the file itself" if Path(path).is_dir() else
@@ -1257,7 +1293,11 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     with checking("--i3d"):
         i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None  # fail early, before encoding
     with checking():
+        inception = load_inception(args.inception, device) if args.inception else None
+    with checking():
         ae, name, ckpt_hash = resolve(args.autoencoder, args.checkpoint or args.ae_path, subfolder=args.ae_subfolder)
+    if args.first_frame and not ae.first_frame_decoding:
+        raise UserError(f"--first-frame: {name} does not decode with a first frame (H3AE does); leave it out")
     if args.height is None or args.width is None or args.frames is None:  # from the first video, as `ldm reconstruct`
         _recon_defaults(args, ae)
     with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
@@ -1276,7 +1316,8 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                                      batch_size=args.batch_size, device=device, lpips=lpips, i3d=i3d,
                                      fvd_frames=args.fvd_frames, frame_group=args.frame_group,
                                      group_start=args.group_start, text_encoder=text_encoder, grid=args.grid,
-                                     dtype=compute_dtype(args.dtype, device))
+                                     dtype=compute_dtype(args.dtype, device), inception=inception,
+                                     first_frame=args.first_frame)
     result = {"autoencoder": name, "checkpoint": args.checkpoint, "checkpoint_hash": ckpt_hash, "input": args.input,
               "tile": args.tile, "chunk_frames": args.chunk_frames, **result}
     if lpips is not None:

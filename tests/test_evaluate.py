@@ -606,7 +606,8 @@ def test_eval_recon_on_two_ranks_gives_the_one_rank_scores(files, tmp_path):
 
     args = ["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(files / "videos"), "--frames", "8",
             "--height", "32", "--width", "32", "--i3d", str(files / "i3d_torchscript.pt"), "--fvd-frames", "8",
-            "--frame-group", "4", "--batch-size", "2", "--device", "cpu"]
+            "--inception", str(files / "inception-2015-12-05.pt"), "--frame-group", "4", "--batch-size", "2",
+            "--device", "cpu"]
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     for name, cmd in [("one", [sys.executable, "-m", "launch.cli"]), ("two", torchrun(2))]:  # fresh processes:
@@ -619,6 +620,7 @@ def test_eval_recon_on_two_ranks_gives_the_one_rank_scores(files, tmp_path):
     for key in ("psnr_db", "ssim"):
         assert two[key]["mean"] == pytest.approx(one[key]["mean"], rel=1e-6) and two[key]["n"] == 6
     assert two["rfvd"]["rfvd"] == pytest.approx(one["rfvd"]["rfvd"], rel=1e-6)
+    assert two["rfid"]["rfid"] == pytest.approx(one["rfid"]["rfid"], rel=1e-6) and two["rfid"]["n_real"] == 48
     assert two["ssim_per_position"]["positions"] == pytest.approx(one["ssim_per_position"]["positions"], rel=1e-6)
     assert (tmp_path / "two.png").read_bytes() == (tmp_path / "one.png").read_bytes()
 
@@ -657,6 +659,46 @@ def test_eval_recon_temporal_error_is_the_motion_a_frozen_reconstruction_loses(f
     assert "temporal_error" not in ev.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 1, 32, 32)
 
 
+def test_eval_recon_reports_a_variable_rate_autoencoder_s_vcpr_and_keyframe_accuracy(tmp_path):
+    """MTC-VAE (``variable_rate``): per clip, `rate_report`'s VCPR and keyframe accuracy, summarised over the clips
+    as every RECON_METRICS entry (was: left out, only one clip's through `ldm reconstruct`); none for a fixed rate."""
+    synth_dataset(tmp_path / "v", num=2, frames=17, size=32, fps=8, seed=0)
+    ae = autoencoders.build("mtcvae-c4-debug").eval()
+    r = ev.evaluate_reconstruction(ae, str(tmp_path / "v"), 17, 32, 32, batch_size=2)
+    from data.sources import VideoClipDataset
+    x = torch.stack([c["video"] for c in VideoClipDataset(list_items(tmp_path / "v"), 17, 32, 32, None)])
+    with torch.no_grad():
+        reports = ae.rate_report(ae.encode(x))
+    vcpr, acc = [rep["vcpr"] for rep in reports], [rep["keyframe_accuracy"] for rep in reports]
+    assert r["vcpr"]["n"] == r["keyframe_accuracy"]["n"] == 2
+    assert (r["vcpr"]["mean"], r["vcpr"]["std"]) == (pytest.approx(np.mean(vcpr)), pytest.approx(np.std(vcpr)))
+    assert r["keyframe_accuracy"]["mean"] == pytest.approx(np.mean(acc)) and 0 <= np.mean(acc) <= 1
+    fixed = ev.evaluate_reconstruction(autoencoders.build("kl2d-f8c4-debug"), str(tmp_path / "v"), 8, 32, 32)
+    assert "vcpr" not in fixed and "keyframe_accuracy" not in fixed
+
+
+def test_eval_recon_first_frame_is_reconstructs_image_to_video_decode(files, tmp_path):
+    """``--first-frame`` (H3AE Tab. 4): each clip decoded with its own first frame, as `ldm reconstruct --first-frame`
+    (was: no such flag, only the plain decode); refused in one line for an autoencoder without first-frame decoding."""
+    from data.sources import VideoClipDataset
+    from launch.reconstruct import reconstruct
+
+    torch.manual_seed(0)
+    ae = autoencoders.build("h3ae-4x16x16-debug").eval()
+    i2v = ev.evaluate_reconstruction(ae, str(files / "videos"), 5, 32, 32, num=1, first_frame=True)
+    plain = ev.evaluate_reconstruction(ae, str(files / "videos"), 5, 32, 32, num=1)
+    clip = VideoClipDataset(list_items(files / "videos"), 5, 32, 32, None)[0]["video"]
+    want = [reconstruct(ae, clip, torch.device("cpu"), first_frame=f)[1]["psnr"] for f in (True, False)]
+    assert (i2v["first_frame"], plain["first_frame"]) == (True, False)
+    assert [i2v["psnr_db"]["mean"], plain["psnr_db"]["mean"]] == pytest.approx(want, abs=1e-4)
+    assert want[0] != pytest.approx(want[1], abs=1e-4)
+    with pytest.raises(UserError, match="^--first-frame: kl2d-f8c4-debug does not decode with a first frame"), \
+            pytest.warns(UserWarning, match="RANDOM"):
+        ldm(["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(files / "videos"), "--first-frame",
+             "--output", str(tmp_path / "r.json"), "--device", "cpu"])
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_eval_recon_default_frames_come_from_the_video_not_its_gif_twin(tmp_path, capsys):
     """In an `ldm sample` folder (``0000.mp4`` + ``0000.gif``) the default clip comes from the MP4, the file read
     (was: from the GIF listed first, whose centisecond frame delays give 8 frames at 15 fps, so a causal VAE took
@@ -670,3 +712,27 @@ def test_eval_recon_default_frames_come_from_the_video_not_its_gif_twin(tmp_path
     r = json.loads((tmp_path / "r.json").read_text())
     assert (r["frames"], r["clips"]) == (9, 1)
     assert "clips of 9 frames, as 0000.mp4 holds" in capsys.readouterr().err
+
+
+def test_eval_recon_rfid(files, tmp_path, capsys):
+    """``--inception``: rFID, the FID between every frame of the originals and of their reconstructions, with eval
+    gen's FID extractor, N (frames) and a small-sample warning (was: no rFID, Hi-VAE Tab. 2's column)."""
+    from data.sources import VideoClipDataset
+
+    inception = metrics.load_inception(files / "inception-2015-12-05.pt")
+    r = ev.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 8, 32, 32, inception=inception)
+    perfect = ev.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 1, 32, 32, inception=inception)
+    x = torch.stack([c["video"] for c in VideoClipDataset(list_items(files / "videos"), 8, 32, 32, None)])
+    want = metrics.fid_accumulator(inception)
+    want.update("real", x)
+    want.update("fake", x[:, :, :1].expand_as(x))  # what the frozen decoder gives
+    assert (r["rfid"]["n_real"], r["rfid"]["n_fake"], perfect["rfid"]["n_real"]) == (48, 48, 6)
+    assert r["rfid"]["rfid"] == pytest.approx(want.result("rfid")["rfid"], rel=1e-6) and r["rfid"]["rfid"] > 0
+    assert perfect["rfid"]["rfid"] == pytest.approx(0, abs=1e-9)  # 1-frame clips: the frozen decoder is exact
+    assert r["rfid"]["extractor"] == "inception_torchscript" and "50000" in r["rfid"]["small_sample"]
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ldm(["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(files / "videos"), "--num", "2",
+             "--inception", str(files / "inception-2015-12-05.pt"), "--output", str(tmp_path / "r.json"),
+             "--device", "cpu"])
+    assert json.loads((tmp_path / "r.json").read_text())["rfid"]["n_real"] == 16
+    assert "ldm eval recon: warning: rfid: " in capsys.readouterr().err
