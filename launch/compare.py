@@ -380,6 +380,16 @@ def _eval_note(report: dict[str, Any]) -> str:
     return f"Reconstruction (PSNR, SSIM, LPIPS, rFVD) and FVD's reference: {clips} clips of {data['eval']} ({where})."
 
 
+def _rate_note(recon: dict[str, Any]) -> str:
+    """A variable-rate autoencoder's measured VCPR and keyframe accuracy over the evaluated clips (its
+    compression rate column is the cost's, at the latent `ldm cost` takes); nothing for a fixed rate."""
+    if "vcpr" not in recon:
+        return ""
+    acc = (recon.get("keyframe_accuracy") or {}).get("mean")
+    return (f"; measured VCPR {recon['vcpr']['mean']:.0f} (std {recon['vcpr']['std']:.0f})"
+            + (f", keyframe accuracy {acc:.0%}" if acc is not None else ""))
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = ["# `ldm compare`", "",
@@ -414,5 +424,6 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "![cost](cost.png)", ""]
     for r in report["rows"]:
         lines.append(f"- {r['autoencoder']}: DiT loss {r['dit']['first_loss']:.3f} -> {r['dit']['last_loss']:.3f} "
-                     f"in {r['dit']['steps']} steps; reconstructions: {_safe(r['autoencoder'])}/recon_grid.png")
+                     f"in {r['dit']['steps']} steps; reconstructions: {_safe(r['autoencoder'])}/recon_grid.png"
+                     + _rate_note(r["recon"]))
     return "\n".join(lines) + "\n"

@@ -47,6 +47,10 @@ def test_compare_one_autoencoder(tmp_path, capsys):
     assert (out / "cost.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "kl2d-f8c4-debug" / "recon_grid.png").exists()
     assert "compare finished" in capsys.readouterr().out
+    assert "VCPR" not in md  # a fixed-rate autoencoder; a variable-rate one (MTC-VAE) gets its measured rates:
+    row["recon"].update(vcpr={"mean": 512.0, "std": 128.0, "n": 2}, keyframe_accuracy={"mean": 0.75, "n": 2})
+    from launch.compare import markdown
+    assert "recon_grid.png; measured VCPR 512 (std 128), keyframe accuracy 75%" in markdown(r)
 
 
 def test_compare_rejects_sizes_and_names_before_running(tmp_path):
