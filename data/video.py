@@ -21,8 +21,9 @@ reason (``"not a readable video"``, ``"no video stream"``, ``"zero frames"``, ``
 ``"corrupt or truncated"``, ``"file not found"``, ``"empty file"``, ``"unknown frame rate"``), so callers (extraction, datasets)
 can skip the input and report why.
 
-``write_video`` writes ``.mp4`` (H.264 via libx264, yuv420p, so even sizes) and ``.gif`` (PIL,
-adaptive palette per frame). Files are written to a temporary name and renamed when complete.
+``write_video`` writes ``.mp4`` (H.264 via libx264, yuv420p, so even sizes) and ``.gif``
+(FFmpeg's encoder, an adaptive palette per frame, every frame kept). Files are written to a
+temporary name and renamed when complete.
 """
 from __future__ import annotations
 
@@ -658,9 +659,40 @@ def _encode_h264(target: Any, frames: np.ndarray, fps: float, fmt: str | None, c
 
 
 def _encode_gif(target: Any, frames: np.ndarray, fps: float) -> None:
-    images = [Image.fromarray(f) for f in frames]
-    images[0].save(target, format="GIF", save_all=True, append_images=images[1:],
-                   duration=max(10, round(1000 / fps)), loop=0, optimize=False, disposal=1)
+    """GIF with FFmpeg's encoder, one adaptive 256-colour palette per frame (Pillow's median cut).
+
+    Every frame is kept, repeated ones too (Pillow's own GIF writer merges identical consecutive
+    frames into one longer frame, so a still or paused clip lost frames). GIF delays are whole
+    centiseconds: frame ``i`` starts at ``round(100 * i / fps)``, so delays alternate (12, 13, ...
+    at 8 fps) and no drift builds up over a long clip. A GIF plays at most 100 fps: a faster video's
+    frames all last 1 cs (it plays slower; its MP4 keeps the rate)."""
+    t, h, w, _ = frames.shape
+    cs = Fraction(1, 100)
+    starts = [round(100 * i / min(fps, 100)) for i in range(t + 1)]    # centiseconds; 1 at most 100 fps
+    delay = {a: b - a for a, b in zip(starts, starts[1:])}       # frame start -> its delay
+    palette = np.full((256, 4), 255, dtype=np.uint8)             # ARGB, opaque
+    with av.open(target, mode="w", format="gif") as container:
+        stream = container.add_stream("gif", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, "pal8"
+        stream.codec_context.time_base = cs
+        # whole frames: FFmpeg's inter-frame optimisations compare palette indices, not colours, so with
+        # a palette per frame a frame whose indices match the last one's was dropped for it
+        stream.options = {"gifflags": "0"}
+        for i in range(t):
+            image = Image.fromarray(frames[i]).convert("P", palette=Image.Palette.ADAPTIVE)
+            colors = np.frombuffer(bytes(image.getpalette() or []), dtype=np.uint8).reshape(-1, 3)
+            palette[:, 1:] = 0
+            palette[: len(colors), 1:] = colors
+            frame = av.VideoFrame.from_ndarray((np.asarray(image), palette), format="pal8")
+            frame.pts, frame.time_base = starts[i], cs
+            _mux_timed(container, stream.encode(frame), delay)
+        _mux_timed(container, stream.encode(None), delay)
+
+
+def _mux_timed(container: Any, packets: list, delay: dict[int, int]) -> None:
+    for packet in packets:
+        packet.duration = delay[packet.pts]   # the last frame's delay too (FFmpeg would guess it)
+        container.mux(packet)
 
 
 def encode_video(frames: np.ndarray | Tensor, fps: float, format: str = "mp4", crf: int = DEFAULT_CRF) -> bytes:

@@ -411,3 +411,37 @@ def test_captions_are_stripped_and_blank_ones_are_none(folder, tmp_path):
                    + json.dumps({"path": "b.mp4", "caption": " \n\t"}) + "\n")
     (folder / "b.txt").write_text("from the sidecar\n")
     assert [it.caption for it in list_items(folder, cap)] == ["a cat 🐈", "from the sidecar", None]
+
+
+def _gif_starts(path) -> list[int]:
+    with av.open(str(path)) as c:
+        return [p.pts for p in c.demux(c.streams.video[0]) if p.size]   # centiseconds
+
+
+@pytest.mark.parametrize("values", [[90] * 8, [30] * 4 + [200] * 4, [0, 51] * 4], ids=["still", "paused", "blink"])
+def test_gif_keeps_repeated_frames_and_their_timing(tmp_path, values):
+    """A still or paused clip (as `ldm sample` can make) keeps all its frames at its rate (was: Pillow
+    merged identical consecutive frames: 8 still frames came out as 1 frame at 1 fps, 4 + 4 as 2 at 2 fps);
+    a blinking one every change (FFmpeg's frame differencing, on by default, compares palette indices)."""
+    clip = np.stack([np.full((32, 32, 3), v, np.uint8) for v in values])
+    path = tmp_path / "clip.gif"
+    write_frames(path, clip, fps=8)
+    info = check_video(path)
+    assert info["frames"] == info["decoded"] == 8 and info["duration"] == pytest.approx(1.0)
+    assert _gif_starts(path) == [0, 12, 25, 38, 50, 62, 75, 88]       # round(100 i / 8): no drift
+    back = read_video(path, 8, 32, 32, fps=8)
+    assert ((back[0, :, 0, 0] + 1) * 127.5).round().tolist() == values
+
+
+def test_gif_frame_times_do_not_drift(tmp_path):
+    """At 24 fps (4.17 cs a frame) delays alternate 4 and 5 cs, so reading at 24 fps gives every frame
+    once (was: 4 cs each, 25 fps: frame 29 of 30 played at 1.16 s instead of 1.21 s)."""
+    clip = np.stack([np.full((16, 16, 3), 8 * i, np.uint8) for i in range(30)])
+    path = tmp_path / "ramp.gif"
+    write_frames(path, clip, fps=24)
+    assert _gif_starts(path) == [round(100 * i / 24) for i in range(30)]
+    back = read_video(path, 30, 16, 16, fps=24)
+    assert ((back[0, :, 0, 0] + 1) * 127.5).round().tolist() == [8 * i for i in range(30)]
+    write_frames(tmp_path / "fast.gif", clip, fps=120)   # faster than GIF delays go: every frame 1 cs
+    assert _gif_starts(tmp_path / "fast.gif") == list(range(30))
+
