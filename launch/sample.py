@@ -23,7 +23,8 @@ class makes that video again. Nothing is ever overwritten: a non-empty ``--outpu
 unless ``--append`` is given, which numbers the new videos after the ones there, continues the
 seeds (``g`` counting every video of the folder), extends ``index.json`` and writes its grid as
 ``grid-NNNN.png`` when ``grid.png`` exists. ``--resume`` finishes an interrupted run: the same
-command makes only the videos its ``index.json`` lacks (`resume_todo`). Videos play at ``--fps``,
+command makes only the videos its ``index.json`` lacks, or lists but whose files were deleted (made
+again from their recorded seeds: the same videos; `resume_todo`). Videos play at ``--fps``,
 by default the rate of the training clips
 (``training.json``: the extraction's ``--fps`` or the videos' native rate).
 
@@ -487,8 +488,9 @@ def read_prompts_file(path: str | Path) -> list[dict[str, Any]]:
 
 def resume_todo(index: list[dict[str, Any]], wanted: list[dict[str, Any]], out: Path) -> list[int]:
     """Which of a command's videos (``wanted``: their index entries, but ``frames``) ``--resume`` still
-    has to make: those not in ``index`` (``out``'s index.json). A `UserError` when ``index`` holds a
-    video this command does not make, or one made with other settings."""
+    has to make: those not in ``index`` (``out``'s index.json), and those it lists whose MP4 or GIF is
+    no longer in ``out`` (deleted: made again from the recorded seed, so the same video). A `UserError`
+    when ``index`` holds a video this command does not make, or one made with other settings."""
     made = {e.get("file"): e for e in index}
     extra = sorted(set(made) - {w["file"] for w in wanted}, key=str)
     if extra:
@@ -500,7 +502,12 @@ def resume_todo(index: list[dict[str, Any]], wanted: list[dict[str, Any]], out: 
         if key is not None:
             raise UserError(f"--resume: {w['file']} in {out / 'index.json'} was made with {key} {e.get(key)!r}, this "
                             f"command gives {w[key]!r}; give the command that made the folder, or --append")
-    return [g for g, w in enumerate(wanted) if w["file"] not in made]
+    return [g for g, w in enumerate(wanted) if w["file"] not in made or not _files_present(out, w["file"])]
+
+
+def _files_present(out: Path, file: str) -> bool:
+    """Whether both files `write_videos` makes for the index entry ``file`` (``NNNN.mp4``) are in ``out``."""
+    return all((out / Path(file).with_suffix(suffix)).is_file() for suffix in (".mp4", ".gif"))
 
 
 def batch_starts(negatives: Sequence[str | None], size: int) -> list[int]:
@@ -712,6 +719,10 @@ def run(args: argparse.Namespace) -> int:
                "class_name": class_name(export.class_names, it[1]), "seed": seeds[g], "negative_prompt": it[3],
                **settings} for g, it in enumerate(items)]  # each video's index entry, but its frames
     todo = resume_todo(index, wanted, out) if args.resume else list(range(len(items)))
+    missing = [wanted[g]["file"] for g in todo if any(e.get("file") == wanted[g]["file"] for e in index)]
+    if missing and main:
+        print(f"--resume: making again {', '.join(missing)} (listed in index.json, the video files are gone)")
+    index = [e for e in index if e.get("file") not in missing]  # each comes back with its new entry
     if not todo:
         if main:
             print(f"nothing to do: the {len(items)} videos of this command are in {out} (index.json)")

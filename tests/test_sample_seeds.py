@@ -2,6 +2,7 @@
 any batch size and row, so one video of an ``index.json`` can be made again from its seed (was: one
 generator per batch, seeded with the batch's first video, so a video changed with the batch size
 and its neighbours)."""
+import json
 import warnings
 
 import pytest
@@ -10,8 +11,11 @@ from dits import randomize
 
 import autoencoders
 import dit
+from launch.cli import main as ldm
 from launch.sample import generate, sample_latents
+from ldm import config as cfglib
 from ldm import samplers
+from ldm.artifacts import AERecord, ClipSpec
 from ldm.samplers import SamplingConfig
 from ldm.text import build_text_encoder
 
@@ -65,3 +69,32 @@ def test_token_set_image_to_video_and_varlen_videos_do_not_depend_on_their_batch
     for i in (1, 2):
         alone = generate(model, ae, {}, class_ids=[i + 1], seed_offset=i, **kw)
         torch.testing.assert_close(alone[0], batch[i], atol=1e-4, rtol=1e-4)
+
+
+def test_resume_makes_a_deleted_video_again_from_its_seed(tmp_path, capsys):
+    """A video listed in index.json whose files the user deleted is made again by --resume, the same
+    video from its recorded seed, its index entry once (was: "nothing to do", the video stayed gone)."""
+    cls, config = autoencoders.REGISTRY["kl2d-f8c4-debug"]
+    spec = cls(config).latent_spec(4, 16, 16)
+    dcfg = dit.make_config("dit-debug", spec, num_classes=3)
+    torch.manual_seed(0)
+    context = dit.Export(autoencoder=AERecord(name="kl2d-f8c4-debug", family="kl2d", config=cfglib.to_dict(config)),
+                         video=ClipSpec(4, 16, 16), latent_spec=spec.to_dict(), form="grid", num_classes=3)
+    dit.save_export(tmp_path / "dit" / "export", randomize(dit.VideoDiT(dcfg)).state_dict(), dcfg, context)
+    out = tmp_path / "s"
+    argv = ["sample", "--checkpoint", str(tmp_path / "dit"), "--class", "1", "--num-per-prompt", "3", "--steps", "1",
+            "--seed", "5", "--output", str(out), "--device", "cpu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ldm(argv)
+        first = {p.name: p.read_bytes() for p in out.iterdir()}
+        (out / "0001.mp4").unlink()
+        (out / "0002.gif").unlink()
+        capsys.readouterr()
+        ldm(argv + ["--resume"])
+    assert "making again 0001.mp4, 0002.mp4" in capsys.readouterr().out
+    again = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {k: again[k] for k in first if not k.startswith("grid")} == {k: v for k, v in first.items()
+                                                                        if not k.startswith("grid")}
+    assert [(e["file"], e["seed"]) for e in json.loads((out / "index.json").read_text())] == [
+        ("0000.mp4", 5), ("0001.mp4", 6), ("0002.mp4", 7)]
