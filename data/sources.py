@@ -29,7 +29,9 @@ Non-integer labels (e.g. UCF-101 class names) are numbered in sorted order and k
 found from a byte-order mark (UTF-8/16/32), NUL-byte patterns (UTF-16 without a mark), else UTF-8,
 else Windows-1252 / Latin-1 (reported as a problem: check accented characters); a file that is none
 of these is an error naming it. A folder holding ``metadata.jsonl`` (what ``ldm data synth``
-writes) uses it when no captions file is given. A video without a caption from a file takes the
+writes) uses it when no captions file is given; so is the ``index.json`` of an ``ldm sample`` folder
+(its prompts are the captions, its class ids the classes, and each video is listed once: the GIF
+beside an MP4 it lists is its twin, left out). A video without a caption from a file takes the
 text of a sidecar next to it, ``clip.txt`` for ``clip.mp4`` (as raw shards' ``<key>.txt``).
 
 Class folders (folders only; ``classes=``): ``"folder"`` takes each video's class from the top-level
@@ -91,6 +93,7 @@ PATH_COLUMNS = ("path", "file", "video")
 CAPTION_COLUMNS = ("caption", "text")
 CLASS_COLUMNS = ("class_id", "label")
 AUTO_CAPTIONS = "metadata.jsonl"
+SAMPLE_INDEX = "index.json"  # what `ldm sample` writes beside its NNNN.mp4 + NNNN.gif
 DELIMITED = (".csv", ".tsv", ".tab")  # captions files read as delimited text with a header; others as JSONL
 
 
@@ -194,9 +197,14 @@ def list_items(input: str | Path, captions: str | Path | None = None, classes: s
     files = _walk(root, problems)
     videos = [p for p in files if p.suffix.lower() in VIDEO_EXTENSIONS]
     if videos:
-        if captions is None and (root / AUTO_CAPTIONS).is_file():
+        index = _sample_index(root) if captions is None else None
+        if index is not None:  # an `ldm sample` folder: each video once (its MP4), captioned by its prompt
+            listed = {_same_name(root / e["file"]) for e in index} & {_same_name(p) for p in videos}
+            videos = [p for p in videos
+                      if not (p.suffix.lower() == ".gif" and _same_name(p.with_suffix(".mp4")) in listed)]
+        elif captions is None and (root / AUTO_CAPTIONS).is_file():
             captions = root / AUTO_CAPTIONS
-        items = _list_folder(root, videos, captions)
+        items = _list_folder(root, videos, captions, index)
         items.problems[:0] = problems
         base = None
         if classes is not None:
@@ -380,15 +388,33 @@ def _same_name(path: Path) -> str:
     return unicodedata.normalize("NFC", str(path.resolve()))
 
 
-def _list_folder(root: Path, videos: list[Path], captions: str | Path | None) -> ItemList:
+def _sample_index(root: Path) -> list[dict[str, Any]] | None:
+    """The entries of the ``index.json`` that `ldm sample` writes into its folder (``file``, ``prompt``,
+    ``class_id``, ``seed``, ...), None when ``root`` has none, or another kind of ``index.json``."""
+    try:
+        entries = json.loads((root / SAMPLE_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                                for e in entries):
+        return None
+    return entries
+
+
+def _list_folder(root: Path, videos: list[Path], captions: str | Path | None,
+                 index: list[dict[str, Any]] | None = None) -> ItemList:
+    """The items of ``videos`` under ``root``, with the rows of a ``captions`` file or of an ``ldm
+    sample`` ``index`` (its prompts as captions, its class ids)."""
     problems: list[str] = []
     by_path = {_same_name(p): p.resolve() for p in videos}
     rows: dict[Path, dict[str, Any]] = {}
-    if captions is not None:
-        cap = Path(captions)
+    if captions is not None or index is not None:
+        cap = Path(captions) if captions is not None else root / SAMPLE_INDEX
         if not cap.is_file():
             raise MissingInput(f"captions file not found: {cap}")
-        for n, row in _read_rows(cap, problems):
+        lines = _read_rows(cap, problems) if index is None else enumerate(
+            ({**e, "caption": e.get("prompt")} for e in index), 1)
+        for n, row in lines:
             rel = _first(row, PATH_COLUMNS)
             if rel is None:
                 _report(problems, f"captions {cap.name} line {n}: no path ({'/'.join(PATH_COLUMNS)})")

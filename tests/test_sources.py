@@ -445,3 +445,22 @@ def test_gif_frame_times_do_not_drift(tmp_path):
     write_frames(tmp_path / "fast.gif", clip, fps=120)   # faster than GIF delays go: every frame 1 cs
     assert _gif_starts(tmp_path / "fast.gif") == list(range(30))
 
+
+def test_an_ldm_sample_folder_lists_each_video_once_with_its_prompt(tmp_path):
+    """Re-reading `ldm sample` outputs (NNNN.mp4 + NNNN.gif + index.json): each video once, from its
+    MP4, with its prompt and class id (was: 4 videos for 2, the GIF twins counted, no captions)."""
+    out = tmp_path / "samples"
+    for name in ("0000", "0001", "0002"):
+        write_frames(out / f"{name}.mp4", _clip(40), fps=8)
+        write_frames(out / f"{name}.gif", _clip(40), fps=8)
+    (out / "0002.mp4").unlink()                             # a deleted MP4: its GIF is the video left
+    (out / "index.json").write_text(json.dumps([{"file": f"000{i}.mp4", "prompt": p, "class_id": c, "seed": i}
+                                                for i, (p, c) in enumerate([("a red circle", 3), (None, 1),
+                                                                            ("gone", 2)])]))
+    items = list_items(out)
+    assert [(it.key, it.path.name, it.caption, it.class_id) for it in items] == [
+        ("0000", "0000.mp4", "a red circle", 3), ("0001", "0001.mp4", None, 1), ("0002", "0002.gif", None, None)]
+    assert items[0].meta["seed"] == 0
+    assert any("'0002.mp4' is not a video" in p for p in items.problems)
+    (out / "index.json").write_text('{"not": "a sample index"}')   # another tool's index.json: a plain folder
+    assert len(list_items(out)) == 5
