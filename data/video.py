@@ -148,7 +148,9 @@ def probe(src: str | Path | bytes) -> dict[str, Any]:
     packets (demuxing only). ``duration`` is in seconds, the video stream's own: measured from the
     packets' timestamps when they are counted (Matroska/WebM, MPEG-PS: their headers have no count
     and no or a rough duration), else from the header. ``width``/``height`` are the stored size,
-    before rotation metadata turns the frames upright.
+    before rotation metadata turns the frames upright. A GIF's ``fps`` is its frames over its
+    duration (its delays are whole centiseconds: 30 fps alternates 3 and 4; FFmpeg's rate would
+    say 33.3 from the first one).
     """
     container, stream = _open(src)
     try:
@@ -178,6 +180,8 @@ def probe(src: str | Path | bytes) -> dict[str, Any]:
         else:
             duration = frames / fps if fps else 0.0
         ctx = stream.codec_context
+        if ctx.name == "gif" and frames and duration > 0:   # the header rate is a guess from its first delays
+            fps = frames / duration
         return dict(frames=frames, fps=fps, width=int(ctx.width), height=int(ctx.height),
                     duration=duration, codec=ctx.name)
     finally:

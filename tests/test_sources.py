@@ -15,7 +15,7 @@ import torch
 
 from data.sources import ItemList, VideoClipDataset, VideoItem, list_items
 from data.synth import synth_dataset
-from data.video import VideoError, Window, Windows, check_video, encode_video, read_video, write_frames
+from data.video import VideoError, Window, Windows, check_video, encode_video, probe, read_video, write_frames
 from launch.cli import console
 from ldm.errors import UserError
 
@@ -440,6 +440,7 @@ def test_gif_frame_times_do_not_drift(tmp_path):
     path = tmp_path / "ramp.gif"
     write_frames(path, clip, fps=24)
     assert _gif_starts(path) == [round(100 * i / 24) for i in range(30)]
+    assert probe(path)["fps"] == pytest.approx(24, rel=0.01)             # was: 25, from the first delay (4 cs)
     back = read_video(path, 30, 16, 16, fps=24)
     assert ((back[0, :, 0, 0] + 1) * 127.5).round().tolist() == [8 * i for i in range(30)]
     write_frames(tmp_path / "fast.gif", clip, fps=120)   # faster than GIF delays go: every frame 1 cs
