@@ -254,7 +254,7 @@ def test_eval_gen_frame_change_of_each_side(files, run_dir, tmp_path):
     for i in range(3):
         write_video(tmp_path / "ref" / f"{i}.gif", blink, 8)
     for i in range(2):
-        write_video(tmp_path / "still" / f"{i}.mp4", torch.full((3, 8, 32, 32), 0.2), 8)  # a GIF keeps 1 frame
+        write_video(tmp_path / "still" / f"{i}.mp4", torch.full((3, 8, 32, 32), 0.2), 8)  # still clips: 0 change
     kw = dict(frames=8, height=32, width=32, num=None, i3d=metrics.load_i3d(files / "i3d_torchscript.pt"),
               inception=None, fvd_frames=8, sampling=SamplingConfig(steps=1), batch_size=2,
               reference_stats=tmp_path / "stats")
