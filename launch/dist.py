@@ -194,6 +194,41 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+WAIT_TIMEOUT_ENV = "LDM_WAIT_TIMEOUT_S"  # seconds `wait_all` waits for the slowest rank
+WAIT_TIMEOUT_S = 24 * 3600  # its default: a day, far above the default group's (NCCL 10 min, gloo 30 min)
+_WAIT_GROUP: Any = None
+
+
+def open_wait_group() -> None:
+    """Make the group `wait_all` waits on: gloo (on the CPU, next to NCCL), with the timeout of
+    ``LDM_WAIT_TIMEOUT_S``. Called by every rank at the same point, while they are together (making a
+    group is itself a wait on every rank); a no-op for one process or when it is made already."""
+    global _WAIT_GROUP
+    if not is_initialized() or _WAIT_GROUP is not None:
+        return
+    import datetime
+    value = os.environ.get(WAIT_TIMEOUT_ENV, "").strip() or str(WAIT_TIMEOUT_S)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise UserError(f"{WAIT_TIMEOUT_ENV}={value!r}: give the seconds ranks wait for each other at the end of a "
+                        f"run (a number > 0; unset: {WAIT_TIMEOUT_S})")
+    _WAIT_GROUP = torch_dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=seconds))
+
+
+def wait_all() -> None:
+    """A barrier for waits of unbounded length (ranks with uneven work, rank 0 merging and verifying
+    alone): on `open_wait_group`'s group, whose timeout is ``LDM_WAIT_TIMEOUT_S`` (a day unless set),
+    not the default group's, which would stop a rank that waits 10 minutes under NCCL. Without that
+    group (one process, or not opened), `barrier`."""
+    if _WAIT_GROUP is None or not is_initialized():
+        barrier()
+        return
+    torch_dist.barrier(group=_WAIT_GROUP)
+
+
 def all_gather_object(obj: T) -> list[T]:
     """Every rank's ``obj`` in rank order (a one-element list for one process)."""
     if not is_initialized():
@@ -272,5 +307,7 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def cleanup() -> None:
+    global _WAIT_GROUP
+    _WAIT_GROUP = None
     if is_initialized():
         torch_dist.destroy_process_group()

@@ -451,6 +451,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     # no second extraction into the folder while this one lives (rank 0 holds it for every rank of the run);
     # the folder appears here, after every check
     runs.claim_folder(out)
+    dist.open_wait_group()  # the end-of-run waits: a rank may finish hours before the last one
 
     todo = []
     for j in mine:  # this rank's shards that are not done (or differ, with an allowed change)
@@ -490,7 +491,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     elapsed = time.perf_counter() - t0
     bar.close()
 
-    dist.barrier()
+    dist.wait_all()  # for the slowest rank's shards (uneven videos): up to LDM_WAIT_TIMEOUT_S
     # fill: the wait for the first batch of decoded clips (worker start-up, first reads), paid once per
     # run; the steady rate leaves it out and is what a long extraction approaches
     fill = (first_queued - t0) if first_queued is not None else 0.0
@@ -519,7 +520,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
                   "tokens and were cut to them: the DiT sees only their beginning")
         if not manifest.counts.written:
             _remove_empty_run(out, n_shards)
-    dist.barrier()
+    dist.wait_all()  # rank 0 merges and verifies alone (--verify K decodes K clips)
     if not summary.get("written", 1):
         raise UserError(f"no clip was written: all {len(items)} inputs were skipped (reasons above); fix or replace "
                         f"the inputs, or change --frames/--fps/--clips-per-video, and run again")

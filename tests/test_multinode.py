@@ -135,3 +135,39 @@ def test_the_slurm_recipe_trains_on_two_nodes(tmp_path):
     assert [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [1, 2]
     assert json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer.json").read_text())[
         "world_size"] == 2
+
+
+# two ranks of `extract`, whose default group times out after 3 s; rank 1 finishes 6 s after rank 0
+_LATE_RANK = """
+import datetime, os, sys, time
+import torch.distributed as td
+from launch import extract
+from launch.cli import console
+td.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))
+encode = extract._extract_shards
+def late(*args, **kw):
+    done = encode(*args, **kw)
+    if td.get_rank() == 1:
+        time.sleep(6)
+    return done
+extract._extract_shards = late
+sys.exit(console(["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", sys.argv[1], "--output",
+                  sys.argv[2], "--frames", "8", "--height", "32", "--width", "32", "--shard-size", "2"]))
+"""
+
+
+@pytest.mark.dist
+def test_a_rank_that_finishes_long_after_the_others_does_not_time_out_the_extraction(tmp_path):
+    """The end-of-run waits (rank 0 for the slowest rank's shards, the others while rank 0 merges and
+    verifies) use their own group with LDM_WAIT_TIMEOUT_S, not the default group's timeout (NCCL:
+    10 min), which crashed ranks that finished early after every shard was written."""
+    synth_dataset(tmp_path / "in", num=3, frames=8, size=32, fps=8, seed=0)
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", _LATE_RANK, str(tmp_path / "in"), str(tmp_path / "out")],
+                              env={**ENV, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    results = [(p.communicate(timeout=240), p.returncode) for p in procs]
+    for (out, err), code in results:
+        assert code == 0, err[-3000:]
+    assert load_manifest(tmp_path / "out").counts.written == 3
