@@ -95,6 +95,23 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(Exception):
+    """A verb stopped by a signal after keeping what it finished (``ldm extract`` under SIGTERM, a
+    scheduler's preemption): `console` prints its message as ``ldm VERB: MESSAGE`` (none when empty:
+    another rank says it) and exits with 128 + the signal's number (143 for SIGTERM), as a process
+    the signal ended, so schedulers and shells see the run as interrupted."""
+
+    def __init__(self, signal_name: str, message: str = "") -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return 128 + int(getattr(signal, self.signal_name))
+
+
 def _first_rank_of_node() -> bool:
     """True unless this is a launcher's second or later process on its node."""
     local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
@@ -155,6 +172,12 @@ def console(argv: list[str] | None = None) -> int:
             raise
         print(f"{_command([a for a in argv if a != '--debug'])}: interrupted", file=sys.stderr)
         return 130
+    except Stopped as e:
+        if debug:
+            raise
+        if str(e):
+            print(f"{_command([a for a in argv if a != '--debug'])}: {e}", file=sys.stderr)
+        return e.exit_code
     except UserError as e:
         if debug:
             raise
@@ -215,5 +238,6 @@ def _command(argv: list[str]) -> str:
     return " ".join(["ldm", *words])
 
 
-if __name__ == "__main__":
-    sys.exit(console())
+if __name__ == "__main__":  # `python -m launch.cli` (torchrun): the console of `launch.cli`, whose
+    # exception classes (`Stopped`) are the ones the verbs import, not this `__main__` copy's
+    sys.exit(importlib.import_module("launch.cli").console())

@@ -56,7 +56,7 @@ from data.sources import VideoClipDataset, list_items
 from data.synth import class_space
 from data.video import VideoError, Window, Windows, probe, read_clips
 from launch import dist, runs
-from launch.cli import config_flag
+from launch.cli import Stopped, config_flag
 from ldm import config as cfglib
 from ldm.artifacts import AERecord, ClipSpec
 from ldm.checkpoint import atomic_write_json, read_json
@@ -397,10 +397,56 @@ def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str,
     extraction the output folder holds (its differing shards are encoded again)."""
     out = Path(cfg.output)
     made_output = not out.exists()  # made by this run: removed again if it ends holding nothing
+    stop = _StopOnSigterm()
     try:
         return _extract(cfg, allow_change)
+    except BaseException:
+        if stop.signal is None:
+            raise
+        raise _stopped(out, stop.signal) from None  # whatever the signal broke (a wait on a rank that stopped)
     finally:
+        stop.close()
         runs.release_folder(out, made=made_output)
+
+
+class _StopOnSigterm:
+    """SIGTERM (a scheduler's preemption or time limit, ``scancel``, torchrun stopping its ranks)
+    stops the extraction as Ctrl-C does: the shard being written is finished (`_extract_shards`
+    waits for its writer), the shard being encoded is dropped, and `extract` raises `Stopped`.
+    A second SIGTERM is ignored. Installed from the main thread only; ``close`` puts the earlier
+    handler back."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.signal: str | None = None
+        self._previous: Any = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal is None:
+            self.signal = "SIGTERM"
+            raise Stopped(self.signal)
+
+    def close(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def _stopped(out: Path, signal_name: str) -> Stopped:
+    """The `Stopped` of an extraction a signal ended: on rank 0 (every rank gets the signal) one line
+    with the complete shards in ``out`` (each has its sidecar), none on the others."""
+    if not dist.is_main():
+        return Stopped(signal_name)
+    done = len(list(out.glob("shard-[0-9]*.json"))) if out.is_dir() else 0
+    return Stopped(signal_name, f"stopped by {signal_name}: {done} complete shard(s) kept in {out} (the shards "
+                                f"being encoded are dropped); run the same command to resume")
 
 
 def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
@@ -486,10 +532,12 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     n_clips = sum(1 if isinstance(w, str) else len(w) for _, w in units)
     bar = tqdm(total=n_clips, desc=f"extract r{env.rank}", unit="clip", disable=not dist.is_main())
     t0 = time.perf_counter()
-    encoded, first_queued = _extract_shards(units, windows, cfg, items, clips, ae, text_encoder, signature, out,
-                                            device, dtype, batch, workers, bar, binding)
+    try:
+        encoded, first_queued = _extract_shards(units, windows, cfg, items, clips, ae, text_encoder, signature, out,
+                                                device, dtype, batch, workers, bar, binding)
+    finally:  # also on a stop: what is printed next starts on a line of its own
+        bar.close()
     elapsed = time.perf_counter() - t0
-    bar.close()
 
     dist.wait_all()  # for the slowest rank's shards (uneven videos): up to LDM_WAIT_TIMEOUT_S
     # fill: the wait for the first batch of decoded clips (worker start-up, first reads), paid once per
@@ -613,6 +661,7 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
     per_unit = max(1, round(sum(1 if isinstance(w, str) else len(w) for _, w in units) / max(len(units), 1)))
     loader = torch.utils.data.DataLoader(_Clips(clips, units), batch_size=1, num_workers=workers,
                                          collate_fn=_first, pin_memory=cuda,  # about 2 batches of clips ahead:
+                                         worker_init_fn=runs.reader_ignores_interrupts,  # the main process stops
                                          prefetch_factor=-(-2 * batch_size // per_unit) if workers else None)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
     written: list[Future] = []

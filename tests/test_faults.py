@@ -73,6 +73,37 @@ def test_extraction_killed_five_times_ends_identical(videos, tmp_path):
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_sigterm_to_every_rank_keeps_the_complete_shards_and_exits_143(videos, tmp_path):
+    """SLURM's preemption SIGTERMs every rank: each finishes the shard it is writing and exits with
+    143, rank 0 says so in one line, and the same command extracts the rest (was: the ranks died
+    silently, killed by the signal)."""
+    from procs import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    cmd = [sys.executable, "-m", "launch.cli", "extract", *ARGS, "--shard-size", "1", "--input", str(videos),
+           "--output", str(tmp_path / "lat")]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    while all(p.poll() is None for p in procs) and len(list((tmp_path / "lat").glob("shard-*.json"))) < 2:
+        time.sleep(0.02)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    (_, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
+    assert [p.returncode for p in procs] == [143, 143], err0[-2000:] + err1[-2000:]
+    said = [line for line in err0.splitlines() if line.startswith("ldm extract: stopped by SIGTERM: ")]
+    assert len(said) == 1 and "run the same command to resume" in said[0], err0[-2000:]
+    assert "stopped by" not in err1 and "Traceback" not in err0 + err1
+    _complete_tars(tmp_path / "lat")
+    assert not list((tmp_path / "lat").glob(".*tmp")) and not (tmp_path / "lat" / "manifest.json").exists()
+    kept = len(list((tmp_path / "lat").glob("shard-*.json")))  # rank 1 may finish its shard after rank 0 counts
+    assert 2 <= int(said[0].split()[5]) <= kept < 16
+    ldm(["extract", *ARGS, "--shard-size", "1", "--input", str(videos), "--output", str(tmp_path / "lat")])
+    assert load_manifest(tmp_path / "lat").counts.written == 16
+
+
 def test_disk_full_leaves_no_partial_shard(videos, tmp_path, monkeypatch):
     calls = {"n": 0}
 

@@ -156,6 +156,7 @@ sys.exit(console(["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", sys.
 """
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_a_rank_that_finishes_long_after_the_others_does_not_time_out_the_extraction(tmp_path):
     """The end-of-run waits (rank 0 for the slowest rank's shards, the others while rank 0 merges and
