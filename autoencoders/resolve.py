@@ -3,7 +3,7 @@
 A reference is one of
 
 - a **registered name** (``kl2d-f8c4``; ``ldm list``): the registered config, with RANDOM weights
-  (a warning says so) unless a ``checkpoint`` folder of ours is given too;
+  (a warning says so, on the first rank only) unless a ``checkpoint`` folder of ours is given too;
 - **our checkpoint folder** (``save_pretrained``: ``config.json`` + ``model.safetensors``, e.g. a
   ``ldm train-ae`` run's ``final/``), as ``checkpoint=`` or as the reference itself; with a name
   too, the folder must hold that name (a folder ``ldm convert`` wrote for a family: a name of that family);
@@ -24,6 +24,7 @@ and is what manifests record.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -127,7 +128,7 @@ def resolve(ref: str | None = None, checkpoint: str | Path | None = None, *, sub
     elif ref is not None:
         if ref not in REGISTRY:
             raise _unknown(ref)
-        if warn_random:
+        if warn_random and first_process():
             warnings.warn(f"no checkpoint: {ref} has RANDOM weights (fine for pipeline and cost checks, not for "
                           "quality or training a denoiser)", stacklevel=2)
         if seed is not None:
@@ -160,9 +161,20 @@ def resolve_record(record: AERecord, checkpoint: str | Path | None = None) -> Re
         return resolve(None, path, subfolder=subfolder, expect_hash=record.checkpoint_hash)
     if record.family not in FAMILIES:
         raise KeyError(f"unknown autoencoder family {record.family!r}; known: {sorted(FAMILIES)}")
-    warnings.warn("the latents were extracted with a RANDOM autoencoder; rebuilding it from its seed", stacklevel=2)
+    if first_process():
+        warnings.warn("the latents were extracted with a RANDOM autoencoder; rebuilding it from its seed",
+                      stacklevel=2)
     torch.manual_seed(record.seed)
     return Resolved(FAMILIES[record.family].from_config_dict(record.config), record.name or record.family, None)
+
+
+def first_process() -> bool:
+    """Whether this process is the first rank of its launch, or runs alone: the random-weights warnings
+    every rank would give are said once. Read from the launcher's environment (torchrun's ``RANK``, an
+    srun step's ``SLURM_PROCID``, as `launch.dist.dist_env`), not from ``torch.distributed``, which
+    model code does not import."""
+    rank = os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if "SLURM_STEP_ID" in os.environ else None)
+    return (rank or "0").strip() == "0"
 
 
 def record_of(found: Resolved, checkpoint: str | Path | None = None, subfolder: str | None = None,

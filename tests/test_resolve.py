@@ -171,3 +171,23 @@ def test_weight_sources_convert_through_the_resolver(tmp_path, monkeypatch):
         resolve("test-released")
     with pytest.raises(FileNotFoundError, match="no such file"):
         resolve("test-released", tmp_path / "missing.pth")
+
+
+def test_the_random_weights_warning_is_said_by_the_first_rank_only(monkeypatch, recwarn):
+    """Every rank resolves the autoencoder: the warning came once per rank (8 lines on a node of 8 GPUs)."""
+    record = record_of(resolve(NAME, seed=5, warn_random=False), seed=5)
+    for env in ({"RANK": "1"}, {"SLURM_PROCID": "3", "SLURM_STEP_ID": "0"}):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            resolve(NAME, seed=5)
+            resolve_record(record)
+    assert not [w for w in recwarn if "RANDOM" in str(w.message)]
+    for env in ({"RANK": "0"}, {"SLURM_PROCID": "3"}):  # rank 0; an sbatch script's shell (no srun step)
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            with pytest.warns(UserWarning, match="RANDOM weights"):
+                resolve(NAME, seed=5)
+            with pytest.warns(UserWarning, match="RANDOM autoencoder"):
+                resolve_record(record)
