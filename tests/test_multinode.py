@@ -120,7 +120,8 @@ def test_the_slurm_recipe_trains_on_two_nodes(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
     (bin_dir / "srun").write_text(  # one task per node; the options before the command are srun's own
-        "#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n"
+        "#!/bin/bash\necho \"$TORCH_ELASTIC_SHUTDOWN_TIMEOUT\" > shutdown_timeout\n"
+        "while [[ $1 == --* ]]; do shift; done\n"
         "for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_STEP_ID=0 SLURM_PROCID=$i SLURM_NODEID=$i "
         "SLURM_NTASKS=$SLURM_NNODES \"$@\" & done\nrc=0; for p in $(jobs -p); do wait $p || rc=$?; done; exit $rc\n")
     for tool in ("scontrol", "srun"):
@@ -135,6 +136,23 @@ def test_the_slurm_recipe_trains_on_two_nodes(tmp_path):
     assert [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [1, 2]
     assert json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer.json").read_text())[
         "world_size"] == 2
+    assert (tmp_path / "shutdown_timeout").read_text().strip() == "100"  # torchrun's, the recipe's default
+
+
+@pytest.mark.parametrize("recipe", ["slurm-train.sbatch", "slurm-extract.sbatch"])
+def test_the_slurm_recipes_give_the_ranks_time_to_save_before_torchrun_kills_them(recipe):
+    """SLURM's SIGTERM comes --signal=TERM@LEAD seconds before the time limit; torchrun passes it on and
+    SIGKILLs its ranks TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (30 s unless set): the recipes give
+    the ranks more than that default to write a checkpoint or finish a shard, and less than the lead,
+    so torchrun is not killed at the limit first (was: 30 s whatever the lead; the extraction recipe
+    sent no early signal at all)."""
+    import re
+    text = (ROOT / "launch" / "recipes" / recipe).read_text()
+    lead = int(re.search(r"^#SBATCH --signal=TERM@(\d+)$", text, re.M).group(1))
+    shutdown = int(re.search(r"^export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=\$\{TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)\}$",
+                             text, re.M).group(1))
+    assert 30 < shutdown <= lead - 20
+    assert "--kill-on-bad-exit=1" in text and re.search(r"^#SBATCH --requeue$", text, re.M)
 
 
 # two ranks of `extract`, whose default group times out after 3 s; rank 1 finishes 6 s after rank 0
