@@ -539,7 +539,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
         bar.close()
     elapsed = time.perf_counter() - t0
 
-    dist.wait_all()  # for the slowest rank's shards (uneven videos): up to LDM_WAIT_TIMEOUT_S
+    _wait_for_the_other_ranks()  # for the slowest rank's shards (uneven videos): up to LDM_WAIT_TIMEOUT_S
     # fill: the wait for the first batch of decoded clips (worker start-up, first reads), paid once per
     # run; the steady rate leaves it out and is what a long extraction approaches
     fill = (first_queued - t0) if first_queued is not None else 0.0
@@ -568,11 +568,23 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
                   "tokens and were cut to them: the DiT sees only their beginning")
         if not manifest.counts.written:
             _remove_empty_run(out, n_shards)
-    dist.wait_all()  # rank 0 merges and verifies alone (--verify K decodes K clips)
+    _wait_for_the_other_ranks()  # rank 0 merges and verifies alone (--verify K decodes K clips)
     if not summary.get("written", 1):
         raise UserError(f"no clip was written: all {len(items)} inputs were skipped (reasons above); fix or replace "
                         f"the inputs, or change --frames/--fps/--clips-per-video, and run again")
     return summary
+
+
+def _wait_for_the_other_ranks() -> None:
+    """`dist.wait_all`, with a rank that stopped (disk full, out of memory, killed) or never came one line
+    on the ranks that waited for it (was: gloo's traceback, ``Connection closed by peer``)."""
+    try:
+        dist.wait_all()
+    except RuntimeError as e:
+        why = re.sub(r"^\[[^\]]*\]\s*", "", str(e)).split(". ")[0]  # gloo's source location left out
+        raise UserError(f"another rank of this extraction stopped (its own error is in its output) or did not "
+                        f"finish within {dist.WAIT_TIMEOUT_ENV} ({why}); the complete shards are kept: rerun the "
+                        "same command to resume") from None
 
 
 SKIPPED_SHOWN = 20  # skipped inputs printed at the end of a run (all of them are in manifest.json)

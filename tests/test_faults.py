@@ -104,6 +104,44 @@ def test_sigterm_to_every_rank_keeps_the_complete_shards_and_exits_143(videos, t
     assert load_manifest(tmp_path / "lat").counts.written == 16
 
 
+_RANK_1_DISK_FULL = """
+import errno, os, sys
+from data import shards
+from launch.cli import console
+class DiskFull:
+    def __getattr__(self, name):
+        return getattr(os, name)
+    @staticmethod
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+if os.environ["RANK"] == "1":
+    shards.os = DiskFull()
+sys.exit(console(["extract", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_rank_whose_disk_fills_up_stops_the_others_with_one_line_each(videos, tmp_path):
+    """Rank 1 cannot write its shard: it says so; rank 0, waiting for it at the end, says that another
+    rank stopped and that its complete shards are kept (was: gloo's `Connection closed by peer`
+    traceback)."""
+    from procs import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    cmd = [sys.executable, "-c", _RANK_1_DISK_FULL, *ARGS, "--input", str(videos), "--output", str(tmp_path / "lat")]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": "0"}, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    (_, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
+    assert "No space left on device" in err1 and "Traceback" not in err0 + err1, err0[-2000:] + err1[-2000:]
+    assert procs[0].returncode == 2 and "ldm extract: error: another rank of this extraction stopped" in err0
+    _complete_tars(tmp_path / "lat")
+    assert len(list((tmp_path / "lat").glob("shard-*.tar"))) == 4  # rank 0's: shards 0, 2, 4, 6
+    ldm(["extract", *ARGS, "--input", str(videos), "--output", str(tmp_path / "lat")])
+    assert load_manifest(tmp_path / "lat").counts.written == 16
+
+
 def test_disk_full_leaves_no_partial_shard(videos, tmp_path, monkeypatch):
     calls = {"n": 0}
 
