@@ -15,8 +15,8 @@ The autoencoder comes from ``autoencoders.resolve`` (a registered name, a saved 
 source such as ``diffusers:<Class>`` with its local folder in ``--ae-path``).
 
 The sorted input list is cut into shards of ``--shard-size`` videos; shard j (all the clips of its
-videos) goes to rank j mod world_size. A video gives one clip (its first frames) or, with
-``--clips-per-video K`` / ``--clip-stride S``, several windows (`data.video.Windows`) decoded in
+videos) goes to one rank: the k-th shard not done yet to rank k mod world_size. A video gives one
+clip (its first frames) or, with ``--clips-per-video K`` / ``--clip-stride S``, several windows (`data.video.Windows`) decoded in
 one pass; a clip's key is ``data.shards.clip_key(video index, first frame)``, the same for any
 number of ranks, workers or batch size. Each shard is written under a temporary name and renamed
 when complete, then its sidecar JSON (counts, skipped inputs with reasons, channel statistics)
@@ -486,7 +486,6 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
         log.warning(mixed)
     clips = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, cfg.fps)
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
-    mine = dist.shard_list(list(range(n_shards)), env.rank, env.world_size)
     text_fp, recorded_fp = bound_fingerprint(out, text_encoder)
     since = {"text_fingerprint": recorded_fp or text_fp}  # what a shard or run.json of an earlier version stands for
     signature = _run_signature(cfg, record, dtype, text_fp)
@@ -499,31 +498,24 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     runs.claim_folder(out)
     dist.open_wait_group()  # the end-of-run waits: a rank may finish hours before the last one
 
-    todo = []
-    for j in mine:  # this rank's shards that are not done (or differ, with an allowed change)
-        sidecar = out / f"shard-{j:06d}.json"
-        keys = [it.key for it in items[j * cfg.shard_size:(j + 1) * cfg.shard_size]]
-        labels = labels_digest(items[j * cfg.shard_size:(j + 1) * cfg.shard_size])
-        if sidecar.exists():
-            done = read_json(sidecar)
-            old = {**since, **done["signature"]}
-            differ = [k for k in sorted(set(old) | set(signature)) if old.get(k) != signature.get(k)]
-            differ += ["inputs"] if done["keys"] != keys else []
-            differ += ["labels"] if done.get("labels", labels) != labels else []  # none: a shard of an earlier version
-            if differ and not binding.changes:  # a folder of an extraction made before run.json existed
-                raise UserError(f"{out} holds shards of a different extraction ({sidecar.name}: {', '.join(differ)} "
-                                "differ); give a new --output folder")
-            tar_ok = done["written"] == 0 or (out / shards.SHARD_NAME.format(j)).exists()
-            if tar_ok and not differ:
-                continue
-        todo.append(j)
-    for j in mine:  # temp files a killed run left for this rank's shards
-        for stale in out.glob(f".shard-{j:06d}.*tmp"):
+    # rank 0 finds the shards not done (or that differ, with an allowed change) and every rank takes
+    # every world_size-th of them: a rerun after a node failed, or on another number of ranks,
+    # spreads the rest over all ranks (was: shard j on rank j mod world_size, idle when done)
+    error, remaining = None, []
+    if env.rank == 0:
+        try:
+            remaining = _shards_to_do(out, n_shards, cfg, items, signature, since, binding)
+        except UserError as e:
+            error = str(e)
+        for stale in out.glob(".shard-*tmp"):  # temp files a killed run left (no rank writes yet)
             stale.unlink(missing_ok=True)
-    if env.rank == 0:  # and for the files rank 0 alone writes (manifest, run binding)
-        for name in (MANIFEST, runs.BINDING):
+        for name in (MANIFEST, runs.BINDING):  # and those of the files rank 0 alone writes
             for stale in out.glob(f".{name}.*.tmp"):
                 stale.unlink(missing_ok=True)
+    error, remaining = dist.broadcast_object((error, remaining))
+    if error:
+        raise UserError(error)
+    todo = dist.shard_list(remaining, env.rank, env.world_size)
 
     workers = auto_workers(cfg.num_workers, device, env.world_size)
     batch = auto_batch_size(cfg.batch_size, ae, cfg, device, dtype, ae.text_dim) if todo else 1
@@ -573,6 +565,32 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
         raise UserError(f"no clip was written: all {len(items)} inputs were skipped (reasons above); fix or replace "
                         f"the inputs, or change --frames/--fps/--clips-per-video, and run again")
     return summary
+
+
+def _shards_to_do(out: Path, n_shards: int, cfg: ExtractConfig, items: list, signature: dict, since: dict,
+                  binding: runs.Binding) -> list[int]:
+    """The shards of ``out`` to encode: not done (no sidecar, or its tar missing), or done with another
+    signature, inputs or labels (with an allowed change; a folder of a different extraction is a
+    `UserError`)."""
+    todo = []
+    for j in range(n_shards):
+        sidecar = out / f"shard-{j:06d}.json"
+        keys = [it.key for it in items[j * cfg.shard_size:(j + 1) * cfg.shard_size]]
+        labels = labels_digest(items[j * cfg.shard_size:(j + 1) * cfg.shard_size])
+        if sidecar.exists():
+            done = read_json(sidecar)
+            old = {**since, **done["signature"]}
+            differ = [k for k in sorted(set(old) | set(signature)) if old.get(k) != signature.get(k)]
+            differ += ["inputs"] if done["keys"] != keys else []
+            differ += ["labels"] if done.get("labels", labels) != labels else []  # none: a shard of an earlier version
+            if differ and not binding.changes:  # a folder of an extraction made before run.json existed
+                raise UserError(f"{out} holds shards of a different extraction ({sidecar.name}: {', '.join(differ)} "
+                                "differ); give a new --output folder")
+            tar_ok = done["written"] == 0 or (out / shards.SHARD_NAME.format(j)).exists()
+            if tar_ok and not differ:
+                continue
+        todo.append(j)
+    return todo
 
 
 def _wait_for_the_other_ranks() -> None:

@@ -180,6 +180,25 @@ def test_two_ranks_equal_one_rank(videos, tmp_path):
     torch.testing.assert_close(torch.tensor(two.stats["z"]["mean"]), torch.tensor(one.stats["z"]["mean"]))
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_rerun_spreads_the_shards_left_over_every_rank(videos, tmp_path):
+    """A rank (node) that failed leaves its shards undone; the rerun gives them to every rank, not to the
+    rank that had them (was: shard j on rank j mod world_size, the others idle), with the same bytes."""
+    _extract(videos, tmp_path / "one", "--shard-size", "1")
+    _extract(videos, tmp_path / "two", "--shard-size", "1")
+    for j in (1, 3, 5):  # rank 1's shards of a 2-rank run, lost
+        for suffix in ("tar", "json"):
+            (tmp_path / "two" / f"shard-{j:06d}.{suffix}").unlink()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = torchrun(2, "extract", "--autoencoder", AE, "--input", str(videos), "--output", str(tmp_path / "two"),
+                   "--frames", "8", "--height", "32", "--width", "32", "--shard-size", "1")
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "extracted 2 clips in" in r.stdout  # rank 0: shards 1 and 5 (rank 1: shard 3)
+    assert shards.raw_bytes_digest(tmp_path / "two") == shards.raw_bytes_digest(tmp_path / "one")
+
+
 # ---------------------------------------------------------------------------------------------
 # several clips per video
 # ---------------------------------------------------------------------------------------------
