@@ -190,3 +190,27 @@ def test_a_rank_that_finishes_long_after_the_others_does_not_time_out_the_extrac
     for (out, err), code in results:
         assert code == 0, err[-3000:]
     assert load_manifest(tmp_path / "out").counts.written == 3
+
+
+def test_the_end_of_run_wait_timeout_is_read_from_its_variable(monkeypatch):
+    """LDM_WAIT_TIMEOUT_S sets the wait group's timeout; a value that is not a positive number is one line."""
+    import datetime
+
+    import torch.distributed as td
+
+    from launch import dist
+    from ldm.errors import UserError
+
+    td.init_process_group("gloo", store=td.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=5))
+    try:
+        for bad in ("ten", "0"):
+            monkeypatch.setenv(dist.WAIT_TIMEOUT_ENV, bad)
+            with pytest.raises(UserError, match=f"LDM_WAIT_TIMEOUT_S='{bad}': give the seconds"):
+                dist.open_wait_group()
+        monkeypatch.setenv(dist.WAIT_TIMEOUT_ENV, "7200")
+        dist.open_wait_group()
+        assert dist._WAIT_GROUP is not None and td.get_backend(dist._WAIT_GROUP) == "gloo"
+        dist.wait_all()
+    finally:
+        dist.cleanup()
+    assert dist._WAIT_GROUP is None
