@@ -139,7 +139,10 @@ class HFTextEncoder(TextEncoder):
 
 # config.json model_type each kind loads (a full seq2seq T5 / a CLIP text+vision model hold the encoder)
 HF_MODEL_TYPES = {"t5": ("t5", "mt5", "umt5"), "clip": ("clip", "clip_text_model")}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model", "vocab.json")
+# a tokenizer's vocabulary (tokenizer_config.json alone holds none); a SentencePiece model without tokenizer.json
+# needs the sentencepiece package to be read
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model", "vocab.json")
+SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model")
 
 
 def _check_hf_dirs(kind: str, path: str, model_dir: Path, tok_dir: Path, spec: str) -> str:
@@ -159,7 +162,20 @@ def _check_hf_dirs(kind: str, path: str, model_dir: Path, tok_dir: Path, spec: s
     if not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
         raise ValueError(f"no tokenizer in {str(tok_dir)!r} (spec {spec!r}): expected one of {list(TOKENIZER_FILES)}; "
                          "copy the model's tokenizer files next to its config.json")
+    sp = [f for f in SENTENCEPIECE_FILES if (tok_dir / f).is_file()]
+    if sp and not (tok_dir / "tokenizer.json").is_file() and not _has_sentencepiece():
+        raise ValueError(f"the tokenizer in {str(tok_dir)!r} is a SentencePiece model ({sp[0]}) without tokenizer.json "
+                         f"(spec {spec!r}): install the sentencepiece package (pip install sentencepiece) or copy "
+                         "the model's tokenizer.json next to it")
     return model_type
+
+
+def _has_sentencepiece() -> bool:
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _load_hf(kind: str, path: str, spec: str, max_length: int | None,
@@ -181,7 +197,11 @@ def _load_hf(kind: str, path: str, spec: str, max_length: int | None,
         missing = sorted(info["missing_keys"])
         raise ValueError(f"text encoder {spec!r}: the weights in {str(model_dir)!r} lack {len(missing)} tensor(s) of a "
                          f"{cls.__name__} ({missing[:3]} ...): not this model's weights")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    except (ValueError, OSError, ImportError, KeyError) as e:  # transformers' own are several lines long
+        raise ValueError(f"the tokenizer in {str(tok_dir)!r} cannot be loaded (spec {spec!r}): "
+                         f"{str(e).strip().splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         raise ValueError(f"the tokenizer in {str(tok_dir)!r} has no pad token (spec {spec!r})")
     if max_length is None:

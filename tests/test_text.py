@@ -254,3 +254,22 @@ def test_missing_local_dir_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         build_text_encoder(f"clip:{tmp_path / 'empty'}")
+
+
+def test_tokenizer_folders_without_a_vocabulary_are_one_line(t5_dir, tmp_path, monkeypatch):
+    """A T5 folder as google/t5-v1_1-xxl ships it (spiece.model, no tokenizer.json) needs the
+    sentencepiece package (was: transformers' "`tiktoken` is required" error); a folder with only
+    tokenizer_config.json holds no vocabulary (was: transformers' multi-line ValueError)."""
+    import sys
+
+    folder = tmp_path / "t5-v1_1"
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer_config.json"):
+        (folder / f).write_bytes((t5_dir / f).read_bytes())
+    with pytest.raises(ValueError, match=r"no tokenizer in .*t5-v1_1.*expected one of \['tokenizer.json'"):
+        build_text_encoder(f"t5:{folder}")
+    (folder / "spiece.model").write_bytes(b"\x0a\x05hello")  # read by sentencepiece only
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # not installed
+    with pytest.raises(ValueError, match=r"SentencePiece model \(spiece.model\) without tokenizer.json .*"
+                                         r"pip install sentencepiece"):
+        build_text_encoder(f"t5:{folder}")
