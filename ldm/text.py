@@ -19,9 +19,11 @@ False in the mask and zero in ``emb``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ class TextEncoder(nn.Module):
         self.spec = spec
         self.dim = dim
         self.max_length = max_length
+        self.warned_cut = False  # a cut prompt is reported once per encoder
 
     def train(self, mode: bool = True) -> "TextEncoder":
         """Always stays in eval mode (frozen): a parent's ``.train()`` does not enable dropout."""
@@ -59,6 +62,10 @@ class TextEncoder(nn.Module):
         return next(self.parameters()).device
 
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Each prompt's length in tokens, special tokens included, before it is cut to ``max_length``."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -73,6 +80,15 @@ class TextEncoder(nn.Module):
         bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
         if bad:
             raise TypeError(f"prompts must be strings, got {sorted(set(bad))}")
+        if not self.warned_cut:
+            counts = self.token_counts(prompts)
+            cut = [i for i, n in enumerate(counts) if n > self.max_length]
+            if cut:
+                self.warned_cut = True
+                text = prompts[cut[0]]
+                warnings.warn(f"a prompt of {counts[cut[0]]} tokens is cut to the text encoder's max_length "
+                              f"{self.max_length} ({self.spec}): {text[:60]!r}{'...' if len(text) > 60 else ''}; "
+                              "the rest of it is not seen (later cut prompts are not reported)")
         emb, mask = self._encode(prompts)
         emb = emb.float() * mask[..., None]  # (B, L, D)
         return emb, mask
@@ -90,6 +106,23 @@ class TextEncoder(nn.Module):
 # --------------------------------------------------------------------------------------------
 # transformers encoders (T5, CLIP) from a local directory
 # --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers without its warnings and progress bars: what it would report (a full CLIP checkpoint's
+    unused vision weights, a long prompt) is checked and reported here in one line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
 
 def _resolve_local_dirs(path: str, spec: str) -> tuple[Path, Path]:
     """(model dir, tokenizer dir) for a model dir or a diffusers pipeline dir."""
@@ -119,6 +152,11 @@ class HFTextEncoder(TextEncoder):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"
+
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        with _quiet_transformers():  # its "longer than the specified maximum sequence length" warning
+            ids = self.tokenizer(list(prompts), truncation=False)["input_ids"]
+        return [len(i) for i in ids]
 
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         batch = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
@@ -313,6 +351,9 @@ class BuiltinTextEncoder(TextEncoder):
             self.layers.append(layer)
         self.register_buffer("pos", _sinusoidal(cfg.max_length, d), persistent=False)
         self.eval()
+
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        return [len(p.encode("utf-8")) + 2 for p in prompts]  # BOS + bytes + EOS
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
         """``ids (B, L)`` byte tokens, ``words (B, L, 2)`` hashed word buckets (-1 = not in a

@@ -1,4 +1,6 @@
 import hashlib
+import re
+import warnings
 
 import pytest
 import torch
@@ -273,3 +275,22 @@ def test_tokenizer_folders_without_a_vocabulary_are_one_line(t5_dir, tmp_path, m
     with pytest.raises(ValueError, match=r"SentencePiece model \(spiece.model\) without tokenizer.json .*"
                                          r"pip install sentencepiece"):
         build_text_encoder(f"t5:{folder}")
+
+
+def test_long_prompts_are_cut_with_a_warning_naming_their_length(t5_dir, clip_dir):
+    """A prompt longer than max_length is cut, as at extraction, and says so once, with its length in
+    tokens (was: cut silently at sampling); prompts that fit say nothing."""
+    long = " ".join(["a red circle moving left"] * 30)  # 150 words + EOS
+    for spec, n in ((f"t5:{t5_dir}", 151), (f"clip:{clip_dir}", 152), ("builtin", len(long) + 2)):
+        enc = build_text_encoder(spec)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            short, _ = enc.encode(["a red circle moving left"])
+        with pytest.warns(UserWarning, match=rf"a prompt of {n} tokens is cut to the text encoder's max_length "
+                                             rf"{enc.max_length} \({re.escape(spec)}\): 'a red circle"):
+            emb, mask = enc.encode(["up", long])
+        assert mask[1].all() and mask[0].sum() < enc.max_length
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per encoder
+            again, _ = enc.encode([long])
+        torch.testing.assert_close(again[0], emb[1])
