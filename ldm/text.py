@@ -227,8 +227,9 @@ def _load_hf(kind: str, path: str, spec: str, max_length: int | None,
     cls = {"umt5": UMT5EncoderModel, "clip": CLIPTextModel, "clip_text_model": CLIPTextModel}.get(model_type,
                                                                                                    T5EncoderModel)
     try:
-        model, info = cls.from_pretrained(model_dir, local_files_only=True, dtype=dtype or torch.float32,
-                                          output_loading_info=True)
+        with _quiet_transformers():  # a full T5 / CLIP checkpoint's unused decoder / vision weights: a long table
+            model, info = cls.from_pretrained(model_dir, local_files_only=True, dtype=dtype or torch.float32,
+                                              output_loading_info=True)
     except OSError as e:  # no weights file
         raise FileNotFoundError(f"text encoder {spec!r}: {str(e).splitlines()[0]}") from None
     if info["missing_keys"]:
@@ -236,7 +237,8 @@ def _load_hf(kind: str, path: str, spec: str, max_length: int | None,
         raise ValueError(f"text encoder {spec!r}: the weights in {str(model_dir)!r} lack {len(missing)} tensor(s) of a "
                          f"{cls.__name__} ({missing[:3]} ...): not this model's weights")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     except (ValueError, OSError, ImportError, KeyError) as e:  # transformers' own are several lines long
         raise ValueError(f"the tokenizer in {str(tok_dir)!r} cannot be loaded (spec {spec!r}): "
                          f"{str(e).strip().splitlines()[0]}") from None

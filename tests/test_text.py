@@ -294,3 +294,41 @@ def test_long_prompts_are_cut_with_a_warning_naming_their_length(t5_dir, clip_di
             warnings.simplefilter("error")  # once per encoder
             again, _ = enc.encode([long])
         torch.testing.assert_close(again[0], emb[1])
+
+
+def test_full_checkpoints_sharded_and_half_load_their_encoder_in_float32_quietly(tmp_path, capfd):
+    """A full T5 (encoder + decoder, as DeepFloyd/t5-v1_1-xxl) saved in float16 shards and a full CLIPModel
+    (as openai/clip-vit-large-patch14) give their text encoder's output, in float32 (float16 matmuls do not
+    run on every CPU), without transformers' table of the unused decoder / vision weights (was: one line
+    per vision tensor, and a progress bar per load)."""
+    from transformers import CLIPConfig, CLIPModel, T5Config, T5ForConditionalGeneration
+
+    tok, vocab = tokenizer(None, "</s>", "<pad>")
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(
+        vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"], decoder_start_token_id=0))
+    t5.half().save_pretrained(tmp_path / "t5", max_shard_size="20KB")
+    tok.save_pretrained(tmp_path / "t5")
+    assert (tmp_path / "t5" / "model.safetensors.index.json").is_file()
+    ctok, cv = tokenizer("<|startoftext|>", "<|endoftext|>", "<|endoftext|>")
+    text = dict(vocab_size=len(cv), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, bos_token_id=cv["<|startoftext|>"], eos_token_id=cv["<|endoftext|>"],
+                pad_token_id=cv["<|endoftext|>"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=16)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    ctok.save_pretrained(tmp_path / "clip")
+    capfd.readouterr()
+    prompt = ["a red circle moving left"]
+    for spec, tok_, ref in ((f"t5:{tmp_path / 't5'}", tok, t5.float().eval().encoder),
+                            (f"clip:{tmp_path / 'clip'}", ctok, clip.text_model)):
+        enc = build_text_encoder(spec)
+        assert enc.model.dtype == torch.float32 and enc.dim == 32
+        emb, mask = enc.encode(prompt)
+        with torch.no_grad():
+            want = ref(**tok_(prompt, return_tensors="pt")).last_hidden_state[0]
+        torch.testing.assert_close(emb[0, :int(mask.sum())], want, atol=1e-5, rtol=1e-5)
+    out = capfd.readouterr()
+    assert "vision_model" not in out.out + out.err and "Loading weights" not in out.out + out.err
