@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -423,10 +424,11 @@ def same_fingerprint(a: Sequence[float], b: Sequence[float], min_cosine: float =
 
 def absolute_spec(spec: str) -> str:
     """``spec`` with its folder as an absolute path (``t5:models/x`` -> ``t5:/home/.../models/x``),
-    as a manifest records it so that other working directories find the same folder."""
+    as a manifest records it so that other working directories find the same folder. Symbolic links are
+    kept: a ``/models/t5`` link re-pointed at the folder's new place still finds it."""
     kind, sep, arg = spec.partition(":")
     if kind in ("t5", "clip") and sep and arg:
-        return f"{kind}:{Path(arg).expanduser().resolve()}"
+        return f"{kind}:{os.path.abspath(Path(arg).expanduser())}"
     return spec
 
 

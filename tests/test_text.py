@@ -332,3 +332,30 @@ def test_full_checkpoints_sharded_and_half_load_their_encoder_in_float32_quietly
         torch.testing.assert_close(emb[0, :int(mask.sum())], want, atol=1e-5, rtol=1e-5)
     out = capfd.readouterr()
     assert "vision_model" not in out.out + out.err and "Loading weights" not in out.out + out.err
+
+
+def test_recorded_spec_keeps_a_symlink_so_a_moved_folder_behind_it_is_found(t5_dir, tmp_path, monkeypatch):
+    """The manifest records the path as given, links kept: a folder moved to another disk with its link
+    re-pointed still loads and matches the fingerprint (was: the link's target was recorded, so sampling
+    asked for the old place)."""
+    import shutil
+
+    from dit import Export, load_text_encoder
+    from ldm.artifacts import AERecord, ClipSpec
+    from ldm.text import absolute_spec, fingerprint
+
+    real = tmp_path / "disk1" / "t5"
+    shutil.copytree(t5_dir, real)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "t5").symlink_to(real, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    spec = absolute_spec("t5:models/../models/t5")
+    assert spec == f"t5:{tmp_path / 'models' / 't5'}"
+    export = Export(AERecord(name="kl2d-f8c4-debug", family="kl2d"), ClipSpec(8, 32, 32), {}, "grid",
+                    text_encoder=spec, text_dim=32, text_fingerprint=fingerprint(build_text_encoder(spec)))
+    moved = tmp_path / "disk2" / "t5"
+    moved.parent.mkdir()
+    real.rename(moved)
+    (tmp_path / "models" / "t5").unlink()
+    (tmp_path / "models" / "t5").symlink_to(moved, target_is_directory=True)
+    assert load_text_encoder(export).dim == 32
