@@ -87,9 +87,9 @@ class TextEncoder(nn.Module):
             if cut:
                 self.warned_cut = True
                 text = prompts[cut[0]]
-                warnings.warn(f"a prompt of {counts[cut[0]]} tokens is cut to the text encoder's max_length "
+                warnings.warn(f"a caption or prompt of {counts[cut[0]]} tokens is cut to the text encoder's max_length "
                               f"{self.max_length} ({self.spec}): {text[:60]!r}{'...' if len(text) > 60 else ''}; "
-                              "the rest of it is not seen (later cut prompts are not reported)")
+                              "the rest of it is not seen (later cut ones are not reported)")
         emb, mask = self._encode(prompts)
         emb = emb.float() * mask[..., None]  # (B, L, D)
         return emb, mask

@@ -286,8 +286,8 @@ def test_long_prompts_are_cut_with_a_warning_naming_their_length(t5_dir, clip_di
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             short, _ = enc.encode(["a red circle moving left"])
-        with pytest.warns(UserWarning, match=rf"a prompt of {n} tokens is cut to the text encoder's max_length "
-                                             rf"{enc.max_length} \({re.escape(spec)}\): 'a red circle"):
+        with pytest.warns(UserWarning, match=rf"a caption or prompt of {n} tokens is cut to the text encoder's "
+                                             rf"max_length {enc.max_length} \({re.escape(spec)}\): 'a red circle"):
             emb, mask = enc.encode(["up", long])
         assert mask[1].all() and mask[0].sum() < enc.max_length
         with warnings.catch_warnings():
