@@ -130,9 +130,8 @@ def _resolve_local_dirs(path: str, spec: str) -> tuple[Path, Path]:
     root = Path(path).expanduser()
     if not path or not root.is_dir():
         raise FileNotFoundError(
-            f"text encoder directory not found: {str(root)!r} (spec {spec!r}). Text encoders are "
-            "loaded from a local transformers directory only; download the model first and pass "
-            "its path.")
+            f"text encoder directory not found: {str(root)!r} (spec {spec!r}); text encoders are loaded "
+            "from a local transformers directory only, never downloaded")
     if (root / "config.json").is_file():
         return root, root
     if (root / "text_encoder" / "config.json").is_file() and (root / "tokenizer").is_dir():

@@ -237,8 +237,9 @@ def test_recorded_spec_is_absolute_and_checked_at_sampling(t5_dir, tmp_path, mon
     assert load_text_encoder(export).dim == 32
     with pytest.raises(UserError, match="now gives 32-d embeddings, the DiT was trained on 48-d"):
         load_text_encoder(Export(**{**export.__dict__, "text_dim": 48}))
-    with pytest.raises(MissingInput, match="recorded at extraction.*not found.*put that folder back"):
+    with pytest.raises(MissingInput, match="recorded at extraction.*not found.*put that folder back") as e:
         load_text_encoder(Export(**{**export.__dict__, "text_encoder": f"t5:{tmp_path / 'moved'}"}))
+    assert "pass its path" not in str(e.value)  # sampling takes no path: it was "download ... and pass its path"
     # the same width, other weights (a folder replaced by another model): caught by the fingerprint
     fp = fingerprint(build_text_encoder(spec))
     assert len(fp) == 16 and same_fingerprint(fp, [v + 1e-4 for v in fp])
