@@ -360,3 +360,29 @@ def test_recorded_spec_keeps_a_symlink_so_a_moved_folder_behind_it_is_found(t5_d
     (tmp_path / "models" / "t5").unlink()
     (tmp_path / "models" / "t5").symlink_to(moved, target_is_directory=True)
     assert load_text_encoder(export).dim == 32
+
+
+def test_sentencepiece_only_t5_tokenizer_loads_when_the_package_is_there(t5_dir, tmp_path):
+    """google/t5-v1_1-xxl's layout (spiece.model, no tokenizer.json) with sentencepiece installed tokenizes
+    as the same vocabulary's tokenizer.json does."""
+    from texts import WORDS
+
+    pb = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
+    proto = pb.ModelProto()
+    for piece, score, kind in [("<pad>", 0.0, 3), ("</s>", 0.0, 3), ("<unk>", 0.0, 2)] + [
+            ("\u2581" + w, -1.0 - i / 100, 1) for i, w in enumerate(WORDS)]:  # kinds: 1 normal, 2 unknown, 3 control
+        p = proto.pieces.add()
+        p.piece, p.score, p.type = piece, score, kind
+    proto.trainer_spec.model_type = 1  # unigram
+    spec = proto.trainer_spec
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 2, -1, 1, 0  # the ids of the pieces above
+    folder = tmp_path / "t5-v1_1"
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (folder / f).write_bytes((t5_dir / f).read_bytes())
+    (folder / "spiece.model").write_bytes(proto.SerializeToString())
+    prompts = ["a red circle moving left", "up"]
+    emb, mask = build_text_encoder(f"t5:{folder}").encode(prompts)
+    want, want_mask = build_text_encoder(f"t5:{t5_dir}").encode(prompts)
+    assert torch.equal(mask, want_mask)
+    torch.testing.assert_close(emb, want)
