@@ -721,7 +721,101 @@ def train(cfg: TrainConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any
             runs.release_folder(cfg.output)
 
 
+# ------------------------------------------------------------------------------------------
+# the training loop: `_train` reads top to bottom as set-up -> resume -> data -> steps -> summary;
+# each step is `train_step` (the loss and the update: the GPU's fast path), then `log_step`,
+# `validate_step`, `checkpoint_step` when due. Where to change what: the loss and its weighting
+# over timesteps in `flow_step_loss`; a quantity logged every log_every steps in `log_step`.
+# ------------------------------------------------------------------------------------------
+@dataclass
+class TrainRun:
+    """What the set-up builds once and every later part of a run reads: the resolved config, this
+    process's place (device, data-parallel rank and world), the latents (manifest, DiT config,
+    normalisation, export context, data mix) and the DeepSpeed engine with its EMA."""
+
+    cfg: TrainConfig
+    binding: runs.Binding
+    env: dist.DistEnv
+    device: torch.device
+    out: Path
+    manifest: Manifest
+    dcfg: dit.DiTConfig
+    latent_norm: dict[str, dict[str, list[float]]]
+    context: Export
+    content: Any  # the shards' names and sizes (latents.content of the binding)
+    dp_rank: int
+    dp_world: int
+    engine: Any = None
+    ema: EMA | None = None
+    peak: float | None = None  # the device's peak FLOP/s (for the logged MFU), None when unknown
+    mix: list[tuple[str, int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Progress:
+    """The loop's state that changes from step to step. Device tensors (``pending``: the per-step
+    mean losses) are read on the host only by ``log_step`` / ``checkpoint_step`` (no per-step sync)."""
+
+    step: int
+    resumed_at: int
+    dropped: int  # micro-batches dropped for non-finite losses
+    position: int  # samples of the global stream read
+    stream: dict[str, Any]  # what trainer.json records of the data stream
+    nonfinite: runs.NonFiniteGuard
+    work: torch.Tensor  # this rank's (tokens, training FLOPs) since the last log
+    read: torch.Tensor  # this rank's clips per data.shards folder
+    lr: float = 0.0  # the LR of the last step's update
+    stopping: bool = False  # a stop was asked for (SIGTERM, Ctrl-C) on some rank
+    losses: list[float] = field(default_factory=list)
+    pending: list[torch.Tensor] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    t_last: float = 0.0
+    step_last: int = 0
+
+
+@dataclass
+class HeldOut:
+    """The validation batches: every ``every`` steps, ``rounds`` batches of ``data`` (this rank's share)."""
+
+    every: int
+    rounds: int = 0
+    data: Any = None
+
+
 def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
+    run = set_up(cfg, allow_change)
+    cfg = run.cfg  # with the precision resolved for the device
+    progress, start = resume_progress(run)
+    data, inputs, held_out = open_data(run, progress, start)
+    logger = runs.RunLog(run.out, progress.step, enabled=dist.is_main())
+    bar = tqdm(total=cfg.steps, initial=progress.step, desc="train", unit="step", disable=not dist.is_main())
+    progress.t_last, progress.step_last = time.perf_counter(), progress.step
+    profiler = runs.StepProfiler(cfg.profile, run.out / "profile", run.env.rank, progress.step,
+                                 run.device.type == "cuda")
+    stop = runs.StopRequest()
+    try:
+        while progress.step < cfg.steps and not progress.stopping:
+            train_step(run, progress, inputs, stop)
+            profiler.step()
+            bar.update(1)
+            step, last = progress.step, progress.step == cfg.steps
+            if step % cfg.log_every == 0 or last or progress.stopping:  # a stop logs its last step
+                log_step(run, progress, logger, bar)
+            if cfg.val.shards and (step % held_out.every == 0 or last) and not progress.stopping:
+                validate_step(run, progress, held_out, logger)
+            if step % cfg.save_every == 0 or last or progress.stopping:
+                checkpoint_step(run, progress)
+    finally:
+        stop.close()
+        bar.close()  # an error's line then starts on a line of its own
+    inputs.close()
+    profiler.close()
+    logger.close()
+    return finish(run, progress, data, stop)
+
+
+def set_up(cfg: TrainConfig, allow_change: tuple[str, ...]) -> TrainRun:
+    """Checks, the process group, the latents' manifest (the same on every rank), then the engine."""
     import deepspeed
 
     binding = check_config(cfg, allow_change)
@@ -735,24 +829,35 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     device = dist.device_for(env)
     cfg = cfglib.replace(cfg, engine=cfglib.replace(cfg.engine, precision=resolve_precision(cfg.engine.precision,
                                                                                             device)))
-    use_compile = resolve_switch(cfg.model.compile, device, "model.compile")
-    out = Path(cfg.output)
     manifest = load_manifests(cfg.data.shards, cfg.data.weights)
-    dcfg = make_dit_config(cfg.model, manifest)
     latent_norm = latent_norm_stats(cfg.data, manifest)
-    context = export_context(manifest, latent_norm, cfg.flow.shift)
+    sp = cfg.model.sequence_parallel
+    run = TrainRun(cfg, binding, env, device, Path(cfg.output), manifest, make_dit_config(cfg.model, manifest),
+                   latent_norm, export_context(manifest, latent_norm, cfg.flow.shift),
+                   binding.record["latents.content"], env.rank // sp, env.world_size // sp)
     if manifest.mixed_shapes and not cfg.data.buckets:
         raise UserError("the folders in data.shards hold latents of different shapes; set data.buckets=true "
                          "(and data.bucket_batch per shape) to train on them together")
     dist.check_same(json.dumps(cfglib.to_dict(cfg), sort_keys=True), "training config")
-    content = binding.record["latents.content"]  # the shards' names and sizes: a node's incomplete copy differs
+    # the shards' names and sizes: a node's incomplete copy differs
     dist.check_same(json.dumps([manifest.autoencoder.config_hash, cfglib.to_dict(manifest.counts),
-                                list(manifest.shards), content], sort_keys=True), "latent shards (manifest)")
+                                list(manifest.shards), run.content], sort_keys=True), "latent shards (manifest)")
+    run.engine, run.ema = build_engine(run)
+    run.peak = peak_flops(cfg.engine)
+    return run
 
+
+def build_engine(run: TrainRun) -> tuple[Any, EMA]:
+    """The DiT (``model.init`` weights, activation checkpointing, sequence parallelism), AdamW and
+    the LR schedule in a DeepSpeed engine, its blocks compiled, and the EMA of its weights."""
+    import deepspeed
+
+    cfg, device, out = run.cfg, run.device, run.out
+    use_compile = resolve_switch(cfg.model.compile, device, "model.compile")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = dit.VideoDiT(dcfg)
+    model = dit.VideoDiT(run.dcfg)
     if cfg.model.init and not runs.checkpoints(out / "checkpoints"):
-        model.load_state_dict(init_weights(cfg.model.init, dcfg, manifest))
+        model.load_state_dict(init_weights(cfg.model.init, run.dcfg, run.manifest))
         if dist.is_main():
             log.info("started from the weights of %s (model.init)", cfg.model.init)
     if cfg.engine.activation_checkpointing:
@@ -761,7 +866,6 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     if sp > 1:  # consecutive ranks form a group that shares each batch and splits its tokens
         from launch.sequence_parallel import apply_sequence_parallel, sequence_parallel_group
         apply_sequence_parallel(model, sequence_parallel_group(sp))
-    dp_rank, dp_world = env.rank // sp, env.world_size // sp  # data-parallel position
     # no second run into the folder while this one lives; claimed before DeepSpeed puts the model on the device
     runs.claim_folder(out, new_folder="output=NEW_FOLDER")
     # fused AdamW on GPUs (one kernel over all tensors); DeepSpeed's ZeRO keeps fp32 master weights for it
@@ -784,166 +888,192 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
                         "parallelism (their hooks gather parameters / exchange tokens inside the blocks)")
         else:
             compile_blocks(engine.module, mode=cfg.model.compile_mode)
-    ema = EMA(engine.module, cfg.ema_decay, zero3)
+    return engine, EMA(engine.module, cfg.ema_decay, zero3)
 
-    step, dropped, position, saved = resume(engine, ema, out, cfg.optim.lr)
-    resumed_at = step
-    nonfinite = runs.NonFiniteGuard(cfg.max_nonfinite)
+
+def resume_progress(run: TrainRun) -> tuple[Progress, tuple[int, int]]:
+    """The newest checkpoint loaded (`resume`), the run's start recorded, and where the data
+    stream goes on: the loop's state and the reader's ``start`` (`resume_stream`)."""
+    cfg = run.cfg
+    step, dropped, position, saved = resume(run.engine, run.ema, run.out, cfg.optim.lr)
+    progress = Progress(step, step, dropped, position, {}, runs.NonFiniteGuard(cfg.max_nonfinite),
+                        torch.zeros(2, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / runs.BINDING).is_file() and runs.checkpoints(out / "checkpoints"):
-            log.warning("%s has checkpoints but no %s (made before runs were bound): bound to this run's settings "
-                        "from now on", out, runs.BINDING)
-        binding.write()
-        changed = norm_change(out / "config.json", latent_norm) if step else 0.0
-        if changed > 1e-6:  # a grown folder, other data.weights or data.normalize allowed on resume
-            if math.isinf(changed):
-                print(f"latent normalisation switched {'on' if latent_norm else 'off'} (data.normalize) from step "
-                      f"{step + 1} (exports record it)", flush=True)
-            else:
-                mixed = " (mixed)" if cfg.data.weights else ""
-                print(f"latent normalisation: the per-channel statistics of data.shards{mixed} moved by "
-                      f"up to {changed:.3g} std since the run last started; from step {step + 1} latents are "
-                      "standardised with the new ones (exports record them)", flush=True)
-        atomic_write_json(out / "config.json", {"train": cfglib.to_dict(cfg), "dit": cfglib.to_dict(dcfg),
-                                                "export": context.to_dict()})
-    parts = manifest.parts
-    per_step = cfg.data.batch_size * cfg.optim.grad_accum
-    micro_global = cfg.data.batch_size * dp_world  # samples of the global stream one micro-batch reads
+        record_start(run, step)
     if position is None:  # a checkpoint that did not record it: read with this run's batch
-        position = (step * cfg.optim.grad_accum + dropped) * micro_global
-    mix = data_mix(cfg)
-    stream = {"shards": cfg.data.shards, "content": content, "clips": manifest.counts.written}
-    start, moved = resume_stream(saved, stream, position, cfg.data.split == "sample")
+        progress.position = (step * cfg.optim.grad_accum + dropped) * cfg.data.batch_size * run.dp_world
+    run.mix = mix = data_mix(cfg)
+    progress.read = torch.zeros(len(mix), dtype=torch.float64)
+    progress.stream = {"shards": cfg.data.shards, "content": run.content, "clips": run.manifest.counts.written}
+    start, moved = resume_stream(saved, progress.stream, progress.position, cfg.data.split == "sample")
     if dist.is_main():
         if moved:
             print(moved, flush=True)
         if cfg.data.weights:
             print("data mix: " + ", ".join(f"{f} {share:.0%} ({n} clips, each read {r:.3g}x per epoch)"
                                            for (f, n, share), r in zip(mix, mix_rates(mix, True))), flush=True)
-    # the place in the one global stream (any topology resumes it, see LatentShards): the samples read
-    # so far, counted as they are read, so a resume with another global batch (--allow-change) goes on from it
-    data = LatentShards(shard_folders(cfg.data.shards), rank=dp_rank, world_size=dp_world, seed=cfg.seed,
+    return progress, start
+
+
+def record_start(run: TrainRun, step: int) -> None:
+    """On rank 0: the binding, a note when the latent normalisation moved since the last start, and
+    ``config.json`` (the settings, the DiT config and the export context of this start)."""
+    out, latent_norm = run.out, run.latent_norm
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / runs.BINDING).is_file() and runs.checkpoints(out / "checkpoints"):
+        log.warning("%s has checkpoints but no %s (made before runs were bound): bound to this run's settings "
+                    "from now on", out, runs.BINDING)
+    run.binding.write()
+    changed = norm_change(out / "config.json", latent_norm) if step else 0.0
+    if changed > 1e-6:  # a grown folder, other data.weights or data.normalize allowed on resume
+        if math.isinf(changed):
+            print(f"latent normalisation switched {'on' if latent_norm else 'off'} (data.normalize) from step "
+                  f"{step + 1} (exports record it)", flush=True)
+        else:
+            mixed = " (mixed)" if run.cfg.data.weights else ""
+            print(f"latent normalisation: the per-channel statistics of data.shards{mixed} moved by "
+                  f"up to {changed:.3g} std since the run last started; from step {step + 1} latents are "
+                  "standardised with the new ones (exports record them)", flush=True)
+    atomic_write_json(out / "config.json", {"train": cfglib.to_dict(run.cfg), "dit": cfglib.to_dict(run.dcfg),
+                                            "export": run.context.to_dict()})
+
+
+def open_data(run: TrainRun, progress: Progress, start: tuple[int, int]
+              ) -> tuple[LatentShards, Prefetcher, HeldOut]:
+    """The shard reader from the run's place in the one global stream (any topology resumes it, see
+    LatentShards: the samples read so far, counted as they are read, so a resume with another global
+    batch goes on from it), the prefetcher making `StepInputs` from it, and the held-out batches."""
+    cfg, manifest, engine = run.cfg, run.manifest, run.engine
+    parts = manifest.parts
+    data = LatentShards(shard_folders(cfg.data.shards), rank=run.dp_rank, world_size=run.dp_world, seed=cfg.seed,
                         shuffle=cfg.data.shuffle, epochs=None, split=cfg.data.split,
-                        skip=position, rates=mix_rates(mix, bool(cfg.data.weights)), start=start,
+                        skip=progress.position, rates=mix_rates(run.mix, bool(cfg.data.weights)), start=start,
                         batch_size=cfg.data.batch_size,
                         buckets=bucket_batch_sizes(manifest, cfg.data, engine.module) if cfg.data.buckets else None,
                         expect_shapes=parts if manifest.form != "varlen" and not cfg.data.buckets else None)
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=as_batched, num_workers=workers,
                                          persistent_workers=workers > 0,
-                                         multiprocessing_context=reader_start(workers, device),
+                                         multiprocessing_context=reader_start(workers, run.device),
                                          worker_init_fn=runs.reader_ignores_interrupts)
-    null_cond = engine.module.null_cond
-    val_every, val_losses = cfg.val.every or cfg.save_every, []
+    held_out = HeldOut(cfg.val.every or cfg.save_every)
     if cfg.val.shards:  # the same held-out batches at every evaluation: each rank its share of whole rounds
-        val_rounds = check_val_shards(cfg, manifest, dcfg, env.world_size) // (cfg.data.batch_size * dp_world)
-        val_data = LatentShards(shard_folders(cfg.val.shards), rank=dp_rank, world_size=dp_world, seed=cfg.seed,
-                                batch_size=cfg.data.batch_size,
-                                expect_shapes=parts if manifest.form != "varlen" else None)
+        held_out.rounds = check_val_shards(cfg, manifest, run.dcfg, run.env.world_size) // (cfg.data.batch_size *
+                                                                                            run.dp_world)
+        held_out.data = LatentShards(shard_folders(cfg.val.shards), rank=run.dp_rank, world_size=run.dp_world,
+                                     seed=cfg.seed, batch_size=cfg.data.batch_size,
+                                     expect_shapes=parts if manifest.form != "varlen" else None)
+    text_context = 1 + manifest.text_tokens if run.dcfg.text_dim else 0  # the empty-text token + caption
+    inputs = Prefetcher(loader, lambda b: prepare_step(b, cfg, run.dcfg, run.latent_norm, engine.module, text_context,
+                                                      len(run.mix)),
+                        cfg.data.prefetch, pin=run.device.type == "cuda")
+    progress.stream["epoch"], progress.stream["epoch_start"] = start
+    return data, inputs, held_out
 
-    text_context = 1 + manifest.text_tokens if dcfg.text_dim else 0  # the empty-text token + caption
-    inputs = Prefetcher(loader, lambda b: prepare_step(b, cfg, dcfg, latent_norm, engine.module, text_context,
-                                                      len(mix)),
-                        cfg.data.prefetch, pin=device.type == "cuda")
-    peak = peak_flops(cfg.engine)
-    work = torch.zeros(2, dtype=torch.float64)  # this rank's (tokens, training FLOPs) since the last log
-    read = torch.zeros(len(mix), dtype=torch.float64)  # this rank's clips per data.shards folder
-    stream["epoch"], stream["epoch_start"] = start
-    logger = runs.RunLog(out, step, enabled=dist.is_main())
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not dist.is_main())
-    losses: list[float] = []
-    pending: list[torch.Tensor] = []  # per-step mean losses on the device, read at log time (no per-step sync)
-    t_last, step_last = time.perf_counter(), step
-    profiler = runs.StepProfiler(cfg.profile, out / "profile", env.rank, step, device.type == "cuda")
-    stop, stopping = runs.StopRequest(), False
-    try:
-        while step < cfg.steps and not stopping:
-            engine.train()
-            lr = engine.get_lr()[0]  # this step's update's (the scheduler moves on after it)
-            loss_sum, micro = torch.zeros((), device=device), 0
-            while micro < cfg.optim.grad_accum:
-                batch = next(inputs).to(device)
-                position += micro_global
-                work += batch.work
-                read += batch.sources
-                stream["epoch"], stream["epoch_start"] = batch.stream  # rank 0's is saved: not past `position`
-                loss = flow_step_loss(engine, batch.latent, batch.cond, cfg.flow, batch.draws, null_cond,
-                                      pack=cfg.model.pack)
-                # a non-finite loss on any rank drops this micro-batch on every rank (no backward, no
-                # step: DeepSpeed's accumulation stays aligned); too many in a row stop the run. This is
-                # the loop's one host sync per micro-batch: backward must not start on a bad loss. The
-                # same read tells every rank whether any was asked to stop (SIGTERM, Ctrl-C).
-                finite_mean, stop_mean = dist.all_reduce_mean(
-                    torch.stack([torch.isfinite(loss.detach()).float(), stop.flag(device)])).tolist()
-                finite = finite_mean == 1.0
-                if stop_mean > 0 and not stopping:
-                    stopping = True
-                    stop.heard()
-                try:
-                    applied = nonfinite.check(finite, step + 1, "batch dropped")
-                except RuntimeError:
-                    inputs.close()
-                    raise
-                if not applied:
-                    dropped += 1
-                    continue
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach().float() / cfg.optim.grad_accum
-                micro += 1
-            step += 1
-            ema.update(engine.module)
-            pending.append(dist.all_reduce_mean(loss_sum.view(1)))
-            profiler.step()
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps or stopping:  # a stop logs its last step
-                done = torch.cat(pending).tolist()
-                losses += done
-                pending.clear()
-                loss_mean = done[-1]
-                bar.set_postfix(loss=f"{loss_mean:.4f}")
-                now = time.perf_counter()
-                dt = max(now - t_last, 1e-9) / (step - step_last)
-                # every rank of a sequence-parallel group counts the same samples: mean x dp_world = all work
-                tokens_s, flops_s = (dist.all_reduce_mean(work.clone()) * dp_world / max(now - t_last, 1e-9)).tolist()
-                work.zero_()
-                grad_norm = engine.get_global_grad_norm()
-                logger.log(step, {"loss": loss_mean, "lr": lr,
-                                  "grad_norm": None if grad_norm is None else float(grad_norm),
-                                  "samples_per_s": per_step * dp_world / dt,
-                                  "tokens_per_s": tokens_s,
-                                  "tflops_per_s": flops_s / 1e12, "mfu": mfu(flops_s / env.world_size, peak)})
-                t_last, step_last = now, step
-            if cfg.val.shards and (step % val_every == 0 or step == cfg.steps) and not stopping:
-                val_losses.append((step, validation_loss(engine, itertools.islice(val_data, val_rounds), cfg, dcfg,
-                                                         latent_norm, null_cond, device)))
-                logger.log(step, {"val_loss": val_losses[-1][1]}, group="val")
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                if pending:
-                    losses += torch.cat(pending).tolist()
-                    pending.clear()
-                save_checkpoint(engine, ema, out, step, dropped, position, stream, cfg.keep_checkpoints, dcfg, context,
-                                cfg.universal_checkpoints)
-    finally:
-        stop.close()
-        bar.close()  # an error's line then starts on a line of its own
-    inputs.close()
-    profiler.close()
-    logger.close()
-    if step == resumed_at and dist.is_main():  # a finished run again: its export (a full disk may have cut it)
-        write_export(out, ema, dcfg, context, step)
+
+def train_step(run: TrainRun, progress: Progress, inputs: Prefetcher, stop: runs.StopRequest) -> None:
+    """One optimizer step over ``optim.grad_accum`` micro-batches: the loss (`flow_step_loss`),
+    backward, DeepSpeed's step, the EMA. The GPU's fast path: one host read per micro-batch (the
+    finite / stop flags, one collective); the step's mean loss stays on the device in ``pending``."""
+    cfg, engine = run.cfg, run.engine
+    engine.train()
+    progress.lr = engine.get_lr()[0]  # this step's update's (the scheduler moves on after it)
+    loss_sum, micro = torch.zeros((), device=run.device), 0
+    while micro < cfg.optim.grad_accum:
+        batch = next(inputs).to(run.device)
+        progress.position += cfg.data.batch_size * run.dp_world  # samples of the global stream one micro-batch reads
+        progress.work += batch.work
+        progress.read += batch.sources
+        progress.stream["epoch"], progress.stream["epoch_start"] = batch.stream  # rank 0's is saved: not past position
+        loss = flow_step_loss(engine, batch.latent, batch.cond, cfg.flow, batch.draws, engine.module.null_cond,
+                              pack=cfg.model.pack)
+        # a non-finite loss on any rank drops this micro-batch on every rank (no backward, no
+        # step: DeepSpeed's accumulation stays aligned); too many in a row stop the run. This is
+        # the loop's one host sync per micro-batch: backward must not start on a bad loss. The
+        # same read tells every rank whether any was asked to stop (SIGTERM, Ctrl-C).
+        finite_mean, stop_mean = dist.all_reduce_mean(
+            torch.stack([torch.isfinite(loss.detach()).float(), stop.flag(run.device)])).tolist()
+        if stop_mean > 0 and not progress.stopping:
+            progress.stopping = True
+            stop.heard()
+        try:
+            applied = progress.nonfinite.check(finite_mean == 1.0, progress.step + 1, "batch dropped")
+        except RuntimeError:
+            inputs.close()
+            raise
+        if not applied:
+            progress.dropped += 1
+            continue
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach().float() / cfg.optim.grad_accum
+        micro += 1
+    progress.step += 1
+    run.ema.update(engine.module)
+    progress.pending.append(dist.all_reduce_mean(loss_sum.view(1)))
+
+
+def log_step(run: TrainRun, progress: Progress, logger: runs.RunLog, bar) -> None:
+    """Every ``log_every`` steps (and the last): the losses of the steps since the last log read
+    from the device, and the step's loss, LR, gradient norm and throughput logged. A new quantity
+    logged per step goes in the dict given to ``logger.log`` (log.jsonl and TensorBoard)."""
+    done = torch.cat(progress.pending).tolist()
+    progress.losses += done
+    progress.pending.clear()
+    loss_mean = done[-1]
+    bar.set_postfix(loss=f"{loss_mean:.4f}")
+    now, step = time.perf_counter(), progress.step
+    dt = max(now - progress.t_last, 1e-9) / (step - progress.step_last)
+    # every rank of a sequence-parallel group counts the same samples: mean x dp_world = all work
+    tokens_s, flops_s = (dist.all_reduce_mean(progress.work.clone()) * run.dp_world
+                         / max(now - progress.t_last, 1e-9)).tolist()
+    progress.work.zero_()
+    grad_norm = run.engine.get_global_grad_norm()
+    per_step = run.cfg.data.batch_size * run.cfg.optim.grad_accum
+    logger.log(step, {"loss": loss_mean, "lr": progress.lr,
+                      "grad_norm": None if grad_norm is None else float(grad_norm),
+                      "samples_per_s": per_step * run.dp_world / dt,
+                      "tokens_per_s": tokens_s,
+                      "tflops_per_s": flops_s / 1e12,
+                      "mfu": mfu(flops_s / run.env.world_size, run.peak)})
+    progress.t_last, progress.step_last = now, step
+
+
+def validate_step(run: TrainRun, progress: Progress, held_out: HeldOut, logger: runs.RunLog) -> None:
+    """The validation loss on the held-out batches, logged as val_loss."""
+    loss = validation_loss(run.engine, itertools.islice(held_out.data, held_out.rounds), run.cfg, run.dcfg,
+                           run.latent_norm, run.engine.module.null_cond, run.device)
+    progress.val_losses.append((progress.step, loss))
+    logger.log(progress.step, {"val_loss": loss}, group="val")
+
+
+def checkpoint_step(run: TrainRun, progress: Progress) -> None:
+    """A checkpoint (and the export) of this step; the losses not yet read are read first."""
+    if progress.pending:
+        progress.losses += torch.cat(progress.pending).tolist()
+        progress.pending.clear()
+    save_checkpoint(run.engine, run.ema, run.out, progress.step, progress.dropped, progress.position, progress.stream,
+                    run.cfg.keep_checkpoints, run.dcfg, run.context, run.cfg.universal_checkpoints)
+
+
+def finish(run: TrainRun, progress: Progress, data: LatentShards, stop: runs.StopRequest) -> dict[str, Any]:
+    """After the loop: the export of a finished run started again, the clips read per folder, the
+    closing line (or the stop's) on rank 0, and the summary `train` returns."""
+    cfg, out, step = run.cfg, run.out, progress.step
+    if step == progress.resumed_at and dist.is_main():  # a finished run again: its export (a full disk may have cut it)
+        write_export(out, run.ema, run.dcfg, run.context, step)
     dist.barrier()
     # every rank of a sequence-parallel group reads the same clips: mean x dp_world = all clips read
     read_by = Counter()  # a folder listed twice in data.shards counts once
-    for (folder, _, _), n in zip(mix, (dist.all_reduce_mean(read) * dp_world).round().long().tolist()):
+    for (folder, _, _), n in zip(run.mix, (dist.all_reduce_mean(progress.read) * run.dp_world).round().long().tolist()):
         read_by[folder] += n
+    losses, val_losses = progress.losses, progress.val_losses
     summary = {"steps": step, "losses": losses, "output": str(out), "skipped": dict(data.skipped),
-               "dropped_batches": dropped, "val_losses": val_losses, "read": dict(read_by)}
+               "dropped_batches": progress.dropped, "val_losses": val_losses, "read": dict(read_by)}
     total = sum(read_by.values())
     mixed = ("\n  clips read by this run: " + ", ".join(f"{f} {n / total:.1%} ({n})" for f, n in read_by.items())
              if len(read_by) > 1 and total else "")  # a job stopped at its time limit shows it too
-    if stopping and step < cfg.steps:
+    if progress.stopping and step < cfg.steps:
         summary["stopped"] = stop.cause
         if dist.is_main():
             print(stop.message(step, cfg.steps, out) + mixed, flush=True)
@@ -952,7 +1082,8 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
         last += f", validation loss {val_losses[-1][1]:.4f}" if val_losses else ""
         bad = f"; skipped {sum(data.skipped.values())} bad samples ({dict(data.skipped)})" if data.skipped else ""
         print(f"trained to step {step}{last} -> {out / 'export'}{bad}{mixed}\n"
-              f"  sample it: ldm sample --checkpoint {out} {sample_conditions(dcfg, context)} --output DIR", flush=True)
+              f"  sample it: ldm sample --checkpoint {out} {sample_conditions(run.dcfg, run.context)} --output DIR",
+              flush=True)
     return summary
 
 
