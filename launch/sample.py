@@ -621,11 +621,41 @@ def output_start(out: Path, append: bool) -> tuple[int, list[dict[str, Any]]]:
     return max(numbers, default=-1) + 1, index
 
 
+@dataclasses.dataclass
+class Job:
+    """What every batch of one ``ldm sample`` command is made with: the DiT and its export, the
+    autoencoder, the sampling settings, the text encoder, and the video asked for (size, rate,
+    latent length, first frame); ``prompted`` / ``classed``: the videos take prompts / class ids."""
+
+    model: VideoDiT
+    export: Export
+    ae: Autoencoder
+    sampling: SamplingConfig
+    device: torch.device
+    dtype: torch.dtype
+    prompted: bool
+    classed: bool
+    frames: int = 0
+    height: int = 0
+    width: int = 0
+    fps: float = DEFAULT_FPS
+    latent_frames: int | None = None
+    image: torch.Tensor | None = None
+    text_encoder: Any = None
+
+    def make(self, chunk: list[tuple], seeds: list[int], progress: bool) -> torch.Tensor | list[torch.Tensor]:
+        """The videos of ``chunk`` (``(prompt, class id, seed, negative prompt)`` each), from ``seeds``."""
+        return generate(self.model, self.ae, self.export.latent_norm,
+                        prompts=[c[0] for c in chunk] if self.prompted else None,
+                        class_ids=[c[1] for c in chunk] if self.classed else None, count=len(chunk),
+                        frames=self.frames, height=self.height, width=self.width, sampling=self.sampling,
+                        seeds=seeds, text_encoder=self.text_encoder, device=self.device,
+                        latent_frames=self.latent_frames, image=self.image, negative_prompt=chunk[0][3],
+                        progress=progress)
+
+
 def run(args: argparse.Namespace) -> int:
     from launch import dist
-
-    from launch.engine import resolve_switch
-    from ldm.layers import compile_blocks
 
     check_args(args)
     check_export(args.checkpoint)
@@ -635,6 +665,35 @@ def run(args: argparse.Namespace) -> int:
     first = 0 if args.resume else first  # a resumed command numbers its videos from 0, as it did the first time
     dist.barrier()  # every rank has seen the folder as it was before any of them writes
     main = env.rank == 0
+    prompts, class_ids, lines = requested_conditions(args)
+    job, class_ids = load_job(args, env, prompts, class_ids)
+    set_video(job, args, main)
+    items, wanted = plan_videos(args, job, prompts, class_ids, lines, first)
+    todo = resume_todo(index, wanted, out) if args.resume else list(range(len(items)))
+    missing = [wanted[g]["file"] for g in todo if any(e.get("file") == wanted[g]["file"] for e in index)]
+    if missing and main:
+        print(f"--resume: making again {', '.join(missing)} (listed in index.json, the video files are gone)")
+    index = [e for e in index if e.get("file") not in missing]  # each comes back with its new entry
+    if not todo:
+        if main:
+            print(f"nothing to do: the {len(items)} videos of this command are in {out} (index.json)")
+        return 0
+    grid = f"grid-{first + todo[0]:04d}.png" if (out / "grid.png").exists() else "grid.png"
+    names, lengths = sample_rounds(args, job, items, wanted, todo, index, out, grid, env)
+    if not main:
+        return 0
+    what = f"{len(names)} videos ({names[0]}..{names[-1]})" if len(names) > 1 else f"1 video ({names[0]})"
+    print(f"wrote {what} to {out} (index.json, {grid}) at {job.fps:g} fps")
+    if lengths != {job.frames}:  # MTC-VAE: the keyframe predictor's segments set each video's length
+        print(f"  frames: {', '.join(map(str, sorted(lengths)))} (--frames {job.frames}: {job.ae.family} splits each "
+              f"latent at its predicted keyframes, so the length follows the segments; see index.json)")
+    return 0
+
+
+def requested_conditions(args: argparse.Namespace
+                         ) -> tuple[list[str] | None, list[str] | None, list[dict[str, Any]]]:
+    """The prompts, the ``--class`` values (one per prompt when both are given) and the lines of
+    ``--prompts-file`` (``[]`` without one), checked against each other (`UserError`)."""
     prompts, class_ids = args.prompt, args.class_id
     lines = read_prompts_file(args.prompts_file) if args.prompts_file else []
     if lines and lines[0]["class"] is not None:
@@ -652,6 +711,17 @@ def run(args: argparse.Namespace) -> int:
                         "one per prompt")
     if prompts and class_ids:  # a DiT conditioned on both: each prompt with its class
         class_ids = class_ids * len(prompts) if len(class_ids) == 1 else class_ids
+    return prompts, class_ids, lines
+
+
+def load_job(args: argparse.Namespace, env, prompts: list[str] | None, class_ids: list[str] | None
+             ) -> tuple[Job, list[int] | None]:
+    """The DiT and its autoencoder on the device in ``--dtype`` (compiled with ``--compile``), the
+    sampling settings, and the class ids of the ``--class`` values; `UserError` for conditions the
+    DiT was not trained with."""
+    from launch import dist
+    from launch.engine import resolve_switch
+    from ldm.layers import compile_blocks
 
     device = dist.device_for(env, args.device)
     dtype = dist.compute_dtype(args.dtype, device)
@@ -674,35 +744,51 @@ def run(args: argparse.Namespace) -> int:
     if resolve_switch({"true": True, "false": False}.get(args.compile, args.compile), device, "--compile"):
         compile_blocks(model, mode=args.compile_mode)
         compile_blocks(ae, mode=args.compile_mode)  # a diffusion decoder's blocks (Hi-VAE); none elsewhere
-    video = export.video
-    frames = args.num_frames or video.frames
-    height, width = args.height or video.height, args.width or video.width
+    return Job(model, export, ae, sampling, device, dtype, bool(prompts), bool(class_ids)), class_ids
+
+
+def set_video(job: Job, args: argparse.Namespace, main: bool) -> None:
+    """The video asked for on ``job``: its size (the training clips' unless given), playback rate,
+    latent length (``--rate``), first frame (``--image``) and the text encoder, each checked
+    against the autoencoder and the DiT (`UserError`); rank 0 prints the notes about them."""
+    ae, export, video = job.ae, job.export, job.export.video
+    frames, height, width = args.num_frames or video.frames, args.height or video.height, args.width or video.width
+    job.frames, job.height, job.width = frames, height, width
     with checking(f"--frames {frames} --height {height} --width {width}"):
         ae.check_input(frames, height, width)
     note = None if export.mixed_shapes else beyond_training(frames, height, width, video)
     if note and main:
         print(note)
-    fps = playback_fps(video, args.fps)
-    latent_frames = args.latent_frames
+    job.fps = playback_fps(video, args.fps)
+    job.latent_frames = args.latent_frames
     if args.rate is not None:
         if not ae.variable_rate:
             raise UserError(f"--rate needs a variable-rate autoencoder (MTC-VAE), not {export.autoencoder.name}")
         with checking("--rate"):
-            latent_frames = ae.varlen_length(frames, args.rate)
-    image = None
+            job.latent_frames = ae.varlen_length(frames, args.rate)
     if args.image:
         try:
-            image = load_image(args.image, height, width)
+            job.image = load_image(args.image, height, width)
         except OSError as e:  # PIL.UnidentifiedImageError and unreadable files
             raise UserError(f"--image {args.image}: not an image Pillow can read ({e})") from None
     with checking(f"--frames {frames} --height {height} --width {width}"):
         spec = ae.latent_spec(frames, height, width)
     with checking():
-        check_request(model, ae, spec, args.latent_frames, image=bool(args.image))
+        check_request(job.model, ae, spec, args.latent_frames, image=bool(args.image))
     with checking():
-        text_encoder = sampling_text_encoder(model, ae, export, bool(prompts), device)
-    if ae.text_dim and not prompts and main:
+        job.text_encoder = sampling_text_encoder(job.model, ae, export, job.prompted, job.device)
+    if ae.text_dim and not job.prompted and main:
         print(f"{export.autoencoder.name} is text-guided: it decodes these samples with the empty caption")
+
+
+def plan_videos(args: argparse.Namespace, job: Job, prompts: list[str] | None, class_ids: list[int] | None,
+                lines: list[dict[str, Any]], first: int) -> tuple[list[tuple], list[dict[str, Any]]]:
+    """The command's videos in order: ``(prompt, class id, seed, negative prompt)`` each
+    (``--num-per-prompt`` copies of every prompt / class / line), and each one's index entry but its
+    frames (video ``g`` is file ``first + g`` with seed ``--seed + first + g`` unless its line gives one)."""
+    from launch import dist
+
+    sampling = job.sampling
     n = len(prompts or class_ids or []) or args.unconditional
     lines = lines or [dict.fromkeys(PROMPT_KEYS)] * n
     items = [(prompts[k] if prompts else None, class_ids[k] if class_ids else None,
@@ -712,22 +798,25 @@ def run(args: argparse.Namespace) -> int:
     settings = {"steps": sampling.steps, "guidance": 1.0 if args.unconditional else sampling.guidance,
                 "guidance_interval": list(sampling.guidance_interval),
                 "shift": sampling.shift,
-                "sampler": sampling.sampler, "fps": fps, "height": height, "width": width, "image": args.image,
-                "dtype": dist.dtype_name(dtype), "tile": args.tile, "chunk_frames": args.chunk_frames or None,
-                "checkpoint": str(Path(args.checkpoint).resolve())}
+                "sampler": sampling.sampler, "fps": job.fps, "height": job.height, "width": job.width,
+                "image": args.image, "dtype": dist.dtype_name(job.dtype), "tile": args.tile,
+                "chunk_frames": args.chunk_frames or None, "checkpoint": str(Path(args.checkpoint).resolve())}
     wanted = [{"file": f"{first + g:04d}.mp4", "prompt": it[0], "class_id": it[1],
-               "class_name": class_name(export.class_names, it[1]), "seed": seeds[g], "negative_prompt": it[3],
+               "class_name": class_name(job.export.class_names, it[1]), "seed": seeds[g], "negative_prompt": it[3],
                **settings} for g, it in enumerate(items)]  # each video's index entry, but its frames
-    todo = resume_todo(index, wanted, out) if args.resume else list(range(len(items)))
-    missing = [wanted[g]["file"] for g in todo if any(e.get("file") == wanted[g]["file"] for e in index)]
-    if missing and main:
-        print(f"--resume: making again {', '.join(missing)} (listed in index.json, the video files are gone)")
-    index = [e for e in index if e.get("file") not in missing]  # each comes back with its new entry
-    if not todo:
-        if main:
-            print(f"nothing to do: the {len(items)} videos of this command are in {out} (index.json)")
-        return 0
-    grid = f"grid-{first + todo[0]:04d}.png" if (out / "grid.png").exists() else "grid.png"
+    return items, wanted
+
+
+def sample_rounds(args: argparse.Namespace, job: Job, items: list[tuple], wanted: list[dict[str, Any]],
+                  todo: list[int], index: list[dict[str, Any]], out: Path, grid: str, env
+                  ) -> tuple[list[str], set[int]]:
+    """The videos ``todo`` (numbers into ``items``) in batches of at most ``--batch-size`` that share a
+    negative prompt, one batch per rank a round. Each rank writes its videos; rank 0 gathers their
+    index entries (in batch order) into ``index.json`` after every round, and the grid of the first
+    `GRID_VIDEOS` at the end or on an interrupt. Returns, on rank 0, the names and frame counts made."""
+    from launch import dist
+
+    main = env.rank == 0
     starts = batch_starts([items[g][3] for g in todo], args.batch_size)  # batch b: todo[starts[b]:ends[b]]
     ends = starts[1:] + [len(todo)]
     videos, names, lengths, labels = [], [], set(), []
@@ -737,13 +826,8 @@ def run(args: argparse.Namespace) -> int:
             if r + env.rank < len(starts):
                 i = starts[r + env.rank]
                 ids = todo[i:ends[r + env.rank]]
-                chunk = [items[g] for g in ids]
-                batch = generate(model, ae, export.latent_norm, prompts=[c[0] for c in chunk] if prompts else None,
-                                 class_ids=[c[1] for c in chunk] if class_ids else None, count=len(chunk),
-                                 frames=frames, height=height, width=width, sampling=sampling,
-                                 seeds=[seeds[g] for g in ids], text_encoder=text_encoder, device=device,
-                                 latent_frames=latent_frames, image=image, negative_prompt=chunk[0][3], progress=main)
-                write_videos(batch, out, [Path(wanted[g]["file"]).stem for g in ids], fps)
+                batch = job.make([items[g] for g in ids], [wanted[g]["seed"] for g in ids], progress=main)
+                write_videos(batch, out, [Path(wanted[g]["file"]).stem for g in ids], job.fps)
                 made = ([{**wanted[g], "frames": v.shape[1]} for g, v in zip(ids, batch)],
                         list(batch)[:max(0, GRID_VIDEOS - i)])  # only what the grid shows goes to rank 0
             for entries, batch in dist.gather_object(made) or []:  # on rank 0, in batch order
@@ -759,11 +843,4 @@ def run(args: argparse.Namespace) -> int:
     finally:  # an interrupted run keeps the grid of the videos it made
         if main and videos:
             write_grid(videos, out / grid, labels if any(labels) else None)
-    if not main:
-        return 0
-    what = f"{len(names)} videos ({names[0]}..{names[-1]})" if len(names) > 1 else f"1 video ({names[0]})"
-    print(f"wrote {what} to {out} (index.json, {grid}) at {fps:g} fps")
-    if lengths != {frames}:  # MTC-VAE: the keyframe predictor's segments set each video's length
-        print(f"  frames: {', '.join(map(str, sorted(lengths)))} (--frames {frames}: {ae.family} splits each latent "
-              f"at its predicted keyframes, so the length follows the segments; see index.json)")
-    return 0
+    return names, lengths
