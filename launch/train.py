@@ -1,14 +1,19 @@
 """``ldm train``: rectified-flow training of a DiT on latent shards with the DeepSpeed engine.
 
-    ldm train --config launch/configs/train-debug.yaml data.shards=runs/latents train.steps=200
+    ldm train --config launch/configs/train-debug.yaml data.shards=runs/latents steps=200
     torchrun --nproc_per_node 8 -m launch.cli train --config X.yaml          # one node
     torchrun --nnodes 2 --node_rank R --rdzv_endpoint HOST:29500 ... -m launch.cli train --config X.yaml
     deepspeed --num_gpus 8 -m launch.cli train --config X.yaml
 
-The loop reads top to bottom: batch -> posterior sample + normalisation -> noise, timesteps ->
-velocity loss -> backward -> step -> EMA -> log -> checkpoint. Randomness of a step (posterior
-sample, noise, timesteps, condition dropout) comes from a generator seeded by (seed, rank, step), and
-the data stream is deterministic in (seed, epoch), so a resumed run repeats an uninterrupted one.
+`_train` reads top to bottom: `set_up` (checks, process group, DiT, DeepSpeed engine, EMA) ->
+`resume_progress` (newest checkpoint, place in the data stream) -> `open_data` -> per step
+`train_step` (batch -> loss -> backward -> step -> EMA), `log_step`, `validate_step`,
+`checkpoint_step` when due -> `finish`. A batch's loss: posterior sample + normalisation in
+`prepare_step`, noise, timesteps and condition dropout in `flow_draws`, the velocity loss per sample
+(where a weighting over timesteps goes) in `flow_step_loss`. Everything random is drawn from
+per-sample generators seeded by (seed, the sample's place in the global data stream), and the
+stream is deterministic in (seed, epoch), so a resumed run, or one on another number of ranks,
+repeats an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -160,7 +165,8 @@ def run_binding(cfg: TrainConfig, manifest: Manifest, world_size: int, precision
     precision, and the latents (their autoencoder, its config and weights hashes, shapes, clips,
     and ``content_fingerprint`` of the folders: the same at another path)."""
     ae = manifest.autoencoder
-    facts = {"global_batch": cfg.data.batch_size * cfg.optim.grad_accum * max(world_size // cfg.model.sequence_parallel, 1),
+    dp_world = max(world_size // cfg.model.sequence_parallel, 1)
+    facts = {"global_batch": cfg.data.batch_size * cfg.optim.grad_accum * dp_world,
              "precision": precision,
              "latents": {"autoencoder": ae.name, "config_hash": ae.config_hash, "checkpoint_hash": ae.checkpoint_hash,
                          "shapes": list(manifest.latent_shapes) or manifest.latent_spec["latent_shape"],
@@ -320,7 +326,8 @@ def flow_step_loss(model, latent: Latent, cond: Cond, fcfg: FlowConfig,
     if latent.form == "varlen":
         valid = latent.padding_mask()
         mask = {k: flow.expand_mask(valid, p, 2) for k, p in latent.parts.items() if p.ndim == 5}
-    return flow.flow_loss(v, flow.velocity_target(latent.parts, noise), mask).mean()
+    per_sample = flow.flow_loss(v, flow.velocity_target(latent.parts, noise), mask)  # (B,): weight by t here
+    return per_sample.mean()
 
 
 @dataclass
