@@ -51,7 +51,7 @@ import difflib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -621,6 +621,16 @@ def output_start(out: Path, append: bool) -> tuple[int, list[dict[str, Any]]]:
     return max(numbers, default=-1) + 1, index
 
 
+class Video(NamedTuple):
+    """One video a command asks for: its prompt, class id, seed (None: ``--seed`` + its number) and
+    negative prompt."""
+
+    prompt: str | None
+    class_id: int | None
+    seed: int | None
+    negative_prompt: str | None
+
+
 @dataclasses.dataclass
 class Job:
     """What every batch of one ``ldm sample`` command is made with: the DiT and its export, the
@@ -643,14 +653,14 @@ class Job:
     image: torch.Tensor | None = None
     text_encoder: Any = None
 
-    def make(self, chunk: list[tuple], seeds: list[int], progress: bool) -> torch.Tensor | list[torch.Tensor]:
-        """The videos of ``chunk`` (``(prompt, class id, seed, negative prompt)`` each), from ``seeds``."""
+    def make(self, chunk: list[Video], seeds: list[int], progress: bool) -> torch.Tensor | list[torch.Tensor]:
+        """The videos of ``chunk`` (one negative prompt), each drawn from its seed of ``seeds``."""
         return generate(self.model, self.ae, self.export.latent_norm,
-                        prompts=[c[0] for c in chunk] if self.prompted else None,
-                        class_ids=[c[1] for c in chunk] if self.classed else None, count=len(chunk),
+                        prompts=[c.prompt for c in chunk] if self.prompted else None,
+                        class_ids=[c.class_id for c in chunk] if self.classed else None, count=len(chunk),
                         frames=self.frames, height=self.height, width=self.width, sampling=self.sampling,
                         seeds=seeds, text_encoder=self.text_encoder, device=self.device,
-                        latent_frames=self.latent_frames, image=self.image, negative_prompt=chunk[0][3],
+                        latent_frames=self.latent_frames, image=self.image, negative_prompt=chunk[0].negative_prompt,
                         progress=progress)
 
 
@@ -782,32 +792,34 @@ def set_video(job: Job, args: argparse.Namespace, main: bool) -> None:
 
 
 def plan_videos(args: argparse.Namespace, job: Job, prompts: list[str] | None, class_ids: list[int] | None,
-                lines: list[dict[str, Any]], first: int) -> tuple[list[tuple], list[dict[str, Any]]]:
-    """The command's videos in order: ``(prompt, class id, seed, negative prompt)`` each
-    (``--num-per-prompt`` copies of every prompt / class / line), and each one's index entry but its
-    frames (video ``g`` is file ``first + g`` with seed ``--seed + first + g`` unless its line gives one)."""
+                lines: list[dict[str, Any]], first: int) -> tuple[list[Video], list[dict[str, Any]]]:
+    """The command's videos in order (``--num-per-prompt`` copies of every prompt / class / line)
+    and each one's index entry but its frames: video ``g`` is file ``first + g``, drawn with seed
+    ``--seed + first + g`` unless its line gives one."""
     from launch import dist
 
     sampling = job.sampling
     n = len(prompts or class_ids or []) or args.unconditional
     lines = lines or [dict.fromkeys(PROMPT_KEYS)] * n
-    items = [(prompts[k] if prompts else None, class_ids[k] if class_ids else None,
-              None if line["seed"] is None else line["seed"] + copy, line["negative_prompt"] or args.negative_prompt)
-             for k, line in enumerate(lines) for copy in range(args.num_per_prompt)]  # (prompt, class, seed, neg.)
-    seeds = [sampling.seed + first + g if it[2] is None else it[2] for g, it in enumerate(items)]  # video g: seed + g
+    items = [Video(prompts[k] if prompts else None, class_ids[k] if class_ids else None,
+                   None if line["seed"] is None else line["seed"] + copy,
+                   line["negative_prompt"] or args.negative_prompt)
+             for k, line in enumerate(lines) for copy in range(args.num_per_prompt)]
+    seeds = [sampling.seed + first + g if it.seed is None else it.seed for g, it in enumerate(items)]
     settings = {"steps": sampling.steps, "guidance": 1.0 if args.unconditional else sampling.guidance,
                 "guidance_interval": list(sampling.guidance_interval),
                 "shift": sampling.shift,
                 "sampler": sampling.sampler, "fps": job.fps, "height": job.height, "width": job.width,
                 "image": args.image, "dtype": dist.dtype_name(job.dtype), "tile": args.tile,
                 "chunk_frames": args.chunk_frames or None, "checkpoint": str(Path(args.checkpoint).resolve())}
-    wanted = [{"file": f"{first + g:04d}.mp4", "prompt": it[0], "class_id": it[1],
-               "class_name": class_name(job.export.class_names, it[1]), "seed": seeds[g], "negative_prompt": it[3],
+    wanted = [{"file": f"{first + g:04d}.mp4", "prompt": it.prompt, "class_id": it.class_id,
+               "class_name": class_name(job.export.class_names, it.class_id), "seed": seeds[g],
+               "negative_prompt": it.negative_prompt,
                **settings} for g, it in enumerate(items)]  # each video's index entry, but its frames
     return items, wanted
 
 
-def sample_rounds(args: argparse.Namespace, job: Job, items: list[tuple], wanted: list[dict[str, Any]],
+def sample_rounds(args: argparse.Namespace, job: Job, items: list[Video], wanted: list[dict[str, Any]],
                   todo: list[int], index: list[dict[str, Any]], out: Path, grid: str, env
                   ) -> tuple[list[str], set[int]]:
     """The videos ``todo`` (numbers into ``items``) in batches of at most ``--batch-size`` that share a
@@ -817,7 +829,7 @@ def sample_rounds(args: argparse.Namespace, job: Job, items: list[tuple], wanted
     from launch import dist
 
     main = env.rank == 0
-    starts = batch_starts([items[g][3] for g in todo], args.batch_size)  # batch b: todo[starts[b]:ends[b]]
+    starts = batch_starts([items[g].negative_prompt for g in todo], args.batch_size)  # batch b: todo[starts[b]:ends[b]]
     ends = starts[1:] + [len(todo)]
     videos, names, lengths, labels = [], [], set(), []
     try:
