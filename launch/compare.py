@@ -9,7 +9,8 @@
 For every autoencoder (a registered name, or a folder written by ``ldm train-ae`` /
 ``save_pretrained``), on the same clips: extract latents (``ldm extract``), train the same DiT
 config for the same number of steps (``ldm train``), then measure reconstruction (PSNR / SSIM,
-LPIPS and rFVD when their weights are given), sampling time, the attribute accuracy of generated
+LPIPS, rFVD and rFID when their weights are given; ``--first-frame``: H3AE's image-to-video
+reconstruction where an autoencoder decodes with a first frame), sampling time, the attribute accuracy of generated
 videos (on synthetic attribute data: ``--synth`` or an ``ldm data synth`` folder) and FVD (with
 ``--i3d``), next to the analytic cost of ``ldm cost`` (tokens, FLOPs, estimated memory) for the
 very DiT config trained. Registered names without weights can be trained first (``--ae-steps``);
@@ -18,7 +19,8 @@ otherwise their weights are random (a pipeline check, flagged in the report).
 Writes ``compare.json`` (everything), ``compare.md`` (the side-by-side table) and ``cost.png``.
 The output folder is bound to the comparison that made it (``run.json``, `launch.runs`): a rerun
 with the same settings resumes its stages (each autoencoder's finished ones, in its ``stages.json``,
-are kept) and writes the report again; one with other settings,
+are kept) and writes the report again (``--inception`` / ``--first-frame`` added or changed: each
+autoencoder's evaluate stage runs again, its extraction and DiT kept); one with other settings,
 another training config or other inputs is refused before anything runs, naming what differs
 (give a new ``--output``).
 Measured step time is the median wall time of a training step after the first (from the run's
@@ -54,7 +56,7 @@ from launch.train_ae import TrainAEConfig
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_bytes, atomic_write_json, dir_hash, read_json
 from ldm.errors import MissingInput, UserError, check_min, checking
-from ldm.metrics import FVD_FRAMES, load_i3d
+from ldm.metrics import FVD_FRAMES, load_i3d, load_inception
 from ldm.samplers import SamplingConfig
 
 DEFAULT_TRAIN = "train-debug"  # a built-in config's name (launch.configs)
@@ -95,6 +97,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"])
     p.add_argument("--i3d", help="FVD / rFVD extractor (i3d_torchscript.pt)")
     p.add_argument("--fvd-frames", type=int, default=FVD_FRAMES)
+    p.add_argument("--inception", help="rFID over frames: StyleGAN2-ADA's TorchScript Inception "
+                   "(inception-2015-12-05.pt), as `ldm eval recon --inception`")
+    p.add_argument("--first-frame", action="store_true",
+                   help="reconstruct with each clip's first frame where the autoencoder decodes with one (H3AE's "
+                   "image-to-video reconstruction); the others decode plainly, said per row")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
 
@@ -103,6 +110,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # config's content and the inputs bind it (the stages' own bindings would refuse the change anyway,
 # naming flags `ldm compare` does not take)
 HARMLESS = ("--output", "--device", "--train-config", "--train")
+# flags that change only each autoencoder's evaluate stage: they do not bind the folder (one made
+# before they existed resumes); the stage records what it ran with (`_eval_key`) and runs again
+# when that differs, keeping the extraction and the DiT
+EVAL_ONLY = ("--inception", "--first-frame")
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Binding]:
@@ -124,7 +135,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Bin
         raise UserError(f"--output {args.output} is not empty and holds no `ldm compare` run (no {runs.BINDING}); "
                         "choose a new folder")
     paths = {"--input": args.input, "--eval-input": args.eval_input, "--train-config": args.train_config,
-             "--lpips-backbone": args.lpips_backbone, "--lpips-heads": args.lpips_heads, "--i3d": args.i3d}
+             "--lpips-backbone": args.lpips_backbone, "--lpips-heads": args.lpips_heads, "--i3d": args.i3d,
+             "--inception": args.inception}
     for flag, path in paths.items():
         if path is not None and not Path(path).exists():
             raise MissingInput(f"{flag} {path}: not found")
@@ -148,13 +160,18 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Bin
     with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
         for e in entries:  # every autoencoder must take the clip size before anything runs
             costlib.latent_spec(e["checkpoint"] or e["name"], args.frames, args.height, args.width)
+    for e in entries:
+        e["first_frame"] = bool(args.first_frame and autoencoders.config_of(e["checkpoint"] or e["name"])[0]
+                                .first_frame_decoding)
+    if args.first_frame and not any(e["first_frame"] for e in entries):
+        raise UserError("--first-frame: none of --autoencoders decodes with a first frame (H3AE does); leave it out")
     settings = {"--" + k.replace("_", "-"): v for k, v in vars(args).items()
                 if not k.startswith("_") and not callable(v) and k not in ("verb", "debug")}
     facts = {"train": {k: v for k, v in cfglib.to_dict(train_cfg).items() if k != "output"},
              "inputs": inputs, "autoencoder_weights": {e["label"]: dir_hash(e["checkpoint"]) for e in entries
                                                        if e["checkpoint"]}}
     facts["train"]["data"].pop("shards", None)  # set per autoencoder
-    record = runs.binding_record(settings, HARMLESS, facts)
+    record = runs.binding_record(settings, HARMLESS + EVAL_ONLY, facts)
     binding = runs.check_binding(args.output, record, new_folder="a new --output", allow_flag=None)
     return entries, binding
 
@@ -274,7 +291,7 @@ def _train_dit(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def _evaluate(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, synth: dict[str, Any] | None,
-              work: Path, lpips, i3d, device: torch.device) -> dict[str, Any]:
+              work: Path, lpips, i3d, inception, device: torch.device) -> dict[str, Any]:
     model, export = load_export(work / "dit", device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -288,7 +305,8 @@ def _evaluate(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, s
                                               num=args.eval_clips, seed=args.seed, device=device, lpips=lpips,
                                               i3d=i3d,  # the same random clips as FVD's reference (its seed)
                                               fvd_frames=args.fvd_frames, text_encoder=text_encoder,
-                                              grid=work / "recon_grid.png")
+                                              grid=work / "recon_grid.png", inception=inception,
+                                              first_frame=entry["first_frame"])
     sampling = SamplingConfig(steps=args.sample_steps, guidance=args.guidance, seed=args.seed)
     clip = dict(frames=args.frames, height=args.height, width=args.width, sampling=sampling, device=device)
     if synth is not None:
@@ -314,6 +332,12 @@ def _evaluate(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, s
     return out
 
 
+def _eval_key(inception_sha256: str | None = None, first_frame: bool = False) -> dict[str, Any]:
+    """What an evaluate stage ran with among `EVAL_ONLY`'s flags (one recorded before they existed:
+    the defaults)."""
+    return {"inception_sha256": inception_sha256, "first_frame": first_frame}
+
+
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Run the comparison (see the module doc); returns the report also written as compare.json."""
     t_start = time.perf_counter()
@@ -326,6 +350,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             from ldm.metrics import LPIPS
             lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
         i3d = load_i3d(args.i3d, device=device) if args.i3d else None
+        inception = load_inception(args.inception, device) if args.inception else None
+    inception_sha = inception.sha256 if inception is not None else None
     runs.claim_folder(out, "a new --output")  # a comparison running into it: refused before anything is written
     binding.write()
     train_data, eval_data, synth = _data(args, out)
@@ -341,7 +367,13 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         row["random_weights"] = e["checkpoint"] is None
         row["extract"] = stages.run("extract", lambda: _extract(e, args, train_data, work))
         row["dit"] = stages.run("train_dit", lambda: _train_dit(args, work))
-        row.update(stages.run("evaluate", lambda: _evaluate(e, args, eval_data, synth, work, lpips, i3d, device)))
+        key = _eval_key(inception_sha, e["first_frame"])
+        earlier = stages.done.get("evaluate", {}).get("result")
+        if earlier is not None and _eval_key(**earlier.get("eval_key", {})) != key:
+            print(f"[compare {e['label']}] evaluate again: {_eval_key(**earlier.get('eval_key', {}))} -> {key}")
+            stages.redo("evaluate")
+        row.update(stages.run("evaluate", lambda: {
+            **_evaluate(e, args, eval_data, synth, work, lpips, i3d, inception, device), "eval_key": key}))
         row["resumed"] = stages.resumed
         manifest, tcfg = load_manifest(work / "latents"), _dit_config(args, work)
         overrides = dit_overrides(tcfg.model, manifest)
@@ -377,7 +409,10 @@ def _eval_note(report: dict[str, Any]) -> str:
     clips = next((r["recon"]["clips"] for r in report["rows"]), 0)
     held_out = Path(data["eval"]).resolve() != Path(data["train"]).resolve()
     where = "held out" if held_out else "the training videos, NOT held out: give --eval-input HELD_OUT"
-    return f"Reconstruction (PSNR, SSIM, LPIPS, rFVD) and FVD's reference: {clips} clips of {data['eval']} ({where})."
+    recon = next((r["recon"] for r in report["rows"]), {})
+    optional = (("lpips", "LPIPS"), ("rfvd", "rFVD"), ("rfid", "rFID"))
+    measured = ", ".join(["PSNR", "SSIM"] + [name for key, name in optional if key in recon])
+    return f"Reconstruction ({measured}) and FVD's reference: {clips} clips of {data['eval']} ({where})."
 
 
 def _rate_note(recon: dict[str, Any]) -> str:
@@ -392,16 +427,19 @@ def _rate_note(recon: dict[str, Any]) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
+    rfid = any("rfid" in r["recon"] for r in report["rows"])  # a column only when --inception was given
     lines = ["# `ldm compare`", "",
              f"Clips {s['frames']}x{s['height']}x{s['width']}; the same DiT config and steps for every autoencoder; "
              f"device {report['machine']['device']}.", _eval_note(report), "",
              "| autoencoder | compression rate | tokens | train step (s) | train peak GiB measured / est. | "
              "DiT fwd GFLOPs | train step GFLOPs | sample s/video | decode GFLOPs | PSNR dB | SSIM | LPIPS | rFVD | "
-             "attributes all / color / shape / direction | FVD |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             + ("rFID | " if rfid else "") + "attributes all / color / shape / direction | FVD |",
+             "|---" * (16 if rfid else 15) + "|"]
     for r in report["rows"]:
         c, rec, att = r["cost"], r["recon"], (r.get("attributes") or {}).get("accuracy")
-        name = r["autoencoder"] + (" (random weights)" if r["random_weights"] else "")
+        marks = [m for m, on in (("random weights", r["random_weights"]),
+                                 ("first-frame decode", rec.get("first_frame"))) if on]
+        name = r["autoencoder"] + (f" ({', '.join(marks)})" if marks else "")
         mem = f"{_f(r['dit']['peak_memory_bytes_measured'], '.3g', 2 ** 30)} / " \
               f"{_f(c['dit_train_peak_memory_bytes'], '.3g', 2 ** 30)}"
         attr = "-" if not att else " / ".join(f"{att[a]:.0%}" for a in ("all", "color", "shape", "direction"))
@@ -412,7 +450,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_f(r.get('sample_s_per_video'), '.2f')} | {_f(c['ae_decode_flops'], '.3g', 1e9)} | "
             f"{_f(rec['psnr_db']['mean'], '.2f')} | {_f(rec['ssim']['mean'], '.3f')} | "
             f"{_f((rec.get('lpips') or {}).get('mean'), '.3f')} | {_f((rec.get('rfvd') or {}).get('rfvd'), '.1f')} | "
-            f"{attr} | {_f((r.get('fvd') or {}).get('fvd'), '.1f')} |")
+            + (f"{_f((rec.get('rfid') or {}).get('rfid'), '.1f')} | " if rfid else "")
+            + f"{attr} | {_f((r.get('fvd') or {}).get('fvd'), '.1f')} |")
     chance = next((r["attributes"]["chance"] for r in report["rows"] if r.get("attributes")), None)
     lines += ["", f"{report['conventions']['flops']}. Estimated memory: {report['conventions']['memory_estimate']}. "
               f"Step time: {report['conventions']['step_time']}."]
@@ -421,6 +460,11 @@ def markdown(report: dict[str, Any]) -> str:
     if any(r["random_weights"] for r in report["rows"]):
         lines.append("Autoencoders marked (random weights) had no checkpoint: their quality numbers are a pipeline "
                      "check, not a measurement (pass a trained folder or --ae-steps).")
+    if s.get("first_frame"):
+        plain = [r["autoencoder"] for r in report["rows"] if not r["recon"].get("first_frame")]
+        lines.append("Rows marked (first-frame decode) are reconstructed with each clip's first frame given to the "
+                     "decoder (--first-frame, H3AE's image-to-video reconstruction)"
+                     + (f"; {', '.join(plain)} cannot decode with one and decoded plainly." if plain else "."))
     lines += ["", "![cost](cost.png)", ""]
     for r in report["rows"]:
         lines.append(f"- {r['autoencoder']}: DiT loss {r['dit']['first_loss']:.3f} -> {r['dit']['last_loss']:.3f} "

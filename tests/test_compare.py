@@ -180,3 +180,47 @@ def test_a_running_comparisons_folder_is_refused(tmp_path):
         with pytest.raises(UserError, match="is in use by another run .*give a new --output"):
             ldm(["compare", "--autoencoders", "kl2d-f8c4-debug", "--output", str(out), *SMALL])
         assert [p.name for p in out.iterdir()] == [runs.LOCK]
+
+
+def test_compare_adds_rfid_and_first_frame_to_a_finished_comparison(tmp_path, capsys):
+    """`--inception` (rFID) and `--first-frame` do not bind the folder: one made without them (or
+    before they existed) resumes, and adding one redoes only each autoencoder's evaluate stage
+    (was: neither flag in `ldm compare`); `--first-frame` with no autoencoder that decodes with a
+    first frame is refused in one line."""
+    from test_evaluate import TinyInception
+
+    from launch.compare import markdown
+
+    torch.jit.save(torch.jit.script(TinyInception()), str(tmp_path / "inception-2015-12-05.pt"))
+    out = tmp_path / "cmp"
+    argv = ["compare", "--autoencoders", "kl2d-f8c4-debug", "--output", str(out), *SMALL]
+    ldm(argv)
+    md = (out / "compare.md").read_text()
+    assert "rFID" not in md and "first-frame" not in md
+    assert not {"--inception", "--first-frame"} & set(json.loads((out / "run.json").read_text())["record"])
+    stages_file = out / "kl2d-f8c4-debug" / "stages.json"
+    stages = json.loads(stages_file.read_text())
+    del stages["evaluate"]["result"]["eval_key"]  # as a comparison made before these flags left it
+    stages_file.write_text(json.dumps(stages))
+    capsys.readouterr()
+    ldm(argv)
+    assert "evaluate done by an earlier run" in capsys.readouterr().out
+    ldm(argv + ["--inception", str(tmp_path / "inception-2015-12-05.pt")])
+    printed = capsys.readouterr().out
+    assert "extract done by an earlier run" in printed and "train_dit done by an earlier run" in printed
+    assert "evaluate again" in printed and "evaluate done in" in printed
+    row, = _report(out)["rows"]
+    assert row["recon"]["rfid"]["n_real"] == 2 * 9 and row["resumed"] == ["extract", "train_dit"]
+    md = (out / "compare.md").read_text()
+    header, rule, line = [m for m in md.splitlines() if m.startswith("|")]
+    assert "| rFVD | rFID | attributes" in header and header.count("|") == rule.count("|") == line.count("|")
+    with pytest.raises(UserError, match="--first-frame: none of --autoencoders decodes with a first frame"):
+        ldm(argv + ["--first-frame"])
+    # an H3AE row decodes with the first frame, the others plainly: said per row and under the table
+    r = _report(out)
+    r["settings"]["first_frame"] = True
+    r["rows"].append({**row, "autoencoder": "h3ae", "random_weights": False,
+                      "recon": {**row["recon"], "first_frame": True}})
+    md = markdown(r)
+    assert "| h3ae (first-frame decode) |" in md
+    assert "kl2d-f8c4-debug cannot decode with one and decoded plainly" in md
