@@ -612,6 +612,37 @@ def check_video(src: str | Path | bytes) -> dict[str, Any]:
     return {**info, "decoded": reader.n}
 
 
+VFR_PACKETS = 64  # frame_timing looks at the timestamps of this many frames from the start
+
+
+def frame_timing(src: str | Path | bytes, packets: int = VFR_PACKETS) -> tuple[float | None, bool]:
+    """``(native frame rate, variable)`` from the container alone (demuxing, no decoding): the rate as
+    `probe` gives it (a GIF's from its delays), and whether the gaps between the first ``packets``
+    frames' timestamps differ by more than 10 % (plus one tick of rounding) of their median: a
+    variable frame rate (phone / screen recordings), whose frames read at the native rate are not
+    evenly spaced in time. A video without timestamps counts as constant."""
+    container, stream = _open(src)
+    try:
+        rate, pts = _native_fps(stream), []
+        for p in container.demux(stream):
+            if p.size > 0 and p.pts is not None:
+                pts.append(p.pts)
+            if len(pts) == packets:
+                break
+    except _AV_ERRORS:
+        return rate, False
+    finally:
+        container.close()
+    pts.sort()  # decode order -> presentation order (B-frames)
+    steps = [b - a for a, b in zip(pts, pts[1:]) if b > a]
+    if not steps:
+        return rate, False
+    if stream.codec_context.name == "gif" and stream.time_base is not None:
+        rate = len(steps) / float(sum(steps) * stream.time_base)
+    mid = sorted(steps)[len(steps) // 2]
+    return rate, any(abs(step - mid) > 0.1 * mid + 1 for step in steps)
+
+
 def _track_duration(stream: Any) -> float | None:
     """Seconds from a video track's ``DURATION`` tag (``00:01:02.500000000``, Matroska / WebM muxers
     write it per track), None without one."""

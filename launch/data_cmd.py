@@ -186,6 +186,7 @@ def _list_latents(args: argparse.Namespace, folder: Path) -> int:
           + (f", tiles {m.tile}" if m.tile else ""))
     rate = f"{v.clip_fps:g} fps" if v.clip_fps else "their native rate"
     print(f"  clips: {v.frames}x{v.height}x{v.width}, played at {rate}{per_video}")
+    _print_source_rates(folder, v.fps)
     shapes = m.latent_shapes if m.mixed_shapes else [m.latent_spec["latent_shape"]]
     print(f"  latent ({m.form}): {'; '.join(parts_text(s) for s in shapes)}")
     text = (f"{m.text_encoder} embeddings (dim {m.text_dim}, ~{m.text_tokens} tokens)" if m.text_encoder
@@ -225,6 +226,33 @@ def _list_latents(args: argparse.Namespace, folder: Path) -> int:
     for b in bad:
         print(f"  - {b}")
     return 1 if bad else 0
+
+
+def _by_clips(rate_count: tuple[str, int]) -> tuple[int, float]:
+    """Most clips first, then the higher rate ("unknown" last)."""
+    rate, n = rate_count
+    return -n, -float(rate) if rate != "unknown" else 0.0
+
+
+def _print_source_rates(folder: Path, fps: float | None) -> None:
+    """The source frame rates of the clips (each shard's sidecar counts them; shards written before
+    they were counted say nothing) when they differ, and the inputs with a variable frame rate."""
+    from ldm.checkpoint import read_json
+
+    rates: Counter = Counter()
+    variable: list[str] = []
+    for side in sorted(folder.glob("shard-*.json")):
+        record = read_json(side)
+        rates.update(record.get("source_fps", {}))
+        variable += record.get("variable_rate", [])
+    if len(rates) > 1:
+        read = f"resampled to {fps:g} fps" if fps else "read at their own rate, consecutive frames"
+        shown = ", ".join(f"{r} fps: {n} clip{'s' * (n != 1)}" for r, n in sorted(rates.items(), key=_by_clips))
+        print(f"  source frame rates ({read}): {shown}")
+    if variable:
+        more = f" and {len(variable) - 3} more" if len(variable) > 3 else ""
+        print(f"  variable frame rate: {len(variable)} input(s) ({', '.join(variable[:3])}{more})"
+              + ("" if fps else ": their clips' motion speed varies (no --fps)"))
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -653,6 +653,8 @@ class _ShardBuffer:
     text_tokens: int = 0
     captions_cut: int = 0  # captions that fill the text encoder's max_length: cut to it (or exactly as long)
     class_counts: dict[int, int] = field(default_factory=dict)  # written clips per class id
+    source_fps: dict[str, int] = field(default_factory=dict)  # written clips per source frame rate ("24", "29.97")
+    variable_rate: list[str] = field(default_factory=list)  # keys of the inputs with a variable frame rate
 
 
 def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signature: dict, out: Path,
@@ -671,7 +673,8 @@ def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signa
         "signature": signature, "keys": [it.key for it in items[lo:hi]], "labels": labels_digest(items[lo:hi]),
         "written": len(buf.samples),
         "skipped": buf.skipped, "stats": buf.stats.to_json(), "text_tokens": buf.text_tokens,
-        "captions_cut": buf.captions_cut, "class_counts": {str(k): v for k, v in sorted(buf.class_counts.items())}})
+        "captions_cut": buf.captions_cut, "class_counts": {str(k): v for k, v in sorted(buf.class_counts.items())},
+        "source_fps": buf.source_fps, "variable_rate": buf.variable_rate})
 
 
 @torch.no_grad()
@@ -752,9 +755,13 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
             meta = {"index": p["index"], "key": item.key, "caption": p["caption"] or None,
                     "class_id": None if p["class_id"] < 0 else p["class_id"], "fps": cfg.fps,
                     "frames": cfg.frames, "height": cfg.height, "width": cfg.width,
-                    "autoencoder": signature["autoencoder"]}
+                    "autoencoder": signature["autoencoder"], "source_fps": _rate(p["source_fps"])}
             if item.class_name is not None:
                 meta["class_name"] = item.class_name
+            rate = "unknown" if p["source_fps"] is None else f"{_rate(p['source_fps']):g}"
+            into.source_fps[rate] = into.source_fps.get(rate, 0) + 1
+            if p["variable_rate"] and item.key not in into.variable_rate:
+                into.variable_rate.append(item.key)
             if p["class_id"] >= 0:
                 into.class_counts[p["class_id"]] = into.class_counts.get(p["class_id"], 0) + 1
             if not windows.first_only:  # several clips per video: which window this is
@@ -802,8 +809,10 @@ def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size
     stats, skipped, shard_list, written, text_tokens = shards.ChannelStats(), [], [], 0, 0
     num_classes = class_count(cfg, items)
     per_class: list[int] | None = [0] * num_classes  # None: a shard written before the counts were kept
+    variable: list[str] = []
     for j in range(n_shards):
         side = read_json(out / f"shard-{j:06d}.json")
+        variable += side.get("variable_rate", [])  # not in shards written before it was kept
         if per_class is not None and "class_counts" in side:
             for k, v in side["class_counts"].items():
                 per_class[int(k)] += v
@@ -816,6 +825,8 @@ def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size
         if side["written"]:
             shard_list.append({"name": shards.SHARD_NAME.format(j), "count": side["written"]})
     skipped_keys = {s["key"] for s in skipped}
+    if variable and cfg.fps is None:
+        log.warning(variable_rate_warning(variable))
     # the rate the clips play at (`ldm sample` writes videos at it): --fps, else the inputs' own
     clip_fps = cfg.fps or native_fps([it for it in items if it.key not in skipped_keys])
     manifest = Manifest(
@@ -834,6 +845,20 @@ def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size
     manifest = Manifest.from_dict(manifest.to_dict())  # JSON-normalised (what readers see), and checked
     manifest.write(out)
     return manifest
+
+
+def _rate(fps: float | None) -> float | None:
+    """A source frame rate as recorded (3 decimals: 29.97, not 29.97002997)."""
+    return None if fps is None else round(fps, 3)
+
+
+def variable_rate_warning(keys: list[str], show: int = 3) -> str:
+    """Without ``--fps``: the inputs with a variable frame rate, whose clips take consecutive frames."""
+    more = f" and {len(keys) - show} more" if len(keys) > show else ""
+    return (f"{len(keys)} input(s) have a variable frame rate ({', '.join(keys[:show])}{more}, listed under "
+            "variable_rate in the shard-*.json files) and --fps is not given: their clips take consecutive frames "
+            "whatever the time between them, so motion speeds up and slows down within a clip; give --fps F to "
+            "pick frames by their timestamps")
 
 
 def native_rates(items: list, limit: int = 8) -> list[float]:

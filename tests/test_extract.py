@@ -234,7 +234,7 @@ def test_clips_per_video(long_videos, tmp_path):
     assert sorted(one) == [f"{i:09d}" for i in range(4)]
     assert all(one[k]["latent.safetensors"] == three[k]["latent.safetensors"] for k in one)
     assert set(json.loads(one["000000000"]["json"])) == {"index", "key", "caption", "class_id", "fps", "frames",
-                                                         "height", "width", "autoencoder"}
+                                                         "height", "width", "autoencoder", "source_fps"}
 
 
 def test_every_window_is_stable_across_batch_sizes_workers_and_resume(long_videos, tmp_path):
@@ -423,3 +423,61 @@ def test_captions_cut_to_the_text_encoders_length_are_reported(videos, tmp_path,
     assert summary["captions_cut"] == 1
     assert "are cut to them (builtin; first: v0)" in caplog.text
     assert "1 caption(s) filled the text encoder's 64 tokens" in capsys.readouterr().out
+
+
+def _write_vfr(path, gaps_ms, size=16):
+    """An H.264 MP4 whose frames are ``gaps_ms`` apart (a phone's variable frame rate)."""
+    from fractions import Fraction
+
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        t = 0
+        for i, gap in enumerate(gaps_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 20 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 1000)
+            t += gap
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_source_frame_rates_are_recorded_and_variable_rates_named(tmp_path, caplog, capsys):
+    """Videos at 24 and 30 fps and one at a variable rate, without --fps: each sample's metadata
+    keeps its video's `source_fps`, `ldm data list` shows how many clips came from each rate and
+    names the variable-rate input, and one warning names it (was: one clip_fps and nothing else;
+    a variable rate went unnoticed). Shards written before (no counts) still list."""
+    from data.video import frame_timing
+
+    frames = np.zeros((4, 16, 16, 3), np.uint8)
+    for name, fps in (("a.mp4", 24), ("b.mp4", 30), ("c.mp4", 30)):
+        write_frames(tmp_path / "in" / name, frames, fps=fps)
+    _write_vfr(tmp_path / "in" / "phone.mp4", [33, 33, 100, 17, 50, 33])
+    assert frame_timing(tmp_path / "in" / "b.mp4") == (30.0, False)
+    assert frame_timing(tmp_path / "in" / "phone.mp4")[1]
+    gif = tmp_path / "g.gif"
+    write_frames(gif, np.zeros((8, 16, 16, 3), np.uint8), fps=30)  # centisecond delays 3, 4, 3: not variable
+    assert not frame_timing(gif)[1]
+    out = tmp_path / "lat"
+    with pytest.warns(UserWarning, match="RANDOM"):
+        extract_verb.extract(extract_verb.ExtractConfig(autoencoder=AE, input=str(tmp_path / "in"),
+                                                        output=str(out), frames=4, height=16, width=16))
+    rates = {s["meta"]["key"]: s["meta"]["source_fps"] for s in shards.read_all(out)}
+    assert rates["a"] == 24.0 and rates["b"] == rates["c"] == 30.0 and rates["phone"] > 0
+    warned = [r.getMessage() for r in caplog.records if "variable frame rate" in r.getMessage()]
+    assert len(warned) == 1 and "(phone," in warned[0] and "give --fps F" in warned[0]
+    capsys.readouterr()
+    assert ldm(["data", "list", "--input", str(out)]) == 0
+    listed = capsys.readouterr().out
+    assert "source frame rates (read at their own rate, consecutive frames): 30 fps: 2 clips, 24 fps: 1 clip, " \
+        in listed and "variable frame rate: 1 input(s) (phone): their clips' motion speed varies" in listed
+    side = out / "shard-000000.json"  # as an extraction before the counts left it
+    record = json.loads(side.read_text())
+    del record["source_fps"], record["variable_rate"]
+    side.write_text(json.dumps(record))
+    assert ldm(["data", "list", "--input", str(out), "--check"]) == 0
+    listed = capsys.readouterr().out
+    assert "source frame rates" not in listed and "all good" in listed
