@@ -412,7 +412,8 @@ def _eval_note(report: dict[str, Any]) -> str:
     recon = next((r["recon"] for r in report["rows"]), {})
     optional = (("lpips", "LPIPS"), ("rfvd", "rFVD"), ("rfid", "rFID"))
     measured = ", ".join(["PSNR", "SSIM"] + [name for key, name in optional if key in recon])
-    return f"Reconstruction ({measured}) and FVD's reference: {clips} clips of {data['eval']} ({where})."
+    fvd = " and FVD's reference" if any(r.get("fvd") for r in report["rows"]) else ""
+    return f"Reconstruction ({measured}){fvd}: {clips} clips of {data['eval']} ({where})."
 
 
 def _rate_note(recon: dict[str, Any]) -> str:
@@ -425,33 +426,47 @@ def _rate_note(recon: dict[str, Any]) -> str:
             + (f", keyframe accuracy {acc:.0%}" if acc is not None else ""))
 
 
+def _attributes(r: dict[str, Any]) -> str:
+    att = (r.get("attributes") or {}).get("accuracy")
+    return "-" if not att else " / ".join(f"{att[a]:.0%}" for a in ("all", "color", "shape", "direction"))
+
+
+# the table's columns: (header, the cell of a row, the result a row must have for the column to be shown:
+# None always; LPIPS, rFVD, rFID, FVD and the attribute benchmark only when some row measured them)
+COLUMNS: list[tuple[str, Any, Any]] = [
+    ("compression rate (latent / input)", lambda r: f"{r['cost']['compression_rate']:.5f}", None),
+    ("tokens", lambda r: f"{r['cost']['tokens']}", None),
+    ("train step s", lambda r: _f(r["dit"]["step_s_median"], ".3f"), None),
+    ("train peak GiB measured / est.", lambda r: f"{_f(r['dit']['peak_memory_bytes_measured'], '.3g', 2 ** 30)} / "
+     f"{_f(r['cost']['dit_train_peak_memory_bytes'], '.3g', 2 ** 30)}", None),
+    ("DiT fwd GFLOPs", lambda r: _f(r["cost"]["dit_forward_flops"], ".3g", 1e9), None),
+    ("train step GFLOPs", lambda r: _f(r["cost"]["dit_train_step_flops"], ".3g", 1e9), None),
+    ("sample s/video", lambda r: _f(r.get("sample_s_per_video"), ".2f"), None),
+    ("decode GFLOPs", lambda r: _f(r["cost"]["ae_decode_flops"], ".3g", 1e9), None),
+    ("PSNR dB", lambda r: _f(r["recon"]["psnr_db"]["mean"], ".2f"), None),
+    ("SSIM", lambda r: _f(r["recon"]["ssim"]["mean"], ".3f"), None),
+    ("LPIPS", lambda r: _f((r["recon"].get("lpips") or {}).get("mean"), ".3f"), lambda r: r["recon"].get("lpips")),
+    ("rFVD", lambda r: _f((r["recon"].get("rfvd") or {}).get("rfvd"), ".1f"), lambda r: r["recon"].get("rfvd")),
+    ("rFID", lambda r: _f((r["recon"].get("rfid") or {}).get("rfid"), ".1f"), lambda r: r["recon"].get("rfid")),
+    ("attributes all / color / shape / direction", _attributes, lambda r: r.get("attributes")),
+    ("FVD", lambda r: _f((r.get("fvd") or {}).get("fvd"), ".1f"), lambda r: r.get("fvd")),
+]
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
-    rfid = any("rfid" in r["recon"] for r in report["rows"])  # a column only when --inception was given
+    rows = report["rows"]
+    columns = [(h, cell) for h, cell, has in COLUMNS if has is None or any(has(r) for r in rows)]
+    read = f"resampled to {s['fps']:g} fps" if s.get("fps") else "each at its video's own frame rate (no --fps)"
     lines = ["# `ldm compare`", "",
-             f"Clips {s['frames']}x{s['height']}x{s['width']}; the same DiT config and steps for every autoencoder; "
-             f"device {report['machine']['device']}.", _eval_note(report), "",
-             "| autoencoder | compression rate | tokens | train step (s) | train peak GiB measured / est. | "
-             "DiT fwd GFLOPs | train step GFLOPs | sample s/video | decode GFLOPs | PSNR dB | SSIM | LPIPS | rFVD | "
-             + ("rFID | " if rfid else "") + "attributes all / color / shape / direction | FVD |",
-             "|---" * (16 if rfid else 15) + "|"]
-    for r in report["rows"]:
-        c, rec, att = r["cost"], r["recon"], (r.get("attributes") or {}).get("accuracy")
+             f"Clips {s['frames']}x{s['height']}x{s['width']}, {read}; the same DiT config and steps for every "
+             f"autoencoder; device {report['machine']['device']}.", _eval_note(report), "",
+             "| autoencoder | " + " | ".join(h for h, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for r in rows:
         marks = [m for m, on in (("random weights", r["random_weights"]),
-                                 ("first-frame decode", rec.get("first_frame"))) if on]
+                                 ("first-frame decode", r["recon"].get("first_frame"))) if on]
         name = r["autoencoder"] + (f" ({', '.join(marks)})" if marks else "")
-        mem = f"{_f(r['dit']['peak_memory_bytes_measured'], '.3g', 2 ** 30)} / " \
-              f"{_f(c['dit_train_peak_memory_bytes'], '.3g', 2 ** 30)}"
-        attr = "-" if not att else " / ".join(f"{att[a]:.0%}" for a in ("all", "color", "shape", "direction"))
-        lines.append(
-            f"| {name} | {c['compression_rate']:.5f} | {c['tokens']} | {_f(r['dit']['step_s_median'], '.3f')} | "
-            f"{mem} | "
-            f"{_f(c['dit_forward_flops'], '.3g', 1e9)} | {_f(c['dit_train_step_flops'], '.3g', 1e9)} | "
-            f"{_f(r.get('sample_s_per_video'), '.2f')} | {_f(c['ae_decode_flops'], '.3g', 1e9)} | "
-            f"{_f(rec['psnr_db']['mean'], '.2f')} | {_f(rec['ssim']['mean'], '.3f')} | "
-            f"{_f((rec.get('lpips') or {}).get('mean'), '.3f')} | {_f((rec.get('rfvd') or {}).get('rfvd'), '.1f')} | "
-            + (f"{_f((rec.get('rfid') or {}).get('rfid'), '.1f')} | " if rfid else "")
-            + f"{attr} | {_f((r.get('fvd') or {}).get('fvd'), '.1f')} |")
+        lines.append(f"| {name} | " + " | ".join(cell(r) for _, cell in columns) + " |")
     chance = next((r["attributes"]["chance"] for r in report["rows"] if r.get("attributes")), None)
     lines += ["", f"{report['conventions']['flops']}. Estimated memory: {report['conventions']['memory_estimate']}. "
               f"Step time: {report['conventions']['step_time']}."]

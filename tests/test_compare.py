@@ -89,8 +89,12 @@ def test_compare_saved_folders_on_plain_videos(tmp_path):
     assert mine["recon"]["input_clips"]["chosen"] == "random 2 of 6 (seed 0)"  # as FVD's (was: the first 2)
     assert (out / "mine" / "latents" / "manifest.json").is_file() and (out / "run7" / "dit").is_dir()
     # the quality columns come from the training clips here: the report says so (was: not a word)
-    assert f"2 clips of {tmp_path / 'videos'} (the training videos, NOT held out: give --eval-input" in \
-        (out / "compare.md").read_text()
+    md = (out / "compare.md").read_text()
+    assert f"2 clips of {tmp_path / 'videos'} (the training videos, NOT held out: give --eval-input" in md
+    # only the columns something was measured for (was: LPIPS, rFVD, attributes and FVD all "-"), the read rate said
+    header = next(line for line in md.splitlines() if line.startswith("| autoencoder"))
+    assert header.endswith("| PSNR dB | SSIM |") and "compression rate (latent / input)" in header
+    assert "Clips 9x32x32, each at its video's own frame rate (no --fps);" in md and "FVD's reference" not in md
 
 
 @pytest.mark.slow
@@ -213,7 +217,7 @@ def test_compare_adds_rfid_and_first_frame_to_a_finished_comparison(tmp_path, ca
     assert row["recon"]["rfid"]["n_real"] == 2 * 9 and row["resumed"] == ["extract", "train_dit"]
     md = (out / "compare.md").read_text()
     header, rule, line = [m for m in md.splitlines() if m.startswith("|")]
-    assert "| rFVD | rFID | attributes" in header and header.count("|") == rule.count("|") == line.count("|")
+    assert "| SSIM | rFID | attributes" in header and header.count("|") == rule.count("|") == line.count("|")
     with pytest.raises(UserError, match="--first-frame: none of --autoencoders decodes with a first frame"):
         ldm(argv + ["--first-frame"])
     # an H3AE row decodes with the first frame, the others plainly: said per row and under the table
