@@ -338,6 +338,17 @@ def _eval_key(inception_sha256: str | None = None, first_frame: bool = False) ->
     return {"inception_sha256": inception_sha256, "first_frame": first_frame}
 
 
+def _eval_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What changed between two `_eval_key`s, in flags."""
+    said = []
+    if old["inception_sha256"] != new["inception_sha256"]:
+        said.append("--inception " + ("left out" if new["inception_sha256"] is None else
+                                      "added" if old["inception_sha256"] is None else "another file"))
+    if old["first_frame"] != new["first_frame"]:
+        said.append("--first-frame " + ("given" if new["first_frame"] else "left out"))
+    return ", ".join(said)
+
+
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Run the comparison (see the module doc); returns the report also written as compare.json."""
     t_start = time.perf_counter()
@@ -370,7 +381,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         key = _eval_key(inception_sha, e["first_frame"])
         earlier = stages.done.get("evaluate", {}).get("result")
         if earlier is not None and _eval_key(**earlier.get("eval_key", {})) != key:
-            print(f"[compare {e['label']}] evaluate again: {_eval_key(**earlier.get('eval_key', {}))} -> {key}")
+            change = _eval_change(_eval_key(**earlier.get("eval_key", {})), key)
+            print(f"[compare {e['label']}] evaluate again: {change}", flush=True)
             stages.redo("evaluate")
         row.update(stages.run("evaluate", lambda: {
             **_evaluate(e, args, eval_data, synth, work, lpips, i3d, inception, device), "eval_key": key}))
@@ -475,6 +487,10 @@ def markdown(report: dict[str, Any]) -> str:
     if any(r["random_weights"] for r in report["rows"]):
         lines.append("Autoencoders marked (random weights) had no checkpoint: their quality numbers are a pipeline "
                      "check, not a measurement (pass a trained folder or --ae-steps).")
+    rfid = next((r["recon"]["rfid"] for r in rows if "small_sample" in (r["recon"].get("rfid") or {})), None)
+    if rfid:
+        lines.append(f"rFID over {rfid['n_real']} frames a side, fewer than FID's {rfid['protocol_n']}: biased upward, "
+                     "comparable only between these rows.")
     if s.get("first_frame"):
         plain = [r["autoencoder"] for r in report["rows"] if not r["recon"].get("first_frame")]
         lines.append("Rows marked (first-frame decode) are reconstructed with each clip's first frame given to the "

@@ -212,12 +212,13 @@ def test_compare_adds_rfid_and_first_frame_to_a_finished_comparison(tmp_path, ca
     ldm(argv + ["--inception", str(tmp_path / "inception-2015-12-05.pt")])
     printed = capsys.readouterr().out
     assert "extract done by an earlier run" in printed and "train_dit done by an earlier run" in printed
-    assert "evaluate again" in printed and "evaluate done in" in printed
+    assert "evaluate again: --inception added" in printed and "evaluate done in" in printed
     row, = _report(out)["rows"]
     assert row["recon"]["rfid"]["n_real"] == 2 * 9 and row["resumed"] == ["extract", "train_dit"]
     md = (out / "compare.md").read_text()
     header, rule, line = [m for m in md.splitlines() if m.startswith("|")]
     assert "| SSIM | rFID | attributes" in header and header.count("|") == rule.count("|") == line.count("|")
+    assert "rFID over 18 frames a side, fewer than FID's 50000: biased upward" in md
     with pytest.raises(UserError, match="--first-frame: none of --autoencoders decodes with a first frame"):
         ldm(argv + ["--first-frame"])
     # an H3AE row decodes with the first frame, the others plainly: said per row and under the table
