@@ -186,7 +186,7 @@ def _list_latents(args: argparse.Namespace, folder: Path) -> int:
           + (f", tiles {m.tile}" if m.tile else ""))
     rate = f"{v.clip_fps:g} fps" if v.clip_fps else "their native rate"
     print(f"  clips: {v.frames}x{v.height}x{v.width}, played at {rate}{per_video}")
-    _print_source_rates(folder, v.fps)
+    _print_source_rates(folder, v.fps, m.counts.written)
     shapes = m.latent_shapes if m.mixed_shapes else [m.latent_spec["latent_shape"]]
     print(f"  latent ({m.form}): {'; '.join(parts_text(s) for s in shapes)}")
     text = (f"{m.text_encoder} embeddings (dim {m.text_dim}, ~{m.text_tokens} tokens)" if m.text_encoder
@@ -234,7 +234,7 @@ def _by_clips(rate_count: tuple[str, int]) -> tuple[int, float]:
     return -n, -float(rate) if rate != "unknown" else 0.0
 
 
-def _print_source_rates(folder: Path, fps: float | None) -> None:
+def _print_source_rates(folder: Path, fps: float | None, written: int) -> None:
     """The source frame rates of the clips (each shard's sidecar counts them; shards written before
     they were counted say nothing) when they differ, and the inputs with a variable frame rate."""
     from ldm.checkpoint import read_json
@@ -248,7 +248,10 @@ def _print_source_rates(folder: Path, fps: float | None) -> None:
     if len(rates) > 1:
         read = f"resampled to {fps:g} fps" if fps else "read at their own rate, consecutive frames"
         shown = ", ".join(f"{r} fps: {n} clip{'s' * (n != 1)}" for r, n in sorted(rates.items(), key=_by_clips))
-        print(f"  source frame rates ({read}): {shown}")
+        counted = sum(rates.values())
+        older = f" ({written - counted} clips of shards written before the rates were counted)" \
+            if counted < written else ""
+        print(f"  source frame rates ({read}): {shown}{older}")
     if variable:
         more = f" and {len(variable) - 3} more" if len(variable) > 3 else ""
         print(f"  variable frame rate: {len(variable)} input(s) ({', '.join(variable[:3])}{more})"
