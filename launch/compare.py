@@ -380,9 +380,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         row["dit"] = stages.run("train_dit", lambda: _train_dit(args, work))
         key = _eval_key(inception_sha, e["first_frame"])
         earlier = stages.done.get("evaluate", {}).get("result")
-        if earlier is not None and _eval_key(**earlier.get("eval_key", {})) != key:
-            change = _eval_change(_eval_key(**earlier.get("eval_key", {})), key)
-            print(f"[compare {e['label']}] evaluate again: {change}", flush=True)
+        before = None if earlier is None else _eval_key(**earlier.get("eval_key", {}))
+        if before is not None and before != key:
+            print(f"[compare {e['label']}] evaluate again: {_eval_change(before, key)}", flush=True)
             stages.redo("evaluate")
         row.update(stages.run("evaluate", lambda: {
             **_evaluate(e, args, eval_data, synth, work, lpips, i3d, inception, device), "eval_key": key}))
