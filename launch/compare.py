@@ -49,7 +49,7 @@ from launch import dist
 from launch import evaluate as ev
 from launch import runs
 from launch.configs import config_path
-from launch.extract import ExtractConfig
+from launch.extract import ExtractConfig, source_rates
 from launch.pipeline import Stages, run_verb
 from launch.train import TrainConfig, dit_overrides
 from launch.train_ae import TrainAEConfig
@@ -395,8 +395,10 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                                           text_tokens=manifest.text_tokens if "text_dim" in overrides else 0)
         row["cost"]["autoencoder"] = e["label"]
         rows.append(row)
+    rates, variable = source_rates(out / _safe(entries[0]["label"]) / "latents")  # the same clips for every row
     report = {"settings": {k: v for k, v in vars(args).items() if not callable(v)}, "data": {
-        "train": train_data, "eval": eval_data, "synthetic": synth}, "rows": rows,
+        "train": train_data, "eval": eval_data, "synthetic": synth, "source_fps": rates, "variable_rate": variable},
+        "rows": rows,
         "machine": {"device": str(device), "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None,
                     "cpus": os.cpu_count(), "torch": torch.__version__},
         "conventions": {"flops": costlib.FLOP_CONVENTION,
@@ -436,6 +438,20 @@ def _rate_note(recon: dict[str, Any]) -> str:
     acc = (recon.get("keyframe_accuracy") or {}).get("mean")
     return (f"; measured VCPR {recon['vcpr']['mean']:.0f} (std {recon['vcpr']['std']:.0f})"
             + (f", keyframe accuracy {acc:.0%}" if acc is not None else ""))
+
+
+def _rates_note(data: dict[str, Any], fps: float | None) -> list[str]:
+    """The training videos' source frame rates when they differ, and those with a variable rate
+    (`launch.extract.source_rates`; a report of an earlier version has neither)."""
+    rates, variable = data.get("source_fps") or {}, data.get("variable_rate") or []
+    if len(rates) < 2 and not variable:
+        return []
+    said = [", ".join(f"{r} fps: {n} clip{'s' * (n != 1)}" for r, n in rates.items())] if len(rates) > 1 else []
+    if variable:
+        said.append(f"variable frame rate: {', '.join(variable[:3])}" + (" ..." if len(variable) > 3 else ""))
+    why = (f"resampled to {fps:g} fps" if fps else
+           "read at their own rates: one motion spans different numbers of frames; --fps F resamples them")
+    return ["", f"Training videos' source frame rates ({why}): {'; '.join(said)}."]
 
 
 def _attributes(r: dict[str, Any]) -> str:
@@ -480,6 +496,7 @@ def markdown(report: dict[str, Any]) -> str:
         name = r["autoencoder"] + (f" ({', '.join(marks)})" if marks else "")
         lines.append(f"| {name} | " + " | ".join(cell(r) for _, cell in columns) + " |")
     chance = next((r["attributes"]["chance"] for r in report["rows"] if r.get("attributes")), None)
+    lines += _rates_note(report["data"], s.get("fps"))
     lines += ["", f"{report['conventions']['flops']}. Estimated memory: {report['conventions']['memory_estimate']}. "
               f"Step time: {report['conventions']['step_time']}."]
     if chance:

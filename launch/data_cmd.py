@@ -228,26 +228,15 @@ def _list_latents(args: argparse.Namespace, folder: Path) -> int:
     return 1 if bad else 0
 
 
-def _by_clips(rate_count: tuple[str, int]) -> tuple[int, float]:
-    """Most clips first, then the higher rate ("unknown" last)."""
-    rate, n = rate_count
-    return -n, -float(rate) if rate != "unknown" else 0.0
-
-
 def _print_source_rates(folder: Path, fps: float | None, written: int) -> None:
-    """The source frame rates of the clips (each shard's sidecar counts them; shards written before
-    they were counted say nothing) when they differ, and the inputs with a variable frame rate."""
-    from ldm.checkpoint import read_json
+    """The source frame rates of the clips (`launch.extract.source_rates`) when they differ, and the
+    inputs with a variable frame rate."""
+    from launch.extract import source_rates
 
-    rates: Counter = Counter()
-    variable: list[str] = []
-    for side in sorted(folder.glob("shard-*.json")):
-        record = read_json(side)
-        rates.update(record.get("source_fps", {}))
-        variable += record.get("variable_rate", [])
+    rates, variable = source_rates(folder)
     if len(rates) > 1:
         read = f"resampled to {fps:g} fps" if fps else "read at their own rate, consecutive frames"
-        shown = ", ".join(f"{r} fps: {n} clip{'s' * (n != 1)}" for r, n in sorted(rates.items(), key=_by_clips))
+        shown = ", ".join(f"{r} fps: {n} clip{'s' * (n != 1)}" for r, n in rates.items())
         counted = sum(rates.values())
         older = f" ({written - counted} clips of shards written before the rates were counted)" \
             if counted < written else ""

@@ -861,6 +861,25 @@ def variable_rate_warning(keys: list[str], show: int = 3) -> str:
             "pick frames by their timestamps")
 
 
+def source_rates(out: str | Path) -> tuple[dict[str, int], list[str]]:
+    """An extraction folder's clips per source frame rate ("24", "29.97", "unknown") and its inputs with a
+    variable frame rate, from the shard sidecars (those written before they were counted add nothing)."""
+    rates: dict[str, int] = {}
+    variable: list[str] = []
+    for side in sorted(Path(out).glob("shard-*.json")):
+        record = read_json(side)
+        for rate, n in record.get("source_fps", {}).items():
+            rates[rate] = rates.get(rate, 0) + n
+        variable += record.get("variable_rate", [])
+    return dict(sorted(rates.items(), key=_by_clips)), variable
+
+
+def _by_clips(rate_count: tuple[str, int]) -> tuple[int, float]:
+    """Most clips first, then the higher rate ("unknown" last)."""
+    rate, n = rate_count
+    return -n, -float(rate) if rate != "unknown" else 0.0
+
+
 def native_rates(items: list, limit: int = 8) -> list[float]:
     """The native frame rates of the first ``limit`` readable ``items`` (container headers only)."""
     rates = []

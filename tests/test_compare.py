@@ -95,6 +95,13 @@ def test_compare_saved_folders_on_plain_videos(tmp_path):
     header = next(line for line in md.splitlines() if line.startswith("| autoencoder"))
     assert header.endswith("| PSNR dB | SSIM |") and "compression rate (latent / input)" in header
     assert "Clips 9x32x32, each at its video's own frame rate (no --fps);" in md and "FVD's reference" not in md
+    r = _report(out)  # all at 8 fps: no word; videos at mixed or variable rates: said under the table
+    assert r["data"]["source_fps"] == {"8": 6} and r["data"]["variable_rate"] == [] and "source frame rates" not in md
+    from launch.compare import markdown
+    r["data"].update(source_fps={"30": 4, "24": 2}, variable_rate=["phone"])
+    assert "Training videos' source frame rates (read at their own rates: one motion spans different numbers of " \
+           "frames; --fps F resamples them): 30 fps: 4 clips, 24 fps: 2 clips; variable frame rate: phone." \
+        in markdown(r)
 
 
 @pytest.mark.slow
