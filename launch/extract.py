@@ -896,9 +896,10 @@ def native_rates(items: list, limit: int = 8) -> list[float]:
 
 
 def native_fps(items: list, limit: int = 8) -> float | None:
-    """The median native frame rate of the first ``limit`` readable ``items``, None when none has one."""
+    """The median native frame rate of the first ``limit`` readable ``items`` (of an even count the
+    lower middle one: a rate some input has, not 27 between 24 and 30), None when none has one."""
     rates = native_rates(items, limit)
-    return statistics.median(rates) if rates else None
+    return statistics.median_low(rates) if rates else None
 
 
 def mixed_rates(items: list, limit: int = 8) -> str | None:

@@ -468,6 +468,7 @@ def test_source_frame_rates_are_recorded_and_variable_rates_named(tmp_path, capl
                                                         shard_size=2))
     rates = {s["meta"]["key"]: s["meta"]["source_fps"] for s in shards.read_all(out)}
     assert rates["a"] == 24.0 and rates["b"] == rates["c"] == 30.0 and rates["phone"] > 0
+    assert load_manifest(out).video.clip_fps in set(rates.values())  # was 27: the mean of 24 and 30
     warned = [r.getMessage() for r in caplog.records if "variable frame rate" in r.getMessage()]
     assert len(warned) == 1 and "(phone," in warned[0] and "give --fps F" in warned[0]
     capsys.readouterr()
