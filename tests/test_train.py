@@ -54,6 +54,24 @@ def _val_losses(run):
     return [(r["step"], r["val_loss"]) for r in _log(run) if "val_loss" in r]
 
 
+def _one_process(cfg, **kw):
+    """``train(cfg)`` in this process at one thread, as each launched rank runs: the reference a
+    several-rank run is compared with (one rank of the global batch gives the same losses), without
+    the seconds of a launch."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(cfg, **kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _world_size(run):
+    """The world size the run's latest checkpoint was written with."""
+    ckpt = Path(run) / "checkpoints"
+    return json.loads((ckpt / (ckpt / "latest").read_text().strip() / "trainer.json").read_text())["world_size"]
+
+
 def test_resume_repeats_the_uninterrupted_run(latents, tmp_path):
     full = train(_cfg(latents, tmp_path / "full", steps=6, save_every=3))
     assert len(full["losses"]) == 6 and all(map(torch.isfinite, torch.tensor(full["losses"])))
@@ -584,13 +602,14 @@ def test_two_ranks_zero(latents, tmp_path, stage):
 
 
 @pytest.mark.dist
-def test_deepspeed_accelerate_and_srun_launchers_match_torchrun(latents, tmp_path):
+def test_deepspeed_accelerate_and_srun_launchers_train_two_ranks_as_one_process_does(latents, tmp_path):
+    """Each launcher starts 2 ranks (world size 2 in the checkpoint) whose losses are those of one
+    process over the same global batch (torchrun against one process: the topology tests)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = ["train", "--config", str(YAML), f"data.shards={latents}", "data.batch_size=2", "steps=3", "save_every=3",
-            "log_every=1"]
+    over = [f"data.shards={latents}", "data.batch_size=2", "steps=3", "save_every=3", "log_every=1"]
+    args = ["train", "--config", str(YAML), *over]
     bindir = Path(sys.executable).parent
     runs = {
-        "torchrun": torchrun(2, *args),
         "deepspeed": [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
                       "launch.cli", *args],
         "accelerate": [str(bindir / "accelerate"), "launch", "--config_file",
@@ -615,8 +634,10 @@ def test_deepspeed_accelerate_and_srun_launchers_match_torchrun(latents, tmp_pat
         _, err = task.communicate(timeout=300)
         assert task.returncode == 0, ("srun", err[-3000:])
     losses["srun"] = _losses(tmp_path / "srun")
-    assert len(losses["torchrun"]) == 3
-    assert losses["deepspeed"] == pytest.approx(losses["torchrun"]) == losses["accelerate"] == losses["srun"]
+    assert all(_world_size(tmp_path / name) == 2 for name in losses), {n: _world_size(tmp_path / n) for n in losses}
+    one = _one_process(cfglib.load_yaml(YAML, TrainConfig, [*over, "data.batch_size=4", f"output={tmp_path / 'one'}"]))
+    assert len(one["losses"]) == 3
+    assert losses["deepspeed"] == pytest.approx(one["losses"], rel=1e-5) == losses["accelerate"] == losses["srun"]
 
 
 def test_activation_checkpointing_and_accumulation_and_bf16(latents, tmp_path):
@@ -643,11 +664,12 @@ def _torchrun(latents, out, *over, nproc=2, allow=None):
 @pytest.mark.dist
 def test_resume_on_another_topology(latents, tmp_path):
     """2 ranks x batch 2 (ZeRO-2) -> 1 rank x batch 4 (ZeRO-3) and back: the global batch, data
-    position and per-sample randomness are the same, so the losses continue as if uninterrupted."""
+    position and per-sample randomness are the same, so the losses continue as those of one
+    uninterrupted process (ZeRO-2, batch 4) and its validation losses."""
     val = (f"val.shards={latents}", "val.clips=4")  # the validation loss too: each rank half of the clips
-    _torchrun(latents, tmp_path / "ref", "data.batch_size=2", "steps=6", "save_every=2", *val)
-    ref = _losses(tmp_path / "ref")
     _torchrun(latents, tmp_path / "run", "data.batch_size=2", "steps=2", "save_every=2", *val)
+    _one_process(_cfg(latents, tmp_path / "ref", steps=6, save_every=2, **{"val.shards": latents, "val.clips": 4}))
+    ref = _losses(tmp_path / "ref")
     linear = torch.nn.functional.linear
     one = train(_cfg(latents, tmp_path / "run", steps=4, save_every=2, **{"data.batch_size": 4,
                                                                           "engine.deepspeed": "zero3",
@@ -682,7 +704,6 @@ def test_elastic_restart_after_a_rank_is_killed(latents, tmp_path):
     import signal
     import time
     args = ["data.batch_size=2", "steps=40", "save_every=5", "data.shuffle=8", "log_every=1"]
-    _torchrun(latents, tmp_path / "ref", *args)
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = torchrun(2, "train", "--config", str(YAML), f"data.shards={latents}", f"output={out}",
@@ -698,6 +719,7 @@ def test_elastic_restart_after_a_rank_is_killed(latents, tmp_path):
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-4000:]
     assert "resumed from" in stdout
+    _one_process(_cfg(latents, tmp_path / "ref", steps=40, save_every=40))  # uninterrupted: batch 4 = 2 ranks x 2
     assert _losses(out) == pytest.approx(_losses(tmp_path / "ref"), rel=1e-5)
 
 
@@ -1087,9 +1109,9 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(late
     resumed = subprocess.run(cmd + [f"steps={step + 2}", f"output={run}", "--allow-change", "steps"], env=env,
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = subprocess.run(cmd + [f"steps={step + 2}", f"output={tmp_path / 'u'}"], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    # uninterrupted, in this process: one rank of the global batch
+    _one_process(cfglib.load_yaml(YAML, TrainConfig, [*args[3:], f"data.batch_size={2 * nproc}", f"steps={step + 2}",
+                                                      f"output={tmp_path / 'u'}"]))
     assert _losses(run) == pytest.approx(_losses(tmp_path / "u"), rel=1e-5)
 
 
