@@ -102,11 +102,15 @@ def test_output_folder_must_be_new_or_a_demo(tmp_path):
 @pytest.mark.dist
 def test_an_interrupted_demo_resumes_without_redoing_its_finished_stages(tmp_path, monkeypatch):
     """Stopped in the DiT stage, the same demo keeps the stages done and resumes; a rerun after the
-    end redoes nothing; other settings are refused, naming them; --overwrite starts again."""
+    end redoes nothing; other settings are refused, naming them; --overwrite starts again. The
+    stages run in this process (the launched ranks are the quick demo's test): the stage
+    bookkeeping is the same, without the seconds of three launches."""
     import launch.demo as demo
+    from launch.pipeline import run_verb
 
     cfg = load_config(CONFIG_DIR / "demo-quick.yaml", ["ranks=1"])
     out = tmp_path / "d"
+    monkeypatch.setattr(demo, "run_verb", lambda verb, config, log, **kw: run_verb(verb, config, log, in_process=True))
 
     def stop(*a):
         raise KeyboardInterrupt
