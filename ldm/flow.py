@@ -66,13 +66,15 @@ def predict_x0(x_t: Mapping[str, Tensor], v: Mapping[str, Tensor], t: Tensor) ->
 def shift_timesteps(t: Tensor, shift: float) -> Tensor:
     """Resolution/length shift of SD3 (Esser et al. 2024, "resolution-dependent shifting of
     timestep schedules"):
-    ``t' = s t / (1 + (s - 1) t)``. ``s > 1`` moves mass towards noise (t -> 1), as larger latents
-    need; ``s = 1`` is the identity. Maps [0, 1] onto itself monotonically."""
+    ``t' = s t / (1 + (s - 1) t)`` (their Eq. 23 with ``s = sqrt(m / n)``). ``s > 1`` moves mass
+    towards noise (t -> 1), as larger latents need; ``s = 1`` is the identity. Maps [0, 1] onto itself
+    monotonically; computed as the equal ``t / (t + (1 - t) / s)``, which gives exactly 0 and 1 at
+    the ends and never more than 1 in floating point (the first form gives 1.0000001 for some s)."""
     if shift <= 0:
         raise ValueError(f"shift must be positive, got {shift}")
     if shift == 1.0:
         return t
-    return shift * t / (1 + (shift - 1) * t)
+    return t / (t + (1 - t) / shift)
 
 
 def shift_for_tokens(tokens: int, base_tokens: int) -> float:

@@ -32,10 +32,13 @@ StepCallback = Callable[[int, int, float, Mapping[str, Tensor]], None]
 
 def timestep_schedule(steps: int, shift: float = 1.0, device: torch.device | str | None = None) -> Tensor:
     """``steps + 1`` times from 1 to 0, uniform in t then shifted by ``shift_timesteps`` (SD3's
-    resolution shift; ``shift > 1`` spends more steps near noise)."""
+    resolution shift; ``shift > 1`` spends more steps near noise). Float64 ``i / steps``, so an
+    unshifted time is the number a user writes (0.8, not float32's 0.8000000119) and a guidance
+    interval's ``lo < t <= hi`` holds at its ends as written."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+    uniform = torch.arange(steps, -1, -1, dtype=torch.float64, device=device) / steps
+    return shift_timesteps(uniform, shift)
 
 
 def initial_noise(shapes: Mapping[str, tuple[int, ...]], batch: int, *, seed: int | None = None,

@@ -48,6 +48,8 @@ def test_shift():
     assert s[0] == 0 and s[-1] == 1
     assert torch.all(s[1:-1] > t[1:-1]) and torch.all(s[1:] > s[:-1])
     torch.testing.assert_close(s[5], torch.tensor(3 * 0.5 / (1 + 2 * 0.5)))
+    for shift in (1.18, 1.32, 1.57):  # exact ends in float32 (was: 1.0000001 or 0.9999999 at t = 1)
+        assert flow.shift_timesteps(torch.tensor([0.0, 1.0]), shift).tolist() == [0.0, 1.0]
     assert flow.shift_for_tokens(4096, 1024) == 2.0
     with pytest.raises(ValueError):
         flow.shift_timesteps(t, 0.0)

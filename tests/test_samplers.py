@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -7,11 +9,44 @@ from ldm.latent import Cond, Latent
 
 def test_schedule():
     s = samplers.timestep_schedule(4)
-    torch.testing.assert_close(s, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    torch.testing.assert_close(s, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
     shifted = samplers.timestep_schedule(4, shift=3.0)
     assert shifted[0] == 1 and shifted[-1] == 0 and torch.all(shifted[1:-1] > s[1:-1])
     with pytest.raises(ValueError):
         samplers.timestep_schedule(0)
+
+
+class _Counting:
+    """Zero velocity; records (batch, t) of every call, so a guided step shows as batch 2."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, cond):
+        self.calls.append((t.shape[0], float(t[0])))
+        return {"x": torch.zeros_like(x["x"])}
+
+
+@pytest.mark.parametrize("shift", [0.1, 1.0, 1.18, 1.32, 1.57, math.sqrt(3), 3.0, 7.5])
+def test_the_schedule_starts_at_one_and_ends_at_zero_for_any_shift(shift):
+    """Exactly 1 and 0 at the ends, inside [0, 1] between, so the first step is at pure noise and, with
+    the default guidance interval (t <= 1), guided (was: shift 1.32 started at t = 1.0000001, a
+    time the model never trained on, and left that first step unguided)."""
+    s = samplers.timestep_schedule(7, shift)
+    assert s[0].item() == 1.0 and s[-1].item() == 0.0 and torch.all(s[1:] < s[:-1])
+    model = _Counting()
+    samplers.euler(model, {"x": torch.ones(1, 1)}, torch.ones(1, 1), steps=4, shift=shift, guidance_scale=4.0,
+                   null_cond=torch.zeros(1, 1))
+    assert [b for b, _ in model.calls] == [2] * 4 and model.calls[0][1] == 1.0
+
+
+def test_guidance_interval_ends_are_the_times_a_user_writes():
+    """``--guidance-interval 0.1:0.8`` with 10 steps guides t = 0.8 ... 0.2 (``lo < t <= hi``) (was: the
+    float32 times 0.8000000119 and 0.1000000015 left t = 0.8 unguided and guided t = 0.1)."""
+    model = _Counting()
+    samplers.euler(model, {"x": torch.ones(1, 1)}, torch.ones(1, 1), steps=10, guidance_scale=4.0,
+                   null_cond=torch.zeros(1, 1), guidance_interval=(0.1, 0.8))
+    assert [b for b, _ in model.calls] == [1, 1, 2, 2, 2, 2, 2, 2, 2, 1]
 
 
 def test_initial_noise_is_seeded():
