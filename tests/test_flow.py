@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ldm import flow
+from ldm import flow, samplers
 
 
 def _parts(B=3, seed=0):
@@ -62,8 +62,16 @@ def test_sample_timesteps():
     assert torch.equal(u, flow.sample_timesteps(4000, generator=g()))
     ln = flow.sample_timesteps(4000, distribution="logit_normal", loc=1.0, scale=0.5, generator=g())
     assert abs(ln.median().item() - 1 / (1 + math.exp(-1.0))) < 0.02
+    logit = torch.logit(ln.double())  # N(loc, scale): loc the mean, scale the standard deviation
+    assert abs(logit.mean().item() - 1.0) < 0.03 and abs(logit.std().item() - 0.5) < 0.02
     shifted = flow.sample_timesteps(4000, shift=3.0, generator=g())
     assert shifted.mean() > u.mean() + 0.1
+    for dist in flow.TIMESTEP_DISTRIBUTIONS:  # training's shift is the sampling schedule's (SD3 uses one for both)
+        plain = flow.sample_timesteps(64, distribution=dist, generator=g())
+        torch.testing.assert_close(flow.sample_timesteps(64, distribution=dist, shift=3.0, generator=g()),
+                                   flow.shift_timesteps(plain, 3.0))
+    uniform = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(samplers.timestep_schedule(5, 3.0), flow.shift_timesteps(uniform, 3.0))
     with pytest.raises(ValueError, match="unknown timestep distribution"):
         flow.sample_timesteps(3, distribution="beta")
 
