@@ -164,6 +164,26 @@ def test_the_optimum_of_the_training_loss_samples_the_data():
         assert abs(out.mean().item() - 2.0) < 0.05 and abs(out.std().item() - 0.5) < 0.05, method
 
 
+def test_the_trainers_loss_is_least_at_the_velocity_the_samplers_integrate():
+    """``ldm train``'s step loss (its path, target and t) is smallest at the exact velocity of the data's
+    flow, the field ``test_samplers_converge_at_their_order_to_the_exact_flow`` integrates to the data;
+    a velocity of the other direction of t, sign or scale scores worse."""
+    from launch.train import FlowConfig, flow_step_loss
+
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    latent = Latent({"x": 2.0 + 0.5 * torch.randn(n, 1, generator=g, dtype=torch.float64)})
+    noise = {"x": torch.randn(n, 1, generator=g, dtype=torch.float64)}
+    draws = (torch.rand(n, generator=g, dtype=torch.float64), noise, torch.ones(n, 3))  # (t, noise, no dropout)
+    exact = _gaussian_flow(2.0, 0.5)
+    others = {"t reversed": lambda x, t, c: exact(x, 1 - t, c), "negated": lambda x, t, c: {"x": -exact(x, t, c)["x"]},
+              "scaled": lambda x, t, c: {"x": 1.1 * exact(x, t, c)["x"]},
+              "offset": lambda x, t, c: {"x": exact(x, t, c)["x"] + 0.1}}
+    loss = {name: flow_step_loss(model, latent, Cond(), FlowConfig(), draws, lambda c, drop: c).item()
+            for name, model in {"exact": exact, **others}.items()}
+    assert all(loss["exact"] < loss[name] for name in others), loss
+
+
 class _CondModel:
     """Velocity = x * class scale + mean of (masked) text; counts calls and batch sizes."""
 
