@@ -138,6 +138,29 @@ def test_resume_is_exact_and_corrupt_checkpoint_falls_back(straight, clips, tmp_
         train_autoencoder(_cfg(clips, tmp_path / "other", steps=7, resume=str(step)))
 
 
+def test_a_stop_asked_of_another_rank_is_announced_once(clips, tmp_path, monkeypatch, caplog):
+    """The step's all-reduce brings a stop that only another rank was sent (here: this rank's flag
+    raised without a signal): rank 0 says so once, and the run stops with a checkpoint of that step
+    (was: nothing said until the closing line)."""
+    from launch.train_ae import AETrainer
+
+    real = AETrainer.train_step
+
+    def train_step(self, video, cond=None):
+        if self.step == 1:
+            monkeypatch.setattr(runs.StopRequest, "flag", lambda stop, device: torch.ones((), device=device))
+        return real(self, video, cond)
+
+    monkeypatch.setattr(AETrainer, "train_step", train_step)
+    caplog.set_level("WARNING")
+    out = tmp_path / "run"
+    result = train_autoencoder(_cfg(clips, out, steps=4))
+    assert result == {"stopped": "a signal to another rank", "steps": 2}
+    said = [r.getMessage() for r in caplog.records if "stopping after this step" in r.getMessage()]
+    assert said == ["a signal to another rank: stopping after this step with a checkpoint"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+
+
 def test_sigterm_stops_with_a_checkpoint_of_that_step_and_resumes_exactly(straight, clips, tmp_path, monkeypatch,
                                                                            capsys):
     """SIGTERM in the middle of step 5 (save_every 3, log_every 2): the step finishes, is logged and
