@@ -771,13 +771,13 @@ class Progress:
     nonfinite: runs.NonFiniteGuard
     work: torch.Tensor  # this rank's (tokens, training FLOPs) since the last log
     read: torch.Tensor  # this rank's clips per data.shards folder
+    samples: int = 0  # this rank's samples since the last log (a shape bucket's batch is its own size)
     lr: float = 0.0  # the LR of the last step's update
     stopping: bool = False  # a stop was asked for (SIGTERM, Ctrl-C) on some rank
     losses: list[float] = field(default_factory=list)
     pending: list[torch.Tensor] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     t_last: float = 0.0
-    step_last: int = 0
 
 
 @dataclass
@@ -796,7 +796,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     data, inputs, held_out = open_data(run, progress, start)
     logger = runs.RunLog(run.out, progress.step, enabled=dist.is_main())
     bar = tqdm(total=cfg.steps, initial=progress.step, desc="train", unit="step", disable=not dist.is_main())
-    progress.t_last, progress.step_last = time.perf_counter(), progress.step
+    progress.t_last = time.perf_counter()
     profiler = runs.StepProfiler(cfg.profile, run.out / "profile", run.env.rank, progress.step,
                                  run.device.type == "cuda")
     stop = runs.StopRequest()
@@ -990,6 +990,7 @@ def train_step(run: TrainRun, progress: Progress, inputs: Prefetcher, stop: runs
         batch = next(inputs).to(run.device)
         progress.position += cfg.data.batch_size * run.dp_world  # samples of the global stream one micro-batch reads
         progress.work += batch.work
+        progress.samples += batch.latent.batch_size
         progress.read += batch.sources
         progress.stream["epoch"], progress.stream["epoch_start"] = batch.stream  # rank 0's is saved: not past position
         loss = flow_step_loss(engine, batch.latent, batch.cond, cfg.flow, batch.draws, engine.module.null_cond,
@@ -1030,20 +1031,20 @@ def log_step(run: TrainRun, progress: Progress, logger: runs.RunLog, bar) -> Non
     loss_mean = done[-1]
     bar.set_postfix(loss=f"{loss_mean:.4f}")
     now, step = time.perf_counter(), progress.step
-    dt = max(now - progress.t_last, 1e-9) / (step - progress.step_last)
     # every rank of a sequence-parallel group counts the same samples: mean x dp_world = all work
-    tokens_s, flops_s = (dist.all_reduce_mean(progress.work.clone()) * run.dp_world
-                         / max(now - progress.t_last, 1e-9)).tolist()
+    work = torch.cat([progress.work, progress.work.new_tensor([progress.samples])])
+    tokens_s, flops_s, samples_s = (dist.all_reduce_mean(work) * run.dp_world
+                                    / max(now - progress.t_last, 1e-9)).tolist()
     progress.work.zero_()
+    progress.samples = 0
     grad_norm = run.engine.get_global_grad_norm()
-    per_step = run.cfg.data.batch_size * run.cfg.optim.grad_accum
     logger.log(step, {"loss": loss_mean, "lr": progress.lr,
                       "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "samples_per_s": per_step * run.dp_world / dt,
+                      "samples_per_s": samples_s,
                       "tokens_per_s": tokens_s,
                       "tflops_per_s": flops_s / 1e12,
                       "mfu": mfu(flops_s / run.env.world_size, run.peak)})
-    progress.t_last, progress.step_last = now, step
+    progress.t_last = now
 
 
 def validate_step(run: TrainRun, progress: Progress, held_out: HeldOut, logger: runs.RunLog) -> None:

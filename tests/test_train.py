@@ -842,6 +842,12 @@ def test_mixed_resolutions_train_in_buckets(latents, tmp_path):
     out = train(_cfg(latents, tmp_path / "r", steps=6, save_every=6,
                      **{"data.shards": both, "data.buckets": "true", "data.bucket_batch": '{"z=4x8x6x6": 2}'}))
     assert len(out["losses"]) == 6 and all(map(torch.isfinite, torch.tensor(out["losses"])))
+    # each step is one bucket's batch (4 small or 2 large samples): samples/s counts the samples read
+    # (was: data.batch_size per step, twice the large steps' samples), so tokens per sample is a shape's
+    model, _ = load_export(tmp_path / "r")
+    per_sample = {model.num_tokens({"z": (4, 8, 4, 4)}), model.num_tokens({"z": (4, 8, 6, 6)})}
+    ratios = [round(r["tokens_per_s"] / r["samples_per_s"], 6) for r in _log(tmp_path / "r") if "loss" in r]
+    assert set(ratios) == per_sample, (ratios, per_sample)
 
 
 def test_shard_folders_as_people_write_them(latents, tmp_path, caplog):
