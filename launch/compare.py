@@ -307,7 +307,8 @@ def _evaluate(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, s
                                               fvd_frames=args.fvd_frames, text_encoder=text_encoder,
                                               grid=work / "recon_grid.png", inception=inception,
                                               first_frame=entry["first_frame"])
-    sampling = SamplingConfig(steps=args.sample_steps, guidance=args.guidance, seed=args.seed)
+    # the shift the DiT trained with, as `ldm sample` and `eval gen` take it (SD3: one shift for both)
+    sampling = SamplingConfig(steps=args.sample_steps, guidance=args.guidance, seed=args.seed, shift=export.flow_shift)
     clip = dict(frames=args.frames, height=args.height, width=args.width, sampling=sampling, device=device)
     if synth is not None:
         suite = ev.attribute_suite(synth["shapes"], synth["colors"], synth["directions"],

@@ -20,9 +20,10 @@ def _report(out):
 
 def test_compare_one_autoencoder(tmp_path, capsys):
     out = tmp_path / "cmp"
-    ldm(["compare", "--autoencoders", "kl2d-f8c4-debug", "--output", str(out), *SMALL])
+    ldm(["compare", "--autoencoders", "kl2d-f8c4-debug", "--output", str(out), *SMALL, "flow.shift=3"])
     r = _report(out)
     row, = r["rows"]
+    assert row["attributes"]["sampling"]["shift"] == 3.0  # the DiT's training shift (was: 1.0 whatever it trained at)
     assert row["autoencoder"] == "kl2d-f8c4-debug" and row["random_weights"]
     assert row["extract"]["clips"] == 8 and row["dit"]["steps"] == 3 and row["dit"]["step_s_median"] > 0
     assert row["dit"]["peak_memory_bytes_measured"] is None  # CPU: the estimate only
