@@ -143,6 +143,10 @@ class DemoConfig:
             raise ValueError("the prompt suite is empty: give sample.seen and/or synth.holdout")
         if min(self.sample.seen_seeds, self.sample.holdout_seeds, self.sample.steps, self.sample.batch_size) < 1:
             raise ValueError("sample.seen_seeds, holdout_seeds, steps and batch_size must be >= 1")
+        shift = self.dit.flow.shift  # SD3 samples at the shift it trained with, as ldm sample does by default
+        if self.sample.shift != shift:
+            raise ValueError(f"sample.shift {self.sample.shift:g} differs from dit.flow.shift {shift:g}, the shift "
+                             f"the DiT trains with: set sample.shift={shift:g} too")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> DemoConfig:

@@ -180,3 +180,10 @@ def test_accuracy_counts_each_attribute_against_chance():
     assert acc["color_chance"] == 0.25 and acc["shape_chance"] == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="no videos"):
         accuracy([], cfg.synth)
+
+
+def test_the_sampling_shift_follows_the_training_shift():
+    """dit.flow.shift=3 alone would train at shift 3 and sample at the config's 1 (was: silently)."""
+    with pytest.raises((ValueError, UserError), match=r"sample.shift 1 differs from dit.flow.shift 3.*sample.shift=3"):
+        load_config(CONFIG_DIR / "demo-quick.yaml", ["dit.flow.shift=3"])
+    assert load_config(CONFIG_DIR / "demo-quick.yaml", ["dit.flow.shift=3", "sample.shift=3"]).sample.shift == 3
