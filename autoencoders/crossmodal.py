@@ -68,8 +68,9 @@ what the public code settles):
 - Reconstruction loss: the paper mixes a pixel and a perceptual term "weighted by a
   hyperparameter"; the trainer computes L1 + ``lpips_weight`` x LPIPS with KL 1e-6 (code: L1 +
   LPIPS under a learned log-variance, KL 1e-6). Alternative: the code's learned-variance form.
-- Discriminator: the paper says "3D GAN loss" for both models; code: a 3D PatchGAN for the
-  16-channel model and a 2D one for the 4-channel model (the trainer's ``disc_kind``). Alternative: 3D for both.
+- Discriminator: the paper says "3D GAN loss" for both models, which the recipe follows; code: a 3D
+  PatchGAN for the 16-channel model and a 2D one for the 4-channel model. Alternative: the code's
+  (the trainer's ``disc_kind``).
 - Optimiser: code: Adam betas (0.5, 0.9); the trainer's ``betas`` default is (0.9, 0.999).
   Gradient clipping at norm 1.0 is the trainer's default for every family; neither the paper nor
   the code notes mention it. Alternative: clipping off (``max_grad_norm=0``).
@@ -93,7 +94,7 @@ from autoencoders.base import REGISTRY, AEConfig, AEOutput, Autoencoder, registe
 from autoencoders.blocks import (LOGVAR_CLAMP, SpatialDownsample, SpatialSelfAttention, SpatialUpsample,
                                  check_latent_stats, clip_group_norm, grid_z, norm_layer, split_moments)
 from autoencoders.kl2d import KL2D
-from autoencoders.sources import register_initialiser
+from autoencoders.sources import SOURCE_STATS, arch_diff, register_initialiser
 from ldm import config as cfglib
 from ldm.latent import Cond, Latent, LatentSpec
 from ldm.layers import CrossAttention
@@ -745,6 +746,31 @@ class CrossModalVAE(Autoencoder):
                 dst.copy_(value.reshape(dst.shape))  # 2D kernels (o, i, k, k) as (o, i, 1, k, k)
         return model
 
+    @classmethod
+    def with_text(cls, model: "CrossModalVAE", target: str) -> "CrossModalVAE":
+        """The text-guided registered ``target`` (e.g. ``cmvae-z4-text``) started from a trained model
+        without text (Sec. 4.1: "for the cross-modal VAE, both models are initialized with their
+        pretrained weights"): every tensor of ``model`` copied, the new text cross-attention layers
+        fresh (zero output projections: at step 0 the model reconstructs exactly as ``model``)."""
+        if target not in REGISTRY or REGISTRY[target][0] is not cls or not REGISTRY[target][1].text_dim:
+            raise ValueError(f"{target!r} is not a registered text-guided cross-modal VAE (to go on training a model "
+                             "without text, give its folder to --init as it is)")
+        if model.config.text_dim:
+            raise ValueError(f"the model is already text-guided (text_dim={model.config.text_dim}): give it to "
+                             "--init as it is")
+        config = REGISTRY[target][1]
+        text_fields = ("text_dim", "text_heads", "text_head_dim", "text_in_temporal_ae")
+        wrong = arch_diff(config, model.config, text_fields + SOURCE_STATS)
+        if wrong:
+            raise ValueError(f"the model does not fit {target} (field: ({target}, model)): {wrong}")
+        out = cls(cfglib.replace(config, latent_scale=model.config.latent_scale,
+                                 latent_shift=model.config.latent_shift))
+        missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
+        extra = [k for k in missing if ".text." not in k]
+        if unexpected or extra:
+            raise ValueError(f"cannot start {target} from the model: unplaced {unexpected[:4]}, unset {extra[:4]}")
+        return out
+
     def train_forward(self, video: Tensor, cond: Cond | None = None,
                       generator: torch.Generator | None = None) -> AEOutput:
         """One training reconstruction. Images (T = 1) run the first stage alone and regularise its
@@ -771,6 +797,14 @@ def from_converted_kl2d(base: KL2D, target: str) -> tuple[CrossModalVAE, str]:
     model = CrossModalVAE.from_kl2d(base, None if target == "cmvae" else target)
     return model, ("cmvae first stage inflated from the converted kl2d (temporal layers zero, temporal AE fresh): "
                    "train it with ldm train-ae --init")
+
+
+@register_initialiser("cmvae", "cmvae")
+def from_cmvae_without_text(base: CrossModalVAE, target: str) -> tuple[CrossModalVAE, str]:
+    """``ldm convert --source saved --path RUN/final --target cmvae-z4-text``: the paper's cross-modal phase
+    starts from the video VAE trained without text (Sec. 4.1)."""
+    return CrossModalVAE.with_text(base, target), ("every tensor copied; the text cross-attention layers fresh "
+                                                   "(zero output: at step 0 it reconstructs as the model without text)")
 
 
 # ------------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def convert_saved(path: str | Path, target: str) -> Conversion:
     ``kl2d`` run trained) through the target family's initialiser: the step between two recipes
     whose second trains another family (IV-VAE's image VAE -> video VAE)."""
     base = load_pretrained(path)
-    if family_of(target) == base.family:
+    if family_of(target) == base.family and (base.family, base.family) not in INITIALISERS:
         raise UserError(f"{path} already holds a {base.family!r}; give it to --init / --checkpoint directly")
     return initialise(base, target, [f"{base.family} loaded from {path}"])
 

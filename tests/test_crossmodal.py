@@ -259,6 +259,27 @@ def test_save_load_round_trip(tmp_path, text_encoder):
         assert torch.equal(loaded.decode(lat, cond), model.decode(lat, cond))
 
 
+def test_text_model_starts_from_a_trained_model_without_text(tmp_path, text_encoder):
+    """Sec. 4.1: the cross-modal phase starts from the video VAE trained without text. `ldm convert
+    --source saved --target cmvae-z4-text` copies every tensor and leaves the text layers fresh, so
+    at step 0 the text model reconstructs exactly as the model it came from; a folder of another
+    layout or a target without text is refused in one line."""
+    from autoencoders.sources import convert_saved
+    plain = _model("cmvae-z4-debug", latent_scale=(0.5,), latent_shift=(0.1,))
+    _perturb(plain, TemporalConv)  # as after training: not a fresh model
+    plain.save_pretrained(tmp_path / "plain", name="cmvae-z4-debug")
+    model = convert_saved(tmp_path / "plain", "cmvae-z4-text-debug").model.eval()
+    assert model.config.text_dim and model.config.latent_scale == (0.5,) and model.config.latent_shift == (0.1,)
+    x, cond = _video(T, batch=1), _cond(text_encoder, ["a green square moving down"])
+    with torch.no_grad():
+        lat = model.encode(x, cond)
+        assert torch.equal(lat["z"], plain.encode(x)["z"])
+        assert torch.equal(model.decode(lat, cond), plain.decode(lat))
+    for target, match in (("cmvae-z16-text-debug", "latent_channels"), ("cmvae-z4-debug", "--init as it is")):
+        with pytest.raises(UserError, match=match):
+            convert_saved(tmp_path / "plain", target)
+
+
 @pytest.mark.parametrize("name", ["cmvae-z4-debug", "cmvae-z4-simultaneous-debug", "cmvae-z4-sequential-debug"])
 def test_one_train_step_lowers_the_loss(name):
     """Video and image batches: one AdamW step on the training loss (L1 + KL) lowers it (same
