@@ -43,8 +43,14 @@ def _twin(model: IVVAE, **overrides) -> IVVAE:
 def test_registry_names_paper_sizes_and_debug_twins():
     for name, params in PAPER.items():
         assert name in REGISTRY and name + "-debug" in REGISTRY
-        with torch.device("meta"):
-            n = build(name).num_parameters()
+        with torch.device("meta"):  # the full model runs at no cost: its shapes are the paper's 4x8x8 (Tab. 1)
+            model = build(name).eval()
+            with torch.no_grad():
+                lat = model.encode(torch.empty(1, 3, 17, 256, 256))
+                out = model.decode(lat)
+        z = int(name.split("-")[1][1:])
+        assert tuple(lat["z"].shape) == (1, z, 5, 32, 32) and tuple(out.shape) == (1, 3, 17, 256, 256)
+        n = model.num_parameters()
         assert abs(n - params) / params < 0.01, (name, n)  # the paper's 107M / 108M / 242M
         full, debug = describe(name), describe(name + "-debug")
         assert full["latent_shape"] == debug["latent_shape"] and full["vcpr"] == debug["vcpr"]
