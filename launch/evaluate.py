@@ -83,7 +83,7 @@ from data.video import VideoError, output_frames, probe, read_video, upright_siz
 from dit import Export, load_text_encoder
 from launch import dist
 from launch.dist import compute_dtype
-from launch.reconstruct import DEFAULT_FRAMES, default_frames, default_size
+from launch.reconstruct import DEFAULT_FRAMES, SIZE_MULTIPLES, default_frames, default_size
 from launch.sample import (add_sampling_arguments, check_export, checkpoint_run, export_weights, generate, load_dit,
                           playback_fps, sampling_from_args, sampling_text_encoder)
 from launch.train_ae import save_grid
@@ -144,12 +144,48 @@ def _without_gif_twins(listed: ItemList) -> ItemList:
 
 # how `_clips` makes a clip of HxW from a video of another size (`data.video.resize_center_crop`), recorded with results
 CLIP_READING = "each frame resized to cover the clip size, aspect kept (bilinear, antialiased), then center-cropped"
+# how `_clips` reads a clip with ``native`` (``ldm eval recon --native-size``), recorded with results
+NATIVE_READING = ("each clip at its own size (as shown), center-cropped to the largest size at most that the "
+                  "autoencoder takes (`native_size`), never resized; encoded in batches of one size")
+
+
+def native_size(ae: Autoencoder, frames: int, height: int, width: int) -> tuple[int, int]:
+    """The size ``--native-size`` evaluates a ``height x width`` video at: both sides rounded down to the smallest
+    multiple in `SIZE_MULTIPLES` at which ``ae`` takes clips of ``frames`` frames (the largest such size, cropped
+    from the center); ValueError when none fits."""
+    for m in SIZE_MULTIPLES:
+        h, w = height // m * m, width // m * m
+        if h < 1 or w < 1:
+            break
+        try:
+            ae.check_input(frames, h, w)
+            return h, w
+        except ValueError:
+            continue
+    raise ValueError(f"{ae.family} takes no clip of {frames} frames at {height}x{width} or below it (rounded to "
+                     f"multiples of {', '.join(map(str, SIZE_MULTIPLES))})")
+
+
+def _by_size(items: ItemList, ae: Autoencoder, frames: int) -> tuple[ItemList, list[int]]:
+    """``items`` ordered by the size they are evaluated at (`native_size`; one that cannot be read or taken first:
+    it is skipped when read) and, for each place in that order, the item's place in ``items``: clips of one size
+    come one after another, batched together (a look at each video's first frame)."""
+    def size(i: int) -> tuple[int, int]:
+        try:
+            return native_size(ae, frames, *upright_size(items[i].readable()))
+        except (VideoError, ValueError):
+            return (0, 0)
+    order = sorted(range(len(items)), key=size)
+    return ItemList([items[i] for i in order], items.problems, items.class_names, items.left_out), order
 
 
 def _clips(input: str, frames: int, height: int, width: int, fps: float | None, num: int | None,
-           items: ItemList | None = None) -> tuple[Iterable[dict[str, Any]], list[str], int]:
+           items: ItemList | None = None, native: Autoencoder | None = None
+           ) -> tuple[Iterable[dict[str, Any]], list[str], int]:
     """The clips of ``input`` (its first ``num``; GIF twins once, `_without_gif_twins`), or of
-    ``items`` when given (already chosen: ``num`` is not applied)."""
+    ``items`` when given (already chosen: ``num`` is not applied). ``native``: each clip at its own size,
+    center-cropped to `native_size` for that autoencoder (``height`` / ``width`` unused), with its
+    ``source_size``; a video no size of which the autoencoder takes is skipped."""
     if items is None:
         items = _without_gif_twins(list_items(input))
         if num:
@@ -162,14 +198,20 @@ def _clips(input: str, frames: int, height: int, width: int, fps: float | None, 
     def gen():
         for i in range(len(data)):
             try:
-                yield {**data[i], "index": i}  # the item's place in ``items``
-            except VideoError as e:
+                if native is None:
+                    yield {**data[i], "index": i}  # the item's place in ``items``
+                    continue
+                src_h, src_w = upright_size(items[i].readable())
+                h, w = native_size(native, frames, src_h, src_w)
+                clip = data.read(i, frames, src_h, src_w)  # its own size: no resize
+                yield {**clip, "video": _center(clip["video"], h, w), "index": i, "source_size": [src_h, src_w]}
+            except (VideoError, ValueError) as e:
                 skipped.append(f"{items[i].source}: {e}")
     return gen(), skipped, len(items)
 
 
 def _rank_share(input: str, frames: int, height: int, width: int, fps: float | None, items: ItemList,
-                batch_size: int) -> tuple[Iterable[dict[str, Any]], list[str]]:
+                batch_size: int, native: Autoencoder | None = None) -> tuple[Iterable[dict[str, Any]], list[str]]:
     """`_clips` of this rank's share of ``items``: every world_size-th batch of ``batch_size`` of
     them (all of them on one rank), each clip's ``index`` its place in ``items``; the listing's
     problems go with rank 0's skipped list."""
@@ -179,7 +221,7 @@ def _rank_share(input: str, frames: int, height: int, width: int, fps: float | N
     share = ItemList([items[i] for i in mine], items.problems if dist.rank() == 0 else [], items.class_names)
     if not share:
         return iter(()), list(share.problems)
-    clips, skipped, _ = _clips(input, frames, height, width, fps, None, share)
+    clips, skipped, _ = _clips(input, frames, height, width, fps, None, share, native)
     return ({**x, "index": mine[x["index"]]} for x in clips), skipped
 
 
@@ -204,8 +246,12 @@ def _gathered(values: list) -> list:
 
 
 def _batches(it: Iterable[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
+    """``size`` clips at a time; a clip of another shape than the batch's starts the next batch."""
     batch: list[dict[str, Any]] = []
     for x in it:
+        if batch and "video" in x and x["video"].shape != batch[0]["video"].shape:
+            yield batch
+            batch = []
         batch.append(x)
         if len(batch) == size:
             yield batch
@@ -276,8 +322,8 @@ def _reconstruct_clips(ae: Autoencoder, clips: Iterable[dict[str, Any]], *, batc
         x, y = x.float().cpu(), y.float().cpu()
         scores = reconstruction_scores(x, y, lpips)
         index = [b["index"] for b in batch]
-        done.rows += [{"index": i, **{entry: v[j].clone() for entry, v in scores.items()}, **rates[j]}
-                      for j, i in enumerate(index)]
+        done.rows += [{"index": i, "size": list(x.shape[-2:]), "source_size": batch[j].get("source_size"),
+                       **{entry: v[j].clone() for entry, v in scores.items()}, **rates[j]} for j, i in enumerate(index)]
         if rfvd is not None:
             rfvd.update("real", x, index=index)
             rfvd.update("fake", y)
@@ -302,8 +348,24 @@ def recon_metrics(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             for key, entry in RECON_METRICS.items() if rows and entry in rows[0]}
 
 
+def _size_counts(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """How many clips were evaluated at each size (``sizes``) and had each size as shown (``source_sizes``),
+    ``"HxW"`` (``--native-size``)."""
+    out: dict[str, dict[str, int]] = {"sizes": {}, "source_sizes": {}}
+    for key, field in (("sizes", "size"), ("source_sizes", "source_size")):
+        for h, w in (r[field] for r in rows):
+            out[key][f"{h}x{w}"] = out[key].get(f"{h}x{w}", 0) + 1
+    return out
+
+
+def _center(video: Tensor, height: int, width: int) -> Tensor:
+    """The center ``height x width`` of ``(..., H, W)`` frames."""
+    top, left = (video.shape[-2] - height) // 2, (video.shape[-1] - width) // 2
+    return video[..., top:top + height, left:left + width]
+
+
 @torch.no_grad()
-def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: int, width: int, *,
+def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: int | None, width: int | None, *,
                             fps: float | None = None, num: int | None = None, seed: int | None = None,
                             classes: str | None = None, split: str | None = None, batch_size: int = 4,
                             device: str | torch.device = "cpu", lpips: LPIPS | None = None,
@@ -311,7 +373,7 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
                             frame_group: int = 0, group_start: int = 0, text_encoder=None,
                             grid: str | Path | None = None, grid_clips: int = 4,
                             dtype: torch.dtype = torch.float32, inception: Extractor | None = None,
-                            first_frame: bool = False) -> dict[str, Any]:
+                            first_frame: bool = False, native: bool = False) -> dict[str, Any]:
     """Encode + decode the clips of ``input`` (`choose_items`: with ``num``, a random ``num`` of them
     seeded by ``seed``, or the first ``num`` when ``seed`` is None, as `ldm train-ae`'s held-out set
     and `ldm cost --recon` take them; ``classes`` / ``split`` as `data.sources.list_items`); the per-clip
@@ -319,16 +381,25 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
     frame of their reconstructions), optional per-position SSIM and a grid of the first ``grid_clips``
     clips. ``first_frame``: decoded with each clip's first frame (``first_frame_decoding`` autoencoders: H3AE's
     image-to-video reconstruction, its Tab. 4). The autoencoder runs in ``dtype``; the metrics are computed in
-    fp32. ``input_clips`` in the result records how the clips were chosen."""
+    fp32. ``input_clips`` in the result records how the clips were chosen. ``native`` (IV-VAE's "original video
+    resolution"): each clip at its own size (`native_size`: center-cropped to one the autoencoder takes, never
+    resized; ``height`` / ``width`` unused), batched by size, the sizes recorded; rFVD / rFID take mixed sizes
+    as their extractors resize every frame (FVD: to 224x224; Inception: inside the network)."""
     device = torch.device(device)
     ae = ae.to(device=device, dtype=dtype).eval()
-    ae.check_input(frames, height, width)
+    if not native:
+        ae.check_input(frames, height, width)
     ae.check_text_encoder(text_encoder)
     if first_frame and not ae.first_frame_decoding:
         raise ValueError(f"{ae.family} does not decode with a first frame (H3AE does): no image-to-video "
                          "reconstruction")
     items, chosen = choose_items(input, num=num, seed=seed, classes=classes, split=split)
-    clips, skipped = _rank_share(input, frames, height, width, fps, items, batch_size)  # all of them on one rank
+    order = list(range(len(items)))
+    if native:
+        items, order = _by_size(items, ae, frames)
+    clips, skipped = _rank_share(input, frames, height, width, fps, items, batch_size,  # all of them on one rank
+                                 ae if native else None)
+    clips = ({**c, "index": order[c["index"]]} for c in clips)  # its place among the chosen clips
     rfvd = fvd_accumulator(i3d, fvd_frames) if i3d is not None else None
     rfid = fid_accumulator(inception) if inception is not None else None
     done = _reconstruct_clips(ae, clips, batch_size=batch_size, device=device, dtype=dtype, lpips=lpips, rfvd=rfvd,
@@ -340,7 +411,9 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
         raise UserError(f"none of the {len(items)} videos in {input} could be read: {skipped[:3]}; fix or replace "
                         "the inputs, or change --frames/--fps")
     result: dict[str, Any] = {"clips": n, "skipped": skipped, "input_clips": chosen, "frames": frames,
-                              "height": height, "width": width, "read_fps": fps, "read": CLIP_READING,
+                              "height": None if native else height, "width": None if native else width,
+                              "native_size": native, **(_size_counts(done.rows) if native else {}),
+                              "read_fps": fps, "read": NATIVE_READING if native else CLIP_READING,
                               "first_frame": first_frame, "dtype": dist.dtype_name(dtype), **recon_metrics(done.rows),
                               "ssim_protocol": SSIM_PROTOCOL,
                               "encode_s_per_clip": done.encode_s / n, "decode_s_per_clip": done.decode_s / n}
@@ -355,8 +428,10 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
         result["ssim_per_position"] = position_ssim(per_frame, frame_group, group_start)
     if grid:
         if dist.rank() == 0:
-            save_grid(torch.stack([s[1] for s in done.shown]), torch.stack([s[2] for s in done.shown]), Path(grid),
-                      max_frames=min(frames, 8))
+            shown = [s[1:] for s in done.shown]
+            h, w = min(x.shape[-2] for x, _ in shown), min(x.shape[-1] for x, _ in shown)  # --native-size: cropped
+            save_grid(torch.stack([_center(x, h, w) for x, _ in shown]),
+                      torch.stack([_center(y, h, w) for _, y in shown]), Path(grid), max_frames=min(frames, 8))
         result["grid"] = str(grid)
     return result
 
@@ -1019,6 +1094,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--height", type=int, help="(default: as `ldm reconstruct`, from the first readable video: its "
                    "own size when it fits in 256x256, rounded down to one the autoencoder takes; else 256)")
     r.add_argument("--width", type=int, help="(default: as --height)")
+    r.add_argument("--native-size", action="store_true",
+                   help="each clip at its own size, center-cropped to the largest the autoencoder takes, never resized "
+                        "(IV-VAE's 'original video resolution'); batched by size, the sizes recorded")
     r.add_argument("--fps", type=float)
     r.add_argument("--num", type=int, help="evaluate a random N of the videos, seeded by --seed (all when fewer): "
                    "a sorted class-per-folder listing runs class by class, so the first N would cover a few classes")
@@ -1143,6 +1221,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise MissingInput(f"{flag} {path}: " + ("a folder; give the file itself" if Path(path).is_dir() else
                                                      "file not found"))
     if not gen:
+        if args.native_size and (args.height is not None or args.width is not None):
+            raise UserError("--native-size reads each clip at its own size; leave out --height/--width (or "
+                            "--native-size to resize every clip to one size)")
         check_lpips_files(args.lpips_backbone, args.lpips_heads)
         if args.frames is not None:  # else checked once the autoencoder chose its default
             check_clip_frames(args.frames, args.fvd_frames if args.i3d else None, args.frame_group, args.group_start)
@@ -1257,7 +1338,7 @@ def _recon_defaults(args: argparse.Namespace, ae: Autoencoder) -> None:
     """Fill ``--frames`` / ``--height`` / ``--width`` left out from the first readable video of ``--input``, as
     `ldm reconstruct` does: its own size (`default_size`) and the longest clip of at most 17 frames that it holds
     and the autoencoder takes (`default_frames`); of a video and its GIF twin, the video, as the clips are read."""
-    missing = [f for f in ("frames", "height", "width") if getattr(args, f) is None]
+    missing = [f for f in ("frames", *(() if args.native_size else ("height", "width"))) if getattr(args, f) is None]
     items = _without_gif_twins(list_items(args.input, classes=args.classes, split=args.split))
     if not items:
         raise UserError(f"--input {args.input}: no videos")
@@ -1272,6 +1353,14 @@ def _recon_defaults(args: argparse.Namespace, ae: Autoencoder) -> None:
     else:
         raise UserError(f"--input {args.input}: no video can be read to set the defaults (the last: {first.key}: "
                         f"{error}); give " + " and ".join(f"--{f}" for f in missing))
+    if args.native_size:  # the longest clip of at most 17 frames that it holds at its own (cropped) size
+        available = output_frames(info["frames"], info["fps"], args.fps, info["duration"])
+        args.frames = _native_frames(ae, available, *size, where=f"--input {args.input}: {first.key}")
+        if dist.rank() == 0:
+            print(f"ldm eval recon: clips of {args.frames} frames, as {first.key} holds (--frames for another "
+                  "length)", file=sys.stderr)
+        check_clip_frames(args.frames, args.fvd_frames if args.i3d else None, args.frame_group, args.group_start)
+        return
     if size is not None:
         shown = default_size(ae, *size)
         args.height, args.width = args.height or shown[0], args.width or shown[1]
@@ -1286,6 +1375,19 @@ def _recon_defaults(args: argparse.Namespace, ae: Autoencoder) -> None:
         check_clip_frames(args.frames, args.fvd_frames if args.i3d else None, args.frame_group, args.group_start)
 
 
+def _native_frames(ae: Autoencoder, available: int, height: int, width: int, where: str) -> int:
+    """The longest clip of at most ``DEFAULT_FRAMES`` frames, of ``available``, that ``ae`` takes at some
+    `native_size` of a ``height x width`` video (`UserError` naming ``where`` when none)."""
+    for n in range(min(DEFAULT_FRAMES, available), 0, -1):
+        try:
+            native_size(ae, n, height, width)
+            return n
+        except ValueError:
+            continue
+    raise UserError(f"{where} ({available} frames, {height}x{width}): {ae.family} takes no clip of 1 to "
+                    f"{min(DEFAULT_FRAMES, available)} frames at its size; give --frames, or other videos")
+
+
 def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     lpips = None
     if args.lpips_backbone or args.lpips_heads:
@@ -1298,10 +1400,11 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         ae, name, ckpt_hash = resolve(args.autoencoder, args.checkpoint or args.ae_path, subfolder=args.ae_subfolder)
     if args.first_frame and not ae.first_frame_decoding:
         raise UserError(f"--first-frame: {name} does not decode with a first frame (H3AE does); leave it out")
-    if args.height is None or args.width is None or args.frames is None:  # from the first video, as `ldm reconstruct`
-        _recon_defaults(args, ae)
-    with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
-        ae.check_input(args.frames, args.height, args.width)
+    if args.frames is None or not args.native_size and (args.height is None or args.width is None):
+        _recon_defaults(args, ae)  # from the first video, as `ldm reconstruct`
+    if not args.native_size:  # else each clip's size is checked as it is read (`native_size`)
+        with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
+            ae.check_input(args.frames, args.height, args.width)
     with checking():
         configure_inference(ae, args.tile, args.chunk_frames)
     text_encoder = None
@@ -1317,7 +1420,7 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                                      fvd_frames=args.fvd_frames, frame_group=args.frame_group,
                                      group_start=args.group_start, text_encoder=text_encoder, grid=args.grid,
                                      dtype=compute_dtype(args.dtype, device), inception=inception,
-                                     first_frame=args.first_frame)
+                                     first_frame=args.first_frame, native=args.native_size)
     result = {"autoencoder": name, "checkpoint": args.checkpoint, "checkpoint_hash": ckpt_hash, "input": args.input,
               "tile": args.tile, "chunk_frames": args.chunk_frames, **result}
     if lpips is not None:

@@ -406,8 +406,8 @@ def test_fd_of_an_unconditional_dit(files, run_dir, tmp_path):
 def test_fd_reads_clips_at_the_training_rate(files, run_dir, monkeypatch):
     model, ae, context = _load(run_dir)
     rates, read = [], ev._clips
-    monkeypatch.setattr(ev, "_clips", lambda input, frames, h, w, fps, num, items=None: rates.append(fps) or
-                        read(input, frames, h, w, fps, num, items))
+    monkeypatch.setattr(ev, "_clips", lambda input, frames, h, w, fps, num, items=None, native=None:
+                        rates.append(fps) or read(input, frames, h, w, fps, num, items, native))
     at4 = dataclasses.replace(context, video=ClipSpec(8, 32, 32, fps=4.0))  # trained on clips resampled to 4 fps
     kw = dict(frames=4, height=32, width=32, num=None, i3d=metrics.load_i3d(files / "i3d_torchscript.pt"),
               inception=None, fvd_frames=4, samples=str(files / "videos"))
@@ -736,3 +736,60 @@ def test_eval_recon_rfid(files, tmp_path, capsys):
              "--device", "cpu"])
     assert json.loads((tmp_path / "r.json").read_text())["rfid"]["n_real"] == 16
     assert "ldm eval recon: warning: rfid: " in capsys.readouterr().err
+
+
+class _Recording16(_FrozenAE):
+    """Returns its input (spatial sizes: multiples of 16 only) and records every batch it encodes."""
+    family = "recording16-test"
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def check_input(self, frames, height, width):
+        if height % 16 or width % 16:
+            raise ValueError(f"sizes must be multiples of 16, got {height}x{width}")
+
+    def _encode(self, video, cond):
+        self.seen.append(video.clone())
+        return super()._encode(video, cond)
+
+    def _decode(self, latent, cond):
+        return latent["z"]
+
+
+def _mixed_sizes(folder, sizes, frames=5):
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i, (h, w) in enumerate(sizes):
+        write_video(folder / f"{i}.mp4", torch.rand(3, frames, h, w, generator=g) * 2 - 1, 8)
+    return folder
+
+
+def test_eval_recon_native_size_reads_each_clip_at_its_own_size(files, tmp_path):
+    """``--native-size`` (IV-VAE Tab. 1: Kinetics-600 / ActivityNet "with the original video resolution"): each clip at
+    its own size, center-cropped to the largest the autoencoder takes, never resized, encoded in batches of one size,
+    the sizes recorded; rFVD / rFID over the mixed sizes (was: no such flag, every clip resized to one size)."""
+    videos = _mixed_sizes(tmp_path / "v", [(36, 52), (48, 48), (36, 52), (40, 56)])
+    out = tmp_path / "r.json"
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ldm(["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(videos), "--native-size",
+             "--i3d", str(files / "i3d_torchscript.pt"), "--fvd-frames", "5", "--inception",
+             str(files / "inception-2015-12-05.pt"), "--grid", str(tmp_path / "g.png"), "--output", str(out),
+             "--device", "cpu"])
+    r = json.loads(out.read_text())
+    assert (r["native_size"], r["height"], r["width"], r["frames"], r["clips"]) == (True, None, None, 5, 4)
+    assert r["sizes"] == {"40x56": 1, "48x48": 1, "32x48": 2}  # 36x52 cropped to multiples of 8
+    assert r["source_sizes"] == {"40x56": 1, "48x48": 1, "36x52": 2} and "never resized" in r["read"]
+    assert r["rfvd"]["n_real"] == 4 and np.isfinite(r["rfvd"]["rfvd"]) and r["rfid"]["n_real"] == 20
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+    ae = _Recording16()  # multiples of 16: 36x52 -> 32x48, 40x56 -> 32x48, 48x48 stays; the pixels themselves
+    r = ev.evaluate_reconstruction(ae, str(videos), 5, None, None, native=True, batch_size=4)
+    assert [tuple(x.shape) for x in ae.seen] == [(3, 3, 5, 32, 48), (1, 3, 5, 48, 48)]
+    assert r["sizes"] == {"48x48": 1, "32x48": 3} and r["psnr_db"]["infinite"] == 4
+    native = ev.read_native(videos / "3.mp4")[:, :5]  # 40x56, cropped 4 rows and 4 columns from each side
+    assert torch.equal(ae.seen[0][2], native[:, :, 4:36, 4:52])
+    with pytest.raises(UserError, match="^--native-size reads each clip at its own size; leave out --height"):
+        ldm(["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(videos), "--native-size",
+             "--height", "32", "--output", str(tmp_path / "x.json"), "--device", "cpu"])
