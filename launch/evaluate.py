@@ -12,8 +12,9 @@
 
 Reconstruction (``recon``): the per-clip metrics of `RECON_METRICS` (PSNR, SSIM: Gaussian 11 / 1.5, data
 range 2, LPIPS: torchvision backbone + the lpips package's linear heads, both user files, and the temporal error:
-frame-to-frame change unlike the clip's; a variable-rate autoencoder's VCPR and keyframe accuracy, MTC-VAE's
-``rate_report``), rFVD and rFID (originals vs their reconstructions; rFID: every frame, eval gen's Inception),
+frame-to-frame change unlike the clip's; IV-VAE's information preservation degree; a variable-rate autoencoder's
+VCPR and keyframe accuracy, MTC-VAE's ``rate_report``), rFVD and rFID (originals vs their reconstructions; rFID:
+every frame, eval gen's Inception),
 optionally decoded with each clip's first frame (``--first-frame``, H3AE's I2V reconstruction), optionally SSIM
 per frame position inside a frame group (IV-VAE Fig. 1b: a causal 4x-temporal VAE reconstructs the frames of each group
 of 4 unequally), a grid PNG and JSON.
@@ -92,7 +93,7 @@ from ldm.errors import MissingInput, UserError, check_min, checking
 from ldm.latent import Cond
 from ldm.metrics import (FVD_FRAMES, I3D_KINDS, LPIPS, VBENCH_NORMALIZE, Extractor, FrechetAccumulator,
                          fid_accumulator, fvd_accumulator, frame_change, load_i3d, load_inception,
-                         reconstruction_scores, temporal_flickering, vbench_aggregate)
+                         information_preservation, reconstruction_scores, temporal_flickering, vbench_aggregate)
 from ldm.samplers import SamplingConfig
 
 # ------------------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def _mean_std(x: list[float]) -> dict[str, float]:
 # (``lpips`` without LPIPS files, ``vcpr`` of a fixed-rate autoencoder) leaves its key out of the result.
 # To add a metric: compute it in `reconstruction_scores`, add its line here, describe it in README's evaluation.
 RECON_METRICS = {"psnr_db": "psnr", "ssim": "ssim_per_frame", "lpips": "lpips", "temporal_error": "temporal_error",
-                 "vcpr": "vcpr", "keyframe_accuracy": "keyframe_accuracy"}
+                 "info_preservation": "info_preservation", "vcpr": "vcpr", "keyframe_accuracy": "keyframe_accuracy"}
 SSIM_PROTOCOL = "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 2 ([-1, 1]), per frame, averaged"
 
 
@@ -419,6 +420,8 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
                               "encode_s_per_clip": done.encode_s / n, "decode_s_per_clip": done.decode_s / n}
     if lpips is not None:
         result["lpips"]["net"] = lpips.net
+    result["info_preservation"]["pooled"] = float(information_preservation(  # IV-VAE Eq. 2: sums over all clips
+        sum(r["abs_error"] for r in done.rows), sum(r["abs_sum"] for r in done.rows)))
     if rfvd is not None:
         result["rfvd"] = rfvd.result("rfvd") if n >= 2 else {"error": "rFVD needs >= 2 clips"}
     if rfid is not None:

@@ -120,14 +120,38 @@ def temporal_error(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
     return frame_change(y.double() - x.double(), data_range)
 
 
+def abs_sums(x: Tensor, y: Tensor, data_range: float = 2.0) -> tuple[Tensor, Tensor]:
+    """``(sum |x - y|, sum |x|)`` per sample ``(B,)`` float64, pixels as intensities in [0, 1] (``x``, ``y`` in
+    ``[-data_range / 2, data_range / 2]``, shifted up by ``data_range / 2`` and divided by ``data_range``; 0: black):
+    the two sums of IV-VAE's information preservation degree (`information_preservation`)."""
+    _check_pair(x, y, data_range)
+    x01 = (x.double() + data_range / 2) / data_range
+    return (x.double() - y.double()).abs().flatten(1).sum(1) / data_range, x01.abs().flatten(1).sum(1)
+
+
+def information_preservation(abs_error: Tensor, abs_sum: Tensor) -> Tensor:
+    """IV-VAE's information preservation degree (App. A.1, Eq. 2), ``1 - sum |x - x'| / sum |x|``, of the sums of
+    `abs_sums` (per clip, or summed over clips: the paper sums over all of them): 1 for an exact reconstruction,
+    lower the more is lost, negative when the error outweighs the clip; a black clip (``sum |x| = 0``) gives 1
+    when reconstructed exactly, else ``-inf``. Pixels are intensities in [0, 1] (the paper does not say; the value
+    does not change with the scale, [0, 255] gives the same, but it does with the offset: in [-1, 1] a grey pixel
+    would weigh 0)."""
+    abs_error, abs_sum = abs_error.double(), abs_sum.double()
+    ratio = torch.where(abs_error == 0, torch.zeros_like(abs_error), abs_error / abs_sum)
+    return 1.0 - ratio
+
+
 def reconstruction_scores(x: Tensor, y: Tensor, lpips: "LPIPS | None" = None) -> dict[str, Tensor]:
     """Per-clip scores of reconstructions ``y`` of clips ``x`` (``(B, C, T, H, W)`` in [-1, 1]), the
     protocol of ``ldm eval recon`` and of ``ldm train-ae``'s validation: ``psnr`` (dB, over all
-    frames), ``ssim_per_frame`` ``(B, T)`` and, for clips of 2 frames or more, ``temporal_error``
+    frames), ``ssim_per_frame`` ``(B, T)``, ``info_preservation`` (`information_preservation`) with its two
+    sums ``abs_error`` and ``abs_sum`` (`abs_sums`) and, for clips of 2 frames or more, ``temporal_error``
     (`temporal_error`, grey levels) in float64 on CPU, ``lpips`` ``(B,)`` (frames averaged) when an
     LPIPS network is given (computed on its device)."""
     x, y = x.float().cpu(), y.float().cpu()
-    scores = {"psnr": psnr(y, x), "ssim_per_frame": ssim_per_frame(y, x)}
+    abs_error, abs_sum = abs_sums(x, y)
+    scores = {"psnr": psnr(y, x), "ssim_per_frame": ssim_per_frame(y, x), "abs_error": abs_error, "abs_sum": abs_sum,
+              "info_preservation": information_preservation(abs_error, abs_sum)}
     if x.ndim == 5 and x.shape[2] >= 2:
         scores["temporal_error"] = temporal_error(x, y)
     if lpips is not None:

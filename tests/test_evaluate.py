@@ -659,6 +659,20 @@ def test_eval_recon_temporal_error_is_the_motion_a_frozen_reconstruction_loses(f
     assert "temporal_error" not in ev.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 1, 32, 32)
 
 
+def test_eval_recon_information_preservation_is_iv_vae_s(files):
+    """``info_preservation`` (IV-VAE App. A.1 Eq. 2, Fig. 1a): per clip ``1 - sum |x - x'| / sum |x|`` with pixels in
+    [0, 1], and ``pooled``, the paper's sums over all clips (was: not measured)."""
+    from data.sources import VideoClipDataset
+
+    r = ev.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 8, 32, 32)
+    clips = [(c["video"].double() + 1) / 2 for c in VideoClipDataset(list_items(files / "videos"), 8, 32, 32, None)]
+    errors = [float((c - c[:, :1]).abs().sum()) for c in clips]  # the frozen decoder's: every frame as the first
+    totals = [float(c.sum()) for c in clips]
+    assert r["info_preservation"]["mean"] == pytest.approx(np.mean([1 - e / t for e, t in zip(errors, totals)]))
+    assert r["info_preservation"]["pooled"] == pytest.approx(1 - sum(errors) / sum(totals))
+    assert 0 < r["info_preservation"]["pooled"] < 1
+
+
 def test_eval_recon_reports_a_variable_rate_autoencoder_s_vcpr_and_keyframe_accuracy(tmp_path):
     """MTC-VAE (``variable_rate``): per clip, `rate_report`'s VCPR and keyframe accuracy, summarised over the clips
     as every RECON_METRICS entry (was: left out, only one clip's through `ldm reconstruct`); none for a fixed rate."""

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from ldm.errors import UserError
 from ldm.metrics import (LPIPS, Extractor, FrechetAccumulator, RunningGaussian, frechet_distance, gaussian_stats,
-                         frame_change, psnr, reconstruction_scores, ssim, ssim_per_frame,
-                         temporal_error)
+                         abs_sums, frame_change, information_preservation, psnr, reconstruction_scores, ssim,
+                         ssim_per_frame, temporal_error)
 
 # ------------------------------------------------------------------------------------ PSNR
 
@@ -53,6 +53,25 @@ def test_temporal_error_on_hand_made_frames():
         temporal_error(x[:, :, :1], x[:, :, :1])
     assert "temporal_error" in reconstruction_scores(x, flicker)
     assert "temporal_error" not in reconstruction_scores(x[:, :, :1], x[:, :, :1])  # one frame: not measured
+
+
+def test_information_preservation_on_hand_made_frames():
+    """IV-VAE App. A.1 Eq. 2, ``1 - sum |x - x'| / sum |x|``, pixels as intensities in [0, 1]: the clip's four
+    pixels -1, 0, 1, 1 ([-1, 1]) are 0, 0.5, 1, 1 (sum 2.5); the reconstruction is off by 0.25 and 0.5 on two."""
+    x = torch.tensor([-1.0, 0.0, 1.0, 1.0]).reshape(1, 1, 2, 1, 2)  # (B, C, T, H, W)
+    y = torch.tensor([-1.0, 0.5, 0.0, 1.0]).reshape(1, 1, 2, 1, 2)
+    error, total = abs_sums(x, y)
+    assert (error.item(), total.item()) == (0.75, 2.5)
+    assert information_preservation(error, total).item() == pytest.approx(0.7, abs=1e-12)  # 1 - 0.75 / 2.5
+    x8, y8 = (x + 1) * 127.5, (y + 1) * 127.5  # in [0, 255]: the same value (the ratio does not change with scale)
+    assert 1 - ((x8 - y8).abs().sum() / x8.sum()).item() == pytest.approx(0.7)
+    black = -torch.ones(1, 1, 2, 1, 2)  # sum |x| = 0: 1 when exact, -inf otherwise
+    assert information_preservation(*abs_sums(black, black)).item() == 1.0
+    assert information_preservation(*abs_sums(black, black + 0.2)).item() == -math.inf
+    tile = lambda v: v.repeat(1, 3, 1, 11, 6)  # RGB 11x12 frames of the same pixels (SSIM's window): the same ratio
+    scores = reconstruction_scores(tile(torch.cat([x, black])), tile(torch.cat([y, black])))  # per clip; the paper's
+    assert scores["info_preservation"].tolist() == pytest.approx([0.7, 1.0])
+    assert information_preservation(scores["abs_error"].sum(), scores["abs_sum"].sum()).item() == pytest.approx(0.7)
 
 
 def test_frame_change_on_hand_made_frames():
