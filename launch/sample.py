@@ -427,6 +427,9 @@ def check_args(args: argparse.Namespace) -> None:
     if not (args.prompt or args.prompts_file or args.class_id or args.unconditional):
         raise UserError("give what to sample: --prompt TEXT, --prompts-file F, --class N or --unconditional N")
     if args.negative_prompt is not None:
+        if not args.negative_prompt.strip():  # "" would be encoded: not the null text condition dropout trained
+            raise UserError("--negative-prompt is empty: leave it out to guide away from the null text (what the "
+                            "DiT learned without a caption), or give the text to steer away from")
         if not (args.prompt or args.prompts_file):
             raise UserError("--negative-prompt goes with --prompt / --prompts-file (it replaces the null text of "
                             "classifier-free guidance)")

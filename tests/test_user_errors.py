@@ -574,6 +574,9 @@ def test_sample_prompt_file_and_text_checks(run, tmp_path, capsys):
     argv = ["sample", "--checkpoint", str(run / "dit"), "--output", str(tmp_path / "s")]
     _one_line_error(argv + ["--prompts-file", str(tmp_path / "prompts.txt")], capsys, "has no prompt")
     _one_line_error(argv + ["--prompts-file", str(tmp_path / "none.txt")], capsys, "none.txt not found")
+    # an empty negative prompt would encode "" (was: accepted), not the null text condition dropout trained
+    _one_line_error(argv + ["--prompt", "a red circle", "--guidance", "3", "--negative-prompt", " "], capsys,
+                    "--negative-prompt is empty: leave it out to guide away from the null text")
     assert not (tmp_path / "s").exists()
 
 
