@@ -740,8 +740,10 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
             copied.synchronize()
         if text is not None:
             emb, mask = text
-            text = [e[m] for e, m in zip(emb, mask)]  # valid tokens only, (L_i, D)
-            into.text_tokens += int(mask.sum())
+            # valid tokens only, (L_i, D); a clip without a caption caches none: it trains the DiT's null text
+            # (condition dropout's, what --unconditional and guidance sample with), not the empty caption's tokens
+            text = [e[m] if p["caption"] else e[:0] for e, m, p in zip(emb, mask, batch)]
+            into.text_tokens += sum(t.shape[0] for t in text)
             cut = [p for p, full in zip(batch, mask.all(1).tolist()) if full and p["caption"]]
             if cut and not warned_cut:  # once per process, at the first
                 warned_cut.append(True)

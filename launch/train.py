@@ -272,6 +272,10 @@ def batch_cond(batch: dict, dcfg: dit.DiTConfig) -> Cond:
             raise ValueError("the DiT is text-conditioned but the shards have no cached text embeddings "
                              "(extract with --text-encoder, or set model.text_cond=false)")
         text, text_mask = c["text_emb"], c["text_mask"]
+        # a clip without a caption trains the null text, as shards made since cache it (no tokens); older ones
+        # cached the empty caption's tokens
+        text_mask = text_mask & torch.tensor([bool(cap) for cap in c["caption"]], device=text_mask.device)[:, None]
+        text = text * text_mask[..., None]
     return Cond(text=text, text_mask=text_mask, class_id=class_id)
 
 

@@ -1,0 +1,54 @@
+"""How captions become the DiT's text condition at extraction, in training and at sampling: a clip
+without a caption, the null text, the text encoder the export records."""
+import json
+import warnings
+
+import torch
+from dits import randomize
+
+import autoencoders
+import dit
+from data import shards
+from data.synth import synth_dataset
+from launch.cli import console
+from launch.train import batch_cond
+
+AE = "kl2d-f8c4-debug"
+
+
+def _extract(videos, out, *extra):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return console(["extract", "--autoencoder", AE, "--input", str(videos), "--output", str(out), "--frames", "4",
+                        "--height", "16", "--width", "16", "--text-encoder", "builtin", *extra])
+
+
+def test_a_clip_without_a_caption_trains_the_null_text_the_dit_samples_with(tmp_path):
+    """A clip without a caption caches no text tokens, and the trainer gives it the DiT's null text
+    (condition dropout's, `--unconditional`'s, guidance's unconditional branch); a shard of an older
+    extraction, which cached the empty caption's tokens, gets the null too (was: the tokens of
+    encode(""), a condition sampling never uses)."""
+    synth_dataset(tmp_path / "v", num=3, frames=4, size=16, fps=8, seed=0)
+    rows = [json.loads(line) for line in (tmp_path / "v" / "metadata.jsonl").read_text().splitlines()]
+    rows[1]["caption"] = ""
+    (tmp_path / "v" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _extract(tmp_path / "v", tmp_path / "lat") == 0
+    samples = shards.read_all(tmp_path / "lat")
+    assert [s["cond"]["caption"] == "" for s in samples] == [False, True, False]
+    assert [s["cond"]["text_emb"].shape[0] for s in samples][1] == 0  # was 2: BOS + EOS of ""
+
+    ae = autoencoders.build(AE)
+    torch.manual_seed(0)
+    model = randomize(dit.build("dit-debug", ae.latent_spec(4, 16, 16), text_dim=256)).eval()
+    old = shards.collate(samples)  # as an older extraction cached it: the empty caption's tokens
+    old["cond"]["text_emb"][1, :2] = 1.0
+    old["cond"]["text_mask"][1, :2] = True
+    for batch in (shards.collate(samples), old):
+        cond = batch_cond(batch, model.config)
+        assert cond.text_mask.sum(1).tolist()[1] == 0 and cond.text_mask[[0, 2]].any(1).all()
+        x = {k: v.float() for k, v in batch["latent"].parts.items()}
+        t = torch.full((3,), 0.5)
+        with torch.no_grad():
+            v_cond, v_null = model(x, t, cond), model(x, t, model.null_cond(cond))
+        assert all(torch.equal(v_cond[k][1], v_null[k][1]) for k in v_cond)
+        assert not torch.allclose(v_cond["z"][0], v_null["z"][0])
