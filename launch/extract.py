@@ -474,6 +474,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
         from ldm.text import build_text_encoder
         with checking("--text-encoder"):
             text_encoder = build_text_encoder(cfg.text_encoder).to(device)
+        text_encoder.warned_cut = True  # a cut caption is reported here: one warning naming it, a count at the end
     with checking():
         ae.check_text_encoder(text_encoder, cfg.text_encoder, name)
 
@@ -747,9 +748,10 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
             cut = [p for p, full in zip(batch, mask.all(1).tolist()) if full and p["caption"]]
             if cut and not warned_cut:  # once per process, at the first
                 warned_cut.append(True)
-                log.warning("captions longer than the text encoder's %d tokens are cut to them (%s; first: %s); "
-                            "the count is in the summary", text_encoder.max_length, text_encoder.spec,
-                            items[cut[0]["index"]].key)
+                log.warning("captions longer than the text encoder's %d tokens are cut to them (%s; first: %s): %d "
+                            "tokens, the rest unseen; the count is in the summary", text_encoder.max_length,
+                            text_encoder.spec, items[cut[0]["index"]].key,
+                            text_encoder.token_counts([cut[0]["caption"]])[0])
             into.captions_cut += len(cut)
         into.stats.update(latent)
         for b, (p, lat) in enumerate(zip(batch, latent.unbatch())):

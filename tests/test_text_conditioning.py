@@ -52,3 +52,20 @@ def test_a_clip_without_a_caption_trains_the_null_text_the_dit_samples_with(tmp_
             v_cond, v_null = model(x, t, cond), model(x, t, model.null_cond(cond))
         assert all(torch.equal(v_cond[k][1], v_null[k][1]) for k in v_cond)
         assert not torch.allclose(v_cond["z"][0], v_null["z"][0])
+
+
+def test_a_caption_cut_at_extraction_is_reported_once(tmp_path, caplog):
+    """One over-long caption: one warning naming the clip and its length, and the count at the end
+    (was: the text encoder's own warning besides extraction's)."""
+    synth_dataset(tmp_path / "v", num=2, frames=4, size=16, fps=8, seed=0)
+    rows = [json.loads(line) for line in (tmp_path / "v" / "metadata.jsonl").read_text().splitlines()]
+    rows[1]["caption"] = "a cyan square moving up across a gradient background, then slowing down near the top"
+    (tmp_path / "v" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert console(["extract", "--autoencoder", AE, "--input", str(tmp_path / "v"), "--output",
+                        str(tmp_path / "lat"), "--frames", "4", "--height", "16", "--width", "16",
+                        "--text-encoder", "builtin"]) == 0
+    assert not [w for w in caught if "cut" in str(w.message)]
+    cut = [r.getMessage() for r in caplog.records if "cut" in r.getMessage()]
+    assert len(cut) == 1 and "first: videos/000001): 86 tokens" in cut[0], cut
