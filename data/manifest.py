@@ -45,6 +45,7 @@ class Manifest:
     text_encoder: str | None = None  # spec of the cached caption embeddings
     text_dim: int | None = None
     text_fingerprint: tuple[float, ...] | None = None  # ldm.text.fingerprint of the encoder
+    text_max_length: int | None = None  # its token length (None: a manifest from before it was recorded)
     text_tokens: int = 0  # mean caption length in tokens
     num_classes: int = 0
     class_names: tuple[str, ...] = ()  # name of each class id (index = id; fewer than num_classes or none)

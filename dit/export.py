@@ -36,6 +36,7 @@ class Export:
     text_encoder: str | None = None
     text_dim: int | None = None
     text_fingerprint: tuple[float, ...] | None = None  # ldm.text.fingerprint at extraction
+    text_max_length: int | None = None  # its token length at extraction (None: recorded before it was)
     text_tokens: int = 0
     num_classes: int = 0
     class_names: tuple[str, ...] = ()  # name of each class id, from the extraction (`ldm sample --class NAME`)
@@ -60,14 +61,15 @@ def _from_v1(d: dict[str, Any]) -> dict[str, Any]:
 
 def load_text_encoder(export: Export, device: str | torch.device | None = None):
     """The text encoder the DiT's caption embeddings came from (``export.text_encoder``, recorded at
-    extraction), checked against the recorded width and fingerprint: a folder that moved or now holds
-    another model is a `UserError` that says so."""
+    extraction) at the token length they were cut to (``export.text_max_length``; the encoder's default for
+    exports that predate it), checked against the recorded width and fingerprint: a folder that moved or
+    now holds another model is a `UserError` that says so."""
     from ldm.text import build_text_encoder, fingerprint, same_fingerprint
 
     where = (f"the text encoder the training captions were embedded with ({export.text_encoder!r}, recorded at "
              "extraction)")
     try:
-        encoder = build_text_encoder(export.text_encoder, device=device)
+        encoder = build_text_encoder(export.text_encoder, max_length=export.text_max_length, device=device)
     except (ValueError, FileNotFoundError) as e:  # the folder moved or holds something else now
         kind = MissingInput if isinstance(e, FileNotFoundError) else UserError
         raise kind(f"{where} cannot be loaded ({str(e).rstrip('.')}); put that folder back where it was") from None

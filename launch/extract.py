@@ -842,6 +842,7 @@ def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size
         text_encoder=absolute_spec(cfg.text_encoder) if cfg.text_encoder else None,  # `ldm sample` runs anywhere
         text_dim=text_encoder.dim if text_encoder is not None else None,
         text_fingerprint=signature["text_fingerprint"],
+        text_max_length=text_encoder.max_length if text_encoder is not None else None,
         text_tokens=round(text_tokens / written) if written else 0,
         num_classes=num_classes, class_names=tuple(getattr(items, "class_names", ())),
         class_counts=tuple(per_class) if per_class and sum(per_class) else (),

@@ -259,6 +259,7 @@ def export_context(manifest: Manifest, latent_norm: dict[str, dict[str, list[flo
     return Export(autoencoder=manifest.autoencoder, video=manifest.video, latent_spec=manifest.latent_spec,
                   form=manifest.form, latent_norm=latent_norm, text_encoder=manifest.text_encoder,
                   text_dim=manifest.text_dim, text_fingerprint=manifest.text_fingerprint,
+                  text_max_length=manifest.text_max_length,
                   text_tokens=manifest.text_tokens, num_classes=manifest.num_classes,
                   class_names=manifest.class_names, flow_shift=flow_shift, mixed_shapes=manifest.mixed_shapes)
 

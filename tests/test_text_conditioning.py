@@ -69,3 +69,29 @@ def test_a_caption_cut_at_extraction_is_reported_once(tmp_path, caplog):
     assert not [w for w in caught if "cut" in str(w.message)]
     cut = [r.getMessage() for r in caplog.records if "cut" in r.getMessage()]
     assert len(cut) == 1 and "first: videos/000001): 86 tokens" in cut[0], cut
+
+
+def test_the_text_encoders_token_length_is_recorded_and_sampling_uses_it(tmp_path):
+    """The manifest and the export record the text encoder's max_length; sampling builds the encoder
+    with it (was: with the encoder's default, so prompts longer than the extraction's length were
+    embedded differently, silently); exports that predate it use the default."""
+    from dit import Export, load_text_encoder
+    from ldm.artifacts import AERecord, ClipSpec
+    from ldm.text import build_text_encoder, fingerprint
+
+    synth_dataset(tmp_path / "v", num=1, frames=4, size=16, fps=8, seed=0)
+    assert _extract(tmp_path / "v", tmp_path / "lat") == 0
+    assert json.loads((tmp_path / "lat" / "manifest.json").read_text())["text_max_length"] == 64
+
+    short = build_text_encoder("builtin", max_length=32)
+    export = Export(AERecord(name=AE, family="kl2d"), ClipSpec(4, 16, 16), {}, "grid", text_encoder="builtin",
+                    text_dim=256, text_fingerprint=fingerprint(short), text_max_length=32)
+    export = Export.from_dict(export.to_dict())
+    prompt = ["a red circle moving left across a gradient background, then slowing down"]
+    encoder = load_text_encoder(export)
+    assert encoder.max_length == 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the prompt is cut to 32 tokens, as its captions were
+        assert torch.equal(encoder.encode(prompt)[0], short.encode(prompt)[0])
+    old = {k: v for k, v in export.to_dict().items() if k != "text_max_length"}
+    assert load_text_encoder(Export.from_dict(old)).max_length == 64
