@@ -59,26 +59,39 @@ def _from_v1(d: dict[str, Any]) -> dict[str, Any]:
     return migrate_v1_record({k: v for k, v in d.items() if k not in _V1_DROPPED})
 
 
-def load_text_encoder(export: Export, device: str | torch.device | None = None):
+def load_text_encoder(export: Export, device: str | torch.device | None = None, spec: str | None = None):
     """The text encoder the DiT's caption embeddings came from (``export.text_encoder``, recorded at
-    extraction) at the token length they were cut to (``export.text_max_length``; the encoder's default for
-    exports that predate it), checked against the recorded width and fingerprint: a folder that moved or
-    now holds another model is a `UserError` that says so."""
-    from ldm.text import build_text_encoder, fingerprint, same_fingerprint
+    extraction; or ``spec``, the same model in another folder: ``--text-encoder``) at the token length they
+    were cut to (``export.text_max_length``; the encoder's default for exports that predate it), checked
+    against the recorded width and fingerprint: a folder that moved or holds another model is a
+    `UserError` that says so."""
+    from ldm.text import absolute_spec, build_text_encoder, fingerprint, same_fingerprint
 
-    where = (f"the text encoder the training captions were embedded with ({export.text_encoder!r}, recorded at "
-             "extraction)")
+    if spec is None:
+        where = (f"the text encoder the training captions were embedded with ({export.text_encoder!r}, recorded at "
+                 "extraction)")
+        moved, now, other = ("put that folder back where it was, or give its new place with --text-encoder SPEC",
+                             "now ", "that folder holds another model than at extraction")
+    else:
+        where = f"--text-encoder {spec}"
+        moved, now, other = ("give the folder of the model the DiT was trained with", "",
+                             f"not the model the DiT was trained with ({export.text_encoder!r} at extraction)")
+        if not export.text_fingerprint:
+            raise UserError(f"{where}: this DiT's export records no fingerprint of its text encoder (made before "
+                            f"they were recorded), so another folder cannot be checked; put {export.text_encoder!r} "
+                            "back where it was")
+        spec = absolute_spec(spec)
     try:
-        encoder = build_text_encoder(export.text_encoder, max_length=export.text_max_length, device=device)
+        encoder = build_text_encoder(spec or export.text_encoder, max_length=export.text_max_length, device=device)
     except (ValueError, FileNotFoundError) as e:  # the folder moved or holds something else now
         kind = MissingInput if isinstance(e, FileNotFoundError) else UserError
-        raise kind(f"{where} cannot be loaded ({str(e).rstrip('.')}); put that folder back where it was") from None
+        raise kind(f"{where} cannot be loaded ({str(e).rstrip('.')}); {moved}") from None
     if export.text_dim and encoder.dim != export.text_dim:
-        raise UserError(f"{where} now gives {encoder.dim}-d embeddings, the DiT was trained on {export.text_dim}-d: "
-                        "that folder holds another model than at extraction")
+        raise UserError(f"{where} {now}gives {encoder.dim}-d embeddings, the DiT was trained on {export.text_dim}-d: "
+                        f"{other}")
     if export.text_fingerprint and not same_fingerprint(fingerprint(encoder), export.text_fingerprint):
-        raise UserError(f"{where} now embeds a probe prompt differently than at extraction: that folder holds "
-                        "another model or tokenizer (restore the one the DiT was trained with)")
+        raise UserError(f"{where} {now}embeds a probe prompt differently than at extraction: {other} (or another "
+                        "tokenizer)")
     return encoder
 
 

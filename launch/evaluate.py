@@ -663,7 +663,7 @@ def vbench_bridge(model, ae: Autoencoder, export: Export, out: Path, *, info: Pa
                   sampling: SamplingConfig = SamplingConfig(), batch_size: int = 8, fps: float = 8.0,
                   device: str | torch.device = "cpu",
                   vbench_python: str | None = None, vbench_results: str | None = None, gpus: int = 1,
-                  max_prompts: int | None = None, replace: bool = False) -> dict[str, Any]:
+                  max_prompts: int | None = None, replace: bool = False, text_encoder=None) -> dict[str, Any]:
     """Sample the standard prompts, score temporal flickering in-house, run VBench if given its
     environment (or read its results), aggregate. Videos already in ``out/vbench_videos`` are
     reused when ``vbench_videos.json`` shows the same DiT and autoencoder weights, clip size, fps
@@ -682,7 +682,7 @@ def vbench_bridge(model, ae: Autoencoder, export: Export, out: Path, *, info: Pa
         shutil.rmtree(videos_dir)
     videos_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record_path, record)
-    text_encoder = load_text_encoder(export, device=device)
+    text_encoder = text_encoder or load_text_encoder(export, device=device)
     jobs = [(e["prompt_en"], k) for e in entries for k in range(per_prompt)]
     flicker: list[float] = []
     flicker_prompts = {e["prompt_en"] for e in entries if "temporal_flickering" in e["dimension"]}
@@ -944,13 +944,14 @@ def _fd_values(accs: dict[str, FrechetAccumulator]) -> dict[str, Any]:
 
 
 def _fd_conditioning(model, ae: Autoencoder, export: Export, items: ItemList, use_class: bool | None,
-                     device: str | torch.device) -> tuple[bool, bool, Any]:
+                     device: str | torch.device, text_encoder=None) -> tuple[bool, bool, Any]:
     """(text, class, text encoder): what `generation_fd` samples each reference clip's twin from (`_conditioning`;
     both False for an unconditional DiT); `ValueError` for a clip without the class id that the DiT needs."""
     use_text, use_cls = False, False  # an unconditional DiT, sampled unconditionally
     if model.config.text_dim or model.config.num_classes:
         use_text, use_cls = _conditioning(model, export, use_class)
-    text_encoder = sampling_text_encoder(model, ae, export, use_text, device)
+    if text_encoder is None:
+        text_encoder = sampling_text_encoder(model, ae, export, use_text, device)
     if use_cls and any(it.class_id is None for it in items):
         raise ValueError("a reference clip has no class id" + (" (--use-class)" if use_text else
                                                                "; this DiT is class-conditioned only"))
@@ -964,7 +965,7 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
                   device: str | torch.device = "cpu", fps: float | None = None,
                   use_class: bool | None = None, classes: str | None = None, split: str | None = None,
                   class_dist: str = "reference", reference_stats: str | Path | None = None,
-                  reference_seed: int | None = None) -> dict[str, Any]:
+                  reference_seed: int | None = None, text_encoder=None) -> dict[str, Any]:
     """FVD / FID between the reference clips (`reference_items`: a random ``num`` of them, seeded by
     ``reference_seed``, by default ``sampling.seed``) and generated ones: the given ``samples`` folder (its first
     ``num``), or one sample per reference clip from its caption (text DiT) or class (``use_class``: also with text,
@@ -1001,7 +1002,7 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     ref_metrics = ref_metrics or {}
     use_text, use_cls, text_encoder = False, False, None  # --samples: nothing sampled
     if samples is None:
-        use_text, use_cls, text_encoder = _fd_conditioning(model, ae, export, items, use_class, device)
+        use_text, use_cls, text_encoder = _fd_conditioning(model, ae, export, items, use_class, device, text_encoder)
     if class_dist != "reference" and not (use_cls and not use_text):
         raise ValueError(f"--class-dist {class_dist}: the generated clips' classes are drawn only for a DiT sampled "
                          "by class ids alone (with text, or from --samples, each clip keeps its reference's condition)")
@@ -1133,6 +1134,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", required=True,
                    help="an `ldm train` run folder, its export/, or one of its checkpoints (RUN/checkpoints/step-N)")
     g.add_argument("--ae-checkpoint", help="autoencoder weights (default: recorded at extraction)")
+    g.add_argument("--text-encoder", metavar="SPEC", help="the text encoder the DiT was trained with, moved to "
+                   "another folder (default: the spec recorded at extraction); checked against the recorded width "
+                   "and fingerprint")
     g.add_argument("--output", required=True, help="output folder (result.json, videos)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier evaluation in --output (its VBench videos are reused "
@@ -1504,6 +1508,10 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     if args.vbench:
         with checking("--vbench"):
             check_vbench_dit(model, export)
+    text_encoder = None
+    if args.text_encoder:  # the DiT's text encoder in another folder: loaded and checked before any work
+        with checking():
+            text_encoder = sampling_text_encoder(model, ae, export, True, device, args.text_encoder)
     sampling = sampling_from_args(args, export)
     fps = playback_fps(export.video, args.fps)  # of the written videos
     out = Path(args.output)
@@ -1511,7 +1519,7 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         clear_earlier_results(out, keep_vbench_videos=args.vbench)
     if dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-    common = dict(sampling=sampling, batch_size=args.batch_size, device=device)
+    common = dict(sampling=sampling, batch_size=args.batch_size, device=device, text_encoder=text_encoder)
     result: dict[str, Any] = {"checkpoint": args.checkpoint, "autoencoder": export.autoencoder.name,
                               "frames": frames, "height": height, "width": width, "tile": args.tile,
                               "chunk_frames": args.chunk_frames, "dtype": dist.dtype_name(dtype),

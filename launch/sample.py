@@ -136,6 +136,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "null condition (CFG's unconditional branch reads TEXT)")
     p.add_argument("--image", help="image-to-video: the first frame (any image Pillow reads; resized and center-"
                    "cropped to --height x --width), held fixed while the motion is sampled (Hi-VAE generators)")
+    p.add_argument("--text-encoder", metavar="SPEC", help="the text encoder the DiT was trained with, moved to "
+                   "another folder, e.g. t5:/new/place/flan-t5-xl (default: the spec recorded at extraction); "
+                   "checked against the recorded width and fingerprint")
     p.add_argument("--ae-checkpoint", help="autoencoder weights, or a diffusers VAE folder (default: the path "
                    "recorded at extraction)")
     p.add_argument("--frames", "--num-frames", dest="num_frames", type=int,
@@ -292,17 +295,21 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
     return latent.to(device), ae_cond
 
 
-def sampling_text_encoder(model, ae: Autoencoder, export, prompts: bool, device: torch.device | str = "cpu"):
+def sampling_text_encoder(model, ae: Autoencoder, export, prompts: bool, device: torch.device | str = "cpu",
+                          spec: str | None = None):
     """The text encoder that sampling needs (the one the latents were extracted with,
-    ``export.text_encoder``), or None: for the DiT's ``prompts``, and always for a text-guided
-    autoencoder, whose decoder reads a caption (the empty one when sampling class ids or
-    unconditionally)."""
+    ``export.text_encoder``, or ``spec``: the same model in another folder, ``--text-encoder``), or None:
+    for the DiT's ``prompts``, and always for a text-guided autoencoder, whose decoder reads a caption
+    (the empty one when sampling class ids or unconditionally)."""
+    if spec and not export.text_encoder:
+        raise ValueError(f"--text-encoder {spec}: no text encoder is recorded with this DiT's latents (it was "
+                         "trained without text); leave it out")
     if not ((prompts and model.config.text_dim) or ae.text_dim):
         return None
     if not export.text_encoder:
         raise ValueError(f"no text encoder is recorded with this DiT's latents; {ae.family} decodes with text"
                          if ae.text_dim else "this DiT was trained without text")
-    return load_text_encoder(export, device=device)
+    return load_text_encoder(export, device=device, spec=spec)
 
 
 @torch.no_grad()
@@ -789,7 +796,7 @@ def set_video(job: Job, args: argparse.Namespace, main: bool) -> None:
     with checking():
         check_request(job.model, ae, spec, args.latent_frames, image=bool(args.image))
     with checking():
-        job.text_encoder = sampling_text_encoder(job.model, ae, export, job.prompted, job.device)
+        job.text_encoder = sampling_text_encoder(job.model, ae, export, job.prompted, job.device, args.text_encoder)
     if ae.text_dim and not job.prompted and main:
         print(f"{export.autoencoder.name} is text-guided: it decodes these samples with the empty caption")
 

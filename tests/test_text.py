@@ -386,3 +386,38 @@ def test_sentencepiece_only_t5_tokenizer_loads_when_the_package_is_there(t5_dir,
     want, want_mask = build_text_encoder(f"t5:{t5_dir}").encode(prompts)
     assert torch.equal(mask, want_mask)
     torch.testing.assert_close(emb, want)
+
+
+def test_a_moved_text_encoder_is_given_with_its_new_spec_and_checked(t5_dir, tmp_path):
+    """--text-encoder SPEC (`ldm sample`, `ldm eval gen`): the DiT's text encoder moved to another folder
+    (no link left) is used when its width and fingerprint match (was: only "put that folder back"); the
+    message of a missing folder names the flag; another model, another width or an export without a
+    fingerprint are one-line errors."""
+    import shutil
+
+    from dit import Export, load_text_encoder
+    from ldm.artifacts import AERecord, ClipSpec
+    from ldm.errors import MissingInput, UserError
+    from ldm.text import fingerprint
+
+    old, new = tmp_path / "old" / "t5", tmp_path / "new" / "t5"
+    shutil.copytree(t5_dir, old)
+    export = Export(AERecord(name="kl2d-f8c4-debug", family="kl2d"), ClipSpec(8, 32, 32), {}, "grid",
+                    text_encoder=f"t5:{old}", text_dim=32,
+                    text_fingerprint=fingerprint(build_text_encoder(f"t5:{old}")))
+    new.parent.mkdir()
+    old.rename(new)
+    with pytest.raises(MissingInput, match="put that folder back where it was, or give its new place with "
+                                           "--text-encoder SPEC"):
+        load_text_encoder(export)
+    encoder = load_text_encoder(export, spec=f"t5:{new}")
+    assert encoder.spec == f"t5:{new}" and encoder.dim == 32
+    with pytest.raises(UserError, match=r"--text-encoder t5:.*other.* embeds a probe prompt differently .*not the "
+                                        "model the DiT was trained with"):
+        load_text_encoder(export, spec=f"t5:{save_t5(tmp_path / 'other', seed=1)}")
+    with pytest.raises(UserError, match="--text-encoder builtin gives 256-d embeddings, the DiT was trained on 32-d"):
+        load_text_encoder(export, spec="builtin")
+    with pytest.raises(MissingInput, match="--text-encoder t5:nowhere cannot be loaded"):
+        load_text_encoder(export, spec="t5:nowhere")
+    with pytest.raises(UserError, match="records no fingerprint of its text encoder"):
+        load_text_encoder(Export(**{**export.__dict__, "text_fingerprint": None}), spec=f"t5:{new}")

@@ -810,3 +810,24 @@ def test_sample_compile_mode_reaches_both_compilations(run, tmp_path, monkeypatc
         assert console(_sample(run, tmp_path / "s", "--prompt", "a red circle", "--compile", "true",
                                "--compile-mode", "max-autotune-no-cudagraphs")) == 0
     assert seen == [("VideoDiT", "max-autotune-no-cudagraphs"), ("KL2D", "max-autotune-no-cudagraphs")]
+
+
+def test_sample_and_eval_gen_take_the_dits_text_encoder_from_another_folder(run, tmp_path, capsys):
+    """--text-encoder SPEC replaces the recorded spec when its width and fingerprint match the DiT's
+    (was: no such flag; a moved folder could only be put back); another model is one line before any
+    video. The export records the encoder's max_length the prompts are cut to."""
+    from texts import save_t5
+
+    assert json.loads((run / "dit" / "export" / "training.json").read_text())["text_max_length"] == 64
+    t5 = save_t5(tmp_path / "t5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert console(_sample(run, tmp_path / "s", "--prompt", "a red circle", "--text-encoder", "builtin")) == 0
+    gen = ["eval", "gen", "--checkpoint", str(run / "dit"), "--attributes", "--per-prompt", "1", "--shapes", "circle",
+           "--colors", "red", "--directions", "left", "--steps", "2", "--text-encoder", f"t5:{t5}"]
+    for argv in (_sample(run, tmp_path / "s2", "--prompt", "a red circle", "--text-encoder", f"t5:{t5}"),
+                 gen + ["--output", str(tmp_path / "g")]):
+        _one_line_error(argv, capsys, f"--text-encoder t5:{t5} gives 32-d embeddings, the DiT was trained on 256-d")
+    assert not (tmp_path / "s2").exists() and not (tmp_path / "g").exists()
+    _one_line_error(_sample(run, tmp_path / "s2", "--prompt", "a red circle", "--text-encoder", "t5:nowhere"), capsys,
+                    "--text-encoder t5:nowhere cannot be loaded")
