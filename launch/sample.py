@@ -250,10 +250,13 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
         raise ValueError(f"{len(seeds)} seeds for {n} samples: give one seed per sample")
     spec = ae.latent_spec(frames, height, width)
     dcfg = model.config
-    cond = Cond()
+    cond, ae_text = Cond(), None
     if prompts is not None and dcfg.text_dim:
         emb, mask = text_encoder.encode(prompts)
-        cond.text, cond.text_mask = emb.to(device), mask.to(device)
+        ae_text = emb.to(device), mask.to(device)  # a text-guided decoder reads "" as extraction encoded it
+        # an empty prompt (a reference clip without a caption) is the null text, as the DiT trained such clips
+        mask = mask & torch.tensor([bool(p) for p in prompts], device=mask.device)[:, None]
+        cond.text, cond.text_mask = (emb * mask[..., None]).to(device), mask.to(device)
     if class_ids is not None and dcfg.num_classes:
         cond.class_id = torch.tensor(class_ids, device=device)
     if cond.text is None and cond.class_id is None and not unconditional:
@@ -287,7 +290,7 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
                              callback=lambda *a: bar.update(1))
     bar.close()
     latent = normalize(latent, latent_norm, inverse=True)
-    ae_cond = Cond(text=cond.text, text_mask=cond.text_mask)
+    ae_cond = Cond(text=ae_text[0], text_mask=ae_text[1]) if ae_text else Cond()
     if ae.text_dim and cond.text is None:  # a text-guided decoder always reads a caption: the prompts, else
         # the empty one (what extraction gives a clip without a caption)
         emb, mask = text_encoder.encode(list(prompts) if prompts is not None else [""] * n)

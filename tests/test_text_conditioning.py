@@ -95,3 +95,23 @@ def test_the_text_encoders_token_length_is_recorded_and_sampling_uses_it(tmp_pat
         assert torch.equal(encoder.encode(prompt)[0], short.encode(prompt)[0])
     old = {k: v for k, v in export.to_dict().items() if k != "text_max_length"}
     assert load_text_encoder(Export.from_dict(old)).max_length == 64
+
+
+def test_an_empty_prompt_samples_the_null_text_as_uncaptioned_clips_trained():
+    """An empty prompt (`ldm eval gen --reference` with a clip without a caption) samples with the null
+    text, the condition such clips trained (was: the tokens of encode("")): with guidance its video is
+    the unconditional one of its seed."""
+    from launch.sample import sample_latents
+    from ldm.samplers import SamplingConfig
+    from ldm.text import build_text_encoder
+
+    text = build_text_encoder("builtin")
+    ae = autoencoders.build(AE).eval()
+    torch.manual_seed(0)
+    model = randomize(dit.build("dit-debug", ae.latent_spec(4, 16, 16), text_dim=text.dim)).eval()
+    kw = dict(frames=4, height=16, width=16, text_encoder=text, progress=False,
+              sampling=SamplingConfig(steps=2, guidance=3.0))
+    both, _ = sample_latents(model, ae, {}, prompts=["a red circle moving left", ""], seeds=[3, 4], **kw)
+    null, _ = sample_latents(model, ae, {}, count=1, seeds=[4], **kw)
+    torch.testing.assert_close(both["z"][1:], null["z"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(both["z"][:1], sample_latents(model, ae, {}, count=1, seeds=[3], **kw)[0]["z"])
