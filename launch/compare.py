@@ -19,10 +19,13 @@ otherwise their weights are random (a pipeline check, flagged in the report).
 Writes ``compare.json`` (everything), ``compare.md`` (the side-by-side table) and ``cost.png``.
 The output folder is bound to the comparison that made it (``run.json``, `launch.runs`): a rerun
 with the same settings resumes its stages (each autoencoder's finished ones, in its ``stages.json``,
-are kept) and writes the report again (``--inception`` / ``--first-frame`` added or changed: each
-autoencoder's evaluate stage runs again, its extraction and DiT kept); one with other settings,
-another training config or other inputs is refused before anything runs, naming what differs
-(give a new ``--output``).
+are kept) and writes the report again. The evaluation flags (`EVAL_ONLY`: ``--eval-input``,
+``--eval-clips``, ``--i3d``, ``--lpips-*``, ``--inception``, ``--first-frame``, ``--sample-steps``,
+``--guidance``, ``--per-prompt``, ``--fvd-frames``) do not bind it: each autoencoder's recon stage
+(reconstruction metrics) and generate stage (sampling, attributes, FVD) record what they depend on of
+them and run again when that changed, the extraction and DiT kept. A rerun with other training
+settings, another training config or other inputs is refused before anything runs, naming what
+differs (give a new ``--output``).
 Measured step time is the median wall time of a training step after the first (from the run's
 log); measured peak memory is ``torch.cuda.max_memory_allocated`` over the training run (GPU, one
 process per run; ``--nproc`` > 1 runs under torchrun and reports the estimate only).
@@ -54,7 +57,7 @@ from launch.pipeline import Stages, run_verb
 from launch.train import TrainConfig, dit_overrides
 from launch.train_ae import TrainAEConfig
 from ldm import config as cfglib
-from ldm.checkpoint import atomic_write_bytes, atomic_write_json, dir_hash, read_json
+from ldm.checkpoint import atomic_write_bytes, atomic_write_json, dir_hash, file_sha256, read_json
 from ldm.errors import MissingInput, UserError, check_min, checking
 from ldm.metrics import FVD_FRAMES, load_i3d, load_inception
 from ldm.samplers import SamplingConfig
@@ -110,16 +113,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # config's content and the inputs bind it (the stages' own bindings would refuse the change anyway,
 # naming flags `ldm compare` does not take)
 HARMLESS = ("--output", "--device", "--train-config", "--train")
-# flags that change only each autoencoder's evaluate stage: they do not bind the folder (one made
-# before they existed resumes); the stage records what it ran with (`_eval_key`) and runs again
-# when that differs, keeping the extraction and the DiT
-EVAL_ONLY = ("--inception", "--first-frame")
+# flags that change only how each autoencoder is evaluated: they do not bind the folder; its recon and
+# generate stages record what they depend on of them (`_eval_keys`) and run again when that differs,
+# keeping the extraction and the DiT
+EVAL_ONLY = ("--eval-input", "--eval-clips", "--per-prompt", "--sample-steps", "--guidance", "--lpips-backbone",
+             "--lpips-heads", "--lpips-net", "--i3d", "--fvd-frames", "--inception", "--first-frame")
+EVAL_FILES = ("--lpips-backbone", "--lpips-heads", "--i3d", "--inception")  # keyed by their sha256
 
 
-def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Binding]:
+def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Binding, dict[str, Any]]:
     """The numbers, files and autoencoders of an ``ldm compare`` command are usable, and an output
     folder of an earlier comparison was made by the same settings, before any work or folder
-    (`UserError` naming the flag otherwise); returns the autoencoder entries and the binding."""
+    (`UserError` naming the flag otherwise); returns the autoencoder entries, the binding and the
+    evaluation settings (`_eval_settings`)."""
     args.train_config = config_path(args.train_config)  # a built-in name -> its file
     check_min({"--frames": args.frames, "--height": args.height, "--width": args.width, "--synth": args.synth,
                "--dit-steps": args.dit_steps, "--nproc": args.nproc, "--eval-clips": args.eval_clips,
@@ -167,13 +173,15 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Bin
         raise UserError("--first-frame: none of --autoencoders decodes with a first frame (H3AE does); leave it out")
     settings = {"--" + k.replace("_", "-"): v for k, v in vars(args).items()
                 if not k.startswith("_") and not callable(v) and k not in ("verb", "debug")}
+    eval_input = inputs.pop("--eval-input", None)  # keys the evaluation stages, binds nothing
     facts = {"train": {k: v for k, v in cfglib.to_dict(train_cfg).items() if k != "output"},
              "inputs": inputs, "autoencoder_weights": {e["label"]: dir_hash(e["checkpoint"]) for e in entries
                                                        if e["checkpoint"]}}
     facts["train"]["data"].pop("shards", None)  # set per autoencoder
     record = runs.binding_record(settings, HARMLESS + EVAL_ONLY, facts)
-    binding = runs.check_binding(args.output, record, new_folder="a new --output", allow_flag=None)
-    return entries, binding
+    binding = runs.check_binding(args.output, record, new_folder="a new --output", allow_flag=None,
+                                 harmless=EVAL_ONLY + ("inputs.--eval-input",))  # bound before they were keyed
+    return entries, binding, _eval_settings(settings, eval_input)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -228,12 +236,15 @@ def _data(args: argparse.Namespace, out: Path) -> tuple[str, str, dict[str, Any]
         s = json.loads(spec_file.read_text())["spec"] if spec_file.is_file() else None
     if args.eval_input:
         return train, args.eval_input, s
-    if s is not None:  # another seed, held-out combinations included
-        synth_dataset(out / "data" / "eval", num=args.eval_clips, frames=args.frames, height=args.height,
+    if s is not None:  # another seed, held-out combinations included; another --eval-clips: another folder
+        folder = out / "data" / "eval"
+        if (folder / "synth.json").is_file() and read_json(folder / "synth.json")["spec"]["num"] != args.eval_clips:
+            folder = out / "data" / f"eval-{args.eval_clips}"
+        synth_dataset(folder, num=args.eval_clips, frames=args.frames, height=args.height,
                       width=args.width, fps=args.fps or 8, seed=s["seed"] + 1000, shapes=s["shapes"],
                       colors=s["colors"], directions=s["directions"], holdout=[" ".join(h) for h in s["holdout"]],
                       include_holdout=True)
-        return train, str(out / "data" / "eval"), s
+        return train, str(folder), s
     return train, train, None
 
 
@@ -290,8 +301,8 @@ def _train_dit(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                   "included)" if peak is not None else None}
 
 
-def _evaluate(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, synth: dict[str, Any] | None,
-              work: Path, lpips, i3d, inception, device: torch.device) -> dict[str, Any]:
+def _loaded(work: Path, device: torch.device) -> tuple[Any, Any, Any, Any]:
+    """An autoencoder's trained DiT, its export, the autoencoder it trained on and its text encoder (or None)."""
     model, export = load_export(work / "dit", device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -300,13 +311,26 @@ def _evaluate(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, s
     if ae.text_dim:
         from ldm.text import build_text_encoder
         text_encoder = build_text_encoder("builtin", device=device)
+    return model, export, ae, text_encoder
+
+
+def _recon(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, work: Path, lpips, i3d, inception,
+           device: torch.device) -> dict[str, Any]:
+    """The recon stage: reconstruction quality on the evaluation clips."""
+    _, _, ae, text_encoder = _loaded(work, device)
+    return {"recon": ev.evaluate_reconstruction(ae, eval_data, args.frames, args.height, args.width, fps=args.fps,
+                                                num=args.eval_clips, seed=args.seed, device=device, lpips=lpips,
+                                                i3d=i3d,  # the same random clips as FVD's reference (its seed)
+                                                fvd_frames=args.fvd_frames, text_encoder=text_encoder,
+                                                grid=work / "recon_grid.png", inception=inception,
+                                                first_frame=entry["first_frame"])}
+
+
+def _generate(args: argparse.Namespace, eval_data: str, synth: dict[str, Any] | None, work: Path, i3d,
+              device: torch.device) -> dict[str, Any]:
+    """The generate stage: sampling time, the attribute benchmark on synthetic data, FVD with ``i3d``."""
+    model, export, ae, _ = _loaded(work, device)
     out: dict[str, Any] = {}
-    out["recon"] = ev.evaluate_reconstruction(ae, eval_data, args.frames, args.height, args.width, fps=args.fps,
-                                              num=args.eval_clips, seed=args.seed, device=device, lpips=lpips,
-                                              i3d=i3d,  # the same random clips as FVD's reference (its seed)
-                                              fvd_frames=args.fvd_frames, text_encoder=text_encoder,
-                                              grid=work / "recon_grid.png", inception=inception,
-                                              first_frame=entry["first_frame"])
     # the shift the DiT trained with, as `ldm sample` and `eval gen` take it (SD3: one shift for both)
     sampling = SamplingConfig(steps=args.sample_steps, guidance=args.guidance, seed=args.seed, shift=export.flow_shift)
     clip = dict(frames=args.frames, height=args.height, width=args.width, sampling=sampling, device=device)
@@ -333,28 +357,71 @@ def _evaluate(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, s
     return out
 
 
-def _eval_key(inception_sha256: str | None = None, first_frame: bool = False) -> dict[str, Any]:
-    """What an evaluate stage ran with among `EVAL_ONLY`'s flags (one recorded before they existed:
-    the defaults)."""
-    return {"inception_sha256": inception_sha256, "first_frame": first_frame}
+def _sha(path: str | None) -> str | None:
+    """A file setting as a stage key holds it: its content's sha256 (None: not given)."""
+    if path is None:
+        return None
+    return file_sha256(path) if Path(path).is_file() else f"{path} (not found)"
 
 
-def _eval_change(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """What changed between two `_eval_key`s, in flags."""
-    said = []
-    if old["inception_sha256"] != new["inception_sha256"]:
-        said.append("--inception " + ("left out" if new["inception_sha256"] is None else
-                                      "added" if old["inception_sha256"] is None else "another file"))
-    if old["first_frame"] != new["first_frame"]:
-        said.append("--first-frame " + ("given" if new["first_frame"] else "left out"))
-    return ", ".join(said)
+def _eval_settings(settings: dict[str, Any], eval_input: str | None) -> dict[str, Any]:
+    """`EVAL_ONLY`'s flags among ``settings`` (flag -> value), each file by its sha256 and --eval-input
+    by its clips (count and keys' hash; None without it)."""
+    return {**{f: settings.get(f) for f in EVAL_ONLY}, **{f: _sha(settings.get(f)) for f in EVAL_FILES},
+            "--eval-input": eval_input}
+
+
+def _eval_keys(s: dict[str, Any], first_frame: bool, synthetic: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The keys of an autoencoder's recon and generate stages (`Stages.run`): what each depends on of
+    the evaluation settings ``s`` (`_eval_settings`; None: not used by the stage)."""
+    lpips = bool(s["--lpips-backbone"] or s["--lpips-heads"])
+    fvd = s["--i3d"] is not None
+    recon = {"--eval-input": s["--eval-input"], "--eval-clips": s["--eval-clips"],
+             "--lpips-backbone": s["--lpips-backbone"], "--lpips-heads": s["--lpips-heads"],
+             "--lpips-net": s["--lpips-net"] if lpips else None, "--i3d": s["--i3d"],
+             "--fvd-frames": s["--fvd-frames"] if fvd else None, "--inception": s["--inception"],
+             "--first-frame": first_frame}
+    generate = {"--sample-steps": s["--sample-steps"], "--guidance": s["--guidance"],
+                "--per-prompt": s["--per-prompt"] if synthetic else None,
+                "--eval-clips": s["--eval-clips"] if fvd or not synthetic else None,  # FVD's clips, or those timed
+                "--eval-input": s["--eval-input"] if fvd else None, "--i3d": s["--i3d"],
+                "--fvd-frames": s["--fvd-frames"] if fvd else None}
+    return recon, generate
+
+
+def _earlier_settings(out: Path) -> dict[str, Any]:
+    """The evaluation settings (`_eval_settings`) of the comparison that bound ``out`` when they bound
+    it (its ``run.json`` holds them; flags it predates: their defaults)."""
+    record = runs.bound_record(out)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    values = {f: record.get(f, parser.get_default(f[2:].replace("-", "_"))) for f in EVAL_ONLY}
+    return _eval_settings(values, record.get("inputs.--eval-input"))
+
+
+def _split_evaluate(path: Path, recon_key: dict[str, Any], generate_key: dict[str, Any]) -> None:
+    """An autoencoder's ``stages.json`` from before the recon / generate split, with one evaluate
+    stage, made into the two, keyed with what the earlier run had (``*_key``: from its ``run.json``;
+    --inception / --first-frame from the evaluate stage's own ``eval_key``, where it has one), so
+    that the same settings redo neither (its seconds go to recon)."""
+    done = read_json(path) if path.is_file() else {}
+    if "evaluate" not in done:
+        return
+    old = done.pop("evaluate")
+    result = dict(old["result"])
+    made = result.pop("eval_key", {})
+    recon_key = {**recon_key, "--inception": made.get("inception_sha256"),
+                 "--first-frame": made.get("first_frame", False)}
+    done["recon"] = {"seconds": old["seconds"], "result": {"recon": result.pop("recon")}, "key": recon_key}
+    done["generate"] = {"seconds": 0.0, "result": result, "key": generate_key}
+    atomic_write_json(path, done)
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Run the comparison (see the module doc); returns the report also written as compare.json."""
     t_start = time.perf_counter()
     out = Path(args.output)
-    entries, binding = check_args(args)
+    entries, binding, settings = check_args(args)
     with checking():
         device = dist.device_for(dist.dist_env(), args.device)
         lpips = None
@@ -363,8 +430,11 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
         i3d = load_i3d(args.i3d, device=device) if args.i3d else None
         inception = load_inception(args.inception, device) if args.inception else None
-    inception_sha = inception.sha256 if inception is not None else None
     runs.claim_folder(out, "a new --output")  # a comparison running into it: refused before anything is written
+    synthetic = bool(args.synth) or (Path(args.input) / "synth.json").is_file()
+    earlier = _earlier_settings(out)  # read before run.json is written again
+    for e in entries:
+        _split_evaluate(out / _safe(e["label"]) / STAGES, *_eval_keys(earlier, False, synthetic))
     binding.write()
     train_data, eval_data, synth = _data(args, out)
     rows = []
@@ -379,14 +449,11 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         row["random_weights"] = e["checkpoint"] is None
         row["extract"] = stages.run("extract", lambda: _extract(e, args, train_data, work))
         row["dit"] = stages.run("train_dit", lambda: _train_dit(args, work))
-        key = _eval_key(inception_sha, e["first_frame"])
-        earlier = stages.done.get("evaluate", {}).get("result")
-        before = None if earlier is None else _eval_key(**earlier.get("eval_key", {}))
-        if before is not None and before != key:
-            print(f"[compare {e['label']}] evaluate again: {_eval_change(before, key)}", flush=True)
-            stages.redo("evaluate")
-        row.update(stages.run("evaluate", lambda: {
-            **_evaluate(e, args, eval_data, synth, work, lpips, i3d, inception, device), "eval_key": key}))
+        recon_key, generate_key = _eval_keys(settings, e["first_frame"], synth is not None)
+        row.update(stages.run("recon", lambda: _recon(e, args, eval_data, work, lpips, i3d, inception, device),
+                              key=recon_key))  # another key (an evaluation flag changed): made again
+        row.update(stages.run("generate", lambda: _generate(args, eval_data, synth, work, i3d, device),
+                              key=generate_key))
         row["resumed"] = stages.resumed
         manifest, tcfg = load_manifest(work / "latents"), _dit_config(args, work)
         overrides = dit_overrides(tcfg.model, manifest)

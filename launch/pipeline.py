@@ -110,9 +110,15 @@ class Stages:
         self.seconds: dict[str, float] = {}  # this run's and the reused stages', in the order met
         self.resumed: list[str] = []  # the stages an earlier run finished
 
-    def run(self, name: str, fn: Callable[[], Any], keep_result: bool = True) -> Any:
+    def run(self, name: str, fn: Callable[[], Any], keep_result: bool = True,
+            key: dict[str, Any] | None = None) -> Any:
         """``fn()``, timed and recorded (its result only with ``keep_result``), or what an earlier run
-        recorded for ``name``."""
+        recorded for ``name``. ``key``: the settings the stage's result depends on (setting -> value),
+        recorded with it; an earlier result recorded with another key is made again, the settings that
+        changed said."""
+        if key is not None and name in self.done and self.done[name].get("key") != key:
+            print(f"[{self.tag}] {name} again: {_changes(self.done[name].get('key') or {}, key)}", flush=True)
+            self.redo(name)
         if name in self.done:
             self.seconds[name] = self.done[name]["seconds"]
             self.resumed.append(name)
@@ -120,7 +126,8 @@ class Stages:
             return self.done[name]["result"]
         with self.timed(name):
             result = fn()
-        self.done[name] = {"seconds": self.seconds[name], "result": result if keep_result else None}
+        self.done[name] = {"seconds": self.seconds[name], "result": result if keep_result else None,
+                           **({"key": key} if key is not None else {})}
         atomic_write_json(self.path, self.done)
         return result
 
@@ -140,3 +147,19 @@ class Stages:
     def earlier_seconds(self) -> float:
         """The time earlier runs spent on the stages this run reused."""
         return sum(self.seconds[n] for n in self.resumed)
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The settings that differ between two stage keys, each added, left out or changed."""
+    said = []
+    for k in {**old, **new}:
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if a is None or a is False:
+            said.append(f"{k} added")
+        elif b is None or b is False:
+            said.append(f"{k} left out")
+        else:  # a file's sha256 is not worth printing
+            said.append(f"{k} changed" + (f" ({a} -> {b})" if len(str(a)) < 20 else ""))
+    return ", ".join(said)

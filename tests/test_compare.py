@@ -143,7 +143,7 @@ def test_an_interrupted_compare_resumes_without_redoing_finished_stages(tmp_path
 
     out = tmp_path / "cmp"
     cmd = ["compare", "--autoencoders", "kl2d-f8c4-debug,kl2d-f8c16-debug", "--output", str(out), *SMALL]
-    real = {f: getattr(compare, f) for f in ("_extract", "_train_dit", "_evaluate")}
+    real = {f: getattr(compare, f) for f in ("_extract", "_train_dit", "_recon", "_generate")}
 
     def second_training_stops(args, work):
         if work.name == "kl2d-f8c16-debug":
@@ -155,7 +155,7 @@ def test_an_interrupted_compare_resumes_without_redoing_finished_stages(tmp_path
         with pytest.raises(KeyboardInterrupt):
             ldm(cmd)
     first = json.loads((out / "kl2d-f8c4-debug" / "stages.json").read_text())
-    assert sorted(first) == ["evaluate", "extract", "train_dit"]
+    assert sorted(first) == ["extract", "generate", "recon", "train_dit"]
     assert list(json.loads((out / "kl2d-f8c16-debug" / "stages.json").read_text())) == ["extract"]
 
     def only_the_second(name):
@@ -166,12 +166,12 @@ def test_an_interrupted_compare_resumes_without_redoing_finished_stages(tmp_path
 
     with monkeypatch.context() as m:
         m.setattr(compare, "_extract", lambda *a: pytest.fail("a finished extraction ran again"))
-        for name in ("_train_dit", "_evaluate"):
+        for name in ("_train_dit", "_recon", "_generate"):
             m.setattr(compare, name, only_the_second(name))
         ldm(cmd)
     kl4, kl16 = _report(out)["rows"]
-    assert kl4["resumed"] == ["extract", "train_dit", "evaluate"] and kl16["resumed"] == ["extract"]
-    assert kl4["dit"] == first["train_dit"]["result"] and kl4["recon"] == first["evaluate"]["result"]["recon"]
+    assert kl4["resumed"] == ["extract", "train_dit", "recon", "generate"] and kl16["resumed"] == ["extract"]
+    assert kl4["dit"] == first["train_dit"]["result"] and kl4["recon"] == first["recon"]["result"]["recon"]
     assert kl16["dit"]["steps"] == 3 and kl16["attributes"]["accuracy"]["n"] == 4
 
     with monkeypatch.context() as m:
@@ -194,13 +194,14 @@ def test_a_running_comparisons_folder_is_refused(tmp_path):
         assert [p.name for p in out.iterdir()] == [runs.LOCK]
 
 
-def test_compare_adds_rfid_and_first_frame_to_a_finished_comparison(tmp_path, capsys):
-    """`--inception` (rFID) and `--first-frame` do not bind the folder: one made without them (or
-    before they existed) resumes, and adding one redoes only each autoencoder's evaluate stage
-    (was: neither flag in `ldm compare`); `--first-frame` with no autoencoder that decodes with a
-    first frame is refused in one line."""
+def test_compare_adds_rfid_and_first_frame_to_a_finished_comparison(tmp_path, capsys, monkeypatch):
+    """`--inception` (rFID) and `--first-frame` do not bind the folder, and adding one redoes only
+    each autoencoder's recon stage: extraction, DiT and sampling kept (was: neither flag in
+    `ldm compare`, then the whole evaluation, sampling and attribute benchmark included, ran again);
+    `--first-frame` with no autoencoder that decodes with a first frame is refused in one line."""
     from test_evaluate import TinyInception
 
+    import launch.compare as compare
     from launch.compare import markdown
 
     torch.jit.save(torch.jit.script(TinyInception()), str(tmp_path / "inception-2015-12-05.pt"))
@@ -210,19 +211,17 @@ def test_compare_adds_rfid_and_first_frame_to_a_finished_comparison(tmp_path, ca
     md = (out / "compare.md").read_text()
     assert "rFID" not in md and "first-frame" not in md
     assert not {"--inception", "--first-frame"} & set(json.loads((out / "run.json").read_text())["record"])
-    stages_file = out / "kl2d-f8c4-debug" / "stages.json"
-    stages = json.loads(stages_file.read_text())
-    del stages["evaluate"]["result"]["eval_key"]  # as a comparison made before these flags left it
-    stages_file.write_text(json.dumps(stages))
     capsys.readouterr()
-    ldm(argv)
-    assert "evaluate done by an earlier run" in capsys.readouterr().out
-    ldm(argv + ["--inception", str(tmp_path / "inception-2015-12-05.pt")])
+    with monkeypatch.context() as m:
+        m.setattr(compare, "_generate", lambda *a: pytest.fail("sampling ran again for a recon flag"))
+        ldm(argv + ["--inception", str(tmp_path / "inception-2015-12-05.pt")])
     printed = capsys.readouterr().out
     assert "extract done by an earlier run" in printed and "train_dit done by an earlier run" in printed
-    assert "evaluate again: --inception added" in printed and "evaluate done in" in printed
+    assert "recon again: --inception added" in printed and "recon done in" in printed
+    assert "generate done by an earlier run" in printed
     row, = _report(out)["rows"]
-    assert row["recon"]["rfid"]["n_real"] == 2 * 9 and row["resumed"] == ["extract", "train_dit"]
+    assert row["recon"]["rfid"]["n_real"] == 2 * 9 and row["resumed"] == ["extract", "train_dit", "generate"]
+    assert row["attributes"]["accuracy"]["n"] == 4  # the earlier run's, kept
     md = (out / "compare.md").read_text()
     header, rule, line = [m for m in md.splitlines() if m.startswith("|")]
     assert "| SSIM | rFID | attributes" in header and header.count("|") == rule.count("|") == line.count("|")
@@ -237,3 +236,60 @@ def test_compare_adds_rfid_and_first_frame_to_a_finished_comparison(tmp_path, ca
     md = markdown(r)
     assert "| h3ae (first-frame decode) |" in md
     assert "kl2d-f8c4-debug cannot decode with one and decoded plainly" in md
+
+
+def _as_before_the_split(out, label):
+    """``out`` as `ldm compare` left it before its evaluation flags were stage keys: one evaluate
+    stage per autoencoder (recording --inception / --first-frame in its `eval_key`) and every other
+    evaluation flag bound in run.json."""
+    from launch.compare import EVAL_ONLY
+
+    stages_file = out / label / "stages.json"
+    stages = json.loads(stages_file.read_text())
+    recon, generate = stages.pop("recon"), stages.pop("generate")
+    stages["evaluate"] = {"seconds": recon["seconds"] + generate["seconds"], "result": {
+        **recon["result"], **generate["result"], "eval_key": {"inception_sha256": None, "first_frame": False}}}
+    stages_file.write_text(json.dumps(stages))
+    binding = json.loads((out / "run.json").read_text())
+    settings = _report(out)["settings"]
+    binding["record"].update({f: settings[f[2:].replace("-", "_")] for f in EVAL_ONLY
+                              if f not in ("--inception", "--first-frame")})
+    (out / "run.json").write_text(json.dumps(binding))
+
+
+def test_a_changed_evaluation_flag_redoes_only_what_it_affects(tmp_path, capsys, monkeypatch):
+    """The evaluation flags do not bind a comparison's folder: `--sample-steps` redoes sampling and
+    the attribute benchmark only, `--eval-clips` the reconstruction too (a held-out set of that
+    size drawn), extraction and DiT kept (was: refused, give a new --output: everything from scratch).
+    A folder from before (one evaluate stage, the flags in run.json) resumes: the same command redoes
+    nothing, another --sample-steps only the sampling."""
+    import launch.compare as compare
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--autoencoders", "kl2d-f8c4-debug", "--output", str(out), *SMALL]
+    ldm(argv)
+    first, = _report(out)["rows"]
+    _as_before_the_split(out, "kl2d-f8c4-debug")
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        for name in ("_extract", "_train_dit", "_recon", "_generate"):
+            m.setattr(compare, name, lambda *a: pytest.fail("a finished stage of an earlier version ran again"))
+        ldm(argv)
+    row, = _report(out)["rows"]
+    assert row["resumed"] == ["extract", "train_dit", "recon", "generate"]
+    assert row["recon"] == first["recon"] and row["attributes"] == first["attributes"]
+
+    with monkeypatch.context() as m:
+        m.setattr(compare, "_recon", lambda *a: pytest.fail("reconstruction ran again for a sampling flag"))
+        ldm([*argv, "--sample-steps", "3"])
+    assert "generate again: --sample-steps changed (2 -> 3)" in capsys.readouterr().out
+    row, = _report(out)["rows"]
+    assert row["attributes"]["sampling"]["steps"] == 3 and row["recon"] == first["recon"]
+    assert row["resumed"] == ["extract", "train_dit", "recon"]
+
+    ldm([*argv, "--sample-steps", "3", "--eval-clips", "3"])
+    printed = capsys.readouterr().out
+    assert "recon again: --eval-clips changed (2 -> 3)" in printed and "generate done by an earlier run" in printed
+    row, = _report(out)["rows"]
+    assert row["recon"]["clips"] == 3 and row["resumed"] == ["extract", "train_dit", "generate"]
+    assert f"3 clips of {out / 'data' / 'eval-3'} (held out)" in (out / "compare.md").read_text()
