@@ -115,10 +115,11 @@ class Stages:
         """``fn()``, timed and recorded (its result only with ``keep_result``), or what an earlier run
         recorded for ``name``. ``key``: the settings the stage's result depends on (setting -> value),
         recorded with it; an earlier result recorded with another key is made again, the settings that
-        changed said."""
+        changed said, and forgotten first (the files it describes are about to be overwritten)."""
         if key is not None and name in self.done and self.done[name].get("key") != key:
             print(f"[{self.tag}] {name} again: {_changes(self.done[name].get('key') or {}, key)}", flush=True)
             self.redo(name)
+            atomic_write_json(self.path, self.done)
         if name in self.done:
             self.seconds[name] = self.done[name]["seconds"]
             self.resumed.append(name)

@@ -262,7 +262,8 @@ def test_a_changed_evaluation_flag_redoes_only_what_it_affects(tmp_path, capsys,
     the attribute benchmark only, `--eval-clips` the reconstruction too (a held-out set of that
     size drawn), extraction and DiT kept (was: refused, give a new --output: everything from scratch).
     A folder from before (one evaluate stage, the flags in run.json) resumes: the same command redoes
-    nothing, another --sample-steps only the sampling."""
+    nothing. Stopped while sampling again, the earlier sampling result is forgotten (was: kept, for
+    samples partly overwritten)."""
     import launch.compare as compare
 
     out = tmp_path / "cmp"
@@ -293,3 +294,13 @@ def test_a_changed_evaluation_flag_redoes_only_what_it_affects(tmp_path, capsys,
     row, = _report(out)["rows"]
     assert row["recon"]["clips"] == 3 and row["resumed"] == ["extract", "train_dit", "generate"]
     assert f"3 clips of {out / 'data' / 'eval-3'} (held out)" in (out / "compare.md").read_text()
+
+    def stopped(*a):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # Ctrl-C while sampling again: the result the samples no longer match is gone
+        m.setattr(compare, "_generate", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            ldm([*argv, "--sample-steps", "4", "--eval-clips", "3"])
+    assert sorted(json.loads((out / "kl2d-f8c4-debug" / "stages.json").read_text())) == ["extract", "recon",
+                                                                                          "train_dit"]
