@@ -37,7 +37,9 @@ import hashlib
 import json
 import os
 import statistics
+import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -188,7 +190,10 @@ def run(args: argparse.Namespace) -> int:
     report = compare(args)
     print((Path(args.output) / "compare.md").read_text())
     print(f"compare finished in {report['seconds']:.0f}s -> {Path(args.output) / 'compare.md'}")
-    return 0
+    for f in report["failed"]:
+        print(f"ldm compare: {f['autoencoder']} failed ({f['error']}), left out of the report; its traceback: "
+              f"{f['log']}; the same command reruns it, keeping every stage finished", file=sys.stderr)
+    return 1 if report["failed"] else 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -437,8 +442,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         _split_evaluate(out / _safe(e["label"]) / STAGES, *_eval_keys(earlier, False, synthetic))
     binding.write()
     train_data, eval_data, synth = _data(args, out)
-    rows = []
-    for e in entries:
+    def one(e: dict[str, Any]) -> dict[str, Any]:  # an autoencoder's row
         work = out / _safe(e["label"])
         stages = Stages(work / STAGES, f"compare {e['label']}")  # a rerun skips the stages finished
         row: dict[str, Any] = {"autoencoder": e["label"]}
@@ -462,11 +466,29 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                                           cfg=args.guidance != 1.0, dit_overrides=overrides,
                                           text_tokens=manifest.text_tokens if "text_dim" in overrides else 0)
         row["cost"]["autoencoder"] = e["label"]
-        rows.append(row)
-    rates, variable = source_rates(out / _safe(entries[0]["label"]) / "latents")  # the same clips for every row
+        return row
+
+    rows, failed = [], []
+    for e in entries:
+        try:
+            rows.append(one(e))
+        except Exception as err:  # out of memory, unreadable weights, ...: the other autoencoders go on
+            if len(entries) == 1:
+                raise  # nothing else to report: the error as it is
+            work = out / _safe(e["label"])
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "error.log").write_text(traceback.format_exc())
+            said = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            failed.append({"autoencoder": e["label"], "error": said, "log": str(work / "error.log")})
+            print(f"[compare {e['label']}] failed: {said} (traceback in {work / 'error.log'}); "
+                  "the others go on", file=sys.stderr, flush=True)
+    if not rows:
+        said = "; ".join(f"{f['autoencoder']}: {f['error']}" for f in failed)
+        raise UserError(f"every autoencoder failed ({said}); tracebacks in each one's error.log")
+    rates, variable = source_rates(out / _safe(rows[0]["autoencoder"]) / "latents")  # the same clips for every row
     report = {"settings": {k: v for k, v in vars(args).items() if not callable(v)}, "data": {
         "train": train_data, "eval": eval_data, "synthetic": synth, "source_fps": rates, "variable_rate": variable},
-        "rows": rows,
+        "rows": rows, "failed": failed,
         "machine": {"device": str(device), "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None,
                     "cpus": os.cpu_count(), "torch": torch.__version__},
         "conventions": {"flops": costlib.FLOP_CONVENTION,
@@ -564,6 +586,9 @@ def markdown(report: dict[str, Any]) -> str:
         name = r["autoencoder"] + (f" ({', '.join(marks)})" if marks else "")
         lines.append(f"| {name} | " + " | ".join(cell(r) for _, cell in columns) + " |")
     chance = next((r["attributes"]["chance"] for r in report["rows"] if r.get("attributes")), None)
+    lines += [""] * bool(report.get("failed")) + [
+        f"**{f['autoencoder']} failed** ({f['error']}): not in the table; traceback in {_safe(f['autoencoder'])}"
+        "/error.log." for f in report.get("failed", [])]
     lines += _rates_note(report["data"], s.get("fps"))
     lines += ["", f"{report['conventions']['flops']}. Estimated memory: {report['conventions']['memory_estimate']}. "
               f"Step time: {report['conventions']['step_time']}."]

@@ -304,3 +304,30 @@ def test_a_changed_evaluation_flag_redoes_only_what_it_affects(tmp_path, capsys,
             ldm([*argv, "--sample-steps", "4", "--eval-clips", "3"])
     assert sorted(json.loads((out / "kl2d-f8c4-debug" / "stages.json").read_text())) == ["extract", "recon",
                                                                                           "train_dit"]
+
+
+def test_an_autoencoder_that_fails_is_reported_and_the_others_go_on(tmp_path, capsys, monkeypatch):
+    """One of two autoencoders failing (out of memory, unreadable weights) leaves it out of the report,
+    which names it and its error, with its traceback in its folder's error.log, and exits 1 (was: a
+    traceback and no report at all, the other autoencoder's finished work unseen)."""
+    import launch.compare as compare
+
+    real = compare._extract
+
+    def second_fails(entry, *a):
+        if entry["label"] == "kl2d-f8c16-debug":
+            raise RuntimeError("CUDA out of memory\nmore lines")
+        return real(entry, *a)
+
+    monkeypatch.setattr(compare, "_extract", second_fails)
+    out = tmp_path / "cmp"
+    assert ldm(["compare", "--autoencoders", "kl2d-f8c4-debug,kl2d-f8c16-debug", "--output", str(out), *SMALL]) == 1
+    r = _report(out)
+    assert [row["autoencoder"] for row in r["rows"]] == ["kl2d-f8c4-debug"]
+    assert r["failed"] == [{"autoencoder": "kl2d-f8c16-debug", "error": "RuntimeError: CUDA out of memory",
+                            "log": str(out / "kl2d-f8c16-debug" / "error.log")}]
+    assert "in second_fails" in (out / "kl2d-f8c16-debug" / "error.log").read_text()
+    assert "**kl2d-f8c16-debug failed** (RuntimeError: CUDA out of memory): not in the table" in \
+        (out / "compare.md").read_text()
+    err = capsys.readouterr().err
+    assert "ldm compare: kl2d-f8c16-debug failed (RuntimeError: CUDA out of memory), left out of the report" in err
