@@ -36,6 +36,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -342,7 +343,8 @@ def _generate(args: argparse.Namespace, eval_data: str, synth: dict[str, Any] | 
     if synth is not None:
         suite = ev.attribute_suite(synth["shapes"], synth["colors"], synth["directions"],
                                    [" ".join(h) for h in synth["holdout"]])
-        (work / "samples").mkdir(exist_ok=True)
+        shutil.rmtree(work / "samples", ignore_errors=True)  # an earlier run's (another --per-prompt: other files)
+        (work / "samples").mkdir()
         out["attributes"] = ev.attribute_benchmark(model, ae, export, suite, per_prompt=args.per_prompt,
                                                    save_dir=work / "samples", **clip)
         out["sample_s_per_video"] = out["attributes"]["sample_s_per_video"]

@@ -262,8 +262,9 @@ def test_a_changed_evaluation_flag_redoes_only_what_it_affects(tmp_path, capsys,
     the attribute benchmark only, `--eval-clips` the reconstruction too (a held-out set of that
     size drawn), extraction and DiT kept (was: refused, give a new --output: everything from scratch).
     A folder from before (one evaluate stage, the flags in run.json) resumes: the same command redoes
-    nothing. Stopped while sampling again, the earlier sampling result is forgotten (was: kept, for
-    samples partly overwritten)."""
+    nothing. Sampling again clears the earlier samples (was: another --per-prompt's left beside);
+    stopped while sampling again, the earlier sampling result is forgotten (was: kept, for samples
+    partly overwritten)."""
     import launch.compare as compare
 
     out = tmp_path / "cmp"
@@ -280,10 +281,12 @@ def test_a_changed_evaluation_flag_redoes_only_what_it_affects(tmp_path, capsys,
     assert row["resumed"] == ["extract", "train_dit", "recon", "generate"]
     assert row["recon"] == first["recon"] and row["attributes"] == first["attributes"]
 
+    (out / "kl2d-f8c4-debug" / "samples" / "000-red-circle-left-1.mp4").write_bytes(b"")  # as --per-prompt 2 left
     with monkeypatch.context() as m:
         m.setattr(compare, "_recon", lambda *a: pytest.fail("reconstruction ran again for a sampling flag"))
         ldm([*argv, "--sample-steps", "3"])
     assert "generate again: --sample-steps changed (2 -> 3)" in capsys.readouterr().out
+    assert len(list((out / "kl2d-f8c4-debug" / "samples").iterdir())) == 4  # this run's samples only
     row, = _report(out)["rows"]
     assert row["attributes"]["sampling"]["steps"] == 3 and row["recon"] == first["recon"]
     assert row["resumed"] == ["extract", "train_dit", "recon"]
