@@ -175,6 +175,8 @@ def test_weight_sources_convert_through_the_resolver(tmp_path, monkeypatch):
 
 def test_the_random_weights_warning_is_said_by_the_first_rank_only(monkeypatch, recwarn):
     """Every rank resolves the autoencoder: the warning came once per rank (8 lines on a node of 8 GPUs)."""
+    for k in ("RANK", "SLURM_PROCID", "SLURM_STEP_ID"):  # an in-process `ldm train` before sets RANK=0 here
+        monkeypatch.delenv(k, raising=False)
     record = record_of(resolve(NAME, seed=5, warn_random=False), seed=5)
     for env in ({"RANK": "1"}, {"SLURM_PROCID": "3", "SLURM_STEP_ID": "0"}):
         with monkeypatch.context() as m:
