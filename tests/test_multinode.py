@@ -201,7 +201,10 @@ def test_the_end_of_run_wait_timeout_is_read_from_its_variable(monkeypatch):
     from launch import dist
     from ldm.errors import UserError
 
-    td.init_process_group("gloo", store=td.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=5))
+    # an in-process `ldm train` earlier in this worker keeps its 1-rank group (DeepSpeed caches it): use it
+    made = not td.is_initialized()
+    if made:
+        td.init_process_group("gloo", store=td.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=5))
     try:
         for bad in ("ten", "0"):
             monkeypatch.setenv(dist.WAIT_TIMEOUT_ENV, bad)
@@ -212,5 +215,9 @@ def test_the_end_of_run_wait_timeout_is_read_from_its_variable(monkeypatch):
         assert dist._WAIT_GROUP is not None and td.get_backend(dist._WAIT_GROUP) == "gloo"
         dist.wait_all()
     finally:
-        dist.cleanup()
+        if made:
+            dist.cleanup()
+        elif dist._WAIT_GROUP is not None:
+            td.destroy_process_group(dist._WAIT_GROUP)
+            dist._WAIT_GROUP = None
     assert dist._WAIT_GROUP is None
