@@ -193,25 +193,27 @@ def test_eval_recon_default_frames_are_reconstructs(files, tmp_path, capsys):
         assert f"clips of {frames} frames" in capsys.readouterr().err
 
 
+class _IdentityAE(autoencoders.Autoencoder):
+    """The pixels are the latent: a perfect reconstruction."""
+    family = "identity-test"
+
+    def __init__(self):
+        super().__init__(autoencoders.AEConfig())
+
+    def latent_spec(self, frames, height, width):
+        from ldm.latent import LatentSpec
+        return LatentSpec("grid", {"z": (3, frames, height, width)}, (3, frames, height, width))
+
+    def _encode(self, video, cond):
+        from ldm.latent import Latent
+        return Latent({"z": video})
+
+    def _decode(self, latent, cond):
+        return latent["z"]
+
+
 def test_recon_metrics_are_right_for_a_perfect_autoencoder(files):
-    class Identity(autoencoders.Autoencoder):
-        family = "identity-test"
-
-        def __init__(self):
-            super().__init__(autoencoders.AEConfig())
-
-        def latent_spec(self, frames, height, width):
-            from ldm.latent import LatentSpec
-            return LatentSpec("grid", {"z": (3, frames, height, width)}, (3, frames, height, width))
-
-        def _encode(self, video, cond):
-            from ldm.latent import Latent
-            return Latent({"z": video})
-
-        def _decode(self, latent, cond):
-            return latent["z"]
-
-    r = ev.evaluate_reconstruction(Identity(), str(files / "videos"), 8, 32, 32, frame_group=2)
+    r = ev.evaluate_reconstruction(_IdentityAE(), str(files / "videos"), 8, 32, 32, frame_group=2)
     assert r["ssim"]["mean"] == pytest.approx(1.0) and r["psnr_db"]["infinite"] == 6
     assert r["ssim_per_position"]["positions"] == pytest.approx([1.0, 1.0])
 
@@ -625,20 +627,9 @@ def test_eval_recon_on_two_ranks_gives_the_one_rank_scores(files, tmp_path):
     assert (tmp_path / "two.png").read_bytes() == (tmp_path / "one.png").read_bytes()
 
 
-class _FrozenAE(autoencoders.Autoencoder):
+class _FrozenAE(_IdentityAE):
     """Decodes every frame as the clip's first: all motion lost, the first frame exact."""
     family = "frozen-test"
-
-    def __init__(self):
-        super().__init__(autoencoders.AEConfig())
-
-    def latent_spec(self, frames, height, width):
-        from ldm.latent import LatentSpec
-        return LatentSpec("grid", {"z": (3, frames, height, width)}, (3, frames, height, width))
-
-    def _encode(self, video, cond):
-        from ldm.latent import Latent
-        return Latent({"z": video})
 
     def _decode(self, latent, cond):
         z = latent["z"]
