@@ -449,34 +449,84 @@ def _stopped(out: Path, signal_name: str) -> Stopped:
                                 f"being encoded are dropped); run the same command to resume")
 
 
+# ------------------------------------------------------------------------------------------
+# the extraction: `_extract` reads top to bottom as set-up -> plan this rank's shards -> encode them
+# -> wait for every rank -> merge and verify (rank 0) -> wait for rank 0. `_extract_shards` is the
+# encode loop (the GPU's fast path); a stop (SIGTERM, Ctrl-C) is handled around all
+# of it by `extract`. Where to change what: a field of each sample's JSON in `store_batch`; a step on
+# the clips before the encoder in `encode_pending` of `_extract_shards`; a per-shard count in `_ShardBuffer`
+# and `_write_shard_files` (and its sum over shards in `_merge_manifest`).
+# ------------------------------------------------------------------------------------------
+@dataclass
+class ExtractRun:
+    """What the set-up builds once and every later step reads: the config, this process's place, the
+    encoders, the inputs and the output folder's binding."""
+
+    cfg: ExtractConfig
+    env: dist.DistEnv
+    out: Path
+    device: torch.device
+    dtype: torch.dtype  # the encoder runs in it
+    ae: Autoencoder
+    record: AERecord
+    spec: Any  # the autoencoder's latent spec for the clips
+    text_encoder: Any  # None without --text-encoder
+    items: list
+    windows: Windows
+    clips: VideoClipDataset
+    n_shards: int
+    signature: dict[str, Any]  # what every shard records (`_run_signature`)
+    since: dict[str, Any]  # what a shard or run.json of an earlier version stands for
+    binding: runs.Binding
+
+
 def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
+    run = set_up(cfg, allow_change)
+    todo = plan_shards(run)
+    cfg, env = run.cfg, run.env
+    workers = auto_workers(cfg.num_workers, run.device, env.world_size)
+    batch = auto_batch_size(cfg.batch_size, run.ae, cfg, run.device, run.dtype, run.ae.text_dim) if todo else 1
+    S = cfg.shard_size
+    units = _plan_units(run.clips, [i for j in todo for i in range(j * S, min((j + 1) * S, len(run.items)))],
+                        run.windows, workers)
+    n_clips = sum(1 if isinstance(w, str) else len(w) for _, w in units)
+    bar = tqdm(total=n_clips, desc=f"extract r{env.rank}", unit="clip", disable=not dist.is_main())
+    t0 = time.perf_counter()
+    try:
+        encoded, first_queued = _extract_shards(units, run.windows, cfg, run.items, run.clips, run.ae,
+                                                run.text_encoder, run.signature, run.out, run.device, run.dtype,
+                                                batch, workers, bar, run.binding)
+    finally:  # also on a stop: what is printed next starts on a line of its own
+        bar.close()
+    elapsed = time.perf_counter() - t0
+
+    _wait_for_the_other_ranks()  # for the slowest rank's shards (uneven videos): up to LDM_WAIT_TIMEOUT_S
+    # fill: the wait for the first batch of decoded clips (worker start-up, first reads), paid once per
+    # run; the steady rate leaves it out and is what a long extraction approaches
+    fill = (first_queued - t0) if first_queued is not None else 0.0
+    summary: dict[str, Any] = {"clips_per_s": encoded / elapsed if elapsed > 0 else 0.0,
+                               "steady_clips_per_s": encoded / (elapsed - fill) if elapsed > fill else 0.0,
+                               "fill_s": fill, "batch_size": batch, "num_workers": workers, "verify_psnr": None}
+    if dist.is_main():
+        manifest = merge_and_verify(run, summary)
+        report(run, summary, manifest, encoded, elapsed)
+    _wait_for_the_other_ranks()  # rank 0 merges and verifies alone (--verify K decodes K clips)
+    if not summary.get("written", 1):
+        raise UserError(f"no clip was written: all {len(run.items)} inputs were skipped (reasons above); fix or "
+                        f"replace the inputs, or change --frames/--fps/--clips-per-video, and run again")
+    return summary
+
+
+def set_up(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> ExtractRun:
+    """Every check (flags, the autoencoder and text encoder, the input list, the folder's binding),
+    then the output folder claimed and the end-of-run wait group opened."""
     windows = Windows.from_flags(cfg.clips_per_video, cfg.clip_stride)  # contradictory flags: clear error first
     check_config(cfg)
     out = Path(cfg.output)
     runs.check_free(out)  # a live extraction's folder: refused before the autoencoder is loaded
     env = dist.init_distributed()
-    with checking():
-        device = dist.device_for(env, cfg.device)
-        dtype = dist.compute_dtype(cfg.dtype, device)
-        ae, record = load_autoencoder(cfg)
-    name = record.name
-    caveat = ae.latent_caveat()
-    if caveat and env.rank == 0:
-        log.warning("%s is %s", name, caveat)
-    with checking(f"--frames {cfg.frames} --height {cfg.height} --width {cfg.width}"):
-        ae.check_input(cfg.frames, cfg.height, cfg.width)  # clear error before any work
-    with checking():
-        configure_inference(ae, cfg.tile, cfg.chunk_frames)
-    ae = ae.to(device=device, dtype=dtype).eval()
+    device, dtype, ae, record, text_encoder = load_encoders(cfg, env)
     spec = ae.latent_spec(cfg.frames, cfg.height, cfg.width)
-    text_encoder = None
-    if cfg.text_encoder:
-        from ldm.text import build_text_encoder
-        with checking("--text-encoder"):
-            text_encoder = build_text_encoder(cfg.text_encoder).to(device)
-        text_encoder.warned_cut = True  # a cut caption is reported here: one warning naming it, a count at the end
-    with checking():
-        ae.check_text_encoder(text_encoder, cfg.text_encoder, name)
 
     items = list_items(cfg.input, cfg.captions, cfg.classes, cfg.split)
     if not items:
@@ -498,14 +548,48 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     # the folder appears here, after every check
     runs.claim_folder(out)
     dist.open_wait_group()  # the end-of-run waits: a rank may finish hours before the last one
+    return ExtractRun(cfg, env, out, device, dtype, ae, record, spec, text_encoder, items, windows, clips, n_shards,
+                      signature, since, binding)
 
-    # rank 0 finds the shards not done (or that differ, with an allowed change) and every rank takes
-    # every world_size-th of them: a rerun after a node failed, or on another number of ranks,
-    # spreads the rest over all ranks (was: shard j on rank j mod world_size, idle when done)
+
+def load_encoders(cfg: ExtractConfig, env: dist.DistEnv) -> tuple[torch.device, torch.dtype, Autoencoder, AERecord,
+                                                                  Any]:
+    """The device and precision, the autoencoder on them (checked against the clip size, with its
+    tiling / chunking) and its record, and the text encoder (None without ``--text-encoder``)."""
+    with checking():
+        device = dist.device_for(env, cfg.device)
+        dtype = dist.compute_dtype(cfg.dtype, device)
+        ae, record = load_autoencoder(cfg)
+    name = record.name
+    caveat = ae.latent_caveat()
+    if caveat and env.rank == 0:
+        log.warning("%s is %s", name, caveat)
+    with checking(f"--frames {cfg.frames} --height {cfg.height} --width {cfg.width}"):
+        ae.check_input(cfg.frames, cfg.height, cfg.width)  # clear error before any work
+    with checking():
+        configure_inference(ae, cfg.tile, cfg.chunk_frames)
+    ae = ae.to(device=device, dtype=dtype).eval()
+    text_encoder = None
+    if cfg.text_encoder:
+        from ldm.text import build_text_encoder
+        with checking("--text-encoder"):
+            text_encoder = build_text_encoder(cfg.text_encoder).to(device)
+        text_encoder.warned_cut = True  # a cut caption is reported here: one warning naming it, a count at the end
+    with checking():
+        ae.check_text_encoder(text_encoder, cfg.text_encoder, name)
+    return device, dtype, ae, record, text_encoder
+
+
+def plan_shards(run: ExtractRun) -> list[int]:
+    """This rank's shards to encode. Rank 0 finds the shards not done (or that differ, with an allowed
+    change) and removes the temp files a killed run left; every rank takes every world_size-th of
+    them: a rerun after a node failed, or on another number of ranks, spreads the rest over all ranks
+    (was: shard j on rank j mod world_size, idle when done)."""
+    out, env = run.out, run.env
     error, remaining = None, []
     if env.rank == 0:
         try:
-            remaining = _shards_to_do(out, n_shards, cfg, items, signature, since, binding)
+            remaining = _shards_to_do(out, run.n_shards, run.cfg, run.items, run.signature, run.since, run.binding)
         except UserError as e:
             error = str(e)
         for stale in out.glob(".shard-*tmp"):  # temp files a killed run left (no rank writes yet)
@@ -516,56 +600,41 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     error, remaining = dist.broadcast_object((error, remaining))
     if error:
         raise UserError(error)
-    todo = dist.shard_list(remaining, env.rank, env.world_size)
+    return dist.shard_list(remaining, env.rank, env.world_size)
 
-    workers = auto_workers(cfg.num_workers, device, env.world_size)
-    batch = auto_batch_size(cfg.batch_size, ae, cfg, device, dtype, ae.text_dim) if todo else 1
-    S = cfg.shard_size
-    units = _plan_units(clips, [i for j in todo for i in range(j * S, min((j + 1) * S, len(items)))], windows, workers)
-    n_clips = sum(1 if isinstance(w, str) else len(w) for _, w in units)
-    bar = tqdm(total=n_clips, desc=f"extract r{env.rank}", unit="clip", disable=not dist.is_main())
-    t0 = time.perf_counter()
-    try:
-        encoded, first_queued = _extract_shards(units, windows, cfg, items, clips, ae, text_encoder, signature, out,
-                                                device, dtype, batch, workers, bar, binding)
-    finally:  # also on a stop: what is printed next starts on a line of its own
-        bar.close()
-    elapsed = time.perf_counter() - t0
 
-    _wait_for_the_other_ranks()  # for the slowest rank's shards (uneven videos): up to LDM_WAIT_TIMEOUT_S
-    # fill: the wait for the first batch of decoded clips (worker start-up, first reads), paid once per
-    # run; the steady rate leaves it out and is what a long extraction approaches
-    fill = (first_queued - t0) if first_queued is not None else 0.0
-    summary: dict[str, Any] = {"clips_per_s": encoded / elapsed if elapsed > 0 else 0.0,
-                               "steady_clips_per_s": encoded / (elapsed - fill) if elapsed > fill else 0.0,
-                               "fill_s": fill, "batch_size": batch, "num_workers": workers, "verify_psnr": None}
-    if dist.is_main():
-        _remove_shards_beyond(out, n_shards)
-        manifest = _merge_manifest(out, n_shards, record, spec, env.world_size, items, text_encoder, cfg,
-                                   signature)
-        if manifest.counts.written and (binding.changes or not (out / runs.BINDING).exists()):
-            binding.write()  # allowed changes recorded (also for a folder of an earlier version)
-        summary.update(written=manifest.counts.written, skipped=manifest.counts.skipped, shards=len(manifest.shards))
-        if text_encoder is not None:
-            summary["captions_cut"] = sum(read_json(out / f"shard-{j:06d}.json").get("captions_cut", 0)
-                                          for j in range(n_shards) if (out / f"shard-{j:06d}.json").is_file())
-        if cfg.verify > 0 and manifest.counts.written > 0:
-            summary["verify_psnr"] = verify(out, ae, cfg, items, device, text_encoder, dtype)
-            cfglib.replace(manifest, verify={"k": cfg.verify, "psnr": summary["verify_psnr"]}).write(out)
-        print(f"extracted {encoded} clips in {elapsed:.1f}s on rank 0 ({summary['clips_per_s']:.2f} clips/s/rank, "
-              f"{summary['steady_clips_per_s']:.2f} after the first batch); "
-              f"{summary['written']} written, {summary['skipped']} skipped, {summary['shards']} shards -> {out}")
-        print_skipped(list(manifest.skipped))
-        if summary.get("captions_cut"):
-            print(f"{summary['captions_cut']} caption(s) filled the text encoder's {text_encoder.max_length} "
-                  "tokens and were cut to them: the DiT sees only their beginning")
-        if not manifest.counts.written:
-            _remove_empty_run(out, n_shards)
-    _wait_for_the_other_ranks()  # rank 0 merges and verifies alone (--verify K decodes K clips)
-    if not summary.get("written", 1):
-        raise UserError(f"no clip was written: all {len(items)} inputs were skipped (reasons above); fix or replace "
-                        f"the inputs, or change --frames/--fps/--clips-per-video, and run again")
-    return summary
+def merge_and_verify(run: ExtractRun, summary: dict[str, Any]) -> Manifest:
+    """On rank 0, once every rank's shards are written: shards beyond this run's removed, the sidecars
+    merged into the manifest, the binding recorded, the counts into ``summary``, then ``--verify``."""
+    cfg, out, text_encoder = run.cfg, run.out, run.text_encoder
+    _remove_shards_beyond(out, run.n_shards)
+    manifest = _merge_manifest(out, run.n_shards, run.record, run.spec, run.env.world_size, run.items, text_encoder,
+                               cfg, run.signature)
+    if manifest.counts.written and (run.binding.changes or not (out / runs.BINDING).exists()):
+        run.binding.write()  # allowed changes recorded (also for a folder of an earlier version)
+    summary.update(written=manifest.counts.written, skipped=manifest.counts.skipped, shards=len(manifest.shards))
+    if text_encoder is not None:
+        summary["captions_cut"] = sum(read_json(out / f"shard-{j:06d}.json").get("captions_cut", 0)
+                                      for j in range(run.n_shards) if (out / f"shard-{j:06d}.json").is_file())
+    if cfg.verify > 0 and manifest.counts.written > 0:
+        summary["verify_psnr"] = verify(out, run.ae, cfg, run.items, run.device, text_encoder, run.dtype)
+        cfglib.replace(manifest, verify={"k": cfg.verify, "psnr": summary["verify_psnr"]}).write(out)
+    return manifest
+
+
+def report(run: ExtractRun, summary: dict[str, Any], manifest: Manifest, encoded: int, elapsed: float) -> None:
+    """On rank 0: the closing lines (rate, counts, skipped inputs, cut captions); a run that wrote no
+    clip removes what it wrote (`_extract` then fails)."""
+    out = run.out
+    print(f"extracted {encoded} clips in {elapsed:.1f}s on rank 0 ({summary['clips_per_s']:.2f} clips/s/rank, "
+          f"{summary['steady_clips_per_s']:.2f} after the first batch); "
+          f"{summary['written']} written, {summary['skipped']} skipped, {summary['shards']} shards -> {out}")
+    print_skipped(list(manifest.skipped))
+    if summary.get("captions_cut"):
+        print(f"{summary['captions_cut']} caption(s) filled the text encoder's {run.text_encoder.max_length} "
+              "tokens and were cut to them: the DiT sees only their beginning")
+    if not manifest.counts.written:
+        _remove_empty_run(out, run.n_shards)
 
 
 def _shards_to_do(out: Path, n_shards: int, cfg: ExtractConfig, items: list, signature: dict, since: dict,
