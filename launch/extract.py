@@ -452,9 +452,9 @@ def _stopped(out: Path, signal_name: str) -> Stopped:
 # ------------------------------------------------------------------------------------------
 # the extraction: `_extract` reads top to bottom as set-up -> plan this rank's shards -> encode them
 # -> wait for every rank -> merge and verify (rank 0) -> wait for rank 0. `_extract_shards` is the
-# encode loop (the GPU's fast path); a stop (SIGTERM, Ctrl-C) is handled around all
-# of it by `extract`. Where to change what: a field of each sample's JSON in `store_batch`; a step on
-# the clips before the encoder in `encode_pending` of `_extract_shards`; a per-shard count in `_ShardBuffer`
+# encode loop (the GPU's fast path: `_ShardEncoder`); a stop (SIGTERM, Ctrl-C) is handled around all
+# of it by `extract`. Where to change what: a field of each sample's JSON in `_sample_meta`; a step on
+# the clips before the encoder in `_ShardEncoder.encode_pending`; a per-shard count in `_ShardBuffer`
 # and `_write_shard_files` (and its sum over shards in `_merge_manifest`).
 # ------------------------------------------------------------------------------------------
 @dataclass
@@ -493,9 +493,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     bar = tqdm(total=n_clips, desc=f"extract r{env.rank}", unit="clip", disable=not dist.is_main())
     t0 = time.perf_counter()
     try:
-        encoded, first_queued = _extract_shards(units, run.windows, cfg, run.items, run.clips, run.ae,
-                                                run.text_encoder, run.signature, run.out, run.device, run.dtype,
-                                                batch, workers, bar, run.binding)
+        encoded, first_queued = _extract_shards(run, units, batch, workers, bar)
     finally:  # also on a stop: what is printed next starts on a line of its own
         bar.close()
     elapsed = time.perf_counter() - t0
@@ -748,10 +746,8 @@ def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signa
 
 
 @torch.no_grad()
-def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, items: list, clips: VideoClipDataset,
-                    ae: Autoencoder, text_encoder, signature: dict, out: Path, device: torch.device,
-                    dtype: torch.dtype, batch_size: int, workers: int, bar: tqdm,
-                    binding: runs.Binding) -> tuple[int, float | None]:
+def _extract_shards(run: ExtractRun, units: list[Unit], batch_size: int, workers: int,
+                    bar: tqdm) -> tuple[int, float | None]:
     """Encode the clips of ``units`` (`_plan_units`: this rank's shards, in order) and write each
     shard when its last clip is done.
 
@@ -759,122 +755,164 @@ def _extract_shards(units: list[Unit], windows: Windows, cfg: ExtractConfig, ite
     while the encoder runs; finished shards are written by a background thread, so tar writing
     overlaps the next shard's encoding. Batches never span shards. Returns the clips handled and when
     (``time.perf_counter()``) the first batch went to the encoder, None if none did."""
-    S = cfg.shard_size
-    cuda = device.type == "cuda"
+    loader = _clip_loader(run, units, batch_size, workers)
+    encoder = _ShardEncoder(run, batch_size)
+    try:
+        for clip in (clip for unit in loader for clip in unit):
+            bar.update(1)
+            encoder.add(clip)
+        encoder.finish()
+    finally:  # on an error or a stop too: the shards handed to the writer are completed (temp name, then rename)
+        encoder.writer.shutdown(wait=True)
+    return encoder.handled, encoder.first_queued
+
+
+def _clip_loader(run: ExtractRun, units: list[Unit], batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    """The decoded clips of ``units``, one unit a loader item, about 2 batches ahead (pinned on a GPU)."""
     per_unit = max(1, round(sum(1 if isinstance(w, str) else len(w) for _, w in units) / max(len(units), 1)))
-    loader = torch.utils.data.DataLoader(_Clips(clips, units), batch_size=1, num_workers=workers,
-                                         collate_fn=_first, pin_memory=cuda,  # about 2 batches of clips ahead:
-                                         worker_init_fn=runs.reader_ignores_interrupts,  # the main process stops
-                                         prefetch_factor=-(-2 * batch_size // per_unit) if workers else None)
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-    written: list[Future] = []
-    pending: list[dict[str, Any]] = []
-    buf: _ShardBuffer | None = None
-    handled = 0
-    first_queued: list[float] = []
+    return torch.utils.data.DataLoader(_Clips(run.clips, units), batch_size=1, num_workers=workers,
+                                       collate_fn=_first, pin_memory=run.device.type == "cuda",
+                                       worker_init_fn=runs.reader_ignores_interrupts,  # the main process stops
+                                       prefetch_factor=-(-2 * batch_size // per_unit) if workers else None)
 
-    in_flight: list[tuple[_ShardBuffer, list[dict[str, Any]], Latent, tuple | None, Any]] = []
-    warned_cut: list[bool] = []  # a caption cut to the text encoder's length was reported
 
-    def encode_pending() -> None:
+class _ShardEncoder:
+    """The encode loop's state: the clips waiting for a batch (``pending``), the batch whose latents
+    are on their way to the host (``in_flight``), the shard being filled (``buf``) and the background
+    writer of finished shards. ``add`` takes the clips in shard order; ``finish`` writes the last shard
+    and waits for every write."""
+
+    def __init__(self, run: ExtractRun, batch_size: int):
+        self.run, self.batch_size = run, batch_size
+        self.cuda = run.device.type == "cuda"
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self.written: list[Future] = []
+        self.pending: list[dict[str, Any]] = []
+        self.buf: _ShardBuffer | None = None
+        self.handled = 0
+        self.first_queued: float | None = None  # when the first batch went to the encoder
+        self.in_flight: list[tuple[_ShardBuffer, list[dict[str, Any]], Latent, tuple | None, Any]] = []
+        self.warned_cut = False  # a caption cut to the text encoder's length was reported
+
+    def add(self, clip: dict[str, Any]) -> None:
+        """One decoded clip (or the reason it could not be): a new shard starts when its index says so."""
+        self.handled += 1
+        j = clip["index"] // self.run.cfg.shard_size
+        if self.buf is None or self.buf.index != j:
+            if self.buf is not None:
+                self.finish_shard()
+            self.buf = _ShardBuffer(j)
+        if "error" in clip:
+            w, key = clip["window"], self.run.items[clip["index"]].key
+            where = {} if self.run.windows.first_only or w is None else {"clip": w.clip, "start_frame": w.start}
+            self.buf.skipped.append({"key": key, **where, "reason": clip["error"]})
+            log.warning("skipping %s%s: %s", key, f" (window at frame {w.start})" if where else "", clip["error"])
+            return
+        self.pending.append(clip)
+        if len(self.pending) >= self.batch_size:
+            self.encode_pending()
+
+    def finish(self) -> None:
+        """The last shard to the writer, then every write waited for (a failed one raises)."""
+        if self.buf is not None:
+            self.finish_shard()
+        for f in self.written:
+            f.result()
+
+    def encode_pending(self) -> None:
         """Queue the pending clips' encode and the copy of their latents back to the host, then store
         the batch queued before: on a GPU the host serialises one batch while the device encodes the
         next (nothing waits but the copy of the batch being stored)."""
-        if not pending:
+        if not self.pending:
             return
-        batch = list(pending)
-        pending.clear()
-        if not first_queued:
-            first_queued.append(time.perf_counter())
+        run, cuda = self.run, self.cuda
+        device, dtype, text_encoder = run.device, run.dtype, run.text_encoder
+        batch = list(self.pending)
+        self.pending.clear()
+        if self.first_queued is None:
+            self.first_queued = time.perf_counter()
         # page-locked clips (DataLoader pin_memory) copy asynchronously; stacked on the device
         video = torch.stack([p["video"].to(device, non_blocking=True) for p in batch]).to(dtype)  # (B, C, T, H, W)
         emb, mask, text = None, None, None
         if text_encoder is not None:
             emb, mask = text_encoder.encode([p["caption"] for p in batch])
             text = (emb.to("cpu", non_blocking=cuda), mask.to("cpu", non_blocking=cuda))
-        latent = ae.encode(video, _ae_cond(ae, emb, mask, device, dtype))
+        latent = run.ae.encode(video, _ae_cond(run.ae, emb, mask, device, dtype))
         host = latent.to(dtype=torch.float32).to("cpu", non_blocking=cuda)  # into page-locked memory on CUDA
         copied = None
         if cuda:
             copied = torch.cuda.Event()
             copied.record()
-        store_batch()
-        in_flight.append((buf, batch, host, text, copied))
+        self.store_batch()
+        self.in_flight.append((self.buf, batch, host, text, copied))
 
-    def store_batch() -> None:
+    def store_batch(self) -> None:
         """Serialise the queued batch into its shard buffer once its latents are on the host."""
-        if not in_flight:
+        if not self.in_flight:
             return
-        into, batch, latent, text, copied = in_flight.pop()
+        into, batch, latent, text, copied = self.in_flight.pop()
         if copied is not None:
             copied.synchronize()
         if text is not None:
-            emb, mask = text
-            # valid tokens only, (L_i, D); a clip without a caption caches none: it trains the DiT's null text
-            # (condition dropout's, what --unconditional and guidance sample with), not the empty caption's tokens
-            text = [e[m] if p["caption"] else e[:0] for e, m, p in zip(emb, mask, batch)]
-            into.text_tokens += sum(t.shape[0] for t in text)
-            cut = [p for p, full in zip(batch, mask.all(1).tolist()) if full and p["caption"]]
-            if cut and not warned_cut:  # once per process, at the first
-                warned_cut.append(True)
-                log.warning("captions longer than the text encoder's %d tokens are cut to them (%s; first: %s): %d "
-                            "tokens, the rest unseen; the count is in the summary", text_encoder.max_length,
-                            text_encoder.spec, items[cut[0]["index"]].key,
-                            text_encoder.token_counts([cut[0]["caption"]])[0])
-            into.captions_cut += len(cut)
+            text = self._cached_text(into, batch, *text)
         into.stats.update(latent)
+        items, windows = self.run.items, self.run.windows
         for b, (p, lat) in enumerate(zip(batch, latent.unbatch())):
-            item, w = items[p["index"]], p["window"]
-            meta = {"index": p["index"], "key": item.key, "caption": p["caption"] or None,
-                    "class_id": None if p["class_id"] < 0 else p["class_id"], "fps": cfg.fps,
-                    "frames": cfg.frames, "height": cfg.height, "width": cfg.width,
-                    "autoencoder": signature["autoencoder"], "source_fps": _rate(p["source_fps"])}
-            if item.class_name is not None:
-                meta["class_name"] = item.class_name
+            item = items[p["index"]]
             rate = "unknown" if p["source_fps"] is None else f"{_rate(p['source_fps']):g}"
             into.source_fps[rate] = into.source_fps.get(rate, 0) + 1
             if p["variable_rate"] and item.key not in into.variable_rate:
                 into.variable_rate.append(item.key)
             if p["class_id"] >= 0:
                 into.class_counts[p["class_id"]] = into.class_counts.get(p["class_id"], 0) + 1
-            if not windows.first_only:  # several clips per video: which window this is
-                meta.update(clip=w.clip, start_frame=w.start, start_s=round(w.start_s, 6))
+            meta = _sample_meta(p, item, self.run.cfg, self.run.signature, windows)
             into.samples.append(shards.encode_sample(lat, meta, None if text is None else text[b]))
-            into.keys.append(shards.clip_key(p["index"], w.start))
+            into.keys.append(shards.clip_key(p["index"], p["window"].start))
 
-    def finish_shard() -> None:
-        encode_pending()
-        store_batch()
-        for f in written:  # a failed write (disk full) stops the run at the next shard
+    def _cached_text(self, into: _ShardBuffer, batch: list[dict[str, Any]], emb: torch.Tensor,
+                     mask: torch.Tensor) -> list[torch.Tensor]:
+        """Each clip's caption embedding as cached in the shard, counted into ``into``; a caption cut to
+        the text encoder's length is reported once per process."""
+        # valid tokens only, (L_i, D); a clip without a caption caches none: it trains the DiT's null text
+        # (condition dropout's, what --unconditional and guidance sample with), not the empty caption's tokens
+        text = [e[m] if p["caption"] else e[:0] for e, m, p in zip(emb, mask, batch)]
+        into.text_tokens += sum(t.shape[0] for t in text)
+        cut = [p for p, full in zip(batch, mask.all(1).tolist()) if full and p["caption"]]
+        if cut and not self.warned_cut:  # once per process, at the first
+            self.warned_cut = True
+            text_encoder = self.run.text_encoder
+            log.warning("captions longer than the text encoder's %d tokens are cut to them (%s; first: %s): %d "
+                        "tokens, the rest unseen; the count is in the summary", text_encoder.max_length,
+                        text_encoder.spec, self.run.items[cut[0]["index"]].key,
+                        text_encoder.token_counts([cut[0]["caption"]])[0])
+        into.captions_cut += len(cut)
+        return text
+
+    def finish_shard(self) -> None:
+        """The shard being filled, its last batch stored, handed to the background writer."""
+        self.encode_pending()
+        self.store_batch()
+        for f in self.written:  # a failed write (disk full) stops the run at the next shard
             if f.done():
                 f.result()
-        written.append(writer.submit(_write_shard_files, buf, cfg, items, signature, out, binding))
+        run = self.run
+        self.written.append(self.writer.submit(_write_shard_files, self.buf, run.cfg, run.items, run.signature,
+                                               run.out, run.binding))
 
-    try:
-        for clip in (clip for unit in loader for clip in unit):
-            bar.update(1)
-            handled += 1
-            j = clip["index"] // S
-            if buf is None or buf.index != j:
-                if buf is not None:
-                    finish_shard()
-                buf = _ShardBuffer(j)
-            if "error" in clip:
-                w, key = clip["window"], items[clip["index"]].key
-                where = {} if windows.first_only or w is None else {"clip": w.clip, "start_frame": w.start}
-                buf.skipped.append({"key": key, **where, "reason": clip["error"]})
-                log.warning("skipping %s%s: %s", key, f" (window at frame {w.start})" if where else "", clip["error"])
-                continue
-            pending.append(clip)
-            if len(pending) >= batch_size:
-                encode_pending()
-        if buf is not None:
-            finish_shard()
-        for f in written:
-            f.result()
-    finally:
-        writer.shutdown(wait=True)
-    return handled, (first_queued[0] if first_queued else None)
+
+def _sample_meta(p: dict[str, Any], item, cfg: ExtractConfig, signature: dict[str, Any],
+                 windows: Windows) -> dict[str, Any]:
+    """The JSON of one clip's sample (``<key>.json``): its video, caption, class and the clip spec."""
+    w = p["window"]
+    meta = {"index": p["index"], "key": item.key, "caption": p["caption"] or None,
+            "class_id": None if p["class_id"] < 0 else p["class_id"], "fps": cfg.fps,
+            "frames": cfg.frames, "height": cfg.height, "width": cfg.width,
+            "autoencoder": signature["autoencoder"], "source_fps": _rate(p["source_fps"])}
+    if item.class_name is not None:
+        meta["class_name"] = item.class_name
+    if not windows.first_only:  # several clips per video: which window this is
+        meta.update(clip=w.clip, start_frame=w.start, start_s=round(w.start_s, 6))
+    return meta
 
 
 def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size: int, items: list,
