@@ -606,8 +606,7 @@ def merge_and_verify(run: ExtractRun, summary: dict[str, Any]) -> Manifest:
     merged into the manifest, the binding recorded, the counts into ``summary``, then ``--verify``."""
     cfg, out, text_encoder = run.cfg, run.out, run.text_encoder
     _remove_shards_beyond(out, run.n_shards)
-    manifest = _merge_manifest(out, run.n_shards, run.record, run.spec, run.env.world_size, run.items, text_encoder,
-                               cfg, run.signature)
+    manifest = _merge_manifest(run)
     if manifest.counts.written and (run.binding.changes or not (out / runs.BINDING).exists()):
         run.binding.write()  # allowed changes recorded (also for a folder of an earlier version)
     summary.update(written=manifest.counts.written, skipped=manifest.counts.skipped, shards=len(manifest.shards))
@@ -725,10 +724,11 @@ class _ShardBuffer:
     variable_rate: list[str] = field(default_factory=list)  # keys of the inputs with a variable frame rate
 
 
-def _write_shard_files(buf: _ShardBuffer, cfg: ExtractConfig, items: list, signature: dict, out: Path,
-                       binding: runs.Binding) -> None:
+def _write_shard_files(buf: _ShardBuffer, run: ExtractRun) -> None:
     """The shard's tar (atomic rename), then its sidecar, which marks it done. ``run.json`` is
-    written with the first shard, so a run that fails before writing one binds nothing."""
+    written with the first shard, so a run that fails before writing one binds nothing. Runs in the
+    background writer thread."""
+    cfg, items, signature, out, binding = run.cfg, run.items, run.signature, run.out, run.binding
     out.mkdir(parents=True, exist_ok=True)
     if binding.changes or not (out / runs.BINDING).exists():
         binding.write()
@@ -895,9 +895,7 @@ class _ShardEncoder:
         for f in self.written:  # a failed write (disk full) stops the run at the next shard
             if f.done():
                 f.result()
-        run = self.run
-        self.written.append(self.writer.submit(_write_shard_files, self.buf, run.cfg, run.items, run.signature,
-                                               run.out, run.binding))
+        self.written.append(self.writer.submit(_write_shard_files, self.buf, self.run))
 
 
 def _sample_meta(p: dict[str, Any], item, cfg: ExtractConfig, signature: dict[str, Any],
@@ -915,8 +913,10 @@ def _sample_meta(p: dict[str, Any], item, cfg: ExtractConfig, signature: dict[st
     return meta
 
 
-def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size: int, items: list,
-                    text_encoder, cfg: ExtractConfig, signature: dict[str, Any]) -> Manifest:
+def _merge_manifest(run: ExtractRun) -> Manifest:
+    """The shard sidecars summed into ``manifest.json``: counts, channel statistics, skipped inputs,
+    clips per class, the clips' rate; written and returned."""
+    out, n_shards, items, text_encoder, cfg = run.out, run.n_shards, run.items, run.text_encoder, run.cfg
     stats, skipped, shard_list, written, text_tokens = shards.ChannelStats(), [], [], 0, 0
     num_classes = class_count(cfg, items)
     per_class: list[int] | None = [0] * num_classes  # None: a shard written before the counts were kept
@@ -941,19 +941,19 @@ def _merge_manifest(out: Path, n_shards: int, record: AERecord, spec, world_size
     # the rate the clips play at (`ldm sample` writes videos at it): --fps, else the inputs' own
     clip_fps = cfg.fps or native_fps([it for it in items if it.key not in skipped_keys])
     manifest = Manifest(
-        autoencoder=record, video=cfglib.replace(_clip_spec(cfg), clip_fps=clip_fps), latent_spec=spec.to_dict(),
-        form=spec.form,
+        autoencoder=run.record, video=cfglib.replace(_clip_spec(cfg), clip_fps=clip_fps),
+        latent_spec=run.spec.to_dict(), form=run.spec.form,
         counts=Counts(inputs=len(items), written=written, skipped=len(skipped)),
         stats=stats.summary(), shards=tuple(shard_list), skipped=tuple(skipped),
         input_problems=tuple(getattr(items, "problems", [])),
         text_encoder=absolute_spec(cfg.text_encoder) if cfg.text_encoder else None,  # `ldm sample` runs anywhere
         text_dim=text_encoder.dim if text_encoder is not None else None,
-        text_fingerprint=signature["text_fingerprint"],
+        text_fingerprint=run.signature["text_fingerprint"],
         text_max_length=text_encoder.max_length if text_encoder is not None else None,
         text_tokens=round(text_tokens / written) if written else 0,
         num_classes=num_classes, class_names=tuple(getattr(items, "class_names", ())),
         class_counts=tuple(per_class) if per_class and sum(per_class) else (),
-        shard_size=cfg.shard_size, dtype=signature["dtype"], tile=cfg.tile, world_size=world_size)
+        shard_size=cfg.shard_size, dtype=run.signature["dtype"], tile=cfg.tile, world_size=run.env.world_size)
     manifest = Manifest.from_dict(manifest.to_dict())  # JSON-normalised (what readers see), and checked
     manifest.write(out)
     return manifest
