@@ -201,7 +201,9 @@ def test_the_end_of_run_wait_timeout_is_read_from_its_variable(monkeypatch):
     from launch import dist
     from ldm.errors import UserError
 
-    # an in-process `ldm train` earlier in this worker keeps its 1-rank group (DeepSpeed caches it): use it
+    # an in-process `ldm train` earlier in this worker keeps its 1-rank group (DeepSpeed caches it): use it;
+    # an in-process `ldm extract` after it left its wait group in the module: start without it
+    monkeypatch.setattr(dist, "_WAIT_GROUP", None)
     made = not td.is_initialized()
     if made:
         td.init_process_group("gloo", store=td.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=5))
