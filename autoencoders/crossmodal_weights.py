@@ -164,8 +164,9 @@ def convert_official(path: Path, target: str) -> Conversion:
     model = CrossModalVAE(REGISTRY[target][1])
     if model.config.text_dim and not any(k.endswith(".to_q.weight") for k in state):
         plain = target.replace("-text", "")
-        raise ValueError(f"{path} has no text layers (a model without text): convert it with --target {plain}, then "
-                         f"start the text model from that folder: ldm convert --source saved --path DIR --target {target}")
+        raise ValueError(f"{path} has no text layers (a model without text): convert it with --target {plain}, "
+                         "then start the text model from that folder: ldm convert --source saved --path DIR "
+                         f"--target {target}")
     km = KeyMap(state, f"{path} as {target}")
     map_official(km, model)
     km.load_into(model)

@@ -16,8 +16,8 @@ source such as ``diffusers:<Class>`` with its local folder in ``--ae-path``).
 
 The sorted input list is cut into shards of ``--shard-size`` videos; shard j (all the clips of its
 videos) goes to one rank: the k-th shard not done yet to rank k mod world_size. A video gives one
-clip (its first frames) or, with ``--clips-per-video K`` / ``--clip-stride S``, several windows (`data.video.Windows`) decoded in
-one pass; a clip's key is ``data.shards.clip_key(video index, first frame)``, the same for any
+clip (its first frames) or, with ``--clips-per-video K`` / ``--clip-stride S``, several windows
+(`data.video.Windows`) decoded in one pass; a clip's key is ``data.shards.clip_key(video index, first frame)``, the same for any
 number of ranks, workers or batch size. Each shard is written under a temporary name and renamed
 when complete, then its sidecar JSON (counts, skipped inputs with reasons, channel statistics)
 marks it done, so a rerun with the same arguments skips finished shards (with any number of
