@@ -221,6 +221,7 @@ class TrainAEConfig:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        self.loss_config()  # the loss weights and disc settings, checked by AELossConfig before any work
 
     def learning_rate(self, step: int) -> float:
         """LR of the update with 0-based index ``step`` (``runs.lr_at``, the schedule of ``ldm train``

@@ -279,6 +279,8 @@ TRAIN_AE_ERRORS = [
     (["--init", "SAVED_AE", "--autoencoder", "kl2d-f8c16-debug"],  # was: a traceback after the checks
      "--init: checkpoint SAVED_AE holds 'kl2d-f8c4-debug', not 'kl2d-f8c16-debug'"),
     (["--batch-size", "7"], "6 clips cannot fill a batch of 7"),
+    (["--kl-weight", "-1"], "kl_weight must be a finite value >= 0, got -1.0"),  # was: a ValueError traceback
+    (["--dwt-weight", "nan"], "dwt_weight must be a finite value >= 0, got nan"),
 ]
 
 
