@@ -310,7 +310,7 @@ class TemporalSelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, t, height, width = x.shape
         h = rearrange(x, "b c t h w -> (b h w) c t")  # (N, C, T)
-        q, k, v = rearrange(self.qkv(self.norm(h.float()).to(h.dtype)), "n (three g d) t -> three (n g) d t",
+        q, k, v = rearrange(self.qkv(self.norm(h)), "n (three g d) t -> three (n g) d t",
                             three=3, g=self.heads)  # each (N*heads, d, T)
         scale = q.shape[1] ** -0.25
         q, k = q * scale, k * scale

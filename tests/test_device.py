@@ -4,6 +4,8 @@ samplers and ``ldm sample``'s sampling + decode path run with tensors on a stand
 the CPU inside a forward fails here as it would on CUDA (the MTC-VAE bug of the GPU report did).
 The same runs count host syncs (a value read on the host, a data-dependent shape): none in the
 model code except where the method itself decides on the host (`HOST_READS`, packed varlen rows)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -194,3 +196,20 @@ def test_varlen_id_bookkeeping_happens_once_per_forward_not_per_block():
                 m(lat, torch.rand(2, device=OFF), c, pack=pack)
                 syncs[depth, pack] = sum(dev.syncs.values())
     assert syncs[2, False] == syncs[6, False] > 0 and syncs[2, True] == syncs[6, True] > 0, syncs
+
+
+@pytest.mark.parametrize("name", registered(debug=True))
+def test_autoencoder_runs_with_bf16_weights(name):
+    """What `make gpu-check` and the inference verbs' `--dtype bf16` run on a GPU: weights and
+    video cast to bf16, no autocast. A layer that mixes float32 activations with bf16 parameters
+    fails here as on CUDA (cmvae's temporal attention normalised a float32 copy on the H100)."""
+    torch.manual_seed(0)
+    ae = autoencoders.build(name).eval().to(torch.bfloat16)
+    T, H, W = ae.example_clip()
+    video = (torch.rand(1, 3, T, H, W) * 2 - 1).to(torch.bfloat16)
+    cond = text_cond(ae, 1)
+    if cond is not None:
+        cond = dataclasses.replace(cond, text=cond.text.to(torch.bfloat16))
+    with torch.no_grad():
+        out = ae.decode(ae.encode(video, cond), cond)
+    assert out.dtype == torch.bfloat16 and out.shape[:2] == (1, 3) and torch.isfinite(out.float()).all()
