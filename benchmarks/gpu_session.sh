@@ -2,8 +2,9 @@
 # One GPU call that measures what the CPU cannot, each part under its own time limit and all of
 # them inside BUDGET seconds (default 520: the device tool allows 600 s a call, and setting up its
 # packages takes about 40), so a slow part cannot eat the rest. Results: JSON and logs under $OUT.
-# All parts take about 9-11 minutes on an H200: the last ones (autotune) are cut short in one call;
-# PARTS picks some, for two calls.
+# On an H100 (2026-12-05) "dit torchrun extract ae" took 326 s with the DiT at 4k tokens only; with
+# the three token counts and the cuDNN A/B everything but autotune fits one call (autotune, last,
+# gets what is left); PARTS picks some, for two calls.
 #
 #   source .whl/device-setup.sh && bash benchmarks/gpu_session.sh     # on the GPU machine
 #   PARTS="dit torchrun extract" bash ...; PARTS="ae cudnn autotune" bash ...   # the same in two calls
@@ -37,12 +38,12 @@ want() { [[ "$PARTS" == *" $1 "* ]]; }
 if [ -z "${TOY:-}" ]; then
   DEV=cuda; PY=${PY:-python3}; export OMP_NUM_THREADS=4
   CLIPS=64; FRAMES=16; SIZE=256; AE=kl2d-f8c4; DIT=dit-XL; SMALL_DIT=dit-S; BATCH=8; STEPS=40
-  DIT_ARGS="--tokens 4096 --batches 8 --sample-batches 16 --steps 4 --warmup 2"
-  EX_AES="causal3d-f4x8c4 kl2d-f8c4 ivvae-z16 h3ae-8x32x32 mtcvae-c4"
+  DIT_ARGS="--tokens 1024,4096,16384 --batches 32,8,2 --sample-batches 64,16,4 --steps 4 --warmup 2"
+  EX_AES="causal3d-f4x8c4 kl2d-f8c4 ivvae-z16 h3ae-8x32x32 mtcvae-c4"  # mtcvae last: it gets L2_SLOW
   EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,-1 --batch-sizes 8"  # -1: ldm extract's default
   AE_ARGS="--frames 17 --size 256"
   AB_ARGS="--frames 17 --size 256 --autoencoders causal3d-f4x8c16,ivvae-z16,kl2d-f8c4,h3ae-8x32x32"
-  L1=300; L2=40; L3=110; L4=60; L5=200
+  L1=300; L2=40; L2_SLOW=90; L3=110; L4=60; L5=200  # mtcvae-c4 encodes ~60 fps: 40 s cut it short on an H100
 else
   DEV=cpu; PY=${PY:-.venv/bin/python}; export OMP_NUM_THREADS=2
   CLIPS=4; FRAMES=8; SIZE=32; AE=kl2d-f8c4-debug; DIT=dit-debug; SMALL_DIT=dit-debug; BATCH=2; STEPS=4
@@ -51,7 +52,7 @@ else
   EX_ARGS="--clips 4 --frames 9 --size 32 --workers 0 --batch-sizes 2"
   AE_ARGS="--debug --frames 9 --size 32 --autoencoders kl2d-f8c4-debug,hivae-s-debug"
   AB_ARGS="--debug --frames 9 --size 32 --autoencoders kl2d-f8c4-debug"
-  L1=600; L2=300; L3=300; L4=300; L5=300
+  L1=600; L2=300; L2_SLOW=300; L3=300; L4=300; L5=300
 fi
 export PYTHONUNBUFFERED=1
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
@@ -95,7 +96,8 @@ done
 if want extract; then
 stamp "extraction vs encode, each autoencoder under its own limit"
 for A in $EX_AES; do
-  timeout $(left $L2) $PY benchmarks/extraction.py --device $DEV $EX_ARGS --autoencoders $A --json 2>/dev/null \
+  LIM=$L2; [[ $A == mtcvae* ]] && LIM=$L2_SLOW
+  timeout $(left $LIM) $PY benchmarks/extraction.py --device $DEV $EX_ARGS --autoencoders $A --json 2>/dev/null \
     | grep -v "^extracted" > "$OUT/extraction-$A.json"
   $PY -c "import json, sys; r = json.load(open(sys.argv[1]))[0]; print(r['autoencoder'], 'encode', r['encode_clips_per_s'], \
 'extract (workers, clips/s, vs encode, fill s, steady vs encode)', [(e['workers'], round(e['extract_clips_per_s'], 1), \
