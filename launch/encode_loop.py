@@ -1,0 +1,289 @@
+"""The encode loop of ``ldm extract``: this rank's clips decoded by a DataLoader, encoded on the
+device in batches and serialised into shard buffers, which a background thread hands to the shard
+writer (`launch.extract` writes the tar and its sidecar).
+
+`plan_units` cuts the videos into loader items (a video's windows, WINDOWS_PER_READ at a time);
+`encode_shards` runs the loop: `_ShardEncoder` keeps one batch on its way to the host while the
+next is encoded, and `_sample_meta` is each sample's JSON. Batches never span shards.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from autoencoders import Autoencoder
+from data import shards
+from data.sources import VideoClipDataset
+from data.video import VideoError, Window, Windows
+from launch import runs
+from ldm.latent import Cond, Latent
+
+if TYPE_CHECKING:
+    from launch.extract import ExtractConfig, ExtractRun
+
+log = logging.getLogger("ldm.extract")
+
+
+WINDOWS_PER_READ = 16  # windows of one video decoded together (one loader item): bounds memory on long videos
+Unit = tuple[int, "list[Window] | str"]  # a video and some of its windows, or why it gives none
+
+
+class _Plans(torch.utils.data.Dataset):
+    """Each video's windows (from its header), or the reason it gives none."""
+
+    def __init__(self, clips: VideoClipDataset, indices: list[int], windows: Windows):
+        self.clips, self.indices, self.windows = clips, indices, windows
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Unit:
+        try:
+            return self.indices[i], self.clips.plan(self.indices[i], self.windows)
+        except VideoError as e:
+            return self.indices[i], str(e)
+
+
+def plan_units(clips: VideoClipDataset, indices: list[int], windows: Windows, workers: int) -> list[Unit]:
+    """The loader items for videos ``indices``: their windows in groups of WINDOWS_PER_READ, or one
+    item with the reason a video gives none. The first frames only need no look at the files; other
+    windows come from the headers, read by ``workers`` processes."""
+    plans: Any = ((i, clips.plan(i, windows)) for i in indices)
+    if not windows.first_only:
+        plans = torch.utils.data.DataLoader(_Plans(clips, indices, windows), batch_size=1, num_workers=workers,
+                                            collate_fn=_first)
+    units: list[Unit] = []
+    for idx, plan in plans:
+        if isinstance(plan, str):
+            units.append((idx, plan))
+        else:
+            units += [(idx, plan[k:k + WINDOWS_PER_READ]) for k in range(0, len(plan), WINDOWS_PER_READ)]
+    return units
+
+
+class _Clips(torch.utils.data.Dataset):
+    """Per unit, its decoded clips or the reason each could not be decoded (so workers never kill the run)."""
+
+    def __init__(self, clips: VideoClipDataset, units: list[Unit]):
+        self.clips, self.units = clips, units
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, i: int) -> list[dict[str, Any]]:
+        idx, windows = self.units[i]
+        if isinstance(windows, str):
+            return [{"index": idx, "window": None, "error": windows}]
+        try:
+            got: list = self.clips.read_windows(idx, windows)
+        except VideoError as e:
+            got = [e] * len(windows)
+        return [{"index": idx, "window": w, **({"error": str(g)} if isinstance(g, VideoError) else g)}
+                for w, g in zip(windows, got)]
+
+
+def _first(batch: list[Any]) -> Any:
+    return batch[0]
+
+
+def ae_cond(ae: Autoencoder, emb: torch.Tensor | None, mask: torch.Tensor | None,
+             device: torch.device, dtype: torch.dtype = torch.float32) -> Cond | None:
+    """``cond`` for encode/decode: the caption embeddings for a text-guided autoencoder, else None."""
+    if not ae.text_dim:
+        return None
+    return Cond(text=emb.to(device, dtype), text_mask=mask.to(device))
+
+
+@dataclass
+class ShardBuffer:
+    """What one shard collects before it is written."""
+
+    index: int
+    samples: list[dict[str, bytes]] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    stats: shards.ChannelStats = field(default_factory=shards.ChannelStats)
+    text_tokens: int = 0
+    captions_cut: int = 0  # captions that fill the text encoder's max_length: cut to it (or exactly as long)
+    class_counts: dict[int, int] = field(default_factory=dict)  # written clips per class id
+    source_fps: dict[str, int] = field(default_factory=dict)  # written clips per source frame rate ("24", "29.97")
+    variable_rate: list[str] = field(default_factory=list)  # keys of the inputs with a variable frame rate
+
+
+@torch.no_grad()
+def encode_shards(run: ExtractRun, units: list[Unit], batch_size: int, workers: int, bar: tqdm,
+                  write: Callable[[ShardBuffer], None]) -> tuple[int, float | None]:
+    """Encode the clips of ``units`` (`plan_units`: this rank's shards, in order) and hand each
+    shard to ``write`` when its last clip is done.
+
+    One DataLoader decodes every clip of this rank (``workers`` processes, pinned memory on a GPU)
+    while the encoder runs; finished shards are written by a background thread, so tar writing
+    overlaps the next shard's encoding. Batches never span shards. Returns the clips handled and when
+    (``time.perf_counter()``) the first batch went to the encoder, None if none did."""
+    loader = _clip_loader(run, units, batch_size, workers)
+    encoder = _ShardEncoder(run, batch_size, write)
+    try:
+        for clip in (clip for unit in loader for clip in unit):
+            bar.update(1)
+            encoder.add(clip)
+        encoder.finish()
+    finally:  # on an error or a stop too: the shards handed to the writer are completed (temp name, then rename)
+        encoder.writer.shutdown(wait=True)
+    return encoder.handled, encoder.first_queued
+
+
+def _clip_loader(run: ExtractRun, units: list[Unit], batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    """The decoded clips of ``units``, one unit a loader item, about 2 batches ahead (pinned on a GPU)."""
+    per_unit = max(1, round(sum(1 if isinstance(w, str) else len(w) for _, w in units) / max(len(units), 1)))
+    return torch.utils.data.DataLoader(_Clips(run.clips, units), batch_size=1, num_workers=workers,
+                                       collate_fn=_first, pin_memory=run.device.type == "cuda",
+                                       worker_init_fn=runs.reader_ignores_interrupts,  # the main process stops
+                                       prefetch_factor=-(-2 * batch_size // per_unit) if workers else None)
+
+
+class _ShardEncoder:
+    """The encode loop's state: the clips waiting for a batch (``pending``), the batch whose latents
+    are on their way to the host (``in_flight``), the shard being filled (``buf``) and the background
+    writer of finished shards (it calls ``write``). ``add`` takes the clips in shard order; ``finish``
+    writes the last shard and waits for every write."""
+
+    def __init__(self, run: ExtractRun, batch_size: int, write: Callable[[ShardBuffer], None]):
+        self.run, self.batch_size, self.write = run, batch_size, write
+        self.cuda = run.device.type == "cuda"
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self.written: list[Future] = []
+        self.pending: list[dict[str, Any]] = []
+        self.buf: ShardBuffer | None = None
+        self.handled = 0
+        self.first_queued: float | None = None  # when the first batch went to the encoder
+        self.in_flight: list[tuple[ShardBuffer, list[dict[str, Any]], Latent, tuple | None, Any]] = []
+        self.warned_cut = False  # a caption cut to the text encoder's length was reported
+
+    def add(self, clip: dict[str, Any]) -> None:
+        """One decoded clip (or the reason it could not be): a new shard starts when its index says so."""
+        self.handled += 1
+        j = clip["index"] // self.run.cfg.shard_size
+        if self.buf is None or self.buf.index != j:
+            if self.buf is not None:
+                self.finish_shard()
+            self.buf = ShardBuffer(j)
+        if "error" in clip:
+            w, key = clip["window"], self.run.items[clip["index"]].key
+            where = {} if self.run.windows.first_only or w is None else {"clip": w.clip, "start_frame": w.start}
+            self.buf.skipped.append({"key": key, **where, "reason": clip["error"]})
+            log.warning("skipping %s%s: %s", key, f" (window at frame {w.start})" if where else "", clip["error"])
+            return
+        self.pending.append(clip)
+        if len(self.pending) >= self.batch_size:
+            self.encode_pending()
+
+    def finish(self) -> None:
+        """The last shard to the writer, then every write waited for (a failed one raises)."""
+        if self.buf is not None:
+            self.finish_shard()
+        for f in self.written:
+            f.result()
+
+    def encode_pending(self) -> None:
+        """Queue the pending clips' encode and the copy of their latents back to the host, then store
+        the batch queued before: on a GPU the host serialises one batch while the device encodes the
+        next (nothing waits but the copy of the batch being stored)."""
+        if not self.pending:
+            return
+        run, cuda = self.run, self.cuda
+        device, dtype, text_encoder = run.device, run.dtype, run.text_encoder
+        batch = list(self.pending)
+        self.pending.clear()
+        if self.first_queued is None:
+            self.first_queued = time.perf_counter()
+        # page-locked clips (DataLoader pin_memory) copy asynchronously; stacked on the device
+        video = torch.stack([p["video"].to(device, non_blocking=True) for p in batch]).to(dtype)  # (B, C, T, H, W)
+        emb, mask, text = None, None, None
+        if text_encoder is not None:
+            emb, mask = text_encoder.encode([p["caption"] for p in batch])
+            text = (emb.to("cpu", non_blocking=cuda), mask.to("cpu", non_blocking=cuda))
+        latent = run.ae.encode(video, ae_cond(run.ae, emb, mask, device, dtype))
+        host = latent.to(dtype=torch.float32).to("cpu", non_blocking=cuda)  # into page-locked memory on CUDA
+        copied = None
+        if cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        self.store_batch()
+        self.in_flight.append((self.buf, batch, host, text, copied))
+
+    def store_batch(self) -> None:
+        """Serialise the queued batch into its shard buffer once its latents are on the host."""
+        if not self.in_flight:
+            return
+        into, batch, latent, text, copied = self.in_flight.pop()
+        if copied is not None:
+            copied.synchronize()
+        if text is not None:
+            text = self._cached_text(into, batch, *text)
+        into.stats.update(latent)
+        items, windows = self.run.items, self.run.windows
+        for b, (p, lat) in enumerate(zip(batch, latent.unbatch())):
+            item = items[p["index"]]
+            rate = "unknown" if p["source_fps"] is None else f"{_rate(p['source_fps']):g}"
+            into.source_fps[rate] = into.source_fps.get(rate, 0) + 1
+            if p["variable_rate"] and item.key not in into.variable_rate:
+                into.variable_rate.append(item.key)
+            if p["class_id"] >= 0:
+                into.class_counts[p["class_id"]] = into.class_counts.get(p["class_id"], 0) + 1
+            meta = _sample_meta(p, item, self.run.cfg, self.run.signature, windows)
+            into.samples.append(shards.encode_sample(lat, meta, None if text is None else text[b]))
+            into.keys.append(shards.clip_key(p["index"], p["window"].start))
+
+    def _cached_text(self, into: ShardBuffer, batch: list[dict[str, Any]], emb: torch.Tensor,
+                     mask: torch.Tensor) -> list[torch.Tensor]:
+        """Each clip's caption embedding as cached in the shard, counted into ``into``; a caption cut to
+        the text encoder's length is reported once per process."""
+        # valid tokens only, (L_i, D); a clip without a caption caches none: it trains the DiT's null text
+        # (condition dropout's, what --unconditional and guidance sample with), not the empty caption's tokens
+        text = [e[m] if p["caption"] else e[:0] for e, m, p in zip(emb, mask, batch)]
+        into.text_tokens += sum(t.shape[0] for t in text)
+        cut = [p for p, full in zip(batch, mask.all(1).tolist()) if full and p["caption"]]
+        if cut and not self.warned_cut:  # once per process, at the first
+            self.warned_cut = True
+            text_encoder = self.run.text_encoder
+            log.warning("captions longer than the text encoder's %d tokens are cut to them (%s; first: %s): %d "
+                        "tokens, the rest unseen; the count is in the summary", text_encoder.max_length,
+                        text_encoder.spec, self.run.items[cut[0]["index"]].key,
+                        text_encoder.token_counts([cut[0]["caption"]])[0])
+        into.captions_cut += len(cut)
+        return text
+
+    def finish_shard(self) -> None:
+        """The shard being filled, its last batch stored, handed to the background writer."""
+        self.encode_pending()
+        self.store_batch()
+        for f in self.written:  # a failed write (disk full) stops the run at the next shard
+            if f.done():
+                f.result()
+        self.written.append(self.writer.submit(self.write, self.buf))
+
+
+def _sample_meta(p: dict[str, Any], item, cfg: ExtractConfig, signature: dict[str, Any],
+                 windows: Windows) -> dict[str, Any]:
+    """The JSON of one clip's sample (``<key>.json``): its video, caption, class and the clip spec."""
+    w = p["window"]
+    meta = {"index": p["index"], "key": item.key, "caption": p["caption"] or None,
+            "class_id": None if p["class_id"] < 0 else p["class_id"], "fps": cfg.fps,
+            "frames": cfg.frames, "height": cfg.height, "width": cfg.width,
+            "autoencoder": signature["autoencoder"], "source_fps": _rate(p["source_fps"])}
+    if item.class_name is not None:
+        meta["class_name"] = item.class_name
+    if not windows.first_only:  # several clips per video: which window this is
+        meta.update(clip=w.clip, start_frame=w.start, start_s=round(w.start_s, 6))
+    return meta
+
+
+def _rate(fps: float | None) -> float | None:
+    """A source frame rate as recorded (3 decimals: 29.97, not 29.97002997)."""
+    return None if fps is None else round(fps, 3)
