@@ -118,24 +118,35 @@ class ShardBuffer:
 
 @torch.no_grad()
 def encode_shards(run: ExtractRun, units: list[Unit], batch_size: int, workers: int, bar: tqdm,
-                  write: Callable[[ShardBuffer], None]) -> tuple[int, float | None]:
+                  write: Callable[[ShardBuffer], None]) -> tuple[int, float | None, float]:
     """Encode the clips of ``units`` (`plan_units`: this rank's shards, in order) and hand each
     shard to ``write`` when its last clip is done.
 
     One DataLoader decodes every clip of this rank (``workers`` processes, pinned memory on a GPU)
     while the encoder runs; finished shards are written by a background thread, so tar writing
-    overlaps the next shard's encoding. Batches never span shards. Returns the clips handled and when
-    (``time.perf_counter()``) the first batch went to the encoder, None if none did."""
+    overlaps the next shard's encoding. Batches never span shards. Returns the clips handled, when
+    (``time.perf_counter()``) the first batch went to the encoder (None if none did) and the seconds
+    after that the loop waited for the loader's decoded clips: the rest of its time went to encoding
+    and handing off (`_ShardEncoder.add`, whose wait for the batch before on a GPU is the device's
+    time), so a large share of waiting means decoding limits the run. No device sync is added."""
     loader = _clip_loader(run, units, batch_size, workers)
     encoder = _ShardEncoder(run, batch_size, write)
+    decoded, decode_wait = iter(loader), 0.0
     try:
-        for clip in (clip for unit in loader for clip in unit):
-            bar.update(1)
-            encoder.add(clip)
+        while True:
+            asked = time.perf_counter()
+            unit = next(decoded, None)  # blocks while the clips are being decoded
+            if encoder.first_queued is not None:  # the wait for the first batch is the fill, reported apart
+                decode_wait += time.perf_counter() - asked
+            if unit is None:
+                break
+            for clip in unit:
+                bar.update(1)
+                encoder.add(clip)
         encoder.finish()
     finally:  # on an error or a stop too: the shards handed to the writer are completed (temp name, then rename)
         encoder.writer.shutdown(wait=True)
-    return encoder.handled, encoder.first_queued
+    return encoder.handled, encoder.first_queued, decode_wait
 
 
 def _clip_loader(run: ExtractRun, units: list[Unit], batch_size: int, workers: int) -> torch.utils.data.DataLoader:

@@ -36,6 +36,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -193,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
     summary = extract(cfglib.load_yaml(args.config, ExtractConfig, args.overrides, values=flags),
                       runs.parse_allow(args.allow_change))
     if dist.is_main():
-        keys = ("written", "skipped", "shards", "clips_per_s", "steady_clips_per_s", "verify_psnr")
+        keys = ("written", "skipped", "shards", "clips_per_s", "steady_clips_per_s", "decode_wait_share",
+                "verify_psnr")
         print(json.dumps({k: summary[k] for k in keys}))
     return 0
 
@@ -297,7 +299,12 @@ def auto_workers(requested: int, device: torch.device, local_world: int) -> int:
         raise ValueError(f"--num-workers must be >= 0 or -1 (auto), got {requested}")
     if device.type != "cuda":
         return 0
-    return max(1, min(8, (os.cpu_count() or 1) // max(local_world, 1)))
+    return max(1, min(8, cores_per_rank(local_world)))
+
+
+def cores_per_rank(local_world: int) -> int:
+    """The CPU cores of this machine shared among its ``local_world`` ranks (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // max(local_world, 1))
 
 
 def auto_batch_size(requested: int, ae: Autoencoder, cfg: ExtractConfig, device: torch.device,
@@ -426,8 +433,8 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     bar = tqdm(total=n_clips, desc=f"extract r{env.rank}", unit="clip", disable=not dist.is_main())
     t0 = time.perf_counter()
     try:
-        encoded, first_queued = _extract_shards(run, units, batch, workers, bar,
-                                                write=functools.partial(_write_shard_files, run=run))
+        encoded, first_queued, decode_wait = _extract_shards(run, units, batch, workers, bar,
+                                                             write=functools.partial(_write_shard_files, run=run))
     finally:  # also on a stop: what is printed next starts on a line of its own
         bar.close()
     elapsed = time.perf_counter() - t0
@@ -436,9 +443,13 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     # fill: the wait for the first batch of decoded clips (worker start-up, first reads), paid once per
     # run; the steady rate leaves it out and is what a long extraction approaches
     fill = (first_queued - t0) if first_queued is not None else 0.0
+    steady = elapsed - fill
+    # of the steady time, the share the encode loop waited for decoded clips (None: no batch was encoded)
+    wait_share = decode_wait / steady if first_queued is not None and steady > 0 else None
     summary: dict[str, Any] = {"clips_per_s": encoded / elapsed if elapsed > 0 else 0.0,
-                               "steady_clips_per_s": encoded / (elapsed - fill) if elapsed > fill else 0.0,
-                               "fill_s": fill, "batch_size": batch, "num_workers": workers, "verify_psnr": None}
+                               "steady_clips_per_s": encoded / steady if steady > 0 else 0.0,
+                               "decode_wait_share": wait_share, "fill_s": fill, "batch_size": batch,
+                               "num_workers": workers, "verify_psnr": None}
     if dist.is_main():
         manifest = merge_and_verify(run, summary)
         report(run, summary, manifest, encoded, elapsed)
@@ -560,12 +571,40 @@ def report(run: ExtractRun, summary: dict[str, Any], manifest: Manifest, encoded
     print(f"extracted {encoded} clips in {elapsed:.1f}s on rank 0 ({summary['clips_per_s']:.2f} clips/s/rank, "
           f"{summary['steady_clips_per_s']:.2f} after the first batch); "
           f"{summary['written']} written, {summary['skipped']} skipped, {summary['shards']} shards -> {out}")
+    limit = decoding_limit(summary, encoded, cores_per_rank(run.env.world_size))
+    if limit:
+        print(limit)
     print_skipped(list(manifest.skipped))
     if summary.get("captions_cut"):
         print(f"{summary['captions_cut']} caption(s) filled the text encoder's {run.text_encoder.max_length} "
               "tokens and were cut to them: the DiT sees only their beginning")
     if not manifest.counts.written:
         _remove_empty_run(out, run.n_shards)
+
+
+DECODE_BOUND_SHARE = 0.25  # the loop waited for decoded clips this share of its steady time or more: said
+
+
+def decoding_limit(summary: dict[str, Any], encoded: int, cores: int) -> str | None:
+    """One line when decoding limited the run: the encode loop waited for decoded clips at least
+    DECODE_BOUND_SHARE of its time after the first batch (over 3 batches or more), with the figures and
+    what to do; None when the encoder was the limit."""
+    share, workers = summary["decode_wait_share"], summary["num_workers"]
+    if share is None or share < DECODE_BOUND_SHARE or encoded < 3 * summary["batch_size"]:
+        return None
+    # the workers that would decode as fast as the encoder encodes, if decoding scales with them: the
+    # encoder was busy 1 - share of the time; without workers the main process decoded for `share` of it
+    busy = max(1.0 - share, 0.01)
+    need = max(workers + 1, math.ceil(workers / busy if workers else share / busy))
+    if need <= cores:
+        advice = f"give --num-workers {need}"
+    elif workers < cores:
+        advice = f"give --num-workers {cores} and more CPU cores per rank"
+    else:
+        advice = "give each rank more CPU cores"
+    return (f"decoding limited this extraction: after the first batch the encoder waited for decoded clips "
+            f"{share:.0%} of the time on rank 0 ({workers} decoding worker(s), {cores} CPU core(s) per rank); "
+            f"about {need} worker{'s' if need > 1 else ''} would keep it busy: {advice}")
 
 
 def _shards_to_do(out: Path, n_shards: int, cfg: ExtractConfig, items: list, signature: dict, since: dict,

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -359,6 +360,66 @@ def test_summary_separates_the_fill_from_the_steady_rate(videos, tmp_path, monke
     elapsed = 7 / summary["clips_per_s"]
     assert summary["steady_clips_per_s"] == pytest.approx(7 / (elapsed - summary["fill_s"]), rel=1e-6)
     assert summary["steady_clips_per_s"] > summary["clips_per_s"]
+
+
+def test_a_decoding_limited_run_says_so_an_encoder_limited_one_does_not(videos, tmp_path, monkeypatch, capsys):
+    """When the encode loop waits for decoded clips most of its time after the first batch, the
+    summary says so in one line with the figures and what to do, and the JSON summary records the
+    share (was: nothing: a fast encoder on the GPU waited for 8 workers and the user was not told).
+    Decoding is made slow (0.1 s a clip), then encoding (0.25 s a batch): many times the real work."""
+    import time
+
+    from autoencoders.kl2d import KL2D
+    from data.sources import VideoClipDataset
+
+    read, encode = VideoClipDataset.read_windows, KL2D.encode
+
+    def slow_read(self, index, windows):
+        time.sleep(0.1)
+        return read(self, index, windows)
+
+    def slow_encode(self, video, cond=None):
+        time.sleep(0.25)
+        return encode(self, video, cond)
+
+    def run(out: str) -> tuple[list[str], dict]:
+        capsys.readouterr()
+        with pytest.warns(UserWarning, match="RANDOM weights"):
+            assert _extract(videos, tmp_path / out) == 0  # 7 clips in batches of 2, 0 workers on the CPU
+        lines = capsys.readouterr().out.splitlines()
+        return [line for line in lines if line.startswith("decoding limited")], json.loads(lines[-1])
+
+    with monkeypatch.context() as m:
+        m.setattr(VideoClipDataset, "read_windows", slow_read)
+        said, summary = run("slow-decode")
+    assert summary["decode_wait_share"] > 0.5
+    assert len(said) == 1 and re.fullmatch(
+        r"decoding limited this extraction: after the first batch the encoder waited for decoded clips \d+% of the "
+        r"time on rank 0 \(0 decoding worker\(s\), \d+ CPU core\(s\) per rank\); about \d+ workers? would keep it "
+        r"busy: give (--num-workers \d+.*|each rank more CPU cores)", said[0])
+    with monkeypatch.context() as m:
+        m.setattr(KL2D, "encode", slow_encode)
+        said, summary = run("slow-encode")
+    assert said == [] and 0 <= summary["decode_wait_share"] < extract_verb.DECODE_BOUND_SHARE
+
+
+def test_the_decoding_limit_line_names_the_workers_to_give():
+    """The workers that would keep the encoder busy (if decoding scales with them) and what to give
+    with the cores at hand; nothing below DECODE_BOUND_SHARE or over fewer than 3 batches."""
+    def line(share, workers, cores, encoded=48):
+        return extract_verb.decoding_limit({"decode_wait_share": share, "num_workers": workers, "batch_size": 8},
+                                           encoded, cores)
+
+    # h3ae-8x32x32 on the H100: 8 workers fed 162 clips/s, the encoder takes 454 (waited ~64 %)
+    assert line(0.64, 8, 16).endswith("waited for decoded clips 64% of the time on rank 0 (8 decoding worker(s), "
+                                      "16 CPU core(s) per rank); about 23 workers would keep it busy: give "
+                                      "--num-workers 16 and more CPU cores per rank")
+    assert line(0.5, 4, 16).endswith("about 8 workers would keep it busy: give --num-workers 8")
+    assert line(0.75, 0, 8).endswith("(0 decoding worker(s), 8 CPU core(s) per rank); about 3 workers would keep it "
+                                     "busy: give --num-workers 3")
+    assert line(0.4, 8, 8).endswith("about 14 workers would keep it busy: give each rank more CPU cores")
+    assert line(0.3, 0, 8).endswith("about 1 worker would keep it busy: give --num-workers 1")
+    assert line(0.2, 8, 16) is None and line(None, 8, 16) is None and line(0.9, 8, 16, encoded=23) is None
 
 
 def test_auto_workers_and_batch_size_on_the_cpu():
