@@ -143,8 +143,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="clips per encoder call (default 0 = auto: 4 on the CPU; on a GPU as many as half its free memory "
            "holds, measured on one clip, at most 64)")
     a("--num-workers", type=int,
-      help="video decoding worker processes per rank (default -1 = auto: 0 on the CPU, min(8, cores / ranks) "
-           "with a GPU)")
+      help="video decoding worker processes per rank (default -1 = auto: 0 on the CPU, min(8, usable cores / "
+           "ranks on the node) with a GPU)")
     a("--tile", help="encode large frames in blended spatial tiles: TILE or TILE:OVERLAP pixels (e.g. 512:128); "
                      "grid autoencoders only")
     a("--chunk-frames", type=int,
@@ -292,7 +292,7 @@ def _clip_spec(cfg: ExtractConfig) -> ClipSpec:
 
 def auto_workers(requested: int, device: torch.device, local_world: int) -> int:
     """``-1``: no worker processes on the CPU (the encoder needs the cores), else enough decoders
-    to feed a GPU: min(8, cores per rank)."""
+    to feed a GPU: min(8, `cores_per_rank`)."""
     if requested >= 0:
         return requested
     if requested != -1:
@@ -303,8 +303,16 @@ def auto_workers(requested: int, device: torch.device, local_world: int) -> int:
 
 
 def cores_per_rank(local_world: int) -> int:
-    """The CPU cores of this machine shared among its ``local_world`` ranks (at least 1)."""
-    return max(1, (os.cpu_count() or 1) // max(local_world, 1))
+    """The CPU cores this process may run on (a SLURM ``--cpus-per-task`` or container limit, not every
+    core of the machine) shared among the ``local_world`` ranks on this machine (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(local_world, 1))
+
+
+def local_ranks(env: dist.DistEnv) -> int:
+    """The ranks of this run on this machine: torchrun's ``LOCAL_WORLD_SIZE``, else all of them."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(local) if local.isdigit() and int(local) > 0 else env.world_size
 
 
 def auto_batch_size(requested: int, ae: Autoencoder, cfg: ExtractConfig, device: torch.device,
@@ -424,7 +432,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     run = set_up(cfg, allow_change)
     todo = plan_shards(run)
     cfg, env = run.cfg, run.env
-    workers = auto_workers(cfg.num_workers, run.device, env.world_size)
+    workers = auto_workers(cfg.num_workers, run.device, local_ranks(env))
     batch = auto_batch_size(cfg.batch_size, run.ae, cfg, run.device, run.dtype, run.ae.text_dim) if todo else 1
     S = cfg.shard_size
     units = plan_units(run.clips, [i for j in todo for i in range(j * S, min((j + 1) * S, len(run.items)))],
@@ -571,7 +579,7 @@ def report(run: ExtractRun, summary: dict[str, Any], manifest: Manifest, encoded
     print(f"extracted {encoded} clips in {elapsed:.1f}s on rank 0 ({summary['clips_per_s']:.2f} clips/s/rank, "
           f"{summary['steady_clips_per_s']:.2f} after the first batch); "
           f"{summary['written']} written, {summary['skipped']} skipped, {summary['shards']} shards -> {out}")
-    limit = decoding_limit(summary, encoded, cores_per_rank(run.env.world_size))
+    limit = decoding_limit(summary, encoded, cores_per_rank(local_ranks(run.env)))
     if limit:
         print(limit)
     print_skipped(list(manifest.skipped))

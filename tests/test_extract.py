@@ -436,6 +436,22 @@ def test_auto_workers_and_batch_size_on_the_cpu():
         auto_batch_size(-1, None, None, cpu, torch.float32, 0)
 
 
+def test_decoding_workers_count_the_cores_this_process_may_use_and_the_ranks_on_its_node(monkeypatch):
+    """A SLURM job given 4 cores of a 128-core node, 2 ranks on it out of 16: 2 decoding workers
+    each (was: min(8, 128 cores / 16 ranks of every node) = 8, on 4 cores)."""
+    from launch.dist import DistEnv
+    from launch.extract import auto_workers, cores_per_rank, local_ranks
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    env = DistEnv(rank=5, world_size=16, local_rank=1, source="torchrun")
+    assert local_ranks(env) == 2 and cores_per_rank(2) == 2
+    assert auto_workers(-1, torch.device("cuda"), local_ranks(env)) == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert local_ranks(env) == 16 and cores_per_rank(16) == 1  # no launcher said: every rank is taken as local
+
+
 def test_config_file_matches_the_flags(videos, tmp_path):
     """``ldm extract --config FILE.yaml [flags] [KEY=VALUE]`` (what demo/compare's pipeline runner
     passes under torchrun) writes what the flags write."""
