@@ -4,11 +4,13 @@ writer (`launch.extract` writes the tar and its sidecar).
 
 `plan_units` cuts the videos into loader items (a video's windows, WINDOWS_PER_READ at a time);
 `encode_shards` runs the loop: `_ShardEncoder` keeps one batch on its way to the host while the
-next is encoded, and `_sample_meta` is each sample's JSON. Batches never span shards.
+next is encoded, and `_sample_meta` is each sample's JSON. Batches never span shards. The loop
+measures how long it waited for decoded clips; `decoding_limit` says when that limited the run.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -147,6 +149,31 @@ def encode_shards(run: ExtractRun, units: list[Unit], batch_size: int, workers: 
     finally:  # on an error or a stop too: the shards handed to the writer are completed (temp name, then rename)
         encoder.writer.shutdown(wait=True)
     return encoder.handled, encoder.first_queued, decode_wait
+
+
+DECODE_BOUND_SHARE = 0.25  # the loop waited for decoded clips this share of its steady time or more: said
+
+
+def decoding_limit(summary: dict[str, Any], encoded: int, cores: int) -> str | None:
+    """One line when decoding limited the run: the encode loop waited for decoded clips at least
+    DECODE_BOUND_SHARE of its time after the first batch (over 3 batches or more), with the figures and
+    what to do; None when the encoder was the limit."""
+    share, workers = summary["decode_wait_share"], summary["num_workers"]
+    if share is None or share < DECODE_BOUND_SHARE or encoded < 3 * summary["batch_size"]:
+        return None
+    # the workers that would decode as fast as the encoder encodes, if decoding scales with them: the
+    # encoder was busy 1 - share of the time; without workers the main process decoded for `share` of it
+    busy = max(1.0 - share, 0.01)
+    need = max(workers + 1, math.ceil(workers / busy if workers else share / busy))
+    if need <= cores:
+        advice = f"give --num-workers {need}"
+    elif workers < cores:
+        advice = f"give --num-workers {cores} and more CPU cores per rank"
+    else:
+        advice = "give each rank more CPU cores"
+    return (f"decoding limited this extraction: after the first batch the encoder waited for decoded clips "
+            f"{share:.0%} of the time on rank 0 ({workers} decoding worker(s), {cores} CPU core(s) per rank); "
+            f"about {need} worker{'s' if need > 1 else ''} would keep it busy: {advice}")
 
 
 def _clip_loader(run: ExtractRun, units: list[Unit], batch_size: int, workers: int) -> torch.utils.data.DataLoader:

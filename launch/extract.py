@@ -36,7 +36,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -58,7 +57,7 @@ from data.synth import class_space
 from data.video import VideoError, Windows, probe, read_clips
 from launch import dist, runs
 from launch.cli import Stopped, config_flag
-from launch.encode_loop import ShardBuffer, ae_cond, plan_units
+from launch.encode_loop import ShardBuffer, ae_cond, decoding_limit, plan_units
 from launch.encode_loop import encode_shards as _extract_shards  # `_extract` calls it by this name (tests wrap it)
 from ldm import config as cfglib
 from ldm.artifacts import AERecord, ClipSpec
@@ -588,31 +587,6 @@ def report(run: ExtractRun, summary: dict[str, Any], manifest: Manifest, encoded
               "tokens and were cut to them: the DiT sees only their beginning")
     if not manifest.counts.written:
         _remove_empty_run(out, run.n_shards)
-
-
-DECODE_BOUND_SHARE = 0.25  # the loop waited for decoded clips this share of its steady time or more: said
-
-
-def decoding_limit(summary: dict[str, Any], encoded: int, cores: int) -> str | None:
-    """One line when decoding limited the run: the encode loop waited for decoded clips at least
-    DECODE_BOUND_SHARE of its time after the first batch (over 3 batches or more), with the figures and
-    what to do; None when the encoder was the limit."""
-    share, workers = summary["decode_wait_share"], summary["num_workers"]
-    if share is None or share < DECODE_BOUND_SHARE or encoded < 3 * summary["batch_size"]:
-        return None
-    # the workers that would decode as fast as the encoder encodes, if decoding scales with them: the
-    # encoder was busy 1 - share of the time; without workers the main process decoded for `share` of it
-    busy = max(1.0 - share, 0.01)
-    need = max(workers + 1, math.ceil(workers / busy if workers else share / busy))
-    if need <= cores:
-        advice = f"give --num-workers {need}"
-    elif workers < cores:
-        advice = f"give --num-workers {cores} and more CPU cores per rank"
-    else:
-        advice = "give each rank more CPU cores"
-    return (f"decoding limited this extraction: after the first batch the encoder waited for decoded clips "
-            f"{share:.0%} of the time on rank 0 ({workers} decoding worker(s), {cores} CPU core(s) per rank); "
-            f"about {need} worker{'s' if need > 1 else ''} would keep it busy: {advice}")
 
 
 def _shards_to_do(out: Path, n_shards: int, cfg: ExtractConfig, items: list, signature: dict, since: dict,

@@ -371,6 +371,7 @@ def test_a_decoding_limited_run_says_so_an_encoder_limited_one_does_not(videos, 
 
     from autoencoders.kl2d import KL2D
     from data.sources import VideoClipDataset
+    from launch.encode_loop import DECODE_BOUND_SHARE
 
     read, encode = VideoClipDataset.read_windows, KL2D.encode
 
@@ -400,15 +401,16 @@ def test_a_decoding_limited_run_says_so_an_encoder_limited_one_does_not(videos, 
     with monkeypatch.context() as m:
         m.setattr(KL2D, "encode", slow_encode)
         said, summary = run("slow-encode")
-    assert said == [] and 0 <= summary["decode_wait_share"] < extract_verb.DECODE_BOUND_SHARE
+    assert said == [] and 0 <= summary["decode_wait_share"] < DECODE_BOUND_SHARE
 
 
 def test_the_decoding_limit_line_names_the_workers_to_give():
     """The workers that would keep the encoder busy (if decoding scales with them) and what to give
     with the cores at hand; nothing below DECODE_BOUND_SHARE or over fewer than 3 batches."""
+    from launch.encode_loop import decoding_limit
+
     def line(share, workers, cores, encoded=48):
-        return extract_verb.decoding_limit({"decode_wait_share": share, "num_workers": workers, "batch_size": 8},
-                                           encoded, cores)
+        return decoding_limit({"decode_wait_share": share, "num_workers": workers, "batch_size": 8}, encoded, cores)
 
     # h3ae-8x32x32 on the H100: 8 workers fed 162 clips/s, the encoder takes 454 (waited ~64 %)
     assert line(0.64, 8, 16).endswith("waited for decoded clips 64% of the time on rank 0 (8 decoding worker(s), "
