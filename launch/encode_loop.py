@@ -154,12 +154,14 @@ def encode_shards(run: ExtractRun, units: list[Unit], batch_size: int, workers: 
 DECODE_BOUND_SHARE = 0.25  # the loop waited for decoded clips this share of its steady time or more: said
 
 
-def decoding_limit(summary: dict[str, Any], encoded: int, cores: int) -> str | None:
-    """One line when decoding limited the run: the encode loop waited for decoded clips at least
-    DECODE_BOUND_SHARE of its time after the first batch (over 3 batches or more), with the figures and
-    what to do; None when the encoder was the limit."""
+def decoding_limit(summary: dict[str, Any], encoded: int, cores: int, device: torch.device) -> str | None:
+    """One line when decoding limited the run on a GPU: the encode loop waited for decoded clips at
+    least DECODE_BOUND_SHARE of its time after the first batch (over 3 batches or more), with the
+    figures and what to do; None when the encoder was the limit, and on the CPU (there decoding and
+    encoding share the cores: 0 workers is its default on purpose, more workers are no cure)."""
     share, workers = summary["decode_wait_share"], summary["num_workers"]
-    if share is None or share < DECODE_BOUND_SHARE or encoded < 3 * summary["batch_size"]:
+    if (device.type == "cpu" or share is None or share < DECODE_BOUND_SHARE
+            or encoded < 3 * summary["batch_size"]):
         return None
     # the workers that would decode as fast as the encoder encodes, if decoding scales with them: the
     # encoder was busy 1 - share of the time; without workers the main process decoded for `share` of it

@@ -578,7 +578,7 @@ def report(run: ExtractRun, summary: dict[str, Any], manifest: Manifest, encoded
     print(f"extracted {encoded} clips in {elapsed:.1f}s on rank 0 ({summary['clips_per_s']:.2f} clips/s/rank, "
           f"{summary['steady_clips_per_s']:.2f} after the first batch); "
           f"{summary['written']} written, {summary['skipped']} skipped, {summary['shards']} shards -> {out}")
-    limit = decoding_limit(summary, encoded, cores_per_rank(local_ranks(run.env)))
+    limit = decoding_limit(summary, encoded, cores_per_rank(local_ranks(run.env)), run.device)
     if limit:
         print(limit)
     print_skipped(list(manifest.skipped))

@@ -363,24 +363,24 @@ def test_summary_separates_the_fill_from_the_steady_rate(videos, tmp_path, monke
 
 
 def test_a_decoding_limited_run_says_so_an_encoder_limited_one_does_not(videos, tmp_path, monkeypatch, capsys):
-    """When the encode loop waits for decoded clips most of its time after the first batch, the
-    summary says so in one line with the figures and what to do, and the JSON summary records the
-    share (was: nothing: a fast encoder on the GPU waited for 8 workers and the user was not told).
-    Decoding is made slow (0.1 s a clip), then encoding (0.25 s a batch): many times the real work."""
+    """When the encode loop waits for decoded clips most of its time after the first batch, a GPU
+    run's summary says so in one line with the figures and what to do (not a CPU run's: its cores
+    decode and encode both), and the JSON summary records the share (was: nothing: a fast encoder on the GPU waited for 8 workers and the user was not told).
+    Decoding is made slow (0.3 s a clip), then encoding (0.5 s a batch): many times the real work."""
     import time
 
     from autoencoders.kl2d import KL2D
     from data.sources import VideoClipDataset
-    from launch.encode_loop import DECODE_BOUND_SHARE
+    from launch.encode_loop import DECODE_BOUND_SHARE, decoding_limit
 
     read, encode = VideoClipDataset.read_windows, KL2D.encode
 
     def slow_read(self, index, windows):
-        time.sleep(0.1)
+        time.sleep(0.3)
         return read(self, index, windows)
 
     def slow_encode(self, video, cond=None):
-        time.sleep(0.25)
+        time.sleep(0.5)
         return encode(self, video, cond)
 
     def run(out: str) -> tuple[list[str], dict]:
@@ -393,7 +393,9 @@ def test_a_decoding_limited_run_says_so_an_encoder_limited_one_does_not(videos, 
     with monkeypatch.context() as m:
         m.setattr(VideoClipDataset, "read_windows", slow_read)
         said, summary = run("slow-decode")
-    assert summary["decode_wait_share"] > 0.5
+    assert summary["decode_wait_share"] > DECODE_BOUND_SHARE
+    assert said == []  # on the CPU decoding and encoding share the cores: no advice to add workers there
+    said = [decoding_limit(summary, summary["written"], 8, torch.device("cuda"))]  # what a GPU run prints
     assert len(said) == 1 and re.fullmatch(
         r"decoding limited this extraction: after the first batch the encoder waited for decoded clips \d+% of the "
         r"time on rank 0 \(0 decoding worker\(s\), \d+ CPU core\(s\) per rank\); about \d+ workers? would keep it "
@@ -410,7 +412,8 @@ def test_the_decoding_limit_line_names_the_workers_to_give():
     from launch.encode_loop import decoding_limit
 
     def line(share, workers, cores, encoded=48):
-        return decoding_limit({"decode_wait_share": share, "num_workers": workers, "batch_size": 8}, encoded, cores)
+        return decoding_limit({"decode_wait_share": share, "num_workers": workers, "batch_size": 8}, encoded, cores,
+                              torch.device("cuda"))
 
     # h3ae-8x32x32 on the H100: 8 workers fed 162 clips/s, the encoder takes 454 (waited ~64 %)
     assert line(0.64, 8, 16).endswith("waited for decoded clips 64% of the time on rank 0 (8 decoding worker(s), "
@@ -422,6 +425,8 @@ def test_the_decoding_limit_line_names_the_workers_to_give():
     assert line(0.4, 8, 8).endswith("about 14 workers would keep it busy: give each rank more CPU cores")
     assert line(0.3, 0, 8).endswith("about 1 worker would keep it busy: give --num-workers 1")
     assert line(0.2, 8, 16) is None and line(None, 8, 16) is None and line(0.9, 8, 16, encoded=23) is None
+    assert decoding_limit({"decode_wait_share": 0.9, "num_workers": 0, "batch_size": 8}, 48, 8,
+                          torch.device("cpu")) is None  # the CPU's cores decode and encode both
 
 
 def test_auto_workers_and_batch_size_on_the_cpu():
