@@ -395,7 +395,8 @@ def test_a_decoding_limited_run_says_so_an_encoder_limited_one_does_not(videos, 
         said, summary = run("slow-decode")
     assert summary["decode_wait_share"] > DECODE_BOUND_SHARE
     assert said == []  # on the CPU decoding and encoding share the cores: no advice to add workers there
-    said = [decoding_limit(summary, summary["written"], 8, torch.device("cuda"))]  # what a GPU run prints
+    # what a GPU run prints from the same figures (0 workers, batches of 2: the CPU's run above)
+    said = [decoding_limit({**summary, "num_workers": 0, "batch_size": 2}, summary["written"], 8, torch.device("cuda"))]
     assert len(said) == 1 and re.fullmatch(
         r"decoding limited this extraction: after the first batch the encoder waited for decoded clips \d+% of the "
         r"time on rank 0 \(0 decoding worker\(s\), \d+ CPU core\(s\) per rank\); about \d+ workers? would keep it "
