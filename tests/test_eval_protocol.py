@@ -96,7 +96,7 @@ def test_reference_stats_are_kept_and_reused_for_another_checkpoint(files, run_d
     a later evaluation of the same clips under the same protocol reuses it (the same number, the
     reference not decoded, its skipped clips still listed); another protocol or a replaced video
     is computed afresh (was: every checkpoint decoded and featurised the whole reference again)."""
-    from launch import evaluate as ev
+    from launch import eval_clips, eval_fd
     from ldm.samplers import SamplingConfig
 
     model, ae, context = _load(run_dir)
@@ -108,21 +108,21 @@ def test_reference_stats_are_kept_and_reused_for_another_checkpoint(files, run_d
     i3d = metrics.load_i3d(files / "i3d_torchscript.pt")
     kw = dict(frames=8, height=32, width=32, num=None, i3d=i3d, inception=None, sampling=SamplingConfig(steps=1),
               batch_size=2, reference_stats=tmp_path / "stats")
-    first = ev.generation_fd(model, ae, context, str(ref), fvd_frames=8, **kw)
+    first = eval_fd.generation_fd(model, ae, context, str(ref), fvd_frames=8, **kw)
     assert first["reference_stats"]["reused"] is False and len(list((tmp_path / "stats").iterdir())) == 1
-    read, clips = [], ev._clips
-    monkeypatch.setattr(ev, "_clips", lambda input, *a: read.append(input) or clips(input, *a))
-    again = ev.generation_fd(model, ae, context, str(ref), fvd_frames=8, **kw)
+    read, clips = [], eval_clips.iter_clips
+    monkeypatch.setattr(eval_clips, "iter_clips", lambda input, *a: read.append(input) or clips(input, *a))
+    again = eval_fd.generation_fd(model, ae, context, str(ref), fvd_frames=8, **kw)
     assert again["reference_stats"] == first["reference_stats"] | {"reused": True} and read == []
     assert again["fvd"] == first["fvd"] and again["skipped"] == first["skipped"] and len(first["skipped"]) == 1
-    assert ev.generation_fd(model, ae, context, str(ref), fvd_frames=4, **kw)["reference_stats"]["reused"] is False
+    assert eval_fd.generation_fd(model, ae, context, str(ref), fvd_frames=4, **kw)["reference_stats"]["reused"] is False
     (ref / "zz-broken.mp4").write_bytes(b"still not a video, but another file")
-    assert ev.generation_fd(model, ae, context, str(ref), fvd_frames=8, **kw)["reference_stats"]["reused"] is False
+    assert eval_fd.generation_fd(model, ae, context, str(ref), fvd_frames=8, **kw)["reference_stats"]["reused"] is False
     assert read == [str(ref)] * 2 and len(list((tmp_path / "stats").iterdir())) == 3
     for f in (tmp_path / "stats").iterdir():
         f.write_bytes(b"junk")
     with pytest.raises(UserError, match="--reference-stats: .* cannot be read .*delete it"):
-        ev.generation_fd(model, ae, context, str(ref), fvd_frames=8, **kw)
+        eval_fd.generation_fd(model, ae, context, str(ref), fvd_frames=8, **kw)
     with pytest.raises(UserError, match="--reference-stats .* is a file; give a folder"):
         ldm(["eval", "gen", "--checkpoint", str(run_dir), "--reference", str(ref), "--i3d",
              str(files / "i3d_torchscript.pt"), "--fvd-frames", "8", "--reference-stats", str(f), "--output",
@@ -155,17 +155,18 @@ def test_eval_gen_records_which_weights_and_step(run_dir, tmp_path):
 def test_attribute_accuracy_comes_with_its_interval(run_dir, monkeypatch):
     """An accuracy over a few samples per prompt carries its 95% Wilson interval (was: a bare
     fraction: 4 of 4 right read as 100%, though the model's may be 51%)."""
-    from launch import evaluate as ev
+    from launch import eval_attributes
 
-    assert ev.wilson_interval(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
-    assert ev.wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
-    assert ev.wilson_interval(4, 4) == pytest.approx([0.5101, 1.0], abs=1e-4)
+    assert eval_attributes.wilson_interval(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert eval_attributes.wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert eval_attributes.wilson_interval(4, 4) == pytest.approx([0.5101, 1.0], abs=1e-4)
     with pytest.raises(ValueError):
-        ev.wilson_interval(3, 2)
+        eval_attributes.wilson_interval(3, 2)
     model, ae, context = _load(run_dir)
-    suite = ev.attribute_suite(["circle"], ["red", "blue"], ["left", "right"])
-    monkeypatch.setattr(ev, "generate", lambda *a, prompts=None, **k: torch.zeros(len(prompts), 3, 8, 32, 32))
-    r = ev.attribute_benchmark(model, ae, context, suite, per_prompt=1, frames=8, height=32, width=32)
+    suite = eval_attributes.attribute_suite(["circle"], ["red", "blue"], ["left", "right"])
+    monkeypatch.setattr(eval_attributes, "generate",
+                        lambda *a, prompts=None, **k: torch.zeros(len(prompts), 3, 8, 32, 32))
+    r = eval_attributes.attribute_benchmark(model, ae, context, suite, per_prompt=1, frames=8, height=32, width=32)
     assert r["accuracy"]["shape"] == 1.0 and r["accuracy_ci95"]["shape"] == pytest.approx([0.5101, 1.0], abs=1e-4)
 
 
@@ -184,7 +185,7 @@ def test_an_ldm_sample_folder_is_read_frame_by_frame_whatever_its_playback_fps(f
     import dataclasses
 
     from data.video import write_video
-    from launch import evaluate as ev
+    from launch import eval_fd, eval_vbench
     from ldm.artifacts import ClipSpec
 
     model, ae, context = _load(run_dir)
@@ -192,12 +193,12 @@ def test_an_ldm_sample_folder_is_read_frame_by_frame_whatever_its_playback_fps(f
     samples = tmp_path / "samples"
     samples.mkdir()
     for i, video in enumerate(sorted((files / "videos").rglob("*.mp4"))):
-        write_video(samples / f"{i:04d}.mp4", ev.read_native(video), 4)
+        write_video(samples / f"{i:04d}.mp4", eval_vbench.read_native(video), 4)
     (samples / "index.json").write_text(json.dumps([{"file": f"{i:04d}.mp4", "fps": 4} for i in range(6)]))
     torch.jit.save(torch.jit.script(StepMotion()), str(tmp_path / "motion.pt"))
     kw = dict(frames=8, height=32, width=32, num=None, i3d=metrics.load_i3d(tmp_path / "motion.pt"),
               inception=None, fvd_frames=8, samples=str(samples))
-    r = ev.generation_fd(model, ae, at8, str(files / "videos"), **kw)
+    r = eval_fd.generation_fd(model, ae, at8, str(files / "videos"), **kw)
     assert r["read_fps"] == 8.0 and r["samples_read_fps"] is None
     assert r["fvd"]["n_fake"] == 6 and r["fvd"]["fvd"] < 1e-2  # was 0.22: every other step without motion
 
@@ -244,7 +245,7 @@ def test_eval_gen_frame_change_of_each_side(files, run_dir, tmp_path):
     """``fd.frame_change`` (GEN_CLIP_METRICS): per clip, the mean grey levels (0..255) by which consecutive frames
     differ, for the reference and the generated clips; the reference's is kept with ``--reference-stats``."""
     from data.video import write_video
-    from launch import evaluate as ev
+    from launch import eval_fd
     from ldm.samplers import SamplingConfig
 
     model, ae, context = _load(run_dir)
@@ -258,10 +259,10 @@ def test_eval_gen_frame_change_of_each_side(files, run_dir, tmp_path):
     kw = dict(frames=8, height=32, width=32, num=None, i3d=metrics.load_i3d(files / "i3d_torchscript.pt"),
               inception=None, fvd_frames=8, sampling=SamplingConfig(steps=1), batch_size=2,
               reference_stats=tmp_path / "stats")
-    r = ev.generation_fd(model, ae, context, str(tmp_path / "ref"), samples=str(tmp_path / "still"), **kw)
+    r = eval_fd.generation_fd(model, ae, context, str(tmp_path / "ref"), samples=str(tmp_path / "still"), **kw)
     assert r["frame_change"] == {"reference": {"mean": pytest.approx(51.0), "std": pytest.approx(0.0), "n": 3,
                                                "infinite": 0},
                                  "generated": {"mean": 0.0, "std": 0.0, "n": 2, "infinite": 0}}
-    again = ev.generation_fd(model, ae, context, str(tmp_path / "ref"), **kw)  # sampled now, the reference kept
+    again = eval_fd.generation_fd(model, ae, context, str(tmp_path / "ref"), **kw)  # sampled now, the reference kept
     assert again["reference_stats"]["reused"] and again["frame_change"]["reference"] == r["frame_change"]["reference"]
     assert again["frame_change"]["generated"]["n"] == 3 and again["frame_change"]["generated"]["mean"] >= 0

@@ -16,7 +16,7 @@ import dit
 from data.synth import render_clip, synth_dataset
 from data.sources import list_items
 from data.video import write_video
-from launch import evaluate as ev
+from launch import eval_attributes, eval_clips, eval_fd, eval_recon, eval_vbench
 from launch.cli import main as ldm
 from ldm import config as cfglib
 from ldm import metrics
@@ -114,10 +114,10 @@ def test_frechet_distance_of_features(files):
 
 def test_position_ssim():
     per = torch.tensor([[1.0, 0.9, 0.8, 0.7, 0.6, 0.9, 0.8, 0.7, 0.6]])  # causal: frame 0 alone, groups of 4
-    out = ev.position_ssim(per, group=4, start=1)
+    out = eval_recon.position_ssim(per, group=4, start=1)
     assert out["lead"] == [1.0] and out["positions"] == pytest.approx([0.9, 0.8, 0.7, 0.6])
     with pytest.raises(ValueError):
-        ev.position_ssim(per, group=0)
+        eval_recon.position_ssim(per, group=0)
 
 
 def test_eval_recon_cli(files, tmp_path, capsys):
@@ -213,7 +213,7 @@ class _IdentityAE(autoencoders.Autoencoder):
 
 
 def test_recon_metrics_are_right_for_a_perfect_autoencoder(files):
-    r = ev.evaluate_reconstruction(_IdentityAE(), str(files / "videos"), 8, 32, 32, frame_group=2)
+    r = eval_recon.evaluate_reconstruction(_IdentityAE(), str(files / "videos"), 8, 32, 32, frame_group=2)
     assert r["ssim"]["mean"] == pytest.approx(1.0) and r["psnr_db"]["infinite"] == 6
     assert r["ssim_per_position"]["positions"] == pytest.approx([1.0, 1.0])
 
@@ -251,23 +251,26 @@ def _load(run_dir):
 
 
 def test_attribute_suite():
-    suite = ev.attribute_suite(["circle", "square"], ["red"], ["left", "right"], holdout=["red circle right"])
+    suite = eval_attributes.attribute_suite(["circle", "square"], ["red"], ["left", "right"],
+                                            holdout=["red circle right"])
     assert [s["prompt"] for s in suite] == ["a red circle moving left", "a red circle moving right",
                                             "a red square moving left", "a red square moving right"]
     assert [s["holdout"] for s in suite] == [False, True, False, False]
-    assert len(ev.attribute_suite()) == 4 * 7 * 4
+    assert len(eval_attributes.attribute_suite()) == 4 * 7 * 4
 
 
 def test_attribute_benchmark_scores_what_is_generated(run_dir, monkeypatch):
     model, ae, context = _load(run_dir)
-    suite = ev.attribute_suite(["circle", "square"], ["red", "blue"], ["left", "right"], holdout=["red circle right"])
+    suite = eval_attributes.attribute_suite(["circle", "square"], ["red", "blue"], ["left", "right"],
+                                            holdout=["red circle right"])
     def perfect(model, ae, context, prompts=None, class_ids=None, frames=8, height=32, width=32, seed=0, **kw):
         from data.synth import parse_attributes
         clips = [render_clip(parse_attributes(p), frames, height, width, seed + i) for i, p in enumerate(prompts)]
         return torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
-    monkeypatch.setattr(ev, "generate", perfect)
-    r = ev.attribute_benchmark(model, ae, context, suite, per_prompt=2, frames=8, height=32, width=32, batch_size=3)
+    monkeypatch.setattr(eval_attributes, "generate", perfect)
+    r = eval_attributes.attribute_benchmark(model, ae, context, suite, per_prompt=2, frames=8, height=32, width=32,
+                                            batch_size=3)
     assert r["accuracy"] == {"shape": 1.0, "color": 1.0, "direction": 1.0, "all": 1.0, "n": 16}
     assert r["accuracy_holdout"]["n"] == 2 and r["chance"]["color"] == 0.5 and r["chance"]["all"] == 0.125
     assert r["conditioning"] == {"text": True, "class": False}
@@ -276,8 +279,8 @@ def test_attribute_benchmark_scores_what_is_generated(run_dir, monkeypatch):
         return perfect(*a, prompts=[p.replace("red", "x").replace("blue", "red").replace("x", "blue")
                                     for p in prompts], **kw)
 
-    monkeypatch.setattr(ev, "generate", wrong_color)
-    r = ev.attribute_benchmark(model, ae, context, suite, per_prompt=1, frames=8, height=32, width=32)
+    monkeypatch.setattr(eval_attributes, "generate", wrong_color)
+    r = eval_attributes.attribute_benchmark(model, ae, context, suite, per_prompt=1, frames=8, height=32, width=32)
     assert r["accuracy"]["color"] == 0.0 and r["accuracy"]["shape"] == 1.0 and r["accuracy"]["all"] == 0.0
 
 
@@ -314,18 +317,19 @@ def test_fvd_fid_of_generated_folders(files, run_dir, tmp_path, monkeypatch):
     model, ae, context = _load(run_dir)
     i3d, inc = metrics.load_i3d(files / "i3d_torchscript.pt"), metrics.load_inception(files / "inception-2015-12-05.pt")
     kw = dict(frames=8, height=32, width=32, num=None, i3d=i3d, inception=inc, fvd_frames=8)
-    same = ev.generation_fd(model, ae, context, str(files / "videos"), samples=str(files / "videos"), **kw)
+    same = eval_fd.generation_fd(model, ae, context, str(files / "videos"), samples=str(files / "videos"), **kw)
     assert abs(same["fvd"]["fvd"]) < 1e-6 and abs(same["fid"]["fid"]) < 1e-6 and same["fid"]["n_real"] == 6 * 8
-    other = ev.generation_fd(model, ae, context, str(files / "videos"), samples=str(files / "other"), **kw)
+    other = eval_fd.generation_fd(model, ae, context, str(files / "videos"), samples=str(files / "other"), **kw)
     assert other["fvd"]["fvd"] > 1e-3 and other["fid"]["fid"] > 1e-3
-    sampled = ev.generation_fd(model, ae, context, str(files / "videos"), sampling=SamplingConfig(steps=2),
-                               **kw)  # from the captions
+    sampled = eval_fd.generation_fd(model, ae, context, str(files / "videos"), sampling=SamplingConfig(steps=2),
+                                    **kw)  # from the captions
     assert sampled["fvd"]["n_fake"] == 6 and sampled["fvd"]["fvd"] > 0
     # --use-class: a DiT conditioned on class and text samples each clip with its caption and class id
-    real, calls = ev.generate, []
-    monkeypatch.setattr(ev, "generate", lambda *a, **k: calls.append((k["prompts"], k["class_ids"])) or real(*a, **k))
-    ev.generation_fd(model, ae, context, str(files / "videos"), sampling=SamplingConfig(steps=1), use_class=True,
-                     **{**kw, "inception": None})
+    real, calls = eval_fd.generate, []
+    monkeypatch.setattr(eval_fd, "generate",
+                        lambda *a, **k: calls.append((k["prompts"], k["class_ids"])) or real(*a, **k))
+    eval_fd.generation_fd(model, ae, context, str(files / "videos"), sampling=SamplingConfig(steps=1), use_class=True,
+                          **{**kw, "inception": None})
     ids = [it.class_id for it in list_items(str(files / "videos"))]
     assert [c for _, cs in calls for c in cs] == ids and all(p for p, _ in calls) and min(ids) >= 0
 
@@ -335,14 +339,14 @@ def test_fd_reads_a_sample_folder_s_gif_twins_once(files, run_dir, tmp_path):
     samples = tmp_path / "samples"  # as `ldm sample` writes them: NNNN.mp4 + NNNN.gif
     samples.mkdir()
     for i, video in enumerate(sorted((files / "videos").rglob("*.mp4"))):
-        clip = ev.read_native(video)
+        clip = eval_vbench.read_native(video)
         write_video(samples / f"{i:04d}.mp4", clip, 8)
         write_video(samples / f"{i:04d}.gif", clip, 8)
     i3d = metrics.load_i3d(files / "i3d_torchscript.pt")
     kw = dict(frames=8, height=32, width=32, i3d=i3d, inception=None, fvd_frames=8, samples=str(samples))
-    out = ev.generation_fd(model, ae, context, str(files / "videos"), num=None, **kw)["fvd"]
+    out = eval_fd.generation_fd(model, ae, context, str(files / "videos"), num=None, **kw)["fvd"]
     assert out["n_fake"] == 6 and abs(out["fvd"]) < 1e-2  # were 12 (each clip twice)
-    assert ev.generation_fd(model, ae, context, str(files / "videos"), num=3, **kw)["fvd"]["n_fake"] == 3
+    assert eval_fd.generation_fd(model, ae, context, str(files / "videos"), num=3, **kw)["fvd"]["n_fake"] == 3
 
 
 def test_fd_with_too_few_readable_clips_is_an_entry_naming_the_skipped(files, run_dir, tmp_path):
@@ -350,10 +354,11 @@ def test_fd_with_too_few_readable_clips_is_an_entry_naming_the_skipped(files, ru
     short = tmp_path / "short"  # generated at 4 frames, evaluated at 8: every sample is skipped
     short.mkdir()
     for i, video in enumerate(sorted((files / "videos").rglob("*.mp4"))[:3]):
-        write_video(short / f"{i:04d}.mp4", ev.read_native(video)[:, :4], 8)
+        write_video(short / f"{i:04d}.mp4", eval_vbench.read_native(video)[:, :4], 8)
     i3d, inc = metrics.load_i3d(files / "i3d_torchscript.pt"), metrics.load_inception(files / "inception-2015-12-05.pt")
-    out = ev.generation_fd(model, ae, context, str(files / "videos"), frames=8, height=32, width=32, num=None, i3d=i3d,
-                           inception=inc, fvd_frames=8, samples=str(short))  # was: a covariance ValueError
+    out = eval_fd.generation_fd(model, ae, context, str(files / "videos"), frames=8, height=32, width=32, num=None,
+                                i3d=i3d, inception=inc, fvd_frames=8,
+                                samples=str(short))  # was: a covariance ValueError
     assert out["fvd"] == {"error": "FVD needs >= 2 clips on each side, got 6 reference and 0 generated (see skipped)"}
     assert "FID needs >= 2 frames" in out["fid"]["error"]
     assert len(out["skipped"]) == 3 and "too short" in out["skipped"][0]  # were lost: []
@@ -407,16 +412,17 @@ def test_fd_of_an_unconditional_dit(files, run_dir, tmp_path):
 
 def test_fd_reads_clips_at_the_training_rate(files, run_dir, monkeypatch):
     model, ae, context = _load(run_dir)
-    rates, read = [], ev._clips
-    monkeypatch.setattr(ev, "_clips", lambda input, frames, h, w, fps, num, items=None, native=None:
+    rates, read = [], eval_clips.iter_clips
+    monkeypatch.setattr(eval_clips, "iter_clips", lambda input, frames, h, w, fps, num, items=None, native=None:
                         rates.append(fps) or read(input, frames, h, w, fps, num, items, native))
     at4 = dataclasses.replace(context, video=ClipSpec(8, 32, 32, fps=4.0))  # trained on clips resampled to 4 fps
     kw = dict(frames=4, height=32, width=32, num=None, i3d=metrics.load_i3d(files / "i3d_torchscript.pt"),
               inception=None, fvd_frames=4, samples=str(files / "videos"))
-    r = ev.generation_fd(model, ae, at4, str(files / "videos"), **kw)
+    r = eval_fd.generation_fd(model, ae, at4, str(files / "videos"), **kw)
     assert rates == [4.0, 4.0] and r["read_fps"] == 4.0 and r["fvd"]["n_real"] == 6  # 8 frames at 8 fps hold 4 at 4
     rates.clear()
-    assert ev.generation_fd(model, ae, context, str(files / "videos"), **kw)["read_fps"] is None and rates == [None] * 2
+    r = eval_fd.generation_fd(model, ae, context, str(files / "videos"), **kw)
+    assert r["read_fps"] is None and rates == [None] * 2
 
 
 def test_vbench_aggregate_known_answers():
@@ -472,8 +478,9 @@ def test_vbench_bridge(run_dir, tmp_path, monkeypatch):
     (pkg / "evaluate.py").write_text(FAKE_VBENCH)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fakevb"))
     model, ae, context = _load(run_dir)
-    r = ev.vbench_bridge(model, ae, context, tmp_path / "out", info=info, dimensions=None, per_prompt=2, frames=8,
-                         height=32, width=32, sampling=SamplingConfig(steps=2), vbench_python=sys.executable)
+    r = eval_vbench.vbench_bridge(model, ae, context, tmp_path / "out", info=info, dimensions=None, per_prompt=2,
+                                  frames=8, height=32, width=32, sampling=SamplingConfig(steps=2),
+                                  vbench_python=sys.executable)
     names = sorted(p.name for p in (tmp_path / "out" / "vbench_videos").iterdir())
     assert names == ["a blue square, frozen in time-0.mp4", "a blue square, frozen in time-1.mp4",
                      "a red circle moving left-0.mp4", "a red circle moving left-1.mp4"]
@@ -483,22 +490,23 @@ def test_vbench_bridge(run_dir, tmp_path, monkeypatch):
     assert r["aggregate"]["total"] is None and r["info_sha256"]
     # a video lost (a run killed while writing) is made again from its own seed, not its place in the batch
     lost = tmp_path / "out" / "vbench_videos" / "a red circle moving left-1.mp4"
-    before = ev.read_native(lost).float()
+    before = eval_vbench.read_native(lost).float()
     lost.unlink()
-    again = ev.vbench_bridge(model, ae, context, tmp_path / "out", info=info, dimensions=["temporal_flickering"],
-                             per_prompt=2, frames=8, height=32, width=32,
-                             sampling=SamplingConfig(steps=2))  # videos reused, no vbench
+    again = eval_vbench.vbench_bridge(model, ae, context, tmp_path / "out", info=info,
+                                      dimensions=["temporal_flickering"], per_prompt=2, frames=8, height=32, width=32,
+                                      sampling=SamplingConfig(steps=2))  # videos reused, no vbench
     assert again["vbench_scores"] == {} and "not run" in again["vbench_note"]
-    assert (ev.read_native(lost).float() - before).abs().mean() < 1 / 255  # was: the seed of video 0 (~30 levels off)
+    off = (eval_vbench.read_native(lost).float() - before).abs().mean()
+    assert off < 1 / 255  # was: the seed of video 0 (~30 levels off)
     assert again["aggregate"]["raw"] == {"temporal_flickering": r["temporal_flickering_inhouse"]}
     # videos of other sampling settings are never reused: refused, or replaced when asked
     made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "vbench_videos").iterdir()}
     other = dict(info=info, dimensions=["temporal_flickering"], per_prompt=2, frames=8, height=32, width=32,
                  sampling=SamplingConfig(steps=3))
     with pytest.raises(UserError, match="holds videos of another DiT, autoencoder or sampling settings"):
-        ev.vbench_bridge(model, ae, context, tmp_path / "out", **other)
+        eval_vbench.vbench_bridge(model, ae, context, tmp_path / "out", **other)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "vbench_videos").iterdir()} == made
-    ev.vbench_bridge(model, ae, context, tmp_path / "out", replace=True, **other)
+    eval_vbench.vbench_bridge(model, ae, context, tmp_path / "out", replace=True, **other)
     assert json.loads((tmp_path / "out" / "vbench_videos.json").read_text())["sampling"]["steps"] == 3
     assert sorted(p.name for p in (tmp_path / "out" / "vbench_videos").iterdir()) == \
         ["a red circle moving left-0.mp4", "a red circle moving left-1.mp4"]
@@ -507,20 +515,20 @@ def test_vbench_bridge(run_dir, tmp_path, monkeypatch):
 def test_vbench_info_is_found_or_named(tmp_path, monkeypatch):
     """``--vbench-info`` given, else the file inside an installed ``vbench``; each miss says what to pass."""
     with pytest.raises(FileNotFoundError, match="VBench prompt info not found"):
-        ev.vbench_info_path(str(tmp_path / "none.json"))
+        eval_vbench.vbench_info_path(str(tmp_path / "none.json"))
     pkg = tmp_path / "site" / "vbench"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delitem(sys.modules, "vbench", raising=False)
     with pytest.raises(FileNotFoundError, match="the installed vbench has no VBench_full_info.json"):
-        ev.vbench_info_path(None)
+        eval_vbench.vbench_info_path(None)
     (pkg / "VBench_full_info.json").write_text("[]")
-    assert ev.vbench_info_path(None) == pkg / "VBench_full_info.json"
+    assert eval_vbench.vbench_info_path(None) == pkg / "VBench_full_info.json"
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path / "site")])
     monkeypatch.delitem(sys.modules, "vbench", raising=False)
     with pytest.raises(FileNotFoundError, match="vbench is not installed here"):
-        ev.vbench_info_path(None)
+        eval_vbench.vbench_info_path(None)
 
 
 def test_inputs_are_checked_before_overwrite_clears_the_earlier_result(files, run_dir, tmp_path):
@@ -641,13 +649,13 @@ def test_eval_recon_temporal_error_is_the_motion_a_frozen_reconstruction_loses(f
     reconstruction's frame-to-frame change differs from the clip's; a frozen decoder loses all of it."""
     from data.sources import VideoClipDataset
 
-    r = ev.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 8, 32, 32)
+    r = eval_recon.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 8, 32, 32)
     clips = [c["video"].double() for c in VideoClipDataset(list_items(files / "videos"), 8, 32, 32, None)]
     motion = [float(c.diff(dim=1).abs().mean() * 127.5) for c in clips]  # (C, T, H, W): frame to frame, grey levels
     assert r["temporal_error"]["n"] == 6 and min(motion) > 0
     assert r["temporal_error"]["mean"] == pytest.approx(np.mean(motion), rel=1e-6)
     assert r["temporal_error"]["std"] == pytest.approx(np.std(motion), rel=1e-6)
-    assert "temporal_error" not in ev.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 1, 32, 32)
+    assert "temporal_error" not in eval_recon.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 1, 32, 32)
 
 
 def test_eval_recon_information_preservation_is_iv_vae_s(files):
@@ -655,7 +663,7 @@ def test_eval_recon_information_preservation_is_iv_vae_s(files):
     [0, 1], and ``pooled``, the paper's sums over all clips (was: not measured)."""
     from data.sources import VideoClipDataset
 
-    r = ev.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 8, 32, 32)
+    r = eval_recon.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 8, 32, 32)
     clips = [(c["video"].double() + 1) / 2 for c in VideoClipDataset(list_items(files / "videos"), 8, 32, 32, None)]
     errors = [float((c - c[:, :1]).abs().sum()) for c in clips]  # the frozen decoder's: every frame as the first
     totals = [float(c.sum()) for c in clips]
@@ -669,7 +677,7 @@ def test_eval_recon_reports_a_variable_rate_autoencoder_s_vcpr_and_keyframe_accu
     as every RECON_METRICS entry (was: left out, only one clip's through `ldm reconstruct`); none for a fixed rate."""
     synth_dataset(tmp_path / "v", num=2, frames=17, size=32, fps=8, seed=0)
     ae = autoencoders.build("mtcvae-c4-debug").eval()
-    r = ev.evaluate_reconstruction(ae, str(tmp_path / "v"), 17, 32, 32, batch_size=2)
+    r = eval_recon.evaluate_reconstruction(ae, str(tmp_path / "v"), 17, 32, 32, batch_size=2)
     from data.sources import VideoClipDataset
     x = torch.stack([c["video"] for c in VideoClipDataset(list_items(tmp_path / "v"), 17, 32, 32, None)])
     with torch.no_grad():
@@ -678,7 +686,7 @@ def test_eval_recon_reports_a_variable_rate_autoencoder_s_vcpr_and_keyframe_accu
     assert r["vcpr"]["n"] == r["keyframe_accuracy"]["n"] == 2
     assert (r["vcpr"]["mean"], r["vcpr"]["std"]) == (pytest.approx(np.mean(vcpr)), pytest.approx(np.std(vcpr)))
     assert r["keyframe_accuracy"]["mean"] == pytest.approx(np.mean(acc)) and 0 <= np.mean(acc) <= 1
-    fixed = ev.evaluate_reconstruction(autoencoders.build("kl2d-f8c4-debug"), str(tmp_path / "v"), 8, 32, 32)
+    fixed = eval_recon.evaluate_reconstruction(autoencoders.build("kl2d-f8c4-debug"), str(tmp_path / "v"), 8, 32, 32)
     assert "vcpr" not in fixed and "keyframe_accuracy" not in fixed
 
 
@@ -690,8 +698,8 @@ def test_eval_recon_first_frame_is_reconstructs_image_to_video_decode(files, tmp
 
     torch.manual_seed(0)
     ae = autoencoders.build("h3ae-4x16x16-debug").eval()
-    i2v = ev.evaluate_reconstruction(ae, str(files / "videos"), 5, 32, 32, num=1, first_frame=True)
-    plain = ev.evaluate_reconstruction(ae, str(files / "videos"), 5, 32, 32, num=1)
+    i2v = eval_recon.evaluate_reconstruction(ae, str(files / "videos"), 5, 32, 32, num=1, first_frame=True)
+    plain = eval_recon.evaluate_reconstruction(ae, str(files / "videos"), 5, 32, 32, num=1)
     clip = VideoClipDataset(list_items(files / "videos"), 5, 32, 32, None)[0]["video"]
     want = [reconstruct(ae, clip, torch.device("cpu"), first_frame=f)[1]["psnr"] for f in (True, False)]
     assert (i2v["first_frame"], plain["first_frame"]) == (True, False)
@@ -725,8 +733,8 @@ def test_eval_recon_rfid(files, tmp_path, capsys):
     from data.sources import VideoClipDataset
 
     inception = metrics.load_inception(files / "inception-2015-12-05.pt")
-    r = ev.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 8, 32, 32, inception=inception)
-    perfect = ev.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 1, 32, 32, inception=inception)
+    r = eval_recon.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 8, 32, 32, inception=inception)
+    perfect = eval_recon.evaluate_reconstruction(_FrozenAE(), str(files / "videos"), 1, 32, 32, inception=inception)
     x = torch.stack([c["video"] for c in VideoClipDataset(list_items(files / "videos"), 8, 32, 32, None)])
     want = metrics.fid_accumulator(inception)
     want.update("real", x)
@@ -790,10 +798,10 @@ def test_eval_recon_native_size_reads_each_clip_at_its_own_size(files, tmp_path)
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
 
     ae = _Recording16()  # multiples of 16: 36x52 -> 32x48, 40x56 -> 32x48, 48x48 stays; the pixels themselves
-    r = ev.evaluate_reconstruction(ae, str(videos), 5, None, None, native=True, batch_size=4)
+    r = eval_recon.evaluate_reconstruction(ae, str(videos), 5, None, None, native=True, batch_size=4)
     assert [tuple(x.shape) for x in ae.seen] == [(3, 3, 5, 32, 48), (1, 3, 5, 48, 48)]
     assert r["sizes"] == {"48x48": 1, "32x48": 3} and r["psnr_db"]["infinite"] == 4
-    native = ev.read_native(videos / "3.mp4")[:, :5]  # 40x56, cropped 4 rows and 4 columns from each side
+    native = eval_vbench.read_native(videos / "3.mp4")[:, :5]  # 40x56, cropped 4 rows and 4 columns from each side
     assert torch.equal(ae.seen[0][2], native[:, :, 4:36, 4:52])
     with pytest.raises(UserError, match="^--native-size reads each clip at its own size; leave out --height"):
         ldm(["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(videos), "--native-size",
