@@ -332,6 +332,65 @@ def test_read_clips_window_past_the_end_fails_alone(long_clip):
 
 
 # ---------------------------------------------------------------------------------------------
+# the clip tensors are pinned: a faster decode path must give the same bits as the plain one
+
+def _reference_clip(src: bytes, frames: int, height: int, width: int) -> torch.Tensor:
+    """The plain decode: the first ``frames`` frames, each to RGB by its own ``to_ndarray``,
+    frames of one size as one float32 batch resized to cover (antialiased) and center-cropped, the
+    clip scaled to [-1, 1] at once."""
+    with av.open(io.BytesIO(src)) as c:
+        rgb = [f.to_ndarray(format="rgb24") for _, f in zip(range(frames), c.decode(video=0))]
+    out = torch.empty(frames, 3, height, width)
+    for size in {f.shape for f in rgb}:
+        idx = [i for i, f in enumerate(rgb) if f.shape == size]
+        x = torch.from_numpy(np.stack([rgb[i] for i in idx])).float().permute(0, 3, 1, 2)   # (n, 3, h, w)
+        h, w = size[:2]
+        nh, nw = max(height, round(h * max(height / h, width / w))), max(width, round(w * max(height / h, width / w)))
+        if (nh, nw) != (h, w):
+            x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (nh - height) // 2, (nw - width) // 2
+        out[idx] = x[..., top:top + height, left:left + width]
+    return (out.clamp(0, 255) / 127.5 - 1.0).permute(1, 0, 2, 3)                 # (3, T, H, W)
+
+
+def _textured_ts(parts: list[tuple[int, int, int]]) -> bytes:
+    """MPEG-TS of random frames whose size changes between parts ``(frames, height, width)``."""
+    rng, data, first = np.random.default_rng(0), b"", 0
+    for n, h, w in parts:
+        buf = io.BytesIO()
+        with av.open(buf, "w", format="mpegts") as c:
+            s = c.add_stream("libx264", rate=8)
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+            for i in range(n):
+                frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), format="rgb24")
+                frame.pts, frame.time_base = first + i, Fraction(1, 8)
+                c.mux(s.encode(frame))
+            c.mux(s.encode(None))
+        data, first = data + buf.getvalue(), first + n + 8    # the next part starts clearly later
+    return data
+
+
+@pytest.mark.parametrize("kind, frames, height, width", [
+    ("mp4", 6, 32, 48),        # the target size: no resize
+    ("mp4", 6, 20, 20),        # resized (antialiased) and center-cropped
+    ("gif", 5, 16, 16),        # palette frames
+    ("ts", 6, 24, 24),         # the resolution changes midway
+])
+def test_clips_are_bit_identical_to_the_plain_decode(kind, frames, height, width):
+    """Whatever the reader does to be fast (one swscale context for all frames, resizing frame by
+    frame), its clips keep the plain decode's bits: at the target size, resized, from palette
+    frames, across a resolution change."""
+    rng = np.random.default_rng(1)
+    textured = rng.integers(0, 256, (6, 32, 48, 3), dtype=np.uint8)
+    src = (encode_video(textured, fps=8, format=kind) if kind != "ts"
+           else _textured_ts([(3, 32, 48), (3, 40, 40)]))
+    clip = read_video(src, frames, height, width)
+    assert clip.dtype == torch.float32 and clip.shape == (3, frames, height, width)
+    assert torch.equal(clip, _reference_clip(src, frames, height, width))
+    assert torch.equal(read_clips(src, frames, height, width, None, [0])[0], clip)
+
+
+# ---------------------------------------------------------------------------------------------
 # rotation metadata (phone videos)
 # ---------------------------------------------------------------------------------------------
 def portrait() -> np.ndarray:
