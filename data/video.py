@@ -410,14 +410,13 @@ def _to_clip(picked: list[np.ndarray], height: int, width: int) -> Tensor:
         out /= 127.5
         out -= 1.0
         return torch.from_numpy(out)
-    # resize frames of one size together (a stream may change resolution midway)
-    x = torch.empty(len(picked), 3, height, width)
-    sizes = {f.shape for f in picked}
-    for size in sizes:
-        idx = [i for i, f in enumerate(picked) if f.shape == size]
-        group = torch.from_numpy(np.stack([picked[i] for i in idx])).float()       # (n, h, w, 3)
-        x[idx] = resize_center_crop(rearrange(group, "n h w c -> n c h w"), height, width)  # (n, 3, H, W)
-    return rearrange(x.clamp_(0, 255) / 127.5 - 1.0, "t c h w -> c t h w").contiguous()  # (3, T, H, W)
+    # resized one frame at a time (a stream may also change resolution midway): the float32 copy of
+    # a whole clip at its source size, several times the clip, cost about twice as much in all
+    clip = torch.from_numpy(np.empty((3, len(picked), height, width), dtype=np.float32))  # (3, T, H, W)
+    for t, frame in enumerate(picked):
+        x = torch.from_numpy(frame).float().permute(2, 0, 1)                 # (3, h, w)
+        clip[:, t] = resize_center_crop(x[None], height, width)[0].clamp_(0, 255) / 127.5 - 1.0
+    return clip
 
 
 def _check_size(frames: int, height: int, width: int, fps: float | None) -> None:
