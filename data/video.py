@@ -625,30 +625,45 @@ VFR_PACKETS = 64  # frame_timing looks at the timestamps of this many frames fro
 
 def frame_timing(src: str | Path | bytes, packets: int = VFR_PACKETS) -> tuple[float | None, bool]:
     """``(native frame rate, variable)`` from the container alone (demuxing, no decoding): the rate as
-    `probe` gives it (a GIF's from its delays), and whether the gaps between the first ``packets``
-    frames' timestamps differ by more than 10 % (plus one tick of rounding) of their median: a
-    variable frame rate (phone / screen recordings), whose frames read at the native rate are not
-    evenly spaced in time. A video without timestamps counts as constant."""
+    `probe` gives it (`_source_rate`), and whether the first ``packets`` frames are unevenly spaced
+    (`_variable_rate`). A video whose packets cannot be read counts as constant."""
     container, stream = _open(src)
     try:
-        rate, pts = _native_fps(stream), []
-        for p in container.demux(stream):
-            if p.size > 0 and p.pts is not None:
-                pts.append(p.pts)
-            if len(pts) == packets:
-                break
-    except _AV_ERRORS:
-        return rate, False
+        rate, pts = _source_rate(src, stream), []
+        try:
+            for p in container.demux(stream):
+                if p.size > 0 and p.pts is not None:
+                    pts.append(p.pts)
+                if len(pts) == packets:
+                    break
+        except _AV_ERRORS:
+            return rate, False
     finally:
         container.close()
-    pts.sort()  # decode order -> presentation order (B-frames)
+    return rate, _variable_rate(pts)
+
+
+def _source_rate(src: str | Path | bytes, stream: Any) -> float | None:
+    """A video's native frame rate as `probe` gives it: the header's, but a GIF's from its frames
+    and duration (`probe` reads them)."""
+    if stream.codec_context.name != "gif":
+        return _native_fps(stream)
+    try:
+        return probe(src)["fps"]
+    except VideoError:
+        return _native_fps(stream)
+
+
+def _variable_rate(pts: list[int]) -> bool:
+    """Whether the gaps between these frame timestamps differ by more than 10 % (plus one tick of
+    rounding) of their median: a variable frame rate (phone / screen recordings), whose frames read
+    at the native rate are not evenly spaced in time. Without timestamps: constant."""
+    pts = sorted(pts)  # decode order -> presentation order (B-frames)
     steps = [b - a for a, b in zip(pts, pts[1:]) if b > a]
     if not steps:
-        return rate, False
-    if stream.codec_context.name == "gif" and stream.time_base is not None:
-        rate = len(steps) / float(sum(steps) * stream.time_base)
+        return False
     mid = sorted(steps)[len(steps) // 2]
-    return rate, any(abs(step - mid) > 0.1 * mid + 1 for step in steps)
+    return any(abs(step - mid) > 0.1 * mid + 1 for step in steps)
 
 
 def _track_duration(stream: Any) -> float | None:

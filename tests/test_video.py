@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import data.video as video_mod
-from data.video import (VideoError, Window, Windows, encode_video, output_frames, plan_windows, probe, read_clips,
-                        read_video, resize_center_crop, upright_size, video_to_uint8, write_frames, write_video)
+from data.video import (VideoError, Window, Windows, encode_video, frame_timing, output_frames, plan_windows, probe,
+                        read_clips, read_video, resize_center_crop, upright_size, video_to_uint8, write_frames,
+                        write_video)
 
 STEP = 10  # frame i is filled with gray level i * STEP, so decoded pixels say which frame came back
 
@@ -73,6 +74,15 @@ def test_gif_round_trip(tmp_path):
     assert info["codec"] == "gif" and info["frames"] == 12 and info["fps"] == pytest.approx(10)
     assert frame_indices(read_video(path, 12, 32, 48)) == list(range(12))
     assert frame_indices(read_video(path, 6, 32, 48, fps=5)) == [0, 2, 4, 6, 8, 10]
+
+
+def test_frame_timing_gives_a_gifs_rate_as_probe_does(tmp_path):
+    """One GIF rate, its frames over its duration (was: frame_timing had its own, from the gaps
+    between the first frames: 30.4 fps where probe says 29.6 for 8 frames at 30 fps, 27 cs)."""
+    path = tmp_path / "clip.gif"
+    write_frames(path, indexed_frames(8), fps=30)                  # delays 3, 4, 3, 3, 4, 3, 3, 4 cs
+    assert frame_timing(path) == (probe(path)["fps"], False)
+    assert probe(path)["fps"] == pytest.approx(8 / 0.27)
 
 
 def test_write_video_float_round_trip(tmp_path):
