@@ -78,7 +78,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.manifest import MANIFEST
-from data.video import VideoError, Window, Windows, frame_timing, plan_windows, read_clips, read_video
+from data.video import VideoError, Window, Windows, plan_windows, read_clips_timed, read_video
 from ldm.errors import MissingInput, UserError
 
 log = logging.getLogger(__name__)
@@ -750,9 +750,9 @@ class VideoClipDataset(Dataset):
         ``self[index]`` per window, or the VideoError of a window the video cannot give. Raises
         VideoError when the video cannot be read at all. ``[Window(0, 0, 0.0)]`` gives exactly
         ``self[index]``'s clip; each dict also has the video's ``source_fps`` and ``variable_rate``
-        (`data.video.frame_timing`)."""
+        (`data.video.frame_timing`, from the same opening of the video: `data.video.read_clips_timed`)."""
         src = self.items[index].readable()
-        clips = read_clips(src, self.frames, self.height, self.width, self.fps, [w.start for w in windows])
-        source_fps, variable = frame_timing(src)
+        clips, (source_fps, variable) = read_clips_timed(src, self.frames, self.height, self.width, self.fps,
+                                                         [w.start for w in windows])
         return [c if isinstance(c, VideoError) else
                 {**self._fields(index, c), "source_fps": source_fps, "variable_rate": variable} for c in clips]

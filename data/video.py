@@ -30,7 +30,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -259,12 +259,39 @@ class _Reader:
         self._skip_to: float | None = None  # after a seek: drop frames up to here (already returned)
         self.error: VideoError | None = None
         self._ahead: _Decoded | None = None
-        self._frames = self.container.decode(self.stream)
+        self.pts: list[int] | None = []     # the first packets' timestamps (`timing`); None after a seek
+        self._packets = self.container.demux(self.stream)
+        self._frames = self._decoded()
         self.convert = VideoReformatter()
 
     def close(self) -> None:
         self._frames.close()
         self.container.close()
+
+    def _decoded(self) -> Iterator[Any]:
+        """``container.decode(stream)``, its packets' timestamps noted on the way (`timing`)."""
+        for packet in self._packets:
+            self._note(packet)
+            yield from packet.decode()
+
+    def _note(self, packet: Any) -> None:
+        if self.pts is not None and len(self.pts) < VFR_PACKETS and packet.size > 0 and packet.pts is not None:
+            self.pts.append(packet.pts)
+
+    def timing(self) -> tuple[float | None, bool]:
+        """`frame_timing` of the video, from the packets demuxed so far and the next ones (demuxed,
+        not decoded) instead of opening the video again; after a seek or an error, `frame_timing`."""
+        if self.pts is None or self.error is not None:
+            return frame_timing(self.src)
+        try:
+            while len(self.pts) < VFR_PACKETS:
+                packet = next(self._packets, None)
+                if packet is None:
+                    break
+                self._note(packet)
+        except _AV_ERRORS:
+            return frame_timing(self.src)
+        return _source_rate(self.src, self.stream), _variable_rate(self.pts)
 
     def _decode(self) -> _Decoded | None:
         try:
@@ -304,9 +331,11 @@ class _Reader:
         if not self.seekable or self.t0 is None or self.last is None:
             return
         self._frames.close()
+        self.pts = None
         try:
             self.container.seek(math.floor((t + self.t0) / float(self.stream.time_base)), stream=self.stream)
-            self._frames = self.container.decode(self.stream)
+            self._packets = self.container.demux(self.stream)
+            self._frames = self._decoded()
             landed = self._decode()
         except (*_AV_ERRORS, VideoError):
             landed = None           # the reopened reader below meets a real decoding error again
@@ -316,7 +345,8 @@ class _Reader:
             return
         self.container.close()          # landed past t (or failed): decode from the start instead
         self.container, self.stream = _open(self.src)
-        self._frames = self.container.decode(self.stream)
+        self._packets = self.container.demux(self.stream)
+        self._frames = self._decoded()
         self.seekable, self.n, self.t0, self._skip_to = False, 0, None, self.last
 
     def frames_seen(self) -> int:
@@ -475,6 +505,18 @@ def read_clips(src: str | Path | bytes, frames: int, height: int, width: int, fp
     tensor per window, or the `VideoError` of a window the video cannot give (too short, corrupt
     past that point); raises `VideoError` when the video cannot be read at all.
     """
+    return _read_clips(src, frames, height, width, fps, starts)[0]
+
+
+def read_clips_timed(src: str | Path | bytes, frames: int, height: int, width: int, fps: float | None = None,
+                     starts: Sequence[int] = (0,)) -> tuple[list[Tensor | VideoError], tuple[float | None, bool]]:
+    """`read_clips` and the video's `frame_timing`, from one opening of the video: the packets the
+    decoding demuxed give the timing (``ldm extract`` records it with every clip)."""
+    return _read_clips(src, frames, height, width, fps, starts, timing=True)
+
+
+def _read_clips(src: str | Path | bytes, frames: int, height: int, width: int, fps: float | None,
+                starts: Sequence[int], timing: bool = False) -> tuple[list[Tensor | VideoError], Any]:
     _check_size(frames, height, width, fps)
     starts = [int(s) for s in starts]
     if not starts or starts[0] < 0 or any(b <= a for a, b in zip(starts, starts[1:])):
@@ -489,8 +531,9 @@ def read_clips(src: str | Path | bytes, frames: int, height: int, width: int, fp
             if reader.native is None and starts != [0]:
                 raise VideoError(f"unknown frame rate: cannot place windows after the first in {reader.name}")
             windows = _pick_consecutive(reader, [s / reader.native if s else 0.0 for s in starts], frames)
-        return [_to_clip([p.rgb() for p in w], height, width) if len(w) == frames
-                else _failure(reader, frames, fps, s / (fps or reader.native or 1.0)) for s, w in zip(starts, windows)]
+        clips = [_to_clip([p.rgb() for p in w], height, width) if len(w) == frames
+                 else _failure(reader, frames, fps, s / (fps or reader.native or 1.0)) for s, w in zip(starts, windows)]
+        return clips, (reader.timing() if timing else None)
     finally:
         reader.close()
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import data.video as video_mod
 from data.sources import ItemList, VideoClipDataset, VideoItem, list_items
 from data.synth import synth_dataset
 from data.video import VideoError, Window, Windows, check_video, encode_video, probe, read_video, write_frames
@@ -181,7 +182,7 @@ def test_video_clip_dataset(folder, tmp_path):
         VideoClipDataset([gone], 4, 16, 16)[0]
 
 
-def test_video_clip_dataset_windows(tmp_path):
+def test_video_clip_dataset_windows(tmp_path, monkeypatch):
     frames = np.stack([np.full((32, 32, 3), 10 * i, np.uint8) for i in range(20)])
     write_frames(tmp_path / "v" / "a.mp4", frames, fps=10)
     write_frames(tmp_path / "v" / "b.mp4", frames[:3], fps=10)
@@ -196,6 +197,11 @@ def test_video_clip_dataset_windows(tmp_path):
     gray = [float(c["video"].mean() + 1) * 127.5 for c in clips]      # mean of frames s..s+3 = 10 * (s + 1.5)
     assert gray == pytest.approx([15, 95, 175], abs=3)
     assert torch.equal(ds.read_windows(0, [Window(0, 0, 0.0)])[0]["video"], ds[0]["video"])
+    opened = []
+    real_open = video_mod._open
+    monkeypatch.setattr(video_mod, "_open", lambda src: opened.append(src) or real_open(src))
+    first = ds.read_windows(0, [Window(0, 0, 0.0)])[0]
+    assert len(opened) == 1 and (first["source_fps"], first["variable_rate"]) == (10.0, False)  # was: opened twice
     gone = VideoClipDataset([VideoItem(key="gone", path=tmp_path / "gone.mp4")], 4, 16, 16)
     assert gone.plan(0, Windows()) == [Window(0, 0, 0.0)]
     with pytest.raises(VideoError, match="file not found"):

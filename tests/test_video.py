@@ -14,8 +14,8 @@ import torch
 
 import data.video as video_mod
 from data.video import (VideoError, Window, Windows, encode_video, frame_timing, output_frames, plan_windows, probe,
-                        read_clips, read_video, resize_center_crop, upright_size, video_to_uint8, write_frames,
-                        write_video)
+                        read_clips, read_clips_timed, read_video, resize_center_crop, upright_size, video_to_uint8,
+                        write_frames, write_video)
 
 STEP = 10  # frame i is filled with gray level i * STEP, so decoded pixels say which frame came back
 
@@ -513,6 +513,40 @@ def test_variable_frame_rate_mkv_windows_follow_the_timestamps(tmp_path):
     windows = plan_windows(str(path), 9, 10, Windows(2))
     assert [w.start for w in windows] == [0, 4]
     assert all(isinstance(c, torch.Tensor) for c in read_clips(str(path), 9, 16, 16, 10, [w.start for w in windows]))
+
+
+def _vfr_mkv(path) -> str:
+    """10 frames 1/30 s apart, then 10 frames 1/10 s apart (a phone slowing down in the dark)."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i, frame in enumerate(indexed_frames(20)):
+            f = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            f.pts, f.time_base = round(1000 * (i / 30 if i < 10 else 1 / 3 + (i - 10) / 10)), Fraction(1, 1000)
+            out.mux(stream.encode(f))
+        out.mux(stream.encode())
+    return str(path)
+
+
+def test_read_clips_timed_opens_the_video_once(tmp_path, long_clip, monkeypatch):
+    """The frame timing `ldm extract` records with each clip comes from the packets its decoding
+    demuxed (was: `frame_timing` opened every video a second time, ~15 % of a small clip's time);
+    after a seek it is read as before. Clips and timing are those of `read_clips` + `frame_timing`."""
+    gif = tmp_path / "clip.gif"
+    write_frames(gif, indexed_frames(8), fps=30)
+    opened = []
+    real_open = video_mod._open
+    monkeypatch.setattr(video_mod, "_open", lambda src: opened.append(src) or real_open(src))
+    for src, starts, opens in [(long_clip, [0], 1), (_vfr_mkv(tmp_path / "vfr.mkv"), [0], 1),
+                               (str(gif), [0], 2),             # + probe, for a GIF's rate
+                               (long_clip, [0, 100], 2)]:      # sought to the second window: + frame_timing
+        expected, plain = frame_timing(src), read_clips(src, 8, 16, 16, None, starts)
+        opened.clear()
+        clips, timing = read_clips_timed(src, 8, 16, 16, None, starts)
+        assert timing == expected and len(opened) == opens
+        assert all(torch.equal(a, b) for a, b in zip(clips, plain)) and len(clips) == len(starts)
+    assert frame_timing(tmp_path / "vfr.mkv") == (30.0, True)
 
 
 def noise_video(path, codec: str, **options: str) -> bytes:
