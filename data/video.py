@@ -13,8 +13,9 @@ a ``(C=3, T, H, W)`` float32 tensor in [-1, 1]:
    exactly), and center-cropped.
 
 ``read_clips`` gives several windows of one video in one decoding pass (seeking over the gaps where
-the container allows it); `Windows` says which windows (``--clips-per-video K`` / ``--clip-stride
-S``) and `plan_windows` places them from the container header.
+the container allows it; ``read_clips_timed`` adds the video's `frame_timing` from the same opening);
+`Windows` says which windows (``--clips-per-video K`` / ``--clip-stride S``) and `plan_windows`
+places them from the container header.
 
 Anything that cannot give the requested clip raises `VideoError` whose message starts with the
 reason (``"not a readable video"``, ``"no video stream"``, ``"zero frames"``, ``"too short"``,
