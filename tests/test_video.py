@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -361,6 +363,24 @@ def _reference_clip(src: bytes, frames: int, height: int, width: int) -> torch.T
         top, left = (nh - height) // 2, (nw - width) // 2
         out[idx] = x[..., top:top + height, left:left + width]
     return (out.clamp(0, 255) / 127.5 - 1.0).permute(1, 0, 2, 3)                 # (3, T, H, W)
+
+
+def test_decoding_workers_share_the_cores(tmp_path, monkeypatch):
+    """A large frame's decoder in one of N DataLoader workers gets ``cores // N`` threads (was: one
+    per core in every worker; frame threads decode ahead of a clip that stops early). Same frames."""
+    path = tmp_path / "large.mp4"
+    write_frames(path, np.random.default_rng(0).integers(0, 256, (3, 360, 640, 3), dtype=np.uint8), fps=8)
+
+    def threads() -> int:
+        container, stream = video_mod._open(path)
+        container.close()
+        return stream.codec_context.thread_count
+
+    plain = read_video(path, 3, 36, 64)
+    assert threads() == 0                                           # the main process: FFmpeg's choice
+    monkeypatch.setattr(video_mod, "get_worker_info", lambda: SimpleNamespace(num_workers=4))
+    assert threads() == max(1, (os.cpu_count() or 1) // 4)
+    assert torch.equal(read_video(path, 3, 36, 64), plain)
 
 
 def _textured_ts(parts: list[tuple[int, int, int]]) -> bytes:
