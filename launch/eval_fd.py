@@ -118,10 +118,12 @@ def reference_stats_file(folder: Path, items: Sequence[VideoItem], accs: dict[st
                          frames: int, height: int, width: int, fps: float | None) -> Path:
     """The file in ``folder`` for the statistics of these reference clips (each one's file, size and
     modification time), read at this clip size and rate, under each extractor's protocol (its
-    weights' sha256 included): ``<sha256 of all that>.safetensors``."""
+    weights' sha256 included), with the clip metrics it holds (a metric added to `GEN_CLIP_METRICS`
+    gives another file, so its reference side is measured): ``<sha256 of all that>.safetensors``."""
     key = {"version": REFERENCE_STATS_VERSION, "clips": [_item_stamp(it) for it in items], "frames": frames,
            "height": height, "width": width, "fps": fps,
-           "features": {name: acc.describe() for name, acc in sorted(accs.items())}}
+           "features": {name: acc.describe() for name, acc in sorted(accs.items())},
+           "clip_metrics": sorted(GEN_CLIP_METRICS)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return folder / f"{digest[:32]}.safetensors"
 

@@ -266,3 +266,19 @@ def test_eval_gen_frame_change_of_each_side(files, run_dir, tmp_path):
     again = eval_fd.generation_fd(model, ae, context, str(tmp_path / "ref"), **kw)  # sampled now, the reference kept
     assert again["reference_stats"]["reused"] and again["frame_change"]["reference"] == r["frame_change"]["reference"]
     assert again["frame_change"]["generated"]["n"] == 3 and again["frame_change"]["generated"]["mean"] >= 0
+
+
+def test_kept_reference_statistics_follow_the_clip_metrics(tmp_path, monkeypatch):
+    """A metric added to `GEN_CLIP_METRICS` names another reference-statistics file, so its
+    reference side is measured (was: the kept file was reused and the new metric had no reference
+    side, unsaid)."""
+    from data.sources import VideoItem
+    from launch import eval_fd
+
+    video = tmp_path / "a.mp4"
+    video.write_bytes(b"not decoded here")
+    items = [VideoItem(key="a", path=video)]
+    before = eval_fd.reference_stats_file(tmp_path / "stats", items, {}, 8, 32, 32, None)
+    assert eval_fd.reference_stats_file(tmp_path / "stats", items, {}, 8, 32, 32, None) == before
+    monkeypatch.setitem(eval_fd.GEN_CLIP_METRICS, "brightness", (lambda clips: clips.mean((1, 2, 3, 4)), 1))
+    assert eval_fd.reference_stats_file(tmp_path / "stats", items, {}, 8, 32, 32, None) != before
