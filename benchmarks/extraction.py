@@ -13,6 +13,8 @@ Prints, per autoencoder:
   the same for the steady rate, which leaves out the fill (the wait for the first batch of decoded
   clips: worker start-up and first reads, paid once per run, so a run of a few batches understates
   what a long extraction reaches);
+  the share of the steady time the encode loop waited for decoded clips (`decode_wait_share`: high
+  means decoding, not the encoder, sets the rate);
   the speed-up of workers and of batching over the first (workers, batch) pair;
 - the shard reader's samples/s (decode + validate + collate) with 0 and 2 DataLoader workers, and
   reader / extraction (how many times faster a trainer can read latents than make them).
@@ -123,7 +125,8 @@ def main() -> None:
                     runs.append({"workers": w, "workers_used": summary["num_workers"], "batch": b,
                                  "extract_clips_per_s": rate, "wall_clips_per_s": wall,
                                  "efficiency_vs_encode": rate / encode[b], "fill_s": summary["fill_s"],
-                                 "steady_clips_per_s": steady, "steady_efficiency_vs_encode": steady / encode[b]})
+                                 "steady_clips_per_s": steady, "steady_efficiency_vs_encode": steady / encode[b],
+                                 "decode_wait_share": summary["decode_wait_share"]})
             base = next(r["extract_clips_per_s"] for r in runs
                         if r["workers"] == worker_counts[0] and r["batch"] == batch_sizes[0])
             for r in runs:
@@ -147,11 +150,12 @@ def main() -> None:
                                                         for w, v in r["decode_clips_per_s"].items())
               + "; encode alone " + ", ".join(f"{v:.1f} clip/s (batch {b})" for b, v in r["encode_clips_per_s"].items()))
         print(f"  {'workers':>7s} {'batch':>5s} {'extract clip/s':>14s} {'(wall)':>7s} {'vs encode':>9s} {'speed-up':>8s} "
-              f"{'fill s':>6s} {'steady':>7s} {'vs encode':>9s}")
+              f"{'fill s':>6s} {'steady':>7s} {'vs encode':>9s} {'waited':>6s}")
         for x in r["extract"]:
             print(f"  {x['workers']:7d} {x['batch']:5d} {x['extract_clips_per_s']:14.1f} {x['wall_clips_per_s']:7.1f} "
                   f"{x['efficiency_vs_encode']:9.2f} {x['speedup']:7.2f}x {x['fill_s']:6.2f} "
-                  f"{x['steady_clips_per_s']:7.1f} {x['steady_efficiency_vs_encode']:9.2f}")
+                  f"{x['steady_clips_per_s']:7.1f} {x['steady_efficiency_vs_encode']:9.2f} "
+                  f"{'-' if x['decode_wait_share'] is None else format(x['decode_wait_share'], '6.0%'):>6s}")
         print(f"  reader {r['reader_samples_per_s_w0']:.1f} / {r['reader_samples_per_s_w2']:.1f} samples/s "
               f"(0 / 2 workers): {r['reader_over_extract']:.1f}x the best extraction")
 

@@ -100,8 +100,9 @@ for A in $EX_AES; do
   timeout $(left $LIM) $PY benchmarks/extraction.py --device $DEV $EX_ARGS --autoencoders $A --json 2>/dev/null \
     | grep -v "^extracted" > "$OUT/extraction-$A.json"
   $PY -c "import json, sys; r = json.load(open(sys.argv[1]))[0]; print(r['autoencoder'], 'encode', r['encode_clips_per_s'], \
-'extract (workers, clips/s, vs encode, fill s, steady vs encode)', [(e['workers'], round(e['extract_clips_per_s'], 1), \
-round(e['efficiency_vs_encode'], 2), round(e['fill_s'], 2), round(e['steady_efficiency_vs_encode'], 2)) for e in r['extract']])" \
+'extract (workers, clips/s, vs encode, fill s, steady vs encode, waited for decoding)', [(e['workers'], \
+round(e['extract_clips_per_s'], 1), round(e['efficiency_vs_encode'], 2), round(e['fill_s'], 2), \
+round(e['steady_efficiency_vs_encode'], 2), e['decode_wait_share'] and round(e['decode_wait_share'], 2)) for e in r['extract']])" \
     "$OUT/extraction-$A.json" 2>/dev/null || echo "$A: no result (timed out or failed)"
 done
 fi
