@@ -28,7 +28,8 @@ from data.shards import LatentShards, collate
 from data.sources import VideoClipDataset, list_items
 from data.synth import synth_dataset
 from launch.extract import ExtractConfig, extract
-from launch.train import FlowConfig, flow_draws, flow_step_loss, sample_generators
+from launch.train_config import FlowConfig
+from launch.train_flow import flow_draws, flow_step_loss, sample_generators
 from ldm.latent import Cond, normalize
 from ldm.text import build_text_encoder
 

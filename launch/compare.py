@@ -57,8 +57,8 @@ from launch import runs
 from launch.configs import config_path
 from launch.extract import ExtractConfig, source_rates
 from launch.pipeline import Stages, run_verb
-from launch.train import TrainConfig, dit_overrides
 from launch.train_ae import TrainAEConfig
+from launch.train_config import TrainConfig, dit_overrides
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_bytes, atomic_write_json, dir_hash, file_sha256, read_json
 from ldm.errors import MissingInput, UserError, check_min, checking

@@ -53,8 +53,8 @@ from launch.configs import CONFIG_DIR
 from launch.extract import ExtractConfig
 from launch.extract import check_config as check_extract
 from launch.pipeline import Stages, run_verb
-from launch.train import TrainConfig, check_ranges
 from launch.train_ae import TrainAEConfig
+from launch.train_config import TrainConfig, check_ranges
 from ldm import config as cfglib
 from ldm.checkpoint import read_json
 from ldm.errors import UserError, check_min, checking

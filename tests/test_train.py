@@ -141,10 +141,10 @@ def test_the_step_gets_posterior_samples_at_unit_variance(latents, tmp_path, mon
     standardised with the posterior samples' std, so the DiT sees unit variance, and the zero-output
     DiT at step 1 has loss E|eps - z|^2 = 2 (was: the DataLoader rebuilt each Latent from its parts,
     dropping the logvar: the DiT trained on the means at variance ~0.02, loss ~1.04)."""
-    import launch.train as train_verb
+    import launch.train_flow as train_flow
 
-    seen, real = [], train_verb.standardized
-    monkeypatch.setattr(train_verb, "standardized", lambda latent, *a: seen.append(
+    seen, real = [], train_flow.standardized
+    monkeypatch.setattr(train_flow, "standardized", lambda latent, *a: seen.append(
         (bool(latent.logvar), real(latent, *a))) or seen[-1][1])
     summary = train(_cfg(latents, tmp_path / "r", steps=1, **{"data.num_workers": workers}))
     assert seen and all(has_logvar for has_logvar, _ in seen)
@@ -290,7 +290,7 @@ def test_prefetcher_keeps_order_and_raises_errors_at_their_item(depth):
     """The training loop's reader thread: items in order, made ``depth`` ahead (inline at 0); an error
     while making item i (a corrupt shard, a bad caption) is raised by the i-th ``next``, not lost
     in the thread and not a hang; ``close`` stops the thread."""
-    from launch.train import Prefetcher
+    from launch.train_data import Prefetcher
 
     def make(i):
         if i == 3:
@@ -781,22 +781,22 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_one_line_and_the_run_resum
                                                                                       capsys):
     """What torch.save raises when the disk fills (was: that traceback, and a half-written
     ``.step-N.tmp`` left behind)."""
-    from launch import train as train_module
+    from launch import train_checkpoint
     from launch.cli import console
-    real = train_module.save_tensors
+    real = train_checkpoint.save_tensors
 
     def full_disk(path, *args, **kwargs):
         if "step-00000004" in str(path):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 13248 vs 13142")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "save_tensors", full_disk)
+    monkeypatch.setattr(train_checkpoint, "save_tensors", full_disk)
     out = tmp_path / "r"
     argv, err = _fails_in_one_line(latents, out, capsys)
     assert err.startswith("ldm train: error: writing the checkpoint of step 4 into"), err
     assert "unexpected pos" in err and "MiB free there" in err and "run the same command to resume" in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step-00000002"]
-    monkeypatch.setattr(train_module, "save_tensors", real)
+    monkeypatch.setattr(train_checkpoint, "save_tensors", real)
     assert console(argv) == 0 and "resumed from" in capsys.readouterr().out
 
 
@@ -806,9 +806,9 @@ def test_a_full_disk_while_the_export_is_written_is_one_line_and_a_rerun_writes_
     rerun of the finished run wrote no export, and `ldm sample` read the step before's)."""
     from safetensors import SafetensorError
 
-    from launch import train as train_module
+    from launch import train_checkpoint
     from launch.cli import console
-    real = train_module.save_export
+    real = train_checkpoint.save_export
 
     calls = []
 
@@ -818,13 +818,13 @@ def test_a_full_disk_while_the_export_is_written_is_one_line_and_a_rerun_writes_
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(*args)
 
-    monkeypatch.setattr(train_module, "save_export", full_disk)
+    monkeypatch.setattr(train_checkpoint, "save_export", full_disk)
     out = tmp_path / "r"
     argv, err = _fails_in_one_line(latents, out, capsys)
     assert err.startswith("ldm train: error: writing the export of step 4 into"), err
     assert "the checkpoint of step 4 is saved" in err
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000004"
-    monkeypatch.setattr(train_module, "save_export", real)
+    monkeypatch.setattr(train_checkpoint, "save_export", real)
     assert console(argv) == 0
     saved = load_tensors(out / "checkpoints" / "step-00000004" / "ema.safetensors")
     model, _ = load_export(out)
@@ -867,7 +867,8 @@ def test_bucket_batches_cost_the_same_and_hold_no_more_tokens_than_the_cheapest(
     needs more activation memory; a shape of which one sample exceeds the budget gets 1, warned."""
     from types import SimpleNamespace
 
-    from launch.train import DataConfig, bucket_batch_sizes
+    from launch.train_config import DataConfig
+    from launch.train_data import bucket_batch_sizes
     from ldm.cost import dit_trunk_flops
 
     shapes = [{"z": [4, t, 64, 64]} for t in (1, 4, 16)]  # 1024 / 4096 / 16384 tokens at patch 2
@@ -951,7 +952,8 @@ def test_varlen_draws_do_not_depend_on_the_batch_padding():
     """A varlen sample draws the same posterior noise, timestep, flow noise and dropout uniforms
     alone (padded to its own length) as beside a longer sample (padded to that one): runs on
     different rank counts / batch sizes see identical per-sample randomness."""
-    from launch.train import FlowConfig, flow_draws, sample_generators, sample_posterior
+    from launch.train_config import FlowConfig
+    from launch.train_flow import flow_draws, sample_generators, sample_posterior
     from ldm.latent import Latent
 
     def one(n: int, seed: int) -> Latent:
@@ -974,7 +976,7 @@ def test_varlen_draws_do_not_depend_on_the_batch_padding():
 
 def test_throughput_counts_each_varlen_sample_at_its_length():
     import dit
-    from launch.train import batch_work
+    from launch.train_flow import batch_work
     from ldm.cost import dit_trunk_flops
     from ldm.latent import Latent
 
@@ -1252,7 +1254,7 @@ def test_data_weights_mix_the_folders_deterministically_and_the_closing_line_sho
 
 
 def test_norm_change_measures_the_move_of_the_statistics_in_old_stds(tmp_path):
-    from launch.train import norm_change
+    from launch.train_checkpoint import norm_change
     config = tmp_path / "config.json"
     assert norm_change(config, {"z": {"mean": [0.0], "std": [1.0]}}) == 0.0  # a run that recorded none
     config.write_text(json.dumps({"export": {"latent_norm": {"z": {"mean": [0.0, 1.0], "std": [2.0, 1.0]}}}}))
