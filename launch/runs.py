@@ -696,15 +696,31 @@ class StepProfiler:
         prof.export_chrome_trace(str(self.folder / f"trace-rank{self.rank}.json"))
         key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         averages = prof.key_averages()
-        events = sorted((e for e in averages if not e.key.startswith("ProfilerStep")),
-                        key=lambda e: getattr(e, key), reverse=True)  # (the step's own span is all of it)
-        total = sum(getattr(e, key) for e in events) or 1.0
-        top = [{"name": e.key, "calls": e.count, "self_us": round(getattr(e, key), 1),
-                "share": round(getattr(e, key) / total, 4)} for e in events[:self.rows]]
+        total, top = top_rows(averages, key, self.rows)
         (self.folder / f"ops-rank{self.rank}.txt").write_text(
             averages.table(sort_by=key, row_limit=self.rows) + "\n")
         atomic_write_json(self.folder / f"ops-rank{self.rank}.json", {"sorted_by": key, "total_us": total, "top": top})
         log.info("profile of the training steps written to %s", self.folder)
+
+
+def top_rows(averages: Any, key: str, rows: int) -> tuple[float, list[dict[str, Any]]]:
+    """The profile's total and its top ``rows`` events by ``key``, each with its share of the total.
+    On the device (``self_device_time_total``) only the device's own events count (kernels, copies;
+    not the CPU operators that launched them, whose device time is the same kernels again, nor
+    user annotations spanning them): the shares add up to the device's busy time."""
+    from torch.autograd import DeviceType
+
+    def counted(e: Any) -> bool:
+        if e.key.startswith("ProfilerStep"):  # the step's own span is all of it
+            return False
+        if key == "self_device_time_total":
+            return e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+        return True
+
+    events = sorted((e for e in averages if counted(e)), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return total, [{"name": e.key, "calls": e.count, "self_us": round(getattr(e, key), 1),
+                    "share": round(getattr(e, key) / total, 4)} for e in events[:rows]]
 
 
 def lr_factor(step: int, warmup: int = 0, schedule: str = "constant", total_steps: int = 0,

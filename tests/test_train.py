@@ -167,6 +167,34 @@ def test_profile_window_writes_a_trace_and_the_top_operators(latents, tmp_path):
         train(_cfg(latents, tmp_path / "bad", **{"profile.steps": -1}))
 
 
+def test_profile_top_rows_on_a_gpu_count_each_kernel_once():
+    """A CUDA profile lists a CPU operator with the device time of the kernels it launched, the
+    kernels themselves, and user annotations spanning them: the shares count the device's own
+    events alone, so they add up to its busy time (was: operators and kernels both, ~2x; the H100
+    profile of `ldm train` summed to 200 %)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from launch.runs import top_rows
+
+    def ev(name, device, us, annotation=False):
+        return SimpleNamespace(key=name, count=1, device_type=device, is_user_annotation=annotation,
+                               self_device_time_total=us, self_cpu_time_total=1.0)
+
+    events = [ev("ProfilerStep#3", DeviceType.CPU, 0.0), ev("aten::mm", DeviceType.CPU, 300.0),
+              ev("nvjet_gemm_kernel", DeviceType.CUDA, 300.0),
+              ev("aten::_cudnn_attention_backward", DeviceType.CPU, 600.0),
+              ev("cudnn_sdpa_bprop_kernel", DeviceType.CUDA, 600.0), ev("Memcpy DtoD", DeviceType.CUDA, 100.0),
+              ev("Optimizer.step#AdamW.step", DeviceType.CUDA, 100.0, annotation=True)]
+    total, top = top_rows(events, "self_device_time_total", 40)
+    assert total == 1000.0 and [r["name"] for r in top] == ["cudnn_sdpa_bprop_kernel", "nvjet_gemm_kernel",
+                                                            "Memcpy DtoD"]
+    assert [r["share"] for r in top] == [0.6, 0.3, 0.1]
+    total, top = top_rows(events, "self_cpu_time_total", 40)  # on the CPU: every operator but the step's span
+    assert total == 6.0 and len(top) == 6
+
+
 def test_train_process_destroys_its_process_group_at_exit(latents, tmp_path):
     """The group ``ldm train`` made is destroyed at interpreter exit, before the communicators'
     own teardown (where NCCL reports a never-destroyed group after the last step); not earlier,
