@@ -28,6 +28,9 @@ are checked before the output folder is made (when encoding starts; locked for t
 
 A text-guided autoencoder (``text_dim > 0``, e.g. ``cmvae-*-text``) encodes each clip with its
 caption's embedding from ``--text-encoder`` (the same embedding is cached in the shard).
+
+This file plans the run, writes shards and merges the manifest; the encode loop (decode, encode
+on the device, hand each shard to the writer) is `launch.encode_loop`.
 """
 from __future__ import annotations
 
