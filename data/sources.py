@@ -745,14 +745,16 @@ class VideoClipDataset(Dataset):
             return [Window(0, 0, 0.0)]
         return plan_windows(self.items[index].readable(), self.frames, self.fps, windows)
 
-    def read_windows(self, index: int, windows: Sequence[Window]) -> list[dict[str, Any] | VideoError]:
+    def read_windows(self, index: int, windows: Sequence[Window], uint8: bool = False
+                     ) -> list[dict[str, Any] | VideoError]:
         """The clips of item ``index`` at ``windows`` (from `plan`), decoded in one pass: a dict like
         ``self[index]`` per window, or the VideoError of a window the video cannot give. Raises
         VideoError when the video cannot be read at all. ``[Window(0, 0, 0.0)]`` gives exactly
         ``self[index]``'s clip; each dict also has the video's ``source_fps`` and ``variable_rate``
-        (`data.video.frame_timing`, from the same opening of the video: `data.video.read_clips_timed`)."""
+        (`data.video.frame_timing`, from the same opening of the video: `data.video.read_clips_timed`).
+        ``uint8=True`` (``ldm extract``): a clip that needs no resize comes as uint8 (`read_clips_timed`)."""
         src = self.items[index].readable()
         clips, (source_fps, variable) = read_clips_timed(src, self.frames, self.height, self.width, self.fps,
-                                                         [w.start for w in windows])
+                                                         [w.start for w in windows], uint8=uint8)
         return [c if isinstance(c, VideoError) else
                 {**self._fields(index, c), "source_fps": source_fps, "variable_rate": variable} for c in clips]

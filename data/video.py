@@ -448,13 +448,38 @@ def resize_center_crop(video: Tensor, height: int, width: int) -> Tensor:
     return video[..., top:top + height, left:left + width]
 
 
-def _to_clip(picked: list[np.ndarray], height: int, width: int) -> Tensor:
-    """RGB uint8 frames ``(h, w, 3)`` -> a ``(3, T, H, W)`` float32 clip in [-1, 1]."""
+def _unit_range(frames: np.ndarray) -> np.ndarray:
+    """uint8 values -> float32 in [-1, 1]: the float ops of every clip that needs no resize."""
+    out = frames.astype(np.float32)
+    out /= 127.5
+    out -= 1.0
+    return out
+
+
+# each uint8 value's float32 through `_unit_range`, for `uint8_to_float` on an accelerator
+UINT8_VALUES = torch.from_numpy(_unit_range(np.arange(256, dtype=np.uint8)))
+
+
+def uint8_to_float(clip: Tensor, values: Tensor) -> Tensor:
+    """A uint8 clip of ``read_clips_timed(uint8=True)`` -> the float32 clip in [-1, 1] it stands for,
+    bit for bit, on the clip's device (``values``: `UINT8_VALUES` on that device); a float32 clip as it is.
+
+    On the CPU the decoder's own ops (numpy: several times faster there than torch's); elsewhere a
+    lookup of their values, not the ops again: CUDA divides a tensor by a Python number as a product
+    with its reciprocal (a different float for many of the 256 values)."""
+    if clip.dtype != torch.uint8:
+        return clip
+    if clip.device.type == "cpu":
+        return torch.from_numpy(_unit_range(clip.numpy()))
+    return values[clip.int()]
+
+
+def _to_clip(picked: list[np.ndarray], height: int, width: int, uint8: bool = False) -> Tensor:
+    """RGB uint8 frames ``(h, w, 3)`` -> a ``(3, T, H, W)`` float32 clip in [-1, 1]; with ``uint8``
+    frames already at ``height x width`` stay uint8 (`uint8_to_float` makes them the float32 clip)."""
     if all(f.shape[:2] == (height, width) for f in picked):
-        out = np.stack(picked).transpose(3, 0, 1, 2).astype(np.float32)   # (3, T, H, W)
-        out /= 127.5
-        out -= 1.0
-        return torch.from_numpy(out)
+        frames = np.stack(picked).transpose(3, 0, 1, 2)   # (3, T, H, W)
+        return torch.from_numpy(frames if uint8 else _unit_range(frames))
     # resized one frame at a time (a stream may also change resolution midway): the float32 copy of
     # a whole clip at its source size, several times the clip, cost about twice as much in all
     clip = torch.from_numpy(np.empty((3, len(picked), height, width), dtype=np.float32))  # (3, T, H, W)
@@ -524,14 +549,19 @@ def read_clips(src: str | Path | bytes, frames: int, height: int, width: int, fp
 
 
 def read_clips_timed(src: str | Path | bytes, frames: int, height: int, width: int, fps: float | None = None,
-                     starts: Sequence[int] = (0,)) -> tuple[list[Tensor | VideoError], tuple[float | None, bool]]:
+                     starts: Sequence[int] = (0,), uint8: bool = False
+                     ) -> tuple[list[Tensor | VideoError], tuple[float | None, bool]]:
     """`read_clips` and the video's `frame_timing`, from one opening of the video: the packets the
-    decoding demuxed give the timing (``ldm extract`` records it with every clip)."""
-    return _read_clips(src, frames, height, width, fps, starts, timing=True)
+    decoding demuxed give the timing (``ldm extract`` records it with every clip). ``uint8=True``
+    (``ldm extract``'s loader: a quarter of the bytes to the main process and the device) gives a clip
+    whose frames need no resize as its uint8 frames, ``(3, T, H, W)`` torch.uint8, which
+    `uint8_to_float` turns into the float32 clip bit for bit; resized clips stay float32."""
+    return _read_clips(src, frames, height, width, fps, starts, timing=True, uint8=uint8)
 
 
 def _read_clips(src: str | Path | bytes, frames: int, height: int, width: int, fps: float | None,
-                starts: Sequence[int], timing: bool = False) -> tuple[list[Tensor | VideoError], Any]:
+                starts: Sequence[int], timing: bool = False, uint8: bool = False
+                ) -> tuple[list[Tensor | VideoError], Any]:
     _check_size(frames, height, width, fps)
     starts = [int(s) for s in starts]
     if not starts or starts[0] < 0 or any(b <= a for a, b in zip(starts, starts[1:])):
@@ -546,7 +576,7 @@ def _read_clips(src: str | Path | bytes, frames: int, height: int, width: int, f
             if reader.native is None and starts != [0]:
                 raise VideoError(f"unknown frame rate: cannot place windows after the first in {reader.name}")
             windows = _pick_consecutive(reader, [s / reader.native if s else 0.0 for s in starts], frames)
-        clips = [_to_clip([p.rgb() for p in w], height, width) if len(w) == frames
+        clips = [_to_clip([p.rgb() for p in w], height, width, uint8) if len(w) == frames
                  else _failure(reader, frames, fps, s / (fps or reader.native or 1.0)) for s, w in zip(starts, windows)]
         return clips, (reader.timing() if timing else None)
     finally:

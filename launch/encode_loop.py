@@ -22,7 +22,7 @@ from tqdm import tqdm
 from autoencoders import Autoencoder
 from data import shards
 from data.sources import VideoClipDataset
-from data.video import VideoError, Window, Windows
+from data.video import UINT8_VALUES, VideoError, Window, Windows, uint8_to_float
 from launch import runs
 from ldm.latent import Cond, Latent
 
@@ -33,6 +33,9 @@ log = logging.getLogger("ldm.extract")
 
 
 WINDOWS_PER_READ = 16  # windows of one video decoded together (one loader item): bounds memory on long videos
+# clips that need no resize leave the decoding workers as uint8, made float32 by `_ShardEncoder.on_device`: a
+# quarter of the bytes through shared and pinned memory and the copy to the device, the same floats
+UINT8_CLIPS = True
 Unit = tuple[int, "list[Window] | str"]  # a video and some of its windows, or why it gives none
 
 
@@ -70,10 +73,11 @@ def plan_units(clips: VideoClipDataset, indices: list[int], windows: Windows, wo
 
 
 class _Clips(torch.utils.data.Dataset):
-    """Per unit, its decoded clips or the reason each could not be decoded (so workers never kill the run)."""
+    """Per unit, its decoded clips or the reason each could not be decoded (so workers never kill the run);
+    with ``uint8`` a clip that needs no resize comes as its uint8 frames (`data.video.read_clips_timed`)."""
 
-    def __init__(self, clips: VideoClipDataset, units: list[Unit]):
-        self.clips, self.units = clips, units
+    def __init__(self, clips: VideoClipDataset, units: list[Unit], uint8: bool):
+        self.clips, self.units, self.uint8 = clips, units, uint8
 
     def __len__(self) -> int:
         return len(self.units)
@@ -83,7 +87,7 @@ class _Clips(torch.utils.data.Dataset):
         if isinstance(windows, str):
             return [{"index": idx, "window": None, "error": windows}]
         try:
-            got: list = self.clips.read_windows(idx, windows)
+            got: list = self.clips.read_windows(idx, windows, uint8=self.uint8)
         except VideoError as e:
             got = [e] * len(windows)
         return [{"index": idx, "window": w, **({"error": str(g)} if isinstance(g, VideoError) else g)}
@@ -181,7 +185,7 @@ def decoding_limit(summary: dict[str, Any], encoded: int, cores: int, device: to
 def _clip_loader(run: ExtractRun, units: list[Unit], batch_size: int, workers: int) -> torch.utils.data.DataLoader:
     """The decoded clips of ``units``, one unit a loader item, about 2 batches ahead (pinned on a GPU)."""
     per_unit = max(1, round(sum(1 if isinstance(w, str) else len(w) for _, w in units) / max(len(units), 1)))
-    return torch.utils.data.DataLoader(_Clips(run.clips, units), batch_size=1, num_workers=workers,
+    return torch.utils.data.DataLoader(_Clips(run.clips, units, UINT8_CLIPS), batch_size=1, num_workers=workers,
                                        collate_fn=_first, pin_memory=run.device.type == "cuda",
                                        worker_init_fn=runs.reader_ignores_interrupts,  # the main process stops
                                        prefetch_factor=-(-2 * batch_size // per_unit) if workers else None)
@@ -204,6 +208,7 @@ class _ShardEncoder:
         self.first_queued: float | None = None  # when the first batch went to the encoder
         self.in_flight: list[tuple[ShardBuffer, list[dict[str, Any]], Latent, tuple | None, Any]] = []
         self.warned_cut = False  # a caption cut to the text encoder's length was reported
+        self.uint8_values = UINT8_VALUES.to(run.device)  # copied once: a copy from pageable memory may wait
 
     def add(self, clip: dict[str, Any]) -> None:
         """One decoded clip (or the reason it could not be): a new shard starts when its index says so."""
@@ -243,7 +248,7 @@ class _ShardEncoder:
         if self.first_queued is None:
             self.first_queued = time.perf_counter()
         # page-locked clips (DataLoader pin_memory) copy asynchronously; stacked on the device
-        video = torch.stack([p["video"].to(device, non_blocking=True) for p in batch]).to(dtype)  # (B, C, T, H, W)
+        video = torch.stack([self.on_device(p["video"]) for p in batch]).to(dtype)  # (B, C, T, H, W)
         emb, mask, text = None, None, None
         if text_encoder is not None:
             emb, mask = text_encoder.encode([p["caption"] for p in batch])
@@ -256,6 +261,11 @@ class _ShardEncoder:
             copied.record()
         self.store_batch()
         self.in_flight.append((self.buf, batch, host, text, copied))
+
+    def on_device(self, clip: torch.Tensor) -> torch.Tensor:
+        """A decoded clip on the device, float32 in [-1, 1]: a uint8 one (`UINT8_CLIPS`) becomes there
+        the float32 clip the decoder would have given, bit for bit (`data.video.uint8_to_float`)."""
+        return uint8_to_float(clip.to(self.run.device, non_blocking=True), self.uint8_values)
 
     def store_batch(self) -> None:
         """Serialise the queued batch into its shard buffer once its latents are on the host."""

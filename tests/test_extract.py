@@ -335,6 +335,29 @@ def test_workers_batch_size_and_dtype(videos, tmp_path):
         _extract(videos, tmp_path / "fp16", "--dtype", "fp16")
 
 
+def test_uint8_clips_write_the_shards_float_clips_write(tmp_path, monkeypatch):
+    """Clips at the target size travel from the decoder to the encoder as uint8 and resized ones as float32,
+    in the same batches; the shards are byte for byte those of every clip as float32 (was: all float32)."""
+    from launch import encode_loop
+
+    rng = np.random.default_rng(0)
+    for i, size in enumerate((32, 48, 32, 40)):  # at the target size or resized, mixed in every batch of 2
+        write_frames(tmp_path / "v" / f"{i}.mp4", rng.integers(0, 256, (8, size, size, 3), np.uint8), fps=8)
+    seen, on_device = [], encode_loop._ShardEncoder.on_device
+    monkeypatch.setattr(encode_loop._ShardEncoder, "on_device", lambda self, clip: seen.append(clip.dtype)
+                        or on_device(self, clip))
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        _extract(tmp_path / "v", tmp_path / "uint8")
+    assert seen == [torch.uint8, torch.float32] * 2
+    monkeypatch.setattr(encode_loop, "UINT8_CLIPS", False)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        _extract(tmp_path / "v", tmp_path / "float")
+    assert seen[4:] == [torch.float32] * 4
+    assert shards.raw_bytes_digest(tmp_path / "uint8") == shards.raw_bytes_digest(tmp_path / "float")
+    assert [p.read_bytes() for p in sorted((tmp_path / "uint8").glob("shard-*.json"))] == \
+        [p.read_bytes() for p in sorted((tmp_path / "float").glob("shard-*.json"))]
+
+
 def test_summary_separates_the_fill_from_the_steady_rate(videos, tmp_path, monkeypatch):
     """The wait for the first batch of decoded clips (worker start-up, first reads) is reported as
     ``fill_s`` and left out of ``steady_clips_per_s``; ``clips_per_s`` is the whole loop."""
@@ -345,10 +368,10 @@ def test_summary_separates_the_fill_from_the_steady_rate(videos, tmp_path, monke
 
     slow_first, read = 0.6, VideoClipDataset.read_windows
 
-    def read_windows(self, index, windows):  # the first video is slow to open, the rest are not
+    def read_windows(self, index, windows, **kw):  # the first video is slow to open, the rest are not
         if index == 0:
             time.sleep(slow_first)
-        return read(self, index, windows)
+        return read(self, index, windows, **kw)
 
     monkeypatch.setattr(VideoClipDataset, "read_windows", read_windows)
     cfg = ExtractConfig(autoencoder=AE, input=str(videos), output=str(tmp_path / "lat"), frames=8, height=32,
@@ -375,9 +398,9 @@ def test_a_decoding_limited_run_says_so_an_encoder_limited_one_does_not(videos, 
 
     read, encode = VideoClipDataset.read_windows, KL2D.encode
 
-    def slow_read(self, index, windows):
+    def slow_read(self, index, windows, **kw):
         time.sleep(0.3)
-        return read(self, index, windows)
+        return read(self, index, windows, **kw)
 
     def slow_encode(self, video, cond=None):
         time.sleep(0.5)

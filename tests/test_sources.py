@@ -7,6 +7,7 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -206,6 +207,35 @@ def test_video_clip_dataset_windows(tmp_path, monkeypatch):
     assert gone.plan(0, Windows()) == [Window(0, 0, 0.0)]
     with pytest.raises(VideoError, match="file not found"):
         gone.read_windows(0, [Window(0, 0, 0.0)])
+
+
+def test_uint8_windows_are_the_float_windows_bit_for_bit(tmp_path):
+    """``read_windows(uint8=True)`` (``ldm extract``'s loader) gives a clip at the target size as uint8 and a
+    resized one as float32; the extraction loop's conversion on the device gives the float32 clip of
+    ``read_windows`` bit for bit (was: every clip left the decoding workers as float32, 4x the bytes)."""
+    from launch.encode_loop import _ShardEncoder
+
+    rng = np.random.default_rng(0)
+    write_frames(tmp_path / "v" / "at.mp4", rng.integers(0, 256, (10, 32, 32, 3), np.uint8), fps=10)
+    write_frames(tmp_path / "v" / "big.mp4", rng.integers(0, 256, (10, 48, 40, 3), np.uint8), fps=10)
+    ds = VideoClipDataset(list_items(tmp_path / "v"), frames=4, height=32, width=32)
+    encoder = _ShardEncoder(SimpleNamespace(device=torch.device("cpu")), 1, print)
+    windows = [Window(0, 0, 0.0), Window(1, 6, 0.6)]
+    for index, stays in ((0, torch.uint8), (1, torch.float32)):
+        small = ds.read_windows(index, windows, uint8=True)
+        full = ds.read_windows(index, windows)
+        assert [c["video"].dtype for c in small] == [stays] * 2
+        assert [c["video"].dtype for c in full] == [torch.float32] * 2
+        for a, b in zip(small, full):
+            assert {k: v for k, v in a.items() if k != "video"} == {k: v for k, v in b.items() if k != "video"}
+            assert torch.equal(encoder.on_device(a["video"]), b["video"])
+    assert len(small[0]["video"].unique()) > 200  # decoded noise: nearly every uint8 value is checked
+    encoder.writer.shutdown()
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16)[..., None].repeat(3, -1)  # each value once per channel
+    x, y = video_mod._to_clip([every], 16, 16, uint8=True), video_mod._to_clip([every], 16, 16)
+    assert x.dtype == torch.uint8 and torch.equal(video_mod.uint8_to_float(x, video_mod.UINT8_VALUES), y)
+    assert torch.equal(video_mod.UINT8_VALUES[x.int()], y)  # the lookup on an accelerator (CPU: numpy's ops)
+    assert torch.equal(y, torch.from_numpy(every).permute(2, 0, 1)[:, None].float() / 127.5 - 1)  # the CPU ops
 
 
 def test_shard_dataset_decodes(shard_set):
