@@ -213,3 +213,20 @@ def test_autoencoder_runs_with_bf16_weights(name):
     with torch.no_grad():
         out = ae.decode(ae.encode(video, cond), cond)
     assert out.dtype == torch.bfloat16 and out.shape[:2] == (1, 3) and torch.isfinite(out.float()).all()
+
+
+def test_a_uint8_clip_becomes_float32_on_the_device_bit_for_bit_without_waiting():
+    """`ldm extract`'s clips at the target size reach the device as uint8 and become float32 there
+    (`data.video.uint8_to_float`, a lookup of the decoder's values): on a device the very floats of
+    the CPU path, queued without a host sync."""
+    from data.video import UINT8_VALUES, uint8_to_float
+
+    clip = torch.arange(256, dtype=torch.uint8).reshape(1, 4, 8, 8).expand(3, 4, 8, 8)  # (C, T, H, W)
+    with OffDevice() as dev:
+        values, on_device = off(UINT8_VALUES), off(clip)
+        dev.syncs.clear()
+        out = uint8_to_float(on_device, values)
+        assert out.device == OFF and out.dtype == torch.float32 and not dev.syncs
+        back = out.cpu()
+    assert torch.equal(back, uint8_to_float(clip, UINT8_VALUES))
+    assert torch.equal(back, clip.float() / 127.5 - 1.0)  # the CPU's division: the floats the shards always had
