@@ -4,7 +4,8 @@ DeepSpeed bf16 and ``ldm sample``, each part one line (``make gpu-check``; a few
     python benchmarks/gpu_check.py [--size 256] [--frames 17] [--json OUT.json] [--skip-pipeline]
     python benchmarks/gpu_check.py --device cpu --debug     # the same code on the CPU, -debug twins
 
-Autoencoders: each registered full-size model (``--debug``: the ``-debug`` twins) is built on the
+First, ``ldm extract``'s uint8 clips: made float32 on the device, the same floats as on the CPU and no
+host sync (`check_uint8_clips`). Autoencoders: each registered full-size model (``--debug``: the ``-debug`` twins) is built on the
 device, cast to ``--dtype`` (bf16 by default on CUDA) and runs encode then decode on a random clip
 of ``--frames x --size x --size`` (the nearest length and size it takes); the line gives encode and
 decode frames/s (after one warm-up call), peak memory and whether the output is finite and of the
@@ -154,6 +155,31 @@ def line(row: dict) -> str:
                                                   for k, v in extra.items())
 
 
+def check_uint8_clips(device: torch.device) -> dict:
+    """`ldm extract`'s clips at the target size reach the device as uint8 and become float32 there by
+    a lookup (`data.video.uint8_to_float`): the same floats as the CPU's decoder for all 256 values,
+    with no host sync (CUDA's sync debug mode set to error). Also counts the values that recomputing
+    ``x.float() / 127.5 - 1`` on the device would get wrong (why it is a lookup)."""
+    from data.video import UINT8_VALUES, uint8_to_float
+
+    clip = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(3, 2, 16, 16).contiguous()
+    ref = uint8_to_float(clip, UINT8_VALUES)
+    on_device = clip.to(device)
+    values = UINT8_VALUES.to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = uint8_to_float(on_device, values)
+        recomputed = on_device.float() / 127.5 - 1.0
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    same = torch.equal(out.cpu(), ref)
+    return {"part": "uint8 clips", "ok": same, "lookup_bit_identical": same,
+            "recomputed_values_differing": int((recomputed.cpu() != ref)[0, 0].sum())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -186,6 +212,8 @@ def main() -> None:
     rows = []
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"dtype {dtype}, cudnn.benchmark {args.cudnn_benchmark}", flush=True)
+    rows.append(check_uint8_clips(device))
+    print(line(rows[-1]), flush=True)
     for name in names:
         try:
             row = check_autoencoder(name, args.frames, args.size, device, dtype)

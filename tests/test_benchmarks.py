@@ -60,7 +60,8 @@ def test_gpu_check_debug_on_cpu(tmp_path):
                  "--size", "32", "--autoencoders", "kl2d-f8c4-debug,mtcvae-c4-debug", "--cudnn-benchmark",
                  "--json", str(out)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    uint8, *rows = json.loads(out.read_text())
+    assert uint8["part"] == "uint8 clips" and uint8["lookup_bit_identical"] and uint8["ok"]
     assert [r["name"] for r in rows] == ["kl2d-f8c4-debug", "mtcvae-c4-debug"] and all(r["ok"] for r in rows)
     assert all(r["cudnn_benchmark"] for r in rows)
     assert "ok   ae kl2d-f8c4-debug" in proc.stdout
