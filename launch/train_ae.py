@@ -50,9 +50,9 @@ change, and goes on from the clips every rank had read (``carried_position``).
 This file is the verb and its loop (`AETrainer`: ``run`` -> ``_train_steps`` -> ``train_step``);
 beside it:
 
-    launch/trainae_config.py      the settings (`TrainAEConfig`, ``HARMLESS``), the flags, `check_inputs`
-    launch/trainae_data.py        the resumable batch stream of a rank, image steps
-    launch/trainae_checkpoint.py  `AECheckpoints`: save, load, which checkpoint to resume
+    launch/train_ae_config.py      the settings (`TrainAEConfig`, ``HARMLESS``), the flags, `check_inputs`
+    launch/train_ae_data.py        the resumable batch stream of a rank, image steps
+    launch/train_ae_checkpoint.py  `AECheckpoints`: save, load, which checkpoint to resume
 """
 from __future__ import annotations
 
@@ -80,10 +80,10 @@ from autoencoders.losses import AELoss
 from data.sources import VideoClipDataset
 from data.video import VideoError, video_to_uint8
 from launch import dist, runs
-from launch.trainae_checkpoint import AECheckpoints
-from launch.trainae_config import (TrainAEConfig, _resolved_yaml, check_inputs, check_run_folder, config_from_args,
+from launch.train_ae_checkpoint import AECheckpoints
+from launch.train_ae_config import (TrainAEConfig, print_config_yaml, check_inputs, check_run_folder, config_from_args,
                                    held_out_videos, training_videos)
-from launch.trainae_data import _collate, _PositionSampler, _SkipBad, frames_as_images, is_image_step
+from launch.train_ae_data import collate_clips, PositionSampler, SkipBad, frames_as_images, is_image_step
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_bytes, atomic_write_json
 from ldm.errors import UserError, checking
@@ -91,7 +91,7 @@ from ldm.latent import Cond
 from ldm.metrics import LPIPS, reconstruction_scores
 
 # re-exported: `ldm train-ae`'s flags (launch.cli calls launch.train_ae.add_arguments)
-from launch.trainae_config import add_arguments  # noqa: F401
+from launch.train_ae_config import add_arguments  # noqa: F401
 
 log = logging.getLogger("ldm.train_ae")
 
@@ -184,7 +184,7 @@ def measure_latent_stats(ae: Autoencoder, videos: list[Tensor], device: torch.de
 class AETrainer(AECheckpoints):
     """One ``ldm train-ae`` run on this rank: the model, its optimizers (and the discriminator's),
     the batch stream and the loop (`run` -> `_train_steps` -> `train_step`). Its checkpoints are
-    `AECheckpoints` (launch/trainae_checkpoint.py)."""
+    `AECheckpoints` (launch/train_ae_checkpoint.py)."""
 
     def __init__(self, cfg: TrainAEConfig, env: dist.DistEnv, binding: runs.Binding | None = None):
         self.cfg, self.env, self.binding = cfg, env, binding
@@ -246,8 +246,8 @@ class AETrainer(AECheckpoints):
                             f"{env.world_size} rank(s); give a smaller --batch-size")
         self.keys = [it.key for it in items]
         self.dataset = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, fps=cfg.fps)
-        self.reader = _SkipBad(self.dataset, self.keys)
-        self.sampler: _PositionSampler | None = None
+        self.reader = SkipBad(self.dataset, self.keys)
+        self.sampler: PositionSampler | None = None
         self.step, self.pos = 0, (0, 0)
         self.skipped: dict[str, str] = {}
 
@@ -326,9 +326,9 @@ class AETrainer(AECheckpoints):
     # --- the loop ----------------------------------------------------------------------------
     def _loader(self) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
-        self.sampler = _PositionSampler(len(self.keys), cfg.batch_size, cfg.seed, self.env.rank,
+        self.sampler = PositionSampler(len(self.keys), cfg.batch_size, cfg.seed, self.env.rank,
                                         self.env.world_size, *self.pos, self.schedule, self.step)
-        loader = DataLoader(self.reader, batch_sampler=self.sampler, collate_fn=_collate,
+        loader = DataLoader(self.reader, batch_sampler=self.sampler, collate_fn=collate_clips,
                             num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
                             persistent_workers=False, worker_init_fn=runs.reader_ignores_interrupts)
@@ -344,7 +344,7 @@ class AETrainer(AECheckpoints):
             epoch, b = batch["pos"]
             self.pos = (epoch, b + 1)
             if batch["shape"] != shape:  # prefetched for the next step before a batch was dropped: read again
-                batch = _collate([self.reader[(i, epoch, b, shape)] for i, *_ in batch["indices"]])
+                batch = collate_clips([self.reader[(i, epoch, b, shape)] for i, *_ in batch["indices"]])
             for key, reason in batch["errors"]:
                 if key not in self.skipped:
                     self.skipped[key] = reason
@@ -580,7 +580,7 @@ def train_autoencoder(cfg: TrainAEConfig, allow_change: tuple[str, ...] = ()) ->
 
 def run(args: argparse.Namespace) -> int:
     if args.print_config:
-        print(_resolved_yaml(args), end="")
+        print(print_config_yaml(args), end="")
         return 0
     with checking():
         cfg = config_from_args(args)

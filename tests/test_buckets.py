@@ -17,7 +17,7 @@ import torch
 from data.buckets import Bucket, BucketSchedule
 from data.synth import synth_dataset
 from launch import dist
-from launch.train_ae import (AETrainer, TrainAEConfig, _SkipBad, add_arguments, check_inputs, config_from_args,
+from launch.train_ae import (AETrainer, TrainAEConfig, SkipBad, add_arguments, check_inputs, config_from_args,
                              train_autoencoder)
 from ldm.errors import UserError, checking
 
@@ -101,14 +101,14 @@ def test_run_trains_on_several_shapes_and_resume_repeats_the_sequence(clips, tmp
     # the workers already read for later steps are read again, in this process, at their new step's
     # shape (seed 5 makes those shapes differ)
     pid, main_reads = os.getpid(), []
-    read = _SkipBad.__getitem__
+    read = SkipBad.__getitem__
 
     def counted(self, index):
         if os.getpid() == pid:
             main_reads.append(index)
         return read(self, index)
 
-    monkeypatch.setattr(_SkipBad, "__getitem__", counted)
+    monkeypatch.setattr(SkipBad, "__getitem__", counted)
     straight = tmp_path / "straight"
     train_autoencoder(_cfg(clips, straight, num_workers=2))
     assert main_reads, "no batch was read again at its new shape"

@@ -199,7 +199,7 @@ def test_validation_on_held_out_clips_equals_eval_recon_and_may_be_added_on_resu
     final model on those clips. Added on resume (harmless), the resumed run's numbers equal the
     uninterrupted run's (was: no held-out metric during training)."""
     from launch.evaluate import evaluate_reconstruction
-    from launch.trainae_config import ValConfig, check_inputs
+    from launch.train_ae_config import ValConfig, check_inputs
 
     val = ValConfig(data=str(clips))
     out = tmp_path / "with-val"
@@ -244,7 +244,7 @@ def test_split_lists_choose_the_training_and_held_out_videos_of_one_folder(clips
     """``--split trainlist`` trains on the videos a list names and ``val.split`` holds others of the
     same folder out (was: no --split: the whole folder, validation clips among the training ones)."""
     from launch.train_ae import AETrainer
-    from launch.trainae_config import ValConfig, check_inputs, run_binding
+    from launch.train_ae_config import ValConfig, check_inputs, run_binding
     (tmp_path / "train.txt").write_text("clip00.mp4 1\nclip01.mp4 1\nclip02.mp4 2\nclip03.mp4 2\n")  # UCF-101 style
     (tmp_path / "test.txt").write_text("clip04.mp4\nclip05.mp4\n")
     parser = argparse.ArgumentParser()
@@ -735,7 +735,7 @@ def test_resume_on_another_rank_count_is_one_line_before_the_model(clips, tmp_pa
 def test_carried_position_reads_on_from_the_clips_every_rank_read():
     """Resumed on another topology, the new ranks read on from the first clip of the epoch that the
     saved ranks had not all read: none is passed over, fewer than one new global batch is read twice."""
-    from launch.trainae_data import carried_position, epoch_batches
+    from launch.train_ae_data import carried_position, epoch_batches
 
     n, seed = 24, 3
     for (old_batch, old_world, done), (batch, world) in [((1, 2, 3), (2, 1)), ((2, 1, 3), (1, 2)),

@@ -1,6 +1,6 @@
 """What each ``ldm train-ae`` step trains on: an endless, resumable stream of batches for this rank
-(`epoch_batches`: a seeded permutation per epoch split over ranks; `_PositionSampler`: from a saved
-``(epoch, batch)``, each batch at its step's bucket shape; `_SkipBad`: an unreadable clip becomes an
+(`epoch_batches`: a seeded permutation per epoch split over ranks; `PositionSampler`: from a saved
+``(epoch, batch)``, each batch at its step's bucket shape; `SkipBad`: an unreadable clip becomes an
 error record; `carried_position`: where ranks of another topology resume), and which steps train
 on the clips' frames as single images (`is_image_step`, `frames_as_images`).
 """
@@ -18,7 +18,7 @@ from data.buckets import BucketSchedule
 from data.sources import VideoClipDataset
 from data.video import VideoError
 from launch import dist
-from launch.trainae_config import TrainAEConfig
+from launch.train_ae_config import TrainAEConfig
 from ldm.latent import Cond
 
 
@@ -43,7 +43,7 @@ def carried_position(positions: list[tuple[int, int]], old_global: int, new_glob
 Shape = tuple[int, int, int]  # (frames, height, width) of a batch's clips
 
 
-class _PositionSampler:
+class PositionSampler:
     """Batch sampler over epochs from a saved position ``(epoch, batch)``. Every index it yields
     is ``(clip index, epoch, batch, shape)`` so the consumer knows the position of each batch even
     though DataLoader workers prefetch ahead; ``shape`` is the bucket of the step the batch is
@@ -68,7 +68,7 @@ class _PositionSampler:
             epoch, start = epoch + 1, 0
 
 
-class _SkipBad(Dataset):
+class SkipBad(Dataset):
     """Wraps VideoClipDataset: reads clip ``i`` at the index's shape; a clip that raises VideoError
     becomes an error record (its key and reason) instead of killing the loader."""
 
@@ -87,7 +87,9 @@ class _SkipBad(Dataset):
         return {"video": item["video"], "caption": item["caption"], "key": self.keys[i], "index": index}
 
 
-def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch of `SkipBad` samples: the readable clips stacked, the unreadable ones as errors, and
+    the batch's position (epoch, batch) and bucket shape from its first sample's index."""
     good = [s for s in samples if "video" in s]
     return {"video": torch.stack([s["video"] for s in good]) if good else None,  # (B, C, T, H, W)
             "keys": [s["key"] for s in good], "captions": [s["caption"] for s in good],

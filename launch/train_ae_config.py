@@ -335,7 +335,7 @@ def config_from_args(args: argparse.Namespace) -> TrainAEConfig:
     return cfglib.load_yaml(args.config, TrainAEConfig, args.overrides, values=_flags(args))
 
 
-def _resolved_yaml(args: argparse.Namespace) -> str:
+def print_config_yaml(args: argparse.Namespace) -> str:
     """``--print-config``: the settings ``config_from_args`` resolves, as YAML (``data`` / ``output``
     may still be unset: a recipe leaves them to the command line)."""
     with checking():

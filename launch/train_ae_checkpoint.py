@@ -10,7 +10,7 @@ from typing import Any
 
 from autoencoders import FAMILIES
 from launch import dist, runs
-from launch.trainae_data import carried_position
+from launch.train_ae_data import carried_position
 from ldm import config as cfglib
 from ldm.checkpoint import load_tensors, read_json
 from ldm.errors import UserError
