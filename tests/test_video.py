@@ -470,6 +470,23 @@ def test_display_matrix_rotation_is_applied(tmp_path, rotation):
     assert upright_size(path) == (48, 32) and (probe(path)["height"], probe(path)["width"]) == stored.shape[:2]
 
 
+@pytest.mark.parametrize("rotation", [90, -90])
+def test_phone_video_at_its_upright_size_comes_upright_as_uint8(tmp_path, rotation):
+    """``ldm extract`` at a phone video's own upright size (48x32 here, stored 32x48 with a display
+    matrix) takes the uint8 path, no resize: the frames are turned before the size check, and the
+    uint8 clips are the upright float32 clips of `read_clips` bit for bit, with its `frame_timing`."""
+    if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip("this PyAV cannot write a display matrix (VideoStream.set_display_rotation)")
+    path = tmp_path / "phone.mp4"
+    _write_stored(path, np.rot90(portrait(), -rotation // 90), "mp4", rotation=rotation)
+    clips, timing = read_clips_timed(path, 2, 48, 32, None, [0, 2], uint8=True)
+    assert [(c.dtype, c.shape) for c in clips] == [(torch.uint8, (3, 2, 48, 32))] * 2
+    floats = [video_mod.uint8_to_float(c, video_mod.UINT8_VALUES) for c in clips]
+    assert all(torch.equal(a, b) for a, b in zip(floats, read_clips(path, 2, 48, 32, None, [0, 2])))
+    assert_upright(floats[1])
+    assert timing == frame_timing(path) == (8.0, False)
+
+
 def test_rotate_tag_is_applied(tmp_path):
     """Matroska keeps a stream's ``rotate`` tag (as older FFmpeg versions wrote it when remuxing
     phone videos): 90 means "turn 90 degrees clockwise to display"."""
