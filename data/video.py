@@ -110,15 +110,17 @@ def _open(src: str | Path | bytes) -> tuple[Any, Any]:
 
 
 def _decoder_threads() -> int:
-    """Decoder threads for a large frame: FFmpeg's choice (0: one per core) in the main process; in
-    one of N DataLoader worker processes (``ldm extract``'s decoding workers) its share of the cores,
-    ``cores // N``. Frame threads decode ahead, and a clip stops early: per process, 16 threads (a
-    16-core machine's choice) halved the clips/s of 17-frame 720p / 512 clips on a 2-core machine,
-    against one thread. The decoded pixels do not depend on the threads."""
+    """Decoder threads for a large frame: FFmpeg's choice (0: one per core it may use) in the main
+    process; in one of N DataLoader worker processes (``ldm extract``'s decoding workers) its share of
+    the cores this process may use (a SLURM ``--cpus-per-task`` or taskset limit, as FFmpeg counts
+    them; not every core of the machine), ``cores // N``. Frame threads decode ahead, and a clip stops
+    early: per process, 16 threads (a 16-core machine's choice) halved the clips/s of 17-frame 720p /
+    512 clips on a 2-core machine, against one thread. The decoded pixels do not depend on the threads."""
     worker = get_worker_info()
     if worker is None:
         return 0
-    return max(1, (os.cpu_count() or 1) // worker.num_workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // worker.num_workers)
 
 
 def _cut_short(src: str | Path | bytes, error: VideoError) -> VideoError:

@@ -366,8 +366,9 @@ def _reference_clip(src: bytes, frames: int, height: int, width: int) -> torch.T
 
 
 def test_decoding_workers_share_the_cores(tmp_path, monkeypatch):
-    """A large frame's decoder in one of N DataLoader workers gets ``cores // N`` threads (was: one
-    per core in every worker; frame threads decode ahead of a clip that stops early). Same frames."""
+    """A large frame's decoder in one of N DataLoader workers gets ``cores // N`` threads, of the cores
+    this process may use (was: one per core in every worker; frame threads decode ahead of a clip that
+    stops early; then cores // N of the machine's, not of the job's). Same frames."""
     path = tmp_path / "large.mp4"
     write_frames(path, np.random.default_rng(0).integers(0, 256, (3, 360, 640, 3), dtype=np.uint8), fps=8)
 
@@ -379,7 +380,10 @@ def test_decoding_workers_share_the_cores(tmp_path, monkeypatch):
     plain = read_video(path, 3, 36, 64)
     assert threads() == 0                                           # the main process: FFmpeg's choice
     monkeypatch.setattr(video_mod, "get_worker_info", lambda: SimpleNamespace(num_workers=4))
-    assert threads() == max(1, (os.cpu_count() or 1) // 4)
+    # the cores this process may use (SLURM --cpus-per-task, taskset), not the machine's: 8 of 128 for 4 workers
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert threads() == 2
     assert torch.equal(read_video(path, 3, 36, 64), plain)
 
 
