@@ -119,8 +119,13 @@ def _decoder_threads() -> int:
     worker = get_worker_info()
     if worker is None:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // worker.num_workers)
+    return max(1, usable_cores() // worker.num_workers)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (a SLURM ``--cpus-per-task`` or container limit, not
+    every core of the machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _cut_short(src: str | Path | bytes, error: VideoError) -> VideoError:

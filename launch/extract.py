@@ -57,7 +57,7 @@ from data import shards
 from data.manifest import MANIFEST, Counts, Manifest
 from data.sources import VideoClipDataset, list_items
 from data.synth import class_space
-from data.video import VideoError, Windows, probe, read_clips
+from data.video import VideoError, Windows, probe, read_clips, usable_cores
 from launch import dist, runs
 from launch.cli import Stopped, config_flag
 from launch.encode_loop import ShardBuffer, ae_cond, decoding_limit, plan_units
@@ -305,10 +305,9 @@ def auto_workers(requested: int, device: torch.device, local_world: int) -> int:
 
 
 def cores_per_rank(local_world: int) -> int:
-    """The CPU cores this process may run on (a SLURM ``--cpus-per-task`` or container limit, not every
-    core of the machine) shared among the ``local_world`` ranks on this machine (at least 1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(local_world, 1))
+    """The CPU cores this process may run on (`data.video.usable_cores`) shared among the
+    ``local_world`` ranks on this machine (at least 1)."""
+    return max(1, usable_cores() // max(local_world, 1))
 
 
 def local_ranks(env: dist.DistEnv) -> int:
