@@ -57,8 +57,10 @@ def test_extraction_killed_five_times_ends_identical(videos, tmp_path):
         proc = subprocess.Popen(cmd(tmp_path / "run"), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         while proc.poll() is None and len(list((tmp_path / "run").glob("shard-*.json"))) <= before:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.05))
+            time.sleep(0.005)
+        # a short random wait: a shard takes tens of milliseconds now, so a longer one let a run of
+        # 16 shards finish before its fifth kill
+        time.sleep(rng.uniform(0.0, 0.01))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
