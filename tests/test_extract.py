@@ -336,19 +336,20 @@ def test_workers_batch_size_and_dtype(videos, tmp_path):
 
 
 def test_uint8_clips_write_the_shards_float_clips_write(tmp_path, monkeypatch):
-    """Clips at the target size travel from the decoder to the encoder as uint8 and resized ones as float32,
-    in the same batches; the shards are byte for byte those of every clip as float32 (was: all float32)."""
+    """Clips at the target size (or a center crop away) travel from the decoder to the encoder as
+    uint8 and resized ones as float32, in the same batches; the shards are byte for byte those of every clip as float32 (was: all float32)."""
     from launch import encode_loop
 
     rng = np.random.default_rng(0)
-    for i, size in enumerate((32, 48, 32, 40)):  # at the target size or resized, mixed in every batch of 2
-        write_frames(tmp_path / "v" / f"{i}.mp4", rng.integers(0, 256, (8, size, size, 3), np.uint8), fps=8)
+    # at the target size, resized, at it, a center crop away from it: both forms in the first batch of 2
+    for i, (h, w) in enumerate(((32, 32), (48, 48), (32, 32), (32, 40))):
+        write_frames(tmp_path / "v" / f"{i}.mp4", rng.integers(0, 256, (8, h, w, 3), np.uint8), fps=8)
     seen, on_device = [], encode_loop._ShardEncoder.on_device
     monkeypatch.setattr(encode_loop._ShardEncoder, "on_device", lambda self, clip: seen.append(clip.dtype)
                         or on_device(self, clip))
     with pytest.warns(UserWarning, match="RANDOM weights"):
         _extract(tmp_path / "v", tmp_path / "uint8")
-    assert seen == [torch.uint8, torch.float32] * 2
+    assert seen == [torch.uint8, torch.float32, torch.uint8, torch.uint8]
     monkeypatch.setattr(encode_loop, "UINT8_CLIPS", False)
     with pytest.warns(UserWarning, match="RANDOM weights"):
         _extract(tmp_path / "v", tmp_path / "float")

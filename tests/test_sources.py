@@ -210,18 +210,20 @@ def test_video_clip_dataset_windows(tmp_path, monkeypatch):
 
 
 def test_uint8_windows_are_the_float_windows_bit_for_bit(tmp_path):
-    """``read_windows(uint8=True)`` (``ldm extract``'s loader) gives a clip at the target size as uint8 and a
-    resized one as float32; the extraction loop's conversion on the device gives the float32 clip of
+    """``read_windows(uint8=True)`` (``ldm extract``'s loader) gives a clip at the target size or a
+    center crop away from it as uint8 and a resized one as float32; the extraction loop's conversion on the device gives the float32 clip of
     ``read_windows`` bit for bit (was: every clip left the decoding workers as float32, 4x the bytes)."""
     from launch.encode_loop import _ShardEncoder
 
     rng = np.random.default_rng(0)
     write_frames(tmp_path / "v" / "at.mp4", rng.integers(0, 256, (10, 32, 32, 3), np.uint8), fps=10)
     write_frames(tmp_path / "v" / "big.mp4", rng.integers(0, 256, (10, 48, 40, 3), np.uint8), fps=10)
+    # stored at the short side: a center crop (5 columns off the left) and no resize
+    write_frames(tmp_path / "v" / "crop.mp4", rng.integers(0, 256, (10, 32, 42, 3), np.uint8), fps=10)
     ds = VideoClipDataset(list_items(tmp_path / "v"), frames=4, height=32, width=32)
     encoder = _ShardEncoder(SimpleNamespace(device=torch.device("cpu")), 1, print)
     windows = [Window(0, 0, 0.0), Window(1, 6, 0.6)]
-    for index, stays in ((0, torch.uint8), (1, torch.float32)):
+    for index, stays in ((0, torch.uint8), (1, torch.float32), (2, torch.uint8)):
         small = ds.read_windows(index, windows, uint8=True)
         full = ds.read_windows(index, windows)
         assert [c["video"].dtype for c in small] == [stays] * 2
