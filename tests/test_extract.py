@@ -482,6 +482,14 @@ def test_decoding_workers_count_the_cores_this_process_may_use_and_the_ranks_on_
     assert auto_workers(-1, torch.device("cuda"), local_ranks(env)) == 2
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert local_ranks(env) == 16 and cores_per_rank(16) == 1  # no launcher said: every rank is taken as local
+    # srun without torchrun: this node's entry of the step's tasks per node (8 on nodes 0-1, 4 on node 2)
+    slurm = DistEnv(rank=17, world_size=20, local_rank=1, source="slurm")
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "8(x2),4")
+    for node, tasks in (("0", 8), ("1", 8), ("2", 4)):
+        monkeypatch.setenv("SLURM_NODEID", node)
+        assert local_ranks(slurm) == tasks
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "garbled")
+    assert local_ranks(slurm) == 20  # unreadable: every rank, as before
 
 
 def test_config_file_matches_the_flags(videos, tmp_path):
