@@ -491,15 +491,12 @@ def _to_clip(picked: list[np.ndarray], height: int, width: int, uint8: bool = Fa
     """RGB uint8 frames ``(h, w, 3)`` -> a ``(3, T, H, W)`` float32 clip in [-1, 1]; with ``uint8``
     frames that need no resize (already at ``height x width``, or a center crop away from it: a
     video stored at the short side) stay uint8 (`uint8_to_float` makes them the float32 clip)."""
-    if all(f.shape[:2] == (height, width) for f in picked):
-        frames = np.stack(picked).transpose(3, 0, 1, 2)   # (3, T, H, W)
-        return torch.from_numpy(frames if uint8 else _unit_range(frames))
     sizes = {f.shape[:2] for f in picked}
-    if uint8 and len(sizes) == 1 and _cover_size(*sizes.pop(), height, width) == picked[0].shape[:2]:
-        h, w = picked[0].shape[:2]
+    (h, w) = next(iter(sizes))
+    if len(sizes) == 1 and _cover_size(h, w, height, width) == (h, w):  # no resize: the crop alone
         top, left = (h - height) // 2, (w - width) // 2   # the crop `resize_center_crop` takes
-        frames = np.stack([f[top:top + height, left:left + width] for f in picked])  # (T, H, W, 3)
-        return torch.from_numpy(frames.transpose(3, 0, 1, 2))   # (3, T, H, W) uint8
+        frames = np.stack([f[top:top + height, left:left + width] for f in picked]).transpose(3, 0, 1, 2)
+        return torch.from_numpy(frames if uint8 else _unit_range(frames))   # (3, T, H, W)
     # resized one frame at a time (a stream may also change resolution midway): the float32 copy of
     # a whole clip at its source size, several times the clip, cost about twice as much in all
     clip = torch.from_numpy(np.empty((3, len(picked), height, width), dtype=np.float32))  # (3, T, H, W)

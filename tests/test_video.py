@@ -407,12 +407,13 @@ def _textured_ts(parts: list[tuple[int, int, int]]) -> bytes:
 @pytest.mark.parametrize("kind, frames, height, width", [
     ("mp4", 6, 32, 48),        # the target size: no resize
     ("mp4", 6, 20, 20),        # resized (antialiased) and center-cropped
+    ("mp4", 6, 32, 32),        # at the short side: center-cropped alone
     ("gif", 5, 16, 16),        # palette frames
     ("ts", 6, 24, 24),         # the resolution changes midway
 ])
 def test_clips_are_bit_identical_to_the_plain_decode(kind, frames, height, width):
     """Whatever the reader does to be fast (one swscale context for all frames, resizing frame by
-    frame), its clips keep the plain decode's bits: at the target size, resized, from palette
+    frame), its clips keep the plain decode's bits: at the target size, cropped alone, resized, from palette
     frames, across a resolution change."""
     rng = np.random.default_rng(1)
     textured = rng.integers(0, 256, (6, 32, 48, 3), dtype=np.uint8)
