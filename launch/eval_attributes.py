@@ -2,8 +2,8 @@
 
 A fixed prompt suite over the synthetic attributes (`attribute_suite`: ``data.synth``'s shape x color x direction,
 captions "a red circle moving left"), N samples per prompt, read back by the weight-free reader
-(``data.attributes``): accuracy per attribute and overall, with 95% Wilson intervals and chance. `dit_conditioning`
-(text and / or class ids) is also what FVD / FID sample with (`launch.eval_fd`).
+(``data.attributes``): accuracy per attribute and overall, with 95% Wilson intervals and chance; the DiT is
+conditioned as `launch.sample.dit_conditioning` says (text and / or class ids), like FVD / FID's sampling.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 from autoencoders import Autoencoder
 from data.video import write_video
 from dit import Export
-from launch.sample import generate, sampling_text_encoder
+from launch.sample import dit_conditioning, generate, sampling_text_encoder
 from ldm.samplers import SamplingConfig
 
 
@@ -32,19 +32,6 @@ def attribute_suite(shapes: Sequence[str] | None = None, colors: Sequence[str] |
 
     combos = combinations(shapes, colors, directions, holdout=holdout, include_holdout=True)
     return [{**c, "prompt": caption(c)} for c in combos]
-
-
-def dit_conditioning(model, export: Export, use_class: bool | None) -> tuple[bool, bool]:
-    """(text, class): what the benchmark (and FVD / FID's sampling, `launch.eval_fd`) conditions on. Text when
-    the DiT and its training run have it; class ids when asked (default: only when there is no text)."""
-    text = bool(model.config.text_dim and export.text_encoder)
-    has_class = bool(model.config.num_classes)
-    cls = has_class and (use_class if use_class is not None else not text)
-    if use_class and not has_class:
-        raise ValueError("--use-class: this DiT has no class conditioning")
-    if not text and not cls:
-        raise ValueError("this DiT takes neither text (with a text encoder) nor class ids")
-    return text, cls
 
 
 def check_suite_classes(model, suite: list[dict[str, Any]]) -> None:

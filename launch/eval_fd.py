@@ -35,10 +35,9 @@ from autoencoders import Autoencoder
 from data.sources import ItemList, VideoItem, class_index, list_items
 from dit import Export
 from launch import dist
-from launch.eval_attributes import dit_conditioning
 from launch.eval_clips import (CLIP_READING, choose_items, clip_batches, gathered, mean_std, merge_ranks,
                                rank_indices, rank_share, without_gif_twins)
-from launch.sample import generate, sampling_text_encoder
+from launch.sample import dit_conditioning, generate, sampling_text_encoder
 from ldm.checkpoint import load_tensors, save_tensors
 from ldm.errors import UserError
 from ldm.metrics import (FVD_FRAMES, Extractor, FrechetAccumulator, fid_accumulator, frame_change,

@@ -298,6 +298,20 @@ def sample_latents(model, ae: Autoencoder, latent_norm: dict[str, dict[str, list
     return latent.to(device), ae_cond
 
 
+def dit_conditioning(model, export: Export, use_class: bool | None) -> tuple[bool, bool]:
+    """(text, class): what `ldm eval gen` conditions its samples on (the attribute benchmark,
+    `launch.eval_attributes`; FVD / FID, `launch.eval_fd`). Text when the DiT and its training run
+    have it; class ids when asked (default: only when there is no text)."""
+    text = bool(model.config.text_dim and export.text_encoder)
+    has_class = bool(model.config.num_classes)
+    cls = has_class and (use_class if use_class is not None else not text)
+    if use_class and not has_class:
+        raise ValueError("--use-class: this DiT has no class conditioning")
+    if not text and not cls:
+        raise ValueError("this DiT takes neither text (with a text encoder) nor class ids")
+    return text, cls
+
+
 def sampling_text_encoder(model, ae: Autoencoder, export, prompts: bool, device: torch.device | str = "cpu",
                           spec: str | None = None):
     """The text encoder that sampling needs (the one the latents were extracted with,
