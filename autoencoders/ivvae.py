@@ -32,6 +32,16 @@ What makes it IV-VAE, with where each piece lives:
   its last input frame to the next chunk in a `StreamCache`: the result equals one-shot processing
   and the working memory no longer grows with the video. ``benchmarks/ivvae_cache.py`` measures it.
 
+Ablations (Sec. 4.4, Tables 4 and 5, all at Z = 8): ``temporal_padding="causal"`` makes every 3D
+convolution a plain causal one (Table 4's rows without group causal convolution; same parameters),
+``tmpe_attention=False`` with ``pac_dilations=()`` removes TMPE (the mid-block attentions and a 3x3
+head remain: 103.9M, the paper's 104M), ``key_branch="3d"`` makes the key branch a GCConv3D like the
+motion one (Table 5's "3D+3D": 135.7M, +26.4 %; the paper says +23 %). They are registered as
+``ivvae-z8-causal``, ``-notmpe``, ``-causal-notmpe``, ``-3d3d``. Table 4's baseline unit (A), a single
+3D branch of width 96 with 2 attention blocks, is another model, not a switch of this one (no
+``[key | motion]`` halves anywhere: norms, attention, resamplers, latent layout, output selection,
+inflation from a same-Z image VAE all differ); ``causal3d`` is the family closest to it.
+
 Where the paper and the public inference code (MIT, read for facts, nothing copied) differ, this
 follows the code: temporal downsampling at the two deepest boundaries (``temporal_down = (False,
 True, True)``); attention blocks: one entering the deepest level, one after each of its ResBlocks
@@ -73,12 +83,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoencoders.base import REGISTRY, AEConfig, Autoencoder, causal_grid_spec, register, register_family
-from autoencoders.blocks import (LOGVAR_CLAMP, ChannelRMSNorm, ResBlock, SpatialSelfAttention, check_latent_stats,
-                                 grid_z)
-from autoencoders.ivvae_layers import (NORMS, BranchAttention, BranchNorm, BranchSpatialDownsample,
-                                       BranchSpatialUpsample, GroupCausalConv3d, KeyframeDownsample,
-                                       KeyframeUpsample, KTCConv, KTCResBlock, ParallelAtrousConv, StreamCache,
-                                       inflate_center, keyframe_select, starts_video)
+from autoencoders.blocks import (LOGVAR_CLAMP, CausalConv3d, ChannelRMSNorm, ResBlock, SpatialSelfAttention,
+                                 check_latent_stats, grid_z)
+from autoencoders.ivvae_layers import (KEY_BRANCHES, NORMS, TEMPORAL_PADDINGS, BranchAttention, BranchNorm,
+                                       BranchSpatialDownsample, BranchSpatialUpsample, GroupCausalConv3d,
+                                       KeyframeDownsample, KeyframeUpsample, KTCConv, KTCResBlock, ParallelAtrousConv,
+                                       StreamCache, inflate_at, keyframe_select, starts_video)
 from autoencoders.kl2d import KL2D
 from autoencoders.sources import register_initialiser
 from ldm import config as cfglib
@@ -97,6 +107,9 @@ class IVVAEConfig(AEConfig):
     norm: str = "rms"  # "rms" (Sec. 3.5) | "group": kl2d's per-frame GroupNorm (exact inflation)
     norm_groups: int = 32  # for norm="group"
     upsample_shrink: bool = True  # Sec. 3.5: the spatial upsampler halves the width
+    # Ablation switches (Sec. 4.4; the defaults are the paper's model and the released weights'):
+    temporal_padding: str = "group"  # 3D convs: "group" GCConv (Sec. 3.2) | "causal" plain causal (Table 4)
+    key_branch: str = "2d"  # KTC key branch: "2d" (Sec. 3.3) | "3d": a 3D conv like the motion one (Table 5)
     dropout: float = 0.0
     logvar_clamp: tuple[float, float] = LOGVAR_CLAMP
     # Not architecture but a memory knob that leaves every output unchanged: 0 = one shot; c > 0 =
@@ -115,6 +128,12 @@ class IVVAEConfig(AEConfig):
             raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.temporal_padding not in TEMPORAL_PADDINGS:
+            raise ValueError(f"temporal_padding must be one of {TEMPORAL_PADDINGS} (group causal GCConv, plain "
+                             f"causal conv), got {self.temporal_padding!r}")
+        if self.key_branch not in KEY_BRANCHES:
+            raise ValueError(f"key_branch must be one of {KEY_BRANCHES} (the KTC key branch's convolution), "
+                             f"got {self.key_branch!r}")
         if any(d < 1 for d in self.pac_dilations):
             raise ValueError(f"pac_dilations must be positive, got {self.pac_dilations}")
         if not 0.0 <= self.dropout < 1.0:
@@ -168,15 +187,16 @@ class IVVAEEncoder(nn.Module):
         super().__init__()
         widths, groups = cfg.widths(), cfg.level_groups()
         arch = dict(norm=cfg.norm, groups=cfg.norm_groups)
+        conv = dict(padding=cfg.temporal_padding, key=cfg.key_branch)  # the ablation switches (Sec. 4.4)
         deepest = len(widths) - 1
-        self.conv_in = KTCConv(cfg.in_channels, widths[0], 3, groups[0])
+        self.conv_in = KTCConv(cfg.in_channels, widths[0], 3, groups[0], **conv)
         self.blocks, self.attentions = nn.ModuleList(), nn.ModuleList()
         self.down_spatial, self.down_temporal = nn.ModuleList(), nn.ModuleList()
         ch = widths[0]
         for i, w in enumerate(widths):
             blocks = []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(KTCResBlock(ch, w, groups[i], dropout=cfg.dropout, **arch))
+                blocks.append(KTCResBlock(ch, w, groups[i], dropout=cfg.dropout, **arch, **conv))
                 ch = w
             self.blocks.append(nn.ModuleList(blocks))
             tmpe = cfg.tmpe_attention and i == deepest
@@ -220,6 +240,7 @@ class IVVAEDecoder(nn.Module):
         super().__init__()
         widths, groups = cfg.widths(), cfg.level_groups()
         arch = dict(norm=cfg.norm, groups=cfg.norm_groups)
+        conv = dict(padding=cfg.temporal_padding, key=cfg.key_branch)  # the ablation switches (Sec. 4.4)
         deepest = len(widths) - 1
         self.group = groups[0]
         ch = widths[-1]
@@ -230,7 +251,7 @@ class IVVAEDecoder(nn.Module):
         for i in reversed(range(len(widths))):  # deepest level first: blocks[j] is level deepest - j
             blocks = []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(KTCResBlock(ch, widths[i], groups[i], dropout=cfg.dropout, **arch))
+                blocks.append(KTCResBlock(ch, widths[i], groups[i], dropout=cfg.dropout, **arch, **conv))
                 ch = widths[i]
             self.blocks.append(nn.ModuleList(blocks))
             tmpe = cfg.tmpe_attention and i == deepest
@@ -242,7 +263,7 @@ class IVVAEDecoder(nn.Module):
                 self.up_spatial.append(BranchSpatialUpsample(ch, out))
                 ch = out
         self.norm_out = BranchNorm(ch, cfg.norm, cfg.norm_groups)
-        self.head = KTCConv(ch, 2 * cfg.in_channels, 3, groups[0])
+        self.head = KTCConv(ch, 2 * cfg.in_channels, 3, groups[0], **conv)
 
     def forward(self, z: Tensor, cache: StreamCache | None = None) -> Tensor:
         start = starts_video(self, cache)
@@ -385,19 +406,28 @@ def _spans(frames: int, chunk: int) -> list[tuple[int, int]]:
 # Inflation of a kl2d image VAE into both branches
 # ------------------------------------------------------------------------------------------
 def _ktc_from_conv(dst: KTCConv, src: nn.Conv2d, split_input: bool = True) -> None:
-    """Key half = ``src`` reading the key half of the input, motion half = ``src`` (centre-inflated
-    when it is a GCConv) reading the motion half; cross-branch weights zero. ``split_input=False``
-    when both branches read the same input (the RGB video)."""
+    """Key half = ``src`` reading the key half of the input, motion half = ``src`` reading the motion
+    half; cross-branch weights zero; a 3D branch gets ``src`` inflated to look at the current frame only
+    (`_inflated`). ``split_input=False`` when both branches read the same input (the RGB video)."""
     w, b = src.weight, src.bias
     if split_input:
         zero = torch.zeros_like(w)
         w_key, w_motion = torch.cat([w, zero], dim=1), torch.cat([zero, w], dim=1)
     else:
         w_key = w_motion = w
-    _copy(dst.key, w_key, b)
-    motion = dst.motion
-    _copy(motion, inflate_center(w_motion, motion.kernel_size[0]) if isinstance(motion, GroupCausalConv3d)
-          else w_motion, b)
+    _copy(dst.key, _inflated(dst.key, w_key), b)
+    _copy(dst.motion, _inflated(dst.motion, w_motion), b)
+
+
+def _inflated(conv: nn.Module, weight_2d: Tensor) -> Tensor:
+    """``weight_2d`` for ``conv``: as is for a 2D conv; for a 3D one at the tap of the current frame,
+    the centre of a GCConv (``[0, W, 0]``, Sec. 3.3) or the last tap of a causal conv (``[0, 0, W]``,
+    Sec. 3.1), so the 3D branch starts as the 2D one."""
+    if isinstance(conv, GroupCausalConv3d):
+        return inflate_at(weight_2d, conv.kernel_size[0], conv.time_pad)
+    if isinstance(conv, CausalConv3d):
+        return inflate_at(weight_2d, conv.kernel_size[0], conv.kernel_size[0] - 1)
+    return weight_2d
 
 
 def _copy(dst: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
@@ -581,3 +611,16 @@ for _z in (4, 8, 16):
     register(f"ivvae-z{_z}-debug", IVVAE, IVVAEConfig(latent_channels=_z, dim=8, **_DEBUG))
 register("ivvae-z16-dim96", IVVAE, IVVAEConfig(latent_channels=16, dim=96, **_PAPER))
 register("ivvae-z16-dim96-debug", IVVAE, IVVAEConfig(latent_channels=16, dim=12, **_DEBUG))
+
+# The paper's Z = 8 ablations (Sec. 4.4, Tables 4 and 5), each ivvae-z8 with switches flipped (not
+# released: train them with `ldm train-ae`, or inflate the paper's image VAE into them with
+# `IVVAE.from_kl2d(kl2d, "ivvae-z8-causal")` / `ldm convert --source saved --target ivvae-z8-causal`)
+IVVAE_ABLATIONS = {
+    "causal": dict(temporal_padding="causal"),  # Table 4: plain causal 3D convs instead of GCConv
+    "notmpe": dict(tmpe_attention=False, pac_dilations=()),  # Table 4: w/o TMPE (2 attentions, 3x3 head)
+    "causal-notmpe": dict(temporal_padding="causal", tmpe_attention=False, pac_dilations=()),  # Table 4: KTC alone
+    "3d3d": dict(key_branch="3d"),  # Table 5: the key branch a GCConv3D as well
+}
+for _name, _switches in IVVAE_ABLATIONS.items():
+    register(f"ivvae-z8-{_name}", IVVAE, IVVAEConfig(latent_channels=8, dim=64, **_PAPER, **_switches))
+    register(f"ivvae-z8-{_name}-debug", IVVAE, IVVAEConfig(latent_channels=8, dim=8, **_DEBUG, **_switches))

@@ -11,7 +11,9 @@ from 3D group causal convolutions. Each half is normalised on its own. The model
   causal padding from the previous group's last frames, zeros after the group.
 - `KTCConv` (the KTC unit's convolution, Sec. 3.3): a 2D conv writing the key half and a GCConv
   writing the motion half, both reading every input channel; after full temporal compression the
-  GCConv becomes a 2D conv (Sec. 3.3, last paragraph).
+  GCConv becomes a 2D conv (Sec. 3.3, last paragraph). The ablations' variants (Sec. 4.4) are
+  switches of `temporal_conv`: plain causal 3D convs instead of GCConvs (Table 4, "w/o group causal
+  conv": `blocks.CausalConv3d`), a 3D key branch like the motion one (Table 5, "3D+3D").
 - `BranchNorm`: RMSNorm (Sec. 3.5) of each half separately, or the per-frame GroupNorm of the
   ``kl2d`` family (for an exact inflation of a kl2d checkpoint, see ``IVVAE.from_kl2d``).
 - `KTCResBlock`, `BranchAttention`, the keyframe temporal resamplers `KeyframeDownsample` /
@@ -39,11 +41,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from autoencoders.blocks import (ChannelRMSNorm, SpatialDownsample, StreamCache, group_norm, norm_layer,
-                                 starts_video)
+from autoencoders.blocks import (CausalConv3d, ChannelRMSNorm, SpatialDownsample, StreamCache, group_norm,
+                                 norm_layer, starts_video)
 from ldm.attention import attention
 
 NORMS = ("rms", "group")
+TEMPORAL_PADDINGS = ("group", "causal")  # GCConv (Sec. 3.2) | plain causal 3D conv (Table 4's "w/o GCConv" rows)
+KEY_BRANCHES = ("2d", "3d")  # the KTC key branch: 2D conv (Sec. 3.3) | a 3D conv like the motion one (Table 5)
 FRAME_CHUNK_ELEMENTS = 2 ** 27  # elements of input per chunk of frames in inference (256 MiB in bf16)
 
 
@@ -163,6 +167,33 @@ def _frame_conv(conv: nn.Conv2d, x: Tensor, out: Tensor | None = None) -> Tensor
     return out
 
 
+def temporal_conv(in_channels: int, out_channels: int, kernel_size: int, group: int,
+                  padding: str = "group") -> nn.Module:
+    """The 3D convolution of a KTC branch at frame-group size ``group``: a `GroupCausalConv3d`
+    (``padding="group"``, Sec. 3.2) or a plain `CausalConv3d` (``"causal"``: output frame ``t`` sees
+    input frames ``<= t`` only, even inside a group; the "w/o group causal conv" rows of Table 4, the
+    same weights); once time is fully compressed (``group == 1``) a 2D convolution (Sec. 3.3)."""
+    if padding not in TEMPORAL_PADDINGS:
+        raise ValueError(f"temporal_padding must be one of {TEMPORAL_PADDINGS}, got {padding!r}")
+    if group == 1:
+        return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+    if padding == "group":
+        return GroupCausalConv3d(in_channels, out_channels, kernel_size, group)
+    return CausalConv3d(in_channels, out_channels, kernel_size)
+
+
+def _branch_conv(conv: nn.Module, x: Tensor, cache: StreamCache | None, out: Tensor | None = None) -> Tensor:
+    """Run one branch's convolution of any kind (`temporal_conv`, or a per-frame 2D conv) on
+    ``B C T H W``, into ``out`` when given (inference). A `CausalConv3d` runs in one piece (it has no
+    chunked inference path: the ablation variant trades the memory savings for simplicity)."""
+    if isinstance(conv, GroupCausalConv3d):
+        return conv(x, cache, out)
+    if isinstance(conv, CausalConv3d):
+        y = conv(x, cache)
+        return y if out is None else out.copy_(y)
+    return _frame_conv(conv, x, out)
+
+
 class KTCConv(nn.Module):
     """The convolution of a KTC unit (Sec. 3.3, Fig. 2b): ``key`` (2D, per frame) writes the first
     ``out_channels / 2`` channels, ``motion`` writes the rest; both read every input channel.
@@ -170,30 +201,33 @@ class KTCConv(nn.Module):
     ``motion`` is a `GroupCausalConv3d` at group size ``group`` while frames are still grouped
     (``group > 1``) and a 2D convolution once time is fully compressed (``group == 1``, the
     paper's "we replace the GCConv3D in KTC Unit with a 2D convolution at this stage").
+    Ablations (Sec. 4.4): ``padding="causal"`` makes the 3D convolutions plain causal ones (Table 4),
+    ``key="3d"`` makes the key branch a 3D convolution like the motion one (Table 5's "3D+3D",
+    2D again at ``group == 1``).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, group: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, group: int = 1,
+                 padding: str = "group", key: str = "2d"):
         super().__init__()
         if out_channels % 2:
             raise ValueError(f"a KTC convolution writes two halves: out_channels must be even, got {out_channels}")
+        if key not in KEY_BRANCHES:
+            raise ValueError(f"key_branch must be one of {KEY_BRANCHES}, got {key!r}")
         half, pad = out_channels // 2, kernel_size // 2
         self.group = group
-        self.key = nn.Conv2d(in_channels, half, kernel_size, padding=pad)
-        self.motion: nn.Module = (GroupCausalConv3d(in_channels, half, kernel_size, group) if group > 1
-                                  else nn.Conv2d(in_channels, half, kernel_size, padding=pad))
+        self.key: nn.Module = (nn.Conv2d(in_channels, half, kernel_size, padding=pad) if key == "2d"
+                               else temporal_conv(in_channels, half, kernel_size, group, padding))
+        self.motion = temporal_conv(in_channels, half, kernel_size, group, padding)
 
     def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
         if _inference():  # both halves written into one output
             half = self.key.out_channels
             out = x.new_empty(x.shape[0], 2 * half, *x.shape[2:])  # (B, C_out, T, H, W): stride 1, "same"
-            _frame_conv(self.key, x, out[:, :half])
-            if self.group > 1:
-                self.motion(x, cache, out[:, half:])
-            else:
-                _frame_conv(self.motion, x, out[:, half:])
+            _branch_conv(self.key, x, cache, out[:, :half])
+            _branch_conv(self.motion, x, cache, out[:, half:])
             return out
-        key = _frame_conv(self.key, x)
-        motion = self.motion(x, cache) if self.group > 1 else _frame_conv(self.motion, x)
+        key = _branch_conv(self.key, x, cache)
+        motion = _branch_conv(self.motion, x, cache)
         return torch.cat([key, motion], dim=1)  # (B, C_out, T, H, W)
 
 
@@ -272,14 +306,15 @@ class KTCResBlock(nn.Module):
     the width changes (the SD-VAE ResBlock with KTC units, Fig. 2d)."""
 
     def __init__(self, in_channels: int, out_channels: int, group: int, norm: str = "rms", groups: int = 32,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, padding: str = "group", key: str = "2d"):
         super().__init__()
+        conv = dict(group=group, padding=padding, key=key)  # the KTCConv ablation switches
         self.norm1 = BranchNorm(in_channels, norm, groups)
-        self.conv1 = KTCConv(in_channels, out_channels, 3, group)
+        self.conv1 = KTCConv(in_channels, out_channels, 3, **conv)
         self.norm2 = BranchNorm(out_channels, norm, groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = KTCConv(out_channels, out_channels, 3, group)
-        self.skip = KTCConv(in_channels, out_channels, 1, group) if in_channels != out_channels else None
+        self.conv2 = KTCConv(out_channels, out_channels, 3, **conv)
+        self.skip = KTCConv(in_channels, out_channels, 1, **conv) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
         inplace = _inference()  # the normalised maps are fresh tensors: activate them in place
@@ -423,8 +458,15 @@ def inflate_center(weight_2d: Tensor, frames: int) -> Tensor:
     the centre frame (I3D's "centre initialisation", Carreira & Zisserman 2017; IV-VAE Sec. 3.3)."""
     if frames % 2 == 0:
         raise ValueError(f"centre inflation needs an odd temporal kernel, got {frames}")
+    return inflate_at(weight_2d, frames, frames // 2)
+
+
+def inflate_at(weight_2d: Tensor, frames: int, tap: int) -> Tensor:
+    """A ``C_out C_in k k`` 2D kernel as a ``C_out C_in frames k k`` 3D kernel that only looks at
+    temporal tap ``tap`` (the current frame: the centre of a GCConv, the last tap ``[0, 0, W]`` of a
+    causal conv, Sec. 3.1's inflation of the causal baseline)."""
     w = weight_2d.new_zeros(weight_2d.shape[0], weight_2d.shape[1], frames, *weight_2d.shape[2:])
-    w[:, :, frames // 2] = weight_2d
+    w[:, :, tap] = weight_2d
     return w
 
 
