@@ -27,10 +27,11 @@ from torch import nn
 
 from autoencoders.base import REGISTRY
 from autoencoders.ivvae import IVVAE, IVVAEConfig
-from autoencoders.ivvae_layers import BranchAttention, BranchNorm, GroupCausalConv3d, KTCConv, KTCResBlock
+from autoencoders.ivvae_layers import BranchAttention, BranchNorm, KTCConv, KTCResBlock
 from autoencoders.sources import Conversion, KeyMap, ParamMapper, register_source, registered_target
 from ldm import config as cfglib
 from ldm.checkpoint import read_state_dict
+from ldm.errors import UserError
 
 # (latent_scale, latent_shift) of the released weights (the public code's IV_VAE factory)
 OFFICIAL_STATS = {"ivvae-z4": (1.3196, 0.1250), "ivvae-z8": (1.0940, -0.0322), "ivvae-z16": (0.9697, -0.1553),
@@ -40,14 +41,17 @@ OFFICIAL_DILATIONS = (1, 3, 6, 9, 12)
 
 def check_official_layout(cfg: IVVAEConfig) -> None:
     """The public code's layout: four levels, time compressed at the two deepest boundaries, RMS
-    norms, shrinking upsamplers, the TMPE head and attention."""
+    norms, shrinking upsamplers, the TMPE head and attention, GCConvs and 2D key branches (no ablation
+    variant: the same shapes would load, with another forward)."""
     need = dict(temporal_down=(False, True, True), norm="rms", upsample_shrink=True,
-                pac_dilations=OFFICIAL_DILATIONS, tmpe_attention=True, in_channels=3)
+                pac_dilations=OFFICIAL_DILATIONS, tmpe_attention=True, in_channels=3, temporal_padding="group",
+                key_branch="2d")
     wrong = {k: getattr(cfg, k) for k, v in need.items() if getattr(cfg, k) != v}
     if len(cfg.channel_mult) != 4:
         wrong["channel_mult"] = cfg.channel_mult
     if wrong:
-        raise ValueError(f"the official IV-VAE layout needs {need} and four levels; this config has {wrong}")
+        raise UserError(f"the official IV-VAE layout needs {need} and four levels; this config has {wrong} "
+                        "(the released weights are ivvae-z4/z8/z16/z16-dim96: pass one of those or --target ivvae)")
 
 
 class _Mapper(ParamMapper):
@@ -70,7 +74,7 @@ class _Mapper(ParamMapper):
             self.conv(ours.motion, f"{theirs}.conv", rows=slice(half, 2 * half))
         else:
             self.conv(ours.key, f"{theirs}.conv_2d")
-            self.conv(ours.motion, f"{theirs}.conv_3d", squeeze_time=not isinstance(ours.motion, GroupCausalConv3d))
+            self.conv(ours.motion, f"{theirs}.conv_3d", squeeze_time=isinstance(ours.motion, nn.Conv2d))
 
     def gamma(self, ours: nn.Parameter, theirs: str) -> None:
         g = self.km.take(theirs)  # (C, 1, 1[, 1]) there, (C,) here

@@ -174,3 +174,16 @@ def test_a_file_that_is_not_a_checkpoint_is_one_clear_error(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="is not a torch checkpoint of tensors"):
         read_state_dict(tmp_path / "junk.pth")
+
+
+def test_ablation_variants_never_take_the_released_weights(tmp_path):
+    """The Z=8 ablation variants (plain causal convs: the released z8 shapes with another forward)
+    never receive the released weights: ``--target ivvae`` finds the paper's model alone, and naming a
+    variant says which switch differs (was: "23 tensor(s) with the wrong shape", the 3D kernels read
+    as 2D ones)."""
+    save_file(official_state_dict(8, 8, DEBUG["mult"], DEBUG["nrb"], seed=1), tmp_path / "z8.safetensors")
+    assert convert("ivvae-official", tmp_path / "z8.safetensors", "ivvae").name == "ivvae-z8-debug"
+    for name, switch in (("ivvae-z8-causal-debug", "'temporal_padding': 'causal'"),
+                         ("ivvae-z8-3d3d-debug", "'key_branch': '3d'")):
+        with pytest.raises(UserError, match=f"official IV-VAE layout.*{switch}.*pass one of those or --target ivvae"):
+            convert("ivvae-official", tmp_path / "z8.safetensors", name)
