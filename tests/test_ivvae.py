@@ -467,7 +467,10 @@ def test_registered_ablations_flip_one_switch_and_count_the_papers_parameters():
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_ablation_variants_stream_like_one_shot_and_match_the_autograd_path(name):
+def test_ablation_variants_stream_like_one_shot_and_match_the_autograd_path(name, monkeypatch):
+    import autoencoders.ivvae_layers as L
+
+    monkeypatch.setattr(L, "FRAME_CHUNK_ELEMENTS", 700)  # the inference path in several chunks of frames
     model = _model(name)
     chunked = _twin(model, chunk_frames=8)
     x = _video(13)  # chunks 1 | 8 | 4
