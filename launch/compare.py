@@ -468,6 +468,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                                           cfg=args.guidance != 1.0, dit_overrides=overrides,
                                           text_tokens=manifest.text_tokens if "text_dim" in overrides else 0)
         row["cost"]["autoencoder"] = e["label"]
+        (work / "error.log").unlink(missing_ok=True)  # an earlier run's failure, now redone
         return row
 
     rows, failed = [], []

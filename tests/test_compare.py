@@ -1,6 +1,7 @@
 """`ldm compare` end to end on CPU with debug configs: synthetic clips -> extraction -> the same DiT
 trained per autoencoder -> reconstruction, sampling, attribute accuracy, cost -> compare.json/.md/png."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -334,3 +335,25 @@ def test_an_autoencoder_that_fails_is_reported_and_the_others_go_on(tmp_path, ca
         (out / "compare.md").read_text()
     err = capsys.readouterr().err
     assert "ldm compare: kl2d-f8c16-debug failed (RuntimeError: CUDA out of memory), left out of the report" in err
+
+    # the same command again: only the failed autoencoder's stages run, the report has both rows and the
+    # stale error.log goes (was: kept beside a row that no longer failed)
+    cmd = ["compare", "--autoencoders", "kl2d-f8c4-debug,kl2d-f8c16-debug", "--output", str(out), *SMALL]
+    redone = []
+
+    def recorded(name, real):
+        def stage(*a):
+            redone.append((name, [x.name for x in a if isinstance(x, Path)]))  # its autoencoder's folder
+            return real(*a)
+        return stage
+
+    monkeypatch.setattr(compare, "_extract", recorded("_extract", real))
+    for name in ("_train_dit", "_recon", "_generate"):
+        monkeypatch.setattr(compare, name, recorded(name, getattr(compare, name)))
+    assert ldm(cmd) == 0
+    r = _report(out)
+    assert [row["autoencoder"] for row in r["rows"]] == ["kl2d-f8c4-debug", "kl2d-f8c16-debug"] and r["failed"] == []
+    assert r["rows"][0]["resumed"] == ["extract", "train_dit", "recon", "generate"] and r["rows"][1]["resumed"] == []
+    assert redone == [(name, ["kl2d-f8c16-debug"]) for name in ("_extract", "_train_dit", "_recon", "_generate")]
+    assert not (out / "kl2d-f8c16-debug" / "error.log").exists() and "failed" not in (out / "compare.md").read_text()
+
