@@ -24,8 +24,9 @@ are kept) and writes the report again. The evaluation flags (`EVAL_ONLY`: ``--ev
 ``--guidance``, ``--per-prompt``, ``--fvd-frames``) do not bind it: each autoencoder's recon stage
 (reconstruction metrics) and generate stage (sampling, attributes, FVD) record what they depend on of
 them and run again when that changed, the extraction and DiT kept. A rerun with other training
-settings, another training config or other inputs is refused before anything runs, naming what
-differs (give a new ``--output``).
+settings, another training config or other inputs (an autoencoder folder whose weights were replaced) is
+refused before anything runs, naming what differs: give ``--overwrite`` to start the folder again (it
+removes the earlier comparison's own outputs, `_earlier_outputs`, and nothing else), or a new ``--output``.
 Measured step time is the median wall time of a training step after the first (from the run's
 log); measured peak memory is ``torch.cuda.max_memory_allocated`` over the training run (GPU, one
 process per run; ``--nproc`` > 1 runs under torchrun and reports the estimate only).
@@ -67,6 +68,8 @@ from ldm.samplers import SamplingConfig
 
 DEFAULT_TRAIN = "train-debug"  # a built-in config's name (launch.configs)
 STAGES = "stages.json"  # in each autoencoder's folder: its finished stages (`launch.pipeline.Stages`)
+REPORT = ("compare.json", "compare.md", "cost.png")
+TRASH = ".overwritten"  # `--overwrite` moves the earlier comparison here, then removes it (`_clear`)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -110,12 +113,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "image-to-video reconstruction); the others decode plainly, said per row")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start --output again: remove the earlier comparison there (its run.json, report, data/ and "
+                   "each autoencoder's folder; nothing else), e.g. after replacing an autoencoder's weights")
 
 
 # flags that may differ when a comparison is rerun into its folder; every other flag, the training
 # config's content and the inputs bind it (the stages' own bindings would refuse the change anyway,
 # naming flags `ldm compare` does not take)
-HARMLESS = ("--output", "--device", "--train-config", "--train")
+HARMLESS = ("--output", "--device", "--train-config", "--train", "--overwrite")
 # flags that change only how each autoencoder is evaluated: they do not bind the folder; its recon and
 # generate stages record what they depend on of them (`_eval_keys`) and run again when that differs,
 # keeping the extraction and the DiT
@@ -139,10 +145,15 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Bin
         raise UserError(f"--fps must be > 0, got {args.fps}")
     if Path(args.output).is_file():
         raise UserError(f"--output {args.output} is a file; give a folder for the report")
-    if Path(args.output).is_dir() and any(p.name != runs.LOCK for p in Path(args.output).iterdir()) and \
-            not (Path(args.output) / runs.BINDING).is_file():
+    out = Path(args.output)
+    if out.is_dir() and any(p.name not in (runs.LOCK, TRASH) for p in out.iterdir()) and \
+            not (out / runs.BINDING).is_file():
         raise UserError(f"--output {args.output} is not empty and holds no `ldm compare` run (no {runs.BINDING}); "
                         "choose a new folder")
+    earlier = runs.bound_record(out)
+    if (out / runs.BINDING).is_file() and "--autoencoders" not in earlier and (earlier or args.overwrite):
+        raise UserError(f"--output {args.output}: its {runs.BINDING} is not an `ldm compare` run's (another verb's, "
+                        "or unreadable); choose a new folder")
     paths = {"--input": args.input, "--eval-input": args.eval_input, "--train-config": args.train_config,
              "--lpips-backbone": args.lpips_backbone, "--lpips-heads": args.lpips_heads, "--i3d": args.i3d,
              "--inception": args.inception}
@@ -182,9 +193,59 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Bin
                                                        if e["checkpoint"]}}
     facts["train"]["data"].pop("shards", None)  # set per autoencoder
     record = runs.binding_record(settings, HARMLESS + EVAL_ONLY, facts)
-    binding = runs.check_binding(args.output, record, new_folder="a new --output", allow_flag=None,
-                                 harmless=EVAL_ONLY + ("inputs.--eval-input",))  # bound before they were keyed
+    if args.overwrite:  # nothing of the earlier comparison is kept: nothing to match
+        _check_outside(out, entries, paths)
+        return entries, runs.Binding(out, record), _eval_settings(settings, eval_input)
+    hints = {f"autoencoder_weights.{e['label']}": f"{e['checkpoint']} holds other weights than that run's"
+             for e in entries if e["checkpoint"]}
+    hints.update({f"inputs.{flag}": f"{flag} {paths[flag]} holds other videos than that run's" for flag in inputs})
+    binding = runs.check_binding(args.output, record, new_folder="--overwrite to start again or a new --output",
+                                 allow_flag=None, harmless=EVAL_ONLY + ("inputs.--eval-input",),  # bound before keyed
+                                 hints=hints)
     return entries, binding, _eval_settings(settings, eval_input)
+
+
+def _check_outside(out: Path, entries: list[dict[str, Any]], paths: dict[str, str | None]) -> None:
+    """``--overwrite`` would remove no input: `UserError` for a file or folder given to this
+    comparison (videos, configs, weights, an autoencoder an earlier comparison trained with
+    ``--ae-steps``) that lies inside the earlier comparison's outputs."""
+    given = [(flag, path) for flag, path in paths.items() if path is not None]
+    given += [("--autoencoders", e["checkpoint"]) for e in entries if e["checkpoint"]]
+    for output in _earlier_outputs(out, [e["label"] for e in entries]):
+        for flag, path in given:
+            if Path(path).resolve().is_relative_to(output.resolve()):
+                raise UserError(f"{flag} {path} lies inside {output}, which --overwrite removes (the earlier "
+                                f"comparison's output); copy it out of {out} first, or give a new --output")
+
+
+def _earlier_outputs(out: Path, labels: list[str]) -> list[Path]:
+    """What an earlier comparison wrote into ``out``, which ``--overwrite`` removes: each
+    autoencoder's folder (of ``labels`` and of the ``--autoencoders`` its run.json records), the
+    synthetic data, the report and, last, run.json; nothing else the folder holds."""
+    earlier = runs.bound_record(out).get("--autoencoders")
+    names = [_safe(label) for label in labels + (_labels(_items(earlier)) if earlier else [])]
+    names = list(dict.fromkeys([*names, "data", *REPORT, runs.BINDING]))
+    return [out / name for name in names if (out / name).exists() or (out / name).is_symlink()]
+
+
+def _clear(out: Path, labels: list[str]) -> None:
+    """``--overwrite``: the earlier comparison's outputs (`_earlier_outputs`) moved into ``out/TRASH``
+    one by one, run.json last, then removed. An interrupted clearing leaves each autoencoder's folder
+    whole or gone (never a stages.json without the files it describes), and the folder bound to the
+    earlier comparison until its run.json goes; the next run removes what TRASH still holds."""
+    earlier = _earlier_outputs(out, labels)
+    if not earlier:
+        print(f"ldm compare: --overwrite: {out} holds no earlier comparison, nothing removed", file=sys.stderr,
+              flush=True)
+        return
+    (out / TRASH).mkdir()
+    for path in earlier:
+        path.rename(out / TRASH / path.name)
+    shutil.rmtree(out / TRASH)
+    kept = sorted(p.name for p in out.iterdir() if p.name != runs.LOCK)
+    print(f"ldm compare: --overwrite: removed the earlier comparison from {out} "
+          f"({', '.join(p.name for p in earlier)})" + (f"; kept what it did not write: {', '.join(kept)}" if kept
+                                                       else ""), file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,24 +264,32 @@ def _entries(spec: str) -> list[dict[str, Any]]:
     says whether an item is either). A folder's label is its own name, or its run's for a
     ``train-ae`` RUN/final."""
     out = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
+    items = _items(spec)
+    for item, label in zip(items, _labels(items)):
         autoencoders.config_of(item)  # unknown: a clear error before anything runs
         if item in autoencoders.REGISTRY:
-            out.append({"label": item, "name": item, "checkpoint": None})
+            out.append({"label": label, "name": item, "checkpoint": None})
         else:
-            name = read_json(Path(item) / "config.json").get("name")
-            folder = Path(item).resolve()
-            label = folder.parent.name if folder.name == "final" else folder.name
-            out.append({"label": label, "name": name, "checkpoint": str(item)})
-    labels = [e["label"] for e in out]
-    if len(set(labels)) != len(labels):
-        for i, e in enumerate(out):
-            e["label"] = f"{i}-{e['label']}"
+            out.append({"label": label, "name": read_json(Path(item) / "config.json").get("name"),
+                        "checkpoint": str(item)})
     if not out:
         raise UserError("--autoencoders is empty: give NAME[,NAME...] (see `ldm list`) or saved folders")
     return out
+
+
+def _items(spec: str) -> list[str]:
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def _labels(items: list[str]) -> list[str]:
+    """Each autoencoder's name in the report (and its folder's, `_safe`): a registered name as it is,
+    a folder by its own name or its run's for a ``train-ae`` RUN/final; repeated names numbered."""
+    labels = []
+    for item in items:
+        folder = Path(item).resolve()
+        labels.append(item if item in autoencoders.REGISTRY else
+                      folder.parent.name if folder.name == "final" else folder.name)
+    return labels if len(set(labels)) == len(labels) else [f"{i}-{label}" for i, label in enumerate(labels)]
 
 
 def _safe(label: str) -> str:
@@ -438,6 +507,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         i3d = load_i3d(args.i3d, device=device) if args.i3d else None
         inception = load_inception(args.inception, device) if args.inception else None
     runs.claim_folder(out, "a new --output")  # a comparison running into it: refused before anything is written
+    shutil.rmtree(out / TRASH, ignore_errors=True)  # what an interrupted --overwrite left
+    if args.overwrite:
+        _clear(out, [e["label"] for e in entries])
     synthetic = bool(args.synth) or (Path(args.input) / "synth.json").is_file()
     earlier = _earlier_settings(out)  # read before run.json is written again
     for e in entries:

@@ -481,7 +481,8 @@ def test_compare_rerun_with_other_settings_is_refused_in_its_own_terms(tmp_path,
                         (["--synth", "9"], "--synth: 8 -> 9")):
         assert _ldm(argv + extra) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-        assert len(err) == 1 and what in err[0] and err[0].endswith("give a new --output for a new run"), err
+        assert len(err) == 1 and what in err[0], err
+        assert err[0].endswith("give --overwrite to start again or a new --output for a new run"), err
         assert "--allow-change" not in err[0] and "output=" not in err[0]
         assert _state(out) == before  # refused before anything ran: not a byte or a time stamp changed
     assert _ldm(argv + ["--device", "cpu"]) == 0  # the same comparison: resumed, the report written again

@@ -357,3 +357,73 @@ def test_an_autoencoder_that_fails_is_reported_and_the_others_go_on(tmp_path, ca
     assert redone == [(name, ["kl2d-f8c16-debug"]) for name in ("_extract", "_train_dit", "_recon", "_generate")]
     assert not (out / "kl2d-f8c16-debug" / "error.log").exists() and "failed" not in (out / "compare.md").read_text()
 
+
+def _files(folder):
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_replaced_weights_are_refused_until_overwrite_starts_the_folder_again(tmp_path, capsys):
+    """An autoencoder folder whose weights were replaced (after a failed or wrong checkpoint): the rerun
+    is refused in one line naming it and `--overwrite`, before anything is touched; `--overwrite`
+    removes the earlier comparison's outputs only (a file of the user's stays) and runs every stage
+    again; it binds nothing: the same command without it resumes (was: no `--overwrite`, the refusal
+    said only `give a new --output`: the finished folder could only be deleted by hand)."""
+    import autoencoders
+    from launch.compare import TRASH
+
+    torch.manual_seed(0)
+    autoencoders.build("kl2d-f8c4-debug").save_pretrained(tmp_path / "mine")
+    out = tmp_path / "cmp"
+    cmd = ["compare", "--autoencoders", str(tmp_path / "mine"), "--output", str(out), *SMALL]
+    ldm(cmd)
+    (out / "notes.txt").write_text("mine")
+    torch.manual_seed(1)
+    autoencoders.build("kl2d-f8c4-debug").save_pretrained(tmp_path / "mine")  # other weights, same folder
+    before = _files(out)
+    with pytest.raises(UserError, match=r"autoencoder_weights\.mine: .* give --overwrite to start again or a new "
+                       f"--output for a new run; {tmp_path / 'mine'} holds other weights than that run's$"):
+        ldm(cmd)
+    assert _files(out) == before  # refused before anything: not a byte or a time stamp changed
+    (out / TRASH / "mine").mkdir(parents=True)  # what an --overwrite interrupted while removing leaves
+    capsys.readouterr()
+    ldm(cmd + ["--overwrite"])
+    err = capsys.readouterr().err
+    assert f"--overwrite: removed the earlier comparison from {out} (mine, data, compare.json, compare.md, cost.png, " \
+           "run.json); kept what it did not write: notes.txt" in err
+    row, = _report(out)["rows"]
+    assert row["resumed"] == [] and (out / "notes.txt").read_text() == "mine" and not (out / TRASH).exists()
+    assert json.loads((out / "run.json").read_text())["record"]["autoencoder_weights.mine"] != \
+        json.loads(before["run.json"][0])["record"]["autoencoder_weights.mine"]
+    ldm(cmd)
+    assert _report(out)["rows"][0]["resumed"] == ["extract", "train_dit", "recon", "generate"]
+
+
+def test_overwrite_refuses_another_verbs_folder_and_inputs_it_would_remove(tmp_path):
+    """`--overwrite` removes nothing it did not write and no input of the comparison: a folder of
+    another verb's run, videos or an autoencoder (one `--ae-steps` trained) inside the earlier
+    comparison's outputs are refused in one line before anything is touched."""
+    from data.synth import synth_dataset
+    import autoencoders
+
+    other = tmp_path / "dit-run"  # `ldm train`'s run.json
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps({"format": 1, "record": {"steps": 3}, "changes": []}))
+    cmd = ["compare", "--autoencoders", "kl2d-f8c4-debug", *SMALL[2:]]
+    for overwrite in ([], ["--overwrite"]):  # (was, without it: refused as a comparison, every key listed)
+        with pytest.raises(UserError, match="its run.json is not an `ldm compare` run's"):
+            ldm([*cmd, *overwrite, "--synth", "4", "--output", str(other)])
+    assert [p.name for p in other.iterdir()] == ["run.json"]
+    out = tmp_path / "cmp"  # an earlier comparison: its synthetic clips and an autoencoder it trained
+    (out / "data").mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"format": 1, "record": {"--autoencoders": "kl2d-f8c4-debug"}}))
+    synth_dataset(out / "data" / "train", num=2, frames=9, height=32, width=32, fps=8, seed=0)
+    autoencoders.build("kl2d-f8c4-debug").save_pretrained(out / "kl2d-f8c4-debug" / "ae" / "final")
+    before = _files(out)
+    with pytest.raises(UserError, match=f"--input {out / 'data' / 'train'} lies inside {out / 'data'}, which "
+                       "--overwrite removes"):
+        ldm([*cmd, "--overwrite", "--input", str(out / "data" / "train"), "--output", str(out)])
+    trained = out / "kl2d-f8c4-debug" / "ae" / "final"
+    with pytest.raises(UserError, match=f"--autoencoders {trained} lies inside {out / 'kl2d-f8c4-debug'}"):
+        ldm(["compare", "--autoencoders", str(trained), *SMALL, "--overwrite", "--output", str(out)])
+    assert _files(out) == before
