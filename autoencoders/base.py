@@ -450,7 +450,8 @@ def load_pretrained(path: str | Path, strict: bool = True) -> Autoencoder:
 
 
 def describe(name: str, frames: int = 17, height: int = 256, width: int = 256) -> dict[str, Any]:
-    """Registry entry as JSON-able dict: family, config, and the latent spec at a reference size."""
+    """Registry entry as JSON-able dict: family, parameter count, config, and the latent spec at a
+    reference size."""
     cls, config = REGISTRY[name]
     with torch.device("meta"):  # no weights are allocated: latent_spec is arithmetic on the config
         model = cls(config)
@@ -458,5 +459,6 @@ def describe(name: str, frames: int = 17, height: int = 256, width: int = 256) -
         spec = model.latent_spec(frames, height, width).to_dict()
     except ValueError as e:
         spec = {"error": str(e)}
-    return {"name": name, "family": cls.family, "reference_input": [config.in_channels, frames, height, width],
+    return {"name": name, "family": cls.family, "params": model.num_parameters(),
+            "reference_input": [config.in_channels, frames, height, width],
             **spec, "config": json.loads(json.dumps(dataclasses.asdict(config)))}

@@ -1,4 +1,4 @@
-"""``ldm list``: registered autoencoders (with compression at a reference size) and DiTs."""
+"""``ldm list``: registered autoencoders (parameters, compression at a reference size) and DiTs."""
 from __future__ import annotations
 
 import argparse
@@ -58,6 +58,13 @@ def describe_near(name: str, frames: int, height: int, width: int) -> dict:
     return d if why is None else {**d, "frames_note": f"{n}f: {why}"}
 
 
+def params_text(n: int) -> str:
+    """``131.4M``, ``0.86M`` (the debug twins), ``12K``."""
+    if n >= 10 ** 7:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e6:.2f}M" if n >= 10 ** 5 else f"{n / 1e3:.0f}K"
+
+
 def run(args: argparse.Namespace) -> int:
     check_min({"--frames": args.frames, "--height": args.height, "--width": args.width}, 1)
     aes = [describe_near(n, args.frames, args.height, args.width) for n in sorted(autoencoders.REGISTRY)]
@@ -74,22 +81,23 @@ def run(args: argparse.Namespace) -> int:
     shapes = {d["name"]: parts_text(d.get("latent_shape"))
               + (f" @{d['reference_input'][1]}f" if "frames_note" in d else "") for d in aes}
     wide = max(28, *map(len, shapes.values()))
-    print(f"  {'name':28s} {'family':10s} {'latent':{wide}s} {'factor':>8s} {'vcpr':>6s} {'tokens@1x2x2':>12s}")
+    print(f"  {'name':28s} {'family':10s} {'params':>7s} {'latent':{wide}s} {'factor':>8s} {'vcpr':>6s} "
+          f"{'tokens@1x2x2':>12s}")
     for d in aes:
+        head = f"  {d['name']:28s} {d['family']:10s} {params_text(d['params']):>7s}"
         if "error" in d:
-            print(f"  {d['name']:28s} {d['family']:10s} {d['error']}")
+            print(f"{head} {d['error']}")
             continue
         vcpr = f"{d['vcpr']:.0f}" if d["vcpr"] else "-"
-        print(f"  {d['name']:28s} {d['family']:10s} {shapes[d['name']]:{wide}s} {d['compression_factor']:8.1f} "
-              f"{vcpr:>6s} {d['tokens']:12d}")
+        print(f"{head} {shapes[d['name']]:{wide}s} {d['compression_factor']:8.1f} {vcpr:>6s} {d['tokens']:12d}")
     for note in dict.fromkeys(d["frames_note"] for d in aes if "frames_note" in d):  # once per distinct reason
         print(f"  @{note}")
     motion = [f"{d['name']} {d['motion_compression_factor']:.1f}" for d in aes if d.get("motion_compression_factor")]
     if motion:  # Hi-VAE: the factor above counts the content latent (what the generator models); the paper's does not
         print("  factor of the motion tokens alone (Hi-VAE's paper rate, without the content latent): "
               + ", ".join(motion))
-    print("dits")
-    print(f"  {'name':16s} {'depth':>5s} {'width':>6s} {'heads':>5s}")
+    print("dits (params for a 4-channel latent; the input and output layers follow the latent's channels)")
+    print(f"  {'name':16s} {'params':>7s} {'depth':>5s} {'width':>6s} {'heads':>5s}")
     for d in dits:
-        print(f"  {d['name']:16s} {d['depth']:5d} {d['hidden']:6d} {d['heads']:5d}")
+        print(f"  {d['name']:16s} {params_text(d['params']):>7s} {d['depth']:5d} {d['hidden']:6d} {d['heads']:5d}")
     return 0

@@ -47,6 +47,27 @@ def test_list_shows_each_autoencoder_at_a_length_it_takes(capsys, monkeypatch):
     assert "needs 1 frame (an image) or a multiple of 4 frames" in line and "@" not in line
 
 
+def test_list_shows_parameter_counts(capsys):
+    """Every autoencoder and DiT row has its parameter count (meta-device build, no weights), the
+    model's own, in the JSON and as a readable column."""
+    from autoencoders import build
+
+    assert main(["list", "--json", "--height", "64", "--width", "64"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {d["name"]: d for d in out["autoencoders"]}
+    for name in ("causal3d-f4x8c4-debug", "ivvae-z8-debug", "cmvae-z4-debug"):  # the last shown at 16 frames
+        assert rows[name]["params"] == build(name).num_parameters()
+    assert all(d["params"] > 0 for d in out["autoencoders"] + out["dits"])
+    assert main(["list", "--height", "64", "--width", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:3] == ["name", "family", "params"]
+    assert next(line for line in lines if line.split()[:1] == ["ivvae-z8"]).split()[2] == "107.4M"
+    assert next(line for line in lines if line.split()[:1] == ["causal3d-f4x8c4-debug"]).split()[2] == \
+        f"{rows['causal3d-f4x8c4-debug']['params'] / 1e6:.2f}M"
+    dits = lines[next(i for i, line in enumerate(lines) if line.startswith("dits")) + 1:]
+    assert dits[0].split()[:2] == ["name", "params"] and dits[1].split()[1].endswith("M")
+
+
 def test_deepspeed_launcher_flag_is_dropped(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--local_rank=1", "list", "--help"])
