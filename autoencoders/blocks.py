@@ -25,6 +25,10 @@ CogVideoX). With ``norm="clip"`` a model is causal only chunk by chunk: the `Str
 a family run its encoder/decoder over chunks of frames with the temporal state of every causal layer
 carried across, which is what defines CogVideoX's statistics (and, with per-frame norms, gives the
 one-shot result exactly with bounded memory).
+
+IV-VAE's group causal convolution (`GroupCausalConv3d`: bidirectional inside a frame group, causal
+between groups) replaces `CausalConv3d` in the pyramids with ``temporal_padding="group"``; the
+``ivvae`` family builds its two-branch units from it too.
 """
 from __future__ import annotations
 
@@ -265,11 +269,17 @@ class CausalConv3d(nn.Conv3d):
         return super().forward(x)
 
 
-def conv3x3(in_channels: int, out_channels: int, dims: int) -> nn.Module:
-    """The 3x3 (2D) or causal 3x3x3 (3D) convolution of a block."""
+def conv3x3(in_channels: int, out_channels: int, dims: int, temporal_padding: str = "causal",
+            group: int = 1) -> nn.Module:
+    """The 3x3 (2D) or 3x3x3 (3D) convolution of a block; in 3D causal (`CausalConv3d`) or, with
+    ``temporal_padding="group"``, group causal at frame-group size ``group`` (`GroupCausalConv3d`)."""
+    if temporal_padding not in TEMPORAL_PADDINGS:
+        raise ValueError(f"temporal_padding must be one of {TEMPORAL_PADDINGS}, got {temporal_padding!r}")
     if dims == 2:
         return nn.Conv2d(in_channels, out_channels, 3, padding=1)
     if dims == 3:
+        if temporal_padding == "group":
+            return GroupCausalConv3d(in_channels, out_channels, 3, group)
         return CausalConv3d(in_channels, out_channels, 3)
     raise ValueError(f"dims must be 2 or 3, got {dims}")
 
@@ -283,7 +293,111 @@ def conv1x1(in_channels: int, out_channels: int, dims: int) -> nn.Module:
 
 
 def _conv(conv: nn.Module, x: Tensor, cache: StreamCache | None) -> Tensor:
-    return conv(x, cache) if isinstance(conv, CausalConv3d) else conv(x)
+    return conv(x, cache) if isinstance(conv, (CausalConv3d, GroupCausalConv3d)) else conv(x)
+
+
+# ------------------------------------------------------------------------------------------
+# Group causal convolution (IV-VAE Sec. 3.2, Fig. 2a; shared by ivvae and causal3d)
+# ------------------------------------------------------------------------------------------
+# the temporal padding of a 3D convolution: "group" GCConv (IV-VAE Sec. 3.2) | "causal" `CausalConv3d`
+TEMPORAL_PADDINGS = ("group", "causal")
+FRAME_CHUNK_ELEMENTS = 2 ** 27  # elements of input per chunk of frames in inference (256 MiB in bf16)
+
+
+def _inference() -> bool:
+    """No autograd: outputs may be preallocated and filled chunk by chunk, ops may run in place."""
+    return not torch.is_grad_enabled()
+
+
+def _frame_step(x: Tensor, frames_axis: int = 2) -> int:
+    """Frames per chunk so that one chunk of ``x`` holds about ``FRAME_CHUNK_ELEMENTS`` elements."""
+    per_frame = max(1, x.numel() // max(1, x.shape[frames_axis]))
+    return max(1, FRAME_CHUNK_ELEMENTS // per_frame)
+
+
+def _check_groups(frames: int, group: int, start: bool, name: str) -> int:
+    """Number of whole groups after the (optional) first frame; a clear error otherwise."""
+    body = frames - 1 if start else frames
+    if body < 0 or body % group:
+        need = f"1 + {group}k" if start else f"a multiple of {group}"
+        raise ValueError(f"{name}: needs {need} frames at group size {group}, got {frames}")
+    return body // group
+
+
+class GroupCausalConv3d(nn.Conv3d):
+    """GCConv: a 3D convolution that is bidirectional inside a frame group and causal between groups.
+
+    Time is cut into frame 0 (its own group) and groups of ``group`` frames. Each group is padded
+    before with the ``P = (k_t - 1) / 2 <= group`` frames that precede it in the video (frame 0 pads
+    itself, replicated when ``P > 1``) and after with ``P`` zero frames, then convolved on its own
+    with the same weights (IV-VAE Sec. 3.2: "We pad the features of the previous frame before each frame
+    group [...] the first image frame is padded using its own features. And we use zero padding
+    after each frame group."). Space is zero-padded to "same". The temporal kernel must be odd;
+    ``k_t = 1`` is a pointwise-in-time convolution with no grouping at all.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int] = 3,
+                 group: int = 4, bias: bool = True):
+        kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+        if kt % 2 == 0 or kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"GroupCausalConv3d needs odd kernel sizes, got {(kt, kh, kw)}")
+        if group < 1 or kt // 2 > group:
+            raise ValueError(f"group size must be >= 1 and >= the temporal padding {kt // 2}, got {group}")
+        super().__init__(in_channels, out_channels, (kt, kh, kw), padding=(0, kh // 2, kw // 2), bias=bias)
+        self.group = group
+        self.time_pad = kt // 2
+
+    def forward(self, x: Tensor, cache: StreamCache | None = None, out: Tensor | None = None) -> Tensor:
+        """``x: (B, C, T, H, W)`` -> ``(B, C', T, H', W')``; with ``out`` (inference only) the result
+        is written there."""
+        if x.ndim != 5:
+            raise ValueError(f"GroupCausalConv3d expects B C T H W, got shape {tuple(x.shape)}")
+        if self.time_pad == 0:
+            y = super().forward(x)
+            return y if out is None else out.copy_(y)
+        p, g = self.time_pad, self.group
+        past = cache.get(self) if cache is not None else None
+        start = past is None
+        k = _check_groups(x.shape[2], g, start, "GroupCausalConv3d")
+        first_out = None
+        if start:  # frame 0 is a group of its own, padded before by itself and after by zeros
+            first = x[:, :, :1]
+            past = first.expand(-1, -1, p, -1, -1)  # (B, C, P, H, W)
+            first_out = super().forward(torch.cat([past, first, torch.zeros_like(past)], dim=2))  # (B, C', 1, H, W)
+        body = x[:, :, 1:] if start else x
+        if cache is not None:  # the next chunk's past: a copy (a view would pin this chunk's input)
+            cache.put(self, (body[:, :, -p:] if k else past).clone())
+        if not k:
+            return first_out if out is None else out.copy_(first_out)
+        offset = 1 if start else 0
+        groups = rearrange(body, "b c (k g) h w -> b k c g h w", g=g)
+        if _inference():  # windows of a few groups at a time, written straight into the output
+            if out is None:
+                out = x.new_empty(x.shape[0], self.out_channels, x.shape[2], *x.shape[3:])  # stride 1, "same"
+            if start:
+                out[:, :, :1] = first_out
+            step = max(1, _frame_step(body) // g)
+            for j0 in range(0, k, step):
+                j1 = min(k, j0 + step)
+                before = past.unsqueeze(1) if j0 == 0 else groups[:, j0 - 1:j0, :, g - p:]
+                left = torch.cat([before, groups[:, j0:j1 - 1, :, g - p:]], dim=1)  # (B, n, C, P, H, W)
+                windows = torch.cat([left, groups[:, j0:j1], torch.zeros_like(left)], dim=3)  # (B, n, C, P+g+P, H, W)
+                y = super().forward(rearrange(windows, "b n c t h w -> (b n) c t h w"))  # (B*n, C', g, H', W')
+                rearrange(out[:, :, offset + j0 * g:offset + j1 * g], "b c (n g) h w -> b n c g h w", g=g).copy_(
+                    rearrange(y, "(b n) c g h w -> b n c g h w", n=j1 - j0))
+                del left, windows, y  # before the next chunk's are made
+            return out
+        # before group j: the last P frames of group j - 1 (P <= g), or the past for the first group
+        left = torch.cat([past.unsqueeze(1), groups[:, :-1, :, g - p:]], dim=1)  # (B, k, C, P, H, W)
+        zeros = body.new_zeros(body.shape[0], k, body.shape[1], p, *body.shape[3:])
+        windows = torch.cat([left, groups, zeros], dim=3)  # (B, k, C, P + g + P, H, W)
+        y = super().forward(rearrange(windows, "b k c t h w -> (b k) c t h w"))  # (B*k, C', g, H', W')
+        out = y.new_empty(x.shape[0], y.shape[1], x.shape[2], *y.shape[3:])  # (B, C', T, H', W')
+        if start:
+            out[:, :, :1] = first_out
+        rearrange(out[:, :, offset:], "b c (k g) h w -> b k c g h w", g=g).copy_(
+            rearrange(y, "(b k) c g h w -> b k c g h w", k=k))
+        return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -298,18 +412,20 @@ class ResBlock(nn.Module):
     ``dims=2`` uses 3x3 convolutions on ``B C H W``; ``dims=3`` uses causal 3x3x3 convolutions on
     ``B C T H W`` with per-frame GroupNorm. ``norm`` (a factory ``channels -> module``) replaces the
     GroupNorm, e.g. by a parameter-free PixelNorm (H3AE), a clip GroupNorm or a `SpatialNorm` (then
-    ``forward`` takes the latent ``z``).
+    ``forward`` takes the latent ``z``). ``temporal_padding="group"`` makes the 3D convolutions group
+    causal at frame-group size ``group`` (`GroupCausalConv3d`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, dims: int = 2, groups: int = 32,
-                 dropout: float = 0.0, norm: NormFactory | None = None):
+                 dropout: float = 0.0, norm: NormFactory | None = None, temporal_padding: str = "causal",
+                 group: int = 1):
         super().__init__()
         make_norm = norm if norm is not None else (lambda ch: group_norm(ch, groups))
         self.norm1 = make_norm(in_channels)
-        self.conv1 = conv3x3(in_channels, out_channels, dims)
+        self.conv1 = conv3x3(in_channels, out_channels, dims, temporal_padding, group)
         self.norm2 = make_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = conv3x3(out_channels, out_channels, dims)
+        self.conv2 = conv3x3(out_channels, out_channels, dims, temporal_padding, group)
         self.skip = conv1x1(in_channels, out_channels, dims) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor, cache: StreamCache | None = None, z: Tensor | None = None) -> Tensor:
@@ -437,14 +553,16 @@ class _Stage(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """ResBlock -> (spatial self-attention) -> ResBlock at the lowest resolution."""
+    """ResBlock -> (spatial self-attention) -> ResBlock at the lowest resolution (time fully
+    compressed: with ``temporal_padding="group"`` every frame is a group of its own)."""
 
     def __init__(self, channels: int, dims: int, groups: int, attention: bool, dropout: float = 0.0,
-                 norm: NormFactory | None = None, attention_norm: NormFactory | None = None):
+                 norm: NormFactory | None = None, attention_norm: NormFactory | None = None,
+                 temporal_padding: str = "causal"):
         super().__init__()
-        self.res1 = ResBlock(channels, channels, dims, groups, dropout, norm)
+        self.res1 = ResBlock(channels, channels, dims, groups, dropout, norm, temporal_padding)
         self.attn = SpatialSelfAttention(channels, groups, attention_norm) if attention else nn.Identity()
-        self.res2 = ResBlock(channels, channels, dims, groups, dropout, norm)
+        self.res2 = ResBlock(channels, channels, dims, groups, dropout, norm, temporal_padding)
 
     def forward(self, x: Tensor, cache: StreamCache | None = None, z: Tensor | None = None) -> Tensor:
         return self.res2(self.attn(self.res1(x, cache, z)), cache, z)
@@ -457,39 +575,49 @@ def _check_temporal(temporal: Sequence[bool], levels: int) -> tuple[bool, ...]:
     return temporal
 
 
+def frame_groups(temporal: Sequence[bool]) -> list[int]:
+    """Frame-group size at each level of a pyramid whose boundary ``i`` resamples time 2x where
+    ``temporal[i]``: the frames one latent frame stands for at that level (IV-VAE Sec. 3.2: "for each
+    temporal downsampling/upsampling [...] the frame group decreases/increases by the same factor")."""
+    return [2 ** sum(temporal[i:]) for i in range(len(temporal) + 1)]
+
+
 class ConvEncoder(nn.Module):
     """SD-style encoder: conv_in, one stage per channel multiplier (``num_res_blocks`` ResBlocks,
     then a 2x spatial downsample except at the last level), mid block, norm -> SiLU -> conv_out.
 
     ``dims=3`` builds the causal clip version; ``temporal[i]`` puts a 2x `TemporalDownsample` after
     the spatial downsample of boundary ``i`` (slot ``temporal_down[i]``, `nn.Identity` otherwise).
-    ``norm`` is one of `NORMS` (default: per-frame GroupNorm).
+    ``norm`` is one of `NORMS` (default: per-frame GroupNorm). ``temporal_padding="group"`` makes every
+    3x3x3 convolution group causal (`GroupCausalConv3d`) at its level's `frame_groups` size (the
+    temporal resamplers stay causal, which is group causal too).
     """
 
     def __init__(self, in_channels: int, out_channels: int, base_channels: int, channel_mult: Sequence[int],
                  num_res_blocks: int, dims: int = 2, temporal: Sequence[bool] = (), groups: int = 32,
-                 attention: bool = True, dropout: float = 0.0, norm: str = "group"):
+                 attention: bool = True, dropout: float = 0.0, norm: str = "group", temporal_padding: str = "causal"):
         super().__init__()
         widths = [base_channels * m for m in channel_mult]
         temporal = _check_temporal(temporal or (False,) * (len(widths) - 1), len(widths))
         if dims == 2 and any(temporal):
             raise ValueError("a 2D encoder cannot downsample time")
         make_norm = lambda ch: norm_layer(norm, ch, groups)  # noqa: E731
-        self.conv_in = conv3x3(in_channels, widths[0], dims)
+        group = frame_groups(temporal)
+        self.conv_in = conv3x3(in_channels, widths[0], dims, temporal_padding, group[0])
         stages, ch = [], widths[0]
         for i, w in enumerate(widths):
             blocks = []
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(ch, w, dims, groups, dropout, make_norm))
+                blocks.append(ResBlock(ch, w, dims, groups, dropout, make_norm, temporal_padding, group[i]))
                 ch = w
             last = i == len(widths) - 1
             stages.append(_Stage(blocks, nn.Identity() if last else SpatialDownsample(ch)))
         self.stages = nn.ModuleList(stages)
         self.temporal_down = nn.ModuleList(
             [TemporalDownsample(widths[i]) if t else nn.Identity() for i, t in enumerate(temporal)])
-        self.mid = MidBlock(ch, dims, groups, attention, dropout, make_norm, make_norm)
+        self.mid = MidBlock(ch, dims, groups, attention, dropout, make_norm, make_norm, temporal_padding)
         self.norm_out = make_norm(ch)
-        self.conv_out = conv3x3(ch, out_channels, dims)
+        self.conv_out = conv3x3(ch, out_channels, dims, temporal_padding)
 
     def forward(self, x: Tensor, extra_temporal: Mapping[int, Sequence[nn.Module]] | None = None,
                 cache: StreamCache | None = None) -> Tensor:
@@ -518,13 +646,14 @@ class ConvDecoder(nn.Module):
     time at the two DEEPEST boundaries while its encoder downsamples at the two finest).
 
     ``spatial_norm=True`` modulates every norm by the latent (`SpatialNorm`, CogVideoX);
-    ``upsample_shrink=True`` halves the width in each spatial upsampler (IV-VAE Sec. 3.5).
+    ``upsample_shrink=True`` halves the width in each spatial upsampler (IV-VAE Sec. 3.5);
+    ``temporal_padding="group"``: group causal 3x3x3 convolutions, as in `ConvEncoder`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, base_channels: int, channel_mult: Sequence[int],
                  num_res_blocks: int, dims: int = 2, temporal: Sequence[bool] = (), groups: int = 32,
                  attention: bool = True, dropout: float = 0.0, norm: str = "group", spatial_norm: bool = False,
-                 upsample_shrink: bool = False):
+                 upsample_shrink: bool = False, temporal_padding: str = "causal"):
         super().__init__()
         widths = [base_channels * m for m in channel_mult]
         temporal = _check_temporal(temporal or (False,) * (len(widths) - 1), len(widths))
@@ -532,14 +661,14 @@ class ConvDecoder(nn.Module):
             raise ValueError("a 2D decoder cannot upsample time")
         plain = lambda ch: norm_layer(norm, ch, groups)  # noqa: E731
         make_norm = (lambda ch: SpatialNorm(ch, in_channels, norm, groups)) if spatial_norm else plain
-        ch = widths[-1]
-        self.conv_in = conv3x3(in_channels, ch, dims)
-        self.mid = MidBlock(ch, dims, groups, attention, dropout, make_norm, plain)
+        ch, group = widths[-1], frame_groups(temporal)
+        self.conv_in = conv3x3(in_channels, ch, dims, temporal_padding)
+        self.mid = MidBlock(ch, dims, groups, attention, dropout, make_norm, plain, temporal_padding)
         stages, up_widths = [], {}
         for i in reversed(range(len(widths))):  # deepest level first
             blocks = []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(ch, widths[i], dims, groups, dropout, make_norm))
+                blocks.append(ResBlock(ch, widths[i], dims, groups, dropout, make_norm, temporal_padding, group[i]))
                 ch = widths[i]
             up_widths[i - 1] = ch  # the width at boundary i - 1 (below this level)
             out = ch // 2 if upsample_shrink and i > 0 else ch
@@ -549,7 +678,7 @@ class ConvDecoder(nn.Module):
         self.temporal_up = nn.ModuleList(
             [TemporalUpsample(up_widths[i]) if t else nn.Identity() for i, t in enumerate(temporal)])
         self.norm_out = make_norm(ch)
-        self.conv_out = conv3x3(ch, out_channels, dims)
+        self.conv_out = conv3x3(ch, out_channels, dims, temporal_padding, group[0])
 
     def forward(self, z: Tensor, extra_temporal: Mapping[int, Sequence[nn.Module]] | None = None,
                 cache: StreamCache | None = None) -> Tensor:

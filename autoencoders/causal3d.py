@@ -21,6 +21,23 @@ each pair of frames; each frame twice); our learned `TemporalDownsample` / `Temp
 those exactly (`average_resamplers`), which also gives MTC-VAE trainable copies to start from.
 ``ldm convert --source diffusers:AutoencoderKLCogVideoX`` reproduces the diffusers model for clips of
 ``1 + 8k`` frames (odd latent lengths, the ones its decoder maps back to ``1 + 4k`` frames).
+
+IV-VAE's baseline (Wu et al., "Improved Video VAE for Latent Video Diffusion Model", Sec. 3.1 and
+Table 4's row (A), "the baseline method Causal VAE") is a causal3d with three more switches, each
+off by default: ``norm="rms"`` (channel RMSNorm, Sec. 3.5), ``upsample_shrink`` (the spatial
+upsampler halves the width, Sec. 3.5) and ``temporal_padding="group"`` (Table 4's "(A) + group
+causal conv": every 3x3x3 convolution a `GroupCausalConv3d`, Sec. 3.2, at its level's frame-group
+size 4 / 2 / 1; the temporal resamplers stay causal). Registered as ``causal3d-ivvae-baseline-z8``
+and ``causal3d-ivvae-baseline-z8-gc``. From the paper: Z = 8 (Sec. 4.4), base width 96 (Sec. 4.2),
+2 attention blocks (Sec. 3.4: "from 2 to 7"), 4x8x8, RMSNorm and the shrinking upsampler (Sec. 3.5
+describes them as changes for "the 3D causal VAE"), 127M parameters (Sec. 4.4). Our guesses, the
+layout of IV-VAE's public code at width 96: channel_mult (1, 2, 4, 4), 2 ResBlocks per level (3 in
+the decoder), time downsampled at the two deepest boundaries, one mid-block attention in the encoder
+and one in the decoder, a plain 3x3x3 head (no TMPE): 126.6M. The group-causal padding of a frame
+group of one (the fully compressed levels) is a 3-tap window [previous frame, frame, zero], which
+keeps the parameters unchanged as Table 4 says; the alternative, a 2D convolution there (IV-VAE's
+KTC units, Sec. 3.3), would not. Not here: the initialisation from an image VAE (Sec. 3.1, a
+``[0, 0, W]`` inflation of a ``kl2d-ivvae-*``-style model with Z channels).
 """
 from __future__ import annotations
 
@@ -34,8 +51,9 @@ import torch
 from torch import Tensor, nn
 
 from autoencoders.base import AEConfig, Autoencoder, causal_grid_spec, register, register_family
-from autoencoders.blocks import (LOGVAR_CLAMP, ConvDecoder, ConvEncoder, StreamCache, TemporalDownsample,
-                                 TemporalUpsample, check_latent_stats, chunk_spans, grid_z, split_moments)
+from autoencoders.blocks import (LOGVAR_CLAMP, TEMPORAL_PADDINGS, ConvDecoder, ConvEncoder, StreamCache,
+                                 TemporalDownsample, TemporalUpsample, check_latent_stats, chunk_spans, grid_z,
+                                 split_moments)
 from autoencoders.sources import Conversion, KeyMap, compare, open_diffusers, register_source
 from ldm import config as cfglib
 from ldm.errors import UserError
@@ -51,9 +69,15 @@ class Causal3DConfig(AEConfig):
     num_res_blocks: int = 2  # per encoder level (the decoder uses one more)
     attention: bool = True  # per-frame self-attention in the mid block
     norm_groups: int = 32
-    norm: str = "group"  # per-frame GroupNorm (causal) | "clip": over the frames of each chunk (CogVideoX)
+    # per-frame GroupNorm (causal) | "clip": over the frames of each chunk (CogVideoX) | "rms": channel
+    # RMSNorm (IV-VAE Sec. 3.5)
+    norm: str = "group"
     spatial_norm: bool = False  # decoder norms modulated by the latent (CogVideoX)
     temporal_up: tuple[bool, ...] = ()  # decoder: per boundary, upsample time; () = mirror temporal_down
+    upsample_shrink: bool = False  # the decoder's spatial upsamplers halve the width (IV-VAE Sec. 3.5)
+    # 3x3x3 convolutions: "causal" (frame t sees frames <= t) | "group": IV-VAE's GCConv (Sec. 3.2),
+    # bidirectional inside a frame group (4 / 2 / 1 frames as time is compressed), causal between groups
+    temporal_padding: str = "causal"
     # 0: one pass; n > 0: n latent frames per chunk (encoder: n * rate frames), the remainder first,
     # causal state carried across. With per-frame norms the result is the same; with clip norms the
     # chunks define the statistics (CogVideoX: 2)
@@ -81,17 +105,21 @@ class Causal3D(Autoencoder):
         if config.temporal_up and sum(config.temporal_up) != sum(config.temporal_down):
             raise ValueError(f"the decoder must upsample time as often as the encoder downsamples it: "
                              f"temporal_up={config.temporal_up}, temporal_down={config.temporal_down}")
-        if config.norm not in ("group", "clip") or config.chunk_latent_frames < 0:
-            raise ValueError(f"norm must be 'group' or 'clip' and chunk_latent_frames >= 0, got {config.norm!r}, "
-                             f"{config.chunk_latent_frames}")
+        if config.norm not in ("group", "clip", "rms") or config.chunk_latent_frames < 0:
+            raise ValueError(f"norm must be 'group', 'clip' or 'rms' and chunk_latent_frames >= 0, got "
+                             f"{config.norm!r}, {config.chunk_latent_frames}")
+        if config.temporal_padding not in TEMPORAL_PADDINGS:
+            raise ValueError(f"temporal_padding must be one of {TEMPORAL_PADDINGS} (group causal GCConv, plain "
+                             f"causal conv), got {config.temporal_padding!r}")
         arch = dict(base_channels=config.base_channels, channel_mult=config.channel_mult,
                     num_res_blocks=config.num_res_blocks, dims=3, groups=config.norm_groups,
-                    attention=config.attention, dropout=config.dropout, norm=config.norm)
+                    attention=config.attention, dropout=config.dropout, norm=config.norm,
+                    temporal_padding=config.temporal_padding)
         z = config.latent_channels
         check_latent_stats(config, z)
         self.encoder = ConvEncoder(config.in_channels, 2 * z, temporal=config.temporal_down, **arch)
         self.decoder = ConvDecoder(z, config.in_channels, temporal=config.temporal_up or config.temporal_down,
-                                   spatial_norm=config.spatial_norm, **arch)
+                                   spatial_norm=config.spatial_norm, upsample_shrink=config.upsample_shrink, **arch)
 
     @property
     def spatial_factor(self) -> int:
@@ -112,6 +140,7 @@ class Causal3D(Autoencoder):
     def encoder_moments(self, video: Tensor, extra: Mapping[int, Sequence[nn.Module]] | None = None) -> Tensor:
         """Encoder output ``B 2c t h w`` (``extra``: further temporal downsamplers per slot, MTC-VAE),
         in one pass or chunk by chunk (``config.chunk_latent_frames``)."""
+        self._check_extra(extra)
         n = self.config.chunk_latent_frames
         if not n:
             return self.encoder(video, extra)
@@ -123,11 +152,17 @@ class Causal3D(Autoencoder):
     def decoder_video(self, z: Tensor, extra: Mapping[int, Sequence[nn.Module]] | None = None) -> Tensor:
         """Decoder ``B c t h w -> B C T H W`` (``extra``: further temporal upsamplers per slot), in one
         pass or ``config.chunk_latent_frames`` latent frames at a time."""
+        self._check_extra(extra)
         n = self.config.chunk_latent_frames
         if not n:
             return self.decoder(z, extra)
         cache = StreamCache()
         return torch.cat([self.decoder(z[:, :, s:e], extra, cache) for s, e in chunk_spans(z.shape[2], n)], dim=2)
+
+    def _check_extra(self, extra: Mapping[int, Sequence[nn.Module]] | None) -> None:
+        if extra and self.config.temporal_padding == "group":
+            raise ValueError(f"{self.family}: further temporal resamplers (MTC-VAE) would change the frame groups of "
+                             "temporal_padding='group'; use temporal_padding='causal'")
 
     def set_chunk_frames(self, frames: int | None) -> None:
         """Stream long clips ``frames`` video frames at a time (a multiple of the temporal factor; the
@@ -264,3 +299,14 @@ register("causal3d-cogvideox", Causal3D, Causal3DConfig(base_channels=128, chann
                                                           norm_groups=32, **_COGVIDEOX))
 register("causal3d-cogvideox-debug", Causal3D, Causal3DConfig(base_channels=16, channel_mult=(1, 2, 2, 2),
                                                                 num_res_blocks=1, norm_groups=8, **_COGVIDEOX))
+# IV-VAE's baseline, Table 4's (A) "Causal VAE" at Z = 8, and (A) + group causal conv (module docstring:
+# width 96, RMSNorm, the shrinking upsampler and Z = 8 are the paper's; the layout is our guess)
+_IVVAE_BASELINE = dict(latent_channels=8, temporal_down=(False, True, True), attention=True, norm="rms",
+                       upsample_shrink=True)
+for _padding, _suffix in (("causal", ""), ("group", "-gc")):
+    register(f"causal3d-ivvae-baseline-z8{_suffix}", Causal3D,
+             Causal3DConfig(base_channels=96, channel_mult=(1, 2, 4, 4), num_res_blocks=2, temporal_padding=_padding,
+                            **_IVVAE_BASELINE))
+    register(f"causal3d-ivvae-baseline-z8{_suffix}-debug", Causal3D,
+             Causal3DConfig(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_padding=_padding,
+                            **_IVVAE_BASELINE))

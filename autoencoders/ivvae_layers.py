@@ -6,9 +6,10 @@ from 3D group causal convolutions. Each half is normalised on its own. The model
 ``autoencoders/ivvae.py``; this file holds the parts:
 
 - `StreamCache` (``blocks.py``): per-layer temporal state for chunk-by-chunk encoding/decoding (Sec. 4.5.2).
-- `GroupCausalConv3d` (GCConv, Sec. 3.2): frames are grouped by the current temporal rate, the
-  first frame is its own group; inside a group a plain (bidirectional) convolution, between groups
-  causal padding from the previous group's last frames, zeros after the group.
+- `GroupCausalConv3d` (GCConv, Sec. 3.2; in ``blocks.py``, as ``causal3d`` uses it too): frames are
+  grouped by the current temporal rate, the first frame is its own group; inside a group a plain
+  (bidirectional) convolution, between groups causal padding from the previous group's last frames,
+  zeros after the group.
 - `KTCConv` (the KTC unit's convolution, Sec. 3.3): a 2D conv writing the key half and a GCConv
   writing the motion half, both reading every input channel; after full temporal compression the
   GCConv becomes a 2D conv (Sec. 3.3, last paragraph). The ablations' variants (Sec. 4.4) are
@@ -21,7 +22,7 @@ from 3D group causal convolutions. Each half is normalised on its own. The model
   (Sec. 3.4).
 
 Inference memory (no autograd: ``torch.no_grad`` / ``inference_mode``): the layers write into
-preallocated outputs frame-chunk by frame-chunk (``FRAME_CHUNK_ELEMENTS`` input elements at a
+preallocated outputs frame-chunk by frame-chunk (``blocks.FRAME_CHUNK_ELEMENTS`` input elements at a
 time), normalise and activate in place and add residuals in place, so a full-resolution level holds
 about three feature maps at once instead of the ten a straightforward graph keeps (the window
 copies of the group convolution, the two halves before their concatenation, the 4x nearest-upsampled
@@ -41,113 +42,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from autoencoders.blocks import (CausalConv3d, ChannelRMSNorm, SpatialDownsample, StreamCache, group_norm,
+from autoencoders.blocks import (TEMPORAL_PADDINGS, CausalConv3d, ChannelRMSNorm, GroupCausalConv3d,
+                                 SpatialDownsample, StreamCache, _check_groups, _frame_step, _inference, group_norm,
                                  norm_layer, starts_video)
 from ldm.attention import attention
 
 NORMS = ("rms", "group")
-TEMPORAL_PADDINGS = ("group", "causal")  # GCConv (Sec. 3.2) | plain causal 3D conv (Table 4's "w/o GCConv" rows)
 KEY_BRANCHES = ("2d", "3d")  # the KTC key branch: 2D conv (Sec. 3.3) | a 3D conv like the motion one (Table 5)
-FRAME_CHUNK_ELEMENTS = 2 ** 27  # elements of input per chunk of frames in inference (256 MiB in bf16)
-
-
-def _inference() -> bool:
-    """No autograd: outputs may be preallocated and filled chunk by chunk, ops may run in place."""
-    return not torch.is_grad_enabled()
-
-
-def _frame_step(x: Tensor, frames_axis: int = 2) -> int:
-    """Frames per chunk so that one chunk of ``x`` holds about ``FRAME_CHUNK_ELEMENTS`` elements."""
-    per_frame = max(1, x.numel() // max(1, x.shape[frames_axis]))
-    return max(1, FRAME_CHUNK_ELEMENTS // per_frame)
-
-
-def _check_groups(frames: int, group: int, start: bool, name: str) -> int:
-    """Number of whole groups after the (optional) first frame; a clear error otherwise."""
-    body = frames - 1 if start else frames
-    if body < 0 or body % group:
-        need = f"1 + {group}k" if start else f"a multiple of {group}"
-        raise ValueError(f"{name}: needs {need} frames at group size {group}, got {frames}")
-    return body // group
-
-
-# ------------------------------------------------------------------------------------------
-# Group causal convolution (Sec. 3.2, Fig. 2a)
-# ------------------------------------------------------------------------------------------
-class GroupCausalConv3d(nn.Conv3d):
-    """GCConv: a 3D convolution that is bidirectional inside a frame group and causal between groups.
-
-    Time is cut into frame 0 (its own group) and groups of ``group`` frames. Each group is padded
-    before with the ``P = (k_t - 1) / 2 <= group`` frames that precede it in the video (frame 0 pads
-    itself, replicated when ``P > 1``) and after with ``P`` zero frames, then convolved on its own
-    with the same weights (Sec. 3.2: "We pad the features of the previous frame before each frame
-    group [...] the first image frame is padded using its own features. And we use zero padding
-    after each frame group."). Space is zero-padded to "same". The temporal kernel must be odd;
-    ``k_t = 1`` is a pointwise-in-time convolution with no grouping at all.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int] = 3,
-                 group: int = 4, bias: bool = True):
-        kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
-        if kt % 2 == 0 or kh % 2 == 0 or kw % 2 == 0:
-            raise ValueError(f"GroupCausalConv3d needs odd kernel sizes, got {(kt, kh, kw)}")
-        if group < 1 or kt // 2 > group:
-            raise ValueError(f"group size must be >= 1 and >= the temporal padding {kt // 2}, got {group}")
-        super().__init__(in_channels, out_channels, (kt, kh, kw), padding=(0, kh // 2, kw // 2), bias=bias)
-        self.group = group
-        self.time_pad = kt // 2
-
-    def forward(self, x: Tensor, cache: StreamCache | None = None, out: Tensor | None = None) -> Tensor:
-        """``x: (B, C, T, H, W)`` -> ``(B, C', T, H', W')``; with ``out`` (inference only) the result
-        is written there."""
-        if x.ndim != 5:
-            raise ValueError(f"GroupCausalConv3d expects B C T H W, got shape {tuple(x.shape)}")
-        if self.time_pad == 0:
-            y = super().forward(x)
-            return y if out is None else out.copy_(y)
-        p, g = self.time_pad, self.group
-        past = cache.get(self) if cache is not None else None
-        start = past is None
-        k = _check_groups(x.shape[2], g, start, "GroupCausalConv3d")
-        first_out = None
-        if start:  # frame 0 is a group of its own, padded before by itself and after by zeros
-            first = x[:, :, :1]
-            past = first.expand(-1, -1, p, -1, -1)  # (B, C, P, H, W)
-            first_out = super().forward(torch.cat([past, first, torch.zeros_like(past)], dim=2))  # (B, C', 1, H, W)
-        body = x[:, :, 1:] if start else x
-        if cache is not None:  # the next chunk's past: a copy (a view would pin this chunk's input)
-            cache.put(self, (body[:, :, -p:] if k else past).clone())
-        if not k:
-            return first_out if out is None else out.copy_(first_out)
-        offset = 1 if start else 0
-        groups = rearrange(body, "b c (k g) h w -> b k c g h w", g=g)
-        if _inference():  # windows of a few groups at a time, written straight into the output
-            if out is None:
-                out = x.new_empty(x.shape[0], self.out_channels, x.shape[2], *x.shape[3:])  # stride 1, "same"
-            if start:
-                out[:, :, :1] = first_out
-            step = max(1, _frame_step(body) // g)
-            for j0 in range(0, k, step):
-                j1 = min(k, j0 + step)
-                before = past.unsqueeze(1) if j0 == 0 else groups[:, j0 - 1:j0, :, g - p:]
-                left = torch.cat([before, groups[:, j0:j1 - 1, :, g - p:]], dim=1)  # (B, n, C, P, H, W)
-                windows = torch.cat([left, groups[:, j0:j1], torch.zeros_like(left)], dim=3)  # (B, n, C, P+g+P, H, W)
-                y = super().forward(rearrange(windows, "b n c t h w -> (b n) c t h w"))  # (B*n, C', g, H', W')
-                rearrange(out[:, :, offset + j0 * g:offset + j1 * g], "b c (n g) h w -> b n c g h w", g=g).copy_(
-                    rearrange(y, "(b n) c g h w -> b n c g h w", n=j1 - j0))
-                del left, windows, y  # before the next chunk's are made
-            return out
-        # before group j: the last P frames of group j - 1 (P <= g), or the past for the first group
-        left = torch.cat([past.unsqueeze(1), groups[:, :-1, :, g - p:]], dim=1)  # (B, k, C, P, H, W)
-        zeros = body.new_zeros(body.shape[0], k, body.shape[1], p, *body.shape[3:])
-        windows = torch.cat([left, groups, zeros], dim=3)  # (B, k, C, P + g + P, H, W)
-        y = super().forward(rearrange(windows, "b k c t h w -> (b k) c t h w"))  # (B*k, C', g, H', W')
-        out = y.new_empty(x.shape[0], y.shape[1], x.shape[2], *y.shape[3:])  # (B, C', T, H', W')
-        if start:
-            out[:, :, :1] = first_out
-        rearrange(out[:, :, offset:], "b c (k g) h w -> b k c g h w", g=g).copy_(
-            rearrange(y, "(b k) c g h w -> b k c g h w", k=k))
-        return out
 
 
 def _frame_conv(conv: nn.Conv2d, x: Tensor, out: Tensor | None = None) -> Tensor:

@@ -286,7 +286,7 @@ def test_inference_path_equals_the_autograd_path_and_holds_few_maps(chunk, monke
     maps (input, normalised map, convolution output) instead of six."""
     import sys
 
-    import autoencoders.ivvae_layers as L
+    import autoencoders.blocks as L  # FRAME_CHUNK_ELEMENTS: the frame chunks of every inference path
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from ivvae_cache import LiveTensorBytes
@@ -468,7 +468,7 @@ def test_registered_ablations_flip_one_switch_and_count_the_papers_parameters():
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_ablation_variants_stream_like_one_shot_and_match_the_autograd_path(name, monkeypatch):
-    import autoencoders.ivvae_layers as L
+    import autoencoders.blocks as L
 
     monkeypatch.setattr(L, "FRAME_CHUNK_ELEMENTS", 700)  # the inference path in several chunks of frames
     model = _model(name)

@@ -1,0 +1,113 @@
+"""causal3d's IV-VAE switches (norm="rms", upsample_shrink, temporal_padding="group") and the registered
+IV-VAE baseline, Table 4's (A) and (A) + group causal conv (tiny configs, CPU). The registry-wide
+tests (tests/test_autoencoders.py: shapes, save/load, causality by latent frame; test_contract.py)
+run on the -debug twins too."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autoencoders.blocks as blocks
+from autoencoders import REGISTRY, build, describe
+from autoencoders.blocks import CausalConv3d, ChannelRMSNorm, GroupCausalConv3d, TemporalDownsample
+
+BASELINE = "causal3d-ivvae-baseline-z8"
+VARIANTS = (BASELINE + "-debug", BASELINE + "-gc-debug")
+
+
+def _model(name: str, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build(name, **overrides).eval()
+
+
+def _video(frames: int, size: int = 16, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, frames, size, size, generator=g) * 2 - 1
+
+
+def test_baseline_has_the_papers_parameter_count_with_or_without_group_causal_conv():
+    """Table 4: (A) has 127M parameters at Z = 8 and group causal convolution leaves the count
+    unchanged (same tensors, same shapes)."""
+    plain, grouped = describe(BASELINE)["params"], describe(BASELINE + "-gc")["params"]
+    assert plain == grouped == 126_642_355
+    assert abs(plain - 127e6) / 127e6 < 0.005
+    with torch.device("meta"):
+        shapes = [{k: v.shape for k, v in build(n).state_dict().items()} for n in VARIANTS]
+    assert shapes[0] == shapes[1]
+    assert REGISTRY[BASELINE][1].latent_channels == 8 and describe(BASELINE)["latent_shape"]["z"] == [8, 5, 32, 32]
+
+
+def test_switches_build_rms_norms_a_shrinking_upsampler_and_group_convs_at_each_levels_group_size():
+    plain, grouped = (_model(n) for n in VARIANTS)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.modules())
+    assert sum(isinstance(m, ChannelRMSNorm) for m in plain.modules()) > 0
+    assert [s.resample.conv.out_channels * 2 for s in plain.decoder.stages[:-1]] == \
+        [s.resample.conv.in_channels for s in plain.decoder.stages[:-1]]  # each upsampler halves the width
+    # plain: every 3x3x3 convolution causal; -gc: every one a GCConv (the resamplers stay causal)
+    assert not any(isinstance(m, GroupCausalConv3d) for m in plain.modules())
+    assert all(isinstance(m, TemporalDownsample) or m.kernel_size == (3, 1, 1)
+               for m in grouped.modules() if isinstance(m, CausalConv3d))
+    enc, dec = grouped.encoder, grouped.decoder
+    levels = lambda stages: [{b.conv1.group for b in s.blocks} | {b.conv2.group for b in s.blocks}  # noqa: E731
+                             for s in stages]
+    # time halves at the two deepest boundaries: groups of 4, 4, 2, then 1 frame per latent frame
+    assert (enc.conv_in.group, levels(enc.stages), enc.mid.res1.conv1.group, enc.conv_out.group) == \
+        (4, [{4}, {4}, {2}, {1}], 1, 1)
+    assert (dec.conv_in.group, dec.mid.res2.conv2.group, levels(dec.stages), dec.conv_out.group) == \
+        (1, 1, [{1}, {2}, {4}, {4}], 4)
+
+
+def _first_level(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's features at full frame rate (conv_in and the first level's ResBlocks)."""
+    h = model.encoder.conv_in(x)
+    for block in model.encoder.stages[0].blocks:
+        h = block(h)
+    return h
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_causal_features_see_the_past_and_group_causal_features_see_their_whole_group(name):
+    """Plain causal: feature frame t is independent of every later frame. Group causal: frame 0 and
+    the groups 1-4, 5-8 are independent of later groups, and a group's frames see each other."""
+    model = _model(name)
+    x = _video(9)
+    with torch.no_grad():
+        h = _first_level(model, x)
+        for s in (1, 3, 4, 6):
+            x2 = x.clone()
+            x2[:, :, s] += 0.5
+            h2 = _first_level(model, x2)
+            start = s if name == VARIANTS[0] else 1 + 4 * ((s - 1) // 4)  # the first frame s can reach
+            torch.testing.assert_close(h2[:, :, :start], h[:, :, :start], rtol=0, atol=0)
+            assert (h2[:, :, start] - h[:, :, start]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_encode_and_decode_equal_one_shot(name, grad, monkeypatch):
+    """--chunk-frames streams both variants with the one-shot result (the group convolutions' cache
+    holds the previous group's last frame), in inference (several frame windows per call) and with
+    autograd."""
+    monkeypatch.setattr(blocks, "FRAME_CHUNK_ELEMENTS", 700)
+    model = _model(name)
+    x = _video(21)
+    with torch.set_grad_enabled(grad):
+        latent = model.encode(x)
+        y = model.decode(latent)
+        for frames in (4, 8):  # chunks of 1 + 4 + 4 + ... frames, and 5 | 8 | 8
+            model.set_chunk_frames(frames)
+            chunked = model.encode(x)
+            torch.testing.assert_close(chunked["z"], latent["z"], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model.decode(latent), y, atol=1e-5, rtol=1e-5)
+        model.set_chunk_frames(None)
+
+
+def test_switches_are_checked():
+    for override, match in ((dict(temporal_padding="grouped"), "temporal_padding must be one of"),
+                            (dict(norm="layer"), "norm must be 'group', 'clip' or 'rms'")):
+        with pytest.raises(ValueError, match=match):
+            build("causal3d-f4x8c4-debug", **override)
+    model = _model(VARIANTS[1])
+    extra = {1: [TemporalDownsample(32)]}  # MTC-VAE's further resamplers would regroup the frames
+    with pytest.raises(ValueError, match="temporal_padding='causal'"):
+        model.encoder_moments(_video(9), extra)
