@@ -51,6 +51,7 @@ def test_list_shows_parameter_counts(capsys):
     """Every autoencoder and DiT row has its parameter count (meta-device build, no weights), the
     model's own, in the JSON and as a readable column."""
     from autoencoders import build
+    from launch.list_models import params_text
 
     assert main(["list", "--json", "--height", "64", "--width", "64"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -64,6 +65,9 @@ def test_list_shows_parameter_counts(capsys):
     assert next(line for line in lines if line.split()[:1] == ["ivvae-z8"]).split()[2] == "107.4M"
     assert next(line for line in lines if line.split()[:1] == ["causal3d-f4x8c4-debug"]).split()[2] == \
         f"{rows['causal3d-f4x8c4-debug']['params'] / 1e6:.2f}M"
+    end = lines[1].index("params") + len("params")  # every count right-aligned under the header
+    assert all(line[:end].endswith(params_text(rows[line.split()[0]]["params"]))
+               for line in lines[2:] if line.split() and line.split()[0] in rows)
     dits = lines[next(i for i, line in enumerate(lines) if line.startswith("dits")) + 1:]
     assert dits[0].split()[:2] == ["name", "params"] and dits[1].split()[1].endswith("M")
 
