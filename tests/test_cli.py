@@ -25,11 +25,13 @@ def test_list_json(capsys):
     assert {"dit-debug", "dit-standard"} <= {d["name"] for d in out["dits"]}
 
 
-def test_list_shows_each_autoencoder_at_a_length_it_takes(capsys, monkeypatch):
+def test_list_shows_each_autoencoder_at_a_length_it_takes_with_its_parameters(capsys, monkeypatch):
     import launch.list_models as list_models
+    from autoencoders import build
 
     assert main(["list", "--json", "--height", "64", "--width", "64"]) == 0  # 17 frames: cmvae takes 16 or 20
-    rows = {d["name"]: d for d in json.loads(capsys.readouterr().out)["autoencoders"]}
+    out = json.loads(capsys.readouterr().out)
+    rows = {d["name"]: d for d in out["autoencoders"]}
     assert rows["cmvae-z4-debug"]["reference_input"] == [3, 16, 64, 64]
     assert rows["cmvae-z4-debug"]["frames_note"].startswith("16f: cmvae: needs")
     causal = rows["causal3d-f4x8c4-debug"]
@@ -38,6 +40,20 @@ def test_list_shows_each_autoencoder_at_a_length_it_takes(capsys, monkeypatch):
     text = capsys.readouterr().out
     assert " z:4x4x8x8 @16f " in next(line for line in text.splitlines() if "cmvae-z4-debug" in line)
     assert text.count("@16f: cmvae: needs") == 1  # one note per reason, not per row
+    # parameter counts (a meta-device build, no weights), in the JSON and as a right-aligned column
+    for name in ("causal3d-f4x8c4-debug", "ivvae-z8-debug", "cmvae-z4-debug"):
+        assert rows[name]["params"] == build(name).num_parameters()
+    assert all(d["params"] > 0 for d in out["autoencoders"] + out["dits"])
+    lines = text.splitlines()
+    assert lines[1].split()[:3] == ["name", "family", "params"]
+    assert next(line for line in lines if line.split()[:1] == ["ivvae-z8"]).split()[2] == "107.4M"
+    assert next(line for line in lines if line.split()[:1] == ["causal3d-f4x8c4-debug"]).split()[2] == \
+        f"{rows['causal3d-f4x8c4-debug']['params'] / 1e6:.2f}M"
+    end = lines[1].index("params") + len("params")
+    assert all(line[:end].endswith(list_models.params_text(rows[line.split()[0]]["params"]))
+               for line in lines[2:] if line.split() and line.split()[0] in rows)
+    dits = lines[next(i for i, line in enumerate(lines) if line.startswith("dits")) + 1:]
+    assert dits[0].split()[:2] == ["name", "params"] and dits[1].split()[1].endswith("M")
     # Hi-VAE: both rates, with the content latent (the row) and of the motion alone (the paper's)
     motion = rows["hivae-s"]["motion_compression_factor"]
     assert motion > rows["hivae-s"]["compression_factor"] and f"hivae-s {motion:.1f}" in text
@@ -45,31 +61,6 @@ def test_list_shows_each_autoencoder_at_a_length_it_takes(capsys, monkeypatch):
     assert main(["list", "--height", "64", "--width", "64"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if "cmvae-z4-debug" in line)
     assert "needs 1 frame (an image) or a multiple of 4 frames" in line and "@" not in line
-
-
-def test_list_shows_parameter_counts(capsys):
-    """Every autoencoder and DiT row has its parameter count (meta-device build, no weights), the
-    model's own, in the JSON and as a readable column."""
-    from autoencoders import build
-    from launch.list_models import params_text
-
-    assert main(["list", "--json", "--height", "64", "--width", "64"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    rows = {d["name"]: d for d in out["autoencoders"]}
-    for name in ("causal3d-f4x8c4-debug", "ivvae-z8-debug", "cmvae-z4-debug"):  # the last shown at 16 frames
-        assert rows[name]["params"] == build(name).num_parameters()
-    assert all(d["params"] > 0 for d in out["autoencoders"] + out["dits"])
-    assert main(["list", "--height", "64", "--width", "64"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split()[:3] == ["name", "family", "params"]
-    assert next(line for line in lines if line.split()[:1] == ["ivvae-z8"]).split()[2] == "107.4M"
-    assert next(line for line in lines if line.split()[:1] == ["causal3d-f4x8c4-debug"]).split()[2] == \
-        f"{rows['causal3d-f4x8c4-debug']['params'] / 1e6:.2f}M"
-    end = lines[1].index("params") + len("params")  # every count right-aligned under the header
-    assert all(line[:end].endswith(params_text(rows[line.split()[0]]["params"]))
-               for line in lines[2:] if line.split() and line.split()[0] in rows)
-    dits = lines[next(i for i, line in enumerate(lines) if line.startswith("dits")) + 1:]
-    assert dits[0].split()[:2] == ["name", "params"] and dits[1].split()[1].endswith("M")
 
 
 def test_deepspeed_launcher_flag_is_dropped(capsys):
