@@ -40,7 +40,8 @@ motion one (Table 5's "3D+3D": 135.7M, +26.4 %; the paper says +23 %). They are 
 ``ivvae-z8-causal``, ``-notmpe``, ``-causal-notmpe``, ``-3d3d``. Table 4's baseline unit (A), a single
 3D branch of width 96 with 2 attention blocks, is another model, not a switch of this one (no
 ``[key | motion]`` halves anywhere: norms, attention, resamplers, latent layout, output selection,
-inflation from a same-Z image VAE all differ); ``causal3d`` is the family closest to it.
+inflation from a same-Z image VAE all differ): it is ``causal3d-ivvae-baseline-z8`` (and ``-gc`` with
+group causal convolution) in ``autoencoders/causal3d.py``.
 
 Where the paper and the public inference code (MIT, read for facts, nothing copied) differ, this
 follows the code: temporal downsampling at the two deepest boundaries (``temporal_down = (False,
