@@ -23,8 +23,13 @@ are kept) and writes the report again. The evaluation flags (`EVAL_ONLY`: ``--ev
 ``--eval-clips``, ``--i3d``, ``--lpips-*``, ``--inception``, ``--first-frame``, ``--sample-steps``,
 ``--guidance``, ``--per-prompt``, ``--fvd-frames``) do not bind it: each autoencoder's recon stage
 (reconstruction metrics) and generate stage (sampling, attributes, FVD) record what they depend on of
-them and run again when that changed, the extraction and DiT kept. A rerun with other training
-settings, another training config or other inputs (an autoencoder folder whose weights were replaced) is
+them and run again when that changed, the extraction and DiT kept. Nor does ``--autoencoders``: each
+autoencoder's row is bound on its own (``row.json``: its registered name or its folder's weights
+hash), so a rerun may add autoencoders (only their rows run) or leave some out (reported without
+them, their folders kept); a row whose autoencoder folder holds other weights is refused, naming it,
+until ``--redo LABEL`` removes that row's folder and runs it again. A folder bound before rows were
+(the whole list in its ``run.json``) resumes as before: its rows get their ``row.json`` from it
+(`_earlier_rows`). A rerun with other training settings, another training config or other videos is
 refused before anything runs, naming what differs: give ``--overwrite`` to start the folder again (it
 removes the earlier comparison's own outputs, `_earlier_outputs`, and nothing else), or a new ``--output``.
 Measured step time is the median wall time of a training step after the first (from the run's
@@ -68,6 +73,7 @@ from ldm.samplers import SamplingConfig
 
 DEFAULT_TRAIN = "train-debug"  # a built-in config's name (launch.configs)
 STAGES = "stages.json"  # in each autoencoder's folder: its finished stages (`launch.pipeline.Stages`)
+ROW = "row.json"  # in each autoencoder's folder: what its row was made from (`_row_record`)
 REPORT = ("compare.json", "compare.md", "cost.png")
 TRASH = ".overwritten"  # `--overwrite` moves the earlier comparison here, then removes it (`_clear`)
 
@@ -115,13 +121,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true",
                    help="start --output again: remove the earlier comparison there (its run.json, report, data/ and "
-                   "each autoencoder's folder; nothing else), e.g. after replacing an autoencoder's weights")
+                   "each autoencoder's folder; nothing else), e.g. after changing the training settings")
+    p.add_argument("--redo", metavar="LABEL[,LABEL...]",
+                   help="remove these rows' folders and run their stages again, the other rows kept, e.g. after "
+                   "replacing an autoencoder's weights (LABEL: the row's name in the report)")
 
 
 # flags that may differ when a comparison is rerun into its folder; every other flag, the training
 # config's content and the inputs bind it (the stages' own bindings would refuse the change anyway,
-# naming flags `ldm compare` does not take)
-HARMLESS = ("--output", "--device", "--train-config", "--train", "--overwrite")
+# naming flags `ldm compare` does not take). --autoencoders binds each row on its own (`ROW`): rows
+# may be added or left out
+HARMLESS = ("--output", "--device", "--train-config", "--train", "--overwrite", "--redo", "--autoencoders")
+# what a folder's run.json held of its autoencoders before each row was bound on its own (`_earlier_rows`)
+BOUND_BEFORE_ROWS = ("--autoencoders", "autoencoder_weights")
 # flags that change only how each autoencoder is evaluated: they do not bind the folder; its recon and
 # generate stages record what they depend on of them (`_eval_keys`) and run again when that differs,
 # keeping the extraction and the DiT
@@ -151,7 +163,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Bin
         raise UserError(f"--output {args.output} is not empty and holds no `ldm compare` run (no {runs.BINDING}); "
                         "choose a new folder")
     earlier = runs.bound_record(out)
-    if (out / runs.BINDING).is_file() and "--autoencoders" not in earlier and (earlier or args.overwrite):
+    is_compare = "--ae-steps" in earlier or "--autoencoders" in earlier  # a key of no other verb's run.json
+    if (out / runs.BINDING).is_file() and not is_compare and (earlier or args.overwrite):
         raise UserError(f"--output {args.output}: its {runs.BINDING} is not an `ldm compare` run's (another verb's, "
                         "or unreadable); choose a new folder")
     paths = {"--input": args.input, "--eval-input": args.eval_input, "--train-config": args.train_config,
@@ -185,46 +198,101 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Bin
                                 .first_frame_decoding)
     if args.first_frame and not any(e["first_frame"] for e in entries):
         raise UserError("--first-frame: none of --autoencoders decodes with a first frame (H3AE does); leave it out")
+    redo = _items(args.redo or "")
+    if redo and args.overwrite:
+        raise UserError("--redo with --overwrite: --overwrite runs every row again; give one of them")
+    labels = [e["label"] for e in entries]
+    for label in redo:
+        if label not in labels:
+            raise UserError(f"--redo {label}: not a row of this comparison (its rows: {', '.join(labels)})")
+    for e in entries:
+        e["row"], e["redo"] = _row_record(e), e["label"] in redo
     settings = {"--" + k.replace("_", "-"): v for k, v in vars(args).items()
                 if not k.startswith("_") and not callable(v) and k not in ("verb", "debug")}
     eval_input = inputs.pop("--eval-input", None)  # keys the evaluation stages, binds nothing
-    facts = {"train": {k: v for k, v in cfglib.to_dict(train_cfg).items() if k != "output"},
-             "inputs": inputs, "autoencoder_weights": {e["label"]: dir_hash(e["checkpoint"]) for e in entries
-                                                       if e["checkpoint"]}}
+    facts = {"train": {k: v for k, v in cfglib.to_dict(train_cfg).items() if k != "output"}, "inputs": inputs}
     facts["train"]["data"].pop("shards", None)  # set per autoencoder
     record = runs.binding_record(settings, HARMLESS + EVAL_ONLY, facts)
     if args.overwrite:  # nothing of the earlier comparison is kept: nothing to match
-        _check_outside(out, entries, paths)
+        _check_outside(out, _earlier_outputs(out, labels), "--overwrite", entries, paths)
         return entries, runs.Binding(out, record), _eval_settings(settings, eval_input)
-    hints = {f"autoencoder_weights.{e['label']}": f"{e['checkpoint']} holds other weights than that run's"
-             for e in entries if e["checkpoint"]}
-    hints.update({f"inputs.{flag}": f"{flag} {paths[flag]} holds other videos than that run's" for flag in inputs})
+    hints = {f"inputs.{flag}": f"{flag} {paths[flag]} holds other videos than that run's" for flag in inputs}
     binding = runs.check_binding(args.output, record, new_folder="--overwrite to start again or a new --output",
-                                 allow_flag=None, harmless=EVAL_ONLY + ("inputs.--eval-input",),  # bound before keyed
-                                 hints=hints)
+                                 allow_flag=None, harmless=EVAL_ONLY + ("inputs.--eval-input",)  # bound before keyed
+                                 + BOUND_BEFORE_ROWS, hints=hints)  # each row's own now: `_check_rows`
+    _check_rows(out, entries)
+    _check_outside(out, [out / _safe(e["label"]) for e in entries if e["redo"]], "--redo", entries, paths)
     return entries, binding, _eval_settings(settings, eval_input)
 
 
-def _check_outside(out: Path, entries: list[dict[str, Any]], paths: dict[str, str | None]) -> None:
-    """``--overwrite`` would remove no input: `UserError` for a file or folder given to this
-    comparison (videos, configs, weights, an autoencoder an earlier comparison trained with
-    ``--ae-steps``) that lies inside the earlier comparison's outputs."""
+def _row_record(entry: dict[str, Any]) -> dict[str, Any]:
+    """What an autoencoder's row is made from besides the settings every row shares (those bind the
+    folder): a registered name, or a saved folder's weights (the hash of its files)."""
+    return {"autoencoder": None if entry["checkpoint"] else entry["name"],
+            "weights": dir_hash(entry["checkpoint"]) if entry["checkpoint"] else None}
+
+
+def _earlier_rows(out: Path) -> dict[str, dict[str, Any]]:
+    """The rows an earlier comparison made in ``out``: folder name -> its `_row_record`, from its
+    ``row.json``, or for a folder bound before each row was, from ``run.json`` (the whole
+    ``--autoencoders`` value and each saved folder's weights hash)."""
+    rows: dict[str, dict[str, Any]] = {}
+    old = runs.bound_record(out)
+    if "--autoencoders" in old:
+        items = _items(old["--autoencoders"])
+        for item, label in zip(items, _labels(items)):
+            rows[_safe(label)] = {"autoencoder": item if item in autoencoders.REGISTRY else None,
+                                  "weights": old.get(f"autoencoder_weights.{label}")}
+    for row in sorted(out.glob(f"*/{ROW}")):
+        try:
+            rows[row.parent.name] = dict(read_json(row)["record"])
+        except (OSError, ValueError, KeyError, TypeError):
+            rows[row.parent.name] = {"autoencoder": None, "weights": f"(unreadable {row})"}
+    return rows
+
+
+def _check_rows(out: Path, entries: list[dict[str, Any]]) -> None:
+    """Each autoencoder's row that an earlier comparison started in ``out`` was made from the same
+    autoencoder (`_row_record`), unless ``--redo`` redoes it: `UserError` naming each row that was not."""
+    earlier = _earlier_rows(out)
+    differ = []
+    for e in entries:
+        old = earlier.get(_safe(e["label"]))
+        if e["redo"] or old is None or old == e["row"] or not (out / _safe(e["label"])).is_dir():
+            continue
+        if old["weights"] and e["row"]["weights"]:
+            differ.append((e["label"], f"{e['checkpoint']} holds other weights than the row was made with"))
+        else:
+            said = [r["autoencoder"] or f"a saved folder, weights {r['weights']}" for r in (old, e["row"])]
+            differ.append((e["label"], f"made from {said[0]}, now {said[1]}"))
+    if differ:
+        labels = [label for label, _ in differ]
+        said = "; ".join(f"row {label}: {why}" for label, why in differ)
+        raise UserError(f"{out} holds rows made from other autoencoders ({said}); give --redo "
+                        f"{','.join(labels)} to redo {'that row' if len(labels) == 1 else 'those rows'} only (the "
+                        "other rows kept), --overwrite to start the comparison again, or a new --output")
+
+
+def _check_outside(out: Path, removed: list[Path], flag: str, entries: list[dict[str, Any]],
+                   paths: dict[str, str | None]) -> None:
+    """``flag`` (--overwrite, --redo) would remove no input: `UserError` for a file or folder given to
+    this comparison (videos, configs, weights, an autoencoder an earlier comparison trained with
+    ``--ae-steps``) that lies inside what it removes (``removed``: the earlier comparison's outputs)."""
     given = [(flag, path) for flag, path in paths.items() if path is not None]
     given += [("--autoencoders", e["checkpoint"]) for e in entries if e["checkpoint"]]
-    for output in _earlier_outputs(out, [e["label"] for e in entries]):
-        for flag, path in given:
+    for output in removed:
+        for given_flag, path in given:
             if Path(path).resolve().is_relative_to(output.resolve()):
-                raise UserError(f"{flag} {path} lies inside {output}, which --overwrite removes (the earlier "
+                raise UserError(f"{given_flag} {path} lies inside {output}, which {flag} removes (the earlier "
                                 f"comparison's output); copy it out of {out} first, or give a new --output")
 
 
 def _earlier_outputs(out: Path, labels: list[str]) -> list[Path]:
     """What an earlier comparison wrote into ``out``, which ``--overwrite`` removes: each
-    autoencoder's folder (of ``labels`` and of the ``--autoencoders`` its run.json records), the
-    synthetic data, the report and, last, run.json; nothing else the folder holds."""
-    earlier = runs.bound_record(out).get("--autoencoders")
-    names = [_safe(label) for label in labels + (_labels(_items(earlier)) if earlier else [])]
-    names = list(dict.fromkeys([*names, "data", *REPORT, runs.BINDING]))
+    autoencoder's folder (of ``labels`` and of the rows it made, `_earlier_rows`, those left out of
+    its report included), the synthetic data, the report and, last, run.json; nothing else the folder
+    holds."""
+    names = list(dict.fromkeys([*map(_safe, labels), *_earlier_rows(out), "data", *REPORT, runs.BINDING]))
     return [out / name for name in names if (out / name).exists() or (out / name).is_symlink()]
 
 
@@ -238,14 +306,53 @@ def _clear(out: Path, labels: list[str]) -> None:
         print(f"ldm compare: --overwrite: {out} holds no earlier comparison, nothing removed", file=sys.stderr,
               flush=True)
         return
-    (out / TRASH).mkdir()
-    for path in earlier:
-        path.rename(out / TRASH / path.name)
-    shutil.rmtree(out / TRASH)
+    _remove(out, earlier)
     kept = sorted(p.name for p in out.iterdir() if p.name != runs.LOCK)
     print(f"ldm compare: --overwrite: removed the earlier comparison from {out} "
           f"({', '.join(p.name for p in earlier)})" + (f"; kept what it did not write: {', '.join(kept)}" if kept
                                                        else ""), file=sys.stderr, flush=True)
+
+
+def _remove(out: Path, paths: list[Path]) -> None:
+    """``paths`` (inside ``out``) moved into ``out/TRASH`` one by one, then removed: each one whole or gone."""
+    (out / TRASH).mkdir()
+    for path in paths:
+        path.rename(out / TRASH / path.name)
+    shutil.rmtree(out / TRASH)
+
+
+def _redo(out: Path, entries: list[dict[str, Any]]) -> None:
+    """``--redo``: the earlier folders of the rows it names removed (`_remove`), so that their stages
+    run again; the other rows untouched."""
+    rows = [out / _safe(e["label"]) for e in entries if e["redo"] and (out / _safe(e["label"])).exists()]
+    if not rows:
+        named = ", ".join(e["label"] for e in entries if e["redo"])
+        print(f"ldm compare: --redo: {out} holds no earlier row of {named}, nothing removed", file=sys.stderr,
+              flush=True)
+        return
+    _remove(out, rows)
+    said = ", ".join(f"{p.name} ({p})" for p in rows)
+    print(f"ldm compare: --redo: removed the earlier row{'s' * (len(rows) > 1)} {said}; the other rows kept",
+          file=sys.stderr, flush=True)
+
+
+def _bind_rows(out: Path, entries: list[dict[str, Any]]) -> list[str]:
+    """Each row's ``row.json`` (`_row_record`): the given autoencoders' rows, and the rows a folder bound
+    before rows were (`_earlier_rows`) holds, before run.json is written again without them. Returns
+    the folders of earlier rows that are not given (left out of the report, kept on disk)."""
+    given = {_safe(e["label"]): e["row"] for e in entries}
+    earlier = _earlier_rows(out)
+    left_out = []
+    for name, record in {**earlier, **given}.items():
+        if not (out / name).is_dir() and name not in given:
+            continue
+        (out / name).mkdir(exist_ok=True)
+        path = out / name / ROW
+        if not path.is_file() or earlier.get(name) != record:
+            atomic_write_json(path, {"format": runs.FORMAT, "record": record})
+        if name not in given:
+            left_out.append(name)
+    return left_out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -510,10 +617,16 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(out / TRASH, ignore_errors=True)  # what an interrupted --overwrite left
     if args.overwrite:
         _clear(out, [e["label"] for e in entries])
+    if any(e["redo"] for e in entries):
+        _redo(out, entries)
     synthetic = bool(args.synth) or (Path(args.input) / "synth.json").is_file()
     earlier = _earlier_settings(out)  # read before run.json is written again
     for e in entries:
         _split_evaluate(out / _safe(e["label"]) / STAGES, *_eval_keys(earlier, False, synthetic))
+    left_out = _bind_rows(out, entries)  # before run.json: a folder bound before rows were has their records there
+    if left_out:
+        print(f"ldm compare: left out of the report (not in --autoencoders), kept on disk: "
+              f"{', '.join(str(out / name) for name in left_out)}", file=sys.stderr, flush=True)
     binding.write()
     train_data, eval_data, synth = _data(args, out)
     def one(e: dict[str, Any]) -> dict[str, Any]:  # an autoencoder's row
@@ -563,7 +676,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     rates, variable = source_rates(out / _safe(rows[0]["autoencoder"]) / "latents")  # the same clips for every row
     report = {"settings": {k: v for k, v in vars(args).items() if not callable(v)}, "data": {
         "train": train_data, "eval": eval_data, "synthetic": synth, "source_fps": rates, "variable_rate": variable},
-        "rows": rows, "failed": failed,
+        "rows": rows, "failed": failed, "left_out": left_out,
         "machine": {"device": str(device), "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None,
                     "cpus": os.cpu_count(), "torch": torch.__version__},
         "conventions": {"flops": costlib.FLOP_CONVENTION,
@@ -664,6 +777,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [""] * bool(report.get("failed")) + [
         f"**{f['autoencoder']} failed** ({f['error']}): not in the table; traceback in {_safe(f['autoencoder'])}"
         "/error.log." for f in report.get("failed", [])]
+    if report.get("left_out"):
+        lines += ["", f"Earlier rows kept in this folder, not in this report: {', '.join(report['left_out'])}."]
     lines += _rates_note(report["data"], s.get("fps"))
     lines += ["", f"{report['conventions']['flops']}. Estimated memory: {report['conventions']['memory_estimate']}. "
               f"Step time: {report['conventions']['step_time']}."]

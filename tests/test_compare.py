@@ -381,8 +381,8 @@ def test_replaced_weights_are_refused_until_overwrite_starts_the_folder_again(tm
     torch.manual_seed(1)
     autoencoders.build("kl2d-f8c4-debug").save_pretrained(tmp_path / "mine")  # other weights, same folder
     before = _files(out)
-    with pytest.raises(UserError, match=r"autoencoder_weights\.mine: .* give --overwrite to start again or a new "
-                       f"--output for a new run; {tmp_path / 'mine'} holds other weights than that run's$"):
+    with pytest.raises(UserError, match=f"row mine: {tmp_path / 'mine'} holds other weights than the row was made "
+                       "with\\); give --redo mine .*, --overwrite to start the comparison again, or a new --output$"):
         ldm(cmd)
     assert _files(out) == before  # refused before anything: not a byte or a time stamp changed
     (out / TRASH / "mine").mkdir(parents=True)  # what an --overwrite interrupted while removing leaves
@@ -393,8 +393,8 @@ def test_replaced_weights_are_refused_until_overwrite_starts_the_folder_again(tm
            "run.json); kept what it did not write: notes.txt" in err
     row, = _report(out)["rows"]
     assert row["resumed"] == [] and (out / "notes.txt").read_text() == "mine" and not (out / TRASH).exists()
-    assert json.loads((out / "run.json").read_text())["record"]["autoencoder_weights.mine"] != \
-        json.loads(before["run.json"][0])["record"]["autoencoder_weights.mine"]
+    assert json.loads((out / "mine" / "row.json").read_text())["record"]["weights"] != \
+        json.loads(before["mine/row.json"][0])["record"]["weights"]
     ldm(cmd)
     assert _report(out)["rows"][0]["resumed"] == ["extract", "train_dit", "recon", "generate"]
 
@@ -427,3 +427,117 @@ def test_overwrite_refuses_another_verbs_folder_and_inputs_it_would_remove(tmp_p
     with pytest.raises(UserError, match=f"--autoencoders {trained} lies inside {out / 'kl2d-f8c4-debug'}"):
         ldm(["compare", "--autoencoders", str(trained), *SMALL, "--overwrite", "--output", str(out)])
     assert _files(out) == before
+
+
+STAGE_FUNCTIONS = ("_extract", "_train_dit", "_recon", "_generate")
+ALL_STAGES = ["extract", "train_dit", "recon", "generate"]
+
+
+def _recording(monkeypatch):
+    """Each stage function of `launch.compare` records (its name, the row folder it runs for), then runs."""
+    import launch.compare as compare
+
+    ran = []
+    for name in STAGE_FUNCTIONS:
+        def stage(*a, name=name, real=getattr(compare, name)):
+            ran.append((name, next(x.name for x in a if isinstance(x, Path))))
+            return real(*a)
+        monkeypatch.setattr(compare, name, stage)
+    return ran
+
+
+def test_adding_an_autoencoder_runs_only_its_row_and_leaving_one_out_keeps_its_folder(tmp_path, capsys, monkeypatch):
+    """A rerun with one more autoencoder runs that row's stages only, the finished rows kept (was: refused,
+    `--autoencoders` bound the folder: only --overwrite, every row trained again); a rerun with fewer
+    reports only those given, says in one line which earlier rows it left out, and deletes nothing; given
+    again, such a row is reported again with nothing run."""
+    out = tmp_path / "cmp"
+    a, b = "kl2d-f8c4-debug", "kl2d-f8c16-debug"
+
+    def cmd(*names):
+        return ["compare", "--autoencoders", ",".join(names), "--output", str(out), *SMALL]
+
+    ldm(cmd(a))
+    first, = _report(out)["rows"]
+    ran = _recording(monkeypatch)
+    ldm(cmd(a, b))
+    assert ran == [(name, b) for name in STAGE_FUNCTIONS]
+    rows = _report(out)["rows"]
+    assert [r["autoencoder"] for r in rows] == [a, b]
+    assert rows[0]["resumed"] == ALL_STAGES and rows[1]["resumed"] == [] and rows[0]["dit"] == first["dit"]
+
+    ran.clear()
+    capsys.readouterr()
+    ldm(cmd(b))
+    assert ran == []
+    assert [r["autoencoder"] for r in _report(out)["rows"]] == [b]
+    err = [line for line in capsys.readouterr().err.splitlines() if a in line]
+    assert err == [f"ldm compare: left out of the report (not in --autoencoders), kept on disk: {out / a}"]
+    md = (out / "compare.md").read_text()
+    assert f"| {a}" not in md and f"Earlier rows kept in this folder, not in this report: {a}." in md
+    assert sorted(json.loads((out / a / "stages.json").read_text())) == sorted(ALL_STAGES)  # nothing deleted
+
+    ldm(cmd(b, a))  # given again: reported again, in the order given, nothing run
+    assert ran == [] and [r["autoencoder"] for r in _report(out)["rows"]] == [b, a]
+    assert "Earlier rows" not in (out / "compare.md").read_text()
+
+
+def _as_bound_before_rows(out, flag, weights):
+    """``out`` as `ldm compare` bound it before each row was bound on its own: run.json holds the whole
+    ``--autoencoders`` value and each folder's weights hash (``weights``: label -> `dir_hash`), no row has a
+    row.json."""
+    binding = json.loads((out / "run.json").read_text())
+    binding["record"]["--autoencoders"] = flag
+    binding["record"].update({f"autoencoder_weights.{label}": h for label, h in weights.items()})
+    (out / "run.json").write_text(json.dumps(binding))
+    for row in out.iterdir():
+        if row.is_dir():
+            (row / "row.json").unlink(missing_ok=True)
+
+
+def test_replaced_weights_refuse_their_row_and_redo_runs_only_that_row(tmp_path, capsys, monkeypatch):
+    """A folder written before rows were bound one by one (the whole list in run.json) resumes as it did;
+    an autoencoder folder whose weights were replaced is refused in one line naming its row and
+    `--redo LABEL` (was: naming --overwrite only, which trains every row again), in a folder bound either
+    way; `--redo LABEL` redoes that row's stages only, the others kept; a label not among the rows is refused."""
+    import autoencoders
+    from ldm.checkpoint import dir_hash
+
+    torch.manual_seed(0)
+    autoencoders.build("kl2d-f8c4-debug").save_pretrained(tmp_path / "mine")
+    out = tmp_path / "cmp"
+    flag = f"kl2d-f8c16-debug,{tmp_path / 'mine'}"
+    cmd = ["compare", "--autoencoders", flag, "--output", str(out), *SMALL]
+    ldm(cmd)
+    first = _report(out)["rows"]
+    made_with = dir_hash(tmp_path / "mine")
+    _as_bound_before_rows(out, flag, {"mine": made_with})
+    ran = _recording(monkeypatch)
+    ldm(cmd)  # the earlier binding resumes: nothing runs again
+    assert ran == [] and [r["resumed"] for r in _report(out)["rows"]] == [ALL_STAGES, ALL_STAGES]
+    assert [r["dit"] for r in _report(out)["rows"]] == [r["dit"] for r in first]
+
+    torch.manual_seed(1)
+    autoencoders.build("kl2d-f8c4-debug").save_pretrained(tmp_path / "mine")  # other weights, same folder
+    before = _files(out)
+    for bound in ("by its row.json", "before rows were"):
+        if bound == "before rows were":
+            _as_bound_before_rows(out, flag, {"mine": made_with})
+            before = _files(out)
+        with pytest.raises(UserError, match=f"^{out} holds rows made from other autoencoders \\(row mine: "
+                           f"{tmp_path / 'mine'} holds other weights than the row was made with\\); give --redo mine "
+                           "to redo that row only \\(the other rows kept\\), --overwrite to start the comparison "
+                           "again, or a new --output$"):
+            ldm(cmd)
+        assert _files(out) == before and ran == []  # refused before anything
+    with pytest.raises(UserError, match="--redo theirs: not a row of this comparison \\(its rows: "
+                       "kl2d-f8c16-debug, mine\\)"):
+        ldm([*cmd, "--redo", "theirs"])
+    capsys.readouterr()
+    ldm([*cmd, "--redo", "mine"])
+    assert ran == [(name, "mine") for name in STAGE_FUNCTIONS]
+    assert f"--redo: removed the earlier row mine ({out / 'mine'})" in capsys.readouterr().err
+    kl16, mine = _report(out)["rows"]
+    assert kl16["resumed"] == ALL_STAGES and mine["resumed"] == [] and kl16["dit"] == first[0]["dit"]
+    assert json.loads((out / "mine" / "row.json").read_text())["record"] == {  # bound to the new weights now
+        "autoencoder": None, "weights": dir_hash(tmp_path / "mine")}
