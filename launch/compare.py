@@ -201,12 +201,16 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Bin
     redo = _items(args.redo or "")
     if redo and args.overwrite:
         raise UserError("--redo with --overwrite: --overwrite runs every row again; give one of them")
+    for e in entries:
+        e["row"] = _row_record(e)
+    if not args.overwrite:
+        _keep_labels(out, entries)
     labels = [e["label"] for e in entries]
     for label in redo:
         if label not in labels:
             raise UserError(f"--redo {label}: not a row of this comparison (its rows: {', '.join(labels)})")
     for e in entries:
-        e["row"], e["redo"] = _row_record(e), e["label"] in redo
+        e["redo"] = e["label"] in redo
     settings = {"--" + k.replace("_", "-"): v for k, v in vars(args).items()
                 if not k.startswith("_") and not callable(v) and k not in ("verb", "debug")}
     eval_input = inputs.pop("--eval-input", None)  # keys the evaluation stages, binds nothing
@@ -232,23 +236,55 @@ def _row_record(entry: dict[str, Any]) -> dict[str, Any]:
             "weights": dir_hash(entry["checkpoint"]) if entry["checkpoint"] else None}
 
 
+def _item(entry: dict[str, Any]) -> str:
+    """Which autoencoder an entry is, as rows record it: its registered name or its folder's absolute path."""
+    return str(Path(entry["checkpoint"]).resolve()) if entry["checkpoint"] else entry["name"]
+
+
 def _earlier_rows(out: Path) -> dict[str, dict[str, Any]]:
-    """The rows an earlier comparison made in ``out``: folder name -> its `_row_record`, from its
-    ``row.json``, or for a folder bound before each row was, from ``run.json`` (the whole
-    ``--autoencoders`` value and each saved folder's weights hash)."""
+    """The rows an earlier comparison made in ``out``: folder name -> its ``record`` (`_row_record`),
+    ``label`` and ``item`` (`_item`), from its ``row.json``, or for a folder bound before each row
+    was, from ``run.json`` (the whole ``--autoencoders`` value and each saved folder's weights hash)."""
     rows: dict[str, dict[str, Any]] = {}
     old = runs.bound_record(out)
     if "--autoencoders" in old:
         items = _items(old["--autoencoders"])
         for item, label in zip(items, _labels(items)):
-            rows[_safe(label)] = {"autoencoder": item if item in autoencoders.REGISTRY else None,
-                                  "weights": old.get(f"autoencoder_weights.{label}")}
+            registered = item in autoencoders.REGISTRY
+            rows[_safe(label)] = {"record": {"autoencoder": item if registered else None,
+                                             "weights": old.get(f"autoencoder_weights.{label}")},
+                                  "label": label, "item": item if registered else str(Path(item).resolve())}
     for row in sorted(out.glob(f"*/{ROW}")):
         try:
-            rows[row.parent.name] = dict(read_json(row)["record"])
+            saved = read_json(row)
+            rows[row.parent.name] = {"record": dict(saved["record"]), "label": saved["label"], "item": saved["item"]}
         except (OSError, ValueError, KeyError, TypeError):
-            rows[row.parent.name] = {"autoencoder": None, "weights": f"(unreadable {row})"}
+            rows[row.parent.name] = {"record": {"autoencoder": None, "weights": f"(unreadable {row})"},
+                                     "label": row.parent.name, "item": None}
     return rows
+
+
+def _keep_labels(out: Path, entries: list[dict[str, Any]]) -> None:
+    """Each autoencoder keeps the label of the row an earlier comparison made of it in ``out`` (of the
+    same registered name or weights, else of the same folder: replaced weights, which `_check_rows`
+    refuses), whatever else is given now; a new one gets the label a first run gives it (`_labels`),
+    numbered on where an earlier row or one of this run has it. (`_labels` numbers every autoencoder
+    by position when two share a name: adding or leaving out one would rename, and redo, every row.)"""
+    earlier = _earlier_rows(out)
+    kept: dict[int, str] = {}  # entry index -> the earlier row (folder name) it continues
+    for mine, theirs in ((lambda e: e["row"], "record"), (_item, "item")):
+        for i, e in enumerate(entries):
+            found = [name for name, r in earlier.items() if r[theirs] == mine(e) and name not in kept.values()]
+            if i not in kept and found:
+                kept[i] = found[0]
+    for i, name in kept.items():
+        entries[i]["label"] = earlier[name]["label"]
+    used = set(earlier)
+    for e in (e for i, e in enumerate(entries) if i not in kept):
+        base, n = _labels([e["checkpoint"] or e["name"]])[0], 0
+        while _safe(e["label"]) in used:
+            e["label"], n = f"{n}-{base}", n + 1
+        used.add(_safe(e["label"]))
 
 
 def _check_rows(out: Path, entries: list[dict[str, Any]]) -> None:
@@ -257,7 +293,7 @@ def _check_rows(out: Path, entries: list[dict[str, Any]]) -> None:
     earlier = _earlier_rows(out)
     differ = []
     for e in entries:
-        old = earlier.get(_safe(e["label"]))
+        old = earlier.get(_safe(e["label"]), {}).get("record")
         if e["redo"] or old is None or old == e["row"] or not (out / _safe(e["label"])).is_dir():
             continue
         if old["weights"] and e["row"]["weights"]:
@@ -340,16 +376,15 @@ def _bind_rows(out: Path, entries: list[dict[str, Any]]) -> list[str]:
     """Each row's ``row.json`` (`_row_record`): the given autoencoders' rows, and the rows a folder bound
     before rows were (`_earlier_rows`) holds, before run.json is written again without them. Returns
     the folders of earlier rows that are not given (left out of the report, kept on disk)."""
-    given = {_safe(e["label"]): e["row"] for e in entries}
+    given = {_safe(e["label"]): {"record": e["row"], "label": e["label"], "item": _item(e)} for e in entries}
     earlier = _earlier_rows(out)
     left_out = []
-    for name, record in {**earlier, **given}.items():
+    for name, row in {**earlier, **given}.items():
         if not (out / name).is_dir() and name not in given:
             continue
-        (out / name).mkdir(exist_ok=True)
-        path = out / name / ROW
-        if not path.is_file() or earlier.get(name) != record:
-            atomic_write_json(path, {"format": runs.FORMAT, "record": record})
+        (out / name).mkdir(parents=True, exist_ok=True)
+        if not (out / name / ROW).is_file() or earlier.get(name) != row:
+            atomic_write_json(out / name / ROW, {"format": runs.FORMAT, **row})
         if name not in given:
             left_out.append(name)
     return left_out

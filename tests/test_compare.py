@@ -541,3 +541,34 @@ def test_replaced_weights_refuse_their_row_and_redo_runs_only_that_row(tmp_path,
     assert kl16["resumed"] == ALL_STAGES and mine["resumed"] == [] and kl16["dit"] == first[0]["dit"]
     assert json.loads((out / "mine" / "row.json").read_text())["record"] == {  # bound to the new weights now
         "autoencoder": None, "weights": dir_hash(tmp_path / "mine")}
+
+
+def test_a_rerun_keeps_each_rows_label_when_another_autoencoder_shares_its_name(tmp_path):
+    """Two autoencoders of one folder name are numbered (0-model, 1-model): adding, leaving out or
+    reordering autoencoders keeps each earlier row's label, found by its weights or folder, so its row
+    resumes (was: every label renumbered by position: every row a new folder, trained again, the
+    finished ones left out); a new autoencoder gets a label no row of this run has."""
+    import autoencoders
+    from launch.compare import _bind_rows, _entries, _keep_labels, _row_record
+
+    for i, folder in enumerate(["a/model", "b/model", "c/model", "d/other"]):
+        torch.manual_seed(i)
+        autoencoders.build("kl2d-f8c4-debug").save_pretrained(tmp_path / folder)
+    out = tmp_path / "cmp"
+
+    def labels(*folders, bind=False):
+        entries = _entries(",".join(str(tmp_path / f) if "/" in f else f for f in folders))
+        for e in entries:
+            e["row"] = _row_record(e)
+        _keep_labels(out, entries)
+        if bind:
+            _bind_rows(out, entries)
+        return [e["label"] for e in entries]
+
+    assert labels("a/model", "kl2d-f8c4-debug", bind=True) == ["model", "kl2d-f8c4-debug"]  # no number: none shared
+    assert labels("kl2d-f8c4-debug", "b/model", "a/model", bind=True) == ["kl2d-f8c4-debug", "1-model", "model"]
+    assert labels("b/model", "c/model", "d/other") == ["1-model", "0-model", "2-other"]  # as a first run numbers
+    assert labels("c/model", "b/model") == ["0-model", "1-model"]
+    torch.manual_seed(9)
+    autoencoders.build("kl2d-f8c4-debug").save_pretrained(tmp_path / "a" / "model")  # replaced weights: its label,
+    assert labels("a/model", "c/model") == ["model", "0-model"]  # then refused as that row's (`_check_rows`)
