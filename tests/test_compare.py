@@ -568,7 +568,10 @@ def test_a_rerun_keeps_each_rows_label_when_another_autoencoder_shares_its_name(
     assert labels("a/model", "kl2d-f8c4-debug", bind=True) == ["model", "kl2d-f8c4-debug"]  # no number: none shared
     assert labels("kl2d-f8c4-debug", "b/model", "a/model", bind=True) == ["kl2d-f8c4-debug", "1-model", "model"]
     assert labels("b/model", "c/model", "d/other") == ["1-model", "0-model", "2-other"]  # as a first run numbers
-    assert labels("c/model", "b/model") == ["0-model", "1-model"]
+    assert labels("c/model", "b/model", bind=True) == ["0-model", "1-model"]
     torch.manual_seed(9)
     autoencoders.build("kl2d-f8c4-debug").save_pretrained(tmp_path / "a" / "model")  # replaced weights: its label,
     assert labels("a/model", "c/model") == ["model", "0-model"]  # then refused as that row's (`_check_rows`)
+    import shutil
+    shutil.copytree(tmp_path / "c" / "model", tmp_path / "e" / "model")  # a copy of c's weights, given first
+    assert labels("e/model", "c/model") == ["2-model", "0-model"]  # c keeps its row, found by weights and folder
