@@ -377,7 +377,8 @@ def _redo(out: Path, entries: list[dict[str, Any]]) -> None:
 def _bind_rows(out: Path, entries: list[dict[str, Any]]) -> list[str]:
     """Each row's ``row.json`` (`_row_record`): the given autoencoders' rows, and the rows a folder bound
     before rows were (`_earlier_rows`) holds, before run.json is written again without them. Returns
-    the folders of earlier rows that are not given (left out of the report, kept on disk)."""
+    the folders of earlier rows that are not given and hold more than their row.json (left out of the
+    report, kept on disk)."""
     given = {_safe(e["label"]): {"record": e["row"], "label": e["label"], "item": _item(e)} for e in entries}
     earlier = _earlier_rows(out)
     left_out = []
@@ -387,7 +388,7 @@ def _bind_rows(out: Path, entries: list[dict[str, Any]]) -> list[str]:
         (out / name).mkdir(parents=True, exist_ok=True)
         if not (out / name / ROW).is_file() or earlier.get(name) != row:
             atomic_write_json(out / name / ROW, {"format": runs.FORMAT, **row})
-        if name not in given:
+        if name not in given and any(p.name != ROW for p in (out / name).iterdir()):  # one it started
             left_out.append(name)
     return left_out
 

@@ -555,6 +555,7 @@ def test_a_rerun_keeps_each_rows_label_when_another_autoencoder_shares_its_name(
         torch.manual_seed(i)
         autoencoders.build("kl2d-f8c4-debug").save_pretrained(tmp_path / folder)
     out = tmp_path / "cmp"
+    left_out = []
 
     def labels(*folders, bind=False):
         entries = _entries(",".join(str(tmp_path / f) if "/" in f else f for f in folders))
@@ -562,13 +563,16 @@ def test_a_rerun_keeps_each_rows_label_when_another_autoencoder_shares_its_name(
             e["row"] = _row_record(e)
         _keep_labels(out, entries)
         if bind:
-            _bind_rows(out, entries)
+            left_out[:] = _bind_rows(out, entries)
         return [e["label"] for e in entries]
 
     assert labels("a/model", "kl2d-f8c4-debug", bind=True) == ["model", "kl2d-f8c4-debug"]  # no number: none shared
     assert labels("kl2d-f8c4-debug", "b/model", "a/model", bind=True) == ["kl2d-f8c4-debug", "1-model", "model"]
     assert labels("b/model", "c/model", "d/other") == ["1-model", "0-model", "2-other"]  # as a first run numbers
     assert labels("c/model", "b/model", bind=True) == ["0-model", "1-model"]
+    assert left_out == []  # the rows of a/model and kl2d-f8c4-debug never started: nothing to say
+    (out / "model" / "stages.json").write_text("{}")
+    assert labels("c/model", "b/model", bind=True) == ["0-model", "1-model"] and left_out == ["model"]
     torch.manual_seed(9)
     autoencoders.build("kl2d-f8c4-debug").save_pretrained(tmp_path / "a" / "model")  # replaced weights: its label,
     assert labels("a/model", "c/model") == ["model", "0-model"]  # then refused as that row's (`_check_rows`)
