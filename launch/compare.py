@@ -80,7 +80,8 @@ TRASH = ".overwritten"  # `--overwrite` moves the earlier comparison here, then 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoencoders", required=True,
-                   help="NAME|DIR[,NAME|DIR...]: registered names or saved autoencoder folders")
+                   help="NAME|DIR[,NAME|DIR...]: registered names or saved autoencoder folders (a rerun into "
+                   "--output may add some, run alone, or leave some out, their rows kept on disk)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="training videos (folder / raw shards as `ldm extract`; an `ldm data synth` "
                      "folder enables the attribute benchmark)")
