@@ -75,6 +75,8 @@ class Causal3DConfig(AEConfig):
     spatial_norm: bool = False  # decoder norms modulated by the latent (CogVideoX)
     temporal_up: tuple[bool, ...] = ()  # decoder: per boundary, upsample time; () = mirror temporal_down
     upsample_shrink: bool = False  # the decoder's spatial upsamplers halve the width (IV-VAE Sec. 3.5)
+    # 1x1x1 convs around the latent, as kl2d's (SD-VAE's; IV-VAE's public code has them too)
+    quant_conv: bool = False
     # 3x3x3 convolutions: "causal" (frame t sees frames <= t) | "group": IV-VAE's GCConv (Sec. 3.2),
     # bidirectional inside a frame group (4 / 2 / 1 frames as time is compressed), causal between groups
     temporal_padding: str = "causal"
@@ -120,6 +122,8 @@ class Causal3D(Autoencoder):
         self.encoder = ConvEncoder(config.in_channels, 2 * z, temporal=config.temporal_down, **arch)
         self.decoder = ConvDecoder(z, config.in_channels, temporal=config.temporal_up or config.temporal_down,
                                    spatial_norm=config.spatial_norm, upsample_shrink=config.upsample_shrink, **arch)
+        self.quant_conv = nn.Conv3d(2 * z, 2 * z, 1) if config.quant_conv else nn.Identity()
+        self.post_quant_conv = nn.Conv3d(z, z, 1) if config.quant_conv else nn.Identity()
 
     @property
     def spatial_factor(self) -> int:
@@ -138,21 +142,23 @@ class Causal3D(Autoencoder):
                                 self.config.latent_channels)
 
     def encoder_moments(self, video: Tensor, extra: Mapping[int, Sequence[nn.Module]] | None = None) -> Tensor:
-        """Encoder output ``B 2c t h w`` (``extra``: further temporal downsamplers per slot, MTC-VAE),
-        in one pass or chunk by chunk (``config.chunk_latent_frames``)."""
+        """Encoder (and quant conv) output ``B 2c t h w`` (``extra``: further temporal downsamplers per
+        slot, MTC-VAE), in one pass or chunk by chunk (``config.chunk_latent_frames``)."""
         self._check_extra(extra)
         n = self.config.chunk_latent_frames
         if not n:
-            return self.encoder(video, extra)
+            return self.quant_conv(self.encoder(video, extra))
         rate = self.temporal_factor * 2 ** sum(len(v) for v in (extra or {}).values())
         cache = StreamCache()
-        return torch.cat([self.encoder(video[:, :, s:e], extra, cache)
-                          for s, e in chunk_spans(video.shape[2], n * rate)], dim=2)  # (B, 2c, t, h, w)
+        moments = torch.cat([self.encoder(video[:, :, s:e], extra, cache)
+                             for s, e in chunk_spans(video.shape[2], n * rate)], dim=2)  # (B, 2c, t, h, w)
+        return self.quant_conv(moments)
 
     def decoder_video(self, z: Tensor, extra: Mapping[int, Sequence[nn.Module]] | None = None) -> Tensor:
-        """Decoder ``B c t h w -> B C T H W`` (``extra``: further temporal upsamplers per slot), in one
-        pass or ``config.chunk_latent_frames`` latent frames at a time."""
+        """(Post-quant conv and) decoder ``B c t h w -> B C T H W`` (``extra``: further temporal upsamplers
+        per slot), in one pass or ``config.chunk_latent_frames`` latent frames at a time."""
         self._check_extra(extra)
+        z = self.post_quant_conv(z)
         n = self.config.chunk_latent_frames
         if not n:
             return self.decoder(z, extra)
@@ -300,13 +306,15 @@ register("causal3d-cogvideox", Causal3D, Causal3DConfig(base_channels=128, chann
 register("causal3d-cogvideox-debug", Causal3D, Causal3DConfig(base_channels=16, channel_mult=(1, 2, 2, 2),
                                                                 num_res_blocks=1, norm_groups=8, **_COGVIDEOX))
 # IV-VAE's baseline, Table 4's (A) "Causal VAE" at Z = 8, and (A) + group causal conv (module docstring:
-# width 96, RMSNorm, the shrinking upsampler and Z = 8 are the paper's; the layout is our guess)
+# width 96, RMSNorm, the shrinking upsampler and Z = 8 are the paper's; the layout is our guess), with
+# the quant convs of its image VAE (kl2d-ivvae-z16-dim96, or the debug twin's: width 12), which it
+# starts from in the paper (Sec. 3.1)
 _IVVAE_BASELINE = dict(latent_channels=8, temporal_down=(False, True, True), attention=True, norm="rms",
-                       upsample_shrink=True)
+                       upsample_shrink=True, quant_conv=True)
 for _padding, _suffix in (("causal", ""), ("group", "-gc")):
     register(f"causal3d-ivvae-baseline-z8{_suffix}", Causal3D,
              Causal3DConfig(base_channels=96, channel_mult=(1, 2, 4, 4), num_res_blocks=2, temporal_padding=_padding,
                             **_IVVAE_BASELINE))
     register(f"causal3d-ivvae-baseline-z8{_suffix}-debug", Causal3D,
-             Causal3DConfig(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_padding=_padding,
+             Causal3DConfig(base_channels=12, channel_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_padding=_padding,
                             **_IVVAE_BASELINE))

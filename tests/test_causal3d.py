@@ -27,9 +27,9 @@ def _video(frames: int, size: int = 16, seed: int = 1) -> torch.Tensor:
 
 def test_baseline_has_the_papers_parameter_count_with_or_without_group_causal_conv():
     """Table 4: (A) has 127M parameters at Z = 8 and group causal convolution leaves the count
-    unchanged (same tensors, same shapes)."""
+    unchanged (same tensors, same shapes); 344 of them are the quant convs its image VAE has."""
     plain, grouped = describe(BASELINE)["params"], describe(BASELINE + "-gc")["params"]
-    assert plain == grouped == 126_642_355
+    assert plain == grouped == 126_642_355 + 16 * 17 + 8 * 9
     assert abs(plain - 127e6) / 127e6 < 0.005
     with torch.device("meta"):
         shapes = [{k: v.shape for k, v in build(n).state_dict().items()} for n in VARIANTS]
@@ -100,6 +100,21 @@ def test_chunked_encode_and_decode_equal_one_shot(name, grad, monkeypatch):
             torch.testing.assert_close(chunked["z"], latent["z"], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(model.decode(latent), y, atol=1e-5, rtol=1e-5)
         model.set_chunk_frames(None)
+
+
+def test_quant_convs_are_off_by_default_and_wrap_the_latent():
+    """``quant_conv`` (the baseline's, as its image VAE's): 1x1x1 convs after the encoder and before the
+    decoder, also when streamed; off, existing models keep their tensors."""
+    assert not any("quant_conv" in k for k in _model("causal3d-f4x8c4-debug").state_dict())
+    model = _model(VARIANTS[0])
+    x = _video(9)
+    with torch.no_grad():
+        moments = model.quant_conv(model.encoder(x))
+        torch.testing.assert_close(model.encoder_moments(x), moments, rtol=0, atol=0)
+        z = moments[:, :8]
+        torch.testing.assert_close(model.decoder_video(z), model.decoder(model.post_quant_conv(z)), rtol=0, atol=0)
+        model.set_chunk_frames(4)
+        torch.testing.assert_close(model.encoder_moments(x), moments, rtol=1e-5, atol=1e-5)
 
 
 def test_switches_are_checked():
