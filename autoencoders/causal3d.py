@@ -36,8 +36,26 @@ the decoder), time downsampled at the two deepest boundaries, one mid-block atte
 and one in the decoder, a plain 3x3x3 head (no TMPE): 126.6M. The group-causal padding of a frame
 group of one (the fully compressed levels) is a 3-tap window [previous frame, frame, zero], which
 keeps the parameters unchanged as Table 4 says; the alternative, a 2D convolution there (IV-VAE's
-KTC units, Sec. 3.3), would not. Not here: the initialisation from an image VAE (Sec. 3.1, a
-``[0, 0, W]`` inflation of a ``kl2d-ivvae-*``-style model with Z channels).
+KTC units, Sec. 3.3), would not.
+
+As the paper (Sec. 3.1, and Sec. 4.4 for every Table 4 row), the baseline starts from an image VAE
+with the same Z: ``Causal3D.from_kl2d`` / ``ldm convert --source saved --target
+causal3d-ivvae-baseline-z8`` (`inflate_kl2d`) takes a ``kl2d-ivvae-z16-dim96`` (8 latent channels,
+width 96, RMSNorm, shrinking upsampler: the same layout). Each 3x3 kernel goes to the current frame's
+tap: ``[0, 0, W]`` in a causal conv (the paper), ``[0, W, 0]`` in a GCConv (our reading: the tap that
+sees only its own frame); the new temporal resamplers take ``[0, 0, I]`` too: the downsampler keeps
+the later frame of each pair, the upsampler repeats each frame. At step 0 the model is the image VAE
+applied to frame 0 and to the last frame of each group of 4 (latent frame ``j`` = its latent of frame
+``4j``), each decoded frame repeated over its group: an image and every frame of a static video are
+reconstructed as the image VAE does, up to float rounding (~2e-6); in a moving video frames ``4j-3 ..
+4j-1`` get frame ``4j``'s reconstruction. The image VAE's quant convs are why the baseline has
+``quant_conv=True``: the encoder's would fold exactly into ``conv_out``, the decoder's post-quant conv
+not into ``conv_in`` (its bias would reach the zero-padded border); IV-VAE's public code (SD-VAE's
+lineage) has both too. Guess (ours, then the alternative): the downsampler keeps the later frame of
+a pair (as ``[0, 0, W]`` does) - or the pair's mean (CogVideoX, `average_resamplers`; equal on a
+static video) or the earlier one (the group's first frame, IV-VAE's keyframe). ``--target causal3d``
+inflates any kl2d (an SD VAE too, GroupNorm per frame: OD-VAE's tail initialisation) into a causal3d
+of its own layout.
 """
 from __future__ import annotations
 
@@ -50,11 +68,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from autoencoders.base import AEConfig, Autoencoder, causal_grid_spec, register, register_family
-from autoencoders.blocks import (LOGVAR_CLAMP, TEMPORAL_PADDINGS, ConvDecoder, ConvEncoder, StreamCache,
-                                 TemporalDownsample, TemporalUpsample, check_latent_stats, chunk_spans, grid_z,
-                                 split_moments)
-from autoencoders.sources import Conversion, KeyMap, compare, open_diffusers, register_source
+from autoencoders.base import REGISTRY, AEConfig, Autoencoder, causal_grid_spec, register, register_family
+from autoencoders.blocks import (LOGVAR_CLAMP, TEMPORAL_PADDINGS, CausalConv3d, ConvDecoder, ConvEncoder,
+                                 GroupCausalConv3d, StreamCache, TemporalDownsample, TemporalUpsample,
+                                 check_latent_stats, chunk_spans, grid_z, split_moments)
+from autoencoders.ivvae_layers import inflate_at
+from autoencoders.kl2d import KL2D, KL2DConfig
+from autoencoders.sources import Conversion, KeyMap, compare, open_diffusers, register_initialiser, register_source
 from ldm import config as cfglib
 from ldm.errors import UserError
 from ldm.latent import Cond, Latent, LatentSpec
@@ -75,7 +95,7 @@ class Causal3DConfig(AEConfig):
     spatial_norm: bool = False  # decoder norms modulated by the latent (CogVideoX)
     temporal_up: tuple[bool, ...] = ()  # decoder: per boundary, upsample time; () = mirror temporal_down
     upsample_shrink: bool = False  # the decoder's spatial upsamplers halve the width (IV-VAE Sec. 3.5)
-    # 1x1x1 convs around the latent, as kl2d's (SD-VAE's; IV-VAE's public code has them too)
+    # 1x1x1 convs around the latent, as kl2d's (SD-VAE's): an image VAE with them inflates exactly (from_kl2d)
     quant_conv: bool = False
     # 3x3x3 convolutions: "causal" (frame t sees frames <= t) | "group": IV-VAE's GCConv (Sec. 3.2),
     # bidirectional inside a frame group (4 / 2 / 1 frames as time is compressed), causal between groups
@@ -170,6 +190,21 @@ class Causal3D(Autoencoder):
             raise ValueError(f"{self.family}: further temporal resamplers (MTC-VAE) would change the frame groups of "
                              "temporal_padding='group'; use temporal_padding='causal'")
 
+    @classmethod
+    def from_kl2d(cls, image_vae: KL2D, target: str | None = None) -> "Causal3D":
+        """A causal3d initialised from a ``kl2d`` image VAE with the same latent channels (`inflate_kl2d`,
+        IV-VAE Sec. 3.1): the registered ``target`` (``causal3d-ivvae-baseline-z8``, whose layout the
+        image VAE must have: ``kl2d-ivvae-z16-dim96``), or by default the image VAE's own layout
+        (`config_from_kl2d`). The latent statistics are the image VAE's (at step 0 its latents)."""
+        if target is not None and (target not in REGISTRY or REGISTRY[target][0] is not cls):
+            raise ValueError(f"{target!r} is not a registered {cls.family}")
+        config = REGISTRY[target][1] if target is not None else config_from_kl2d(image_vae.config)
+        model = cls(config)
+        inflate_kl2d(model, image_vae, target or cls.family)  # first: a mismatch names its fields, not the stats'
+        c = image_vae.config
+        model.config = cfglib.replace(model.config, latent_scale=c.latent_scale, latent_shift=c.latent_shift)
+        return model
+
     def set_chunk_frames(self, frames: int | None) -> None:
         """Stream long clips ``frames`` video frames at a time (a multiple of the temporal factor; the
         remainder joins the first chunk) with the one-shot result, for per-frame norms. With clip
@@ -190,12 +225,26 @@ class Causal3D(Autoencoder):
         return self.decoder_video(grid_z(latent, self.config.latent_channels, self.family))  # (B, C, T, H, W)
 
 
-@torch.no_grad()
 def average_resamplers(model: nn.Module) -> None:
     """Set every 2x temporal resampler of ``model`` to CogVideoX's parameter-free one: a
     `TemporalDownsample` to the mean of each pair (kernel ``[0, 1/2, 1/2]`` over frames
     ``2j-2, 2j-1, 2j``; frame 0 stays itself), a `TemporalUpsample` to repeating each frame
     (both sub-frames copy the current frame; frame 0 stays alone)."""
+    _identity_resamplers(model, {1: 0.5, 2: 0.5})
+
+
+def current_frame_resamplers(model: nn.Module) -> None:
+    """Set every 2x temporal resampler of ``model`` to IV-VAE Sec. 3.1's inflation ``[0, 0, I]``: a
+    `TemporalDownsample` keeps the current (later) frame of each pair, ``2j`` (frame 0 stays itself),
+    so two of them keep frame ``4j`` of each group of four; a `TemporalUpsample` repeats each frame."""
+    _identity_resamplers(model, {2: 1.0})
+
+
+@torch.no_grad()
+def _identity_resamplers(model: nn.Module, down_taps: Mapping[int, float]) -> None:
+    """Every 2x `TemporalDownsample` of ``model`` to ``sum_tap down_taps[tap] * frame(tap)`` per
+    channel (taps 0, 1, 2 = frames ``2j-2, 2j-1, 2j``), every `TemporalUpsample` to repeating the
+    current frame into both sub-frames; zero biases."""
     for m in model.modules():
         if isinstance(m, (TemporalDownsample, TemporalUpsample)) and m.factor != 2:
             raise ValueError(f"only 2x resamplers have CogVideoX's form, got x{m.factor}")
@@ -203,8 +252,8 @@ def average_resamplers(model: nn.Module) -> None:
             c = m.conv.in_channels
             eye = torch.eye(c, dtype=m.conv.weight.dtype, device=m.conv.weight.device)
             m.conv.weight.zero_()
-            m.conv.weight[:, :, 1, 0, 0] = eye / 2
-            m.conv.weight[:, :, 2, 0, 0] = eye / 2
+            for tap, weight in down_taps.items():
+                m.conv.weight[:, :, tap, 0, 0] = eye * weight
             m.conv.bias.zero_()
         elif isinstance(m, TemporalUpsample):
             c = m.conv.in_channels
@@ -214,6 +263,83 @@ def average_resamplers(model: nn.Module) -> None:
                 w[2 * idx + sub, idx, 2, 0, 0] = 1.0  # time index 2 = the current frame (causal)
             m.conv.weight.copy_(w)
             m.conv.bias.zero_()
+
+
+# ------------------------------------------------------------------------------------------
+# IV-VAE Sec. 3.1: a kl2d image VAE -> causal3d (the baseline's initialisation)
+# ------------------------------------------------------------------------------------------
+def config_from_kl2d(image: KL2DConfig) -> Causal3DConfig:
+    """The causal3d of an image VAE's own layout (``--target causal3d``): its widths, depth, norm,
+    upsampler, quant convs and latent channels; time halved at the two finest boundaries (causal3d's
+    default, as CogVideoX / OD-VAE)."""
+    levels = len(image.channel_mult)
+    return Causal3DConfig(in_channels=image.in_channels, latent_channels=image.latent_channels,
+                          base_channels=image.base_channels, channel_mult=tuple(image.channel_mult),
+                          temporal_down=tuple(i < 2 for i in range(levels - 1)), num_res_blocks=image.num_res_blocks,
+                          attention=image.attention, norm_groups=image.norm_groups, norm=image.norm,
+                          upsample_shrink=image.upsample_shrink, quant_conv=image.quant_conv, dropout=image.dropout,
+                          logvar_clamp=image.logvar_clamp)
+
+
+def _check_inflatable(config: Causal3DConfig, image: KL2DConfig, target: str) -> None:
+    """ValueError in one line naming every field where ``config`` cannot hold the image VAE exactly."""
+    expect = dict(in_channels=image.in_channels, latent_channels=image.latent_channels,
+                  base_channels=image.base_channels, channel_mult=tuple(image.channel_mult),
+                  num_res_blocks=image.num_res_blocks, attention=image.attention, norm=image.norm,
+                  upsample_shrink=image.upsample_shrink, spatial_norm=False)
+    if image.norm == "group":
+        expect["norm_groups"] = image.norm_groups
+    if image.quant_conv:  # the post-quant conv does not fold into conv_in at the borders (zero padding)
+        expect["quant_conv"] = True
+    wrong = {k: (getattr(config, k), v) for k, v in expect.items() if getattr(config, k) != v}
+    if wrong:
+        raise ValueError(f"{target} does not match the image VAE for an exact inflation (field: (ours, needed)): "
+                         f"{wrong}; Table 4's baseline causal3d-ivvae-baseline-z8[-gc] takes an image VAE like "
+                         "kl2d-ivvae-z16-dim96 (8 latent channels, width 96); --target causal3d keeps the image "
+                         "VAE's own layout")
+
+
+@torch.no_grad()
+def inflate_kl2d(model: Causal3D, image_vae: KL2D, target: str = "causal3d") -> None:
+    """Fill ``model`` from a ``kl2d`` image VAE with the same latent channels (IV-VAE Sec. 3.1).
+
+    Every 3x3 convolution takes the 2D kernel at the tap of the current frame: ``[0, 0, W]`` in a
+    causal conv (the paper's rule), ``[0, W, 0]`` in a GCConv (a group sees only its own frame
+    there; the paper's GCConv rows do not say); 1x1 convs, norms, attention and spatial resamplers
+    are copied; the temporal resamplers take the same rule with ``W = I`` (`current_frame_resamplers`:
+    the downsampler keeps the later frame of each pair, the upsampler repeats a frame). An image
+    VAE without quant convs gives identity ones. At step 0 the model is therefore the image VAE on
+    frames 0 and ``4j`` (latent frame ``j``), each decoded latent frame repeated over its group's
+    four frames: an image, and every frame of a static video, reconstruct as the image VAE does
+    (exactly but for float rounding). Raises ValueError when the layouts do not match.
+    """
+    _check_inflatable(model.config, image_vae.config, target)
+    current_frame_resamplers(model)
+    km = KeyMap(image_vae.state_dict(), "the image VAE")
+    modules = dict(model.named_modules())
+    for key, ref in model.state_dict().items():
+        owner, kind = key.rsplit(".", 1)
+        if ".temporal_down." in key or ".temporal_up." in key:  # new layers, set above
+            km.put(key, ref.clone())
+        elif owner in ("quant_conv", "post_quant_conv") and not km.has(key):  # identity 1x1x1 convs
+            km.put(key, torch.eye(ref.shape[0], dtype=ref.dtype, device=ref.device).view(ref.shape)
+                   if kind == "weight" else torch.zeros_like(ref))
+        else:
+            w = km.take(key)
+            if w.ndim + 1 == ref.ndim:  # a 2D kernel into a 3D one, at the current frame's tap
+                conv = modules[owner]
+                tap = conv.time_pad if isinstance(conv, (CausalConv3d, GroupCausalConv3d)) else 0
+                w = inflate_at(w, ref.shape[2], tap)
+            km.put(key, w)
+    km.load_into(model)
+
+
+@register_initialiser("causal3d", "kl2d")
+def from_converted_kl2d(base: KL2D, target: str) -> tuple[Causal3D, str]:
+    """``ldm convert --target causal3d[-NAME]`` from an image VAE (IV-VAE Sec. 3.1): `Causal3D.from_kl2d`."""
+    model = Causal3D.from_kl2d(base, None if target == "causal3d" else target)
+    return model, ("causal3d inflated from the kl2d (IV-VAE Sec. 3.1: kernels at the current frame's tap): at step 0 "
+                   "it is the image VAE on frame 0 and on each group's last frame, repeated over the group")
 
 
 # ------------------------------------------------------------------------------------------
@@ -308,7 +434,7 @@ register("causal3d-cogvideox-debug", Causal3D, Causal3DConfig(base_channels=16, 
 # IV-VAE's baseline, Table 4's (A) "Causal VAE" at Z = 8, and (A) + group causal conv (module docstring:
 # width 96, RMSNorm, the shrinking upsampler and Z = 8 are the paper's; the layout is our guess), with
 # the quant convs of its image VAE (kl2d-ivvae-z16-dim96, or the debug twin's: width 12), which it
-# starts from in the paper (Sec. 3.1)
+# inflates from exactly (Causal3D.from_kl2d)
 _IVVAE_BASELINE = dict(latent_channels=8, temporal_down=(False, True, True), attention=True, norm="rms",
                        upsample_shrink=True, quant_conv=True)
 for _padding, _suffix in (("causal", ""), ("group", "-gc")):

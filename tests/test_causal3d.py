@@ -1,15 +1,18 @@
-"""causal3d's IV-VAE switches (norm="rms", upsample_shrink, temporal_padding="group") and the registered
-IV-VAE baseline, Table 4's (A) and (A) + group causal conv (tiny configs, CPU). The registry-wide
-tests (tests/test_autoencoders.py: shapes, save/load, causality by latent frame; test_contract.py)
-run on the -debug twins too."""
+"""causal3d's IV-VAE switches (norm="rms", upsample_shrink, temporal_padding="group", quant_conv) and the
+registered IV-VAE baseline, Table 4's (A) and (A) + group causal conv, with its initialisation from an
+image VAE (Sec. 3.1; tiny configs, CPU). The registry-wide tests (tests/test_autoencoders.py: shapes,
+save/load, causality by latent frame; test_contract.py) run on the -debug twins too."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import autoencoders.blocks as blocks
-from autoencoders import REGISTRY, build, describe
+from autoencoders import REGISTRY, build, describe, load_pretrained
 from autoencoders.blocks import CausalConv3d, ChannelRMSNorm, GroupCausalConv3d, TemporalDownsample
+from autoencoders.causal3d import Causal3D
+from launch.cli import console
+from launch.cli import main as ldm
 
 BASELINE = "causal3d-ivvae-baseline-z8"
 VARIANTS = (BASELINE + "-debug", BASELINE + "-gc-debug")
@@ -126,3 +129,78 @@ def test_switches_are_checked():
     extra = {1: [TemporalDownsample(32)]}  # MTC-VAE's further resamplers would regroup the frames
     with pytest.raises(ValueError, match="temporal_padding='causal'"):
         model.encoder_moments(_video(9), extra)
+
+
+# --- initialisation from the image VAE (Sec. 3.1) -------------------------------------------
+def _image_vae(name: str = "kl2d-ivvae-z16-dim96-debug") -> torch.nn.Module:
+    """The debug twin of (A)'s image VAE (8 latent channels) with non-trivial norms, biases and quant convs."""
+    torch.manual_seed(0)
+    model = build(name).eval()
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("name", [*VARIANTS, None])
+def test_inflated_model_is_the_image_vae_on_images_static_videos_and_each_groups_last_frame(name):
+    """At step 0 an image, and every frame of a static video, reconstruct as the image VAE does; on a
+    moving video latent frame j is the image latent of frame 4j, decoded over its group's 4 frames
+    (both variants, and the image VAE's own layout: ``--target causal3d``, here an SD-style GroupNorm
+    one). Tolerance 1e-5 (float32 rounding; measured ~2e-6)."""
+    image = _image_vae("kl2d-f8c4-debug" if name is None else "kl2d-ivvae-z16-dim96-debug")
+    model = Causal3D.from_kl2d(image, name).eval()
+    if name is not None:
+        assert model.config == REGISTRY[name][1]
+    tol = dict(rtol=0, atol=1e-5)
+    x = _video(9)
+    static = x[:, :, :1].expand(-1, -1, 9, -1, -1)
+    with torch.no_grad():
+        for clip in (x[:, :, :1], static):
+            torch.testing.assert_close(model.decode(model.encode(clip)), image.decode(image.encode(clip)), **tol)
+        lat, ref = model.encode(x), image.encode(x[:, :, [0, 4, 8]])
+        torch.testing.assert_close(lat["z"], ref["z"], **tol)
+        torch.testing.assert_close(lat.logvar["z"], ref.logvar["z"], **tol)
+        torch.testing.assert_close(model.decode(lat), image.decode(ref)[:, :, [0, 1, 1, 1, 1, 2, 2, 2, 2]], **tol)
+    with torch.no_grad():  # a fresh model is nowhere near it
+        assert (Causal3D(model.config).eval().decode(lat) - model.decode(lat)).abs().mean() > 0.1
+
+
+def test_the_full_size_baseline_takes_the_papers_image_vae():
+    """(A) and (A) + GCConv at full size take kl2d-ivvae-z16-dim96 (checked on the meta device); every
+    tensor filled, the image VAE's latent statistics kept."""
+    with torch.device("meta"):
+        image = build("kl2d-ivvae-z16-dim96")
+        for name in (BASELINE, BASELINE + "-gc"):
+            assert Causal3D.from_kl2d(image, name).config == REGISTRY[name][1]
+    stats = dict(latent_scale=tuple(range(1, 9)), latent_shift=(0.5,))
+    model = Causal3D.from_kl2d(build("kl2d-ivvae-z16-dim96-debug", **stats), VARIANTS[0])
+    assert (model.config.latent_scale, model.config.latent_shift) == (stats["latent_scale"], stats["latent_shift"])
+
+
+def test_a_mismatched_image_vae_is_refused_in_one_line(tmp_path, capsys):
+    """Another Z or width, or a target without the quant convs the image VAE has (its post-quant conv
+    would not fold into conv_in exactly), is refused naming the fields, before anything is written."""
+    with pytest.raises(ValueError, match=r"'latent_channels': \(8, 4\), 'base_channels': \(12, 8\)"):
+        Causal3D.from_kl2d(build("kl2d-ivvae-z8-debug"), VARIANTS[0])
+    with pytest.raises(ValueError, match=r"{'quant_conv': \(False, True\)}"):
+        Causal3D.from_kl2d(build("kl2d-f8c4-debug"), "causal3d-f4x8c4-debug")  # same layout, no quant convs
+    build("kl2d-ivvae-z8-debug").save_pretrained(tmp_path / "z4", "kl2d-ivvae-z8-debug")
+    assert console(["convert", "--source", "saved", "--path", str(tmp_path / "z4"), "--target", VARIANTS[1],
+                    "--output", str(tmp_path / "video")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "does not match the image VAE" in err and "kl2d-ivvae-z16-dim96" in err
+    assert not (tmp_path / "video").exists()
+
+
+def test_ldm_convert_saved_writes_the_inflated_baseline(tmp_path):
+    """``ldm convert --source saved --path IMAGE_VAE --target causal3d-ivvae-baseline-z8-gc``: the saved
+    video VAE loads back as the registered model and reconstructs an image as the image VAE."""
+    image = _image_vae()
+    image.save_pretrained(tmp_path / "image", "kl2d-ivvae-z16-dim96-debug")
+    assert ldm(["convert", "--source", "saved", "--path", str(tmp_path / "image"), "--target", VARIANTS[1],
+                "--output", str(tmp_path / "video")]) == 0
+    video = load_pretrained(tmp_path / "video").eval()
+    assert isinstance(video, Causal3D) and video.config == REGISTRY[VARIANTS[1]][1]
+    x = _video(1)
+    with torch.no_grad():
+        torch.testing.assert_close(video.decode(video.encode(x)), image.decode(image.encode(x)), rtol=0, atol=1e-5)

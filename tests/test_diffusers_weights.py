@@ -110,8 +110,8 @@ def test_wrong_folders_and_configs_are_clear_errors(folders, tmp_path):
     odd = _save(tmp_path, "odd", _sd(**dict(SD, act_fn="gelu")))
     with pytest.raises(ValueError, match="act_fn 'gelu'"):
         convert("diffusers:AutoencoderKL", odd, "kl2d")
-    with pytest.raises(ValueError, match="fills 'kl2d'.*target 'causal3d'"):
-        convert("diffusers:AutoencoderKL", folders["sd"], "causal3d")
+    with pytest.raises(ValueError, match="fills 'kl2d'.*target 'h3ae'"):
+        convert("diffusers:AutoencoderKL", folders["sd"], "h3ae")
 
 
 # ------------------------------------------------------------------------------------------
