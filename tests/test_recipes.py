@@ -103,7 +103,7 @@ def test_each_recipe_runs_with_the_readme_command_and_chains_to_the_files_it_nam
                                         *(["--data", "VIDEOS"] if train_ae else []))
         headers[path.stem] = "".join(line for line in path.read_text().splitlines(True) if line.startswith("#"))
         assert cfgs[path.stem]["output"] == f"runs/{path.stem}", path.name
-    starts = {"ivvae-video-256", "ivvae-video-512", "ivvae-multires", "hivae-stage1", "hivae-stage2",
+    starts = {"ivvae-video-256", "ivvae-video-512", "ivvae-ablation", "ivvae-multires", "hivae-stage1", "hivae-stage2",
               "mtcvae-stage1", "mtcvae-stage2", "videovaeplus"}  # the recipes that start from weights
     for name, cfg in cfgs.items():
         sources = [cfg.get(k) for k in ("init", "base_checkpoint") if cfg.get(k)]
@@ -186,6 +186,20 @@ def test_ivvae_recipes_image_then_video_256_then_512(videos, tmp_path):
     v512 = _train_ae("ivvae-video-512.yaml", videos, tmp_path / "v512", f"init={v256 / 'final'}", "frames=5")
     assert load_pretrained(v512 / "final").config == load_pretrained(v256 / "final").config
     assert [r["lr"] for r in _log(v512)] == pytest.approx([1e-7, 2e-7])  # 1e-4 x (s + 1) / 1000 warm-up
+
+
+@pytest.mark.parametrize("row, image_vae", [("ivvae-z8-causal-debug", "kl2d-ivvae-z8-debug"),
+                                             ("causal3d-ivvae-baseline-z8-gc-debug", "kl2d-ivvae-z16-dim96-debug")])
+def test_ivvae_ablation_recipe_trains_a_row_from_its_image_vae(videos, tmp_path, row, image_vae):
+    """The ablation recipe's three commands (its header) for a KTC row and a baseline (A) row: the
+    image VAE, its inflation into the row, the row's video training from it."""
+    image = _train_ae("ivvae-image.yaml", videos, tmp_path / "image", f"autoencoder={image_vae}")
+    assert ldm(["convert", "--source", "saved", "--path", str(image / "final"), "--target", row,
+                "--output", str(tmp_path / "init")]) == 0
+    out = _train_ae("ivvae-ablation.yaml", videos, tmp_path / "row", f"autoencoder={row}",
+                    f"init={tmp_path / 'init'}", "frames=5")
+    assert load_pretrained(out / "final").config == build(row).config
+    assert [r["lr"] for r in _log(out)] == pytest.approx([1e-7, 2e-7])  # 1e-4 x (s + 1) / 1000 warm-up
 
 
 def test_videovaeplus_recipe_with_text_joint_batches_and_gan(videos, tmp_path):
