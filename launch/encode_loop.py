@@ -9,12 +9,13 @@ measures how long it waited for decoded clips; `decoding_limit` says when that l
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
 from tqdm import tqdm
@@ -124,7 +125,8 @@ class ShardBuffer:
 
 @torch.no_grad()
 def encode_shards(run: ExtractRun, units: list[Unit], batch_size: int, workers: int, bar: tqdm,
-                  write: Callable[[ShardBuffer], None]) -> tuple[int, float | None, float]:
+                  write: Callable[[ShardBuffer], None], held: Callable[[], ContextManager] = contextlib.nullcontext
+                  ) -> tuple[int, float | None, float]:
     """Encode the clips of ``units`` (`plan_units`: this rank's shards, in order) and hand each
     shard to ``write`` when its last clip is done.
 
@@ -134,14 +136,19 @@ def encode_shards(run: ExtractRun, units: list[Unit], batch_size: int, workers: 
     (``time.perf_counter()``) the first batch went to the encoder (None if none did) and the seconds
     after that the loop waited for the loader's decoded clips: the rest of its time went to encoding
     and handing off (`_ShardEncoder.add`, whose wait for the batch before on a GPU is the device's
-    time), so a large share of waiting means decoding limits the run. No device sync is added."""
+    time), so a large share of waiting means decoding limits the run. No device sync is added.
+
+    Each unit is received from the loader inside ``held()`` (`launch.extract._StopOnSigterm.held`):
+    a stop waits for the unit being received, then the loader's workers are shut down before the
+    stop goes on (they exit cleanly, with no exchange left half done)."""
     loader = _clip_loader(run, units, batch_size, workers)
     encoder = _ShardEncoder(run, batch_size, write)
     decoded, decode_wait = iter(loader), 0.0
     try:
         while True:
             asked = time.perf_counter()
-            unit = next(decoded, None)  # blocks while the clips are being decoded
+            with held():
+                unit = next(decoded, None)  # blocks while the clips are being decoded
             if encoder.first_queued is not None:  # the wait for the first batch is the fill, reported apart
                 decode_wait += time.perf_counter() - asked
             if unit is None:
@@ -151,6 +158,7 @@ def encode_shards(run: ExtractRun, units: list[Unit], batch_size: int, workers: 
                 encoder.add(clip)
         encoder.finish()
     finally:  # on an error or a stop too: the shards handed to the writer are completed (temp name, then rename)
+        del decoded  # the workers shut down now, not when the exception's frames go at exit
         encoder.writer.shutdown(wait=True)
     return encoder.handled, encoder.first_queued, decode_wait
 

@@ -35,6 +35,7 @@ on the device, hand each shard to the writer) is `launch.encode_loop`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -46,7 +47,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
@@ -362,7 +363,7 @@ def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str,
     made_output = not out.exists()  # made by this run: removed again if it ends holding nothing
     stop = _StopOnSigterm()
     try:
-        return _extract(cfg, allow_change)
+        return _extract(cfg, allow_change, stop)
     except BaseException:
         if stop.signal is None:
             raise
@@ -377,7 +378,12 @@ class _StopOnSigterm:
     stops the extraction as Ctrl-C does: the shard being written is finished (`_extract_shards`
     waits for its writer), the shard being encoded is dropped, and `extract` raises `Stopped`.
     A second SIGTERM is ignored. Installed from the main thread only; ``close`` puts the earlier
-    handler back."""
+    handler back.
+
+    Inside ``held()`` the signal is noted and `Stopped` raised when the block ends: the encode loop
+    receives its decoded clips in it, as a stop in the middle of that exchange (each tensor's file
+    descriptor is handed over through a connection to the worker) broke the connection and the
+    worker printed a ``ConnectionResetError`` traceback."""
 
     def __init__(self) -> None:
         import signal
@@ -385,6 +391,7 @@ class _StopOnSigterm:
 
         self.signal: str | None = None
         self._previous: Any = None
+        self._holding = False
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -392,6 +399,20 @@ class _StopOnSigterm:
     def _handle(self, signum: int, frame) -> None:
         if self.signal is None:
             self.signal = "SIGTERM"
+            if not self._holding:
+                raise Stopped(self.signal)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A block a SIGTERM does not interrupt: `Stopped` comes when it ends (or at once if it came before)."""
+        if self.signal is not None:
+            raise Stopped(self.signal)
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self.signal is not None:
             raise Stopped(self.signal)
 
     def close(self) -> None:
@@ -444,7 +465,7 @@ class ExtractRun:
     binding: runs.Binding
 
 
-def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
+def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...], stop: _StopOnSigterm) -> dict[str, Any]:
     run = set_up(cfg, allow_change)
     todo = plan_shards(run)
     cfg, env = run.cfg, run.env
@@ -458,7 +479,8 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> dict[str, Any
     t0 = time.perf_counter()
     try:
         encoded, first_queued, decode_wait = _extract_shards(run, units, batch, workers, bar,
-                                                             write=functools.partial(_write_shard_files, run=run))
+                                                             write=functools.partial(_write_shard_files, run=run),
+                                                             held=stop.held)
     finally:  # also on a stop: what is printed next starts on a line of its own
         bar.close()
     elapsed = time.perf_counter() - t0

@@ -106,6 +106,42 @@ def test_sigterm_to_every_rank_keeps_the_complete_shards_and_exits_143(videos, t
     assert load_manifest(tmp_path / "lat").counts.written == 16
 
 
+# a SIGTERM while the main process takes a decoded clip from a worker: each tensor's file descriptor comes
+# through a connection to the worker's resource sharer, opened with a handshake; the 6th one is cut by the signal
+_SIGTERM_WHILE_A_CLIP_IS_RECEIVED = """
+import multiprocessing.connection as mpc
+import os, signal, sys
+from launch.cli import console
+MAIN, answer, calls = os.getpid(), mpc.answer_challenge, [0]
+def answer_stopped(connection, authkey):
+    if os.getpid() == MAIN:
+        calls[0] += 1
+        if calls[0] == 6:
+            signal.raise_signal(signal.SIGTERM)
+    return answer(connection, authkey)
+mpc.answer_challenge = answer_stopped
+sys.exit(console(["extract", *sys.argv[1:]]))
+"""
+
+
+def test_sigterm_with_decoding_workers_exits_143_without_a_traceback(videos, tmp_path):
+    """A SIGTERM that comes while a decoded clip is handed over from a worker stops the extraction with
+    its one line and 143, the same command finishes it, and the shards are those of a run without
+    workers (was: the handover was cut, and the worker printed a ConnectionResetError traceback)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [*ARGS, "--num-workers", "1", "--input", str(videos), "--output", str(tmp_path / "lat")]
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_WHILE_A_CLIP_IS_RECEIVED, *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "ldm extract: stopped by SIGTERM: " in proc.stderr
+    _complete_tars(tmp_path / "lat")
+    assert 0 < len(list((tmp_path / "lat").glob("shard-*.json"))) < 8
+    ldm(["extract", *args])
+    ldm(["extract", *ARGS, "--num-workers", "0", "--input", str(videos), "--output", str(tmp_path / "ref")])
+    assert shards.raw_bytes_digest(tmp_path / "lat") == shards.raw_bytes_digest(tmp_path / "ref")
+    assert load_manifest(tmp_path / "lat").counts.written == 16
+
+
 _RANK_1_DISK_FULL = """
 import errno, os, sys
 from data import shards
