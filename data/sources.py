@@ -78,7 +78,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.manifest import MANIFEST
-from data.video import VideoError, Window, Windows, plan_windows, read_clips_timed, read_video
+from data.video import NamedBytes, VideoError, Window, Windows, plan_windows, read_clips_timed, read_video
 from ldm.errors import MissingInput, UserError
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,12 @@ class VideoItem:
         """What the decoder reads: the video file's path, or the bytes of its shard member."""
         return self.path if self.path is not None else self.load_bytes()
 
-    def load_bytes(self) -> bytes:
-        """The encoded video; VideoError when the file is gone or the shard is cut short."""
+    def load_bytes(self) -> NamedBytes:
+        """The encoded video, named by `source` in the errors about it; VideoError when the file is
+        gone or the shard is cut short."""
         if self.path is not None:
             try:
-                return self.path.read_bytes()
+                return NamedBytes(self.path.read_bytes(), self.source)
             except FileNotFoundError:
                 raise VideoError(f"file not found: {self.path}") from None
         if self.shard is None:
@@ -134,11 +135,11 @@ class VideoItem:
                 f.seek(self.offset)
                 data = f.read(self.size)
         except FileNotFoundError:
-            raise VideoError(f"file not found: {self.shard}") from None
+            raise VideoError(f"file not found: {self.shard} (the shard holding {self.member})") from None
         if len(data) != self.size:
             raise VideoError(f"corrupt or truncated: shard {self.shard} ends inside {self.member} "
                              f"({len(data)} of {self.size} bytes)")
-        return data
+        return NamedBytes(data, self.source)
 
 
 class ItemList(list):

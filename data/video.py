@@ -71,7 +71,22 @@ def _reason(e: Exception) -> str:
 # --------------------------------------------------------------------------------------------
 # opening
 # --------------------------------------------------------------------------------------------
+class NamedBytes(bytes):
+    """A video's encoded bytes with where they come from (``shard.tar:member.mp4``, a file's path):
+    what a `VideoError` about them names."""
+
+    name: str
+
+    def __new__(cls, data: bytes, name: str) -> NamedBytes:
+        named = super().__new__(cls, data)
+        named.name = name
+        return named
+
+
 def _source_name(src: str | Path | bytes) -> str:
+    """A video input as its errors name it: a path, the name of `NamedBytes`, or the size of other bytes."""
+    if isinstance(src, NamedBytes):
+        return src.name
     return f"<{len(src)} bytes>" if isinstance(src, (bytes, bytearray, memoryview)) else str(src)
 
 

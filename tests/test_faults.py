@@ -238,3 +238,23 @@ def test_corrupt_input_suite(videos, tmp_path):
     assert all(reasons.values()) and "short" in reasons["short"] or "frames" in reasons["short"]
     assert m.counts.written + m.counts.skipped == m.counts.inputs == 9
     assert len(m.input_problems) >= 2  # the caption rows naming no existing file
+
+
+def test_skip_reasons_of_tar_members_name_the_shard_and_member(videos, tmp_path, caplog):
+    """A bad video inside a raw tar shard is named ``shard.tar:member`` in the skip line and the
+    manifest's skip list, also when a decoding worker read it (was: ``<N bytes>``)."""
+    good = sorted((videos / "videos").glob("*.mp4"))[0].read_bytes()
+    members = {"clip_0000.mp4": good, "clip_0042.mp4": good[: len(good) // 3], "clip_0043.mp4": b"not a video",
+               "clip_0044.mp4": b""}
+    with tarfile.open(tmp_path / "shard-00003.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ldm(["extract", *ARGS, "--num-workers", "1", "--input", str(tmp_path / "shard-00003.tar"), "--output",
+         str(tmp_path / "lat")])
+    reasons = {s["key"]: s["reason"] for s in load_manifest(tmp_path / "lat").skipped}
+    assert set(reasons) == {"clip_0042", "clip_0043", "clip_0044"}
+    for key, reason in reasons.items():
+        assert f"shard-00003.tar:{key}.mp4" in reason and "bytes>" not in reason, reason
+        assert f"skipping {key}: {reason}" in caplog.text

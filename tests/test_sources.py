@@ -148,6 +148,9 @@ def test_hand_made_shards_json_captions_duplicates_and_problems(tmp_path):
     text = "\n".join(items.problems)
     assert "'lonely' has no video member" in text and "non-integer class" in text and "already seen" in text
     assert items[1].load_bytes() == video
+    (tmp_path / "s1.tar").unlink()  # a shard gone since it was listed: its member is named
+    with pytest.raises(VideoError, match=r"file not found: .*s1.tar \(the shard holding x/clip1.mp4\)"):
+        items[2].load_bytes()
 
 
 def test_truncated_shard_is_reported_not_fatal(shard_set, tmp_path):
