@@ -378,12 +378,13 @@ class _StopOnSigterm:
     stops the extraction as Ctrl-C does: the shard being written is finished (`_extract_shards`
     waits for its writer), the shard being encoded is dropped, and `extract` raises `Stopped`.
     A second SIGTERM is ignored. Installed from the main thread only; ``close`` puts the earlier
-    handler back.
+    handlers back.
 
-    Inside ``held()`` the signal is noted and `Stopped` raised when the block ends: the encode loop
-    receives its decoded clips in it, as a stop in the middle of that exchange (each tensor's file
-    descriptor is handed over through a connection to the worker) broke the connection and the
-    worker printed a ``ConnectionResetError`` traceback."""
+    Inside ``held()`` a SIGTERM or a first Ctrl-C is noted and raised (`Stopped`, KeyboardInterrupt)
+    when the block ends; a second Ctrl-C interrupts at once. The encode loop receives its decoded
+    clips in it: a stop in the middle of that exchange (each tensor's file descriptor is handed over
+    through a connection to the worker) broke the connection and the worker printed a
+    ``ConnectionResetError`` traceback."""
 
     def __init__(self) -> None:
         import signal
@@ -391,10 +392,14 @@ class _StopOnSigterm:
 
         self.signal: str | None = None
         self._previous: Any = None
+        self._previous_int: Any = None
         self._holding = False
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._interrupted = False  # a Ctrl-C inside held()
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous_int = signal.signal(signal.SIGINT, self._handle_int)
 
     def _handle(self, signum: int, frame) -> None:
         if self.signal is None:
@@ -402,11 +407,14 @@ class _StopOnSigterm:
             if not self._holding:
                 raise Stopped(self.signal)
 
+    def _handle_int(self, signum: int, frame) -> None:
+        if not self._holding or self._interrupted:  # the second: at once, whatever the workers do
+            raise KeyboardInterrupt
+        self._interrupted = True
+
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
-        """A block a SIGTERM does not interrupt: `Stopped` comes when it ends (or at once if it came before)."""
-        if self.signal is not None:
-            raise Stopped(self.signal)
+        """A block a SIGTERM or a first Ctrl-C does not interrupt: they are raised when it ends."""
         self._holding = True
         try:
             yield
@@ -414,6 +422,8 @@ class _StopOnSigterm:
             self._holding = False
         if self.signal is not None:
             raise Stopped(self.signal)
+        if self._interrupted:
+            raise KeyboardInterrupt
 
     def close(self) -> None:
         import signal
@@ -421,6 +431,9 @@ class _StopOnSigterm:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
+            self._previous_int = None
 
 
 def _stopped(out: Path, signal_name: str) -> Stopped:

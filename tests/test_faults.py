@@ -106,9 +106,9 @@ def test_sigterm_to_every_rank_keeps_the_complete_shards_and_exits_143(videos, t
     assert load_manifest(tmp_path / "lat").counts.written == 16
 
 
-# a SIGTERM while the main process takes a decoded clip from a worker: each tensor's file descriptor comes
-# through a connection to the worker's resource sharer, opened with a handshake; the 6th one is cut by the signal
-_SIGTERM_WHILE_A_CLIP_IS_RECEIVED = """
+# a signal while the main process takes a decoded clip from a worker: each tensor's file descriptor comes
+# through a connection to the worker's resource sharer, opened with a handshake; the 6th one is cut by it
+_SIGNAL_WHILE_A_CLIP_IS_RECEIVED = """
 import multiprocessing.connection as mpc
 import os, signal, sys
 from launch.cli import console
@@ -117,23 +117,26 @@ def answer_stopped(connection, authkey):
     if os.getpid() == MAIN:
         calls[0] += 1
         if calls[0] == 6:
-            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(getattr(signal, sys.argv[1]))
     return answer(connection, authkey)
 mpc.answer_challenge = answer_stopped
-sys.exit(console(["extract", *sys.argv[1:]]))
+sys.exit(console(["extract", *sys.argv[2:]]))
 """
 
 
-def test_sigterm_with_decoding_workers_exits_143_without_a_traceback(videos, tmp_path):
-    """A SIGTERM that comes while a decoded clip is handed over from a worker stops the extraction with
-    its one line and 143, the same command finishes it, and the shards are those of a run without
-    workers (was: the handover was cut, and the worker printed a ConnectionResetError traceback)."""
+@pytest.mark.parametrize("name, code, said", [("SIGTERM", 143, "ldm extract: stopped by SIGTERM: "),
+                                              ("SIGINT", 130, "ldm extract: interrupted")])
+def test_a_stop_with_decoding_workers_exits_without_a_traceback(videos, tmp_path, name, code, said):
+    """A SIGTERM or Ctrl-C that comes while a decoded clip is handed over from a worker stops the
+    extraction with its one line and 143 / 130, the same command finishes it, and the shards are those
+    of a run without workers (was: the handover was cut, and the worker printed a ConnectionResetError
+    traceback)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     args = [*ARGS, "--num-workers", "1", "--input", str(videos), "--output", str(tmp_path / "lat")]
-    proc = subprocess.run([sys.executable, "-c", _SIGTERM_WHILE_A_CLIP_IS_RECEIVED, *args], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_A_CLIP_IS_RECEIVED, name, *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 143 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "ldm extract: stopped by SIGTERM: " in proc.stderr
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert said in proc.stderr
     _complete_tars(tmp_path / "lat")
     assert 0 < len(list((tmp_path / "lat").glob("shard-*.json"))) < 8
     ldm(["extract", *args])
@@ -251,8 +254,10 @@ def test_skip_reasons_of_tar_members_name_the_shard_and_member(videos, tmp_path,
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     ldm(["extract", *ARGS, "--num-workers", "1", "--input", str(tmp_path / "shard-00003.tar"), "--output",
          str(tmp_path / "lat")])
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # put back
     reasons = {s["key"]: s["reason"] for s in load_manifest(tmp_path / "lat").skipped}
     assert set(reasons) == {"clip_0042", "clip_0043", "clip_0044"}
     for key, reason in reasons.items():
