@@ -15,7 +15,7 @@ import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import torch
 from tqdm import tqdm
@@ -56,14 +56,18 @@ class _Plans(torch.utils.data.Dataset):
             return self.indices[i], str(e)
 
 
-def plan_units(clips: VideoClipDataset, indices: list[int], windows: Windows, workers: int) -> list[Unit]:
+def plan_units(clips: VideoClipDataset, indices: list[int], windows: Windows, workers: int,
+               held: Callable[[], ContextManager] = contextlib.nullcontext) -> list[Unit]:
     """The loader items for videos ``indices``: their windows in groups of WINDOWS_PER_READ, or one
     item with the reason a video gives none. The first frames only need no look at the files; other
-    windows come from the headers, read by ``workers`` processes."""
+    windows come from the headers, read by ``workers`` processes (started and read inside ``held()``,
+    as in `encode_shards`)."""
     plans: Any = ((i, clips.plan(i, windows)) for i in indices)
     if not windows.first_only:
-        plans = torch.utils.data.DataLoader(_Plans(clips, indices, windows), batch_size=1, num_workers=workers,
-                                            collate_fn=_first)
+        with held():
+            plans = iter(torch.utils.data.DataLoader(_Plans(clips, indices, windows), batch_size=1,
+                                                     num_workers=workers, collate_fn=_first))
+        plans = _each_held(plans, held)
     units: list[Unit] = []
     for idx, plan in plans:
         if isinstance(plan, str):
@@ -71,6 +75,19 @@ def plan_units(clips: VideoClipDataset, indices: list[int], windows: Windows, wo
         else:
             units += [(idx, plan[k:k + WINDOWS_PER_READ]) for k in range(0, len(plan), WINDOWS_PER_READ)]
     return units
+
+
+def _each_held(items: Iterator, held: Callable[[], ContextManager]) -> Iterator:
+    """The items of ``items`` (a loader's), each taken inside ``held()``."""
+    while True:
+        with held():
+            item = next(items, _END)
+        if item is _END:
+            return
+        yield item
+
+
+_END = object()
 
 
 class _Clips(torch.utils.data.Dataset):
@@ -138,12 +155,15 @@ def encode_shards(run: ExtractRun, units: list[Unit], batch_size: int, workers: 
     and handing off (`_ShardEncoder.add`, whose wait for the batch before on a GPU is the device's
     time), so a large share of waiting means decoding limits the run. No device sync is added.
 
-    Each unit is received from the loader inside ``held()`` (`launch.extract._StopOnSigterm.held`):
-    a stop waits for the unit being received, then the loader's workers are shut down before the
-    stop goes on (they exit cleanly, with no exchange left half done)."""
+    The loader's workers start, and each unit is received from them, inside ``held()``
+    (`launch.extract._StopOnSigterm.held`): a stop waits for the fork or the unit being received,
+    then the workers are shut down before the stop goes on (they exit cleanly, with no exchange left
+    half done)."""
     loader = _clip_loader(run, units, batch_size, workers)
     encoder = _ShardEncoder(run, batch_size, write)
-    decoded, decode_wait = iter(loader), 0.0
+    with held():  # the workers are forked here: a stop raised in the fork's handlers was "ignored", with a traceback
+        decoded = iter(loader)
+    decode_wait = 0.0
     try:
         while True:
             asked = time.perf_counter()

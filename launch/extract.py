@@ -486,7 +486,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...], stop: _StopOnSig
     batch = auto_batch_size(cfg.batch_size, run.ae, cfg, run.device, run.dtype, run.ae.text_dim) if todo else 1
     S = cfg.shard_size
     units = plan_units(run.clips, [i for j in todo for i in range(j * S, min((j + 1) * S, len(run.items)))],
-                       run.windows, workers)
+                       run.windows, workers, held=stop.held)
     n_clips = sum(1 if isinstance(w, str) else len(w) for _, w in units)
     bar = tqdm(total=n_clips, desc=f"extract r{env.rank}", unit="clip", disable=not dist.is_main())
     t0 = time.perf_counter()
