@@ -66,7 +66,8 @@ def plan_units(clips: VideoClipDataset, indices: list[int], windows: Windows, wo
     if not windows.first_only:
         with held():
             plans = iter(torch.utils.data.DataLoader(_Plans(clips, indices, windows), batch_size=1,
-                                                     num_workers=workers, collate_fn=_first))
+                                                     num_workers=workers, collate_fn=_first,
+                                                     worker_init_fn=runs.reader_ignores_interrupts))
         plans = _each_held(plans, held)
     units: list[Unit] = []
     for idx, plan in plans:
@@ -77,6 +78,9 @@ def plan_units(clips: VideoClipDataset, indices: list[int], windows: Windows, wo
     return units
 
 
+_END = object()
+
+
 def _each_held(items: Iterator, held: Callable[[], ContextManager]) -> Iterator:
     """The items of ``items`` (a loader's), each taken inside ``held()``."""
     while True:
@@ -85,9 +89,6 @@ def _each_held(items: Iterator, held: Callable[[], ContextManager]) -> Iterator:
         if item is _END:
             return
         yield item
-
-
-_END = object()
 
 
 class _Clips(torch.utils.data.Dataset):

@@ -157,6 +157,41 @@ def test_a_stop_with_decoding_workers_exits_without_a_traceback(videos, tmp_path
     assert load_manifest(tmp_path / "lat").counts.written == 16
 
 
+# planning that takes a while: each video's windows read by the planning workers in 0.1 s
+_SLOW_PLANNING = """
+import sys, time
+from launch import encode_loop
+from launch.cli import console
+plan = encode_loop._Plans.__getitem__
+def slow(self, i):
+    time.sleep(0.1)
+    return plan(self, i)
+encode_loop._Plans.__getitem__ = slow
+sys.exit(console(["extract", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_job_step_while_workers_plan(videos, tmp_path):
+    """SLURM's preemption SIGTERMs every process of the job step, the planning workers (windows from
+    the headers) too: they leave the stop to the main process, which says its one line and exits 143
+    (was: a worker killed by the signal, and `DataLoader worker ... is killed by signal` from the
+    main process's clean-up)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [*ARGS, "--clip-stride", "8", "--num-workers", "1", "--input", str(videos), "--output", str(tmp_path / "lat")]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_PLANNING, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while proc.poll() is None and not subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).stdout:
+        time.sleep(0.02)  # until the planning worker runs: 1.6 s of planning are left
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    assert "ldm extract: stopped by SIGTERM: 0 complete shard(s)" in err
+    ldm(["extract", *args])
+    assert load_manifest(tmp_path / "lat").counts.written == 16
+
+
 _RANK_1_DISK_FULL = """
 import errno, os, sys
 from data import shards
