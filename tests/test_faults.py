@@ -178,7 +178,8 @@ def test_sigterm_to_the_whole_job_step_while_workers_plan(videos, tmp_path):
     (was: a worker killed by the signal, and `DataLoader worker ... is killed by signal` from the
     main process's clean-up)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = [*ARGS, "--clip-stride", "8", "--num-workers", "1", "--input", str(videos), "--output", str(tmp_path / "lat")]
+    args = [*ARGS, "--clip-stride", "8", "--num-workers", "1", "--input", str(videos), "--output",
+            str(tmp_path / "lat")]
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_PLANNING, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     while proc.poll() is None and not subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).stdout:
