@@ -40,7 +40,7 @@ if [ -z "${TOY:-}" ]; then
   CLIPS=64; FRAMES=16; SIZE=256; AE=kl2d-f8c4; DIT=dit-XL; SMALL_DIT=dit-S; BATCH=8; STEPS=40
   DIT_ARGS="--tokens 1024,4096,16384 --batches 32,8,2 --sample-batches 64,16,4 --steps 4 --warmup 2"
   EX_AES="causal3d-f4x8c4 kl2d-f8c4 ivvae-z16 h3ae-8x32x32 mtcvae-c4"  # mtcvae last: it gets L2_SLOW
-  EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,-1 --batch-sizes 8"  # -1: ldm extract's default
+  EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,8,-1 --batch-sizes 8"  # -1: ldm extract's default (15 on 16 cores)
   AE_ARGS="--frames 17 --size 256"
   AB_ARGS="--frames 17 --size 256 --autoencoders causal3d-f4x8c16,ivvae-z16,kl2d-f8c4,h3ae-8x32x32"
   L1=300; L2=40; L2_SLOW=90; L3=110; L4=60; L5=200  # mtcvae-c4 encodes ~60 fps: 40 s cut it short on an H100

@@ -146,8 +146,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="clips per encoder call (default 0 = auto: 4 on the CPU; on a GPU as many as half its free memory "
            "holds, measured on one clip, at most 64)")
     a("--num-workers", type=int,
-      help="video decoding worker processes per rank (default -1 = auto: 0 on the CPU, min(8, usable cores / "
-           "ranks on the node) with a GPU)")
+      help="video decoding worker processes per rank (default -1 = auto: 0 on the CPU; with a GPU the usable "
+           "cores / ranks on the node, less one, at most 16)")
     a("--tile", help="encode large frames in blended spatial tiles: TILE or TILE:OVERLAP pixels (e.g. 512:128); "
                      "grid autoencoders only")
     a("--chunk-frames", type=int,
@@ -293,16 +293,21 @@ def _clip_spec(cfg: ExtractConfig) -> ClipSpec:
                     clips_per_video=windows.clips_per_video, clip_stride=windows.stride)
 
 
+MAX_AUTO_WORKERS = 16  # decoding workers per rank by default on a GPU
+
+
 def auto_workers(requested: int, device: torch.device, local_world: int) -> int:
-    """``-1``: no worker processes on the CPU (the encoder needs the cores), else enough decoders
-    to feed a GPU: min(8, `cores_per_rank`)."""
+    """``-1``: no worker processes on the CPU (the encoder needs the cores), else one decoder per
+    core of this rank but one (left to the loop, the pinning and the shard writer), at most
+    `MAX_AUTO_WORKERS`: an autoencoder that encodes faster than video decodes (h3ae) is fed by
+    every core, one that encodes slower leaves the workers waiting on a full queue."""
     if requested >= 0:
         return requested
     if requested != -1:
         raise ValueError(f"--num-workers must be >= 0 or -1 (auto), got {requested}")
     if device.type != "cuda":
         return 0
-    return max(1, min(8, cores_per_rank(local_world)))
+    return max(1, min(MAX_AUTO_WORKERS, cores_per_rank(local_world) - 1))
 
 
 def cores_per_rank(local_world: int) -> int:

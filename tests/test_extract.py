@@ -459,7 +459,7 @@ def test_auto_workers_and_batch_size_on_the_cpu():
 
     cpu = torch.device("cpu")
     assert auto_workers(-1, cpu, 1) == 0 and auto_workers(3, cpu, 1) == 3
-    assert 1 <= auto_workers(-1, torch.device("cuda"), 2) <= 8
+    assert 1 <= auto_workers(-1, torch.device("cuda"), 2) <= 16
     with pytest.raises(ValueError, match="num-workers"):
         auto_workers(-2, cpu, 1)
     assert auto_batch_size(0, None, None, cpu, torch.float32, 0) == 4
@@ -469,8 +469,8 @@ def test_auto_workers_and_batch_size_on_the_cpu():
 
 
 def test_decoding_workers_count_the_cores_this_process_may_use_and_the_ranks_on_its_node(monkeypatch):
-    """A SLURM job given 4 cores of a 128-core node, 2 ranks on it out of 16: 2 decoding workers
-    each (was: min(8, 128 cores / 16 ranks of every node) = 8, on 4 cores)."""
+    """A SLURM job given 4 cores of a 128-core node, 2 ranks on it out of 16: 1 decoding worker
+    each, beside its loop (was: min(8, 128 cores / 16 ranks of every node) = 8, on 4 cores)."""
     from launch.dist import DistEnv
     from launch.extract import auto_workers, cores_per_rank, local_ranks
 
@@ -479,7 +479,14 @@ def test_decoding_workers_count_the_cores_this_process_may_use_and_the_ranks_on_
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     env = DistEnv(rank=5, world_size=16, local_rank=1, source="torchrun")
     assert local_ranks(env) == 2 and cores_per_rank(2) == 2
-    assert auto_workers(-1, torch.device("cuda"), local_ranks(env)) == 2
+    assert auto_workers(-1, torch.device("cuda"), local_ranks(env)) == 1  # a core each for the loop
+    # one rank on a 16-core machine (the H100 of the README): 15 decoders (was: 8, the rest idle while
+    # h3ae waited for clips); 128 cores: at most 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert auto_workers(-1, torch.device("cuda"), 1) == 15
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
+    assert auto_workers(-1, torch.device("cuda"), 1) == 16 and auto_workers(-1, torch.device("cuda"), 8) == 15
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert local_ranks(env) == 16 and cores_per_rank(16) == 1  # no launcher said: every rank is taken as local
     # srun without torchrun: this node's entry of the step's tasks per node (8 on nodes 0-1, 4 on node 2)
