@@ -43,7 +43,9 @@ def test_list_shows_each_autoencoder_at_a_length_it_takes_with_its_parameters(ca
     # parameter counts (a meta-device build, no weights), in the JSON and as a right-aligned column
     for name in ("causal3d-f4x8c4-debug", "ivvae-z8-debug", "cmvae-z4-debug"):
         assert rows[name]["params"] == build(name).num_parameters()
-    assert all(d["params"] > 0 for d in out["autoencoders"] + out["dits"])
+    # every shipped model has weights (tests/fakes.py's weightless stand-ins join the registry when
+    # another test of this process imported them)
+    assert all(d["params"] > 0 for d in out["autoencoders"] + out["dits"] if not d["name"].startswith("fake-"))
     lines = text.splitlines()
     assert lines[1].split()[:3] == ["name", "family", "params"]
     assert next(line for line in lines if line.split()[:1] == ["ivvae-z8"]).split()[2] == "107.4M"
