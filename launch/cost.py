@@ -10,7 +10,8 @@ for every registered autoencoder at any size. No weights are loaded and nothing 
 latent comes from ``latent_spec`` (built on the meta device), the DiT and the decoder run on fake
 tensors (``ldm.cost``), so ``--all`` at 65x512x512 takes seconds on a laptop.
 
-One row per autoencoder (``--json`` keys): ``latent_shape``, ``latent_elements``,
+One row per autoencoder (``--json`` keys): ``ae_params`` (the autoencoder's parameters, as
+``ldm list`` counts them), ``latent_shape``, ``latent_elements``,
 ``compression_rate`` (Hi-VAE's: latent elements / input elements), ``compression_factor`` (its
 inverse), ``vcpr``, ``tokens`` (per clip, for the DiT's patching), ``dit_params``,
 ``dit_forward_flops`` (one forward, per sample), ``dit_forward_flops_analytic`` (the closed form,
@@ -18,7 +19,9 @@ full attention), ``dit_train_step_flops`` (forward + backward, per sample),
 ``dit_train_peak_memory_bytes`` (one fp32 AdamW training step at ``--batch-size``),
 ``ae_decode_flops`` (one clip; whatever ``decode`` runs, so a diffusion decoder's steps and
 guidance are included), ``sample_flops`` (``steps x forward x (2 with --cfg) + decode``) and
-``method`` (how the memory was obtained). FLOPs are 2 x multiply-accumulates (``ldm.cost``).
+``method`` (how the memory was obtained); with ``--measure`` (a GPU) also
+``dit_train_peak_memory_bytes_measured`` and ``dit_train_step_seconds_measured``. FLOPs are 2 x
+multiply-accumulates (``ldm.cost``).
 An autoencoder that does not take ``--frames`` is costed at the nearest clip length it takes, as
 ``ldm list`` does (``input`` holds it, ``frames_note`` says why; ``@Nf`` in the table); one that
 cannot take the size at all gets a row with ``error`` and null costs.
@@ -49,10 +52,10 @@ from ldm.cost import (FLOP_CONVENTION, count_flops, dit_forward_flops_analytic, 
                       train_step_memory)
 from data.sources import list_items
 from ldm.errors import MissingInput, UserError, check_min, checking
-from launch.list_models import nearest
+from launch.list_models import nearest, params_text
 from ldm.latent import Cond, LatentSpec, part_tokens, parts_text
 
-KEYS = ("autoencoder", "latent_shape", "latent_elements", "compression_rate", "compression_factor", "vcpr",
+KEYS = ("autoencoder", "ae_params", "latent_shape", "latent_elements", "compression_rate", "compression_factor", "vcpr",
         "tokens", "dit_params", "dit_forward_flops", "dit_forward_flops_analytic", "dit_train_step_flops",
         "dit_train_peak_memory_bytes", "ae_decode_flops", "sample_flops", "method")
 
@@ -93,6 +96,9 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
                "--batch-size": args.batch_size, "--steps": args.steps, "--text-dim": args.text_dim,
                "--recon-clips": args.recon_clips}, 1)
     check_min({"--text-tokens": args.text_tokens}, 0)
+    if args.measure and not torch.cuda.is_available():
+        raise UserError("--measure runs the training step on a GPU and none is visible here; leave it out for the "
+                        "estimate (it needs no GPU)")
     names = (sorted(autoencoders.REGISTRY) if args.all
              else [n.strip() for n in args.autoencoders.split(",") if n.strip()])
     if not names:
@@ -155,13 +161,17 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------
 # rows
 # ------------------------------------------------------------------------------------------
-def latent_spec(name: str, frames: int, height: int, width: int) -> LatentSpec:
-    """The latent spec of ``name`` (``autoencoders.config_of``: a registered name or a saved folder)
-    at this size, computed on the meta device (no weights)."""
+def _meta_model(name: str) -> autoencoders.Autoencoder:
+    """``name`` (``autoencoders.config_of``: a registered name or a saved folder) built on the meta
+    device: its shapes and parameter count, no weights."""
     cls, config = autoencoders.config_of(name)
     with torch.device("meta"):
-        model = cls(config)
-    return model.latent_spec(frames, height, width)
+        return cls(config)
+
+
+def latent_spec(name: str, frames: int, height: int, width: int) -> LatentSpec:
+    """The latent spec of ``name`` at this size, computed on the meta device (no weights)."""
+    return _meta_model(name).latent_spec(frames, height, width)
 
 
 AE_TEXT_TOKENS = 64  # caption length for a text-guided decoder (the builtin text encoder's) when not given
@@ -280,7 +290,7 @@ def cost_table(names: list[str], frames: int, height: int, width: int, dit_name:
     rows = []
     for name in names:
         row: dict[str, Any] = {k: None for k in KEYS}
-        row["autoencoder"] = name
+        row.update(autoencoder=name, ae_params=_meta_model(name).num_parameters())  # as `ldm list` counts
         try:
             used, spec, why = nearest(frames, lambda n: latent_spec(name, n, height, width))
         except (ValueError, KeyError) as e:
@@ -364,21 +374,27 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = N
     name_w = max(26, *(len(r["autoencoder"]) for r in rows)) if rows else 26
     shape_w = max(24, *(len(_shape(r)) for r in rows)) if rows else 24  # Hi-VAE: 3 parts
     recon = any("psnr_db" in r or "recon_error" in r for r in rows)
-    head = (f"{'autoencoder':{name_w}s} {'latent':{shape_w}s} {'rate':>8s} {'factor':>7s} {'vcpr':>5s} {'tokens':>7s} "
-            f"{'fwd GF':>9s} {'train GF':>9s} {'mem GiB':>8s} {'dec GF':>9s} {'sample TF':>10s}"
+    measured = any("dit_train_peak_memory_bytes_measured" in r for r in rows)  # --measure
+    head = (f"{'autoencoder':{name_w}s} {'params':>7s} {'latent':{shape_w}s} {'rate':>8s} {'factor':>7s} {'vcpr':>5s} "
+            f"{'tokens':>7s} {'fwd GF':>9s} {'train GF':>9s} {'mem GiB':>8s}"
+            + (f" {'meas GiB':>8s} {'step s':>8s}" if measured else "")
+            + f" {'dec GF':>9s} {'sample TF':>10s}"
             + (f" {'PSNR dB':>8s} {'SSIM':>6s}" if recon else ""))
     lines = [head]
     for r in rows:
+        name = f"{r['autoencoder']:{name_w}s} {params_text(r['ae_params']):>7s}"
         if r.get("error"):
-            lines.append(f"{r['autoencoder']:{name_w}s} {r['error']}")
+            lines.append(f"{name} {r['error']}")
             continue
         vcpr = f"{r['vcpr']:.0f}" if r["vcpr"] else "-"
         shape = _shape(r)
-        lines.append(f"{r['autoencoder']:{name_w}s} {shape:{shape_w}s} {r['compression_rate']:8.5f} "
+        lines.append(f"{name} {shape:{shape_w}s} {r['compression_rate']:8.5f} "
                      f"{r['compression_factor']:7.1f} {vcpr:>5s} {r['tokens']:7d} "
                      f"{_num(r['dit_forward_flops'], 1e9, '9.1f')} {_num(r['dit_train_step_flops'], 1e9, '9.1f')} "
                      f"{_num(r['dit_train_peak_memory_bytes'], 2 ** 30, '8.2f')} "
-                     f"{_num(r['ae_decode_flops'], 1e9, '9.1f')} {_num(r['sample_flops'], 1e12, '10.2f')}"
+                     + (f"{_num(r.get('dit_train_peak_memory_bytes_measured'), 2 ** 30, '8.2f')} "
+                        f"{_num(r.get('dit_train_step_seconds_measured'), 1, '8.3f')} " if measured else "")
+                     + f"{_num(r['ae_decode_flops'], 1e9, '9.1f')} {_num(r['sample_flops'], 1e12, '10.2f')}"
                      + (f" {_num(r.get('psnr_db'), 1, '8.2f')} {_num(r.get('ssim'), 1, '6.3f')}" if recon else ""))
     for key, what in (("ae_decode_error", "dec GF / sample TF"), ("recon_error", "PSNR / SSIM")):
         unmeasured: dict[str, list[str]] = {}  # why a number is "-", once per reason

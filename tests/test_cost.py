@@ -240,7 +240,7 @@ def test_cost_table_columns_line_up_with_long_latent_names():
 
     lines = format_table(cost_table(["kl2d-f8c4-debug", "hivae-s-debug"], 17, 64, 64, "dit-debug")).splitlines()
     assert "global:" in lines[2]
-    starts = {line.index(" 0.") for line in lines[1:]}  # the compression rate column
+    starts = {line.index(" 0.0") for line in lines[1:]}  # the compression rate column
     assert len(starts) == 1 and lines[0].index("rate") == starts.pop() + 4  # "    rate" over " 0.02083"
 
 
@@ -283,6 +283,27 @@ def test_measure_needs_a_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="CUDA"):
         cost_table(["kl2d-f8c4-debug"], 9, 64, 64, "dit-debug", measure=True)
+    with pytest.raises(UserError, match="--measure runs the training step on a GPU"):  # before any work, one line
+        ldm(["cost", "--autoencoders", "kl2d-f8c4-debug", "--frames", "9", "--height", "32", "--width", "32",
+             "--measure"])
+
+
+def test_cost_table_shows_autoencoder_params_as_ldm_list_and_measured_columns(capsys):
+    """The params column is `ldm list`'s count; --measure's memory and step time have columns
+    (was: no autoencoder params in `ldm cost`, and the measured numbers only in --json / --csv)."""
+    import autoencoders
+
+    rows = cost_table(["causal3d-ivvae-baseline-z8-debug", "kl2d-ivvae-z8-debug"], 9, 32, 32, "dit-debug")
+    for r in rows:
+        assert r["ae_params"] == autoencoders.describe(r["autoencoder"], 9, 32, 32)["params"]
+    lines = format_table(rows).splitlines()
+    assert lines[0].split()[1] == "params"
+    assert [line.split()[1] for line in lines[1:3]] == [list_models.params_text(r["ae_params"]) for r in rows]
+    assert "meas GiB" not in lines[0]
+    rows[0].update(dit_train_peak_memory_bytes_measured=3 * 2 ** 29, dit_train_step_seconds_measured=0.125)
+    lines = format_table(rows).splitlines()
+    assert lines[0].index("meas GiB") + 8 == lines[1].index(" 1.50 ") + 5  # right-aligned under its heading
+    assert lines[1].split()[10:12] == ["1.50", "0.125"] and lines[2].split()[10:12] == ["-", "-"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -354,7 +375,7 @@ def test_cost_recon_puts_eval_recon_quality_beside_the_cost_at_each_rows_clip(tm
     lines = format_table([saved, named]).splitlines()
     assert lines[0].split()[-3:] == ["PSNR", "dB", "SSIM"]
     assert lines[1].split()[-2:] == [f"{saved['psnr_db']:.2f}", f"{saved['ssim']:.3g}"]
-    assert lines[1].split()[6] == f"{saved['dit_forward_flops'] / 1e9:.3g}" != "0.0"
+    assert lines[1].split()[7] == f"{saved['dit_forward_flops'] / 1e9:.3g}" != "0.0"
     assert lines[2].split()[-2:] == ["-", "-"] and lines[3].startswith("PSNR / SSIM '-' for causal3d-f4x8c4-debug")
     with pytest.raises(UserError, match="--recon measures saved autoencoders"):
         ldm(["cost", "--autoencoders", "kl2d-f8c4-debug", "--frames", "9", "--height", "32", "--width", "32",
