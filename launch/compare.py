@@ -62,6 +62,7 @@ from launch import evaluate as ev
 from launch import runs
 from launch.configs import config_path
 from launch.extract import ExtractConfig, source_rates
+from launch.list_models import params_text
 from launch.pipeline import Stages, run_verb
 from launch.train_ae import TrainAEConfig
 from launch.train_config import TrainConfig, dit_overrides
@@ -779,6 +780,7 @@ def _attributes(r: dict[str, Any]) -> str:
 # the table's columns: (header, the cell of a row, the result a row must have for the column to be shown:
 # None always; LPIPS, rFVD, rFID, FVD and the attribute benchmark only when some row measured them)
 COLUMNS: list[tuple[str, Any, Any]] = [
+    ("params", lambda r: params_text(r["cost"]["ae_params"]), None),  # the autoencoder's, as `ldm list` / `ldm cost`
     ("compression rate (latent / input)", lambda r: f"{r['cost']['compression_rate']:.5f}", None),
     ("tokens", lambda r: f"{r['cost']['tokens']}", None),
     ("train step s", lambda r: _f(r["dit"]["step_s_median"], ".3f"), None),

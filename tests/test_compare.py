@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from launch.cli import main as ldm
+from launch import list_models
 from launch.cost import KEYS, cost_table
 from ldm.errors import UserError
 
@@ -45,6 +46,9 @@ def test_compare_one_autoencoder(tmp_path, capsys):
     assert ref["dit_forward_flops"] == c["dit_forward_flops"] and ref["sample_flops"] == c["sample_flops"]
     md = (out / "compare.md").read_text()
     assert "| kl2d-f8c4-debug (random weights) |" in md and "random weights" in md
+    import autoencoders
+    params = list_models.params_text(autoencoders.describe("kl2d-f8c4-debug")["params"])
+    assert "| autoencoder | params | compression rate" in md and f"(random weights) | {params} | " in md
     assert f"2 clips of {out / 'data' / 'eval'} (held out)" in md
     assert (out / "cost.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "kl2d-f8c4-debug" / "recon_grid.png").exists()
