@@ -290,8 +290,9 @@ def cost_table(names: list[str], frames: int, height: int, width: int, dit_name:
     rows = []
     for name in names:
         row: dict[str, Any] = {k: None for k in KEYS}
-        row.update(autoencoder=name, ae_params=_meta_model(name).num_parameters())  # as `ldm list` counts
+        row["autoencoder"] = name
         try:
+            row["ae_params"] = _meta_model(name).num_parameters()  # as `ldm list` counts them
             used, spec, why = nearest(frames, lambda n: latent_spec(name, n, height, width))
         except (ValueError, KeyError) as e:
             row["error"] = f"{type(e).__name__}: {e}"
@@ -382,7 +383,8 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = N
             + (f" {'PSNR dB':>8s} {'SSIM':>6s}" if recon else ""))
     lines = [head]
     for r in rows:
-        name = f"{r['autoencoder']:{name_w}s} {params_text(r['ae_params']):>7s}"
+        params = "-" if r["ae_params"] is None else params_text(r["ae_params"])
+        name = f"{r['autoencoder']:{name_w}s} {params:>7s}"
         if r.get("error"):
             lines.append(f"{name} {r['error']}")
             continue

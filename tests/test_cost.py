@@ -253,6 +253,20 @@ def test_cost_reads_a_saved_model_folder(tmp_path):
     assert {k: row[k] for k in KEYS if k != "autoencoder"} == {k: ref[k] for k in KEYS if k != "autoencoder"}
 
 
+def test_a_saved_model_that_cannot_be_built_gets_an_error_row(tmp_path):
+    """A folder whose config the model refuses is a row with its error and '-' params, the others
+    costed (was: a ValueError traceback from counting its parameters)."""
+    import autoencoders
+
+    autoencoders.build("causal3d-f4x8c4-debug").save_pretrained(tmp_path / "ae", name="causal3d-f4x8c4-debug")
+    saved = json.loads((tmp_path / "ae" / "config.json").read_text())
+    saved["config"]["norm"] = "bad"
+    (tmp_path / "ae" / "config.json").write_text(json.dumps(saved))
+    bad, ok = cost_table([str(tmp_path / "ae"), "kl2d-f8c4-debug"], 9, 32, 32, "dit-debug")
+    assert "norm must be" in bad["error"] and bad["ae_params"] is None and ok["ae_params"] > 0
+    assert format_table([bad, ok]).splitlines()[1].split()[1:3] == ["-", "ValueError:"]
+
+
 def test_cost_and_compare_name_a_train_ae_run_folders_final(tmp_path):
     """A train-ae run folder given for its model: one line naming its final/, as eval recon says it
     (was: "unknown autoencoder ...: nor a saved model folder")."""
