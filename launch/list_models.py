@@ -81,11 +81,12 @@ def run(args: argparse.Namespace) -> int:
     shapes = {d["name"]: parts_text(d.get("latent_shape"))
               + (f" @{d['reference_input'][1]}f" if "frames_note" in d else "") for d in aes}
     wide = max(28, *map(len, shapes.values()))
-    nw = max(len(d["name"]) for d in aes)  # the name column fits the longest name
-    print(f"  {'name':{nw}s} {'family':10s} {'params':>7s} {'latent':{wide}s} {'factor':>8s} {'vcpr':>6s} "
+    nw = max(len(d["name"]) for d in aes)  # the name and family columns fit the longest
+    fw = max(10, *(len(d["family"]) for d in aes))
+    print(f"  {'name':{nw}s} {'family':{fw}s} {'params':>7s} {'latent':{wide}s} {'factor':>8s} {'vcpr':>6s} "
           f"{'tokens@1x2x2':>12s}")
     for d in aes:
-        head = f"  {d['name']:{nw}s} {d['family']:10s} {params_text(d['params']):>7s}"
+        head = f"  {d['name']:{nw}s} {d['family']:{fw}s} {params_text(d['params']):>7s}"
         if "error" in d:
             print(f"{head} {d['error']}")
             continue

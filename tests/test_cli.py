@@ -26,6 +26,8 @@ def test_list_json(capsys):
 
 
 def test_list_shows_each_autoencoder_at_a_length_it_takes_with_its_parameters(capsys, monkeypatch):
+    import fakes  # noqa: F401  (registered, as in any process that ran the contract tests: families longer
+    # than the column's 10 characters, e.g. fake-tokens, must keep the columns in line)
     import launch.list_models as list_models
     from autoencoders import build
 
@@ -43,8 +45,7 @@ def test_list_shows_each_autoencoder_at_a_length_it_takes_with_its_parameters(ca
     # parameter counts (a meta-device build, no weights), in the JSON and as a right-aligned column
     for name in ("causal3d-f4x8c4-debug", "ivvae-z8-debug", "cmvae-z4-debug"):
         assert rows[name]["params"] == build(name).num_parameters()
-    # every shipped model has weights (tests/fakes.py's weightless stand-ins join the registry when
-    # another test of this process imported them)
+    # every shipped model has weights (tests/fakes.py's stand-ins have none)
     assert all(d["params"] > 0 for d in out["autoencoders"] + out["dits"] if not d["name"].startswith("fake-"))
     lines = text.splitlines()
     assert lines[1].split()[:3] == ["name", "family", "params"]
