@@ -208,6 +208,20 @@ def test_kl2d_inflation_gives_keyframe_2x_temporal_compression_at_step_0():
     assert (_model("ivvae-z8-debug").decode(lat) - rec).abs().mean() > 0.1
 
 
+def _check_keyframe_start(kl2d, twin) -> None:
+    """``twin`` (inflated from ``kl2d``) at step 0 on a 9-frame clip: latent channels [0, Z/2) are
+    the image latent of each group's keyframe (frames 0, 1, 5), [Z/2, Z) of its third frame (0, 3,
+    7), and each decoded frame is its keyframe's or third frame's image reconstruction."""
+    x = _video(9)
+    with torch.no_grad():
+        lat = twin.encode(x)
+        zk, zm = kl2d.encode(x[:, :, [0, 1, 5]]), kl2d.encode(x[:, :, [0, 3, 7]])
+        torch.testing.assert_close(lat["z"], torch.cat([zk["z"], zm["z"]], 1), rtol=1e-4, atol=1e-5)
+        rk, rm = kl2d.decode(zk), kl2d.decode(zm)
+    source = [rk[:, :, 0]] + [rk[:, :, j] if pos == 0 else rm[:, :, j] for j in (1, 2) for pos in range(4)]
+    torch.testing.assert_close(twin.decode(lat), torch.stack(source, dim=2), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["ivvae-z4", "ivvae-z8", "ivvae-z16", "ivvae-z16-dim96"])
 def test_registered_configs_inflate_from_the_papers_image_vae(name):
     """The paper's image VAE (RMSNorm, shrinking upsampler, Z/2 channels: kl2d-ivvae-*) fills the
@@ -220,14 +234,7 @@ def test_registered_configs_inflate_from_the_papers_image_vae(name):
     for p in kl2d.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
     twin = IVVAE.from_kl2d(kl2d, name + "-debug").eval()
-    c, x = kl2d.config.latent_channels, _video(9)
-    with torch.no_grad():
-        lat = twin.encode(x)
-        zk, zm = kl2d.encode(x[:, :, [0, 1, 5]]), kl2d.encode(x[:, :, [0, 3, 7]])
-        torch.testing.assert_close(lat["z"], torch.cat([zk["z"], zm["z"]], 1), rtol=1e-4, atol=1e-5)
-        rk, rm = kl2d.decode(zk), kl2d.decode(zm)
-    source = [rk[:, :, 0]] + [rk[:, :, j] if pos == 0 else rm[:, :, j] for j in (1, 2) for pos in range(4)]
-    torch.testing.assert_close(twin.decode(lat), torch.stack(source, dim=2), rtol=1e-4, atol=1e-4)
+    _check_keyframe_start(kl2d, twin)
     with pytest.raises(ValueError, match="does not match the image VAE"):
         IVVAE.from_kl2d(build("kl2d-f8c4-debug"), name + "-debug")  # an SD-style GroupNorm image VAE
 
@@ -513,11 +520,4 @@ def test_ablation_variants_inflate_from_the_papers_image_vae(name):
         p.data.add_(0.05 * torch.randn_like(p))
     twin = IVVAE.from_kl2d(kl2d, name + "-debug").eval()
     assert twin.config == REGISTRY[name + "-debug"][1]
-    x = _video(9)
-    with torch.no_grad():
-        lat = twin.encode(x)
-        zk, zm = kl2d.encode(x[:, :, [0, 1, 5]]), kl2d.encode(x[:, :, [0, 3, 7]])
-        torch.testing.assert_close(lat["z"], torch.cat([zk["z"], zm["z"]], 1), rtol=1e-4, atol=1e-5)
-        rk, rm = kl2d.decode(zk), kl2d.decode(zm)
-    source = [rk[:, :, 0]] + [rk[:, :, j] if pos == 0 else rm[:, :, j] for j in (1, 2) for pos in range(4)]
-    torch.testing.assert_close(twin.decode(lat), torch.stack(source, dim=2), rtol=1e-4, atol=1e-4)
+    _check_keyframe_start(kl2d, twin)
