@@ -21,6 +21,7 @@ in the extraction manifest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -449,12 +450,31 @@ def load_pretrained(path: str | Path, strict: bool = True) -> Autoencoder:
     return model
 
 
+def meta_model(cls: type[Autoencoder], config: AEConfig) -> Autoencoder:
+    """``cls(config)`` on the meta device (no weights allocated) for what needs only its shapes and
+    parameter count (`describe`, ``ldm list``, ``ldm cost``), built once per (class, config): both
+    verbs ask for each model at several clip lengths, and a full-size model takes ~0.1 s to build.
+    Do not change the result (it is shared)."""
+    try:
+        hash(config)
+    except TypeError:  # a config with a list or dict field: built each time
+        return _build_on_meta(cls, config)
+    return _cached_meta_model(cls, config)
+
+
+def _build_on_meta(cls: type[Autoencoder], config: AEConfig) -> Autoencoder:
+    with torch.device("meta"):
+        return cls(config)
+
+
+_cached_meta_model = functools.lru_cache(maxsize=256)(_build_on_meta)
+
+
 def describe(name: str, frames: int = 17, height: int = 256, width: int = 256) -> dict[str, Any]:
     """Registry entry as JSON-able dict: family, parameter count, config, and the latent spec at a
     reference size."""
     cls, config = REGISTRY[name]
-    with torch.device("meta"):  # no weights are allocated: latent_spec is arithmetic on the config
-        model = cls(config)
+    model = meta_model(cls, config)  # latent_spec is arithmetic on the config
     try:
         spec = model.latent_spec(frames, height, width).to_dict()
     except ValueError as e:

@@ -164,9 +164,7 @@ def run(args: argparse.Namespace) -> int:
 def _meta_model(name: str) -> autoencoders.Autoencoder:
     """``name`` (``autoencoders.config_of``: a registered name or a saved folder) built on the meta
     device: its shapes and parameter count, no weights."""
-    cls, config = autoencoders.config_of(name)
-    with torch.device("meta"):
-        return cls(config)
+    return autoencoders.meta_model(*autoencoders.config_of(name))
 
 
 def latent_spec(name: str, frames: int, height: int, width: int) -> LatentSpec:

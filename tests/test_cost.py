@@ -1,6 +1,7 @@
 """FLOP counting (attention included, on CPU), the analytic cross-check, memory without allocating,
 the replay of repeated decoder steps, and `ldm cost`."""
 import contextlib
+import dataclasses
 import json
 import resource
 import time
@@ -394,3 +395,16 @@ def test_cost_recon_puts_eval_recon_quality_beside_the_cost_at_each_rows_clip(tm
     with pytest.raises(UserError, match="--recon measures saved autoencoders"):
         ldm(["cost", "--autoencoders", "kl2d-f8c4-debug", "--frames", "9", "--height", "32", "--width", "32",
              "--recon", str(tmp_path / "videos")])
+
+
+def test_meta_models_are_built_once_per_config():
+    """`ldm list` and `ldm cost` ask for each model's shapes at several clip lengths: the meta-device
+    model is built once per (class, config) and shared (was: built at every length, ~0.1 s each)."""
+    import autoencoders
+
+    cls, config = autoencoders.REGISTRY["ivvae-z8-debug"]
+    model = autoencoders.meta_model(cls, config)
+    assert autoencoders.meta_model(*autoencoders.config_of("ivvae-z8-debug")) is model
+    assert next(model.parameters()).is_meta
+    other = autoencoders.meta_model(cls, dataclasses.replace(config, temporal_padding="causal"))
+    assert other is not model and other.config.temporal_padding == "causal"
