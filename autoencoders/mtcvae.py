@@ -439,14 +439,18 @@ class MTCVAE(Causal3D):
 
     # --- rate selection (Sec. 3.2) ------------------------------------------------------------
     @torch.no_grad()
-    def quality_vectors(self, segments: Tensor) -> Tensor:
+    def quality_vectors(self, segments: Tensor, posteriors: dict[int, tuple[Tensor, Tensor]] | None = None
+                        ) -> Tensor:
         """Q of Eq. 1 for ``(n, C, T, H, W)`` segments: ``(n, R)``. PSNR of the reconstruction at
-        each rate (posterior mean), or the H.264 model; the random selector has none."""
+        each rate (posterior mean), or the H.264 model; the random selector has none. The PSNR
+        selector leaves each rate's posterior (mean, logvar) of every segment in ``posteriors``."""
         cfg = self.config
         if cfg.selector == "psnr":
             cols = []
             for c in cfg.rates:
-                z = self.encode_segments(segments, c)[0]  # (n, c, l, h, w)
+                z, logvar = self.encode_segments(segments, c)  # (n, c, l, h, w)
+                if posteriors is not None:
+                    posteriors[c] = (z, logvar)
                 if cfg.stage2_mode == "paper":  # Q of what decode gives: the keyframe marked (Eq. 5)
                     z = torch.cat([z[:, :, :1] + self._embed(c, z), z[:, :, 1:]], 2)
                 cols.append(segment_psnr(self.decode_segments(z, c), segments))
@@ -457,9 +461,11 @@ class MTCVAE(Causal3D):
         raise ValueError("the random selector has no quality function")
 
     @torch.no_grad()
-    def choose_rates(self, video: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def choose_rates(self, video: Tensor, generator: torch.Generator | None = None,
+                     posteriors: dict[int, tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """The compression algorithm (Alg. 1): rates ``(B, N)`` for the N segments of each clip,
-        by Eq. 1-3 over each clip's segments (or ``quality_reference``), or at random."""
+        by Eq. 1-3 over each clip's segments (or ``quality_reference``), or at random.
+        ``posteriors``: filled by the PSNR selector (`quality_vectors`), for `_encode_at` to reuse."""
         cfg = self.config
         B, n = video.shape[0], video.shape[2] // cfg.segment_frames
         if cfg.selector == "random":
@@ -467,12 +473,15 @@ class MTCVAE(Causal3D):
             idx = torch.randint(len(cfg.rates), (B, n), generator=g, device=g.device).cpu()
             return torch.tensor(cfg.rates)[idx]
         segs = rearrange(video, "b c (n t) h w -> (b n) c t h w", t=cfg.segment_frames)  # (B*N, C, T, H, W)
-        q = self.quality_vectors(segs).reshape(B, n, len(cfg.rates))
+        q = self.quality_vectors(segs, posteriors).reshape(B, n, len(cfg.rates))
         ref = cfg.quality_reference or None
         return torch.stack([select_rates(q[b], cfg.rates, cfg.rate_weight, ref) for b in range(B)])
 
     # --- encode / decode --------------------------------------------------------------------------
-    def _encode_at(self, video: Tensor, rates: Tensor, mark: bool = True) -> Latent:
+    def _encode_at(self, video: Tensor, rates: Tensor, mark: bool = True,
+                   posteriors: dict[int, tuple[Tensor, Tensor]] | None = None) -> Latent:
+        """Every segment encoded at its rate (``posteriors``: each rate's posterior of every segment
+        already computed, as the PSNR selector leaves them: taken instead of encoding again)."""
         cfg = self.config
         B, n = video.shape[0], video.shape[2] // cfg.segment_frames
         rates = torch.as_tensor(rates, dtype=torch.long).cpu()
@@ -487,7 +496,10 @@ class MTCVAE(Causal3D):
         logvars: list[Tensor | None] = [None] * flat.numel()
         for c in flat.unique().tolist():  # every segment of a rate in one batch (in parallel)
             idx = (flat == c).nonzero().flatten().tolist()
-            m, lv = self.encode_segments(segs[idx], int(c))
+            if posteriors and int(c) in posteriors:
+                m, lv = (p[idx] for p in posteriors[int(c)])
+            else:
+                m, lv = self.encode_segments(segs[idx], int(c))
             for k, i in enumerate(idx):
                 means[i], logvars[i] = m[k], lv[k]
         items = []
@@ -502,7 +514,10 @@ class MTCVAE(Causal3D):
         return self.mark_keyframes(latent) if mark else latent
 
     def _encode(self, video: Tensor, cond: Cond | None) -> Latent:
-        return self._encode_at(video, self.choose_rates(video))
+        # the PSNR selector encodes every segment at every rate: without gradients, the chosen rates'
+        # posteriors are taken from there (one encoder pass less of the 2R + 1 it runs for R rates)
+        posteriors: dict[int, tuple[Tensor, Tensor]] | None = None if torch.is_grad_enabled() else {}
+        return self._encode_at(video, self.choose_rates(video, posteriors=posteriors), posteriors=posteriors)
 
     def encode_at(self, video: Tensor, rates: Tensor, cond: Cond | None = None) -> Latent:
         """``encode`` with given segment rates ``(B, N)`` instead of the selector's."""

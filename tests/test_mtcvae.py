@@ -221,6 +221,28 @@ def test_psnr_selector_follows_reconstruction_quality(monkeypatch):
     assert ae.choose_rates(_static_then_fast()).tolist() == [[16, 4]]
 
 
+def test_encode_takes_the_psnr_selectors_posteriors_instead_of_encoding_again(monkeypatch):
+    """Inference: the PSNR selector has encoded every segment at every rate; `encode` takes the chosen
+    rates' posteriors from there (R encoder passes, was R + one per chosen rate) with the latent of
+    encoding again at the chosen rates. With gradients on it encodes again (the selector's have none)."""
+    ae = autoencoders.build("mtcvae-c4-debug").eval()
+    video = _static_then_fast()
+    calls = []
+    real = ae.encode_segments
+    monkeypatch.setattr(ae, "encode_segments", lambda seg, rate: calls.append(rate) or real(seg, rate))
+    with torch.no_grad():
+        taken = ae.encode(video)
+        assert calls == list(RATES)
+        again = ae.encode_at(video, taken.aux["rates"])
+    torch.testing.assert_close(taken["z"], again["z"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(taken.logvar["z"], again.logvar["z"], rtol=0, atol=1e-6)
+    assert torch.equal(taken.aux["keyframe"], again.aux["keyframe"])
+    calls.clear()
+    with_grad = ae.encode(video)
+    assert len(calls) == len(RATES) + len(set(with_grad.aux["rates"].flatten().tolist()))
+    assert with_grad["z"].requires_grad
+
+
 # ---------------------------------------------------------------------------------------------
 # keyframe predictor and split decoding
 # ---------------------------------------------------------------------------------------------
