@@ -211,13 +211,21 @@ def decoding_limit(summary: dict[str, Any], encoded: int, cores: int, device: to
             f"about {need} worker{'s' if need > 1 else ''} would keep it busy: {advice}")
 
 
+def prefetch_per_worker(batch_size: int, clips_per_unit: int, workers: int) -> int:
+    """Loader items each decoding worker keeps ready: together about 2 encoder batches of clips, and
+    at least 2 each (one being decoded, one waiting). Was 2 batches per worker: 16 workers at GPU
+    batch 64 held ~2,000 clips of 17x256x256 (25 GB of shared memory in float32) per rank."""
+    return max(2, -(-2 * batch_size // (clips_per_unit * workers)))
+
+
 def _clip_loader(run: ExtractRun, units: list[Unit], batch_size: int, workers: int) -> torch.utils.data.DataLoader:
-    """The decoded clips of ``units``, one unit a loader item, about 2 batches ahead (pinned on a GPU)."""
+    """The decoded clips of ``units``, one unit a loader item, about 2 batches ahead in all (pinned on a GPU)."""
     per_unit = max(1, round(sum(1 if isinstance(w, str) else len(w) for _, w in units) / max(len(units), 1)))
     return torch.utils.data.DataLoader(_Clips(run.clips, units, UINT8_CLIPS), batch_size=1, num_workers=workers,
                                        collate_fn=_first, pin_memory=run.device.type == "cuda",
                                        worker_init_fn=runs.reader_ignores_interrupts,  # the main process stops
-                                       prefetch_factor=-(-2 * batch_size // per_unit) if workers else None)
+                                       prefetch_factor=prefetch_per_worker(batch_size, per_unit, workers)
+                                       if workers else None)
 
 
 class _ShardEncoder:

@@ -468,6 +468,18 @@ def test_auto_workers_and_batch_size_on_the_cpu():
         auto_batch_size(-1, None, None, cpu, torch.float32, 0)
 
 
+def test_decoded_clips_in_flight_are_about_two_batches_whatever_the_worker_count():
+    """The loader keeps ~2 encoder batches of clips ready across all its workers, at least 2 items
+    each (was: 2 batches per worker: 16 workers x 2 x 64 clips at GPU batch 64)."""
+    from launch.encode_loop import prefetch_per_worker
+
+    for batch, per_unit, workers in ((64, 1, 16), (64, 1, 15), (64, 4, 8), (8, 1, 15), (8, 1, 1), (4, 16, 2)):
+        each = prefetch_per_worker(batch, per_unit, workers)
+        assert each >= 2 and workers * each * per_unit >= 2 * batch
+        assert each == 2 or workers * (each - 1) * per_unit < 2 * batch  # not more than needed
+    assert prefetch_per_worker(64, 1, 16) == 8  # 128 clips in all (was 128 per worker)
+
+
 def test_decoding_workers_count_the_cores_this_process_may_use_and_the_ranks_on_its_node(monkeypatch):
     """A SLURM job given 4 cores of a 128-core node, 2 ranks on it out of 16: 1 decoding worker
     each, beside its loop (was: min(8, 128 cores / 16 ranks of every node) = 8, on 4 cores)."""
