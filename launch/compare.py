@@ -269,9 +269,10 @@ def _earlier_rows(out: Path) -> dict[str, dict[str, Any]]:
 def _keep_labels(out: Path, entries: list[dict[str, Any]]) -> None:
     """Each autoencoder keeps the label of the row an earlier comparison made of it in ``out`` (of the
     same weights and folder, else of the same registered name or weights, else of the same folder:
-    replaced weights, which `_check_rows` refuses), whatever else is given now; a new one gets the label a first run gives it (`_labels`),
-    numbered on where an earlier row or one of this run has it. (`_labels` numbers every autoencoder
-    by position when two share a name: adding or leaving out one would rename, and redo, every row.)"""
+    replaced weights, which `_check_rows` refuses), whatever else is given now; a new one gets the
+    label a first run gives it (`_labels`), numbered on where an earlier row or one of this run has it.
+    (`_labels` numbers every autoencoder by position when two share a name: adding or leaving out one
+    would rename, and redo, every row.)"""
     earlier = _earlier_rows(out)
     kept: dict[int, str] = {}  # entry index -> the earlier row (folder name) it continues
     same = {"record": lambda e, r: r["record"] == e["row"], "item": lambda e, r: r["item"] == _item(e)}
