@@ -17,12 +17,18 @@ Prints, per autoencoder:
   means decoding, not the encoder, sets the rate);
   the speed-up of workers and of batching over the first (workers, batch) pair;
 - the shard reader's samples/s (decode + validate + collate) with 0 and 2 DataLoader workers, and
-  reader / extraction (how many times faster a trainer can read latents than make them).
+  reader / extraction (how many times faster a trainer can read latents than make them);
+- the host (`host`): CPU model, cores (all, pinned, the cgroup's CPU quota, what ``ldm extract``
+  counts), load, and what one clip's decoding costs in this process: wall, user and system CPU ms
+  and page faults (decoding on the H100 machine ran ~7x slower per core than on a 2-core CPU machine
+  whose shard reader was slower: the system share and faults tell a slow core from a costly kernel).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -36,7 +42,7 @@ from autoencoders import build
 from data.shards import LatentShards, collate
 from data.sources import VideoClipDataset, list_items
 from data.synth import synth_dataset
-from data.video import read_video
+from data.video import cgroup_cpu_quota, read_clips_timed, read_video, usable_cores
 from launch import dist
 from launch.extract import ExtractConfig, auto_workers, extract
 
@@ -59,6 +65,28 @@ def decode_rate(folder: Path, frames: int, size: int, workers: int) -> float:
     t0 = time.perf_counter()
     n = sum(1 for _ in loader)
     return n / (time.perf_counter() - t0)
+
+
+def host_facts(folder: Path, frames: int, size: int) -> dict:
+    """The machine's CPU and what decoding one clip costs in this process (the uint8 path of
+    ``ldm extract``'s workers, each video read twice: the first pass warms the caches and is not counted)."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    files = [it.load_bytes() for it in list_items(folder)]
+    for data in files:
+        read_clips_timed(data, frames, size, size, uint8=True)
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for data in files:
+        read_clips_timed(data, frames, size, size, uint8=True)
+    wall, r1, n = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF), len(files)
+    return {"cpu_model": model, "cpus": os.cpu_count(),
+            "pinned": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "cgroup_cpu_quota": cgroup_cpu_quota(), "usable_cores": usable_cores(),
+            "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "decode_one_clip": {"clips_per_s": n / wall, "wall_ms": 1e3 * wall / n,
+                                "user_ms": 1e3 * (r1.ru_utime - r0.ru_utime) / n,
+                                "sys_ms": 1e3 * (r1.ru_stime - r0.ru_stime) / n,
+                                "page_faults": (r1.ru_minflt - r0.ru_minflt + r1.ru_majflt - r0.ru_majflt) / n}}
 
 
 @torch.no_grad()
@@ -102,6 +130,7 @@ def main() -> None:
         synth_dataset(tmp / "videos", num=args.clips, frames=args.frames, size=args.size, fps=8, seed=0)
         decode = {w: decode_rate(tmp / "videos", args.frames, args.size, auto_workers(w, device, 1))
                   for w in worker_counts}
+        host = host_facts(tmp / "videos", args.frames, args.size)
         clips = torch.stack([read_video(it.load_bytes(), args.frames, args.size, args.size)
                              for it in list_items(tmp / "videos")])
         for name in args.autoencoders.split(","):
@@ -139,12 +168,17 @@ def main() -> None:
                          "encode_clips_per_s": encode, "extract": runs,
                          "extract_clips_per_s": best["extract_clips_per_s"],
                          "reader_samples_per_s_w0": r0, "reader_samples_per_s_w2": r2,
-                         "reader_over_extract": r0 / best["extract_clips_per_s"]})
+                         "reader_over_extract": r0 / best["extract_clips_per_s"], "host": host})
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     print(f"clips: {args.clips} x {args.frames}x{args.size}x{args.size}, {args.device} {dist.dtype_name(dtype)}, "
           f"threads: {torch.get_num_threads()}")
+    if rows:
+        h, d = rows[0]["host"], rows[0]["host"]["decode_one_clip"]
+        print(f"host: {h['cpu_model']}, {h['cpus']} cores, {h['pinned']} pinned, quota {h['cgroup_cpu_quota']}, "
+              f"{h['usable_cores']} usable, load {h['loadavg_1m']}; one clip's decoding here: {d['wall_ms']:.2f} ms "
+              f"(user {d['user_ms']:.2f}, system {d['sys_ms']:.2f}, {d['page_faults']:.0f} page faults)")
     for r in rows:
         print(f"\n{r['autoencoder']}: decode alone " + ", ".join(f"{v:.1f} clip/s ({w} wk)"
                                                         for w, v in r["decode_clips_per_s"].items())

@@ -102,7 +102,9 @@ for A in $EX_AES; do
   $PY -c "import json, sys; r = json.load(open(sys.argv[1]))[0]; print(r['autoencoder'], 'encode', r['encode_clips_per_s'], \
 'extract (workers, clips/s, vs encode, fill s, steady vs encode, waited for decoding)', [(e['workers'], \
 round(e['extract_clips_per_s'], 1), round(e['efficiency_vs_encode'], 2), round(e['fill_s'], 2), \
-round(e['steady_efficiency_vs_encode'], 2), e['decode_wait_share'] and round(e['decode_wait_share'], 2)) for e in r['extract']])" \
+round(e['steady_efficiency_vs_encode'], 2), e['decode_wait_share'] and round(e['decode_wait_share'], 2)) for e in r['extract']]); \
+h = r['host']; print('  host', h['cpu_model'], h['cpus'], 'cores', h['usable_cores'], 'usable, quota', h['cgroup_cpu_quota'], \
+'load', h['loadavg_1m'], 'one clip decoded in-process', {k: round(v, 2) for k, v in h['decode_one_clip'].items()})" \
     "$OUT/extraction-$A.json" 2>/dev/null || echo "$A: no result (timed out or failed)"
 done
 fi

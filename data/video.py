@@ -138,9 +138,60 @@ def _decoder_threads() -> int:
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may run on (a SLURM ``--cpus-per-task`` or container limit, not
-    every core of the machine)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The CPU cores this process may run on, not every core of the machine: the cores it is pinned
+    to (a SLURM ``--cpus-per-task``, ``taskset``, a container's cpuset) and at most its cgroup's CPU
+    time quota (``docker --cpus``, a Kubernetes CPU limit), rounded up."""
+    pinned = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1, min(pinned, math.ceil(quota))) if quota is not None else pinned
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs' worth of time this process's cgroup may use per period (``cpu.max`` of cgroup v2,
+    ``cpu.cfs_quota_us / cpu.cfs_period_us`` of v1), the lowest along its cgroup's path up to the
+    root; None when no quota is set or none can be read (not Linux)."""
+    try:
+        lines = own.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        if line.count(":") < 2:
+            continue
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":               # v2: 0::/path
+            mounts, read = [root, root / "unified"], _cpu_max
+        elif "cpu" in controllers.split(","):  # v1: N:cpu,cpuacct:/path
+            mounts, read = [root / controllers, root / "cpu"], _cfs_quota
+        else:
+            continue
+        for mount in mounts:
+            # a container sees its own cgroup at the mount's root (the path is the host's name for it)
+            parts = Path(path.lstrip("/")).parts
+            for depth in range(len(parts), -1, -1):
+                quota = read(mount.joinpath(*parts[:depth]))
+                if quota is not None:
+                    quotas.append(quota)
+    return min(quotas) if quotas else None
+
+
+def _cpu_max(folder: Path) -> float | None:
+    """cgroup v2 ``cpu.max``: ``"QUOTA PERIOD"`` or ``"max PERIOD"`` (no limit)."""
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" or int(period) <= 0 else int(quota) / int(period)
+
+
+def _cfs_quota(folder: Path) -> float | None:
+    """cgroup v1 ``cpu.cfs_quota_us`` (-1: no limit) over ``cpu.cfs_period_us``."""
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else quota / period
 
 
 def _cut_short(src: str | Path | bytes, error: VideoError) -> VideoError:

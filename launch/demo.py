@@ -47,6 +47,7 @@ import torch
 
 from data.attributes import read_attributes
 from data.synth import CARDINAL, COLORS, SHAPES, caption, class_id, parse_combo, synth_dataset
+from data.video import usable_cores
 from autoencoders import build
 from launch import runs
 from launch.configs import CONFIG_DIR
@@ -276,7 +277,8 @@ def check_config(cfg: DemoConfig, out: Path, overwrite: bool = False) -> runs.Bi
 
 
 def _threads_per_rank(ranks: int) -> int:
-    return max(1, (os.cpu_count() or 1) // ranks)
+    """The cores this process may use (pinned, under a container's quota) shared among the ranks."""
+    return max(1, usable_cores() // ranks)
 
 
 def _combo_attrs(combo: str) -> dict[str, str]:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -81,6 +83,9 @@ def test_extraction_benchmark_on_cpu():
     assert run["efficiency_vs_encode"] == run["extract_clips_per_s"] / encode
     assert run["steady_efficiency_vs_encode"] == run["steady_clips_per_s"] / encode
     assert run["steady_clips_per_s"] > run["extract_clips_per_s"] > 0
+    host, one = row["host"], row["host"]["decode_one_clip"]
+    assert 1 <= host["usable_cores"] <= host["cpus"] and one["clips_per_s"] > 0
+    assert one["wall_ms"] == pytest.approx(1e3 / one["clips_per_s"]) and one["user_ms"] + one["sys_ms"] > 0
 
 
 def test_gpu_session_script_runs_the_parts_it_is_given(tmp_path):

@@ -486,6 +486,8 @@ def test_decoding_workers_count_the_cores_this_process_may_use_and_the_ranks_on_
     from launch.dist import DistEnv
     from launch.extract import auto_workers, cores_per_rank, local_ranks
 
+    import data.video
+    monkeypatch.setattr(data.video, "cgroup_cpu_quota", lambda: None)  # the machine's own quota aside
     monkeypatch.setattr(os, "cpu_count", lambda: 128)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
@@ -498,6 +500,10 @@ def test_decoding_workers_count_the_cores_this_process_may_use_and_the_ranks_on_
     assert auto_workers(-1, torch.device("cuda"), 1) == 15
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
     assert auto_workers(-1, torch.device("cuda"), 1) == 16 and auto_workers(-1, torch.device("cuda"), 8) == 15
+    # a container's CPU quota (docker --cpus 6, a Kubernetes limit of 5.5) on all 128 cores: 5 decoders
+    monkeypatch.setattr(data.video, "cgroup_cpu_quota", lambda: 5.5)
+    assert cores_per_rank(1) == 6 and auto_workers(-1, torch.device("cuda"), 1) == 5
+    monkeypatch.setattr(data.video, "cgroup_cpu_quota", lambda: None)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert local_ranks(env) == 16 and cores_per_rank(16) == 1  # no launcher said: every rank is taken as local

@@ -383,8 +383,44 @@ def test_decoding_workers_share_the_cores(tmp_path, monkeypatch):
     # the cores this process may use (SLURM --cpus-per-task, taskset), not the machine's: 8 of 128 for 4 workers
     monkeypatch.setattr(os, "cpu_count", lambda: 128)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(video_mod, "cgroup_cpu_quota", lambda: None)  # the machine's own quota aside
     assert threads() == 2
     assert torch.equal(read_video(path, 3, 36, 64), plain)
+
+
+def test_usable_cores_read_a_cgroup_cpu_quota_v2_and_v1(tmp_path, monkeypatch):
+    """A container limited to CPU time (``docker --cpus``, a Kubernetes limit) sees every core of the
+    machine in its affinity; its quota caps the cores (was: 8 workers' decoders on a 2-CPU quota)."""
+    own = tmp_path / "cgroup"
+    v2 = tmp_path / "fs"
+    (v2 / "kubepods" / "pod1").mkdir(parents=True)
+    own.write_text("0::/kubepods/pod1\n")
+    assert video_mod.cgroup_cpu_quota(v2, own) is None                    # no cpu.max anywhere
+    (v2 / "kubepods" / "pod1" / "cpu.max").write_text("max 100000\n")
+    assert video_mod.cgroup_cpu_quota(v2, own) is None                    # "max": no limit
+    (v2 / "kubepods" / "cpu.max").write_text("250000 100000\n")       # a parent's limit applies too
+    assert video_mod.cgroup_cpu_quota(v2, own) == 2.5
+    (v2 / "kubepods" / "pod1" / "cpu.max").write_text("150000 100000\n")
+    assert video_mod.cgroup_cpu_quota(v2, own) == 1.5                     # the lowest along the path
+    own.write_text("0::/elsewhere\n")                                  # a container: its own cgroup at the root
+    (v2 / "cpu.max").write_text("400000 100000\n")
+    assert video_mod.cgroup_cpu_quota(v2, own) == 4.0
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct" / "docker" / "abc").mkdir(parents=True)
+    own.write_text("12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n")
+    (v1 / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert video_mod.cgroup_cpu_quota(v1, own) is None                    # -1: no limit
+    (v1 / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us").write_text("300000\n")
+    assert video_mod.cgroup_cpu_quota(v1, own) == 3.0
+    assert video_mod.cgroup_cpu_quota(v1, tmp_path / "absent") is None   # not Linux / unreadable
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(video_mod, "cgroup_cpu_quota", lambda: 2.5)
+    assert video_mod.usable_cores() == 3                                  # rounded up, under the 16 pinned
+    monkeypatch.setattr(video_mod, "cgroup_cpu_quota", lambda: 0.2)
+    assert video_mod.usable_cores() == 1
+    monkeypatch.setattr(video_mod, "cgroup_cpu_quota", lambda: 64.0)
+    assert video_mod.usable_cores() == 16                                 # the pinned cores when fewer
 
 
 def _textured_ts(parts: list[tuple[int, int, int]]) -> bytes:
