@@ -263,7 +263,7 @@ class Autoencoder(nn.Module):
     def set_chunk_frames(self, frames: int | None) -> None:
         """Encode and decode long clips ``frames`` video frames at a time with the same result as
         one shot (bounded memory), where the family streams causally: IV-VAE's cache mechanism,
-        H3AE's sliced spatial stage. ``None``: one shot. Families that cannot stream say so."""
+        H3AE's sliced spatial stage. ``None`` or 0: one shot. Families that cannot stream say so."""
         instead = ("bound memory with spatial tiling (--tile, enable_tiling) or a larger device" if self.spatial_tiling
                    else "it takes no spatial tiling either: run long clips on a larger device")
         streams = families_with(lambda c: c.set_chunk_frames is not Autoencoder.set_chunk_frames)

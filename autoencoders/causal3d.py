@@ -213,7 +213,7 @@ class Causal3D(Autoencoder):
         if self.config.norm == "clip":
             raise ValueError(f"{self.family}: with clip-wise norms the chunks ({self.config.chunk_latent_frames} latent "
                              "frames, as CogVideoX) are part of the model; use spatial tiling for memory")
-        if frames is not None and (frames < r or frames % r):
+        if frames and (frames < r or frames % r):  # None or 0: one shot, as every streaming family
             raise ValueError(f"{self.family}: chunk frames must be a positive multiple of {r}, got {frames}")
         self.config = cfglib.replace(self.config, chunk_latent_frames=(frames or 0) // r)
 

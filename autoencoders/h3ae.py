@@ -621,8 +621,8 @@ class H3AE(Autoencoder):
         self.frame_chunk = frames
 
     def set_chunk_frames(self, frames: int | None) -> None:
-        """The contract's name for sliced inference (``set_frame_chunk``)."""
-        self.set_frame_chunk(frames)
+        """The contract's name for sliced inference (``set_frame_chunk``; 0: one shot, as None)."""
+        self.set_frame_chunk(frames or None)
 
     def last_layer(self) -> Tensor:
         """The decoder's output convolution weight (for the adaptive GAN weight)."""

@@ -260,3 +260,20 @@ def test_capability_errors_list_the_families_that_have_it(monkeypatch):
                         (lambda: plain.load_base("x"), "--base-checkpoint applies to .*streaming")):
         with pytest.raises(ValueError, match=match):
             call()
+
+
+@pytest.mark.parametrize("name", ["causal3d-f4x8c4-debug", "h3ae-8x32x32-debug", "ivvae-z8-debug"])  # mtcvae: causal3d's
+def test_chunk_frames_none_or_zero_is_one_shot_in_every_streaming_family(name):
+    """``set_chunk_frames(0)`` (the verbs' ``--chunk-frames 0``) and ``None`` both go back to one shot
+    (was: causal3d and mtcvae refused 0, ivvae and h3ae took it)."""
+    torch.manual_seed(0)
+    model = autoencoders.build(name).eval()
+    video = torch.randn(1, 3, 9, 32, 32)
+    with torch.no_grad():
+        plain = model.encode(video).parts["z"]
+        for off in (0, None):
+            model.set_chunk_frames(8)
+            model.set_chunk_frames(off)
+            assert torch.equal(model.encode(video).parts["z"], plain)
+    with pytest.raises(ValueError):
+        model.set_chunk_frames(-4)
