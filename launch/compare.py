@@ -790,6 +790,7 @@ COLUMNS: list[tuple[str, Any, Any]] = [
     ("DiT fwd GFLOPs", lambda r: _f(r["cost"]["dit_forward_flops"], ".3g", 1e9), None),
     ("train step GFLOPs", lambda r: _f(r["cost"]["dit_train_step_flops"], ".3g", 1e9), None),
     ("sample s/video", lambda r: _f(r.get("sample_s_per_video"), ".2f"), None),
+    ("encode GFLOPs", lambda r: _f(r["cost"].get("ae_encode_flops"), ".3g", 1e9), None),  # extraction's per clip
     ("decode GFLOPs", lambda r: _f(r["cost"]["ae_decode_flops"], ".3g", 1e9), None),
     ("PSNR dB", lambda r: _f(r["recon"]["psnr_db"]["mean"], ".2f"), None),
     ("SSIM", lambda r: _f(r["recon"]["ssim"]["mean"], ".3f"), None),

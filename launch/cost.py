@@ -17,6 +17,8 @@ inverse), ``vcpr``, ``tokens`` (per clip, for the DiT's patching), ``dit_params`
 ``dit_forward_flops`` (one forward, per sample), ``dit_forward_flops_analytic`` (the closed form,
 full attention), ``dit_train_step_flops`` (forward + backward, per sample),
 ``dit_train_peak_memory_bytes`` (one fp32 AdamW training step at ``--batch-size``),
+``ae_encode_flops`` (one clip's ``encode``: what ``ldm extract`` spends per clip; none for an
+encoder whose work depends on the clip's values, with ``ae_encode_error`` saying so),
 ``ae_decode_flops`` (one clip; whatever ``decode`` runs, so a diffusion decoder's steps and
 guidance are included), ``sample_flops`` (``steps x forward x (2 with --cfg) + decode``) and
 ``method`` (how the memory was obtained); with ``--measure`` (a GPU) also
@@ -57,7 +59,7 @@ from ldm.latent import Cond, LatentSpec, part_tokens, parts_text
 
 KEYS = ("autoencoder", "ae_params", "latent_shape", "latent_elements", "compression_rate", "compression_factor", "vcpr",
         "tokens", "dit_params", "dit_forward_flops", "dit_forward_flops_analytic", "dit_train_step_flops",
-        "dit_train_peak_memory_bytes", "ae_decode_flops", "sample_flops", "method")
+        "dit_train_peak_memory_bytes", "ae_encode_flops", "ae_decode_flops", "sample_flops", "method")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -175,26 +177,43 @@ def latent_spec(name: str, frames: int, height: int, width: int) -> LatentSpec:
 AE_TEXT_TOKENS = 64  # caption length for a text-guided decoder (the builtin text encoder's) when not given
 
 
-def decode_flops(name: str, spec: LatentSpec, text_tokens: int = AE_TEXT_TOKENS) -> int:
-    """FLOPs of ``decode`` of one clip, on fake tensors (no weights, no memory). A text-guided
-    decoder (``text_dim`` > 0) gets a caption embedding of ``text_tokens`` tokens."""
+def _caption(ae: autoencoders.Autoencoder, text_tokens: int) -> Cond:
+    """A text-guided autoencoder's (``text_dim`` > 0) caption embedding of ``text_tokens`` tokens, else none."""
+    if not ae.text_dim:
+        return Cond()
+    return Cond(text=torch.randn(1, text_tokens, ae.text_dim), text_mask=torch.ones(1, text_tokens, dtype=torch.bool))
+
+
+def _ae_flops(name: str, what: str, run) -> int:
+    """FLOPs of ``run(ae)`` (one clip's ``what``: encode or decode) for ``name`` built on fake tensors."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
     cls, config = autoencoders.config_of(name)
     with fake_mode(small_real=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # deepcopy of fakes
         ae = cls(config).eval()
-        latent = ae.example_latent(spec, 1)
-        text_dim = ae.text_dim
-        cond = Cond(text=torch.randn(1, text_tokens, text_dim), text_mask=torch.ones(1, text_tokens, dtype=torch.bool)
-                    ) if text_dim else Cond()
         try:
             with torch.no_grad():
-                _, count = count_flops(lambda: ae.decode(latent, cond), repeats_of=ae)
+                _, count = count_flops(lambda: run(ae), repeats_of=ae)
         except (DataDependentOutputException, DynamicOutputShapeException) as e:
-            raise ValueError(f"decode reads the latent's values (data-dependent control flow at {e.func}): "
-                             "its cost has no answer from shapes alone") from None
+            data = "latent" if what == "decode" else "clip"
+            raise ValueError(f"{what}'s work depends on the {data}'s values (a choice made from them, such as "
+                             f"MTC-VAE's rate per segment; {e.func}): its cost has no answer from shapes alone"
+                             ) from None
     return count.total
+
+
+def decode_flops(name: str, spec: LatentSpec, text_tokens: int = AE_TEXT_TOKENS) -> int:
+    """FLOPs of ``decode`` of one clip, on fake tensors (no weights, no memory). A text-guided
+    decoder (``text_dim`` > 0) gets a caption embedding of ``text_tokens`` tokens."""
+    return _ae_flops(name, "decode", lambda ae: ae.decode(ae.example_latent(spec, 1), _caption(ae, text_tokens)))
+
+
+def encode_flops(name: str, frames: int, height: int, width: int, text_tokens: int = AE_TEXT_TOKENS) -> int:
+    """FLOPs of ``encode`` of one ``frames x height x width`` clip (what ``ldm extract`` runs per
+    clip), on fake tensors; a text-guided encoder gets a caption embedding as ``decode_flops``."""
+    return _ae_flops(name, "encode", lambda ae: ae.encode(torch.randn(1, 3, frames, height, width),
+                                                          _caption(ae, text_tokens)))
 
 
 def _dit_inputs(spec: LatentSpec, cfg: dit.DiTConfig, batch: int, text_tokens: int):
@@ -313,8 +332,12 @@ def cost_table(names: list[str], frames: int, height: int, width: int, dit_name:
             cache[key] = costs
         row.update(cache[key])
         try:
+            row["ae_encode_flops"] = encode_flops(name, used, height, width, text_tokens or AE_TEXT_TOKENS)
+        except Exception as e:  # any family's encode that cannot run on fake tensors: report, do not crash
+            row["ae_encode_error"] = f"{type(e).__name__}: {e}"
+        try:
             row["ae_decode_flops"] = decode_flops(name, spec, text_tokens or AE_TEXT_TOKENS)
-        except Exception as e:  # any family's decode that cannot run on fake tensors: report, do not crash
+        except Exception as e:
             row["ae_decode_error"] = f"{type(e).__name__}: {e}"
         per_step = row["dit_forward_flops"] * (2 if cfg else 1)
         row["sample_flops"] = None if row["ae_decode_flops"] is None else steps * per_step + row["ae_decode_flops"]
@@ -377,7 +400,7 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = N
     head = (f"{'autoencoder':{name_w}s} {'params':>7s} {'latent':{shape_w}s} {'rate':>8s} {'factor':>7s} {'vcpr':>5s} "
             f"{'tokens':>7s} {'fwd GF':>9s} {'train GF':>9s} {'mem GiB':>8s}"
             + (f" {'meas GiB':>8s} {'step s':>8s}" if measured else "")
-            + f" {'dec GF':>9s} {'sample TF':>10s}"
+            + f" {'enc GF':>9s} {'dec GF':>9s} {'sample TF':>10s}"
             + (f" {'PSNR dB':>8s} {'SSIM':>6s}" if recon else ""))
     lines = [head]
     for r in rows:
@@ -394,9 +417,11 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = N
                      f"{_num(r['dit_train_peak_memory_bytes'], 2 ** 30, '8.2f')} "
                      + (f"{_num(r.get('dit_train_peak_memory_bytes_measured'), 2 ** 30, '8.2f')} "
                         f"{_num(r.get('dit_train_step_seconds_measured'), 1, '8.3f')} " if measured else "")
-                     + f"{_num(r['ae_decode_flops'], 1e9, '9.1f')} {_num(r['sample_flops'], 1e12, '10.2f')}"
+                     + f"{_num(r['ae_encode_flops'], 1e9, '9.1f')} {_num(r['ae_decode_flops'], 1e9, '9.1f')} "
+                       f"{_num(r['sample_flops'], 1e12, '10.2f')}"
                      + (f" {_num(r.get('psnr_db'), 1, '8.2f')} {_num(r.get('ssim'), 1, '6.3f')}" if recon else ""))
-    for key, what in (("ae_decode_error", "dec GF / sample TF"), ("recon_error", "PSNR / SSIM")):
+    for key, what in (("ae_encode_error", "enc GF"), ("ae_decode_error", "dec GF / sample TF"),
+                      ("recon_error", "PSNR / SSIM")):
         unmeasured: dict[str, list[str]] = {}  # why a number is "-", once per reason
         for r in rows:
             if r.get(key):
@@ -411,17 +436,18 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = N
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table (for READMEs and `ldm compare` reports)."""
     out = ["| autoencoder | latent (c t h w / f n c) | compression rate | factor | tokens | DiT fwd GFLOPs | "
-           "train step GFLOPs | train peak GiB | decode GFLOPs | sample TFLOPs |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "train step GFLOPs | train peak GiB | encode GFLOPs | decode GFLOPs | sample TFLOPs |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error"):
-            out.append(f"| {r['autoencoder']} | {r['error']} | | | | | | | | |")
+            out.append(f"| {r['autoencoder']} | {r['error']} | | | | | | | | | |")
             continue
         out.append(f"| {r['autoencoder']} | {_shape(r)} | {r['compression_rate']:.5f} | "
                    f"{r['compression_factor']:.0f} | {r['tokens']} | {_num(r['dit_forward_flops'], 1e9, '.1f')} | "
                    f"{_num(r['dit_train_step_flops'], 1e9, '.1f')} | "
                    f"{_num(r['dit_train_peak_memory_bytes'], 2 ** 30, '.2f')} | "
-                   f"{_num(r['ae_decode_flops'], 1e9, '.1f')} | {_num(r['sample_flops'], 1e12, '.2f')} |")
+                   f"{_num(r['ae_encode_flops'], 1e9, '.1f')} | {_num(r['ae_decode_flops'], 1e9, '.1f')} | "
+                   f"{_num(r['sample_flops'], 1e12, '.2f')} |")
     return "\n".join(out)
 
 

@@ -229,9 +229,27 @@ def test_variable_rate_decode_is_counted_at_the_base_rate_and_a_missing_cost_say
 
     rows = cost_table(["kl2d-f8c4-debug", "mtcvae-c4-debug"], 17, 128, 128, "dit-debug")
     assert "ae_decode_error" not in rows[1] and rows[1]["ae_decode_flops"] > 0 and rows[1]["sample_flops"] > 0
+    # its encode picks each segment's rate from the clip's pixels: no encode cost, and why
+    assert rows[1]["ae_encode_flops"] is None and "rate per segment" in rows[1]["ae_encode_error"]
+    assert rows[0]["ae_encode_flops"] > 0 and "ae_encode_error" not in rows[0]
+    assert format_table(rows).splitlines()[-1].startswith("enc GF '-' for mtcvae-c4-debug: ValueError: encode's work")
     rows[0] = dict(rows[0], ae_decode_flops=None, sample_flops=None, ae_decode_error="ValueError: a reason")
     last = format_table(rows).splitlines()[-1]
     assert last == "dec GF / sample TF '-' for kl2d-f8c4-debug: ValueError: a reason"
+
+
+def test_encode_flops_are_what_extraction_runs_per_clip():
+    """``ae_encode_flops``: a per-frame image encoder costs its frames times one frame; Hi-VAE's
+    encode equals its own analytic count (base encoder + global and detailed motion encoders)."""
+    from autoencoders import build
+    from launch.cost import encode_flops
+
+    one = encode_flops("kl2d-f8c4-debug", 1, 64, 64)
+    assert one > 0 and encode_flops("kl2d-f8c4-debug", 17, 64, 64) == 17 * one
+    # convolutions grow with the pixels, the mid-block attention with their square: a little over 4x
+    assert 4 * one < encode_flops("kl2d-f8c4-debug", 1, 128, 128) < 4.2 * one
+    model = build("hivae-s-debug")
+    assert encode_flops("hivae-s-debug", 8, 32, 32) == model.cost(8, 32, 32)["flops"]["encode"]
 
 
 def test_cost_table_columns_line_up_with_long_latent_names():
