@@ -319,11 +319,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "sdpa", mask: T
         has_key = key_ok.any(-1, keepdim=True)  # (B, 1, 1, 1): a row with no visible key gets zeros
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_ok | ~has_key, scale=scale)
         return out * has_key.to(out.dtype)  # (B, H, Nq, d)
-    return _attention(q, k, v, backend=backend, mask=mask, causal=causal, seq_ids=seq_ids, kv_seq_ids=kv_seq_ids,
-                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
+    return eager_attention()(q, k, v, backend=backend, mask=mask, causal=causal, seq_ids=seq_ids,
+                             kv_seq_ids=kv_seq_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
 
 
-@torch.compiler.disable
+_EAGER_ATTENTION: Callable[..., Tensor] | None = None
+
+
+def eager_attention() -> Callable[..., Tensor]:
+    """`_attention` behind ``torch.compiler.disable`` (the compiler runs it eagerly), made on first use
+    and by `ldm.layers.compile_blocks` before it compiles: a decorator would import the compiler
+    with this module, about a second of every process's start-up (extraction, sampling, a CPU
+    training run, each rank of a test) where nothing is compiled."""
+    global _EAGER_ATTENTION
+    if _EAGER_ATTENTION is None:
+        _EAGER_ATTENTION = torch.compiler.disable(_attention)
+    return _EAGER_ATTENTION
+
+
 def _attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str, mask: Tensor | None, causal: bool,
                seq_ids: Tensor | None, kv_seq_ids: Tensor | None, cu_seqlens: Tensor | None,
                max_seqlen: int | None, scale: float | None) -> Tensor:

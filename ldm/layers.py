@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ldm.attention import attention, check_backend
+from ldm.attention import attention, check_backend, eager_attention
 
 LAYOUTS = ("full", "spatial", "temporal")
 
@@ -430,7 +430,10 @@ def compile_blocks(module: nn.Module, dynamic: bool | None = None, mode: str | N
     if (mode or "default") not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     mode = None if mode == "default" else mode
+    import torch._dynamo  # the compiler: imported when something is compiled, not at every start-up
+
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    eager_attention()  # the eager part of attention, marked for the compiler before it traces a block
     fn = torch.compile(TransformerBlock.core, dynamic=dynamic, mode=mode, backend=backend)
     blocks = [m for m in module.modules() if isinstance(m, TransformerBlock)]
     for blk in blocks:
