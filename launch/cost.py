@@ -8,7 +8,7 @@ Hi-VAE (Fig. 6, Appendix C.2) compares autoencoders by the cost of one "standard
 (``dit-standard``: 8 layers, 8 heads, hidden 512, FFN 2048) on their latents; this verb does it
 for every registered autoencoder at any size. No weights are loaded and nothing is allocated: the
 latent comes from ``latent_spec`` (built on the meta device), the DiT and the decoder run on fake
-tensors (``ldm.cost``), so ``--all`` at 65x512x512 takes seconds on a laptop.
+tensors (``ldm.cost``), so ``--all`` at 65x512x512 takes about two CPU-minutes on a laptop.
 
 One row per autoencoder (``--json`` keys): ``ae_params`` (the autoencoder's parameters, as
 ``ldm list`` counts them), ``latent_shape``, ``latent_elements``,
