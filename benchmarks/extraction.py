@@ -20,8 +20,9 @@ Prints, per autoencoder:
   reader / extraction (how many times faster a trainer can read latents than make them);
 - the host (`host`): CPU model, cores (all, pinned, the cgroup's CPU quota, what ``ldm extract``
   counts), load, and what one clip's decoding costs in this process: wall, user and system CPU ms
-  and page faults (decoding on the H100 machine ran ~7x slower per core than on a 2-core CPU machine
-  whose shard reader was slower: the system share and faults tell a slow core from a costly kernel).
+  and page faults, so decoding rates from two machines can be told apart (a slower core, a CPU
+  quota, a costly kernel: the H100 rows of the README decoded ~7x slower per process than the
+  2-core CPU machine, before a frame's RGB conversion stopped starting a thread per core).
 """
 from __future__ import annotations
 
