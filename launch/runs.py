@@ -570,6 +570,7 @@ class StopRequest:
         import threading
 
         self.signal: str | None = None  # the first signal's name, once one came
+        self.agreed = False  # some rank was asked to stop and every rank knows (`agree`)
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
@@ -595,11 +596,19 @@ class StopRequest:
         return (f"stopped at step {step} of {steps} ({self.cause}); checkpoint saved in {where}: run the same "
                 "command to resume")
 
-    def heard(self) -> None:
-        """Every rank learned of the stop (the step's all-reduce): rank 0 says so when the signal
-        came to other ranks only (its own handler said it otherwise)."""
-        if self.signal is None and dist.is_main():
-            log.warning("%s: stopping after this step with a checkpoint", self.cause)
+    def agree(self, loss: Tensor) -> bool:
+        """The trainers' one host read per (micro-)step, one collective over the ranks: whether
+        ``loss`` is finite on every rank (returned: a non-finite loss anywhere drops the step
+        everywhere), and whether any rank was asked to stop (``agreed`` turns True on every rank,
+        each ends after this step; rank 0 says so when only other ranks had the signal, its own
+        handler said it otherwise)."""
+        flags = torch.stack([torch.isfinite(loss.detach()).float(), self.flag(loss.device)])
+        finite, asked = dist.all_reduce_mean(flags).tolist()
+        if asked > 0 and not self.agreed:
+            self.agreed = True
+            if self.signal is None and dist.is_main():
+                log.warning("%s: stopping after this step with a checkpoint", self.cause)
+        return finite == 1.0
 
     def _handle(self, signum: int, frame) -> None:
         import signal

@@ -365,13 +365,10 @@ def train_step(run: TrainRun, progress: Progress, inputs: Prefetcher, stop: runs
         # step: DeepSpeed's accumulation stays aligned); too many in a row stop the run. This is
         # the loop's one host sync per micro-batch: backward must not start on a bad loss. The
         # same read tells every rank whether any was asked to stop (SIGTERM, Ctrl-C).
-        finite_mean, stop_mean = dist.all_reduce_mean(
-            torch.stack([torch.isfinite(loss.detach()).float(), stop.flag(run.device)])).tolist()
-        if stop_mean > 0 and not progress.stopping:
-            progress.stopping = True
-            stop.heard()
+        finite = stop.agree(loss)
+        progress.stopping = stop.agreed
         try:
-            applied = progress.nonfinite.check(finite_mean == 1.0, progress.step + 1, "batch dropped")
+            applied = progress.nonfinite.check(finite, progress.step + 1, "batch dropped")
         except RuntimeError:
             inputs.close()
             raise

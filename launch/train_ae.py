@@ -293,14 +293,12 @@ class AETrainer(AECheckpoints):
             out = self.model(video, self.generator, cond)
             total, logs = self.loss_fn.generator_loss(video, out, self.step, self.last_layer, self.ae.recon_trained)
         # one read per step: is the loss finite on every rank, and was any rank asked to stop
-        asked = self.stop.flag(total.device) if self.stop is not None else total.new_zeros((), dtype=torch.float32)
-        flags = torch.stack([torch.isfinite(total).float(), asked])
-        finite, stop = dist.all_reduce_mean(flags).tolist()
-        if stop > 0 and not self.stopping:
-            self.stopping = True
-            if self.stop is not None:
-                self.stop.heard()  # rank 0 says so when only another rank was signalled
-        if finite < 1.0:
+        if self.stop is not None:
+            finite = self.stop.agree(total)
+            self.stopping = self.stop.agreed
+        else:  # a step outside `run` (no signal handlers)
+            finite = dist.all_reduce_mean(torch.isfinite(total.detach()).float().view(1)).item() == 1.0
+        if not finite:
             return None
         self.opt.zero_grad(set_to_none=True)
         total.backward()
