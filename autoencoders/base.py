@@ -236,6 +236,12 @@ class Autoencoder(nn.Module):
                                f"by latent_spec; fix latent_spec or _encode in {type(self).__module__}")
         return self._scale(latent, forward=True)
 
+    def encode_work(self, video: Tensor, cond: Cond | None = None) -> Any:
+        """The work of one ``encode`` that shapes alone can follow, for ``ldm cost``'s encoder FLOPs:
+        ``encode`` itself, unless the family's encoder picks something from the pixels (MTC-VAE's
+        rate per segment); then the work it does whatever it picks."""
+        return self.encode(video, cond)
+
     def decode(self, latent: Latent, cond: Cond | None = None) -> Tensor:
         if self.tiling is not None:
             return tiled_decode(self, self._scale(latent, forward=False), cond, self.tiling)

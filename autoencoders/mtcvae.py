@@ -519,6 +519,17 @@ class MTCVAE(Causal3D):
         posteriors: dict[int, tuple[Tensor, Tensor]] | None = None if torch.is_grad_enabled() else {}
         return self._encode_at(video, self.choose_rates(video, posteriors=posteriors), posteriors=posteriors)
 
+    def encode_work(self, video: Tensor, cond: Cond | None = None) -> Any:
+        """For ``ldm cost``: the PSNR selector encodes and decodes every segment at each rate, and
+        ``encode`` takes the chosen rates' posteriors from there (the choice and the keyframe marks add
+        no matmul or convolution). Another selector's encode follows its choice: every segment at
+        the base rate here (the longest latent), as `example_latent` does for decode."""
+        if self.config.selector == "psnr":
+            segs = rearrange(video, "b c (n t) h w -> (b n) c t h w", t=self.config.segment_frames)
+            return self.quality_vectors(segs)
+        B, n = video.shape[0], video.shape[2] // self.config.segment_frames
+        return self.encode_at(video, torch.full((B, n), self.config.rates[0]), cond)
+
     def encode_at(self, video: Tensor, rates: Tensor, cond: Cond | None = None) -> Latent:
         """``encode`` with given segment rates ``(B, N)`` instead of the selector's."""
         if video.ndim != 5 or video.shape[1] != self.config.in_channels:

@@ -17,8 +17,9 @@ inverse), ``vcpr``, ``tokens`` (per clip, for the DiT's patching), ``dit_params`
 ``dit_forward_flops`` (one forward, per sample), ``dit_forward_flops_analytic`` (the closed form,
 full attention), ``dit_train_step_flops`` (forward + backward, per sample),
 ``dit_train_peak_memory_bytes`` (one fp32 AdamW training step at ``--batch-size``),
-``ae_encode_flops`` (one clip's ``encode``: what ``ldm extract`` spends per clip; none for an
-encoder whose work depends on the clip's values, with ``ae_encode_error`` saying so),
+``ae_encode_flops`` (one clip's ``encode``: what ``ldm extract`` spends per clip; MTC-VAE's
+PSNR selector's encodes and decodes at every rate; none for an encoder whose work depends on the
+clip's values, with ``ae_encode_error`` saying so),
 ``ae_decode_flops`` (one clip; whatever ``decode`` runs, so a diffusion decoder's steps and
 guidance are included), ``sample_flops`` (``steps x forward x (2 with --cfg) + decode``) and
 ``method`` (how the memory was obtained); with ``--measure`` (a GPU) also
@@ -197,9 +198,8 @@ def _ae_flops(name: str, what: str, run) -> int:
                 _, count = count_flops(lambda: run(ae), repeats_of=ae)
         except (DataDependentOutputException, DynamicOutputShapeException) as e:
             data = "latent" if what == "decode" else "clip"
-            raise ValueError(f"{what}'s work depends on the {data}'s values (a choice made from them, such as "
-                             f"MTC-VAE's rate per segment; {e.func}): its cost has no answer from shapes alone"
-                             ) from None
+            raise ValueError(f"{what}'s work depends on the {data}'s values (a choice made from them; {e.func}): "
+                             "its cost has no answer from shapes alone") from None
     return count.total
 
 
@@ -211,9 +211,10 @@ def decode_flops(name: str, spec: LatentSpec, text_tokens: int = AE_TEXT_TOKENS)
 
 def encode_flops(name: str, frames: int, height: int, width: int, text_tokens: int = AE_TEXT_TOKENS) -> int:
     """FLOPs of ``encode`` of one ``frames x height x width`` clip (what ``ldm extract`` runs per
-    clip), on fake tensors; a text-guided encoder gets a caption embedding as ``decode_flops``."""
-    return _ae_flops(name, "encode", lambda ae: ae.encode(torch.randn(1, 3, frames, height, width),
-                                                          _caption(ae, text_tokens)))
+    clip; `Autoencoder.encode_work`: MTC-VAE's selector), on fake tensors; a text-guided encoder
+    gets a caption embedding as ``decode_flops``."""
+    return _ae_flops(name, "encode", lambda ae: ae.encode_work(torch.randn(1, 3, frames, height, width),
+                                                               _caption(ae, text_tokens)))
 
 
 def _dit_inputs(spec: LatentSpec, cfg: dit.DiTConfig, batch: int, text_tokens: int):
