@@ -327,7 +327,12 @@ def main() -> None:
                                             args.ldm_train_steps, Path(tmp) / "run", args.ldm_train_extra,
                                             args.ldm_train_profile)
         print(json.dumps({k: v for k, v in result["ldm_train"].items() if k not in ("log", "profile")}), flush=True)
-        for row in result["ldm_train"].get("profile", {}).get("top", [])[:15]:
+        prof = result["ldm_train"].get("profile", {})
+        if prof.get("steps_wall_us"):
+            busy = prof.get("device_busy_share")
+            print(f"  profiled steps: {prof['steps_wall_us'] / 1e3:.1f} ms wall"
+                  + (f", the GPU busy {busy:.1%} of it (the rest it waited for the host)" if busy else ""))
+        for row in prof.get("top", [])[:15]:
             print(f"  {row['share']:6.1%} {row['self_us'] / 1e3:9.1f} ms {row['calls']:6d}x  {row['name'][:90]}")
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))

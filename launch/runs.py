@@ -673,8 +673,10 @@ class StepProfiler:
     """``torch.profiler`` over a window of training steps (``ProfileConfig``), written when the
     window closes to ``folder``: ``trace-rankR.json`` (Chrome / Perfetto trace), ``ops-rankR.txt``
     (the operators by self time on the device, or on the CPU without one) and ``ops-rankR.json``
-    (the same top rows, for scripts). Made before step ``first_step + 1`` (a resumed run starts
-    later); ``step()`` after each training step; a no-op when off or outside the window."""
+    (the same top rows, for scripts, with ``steps_wall_us``: the profiled steps' wall time, and on
+    a GPU ``device_busy_share``: the device's busy time over it; well below 1, the GPU waited for the
+    host). Made before step ``first_step + 1`` (a resumed run starts later); ``step()`` after each
+    training step; a no-op when off or outside the window."""
 
     def __init__(self, cfg: ProfileConfig, folder: Path, rank: int, first_step: int, cuda: bool, rows: int = 40):
         self.folder, self.rank, self.cuda, self.rows = folder, rank, cuda, rows
@@ -706,9 +708,13 @@ class StepProfiler:
         key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         averages = prof.key_averages()
         total, top = top_rows(averages, key, self.rows)
+        wall = sum(e.cpu_time_total for e in averages if e.key.startswith("ProfilerStep"))  # the steps' spans
         (self.folder / f"ops-rank{self.rank}.txt").write_text(
             averages.table(sort_by=key, row_limit=self.rows) + "\n")
-        atomic_write_json(self.folder / f"ops-rank{self.rank}.json", {"sorted_by": key, "total_us": total, "top": top})
+        busy = round(total / wall, 4) if self.cuda and wall else None
+        atomic_write_json(self.folder / f"ops-rank{self.rank}.json", {"sorted_by": key, "total_us": total,
+                                                                      "steps_wall_us": wall,
+                                                                      "device_busy_share": busy, "top": top})
         log.info("profile of the training steps written to %s", self.folder)
 
 

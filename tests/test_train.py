@@ -159,6 +159,7 @@ def test_profile_window_writes_a_trace_and_the_top_operators(latents, tmp_path):
     top = json.loads((prof / "ops-rank0.json").read_text())
     assert top["sorted_by"] == "self_cpu_time_total" and any(r["name"].startswith("aten::") for r in top["top"])
     assert 0.99 <= sum(r["share"] for r in top["top"]) or len(top["top"]) == 40
+    assert top["steps_wall_us"] > 0 and top["device_busy_share"] is None  # the GPU's busy share: on a GPU
     trace = json.loads((prof / "trace-rank0.json").read_text())
     steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
     assert len(steps) == 1  # the one step of the window (the step before it was the discarded warm-up)
