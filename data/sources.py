@@ -753,7 +753,7 @@ class VideoClipDataset(Dataset):
         VideoError when the video cannot be read at all. ``[Window(0, 0, 0.0)]`` gives exactly
         ``self[index]``'s clip; each dict also has the video's ``source_fps`` and ``variable_rate``
         (`data.video.frame_timing`, from the same opening of the video: `data.video.read_clips_timed`).
-        ``uint8=True`` (``ldm extract``): a clip that needs no resize comes as uint8 (`read_clips_timed`)."""
+        ``uint8=True`` (``ldm extract``): each clip comes as its uint8 pixels (`read_clips_timed`)."""
         src = self.items[index].readable()
         clips, (source_fps, variable) = read_clips_timed(src, self.frames, self.height, self.width, self.fps,
                                                          [w.start for w in windows], uint8=uint8)

@@ -57,7 +57,8 @@ def _class_labels(items: Iterable[VideoItem]) -> set[str | int]:
 
 # how `iter_clips` makes a clip of HxW from a video of another size (`data.video.resize_center_crop`), recorded
 # with results
-CLIP_READING = "each frame resized to cover the clip size, aspect kept (bilinear, antialiased), then center-cropped"
+CLIP_READING = ("each frame resized to cover the clip size, aspect kept (bilinear, antialiased, on its 8-bit pixels), "
+                "then center-cropped")
 # how `iter_clips` reads a clip with ``native`` (``ldm eval recon --native-size``), recorded with results
 NATIVE_READING = ("each clip at its own size (as shown), center-cropped to the largest size at most that the "
                   "autoencoder takes (`native_size`), never resized; encoded in batches of one size")

@@ -102,7 +102,8 @@ def _per_class(ids: list[int], names: Sequence[str]) -> dict[str, int]:
     return counts
 
 
-REFERENCE_STATS_VERSION = 1  # raise when the reading or the feature protocol changes what the statistics hold
+REFERENCE_STATS_VERSION = 2  # raise when the reading or the feature protocol changes what the statistics hold
+# (2: frames resized on their 8-bit pixels)
 
 
 def _item_stamp(it: VideoItem) -> list[Any]:

@@ -85,8 +85,8 @@ def test_eval_gen_records_sampling_precision_and_warns_at_small_n(files, run_dir
     r = json.loads((tmp_path / "g" / "result.json").read_text())
     assert (r["dtype"], r["batch_size"]) == ("fp32", 2) and len(r["dit_weights"]["sha256"]) == 64
     assert r["fd"]["sampling"]["steps"] == 1 and r["fd"]["sampling"]["seed"] == 3
-    assert r["fd"]["read"] == "each frame resized to cover the clip size, aspect kept (bilinear, antialiased), then " \
-                              "center-cropped"
+    assert r["fd"]["read"] == ("each frame resized to cover the clip size, aspect kept (bilinear, antialiased, on its "
+                               "8-bit pixels), then center-cropped")
     assert r["fd"]["fvd"]["n_fake"] == 4 and "fewer than the usual 2048" in r["fd"]["fvd"]["small_sample"]
     assert "ldm eval gen: warning: fvd: measured on 4 reference and 4 generated clips" in capsys.readouterr().err
 

@@ -336,8 +336,9 @@ def test_workers_batch_size_and_dtype(videos, tmp_path):
 
 
 def test_uint8_clips_write_the_shards_float_clips_write(tmp_path, monkeypatch):
-    """Clips at the target size (or a center crop away) travel from the decoder to the encoder as
-    uint8 and resized ones as float32, in the same batches; the shards are byte for byte those of every clip as float32 (was: all float32)."""
+    """Every clip travels from the decoder to the encoder as uint8, at the target size, a center crop
+    away or resized (resized ones were float32: the resize now runs on the 8-bit pixels); the
+    shards are byte for byte those of every clip as float32 (was: all float32)."""
     from launch import encode_loop
 
     rng = np.random.default_rng(0)
@@ -349,7 +350,7 @@ def test_uint8_clips_write_the_shards_float_clips_write(tmp_path, monkeypatch):
                         or on_device(self, clip))
     with pytest.warns(UserWarning, match="RANDOM weights"):
         _extract(tmp_path / "v", tmp_path / "uint8")
-    assert seen == [torch.uint8, torch.float32, torch.uint8, torch.uint8]
+    assert seen == [torch.uint8] * 4
     monkeypatch.setattr(encode_loop, "UINT8_CLIPS", False)
     with pytest.warns(UserWarning, match="RANDOM weights"):
         _extract(tmp_path / "v", tmp_path / "float")

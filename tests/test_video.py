@@ -348,21 +348,21 @@ def test_read_clips_window_past_the_end_fails_alone(long_clip):
 
 def _reference_clip(src: bytes, frames: int, height: int, width: int) -> torch.Tensor:
     """The plain decode: the first ``frames`` frames, each to RGB by its own ``to_ndarray``,
-    frames of one size as one float32 batch resized to cover (antialiased) and center-cropped, the
-    clip scaled to [-1, 1] at once."""
+    frames of one size as one uint8 batch resized to cover (antialiased, torch's 8-bit kernel) and
+    center-cropped, the clip scaled to [-1, 1] at once."""
     with av.open(io.BytesIO(src)) as c:
         rgb = [f.to_ndarray(format="rgb24") for _, f in zip(range(frames), c.decode(video=0))]
     out = torch.empty(frames, 3, height, width)
     for size in {f.shape for f in rgb}:
         idx = [i for i, f in enumerate(rgb) if f.shape == size]
-        x = torch.from_numpy(np.stack([rgb[i] for i in idx])).float().permute(0, 3, 1, 2)   # (n, 3, h, w)
+        x = torch.from_numpy(np.stack([rgb[i] for i in idx])).permute(0, 3, 1, 2)   # (n, 3, h, w) uint8
         h, w = size[:2]
         nh, nw = max(height, round(h * max(height / h, width / w))), max(width, round(w * max(height / h, width / w)))
         if (nh, nw) != (h, w):
             x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         top, left = (nh - height) // 2, (nw - width) // 2
-        out[idx] = x[..., top:top + height, left:left + width]
-    return (out.clamp(0, 255) / 127.5 - 1.0).permute(1, 0, 2, 3)                 # (3, T, H, W)
+        out[idx] = x[..., top:top + height, left:left + width].float()
+    return (out / 127.5 - 1.0).permute(1, 0, 2, 3)                                # (3, T, H, W)
 
 
 def test_decoding_workers_share_the_cores(tmp_path, monkeypatch):
