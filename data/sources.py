@@ -733,10 +733,12 @@ class VideoClipDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.read(index, self.frames, self.height, self.width)
 
-    def read(self, index: int, frames: int, height: int, width: int) -> dict[str, Any]:
+    def read(self, index: int, frames: int, height: int, width: int, uint8: bool = False) -> dict[str, Any]:
         """``self[index]`` at another length and size (``ldm train-ae`` shape buckets,
-        `data.buckets`): the first ``frames`` frames at ``height x width``."""
-        video: torch.Tensor = read_video(self.items[index].readable(), frames, height, width, fps=self.fps)
+        `data.buckets`): the first ``frames`` frames at ``height x width`` (``uint8``: the clip's
+        uint8 pixels, `data.video.read_video`)."""
+        video: torch.Tensor = read_video(self.items[index].readable(), frames, height, width, fps=self.fps,
+                                         uint8=uint8)
         return self._fields(index, video)
 
     def plan(self, index: int, windows: Windows) -> list[Window]:

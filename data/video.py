@@ -595,11 +595,12 @@ def upright_size(src: str | Path | bytes) -> tuple[int, int]:
 
 
 def read_video(src: str | Path | bytes, frames: int, height: int, width: int, fps: float | None = None,
-               start: float = 0.0) -> Tensor:
+               start: float = 0.0, uint8: bool = False) -> Tensor:
     """Decode a clip of ``frames`` frames at ``fps`` (None: native rate) from ``start`` seconds.
 
     Frames are decoded lazily and turned upright (display matrix / ``rotate`` tag). Returns a
-    ``(3, T, H, W)`` float32 tensor in [-1, 1]. Raises `VideoError` (see module doc).
+    ``(3, T, H, W)`` float32 tensor in [-1, 1] (``uint8=True``: its uint8 pixels, which
+    `uint8_to_float` turns into that tensor bit for bit). Raises `VideoError` (see module doc).
     """
     _check_size(frames, height, width, fps)
     if start < 0:
@@ -612,7 +613,7 @@ def read_video(src: str | Path | bytes, frames: int, height: int, width: int, fp
             picked = _pick_consecutive(reader, [start], frames)[0]
         if len(picked) < frames:
             raise _failure(reader, frames, fps, start)
-        return _to_clip([p.rgb() for p in picked], height, width)
+        return _to_clip([p.rgb() for p in picked], height, width, uint8)
     finally:
         reader.close()
 

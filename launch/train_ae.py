@@ -78,7 +78,7 @@ from tqdm import tqdm
 from autoencoders import Autoencoder, resolve
 from autoencoders.losses import AELoss
 from data.sources import VideoClipDataset
-from data.video import VideoError, video_to_uint8
+from data.video import UINT8_VALUES, VideoError, uint8_to_float, video_to_uint8
 from launch import dist, runs
 from launch.train_ae_checkpoint import AECheckpoints
 from launch.train_ae_config import (TrainAEConfig, print_config_yaml, check_inputs, check_run_folder, config_from_args,
@@ -246,7 +246,8 @@ class AETrainer(AECheckpoints):
                             f"{env.world_size} rank(s); give a smaller --batch-size")
         self.keys = [it.key for it in items]
         self.dataset = VideoClipDataset(items, cfg.frames, cfg.height, cfg.width, fps=cfg.fps)
-        self.reader = SkipBad(self.dataset, self.keys)
+        self.reader = SkipBad(self.dataset, self.keys)  # uint8 clips: `uint8_to_float` on the device
+        self.uint8_values = UINT8_VALUES.to(self.device)
         self.sampler: PositionSampler | None = None
         self.step, self.pos = 0, (0, 0)
         self.skipped: dict[str, str] = {}
@@ -483,7 +484,7 @@ class AETrainer(AECheckpoints):
         while self.step < cfg.steps and not self.stopping:
             t0 = time.perf_counter()
             batch = self._next_batch(batches)
-            video = batch["video"].to(self.device, non_blocking=True)
+            video = uint8_to_float(batch["video"].to(self.device, non_blocking=True), self.uint8_values)
             logs = self.train_step(video, self._text_cond(batch["captions"]))
             self.step += 1
             profiler.step()

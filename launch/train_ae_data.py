@@ -69,8 +69,10 @@ class PositionSampler:
 
 
 class SkipBad(Dataset):
-    """Wraps VideoClipDataset: reads clip ``i`` at the index's shape; a clip that raises VideoError
-    becomes an error record (its key and reason) instead of killing the loader."""
+    """Wraps VideoClipDataset: reads clip ``i`` at the index's shape, as its uint8 pixels (a quarter
+    of float32's bytes through the loader's workers, pinned memory and the copy to the device;
+    `data.video.uint8_to_float` there); a clip that raises VideoError becomes an error record (its
+    key and reason) instead of killing the loader."""
 
     def __init__(self, dataset: VideoClipDataset, keys: list[str]):
         self.dataset, self.keys = dataset, keys
@@ -81,7 +83,7 @@ class SkipBad(Dataset):
     def __getitem__(self, index: tuple[int, int, int, Shape]) -> dict[str, Any]:
         i, epoch, batch, shape = index
         try:
-            item = self.dataset.read(i, *shape)
+            item = self.dataset.read(i, *shape, uint8=True)
         except VideoError as e:
             return {"error": str(e), "key": self.keys[i], "index": index}
         return {"video": item["video"], "caption": item["caption"], "key": self.keys[i], "index": index}

@@ -71,6 +71,24 @@ def straight(clips, tmp_path_factory) -> tuple[Path, dict]:
     return out, train_autoencoder(_cfg(clips, out))
 
 
+def test_the_loader_carries_uint8_clips_that_become_the_float_clips(clips):
+    """`ldm train-ae`'s loader reads each clip as its uint8 pixels (a quarter of the bytes through
+    workers, pinned memory and the copy to the device); on the device they are the float32 clips
+    a plain read gives, bit for bit, resized or not; an unreadable file is an error record."""
+    from data.sources import VideoClipDataset, list_items
+    from data.video import UINT8_VALUES, uint8_to_float
+    from launch.train_ae_data import SkipBad, collate_clips
+
+    items = list_items(clips)
+    dataset = VideoClipDataset(items, FRAMES, SIZE, SIZE)
+    reader = SkipBad(dataset, [it.key for it in items])
+    for shape in ((FRAMES, SIZE, SIZE), (FRAMES - 1, SIZE // 2, SIZE // 2)):  # as stored, resized
+        batch = collate_clips([reader[(i, 0, 0, shape)] for i in range(len(items))])
+        assert batch["video"].dtype == torch.uint8 and [k for k, _ in batch["errors"]] == ["broken"]
+        plain = torch.stack([dataset.read(i, *shape)["video"] for i, it in enumerate(items) if it.key != "broken"])
+        assert torch.equal(uint8_to_float(batch["video"], UINT8_VALUES), plain)
+
+
 def test_loss_decreases_and_run_outputs(straight):
     out, summary = straight
     log = _log(out)
