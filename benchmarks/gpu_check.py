@@ -156,7 +156,7 @@ def line(row: dict) -> str:
 
 
 def check_uint8_clips(device: torch.device) -> dict:
-    """`ldm extract`'s clips at the target size reach the device as uint8 and become float32 there by
+    """`ldm extract`'s clips reach the device as uint8 and become float32 there by
     a lookup (`data.video.uint8_to_float`): the same floats as the CPU's decoder for all 256 values,
     with no host sync (CUDA's sync debug mode set to error). Also counts the values that recomputing
     ``x.float() / 127.5 - 1`` on the device would get wrong (why it is a lookup)."""

@@ -531,7 +531,7 @@ def _cover_size(h: int, w: int, height: int, width: int) -> tuple[int, int]:
 
 
 def _unit_range(frames: np.ndarray) -> np.ndarray:
-    """uint8 values -> float32 in [-1, 1]: the float ops of every clip that needs no resize."""
+    """uint8 values -> float32 in [-1, 1]: the float ops of every clip."""
     out = frames.astype(np.float32)
     out /= 127.5
     out -= 1.0

@@ -34,7 +34,7 @@ log = logging.getLogger("ldm.extract")
 
 
 WINDOWS_PER_READ = 16  # windows of one video decoded together (one loader item): bounds memory on long videos
-# clips that need no resize leave the decoding workers as uint8, made float32 by `_ShardEncoder.on_device`: a
+# clips leave the decoding workers as uint8 (resized or not), made float32 by `_ShardEncoder.on_device`: a
 # quarter of the bytes through shared and pinned memory and the copy to the device, the same floats
 UINT8_CLIPS = True
 Unit = tuple[int, "list[Window] | str"]  # a video and some of its windows, or why it gives none
@@ -93,7 +93,7 @@ def _each_held(items: Iterator, held: Callable[[], ContextManager]) -> Iterator:
 
 class _Clips(torch.utils.data.Dataset):
     """Per unit, its decoded clips or the reason each could not be decoded (so workers never kill the run);
-    with ``uint8`` a clip that needs no resize comes as its uint8 frames (`data.video.read_clips_timed`)."""
+    with ``uint8`` each clip comes as its uint8 pixels (`data.video.read_clips_timed`)."""
 
     def __init__(self, clips: VideoClipDataset, units: list[Unit], uint8: bool):
         self.clips, self.units, self.uint8 = clips, units, uint8
