@@ -1,6 +1,7 @@
 """Extraction and shard-reading throughput, measured in one run.
 
-    python benchmarks/extraction.py [--clips 64] [--frames 9] [--size 64] [--autoencoders kl2d-f8c4-debug,...]
+    python benchmarks/extraction.py [--clips 64] [--frames 9] [--size 64] [--source-size S]
+                                    [--autoencoders kl2d-f8c4-debug,...]
                                     [--device cuda --dtype bf16] [--workers 0,2] [--batch-sizes 1,8]
 
 Prints, per autoencoder:
@@ -113,7 +114,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=64)
     p.add_argument("--frames", type=int, default=9)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--size", type=int, default=64, help="the clips' height and width")
+    p.add_argument("--source-size", type=int, default=None,
+                   help="the videos' height and width (default: --size; larger: every clip is resized, as most "
+                        "real videos are)")
     p.add_argument("--autoencoders", default="kl2d-f8c4-debug,causal3d-f4x8c4-debug")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -128,7 +132,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        synth_dataset(tmp / "videos", num=args.clips, frames=args.frames, size=args.size, fps=8, seed=0)
+        synth_dataset(tmp / "videos", num=args.clips, frames=args.frames, size=args.source_size or args.size, fps=8,
+                      seed=0)
         decode = {w: decode_rate(tmp / "videos", args.frames, args.size, auto_workers(w, device, 1))
                   for w in worker_counts}
         host = host_facts(tmp / "videos", args.frames, args.size)
@@ -164,8 +169,8 @@ def main() -> None:
             best = max(runs, key=lambda r: r["extract_clips_per_s"])
             out = tmp / f"{name}-w{best['workers']}-b{best['batch']}"
             r0, r2 = reader_rate(out, 0), reader_rate(out, 2)
-            rows.append({"autoencoder": name, "clips": args.clips, "device": args.device,
-                         "dtype": dist.dtype_name(dtype), "decode_clips_per_s": decode,
+            rows.append({"autoencoder": name, "clips": args.clips, "source_size": args.source_size or args.size,
+                         "device": args.device, "dtype": dist.dtype_name(dtype), "decode_clips_per_s": decode,
                          "encode_clips_per_s": encode, "extract": runs,
                          "extract_clips_per_s": best["extract_clips_per_s"],
                          "reader_samples_per_s_w0": r0, "reader_samples_per_s_w2": r2,
@@ -173,7 +178,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"clips: {args.clips} x {args.frames}x{args.size}x{args.size}, {args.device} {dist.dtype_name(dtype)}, "
+    print(f"clips: {args.clips} x {args.frames}x{args.size}x{args.size} (from {args.source_size or args.size}-pixel "
+          f"videos), {args.device} {dist.dtype_name(dtype)}, "
           f"threads: {torch.get_num_threads()}")
     if rows:
         h, d = rows[0]["host"], rows[0]["host"]["decode_one_clip"]

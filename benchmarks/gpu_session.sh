@@ -16,7 +16,8 @@
 # 1. `ldm train`'s own MFU for dit-XL at 4096 tokens (kl2d-f8c4 latents of 16x256x256 clips) and
 #    where its step time goes (`--ldm-train-profile`), next to the bare train step of ours and of
 #    the plain DiT reference at the same size (benchmarks/gpu_dit.py);
-# 2. extraction's loop rate against the autoencoder's own batched encode, for five families
+# 2. extraction's loop rate against the autoencoder's own batched encode, for five families, and
+#    two of them again from larger videos (every clip resized, as real videos are; EX_RESIZED)
 #    (benchmarks/extraction.py: the README's extraction clips/s per autoencoder);
 # 3. every full-size autoencoder's encode / decode FPS and peak memory (benchmarks/gpu_check.py),
 #    then four conv autoencoders again with cuDNN's per-shape algorithm search on (an A/B for the
@@ -41,6 +42,7 @@ if [ -z "${TOY:-}" ]; then
   DIT_ARGS="--tokens 1024,4096,16384 --batches 32,8,2 --sample-batches 64,16,4 --steps 4 --warmup 2"
   EX_AES="causal3d-f4x8c4 kl2d-f8c4 ivvae-z16 h3ae-8x32x32 mtcvae-c4"  # mtcvae last: it gets L2_SLOW
   EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,8,-1 --batch-sizes 8"  # -1: ldm extract's default (15 on 16 cores)
+  EX_RESIZED="h3ae-8x32x32@384 causal3d-f4x8c4@384"  # again from 384x384 videos: every clip resized, as real videos
   AE_ARGS="--frames 17 --size 256"
   AB_ARGS="--frames 17 --size 256 --autoencoders causal3d-f4x8c16,ivvae-z16,kl2d-f8c4,h3ae-8x32x32"
   L1=300; L2=40; L2_SLOW=90; L3=110; L4=60; L5=200  # mtcvae-c4 encodes ~60 fps: 40 s cut it short on an H100
@@ -50,6 +52,7 @@ else
   DIT_ARGS="--tiny --tokens 64 --batches 2 --sample-batches 2 --steps 1 --warmup 1 --compile-backend aot_eager"
   EX_AES="causal3d-f4x8c4-debug kl2d-f8c4-debug"
   EX_ARGS="--clips 4 --frames 9 --size 32 --workers 0 --batch-sizes 2"
+  EX_RESIZED="kl2d-f8c4-debug@48"
   AE_ARGS="--debug --frames 9 --size 32 --autoencoders kl2d-f8c4-debug,hivae-s-debug"
   AB_ARGS="--debug --frames 9 --size 32 --autoencoders kl2d-f8c4-debug"
   L1=600; L2=300; L2_SLOW=300; L3=300; L4=300; L5=300
@@ -95,17 +98,20 @@ done
 
 if want extract; then
 stamp "extraction vs encode, each autoencoder under its own limit"
-for A in $EX_AES; do
+for E in $EX_AES $EX_RESIZED; do  # NAME, or NAME@S: from SxS videos
+  A=${E%@*}; TAG=$A; SRC=()
+  if [[ $E == *@* ]]; then TAG="$A-from${E#*@}"; SRC=(--source-size "${E#*@}"); fi
   LIM=$L2; [[ $A == mtcvae* ]] && LIM=$L2_SLOW
-  timeout $(left $LIM) $PY benchmarks/extraction.py --device $DEV $EX_ARGS --autoencoders $A --json 2>/dev/null \
-    | grep -v "^extracted" > "$OUT/extraction-$A.json"
-  $PY -c "import json, sys; r = json.load(open(sys.argv[1]))[0]; print(r['autoencoder'], 'encode', r['encode_clips_per_s'], \
+  timeout $(left $LIM) $PY benchmarks/extraction.py --device $DEV $EX_ARGS "${SRC[@]}" --autoencoders $A --json \
+    2>/dev/null | grep -v "^extracted" > "$OUT/extraction-$TAG.json"
+  $PY -c "import json, sys; r = json.load(open(sys.argv[1]))[0]; print(r['autoencoder'], 'from', r['source_size'], \
+'pixel videos, encode', r['encode_clips_per_s'], \
 'extract (workers, clips/s, vs encode, fill s, steady vs encode, waited for decoding)', [(e['workers'], \
 round(e['extract_clips_per_s'], 1), round(e['efficiency_vs_encode'], 2), round(e['fill_s'], 2), \
 round(e['steady_efficiency_vs_encode'], 2), e['decode_wait_share'] and round(e['decode_wait_share'], 2)) for e in r['extract']]); \
 h = r['host']; print('  host', h['cpu_model'], h['cpus'], 'cores', h['usable_cores'], 'usable, quota', h['cgroup_cpu_quota'], \
 'load', h['loadavg_1m'], 'one clip decoded in-process', {k: round(v, 2) for k, v in h['decode_one_clip'].items()})" \
-    "$OUT/extraction-$A.json" 2>/dev/null || echo "$A: no result (timed out or failed)"
+    "$OUT/extraction-$TAG.json" 2>/dev/null || echo "$TAG: no result (timed out or failed)"
 done
 fi
 
