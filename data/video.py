@@ -56,6 +56,11 @@ GIF_SUFFIXES = (".gif",)
 DEFAULT_CRF = 18  # libx264 constant rate factor: 18 is visually near-lossless, small files
 LARGE_FRAME = 640 * 360  # frames of at least this many pixels get threaded decoding/encoding
 
+# what a clip's pixels are for a given video and clip settings: raised when the reading changes them, so that
+# folders made by an earlier reading are told apart (`ldm extract` binds its output to it). 1: resized on float32
+# frames; 2: on their 8-bit pixels (within one level of 255 of 1's)
+READING_VERSION = 2
+
 # PyAV raises FFmpegError subclasses (most also subclass OSError/ValueError); UnicodeDecodeError
 # can come out of metadata parsing of garbage input.
 _AV_ERRORS = (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError)

@@ -58,7 +58,7 @@ from data import shards
 from data.manifest import MANIFEST, Counts, Manifest
 from data.sources import VideoClipDataset, list_items
 from data.synth import class_space
-from data.video import VideoError, Windows, probe, read_clips, usable_cores
+from data.video import READING_VERSION, VideoError, Windows, probe, read_clips, usable_cores
 from launch import dist, runs
 from launch.cli import Stopped, config_flag
 from launch.encode_loop import ShardBuffer, ae_cond, decoding_limit, plan_units
@@ -220,20 +220,23 @@ def _run_signature(cfg: ExtractConfig, record: AERecord, dtype: torch.dtype,
             "shard_size": cfg.shard_size, "dtype": dist.dtype_name(dtype), "tile": cfg.tile}
 
 
+READING_HINT = ("an earlier version of the platform read its clips (resized ones differ by at most one level of "
+                "255): allowed, the change keeps its finished shards and reads the others the new way")
 TEXT_FINGERPRINT = "text_encoder.fingerprint"  # its binding key: --allow-change text_encoder covers it
 
 
 def run_binding(cfg: ExtractConfig, record: AERecord, dtype: torch.dtype, items: list,
                 text_fp: list[float] | None) -> dict[str, Any]:
     """What the output folder is bound to: the settings except ``HARMLESS``, the autoencoder
-    (name, config and weights hashes), the precision, the inputs (how many, a hash of their keys)
-    and the text encoder's fingerprint (`bound_fingerprint`)."""
+    (name, config and weights hashes), the precision, the inputs (how many, a hash of their keys),
+    the text encoder's fingerprint (`bound_fingerprint`) and the video reading's version
+    (`data.video.READING_VERSION`: a folder begun by an earlier reading is not finished by another)."""
     keys = [it.key for it in items]
     facts = {"model": {"name": record.name, "config_hash": record.config_hash,
                        "checkpoint_hash": record.checkpoint_hash},
              "compute_dtype": dist.dtype_name(dtype), TEXT_FINGERPRINT: text_fp,
              "inputs": f"{len(keys)} (keys sha256 {hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]})",
-             "labels": labels_digest(items)}
+             "labels": labels_digest(items), "reading": READING_VERSION}
     return runs.binding_record(cfglib.to_dict(cfg), HARMLESS, facts)
 
 
@@ -550,7 +553,8 @@ def set_up(cfg: ExtractConfig, allow_change: tuple[str, ...]) -> ExtractRun:
     binding = runs.check_binding(out, run_binding(cfg, record, dtype, items, text_fp), allow_change,
                                  defaults={**runs.defaults_of(ExtractConfig),
                                            TEXT_FINGERPRINT: since["text_fingerprint"],
-                                           "labels": labels_digest(items)})
+                                           "labels": labels_digest(items), "reading": 1},
+                                 hints={"reading": READING_HINT})
     # no second extraction into the folder while this one lives (rank 0 holds it for every rank of the run);
     # the folder appears here, after every check
     runs.claim_folder(out)

@@ -326,6 +326,29 @@ def test_extract_binds_the_captions_and_class_ids(base, tmp_path, capsys):
     assert _ldm(argv) == 0
 
 
+def test_extract_binds_the_video_reading(base, tmp_path, capsys):
+    """A folder begun by an earlier reading (its run.json says reading 1, or nothing: made before the
+    reading was versioned) is not finished by another without a word: refused, naming the change;
+    allowed, the finished shards are kept as they are and the change recorded."""
+    from data.video import READING_VERSION
+    out = tmp_path / "lat"
+    argv = _extract(base, out)
+    assert _ldm(argv) == 0
+    assert json.loads((out / runs.BINDING).read_text())["record"]["reading"] == READING_VERSION
+    record = json.loads((out / runs.BINDING).read_text())
+    del record["record"]["reading"]  # an earlier version's folder
+    (out / runs.BINDING).write_text(json.dumps(record))
+    before = _snapshot(out)
+    _refused(argv, capsys, f"reading: 1 -> {READING_VERSION}", "--allow-change reading",
+             "keeps its finished shards")
+    assert _snapshot(out) == before
+    assert _ldm([*argv, "--allow-change", "reading"]) == 0
+    assert {k: v for k, v in _snapshot(out).items() if k.endswith(".tar")} == \
+        {k: v for k, v in before.items() if k.endswith(".tar")}
+    assert json.loads((out / runs.BINDING).read_text())["changes"][0]["changes"] == {"reading": [1, READING_VERSION]}
+    assert _ldm(argv) == 0  # bound to this reading now
+
+
 def test_binding_unit(tmp_path):
     record = runs.binding_record({"steps": 2, "log_every": 1, "optim": {"lr": 1e-4, "betas": (0.9, 0.99)},
                                   "overrides": {}}, ("log_every",), {"data": {"clips": 3}})
