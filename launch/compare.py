@@ -61,7 +61,7 @@ from launch import dist
 from launch import evaluate as ev
 from launch import runs
 from launch.configs import config_path
-from launch.extract import ExtractConfig, source_rates
+from launch.extract import ExtractConfig, auto_workers, source_rates
 from launch.list_models import params_text
 from launch.pipeline import Stages, run_verb
 from launch.train_ae import TrainAEConfig
@@ -546,7 +546,7 @@ def _recon(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, work
                                                 i3d=i3d,  # the same random clips as FVD's reference (its seed)
                                                 fvd_frames=args.fvd_frames, text_encoder=text_encoder,
                                                 grid=work / "recon_grid.png", inception=inception,
-                                                first_frame=entry["first_frame"])}
+                                                first_frame=entry["first_frame"], workers=_readers(device))}
 
 
 def _generate(args: argparse.Namespace, eval_data: str, synth: dict[str, Any] | None, work: Path, i3d,
@@ -577,8 +577,13 @@ def _generate(args: argparse.Namespace, eval_data: str, synth: dict[str, Any] | 
         out["sample_s_per_video"] = (time.perf_counter() - t0) / n
     if i3d is not None:
         out["fvd"] = ev.generation_fd(model, ae, export, eval_data, num=args.eval_clips, i3d=i3d, inception=None,
-                                      fvd_frames=args.fvd_frames, **clip)["fvd"]
+                                      fvd_frames=args.fvd_frames, workers=_readers(device), **clip)["fvd"]
     return out
+
+
+def _readers(device: torch.device) -> int:
+    """The processes that decode the evaluation clips: `ldm eval`'s default (none on the CPU)."""
+    return auto_workers(-1, device, 1)  # one process evaluates
 
 
 def _sha(path: str | None) -> str | None:

@@ -1,8 +1,8 @@
 """The clips an evaluation reads (``ldm eval recon`` / ``gen``, `ldm compare`, `ldm cost --recon`).
 
 Which videos (`choose_items`: a seeded random ``--num`` of a listing, GIF twins once), how each becomes a clip
-(`iter_clips`: resized and center-cropped, `CLIP_READING`, or at its own size, `NATIVE_READING`), in batches of
-one shape (`clip_batches`), and under torchrun / srun each rank's share (`rank_share`) with every rank's results
+(`iter_clips`: resized and center-cropped, `CLIP_READING`, or at its own size, `NATIVE_READING`; decoded in
+DataLoader workers when given some, as ``ldm extract`` does), in batches of one shape (`clip_batches`), and under torchrun / srun each rank's share (`rank_share`) with every rank's results
 put back together (`gathered`, `merge_ranks`). `mean_std` is how a per-clip metric is summarised over clips.
 """
 from __future__ import annotations
@@ -12,12 +12,14 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from autoencoders import Autoencoder
 from data.sources import ItemList, VideoClipDataset, VideoItem, list_items
-from data.video import VideoError, upright_size
-from launch import dist
+from data.video import UINT8_VALUES, VideoError, uint8_to_float, upright_size
+from launch import dist, runs
+from launch.encode_loop import prefetch_per_worker
 from launch.reconstruct import SIZE_MULTIPLES
 from ldm.metrics import FrechetAccumulator
 
@@ -82,34 +84,59 @@ def native_size(ae: Autoencoder, frames: int, height: int, width: int) -> tuple[
 
 
 def iter_clips(input: str, frames: int, height: int, width: int, fps: float | None, num: int | None,
-               items: ItemList | None = None, native: Autoencoder | None = None
-               ) -> tuple[Iterable[dict[str, Any]], list[str], int]:
+               items: ItemList | None = None, native: Autoencoder | None = None, workers: int = 0,
+               batch_size: int = 1) -> tuple[Iterable[dict[str, Any]], list[str], int]:
     """The clips of ``input`` (its first ``num``; GIF twins once, `without_gif_twins`), or of
-    ``items`` when given (already chosen: ``num`` is not applied). ``native``: each clip at its own size,
-    center-cropped to `native_size` for that autoencoder (``height`` / ``width`` unused), with its
-    ``source_size``; a video no size of which the autoencoder takes is skipped."""
+    ``items`` when given (already chosen: ``num`` is not applied), in their order. ``native``: each clip at its
+    own size, center-cropped to `native_size` for that autoencoder (``height`` / ``width`` unused), with its
+    ``source_size``; a video no size of which the autoencoder takes is skipped. ``workers`` > 0: decoded by that
+    many DataLoader processes, about two batches of ``batch_size`` ahead, each clip sent as its 8-bit pixels
+    (`uint8_to_float` makes them the same float32 clip, bit for bit)."""
     if items is None:
         items = without_gif_twins(list_items(input))
         if num:
             items = ItemList(items[:num], items.problems, items.class_names)
     if not items:
         raise ValueError(f"no videos found in {input}")
-    data = VideoClipDataset(items, frames, height, width, fps)
+    reads = _Reads(VideoClipDataset(items, frames, height, width, fps), native)
     skipped: list[str] = list(getattr(items, "problems", []))
 
     def gen():
-        for i in range(len(data)):
-            try:
-                if native is None:
-                    yield {**data[i], "index": i}  # the item's place in ``items``
-                    continue
-                src_h, src_w = upright_size(items[i].readable())
-                h, w = native_size(native, frames, src_h, src_w)
-                clip = data.read(i, frames, src_h, src_w)  # its own size: no resize
-                yield {**clip, "video": center_crop(clip["video"], h, w), "index": i, "source_size": [src_h, src_w]}
-            except (VideoError, ValueError) as e:
-                skipped.append(f"{items[i].source}: {e}")
+        got: Iterable[dict[str, Any] | str] = (reads[i] for i in range(len(reads)))
+        if workers:
+            got = torch.utils.data.DataLoader(reads, batch_size=None, num_workers=workers,
+                                              worker_init_fn=runs.reader_ignores_interrupts,  # the main process stops
+                                              prefetch_factor=prefetch_per_worker(batch_size, 1, workers))
+        for x in got:
+            if isinstance(x, str):
+                skipped.append(x)
+            else:
+                yield {**x, "video": uint8_to_float(x["video"], UINT8_VALUES)}
     return gen(), skipped, len(items)
+
+
+class _Reads(torch.utils.data.Dataset):
+    """`iter_clips`' reading of video ``i``: its clip's fields with the clip's uint8 pixels and ``index`` (its
+    place in the items), or why it gives none (``"source: reason"``)."""
+
+    def __init__(self, data: VideoClipDataset, native: Autoencoder | None):
+        self.data, self.native = data, native
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | str:
+        data = self.data
+        try:
+            if self.native is None:
+                return {**data.read(i, data.frames, data.height, data.width, uint8=True), "index": i}
+            src_h, src_w = upright_size(data.items[i].readable())
+            h, w = native_size(self.native, data.frames, src_h, src_w)
+            clip = data.read(i, data.frames, src_h, src_w, uint8=True)  # its own size: no resize
+            return {**clip, "video": center_crop(clip["video"], h, w).contiguous(), "index": i,
+                    "source_size": [src_h, src_w]}
+        except (VideoError, ValueError) as e:
+            return f"{data.items[i].source}: {e}"
 
 
 def center_crop(video: Tensor, height: int, width: int) -> Tensor:
@@ -134,17 +161,18 @@ def clip_batches(it: Iterable[dict[str, Any]], size: int) -> Iterable[list[dict[
 
 
 def rank_share(input: str, frames: int, height: int, width: int, fps: float | None, items: ItemList,
-               batch_size: int, native: Autoencoder | None = None) -> tuple[Iterable[dict[str, Any]], list[str]]:
-    """`iter_clips` of this rank's share of ``items``: every world_size-th batch of ``batch_size`` of
-    them (all of them on one rank), each clip's ``index`` its place in ``items``; the listing's
-    problems go with rank 0's skipped list."""
+               batch_size: int, native: Autoencoder | None = None, workers: int = 0
+               ) -> tuple[Iterable[dict[str, Any]], list[str]]:
+    """`iter_clips` of this rank's share of ``items`` (decoded by ``workers`` processes, 0: in this one): every
+    world_size-th batch of ``batch_size`` of them (all of them on one rank), each clip's ``index`` its place in
+    ``items``; the listing's problems go with rank 0's skipped list."""
     if not items:
         raise ValueError(f"no videos found in {input}")
     mine = rank_indices(len(items), batch_size)
     share = ItemList([items[i] for i in mine], items.problems if dist.rank() == 0 else [], items.class_names)
     if not share:
         return iter(()), list(share.problems)
-    clips, skipped, _ = iter_clips(input, frames, height, width, fps, None, share, native)
+    clips, skipped, _ = iter_clips(input, frames, height, width, fps, None, share, native, workers, batch_size)
     return ({**x, "index": mine[x["index"]]} for x in clips), skipped
 
 

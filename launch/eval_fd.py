@@ -166,7 +166,7 @@ def load_reference_stats(path: Path, accs: dict[str, FrechetAccumulator]
 
 
 def _reference_clips(reference: str, items: ItemList, accs: dict[str, FrechetAccumulator], stats_file: Path | None, *,
-                     frames: int, height: int, width: int, fps: float | None, batch_size: int
+                     frames: int, height: int, width: int, fps: float | None, batch_size: int, workers: int
                      ) -> tuple[Iterable[dict[str, Any]], list[str], dict[str, list[float]] | None]:
     """This rank's reference clips, the skipped ones and, when the reference statistics came from
     ``stats_file`` (an earlier evaluation's, `load_reference_stats`: then the clips carry their caption and
@@ -182,7 +182,7 @@ def _reference_clips(reference: str, items: ItemList, accs: dict[str, FrechetAcc
     if error is not None:
         raise UserError(error)
     if cached is None:
-        ref, skipped = rank_share(reference, frames, height, width, fps, items, batch_size)
+        ref, skipped = rank_share(reference, frames, height, width, fps, items, batch_size, workers=workers)
         return ref, skipped, None
     readable, skipped, clip_metrics = cached
     mine = set(rank_indices(len(items), batch_size))
@@ -193,8 +193,8 @@ def _reference_clips(reference: str, items: ItemList, accs: dict[str, FrechetAcc
 
 
 def _read_samples(samples: str, accs: dict[str, FrechetAccumulator], clip_metrics: dict[str, list[float]], *,
-                  num: int | None, frames: int, height: int, width: int, fps: float | None, batch_size: int
-                  ) -> tuple[float | None, list[str]]:
+                  num: int | None, frames: int, height: int, width: int, fps: float | None, batch_size: int,
+                  workers: int) -> tuple[float | None, list[str]]:
     """Add this rank's share of the ``samples`` folder's clips (its first ``num``) to the generated side of
     ``accs`` and their `GEN_CLIP_METRICS` to ``clip_metrics``; the rate they were read at and the skipped ones.
     An `ldm sample` folder (``index.json``) is read frame by frame: each file frame is a DiT frame, whatever
@@ -202,7 +202,7 @@ def _read_samples(samples: str, accs: dict[str, FrechetAccumulator], clip_metric
     samples_fps = None if (Path(samples) / "index.json").is_file() else fps
     listed = without_gif_twins(list_items(samples))
     listed = ItemList(listed[:num], listed.problems, listed.class_names) if num else listed
-    gen, skipped = rank_share(samples, frames, height, width, samples_fps, listed, batch_size)
+    gen, skipped = rank_share(samples, frames, height, width, samples_fps, listed, batch_size, workers=workers)
     for batch in clip_batches(gen, batch_size):
         fake = torch.stack([x["video"] for x in batch])
         for acc in accs.values():
@@ -268,7 +268,7 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
                   device: str | torch.device = "cpu", fps: float | None = None,
                   use_class: bool | None = None, classes: str | None = None, split: str | None = None,
                   class_dist: str = "reference", reference_stats: str | Path | None = None,
-                  reference_seed: int | None = None, text_encoder=None) -> dict[str, Any]:
+                  reference_seed: int | None = None, text_encoder=None, workers: int = 0) -> dict[str, Any]:
     """FVD / FID between the reference clips (`reference_items`: a random ``num`` of them, seeded by
     ``reference_seed``, by default ``sampling.seed``) and generated ones: the given ``samples`` folder (its first
     ``num``), or one sample per reference clip from its caption (text DiT) or class (``use_class``: also with text,
@@ -283,7 +283,8 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     folder (``index.json``) is read frame by frame, whatever playback ``--fps`` it was written at. With
     ``reference_stats`` (a folder), the reference features' statistics are kept there (`reference_stats_file`)
     and reused by a later evaluation against the same clips under the same protocol, e.g. another checkpoint of
-    the run: the same numbers, without reading the reference again."""
+    the run: the same numbers, without reading the reference again. ``workers``: the processes that decode the
+    videos read (`rank_share`; 0: this one)."""
     if i3d is None and inception is None:
         raise ValueError("FVD / FID need --i3d and/or --inception")
     if class_dist not in CLASS_DISTS:
@@ -299,7 +300,7 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
     stats_file = reference_stats_file(Path(reference_stats), items, accs, frames, height, width, fps) \
         if reference_stats else None
     ref, skipped, ref_metrics = _reference_clips(reference, items, accs, stats_file, frames=frames, height=height,
-                                                 width=width, fps=fps, batch_size=batch_size)
+                                                 width=width, fps=fps, batch_size=batch_size, workers=workers)
     reused = ref_metrics is not None
     gen_metrics: dict[str, list[float]] = {}
     ref_metrics = ref_metrics or {}
@@ -332,7 +333,7 @@ def generation_fd(model, ae: Autoencoder, export: Export, reference: str, *, fra
                 _add_clip_metrics(gen_metrics, video)
     if samples is not None:
         samples_fps, gen_skipped = _read_samples(samples, accs, gen_metrics, num=num, frames=frames, height=height,
-                                                 width=width, fps=fps, batch_size=batch_size)
+                                                 width=width, fps=fps, batch_size=batch_size, workers=workers)
     merge_ranks(accs)  # every rank's clips; each list below in rank order
     skipped, made, readable_now = gathered(skipped), gathered(made), sorted(gathered(readable_now))
     if not reused:  # else the kept values, sent to every rank

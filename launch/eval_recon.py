@@ -162,7 +162,7 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
                             frame_group: int = 0, group_start: int = 0, text_encoder=None,
                             grid: str | Path | None = None, grid_clips: int = 4,
                             dtype: torch.dtype = torch.float32, inception: Extractor | None = None,
-                            first_frame: bool = False, native: bool = False) -> dict[str, Any]:
+                            first_frame: bool = False, native: bool = False, workers: int = 0) -> dict[str, Any]:
     """Encode + decode the clips of ``input`` (`choose_items`: with ``num``, a random ``num`` of them
     seeded by ``seed``, or the first ``num`` when ``seed`` is None, as `ldm train-ae`'s held-out set
     and `ldm cost --recon` take them; ``classes`` / ``split`` as `data.sources.list_items`); the per-clip
@@ -173,7 +173,8 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
     fp32. ``input_clips`` in the result records how the clips were chosen. ``native`` (IV-VAE's "original video
     resolution"): each clip at its own size (`native_size`: center-cropped to one the autoencoder takes, never
     resized; ``height`` / ``width`` unused), batched by size, the sizes recorded; rFVD / rFID take mixed sizes
-    as their extractors resize every frame (FVD: to 224x224; Inception: inside the network)."""
+    as their extractors resize every frame (FVD: to 224x224; Inception: inside the network). ``workers``: the
+    processes that decode the videos (`rank_share`; 0: this one)."""
     device = torch.device(device)
     ae = ae.to(device=device, dtype=dtype).eval()
     if not native:
@@ -187,7 +188,7 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
     if native:
         items, order = _by_size(items, ae, frames)
     clips, skipped = rank_share(input, frames, height, width, fps, items, batch_size,  # all of them on one rank
-                                ae if native else None)
+                                ae if native else None, workers)
     clips = ({**c, "index": order[c["index"]]} for c in clips)  # its place among the chosen clips
     rfvd = fvd_accumulator(i3d, fvd_frames) if i3d is not None else None
     rfid = fid_accumulator(inception) if inception is not None else None

@@ -57,6 +57,7 @@ from launch.eval_fd import CLASS_DISTS, generation_fd, reference_items
 from launch.eval_recon import evaluate_reconstruction
 from launch.eval_vbench import (VBENCH_RECORD, check_vbench_dit, read_vbench_results, vbench_bridge,
                                 vbench_info_path, vbench_prompts)
+from launch.extract import auto_workers, local_ranks
 from launch.reconstruct import DEFAULT_FRAMES, default_frames, default_size
 from launch.sample import (add_sampling_arguments, check_export, checkpoint_run, dit_conditioning, export_weights,
                            load_dit, playback_fps, sampling_from_args, sampling_text_encoder)
@@ -134,6 +135,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision the autoencoder runs in (auto: bf16 on CUDA, fp32 on the CPU)")
     _memory_args(r, "encode and decode")
+    _workers_arg(r)
 
     g = sub.add_parser("gen", help="generation quality of a trained DiT")
     g.add_argument("--checkpoint", required=True,
@@ -157,6 +159,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision the DiT and the autoencoder run in (auto: bf16 on CUDA, fp32 on the CPU)")
     _memory_args(g, "decode")
+    _workers_arg(g)
     g.add_argument("--attributes", action="store_true", help="the offline attribute benchmark")
     g.add_argument("--per-prompt", type=int, default=4)
     g.add_argument("--shapes", nargs="+")
@@ -202,6 +205,12 @@ def _memory_args(p: argparse.ArgumentParser, what: str) -> None:
                    help="stream long clips this many frames at a time (IV-VAE, H3AE, causal3d)")
 
 
+def _workers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-workers", type=int, default=-1,
+                   help="video decoding worker processes per rank, as `ldm extract` (default -1 = auto: 0 on the CPU; "
+                        "with a GPU the usable cores / ranks on the node, less one, at most 16)")
+
+
 def _metric_args(p: argparse.ArgumentParser, lpips: bool = True) -> None:
     if lpips:
         p.add_argument("--lpips-backbone", help="torchvision VGG16 / AlexNet weights file (e.g. vgg16-397923af.pth)")
@@ -243,6 +252,7 @@ def check_args(args: argparse.Namespace) -> None:
                    "--vbench-gpus": args.vbench_gpus, "--vbench-max-prompts": args.vbench_max_prompts}
                   if gen else {})}, 1)
     check_min({"--chunk-frames": args.chunk_frames}, 0)
+    check_min({"--num-workers": args.num_workers}, -1, " (-1: auto)")
     if not gen:
         check_min({"--frame-group": args.frame_group, "--group-start": args.group_start}, 0)
     if args.fps is not None and not args.fps > 0:
@@ -331,6 +341,7 @@ def run(args: argparse.Namespace) -> int:
     env = dist.init_distributed()  # under torchrun / srun each rank takes its share of the clips
     with checking():
         device = dist.device_for(env, args.device)
+    args.num_workers = auto_workers(args.num_workers, device, local_ranks(env))  # -1 (auto) resolved to a count
     if args.what == "recon":
         result = run_recon(args, device)
     else:
@@ -453,7 +464,8 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                                      fvd_frames=args.fvd_frames, frame_group=args.frame_group,
                                      group_start=args.group_start, text_encoder=text_encoder, grid=args.grid,
                                      dtype=compute_dtype(args.dtype, device), inception=inception,
-                                     first_frame=args.first_frame, native=args.native_size)
+                                     first_frame=args.first_frame, native=args.native_size,
+                                     workers=args.num_workers)
     result = {"autoencoder": name, "checkpoint": args.checkpoint, "checkpoint_hash": ckpt_hash, "input": args.input,
               "tile": args.tile, "chunk_frames": args.chunk_frames, **result}
     if lpips is not None:
@@ -564,7 +576,7 @@ def run_gen(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                                      samples=args.samples, use_class=True if args.use_class else None,
                                      classes=args.classes, split=args.split, class_dist=args.class_dist,
                                      reference_stats=args.reference_stats, reference_seed=_reference_seed(args),
-                                     **common)
+                                     workers=args.num_workers, **common)
     if args.vbench:
         result["vbench"] = vbench_bridge(model, ae, export, out, info=info, dimensions=args.vbench_dimensions,
                                          per_prompt=args.vbench_per_prompt, frames=frames, height=height,

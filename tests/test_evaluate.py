@@ -413,8 +413,8 @@ def test_fd_of_an_unconditional_dit(files, run_dir, tmp_path):
 def test_fd_reads_clips_at_the_training_rate(files, run_dir, monkeypatch):
     model, ae, context = _load(run_dir)
     rates, read = [], eval_clips.iter_clips
-    monkeypatch.setattr(eval_clips, "iter_clips", lambda input, frames, h, w, fps, num, items=None, native=None:
-                        rates.append(fps) or read(input, frames, h, w, fps, num, items, native))
+    monkeypatch.setattr(eval_clips, "iter_clips", lambda input, frames, h, w, fps, num, *rest:
+                        rates.append(fps) or read(input, frames, h, w, fps, num, *rest))
     at4 = dataclasses.replace(context, video=ClipSpec(8, 32, 32, fps=4.0))  # trained on clips resampled to 4 fps
     kw = dict(frames=4, height=32, width=32, num=None, i3d=metrics.load_i3d(files / "i3d_torchscript.pt"),
               inception=None, fvd_frames=4, samples=str(files / "videos"))
@@ -806,3 +806,45 @@ def test_eval_recon_native_size_reads_each_clip_at_its_own_size(files, tmp_path)
     with pytest.raises(UserError, match="^--native-size reads each clip at its own size; leave out --height"):
         ldm(["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(videos), "--native-size",
              "--height", "32", "--output", str(tmp_path / "x.json"), "--device", "cpu"])
+
+
+def test_eval_clips_decoded_by_worker_processes_are_the_same_clips(files, tmp_path, monkeypatch):
+    """``--num-workers`` (`ldm eval`'s video decoding in DataLoader processes, as `ldm extract`; 8-bit pixels sent,
+    made float32 here): the same clips bit for bit, in the same order, the same skipped videos with their reasons,
+    resized, at their own size (``--native-size``) or unreadable; the CLI's result is the same (was: every clip
+    decoded in the evaluating process, between the model's batches)."""
+    videos = _mixed_sizes(tmp_path / "v", [(36, 52), (48, 48), (12, 28), (40, 56)])
+    (videos / "4.mp4").write_bytes(b"not a video")
+    loaders, real = [], torch.utils.data.DataLoader
+    monkeypatch.setattr(torch.utils.data, "DataLoader", lambda *a, **k: loaders.append(k["num_workers"]) or real(*a, **k))
+    for native in (None, _Recording16()):
+        runs = []
+        for workers in (0, 2):
+            clips, skipped, n = eval_clips.iter_clips(str(videos), 5, 32, 32, None, None, native=native,
+                                                      workers=workers, batch_size=2)
+            runs.append(([(c["key"], c["index"], c["video"]) for c in clips], skipped, n))
+        (one, skipped_one, n), (two, skipped_two, _) = runs
+        assert n == 5 and [k for k, _, _ in one] == [k for k, _, _ in two] and skipped_one == skipped_two
+        assert all(a.dtype == torch.float32 and torch.equal(a, b) for (_, _, a), (_, _, b) in zip(one, two))
+        assert any("4.mp4" in s and "not a readable video" in s for s in skipped_one)
+        if native is None:  # resized from their own sizes (12x28 too: upscaled), as a plain read gives them
+            assert len(one) == 4 and all(v.shape == (3, 5, 32, 32) for _, _, v in one)
+            from data.video import read_video
+            assert torch.equal(one[0][2], read_video(videos / "0.mp4", 5, 32, 32))
+        else:  # 12x28 holds no multiple of 16: skipped, naming why
+            assert [tuple(v.shape[-2:]) for _, _, v in one] == [(32, 48), (48, 48), (32, 48)]
+            assert any("2.mp4" in s and "takes no clip of 5 frames at 12x28" in s for s in skipped_one)
+
+    results = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"r{workers}.json"
+        with pytest.warns(UserWarning, match="RANDOM"):
+            ldm(["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(videos), "--frames", "5",
+                 "--height", "32", "--width", "32", "--output", str(out), "--device", "cpu", "--num-workers", workers])
+        results.append(json.loads(out.read_text()))
+    assert loaders == [2, 2, 2]  # a loader of 2 processes for each reading with workers, none without
+    keep = ("clips", "skipped", "psnr_db", "ssim", "info_preservation")
+    assert {k: results[0][k] for k in keep} == {k: results[1][k] for k in keep} and results[0]["clips"] == 4
+    with pytest.raises(UserError, match=r"^--num-workers must be >= -1, got -2 \(-1: auto\)"):
+        ldm(["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(videos), "--output",
+             str(tmp_path / "x.json"), "--num-workers", "-2"])
