@@ -55,6 +55,7 @@ import torch
 
 import autoencoders
 from data.manifest import load_manifest
+from data.video import READING_VERSION
 from dit import load_export
 from launch import cost as costlib
 from launch import dist
@@ -602,19 +603,21 @@ def _eval_settings(settings: dict[str, Any], eval_input: str | None) -> dict[str
 
 def _eval_keys(s: dict[str, Any], first_frame: bool, synthetic: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """The keys of an autoencoder's recon and generate stages (`Stages.run`): what each depends on of
-    the evaluation settings ``s`` (`_eval_settings`; None: not used by the stage)."""
+    the evaluation settings ``s`` (`_eval_settings`; None: not used by the stage), and the video reading's
+    version where the stage reads videos (`data.video.READING_VERSION`: results read by an earlier version are
+    measured again, so that the rows of one table read their clips alike)."""
     lpips = bool(s["--lpips-backbone"] or s["--lpips-heads"])
     fvd = s["--i3d"] is not None
     recon = {"--eval-input": s["--eval-input"], "--eval-clips": s["--eval-clips"],
              "--lpips-backbone": s["--lpips-backbone"], "--lpips-heads": s["--lpips-heads"],
              "--lpips-net": s["--lpips-net"] if lpips else None, "--i3d": s["--i3d"],
              "--fvd-frames": s["--fvd-frames"] if fvd else None, "--inception": s["--inception"],
-             "--first-frame": first_frame}
+             "--first-frame": first_frame, "reading": READING_VERSION}
     generate = {"--sample-steps": s["--sample-steps"], "--guidance": s["--guidance"],
                 "--per-prompt": s["--per-prompt"] if synthetic else None,
                 "--eval-clips": s["--eval-clips"] if fvd or not synthetic else None,  # FVD's clips, or those timed
                 "--eval-input": s["--eval-input"] if fvd else None, "--i3d": s["--i3d"],
-                "--fvd-frames": s["--fvd-frames"] if fvd else None}
+                "--fvd-frames": s["--fvd-frames"] if fvd else None, **({"reading": READING_VERSION} if fvd else {})}
     return recon, generate
 
 

@@ -313,6 +313,17 @@ def test_a_changed_evaluation_flag_redoes_only_what_it_affects(tmp_path, capsys,
     assert sorted(json.loads((out / "kl2d-f8c4-debug" / "stages.json").read_text())) == ["extract", "recon",
                                                                                           "train_dit"]
 
+    # a reconstruction read by an earlier version of the video reading (its key has no "reading") is measured again,
+    # the others kept: the rows of one table read their clips alike
+    stages = json.loads((out / "kl2d-f8c4-debug" / "stages.json").read_text())
+    del stages["recon"]["key"]["reading"]
+    (out / "kl2d-f8c4-debug" / "stages.json").write_text(json.dumps(stages))
+    capsys.readouterr()
+    ldm([*argv, "--sample-steps", "4", "--eval-clips", "3"])
+    assert "recon again: reading added" in capsys.readouterr().out
+    row, = _report(out)["rows"]
+    assert row["resumed"] == ["extract", "train_dit"] and row["recon"]["clips"] == 3
+
 
 def test_an_autoencoder_that_fails_is_reported_and_the_others_go_on(tmp_path, capsys, monkeypatch):
     """One of two autoencoders failing (out of memory, unreadable weights) leaves it out of the report,
