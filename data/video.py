@@ -33,7 +33,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -199,6 +199,41 @@ def _cfs_quota(folder: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return None if quota <= 0 or period <= 0 else quota / period
+
+
+SHARED_MEMORY = Path("/dev/shm")  # where DataLoader workers hand tensors over on Linux (POSIX shared memory)
+SHARED_MEMORY_SHARE = 0.5  # of its free bytes, what a machine's decoding workers may hold (the rest: other users)
+
+
+def shared_memory_free(path: Path = SHARED_MEMORY) -> int | None:
+    """Bytes free in the shared memory that DataLoader workers hand their tensors over in (a container's
+    ``/dev/shm``: Docker's default is 64 MB); None where there is none to read (not Linux)."""
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def fit_shared_memory(workers: int, in_flight: Callable[[int], int], ranks: int = 1,
+                      path: Path = SHARED_MEMORY) -> tuple[int, str | None]:
+    """The most decoding workers, at most ``workers``, whose tensors in flight (``in_flight(w)`` bytes with ``w``
+    workers: those decoded and waiting) fit this process's share of the free shared memory
+    (`SHARED_MEMORY_SHARE` of it over the ``ranks`` on the machine), and why fewer when fewer (None otherwise).
+    0 when not even one fits: the main process decodes, with no shared memory. Was: a worker killed by a bus
+    error ("out of shared memory") midway through a run in a container with Docker's 64 MB."""
+    free = shared_memory_free(path)
+    if workers <= 0 or free is None:
+        return workers, None
+    budget = SHARED_MEMORY_SHARE * free / max(ranks, 1)
+    if in_flight(workers) <= budget:
+        return workers, None
+    fit = next((w for w in range(workers - 1, 0, -1) if in_flight(w) <= budget), 0)
+    per_rank = f" for each of the {ranks} ranks on this machine" if ranks > 1 else ""
+    return fit, (f"{path} has {free / 2**20:.0f} MiB free, the shared memory decoding workers hand clips over in: "
+                 f"{fit} worker(s) instead of {workers}, whose clips decoded ahead would take ~"
+                 f"{in_flight(workers) / 2**20:.0f} MiB{per_rank}; give the container more (docker run --shm-size 16g; "
+                 "Kubernetes: an emptyDir volume of medium Memory at /dev/shm) for full speed")
 
 
 def _cut_short(src: str | Path | bytes, error: VideoError) -> VideoError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence, TypeVar
 
@@ -54,6 +55,27 @@ def dist_env() -> DistEnv:
     if world < 1 or not 0 <= rank < world or local < 0:
         raise UserError(f"inconsistent rank layout from {source}: rank={rank} world_size={world} local_rank={local}")
     return DistEnv(rank, world, local, source)
+
+
+def local_ranks(env: DistEnv) -> int:
+    """The ranks of this run on this machine: torchrun's ``LOCAL_WORLD_SIZE``; under ``srun`` this
+    node's entry of ``SLURM_STEP_TASKS_PER_NODE`` (``"8(x2),4"``: 8 tasks on nodes 0 and 1, 4 on
+    node 2; ``SLURM_NODEID`` picks the entry); else all of them."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if local.isdigit() and int(local) > 0:
+        return int(local)
+    if env.source == "slurm":
+        per_node: list[int] = []
+        for entry in os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+            m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", entry.strip())
+            if not m:
+                per_node = []
+                break
+            per_node += [int(m[1])] * int(m[2] or 1)
+        node = os.environ.get("SLURM_NODEID", "")
+        if node.isdigit() and int(node) < len(per_node) and per_node[int(node)] > 0:
+            return per_node[int(node)]
+    return env.world_size
 
 
 def init_distributed(backend: str | None = None) -> DistEnv:

@@ -218,9 +218,21 @@ def prefetch_per_worker(batch_size: int, clips_per_unit: int, workers: int) -> i
     return max(2, -(-2 * batch_size // (clips_per_unit * workers)))
 
 
+def clips_per_unit(units: list[Unit]) -> int:
+    """The clips a loader item holds on average (at least 1)."""
+    return max(1, round(sum(1 if isinstance(w, str) else len(w) for _, w in units) / max(len(units), 1)))
+
+
+def bytes_in_flight(workers: int, batch_size: int, units: list[Unit], clip_bytes: int) -> int:
+    """The bytes of decoded clips ``workers`` processes keep ready (`prefetch_per_worker` loader items each), in the
+    shared memory they hand them over in: `data.video.fit_shared_memory`'s measure for ``ldm extract``."""
+    per_unit = clips_per_unit(units)
+    return workers * prefetch_per_worker(batch_size, per_unit, workers) * per_unit * clip_bytes
+
+
 def _clip_loader(run: ExtractRun, units: list[Unit], batch_size: int, workers: int) -> torch.utils.data.DataLoader:
     """The decoded clips of ``units``, one unit a loader item, about 2 batches ahead in all (pinned on a GPU)."""
-    per_unit = max(1, round(sum(1 if isinstance(w, str) else len(w) for _, w in units) / max(len(units), 1)))
+    per_unit = clips_per_unit(units)
     return torch.utils.data.DataLoader(_Clips(run.clips, units, UINT8_CLIPS), batch_size=1, num_workers=workers,
                                        collate_fn=_first, pin_memory=run.device.type == "cuda",
                                        worker_init_fn=runs.reader_ignores_interrupts,  # the main process stops

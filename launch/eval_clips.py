@@ -7,6 +7,7 @@ put back together (`gathered`, `merge_ranks`). `mean_std` is how a per-clip metr
 """
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterable
 from typing import Any
@@ -17,11 +18,13 @@ from torch import Tensor
 
 from autoencoders import Autoencoder
 from data.sources import ItemList, VideoClipDataset, VideoItem, list_items
-from data.video import UINT8_VALUES, VideoError, uint8_to_float, upright_size
+from data.video import UINT8_VALUES, VideoError, fit_shared_memory, uint8_to_float, upright_size
 from launch import dist, runs
 from launch.encode_loop import prefetch_per_worker
 from launch.reconstruct import SIZE_MULTIPLES
 from ldm.metrics import FrechetAccumulator
+
+log = logging.getLogger("ldm.eval")
 
 
 def without_gif_twins(listed: ItemList) -> ItemList:
@@ -90,8 +93,9 @@ def iter_clips(input: str, frames: int, height: int, width: int, fps: float | No
     ``items`` when given (already chosen: ``num`` is not applied), in their order. ``native``: each clip at its
     own size, center-cropped to `native_size` for that autoencoder (``height`` / ``width`` unused), with its
     ``source_size``; a video no size of which the autoencoder takes is skipped. ``workers`` > 0: decoded by that
-    many DataLoader processes, about two batches of ``batch_size`` ahead, each clip sent as its 8-bit pixels
-    (`uint8_to_float` makes them the same float32 clip, bit for bit)."""
+    many DataLoader processes (fewer when the shared memory they hand clips over in holds less,
+    `data.video.fit_shared_memory`; said once), about two batches of ``batch_size`` ahead, each clip sent as its
+    8-bit pixels (`uint8_to_float` makes them the same float32 clip, bit for bit)."""
     if items is None:
         items = without_gif_twins(list_items(input))
         if num:
@@ -100,6 +104,12 @@ def iter_clips(input: str, frames: int, height: int, width: int, fps: float | No
         raise ValueError(f"no videos found in {input}")
     reads = _Reads(VideoClipDataset(items, frames, height, width, fps), native)
     skipped: list[str] = list(getattr(items, "problems", []))
+    if workers and native is None:  # clips of one size (at their own sizes: not known before they are read)
+        clip_bytes = 3 * frames * height * width
+        workers, fewer = fit_shared_memory(workers, lambda w: w * prefetch_per_worker(batch_size, 1, w) * clip_bytes,
+                                           dist.local_ranks(dist.dist_env()))
+        if fewer and dist.rank() == 0:
+            log.warning("ldm eval: %s", fewer)
 
     def gen():
         got: Iterable[dict[str, Any] | str] = (reads[i] for i in range(len(reads)))

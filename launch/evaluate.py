@@ -50,14 +50,14 @@ from data.sources import list_items
 from data.video import VideoError, output_frames, probe, upright_size
 from dit import Export
 from launch import dist
-from launch.dist import compute_dtype
+from launch.dist import compute_dtype, local_ranks
 from launch.eval_attributes import attribute_benchmark, attribute_suite, check_suite_classes
 from launch.eval_clips import native_size, without_gif_twins
 from launch.eval_fd import CLASS_DISTS, generation_fd, reference_items
 from launch.eval_recon import evaluate_reconstruction
 from launch.eval_vbench import (VBENCH_RECORD, check_vbench_dit, read_vbench_results, vbench_bridge,
                                 vbench_info_path, vbench_prompts)
-from launch.extract import auto_workers, local_ranks
+from launch.extract import auto_workers
 from launch.reconstruct import DEFAULT_FRAMES, default_frames, default_size
 from launch.sample import (add_sampling_arguments, check_export, checkpoint_run, dit_conditioning, export_weights,
                            load_dit, playback_fps, sampling_from_args, sampling_text_encoder)

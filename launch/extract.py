@@ -58,10 +58,11 @@ from data import shards
 from data.manifest import MANIFEST, Counts, Manifest
 from data.sources import VideoClipDataset, list_items
 from data.synth import class_space
-from data.video import READING_VERSION, VideoError, Windows, probe, read_clips, usable_cores
+from data.video import READING_VERSION, VideoError, Windows, fit_shared_memory, probe, read_clips, usable_cores
 from launch import dist, runs
+from launch.dist import local_ranks
 from launch.cli import Stopped, config_flag
-from launch.encode_loop import ShardBuffer, ae_cond, decoding_limit, plan_units
+from launch.encode_loop import UINT8_CLIPS, ShardBuffer, ae_cond, bytes_in_flight, decoding_limit, plan_units
 from launch.encode_loop import encode_shards as _extract_shards  # `_extract` calls it by this name (tests wrap it)
 from ldm import config as cfglib
 from ldm.artifacts import AERecord, ClipSpec
@@ -319,27 +320,6 @@ def cores_per_rank(local_world: int) -> int:
     return max(1, usable_cores() // max(local_world, 1))
 
 
-def local_ranks(env: dist.DistEnv) -> int:
-    """The ranks of this run on this machine: torchrun's ``LOCAL_WORLD_SIZE``; under ``srun`` this
-    node's entry of ``SLURM_STEP_TASKS_PER_NODE`` (``"8(x2),4"``: 8 tasks on nodes 0 and 1, 4 on
-    node 2; ``SLURM_NODEID`` picks the entry); else all of them."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    if local.isdigit() and int(local) > 0:
-        return int(local)
-    if env.source == "slurm":
-        per_node: list[int] = []
-        for entry in os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
-            m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", entry.strip())
-            if not m:
-                per_node = []
-                break
-            per_node += [int(m[1])] * int(m[2] or 1)
-        node = os.environ.get("SLURM_NODEID", "")
-        if node.isdigit() and int(node) < len(per_node) and per_node[int(node)] > 0:
-            return per_node[int(node)]
-    return env.world_size
-
-
 def auto_batch_size(requested: int, ae: Autoencoder, cfg: ExtractConfig, device: torch.device,
                     dtype: torch.dtype, text_dim: int) -> int:
     """``0``: 4 on the CPU; on a GPU, encode one clip, measure its activation memory and take as
@@ -496,6 +476,11 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...], stop: _StopOnSig
     units = plan_units(run.clips, [i for j in todo for i in range(j * S, min((j + 1) * S, len(run.items)))],
                        run.windows, workers, held=stop.held)
     n_clips = sum(1 if isinstance(w, str) else len(w) for _, w in units)
+    clip_bytes = 3 * cfg.frames * cfg.height * cfg.width * (1 if UINT8_CLIPS else 4)
+    workers, fewer = fit_shared_memory(workers, lambda w: bytes_in_flight(w, batch, units, clip_bytes),
+                                       local_ranks(env))
+    if fewer and dist.is_main():
+        log.warning("ldm extract: %s", fewer)
     bar = tqdm(total=n_clips, desc=f"extract r{env.rank}", unit="clip", disable=not dist.is_main())
     t0 = time.perf_counter()
     try:

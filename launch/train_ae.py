@@ -78,8 +78,9 @@ from tqdm import tqdm
 from autoencoders import Autoencoder, resolve
 from autoencoders.losses import AELoss
 from data.sources import VideoClipDataset
-from data.video import UINT8_VALUES, VideoError, uint8_to_float, video_to_uint8
+from data.video import UINT8_VALUES, VideoError, fit_shared_memory, uint8_to_float, video_to_uint8
 from launch import dist, runs
+from launch.dist import local_ranks
 from launch.train_ae_checkpoint import AECheckpoints
 from launch.train_ae_config import (TrainAEConfig, print_config_yaml, check_inputs, check_run_folder, config_from_args,
                                    held_out_videos, training_videos)
@@ -94,6 +95,7 @@ from ldm.metrics import LPIPS, reconstruction_scores
 from launch.train_ae_config import add_arguments  # noqa: F401
 
 log = logging.getLogger("ldm.train_ae")
+PREFETCH = 2  # batches each reader process keeps ready (DataLoader's default)
 
 
 def _without_step(record: dict[str, Any]) -> dict[str, Any]:
@@ -327,8 +329,14 @@ class AETrainer(AECheckpoints):
         cfg = self.cfg
         self.sampler = PositionSampler(len(self.keys), cfg.batch_size, cfg.seed, self.env.rank,
                                         self.env.world_size, *self.pos, self.schedule, self.step)
+        batch_bytes = cfg.batch_size * 3 * max(math.prod(b.shape) for b in self.schedule.buckets)  # uint8 clips
+        workers, fewer = fit_shared_memory(cfg.num_workers, lambda w: w * PREFETCH * batch_bytes,
+                                           local_ranks(self.env))
+        if fewer and self.env.rank == 0:
+            log.warning("%s", fewer)
         loader = DataLoader(self.reader, batch_sampler=self.sampler, collate_fn=collate_clips,
-                            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+                            num_workers=workers, pin_memory=self.device.type == "cuda",
+                            prefetch_factor=PREFETCH if workers else None,
                             generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
                             persistent_workers=False, worker_init_fn=runs.reader_ignores_interrupts)
         return iter(loader)

@@ -808,7 +808,7 @@ def test_eval_recon_native_size_reads_each_clip_at_its_own_size(files, tmp_path)
              "--height", "32", "--output", str(tmp_path / "x.json"), "--device", "cpu"])
 
 
-def test_eval_clips_decoded_by_worker_processes_are_the_same_clips(files, tmp_path, monkeypatch):
+def test_eval_clips_decoded_by_worker_processes_are_the_same_clips(files, tmp_path, monkeypatch, caplog):
     """``--num-workers`` (`ldm eval`'s video decoding in DataLoader processes, as `ldm extract`; 8-bit pixels sent,
     made float32 here): the same clips bit for bit, in the same order, the same skipped videos with their reasons,
     resized, at their own size (``--native-size``) or unreadable; the CLI's result is the same (was: every clip
@@ -843,6 +843,12 @@ def test_eval_clips_decoded_by_worker_processes_are_the_same_clips(files, tmp_pa
                  "--height", "32", "--width", "32", "--output", str(out), "--device", "cpu", "--num-workers", workers])
         results.append(json.loads(out.read_text()))
     assert loaders == [2, 2, 2]  # a loader of 2 processes for each reading with workers, none without
+    import data.video as video  # a container's small /dev/shm: fewer workers (here none), said once
+    with monkeypatch.context() as m, caplog.at_level("WARNING", logger="ldm.eval"):
+        m.setattr(video, "shared_memory_free", lambda path=video.SHARED_MEMORY: 2**16)
+        clips, _, _ = eval_clips.iter_clips(str(videos), 5, 32, 32, None, None, workers=2, batch_size=2)
+        assert [c["video"].shape for c in clips] == [(3, 5, 32, 32)] * 4 and loaders == [2, 2, 2]
+    assert ["0 worker(s) instead of 2" in r.getMessage() for r in caplog.records] == [True]
     keep = ("clips", "skipped", "psnr_db", "ssim", "info_preservation")
     assert {k: results[0][k] for k in keep} == {k: results[1][k] for k in keep} and results[0]["clips"] == 4
     with pytest.raises(UserError, match=r"^--num-workers must be >= -1, got -2 \(-1: auto\)"):

@@ -335,6 +335,34 @@ def test_workers_batch_size_and_dtype(videos, tmp_path):
         _extract(videos, tmp_path / "fp16", "--dtype", "fp16")
 
 
+def test_decoding_workers_fit_the_shared_memory(videos, tmp_path, monkeypatch, caplog):
+    """A container's small /dev/shm (Docker's default 64 MB), which the decoding workers hand their clips over in:
+    as many workers as their clips decoded ahead fit in half of it (shared by the ranks of the machine), none
+    when not one fits, said in one line with what to give; the same shards (was: a worker killed by a bus error
+    midway through the run)."""
+    import data.video as video
+
+    per_unit = 3 * 8 * 32 * 32  # one 8x32x32 uint8 clip a loader item
+    assert video.fit_shared_memory(4, lambda w: w * per_unit, path=tmp_path)[1] is None  # a disk's worth free
+    monkeypatch.setattr(video, "shared_memory_free", lambda path=video.SHARED_MEMORY: 5 * per_unit)
+    assert video.fit_shared_memory(4, lambda w: w * per_unit)[0] == 2  # 2.5 clips fit in half of 5
+    workers, said = video.fit_shared_memory(4, lambda w: w * per_unit, ranks=2)  # 1.25 clips each: one worker
+    assert workers == 1 and "/dev/shm has 0 MiB free" in said and "for each of the 2 ranks" in said
+    assert "--shm-size" in said and video.fit_shared_memory(0, lambda w: 1)[0] == 0
+    monkeypatch.setattr(video, "shared_memory_free", lambda path=video.SHARED_MEMORY: None)  # nothing to read
+    assert video.fit_shared_memory(4, lambda w: 10**15) == (4, None)
+
+    _extract(videos, tmp_path / "ref")
+    monkeypatch.setattr(video, "shared_memory_free", lambda path=video.SHARED_MEMORY: 2**17)  # no worker fits
+    with caplog.at_level("WARNING", logger="ldm.extract"):
+        summary = extract_verb.extract(extract_verb.ExtractConfig(
+            input=str(videos), output=str(tmp_path / "small"), autoencoder=AE, frames=8, height=32, width=32,
+            shard_size=3, batch_size=2, num_workers=2))
+    assert summary["num_workers"] == 0
+    assert any("0 worker(s) instead of 2" in r.getMessage() for r in caplog.records)
+    assert shards.raw_bytes_digest(tmp_path / "small") == shards.raw_bytes_digest(tmp_path / "ref")
+
+
 def test_uint8_clips_write_the_shards_float_clips_write(tmp_path, monkeypatch):
     """Every clip travels from the decoder to the encoder as uint8, at the target size, a center crop
     away or resized (resized ones were float32: the resize now runs on the 8-bit pixels); the
@@ -485,7 +513,8 @@ def test_decoding_workers_count_the_cores_this_process_may_use_and_the_ranks_on_
     """A SLURM job given 4 cores of a 128-core node, 2 ranks on it out of 16: 1 decoding worker
     each, beside its loop (was: min(8, 128 cores / 16 ranks of every node) = 8, on 4 cores)."""
     from launch.dist import DistEnv
-    from launch.extract import auto_workers, cores_per_rank, local_ranks
+    from launch.dist import local_ranks
+    from launch.extract import auto_workers, cores_per_rank
 
     import data.video
     monkeypatch.setattr(data.video, "cgroup_cpu_quota", lambda: None)  # the machine's own quota aside
