@@ -89,6 +89,20 @@ def test_the_loader_carries_uint8_clips_that_become_the_float_clips(clips):
         assert torch.equal(uint8_to_float(batch["video"], UINT8_VALUES), plain)
 
 
+def test_readers_fit_the_shared_memory(clips, tmp_path, monkeypatch, caplog):
+    """The reader processes hand whole batches over in /dev/shm: with too little free (a container's 64 MB) the
+    run reads with fewer (here none) and says so once, what to give included (was: a reader killed by a bus
+    error)."""
+    import data.video as video
+    monkeypatch.setattr(video, "shared_memory_free", lambda path=video.SHARED_MEMORY: 2**16)
+    with caplog.at_level("WARNING", logger="ldm.train_ae"):
+        summary = train_autoencoder(_cfg(clips, tmp_path / "run", num_workers=2, steps=2, save_every=2,
+                                         sample_every=2, latent_stats_clips=1))
+    said = [r.getMessage() for r in caplog.records if "instead of 2" in r.getMessage()]
+    assert len(said) == 1 and "0 worker(s) instead of 2" in said[0] and "--shm-size" in said[0]
+    assert summary["steps_run"] == 2
+
+
 def test_loss_decreases_and_run_outputs(straight):
     out, summary = straight
     log = _log(out)
@@ -361,7 +375,7 @@ def test_half_written_checkpoints_are_skipped(tmp_path):
     assert find_checkpoint(root) == (None, [])
 
 
-def test_run_log_is_the_log_of_both_trainers(tmp_path):
+def test_run_log_is_the_log_of_both_trainers(tmp_path, monkeypatch):
     """``runs.RunLog`` (was: a private logger in launch/train.py and a copy in train_ae.py): JSON
     lines, numbers to TensorBoard as train/KEY and val/KEY; a resumed run drops the lines past its
     step and hides the TensorBoard points past it; other ranks write nothing."""
@@ -373,7 +387,13 @@ def test_run_log_is_the_log_of_both_trainers(tmp_path):
     first.close()
     runs.RunLog(tmp_path / "other", 0, enabled=False).log(1, {"loss": 1.0})
     assert not (tmp_path / "other").exists()
+    # TensorBoard reads event files in name order: time in seconds, host, pid, then a per-process counter as text
+    # (a file numbered 10 sorts before one numbered 9): a resume is a new process, seconds later, as here
+    import time
+    later = time.time() + 2
+    monkeypatch.setattr(time, "time", lambda: later)
     again = runs.RunLog(tmp_path, 2)  # resumed from a step-2 checkpoint: step 3 is logged again
+    monkeypatch.undo()
     again.log(3, {"loss": 30.0})
     again.close()
     assert [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [
