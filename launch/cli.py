@@ -187,6 +187,12 @@ def console(argv: list[str] | None = None) -> int:
         else:
             _let_the_first_rank_report(line)
         return 2
+    except RuntimeError as e:  # a reader process killed (the kernel's OOM killer): not a bug of the verb
+        if debug or not READER_DIED.search(str(e)):
+            raise
+        print(f"{_command([a for a in argv if a != '--debug'])}: error: {READER_DIED_ADVICE} ({e})".strip(),
+              file=sys.stderr)
+        return 1
     except OSError as e:  # the disk is full or cannot be written: the message says which file and what to do
         if debug or e.errno not in STORAGE_ERRNOS:
             raise
@@ -212,6 +218,11 @@ def own_warning_format(command: str, default):
     return fmt
 
 
+# torch's words for a DataLoader worker gone without an error of its own: killed by a signal, or exited
+READER_DIED = re.compile(r"DataLoader worker \(pids?\(?s?\)? [\d, ]+\) (is killed by signal|exited unexpectedly)")
+READER_DIED_ADVICE = ("a reader process (decoding videos or reading shards) died, most often killed by the kernel for "
+                      "lack of memory; what was finished is kept, and the same command resumes: give fewer workers "
+                      "(--num-workers, data.num_workers) or a smaller batch")
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG)
 ERROR_GRACE_S = 5.0  # how long a second or later rank waits for the node's first rank to print an error
 

@@ -28,12 +28,15 @@ an intended change (e.g. ``steps`` for a longer schedule); an allowed change is 
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import errno
 import fcntl
 import json
 import logging
 import math
+import multiprocessing
+import multiprocessing.util  # its exit step registered before `_kill_readers_left`
 import os
 import random
 import shutil
@@ -640,6 +643,26 @@ def reader_ignores_interrupts(worker_id: int) -> None:
 
     for name in StopRequest.SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def _kill_readers_left() -> None:
+    """At exit: kill the daemonic processes still alive, the DataLoader readers of a loader that an error left
+    open. They ignore SIGTERM (`reader_ignores_interrupts`), so multiprocessing's own exit step (SIGTERM to each
+    daemonic child, then a join) waited forever: an error raised in a reader (or a reader killed by the kernel)
+    printed its traceback and the verb never exited. Registered after multiprocessing's step, so it runs first.
+    The loader's SIGCHLD handler goes first (it raised a second traceback, "worker killed by signal")."""
+    import signal
+
+    left = [child for child in multiprocessing.active_children() if child.daemon]
+    if not left:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in left:
+        child.kill()
+        child.join()
+
+
+atexit.register(_kill_readers_left)
 
 
 def stopped_exit_code(summary: dict[str, Any]) -> int:

@@ -157,6 +157,49 @@ def test_a_stop_with_decoding_workers_exits_without_a_traceback(videos, tmp_path
     assert load_manifest(tmp_path / "lat").counts.written == 16
 
 
+# a decoding worker that dies at the 11th video: killed by the kernel (as for lack of memory), or by a bug
+_WORKER_DIES = """
+import os, signal, sys
+from torch.utils.data import get_worker_info
+from launch import encode_loop
+from launch.cli import console
+read = encode_loop._Clips.__getitem__
+def dies(self, i):
+    if get_worker_info() is not None and i == 10:
+        if sys.argv[1] == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise ZeroDivisionError("a bug in a decoding worker")
+    return read(self, i)
+encode_loop._Clips.__getitem__ = dies
+sys.exit(console(["extract", *sys.argv[2:]]))
+"""
+
+
+@pytest.mark.parametrize("how", ["killed", "bug"])
+def test_a_decoding_worker_that_dies_ends_the_run(videos, tmp_path, how):
+    """A decoding worker killed by the kernel (its out-of-memory killer) ends `ldm extract` with one line saying
+    what to do, exit status 1; an error raised in a worker (a bug) with its traceback; either way the process
+    exits, the complete shards stay and the same command finishes them (was: the traceback, then the process
+    never exited: the other worker ignores SIGTERM, and Python's exit waited for it)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [*ARGS, "--num-workers", "2", "--input", str(videos), "--output", str(tmp_path / "lat")]
+    proc = subprocess.run([sys.executable, "-c", _WORKER_DIES, how, *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    if how == "killed":
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "ldm extract: error: a reader process (decoding videos or reading shards) died, most often killed" \
+            in proc.stderr and "the same command resumes" in proc.stderr, proc.stderr[-3000:]
+    else:
+        assert "ZeroDivisionError: a bug in a decoding worker" in proc.stderr
+        assert "is killed by signal" not in proc.stderr, proc.stderr[-3000:]  # no second traceback at exit
+    if (tmp_path / "lat").exists():
+        _complete_tars(tmp_path / "lat")
+    ldm(["extract", *args])
+    ldm(["extract", *ARGS, "--input", str(videos), "--output", str(tmp_path / "ref")])
+    assert shards.raw_bytes_digest(tmp_path / "lat") == shards.raw_bytes_digest(tmp_path / "ref")
+
+
 # planning that takes a while: each video's windows read by the planning workers in 0.1 s
 _SLOW_PLANNING = """
 import sys, time
