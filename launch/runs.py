@@ -659,7 +659,7 @@ def _kill_readers_left() -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in left:
         child.kill()
-        child.join()
+        child.join(timeout=5)
 
 
 atexit.register(_kill_readers_left)
