@@ -219,7 +219,7 @@ def own_warning_format(command: str, default):
 
 
 # torch's words for a DataLoader worker gone without an error of its own: killed by a signal, or exited
-READER_DIED = re.compile(r"DataLoader worker \(pids?\(?s?\)? [\d, ]+\) (is killed by signal|exited unexpectedly)")
+READER_DIED = re.compile(r"DataLoader worker \(pid(\(s\))? [\d, ]+\) (is killed by signal|exited unexpectedly)")
 READER_DIED_ADVICE = ("a reader process (decoding videos or reading shards) died, most often killed by the kernel for "
                       "lack of memory; what was finished is kept, and the same command resumes: give fewer workers "
                       "(--num-workers, data.num_workers) or a smaller batch")

@@ -2,8 +2,9 @@
 
 Which videos (`choose_items`: a seeded random ``--num`` of a listing, GIF twins once), how each becomes a clip
 (`iter_clips`: resized and center-cropped, `CLIP_READING`, or at its own size, `NATIVE_READING`; decoded in
-DataLoader workers when given some, as ``ldm extract`` does), in batches of one shape (`clip_batches`), and under torchrun / srun each rank's share (`rank_share`) with every rank's results
-put back together (`gathered`, `merge_ranks`). `mean_std` is how a per-clip metric is summarised over clips.
+DataLoader workers when given some, as ``ldm extract`` does), in batches of one shape (`clip_batches`), and
+under torchrun / srun each rank's share (`rank_share`) with every rank's results put back together (`gathered`,
+`merge_ranks`). `mean_std` is how a per-clip metric is summarised over clips.
 """
 from __future__ import annotations
 

@@ -60,7 +60,6 @@ from data.sources import VideoClipDataset, list_items
 from data.synth import class_space
 from data.video import READING_VERSION, VideoError, Windows, fit_shared_memory, probe, read_clips, usable_cores
 from launch import dist, runs
-from launch.dist import local_ranks
 from launch.cli import Stopped, config_flag
 from launch.encode_loop import UINT8_CLIPS, ShardBuffer, ae_cond, bytes_in_flight, decoding_limit, plan_units
 from launch.encode_loop import encode_shards as _extract_shards  # `_extract` calls it by this name (tests wrap it)
@@ -470,7 +469,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...], stop: _StopOnSig
     run = set_up(cfg, allow_change)
     todo = plan_shards(run)
     cfg, env = run.cfg, run.env
-    workers = auto_workers(cfg.num_workers, run.device, local_ranks(env))
+    workers = auto_workers(cfg.num_workers, run.device, dist.local_ranks(env))
     batch = auto_batch_size(cfg.batch_size, run.ae, cfg, run.device, run.dtype, run.ae.text_dim) if todo else 1
     S = cfg.shard_size
     units = plan_units(run.clips, [i for j in todo for i in range(j * S, min((j + 1) * S, len(run.items)))],
@@ -478,7 +477,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...], stop: _StopOnSig
     n_clips = sum(1 if isinstance(w, str) else len(w) for _, w in units)
     clip_bytes = 3 * cfg.frames * cfg.height * cfg.width * (1 if UINT8_CLIPS else 4)
     workers, fewer = fit_shared_memory(workers, lambda w: bytes_in_flight(w, batch, units, clip_bytes),
-                                       local_ranks(env))
+                                       dist.local_ranks(env))
     if fewer and dist.is_main():
         log.warning("ldm extract: %s", fewer)
     bar = tqdm(total=n_clips, desc=f"extract r{env.rank}", unit="clip", disable=not dist.is_main())
@@ -624,7 +623,7 @@ def report(run: ExtractRun, summary: dict[str, Any], manifest: Manifest, encoded
     print(f"extracted {encoded} clips in {elapsed:.1f}s on rank 0 ({summary['clips_per_s']:.2f} clips/s/rank, "
           f"{summary['steady_clips_per_s']:.2f} after the first batch); "
           f"{summary['written']} written, {summary['skipped']} skipped, {summary['shards']} shards -> {out}")
-    limit = decoding_limit(summary, encoded, cores_per_rank(local_ranks(run.env)), run.device)
+    limit = decoding_limit(summary, encoded, cores_per_rank(dist.local_ranks(run.env)), run.device)
     if limit:
         print(limit)
     print_skipped(list(manifest.skipped))

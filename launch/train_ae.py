@@ -80,7 +80,6 @@ from autoencoders.losses import AELoss
 from data.sources import VideoClipDataset
 from data.video import UINT8_VALUES, VideoError, fit_shared_memory, uint8_to_float, video_to_uint8
 from launch import dist, runs
-from launch.dist import local_ranks
 from launch.train_ae_checkpoint import AECheckpoints
 from launch.train_ae_config import (TrainAEConfig, print_config_yaml, check_inputs, check_run_folder, config_from_args,
                                    held_out_videos, training_videos)
@@ -331,7 +330,7 @@ class AETrainer(AECheckpoints):
                                         self.env.world_size, *self.pos, self.schedule, self.step)
         batch_bytes = cfg.batch_size * 3 * max(math.prod(b.shape) for b in self.schedule.buckets)  # uint8 clips
         workers, fewer = fit_shared_memory(cfg.num_workers, lambda w: w * PREFETCH * batch_bytes,
-                                           local_ranks(self.env))
+                                           dist.local_ranks(self.env))
         if fewer and self.env.rank == 0:
             log.warning("%s", fewer)
         loader = DataLoader(self.reader, batch_sampler=self.sampler, collate_fn=collate_clips,
