@@ -354,6 +354,7 @@ def add_reconstruction(rows: list[dict[str, Any]], videos: str, clips: int) -> N
     recon``'s `evaluate_reconstruction` (on CUDA when there is one); any other row gets
     ``recon_error``: why it has none."""
     from launch.evaluate import evaluate_reconstruction
+    from launch.extract import auto_workers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for row in rows:
@@ -367,7 +368,8 @@ def add_reconstruction(rows: list[dict[str, Any]], videos: str, clips: int) -> N
         if ae.text_dim:
             row["recon_error"] = "text-guided: measure it with `ldm eval recon --text-encoder SPEC`"
             continue
-        result = evaluate_reconstruction(ae, videos, *row["input"], num=clips, device=device)
+        result = evaluate_reconstruction(ae, videos, *row["input"], num=clips, device=device,
+                                         workers=auto_workers(-1, device, 1))  # `ldm eval`'s default: none on a CPU
         row.update(psnr_db=result["psnr_db"]["mean"], ssim=result["ssim"]["mean"], recon_clips=result["clips"])
         del ae
         if device.type == "cuda":

@@ -400,10 +400,11 @@ def test_replayed_diffusion_decoder_count_equals_the_full_run():
     assert totals[0] == totals[1] > 0
 
 
-def test_cost_recon_puts_eval_recon_quality_beside_the_cost_at_each_rows_clip(tmp_path, capsys):
+def test_cost_recon_puts_eval_recon_quality_beside_the_cost_at_each_rows_clip(tmp_path, capsys, monkeypatch):
     """``--recon VIDEOS``: a saved autoencoder's row gains PSNR / SSIM equal to ``ldm eval recon``'s
-    at the row's clip; a registered name (random weights) says why it has none; small costs keep
-    three significant digits (was: no quality in `ldm cost`, and 0.0 for every debug-sized cost)."""
+    at the row's clip, decoded by `ldm eval`'s default workers (none on the CPU; on a GPU, was: in process); a
+    registered name (random weights) says why it has none; small costs keep three significant digits (was: no
+    quality in `ldm cost`, and 0.0 for every debug-sized cost)."""
     import autoencoders
     from data.video import write_video
     from launch.evaluate import evaluate_reconstruction
@@ -429,6 +430,12 @@ def test_cost_recon_puts_eval_recon_quality_beside_the_cost_at_each_rows_clip(tm
     with pytest.raises(UserError, match="--recon measures saved autoencoders"):
         ldm(["cost", "--autoencoders", "kl2d-f8c4-debug", "--frames", "9", "--height", "32", "--width", "32",
              "--recon", str(tmp_path / "videos")])
+    import launch.extract  # a GPU's default: decoding workers, the same result
+    loaders, real = [], torch.utils.data.DataLoader
+    monkeypatch.setattr(torch.utils.data, "DataLoader", lambda *a, **k: loaders.append(k["num_workers"]) or real(*a, **k))
+    monkeypatch.setattr(launch.extract, "auto_workers", lambda requested, device, ranks: 2)
+    ldm(args + ["--json"])
+    assert json.loads(capsys.readouterr().out)[0] == saved and loaders == [2]
 
 
 def test_meta_models_are_built_once_per_config():
