@@ -1,7 +1,8 @@
 """``ldm eval recon``'s evaluation: how well an autoencoder reconstructs clips (`evaluate_reconstruction`).
 
 Each clip is encoded and decoded; the per-clip metrics of `RECON_METRICS` (PSNR, SSIM: Gaussian 11 / 1.5, data
-range 2, LPIPS: torchvision backbone + the lpips package's linear heads, both user files, and the temporal error:
+range 2, LPIPS: torchvision backbone + the lpips package's linear heads, both user files, FloLPIPS: LPIPS weighted
+by where the motion differs, with a user's optical-flow network, and the temporal error:
 frame-to-frame change unlike the clip's; IV-VAE's information preservation degree; a variable-rate autoencoder's
 VCPR and keyframe accuracy, MTC-VAE's ``rate_report``) are computed by `ldm.metrics.reconstruction_scores` and
 summarised here; rFVD and rFID compare the originals with their reconstructions (rFID: every frame, eval gen's
@@ -40,8 +41,9 @@ from ldm.metrics import (FVD_FRAMES, LPIPS, Extractor, FrechetAccumulator, fid_a
 # the result holds mean / std / n / infinite over the clips (`mean_std`). An entry that a run does not compute
 # (``lpips`` without LPIPS files, ``vcpr`` of a fixed-rate autoencoder) leaves its key out of the result.
 # To add a metric: compute it in `reconstruction_scores`, add its line here, describe it in README's evaluation.
-RECON_METRICS = {"psnr_db": "psnr", "ssim": "ssim_per_frame", "lpips": "lpips", "temporal_error": "temporal_error",
-                 "info_preservation": "info_preservation", "vcpr": "vcpr", "keyframe_accuracy": "keyframe_accuracy"}
+RECON_METRICS = {"psnr_db": "psnr", "ssim": "ssim_per_frame", "lpips": "lpips", "flolpips": "flolpips",
+                 "temporal_error": "temporal_error", "info_preservation": "info_preservation", "vcpr": "vcpr",
+                 "keyframe_accuracy": "keyframe_accuracy"}
 SSIM_PROTOCOL = "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 2 ([-1, 1]), per frame, averaged"
 
 
@@ -95,7 +97,7 @@ def _rate_scores(ae: Autoencoder, latent) -> list[dict[str, Tensor]]:
 def _reconstruct_clips(ae: Autoencoder, clips: Iterable[dict[str, Any]], *, batch_size: int, device: torch.device,
                        dtype: torch.dtype, lpips: LPIPS | None, rfvd: FrechetAccumulator | None, text_encoder,
                        grid_clips: int, rfid: FrechetAccumulator | None = None,
-                       first_frame: bool = False) -> _ReconPass:
+                       first_frame: bool = False, flow_net: Extractor | None = None) -> _ReconPass:
     """Encode + decode ``clips`` batch by batch (``first_frame``: the decoder also gets each clip's first frame,
     image-to-video reconstruction): each clip's scores, rFVD's and rFID's features, the first ``grid_clips``
     clips for the grid and the seconds spent encoding and decoding."""
@@ -115,7 +117,7 @@ def _reconstruct_clips(ae: Autoencoder, clips: Iterable[dict[str, Any]], *, batc
         done.encode_s, done.decode_s = done.encode_s + t1 - t0, done.decode_s + time.perf_counter() - t1
         rates = _rate_scores(ae, latent)
         x, y = x.float().cpu(), y.float().cpu()
-        scores = reconstruction_scores(x, y, lpips)
+        scores = reconstruction_scores(x, y, lpips, flow_net)
         index = [b["index"] for b in batch]
         done.rows += [{"index": i, "size": list(x.shape[-2:]), "source_size": batch[j].get("source_size"),
                        **{entry: v[j].clone() for entry, v in scores.items()}, **rates[j]} for j, i in enumerate(index)]
@@ -162,7 +164,8 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
                             frame_group: int = 0, group_start: int = 0, text_encoder=None,
                             grid: str | Path | None = None, grid_clips: int = 4,
                             dtype: torch.dtype = torch.float32, inception: Extractor | None = None,
-                            first_frame: bool = False, native: bool = False, workers: int = 0) -> dict[str, Any]:
+                            first_frame: bool = False, native: bool = False, workers: int = 0,
+                            flow_net: Extractor | None = None) -> dict[str, Any]:
     """Encode + decode the clips of ``input`` (`choose_items`: with ``num``, a random ``num`` of them
     seeded by ``seed``, or the first ``num`` when ``seed`` is None, as `ldm train-ae`'s held-out set
     and `ldm cost --recon` take them; ``classes`` / ``split`` as `data.sources.list_items`); the per-clip
@@ -174,7 +177,8 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
     resolution"): each clip at its own size (`native_size`: center-cropped to one the autoencoder takes, never
     resized; ``height`` / ``width`` unused), batched by size, the sizes recorded; rFVD / rFID take mixed sizes
     as their extractors resize every frame (FVD: to 224x224; Inception: inside the network). ``workers``: the
-    processes that decode the videos (`rank_share`; 0: this one)."""
+    processes that decode the videos (`rank_share`; 0: this one). ``flow_net`` (with ``lpips``): FloLPIPS too
+    (`ldm.metrics.flolpips`, clips of 2 frames or more)."""
     device = torch.device(device)
     ae = ae.to(device=device, dtype=dtype).eval()
     if not native:
@@ -193,7 +197,8 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
     rfvd = fvd_accumulator(i3d, fvd_frames) if i3d is not None else None
     rfid = fid_accumulator(inception) if inception is not None else None
     done = _reconstruct_clips(ae, clips, batch_size=batch_size, device=device, dtype=dtype, lpips=lpips, rfvd=rfvd,
-                              text_encoder=text_encoder, grid_clips=grid_clips, rfid=rfid, first_frame=first_frame)
+                              text_encoder=text_encoder, grid_clips=grid_clips, rfid=rfid, first_frame=first_frame,
+                              flow_net=flow_net)
     merge_ranks({k: acc for k, acc in {"rfvd": rfvd, "rfid": rfid}.items() if acc is not None})
     done, skipped = _gathered_pass(done, grid_clips), gathered(skipped)
     n = len(done.rows)
@@ -209,6 +214,8 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
                               "encode_s_per_clip": done.encode_s / n, "decode_s_per_clip": done.decode_s / n}
     if lpips is not None:
         result["lpips"]["net"] = lpips.net
+    if "flolpips" in result:
+        result["flolpips"].update(net=lpips.net, flow_net=flow_net.path.name, flow_net_sha256=flow_net.sha256)
     result["info_preservation"]["pooled"] = float(information_preservation(  # IV-VAE Eq. 2: sums over all clips
         sum(r["abs_error"] for r in done.rows), sum(r["abs_sum"] for r in done.rows)))
     if rfvd is not None:

@@ -1,8 +1,9 @@
 """``ldm eval``: reconstruction quality of an autoencoder and generation quality of a trained DiT.
 
     ldm eval recon --autoencoder NAME --checkpoint DIR --input VIDEOS --frames 17 --height 256 --width 256 \\
-                   [--lpips-backbone vgg16.pth --lpips-heads vgg.pth] [--i3d i3d_torchscript.pt] \\
-                   [--inception inception-2015-12-05.pt] [--first-frame] [--frame-group 4 --group-start 1] \\
+                   [--lpips-backbone vgg16.pth --lpips-heads vgg.pth [--flow-net pwcnet.pt]] \\
+                   [--i3d i3d_torchscript.pt] [--inception inception-2015-12-05.pt] [--first-frame] \\
+                   [--frame-group 4 --group-start 1] \\
                    [--num 2048 --seed 0] [--classes folder|FILE --split FILE] \\
                    --output recon.json [--grid recon.png] [--overwrite]
     ldm eval gen --checkpoint RUN --output DIR [--overwrite] [--attributes --per-prompt 4] \\
@@ -63,7 +64,8 @@ from launch.sample import (add_sampling_arguments, check_export, checkpoint_run,
                            load_dit, playback_fps, sampling_from_args, sampling_text_encoder)
 from ldm.checkpoint import atomic_write_json, file_sha256, read_json
 from ldm.errors import MissingInput, UserError, check_min, checking
-from ldm.metrics import FVD_FRAMES, I3D_KINDS, LPIPS, load_i3d, load_inception, vbench_aggregate
+from ldm.metrics import (FLOW_CONTRACT, FVD_FRAMES, I3D_KINDS, LPIPS, load_flow_net, load_i3d, load_inception,
+                         vbench_aggregate)
 
 
 GEN_RESULTS = ("result.json", "attribute_videos", "vbench_videos", VBENCH_RECORD, "vbench_results")
@@ -216,6 +218,9 @@ def _metric_args(p: argparse.ArgumentParser, lpips: bool = True) -> None:
         p.add_argument("--lpips-backbone", help="torchvision VGG16 / AlexNet weights file (e.g. vgg16-397923af.pth)")
         p.add_argument("--lpips-heads", help="the lpips package's linear heads (vgg.pth / alex.pth)")
         p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"])
+        p.add_argument("--flow-net", metavar="FILE",
+                       help="FloLPIPS too (LPIPS weighted by where the motion differs; with the LPIPS files, alex as "
+                            f"defined): a TorchScript optical-flow network, {FLOW_CONTRACT} (e.g. a scripted PWC-Net)")
     p.add_argument("--i3d", help="FVD extractor file (default kind: i3d_torchscript.pt)")
     p.add_argument("--i3d-kind", default="i3d_torchscript", choices=I3D_KINDS)
     p.add_argument("--fvd-frames", type=int, default=FVD_FRAMES, help="frames per clip for FVD (reference: 16)")
@@ -258,7 +263,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.fps is not None and not args.fps > 0:
         raise UserError(f"--fps must be > 0, got {args.fps}")
     files = {"--i3d": args.i3d, "--inception": args.inception,
-             **({} if gen else {"--lpips-backbone": args.lpips_backbone, "--lpips-heads": args.lpips_heads})}
+             **({} if gen else {"--lpips-backbone": args.lpips_backbone, "--lpips-heads": args.lpips_heads,
+                                "--flow-net": args.flow_net})}
     for flag, path in files.items():
         if path is not None and not Path(path).is_file():
             raise MissingInput(f"{flag} {path}: " + ("a folder; give the file itself" if Path(path).is_dir() else
@@ -268,6 +274,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError("--native-size reads each clip at its own size; leave out --height/--width (or "
                             "--native-size to resize every clip to one size)")
         check_lpips_files(args.lpips_backbone, args.lpips_heads)
+        if args.flow_net and not args.lpips_backbone:
+            raise UserError("--flow-net adds FloLPIPS, LPIPS weighted by where the motion differs: give "
+                            "--lpips-backbone and --lpips-heads too (FloLPIPS is defined with --lpips-net alex)")
         if args.frames is not None:  # else checked once the autoencoder chose its default
             check_clip_frames(args.frames, args.fvd_frames if args.i3d else None, args.frame_group, args.group_start)
     out = Path(args.output)
@@ -436,6 +445,8 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     lpips = None
     if args.lpips_backbone or args.lpips_heads:
         lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
+    with checking("--flow-net"):
+        flow_net = load_flow_net(args.flow_net, device) if args.flow_net else None
     with checking("--i3d"):
         i3d = load_i3d(args.i3d, args.i3d_kind, device) if args.i3d else None  # fail early, before encoding
     with checking():
@@ -446,6 +457,9 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         raise UserError(f"--first-frame: {name} does not decode with a first frame (H3AE does); leave it out")
     if args.frames is None or not args.native_size and (args.height is None or args.width is None):
         _recon_defaults(args, ae)  # from the first video, as `ldm reconstruct`
+    if flow_net is not None and args.frames < 2:
+        raise UserError(f"--flow-net: FloLPIPS compares the motion between frames; the clips have {args.frames} "
+                        "frame: give --frames 2 or more, or longer videos")
     if not args.native_size:  # else each clip's size is checked as it is read (`native_size`)
         with checking(f"--frames {args.frames} --height {args.height} --width {args.width}"):
             ae.check_input(args.frames, args.height, args.width)
@@ -465,7 +479,7 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                                      group_start=args.group_start, text_encoder=text_encoder, grid=args.grid,
                                      dtype=compute_dtype(args.dtype, device), inception=inception,
                                      first_frame=args.first_frame, native=args.native_size,
-                                     workers=args.num_workers)
+                                     workers=args.num_workers, flow_net=flow_net)
     result = {"autoencoder": name, "checkpoint": args.checkpoint, "checkpoint_hash": ckpt_hash, "input": args.input,
               "tile": args.tile, "chunk_frames": args.chunk_frames, **result}
     if lpips is not None:

@@ -1,4 +1,4 @@
-"""Quality metrics: PSNR, SSIM, LPIPS (reconstruction), the Fréchet distance and the FVD / FID
+"""Quality metrics: PSNR, SSIM, LPIPS and FloLPIPS (reconstruction), the Fréchet distance and the FVD / FID
 feature protocols (extractors from user files), VBench's score aggregation and its model-free
 temporal flickering.
 
@@ -141,13 +141,15 @@ def information_preservation(abs_error: Tensor, abs_sum: Tensor) -> Tensor:
     return 1.0 - ratio
 
 
-def reconstruction_scores(x: Tensor, y: Tensor, lpips: "LPIPS | None" = None) -> dict[str, Tensor]:
+def reconstruction_scores(x: Tensor, y: Tensor, lpips: "LPIPS | None" = None,
+                          flow_net: "Extractor | None" = None) -> dict[str, Tensor]:
     """Per-clip scores of reconstructions ``y`` of clips ``x`` (``(B, C, T, H, W)`` in [-1, 1]), the
     protocol of ``ldm eval recon`` and of ``ldm train-ae``'s validation: ``psnr`` (dB, over all
     frames), ``ssim_per_frame`` ``(B, T)``, ``info_preservation`` (`information_preservation`) with its two
     sums ``abs_error`` and ``abs_sum`` (`abs_sums`) and, for clips of 2 frames or more, ``temporal_error``
     (`temporal_error`, grey levels) in float64 on CPU, ``lpips`` ``(B,)`` (frames averaged) when an
-    LPIPS network is given (computed on its device)."""
+    LPIPS network is given (computed on its device) and, with ``flow_net`` too, ``flolpips`` ``(B,)`` (`flolpips`;
+    clips of 2 frames or more)."""
     x, y = x.float().cpu(), y.float().cpu()
     abs_error, abs_sum = abs_sums(x, y)
     scores = {"psnr": psnr(y, x), "ssim_per_frame": ssim_per_frame(y, x), "abs_error": abs_error, "abs_sum": abs_sum,
@@ -157,6 +159,11 @@ def reconstruction_scores(x: Tensor, y: Tensor, lpips: "LPIPS | None" = None) ->
     if lpips is not None:
         where = next(lpips.parameters()).device
         scores["lpips"] = lpips(y.to(where), x.to(where)).cpu()
+    if flow_net is not None:
+        if lpips is None:
+            raise ValueError("FloLPIPS weights LPIPS: give an LPIPS network with the flow network")
+        if x.ndim == 5 and x.shape[2] >= 2:
+            scores["flolpips"] = flolpips(lpips, flow_net, x, y)
     return scores
 
 
@@ -381,9 +388,11 @@ class LPIPS(nn.Module):
             head.weight.copy_(_checked(found[i], head.weight.shape, f"lin{i}", heads))
         return model
 
-    def distance(self, x: Tensor, y: Tensor) -> Tensor:
+    def distance(self, x: Tensor, y: Tensor, flow: Tensor | None = None) -> Tensor:
         """Differentiable LPIPS of image batches ``(N, 3, H, W)`` in [-1, 1] -> ``(N,)`` (the network
-        itself stays frozen): use it as a perceptual loss; ``forward`` is the no-grad metric."""
+        itself stays frozen): use it as a perceptual loss; ``forward`` is the no-grad metric. ``flow``
+        ``(N, 2, H, W)`` (FloLPIPS, `flolpips`): each layer's distance map is averaged with the weights of
+        `flow_weights` instead of uniformly."""
         n = x.shape[0]
         h = (torch.cat([x, y]).float() - self.shift) / self.scale  # (2N, 3, H, W)
         total = torch.zeros(n, device=x.device)
@@ -392,8 +401,9 @@ class LPIPS(nn.Module):
             h = layer(h)
             if i == self.taps[tap]:
                 f = h / (h.pow(2).sum(1, keepdim=True) + 1e-20).sqrt()  # unit channel norm (finite grad at 0)
-                d = (f[:n] - f[n:]).pow(2)  # (N, C, h, w)
-                total = total + self.heads[tap](d).mean((1, 2, 3))
+                d = self.heads[tap]((f[:n] - f[n:]).pow(2))  # (N, 1, h, w)
+                total = total + (d.mean((1, 2, 3)) if flow is None else (d * flow_weights(flow, d.shape[-2:])).sum(
+                    (1, 2, 3)))
                 tap += 1
         return total
 
@@ -407,6 +417,64 @@ class LPIPS(nn.Module):
             frames = lambda v: rearrange(v, "b c t h w -> (b t) c h w")  # noqa: E731
             return self.distance(frames(x), frames(y)).view(B, T).mean(1)  # (B,)
         return self.distance(x, y)
+
+
+def flow_weights(flow: Tensor, size: Sequence[int]) -> Tensor:
+    """FloLPIPS's spatial weights at a layer of ``size`` ``(h, w)``: the flow ``(N, 2, H, W)`` resized bilinearly
+    (as a field of vectors), its magnitude normalised to sum to 1 per image -> ``(N, 1, h, w)``. An image whose
+    flow is zero everywhere (both clips move alike) gets uniform weights: plain LPIPS (the reference divides by
+    zero)."""
+    v = F.interpolate(flow.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    magnitude = v.pow(2).sum(1, keepdim=True).sqrt()  # (N, 1, h, w)
+    total = magnitude.sum((1, 2, 3), keepdim=True)
+    uniform = torch.full_like(magnitude, 1.0 / magnitude[0].numel())
+    return torch.where(total > 0, magnitude / total.clamp_min(torch.finfo(torch.float32).tiny), uniform)
+
+
+@torch.no_grad()
+def flolpips(lpips: LPIPS, flow_net: Extractor, x: Tensor, y: Tensor) -> Tensor:
+    """FloLPIPS (Danier et al. 2022; a video autoencoder's reconstruction metric in H3AE Tab. 4 / 5) of
+    reconstructions ``y`` of clips ``x`` (``(B, 3, T, H, W)`` in [-1, 1], T >= 2) -> ``(B,)``: for each frame
+    ``t < T - 1``, LPIPS of the original and reconstructed frame ``t`` with each layer's map weighted by where
+    their motion differs (`flow_weights` of ``flow(x_t -> x_t+1) - flow(y_t -> y_t+1)``, `optical_flow`),
+    averaged over the T - 1 frames. Computed on the LPIPS network's device, one clip at a time."""
+    _check_pair(x, y, 1.0)
+    if x.ndim != 5 or x.shape[1] != 3 or x.shape[2] < 2:
+        raise ValueError(f"FloLPIPS takes clips (B, 3, T, H, W) of 2 frames or more, got {tuple(x.shape)}")
+    where = next(lpips.parameters()).device
+    out = []
+    for clip, recon in zip(x, y):  # (3, T, H, W) each
+        a, b = clip.transpose(0, 1).to(where), recon.transpose(0, 1).to(where)  # (T, 3, H, W)
+        motion = optical_flow(flow_net, a[:-1], a[1:]) - optical_flow(flow_net, b[:-1], b[1:])  # (T-1, 2, H, W)
+        out.append(lpips.distance(a[:-1], b[:-1], flow=motion).mean())
+    return torch.stack(out).cpu()
+
+
+FLOW_CONTRACT = "module(frame0, frame1) -> (N, 2, H, W) flow, frames RGB (N, 3, H, W) in [0, 1]"
+
+
+def load_flow_net(path: str | Path, device: str | torch.device = "cpu") -> Extractor:
+    """FloLPIPS's optical-flow network from a user file: TorchScript, `FLOW_CONTRACT` (the flow from frame0 to
+    frame1 in pixels; FloLPIPS was defined with PWC-Net; a scripted RAFT, or another network, wrapped to that
+    contract works alike; only where the flows differ matters, not their scale). Probed on two 64x64 frames."""
+    device = torch.device(device)
+    p, module = _load_torchscript(path, "optical-flow network (TorchScript, e.g. a scripted PWC-Net)", device)
+    net = Extractor("flow_torchscript", p, file_sha256(p), module, device)
+    frames = torch.zeros(1, 3, 64, 64, device=device)
+    net.dim = _probe(lambda: optical_flow(net, frames, frames), p, f"an optical-flow network ({FLOW_CONTRACT})")
+    return net
+
+
+@torch.no_grad()
+def optical_flow(net: Extractor, a: Tensor, b: Tensor) -> Tensor:
+    """The flow from frames ``a`` to frames ``b`` (``(N, 3, H, W)`` in [-1, 1]; the network sees [0, 1]) ->
+    ``(N, 2, H, W)`` float32; ValueError when the network returns another shape."""
+    out = net.module((a.float() + 1) / 2, (b.float() + 1) / 2)
+    if not isinstance(out, Tensor) or tuple(out.shape) != (a.shape[0], 2, *a.shape[-2:]):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"{net.path.name} returned {got} for {a.shape[0]} frame pair(s) of {a.shape[-2]}x"
+                         f"{a.shape[-1]}; expected {FLOW_CONTRACT}")
+    return out.float()
 
 
 def _checked(t: Tensor, shape: torch.Size, key: str, path: str | Path) -> Tensor:

@@ -137,6 +137,42 @@ def test_eval_recon_cli(files, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["clips"] == 6
 
 
+class _TinyFlow(nn.Module):
+    """The contract of `ldm eval recon --flow-net`: two frames (N, 3, H, W) in [0, 1] -> (N, 2, H, W) flow."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.cat([(b - a).mean(1, keepdim=True), (b - a)[:, 1:2]], 1)
+
+
+def test_eval_recon_flolpips_with_a_users_flow_network(files, tmp_path):
+    """``--flow-net FILE`` (H3AE Tab. 4 / 5 report FloLPIPS): FloLPIPS per clip beside LPIPS, the flow network's
+    sha256 recorded; one line, before any work, for a flow network without the LPIPS files, a missing file, a file
+    that is not a flow network, or clips of one frame (was: no FloLPIPS)."""
+    flow = tmp_path / "flow.pt"
+    torch.jit.save(torch.jit.script(_TinyFlow()), str(flow))
+    args = ["eval", "recon", "--autoencoder", "kl2d-f8c4-debug", "--input", str(files / "videos"), "--frames", "8",
+            "--height", "32", "--width", "32", "--device", "cpu"]
+    lpips = ["--lpips-net", "alex", "--lpips-backbone", str(files / "alexnet.pth"), "--lpips-heads",
+             str(files / "alex.pth")]
+    out = tmp_path / "r.json"
+    with pytest.warns(UserWarning, match="RANDOM"):
+        ldm(args + lpips + ["--flow-net", str(flow), "--output", str(out)])
+    r = json.loads(out.read_text())
+    assert r["flolpips"]["n"] == 6 and r["flolpips"]["mean"] > 0 and r["flolpips"]["net"] == "alex"
+    assert r["flolpips"]["flow_net_sha256"] == hashlib.sha256(flow.read_bytes()).hexdigest() and r["lpips"]["n"] == 6
+    for extra, error in [([], "--flow-net adds FloLPIPS, LPIPS weighted by where the motion differs: give "
+                               "--lpips-backbone"),
+                         (lpips, r"--flow-net .*nope.pt: file not found"),
+                         (lpips, "i3d_torchscript.pt does not run as an optical-flow network"),
+                         (lpips, "FloLPIPS compares the motion between frames; the clips have 1 frame")]:
+        given = {"not found": tmp_path / "nope.pt", "i3d": files / "i3d_torchscript.pt"}
+        path = next((v for k, v in given.items() if k in error), flow)
+        frames = ["--frames", "1"] if "1 frame" in error else []
+        with pytest.raises(UserError, match=error):
+            ldm(args + extra + frames + ["--flow-net", str(path), "--output", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_eval_recon_tiles_and_chunks(files, tmp_path):
     def recon(name, *extra):
         with pytest.warns(UserWarning, match="RANDOM"):

@@ -1,3 +1,4 @@
+import hashlib
 import math
 from pathlib import Path
 
@@ -5,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
+from ldm import metrics
 from ldm.errors import UserError
 from ldm.metrics import (LPIPS, Extractor, FrechetAccumulator, RunningGaussian, frechet_distance, gaussian_stats,
                          abs_sums, frame_change, information_preservation, psnr, reconstruction_scores, ssim,
@@ -279,8 +282,9 @@ def _write_weights(tmp_path, net: str, seed: int = 0):
     return bp, hp, backbone, heads
 
 
-def _alex_reference(x, y, backbone, heads):
-    """LPIPS Eq. 1 written directly with functional ops."""
+def _alex_reference(x, y, backbone, heads, flow=None):
+    """LPIPS Eq. 1 written directly with functional ops; with ``flow`` (N, 2, H, W), FloLPIPS's weighting of
+    each layer: the flow resized bilinearly to it, its magnitude normalised to sum 1 (Danier et al. 2022)."""
     shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
     scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
 
@@ -296,7 +300,12 @@ def _alex_reference(x, y, backbone, heads):
 
     total = 0
     for i, (a, b) in enumerate(zip(feats(x), feats(y))):
-        total = total + ((a - b) ** 2 * heads[f"lin{i}.model.1.weight"]).sum(1).mean((1, 2))
+        d = ((a - b) ** 2 * heads[f"lin{i}.model.1.weight"]).sum(1)  # (N, h, w)
+        if flow is None:
+            total = total + d.mean((1, 2))
+        else:
+            m = F.interpolate(flow, size=d.shape[-2:], mode="bilinear", align_corners=False).norm(dim=1)
+            total = total + (d * m / m.sum((1, 2), keepdim=True)).sum((1, 2))
     return total
 
 
@@ -311,6 +320,73 @@ def test_lpips_alex_loads_and_matches_reference(tmp_path):
     d = m(x, y)
     assert d.shape == (2,)
     torch.testing.assert_close(d, _alex_reference(x, y, backbone, heads), rtol=1e-4, atol=1e-6)
+
+
+class _FrameFlow(nn.Module):
+    """A stand-in optical-flow network with the contract of `load_flow_net`: per pixel, the change of the mean
+    and of the red level from frame0 to frame1 (frames in [0, 1])."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.cat([(b - a).mean(1, keepdim=True), (b - a)[:, :1] * 3.0], 1)
+
+
+def test_flolpips_weights_lpips_where_the_motion_differs(tmp_path):
+    """FloLPIPS (H3AE Tab. 4 / 5): per frame t < T-1, LPIPS with each layer's map weighted by the magnitude of the
+    difference between the originals' and the reconstruction's flow from t to t+1, as the reference writes it;
+    uniform or zero flow differences give plain LPIPS, the scale does not matter; the flow network is a user's
+    TorchScript file that must keep its contract (was: no FloLPIPS)."""
+    from ldm.metrics import flolpips, flow_weights, load_flow_net, optical_flow
+    bp, hp, backbone, heads = _write_weights(tmp_path, "alex")
+    m = LPIPS.from_files("alex", bp, hp)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    flow = torch.randn(2, 2, 64, 64, generator=g)
+    torch.testing.assert_close(m.distance(x, y, flow=flow), _alex_reference(x, y, backbone, heads, flow),
+                               rtol=1e-4, atol=1e-6)
+    for same in (torch.ones(2, 2, 64, 64), torch.zeros(2, 2, 64, 64)):  # uniform: LPIPS; zero: LPIPS, not NaN
+        torch.testing.assert_close(m.distance(x, y, flow=same), m(x, y), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(m.distance(x, y, flow=flow * 10), m.distance(x, y, flow=flow), rtol=1e-5, atol=1e-7)
+    assert flow_weights(flow, (8, 8)).sum((1, 2, 3)).tolist() == pytest.approx([1.0, 1.0])
+    y_left = x.clone()
+    y_left[..., :32] = y[..., :32]  # the reconstruction differs in the left half only
+    left, right = torch.zeros(2, 2, 64, 64), torch.zeros(2, 2, 64, 64)
+    left[:, 0, :, :24], right[:, 0, :, 40:] = 1.0, 1.0
+    plain = m(x, y_left)
+    assert (m.distance(x, y_left, flow=left) > 1.5 * plain).all() and (m.distance(x, y_left, flow=right) < plain).all()
+
+    path = tmp_path / "flow.pt"
+    torch.jit.save(torch.jit.script(_FrameFlow()), str(path))
+    net = load_flow_net(path)
+    assert net.dim == 2 and net.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    clips = torch.rand(2, 3, 4, 64, 64, generator=g) * 2 - 1
+    recon = (clips + 0.3 * torch.randn(2, 3, 4, 64, 64, generator=g)).clamp(-1, 1)
+    frames = lambda v, t: v[:, :, t]  # noqa: E731
+    flow_of = lambda v, t: _FrameFlow()((frames(v, t) + 1) / 2, (frames(v, t + 1) + 1) / 2)  # noqa: E731
+    expected = torch.stack([_alex_reference(frames(clips, t), frames(recon, t), backbone, heads,
+                                            flow_of(clips, t) - flow_of(recon, t)) for t in range(3)]).mean(0)
+    torch.testing.assert_close(flolpips(m, net, clips, recon), expected, rtol=1e-4, atol=1e-6)
+    assert flolpips(m, net, clips, clips).tolist() == [0.0, 0.0]
+    scores = metrics.reconstruction_scores(clips, recon, m, net)
+    torch.testing.assert_close(scores["flolpips"], expected, rtol=1e-4, atol=1e-6)
+    assert "flolpips" not in metrics.reconstruction_scores(clips[:, :, :1], recon[:, :, :1], m, net)  # one frame
+    with pytest.raises(ValueError, match="FloLPIPS weights LPIPS"):
+        metrics.reconstruction_scores(clips, recon, None, net)
+    with pytest.raises(ValueError, match="2 frames or more"):
+        flolpips(m, net, clips[:, :, :1], recon[:, :, :1])
+
+    class _NotFlow(nn.Module):  # one channel: not a flow field
+        def forward(self, a: Tensor, b: Tensor) -> Tensor:
+            return (b - a).mean(1, keepdim=True)
+
+    torch.jit.save(torch.jit.script(_NotFlow()), str(tmp_path / "not_flow.pt"))
+    with pytest.raises(ValueError, match=r"not_flow.pt returned \(1, 1, 64, 64\) for 1 frame pair\(s\) of 64x64; "
+                                         r"expected module\(frame0, frame1\)"):
+        load_flow_net(tmp_path / "not_flow.pt")
+    with pytest.raises(ValueError, match="not a TorchScript archive"):
+        load_flow_net(hp)
+    with pytest.raises(FileNotFoundError, match="optical-flow network"):
+        load_flow_net(tmp_path / "missing.pt")
+    assert optical_flow(net, x, y).shape == (2, 2, 64, 64)
 
 
 def test_lpips_vgg_properties(tmp_path):
