@@ -9,7 +9,7 @@
 For every autoencoder (a registered name, or a folder written by ``ldm train-ae`` /
 ``save_pretrained``), on the same clips: extract latents (``ldm extract``), train the same DiT
 config for the same number of steps (``ldm train``), then measure reconstruction (PSNR / SSIM,
-LPIPS, rFVD and rFID when their weights are given; ``--first-frame``: H3AE's image-to-video
+LPIPS, FloLPIPS, rFVD and rFID when their weights are given; ``--first-frame``: H3AE's image-to-video
 reconstruction where an autoencoder decodes with a first frame), sampling time, the attribute accuracy of generated
 videos (on synthetic attribute data: ``--synth`` or an ``ldm data synth`` folder) and FVD (with
 ``--i3d``), next to the analytic cost of ``ldm cost`` (tokens, FLOPs, estimated memory) for the
@@ -20,7 +20,7 @@ Writes ``compare.json`` (everything), ``compare.md`` (the side-by-side table) an
 The output folder is bound to the comparison that made it (``run.json``, `launch.runs`): a rerun
 with the same settings resumes its stages (each autoencoder's finished ones, in its ``stages.json``,
 are kept) and writes the report again. The evaluation flags (`EVAL_ONLY`: ``--eval-input``,
-``--eval-clips``, ``--i3d``, ``--lpips-*``, ``--inception``, ``--first-frame``, ``--sample-steps``,
+``--eval-clips``, ``--i3d``, ``--lpips-*``, ``--flow-net``, ``--inception``, ``--first-frame``, ``--sample-steps``,
 ``--guidance``, ``--per-prompt``, ``--fvd-frames``) do not bind it: each autoencoder's recon stage
 (reconstruction metrics) and generate stage (sampling, attributes, FVD) record what they depend on of
 them and run again when that changed, the extraction and DiT kept. Nor does ``--autoencoders``: each
@@ -70,7 +70,7 @@ from launch.train_config import TrainConfig, dit_overrides
 from ldm import config as cfglib
 from ldm.checkpoint import atomic_write_bytes, atomic_write_json, dir_hash, file_sha256, read_json
 from ldm.errors import MissingInput, UserError, check_min, checking
-from ldm.metrics import FVD_FRAMES, load_i3d, load_inception
+from ldm.metrics import FVD_FRAMES, load_flow_net, load_i3d, load_inception
 from ldm.samplers import SamplingConfig
 
 DEFAULT_TRAIN = "train-debug"  # a built-in config's name (launch.configs)
@@ -113,6 +113,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lpips-backbone")
     p.add_argument("--lpips-heads")
     p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"])
+    p.add_argument("--flow-net", metavar="FILE", help="FloLPIPS too, as `ldm eval recon --flow-net` (with the LPIPS "
+                   "files): a TorchScript optical-flow network")
     p.add_argument("--i3d", help="FVD / rFVD extractor (i3d_torchscript.pt)")
     p.add_argument("--fvd-frames", type=int, default=FVD_FRAMES)
     p.add_argument("--inception", help="rFID over frames: StyleGAN2-ADA's TorchScript Inception "
@@ -141,8 +143,8 @@ BOUND_BEFORE_ROWS = ("--autoencoders", "autoencoder_weights")
 # generate stages record what they depend on of them (`_eval_keys`) and run again when that differs,
 # keeping the extraction and the DiT
 EVAL_ONLY = ("--eval-input", "--eval-clips", "--per-prompt", "--sample-steps", "--guidance", "--lpips-backbone",
-             "--lpips-heads", "--lpips-net", "--i3d", "--fvd-frames", "--inception", "--first-frame")
-EVAL_FILES = ("--lpips-backbone", "--lpips-heads", "--i3d", "--inception")  # keyed by their sha256
+             "--lpips-heads", "--lpips-net", "--flow-net", "--i3d", "--fvd-frames", "--inception", "--first-frame")
+EVAL_FILES = ("--lpips-backbone", "--lpips-heads", "--flow-net", "--i3d", "--inception")  # keyed by their sha256
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Binding, dict[str, Any]]:
@@ -171,13 +173,13 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], runs.Bin
         raise UserError(f"--output {args.output}: its {runs.BINDING} is not an `ldm compare` run's (another verb's, "
                         "or unreadable); choose a new folder")
     paths = {"--input": args.input, "--eval-input": args.eval_input, "--train-config": args.train_config,
-             "--lpips-backbone": args.lpips_backbone, "--lpips-heads": args.lpips_heads, "--i3d": args.i3d,
-             "--inception": args.inception}
+             "--lpips-backbone": args.lpips_backbone, "--lpips-heads": args.lpips_heads, "--flow-net": args.flow_net,
+             "--i3d": args.i3d, "--inception": args.inception}
     for flag, path in paths.items():
         if path is not None and not Path(path).exists():
             raise MissingInput(f"{flag} {path}: not found")
     ev.check_clip_frames(args.frames, args.fvd_frames if args.i3d else None)
-    ev.check_lpips_files(args.lpips_backbone, args.lpips_heads)
+    ev.check_lpips_files(args.lpips_backbone, args.lpips_heads, args.flow_net)
     from data.sources import list_items
     inputs = {}
     for flag, folder in {"--input": args.input, "--eval-input": args.eval_input}.items():
@@ -539,7 +541,7 @@ def _loaded(work: Path, device: torch.device) -> tuple[Any, Any, Any, Any]:
 
 
 def _recon(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, work: Path, lpips, i3d, inception,
-           device: torch.device) -> dict[str, Any]:
+           device: torch.device, flow_net=None) -> dict[str, Any]:
     """The recon stage: reconstruction quality on the evaluation clips."""
     _, _, ae, text_encoder = _loaded(work, device)
     return {"recon": ev.evaluate_reconstruction(ae, eval_data, args.frames, args.height, args.width, fps=args.fps,
@@ -547,7 +549,8 @@ def _recon(entry: dict[str, Any], args: argparse.Namespace, eval_data: str, work
                                                 i3d=i3d,  # the same random clips as FVD's reference (its seed)
                                                 fvd_frames=args.fvd_frames, text_encoder=text_encoder,
                                                 grid=work / "recon_grid.png", inception=inception,
-                                                first_frame=entry["first_frame"], workers=_readers(device))}
+                                                first_frame=entry["first_frame"], workers=_readers(device),
+                                                flow_net=flow_net)}
 
 
 def _generate(args: argparse.Namespace, eval_data: str, synth: dict[str, Any] | None, work: Path, i3d,
@@ -612,7 +615,8 @@ def _eval_keys(s: dict[str, Any], first_frame: bool, synthetic: bool) -> tuple[d
              "--lpips-backbone": s["--lpips-backbone"], "--lpips-heads": s["--lpips-heads"],
              "--lpips-net": s["--lpips-net"] if lpips else None, "--i3d": s["--i3d"],
              "--fvd-frames": s["--fvd-frames"] if fvd else None, "--inception": s["--inception"],
-             "--first-frame": first_frame, "reading": READING_VERSION}
+             "--first-frame": first_frame, "reading": READING_VERSION,
+             **({"--flow-net": s["--flow-net"]} if s.get("--flow-net") else {})}  # absent: results made before it kept
     generate = {"--sample-steps": s["--sample-steps"], "--guidance": s["--guidance"],
                 "--per-prompt": s["--per-prompt"] if synthetic else None,
                 "--eval-clips": s["--eval-clips"] if fvd or not synthetic else None,  # FVD's clips, or those timed
@@ -660,6 +664,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         if args.lpips_backbone or args.lpips_heads:
             from ldm.metrics import LPIPS
             lpips = LPIPS.from_files(args.lpips_net, args.lpips_backbone, args.lpips_heads).to(device)
+        flow_net = load_flow_net(args.flow_net, device) if args.flow_net else None
         i3d = load_i3d(args.i3d, device=device) if args.i3d else None
         inception = load_inception(args.inception, device) if args.inception else None
     runs.claim_folder(out, "a new --output")  # a comparison running into it: refused before anything is written
@@ -690,8 +695,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         row["extract"] = stages.run("extract", lambda: _extract(e, args, train_data, work))
         row["dit"] = stages.run("train_dit", lambda: _train_dit(args, work))
         recon_key, generate_key = _eval_keys(settings, e["first_frame"], synth is not None)
-        row.update(stages.run("recon", lambda: _recon(e, args, eval_data, work, lpips, i3d, inception, device),
-                              key=recon_key))  # another key (an evaluation flag changed): made again
+        row.update(stages.run("recon", lambda: _recon(e, args, eval_data, work, lpips, i3d, inception, device,
+                                                      flow_net), key=recon_key))  # another key (an evaluation flag changed): made again
         row.update(stages.run("generate", lambda: _generate(args, eval_data, synth, work, i3d, device),
                               key=generate_key))
         row["resumed"] = stages.resumed
@@ -751,7 +756,7 @@ def _eval_note(report: dict[str, Any]) -> str:
     held_out = Path(data["eval"]).resolve() != Path(data["train"]).resolve()
     where = "held out" if held_out else "the training videos, NOT held out: give --eval-input HELD_OUT"
     recon = next((r["recon"] for r in report["rows"]), {})
-    optional = (("lpips", "LPIPS"), ("rfvd", "rFVD"), ("rfid", "rFID"))
+    optional = (("lpips", "LPIPS"), ("flolpips", "FloLPIPS"), ("rfvd", "rFVD"), ("rfid", "rFID"))
     measured = ", ".join(["PSNR", "SSIM"] + [name for key, name in optional if key in recon])
     fvd = " and FVD's reference" if any(r.get("fvd") for r in report["rows"]) else ""
     return f"Reconstruction ({measured}){fvd}: {clips} clips of {data['eval']} ({where})."
@@ -803,6 +808,8 @@ COLUMNS: list[tuple[str, Any, Any]] = [
     ("PSNR dB", lambda r: _f(r["recon"]["psnr_db"]["mean"], ".2f"), None),
     ("SSIM", lambda r: _f(r["recon"]["ssim"]["mean"], ".3f"), None),
     ("LPIPS", lambda r: _f((r["recon"].get("lpips") or {}).get("mean"), ".3f"), lambda r: r["recon"].get("lpips")),
+    ("FloLPIPS", lambda r: _f((r["recon"].get("flolpips") or {}).get("mean"), ".3f"),
+     lambda r: r["recon"].get("flolpips")),
     ("rFVD", lambda r: _f((r["recon"].get("rfvd") or {}).get("rfvd"), ".1f"), lambda r: r["recon"].get("rfvd")),
     ("rFID", lambda r: _f((r["recon"].get("rfid") or {}).get("rfid"), ".1f"), lambda r: r["recon"].get("rfid")),
     ("attributes all / color / shape / direction", _attributes, lambda r: r.get("attributes")),

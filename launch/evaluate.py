@@ -241,10 +241,13 @@ def check_clip_frames(frames: int, fvd_frames: int | None = None, frame_group: i
                         f"--group-start {group_start}; give --frame-group {frames - group_start} or fewer")
 
 
-def check_lpips_files(backbone: str | None, heads: str | None) -> None:
-    """LPIPS takes both files or neither (`UserError` otherwise)."""
+def check_lpips_files(backbone: str | None, heads: str | None, flow_net: str | None = None) -> None:
+    """LPIPS takes both files or neither, and FloLPIPS's ``--flow-net`` needs them (`UserError` otherwise)."""
     if bool(backbone) != bool(heads):
         raise UserError("LPIPS needs both --lpips-backbone and --lpips-heads")
+    if flow_net and not backbone:
+        raise UserError("--flow-net adds FloLPIPS, LPIPS weighted by where the motion differs: give "
+                        "--lpips-backbone and --lpips-heads too (FloLPIPS is defined with --lpips-net alex)")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -273,10 +276,7 @@ def check_args(args: argparse.Namespace) -> None:
         if args.native_size and (args.height is not None or args.width is not None):
             raise UserError("--native-size reads each clip at its own size; leave out --height/--width (or "
                             "--native-size to resize every clip to one size)")
-        check_lpips_files(args.lpips_backbone, args.lpips_heads)
-        if args.flow_net and not args.lpips_backbone:
-            raise UserError("--flow-net adds FloLPIPS, LPIPS weighted by where the motion differs: give "
-                            "--lpips-backbone and --lpips-heads too (FloLPIPS is defined with --lpips-net alex)")
+        check_lpips_files(args.lpips_backbone, args.lpips_heads, args.flow_net)
         if args.frames is not None:  # else checked once the autoencoder chose its default
             check_clip_frames(args.frames, args.fvd_frames if args.i3d else None, args.frame_group, args.group_start)
     out = Path(args.output)

@@ -242,6 +242,30 @@ def test_compare_adds_rfid_and_first_frame_to_a_finished_comparison(tmp_path, ca
     assert "| h3ae (first-frame decode) |" in md
     assert "kl2d-f8c4-debug cannot decode with one and decoded plainly" in md
 
+    # FloLPIPS (`--flow-net`, with the LPIPS files): the recon stage again, its column beside LPIPS
+    from test_evaluate import _TinyFlow
+
+    from ldm.metrics import LPIPS
+    torch.jit.save(torch.jit.script(_TinyFlow()), str(tmp_path / "flow.pt"))
+    lp = LPIPS("alex")
+    torch.save({f"features.{k}": v for k, v in lp.features.state_dict().items()}, tmp_path / "alexnet.pth")
+    torch.save({f"lin{i}.model.1.weight": torch.rand_like(h.weight) for i, h in enumerate(lp.heads)},
+               tmp_path / "alex.pth")
+    lpips = ["--lpips-net", "alex", "--lpips-backbone", str(tmp_path / "alexnet.pth"), "--lpips-heads",
+             str(tmp_path / "alex.pth")]
+    with pytest.raises(UserError, match="--flow-net adds FloLPIPS, LPIPS weighted by where the motion differs"):
+        ldm(argv + ["--flow-net", str(tmp_path / "flow.pt")])
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(compare, "_generate", lambda *a: pytest.fail("sampling ran again for a recon flag"))
+        ldm(argv + ["--inception", str(tmp_path / "inception-2015-12-05.pt"), *lpips, "--flow-net",
+                    str(tmp_path / "flow.pt")])
+    assert "--flow-net added" in capsys.readouterr().out
+    row, = _report(out)["rows"]
+    assert row["recon"]["flolpips"]["n"] == 2 and row["recon"]["flolpips"]["flow_net"] == "flow.pt"
+    md = (out / "compare.md").read_text()
+    assert "| SSIM | LPIPS | FloLPIPS | rFID |" in md and "Reconstruction (PSNR, SSIM, LPIPS, FloLPIPS, rFID)" in md
+
 
 def _as_before_the_split(out, label):
     """``out`` as `ldm compare` left it before its evaluation flags were stage keys: one evaluate
