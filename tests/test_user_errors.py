@@ -661,6 +661,8 @@ def _other_verbs(run, tmp):
          tmp / "r.json"),
         (_recon(run, tmp / "r.json", "--lpips-heads", str(tmp / "fake.mp4")), "LPIPS needs both --lpips-backbone and",
          tmp / "r.json"),  # was: a traceback
+        (_recon(run, tmp / "r.json", "--flow-net", str(tmp / "fake.mp4")), "--flow-net adds FloLPIPS", tmp / "r.json"),
+        (cmp + ["--flow-net", str(tmp / "fake.mp4")], "--flow-net adds FloLPIPS", tmp / "c"),
         (_recon(run, tmp / "r.json", "--frame-group", "4", "--group-start", "8"), "--group-start 8", tmp / "r.json"),
         (_recon(run, tmp / "r.json", "--frame-group", "8", "--group-start", "1"), "--frame-group 7 or fewer",
          tmp / "r.json"),  # was: exit 0 with null positions
