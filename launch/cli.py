@@ -156,7 +156,12 @@ def check_one_process(verb: str) -> None:
 
 def console(argv: list[str] | None = None) -> int:
     """The ``ldm`` command: `main`, with a `UserError` turned into one line on stderr and exit
-    status 2 (``--debug`` / ``LDM_DEBUG=1``: the traceback instead)."""
+    status 2 (``--debug`` / ``LDM_DEBUG=1``: the traceback instead). A crash in native code (a
+    segmentation fault or an abort in a CUDA, NCCL or gloo library) prints every thread's Python stack
+    (`faulthandler`): where it happened, for the report (was: the process died without a word)."""
+    import faulthandler
+
+    faulthandler.enable(all_threads=True)
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     default_format = warnings.formatwarning

@@ -144,6 +144,22 @@ def test_a_reader_that_stops_early_is_no_error():
     assert proc.wait(timeout=60) == 141 and "Traceback" not in err, err
 
 
+def test_a_crash_in_native_code_prints_where_each_thread_was():
+    """A verb that dies in native code (here an abort, as a CUDA, NCCL or gloo library does) prints the Python stack
+    of every thread (`faulthandler`), naming the verb's function (was: the process died without a word)."""
+    import signal
+    import subprocess
+
+    code = ("import os, sys; from launch import cli\n"
+            "def verb_that_aborts(argv): os.abort()\n"
+            "cli.main = verb_that_aborts\n"
+            "sys.exit(cli.console(['list']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGABRT, proc.stderr[-2000:]
+    assert "Fatal Python error: Aborted" in proc.stderr and "in verb_that_aborts" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     import launch.list_models as list_models
 
