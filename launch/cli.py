@@ -154,14 +154,22 @@ def check_one_process(verb: str) -> None:
                     f"without the launcher{hint} (the verbs that take ranks: {', '.join(RANKED_VERBS)})")
 
 
+def _print_stacks_on_crash() -> None:
+    """`faulthandler` on the process's own stderr (not a replaced ``sys.stderr``, which may have no file)."""
+    import faulthandler
+
+    try:
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no stderr file at all (an embedding host): nowhere to print
+        pass
+
+
 def console(argv: list[str] | None = None) -> int:
     """The ``ldm`` command: `main`, with a `UserError` turned into one line on stderr and exit
     status 2 (``--debug`` / ``LDM_DEBUG=1``: the traceback instead). A crash in native code (a
     segmentation fault or an abort in a CUDA, NCCL or gloo library) prints every thread's Python stack
     (`faulthandler`): where it happened, for the report (was: the process died without a word)."""
-    import faulthandler
-
-    faulthandler.enable(all_threads=True)
+    _print_stacks_on_crash()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     default_format = warnings.formatwarning
