@@ -634,17 +634,6 @@ def upright_size(src: str | Path | bytes) -> tuple[int, int]:
         reader.close()
 
 
-def stored_size(src: str | Path | bytes) -> tuple[int, int]:
-    """``(height, width)`` of the frames as stored, from the stream's header: nothing decoded, cheap enough to run
-    over a listing before reading it (rotation metadata may show them turned: `upright_size`; the pixel count is
-    the same). VideoError when the video cannot be opened."""
-    container, stream = _open(src)
-    try:
-        return int(stream.codec_context.height), int(stream.codec_context.width)
-    finally:
-        container.close()
-
-
 def read_video(src: str | Path | bytes, frames: int, height: int, width: int, fps: float | None = None,
                start: float = 0.0, uint8: bool = False) -> Tensor:
     """Decode a clip of ``frames`` frames at ``fps`` (None: native rate) from ``start`` seconds.

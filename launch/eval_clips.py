@@ -19,7 +19,7 @@ from torch import Tensor
 
 from autoencoders import Autoencoder
 from data.sources import ItemList, VideoClipDataset, VideoItem, list_items
-from data.video import UINT8_VALUES, VideoError, fit_shared_memory, stored_size, uint8_to_float, upright_size
+from data.video import UINT8_VALUES, VideoError, fit_shared_memory, uint8_to_float, upright_size
 from launch import dist, runs
 from launch.encode_loop import prefetch_per_worker
 from launch.reconstruct import SIZE_MULTIPLES
@@ -89,15 +89,16 @@ def native_size(ae: Autoencoder, frames: int, height: int, width: int) -> tuple[
 
 def iter_clips(input: str, frames: int, height: int, width: int, fps: float | None, num: int | None,
                items: ItemList | None = None, native: Autoencoder | None = None, workers: int = 0,
-               batch_size: int = 1) -> tuple[Iterable[dict[str, Any]], list[str], int]:
+               batch_size: int = 1, native_area: int = 0) -> tuple[Iterable[dict[str, Any]], list[str], int]:
     """The clips of ``input`` (its first ``num``; GIF twins once, `without_gif_twins`), or of
     ``items`` when given (already chosen: ``num`` is not applied), in their order. ``native``: each clip at its
     own size, center-cropped to `native_size` for that autoencoder (``height`` / ``width`` unused), with its
     ``source_size``; a video no size of which the autoencoder takes is skipped. ``workers`` > 0: decoded by that
     many DataLoader processes (fewer when the shared memory they hand clips over in holds less,
-    `data.video.fit_shared_memory`, measured at the largest clip, `largest_native_area` with ``native``; said
-    once), about two batches of ``batch_size`` ahead, each clip sent as its
-    8-bit pixels (`uint8_to_float` makes them the same float32 clip, bit for bit)."""
+    `data.video.fit_shared_memory`; said once: with ``native``, measured at ``native_area``, the largest clip's
+    pixels per frame, which the caller found reading the sizes, `eval_recon._by_size`), about two batches of
+    ``batch_size`` ahead, each clip sent as its 8-bit pixels (`uint8_to_float` makes them the same float32 clip,
+    bit for bit)."""
     if items is None:
         items = without_gif_twins(list_items(input))
         if num:
@@ -107,7 +108,7 @@ def iter_clips(input: str, frames: int, height: int, width: int, fps: float | No
     reads = _Reads(VideoClipDataset(items, frames, height, width, fps), native)
     skipped: list[str] = list(getattr(items, "problems", []))
     if workers:
-        clip_bytes = 3 * frames * (height * width if native is None else largest_native_area(items, native, frames))
+        clip_bytes = 3 * frames * (height * width if native is None else native_area)
         workers, fewer = fit_shared_memory(workers, lambda w: w * prefetch_per_worker(batch_size, 1, w) * clip_bytes,
                                            dist.local_ranks(dist.dist_env()))
         if fewer and dist.rank() == 0:
@@ -125,26 +126,6 @@ def iter_clips(input: str, frames: int, height: int, width: int, fps: float | No
             else:
                 yield {**x, "video": uint8_to_float(x["video"], UINT8_VALUES)}
     return gen(), skipped, len(items)
-
-
-def largest_native_area(items: Iterable[VideoItem], native: Autoencoder, frames: int) -> int:
-    """The most pixels per frame of the ``native`` (``--native-size``) clips of ``items``: from each video's stored
-    size (its header, nothing decoded), either way up (rotation metadata may turn it). A video that cannot be
-    opened, or of which ``native`` takes no size, counts 0: it is skipped when read. Was: decoding workers at
-    native sizes were not fitted to the shared memory (one 17-frame 1080p clip is 106 MB, Docker gives 64 MB)."""
-    largest = 0
-    for item in items:
-        try:
-            h, w = stored_size(item.readable())
-        except VideoError:
-            continue
-        for side_h, side_w in ((h, w), (w, h)):
-            try:
-                crop_h, crop_w = native_size(native, frames, side_h, side_w)
-            except ValueError:
-                continue
-            largest = max(largest, crop_h * crop_w)
-    return largest
 
 
 class _Reads(torch.utils.data.Dataset):
@@ -193,18 +174,19 @@ def clip_batches(it: Iterable[dict[str, Any]], size: int) -> Iterable[list[dict[
 
 
 def rank_share(input: str, frames: int, height: int, width: int, fps: float | None, items: ItemList,
-               batch_size: int, native: Autoencoder | None = None, workers: int = 0
+               batch_size: int, native: Autoencoder | None = None, workers: int = 0, native_area: int = 0
                ) -> tuple[Iterable[dict[str, Any]], list[str]]:
-    """`iter_clips` of this rank's share of ``items`` (decoded by ``workers`` processes, 0: in this one): every
-    world_size-th batch of ``batch_size`` of them (all of them on one rank), each clip's ``index`` its place in
-    ``items``; the listing's problems go with rank 0's skipped list."""
+    """`iter_clips` of this rank's share of ``items`` (decoded by ``workers`` processes, 0: in this one; with
+    ``native``, ``native_area`` as there): every world_size-th batch of ``batch_size`` of them (all of them on one
+    rank), each clip's ``index`` its place in ``items``; the listing's problems go with rank 0's skipped list."""
     if not items:
         raise ValueError(f"no videos found in {input}")
     mine = rank_indices(len(items), batch_size)
     share = ItemList([items[i] for i in mine], items.problems if dist.rank() == 0 else [], items.class_names)
     if not share:
         return iter(()), list(share.problems)
-    clips, skipped, _ = iter_clips(input, frames, height, width, fps, None, share, native, workers, batch_size)
+    clips, skipped, _ = iter_clips(input, frames, height, width, fps, None, share, native, workers, batch_size,
+                                   native_area)
     return ({**x, "index": mine[x["index"]]} for x in clips), skipped
 
 

@@ -62,17 +62,20 @@ def position_ssim(per_frame: Tensor, group: int, start: int = 0) -> dict[str, An
             "positions": [float(p.mean()) if p.numel() else None for p in pos], "per_frame": curve.tolist()}
 
 
-def _by_size(items: ItemList, ae: Autoencoder, frames: int) -> tuple[ItemList, list[int]]:
+def _by_size(items: ItemList, ae: Autoencoder, frames: int) -> tuple[ItemList, list[int], int]:
     """``items`` ordered by the size they are evaluated at (`native_size`; one that cannot be read or taken first:
-    it is skipped when read) and, for each place in that order, the item's place in ``items``: clips of one size
-    come one after another, batched together (a look at each video's first frame)."""
-    def size(i: int) -> tuple[int, int]:
+    it is skipped when read), for each place in that order the item's place in ``items``, and the largest clip's
+    pixels per frame (what decoding workers hand over: `iter_clips` fits them to the shared memory): clips of one
+    size come one after another, batched together (a look at each video's first frame)."""
+    def size(item) -> tuple[int, int]:
         try:
-            return native_size(ae, frames, *upright_size(items[i].readable()))
+            return native_size(ae, frames, *upright_size(item.readable()))
         except (VideoError, ValueError):
             return (0, 0)
-    order = sorted(range(len(items)), key=size)
-    return ItemList([items[i] for i in order], items.problems, items.class_names, items.left_out), order
+    sizes = [size(item) for item in items]
+    order = sorted(range(len(items)), key=sizes.__getitem__)
+    largest = max((h * w for h, w in sizes), default=0)
+    return ItemList([items[i] for i in order], items.problems, items.class_names, items.left_out), order, largest
 
 
 @dataclasses.dataclass
@@ -188,11 +191,11 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
         raise ValueError(f"{ae.family} does not decode with a first frame (H3AE does): no image-to-video "
                          "reconstruction")
     items, chosen = choose_items(input, num=num, seed=seed, classes=classes, split=split)
-    order = list(range(len(items)))
+    order, largest = list(range(len(items))), 0
     if native:
-        items, order = _by_size(items, ae, frames)
+        items, order, largest = _by_size(items, ae, frames)
     clips, skipped = rank_share(input, frames, height, width, fps, items, batch_size,  # all of them on one rank
-                                ae if native else None, workers)
+                                ae if native else None, workers, largest)
     clips = ({**c, "index": order[c["index"]]} for c in clips)  # its place among the chosen clips
     rfvd = fvd_accumulator(i3d, fvd_frames) if i3d is not None else None
     rfid = fid_accumulator(inception) if inception is not None else None

@@ -885,15 +885,14 @@ def test_eval_clips_decoded_by_worker_processes_are_the_same_clips(files, tmp_pa
         clips, _, _ = eval_clips.iter_clips(str(videos), 5, 32, 32, None, None, workers=2, batch_size=2)
         assert [c["video"].shape for c in clips] == [(3, 5, 32, 32)] * 4 and loaders == [2, 2, 2]
     assert ["0 worker(s) instead of 2" in r.getMessage() for r in caplog.records] == [True]
-    caplog.clear()  # at their own sizes, fitted at the largest clip (48x48, from the headers): 2 workers at 32x32
-    assert eval_clips.largest_native_area(list_items(str(videos)), _Recording16(), 5) == 48 * 48
+    caplog.clear()  # at their own sizes, fitted at the largest clip (48x48, as the sizes read say): 2 workers at 32x32
     with monkeypatch.context() as m, caplog.at_level("WARNING", logger="ldm.eval"):  # 2 x 2 ahead x 3 x 5 x 32 x 32
         m.setattr(video, "shared_memory_free", lambda path=video.SHARED_MEMORY: 2 * 100_000)  # bytes fit in half
         clips, _, _ = eval_clips.iter_clips(str(videos), 5, 32, 32, None, None, workers=2, batch_size=2)
         assert len(list(clips)) == 4 and loaders == [2, 2, 2, 2] and not caplog.records
-        clips, _, _ = eval_clips.iter_clips(str(videos), 5, 32, 32, None, None, native=_Recording16(), workers=2,
-                                            batch_size=2)
-        assert [tuple(c["video"].shape[-2:]) for c in clips] == [(32, 48), (48, 48), (32, 48)] and loaders[4:] == []
+        r = eval_recon.evaluate_reconstruction(_Recording16(), str(videos), 5, None, None, native=True, batch_size=2,
+                                               workers=2)
+        assert r["sizes"] == {"48x48": 1, "32x48": 2} and loaders[4:] == []
     assert ["0 worker(s) instead of 2" in r.getMessage() for r in caplog.records] == [True]
     keep = ("clips", "skipped", "psnr_db", "ssim", "info_preservation")
     assert {k: results[0][k] for k in keep} == {k: results[1][k] for k in keep} and results[0]["clips"] == 4
