@@ -696,7 +696,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         row["dit"] = stages.run("train_dit", lambda: _train_dit(args, work))
         recon_key, generate_key = _eval_keys(settings, e["first_frame"], synth is not None)
         row.update(stages.run("recon", lambda: _recon(e, args, eval_data, work, lpips, i3d, inception, device,
-                                                      flow_net), key=recon_key))  # another key (an evaluation flag changed): made again
+                                                      flow_net),
+                              key=recon_key))  # another key (an evaluation flag changed): made again
         row.update(stages.run("generate", lambda: _generate(args, eval_data, synth, work, i3d, device),
                               key=generate_key))
         row["resumed"] = stages.resumed

@@ -432,7 +432,8 @@ def test_cost_recon_puts_eval_recon_quality_beside_the_cost_at_each_rows_clip(tm
              "--recon", str(tmp_path / "videos")])
     import launch.extract  # a GPU's default: decoding workers, the same result
     loaders, real = [], torch.utils.data.DataLoader
-    monkeypatch.setattr(torch.utils.data, "DataLoader", lambda *a, **k: loaders.append(k["num_workers"]) or real(*a, **k))
+    monkeypatch.setattr(torch.utils.data, "DataLoader",
+                        lambda *a, **k: loaders.append(k["num_workers"]) or real(*a, **k))
     monkeypatch.setattr(launch.extract, "auto_workers", lambda requested, device, ranks: 2)
     ldm(args + ["--json"])
     assert json.loads(capsys.readouterr().out)[0] == saved and loaders == [2]
