@@ -40,7 +40,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import statistics
