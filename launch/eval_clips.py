@@ -89,26 +89,29 @@ def native_size(ae: Autoencoder, frames: int, height: int, width: int) -> tuple[
 
 def iter_clips(input: str, frames: int, height: int, width: int, fps: float | None, num: int | None,
                items: ItemList | None = None, native: Autoencoder | None = None, workers: int = 0,
-               batch_size: int = 1, native_area: int = 0) -> tuple[Iterable[dict[str, Any]], list[str], int]:
+               batch_size: int = 1, native_sizes: dict[str, tuple[int, int]] | None = None
+               ) -> tuple[Iterable[dict[str, Any]], list[str], int]:
     """The clips of ``input`` (its first ``num``; GIF twins once, `without_gif_twins`), or of
     ``items`` when given (already chosen: ``num`` is not applied), in their order. ``native``: each clip at its
     own size, center-cropped to `native_size` for that autoencoder (``height`` / ``width`` unused), with its
-    ``source_size``; a video no size of which the autoencoder takes is skipped. ``workers`` > 0: decoded by that
-    many DataLoader processes (fewer when the shared memory they hand clips over in holds less,
-    `data.video.fit_shared_memory`; said once: with ``native``, measured at ``native_area``, the largest clip's
-    pixels per frame, which the caller found reading the sizes, `eval_recon._by_size`), about two batches of
-    ``batch_size`` ahead, each clip sent as its 8-bit pixels (`uint8_to_float` makes them the same float32 clip,
-    bit for bit)."""
+    ``source_size``; a video no size of which the autoencoder takes is skipped; ``native_sizes`` (a video's
+    ``source`` -> its size as shown, read already: `eval_recon._by_size`) spares a second look at those videos.
+    ``workers`` > 0: decoded by that many DataLoader processes (fewer when the shared memory they hand clips over
+    in holds less, `data.video.fit_shared_memory`, with ``native`` measured at the largest clip of
+    ``native_sizes``; said once), about two batches of ``batch_size`` ahead, each clip sent as its 8-bit pixels
+    (`uint8_to_float` makes them the same float32 clip, bit for bit)."""
     if items is None:
         items = without_gif_twins(list_items(input))
         if num:
             items = ItemList(items[:num], items.problems, items.class_names)
     if not items:
         raise ValueError(f"no videos found in {input}")
-    reads = _Reads(VideoClipDataset(items, frames, height, width, fps), native)
+    known = native_sizes or {}
+    reads = _Reads(VideoClipDataset(items, frames, height, width, fps), native, known)
     skipped: list[str] = list(getattr(items, "problems", []))
     if workers:
-        clip_bytes = 3 * frames * (height * width if native is None else native_area)
+        crops = [native_size(native, frames, *known[it.source]) for it in items if it.source in known] if native else []
+        clip_bytes = 3 * frames * (height * width if native is None else max((h * w for h, w in crops), default=0))
         workers, fewer = fit_shared_memory(workers, lambda w: w * prefetch_per_worker(batch_size, 1, w) * clip_bytes,
                                            dist.local_ranks(dist.dist_env()))
         if fewer and dist.rank() == 0:
@@ -132,8 +135,8 @@ class _Reads(torch.utils.data.Dataset):
     """`iter_clips`' reading of video ``i``: its clip's fields with the clip's uint8 pixels and ``index`` (its
     place in the items), or why it gives none (``"source: reason"``)."""
 
-    def __init__(self, data: VideoClipDataset, native: Autoencoder | None):
-        self.data, self.native = data, native
+    def __init__(self, data: VideoClipDataset, native: Autoencoder | None, known: dict[str, tuple[int, int]]):
+        self.data, self.native, self.known = data, native, known  # known: sizes as shown, by source
 
     def __len__(self) -> int:
         return len(self.data)
@@ -143,7 +146,8 @@ class _Reads(torch.utils.data.Dataset):
         try:
             if self.native is None:
                 return {**data.read(i, data.frames, data.height, data.width, uint8=True), "index": i}
-            src_h, src_w = upright_size(data.items[i].readable())
+            item = data.items[i]
+            src_h, src_w = self.known.get(item.source) or upright_size(item.readable())
             h, w = native_size(self.native, data.frames, src_h, src_w)
             clip = data.read(i, data.frames, src_h, src_w, uint8=True)  # its own size: no resize
             return {**clip, "video": center_crop(clip["video"], h, w).contiguous(), "index": i,
@@ -174,10 +178,10 @@ def clip_batches(it: Iterable[dict[str, Any]], size: int) -> Iterable[list[dict[
 
 
 def rank_share(input: str, frames: int, height: int, width: int, fps: float | None, items: ItemList,
-               batch_size: int, native: Autoencoder | None = None, workers: int = 0, native_area: int = 0
-               ) -> tuple[Iterable[dict[str, Any]], list[str]]:
+               batch_size: int, native: Autoencoder | None = None, workers: int = 0,
+               native_sizes: dict[str, tuple[int, int]] | None = None) -> tuple[Iterable[dict[str, Any]], list[str]]:
     """`iter_clips` of this rank's share of ``items`` (decoded by ``workers`` processes, 0: in this one; with
-    ``native``, ``native_area`` as there): every world_size-th batch of ``batch_size`` of them (all of them on one
+    ``native``, ``native_sizes`` as there): every world_size-th batch of ``batch_size`` of them (all of them on one
     rank), each clip's ``index`` its place in ``items``; the listing's problems go with rank 0's skipped list."""
     if not items:
         raise ValueError(f"no videos found in {input}")
@@ -186,7 +190,7 @@ def rank_share(input: str, frames: int, height: int, width: int, fps: float | No
     if not share:
         return iter(()), list(share.problems)
     clips, skipped, _ = iter_clips(input, frames, height, width, fps, None, share, native, workers, batch_size,
-                                   native_area)
+                                   native_sizes)
     return ({**x, "index": mine[x["index"]]} for x in clips), skipped
 
 

@@ -62,20 +62,26 @@ def position_ssim(per_frame: Tensor, group: int, start: int = 0) -> dict[str, An
             "positions": [float(p.mean()) if p.numel() else None for p in pos], "per_frame": curve.tolist()}
 
 
-def _by_size(items: ItemList, ae: Autoencoder, frames: int) -> tuple[ItemList, list[int], int]:
+def _by_size(items: ItemList, ae: Autoencoder, frames: int
+             ) -> tuple[ItemList, list[int], dict[str, tuple[int, int]]]:
     """``items`` ordered by the size they are evaluated at (`native_size`; one that cannot be read or taken first:
-    it is skipped when read), for each place in that order the item's place in ``items``, and the largest clip's
-    pixels per frame (what decoding workers hand over: `iter_clips` fits them to the shared memory): clips of one
-    size come one after another, batched together (a look at each video's first frame)."""
+    it is skipped when read), for each place in that order the item's place in ``items``, and each video's size as
+    shown (its ``source`` -> ``(height, width)``; those that are evaluated), which the reading takes instead of
+    looking again (`iter_clips`): clips of one size come one after another, batched together (a look at each
+    video's first frame)."""
+    shown: dict[str, tuple[int, int]] = {}
+
     def size(item) -> tuple[int, int]:
         try:
-            return native_size(ae, frames, *upright_size(item.readable()))
+            source_size = upright_size(item.readable())
+            crop = native_size(ae, frames, *source_size)
         except (VideoError, ValueError):
             return (0, 0)
+        shown[item.source] = source_size
+        return crop
     sizes = [size(item) for item in items]
     order = sorted(range(len(items)), key=sizes.__getitem__)
-    largest = max((h * w for h, w in sizes), default=0)
-    return ItemList([items[i] for i in order], items.problems, items.class_names, items.left_out), order, largest
+    return ItemList([items[i] for i in order], items.problems, items.class_names, items.left_out), order, shown
 
 
 @dataclasses.dataclass
@@ -191,11 +197,11 @@ def evaluate_reconstruction(ae: Autoencoder, input: str, frames: int, height: in
         raise ValueError(f"{ae.family} does not decode with a first frame (H3AE does): no image-to-video "
                          "reconstruction")
     items, chosen = choose_items(input, num=num, seed=seed, classes=classes, split=split)
-    order, largest = list(range(len(items))), 0
+    order, shown = list(range(len(items))), None
     if native:
-        items, order, largest = _by_size(items, ae, frames)
+        items, order, shown = _by_size(items, ae, frames)
     clips, skipped = rank_share(input, frames, height, width, fps, items, batch_size,  # all of them on one rank
-                                ae if native else None, workers, largest)
+                                ae if native else None, workers, shown)
     clips = ({**c, "index": order[c["index"]]} for c in clips)  # its place among the chosen clips
     rfvd = fvd_accumulator(i3d, fvd_frames) if i3d is not None else None
     rfid = fid_accumulator(inception) if inception is not None else None

@@ -815,7 +815,7 @@ def _mixed_sizes(folder, sizes, frames=5):
     return folder
 
 
-def test_eval_recon_native_size_reads_each_clip_at_its_own_size(files, tmp_path):
+def test_eval_recon_native_size_reads_each_clip_at_its_own_size(files, tmp_path, monkeypatch):
     """``--native-size`` (IV-VAE Tab. 1: Kinetics-600 / ActivityNet "with the original video resolution"): each clip at
     its own size, center-cropped to the largest the autoencoder takes, never resized, encoded in batches of one size,
     the sizes recorded; rFVD / rFID over the mixed sizes (was: no such flag, every clip resized to one size)."""
@@ -834,7 +834,13 @@ def test_eval_recon_native_size_reads_each_clip_at_its_own_size(files, tmp_path)
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
 
     ae = _Recording16()  # multiples of 16: 36x52 -> 32x48, 40x56 -> 32x48, 48x48 stays; the pixels themselves
+    looks = []  # each video's size is read once, to batch by size; the reading takes it (was: a second look)
+    for module in (eval_recon, eval_clips):
+        real = module.upright_size
+        monkeypatch.setattr(module, "upright_size",
+                            lambda src, real=real, m=module.__name__: looks.append(m) or real(src))
     r = eval_recon.evaluate_reconstruction(ae, str(videos), 5, None, None, native=True, batch_size=4)
+    assert looks == ["launch.eval_recon"] * 4
     assert [tuple(x.shape) for x in ae.seen] == [(3, 3, 5, 32, 48), (1, 3, 5, 48, 48)]
     assert r["sizes"] == {"48x48": 1, "32x48": 3} and r["psnr_db"]["infinite"] == 4
     native = eval_vbench.read_native(videos / "3.mp4")[:, :5]  # 40x56, cropped 4 rows and 4 columns from each side
