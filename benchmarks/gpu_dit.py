@@ -332,6 +332,11 @@ def main() -> None:
             busy = prof.get("device_busy_share")
             print(f"  profiled steps: {prof['steps_wall_us'] / 1e3:.1f} ms wall"
                   + (f", the GPU busy {busy:.1%} of it (the rest it waited for the host)" if busy else ""))
+        phases = prof.get("phases_ms_per_step") or {}
+        if phases:
+            order = [p for p in ("data", "forward", "sync", "backward", "step", "ema") if p in phases]
+            print("  per step: " + ", ".join(f"{p} {phases[p]:.1f} ms" for p in order)
+                  + f" (sum {sum(phases.values()):.1f} ms)")
         for row in prof.get("top", [])[:15]:
             print(f"  {row['share']:6.1%} {row['self_us'] / 1e3:9.1f} ms {row['calls']:6d}x  {row['name'][:90]}")
         if args.json:

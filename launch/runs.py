@@ -29,6 +29,7 @@ an intended change (e.g. ``steps`` for a longer schedule); an allowed change is 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -42,6 +43,7 @@ import random
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -699,26 +701,68 @@ class StepProfiler:
     (the same top rows, for scripts, with ``steps_wall_us``: the profiled steps' wall time, and on
     a GPU ``device_busy_share``: the device's busy time over it; well below 1, the GPU waited for the
     host). Made before step ``first_step + 1`` (a resumed run starts later); ``step()`` after each
-    training step; a no-op when off or outside the window."""
+    training step; a no-op when off or outside the window.
+
+    A trainer names the parts of its step with ``phase(name)`` (``ldm train``: data, forward, sync,
+    backward, step, ema): each is a span in the trace, and ``phases_ms_per_step`` in ``ops-rankR.json``
+    says what each took per profiled step. On a GPU that is device time, read from CUDA events on
+    the current stream (no sync added): from the end of the work queued before the phase to the end
+    of its own, so the phases share out the device's timeline (host work between phases aside), idle
+    gaps going to the phase whose work the GPU waited for. On the CPU, wall time."""
 
     def __init__(self, cfg: ProfileConfig, folder: Path, rank: int, first_step: int, cuda: bool, rows: int = 40):
         self.folder, self.rank, self.cuda, self.rows = folder, rank, cuda, rows
         self.prof = None
+        self.index, self.window = 0, (0, 0)  # this run's step being taken; the profiled ones, [first, end)
+        self.marks: dict[str, list[tuple[Any, Any]]] = {}  # phase -> (start, end) marks in the window
         if cfg.steps <= 0 or cfg.start + cfg.steps <= first_step:
             return
         from torch.profiler import ProfilerActivity, profile, schedule
 
         lead = cfg.start - first_step  # steps of this run before the window
         active = cfg.start + cfg.steps - max(cfg.start, first_step)
+        wait, warmup = max(lead - 1, 0), min(max(lead, 0), 1)
+        self.window = (wait + warmup, wait + warmup + active)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         self.prof = profile(activities=activities, on_trace_ready=self._write,
-                            schedule=schedule(wait=max(lead - 1, 0), warmup=min(max(lead, 0), 1), active=active,
-                                              repeat=1))
+                            schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1))
         self.prof.start()
 
     def step(self) -> None:
+        self.index += 1  # first: the window's trace is written in prof.step() when its last step ends
         if self.prof is not None:
             self.prof.step()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """A named part of a training step (the class's docstring); nothing outside the window."""
+        if self.prof is None or not self.window[0] <= self.index < self.window[1]:
+            yield
+            return
+        with torch.profiler.record_function(f"phase.{name}"):
+            start = self._mark()
+            try:
+                yield
+            finally:
+                self.marks.setdefault(name, []).append((start, self._mark()))
+
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _phases_ms(self) -> dict[str, float]:
+        """Each phase's milliseconds per profiled step (its micro-batches summed), in step order."""
+        if self.cuda and self.marks:
+            torch.cuda.synchronize()
+        steps = max(min(self.index, self.window[1]) - self.window[0], 1)  # fewer where a stop ended the window
+
+        def ms(start: Any, end: Any) -> float:
+            return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+
+        return {name: round(sum(ms(a, b) for a, b in marks) / steps, 3) for name, marks in self.marks.items()}
 
     def close(self) -> None:
         if self.prof is not None:
@@ -732,13 +776,22 @@ class StepProfiler:
         averages = prof.key_averages()
         total, top = top_rows(averages, key, self.rows)
         wall = sum(e.cpu_time_total for e in averages if e.key.startswith("ProfilerStep"))  # the steps' spans
-        (self.folder / f"ops-rank{self.rank}.txt").write_text(
-            averages.table(sort_by=key, row_limit=self.rows) + "\n")
         busy = round(total / wall, 4) if self.cuda and wall else None
+        phases = self._phases_ms()
+        where = "on the device" if self.cuda else "wall"
+        (self.folder / f"ops-rank{self.rank}.txt").write_text(
+            "".join(f"phase {name:<10} {ms:10.3f} ms per step ({where})\n" for name, ms in phases.items())
+            + averages.table(sort_by=key, row_limit=self.rows) + "\n")
         atomic_write_json(self.folder / f"ops-rank{self.rank}.json", {"sorted_by": key, "total_us": total,
                                                                       "steps_wall_us": wall,
-                                                                      "device_busy_share": busy, "top": top})
+                                                                      "device_busy_share": busy,
+                                                                      "phases_ms_per_step": phases, "top": top})
         log.info("profile of the training steps written to %s", self.folder)
+
+
+def unprofiled(name: str) -> contextlib.AbstractContextManager:
+    """`StepProfiler.phase` of a step taken without a profiler: nothing."""
+    return contextlib.nullcontext()
 
 
 def top_rows(averages: Any, key: str, rows: int) -> tuple[float, list[dict[str, Any]]]:

@@ -25,12 +25,14 @@ This file is the verb and its loop; what the loop calls lives beside it:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +170,7 @@ def _train(cfg: TrainConfig, allow_change: tuple[str, ...]) -> dict[str, Any]:
     stop = runs.StopRequest()
     try:
         while progress.step < cfg.steps and not progress.stopping:
-            train_step(run, progress, inputs, stop)
+            train_step(run, progress, inputs, stop, profiler.phase)
             profiler.step()
             bar.update(1)
             step, last = progress.step, progress.step == cfg.steps
@@ -344,28 +346,33 @@ def open_data(run: TrainRun, progress: Progress, start: tuple[int, int]
     return data, inputs, held_out
 
 
-def train_step(run: TrainRun, progress: Progress, inputs: Prefetcher, stop: runs.StopRequest) -> None:
+def train_step(run: TrainRun, progress: Progress, inputs: Prefetcher, stop: runs.StopRequest,
+               phase: Callable[[str], contextlib.AbstractContextManager] = runs.unprofiled) -> None:
     """One optimizer step over ``optim.grad_accum`` micro-batches: the loss (`flow_step_loss`),
     backward, DeepSpeed's step, the EMA. The GPU's fast path: one host read per micro-batch (the
-    finite / stop flags, one collective); the step's mean loss stays on the device in ``pending``."""
+    finite / stop flags, one collective); the step's mean loss stays on the device in ``pending``.
+    ``phase(name)`` brackets each part for the profiler (`runs.StepProfiler.phase`)."""
     cfg, engine = run.cfg, run.engine
     engine.train()
     progress.lr = engine.get_lr()[0]  # this step's update's (the scheduler moves on after it)
     loss_sum, micro = torch.zeros((), device=run.device), 0
     while micro < cfg.optim.grad_accum:
-        batch = next(inputs).to(run.device)
+        with phase("data"):
+            batch = next(inputs).to(run.device)
         progress.position += cfg.data.batch_size * run.dp_world  # samples of the global stream one micro-batch reads
         progress.work += batch.work
         progress.samples += batch.latent.batch_size
         progress.read += batch.sources
         progress.stream["epoch"], progress.stream["epoch_start"] = batch.stream  # rank 0's is saved: not past position
-        loss = flow_step_loss(engine, batch.latent, batch.cond, cfg.flow, batch.draws, engine.module.null_cond,
-                              pack=cfg.model.pack)
+        with phase("forward"):
+            loss = flow_step_loss(engine, batch.latent, batch.cond, cfg.flow, batch.draws, engine.module.null_cond,
+                                  pack=cfg.model.pack)
         # a non-finite loss on any rank drops this micro-batch on every rank (no backward, no
         # step: DeepSpeed's accumulation stays aligned); too many in a row stop the run. This is
         # the loop's one host sync per micro-batch: backward must not start on a bad loss. The
         # same read tells every rank whether any was asked to stop (SIGTERM, Ctrl-C).
-        finite = stop.agree(loss)
+        with phase("sync"):
+            finite = stop.agree(loss)
         progress.stopping = stop.agreed
         try:
             applied = progress.nonfinite.check(finite, progress.step + 1, "batch dropped")
@@ -375,12 +382,15 @@ def train_step(run: TrainRun, progress: Progress, inputs: Prefetcher, stop: runs
         if not applied:
             progress.dropped += 1
             continue
-        engine.backward(loss)
-        engine.step()
+        with phase("backward"):
+            engine.backward(loss)
+        with phase("step"):
+            engine.step()
         loss_sum += loss.detach().float() / cfg.optim.grad_accum
         micro += 1
     progress.step += 1
-    run.ema.update(engine.module)
+    with phase("ema"):
+        run.ema.update(engine.module)
     progress.pending.append(dist.all_reduce_mean(loss_sum.view(1)))
 
 

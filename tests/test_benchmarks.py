@@ -53,7 +53,8 @@ def test_gpu_dit_ldm_train_profile_on_cpu(tmp_path):
     assert "error" not in run, run.get("error")
     assert run["last"]["step"] == 4 and run["last"]["samples_per_s"] > 0
     assert run["profile"]["top"] and any(r["name"].startswith("aten::") for r in run["profile"]["top"])
-    assert "ms" in proc.stdout
+    assert set(run["profile"]["phases_ms_per_step"]) == {"data", "forward", "sync", "backward", "step", "ema"}
+    assert "ms" in proc.stdout and "per step: data " in proc.stdout
 
 
 def test_gpu_check_debug_on_cpu(tmp_path):

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,8 +154,73 @@ def test_the_step_gets_posterior_samples_at_unit_variance(latents, tmp_path, mon
     assert summary["losses"][0] == pytest.approx(2.0, abs=0.3)
 
 
-def test_profile_window_writes_a_trace_and_the_top_operators(latents, tmp_path):
-    train(_cfg(latents, tmp_path / "r", steps=4, **{"profile.start": 2, "profile.steps": 1}))
+def test_profiled_phases_on_a_gpu_are_device_time_from_cuda_events(tmp_path, monkeypatch):
+    """The GPU branch of `StepProfiler.phase`, with stand-ins for CUDA events and the profiler: each
+    phase is the device time from its start event to its end event (``elapsed_time``, ms), summed
+    over its micro-batches and averaged over the window's steps; the device is synchronised once,
+    when the window is written; steps outside the window record nothing."""
+    import contextlib
+
+    from launch import runs
+
+    clock, synced = [0.0], []
+
+    class Event:  # the device's clock: each record() reads it
+        def __init__(self, enable_timing: bool):
+            assert enable_timing
+
+        def record(self):
+            self.at = clock[0]
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    class Profile:  # torch.profiler.profile: on_trace_ready when the window's last step ends
+        def __init__(self, activities, on_trace_ready, schedule):
+            self.ready, self.schedule, self.n = on_trace_ready, schedule, 0
+
+        def start(self):
+            pass
+
+        def step(self):
+            self.n += 1
+            if self.n == 4:  # wait 1 + warm-up 1 + active 2 steps: the window ends with step 4
+                self.ready(self)
+
+        def export_chrome_trace(self, path):
+            Path(path).write_text("{}")
+
+        def key_averages(self):
+            return Averages()
+
+    class Averages(list):
+        def table(self, sort_by, row_limit):
+            return ""
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: synced.append(clock[0]))
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(torch.profiler, "record_function", lambda name: contextlib.nullcontext())
+    prof = runs.StepProfiler(runs.ProfileConfig(start=2, steps=2), tmp_path, 0, first_step=0, cuda=True)
+    for step in range(4):
+        for micro in range(2):  # two micro-batches: 1 + 2 ms of forward each, outside the window too
+            with prof.phase("forward"):
+                clock[0] += 1.0 + step
+        with prof.phase("ema"):
+            clock[0] += 0.5
+        prof.step()
+    out = json.loads((tmp_path / "ops-rank0.json").read_text())
+    # steps 3 and 4 (index 2, 3): forward 2 x 3 ms and 2 x 4 ms -> 7 ms per step; ema 0.5
+    assert out["phases_ms_per_step"] == {"forward": 7.0, "ema": 0.5}
+    assert len(synced) == 1 and "on the device" in (tmp_path / "ops-rank0.txt").read_text()
+
+
+def test_profile_window_writes_a_trace_the_top_operators_and_the_phases(latents, tmp_path, monkeypatch):
+    import launch.train as train_mod
+
+    slow_ema, real_update = 0.03, train_mod.EMA.update  # a phase whose time is known: EMA + 30 ms
+    monkeypatch.setattr(train_mod.EMA, "update", lambda self, m: (time.sleep(slow_ema), real_update(self, m)))
+    train(_cfg(latents, tmp_path / "r", steps=5, **{"profile.start": 2, "profile.steps": 2}))
     prof = tmp_path / "r" / "profile"
     top = json.loads((prof / "ops-rank0.json").read_text())
     assert top["sorted_by"] == "self_cpu_time_total" and any(r["name"].startswith("aten::") for r in top["top"])
@@ -162,8 +228,18 @@ def test_profile_window_writes_a_trace_and_the_top_operators(latents, tmp_path):
     assert top["steps_wall_us"] > 0 and top["device_busy_share"] is None  # the GPU's busy share: on a GPU
     trace = json.loads((prof / "trace-rank0.json").read_text())
     steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
-    assert len(steps) == 1  # the one step of the window (the step before it was the discarded warm-up)
-    assert "aten::" in (prof / "ops-rank0.txt").read_text()
+    assert len(steps) == 2  # the window's steps (the step before them was the discarded warm-up)
+    # where a step goes: each part of it per profiled step (wall time on the CPU), in the step's order,
+    # together within the steps' wall time; the slowed EMA takes its 30 ms per step, not twice that
+    phases, order = top["phases_ms_per_step"], ["data", "forward", "sync", "backward", "step", "ema"]
+    assert sorted(phases) == sorted(order)
+    assert all(ms > 0 for ms in phases.values())
+    assert sum(phases.values()) <= top["steps_wall_us"] / 1e3 / 2
+    assert 1e3 * slow_ema <= phases["ema"] < 1.5e3 * slow_ema
+    spans = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("phase.")}
+    assert spans == {f"phase.{name}" for name in phases}  # each a span in the trace too
+    text = (prof / "ops-rank0.txt").read_text()
+    assert "aten::" in text and [line.split()[1] for line in text.splitlines()[:6]] == order
     with pytest.raises(UserError, match="profile.steps"):
         train(_cfg(latents, tmp_path / "bad", **{"profile.steps": -1}))
 
