@@ -545,7 +545,10 @@ def _temporal_layer(layer: nn.Module, h: Tensor, cache: StreamCache | None) -> T
 # ------------------------------------------------------------------------------------------
 # Encoder / decoder pyramids
 # ------------------------------------------------------------------------------------------
-class _Stage(nn.Module):
+class Stage(nn.Module):
+    """One level of an encoder / decoder pyramid: its blocks, then the resampler to the next level
+    (`nn.Identity` where there is none)."""
+
     def __init__(self, blocks: list[nn.Module], resample: nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
@@ -611,7 +614,7 @@ class ConvEncoder(nn.Module):
                 blocks.append(ResBlock(ch, w, dims, groups, dropout, make_norm, temporal_padding, group[i]))
                 ch = w
             last = i == len(widths) - 1
-            stages.append(_Stage(blocks, nn.Identity() if last else SpatialDownsample(ch)))
+            stages.append(Stage(blocks, nn.Identity() if last else SpatialDownsample(ch)))
         self.stages = nn.ModuleList(stages)
         self.temporal_down = nn.ModuleList(
             [TemporalDownsample(widths[i]) if t else nn.Identity() for i, t in enumerate(temporal)])
@@ -672,7 +675,7 @@ class ConvDecoder(nn.Module):
                 ch = widths[i]
             up_widths[i - 1] = ch  # the width at boundary i - 1 (below this level)
             out = ch // 2 if upsample_shrink and i > 0 else ch
-            stages.append(_Stage(blocks, SpatialUpsample(ch, out) if i > 0 else nn.Identity()))
+            stages.append(Stage(blocks, SpatialUpsample(ch, out) if i > 0 else nn.Identity()))
             ch = out
         self.stages = nn.ModuleList(stages)  # stages[j] works at level len(widths) - 1 - j
         self.temporal_up = nn.ModuleList(
