@@ -216,12 +216,16 @@ def shared_memory_free(path: Path = SHARED_MEMORY) -> int | None:
 
 
 def fit_shared_memory(workers: int, in_flight: Callable[[int], int], ranks: int = 1,
-                      path: Path = SHARED_MEMORY) -> tuple[int, str | None]:
+                      path: Path = SHARED_MEMORY, words: tuple[str, str, str] = ("decoding workers", "clips",
+                                                                                 "decoded ahead")
+                      ) -> tuple[int, str | None]:
     """The most decoding workers, at most ``workers``, whose tensors in flight (``in_flight(w)`` bytes with ``w``
     workers: those decoded and waiting) fit this process's share of the free shared memory
     (`SHARED_MEMORY_SHARE` of it over the ``ranks`` on the machine), and why fewer when fewer (None otherwise).
     0 when not even one fits: the main process decodes, with no shared memory. Was: a worker killed by a bus
-    error ("out of shared memory") midway through a run in a container with Docker's 64 MB."""
+    error ("out of shared memory") midway through a run in a container with Docker's 64 MB. ``words``: the
+    message's names of the workers, what they hand over and how (``ldm train``: shard readers, latent batches,
+    read ahead)."""
     free = shared_memory_free(path)
     if workers <= 0 or free is None:
         return workers, None
@@ -230,8 +234,9 @@ def fit_shared_memory(workers: int, in_flight: Callable[[int], int], ranks: int 
         return workers, None
     fit = next((w for w in range(workers - 1, 0, -1) if in_flight(w) <= budget), 0)
     per_rank = f" for each of the {ranks} ranks on this machine" if ranks > 1 else ""
-    return fit, (f"{path} has {free / 2**20:.0f} MiB free, the shared memory decoding workers hand clips over in: "
-                 f"{fit} worker(s) instead of {workers}, whose clips decoded ahead would take ~"
+    kind, items, ahead = words
+    return fit, (f"{path} has {free / 2**20:.0f} MiB free, the shared memory {kind} hand {items} over in: "
+                 f"{fit} worker(s) instead of {workers}, whose {items} {ahead} would take ~"
                  f"{in_flight(workers) / 2**20:.0f} MiB{per_rank}; give the container more (docker run --shm-size 16g; "
                  "Kubernetes: an emptyDir volume of medium Memory at /dev/shm) for full speed")
 

@@ -43,6 +43,7 @@ from tqdm import tqdm
 import dit
 from data.manifest import Manifest, load_manifests, shard_folders
 from data.shards import LatentShards, as_batched
+from data.video import fit_shared_memory
 from dit import Export
 from launch import dist, runs
 from launch.engine import (EMA, apply_activation_checkpointing, deepspeed_config, deepspeed_patches_undone, mfu,
@@ -50,7 +51,8 @@ from launch.engine import (EMA, apply_activation_checkpointing, deepspeed_config
                            slow_engine_warning)
 from launch.train_checkpoint import export_context, init_weights, norm_change, resume, save_checkpoint, write_export
 from launch.train_config import TrainConfig, check_config, check_val_shards, data_mix, make_dit_config, mix_rates
-from launch.train_data import Prefetcher, bucket_batch_sizes, reader_start, resume_stream
+from launch.train_data import (READER_PREFETCH, Prefetcher, batch_bytes, bucket_batch_sizes, reader_start,
+                               resume_stream)
 from launch.train_flow import (StepInputs, batch_cond, flow_step_loss, latent_norm_stats, per_sample_normal,
                                prepare_step, sample_generators, standardized, varlen_lengths)
 from ldm import config as cfglib
@@ -326,9 +328,15 @@ def open_data(run: TrainRun, progress: Progress, start: tuple[int, int]
                         batch_size=cfg.data.batch_size,
                         buckets=bucket_batch_sizes(manifest, cfg.data, engine.module) if cfg.data.buckets else None,
                         expect_shapes=parts if manifest.form != "varlen" and not cfg.data.buckets else None)
-    workers = cfg.data.num_workers
+    # the readers hand their batches over in shared memory: as many as fit in it (Docker's 64 MB /dev/shm)
+    workers, fewer = fit_shared_memory(cfg.data.num_workers,
+                                       lambda w: w * READER_PREFETCH * batch_bytes(manifest, cfg.data.batch_size),
+                                       dist.local_ranks(run.env), words=("shard readers", "latent batches", "read ahead"))
+    if fewer and dist.is_main():
+        log.warning("ldm train: %s", fewer)
     loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=as_batched, num_workers=workers,
                                          persistent_workers=workers > 0,
+                                         prefetch_factor=READER_PREFETCH if workers else None,
                                          multiprocessing_context=reader_start(workers, run.device),
                                          worker_init_fn=runs.reader_ignores_interrupts)
     held_out = HeldOut(cfg.val.every or cfg.save_every)

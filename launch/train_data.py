@@ -7,6 +7,7 @@ works. The mix of the data.shards folders (`data_mix`, `mix_rates`) is checked w
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -15,6 +16,19 @@ from data.manifest import Manifest
 from launch.train_config import DataConfig
 
 log = logging.getLogger("ldm.train")
+
+
+READER_PREFETCH = 2  # batches each shard reader process keeps ready (DataLoader's default prefetch_factor)
+
+
+def batch_bytes(manifest: Manifest, batch_size: int) -> int:
+    """At most the bytes of one batch a shard reader hands over: float32 latents and their
+    log-variances at the largest latent shape of the folders, and cached caption embeddings at the
+    text encoder's full length."""
+    shapes = [manifest.parts] + [{k: tuple(v) for k, v in s.items()} for s in manifest.latent_shapes]
+    latent = max(sum(math.prod(shape) for shape in parts.values()) for parts in shapes)
+    text = (manifest.text_max_length or manifest.text_tokens) * (manifest.text_dim or 0)
+    return batch_size * 4 * (2 * latent + text)
 
 
 def reader_start(workers: int, device: torch.device) -> str | None:

@@ -154,6 +154,31 @@ def test_the_step_gets_posterior_samples_at_unit_variance(latents, tmp_path, mon
     assert summary["losses"][0] == pytest.approx(2.0, abs=0.3)
 
 
+def test_shard_readers_fit_the_shared_memory(latents, tmp_path, monkeypatch, caplog):
+    """``data.num_workers`` readers hand their batches over in shared memory: in a container with
+    little of it (Docker's 64 MB /dev/shm, against cached T5 embeddings of ~2 MB a clip) as many run as
+    their batches read ahead fit in, and one line says so (was: a reader killed by a bus error); the
+    losses are those of the run with the readers asked for (the global stream does not depend on them)."""
+    from data import video
+    from data.manifest import load_manifest
+    from launch.train_data import READER_PREFETCH, batch_bytes
+
+    manifest = load_manifest(latents)
+    per_clip = 4 * (2 * 4 * 8 * 4 * 4 + manifest.text_max_length * manifest.text_dim)  # z 4x8x4x4 + logvar, text
+    assert manifest.text_dim and batch_bytes(manifest, 4) == 4 * per_clip
+    train(_cfg(latents, tmp_path / "ref", steps=3, **{"data.num_workers": 2}))
+    one = READER_PREFETCH * batch_bytes(manifest, 4)  # what one reader holds
+    monkeypatch.setattr(video, "shared_memory_free", lambda path=video.SHARED_MEMORY: int(2 * 1.5 * one))
+    made, real = [], torch.utils.data.DataLoader
+    monkeypatch.setattr(torch.utils.data, "DataLoader", lambda *a, **k: made.append(k["num_workers"]) or real(*a, **k))
+    with caplog.at_level("WARNING", logger="ldm.train"):
+        summary = train(_cfg(latents, tmp_path / "r", steps=3, **{"data.num_workers": 2}))
+    assert made[0] == 1  # half the free shared memory holds one reader's batches, not two
+    said = [r.getMessage() for r in caplog.records if "shared memory" in r.getMessage()]
+    assert len(said) == 1 and "shard readers hand latent batches over in: 1 worker(s) instead of 2" in said[0]
+    assert summary["losses"] == _losses(tmp_path / "ref")
+
+
 def test_profiled_phases_on_a_gpu_are_device_time_from_cuda_events(tmp_path, monkeypatch):
     """The GPU branch of `StepProfiler.phase`, with stand-ins for CUDA events and the profiler: each
     phase is the device time from its start event to its end event (``elapsed_time``, ms), summed
