@@ -238,7 +238,10 @@ RELEASED_LAYOUT = {
 def config_from_official(c: Mapping[str, Any]) -> ODVAEConfig:
     """Our config of a public ``CausalVAEModel`` config.json, or a UserError naming each field whose
     layout is not the released OD-VAE's (every other CausalVAEModel layout is another model)."""
-    wrong = {k: c.get(k) for k, v in RELEASED_LAYOUT.items() if k in c and c[k] != v}
+    if c.get("_class_name", "CausalVAEModel") != "CausalVAEModel" or "hidden_size" not in c:
+        raise UserError(f"this config.json (_class_name {c.get('_class_name')}, hidden_size {c.get('hidden_size')}) is "
+                        "not Open-Sora-Plan's CausalVAEModel: pass the vae/ folder of Open-Sora-Plan v1.2.0")
+    wrong = {k: c.get(k, "(missing)") for k, v in RELEASED_LAYOUT.items() if c.get(k) != v}
     z = int(c.get("z_channels", 4))
     if int(c.get("embed_dim", z)) != z:
         wrong["embed_dim"] = c.get("embed_dim")

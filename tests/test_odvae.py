@@ -125,6 +125,12 @@ def test_wrong_layouts_and_files_are_clear_errors(official, tmp_path):
     v11["encoder_temporal_downsample"] = ["", "TimeDownsampleRes2x", "TimeDownsampleRes2x", ""]
     with pytest.raises(ValueError, match="not OD-VAE's released layout.*encoder_temporal_downsample"):
         convert("odvae-official", _folder(tmp_path / "v11", sd, v11), "odvae")
+    sd_vae = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "latent_channels": 4}
+    with pytest.raises(ValueError, match="_class_name AutoencoderKL, hidden_size None\\) is not Open-Sora-Plan's CausalVAEModel"):
+        convert("odvae-official", _folder(tmp_path / "sd", sd, sd_vae), "odvae")
+    with pytest.raises(ValueError, match="decoder_attention': '\\(missing\\)'"):
+        convert("odvae-official", _folder(tmp_path / "old", sd, {k: v for k, v in official_config(**DEBUG).items()
+                                                                 if k != "decoder_attention"}), "odvae")
     with pytest.raises(ValueError, match="does not have the architecture of odvae-c4"):
         convert("odvae-official", path, "odvae-c4")  # the debug widths against the released ones
     truncated = {k: v for i, (k, v) in enumerate(sd.items()) if i % 5}
