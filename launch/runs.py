@@ -798,11 +798,12 @@ def top_rows(averages: Any, key: str, rows: int) -> tuple[float, list[dict[str, 
     """The profile's total and its top ``rows`` events by ``key``, each with its share of the total.
     On the device (``self_device_time_total``) only the device's own events count (kernels, copies;
     not the CPU operators that launched them, whose device time is the same kernels again, nor
-    user annotations spanning them): the shares add up to the device's busy time."""
+    user annotations spanning them): the shares add up to the device's busy time. `StepProfiler.phase`'s
+    spans are left out on the CPU too: the phases are reported apart."""
     from torch.autograd import DeviceType
 
     def counted(e: Any) -> bool:
-        if e.key.startswith("ProfilerStep"):  # the step's own span is all of it
+        if e.key.startswith(("ProfilerStep", "phase.")):  # the step's own span is all of it; phases: reported apart
             return False
         if key == "self_device_time_total":
             return e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)

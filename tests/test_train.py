@@ -288,13 +288,14 @@ def test_profile_top_rows_on_a_gpu_count_each_kernel_once():
               ev("nvjet_gemm_kernel", DeviceType.CUDA, 300.0),
               ev("aten::_cudnn_attention_backward", DeviceType.CPU, 600.0),
               ev("cudnn_sdpa_bprop_kernel", DeviceType.CUDA, 600.0), ev("Memcpy DtoD", DeviceType.CUDA, 100.0),
-              ev("Optimizer.step#AdamW.step", DeviceType.CUDA, 100.0, annotation=True)]
+              ev("Optimizer.step#AdamW.step", DeviceType.CUDA, 100.0, annotation=True),
+              ev("phase.backward", DeviceType.CPU, 0.0, annotation=True)]
     total, top = top_rows(events, "self_device_time_total", 40)
     assert total == 1000.0 and [r["name"] for r in top] == ["cudnn_sdpa_bprop_kernel", "nvjet_gemm_kernel",
                                                             "Memcpy DtoD"]
     assert [r["share"] for r in top] == [0.6, 0.3, 0.1]
-    total, top = top_rows(events, "self_cpu_time_total", 40)  # on the CPU: every operator but the step's span
-    assert total == 6.0 and len(top) == 6
+    total, top = top_rows(events, "self_cpu_time_total", 40)  # on the CPU: every operator but the step's and
+    assert total == 6.0 and len(top) == 6  # the phases' spans (`StepProfiler.phase`: reported apart)
 
 
 def test_train_process_destroys_its_process_group_at_exit(latents, tmp_path):
