@@ -3,8 +3,9 @@ Omni-dimensional Video Compressor for Improving Latent Video Diffusion Model", a
 with its released weights (``ldm convert --source odvae-official``). MTC-VAE's ch=4 model starts
 from it (MTC-VAE Sec. 4.1) and MTC-VAE, IV-VAE and H3AE compare against it.
 
-A 4x8x8 causal 3D VAE with 4 latent channels (``1 + 4k`` frames -> ``1 + k`` latent frames, VCPR
-256). Where it differs from our ``causal3d`` (CogVideoX's layout), all from the released
+A 4x8x8 3D VAE with causal convolutions and 4 latent channels (``1 + 4k`` frames -> ``1 + k`` latent
+frames, VCPR 256). Its clip-wise norms (and the decoder's interpolation) make neither side causal:
+latent frame 0 depends on every frame encoded with it, as in the public model. Where it differs from our ``causal3d`` (CogVideoX's layout), all from the released
 ``config.json`` and the public code (Sec. 3.1 describes the tail initialisation from an SD VAE that
 explains the 2D start):
 
@@ -14,9 +15,9 @@ explains the 2D start):
 - time and space are downsampled together at the two deepest boundaries: one causal 3x3x3
   convolution of stride 2 (`SpaceTimeDownsample`), the first boundary being SD's 2D downsampler;
 - the decoder (all 3D) upsamples the two deepest boundaries by interpolation: frame 0 bilinearly,
-  the later frames trilinearly (2x in time and space, so frames ``2m-1, 2m`` of the output blend
-  latent frames ``m`` and ``m + 1``: the decoder is not causal), then a causal 3x3x3 conv
-  (`SpaceTimeUpsample`); the last boundary is per-frame nearest + 3x3 conv;
+  the later frames trilinearly (2x in time and space, so output frames ``2m, 2m + 1`` blend input
+  frames ``m`` and ``m + 1``), then a causal 3x3x3 conv (`SpaceTimeUpsample`); the last boundary is
+  per-frame nearest + 3x3 conv;
 - 1x1x1 quant convs around the latent; the latents are scaled by 0.18215 (Open-Sora-Plan's
   ``CausalVAEModelWrapper``).
 
@@ -92,7 +93,8 @@ class SpaceTimeDownsample(nn.Module):
 class SpaceTimeUpsample(nn.Module):
     """2x up in time and space by interpolation, then a causal 3x3x3 conv (``Spatial2xTime2x3DUpsample``):
     frame 0 is upsampled bilinearly on its own, frames ``1..k`` trilinearly together (``1 + k`` frames
-    give ``1 + 2k``; output frames ``2m-1, 2m`` blend latent frames ``m`` and ``m + 1``)."""
+    give ``1 + 2k``: output frame 1 is input frame 1's, frames ``2m, 2m + 1`` blend input frames ``m``
+    and ``m + 1``, the last is frame ``k``'s)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -235,18 +237,28 @@ RELEASED_LAYOUT = {
 }
 
 
+# the public v1.2.0 constructor's defaults where they are the released layout: a config.json written
+# before one of these arguments existed (use_quant_layer came a day before the release) leaves it out
+PUBLIC_DEFAULTS = {"attn_resolutions": [], "double_z": True, "use_quant_layer": True, "q_conv": "CausalConv3d",
+                   "encoder_conv_out": "CausalConv3d", "encoder_mid_resnet": "ResnetBlock3D",
+                   "decoder_conv_in": "CausalConv3d", "decoder_conv_out": "CausalConv3d",
+                   "decoder_resnet_blocks": ["ResnetBlock3D"] * 4, "decoder_mid_resnet": "ResnetBlock3D"}
+
+
 def config_from_official(c: Mapping[str, Any]) -> ODVAEConfig:
     """Our config of a public ``CausalVAEModel`` config.json, or a UserError naming each field whose
-    layout is not the released OD-VAE's (every other CausalVAEModel layout is another model)."""
+    layout is not the released OD-VAE's (every other CausalVAEModel layout is another model; a field
+    left out counts as the public constructor's default)."""
     if c.get("_class_name", "CausalVAEModel") != "CausalVAEModel" or "hidden_size" not in c:
         raise UserError(f"this config.json (_class_name {c.get('_class_name')}, hidden_size {c.get('hidden_size')}) is "
                         "not Open-Sora-Plan's CausalVAEModel: pass the vae/ folder of Open-Sora-Plan v1.2.0")
+    c = {**PUBLIC_DEFAULTS, **c}
     wrong = {k: c.get(k, "(missing)") for k, v in RELEASED_LAYOUT.items() if c.get(k) != v}
     z = int(c.get("z_channels", 4))
     if int(c.get("embed_dim", z)) != z:
         wrong["embed_dim"] = c.get("embed_dim")
-    if len(c.get("hidden_size_mult", (1, 2, 4, 4))) != 4:
-        wrong["hidden_size_mult"] = c.get("hidden_size_mult")
+    if len(c.get("hidden_size_mult", (1, 2, 4, 4))) != 4 or c.get("hidden_size_mult", (1,))[0] != 1:
+        wrong["hidden_size_mult"] = c.get("hidden_size_mult")  # conv_in writes hidden_size channels: mult[0] is 1
     if wrong:
         raise UserError(f"this CausalVAEModel is not OD-VAE's released layout (Open-Sora-Plan v1.2.0): {wrong}; "
                         f"odvae holds {RELEASED_LAYOUT} (v1.1.0's TimeDownsampleRes2x VAE is another model)")

@@ -707,8 +707,9 @@ class StepProfiler:
     backward, step, ema): each is a span in the trace, and ``phases_ms_per_step`` in ``ops-rankR.json``
     says what each took per profiled step. On a GPU that is device time, read from CUDA events on
     the current stream (no sync added): from the end of the work queued before the phase to the end
-    of its own, so the phases share out the device's timeline (host work between phases aside), idle
-    gaps going to the phase whose work the GPU waited for. On the CPU, wall time."""
+    of its own, so the phases share out the device's timeline (what runs between phases aside: in
+    ``ldm train`` the step's loss all-reduce and counters), idle gaps going to the phase whose work
+    the GPU waited for. On the CPU, wall time."""
 
     def __init__(self, cfg: ProfileConfig, folder: Path, rank: int, first_step: int, cuda: bool, rows: int = 40):
         self.folder, self.rank, self.cuda, self.rows = folder, rank, cuda, rows

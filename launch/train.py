@@ -329,8 +329,8 @@ def open_data(run: TrainRun, progress: Progress, start: tuple[int, int]
                         buckets=bucket_batch_sizes(manifest, cfg.data, engine.module) if cfg.data.buckets else None,
                         expect_shapes=parts if manifest.form != "varlen" and not cfg.data.buckets else None)
     # the readers hand their batches over in shared memory: as many as fit in it (Docker's 64 MB /dev/shm)
-    workers, fewer = fit_shared_memory(cfg.data.num_workers,
-                                       lambda w: w * READER_PREFETCH * batch_bytes(manifest, cfg.data.batch_size),
+    largest = max([cfg.data.batch_size, *(data.buckets or {}).values()])  # the largest batch of any bucket
+    workers, fewer = fit_shared_memory(cfg.data.num_workers, lambda w: w * READER_PREFETCH * batch_bytes(manifest, largest),
                                        dist.local_ranks(run.env), words=("shard readers", "latent batches", "read ahead"))
     if fewer and dist.is_main():
         log.warning("ldm train: %s", fewer)

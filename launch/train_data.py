@@ -22,9 +22,10 @@ READER_PREFETCH = 2  # batches each shard reader process keeps ready (DataLoader
 
 
 def batch_bytes(manifest: Manifest, batch_size: int) -> int:
-    """At most the bytes of one batch a shard reader hands over: float32 latents and their
-    log-variances at the largest latent shape of the folders, and cached caption embeddings at the
-    text encoder's full length."""
+    """The bytes of one batch of ``batch_size`` a shard reader hands over, at most: float32 latents
+    and their log-variances at the largest latent shape of the folders, and cached caption
+    embeddings at the text encoder's full length (a manifest from before that was recorded: at the
+    mean caption length, so about). With shape buckets give the largest bucket's batch size."""
     shapes = [manifest.parts] + [{k: tuple(v) for k, v in s.items()} for s in manifest.latent_shapes]
     latent = max(sum(math.prod(shape) for shape in parts.values()) for parts in shapes)
     text = (manifest.text_max_length or manifest.text_tokens) * (manifest.text_dim or 0)

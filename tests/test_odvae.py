@@ -128,9 +128,11 @@ def test_wrong_layouts_and_files_are_clear_errors(official, tmp_path):
     sd_vae = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "latent_channels": 4}
     with pytest.raises(ValueError, match="_class_name AutoencoderKL, hidden_size None\\) is not Open-Sora-Plan's CausalVAEModel"):
         convert("odvae-official", _folder(tmp_path / "sd", sd, sd_vae), "odvae")
-    with pytest.raises(ValueError, match="decoder_attention': '\\(missing\\)'"):
+    with pytest.raises(ValueError, match="decoder_attention': '\\(missing\\)'"):  # its default is AttnBlock3D
         convert("odvae-official", _folder(tmp_path / "old", sd, {k: v for k, v in official_config(**DEBUG).items()
                                                                  if k != "decoder_attention"}), "odvae")
+    older = {k: v for k, v in official_config(**DEBUG).items() if k != "use_quant_layer"}  # written before it existed
+    assert convert("odvae-official", _folder(tmp_path / "older", sd, older), "odvae-c4-debug").name == "odvae-c4-debug"
     with pytest.raises(ValueError, match="does not have the architecture of odvae-c4"):
         convert("odvae-official", path, "odvae-c4")  # the debug widths against the released ones
     truncated = {k: v for i, (k, v) in enumerate(sd.items()) if i % 5}
