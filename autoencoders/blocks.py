@@ -547,12 +547,18 @@ def _temporal_layer(layer: nn.Module, h: Tensor, cache: StreamCache | None) -> T
 # ------------------------------------------------------------------------------------------
 class Stage(nn.Module):
     """One level of an encoder / decoder pyramid: its blocks, then the resampler to the next level
-    (`nn.Identity` where there is none)."""
+    (`nn.Identity` where there is none). ``forward`` runs both on a map that needs nothing else (the
+    pyramids below pass a stream cache and a latent to their blocks themselves)."""
 
     def __init__(self, blocks: list[nn.Module], resample: nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.resample = resample
+
+    def forward(self, h: Tensor) -> Tensor:
+        for block in self.blocks:
+            h = block(h)
+        return self.resample(h)
 
 
 class MidBlock(nn.Module):

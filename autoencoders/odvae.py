@@ -174,9 +174,7 @@ class ODVAEDecoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))
         for level in self.levels:
-            for block in level.blocks:
-                h = block(h)
-            h = level.resample(h)
+            h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, T, H, W)
 
 

@@ -8,7 +8,7 @@ over a textured background) of ``size x size``: the untiled latent and reconstru
 ``tile:overlap:margin`` setting the tiled latent (``encode``) and the tiled decode of the untiled
 latent, each compared with its untiled counterpart by PSNR with the untiled tensor's value range as
 the peak (so latents and videos read alike). ``--frames 0`` takes each family's shortest video
-(kl2d 1, causal 5, cmvae 8). Peak memory of the decode as `ivvae_cache.measure` takes it: CUDA
+(kl2d 1, causal 5, cmvae 8, opensora 17). Peak memory of the decode as `ivvae_cache.measure` takes it: CUDA
 ``max_memory_allocated`` above what was allocated before, or live tensor bytes on CPU (output
 included). ``tests/test_tiling.py`` holds the PSNR bounds at the default setting.
 """
@@ -26,7 +26,7 @@ from data.synth import combinations, synth_clip
 from ivvae_cache import MiB, measure
 from ldm.metrics import psnr
 
-SHORTEST = {"kl2d": 1, "cmvae": 8}  # others: causal, 1 + r frames (r: the temporal factor)
+SHORTEST = {"kl2d": 1, "cmvae": 8}  # others: the shortest video each takes (`Autoencoder.example_clip`)
 DEFAULT = "kl2d-f8c4-debug,causal3d-f4x8c4-debug,ivvae-z16-debug,h3ae-4x16x16-debug,cmvae-z4-debug"
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     for name in args.autoencoders.split(","):
         torch.manual_seed(0)
         ae = build(name).to(device, dtype).eval()
-        frames = args.frames or SHORTEST.get(ae.family, 1 + ae.temporal_factor)
+        frames = args.frames or SHORTEST.get(ae.family) or ae.example_clip()[0]
         video = clip(frames, args.size).to(device, dtype)
         with torch.no_grad():
             ref = ae.encode(video)

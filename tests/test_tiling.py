@@ -161,7 +161,8 @@ def test_tiling_follows_the_input_device():
 # large frames").
 FAMILIES = {"kl2d-f8c4-debug": (1, 19.0, 22.0), "causal3d-f4x8c4-debug": (5, 20.0, 25.0),
             "ivvae-z16-debug": (5, 24.0, 23.0), "h3ae-4x16x16-debug": (5, 22.0, 23.0),
-            "cmvae-z4-debug": (8, 15.0, 21.0), "odvae-c4-debug": (5, 21.0, 23.0)}
+            "cmvae-z4-debug": (8, 15.0, 21.0), "odvae-c4-debug": (5, 21.0, 23.0),
+            "opensora-v12-debug": (17, 21.5, 23.5)}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
