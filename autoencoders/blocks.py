@@ -100,6 +100,15 @@ class StreamCache:
         return sum(v.untyped_storage().nbytes() for v in self._state.values() if v is not None)
 
 
+def in_frame_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int | None) -> Tensor:
+    """``fn`` over ``x: B C T ...`` ``chunk`` frames at a time, the outputs joined along time (one call
+    when ``chunk`` is None or covers the clip): ``fn(x)`` exactly where ``fn`` treats frames (or the
+    chunks' frame groups) apart, in memory bounded by the chunk."""
+    if not chunk or x.shape[2] <= chunk:
+        return fn(x)
+    return torch.cat([fn(x[:, :, s:s + chunk]) for s in range(0, x.shape[2], chunk)], dim=2)
+
+
 def starts_video(layer: nn.Module, cache: StreamCache | None) -> bool:
     """Whether this call of ``layer`` begins the video (one-shot calls always do); marks it."""
     if cache is None:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from autoencoders.base import AEConfig, Autoencoder, register, register_family
 from autoencoders.blocks import (LOGVAR_CLAMP, ConvDecoder, ConvEncoder, check_latent_stats, grid_z,
-                                 split_moments)
+                                 in_frame_chunks, split_moments)
 from autoencoders.sources import Conversion, KeyMap, compare, open_diffusers, register_source
 from ldm.errors import UserError
 from ldm.latent import Cond, Latent, LatentSpec
@@ -71,6 +71,7 @@ class KL2D(Autoencoder):
         self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1) if config.quant_conv else nn.Identity()
         self.post_quant_conv = nn.Conv2d(z, z, 1) if config.quant_conv else nn.Identity()
         self.decoder = ConvDecoder(z, config.in_channels, upsample_shrink=config.upsample_shrink, **arch)
+        self.frame_chunk: int | None = None  # frames per pass in inference (set_chunk_frames); None: all
 
     @property
     def spatial_factor(self) -> int:
@@ -91,21 +92,31 @@ class KL2D(Autoencoder):
         return LatentSpec(form="grid", parts={"z": (c, frames, height // f, width // f)},
                           input_shape=(self.config.in_channels, frames, height, width), vcpr=float(f * f))
 
-    def _encode(self, video: Tensor, cond: Cond | None) -> Latent:
+    def set_chunk_frames(self, frames: int | None) -> None:
+        """Encode and decode ``frames`` frames at a time (the frames are independent: the one-shot
+        result in bounded memory); None or 0: all at once."""
+        if frames is not None and frames < 0:
+            raise ValueError(f"{self.family}: chunk frames must be positive (0 or None: one shot), got {frames}")
+        self.frame_chunk = frames or None
+
+    def _moments(self, video: Tensor) -> Tensor:
         frames = video.shape[2]
-        x = rearrange(video, "b c t h w -> (b t) c h w")  # (B*T, C, H, W)
-        moments = self.quant_conv(self.encoder(x))  # (B*T, 2c, h, w)
-        mean, logvar = split_moments(moments, self.config.logvar_clamp)
-        mean = rearrange(mean, "(b t) c h w -> b c t h w", t=frames)  # (B, c, T, h, w)
-        logvar = rearrange(logvar, "(b t) c h w -> b c t h w", t=frames)  # (B, c, T, h, w)
+        moments = self.quant_conv(self.encoder(rearrange(video, "b c t h w -> (b t) c h w")))  # (B*T, 2c, h, w)
+        return rearrange(moments, "(b t) c h w -> b c t h w", t=frames)  # (B, 2c, T, h, w)
+
+    def _frames(self, z: Tensor) -> Tensor:
+        frames = z.shape[2]
+        x = self.decoder(self.post_quant_conv(rearrange(z, "b c t h w -> (b t) c h w")))  # (B*T, C, H, W)
+        return rearrange(x, "(b t) c h w -> b c t h w", t=frames)  # (B, C, T, H, W)
+
+    def _encode(self, video: Tensor, cond: Cond | None) -> Latent:
+        mean, logvar = split_moments(in_frame_chunks(self._moments, video, self.frame_chunk),
+                                     self.config.logvar_clamp)  # each (B, c, T, h, w)
         return Latent({"z": mean}, form="grid", logvar={"z": logvar})
 
     def _decode(self, latent: Latent, cond: Cond | None) -> Tensor:
         z = grid_z(latent, self.config.latent_channels, self.family)
-        frames = z.shape[2]
-        h = rearrange(z, "b c t h w -> (b t) c h w")  # (B*T, c, h, w)
-        x = self.decoder(self.post_quant_conv(h))  # (B*T, C, H, W)
-        return rearrange(x, "(b t) c h w -> b c t h w", t=frames)  # (B, C, T, H, W)
+        return in_frame_chunks(self._frames, z, self.frame_chunk)  # (B, C, T, H, W)
 
 
 # ------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from autoencoders.base import REGISTRY, AEConfig, Autoencoder, register, register_family
-from autoencoders.blocks import LOGVAR_CLAMP, Stage, check_latent_stats, grid_z, split_moments
+from autoencoders.blocks import LOGVAR_CLAMP, Stage, check_latent_stats, grid_z, in_frame_chunks, split_moments
 from autoencoders.kl2d import KL2D, KL2DConfig, map_diffusers
 from autoencoders.sources import Conversion, KeyMap, register_source, registered_target
 from ldm import config as cfglib
@@ -190,6 +190,7 @@ class OpenSoraVAE(Autoencoder):
         self.temporal_decoder = TemporalDecoder(config)
         self.quant_conv = nn.Conv3d(2 * z, 2 * z, 1)
         self.post_quant_conv = nn.Conv3d(z, z, 1)
+        self.frame_chunk: int | None = None  # frames per pass in inference (set_chunk_frames); None: all
 
     @property
     def spatial_factor(self) -> int:
@@ -209,24 +210,42 @@ class OpenSoraVAE(Autoencoder):
         return LatentSpec(form="grid", parts={"z": (c, t, height // f, width // f)},
                           input_shape=(self.config.in_channels, frames, height, width), vcpr=frames / t * f * f)
 
-    def _encode(self, video: Tensor, cond: Cond | None) -> Latent:
-        x = self.spatial._encode(video, None).parts["z"] * SPATIAL_SCALE  # (B, c, T, h, w)
+    def set_chunk_frames(self, frames: int | None) -> None:
+        """Encode and decode ``frames`` frames at a time, a multiple of 17 (whole micro-chunks, which
+        are encoded apart anyway: the one-shot result in bounded memory); None or 0: all at once."""
+        if frames and (frames < 0 or frames % MICRO_FRAMES):
+            raise ValueError(f"{self.family}: chunk frames must be a multiple of {MICRO_FRAMES} (its micro-chunks), "
+                             f"got {frames}")
+        self.frame_chunk = frames or None
+        self.spatial.set_chunk_frames(frames)
+
+    def _temporal_moments(self, x: Tensor) -> Tensor:
+        """Spatial latents ``B c T h w`` (whole micro-chunks, or one frame) -> moments ``B 2c t h w``."""
         chunk = min(MICRO_FRAMES, x.shape[2])
         chunks = rearrange(x, "b c (k t) h w -> (b k) c t h w", t=chunk)  # micro-chunks, encoded apart
         pad = -chunk % TEMPORAL_FACTOR  # zero frames in front: 17 -> 20, 1 -> 4
         moments = self.quant_conv(self.temporal_encoder(F.pad(chunks, (0, 0, 0, 0, pad, 0))))
-        moments = rearrange(moments, "(b k) c t h w -> b c (k t) h w", b=video.shape[0])  # (B, 2c, t, h, w)
-        mean, logvar = split_moments(moments, self.config.logvar_clamp)
-        return Latent({"z": mean}, form="grid", logvar={"z": logvar})
+        return rearrange(moments, "(b k) c t h w -> b c (k t) h w", b=x.shape[0])
 
-    def _decode(self, latent: Latent, cond: Cond | None) -> Tensor:
-        z = grid_z(latent, self.config.latent_channels, self.family)
+    def _video(self, z: Tensor) -> Tensor:
+        """Latents ``B c t h w`` (whole micro-chunks of 5, or one frame) -> video ``B C T H W``."""
         per_chunk = min(_latent_frames(MICRO_FRAMES), z.shape[2])
         frames = 1 if z.shape[2] == 1 else MICRO_FRAMES
         chunks = rearrange(z, "b c (k t) h w -> (b k) c t h w", t=per_chunk)
         x = self.temporal_decoder(self.post_quant_conv(chunks))  # (B*k, c, 4t, h, w): padding frames first
         x = rearrange(x[:, :, x.shape[2] - frames:], "(b k) c t h w -> b c (k t) h w", b=z.shape[0])
         return self.spatial._decode(Latent({"z": x / SPATIAL_SCALE}, form="grid"), None)
+
+    def _encode(self, video: Tensor, cond: Cond | None) -> Latent:
+        x = self.spatial._encode(video, None).parts["z"] * SPATIAL_SCALE  # (B, c, T, h, w)
+        moments = in_frame_chunks(self._temporal_moments, x, self.frame_chunk)  # (B, 2c, t, h, w)
+        mean, logvar = split_moments(moments, self.config.logvar_clamp)
+        return Latent({"z": mean}, form="grid", logvar={"z": logvar})
+
+    def _decode(self, latent: Latent, cond: Cond | None) -> Tensor:
+        z = grid_z(latent, self.config.latent_channels, self.family)
+        chunk = self.frame_chunk and self.frame_chunk // MICRO_FRAMES * _latent_frames(MICRO_FRAMES)
+        return in_frame_chunks(self._video, z, chunk)  # (B, C, T, H, W)
 
 
 def _latent_frames(frames: int) -> int:

@@ -204,7 +204,7 @@ def _memory_args(p: argparse.ArgumentParser, what: str) -> None:
     """``--tile`` / ``--chunk-frames`` as on `ldm reconstruct` (`autoencoders.tiling.configure_inference`)."""
     p.add_argument("--tile", help=f"{what} large frames in blended spatial tiles: TILE or TILE:OVERLAP pixels")
     p.add_argument("--chunk-frames", type=int, default=0,
-                   help="stream long clips this many frames at a time (IV-VAE, H3AE, causal3d)")
+                   help="stream long clips this many frames at a time (IV-VAE, H3AE, causal3d, kl2d, opensora)")
 
 
 def _workers_arg(p: argparse.ArgumentParser) -> None:

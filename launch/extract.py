@@ -96,7 +96,7 @@ class ExtractConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16: the encoder runs in it
     tile: str | None = None  # spatial tiling of the encoder, "TILE[:OVERLAP]" pixels (large frames)
-    chunk_frames: int = 0  # streaming encode this many frames at a time (IV-VAE, H3AE, causal3d); 0 = one shot
+    chunk_frames: int = 0  # streaming encode this many frames at a time (IV-VAE, H3AE, causal3d, kl2d, opensora); 0 = one shot
     seed: int = 0
     clips_per_video: int | None = None  # None: 1, or 0 with clip_stride (data.video.Windows.from_flags)
     clip_stride: int | None = None
@@ -150,7 +150,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--tile", help="encode large frames in blended spatial tiles: TILE or TILE:OVERLAP pixels (e.g. 512:128); "
                      "grid autoencoders only")
     a("--chunk-frames", type=int,
-      help="stream long clips this many frames at a time, same latents as one shot (IV-VAE, H3AE, causal3d)")
+      help="stream long clips this many frames at a time, same latents as one shot (IV-VAE, H3AE, causal3d, kl2d, opensora)")
     a("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
       help="precision the autoencoder runs in (weights and activations): auto = bf16 on CUDA, fp32 on the CPU. "
            "Latents are stored as fp32 either way")

@@ -149,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="decode with the clip's first frame as the image condition (image-to-video reconstruction, H3AE)")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
     a("--tile", help="encode/decode large frames in blended spatial tiles: TILE or TILE:OVERLAP pixels")
-    a("--chunk-frames", type=int, default=0, help="stream long clips this many frames at a time (IV-VAE, H3AE, causal3d)")
+    a("--chunk-frames", type=int, default=0, help="stream long clips this many frames at a time (IV-VAE, H3AE, causal3d, kl2d, opensora)")
     a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
       help="precision the autoencoder runs in: auto = bf16 on CUDA, fp32 on the CPU")
     a("--json", action="store_true", help="print the metrics as one JSON object")

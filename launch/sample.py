@@ -169,7 +169,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(the sampler's state stays fp32)")
     p.add_argument("--tile", help="decode large frames in blended spatial tiles: TILE or TILE:OVERLAP pixels")
     p.add_argument("--chunk-frames", type=int, default=0,
-                   help="decode long videos this many frames at a time, as one shot (IV-VAE, H3AE, causal3d)")
+                   help="decode long videos this many frames at a time, as one shot (IV-VAE, H3AE, causal3d, kl2d, opensora)")
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                    help="regional torch.compile of the DiT's blocks and of a diffusion decoder's (Hi-VAE) "
                         "(auto: on for CUDA)")

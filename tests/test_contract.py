@@ -255,14 +255,41 @@ def test_capability_errors_list_the_families_that_have_it(monkeypatch):
     monkeypatch.setitem(FAMILIES, "streaming", Streaming)
     plain = fakes.FakeTokenAE(fakes.FakeConfig())
     for call, match in ((lambda: plain.enable_tiling(64, 16), r"\(causal3d, .*kl2d.*, streaming; a family sets"),
-                        (lambda: plain.set_chunk_frames(4), r"--chunk-frames: causal3d, h3ae, ivvae, mtcvae, streaming\)"),
+                        (lambda: plain.set_chunk_frames(4), r"--chunk-frames: causal3d, .*mtcvae.*, streaming\)"),
                         (lambda: plain.with_stage(2), "--stage applies to hivae, mtcvae, streaming"),
                         (lambda: plain.load_base("x"), "--base-checkpoint applies to .*streaming")):
         with pytest.raises(ValueError, match=match):
             call()
 
 
-@pytest.mark.parametrize("name", ["causal3d-f4x8c4-debug", "h3ae-8x32x32-debug", "ivvae-z8-debug"])  # mtcvae: causal3d's
+@pytest.mark.parametrize("name,frames,chunk", [("kl2d-f8c4-debug", 9, 4), ("opensora-v12-debug", 51, 34)])
+def test_chunked_frame_wise_families_equal_one_shot(name, frames, chunk):
+    """Families whose frames (kl2d) or 17-frame micro-chunks (Open-Sora 1.2) are encoded apart take
+    ``--chunk-frames``: the latents and the video of one shot, ``chunk`` frames per pass (the last
+    pass shorter); Open-Sora refuses a chunk that cuts a micro-chunk."""
+    torch.manual_seed(0)
+    model = autoencoders.build(name).eval()
+    video = torch.rand(1, 3, frames, 32, 32) * 2 - 1
+    seen, encode = [], model.encoder.forward if name.startswith("kl2d") else model.temporal_encoder.forward
+    with torch.no_grad():
+        plain = model.encode(video)
+        plain_video = model.decode(plain)
+        model.set_chunk_frames(chunk)
+        target = model.encoder if name.startswith("kl2d") else model.temporal_encoder
+        target.forward = lambda x: seen.append(x.shape[0]) or encode(x)
+        chunked = model.encode(video)
+        chunked_video = model.decode(chunked)
+    torch.testing.assert_close(chunked["z"], plain["z"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(chunked.logvar["z"], plain.logvar["z"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(chunked_video, plain_video, atol=1e-5, rtol=1e-5)
+    assert seen == ([4, 4, 1] if name.startswith("kl2d") else [2, 1])  # frames (micro-chunks) per pass
+    if name.startswith("opensora"):
+        with pytest.raises(ValueError, match="multiple of 17"):
+            model.set_chunk_frames(16)
+
+
+@pytest.mark.parametrize("name", ["causal3d-f4x8c4-debug", "h3ae-8x32x32-debug", "ivvae-z8-debug",
+                                  "kl2d-f8c4-debug"])  # mtcvae: causal3d's
 def test_chunk_frames_none_or_zero_is_one_shot_in_every_streaming_family(name):
     """``set_chunk_frames(0)`` (the verbs' ``--chunk-frames 0``) and ``None`` both go back to one shot
     (was: causal3d and mtcvae refused 0, ivvae and h3ae took it)."""
