@@ -25,11 +25,9 @@ temporal forward from the official names; the spatial part is checked against di
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
