@@ -1,7 +1,8 @@
 """OD-VAE: the omni-dimensional video compressor of Open-Sora-Plan v1.2 (Chen et al., "OD-VAE: An
 Omni-dimensional Video Compressor for Improving Latent Video Diffusion Model", arXiv:2409.01199),
 with its released weights (``ldm convert --source odvae-official``). MTC-VAE's ch=4 model starts
-from it (MTC-VAE Sec. 4.1) and MTC-VAE, IV-VAE and H3AE compare against it.
+from it (MTC-VAE Sec. 4.1), and MTC-VAE, IV-VAE (239M in its table) and VideoVAE+ ("Open-Sora-Plan
+(OD VAE)") compare against it.
 
 A 4x8x8 3D VAE with causal convolutions and 4 latent channels (``1 + 4k`` frames -> ``1 + k`` latent
 frames, VCPR 256). Its clip-wise norms (and the decoder's interpolation) make neither side causal:

@@ -1,7 +1,7 @@
 """Open-Sora 1.2's video VAE (Zheng et al., "Open-Sora: Democratizing Efficient Video Production for
-All", arXiv:2412.20404, Sec. 3.1; hpcai-tech/Open-Sora v1.2.0, ``OpenSoraVAE_V1_2``), with its
-released weights (``ldm convert --source opensora-official``): the "OPS-VAE" baseline of MTC-VAE's
-Table 1, compared against by IV-VAE and H3AE too.
+All", 2024; hpcai-tech/Open-Sora v1.2.0, ``OpenSoraVAE_V1_2``), with its released weights (``ldm
+convert --source opensora-official``): a baseline of four of the five papers ("OPS-VAE" in
+VideoVAE+'s and MTC-VAE's tables, "OS VAE", 393M, in IV-VAE's, "OpenSora-1.2-VAE" in H3AE's).
 
 Two VAEs in a row, 4x8x8 with 4 latent channels:
 
