@@ -264,7 +264,7 @@ def map_temporal(km: KeyMap, model: OpenSoraVAE) -> None:
     encoder's at its level, the decoder's at the level below); the rest ``res_blocks``, ``norm1`` and
     ``conv2`` (encoder) / ``conv1`` (decoder)."""
     def put(ours: str, theirs: str, module: nn.Module) -> None:
-        for kind, p in module.named_parameters(recurse=False):
+        for kind, _ in module.named_parameters(recurse=False):
             km.put(f"{ours}.{kind}", km.take(f"{theirs}{'.conv' if isinstance(module, nn.Conv3d) else ''}.{kind}"))
 
     def block(ours: str, theirs: str, b: TemporalResBlock) -> None:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from official_init import random_official
+
 EPS = 1e-6
 
 
@@ -110,18 +112,8 @@ def official_shapes(hidden: int, z: int, mult=(1, 2, 4, 4), nrb: int = 2) -> dic
 
 
 def official_state_dict(hidden: int, z: int, mult=(1, 2, 4, 4), nrb: int = 2, seed: int = 0) -> dict[str, Tensor]:
-    """Random tensors under the official names: weights ~ N(0, 1/fan_in), norm scales around 1 and
-    biases around 0, so activations stay O(1) through the whole network."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, shape in official_shapes(hidden, z, mult, nrb).items():
-        if len(shape) > 1:
-            out[name] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-        elif ".norm" in name and name.endswith(".weight"):
-            out[name] = 1 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            out[name] = 0.1 * torch.randn(shape, generator=g)
-    return out
+    """Random tensors under the official names (`official_init.random_official`)."""
+    return random_official(official_shapes(hidden, z, mult, nrb), seed)
 
 
 def parameter_count(hidden: int, z: int, mult=(1, 2, 4, 4), nrb: int = 2) -> int:

@@ -16,12 +16,12 @@ draws random tensors under them.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+
+from official_init import random_official
 
 
 def official_shapes(filters: int = 128, mult=(1, 2, 2, 4), nrb: int = 4, down=(False, True, True),
@@ -72,18 +72,8 @@ def official_shapes(filters: int = 128, mult=(1, 2, 2, 4), nrb: int = 4, down=(F
 
 
 def official_state_dict(seed: int = 0, **config) -> dict[str, Tensor]:
-    """Random tensors under the official names: weights ~ N(0, 1/fan_in), norm scales around 1,
-    biases around 0."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, shape in official_shapes(**config).items():
-        if len(shape) > 1:
-            out[name] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-        elif ".norm" in name and name.endswith(".weight"):
-            out[name] = 1 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            out[name] = 0.1 * torch.randn(shape, generator=g)
-    return out
+    """Random tensors under the official names (`official_init.random_official`)."""
+    return random_official(official_shapes(**config), seed)
 
 
 class OfficialTemporalVAE:
