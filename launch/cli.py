@@ -168,7 +168,32 @@ def console(argv: list[str] | None = None) -> int:
     """The ``ldm`` command: `main`, with a `UserError` turned into one line on stderr and exit
     status 2 (``--debug`` / ``LDM_DEBUG=1``: the traceback instead). A crash in native code (a
     segmentation fault or an abort in a CUDA, NCCL or gloo library) prints every thread's Python stack
-    (`faulthandler`): where it happened, for the report (was: the process died without a word)."""
+    (`faulthandler`): where it happened, for the report (was: the process died without a word).
+
+    As the program (no ``argv``: the ``ldm`` script, ``python -m launch.cli`` under a launcher), a
+    process that started a process group ends without the interpreter's teardown, where the group's
+    worker threads could abort it after its work was done (`dist.exit_without_teardown`); an error
+    that escapes the verb prints its traceback first, with exit status 1 as Python gives it."""
+    as_program = argv is None
+    try:
+        status = _verb_status(argv)
+    except Exception:
+        if not (as_program and _started_a_group()):
+            raise
+        sys.excepthook(*sys.exc_info())
+        status = 1
+    if as_program and _started_a_group():
+        sys.modules["launch.dist"].exit_without_teardown(status)
+    return status
+
+
+def _started_a_group() -> bool:
+    """`dist.joined_a_group`, without importing torch for the verbs that never did."""
+    return "launch.dist" in sys.modules and sys.modules["launch.dist"].joined_a_group()
+
+
+def _verb_status(argv: list[str] | None) -> int:
+    """`console`'s work: the verb's exit status, the errors it knows turned into their lines."""
     _print_stacks_on_crash()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")

@@ -151,6 +151,39 @@ def destroy_at_exit() -> None:
         _DESTROY_REGISTERED = True
 
 
+def joined_a_group() -> bool:
+    """Whether this process started a process group (`init_distributed`, or the one-rank group a
+    single-process trainer starts for DeepSpeed): its backend's worker threads live to the exit."""
+    return _DESTROY_REGISTERED
+
+
+def exit_without_teardown(status: int) -> None:
+    """End this process with ``status`` as interpreter exit would, but without the interpreter's
+    teardown: for a process whose process group's native worker threads are still alive.
+
+    Those threads outlive `cleanup`'s ``destroy_process_group`` (DeepSpeed and every parameter keep
+    the groups). One that has just finished a collective may still hold its tensors and take the
+    GIL to free them; if the teardown has begun by then, Python ends that thread inside a C++
+    destructor and the process aborts (``terminate called without an active exception``, SIGABRT,
+    after the run's last step; torchrun then reports the whole run failed). PyTorch issue 190489;
+    seen here twice, in CI runs of a 2-rank resume on two loaded cores. So the exit steps that matter
+    run first, the atexit handlers (`cleanup`, the readers' kill, logging's flush, multiprocessing's
+    children) and the standard streams' flush, then ``os._exit``. A non-daemon thread still alive
+    (which interpreter exit would wait for): the ordinary exit instead."""
+    import sys
+    import threading
+
+    if any(t is not threading.main_thread() and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        return
+    atexit._run_exitfuncs()  # what interpreter exit runs before its teardown (errors are printed, as there)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError, OSError):  # none, closed, or a reader gone
+            pass
+    os._exit(status)
+
+
 def _elastic_store() -> torch_dist.Store | None:
     """Under torchrun, the agent's store with a prefix per restart attempt. Without it, a worker
     restarted by ``--max-restarts`` can read the previous attempt's addresses for groups created

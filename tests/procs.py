@@ -14,6 +14,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tail(text: str, n: int = 3000) -> str:
+    """The last ``n`` characters of a process's output for an assertion's message, with the report of a
+    native crash kept whole when it came earlier (faulthandler's stacks: a plain tail cut off where it died)."""
+    found = [i for i in (text.find("Fatal Python error"), text.find("terminate called")) if i >= 0]
+    if not found or min(found) >= len(text) - n:
+        return text[-n:]
+    return text[min(found):min(found) + n] + "\n[...]\n" + text[-n:]
+
+
 def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
     """``python -m torch.distributed.run --nproc_per_node N --master_port <free> [extra] -m launch.cli ARGS``."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",

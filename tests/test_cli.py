@@ -1,5 +1,6 @@
 """Every `ldm` verb imports and answers --help; `ldm list --json` reports the registries."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -158,6 +159,60 @@ def test_a_crash_in_native_code_prints_where_each_thread_was():
                           timeout=120)
     assert proc.returncode == -signal.SIGABRT, proc.stderr[-2000:]
     assert "Fatal Python error: Aborted" in proc.stderr and "in verb_that_aborts" in proc.stderr, proc.stderr[-2000:]
+
+
+LATE_NATIVE_THREAD = """
+import sys, time
+import torch
+from launch import cli
+
+@torch.jit.script
+def busy(x: torch.Tensor, n: int) -> torch.Tensor:
+    for _ in range(n):
+        x = torch.mm(x, x) / 64.0
+    return x
+
+@torch.jit.script
+def start(x: torch.Tensor, n: int) -> torch.jit.Future[torch.Tensor]:
+    return torch.jit.fork(busy, x, n)
+
+def verb(argv):
+    import atexit
+    import torch.distributed as td
+    from launch.train import _single_process_group
+    _single_process_group()  # what a one-process `ldm train` starts (a torchrun rank: `init_distributed`)
+    td.all_reduce(torch.ones(4))
+    atexit.register(print, "atexit ran", flush=True)
+    # a native thread that takes the GIL about a second after the verb returned, as a gloo worker freeing
+    # a collective's tensors may
+    start(torch.ones(64, 64), 50000).then(lambda f: print("late callback", flush=True))
+    sys.stdout.write("not flushed by the verb")
+    if sys.argv[1] == "raise":
+        raise RuntimeError("a bug of the verb")
+    return 3
+
+cli.main = verb
+sys.exit(cli.console())
+"""
+
+
+@pytest.mark.parametrize("ending", ["return", "raise"])
+def test_a_rank_ends_without_the_interpreters_teardown(ending, tmp_path):
+    """A process that started a process group ends, as the ``ldm`` program, without the interpreter's
+    teardown: a native thread still running then (gloo's workers after the last collective) cannot abort it
+    (was: SIGABRT or SIGSEGV after the verb's work was done; PyTorch issue 190489, twice in this project's
+    CI). The verb's status is kept (an escaped error: its traceback, status 1), the atexit handlers run and
+    the streams are flushed."""
+    import subprocess
+
+    script = tmp_path / "verb.py"  # a file: TorchScript reads its functions' source
+    script.write_text(LATE_NATIVE_THREAD)
+    proc = subprocess.run([sys.executable, str(script), ending], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == (3 if ending == "return" else 1), proc.stderr[-2000:]
+    assert proc.stdout == "not flushed by the verbatexit ran\n"  # the callback never ran: the process had ended
+    assert ("RuntimeError: a bug of the verb" in proc.stderr) == (ending == "raise"), proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr and "Fatal Python error" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):

@@ -12,7 +12,7 @@ import pytest
 from data import shards
 from data.manifest import load_manifest
 from data.synth import synth_dataset
-from procs import free_port, torchrun
+from procs import free_port, tail, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "launch" / "configs" / "train-debug.yaml"
@@ -31,7 +31,7 @@ def _two_nodes(*args: str, cwds: tuple[Path, Path] = (ROOT, ROOT)) -> list[subpr
     for p in procs:
         out, err = p.communicate(timeout=400)
         done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-        assert p.returncode == 0 or cwds[0] != cwds[1], err[-3000:]
+        assert p.returncode == 0 or cwds[0] != cwds[1], tail(err)
     return done
 
 
@@ -50,7 +50,7 @@ def test_two_nodes_extract_and_train(tmp_path):
     _two_nodes(*train, f"output={tmp_path / 'nodes'}")
     r = subprocess.run(torchrun(2, *train, f"output={tmp_path / 'single'}"), env=ENV, cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, tail(r.stderr)
     losses = [[json.loads(x)["loss"] for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
               for run in ("nodes", "single")]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
@@ -75,7 +75,7 @@ def test_an_output_that_is_not_shared_by_the_nodes_is_one_line_before_training(t
                           "steps=2", "output=runs/dit", cwds=nodes)
     assert first.returncode != 0
     lines = [x for x in first.stderr.splitlines() if "ldm train: error:" in x]
-    assert len(lines) == 1 and "not the same folder on every rank" in lines[0], first.stderr[-3000:]
+    assert len(lines) == 1 and "not the same folder on every rank" in lines[0], tail(first.stderr)
     assert "Traceback" not in first.stderr.split("ldm train: error:")[0][-2000:]
     assert not (nodes[0] / "runs" / "dit" / "checkpoints").exists()
 
@@ -99,7 +99,7 @@ def test_a_node_whose_local_copy_of_the_shards_differs_is_one_line_before_traini
     first, _ = _two_nodes("train", "--config", str(YAML), "data.shards=lat", "data.batch_size=1", "steps=2",
                           f"output={tmp_path / 'dit'}", cwds=nodes)
     lines = [x for x in first.stderr.splitlines() if "ldm train: error:" in x]
-    assert first.returncode != 0 and len(lines) == 1, first.stderr[-3000:]
+    assert first.returncode != 0 and len(lines) == 1, tail(first.stderr)
     assert "ranks disagree on the latent shards" in lines[0]
     assert not (tmp_path / "dit" / "checkpoints").exists()
 
@@ -188,7 +188,7 @@ def test_a_rank_that_finishes_long_after_the_others_does_not_time_out_the_extrac
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     results = [(p.communicate(timeout=240), p.returncode) for p in procs]
     for (out, err), code in results:
-        assert code == 0, err[-3000:]
+        assert code == 0, tail(err)
     assert load_manifest(tmp_path / "out").counts.written == 3
 
 

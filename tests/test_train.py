@@ -20,7 +20,7 @@ from launch.train import TrainConfig, check_config, train
 from ldm import config as cfglib
 from ldm.checkpoint import load_tensors
 from ldm.errors import UserError
-from procs import free_port, torchrun
+from procs import free_port, tail, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "launch" / "configs" / "train-debug.yaml"
@@ -313,8 +313,8 @@ def test_train_process_destroys_its_process_group_at_exit(latents, tmp_path):
                                                             "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "group after exit handlers: destroyed" in proc.stdout, proc.stdout[-2000:]
+    assert proc.returncode == 0, tail(proc.stderr, 2000)
+    assert "group after exit handlers: destroyed" in proc.stdout, tail(proc.stdout, 2000)
 
 
 def test_reader_workers_forked_or_spawned_change_no_loss(latents, tmp_path):
@@ -334,7 +334,7 @@ def test_reader_workers_forked_or_spawned_change_no_loss(latents, tmp_path):
                                                             "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, tail(proc.stderr, 2000)
     assert ref == forked == _losses(tmp_path / "spawn") and len(ref) == 4
 
 
@@ -597,7 +597,7 @@ def test_sample_on_two_ranks_splits_the_batches_and_writes_what_one_process_does
                     torch.set_num_threads(threads)
                 continue
             r = subprocess.run(torchrun(nproc, *args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-            assert r.returncode == 0, r.stderr[-4000:]
+            assert r.returncode == 0, tail(r.stderr, 4000)
             assert r.stdout.count("wrote ") == 1, r.stdout  # rank 0 reports
     one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
     assert [p.name for p in one] == [p.name for p in two] and len(one) == 2 * 9 + 3  # mp4 + gif each, 2 grids, index
@@ -718,7 +718,7 @@ def test_two_ranks_zero(latents, tmp_path, stage):
     cmd = torchrun(2, "train", "--config", str(YAML), f"data.shards={latents}", f"output={tmp_path / 'r'}",
                    "data.batch_size=2", "steps=4", "save_every=2", "log_every=1", f"engine.deepspeed=zero{stage}")
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == 0, tail(r.stderr, 4000)
     losses = _losses(tmp_path / "r")
     assert len(losses) == 4 and all(map(torch.isfinite, torch.tensor(losses)))
     model, _ = load_export(tmp_path / "r")
@@ -727,8 +727,8 @@ def test_two_ranks_zero(latents, tmp_path, stage):
         shard = next((tmp_path / "r" / "checkpoints" / "step-00000004").glob("zero_pp_rank_1_*optim_states.pt"))
         shard.write_bytes(shard.read_bytes()[:-100])
         r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-4000:]
-        assert (r.stdout + r.stderr).count("checkpoint step-00000004 rejected") == 1, r.stderr[-4000:]
+        assert r.returncode == 0, tail(r.stderr, 4000)
+        assert (r.stdout + r.stderr).count("checkpoint step-00000004 rejected") == 1, tail(r.stderr, 4000)
         assert "resumed from" in r.stdout and "step 2 " in r.stdout and _losses(tmp_path / "r") == losses
 
 
@@ -751,7 +751,7 @@ def test_deepspeed_accelerate_and_srun_launchers_train_two_ranks_as_one_process_
     for name, cmd in runs.items():
         r = subprocess.run(cmd + [f"output={tmp_path / name}"], env=env, cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
-        assert r.returncode == 0, (name, r.stderr[-3000:])
+        assert r.returncode == 0, (name, tail(r.stderr))
         losses[name] = _losses(tmp_path / name)
     # `srun --ntasks 2` without torchrun: each task has only SLURM's variables (ranks, the launch
     # node's address); the port is the user's MASTER_PORT
@@ -763,7 +763,7 @@ def test_deepspeed_accelerate_and_srun_launchers_train_two_ranks_as_one_process_
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     for task in tasks:
         _, err = task.communicate(timeout=300)
-        assert task.returncode == 0, ("srun", err[-3000:])
+        assert task.returncode == 0, ("srun", tail(err))
     losses["srun"] = _losses(tmp_path / "srun")
     assert all(_world_size(tmp_path / name) == 2 for name in losses), {n: _world_size(tmp_path / n) for n in losses}
     one = _one_process(cfglib.load_yaml(YAML, TrainConfig, [*over, "data.batch_size=4", f"output={tmp_path / 'one'}"]))
@@ -788,7 +788,7 @@ def _torchrun(latents, out, *over, nproc=2, allow=None):
                    f"data.shards={latents}", f"output={out}",
                    "data.shuffle=8", "log_every=1", "optim.warmup_steps=2", "optim.lr=0.001", *over)
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == 0, tail(r.stderr, 4000)
     return r.stdout
 
 
@@ -848,7 +848,7 @@ def test_elastic_restart_after_a_rank_is_killed(latents, tmp_path):
     assert len(pids) == 2
     os.kill(pids[1], signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-4000:]
+    assert proc.returncode == 0, tail(stderr, 4000)
     assert "resumed from" in stdout
     _one_process(_cfg(latents, tmp_path / "ref", steps=40, save_every=40))  # uninterrupted: batch 4 = 2 ranks x 2
     assert _losses(out) == pytest.approx(_losses(tmp_path / "ref"), rel=1e-5)
@@ -1239,15 +1239,15 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(late
         proc.kill()
     step = len(_losses(run))
     if nproc == 1:
-        assert proc.returncode == 143, out[-3000:]
+        assert proc.returncode == 143, tail(out)
     else:  # torchrun reports its worker's status as a failure of its own
-        assert proc.returncode != 0 and "exitcode  : 143" in out, out[-3000:]
+        assert proc.returncode != 0 and "exitcode  : 143" in out, tail(out)
     assert f"stopped at step {step} of 100000" in out
-    assert out.count("stopping after this step with a checkpoint") == 1, out[-3000:]  # rank 0's, heard or not
+    assert out.count("stopping after this step with a checkpoint") == 1, tail(out)  # rank 0's, heard or not
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{step:08d}"
     resumed = subprocess.run(cmd + [f"steps={step + 2}", f"output={run}", "--allow-change", "steps"], env=env,
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, tail(resumed.stderr)
     # uninterrupted, in this process: one rank of the global batch
     _one_process(cfglib.load_yaml(YAML, TrainConfig, [*args[3:], f"data.batch_size={2 * nproc}", f"steps={step + 2}",
                                                       f"output={tmp_path / 'u'}"]))
@@ -1282,7 +1282,7 @@ def test_a_signal_to_the_process_group_stops_with_readers_and_accumulation(laten
     finally:
         proc.kill()
     step = len(_losses(run))
-    assert proc.returncode == 128 + getattr(signal, name), out[-3000:]
+    assert proc.returncode == 128 + getattr(signal, name), tail(out)
     assert f"stopped at step {step} of 100000 ({name})" in out and "Traceback" not in out
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{step:08d}"
 
