@@ -205,10 +205,13 @@ def test_a_rank_ends_without_the_interpreters_teardown(ending, tmp_path):
     the streams are flushed."""
     import subprocess
 
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK")}  # an in-process run's, maybe taken now
+    env["OMP_NUM_THREADS"] = "1"
     script = tmp_path / "verb.py"  # a file: TorchScript reads its functions' source
     script.write_text(LATE_NATIVE_THREAD)
     proc = subprocess.run([sys.executable, str(script), ending], cwd=Path(__file__).parents[1],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == (3 if ending == "return" else 1), proc.stderr[-2000:]
     assert proc.stdout == "not flushed by the verbatexit ran\n"  # the callback never ran: the process had ended
     assert ("RuntimeError: a bug of the verb" in proc.stderr) == (ending == "raise"), proc.stderr[-2000:]
