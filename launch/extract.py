@@ -92,6 +92,7 @@ class ExtractConfig:
     batch_size: int = 0  # clips per encoder call; 0 = auto (4 on the CPU, sized to the GPU's free memory)
     num_workers: int = -1  # video decoding workers per rank; -1 = auto (0 on the CPU, up to 8 per GPU)
     text_encoder: str | None = None
+    text_max_length: int = 0  # tokens captions are cut / padded to; 0 = the encoder's (T5 120, CLIP 77, UMT5 512, builtin 64)
     verify: int = 0
     device: str = "auto"
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16: the encoder runs in it
@@ -155,6 +156,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="precision the autoencoder runs in (weights and activations): auto = bf16 on CUDA, fp32 on the CPU. "
            "Latents are stored as fp32 either way")
     a("--text-encoder", help="cache caption embeddings: builtin | t5:DIR | clip:DIR")
+    a("--text-max-length", type=int, metavar="N",
+      help="tokens the captions are cut or padded to, as the DiT you train expects (e.g. 300 for Open-Sora's T5, 226 "
+           "for CogVideoX's); default 0 = the encoder's own: T5 120, CLIP 77, UMT5 512, builtin 64. Recorded: "
+           "`ldm sample` cuts prompts to it")
     a("--num-classes", type=int, metavar="N",
       help="class ids the data's labels index, 0..N-1 (default 0 = from the data: the whole id space of a "
            "`ldm data synth` set, else the largest id + 1)")
@@ -180,6 +185,12 @@ def check_config(cfg: ExtractConfig) -> None:
             raise UserError(f"{flag} must be >= 0, got {value}" + (" (0 = auto)" if flag == "--batch-size" else ""))
     if cfg.num_workers < -1:
         raise UserError(f"--num-workers must be >= 0 or -1 (auto), got {cfg.num_workers}")
+    if cfg.text_max_length < 0 or cfg.text_max_length == 1:
+        raise UserError(f"--text-max-length must be >= 2 tokens (room for the special ones), or 0 for the text "
+                        f"encoder's own, got {cfg.text_max_length}")
+    if cfg.text_max_length and not cfg.text_encoder:
+        raise UserError(f"--text-max-length {cfg.text_max_length} is the length of caption embeddings: give "
+                        "--text-encoder too")
     if cfg.fps is not None and not cfg.fps > 0:
         raise UserError(f"--fps must be > 0 (or left out for the native rate), got {cfg.fps}")
     out = Path(cfg.output)
@@ -567,7 +578,7 @@ def load_encoders(cfg: ExtractConfig, env: dist.DistEnv) -> tuple[torch.device, 
     if cfg.text_encoder:
         from ldm.text import build_text_encoder
         with checking("--text-encoder"):
-            text_encoder = build_text_encoder(cfg.text_encoder).to(device)
+            text_encoder = build_text_encoder(cfg.text_encoder, max_length=cfg.text_max_length or None).to(device)
         text_encoder.warned_cut = True  # a cut caption is reported here: one warning naming it, a count at the end
     with checking():
         ae.check_text_encoder(text_encoder, cfg.text_encoder, name)

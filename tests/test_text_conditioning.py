@@ -97,6 +97,35 @@ def test_the_text_encoders_token_length_is_recorded_and_sampling_uses_it(tmp_pat
     assert load_text_encoder(Export.from_dict(old)).max_length == 64
 
 
+def test_extract_text_max_length_sets_the_captions_length_and_binds_the_folder(tmp_path, capsys):
+    """``--text-max-length N``: captions are embedded at N tokens (the length the DiT to train expects:
+    Open-Sora's T5 300, CogVideoX's 226), the manifest records N (sampling cuts prompts to it, test above),
+    another N on a finished folder is refused as other settings, nonsense is one line."""
+    from ldm.text import build_text_encoder
+
+    synth_dataset(tmp_path / "v", num=2, frames=4, size=16, fps=8, seed=0)
+    assert _extract(tmp_path / "v", tmp_path / "lat", "--text-max-length", "24") == 0
+    manifest = json.loads((tmp_path / "lat" / "manifest.json").read_text())
+    assert manifest["text_max_length"] == 24
+    caption = [s["cond"]["caption"] for s in shards.read_all(tmp_path / "lat")]
+    emb = torch.stack([s["cond"]["text_emb"] for s in shards.read_all(tmp_path / "lat")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the synthetic captions are longer than 24 byte tokens: cut
+        expect, mask = build_text_encoder("builtin", max_length=24).encode(caption)
+    assert emb.shape[1] <= 24 and torch.allclose(emb, expect[:, :emb.shape[1]], atol=1e-6)
+    assert "2 caption(s) filled the text encoder's 24 tokens" in capsys.readouterr().out
+    assert _extract(tmp_path / "v", tmp_path / "lat", "--text-max-length", "32") == 2
+    err = capsys.readouterr().err
+    assert "other settings or inputs" in err and "text_max_length: 24 -> 32" in err, err
+    assert _extract(tmp_path / "v", tmp_path / "lat", "--text-max-length", "24") == 0  # the same: nothing to do
+    for bad, words in (("1", "must be >= 2 tokens"), ("-3", "must be >= 2 tokens")):
+        assert _extract(tmp_path / "v", tmp_path / "x", "--text-max-length", bad) == 2
+        assert words in capsys.readouterr().err
+    assert console(["extract", "--autoencoder", AE, "--input", str(tmp_path / "v"), "--output", str(tmp_path / "y"),
+                    "--text-max-length", "24"]) == 2
+    assert "give --text-encoder too" in capsys.readouterr().err
+
+
 def test_an_empty_prompt_samples_the_null_text_as_uncaptioned_clips_trained():
     """An empty prompt (`ldm eval gen --reference` with a clip without a caption) samples with the null
     text, the condition such clips trained (was: the tokens of encode("")): with guidance its video is
