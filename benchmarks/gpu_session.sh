@@ -10,6 +10,7 @@
 #   PARTS="dit torchrun extract" bash ...; PARTS="ae cudnn autotune" bash ...   # the same in two calls
 #   TOY=1 bash benchmarks/gpu_session.sh                                # the same steps at toy size on the CPU
 #   TRAIN_VARIANTS="engine.deepspeed=zero1;model.text_cond=true" ...   # + those `ldm train` runs (part "variants")
+#   AT_ARGS="--tokens 4096 --batches 8 --sample-batches 16" PARTS=autotune ...  # max-autotune at one size only
 #
 # Parts (PARTS, in this order; default all): dit, torchrun, variants, extract, ae, cudnn, autotune.
 #
@@ -129,7 +130,7 @@ fi
 
 if want autotune; then
 stamp "gpu_dit: inductor's default vs max-autotune (model.compile_mode) at the same size, in the time left"
-timeout $(left $L5) $PY benchmarks/gpu_dit.py --device $DEV $DIT_ARGS --modes ours-bf16,ours-autotune \
+timeout $(left $L5) $PY benchmarks/gpu_dit.py --device $DEV ${AT_ARGS:-$DIT_ARGS} --modes ours-bf16,ours-autotune \
   --json "$OUT/gpu_dit_autotune.json" 2>&1 | grep -v Warning | tail -6
 fi
 stamp "done"

@@ -92,17 +92,21 @@ def _each_held(items: Iterator, held: Callable[[], ContextManager]) -> Iterator:
 
 
 class _Clips(torch.utils.data.Dataset):
-    """Per unit, its decoded clips or the reason each could not be decoded (so workers never kill the run);
-    with ``uint8`` each clip comes as its uint8 pixels (`data.video.read_clips_timed`)."""
+    """Per loader item (a group of units, `group_units`), its decoded clips or the reason each could not be
+    decoded (so workers never kill the run), packed (`_pack`); with ``uint8`` each clip is its uint8 pixels
+    (`data.video.read_clips_timed`)."""
 
-    def __init__(self, clips: VideoClipDataset, units: list[Unit], uint8: bool):
-        self.clips, self.units, self.uint8 = clips, units, uint8
+    def __init__(self, clips: VideoClipDataset, groups: list[list[Unit]], uint8: bool):
+        self.clips, self.groups, self.uint8 = clips, groups, uint8
 
     def __len__(self) -> int:
-        return len(self.units)
+        return len(self.groups)
 
-    def __getitem__(self, i: int) -> list[dict[str, Any]]:
-        idx, windows = self.units[i]
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return _pack([clip for unit in self.groups[i] for clip in self._decode(unit)])
+
+    def _decode(self, unit: Unit) -> list[dict[str, Any]]:
+        idx, windows = unit
         if isinstance(windows, str):
             return [{"index": idx, "window": None, "error": windows}]
         try:
@@ -111,6 +115,61 @@ class _Clips(torch.utils.data.Dataset):
             got = [e] * len(windows)
         return [{"index": idx, "window": w, **({"error": str(g)} if isinstance(g, VideoError) else g)}
                 for w, g in zip(windows, got)]
+
+
+# A loader item carries up to ITEM_CLIPS clips (and ITEM_BYTES of pixels; at least one clip) in one tensor.
+# Each tensor a worker hands over costs the main process a round trip to that worker (its shared memory's
+# file descriptor is fetched from the worker's resource-sharer thread, which waits for the worker's GIL while
+# it decodes): ~2 ms a tensor, one tensor per clip held a fast encoder (h3ae, 446 clips/s on an H100) to ~100
+# clips/s with 15 workers.
+ITEM_CLIPS = 8
+ITEM_BYTES = 32 * 2**20
+
+
+def clips_per_item(batch_size: int, clip_bytes: int) -> int:
+    """How many clips one loader item gathers: ITEM_CLIPS, fewer for a smaller batch or large clips."""
+    return max(1, min(ITEM_CLIPS, batch_size, ITEM_BYTES // max(clip_bytes, 1)))
+
+
+def group_units(units: list[Unit], per_item: int) -> list[list[Unit]]:
+    """``units`` in order, cut into loader items of consecutive units holding at most ``per_item`` clips
+    together (a unit with more, a long video's windows, is an item of its own)."""
+    groups: list[list[Unit]] = []
+    n = per_item  # clips in the last group: full, so the first unit opens one
+    for unit in units:
+        k = 1 if isinstance(unit[1], str) else len(unit[1])
+        if n + k > per_item:
+            groups.append([])
+            n = 0
+        groups[-1].append(unit)
+        n += k
+    return groups
+
+
+def _pack(clips: list[dict[str, Any]]) -> dict[str, Any]:
+    """One loader item: the clips' pixels stacked in one tensor (``pixels``; allocated in shared memory in a
+    worker, so handing it over copies nothing more) and each clip's fields with its ``slot`` in it."""
+    videos = [c.pop("video") for c in clips if "error" not in c]
+    pixels = None
+    if videos:
+        if any(v.shape != videos[0].shape for v in videos):
+            raise ValueError(f"clips of one extraction differ in shape: {sorted({tuple(v.shape) for v in videos})}")
+        pixels = torch.empty((len(videos), *videos[0].shape), dtype=videos[0].dtype)
+        if torch.utils.data.get_worker_info() is not None:
+            pixels.share_memory_()
+        torch.stack(videos, out=pixels)
+    slots = iter(range(len(videos)))
+    for c in clips:
+        if "error" not in c:
+            c["slot"] = next(slots)
+    return {"pixels": pixels, "clips": clips}
+
+
+def _unpack(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The clips of a loader item (`_pack`), each with its ``video`` (a view of the item's pixels)."""
+    pixels = item["pixels"]
+    for c in item["clips"]:
+        yield c if "error" in c else {**c, "video": pixels[c.pop("slot")]}
 
 
 def _first(batch: list[Any]) -> Any:
@@ -156,8 +215,8 @@ def encode_shards(run: ExtractRun, units: list[Unit], batch_size: int, workers: 
     and handing off (`_ShardEncoder.add`, whose wait for the batch before on a GPU is the device's
     time), so a large share of waiting means decoding limits the run. No device sync is added.
 
-    The loader's workers start, and each unit is received from them, inside ``held()``
-    (`launch.extract._StopOnSigterm.held`): a stop waits for the fork or the unit being received,
+    The loader's workers start, and each item is received from them, inside ``held()``
+    (`launch.extract._StopOnSigterm.held`): a stop waits for the fork or the item being received,
     then the workers are shut down before the stop goes on (they exit cleanly, with no exchange left
     half done)."""
     loader = _clip_loader(run, units, batch_size, workers)
@@ -169,12 +228,12 @@ def encode_shards(run: ExtractRun, units: list[Unit], batch_size: int, workers: 
         while True:
             asked = time.perf_counter()
             with held():
-                unit = next(decoded, None)  # blocks while the clips are being decoded
+                item = next(decoded, None)  # blocks while the clips are being decoded
             if encoder.first_queued is not None:  # the wait for the first batch is the fill, reported apart
                 decode_wait += time.perf_counter() - asked
-            if unit is None:
+            if item is None:
                 break
-            for clip in unit:
+            for clip in _unpack(item):
                 bar.update(1)
                 encoder.add(clip)
         encoder.finish()
@@ -211,32 +270,44 @@ def decoding_limit(summary: dict[str, Any], encoded: int, cores: int, device: to
             f"about {need} worker{'s' if need > 1 else ''} would keep it busy: {advice}")
 
 
-def prefetch_per_worker(batch_size: int, clips_per_unit: int, workers: int) -> int:
+def prefetch_per_worker(batch_size: int, clips_per_item: int, workers: int) -> int:
     """Loader items each decoding worker keeps ready: together about 2 encoder batches of clips, and
     at least 2 each (one being decoded, one waiting). Was 2 batches per worker: 16 workers at GPU
     batch 64 held ~2,000 clips of 17x256x256 (25 GB of shared memory in float32) per rank."""
-    return max(2, -(-2 * batch_size // (clips_per_unit * workers)))
+    return max(2, -(-2 * batch_size // (clips_per_item * workers)))
 
 
-def clips_per_unit(units: list[Unit]) -> int:
+def clip_bytes(cfg: ExtractConfig) -> int:
+    """The bytes of one decoded clip as the workers hand it over."""
+    return 3 * cfg.frames * cfg.height * cfg.width * (1 if UINT8_CLIPS else 4)
+
+
+def loader_items(units: list[Unit], batch_size: int, clip_bytes: int) -> list[list[Unit]]:
+    """The loader items of ``units`` at this batch size and clip size (`group_units`)."""
+    return group_units(units, clips_per_item(batch_size, clip_bytes))
+
+
+def mean_clips(groups: list[list[Unit]]) -> int:
     """The clips a loader item holds on average (at least 1)."""
-    return max(1, round(sum(1 if isinstance(w, str) else len(w) for _, w in units) / max(len(units), 1)))
+    clips = sum(1 if isinstance(w, str) else len(w) for g in groups for _, w in g)
+    return max(1, round(clips / max(len(groups), 1)))
 
 
 def bytes_in_flight(workers: int, batch_size: int, units: list[Unit], clip_bytes: int) -> int:
     """The bytes of decoded clips ``workers`` processes keep ready (`prefetch_per_worker` loader items each), in the
     shared memory they hand them over in: `data.video.fit_shared_memory`'s measure for ``ldm extract``."""
-    per_unit = clips_per_unit(units)
-    return workers * prefetch_per_worker(batch_size, per_unit, workers) * per_unit * clip_bytes
+    per_item = mean_clips(loader_items(units, batch_size, clip_bytes))
+    return workers * prefetch_per_worker(batch_size, per_item, workers) * per_item * clip_bytes
 
 
 def _clip_loader(run: ExtractRun, units: list[Unit], batch_size: int, workers: int) -> torch.utils.data.DataLoader:
-    """The decoded clips of ``units``, one unit a loader item, about 2 batches ahead in all (pinned on a GPU)."""
-    per_unit = clips_per_unit(units)
-    return torch.utils.data.DataLoader(_Clips(run.clips, units, UINT8_CLIPS), batch_size=1, num_workers=workers,
+    """The decoded clips of ``units``, several units a loader item (`loader_items`), about 2 batches ahead in
+    all (pinned on a GPU)."""
+    groups = loader_items(units, batch_size, clip_bytes(run.cfg))
+    return torch.utils.data.DataLoader(_Clips(run.clips, groups, UINT8_CLIPS), batch_size=1, num_workers=workers,
                                        collate_fn=_first, pin_memory=run.device.type == "cuda",
                                        worker_init_fn=runs.reader_ignores_interrupts,  # the main process stops
-                                       prefetch_factor=prefetch_per_worker(batch_size, per_unit, workers)
+                                       prefetch_factor=prefetch_per_worker(batch_size, mean_clips(groups), workers)
                                        if workers else None)
 
 

@@ -60,7 +60,7 @@ from data.synth import class_space
 from data.video import READING_VERSION, VideoError, Windows, fit_shared_memory, probe, read_clips, usable_cores
 from launch import dist, runs
 from launch.cli import Stopped, config_flag
-from launch.encode_loop import UINT8_CLIPS, ShardBuffer, ae_cond, bytes_in_flight, decoding_limit, plan_units
+from launch.encode_loop import ShardBuffer, ae_cond, bytes_in_flight, clip_bytes, decoding_limit, plan_units
 from launch.encode_loop import encode_shards as _extract_shards  # `_extract` calls it by this name (tests wrap it)
 from ldm import config as cfglib
 from ldm.artifacts import AERecord, ClipSpec
@@ -485,8 +485,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...], stop: _StopOnSig
     units = plan_units(run.clips, [i for j in todo for i in range(j * S, min((j + 1) * S, len(run.items)))],
                        run.windows, workers, held=stop.held)
     n_clips = sum(1 if isinstance(w, str) else len(w) for _, w in units)
-    clip_bytes = 3 * cfg.frames * cfg.height * cfg.width * (1 if UINT8_CLIPS else 4)
-    workers, fewer = fit_shared_memory(workers, lambda w: bytes_in_flight(w, batch, units, clip_bytes),
+    workers, fewer = fit_shared_memory(workers, lambda w: bytes_in_flight(w, batch, units, clip_bytes(cfg)),
                                        dist.local_ranks(env))
     if fewer and dist.is_main():
         log.warning("ldm extract: %s", fewer)

@@ -502,11 +502,44 @@ def test_decoded_clips_in_flight_are_about_two_batches_whatever_the_worker_count
     each (was: 2 batches per worker: 16 workers x 2 x 64 clips at GPU batch 64)."""
     from launch.encode_loop import prefetch_per_worker
 
-    for batch, per_unit, workers in ((64, 1, 16), (64, 1, 15), (64, 4, 8), (8, 1, 15), (8, 1, 1), (4, 16, 2)):
-        each = prefetch_per_worker(batch, per_unit, workers)
-        assert each >= 2 and workers * each * per_unit >= 2 * batch
-        assert each == 2 or workers * (each - 1) * per_unit < 2 * batch  # not more than needed
+    for batch, per_item, workers in ((64, 1, 16), (64, 1, 15), (64, 4, 8), (8, 1, 15), (8, 1, 1), (4, 16, 2)):
+        each = prefetch_per_worker(batch, per_item, workers)
+        assert each >= 2 and workers * each * per_item >= 2 * batch
+        assert each == 2 or workers * (each - 1) * per_item < 2 * batch  # not more than needed
     assert prefetch_per_worker(64, 1, 16) == 8  # 128 clips in all (was 128 per worker)
+
+
+def test_a_loader_item_hands_several_clips_over_in_one_tensor(videos):
+    """Consecutive units share a loader item, their clips stacked in one tensor (each tensor a worker
+    hands over costs the main process a round trip to it: one per clip held a fast encoder back); the
+    clips come out in order, each equal to its own decoding, a unit's error in its place."""
+    from data.sources import VideoClipDataset, list_items
+    from data.video import Window
+    from launch.encode_loop import _Clips, _first, _unpack, clips_per_item, group_units
+
+    first = [Window(0, 0, 0.0)]
+    two = [Window(0, 0, 0.0), Window(1, 1, 0.125)]  # the second starts a frame late: past the 8-frame videos' end
+    units = [(0, first), (1, "cannot be read"), (2, first), (3, first), (4, two), (5, first), (6, two)]
+    groups = group_units(units, 2)
+    assert groups == [units[0:2], units[2:4], [units[4]], [units[5]], [units[6]]]
+    assert [len(g) for g in group_units(units, 8)] == [6, 1]  # 7 clips, then 2
+    assert group_units(units, 1) == [[u] for u in units]
+    assert clips_per_item(64, 3 * 17 * 256 * 256) == 8 and clips_per_item(2, 3 * 17 * 256 * 256) == 2
+    assert clips_per_item(64, 3 * 49 * 720 * 1280) == 1  # large clips travel alone
+
+    clips = VideoClipDataset(list_items(videos), 8, 32, 32, None)
+    loader = torch.utils.data.DataLoader(_Clips(clips, groups, True), batch_size=1, num_workers=1, collate_fn=_first)
+    items = list(loader)
+    assert [tuple(it["pixels"].shape) for it in items] == [(n, 3, 8, 32, 32) for n in (1, 2, 1, 1, 1)]
+    got = [c for it in items for c in _unpack(it)]
+    assert [(c["index"], c["window"]) for c in got] == [(i, w) for i, ws in units
+                                                         for w in ([None] if isinstance(ws, str) else ws)]
+    assert [k for k, c in enumerate(got) if "error" in c] == [1, 5, 8]
+    assert got[1]["error"] == "cannot be read" and not any("video" in got[k] for k in (1, 5, 8))
+    for c in got:
+        if "error" not in c:
+            alone = clips.read_windows(c["index"], [c["window"]], uint8=True)[0]["video"]
+            assert c["video"].dtype == torch.uint8 and torch.equal(c["video"], alone)
 
 
 def test_decoding_workers_count_the_cores_this_process_may_use_and_the_ranks_on_its_node(monkeypatch):

@@ -163,14 +163,14 @@ import os, signal, sys
 from torch.utils.data import get_worker_info
 from launch import encode_loop
 from launch.cli import console
-read = encode_loop._Clips.__getitem__
-def dies(self, i):
-    if get_worker_info() is not None and i == 10:
+decode = encode_loop._Clips._decode
+def dies(self, unit):
+    if get_worker_info() is not None and unit[0] == 10:
         if sys.argv[1] == "killed":
             os.kill(os.getpid(), signal.SIGKILL)
         raise ZeroDivisionError("a bug in a decoding worker")
-    return read(self, i)
-encode_loop._Clips.__getitem__ = dies
+    return decode(self, unit)
+encode_loop._Clips._decode = dies
 sys.exit(console(["extract", *sys.argv[2:]]))
 """
 
