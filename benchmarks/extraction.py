@@ -28,6 +28,7 @@ Prints, per autoencoder:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -148,7 +149,9 @@ def main() -> None:
                     cfg = ExtractConfig(autoencoder=name, input=str(tmp / "videos"), output=str(out),
                                         frames=args.frames, height=args.size, width=args.size, shard_size=16,
                                         batch_size=b, num_workers=w, device=args.device, dtype=args.dtype)
-                    with warnings.catch_warnings():
+                    # with --json, stdout is the JSON only: ldm extract's lines (its "decoding limited" advice
+                    # too) go to stderr
+                    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
                         warnings.simplefilter("ignore")
                         t0 = time.perf_counter()
                         summary = extract(cfg)

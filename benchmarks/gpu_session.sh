@@ -42,7 +42,8 @@ if [ -z "${TOY:-}" ]; then
   CLIPS=64; FRAMES=16; SIZE=256; AE=kl2d-f8c4; DIT=dit-XL; SMALL_DIT=dit-S; BATCH=8; STEPS=40
   DIT_ARGS="--tokens 1024,4096,16384 --batches 32,8,2 --sample-batches 64,16,4 --steps 4 --warmup 2"
   EX_AES="causal3d-f4x8c4 kl2d-f8c4 ivvae-z16 h3ae-8x32x32 mtcvae-c4"  # mtcvae last: it gets L2_SLOW
-  EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,8,-1 --batch-sizes 8"  # -1: ldm extract's default (15 on 16 cores)
+  # -1: ldm extract's default (15 on 16 cores; the same steady rate as 8 on an H100, 2026-12-06)
+  EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,-1 --batch-sizes 8"
   EX_RESIZED="h3ae-8x32x32@384 causal3d-f4x8c4@384"  # again from 384x384 videos: every clip resized, as real videos
   AE_ARGS="--frames 17 --size 256"
   AB_ARGS="--frames 17 --size 256 --autoencoders causal3d-f4x8c16,ivvae-z16,kl2d-f8c4,h3ae-8x32x32"
@@ -104,7 +105,7 @@ for E in $EX_AES $EX_RESIZED; do  # NAME, or NAME@S: from SxS videos
   if [[ $E == *@* ]]; then TAG="$A-from${E#*@}"; SRC=(--source-size "${E#*@}"); fi
   LIM=$L2; [[ $A == mtcvae* ]] && LIM=$L2_SLOW
   timeout $(left $LIM) $PY benchmarks/extraction.py --device $DEV $EX_ARGS "${SRC[@]}" --autoencoders $A --json \
-    2>/dev/null | grep -v "^extracted" > "$OUT/extraction-$TAG.json"
+    2>/dev/null > "$OUT/extraction-$TAG.json"
   $PY -c "import json, sys; r = json.load(open(sys.argv[1]))[0]; print(r['autoencoder'], 'from', r['source_size'], \
 'pixel videos, encode', r['encode_clips_per_s'], \
 'extract (workers, clips/s, vs encode, fill s, steady vs encode, waited for decoding)', [(e['workers'], \

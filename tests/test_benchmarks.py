@@ -72,11 +72,13 @@ def test_gpu_check_debug_on_cpu(tmp_path):
 
 def test_extraction_benchmark_on_cpu():
     """`benchmarks/extraction.py`: decode alone, encode alone and the extraction loop (whole and
-    steady) of one autoencoder, as JSON, the efficiencies computed from the rates beside them."""
+    steady) of one autoencoder, as JSON (stdout nothing else: ldm extract's lines, such as its "decoding
+    limited" advice, go to stderr), the efficiencies computed from the rates beside them."""
     proc = _run(["benchmarks/extraction.py", "--clips", "4", "--frames", "9", "--size", "32", "--source-size", "48",
                  "--autoencoders", "kl2d-f8c4-debug", "--workers", "-1", "--batch-sizes", "2", "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    row, = json.loads(proc.stdout[proc.stdout.index("["):])
+    row, = json.loads(proc.stdout)
+    assert "extracted 4 clips" in proc.stderr
     assert row["source_size"] == 48  # every clip resized from 48x48 videos, as most real videos are
     run, = row["extract"]
     encode = row["encode_clips_per_s"]["2"]
