@@ -1,5 +1,5 @@
-"""Helpers for tests that spawn several processes: a free loopback port, a torchrun command, a
-folder held by another process."""
+"""Helpers for tests that spawn several processes: a free loopback port, a torchrun command, a rank
+function for ``torch.multiprocessing.spawn`` that ends its process safely, a folder held by another process."""
 import contextlib
 import socket
 import subprocess
@@ -21,6 +21,18 @@ def tail(text: str, n: int = 3000) -> str:
     if not found or min(found) >= len(text) - n:
         return text[-n:]
     return text[min(found):min(found) + n] + "\n[...]\n" + text[-n:]
+
+
+def rank_then_exit(rank: int, fn, *args) -> None:
+    """``fn(rank, *args)`` in a child of ``torch.multiprocessing.spawn(rank_then_exit, args=(fn, ...))``, then the
+    process ends without the interpreter's teardown (`launch.dist.exit_without_teardown`), as ``ldm`` ends a rank:
+    the gloo group's worker threads outlive ``destroy_process_group`` and may still free a collective's tensors,
+    and a teardown begun meanwhile aborts the process (seen in CI: SIGABRT, "terminate called without an active
+    exception", in a 2-rank test whose checks had all passed). An error in ``fn`` goes to spawn as before."""
+    from launch import dist
+
+    fn(rank, *args)
+    dist.exit_without_teardown(0)
 
 
 def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> list[str]:

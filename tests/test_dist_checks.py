@@ -6,7 +6,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from ldm.errors import UserError
-from procs import free_port
+from procs import free_port, rank_then_exit
 
 
 def _worker(rank: int, port: int, values: list[str], results) -> None:
@@ -26,7 +26,7 @@ def _worker(rank: int, port: int, values: list[str], results) -> None:
 @pytest.mark.parametrize("values,agree", [(["a: 1", "a: 1"], True), (["a: 1", "a: 2"], False)])
 def test_check_same(values, agree):
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), values, results), nprocs=2)
+    mp.spawn(rank_then_exit, args=(_worker, free_port(), values, results), nprocs=2)
     if agree:
         assert dict(results) == {0: "same", 1: "same"}
     else:

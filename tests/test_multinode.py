@@ -169,8 +169,11 @@ def late(*args, **kw):
         time.sleep(6)
     return done
 extract._extract_shards = late
-sys.exit(console(["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", sys.argv[1], "--output",
-                  sys.argv[2], "--frames", "8", "--height", "32", "--width", "32", "--shard-size", "2"]))
+status = console(["extract", "--autoencoder", "kl2d-f8c4-debug", "--input", sys.argv[1], "--output",
+                  sys.argv[2], "--frames", "8", "--height", "32", "--width", "32", "--shard-size", "2"])
+from launch import dist
+dist.exit_without_teardown(status)  # as `ldm` ends a rank of a gloo group (procs.rank_then_exit)
+sys.exit(status)
 """
 
 

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from dit import build
 from ldm.latent import Cond, Latent
 from dits import randomize
-from procs import free_port
+from procs import free_port, rank_then_exit
 
 GRID = {"z": (4, 2, 6, 8)}  # patch (1, 2, 2): 2 x 3 x 4 = 24 tokens, split 12 / 12
 ODD = {"z": (4, 3, 6, 5)}  # 3 x 3 x 3 = 27 tokens: one padding token
@@ -81,7 +81,7 @@ def _worker(rank, port):
 
 @pytest.mark.dist
 def test_sequence_parallel_matches_one_process():
-    mp.spawn(_worker, args=(free_port(),), nprocs=2, join=True)
+    mp.spawn(rank_then_exit, args=(_worker, free_port()), nprocs=2, join=True)
 
 
 def test_apply_needs_a_process_group():
