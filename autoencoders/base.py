@@ -204,6 +204,13 @@ class Autoencoder(nn.Module):
                 raise UserError(f"--text-encoder {spec} embeds captions differently from the encoder {name} was "
                                 f"trained with ({trained.get('spec')}): pass that one")
 
+    def text_length(self) -> int | None:
+        """The tokens captions were cut or padded to when this text-guided model was trained (`ldm
+        train-ae --text-max-length`, recorded in its folder); None: not recorded (a registered or
+        converted model, or a folder from before), the text encoder's own length."""
+        trained = self.trained_text_encoder
+        return trained.get("max_length") if self.text_dim and trained else None
+
     def example_clip(self) -> tuple[int, int, int]:
         """The smallest ``(frames, height, width)`` of at least 32x32 pixels this model takes,
         preferring a video (2 or more frames) to an image: the clip the contract tests

@@ -469,7 +469,7 @@ def run_recon(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     if args.text_encoder:
         from ldm.text import build_text_encoder
         with checking("--text-encoder"):
-            text_encoder = build_text_encoder(args.text_encoder, device=device)
+            text_encoder = build_text_encoder(args.text_encoder, max_length=ae.text_length(), device=device)
     with checking():
         ae.check_text_encoder(text_encoder, args.text_encoder, name)
     result = evaluate_reconstruction(ae, args.input, args.frames, args.height, args.width, fps=args.fps, num=args.num,

@@ -577,7 +577,14 @@ def load_encoders(cfg: ExtractConfig, env: dist.DistEnv) -> tuple[torch.device, 
     if cfg.text_encoder:
         from ldm.text import build_text_encoder
         with checking("--text-encoder"):
-            text_encoder = build_text_encoder(cfg.text_encoder, max_length=cfg.text_max_length or None).to(device)
+            # the length the DiT to train expects (--text-max-length), else the one a text-guided autoencoder
+            # was trained with, else the encoder's own
+            trained = ae.text_length()
+            if cfg.text_max_length and trained not in (None, cfg.text_max_length):
+                raise UserError(f"{name} was trained with captions of {trained} tokens and encodes with them: "
+                                f"--text-max-length must be {trained} or left out for it, got {cfg.text_max_length} "
+                                "(the DiT then trains on the same embeddings)")
+            text_encoder = build_text_encoder(cfg.text_encoder, max_length=cfg.text_max_length or trained).to(device)
         text_encoder.warned_cut = True  # a cut caption is reported here: one warning naming it, a count at the end
     with checking():
         ae.check_text_encoder(text_encoder, cfg.text_encoder, name)

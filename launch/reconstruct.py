@@ -77,7 +77,7 @@ def caption_cond(ae: Autoencoder, name: str, prompt: str | None, text_encoder: s
     from ldm.text import build_text_encoder
 
     with checking("--text-encoder"):
-        encoder = build_text_encoder(text_encoder).to(device)
+        encoder = build_text_encoder(text_encoder, max_length=ae.text_length()).to(device)
     ae.check_text_encoder(encoder, text_encoder, name)
     emb, mask = encoder.encode([prompt])
     return Cond(text=emb.to(device), text_mask=mask.to(device))

@@ -262,10 +262,11 @@ class AETrainer(AECheckpoints):
         if spec:
             from ldm.text import absolute_spec, build_text_encoder, fingerprint
             with checking("--text-encoder"):
-                encoder = build_text_encoder(spec, device=self.device)
-            # what final/ records: extract / reconstruct / eval recon then refuse another encoder
+                encoder = build_text_encoder(spec, max_length=self.cfg.text_max_length or None, device=self.device)
+            # what final/ records: extract / reconstruct / eval recon then refuse another encoder and embed
+            # captions at the same length (`Autoencoder.text_length`)
             self.ae.trained_text_encoder = {"spec": absolute_spec(spec), "dim": encoder.dim,
-                                            "fingerprint": list(fingerprint(encoder))}
+                                            "fingerprint": list(fingerprint(encoder)), "max_length": encoder.max_length}
         self.ae.check_text_encoder(encoder, spec, self.name)
         return encoder
 

@@ -86,6 +86,7 @@ class TrainAEConfig:
     disc_start: int = 0
     disc_betas: tuple[float, float] | None = None  # the discriminator's AdamW betas; None: `betas`
     text_encoder: str | None = None  # builtin | t5:DIR | clip:DIR: caption embeddings for text-guided AEs
+    text_max_length: int = 0  # tokens captions are cut / padded to (recorded in final/); 0 = the encoder's own
     image_ratio: float = 0.0  # fraction of steps that train on the batch's frames as images (joint training)
     # shape buckets (data.buckets): [frames, height, width, probability, disc_weight] each; a step draws
     # one, its clips are read at that shape, its GAN weight is x disc_weight. () = frames x height x width
@@ -121,6 +122,12 @@ class TrainAEConfig:
                    "latent_stats_clips": self.latent_stats_clips, "profile.start": self.profile.start,
                    "profile.steps": self.profile.steps, "val.every": self.val.every}, 0)
         check_min({"val.clips": self.val.clips, "keep": self.keep}, 1)
+        if self.text_max_length < 0 or self.text_max_length == 1:
+            raise ValueError(f"text_max_length must be >= 2 tokens (room for the special ones), or 0 for the text "
+                             f"encoder's own, got {self.text_max_length}")
+        if self.text_max_length and not self.text_encoder:
+            raise ValueError(f"text_max_length {self.text_max_length} is the length of caption embeddings: give "
+                             "--text-encoder too")
         if self.schedule not in runs.SCHEDULES:
             raise ValueError(f"schedule must be one of {runs.SCHEDULES}, got {self.schedule!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -293,6 +300,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--disc-kind", choices=("2d", "3d"))
     a("--disc-start", type=int, help="step at which the GAN switches on")
     a("--text-encoder", help="caption embeddings for a text-guided autoencoder: builtin | t5:DIR | clip:DIR")
+    a("--text-max-length", type=int, help="tokens captions are cut or padded to, recorded in final/ for extract / "
+      "reconstruct / eval recon (VideoVAE+: 100); default: the encoder's own (T5 120, CLIP 77, builtin 64)")
     a("--image-ratio", type=float,
       help="fraction of steps that train on the batch's frames as single images (joint image-video training; "
            "the cross-modal VAE paper uses 0.2)")

@@ -439,6 +439,48 @@ def test_extract_encodes_with_the_caption(trained, clips, tmp_path, text_encoder
                               frames=T, height=S, width=S))
 
 
+def test_the_caption_length_trained_with_is_kept_by_extract_and_reconstruct(trained, clips, tmp_path):
+    """train-ae --text-max-length N embeds captions at N tokens and final/ records the length (the encoder's
+    own without the flag); extract and reconstruct embed at that length for the model; extract refuses
+    another --text-max-length for it (one encoder embeds for the model and for the DiT)."""
+    import shutil
+
+    from data import shards
+    from data.manifest import load_manifest
+    from launch.extract import ExtractConfig, extract
+    from launch.reconstruct import caption_cond
+    from launch.train_ae import TrainAEConfig, train_autoencoder
+
+    final = trained[0] / "final"
+    assert json.loads((final / "config.json").read_text())["text_encoder"]["max_length"] == 64  # builtin's own
+    assert load_pretrained(final).text_length() == 64 and _model("cmvae-z4-text-debug").text_length() is None
+    base = dict(data=str(clips), frames=T, height=S, width=S, num_workers=0, progress=False,
+                autoencoder="cmvae-z4-text-debug", text_encoder="builtin")
+    for bad, match in ((1, ">= 2 tokens"), (-3, ">= 2 tokens")):
+        with pytest.raises(ValueError, match=match):
+            TrainAEConfig(output=str(tmp_path / "bad"), text_max_length=bad, **base)
+    with pytest.raises(ValueError, match="give --text-encoder too"):
+        TrainAEConfig(output=str(tmp_path / "bad"), **{**base, "text_encoder": None}, text_max_length=12)
+    run = tmp_path / "short"
+    train_autoencoder(TrainAEConfig(output=str(run), text_max_length=12, steps=1, latent_stats_clips=2, **base))
+    short = load_pretrained(run / "final").eval()
+    assert short.text_length() == 12
+
+    cond = caption_cond(short, "short", "a red circle moving left", "builtin", torch.device("cpu"))
+    assert cond.text.shape[1] == 12
+    kw = dict(autoencoder=None, checkpoint=str(run / "final"), input=str(clips), frames=T, height=S, width=S,
+              shard_size=2, batch_size=2, text_encoder="builtin")
+    extract(ExtractConfig(output=str(tmp_path / "lat"), **kw))
+    assert load_manifest(tmp_path / "lat").text_max_length == 12
+    assert all(s["cond"]["text_emb"].shape[0] <= 12 for s in shards.read_all(tmp_path / "lat"))
+    extract(ExtractConfig(output=str(tmp_path / "lat12"), text_max_length=12, **kw))  # the same length: fine
+    with pytest.raises(UserError, match="trained with captions of 12 tokens and encodes with them: "
+                                        "--text-max-length must be 12 or left out for it, got 20"):
+        extract(ExtractConfig(output=str(tmp_path / "lat20"), text_max_length=20, **kw))
+    assert not (tmp_path / "lat20").exists()
+    shutil.rmtree(run)
+
+
 def test_dit_sampling_path_decodes_with_the_prompt(text_encoder):
     """launch.sample.generate passes the prompt's embedding to decode: a text-guided model decodes
     with it. Sampled by class id or unconditionally, it decodes with the prompts when given, else
