@@ -17,8 +17,9 @@
 # 1. `ldm train`'s own MFU for dit-XL at 4096 tokens (kl2d-f8c4 latents of 16x256x256 clips) and
 #    where its step time goes (`--ldm-train-profile`), next to the bare train step of ours and of
 #    the plain DiT reference at the same size (benchmarks/gpu_dit.py);
-# 2. extraction's loop rate against the autoencoder's own batched encode, for five families, and
-#    two of them again from larger videos (every clip resized, as real videos are; EX_RESIZED)
+# 2. extraction's loop rate against the autoencoder's own batched encode, for five families, h3ae
+#    again at the batch ldm extract picks for it (EX_BATCHED), and two of them from larger videos
+#    (every clip resized, as real videos are; EX_RESIZED)
 #    (benchmarks/extraction.py: the README's extraction clips/s per autoencoder);
 # 3. every full-size autoencoder's encode / decode FPS and peak memory (benchmarks/gpu_check.py),
 #    then four conv autoencoders again with cuDNN's per-shape algorithm search on (an A/B for the
@@ -45,6 +46,8 @@ if [ -z "${TOY:-}" ]; then
   # -1: ldm extract's default (15 on 16 cores; the same steady rate as 8 on an H100, 2026-12-06)
   EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,-1 --batch-sizes 8"
   EX_RESIZED="h3ae-8x32x32@384 causal3d-f4x8c4@384"  # again from 384x384 videos: every clip resized, as real videos
+  # h3ae at the batch ldm extract picks on an 80 GB GPU (64): its small kernels' launches amortised
+  EX_BATCHED="h3ae-8x32x32%64"; EX_BATCH_ARGS="--frames 17 --size 256 --workers -1"
   AE_ARGS="--frames 17 --size 256"
   AB_ARGS="--frames 17 --size 256 --autoencoders causal3d-f4x8c16,ivvae-z16,kl2d-f8c4,h3ae-8x32x32"
   L1=300; L2=40; L2_SLOW=90; L3=110; L4=60; L5=200  # mtcvae-c4 encodes ~60 fps: 40 s cut it short on an H100
@@ -55,6 +58,7 @@ else
   EX_AES="causal3d-f4x8c4-debug kl2d-f8c4-debug"
   EX_ARGS="--clips 4 --frames 9 --size 32 --workers 0 --batch-sizes 2"
   EX_RESIZED="kl2d-f8c4-debug@48"
+  EX_BATCHED="kl2d-f8c4-debug%4"; EX_BATCH_ARGS="--frames 9 --size 32 --workers 0"
   AE_ARGS="--debug --frames 9 --size 32 --autoencoders kl2d-f8c4-debug,hivae-s-debug"
   AB_ARGS="--debug --frames 9 --size 32 --autoencoders kl2d-f8c4-debug"
   L1=600; L2=300; L2_SLOW=300; L3=300; L4=300; L5=300
@@ -100,11 +104,12 @@ done
 
 if want extract; then
 stamp "extraction vs encode, each autoencoder under its own limit"
-for E in $EX_AES $EX_RESIZED; do  # NAME, or NAME@S: from SxS videos
-  A=${E%@*}; TAG=$A; SRC=()
-  if [[ $E == *@* ]]; then TAG="$A-from${E#*@}"; SRC=(--source-size "${E#*@}"); fi
+for E in $EX_AES $EX_BATCHED $EX_RESIZED; do  # NAME; NAME@S: from SxS videos; NAME%B: at batch B, 3B clips
+  A=${E%[@%]*}; TAG=$A; RUN=($EX_ARGS)
+  if [[ $E == *@* ]]; then TAG="$A-from${E#*@}"; RUN+=(--source-size "${E#*@}"); fi
+  if [[ $E == *%* ]]; then B=${E#*%}; TAG="$A-b$B"; RUN=($EX_BATCH_ARGS --clips $(( 3 * B )) --batch-sizes "$B"); fi
   LIM=$L2; [[ $A == mtcvae* ]] && LIM=$L2_SLOW
-  timeout $(left $LIM) $PY benchmarks/extraction.py --device $DEV $EX_ARGS "${SRC[@]}" --autoencoders $A --json \
+  timeout $(left $LIM) $PY benchmarks/extraction.py --device $DEV "${RUN[@]}" --autoencoders $A --json \
     2>/dev/null > "$OUT/extraction-$TAG.json"
   $PY -c "import json, sys; r = json.load(open(sys.argv[1]))[0]; print(r['autoencoder'], 'from', r['source_size'], \
 'pixel videos, encode', r['encode_clips_per_s'], \
