@@ -68,7 +68,7 @@ from ldm.checkpoint import atomic_write_json, read_json
 from ldm.errors import UserError, checking
 from ldm.latent import Cond
 from ldm.metrics import psnr
-from ldm.text import absolute_spec, fingerprint, same_fingerprint
+from ldm.text import absolute_spec, check_text_max_length, fingerprint, same_fingerprint
 
 log = logging.getLogger("ldm.extract")
 
@@ -185,12 +185,7 @@ def check_config(cfg: ExtractConfig) -> None:
             raise UserError(f"{flag} must be >= 0, got {value}" + (" (0 = auto)" if flag == "--batch-size" else ""))
     if cfg.num_workers < -1:
         raise UserError(f"--num-workers must be >= 0 or -1 (auto), got {cfg.num_workers}")
-    if cfg.text_max_length < 0 or cfg.text_max_length == 1:
-        raise UserError(f"--text-max-length must be >= 2 tokens (room for the special ones), or 0 for the text "
-                        f"encoder's own, got {cfg.text_max_length}")
-    if cfg.text_max_length and not cfg.text_encoder:
-        raise UserError(f"--text-max-length {cfg.text_max_length} is the length of caption embeddings: give "
-                        "--text-encoder too")
+    check_text_max_length(cfg.text_max_length, cfg.text_encoder)
     if cfg.fps is not None and not cfg.fps > 0:
         raise UserError(f"--fps must be > 0 (or left out for the native rate), got {cfg.fps}")
     out = Path(cfg.output)

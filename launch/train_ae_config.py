@@ -27,6 +27,7 @@ from launch.cli import config_flag
 from ldm import config as cfglib
 from ldm.checkpoint import dir_hash
 from ldm.errors import MissingInput, UserError, check_min, checking
+from ldm.text import check_text_max_length
 
 log = logging.getLogger("ldm.train_ae")
 
@@ -122,12 +123,7 @@ class TrainAEConfig:
                    "latent_stats_clips": self.latent_stats_clips, "profile.start": self.profile.start,
                    "profile.steps": self.profile.steps, "val.every": self.val.every}, 0)
         check_min({"val.clips": self.val.clips, "keep": self.keep}, 1)
-        if self.text_max_length < 0 or self.text_max_length == 1:
-            raise ValueError(f"text_max_length must be >= 2 tokens (room for the special ones), or 0 for the text "
-                             f"encoder's own, got {self.text_max_length}")
-        if self.text_max_length and not self.text_encoder:
-            raise ValueError(f"text_max_length {self.text_max_length} is the length of caption embeddings: give "
-                             "--text-encoder too")
+        check_text_max_length(self.text_max_length, self.text_encoder)
         if self.schedule not in runs.SCHEDULES:
             raise ValueError(f"schedule must be one of {runs.SCHEDULES}, got {self.schedule!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

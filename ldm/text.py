@@ -431,6 +431,17 @@ def absolute_spec(spec: str) -> str:
     return spec
 
 
+def check_text_max_length(length: int, encoder: str | None, flag: str = "--text-max-length") -> None:
+    """A ``--text-max-length`` setting (0: the encoder's own): 2 tokens or more, and only with a text encoder."""
+    from ldm.errors import UserError
+
+    if length < 0 or length == 1:
+        raise UserError(f"{flag} must be >= 2 tokens (room for the special ones), or 0 for the text encoder's own, "
+                        f"got {length}")
+    if length and not encoder:
+        raise UserError(f"{flag} {length} is the length of caption embeddings: give --text-encoder too")
+
+
 def build_text_encoder(spec: str, *, max_length: int | None = None,
                        device: torch.device | str | None = None,
                        dtype: torch.dtype | None = None) -> TextEncoder:
