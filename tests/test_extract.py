@@ -373,16 +373,17 @@ def test_uint8_clips_write_the_shards_float_clips_write(tmp_path, monkeypatch):
     # at the target size, resized, at it, a center crop away from it: both forms in the first batch of 2
     for i, (h, w) in enumerate(((32, 32), (48, 48), (32, 32), (32, 40))):
         write_frames(tmp_path / "v" / f"{i}.mp4", rng.integers(0, 256, (8, h, w, 3), np.uint8), fps=8)
-    seen, on_device = [], encode_loop._ShardEncoder.on_device
-    monkeypatch.setattr(encode_loop._ShardEncoder, "on_device", lambda self, clip: seen.append(clip.dtype)
-                        or on_device(self, clip))
+    # the batches as they come: --batch-size 2, --shard-size 3 (batches never span shards): 2 + 1, then 1
+    seen, to_float = [], encode_loop._ShardEncoder.to_float
+    monkeypatch.setattr(encode_loop._ShardEncoder, "to_float", lambda self, clips: seen.append(clips.dtype)
+                        or to_float(self, clips))
     with pytest.warns(UserWarning, match="RANDOM weights"):
         _extract(tmp_path / "v", tmp_path / "uint8")
-    assert seen == [torch.uint8] * 4
+    assert seen == [torch.uint8] * 3
     monkeypatch.setattr(encode_loop, "UINT8_CLIPS", False)
     with pytest.warns(UserWarning, match="RANDOM weights"):
         _extract(tmp_path / "v", tmp_path / "float")
-    assert seen[4:] == [torch.float32] * 4
+    assert seen[3:] == [torch.float32] * 3
     assert shards.raw_bytes_digest(tmp_path / "uint8") == shards.raw_bytes_digest(tmp_path / "float")
     assert [p.read_bytes() for p in sorted((tmp_path / "uint8").glob("shard-*.json"))] == \
         [p.read_bytes() for p in sorted((tmp_path / "float").glob("shard-*.json"))]

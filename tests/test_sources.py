@@ -234,7 +234,7 @@ def test_uint8_windows_are_the_float_windows_bit_for_bit(tmp_path):
         assert [c["video"].dtype for c in full] == [torch.float32] * 2
         for a, b in zip(small, full):
             assert {k: v for k, v in a.items() if k != "video"} == {k: v for k, v in b.items() if k != "video"}
-            assert torch.equal(encoder.on_device(a["video"]), b["video"])
+            assert torch.equal(encoder.to_float(a["video"]), b["video"])
     assert len(small[0]["video"].unique()) > 200  # decoded noise: nearly every uint8 value is checked
     encoder.writer.shutdown()
     every = np.arange(256, dtype=np.uint8).reshape(16, 16)[..., None].repeat(3, -1)  # each value once per channel
