@@ -296,8 +296,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--disc-kind", choices=("2d", "3d"))
     a("--disc-start", type=int, help="step at which the GAN switches on")
     a("--text-encoder", help="caption embeddings for a text-guided autoencoder: builtin | t5:DIR | clip:DIR")
-    a("--text-max-length", type=int, help="tokens captions are cut or padded to, recorded in final/ for extract / "
-      "reconstruct / eval recon (VideoVAE+: 100); default: the encoder's own (T5 120, CLIP 77, builtin 64)")
+    a("--text-max-length", type=int, metavar="N", help="tokens captions are cut or padded to, recorded in final/ for "
+      "extract / reconstruct / eval recon (VideoVAE+: 100); default: the encoder's own (T5 120, CLIP 77, builtin 64)")
     a("--image-ratio", type=float,
       help="fraction of steps that train on the batch's frames as single images (joint image-video training; "
            "the cross-modal VAE paper uses 0.2)")
