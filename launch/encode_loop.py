@@ -120,8 +120,9 @@ class _Clips(torch.utils.data.Dataset):
 # A loader item carries up to ITEM_CLIPS clips (and ITEM_BYTES of pixels; at least one clip) in one tensor.
 # Each tensor a worker hands over costs the main process a round trip to that worker (its shared memory's
 # file descriptor is fetched from the worker's resource-sharer thread, which waits for the worker's GIL while
-# it decodes): ~2 ms a tensor, one tensor per clip held a fast encoder (h3ae, 446 clips/s on an H100) to ~100
-# clips/s with 15 workers.
+# it decodes): 0.9 ms of the main process a clip with a busy worker on the 2-core CPU machine, 0.15 with 8
+# clips a tensor. A fast encoder feels it: h3ae (446 clips/s) extracted ~100 clips/s on an H100 with 15
+# workers and one clip a tensor, though it waited for decoding only 15 % of the time.
 ITEM_CLIPS = 8
 ITEM_BYTES = 32 * 2**20
 
@@ -293,10 +294,10 @@ def mean_clips(groups: list[list[Unit]]) -> int:
     return max(1, round(clips / max(len(groups), 1)))
 
 
-def bytes_in_flight(workers: int, batch_size: int, units: list[Unit], clip_bytes: int) -> int:
-    """The bytes of decoded clips ``workers`` processes keep ready (`prefetch_per_worker` loader items each), in the
-    shared memory they hand them over in: `data.video.fit_shared_memory`'s measure for ``ldm extract``."""
-    per_item = mean_clips(loader_items(units, batch_size, clip_bytes))
+def bytes_in_flight(workers: int, batch_size: int, per_item: int, clip_bytes: int) -> int:
+    """The bytes of decoded clips ``workers`` processes keep ready (`prefetch_per_worker` loader items of
+    ``per_item`` clips each, `mean_clips`), in the shared memory they hand them over in:
+    `data.video.fit_shared_memory`'s measure for ``ldm extract``."""
     return workers * prefetch_per_worker(batch_size, per_item, workers) * per_item * clip_bytes
 
 

@@ -60,7 +60,8 @@ from data.synth import class_space
 from data.video import READING_VERSION, VideoError, Windows, fit_shared_memory, probe, read_clips, usable_cores
 from launch import dist, runs
 from launch.cli import Stopped, config_flag
-from launch.encode_loop import ShardBuffer, ae_cond, bytes_in_flight, clip_bytes, decoding_limit, plan_units
+from launch.encode_loop import ShardBuffer, ae_cond, bytes_in_flight, clip_bytes, decoding_limit, loader_items
+from launch.encode_loop import mean_clips, plan_units
 from launch.encode_loop import encode_shards as _extract_shards  # `_extract` calls it by this name (tests wrap it)
 from ldm import config as cfglib
 from ldm.artifacts import AERecord, ClipSpec
@@ -480,7 +481,8 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...], stop: _StopOnSig
     units = plan_units(run.clips, [i for j in todo for i in range(j * S, min((j + 1) * S, len(run.items)))],
                        run.windows, workers, held=stop.held)
     n_clips = sum(1 if isinstance(w, str) else len(w) for _, w in units)
-    workers, fewer = fit_shared_memory(workers, lambda w: bytes_in_flight(w, batch, units, clip_bytes(cfg)),
+    per_item, size = mean_clips(loader_items(units, batch, clip_bytes(cfg))), clip_bytes(cfg)
+    workers, fewer = fit_shared_memory(workers, lambda w: bytes_in_flight(w, batch, per_item, size),
                                        dist.local_ranks(env))
     if fewer and dist.is_main():
         log.warning("ldm extract: %s", fewer)
@@ -571,14 +573,14 @@ def load_encoders(cfg: ExtractConfig, env: dist.DistEnv) -> tuple[torch.device, 
     text_encoder = None
     if cfg.text_encoder:
         from ldm.text import build_text_encoder
+        # the length the DiT to train expects (--text-max-length), else the one a text-guided autoencoder
+        # was trained with, else the encoder's own
+        trained = ae.text_length()
+        if cfg.text_max_length and trained not in (None, cfg.text_max_length):
+            raise UserError(f"{name} was trained with captions of {trained} tokens and encodes with them: "
+                            f"--text-max-length must be {trained} or left out for it, got {cfg.text_max_length} "
+                            "(the DiT then trains on the same embeddings)")
         with checking("--text-encoder"):
-            # the length the DiT to train expects (--text-max-length), else the one a text-guided autoencoder
-            # was trained with, else the encoder's own
-            trained = ae.text_length()
-            if cfg.text_max_length and trained not in (None, cfg.text_max_length):
-                raise UserError(f"{name} was trained with captions of {trained} tokens and encodes with them: "
-                                f"--text-max-length must be {trained} or left out for it, got {cfg.text_max_length} "
-                                "(the DiT then trains on the same embeddings)")
             text_encoder = build_text_encoder(cfg.text_encoder, max_length=cfg.text_max_length or trained).to(device)
         text_encoder.warned_cut = True  # a cut caption is reported here: one warning naming it, a count at the end
     with checking():
