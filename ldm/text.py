@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.config import replace
+from ldm.errors import UserError
 
 T5_MAX_LENGTH = 120
 UMT5_MAX_LENGTH = 512  # Wan 2.1 pads its UMT5 captions to 512 tokens
@@ -433,8 +434,6 @@ def absolute_spec(spec: str) -> str:
 
 def check_text_max_length(length: int, encoder: str | None, flag: str = "--text-max-length") -> None:
     """A ``--text-max-length`` setting (0: the encoder's own): 2 tokens or more, and only with a text encoder."""
-    from ldm.errors import UserError
-
     if length < 0 or length == 1:
         raise UserError(f"{flag} must be >= 2 tokens (room for the special ones), or 0 for the text encoder's own, "
                         f"got {length}")
