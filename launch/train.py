@@ -46,9 +46,9 @@ from data.shards import LatentShards, as_batched
 from data.video import fit_shared_memory
 from dit import Export
 from launch import dist, runs
-from launch.engine import (EMA, apply_activation_checkpointing, deepspeed_config, deepspeed_patches_undone, mfu,
-                           peak_flops, resolve_precision, resolve_switch, safe_checkpoint_engine, skip_cpu_shm_kernel,
-                           slow_engine_warning)
+from launch.engine import (EMA, DeviceClip, apply_activation_checkpointing, clips_on_device, deepspeed_config,
+                           deepspeed_patches_undone, mfu, peak_flops, resolve_precision, resolve_switch,
+                           safe_checkpoint_engine, skip_cpu_shm_kernel, slow_engine_warning)
 from launch.train_checkpoint import export_context, init_weights, norm_change, resume, save_checkpoint, write_export
 from launch.train_config import TrainConfig, check_config, check_val_shards, data_mix, make_dit_config, mix_rates
 from launch.train_data import (READER_PREFETCH, Prefetcher, batch_bytes, bucket_batch_sizes, reader_start,
@@ -124,6 +124,7 @@ class TrainRun:
     dp_world: int
     engine: Any = None
     ema: EMA | None = None
+    clip: DeviceClip | None = None  # gradient clipping and the non-finite step's skip on the device (ZeRO-1/2)
     peak: float | None = None  # the device's peak FLOP/s (for the logged MFU), None when unknown
     mix: list[tuple[str, int, float]] = field(default_factory=list)
 
@@ -145,7 +146,7 @@ class Progress:
     lr: float = 0.0  # the LR of the last step's update
     stopping: bool = False  # a stop was asked for (SIGTERM, Ctrl-C) on some rank
     losses: list[float] = field(default_factory=list)
-    pending: list[torch.Tensor] = field(default_factory=list)
+    pending: list[torch.Tensor] = field(default_factory=list)  # per step: (mean loss, 1.0 if the update was skipped)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     t_last: float = 0.0
 
@@ -219,14 +220,15 @@ def set_up(cfg: TrainConfig, allow_change: tuple[str, ...]) -> TrainRun:
     # the shards' names and sizes: a node's incomplete copy differs
     dist.check_same(json.dumps([manifest.autoencoder.config_hash, cfglib.to_dict(manifest.counts),
                                 list(manifest.shards), run.content], sort_keys=True), "latent shards (manifest)")
-    run.engine, run.ema = build_engine(run)
+    run.engine, run.ema, run.clip = build_engine(run)
     run.peak = peak_flops(cfg.engine)
     return run
 
 
-def build_engine(run: TrainRun) -> tuple[Any, EMA]:
+def build_engine(run: TrainRun) -> tuple[Any, EMA, DeviceClip | None]:
     """The DiT (``model.init`` weights, activation checkpointing, sequence parallelism), AdamW and
-    the LR schedule in a DeepSpeed engine, its blocks compiled, and the EMA of its weights."""
+    the LR schedule in a DeepSpeed engine, its blocks compiled, the EMA of its weights, and the
+    gradient clipping on the device where DeepSpeed's would read the norm on the host (`DeviceClip`)."""
     import deepspeed
 
     cfg, device, out = run.cfg, run.device, run.out
@@ -245,13 +247,15 @@ def build_engine(run: TrainRun) -> tuple[Any, EMA]:
         apply_sequence_parallel(model, sequence_parallel_group(sp))
     # no second run into the folder while this one lives; claimed before DeepSpeed puts the model on the device
     runs.claim_folder(out, new_folder="output=NEW_FOLDER")
-    # fused AdamW on GPUs (one kernel over all tensors); DeepSpeed's ZeRO keeps fp32 master weights for it
+    ds_cfg = deepspeed_config(cfg.engine, cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip)
+    on_device = clips_on_device(ds_cfg)
+    # fused AdamW on GPUs (one kernel over all tensors) and wherever it clips on the device (CPUs too);
+    # DeepSpeed's ZeRO keeps fp32 master weights for it
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+                                  weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda" or on_device)
     o = cfg.optim
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: runs.lr_factor(
         step, o.warmup_steps, o.schedule, cfg.steps, o.min_lr_ratio))
-    ds_cfg = deepspeed_config(cfg.engine, cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip)
     slow = slow_engine_warning(ds_cfg, cfg.engine.deepspeed)
     if slow and dist.is_main():
         log.warning(slow)
@@ -265,7 +269,7 @@ def build_engine(run: TrainRun) -> tuple[Any, EMA]:
                         "parallelism (their hooks gather parameters / exchange tokens inside the blocks)")
         else:
             compile_blocks(engine.module, mode=cfg.model.compile_mode)
-    return engine, EMA(engine.module, cfg.ema_decay, zero3)
+    return engine, EMA(engine.module, cfg.ema_decay, zero3), DeviceClip(engine, cfg.optim.grad_clip) if on_device else None
 
 
 def resume_progress(run: TrainRun) -> tuple[Progress, tuple[int, int]]:
@@ -399,17 +403,34 @@ def train_step(run: TrainRun, progress: Progress, inputs: Prefetcher, stop: runs
     progress.step += 1
     with phase("ema"):
         run.ema.update(engine.module)
-    progress.pending.append(dist.all_reduce_mean(loss_sum.view(1)))
+    skipped = run.clip.take() if run.clip is not None else None  # the same on every rank: the norm is global
+    progress.pending.append(torch.stack([dist.all_reduce_mean(loss_sum), loss_sum.new_zeros(()) if skipped is None
+                                         else skipped.to(loss_sum.dtype)]))
+
+
+def read_pending(run: TrainRun, progress: Progress) -> list[float]:
+    """The steps' mean losses and skip flags still on the device (``pending``), read on the host
+    (one sync): the losses go to ``progress.losses`` and are returned; the skips are added to
+    DeepSpeed's count of skipped updates (``engine.skipped_steps``, kept in its checkpoints; its own
+    checks count there too: fp32 runs, ZeRO-0 and -3)."""
+    if not progress.pending:
+        return []
+    rows = torch.stack(progress.pending).tolist()
+    progress.pending.clear()
+    losses, skipped = [r[0] for r in rows], round(sum(r[1] for r in rows))
+    progress.losses += losses
+    if skipped:
+        run.engine.skipped_steps += skipped
+        log.warning("%d update(s) skipped by step %d: the gradient norm was not finite (weights and AdamW's "
+                    "state left as they were)", skipped, progress.step)
+    return losses
 
 
 def log_step(run: TrainRun, progress: Progress, logger: runs.RunLog, bar) -> None:
     """Every ``log_every`` steps (and the last): the losses of the steps since the last log read
     from the device, and the step's loss, LR, gradient norm and throughput logged. A new quantity
     logged per step goes in the dict given to ``logger.log`` (log.jsonl and TensorBoard)."""
-    done = torch.cat(progress.pending).tolist()
-    progress.losses += done
-    progress.pending.clear()
-    loss_mean = done[-1]
+    loss_mean = read_pending(run, progress)[-1]
     bar.set_postfix(loss=f"{loss_mean:.4f}")
     now, step = time.perf_counter(), progress.step
     # every rank of a sequence-parallel group counts the same samples: mean x dp_world = all work
@@ -424,7 +445,8 @@ def log_step(run: TrainRun, progress: Progress, logger: runs.RunLog, bar) -> Non
                       "samples_per_s": samples_s,
                       "tokens_per_s": tokens_s,
                       "tflops_per_s": flops_s / 1e12,
-                      "mfu": mfu(flops_s / run.env.world_size, run.peak)})
+                      "mfu": mfu(flops_s / run.env.world_size, run.peak),
+                      "skipped_steps": run.engine.skipped_steps})
     progress.t_last = now
 
 
@@ -467,9 +489,7 @@ def validation_loss(engine, batches, cfg: TrainConfig, dcfg: dit.DiTConfig, late
 
 def checkpoint_step(run: TrainRun, progress: Progress) -> None:
     """A checkpoint (and the export) of this step; the losses not yet read are read first."""
-    if progress.pending:
-        progress.losses += torch.cat(progress.pending).tolist()
-        progress.pending.clear()
+    read_pending(run, progress)
     save_checkpoint(run.engine, run.ema, run.out, progress.step, progress.dropped, progress.position, progress.stream,
                     run.cfg.keep_checkpoints, run.dcfg, run.context, run.cfg.universal_checkpoints)
 
@@ -487,7 +507,8 @@ def finish(run: TrainRun, progress: Progress, data: LatentShards, stop: runs.Sto
         read_by[folder] += n
     losses, val_losses = progress.losses, progress.val_losses
     summary = {"steps": step, "losses": losses, "output": str(out), "skipped": dict(data.skipped),
-               "dropped_batches": progress.dropped, "val_losses": val_losses, "read": dict(read_by)}
+               "dropped_batches": progress.dropped, "skipped_steps": run.engine.skipped_steps,
+               "val_losses": val_losses, "read": dict(read_by)}
     total = sum(read_by.values())
     mixed = ("\n  clips read by this run: " + ", ".join(f"{f} {n / total:.1%} ({n})" for f, n in read_by.items())
              if len(read_by) > 1 and total else "")  # a job stopped at its time limit shows it too

@@ -175,3 +175,30 @@ def off(x):
     if isinstance(x, torch.nn.Module):
         return x.to(OFF)
     return tree_map(lambda t: t.to(OFF) if isinstance(t, torch.Tensor) else t, x)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts, in ``n``, the host reads of plain CPU tensors that would make the host wait for a GPU:
+    the ops of `HOST_SYNCS` (``.item()``, ``bool()``, data-dependent shapes) and ``.tolist()`` (which
+    bypasses the dispatcher). For code that cannot run on the stand-in device (a DeepSpeed engine);
+    copies to the host are not seen on CPU tensors."""
+
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func in HOST_SYNCS
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._tolist = tolist = torch.Tensor.tolist
+
+        def counted(t, *args, **kwargs):
+            self.n += 1
+            return tolist(t, *args, **kwargs)
+
+        torch.Tensor.tolist = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)

@@ -416,6 +416,78 @@ def test_deepspeed_config_and_its_slow_settings():
         deepspeed_config(EngineConfig(deepspeed="zero0", precision="bf16"), 4, 1, 1.0), "zero0")
 
 
+class _NanGrad(torch.autograd.Function):
+    """The identity whose backward gives NaN: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+@pytest.mark.parametrize("stage,precision", [("zero2", "bf16"), ("zero1", "bf16"), ("zero2", "fp32")])
+def test_zero_clips_and_skips_a_nonfinite_step_on_the_device(stage, precision):
+    """ZeRO-1/2: gradient clipping and the skip of a step with a non-finite gradient norm are done on
+    the device (`DeviceClip`: fused AdamW's grad_scale / found_inf), not by DeepSpeed, whose step reads
+    the norm on the host up to three times. The bf16 step reads nothing on the host; the clipped
+    update is torch's ``clip_grad_norm_``'s (AdamW's first moment after one step is 0.1 x the clipped
+    gradient); a NaN gradient leaves weights, moments and AdamW's step count as they were."""
+    import copy
+
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from launch.engine import DeviceClip, EngineConfig, clips_on_device, deepspeed_config, skip_cpu_shm_kernel
+    from launch.train import _single_process_group
+    from offdevice import HostReads
+
+    _single_process_group()
+    skip_cpu_shm_kernel()
+    max_norm = 0.01
+    ds = deepspeed_config(EngineConfig(deepspeed=stage, precision=precision), 2, 1, max_norm)
+    assert clips_on_device(ds) and ds["gradient_clipping"] == 0.0
+    assert ds["bf16"] == ({"enabled": True, "check_grad_overflow": False} if precision == "bf16" else
+                          {"enabled": False, "check_grad_overflow": False})
+    for other in ("zero0", "zero3"):  # DeepSpeed clips there itself
+        assert deepspeed_config(EngineConfig(deepspeed=other, precision=precision), 2, 1, max_norm)[
+            "gradient_clipping"] == max_norm
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    ref = copy.deepcopy(model)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True),
+                                      config=ds, dist_init_required=False)
+    clip = DeviceClip(engine, max_norm)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    tol = dict(rtol=5e-2, atol=1e-4) if precision == "bf16" else dict(rtol=1e-5, atol=1e-7)
+    names = [n for n, _ in model.named_parameters()]
+    for step in range(3):
+        x = torch.randn(4, 8)
+        loss = engine(x.to(dtype)).float().pow(2).mean()
+        engine.backward(_NanGrad.apply(loss) if step == 1 else loss)
+        reads = HostReads()
+        with reads:
+            engine.step()
+        skipped = clip.take()
+        if precision == "bf16":
+            assert reads.n == 0  # the step never waits for the device
+            assert float(skipped) == float(step == 1)
+        if step != 1:
+            ref(x).pow(2).mean().backward()
+            norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+            assert norm > 5 * max_norm  # the clip matters
+            ref_opt.step()
+            ref_opt.zero_grad()
+        for name, p, q in zip(names, engine.module.parameters(), ref.parameters()):
+            torch.testing.assert_close(safe_get_full_fp32_param(p), q.detach(), **tol, msg=name)
+            torch.testing.assert_close(safe_get_full_optimizer_state(p, "exp_avg"), ref_opt.state[q]["exp_avg"],
+                                       **tol, msg=name)
+    steps = {float(s["step"]) for s in engine.optimizer.optimizer.state.values()}
+    assert steps == {2.0}  # the skipped step not counted (bias correction as if it never happened)
+
+
 @pytest.mark.parametrize("depth", [0, 2])
 def test_prefetcher_keeps_order_and_raises_errors_at_their_item(depth):
     """The training loop's reader thread: items in order, made ``depth`` ahead (inline at 0); an error
@@ -1041,6 +1113,37 @@ def test_nonfinite_losses_drop_batches_then_stop(latents, tmp_path, monkeypatch)
     # a UserError: one line from the CLI, the advice in it (was: a RuntimeError traceback)
     with pytest.raises(UserError, match="non-finite losses in a row"):
         train(_cfg(latents, tmp_path / "s", steps=5, save_every=5, max_nonfinite=3))
+
+
+def test_a_nonfinite_gradient_skips_the_update_and_a_step_reads_the_device_once(latents, tmp_path, monkeypatch):
+    """`ldm train` in bf16 (ZeRO-2): a finite loss whose gradients are NaN skips that update on the
+    device (counted in the log and the summary as ``skipped_steps``; the weights stay finite and the
+    run goes on); a step reads the device on the host once per micro-batch (the loss's finiteness and
+    the stop flag, `StopRequest.agree`), and DeepSpeed's step adds no read."""
+    import launch.train as T
+    from offdevice import HostReads
+
+    real_loss, real_step, calls, reads = T.flow_step_loss, T.train_step, {"n": 0}, []
+
+    def nan_grad_once(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return _NanGrad.apply(loss) if calls["n"] == 5 else loss  # step 3's second micro-batch
+
+    def counted(*args, **kwargs):
+        with HostReads() as seen:
+            real_step(*args, **kwargs)
+        reads.append(seen.n)
+
+    monkeypatch.setattr(T, "flow_step_loss", nan_grad_once)
+    monkeypatch.setattr(T, "train_step", counted)
+    out = train(_cfg(latents, tmp_path / "r", steps=5, save_every=5, **{"engine.precision": "bf16",
+                                                                        "optim.grad_accum": 2}))
+    assert out["skipped_steps"] == 1 and out["dropped_batches"] == 0 and len(out["losses"]) == 5
+    assert [r["skipped_steps"] for r in _log(tmp_path / "r") if "loss" in r] == [0, 0, 1, 1, 1]
+    assert reads == [2] * 5, reads  # one per micro-batch
+    weights = load_tensors(tmp_path / "r" / "export" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 def test_corrupt_shards_are_skipped_and_training_goes_on(latents, tmp_path):
