@@ -15,7 +15,10 @@ Prints, per autoencoder:
   clips: worker start-up and first reads, paid once per run, so a run of a few batches understates
   what a long extraction reaches);
   the share of the steady time the encode loop waited for decoded clips (`decode_wait_share`: high
-  means decoding, not the encoder, sets the rate);
+  means decoding, not the encoder, sets the rate) and where the loop's time went per clip
+  (`loop_ms_per_clip`: waiting for decoded clips, queueing the batch (on a GPU the encoder's launch
+  time), waiting for the device, storing the samples; of `steady`, the rest is unpacking, hand-offs
+  and waits for the GIL);
   the speed-up of workers and of batching over the first (workers, batch) pair;
 - the shard reader's samples/s (decode + validate + collate) with 0 and 2 DataLoader workers, and
   reader / extraction (how many times faster a trainer can read latents than make them);
@@ -164,7 +167,8 @@ def main() -> None:
                                  "extract_clips_per_s": rate, "wall_clips_per_s": wall,
                                  "efficiency_vs_encode": rate / encode[b], "fill_s": summary["fill_s"],
                                  "steady_clips_per_s": steady, "steady_efficiency_vs_encode": steady / encode[b],
-                                 "decode_wait_share": summary["decode_wait_share"]})
+                                 "decode_wait_share": summary["decode_wait_share"],
+                                 "loop_ms_per_clip": summary["loop_ms_per_clip"]})
             base = next(r["extract_clips_per_s"] for r in runs
                         if r["workers"] == worker_counts[0] and r["batch"] == batch_sizes[0])
             for r in runs:
@@ -200,6 +204,7 @@ def main() -> None:
                   f"{x['efficiency_vs_encode']:9.2f} {x['speedup']:7.2f}x {x['fill_s']:6.2f} "
                   f"{x['steady_clips_per_s']:7.1f} {x['steady_efficiency_vs_encode']:9.2f} "
                   f"{'-' if x['decode_wait_share'] is None else format(x['decode_wait_share'], '6.0%'):>6s}")
+            print("          loop ms/clip: " + ", ".join(f"{k} {v:.2f}" for k, v in x["loop_ms_per_clip"].items()))
         print(f"  reader {r['reader_samples_per_s_w0']:.1f} / {r['reader_samples_per_s_w2']:.1f} samples/s "
               f"(0 / 2 workers): {r['reader_over_extract']:.1f}x the best extraction")
 

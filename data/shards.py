@@ -166,6 +166,29 @@ def write_shard(path: str | Path, samples: list[dict[str, bytes]], keys: list[st
                                "name, rerun the same command to resume") from e
 
 
+SUM_KEYS = ("m", "m2", "var")  # `channel_sums`' rows: posterior mean, its square, exp(logvar)
+
+
+def channel_sums(latent: Latent) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per floating part of a grid or token-set ``latent``: the float64 per-channel sums of
+    `ChannelStats` as a ``(k, c)`` tensor on the latent's device (rows `SUM_KEYS`, the last only
+    when the part has a log-variance) and the element count per channel. Reduced where the latent
+    is, without a copy per part: on a GPU a batch's statistics come back as a few numbers."""
+    if latent.form == "varlen":
+        raise ValueError("channel_sums takes grid or token-set latents; varlen rows one at a time (ChannelStats.update)")
+    out = {}
+    for name, x in latent.parts.items():
+        if not x.is_floating_point():
+            continue
+        cdim = channel_dim(x)
+        dims = tuple(d for d in range(x.ndim) if d != cdim)
+        rows = [x.sum(dims, dtype=torch.float64), x.square().sum(dims, dtype=torch.float64)]
+        if name in latent.logvar:
+            rows.append(latent.logvar[name].exp().sum(dims, dtype=torch.float64))
+        out[name] = (torch.stack(rows), x.numel() // x.shape[cdim])
+    return out
+
+
 @dataclass
 class ChannelStats:
     """Running per-channel sums (float64) of latent parts, mergeable across shards and ranks.
@@ -182,18 +205,12 @@ class ChannelStats:
     def update(self, latent: Latent) -> None:
         items = latent.unbatch() if latent.form == "varlen" else [latent]  # padded frames would bias stats
         for lat in items:
-            for name, x in lat.parts.items():
-                if not x.is_floating_point():
-                    continue
-                cdim = channel_dim(x)
+            self.add_sums(channel_sums(lat))
 
-                def per_channel(v: torch.Tensor) -> list[float]:
-                    return v.movedim(cdim, 0).reshape(v.shape[cdim], -1).double().sum(1).tolist()  # (c,)
-
-                new = {"m": per_channel(x), "m2": per_channel(x.double() ** 2)}
-                if name in lat.logvar:
-                    new["var"] = per_channel(lat.logvar[name].double().exp())
-                self._add(name, new, x.numel() // x.shape[cdim])
+    def add_sums(self, sums: dict[str, tuple[torch.Tensor, int]]) -> None:
+        """Add `channel_sums`' output (read on the host here)."""
+        for name, (rows, count) in sums.items():
+            self._add(name, dict(zip(SUM_KEYS, rows.tolist())), count)
 
     def _add(self, name: str, new: dict[str, list[float]], count: int) -> None:
         old = self.sums.setdefault(name, {})

@@ -204,7 +204,7 @@ class ShardBuffer:
 @torch.no_grad()
 def encode_shards(run: ExtractRun, units: list[Unit], batch_size: int, workers: int, bar: tqdm,
                   write: Callable[[ShardBuffer], None], held: Callable[[], ContextManager] = contextlib.nullcontext
-                  ) -> tuple[int, float | None, float]:
+                  ) -> tuple[int, float | None, float, dict[str, float]]:
     """Encode the clips of ``units`` (`plan_units`: this rank's shards, in order) and hand each
     shard to ``write`` when its last clip is done.
 
@@ -214,7 +214,8 @@ def encode_shards(run: ExtractRun, units: list[Unit], batch_size: int, workers: 
     (``time.perf_counter()``) the first batch went to the encoder (None if none did) and the seconds
     after that the loop waited for the loader's decoded clips: the rest of its time went to encoding
     and handing off (`_ShardEncoder.add`, whose wait for the batch before on a GPU is the device's
-    time), so a large share of waiting means decoding limits the run. No device sync is added.
+    time), so a large share of waiting means decoding limits the run; and the seconds the loop spent
+    in each part of that (`_ShardEncoder.spent`). No device sync is added.
 
     The loader's workers start, and each item is received from them, inside ``held()``
     (`launch.extract._StopOnSigterm.held`): a stop waits for the fork or the item being received,
@@ -241,7 +242,7 @@ def encode_shards(run: ExtractRun, units: list[Unit], batch_size: int, workers: 
     finally:  # on an error or a stop too: the shards handed to the writer are completed (temp name, then rename)
         del decoded  # the workers shut down now, not when the exception's frames go at exit
         encoder.writer.shutdown(wait=True)
-    return encoder.handled, encoder.first_queued, decode_wait
+    return encoder.handled, encoder.first_queued, decode_wait, dict(encoder.spent)
 
 
 DECODE_BOUND_SHARE = 0.25  # the loop waited for decoded clips this share of its steady time or more: said
@@ -327,9 +328,12 @@ class _ShardEncoder:
         self.buf: ShardBuffer | None = None
         self.handled = 0
         self.first_queued: float | None = None  # when the first batch went to the encoder
-        self.in_flight: list[tuple[ShardBuffer, list[dict[str, Any]], Latent, tuple | None, Any]] = []
+        self.in_flight: list[tuple[ShardBuffer, list[dict[str, Any]], Latent, dict | None, tuple | None, Any]] = []
         self.warned_cut = False  # a caption cut to the text encoder's length was reported
         self.uint8_values = UINT8_VALUES.to(run.device)  # copied once: a copy from pageable memory may wait
+        # the loop's host seconds by part: queue (stack, encode and copies queued: on a GPU the encoder's
+        # launch time), device_wait (for the batch before: the device's time), store (statistics, samples)
+        self.spent = {"queue": 0.0, "device_wait": 0.0, "store": 0.0}
 
     def add(self, clip: dict[str, Any]) -> None:
         """One decoded clip (or the reason it could not be): a new shard starts when its index says so."""
@@ -362,6 +366,7 @@ class _ShardEncoder:
         next (nothing waits but the copy of the batch being stored)."""
         if not self.pending:
             return
+        t0 = time.perf_counter()
         run, cuda = self.run, self.cuda
         device, dtype, text_encoder = run.device, run.dtype, run.text_encoder
         batch = list(self.pending)
@@ -376,14 +381,18 @@ class _ShardEncoder:
         if text_encoder is not None:
             emb, mask = text_encoder.encode([p["caption"] for p in batch])
             text = (emb.to("cpu", non_blocking=cuda), mask.to("cpu", non_blocking=cuda))
-        latent = run.ae.encode(video, ae_cond(run.ae, emb, mask, device, dtype))
-        host = latent.to(dtype=torch.float32).to("cpu", non_blocking=cuda)  # into page-locked memory on CUDA
+        latent = run.ae.encode(video, ae_cond(run.ae, emb, mask, device, dtype)).to(dtype=torch.float32)
+        host = latent.to("cpu", non_blocking=cuda)  # into page-locked memory on CUDA
+        # the batch's per-channel statistics reduced where it is (varlen rows: on the host, one at a time)
+        sums = None if latent.form == "varlen" else {
+            k: (rows.to("cpu", non_blocking=cuda), n) for k, (rows, n) in shards.channel_sums(latent).items()}
         copied = None
         if cuda:
             copied = torch.cuda.Event()
             copied.record()
+        self.spent["queue"] += time.perf_counter() - t0
         self.store_batch()
-        self.in_flight.append((self.buf, batch, host, text, copied))
+        self.in_flight.append((self.buf, batch, host, sums, text, copied))
 
     def to_float(self, clips: torch.Tensor) -> torch.Tensor:
         """Decoded clips on the device, float32 in [-1, 1]: uint8 ones (`UINT8_CLIPS`) become there the
@@ -394,12 +403,18 @@ class _ShardEncoder:
         """Serialise the queued batch into its shard buffer once its latents are on the host."""
         if not self.in_flight:
             return
-        into, batch, latent, text, copied = self.in_flight.pop()
+        into, batch, latent, sums, text, copied = self.in_flight.pop()
+        t0 = time.perf_counter()
         if copied is not None:
             copied.synchronize()
+        t1 = time.perf_counter()
+        self.spent["device_wait"] += t1 - t0
         if text is not None:
             text = self._cached_text(into, batch, *text)
-        into.stats.update(latent)
+        if sums is not None:
+            into.stats.add_sums(sums)
+        else:
+            into.stats.update(latent)
         items, windows = self.run.items, self.run.windows
         for b, (p, lat) in enumerate(zip(batch, latent.unbatch())):
             item = items[p["index"]]
@@ -412,6 +427,7 @@ class _ShardEncoder:
             meta = _sample_meta(p, item, self.run.cfg, self.run.signature, windows)
             into.samples.append(shards.encode_sample(lat, meta, None if text is None else text[b]))
             into.keys.append(shards.clip_key(p["index"], p["window"].start))
+        self.spent["store"] += time.perf_counter() - t1
 
     def _cached_text(self, into: ShardBuffer, batch: list[dict[str, Any]], emb: torch.Tensor,
                      mask: torch.Tensor) -> list[torch.Tensor]:

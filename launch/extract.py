@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
                       runs.parse_allow(args.allow_change))
     if dist.is_main():
         keys = ("written", "skipped", "shards", "clips_per_s", "steady_clips_per_s", "decode_wait_share",
-                "verify_psnr")
+                "loop_ms_per_clip", "verify_psnr")
         print(json.dumps({k: summary[k] for k in keys}))
     return 0
 
@@ -489,7 +489,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...], stop: _StopOnSig
     bar = tqdm(total=n_clips, desc=f"extract r{env.rank}", unit="clip", disable=not dist.is_main())
     t0 = time.perf_counter()
     try:
-        encoded, first_queued, decode_wait = _extract_shards(run, units, batch, workers, bar,
+        encoded, first_queued, decode_wait, spent = _extract_shards(run, units, batch, workers, bar,
                                                              write=functools.partial(_write_shard_files, run=run),
                                                              held=stop.held)
     finally:  # also on a stop: what is printed next starts on a line of its own
@@ -506,7 +506,12 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...], stop: _StopOnSig
     summary: dict[str, Any] = {"clips_per_s": encoded / elapsed if elapsed > 0 else 0.0,
                                "steady_clips_per_s": encoded / steady if steady > 0 else 0.0,
                                "decode_wait_share": wait_share, "fill_s": fill, "batch_size": batch,
-                               "num_workers": workers, "verify_psnr": None}
+                               "num_workers": workers, "verify_psnr": None,
+                               # where the loop's steady time went, per clip: what is left of steady / clips
+                               # is unpacking, the progress bar, shard hand-offs and waits for the GIL
+                               "loop_ms_per_clip": {k: 1e3 * v / max(encoded, 1)
+                                                    for k, v in {"decode_wait": decode_wait, **spent,
+                                                                 "steady": steady}.items()}}
     if dist.is_main():
         manifest = merge_and_verify(run, summary)
         report(run, summary, manifest, encoded, elapsed)

@@ -230,3 +230,31 @@ def test_a_uint8_clip_becomes_float32_on_the_device_bit_for_bit_without_waiting(
         back = out.cpu()
     assert torch.equal(back, uint8_to_float(clip, UINT8_VALUES))
     assert torch.equal(back, clip.float() / 127.5 - 1.0)  # the CPU's division: the floats the shards always had
+
+
+def test_a_batchs_latent_statistics_are_reduced_on_the_device_without_waiting():
+    """`ldm extract` sums each batch's per-channel statistics where the latents are
+    (`data.shards.channel_sums`): on a device, queued without a host sync; the same statistics as
+    `ChannelStats.update` on the host (which was 0.7 ms a clip of the loop's host time for h3ae's
+    256-channel latents, in float64 copies)."""
+    from data.shards import ChannelStats, channel_sums
+
+    g = torch.Generator().manual_seed(0)
+    latent = Latent({"z": torch.randn(3, 6, 2, 4, 4, generator=g) * 3 + 1, "g": torch.randn(3, 4, 5, 7, generator=g)},
+                    "grid", {"z": torch.randn(3, 6, 2, 4, 4, generator=g)})
+    with OffDevice() as dev:
+        on = latent.to(OFF)
+        dev.syncs.clear()
+        sums = channel_sums(on)
+        assert not dev.syncs and all(rows.device == OFF for rows, _ in sums.values())
+        sums = {k: (rows.cpu(), n) for k, (rows, n) in sums.items()}
+    device, host = ChannelStats(), ChannelStats()
+    device.add_sums(sums)
+    host.update(latent)
+    assert {k: len(v) for k, v in device.sums["z"].items()} == {"m": 6, "m2": 6, "var": 6} and "var" not in device.sums["g"]
+    assert device.counts == host.counts == {"z": 3 * 2 * 4 * 4, "g": 3 * 4 * 5}
+    for part in ("z", "g"):
+        for k, v in host.sums[part].items():
+            torch.testing.assert_close(torch.tensor(device.sums[part][k]), torch.tensor(v))
+    ref = latent["z"].double().transpose(0, 1).reshape(6, -1)
+    torch.testing.assert_close(torch.tensor(device.summary()["z"]["std"], dtype=torch.float64), ref.std(1, unbiased=False))

@@ -448,6 +448,8 @@ def test_a_decoding_limited_run_says_so_an_encoder_limited_one_does_not(videos, 
         m.setattr(VideoClipDataset, "read_windows", slow_read)
         said, summary = run("slow-decode")
     assert summary["decode_wait_share"] > DECODE_BOUND_SHARE
+    parts = summary["loop_ms_per_clip"]  # where the loop's time went: waiting for the 0.3 s reads
+    assert parts["decode_wait"] > 150 and parts["decode_wait"] > 2 * (parts["queue"] + parts["store"])
     assert said == []  # on the CPU decoding and encoding share the cores: no advice to add workers there
     # what a GPU run prints from the same figures (0 workers, batches of 2: the CPU's run above)
     said = [decoding_limit({**summary, "num_workers": 0, "batch_size": 2}, summary["written"], 8, torch.device("cuda"))]
@@ -459,6 +461,9 @@ def test_a_decoding_limited_run_says_so_an_encoder_limited_one_does_not(videos, 
         m.setattr(KL2D, "encode", slow_encode)
         said, summary = run("slow-encode")
     assert said == [] and 0 <= summary["decode_wait_share"] < DECODE_BOUND_SHARE
+    parts = summary["loop_ms_per_clip"]  # queueing the batches: the CPU's encode, 0.5 s a batch of 2
+    assert parts["queue"] > 200 and parts["queue"] > 2 * parts["decode_wait"]
+    assert sum(v for k, v in parts.items() if k != "steady") <= parts["steady"] * 1.01
 
 
 def test_the_decoding_limit_line_names_the_workers_to_give():
