@@ -100,7 +100,8 @@ def deepspeed_config(cfg: EngineConfig, micro_batch: int, grad_accum: int, grad_
               gradient_clipping=grad_clip, bf16={"enabled": cfg.precision == "bf16"})
     if clips_on_device(ds):  # `DeviceClip` clips and skips a non-finite step instead, without host reads
         ds["gradient_clipping"] = 0.0
-        ds["bf16"]["check_grad_overflow"] = False
+        if cfg.precision == "bf16":
+            ds["bf16"]["check_grad_overflow"] = False
     # DeepSpeed's throughput timer (on unless a config says otherwise) synchronizes the device at
     # the start of every forward and the end of every step, to time a rate it prints every
     # `steps_per_print` steps; `ldm train` logs its own rates without waiting for the GPU
@@ -114,7 +115,18 @@ def clips_on_device(ds: dict[str, Any]) -> bool:
     on the device (`DeviceClip`) instead of DeepSpeed, whose step reads the norm on the host."""
     zero = ds.get("zero_optimization", {})
     offload = zero.get("cpu_offload") or (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
-    return zero.get("stage", 0) in (1, 2) and not offload and zero.get("compute_grad_norm", True) is not False
+    return (zero.get("stage", 0) in (1, 2) and not offload and zero.get("compute_grad_norm", True) is not False
+            and (not ds.get("bf16", {}).get("enabled") or _bf16_overflow_switch()))
+
+
+def _bf16_overflow_switch() -> bool:
+    """Whether this DeepSpeed lets a config turn its bf16 overflow check off (``bf16.check_grad_overflow``;
+    an older one refuses the key)."""
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:
+        return False
+    return "check_grad_overflow" in DeepSpeedBF16Config.model_fields
 
 
 class DeviceClip:
@@ -144,10 +156,10 @@ class DeviceClip:
 
     def _before_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         norm = getattr(self.zero, "_global_grad_norm", None)  # set by ZeRO-1/2's step before it steps ``opt``
-        if not torch.is_tensor(norm):
-            raise RuntimeError(f"DeepSpeed's ZeRO optimizer gave no gradient norm tensor before stepping AdamW (got "
-                               f"{norm!r}): this DeepSpeed version computes it elsewhere; set optim.grad_clip "
-                               "through a DeepSpeed JSON with zero_optimization.compute_grad_norm=false to use its own")
+        if not torch.is_tensor(norm):  # never silently unclipped
+            raise RuntimeError(f"DeepSpeed's ZeRO optimizer set no gradient-norm tensor before stepping AdamW (got "
+                               f"{norm!r}): this DeepSpeed version keeps it elsewhere than the 0.19 that DeviceClip "
+                               "reads; use DeepSpeed 0.19, or engine.deepspeed=zero0 / zero3 (DeepSpeed clips there)")
         norm = norm.detach().float().reshape(())
         bad = ~torch.isfinite(norm) | (norm < 0)  # DeepSpeed marks an invalid group norm with -1
         opt.found_inf = self.skipped = bad.float()

@@ -448,8 +448,7 @@ def test_zero_clips_and_skips_a_nonfinite_step_on_the_device(stage, precision):
     max_norm = 0.01
     ds = deepspeed_config(EngineConfig(deepspeed=stage, precision=precision), 2, 1, max_norm)
     assert clips_on_device(ds) and ds["gradient_clipping"] == 0.0
-    assert ds["bf16"] == ({"enabled": True, "check_grad_overflow": False} if precision == "bf16" else
-                          {"enabled": False, "check_grad_overflow": False})
+    assert ds["bf16"] == ({"enabled": True, "check_grad_overflow": False} if precision == "bf16" else {"enabled": False})
     for other in ("zero0", "zero3"):  # DeepSpeed clips there itself
         assert deepspeed_config(EngineConfig(deepspeed=other, precision=precision), 2, 1, max_norm)[
             "gradient_clipping"] == max_norm
