@@ -170,12 +170,14 @@ SUM_KEYS = ("m", "m2", "var")  # `channel_sums`' rows: posterior mean, its squar
 
 
 def channel_sums(latent: Latent) -> dict[str, tuple[torch.Tensor, int]]:
-    """Per floating part of a grid or token-set ``latent``: the float64 per-channel sums of
-    `ChannelStats` as a ``(k, c)`` tensor on the latent's device (rows `SUM_KEYS`, the last only
-    when the part has a log-variance) and the element count per channel. Reduced where the latent
-    is, without a copy per part: on a GPU a batch's statistics come back as a few numbers."""
-    if latent.form == "varlen":
-        raise ValueError("channel_sums takes grid or token-set latents; varlen rows one at a time (ChannelStats.update)")
+    """Per floating part of a grid or token-set ``latent`` (or one trimmed varlen sample,
+    ``Latent.unbatch``'s): the float64 per-channel sums of `ChannelStats` as a ``(k, c)`` tensor on
+    the latent's device (rows `SUM_KEYS`, the last only when the part has a log-variance) and the
+    element count per channel. Reduced where the latent is, without a copy per part: on a GPU a
+    batch's statistics come back as a few numbers."""
+    if latent.form == "varlen" and latent.batch_size != 1:  # padded frames would bias the statistics
+        raise ValueError("channel_sums takes a batch of grid or token-set latents, or one varlen sample "
+                         "(Latent.unbatch); ChannelStats.update takes varlen batches")
     out = {}
     for name, x in latent.parts.items():
         if not x.is_floating_point():

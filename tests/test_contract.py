@@ -278,10 +278,11 @@ def test_chunked_frame_wise_families_equal_one_shot(name, frames, chunk):
         target = model.encoder if name.startswith("kl2d") else model.temporal_encoder
         target.forward = lambda x: seen.append(x.shape[0]) or encode(x)
         chunked = model.encode(video)
-        chunked_video = model.decode(chunked)
+        chunked_video = model.decode(plain)  # the same latents: chunked decoding alone
     torch.testing.assert_close(chunked["z"], plain["z"], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(chunked.logvar["z"], plain.logvar["z"], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(chunked_video, plain_video, atol=1e-5, rtol=1e-5)
+    # float rounding of other batch shapes in the matmuls: up to 1.3e-5 on one CPU (was 1e-5 allowed)
+    torch.testing.assert_close(chunked_video, plain_video, atol=5e-5, rtol=1e-5)
     assert seen == ([4, 4, 1] if name.startswith("kl2d") else [2, 1])  # frames (micro-chunks) per pass
     if name.startswith("opensora"):
         with pytest.raises(ValueError, match="multiple of 17"):

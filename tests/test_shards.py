@@ -319,3 +319,21 @@ def test_a_start_epoch_reads_on_as_reading_through_every_epoch(tmp_path, monkeyp
     opened.clear()
     resumed = iter(shards.LatentShards(str(tmp_path), start=(2, 30), **kw))
     assert [next(resumed)["meta"] for _ in range(3)] == expected and len(opened) <= 3
+
+
+def test_varlen_statistics_leave_the_padding_out():
+    """A varlen batch's statistics count each sample's own frames only (its padding would bias them);
+    `channel_sums` takes one trimmed sample, not a padded batch."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 3, 5, 2, 2, generator=g), torch.randn(1, 3, 2, 2, 2, generator=g) + 4
+    batch = Latent.collate([Latent({"z": a}, "varlen", aux={"length": torch.tensor([5])}),
+                            Latent({"z": b}, "varlen", aux={"length": torch.tensor([2])})])
+    st = shards.ChannelStats()
+    st.update(batch)
+    allx = torch.cat([a, b], dim=2).transpose(0, 1).reshape(3, -1).double()
+    summ = st.summary()["z"]
+    assert summ["count"] == 7 * 4
+    torch.testing.assert_close(torch.tensor(summ["mean"], dtype=torch.float64), allx.mean(1))
+    torch.testing.assert_close(torch.tensor(summ["std"], dtype=torch.float64), allx.std(1, unbiased=False))
+    with pytest.raises(ValueError, match="one varlen sample"):
+        shards.channel_sums(batch)
