@@ -116,6 +116,7 @@ for E in $EX_AES $EX_BATCHED $EX_RESIZED; do  # NAME; NAME@S: from SxS videos; N
 'extract (workers, clips/s, vs encode, fill s, steady vs encode, waited for decoding)', [(e['workers'], \
 round(e['extract_clips_per_s'], 1), round(e['efficiency_vs_encode'], 2), round(e['fill_s'], 2), \
 round(e['steady_efficiency_vs_encode'], 2), e['decode_wait_share'] and round(e['decode_wait_share'], 2)) for e in r['extract']]); \
+[print('  workers', e['workers'], 'loop ms/clip', {k: round(v, 2) for k, v in e['loop_ms_per_clip'].items()}) for e in r['extract']]; \
 h = r['host']; print('  host', h['cpu_model'], h['cpus'], 'cores', h['usable_cores'], 'usable, quota', h['cgroup_cpu_quota'], \
 'load', h['loadavg_1m'], 'one clip decoded in-process', {k: round(v, 2) for k, v in h['decode_one_clip'].items()})" \
     "$OUT/extraction-$TAG.json" 2>/dev/null || echo "$TAG: no result (timed out or failed)"
