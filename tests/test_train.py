@@ -428,13 +428,15 @@ class _NanGrad(torch.autograd.Function):
         return g * float("nan")
 
 
-@pytest.mark.parametrize("stage,precision", [("zero2", "bf16"), ("zero1", "bf16"), ("zero2", "fp32")])
-def test_zero_clips_and_skips_a_nonfinite_step_on_the_device(stage, precision):
+@pytest.mark.parametrize("stage,precision,max_norm", [("zero2", "bf16", 0.01), ("zero1", "bf16", 0.01),
+                                                      ("zero2", "fp32", 0.01), ("zero2", "bf16", 0.0)])
+def test_zero_clips_and_skips_a_nonfinite_step_on_the_device(stage, precision, max_norm):
     """ZeRO-1/2: gradient clipping and the skip of a step with a non-finite gradient norm are done on
     the device (`DeviceClip`: fused AdamW's grad_scale / found_inf), not by DeepSpeed, whose step reads
     the norm on the host up to three times. The bf16 step reads nothing on the host; the clipped
     update is torch's ``clip_grad_norm_``'s (AdamW's first moment after one step is 0.1 x the clipped
-    gradient); a NaN gradient leaves weights, moments and AdamW's step count as they were."""
+    gradient); a NaN gradient leaves weights, moments and AdamW's step count as they were (also with
+    clipping off, optim.grad_clip=0)."""
     import copy
 
     import deepspeed
@@ -445,7 +447,6 @@ def test_zero_clips_and_skips_a_nonfinite_step_on_the_device(stage, precision):
 
     _single_process_group()
     skip_cpu_shm_kernel()
-    max_norm = 0.01
     ds = deepspeed_config(EngineConfig(deepspeed=stage, precision=precision), 2, 1, max_norm)
     assert clips_on_device(ds) and ds["gradient_clipping"] == 0.0
     assert ds["bf16"] == ({"enabled": True, "check_grad_overflow": False} if precision == "bf16" else {"enabled": False})
@@ -475,8 +476,9 @@ def test_zero_clips_and_skips_a_nonfinite_step_on_the_device(stage, precision):
             assert float(skipped) == float(step == 1)
         if step != 1:
             ref(x).pow(2).mean().backward()
-            norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
-            assert norm > 5 * max_norm  # the clip matters
+            if max_norm:
+                norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+                assert norm > 5 * max_norm  # the clip matters
             ref_opt.step()
             ref_opt.zero_grad()
         for name, p, q in zip(names, engine.module.parameters(), ref.parameters()):
