@@ -481,7 +481,8 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...], stop: _StopOnSig
     units = plan_units(run.clips, [i for j in todo for i in range(j * S, min((j + 1) * S, len(run.items)))],
                        run.windows, workers, held=stop.held)
     n_clips = sum(1 if isinstance(w, str) else len(w) for _, w in units)
-    per_item, size = mean_clips(loader_items(units, batch, clip_bytes(cfg))), clip_bytes(cfg)
+    size = clip_bytes(cfg)
+    per_item = mean_clips(loader_items(units, batch, size))
     workers, fewer = fit_shared_memory(workers, lambda w: bytes_in_flight(w, batch, per_item, size),
                                        dist.local_ranks(env))
     if fewer and dist.is_main():
