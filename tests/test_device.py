@@ -13,7 +13,7 @@ import autoencoders
 import dit
 from ldm import samplers
 from ldm.latent import Cond, Latent
-from aes import registered, text_cond
+from aes import one_per_architecture, registered, text_cond
 from offdevice import OFF, OffDevice, OffDeviceTensor, off
 
 
@@ -198,7 +198,7 @@ def test_varlen_id_bookkeeping_happens_once_per_forward_not_per_block():
     assert syncs[2, False] == syncs[6, False] > 0 and syncs[2, True] == syncs[6, True] > 0, syncs
 
 
-@pytest.mark.parametrize("name", registered(debug=True))
+@pytest.mark.parametrize("name", one_per_architecture(registered(debug=True)))
 def test_autoencoder_runs_with_bf16_weights(name):
     """What `make gpu-check` and the inference verbs' `--dtype bf16` run on a GPU: weights and
     video cast to bf16, no autocast. A layer that mixes float32 activations with bf16 parameters
