@@ -29,25 +29,6 @@ def registered(debug: bool) -> list[str]:
                   if cls.__module__.startswith("autoencoders.") and n.endswith("-debug") == debug)
 
 
-def one_per_architecture(names: list[str]) -> list[str]:
-    """The first of each group of ``names`` whose configs differ only in the latent's width
-    (``latent_channels``, ``latent_scale``, ``latent_shift``): the same layers and code path, so a
-    test of dtypes or devices that runs slowly on the CPU (bf16 convolutions) runs one of them."""
-    import dataclasses
-
-    from autoencoders.base import REGISTRY
-
-    width = ("latent_channels", "latent_scale", "latent_shift")
-    seen, kept = set(), []
-    for name in names:
-        cls, cfg = REGISTRY[name]
-        key = (cls, repr(sorted((k, v) for k, v in dataclasses.asdict(cfg).items() if k not in width)))
-        if key not in seen:
-            seen.add(key)
-            kept.append(name)
-    return kept
-
-
 def text_cond(ae, batch: int):
     """Random caption embeddings (5 tokens, the last 2 masked) for a text-guided model, else None."""
     from ldm.latent import Cond
