@@ -98,8 +98,9 @@ def deepspeed_config(cfg: EngineConfig, micro_batch: int, grad_accum: int, grad_
         raise ValueError(f"engine.precision must be fp32 or bf16 here (resolve auto first), got {cfg.precision!r}")
     ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
               gradient_clipping=grad_clip, bf16={"enabled": cfg.precision == "bf16"})
-    if clips_on_device(ds):  # `DeviceClip` clips and skips a non-finite step instead, without host reads
+    if clips_on_device(ds):  # `DeviceClip` takes the norm, clips and skips a non-finite step instead, without host reads
         ds["gradient_clipping"] = 0.0
+        ds["zero_optimization"]["compute_grad_norm"] = False
         if cfg.precision == "bf16":
             ds["bf16"]["check_grad_overflow"] = False
     # DeepSpeed's throughput timer (on unless a config says otherwise) synchronizes the device at
@@ -110,58 +111,68 @@ def deepspeed_config(cfg: EngineConfig, micro_batch: int, grad_accum: int, grad_
 
 
 def clips_on_device(ds: dict[str, Any]) -> bool:
-    """Whether the DeepSpeed config ``ds`` runs ZeRO-1/2's optimizer with the gradient norm it
-    computes and no optimizer offload: the trainer then clips gradients and skips a non-finite step
-    on the device (`DeviceClip`) instead of DeepSpeed, whose step reads the norm on the host."""
+    """Whether the DeepSpeed config ``ds`` runs ZeRO-1/2's optimizer without optimizer offload: the
+    trainer then takes the gradient norm, clips gradients and skips a non-finite step on the device
+    (`DeviceClip`) instead of DeepSpeed, whose step reads the norm on the host."""
     zero = ds.get("zero_optimization", {})
     offload = zero.get("cpu_offload") or (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
-    return (zero.get("stage", 0) in (1, 2) and not offload and zero.get("compute_grad_norm", True) is not False
-            and (not ds.get("bf16", {}).get("enabled") or _bf16_overflow_switch()))
+    return (zero.get("stage", 0) in (1, 2) and not offload and _knows("zero_optimization", "compute_grad_norm")
+            and (not ds.get("bf16", {}).get("enabled") or _knows("bf16", "check_grad_overflow")))
 
 
-def _bf16_overflow_switch() -> bool:
-    """Whether this DeepSpeed lets a config turn its bf16 overflow check off (``bf16.check_grad_overflow``;
-    an older one refuses the key)."""
+def _knows(section: str, key: str) -> bool:
+    """Whether this DeepSpeed's config has ``section.key`` (an older one refuses keys it does not know)."""
     try:
         from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     except ImportError:
         return False
-    return "check_grad_overflow" in DeepSpeedBF16Config.model_fields
+    return key in {"bf16": DeepSpeedBF16Config, "zero_optimization": DeepSpeedZeroConfig}[section].model_fields
 
 
 class DeviceClip:
-    """Gradient clipping by the global norm and the skip of a step whose norm is not finite, both
-    on the device, for DeepSpeed's ZeRO-1/2 optimizer (`clips_on_device`).
+    """The gradient norm, gradient clipping by it and the skip of a step whose norm is not finite,
+    all on the device, for DeepSpeed's ZeRO-1/2 optimizer (`clips_on_device`).
 
     DeepSpeed 0.19's ZeRO-1/2 step reads the gradient norm on the host up to three times (bf16's
-    overflow check, the norm's validity, the clip factor). The first read waits for the backward
-    pass; after it the GPU idles while the host queues the rest of the step, ~2,000 small kernels
-    for DiT-XL (a GPU busy 78.5 % of an `ldm train` step on the H100). So DeepSpeed's clipping and
-    overflow check are off (`deepspeed_config`) and, before each step, the fused AdamW it steps is
-    given the clip as ``grad_scale`` (the gradients are divided by it) and the skip as ``found_inf``
-    (no update, the step count kept): torch's fused kernels apply both on the device, as they do for
-    ``torch.amp.GradScaler``. The norm is ZeRO's own, computed over the data-parallel ranks just
-    before it steps the torch optimizer, so every rank clips and skips alike. The clip factor is
-    DeepSpeed's: gradients scaled by ``max_norm / (norm + 1e-6)`` when that is below 1.
+    overflow check, the norm's validity, the clip factor), and takes the norm one parameter tensor
+    at a time (a copy to fp64 and a norm kernel each: ~1,300 kernels for DiT-XL, launched from
+    Python). After the first read the GPU idles while the host queues the rest of the step (a GPU
+    busy 78.5 % of an `ldm train` step on the H100). So DeepSpeed's norm, clipping and overflow
+    check are off (`deepspeed_config`: ``compute_grad_norm: false``, ``gradient_clipping: 0``,
+    ``bf16.check_grad_overflow: false``) and, before the fused AdamW that DeepSpeed steps, this
+    takes the norm of the gradient that AdamW is about to apply (ZeRO's flat fp32 partition of this
+    rank: one norm kernel, then a sum over the data-parallel ranks, as DeepSpeed's own norm), and
+    gives AdamW the clip as ``grad_scale`` (the gradients are divided by it) and the skip as
+    ``found_inf`` (no update, the step count kept): torch's fused kernels apply both on the device,
+    as they do for ``torch.amp.GradScaler``. Every rank has the same norm, so all clip and skip
+    alike. The clip factor is DeepSpeed's: gradients scaled by ``max_norm / (norm + 1e-6)`` when
+    that is below 1.
 
-    ``take()`` gives the last step's skip flag (1.0 when skipped, on the device) once."""
+    ``take()`` gives the last step's skip flag (1.0 when skipped, on the device) once; ``norm`` is
+    the last step's gradient norm (a device tensor; read it when logging)."""
 
     def __init__(self, engine, max_norm: float):
         self.zero, self.max_norm = engine.optimizer, max_norm
         opt = _torch_optimizer(engine)
         if not all(g.get("fused") for g in opt.param_groups):
             raise ValueError("DeviceClip needs a fused torch optimizer (grad_scale / found_inf are fused-only)")
+        if len(opt.param_groups) != 1:  # ZeRO steps each group on its own: a group's hook sees only its gradients
+            raise ValueError(f"DeviceClip takes the norm of one parameter group, the optimizer has {len(opt.param_groups)}")
+        if getattr(self.zero, "compute_grad_norm", False) or getattr(self.zero, "clip_grad", 0.0):
+            raise ValueError("DeviceClip needs DeepSpeed's own norm and clipping off (deepspeed_config does that)")
+        self.group = getattr(self.zero, "dp_process_group", None)
         self.skipped: torch.Tensor | None = None
+        self.norm: torch.Tensor | None = None
         opt.register_step_pre_hook(self._before_step)
 
     def _before_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        norm = getattr(self.zero, "_global_grad_norm", None)  # set by ZeRO-1/2's step before it steps ``opt``
-        if not torch.is_tensor(norm):  # never silently unclipped
-            raise RuntimeError(f"DeepSpeed's ZeRO optimizer set no gradient-norm tensor before stepping AdamW (got "
-                               f"{norm!r}): this DeepSpeed version keeps it elsewhere than the 0.19 that DeviceClip "
-                               "reads; use DeepSpeed 0.19, or engine.deepspeed=zero0 / zero3 (DeepSpeed clips there)")
-        norm = norm.detach().float().reshape(())
-        bad = ~torch.isfinite(norm) | (norm < 0)  # DeepSpeed marks an invalid group norm with -1
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        square = torch.stack(torch._foreach_norm(grads)).float().square().sum()  # ZeRO-1/2: one flat tensor
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size(self.group) > 1:
+            torch.distributed.all_reduce(square, group=self.group)  # this rank holds one partition of the gradient
+        self.norm = norm = square.sqrt()
+        bad = ~torch.isfinite(norm)
         opt.found_inf = self.skipped = bad.float()
         opt.grad_scale = (torch.where(bad, 1.0, ((norm + 1e-6) / self.max_norm).clamp(min=1.0))
                           if self.max_norm > 0 else None)
@@ -169,6 +180,26 @@ class DeviceClip:
     def take(self) -> torch.Tensor | None:
         skipped, self.skipped = self.skipped, None
         return skipped
+
+
+@contextlib.contextmanager
+def run_clipping_kept(engine):
+    """Around ``engine.load_checkpoint``: the gradient clipping stays this run's. A ZeRO-1/2
+    checkpoint carries the clipping DeepSpeed ran with and loading it puts that back: one written by
+    DeepSpeed's own clipping (``gradient_clipping`` > 0, before `DeviceClip`) would clip a second
+    time on top of `DeviceClip`'s, and with ``compute_grad_norm: false`` DeepSpeed refuses to load
+    it at all. The weights and AdamW's state load as written."""
+    zero = engine.optimizer
+    computes = getattr(zero, "compute_grad_norm", None)
+    if computes is False:
+        zero.compute_grad_norm = True  # only for the load's check of the checkpoint's clipping
+    try:
+        yield
+    finally:
+        if computes is False:
+            zero.compute_grad_norm = False
+        if hasattr(zero, "clip_grad"):
+            zero.clip_grad = engine.gradient_clipping()
 
 
 def slow_engine_warning(ds: dict[str, Any], name: str) -> str | None:

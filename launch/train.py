@@ -439,7 +439,7 @@ def log_step(run: TrainRun, progress: Progress, logger: runs.RunLog, bar) -> Non
                                     / max(now - progress.t_last, 1e-9)).tolist()
     progress.work.zero_()
     progress.samples = 0
-    grad_norm = run.engine.get_global_grad_norm()
+    grad_norm = run.clip.norm if run.clip is not None else run.engine.get_global_grad_norm()
     logger.log(step, {"loss": loss_mean, "lr": progress.lr,
                       "grad_norm": None if grad_norm is None else float(grad_norm),
                       "samples_per_s": samples_s,

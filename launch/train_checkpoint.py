@@ -16,7 +16,7 @@ import dit
 from data.manifest import Manifest
 from dit import Export, save_export
 from launch import dist, runs
-from launch.engine import EMA, gather_universal, scatter_universal
+from launch.engine import EMA, gather_universal, run_clipping_kept, scatter_universal
 from ldm.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
 from ldm.errors import UserError, checking
 
@@ -166,7 +166,8 @@ def resume(engine, ema: EMA, out: Path, lr: float) -> tuple[int, int, int | None
         ok = True
         try:
             if info["world_size"] == dist.world_size() and info["zero_stage"] == engine.zero_optimization_stage():
-                path, _ = engine.load_checkpoint(str(root), tag=p.name)
+                with run_clipping_kept(engine):
+                    path, _ = engine.load_checkpoint(str(root), tag=p.name)
                 if path is None:
                     raise RuntimeError("DeepSpeed found nothing to load")
             elif info.get("universal"):

@@ -181,15 +181,17 @@ class HostReads(TorchDispatchMode):
     """Counts, in ``n``, the host reads of plain CPU tensors that would make the host wait for a GPU:
     the ops of `HOST_SYNCS` (``.item()``, ``bool()``, data-dependent shapes) and ``.tolist()`` (which
     bypasses the dispatcher). For code that cannot run on the stand-in device (a DeepSpeed engine);
-    copies to the host are not seen on CPU tensors."""
+    copies to the host are not seen on CPU tensors. ``ops`` counts every op dispatched, by name."""
 
     n = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.n += func in HOST_SYNCS
+        self.ops[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
 
     def __enter__(self):
+        self.ops = Counter()
         self._tolist = tolist = torch.Tensor.tolist
 
         def counted(t, *args, **kwargs):

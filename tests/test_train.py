@@ -431,12 +431,13 @@ class _NanGrad(torch.autograd.Function):
 @pytest.mark.parametrize("stage,precision,max_norm", [("zero2", "bf16", 0.01), ("zero1", "bf16", 0.01),
                                                       ("zero2", "fp32", 0.01), ("zero2", "bf16", 0.0)])
 def test_zero_clips_and_skips_a_nonfinite_step_on_the_device(stage, precision, max_norm):
-    """ZeRO-1/2: gradient clipping and the skip of a step with a non-finite gradient norm are done on
-    the device (`DeviceClip`: fused AdamW's grad_scale / found_inf), not by DeepSpeed, whose step reads
-    the norm on the host up to three times. The bf16 step reads nothing on the host; the clipped
-    update is torch's ``clip_grad_norm_``'s (AdamW's first moment after one step is 0.1 x the clipped
-    gradient); a NaN gradient leaves weights, moments and AdamW's step count as they were (also with
-    clipping off, optim.grad_clip=0)."""
+    """ZeRO-1/2: the gradient norm, gradient clipping and the skip of a step with a non-finite norm
+    are done on the device (`DeviceClip`: one norm of the flat gradient partition, then fused AdamW's
+    grad_scale / found_inf), not by DeepSpeed, whose step reads the norm on the host up to three
+    times and takes it one parameter tensor at a time. The bf16 step reads nothing on the host and
+    has no per-tensor norm; the norm is torch's ``clip_grad_norm_``'s and so is the clipped update
+    (AdamW's first moment after one step is 0.1 x the clipped gradient); a NaN gradient leaves
+    weights, moments and AdamW's step count as they were (also with clipping off, optim.grad_clip=0)."""
     import copy
 
     import deepspeed
@@ -448,7 +449,7 @@ def test_zero_clips_and_skips_a_nonfinite_step_on_the_device(stage, precision, m
     _single_process_group()
     skip_cpu_shm_kernel()
     ds = deepspeed_config(EngineConfig(deepspeed=stage, precision=precision), 2, 1, max_norm)
-    assert clips_on_device(ds) and ds["gradient_clipping"] == 0.0
+    assert clips_on_device(ds) and ds["gradient_clipping"] == 0.0 and ds["zero_optimization"]["compute_grad_norm"] is False
     assert ds["bf16"] == ({"enabled": True, "check_grad_overflow": False} if precision == "bf16" else {"enabled": False})
     for other in ("zero0", "zero3"):  # DeepSpeed clips there itself
         assert deepspeed_config(EngineConfig(deepspeed=other, precision=precision), 2, 1, max_norm)[
@@ -471,14 +472,15 @@ def test_zero_clips_and_skips_a_nonfinite_step_on_the_device(stage, precision, m
         with reads:
             engine.step()
         skipped = clip.take()
+        assert reads.ops["_foreach_norm"] == 1 and reads.ops["linalg_vector_norm"] == 0  # not one per tensor
         if precision == "bf16":
             assert reads.n == 0  # the step never waits for the device
             assert float(skipped) == float(step == 1)
         if step != 1:
             ref(x).pow(2).mean().backward()
-            if max_norm:
-                norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
-                assert norm > 5 * max_norm  # the clip matters
+            norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm or math.inf)
+            torch.testing.assert_close(clip.norm, norm, **tol)
+            assert not max_norm or norm > 5 * max_norm  # the clip matters
             ref_opt.step()
             ref_opt.zero_grad()
         for name, p, q in zip(names, engine.module.parameters(), ref.parameters()):
@@ -487,6 +489,44 @@ def test_zero_clips_and_skips_a_nonfinite_step_on_the_device(stage, precision, m
                                        **tol, msg=name)
     steps = {float(s["step"]) for s in engine.optimizer.optimizer.state.values()}
     assert steps == {2.0}  # the skipped step not counted (bias correction as if it never happened)
+
+
+def test_a_checkpoint_written_with_deepspeeds_clipping_resumes_with_the_runs_clipping(tmp_path):
+    """A ZeRO-2 checkpoint written while DeepSpeed clipped (``gradient_clipping`` 1.0, its own norm:
+    runs before `DeviceClip`) loads into a run that clips on the device: loading it alone puts
+    DeepSpeed's clipping back (a second clip on top of DeviceClip's) or, with ``compute_grad_norm:
+    false``, refuses the checkpoint; `run_clipping_kept` loads it with this run's clipping."""
+    import deepspeed
+    from launch.engine import (DeviceClip, EngineConfig, deepspeed_config, run_clipping_kept, safe_checkpoint_engine,
+                               skip_cpu_shm_kernel)
+    from launch.train import _single_process_group
+
+    _single_process_group()
+    skip_cpu_shm_kernel()
+
+    def engine(ds):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+        e, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True),
+                                     config=ds, dist_init_required=False)
+        e.checkpoint_engine = safe_checkpoint_engine(e._config)
+        return e
+
+    new = deepspeed_config(EngineConfig(deepspeed="zero2", precision="bf16"), 2, 1, 1.0)
+    old = {**new, "gradient_clipping": 1.0, "zero_optimization": {**new["zero_optimization"], "compute_grad_norm": True}}
+    written = engine(old)
+    written.backward(written(torch.randn(4, 8, dtype=torch.bfloat16)).float().pow(2).mean())
+    written.step()
+    written.save_checkpoint(str(tmp_path), tag="s1")
+    resumed = engine(new)
+    DeviceClip(resumed, 1.0)
+    with pytest.raises(ValueError, match="gradient clipping"):
+        resumed.load_checkpoint(str(tmp_path), tag="s1")
+    with run_clipping_kept(resumed):
+        path, _ = resumed.load_checkpoint(str(tmp_path), tag="s1")
+    assert path is not None and resumed.optimizer.clip_grad == 0.0 and resumed.optimizer.compute_grad_norm is False
+    for p, q in zip(resumed.module.parameters(), written.module.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("depth", [0, 2])
@@ -540,7 +580,8 @@ def test_deepspeed_settings_from_accelerates_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     ds = deepspeed_config(cfg, 4, 1, 1.0)  # the file wins over the stage variables; "auto" keys are ours
-    assert ds["zero_optimization"] == {"stage": 1} and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["zero_optimization"] == {"stage": 1, "compute_grad_norm": False}  # the norm: DeviceClip's
+    assert ds["train_micro_batch_size_per_gpu"] == 4
 
 
 def test_corrupt_checkpoint_falls_back(latents, tmp_path):
@@ -808,9 +849,12 @@ def test_two_ranks_zero(latents, tmp_path, stage):
 @pytest.mark.dist
 def test_deepspeed_accelerate_and_srun_launchers_train_two_ranks_as_one_process_does(latents, tmp_path):
     """Each launcher starts 2 ranks (world size 2 in the checkpoint) whose losses are those of one
-    process over the same global batch (torchrun against one process: the topology tests)."""
+    process over the same global batch (torchrun against one process: the topology tests), with
+    gradient clipping that matters: the gradient norm, summed over the ranks' ZeRO-2 partitions, is
+    the one process's."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    over = [f"data.shards={latents}", "data.batch_size=2", "steps=3", "save_every=3", "log_every=1"]
+    over = [f"data.shards={latents}", "data.batch_size=2", "steps=3", "save_every=3", "log_every=1",
+            "optim.grad_clip=0.1"]
     args = ["train", "--config", str(YAML), *over]
     bindir = Path(sys.executable).parent
     runs = {
@@ -842,6 +886,9 @@ def test_deepspeed_accelerate_and_srun_launchers_train_two_ranks_as_one_process_
     one = _one_process(cfglib.load_yaml(YAML, TrainConfig, [*over, "data.batch_size=4", f"output={tmp_path / 'one'}"]))
     assert len(one["losses"]) == 3
     assert losses["deepspeed"] == pytest.approx(one["losses"], rel=1e-5) == losses["accelerate"] == losses["srun"]
+    norms = {name: [r["grad_norm"] for r in _log(tmp_path / name) if "loss" in r] for name in (*losses, "one")}
+    assert min(norms["one"]) > 0.1  # clipped at every step
+    assert norms["deepspeed"] == pytest.approx(norms["one"], rel=1e-5) == norms["accelerate"] == norms["srun"]
 
 
 def test_activation_checkpointing_and_accumulation_and_bf16(latents, tmp_path):
