@@ -98,7 +98,7 @@ def deepspeed_config(cfg: EngineConfig, micro_batch: int, grad_accum: int, grad_
         raise ValueError(f"engine.precision must be fp32 or bf16 here (resolve auto first), got {cfg.precision!r}")
     ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
               gradient_clipping=grad_clip, bf16={"enabled": cfg.precision == "bf16"})
-    if clips_on_device(ds):  # `DeviceClip` takes the norm, clips and skips a non-finite step instead, without host reads
+    if clips_on_device(ds):  # `DeviceClip` takes the norm, clips and skips a non-finite step, without host reads
         ds["gradient_clipping"] = 0.0
         ds["zero_optimization"]["compute_grad_norm"] = False
         if cfg.precision == "bf16":
@@ -158,7 +158,8 @@ class DeviceClip:
         if not all(g.get("fused") for g in opt.param_groups):
             raise ValueError("DeviceClip needs a fused torch optimizer (grad_scale / found_inf are fused-only)")
         if len(opt.param_groups) != 1:  # ZeRO steps each group on its own: a group's hook sees only its gradients
-            raise ValueError(f"DeviceClip takes the norm of one parameter group, the optimizer has {len(opt.param_groups)}")
+            raise ValueError(f"DeviceClip takes the norm of one parameter group, the optimizer has "
+                             f"{len(opt.param_groups)}")
         if getattr(self.zero, "compute_grad_norm", False) or getattr(self.zero, "clip_grad", 0.0):
             raise ValueError("DeviceClip needs DeepSpeed's own norm and clipping off (deepspeed_config does that)")
         self.group = getattr(self.zero, "dp_process_group", None)

@@ -449,7 +449,8 @@ def test_zero_clips_and_skips_a_nonfinite_step_on_the_device(stage, precision, m
     _single_process_group()
     skip_cpu_shm_kernel()
     ds = deepspeed_config(EngineConfig(deepspeed=stage, precision=precision), 2, 1, max_norm)
-    assert clips_on_device(ds) and ds["gradient_clipping"] == 0.0 and ds["zero_optimization"]["compute_grad_norm"] is False
+    assert clips_on_device(ds) and ds["gradient_clipping"] == 0.0
+    assert ds["zero_optimization"]["compute_grad_norm"] is False
     assert ds["bf16"] == ({"enabled": True, "check_grad_overflow": False} if precision == "bf16" else {"enabled": False})
     for other in ("zero0", "zero3"):  # DeepSpeed clips there itself
         assert deepspeed_config(EngineConfig(deepspeed=other, precision=precision), 2, 1, max_norm)[
@@ -513,7 +514,8 @@ def test_a_checkpoint_written_with_deepspeeds_clipping_resumes_with_the_runs_cli
         return e
 
     new = deepspeed_config(EngineConfig(deepspeed="zero2", precision="bf16"), 2, 1, 1.0)
-    old = {**new, "gradient_clipping": 1.0, "zero_optimization": {**new["zero_optimization"], "compute_grad_norm": True}}
+    old = {**new, "gradient_clipping": 1.0,
+           "zero_optimization": {**new["zero_optimization"], "compute_grad_norm": True}}
     written = engine(old)
     written.backward(written(torch.randn(4, 8, dtype=torch.bfloat16)).float().pow(2).mean())
     written.step()
