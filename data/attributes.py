@@ -143,8 +143,8 @@ def _read_shape(alphas: list[np.ndarray], centroids: list[tuple[float, float]], 
         for s in shapes:
             r0 = math.sqrt(area / AREA_COEF[s])
             ox, oy = CENTROID_OFFSET[s]
-            best = max(_soft_iou(alpha, _gauss_blur(shape_alpha(s, cx - ox * r, cy - oy * r, r, h, w), sigma))
-                       for r in (0.92 * r0, r0, 1.08 * r0) for sigma in BLUR_SIGMAS)
+            templates = [shape_alpha(s, cx - ox * r, cy - oy * r, r, h, w) for r in (0.92 * r0, r0, 1.08 * r0)]
+            best = max(_soft_iou(alpha, _gauss_blur(t, sigma)) for t in templates for sigma in BLUR_SIGMAS)
             scores[s] += best / len(alphas)
     ranked = sorted(shapes, key=lambda s: -scores[s])
     if len(shapes) == 1:
