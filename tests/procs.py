@@ -1,5 +1,6 @@
 """Helpers for tests that spawn several processes: a free loopback port, a torchrun command, a rank
-function for ``torch.multiprocessing.spawn`` that ends its process safely, a folder held by another process."""
+function for ``torch.multiprocessing.spawn`` that ends its process safely, a folder held by another process,
+and the in-process one-rank training run a several-rank run is compared with."""
 import contextlib
 import socket
 import subprocess
@@ -53,3 +54,19 @@ def folder_held_by_another_process(folder):
         yield
     finally:
         holder.communicate("")
+
+
+def one_process(cfg, **kw):
+    """``launch.train.train(cfg)`` in this process at one thread, as each launched rank runs: the reference a
+    several-rank run is compared with (one rank of the global batch gives the same losses), without the
+    seconds of a launch."""
+    import torch
+
+    from launch.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(cfg, **kw)
+    finally:
+        torch.set_num_threads(threads)

@@ -20,7 +20,7 @@ from launch.train import TrainConfig, check_config, train
 from ldm import config as cfglib
 from ldm.checkpoint import load_tensors
 from ldm.errors import UserError
-from procs import free_port, tail, torchrun
+from procs import free_port, one_process, tail, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "launch" / "configs" / "train-debug.yaml"
@@ -53,18 +53,6 @@ def _losses(run):
 
 def _val_losses(run):
     return [(r["step"], r["val_loss"]) for r in _log(run) if "val_loss" in r]
-
-
-def _one_process(cfg, **kw):
-    """``train(cfg)`` in this process at one thread, as each launched rank runs: the reference a
-    several-rank run is compared with (one rank of the global batch gives the same losses), without
-    the seconds of a launch."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(cfg, **kw)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _world_size(run):
@@ -885,7 +873,7 @@ def test_deepspeed_accelerate_and_srun_launchers_train_two_ranks_as_one_process_
         assert task.returncode == 0, ("srun", tail(err))
     losses["srun"] = _losses(tmp_path / "srun")
     assert all(_world_size(tmp_path / name) == 2 for name in losses), {n: _world_size(tmp_path / n) for n in losses}
-    one = _one_process(cfglib.load_yaml(YAML, TrainConfig, [*over, "data.batch_size=4", f"output={tmp_path / 'one'}"]))
+    one = one_process(cfglib.load_yaml(YAML, TrainConfig, [*over, "data.batch_size=4", f"output={tmp_path / 'one'}"]))
     assert len(one["losses"]) == 3
     assert losses["deepspeed"] == pytest.approx(one["losses"], rel=1e-5) == losses["accelerate"] == losses["srun"]
     norms = {name: [r["grad_norm"] for r in _log(tmp_path / name) if "loss" in r] for name in (*losses, "one")}
@@ -921,7 +909,7 @@ def test_resume_on_another_topology(latents, tmp_path):
     uninterrupted process (ZeRO-2, batch 4) and its validation losses."""
     val = (f"val.shards={latents}", "val.clips=4")  # the validation loss too: each rank half of the clips
     _torchrun(latents, tmp_path / "run", "data.batch_size=2", "steps=2", "save_every=2", *val)
-    _one_process(_cfg(latents, tmp_path / "ref", steps=6, save_every=2, **{"val.shards": latents, "val.clips": 4}))
+    one_process(_cfg(latents, tmp_path / "ref", steps=6, save_every=2, **{"val.shards": latents, "val.clips": 4}))
     ref = _losses(tmp_path / "ref")
     linear = torch.nn.functional.linear
     one = train(_cfg(latents, tmp_path / "run", steps=4, save_every=2, **{"data.batch_size": 4,
@@ -972,7 +960,7 @@ def test_elastic_restart_after_a_rank_is_killed(latents, tmp_path):
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, tail(stderr, 4000)
     assert "resumed from" in stdout
-    _one_process(_cfg(latents, tmp_path / "ref", steps=40, save_every=40))  # uninterrupted: batch 4 = 2 ranks x 2
+    one_process(_cfg(latents, tmp_path / "ref", steps=40, save_every=40))  # uninterrupted: batch 4 = 2 ranks x 2
     assert _losses(out) == pytest.approx(_losses(tmp_path / "ref"), rel=1e-5)
 
 
@@ -1402,7 +1390,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(late
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, tail(resumed.stderr)
     # uninterrupted, in this process: one rank of the global batch
-    _one_process(cfglib.load_yaml(YAML, TrainConfig, [*args[3:], f"data.batch_size={2 * nproc}", f"steps={step + 2}",
+    one_process(cfglib.load_yaml(YAML, TrainConfig, [*args[3:], f"data.batch_size={2 * nproc}", f"steps={step + 2}",
                                                       f"output={tmp_path / 'u'}"]))
     assert _losses(run) == pytest.approx(_losses(tmp_path / "u"), rel=1e-5)
 
