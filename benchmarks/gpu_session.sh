@@ -8,7 +8,7 @@
 #
 #   source .whl/device-setup.sh && bash benchmarks/gpu_session.sh     # on the GPU machine
 #   PARTS="dit torchrun extract" bash ...; PARTS="ae cudnn autotune" bash ...   # the same in two calls
-#   TOY=1 bash benchmarks/gpu_session.sh                                # the same steps at toy size on the CPU
+#   TOY=1 bash benchmarks/gpu_session.sh     # the same steps at toy size on the CPU: the dry run before a GPU call
 #   TRAIN_VARIANTS="engine.deepspeed=zero1;model.text_cond=true" ...   # + those `ldm train` runs (part "variants")
 #   AT_ARGS="--tokens 4096 --batches 8 --sample-batches 16" PARTS=autotune ...  # max-autotune at one size only
 #

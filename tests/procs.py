@@ -56,17 +56,24 @@ def folder_held_by_another_process(folder):
         holder.communicate("")
 
 
-def one_process(cfg, **kw):
-    """``launch.train.train(cfg)`` in this process at one thread, as each launched rank runs: the reference a
-    several-rank run is compared with (one rank of the global batch gives the same losses), without the
-    seconds of a launch."""
+@contextlib.contextmanager
+def one_thread():
+    """Torch at one thread while the block runs, as each process a test launches runs (``OMP_NUM_THREADS=1``):
+    float sums, and so the bytes a run writes, depend on the thread count."""
     import torch
-
-    from launch.train import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train(cfg, **kw)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def one_process(cfg, **kw):
+    """``launch.train.train(cfg)`` in this process at one thread: the reference a several-rank run is compared
+    with (one rank of the global batch gives the same losses), without the seconds of a launch."""
+    from launch.train import train
+
+    with one_thread():
+        return train(cfg, **kw)

@@ -92,6 +92,7 @@ def test_extraction_benchmark_on_cpu():
     assert one["wall_ms"] == pytest.approx(1e3 / one["clips_per_s"]) and one["user_ms"] + one["sys_ms"] > 0
 
 
+@pytest.mark.slow  # as `TOY=1 bash benchmarks/gpu_session.sh`, the dry run to do before a GPU call
 def test_gpu_session_script_runs_the_parts_it_is_given(tmp_path):
     """`benchmarks/gpu_session.sh` at toy size on the CPU (TOY=1), two of its parts (PARTS): their
     files and nothing of the others."""

@@ -112,6 +112,7 @@ def test_token_count_changes_recompile_once_not_per_shape():
     assert backend.graphs == warm
 
 
+@pytest.mark.slow  # ~30 s of dynamo tracing for the non-default layout; its compiled-equals-eager tests stay fast
 def test_factorised_trunk_compiles_its_groups_and_stays_compiled():
     """Spatial / temporal blocks over a grid attend in dense groups inside the compiled block (no
     eager attention between pieces): one graph per block kind and size regime (first sizes,

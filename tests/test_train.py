@@ -1352,7 +1352,9 @@ def _wait_for_steps(run, n, proc, timeout=120):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("nproc", [1, 2])
+# one process: its exit status and checkpoint are also test_a_signal_to_the_process_group_stops_..., its resume the
+# two ranks' (make test-slow runs it)
+@pytest.mark.parametrize("nproc", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(latents, tmp_path, nproc):
     """A scheduler's SIGTERM (here to one rank only) stops every rank after the same step, with a
     checkpoint of that step (not the last save_every one), exit status 143; rerun, the run goes on

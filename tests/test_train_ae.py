@@ -704,30 +704,38 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-@pytest.mark.dist
-def test_ddp_expects_unused_parameters_when_the_model_declares_them(clips, tmp_path):
-    """A model with parameters outside the loss trains under 2-rank DDP when its class sets
-    ``ddp_find_unused_parameters = True`` (the trainer passes find_unused_parameters=True), and
-    fails in DDP's reducer without it."""
+def _spare_run(clips, tmp_path, mode: str) -> subprocess.CompletedProcess:
+    """`ldm train-ae` of a model with a parameter outside the loss under 2-rank DDP; ``mode`` "declare" sets
+    its class's ``ddp_find_unused_parameters = True``, "silent" leaves it False."""
     from procs import free_port
 
     script = tmp_path / "spare.py"
     script.write_text(_UNUSED_PARAM_SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(script), mode, "train-ae", "--autoencoder", "kl2d-spare-debug", "--data",
+           str(clips), "--output", str(tmp_path / mode), "--frames", str(FRAMES), "--height", str(SIZE),
+           "--width", str(SIZE), "--batch-size", "1", "--steps", "3", "--save-every", "3", "--num-workers", "0",
+           "--latent-stats-clips", "0", "--no-progress"]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
-    def run(mode: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(script), mode, "train-ae", "--autoencoder", "kl2d-spare-debug", "--data",
-               str(clips), "--output", str(tmp_path / mode), "--frames", str(FRAMES), "--height", str(SIZE),
-               "--width", str(SIZE), "--batch-size", "1", "--steps", "3", "--save-every", "3", "--num-workers", "0",
-               "--latent-stats-clips", "0", "--no-progress"]
-        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
-    ok = run("declare")
+@pytest.mark.dist
+def test_ddp_expects_unused_parameters_when_the_model_declares_them(clips, tmp_path):
+    """A model with parameters outside the loss trains under 2-rank DDP when its class sets
+    ``ddp_find_unused_parameters = True`` (the trainer passes find_unused_parameters=True)."""
+    ok = _spare_run(clips, tmp_path, "declare")
     assert ok.returncode == 0, ok.stderr[-4000:]
     assert json.loads((tmp_path / "declare" / "summary.json").read_text())["steps"] == 3
-    failed = run("silent")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_ddp_fails_in_its_reducer_when_the_model_does_not_declare_unused_parameters(clips, tmp_path):
+    """The same model without the declaration fails in DDP's reducer: the declaration is what the test
+    above depends on (make test-slow)."""
+    failed = _spare_run(clips, tmp_path, "silent")
     assert failed.returncode != 0 and "find_unused_parameters" in failed.stderr
 
 
