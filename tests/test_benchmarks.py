@@ -32,10 +32,9 @@ def test_gpu_dit_tiny_on_cpu(tmp_path):
     assert rows["ref-autocast"]["train_speedup_vs_ref"] == 1.0
 
 
+@pytest.mark.slow  # the dit part of `TOY=1 bash benchmarks/gpu_session.sh`, the dry run to do before a GPU call
 def test_gpu_dit_ldm_train_profile_on_cpu(tmp_path):
     """The ``--ldm-train`` part: a real shard folder, `ldm train`'s logged rates and its profile."""
-    import pytest
-
     from data.synth import synth_dataset
     from launch.cli import main as ldm
 

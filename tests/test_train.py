@@ -944,7 +944,7 @@ def _worker_pids(marker: str) -> list[int]:
 def test_elastic_restart_after_a_rank_is_killed(latents, tmp_path):
     import signal
     import time
-    args = ["data.batch_size=2", "steps=40", "save_every=5", "data.shuffle=8", "log_every=1"]
+    args = ["data.batch_size=2", "steps=24", "save_every=5", "data.shuffle=8", "log_every=1"]
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = torchrun(2, "train", "--config", str(YAML), f"data.shards={latents}", f"output={out}",
@@ -960,7 +960,7 @@ def test_elastic_restart_after_a_rank_is_killed(latents, tmp_path):
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, tail(stderr, 4000)
     assert "resumed from" in stdout
-    one_process(_cfg(latents, tmp_path / "ref", steps=40, save_every=40))  # uninterrupted: batch 4 = 2 ranks x 2
+    one_process(_cfg(latents, tmp_path / "ref", steps=24, save_every=24))  # uninterrupted: batch 4 = 2 ranks x 2
     assert _losses(out) == pytest.approx(_losses(tmp_path / "ref"), rel=1e-5)
 
 
