@@ -20,7 +20,7 @@ from launch.train import TrainConfig, check_config, train
 from ldm import config as cfglib
 from ldm.checkpoint import load_tensors
 from ldm.errors import UserError
-from procs import free_port, one_process, tail, torchrun
+from procs import free_port, one_process, one_thread, tail, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "launch" / "configs" / "train-debug.yaml"
@@ -692,13 +692,8 @@ def test_sample_on_two_ranks_splits_the_batches_and_writes_what_one_process_does
                     "--num-per-prompt", "2" if not extra else "1", "--batch-size", "2", "--steps", "2",
                     "--output", str(tmp_path / out), *extra]
             if nproc == 1:  # in this process, at the ranks' one thread (float sums depend on the thread count)
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)
-                try:
-                    with pytest.warns(UserWarning, match="RANDOM"):
-                        ldm(args)
-                finally:
-                    torch.set_num_threads(threads)
+                with one_thread(), pytest.warns(UserWarning, match="RANDOM"):
+                    ldm(args)
                 continue
             r = subprocess.run(torchrun(nproc, *args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, tail(r.stderr, 4000)
@@ -1352,8 +1347,8 @@ def _wait_for_steps(run, n, proc, timeout=120):
 
 
 @pytest.mark.dist
-# one process: its exit status and checkpoint are also test_a_signal_to_the_process_group_stops_..., its resume the
-# two ranks' (make test-slow runs it)
+# nproc=1 runs under make test-slow: test_a_signal_to_the_process_group_stops_... checks one process's exit status
+# and checkpoint, nproc=2 the resume
 @pytest.mark.parametrize("nproc", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(latents, tmp_path, nproc):
     """A scheduler's SIGTERM (here to one rank only) stops every rank after the same step, with a
@@ -1393,7 +1388,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(late
     assert resumed.returncode == 0, tail(resumed.stderr)
     # uninterrupted, in this process: one rank of the global batch
     one_process(cfglib.load_yaml(YAML, TrainConfig, [*args[3:], f"data.batch_size={2 * nproc}", f"steps={step + 2}",
-                                                      f"output={tmp_path / 'u'}"]))
+                                                     f"output={tmp_path / 'u'}"]))
     assert _losses(run) == pytest.approx(_losses(tmp_path / "u"), rel=1e-5)
 
 
