@@ -23,7 +23,8 @@ are kept) and writes the report again. The evaluation flags (`EVAL_ONLY`: ``--ev
 ``--eval-clips``, ``--i3d``, ``--lpips-*``, ``--flow-net``, ``--inception``, ``--first-frame``, ``--sample-steps``,
 ``--guidance``, ``--per-prompt``, ``--fvd-frames``) do not bind it: each autoencoder's recon stage
 (reconstruction metrics) and generate stage (sampling, attributes, FVD) record what they depend on of
-them and run again when that changed, the extraction and DiT kept. Nor does ``--autoencoders``: each
+them and run again when that changed, the extraction and DiT kept; so does the cost stage (the cost row,
+counted under FakeTensorMode: seconds for a debug model, minutes for a large one). Nor does ``--autoencoders``: each
 autoencoder's row is bound on its own (``row.json``: its registered name or its folder's weights
 hash), so a rerun may add autoencoders (only their rows run) or leave some out (reported without
 them, their folders kept); a row whose autoencoder folder holds other weights is refused, naming it,
@@ -700,14 +701,18 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                               key=recon_key))  # another key (an evaluation flag changed): made again
         row.update(stages.run("generate", lambda: _generate(args, eval_data, synth, work, i3d, device),
                               key=generate_key))
-        row["resumed"] = stages.resumed
         manifest, tcfg = load_manifest(work / "latents"), _dit_config(args, work)
         overrides = dit_overrides(tcfg.model, manifest)
-        row["cost"], = costlib.cost_table([e["checkpoint"] or e["name"]], args.frames, args.height, args.width,
-                                          tcfg.model.dit, batch_size=tcfg.data.batch_size, steps=args.sample_steps,
-                                          cfg=args.guidance != 1.0, dit_overrides=overrides,
-                                          text_tokens=manifest.text_tokens if "text_dim" in overrides else 0)
-        row["cost"]["autoencoder"] = e["label"]
+        cost = {"autoencoder": e["checkpoint"] or e["name"], "--frames": args.frames, "--height": args.height,
+                "--width": args.width, "dit": tcfg.model.dit, "batch_size": tcfg.data.batch_size,
+                "--sample-steps": args.sample_steps, "cfg": args.guidance != 1.0, "dit_overrides": overrides,
+                "text_tokens": manifest.text_tokens if "text_dim" in overrides else 0,
+                "convention": costlib.FLOP_CONVENTION}  # counted under FakeTensorMode: seconds to minutes a row
+        row["cost"] = {**stages.run("cost", lambda: costlib.cost_table(
+            [cost["autoencoder"]], args.frames, args.height, args.width, cost["dit"], batch_size=cost["batch_size"],
+            steps=args.sample_steps, cfg=cost["cfg"], dit_overrides=overrides, text_tokens=cost["text_tokens"])[0],
+            key=json.loads(json.dumps(cost))), "autoencoder": e["label"]}  # the key as stages.json records it
+        row["resumed"] = stages.resumed
         (work / "error.log").unlink(missing_ok=True)  # an earlier run's failure, now redone
         return row
 

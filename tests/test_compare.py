@@ -160,7 +160,7 @@ def test_an_interrupted_compare_resumes_without_redoing_finished_stages(tmp_path
         with pytest.raises(KeyboardInterrupt):
             ldm(cmd)
     first = json.loads((out / "kl2d-f8c4-debug" / "stages.json").read_text())
-    assert sorted(first) == ["extract", "generate", "recon", "train_dit"]
+    assert sorted(first) == ["cost", "extract", "generate", "recon", "train_dit"]
     assert list(json.loads((out / "kl2d-f8c16-debug" / "stages.json").read_text())) == ["extract"]
 
     def only_the_second(name):
@@ -175,15 +175,17 @@ def test_an_interrupted_compare_resumes_without_redoing_finished_stages(tmp_path
             m.setattr(compare, name, only_the_second(name))
         ldm(cmd)
     kl4, kl16 = _report(out)["rows"]
-    assert kl4["resumed"] == ["extract", "train_dit", "recon", "generate"] and kl16["resumed"] == ["extract"]
+    assert kl4["resumed"] == ["extract", "train_dit", "recon", "generate", "cost"] and kl16["resumed"] == ["extract"]
     assert kl4["dit"] == first["train_dit"]["result"] and kl4["recon"] == first["recon"]["result"]["recon"]
     assert kl16["dit"]["steps"] == 3 and kl16["attributes"]["accuracy"]["n"] == 4
 
     with monkeypatch.context() as m:
         for name in real:
             m.setattr(compare, name, lambda *a: pytest.fail("a finished stage ran again"))
+        m.setattr(compare.costlib, "cost_table", lambda *a, **k: pytest.fail("a cost row was counted again"))
         ldm(cmd)
     assert [r["dit"] for r in _report(out)["rows"]] == [kl4["dit"], kl16["dit"]]
+    assert [r["cost"] for r in _report(out)["rows"]] == [kl4["cost"], kl16["cost"]]
 
 
 def test_a_running_comparisons_folder_is_refused(tmp_path):
@@ -225,7 +227,7 @@ def test_compare_adds_rfid_and_first_frame_to_a_finished_comparison(tmp_path, ca
     assert "recon again: --inception added" in printed and "recon done in" in printed
     assert "generate done by an earlier run" in printed
     row, = _report(out)["rows"]
-    assert row["recon"]["rfid"]["n_real"] == 2 * 9 and row["resumed"] == ["extract", "train_dit", "generate"]
+    assert row["recon"]["rfid"]["n_real"] == 2 * 9 and row["resumed"] == ["extract", "train_dit", "generate", "cost"]
     assert row["attributes"]["accuracy"]["n"] == 4  # the earlier run's, kept
     md = (out / "compare.md").read_text()
     header, rule, line = [m for m in md.splitlines() if m.startswith("|")]
@@ -307,14 +309,16 @@ def test_a_changed_evaluation_flag_redoes_only_what_it_affects(tmp_path, capsys,
             m.setattr(compare, name, lambda *a: pytest.fail("a finished stage of an earlier version ran again"))
         ldm(argv)
     row, = _report(out)["rows"]
-    assert row["resumed"] == ["extract", "train_dit", "recon", "generate"]
+    assert row["resumed"] == ["extract", "train_dit", "recon", "generate", "cost"]
     assert row["recon"] == first["recon"] and row["attributes"] == first["attributes"]
 
     (out / "kl2d-f8c4-debug" / "samples" / "000-red-circle-left-1.mp4").write_bytes(b"")  # as --per-prompt 2 left
     with monkeypatch.context() as m:
         m.setattr(compare, "_recon", lambda *a: pytest.fail("reconstruction ran again for a sampling flag"))
         ldm([*argv, "--sample-steps", "3"])
-    assert "generate again: --sample-steps changed (2 -> 3)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "generate again: --sample-steps changed (2 -> 3)" in printed
+    assert "cost again: --sample-steps changed (2 -> 3)" in printed  # sampling's FLOPs are per step
     assert len(list((out / "kl2d-f8c4-debug" / "samples").iterdir())) == 4  # this run's samples only
     row, = _report(out)["rows"]
     assert row["attributes"]["sampling"]["steps"] == 3 and row["recon"] == first["recon"]
@@ -324,7 +328,7 @@ def test_a_changed_evaluation_flag_redoes_only_what_it_affects(tmp_path, capsys,
     printed = capsys.readouterr().out
     assert "recon again: --eval-clips changed (2 -> 3)" in printed and "generate done by an earlier run" in printed
     row, = _report(out)["rows"]
-    assert row["recon"]["clips"] == 3 and row["resumed"] == ["extract", "train_dit", "generate"]
+    assert row["recon"]["clips"] == 3 and row["resumed"] == ["extract", "train_dit", "generate", "cost"]
     assert f"3 clips of {out / 'data' / 'eval-3'} (held out)" in (out / "compare.md").read_text()
 
     def stopped(*a):
@@ -334,7 +338,8 @@ def test_a_changed_evaluation_flag_redoes_only_what_it_affects(tmp_path, capsys,
         m.setattr(compare, "_generate", stopped)
         with pytest.raises(KeyboardInterrupt):
             ldm([*argv, "--sample-steps", "4", "--eval-clips", "3"])
-    assert sorted(json.loads((out / "kl2d-f8c4-debug" / "stages.json").read_text())) == ["extract", "recon",
+    # the cost row of --sample-steps 3 stays: a cost stage keyed with 4 counts it again
+    assert sorted(json.loads((out / "kl2d-f8c4-debug" / "stages.json").read_text())) == ["cost", "extract", "recon",
                                                                                           "train_dit"]
 
     # a reconstruction read by an earlier version of the video reading (its key has no "reading") is measured again,
@@ -392,7 +397,7 @@ def test_an_autoencoder_that_fails_is_reported_and_the_others_go_on(tmp_path, ca
     assert ldm(cmd) == 0
     r = _report(out)
     assert [row["autoencoder"] for row in r["rows"]] == ["kl2d-f8c4-debug", "kl2d-f8c16-debug"] and r["failed"] == []
-    assert r["rows"][0]["resumed"] == ["extract", "train_dit", "recon", "generate"] and r["rows"][1]["resumed"] == []
+    assert r["rows"][0]["resumed"] == ALL_STAGES and r["rows"][1]["resumed"] == []
     assert redone == [(name, ["kl2d-f8c16-debug"]) for name in ("_extract", "_train_dit", "_recon", "_generate")]
     assert not (out / "kl2d-f8c16-debug" / "error.log").exists() and "failed" not in (out / "compare.md").read_text()
 
@@ -435,7 +440,7 @@ def test_replaced_weights_are_refused_until_overwrite_starts_the_folder_again(tm
     assert json.loads((out / "mine" / "row.json").read_text())["record"]["weights"] != \
         json.loads(before["mine/row.json"][0])["record"]["weights"]
     ldm(cmd)
-    assert _report(out)["rows"][0]["resumed"] == ["extract", "train_dit", "recon", "generate"]
+    assert _report(out)["rows"][0]["resumed"] == ALL_STAGES
 
 
 def test_overwrite_refuses_another_verbs_folder_and_inputs_it_would_remove(tmp_path):
@@ -469,7 +474,7 @@ def test_overwrite_refuses_another_verbs_folder_and_inputs_it_would_remove(tmp_p
 
 
 STAGE_FUNCTIONS = ("_extract", "_train_dit", "_recon", "_generate")
-ALL_STAGES = ["extract", "train_dit", "recon", "generate"]
+ALL_STAGES = ["extract", "train_dit", "recon", "generate", "cost"]
 
 
 def _recording(monkeypatch):
