@@ -811,36 +811,73 @@ def test_unconditional_dit_samples(latents, tmp_path, capsys):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_zero(latents, tmp_path, stage):
+@pytest.mark.slow  # ZeRO-2 on 2 ranks stays in make test (srun, topology, SIGTERM); ZeRO-3 on 1 rank (topology)
+def test_two_ranks_zero3(latents, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = torchrun(2, "train", "--config", str(YAML), f"data.shards={latents}", f"output={tmp_path / 'r'}",
-                   "data.batch_size=2", "steps=4", "save_every=2", "log_every=1", f"engine.deepspeed=zero{stage}")
+                   "data.batch_size=2", "steps=4", "save_every=2", "log_every=1", "engine.deepspeed=zero3")
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, tail(r.stderr, 4000)
     losses = _losses(tmp_path / "r")
     assert len(losses) == 4 and all(map(torch.isfinite, torch.tensor(losses)))
     model, _ = load_export(tmp_path / "r")
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "heads" in n)  # trained past zero-init
-    if stage == 2:  # a corrupt newest checkpoint: both ranks resume from the one before, said once
-        shard = next((tmp_path / "r" / "checkpoints" / "step-00000004").glob("zero_pp_rank_1_*optim_states.pt"))
-        shard.write_bytes(shard.read_bytes()[:-100])
-        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, tail(r.stderr, 4000)
-        assert (r.stdout + r.stderr).count("checkpoint step-00000004 rejected") == 1, tail(r.stderr, 4000)
-        assert "resumed from" in r.stdout and "step 2 " in r.stdout and _losses(tmp_path / "r") == losses
+
+
+def _srun(args: list[str], out: Path) -> str:
+    """`ldm ARGS output=OUT` as `srun --ntasks 2` starts it without torchrun: each task has only SLURM's
+    variables (its rank, the launch node's address) and the user's MASTER_PORT. Both tasks' output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_STEP_ID="0",
+               SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    tasks = [subprocess.Popen([sys.executable, "-m", "launch.cli", *args, f"output={out}"],
+                              env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    printed = [task.communicate(timeout=300)[0] for task in tasks]
+    for task, text in zip(tasks, printed):
+        assert task.returncode == 0, ("srun", tail(text))
+    return "".join(printed)
+
+
+_TWO_RANKS = ["data.batch_size=2", "steps=4", "save_every=2", "log_every=1", "optim.grad_clip=0.1"]
+
+
+def _clipped_norms(run) -> list[float]:
+    return [r["grad_norm"] for r in _log(run) if "loss" in r]
 
 
 @pytest.mark.dist
-def test_deepspeed_accelerate_and_srun_launchers_train_two_ranks_as_one_process_does(latents, tmp_path):
-    """Each launcher starts 2 ranks (world size 2 in the checkpoint) whose losses are those of one
-    process over the same global batch (torchrun against one process: the topology tests), with
-    gradient clipping that matters: the gradient norm, summed over the ranks' ZeRO-2 partitions, is
-    the one process's."""
+def test_srun_tasks_train_as_one_process_does_and_resume_past_a_corrupt_checkpoint(latents, tmp_path):
+    """2 tasks of `srun` (world size 2 in the checkpoint, ZeRO-2) train with the losses of one
+    process over the same global batch, with gradient clipping that matters: the gradient norm,
+    summed over the ranks' ZeRO-2 partitions, is the one process's. A corrupt newest checkpoint:
+    both ranks resume from the one before, said once, and train the same steps again."""
+    args = ["train", "--config", str(YAML), f"data.shards={latents}", *_TWO_RANKS]
+    run = tmp_path / "srun"
+    _srun(args, run)
+    losses = _losses(run)
+    assert _world_size(run) == 2
+    one = one_process(cfglib.load_yaml(YAML, TrainConfig, [*args[3:], "data.batch_size=4",
+                                                           f"output={tmp_path / 'one'}"]))
+    assert len(one["losses"]) == 4 and losses == pytest.approx(one["losses"], rel=1e-5)
+    assert min(_clipped_norms(tmp_path / "one")) > 0.1  # clipped at every step
+    assert _clipped_norms(run) == pytest.approx(_clipped_norms(tmp_path / "one"), rel=1e-5)
+    model, _ = load_export(run)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "heads" in n)  # trained past zero-init
+    shard = next((run / "checkpoints" / "step-00000004").glob("zero_pp_rank_1_*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    printed = _srun(args, run)
+    assert printed.count("checkpoint step-00000004 rejected") == 1, tail(printed, 4000)
+    assert "resumed from" in printed and "step 2 " in printed and _losses(run) == losses
+
+
+@pytest.mark.dist
+@pytest.mark.slow  # the same 2 ranks as srun's test, started by the launchers' own environments
+def test_deepspeed_and_accelerate_launchers_train_two_ranks_as_one_process_does(latents, tmp_path):
+    """Each launcher starts 2 ranks (world size 2 in the checkpoint) whose losses and clipped
+    gradient norms are those of one process over the same global batch."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    over = [f"data.shards={latents}", "data.batch_size=2", "steps=3", "save_every=3", "log_every=1",
-            "optim.grad_clip=0.1"]
-    args = ["train", "--config", str(YAML), *over]
+    args = ["train", "--config", str(YAML), f"data.shards={latents}", *_TWO_RANKS]
     bindir = Path(sys.executable).parent
     runs = {
         "deepspeed": [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
@@ -849,31 +886,15 @@ def test_deepspeed_accelerate_and_srun_launchers_train_two_ranks_as_one_process_
                        str(ROOT / "launch" / "configs" / "accelerate-zero2.yaml"), "--main_process_port", str(free_port()),
                        "-m", "launch.cli", *args, "engine.deepspeed=accelerate"],
     }
-    losses = {}
     for name, cmd in runs.items():
         r = subprocess.run(cmd + [f"output={tmp_path / name}"], env=env, cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, (name, tail(r.stderr))
-        losses[name] = _losses(tmp_path / name)
-    # `srun --ntasks 2` without torchrun: each task has only SLURM's variables (ranks, the launch
-    # node's address); the port is the user's MASTER_PORT
-    slurm = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    slurm.update(SLURM_NTASKS="2", SLURM_STEP_ID="0", SLURM_LAUNCH_NODE_IPADDR="127.0.0.1",
-                 MASTER_PORT=str(free_port()))
-    tasks = [subprocess.Popen([sys.executable, "-m", "launch.cli", *args, f"output={tmp_path / 'srun'}"],
-                              env={**slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    for task in tasks:
-        _, err = task.communicate(timeout=300)
-        assert task.returncode == 0, ("srun", tail(err))
-    losses["srun"] = _losses(tmp_path / "srun")
-    assert all(_world_size(tmp_path / name) == 2 for name in losses), {n: _world_size(tmp_path / n) for n in losses}
-    one = one_process(cfglib.load_yaml(YAML, TrainConfig, [*over, "data.batch_size=4", f"output={tmp_path / 'one'}"]))
-    assert len(one["losses"]) == 3
-    assert losses["deepspeed"] == pytest.approx(one["losses"], rel=1e-5) == losses["accelerate"] == losses["srun"]
-    norms = {name: [r["grad_norm"] for r in _log(tmp_path / name) if "loss" in r] for name in (*losses, "one")}
-    assert min(norms["one"]) > 0.1  # clipped at every step
-    assert norms["deepspeed"] == pytest.approx(norms["one"], rel=1e-5) == norms["accelerate"] == norms["srun"]
+        assert _world_size(tmp_path / name) == 2
+    one_process(cfglib.load_yaml(YAML, TrainConfig, [*args[3:], "data.batch_size=4", f"output={tmp_path / 'one'}"]))
+    for name in runs:
+        assert _losses(tmp_path / name) == pytest.approx(_losses(tmp_path / "one"), rel=1e-5), name
+        assert _clipped_norms(tmp_path / name) == pytest.approx(_clipped_norms(tmp_path / "one"), rel=1e-5), name
 
 
 def test_activation_checkpointing_and_accumulation_and_bf16(latents, tmp_path):
@@ -936,6 +957,7 @@ def _worker_pids(marker: str) -> list[int]:
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # a resume after a killed rank stays in make test (SIGTERM to one rank, torchrun killed)
 def test_elastic_restart_after_a_rank_is_killed(latents, tmp_path):
     import signal
     import time
@@ -1393,7 +1415,9 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(late
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGUSR1"])
+# SIGINT and SIGUSR1 under make test-slow: test_stop_request_signals maps each to a stop in-process
+@pytest.mark.parametrize("name", [pytest.param("SIGINT", marks=pytest.mark.slow), "SIGTERM",
+                                  pytest.param("SIGUSR1", marks=pytest.mark.slow)])
 def test_a_signal_to_the_process_group_stops_with_readers_and_accumulation(latents, tmp_path, name):
     """A terminal's Ctrl-C reaches the whole foreground group, and SLURM's SIGTERM (preemption,
     time limit) or `--signal=USR1@120` every process of the job step, shard readers included: the
