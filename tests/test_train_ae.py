@@ -721,7 +721,10 @@ def _spare_run(clips, tmp_path, mode: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
+# under make test-slow with its negative control below; make test trains a model with unused parameters
+# under 2-rank DDP in test_buckets.py (image buckets leave the temporal weights out)
 @pytest.mark.dist
+@pytest.mark.slow
 def test_ddp_expects_unused_parameters_when_the_model_declares_them(clips, tmp_path):
     """A model with parameters outside the loss trains under 2-rank DDP when its class sets
     ``ddp_find_unused_parameters = True`` (the trainer passes find_unused_parameters=True)."""

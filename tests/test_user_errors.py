@@ -370,15 +370,17 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(run, tmp_path, monkeypat
 
 
 @pytest.mark.dist
-def test_under_torchrun_the_error_is_printed_once(run, tmp_path):
+# the extraction under make test-slow: launch.cli prints every verb's errors alike (the next test, in-process)
+@pytest.mark.parametrize("verb", ["train", pytest.param("extract", marks=pytest.mark.slow)])
+def test_under_torchrun_the_error_is_printed_once(run, tmp_path, verb):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for argv, message in [(_train(run, tmp_path / "r", "data.batch_size=-2"), "ldm train: error: data.batch_size"),
-                          (_extract(run, tmp_path / "e", "--shard-size", "0"), "ldm extract: error: --shard-size")]:
-        r = subprocess.run(torchrun(2, *argv), env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
-        assert r.returncode != 0
-        assert r.stderr.count(message) == 1, r.stderr[-3000:]
-        assert "[rank0]" not in r.stderr and "[rank1]" not in r.stderr, r.stderr[-3000:]
-    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
+    argv, message = {"train": (_train(run, tmp_path / "r", "data.batch_size=-2"), "ldm train: error: data.batch_size"),
+                     "extract": (_extract(run, tmp_path / "r", "--shard-size", "0"), "ldm extract: error: --shard-size")}[verb]
+    r = subprocess.run(torchrun(2, *argv), env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    assert r.stderr.count(message) == 1, r.stderr[-3000:]
+    assert "[rank0]" not in r.stderr and "[rank1]" not in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "r").exists()
 
 
 def test_later_ranks_wait_for_the_first_and_report_their_own_errors(run, tmp_path, capsys, monkeypatch):
