@@ -374,8 +374,10 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(run, tmp_path, monkeypat
 @pytest.mark.parametrize("verb", ["train", pytest.param("extract", marks=pytest.mark.slow)])
 def test_under_torchrun_the_error_is_printed_once(run, tmp_path, verb):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    argv, message = {"train": (_train(run, tmp_path / "r", "data.batch_size=-2"), "ldm train: error: data.batch_size"),
-                     "extract": (_extract(run, tmp_path / "r", "--shard-size", "0"), "ldm extract: error: --shard-size")}[verb]
+    if verb == "train":
+        argv, message = _train(run, tmp_path / "r", "data.batch_size=-2"), "ldm train: error: data.batch_size"
+    else:
+        argv, message = _extract(run, tmp_path / "r", "--shard-size", "0"), "ldm extract: error: --shard-size"
     r = subprocess.run(torchrun(2, *argv), env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode != 0
     assert r.stderr.count(message) == 1, r.stderr[-3000:]
