@@ -705,12 +705,13 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         overrides = dit_overrides(tcfg.model, manifest)
         cost = {"autoencoder": e["checkpoint"] or e["name"], "--frames": args.frames, "--height": args.height,
                 "--width": args.width, "dit": tcfg.model.dit, "batch_size": tcfg.data.batch_size,
-                "--sample-steps": args.sample_steps, "cfg": args.guidance != 1.0, "dit_overrides": overrides,
-                "text_tokens": manifest.text_tokens if "text_dim" in overrides else 0,
+                "--sample-steps": args.sample_steps, "classifier-free guidance": args.guidance != 1.0,
+                "dit_overrides": overrides, "text_tokens": manifest.text_tokens if "text_dim" in overrides else 0,
                 "convention": costlib.FLOP_CONVENTION}  # counted under FakeTensorMode: seconds to minutes a row
         row["cost"] = {**stages.run("cost", lambda: costlib.cost_table(
             [cost["autoencoder"]], args.frames, args.height, args.width, cost["dit"], batch_size=cost["batch_size"],
-            steps=args.sample_steps, cfg=cost["cfg"], dit_overrides=overrides, text_tokens=cost["text_tokens"])[0],
+            steps=args.sample_steps, cfg=cost["classifier-free guidance"], dit_overrides=overrides,
+            text_tokens=cost["text_tokens"])[0],
             key=json.loads(json.dumps(cost))), "autoencoder": e["label"]}  # the key as stages.json records it
         row["resumed"] = stages.resumed
         (work / "error.log").unlink(missing_ok=True)  # an earlier run's failure, now redone
