@@ -24,6 +24,7 @@ answer); a blank clip gives a best guess with confidence 0 and ``found=False`` i
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -119,20 +120,31 @@ def _read_direction(times: np.ndarray, centers: np.ndarray, frames: int,
     return directions[order[0]], angular * steady, displacement.tolist()
 
 
-def _soft_iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.minimum(a, b).sum() / max(np.maximum(a, b).sum(), 1e-9))
+def _soft_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Soft IoU of ``a`` (h, w) with each image of ``b`` (..., h, w)."""
+    return np.minimum(a, b).sum((-2, -1)) / np.maximum(np.maximum(a, b).sum((-2, -1)), 1e-9)
 
 
-def _gauss_blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of an (h, w) image (edges replicated)."""
-    if sigma <= 0:
-        return img
+@functools.lru_cache(maxsize=512)
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) matrix ``M``: ``M @ v`` is ``v`` (length n) blurred by a Gaussian of ``sigma``, edges
+    replicated (each tap that falls off an end reads the edge pixel)."""
     k = int(math.ceil(3 * sigma))
     g = np.exp(-0.5 * (np.arange(-k, k + 1) / sigma) ** 2)
     g /= g.sum()
-    p = np.pad(img, k, mode="edge")
-    p = sum(g[i] * p[i:i + img.shape[0], :] for i in range(2 * k + 1))        # (h, w + 2k)
-    return sum(g[i] * p[:, i:i + img.shape[1]] for i in range(2 * k + 1))   # (h, w)
+    rows = np.repeat(np.arange(n), 2 * k + 1)                                     # (n * (2k + 1),)
+    cols = np.clip(np.arange(n)[:, None] + np.arange(-k, k + 1), 0, n - 1).ravel()  # the tap each row reads
+    m = np.zeros((n, n))
+    np.add.at(m, (rows, cols), np.tile(g, n))
+    return m
+
+
+def _gauss_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of (..., h, w) images (edges replicated): two small matrix products."""
+    if sigma <= 0:
+        return img
+    h, w = img.shape[-2:]
+    return _blur_matrix(h, sigma) @ img @ _blur_matrix(w, sigma).T
 
 
 def _read_shape(alphas: list[np.ndarray], centroids: list[tuple[float, float]], areas: list[float],
@@ -143,9 +155,10 @@ def _read_shape(alphas: list[np.ndarray], centroids: list[tuple[float, float]], 
         for s in shapes:
             r0 = math.sqrt(area / AREA_COEF[s])
             ox, oy = CENTROID_OFFSET[s]
-            templates = [shape_alpha(s, cx - ox * r, cy - oy * r, r, h, w) for r in (0.92 * r0, r0, 1.08 * r0)]
-            best = max(_soft_iou(alpha, _gauss_blur(t, sigma)) for t in templates for sigma in BLUR_SIGMAS)
-            scores[s] += best / len(alphas)
+            templates = np.stack([shape_alpha(s, cx - ox * r, cy - oy * r, r, h, w)
+                                  for r in (0.92 * r0, r0, 1.08 * r0)])                     # (3, h, w)
+            blurred = np.concatenate([_gauss_blur(templates, sigma) for sigma in BLUR_SIGMAS])  # (9, h, w)
+            scores[s] += float(_soft_iou(alpha, blurred).max()) / len(alphas)
     ranked = sorted(shapes, key=lambda s: -scores[s])
     if len(shapes) == 1:
         return ranked[0], 1.0, scores

@@ -59,6 +59,23 @@ def _blur(clip: np.ndarray, sigma: float) -> np.ndarray:
     return x.reshape(clip.shape[0], 3, *clip.shape[1:3]).permute(0, 2, 3, 1).numpy()        # (T, H, W, 3)
 
 
+def test_template_blur_is_a_gaussian_with_replicated_edges():
+    """The shape reader's blur (two small matrix products, for a stack of templates at once) is a
+    separable Gaussian over edge-replicated borders: the test's own conv2d blur to 1e-12."""
+    from data.attributes import _gauss_blur
+
+    images = np.random.default_rng(0).random((3, 11, 17))
+    for sigma in (1.0, 2.0):
+        k = int(np.ceil(3 * sigma))
+        g = torch.exp(-0.5 * (torch.arange(-k, k + 1, dtype=torch.float64) / sigma) ** 2)
+        g = g / g.sum()
+        x = F.pad(torch.from_numpy(images)[:, None], (k, k, k, k), mode="replicate")   # (3, 1, 11 + 2k, 17 + 2k)
+        want = F.conv2d(x, (g[:, None] * g[None, :])[None, None])[:, 0].numpy()        # (3, 11, 17)
+        np.testing.assert_allclose(_gauss_blur(images, sigma), want, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(_gauss_blur(images[1], sigma), want[1], rtol=0, atol=1e-12)
+    assert _gauss_blur(images, 0.0) is images
+
+
 def test_degrades_gracefully_on_blurry_noisy_clips():
     combos = combinations()
     rng = np.random.default_rng(0)
