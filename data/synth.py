@@ -194,7 +194,8 @@ def shape_alpha(shape: str, cx: np.ndarray | float, cy: np.ndarray | float, r: f
     ``cx``/``cy`` are arrays of length T. Pixel centers sit at integer + 0.5."""
     cx = np.asarray(cx, dtype=np.float64)[..., None, None]
     cy = np.asarray(cy, dtype=np.float64)[..., None, None]
-    y, x = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    y = np.arange(height, dtype=np.float64)[:, None] + 0.5   # (H, 1): broadcast against x, no grid built
+    x = np.arange(width, dtype=np.float64) + 0.5             # (W,)
     return np.clip(0.5 - shape_sdf(shape, x, y, cx, cy, r), 0.0, 1.0)
 
 
