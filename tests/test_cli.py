@@ -133,11 +133,17 @@ def test_config_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
 
 
 def test_a_reader_that_stops_early_is_no_error():
-    """``ldm list --json | head``: the pipe closes while ldm writes (97 kB, more than a pipe holds);
-    status 141 as for any tool a pipe ended, and no traceback."""
+    """``ldm list --json | head``: the pipe closes while ldm writes (here a verb that prints 200 kB as
+    `ldm list --json` prints 97 kB, more than a pipe holds, without building its 74 models); status
+    141 as for any tool a pipe ended, and no traceback."""
     import subprocess
 
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "list", "--json"], cwd=Path(__file__).parents[1],
+    code = ("import sys; from launch import cli\n"
+            "def verb_that_prints_a_lot(argv): print('{' + 'x' * 200_000 + '}'); return 0\n"
+            "cli.main = verb_that_prints_a_lot\n"
+            "sys.argv[1:] = ['list', '--json']\n"
+            "sys.exit(cli.console())")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.read(10).startswith(b"{")
     proc.stdout.close()
