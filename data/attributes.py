@@ -125,13 +125,19 @@ def _soft_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.minimum(a, b).sum((-2, -1)) / np.maximum(np.maximum(a, b).sum((-2, -1)), 1e-9)
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=None)
+def _taps(sigma: float) -> tuple[int, np.ndarray]:
+    """Half-width ``k = ceil(3 sigma)`` and the ``2k + 1`` normalised Gaussian taps."""
+    k = int(math.ceil(3 * sigma))
+    g = np.exp(-0.5 * (np.arange(-k, k + 1) / sigma) ** 2)
+    return k, g / g.sum()
+
+
+@functools.lru_cache(maxsize=256)
 def _blur_matrix(n: int, sigma: float) -> np.ndarray:
     """(n, n) matrix ``M``: ``M @ v`` is ``v`` (length n) blurred by a Gaussian of ``sigma``, edges
     replicated (each tap that falls off an end reads the edge pixel)."""
-    k = int(math.ceil(3 * sigma))
-    g = np.exp(-0.5 * (np.arange(-k, k + 1) / sigma) ** 2)
-    g /= g.sum()
+    k, g = _taps(sigma)
     rows = np.repeat(np.arange(n), 2 * k + 1)                                     # (n * (2k + 1),)
     cols = np.clip(np.arange(n)[:, None] + np.arange(-k, k + 1), 0, n - 1).ravel()  # the tap each row reads
     m = np.zeros((n, n))
@@ -139,12 +145,21 @@ def _blur_matrix(n: int, sigma: float) -> np.ndarray:
     return m
 
 
+MATRIX_BLUR_MAX = 128  # longer sides: a sum of shifted copies (a matrix product's work grows with the side squared)
+
+
 def _gauss_blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of (..., h, w) images (edges replicated): two small matrix products."""
+    """Separable Gaussian blur of (..., h, w) images (edges replicated), a stack of templates at once."""
     if sigma <= 0:
         return img
     h, w = img.shape[-2:]
-    return _blur_matrix(h, sigma) @ img @ _blur_matrix(w, sigma).T
+    if max(h, w) <= MATRIX_BLUR_MAX:  # two small matrix products: the fewest numpy calls
+        return _blur_matrix(h, sigma) @ img @ _blur_matrix(w, sigma).T
+    k, g = _taps(sigma)
+    p = img[..., np.clip(np.arange(-k, h + k), 0, h - 1), :]       # (..., h + 2k, w): edge rows repeated
+    p = sum(g[i] * p[..., i:i + h, :] for i in range(2 * k + 1))    # (..., h, w)
+    p = p[..., np.clip(np.arange(-k, w + k), 0, w - 1)]             # (..., h, w + 2k)
+    return sum(g[i] * p[..., i:i + w] for i in range(2 * k + 1))   # (..., h, w)
 
 
 def _read_shape(alphas: list[np.ndarray], centroids: list[tuple[float, float]], areas: list[float],

@@ -1,6 +1,8 @@
 """data.attributes: >= 98 % per attribute after the MP4 round trip; graceful on blur, noise, blanks."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -60,17 +62,18 @@ def _blur(clip: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def test_template_blur_is_a_gaussian_with_replicated_edges():
-    """The shape reader's blur (two small matrix products, for a stack of templates at once) is a
-    separable Gaussian over edge-replicated borders: the test's own conv2d blur to 1e-12."""
-    from data.attributes import _gauss_blur
+    """The shape reader's blur (a stack of templates at once; two small matrix products, or sums of
+    shifted copies on a long side) is a separable Gaussian over edge-replicated borders: the test's
+    own conv2d blur to 1e-12."""
+    from data.attributes import MATRIX_BLUR_MAX, _gauss_blur
 
-    images = np.random.default_rng(0).random((3, 11, 17))
-    for sigma in (1.0, 2.0):
+    for sigma, (h, w) in itertools.product((1.0, 2.0), ((11, 17), (MATRIX_BLUR_MAX + 3, 40))):
+        images = np.random.default_rng(h).random((3, h, w))
         k = int(np.ceil(3 * sigma))
         g = torch.exp(-0.5 * (torch.arange(-k, k + 1, dtype=torch.float64) / sigma) ** 2)
         g = g / g.sum()
-        x = F.pad(torch.from_numpy(images)[:, None], (k, k, k, k), mode="replicate")   # (3, 1, 11 + 2k, 17 + 2k)
-        want = F.conv2d(x, (g[:, None] * g[None, :])[None, None])[:, 0].numpy()        # (3, 11, 17)
+        x = F.pad(torch.from_numpy(images)[:, None], (k, k, k, k), mode="replicate")   # (3, 1, h + 2k, w + 2k)
+        want = F.conv2d(x, (g[:, None] * g[None, :])[None, None])[:, 0].numpy()        # (3, h, w)
         np.testing.assert_allclose(_gauss_blur(images, sigma), want, rtol=0, atol=1e-12)
         np.testing.assert_allclose(_gauss_blur(images[1], sigma), want[1], rtol=0, atol=1e-12)
     assert _gauss_blur(images, 0.0) is images
