@@ -44,16 +44,6 @@ def decoded_frames(length: int, rate: int) -> int:
     return 1 + rate * (length - 1)
 
 
-def rate_for_length(length: int, segment_frames: int, rates: Sequence[int]) -> int | None:
-    """Eq. 7 for a causal VAE: the rate whose segments have ``length`` latent frames, i.e.
-    ``(T - 1) / (l - 1)`` (the paper's ``T / l`` with the first frame kept alone); None when no
-    rate in ``rates`` gives that length."""
-    for c in rates:
-        if segment_latent_frames(segment_frames, c) == length:
-            return int(c)
-    return None
-
-
 # ------------------------------------------------------------------------------------------
 # Compression algorithm (Sec. 3.2)
 # ------------------------------------------------------------------------------------------
@@ -241,14 +231,6 @@ def split_segments(probs: Tensor, segment_frames: int, rates: Sequence[int], thr
         prev = seg.rate
         i += seg.length
     return out
-
-
-def keyframe_mask(segments: Sequence[Segment], length: int) -> Tensor:
-    """``(length,)`` bool: True at the first frame of every segment."""
-    mask = torch.zeros(length, dtype=torch.bool)
-    for s in segments:
-        mask[s.start] = True
-    return mask
 
 
 def keyframe_accuracy(probs: Tensor, labels: Tensor, threshold: float = 0.5) -> float:

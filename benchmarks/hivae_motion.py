@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from torch import Tensor
 
 from autoencoders.hivae import HiVAE, build_hivae
 from data.attributes import read_attributes
-from data.synth import CARDINAL, DIRECTION_VECTORS, combinations, synth_clip
+from data.synth import CARDINAL, combinations, synth_clip
 from ldm import flow
 from ldm.latent import Latent
 from ldm.metrics import psnr

@@ -436,24 +436,6 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace | None = N
     return "\n".join(lines)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table (for READMEs and `ldm compare` reports)."""
-    out = ["| autoencoder | latent (c t h w / f n c) | compression rate | factor | tokens | DiT fwd GFLOPs | "
-           "train step GFLOPs | train peak GiB | encode GFLOPs | decode GFLOPs | sample TFLOPs |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r.get("error"):
-            out.append(f"| {r['autoencoder']} | {r['error']} | | | | | | | | | |")
-            continue
-        out.append(f"| {r['autoencoder']} | {_shape(r)} | {r['compression_rate']:.5f} | "
-                   f"{r['compression_factor']:.0f} | {r['tokens']} | {_num(r['dit_forward_flops'], 1e9, '.1f')} | "
-                   f"{_num(r['dit_train_step_flops'], 1e9, '.1f')} | "
-                   f"{_num(r['dit_train_peak_memory_bytes'], 2 ** 30, '.2f')} | "
-                   f"{_num(r['ae_encode_flops'], 1e9, '.1f')} | {_num(r['ae_decode_flops'], 1e9, '.1f')} | "
-                   f"{_num(r['sample_flops'], 1e12, '.2f')} |")
-    return "\n".join(out)
-
-
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
     keys = list(KEYS) + sorted({k for r in rows for k in r} - set(KEYS) - {"memory_breakdown"})
     f = io.StringIO(newline="")

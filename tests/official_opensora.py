@@ -16,7 +16,6 @@ draws random tensors under them.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor

@@ -1,7 +1,6 @@
 """The latent contract: every registered autoencoder keeps it (`check_contract`, `check_twins`: a new
 registry entry is checked with no test to write), and it carries all three latent forms end to
 end: encode -> shard -> read -> decode."""
-from dataclasses import dataclass
 
 import pytest
 import torch

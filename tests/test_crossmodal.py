@@ -16,7 +16,7 @@ from autoencoders import REGISTRY, build, describe, load_pretrained
 from autoencoders.crossmodal import CrossModalVAE, PatchCrossAttention, TemporalConv, TemporalSelfAttention
 from autoencoders.losses import AELoss, AELossConfig
 from ldm.errors import UserError
-from ldm.latent import Cond, Latent
+from ldm.latent import Cond
 from ldm.text import build_text_encoder
 
 T, S = 8, 32  # debug clips: 8 frames (2 latent frames), 32x32 (4x4 latent)

@@ -465,7 +465,6 @@ def test_a_run_that_ends_before_the_consistency_start_is_warned(tmp_path, caplog
 
 
 def test_trains_with_train_autoencoder_and_extracts(tmp_path):
-    from data import shards
     from data.manifest import load_manifest
     from data.synth import synth_dataset
     from launch.extract import ExtractConfig, extract

@@ -486,7 +486,6 @@ def hivae_latents(tmp_path_factory):
 
 
 def test_motion_generator_extract_train_generate(hivae_latents, tmp_path):
-    from data import shards
     from data.manifest import load_manifest
     from launch.cli import main as ldm
     from autoencoders import resolve_record

@@ -5,7 +5,6 @@ holds a given first frame fixed while the motion generator samples the rest."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
