@@ -602,6 +602,17 @@ def test_loss_decreases(latents, tmp_path):
                      **{"flow.cond_dropout": 0.0, "data.sample_posterior": "false"}))
     first, last = sum(out["losses"][:10]) / 10, sum(out["losses"][-10:]) / 10
     assert last < 0.9 * first, (first, last)
+    logged = [r for r in _log(tmp_path / "r") if "loss" in r]
+    assert logged and all(r["peak_memory_gib"] is None and r["mfu"] is None for r in logged)  # no GPU figures
+
+
+def test_logged_peak_memory_is_the_allocators_peak_on_the_run_device(monkeypatch):
+    from launch.train import peak_memory_gib
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: asked.append(device) or 3 * 2 ** 29)
+    assert peak_memory_gib(torch.device("cuda", 1)) == 1.5 and asked == [torch.device("cuda", 1)]
+    assert peak_memory_gib(torch.device("cpu")) is None and len(asked) == 1
 
 
 def test_config_errors(latents, tmp_path):
