@@ -273,6 +273,12 @@ class RunLog:
             self.board.close()
 
 
+def peak_memory_gib(device: torch.device) -> float | None:
+    """For the trainers' logs: this rank's peak of GPU memory held by tensors since the run started
+    (the allocator's count, read on the host: no sync), in GiB; None off CUDA."""
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+
+
 # ------------------------------------------------------------------------------------------
 # run binding: a run folder belongs to the settings and inputs that made it
 # ------------------------------------------------------------------------------------------

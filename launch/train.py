@@ -446,15 +446,9 @@ def log_step(run: TrainRun, progress: Progress, logger: runs.RunLog, bar) -> Non
                       "tokens_per_s": tokens_s,
                       "tflops_per_s": flops_s / 1e12,
                       "mfu": mfu(flops_s / run.env.world_size, run.peak),
-                      "peak_memory_gib": peak_memory_gib(run.device),
+                      "peak_memory_gib": runs.peak_memory_gib(run.device),
                       "skipped_steps": run.engine.skipped_steps})
     progress.t_last = now
-
-
-def peak_memory_gib(device: torch.device) -> float | None:
-    """This rank's peak of GPU memory held by tensors since the run started (the allocator's count,
-    read on the host: no sync), in GiB; None off CUDA."""
-    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
 
 
 def validate_step(run: TrainRun, progress: Progress, held_out: HeldOut, logger: runs.RunLog) -> None:

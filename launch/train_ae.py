@@ -529,7 +529,7 @@ class AETrainer(AECheckpoints):
         clips_t = torch.tensor([float(clips)], device=self.device)
         total_clips = dist.all_reduce_mean(clips_t).item() * self.env.world_size
         record.update({"clips_per_s": total_clips / max(seconds, 1e-9), "nonfinite_steps": skipped,
-                       "skipped_clips": len(self.skipped)})
+                       "skipped_clips": len(self.skipped), "peak_memory_gib": runs.peak_memory_gib(self.device)})
         return record
 
     def _finish(self, start_step: int, losses: list[float], train_time: float, log_path: Path) -> dict[str, Any]:

@@ -607,7 +607,7 @@ def test_loss_decreases(latents, tmp_path):
 
 
 def test_logged_peak_memory_is_the_allocators_peak_on_the_run_device(monkeypatch):
-    from launch.train import peak_memory_gib
+    from launch.runs import peak_memory_gib
 
     asked = []
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: asked.append(device) or 3 * 2 ** 29)

@@ -109,6 +109,7 @@ def test_loss_decreases_and_run_outputs(straight):
     assert [r["step"] for r in log] == list(range(1, 31))
     for key in ("loss", "rec", "kl", "lr", "grad_norm", "clips_per_s"):
         assert all(key in r for r in log), key
+    assert all(r["peak_memory_gib"] is None for r in log)  # a GPU figure: none on the CPU
     losses = [r["loss"] for r in log]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.5 * first, (first, last)
