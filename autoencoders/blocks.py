@@ -460,8 +460,12 @@ class SpatialSelfAttention(nn.Module):
         qkv = self.qkv(h)
         q, k, v = rearrange(qkv, "n (three c) h w -> three n 1 (h w) c", three=3)  # each (N, 1, HW, C)
         out = F.scaled_dot_product_attention(q, k, v)
+        # the 1x1 conv `proj` as the matmul it is, on the pixels as rows: as a conv of the channels-last
+        # map below, its weight's gradient came with channels-last strides, which DDP copies into its
+        # bucket every step with a warning (`ldm train-ae` on ranks)
+        out = F.linear(out, self.proj.weight.flatten(1), self.proj.bias)  # (N, 1, HW, C)
         out = rearrange(out, "n 1 (h w) c -> n c h w", h=height)  # (N, C, H, W)
-        return x + _unfold_frames(self.proj(out), frames)
+        return x + _unfold_frames(out, frames)
 
 
 # ------------------------------------------------------------------------------------------

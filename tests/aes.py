@@ -9,11 +9,15 @@ import torch
 def one_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], lr: float = 1e-3,
              optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW) -> tuple[float, float]:
     """One optimizer step on ``loss_fn()`` (which must use the same batch and noise on every call):
-    the loss before and after it."""
+    the loss before and after it. Every gradient has its parameter's strides: DDP (`ldm train-ae` on
+    ranks) copies one with other strides into its bucket at every step, with a warning."""
     opt = optimizer(model.parameters(), lr=lr)
     before = loss_fn()
     opt.zero_grad()
     before.backward()
+    strided = [(n, p.grad.stride(), p.stride()) for n, p in model.named_parameters()
+               if p.grad is not None and p.grad.stride() != p.stride()]
+    assert not strided, f"gradients with other strides than their parameters (name, grad, param): {strided[:4]}"
     opt.step()
     with torch.no_grad():
         after = loss_fn()
