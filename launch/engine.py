@@ -203,6 +203,16 @@ def run_clipping_kept(engine):
             zero.clip_grad = engine.gradient_clipping()
 
 
+def quiet_deepspeed_deprecations() -> None:
+    """Hide the FutureWarnings torch prints when DeepSpeed's ZeRO calls its collectives by their old
+    names (``all_gather_into_tensor``, ``reduce_scatter_tensor``): once per rank and run, about
+    DeepSpeed's code, nothing a user of `ldm train` can act on."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                            r"is deprecated", category=FutureWarning)
+
+
 def slow_engine_warning(ds: dict[str, Any], name: str) -> str | None:
     """Why the DeepSpeed config ``ds`` (named ``name``) will run slowly, or None."""
     if ds.get("bf16", {}).get("enabled") and ds.get("zero_optimization", {}).get("stage", 0) == 0:
