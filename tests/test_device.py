@@ -1,7 +1,8 @@
-"""Device correctness without a GPU: every registered autoencoder, a DiT training step, the
-samplers and ``ldm sample``'s sampling + decode path run with tensors on a stand-in device
-(``tests/offdevice.py``: real values, CUDA's rule against mixing devices), so a tensor created on
-the CPU inside a forward fails here as it would on CUDA (the MTC-VAE bug of the GPU report did).
+"""Device correctness without a GPU: every registered autoencoder, a DiT training step, an
+autoencoder training step (`ldm train-ae`), the samplers and ``ldm sample``'s sampling + decode
+path run with tensors on a stand-in device (``tests/offdevice.py``: real values, CUDA's rule
+against mixing devices), so a tensor created on the CPU inside a forward fails here as it would on
+CUDA (the MTC-VAE bug of the GPU report did).
 The same runs count host syncs (a value read on the host, a data-dependent shape): none in the
 model code except where the method itself decides on the host (`HOST_READS`, packed varlen rows)."""
 import contextlib
@@ -136,6 +137,56 @@ def test_dit_training_step_off_the_cpu(parts, pack):
     # sizes the packed row from the lengths on the host, and factorised attention over several
     # parts (Hi-VAE's content + motion tokens) groups ragged sets of tokens by their positions
     assert bool(syncs) == (pack or len(parts) > 1), syncs
+
+
+def _ae_training_step(name: str, stage: int | None) -> None:
+    """One step of `ldm train-ae` (`AETrainer.train_step`'s parts) with every tensor off the CPU:
+    ``train_forward``, the generator loss (KL, the 3D Haar DWT term, the GAN term with its adaptive
+    weight), gradient clipping, AdamW, then the discriminator's hinge loss and update. Hi-VAE trains
+    without the GAN (its decoder samples a diffusion model)."""
+    from autoencoders.losses import AELoss, AELossConfig
+
+    torch.manual_seed(0)
+    ae = (autoencoders.build(name) if stage is None else autoencoders.build(name, stage=stage)).train()
+    T, H, W = ae.example_clip()
+    video = torch.rand(2, 3, T, H, W) * 2 - 1
+    cond = text_cond(ae, 2)
+    gan = 0.0 if ae.family == "hivae" else 0.5
+    loss_fn = AELoss(AELossConfig(kl_weight=1e-6, dwt_weight=0.1, gan_weight=gan, disc_start=0))
+    with OffDevice():
+        m, lf, v = off(ae), off(loss_fn), off(video)
+        c = None if cond is None else Cond(*off([cond.text, cond.text_mask, None, None]))
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        out = m.train_forward(v, c)
+        total, _ = lf.generator_loss(v, out, 1, m.last_layer() if gan else None, m.recon_trained)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        assert total.device == OFF and torch.isfinite(total.cpu())
+        if gan:
+            d_opt = torch.optim.AdamW(lf.discriminator.parameters(), lr=1e-4)
+            d_loss, _ = lf.discriminator_loss(v, out.recon)
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            assert torch.isfinite(d_loss.cpu())
+        assert all(p.device == OFF for p in m.parameters())
+
+
+def _stages(names: list[str]) -> list[tuple[str, int | None]]:
+    return [(n, s) for n in names for s in (None, *autoencoders.REGISTRY[n][0].stages)]
+
+
+@pytest.mark.parametrize("name,stage", [("kl2d-f8c4-debug", None), ("hivae-s-debug", 1), ("mtcvae-c4-debug", 2)])
+def test_autoencoder_training_step_off_the_cpu(name, stage):
+    _ae_training_step(name, stage)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,stage", _stages(registered(debug=True)))
+def test_every_autoencoder_training_step_off_the_cpu(name, stage):
+    _ae_training_step(name, stage)
 
 
 @pytest.mark.parametrize("method", sorted(samplers.SAMPLERS))
