@@ -62,13 +62,24 @@ def accelerate_deepspeed() -> tuple[dict[str, Any], str]:
                          "(see launch/configs/accelerate-zero2.yaml)")
     if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
         path = env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
-        return json.loads(Path(path).read_text()), path
+        return _read_deepspeed_json(Path(path)), path
     zero: dict[str, Any] = {"stage": int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}
     for key, name in (("offload_optimizer", "OFFLOAD_OPTIMIZER_DEVICE"), ("offload_param", "OFFLOAD_PARAM_DEVICE")):
         device = env.get(f"ACCELERATE_DEEPSPEED_{name}", "none")
         if device != "none":
             zero[key] = {"device": device}
     return {"zero_optimization": zero}, "the accelerate config"
+
+
+def _read_deepspeed_json(path: Path) -> dict[str, Any]:
+    """A DeepSpeed JSON config; one that does not parse, or is not an object, is an error naming it."""
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"DeepSpeed config {path} must hold a JSON object, got {type(ds).__name__}")
+    return ds
 
 
 def deepspeed_config(cfg: EngineConfig, micro_batch: int, grad_accum: int, grad_clip: float) -> dict[str, Any]:
@@ -88,7 +99,7 @@ def deepspeed_config(cfg: EngineConfig, micro_batch: int, grad_accum: int, grad_
             known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
             raise FileNotFoundError(f"DeepSpeed config {cfg.deepspeed!r} not found (built-in: {known}, a .json path, "
                                     "or accelerate)")
-        ds = json.loads(path.read_text())
+        ds = _read_deepspeed_json(path)
     ds = {k: v for k, v in ds.items() if v != "auto"}
     clash = [k for k in OWNED_KEYS if k in ds]
     if clash:

@@ -622,6 +622,13 @@ def test_config_errors(latents, tmp_path):
         _cfg(latents, tmp_path, **{"optim.lrr": 1})
     with pytest.raises(FileNotFoundError, match="DeepSpeed config"):
         train(_cfg(latents, tmp_path / "x", **{"engine.deepspeed": "zero9"}))
+    cut = tmp_path / "cut.json"
+    cut.write_text('{"zero_optimization": {"stage": 2,')  # a file cut short
+    with pytest.raises(ValueError, match=f"DeepSpeed config {cut} is not valid JSON"):
+        train(_cfg(latents, tmp_path / "y", **{"engine.deepspeed": str(cut)}))
+    cut.write_text("[2]")
+    with pytest.raises(ValueError, match="must hold a JSON object, got list"):
+        train(_cfg(latents, tmp_path / "z", **{"engine.deepspeed": str(cut)}))
 
 
 def test_sample_cli_writes_videos(latents, tmp_path):
