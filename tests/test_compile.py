@@ -39,12 +39,14 @@ class CountingBackend:
         self.aot = aot
 
     def __call__(self, gm, example_inputs):
+        from functorch.compile import make_boxed_func
         from torch._dynamo.backends.common import aot_autograd
 
         self.graphs += 1
         if not self.aot:
             return gm.forward
-        return aot_autograd(fw_compiler=lambda g, _: g.forward, bw_compiler=lambda g, _: g.forward)(gm, example_inputs)
+        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward),
+                            bw_compiler=lambda g, _: make_boxed_func(g.forward))(gm, example_inputs)
 
 
 def _pair(parts, **kw):
