@@ -89,14 +89,22 @@ DEFAULT_FRAMES = 17
 def default_frames(ae: Autoencoder, available: int, height: int, width: int) -> int:
     """The longest clip of at most ``DEFAULT_FRAMES`` frames that a video of ``available`` frames
     holds and the autoencoder takes (a causal 4x model: 1 + 4k; cmvae: multiples of 4); ValueError
-    when none."""
-    for n in range(min(DEFAULT_FRAMES, available), 0, -1):
-        try:
-            ae.check_input(n, height, width)
-            return n
-        except ValueError:
-            continue
-    ae.check_input(min(DEFAULT_FRAMES, available), height, width)  # raises with the model's own rule
+    when none, with the model's own rule for what is wrong: the size when a clip of these frames
+    fits at a size it takes (was: the frame rule, for a size it does not take), else the frames."""
+    def longest(h: int, w: int) -> int | None:
+        for n in range(min(DEFAULT_FRAMES, available), 0, -1):
+            try:
+                ae.check_input(n, h, w)
+                return n
+            except ValueError:
+                continue
+        return None
+
+    n = longest(height, width)
+    if n is not None:
+        return n
+    fits = longest(*default_size(ae, height, width))
+    ae.check_input(fits or min(DEFAULT_FRAMES, available), height, width)  # raises with the model's own rule
     raise ValueError(f"no clip of 1 to {available} frames fits the autoencoder")
 
 

@@ -115,6 +115,18 @@ def test_bad_requests_fail_clearly(clip, tmp_path):
     assert not list(tmp_path.glob("a.*"))
 
 
+def test_default_frames_blames_what_is_wrong():
+    """Without --frames, the longest clip the video holds that the model takes; when there is none,
+    the model's rule that is broken: the size where clips of these frames fit at a size it takes
+    (was: the frame rule, for 8 frames at a size H3AE does not take), else the frame rule."""
+    h3ae, mtcvae = build("h3ae-4x16x16-debug"), build("mtcvae-c4-debug")
+    assert reconstruct.default_frames(h3ae, 8, 48, 64) == 5  # 1 + 4k
+    with pytest.raises(ValueError, match="multiples of 16, got 40x56"):
+        reconstruct.default_frames(h3ae, 8, 40, 56)
+    with pytest.raises(ValueError, match="multiple of 17 frames .* got 8"):
+        reconstruct.default_frames(mtcvae, 8, 40, 56)
+
+
 def test_text_guided_autoencoder_takes_the_prompt(clip, tmp_path, capsys):
     """A text-guided model encodes and decodes with the caption: the prompt changes the output (its
     zero-initialised text layers are given weights here), and a missing prompt is a clear error."""
