@@ -620,6 +620,10 @@ def check_export(path: str | Path, flag: str = "--checkpoint") -> None:
     if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
         raise UserError(f"{flag} {path} is an autoencoder, not a DiT: give the `ldm train` run folder "
                         "(the autoencoder is found through it, or passed with --ae-checkpoint)")
+    saves = [path / "final", *(path / "checkpoints").glob("step-*")]  # what `ldm train-ae` writes: autoencoders
+    if any((p / "model.safetensors").is_file() and (p / "config.json").is_file() for p in saves):
+        raise UserError(f"{flag} {path} is a `ldm train-ae` run (an autoencoder), not a DiT: give a `ldm train` run "
+                        "folder (extract latents with this autoencoder, then train a DiT on them)")
     if (path / "checkpoints").is_dir():
         raise UserError(f"{flag} {path}: this `ldm train` run has no export/ yet (it is written at the "
                         "first checkpoint); wait for it or use a finished run")

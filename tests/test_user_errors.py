@@ -3,6 +3,7 @@
 records what made each video."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -175,6 +176,10 @@ def test_sample_input_and_output_mistakes_are_one_line(run, tmp_path, capsys):
     (tmp_path / "young" / "checkpoints").mkdir(parents=True)  # a run before its first checkpoint
     _one_line_error(["sample", "--checkpoint", str(tmp_path / "young"), "--class", "1", "--output",
                      str(tmp_path / "s")], capsys, "has no export/ yet")
+    for save in ("checkpoints/step-00000004", "final"):  # a `ldm train-ae` run, before and after it ends
+        shutil.copytree(run / "ae", tmp_path / "ae_run" / save)
+        _one_line_error(["sample", "--checkpoint", str(tmp_path / "ae_run"), "--class", "1", "--output",
+                         str(tmp_path / "s")], capsys, "is a `ldm train-ae` run (an autoencoder), not a DiT")
 
 
 def _train(run, out, *over):
