@@ -617,11 +617,14 @@ def check_export(path: str | Path, flag: str = "--checkpoint") -> None:
         raise MissingInput(f"{flag} {path} not found (expected a `ldm train` run folder, its export/ or a checkpoint)")
     if (path / "training.json").is_file() or (path / "export" / "training.json").is_file() or checkpoint_run(path):
         return
-    if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+
+    def saved_model(folder: Path) -> bool:  # no training.json: an autoencoder's save_pretrained
+        return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+
+    if saved_model(path):
         raise UserError(f"{flag} {path} is an autoencoder, not a DiT: give the `ldm train` run folder "
                         "(the autoencoder is found through it, or passed with --ae-checkpoint)")
-    saves = [path / "final", *(path / "checkpoints").glob("step-*")]  # what `ldm train-ae` writes: autoencoders
-    if any((p / "model.safetensors").is_file() and (p / "config.json").is_file() for p in saves):
+    if any(saved_model(p) for p in [path / "final", *(path / "checkpoints").glob("step-*")]):  # `ldm train-ae`'s
         raise UserError(f"{flag} {path} is a `ldm train-ae` run (an autoencoder), not a DiT: give a `ldm train` run "
                         "folder (extract latents with this autoencoder, then train a DiT on them)")
     if (path / "checkpoints").is_dir():
