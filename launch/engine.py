@@ -285,6 +285,34 @@ def skip_cpu_shm_kernel() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon module with ``torch.compile`` a no-op while it loads.
+
+    DeepSpeed's ZeRO and bf16 optimizers import that module to ask whether their optimizer is
+    Muon, and the module applies ``torch.compile`` to its functions at import, which loads
+    inductor: about 3 CPU-seconds per rank, most of the start of a small run on CPUs. `ldm train`
+    gives DeepSpeed its own AdamW, never Muon, so those functions are never called. The switch
+    used, ``TORCHDYNAMO_DISABLE=1``, is read by ``torch.compile`` each time it wraps a function;
+    dynamo is imported first, so its config keeps the user's environment, and the variable is
+    restored at once: the model's own compilation (``model.compile``) is untouched. With a
+    DeepSpeed that has no Muon module this does nothing."""
+    import importlib
+
+    import torch._dynamo  # noqa: F401  (its config read before the switch)
+
+    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        importlib.import_module("deepspeed.runtime.zero.muon.original_muon")
+    except ModuleNotFoundError:  # a DeepSpeed without Muon
+        pass
+    finally:
+        if before is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = before
+
+
 def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
     """Recompute each block's activations in backward (non-reentrant torch checkpointing)."""
     from torch.utils.checkpoint import checkpoint

@@ -47,9 +47,9 @@ from data.video import fit_shared_memory
 from dit import Export
 from launch import dist, runs
 from launch.engine import (EMA, DeviceClip, apply_activation_checkpointing, clips_on_device, deepspeed_config,
-                           deepspeed_patches_undone, mfu, peak_flops, quiet_deepspeed_deprecations,
-                           resolve_precision, resolve_switch, safe_checkpoint_engine, skip_cpu_shm_kernel,
-                           slow_engine_warning)
+                           deepspeed_patches_undone, import_muon_uncompiled, mfu, peak_flops,
+                           quiet_deepspeed_deprecations, resolve_precision, resolve_switch, safe_checkpoint_engine,
+                           skip_cpu_shm_kernel, slow_engine_warning)
 from launch.train_checkpoint import export_context, init_weights, norm_change, resume, save_checkpoint, write_export
 from launch.train_config import TrainConfig, check_config, check_val_shards, data_mix, make_dit_config, mix_rates
 from launch.train_data import (READER_PREFETCH, Prefetcher, batch_bytes, bucket_batch_sizes, reader_start,
@@ -258,6 +258,7 @@ def build_engine(run: TrainRun) -> tuple[Any, EMA, DeviceClip | None]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: runs.lr_factor(
         step, o.warmup_steps, o.schedule, cfg.steps, o.min_lr_ratio))
     quiet_deepspeed_deprecations()
+    import_muon_uncompiled()  # before DeepSpeed's optimizers import it, compiling functions `ldm train` never calls
     slow = slow_engine_warning(ds_cfg, cfg.engine.deepspeed)
     if slow and dist.is_main():
         log.warning(slow)

@@ -404,6 +404,32 @@ def test_deepspeed_config_and_its_slow_settings():
         deepspeed_config(EngineConfig(deepspeed="zero0", precision="bf16"), 4, 1, 1.0), "zero0")
 
 
+_START_CHECK = """
+import json, os, sys
+from launch.cli import console
+rc = console(sys.argv[1:])
+import torch
+fn = lambda x: x * 2
+print(json.dumps({"rc": rc, "inductor": "torch._inductor.compile_fx" in sys.modules,
+                  "muon": "deepspeed.runtime.zero.muon.original_muon" in sys.modules,
+                  "env": os.environ.get("TORCHDYNAMO_DISABLE"),
+                  "compiles": torch.compile(fn, backend="eager") is not fn}))
+"""
+
+
+def test_a_cpu_run_does_not_load_the_compiler_for_deepspeeds_muon(latents, tmp_path):
+    """DeepSpeed's optimizers import its Muon module, which compiles functions at import (inductor:
+    ~3 CPU-s per rank); `ldm train` imports it with compilation off. Without ``model.compile`` a run
+    loads no inductor, the user's ``TORCHDYNAMO_DISABLE`` is as it was, and ``torch.compile`` works."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "0"}
+    r = subprocess.run([sys.executable, "-c", _START_CHECK, "train", "--config", str(YAML), f"data.shards={latents}",
+                        f"output={tmp_path / 'run'}", "steps=1", "save_every=1", "data.batch_size=4"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, tail(r.stderr)
+    assert json.loads(r.stdout.splitlines()[-1]) == {"rc": 0, "inductor": False, "muon": True, "env": "0",
+                                                    "compiles": True}
+
+
 class _NanGrad(torch.autograd.Function):
     """The identity whose backward gives NaN: a finite loss with non-finite gradients."""
 
