@@ -36,6 +36,16 @@ def rank_then_exit(rank: int, fn, *args) -> None:
     dist.exit_without_teardown(0)
 
 
+def process_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child, with ``extra`` set, and without the process-group variables
+    (``MASTER_ADDR``/``PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) an in-process run of another test left:
+    its group may still hold that port, and the child would try to join it."""
+    import os
+
+    drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
 def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
     """``python -m torch.distributed.run --nproc_per_node N --master_port <free> [extra] -m launch.cli ARGS``."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",

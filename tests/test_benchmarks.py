@@ -1,21 +1,20 @@
 """The GPU benchmarks run their own code at toy size on the CPU (``--device cpu``), so they do not
 first break on a GPU machine."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from procs import process_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    # not the rank variables an in-process `ldm train` of another test left (its group holds that port)
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                            "LOCAL_RANK")}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=process_env())
 
 
 def test_gpu_dit_tiny_on_cpu(tmp_path):
@@ -95,9 +94,7 @@ def test_extraction_benchmark_on_cpu():
 def test_gpu_session_script_runs_the_parts_it_is_given(tmp_path):
     """`benchmarks/gpu_session.sh` at toy size on the CPU (TOY=1), two of its parts (PARTS): their
     files and nothing of the others."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                            "LOCAL_RANK")}
-    env.update(TOY="1", OUT=str(tmp_path), PARTS="ae cudnn", PY=sys.executable)
+    env = process_env(TOY="1", OUT=str(tmp_path), PARTS="ae cudnn", PY=sys.executable)
     proc = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -1,12 +1,12 @@
 """Every `ldm` verb imports and answers --help; `ldm list --json` reports the registries."""
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 from launch.cli import VERBS, console, main, package_version
+from procs import process_env
 
 
 @pytest.mark.parametrize("verb", sorted(VERBS))
@@ -211,9 +211,7 @@ def test_a_rank_ends_without_the_interpreters_teardown(ending, tmp_path):
     the streams are flushed."""
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                            "LOCAL_RANK")}  # an in-process run's, maybe taken now
-    env["OMP_NUM_THREADS"] = "1"
+    env = process_env(OMP_NUM_THREADS="1")
     script = tmp_path / "verb.py"  # a file: TorchScript reads its functions' source
     script.write_text(LATE_NATIVE_THREAD)
     proc = subprocess.run([sys.executable, str(script), ending], cwd=Path(__file__).parents[1],

@@ -20,7 +20,7 @@ from launch.train import TrainConfig, check_config, train
 from ldm import config as cfglib
 from ldm.checkpoint import load_tensors
 from ldm.errors import UserError
-from procs import free_port, one_process, one_thread, tail, torchrun
+from procs import free_port, one_process, one_thread, process_env, tail, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "launch" / "configs" / "train-debug.yaml"
@@ -286,23 +286,32 @@ def test_profile_top_rows_on_a_gpu_count_each_kernel_once():
     assert total == 6.0 and len(top) == 6  # the phases' spans (`StepProfiler.phase`: reported apart)
 
 
-def test_train_process_destroys_its_process_group_at_exit(latents, tmp_path):
+def test_train_process_destroys_its_process_group_at_exit_and_loads_no_compiler_it_does_not_use(latents, tmp_path):
     """The group ``ldm train`` made is destroyed at interpreter exit, before the communicators'
     own teardown (where NCCL reports a never-destroyed group after the last step); not earlier,
     so an in-process caller can train again. An exit handler registered before training runs
-    after ours (they run last-in first-out) and sees the group gone."""
+    after ours (they run last-in first-out) and sees the group gone.
+    The same run without ``model.compile`` loads no inductor: DeepSpeed's optimizers import its
+    Muon module, which compiles functions at import (~3 CPU-s per rank), and `ldm train` imports
+    it with compilation off; the user's ``TORCHDYNAMO_DISABLE`` is as it was and ``torch.compile``
+    still compiles."""
     script = (
-        "import atexit, sys, torch.distributed as d\n"
+        "import atexit, json, os, sys, torch, torch.distributed as d\n"
         "atexit.register(lambda: print('group after exit handlers:', 'alive' if d.is_initialized() else 'destroyed'))\n"
         "from launch.cli import main\n"
-        f"sys.exit(main(['train', '--config', {str(YAML)!r}, 'data.shards={latents}', "
-        f"'output={tmp_path / 'r'}', 'steps=1', 'data.batch_size=4']))\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                            "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+        f"rc = main(['train', '--config', {str(YAML)!r}, 'data.shards={latents}', "
+        f"'output={tmp_path / 'r'}', 'steps=1', 'data.batch_size=4'])\n"
+        "fn = lambda x: x * 2\n"
+        "print(json.dumps({'inductor': 'torch._inductor.compile_fx' in sys.modules, "
+        "'muon': 'deepspeed.runtime.zero.muon.original_muon' in sys.modules, "
+        "'env': os.environ.get('TORCHDYNAMO_DISABLE'), 'compiles': torch.compile(fn, backend='eager') is not fn}))\n"
+        "sys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=process_env(TORCHDYNAMO_DISABLE="0"),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, tail(proc.stderr, 2000)
     assert "group after exit handlers: destroyed" in proc.stdout, tail(proc.stdout, 2000)
+    checks = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    assert checks == {"inductor": False, "muon": True, "env": "0", "compiles": True}
 
 
 def test_reader_workers_forked_or_spawned_change_no_loss(latents, tmp_path):
@@ -318,9 +327,7 @@ def test_reader_workers_forked_or_spawned_change_no_loss(latents, tmp_path):
         f"sys.exit(main(['train', '--config', {str(YAML)!r}, 'data.shards={latents}', 'output={tmp_path / 'spawn'}', "
         "'data.batch_size=4', 'data.shuffle=8', 'log_every=1', 'optim.warmup_steps=2', 'optim.lr=0.001', "
         "'steps=4', 'save_every=4', 'data.num_workers=2']))\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                            "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=process_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, tail(proc.stderr, 2000)
     assert ref == forked == _losses(tmp_path / "spawn") and len(ref) == 4
@@ -402,32 +409,6 @@ def test_deepspeed_config_and_its_slow_settings():
         assert (slow_engine_warning(ds, stage) is not None) == slow
     assert "a device sync per parameter tensor" in slow_engine_warning(
         deepspeed_config(EngineConfig(deepspeed="zero0", precision="bf16"), 4, 1, 1.0), "zero0")
-
-
-_START_CHECK = """
-import json, os, sys
-from launch.cli import console
-rc = console(sys.argv[1:])
-import torch
-fn = lambda x: x * 2
-print(json.dumps({"rc": rc, "inductor": "torch._inductor.compile_fx" in sys.modules,
-                  "muon": "deepspeed.runtime.zero.muon.original_muon" in sys.modules,
-                  "env": os.environ.get("TORCHDYNAMO_DISABLE"),
-                  "compiles": torch.compile(fn, backend="eager") is not fn}))
-"""
-
-
-def test_a_cpu_run_does_not_load_the_compiler_for_deepspeeds_muon(latents, tmp_path):
-    """DeepSpeed's optimizers import its Muon module, which compiles functions at import (inductor:
-    ~3 CPU-s per rank); `ldm train` imports it with compilation off. Without ``model.compile`` a run
-    loads no inductor, the user's ``TORCHDYNAMO_DISABLE`` is as it was, and ``torch.compile`` works."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "0"}
-    r = subprocess.run([sys.executable, "-c", _START_CHECK, "train", "--config", str(YAML), f"data.shards={latents}",
-                        f"output={tmp_path / 'run'}", "steps=1", "save_every=1", "data.batch_size=4"],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, tail(r.stderr)
-    assert json.loads(r.stdout.splitlines()[-1]) == {"rc": 0, "inductor": False, "muon": True, "env": "0",
-                                                    "compiles": True}
 
 
 class _NanGrad(torch.autograd.Function):
