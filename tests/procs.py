@@ -36,14 +36,14 @@ def rank_then_exit(rank: int, fn, *args) -> None:
     dist.exit_without_teardown(0)
 
 
-def process_env(**extra: str) -> dict[str, str]:
+def process_env(*, drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
     """This process's environment for a child, with ``extra`` set, and without the process-group variables
-    (``MASTER_ADDR``/``PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) an in-process run of another test left:
-    its group may still hold that port, and the child would try to join it."""
+    (``MASTER_*``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) an in-process run of another test left: its group may
+    still hold that port, and the child would try to join it. ``drop``: more name prefixes to leave out."""
     import os
 
-    drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+    prefixes = ("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK", *drop)
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(prefixes)}, **extra}
 
 
 def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> list[str]:

@@ -20,6 +20,7 @@ from launch import dist
 from launch.train_ae import (AETrainer, TrainAEConfig, SkipBad, add_arguments, check_inputs, config_from_args,
                              train_autoencoder)
 from ldm.errors import UserError, checking
+from procs import process_env
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "launch" / "configs" / "recipes"
@@ -180,8 +181,7 @@ def test_two_ranks_train_the_same_buckets(clips, tmp_path):
     """torchrun, 2 ranks: image and video buckets under DDP (1-frame steps leave temporal weights
     unused), the 3D GAN at the bucket's weight; the log follows the (seed, step) draw."""
     out = tmp_path / "ddp"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = process_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "launch.cli", "train-ae", "--autoencoder", "ivvae-z16-debug", "--data", str(clips),
            "--output", str(out), "--frames", "5", "--height", "32", "--width", "32", "--steps", "4",

@@ -18,6 +18,7 @@ from autoencoders.losses import AELoss, AELossConfig
 from ldm.errors import UserError
 from ldm.latent import Cond
 from ldm.text import build_text_encoder
+from procs import process_env
 
 T, S = 8, 32  # debug clips: 8 frames (2 latent frames), 32x32 (4x4 latent)
 PAPER = ("cmvae-z4", "cmvae-z16", "cmvae-z4-text", "cmvae-z16-text", "cmvae-z4-simultaneous",
@@ -516,14 +517,12 @@ def test_dit_sampling_path_decodes_with_the_prompt(text_encoder):
 def test_two_rank_joint_training_with_text(clips, tmp_path):
     """2 DDP ranks: image steps leave the temporal layers without gradients on every rank (DDP
     is told to expect unused parameters) and both ranks take the same image steps."""
-    import os
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "ddp"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    env = process_env(OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "launch.cli", "train-ae", "--autoencoder", "cmvae-z4-text-debug", "--text-encoder", "builtin",
            "--image-ratio", "0.5", "--data", str(clips), "--output", str(out), "--frames", str(T),

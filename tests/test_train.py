@@ -852,9 +852,8 @@ def test_two_ranks_zero3(latents, tmp_path):
 def _srun(args: list[str], out: Path) -> str:
     """`ldm ARGS output=OUT` as `srun --ntasks 2` starts it without torchrun: each task has only SLURM's
     variables (its rank, the launch node's address) and the user's MASTER_PORT. Both tasks' output."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_STEP_ID="0",
-               SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = process_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_STEP_ID="0",
+                      SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     tasks = [subprocess.Popen([sys.executable, "-m", "launch.cli", *args, f"output={out}"],
                               env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
@@ -1407,9 +1406,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(late
     import psutil
 
     # not the rank layout an in-process run of this test worker left in its environment
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = process_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     args = ["train", "--config", str(YAML), f"data.shards={latents}", "data.batch_size=2", "log_every=1",
             "save_every=1000", "data.shuffle=8", "optim.warmup_steps=2"]
     run = tmp_path / "r"
@@ -1453,9 +1450,7 @@ def test_a_signal_to_the_process_group_stops_with_readers_and_accumulation(laten
     died, and the trainer with a DataLoader traceback and no checkpoint)."""
     import signal
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = process_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     run = tmp_path / "r"
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--config", str(YAML),
                              f"data.shards={latents}", f"output={run}", "data.batch_size=2", "log_every=1",

@@ -26,6 +26,7 @@ from launch.train_ae import TrainAEConfig, add_arguments, config_from_args, trai
 from ldm.errors import MissingInput, UserError
 from ldm.latent import Latent
 from ldm.metrics import LPIPS
+from procs import free_port, process_env
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES, SIZE = 5, 32
@@ -632,8 +633,7 @@ def test_dist_env_reads_torchrun_and_slurm(monkeypatch):
 @pytest.mark.dist
 def test_two_rank_ddp_run(clips, tmp_path):
     out = tmp_path / "ddp"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = process_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "launch.cli", "train-ae", "--autoencoder", "kl2d-f8c4-debug", "--data", str(clips),
            "--output", str(out), "--frames", str(FRAMES), "--height", str(SIZE), "--width", str(SIZE),
@@ -708,12 +708,9 @@ sys.exit(main(sys.argv[2:]))
 def _spare_run(clips, tmp_path, mode: str) -> subprocess.CompletedProcess:
     """`ldm train-ae` of a model with a parameter outside the loss under 2-rank DDP; ``mode`` "declare" sets
     its class's ``ddp_find_unused_parameters = True``, "silent" leaves it False."""
-    from procs import free_port
-
     script = tmp_path / "spare.py"
     script.write_text(_UNUSED_PARAM_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = process_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(script), mode, "train-ae", "--autoencoder", "kl2d-spare-debug", "--data",
            str(clips), "--output", str(tmp_path / mode), "--frames", str(FRAMES), "--height", str(SIZE),

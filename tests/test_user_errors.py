@@ -18,7 +18,7 @@ from data.video import probe
 from launch import extract as extract_verb
 from launch.cli import console
 from ldm.errors import UserError
-from procs import torchrun
+from procs import process_env, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "launch" / "configs" / "train-debug.yaml"
@@ -239,11 +239,9 @@ def test_sequence_parallel_errors_are_one_line_before_any_process_group(run, tmp
 
 
 def test_srun_without_a_master_address_is_one_line(run, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE",
-                                                                   "LOCAL_RANK", "TORCHELASTIC"))}
+    env = process_env(drop=("SLURM_", "TORCHELASTIC"), SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_ID="0")
     proc = subprocess.run([sys.executable, "-m", "launch.cli", *_train(run, tmp_path / "r")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120,
-                          env={**env, "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"})
+                          capture_output=True, text=True, timeout=120, env=env)
     lines = [line for line in proc.stderr.splitlines() if line.startswith(("ldm", "Traceback"))]
     assert proc.returncode == 2 and lines == ["ldm train: error: SLURM launch without MASTER_ADDR: export MASTER_ADDR "
                                               "(the first node's address) and MASTER_PORT, or launch with torchrun"]
