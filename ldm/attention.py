@@ -309,9 +309,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "sdpa", mask: T
     """
     if backend == "auto" and q.ndim == 4:
         backend = auto_backend(q, mask, grouped=seq_ids is not None or cu_seqlens is not None)
-    simple = (backend == "sdpa" and mask is None and seq_ids is None and cu_seqlens is None
-              and q.ndim == k.ndim == v.ndim == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]
-              and k.shape == v.shape and k.shape[-1] == q.shape[-1])
+    sdpa = (backend == "sdpa" and seq_ids is None and cu_seqlens is None
+            and q.ndim == k.ndim == v.ndim == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]
+            and k.shape == v.shape and k.shape[-1] == q.shape[-1])
+    simple = sdpa and mask is None
     if simple and kv_seq_ids is None and not (causal and q.shape[2] != k.shape[2]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)  # (B, H, Nq, d)
     if simple and not causal and kv_seq_ids is not None and kv_seq_ids.shape == (k.shape[0], k.shape[2]):
@@ -319,6 +320,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "sdpa", mask: T
         has_key = key_ok.any(-1, keepdim=True)  # (B, 1, 1, 1): a row with no visible key gets zeros
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_ok | ~has_key, scale=scale)
         return out * has_key.to(out.dtype)  # (B, H, Nq, d)
+    if sdpa and not causal and kv_seq_ids is None and mask is not None and mask.dtype == torch.bool:
+        return _sdpa_masked(q, k, v, mask, scale)
     return eager_attention()(q, k, v, backend=backend, mask=mask, causal=causal, seq_ids=seq_ids,
                              kv_seq_ids=kv_seq_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
 
@@ -423,6 +426,19 @@ def _math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) ->
     mask, has_key = _masked_rows(mask)
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1) * has_key
     return torch.einsum("bhqk,bhkd->bhqd", probs, v.float()).to(q.dtype)  # (B, H, Nq, d)
+
+
+def _sdpa_masked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None) -> Tensor:
+    """SDPA under a bool ``mask`` alone (a row with no allowed key gives zeros): shape checks and
+    tensor ops only, so a compiled caller keeps it in its graph."""
+    B, H, Nq, _ = q.shape
+    try:
+        torch.broadcast_shapes(mask.shape, (B, H, Nq, k.shape[2]))
+    except RuntimeError:
+        raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to {(B, H, Nq, k.shape[2])}") from None
+    mask, has_key = _masked_rows(mask)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, H, Nq, d)
+    return out * has_key.to(out.dtype)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_ids: Tensor | None,
