@@ -3,6 +3,7 @@
     python benchmarks/extraction.py [--clips 64] [--frames 9] [--size 64] [--source-size S]
                                     [--autoencoders kl2d-f8c4-debug,...]
                                     [--device cuda --dtype bf16] [--workers 0,2] [--batch-sizes 1,8]
+                                    [--compile]
 
 Prints, per autoencoder:
 - where the time goes: video decoding alone (clips/s through the same DataLoader, per worker
@@ -20,6 +21,9 @@ Prints, per autoencoder:
   time), waiting for the device, storing the samples; of `steady`, the rest is unpacking, hand-offs
   and waits for the GIL);
   the speed-up of workers and of batching over the first (workers, batch) pair;
+- with ``--compile``, all of it with the encoder compiled (``ldm extract --compile``, the encode alone
+  through the same `Autoencoder.compile_encode`), and each extraction's compile time (``compile_s``,
+  before its loop: not in its rates);
 - the shard reader's samples/s (decode + validate + collate) with 0 and 2 DataLoader workers, and
   reader / extraction (how many times faster a trainer can read latents than make them);
 - the host (`host`): CPU model, cores (all, pinned, the cgroup's CPU quota, what ``ldm extract``
@@ -96,13 +100,17 @@ def host_facts(folder: Path, frames: int, size: int) -> dict:
 
 
 @torch.no_grad()
-def encode_rate(name: str, clips: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype) -> float:
-    """Clips/s of the autoencoder's batched encode alone, clips already on the device."""
+def encode_rate(name: str, clips: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
+                compile: bool = False) -> float:
+    """Clips/s of the autoencoder's batched encode alone, clips already on the device (compiled first
+    with ``compile``)."""
     torch.manual_seed(0)
     ae = build(name).to(device=device, dtype=dtype).eval()
+    if compile:
+        ae.compile_encode()
     video = clips.to(device, dtype)
     run = lambda i: ae.encode(video[i:i + batch])  # noqa: E731
-    run(0)  # warm-up (cuDNN picks its algorithms)
+    run(0)  # warm-up (cuDNN picks its algorithms; the compile)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -127,6 +135,7 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--workers", default="0,2", help="decoding worker counts to compare (-1: ldm extract's auto)")
     p.add_argument("--batch-sizes", default="1,8", help="encoder batch sizes to compare")
+    p.add_argument("--compile", action="store_true", help="the encoder compiled (ldm extract --compile true)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -144,14 +153,15 @@ def main() -> None:
         clips = torch.stack([read_video(it.load_bytes(), args.frames, args.size, args.size)
                              for it in list_items(tmp / "videos")])
         for name in args.autoencoders.split(","):
-            encode = {b: encode_rate(name, clips, b, device, dtype) for b in batch_sizes}
+            encode = {b: encode_rate(name, clips, b, device, dtype, args.compile) for b in batch_sizes}
             runs = []
             for w in worker_counts:
                 for b in batch_sizes:
                     out = tmp / f"{name}-w{w}-b{b}"
                     cfg = ExtractConfig(autoencoder=name, input=str(tmp / "videos"), output=str(out),
                                         frames=args.frames, height=args.size, width=args.size, shard_size=16,
-                                        batch_size=b, num_workers=w, device=args.device, dtype=args.dtype)
+                                        batch_size=b, num_workers=w, device=args.device, dtype=args.dtype,
+                                        compile=args.compile)
                     # with --json, stdout is the JSON only: ldm extract's lines (its "decoding limited" advice
                     # too) go to stderr
                     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
@@ -168,7 +178,7 @@ def main() -> None:
                                  "efficiency_vs_encode": rate / encode[b], "fill_s": summary["fill_s"],
                                  "steady_clips_per_s": steady, "steady_efficiency_vs_encode": steady / encode[b],
                                  "decode_wait_share": summary["decode_wait_share"],
-                                 "loop_ms_per_clip": summary["loop_ms_per_clip"]})
+                                 "loop_ms_per_clip": summary["loop_ms_per_clip"], "compile_s": summary["compile_s"]})
             base = next(r["extract_clips_per_s"] for r in runs
                         if r["workers"] == worker_counts[0] and r["batch"] == batch_sizes[0])
             for r in runs:
@@ -177,7 +187,8 @@ def main() -> None:
             out = tmp / f"{name}-w{best['workers']}-b{best['batch']}"
             r0, r2 = reader_rate(out, 0), reader_rate(out, 2)
             rows.append({"autoencoder": name, "clips": args.clips, "source_size": args.source_size or args.size,
-                         "device": args.device, "dtype": dist.dtype_name(dtype), "decode_clips_per_s": decode,
+                         "device": args.device, "dtype": dist.dtype_name(dtype), "compile": args.compile,
+                         "decode_clips_per_s": decode,
                          "encode_clips_per_s": encode, "extract": runs,
                          "extract_clips_per_s": best["extract_clips_per_s"],
                          "reader_samples_per_s_w0": r0, "reader_samples_per_s_w2": r2,
@@ -186,7 +197,7 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     print(f"clips: {args.clips} x {args.frames}x{args.size}x{args.size} (from {args.source_size or args.size}-pixel "
-          f"videos), {args.device} {dist.dtype_name(dtype)}, "
+          f"videos), {args.device} {dist.dtype_name(dtype)}{', encoder compiled' if args.compile else ''}, "
           f"threads: {torch.get_num_threads()}")
     if rows:
         h, d = rows[0]["host"], rows[0]["host"]["decode_one_clip"]

@@ -18,8 +18,8 @@
 #    where its step time goes (`--ldm-train-profile`), next to the bare train step of ours and of
 #    the plain DiT reference at the same size (benchmarks/gpu_dit.py);
 # 2. extraction's loop rate against the autoencoder's own batched encode, for five families, h3ae
-#    again at the batch ldm extract picks for it (EX_BATCHED), and two of them from larger videos
-#    (every clip resized, as real videos are; EX_RESIZED)
+#    again with its encoder compiled (both sides; EX_COMPILED) and at the batch ldm extract picks for it
+#    (EX_BATCHED), and two of them from larger videos (every clip resized, as real videos are; EX_RESIZED)
 #    (benchmarks/extraction.py: the README's extraction clips/s per autoencoder);
 # 3. every full-size autoencoder's encode / decode FPS and peak memory (benchmarks/gpu_check.py),
 #    then four conv autoencoders again with cuDNN's per-shape algorithm search on (an A/B for the
@@ -46,11 +46,14 @@ if [ -z "${TOY:-}" ]; then
   # -1: ldm extract's default (15 on 16 cores; the same steady rate as 8 on an H100, 2026-12-06)
   EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,-1 --batch-sizes 8"
   EX_RESIZED="h3ae-8x32x32@384 causal3d-f4x8c4@384"  # again from 384x384 videos: every clip resized, as real videos
+  # h3ae with `ldm extract --compile true`: its 834 small kernels a batch of 8, fused (compiles twice, minutes)
+  EX_COMPILED="h3ae-8x32x32+c"
   # h3ae at the batch ldm extract picks on an 80 GB GPU (64): its small kernels' launches amortised
   EX_BATCHED="h3ae-8x32x32%64"; EX_BATCH_ARGS="--frames 17 --size 256 --workers -1"
   AE_ARGS="--frames 17 --size 256"
   AB_ARGS="--frames 17 --size 256 --autoencoders causal3d-f4x8c16,ivvae-z16,kl2d-f8c4,h3ae-8x32x32"
   L1=300; L2=40; L2_SLOW=90; L3=110; L4=60; L5=200  # mtcvae-c4 encodes ~60 fps: 40 s cut it short on an H100
+  L2_COMPILED=180  # a guess: not compiled on a GPU yet
 else
   DEV=cpu; PY=${PY:-.venv/bin/python}; export OMP_NUM_THREADS=2
   CLIPS=4; FRAMES=8; SIZE=32; AE=kl2d-f8c4-debug; DIT=dit-debug; SMALL_DIT=dit-debug; BATCH=2; STEPS=4
@@ -58,10 +61,11 @@ else
   EX_AES="causal3d-f4x8c4-debug kl2d-f8c4-debug"
   EX_ARGS="--clips 4 --frames 9 --size 32 --workers 0 --batch-sizes 2"
   EX_RESIZED="kl2d-f8c4-debug@48"
+  EX_COMPILED="h3ae-8x32x32-debug+c"
   EX_BATCHED="kl2d-f8c4-debug%4"; EX_BATCH_ARGS="--frames 9 --size 32 --workers 0"
   AE_ARGS="--debug --frames 9 --size 32 --autoencoders kl2d-f8c4-debug,hivae-s-debug"
   AB_ARGS="--debug --frames 9 --size 32 --autoencoders kl2d-f8c4-debug"
-  L1=600; L2=300; L2_SLOW=300; L3=300; L4=300; L5=300
+  L1=600; L2=300; L2_SLOW=300; L2_COMPILED=300; L3=300; L4=300; L5=300
 fi
 export PYTHONUNBUFFERED=1
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
@@ -108,19 +112,21 @@ done
 
 if want extract; then
 stamp "extraction vs encode, each autoencoder under its own limit"
-for E in $EX_AES $EX_BATCHED $EX_RESIZED; do  # NAME; NAME@S: from SxS videos; NAME%B: at batch B, 3B clips
-  A=${E%[@%]*}; TAG=$A; RUN=($EX_ARGS)
+# NAME; NAME@S: from SxS videos; NAME%B: at batch B, 3B clips; NAME+c: the encoder compiled
+for E in $EX_AES $EX_COMPILED $EX_BATCHED $EX_RESIZED; do
+  A=${E%%[@%+]*}; TAG=$A; RUN=($EX_ARGS); LIM=$L2; [[ $A == mtcvae* ]] && LIM=$L2_SLOW
   if [[ $E == *@* ]]; then TAG="$A-from${E#*@}"; RUN+=(--source-size "${E#*@}"); fi
   if [[ $E == *%* ]]; then B=${E#*%}; TAG="$A-b$B"; RUN=($EX_BATCH_ARGS --clips $(( 3 * B )) --batch-sizes "$B"); fi
-  LIM=$L2; [[ $A == mtcvae* ]] && LIM=$L2_SLOW
+  if [[ $E == *+c ]]; then TAG="$A-compiled"; RUN+=(--compile); LIM=$L2_COMPILED; fi
   timeout $(left $LIM) $PY benchmarks/extraction.py --device $DEV "${RUN[@]}" --autoencoders $A --json \
     2>/dev/null > "$OUT/extraction-$TAG.json"
   $PY -c "import json, sys; r = json.load(open(sys.argv[1]))[0]; print(r['autoencoder'], 'from', r['source_size'], \
-'pixel videos, encode', r['encode_clips_per_s'], \
+'pixel videos, compiled' if r['compile'] else 'pixel videos,', 'encode', r['encode_clips_per_s'], \
 'extract (workers, clips/s, vs encode, fill s, steady vs encode, waited for decoding)', [(e['workers'], \
 round(e['extract_clips_per_s'], 1), round(e['efficiency_vs_encode'], 2), round(e['fill_s'], 2), \
 round(e['steady_efficiency_vs_encode'], 2), e['decode_wait_share'] and round(e['decode_wait_share'], 2)) for e in r['extract']]); \
-[print('  workers', e['workers'], 'loop ms/clip', {k: round(v, 2) for k, v in e['loop_ms_per_clip'].items()}) for e in r['extract']]; \
+[print('  workers', e['workers'], 'loop ms/clip', {k: round(v, 2) for k, v in e['loop_ms_per_clip'].items()}, \
+'compile s', e['compile_s']) for e in r['extract']]; \
 h = r['host']; print('  host', h['cpu_model'], h['cpus'], 'cores', h['usable_cores'], 'usable, quota', h['cgroup_cpu_quota'], \
 'load', h['loadavg_1m'], 'one clip decoded in-process', {k: round(v, 2) for k, v in h['decode_one_clip'].items()})" \
     "$OUT/extraction-$TAG.json" 2>/dev/null || echo "$TAG: no result (timed out or failed)"

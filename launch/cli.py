@@ -48,6 +48,14 @@ def package_version() -> str:
         return "unknown"
 
 
+def switch_value(text: str) -> bool | str:
+    """A ``true | false | auto`` flag's value as the configs hold it (``launch.engine.resolve_switch``)."""
+    value = {"true": True, "false": False, "auto": "auto"}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true, false or auto, got {text!r}")
+    return value
+
+
 def config_flag(parser: argparse.ArgumentParser, config_cls: type, *names: str, **kwargs) -> argparse.Action:
     """A flag that is a shorthand of a key of the config dataclass ``config_cls`` (``ldm train-ae``,
     ``ldm extract``: ``--config FILE.yaml`` + flags + ``key=value``): absent from the parsed

@@ -331,6 +331,9 @@ class _ShardEncoder:
         self.in_flight: list[tuple[ShardBuffer, list[dict[str, Any]], Latent, dict | None, tuple | None, Any]] = []
         self.warned_cut = False  # a caption cut to the text encoder's length was reported
         self.uint8_values = UINT8_VALUES.to(run.device)  # copied once: a copy from pageable memory may wait
+        # a compiled encoder has one graph for one shape (`Autoencoder.compile_encode`): a shorter batch (a
+        # shard's last) is padded to the full one with copies of its last clip, their latents dropped
+        self.pad_to = batch_size if run.ae.encode_compiled else 0
         # the loop's host seconds by part: queue (stack, encode and copies queued: on a GPU the encoder's
         # launch time), device_wait (for the batch before: the device's time), store (statistics, samples)
         self.spent = {"queue": 0.0, "device_wait": 0.0, "store": 0.0}
@@ -381,7 +384,12 @@ class _ShardEncoder:
         if text_encoder is not None:
             emb, mask = text_encoder.encode([p["caption"] for p in batch])
             text = (emb.to("cpu", non_blocking=cuda), mask.to("cpu", non_blocking=cuda))
-        latent = run.ae.encode(video, ae_cond(run.ae, emb, mask, device, dtype)).to(dtype=torch.float32)
+        cond = ae_cond(run.ae, emb, mask, device, dtype)
+        if len(batch) < self.pad_to:
+            latent = first_clips(run.ae.encode(*padded(video, cond, self.pad_to)), len(batch))
+        else:
+            latent = run.ae.encode(video, cond)
+        latent = latent.to(dtype=torch.float32)
         host = latent.to("cpu", non_blocking=cuda)  # into page-locked memory on CUDA
         # the batch's per-channel statistics reduced where it is (varlen rows: on the host, one at a time)
         sums = None if latent.form == "varlen" else {
@@ -456,6 +464,23 @@ class _ShardEncoder:
             if f.done():
                 f.result()
         self.written.append(self.writer.submit(self.write, self.buf))
+
+
+def padded(video: torch.Tensor, cond: Cond | None, size: int) -> tuple[torch.Tensor, Cond | None]:
+    """``video`` (``B C T H W``) and its ``cond`` (caption embeddings) filled up to ``size`` clips with
+    copies of the last one."""
+    def fill(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x[-1:].expand(size - x.shape[0], *x.shape[1:])])
+
+    if cond is not None:
+        cond = Cond(text=fill(cond.text), text_mask=fill(cond.text_mask))
+    return fill(video), cond
+
+
+def first_clips(latent: Latent, n: int) -> Latent:
+    """The first ``n`` samples of a batched ``latent`` (every part, log-variance and aux)."""
+    first = lambda d: {k: v[:n] for k, v in d.items()}  # noqa: E731
+    return Latent(first(latent.parts), latent.form, first(latent.logvar), first(latent.aux))
 
 
 def _sample_meta(p: dict[str, Any], item, cfg: ExtractConfig, signature: dict[str, Any],

@@ -59,15 +59,17 @@ from data.sources import VideoClipDataset, list_items
 from data.synth import class_space
 from data.video import READING_VERSION, VideoError, Windows, fit_shared_memory, probe, read_clips, usable_cores
 from launch import dist, runs
-from launch.cli import Stopped, config_flag
+from launch.cli import Stopped, config_flag, switch_value
 from launch.encode_loop import ShardBuffer, ae_cond, bytes_in_flight, clip_bytes, decoding_limit, loader_items
 from launch.encode_loop import mean_clips, plan_units
+from launch.engine import resolve_switch
 from launch.encode_loop import encode_shards as _extract_shards  # `_extract` calls it by this name (tests wrap it)
 from ldm import config as cfglib
 from ldm.artifacts import AERecord, ClipSpec
 from ldm.checkpoint import atomic_write_json, read_json
 from ldm.errors import UserError, checking
 from ldm.latent import Cond
+from ldm.layers import COMPILE_MODES
 from ldm.metrics import psnr
 from ldm.text import absolute_spec, check_text_max_length, fingerprint, same_fingerprint
 
@@ -103,12 +105,15 @@ class ExtractConfig:
     clips_per_video: int | None = None  # None: 1, or 0 with clip_stride (data.video.Windows.from_flags)
     clip_stride: int | None = None
     num_classes: int = 0  # class-id space of the DiT's class embedding; 0 = the data's (`class_count`)
+    compile: bool | str = False  # torch.compile the encoder (Autoencoder.compile_encode): true | false | auto (CUDA)
+    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (ldm.layers.COMPILE_MODES)
 
 
 # settings that may differ when an extraction is run again into its folder (they do not change
 # the latents); every other ExtractConfig key binds the folder (runs.check_binding). ``dtype`` is
 # bound as the precision it resolves to.
-HARMLESS = ("output", "batch_size", "num_workers", "verify", "device", "chunk_frames", "dtype")
+HARMLESS = ("output", "batch_size", "num_workers", "verify", "device", "chunk_frames", "dtype", "compile",
+            "compile_mode")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -156,6 +161,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
       help="precision the autoencoder runs in (weights and activations): auto = bf16 on CUDA, fp32 on the CPU. "
            "Latents are stored as fp32 either way")
+    a("--compile", type=switch_value, metavar="true|false|auto",
+      help="torch.compile the autoencoder's encode: fused kernels, fewer launches (for an encoder that launches "
+           "many small kernels, as H3AE). One compile per run before the first batch (seconds to minutes; the last "
+           "batch of a shard is padded to the full batch, so there is one shape); the same latents within float "
+           "rounding. auto = on for CUDA. Default false")
+    a("--compile-mode", choices=list(COMPILE_MODES), help="torch.compile mode for --compile")
     a("--text-encoder", help="cache caption embeddings: builtin | t5:DIR | clip:DIR")
     a("--text-max-length", type=int, metavar="N",
       help="tokens the captions are cut or padded to, as the DiT you train expects (e.g. 300 for Open-Sora's T5, 226 "
@@ -187,6 +198,10 @@ def check_config(cfg: ExtractConfig) -> None:
     if cfg.num_workers < -1:
         raise UserError(f"--num-workers must be >= 0 or -1 (auto), got {cfg.num_workers}")
     check_text_max_length(cfg.text_max_length, cfg.text_encoder)
+    with checking("--compile"):
+        resolve_switch(cfg.compile, torch.device("cpu"), "compile")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     if cfg.fps is not None and not cfg.fps > 0:
         raise UserError(f"--fps must be > 0 (or left out for the native rate), got {cfg.fps}")
     out = Path(cfg.output)
@@ -338,15 +353,34 @@ def auto_batch_size(requested: int, ae: Autoencoder, cfg: ExtractConfig, device:
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    video = torch.zeros(1, 3, cfg.frames, cfg.height, cfg.width, device=device, dtype=dtype)
-    cond = Cond(text=torch.zeros(1, 8, text_dim, device=device, dtype=dtype),
-                text_mask=torch.ones(1, 8, dtype=torch.bool, device=device)) if text_dim else None
     with torch.no_grad():
-        ae.encode(video, cond)
+        ae.encode(*blank_clips(1, cfg, device, dtype, text_dim))
     torch.cuda.synchronize(device)
     per_clip = max(torch.cuda.max_memory_allocated(device) - base, 1)
     free, _ = torch.cuda.mem_get_info(device)
     return int(min(64, max(1, 0.5 * free // per_clip)))
+
+
+def blank_clips(n: int, cfg: ExtractConfig, device: torch.device, dtype: torch.dtype,
+                text_dim: int) -> tuple[torch.Tensor, Cond | None]:
+    """``n`` black clips of the extraction's size and, for a text-guided encoder, 8 caption tokens each:
+    what `auto_batch_size` measures and `compile_encoder` compiles with."""
+    video = torch.zeros(n, 3, cfg.frames, cfg.height, cfg.width, device=device, dtype=dtype)
+    cond = Cond(text=torch.zeros(n, 8, text_dim, device=device, dtype=dtype),
+                text_mask=torch.ones(n, 8, dtype=torch.bool, device=device)) if text_dim else None
+    return video, cond
+
+
+@torch.no_grad()
+def compile_encoder(run: ExtractRun, batch: int) -> float:
+    """``--compile``: compile the encoder (`Autoencoder.compile_encode`) and run it once on a full batch
+    of blank clips, so the first real batch finds it compiled; the seconds that took."""
+    t0 = time.perf_counter()
+    run.ae.compile_encode(run.cfg.compile_mode)
+    run.ae.encode(*blank_clips(batch, run.cfg, run.device, run.dtype, run.ae.text_dim))
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    return time.perf_counter() - t0
 
 
 def extract(cfg: ExtractConfig, allow_change: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -477,6 +511,10 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...], stop: _StopOnSig
     cfg, env = run.cfg, run.env
     workers = auto_workers(cfg.num_workers, run.device, dist.local_ranks(env))
     batch = auto_batch_size(cfg.batch_size, run.ae, cfg, run.device, run.dtype, run.ae.text_dim) if todo else 1
+    compiled_s = None
+    if todo and resolve_switch(cfg.compile, run.device, "compile"):
+        compiled_s = compile_encoder(run, batch)
+        log.info("ldm extract: the encoder compiled for batches of %d in %.1f s", batch, compiled_s)
     S = cfg.shard_size
     units = plan_units(run.clips, [i for j in todo for i in range(j * S, min((j + 1) * S, len(run.items)))],
                        run.windows, workers, held=stop.held)
@@ -507,7 +545,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...], stop: _StopOnSig
     summary: dict[str, Any] = {"clips_per_s": encoded / elapsed if elapsed > 0 else 0.0,
                                "steady_clips_per_s": encoded / steady if steady > 0 else 0.0,
                                "decode_wait_share": wait_share, "fill_s": fill, "batch_size": batch,
-                               "num_workers": workers, "verify_psnr": None,
+                               "num_workers": workers, "verify_psnr": None, "compile_s": compiled_s,
                                # where the loop's steady time went, per clip: what is left of steady / clips
                                # is unpacking, the progress bar, shard hand-offs and waits for the GIL
                                "loop_ms_per_clip": {k: 1e3 * v / max(encoded, 1)
@@ -641,7 +679,8 @@ def report(run: ExtractRun, summary: dict[str, Any], manifest: Manifest, encoded
     out = run.out
     print(f"extracted {encoded} clips in {elapsed:.1f}s on rank 0 ({summary['clips_per_s']:.2f} clips/s/rank, "
           f"{summary['steady_clips_per_s']:.2f} after the first batch); "
-          f"{summary['written']} written, {summary['skipped']} skipped, {summary['shards']} shards -> {out}")
+          f"{summary['written']} written, {summary['skipped']} skipped, {summary['shards']} shards -> {out}"
+          + ("" if summary["compile_s"] is None else f" (the encoder compiled in {summary['compile_s']:.1f}s before)"))
     limit = decoding_limit(summary, encoded, cores_per_rank(dist.local_ranks(run.env)), run.device)
     if limit:
         print(limit)

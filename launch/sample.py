@@ -64,6 +64,7 @@ from data.sources import class_index
 from data.video import resize_center_crop, video_to_uint8, write_video
 from dit import DiTConfig, Export, VideoDiT, load_export, load_text_encoder
 from dit.export import TRAINING_JSON
+from launch.cli import switch_value
 from ldm import config as cfglib
 from ldm import samplers
 from ldm.artifacts import ClipSpec
@@ -170,7 +171,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", help="decode large frames in blended spatial tiles: TILE or TILE:OVERLAP pixels")
     p.add_argument("--chunk-frames", type=int, default=0,
                    help="decode long videos this many frames at a time, as one shot (IV-VAE, H3AE, causal3d, kl2d, opensora)")
-    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+    p.add_argument("--compile", default="auto", type=switch_value, metavar="true|false|auto",
                    help="regional torch.compile of the DiT's blocks and of a diffusion decoder's (Hi-VAE) "
                         "(auto: on for CUDA)")
     p.add_argument("--compile-mode", default="default", choices=list(COMPILE_MODES),
@@ -785,7 +786,7 @@ def load_job(args: argparse.Namespace, env, prompts: list[str] | None, class_ids
         ae = resolve_record(export.autoencoder, args.ae_checkpoint).model
         configure_inference(ae, args.tile, args.chunk_frames)
     ae = ae.to(device=device, dtype=dtype).eval()
-    if resolve_switch({"true": True, "false": False}.get(args.compile, args.compile), device, "--compile"):
+    if resolve_switch(args.compile, device, "--compile"):
         compile_blocks(model, mode=args.compile_mode)
         compile_blocks(ae, mode=args.compile_mode)  # a diffusion decoder's blocks (Hi-VAE); none elsewhere
     return Job(model, export, ae, sampling, device, dtype, bool(prompts), bool(class_ids)), class_ids

@@ -405,11 +405,18 @@ def set_attention_backend(module: nn.Module, backend: str) -> None:
 
 
 RECOMPILE_LIMIT = 16
-# torch.compile modes the trainers and samplers accept: inductor's default (cuBLAS matmuls, fused
+# torch.compile modes the trainers, samplers and `ldm extract` accept: inductor's default (cuBLAS matmuls, fused
 # elementwise kernels), or Triton matmul templates autotuned per shape with the elementwise work
 # fused into their epilogues (compiles take minutes; CUDA graphs stay off: shapes vary, and
 # DeepSpeed's hooks run between blocks)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def torch_compile_mode(mode: str | None) -> str | None:
+    """``mode`` (one of `COMPILE_MODES`, None = ``"default"``) as ``torch.compile`` takes it."""
+    if (mode or "default") not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    return None if mode in (None, "default") else mode
 
 
 def compile_blocks(module: nn.Module, dynamic: bool | None = None, mode: str | None = None,
@@ -427,9 +434,7 @@ def compile_blocks(module: nn.Module, dynamic: bool | None = None, mode: str | N
     (the first sizes, dynamic sizes, batch 1, one frame): dynamo's per-function recompile limit
     is raised to ``RECOMPILE_LIMIT`` (from its default 8) so a factorised trunk does not fall back
     to eager after its warm-up. ``mode``: one of `COMPILE_MODES` (None = ``"default"``)."""
-    if (mode or "default") not in COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
-    mode = None if mode == "default" else mode
+    mode = torch_compile_mode(mode)
     import torch._dynamo  # the compiler: imported when something is compiled, not at every start-up
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)

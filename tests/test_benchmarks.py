@@ -85,6 +85,7 @@ def test_extraction_benchmark_on_cpu():
     assert run["efficiency_vs_encode"] == run["extract_clips_per_s"] / encode
     assert run["steady_efficiency_vs_encode"] == run["steady_clips_per_s"] / encode
     assert run["steady_clips_per_s"] > run["extract_clips_per_s"] > 0
+    assert row["compile"] is False and run["compile_s"] is None  # --compile: the encoder compiled, its time
     host, one = row["host"], row["host"]["decode_one_clip"]
     assert 1 <= host["usable_cores"] <= host["cpus"] and one["clips_per_s"] > 0
     assert one["wall_ms"] == pytest.approx(1e3 / one["clips_per_s"]) and one["user_ms"] + one["sys_ms"] > 0

@@ -5,7 +5,8 @@ without end.
 Most tests compile with the ``aot_eager`` backend: dynamo captures the graph and AOT autograd
 builds the joint forward/backward exactly as for inductor, so graph breaks, guards, dynamic shapes
 and autograd through the compiled region are all exercised, in seconds. One test runs inductor
-itself (C++ code generation on CPU; Triton on GPU is covered by ``benchmarks/gpu_dit.py``).
+itself (C++ code generation on CPU; Triton on GPU is covered by ``benchmarks/gpu_dit.py``), one more
+under ``slow`` (H3AE's encoder, ``ldm extract --compile``).
 Tolerances: 1e-5 (aot_eager runs the same kernels as eager), 1e-4 for inductor (fused kernels
 reorder float32 sums).
 """
@@ -278,3 +279,34 @@ def test_hivae_decoder_blocks_compile_whole():
         assert compile_blocks(ae, backend=backend) == sum(isinstance(m, TransformerBlock) for m in ae.modules())
         torch.testing.assert_close(ae.decode(latent, steps=2), eager, atol=1e-5, rtol=1e-5)
     assert backend.graphs == 2
+
+
+
+def _h3ae_and_clip():
+    import autoencoders
+
+    torch.manual_seed(0)
+    return autoencoders.build("h3ae-8x32x32-debug").eval(), torch.rand(2, 3, 9, 32, 32) * 2 - 1
+
+
+@torch.no_grad()
+def test_h3ae_encoder_compiles_whole():
+    """``ldm extract --compile``'s `Autoencoder.compile_encode` on H3AE, the encoder with the most small
+    kernels: one graph (its block-causal attention is traced in: it was a graph break in each block)
+    that encodes as eager does."""
+    ae, video = _h3ae_and_clip()
+    eager = ae.encode(video)
+    backend = CountingBackend(aot=False)
+    ae.compile_encode(backend=backend)
+    assert ae.encode_compiled
+    torch.testing.assert_close(ae.encode(video)["z"], eager["z"], atol=1e-5, rtol=1e-5)
+    assert backend.graphs == 1
+
+
+@pytest.mark.slow  # ~35 s of C++ code generation on 2 cores
+@torch.no_grad()
+def test_h3ae_inductor_encode_matches_eager():
+    ae, video = _h3ae_and_clip()
+    eager = ae.encode(video)
+    ae.compile_encode()
+    torch.testing.assert_close(ae.encode(video)["z"], eager["z"], atol=1e-4, rtol=1e-4)

@@ -334,6 +334,67 @@ def test_workers_batch_size_and_dtype(videos, tmp_path):
         _extract(videos, tmp_path / "fp16", "--dtype", "fp16")
 
 
+def test_compiled_encoder_one_shape_same_latents(videos, tmp_path, monkeypatch):
+    """``--compile true``: the encoder is compiled once before the first batch, for the full batch; a
+    shard's shorter last batch (shard size 3, batch 2: batches of 2 + 1) is padded to it, so nothing
+    recompiles, and the latents are the eager run's (the backend here runs the captured graph as it
+    is: 1e-5; inductor's fused kernels are tested in tests/test_compile.py)."""
+    from autoencoders.base import Autoencoder
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor) and t.ndim == 5])
+        return gm.forward
+
+    compile_encode = Autoencoder.compile_encode
+    monkeypatch.setattr(Autoencoder, "compile_encode", lambda self, mode=None: compile_encode(self, mode, counting))
+    torch._dynamo.reset()
+    try:
+        _extract(videos, tmp_path / "eager")
+        summary = extract_verb.extract(extract_verb.ExtractConfig(
+            input=str(videos), output=str(tmp_path / "compiled"), autoencoder=AE, frames=8, height=32, width=32,
+            shard_size=3, batch_size=2, compile=True))
+    finally:
+        torch._dynamo.reset()
+    assert graphs == [[(2, 3, 8, 32, 32)]] and summary["compile_s"] > 0 and summary["written"] == 7
+    eager, compiled = shards.read_all(tmp_path / "eager"), shards.read_all(tmp_path / "compiled")
+    assert [s["meta"]["key"] for s in compiled] == [s["meta"]["key"] for s in eager]
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b["latent"]["z"], a["latent"]["z"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b["latent"].logvar["z"], a["latent"].logvar["z"], atol=1e-5, rtol=1e-5)
+    # a rerun into the folder with the other setting resumes it: compiling changes no binding
+    assert _extract(videos, tmp_path / "compiled") == 0
+
+
+@pytest.mark.parametrize("name", ["cmvae-z4-text-debug", "mtcvae-c4-debug"])
+def test_padded_batch_gives_each_clip_its_latent(name):
+    """The compiled encoder's padding (`encode_loop.padded`, `first_clips`): a batch filled up with
+    copies of its last clip, caption embeddings too, gives its real clips their own latents, for a
+    text-guided encoder and for a variable-rate one (varlen latents with their lengths and rates)."""
+    import autoencoders
+    from aes import text_cond
+    from launch.encode_loop import first_clips, padded
+
+    torch.manual_seed(0)
+    ae = autoencoders.build(name).eval()
+    f, h, w = ae.example_clip()
+    video = torch.rand(2, 3, f, h, w) * 2 - 1
+    cond = text_cond(ae, 2)
+    with torch.no_grad():
+        alone = ae.encode(video, cond)
+        filled_video, filled_cond = padded(video, cond, 5)
+        filled = first_clips(ae.encode(filled_video, filled_cond), 2)
+    assert filled_video.shape[0] == 5 and torch.equal(filled_video[4], video[1])
+    assert (cond is None) == (filled_cond is None) and (cond is None or torch.equal(filled_cond.text[3], cond.text[1]))
+    assert filled.form == alone.form and filled.batch_size == 2
+    for part in ("parts", "logvar", "aux"):
+        got, want = getattr(filled, part), getattr(alone, part)
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
+
+
 def test_decoding_workers_fit_the_shared_memory(videos, tmp_path, monkeypatch, caplog):
     """A container's small /dev/shm (Docker's default 64 MB), which the decoding workers hand their clips over in:
     as many workers as their clips decoded ahead fit in half of it (shared by the ranks of the machine), none

@@ -225,7 +225,8 @@ def test_uint8_windows_are_the_float_windows_bit_for_bit(tmp_path):
     # stored at the short side: a center crop (5 columns off the left) and no resize
     write_frames(tmp_path / "v" / "crop.mp4", rng.integers(0, 256, (10, 32, 42, 3), np.uint8), fps=10)
     ds = VideoClipDataset(list_items(tmp_path / "v"), frames=4, height=32, width=32)
-    encoder = _ShardEncoder(SimpleNamespace(device=torch.device("cpu")), 1, print)
+    run = SimpleNamespace(device=torch.device("cpu"), ae=SimpleNamespace(encode_compiled=False))
+    encoder = _ShardEncoder(run, 1, print)
     windows = [Window(0, 0, 0.0), Window(1, 6, 0.6)]
     for index in range(3):  # at the size, resized, a crop away
         small = ds.read_windows(index, windows, uint8=True)

@@ -71,6 +71,8 @@ EXTRACT_ERRORS = [
     (["--clips-per-video", "2", "--clip-stride", "4"], "give one of them"),
     (["--tile", "big"], "--tile must be"),
     (["--dtype", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+    (["compile=maybe"], "--compile: compile must be true, false or auto, got 'maybe'"),
+    (["--compile", "true", "compile_mode=fast"], "--compile-mode must be one of default, max-autotune"),
 ]
 
 
