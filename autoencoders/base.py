@@ -249,11 +249,12 @@ class Autoencoder(nn.Module):
         for an encoder that launches many small ones (H3AE). ``dynamic=False``: one graph per input
         shape, so give it one (the extraction pads its last batch to the full one). The checks, the
         latent scaling and tiling stay eager; weights and state dicts are unchanged. ``mode``: one
-        of `ldm.layers.COMPILE_MODES`."""
-        from ldm.layers import torch_compile_mode
+        of `ldm.layers.ENCODE_COMPILE_MODES` (``reduce-overhead``: CUDA graphs, recorded at the second
+        call of a shape)."""
+        from ldm.layers import ENCODE_COMPILE_MODES, torch_compile_mode
 
         self._encode = torch.compile(type(self)._encode.__get__(self), dynamic=False, backend=backend,
-                                     mode=torch_compile_mode(mode))
+                                     mode=torch_compile_mode(mode, ENCODE_COMPILE_MODES))
 
     @property
     def encode_compiled(self) -> bool:

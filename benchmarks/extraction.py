@@ -3,7 +3,7 @@
     python benchmarks/extraction.py [--clips 64] [--frames 9] [--size 64] [--source-size S]
                                     [--autoencoders kl2d-f8c4-debug,...]
                                     [--device cuda --dtype bf16] [--workers 0,2] [--batch-sizes 1,8]
-                                    [--compile]
+                                    [--compile [--compile-mode reduce-overhead]]
 
 Prints, per autoencoder:
 - where the time goes: video decoding alone (clips/s through the same DataLoader, per worker
@@ -55,6 +55,7 @@ from data.synth import synth_dataset
 from data.video import cgroup_cpu_quota, read_clips_timed, read_video, usable_cores
 from launch import dist
 from launch.extract import ExtractConfig, auto_workers, extract
+from ldm.layers import ENCODE_COMPILE_MODES
 
 
 def reader_rate(path: Path, workers: int, batch: int = 16) -> float:
@@ -101,16 +102,17 @@ def host_facts(folder: Path, frames: int, size: int) -> dict:
 
 @torch.no_grad()
 def encode_rate(name: str, clips: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
-                compile: bool = False) -> float:
+                compile_mode: str | None = None) -> float:
     """Clips/s of the autoencoder's batched encode alone, clips already on the device (compiled first
-    with ``compile``)."""
+    in ``compile_mode``, if given)."""
     torch.manual_seed(0)
     ae = build(name).to(device=device, dtype=dtype).eval()
-    if compile:
-        ae.compile_encode()
+    if compile_mode:
+        ae.compile_encode(compile_mode)
     video = clips.to(device, dtype)
     run = lambda i: ae.encode(video[i:i + batch])  # noqa: E731
     run(0)  # warm-up (cuDNN picks its algorithms; the compile)
+    run(0)  # (CUDA graphs are recorded at the second call)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -136,6 +138,7 @@ def main() -> None:
     p.add_argument("--workers", default="0,2", help="decoding worker counts to compare (-1: ldm extract's auto)")
     p.add_argument("--batch-sizes", default="1,8", help="encoder batch sizes to compare")
     p.add_argument("--compile", action="store_true", help="the encoder compiled (ldm extract --compile true)")
+    p.add_argument("--compile-mode", default="default", choices=list(ENCODE_COMPILE_MODES))
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -153,7 +156,8 @@ def main() -> None:
         clips = torch.stack([read_video(it.load_bytes(), args.frames, args.size, args.size)
                              for it in list_items(tmp / "videos")])
         for name in args.autoencoders.split(","):
-            encode = {b: encode_rate(name, clips, b, device, dtype, args.compile) for b in batch_sizes}
+            mode = args.compile_mode if args.compile else None
+            encode = {b: encode_rate(name, clips, b, device, dtype, mode) for b in batch_sizes}
             runs = []
             for w in worker_counts:
                 for b in batch_sizes:
@@ -161,7 +165,7 @@ def main() -> None:
                     cfg = ExtractConfig(autoencoder=name, input=str(tmp / "videos"), output=str(out),
                                         frames=args.frames, height=args.size, width=args.size, shard_size=16,
                                         batch_size=b, num_workers=w, device=args.device, dtype=args.dtype,
-                                        compile=args.compile)
+                                        compile=args.compile, compile_mode=args.compile_mode)
                     # with --json, stdout is the JSON only: ldm extract's lines (its "decoding limited" advice
                     # too) go to stderr
                     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
@@ -187,7 +191,7 @@ def main() -> None:
             out = tmp / f"{name}-w{best['workers']}-b{best['batch']}"
             r0, r2 = reader_rate(out, 0), reader_rate(out, 2)
             rows.append({"autoencoder": name, "clips": args.clips, "source_size": args.source_size or args.size,
-                         "device": args.device, "dtype": dist.dtype_name(dtype), "compile": args.compile,
+                         "device": args.device, "dtype": dist.dtype_name(dtype), "compile": args.compile and args.compile_mode,
                          "decode_clips_per_s": decode,
                          "encode_clips_per_s": encode, "extract": runs,
                          "extract_clips_per_s": best["extract_clips_per_s"],
@@ -197,7 +201,7 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     print(f"clips: {args.clips} x {args.frames}x{args.size}x{args.size} (from {args.source_size or args.size}-pixel "
-          f"videos), {args.device} {dist.dtype_name(dtype)}{', encoder compiled' if args.compile else ''}, "
+          f"videos), {args.device} {dist.dtype_name(dtype)}{f', encoder compiled ({args.compile_mode})' if args.compile else ''}, "
           f"threads: {torch.get_num_threads()}")
     if rows:
         h, d = rows[0]["host"], rows[0]["host"]["decode_one_clip"]

@@ -46,8 +46,9 @@ if [ -z "${TOY:-}" ]; then
   # -1: ldm extract's default (15 on 16 cores; the same steady rate as 8 on an H100, 2026-12-06)
   EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,-1 --batch-sizes 8"
   EX_RESIZED="h3ae-8x32x32@384 causal3d-f4x8c4@384"  # again from 384x384 videos: every clip resized, as real videos
-  # h3ae with `ldm extract --compile true`: its 834 small kernels a batch of 8, fused (compiles twice, minutes)
-  EX_COMPILED="h3ae-8x32x32+c"
+  # h3ae with `ldm extract --compile true`: its 834 small kernels a batch of 8 fused (+c), and replayed as CUDA
+  # graphs (+r: --compile-mode reduce-overhead); each compiles twice (the encode alone, the extraction)
+  EX_COMPILED="h3ae-8x32x32+c h3ae-8x32x32+r"
   # h3ae at the batch ldm extract picks on an 80 GB GPU (64): its small kernels' launches amortised
   EX_BATCHED="h3ae-8x32x32%64"; EX_BATCH_ARGS="--frames 17 --size 256 --workers -1"
   AE_ARGS="--frames 17 --size 256"
@@ -61,7 +62,7 @@ else
   EX_AES="causal3d-f4x8c4-debug kl2d-f8c4-debug"
   EX_ARGS="--clips 4 --frames 9 --size 32 --workers 0 --batch-sizes 2"
   EX_RESIZED="kl2d-f8c4-debug@48"
-  EX_COMPILED="h3ae-8x32x32-debug+c"
+  EX_COMPILED="h3ae-8x32x32-debug+r"
   EX_BATCHED="kl2d-f8c4-debug%4"; EX_BATCH_ARGS="--frames 9 --size 32 --workers 0"
   AE_ARGS="--debug --frames 9 --size 32 --autoencoders kl2d-f8c4-debug,hivae-s-debug"
   AB_ARGS="--debug --frames 9 --size 32 --autoencoders kl2d-f8c4-debug"
@@ -112,16 +113,17 @@ done
 
 if want extract; then
 stamp "extraction vs encode, each autoencoder under its own limit"
-# NAME; NAME@S: from SxS videos; NAME%B: at batch B, 3B clips; NAME+c: the encoder compiled
+# NAME; NAME@S: from SxS videos; NAME%B: at batch B, 3B clips; NAME+c / +r: the encoder compiled (+r: CUDA graphs)
 for E in $EX_AES $EX_COMPILED $EX_BATCHED $EX_RESIZED; do
   A=${E%%[@%+]*}; TAG=$A; RUN=($EX_ARGS); LIM=$L2; [[ $A == mtcvae* ]] && LIM=$L2_SLOW
   if [[ $E == *@* ]]; then TAG="$A-from${E#*@}"; RUN+=(--source-size "${E#*@}"); fi
   if [[ $E == *%* ]]; then B=${E#*%}; TAG="$A-b$B"; RUN=($EX_BATCH_ARGS --clips $(( 3 * B )) --batch-sizes "$B"); fi
   if [[ $E == *+c ]]; then TAG="$A-compiled"; RUN+=(--compile); LIM=$L2_COMPILED; fi
+  if [[ $E == *+r ]]; then TAG="$A-cudagraphs"; RUN+=(--compile --compile-mode reduce-overhead); LIM=$L2_COMPILED; fi
   timeout $(left $LIM) $PY benchmarks/extraction.py --device $DEV "${RUN[@]}" --autoencoders $A --json \
     2>/dev/null > "$OUT/extraction-$TAG.json"
   $PY -c "import json, sys; r = json.load(open(sys.argv[1]))[0]; print(r['autoencoder'], 'from', r['source_size'], \
-'pixel videos, compiled' if r['compile'] else 'pixel videos,', 'encode', r['encode_clips_per_s'], \
+'pixel videos, compiled', r['compile'], 'encode', r['encode_clips_per_s'], \
 'extract (workers, clips/s, vs encode, fill s, steady vs encode, waited for decoding)', [(e['workers'], \
 round(e['extract_clips_per_s'], 1), round(e['efficiency_vs_encode'], 2), round(e['fill_s'], 2), \
 round(e['steady_efficiency_vs_encode'], 2), e['decode_wait_share'] and round(e['decode_wait_share'], 2)) for e in r['extract']]); \

@@ -69,7 +69,7 @@ from ldm.artifacts import AERecord, ClipSpec
 from ldm.checkpoint import atomic_write_json, read_json
 from ldm.errors import UserError, checking
 from ldm.latent import Cond
-from ldm.layers import COMPILE_MODES
+from ldm.layers import ENCODE_COMPILE_MODES
 from ldm.metrics import psnr
 from ldm.text import absolute_spec, check_text_max_length, fingerprint, same_fingerprint
 
@@ -106,7 +106,7 @@ class ExtractConfig:
     clip_stride: int | None = None
     num_classes: int = 0  # class-id space of the DiT's class embedding; 0 = the data's (`class_count`)
     compile: bool | str = False  # torch.compile the encoder (Autoencoder.compile_encode): true | false | auto (CUDA)
-    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (ldm.layers.COMPILE_MODES)
+    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs | reduce-overhead (ENCODE_COMPILE_MODES)
 
 
 # settings that may differ when an extraction is run again into its folder (they do not change
@@ -166,7 +166,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
            "many small kernels, as H3AE). One compile per run before the first batch (seconds to minutes; the last "
            "batch of a shard is padded to the full batch, so there is one shape); the same latents within float "
            "rounding. auto = on for CUDA. Default false")
-    a("--compile-mode", choices=list(COMPILE_MODES), help="torch.compile mode for --compile")
+    a("--compile-mode", choices=list(ENCODE_COMPILE_MODES),
+      help="torch.compile mode for --compile: reduce-overhead also replays each batch's kernels as one CUDA graph")
     a("--text-encoder", help="cache caption embeddings: builtin | t5:DIR | clip:DIR")
     a("--text-max-length", type=int, metavar="N",
       help="tokens the captions are cut or padded to, as the DiT you train expects (e.g. 300 for Open-Sora's T5, 226 "
@@ -200,8 +201,8 @@ def check_config(cfg: ExtractConfig) -> None:
     check_text_max_length(cfg.text_max_length, cfg.text_encoder)
     with checking("--compile"):
         resolve_switch(cfg.compile, torch.device("cpu"), "compile")
-    if cfg.compile_mode not in COMPILE_MODES:
-        raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
+    if cfg.compile_mode not in ENCODE_COMPILE_MODES:
+        raise UserError(f"--compile-mode must be one of {', '.join(ENCODE_COMPILE_MODES)}, got {cfg.compile_mode!r}")
     if cfg.fps is not None and not cfg.fps > 0:
         raise UserError(f"--fps must be > 0 (or left out for the native rate), got {cfg.fps}")
     out = Path(cfg.output)
@@ -373,11 +374,14 @@ def blank_clips(n: int, cfg: ExtractConfig, device: torch.device, dtype: torch.d
 
 @torch.no_grad()
 def compile_encoder(run: ExtractRun, batch: int) -> float:
-    """``--compile``: compile the encoder (`Autoencoder.compile_encode`) and run it once on a full batch
-    of blank clips, so the first real batch finds it compiled; the seconds that took."""
+    """``--compile``: compile the encoder (`Autoencoder.compile_encode`) and run it on a full batch of
+    blank clips, once (twice with CUDA graphs: the second call records them), so the first real batch
+    finds it compiled; the seconds that took."""
     t0 = time.perf_counter()
     run.ae.compile_encode(run.cfg.compile_mode)
-    run.ae.encode(*blank_clips(batch, run.cfg, run.device, run.dtype, run.ae.text_dim))
+    clips = blank_clips(batch, run.cfg, run.device, run.dtype, run.ae.text_dim)
+    for _ in range(2 if run.cfg.compile_mode == "reduce-overhead" else 1):
+        run.ae.encode(*clips)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     return time.perf_counter() - t0

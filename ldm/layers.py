@@ -410,12 +410,15 @@ RECOMPILE_LIMIT = 16
 # fused into their epilogues (compiles take minutes; CUDA graphs stay off: shapes vary, and
 # DeepSpeed's hooks run between blocks)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# an autoencoder's encode (`ldm extract --compile`) runs one shape again and again, no backward: CUDA graphs
+# too ("reduce-overhead": the batch's kernels replayed with one launch)
+ENCODE_COMPILE_MODES = (*COMPILE_MODES, "reduce-overhead")
 
 
-def torch_compile_mode(mode: str | None) -> str | None:
-    """``mode`` (one of `COMPILE_MODES`, None = ``"default"``) as ``torch.compile`` takes it."""
-    if (mode or "default") not in COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+def torch_compile_mode(mode: str | None, allowed: tuple[str, ...] = COMPILE_MODES) -> str | None:
+    """``mode`` (one of ``allowed``, None = ``"default"``) as ``torch.compile`` takes it."""
+    if (mode or "default") not in allowed:
+        raise ValueError(f"compile mode must be one of {allowed}, got {mode!r}")
     return None if mode in (None, "default") else mode
 
 

@@ -234,8 +234,17 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     layers.compile_blocks(model)
     assert seen == [None, "max-autotune-no-cudagraphs", None]
     with pytest.raises(ValueError, match="compile mode must be one of"):
-        layers.compile_blocks(model, mode="reduce-overhead")
+        layers.compile_blocks(model, mode="reduce-overhead")  # the DiT's shapes vary: no CUDA graphs
     assert len(seen) == 3
+    # an autoencoder's encode (ldm extract --compile) takes CUDA graphs too
+    import autoencoders
+
+    ae = autoencoders.build("kl2d-f8c4-debug")
+    for mode in ("reduce-overhead", "default"):
+        ae.compile_encode(mode)
+    assert seen[3:] == ["reduce-overhead", None] and ae.encode_compiled
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        ae.compile_encode("max-autotune")
 
 
 def test_text_conditioned_block_compiles_without_graph_breaks():
