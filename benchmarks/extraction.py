@@ -191,7 +191,8 @@ def main() -> None:
             out = tmp / f"{name}-w{best['workers']}-b{best['batch']}"
             r0, r2 = reader_rate(out, 0), reader_rate(out, 2)
             rows.append({"autoencoder": name, "clips": args.clips, "source_size": args.source_size or args.size,
-                         "device": args.device, "dtype": dist.dtype_name(dtype), "compile": args.compile and args.compile_mode,
+                         "device": args.device, "dtype": dist.dtype_name(dtype),
+                         "compile": args.compile and args.compile_mode,
                          "decode_clips_per_s": decode,
                          "encode_clips_per_s": encode, "extract": runs,
                          "extract_clips_per_s": best["extract_clips_per_s"],
@@ -201,7 +202,8 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     print(f"clips: {args.clips} x {args.frames}x{args.size}x{args.size} (from {args.source_size or args.size}-pixel "
-          f"videos), {args.device} {dist.dtype_name(dtype)}{f', encoder compiled ({args.compile_mode})' if args.compile else ''}, "
+          f"videos), {args.device} {dist.dtype_name(dtype)}"
+          f"{f', encoder compiled ({args.compile_mode})' if args.compile else ''}, "
           f"threads: {torch.get_num_threads()}")
     if rows:
         h, d = rows[0]["host"], rows[0]["host"]["decode_one_clip"]
