@@ -62,8 +62,8 @@ from launch import dist, runs
 from launch.cli import Stopped, config_flag, switch_value
 from launch.encode_loop import ShardBuffer, ae_cond, bytes_in_flight, clip_bytes, decoding_limit, loader_items
 from launch.encode_loop import mean_clips, plan_units
-from launch.engine import resolve_switch
 from launch.encode_loop import encode_shards as _extract_shards  # `_extract` calls it by this name (tests wrap it)
+from launch.engine import resolve_switch
 from ldm import config as cfglib
 from ldm.artifacts import AERecord, ClipSpec
 from ldm.checkpoint import atomic_write_json, read_json
