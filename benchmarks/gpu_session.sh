@@ -4,10 +4,11 @@
 # packages takes about 40), so a slow part cannot eat the rest. Results: JSON and logs under $OUT.
 # On an H100 (2026-12-05) "dit torchrun extract ae" took 326 s with the DiT at 4k tokens only; with
 # the three token counts and the cuDNN A/B everything but autotune fits one call (autotune, last,
-# gets what is left); PARTS picks some, for two calls.
+# gets what is left); PARTS picks some, for two calls. Since the compiled h3ae rows of "extract"
+# (EX_COMPILED, up to 180 s each, never run on a GPU yet) that part may fill a call of its own.
 #
 #   source .whl/device-setup.sh && bash benchmarks/gpu_session.sh     # on the GPU machine
-#   PARTS="dit torchrun extract" bash ...; PARTS="ae cudnn autotune" bash ...   # the same in two calls
+#   PARTS="extract" bash ...; PARTS="dit torchrun ae cudnn autotune" bash ...   # the same in two calls
 #   TOY=1 bash benchmarks/gpu_session.sh     # the same steps at toy size on the CPU: the dry run before a GPU call
 #   TRAIN_VARIANTS="engine.deepspeed=zero1;model.text_cond=true" ...   # other `ldm train` runs (part "variants")
 #   AT_ARGS="--tokens 4096 --batches 8 --sample-batches 16" PARTS=autotune ...  # max-autotune at one size only
