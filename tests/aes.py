@@ -33,6 +33,13 @@ def registered(debug: bool) -> list[str]:
                   if cls.__module__.startswith("autoencoders.") and n.endswith("-debug") == debug)
 
 
+def example_batch(ae, batch: int = 2):
+    """``batch`` random clips in [-1, 1] of ``ae.example_clip()`` and, for a text-guided model, their caption
+    embeddings (`text_cond`), drawn from torch's global generator in that order."""
+    T, H, W = ae.example_clip()
+    return torch.rand(batch, 3, T, H, W) * 2 - 1, text_cond(ae, batch)
+
+
 def text_cond(ae, batch: int):
     """Random caption embeddings (5 tokens, the last 2 masked) for a text-guided model, else None."""
     from ldm.latent import Cond

@@ -334,12 +334,11 @@ def test_every_encoder_is_captured_by_the_compiler(name):
     """``ldm extract --compile`` for every family: dynamo captures the encoder (one graph; MTC-VAE's rate
     choice reads values on the host, so several) and the captured graphs encode as eager does."""
     import autoencoders
-    from aes import text_cond
+    from aes import example_batch
 
     torch.manual_seed(0)
     ae = autoencoders.build(name).eval()
-    f, h, w = ae.example_clip()
-    video, cond = torch.rand(2, 3, f, h, w) * 2 - 1, text_cond(ae, 2)
+    video, cond = example_batch(ae)
     eager = ae.encode(video, cond)
     backend = CountingBackend(aot=False)
     ae.compile_encode(backend=backend)

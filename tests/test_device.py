@@ -15,7 +15,7 @@ import autoencoders
 import dit
 from ldm import samplers
 from ldm.latent import Cond, Latent
-from aes import registered, text_cond
+from aes import example_batch, registered, text_cond
 from offdevice import OFF, OffDevice, OffDeviceTensor, off
 
 
@@ -28,9 +28,7 @@ HOST_READS = {"mtcvae": "encode picks each segment's temporal rate from the cont
 def _roundtrip(name: str) -> None:
     torch.manual_seed(0)
     ae = autoencoders.build(name).eval()
-    T, H, W = ae.example_clip()
-    video = torch.rand(2, 3, T, H, W) * 2 - 1
-    cond = text_cond(ae, 2)
+    video, cond = example_batch(ae)
     with torch.no_grad():
         ref = ae.decode(ae.encode(video, cond), cond) if not name.startswith("hivae") else None
         with OffDevice() as dev:
@@ -148,9 +146,7 @@ def _ae_training_step(name: str, stage: int | None) -> None:
 
     torch.manual_seed(0)
     ae = (autoencoders.build(name) if stage is None else autoencoders.build(name, stage=stage)).train()
-    T, H, W = ae.example_clip()
-    video = torch.rand(2, 3, T, H, W) * 2 - 1
-    cond = text_cond(ae, 2)
+    video, cond = example_batch(ae)
     gan = 0.0 if ae.family == "hivae" else 0.5
     loss_fn = AELoss(AELossConfig(kl_weight=1e-6, dwt_weight=0.1, gan_weight=gan, disc_start=0))
     with OffDevice():

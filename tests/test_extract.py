@@ -373,14 +373,12 @@ def test_padded_batch_gives_each_clip_its_latent(name):
     copies of its last clip, caption embeddings too, gives its real clips their own latents, for a
     text-guided encoder and for a variable-rate one (varlen latents with their lengths and rates)."""
     import autoencoders
-    from aes import text_cond
+    from aes import example_batch
     from launch.encode_loop import first_clips, padded
 
     torch.manual_seed(0)
     ae = autoencoders.build(name).eval()
-    f, h, w = ae.example_clip()
-    video = torch.rand(2, 3, f, h, w) * 2 - 1
-    cond = text_cond(ae, 2)
+    video, cond = example_batch(ae)
     with torch.no_grad():
         alone = ae.encode(video, cond)
         filled_video, filled_cond = padded(video, cond, 5)
