@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
                       runs.parse_allow(args.allow_change))
     if dist.is_main():
         keys = ("written", "skipped", "shards", "clips_per_s", "steady_clips_per_s", "decode_wait_share",
-                "loop_ms_per_clip", "verify_psnr")
+                "loop_ms_per_clip", "compile_s", "verify_psnr")
         print(json.dumps({k: summary[k] for k in keys}))
     return 0
 
