@@ -429,8 +429,9 @@ def _math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) ->
 
 
 def _sdpa_masked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None) -> Tensor:
-    """SDPA under a bool ``mask`` alone (a row with no allowed key gives zeros): shape checks and
-    tensor ops only, so a compiled caller keeps it in its graph."""
+    """SDPA under a dense bool ``mask`` (a row with no allowed key gives zeros): shape checks and
+    tensor ops only, so a compiled caller keeps it in its graph. `attention` calls it for a mask
+    alone, `_sdpa` with the ids and causality folded in (`_dense_mask`)."""
     B, H, Nq, _ = q.shape
     try:
         torch.broadcast_shapes(mask.shape, (B, H, Nq, k.shape[2]))
@@ -446,10 +447,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_ids: Tensor | 
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     if mask is not None:
-        dense = _dense_mask(B, Nq, Nk, q.device, mask, q_ids, kv_ids, causal)
-        dense, has_key = _masked_rows(dense)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale)
-        return out * has_key.to(out.dtype)
+        return _sdpa_masked(q, k, v, _dense_mask(B, Nq, Nk, q.device, mask, q_ids, kv_ids, causal), scale)
     if q_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     # Gather every (row, id) sequence into a padded group and attend within groups.
