@@ -932,6 +932,28 @@ def test_activation_checkpointing_and_accumulation_and_bf16(latents, tmp_path):
     assert all(map(torch.isfinite, torch.tensor(bf16))) and bf16[1:] != base[1:]  # bf16 really ran
 
 
+def test_zero2_with_separate_gradients_trains_the_same(latents, tmp_path, monkeypatch):
+    """`benchmarks/zero2-separate-grads.json` (ZeRO-2 with ``contiguous_gradients: false``, the GPU session's
+    second `ldm train` variant) keeps one gradient copy per parameter tensor instead of two: it may change the
+    step's speed and memory, not its numbers (bf16, the clipped gradient norms too)."""
+    import deepspeed
+
+    contiguous, initialize = [], deepspeed.initialize
+
+    def recorded(*args, **kw):  # what each run's ZeRO optimizer really did
+        out = initialize(*args, **kw)
+        contiguous.append(out[0].optimizer.contiguous_gradients)
+        return out
+
+    monkeypatch.setattr(deepspeed, "initialize", recorded)
+    bf16 = {"engine.precision": "bf16"}
+    built_in = train(_cfg(latents, tmp_path / "zero2", steps=4, save_every=4, **bf16))
+    separate = train(_cfg(latents, tmp_path / "separate", steps=4, save_every=4, **bf16,
+                          **{"engine.deepspeed": ROOT / "benchmarks" / "zero2-separate-grads.json"}))
+    assert contiguous == [True, False]
+    assert separate["losses"] == built_in["losses"]
+    assert _clipped_norms(tmp_path / "separate") == _clipped_norms(tmp_path / "zero2")
+
 def _torchrun(latents, out, *over, nproc=2, allow=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = torchrun(nproc, "train", "--config", str(YAML), *(["--allow-change", allow] if allow else []),
