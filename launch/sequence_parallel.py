@@ -168,7 +168,7 @@ def shard_layout(layout: TokenLayout, batch: int, rank: int, size: int) -> Shard
         seq_ids = torch.zeros(batch, n, dtype=torch.long, device=layout.positions.device)
     rope = None
     if layout.rope is not None:
-        cos, sin = layout.rope  # each (B|1, 1, N, d/2)
+        cos, sin = layout.rope  # each (B|1, 1, N, d)
         rope = (_slice_tokens(cos, 2, pad, rank, size, 1.0), _slice_tokens(sin, 2, pad, rank, size, 0.0))
     return ShardedLayout(
         positions=_slice_tokens(layout.positions, tok, pad, rank, size),

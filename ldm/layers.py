@@ -118,7 +118,9 @@ class Rope3D(nn.Module):
         self.register_buffer("axis_of", axis_of, persistent=False)  # (d/2,)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, N, 3)`` or ``(N, 3)`` int positions -> ``(cos, sin)``, each ``(B|1, 1, N, d/2)``."""
+        """``(B, N, 3)`` or ``(N, 3)`` int positions -> ``(cos, sin)``, each ``(B|1, 1, N, d)`` over the
+        whole head dim, laid out for `apply_rope`: ``cos = [cos | cos]``, ``sin = [-sin | sin]`` of the
+        ``d/2`` angles (computed once per forward pass, shared by every layer's queries and keys)."""
         if positions.shape[-1] != 3 or positions.ndim not in (2, 3):
             raise ValueError(f"positions must be (N, 3) or (B, N, 3), got {tuple(positions.shape)}")
         if positions.is_floating_point():
@@ -126,14 +128,19 @@ class Rope3D(nn.Module):
         if positions.ndim == 2:
             positions = positions[None]
         angles = positions.float()[..., self.axis_of] * self.inv_freq  # (B, N, d/2)
-        return angles.cos()[:, None], angles.sin()[:, None]
+        cos, sin = angles.cos(), angles.sin()
+        return torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]
 
 
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotate ``x: (B, H, N, d)`` by ``rope = (cos, sin)`` from ``Rope3D`` (computed in float32)."""
+    """Rotate ``x: (B, H, N, d)`` by ``rope = (cos, sin)`` from ``Rope3D`` (in float32): channel pair
+    ``(x1, x2) = (x[i], x[i + d/2])`` becomes ``(x1 cos - x2 sin, x2 cos + x1 sin)``, computed as
+    ``x * [cos | cos] + [x2 | x1] * [-sin | sin]``: the same floats as those two lines to the bit, in
+    four kernels instead of seven (eager runs launch each; h3ae's encoder is launch-bound on a GPU)."""
     cos, sin = rope
-    x1, x2 = x.float().chunk(2, -1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, -1)
+    return (xf * cos + torch.cat([x2, x1], -1) * sin).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------

@@ -58,6 +58,20 @@ def test_rope_axes_and_relative_positions():
         rope(pos.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_the_pairwise_rotation_to_the_bit(dtype):
+    """`apply_rope`'s four-kernel form (``x * [cos|cos] + [x2|x1] * [-sin|sin]``) gives the floats of
+    RoFormer's pairwise rotation of channels ``(i, i + d/2)`` written out, in float32, cast back."""
+    rope = Rope3D(72)  # dit-XL's head dim: axes (24, 24, 24)
+    pos = torch.randint(-40, 400, (2, 50, 3))
+    x = (torch.randn(2, 3, 50, 72) * 8).to(dtype)
+    angles = pos.float()[..., rope.axis_of] * rope.inv_freq  # (B, N, 36)
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    x1, x2 = x.float().chunk(2, -1)
+    expected = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(dtype)
+    got = apply_rope(x, rope(pos))
+    assert got.dtype == dtype and torch.equal(got, expected)
+
 def test_group_ids():
     pos = _grid_positions(2, 2, 2)  # 8 tokens
     seq = torch.tensor([[0, 0, 0, 0, 0, 0, -1, -1]])
