@@ -342,7 +342,7 @@ def cores_per_rank(local_world: int) -> int:
 
 
 def auto_batch_size(requested: int, ae: Autoencoder, cfg: ExtractConfig, device: torch.device,
-                    dtype: torch.dtype, text_dim: int) -> int:
+                    dtype: torch.dtype, text: tuple[int, int] | None) -> int:
     """``0``: 4 on the CPU; on a GPU, encode one clip, measure its activation memory and take as
     many clips as half the free memory holds (at most 64)."""
     if requested > 0:
@@ -355,7 +355,7 @@ def auto_batch_size(requested: int, ae: Autoencoder, cfg: ExtractConfig, device:
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     with torch.no_grad():
-        ae.encode(*blank_clips(1, cfg, device, dtype, text_dim))
+        ae.encode(*blank_clips(1, cfg, device, dtype, text))
     torch.cuda.synchronize(device)
     per_clip = max(torch.cuda.max_memory_allocated(device) - base, 1)
     free, _ = torch.cuda.mem_get_info(device)
@@ -363,13 +363,22 @@ def auto_batch_size(requested: int, ae: Autoencoder, cfg: ExtractConfig, device:
 
 
 def blank_clips(n: int, cfg: ExtractConfig, device: torch.device, dtype: torch.dtype,
-                text_dim: int) -> tuple[torch.Tensor, Cond | None]:
-    """``n`` black clips of the extraction's size and, for a text-guided encoder, 8 caption tokens each:
-    what `auto_batch_size` measures and `compile_encoder` compiles with."""
+                text: tuple[int, int] | None) -> tuple[torch.Tensor, Cond | None]:
+    """``n`` black clips of the extraction's size and, for a text-guided encoder (``text``: `caption_shape`),
+    caption embeddings of the shape the run's text encoder gives: what `auto_batch_size` measures and
+    `compile_encoder` compiles with (another caption length would compile again at the first batch)."""
     video = torch.zeros(n, 3, cfg.frames, cfg.height, cfg.width, device=device, dtype=dtype)
-    cond = Cond(text=torch.zeros(n, 8, text_dim, device=device, dtype=dtype),
-                text_mask=torch.ones(n, 8, dtype=torch.bool, device=device)) if text_dim else None
+    cond = Cond(text=torch.zeros(n, *text, device=device, dtype=dtype),
+                text_mask=torch.ones(n, text[0], dtype=torch.bool, device=device)) if text else None
     return video, cond
+
+
+def caption_shape(run: ExtractRun) -> tuple[int, int] | None:
+    """``(tokens, dim)`` of each clip's caption embeddings for a text-guided encoder (the text encoder pads
+    or cuts every caption to its ``max_length``), None for the others."""
+    if not run.ae.text_dim:
+        return None
+    return run.text_encoder.max_length, run.ae.text_dim
 
 
 @torch.no_grad()
@@ -379,7 +388,7 @@ def compile_encoder(run: ExtractRun, batch: int) -> float:
     finds it compiled; the seconds that took."""
     t0 = time.perf_counter()
     run.ae.compile_encode(run.cfg.compile_mode)
-    clips = blank_clips(batch, run.cfg, run.device, run.dtype, run.ae.text_dim)
+    clips = blank_clips(batch, run.cfg, run.device, run.dtype, caption_shape(run))
     for _ in range(2 if run.cfg.compile_mode == "reduce-overhead" else 1):
         run.ae.encode(*clips)
     if run.device.type == "cuda":
@@ -514,7 +523,7 @@ def _extract(cfg: ExtractConfig, allow_change: tuple[str, ...], stop: _StopOnSig
     todo = plan_shards(run)
     cfg, env = run.cfg, run.env
     workers = auto_workers(cfg.num_workers, run.device, dist.local_ranks(env))
-    batch = auto_batch_size(cfg.batch_size, run.ae, cfg, run.device, run.dtype, run.ae.text_dim) if todo else 1
+    batch = auto_batch_size(cfg.batch_size, run.ae, cfg, run.device, run.dtype, caption_shape(run)) if todo else 1
     compiled_s = None
     if todo and resolve_switch(cfg.compile, run.device, "compile"):
         compiled_s = compile_encoder(run, batch)

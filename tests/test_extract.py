@@ -367,6 +367,31 @@ def test_compiled_encoder_one_shape_same_latents(videos, tmp_path, monkeypatch):
     assert _extract(videos, tmp_path / "compiled") == 0
 
 
+def test_compiled_text_guided_encoder_is_compiled_for_the_captions_it_encodes(videos, tmp_path, monkeypatch):
+    """``--compile`` with a text-guided encoder: the warm-up compiles with caption embeddings of the text
+    encoder's length (it pads every caption to it), so the real batches run that graph and nothing compiles
+    again (warmed up with 8 tokens, the first real batch compiled a second graph)."""
+    from autoencoders.base import Autoencoder
+
+    captions = []
+
+    def counting(gm, example_inputs):  # each graph's caption-embedding input (B, L, text dim)
+        captions.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor) and t.ndim == 3
+                         and t.shape[-1] == 256])
+        return gm.forward
+
+    compile_encode = Autoencoder.compile_encode
+    monkeypatch.setattr(Autoencoder, "compile_encode", lambda self, mode=None: compile_encode(self, mode, counting))
+    torch._dynamo.reset()
+    try:
+        summary = extract_verb.extract(extract_verb.ExtractConfig(
+            input=str(videos), output=str(tmp_path / "text"), autoencoder="cmvae-z4-text-debug", frames=8,
+            height=32, width=32, shard_size=3, batch_size=2, compile=True, text_encoder="builtin"))
+    finally:
+        torch._dynamo.reset()
+    assert captions == [[(2, 64, 256)]] and summary["written"] == 7  # builtin text encoder: 64 tokens of 256
+
+
 @pytest.mark.parametrize("name", ["cmvae-z4-text-debug", "mtcvae-c4-debug"])
 def test_padded_batch_gives_each_clip_its_latent(name):
     """The compiled encoder's padding (`encode_loop.padded`, `first_clips`): a batch filled up with
@@ -555,10 +580,10 @@ def test_auto_workers_and_batch_size_on_the_cpu():
     assert 1 <= auto_workers(-1, torch.device("cuda"), 2) <= 16
     with pytest.raises(ValueError, match="num-workers"):
         auto_workers(-2, cpu, 1)
-    assert auto_batch_size(0, None, None, cpu, torch.float32, 0) == 4
-    assert auto_batch_size(7, None, None, cpu, torch.float32, 0) == 7
+    assert auto_batch_size(0, None, None, cpu, torch.float32, None) == 4
+    assert auto_batch_size(7, None, None, cpu, torch.float32, None) == 7
     with pytest.raises(ValueError, match="batch-size"):
-        auto_batch_size(-1, None, None, cpu, torch.float32, 0)
+        auto_batch_size(-1, None, None, cpu, torch.float32, None)
 
 
 def test_decoded_clips_in_flight_are_about_two_batches_whatever_the_worker_count():
