@@ -47,7 +47,7 @@ if [ -z "${TOY:-}" ]; then
   # -1: ldm extract's default (15 on 16 cores; the same steady rate as 8 on an H100, 2026-12-06)
   EX_ARGS="--clips 48 --frames 17 --size 256 --workers 0,-1 --batch-sizes 8"
   EX_RESIZED="h3ae-8x32x32@384 causal3d-f4x8c4@384"  # again from 384x384 videos: every clip resized, as real videos
-  # h3ae with `ldm extract --compile true`: its 692 small kernels a batch (bf16 eager, counted 2026-12-07)
+  # h3ae with `ldm extract --compile true`: its 701 small kernels a batch (bf16 eager, counted 2026-12-07)
   # fused (+c), and replayed as CUDA graphs (+r: --compile-mode reduce-overhead); each compiles twice (the
   # encode alone, the extraction)
   EX_COMPILED="h3ae-8x32x32+c h3ae-8x32x32+r"
