@@ -72,6 +72,7 @@ def test_rope_is_the_pairwise_rotation_to_the_bit(dtype):
     got = apply_rope(x, rope(pos))
     assert got.dtype == dtype and torch.equal(got, expected)
 
+
 def test_group_ids():
     pos = _grid_positions(2, 2, 2)  # 8 tokens
     seq = torch.tensor([[0, 0, 0, 0, 0, 0, -1, -1]])

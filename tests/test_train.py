@@ -954,6 +954,7 @@ def test_zero2_with_separate_gradients_trains_the_same(latents, tmp_path, monkey
     assert separate["losses"] == built_in["losses"]
     assert _clipped_norms(tmp_path / "separate") == _clipped_norms(tmp_path / "zero2")
 
+
 def _torchrun(latents, out, *over, nproc=2, allow=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = torchrun(nproc, "train", "--config", str(YAML), *(["--allow-change", allow] if allow else []),
