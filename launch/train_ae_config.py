@@ -259,7 +259,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--base-checkpoint", metavar="DIR",
       help="the trained base a staged autoencoder starts from (a save_pretrained folder, e.g. a train-ae "
            "OUTPUT/final): Hi-VAE's frozen kl2d, MTC-VAE's causal3d")
-    a("--data", help="folder of videos or raw video shards (data.sources.list_items)")
+    a("--data", "--input", help="folder of videos or raw video shards (data.sources.list_items); --input as in "
+                               "`ldm extract` is the same flag")
     a("--captions", help="CSV/JSONL with path,caption for the videos of --data (default: metadata.jsonl in the "
                          "folder); text-guided autoencoders train with them")
     a("--split", metavar="FILE",

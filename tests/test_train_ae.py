@@ -343,6 +343,8 @@ def test_config_file_then_flags_then_overrides(tmp_path):
     recipe = config_from_args(parser.parse_args(["--config", str(REPO / "launch" / "configs" / "recipes" / "h3ae.yaml"),
                                                  "--data", "d", "--output", "o"]))
     assert recipe.learning_rate(69999) == 1e-4 and recipe.learning_rate(70000) == 1e-5 and recipe.steps == 80000
+    same = config_from_args(parser.parse_args(["--autoencoder", "kl2d-f8c4-debug", "--input", "d", "--output", "o"]))
+    assert same.data == "d"  # --input, as every other verb spells it, is --data
 
 
 def test_lr_drop_survives_resume(clips, tmp_path):
