@@ -181,8 +181,11 @@ class FrameAttention(nn.Module):
         h = rearrange(x, "b c t h w -> (b t) c h w")  # (B*T, C, H, W)
         qkv = self.qkv(self.norm(h))
         q, k, v = rearrange(qkv, "n (three c) h w -> three n 1 (h w) c", three=3)  # each (N, 1, HW, C)
-        out = rearrange(attention(q, k, v), "n 1 (h w) c -> n c h w", h=height)  # (N, C, H, W)
-        return x + rearrange(self.proj(out), "(b t) c h w -> b c t h w", b=b)
+        # the 1x1 conv `proj` as the matmul it is, on the pixels as rows (as `SpatialSelfAttention`): as a
+        # conv of the channels-last map, its weight's gradient had channels-last strides on several threads
+        out = F.linear(attention(q, k, v), self.proj.weight.flatten(1), self.proj.bias)  # (N, 1, HW, C)
+        out = rearrange(out, "n 1 (h w) c -> n c h w", h=height)  # (N, C, H, W)
+        return x + rearrange(out, "(b t) c h w -> b c t h w", b=b)
 
 
 class BranchAttention(nn.Module):

@@ -10,11 +10,18 @@ def one_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], lr: fl
              optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW) -> tuple[float, float]:
     """One optimizer step on ``loss_fn()`` (which must use the same batch and noise on every call):
     the loss before and after it. Every gradient has its parameter's strides: DDP (`ldm train-ae` on
-    ranks) copies one with other strides into its bucket at every step, with a warning."""
+    ranks) copies one with other strides into its bucket at every step, with a warning. The backward
+    runs on two threads at least: CPU kernels pick other layouts on several threads than on one (the
+    thread count `make test`'s workers run at), and a user's machine has several."""
     opt = optimizer(model.parameters(), lr=lr)
     before = loss_fn()
     opt.zero_grad()
-    before.backward()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        before.backward()
+    finally:
+        torch.set_num_threads(threads)
     strided = [(n, p.grad.stride(), p.stride()) for n, p in model.named_parameters()
                if p.grad is not None and p.grad.stride() != p.stride()]
     assert not strided, f"gradients with other strides than their parameters (name, grad, param): {strided[:4]}"
