@@ -142,7 +142,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = sub.add_parser("gen", help="generation quality of a trained DiT")
     g.add_argument("--checkpoint", required=True,
                    help="an `ldm train` run folder, its export/, or one of its checkpoints (RUN/checkpoints/step-N)")
-    g.add_argument("--ae-checkpoint", help="autoencoder weights (default: recorded at extraction)")
+    g.add_argument("--ae-checkpoint", "--ae-path", help="autoencoder weights (default: recorded at extraction; "
+                   "--ae-path: as `ldm extract` names it)")
     g.add_argument("--text-encoder", metavar="SPEC", help="the text encoder the DiT was trained with, moved to "
                    "another folder (default: the spec recorded at extraction); checked against the recorded width "
                    "and fingerprint")

@@ -140,8 +140,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-encoder", metavar="SPEC", help="the text encoder the DiT was trained with, moved to "
                    "another folder, e.g. t5:/new/place/flan-t5-xl (default: the spec recorded at extraction); "
                    "checked against the recorded width and fingerprint")
-    p.add_argument("--ae-checkpoint", help="autoencoder weights, or a diffusers VAE folder (default: the path "
-                   "recorded at extraction)")
+    p.add_argument("--ae-checkpoint", "--ae-path", help="autoencoder weights, or a diffusers VAE folder (default: "
+                   "the path recorded at extraction; --ae-path: as `ldm extract` names it)")
     p.add_argument("--frames", "--num-frames", dest="num_frames", type=int,
                    help="video frames to sample (default: the training clips' length); as --frames on every verb")
     budget = p.add_mutually_exclusive_group()

@@ -146,6 +146,7 @@ SAMPLE_ERRORS = [
     (["--class", "1", "--height", "20"], "--height 20 --width 32: kl2d: height and width must be positive multiples"),
     (["--class", "1", "--image", "nope.png"], "--image nope.png not found"),
     (["--class", "1", "--ae-checkpoint", "nowhere"], "not found"),
+    (["--class", "1", "--ae-path", "nowhere"], "autoencoder weights nowhere not found"),  # extract's spelling
     (["--class", "1", "--guidance", "-1"], "--guidance and --chunk-frames must be >= 0"),
     (["--class", "1", "--rate", "0.5"], "--rate needs a variable-rate autoencoder (MTC-VAE), not kl2d-f8c4-debug"),
     (["--class", "1", "--latent-frames", "3"], "applies to variable-length latents only"),  # was a traceback
@@ -681,6 +682,8 @@ def _other_verbs(run, tmp):
         (gen + ["--attributes", "--per-prompt", "0"], "--per-prompt must be >= 1", tmp / "g"),
         (gen + ["--attributes", "--shapes", "hexagon"], "hexagon", tmp / "g"),
         (gen + ["--reference", str(run / "videos")], "--reference needs --i3d", tmp / "g"),
+        (gen + ["--attributes", "--ae-path", str(tmp / "none")], f"--ae-checkpoint {tmp / 'none'}: not found",
+         tmp / "g"),  # --ae-path: `ldm extract`'s spelling of --ae-checkpoint
         (gen + ["--attributes", "--samples", str(run / "videos")], "--samples is used only with --reference",
          tmp / "g"),  # was: ignored, the benchmark sampled its own videos
         (gen + ["--attributes", "--vbench-results", str(run / "videos")], "--vbench-results is used only with --vbench",
