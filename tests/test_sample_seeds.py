@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from dits import randomize
+from procs import one_thread
 
 import autoencoders
 import dit
@@ -73,7 +74,8 @@ def test_token_set_image_to_video_and_varlen_videos_do_not_depend_on_their_batch
 
 def test_resume_makes_a_deleted_video_again_from_its_seed(tmp_path, capsys):
     """A video listed in index.json whose files the user deleted is made again by --resume, the same
-    video from its recorded seed, its index entry once (was: "nothing to do", the video stayed gone)."""
+    video from its recorded seed, its index entry once (was: "nothing to do", the video stayed gone). At one
+    thread: on several, a batch of 2 rounds differently from one of 3 and a GIF pixel may move by one level."""
     cls, config = autoencoders.REGISTRY["kl2d-f8c4-debug"]
     spec = cls(config).latent_spec(4, 16, 16)
     dcfg = dit.make_config("dit-debug", spec, num_classes=3)
@@ -84,7 +86,7 @@ def test_resume_makes_a_deleted_video_again_from_its_seed(tmp_path, capsys):
     out = tmp_path / "s"
     argv = ["sample", "--checkpoint", str(tmp_path / "dit"), "--class", "1", "--num-per-prompt", "3", "--steps", "1",
             "--seed", "5", "--output", str(out), "--device", "cpu"]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), one_thread():
         warnings.simplefilter("ignore")
         ldm(argv)
         first = {p.name: p.read_bytes() for p in out.iterdir()}
