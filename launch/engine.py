@@ -18,6 +18,12 @@ from torch import nn
 from launch.configs import CONFIG_DIR
 from ldm.checkpoint import fsync_path
 
+# DeepSpeed picks its accelerator when first imported, and without CUDA logs a warning that it could not
+# find one on every rank. This platform runs on CUDA or, without it, on the CPU (`dist.device_for`), so
+# name the CPU for it; a DS_ACCELERATOR the user set stands.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 # keys the trainer owns (set from the YAML config); a DeepSpeed JSON that sets them is an error
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
               "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")

@@ -250,6 +250,17 @@ def test_srun_without_a_master_address_is_one_line(run, tmp_path):
                                               "(the first node's address) and MASTER_PORT, or launch with torchrun"]
 
 
+def test_a_train_mistake_in_a_new_process_prints_its_line_alone(run, tmp_path):
+    """The whole output is the one line: the config checks import DeepSpeed, whose accelerator detection
+    logged a warning of its own to stdout first on a machine without CUDA (was: two lines, DeepSpeed's on top)."""
+    env = process_env(drop=("SLURM_", "TORCHELASTIC", "DS_ACCELERATOR"), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", *_train(run, tmp_path / "r", "data.batch_size=-2")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["ldm train: error: data.batch_size must be >= 1, got -2"]
+    assert not (tmp_path / "r").exists()
+
+
 def test_numbers_as_people_write_them_on_the_train_command_line(run, tmp_path):
     assert console(_train(run, tmp_path / "r", "optim.lr=3e-4", "optim.weight_decay=1e-6", "save_every=1_000",
                           "data.batch_size=2")) == 0
